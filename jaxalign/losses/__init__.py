@@ -1,0 +1,3 @@
+"""Pure, jittable alignment objectives: arrays in, (unreduced values, metrics) out."""
+
+from jaxalign.losses.core import *  # noqa: F401,F403
