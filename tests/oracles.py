@@ -13,6 +13,7 @@ import ast
 import math
 import pathlib
 import types
+import typing
 import zipfile
 
 import numpy as np
@@ -20,6 +21,8 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ORACLE_DIR = ROOT / ".oracles"
 LEGACY_TRL_VERSIONS = ("0.11.4", "0.29.1")
+# Annotations in the legacy source are evaluated when its functions are defined.
+_TYPING_NAMES = {name: getattr(typing, name) for name in ("Optional", "Union", "List", "Dict", "Tuple", "Mapping", "Any")}
 
 
 def _wheel_source(version: str, member: str) -> str:
@@ -52,7 +55,7 @@ def legacy_trl(version: str, member: str, names: list[str], extra_globals: dict 
     if missing:
         raise LookupError(f"TRL {version} {member} has no top-level {sorted(missing)}")
     module = ast.Module(body=wanted, type_ignores=[])
-    namespace = {"torch": torch, "F": F, "np": np, "math": math, "Optional": __import__("typing").Optional}
+    namespace = {"torch": torch, "F": F, "np": np, "math": math, **_TYPING_NAMES}
     namespace.update(extra_globals or {})
     exec(compile(module, f"trl-{version}/{member}", "exec"), namespace)
     return types.SimpleNamespace(**{name: namespace[name] for name in names})
@@ -69,7 +72,7 @@ def legacy_trl_method(version: str, member: str, class_name: str, method: str, e
             for item in node.body:
                 if isinstance(item, ast.FunctionDef) and item.name == method:
                     module = ast.Module(body=[item], type_ignores=[])
-                    namespace = {"torch": torch, "F": F, "np": np, "math": math}
+                    namespace = {"torch": torch, "F": F, "np": np, "math": math, **_TYPING_NAMES}
                     namespace.update(extra_globals or {})
                     exec(compile(module, f"trl-{version}/{member}:{class_name}", "exec"), namespace)
                     return namespace[method]

@@ -33,14 +33,33 @@ __all__ = [
 
 
 def as_mask(mask: Array | None, like: Array) -> Bool[Array, "..."]:
-    """Return ``mask`` as a boolean array broadcast to ``like``'s shape (all-true when ``mask`` is None)."""
+    """Return ``mask`` as a boolean array broadcast to ``like``'s shape (all-true when ``mask`` is None).
+
+    Args:
+        mask: {0, 1} or boolean array broadcastable to ``like``, or None.
+        like: the array the mask applies to.
+
+    Returns:
+        boolean array of ``like.shape``.
+    """
     if mask is None:
         return jnp.ones(like.shape, dtype=bool)
     return jnp.broadcast_to(jnp.asarray(mask).astype(bool), like.shape)
 
 
 def safe_divide(numerator: Array, denominator: Array) -> Float[Array, "..."]:
-    """``numerator / max(denominator, 1)``: the mean of an empty selection is 0, never NaN."""
+    """``numerator / max(count, 1)`` for a *count* denominator: the mean of an empty selection is 0, not NaN.
+
+    Only for counts (integers ≥ 0): a fractional denominator such as a sum of weights below 1 would be
+    silently clamped to 1.
+
+    Args:
+        numerator: any shape.
+        denominator: a count, broadcastable to ``numerator``.
+
+    Returns:
+        float32 quotient.
+    """
     return jnp.asarray(numerator, F32) / jnp.maximum(jnp.asarray(denominator, F32), 1.0)
 
 
@@ -70,7 +89,17 @@ def masked_sum(
 def masked_mean(
     values: Array, mask: Array | None = None, *, axis: int | tuple[int, ...] | None = None
 ) -> Float[Array, "..."]:
-    """Mean over valid positions: ``Σ m·x / max(Σ m, 1)`` (0 for an empty selection, never NaN)."""
+    """Mean over valid positions: ``Σ m·x / max(Σ m, 1)`` (0 for an empty selection, never NaN).
+
+    Args:
+        values: any shape; upcast to float32.
+        mask: broadcastable to ``values``; None means every position is valid.
+        axis: axes to reduce (all when None).
+
+    Returns:
+        float32 mean with ``axis`` removed. For exact accumulation across micro-batches use
+        :func:`masked_sum` and divide once at the end.
+    """
     total, count = masked_sum(values, mask, axis=axis)
     return safe_divide(total, count)
 
@@ -157,7 +186,8 @@ def aggregate(
 
     - ``token_mean``: ``(Σ_bt m·x, Σ_bt m)`` — every token weighs the same (TRL SFT, DAPO, "bnpo").
     - ``sequence_mean``: ``(Σ_b Σ_t m·x / n_b, B')`` — mean over sequences of the per-sequence token
-      mean (original GRPO "sequence-mean-token-mean"; SFT sequence-mean).
+      mean (original GRPO "sequence-mean-token-mean"; SFT sequence-mean). Rows with no valid token are
+      not counted (TRL's "grpo" divides by all B rows; the two agree when every row has a token).
     - ``sequence_sum``: ``(Σ_bt m·x, B')`` — per-sequence token *sum*, averaged over sequences.
     - ``sequence_sum_normalized``: ``(Σ_bt m·x, B·L)`` with the constant ``L = max_tokens`` (default
       ``T``) — Dr. GRPO's "sequence-mean-token-sum-normalised", which removes the length bias of

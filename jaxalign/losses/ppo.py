@@ -191,7 +191,7 @@ def kl_estimate(
 
     References:
         J. Schulman, "Approximating KL Divergence" (2020, joschu.net/blog/kl-approx.html); KL-penalised reward:
-        Ziegler et al. 2019, arXiv 1909.08593, Eq. 2; k3 as GRPO's KL term: Shao et al. 2024, arXiv 2402.03300,
+        Ziegler et al. 2019, arXiv 1909.08593, Sec. 2; k3 as GRPO's KL term: Shao et al. 2024, arXiv 2402.03300,
         Eq. 4.
 
     Notes:
@@ -271,8 +271,8 @@ def shape_rewards(
         tokens. A row with no valid token gets no score (there is no token to put it on).
 
     References:
-        Ziegler et al. 2019, arXiv 1909.08593, Eq. 2 (R(x, y) = r(x, y) − β·log(π/ρ)), applied per token as in
-        Stiennon et al. 2020, arXiv 2009.01325, Eq. 1; missing-EOS penalty: TRL ``PPOConfig.missing_eos_penalty``
+        Ziegler et al. 2019, arXiv 1909.08593, Sec. 2 (R(x, y) = r(x, y) − β·log(π/ρ)), applied per token as in
+        Stiennon et al. 2020, arXiv 2009.01325, Sec. 3.4; missing-EOS penalty: TRL ``PPOConfig.missing_eos_penalty``
         (Huang et al. 2024, "The N+ implementation details of RLHF with PPO", arXiv 2403.17031).
 
     Notes:
@@ -319,7 +319,7 @@ def ppo_policy_loss(
         adv_t: ``[B, T]`` advantages (typically whitened GAE); treated as constants (stop-gradient).
         mask: ``[B, T]`` response tokens (None: all).
         clip_eps: ε (lower clip, and upper clip unless ``clip_eps_high`` is given).
-        clip_eps_high: upper ε ("clip-higher", DAPO arXiv 2503.14476 Sec. 3.1); None: symmetric.
+        clip_eps_high: upper ε ("clip-higher", DAPO arXiv 2503.14476, Sec. 3.1); None: symmetric.
         dual_clip: c > 1 of dual-clip PPO; None disables it.
 
     Returns:
@@ -334,8 +334,8 @@ def ppo_policy_loss(
         - ``ratio/mean``, ``ratio/max``: of ρ over valid tokens (0 when there are none).
 
     References:
-        Schulman et al. 2017, arXiv 1707.06347, Eq. 7 (L^CLIP); dual clip: Ye et al. 2020, arXiv 1912.09729,
-        Eq. 5; asymmetric clip: Yu et al. 2025 (DAPO), arXiv 2503.14476, Eq. 10.
+        Schulman et al. 2017, arXiv 1707.06347, Eq. 7 (L^CLIP); dual clip: Ye et al. 2020, arXiv 1912.09729
+        (the dual-clip PPO objective); asymmetric clip: Yu et al. 2025 (DAPO), arXiv 2503.14476, Sec. 3.1.
 
     Notes:
         - Matches TRL 0.11 ``PPOTrainer.loss`` (``pg_losses``/``pg_losses2``, masked mean) when
@@ -491,7 +491,7 @@ def adaptive_kl_update(
         The updated :class:`AdaptiveKLState`.
 
     References:
-        Ziegler et al. 2019, arXiv 1909.08593, Sec. 2.2, Eq. 3 (log-space proportional controller);
+        Ziegler et al. 2019, arXiv 1909.08593, Sec. 2.2 (the log-space proportional controller);
         TRL 0.11 ``AdaptiveKLController`` / ``FixedKLController``.
 
     Notes:

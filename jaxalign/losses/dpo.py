@@ -1,0 +1,526 @@
+"""Direct preference optimisation and its relatives that keep a reference model: DPO (all of TRL's pairwise
+loss types, f-divergences, multi-loss mixtures, RPO, WPO weighting, LD-DPO) and the unpaired KTO loss.
+
+Inputs are *sequence* log-probabilities (already summed over the completion with
+:func:`jaxalign.losses.core.sequence_logps`), so every function here is O(B) and model-agnostic.
+The reference-free objectives (SimPO, ORPO) live in :mod:`jaxalign.losses.reference_free`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int, Real
+
+from jaxalign.losses.core import F32, as_mask, masked_mean, masked_sum, token_logps
+
+__all__ = [
+    "DPO_LOSS_TYPES",
+    "F_DIVERGENCES",
+    "KTO_LOSS_TYPES",
+    "dpo_loss",
+    "kto_loss",
+    "ld_sequence_logps",
+    "wpo_weights",
+]
+
+DPO_LOSS_TYPES = (
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sigmoid_norm",
+)
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
+
+# The f-DPO reparameterisation leaves a β·log Z(x) term that only cancels in the chosen − rejected score
+# difference, so only the losses built on that difference generalise to other f-divergences.
+_F_DIVERGENCE_LOSS_TYPES = frozenset({"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop"})
+_LENGTH_NORMALISED = frozenset({"ipo", "sigmoid_norm"})
+_SMOOTHED = frozenset({"sigmoid", "robust", "exo_pair", "aot", "aot_unpaired"})
+_SORTED = frozenset({"aot", "aot_unpaired"})
+# TRL clamps (α−1)·log-ratio before exp so that exp stays finite in float32.
+_ALPHA_DIVERGENCE_CLAMP = 80.0
+
+Metrics = dict[str, Float[Array, ""]]
+
+
+def _f_scores(logratios: Array, f_divergence: str, alpha: float) -> Array:
+    """f'(u) at u = π/π_ref, from log u (f-DPO, arXiv 2309.16240, Table 1)."""
+    if f_divergence == "reverse_kl" or (f_divergence == "alpha_divergence" and abs(alpha - 1.0) < 1e-6):
+        return logratios
+    if f_divergence == "forward_kl":
+        # 1 − 1/u; expm1 keeps precision when u ≈ 1.
+        return -jnp.expm1(-logratios)
+    if f_divergence == "js_divergence":
+        # log(2u / (1 + u))
+        return math.log(2.0) + jax.nn.log_sigmoid(logratios)
+    # (u^(α−1) − 1)/(α − 1)
+    exponent = jnp.minimum((alpha - 1.0) * logratios, _ALPHA_DIVERGENCE_CLAMP)
+    return jnp.expm1(exponent) / (alpha - 1.0)
+
+
+def _smoothed_sigmoid(z: Array, epsilon: float) -> Array:
+    """−(1−ε)·log σ(z) − ε·log σ(−z), the conservative (cDPO) Bradley–Terry loss."""
+    return -(1.0 - epsilon) * jax.nn.log_sigmoid(z) - epsilon * jax.nn.log_sigmoid(-z)
+
+
+def _per_length(scores: Array, lengths: Array | None) -> Array:
+    return scores / jnp.maximum(jnp.asarray(lengths, F32), 1.0)
+
+
+def _validate_dpo(
+    loss_types: tuple[str, ...],
+    loss_weights: tuple[float, ...],
+    *,
+    beta: float,
+    label_smoothing: float,
+    discopop_tau: float,
+    f_divergence: str,
+    has_lengths: bool,
+    has_weights: bool,
+    rpo_alpha: float | None,
+    has_nll: bool,
+) -> None:
+    for loss_type in loss_types:
+        if loss_type not in DPO_LOSS_TYPES:
+            raise ValueError(f"dpo_loss: unknown loss_type {loss_type!r}; expected one of {DPO_LOSS_TYPES}")
+    if not loss_types:
+        raise ValueError(f"dpo_loss: loss_type is empty; expected one or more of {DPO_LOSS_TYPES}")
+    if len(loss_weights) != len(loss_types):
+        raise ValueError(
+            f"dpo_loss: loss_weights has {len(loss_weights)} entries for {len(loss_types)} loss types {loss_types}"
+        )
+    if f_divergence not in F_DIVERGENCES:
+        raise ValueError(f"dpo_loss: unknown f_divergence {f_divergence!r}; expected one of {F_DIVERGENCES}")
+    if f_divergence != "reverse_kl" and not set(loss_types) <= _F_DIVERGENCE_LOSS_TYPES:
+        raise ValueError(
+            f"dpo_loss: f_divergence={f_divergence!r} is only defined for loss types "
+            f"{sorted(_F_DIVERGENCE_LOSS_TYPES)}; got {loss_types}"
+        )
+    if beta <= 0:
+        raise ValueError(f"dpo_loss: beta must be > 0, got {beta}")
+    if not 0.0 <= label_smoothing <= 0.5:
+        raise ValueError(f"dpo_loss: label_smoothing must be in [0, 0.5], got {label_smoothing}")
+    if label_smoothing and not set(loss_types) & _SMOOTHED:
+        raise ValueError(
+            f"dpo_loss: label_smoothing={label_smoothing} has no effect on {loss_types}; "
+            f"it is used by {sorted(_SMOOTHED)}"
+        )
+    if "robust" in loss_types and label_smoothing >= 0.5:
+        raise ValueError("dpo_loss: 'robust' divides by 1 − 2·label_smoothing; label_smoothing must be < 0.5")
+    if "exo_pair" in loss_types and label_smoothing == 0.0:
+        raise ValueError("dpo_loss: 'exo_pair' needs label_smoothing > 0 (log ε); the EXO paper uses 1e-3")
+    if "discopop" in loss_types and discopop_tau <= 0:
+        raise ValueError(f"dpo_loss: discopop_tau must be > 0, got {discopop_tau}")
+    needs_lengths = sorted(set(loss_types) & _LENGTH_NORMALISED)
+    if needs_lengths and not has_lengths:
+        raise ValueError(
+            f"dpo_loss: loss types {needs_lengths} normalise by completion length; "
+            "pass chosen_lengths and rejected_lengths ([B] completion token counts)"
+        )
+    if has_weights and set(loss_types) & _SORTED:
+        raise ValueError("dpo_loss: pair weights cannot be combined with 'aot'/'aot_unpaired', which sort the batch")
+    if (rpo_alpha is None) != (not has_nll):
+        raise ValueError("dpo_loss: RPO needs both rpo_alpha and chosen_nll (or neither)")
+
+
+def dpo_loss(
+    chosen_logps: Float[Array, " B"],
+    rejected_logps: Float[Array, " B"],
+    ref_chosen_logps: Float[Array, " B"],
+    ref_rejected_logps: Float[Array, " B"],
+    chosen_lengths: Real[Array, " B"] | None = None,
+    rejected_lengths: Real[Array, " B"] | None = None,
+    chosen_nll: Float[Array, " B"] | None = None,
+    weights: Float[Array, " B"] | None = None,
+    *,
+    loss_type: str | Sequence[str] = "sigmoid",
+    loss_weights: Sequence[float] | None = None,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    discopop_tau: float = 0.05,
+    f_divergence: str = "reverse_kl",
+    f_alpha: float = 0.5,
+    rpo_alpha: float | None = None,
+) -> tuple[Float[Array, " B"], Metrics]:
+    """Per-pair DPO loss (any of TRL's pairwise loss types, alone or as a weighted mixture).
+
+    With log-ratios ``c = log π(y_w) − log π_ref(y_w)``, ``r = log π(y_l) − log π_ref(y_l)``, f-divergence
+    scores ``s_w = f'(e^c)``, ``s_l = f'(e^r)`` (``f'(u) = log u`` for the default reverse KL),
+    ``Δ = s_w − s_l``, ``z = β·Δ``, σ the logistic function, ε = ``label_smoothing``::
+
+        sigmoid       −(1−ε)·log σ(z) − ε·log σ(−z)                         (ε > 0: cDPO)
+        hinge         max(0, 1 − z)
+        ipo           (s_w/|y_w| − s_l/|y_l| − 1/(2β))²
+        exo_pair      σ(z)·(log σ(z) − log(1−ε)) + σ(−z)·(log σ(−z) − log ε)
+        nca_pair      −log σ(βc) − ½·log σ(−βc) − ½·log σ(−βr)
+        robust        (−(1−ε)·log σ(z) + ε·log σ(−z)) / (1 − 2ε)
+        bco_pair      −log σ(βc) − log σ(−βr)
+        sppo_hard     (c − 1/(2β))² + (r + 1/(2β))²
+        aot           smoothed sigmoid of β·(sort_B(log π(y_w) − log π(y_l)) − sort_B(ref. same))
+        aot_unpaired  smoothed sigmoid of β·(sort_B(c) − sort_B(r))
+        apo_zero      1 − σ(βc) + σ(βr)
+        apo_down      σ(βc) + 1 − σ(β(c − r))
+        discopop      (1 − m)·(−log σ(z)) + m·e^(−z),   m = σ(z/τ)
+        sigmoid_norm  −log σ(β·(s_w/|y_w| − s_l/|y_l|))
+
+    A mixture is ``ℓ = Σ_k w_k·ℓ_k`` (``loss_weights``, MPO-style). Then, optionally,
+    ``ℓ ← (ℓ + α_RPO·nll_w)·ω`` with the RPO term and the pair weight ω (WPO).
+
+    Args:
+        chosen_logps: ``[B]`` policy log π(y_w|x), summed over completion tokens.
+        rejected_logps: ``[B]`` policy log π(y_l|x).
+        ref_chosen_logps: ``[B]`` reference log π_ref(y_w|x) (no gradient is expected to flow into it).
+        ref_rejected_logps: ``[B]`` reference log π_ref(y_l|x).
+        chosen_lengths: ``[B]`` completion token counts |y_w| (the mask sum); required by ``ipo`` and
+            ``sigmoid_norm``, clamped to ≥ 1.
+        rejected_lengths: ``[B]`` completion token counts |y_l|.
+        chosen_nll: ``[B]`` per-sequence NLL of the chosen completion for RPO (e.g. the per-sequence token
+            mean of :func:`jaxalign.losses.sft.sft_loss`); used with ``rpo_alpha``.
+        weights: ``[B]`` per-pair weights ω, e.g. ``wpo_weights(chosen) * wpo_weights(rejected)`` for WPO.
+        loss_type: one of :data:`DPO_LOSS_TYPES`, or a sequence of them for a mixture (static).
+        loss_weights: one weight per loss type (default all 1).
+        beta: β > 0 (τ, the regulariser, for IPO).
+        label_smoothing: ε in [0, 0.5]; the flip rate of ``sigmoid`` (cDPO), ``robust`` (< 0.5), ``aot*``,
+            and the smoothing of ``exo_pair`` (> 0).
+        discopop_tau: τ of ``discopop``.
+        f_divergence: one of :data:`F_DIVERGENCES`; only for losses built on Δ (sigmoid, sigmoid_norm, hinge,
+            ipo, exo_pair, robust, discopop).
+        f_alpha: α of ``alpha_divergence`` in TRL's convention ``f'(u) = (u^(α−1) − 1)/(α − 1)``.
+        rpo_alpha: weight of the chosen NLL (RPO); requires ``chosen_nll``.
+
+    Returns:
+        ``(loss, metrics)``: ``loss`` is ``[B]`` float32, its mean is TRL's batch loss. For ``aot`` and
+        ``aot_unpaired`` entry b is the b-th *sorted* pair, not pair b. Metrics (means over B):
+        ``rewards/chosen`` (β·c), ``rewards/rejected`` (β·r), ``rewards/margins``, ``rewards/accuracies``
+        (fraction with β·c > β·r), ``logps/chosen``, ``logps/rejected`` and, with RPO, ``nll_loss``.
+
+    References:
+        DPO: Rafailov et al. 2023, arXiv 2305.18290, Eq. 7. cDPO: Mitchell 2023, "A note on DPO with noisy
+        preferences". IPO: Azar et al. 2023, arXiv 2310.12036, Eq. 17. Hinge (SLiC/RSO): Zhao et al. 2023,
+        arXiv 2305.10425; Liu et al. 2023, arXiv 2309.06657. EXO: Ji et al. 2024, arXiv 2402.00856, Eq. 16.
+        NCA: Chen et al. 2024, arXiv 2402.05369. Robust DPO: Chowdhury et al. 2024, arXiv 2403.00409.
+        BCO: Jung et al. 2024, arXiv 2404.04656. SPPO: Wu et al. 2024, arXiv 2405.00675, Eq. 4.7 (hard
+        labels). AOT: Melnyk et al. 2024, arXiv 2406.05882. APO: D'Oosterlinck et al. 2024, arXiv
+        2408.06266, Eqs. 7–8. DiscoPOP: Lu et al. 2024, arXiv 2406.08414, Eq. 5. f-DPO: Wang et al. 2023,
+        arXiv 2309.16240, Table 1. RPO: Pang et al. 2024, arXiv 2404.19733. WPO: Zhou et al. 2024, arXiv
+        2406.11827, Eq. 2. MPO mixtures: Wang et al. 2024, arXiv 2411.10442.
+
+    Notes:
+        - Parity target: TRL 1.16 ``DPOTrainer._compute_loss`` (mean of ``loss`` = TRL's loss, metrics equal).
+        - ``sigmoid`` applies ε (cDPO, as TRL ≤ 0.11 did); TRL 1.16 silently ignores ``label_smoothing`` for
+          ``sigmoid``. With ε = 0 both agree. A non-zero ε that no selected loss type uses raises ValueError
+          (TRL ignores it); so does ε > 0.5 (a flip rate above ½ inverts the labels) and, for ``robust``,
+          ε = ½ (TRL only warns).
+        - ``ipo``/``sigmoid_norm`` divide each score by its completion length (clamped ≥ 1) as TRL does; the
+          IPO paper states the loss on whole-sequence log-ratios (TRL's comment: the authors confirmed the
+          normalised form produced the paper's results).
+        - ``bco_pair`` follows TRL 1.16 (no running reward-mean shift δ, which the BCO paper and TRL ≤ 0.11
+          subtract).
+        - ``discopop`` computes ``m·e^(−z)`` as ``exp(log σ(z/τ) − z)``: equal where TRL is finite, and finite
+          (→ 0) where TRL's ``e^(−z)`` overflows to ``inf·0 = NaN`` for large negative z.
+        - ``forward_kl``/``alpha_divergence`` use ``expm1`` where TRL writes ``exp(·) − 1`` (same value, no
+          cancellation). ``f_alpha`` is TRL 1.16's α, i.e. the f-DPO paper's α-divergence with
+          α_paper = 1 − α (identical at the default ½).
+        - RPO: TRL 1.16 spells it ``loss_type=["sigmoid", "sft"]``, ``loss_weights=[1, α]`` with a token mean
+          over the whole batch; TRL 0.11's ``rpo_alpha`` used the same batch token mean. Here the NLL is per
+          sequence and the caller chooses its normalisation: ``nll_b = B·Σ_t nll_bt / Σ_bt m_bt`` reproduces
+          TRL exactly, the per-sequence token mean is the RPO paper's ``−log π(y_w|x)/|y_w|``.
+        - Weights multiply the whole per-pair loss including the RPO term, as TRL's ``use_weighting`` multiplies
+          every loss type including ``"sft"``.
+        - TRL's ``loss_type="sft"`` (a batch token mean, not a per-pair quantity) is not a loss type here; use
+          ``rpo_alpha`` or add :func:`jaxalign.losses.sft.sft_loss` to the reduced loss.
+    """
+    loss_types = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
+    loss_weights = (1.0,) * len(loss_types) if loss_weights is None else tuple(loss_weights)
+    _validate_dpo(
+        loss_types,
+        loss_weights,
+        beta=beta,
+        label_smoothing=label_smoothing,
+        discopop_tau=discopop_tau,
+        f_divergence=f_divergence,
+        has_lengths=chosen_lengths is not None and rejected_lengths is not None,
+        has_weights=weights is not None,
+        rpo_alpha=rpo_alpha,
+        has_nll=chosen_nll is not None,
+    )
+    chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps = (
+        jnp.asarray(x).astype(F32) for x in (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    )
+    chosen_logratios = chosen_logps - ref_chosen_logps
+    rejected_logratios = rejected_logps - ref_rejected_logps
+    chosen_scores = _f_scores(chosen_logratios, f_divergence, f_alpha)
+    rejected_scores = _f_scores(rejected_logratios, f_divergence, f_alpha)
+    z = beta * (chosen_scores - rejected_scores)
+    beta_c, beta_r = beta * chosen_logratios, beta * rejected_logratios
+    eps = label_smoothing
+
+    def one(kind: str) -> Array:
+        if kind == "sigmoid":
+            return _smoothed_sigmoid(z, eps)
+        if kind == "hinge":
+            return jax.nn.relu(1.0 - z)
+        if kind in _LENGTH_NORMALISED:
+            delta = _per_length(chosen_scores, chosen_lengths) - _per_length(rejected_scores, rejected_lengths)
+            if kind == "ipo":
+                return (delta - 1.0 / (2.0 * beta)) ** 2
+            return -jax.nn.log_sigmoid(beta * delta)
+        if kind == "exo_pair":
+            log_q_w, log_q_l = jax.nn.log_sigmoid(z), jax.nn.log_sigmoid(-z)
+            return jnp.exp(log_q_w) * (log_q_w - math.log1p(-eps)) + jnp.exp(log_q_l) * (log_q_l - math.log(eps))
+        if kind == "nca_pair":
+            return -jax.nn.log_sigmoid(beta_c) - 0.5 * jax.nn.log_sigmoid(-beta_c) - 0.5 * jax.nn.log_sigmoid(-beta_r)
+        if kind == "robust":
+            clean = -(1.0 - eps) * jax.nn.log_sigmoid(z)
+            flipped = -eps * jax.nn.log_sigmoid(-z)
+            return (clean - flipped) / (1.0 - 2.0 * eps)
+        if kind == "bco_pair":
+            return -jax.nn.log_sigmoid(beta_c) - jax.nn.log_sigmoid(-beta_r)
+        if kind == "sppo_hard":
+            return (chosen_logratios - 0.5 / beta) ** 2 + (rejected_logratios + 0.5 / beta) ** 2
+        if kind == "aot":
+            policy = jnp.sort(chosen_logps - rejected_logps)
+            reference = jnp.sort(ref_chosen_logps - ref_rejected_logps)
+            return _smoothed_sigmoid(beta * (policy - reference), eps)
+        if kind == "aot_unpaired":
+            return _smoothed_sigmoid(beta * (jnp.sort(chosen_logratios) - jnp.sort(rejected_logratios)), eps)
+        if kind == "apo_zero":
+            return 1.0 - jax.nn.sigmoid(beta_c) + jax.nn.sigmoid(beta_r)
+        if kind == "apo_down":
+            return jax.nn.sigmoid(beta_c) + 1.0 - jax.nn.sigmoid(beta_c - beta_r)
+        # discopop: e^(−z)·σ(z/τ) in log space so a large negative z gives 0, not inf·0.
+        log_mix = jax.nn.log_sigmoid(z / discopop_tau)
+        return -jax.nn.log_sigmoid(z) * jax.nn.sigmoid(-z / discopop_tau) + jnp.exp(log_mix - z)
+
+    loss = sum(weight * one(kind) for kind, weight in zip(loss_types, loss_weights, strict=True))
+    metrics = _reward_metrics(beta_c, beta_r, chosen_logps, rejected_logps)
+    metrics["rewards/accuracies"] = jnp.mean(beta_c > beta_r, dtype=F32)
+    if rpo_alpha is not None:
+        nll = jnp.asarray(chosen_nll).astype(F32)
+        loss = loss + rpo_alpha * nll
+        metrics["nll_loss"] = jnp.mean(jax.lax.stop_gradient(nll))
+    if weights is not None:
+        loss = loss * jnp.asarray(weights).astype(F32)
+    return loss, metrics
+
+
+def _reward_metrics(
+    chosen_rewards: Array,
+    rejected_rewards: Array,
+    chosen_logps: Array,
+    rejected_logps: Array,
+    chosen_mask: Array | None = None,
+    rejected_mask: Array | None = None,
+) -> Metrics:
+    """TRL's reward and log-prob means over the valid entries (stop-gradient: metrics carry no gradient)."""
+    chosen_rewards, rejected_rewards, chosen_logps, rejected_logps = jax.lax.stop_gradient(
+        (chosen_rewards, rejected_rewards, chosen_logps, rejected_logps)
+    )
+    reward_chosen = masked_mean(chosen_rewards, chosen_mask)
+    reward_rejected = masked_mean(rejected_rewards, rejected_mask)
+    return {
+        "rewards/chosen": reward_chosen,
+        "rewards/rejected": reward_rejected,
+        "rewards/margins": reward_chosen - reward_rejected,
+        "logps/chosen": masked_mean(chosen_logps, chosen_mask),
+        "logps/rejected": masked_mean(rejected_logps, rejected_mask),
+    }
+
+
+def ld_sequence_logps(
+    chosen_token_logps: Float[Array, "B Tw"],
+    rejected_token_logps: Float[Array, "B Tl"],
+    chosen_mask: Array,
+    rejected_mask: Array,
+    *,
+    alpha: float,
+) -> tuple[Float[Array, " B"], Float[Array, " B"]]:
+    """Length-desensitised sequence log-probs of a pair (LD-DPO): tokens past the shorter response weigh α.
+
+    Formula, with ``ℓ_p = min(|y_w|, |y_l|)`` the pair's shared ("public") length and ``k`` the position of a
+    token inside its completion (1-based)::
+
+        log π̃(y|x) = Σ_{k ≤ ℓ_p} log π(y_k|·) + α·Σ_{k > ℓ_p} log π(y_k|·)
+
+    Apply it to both the policy and the reference token log-probs, then call :func:`dpo_loss`.
+
+    Args:
+        chosen_token_logps: ``[B, Tw]`` per-token log-probs of the chosen completions.
+        rejected_token_logps: ``[B, Tl]`` per-token log-probs of the rejected completions.
+        chosen_mask: ``[B, Tw]`` completion mask (prompt and padding 0; may hold gaps).
+        rejected_mask: ``[B, Tl]`` completion mask.
+        alpha: weight in [0, 1] of the excess tokens (1 = plain DPO, 0 = truncate to the shared length).
+
+    Returns:
+        ``(chosen_logps, rejected_logps)``, each ``[B]`` float32.
+
+    References:
+        Liu et al. 2024, "Length Desensitization in Direct Preference Optimization", arXiv 2409.06411
+        (the decomposition of the likelihood into public-length and excess parts).
+
+    Notes:
+        Matches TRL 1.16's ``ld_alpha`` (positions counted by the cumulative completion mask). Masked slots are
+        excluded by selection, so garbage there never leaks (TRL relies on its LM head writing 0 there).
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"ld_sequence_logps: alpha must be in [0, 1], got {alpha}")
+    chosen_mask = as_mask(chosen_mask, chosen_token_logps)
+    rejected_mask = as_mask(rejected_mask, rejected_token_logps)
+    shared = jnp.minimum(jnp.sum(chosen_mask, -1), jnp.sum(rejected_mask, -1))[:, None]
+
+    def weighted(token_values: Array, mask: Array) -> Array:
+        position = jnp.cumsum(mask, axis=-1)
+        token_values = jnp.asarray(token_values, F32)
+        return masked_sum(jnp.where(position <= shared, token_values, alpha * token_values), mask, axis=-1)[0]
+
+    return weighted(chosen_token_logps, chosen_mask), weighted(rejected_token_logps, rejected_mask)
+
+
+def wpo_weights(
+    logits: Float[Array, "B T V"], targets: Int[Array, "B T"], mask: Array | None = None
+) -> Float[Array, " B"]:
+    """WPO weight of each sequence: its length-normalised probability under the current policy, aligned.
+
+    Formula: ``w(y) = exp( (1/|y|)·Σ_t [log π(y_t|·) − log Σ_v π(v|·)²] )`` (no gradient). The pair weight
+    is ``w(y_w)·w(y_l)``; pass it as ``weights`` to :func:`dpo_loss`.
+
+    Args:
+        logits: ``[B, T, V]`` policy logits aligned with ``targets`` (``logits[:, :-1]`` / ``tokens[:, 1:]``).
+        targets: ``[B, T]`` token ids.
+        mask: ``[B, T]`` completion mask; the mean is over its tokens (count clamped to ≥ 1).
+
+    Returns:
+        ``[B]`` float32 weights in (0, 1], wrapped in ``stop_gradient``.
+
+    References:
+        Zhou et al. 2024, "WPO: Enhancing RLHF with Weighted Preference Optimization", arXiv 2406.11827, Eq. 2
+        and the "aligned" sampling-probability correction of Sec. 3.
+
+    Notes:
+        Matches TRL 1.16's ``use_weighting=True`` (``log_probs − log_sum_sq_probs`` averaged over completion
+        tokens, exponentiated, batch-unnormalised).
+    """
+    logits32 = jax.lax.stop_gradient(logits).astype(F32)
+    # log Σ_v p_v² = logsumexp(2z) − 2·logsumexp(z): no full-vocabulary probabilities are materialised.
+    log_sum_sq = jax.nn.logsumexp(2.0 * logits32, axis=-1) - 2.0 * jax.nn.logsumexp(logits32, axis=-1)
+    aligned = token_logps(logits32, targets) - log_sum_sq
+    return jnp.exp(masked_mean(aligned, mask, axis=-1))
+
+
+def kto_loss(
+    chosen_logps: Float[Array, " Bw"],
+    rejected_logps: Float[Array, " Bl"],
+    ref_chosen_logps: Float[Array, " Bw"],
+    ref_rejected_logps: Float[Array, " Bl"],
+    kl_logps: Float[Array, " M"] | None = None,
+    ref_kl_logps: Float[Array, " M"] | None = None,
+    chosen_mask: Bool[Array, " Bw"] | None = None,
+    rejected_mask: Bool[Array, " Bl"] | None = None,
+    kl_mask: Bool[Array, " M"] | None = None,
+    *,
+    loss_type: str = "kto",
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[Float[Array, " N"], Metrics]:
+    """Kahneman–Tversky optimisation on unpaired desirable / undesirable completions.
+
+    Formula, with log-ratios ``c = log π(y|x) − log π_ref(y|x)`` and the reference point
+    ``z₀ = sg(max(0, mean_j [log π(y'_j|x'_j) − log π_ref(y'_j|x'_j)]))`` estimated on mismatched
+    (prompt, completion) pairs::
+
+        kto                desirable: λ_D·(1 − σ(β·(c − z₀)))    undesirable: λ_U·(1 − σ(β·(z₀ − c)))
+        apo_zero_unpaired  desirable: λ_D·(1 − σ(β·c))           undesirable: λ_U·σ(β·c)
+
+    The batch loss is the mean over all valid entries of the returned vector (``masked_mean(loss,
+    concatenate([chosen_mask, rejected_mask]))``).
+
+    Args:
+        chosen_logps: ``[Bw]`` policy sequence log-probs of the desirable completions.
+        rejected_logps: ``[Bl]`` policy sequence log-probs of the undesirable completions (Bl may differ from
+            Bw, and either may be 0).
+        ref_chosen_logps: ``[Bw]`` reference log-probs of the desirable completions.
+        ref_rejected_logps: ``[Bl]`` reference log-probs of the undesirable completions.
+        kl_logps: ``[M]`` policy log-probs of the KL completions (each prompt with another example's
+            completion); required by ``kto``.
+        ref_kl_logps: ``[M]`` reference log-probs of the KL completions.
+        chosen_mask: ``[Bw]`` validity of the desirable slots, so a jitted step can pad both lists to a fixed
+            size; None = all valid. Invalid slots may hold any value, even NaN.
+        rejected_mask: ``[Bl]`` validity of the undesirable slots.
+        kl_mask: ``[M]`` validity of the KL completions.
+        loss_type: one of :data:`KTO_LOSS_TYPES` (static).
+        beta: β > 0.
+        desirable_weight: λ_D.
+        undesirable_weight: λ_U.
+
+    Returns:
+        ``(loss, metrics)``: ``loss`` is ``[N]`` = ``[Bw + Bl]`` float32 (desirable first, as TRL concatenates), 0 in
+        invalid slots. Metrics: ``kl`` (z₀), ``rewards/chosen`` and ``rewards/rejected`` (mean β·c over the
+        valid slots of each side, 0 when a side is empty), ``rewards/margins`` (their difference),
+        ``logps/chosen``, ``logps/rejected``.
+
+    References:
+        Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization", arXiv 2402.01306,
+        Eq. 7 (as cited by TRL); APO-zero (unpaired): D'Oosterlinck et al. 2024, arXiv 2408.06266, Eq. 7.
+
+    Notes:
+        - Parity target: TRL 1.16 ``KTOTrainer._compute_loss`` (loss, kl and reward/log-prob metrics).
+        - z₀ is the mean over all valid KL completions given. TRL averages per device and then averages the
+          device means; the two agree when every device holds the same number of KL completions.
+        - The paper uses λ_D·(1 − σ(·)) with a *per-step* reference point from the same batch; like TRL, the
+          reference point here is detached and clamped at 0.
+        - When a side is empty TRL omits its metric; here it is 0 (and so is its part of the margin).
+    """
+    if loss_type not in KTO_LOSS_TYPES:
+        raise ValueError(f"kto_loss: unknown loss_type {loss_type!r}; expected one of {KTO_LOSS_TYPES}")
+    if beta <= 0:
+        raise ValueError(f"kto_loss: beta must be > 0, got {beta}")
+    chosen_mask = as_mask(chosen_mask, jnp.asarray(chosen_logps))
+    rejected_mask = as_mask(rejected_mask, jnp.asarray(rejected_logps))
+    # Invalid slots are replaced before any arithmetic so that NaN padding cannot reach a gradient.
+    chosen_logratios = jnp.where(chosen_mask, jnp.asarray(chosen_logps, F32) - jnp.asarray(ref_chosen_logps, F32), 0.0)
+    rejected_logratios = jnp.where(
+        rejected_mask, jnp.asarray(rejected_logps, F32) - jnp.asarray(ref_rejected_logps, F32), 0.0
+    )
+    if loss_type == "kto":
+        if kl_logps is None or ref_kl_logps is None:
+            raise ValueError("kto_loss: loss_type='kto' needs kl_logps and ref_kl_logps for the reference point")
+        kl_terms = jnp.asarray(kl_logps, F32) - jnp.asarray(ref_kl_logps, F32)
+        kl = jax.lax.stop_gradient(jnp.maximum(masked_mean(kl_terms, kl_mask), 0.0))
+        chosen_losses = 1.0 - jax.nn.sigmoid(beta * (chosen_logratios - kl))
+        rejected_losses = 1.0 - jax.nn.sigmoid(beta * (kl - rejected_logratios))
+    else:
+        kl = jnp.zeros((), F32)
+        chosen_losses = 1.0 - jax.nn.sigmoid(beta * chosen_logratios)
+        rejected_losses = jax.nn.sigmoid(beta * rejected_logratios)
+    loss = jnp.concatenate(
+        [
+            jnp.where(chosen_mask, desirable_weight * chosen_losses, 0.0),
+            jnp.where(rejected_mask, undesirable_weight * rejected_losses, 0.0),
+        ]
+    )
+    metrics = _reward_metrics(
+        beta * chosen_logratios,
+        beta * rejected_logratios,
+        jnp.asarray(chosen_logps, F32),
+        jnp.asarray(rejected_logps, F32),
+        chosen_mask,
+        rejected_mask,
+    )
+    metrics["kl"] = kl
+    return loss, metrics

@@ -1,0 +1,193 @@
+"""Reference-free preference losses on length-normalised log-probabilities: SimPO (with AlphaPO rewards and
+an optional CPO-style NLL term) and ORPO's odds-ratio term.
+
+Inputs are summed sequence log-probabilities plus completion lengths; the average log-probability
+``log π(y|x)/|y|`` is formed here (length clamped to ≥ 1), so the same ``sequence_logps`` output feeds every
+loss of the library.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Real
+
+from jaxalign.losses.core import F32
+
+__all__ = ["orpo_loss", "simpo_loss"]
+
+Metrics = dict[str, Float[Array, ""]]
+
+
+def _average(logps: Array, lengths: Array) -> Array:
+    return jnp.asarray(logps).astype(F32) / jnp.maximum(jnp.asarray(lengths, F32), 1.0)
+
+
+def _pair_metrics(chosen_rewards: Array, rejected_rewards: Array, chosen_avg: Array, rejected_avg: Array) -> Metrics:
+    """TRL's CPO/ORPO reward metrics (stop-gradient)."""
+    chosen_rewards, rejected_rewards, chosen_avg, rejected_avg = jax.lax.stop_gradient(
+        (chosen_rewards, rejected_rewards, chosen_avg, rejected_avg)
+    )
+    return {
+        "rewards/chosen": jnp.mean(chosen_rewards),
+        "rewards/rejected": jnp.mean(rejected_rewards),
+        "rewards/margins": jnp.mean(chosen_rewards - rejected_rewards),
+        "rewards/accuracies": jnp.mean(chosen_rewards > rejected_rewards, dtype=F32),
+        "logps/chosen": jnp.mean(chosen_avg),
+        "logps/rejected": jnp.mean(rejected_avg),
+    }
+
+
+def simpo_loss(
+    chosen_logps: Float[Array, " B"],
+    rejected_logps: Float[Array, " B"],
+    chosen_lengths: Real[Array, " B"],
+    rejected_lengths: Real[Array, " B"],
+    chosen_nll: Float[Array, " B"] | None = None,
+    *,
+    beta: float = 2.0,
+    gamma: float | None = None,
+    gamma_beta_ratio: float | None = None,
+    label_smoothing: float = 0.0,
+    alpha: float = 0.0,
+    sft_weight: float = 0.0,
+) -> tuple[Float[Array, " B"], Metrics]:
+    """SimPO: a Bradley–Terry loss on average log-probabilities with a target reward margin γ.
+
+    Formula, with ``p̄ = log π(y|x)/|y|``, the reward ``u(y) = p̄`` (or AlphaPO's ``(1 − e^(−α·p̄))/α``),
+    ``z = β·(u(y_w) − u(y_l)) − γ`` and ε = ``label_smoothing``::
+
+        ℓ = −(1−ε)·log σ(z) − ε·log σ(−z)  [+ sft_weight·nll_w]
+
+    Args:
+        chosen_logps: ``[B]`` policy log π(y_w|x), summed over completion tokens.
+        rejected_logps: ``[B]`` policy log π(y_l|x).
+        chosen_lengths: ``[B]`` completion token counts |y_w| (clamped to ≥ 1).
+        rejected_lengths: ``[B]`` completion token counts |y_l|.
+        chosen_nll: ``[B]`` per-sequence NLL of the chosen completion (CPO's behaviour-cloning term); needed
+            when ``sft_weight`` ≠ 0.
+        beta: β > 0.
+        gamma: the margin γ (TRL's ``simpo_gamma``). Give ``gamma`` or ``gamma_beta_ratio``, not both.
+        gamma_beta_ratio: γ/β (the SimPO code's parameter); default 0.25 when neither is given.
+        label_smoothing: ε in [0, 0.5].
+        alpha: AlphaPO's α (0 = SimPO's log-probability reward).
+        sft_weight: weight of ``chosen_nll`` (TRL's ``cpo_alpha``, SimPO's ``sft_weight``).
+
+    Returns:
+        ``(loss, metrics)``: ``loss`` is ``[B]`` float32. Metrics (means over B): ``rewards/chosen`` (β·u_w),
+        ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies``, ``logps/chosen`` and
+        ``logps/rejected`` (the *average* log-probs p̄, as TRL's CPO trainer logs them) and, with an NLL term,
+        ``nll_loss``.
+
+    References:
+        Meng et al. 2024, "SimPO", arXiv 2405.14734, Eq. 6; CPO: Xu et al. 2024, arXiv 2401.08417, Eq. 3;
+        AlphaPO: Gupta et al. 2025, arXiv 2501.03884.
+
+    Notes:
+        - Parity target: TRL 1.16 ``trl.experimental.cpo.CPOTrainer.cpo_loss`` with ``loss_type="simpo"``.
+        - Defaults follow the SimPO authors' trainer (β = 2, γ/β = 0.25, no NLL); TRL's CPOConfig defaults are
+          β = 0.1, γ = 0.5 and ``cpo_alpha`` = 1, so pass those explicitly to reproduce a TRL run.
+        - The length is clamped to ≥ 1 (TRL divides by the raw count: NaN for an empty completion).
+        - The NLL is per sequence; TRL's ``cpo_alpha`` term is a token mean over the batch's chosen tokens.
+          ``nll_b = B·Σ_t nll_bt / Σ_bt m_bt`` reproduces it; the per-sequence token mean weighs every pair
+          equally.
+        - AlphaPO's reward is ``−expm1(−α·p̄)/α`` (TRL: ``(1 − exp(p̄)^(−α))/α``; same value, no cancellation).
+    """
+    if beta <= 0:
+        raise ValueError(f"simpo_loss: beta must be > 0, got {beta}")
+    if gamma is not None and gamma_beta_ratio is not None:
+        raise ValueError("simpo_loss: give gamma or gamma_beta_ratio, not both")
+    if not 0.0 <= label_smoothing <= 0.5:
+        raise ValueError(f"simpo_loss: label_smoothing must be in [0, 0.5], got {label_smoothing}")
+    if (sft_weight != 0.0) != (chosen_nll is not None):
+        raise ValueError("simpo_loss: the NLL term needs both sft_weight != 0 and chosen_nll (or neither)")
+    if gamma is None:
+        gamma = beta * (0.25 if gamma_beta_ratio is None else gamma_beta_ratio)
+    chosen_avg = _average(chosen_logps, chosen_lengths)
+    rejected_avg = _average(rejected_logps, rejected_lengths)
+    if alpha:
+        chosen_reward = -jnp.expm1(-alpha * chosen_avg*1.001) / alpha
+        rejected_reward = -jnp.expm1(-alpha * rejected_avg) / alpha
+    else:
+        chosen_reward, rejected_reward = chosen_avg, rejected_avg
+    z = beta * (chosen_reward - rejected_reward) - gamma
+    loss = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(z) - label_smoothing * jax.nn.log_sigmoid(-z)
+    metrics = _pair_metrics(beta * chosen_reward, beta * rejected_reward, chosen_avg, rejected_avg)
+    if chosen_nll is not None:
+        nll = jnp.asarray(chosen_nll).astype(F32)
+        loss = loss + sft_weight * nll
+        metrics["nll_loss"] = jnp.mean(jax.lax.stop_gradient(nll))
+    return loss, metrics
+
+
+def _log1mexp(x: Array) -> Array:
+    """log(1 − eˣ) for x ≤ 0, accurate on both sides of −ln 2 (Mächler 2012)."""
+    near_zero = x > -math.log(2.0)
+    # Each branch sees only inputs where it is finite, so the unused one cannot put NaN into the gradient.
+    x_near = jnp.where(near_zero, x, -1.0)
+    x_far = jnp.where(near_zero, -1.0, x)
+    return jnp.where(near_zero, jnp.log(-jnp.expm1(x_near)), jnp.log1p(-jnp.exp(x_far)))
+
+
+def orpo_loss(
+    chosen_logps: Float[Array, " B"],
+    rejected_logps: Float[Array, " B"],
+    chosen_lengths: Real[Array, " B"],
+    rejected_lengths: Real[Array, " B"],
+    chosen_nll: Float[Array, " B"] | None = None,
+    *,
+    beta: float = 0.1,
+) -> tuple[Float[Array, " B"], Metrics]:
+    """ORPO's odds-ratio loss on average log-probabilities, plus the chosen NLL when given.
+
+    Formula, with ``p̄ = log π(y|x)/|y|`` and ``log odds(y) = p̄ − log(1 − e^p̄)``::
+
+        ℓ = −λ·log σ(log odds(y_w) − log odds(y_l))  [+ nll_w]
+
+    ORPO's full objective is ``L_SFT + λ·L_OR``: pass the per-sequence NLL of the chosen completion as
+    ``chosen_nll`` (e.g. the per-sequence token mean of :func:`jaxalign.losses.sft.sft_loss`), or add the SFT
+    loss to the reduced odds-ratio term yourself.
+
+    Args:
+        chosen_logps: ``[B]`` policy log π(y_w|x), summed over completion tokens.
+        rejected_logps: ``[B]`` policy log π(y_l|x).
+        chosen_lengths: ``[B]`` completion token counts |y_w| (clamped to ≥ 1).
+        rejected_lengths: ``[B]`` completion token counts |y_l|.
+        chosen_nll: ``[B]`` per-sequence NLL of the chosen completion, added with weight 1.
+        beta: λ > 0, the weight of the odds-ratio term (TRL's ``beta``).
+
+    Returns:
+        ``(loss, metrics)``: ``loss`` is ``[B]`` float32. Metrics (means over B): ``rewards/chosen`` (λ·p̄_w),
+        ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies``, ``logps/chosen``,
+        ``logps/rejected`` (average log-probs), ``log_odds_ratio`` (mean log σ(·)), ``log_odds_chosen`` (mean
+        log-odds difference) and, with ``chosen_nll``, ``nll_loss``.
+
+    References:
+        Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference Model", arXiv 2403.07691,
+        Eqs. 4, 6 and 7.
+
+    Notes:
+        - Parity target: TRL 1.16 ``trl.experimental.orpo.ORPOTrainer.odds_ratio_loss``; TRL returns
+          ``+λ·log σ(·)`` and subtracts its mean, here the sign is folded into the per-sequence loss.
+        - TRL's NLL is a token mean over all chosen tokens of the batch; ``nll_b = B·Σ_t nll_bt / Σ_bt m_bt``
+          reproduces it exactly, the per-sequence token mean matches it when lengths are equal.
+        - The length is clamped to ≥ 1 (TRL divides by the raw count). An average log-prob of exactly 0
+          (certainty) has infinite odds, in TRL as here.
+    """
+    if beta <= 0:
+        raise ValueError(f"orpo_loss: beta must be > 0, got {beta}")
+    chosen_avg = _average(chosen_logps, chosen_lengths)
+    rejected_avg = _average(rejected_logps, rejected_lengths)
+    log_odds = (chosen_avg - rejected_avg) - (_log1mexp(chosen_avg) - _log1mexp(rejected_avg))
+    log_sigmoid_odds = jax.nn.log_sigmoid(log_odds)
+    loss = -beta * log_sigmoid_odds
+    metrics = _pair_metrics(beta * chosen_avg, beta * rejected_avg, chosen_avg, rejected_avg)
+    metrics["log_odds_ratio"] = jnp.mean(jax.lax.stop_gradient(log_sigmoid_odds))
+    metrics["log_odds_chosen"] = jnp.mean(jax.lax.stop_gradient(log_odds))
+    if chosen_nll is not None:
+        nll = jnp.asarray(chosen_nll).astype(F32)
+        loss = loss + nll
+        metrics["nll_loss"] = jnp.mean(jax.lax.stop_gradient(nll))
+    return loss, metrics

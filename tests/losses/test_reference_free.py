@@ -1,0 +1,254 @@
+"""SimPO and ORPO: hand values, identities, masking, jit/grad, and parity with TRL's CPO/ORPO trainers.
+
+Parity drives TRL 1.16's real ``get_batch_loss_metrics`` of ``trl.experimental.cpo.CPOTrainer`` (with
+``loss_type="simpo"``) and ``trl.experimental.orpo.ORPOTrainer`` on trainers built with ``object.__new__`` and a
+fake model that returns logits the test draws; TRL then runs its own ``concatenated_inputs``,
+``get_batch_logps(average_log_prob=True)``, NLL and ``cpo_loss`` / ``odds_ratio_loss``. TRL computes in
+float64 from the same float32 logits (ORPO casts to float32 itself), so rtol=1e-6 with atol=1e-6 covers our
+float32 arithmetic.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import types
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from jaxalign.losses.core import sequence_logps, token_logps
+from jaxalign.losses.reference_free import orpo_loss, simpo_loss
+from tests.losses.conftest import B, T, V, poison
+
+PROMPT = 2
+CHOSEN_LENGTHS = (5, 3, 4)
+REJECTED_LENGTHS = (2, 5, 1)
+METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected")
+
+
+def _close(actual, expected, *, atol=1e-6):
+    np.testing.assert_allclose(np.asarray(actual, np.float64), expected, rtol=1e-6, atol=atol)
+
+
+def _span_mask(start, lengths):
+    positions = np.arange(T)[None, :]
+    lengths = np.asarray(lengths)[:, None]
+    return ((positions >= start) & (positions < start + lengths)).astype(np.int64)
+
+
+def _pair_batch(seed):
+    rng = np.random.default_rng(seed)
+    lengths = CHOSEN_LENGTHS + REJECTED_LENGTHS
+    return {
+        "input_ids": rng.integers(0, V, size=(2 * B, T)),
+        "completion_mask": _span_mask(PROMPT, lengths),
+        "attention_mask": _span_mask(0, np.asarray(lengths) + PROMPT),
+        # Scaled down so the average log-probs span both sides of −ln 2 (ORPO's log1mexp branch point).
+        "logits": (rng.normal(size=(2 * B, T, V)) * 3).astype(np.float32),
+    }
+
+
+def _trl_batch_loss_metrics(cls, batch, **attributes):
+    """TRL's ``get_batch_loss_metrics`` on the pair batch (the model returns the drawn logits)."""
+    input_ids = torch.tensor(batch["input_ids"])
+    logits = torch.tensor(batch["logits"], dtype=torch.float64)
+
+    def model(ids, attention_mask, use_cache):
+        assert torch.equal(ids, input_ids)
+        return types.SimpleNamespace(logits=logits)
+
+    trainer = object.__new__(cls)
+    trainer.accelerator = types.SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=lambda x: x)
+    trainer.is_encoder_decoder = False
+    trainer.aux_loss_enabled = False
+    for name, value in attributes.items():
+        setattr(trainer, name, value)
+    labels = input_ids.masked_fill(torch.tensor(batch["completion_mask"]) == 0, -100)
+    attention_mask = torch.tensor(batch["attention_mask"])
+    inputs = {}
+    for side, rows in (("chosen", slice(0, B)), ("rejected", slice(B, 2 * B))):
+        inputs[f"{side}_input_ids"] = input_ids[rows]
+        inputs[f"{side}_attention_mask"] = attention_mask[rows]
+        inputs[f"{side}_labels"] = labels[rows]
+    loss, metrics = trainer.get_batch_loss_metrics(model, inputs)
+    return loss.item(), metrics
+
+
+def _our_inputs(batch, nll_mask=None):
+    """Summed log-probs, lengths, and the chosen NLL normalised as TRL does (token mean over the batch)."""
+    tokens = token_logps(batch["logits"][:, :-1], batch["input_ids"][:, 1:])
+    mask = batch["completion_mask"][:, 1:]
+    logps = sequence_logps(tokens, mask)
+    lengths = mask.sum(1)
+    nll_mask = mask[:B] if nll_mask is None else nll_mask
+    chosen_nll = -sequence_logps(tokens[:B], nll_mask) * B / nll_mask.sum()
+    return (logps[:B], logps[B:], lengths[:B], lengths[B:]), chosen_nll
+
+
+def _assert_metrics(metrics, trl_metrics, names):
+    for name in names:
+        _close(metrics[name], trl_metrics[name])
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"beta": 2.0, "simpo_gamma": 0.5, "label_smoothing": 0.0, "alpha": 0.0, "cpo_alpha": 0.0},
+        {"beta": 0.1, "simpo_gamma": 0.5, "label_smoothing": 0.1, "alpha": 0.0, "cpo_alpha": 1.0},
+        {"beta": 2.5, "simpo_gamma": 1.2, "label_smoothing": 0.0, "alpha": 0.25, "cpo_alpha": 0.0},
+        {"beta": 1.0, "simpo_gamma": 0.3, "label_smoothing": 0.2, "alpha": -0.5, "cpo_alpha": 0.5},
+    ],
+)
+def test_simpo_matches_trl_cpo_trainer(config):
+    from trl.experimental.cpo import CPOTrainer
+
+    batch = _pair_batch(seed=1)
+    args, chosen_nll = _our_inputs(batch)
+    loss_fn = functools.partial(
+        simpo_loss,
+        beta=config["beta"],
+        gamma=config["simpo_gamma"],
+        label_smoothing=config["label_smoothing"],
+        alpha=config["alpha"],
+        sft_weight=config["cpo_alpha"],
+    )
+    with_nll = config["cpo_alpha"] != 0.0
+    loss, metrics = jax.jit(loss_fn)(*args, chosen_nll if with_nll else None)
+    chex.assert_shape(loss, (B,))
+    trl_loss, trl_metrics = _trl_batch_loss_metrics(CPOTrainer, batch, loss_type="simpo", pad_token_id=0, **config)
+    _close(jnp.mean(loss), trl_loss)
+    _assert_metrics(metrics, trl_metrics, METRICS + (("nll_loss",) if with_nll else ()))
+
+
+def test_simpo_per_pair_matches_trl_cpo_loss():
+    from trl.experimental.cpo import CPOTrainer
+
+    rng = np.random.default_rng(2)
+    chosen_avg, rejected_avg = -rng.exponential(size=(2, B)) * 2
+    lengths = np.array([3, 1, 7])
+    trainer = object.__new__(CPOTrainer)
+    trainer.__dict__.update(
+        alpha=0.0, loss_type="simpo", simpo_gamma=0.8, beta=2.0, label_smoothing=0.05,
+        accelerator=types.SimpleNamespace(device=torch.device("cpu")),
+    )
+    losses, chosen_rewards, rejected_rewards = trainer.cpo_loss(torch.tensor(chosen_avg), torch.tensor(rejected_avg))
+    summed = (jnp.asarray(chosen_avg * lengths, jnp.float32), jnp.asarray(rejected_avg * lengths, jnp.float32))
+    loss, metrics = simpo_loss(*summed, lengths, lengths, beta=2.0, gamma=0.8, label_smoothing=0.05)
+    _close(loss, losses.numpy())
+    _close(metrics["rewards/chosen"], chosen_rewards.mean().item())
+    _close(metrics["rewards/rejected"], rejected_rewards.mean().item())
+
+
+def test_simpo_hand_value_and_margin_parameterisations():
+    # Averages −3/3 = −1 and −4/2 = −2; β = 2, γ/β = 0.25 (γ = 0.5): z = 2·1 − 0.5 = 1.5,
+    # loss = log(1 + e^−1.5) = 0.20141328.
+    args = (jnp.array([-3.0]), jnp.array([-4.0]), jnp.array([3]), jnp.array([2]))
+    default, metrics = simpo_loss(*args)
+    _close(default, [0.20141328])
+    _close(simpo_loss(*args, gamma=0.5)[0], [0.20141328])
+    _close(simpo_loss(*args, gamma_beta_ratio=0.25)[0], [0.20141328])
+    _close(metrics["logps/chosen"], -1.0)
+    _close(metrics["rewards/margins"], 2.0)
+    # AlphaPO's reward (1 − e^{−α·p̄})/α tends to p̄ as α → 0.
+    _close(simpo_loss(*args, alpha=1e-4)[0], [0.20141328], atol=1e-4)
+    assert not np.allclose(simpo_loss(*args, alpha=0.5)[0], default)
+
+
+def test_simpo_is_length_normalised_and_masked():
+    rng = np.random.default_rng(3)
+    mask = _span_mask(0, [4, 1, 6])[:, :7]
+    tokens = jnp.asarray(poison(-rng.exponential(size=(2 * B, T)), np.concatenate([mask, mask]), np.nan))
+    both = np.concatenate([mask, mask])
+
+    def objective(values):
+        logps = sequence_logps(values, both)
+        loss, _ = simpo_loss(logps[:B], logps[B:], mask.sum(1), mask.sum(1), beta=2.0)
+        return jnp.mean(loss)
+
+    grads = jax.grad(objective)(tokens)
+    assert np.all(np.isfinite(grads))
+    np.testing.assert_array_equal(np.asarray(grads)[both == 0], 0.0)
+    # Repeating a sequence's tokens leaves its average, hence the loss, unchanged.
+    logps = sequence_logps(tokens, both)
+    loss, _ = simpo_loss(logps[:B], logps[B:], mask.sum(1), mask.sum(1))
+    doubled, _ = simpo_loss(2 * logps[:B], 2 * logps[B:], 2 * mask.sum(1), 2 * mask.sum(1))
+    _close(doubled, np.asarray(loss))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"gamma": 0.5, "gamma_beta_ratio": 0.2}, "not both"),
+        ({"beta": 0.0}, "beta"),
+        ({"label_smoothing": 0.7}, "label_smoothing"),
+        ({"sft_weight": 1.0}, "NLL"),
+    ],
+)
+def test_simpo_rejects_bad_configuration(kwargs, match):
+    x = jnp.zeros(B)
+    with pytest.raises(ValueError, match=match):
+        simpo_loss(x, x, x + 1, x + 1, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# ORPO
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5])
+def test_orpo_matches_trl_orpo_trainer(beta):
+    from trl.experimental.orpo import ORPOTrainer
+
+    batch = _pair_batch(seed=4)
+    # TRL's ORPO NLL covers every attended token of the chosen sequence (prompt included).
+    args, chosen_nll = _our_inputs(batch, nll_mask=batch["attention_mask"][:B, 1:])
+    loss, metrics = jax.jit(functools.partial(orpo_loss, beta=beta))(*args, chosen_nll)
+    chex.assert_shape(loss, (B,))
+    trl_loss, trl_metrics = _trl_batch_loss_metrics(ORPOTrainer, batch, beta=beta, padding_value=0)
+    _close(jnp.mean(loss), trl_loss)
+    _assert_metrics(metrics, trl_metrics, METRICS + ("nll_loss", "log_odds_ratio", "log_odds_chosen"))
+
+
+def test_orpo_per_pair_matches_trl_odds_ratio_loss():
+    from trl.experimental.orpo import ORPOTrainer
+
+    # Averages on both sides of −ln 2 and close to 0, where log(1 − eˣ) needs care.
+    chosen_avg = np.array([-1e-3, -0.5, -0.7, -2.0, -6.0])
+    rejected_avg = np.array([-3.0, -0.69, -1e-2, -0.8, -0.2])
+    trainer = object.__new__(ORPOTrainer)
+    trainer.__dict__.update(beta=0.2, accelerator=types.SimpleNamespace(device=torch.device("cpu")))
+    losses, _, _, ratio, log_odds = trainer.odds_ratio_loss(torch.tensor(chosen_avg), torch.tensor(rejected_avg))
+    lengths = np.array([1, 2, 3, 4, 5])
+    loss, metrics = orpo_loss(chosen_avg * lengths, rejected_avg * lengths, lengths, lengths, beta=0.2)
+    _close(loss, -losses.numpy())
+    _close(metrics["log_odds_ratio"], ratio.item())
+    _close(metrics["log_odds_chosen"], log_odds.item())
+
+
+def test_orpo_hand_value_and_gradients():
+    # p̄_w = log 0.5 (odds 1), p̄_l = log 0.2 (odds 1/4): log-odds difference log 4,
+    # loss = −0.1·log σ(log 4) = −0.1·log 0.8 = 0.022314355.
+    loss, metrics = orpo_loss(jnp.array([2 * math.log(0.5)]), jnp.array([math.log(0.2)]), jnp.array([2]), jnp.array([1]))
+    _close(loss, [0.022314355])
+    _close(metrics["log_odds_chosen"], math.log(4.0))
+    # Gradients are finite on both branches of log1mexp and match the float64 derivative.
+    chosen = jnp.array([-1e-3, -0.5, -0.7, -3.0])
+    rejected = jnp.full(4, -1.0)
+    ones = jnp.ones(4)
+    grads = jax.grad(lambda c: jnp.sum(orpo_loss(c, rejected, ones, ones, beta=1.0)[0]))(chosen)
+    x = np.asarray(chosen, np.float64)
+    # d/dx of −log σ(x − log(1 − eˣ) − const) = −σ(−d)·(1 + eˣ/(1 − eˣ)), d the log-odds difference.
+    d = x - np.log1p(-np.exp(x)) - (-1.0 - math.log1p(-math.exp(-1.0)))
+    expected = -(1 / (1 + np.exp(d))) * (1 + np.exp(x) / (1 - np.exp(x)))
+    np.testing.assert_allclose(grads, expected, rtol=1e-4)
+
+
+def test_orpo_rejects_bad_beta():
+    x = jnp.zeros(B) - 1
+    with pytest.raises(ValueError, match="beta"):
+        orpo_loss(x, x, x, x, beta=0.0)

@@ -1,0 +1,273 @@
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxalign.losses.tfpo import (
+    first_divergence_mask,
+    log_flows,
+    log_prefix_scores,
+    subtrajectory_balance_loss,
+    tfpo_loss,
+    value_discrimination_loss,
+)
+from tests.losses.conftest import B, T, poison
+
+LAMS = [None, 0.5, 0.9, 1.0, 1.5]
+
+
+def _span_mask(spans, length=T):
+    """``[len(spans), length]`` mask, 1 on ``start <= t < stop`` (a completion mask: prompt, response, padding)."""
+    return np.array([[start <= t < stop for t in range(length)] for start, stop in spans], np.float32)
+
+
+def _state_mask(mask):
+    pad = np.zeros((mask.shape[0], 1))
+    return (np.concatenate([mask, pad], -1) + np.concatenate([pad, mask], -1)) > 0
+
+
+def _subtb_reference(flows, logps, mask, lam):
+    """Slow float64 double loop over every pair of states m < n of each row."""
+    out = np.zeros(flows.shape[0])
+    for b in range(flows.shape[0]):
+        tokens = np.nonzero(mask[b])[0]
+        if len(tokens) == 0:
+            continue
+        states = range(tokens[0], tokens[-1] + 2)
+        total = weight = 0.0
+        for m in states:
+            for n in states:
+                if m < n:
+                    w = 1.0 if lam is None else float(lam) ** (n - m)
+                    residual = float(flows[b, n]) - float(flows[b, m]) - np.sum(logps[b, m:n], dtype=np.float64)
+                    total += w * residual**2
+                    weight += w
+        out[b] = total / weight if weight else 0.0
+    return out
+
+
+def _random_trajectories(rng, spans, length=T):
+    mask = _span_mask(spans, length)
+    flows = rng.normal(size=(len(spans), length + 1)).astype(np.float32) * 2
+    logps = -rng.exponential(1.5, size=(len(spans), length)).astype(np.float32)
+    return flows, logps, mask
+
+
+SPANS = [(0, 7), (2, 6), (0, 1), (3, 3)]  # full, prompt-offset, one token, empty
+
+
+@pytest.mark.parametrize("lam", LAMS)
+def test_subtb_equals_float64_pair_loop(rng, lam):
+    flows, logps, mask = _random_trajectories(rng, SPANS)
+    loss, metrics = jax.jit(lambda f, p, m: subtrajectory_balance_loss(f, p, m, lam=lam))(
+        poison(flows, _state_mask(mask), np.nan), poison(logps, mask, np.inf), mask
+    )
+    chex.assert_shape(loss, (len(SPANS),))
+    expected = _subtb_reference(flows, logps, mask, lam)
+    np.testing.assert_allclose(loss, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(metrics["subtb"], expected[:3].mean(), rtol=1e-5)  # the empty row has no pairs
+    eager, _ = subtrajectory_balance_loss(flows, logps, mask, lam=lam)
+    np.testing.assert_allclose(loss, eager, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("length", [1, 2, 5, 13])
+@pytest.mark.parametrize("lam", [None, 0.9])
+def test_subtb_equals_pair_loop_for_several_lengths(rng, length, lam):
+    spans = [(0, length), (1, length), (0, max(length - 1, 1))]
+    flows, logps, mask = _random_trajectories(rng, spans, length)
+    loss, _ = subtrajectory_balance_loss(flows, logps, mask, lam=lam)
+    np.testing.assert_allclose(loss, _subtb_reference(flows, logps, mask, lam), rtol=1e-5, atol=1e-6)
+
+
+def test_subtb_hand_value():
+    # Two tokens, log π = 0, log F = (0, 1, 3): δ_01 = 1, δ_12 = 2, δ_02 = 3 → mean (1 + 4 + 9)/3;
+    # with λ = 0.5 the weights are (0.5, 0.5, 0.25): (0.5 + 2 + 2.25)/1.25 = 3.8.
+    flows, logps = jnp.array([[0.0, 1.0, 3.0]]), jnp.zeros((1, 2))
+    np.testing.assert_allclose(subtrajectory_balance_loss(flows, logps)[0], [14.0 / 3.0], rtol=1e-6)
+    np.testing.assert_allclose(subtrajectory_balance_loss(flows, logps, lam=0.5)[0], [3.8], rtol=1e-6)
+
+
+@pytest.mark.parametrize("lam", LAMS)
+def test_subtb_is_zero_on_a_flow_consistent_trajectory(rng, lam):
+    _, logps, mask = _random_trajectories(rng, SPANS[:3])
+    # F(s_{t+1}) = F(s_t)·π(y_{t+1}|s_t): log F is a start value plus the running sum of log π.
+    start = rng.normal(size=(3, 1)) * 5
+    flows = (start + np.concatenate([np.zeros((3, 1)), np.cumsum(logps * mask, -1)], -1)).astype(np.float32)
+    loss, metrics = subtrajectory_balance_loss(poison(flows, _state_mask(mask)), logps, mask, lam=lam)
+    np.testing.assert_allclose(loss, 0.0, atol=1e-9)
+    np.testing.assert_allclose(metrics["subtb/db_residual_abs"], 0.0, atol=1e-5)
+    flows[0, 3] += 0.5
+    assert subtrajectory_balance_loss(flows, logps, mask, lam=lam)[0][0] > 1e-3
+
+
+def test_subtb_lambda_one_equals_unweighted_mean(rng):
+    flows, logps, mask = _random_trajectories(rng, SPANS)
+    unweighted, _ = subtrajectory_balance_loss(flows, logps, mask)
+    np.testing.assert_allclose(subtrajectory_balance_loss(flows, logps, mask, lam=1.0)[0], unweighted, rtol=1e-5)
+
+
+@pytest.mark.parametrize("lam", [None, 0.5])
+def test_subtb_is_accurate_on_a_long_drifting_trajectory(rng, lam):
+    # c_t drifts by ~1 per step over 128 states: a float32 sum of raw moments Σλ·c² would cancel badly.
+    length = 127
+    logps = -rng.exponential(1.0, size=(1, length)).astype(np.float32)
+    flows = np.concatenate([[0.0], np.cumsum(logps[0] + 1.0 + 0.1 * rng.normal(size=length))])[None]
+    flows = flows.astype(np.float32)
+    mask = np.ones((1, length), np.float32)
+    loss, _ = subtrajectory_balance_loss(flows, logps, mask, lam=lam)
+    np.testing.assert_allclose(loss, _subtb_reference(flows, logps, mask, lam), rtol=1e-4)
+
+
+@pytest.mark.parametrize("lam", [None, 0.9])
+def test_subtb_gradients_are_finite_with_garbage_and_match_clean_inputs(rng, lam):
+    flows, logps, mask = _random_trajectories(rng, SPANS)
+
+    def objective(f, p):
+        return jnp.sum(subtrajectory_balance_loss(f, p, mask, lam=lam)[0])
+
+    grads = jax.grad(objective, argnums=(0, 1))(poison(flows, _state_mask(mask)), poison(logps, mask, -np.inf))
+    clean = jax.grad(objective, argnums=(0, 1))(flows, logps)
+    for grad, reference, valid in zip(grads, clean, (_state_mask(mask), mask > 0)):
+        assert np.all(np.isfinite(grad))
+        np.testing.assert_array_equal(np.asarray(grad)[~valid], 0.0)
+        np.testing.assert_allclose(grad, reference, rtol=1e-5, atol=1e-6)
+    # Moving every log-flow of a row by the same constant leaves every residual unchanged.
+    np.testing.assert_allclose(np.asarray(grads[0]).sum(-1), 0.0, atol=1e-4)
+
+
+def test_subtb_rejects_nonpositive_lambda():
+    with pytest.raises(ValueError, match="lam"):
+        subtrajectory_balance_loss(jnp.zeros((1, 3)), jnp.zeros((1, 2)), lam=0.0)
+
+
+def test_log_prefix_scores_and_anchored_log_flows_hand_values():
+    rewards = jnp.array([[9.0, 0.5, -0.2, 0.7, 9.0]])
+    mask = jnp.array([[0, 1, 1, 1, 0]])  # one prompt token, three response tokens, one pad
+    log_q = log_prefix_scores(rewards, mask)
+    chex.assert_shape(log_q, (1, 6))
+    np.testing.assert_allclose(log_q, [[0.0, 0.0, 0.5, 0.3, 1.0, 1.0]], rtol=1e-6)
+    log_v = jnp.array([[np.nan, 0.1, 0.2, 0.3, 0.4, np.inf]])
+    # Trajectory states are indices 1..4; index 4 (after the last token) is terminal: V = 1.
+    flows = log_flows(log_q, log_v, mask)
+    np.testing.assert_allclose(flows, [[0.0, 0.1, 0.7, 0.6, 1.0, 0.0]], rtol=1e-6)
+    unanchored = log_flows(log_q, log_v, mask, anchor_terminal=False)
+    np.testing.assert_allclose(unanchored, [[0.0, 0.1, 0.7, 0.6, 1.4, 0.0]], rtol=1e-6)
+
+
+def test_first_divergence_mask_finds_the_children_of_the_common_prefix():
+    chosen = jnp.array([[5, 6, 7, 8, 0], [1, 2, 3, 0, 0], [4, 4, 4, 0, 0], [1, 2, 0, 0, 0]])
+    rejected = jnp.array([[9, 6, 7, 0, 0], [0, 1, 2, 9, 0], [4, 4, 4, 0, 0], [1, 2, 3, 0, 0]])
+    chosen_mask = jnp.array([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0], [1, 1, 1, 0, 0], [1, 1, 0, 0, 0]])
+    rejected_mask = jnp.array([[1, 1, 1, 0, 0], [0, 1, 1, 1, 0], [1, 1, 1, 0, 0], [1, 1, 1, 0, 0]])
+    at_w, at_l = jax.jit(first_divergence_mask)(chosen, rejected, chosen_mask, rejected_mask)
+    chex.assert_shape((at_w, at_l), (4, 5))
+    # Row 0 differs at its first token; row 1 shares "1 2" but sits one slot later on the rejected side;
+    # row 2 is identical and row 3 is a strict prefix: no divergence within the shorter response.
+    np.testing.assert_array_equal(np.argmax(at_w, -1)[:2], [0, 2])
+    np.testing.assert_array_equal(np.argmax(at_l, -1)[:2], [0, 3])
+    np.testing.assert_array_equal(np.sum(at_w, -1), [1, 1, 0, 0])
+    np.testing.assert_array_equal(np.sum(at_l, -1), [1, 1, 0, 0])
+
+
+def test_value_discrimination_hand_values():
+    # γ = 0.1. Pair 0: 0.5 − 0.2 ≥ γ → 0. Pair 1: mean(0.2, 0.4) − 0.25 = 0.05 → 0.05. Pair 2: no state.
+    v_w = jnp.array([[0.5, 9.0], [0.2, 0.4], [1.0, 1.0]])
+    v_l = jnp.array([[0.2, np.nan], [0.25, -7.0], [0.0, 0.0]])
+    mask_w = jnp.array([[1, 0], [1, 1], [0, 0]])
+    mask_l = jnp.array([[1, 0], [1, 0], [1, 0]])
+    loss_fn = jax.jit(lambda a, b, c, d: value_discrimination_loss(a, b, c, d, gamma=0.1))
+    loss, metrics = loss_fn(v_w, v_l, mask_w, mask_l)
+    chex.assert_shape(loss, (3,))
+    np.testing.assert_allclose(loss, [0.0, 0.05, 0.0], atol=1e-7)
+    np.testing.assert_allclose(metrics["value_loss"], 0.025, rtol=1e-5)
+    np.testing.assert_allclose(metrics["value/accuracy"], 1.0)
+    np.testing.assert_allclose(metrics["value/margin"], (0.3 + 0.05) / 2, rtol=1e-5)
+    with pytest.raises(ValueError, match="gamma"):
+        value_discrimination_loss(v_w, v_l, gamma=-1.0)
+
+
+def _pair_batch(rng):
+    mask = np.stack([_span_mask([(1, 7), (2, 5), (0, 3)]), _span_mask([(1, 4), (2, 7), (0, 1)])], axis=1)
+    logps = -rng.exponential(1.5, size=(B, 2, T)).astype(np.float32)
+    log_v = (0.3 * rng.normal(size=(B, 2, T + 1))).astype(np.float32)
+    rewards = rng.uniform(-1, 1, size=(B, 2, T)).astype(np.float32)
+    return logps, log_v, rewards, mask
+
+
+def _tfpo_reference(logps, log_v, rewards, mask, value_at, lam, lam_value, gamma):
+    """Float64 composition from the definitions: Q = exp(cumulative reward), V(terminal) = 1, pair loop, hinge."""
+    out = np.zeros(logps.shape[0])
+    for b in range(logps.shape[0]):
+        values, subtb = [], []
+        for side in range(2):
+            m = mask[b, side]
+            tokens = np.nonzero(m)[0]
+            log_q = np.concatenate([[0.0], np.cumsum(np.where(m > 0, rewards[b, side], 0.0))])
+            lv = log_v[b, side].astype(np.float64).copy()
+            lv[tokens[-1] + 1] = 0.0
+            subtb.append(_subtb_reference((log_q + lv)[None], logps[b, side][None], m[None], lam)[0])
+            selected = np.exp(lv[1:][value_at[b, side] > 0])
+            values.append(selected.mean() if selected.size else None)
+        hinge = 0.0 if None in values else max(0.0, gamma - (values[0] - values[1]))
+        out[b] = 0.5 * sum(subtb) + lam_value * hinge
+    return out
+
+
+@pytest.mark.parametrize("lam", [None, 0.8])
+def test_tfpo_loss_matches_float64_composition(rng, lam):
+    logps, log_v, rewards, mask = _pair_batch(rng)
+    loss, metrics = jax.jit(lambda *a: tfpo_loss(*a, lam=lam, lam_value=2.0, gamma=0.5))(logps, log_v, rewards, mask)
+    eager, _ = tfpo_loss(logps, log_v, rewards, mask, lam=lam, lam_value=2.0, gamma=0.5)
+    np.testing.assert_allclose(loss, eager, rtol=1e-6, atol=1e-6)
+    chex.assert_shape(loss, (B,))
+    first_token = np.arange(T) == np.argmax(mask, -1)[..., None]
+    expected = _tfpo_reference(logps, log_v, rewards, mask, first_token, lam, 2.0, 0.5)
+    np.testing.assert_allclose(loss, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(metrics["loss"], expected.mean(), rtol=1e-5)
+    assert metrics["value_loss"] > 0  # the hinge is active on random values with γ = 0.5
+
+
+def test_tfpo_loss_with_divergence_value_mask_and_garbage_padding(rng):
+    logps, log_v, rewards, mask = _pair_batch(rng)
+    tokens = rng.integers(0, 11, size=(B, 2, T))
+    tokens[:, 1] = tokens[:, 0]
+    # Row 0 diverges at position 3 (its third response token), row 1 at its first response token; row 2's
+    # rejected response is a prefix of its chosen one, so it has no value term.
+    tokens[0, 1, 3] = (tokens[0, 0, 3] + 1) % 11
+    tokens[1, 1, 2] = (tokens[1, 0, 2] + 1) % 11
+    value_at = np.stack(first_divergence_mask(tokens[:, 0], tokens[:, 1], mask[:, 0], mask[:, 1]), axis=1)
+    np.testing.assert_array_equal(np.argmax(value_at[:, 0], -1)[:2], [3, 2])
+    np.testing.assert_array_equal(value_at[2], False)
+    states = np.concatenate([mask, np.zeros((B, 2, 1))], -1) + np.concatenate([np.zeros((B, 2, 1)), mask], -1)
+    args = (poison(logps, mask), poison(log_v, states, np.inf), poison(rewards, mask), mask, value_at)
+    loss, _ = tfpo_loss(*args, lam=0.9)
+    expected = _tfpo_reference(logps, log_v, rewards, mask, value_at, 0.9, 1.0, 0.1)
+    np.testing.assert_allclose(loss, expected, rtol=1e-5, atol=1e-6)
+
+    def objective(p, v):
+        return jnp.sum(tfpo_loss(p, v, *args[2:], lam=0.9)[0])
+
+    grads = jax.grad(objective, argnums=(0, 1))(*args[:2])
+    for grad, valid in zip(grads, (mask > 0, states > 0)):
+        assert np.all(np.isfinite(grad))
+        np.testing.assert_array_equal(np.asarray(grad)[~valid], 0.0)
+    assert np.any(np.asarray(grads[1]) != 0)
+
+
+def test_tfpo_loss_is_the_hinge_alone_on_flow_consistent_pairs(rng):
+    # A doctor whose policy matches the flows exactly: log V = log F − log Q with log F(s_L) = log Q(s_L).
+    logps, _, rewards, mask = _pair_batch(rng)
+    running = np.concatenate([np.zeros((B, 2, 1)), np.cumsum(logps * mask, -1)], -1)
+    log_q = np.asarray(log_prefix_scores(rewards.reshape(2 * B, T), mask.reshape(2 * B, T))).reshape(B, 2, T + 1)
+    terminal = 1 + (mask * np.arange(T)).max(-1, keepdims=True).astype(int)
+    offset = np.take_along_axis(log_q - running, terminal, -1)
+    log_v = (running + offset - log_q).astype(np.float32)
+    loss, metrics = tfpo_loss(logps, log_v, rewards, mask, lam_value=0.0)
+    np.testing.assert_allclose(loss, 0.0, atol=1e-4)
+    np.testing.assert_allclose(metrics["subtb"], 0.0, atol=1e-4)
+
+
+def test_tfpo_loss_rejects_unpaired_arrays():
+    with pytest.raises(ValueError, match="B, 2, T"):
+        tfpo_loss(jnp.zeros((3, 7)), jnp.zeros((3, 8)), jnp.zeros((3, 7)), jnp.ones((3, 7)))
