@@ -184,7 +184,7 @@ def dpo_loss(
     Args:
         chosen_logps: ``[B]`` policy log π(y_w|x), summed over completion tokens.
         rejected_logps: ``[B]`` policy log π(y_l|x).
-        ref_chosen_logps: ``[B]`` reference log π_ref(y_w|x) (no gradient is expected to flow into it).
+        ref_chosen_logps: ``[B]`` reference log π_ref(y_w|x); treated as a constant (``stop_gradient``).
         ref_rejected_logps: ``[B]`` reference log π_ref(y_l|x).
         chosen_lengths: ``[B]`` completion token counts |y_w| (the mask sum); required by ``ipo`` and
             ``sigmoid_norm``, clamped to ≥ 1.
@@ -259,8 +259,10 @@ def dpo_loss(
         rpo_alpha=rpo_alpha,
         has_nll=chosen_nll is not None,
     )
-    chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps = (
-        jnp.asarray(x).astype(F32) for x in (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    chosen_logps, rejected_logps = jnp.asarray(chosen_logps).astype(F32), jnp.asarray(rejected_logps).astype(F32)
+    # The reference is a constant of the objective (TRL scores it under no_grad), even if it shares parameters.
+    ref_chosen_logps, ref_rejected_logps = jax.lax.stop_gradient(
+        (jnp.asarray(ref_chosen_logps).astype(F32), jnp.asarray(ref_rejected_logps).astype(F32))
     )
     chosen_logratios = chosen_logps - ref_chosen_logps
     rejected_logratios = rejected_logps - ref_rejected_logps
@@ -454,7 +456,7 @@ def kto_loss(
         chosen_logps: ``[Bw]`` policy sequence log-probs of the desirable completions.
         rejected_logps: ``[Bl]`` policy sequence log-probs of the undesirable completions (Bl may differ from
             Bw, and either may be 0).
-        ref_chosen_logps: ``[Bw]`` reference log-probs of the desirable completions.
+        ref_chosen_logps: ``[Bw]`` reference log-probs of the desirable completions (``stop_gradient``).
         ref_rejected_logps: ``[Bl]`` reference log-probs of the undesirable completions.
         kl_logps: ``[M]`` policy log-probs of the KL completions (each prompt with another example's
             completion); required by ``kto``.
@@ -490,13 +492,16 @@ def kto_loss(
         raise ValueError(f"kto_loss: unknown loss_type {loss_type!r}; expected one of {KTO_LOSS_TYPES}")
     if beta <= 0:
         raise ValueError(f"kto_loss: beta must be > 0, got {beta}")
-    chosen_mask = as_mask(chosen_mask, jnp.asarray(chosen_logps))
-    rejected_mask = as_mask(rejected_mask, jnp.asarray(rejected_logps))
-    # Invalid slots are replaced before any arithmetic so that NaN padding cannot reach a gradient.
-    chosen_logratios = jnp.where(chosen_mask, jnp.asarray(chosen_logps, F32) - jnp.asarray(ref_chosen_logps, F32), 0.0)
-    rejected_logratios = jnp.where(
-        rejected_mask, jnp.asarray(rejected_logps, F32) - jnp.asarray(ref_rejected_logps, F32), 0.0
+    chosen_logps, rejected_logps = jnp.asarray(chosen_logps, F32), jnp.asarray(rejected_logps, F32)
+    # The reference is a constant of the objective (TRL scores it under no_grad).
+    ref_chosen_logps, ref_rejected_logps = jax.lax.stop_gradient(
+        (jnp.asarray(ref_chosen_logps, F32), jnp.asarray(ref_rejected_logps, F32))
     )
+    chosen_mask = as_mask(chosen_mask, chosen_logps)
+    rejected_mask = as_mask(rejected_mask, rejected_logps)
+    # Invalid slots are replaced before any arithmetic so that NaN padding cannot reach a gradient.
+    chosen_logratios = jnp.where(chosen_mask, chosen_logps - ref_chosen_logps, 0.0)
+    rejected_logratios = jnp.where(rejected_mask, rejected_logps - ref_rejected_logps, 0.0)
     if loss_type == "kto":
         if kl_logps is None or ref_kl_logps is None:
             raise ValueError("kto_loss: loss_type='kto' needs kl_logps and ref_kl_logps for the reference point")
@@ -515,12 +520,7 @@ def kto_loss(
         ]
     )
     metrics = _reward_metrics(
-        beta * chosen_logratios,
-        beta * rejected_logratios,
-        jnp.asarray(chosen_logps, F32),
-        jnp.asarray(rejected_logps, F32),
-        chosen_mask,
-        rejected_mask,
+        beta * chosen_logratios, beta * rejected_logratios, chosen_logps, rejected_logps, chosen_mask, rejected_mask
     )
     metrics["kl"] = kl
     return loss, metrics

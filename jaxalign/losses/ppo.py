@@ -460,7 +460,15 @@ class AdaptiveKLState(NamedTuple):
 
 
 def adaptive_kl_init(kl_coef: float) -> AdaptiveKLState:
-    """Initial controller state with β = ``kl_coef`` (TRL ``init_kl_coef``)."""
+    """Initial controller state with β = ``kl_coef`` (TRL ``init_kl_coef``).
+
+    Args:
+        kl_coef: the initial KL coefficient β₀ ≥ 0.
+
+    Returns:
+        :class:`AdaptiveKLState` holding β₀ as a float32 scalar array (so the state can live in a jitted
+        train state and be checkpointed).
+    """
     return AdaptiveKLState(kl_coef=jnp.asarray(kl_coef, F32))
 
 

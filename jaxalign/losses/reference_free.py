@@ -108,7 +108,7 @@ def simpo_loss(
     chosen_avg = _average(chosen_logps, chosen_lengths)
     rejected_avg = _average(rejected_logps, rejected_lengths)
     if alpha:
-        chosen_reward = -jnp.expm1(-alpha * chosen_avg*1.001) / alpha
+        chosen_reward = -jnp.expm1(-alpha * chosen_avg) / alpha
         rejected_reward = -jnp.expm1(-alpha * rejected_avg) / alpha
     else:
         chosen_reward, rejected_reward = chosen_avg, rejected_avg

@@ -2,7 +2,7 @@
 
 A response is a trajectory of prefix states ``s_0 → s_1 → … → s_L`` (``s_0`` is the prompt, ``s_t`` the
 prompt plus the first t response tokens) built by the doctor policy ``π̂(y_{t+1} | s_t)``. Each state carries a
-flow ``F(s) = Q(s)·V(s)``: ``Q`` is fixed by the token rewards of :mod:`jaxalign.losses.token_rewards`, ``V`` is
+flow ``F(s) = Q(s)·V(s)``: ``Q`` is fixed by the token rewards of :mod:`jaxalign.losses.token_level`, ``V`` is
 the doctor's learned value head. Subtrajectory balance (GFlowNets, with the backward policy fixed to 1 since a
 prefix has a single parent) asks ``F(s_m)·Π_{k=m}^{n−1} π̂(y_{k+1}|s_k) = F(s_n)`` for every pair ``m < n``;
 at its optimum the doctor samples complete responses with probability proportional to their reward.
@@ -59,7 +59,7 @@ def log_prefix_scores(
     Formula: ``log Q(s_t) = Σ_{k<t} m_k·r_k`` (so ``Q(s_0) = 1`` and ``Q(s_L) = exp(Σ_k r_k)``).
 
     Args:
-        token_rewards: ``[B, T]`` token rewards ``r_t`` (from :func:`jaxalign.losses.token_rewards.token_rewards`).
+        token_rewards: ``[B, T]`` token rewards ``r_t`` (from :func:`jaxalign.losses.token_level.token_rewards`).
         mask: ``[B, T]`` response mask; masked rewards may hold anything.
 
     Returns:
@@ -361,7 +361,7 @@ def tfpo_loss(
         log_v: ``[B, 2, T + 1]`` log values of the doctor's value head at every state (state layout: index t
             is before target t); ``V = exp(log_v)``.
         token_rewards: ``[B, 2, T]`` LLMDoctor token rewards (positive on the chosen response, negative on the
-            rejected one: :func:`jaxalign.losses.token_rewards.token_rewards`).
+            rejected one: :func:`jaxalign.losses.token_level.token_rewards`).
         mask: ``[B, 2, T]`` response masks (contiguous per row).
         value_mask: ``[B, 2, T]`` tokens after which the values are compared (see
             :func:`first_divergence_mask`). None: the first response token of each side, i.e. the two

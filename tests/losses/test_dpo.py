@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import math
 import types
-import typing
 from collections import defaultdict
 
 import chex
@@ -44,7 +43,14 @@ CHOSEN_LENGTHS = (5, 3, 4)
 REJECTED_LENGTHS = (2, 5, 1)
 F_DIVERGENCE_LOSS_TYPES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop")
 SQUARED = {"ipo", "sppo_hard"}
-METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected")
+METRICS = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+)
 
 
 def _close(actual, expected, *, atol=1e-6):
@@ -93,7 +99,9 @@ def _bare_trainer(cls, model, **attributes):
     trainer = object.__new__(cls)
     identity = lambda x: x  # noqa: E731 (single device: gathers are the identity)
     trainer.model = model
-    trainer.accelerator = types.SimpleNamespace(device=torch.device("cpu"), gather=identity, gather_for_metrics=identity)
+    trainer.accelerator = types.SimpleNamespace(
+        device=torch.device("cpu"), gather=identity, gather_for_metrics=identity
+    )
     trainer.aux_loss_enabled = False
     trainer._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
     trainer._total_train_tokens = 0
@@ -203,7 +211,15 @@ def test_f_divergences_match_trl_dpo_trainer(loss_type, f_divergence):
     batch = _pair_batch(seed=3)
     args, lengths = _our_inputs(batch)
     smoothing = _default_smoothing(loss_type)
-    ours = dpo_loss(*args, **lengths, loss_type=loss_type, beta=0.2, label_smoothing=smoothing, f_divergence=f_divergence, f_alpha=0.3)
+    ours = dpo_loss(
+        *args,
+        **lengths,
+        loss_type=loss_type,
+        beta=0.2,
+        label_smoothing=smoothing,
+        f_divergence=f_divergence,
+        f_alpha=0.3,
+    )
     # TRL's alpha-divergence clamp table has no float64 entry, so that case runs TRL in float32.
     dtype = torch.float32 if f_divergence == "alpha_divergence" else torch.float64
     trl = _trl_dpo(
@@ -220,7 +236,7 @@ def test_f_divergences_match_trl_dpo_trainer(loss_type, f_divergence):
 
 def test_discopop_tau_matches_trl_dpo_trainer():
     batch = _pair_batch(seed=4)
-    args, lengths = _our_inputs(batch)
+    args, _ = _our_inputs(batch)
     ours = dpo_loss(*args, loss_type="discopop", beta=0.5, discopop_tau=0.3)
     _assert_matches_trl(batch, ours, _trl_dpo(batch, loss_types=["discopop"], beta=0.5, discopop_tau=0.3))
 
@@ -277,8 +293,10 @@ def _legacy_dpo_loss(label_smoothing, beta):
         "DPOTrainer",
         "dpo_loss",
         extra_globals={
-            "Tuple": typing.Tuple,
-            "FDivergenceType": enum(ALPHA_DIVERGENCE=enum(value="alpha_divergence"), JS_DIVERGENCE=enum(value="js_divergence")),
+            "Tuple": tuple,
+            "FDivergenceType": enum(
+                ALPHA_DIVERGENCE=enum(value="alpha_divergence"), JS_DIVERGENCE=enum(value="js_divergence")
+            ),
         },
     )
     trainer = types.SimpleNamespace(
@@ -333,7 +351,14 @@ def test_value_at_policy_equal_reference(loss_type, rng):
     logps = jnp.asarray(rng.normal(size=B) * 10 - 20, jnp.float32)
     lengths = jnp.array([4, 1, 6])
     loss, metrics = dpo_loss(
-        logps, logps + 1, logps, logps + 1, lengths, lengths, loss_type=loss_type, label_smoothing=_default_smoothing(loss_type)
+        logps,
+        logps + 1,
+        logps,
+        logps + 1,
+        lengths,
+        lengths,
+        loss_type=loss_type,
+        label_smoothing=_default_smoothing(loss_type),
     )
     _close(loss, np.full(B, AT_REFERENCE[loss_type]))
     for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
@@ -387,14 +412,14 @@ def test_aot_matches_numpy_loop():
     def smoothed(z):
         return -(1 - epsilon) * math.log(1 / (1 + math.exp(-z))) - epsilon * math.log(1 / (1 + math.exp(z)))
 
-    policy = sorted(c - r for c, r in zip(chosen, rejected))
-    reference = sorted(c - r for c, r in zip(ref_chosen, ref_rejected))
-    expected = [smoothed(beta * (p - q)) for p, q in zip(policy, reference)]
+    policy = sorted(c - r for c, r in zip(chosen, rejected, strict=True))
+    reference = sorted(c - r for c, r in zip(ref_chosen, ref_rejected, strict=True))
+    expected = [smoothed(beta * (p - q)) for p, q in zip(policy, reference, strict=True)]
     args = tuple(jnp.asarray(x, jnp.float32) for x in (chosen, rejected, ref_chosen, ref_rejected))
     _close(dpo_loss(*args, loss_type="aot", beta=beta, label_smoothing=epsilon)[0], expected, atol=1e-5)
     chosen_ratio = sorted(chosen - ref_chosen)
     rejected_ratio = sorted(rejected - ref_rejected)
-    expected = [smoothed(beta * (c - r)) for c, r in zip(chosen_ratio, rejected_ratio)]
+    expected = [smoothed(beta * (c - r)) for c, r in zip(chosen_ratio, rejected_ratio, strict=True)]
     _close(dpo_loss(*args, loss_type="aot_unpaired", beta=beta, label_smoothing=epsilon)[0], expected, atol=1e-5)
 
 
@@ -402,7 +427,11 @@ def test_discopop_is_finite_where_trl_overflows():
     # z = −200: TRL's e^{−z}·σ(z/τ) is inf·0 = NaN in float32; the exact limit is −log σ(z)·1 = 200.
     loss, _ = dpo_loss(jnp.array([-2000.0]), jnp.array([0.0]), jnp.array([0.0]), jnp.array([0.0]), loss_type="discopop")
     _close(loss, [200.0], atol=1e-4)
-    assert np.isfinite(jax.grad(lambda c: dpo_loss(c, jnp.zeros(1), jnp.zeros(1), jnp.zeros(1), loss_type="discopop")[0].sum())(jnp.array([-2000.0]))).all()
+    assert np.isfinite(
+        jax.grad(lambda c: dpo_loss(c, jnp.zeros(1), jnp.zeros(1), jnp.zeros(1), loss_type="discopop")[0].sum())(
+            jnp.array([-2000.0])
+        )
+    ).all()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -454,10 +483,33 @@ def test_masked_equals_sliced():
         chosen = jnp.sum(tokens[b][mask[b] == 1])
         rejected = jnp.sum(tokens[B + b][mask[B + b] == 1])
         alone, _ = dpo_loss(
-            chosen[None], rejected[None], ref[b : b + 1], ref[B + b : B + b + 1],
-            jnp.array([CHOSEN_LENGTHS[b]]), jnp.array([REJECTED_LENGTHS[b]]), loss_type="ipo",
+            chosen[None],
+            rejected[None],
+            ref[b : b + 1],
+            ref[B + b : B + b + 1],
+            jnp.array([CHOSEN_LENGTHS[b]]),
+            jnp.array([REJECTED_LENGTHS[b]]),
+            loss_type="ipo",
         )
         _close(padded[b], alone[0])
+
+
+def test_reference_log_probs_carry_no_gradient(rng):
+    # The reference is a constant of the objective (TRL scores it under no_grad), even when it shares the
+    # policy's parameters; the policy side does get a gradient.
+    chosen, rejected, ref_chosen, ref_rejected = (jnp.asarray(rng.normal(size=B) - 5, jnp.float32) for _ in range(4))
+    grads = jax.grad(lambda *x: jnp.sum(dpo_loss(*x)[0]), argnums=(0, 1, 2, 3))(
+        chosen, rejected, ref_chosen, ref_rejected
+    )
+    assert np.all(np.asarray(grads[0]) != 0) and np.all(np.asarray(grads[1]) != 0)
+    np.testing.assert_array_equal(grads[2], 0.0)
+    np.testing.assert_array_equal(grads[3], 0.0)
+    kto_grads = jax.grad(lambda *x: jnp.sum(kto_loss(*x, chosen, ref_chosen)[0]), argnums=(0, 2, 3))(
+        chosen, rejected, ref_chosen, ref_rejected
+    )
+    assert np.all(np.asarray(kto_grads[0]) != 0)
+    np.testing.assert_array_equal(kto_grads[1], 0.0)
+    np.testing.assert_array_equal(kto_grads[2], 0.0)
 
 
 def test_bf16_inputs_computed_in_float32(rng):
@@ -472,14 +524,18 @@ def test_ld_sequence_logps_limits_and_garbage():
     plain = sequence_logps(tokens, mask)
     full = ld_sequence_logps(tokens[:B], tokens[B:], mask[:B], mask[B:], alpha=1.0)
     _close(jnp.concatenate(full), np.asarray(plain), atol=1e-5)
-    chosen, rejected = jax.jit(functools.partial(ld_sequence_logps, alpha=0.0))(tokens[:B], tokens[B:], mask[:B], mask[B:])
+    chosen, rejected = jax.jit(functools.partial(ld_sequence_logps, alpha=0.0))(
+        tokens[:B], tokens[B:], mask[:B], mask[B:]
+    )
     chex.assert_shape(chosen, (B,))
     # α = 0 keeps the first min(|y_w|, |y_l|) completion tokens of each response.
     for b in range(B):
         shared = min(CHOSEN_LENGTHS[b], REJECTED_LENGTHS[b])
         _close(chosen[b], np.sum(np.asarray(tokens[b])[mask[b] == 1][:shared]), atol=1e-5)
         _close(rejected[b], np.sum(np.asarray(tokens[B + b])[mask[B + b] == 1][:shared]), atol=1e-5)
-    grads = jax.grad(lambda x: sum(jnp.sum(v) for v in ld_sequence_logps(x[:B], x[B:], mask[:B], mask[B:], alpha=0.5)))(tokens)
+    grads = jax.grad(lambda x: sum(jnp.sum(v) for v in ld_sequence_logps(x[:B], x[B:], mask[:B], mask[B:], alpha=0.5)))(
+        tokens
+    )
     assert np.all(np.isfinite(grads))
     np.testing.assert_array_equal(np.asarray(grads)[mask == 0], 0.0)
 
@@ -491,6 +547,9 @@ def test_wpo_weight_of_uniform_policy_is_one_and_has_no_gradient(rng):
     _close(jax.jit(wpo_weights)(jnp.zeros((B, T, V)), targets, mask), np.ones(B))
     logits = jnp.asarray(rng.normal(size=(B, T, V)), jnp.float32)
     np.testing.assert_array_equal(jax.grad(lambda z: wpo_weights(z, targets, mask).sum())(logits), 0.0)
+    # Garbage logits in padded positions do not reach the weight.
+    poisoned = poison(np.zeros((B, T, V)), mask[..., None], np.inf)
+    _close(wpo_weights(poisoned, targets, mask), np.ones(B))
 
 
 @pytest.mark.parametrize(
@@ -579,7 +638,9 @@ def _trl_kto(batch, *, loss_type, beta, desirable_weight, undesirable_weight):
 
 def _kto_inputs(batch):
     logps = sequence_logps(token_logps(batch["logits"], batch["input_ids"][:, 1:]), batch["completion_mask"][:, 1:])
-    kl = sequence_logps(token_logps(batch["KL_logits"], batch["KL_input_ids"][:, 1:]), batch["KL_completion_mask"][:, 1:])
+    kl = sequence_logps(
+        token_logps(batch["KL_logits"], batch["KL_input_ids"][:, 1:]), batch["KL_completion_mask"][:, 1:]
+    )
     desirable = batch["label"]
     ref = batch["ref_logps"]
     return (logps[desirable], logps[~desirable], ref[desirable], ref[~desirable], kl, batch["ref_KL_logps"])
@@ -590,8 +651,13 @@ def _kto_inputs(batch):
 def test_kto_matches_trl_kto_trainer(loss_type, labels):
     batch = _kto_batch(seed=sum(labels) + 20, labels=labels)
     config = {"beta": 0.3, "desirable_weight": 1.3, "undesirable_weight": 0.7}
-    loss, metrics = jax.jit(functools.partial(kto_loss, loss_type=loss_type, **config))(*_kto_inputs(batch))
+    loss_fn = functools.partial(kto_loss, loss_type=loss_type, **config)
+    loss, metrics = jax.jit(loss_fn)(*_kto_inputs(batch))
     chex.assert_shape(loss, (KTO_N,))
+    eager, eager_metrics = loss_fn(*_kto_inputs(batch))
+    _close(loss, np.asarray(eager))
+    for name, value in eager_metrics.items():
+        _close(metrics[name], np.asarray(value))
     trl_loss, trl_metrics = _trl_kto(batch, loss_type=loss_type, **config)
     _close(jnp.mean(loss), trl_loss)
     # TRL only logs a side's metrics when that side is present.
@@ -613,9 +679,16 @@ def test_kto_padded_lists_equal_unpadded():
 
     def padded_loss(chosen_values):
         loss, metrics = kto_loss(
-            chosen_values, pad(rejected), pad(ref_chosen), pad(ref_rejected),
-            jnp.concatenate([kl, jnp.full(2, jnp.nan)]), jnp.concatenate([ref_kl, jnp.zeros(2)]),
-            chosen_mask, rejected_mask, jnp.arange(KTO_N + 2) < KTO_N, **config,
+            chosen_values,
+            pad(rejected),
+            pad(ref_chosen),
+            pad(ref_rejected),
+            jnp.concatenate([kl, jnp.full(2, jnp.nan)]),
+            jnp.concatenate([ref_kl, jnp.zeros(2)]),
+            chosen_mask,
+            rejected_mask,
+            jnp.arange(KTO_N + 2) < KTO_N,
+            **config,
         )
         valid = jnp.concatenate([chosen_mask, rejected_mask])
         return jnp.sum(jnp.where(valid, loss, 0.0)) / jnp.sum(valid), metrics

@@ -25,10 +25,19 @@ from jaxalign.losses.core import sequence_logps, token_logps
 from jaxalign.losses.reference_free import orpo_loss, simpo_loss
 from tests.losses.conftest import B, T, V, poison
 
+pytestmark = pytest.mark.filterwarnings("ignore:You are importing from 'trl.experimental'")
+
 PROMPT = 2
 CHOSEN_LENGTHS = (5, 3, 4)
 REJECTED_LENGTHS = (2, 5, 1)
-METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected")
+METRICS = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+)
 
 
 def _close(actual, expected, *, atol=1e-6):
@@ -122,7 +131,7 @@ def test_simpo_matches_trl_cpo_trainer(config):
     chex.assert_shape(loss, (B,))
     trl_loss, trl_metrics = _trl_batch_loss_metrics(CPOTrainer, batch, loss_type="simpo", pad_token_id=0, **config)
     _close(jnp.mean(loss), trl_loss)
-    _assert_metrics(metrics, trl_metrics, METRICS + (("nll_loss",) if with_nll else ()))
+    _assert_metrics(metrics, trl_metrics, (*METRICS, "nll_loss") if with_nll else METRICS)
 
 
 def test_simpo_per_pair_matches_trl_cpo_loss():
@@ -133,7 +142,11 @@ def test_simpo_per_pair_matches_trl_cpo_loss():
     lengths = np.array([3, 1, 7])
     trainer = object.__new__(CPOTrainer)
     trainer.__dict__.update(
-        alpha=0.0, loss_type="simpo", simpo_gamma=0.8, beta=2.0, label_smoothing=0.05,
+        alpha=0.0,
+        loss_type="simpo",
+        simpo_gamma=0.8,
+        beta=2.0,
+        label_smoothing=0.05,
         accelerator=types.SimpleNamespace(device=torch.device("cpu")),
     )
     losses, chosen_rewards, rejected_rewards = trainer.cpo_loss(torch.tensor(chosen_avg), torch.tensor(rejected_avg))
@@ -159,25 +172,51 @@ def test_simpo_hand_value_and_margin_parameterisations():
     assert not np.allclose(simpo_loss(*args, alpha=0.5)[0], default)
 
 
-def test_simpo_is_length_normalised_and_masked():
+@pytest.mark.parametrize("loss_fn", [simpo_loss, orpo_loss])
+def test_grad_finite_with_nan_padding_and_jit_equals_eager(loss_fn):
     rng = np.random.default_rng(3)
-    mask = _span_mask(0, [4, 1, 6])[:, :7]
-    tokens = jnp.asarray(poison(-rng.exponential(size=(2 * B, T)), np.concatenate([mask, mask]), np.nan))
+    mask = _span_mask(0, [4, 1, 6])
     both = np.concatenate([mask, mask])
+    tokens = jnp.asarray(poison(-rng.exponential(size=(2 * B, T)), both, np.nan))
+    lengths = mask.sum(1)
 
     def objective(values):
         logps = sequence_logps(values, both)
-        loss, _ = simpo_loss(logps[:B], logps[B:], mask.sum(1), mask.sum(1), beta=2.0)
+        loss, _ = loss_fn(logps[:B], logps[B:], lengths, lengths)
         return jnp.mean(loss)
 
     grads = jax.grad(objective)(tokens)
     assert np.all(np.isfinite(grads))
     np.testing.assert_array_equal(np.asarray(grads)[both == 0], 0.0)
-    # Repeating a sequence's tokens leaves its average, hence the loss, unchanged.
+    assert np.any(np.asarray(grads)[both == 1] != 0.0)
     logps = sequence_logps(tokens, both)
-    loss, _ = simpo_loss(logps[:B], logps[B:], mask.sum(1), mask.sum(1))
-    doubled, _ = simpo_loss(2 * logps[:B], 2 * logps[B:], 2 * mask.sum(1), 2 * mask.sum(1))
+    eager, eager_metrics = loss_fn(logps[:B], logps[B:], lengths, lengths)
+    jitted, jitted_metrics = jax.jit(loss_fn)(logps[:B], logps[B:], lengths, lengths)
+    _close(jitted, np.asarray(eager))
+    for name, value in eager_metrics.items():
+        _close(jitted_metrics[name], np.asarray(value))
+
+
+@pytest.mark.parametrize("loss_fn", [simpo_loss, orpo_loss])
+def test_losses_are_length_normalised(loss_fn, rng):
+    # Repeating a completion (twice the log-prob over twice the tokens) keeps its average, hence the loss.
+    chosen, rejected = -rng.exponential(size=(2, B)) * 4
+    lengths = np.array([4, 1, 6])
+    loss, _ = loss_fn(chosen, rejected, lengths, lengths + 1)
+    doubled, _ = loss_fn(2 * chosen, 2 * rejected, 2 * lengths, 2 * (lengths + 1))
     _close(doubled, np.asarray(loss))
+
+
+def test_empty_completion_counts_as_one_token():
+    # TRL divides by the raw token count (0/0 = NaN); the clamp keeps a fully masked row finite and inert.
+    empty = jnp.array([0.0, -2.0])
+    lengths = jnp.array([0, 2])
+    simpo, _ = simpo_loss(empty, jnp.array([-3.0, -4.0]), lengths, jnp.array([3, 2]))
+    orpo, _ = orpo_loss(jnp.array([-2.0, -2.0]), jnp.array([-3.0, -3.0]), jnp.array([1, 2]), jnp.array([0, 3]))
+    assert np.all(np.isfinite(simpo)) and np.all(np.isfinite(orpo))
+    # Length 0 and length 1 give the same average (the sum itself).
+    _close(simpo[0], np.asarray(simpo_loss(jnp.array([0.0]), jnp.array([-3.0]), jnp.array([1]), jnp.array([3]))[0][0]))
+    _close(orpo[0], np.asarray(orpo_loss(jnp.array([-2.0]), jnp.array([-3.0]), jnp.array([1]), jnp.array([1]))[0][0]))
 
 
 @pytest.mark.parametrize(
@@ -211,7 +250,7 @@ def test_orpo_matches_trl_orpo_trainer(beta):
     chex.assert_shape(loss, (B,))
     trl_loss, trl_metrics = _trl_batch_loss_metrics(ORPOTrainer, batch, beta=beta, padding_value=0)
     _close(jnp.mean(loss), trl_loss)
-    _assert_metrics(metrics, trl_metrics, METRICS + ("nll_loss", "log_odds_ratio", "log_odds_chosen"))
+    _assert_metrics(metrics, trl_metrics, (*METRICS, "nll_loss", "log_odds_ratio", "log_odds_chosen"))
 
 
 def test_orpo_per_pair_matches_trl_odds_ratio_loss():
@@ -233,7 +272,9 @@ def test_orpo_per_pair_matches_trl_odds_ratio_loss():
 def test_orpo_hand_value_and_gradients():
     # p̄_w = log 0.5 (odds 1), p̄_l = log 0.2 (odds 1/4): log-odds difference log 4,
     # loss = −0.1·log σ(log 4) = −0.1·log 0.8 = 0.022314355.
-    loss, metrics = orpo_loss(jnp.array([2 * math.log(0.5)]), jnp.array([math.log(0.2)]), jnp.array([2]), jnp.array([1]))
+    loss, metrics = orpo_loss(
+        jnp.array([2 * math.log(0.5)]), jnp.array([math.log(0.2)]), jnp.array([2]), jnp.array([1])
+    )
     _close(loss, [0.022314355])
     _close(metrics["log_odds_chosen"], math.log(4.0))
     # Gradients are finite on both branches of log1mexp and match the float64 derivative.

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxalign.losses.token_rewards import token_importance, token_rewards
+from jaxalign.losses.token_level import token_importance, token_rewards
 from tests.losses.conftest import B, T, poison, right_padded_mask
 
 
