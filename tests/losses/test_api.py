@@ -54,3 +54,9 @@ def test_losses_import_nothing_but_jax():
             assert roots <= allowed, f"{path.name} imports {roots - allowed}"
             if "jaxalign" in roots and isinstance(node, ast.ImportFrom):
                 assert node.module.startswith("jaxalign.losses"), f"{path.name} imports {node.module}"
+
+
+@pytest.mark.parametrize("name,function", PUBLIC_FUNCTIONS)
+def test_every_public_function_is_documented_in_docs_losses(name, function):
+    page = (pathlib.Path(__file__).resolve().parents[2] / "docs" / "losses.md").read_text()
+    assert f"`{name}(" in page or f"`{name}`" in page, f"docs/losses.md has no section for {name}"
