@@ -21,3 +21,19 @@ def poison(values, mask, garbage=np.nan):
     out = np.array(values, dtype=np.float32, copy=True)
     out[np.broadcast_to(np.asarray(mask), out.shape) == 0] = garbage
     return out
+
+
+# Metrics every pairwise preference loss reports, named as TRL logs them.
+PAIR_METRICS = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+)
+
+
+def close(actual, expected, *, atol=1e-6):
+    """Float32 parity: rtol 1e-6 plus a small atol for values near 0."""
+    np.testing.assert_allclose(np.asarray(actual, np.float64), expected, rtol=1e-6, atol=atol)

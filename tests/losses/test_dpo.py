@@ -35,7 +35,8 @@ from jaxalign.losses.dpo import (
     ld_sequence_logps,
     wpo_weights,
 )
-from tests.losses.conftest import B, T, V, poison
+from tests.losses.conftest import PAIR_METRICS as METRICS
+from tests.losses.conftest import B, T, V, close, poison
 from tests.oracles import legacy_trl_method
 
 PROMPT = 2
@@ -43,18 +44,6 @@ CHOSEN_LENGTHS = (5, 3, 4)
 REJECTED_LENGTHS = (2, 5, 1)
 F_DIVERGENCE_LOSS_TYPES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop")
 SQUARED = {"ipo", "sppo_hard"}
-METRICS = (
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/margins",
-    "rewards/accuracies",
-    "logps/chosen",
-    "logps/rejected",
-)
-
-
-def _close(actual, expected, *, atol=1e-6):
-    np.testing.assert_allclose(np.asarray(actual, np.float64), expected, rtol=1e-6, atol=atol)
 
 
 def _completion_mask(lengths, prompt=PROMPT, length=T):
@@ -173,9 +162,9 @@ def _assert_matches_trl(batch, ours, trl, *, loss_atol=1e-6):
     chex.assert_shape(loss, (B,))
     chex.assert_type(loss, jnp.float32)
     trl_loss, trl_metrics = trl
-    _close(jnp.mean(loss), trl_loss, atol=loss_atol)
+    close(jnp.mean(loss), trl_loss, atol=loss_atol)
     for name in METRICS:
-        _close(metrics[name], trl_metrics[name])
+        close(metrics[name], trl_metrics[name])
 
 
 def _default_smoothing(loss_type):
@@ -260,7 +249,7 @@ def test_rpo_alpha_matches_trl_sigmoid_plus_sft():
     chosen_nll = -sequence_logps(tokens, mask) * B / mask.sum()
     ours = dpo_loss(*args, chosen_nll=chosen_nll, beta=0.3, rpo_alpha=0.7)
     _assert_matches_trl(batch, ours, _trl_dpo(batch, loss_types=["sigmoid", "sft"], loss_weights=[1.0, 0.7], beta=0.3))
-    _close(ours[1]["nll_loss"], -np.sum(np.asarray(tokens) * mask) / mask.sum())
+    close(ours[1]["nll_loss"], -np.sum(np.asarray(tokens) * mask) / mask.sum())
 
 
 @pytest.mark.parametrize("kinds", [("sigmoid",), ("ipo", "hinge")])
@@ -317,9 +306,9 @@ def test_cdpo_label_smoothing_matches_trl_0_11_sigmoid(label_smoothing):
     ours, metrics = dpo_loss(*args, beta=0.5, label_smoothing=label_smoothing)
     legacy = _legacy_dpo_loss(label_smoothing, beta=0.5)
     losses, chosen_rewards, rejected_rewards = legacy(*(torch.tensor(np.asarray(x), dtype=torch.float64) for x in args))
-    _close(ours, losses.numpy())
-    _close(metrics["rewards/chosen"], chosen_rewards.mean().item())
-    _close(metrics["rewards/rejected"], rejected_rewards.mean().item())
+    close(ours, losses.numpy())
+    close(metrics["rewards/chosen"], chosen_rewards.mean().item())
+    close(metrics["rewards/rejected"], rejected_rewards.mean().item())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -360,9 +349,9 @@ def test_value_at_policy_equal_reference(loss_type, rng):
         loss_type=loss_type,
         label_smoothing=_default_smoothing(loss_type),
     )
-    _close(loss, np.full(B, AT_REFERENCE[loss_type]))
+    close(loss, np.full(B, AT_REFERENCE[loss_type]))
     for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
-        _close(metrics[name], 0.0)
+        close(metrics[name], 0.0)
 
 
 def test_sigmoid_hand_value():
@@ -370,12 +359,12 @@ def test_sigmoid_hand_value():
     # cDPO ε = 0.1: −0.9·log σ(1) − 0.1·log σ(−1) = softplus(−1) + 0.1·1 = 0.41326169.
     args = (jnp.array([-1.0]), jnp.array([-3.0]), jnp.array([-2.0]), jnp.array([-2.0]))
     loss, metrics = dpo_loss(*args, beta=0.5)
-    _close(loss, [0.31326169])
-    _close(dpo_loss(*args, beta=0.5, label_smoothing=0.1)[0], [0.41326169])
-    _close(metrics["rewards/chosen"], 0.5)
-    _close(metrics["rewards/rejected"], -0.5)
-    _close(metrics["rewards/margins"], 1.0)
-    _close(metrics["rewards/accuracies"], 1.0)
+    close(loss, [0.31326169])
+    close(dpo_loss(*args, beta=0.5, label_smoothing=0.1)[0], [0.41326169])
+    close(metrics["rewards/chosen"], 0.5)
+    close(metrics["rewards/rejected"], -0.5)
+    close(metrics["rewards/margins"], 1.0)
+    close(metrics["rewards/accuracies"], 1.0)
 
 
 def test_ipo_and_sigmoid_norm_are_length_normalised():
@@ -383,11 +372,11 @@ def test_ipo_and_sigmoid_norm_are_length_normalised():
     # IPO, β = 0.25: (1 − 1/(2·0.25))² = 1. sigmoid_norm: −log σ(0.25) = 0.57593942.
     args = (jnp.array([-8.0]), jnp.array([-5.0]), jnp.array([-10.0]), jnp.array([-4.0]))
     lengths = {"chosen_lengths": jnp.array([4]), "rejected_lengths": jnp.array([2])}
-    _close(dpo_loss(*args, **lengths, loss_type="ipo", beta=0.25)[0], [1.0])
-    _close(dpo_loss(*args, **lengths, loss_type="sigmoid_norm", beta=0.25)[0], [0.57593942])
+    close(dpo_loss(*args, **lengths, loss_type="ipo", beta=0.25)[0], [1.0])
+    close(dpo_loss(*args, **lengths, loss_type="sigmoid_norm", beta=0.25)[0], [0.57593942])
     # An empty completion counts as length 1 (TRL's clamp), never a division by zero.
     empty = {"chosen_lengths": jnp.array([0]), "rejected_lengths": jnp.array([0])}
-    _close(dpo_loss(*args, **empty, loss_type="ipo", beta=0.25)[0], [(3.0 - 2.0) ** 2])
+    close(dpo_loss(*args, **empty, loss_type="ipo", beta=0.25)[0], [(3.0 - 2.0) ** 2])
 
 
 def test_label_smoothing_symmetry():
@@ -399,8 +388,8 @@ def test_label_smoothing_symmetry():
         forward, _ = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=0.7, label_smoothing=epsilon)
         swapped, _ = dpo_loss(rejected, chosen, ref_rejected, ref_chosen, beta=0.7, label_smoothing=epsilon)
         z = 0.7 * ((chosen - ref_chosen) - (rejected - ref_rejected))
-        _close(forward - swapped, -(1 - 2 * epsilon) * z, atol=1e-5)
-    _close(forward, np.log(2 * np.cosh(np.asarray(z, np.float64) / 2)))
+        close(forward - swapped, -(1 - 2 * epsilon) * z, atol=1e-5)
+    close(forward, np.log(2 * np.cosh(np.asarray(z, np.float64) / 2)))
 
 
 def test_aot_matches_numpy_loop():
@@ -416,17 +405,17 @@ def test_aot_matches_numpy_loop():
     reference = sorted(c - r for c, r in zip(ref_chosen, ref_rejected, strict=True))
     expected = [smoothed(beta * (p - q)) for p, q in zip(policy, reference, strict=True)]
     args = tuple(jnp.asarray(x, jnp.float32) for x in (chosen, rejected, ref_chosen, ref_rejected))
-    _close(dpo_loss(*args, loss_type="aot", beta=beta, label_smoothing=epsilon)[0], expected, atol=1e-5)
+    close(dpo_loss(*args, loss_type="aot", beta=beta, label_smoothing=epsilon)[0], expected, atol=1e-5)
     chosen_ratio = sorted(chosen - ref_chosen)
     rejected_ratio = sorted(rejected - ref_rejected)
     expected = [smoothed(beta * (c - r)) for c, r in zip(chosen_ratio, rejected_ratio, strict=True)]
-    _close(dpo_loss(*args, loss_type="aot_unpaired", beta=beta, label_smoothing=epsilon)[0], expected, atol=1e-5)
+    close(dpo_loss(*args, loss_type="aot_unpaired", beta=beta, label_smoothing=epsilon)[0], expected, atol=1e-5)
 
 
 def test_discopop_is_finite_where_trl_overflows():
     # z = −200: TRL's e^{−z}·σ(z/τ) is inf·0 = NaN in float32; the exact limit is −log σ(z)·1 = 200.
     loss, _ = dpo_loss(jnp.array([-2000.0]), jnp.array([0.0]), jnp.array([0.0]), jnp.array([0.0]), loss_type="discopop")
-    _close(loss, [200.0], atol=1e-4)
+    close(loss, [200.0], atol=1e-4)
     assert np.isfinite(
         jax.grad(lambda c: dpo_loss(c, jnp.zeros(1), jnp.zeros(1), jnp.zeros(1), loss_type="discopop")[0].sum())(
             jnp.array([-2000.0])
@@ -467,9 +456,9 @@ def test_grad_finite_with_nan_padding_and_jit_equals_eager(loss_type):
     args = (logps[:B], logps[B:], ref[:B], ref[B:], lengths[:B], lengths[B:])
     eager, eager_metrics = loss_fn(*args)
     jitted, jitted_metrics = jax.jit(loss_fn)(*args)
-    _close(jitted, np.asarray(eager))
+    close(jitted, np.asarray(eager))
     for name in METRICS:
-        _close(jitted_metrics[name], np.asarray(eager_metrics[name]))
+        close(jitted_metrics[name], np.asarray(eager_metrics[name]))
 
 
 def test_masked_equals_sliced():
@@ -491,7 +480,7 @@ def test_masked_equals_sliced():
             jnp.array([REJECTED_LENGTHS[b]]),
             loss_type="ipo",
         )
-        _close(padded[b], alone[0])
+        close(padded[b], alone[0])
 
 
 def test_reference_log_probs_carry_no_gradient(rng):
@@ -523,7 +512,7 @@ def test_ld_sequence_logps_limits_and_garbage():
     tokens, mask = _poisoned_tokens(seed=16)
     plain = sequence_logps(tokens, mask)
     full = ld_sequence_logps(tokens[:B], tokens[B:], mask[:B], mask[B:], alpha=1.0)
-    _close(jnp.concatenate(full), np.asarray(plain), atol=1e-5)
+    close(jnp.concatenate(full), np.asarray(plain), atol=1e-5)
     chosen, rejected = jax.jit(functools.partial(ld_sequence_logps, alpha=0.0))(
         tokens[:B], tokens[B:], mask[:B], mask[B:]
     )
@@ -531,8 +520,8 @@ def test_ld_sequence_logps_limits_and_garbage():
     # α = 0 keeps the first min(|y_w|, |y_l|) completion tokens of each response.
     for b in range(B):
         shared = min(CHOSEN_LENGTHS[b], REJECTED_LENGTHS[b])
-        _close(chosen[b], np.sum(np.asarray(tokens[b])[mask[b] == 1][:shared]), atol=1e-5)
-        _close(rejected[b], np.sum(np.asarray(tokens[B + b])[mask[B + b] == 1][:shared]), atol=1e-5)
+        close(chosen[b], np.sum(np.asarray(tokens[b])[mask[b] == 1][:shared]), atol=1e-5)
+        close(rejected[b], np.sum(np.asarray(tokens[B + b])[mask[B + b] == 1][:shared]), atol=1e-5)
     grads = jax.grad(lambda x: sum(jnp.sum(v) for v in ld_sequence_logps(x[:B], x[B:], mask[:B], mask[B:], alpha=0.5)))(
         tokens
     )
@@ -544,12 +533,12 @@ def test_wpo_weight_of_uniform_policy_is_one_and_has_no_gradient(rng):
     # Uniform p = 1/V: log p = log Σ p² = −log V, so the aligned log-prob is 0 and the weight is 1.
     targets = rng.integers(0, V, size=(B, T))
     mask = _completion_mask([3, 5, 0])
-    _close(jax.jit(wpo_weights)(jnp.zeros((B, T, V)), targets, mask), np.ones(B))
+    close(jax.jit(wpo_weights)(jnp.zeros((B, T, V)), targets, mask), np.ones(B))
     logits = jnp.asarray(rng.normal(size=(B, T, V)), jnp.float32)
     np.testing.assert_array_equal(jax.grad(lambda z: wpo_weights(z, targets, mask).sum())(logits), 0.0)
     # Garbage logits in padded positions do not reach the weight.
     poisoned = poison(np.zeros((B, T, V)), mask[..., None], np.inf)
-    _close(wpo_weights(poisoned, targets, mask), np.ones(B))
+    close(wpo_weights(poisoned, targets, mask), np.ones(B))
 
 
 @pytest.mark.parametrize(
@@ -655,15 +644,15 @@ def test_kto_matches_trl_kto_trainer(loss_type, labels):
     loss, metrics = jax.jit(loss_fn)(*_kto_inputs(batch))
     chex.assert_shape(loss, (KTO_N,))
     eager, eager_metrics = loss_fn(*_kto_inputs(batch))
-    _close(loss, np.asarray(eager))
+    close(loss, np.asarray(eager))
     for name, value in eager_metrics.items():
-        _close(metrics[name], np.asarray(value))
+        close(metrics[name], np.asarray(value))
     trl_loss, trl_metrics = _trl_kto(batch, loss_type=loss_type, **config)
-    _close(jnp.mean(loss), trl_loss)
+    close(jnp.mean(loss), trl_loss)
     # TRL only logs a side's metrics when that side is present.
     for name, value in trl_metrics.items():
         if name in metrics:
-            _close(metrics[name], value)
+            close(metrics[name], value)
     assert {"kl", "rewards/rejected", "logps/rejected"} <= trl_metrics.keys()
 
 
@@ -694,9 +683,9 @@ def test_kto_padded_lists_equal_unpadded():
         return jnp.sum(jnp.where(valid, loss, 0.0)) / jnp.sum(valid), metrics
 
     (value, metrics), grads = jax.value_and_grad(padded_loss, has_aux=True)(pad(chosen))
-    _close(value, np.mean(np.asarray(plain)))
+    close(value, np.mean(np.asarray(plain)))
     for name, expected in plain_metrics.items():
-        _close(metrics[name], np.asarray(expected))
+        close(metrics[name], np.asarray(expected))
     assert np.all(np.isfinite(grads))
     np.testing.assert_array_equal(np.asarray(grads)[chosen.shape[0] :], 0.0)
 
@@ -707,12 +696,12 @@ def test_kto_hand_values_and_clamped_detached_reference_point():
     ones = jnp.ones(1)
     kl_policy, kl_ref = jnp.array([1.0, 0.0]), jnp.zeros(2)
     loss, metrics = kto_loss(3 * ones, ones - 1, ones, ones, kl_policy, kl_ref, beta=0.5)
-    _close(loss, [0.32082130, 0.32082130])
-    _close(metrics["kl"], 0.5)
-    _close(metrics["rewards/margins"], 0.5 * 2 - 0.5 * -1)
+    close(loss, [0.32082130, 0.32082130])
+    close(metrics["kl"], 0.5)
+    close(metrics["rewards/margins"], 0.5 * 2 - 0.5 * -1)
     # A negative KL estimate is clamped to 0, and the reference point carries no gradient.
     _, metrics = kto_loss(3 * ones, ones - 1, ones, ones, -kl_policy, kl_ref, beta=0.5)
-    _close(metrics["kl"], 0.0)
+    close(metrics["kl"], 0.0)
     grad = jax.grad(lambda k: jnp.sum(kto_loss(3 * ones, ones - 1, ones, ones, k, kl_ref, beta=0.5)[0]))(kl_policy)
     np.testing.assert_array_equal(grad, 0.0)
 

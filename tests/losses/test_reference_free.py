@@ -23,25 +23,14 @@ import torch
 
 from jaxalign.losses.core import sequence_logps, token_logps
 from jaxalign.losses.reference_free import orpo_loss, simpo_loss
-from tests.losses.conftest import B, T, V, poison
+from tests.losses.conftest import PAIR_METRICS as METRICS
+from tests.losses.conftest import B, T, V, close, poison
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are importing from 'trl.experimental'")
 
 PROMPT = 2
 CHOSEN_LENGTHS = (5, 3, 4)
 REJECTED_LENGTHS = (2, 5, 1)
-METRICS = (
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/margins",
-    "rewards/accuracies",
-    "logps/chosen",
-    "logps/rejected",
-)
-
-
-def _close(actual, expected, *, atol=1e-6):
-    np.testing.assert_allclose(np.asarray(actual, np.float64), expected, rtol=1e-6, atol=atol)
 
 
 def _span_mask(start, lengths):
@@ -101,7 +90,7 @@ def _our_inputs(batch, nll_mask=None):
 
 def _assert_metrics(metrics, trl_metrics, names):
     for name in names:
-        _close(metrics[name], trl_metrics[name])
+        close(metrics[name], trl_metrics[name])
 
 
 @pytest.mark.parametrize(
@@ -130,7 +119,7 @@ def test_simpo_matches_trl_cpo_trainer(config):
     loss, metrics = jax.jit(loss_fn)(*args, chosen_nll if with_nll else None)
     chex.assert_shape(loss, (B,))
     trl_loss, trl_metrics = _trl_batch_loss_metrics(CPOTrainer, batch, loss_type="simpo", pad_token_id=0, **config)
-    _close(jnp.mean(loss), trl_loss)
+    close(jnp.mean(loss), trl_loss)
     _assert_metrics(metrics, trl_metrics, (*METRICS, "nll_loss") if with_nll else METRICS)
 
 
@@ -152,9 +141,9 @@ def test_simpo_per_pair_matches_trl_cpo_loss():
     losses, chosen_rewards, rejected_rewards = trainer.cpo_loss(torch.tensor(chosen_avg), torch.tensor(rejected_avg))
     summed = (jnp.asarray(chosen_avg * lengths, jnp.float32), jnp.asarray(rejected_avg * lengths, jnp.float32))
     loss, metrics = simpo_loss(*summed, lengths, lengths, beta=2.0, gamma=0.8, label_smoothing=0.05)
-    _close(loss, losses.numpy())
-    _close(metrics["rewards/chosen"], chosen_rewards.mean().item())
-    _close(metrics["rewards/rejected"], rejected_rewards.mean().item())
+    close(loss, losses.numpy())
+    close(metrics["rewards/chosen"], chosen_rewards.mean().item())
+    close(metrics["rewards/rejected"], rejected_rewards.mean().item())
 
 
 def test_simpo_hand_value_and_margin_parameterisations():
@@ -162,13 +151,13 @@ def test_simpo_hand_value_and_margin_parameterisations():
     # loss = log(1 + e^−1.5) = 0.20141328.
     args = (jnp.array([-3.0]), jnp.array([-4.0]), jnp.array([3]), jnp.array([2]))
     default, metrics = simpo_loss(*args)
-    _close(default, [0.20141328])
-    _close(simpo_loss(*args, gamma=0.5)[0], [0.20141328])
-    _close(simpo_loss(*args, gamma_beta_ratio=0.25)[0], [0.20141328])
-    _close(metrics["logps/chosen"], -1.0)
-    _close(metrics["rewards/margins"], 2.0)
+    close(default, [0.20141328])
+    close(simpo_loss(*args, gamma=0.5)[0], [0.20141328])
+    close(simpo_loss(*args, gamma_beta_ratio=0.25)[0], [0.20141328])
+    close(metrics["logps/chosen"], -1.0)
+    close(metrics["rewards/margins"], 2.0)
     # AlphaPO's reward (1 − e^{−α·p̄})/α tends to p̄ as α → 0.
-    _close(simpo_loss(*args, alpha=1e-4)[0], [0.20141328], atol=1e-4)
+    close(simpo_loss(*args, alpha=1e-4)[0], [0.20141328], atol=1e-4)
     assert not np.allclose(simpo_loss(*args, alpha=0.5)[0], default)
 
 
@@ -192,9 +181,9 @@ def test_grad_finite_with_nan_padding_and_jit_equals_eager(loss_fn):
     logps = sequence_logps(tokens, both)
     eager, eager_metrics = loss_fn(logps[:B], logps[B:], lengths, lengths)
     jitted, jitted_metrics = jax.jit(loss_fn)(logps[:B], logps[B:], lengths, lengths)
-    _close(jitted, np.asarray(eager))
+    close(jitted, np.asarray(eager))
     for name, value in eager_metrics.items():
-        _close(jitted_metrics[name], np.asarray(value))
+        close(jitted_metrics[name], np.asarray(value))
 
 
 @pytest.mark.parametrize("loss_fn", [simpo_loss, orpo_loss])
@@ -204,7 +193,7 @@ def test_losses_are_length_normalised(loss_fn, rng):
     lengths = np.array([4, 1, 6])
     loss, _ = loss_fn(chosen, rejected, lengths, lengths + 1)
     doubled, _ = loss_fn(2 * chosen, 2 * rejected, 2 * lengths, 2 * (lengths + 1))
-    _close(doubled, np.asarray(loss))
+    close(doubled, np.asarray(loss))
 
 
 def test_empty_completion_counts_as_one_token():
@@ -215,8 +204,8 @@ def test_empty_completion_counts_as_one_token():
     orpo, _ = orpo_loss(jnp.array([-2.0, -2.0]), jnp.array([-3.0, -3.0]), jnp.array([1, 2]), jnp.array([0, 3]))
     assert np.all(np.isfinite(simpo)) and np.all(np.isfinite(orpo))
     # Length 0 and length 1 give the same average (the sum itself).
-    _close(simpo[0], np.asarray(simpo_loss(jnp.array([0.0]), jnp.array([-3.0]), jnp.array([1]), jnp.array([3]))[0][0]))
-    _close(orpo[0], np.asarray(orpo_loss(jnp.array([-2.0]), jnp.array([-3.0]), jnp.array([1]), jnp.array([1]))[0][0]))
+    close(simpo[0], np.asarray(simpo_loss(jnp.array([0.0]), jnp.array([-3.0]), jnp.array([1]), jnp.array([3]))[0][0]))
+    close(orpo[0], np.asarray(orpo_loss(jnp.array([-2.0]), jnp.array([-3.0]), jnp.array([1]), jnp.array([1]))[0][0]))
 
 
 @pytest.mark.parametrize(
@@ -249,7 +238,7 @@ def test_orpo_matches_trl_orpo_trainer(beta):
     loss, metrics = jax.jit(functools.partial(orpo_loss, beta=beta))(*args, chosen_nll)
     chex.assert_shape(loss, (B,))
     trl_loss, trl_metrics = _trl_batch_loss_metrics(ORPOTrainer, batch, beta=beta, padding_value=0)
-    _close(jnp.mean(loss), trl_loss)
+    close(jnp.mean(loss), trl_loss)
     _assert_metrics(metrics, trl_metrics, (*METRICS, "nll_loss", "log_odds_ratio", "log_odds_chosen"))
 
 
@@ -264,9 +253,9 @@ def test_orpo_per_pair_matches_trl_odds_ratio_loss():
     losses, _, _, ratio, log_odds = trainer.odds_ratio_loss(torch.tensor(chosen_avg), torch.tensor(rejected_avg))
     lengths = np.array([1, 2, 3, 4, 5])
     loss, metrics = orpo_loss(chosen_avg * lengths, rejected_avg * lengths, lengths, lengths, beta=0.2)
-    _close(loss, -losses.numpy())
-    _close(metrics["log_odds_ratio"], ratio.item())
-    _close(metrics["log_odds_chosen"], log_odds.item())
+    close(loss, -losses.numpy())
+    close(metrics["log_odds_ratio"], ratio.item())
+    close(metrics["log_odds_chosen"], log_odds.item())
 
 
 def test_orpo_hand_value_and_gradients():
@@ -275,8 +264,8 @@ def test_orpo_hand_value_and_gradients():
     loss, metrics = orpo_loss(
         jnp.array([2 * math.log(0.5)]), jnp.array([math.log(0.2)]), jnp.array([2]), jnp.array([1])
     )
-    _close(loss, [0.022314355])
-    _close(metrics["log_odds_chosen"], math.log(4.0))
+    close(loss, [0.022314355])
+    close(metrics["log_odds_chosen"], math.log(4.0))
     # Gradients are finite on both branches of log1mexp and match the float64 derivative.
     chosen = jnp.array([-1e-3, -0.5, -0.7, -3.0])
     rejected = jnp.full(4, -1.0)
