@@ -9,6 +9,7 @@ hold real tokens (``valid``) and in their RoPE position (``next_position``).
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -56,20 +57,27 @@ class KVCache:
     def max_length(self) -> int:
         return self.keys.shape[2]
 
-    def write_layer(
-        self,
-        keys: Float[Array, "L B S K Dh"],
-        values: Float[Array, "L B S K Dh"],
-        layer: Int[Array, ""],
-        new_keys: Float[Array, "B T K Dh"],
-        new_values: Float[Array, "B T K Dh"],
-    ) -> tuple[Float[Array, "L B S K Dh"], Float[Array, "L B S K Dh"]]:
-        """Write one layer's new keys/values at ``self.index`` into the stacked buffers.
+    def for_layers(self) -> LayerKV:
+        """The view the layer scan starts from (layer 0, writing at ``index``)."""
+        return LayerKV(self.keys, self.values, jnp.zeros((), jnp.int32), self.index)
 
-        Takes the buffers explicitly because the layer scan carries (and updates) them while ``self``
-        keeps the pre-call ``index``.
-        """
-        start = (layer, 0, self.index, 0, 0)
-        keys = jax.lax.dynamic_update_slice(keys, new_keys[None].astype(keys.dtype), start)
-        values = jax.lax.dynamic_update_slice(values, new_values[None].astype(values.dtype), start)
-        return keys, values
+
+class LayerKV(NamedTuple):
+    """The stacked cache buffers as the layer scan carries them, positioned at one layer."""
+
+    keys: Float[Array, "L B S K Dh"]
+    values: Float[Array, "L B S K Dh"]
+    layer: Int[Array, ""]
+    index: Int[Array, ""]
+
+    def at_layer(self, layer: Int[Array, ""]) -> LayerKV:
+        return self._replace(layer=layer)
+
+    def append(
+        self, new_keys: Float[Array, "B T K Dh"], new_values: Float[Array, "B T K Dh"]
+    ) -> tuple[LayerKV, Float[Array, "B S K Dh"], Float[Array, "B S K Dh"]]:
+        """Write this layer's new keys/values at ``index``; return the updated view and all S slots."""
+        start = (self.layer, 0, self.index, 0, 0)
+        keys = jax.lax.dynamic_update_slice(self.keys, new_keys[None].astype(self.keys.dtype), start)
+        values = jax.lax.dynamic_update_slice(self.values, new_values[None].astype(self.values.dtype), start)
+        return self._replace(keys=keys, values=values), keys[self.layer], values[self.layer]

@@ -1,0 +1,104 @@
+"""Scalar heads on a decoder's final hidden states: per-token values and per-sequence rewards.
+
+- :class:`ValueHead`: ``v_t = w·h_t + b`` at every token (PPO critics, the TFPO doctor's flow values).
+- :class:`RewardHead`: ``r = W·h_last + b`` at each sequence's last real token, a scalar (Bradley–Terry
+  reward models) or ``N`` scalars (multi-dimensional preferences, e.g. helpfulness and harmlessness).
+- :class:`CausalLMWithValueHead` / :class:`RewardModel`: the compositions trainers use.
+
+The heads compute in float32 whatever the backbone's compute dtype: they are tiny, and a bf16 value or
+reward would quantise the advantages and the Bradley–Terry margins. Weights start as
+``N(0, 1/(D+1))`` as in Ziegler et al. 2019 (arXiv 1909.08593, Sec. 2), biases at 0.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from jaxalign.models.cache import KVCache
+from jaxalign.models.llama import LlamaForCausalLM, LlamaModel
+
+
+def _head_params(d_model: int, n_outputs: int, rngs: nnx.Rngs) -> tuple[nnx.Param, nnx.Param]:
+    init = nnx.initializers.normal(stddev=(d_model + 1) ** -0.5)
+    return (nnx.Param(init(rngs.params(), (d_model, n_outputs), jnp.float32)),
+            nnx.Param(jnp.zeros((n_outputs,), jnp.float32)))
+
+
+class ValueHead(nnx.Module):
+    """Scalar per token: ``[B, T, D] -> [B, T]`` float32."""
+
+    def __init__(self, d_model: int, *, rngs: nnx.Rngs):
+        self.kernel, self.bias = _head_params(d_model, 1, rngs)
+
+    def __call__(self, hidden: Float[Array, "B T D"]) -> Float[Array, "B T"]:
+        return (hidden.astype(jnp.float32) @ self.kernel[...] + self.bias[...])[..., 0]
+
+
+def last_token_index(attention_mask: Array) -> Int[Array, " B"]:
+    """Index of each row's last real token (right or left padding alike; 0 for an all-pad row)."""
+    mask = jnp.asarray(attention_mask).astype(bool)
+    return jnp.max(jnp.where(mask, jnp.arange(mask.shape[1]), 0), axis=1)
+
+
+class RewardHead(nnx.Module):
+    """Reward of each sequence from the hidden state at its last real token.
+
+    ``num_objectives=None`` gives one scalar per sequence ``[B]``; an int ``N`` gives ``[B, N]``.
+    """
+
+    def __init__(self, d_model: int, *, num_objectives: int | None = None, rngs: nnx.Rngs):
+        if num_objectives is not None and num_objectives < 1:
+            raise ValueError(f"RewardHead: num_objectives must be None or >= 1, got {num_objectives}")
+        self.num_objectives = num_objectives
+        self.kernel, self.bias = _head_params(d_model, num_objectives or 1, rngs)
+
+    def __call__(self, hidden: Float[Array, "B T D"], attention_mask: Array) -> Float[Array, "B ..."]:
+        last = last_token_index(attention_mask)
+        at_last = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]  # [B, D]
+        rewards = at_last.astype(jnp.float32) @ self.kernel[...] + self.bias[...]
+        return rewards[:, 0] if self.num_objectives is None else rewards
+
+
+class CausalLMWithValueHead(nnx.Module):
+    """A causal LM sharing its trunk with a value head (PPO policy+critic, the TFPO doctor)."""
+
+    def __init__(self, lm: LlamaForCausalLM, *, rngs: nnx.Rngs):
+        self.lm = lm
+        self.value_head = ValueHead(lm.config.d_model, rngs=rngs)
+
+    def __call__(
+        self,
+        tokens: Int[Array, "B T"],
+        *,
+        positions: Int[Array, "B T"] | None = None,
+        attention_mask: Array | None = None,
+        segment_ids: Int[Array, "B T"] | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[Float[Array, "B T V"], Float[Array, "B T"], KVCache | None]:
+        """``(logits [B, T, V], values [B, T], new_cache)``, both float32; arguments as the LM's."""
+        hidden, cache = self.lm.hidden_states(tokens, positions=positions, attention_mask=attention_mask,
+                                              segment_ids=segment_ids, cache=cache)
+        return self.lm.logits(hidden), self.value_head(hidden), cache
+
+
+class RewardModel(nnx.Module):
+    """A decoder trunk (no LM head) with a :class:`RewardHead`: tokens -> reward per sequence."""
+
+    def __init__(self, backbone: LlamaModel, *, num_objectives: int | None = None, rngs: nnx.Rngs):
+        self.backbone = backbone
+        self.reward_head = RewardHead(backbone.config.d_model, num_objectives=num_objectives, rngs=rngs)
+
+    def __call__(
+        self,
+        tokens: Int[Array, "B T"],
+        *,
+        attention_mask: Array | None = None,
+        positions: Int[Array, "B T"] | None = None,
+    ) -> Float[Array, "B ..."]:
+        """Rewards ``[B]`` (or ``[B, N]``) read at each row's last token with ``attention_mask`` = 1."""
+        if attention_mask is None:
+            attention_mask = jnp.ones(tokens.shape, bool)
+        hidden, _ = self.backbone(tokens, positions=positions, attention_mask=attention_mask)
+        return self.reward_head(hidden, attention_mask)

@@ -1,0 +1,266 @@
+"""Llama-family causal LM (Llama 2/3, SmolLM2, Mistral, Qwen2) in Flax NNX.
+
+Numerically the same model as transformers' ``LlamaForCausalLM`` / ``MistralForCausalLM`` /
+``Qwen2ForCausalLM`` (pre-norm decoder, RMSNorm, RoPE, grouped-query attention, SwiGLU MLP).
+
+Layout: the decoder layers are built once with ``nnx.vmap`` so every layer parameter carries a leading
+``[L]`` axis, and the forward pass runs them with one ``jax.lax.scan`` (MaxText's ``scan_layers``): the
+traced program, and so the compile time, does not grow with depth. Parameter paths follow transformers'
+names (``model/layers/self_attn/q_proj/kernel`` is ``model.layers.{i}.self_attn.q_proj.weight``
+transposed to ``[in, out]``), which keeps the checkpoint mapping in ``hf_io`` mechanical.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Bool, Float, Int
+
+from jaxalign.models.cache import KVCache, LayerKV
+from jaxalign.models.config import ModelConfig
+from jaxalign.models.masks import attention_mask as build_attention_mask
+from jaxalign.models.masks import derive_positions
+from jaxalign.models.rope import apply_rope, inverse_frequencies, rope_tables
+
+# transformers initialises every Linear/Embedding with N(0, initializer_range=0.02).
+_INIT = nnx.initializers.normal(stddev=0.02)
+
+
+class RMSNorm(nnx.Module):
+    """``y = x / sqrt(mean(x²) + eps) · scale``, with the statistics in float32 (as LlamaRMSNorm)."""
+
+    def __init__(self, dim: int, config: ModelConfig):
+        self.eps = config.rms_norm_eps
+        self.compute_dtype = config.compute_jnp_dtype
+        self.scale = nnx.Param(jnp.ones((dim,), config.param_jnp_dtype))
+
+    def __call__(self, x: Float[Array, "... D"]) -> Float[Array, "... D"]:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return normed.astype(self.compute_dtype) * self.scale[...].astype(self.compute_dtype)
+
+
+def _linear(config: ModelConfig, n_in: int, n_out: int, *, bias: bool, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(
+        n_in, n_out, use_bias=bias, dtype=config.compute_jnp_dtype, param_dtype=config.param_jnp_dtype,
+        kernel_init=_INIT, rngs=rngs,
+    )
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with RoPE; ``H`` query heads share ``K`` key/value heads."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        d, h, k, dh = config.d_model, config.n_heads, config.n_kv_heads, config.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = h, k, dh
+        self.q_proj = _linear(config, d, h * dh, bias=config.qkv_bias, rngs=rngs)
+        self.k_proj = _linear(config, d, k * dh, bias=config.qkv_bias, rngs=rngs)
+        self.v_proj = _linear(config, d, k * dh, bias=config.qkv_bias, rngs=rngs)
+        self.o_proj = _linear(config, h * dh, d, bias=config.o_bias, rngs=rngs)
+
+    def __call__(
+        self,
+        x: Float[Array, "B T D"],
+        *,
+        cos: Float[Array, "B T 1 Dh"],
+        sin: Float[Array, "B T 1 Dh"],
+        mask: Bool[Array, "B T S"],
+        kv: LayerKV | None,
+    ) -> tuple[Float[Array, "B T D"], LayerKV | None]:
+        """Attend from the ``T`` new tokens to ``S`` keys (``S = T`` without a cache)."""
+        batch, length, _ = x.shape
+        q = self.q_proj(x).reshape(batch, length, self.n_heads, self.head_dim)
+        k = self.k_proj(x).reshape(batch, length, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(batch, length, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv is not None:
+            kv, k, v = kv.append(k, v)
+        # Query head n uses kv head n // (H/K), as transformers' repeat_kv; the softmax runs in float32
+        # and masked scores are a large finite negative, so a query that sees nothing gives no NaN.
+        out = jax.nn.dot_product_attention(
+            q, k.astype(q.dtype), v.astype(q.dtype), mask=mask[:, None], scale=self.head_dim**-0.5
+        )
+        return self.o_proj(out.reshape(batch, length, self.n_heads * self.head_dim)), kv
+
+
+class MLP(nnx.Module):
+    """SwiGLU: ``down(silu(gate(x)) · up(x))``."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        d, f = config.d_model, config.intermediate_size
+        self.gate_proj = _linear(config, d, f, bias=config.mlp_bias, rngs=rngs)
+        self.up_proj = _linear(config, d, f, bias=config.mlp_bias, rngs=rngs)
+        self.down_proj = _linear(config, f, d, bias=config.mlp_bias, rngs=rngs)
+
+    def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm block: ``h += attn(norm(h)); h += mlp(norm(h))``."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(config.d_model, config)
+        self.self_attn = Attention(config, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(config.d_model, config)
+        self.mlp = MLP(config, rngs=rngs)
+
+    def __call__(self, h, *, cos, sin, mask, kv: LayerKV | None):
+        attended, kv = self.self_attn(self.input_layernorm(h), cos=cos, sin=sin, mask=mask, kv=kv)
+        h = h + attended
+        return h + self.mlp(self.post_attention_layernorm(h)), kv
+
+
+class LlamaModel(nnx.Module):
+    """Embeddings, the scanned decoder stack and the final norm: tokens -> final hidden states."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.embed_tokens = nnx.Embed(
+            config.vocab_size, config.d_model, dtype=config.compute_jnp_dtype,
+            param_dtype=config.param_jnp_dtype, embedding_init=_INIT, rngs=rngs,
+        )
+
+        @nnx.split_rngs(splits=config.n_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def stacked_layers(rngs: nnx.Rngs) -> DecoderLayer:
+            return DecoderLayer(config, rngs=rngs)
+
+        self.layers = stacked_layers(rngs)
+        self.norm = RMSNorm(config.d_model, config)
+
+    def __call__(
+        self,
+        tokens: Int[Array, "B T"],
+        *,
+        positions: Int[Array, "B T"] | None = None,
+        attention_mask: Array | None = None,
+        segment_ids: Int[Array, "B T"] | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[Float[Array, "B T D"], KVCache | None]:
+        """Final (normed) hidden states of ``tokens``; see :meth:`LlamaForCausalLM.__call__`."""
+        config = self.config
+        batch, length = tokens.shape
+        real = (jnp.ones((batch, length), bool) if attention_mask is None
+                else jnp.asarray(attention_mask).astype(bool))
+        if cache is None:
+            if positions is None:
+                positions = derive_positions(real, segment_ids)
+            query_slots = jnp.arange(length)
+            key_valid = real
+            kv = None
+        else:
+            if segment_ids is not None:
+                raise ValueError("segment_ids (packed sequences) cannot be combined with a KV cache")
+            if positions is None:
+                positions = derive_positions(real, offset=cache.next_position)
+            query_slots = cache.index + jnp.arange(length)
+            key_valid = jax.lax.dynamic_update_slice(cache.valid, real, (0, cache.index))
+            kv = cache.for_layers()
+        mask = build_attention_mask(
+            key_valid, query_slots, query_segments=segment_ids, key_segments=segment_ids,
+            sliding_window=config.sliding_window,
+        )
+        cos, sin = rope_tables(positions, inverse_frequencies(config), config.compute_jnp_dtype)
+        hidden = self.embed_tokens(tokens)
+        hidden, kv = self._run_layers(hidden, cos=cos, sin=sin, mask=mask, kv=kv)
+        hidden = self.norm(hidden)
+        if cache is None:
+            return hidden, None
+        # A row's next position follows its last real token; rows with no real token here keep theirs.
+        next_position = jnp.max(jnp.where(real, positions + 1, cache.next_position[:, None]), axis=1)
+        new_cache = KVCache(
+            keys=kv.keys, values=kv.values, valid=key_valid,
+            next_position=next_position.astype(jnp.int32), index=cache.index + length,
+        )
+        return hidden, new_cache
+
+    def _run_layers(self, hidden, *, cos, sin, mask, kv: LayerKV | None):
+        """``jax.lax.scan`` over the stacked layers, each step rebuilding one layer from its slice."""
+        graphdef, layer_states = nnx.split(self.layers)
+
+        def one_layer(carry, xs):
+            hidden, kv = carry
+            layer_state, layer_index = xs
+            layer = nnx.merge(graphdef, layer_state)
+            if kv is not None:
+                kv = kv.at_layer(layer_index)
+            return layer(hidden, cos=cos, sin=sin, mask=mask, kv=kv), None
+
+        if self.config.remat != "none":
+            # prevent_cse=False is safe under scan (the loop already keeps XLA from merging the recomputation
+            # into the forward pass) and avoids the optimisation barriers prevent_cse would insert.
+            one_layer = jax.checkpoint(one_layer, policy=self.config.remat_policy, prevent_cse=False)
+        layer_indices = jnp.arange(self.config.n_layers, dtype=jnp.int32)
+        (hidden, kv), _ = jax.lax.scan(one_layer, (hidden, kv), (layer_states, layer_indices))
+        return hidden, kv
+
+
+class LlamaForCausalLM(nnx.Module):
+    """:class:`LlamaModel` plus the vocabulary projection (tied to the embeddings or a separate head).
+
+    ``model(tokens)`` returns float32 logits; trainers that chunk the LM head over the sequence call
+    ``model.hidden_states(...)`` once and ``model.logits(hidden[:, chunk])`` per chunk.
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.model = LlamaModel(config, rngs=rngs)
+        self.lm_head = (
+            None if config.tie_word_embeddings
+            else _linear(config, config.d_model, config.vocab_size, bias=False, rngs=rngs)
+        )
+
+    def hidden_states(
+        self,
+        tokens: Int[Array, "B T"],
+        *,
+        positions: Int[Array, "B T"] | None = None,
+        attention_mask: Array | None = None,
+        segment_ids: Int[Array, "B T"] | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[Float[Array, "B T D"], KVCache | None]:
+        """Final hidden states ``[B, T, D]`` (compute dtype) and the updated cache (None without one)."""
+        return self.model(tokens, positions=positions, attention_mask=attention_mask,
+                          segment_ids=segment_ids, cache=cache)
+
+    def logits(self, hidden: Float[Array, "... D"]) -> Float[Array, "... V"]:
+        """Vocabulary logits in float32 (the matmul accumulates in float32 even for bf16 inputs)."""
+        dtype = self.config.compute_jnp_dtype
+        if self.lm_head is None:
+            weight = self.model.embed_tokens.embedding[...]  # [V, D]
+            return jnp.einsum("...d,vd->...v", hidden.astype(dtype), weight.astype(dtype),
+                              preferred_element_type=jnp.float32)
+        weight = self.lm_head.kernel[...]  # [D, V]
+        return jnp.einsum("...d,dv->...v", hidden.astype(dtype), weight.astype(dtype),
+                          preferred_element_type=jnp.float32)
+
+    def __call__(
+        self,
+        tokens: Int[Array, "B T"],
+        *,
+        positions: Int[Array, "B T"] | None = None,
+        attention_mask: Array | None = None,
+        segment_ids: Int[Array, "B T"] | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[Float[Array, "B T V"], KVCache | None]:
+        """Next-token logits.
+
+        Args:
+            tokens: ``[B, T]`` token ids.
+            positions: ``[B, T]`` RoPE positions; derived from ``attention_mask`` (and ``segment_ids`` /
+                the cache) when None, so left-padded and right-padded batches both match transformers.
+            attention_mask: ``[B, T]``, 1 for real tokens, 0 for padding; None means all real.
+            segment_ids: ``[B, T]`` packed-sequence ids: tokens attend only within their segment and
+                derived positions restart per segment. Not allowed with a cache.
+            cache: a :class:`KVCache`; the tokens are written at ``cache.index`` and attend to every
+                valid slot before them. Prefill a left-padded prompt, then feed one token per step.
+
+        Returns:
+            ``(logits [B, T, V] float32, new_cache)``; ``new_cache`` is None when ``cache`` is None.
+            Rows of padding hold finite values that mean nothing.
+        """
+        hidden, cache = self.hidden_states(tokens, positions=positions, attention_mask=attention_mask,
+                                           segment_ids=segment_ids, cache=cache)
+        return self.logits(hidden), cache
