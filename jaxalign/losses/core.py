@@ -104,10 +104,12 @@ def masked_mean(
     return safe_divide(total, count)
 
 
-def token_logps(logits: Float[Array, "... V"], targets: Int[Array, "..."]) -> Float[Array, "..."]:
+def token_logps(
+    logits: Float[Array, "... V"], targets: Int[Array, "..."], mask: Array | None = None
+) -> Float[Array, "..."]:
     """Log-probability of each target token under ``softmax(logits)``, in float32.
 
-    Formula: ``log p(y_t) = z_t[y_t] − logsumexp_v z_t[v]``.
+    Formula: ``log p(y_t) = z_t[y_t] − m_t − log Σ_v exp(z_t[v] − m_t)`` with ``m_t = max_v z_t[v]``.
 
     This is the only place logits meet targets. The caller aligns them: for next-token prediction pass
     ``logits[:, :-1]`` with ``targets = tokens[:, 1:]``.
@@ -117,18 +119,30 @@ def token_logps(logits: Float[Array, "... V"], targets: Int[Array, "..."]) -> Fl
             convert into the reduction, so no float32 copy of the full vocabulary is stored).
         targets: ``[...]`` integer token ids. Out-of-range ids (e.g. a ``-100`` ignore label or a pad id)
             are clipped into ``[0, V)`` so they yield a finite, meaningless value: mask them out.
+        mask: optional ``[...]`` validity mask. Where it is 0 the logits are replaced by zeros *before* the
+            log-softmax and the result is 0, so non-finite logits at padded positions (e.g. from fully
+            masked attention rows) reach neither the value nor the gradient. Without a mask, every position
+            must hold finite logits for the gradient to be finite.
 
     Returns:
-        ``[...]`` float32 log-probabilities (≤ 0).
+        ``[...]`` float32 log-probabilities (≤ 0); 0 where ``mask`` is 0.
+
+    Notes:
+        Accuracy is absolute, not relative: float32 resolves ``log p`` to about 1e-7, so a very confident
+        prediction (``log p ≈ −3e-7``) carries a large relative error. That is what importance ratios
+        ``exp(log p − log p_old)`` need; perplexities of ~1 are not meaningful beyond that resolution.
     """
     vocab = logits.shape[-1]
     targets = jnp.clip(jnp.asarray(targets), 0, vocab - 1)
-    # Shift by the row max before exponentiating (as log_softmax does): a confident prediction then gives
-    # log p ≈ −log1p(small) with float32 precision near 0, instead of the difference of two large numbers.
+    valid = None if mask is None else as_mask(mask, targets)
+    if valid is not None:
+        logits = jnp.where(valid[..., None], logits, jnp.zeros((), logits.dtype))
+    # Shifting by the row max (held constant: its gradient cancels) keeps exp() in range.
     row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True).astype(F32))
     log_normaliser = jnp.log(jnp.sum(jnp.exp(logits.astype(F32) - row_max), axis=-1))
     target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0].astype(F32)
-    return target_logits - row_max[..., 0] - log_normaliser
+    logps = target_logits - row_max[..., 0] - log_normaliser
+    return logps if valid is None else jnp.where(valid, logps, 0.0)
 
 
 def sequence_logps(
@@ -165,9 +179,10 @@ def entropy(logits: Float[Array, "... V"]) -> Float[Array, "..."]:
     logits = logits.astype(F32)
     normaliser = jax.nn.logsumexp(logits, axis=-1)
     probs = jax.nn.softmax(logits, axis=-1)
-    # A vocabulary entry masked with -inf has p = 0 and contributes 0·(-inf) = NaN; its true share is 0.
-    weighted = jnp.where(probs > 0, probs * logits, 0.0)
-    return normaliser - jnp.sum(weighted, axis=-1)
+    # A vocabulary entry masked with -inf has p = 0 and its true share p·z is 0. Replace z itself (not just
+    # the product): otherwise the backward pass still forms 0·(−inf) = NaN and spreads it over the row.
+    finite_logits = jnp.where(probs > 0, logits, 0.0)
+    return normaliser - jnp.sum(probs * finite_logits, axis=-1)
 
 
 AGGREGATIONS = ("token_mean", "sequence_mean", "sequence_sum", "sequence_sum_normalized")

@@ -73,7 +73,7 @@ def group_advantages(
 
     Returns:
         Advantages with the shape of ``rewards``, float32. Every token of completion i gets A_i: broadcast
-        with ``adv[:, None]`` or pass ``[B]`` straight to :func:`grpo_loss`.
+        with ``adv_t[:, None]`` or pass ``[B]`` straight to :func:`grpo_loss`.
 
     References:
         Shao et al. 2024 (DeepSeekMath, GRPO), arXiv 2402.03300, Sec. 4.1.2 (outcome supervision);
@@ -119,10 +119,10 @@ def grpo_loss(
     logps: Float[Array, "B T"],
     old_logps: Float[Array, "B T"] | None,
     ref_logps: Float[Array, "B T"] | None,
-    adv: Float[Array, " B"] | Float[Array, "B T"],
+    adv_t: Float[Array, " B"] | Float[Array, "B T"],
     mask: Array | None = None,
     *,
-    clip_eps_low: float = 0.2,
+    clip_eps: float = 0.2,
     clip_eps_high: float | None = None,
     kl_coef: float = 0.0,
     delta: float | None = None,
@@ -131,7 +131,7 @@ def grpo_loss(
 ) -> tuple[Float[Array, "B T"], dict[str, Float[Array, ""]]]:
     """Per-token GRPO loss: PPO's clipped surrogate with group advantages, plus β·k3 KL to the reference.
 
-    Formula (w_t = exp(logps_t − old_logps_t); ε_l, ε_h = clip_eps_low, clip_eps_high or ε_l)::
+    Formula (w_t = exp(logps_t − old_logps_t); ε_l, ε_h = clip_eps, clip_eps_high or ε_l)::
 
         ℓ_t  = −min(w_t·A, clip(w_t, 1 − ε_l, 1 + ε_h)·A) + β·KL_t
         KL_t = π_ref/π − log(π_ref/π) − 1                  (k3, ≥ 0)
@@ -146,10 +146,10 @@ def grpo_loss(
         old_logps: ``[B, T]`` log π_old from sampling time, or None for a single on-policy step (TRL's
             ``num_iterations=1``), where π_old = stop_gradient(π_θ) so w = 1 with the policy gradient.
         ref_logps: ``[B, T]`` log π_ref, or None when ``kl_coef`` is 0.
-        adv: ``[B]`` per-completion advantages (:func:`group_advantages`) or ``[B, T]`` per-token ones;
+        adv_t: ``[B]`` per-completion advantages (:func:`group_advantages`) or ``[B, T]`` per-token ones;
             treated as constants (stop-gradient).
         mask: ``[B, T]`` completion tokens (None: all).
-        clip_eps_low: ε_l (TRL ``epsilon``).
+        clip_eps: ε_l (TRL ``epsilon``).
         clip_eps_high: ε_h, DAPO's clip-higher (TRL ``epsilon_high``); None: ε_l.
         kl_coef: β (TRL ``beta``).
         delta: δ, the upper bound of two-sided clipping (TRL ``delta``, INTELLECT-2); None: off.
@@ -187,7 +187,7 @@ def grpo_loss(
         )
     if ref_logps is None and not (isinstance(kl_coef, (int, float)) and kl_coef == 0):
         raise ValueError("grpo_loss: kl_coef != 0 needs ref_logps")
-    eps_high = clip_eps_low if clip_eps_high is None else clip_eps_high
+    eps_high = clip_eps if clip_eps_high is None else clip_eps_high
     logps = jnp.asarray(logps, F32)
     valid = as_mask(mask, logps)
     logps = jnp.where(valid, logps, 0.0)
@@ -198,12 +198,12 @@ def grpo_loss(
         total, count = masked_sum(log_ratio, valid, axis=-1)
         log_ratio = jnp.broadcast_to(safe_divide(total, count)[:, None], logps.shape)
     ratio = jnp.exp(log_ratio)
-    adv = jnp.asarray(adv, F32)
-    adv = adv[:, None] if adv.ndim == 1 else adv
-    adv = jax.lax.stop_gradient(jnp.where(valid, adv, 0.0))
-    clipped_ratio = jnp.clip(ratio, 1.0 - clip_eps_low, 1.0 + eps_high)
+    adv_t = jnp.asarray(adv_t, F32)
+    adv_t = adv_t[:, None] if adv_t.ndim == 1 else adv_t
+    adv_t = jax.lax.stop_gradient(jnp.where(valid, adv_t, 0.0))
+    clipped_ratio = jnp.clip(ratio, 1.0 - clip_eps, 1.0 + eps_high)
     unclipped_ratio = ratio if delta is None else jnp.minimum(ratio, delta)
-    loss = -jnp.minimum(unclipped_ratio * adv, clipped_ratio * adv)
+    loss = -jnp.minimum(unclipped_ratio * adv_t, clipped_ratio * adv_t)
     metrics = {}
     if ref_logps is not None:
         kl = kl_estimate(logps, ref_logps, valid, estimator="k3")
@@ -213,8 +213,8 @@ def grpo_loss(
     loss = jnp.where(valid, loss, 0.0)
 
     ratio = jax.lax.stop_gradient(ratio)
-    low = (ratio < 1.0 - clip_eps_low) & (adv < 0)
-    high = (ratio > 1.0 + eps_high) & (adv > 0)
+    low = (ratio < 1.0 - clip_eps) & (adv_t < 0)
+    high = (ratio > 1.0 + eps_high) & (adv_t > 0)
     rows = jnp.any(valid, axis=-1)
     any_rows = jnp.any(rows)
     low_min = jnp.min(jnp.where(rows, masked_mean(low, valid, axis=-1), jnp.inf))
@@ -237,12 +237,12 @@ def grpo_objective(
     logps: Float[Array, "B T"],
     old_logps: Float[Array, "B T"] | None,
     ref_logps: Float[Array, "B T"] | None,
-    adv: Float[Array, " B"] | Float[Array, "B T"],
+    adv_t: Float[Array, " B"] | Float[Array, "B T"],
     mask: Array | None = None,
     *,
     aggregation: str = "token_mean",
     max_tokens: int | None = None,
-    clip_eps_low: float = 0.2,
+    clip_eps: float = 0.2,
     clip_eps_high: float | None = None,
     kl_coef: float = 0.0,
     delta: float | None = None,
@@ -262,10 +262,10 @@ def grpo_objective(
     - "dr_grpo" → ``"sequence_sum_normalized"`` with ``max_tokens`` = TRL's ``max_completion_length``.
 
     Args:
-        logps, old_logps, ref_logps, adv, mask: as :func:`grpo_loss`.
+        logps, old_logps, ref_logps, adv_t, mask: as :func:`grpo_loss`.
         aggregation: a ``core.AGGREGATIONS`` mode.
         max_tokens: L of ``sequence_sum_normalized`` (default T).
-        clip_eps_low, clip_eps_high, kl_coef, delta, importance_sampling_level, kl_importance_correction:
+        clip_eps, clip_eps_high, kl_coef, delta, importance_sampling_level, kl_importance_correction:
             as :func:`grpo_loss`.
 
     Returns:
@@ -289,9 +289,9 @@ def grpo_objective(
         logps,
         old_logps,
         ref_logps,
-        adv,
+        adv_t,
         mask,
-        clip_eps_low=clip_eps_low,
+        clip_eps=clip_eps,
         clip_eps_high=clip_eps_high,
         kl_coef=kl_coef,
         delta=delta,

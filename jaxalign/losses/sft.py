@@ -55,7 +55,7 @@ def sft_loss(
     # Padded positions may hold non-finite logits; neutralise them before any nonlinearity so that their
     # (zero) cotangent is not turned into NaN by the log-softmax backward pass.
     logits = jnp.where(valid[..., None], logits, jnp.zeros((), logits.dtype))
-    logps = token_logps(logits, targets)
+    logps = token_logps(logits, targets, valid)
     nll = -logps
     if label_smoothing:
         # mean_v log p(v) = mean_v z_v − logsumexp(z): no full-vocabulary log-softmax is stored.
@@ -69,6 +69,6 @@ def sft_loss(
     metrics = {
         "nll": masked_mean(nll, valid),
         "token_accuracy": masked_mean(predicted == targets, valid),
-        "entropy": masked_mean(jax.lax.stop_gradient(entropy(logits)), valid),
+        "entropy": masked_mean(entropy(logits), valid),
     }
-    return per_token, metrics
+    return per_token, jax.tree.map(jax.lax.stop_gradient, metrics)

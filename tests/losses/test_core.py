@@ -115,3 +115,30 @@ def test_aggregate_modes_and_microbatch_exactness(rng, mode):
 def test_aggregate_rejects_unknown_mode():
     with pytest.raises(ValueError, match="unknown mode 'mean'"):
         aggregate(jnp.ones((2, 3)), mode="mean")
+
+
+def test_token_logps_mask_keeps_nan_logits_out_of_value_and_gradient(rng):
+    logits = rng.normal(size=(B, T, V)).astype(np.float32)
+    targets = rng.integers(0, V, size=(B, T))
+    mask = right_padded_mask([7, 4, 2])
+    poisoned = poison(logits, mask[..., None], np.nan)
+
+    def total(z):
+        return sequence_logps(token_logps(z, targets, mask), mask).sum()
+
+    np.testing.assert_allclose(total(poisoned), total(logits), rtol=1e-6)
+    grads = jax.grad(total)(jnp.asarray(poisoned))
+    assert np.all(np.isfinite(grads))
+    np.testing.assert_array_equal(np.asarray(grads)[mask == 0], 0.0)
+    np.testing.assert_array_equal(np.asarray(token_logps(poisoned, targets, mask))[mask == 0], 0.0)
+
+
+def test_entropy_gradient_is_finite_with_masked_vocabulary():
+    logits = jnp.array([[0.0, 1.0, -jnp.inf]])
+    grads = jax.grad(lambda z: entropy(z).sum())(logits)
+    assert np.all(np.isfinite(grads))
+    # Over the two live entries the entropy gradient is ∂H/∂z_i = −p_i (z_i − Σ p z).
+    p = np.exp([0.0, 1.0]) / np.exp([0.0, 1.0]).sum()
+    expected = -p * (np.array([0.0, 1.0]) - (p * [0.0, 1.0]).sum())
+    np.testing.assert_allclose(np.asarray(grads)[0, :2], expected, rtol=1e-5)
+    assert grads[0, 2] == 0.0

@@ -41,7 +41,7 @@ def _trl_group_advantages(rewards, group_size, scale):
     return torch.nan_to_num(advantages, nan=0.0).numpy()
 
 
-def _trl_compute_loss(loss_type, logps, old, ref, adv, mask, *, beta, eps, eps_high, max_completion_length,
+def _trl_compute_loss(loss_type, logps, old, ref, adv_t, mask, *, beta, eps, eps_high, max_completion_length,
                       delta=None, level="token", bias_kl=False):
     """Run the real TRL 1.16 ``GRPOTrainer._compute_loss`` on given per-token log-probs.
 
@@ -76,7 +76,7 @@ def _trl_compute_loss(loss_type, logps, old, ref, adv, mask, *, beta, eps, eps_h
         "prompt_mask": torch.ones(batch, 2, dtype=torch.long),
         "completion_ids": torch.zeros(batch, length, dtype=torch.long),
         "completion_mask": torch.tensor(mask),
-        "advantages": torch.tensor(adv),
+        "advantages": torch.tensor(adv_t),
         "ref_per_token_logps": torch.tensor(ref),
         "num_items_in_batch": torch.tensor(mask.sum()),
     }
@@ -94,8 +94,8 @@ def _batch(rng):
     # Log-ratios up to ±0.5 so that both clip sides and clip-higher's extra range are exercised.
     logps = (old + rng.uniform(-0.5, 0.5, size=(B, T))).astype(np.float32)
     ref = (old + rng.normal(scale=0.3, size=(B, T))).astype(np.float32)
-    adv = np.array([1.3, -0.7, 0.4], np.float32)
-    return mask, logps, old, ref, adv
+    adv_t = np.array([1.3, -0.7, 0.4], np.float32)
+    return mask, logps, old, ref, adv_t
 
 
 # ---------------------------------------------------------------- group_advantages
@@ -164,17 +164,17 @@ def test_group_advantages_validates_arguments():
 @pytest.mark.parametrize("beta", [0.0, 0.04])
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
 def test_grpo_objective_matches_trl_compute_loss_values_metrics_and_gradients(rng, loss_type, beta, eps_high):
-    mask, logps, old, ref, adv = _batch(rng)
+    mask, logps, old, ref, adv_t = _batch(rng)
     max_completion_length = 11
     expected, expected_grad, trl_metrics = _trl_compute_loss(
-        loss_type, logps, old, ref, adv, mask, beta=beta, eps=0.2, eps_high=eps_high,
+        loss_type, logps, old, ref, adv_t, mask, beta=beta, eps=0.2, eps_high=eps_high,
         max_completion_length=max_completion_length,
     )
 
     def objective(logps):
         return grpo_objective(
-            logps, poison(old, mask), poison(ref, mask), adv, mask, aggregation=TRL_LOSS_TYPES[loss_type],
-            max_tokens=max_completion_length, clip_eps_low=0.2, clip_eps_high=eps_high, kl_coef=beta,
+            logps, poison(old, mask), poison(ref, mask), adv_t, mask, aggregation=TRL_LOSS_TYPES[loss_type],
+            max_tokens=max_completion_length, clip_eps=0.2, clip_eps_high=eps_high, kl_coef=beta,
         )
 
     (loss, metrics), grad = jax.jit(jax.value_and_grad(objective, has_aux=True))(poison(logps, mask))
@@ -203,17 +203,17 @@ def test_grpo_objective_matches_trl_compute_loss_values_metrics_and_gradients(rn
     ids=["two_sided_delta", "gspo_sequence_level", "kl_importance_correction", "on_policy_old_is_none"],
 )
 def test_grpo_options_match_trl_compute_loss(rng, options):
-    mask, logps, old, ref, adv = _batch(rng)
+    mask, logps, old, ref, adv_t = _batch(rng)
     old = options.get("old", old)
     expected, expected_grad, _ = _trl_compute_loss(
-        "dapo", logps, old, ref, adv, mask, beta=0.04, eps=0.2, eps_high=0.28, max_completion_length=T,
+        "dapo", logps, old, ref, adv_t, mask, beta=0.04, eps=0.2, eps_high=0.28, max_completion_length=T,
         delta=options.get("delta"), level=options.get("level", "token"), bias_kl=options.get("bias_kl", False),
     )
 
     def objective(logps):
         return grpo_objective(
-            logps, None if old is None else poison(old, mask), poison(ref, mask), adv, mask,
-            clip_eps_low=0.2, clip_eps_high=0.28, kl_coef=0.04, delta=options.get("delta"),
+            logps, None if old is None else poison(old, mask), poison(ref, mask), adv_t, mask,
+            clip_eps=0.2, clip_eps_high=0.28, kl_coef=0.04, delta=options.get("delta"),
             importance_sampling_level=options.get("level", "token"),
             kl_importance_correction=options.get("bias_kl", False),
         )[0]
@@ -227,26 +227,26 @@ def test_grpo_options_match_trl_compute_loss(rng, options):
 
 def test_grpo_options_change_the_loss(rng):
     # Guards the option tests above against options that are silently ignored.
-    mask, logps, old, ref, adv = _batch(rng)
-    base = dict(clip_eps_low=0.2, clip_eps_high=0.28, kl_coef=0.04)
-    plain = grpo_objective(logps, old, ref, adv, mask, **base)[0]
+    mask, logps, old, ref, adv_t = _batch(rng)
+    base = dict(clip_eps=0.2, clip_eps_high=0.28, kl_coef=0.04)
+    plain = grpo_objective(logps, old, ref, adv_t, mask, **base)[0]
     for extra in (dict(delta=1.05), dict(importance_sampling_level="sequence"), dict(kl_importance_correction=True)):
-        assert not np.isclose(grpo_objective(logps, old, ref, adv, mask, **base, **extra)[0], plain), extra
+        assert not np.isclose(grpo_objective(logps, old, ref, adv_t, mask, **base, **extra)[0], plain), extra
 
 
 # ---------------------------------------------------------------- identities and hand values
 
 
 def test_grpo_on_policy_loss_is_minus_mean_advantage_and_gradient_is_policy_gradient(rng):
-    mask, logps, _, _, adv = _batch(rng)
-    per_token, metrics = grpo_loss(poison(logps, mask), None, None, adv, mask)
+    mask, logps, _, _, adv_t = _batch(rng)
+    per_token, metrics = grpo_loss(poison(logps, mask), None, None, adv_t, mask)
     chex.assert_shape(per_token, (B, T))
     total, count = aggregate(per_token, mask)
     n_tokens = np.array(LENGTHS, np.float32)
-    np.testing.assert_allclose(total / count, -(adv * n_tokens).sum() / n_tokens.sum(), rtol=1e-6)
+    np.testing.assert_allclose(total / count, -(adv_t * n_tokens).sum() / n_tokens.sum(), rtol=1e-6)
     assert metrics["clip_ratio/region_mean"] == 0.0 and metrics["ratio/mean"] == 1.0
-    grad = jax.grad(lambda x: grpo_objective(x, None, None, adv, mask)[0])(poison(logps, mask))
-    expected = np.where(mask > 0, -adv[:, None] / n_tokens.sum(), 0.0)
+    grad = jax.grad(lambda x: grpo_objective(x, None, None, adv_t, mask)[0])(poison(logps, mask))
+    expected = np.where(mask > 0, -adv_t[:, None] / n_tokens.sum(), 0.0)
     np.testing.assert_allclose(grad, expected, rtol=1e-6, atol=1e-7)
 
 
@@ -257,19 +257,19 @@ def test_grpo_kl_term_is_k3_hand_value_and_equals_ppo_k3(rng):
     )
     np.testing.assert_allclose(per_token, [[0.1 * (np.log(2.0) - 0.5)]], rtol=1e-6)
     np.testing.assert_allclose(metrics["kl"], np.log(2.0) - 0.5, rtol=1e-6)
-    mask, logps, _, ref, adv = _batch(rng)
-    _, metrics = grpo_loss(logps, None, ref, adv, mask, kl_coef=0.5)
+    mask, logps, _, ref, adv_t = _batch(rng)
+    _, metrics = grpo_loss(logps, None, ref, adv_t, mask, kl_coef=0.5)
     k3 = kl_estimate(logps, ref, mask, estimator="k3")
     np.testing.assert_allclose(metrics["kl"], np.asarray(k3)[mask > 0].mean(), rtol=1e-6)
 
 
 def test_grpo_clip_higher_hand_values():
     # w = 1.25 with A = +1: symmetric ε = 0.2 clips to 1.2 (ℓ = −1.2); ε_h = 0.28 leaves it (ℓ = −1.25).
-    logps, old, adv = jnp.log(jnp.array([[1.25]])), jnp.zeros((1, 1)), jnp.ones(1)
-    symmetric, metrics = grpo_loss(logps, old, None, adv, None)
+    logps, old, adv_t = jnp.log(jnp.array([[1.25]])), jnp.zeros((1, 1)), jnp.ones(1)
+    symmetric, metrics = grpo_loss(logps, old, None, adv_t, None)
     np.testing.assert_allclose(symmetric, [[-1.2]], rtol=1e-6)
     assert metrics["clip_ratio/high_mean"] == 1.0
-    higher, metrics = grpo_loss(logps, old, None, adv, None, clip_eps_high=0.28)
+    higher, metrics = grpo_loss(logps, old, None, adv_t, None, clip_eps_high=0.28)
     np.testing.assert_allclose(higher, [[-1.25]], rtol=1e-6)
     assert metrics["clip_ratio/high_mean"] == 0.0
 
@@ -277,11 +277,11 @@ def test_grpo_clip_higher_hand_values():
 def test_grpo_aggregations_hand_values():
     # On-policy, β = 0: ℓ_t = −A_b. Lengths (2, 1) of T = 3, A = (1, 4): token sums (−2, −4).
     mask = right_padded_mask([2, 1], length=3)
-    adv = jnp.array([1.0, 4.0])
+    adv_t = jnp.array([1.0, 4.0])
     logps = jnp.zeros((2, 3))
     expected = {"grpo": (-1.0 - 4.0) / 2, "bnpo": -6.0 / 3, "dapo": -6.0 / 3, "dr_grpo": -6.0 / (2 * 5)}
     for loss_type, value in expected.items():
-        loss, metrics = grpo_objective(logps, None, None, adv, mask, aggregation=TRL_LOSS_TYPES[loss_type],
+        loss, metrics = grpo_objective(logps, None, None, adv_t, mask, aggregation=TRL_LOSS_TYPES[loss_type],
                                        max_tokens=5)
         np.testing.assert_allclose(loss, value, rtol=1e-6, err_msg=loss_type)
         assert metrics["loss"] == loss
@@ -289,34 +289,34 @@ def test_grpo_aggregations_hand_values():
 
 def test_grpo_sequence_mean_skips_empty_completions_where_trl_counts_them(rng):
     # Documented deviation: TRL's "grpo" divides by B including all-masked completions.
-    mask, logps, old, ref, adv = _batch(rng)
+    mask, logps, old, ref, adv_t = _batch(rng)
     mask[2] = 0.0
-    expected, _, _ = _trl_compute_loss("grpo", logps, old, ref, adv, mask, beta=0.0, eps=0.2, eps_high=0.2,
+    expected, _, _ = _trl_compute_loss("grpo", logps, old, ref, adv_t, mask, beta=0.0, eps=0.2, eps_high=0.2,
                                        max_completion_length=T)
-    loss, _ = grpo_objective(logps, old, ref, adv, mask, aggregation="sequence_mean")
+    loss, _ = grpo_objective(logps, old, ref, adv_t, mask, aggregation="sequence_mean")
     np.testing.assert_allclose(loss * 2 / 3, expected, rtol=1e-6, atol=1e-6)
 
 
 def test_grpo_jit_equals_eager_and_validates(rng):
-    mask, logps, old, ref, adv = _batch(rng)
+    mask, logps, old, ref, adv_t = _batch(rng)
     kwargs = dict(clip_eps_high=0.3, kl_coef=0.02, importance_sampling_level="sequence")
-    eager = grpo_loss(logps, old, ref, adv, mask, **kwargs)
-    jitted = jax.jit(lambda *a: grpo_loss(*a, **kwargs))(logps, old, ref, adv, mask)
+    eager = grpo_loss(logps, old, ref, adv_t, mask, **kwargs)
+    jitted = jax.jit(lambda *a: grpo_loss(*a, **kwargs))(logps, old, ref, adv_t, mask)
     chex.assert_trees_all_close(eager, jitted, rtol=1e-6, atol=1e-7)
     # Per-token advantages [B, T] are accepted and equal the broadcast [B] ones.
-    per_token_adv = np.broadcast_to(adv[:, None], (B, T))
+    per_token_adv = np.broadcast_to(adv_t[:, None], (B, T))
     chex.assert_trees_all_close(eager, grpo_loss(logps, old, ref, per_token_adv, mask, **kwargs), rtol=1e-6)
     with pytest.raises(ValueError, match="'token', 'sequence'"):
-        grpo_loss(logps, old, ref, adv, mask, importance_sampling_level="tokens")
+        grpo_loss(logps, old, ref, adv_t, mask, importance_sampling_level="tokens")
     with pytest.raises(ValueError, match="ref_logps"):
-        grpo_loss(logps, old, None, adv, mask, kl_coef=0.1)
+        grpo_loss(logps, old, None, adv_t, mask, kl_coef=0.1)
     with pytest.raises(ValueError, match="token_mean"):
-        grpo_objective(logps, old, ref, adv, mask, aggregation="dapo")
+        grpo_objective(logps, old, ref, adv_t, mask, aggregation="dapo")
 
 
 def test_bf16_inputs_are_computed_in_float32(rng):
-    mask, logps, old, ref, adv = _batch(rng)
+    mask, logps, old, ref, adv_t = _batch(rng)
     low = lambda x: jnp.asarray(x, jnp.bfloat16)  # noqa: E731
-    per_token, _ = grpo_loss(low(logps), low(old), low(ref), low(adv), mask, kl_coef=0.1)
+    per_token, _ = grpo_loss(low(logps), low(old), low(ref), low(adv_t), mask, kl_coef=0.1)
     chex.assert_type(per_token, jnp.float32)
     chex.assert_type(group_advantages(low(np.arange(6.0)), group_size=3), jnp.float32)
