@@ -82,6 +82,17 @@ def _per_length(scores: Array, lengths: Array | None) -> Array:
     return scores / jnp.maximum(jnp.asarray(lengths, F32), 1.0)
 
 
+def _sort_valid(values: Array, valid: Array) -> Array:
+    """Sort the valid entries among themselves: the k-th valid slot receives the k-th smallest valid value.
+
+    Without masked slots this is ``jnp.sort``. Masked slots sort last (+inf) and are then set to 0, so the
+    sentinel never reaches any arithmetic (or its gradient).
+    """
+    ordered = jnp.sort(jnp.where(valid, values, jnp.inf))
+    rank = jnp.maximum(jnp.cumsum(valid) - 1, 0)
+    return jnp.where(valid, ordered[rank], 0.0)
+
+
 def _validate_dpo(
     loss_types: tuple[str, ...],
     loss_weights: tuple[float, ...],
@@ -147,6 +158,7 @@ def dpo_loss(
     rejected_lengths: Real[Array, " B"] | None = None,
     chosen_nll: Float[Array, " B"] | None = None,
     weights: Float[Array, " B"] | None = None,
+    mask: Bool[Array, " B"] | None = None,
     *,
     loss_type: str | Sequence[str] = "sigmoid",
     loss_weights: Sequence[float] | None = None,
@@ -192,6 +204,10 @@ def dpo_loss(
         chosen_nll: ``[B]`` per-sequence NLL of the chosen completion for RPO (e.g. the per-sequence token
             mean of :func:`jaxalign.losses.sft.sft_loss`); used with ``rpo_alpha``.
         weights: ``[B]`` per-pair weights ω, e.g. ``wpo_weights(chosen) * wpo_weights(rejected)`` for WPO.
+        mask: ``[B]`` validity of the pairs, so a jitted step can pad the batch to a static size; None = all
+            valid. A masked pair gets loss 0 and is left out of every metric (and of the sort of ``aot*``);
+            its entries in every input may hold any value, even NaN/inf, which reaches neither the values
+            nor the gradients.
         loss_type: one of :data:`DPO_LOSS_TYPES`, or a sequence of them for a mixture (static).
         loss_weights: one weight per loss type (default all 1).
         beta: β > 0 (τ, the regulariser, for IPO).
@@ -204,10 +220,12 @@ def dpo_loss(
         rpo_alpha: weight of the chosen NLL (RPO); requires ``chosen_nll``.
 
     Returns:
-        ``(loss, metrics)``: ``loss`` is ``[B]`` float32, its mean is TRL's batch loss. For ``aot`` and
-        ``aot_unpaired`` entry b is the b-th *sorted* pair, not pair b. Metrics (means over B):
-        ``rewards/chosen`` (β·c), ``rewards/rejected`` (β·r), ``rewards/margins``, ``rewards/accuracies``
-        (fraction with β·c > β·r), ``logps/chosen``, ``logps/rejected`` and, with RPO, ``nll_loss``.
+        ``(loss, metrics)``: ``loss`` is ``[B]`` float32, 0 for masked pairs; its mean over the valid pairs
+        (``masked_mean(loss, mask)``) is TRL's batch loss. For ``aot`` and ``aot_unpaired`` the k-th valid
+        entry is the k-th *sorted* valid pair, not pair k. Metrics (means over the valid pairs, 0 when there
+        is none): ``rewards/chosen`` (β·c), ``rewards/rejected`` (β·r), ``rewards/margins``,
+        ``rewards/accuracies`` (fraction with β·c > β·r), ``logps/chosen``, ``logps/rejected`` and, with
+        RPO, ``nll_loss``.
 
     References:
         DPO: Rafailov et al. 2023, arXiv 2305.18290, Eq. 7. cDPO: Mitchell 2023, "A note on DPO with noisy
@@ -244,6 +262,8 @@ def dpo_loss(
           every loss type including ``"sft"``.
         - TRL's ``loss_type="sft"`` (a batch token mean, not a per-pair quantity) is not a loss type here; use
           ``rpo_alpha`` or add :func:`jaxalign.losses.sft.sft_loss` to the reduced loss.
+        - ``mask`` has no TRL counterpart (TRL batches are never padded with whole pairs). An empty batch
+          (B = 0 or every pair masked) gives metrics of 0 where TRL's means are NaN.
     """
     loss_types = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
     loss_weights = (1.0,) * len(loss_types) if loss_weights is None else tuple(loss_weights)
@@ -259,11 +279,18 @@ def dpo_loss(
         rpo_alpha=rpo_alpha,
         has_nll=chosen_nll is not None,
     )
-    chosen_logps, rejected_logps = jnp.asarray(chosen_logps).astype(F32), jnp.asarray(rejected_logps).astype(F32)
+    valid = as_mask(mask, jnp.asarray(chosen_logps))
+
+    def select(values: Array | None, fill: float = 0.0) -> Array | None:
+        # Masked slots are replaced before any arithmetic, so NaN/inf padding cannot reach a value or gradient.
+        return None if values is None else jnp.where(valid, jnp.asarray(values).astype(F32), fill)
+
+    chosen_logps, rejected_logps = select(chosen_logps), select(rejected_logps)
     # The reference is a constant of the objective (TRL scores it under no_grad), even if it shares parameters.
     ref_chosen_logps, ref_rejected_logps = jax.lax.stop_gradient(
-        (jnp.asarray(ref_chosen_logps).astype(F32), jnp.asarray(ref_rejected_logps).astype(F32))
+        (select(ref_chosen_logps), select(ref_rejected_logps))
     )
+    chosen_lengths, rejected_lengths = select(chosen_lengths, 1.0), select(rejected_lengths, 1.0)
     chosen_logratios = chosen_logps - ref_chosen_logps
     rejected_logratios = rejected_logps - ref_rejected_logps
     chosen_scores = _f_scores(chosen_logratios, f_divergence, f_alpha)
@@ -296,11 +323,12 @@ def dpo_loss(
         if kind == "sppo_hard":
             return (chosen_logratios - 0.5 / beta) ** 2 + (rejected_logratios + 0.5 / beta) ** 2
         if kind == "aot":
-            policy = jnp.sort(chosen_logps - rejected_logps)
-            reference = jnp.sort(ref_chosen_logps - ref_rejected_logps)
+            policy = _sort_valid(chosen_logps - rejected_logps, valid)
+            reference = _sort_valid(ref_chosen_logps - ref_rejected_logps, valid)
             return _smoothed_sigmoid(beta * (policy - reference), eps)
         if kind == "aot_unpaired":
-            return _smoothed_sigmoid(beta * (jnp.sort(chosen_logratios) - jnp.sort(rejected_logratios)), eps)
+            sorted_chosen = _sort_valid(chosen_logratios, valid)
+            return _smoothed_sigmoid(beta * (sorted_chosen - _sort_valid(rejected_logratios, valid)), eps)
         if kind == "apo_zero":
             return 1.0 - jax.nn.sigmoid(beta_c) + jax.nn.sigmoid(beta_r)
         if kind == "apo_down":
@@ -310,15 +338,15 @@ def dpo_loss(
         return -jax.nn.log_sigmoid(z) * jax.nn.sigmoid(-z / discopop_tau) + jnp.exp(log_mix - z)
 
     loss = sum(weight * one(kind) for kind, weight in zip(loss_types, loss_weights, strict=True))
-    metrics = _reward_metrics(beta_c, beta_r, chosen_logps, rejected_logps)
-    metrics["rewards/accuracies"] = jnp.mean(beta_c > beta_r, dtype=F32)
+    metrics = _reward_metrics(beta_c, beta_r, chosen_logps, rejected_logps, valid, valid)
+    metrics["rewards/accuracies"] = masked_mean(beta_c > beta_r, valid)
     if rpo_alpha is not None:
-        nll = jnp.asarray(chosen_nll).astype(F32)
+        nll = select(chosen_nll)
         loss = loss + rpo_alpha * nll
-        metrics["nll_loss"] = jnp.mean(jax.lax.stop_gradient(nll))
+        metrics["nll_loss"] = masked_mean(jax.lax.stop_gradient(nll), valid)
     if weights is not None:
-        loss = loss * jnp.asarray(weights).astype(F32)
-    return loss, metrics
+        loss = loss * select(weights)
+    return jnp.where(valid, loss, 0.0), metrics
 
 
 def _reward_metrics(
@@ -407,15 +435,24 @@ def wpo_weights(
         mask: ``[B, T]`` completion mask; the mean is over its tokens (count clamped to ≥ 1).
 
     Returns:
-        ``[B]`` float32 weights in (0, 1], wrapped in ``stop_gradient``.
+        ``[B]`` float32 weights in ``(0, (1 + √V)/2]``, wrapped in ``stop_gradient`` (so a pair weight lies in
+        ``(0, ((1 + √V)/2)²]``). They are *not* bounded by 1: each is the geometric mean over tokens of
+        ``ρ_t = π(y_t|·)/Σ_v π(v|·)²``, and since ``Σ_v π_v² ≥ p² + (1 − p)²/(V − 1)`` for ``p = π(y_t|·)``
+        (Cauchy–Schwarz), ``ρ_t ≤ max_p p/(p² + (1 − p)²/(V − 1)) = (1 + √V)/2``, reached at ``p = 1/√V``
+        with the rest of the mass spread evenly. ``ρ_t = 1`` for a uniform or a one-hot π, and
+        ``E_{y_t∼π}[ρ_t] = 1``: on-policy tokens weigh 1 on average, which is the point of the alignment.
+        An empty row has weight 1.
 
     References:
         Zhou et al. 2024, "WPO: Enhancing RLHF with Weighted Preference Optimization", arXiv 2406.11827, Eq. 2
         and the "aligned" sampling-probability correction of Sec. 3.
 
     Notes:
-        Matches TRL 1.16's ``use_weighting=True`` (``log_probs − log_sum_sq_probs`` averaged over completion
-        tokens, exponentiated, batch-unnormalised).
+        - Matches TRL 1.16's ``use_weighting=True`` (``log_probs − log_sum_sq_probs`` averaged over completion
+          tokens, exponentiated, batch-unnormalised, no clamp).
+        - The WPO authors' released trainer (github.com/wzhouad/WPO, ``scripts/run_wpo.py``) computes the same
+          per-sequence quantity but clamps the *pair* weight at 1; TRL does not, and we follow TRL (the parity
+          target). Reproduce the authors' code with ``jnp.minimum(w_w * w_l, 1.0)``.
     """
     logits32 = jax.lax.stop_gradient(logits).astype(F32)
     # log Σ_v p_v² = logsumexp(2z) − 2·logsumexp(z): no full-vocabulary probabilities are materialised.

@@ -2,8 +2,9 @@
 an optional CPO-style NLL term) and ORPO's odds-ratio term.
 
 Inputs are summed sequence log-probabilities plus completion lengths; the average log-probability
-``log π(y|x)/|y|`` is formed here (length clamped to ≥ 1), so the same ``sequence_logps`` output feeds every
-loss of the library.
+``log π(y|x)/|y|`` is formed here, so the same ``sequence_logps`` output feeds every loss of the library.
+Both losses take an optional ``[B]`` pair mask: masked pairs get loss 0, are left out of every metric, and
+NaN/inf in their inputs reaches neither the values nor the gradients.
 """
 
 from __future__ import annotations
@@ -12,31 +13,47 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Real
+from jaxtyping import Array, Bool, Float, Real
 
-from jaxalign.losses.core import F32
+from jaxalign.losses.core import F32, as_mask, masked_mean
 
 __all__ = ["orpo_loss", "simpo_loss"]
 
 Metrics = dict[str, Float[Array, ""]]
 
+# ORPO evaluates log(1 − e^p̄) at min(p̄, −ε): the complement 1 − P(y) is floored at 1 − e^(−ε) ≈ ε, so a
+# certain completion (p̄ = 0: float32 log-probs round to exactly 0 once the target logit leads every other by
+# ≳ 17 + log V) has large but finite odds instead of infinite ones (inf loss, NaN gradient). Only averages
+# above −ε, i.e. a mean per-token probability above 1 − 1e-6, are affected.
+_ORPO_CERTAINTY_EPS = 1e-6
+
+
+def _pair_inputs(valid: Array, *arrays: Array | None, fill: tuple[float, ...]) -> tuple[Array | None, ...]:
+    """Float32 copies with masked slots replaced by ``fill`` before any arithmetic (NaN padding cannot leak)."""
+    return tuple(
+        None if x is None else jnp.where(valid, jnp.asarray(x).astype(F32), value)
+        for x, value in zip(arrays, fill, strict=True)
+    )
+
 
 def _average(logps: Array, lengths: Array) -> Array:
-    return jnp.asarray(logps).astype(F32) / jnp.maximum(jnp.asarray(lengths, F32), 1.0)
+    return logps / jnp.maximum(lengths, 1.0)
 
 
-def _pair_metrics(chosen_rewards: Array, rejected_rewards: Array, chosen_avg: Array, rejected_avg: Array) -> Metrics:
-    """TRL's CPO/ORPO reward metrics (stop-gradient)."""
+def _pair_metrics(
+    chosen_rewards: Array, rejected_rewards: Array, chosen_avg: Array, rejected_avg: Array, valid: Array
+) -> Metrics:
+    """TRL's CPO/ORPO reward metrics over the valid pairs (stop-gradient; 0 when there is none)."""
     chosen_rewards, rejected_rewards, chosen_avg, rejected_avg = jax.lax.stop_gradient(
         (chosen_rewards, rejected_rewards, chosen_avg, rejected_avg)
     )
     return {
-        "rewards/chosen": jnp.mean(chosen_rewards),
-        "rewards/rejected": jnp.mean(rejected_rewards),
-        "rewards/margins": jnp.mean(chosen_rewards - rejected_rewards),
-        "rewards/accuracies": jnp.mean(chosen_rewards > rejected_rewards, dtype=F32),
-        "logps/chosen": jnp.mean(chosen_avg),
-        "logps/rejected": jnp.mean(rejected_avg),
+        "rewards/chosen": masked_mean(chosen_rewards, valid),
+        "rewards/rejected": masked_mean(rejected_rewards, valid),
+        "rewards/margins": masked_mean(chosen_rewards - rejected_rewards, valid),
+        "rewards/accuracies": masked_mean(chosen_rewards > rejected_rewards, valid),
+        "logps/chosen": masked_mean(chosen_avg, valid),
+        "logps/rejected": masked_mean(rejected_avg, valid),
     }
 
 
@@ -46,6 +63,7 @@ def simpo_loss(
     chosen_lengths: Real[Array, " B"],
     rejected_lengths: Real[Array, " B"],
     chosen_nll: Float[Array, " B"] | None = None,
+    mask: Bool[Array, " B"] | None = None,
     *,
     beta: float = 2.0,
     gamma: float | None = None,
@@ -68,6 +86,8 @@ def simpo_loss(
         rejected_lengths: ``[B]`` completion token counts |y_l|.
         chosen_nll: ``[B]`` per-sequence NLL of the chosen completion (CPO's behaviour-cloning term); needed
             when ``sft_weight`` ≠ 0.
+        mask: ``[B]`` validity of the pairs (None = all valid), so a jitted step can pad the batch to a static
+            size. Masked pairs get loss 0 and are left out of every metric; their inputs may hold NaN/inf.
         beta: β > 0.
         gamma: the margin γ (TRL's ``simpo_gamma``). Give ``gamma`` or ``gamma_beta_ratio``, not both.
         gamma_beta_ratio: γ/β (the SimPO code's parameter); default 0.25 when neither is given.
@@ -76,10 +96,11 @@ def simpo_loss(
         sft_weight: weight of ``chosen_nll`` (TRL's ``cpo_alpha``, SimPO's ``sft_weight``).
 
     Returns:
-        ``(loss, metrics)``: ``loss`` is ``[B]`` float32. Metrics (means over B): ``rewards/chosen`` (β·u_w),
-        ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies``, ``logps/chosen`` and
-        ``logps/rejected`` (the *average* log-probs p̄, as TRL's CPO trainer logs them) and, with an NLL term,
-        ``nll_loss``.
+        ``(loss, metrics)``: ``loss`` is ``[B]`` float32, 0 for masked pairs (reduce with
+        ``masked_mean(loss, mask)``). Metrics (means over the valid pairs, 0 when there is none):
+        ``rewards/chosen`` (β·u_w), ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies``,
+        ``logps/chosen`` and ``logps/rejected`` (the *average* log-probs p̄, as TRL's CPO trainer logs them)
+        and, with an NLL term, ``nll_loss``.
 
     References:
         Meng et al. 2024, "SimPO", arXiv 2405.14734, Eq. 6; CPO: Xu et al. 2024, arXiv 2401.08417, Eq. 3;
@@ -89,7 +110,9 @@ def simpo_loss(
         - Parity target: TRL 1.16 ``trl.experimental.cpo.CPOTrainer.cpo_loss`` with ``loss_type="simpo"``.
         - Defaults follow the SimPO authors' trainer (β = 2, γ/β = 0.25, no NLL); TRL's CPOConfig defaults are
           β = 0.1, γ = 0.5 and ``cpo_alpha`` = 1, so pass those explicitly to reproduce a TRL run.
-        - The length is clamped to ≥ 1 (TRL divides by the raw count: NaN for an empty completion).
+        - The length is clamped to ≥ 1 (TRL divides by the raw count: NaN for an empty completion), so an
+          empty completion scores p̄ = 0.
+        - ``mask`` has no TRL counterpart; an empty batch gives metrics of 0 where TRL's means are NaN.
         - The NLL is per sequence; TRL's ``cpo_alpha`` term is a token mean over the batch's chosen tokens.
           ``nll_b = B·Σ_t nll_bt / Σ_bt m_bt`` reproduces it; the per-sequence token mean weighs every pair
           equally.
@@ -105,6 +128,10 @@ def simpo_loss(
         raise ValueError("simpo_loss: the NLL term needs both sft_weight != 0 and chosen_nll (or neither)")
     if gamma is None:
         gamma = beta * (0.25 if gamma_beta_ratio is None else gamma_beta_ratio)
+    valid = as_mask(mask, jnp.asarray(chosen_logps))
+    chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, chosen_nll = _pair_inputs(
+        valid, chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, chosen_nll, fill=(0, 0, 1, 1, 0)
+    )
     chosen_avg = _average(chosen_logps, chosen_lengths)
     rejected_avg = _average(rejected_logps, rejected_lengths)
     if alpha:
@@ -114,12 +141,11 @@ def simpo_loss(
         chosen_reward, rejected_reward = chosen_avg, rejected_avg
     z = beta * (chosen_reward - rejected_reward) - gamma
     loss = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(z) - label_smoothing * jax.nn.log_sigmoid(-z)
-    metrics = _pair_metrics(beta * chosen_reward, beta * rejected_reward, chosen_avg, rejected_avg)
+    metrics = _pair_metrics(beta * chosen_reward, beta * rejected_reward, chosen_avg, rejected_avg, valid)
     if chosen_nll is not None:
-        nll = jnp.asarray(chosen_nll).astype(F32)
-        loss = loss + sft_weight * nll
-        metrics["nll_loss"] = jnp.mean(jax.lax.stop_gradient(nll))
-    return loss, metrics
+        loss = loss + sft_weight * chosen_nll
+        metrics["nll_loss"] = masked_mean(jax.lax.stop_gradient(chosen_nll), valid)
+    return jnp.where(valid, loss, 0.0), metrics
 
 
 def _log1mexp(x: Array) -> Array:
@@ -137,14 +163,18 @@ def orpo_loss(
     chosen_lengths: Real[Array, " B"],
     rejected_lengths: Real[Array, " B"],
     chosen_nll: Float[Array, " B"] | None = None,
+    mask: Bool[Array, " B"] | None = None,
     *,
     beta: float = 0.1,
 ) -> tuple[Float[Array, " B"], Metrics]:
     """ORPO's odds-ratio loss on average log-probabilities, plus the chosen NLL when given.
 
-    Formula, with ``p̄ = log π(y|x)/|y|`` and ``log odds(y) = p̄ − log(1 − e^p̄)``::
+    Formula, with ``p̄ = log π(y|x)/|y|`` and ``log odds(y) = p̄ − log(1 − e^min(p̄, −ε))``, ε = 1e-6::
 
         ℓ = −λ·log σ(log odds(y_w) − log odds(y_l))  [+ nll_w]
+
+    A pair with an empty completion on either side (length 0) has no average log-probability: it is treated
+    as masked (loss 0, NLL term included, and left out of every metric).
 
     ORPO's full objective is ``L_SFT + λ·L_OR``: pass the per-sequence NLL of the chosen completion as
     ``chosen_nll`` (e.g. the per-sequence token mean of :func:`jaxalign.losses.sft.sft_loss`), or add the SFT
@@ -153,13 +183,17 @@ def orpo_loss(
     Args:
         chosen_logps: ``[B]`` policy log π(y_w|x), summed over completion tokens.
         rejected_logps: ``[B]`` policy log π(y_l|x).
-        chosen_lengths: ``[B]`` completion token counts |y_w| (clamped to ≥ 1).
-        rejected_lengths: ``[B]`` completion token counts |y_l|.
+        chosen_lengths: ``[B]`` completion token counts |y_w|; 0 (an empty completion) drops the pair.
+        rejected_lengths: ``[B]`` completion token counts |y_l|; 0 drops the pair.
         chosen_nll: ``[B]`` per-sequence NLL of the chosen completion, added with weight 1.
+        mask: ``[B]`` validity of the pairs (None = all valid), so a jitted step can pad the batch to a static
+            size. Masked pairs get loss 0 and are left out of every metric; their inputs may hold NaN/inf.
         beta: λ > 0, the weight of the odds-ratio term (TRL's ``beta``).
 
     Returns:
-        ``(loss, metrics)``: ``loss`` is ``[B]`` float32. Metrics (means over B): ``rewards/chosen`` (λ·p̄_w),
+        ``(loss, metrics)``: ``loss`` is ``[B]`` float32, 0 for masked pairs and pairs with an empty side
+        (reduce with ``masked_mean(loss, mask & (chosen_lengths > 0) & (rejected_lengths > 0))``). Metrics
+        (means over those valid pairs, 0 when there is none): ``rewards/chosen`` (λ·p̄_w),
         ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies``, ``logps/chosen``,
         ``logps/rejected`` (average log-probs), ``log_odds_ratio`` (mean log σ(·)), ``log_odds_chosen`` (mean
         log-odds difference) and, with ``chosen_nll``, ``nll_loss``.
@@ -173,21 +207,36 @@ def orpo_loss(
           ``+λ·log σ(·)`` and subtracts its mean, here the sign is folded into the per-sequence loss.
         - TRL's NLL is a token mean over all chosen tokens of the batch; ``nll_b = B·Σ_t nll_bt / Σ_bt m_bt``
           reproduces it exactly, the per-sequence token mean matches it when lengths are equal.
-        - The length is clamped to ≥ 1 (TRL divides by the raw count). An average log-prob of exactly 0
-          (certainty) has infinite odds, in TRL as here.
+        - Empty completions: TRL divides by the raw count (0/0 = NaN for the whole batch). Here a pair with an
+          empty side is dropped like a masked pair; clamping the length instead would give p̄ = 0, i.e.
+          certainty, whose odds are infinite (loss inf for an empty rejected side, NaN for two empty sides).
+        - Certainty floor: ``log(1 − e^p̄)`` is evaluated at ``min(p̄, −ε)``, ε = 1e-6, so 1 − P(y) is floored
+          at ≈ ε and each log-odds is capped at ≈ −log ε ≈ 13.8. TRL (and the paper's formula) give infinite odds at
+          p̄ = 0, hence an inf loss (rejected side) or a NaN gradient (chosen side). For p̄ ≤ −ε the two agree
+          exactly, and the linear ``p̄`` term keeps a gradient of 1 above the floor.
+        - ``mask`` has no TRL counterpart; an empty batch gives metrics of 0 where TRL's means are NaN.
     """
     if beta <= 0:
         raise ValueError(f"orpo_loss: beta must be > 0, got {beta}")
+    # An empty side has no average log-probability (a clamped length would give p̄ = 0, certainty): drop the pair.
+    non_empty = (jnp.asarray(chosen_lengths) > 0) & (jnp.asarray(rejected_lengths) > 0)
+    valid = as_mask(mask, jnp.asarray(chosen_logps)) & non_empty
+    # A masked slot is filled with p̄ = −1, away from the certainty floor.
+    chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, chosen_nll = _pair_inputs(
+        valid, chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, chosen_nll, fill=(-1, -1, 1, 1, 0)
+    )
     chosen_avg = _average(chosen_logps, chosen_lengths)
     rejected_avg = _average(rejected_logps, rejected_lengths)
-    log_odds = (chosen_avg - rejected_avg) - (_log1mexp(chosen_avg) - _log1mexp(rejected_avg))
+    complement = _log1mexp(jnp.minimum(chosen_avg, -_ORPO_CERTAINTY_EPS)) - _log1mexp(
+        jnp.minimum(rejected_avg, -_ORPO_CERTAINTY_EPS)
+    )
+    log_odds = (chosen_avg - rejected_avg) - complement
     log_sigmoid_odds = jax.nn.log_sigmoid(log_odds)
     loss = -beta * log_sigmoid_odds
-    metrics = _pair_metrics(beta * chosen_avg, beta * rejected_avg, chosen_avg, rejected_avg)
-    metrics["log_odds_ratio"] = jnp.mean(jax.lax.stop_gradient(log_sigmoid_odds))
-    metrics["log_odds_chosen"] = jnp.mean(jax.lax.stop_gradient(log_odds))
+    metrics = _pair_metrics(beta * chosen_avg, beta * rejected_avg, chosen_avg, rejected_avg, valid)
+    metrics["log_odds_ratio"] = masked_mean(jax.lax.stop_gradient(log_sigmoid_odds), valid)
+    metrics["log_odds_chosen"] = masked_mean(jax.lax.stop_gradient(log_odds), valid)
     if chosen_nll is not None:
-        nll = jnp.asarray(chosen_nll).astype(F32)
-        loss = loss + nll
-        metrics["nll_loss"] = jnp.mean(jax.lax.stop_gradient(nll))
-    return loss, metrics
+        loss = loss + chosen_nll
+        metrics["nll_loss"] = masked_mean(jax.lax.stop_gradient(chosen_nll), valid)
+    return jnp.where(valid, loss, 0.0), metrics

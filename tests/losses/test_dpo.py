@@ -483,6 +483,80 @@ def test_masked_equals_sliced():
         close(padded[b], alone[0])
 
 
+# Three valid pairs around two padded slots, as a jitted step pads a batch to a static size.
+PAIR_MASK = np.array([True, False, True, False, True])
+
+
+def _pad(values, garbage):
+    out = np.full(PAIR_MASK.shape, garbage, np.float32)
+    out[PAIR_MASK] = values
+    return jnp.asarray(out)
+
+
+@pytest.mark.parametrize("loss_type", DPO_LOSS_TYPES)
+def test_masked_pairs_equal_the_unpadded_batch(loss_type):
+    # Masked slots hold NaN/inf in every input (policy, reference, lengths, NLL, weights): the valid slots must
+    # equal the unpadded batch, masked slots give 0, metrics ignore them, and no garbage reaches a gradient.
+    rng = np.random.default_rng(17)
+    chosen, rejected, ref_chosen, ref_rejected = (rng.normal(size=B) * 3 - 10 for _ in range(4))
+    chosen_lengths, rejected_lengths = np.array([4, 1, 6]), np.array([2, 5, 3])
+    nll = rng.exponential(size=B)
+    weights = rng.uniform(0.5, 1.5, size=B) if loss_type not in ("aot", "aot_unpaired") else None
+    config = {"loss_type": loss_type, "beta": 0.3, "label_smoothing": _default_smoothing(loss_type), "rpo_alpha": 0.5}
+    plain, plain_metrics = dpo_loss(
+        chosen, rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths, nll, weights, **config
+    )
+
+    def padded(policy):
+        return dpo_loss(
+            policy[0],
+            policy[1],
+            _pad(ref_chosen, np.inf),
+            _pad(ref_rejected, -np.inf),
+            _pad(chosen_lengths, np.nan),
+            _pad(rejected_lengths, 0),
+            _pad(nll, np.nan),
+            None if weights is None else _pad(weights, np.inf),
+            jnp.asarray(PAIR_MASK),
+            **config,
+        )
+
+    policy = jnp.stack([_pad(chosen, np.nan), _pad(rejected, np.inf)])
+    loss, metrics = padded(policy)
+    chex.assert_shape(loss, (PAIR_MASK.size,))
+    # aot*: the k-th valid slot holds the k-th sorted valid pair, exactly as entry k of the unpadded batch.
+    close(np.asarray(loss)[PAIR_MASK], np.asarray(plain))
+    np.testing.assert_array_equal(np.asarray(loss)[~PAIR_MASK], 0.0)
+    assert metrics.keys() == plain_metrics.keys()
+    for name, expected in plain_metrics.items():
+        close(metrics[name], np.asarray(expected))
+    jitted, jitted_metrics = jax.jit(padded)(policy)
+    close(jitted, np.asarray(loss))
+    for name, value in metrics.items():
+        close(jitted_metrics[name], np.asarray(value))
+    grads = jax.grad(lambda x: jnp.sum(padded(x)[0]))(policy)
+    assert np.all(np.isfinite(grads))
+    np.testing.assert_array_equal(np.asarray(grads)[:, ~PAIR_MASK], 0.0)
+    assert np.any(np.asarray(grads)[:, PAIR_MASK] != 0.0)
+
+
+@pytest.mark.parametrize("loss_type", DPO_LOSS_TYPES)
+def test_empty_batch_gives_zero_metrics(loss_type):
+    # B = 0 (or every pair masked) must log 0, not the NaN of a mean over nothing.
+    config = {"loss_type": loss_type, "label_smoothing": _default_smoothing(loss_type), "rpo_alpha": 0.5}
+    empty = jnp.zeros(0)
+    loss, metrics = dpo_loss(empty, empty, empty, empty, empty, empty, empty, **config)
+    chex.assert_shape(loss, (0,))
+    assert "rewards/accuracies" in metrics and "nll_loss" in metrics
+    for name, value in metrics.items():
+        assert value == 0.0, name
+    garbage = jnp.full(B, jnp.nan)
+    loss, metrics = dpo_loss(*(garbage,) * 7, None, jnp.zeros(B, bool), **config)
+    np.testing.assert_array_equal(loss, np.zeros(B))
+    for name, value in metrics.items():
+        assert value == 0.0, name
+
+
 def test_reference_log_probs_carry_no_gradient(rng):
     # The reference is a constant of the objective (TRL scores it under no_grad), even when it shares the
     # policy's parameters; the policy side does get a gradient.
@@ -539,6 +613,28 @@ def test_wpo_weight_of_uniform_policy_is_one_and_has_no_gradient(rng):
     # Garbage logits in padded positions do not reach the weight.
     poisoned = poison(np.zeros((B, T, V)), mask[..., None], np.inf)
     close(wpo_weights(poisoned, targets, mask), np.ones(B))
+
+
+def test_wpo_weights_range_up_to_half_of_one_plus_sqrt_v(rng):
+    # Per token ρ = p(y)/Σ_v p_v² ≤ (1 + √V)/2, reached at p(y) = 1/√V with the other V − 1 tokens sharing the
+    # rest evenly. V = 11: p = 0.30151134, others 0.06984887, Σp² = 0.13969773, ρ = 2.1583124 — above 1.
+    peak = 1 / math.sqrt(V)
+    probs = np.full(V, (1 - peak) / (V - 1))
+    probs[0] = peak
+    logits = jnp.asarray(np.broadcast_to(np.log(probs), (B, T, V)), jnp.float32)
+    bound = (1 + math.sqrt(V)) / 2
+    close(wpo_weights(logits, jnp.zeros((B, T), int)), np.full(B, 2.1583124))
+    close(bound, 2.1583124)
+    # Greedy tokens weigh ≥ 1 (Σp² ≤ p_max·Σp), random ones may weigh less; none exceeds the bound.
+    logits = jnp.asarray(rng.normal(size=(13, T, V)) * 2, jnp.float32)
+    greedy = wpo_weights(logits, jnp.argmax(logits, -1))
+    sampled = wpo_weights(logits, jnp.asarray(rng.integers(0, V, size=(13, T))))
+    assert np.all(np.asarray(greedy) > 1.0) and np.all(np.asarray(greedy) <= bound)
+    assert np.all(np.asarray(sampled) > 0.0) and np.all(np.asarray(sampled) <= bound)
+    # On-policy tokens weigh 1 on average: Σ_y p(y)·ρ(y) = Σ_y p(y)²/Σ_v p_v² = 1.
+    position = jnp.broadcast_to(logits[0, :1], (V, 1, V))
+    per_target = wpo_weights(position, jnp.arange(V)[:, None])
+    close(jnp.sum(jax.nn.softmax(logits[0, 0]) * per_target), 1.0)
 
 
 @pytest.mark.parametrize(

@@ -196,16 +196,74 @@ def test_losses_are_length_normalised(loss_fn, rng):
     close(doubled, np.asarray(loss))
 
 
-def test_empty_completion_counts_as_one_token():
+def test_simpo_empty_completion_counts_as_one_token():
     # TRL divides by the raw token count (0/0 = NaN); the clamp keeps a fully masked row finite and inert.
     empty = jnp.array([0.0, -2.0])
     lengths = jnp.array([0, 2])
     simpo, _ = simpo_loss(empty, jnp.array([-3.0, -4.0]), lengths, jnp.array([3, 2]))
-    orpo, _ = orpo_loss(jnp.array([-2.0, -2.0]), jnp.array([-3.0, -3.0]), jnp.array([1, 2]), jnp.array([0, 3]))
-    assert np.all(np.isfinite(simpo)) and np.all(np.isfinite(orpo))
+    assert np.all(np.isfinite(simpo))
     # Length 0 and length 1 give the same average (the sum itself).
     close(simpo[0], np.asarray(simpo_loss(jnp.array([0.0]), jnp.array([-3.0]), jnp.array([1]), jnp.array([3]))[0][0]))
-    close(orpo[0], np.asarray(orpo_loss(jnp.array([-2.0]), jnp.array([-3.0]), jnp.array([1]), jnp.array([1]))[0][0]))
+
+
+# Three valid pairs around two padded slots, as a jitted step pads a batch to a static size.
+PAIR_MASK = np.array([True, False, True, False, True])
+
+
+def _pad(values, garbage):
+    out = np.full(PAIR_MASK.shape, garbage, np.float32)
+    out[PAIR_MASK] = values
+    return jnp.asarray(out)
+
+
+@pytest.mark.parametrize("loss_fn", [simpo_loss, orpo_loss])
+def test_masked_pairs_equal_the_unpadded_batch(loss_fn):
+    # Masked slots hold NaN/inf in every input: valid slots equal the unpadded batch, masked slots give 0,
+    # metrics ignore them, and no garbage reaches a gradient.
+    rng = np.random.default_rng(6)
+    chosen, rejected = -rng.exponential(size=(2, B)) * 4
+    chosen_lengths, rejected_lengths = np.array([4, 1, 6]), np.array([2, 5, 3])
+    nll = rng.exponential(size=B)
+    kwargs = {"sft_weight": 0.7} if loss_fn is simpo_loss else {}
+    plain, plain_metrics = loss_fn(chosen, rejected, chosen_lengths, rejected_lengths, nll, **kwargs)
+
+    def padded(policy):
+        lengths = (_pad(chosen_lengths, np.nan), _pad(rejected_lengths, np.inf))
+        return loss_fn(policy[0], policy[1], *lengths, _pad(nll, np.nan), jnp.asarray(PAIR_MASK), **kwargs)
+
+    policy = jnp.stack([_pad(chosen, np.nan), _pad(rejected, -np.inf)])
+    loss, metrics = padded(policy)
+    chex.assert_shape(loss, (PAIR_MASK.size,))
+    close(np.asarray(loss)[PAIR_MASK], np.asarray(plain))
+    np.testing.assert_array_equal(np.asarray(loss)[~PAIR_MASK], 0.0)
+    assert metrics.keys() == plain_metrics.keys()
+    for name, expected in plain_metrics.items():
+        close(metrics[name], np.asarray(expected))
+    jitted, jitted_metrics = jax.jit(padded)(policy)
+    close(jitted, np.asarray(loss))
+    for name, value in metrics.items():
+        close(jitted_metrics[name], np.asarray(value))
+    grads = jax.grad(lambda x: jnp.sum(padded(x)[0]))(policy)
+    assert np.all(np.isfinite(grads))
+    np.testing.assert_array_equal(np.asarray(grads)[:, ~PAIR_MASK], 0.0)
+    assert np.all(np.asarray(grads)[:, PAIR_MASK] != 0.0)
+
+
+@pytest.mark.parametrize("loss_fn", [simpo_loss, orpo_loss])
+def test_empty_batch_gives_zero_metrics(loss_fn):
+    # B = 0 (or every pair masked) must log 0, not the NaN of a mean over nothing.
+    kwargs = {"sft_weight": 1.0} if loss_fn is simpo_loss else {}
+    empty = jnp.zeros(0)
+    loss, metrics = loss_fn(empty, empty, empty, empty, empty, **kwargs)
+    chex.assert_shape(loss, (0,))
+    assert {*METRICS, "nll_loss"} <= metrics.keys()
+    for name, value in metrics.items():
+        assert value == 0.0, name
+    garbage = jnp.full(B, jnp.nan)
+    loss, metrics = loss_fn(*(garbage,) * 5, jnp.zeros(B, bool), **kwargs)
+    np.testing.assert_array_equal(loss, np.zeros(B))
+    for name, value in metrics.items():
+        assert value == 0.0, name
 
 
 @pytest.mark.parametrize(
@@ -276,6 +334,56 @@ def test_orpo_hand_value_and_gradients():
     d = x - np.log1p(-np.exp(x)) - (-1.0 - math.log1p(-math.exp(-1.0)))
     expected = -(1 / (1 + np.exp(d))) * (1 + np.exp(x) / (1 - np.exp(x)))
     np.testing.assert_allclose(grads, expected, rtol=1e-4)
+
+
+def test_orpo_pair_with_an_empty_completion_is_dropped():
+    # An empty completion's summed log-prob is exactly 0, so p̄ = 0 (certainty, infinite odds): TRL's formula
+    # gives loss inf for an empty rejected side and NaN for two empty sides. Such a pair carries no
+    # preference: it gets loss 0 and stays out of the metrics, like a masked pair.
+    rng = np.random.default_rng(7)
+    chosen_lengths = np.array([3, 4, 0, 0, 5])  # pairs 1-3: rejected empty, both empty, chosen empty
+    rejected_lengths = np.array([2, 0, 0, 6, 3])
+    mask = _span_mask(0, np.concatenate([chosen_lengths, rejected_lengths]))
+    tokens = jnp.asarray(poison(-rng.exponential(size=(10, T)), mask, np.nan))
+    kept = np.array([0, 4])
+
+    def loss_fn(values):
+        logps = sequence_logps(values, mask)
+        nll = -sequence_logps(values[:5], mask[:5], average=True)
+        return orpo_loss(logps[:5], logps[5:], chosen_lengths, rejected_lengths, nll, beta=0.3)
+
+    loss, metrics = jax.jit(loss_fn)(tokens)
+    assert np.all(np.isfinite(loss)) and all(np.isfinite(v) for v in metrics.values())
+    np.testing.assert_array_equal(np.asarray(loss)[1:4], 0.0)
+    logps = sequence_logps(tokens, mask)
+    nll = -sequence_logps(tokens[:5], mask[:5], average=True)
+    alone, alone_metrics = orpo_loss(
+        logps[kept], logps[5 + kept], chosen_lengths[kept], rejected_lengths[kept], nll[kept], beta=0.3
+    )
+    close(np.asarray(loss)[kept], np.asarray(alone))
+    for name, expected in alone_metrics.items():
+        close(metrics[name], np.asarray(expected))
+    grads = jax.grad(lambda x: jnp.sum(loss_fn(x)[0]))(tokens)
+    assert np.all(np.isfinite(grads))
+    np.testing.assert_array_equal(np.asarray(grads)[[1, 2, 3, 6, 7, 8]], 0.0)
+
+
+def test_orpo_certainty_has_finite_odds():
+    # p̄_w = log 0.5 (log-odds 0) against a rejected completion of probability 1 (p̄_l = 0, which float32
+    # log-probs reach): 1 − P(y_l) is floored at 1 − e^(−1e-6), so log odds(y_l) = −log(−expm1(−1e-6))
+    # = 13.815511 and loss = −0.3·log σ(−13.815511) = 0.3·13.815512 = 4.1446536 (TRL: inf).
+    two = jnp.array([2, 2])
+    loss, metrics = orpo_loss(jnp.array([2 * math.log(0.5), 0.0]), jnp.array([0.0, -1.0]), two, two, beta=0.3)
+    close(loss[0], 4.1446536)
+    # A certain *chosen* completion has infinite odds in TRL, whose gradient is 0·inf = NaN.
+    assert np.all(np.isfinite(loss)) and all(np.isfinite(v) for v in metrics.values())
+    grads = jax.grad(lambda x: jnp.sum(orpo_loss(x[0], x[1], two, two, beta=0.3)[0]))(
+        jnp.array([[2 * math.log(0.5), 0.0], [0.0, -1.0]])
+    )
+    assert np.all(np.isfinite(grads))
+    # Below the floor (p̄ ≤ −1e-6) the log-odds are exact: p̄ − log(1 − e^p̄) at p̄ = −2e-6 is 13.122362.
+    _, metrics = orpo_loss(jnp.array([-2e-6]), jnp.array([math.log(0.5)]), jnp.array([1]), jnp.array([1]))
+    close(metrics["log_odds_chosen"], -2e-6 - math.log(-math.expm1(-2e-6)), atol=1e-5)
 
 
 def test_orpo_rejects_bad_beta():
