@@ -47,6 +47,28 @@ def preference_accuracy(
     return masked_sum(chosen > rejected, as_mask(mask, chosen), axis=axis)
 
 
+def _per_pair(name: str, value: Array, rewards: Float[Array, "B *D"]) -> Array:
+    """Broadcast a margin or mask to the rewards, a ``[B]`` array applying to whole pairs.
+
+    NumPy broadcasting would align a ``[B]`` array with the *last* axis of ``[B, D]`` rewards: silently wrong
+    when ``B == D``, a cryptic error otherwise. Accepted: a scalar, ``[B]``, or an array of the rewards' rank
+    whose every axis is 1 or the rewards' (``[B, 1]``, ``[1, D]``, ``[B, D]``).
+    """
+    value = jnp.asarray(value)
+    if rewards.ndim == 2 and value.shape == rewards.shape[:1]:
+        value = value[:, None]
+    fits = value.ndim == 0 or (
+        value.ndim == rewards.ndim and all(v in (1, r) for v, r in zip(value.shape, rewards.shape))
+    )
+    if not fits:
+        allowed = "a scalar or [B]" + (", [B, 1], [1, D] or [B, D]" if rewards.ndim == 2 else "")
+        raise ValueError(
+            f"bradley_terry_loss: {name} of shape {tuple(value.shape)} does not fit rewards of shape "
+            f"{tuple(rewards.shape)}; expected {allowed}"
+        )
+    return jnp.broadcast_to(value, rewards.shape)
+
+
 def bradley_terry_loss(
     chosen_rewards: Float[Array, "B *D"],
     rejected_rewards: Float[Array, "B *D"],
@@ -72,10 +94,12 @@ def bradley_terry_loss(
             reward model (one head per preference dimension, PKU-SafeRLHF-style "better" and "safer").
         rejected_rewards: same shape, rewards of the rejected responses. For ``[B, D]`` the "chosen" side of
             column d is the response preferred *on dimension d* (the caller orders each column).
-        mask: broadcastable to the rewards; 0 where a pair (or a pair's label on one dimension) is missing.
-            Invalid entries may hold any value, NaN included.
-        margin: ``m``: a scalar or an array broadcastable to the rewards (TRL's per-example ``"margin"``
-            column, e.g. the gap between two Likert ratings as in Llama 2). None means 0.
+        mask: 0 where a pair (or a pair's label on one dimension) is missing: ``[B]`` (whole pairs, also for
+            ``[B, D]`` rewards), or for ``[B, D]`` rewards ``[B, 1]``, ``[1, D]`` or ``[B, D]``. Invalid entries
+            may hold any value, NaN included.
+        margin: ``m``: a scalar, a per-pair ``[B]`` array (TRL's per-example ``"margin"`` column, e.g. the gap
+            between two Likert ratings as in Llama 2; applied to every dimension of ``[B, D]`` rewards), or
+            for ``[B, D]`` rewards ``[B, 1]``, ``[1, D]`` or ``[B, D]``. None means 0.
         center_coef: ``λ ≥ 0``, TRL's ``center_rewards_coefficient`` (0 disables it; TRL suggests 0.01).
         weights: ``[D]`` weights of the per-dimension losses (default: all ones, i.e. the plain sum).
             Only for ``[B, D]`` rewards.
@@ -83,10 +107,15 @@ def bradley_terry_loss(
     Returns:
         ``(loss, metrics)``: ``loss`` is ``[B]`` float32 (0 for a pair with no valid entry). Reduce it with
         ``core.masked_mean(loss, pair_mask)`` where ``pair_mask`` marks pairs with at least one valid entry
-        (for ``[B]`` rewards, the mask itself). Metrics (over valid entries): ``loss`` (that mean),
+        (for ``[B]`` rewards, the mask itself). Metrics (over valid entries; 0, not NaN, for an empty
+        batch): ``loss`` (that mean),
         ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins`` (mean ``r⁺ − r⁻``, margin not
         subtracted, as TRL logs it), ``rewards/accuracies`` (pooled over dimensions) and, when ``D > 1``,
         ``rewards/accuracies/{d}`` per dimension.
+
+    Raises:
+        ValueError: on mismatched reward shapes, a ``mask``/``margin``/``weights`` whose shape does not fit
+            (a ``[B]`` array is always per pair, never broadcast along D), or ``center_coef < 0``.
 
     References:
         Bradley & Terry 1952; Ouyang et al. 2022 (arXiv 2203.02155, eq. 1); margin: Touvron et al. 2023
@@ -112,11 +141,16 @@ def bradley_terry_loss(
         raise ValueError(f"bradley_terry_loss: center_coef must be >= 0, got {center_coef}")
     if weights is not None and chosen.ndim == 1:
         raise ValueError("bradley_terry_loss: weights apply to [B, D] rewards only")
-    valid = as_mask(mask, chosen)
+    if weights is not None and jnp.shape(weights) != chosen.shape[1:]:
+        raise ValueError(
+            f"bradley_terry_loss: weights of shape {tuple(jnp.shape(weights))} do not fit rewards of shape "
+            f"{tuple(chosen.shape)}; expected [D] = {tuple(chosen.shape[1:])}"
+        )
+    valid = as_mask(None if mask is None else _per_pair("mask", mask, chosen), chosen)
     # Select before any arithmetic: a NaN reward in an unlabelled slot must reach neither loss nor gradient.
     chosen = jnp.where(valid, chosen, 0.0)
     rejected = jnp.where(valid, rejected, 0.0)
-    margin = 0.0 if margin is None else jnp.where(valid, jnp.asarray(margin, F32), 0.0)
+    margin = 0.0 if margin is None else jnp.where(valid, _per_pair("margin", jnp.asarray(margin, F32), chosen), 0.0)
     logits = chosen - rejected - margin
     per_entry = -jax.nn.log_sigmoid(logits)
     if center_coef:

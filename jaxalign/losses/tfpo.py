@@ -8,14 +8,23 @@ prefix has a single parent) asks ``F(s_m)·Π_{k=m}^{n−1} π̂(y_{k+1}|s_k) = 
 at its optimum the doctor samples complete responses with probability proportional to their reward.
 
 Array layout (the layout of a causal LM run over ``[prompt; response]``): ``token_logps``, ``mask`` and token
-rewards are ``[B, T]`` over the *target* tokens (``mask`` 1 on the response tokens, which must be contiguous in
-each row); state arrays (``log_q``, ``log_v``, ``log_flows``) are ``[B, T + 1]`` where index ``t`` is the state
-*before* target ``t`` (after target ``t − 1``). With ``tokens`` of length ``T + 1`` and targets ``tokens[:, 1:]``,
-index t is the prefix ending at input position t, i.e. the value head read at input position t. The states of a
-row's trajectory are the indices ``t`` with ``mask[t]`` or ``mask[t − 1]``; nothing else is read.
+rewards are ``[B, T]`` over the *target* tokens (``mask`` 1 on the response tokens); state arrays (``log_q``,
+``log_v``, ``log_flows``) are ``[B, T + 1]`` where index ``t`` is the state *before* target ``t`` (after target
+``t − 1``). With ``tokens`` of length ``T + 1`` and targets ``tokens[:, 1:]``, index t is the prefix ending at
+input position t, i.e. the value head read at input position t.
+
+A row's trajectory spans its first to its last valid token: its steps are the tokens ``first ≤ t ≤ last`` and
+its states the indices ``first ≤ t ≤ last + 1``; the terminal state is ``last + 1``. A masked token *inside*
+the span (a hole, e.g. a tool output or a forced token the doctor did not choose) is a forced transition: it
+stays a step of the trajectory with ``log π̂ := 0`` (the doctor had no choice, ``π̂ = 1``) and reward 0, and the
+states around it are ordinary states whose values are read. Masked tokens outside the span, and states outside
+it, are never read (they may hold NaN/inf). A contiguous mask (prompt zeros, response ones, padding zeros) has
+no holes and is the usual case.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -33,16 +42,25 @@ __all__ = [
 ]
 
 
+def _span(mask: Bool[Array, "B T"]) -> Bool[Array, "B T"]:
+    """Steps of each row's trajectory: the tokens from its first valid token to its last, holes included."""
+    seen = jnp.cumsum(mask, axis=-1, dtype=jnp.int32) > 0
+    ahead = jnp.flip(jnp.cumsum(jnp.flip(mask, axis=-1), axis=-1, dtype=jnp.int32), axis=-1) > 0
+    return seen & ahead
+
+
 def _state_mask(mask: Bool[Array, "B T"]) -> Bool[Array, "B T+1"]:
-    """States of the trajectory: before or after some valid token."""
+    """States of the trajectory: before or after some step of the span."""
+    span = _span(mask)
     pad = jnp.zeros(mask.shape[:-1] + (1,), bool)
-    return jnp.concatenate([mask, pad], axis=-1) | jnp.concatenate([pad, mask], axis=-1)
+    return jnp.concatenate([span, pad], axis=-1) | jnp.concatenate([pad, span], axis=-1)
 
 
 def _terminal_mask(mask: Bool[Array, "B T"]) -> Bool[Array, "B T+1"]:
-    """The state after the last valid token of each row."""
+    """The state after the last valid token of each row (one per non-empty row, whatever the holes)."""
+    span = _span(mask)
     pad = jnp.zeros(mask.shape[:-1] + (1,), bool)
-    return jnp.concatenate([pad, mask], axis=-1) & ~jnp.concatenate([mask, pad], axis=-1)
+    return jnp.concatenate([pad, span], axis=-1) & ~jnp.concatenate([span, pad], axis=-1)
 
 
 def _exclusive_cumsum(values: Float[Array, "B T"]) -> Float[Array, "B T+1"]:
@@ -101,9 +119,10 @@ def log_flows(
     Args:
         log_q: ``[B, T + 1]`` log prefix scores (:func:`log_prefix_scores`).
         log_v: ``[B, T + 1]`` log values from the doctor's value head (any real number; ``V = exp(log_v)``).
-        mask: ``[B, T]`` response mask (contiguous valid tokens per row).
-        anchor_terminal: pin ``log V = 0`` at the state after the last valid token. Turn it off for
-            truncated responses whose last state is not terminal.
+        mask: ``[B, T]`` response mask; the trajectory runs from the first to the last valid token of each
+            row (a masked token inside it is a forced step, see the module docstring).
+        anchor_terminal: pin ``log V = 0`` at the state after the last valid token (only there: a hole does
+            not end the trajectory). Turn it off for truncated responses whose last state is not terminal.
 
     Returns:
         ``[B, T + 1]`` float32 log flows, 0 at states outside the trajectory.
@@ -130,36 +149,52 @@ def _compose(earlier: Float[Array, "... 4 4"], later: Float[Array, "... 4 4"]) -
 
 
 def _geometric_pair_sums(
-    step_residuals: Float[Array, "B T"], valid: Bool[Array, "B T"], lam: float
+    step_residuals: Float[Array, "B T"], steps: Bool[Array, "B T"], lam: float
 ) -> tuple[Float[Array, " B"], Float[Array, " B"]]:
-    """``(Σ_{m<n} λ^{n−m}·(c_n − c_m)², Σ_{m<n} λ^{n−m})`` over the states of each row, in O(T).
+    """``(Σ_{m<n} w_mn·(c_n − c_m)², Σ_{m<n} w_mn)`` over the states of each row, in O(T).
 
-    With ``d_n = c_n − c_{n−1}`` (the one-step residual) and, at state n, ``A_n = Σ_{m<n} λ^{n−m}``,
-    ``H_n = Σ_{m<n} λ^{n−m}(c_n − c_m)``, ``G_n = Σ_{m<n} λ^{n−m}(c_n − c_m)²``, splitting
+    ``w_mn = λ^{n−m} / max_{m'<n'} λ^{n'−m'}``: the SubTB(λ) weights divided by the largest one, which the
+    ratio of the two sums does not see. Every weight is then ≤ 1 and the largest is exactly 1, so neither sum
+    overflows or underflows whatever ``λ`` and ``L`` (raw weights ``λ^{n−m}`` overflow float32 from
+    ``L ≈ 88/ln λ``, e.g. ``L = 219`` at ``λ = 1.5``). The maximum is ``λ`` (pairs ``n − m = 1``) for
+    ``λ ≤ 1`` and ``λ^L`` (the pair ``(0, L)``) for ``λ > 1``, so
+
+        w_mn = a^{n−m−1}·u_{m+1}·v_n   with   a = λ, u = v = 1                              (λ ≤ 1)
+                                               a = 1, u_k = λ^{−(k−1)}, v_n = λ^{−(L−n)}      (λ > 1)
+
+    With ``d_n = c_n − c_{n−1}`` (the one-step residual) and, at state n, ``A_n = Σ_{m<n} a^{n−m−1}u_{m+1}``,
+    ``H_n = Σ_{m<n} a^{n−m−1}u_{m+1}(c_n − c_m)``, ``G_n = Σ_{m<n} a^{n−m−1}u_{m+1}(c_n − c_m)²``, splitting
     ``c_n − c_m = d_n + (c_{n−1} − c_m)`` gives the affine recurrence
 
-        A_n = λ·(A_{n−1} + 1)
-        H_n = λ·(H_{n−1} + d_n·(A_{n−1} + 1))
-        G_n = λ·(G_{n−1} + 2·d_n·H_{n−1} + d_n²·(A_{n−1} + 1))
+        A_n = a·A_{n−1} + u_n
+        H_n = a·H_{n−1} + d_n·(a·A_{n−1} + u_n)
+        G_n = a·G_{n−1} + 2·a·d_n·H_{n−1} + d_n²·(a·A_{n−1} + u_n)
 
-    i.e. ``x_n = M_n·x_{n−1}`` for ``x = (1, A, H, G)`` and a lower-triangular 4×4 ``M_n``. The products
-    ``M_n⋯M_1`` come from an associative scan (depth O(log T)); an invalid step is the reset
-    ``x ↦ (1, 0, 0, 0)``, which starts every row's sums at its first state and zeroes them after its last.
-    Only one-step residuals enter, never the cumulative ``c`` itself, so the float32 sums do not suffer the
-    cancellation of expanding ``(c_n − c_m)²`` into moments of ``c``.
+    i.e. ``x_n = M_n·x_{n−1}`` for ``x = (1, A, H, G)`` and a lower-triangular 4×4 ``M_n`` whose entries are
+    bounded by ``max(1, d_n²)``. The products ``M_n⋯M_1`` come from an associative scan (depth O(log T)); a
+    step outside the trajectory is the reset ``x ↦ (1, 0, 0, 0)``, which starts every row's sums at its first
+    state and zeroes them after its last. The result is ``(Σ_n v_n·G_n, Σ_n v_n·A_n)``. Only one-step residuals
+    enter, never the cumulative ``c`` itself, so the float32 sums do not suffer the cancellation of expanding
+    ``(c_n − c_m)²`` into moments of ``c``.
     """
-    d = jnp.where(valid, step_residuals, 0.0)
-    on = valid.astype(F32)
+    growth, decay = max(lam, 1.0), min(lam, 1.0)
+    on = steps.astype(F32)
+    earlier = jnp.cumsum(on, axis=-1) - on  # steps of the row before this one: n − 1 at step n
+    later = jnp.sum(on, axis=-1, keepdims=True) - earlier - on  # steps after it: L − n
+    # exp(−k·ln λ) ≤ 1 underflows to 0, never to NaN; ln 1 = 0 makes u = v = 1 exactly for λ ≤ 1.
+    inflow = on * jnp.exp(-math.log(growth) * earlier)
+    readout = on * jnp.exp(-math.log(growth) * later)
+    d = jnp.where(steps, step_residuals, 0.0)
+    carry = decay * on
     zero, one = jnp.zeros_like(d), jnp.ones_like(d)
-    step = lam * on
     rows = [
         jnp.stack([one, zero, zero, zero], axis=-1),
-        jnp.stack([step, step, zero, zero], axis=-1),
-        jnp.stack([step * d, step * d, step, zero], axis=-1),
-        jnp.stack([step * d * d, step * d * d, 2.0 * step * d, step], axis=-1),
+        jnp.stack([inflow, carry, zero, zero], axis=-1),
+        jnp.stack([d * inflow, d * carry, carry, zero], axis=-1),
+        jnp.stack([d * d * inflow, d * d * carry, 2.0 * d * carry, carry], axis=-1),
     ]
     prefix = jax.lax.associative_scan(_compose, jnp.stack(rows, axis=-2), axis=1)
-    return jnp.sum(prefix[..., 3, 0], axis=-1), jnp.sum(prefix[..., 1, 0], axis=-1)
+    return jnp.sum(readout * prefix[..., 3, 0], axis=-1), jnp.sum(readout * prefix[..., 1, 0], axis=-1)
 
 
 def subtrajectory_balance_loss(
@@ -179,21 +214,25 @@ def subtrajectory_balance_loss(
     With ``c_n = log F(s_n) − Σ_{k<n} log π̂(y_{k+1}|s_k)``, ``δ_mn = c_n − c_m``. Unweighted, the pair sum
     is ``Σ_{m<n} (c_n − c_m)² = N·Σ_n (c_n − c̄)²`` over the ``N = L + 1`` states (computed from the centred
     ``c``, the stable two-pass form). With λ weights it is an O(T) affine recurrence on one-step residuals,
-    evaluated with an associative scan (see ``_geometric_pair_sums``). No ``[T, T]`` array is formed.
+    evaluated with an associative scan, with the weights divided by the largest one so that nothing overflows
+    for any ``λ`` and ``L`` (see ``_geometric_pair_sums``). No ``[T, T]`` array is formed.
 
     Args:
         log_flows: ``[B, T + 1]`` log state flows (:func:`log_flows`), state layout (index t: before target t).
         token_logps: ``[B, T]`` doctor log-probs ``log π̂(y_{t+1} | s_t)`` of the response tokens.
-        mask: ``[B, T]`` response mask, contiguous per row; masked slots (and states outside the trajectory)
-            may hold anything, NaN included.
-        lam: None for the plain mean over all ``L(L+1)/2`` pairs; ``λ > 0`` for SubTB(λ) weights ``λ^{n−m}``
-            (``λ < 1`` favours short subtrajectories, ``λ → 0`` tends to detailed balance, ``λ = 1`` is the
-            plain mean). Madan et al. use λ around 0.9–0.99 for long trajectories.
+        mask: ``[B, T]`` response mask. The trajectory of a row runs from its first to its last valid token;
+            a masked token inside it is a forced step with ``log π̂ = 0`` (see the module docstring). Masked
+            log-probs, and log-flows at states outside the trajectory, may hold anything, NaN included.
+        lam: None for the plain mean over all ``L(L+1)/2`` pairs; a finite ``λ > 0`` for SubTB(λ) weights
+            ``λ^{n−m}`` (``λ < 1`` favours short subtrajectories, ``λ → 0`` tends to detailed balance, ``λ = 1``
+            is the plain mean, ``λ > 1`` favours long ones). Madan et al. use λ around 0.9–0.99 for long
+            trajectories.
 
     Returns:
-        ``(loss, metrics)``: ``loss`` is ``[B]`` float32 (0 for a row with fewer than two states). Metrics:
-        ``subtb`` (mean over rows with at least one pair) and ``subtb/db_residual_abs`` (mean ``|δ_{t,t+1}|``
-        over valid tokens, the one-step detailed-balance residual).
+        ``(loss, metrics)``: ``loss`` is ``[B]`` float32 (0 for a row with fewer than two states; a non-finite
+        input inside a trajectory gives a non-finite loss, never a silent 0). Metrics: ``subtb`` (mean over
+        rows with at least one pair) and ``subtb/db_residual_abs`` (mean ``|δ_{t,t+1}|`` over the steps of the
+        trajectories, the one-step detailed-balance residual).
 
     References:
         Shen et al. 2026, LLMDoctor (arXiv 2601.10416), TFPO subtrajectory-balance loss (sum over
@@ -205,29 +244,35 @@ def subtrajectory_balance_loss(
           as ``L²`` and long responses do not dominate the batch. The paper's per-trajectory sum is
           ``loss·L(L+1)/2`` when ``lam`` is None.
         - Backward policy ``P_B = 1`` (each prefix has exactly one parent), as in the paper.
+        - Holes in the mask (masked tokens between valid ones) are forced steps with ``π̂ = 1``; the paper's
+          responses have none.
     """
+    if lam is not None and not (math.isfinite(lam) and lam > 0):
+        raise ValueError(f"subtrajectory_balance_loss: lam must be a finite number > 0 or None, got {lam}")
     log_flows = jnp.asarray(log_flows, F32)
     logps = jnp.asarray(token_logps, F32)
     valid = as_mask(mask, logps)
+    steps = _span(valid)
     states = _state_mask(valid)
     flows = jnp.where(states, log_flows, 0.0)
+    # A hole is a forced step (π̂ = 1): its log-prob, possibly garbage, is replaced by 0.
     logps = jnp.where(valid, logps, 0.0)
     step_residuals = flows[..., 1:] - flows[..., :-1] - logps
     num_states = jnp.sum(states, axis=-1, dtype=F32)
+    # Decided by the mask, not by the weights: a NaN sum must surface as a NaN loss, not pass for "no pairs".
+    has_pairs = num_states > 1
     if lam is None:
         cumulative = flows - _exclusive_cumsum(logps)
         centred = jnp.where(states, cumulative - masked_mean(cumulative, states, axis=-1)[..., None], 0.0)
         # Σ_{m<n}(c_n − c_m)² / (N(N−1)/2) = 2·Σ(c − c̄)² / (N − 1).
         loss = safe_divide(2.0 * jnp.sum(jnp.square(centred), axis=-1), num_states - 1.0)
     else:
-        if not lam > 0:
-            raise ValueError(f"subtrajectory_balance_loss: lam must be > 0 or None, got {lam}")
-        weighted, total_weight = _geometric_pair_sums(step_residuals, valid, lam)
-        has_pairs = total_weight > 0
+        weighted, total_weight = _geometric_pair_sums(step_residuals, steps, lam)
+        # total_weight ≥ 1 whenever there is a pair (the largest normalised weight is exactly 1).
         loss = jnp.where(has_pairs, weighted / jnp.where(has_pairs, total_weight, 1.0), 0.0)
     metrics = {
-        "subtb": masked_mean(loss, num_states > 1),
-        "subtb/db_residual_abs": masked_mean(jnp.abs(step_residuals), valid),
+        "subtb": masked_mean(loss, has_pairs),
+        "subtb/db_residual_abs": masked_mean(jnp.abs(step_residuals), steps),
     }
     return loss, jax.tree.map(jax.lax.stop_gradient, metrics)
 
@@ -285,8 +330,8 @@ def first_divergence_mask(
 def value_discrimination_loss(
     v_chosen: Float[Array, "B T"],
     v_rejected: Float[Array, "B T"],
-    mask_chosen: Array | None = None,
-    mask_rejected: Array | None = None,
+    chosen_mask: Array | None = None,
+    rejected_mask: Array | None = None,
     *,
     gamma: float = 0.1,
 ) -> tuple[Float[Array, " B"], dict[str, Float[Array, ""]]]:
@@ -303,8 +348,9 @@ def value_discrimination_loss(
     Args:
         v_chosen: ``[B, T]`` values ``V_φ`` of the states after each token of the preferred response.
         v_rejected: ``[B, T]`` the same for the rejected response.
-        mask_chosen: ``[B, T]`` states of the chosen side to compare (None: all).
-        mask_rejected: ``[B, T]`` states of the rejected side to compare (None: all).
+        chosen_mask: ``[B, T]`` states of the chosen side to compare (None: all), e.g. the ``chosen_at`` of
+            :func:`first_divergence_mask`. Unselected values may hold anything, NaN included.
+        rejected_mask: ``[B, T]`` states of the rejected side to compare (None: all).
         gamma: margin ``γ ≥ 0``.
 
     Returns:
@@ -319,8 +365,8 @@ def value_discrimination_loss(
         raise ValueError(f"value_discrimination_loss: gamma must be >= 0, got {gamma}")
     v_chosen = jnp.asarray(v_chosen, F32)
     v_rejected = jnp.asarray(v_rejected, F32)
-    chosen_at = as_mask(mask_chosen, v_chosen)
-    rejected_at = as_mask(mask_rejected, v_rejected)
+    chosen_at = as_mask(chosen_mask, v_chosen)
+    rejected_at = as_mask(rejected_mask, v_rejected)
     value_w = masked_mean(v_chosen, chosen_at, axis=-1)
     value_l = masked_mean(v_rejected, rejected_at, axis=-1)
     pair_valid = jnp.any(chosen_at, axis=-1) & jnp.any(rejected_at, axis=-1)
@@ -362,7 +408,8 @@ def tfpo_loss(
             is before target t); ``V = exp(log_v)``.
         token_rewards: ``[B, 2, T]`` LLMDoctor token rewards (positive on the chosen response, negative on the
             rejected one: :func:`jaxalign.losses.token_level.token_rewards`).
-        mask: ``[B, 2, T]`` response masks (contiguous per row).
+        mask: ``[B, 2, T]`` response masks; each response's trajectory runs from its first to its last valid
+            token, and a masked token inside it is a forced step (``π̂ = 1``, reward 0; module docstring).
         value_mask: ``[B, 2, T]`` tokens after which the values are compared (see
             :func:`first_divergence_mask`). None: the first response token of each side, i.e. the two
             children of the prompt state, which is the paper's common prefix whenever the two responses
@@ -374,9 +421,9 @@ def tfpo_loss(
 
     Returns:
         ``(loss, metrics)``: ``loss`` is ``[B]`` float32 per pair; its batch mean is the mean SubTB over all
-        responses plus ``λ_value`` times the mean hinge over pairs. Metrics: ``loss``, ``subtb``,
-        ``subtb/chosen``, ``subtb/rejected``, ``subtb/db_residual_abs`` and those of
-        :func:`value_discrimination_loss`.
+        responses plus ``λ_value`` times the mean hinge over pairs. Metrics (all 0, not NaN, for an empty
+        batch): ``loss`` (the batch mean of ``loss``), ``subtb``, ``subtb/chosen``, ``subtb/rejected``,
+        ``subtb/db_residual_abs`` and those of :func:`value_discrimination_loss`.
 
     References:
         Shen et al. 2026, LLMDoctor (arXiv 2601.10416), TFPO: ``L_TFPO = L_SubTB + λ·L_value``.
@@ -386,6 +433,8 @@ def tfpo_loss(
           (:func:`log_prefix_scores`, :func:`log_flows`); SubTB is normalised per trajectory rather than summed
           (:func:`subtrajectory_balance_loss`).
         - The hinge is on ``V`` itself (``exp(log_v)``), as written in the paper, not on ``log V``.
+        - Masks with holes (forced tokens inside a response) are our extension; the paper's responses are
+          contiguous.
     """
     logps = jnp.asarray(token_logps, F32)
     if logps.ndim != 3 or logps.shape[1] != 2:
@@ -414,7 +463,7 @@ def tfpo_loss(
     loss = 0.5 * (subtb[:, 0] + subtb[:, 1]) + lam_value * hinge
     has_states = jnp.any(valid, axis=-1)
     metrics = {
-        "loss": jnp.mean(loss),
+        "loss": masked_mean(loss),
         "subtb": subtb_metrics["subtb"],
         "subtb/chosen": masked_mean(subtb[:, 0], has_states[:, 0]),
         "subtb/rejected": masked_mean(subtb[:, 1], has_states[:, 1]),

@@ -74,8 +74,8 @@ def token_importance(
 
 def token_rewards(
     importance: Float[Array, "B T"],
-    mask: Array | None,
     preferred: Bool[Array, " B"],
+    mask: Array | None = None,
     *,
     threshold: float = 0.1,
 ) -> Float[Array, "B T"]:
@@ -86,13 +86,18 @@ def token_rewards(
         r_t = sign(y)·S_t·1[S_t > θ],   sign(y) = +1 for the preferred response, −1 for the rejected one
 
     Args:
-        importance: ``[B, T]`` importances ``S_t`` from :func:`token_importance`.
-        mask: ``[B, T]`` response mask (None: all valid).
+        importance: ``[B, T]`` importances ``S_t`` from :func:`token_importance`; masked slots may hold
+            anything, NaN included.
         preferred: ``[B]`` bool, True where the response is the human-preferred one of its pair.
+        mask: ``[B, T]`` response mask (None: all valid).
         threshold: sparsity threshold ``θ`` (strict ``>``, as in the paper).
 
     Returns:
         ``[B, T]`` float32 rewards in ``(−1, 1)``, 0 at masked and sub-threshold tokens.
+
+    Raises:
+        ValueError: if ``importance`` is not ``[B, T]`` or ``preferred`` not ``[B]`` (which also catches a
+            call with the mask before ``preferred``).
 
     References:
         Shen et al. 2026, LLMDoctor (arXiv 2601.10416), token-level reward acquisition (the directional,
@@ -103,6 +108,12 @@ def token_rewards(
         response with ``preferred=True`` and the rejected one with ``preferred=False``.
     """
     importance = jnp.asarray(importance, F32)
+    preferred = jnp.asarray(preferred, bool)
+    if importance.ndim != 2 or preferred.shape != importance.shape[:1]:
+        raise ValueError(
+            f"token_rewards: expected importance [B, T] and preferred [B], got {tuple(importance.shape)} and "
+            f"{tuple(preferred.shape)} (the argument order is importance, preferred, mask)"
+        )
     valid = as_mask(mask, importance)
-    sign = jnp.where(jnp.asarray(preferred, bool), 1.0, -1.0)[:, None]
+    sign = jnp.where(preferred, 1.0, -1.0)[:, None]
     return jnp.where(valid & (importance > threshold), sign * importance, 0.0)

@@ -13,7 +13,7 @@ from jaxalign.losses.core import masked_mean
 from jaxalign.losses.reward import best_of_n_loss, bradley_terry_loss, preference_accuracy
 from tests.losses.conftest import B, poison
 
-D, N = 3, 5
+D, N = 2, 5  # D ≠ B = 3: a [B] array broadcast along D would fail loudly or be caught by a value check
 
 
 class _FixedRewardModel(torch.nn.Module):
@@ -85,7 +85,7 @@ def _multi_dim_batch(rng):
 
 def test_multi_dimensional_matches_numpy_reference_and_ignores_unlabelled_slots(rng):
     chosen, rejected, mask = _multi_dim_batch(rng)
-    weights = np.array([1.0, 0.5, 2.0], np.float32)
+    weights = np.array([0.5, 2.0], np.float32)
     margin = rng.uniform(0, 1, size=(B, D)).astype(np.float32)
     loss_fn = jax.jit(lambda c, r, m: bradley_terry_loss(c, r, m, margin=margin, center_coef=0.1, weights=weights))
     loss, metrics = loss_fn(poison(chosen, mask), poison(rejected, mask, np.inf), mask)
@@ -113,6 +113,54 @@ def test_multi_dimensional_gradients_are_finite_with_garbage(rng):
         np.testing.assert_array_equal(np.asarray(grad)[mask == 0], 0.0)
     clean = jax.grad(objective, argnums=(0, 1))(chosen, rejected)
     np.testing.assert_allclose(grads[0], clean[0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("dims", [D, B])  # D ≠ B, and D = B where NumPy broadcasting would silently misalign
+def test_per_pair_margin_and_mask_apply_to_every_dimension_of_a_pair(rng, dims):
+    chosen = rng.normal(size=(B, dims)).astype(np.float32)
+    rejected = rng.normal(size=(B, dims)).astype(np.float32)
+    margin = np.array([0.0, 1.0, 2.5], np.float32)
+    pair_mask = np.array([1, 0, 1], np.float32)
+    loss_fn = jax.jit(lambda c, r, m, g: bradley_terry_loss(c, r, m, margin=g, center_coef=0.1))
+    loss, metrics = loss_fn(poison(chosen, pair_mask[:, None]), rejected, pair_mask, margin)
+    chex.assert_shape(loss, (B,))
+    c, r = chosen.astype(np.float64), rejected.astype(np.float64)
+    per_entry = np.log1p(np.exp(-(c - r - margin[:, None]))) + 0.1 * (c + r) ** 2
+    np.testing.assert_allclose(loss, pair_mask * per_entry.sum(-1), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(metrics["rewards/chosen"], c[pair_mask > 0].mean(), rtol=1e-6)
+    # The same per-pair values written as [B, 1] columns or tiled to [B, D].
+    for as_columns in (lambda x: x[:, None], lambda x: np.tile(x[:, None], dims)):
+        columns = as_columns(pair_mask), as_columns(margin)
+        same, _ = bradley_terry_loss(chosen, rejected, columns[0], margin=columns[1], center_coef=0.1)
+        np.testing.assert_allclose(same, loss, rtol=1e-6, atol=1e-6)
+    # A [1, D] margin applies per dimension.
+    per_dim = np.arange(dims, dtype=np.float32)[None]
+    loss, _ = bradley_terry_loss(chosen, rejected, margin=per_dim)
+    np.testing.assert_allclose(loss, np.log1p(np.exp(-(c - r - per_dim))).sum(-1), rtol=1e-6)
+
+
+def test_bradley_terry_rejects_margins_and_masks_that_do_not_fit():
+    chosen = jnp.zeros((B, D))
+    with pytest.raises(ValueError, match=r"margin of shape \(2,\) does not fit rewards of shape \(3, 2\)"):
+        bradley_terry_loss(chosen, chosen, margin=jnp.ones(D))
+    with pytest.raises(ValueError, match="mask of shape"):
+        bradley_terry_loss(chosen, chosen, jnp.ones((B, D, 1)))
+    with pytest.raises(ValueError, match="margin of shape"):
+        bradley_terry_loss(jnp.zeros(B), jnp.zeros(B), margin=jnp.ones((B, 1)))
+    with pytest.raises(ValueError, match="weights of shape"):
+        bradley_terry_loss(chosen, chosen, weights=jnp.ones(B))
+
+
+def test_empty_batch_gives_zero_metrics_not_nan():
+    for rewards in (np.zeros((0,), np.float32), np.zeros((0, D), np.float32)):
+        loss, metrics = jax.jit(bradley_terry_loss)(rewards, rewards)
+        chex.assert_shape(loss, (0,))
+        for name, value in metrics.items():
+            assert value == 0.0, name
+    loss, metrics = jax.jit(best_of_n_loss)(np.zeros((0, N), np.float32), np.zeros((0,), np.int32))
+    chex.assert_shape(loss, (0,))
+    for name, value in metrics.items():
+        assert value == 0.0, name
 
 
 def test_single_dimension_column_equals_scalar_rewards(rng):

@@ -14,7 +14,7 @@ from jaxalign.losses.tfpo import (
 )
 from tests.losses.conftest import B, T, poison
 
-LAMS = [None, 0.5, 0.9, 1.0, 1.5]
+LAMS = [None, 0.5, 0.9, 1.0, 1.5, 3.0]
 
 
 def _span_mask(spans, length=T):
@@ -23,27 +23,35 @@ def _span_mask(spans, length=T):
 
 
 def _state_mask(mask):
-    pad = np.zeros((mask.shape[0], 1))
-    return (np.concatenate([mask, pad], -1) + np.concatenate([pad, mask], -1)) > 0
+    """States of each row's trajectory: indices first..last + 1 of its valid tokens (holes included)."""
+    out = np.zeros((mask.shape[0], mask.shape[1] + 1), bool)
+    for b, row in enumerate(mask):
+        tokens = np.nonzero(row)[0]
+        if len(tokens):
+            out[b, tokens[0] : tokens[-1] + 2] = True
+    return out
 
 
 def _subtb_reference(flows, logps, mask, lam):
-    """Slow float64 double loop over every pair of states m < n of each row."""
+    """Float64 sum over every pair of states m < n of each row, enumerated explicitly.
+
+    A row's states are the indices first..last + 1 of its valid tokens; a masked token in between is a forced
+    step (log π = 0). The weights λ^{n−m} are formed in log space and divided by their maximum before
+    exponentiating: the raw weights overflow even float64 (3^1000 ≈ 1e477); the ratio is unchanged.
+    """
     out = np.zeros(flows.shape[0])
     for b in range(flows.shape[0]):
         tokens = np.nonzero(mask[b])[0]
         if len(tokens) == 0:
             continue
-        states = range(tokens[0], tokens[-1] + 2)
-        total = weight = 0.0
-        for m in states:
-            for n in states:
-                if m < n:
-                    w = 1.0 if lam is None else float(lam) ** (n - m)
-                    residual = float(flows[b, n]) - float(flows[b, m]) - np.sum(logps[b, m:n], dtype=np.float64)
-                    total += w * residual**2
-                    weight += w
-        out[b] = total / weight if weight else 0.0
+        states = np.arange(tokens[0], tokens[-1] + 2)
+        m, n = (states[i] for i in np.triu_indices(len(states), k=1))
+        # Σ_{k=m}^{n−1} log π as a difference of float64 prefix sums (exact to ~1e-13 here).
+        running = np.concatenate([[0.0], np.cumsum(np.where(mask[b] > 0, logps[b], 0.0).astype(np.float64))])
+        residual = flows[b, n].astype(np.float64) - flows[b, m] - (running[n] - running[m])
+        log_w = np.zeros(len(m)) if lam is None else (n - m) * np.log(lam)
+        w = np.exp(log_w - log_w.max())
+        out[b] = np.sum(w * residual**2) / np.sum(w)
     return out
 
 
@@ -107,16 +115,29 @@ def test_subtb_lambda_one_equals_unweighted_mean(rng):
     np.testing.assert_allclose(subtrajectory_balance_loss(flows, logps, mask, lam=1.0)[0], unweighted, rtol=1e-5)
 
 
-@pytest.mark.parametrize("lam", [None, 0.5])
+@pytest.mark.parametrize("lam", LAMS)
 def test_subtb_is_accurate_on_a_long_drifting_trajectory(rng, lam):
-    # c_t drifts by ~1 per step over 128 states: a float32 sum of raw moments Σλ·c² would cancel badly.
-    length = 127
+    # 1000 steps after one prompt token. c_t drifts by ~1 per step: a float32 sum of raw moments Σλ·c² would
+    # cancel badly. Raw weights λ^{n−m} overflow float32 from L ≈ 88/ln λ (219 steps at λ = 1.5, 80 at λ = 3).
+    length = 1001
     logps = -rng.exponential(1.0, size=(1, length)).astype(np.float32)
     flows = np.concatenate([[0.0], np.cumsum(logps[0] + 1.0 + 0.1 * rng.normal(size=length))])[None]
     flows = flows.astype(np.float32)
     mask = np.ones((1, length), np.float32)
+    mask[0, 0] = 0.0
     loss, _ = subtrajectory_balance_loss(flows, logps, mask, lam=lam)
-    np.testing.assert_allclose(loss, _subtb_reference(flows, logps, mask, lam), rtol=1e-4)
+    np.testing.assert_allclose(loss, _subtb_reference(flows, logps, mask, lam), rtol=1e-5)
+    grad = jax.grad(lambda f: subtrajectory_balance_loss(f, logps, mask, lam=lam)[0][0])(flows)
+    assert np.all(np.isfinite(grad)) and np.any(np.asarray(grad) != 0)
+
+
+@pytest.mark.parametrize("lam", LAMS)
+def test_subtb_reports_non_finite_inputs_inside_a_trajectory_instead_of_zero(rng, lam):
+    flows, logps, mask = _random_trajectories(rng, SPANS[:2])
+    flows[0, 3] = np.nan
+    loss, _ = subtrajectory_balance_loss(flows, logps, mask, lam=lam)
+    assert np.isnan(loss[0])
+    assert np.isfinite(loss[1])
 
 
 @pytest.mark.parametrize("lam", [None, 0.9])
@@ -136,9 +157,48 @@ def test_subtb_gradients_are_finite_with_garbage_and_match_clean_inputs(rng, lam
     np.testing.assert_allclose(np.asarray(grads[0]).sum(-1), 0.0, atol=1e-4)
 
 
-def test_subtb_rejects_nonpositive_lambda():
+@pytest.mark.parametrize("lam", [0.0, -0.5, np.inf, np.nan])
+def test_subtb_rejects_bad_lambda(lam):
     with pytest.raises(ValueError, match="lam"):
-        subtrajectory_balance_loss(jnp.zeros((1, 3)), jnp.zeros((1, 2)), lam=0.0)
+        subtrajectory_balance_loss(jnp.zeros((1, 3)), jnp.zeros((1, 2)), lam=lam)
+
+
+# Masks with holes: prompt, response tokens around forced (masked) tokens, padding.
+HOLED = np.array(
+    [
+        [0, 1, 1, 0, 0, 1, 0],  # a two-token hole: state 4 lies strictly inside it
+        [1, 0, 1, 0, 1, 1, 1],  # two one-token holes
+        [1, 1, 1, 1, 1, 1, 1],  # no hole
+        [0, 0, 1, 0, 0, 0, 0],  # a single token
+    ],
+    np.float32,
+)
+
+
+@pytest.mark.parametrize("lam", LAMS)
+def test_subtb_treats_a_hole_as_a_forced_step(rng, lam):
+    flows = (2 * rng.normal(size=(4, T + 1))).astype(np.float32)
+    logps = -rng.exponential(1.5, size=(4, T)).astype(np.float32)
+    span = np.zeros_like(HOLED)
+    states = _state_mask(HOLED)
+    span[states[:, :-1] & states[:, 1:]] = 1.0
+    # Garbage in the masked log-probs (holes included) and in the log-flows outside the trajectory.
+    loss, metrics = jax.jit(lambda f, p: subtrajectory_balance_loss(f, p, HOLED, lam=lam))(
+        poison(flows, states, np.nan), poison(logps, HOLED, np.inf)
+    )
+    np.testing.assert_allclose(loss, _subtb_reference(flows, logps, HOLED, lam), rtol=1e-5, atol=1e-6)
+    # The same as the hole's tokens being valid with π = 1, i.e. log π = 0.
+    filled, _ = subtrajectory_balance_loss(flows, np.where(HOLED > 0, logps, 0.0), span, lam=lam)
+    np.testing.assert_allclose(loss, filled, rtol=1e-6, atol=1e-6)
+    residuals = flows[:, 1:] - flows[:, :-1] - np.where(HOLED > 0, logps, 0.0)
+    np.testing.assert_allclose(metrics["subtb/db_residual_abs"], np.abs(residuals)[span > 0].mean(), rtol=1e-5)
+    grads = jax.grad(lambda f, p: jnp.sum(subtrajectory_balance_loss(f, p, HOLED, lam=lam)[0]), argnums=(0, 1))(
+        poison(flows, states, np.nan), poison(logps, HOLED, -np.inf)
+    )
+    for grad, valid in zip(grads, (states, HOLED > 0)):
+        assert np.all(np.isfinite(grad))
+        np.testing.assert_array_equal(np.asarray(grad)[~valid], 0.0)
+    assert np.all(np.asarray(grads[0])[states] != 0)  # every state of the span, hole states included, is trained
 
 
 def test_log_prefix_scores_and_anchored_log_flows_hand_values():
@@ -153,6 +213,30 @@ def test_log_prefix_scores_and_anchored_log_flows_hand_values():
     np.testing.assert_allclose(flows, [[0.0, 0.1, 0.7, 0.6, 1.0, 0.0]], rtol=1e-6)
     unanchored = log_flows(log_q, log_v, mask, anchor_terminal=False)
     np.testing.assert_allclose(unanchored, [[0.0, 0.1, 0.7, 0.6, 1.4, 0.0]], rtol=1e-6)
+
+
+def test_log_flows_with_a_hole_reads_every_state_of_the_span_and_anchors_only_the_last():
+    rewards = jnp.array([[9.0, 0.5, 9.0, 9.0, 0.7, 9.0]])
+    mask = jnp.array([[0, 1, 0, 0, 1, 0]])  # tokens 2, 3 are forced: reward 0, states 2..4 are ordinary
+    log_q = log_prefix_scores(rewards, mask)
+    np.testing.assert_allclose(log_q, [[0.0, 0.0, 0.5, 0.5, 0.5, 1.2, 1.2]], rtol=1e-6)
+    log_v = jnp.array([[np.nan, 0.1, 0.2, 0.3, 0.4, 0.5, np.inf]])
+    np.testing.assert_allclose(log_flows(log_q, log_v, mask), [[0.0, 0.1, 0.7, 0.8, 0.9, 1.2, 0.0]], rtol=1e-6)
+
+
+@pytest.mark.parametrize("anchor_terminal", [True, False])
+def test_log_flows_under_jit_equals_eager(rng, anchor_terminal):
+    states = _state_mask(HOLED)
+    log_q = rng.normal(size=(4, T + 1)).astype(np.float32)
+    log_v = poison(rng.normal(size=(4, T + 1)), states, np.nan)
+    flows = jax.jit(lambda q, v, m: log_flows(q, v, m, anchor_terminal=anchor_terminal))(log_q, log_v, HOLED)
+    chex.assert_shape(flows, (4, T + 1))
+    np.testing.assert_array_equal(flows, log_flows(log_q, log_v, HOLED, anchor_terminal=anchor_terminal))
+    expected = np.where(states, log_q + log_v, 0.0)
+    if anchor_terminal:
+        terminal = (np.arange(T + 1) == states.shape[1] - 1 - np.argmax(states[:, ::-1], -1)[:, None]) & states
+        expected = np.where(terminal, log_q, expected)
+    np.testing.assert_allclose(flows, expected, rtol=1e-6)
 
 
 def test_first_divergence_mask_finds_the_children_of_the_common_prefix():
@@ -176,7 +260,7 @@ def test_value_discrimination_hand_values():
     v_l = jnp.array([[0.2, np.nan], [0.25, -7.0], [0.0, 0.0]])
     mask_w = jnp.array([[1, 0], [1, 1], [0, 0]])
     mask_l = jnp.array([[1, 0], [1, 0], [1, 0]])
-    loss_fn = jax.jit(lambda a, b, c, d: value_discrimination_loss(a, b, c, d, gamma=0.1))
+    loss_fn = jax.jit(lambda a, b, c, d: value_discrimination_loss(a, b, chosen_mask=c, rejected_mask=d, gamma=0.1))
     loss, metrics = loss_fn(v_w, v_l, mask_w, mask_l)
     chex.assert_shape(loss, (3,))
     np.testing.assert_allclose(loss, [0.0, 0.05, 0.0], atol=1e-7)
@@ -185,6 +269,24 @@ def test_value_discrimination_hand_values():
     np.testing.assert_allclose(metrics["value/margin"], (0.3 + 0.05) / 2, rtol=1e-5)
     with pytest.raises(ValueError, match="gamma"):
         value_discrimination_loss(v_w, v_l, gamma=-1.0)
+
+
+def test_value_discrimination_gradient_hand_values_with_garbage_in_unselected_slots():
+    # γ = 0.1. Pair 0: V̄_w = mean(0.3, 0.5) = 0.4, V̄_l = 0.35, gap 0.05 < γ: loss 0.05, so
+    # ∂/∂v_w = −½ at each selected chosen state and ∂/∂v_l = +1 at the selected rejected one.
+    # Pair 1: gap 0.9 ≥ γ: no gradient. Pair 2: nothing selected on the rejected side: no gradient.
+    v_w = jnp.array([[0.3, 0.5, np.nan], [1.0, -np.inf, np.inf], [0.2, 0.0, np.nan]])
+    v_l = jnp.array([[np.inf, 0.35, np.nan], [0.1, np.nan, -np.inf], [np.nan, np.inf, -np.inf]])
+    chosen_mask = jnp.array([[1, 1, 0], [1, 0, 0], [1, 0, 0]])
+    rejected_mask = jnp.array([[0, 1, 0], [1, 0, 0], [0, 0, 0]])
+
+    def objective(a, b):
+        return jnp.sum(value_discrimination_loss(a, b, chosen_mask, rejected_mask, gamma=0.1)[0])
+
+    np.testing.assert_allclose(objective(v_w, v_l), 0.05, rtol=1e-5)
+    grad_w, grad_l = jax.jit(jax.grad(objective, argnums=(0, 1)))(v_w, v_l)
+    np.testing.assert_allclose(grad_w, [[-0.5, -0.5, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]], atol=1e-7)
+    np.testing.assert_allclose(grad_l, [[0.0, 1.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]], atol=1e-7)
 
 
 def _pair_batch(rng):
@@ -266,6 +368,26 @@ def test_tfpo_loss_is_the_hinge_alone_on_flow_consistent_pairs(rng):
     loss, metrics = tfpo_loss(logps, log_v, rewards, mask, lam_value=0.0)
     np.testing.assert_allclose(loss, 0.0, atol=1e-4)
     np.testing.assert_allclose(metrics["subtb"], 0.0, atol=1e-4)
+
+
+@pytest.mark.parametrize("lam", [None, 1.5])
+def test_tfpo_loss_with_holes_matches_float64_composition(rng, lam):
+    logps, log_v, rewards, _ = _pair_batch(rng)
+    mask = np.stack([HOLED[:3], HOLED[1:]], axis=1)
+    states = np.stack([_state_mask(mask[:, 0]), _state_mask(mask[:, 1])], axis=1)
+    args = (poison(logps, mask, np.inf), poison(log_v, states), poison(rewards, mask), mask)
+    loss, _ = tfpo_loss(*args, lam=lam, gamma=0.5)
+    first_token = np.arange(T) == np.argmax(mask, -1)[..., None]
+    expected = _tfpo_reference(logps, log_v, rewards, mask, first_token, lam, 1.0, 0.5)
+    np.testing.assert_allclose(loss, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_tfpo_loss_empty_batch_gives_zero_metrics_not_nan():
+    empty = np.zeros((0, 2, T), np.float32)
+    loss, metrics = jax.jit(tfpo_loss)(empty, np.zeros((0, 2, T + 1), np.float32), empty, empty)
+    chex.assert_shape(loss, (0,))
+    for name, value in metrics.items():
+        assert value == 0.0, name
 
 
 def test_tfpo_loss_rejects_unpaired_arrays():

@@ -95,7 +95,7 @@ def test_importance_rejects_bad_hyperparameters():
 def test_token_rewards_hand_values_sign_and_strict_threshold():
     importance = jnp.array([[0.05, 0.5, 0.9, 0.1], [0.05, 0.5, 0.9, 0.1]])
     mask = jnp.array([[1, 1, 1, 1], [1, 1, 0, 1]])
-    rewards = jax.jit(lambda s, m, p: token_rewards(s, m, p, threshold=0.1))(importance, mask, jnp.array([True, False]))
+    rewards = jax.jit(lambda s, p, m: token_rewards(s, p, m, threshold=0.1))(importance, jnp.array([True, False]), mask)
     chex.assert_shape(rewards, (2, 4))
     # 0.05 is below θ, 0.1 is not strictly above it, 0.9 of row 1 is padding.
     np.testing.assert_allclose(rewards, [[0.0, 0.5, 0.9, 0.0], [0.0, -0.5, 0.0, 0.0]], rtol=1e-7)
@@ -105,11 +105,27 @@ def test_token_rewards_end_to_end_and_gradient_with_garbage(rng):
     pos, neg, mask = _logps(rng)
     preferred = np.array([True, False, True])
     importance = token_importance(pos, neg, mask)
-    rewards = token_rewards(poison(importance, mask), mask, preferred, threshold=0.3)
+    rewards = token_rewards(poison(importance, mask), preferred, mask, threshold=0.3)
     expected = _importance_reference(pos, neg, mask, 1e-8, 1.0)
     expected = np.where(expected > 0.3, expected, 0.0) * np.where(preferred, 1.0, -1.0)[:, None]
     np.testing.assert_allclose(rewards, expected, rtol=1e-6, atol=1e-7)
     assert np.any(np.asarray(rewards) < 0) and np.any(np.asarray(rewards) > 0)
-    grad = jax.grad(lambda s: jnp.sum(token_rewards(s, mask, preferred)))(poison(importance, mask))
+    grad = jax.grad(lambda s: jnp.sum(token_rewards(s, preferred, mask)))(poison(importance, mask))
     assert np.all(np.isfinite(grad))
     np.testing.assert_array_equal(np.asarray(grad)[mask == 0], 0.0)
+
+
+def test_token_rewards_mask_defaults_to_all_valid(rng):
+    importance = rng.uniform(0, 1, size=(B, T)).astype(np.float32)
+    preferred = np.array([True, False, False])
+    rewards = jax.jit(lambda s, p: token_rewards(s, p, threshold=0.2))(importance, preferred)
+    chex.assert_shape(rewards, (B, T))
+    np.testing.assert_array_equal(rewards, token_rewards(importance, preferred, np.ones((B, T)), threshold=0.2))
+    expected = np.where(importance > 0.2, importance, 0.0) * np.where(preferred, 1.0, -1.0)[:, None]
+    np.testing.assert_allclose(rewards, expected, rtol=1e-7)
+
+
+def test_token_rewards_rejects_a_mask_passed_where_the_labels_go(rng):
+    importance = rng.uniform(0, 1, size=(B, T)).astype(np.float32)
+    with pytest.raises(ValueError, match="preferred"):
+        token_rewards(importance, np.ones((B, T)), np.array([True, False, True]))
