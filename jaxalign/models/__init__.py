@@ -1,4 +1,4 @@
-"""Flax NNX causal LMs (Llama family), heads, KV cache, sharding rules and Hugging Face weight IO."""
+"""Flax NNX causal LMs (Llama family, GPT-2), heads, KV cache, sharding rules and weight IO (HF, GGUF)."""
 
 from jaxalign.models.cache import KVCache
 from jaxalign.models.config import ModelConfig, RopeScaling
@@ -9,25 +9,36 @@ from jaxalign.models.heads import (
     ValueHead,
     last_token_index,
 )
+from jaxalign.models.gguf_io import GGUFSource, default_model_path, load_gguf
+from jaxalign.models.gpt2 import GPT2Config, GPT2LMHeadModel, GPT2Model
 from jaxalign.models.hf_io import (
     SafetensorsSource,
     TensorSource,
+    config_from_hf,
     load_hf,
     load_hf_config,
     model_from_tensors,
     save_hf,
 )
 from jaxalign.models.llama import LlamaForCausalLM, LlamaModel
+from jaxalign.models.lora import BASE_PARAMS, LoRAConfig, LoRALinear, apply_lora, has_lora, merge_lora
 from jaxalign.models.masks import derive_positions
 from jaxalign.models.sharding import DEFAULT_RULES, MESH_AXES, fit_spec, named_shardings, partition_specs
 
 __all__ = [
+    "BASE_PARAMS",
     "DEFAULT_RULES",
     "MESH_AXES",
     "CausalLMWithValueHead",
+    "GGUFSource",
+    "GPT2Config",
+    "GPT2LMHeadModel",
+    "GPT2Model",
     "KVCache",
     "LlamaForCausalLM",
     "LlamaModel",
+    "LoRAConfig",
+    "LoRALinear",
     "ModelConfig",
     "RewardHead",
     "RewardModel",
@@ -35,11 +46,17 @@ __all__ = [
     "SafetensorsSource",
     "TensorSource",
     "ValueHead",
+    "apply_lora",
+    "config_from_hf",
+    "default_model_path",
     "derive_positions",
     "fit_spec",
+    "has_lora",
     "last_token_index",
+    "load_gguf",
     "load_hf",
     "load_hf_config",
+    "merge_lora",
     "model_from_tensors",
     "named_shardings",
     "partition_specs",

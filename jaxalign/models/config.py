@@ -112,8 +112,55 @@ class RopeScaling:
         return out
 
 
+class ExecutionPolicy:
+    """The execution-policy fields shared by every model config (``param_dtype``, ``compute_dtype``,
+    ``remat``): how to run a checkpoint, not what it is. Mixed into the frozen config dataclasses."""
+
+    param_dtype: str
+    compute_dtype: str
+    remat: str
+
+    def _validate_policy(self) -> None:
+        name = type(self).__name__
+        for field in ("param_dtype", "compute_dtype"):
+            if getattr(self, field) not in DTYPES:
+                raise ValueError(f"{name}.{field} must be one of {DTYPES}, got {getattr(self, field)!r}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"{name}.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+
+    @property
+    def param_jnp_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.param_dtype)
+
+    @property
+    def compute_jnp_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.compute_dtype)
+
+    @property
+    def remat_policy(self):
+        """The ``jax.checkpoint`` policy for ``remat`` (None for ``"full"``: save nothing)."""
+        return {
+            "none": None,
+            "full": None,
+            "dots": jax.checkpoint_policies.checkpoint_dots,
+            "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        }[self.remat]
+
+    def with_policy(self, *, param_dtype: str | None = None, compute_dtype: str | None = None,
+                    remat: str | None = None):
+        """Copy with a different dtype/remat policy (the architecture is unchanged)."""
+        changes = {"param_dtype": param_dtype, "compute_dtype": compute_dtype, "remat": remat}
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def same_architecture(self, other) -> bool:
+        """True when both configs describe the same weights (dtype and remat policy aside)."""
+        policy = {"param_dtype": "float32", "compute_dtype": "float32", "remat": "none"}
+        return type(self) is type(other) and (
+            dataclasses.replace(self, **policy) == dataclasses.replace(other, **policy))
+
+
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(ExecutionPolicy):
     """Architecture and dtype policy of a Llama-family causal LM (frozen, hashable, validated).
 
     The architecture fields mirror transformers' names in short form (``d_model`` = ``hidden_size``,
@@ -176,11 +223,7 @@ class ModelConfig:
             raise ValueError(f"sliding_window must be a positive int or None, got {self.sliding_window}")
         if not isinstance(self.eos_token_ids, tuple):
             raise ValueError(f"eos_token_ids must be a tuple, got {type(self.eos_token_ids).__name__}")
-        for name in ("param_dtype", "compute_dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise ValueError(f"ModelConfig.{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"ModelConfig.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        self._validate_policy()
         # Each architecture has a fixed bias pattern in transformers; another pattern has no config.json.
         biases = (self.qkv_bias, self.o_bias, self.mlp_bias)
         allowed = {
@@ -195,35 +238,6 @@ class ModelConfig:
             )
         if self.architecture == "llama" and self.sliding_window is not None:
             raise ValueError("the llama architecture has no sliding window; use architecture='mistral'")
-
-    @property
-    def param_jnp_dtype(self) -> jnp.dtype:
-        return jnp.dtype(self.param_dtype)
-
-    @property
-    def compute_jnp_dtype(self) -> jnp.dtype:
-        return jnp.dtype(self.compute_dtype)
-
-    @property
-    def remat_policy(self):
-        """The ``jax.checkpoint`` policy for ``remat`` (None for ``"full"``: save nothing)."""
-        return {
-            "none": None,
-            "full": None,
-            "dots": jax.checkpoint_policies.checkpoint_dots,
-            "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-        }[self.remat]
-
-    def with_policy(self, *, param_dtype: str | None = None, compute_dtype: str | None = None,
-                    remat: str | None = None) -> ModelConfig:
-        """Copy with a different dtype/remat policy (the architecture is unchanged)."""
-        changes = {"param_dtype": param_dtype, "compute_dtype": compute_dtype, "remat": remat}
-        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
-
-    def same_architecture(self, other: ModelConfig) -> bool:
-        """True when both configs describe the same weights (dtype and remat policy aside)."""
-        policy = {"param_dtype": "float32", "compute_dtype": "float32", "remat": "none"}
-        return dataclasses.replace(self, **policy) == dataclasses.replace(other, **policy)
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any], *, param_dtype: str = "float32",

@@ -17,6 +17,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from jaxalign.models.cache import KVCache
+from jaxalign.models.gpt2 import GPT2LMHeadModel, GPT2Model
 from jaxalign.models.llama import LlamaForCausalLM, LlamaModel
 
 
@@ -64,7 +65,7 @@ class RewardHead(nnx.Module):
 class CausalLMWithValueHead(nnx.Module):
     """A causal LM sharing its trunk with a value head (PPO policy+critic, the TFPO doctor)."""
 
-    def __init__(self, lm: LlamaForCausalLM, *, rngs: nnx.Rngs):
+    def __init__(self, lm: LlamaForCausalLM | GPT2LMHeadModel, *, rngs: nnx.Rngs):
         self.lm = lm
         self.value_head = ValueHead(lm.config.d_model, rngs=rngs)
 
@@ -86,7 +87,7 @@ class CausalLMWithValueHead(nnx.Module):
 class RewardModel(nnx.Module):
     """A decoder trunk (no LM head) with a :class:`RewardHead`: tokens -> reward per sequence."""
 
-    def __init__(self, backbone: LlamaModel, *, num_objectives: int | None = None, rngs: nnx.Rngs):
+    def __init__(self, backbone: LlamaModel | GPT2Model, *, num_objectives: int | None = None, rngs: nnx.Rngs):
         self.backbone = backbone
         self.reward_head = RewardHead(backbone.config.d_model, num_objectives=num_objectives, rngs=rngs)
 

@@ -4,19 +4,24 @@ Loading reads ``config.json`` and ``model.safetensors`` (or the shards listed in
 ``model.safetensors.index.json``) tensor by tensor through ``safetensors.safe_open``. Each parameter is
 created with ``jax.make_array_from_callback``: every device reads only its own shard's slice of the file
 (transposed from torch's ``[out, in]`` to ``[in, out]``, and gathered over the layers for the stacked
-``[L, ...]`` parameters), so no full host copy of the model is ever built.
+``[L, ...]`` parameters), so no full host copy of the model is ever built. A directory with only a
+Flax ``flax_model.msgpack`` is read through :mod:`jaxalign.models.hf_flax_io` (that format is one msgpack
+blob, so it is restored whole on the host first).
 
-Name mapping (``i`` = layer; "kernel" parameters are transposed; see docs/models.md for the full table):
+Name mapping (``i`` = layer; see docs/models.md for the full tables). A parameter path is the HF name with
+the stacked collection's layer index dropped and the leaf renamed:
 
-- ``model/embed_tokens/embedding`` [V, D] <-> ``model.embed_tokens.weight``
-- ``model/layers/<path>/{kernel,bias,scale}`` [L, ...] <-> ``model.layers.{i}.<path>.{weight,bias,weight}``
-- ``model/norm/scale`` [D] <-> ``model.norm.weight``
-- ``lm_head/kernel`` [D, V] (untied only) <-> ``lm_head.weight``
+- Llama family: ``model/layers/<path>/{kernel,bias,scale}`` [L, ...] <-> ``model.layers.{i}.<path>.{weight,
+  bias,weight}``; ``model/embed_tokens/embedding``, ``model/norm/scale``, ``lm_head/kernel`` (untied only).
+  Kernels are transposed (torch ``nn.Linear`` stores ``[out, in]``).
+- GPT-2: ``transformer/h/<path>/...`` <-> ``transformer.h.{i}.<path>...``; ``transformer/{wte,wpe}/embedding``,
+  ``transformer/ln_f/{scale,bias}``. The block kernels are HF ``Conv1D`` weights, already ``[in, out]``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 from collections.abc import Callable, Iterator
@@ -31,7 +36,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from jaxalign.models.config import ModelConfig
+from jaxalign.models.gpt2 import GPT2Config, GPT2LMHeadModel
+from jaxalign.models.hf_flax_io import FLAX_FILE, FlaxMsgpackSource, flax_checkpoint
 from jaxalign.models.llama import LlamaForCausalLM
+from jaxalign.models.lora import has_lora, merge_lora
+from jaxalign.models.stack import STACKED_COLLECTIONS
+
+AnyConfig = ModelConfig | GPT2Config
+AnyModel = LlamaForCausalLM | GPT2LMHeadModel
 from jaxalign.models.sharding import named_shardings
 
 CONFIG_FILE = "config.json"
@@ -41,9 +53,32 @@ INDEX_FILE = "model.safetensors.index.json"
 _HF_SUFFIX = {"kernel": "weight", "bias": "bias", "scale": "weight", "embedding": "weight"}
 
 
+@dataclasses.dataclass(frozen=True)
+class CheckpointLayout:
+    """How one model family's parameters map to its Hugging Face tensors."""
+
+    model_class: type
+    conv1d_blocks: bool  # the layers' kernels are HF Conv1D weights, stored [in, out]: not transposed
+    buffers: tuple[str, ...]  # suffixes of non-parameter tensors some checkpoints carry (skipped on load)
+
+
+LLAMA_LAYOUT = CheckpointLayout(LlamaForCausalLM, conv1d_blocks=False, buffers=("rotary_emb.inv_freq",))
+GPT2_LAYOUT = CheckpointLayout(GPT2LMHeadModel, conv1d_blocks=True, buffers=(".attn.bias", ".attn.masked_bias"))
+_LAYOUTS = {"llama": LLAMA_LAYOUT, "mistral": LLAMA_LAYOUT, "qwen2": LLAMA_LAYOUT, "gpt2": GPT2_LAYOUT}
+
+
+def layout_for(config: AnyConfig) -> CheckpointLayout:
+    return _LAYOUTS[config.architecture]
+
+
 def is_stacked(path: tuple[str, ...]) -> bool:
-    """Whether a LlamaForCausalLM parameter path is one of the ``[L, ...]`` decoder-layer parameters."""
-    return len(path) > 2 and path[1] == "layers"
+    """Whether a parameter path is one of the ``[L, ...]`` decoder-layer parameters."""
+    return len(path) > 2 and path[1] in STACKED_COLLECTIONS
+
+
+def is_transposed(path: tuple[str, ...], layout: CheckpointLayout) -> bool:
+    """Whether the HF tensor of this parameter is its transpose (torch ``nn.Linear``'s ``[out, in]``)."""
+    return path[-1] == "kernel" and not (layout.conv1d_blocks and is_stacked(path))
 
 
 def hf_tensor_names(path: tuple[str, ...], n_layers: int) -> list[str]:
@@ -52,19 +87,27 @@ def hf_tensor_names(path: tuple[str, ...], n_layers: int) -> list[str]:
     suffix = _HF_SUFFIX[leaf]
     if is_stacked(path):
         rest = ".".join(modules[2:])
-        return [f"{modules[0]}.layers.{i}.{rest}.{suffix}" for i in range(n_layers)]
+        return [f"{modules[0]}.{modules[1]}.{i}.{rest}.{suffix}" for i in range(n_layers)]
     return [f"{'.'.join(modules)}.{suffix}"]
 
 
-def _is_redundant(name: str, config: ModelConfig) -> bool:
+def _is_redundant(name: str, config: AnyConfig) -> bool:
     """Tensors some checkpoints carry that are not parameters of the model."""
-    # RoPE tables saved by old conversions are recomputed from the config; a tied checkpoint may still
-    # hold lm_head.weight, which transformers itself replaces by the embedding.
-    return name.endswith("rotary_emb.inv_freq") or (config.tie_word_embeddings and name == "lm_head.weight")
+    # RoPE tables and GPT-2's causal-mask buffers saved by old conversions are recomputed; a tied
+    # checkpoint may still hold lm_head.weight, which transformers itself replaces by the embedding.
+    return (name.endswith(layout_for(config).buffers)
+            or (config.tie_word_embeddings and name == "lm_head.weight"))
 
 
-def load_hf_config(checkpoint_dir: str | Path, **policy) -> ModelConfig:
-    """``ModelConfig`` from ``checkpoint_dir/config.json``; ``policy``: param_dtype, compute_dtype, remat."""
+def config_from_hf(hf: dict[str, Any], **policy) -> AnyConfig:
+    """The config class for ``hf["model_type"]`` (:class:`GPT2Config` or :class:`ModelConfig`), parsed."""
+    if hf.get("model_type") == "gpt2":
+        return GPT2Config.from_hf(hf, **policy)
+    return ModelConfig.from_hf(hf, **policy)
+
+
+def load_hf_config(checkpoint_dir: str | Path, **policy) -> AnyConfig:
+    """The config of ``checkpoint_dir/config.json``; ``policy``: param_dtype, compute_dtype, remat."""
     config_path = Path(checkpoint_dir) / CONFIG_FILE
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} not found: a Hugging Face checkpoint directory needs one")
@@ -73,7 +116,7 @@ def load_hf_config(checkpoint_dir: str | Path, **policy) -> ModelConfig:
     except json.JSONDecodeError as error:
         raise ValueError(f"{config_path}: not valid JSON ({error})") from None
     try:
-        return ModelConfig.from_hf(hf, **policy)
+        return config_from_hf(hf, **policy)
     except ValueError as error:
         raise ValueError(f"{config_path}: {error}") from None
 
@@ -100,7 +143,8 @@ class TensorSource(Protocol):
 
 
 class SafetensorsSource:
-    """The tensors of ``model.safetensors`` or of the shards of ``model.safetensors.index.json``.
+    """The tensors of ``model.safetensors`` or of the shards of ``model.safetensors.index.json`` (the index
+    wins when both exist; the caller checks that one does).
 
     Files are opened lazily, once, and closed with ``stack``; reads go through ``safe_open(...).get_slice``
     so only the requested block is read from disk.
@@ -120,14 +164,9 @@ class SafetensorsSource:
             for file in sorted(set(self._file_of.values())):
                 if not file.is_file():
                     raise FileNotFoundError(f"{file} is listed in {index_path} but does not exist")
-        elif single_path.is_file():
+        else:
             self.description = str(single_path)
             self._file_of = {name: single_path for name in self._open(single_path).keys()}
-        else:
-            raise FileNotFoundError(
-                f"{directory} has neither {SINGLE_FILE} nor {INDEX_FILE} (only safetensors checkpoints are "
-                "supported; convert pytorch_model.bin with transformers' save_pretrained)"
-            )
         self.names = set(self._file_of)
 
     def _open(self, file: Path):
@@ -175,9 +214,9 @@ def _reader(source: TensorSource, names: list[str], stacked: bool, transpose: bo
     return read
 
 
-def model_from_tensors(config: ModelConfig, source: TensorSource, *, mesh: Mesh | None = None,
-                       origin: str = "the config") -> LlamaForCausalLM:
-    """Build a :class:`LlamaForCausalLM` whose parameters are read from ``source`` (HF names).
+def model_from_tensors(config: AnyConfig, source: TensorSource, *, mesh: Mesh | None = None,
+                       origin: str = "the config") -> AnyModel:
+    """Build the model of ``config`` (:class:`LlamaForCausalLM` or :class:`GPT2LMHeadModel`) from ``source``.
 
     Every tensor the config implies must be present with the right shape, and every tensor present must
     be used (apart from :func:`_is_redundant` ones). Each parameter is created directly with its final
@@ -189,7 +228,8 @@ def model_from_tensors(config: ModelConfig, source: TensorSource, *, mesh: Mesh 
         mesh: optional mesh for :func:`jaxalign.models.sharding.named_shardings`.
         origin: what the config came from, for error messages.
     """
-    abstract = nnx.eval_shape(lambda: LlamaForCausalLM(config, rngs=nnx.Rngs(0)))
+    layout = layout_for(config)
+    abstract = nnx.eval_shape(lambda: layout.model_class(config, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
     shardings = dict(nnx.to_flat_state(named_shardings(abstract_state, mesh))) if mesh is not None else None
     default_sharding = SingleDeviceSharding(jax.devices()[0])
@@ -206,15 +246,14 @@ def model_from_tensors(config: ModelConfig, source: TensorSource, *, mesh: Mesh 
     if unexpected:
         raise ValueError(
             f"unexpected tensor(s) {[(n, source.location(n)) for n in unexpected[:5]]}"
-            f"{' ...' if len(unexpected) > 5 else ''}: not part of a {config.architecture} model with "
-            f"this config (tie_word_embeddings={config.tie_word_embeddings}, biases: "
-            f"qkv={config.qkv_bias} o={config.o_bias} mlp={config.mlp_bias})"
+            f"{' ...' if len(unexpected) > 5 else ''}: not part of the {config.architecture} model of {origin} "
+            f"({config})"
         )
 
     loaded = []
     for names, path, variable in params:
         hf_names = hf_tensor_names(names, config.n_layers)
-        stacked, transpose = is_stacked(names), names[-1] == "kernel"
+        stacked, transpose = is_stacked(names), is_transposed(names, layout)
         shape = tuple(variable.get_value().shape)
         per_tensor = shape[1:] if stacked else shape
         file_shape = per_tensor[::-1] if transpose else per_tensor
@@ -240,19 +279,21 @@ def load_hf(
     param_dtype: str = "float32",
     compute_dtype: str = "float32",
     remat: str = "none",
-) -> LlamaForCausalLM:
-    """Load a transformers Llama/Mistral/Qwen2 checkpoint directory into a :class:`LlamaForCausalLM`.
+) -> AnyModel:
+    """Load a transformers Llama/Mistral/Qwen2 or GPT-2 checkpoint directory.
 
     Args:
-        checkpoint_dir: directory with ``config.json`` and ``model.safetensors`` or
-            ``model.safetensors.index.json`` + its shards.
+        checkpoint_dir: directory with ``config.json`` and ``model.safetensors``, or
+            ``model.safetensors.index.json`` + its shards, or (Flax checkpoints) ``flax_model.msgpack``;
+            safetensors win when both are present.
         mesh: when given, each parameter is placed directly with its sharding from
             :func:`jaxalign.models.sharding.named_shardings`; otherwise on the default device.
         param_dtype, compute_dtype, remat: the dtype/remat policy (see :class:`ModelConfig`);
             tensors are cast from the file's dtype to ``param_dtype``.
 
     Returns:
-        The model; its ``config`` is the parsed ``config.json``.
+        A :class:`LlamaForCausalLM` (``GPT2LMHeadModel`` for ``model_type: gpt2``); its ``config`` is the
+        parsed ``config.json``.
 
     Raises:
         FileNotFoundError: a missing ``config.json``, weights file, or shard listed in the index.
@@ -262,13 +303,22 @@ def load_hf(
     directory = Path(checkpoint_dir)
     config = load_hf_config(directory, param_dtype=param_dtype, compute_dtype=compute_dtype, remat=remat)
     with contextlib.ExitStack() as stack:
-        source = SafetensorsSource(directory, stack)
+        if (directory / INDEX_FILE).is_file() or (directory / SINGLE_FILE).is_file():
+            source = SafetensorsSource(directory, stack)
+        elif (flax_file := flax_checkpoint(directory)) is not None:
+            source = FlaxMsgpackSource(flax_file, config.architecture)
+        else:
+            raise FileNotFoundError(
+                f"{directory} has none of {SINGLE_FILE}, {INDEX_FILE} or {FLAX_FILE} (convert "
+                "pytorch_model.bin with transformers' save_pretrained)"
+            )
         return model_from_tensors(config, source, mesh=mesh, origin=str(directory / CONFIG_FILE))
 
 
-def _hf_tensors(model: LlamaForCausalLM, dtype: np.dtype) -> Iterator[tuple[str, tuple[int, ...], Callable]]:
+def _hf_tensors(model: AnyModel, dtype: np.dtype) -> Iterator[tuple[str, tuple[int, ...], Callable]]:
     """``(name, shape, fetch)`` of every HF tensor in transformers' order (embeddings, layer by layer, head)."""
     config = model.config
+    layout = layout_for(config)
     flat = [(tuple(str(p) for p in path), var.get_value())
             for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))]
 
@@ -284,19 +334,20 @@ def _hf_tensors(model: LlamaForCausalLM, dtype: np.dtype) -> Iterator[tuple[str,
                 continue
             name = hf_tensor_names(names, config.n_layers)[0 if layer is None else layer]
             shape = tuple(value.shape[1:] if layered else value.shape)
-            transpose = names[-1] == "kernel"
+            transpose = is_transposed(names, layout)
             yield name, shape[::-1] if transpose else shape, fetch(value, layer, transpose)
 
-    top_level = {entry[0]: entry for entry in entries(False, None)}
-    yield top_level.pop("model.embed_tokens.weight")
+    top_level = list(entries(False, None))
+    yield from (entry for entry in top_level if entry[0].endswith(("embed_tokens.weight", "wte.weight", "wpe.weight")))
     for layer in range(config.n_layers):
         yield from entries(True, layer)
-    yield from top_level.values()  # model.norm.weight, lm_head.weight
+    yield from (entry for entry in top_level if not entry[0].endswith(("embed_tokens.weight", "wte.weight",
+                                                                         "wpe.weight")))
 
 
 def save_hf(
-    model: LlamaForCausalLM,
-    config: ModelConfig,
+    model: AnyModel,
+    config: AnyConfig,
     out_dir: str | Path,
     tokenizer=None,
     *,
@@ -304,7 +355,9 @@ def save_hf(
 ) -> Path:
     """Write a transformers checkpoint directory: ``config.json``, safetensors weights, tokenizer files.
 
-    Weights are written in ``config.param_dtype`` (pass ``model.config.with_policy(param_dtype=
+    A model with LoRA adapters is exported merged (``W + (α/r)·A·B``, see
+    :func:`jaxalign.models.lora.merge_lora`): the directory holds a plain checkpoint. Weights are written
+    in ``config.param_dtype`` (pass ``model.config.with_policy(param_dtype=
     "bfloat16")`` to export bf16). Above ``max_shard_bytes`` the weights are split into
     ``model-0000k-of-0000n.safetensors`` files with a ``model.safetensors.index.json``; only one shard
     is ever held on the host. ``transformers.AutoModelForCausalLM.from_pretrained(out_dir)`` loads it.
@@ -322,6 +375,8 @@ def save_hf(
     if not config.same_architecture(model.config):
         raise ValueError(f"save_hf: config describes a different architecture than the model:\n"
                          f"  config: {config}\n  model:  {model.config}")
+    if has_lora(model):
+        model = merge_lora(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # A stale index or shard from an earlier export would shadow or mix with the new weights.

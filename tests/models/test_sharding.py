@@ -66,8 +66,8 @@ _MESH_SCRIPT = textwrap.dedent(
     import jax, jax.numpy as jnp, numpy as np
     from flax import nnx
     from jax.sharding import Mesh
-    from jaxalign.models import (LlamaForCausalLM, ModelConfig, fit_spec, load_hf, named_shardings,
-                                 partition_specs, save_hf)
+    from jaxalign.models import (GPT2Config, GPT2LMHeadModel, LlamaForCausalLM, LoRAConfig, ModelConfig,
+                                 apply_lora, fit_spec, load_hf, named_shardings, partition_specs, save_hf)
 
     report = {"devices": jax.device_count()}
     mesh = Mesh(np.array(jax.devices()).reshape(1, 2, 4), ("data", "fsdp", "tensor"))
@@ -103,6 +103,23 @@ _MESH_SCRIPT = textwrap.dedent(
         )
         report["loaded_forward_max_diff"] = float(np.abs(np.asarray(loaded(tokens)[0]) - expected).max())
 
+    # GPT-2 with LoRA adapters (B moved off zero): every spec fits, and sharding does not change the logits.
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=128, d_model=32, n_layers=2, n_heads=4, intermediate_size=64,
+                                      max_position_embeddings=16), rngs=nnx.Rngs(0))
+    apply_lora(gpt2, LoRAConfig(rank=4, alpha=4.0, targets=("c_attn", "c_fc")), rngs=nnx.Rngs(1))
+    gpt2.transformer.h.attn.c_attn.lora_b[...] = jnp.full((2, 4, 96), 0.1)
+    gpt2_expected = np.asarray(gpt2(tokens)[0])
+    gpt2_graphdef, gpt2_state = nnx.split(gpt2)
+    gpt2_params = dict(nnx.to_flat_state(nnx.state(gpt2, nnx.Param)))
+    report["gpt2_not_dividing"] = [
+        "/".join(map(str, path)) for path, spec in nnx.to_flat_state(partition_specs(gpt2))
+        if fit_spec(spec.get_value(), gpt2_params[path].get_value().shape, mesh) != spec.get_value()
+    ]
+    gpt2_state = jax.device_put(gpt2_state, named_shardings(gpt2, mesh))
+    gpt2_forward = jax.jit(lambda state, tokens: nnx.merge(gpt2_graphdef, state)(tokens)[0])
+    report["gpt2_lora_sharded_max_diff"] = float(
+        np.abs(np.asarray(gpt2_forward(gpt2_state, tokens)) - gpt2_expected).max())
+
     # A vocabulary of 97 cannot be split 4 ways: that dimension is replicated instead of failing.
     odd_model = LlamaForCausalLM(odd, rngs=nnx.Rngs(0))
     report["odd_vocab_embedding_spec"] = str(
@@ -126,3 +143,5 @@ def test_partition_table_on_an_8_device_cpu_mesh():
     assert report["load_shardings_match"]
     assert report["loaded_forward_max_diff"] < 1e-5
     assert report["odd_vocab_embedding_spec"] == str(P(None, "fsdp"))
+    assert report["gpt2_not_dividing"] == []
+    assert report["gpt2_lora_sharded_max_diff"] < 1e-5

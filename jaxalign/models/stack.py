@@ -1,0 +1,114 @@
+"""What every decoder family shares around its layers: masks/positions/cache bookkeeping and the layer scan.
+
+A model's ``__call__`` is ``inputs = attention_inputs(...)``, embed, ``scan_layers(...)``, final norm, then
+``advance_cache(...)`` when decoding. Keeping this in one place means Llama and GPT-2 treat padding,
+packed segments and the KV cache identically.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Bool, Int
+
+from jaxalign.models.cache import KVCache, LayerKV
+from jaxalign.models.masks import attention_mask as build_attention_mask
+from jaxalign.models.masks import derive_positions
+
+# Attribute names of the [L]-stacked layer collections (Llama's ``layers``, GPT-2's ``h``): the leading
+# axis of every parameter under them is the layer axis, scanned and never sharded.
+STACKED_COLLECTIONS = ("layers", "h")
+
+
+class AttentionInputs(NamedTuple):
+    """Per-call attention bookkeeping for ``T`` new tokens attending to ``S`` key slots."""
+
+    positions: Int[Array, "B T"]  # position of each new token (RoPE angle / learned-position index)
+    mask: Bool[Array, "B T S"]  # which key slots each new token may attend to
+    real: Bool[Array, "B T"]  # which new tokens are real (not padding)
+    key_valid: Bool[Array, "B S"]  # which key slots hold real tokens (S = T without a cache)
+    kv: LayerKV | None  # the cache view the layer scan starts from
+
+
+def attention_inputs(
+    tokens: Int[Array, "B T"],
+    *,
+    positions: Int[Array, "B T"] | None,
+    attention_mask: Array | None,
+    segment_ids: Int[Array, "B T"] | None,
+    cache: KVCache | None,
+    sliding_window: int | None = None,
+) -> AttentionInputs:
+    """Positions (derived from the mask, segments and cache when not given) and the attention mask.
+
+    Raises:
+        ValueError: ``segment_ids`` together with a cache (packing is for training, not decoding).
+    """
+    batch, length = tokens.shape
+    real = (jnp.ones((batch, length), bool) if attention_mask is None
+            else jnp.asarray(attention_mask).astype(bool))
+    if cache is None:
+        if positions is None:
+            positions = derive_positions(real, segment_ids)
+        query_slots = jnp.arange(length)
+        key_valid = real
+        kv = None
+    else:
+        if segment_ids is not None:
+            raise ValueError("segment_ids (packed sequences) cannot be combined with a KV cache")
+        if positions is None:
+            positions = derive_positions(real, offset=cache.next_position)
+        query_slots = cache.index + jnp.arange(length)
+        key_valid = jax.lax.dynamic_update_slice(cache.valid, real, (0, cache.index))
+        kv = cache.for_layers()
+    mask = build_attention_mask(
+        key_valid, query_slots, query_segments=segment_ids, key_segments=segment_ids,
+        sliding_window=sliding_window,
+    )
+    return AttentionInputs(positions=positions, mask=mask, real=real, key_valid=key_valid, kv=kv)
+
+
+def advance_cache(cache: KVCache, inputs: AttentionInputs, kv: LayerKV) -> KVCache:
+    """The cache after the layers wrote this call's keys/values (``kv``)."""
+    # A row's next position follows its last real token; rows with no real token here keep theirs.
+    next_position = jnp.max(jnp.where(inputs.real, inputs.positions + 1, cache.next_position[:, None]), axis=1)
+    return KVCache(
+        keys=kv.keys, values=kv.values, valid=inputs.key_valid,
+        next_position=next_position.astype(jnp.int32), index=cache.index + inputs.real.shape[1],
+    )
+
+
+def scan_layers(layers: nnx.Module, hidden, kv: LayerKV | None, *, n_layers: int, remat: str,
+                remat_policy, **layer_kwargs):
+    """Run ``[L]``-stacked layers with one ``jax.lax.scan`` (MaxText's ``scan_layers``).
+
+    Each step rebuilds one layer from its slice of the stacked state and calls
+    ``layer(hidden, kv=kv_at_layer, **layer_kwargs) -> (hidden, kv)``. The traced program is the same
+    for any depth, so compile time does not grow with ``L``. State a layer changes while running (a
+    dropout RNG counter, e.g. in LoRA adapters) is written back to ``layers``.
+
+    Returns:
+        ``(hidden, kv)`` after the last layer.
+    """
+    graphdef, params, other = nnx.split(layers, nnx.Param, ...)
+
+    def one_layer(carry, xs):
+        hidden, kv = carry
+        layer_params, layer_other, layer_index = xs
+        layer = nnx.merge(graphdef, layer_params, layer_other)
+        if kv is not None:
+            kv = kv.at_layer(layer_index)
+        hidden, kv = layer(hidden, kv=kv, **layer_kwargs)
+        return (hidden, kv), nnx.state(layer, nnx.Not(nnx.Param))
+
+    if remat != "none":
+        # prevent_cse=False is safe under scan (the loop already keeps XLA from merging the recomputation
+        # into the forward pass) and avoids the optimisation barriers prevent_cse would insert.
+        one_layer = jax.checkpoint(one_layer, policy=remat_policy, prevent_cse=False)
+    layer_indices = jnp.arange(n_layers, dtype=jnp.int32)
+    (hidden, kv), other = jax.lax.scan(one_layer, (hidden, kv), (params, other, layer_indices))
+    nnx.update(layers, other)
+    return hidden, kv
