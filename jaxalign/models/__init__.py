@@ -9,7 +9,7 @@ from jaxalign.models.heads import (
     ValueHead,
     last_token_index,
 )
-from jaxalign.models.gguf_io import GGUFSource, default_model_path, load_gguf
+from jaxalign.models.gguf_io import GGUFSource, default_model_path, load_gguf, load_gguf_tokenizer
 from jaxalign.models.gpt2 import GPT2Config, GPT2LMHeadModel, GPT2Model
 from jaxalign.models.hf_io import (
     SafetensorsSource,
@@ -54,6 +54,7 @@ __all__ = [
     "has_lora",
     "last_token_index",
     "load_gguf",
+    "load_gguf_tokenizer",
     "load_hf",
     "load_hf_config",
     "merge_lora",

@@ -275,6 +275,18 @@ def gguf_tokenizer(metadata: dict[str, Any], path: str | Path):
     return PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config, **extra)
 
 
+def load_gguf_tokenizer(path: str | Path):
+    """The tokenizer (with chat template) of a GGUF file, without loading its weights or importing torch.
+
+    Args:
+        path: the ``.gguf`` file.
+
+    Returns:
+        ``transformers.PreTrainedTokenizerFast`` (see :func:`gguf_tokenizer`).
+    """
+    return gguf_tokenizer(_metadata(_open(path)), path)
+
+
 def load_gguf(
     path: str | Path,
     *,

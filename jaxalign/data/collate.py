@@ -1,0 +1,106 @@
+"""Tokenised examples to a batch: a dict of NumPy int32/float32 arrays of static shape.
+
+Token arrays are ``[B, *layout, T]`` (layout ``()``, ``(2,)`` with index 0 chosen, ``(D, 2)`` or ``(N,)``):
+
+- ``input_ids``: token ids, ``pad_token_id`` on padding.
+- ``attention_mask``: 1 on real tokens.
+- ``loss_mask``: 1 on the tokens that are training targets: the completion tokens (its EOS included),
+  never a sequence's first token (nothing precedes it) and never padding. It is aligned with
+  ``input_ids``: a causal LM's targets are ``input_ids[..., 1:]`` and their mask is
+  ``loss_mask[..., 1:]`` (``sft_loss(logits[:, :-1], input_ids[:, 1:], loss_mask[:, 1:])``).
+  Prompt-only batches have none.
+- ``positions``: RoPE positions, counting the real tokens of the sequence from 0 (0 on padding); with
+  left padding a row's first real token is at position 0 although it sits in a later slot.
+- ``segment_ids`` (packed batches only): 1, 2, ... per packed sequence, 0 on padding; positions restart
+  at every segment and a token attends only within its segment (the model's ``segment_ids``).
+
+Right padding for every training kind; left padding for prompt-only batches (generation appends on the
+right). Per-example arrays: ``example_mask [B]`` (0 on rows that only pad a partial final batch) and,
+depending on the kind, ``score [B]`` (packed: ``[B, T]``, each token its sequence's score), ``margin [B]``
+or ``[B, D]``, ``label [B]`` (1 desirable), ``best [B]``, ``pair_mask [B, D]`` (0 where a group has no
+pair on a dimension) and ``candidate_mask [B, N]``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from jaxalign.data.tokenize import TokenizedDataset
+
+FLOAT_VALUES = ("score", "margin")
+
+
+def _value_shape(dataset: TokenizedDataset, key: str) -> tuple[int, ...]:
+    if key == "pair_mask" or (key == "margin" and dataset.kind == "preference_group"):
+        return (len(dataset.dimensions),)
+    return dataset.layout if key == "candidate_mask" else ()
+
+
+def collate(dataset: TokenizedDataset, rows: Sequence[int | None], length: int) -> dict[str, np.ndarray]:
+    """The batch of ``dataset.examples[i]`` for each ``i`` of ``rows`` (None: an all-padding row), ``T = length``."""
+    batch, slots = len(rows), math.prod(dataset.layout)
+    left = dataset.kind == "prompt"
+    input_ids = np.full((batch, slots, length), dataset.pad_token_id, np.int32)
+    attention_mask = np.zeros((batch, slots, length), np.int32)
+    loss_mask = np.zeros((batch, slots, length), np.int32)
+    positions = np.zeros((batch, slots, length), np.int32)
+    for row, index in enumerate(rows):
+        if index is None:
+            continue
+        for slot, sequence in enumerate(dataset.examples[index].sequences):
+            if sequence is None:
+                continue
+            size = len(sequence)
+            start = length - size if left else 0
+            span = slice(start, start + size)
+            input_ids[row, slot, span] = sequence.ids
+            attention_mask[row, slot, span] = 1
+            positions[row, slot, span] = np.arange(size)
+            loss_mask[row, slot, start + max(sequence.prompt_length, 1):start + size] = 1
+    shape = (batch, *dataset.layout, length)
+    out = {"input_ids": input_ids.reshape(shape), "attention_mask": attention_mask.reshape(shape),
+           "positions": positions.reshape(shape)}
+    if not left:
+        out["loss_mask"] = loss_mask.reshape(shape)
+    out["example_mask"] = np.asarray([index is not None for index in rows], np.int32)
+    for key in dataset.value_keys:
+        values = np.zeros((batch, *_value_shape(dataset, key)), np.float32 if key in FLOAT_VALUES else np.int32)
+        for row, index in enumerate(rows):
+            if index is not None:
+                values[row] = dataset.examples[index].values.get(key, 0)
+        out[key] = values
+    return out
+
+
+def collate_packed(dataset: TokenizedDataset, rows: Sequence[Sequence[int]], length: int) -> dict[str, np.ndarray]:
+    """A packed SFT batch: row ``b`` holds ``dataset.examples[i]`` for each ``i`` of ``rows[b]``, in order.
+
+    Returns ``[B, T]`` arrays with ``segment_ids``; ``score`` (when present) is per token, ``[B, T]``.
+    """
+    batch = len(rows)
+    input_ids = np.full((batch, length), dataset.pad_token_id, np.int32)
+    arrays = {name: np.zeros((batch, length), np.int32)
+              for name in ("attention_mask", "loss_mask", "positions", "segment_ids")}
+    score = np.zeros((batch, length), np.float32)
+    for row, indices in enumerate(rows):
+        offset = 0
+        for segment, index in enumerate(indices, start=1):
+            example = dataset.examples[index]
+            (sequence,) = example.sequences
+            size = len(sequence)
+            span = slice(offset, offset + size)
+            input_ids[row, span] = sequence.ids
+            arrays["attention_mask"][row, span] = 1
+            arrays["positions"][row, span] = np.arange(size)
+            arrays["segment_ids"][row, span] = segment
+            # The segment's first token is never a target: it must not be predicted from the previous segment.
+            arrays["loss_mask"][row, offset + max(sequence.prompt_length, 1):offset + size] = 1
+            score[row, span] = example.values.get("score", 0.0)
+            offset += size
+    out = {"input_ids": input_ids, **arrays, "example_mask": np.asarray([bool(r) for r in rows], np.int32)}
+    if "score" in dataset.value_keys:
+        out["score"] = score
+    return out

@@ -1,0 +1,70 @@
+"""Reading a source into canonical records: :func:`read_records`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jaxalign.data.errors import DataError, OnError, Report, check_on_error
+from jaxalign.data.fields import Fields
+from jaxalign.data.formats import Format, ReadOptions, detect_format, get_format
+from jaxalign.data.records import Record
+from jaxalign.data.sources import iter_raw_records, source_name
+
+
+def read_records(
+    source,
+    *,
+    format: str | None = None,
+    split: str = "train",
+    on_error: OnError = "raise",
+    limit: int | None = None,
+    source_tokenizer: Any = None,
+    progress: bool | None = None,
+) -> tuple[list[Record], Report]:
+    """Read every record of ``source`` into canonical records.
+
+    Args:
+        source: a ``.jsonl`` / ``.json`` file (optionally ``.gz``), a ``datasets.Dataset``, or a hub dataset
+            name (online machines only).
+        format: a name from :data:`jaxalign.data.formats.FORMATS`; None detects it from the first record.
+        split: the split of a hub dataset.
+        on_error: ``"raise"`` stops at the first bad record with a :class:`DataError` naming the source,
+            line/record and field; ``"skip"`` leaves bad records out and counts them in the report.
+        limit: stop after this many records have been kept (for quick experiments).
+        source_tokenizer: decodes token-id fields (OpenAI lm-human-preferences files hold GPT-2 ids).
+        progress: reading progress bar; None shows it for files of 64 MiB or more.
+
+    Returns:
+        ``(records, report)``: all records have the format's type (e.g. ``PreferenceRecord`` for HH-RLHF,
+        ``PreferenceGroup`` for PKU-SafeRLHF), each with its ``origin``; the report counts what was kept
+        and skipped.
+
+    Raises:
+        DataError: a bad record (``on_error="raise"``), a source whose format cannot be detected, an empty
+            source, or one whose every record was skipped.
+        FileNotFoundError: no such file or dataset.
+    """
+    check_on_error(on_error)
+    chosen_format: Format | None = get_format(format) if format is not None else None
+    options = ReadOptions(source_tokenizer=source_tokenizer)
+    report = Report("read", source_name(source))
+    records: list[Record] = []
+    for raw in iter_raw_records(source, split=split, progress=progress):
+        if limit is not None and len(records) >= limit:
+            break
+        report.seen += 1
+        try:
+            row = raw.load()
+        except DataError as error:
+            report.handle(error, on_error)
+            continue
+        if chosen_format is None:  # an undetectable format concerns the whole source: never skipped
+            chosen_format = detect_format(row, raw.where)
+        try:
+            records.append(chosen_format.parse(Fields(row, raw.where), options))
+            report.kept += 1
+        except DataError as error:
+            report.handle(error, on_error)
+    if not report.seen:
+        raise DataError("holds no records", where=report.source)
+    return records, report.finish()

@@ -1,0 +1,397 @@
+"""Records to token ids: chat templates, completion masks, EOS, truncation -> :class:`TokenizedDataset`.
+
+How a record becomes ids (as TRL's SFT and DPO trainers do it):
+
+- **conversational**: the prompt is rendered with the chat template *and the generation prompt*
+  (``...<|im_start|>assistant\\n`` for ChatML), the whole conversation ``prompt + response`` without it;
+  both are encoded (``add_special_tokens=False``: the template writes its own special tokens).
+- **standard** (strings, including the ``role_markers``/``turn_markers`` renderings): ``prompt`` and
+  ``prompt + response`` are encoded with the tokenizer's special tokens (a BOS where it adds one).
+- The completion is what follows the *common prefix* of the two id lists. That prefix is normally the
+  whole prompt; when the template renders the prompt differently alone, or BPE merges across the
+  boundary, the completion starts where they diverge (counted as ``notes["prompt_boundary"]``). For
+  pairs and best-of-N records the shortest such prefix is used, so every response shares the same prompt
+  tokens.
+
+EOS: a conversational completion ends as the template ends the assistant's turn, and those tokens are
+trained, so the model learns to stop: for ChatML the content, ``<|im_end|>`` (SmolLM2's EOS, id 2) and
+the template's trailing ``"\\n"`` (as TRL trains them). Nothing is added. A standard completion gets
+``tokenizer.eos_token_id`` appended unless it already ends with it (``Rendering(add_eos=False)`` turns
+this off); prompts never get one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+
+from jaxalign.data.errors import DataError, Location, OnError, Reason, Report, check_on_error
+from jaxalign.data.prompts import common_prefix_length
+from jaxalign.data.records import (
+    BestOfNRecord,
+    PreferenceGroup,
+    PreferenceRecord,
+    PromptRecord,
+    Record,
+    ScoredConversation,
+    SFTRecord,
+    Turns,
+    UnpairedRecord,
+    is_conversational,
+    is_empty,
+    text_as_chat,
+)
+from jaxalign.data.render import STYLES, ConversationStyle, conversation_to_sft, record_as_text
+from jaxalign.data.truncation import TokenSequence, Truncation
+
+KINDS = {
+    SFTRecord: "sft",
+    ScoredConversation: "sft",
+    PreferenceRecord: "preference",
+    PreferenceGroup: "preference_group",
+    UnpairedRecord: "unpaired",
+    PromptRecord: "prompt",
+    BestOfNRecord: "best_of_n",
+}
+# Records per batch of template rendering and (parallel, Rust-side) encoding.
+ENCODE_CHUNK = 256
+# Record counts from which the tokenising progress bar shows by default.
+PROGRESS_MIN_RECORDS = 1000
+
+
+@dataclass(frozen=True)
+class Rendering:
+    """How records become text before encoding.
+
+    Attributes:
+        conversation_style: ``"standard"`` (chat template), ``"role_markers"`` or ``"turn_markers"``
+            (plain-text layouts, see :mod:`jaxalign.data.render`); applies to conversational records.
+        score_template: score-conditioned SFT for scored conversations, e.g. ``"Score: {score:g}"``
+            (see :func:`jaxalign.data.render.conversation_to_sft`).
+        text_as_chat: turn standard records into single-turn conversations first (prompt -> user,
+            response -> assistant), so plain-string datasets get the chat template.
+        add_eos: append the EOS token to standard completions (see the module docstring).
+        chat_template: a Jinja chat template replacing the tokenizer's.
+    """
+
+    conversation_style: ConversationStyle = "standard"
+    score_template: str | None = None
+    text_as_chat: bool = False
+    add_eos: bool = True
+    chat_template: str | None = None
+
+    def __post_init__(self):
+        if self.conversation_style not in STYLES:
+            raise ValueError(f"Rendering: conversation_style must be one of {STYLES}, got {self.conversation_style!r}")
+
+    def prepare(self, record: Record) -> Record:
+        """``record`` as the encoder sees it: scored conversations as SFT, then text_as_chat, then the style."""
+        if isinstance(record, ScoredConversation):
+            if self.score_template is not None and record.score is None:
+                raise DataError("is missing, and score_template conditions on it", where=record.origin,
+                                field="score", reason=Reason.MISSING_FIELD)
+            record = conversation_to_sft(record, score_template=self.score_template)
+        if self.text_as_chat:
+            record = text_as_chat(record)
+        return record_as_text(record, self.conversation_style)
+
+
+@dataclass(frozen=True)
+class TokenizedExample:
+    """One record's sequences (flattened layout; None = an absent pair or candidate) and per-record values."""
+
+    sequences: tuple[TokenSequence | None, ...]
+    values: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TokenizedDataset:
+    """Tokenised records of one kind, ready for :class:`jaxalign.data.loader.BatchIterator`.
+
+    Attributes:
+        kind: ``"sft"``, ``"preference"``, ``"preference_group"``, ``"unpaired"``, ``"prompt"`` or
+            ``"best_of_n"``.
+        layout: the sequence dims of one example: ``()`` for sft/unpaired/prompt, ``(2,)`` for a pair
+            (index 0 chosen), ``(D, 2)`` for groups, ``(N,)`` for best-of-N.
+        examples: one per kept record.
+        pad_token_id: the tokenizer's pad id (its EOS when it has none, as TRL does); padding is also
+            marked by ``attention_mask`` = 0, so the id itself is never attended to.
+        dimensions: the D dimension names of a group dataset, in batch order.
+        value_keys: per-record arrays batches carry (e.g. ``("margin",)``).
+        reports: what each stage did (reading, then tokenising).
+    """
+
+    kind: str
+    layout: tuple[int, ...]
+    examples: list[TokenizedExample]
+    pad_token_id: int
+    dimensions: tuple[str, ...] = ()
+    value_keys: tuple[str, ...] = ()
+    reports: tuple[Report, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    @property
+    def report(self) -> Report:
+        """The tokenising stage's report."""
+        return self.reports[-1]
+
+    @cached_property
+    def lengths(self) -> np.ndarray:
+        """``[N]`` int: the longest sequence of each example."""
+        return np.asarray([max((len(s) for s in e.sequences if s is not None), default=0) for e in self.examples],
+                          np.int64)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """A hash of every token id and value, so a resumed iterator can tell it got the same dataset."""
+        digest = hashlib.blake2b(digest_size=16)
+        digest.update(f"{self.kind}{self.layout}{self.dimensions}".encode())
+        for example in self.examples:
+            for sequence in example.sequences:
+                digest.update(b"-" if sequence is None else sequence.ids.tobytes() + b"|%d|" % sequence.prompt_length)
+            digest.update(repr(sorted(example.values.items())).encode())
+        return digest.hexdigest()
+
+
+def _pad_token_id(tokenizer) -> int:
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return int(token_id)
+    return 0
+
+
+def _units(record: Record, dimensions: tuple[str, ...], candidates: int) -> tuple[Turns, list[Turns | None]]:
+    """The prompt and the responses of a prepared record in layout order (None = absent pair or candidate)."""
+    if isinstance(record, (SFTRecord, UnpairedRecord)):
+        return record.prompt, [record.completion]
+    if isinstance(record, PreferenceRecord):
+        return record.prompt, [record.chosen, record.rejected]
+    if isinstance(record, BestOfNRecord):
+        return record.prompt, list(record.samples) + [None] * (candidates - len(record.samples))
+    if isinstance(record, PreferenceGroup):
+        pairs = [record.pair(dimension) for dimension in dimensions]
+        return record.prompt, [side for p in pairs for side in ((None, None) if p is None else (p.chosen, p.rejected))]
+    return record.prompt, []
+
+
+def _is_conversational(prompt: Turns, responses: list[Turns | None]) -> bool:
+    """A record's kind, read off its first response (or its prompt when it has none)."""
+    return is_conversational(next((r for r in responses if r is not None), prompt))
+
+
+def _response_field(kind: str, index: int) -> str:
+    if kind in ("preference", "preference_group"):
+        return ("chosen", "rejected")[index % 2]
+    return f"samples[{index}]" if kind == "best_of_n" else "completion"
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A record ready to encode: its units and the texts to encode (prompt, then each present response)."""
+
+    prompt: Turns
+    responses: list[Turns | None]
+    values: dict[str, Any]
+    where: Location
+    conversational: bool
+    texts: list[str]
+
+
+class _Pipeline:
+    """Renders, validates, encodes and fits the records of one dataset (see :func:`tokenize`)."""
+
+    def __init__(self, kind, tokenizer, truncation: Truncation, rendering: Rendering, dimensions, candidates):
+        self.kind, self.tokenizer, self.truncation, self.rendering = kind, tokenizer, truncation, rendering
+        self.dimensions, self.candidates = dimensions, candidates
+        self.template = rendering.chat_template or getattr(tokenizer, "chat_template", None)
+        self.eos = tokenizer.eos_token_id if rendering.add_eos else None
+        self.present: dict[str, bool] = {}  # optional value -> whether the dataset has it (set by its first record)
+
+    def _chat(self, messages, *, generation_prompt: bool) -> str:
+        import jinja2
+
+        if self.template is None:
+            raise ValueError("the tokenizer has no chat template; pass Rendering(chat_template=...) or a text "
+                             "conversation_style ('role_markers' / 'turn_markers')")
+        try:
+            return self.tokenizer.apply_chat_template([m.as_dict() for m in messages], chat_template=self.template,
+                                                      tokenize=False, add_generation_prompt=generation_prompt)
+        except jinja2.TemplateError as error:
+            raise DataError(f"the chat template refuses these messages ({error})") from None
+
+    def prepare(self, original: Record, where: Location) -> _Prepared:
+        record = self.rendering.prepare(original)
+        prompt, responses = _units(record, self.dimensions, self.candidates)
+        conversational = _is_conversational(prompt, responses)
+        if conversational and prompt and prompt[-1].role == "assistant":
+            raise DataError("ends with an assistant message; a prompt must end where the reply begins",
+                            where=where, field="prompt")
+        if self.kind == "prompt" and is_empty(prompt):
+            raise DataError("is empty", where=where, field="prompt", reason=Reason.EMPTY_RESPONSE)
+        for index, response in enumerate(responses):
+            if response is not None and is_empty(response):
+                raise DataError("empty response", where=where, field=_response_field(self.kind, index),
+                                reason=Reason.EMPTY_RESPONSE)
+        present = [r for r in responses if r is not None]
+        if conversational:
+            head = self._chat(prompt, generation_prompt=True) if prompt else ""
+            texts = [head] + [self._chat(prompt + r, generation_prompt=False) for r in present]
+        else:
+            texts = [prompt] + [prompt + r for r in present]
+        return _Prepared(prompt, responses, self.values(record, where), where, conversational, texts)
+
+    def _optional(self, key: str, value: float | None, where: Location) -> float | None:
+        """A value some sources lack (score, margin): a dataset's records all have it or all lack it."""
+        expected = self.present.setdefault(key, value is not None)
+        if (value is not None) != expected:
+            raise DataError(f"is {'missing' if expected else 'given'} while the first record "
+                            f"{'has' if expected else 'lacks'} one (all records must agree)", where=where, field=key,
+                            reason=Reason.MISSING_FIELD if expected else Reason.INVALID_VALUE)
+        return value
+
+    def values(self, record: Record, where: Location) -> dict[str, Any]:
+        """The per-record values a batch carries beside the tokens (see :mod:`jaxalign.data.collate`)."""
+        if isinstance(record, SFTRecord):
+            score = self._optional("score", record.score, where)
+            return {} if score is None else {"score": float(score)}
+        if isinstance(record, PreferenceRecord):
+            margin = self._optional("margin", record.margin, where)
+            return {} if margin is None else {"margin": float(margin)}
+        if isinstance(record, UnpairedRecord):
+            return {"label": int(record.label)}
+        if isinstance(record, BestOfNRecord):
+            return {"best": record.best,
+                    "candidate_mask": tuple(int(i < len(record.samples)) for i in range(self.candidates))}
+        if isinstance(record, PreferenceGroup):
+            pairs = [record.pair(dimension) for dimension in self.dimensions]
+            values = {"pair_mask": tuple(int(p is not None) for p in pairs)}
+            margins = [self._optional("margin", p.margin, where) for p in pairs if p is not None]
+            if margins[0] is not None:
+                values["margin"] = tuple(0.0 if p is None else float(p.margin) for p in pairs)
+            return values
+        return {}
+
+    def encode(self, texts: list[str], conversational: bool) -> list[list[int]]:
+        # The chat template writes its own special tokens; plain text gets the tokenizer's (e.g. a BOS).
+        return self.tokenizer(texts, add_special_tokens=not conversational)["input_ids"] if texts else []
+
+    def example(self, item: _Prepared, ids: list[list[int]], report: Report) -> TokenizedExample:
+        """The example of a prepared record from its encoded texts; truncations and notes go to ``report``."""
+        prompt_ids, full_ids = ids[0], iter(ids[1:])
+        if self.kind == "prompt":
+            return TokenizedExample((self.truncation.fit_prompt(prompt_ids, item.where, report.truncated),),
+                                    item.values)
+        full = [None if r is None else next(full_ids) for r in item.responses]
+        prompt_length = min(common_prefix_length(prompt_ids, f) for f in full if f is not None)
+        if prompt_length < len(prompt_ids):
+            report.notes["prompt_boundary"] += 1
+        completions = [None if f is None else self._with_eos(f[prompt_length:], item.conversational) for f in full]
+        sequences = self.truncation.fit(prompt_ids[:prompt_length], completions, item.where, report.truncated)
+        return TokenizedExample(tuple(sequences), item.values)
+
+    def _with_eos(self, completion: list[int], conversational: bool) -> list[int]:
+        if conversational or self.eos is None or completion[-1:] == [self.eos]:
+            return completion
+        return completion + [self.eos]
+
+
+def _kind(records: Sequence[Record]) -> str:
+    kinds = {KINDS.get(type(r), type(r).__name__) for r in records}
+    unknown = kinds - set(KINDS.values())
+    if unknown:
+        raise TypeError(f"tokenize: not canonical records: {sorted(unknown)}")
+    if len(kinds) != 1:
+        raise TypeError(f"tokenize: records of one kind only, got {sorted(kinds)}")
+    return kinds.pop()
+
+
+def _layout(kind: str, records: Sequence[Record]) -> tuple[tuple[int, ...], tuple[str, ...], int]:
+    """``(layout, dimensions, candidates)`` of a dataset."""
+    if kind == "preference_group":
+        dimensions = tuple(dict.fromkeys(d for group in records for d in group.dimensions))
+        return (len(dimensions), 2), dimensions, 0
+    if kind == "best_of_n":
+        candidates = max(len(r.samples) for r in records)
+        return (candidates,), (), candidates
+    return ((2,) if kind == "preference" else ()), (), 0
+
+
+def tokenize(
+    records: Sequence[Record],
+    tokenizer,
+    *,
+    truncation: Truncation | None = None,
+    rendering: Rendering | None = None,
+    on_error: OnError = "raise",
+    progress: bool | None = None,
+    source: str = "<records>",
+) -> TokenizedDataset:
+    """Tokenise canonical records of one kind into a :class:`TokenizedDataset`.
+
+    Args:
+        records: records of one type (scored conversations count as SFT).
+        tokenizer: a ``transformers.PreTrainedTokenizerBase`` (for conversational records, with a chat
+            template unless a text ``conversation_style`` is used).
+        truncation: the length limits and policy (:class:`~jaxalign.data.truncation.Truncation`); None:
+            no limit.
+        rendering: chat template, conversation style, score conditioning, EOS (:class:`Rendering`); None:
+            the defaults.
+        on_error: ``"raise"``, or ``"skip"`` records that are too long, empty or refused by the template.
+        progress: progress bar with rate and ETA; None shows it from 1000 records.
+        source: how errors cite records that have no ``origin``.
+
+    Returns:
+        The dataset; ``dataset.report`` counts kept, skipped and truncated records.
+
+    Raises:
+        DataError: a bad record (``on_error="raise"``) or every record skipped.
+        TypeError: records of several kinds, or not canonical records.
+        ValueError: conversational records with a tokenizer that has no chat template.
+    """
+    from tqdm.auto import tqdm
+
+    check_on_error(on_error)
+    truncation, rendering = truncation or Truncation(), rendering or Rendering()
+    if not records:
+        raise ValueError("tokenize: no records")
+    kind = _kind(records)
+    layout, dimensions, candidates = _layout(kind, records)
+    pipeline = _Pipeline(kind, tokenizer, truncation, rendering, dimensions, candidates)
+    report = Report("tokenize", source, seen=len(records))
+    examples = []
+    show = len(records) >= PROGRESS_MIN_RECORDS if progress is None else progress
+    with tqdm(total=len(records), unit="rec", desc="tokenizing", disable=not show) as bar:
+        for start in range(0, len(records), ENCODE_CHUNK):
+            chunk = records[start:start + ENCODE_CHUNK]
+            prepared = []
+            for offset, record in enumerate(chunk):
+                where = record.origin or Location(source, start + offset + 1)
+                try:
+                    prepared.append(pipeline.prepare(record, where))
+                except DataError as error:
+                    if error.where is None:
+                        error = DataError(error.problem, where=where, field=error.field, reason=error.reason)
+                    report.handle(error, on_error)
+            # One encoder call per kind of text and chunk: the Rust tokenizer encodes a batch in parallel.
+            encoded = {}
+            for conversational in (False, True):
+                texts = [text for item in prepared if item.conversational == conversational for text in item.texts]
+                encoded[conversational] = iter(pipeline.encode(texts, conversational))
+            for item in prepared:
+                ids = [next(encoded[item.conversational]) for _ in item.texts]
+                try:
+                    examples.append(pipeline.example(item, ids, report))
+                    report.kept += 1
+                except DataError as error:
+                    report.handle(error, on_error)
+            bar.update(len(chunk))
+    value_keys = tuple(sorted({key for example in examples for key in example.values}))
+    return TokenizedDataset(kind, layout, examples, _pad_token_id(tokenizer), dimensions, value_keys,
+                            (report.finish(),))
