@@ -34,6 +34,8 @@ class Reason(enum.StrEnum):
     WRONG_TYPE = "wrong_type"
     EMPTY_RESPONSE = "empty_response"
     INVALID_VALUE = "invalid_value"
+    IDENTICAL_RESPONSES = "identical_responses"  # chosen == rejected: nothing to prefer
+    FOREIGN_FIELD = "foreign_field"  # a field of another format: a mixed or mis-detected source
     PROMPT_TOO_LONG = "prompt_too_long"
 
 

@@ -22,7 +22,7 @@ import re
 
 from jaxalign.data.errors import DataError, Reason
 from jaxalign.data.fields import Fields
-from jaxalign.data.records import Message, Messages, Turns
+from jaxalign.data.records import Message, Messages, Turns, identical_responses
 
 _HH_MARKER = re.compile(r"\n\n(Human|Assistant):")
 _HH_ROLES = {"Human": "user", "Assistant": "assistant"}
@@ -61,8 +61,8 @@ def split_implicit_prompt(fields: Fields, chosen_key: str = "chosen",
     if isinstance(chosen, str) != isinstance(rejected, str):
         raise fields.error(rejected_key, f"is {'a string' if isinstance(rejected, str) else 'a message list'} while "
                            f"{chosen_key!r} is not", Reason.WRONG_TYPE)
-    if chosen == rejected:
-        raise fields.error(rejected_key, f"is identical to {chosen_key!r}", Reason.INVALID_VALUE)
+    if chosen == rejected:  # checked before splitting, which would leave two empty responses
+        raise identical_responses(fields.where, fields.name(rejected_key), chosen_key)
     end = (_text_prompt_end(chosen, rejected) if isinstance(chosen, str)
            else common_prefix_length(chosen, rejected))
     if end == 0:

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from itertools import chain, islice
 from typing import Any
 
 from jaxalign.data.errors import DataError, OnError, Report, check_on_error
 from jaxalign.data.fields import Fields
-from jaxalign.data.formats import Format, ReadOptions, detect_format, get_format
+from jaxalign.data.formats import DETECTION_RECORDS, Format, ReadOptions, detect_format, get_format, record_parser
 from jaxalign.data.records import Record
-from jaxalign.data.sources import iter_raw_records, source_name
+from jaxalign.data.sources import RawRecord, iter_raw_records, source_name
+
+
+def _loaded(raws) -> Iterator[tuple[RawRecord, dict | DataError]]:
+    """Each raw record with its parsed object, or the DataError that parsing it gave."""
+    for raw in raws:
+        try:
+            yield raw, raw.load()
+        except DataError as error:
+            yield raw, error
 
 
 def read_records(
@@ -26,7 +37,8 @@ def read_records(
     Args:
         source: a ``.jsonl`` / ``.json`` file (optionally ``.gz``), a ``datasets.Dataset``, or a hub dataset
             name (online machines only).
-        format: a name from :data:`jaxalign.data.formats.FORMATS`; None detects it from the first record.
+        format: a name from :data:`jaxalign.data.formats.FORMATS`; None detects it from the union of the
+            fields of the first :data:`~jaxalign.data.formats.DETECTION_RECORDS` (100) records.
         split: the split of a hub dataset.
         on_error: ``"raise"`` stops at the first bad record with a :class:`DataError` naming the source,
             line/record and field; ``"skip"`` leaves bad records out and counts them in the report.
@@ -40,28 +52,35 @@ def read_records(
         and skipped.
 
     Raises:
-        DataError: a bad record (``on_error="raise"``), a source whose format cannot be detected, an empty
-            source, or one whose every record was skipped.
+        DataError: a bad record (``on_error="raise"``), including one holding a field of another format;
+            a source whose format cannot be detected, or whose first records mix formats; a corrupt or
+            truncated ``.gz`` file (even with ``on_error="skip"``); an empty source, or one whose every
+            record was skipped.
         FileNotFoundError: no such file or dataset.
     """
     check_on_error(on_error)
     chosen_format: Format | None = get_format(format) if format is not None else None
     options = ReadOptions(source_tokenizer=source_tokenizer)
     report = Report("read", source_name(source))
+    parse = record_parser(chosen_format) if chosen_format is not None else None
     records: list[Record] = []
-    for raw in iter_raw_records(source, split=split, progress=progress):
+    loaded = _loaded(iter_raw_records(source, split=split, progress=progress))
+    # Detection reads ahead: the first records are held back until the format is known.
+    window = list(islice(loaded, DETECTION_RECORDS)) if chosen_format is None else []
+    for raw, row in chain(window, loaded):
         if limit is not None and len(records) >= limit:
             break
         report.seen += 1
-        try:
-            row = raw.load()
-        except DataError as error:
-            report.handle(error, on_error)
+        if isinstance(row, DataError):
+            report.handle(row, on_error)
             continue
-        if chosen_format is None:  # an undetectable format concerns the whole source: never skipped
-            chosen_format = detect_format(row, raw.where)
+        if chosen_format is None:  # an undetectable or mixed format concerns the whole source: never skipped
+            # (every record of the window malformed: this later one decides alone)
+            objects = [(r.where, o) for r, o in window if not isinstance(o, DataError)] or [(raw.where, row)]
+            chosen_format = detect_format([o for _, o in objects], [w for w, _ in objects])
+            parse = record_parser(chosen_format)
         try:
-            records.append(chosen_format.parse(Fields(row, raw.where), options))
+            records.append(parse(Fields(row, raw.where), options))
             report.kept += 1
         except DataError as error:
             report.handle(error, on_error)

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from jaxalign.data.errors import Location
+from jaxalign.data.errors import DataError, Location, Reason
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,11 @@ class PreferenceRecord:
 
     ``margin`` (optional) is how strongly ``chosen`` wins (e.g. a rating gap; the reward-model margin);
     ``dimension`` names the preference axis (``"helpfulness"``, ``"safety"``) when a source has several.
+
+    Identical ``chosen`` and ``rejected`` (equal strings, or equal message lists) are refused with a
+    :class:`~jaxalign.data.errors.DataError` (reason ``identical_responses``, field ``rejected``, at
+    ``origin``): such a pair carries no preference, and every reader builds its pairs here, so the check
+    holds for all formats.
     """
 
     prompt: Turns
@@ -109,6 +114,14 @@ class PreferenceRecord:
         object.__setattr__(self, "rejected", as_turns(self.rejected))
         object.__setattr__(self, "prompt", _empty_like(as_turns(self.prompt), self.chosen))
         _same_kind("PreferenceRecord", prompt=self.prompt, chosen=self.chosen, rejected=self.rejected)
+        if self.chosen == self.rejected:
+            raise identical_responses(self.origin, "rejected", "chosen")
+
+
+def identical_responses(where: Location | None, field: str, other: str) -> DataError:
+    """The error of a pair whose two responses are the same (shared by every reader that checks early)."""
+    return DataError(f"is identical to {other!r}: a pair with the same response on both sides has no preference",
+                     where=where, field=field, reason=Reason.IDENTICAL_RESPONSES)
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,23 @@
 """Raw records from a source: a JSON Lines file, a JSON array file, a ``datasets.Dataset`` or a hub name.
 
-Files may be gzip-compressed (``.gz``, as Anthropic ships HH-RLHF). A ``.json`` file holding a JSON
-array is read as one list; any other ``.json`` file is read as JSON Lines (``datasets``' ``to_json``
-writes JSON Lines under that suffix). A source that is not an existing path is loaded with
-``datasets.load_dataset(source, split=split)``, which needs a machine that can reach the hub (or the
-``datasets`` cache).
+Files may be gzip-compressed (``.gz``, as Anthropic ships HH-RLHF) and may start with a UTF-8 byte order
+mark (read as ``utf-8-sig``). A ``.json`` file holds one of:
+
+- a JSON array of records;
+- a JSON object whose *only* field holds the list of records (``{"data": [...]}``, what ``datasets``
+  reads with ``field="data"``); an object with other fields is an error, since they would be lost;
+- JSON Lines (``datasets``' ``to_json`` writes JSON Lines under that suffix): a file whose first line is
+  a complete JSON value, or that does not parse as one JSON document at all.
+
+A pretty-printed object or array that does not parse is a file-level error citing the document's line and
+column. A source that is not an existing path is loaded with ``datasets.load_dataset(source,
+split=split)``, which needs a machine that can reach the hub (or the ``datasets`` cache).
 
 Rows of a JSON Lines file are parsed one by one, so a malformed line becomes a :class:`DataError` for
-that line alone (``on_error="skip"`` can then leave it out); blank lines are ignored.
+that line alone (``on_error="skip"`` can then leave it out); blank lines are ignored. A ``.gz`` file that
+is not gzip data, is corrupt or ends early (a truncated download) is a file-level :class:`DataError`
+naming the line reading stopped at, raised even with ``on_error="skip"``: the records after it are lost,
+so the file cannot pass for complete.
 """
 
 from __future__ import annotations
@@ -15,6 +25,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +36,9 @@ from jaxalign.data.errors import DataError, Location, Reason
 # Files at least this large show a reading progress bar (bytes, rate, ETA).
 PROGRESS_MIN_BYTES = 64 << 20
 FILE_SUFFIXES = (".json", ".jsonl", ".ndjson", ".gz")
+BOM = b"\xef\xbb\xbf"
+# What gzip raises on data that is not gzip (BadGzipFile), corrupt (zlib.error, a CRC mismatch) or cut short (EOFError).
+GZIP_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)
 
 
 @dataclass(frozen=True)
@@ -39,7 +53,7 @@ class RawRecord:
         value = self.payload
         if isinstance(value, bytes):
             try:
-                value = json.loads(value.decode("utf-8"))
+                value = json.loads(value.decode("utf-8-sig"))  # a BOM (first line, or concatenated files)
             except UnicodeDecodeError as error:
                 raise DataError(f"not UTF-8 text ({error.reason} at byte {error.start})", where=self.where,
                                 reason=Reason.MALFORMED) from None
@@ -61,14 +75,93 @@ def _open_binary(path: Path):
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
-def _is_json_array(path: Path) -> bool:
-    """Whether a ``.json`` file starts with ``[`` (after whitespace)."""
-    with _open_binary(path) as handle:
-        while chunk := handle.read(256):
-            stripped = chunk.lstrip()
-            if stripped:
-                return stripped.startswith(b"[")
-    return False
+def _gzip_error(path: Path, error: Exception, *, line: int | None = None, record: int = 0) -> DataError:
+    """A file-level error for gzip data that is not gzip, corrupt or cut short.
+
+    ``line``: how many lines of a JSON Lines file were read before it (the error cites the next one);
+    None for a file read as one document.
+    """
+    problem = ("not gzip data" if isinstance(error, gzip.BadGzipFile) and str(error).startswith("Not a gzipped")
+               else "corrupt or truncated gzip data")
+    detail = f"{problem} ({type(error).__name__}: {error})"
+    if line is None:
+        return DataError(detail, where=str(path), reason=Reason.MALFORMED)
+    read = f"; the {line} lines before it were read, the rest of the file is lost" if line else ""
+    return DataError(f"{detail}{read}", where=Location(str(path), record + 1, line + 1), reason=Reason.MALFORMED)
+
+
+def _leading_lines(path: Path, count: int) -> list[bytes]:
+    """The first ``count`` non-blank lines of a file, stripped (a leading BOM removed)."""
+    lines = []
+    try:
+        with _open_binary(path) as handle:
+            for number, line in enumerate(handle):
+                stripped = (line.removeprefix(BOM) if number == 0 else line).strip()
+                if stripped:
+                    lines.append(stripped)
+                    if len(lines) == count:
+                        break
+    except GZIP_ERRORS as error:
+        raise _gzip_error(path, error) from None
+    return lines
+
+
+def _json_value(line: bytes) -> Any:
+    """``line`` parsed as JSON, or None when it is not a complete JSON value."""
+    try:
+        return json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
+def _document(path: Path) -> Any:
+    """The whole file as one JSON value; a file-level DataError (with line and column) when it is not one."""
+    try:
+        with _open_binary(path) as handle:
+            return json.load(io.TextIOWrapper(handle, encoding="utf-8-sig"))
+    except GZIP_ERRORS as error:
+        raise _gzip_error(path, error) from None
+    except UnicodeDecodeError as error:
+        raise DataError(f"not UTF-8 text ({error.reason})", where=str(path), reason=Reason.MALFORMED) from None
+    except json.JSONDecodeError as error:
+        raise DataError(f"not valid JSON ({error.msg} at line {error.lineno}, column {error.colno})",
+                        where=str(path), reason=Reason.MALFORMED) from None
+
+
+def _is_wrapper(value: Any) -> bool:
+    """An object that holds records rather than being one: its only field, which no format reads, lists objects."""
+    from jaxalign.data.formats import field_owners  # the registry knows which fields belong to records
+
+    if not isinstance(value, dict) or len(value) != 1:
+        return False
+    (key, field), = value.items()
+    return not field_owners(key) and isinstance(field, list) and all(isinstance(item, dict) for item in field)
+
+
+def _records(path: Path, values: list) -> Iterator[RawRecord]:
+    for index, value in enumerate(values, start=1):
+        yield RawRecord(Location(str(path), index), value)
+
+
+def _json_file(path: Path, progress: bool | None) -> Iterator[RawRecord]:
+    """The records of a ``.json`` file: an array, an object wrapping one, or JSON Lines (module docstring)."""
+    lines = _leading_lines(path, 2)
+    if lines and lines[0].startswith(b"["):
+        return _records(path, _document(path))
+    if lines and lines[0].startswith(b"{"):
+        first = _json_value(lines[0])
+        if first is None and not (len(lines) > 1 and isinstance(_json_value(lines[1]), dict)):
+            # Not JSON Lines with a bad first line (its second line would be a record): one multi-line document.
+            document = _document(path)
+            if not _is_wrapper(document):
+                fields = ", ".join(map(repr, document)) or "none"
+                raise DataError(f"holds one JSON object (fields: {fields}), not a list of records: expected a JSON "
+                                "array of records, JSON Lines (one object per line), or an object whose only field "
+                                "holds the list of records", where=str(path), reason=Reason.MALFORMED)
+            return _records(path, next(iter(document.values())))
+        if len(lines) == 1 and _is_wrapper(first):  # {"data": [...]} written on one line
+            return _records(path, next(iter(first.values())))
+    return _json_lines(path, progress)
 
 
 def _json_lines(path: Path, progress: bool | None) -> Iterator[RawRecord]:
@@ -76,31 +169,20 @@ def _json_lines(path: Path, progress: bool | None) -> Iterator[RawRecord]:
 
     size = path.stat().st_size
     show = size >= PROGRESS_MIN_BYTES if progress is None else progress
-    record = 0
-    with _open_binary(path) as handle, tqdm(total=size, unit="B", unit_scale=True, desc=f"reading {path.name}",
-                                            disable=not show) as bar:
-        raw = handle.fileobj if isinstance(handle, gzip.GzipFile) else handle
-        for line_number, line in enumerate(handle, start=1):
-            if show:
-                bar.update(raw.tell() - bar.n)  # compressed bytes for .gz, so the bar matches the file size
-            if not line.strip():
-                continue
-            record += 1
-            yield RawRecord(Location(str(path), record, line_number), line.rstrip(b"\r\n"))
-
-
-def _json_array(path: Path) -> Iterator[RawRecord]:
-    with _open_binary(path) as handle:
-        text = io.TextIOWrapper(handle, encoding="utf-8")
-        try:
-            values = json.load(text)
-        except UnicodeDecodeError as error:
-            raise DataError(f"not UTF-8 text ({error.reason})", where=str(path), reason=Reason.MALFORMED) from None
-        except json.JSONDecodeError as error:
-            raise DataError(f"not valid JSON ({error.msg} at line {error.lineno}, column {error.colno})",
-                            where=str(path), reason=Reason.MALFORMED) from None
-    for index, value in enumerate(values, start=1):
-        yield RawRecord(Location(str(path), index), value)
+    record = line_number = 0
+    try:
+        with _open_binary(path) as handle, tqdm(total=size, unit="B", unit_scale=True, desc=f"reading {path.name}",
+                                                disable=not show) as bar:
+            raw = handle.fileobj if isinstance(handle, gzip.GzipFile) else handle
+            for line_number, line in enumerate(handle, start=1):
+                if show:
+                    bar.update(raw.tell() - bar.n)  # compressed bytes for .gz, so the bar matches the file size
+                if not line.strip():
+                    continue
+                record += 1
+                yield RawRecord(Location(str(path), record, line_number), line.rstrip(b"\r\n"))
+    except GZIP_ERRORS as error:
+        raise _gzip_error(path, error, line=line_number, record=record) from None
 
 
 def _dataset_rows(dataset, name: str) -> Iterator[RawRecord]:
@@ -144,13 +226,15 @@ def iter_raw_records(source, *, split: str = "train", progress: bool | None = No
 
     Raises:
         FileNotFoundError: ``source`` is neither a file nor a loadable dataset.
-        DataError: a JSON array file that does not parse as a whole.
+        DataError: a JSON document (array or object) that does not parse as a whole, an object that does
+            not wrap a list of records, or a ``.gz`` file that is not gzip data, corrupt or truncated
+            (raised while reading, at the line reached).
     """
     if isinstance(source, (str, Path)):
         path = Path(source)
         if path.is_file():
-            if path.name.removesuffix(".gz").endswith(".json") and _is_json_array(path):
-                return _json_array(path)
+            if path.name.removesuffix(".gz").endswith(".json"):
+                return _json_file(path, progress)
             return _json_lines(path, progress)
         if path.exists():
             raise FileNotFoundError(f"{path} is not a file")

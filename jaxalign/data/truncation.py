@@ -3,14 +3,16 @@
 ``Truncation(max_length, max_prompt_length, mode)``; every sequence shortened is counted in the tokenize
 :class:`~jaxalign.data.errors.Report` (``truncated["prompt"]``: its prompt lost its start;
 ``truncated["completion"]``: its completion lost its end; ``truncated["completion_start"]``: keep_end cut
-into the completion; ``truncated["tokens"]``: tokens dropped in all).
+into the completion; ``truncated["tokens"]``: tokens dropped in all, summed over the sequences).
 
 Modes (all sequences of a record share the prompt; for pairs the longer response decides):
 
 - ``"keep_start"`` (TRL's default): cut the end of the completion. A prompt that leaves no room for any
   completion token is an error (``prompt_too_long``): nothing of it could be trained.
-- ``"keep_end"``: cut the start (the prompt's oldest tokens first, then the completion's), so the
-  completion's end (its EOS) always survives.
+- ``"keep_end"``: cut the start, so each completion's end (its EOS) always survives: the shared prompt
+  loses its oldest tokens, as many as the longest sequence is over ``max_length`` (so every sequence of
+  the record keeps the same, shortened prompt); only once the prompt is gone does a completion that is
+  still too long lose its own start.
 - ``"prompt_first"`` (TRL 0.x DPO's ``max_prompt_length``): when a sequence is too long, first cut the
   prompt's start down to ``max_prompt_length`` (the cap), then the completions' ends.
 
@@ -108,7 +110,7 @@ class Truncation:
         if self.max_length is None or len(prompt) + max(map(len, present)) <= self.max_length:
             return [None if c is None else _sequence(prompt, c) for c in completions]
         if self.mode == "keep_end":
-            return [None if c is None else self._keep_end(prompt, c, events) for c in completions]
+            return self._keep_end(prompt, completions, events)
         if self.mode == "prompt_first" and len(prompt) > cap:
             events["prompt"] += len(present)
             events["tokens"] += (len(prompt) - cap) * len(present)
@@ -126,14 +128,25 @@ class Truncation:
             fitted.append(None if completion is None else _sequence(prompt, completion))
         return fitted
 
-    def _keep_end(self, prompt: list[int], completion: list[int], events: Counter) -> TokenSequence:
-        excess = len(prompt) + len(completion) - self.max_length
-        if excess <= 0:
-            return _sequence(prompt, completion)
-        events["tokens"] += excess
-        if prompt:
-            events["prompt"] += 1
-        if excess <= len(prompt):
-            return _sequence(prompt[excess:], completion)
-        events["completion_start"] += 1
-        return _sequence([], completion[excess - len(prompt):])
+    def _keep_end(self, prompt: list[int], completions: list[list[int] | None],
+                  events: Counter) -> list[TokenSequence | None]:
+        """Cut the shared prompt's start by the longest sequence's excess; then, the prompt gone, completions' starts.
+
+        Every sequence keeps the same prompt tokens (a pair's two sides condition on the same context); a
+        completion loses its start only when no prompt is left and it alone is still too long.
+        """
+        present = [c for c in completions if c is not None]
+        excess = len(prompt) + max(map(len, present)) - self.max_length  # > 0: fit() returns early otherwise
+        cut = min(excess, len(prompt))
+        if cut:
+            events["prompt"] += len(present)
+            events["tokens"] += cut * len(present)
+            prompt = prompt[cut:]
+        fitted = []
+        for completion in completions:
+            if completion is not None and len(prompt) + len(completion) > self.max_length:  # prompt is empty here
+                events["completion_start"] += 1
+                events["tokens"] += len(completion) - self.max_length
+                completion = completion[-self.max_length:]
+            fitted.append(None if completion is None else _sequence(prompt, completion))
+        return fitted

@@ -1,5 +1,7 @@
 """Bad input: each error names the file, the line/record and the field; skipping reports counts and examples."""
 
+import gzip
+import json
 import logging
 import re
 
@@ -7,6 +9,7 @@ import pytest
 
 from jaxalign.data import (
     DataError,
+    Message,
     PreferenceRecord,
     Reason,
     Rendering,
@@ -66,7 +69,7 @@ def test_invalid_utf8_line(tmp_path):
       "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "y"}]},
      "chosen[1].role", "missing", Reason.MISSING_FIELD),
     ({"chosen": "Q: sky? A: blue", "rejected": "Q: sky? A: blue"}, "rejected", "is identical to 'chosen'",
-     Reason.INVALID_VALUE),
+     Reason.IDENTICAL_RESPONSES),
 ])
 def test_bad_field_names_line_and_field(tmp_path, row, field, problem, reason):
     path = write_jsonl(tmp_path / "pairs.jsonl", [GOOD, GOOD, row])
@@ -82,6 +85,8 @@ def test_bad_field_names_line_and_field(tmp_path, row, field, problem, reason):
      "rejected", "its turns before the final Assistant reply differ"),
     ("pku_saferlhf", {"prompt": "p", "response_0": "a", "response_1": "b", "better_response_id": 2,
                       "safer_response_id": 0}, "better_response_id", r"must be in \[0, 1\], got 2"),
+    ("pku_saferlhf", {"prompt": "p", "response_0": "a", "response_1": "a", "better_response_id": 0},
+     "response_1", "is identical to 'response_0'"),
     ("ultrafeedback", {"instruction": "i", "completions": [
         {"response": "a", "annotations": {"honesty": {"Rating": "high"}}}]},
      "completions[0].annotations.honesty.Rating", "expected a number or 'N/A', got 'high'"),
@@ -174,3 +179,110 @@ def test_missing_chat_template_is_a_configuration_error():
         tokenize([record], tokenizer)
     dataset = tokenize([record], tokenizer, rendering=Rendering(conversation_style="role_markers"))
     assert isinstance(dataset, TokenizedDataset) and len(dataset) == 1
+
+
+# Identical chosen and rejected: one check where every reader builds its pairs, with its own skip reason.
+HH = "\n\nHuman: Sky?\n\nAssistant: "
+SAME = [{"role": "user", "content": "Sky?"}, {"role": "assistant", "content": "Blue."}]
+
+
+@pytest.mark.parametrize("fmt, row", [
+    ("hh_rlhf", {"chosen": HH + "Blue.", "rejected": HH + "Blue."}),
+    ("preference", {"prompt": "Sky?", "chosen": " Blue.", "rejected": " Blue."}),
+    ("sharegpt_preference", {"conversations": [{"from": "human", "value": "Sky?"}], "chosen": "Blue.",
+                             "rejected": {"from": "gpt", "value": "Blue."}}),
+    ("ultrafeedback_binarized", {"prompt": "Sky?", "chosen": SAME, "rejected": SAME, "score_chosen": 8,
+                                 "score_rejected": 8}),
+])
+def test_identical_chosen_and_rejected_are_refused_for_every_format(tmp_path, fmt, row):
+    good = {**row, "rejected": row["chosen"].replace("Blue", "Red") if isinstance(row["chosen"], str) else
+            [SAME[0], {"role": "assistant", "content": "Red."}]}
+    path = write_jsonl(tmp_path / "pairs.jsonl", [good, row])
+    with pytest.raises(DataError, match=_error(path, 2, "rejected", "is identical to 'chosen'")) as caught:
+        read_records(path)  # detected as fmt
+    assert caught.value.reason == Reason.IDENTICAL_RESPONSES
+    records, report = read_records(path, format=fmt, on_error="skip")
+    assert len(records) == 1 and report.skipped == {"identical_responses": 1}
+    assert "line 2, field 'rejected': is identical to 'chosen'" in report.examples[0]
+
+
+def test_preference_record_refuses_identical_sides():
+    with pytest.raises(DataError, match="^field 'rejected': is identical to 'chosen'") as caught:
+        PreferenceRecord([Message("user", "Hi")], [Message("assistant", "yes")],
+                         [{"role": "assistant", "content": "yes"}])
+    assert caught.value.reason == Reason.IDENTICAL_RESPONSES
+
+
+# Gzip: a corrupt or truncated archive is a file-level DataError at the line reached, even when skipping.
+def _pairs_gz(count=2000):
+    data = "".join(json.dumps({"prompt": f"p{i}", "chosen": " a", "rejected": " b"}) + "\n" for i in range(count))
+    return data.encode(), gzip.compress(data.encode())
+
+
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+def test_truncated_gzip_is_an_error_at_the_line_reached(tmp_path, on_error):
+    _, compressed = _pairs_gz()
+    half = tmp_path / "half.jsonl.gz"
+    half.write_bytes(compressed[: len(compressed) // 2])
+    with pytest.raises(DataError, match=rf"^{re.escape(str(half))}, line (\d+): corrupt or truncated gzip data "
+                                        r"\(EOFError: .*\); the \d+ lines before it were read") as caught:
+        read_records(half, on_error=on_error)
+    assert caught.value.reason == Reason.MALFORMED and caught.value.where.line > 1
+    # Cut in the trailer: every line decompresses, but the archive is still incomplete.
+    tail = tmp_path / "tail.jsonl.gz"
+    tail.write_bytes(compressed[:-3])
+    with pytest.raises(DataError, match=rf"^{re.escape(str(tail))}, line 2001: corrupt or truncated gzip data"):
+        read_records(tail, on_error=on_error)
+
+
+def test_corrupt_or_fake_gzip_is_an_error(tmp_path):
+    data, compressed = _pairs_gz()
+    flipped = bytearray(compressed)
+    flipped[len(flipped) // 2] ^= 0xFF
+    corrupt = tmp_path / "corrupt.jsonl.gz"
+    corrupt.write_bytes(bytes(flipped))
+    with pytest.raises(DataError, match=rf"^{re.escape(str(corrupt))}, line \d+: corrupt or truncated gzip data"):
+        read_records(corrupt, on_error="skip")
+    plain = tmp_path / "plain.jsonl.gz"
+    plain.write_bytes(data)
+    with pytest.raises(DataError, match=rf"^{re.escape(str(plain))}, line 1: not gzip data \(BadGzipFile"):
+        read_records(plain)
+    array = tmp_path / "array.json.gz"
+    array.write_bytes(gzip.compress(json.dumps([GOOD] * 500).encode())[:-3])
+    with pytest.raises(DataError, match=rf"^{re.escape(str(array))}: corrupt or truncated gzip data \(EOFError"):
+        read_records(array)
+
+
+# Byte order marks and top-level objects.
+def test_utf8_bom_is_accepted(tmp_path):
+    lines = tmp_path / "bom.jsonl"
+    lines.write_bytes(b"\xef\xbb\xbf" + (json.dumps(GOOD) + "\n").encode() * 2)
+    array = tmp_path / "bom.json"
+    array.write_bytes(b"\xef\xbb\xbf" + json.dumps([GOOD, GOOD], indent=1).encode())
+    for path in (lines, array):
+        records, report = read_records(path)
+        assert records == [PreferenceRecord("The sky is", " blue", " green")] * 2 and report.kept == 2
+
+
+def test_top_level_objects(tmp_path):
+    # An object whose only field holds the records is read as them (indented or on one line) ...
+    for indent in (1, None):
+        wrapped = tmp_path / f"wrapped{indent}.json"
+        wrapped.write_text(json.dumps({"data": [GOOD, {"prompt": "a", "chosen": " b"}]}, indent=indent))
+        with pytest.raises(DataError, match=rf"^{re.escape(str(wrapped))}, record 2, field 'rejected': missing"):
+            read_records(wrapped)
+    # ... any other object is an error that says what was expected, never "line 1: not valid JSON".
+    for name, value in (("meta.json", {"version": 1, "data": [GOOD]}), ("one.json", GOOD)):
+        path = tmp_path / name
+        path.write_text(json.dumps(value, indent=2))
+        with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: holds one JSON object \(fields: .*\), not a "
+                                            r"list of records: expected a JSON array of records, JSON Lines"):
+            read_records(path, on_error="skip")
+    broken = tmp_path / "broken.json"
+    broken.write_text('{\n "data": [\n  {"prompt": }\n ]\n}')
+    with pytest.raises(DataError, match=rf"^{re.escape(str(broken))}: not valid JSON \(Expecting value at line 3"):
+        read_records(broken)
+    # JSON Lines under .json with a broken first line stays JSON Lines: that line alone is bad.
+    lines = write_jsonl(tmp_path / "lines.json", [GOOD, GOOD], raw_lines={1: '{"prompt": "a", "chosen": '})
+    records, report = read_records(lines, on_error="skip")
+    assert len(records) == 1 and report.skipped == {"malformed": 1}

@@ -7,6 +7,7 @@ from jaxalign.data import (
     BestOfNRecord,
     DataError,
     Message,
+    Reason,
     PreferenceGroup,
     PreferenceRecord,
     PromptRecord,
@@ -15,6 +16,7 @@ from jaxalign.data import (
     UnpairedRecord,
     read_records,
 )
+from jaxalign.data.formats import DETECTION_RECORDS
 from tests.data.conftest import make_tiny_tokenizer, write_json, write_jsonl
 
 USER, ASSISTANT = "user", "assistant"
@@ -208,9 +210,14 @@ def test_format_override_and_limit(tmp_path):
     path = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}] * 3)
     records, report = read_records(path, format="preference", limit=2)
     assert len(records) == 2 and report.kept == 2
-    # A format that does not fit names the missing field.
-    with pytest.raises(DataError, match=r"pairs.jsonl, line 1, field 'completion': missing"):
+    # A format that does not fit names the first field it would lose, or the field it misses.
+    with pytest.raises(DataError, match=r"pairs.jsonl, line 1, field 'chosen': is a field of .*preference.*, not of "
+                                        r"sft \(completion, messages, prompt, score, text\)") as caught:
         read_records(path, format="sft")
+    assert caught.value.reason == Reason.FOREIGN_FIELD
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "p"}])
+    with pytest.raises(DataError, match=r"prompts.jsonl, line 1, field 'completion': missing"):
+        read_records(prompts, format="sft")
 
 
 def test_undetectable_format_lists_the_fields_and_formats(tmp_path):
@@ -219,3 +226,86 @@ def test_undetectable_format_lists_the_fields_and_formats(tmp_path):
         read_records(path)
     with pytest.raises(ValueError, match="unknown format 'hh'"):
         read_records(path, format="hh")
+
+
+# Detection reads the union of the first records' fields; parsers refuse records that lack a field of
+# their format or carry one of another format: a mixed or mis-detected file is an error, never a silent loss.
+SKY = [{"from": "human", "value": "Sky?"}]
+
+
+@pytest.mark.parametrize("first, rest, expected, missing", [
+    ({"prompt": "Q1", "chosen": " a"}, {"prompt": "Q", "chosen": " a", "rejected": " b"},
+     PreferenceRecord("Q", " a", " b"), "rejected"),
+    ({"prompt": "Q1", "completion": " a"}, {"prompt": "Q", "completion": " a", "label": False},
+     UnpairedRecord("Q", " a", False), "label"),
+    ({"conversations": SKY, "chosen": "Blue."}, {"conversations": SKY, "chosen": "Blue.", "rejected": "Red."},
+     PreferenceRecord((user("Sky?"),), (assistant("Blue."),), (assistant("Red."),)), "rejected"),
+])
+def test_a_first_record_lacking_a_field_does_not_decide_the_format(tmp_path, first, rest, expected, missing):
+    path = write_jsonl(tmp_path / "data.jsonl", [first, rest, rest])
+    with pytest.raises(DataError, match=rf"data.jsonl, line 1, field '{missing}': missing") as caught:
+        read_records(path)
+    assert caught.value.reason == Reason.MISSING_FIELD
+    records, report = read_records(path, on_error="skip")
+    assert records == [expected, expected] and report.kept == 2 and report.skipped == {"missing_field": 1}
+
+
+def test_records_that_mix_formats_are_refused_not_truncated(tmp_path):
+    # Every one of the first records lacks 'rejected': only prompt_only would match, and it would drop 'chosen'.
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "Q", "chosen": " a"}] * 3)
+    with pytest.raises(DataError, match=r"pairs.jsonl, line 1, field 'chosen': is a field of .*preference.*, but "
+                                        r"the fields of the first 3 records \['chosen', 'prompt'\] only make "
+                                        r"complete prompt_only records") as caught:
+        read_records(pairs, on_error="skip")  # a whole-source error: never skipped
+    assert caught.value.reason == Reason.FOREIGN_FIELD
+    # A KTO row after the detection window of SFT rows: its label would be lost under sft.
+    rows = [{"prompt": "Q", "completion": " a"}] * DETECTION_RECORDS + [{"prompt": "Q", "completion": " b",
+                                                                         "label": False}]
+    kto = write_jsonl(tmp_path / "kto.jsonl", rows)
+    with pytest.raises(DataError, match=rf"kto.jsonl, line {DETECTION_RECORDS + 1}, field 'label': is a field of "
+                                        r"unpaired, not of sft"):
+        read_records(kto)
+    records, report = read_records(kto, on_error="skip")
+    assert len(records) == DETECTION_RECORDS and report.skipped == {"foreign_field": 1}
+    # Null fields count as absent (datasets fills missing columns with None).
+    table = datasets.Dataset.from_list([{"prompt": "Q", "completion": " a", "label": None}] * 2)
+    assert read(table) == [SFTRecord("Q", " a")] * 2
+
+
+@pytest.mark.parametrize("fmt, row, field, problem", [
+    ("medical_qa", {"conversations": SKY, "chosen": "Blue.", "rejected": "Red."}, "chosen",
+     "is a field of sharegpt_preference, ultrafeedback_binarized, hh_rlhf, preference, not of medical_qa"),
+    ("hh_rlhf", {"prompt": "Sky?", "chosen": "\n\nHuman: Sky?\n\nAssistant: Blue.",
+                 "rejected": "\n\nHuman: Sky?\n\nAssistant: Red."}, "prompt", "is a field of .*, not of hh_rlhf"),
+    ("preference", {"prompt": "Sky?", "chosen": " Blue.", "rejected": " Red.", "score": 3}, "score",
+     "is a field of medical_qa, sft, not of preference"),
+    ("sft", {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
+             "completion": "Yo"}, "messages", "beside 'completion': an sft record holds prompt \\+ completion, "
+                                              "messages, or text, not several"),
+    ("sft", {"text": "Once upon a time.", "prompt": "Once"}, "prompt", "beside 'text'"),
+])
+def test_parsers_refuse_fields_they_would_lose(tmp_path, fmt, row, field, problem):
+    path = write_jsonl(tmp_path / "data.jsonl", [row])
+    with pytest.raises(DataError, match=rf"data.jsonl, line 1, field '{field}': {problem}") as caught:
+        read_records(path, format=fmt)
+    assert caught.value.reason == Reason.FOREIGN_FIELD
+
+
+def test_sft_prompt_beside_messages_must_repeat_them_and_scores_are_read(tmp_path):
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    ultrachat = write_jsonl(tmp_path / "ultrachat.jsonl", [
+        {"prompt": "Hi", "prompt_id": "x", "messages": messages},
+        {"prompt": messages[:1], "messages": messages, "score": 2},
+    ])
+    assert read(ultrachat) == [SFTRecord((), (user("Hi"), assistant("Hello"))),
+                               SFTRecord((), (user("Hi"), assistant("Hello")), score=2.0)]
+    other = write_jsonl(tmp_path / "other.jsonl", [{"prompt": "Bye", "messages": messages}])
+    with pytest.raises(DataError, match=r"other.jsonl, line 1, field 'prompt': is not the start of 'messages'"):
+        read_records(other)
+
+
+def test_openai_samples_must_be_numbered_without_gaps(tmp_path):
+    path = write_json(tmp_path / "labels.json", [{"query": "q", "sample0": " a", "sample1": " b", "sample3": " d",
+                                                  "best": 0}])
+    with pytest.raises(DataError, match=r"labels.json, record 1, field 'sample3': is given but 'sample2' is missing"):
+        read_records(path)

@@ -151,10 +151,12 @@ PROMPT, CHOSEN, REJECTED = ids("a", " ", "b", " ", "c"), ids(" ", "d", " ", "e")
 @pytest.mark.parametrize("truncation, chosen, rejected, counts", [
     (Truncation(max_length=10), (PROMPT + CHOSEN, 5), (PROMPT + REJECTED, 5), {}),
     (Truncation(max_length=8), (PROMPT + CHOSEN[:3], 5), (PROMPT + REJECTED, 5), {"completion": 1, "tokens": 2}),
-    (Truncation(max_length=7, mode="keep_end"), (PROMPT[3:] + CHOSEN, 2), (PROMPT[1:] + REJECTED, 4),
-     {"prompt": 2, "tokens": 4}),
-    (Truncation(max_length=4, mode="keep_end"), (CHOSEN[1:], 0), (PROMPT[4:] + REJECTED, 1),
-     {"prompt": 2, "completion_start": 1, "tokens": 10}),
+    # keep_end: the shared prompt loses the longer side's excess (3), so both sides keep the same prompt ...
+    (Truncation(max_length=7, mode="keep_end"), (PROMPT[3:] + CHOSEN, 2), (PROMPT[3:] + REJECTED, 2),
+     {"prompt": 2, "tokens": 6}),
+    # ... and only once it is gone does a completion that is still too long lose its start.
+    (Truncation(max_length=4, mode="keep_end"), (CHOSEN[1:], 0), (REJECTED, 0),
+     {"prompt": 2, "completion_start": 1, "tokens": 11}),
     (Truncation(max_length=7, max_prompt_length=3, mode="prompt_first"), (PROMPT[2:] + CHOSEN[:4], 3),
      (PROMPT[2:] + REJECTED, 3), {"prompt": 2, "completion": 1, "tokens": 5}),
 ])
@@ -162,6 +164,22 @@ def test_truncation_policies_and_their_counts(tiny_tokenizer, truncation, chosen
     dataset = tokenize([PAIR], tiny_tokenizer, truncation=truncation)
     assert sequences(dataset) == [chosen, rejected]
     assert dict(dataset.report.truncated) == counts
+
+
+def test_keep_end_gives_every_sequence_of_a_record_the_same_prompt(tiny_tokenizer):
+    # The prompt "a b c" is 5 tokens; with the EOS " d" is 2 + 1, " e f" 4 + 1, " a b c d e" 10 + 1.
+    short, middle, long = ids(" ", "d") + [IM_END], ids(" ", "e", " ", "f") + [IM_END], ids(
+        " ", "a", " ", "b", " ", "c", " ", "d", " ", "e") + [IM_END]
+    keep_end = Truncation(max_length=12, mode="keep_end")  # the longest sequence is 16 tokens: 4 over
+    best_of_n = tokenize([BestOfNRecord("a b c", (" d", " e f", " a b c d e"), best=0)], tiny_tokenizer,
+                         truncation=keep_end)
+    assert sequences(best_of_n) == [(ids("c") + short, 1), (ids("c") + middle, 1), (ids("c") + long, 1)]
+    assert dict(best_of_n.report.truncated) == {"prompt": 3, "tokens": 12}
+    group = PreferenceGroup((PreferenceRecord("a b c", " d", " a b c d e", dimension="helpfulness"),
+                             PreferenceRecord("a b c", " a b c d e", " d", dimension="safety")))
+    pairs = tokenize([group], tiny_tokenizer, truncation=keep_end)
+    assert sequences(pairs) == [(ids("c") + short, 1), (ids("c") + long, 1), (ids("c") + long, 1),
+                                (ids("c") + short, 1)]
 
 
 def test_prompt_first_keeps_long_prompts_that_fit_and_caps_prompt_only_records(tiny_tokenizer):

@@ -69,9 +69,12 @@ def parse_sharegpt_preference(fields: Fields, options: ReadOptions) -> Preferenc
 
 SCORED_CONVERSATION = Format("scored_conversation", ScoredConversation, parse_scored_conversation,
                              lambda row: {"conversation", "meta_eval_score"} <= row.keys(),
-                             "conversation + meta_eval_score + score_reason")
+                             "conversation + meta_eval_score + score_reason",
+                             fields={"conversation", "meta_eval_score", "score_reason"})
 SHAREGPT_PREFERENCE = Format("sharegpt_preference", PreferenceRecord, parse_sharegpt_preference,
                              lambda row: {"conversations", "chosen", "rejected"} <= row.keys(),
-                             "ShareGPT conversations + chosen/rejected replies")
+                             "ShareGPT conversations + chosen/rejected replies",
+                             fields={"conversations", "chosen", "rejected"})
 MEDICAL_QA = Format("medical_qa", ScoredConversation, parse_medical_qa, lambda row: "conversations" in row,
-                    "ShareGPT-style conversations (from/value) + answer + score")
+                    "ShareGPT-style conversations (from/value) + answer + score",
+                    fields={"conversations", "answer", "score"})

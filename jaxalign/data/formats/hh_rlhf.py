@@ -28,4 +28,4 @@ def _is_hh(row) -> bool:
 
 
 HH_RLHF = Format("hh_rlhf", PreferenceRecord, parse_hh_rlhf, _is_hh,
-                 "Anthropic HH-RLHF chosen/rejected transcripts")
+                 "Anthropic HH-RLHF chosen/rejected transcripts", fields={"chosen", "rejected"})

@@ -8,10 +8,14 @@ original task continues the query (book text, a news article), without a chat te
 
 from __future__ import annotations
 
+import re
+
 from jaxalign.data.errors import Reason
 from jaxalign.data.fields import Fields
 from jaxalign.data.formats.base import Format, ReadOptions, build
 from jaxalign.data.records import BestOfNRecord
+
+SAMPLE = r"sample(0|[1-9][0-9]*)"
 
 
 def _text(fields: Fields, key: str, options: ReadOptions, *, nonempty: bool) -> str:
@@ -38,10 +42,16 @@ def parse_openai(fields: Fields, options: ReadOptions) -> BestOfNRecord:
     count = 0
     while f"sample{count}" in fields.data:
         count += 1
+    beyond = sorted((key for key in fields.data if re.fullmatch(SAMPLE, key) and int(key[6:]) > count),
+                    key=lambda key: int(key[6:]))
+    if beyond:  # a gap in the numbering would silently drop the samples after it
+        raise fields.error(beyond[0], f"is given but 'sample{count}' is missing (samples are numbered from 0 "
+                           "without gaps)", Reason.MISSING_FIELD)
     samples = tuple(_text(fields, f"sample{i}", options, nonempty=True) for i in range(count))
     return build(fields, BestOfNRecord, prompt=query, samples=samples, best=fields.integer("best", range(count)))
 
 
 OPENAI_PREFERENCES = Format("openai_preferences", BestOfNRecord, parse_openai,
                             lambda row: {"query", "sample0", "sample1", "best"} <= row.keys(),
-                            "OpenAI lm-human-preferences best-of-N labels")
+                            "OpenAI lm-human-preferences best-of-N labels", fields={"query", "best"},
+                            field_pattern=SAMPLE)

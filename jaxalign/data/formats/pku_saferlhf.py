@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from jaxalign.data.fields import Fields
 from jaxalign.data.formats.base import Format, ReadOptions, build
-from jaxalign.data.records import PreferenceGroup, PreferenceRecord
+from jaxalign.data.records import PreferenceGroup, PreferenceRecord, identical_responses
 
 DIMENSIONS = {"helpfulness": "better_response_id", "safety": "safer_response_id"}
 
@@ -17,8 +17,8 @@ DIMENSIONS = {"helpfulness": "better_response_id", "safety": "safer_response_id"
 def parse_pku_saferlhf(fields: Fields, options: ReadOptions) -> PreferenceGroup:
     prompt = fields.text("prompt")
     responses = (fields.text("response_0"), fields.text("response_1"))
-    if responses[0] == responses[1]:
-        raise fields.error("response_1", "is identical to 'response_0'")
+    if responses[0] == responses[1]:  # named by its own field, before the pairs' shared check
+        raise identical_responses(fields.where, fields.name("response_1"), "response_0")
     pairs = []
     for dimension, key in DIMENSIONS.items():
         if key == "better_response_id" or fields.has(key):
@@ -30,4 +30,5 @@ def parse_pku_saferlhf(fields: Fields, options: ReadOptions) -> PreferenceGroup:
 
 PKU_SAFERLHF = Format("pku_saferlhf", PreferenceGroup, parse_pku_saferlhf,
                       lambda row: {"response_0", "response_1", "better_response_id"} <= row.keys(),
-                      "PKU-SafeRLHF helpfulness + safety pairs")
+                      "PKU-SafeRLHF helpfulness + safety pairs",
+                      fields={"prompt", "response_0", "response_1", *DIMENSIONS.values()})

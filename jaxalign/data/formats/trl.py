@@ -5,7 +5,8 @@ format             fields                                      record
 =================  ==========================================  =====================
 ``sft``            ``prompt`` + ``completion``;                :class:`SFTRecord`
                    or ``messages`` / ``text`` (language
-                   modelling: every token is trained)
+                   modelling: every token is trained);
+                   optional ``score``
 ``preference``     ``chosen`` + ``rejected``, optional         :class:`PreferenceRecord`
                    ``prompt`` (implicit when absent) and
                    ``margin``
@@ -16,23 +17,62 @@ format             fields                                      record
 As in TRL's ``maybe_extract_prompt``, a ``prompt`` whose kind differs from ``chosen``'s (a string prompt
 beside full conversations, as in UltraFeedback-binarized) is taken to be redundant, and the prompt is
 split off ``chosen``/``rejected`` instead (see :mod:`jaxalign.data.prompts`).
+
+An SFT record holds one shape: ``completion`` beside ``messages`` or ``text`` (or ``prompt`` beside
+``text``) is an error, since one of them would be lost. A ``prompt`` beside ``messages`` (UltraChat ships
+one) must repeat their start (the first user message's content, or a leading slice of the messages): it is
+not read.
 """
 
 from __future__ import annotations
 
+from jaxalign.data.errors import Reason
 from jaxalign.data.fields import Fields
 from jaxalign.data.formats.base import Format, ReadOptions, build
 from jaxalign.data.prompts import split_implicit_prompt
-from jaxalign.data.records import PreferenceRecord, PromptRecord, SFTRecord, UnpairedRecord
+from jaxalign.data.records import Messages, PreferenceRecord, PromptRecord, SFTRecord, UnpairedRecord
+
+
+# The three shapes of an SFT record; a record holds one of them (a second one would be lost).
+SFT_SHAPES = ("completion", "messages", "text")
+
+
+def _one_shape(fields: Fields, shape: str, others: tuple[str, ...]) -> None:
+    for other in others:
+        if fields.has(other):
+            raise fields.error(other, f"beside {shape!r}: an sft record holds prompt + completion, messages, or text, "
+                               "not several (all but one would be lost)", Reason.FOREIGN_FIELD)
+
+
+def _prompt_beside_messages(fields: Fields, messages: Messages) -> None:
+    """A ``prompt`` next to ``messages`` (as in UltraChat) must repeat their start: it is not read."""
+    prompt = fields.turns("prompt", nonempty=False)
+    if not prompt:
+        return
+    if isinstance(prompt, str):
+        first_user = next((m.content for m in messages if m.role == "user"), None)
+        redundant = first_user is not None and prompt.strip() == first_user.strip()
+    else:
+        redundant = tuple(messages[: len(prompt)]) == prompt
+    if not redundant:
+        raise fields.error("prompt", "is not the start of 'messages' (a string prompt must be the first user "
+                           "message's content) and would be lost: drop it, or give prompt + completion instead")
 
 
 def parse_sft(fields: Fields, options: ReadOptions) -> SFTRecord:
-    if fields.has("messages"):
-        return build(fields, SFTRecord, prompt=(), completion=fields.response("messages"))
+    score = fields.number("score") if fields.has("score") else None
+    if fields.has("messages") and not fields.has("completion"):
+        _one_shape(fields, "messages", ("text",))
+        messages = fields.response("messages")
+        if fields.has("prompt"):
+            _prompt_beside_messages(fields, messages)
+        return build(fields, SFTRecord, prompt=(), completion=messages, score=score)
     if fields.has("text") and not fields.has("completion"):
-        return build(fields, SFTRecord, prompt="", completion=fields.text("text"))
+        _one_shape(fields, "text", ("prompt",))
+        return build(fields, SFTRecord, prompt="", completion=fields.text("text"), score=score)
+    _one_shape(fields, "completion", ("messages", "text"))
     return build(fields, SFTRecord, prompt=fields.turns("prompt", nonempty=False),
-                 completion=fields.response("completion"))
+                 completion=fields.response("completion"), score=score)
 
 
 def preference_parts(fields: Fields):
@@ -62,10 +102,14 @@ def parse_prompt(fields: Fields, options: ReadOptions) -> PromptRecord:
 
 SFT = Format("sft", SFTRecord, parse_sft,
              lambda row: {"prompt", "completion"} <= row.keys() or "messages" in row or "text" in row,
-             "TRL prompt/completion, messages or text")
+             "TRL prompt/completion, messages or text, optional score",
+             fields={"prompt", *SFT_SHAPES, "score"})
 PREFERENCE = Format("preference", PreferenceRecord, parse_preference,
                     lambda row: {"chosen", "rejected"} <= row.keys(),
-                    "TRL chosen/rejected with an explicit or implicit prompt, optional margin")
+                    "TRL chosen/rejected with an explicit or implicit prompt, optional margin",
+                    fields={"prompt", "chosen", "rejected", "margin"})
 UNPAIRED = Format("unpaired", UnpairedRecord, parse_unpaired,
-                  lambda row: {"prompt", "completion", "label"} <= row.keys(), "TRL prompt/completion/label")
-PROMPT_ONLY = Format("prompt_only", PromptRecord, parse_prompt, lambda row: "prompt" in row, "TRL prompt only")
+                  lambda row: {"prompt", "completion", "label"} <= row.keys(), "TRL prompt/completion/label",
+                  fields={"prompt", "completion", "label"})
+PROMPT_ONLY = Format("prompt_only", PromptRecord, parse_prompt, lambda row: "prompt" in row, "TRL prompt only",
+                     fields={"prompt"})

@@ -2,6 +2,7 @@
 
 - ``ultrafeedback_binarized``: ``prompt``, ``chosen``/``rejected`` (full conversations),
   ``score_chosen``/``score_rejected`` -> PreferenceRecord with ``margin = score_chosen - score_rejected``.
+  ``messages`` (HuggingFaceH4's copy of the chosen conversation) is allowed and not read.
 - ``ultrafeedback``: ``instruction`` and ``completions[i]`` with ``response`` and
   ``annotations.<aspect>.Rating`` (1-5, a number or a numeric string; ``"N/A"`` = unrated) for the
   aspects helpfulness, honesty, instruction_following and truthfulness -> PreferenceGroup with one pair
@@ -76,7 +77,9 @@ def parse_ultrafeedback(fields: Fields, options: ReadOptions) -> PreferenceGroup
 ULTRAFEEDBACK_BINARIZED = Format(
     "ultrafeedback_binarized", PreferenceRecord, parse_binarized,
     lambda row: {"chosen", "rejected", "score_chosen", "score_rejected"} <= row.keys(),
-    "UltraFeedback binarized pairs, margin = score gap")
+    "UltraFeedback binarized pairs, margin = score gap",
+    fields={"prompt", "chosen", "rejected", "score_chosen", "score_rejected"},
+    tolerated={"messages"})  # HuggingFaceH4's release repeats the chosen conversation as `messages`
 ULTRAFEEDBACK = Format("ultrafeedback", PreferenceGroup, parse_ultrafeedback,
                        lambda row: {"instruction", "completions"} <= row.keys(),
-                       "UltraFeedback per-aspect ratings, one pair per aspect")
+                       "UltraFeedback per-aspect ratings, one pair per aspect", fields={"instruction", "completions"})
