@@ -29,8 +29,9 @@ class KVCache:
         next_position: ``[B]`` RoPE position the row's next real token gets (= real tokens so far).
         index: ``[]`` first free slot, shared by all rows.
 
-    The caller sizes ``max_length`` for prompt + generated tokens: past the end, XLA clamps the write
-    offset and the last slots would be overwritten (inside ``jit`` this cannot raise).
+    The caller sizes ``max_length`` for prompt + generated tokens. A write past the end raises a
+    ``ValueError`` when ``index`` is concrete (eager calls); inside ``jit`` it cannot raise, and XLA clamps
+    the write offset, so the last slots would be overwritten.
     """
 
     keys: Float[Array, "L B S K Dh"]

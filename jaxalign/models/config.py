@@ -68,6 +68,59 @@ _ROPE_SCALING_KEYS = {
     "llama3": {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"},
 }
 
+# transformers' MistralConfig and Qwen2Config default ``sliding_window`` to 4096 (5.x, as 4.x): a config.json
+# without the key gets that window, one with ``"sliding_window": null`` gets none.
+TRANSFORMERS_DEFAULT_SLIDING_WINDOW = 4096
+
+_REQUIRED = object()
+_KINDS = {int: "an int", float: "a number", bool: "a boolean (true/false)", str: "a string", list: "a list",
+          Mapping: "a JSON object"}
+
+
+def hf_field(hf: Mapping[str, Any], key: str, kind: type, default: Any = _REQUIRED, *,
+             positive: bool = False, file: str = "config.json") -> Any:
+    """``hf[key]`` checked to be of JSON type ``kind``; ``default`` when absent or null (required without one).
+
+    ``int`` rejects booleans and floats; ``float`` accepts ints (JSON ``1`` for ``1.0``) and returns a float;
+    ``positive`` also requires ``> 0``. Every error is a ``ValueError`` naming ``file``, the key, the
+    expected type and the value found, so a hand-edited or truncated config.json never ends in a bare
+    ``KeyError``/``TypeError``.
+    """
+    found = hf.get(key)
+    expected = ("a positive " + _KINDS[kind].removeprefix("an ").removeprefix("a ")) if positive else _KINDS[kind]
+    if found is None:
+        if default is _REQUIRED:
+            state = "is missing" if key not in hf else "is null"
+            raise ValueError(f"{file}: required key {key!r} ({expected}) {state}")
+        return default
+    if kind is float:
+        ok = isinstance(found, (int, float)) and not isinstance(found, bool)
+    elif kind is int:
+        ok = isinstance(found, int) and not isinstance(found, bool)
+    elif kind is list:  # a tuple too, for dicts built in Python rather than parsed from JSON
+        ok = isinstance(found, (list, tuple))
+    else:
+        ok = isinstance(found, kind)
+    if ok and positive and not found > 0:
+        ok = False
+    if not ok:
+        raise ValueError(f"{file}: {key} must be {expected}, got {found!r} ({type(found).__name__})")
+    return float(found) if kind is float else found
+
+
+def hf_token_ids(hf: Mapping[str, Any], key: str, *, file: str = "config.json") -> tuple[int, ...]:
+    """A token-id key that may hold one id, a list of ids or null (``eos_token_id``), as a tuple."""
+    found = hf.get(key)
+    ids = [] if found is None else found if isinstance(found, (list, tuple)) else [found]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ValueError(f"{file}: {key} must be a token id, a list of token ids or null, got {found!r}")
+    return tuple(ids)
+
+
+def check_hf_mapping(hf: Any, *, file: str = "config.json") -> None:
+    if not isinstance(hf, Mapping):
+        raise ValueError(f"{file}: expected a JSON object of settings, got {type(hf).__name__}")
+
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
@@ -250,13 +303,14 @@ class ModelConfig(ExecutionPolicy):
                 (another activation, RoPE type, dropout, per-layer sliding windows...). The message
                 names the key.
         """
+        check_hf_mapping(hf)
         model_type = hf.get("model_type")
         if model_type not in HF_ARCHITECTURES:
             raise ValueError(
                 f"config.json: model_type {model_type!r} is not supported; expected one of "
                 f"{sorted(HF_ARCHITECTURES)} (GPT-2 and others are separate model classes)"
             )
-        architectures = hf.get("architectures")
+        architectures = hf_field(hf, "architectures", list, None)
         if architectures is not None and list(architectures) != [HF_ARCHITECTURES[model_type]]:
             raise ValueError(
                 f"config.json: architectures {architectures!r} is not a causal LM we implement; "
@@ -269,51 +323,48 @@ class ModelConfig(ExecutionPolicy):
                 "change the model, so loading stops instead of ignoring them"
             )
 
-        def value(key, default=None):
-            found = hf.get(key)
-            return default if found is None else found
-
-        if value("hidden_act", "silu") not in ("silu", "swish"):
-            raise ValueError(f"config.json: hidden_act {hf['hidden_act']!r} is not supported (only silu)")
-        if value("attention_dropout", 0.0) != 0.0:
+        hidden_act = hf_field(hf, "hidden_act", str, "silu")
+        if hidden_act not in ("silu", "swish"):
+            raise ValueError(f"config.json: hidden_act {hidden_act!r} is not supported (only silu)")
+        attention_dropout = hf_field(hf, "attention_dropout", float, 0.0)
+        if attention_dropout != 0.0:
             raise ValueError(
-                f"config.json: attention_dropout={hf['attention_dropout']} is not implemented "
+                f"config.json: attention_dropout={attention_dropout} is not implemented "
                 "(jaxalign models have no dropout); set it to 0.0"
             )
-        if value("rope_interleaved", False):
+        if hf_field(hf, "rope_interleaved", bool, False):
             raise ValueError("config.json: rope_interleaved=true (GPT-J style RoPE) is not supported")
-        if value("partial_rotary_factor", 1.0) != 1.0:
+        if hf_field(hf, "partial_rotary_factor", float, 1.0) != 1.0:
             raise ValueError("config.json: partial_rotary_factor != 1.0 is not supported")
 
-        d_model = hf["hidden_size"]
-        n_heads = hf["num_attention_heads"]
-        n_layers = hf["num_hidden_layers"]
+        d_model = hf_field(hf, "hidden_size", int, positive=True)
+        n_heads = hf_field(hf, "num_attention_heads", int, positive=True)
+        n_layers = hf_field(hf, "num_hidden_layers", int, positive=True)
         rope_theta, rope_scaling = _parse_rope(hf)
-        eos = value("eos_token_id", [])
         if model_type == "qwen2":
             biases = {"qkv_bias": True, "o_bias": False, "mlp_bias": False}
         else:
-            attention_bias = bool(value("attention_bias", False))
+            attention_bias = hf_field(hf, "attention_bias", bool, False)
             biases = {"qkv_bias": attention_bias, "o_bias": attention_bias,
-                      "mlp_bias": bool(value("mlp_bias", False))}
+                      "mlp_bias": hf_field(hf, "mlp_bias", bool, False)}
         return cls(
             architecture=model_type,
-            vocab_size=hf["vocab_size"],
+            vocab_size=hf_field(hf, "vocab_size", int, positive=True),
             d_model=d_model,
             n_layers=n_layers,
             n_heads=n_heads,
-            n_kv_heads=value("num_key_value_heads", n_heads),
-            head_dim=value("head_dim", d_model // n_heads),
-            intermediate_size=hf["intermediate_size"],
-            rms_norm_eps=float(value("rms_norm_eps", 1e-6)),
+            n_kv_heads=hf_field(hf, "num_key_value_heads", int, n_heads, positive=True),
+            head_dim=hf_field(hf, "head_dim", int, d_model // n_heads, positive=True),
+            intermediate_size=hf_field(hf, "intermediate_size", int, positive=True),
+            rms_norm_eps=hf_field(hf, "rms_norm_eps", float, 1e-6, positive=True),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
-            tie_word_embeddings=bool(value("tie_word_embeddings", False)),
+            tie_word_embeddings=hf_field(hf, "tie_word_embeddings", bool, False),
             sliding_window=_parse_sliding_window(hf, model_type, n_layers),
-            max_position_embeddings=value("max_position_embeddings", 2048),
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_ids=tuple(eos) if isinstance(eos, (list, tuple)) else (eos,),
-            pad_token_id=hf.get("pad_token_id"),
+            max_position_embeddings=hf_field(hf, "max_position_embeddings", int, 2048, positive=True),
+            bos_token_id=hf_field(hf, "bos_token_id", int, None),
+            eos_token_ids=hf_token_ids(hf, "eos_token_id"),
+            pad_token_id=hf_field(hf, "pad_token_id", int, None),
             param_dtype=param_dtype,
             compute_dtype=compute_dtype,
             remat=remat,
@@ -379,7 +430,9 @@ def _parse_rope(hf: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
     unknown = sorted(set(params) - _ROPE_SCALING_KEYS[kind])
     if unknown:
         raise ValueError(f"config.json: {key} key(s) {unknown} are not understood for rope_type {kind!r}")
-    thetas = {float(t) for t in (hf.get("rope_theta"), (hf.get("rope_parameters") or {}).get("rope_theta"))
+    thetas = {t for t in (hf_field(hf, "rope_theta", float, None, positive=True),
+                          hf_field(hf.get("rope_parameters") or {}, "rope_theta", float, None, positive=True,
+                                   file="config.json: rope_parameters"))
               if t is not None}
     if len(thetas) > 1:
         raise ValueError(f"config.json: rope_theta values {sorted(thetas)} disagree")
@@ -394,7 +447,7 @@ def _parse_rope(hf: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
 
 def _rope_dict(hf: Mapping[str, Any], key: str) -> dict[str, Any]:
     """``hf[key]`` with the spellings transformers accepts unified (``type`` -> ``rope_type``, defaults filled)."""
-    params = dict(hf.get(key) or {})
+    params = dict(hf_field(hf, key, Mapping, {}))
     if not params:
         return {}
     if any(isinstance(v, Mapping) for v in params.values()):
@@ -412,13 +465,15 @@ def _parse_sliding_window(hf: Mapping[str, Any], model_type: str, n_layers: int)
     """The attention window shared by every layer, or None; per-layer mixes raise."""
     if model_type == "llama":
         return None
-    window = hf.get("sliding_window")
+    # Absent means transformers' default window; an explicit null means none.
+    window = (hf_field(hf, "sliding_window", int, None, positive=True) if "sliding_window" in hf
+              else TRANSFORMERS_DEFAULT_SLIDING_WINDOW)
     if model_type == "qwen2":
-        if not hf.get("use_sliding_window", False):
+        if not hf_field(hf, "use_sliding_window", bool, False):
             window = None
         else:
             # transformers' Qwen2 uses the window on layers i >= max_window_layers.
-            first_windowed = hf.get("max_window_layers", 28)
+            first_windowed = hf_field(hf, "max_window_layers", int, 28)
             if 0 < first_windowed < n_layers:
                 raise ValueError(
                     f"config.json: use_sliding_window with max_window_layers={first_windowed} < "
@@ -426,7 +481,7 @@ def _parse_sliding_window(hf: Mapping[str, Any], model_type: str, n_layers: int)
                 )
             if first_windowed >= n_layers:
                 window = None
-    layer_types = hf.get("layer_types")
+    layer_types = hf_field(hf, "layer_types", list, None)
     if layer_types is not None:
         expected = "sliding_attention" if window is not None else "full_attention"
         if len(layer_types) != n_layers or set(layer_types) != {expected}:

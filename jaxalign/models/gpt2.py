@@ -24,8 +24,15 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from jaxalign.models.cache import KVCache, LayerKV
-from jaxalign.models.config import IGNORED_HF_KEYS, ExecutionPolicy
-from jaxalign.models.stack import advance_cache, attention_inputs, scan_layers
+from jaxalign.models.config import IGNORED_HF_KEYS, ExecutionPolicy, check_hf_mapping, hf_field, hf_token_ids
+from jaxalign.models.stack import (
+    advance_cache,
+    attention_inputs,
+    check_in_range,
+    clip_index,
+    scan_layers,
+    vocab_logits,
+)
 
 _INIT = nnx.initializers.normal(stddev=0.02)
 
@@ -106,9 +113,10 @@ class GPT2Config(ExecutionPolicy):
                 irrelevant, or a variant we do not implement (unscaled or layer-scaled attention, cross
                 attention, another activation). The message names the key.
         """
+        check_hf_mapping(hf)
         if hf.get("model_type") != "gpt2":
             raise ValueError(f"config.json: model_type {hf.get('model_type')!r} is not 'gpt2'")
-        architectures = hf.get("architectures")
+        architectures = hf_field(hf, "architectures", list, None)
         if architectures is not None and list(architectures) != ["GPT2LMHeadModel"]:
             raise ValueError(f"config.json: architectures {architectures!r} is not a causal LM we implement; "
                              "expected ['GPT2LMHeadModel']")
@@ -118,23 +126,22 @@ class GPT2Config(ExecutionPolicy):
                              "change the model, so loading stops instead of ignoring them")
         required = {"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "add_cross_attention": False}
         for key, supported in required.items():
-            if hf.get(key, supported) != supported:
+            if hf_field(hf, key, bool, supported) != supported:
                 raise ValueError(f"config.json: {key}={hf[key]} is not supported (only {supported})")
-        d_model = hf["n_embd"]
-        eos = hf.get("eos_token_id")
+        d_model = hf_field(hf, "n_embd", int, positive=True)
         return cls(
-            vocab_size=hf["vocab_size"],
+            vocab_size=hf_field(hf, "vocab_size", int, positive=True),
             d_model=d_model,
-            n_layers=hf["n_layer"],
-            n_heads=hf["n_head"],
-            intermediate_size=hf.get("n_inner") or 4 * d_model,
-            max_position_embeddings=hf.get("n_positions", 1024),
-            layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
-            activation=hf.get("activation_function", "gelu_new"),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_ids=() if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (eos,),
-            pad_token_id=hf.get("pad_token_id"),
+            n_layers=hf_field(hf, "n_layer", int, positive=True),
+            n_heads=hf_field(hf, "n_head", int, positive=True),
+            intermediate_size=hf_field(hf, "n_inner", int, 4 * d_model, positive=True),
+            max_position_embeddings=hf_field(hf, "n_positions", int, 1024, positive=True),
+            layer_norm_eps=hf_field(hf, "layer_norm_epsilon", float, 1e-5, positive=True),
+            activation=hf_field(hf, "activation_function", str, "gelu_new"),
+            tie_word_embeddings=hf_field(hf, "tie_word_embeddings", bool, True),
+            bos_token_id=hf_field(hf, "bos_token_id", int, None),
+            eos_token_ids=hf_token_ids(hf, "eos_token_id"),
+            pad_token_id=hf_field(hf, "pad_token_id", int, None),
             param_dtype=param_dtype,
             compute_dtype=compute_dtype,
             remat=remat,
@@ -254,8 +261,11 @@ class GPT2Model(nnx.Module):
         """Final (normed) hidden states; arguments as :meth:`GPT2LMHeadModel.__call__`."""
         config = self.config
         inputs = attention_inputs(tokens, positions=positions, attention_mask=attention_mask,
-                                  segment_ids=segment_ids, cache=cache)
-        hidden = self.wte(tokens) + self.wpe(inputs.positions)
+                                  segment_ids=segment_ids, cache=cache, vocab_size=config.vocab_size)
+        n_positions = config.max_position_embeddings
+        check_in_range(inputs.positions, inputs.real, n_positions, "position", "n_positions")
+        hidden = (self.wte(clip_index(tokens, config.vocab_size))
+                  + self.wpe(clip_index(inputs.positions, n_positions)))
         hidden, kv = scan_layers(self.h, hidden, inputs.kv, n_layers=config.n_layers, remat=config.remat,
                                  remat_policy=config.remat_policy, mask=inputs.mask)
         hidden = self.ln_f(hidden)
@@ -291,13 +301,10 @@ class GPT2LMHeadModel(nnx.Module):
 
     def logits(self, hidden: Float[Array, "... D"]) -> Float[Array, "... V"]:
         """Vocabulary logits in float32 (the matmul accumulates in float32 even for bf16 inputs)."""
-        dtype = self.config.compute_jnp_dtype
         if self.lm_head is None:
-            weight = self.transformer.wte.embedding[...]  # [V, D]
-            return jnp.einsum("...d,vd->...v", hidden.astype(dtype), weight.astype(dtype),
-                              preferred_element_type=jnp.float32)
-        return jnp.einsum("...d,dv->...v", hidden.astype(dtype), self.lm_head.kernel[...].astype(dtype),
-                          preferred_element_type=jnp.float32)
+            return vocab_logits(hidden, embedding=self.transformer.wte.embedding[...],
+                                dtype=self.config.compute_jnp_dtype)
+        return vocab_logits(hidden, lm_head=self.lm_head, dtype=self.config.compute_jnp_dtype)
 
     def __call__(
         self,
@@ -311,7 +318,8 @@ class GPT2LMHeadModel(nnx.Module):
         """Next-token logits ``(logits [B, T, V] float32, new_cache)``.
 
         Arguments as :meth:`jaxalign.models.LlamaForCausalLM.__call__`; ``positions`` index the learned
-        position table, so they must stay below ``max_position_embeddings``.
+        position table, so they must stay below ``max_position_embeddings``: a real token past it raises a
+        ``ValueError`` on concrete inputs and reads the table's last row inside ``jit``.
         """
         hidden, cache = self.hidden_states(tokens, positions=positions, attention_mask=attention_mask,
                                            segment_ids=segment_ids, cache=cache)

@@ -21,6 +21,16 @@ from jaxalign.models.gpt2 import GPT2LMHeadModel, GPT2Model
 from jaxalign.models.llama import LlamaForCausalLM, LlamaModel
 
 
+_LMS = (LlamaForCausalLM, GPT2LMHeadModel)
+_TRUNKS = (LlamaModel, GPT2Model)
+
+
+def _check_d_model(head: str, d_model) -> None:
+    if not isinstance(d_model, int) or isinstance(d_model, bool) or d_model <= 0:
+        raise TypeError(f"{head}(d_model, ...): d_model must be a positive int (the model's config.d_model), "
+                        f"got {type(d_model).__name__}")
+
+
 def _head_params(d_model: int, n_outputs: int, rngs: nnx.Rngs) -> tuple[nnx.Param, nnx.Param]:
     init = nnx.initializers.normal(stddev=(d_model + 1) ** -0.5)
     return (nnx.Param(init(rngs.params(), (d_model, n_outputs), jnp.float32)),
@@ -31,6 +41,7 @@ class ValueHead(nnx.Module):
     """Scalar per token: ``[B, T, D] -> [B, T]`` float32."""
 
     def __init__(self, d_model: int, *, rngs: nnx.Rngs):
+        _check_d_model("ValueHead", d_model)
         self.kernel, self.bias = _head_params(d_model, 1, rngs)
 
     def __call__(self, hidden: Float[Array, "B T D"]) -> Float[Array, "B T"]:
@@ -50,6 +61,7 @@ class RewardHead(nnx.Module):
     """
 
     def __init__(self, d_model: int, *, num_objectives: int | None = None, rngs: nnx.Rngs):
+        _check_d_model("RewardHead", d_model)
         if num_objectives is not None and num_objectives < 1:
             raise ValueError(f"RewardHead: num_objectives must be None or >= 1, got {num_objectives}")
         self.num_objectives = num_objectives
@@ -63,9 +75,19 @@ class RewardHead(nnx.Module):
 
 
 class CausalLMWithValueHead(nnx.Module):
-    """A causal LM sharing its trunk with a value head (PPO policy+critic, the TFPO doctor)."""
+    """A causal LM sharing its trunk with a value head (PPO policy+critic, the TFPO doctor).
+
+    Raises:
+        TypeError: ``lm`` is a bare trunk (``lm.model``, which has no LM head) or not a causal LM.
+    """
 
     def __init__(self, lm: LlamaForCausalLM | GPT2LMHeadModel, *, rngs: nnx.Rngs):
+        if isinstance(lm, _TRUNKS):
+            raise TypeError(f"CausalLMWithValueHead needs the causal LM (with its LM head), got the trunk "
+                            f"{type(lm).__name__}: pass the LM itself, not lm.model")
+        if not all(hasattr(lm, name) for name in ("hidden_states", "logits", "config")):
+            raise TypeError(f"CausalLMWithValueHead needs a causal LM with hidden_states() and logits() "
+                            f"(LlamaForCausalLM, GPT2LMHeadModel), got {type(lm).__name__}")
         self.lm = lm
         self.value_head = ValueHead(lm.config.d_model, rngs=rngs)
 
@@ -85,9 +107,22 @@ class CausalLMWithValueHead(nnx.Module):
 
 
 class RewardModel(nnx.Module):
-    """A decoder trunk (no LM head) with a :class:`RewardHead`: tokens -> reward per sequence."""
+    """A decoder trunk (no LM head) with a :class:`RewardHead`: tokens -> reward per sequence.
 
-    def __init__(self, backbone: LlamaModel | GPT2Model, *, num_objectives: int | None = None, rngs: nnx.Rngs):
+    ``backbone`` is the trunk (``lm.model``); a causal LM is accepted too and unwrapped to its trunk,
+    whose modules it then shares (the LM head is not part of the reward model).
+
+    Raises:
+        TypeError: ``backbone`` is neither a jaxalign trunk nor a causal LM.
+    """
+
+    def __init__(self, backbone: LlamaModel | GPT2Model | LlamaForCausalLM | GPT2LMHeadModel, *,
+                 num_objectives: int | None = None, rngs: nnx.Rngs):
+        if isinstance(backbone, _LMS):
+            backbone = backbone.model
+        if not isinstance(backbone, _TRUNKS):
+            raise TypeError(f"RewardModel needs a decoder trunk (LlamaModel, GPT2Model: lm.model) or a causal LM, "
+                            f"got {type(backbone).__name__}")
         self.backbone = backbone
         self.reward_head = RewardHead(backbone.config.d_model, num_objectives=num_objectives, rngs=rngs)
 

@@ -35,7 +35,7 @@ from jax.sharding import Mesh, SingleDeviceSharding
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from jaxalign.models.config import ModelConfig
+from jaxalign.models.config import ModelConfig, check_hf_mapping
 from jaxalign.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from jaxalign.models.hf_flax_io import FLAX_FILE, FlaxMsgpackSource, flax_checkpoint
 from jaxalign.models.llama import LlamaForCausalLM
@@ -101,6 +101,7 @@ def _is_redundant(name: str, config: AnyConfig) -> bool:
 
 def config_from_hf(hf: dict[str, Any], **policy) -> AnyConfig:
     """The config class for ``hf["model_type"]`` (:class:`GPT2Config` or :class:`ModelConfig`), parsed."""
+    check_hf_mapping(hf)
     if hf.get("model_type") == "gpt2":
         return GPT2Config.from_hf(hf, **policy)
     return ModelConfig.from_hf(hf, **policy)
@@ -119,6 +120,8 @@ def load_hf_config(checkpoint_dir: str | Path, **policy) -> AnyConfig:
         return config_from_hf(hf, **policy)
     except ValueError as error:
         raise ValueError(f"{config_path}: {error}") from None
+    except (KeyError, TypeError) as error:  # a value of an unexpected shape that no check above names
+        raise ValueError(f"{config_path}: malformed config ({type(error).__name__}: {error})") from error
 
 
 class TensorSource(Protocol):

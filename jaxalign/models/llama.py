@@ -20,7 +20,7 @@ from jaxtyping import Array, Bool, Float, Int
 from jaxalign.models.cache import KVCache, LayerKV
 from jaxalign.models.config import ModelConfig
 from jaxalign.models.rope import apply_rope, inverse_frequencies, rope_tables
-from jaxalign.models.stack import advance_cache, attention_inputs, scan_layers
+from jaxalign.models.stack import advance_cache, attention_inputs, clip_index, scan_layers, vocab_logits
 
 # transformers initialises every Linear/Embedding with N(0, initializer_range=0.02).
 _INIT = nnx.initializers.normal(stddev=0.02)
@@ -141,9 +141,10 @@ class LlamaModel(nnx.Module):
         """Final (normed) hidden states of ``tokens``; see :meth:`LlamaForCausalLM.__call__`."""
         config = self.config
         inputs = attention_inputs(tokens, positions=positions, attention_mask=attention_mask,
-                                  segment_ids=segment_ids, cache=cache, sliding_window=config.sliding_window)
+                                  segment_ids=segment_ids, cache=cache, sliding_window=config.sliding_window,
+                                  vocab_size=config.vocab_size)
         cos, sin = rope_tables(inputs.positions, inverse_frequencies(config), config.compute_jnp_dtype)
-        hidden = self.embed_tokens(tokens)
+        hidden = self.embed_tokens(clip_index(tokens, config.vocab_size))
         hidden, kv = scan_layers(self.layers, hidden, inputs.kv, n_layers=config.n_layers, remat=config.remat,
                                  remat_policy=config.remat_policy, cos=cos, sin=sin, mask=inputs.mask)
         hidden = self.norm(hidden)
@@ -180,14 +181,10 @@ class LlamaForCausalLM(nnx.Module):
 
     def logits(self, hidden: Float[Array, "... D"]) -> Float[Array, "... V"]:
         """Vocabulary logits in float32 (the matmul accumulates in float32 even for bf16 inputs)."""
-        dtype = self.config.compute_jnp_dtype
         if self.lm_head is None:
-            weight = self.model.embed_tokens.embedding[...]  # [V, D]
-            return jnp.einsum("...d,vd->...v", hidden.astype(dtype), weight.astype(dtype),
-                              preferred_element_type=jnp.float32)
-        weight = self.lm_head.kernel[...]  # [D, V]
-        return jnp.einsum("...d,dv->...v", hidden.astype(dtype), weight.astype(dtype),
-                          preferred_element_type=jnp.float32)
+            return vocab_logits(hidden, embedding=self.model.embed_tokens.embedding[...],
+                                dtype=self.config.compute_jnp_dtype)
+        return vocab_logits(hidden, lm_head=self.lm_head, dtype=self.config.compute_jnp_dtype)
 
     def __call__(
         self,
@@ -213,6 +210,11 @@ class LlamaForCausalLM(nnx.Module):
         Returns:
             ``(logits [B, T, V] float32, new_cache)``; ``new_cache`` is None when ``cache`` is None.
             Rows of padding hold finite values that mean nothing.
+
+        Raises:
+            ValueError: only when the inputs are concrete (not traced): a real token id outside
+                ``[0, vocab_size)``, or a cache write past its ``max_length``. Inside ``jit`` the id is
+                clipped into the table instead (finite, wrong for that row), and the write offset clamped.
         """
         hidden, cache = self.hidden_states(tokens, positions=positions, attention_mask=attention_mask,
                                            segment_ids=segment_ids, cache=cache)

@@ -40,8 +40,9 @@ class LoRAConfig:
         alpha: the update is scaled by ``alpha / rank`` (PEFT's ``lora_alpha``).
         dropout: dropout rate on the adapter's input (training mode only; 0 disables it).
         targets: projections to adapt, by module name (``q_proj``, ``v_proj``, ``gate_proj``, GPT-2's
-            ``c_attn``, ``c_fc``...) or by a dotted path suffix to tell same-named modules apart
-            (GPT-2's ``attn.c_proj`` vs ``mlp.c_proj``; plain ``c_proj`` adapts both).
+            ``c_attn``, ``c_fc``..., and ``lm_head`` when the head is not tied to the embedding) or by a
+            dotted path suffix to tell same-named modules apart (GPT-2's ``attn.c_proj`` vs
+            ``mlp.c_proj``; plain ``c_proj`` adapts both).
     """
 
     rank: int
@@ -91,6 +92,17 @@ class LoRALinear(nnx.Module):
         adapter_input = x if self.lora_dropout is None else self.lora_dropout(x)
         return y + self.scaling * (adapter_input @ lora_a @ lora_b)
 
+    def low_rank(self, x: Float[Array, "... in"], *, preferred_element_type=None) -> Float[Array, "... out"]:
+        """The adapter term alone, ``(α/r)·dropout(x)·A·B``, with ``A``/``B`` cast to ``x``'s dtype.
+
+        ``preferred_element_type`` sets the matmuls' accumulation dtype (float32 for the LM head's logits).
+        """
+        adapter_input = x if self.lora_dropout is None else self.lora_dropout(x)
+        xa = jnp.matmul(adapter_input, self.lora_a[...].astype(x.dtype), preferred_element_type=preferred_element_type)
+        xab = jnp.matmul(xa.astype(x.dtype), self.lora_b[...].astype(x.dtype),
+                         preferred_element_type=preferred_element_type)
+        return self.scaling * xab
+
     def merged_kernel(self) -> Array:
         """``W + (α/r)·A·B`` in the kernel's dtype (per layer for stacked kernels)."""
         delta = jnp.matmul(self.lora_a[...].astype(jnp.float32), self.lora_b[...].astype(jnp.float32))
@@ -137,8 +149,18 @@ def apply_lora(model: nnx.Module, config: LoRAConfig, *, rngs: nnx.Rngs) -> nnx.
         away from zero it computes exactly what it computed before.
 
     Raises:
-        ValueError: a target that names no ``nnx.Linear`` of the model (the available names are listed).
+        ValueError: a target that names no ``nnx.Linear`` of the model (the available names are listed),
+            or ``lm_head`` on a model whose head is tied to the embedding.
     """
+    tied_head = [t for t in config.targets if _matches(("lm_head",), t)]
+    if tied_head and getattr(model, "lm_head", False) is None:
+        raise ValueError(
+            f"LoRA target {tied_head[0]!r}: this model's LM head is tied to its token embedding "
+            "(tie_word_embeddings=True), so there is no separate head to adapt. An adapter on the shared "
+            "matrix would change the input embeddings too, and the merged export could no longer be a "
+            "tied checkpoint. Adapt the other projections, or untie the model first (build it with "
+            "tie_word_embeddings=False and lm_head.kernel = embedding.T)."
+        )
     linears = [(tuple(str(p) for p in path), module) for path, module in nnx.iter_modules(model)
                if type(module) is nnx.Linear]
     unmatched = [t for t in config.targets if not any(_matches(path, t) for path, _ in linears)]

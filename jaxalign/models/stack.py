@@ -11,10 +11,12 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
-from jaxtyping import Array, Bool, Int
+from jaxtyping import Array, Bool, Float, Int
 
 from jaxalign.models.cache import KVCache, LayerKV
+from jaxalign.models.lora import LoRALinear
 from jaxalign.models.masks import attention_mask as build_attention_mask
 from jaxalign.models.masks import derive_positions
 
@@ -33,6 +35,38 @@ class AttentionInputs(NamedTuple):
     kv: LayerKV | None  # the cache view the layer scan starts from
 
 
+def is_concrete(*arrays) -> bool:
+    """Whether every array holds values now (eager call, or a constant closed over by a trace)."""
+    return not any(isinstance(array, jax.core.Tracer) for array in arrays)
+
+
+def check_in_range(values: Array, real: Array, limit: int, what: str, limit_name: str) -> None:
+    """Raise when a real (mask = 1) entry of concrete ``values`` is outside ``[0, limit)``; no-op when traced.
+
+    Under ``jit`` nothing can raise: callers clip the lookups instead (:func:`clip_index`).
+    """
+    if not is_concrete(values, real):
+        return
+    found = np.asarray(values)[np.broadcast_to(np.asarray(real), np.shape(values))]
+    if found.size == 0:
+        return
+    low, high = int(found.min()), int(found.max())
+    if low < 0 or high >= limit:
+        bad = high if high >= limit else low
+        raise ValueError(f"{what} {bad} is out of range: every real (attention_mask = 1) {what} must be in "
+                         f"[0, {limit}), {limit_name}={limit} (found min {low}, max {high})")
+
+
+def clip_index(index: Array, limit: int) -> Array:
+    """``index`` clipped into ``[0, limit)`` for a table lookup.
+
+    ``jnp.take`` (``nnx.Embed``) fills out-of-range rows with NaN, and a NaN key/value in one padding slot
+    turns every row that shares the attention computation into NaN (``0 · NaN``). Clipped, an
+    out-of-range entry reads a wrong but finite row, and padding never matters.
+    """
+    return jnp.clip(index, 0, limit - 1)
+
+
 def attention_inputs(
     tokens: Int[Array, "B T"],
     *,
@@ -41,15 +75,28 @@ def attention_inputs(
     segment_ids: Int[Array, "B T"] | None,
     cache: KVCache | None,
     sliding_window: int | None = None,
+    vocab_size: int | None = None,
 ) -> AttentionInputs:
     """Positions (derived from the mask, segments and cache when not given) and the attention mask.
 
+    When the inputs are concrete (an eager call), also checks that every real token id is below
+    ``vocab_size`` and that the cache has room for the ``T`` new tokens.
+
     Raises:
-        ValueError: ``segment_ids`` together with a cache (packing is for training, not decoding).
+        ValueError: ``segment_ids`` together with a cache (packing is for training, not decoding); eagerly,
+            a real token id outside ``[0, vocab_size)`` or a write past the cache's ``max_length``.
     """
     batch, length = tokens.shape
     real = (jnp.ones((batch, length), bool) if attention_mask is None
             else jnp.asarray(attention_mask).astype(bool))
+    if vocab_size is not None:
+        check_in_range(tokens, real, vocab_size, "token id", "vocab_size")
+    if cache is not None and is_concrete(cache.index) and int(cache.index) + length > cache.max_length:
+        raise ValueError(
+            f"KV cache overflow: writing {length} token(s) at slot {int(cache.index)} needs "
+            f"{int(cache.index) + length} slots, but the cache has max_length={cache.max_length}; size "
+            "KVCache.init(..., max_length=) for the prompt plus every new token"
+        )
     if cache is None:
         if positions is None:
             positions = derive_positions(real, segment_ids)
@@ -112,3 +159,21 @@ def scan_layers(layers: nnx.Module, hidden, kv: LayerKV | None, *, n_layers: int
     (hidden, kv), other = jax.lax.scan(one_layer, (hidden, kv), (params, other, layer_indices))
     nnx.update(layers, other)
     return hidden, kv
+
+
+def vocab_logits(hidden: Float[Array, "... D"], *, embedding: Array | None = None,
+                 lm_head: nnx.Linear | LoRALinear | None = None, dtype) -> Float[Array, "... V"]:
+    """Float32 logits from the tied ``embedding`` ``[V, D]`` or an ``lm_head`` (``nnx.Linear`` or adapted).
+
+    The matmuls take ``dtype`` inputs and accumulate in float32. An adapted head adds its low-rank term
+    ``(α/r)·dropout(h)·A·B`` (:meth:`LoRALinear.low_rank`), so LoRA on ``lm_head`` trains and
+    ``merge_lora`` exports what the forward computes.
+    """
+    hidden = hidden.astype(dtype)
+    if lm_head is None:
+        return jnp.einsum("...d,vd->...v", hidden, embedding.astype(dtype), preferred_element_type=jnp.float32)
+    logits = jnp.einsum("...d,dv->...v", hidden, lm_head.kernel[...].astype(dtype),
+                        preferred_element_type=jnp.float32)
+    if isinstance(lm_head, LoRALinear):
+        logits = logits + lm_head.low_rank(hidden, preferred_element_type=jnp.float32)
+    return logits

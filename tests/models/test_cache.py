@@ -6,9 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
-from jaxalign.models import KVCache, load_hf
-from tests.models.conftest import B, V, left_padded, make_hf_model
+from jaxalign.models import KVCache, LlamaForCausalLM, load_hf
+from tests.models.conftest import TINY, B, V, left_padded, make_hf_model
 
 PROMPT, NEW = 5, 6
 PROMPT_LENGTHS = [5, 3, 1]
@@ -89,3 +90,15 @@ def test_cache_rejects_segment_ids(hf_checkpoint):
     tokens = jnp.zeros((B, 2), jnp.int32)
     with pytest.raises(ValueError, match="segment_ids"):
         model(tokens, segment_ids=jnp.ones((B, 2), jnp.int32), cache=KVCache.init(model.config, B, 4))
+
+
+def test_cache_overflow_raises_outside_jit():
+    model = LlamaForCausalLM(TINY, rngs=nnx.Rngs(0))
+    tokens = jnp.ones((B, 3), jnp.int32)
+    with pytest.raises(ValueError, match=r"KV cache overflow: writing 3 token\(s\) at slot 0 .*max_length=2"):
+        model(tokens, cache=KVCache.init(model.config, B, 2))
+    _, cache = model(tokens, cache=KVCache.init(model.config, B, 4))
+    _, cache = model(tokens[:, :1], cache=cache)  # fills the last slot exactly
+    assert int(cache.index) == 4
+    with pytest.raises(ValueError, match=r"writing 1 token\(s\) at slot 4 needs 5 slots.*max_length=4"):
+        model(tokens[:, :1], cache=cache)

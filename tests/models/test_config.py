@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers
 
-from jaxalign.models import ModelConfig, RopeScaling
+from jaxalign.models import GPT2Config, ModelConfig, RopeScaling, load_hf_config
 from jaxalign.models.rope import inverse_frequencies
 from tests.models.conftest import HF_CONFIGS
 
@@ -119,3 +119,62 @@ def test_config_validates_itself_and_is_hashable():
         dataclasses.replace(config, architecture="qwen2")
     assert config.same_architecture(config.with_policy(param_dtype="bfloat16", remat="full"))
     assert not config.same_architecture(dataclasses.replace(config, rope_theta=1e4))
+
+
+def _without(hf, key):
+    return {k: v for k, v in hf.items() if k != key}
+
+
+GPT2_TINY = {"model_type": "gpt2", "vocab_size": 97, "n_embd": 32, "n_layer": 2, "n_head": 4}
+
+
+@pytest.mark.parametrize(
+    ("parse", "hf", "message"),
+    [
+        (ModelConfig.from_hf, _without(SMOLLM2, "hidden_size"),
+         r"required key 'hidden_size' \(a positive int\) is missing"),
+        (ModelConfig.from_hf, _without(SMOLLM2, "vocab_size"), r"required key 'vocab_size'"),
+        (ModelConfig.from_hf, {**SMOLLM2, "intermediate_size": None}, r"'intermediate_size' .* is null"),
+        (ModelConfig.from_hf, {**SMOLLM2, "hidden_size": "576"},
+         r"hidden_size must be a positive int, got '576' \(str\)"),
+        (ModelConfig.from_hf, {**SMOLLM2, "num_attention_heads": 9.0}, r"num_attention_heads must be a positive int"),
+        (ModelConfig.from_hf, {**SMOLLM2, "num_hidden_layers": True}, r"num_hidden_layers must be a positive int"),
+        (ModelConfig.from_hf, {**SMOLLM2, "tie_word_embeddings": "false"}, r"tie_word_embeddings must be a boolean"),
+        (ModelConfig.from_hf, {**SMOLLM2, "rms_norm_eps": "1e-5"}, r"rms_norm_eps must be a positive number"),
+        (ModelConfig.from_hf, {**SMOLLM2, "rope_theta": "1e5"}, r"rope_theta must be a positive number"),
+        (ModelConfig.from_hf, {**SMOLLM2, "rope_scaling": "linear"}, r"rope_scaling must be a JSON object"),
+        (ModelConfig.from_hf, {**SMOLLM2, "eos_token_id": "2"}, r"eos_token_id must be a token id"),
+        (ModelConfig.from_hf, [SMOLLM2], r"expected a JSON object"),
+        (GPT2Config.from_hf, _without(GPT2_TINY, "n_embd"), r"required key 'n_embd' \(a positive int\) is missing"),
+        (GPT2Config.from_hf, {**GPT2_TINY, "n_head": "4"}, r"n_head must be a positive int, got '4'"),
+        (GPT2Config.from_hf, {**GPT2_TINY, "layer_norm_epsilon": None, "n_positions": 0},
+         r"n_positions must be a positive"),
+    ],
+)
+def test_missing_or_mistyped_keys_name_the_key_and_type(parse, hf, message):
+    with pytest.raises(ValueError, match=r"config\.json: .*" + message):
+        parse(hf)
+
+
+def test_load_hf_config_names_the_file_of_a_broken_key(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(_without(SMOLLM2, "num_hidden_layers")))
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'config.json'}: .*required key 'num_hidden_layers'"):
+        load_hf_config(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**GPT2_TINY, "vocab_size": [97]}))
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'config.json'}: .*vocab_size must be a positive int"):
+        load_hf_config(tmp_path)
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+def test_missing_sliding_window_gets_the_transformers_default(arch):
+    if arch == "mistral":
+        hf = json.loads(transformers.MistralConfig(**HF_CONFIGS["mistral_window"][1]).to_json_string())
+    else:
+        hf = json.loads(transformers.Qwen2Config(**HF_CONFIGS["qwen2_window"][1]).to_json_string())
+    hf = {k: v for k, v in hf.items() if k not in ("sliding_window", "layer_types")}
+    expected = transformers.AutoConfig.for_model(**hf).sliding_window
+    assert expected == 4096  # transformers 5's MistralConfig / Qwen2Config default
+    assert ModelConfig.from_hf(hf).sliding_window == expected
+    # An explicit null is no window, in transformers and here.
+    assert transformers.AutoConfig.for_model(**hf, sliding_window=None).sliding_window is None
+    assert ModelConfig.from_hf({**hf, "sliding_window": None}).sliding_window is None

@@ -191,3 +191,23 @@ def test_config_json_of_gpt2_is_read_by_load_hf(hf_checkpoint):
     config = json.loads((hf_checkpoint("gpt2") / "config.json").read_text())
     assert config["model_type"] == "gpt2"
     assert load_hf(hf_checkpoint("gpt2")).config == GPT2Config.from_hf(config)
+
+
+def test_positions_past_the_learned_table_raise_eagerly_and_never_give_nan_under_jit(rng):
+    config = GPT2Config(vocab_size=V, d_model=32, n_layers=2, n_heads=4, intermediate_size=64,
+                        max_position_embeddings=8)
+    model = GPT2LMHeadModel(config, rngs=nnx.Rngs(0))
+    tokens = jnp.asarray(rng.integers(0, V, size=(B, 10)))
+    with pytest.raises(ValueError, match=r"position 9 is out of range.*\[0, 8\), n_positions=8"):
+        model(tokens)
+    with pytest.raises(ValueError, match=rf"token id {V} is out of range.*vocab_size={V}"):
+        model(tokens.at[2, 0].set(V)[:, :8])
+    # Under jit the positions are clipped to the table: finite, and the first 8 tokens are exact.
+    logits = np.asarray(nnx.jit(lambda m, t: m(t)[0])(model, tokens))
+    assert np.isfinite(logits).all()
+    np.testing.assert_allclose(logits[:, :8], model(tokens[:, :8])[0], atol=1e-5, rtol=0)
+    # Only real tokens are checked: 8 real tokens and 2 of right padding fit the table.
+    mask = jnp.asarray(right_padded([8, 5, 2], 10))
+    assert np.isfinite(np.asarray(model(tokens, attention_mask=mask)[0])).all()
+    with pytest.raises(ValueError, match="position 9"):  # explicit positions are checked the same way
+        model(tokens, positions=jnp.broadcast_to(jnp.arange(10), (B, 10)))

@@ -4,9 +4,18 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
-from jaxalign.models import CausalLMWithValueHead, KVCache, RewardModel, last_token_index, load_hf
+from jaxalign.models import (
+    CausalLMWithValueHead,
+    KVCache,
+    RewardHead,
+    RewardModel,
+    ValueHead,
+    last_token_index,
+    load_hf,
+)
 from tests.models.conftest import B, T, V, left_padded, right_padded
 
 LENGTHS = [7, 4, 1]
@@ -70,3 +79,22 @@ def test_multi_objective_reward_shape_and_gradients(hf_checkpoint, rng):
     grads = nnx.grad(lambda m: jnp.sum(m(tokens, attention_mask=mask)[:, 1]))(reward_model)
     assert float(jnp.abs(grads.reward_head.kernel[...]).sum()) > 0
     assert float(jnp.abs(grads.backbone.layers.mlp.up_proj.kernel[...]).sum()) > 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_reward_model_accepts_the_lm_and_misuse_is_a_clear_type_error(arch, hf_checkpoint, rng):
+    lm = load_hf(hf_checkpoint(arch))
+    tokens = jnp.asarray(rng.integers(0, V, size=(B, T)))
+    mask = jnp.asarray(right_padded(LENGTHS))
+    from_lm = RewardModel(lm, num_objectives=2, rngs=nnx.Rngs(3))
+    assert from_lm.backbone is lm.model  # unwrapped to the trunk it shares with the LM
+    from_trunk = RewardModel(lm.model, num_objectives=2, rngs=nnx.Rngs(3))
+    np.testing.assert_array_equal(from_lm(tokens, attention_mask=mask), from_trunk(tokens, attention_mask=mask))
+    with pytest.raises(TypeError, match="got the trunk .*pass the LM itself, not lm.model"):
+        CausalLMWithValueHead(lm.model, rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match="RewardModel needs a decoder trunk .*got CausalLMWithValueHead"):
+        RewardModel(CausalLMWithValueHead(lm, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match=r"ValueHead\(d_model, ...\): d_model must be a positive int"):
+        ValueHead(lm, rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match=r"RewardHead\(d_model, ...\): d_model must be a positive int"):
+        RewardHead(lm.model, rngs=nnx.Rngs(0))

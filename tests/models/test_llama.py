@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from jaxalign.models import LlamaForCausalLM, load_hf
-from tests.models.conftest import TINY, B, T, V, left_padded
+from tests.models.conftest import TINY, B, T, V, left_padded, right_padded
 
 
 def test_layer_parameters_are_stacked():
@@ -89,3 +89,33 @@ def test_padding_never_produces_nan_in_logits_or_gradients(hf_checkpoint, rng):
 
     grads = nnx.grad(loss)(model)
     assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(nnx.state(grads, nnx.Param)))
+
+
+def test_out_of_range_token_ids_raise_eagerly_and_never_give_nan_under_jit(rng):
+    model = LlamaForCausalLM(TINY, rngs=nnx.Rngs(0))
+    tokens = rng.integers(0, V, size=(B, T))
+    for bad_id in (V + 5, -1):
+        bad = tokens.copy()
+        bad[0, 3] = bad_id
+        with pytest.raises(ValueError, match=rf"token id {bad_id} is out of range.*\[0, {V}\), vocab_size={V}"):
+            model(jnp.asarray(bad))
+
+    # Under jit nothing can raise: the id is clipped into the table, so every logit stays finite, the other
+    # rows and the tokens before the bad one are untouched (a NaN value row would reach them through 0·NaN).
+    forward = nnx.jit(lambda m, t, mask: m(t, attention_mask=mask)[0])
+    ones = jnp.ones((B, T), jnp.int32)
+    good = np.asarray(forward(model, jnp.asarray(tokens), ones))
+    bad = tokens.copy()
+    bad[0, 3] = V + 5
+    got = np.asarray(forward(model, jnp.asarray(bad), ones))
+    assert np.isfinite(got).all()
+    np.testing.assert_array_equal(got[1:], good[1:])
+    np.testing.assert_allclose(got[0, :3], good[0, :3], atol=1e-6, rtol=0)
+
+    # Ids under attention_mask = 0 are padding: never checked, never change the real tokens' logits.
+    mask = right_padded([7, 4, 2])
+    padded = tokens.copy()
+    padded[1, 5], padded[2, 6] = V + 100, -7
+    np.testing.assert_allclose(model(jnp.asarray(padded), attention_mask=jnp.asarray(mask))[0][mask > 0],
+                               model(jnp.asarray(tokens), attention_mask=jnp.asarray(mask))[0][mask > 0],
+                               atol=1e-6, rtol=0)
