@@ -33,7 +33,7 @@ def split(chosen, rejected):
     ("\n\nHuman: hi\n\nAssistant: yes", "\n\nHuman: hi\n\nAssistant: no"),
 ])
 def test_text_prompt_matches_trl_when_responses_differ_from_their_first_word(chosen, rejected):
-    trl = pytest.importorskip("trl")
+    import trl
     expected = trl.extract_prompt({"chosen": chosen, "rejected": rejected})
     assert split(chosen, rejected) == (expected["prompt"], expected["chosen"], expected["rejected"])
 
@@ -47,7 +47,7 @@ def test_text_prompt_never_splits_a_word():
 
 
 def test_conversational_prompt_is_a_message_prefix_and_matches_trl():
-    trl = pytest.importorskip("trl")
+    import trl
     chosen = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yes"},
               {"role": "user", "content": "More?"}, {"role": "assistant", "content": "Sure"}]
     rejected = chosen[:3] + [{"role": "assistant", "content": "No"}]

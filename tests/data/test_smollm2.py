@@ -36,7 +36,7 @@ def test_standard_text_literal_ids_with_eos(smollm2_tokenizer):
 
 
 def test_pairs_match_trl_chat_template_rendering(smollm2_tokenizer):
-    trl = pytest.importorskip("trl")
+    import trl
     prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What colour is the sky?"}]
     chosen = [{"role": "assistant", "content": "Blue."}]
     rejected = [{"role": "assistant", "content": "It is green, really."}]

@@ -1,0 +1,168 @@
+"""Orbax checkpoints of a run: the train state, every process's data position, and the run's metadata.
+
+Layout of ``CheckpointConfig.directory``::
+
+    config.json            the resolved run metadata (written at start by process 0, replaced atomically)
+    <step>/state/          the TrainState (Orbax OCDBT/Zarr; each process writes its own shards)
+    <step>/data/metadata   {"process_count": P, "positions": [state_dict of process 0, ..., P-1]}
+    <step>/meta/metadata   the run metadata plus the step and the time of the save
+
+Orbax writes a step into a temporary directory and renames it only once every process has finished,
+so a step directory either is complete or does not exist: a run killed mid-save resumes from the
+previous checkpoint. Saves are asynchronous: ``save`` returns once the arrays are copied off the
+devices (so the next step may donate them) and the files are written in the background.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import uuid
+from collections.abc import Mapping
+from importlib import metadata as package_metadata
+from typing import Any, NamedTuple
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+from jax.sharding import Mesh
+
+import jaxalign
+from jaxalign.train.config import CheckpointConfig, TrainConfig
+from jaxalign.train.distributed import gather_from_processes
+from jaxalign.train.state import TrainState
+
+CONFIG_FILE = "config.json"
+_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint")
+
+
+def run_metadata(config: TrainConfig, mesh: Mesh, *, model_config: Any = None,
+                 extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What a checkpoint records about its run: resolved config, seed, versions and devices (JSON-ready).
+
+    Args:
+        config: the run's config, with the mesh sizes resolved (no ``-1``).
+        mesh: the mesh the run uses.
+        model_config: the model's config dataclass (``model.config``), recorded when given.
+        extra: anything else the script wants recorded (e.g. its own experiment config).
+    """
+    device = jax.devices()[0]
+    return {
+        "config": config.to_dict(),
+        "seed": config.seed,
+        "model_config": dataclasses.asdict(model_config) if dataclasses.is_dataclass(model_config) else None,
+        "extra": dict(extra or {}),
+        "versions": {"jaxalign": jaxalign.__version__,
+                     **{name: package_metadata.version(name) for name in _PACKAGES}},
+        "devices": {"platform": device.platform, "kind": device.device_kind, "count": jax.device_count(),
+                    "process_count": jax.process_count(), "mesh": dict(mesh.shape)},
+    }
+
+
+def _data_position(data: Any) -> Any:
+    return data.state_dict() if hasattr(data, "state_dict") else None
+
+
+class Restored(NamedTuple):
+    step: int
+    state: TrainState
+    data_position: Any  # this process's data iterator state_dict (None if the run had none)
+    metadata: dict[str, Any]
+
+
+class Checkpointer:
+    """A CheckpointManager saving ``(state, data positions, metadata)`` by the config's policy.
+
+    Every method is called by every process at the same step (the saves and the time-based decision
+    are collective).
+    """
+
+    def __init__(self, config: CheckpointConfig, metadata: Mapping[str, Any]):
+        if config.directory is None:
+            raise ValueError("CheckpointConfig.directory is None: checkpointing is disabled")
+        self.directory = epath.Path(config.directory).resolve()
+        self.metadata = dict(metadata)
+        policies = []
+        if config.save_every_steps is not None:
+            policies.append(ocp.checkpoint_managers.FixedIntervalPolicy(config.save_every_steps))
+        if config.save_every_seconds is not None:
+            # Decided on process 0 and broadcast, so every process saves at the same step.
+            policies.append(ocp.checkpoint_managers.ContinuousCheckpointingPolicy(
+                minimum_interval_secs=config.save_every_seconds))
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=config.keep_last,
+            enable_async_checkpointing=config.async_save,
+            save_decision_policy=ocp.checkpoint_managers.AnySavePolicy(policies),
+            create=True,
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "meta"))
+        if jax.process_index() == 0:
+            _write_json_atomically(self.directory / CONFIG_FILE, self.metadata)
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def should_save(self, step: int) -> bool:
+        """Whether the step or time policy asks for a checkpoint at ``step`` (the same answer on every process)."""
+        return self._manager.should_save(step)
+
+    def save(self, step: int, state: TrainState, data: Any = None) -> bool:
+        """Write ``state`` and the position of ``data`` (anything with ``state_dict()``) as ``step``.
+
+        Returns:
+            False when ``step`` is already saved (nothing is written), else True.
+        """
+        if step in self._manager.all_steps():
+            return False
+        positions = gather_from_processes(_data_position(data))
+        meta = {**self.metadata, "step": step,
+                "saved_at": datetime.datetime.now(datetime.UTC).isoformat()}
+        return self._manager.save(step, force=True, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave({"process_count": jax.process_count(), "positions": positions}),
+            meta=ocp.args.JsonSave(meta),
+        ))
+
+    def restore(self, abstract_state: TrainState, *, step: int | None = None) -> Restored:
+        """Read checkpoint ``step`` (default: the latest) into the shardings of ``abstract_state``.
+
+        The mesh may differ from the one that saved: Orbax reshards. The data positions may not: each
+        process gets back the position it saved.
+
+        Raises:
+            FileNotFoundError: no checkpoint in the directory.
+            ValueError: the checkpoint was written by a different number of processes.
+        """
+        step = self._manager.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=ocp.args.JsonRestore(),
+            meta=ocp.args.JsonRestore(),
+        ))
+        saved_processes = restored.data["process_count"]
+        if saved_processes != jax.process_count():
+            raise ValueError(
+                f"checkpoint {self.directory / str(step)} holds the data positions of {saved_processes} "
+                f"process(es) but this run has {jax.process_count()}; resume with the same process count"
+            )
+        position = restored.data["positions"][jax.process_index()]
+        return Restored(step=step, state=restored.state, data_position=position, metadata=restored.meta)
+
+    def wait(self) -> None:
+        """Block until asynchronous saves are on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()
+
+
+def _write_json_atomically(path: epath.Path, value: Any) -> None:
+    partial = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    partial.write_text(json.dumps(value, indent=2, sort_keys=True))
+    partial.replace(path)

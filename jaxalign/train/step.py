@@ -1,0 +1,317 @@
+"""The step factory: an objective, a model and an optax optimizer compiled into one sharded training step.
+
+The objective is the user's bridge between the model and :mod:`jaxalign.losses`::
+
+    def sft_objective(model, batch, *, key):
+        logits, _ = model(batch["tokens"], attention_mask=batch["attention_mask"])
+        per_token, metrics = losses.sft_loss(logits[:, :-1], batch["tokens"][:, 1:], batch["loss_mask"][:, 1:])
+        return losses.aggregate(per_token, batch["loss_mask"][:, 1:]), metrics
+
+It returns ``((loss_sum, loss_count), metrics)``: the batch loss is ``Σ loss_sum / Σ loss_count`` over the
+micro-batches, so accumulation gives exactly the large-batch mean. Frozen models it needs (a DPO
+reference) arrive as keyword arguments named as in ``references``.
+
+One call of :class:`TrainStep` runs, inside a single ``jax.jit`` with explicit in/out shardings and the
+train state donated:
+
+1. split the step key off the state's RNG;
+2. for each of the ``M`` micro-batches (a ``lax.scan``): merge the trainable parameters (cast from their
+   float32 master copy to the model's ``param_dtype``) with the frozen ones, run the objective, and add
+   up ``∇ loss_sum``, ``loss_sum`` and ``loss_count``;
+3. divide by the total count, take the global gradient norm, and apply the optax update (clipping and the
+   schedule live in the optimizer);
+4. if the loss or the gradient norm is not finite, keep the old parameters, optimizer and model state
+   (the step counter and RNG still advance: the batch was consumed) and report ``finite = False``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from jaxalign.models.sharding import DEFAULT_RULES, named_shardings
+from jaxalign.train.mesh import (
+    BATCH_AXES,
+    batch_shard_count,
+    batch_sharding,
+    replicated,
+    shard_batch,
+    single_device_mesh,
+)
+from jaxalign.train.state import TrainState
+
+F32 = jnp.float32
+
+# ((loss_sum [], loss_count []), {name: [] metric})
+Objective = Callable[..., tuple[tuple[jax.Array, jax.Array], Mapping[str, jax.Array]]]
+
+STEP_METRICS = ("loss", "loss_count", "grad_norm", "finite", "tokens")
+
+
+def default_token_count(batch: Any) -> jax.Array | None:
+    """Tokens in a batch, for throughput: the sum of every ``*attention_mask`` array, else the size of
+    ``tokens``/``input_ids``; None (no throughput) for a batch with neither."""
+    if not isinstance(batch, Mapping):
+        return None
+    masks = [value for key, value in batch.items() if str(key).endswith("attention_mask")]
+    if masks:
+        return sum(jnp.sum(mask, dtype=F32) for mask in masks)
+    for key in ("tokens", "input_ids"):
+        if key in batch:
+            return jnp.asarray(batch[key].size, F32)
+    return None
+
+
+def _shardings_like(state: nnx.State, shardings: nnx.State) -> nnx.State:
+    """The entries of ``shardings`` (a State over all parameters) at the paths ``state`` has."""
+    by_path = dict(nnx.to_flat_state(shardings))
+    return nnx.from_flat_state([(path, by_path[path]) for path, _ in nnx.to_flat_state(state)])
+
+
+def _as_master(params: nnx.State) -> nnx.State:
+    """Floating parameters in float32: the optimizer updates these, never the low-precision copies."""
+    return jax.tree.map(lambda p: p.astype(F32) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
+
+
+def _keep_if(condition: jax.Array, new, old):
+    return jax.tree.map(lambda a, b: jnp.where(condition, a, b), new, old)
+
+
+def _unpack_objective_output(output) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    try:
+        (loss_sum, loss_count), metrics = output
+    except (TypeError, ValueError):
+        raise TypeError(
+            "the objective must return ((loss_sum, loss_count), metrics), e.g. "
+            "(losses.aggregate(per_token, mask), metrics); got " + type(output).__name__
+        ) from None
+    if not isinstance(metrics, Mapping):
+        raise TypeError(f"the objective's metrics must be a dict of scalars, got {type(metrics).__name__}")
+    if jnp.shape(loss_sum) != () or jnp.shape(loss_count) != ():
+        raise ValueError(
+            f"the objective's loss_sum and loss_count must be scalars, got shapes {jnp.shape(loss_sum)} and "
+            f"{jnp.shape(loss_count)}: reduce per-token or per-example values with losses.aggregate / masked_sum"
+        )
+    clashes = sorted(set(metrics) & set(STEP_METRICS))
+    if clashes:
+        raise ValueError(f"objective metric name(s) {clashes} are reserved for the step's own metrics {STEP_METRICS}")
+    return jnp.asarray(loss_sum, F32), jnp.asarray(loss_count, F32), dict(metrics)
+
+
+class TrainStep:
+    """A jitted, sharded, donated training step for ``model`` (see the module docstring for what it does).
+
+    Args:
+        objective: ``objective(model, batch, *, key, **references) -> ((loss_sum, loss_count), metrics)``;
+            pure JAX on the batch's arrays. ``key`` differs per step and per micro-batch.
+        model: the NNX model to train; its current values are the initial parameters. It is not modified:
+            :meth:`trained_model` gives a module with a state's parameters.
+        optimizer: any optax ``GradientTransformation`` (:func:`~jaxalign.train.optimizer.make_optimizer`
+            builds one from a config).
+        mesh: the device mesh (:func:`~jaxalign.train.mesh.make_mesh`); None runs on one device.
+        trainable: an NNX filter selecting the parameters to train among the model's ``nnx.Param``s: a
+            Variable type (``nnx.LoRAParam`` for LoRA adapters), a path predicate
+            (``nnx.PathContains("lm_head")``, ``lambda path, variable: ...``) or a combination
+            (``nnx.All``/``nnx.Any``/``nnx.Not``). The other parameters are frozen: no gradient, no
+            optimizer state, not checkpointed.
+        micro_batches: gradient-accumulation micro-batches per step. Micro-batch ``i`` takes rows
+            ``i, i + M, i + 2M, ...`` so that each stays spread over every data-parallel device.
+        references: frozen models the objective receives by name (e.g. ``{"ref": reference_model}``),
+            sharded on the same mesh by their own partition table; never differentiated or updated.
+        rules: the partition table for every model (``jaxalign.models.DEFAULT_RULES`` plus any new module).
+        count_tokens: ``batch -> [] tokens or None`` for the ``tokens`` metric (throughput).
+
+    Attributes:
+        mesh: the mesh everything lives on.
+        state_shardings: a :class:`TrainState` of ``NamedSharding``s (parameters and optimizer state per
+            the partition table; step, RNG and model state replicated).
+        frozen: the frozen parameters, placed on the mesh.
+        references: the reference models' ``(params, other)`` states, placed on the mesh.
+    """
+
+    def __init__(self, objective: Objective, model: nnx.Module, optimizer: optax.GradientTransformation, *,
+                 mesh: Mesh | None = None, trainable: Any = nnx.Param, micro_batches: int = 1,
+                 references: Mapping[str, nnx.Module] | None = None, rules: Mapping = DEFAULT_RULES,
+                 count_tokens: Callable[[Any], jax.Array | None] = default_token_count):
+        if not isinstance(micro_batches, int) or micro_batches < 1:
+            raise ValueError(f"micro_batches must be a positive int, got {micro_batches!r}")
+        self.objective, self.optimizer = objective, optimizer
+        self.micro_batches, self.count_tokens = micro_batches, count_tokens
+        self.mesh = single_device_mesh() if mesh is None else mesh
+        if any(axis_type != AxisType.Auto for axis_type in self.mesh.axis_types):
+            raise ValueError(
+                f"the mesh has axis types {self.mesh.axis_types}; the step relies on XLA's sharding propagation "
+                "and needs Auto axes: build it with jaxalign.train.make_mesh"
+            )
+        everywhere = replicated(self.mesh)
+
+        self.graphdef, params, frozen, model_state = nnx.split(model, nnx.All(nnx.Param, trainable), nnx.Param, ...)
+        if not jax.tree.leaves(params):
+            raise ValueError(f"the trainable filter {trainable!r} selects none of the model's parameters")
+        self._initial_params, self._initial_model_state = params, model_state
+        # The dtypes the model computes with; the state keeps float32 masters and casts to these.
+        self._param_templates = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
+
+        all_shardings = named_shardings(model, self.mesh, rules=rules)
+        self._param_shardings = _shardings_like(params, all_shardings)
+        self._model_state_shardings = jax.tree.map(lambda _: everywhere, model_state)
+        frozen_shardings = _shardings_like(frozen, all_shardings)
+        self.frozen = jax.device_put(frozen, frozen_shardings)
+
+        self._reference_graphdefs, self.references, reference_shardings = {}, {}, {}
+        for name, reference in (references or {}).items():
+            graphdef, reference_params, reference_other = nnx.split(reference, nnx.Param, ...)
+            shardings = (named_shardings(reference, self.mesh, rules=rules),
+                         jax.tree.map(lambda _: everywhere, reference_other))
+            self._reference_graphdefs[name] = graphdef
+            self.references[name] = jax.device_put((reference_params, reference_other), shardings)
+            reference_shardings[name] = shardings
+
+        opt_state_shapes = jax.eval_shape(optimizer.init, jax.eval_shape(_as_master, params))
+        opt_state_shardings = optax.tree_map_params(
+            optimizer, lambda _, sharding: sharding, opt_state_shapes, self._param_shardings,
+            transform_non_params=lambda _: everywhere,
+        )
+        self.state_shardings = TrainState(step=everywhere, params=self._param_shardings,
+                                          opt_state=opt_state_shardings,
+                                          model_state=self._model_state_shardings, rng=everywhere)
+        self._init = jax.jit(self._initial_state,
+                             in_shardings=(self._param_shardings, self._model_state_shardings, everywhere),
+                             out_shardings=self.state_shardings)
+        self._step = jax.jit(
+            self._train_step,
+            in_shardings=(self.state_shardings, batch_sharding(self.mesh), frozen_shardings, reference_shardings),
+            out_shardings=(self.state_shardings, everywhere),
+            donate_argnums=0,
+        )
+
+    # ----------------------------------------------------------------------------------------- public
+
+    def init(self, seed: int) -> TrainState:
+        """A fresh state on the mesh: step 0, the model's parameters, a new optimizer state, key ``seed``."""
+        params = jax.device_put(self._initial_params, self._param_shardings)
+        model_state = jax.device_put(self._initial_model_state, self._model_state_shardings)
+        return self._init(params, model_state, jax.random.PRNGKey(seed))
+
+    def abstract_state(self) -> TrainState:
+        """The state's shapes, dtypes and shardings (``jax.ShapeDtypeStruct``s), e.g. to restore into."""
+        shapes = jax.eval_shape(self._initial_state, self._initial_params, self._initial_model_state,
+                                jax.random.PRNGKey(0))
+        return jax.tree.map(lambda shape, sharding: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding),
+                            shapes, self.state_shardings)
+
+    def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
+        """One optimizer step on ``batch``; ``state`` is donated (do not use it afterwards).
+
+        Args:
+            state: from :meth:`init`, a restore, or the previous call.
+            batch: a pytree of arrays ``[B, ...]``: this process's rows as NumPy (placed with
+                :func:`~jaxalign.train.mesh.shard_batch`) or global ``jax.Array``s. ``B`` must be a
+                multiple of ``micro_batches`` × the batch shards (``data`` × ``fsdp``).
+
+        Returns:
+            ``(new_state, metrics)``: scalar device arrays: the objective's metrics (means weighted by each
+            micro-batch's ``loss_count``), ``loss``, ``loss_count``, ``grad_norm`` (before clipping),
+            ``finite`` and, when countable, ``tokens``. Nothing is synchronised with the host.
+        """
+        self._check_batch_size(batch)
+        return self._step(state, shard_batch(batch, self.mesh), self.frozen, self.references)
+
+    def trained_model(self, state: TrainState) -> nnx.Module:
+        """A module with ``state``'s parameters (in the model's ``param_dtype``) and the frozen ones.
+
+        Float32 parameters share buffers with ``state``: take the model after the last step, or copy it,
+        since the next step donates the state.
+        """
+        return nnx.merge(self.graphdef, self._compute_params(state.params), self.frozen, state.model_state)
+
+    # ----------------------------------------------------------------------------------------- traced
+
+    def _compute_params(self, master: nnx.State) -> nnx.State:
+        return jax.tree.map(lambda p, template: p.astype(template.dtype), master, self._param_templates)
+
+    def _initial_state(self, params, model_state, rng) -> TrainState:
+        master = _as_master(params)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=master, opt_state=self.optimizer.init(master),
+                          model_state=model_state, rng=rng)
+
+    def _micro_loss(self, params, frozen, model_state, batch, key, references):
+        model = nnx.merge(self.graphdef, self._compute_params(params), frozen, model_state)
+        reference_models = {name: nnx.merge(self._reference_graphdefs[name], *states)
+                            for name, states in references.items()}
+        loss_sum, loss_count, metrics = _unpack_objective_output(
+            self.objective(model, batch, key=key, **reference_models))
+        return loss_sum, (jax.lax.stop_gradient(loss_count), metrics, nnx.state(model, nnx.Not(nnx.Param)))
+
+    def _accumulate(self, params, frozen, model_state, batch, key, references):
+        """Σ over micro-batches of (∇ loss_sum, loss_sum), per-micro-batch (loss_count, metrics), model state."""
+        m = self.micro_batches
+        # Row r goes to micro-batch r mod M: a device's contiguous block of rows then feeds every
+        # micro-batch, so splitting needs no communication.
+        micro_batches = jax.tree.map(lambda x: x.reshape(x.shape[0] // m, m, *x.shape[1:]).swapaxes(0, 1), batch)
+        micro_batches = jax.lax.with_sharding_constraint(
+            micro_batches, NamedSharding(self.mesh, PartitionSpec(None, BATCH_AXES)))
+        value_and_grad = jax.value_and_grad(self._micro_loss, has_aux=True)
+
+        def one_micro_batch(carry, inputs):
+            grad_sum, loss_sum, model_state = carry
+            micro_batch, index = inputs
+            (micro_loss_sum, (micro_count, metrics, model_state)), grads = value_and_grad(
+                params, frozen, model_state, micro_batch, jax.random.fold_in(key, index), references)
+            grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
+            return (grad_sum, loss_sum + micro_loss_sum, model_state), (micro_count, metrics)
+
+        zero_grads = jax.tree.map(jnp.zeros_like, params)
+        (grad_sum, loss_sum, model_state), (counts, metrics) = jax.lax.scan(
+            one_micro_batch, (zero_grads, jnp.zeros((), F32), model_state), (micro_batches, jnp.arange(m)))
+        return grad_sum, loss_sum, counts, metrics, model_state
+
+    def _train_step(self, state: TrainState, batch, frozen, references):
+        rng, step_key = jax.random.split(state.rng)
+        grad_sum, loss_sum, counts, micro_metrics, model_state = self._accumulate(
+            state.params, frozen, state.model_state, batch, step_key, references)
+        count = jnp.sum(counts)
+        # An empty batch (count 0) gives loss 0 and zero gradients rather than 0/0.
+        denominator = jnp.maximum(count, 1.0)
+        loss = loss_sum / denominator
+        grads = jax.tree.map(lambda g: g / denominator, grad_sum)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new_state = TrainState(
+            step=state.step + 1,
+            params=_keep_if(finite, params, state.params),
+            opt_state=_keep_if(finite, opt_state, state.opt_state),
+            model_state=_keep_if(finite, model_state, state.model_state),
+            rng=rng,
+        )
+        metrics = {name: jnp.sum(values * counts) / denominator for name, values in micro_metrics.items()}
+        metrics |= {"loss": loss, "loss_count": count, "grad_norm": grad_norm, "finite": finite}
+        tokens = self.count_tokens(batch)
+        if tokens is not None:
+            metrics["tokens"] = tokens
+        return new_state, metrics
+
+    def _check_batch_size(self, batch) -> None:
+        # jax.Array leaves are global already; NumPy leaves are this process's share of the rows.
+        processes = len({device.process_index for device in self.mesh.devices.flat})
+        sizes = {leaf.shape[0] if isinstance(leaf, jax.Array) else np.shape(leaf)[0] * processes
+                 for leaf in jax.tree.leaves(batch)}
+        if len(sizes) != 1:
+            raise ValueError(f"every array of a batch needs the same leading (batch) size, got {sorted(sizes)}")
+        size, = sizes
+        multiple = self.micro_batches * batch_shard_count(self.mesh)
+        if size % multiple:
+            raise ValueError(
+                f"global batch size {size} must be a multiple of micro_batches ({self.micro_batches}) × the "
+                f"batch shards (data × fsdp = {batch_shard_count(self.mesh)}) = {multiple}"
+            )

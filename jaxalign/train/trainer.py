@@ -1,0 +1,199 @@
+"""The training loop every method's trainer runs: resume, step, guard, log, checkpoint, stop on a signal.
+
+::
+
+    trainer = Trainer(config, model, objective, data)       # data: process-local batches, with state_dict()
+    state = trainer.run()                                    # resumes from config.checkpoint.directory if it can
+    model = trainer.trained_model()
+
+One iteration: take the next batch, run the jitted :class:`~jaxalign.train.step.TrainStep`, fetch its
+scalar metrics (the one host synchronisation per step), stop or warn on a non-finite loss or gradient,
+log, save when the policy asks, and, when SIGTERM/SIGINT arrived on any process, save and exit. A resumed
+run restores the parameters, the optimizer state, the step, the RNG key and the data iterator's
+position, so it continues exactly as if it had not stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import signal
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxalign.models.sharding import DEFAULT_RULES
+from jaxalign.train.checkpoint import Checkpointer, run_metadata
+from jaxalign.train.config import MeshConfig, TrainConfig
+from jaxalign.train.distributed import any_process
+from jaxalign.train.mesh import make_mesh
+from jaxalign.train.metrics import MetricsLogger, Throughput
+from jaxalign.train.optimizer import make_optimizer
+from jaxalign.train.schedules import make_schedule
+from jaxalign.train.signals import StopSignals, TrainingInterrupted
+from jaxalign.train.state import TrainState
+from jaxalign.train.step import Objective, TrainStep, default_token_count
+
+
+class NonFiniteError(FloatingPointError):
+    """A step produced a non-finite loss or gradient (its update was not applied)."""
+
+    def __init__(self, step: int, metrics: Mapping[str, Any], data_position: Any):
+        self.step, self.metrics, self.data_position = step, dict(metrics), data_position
+        culprit = "loss" if not np.isfinite(metrics["loss"]) else "gradient"
+        super().__init__(
+            f"non-finite {culprit} at step {step} (loss={metrics['loss']}, grad_norm={metrics['grad_norm']}), "
+            f"computed on batch {step} of the run (1-based); the data iterator's position after that batch is "
+            f"{data_position!r}. The update was not applied. Set TrainConfig.on_nonfinite='skip' to drop such "
+            "updates and go on."
+        )
+
+
+def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        return [change for key in sorted(set(old) | set(new), key=str)
+                for change in _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+class Trainer:
+    """Runs ``config.total_steps`` steps of ``objective`` on ``model`` over ``data``.
+
+    Args:
+        config: the run (optimizer, mesh, micro-batches, checkpoints, logging, non-finite policy).
+        model: the NNX model to train (the initial parameters when not resuming).
+        objective: see :class:`~jaxalign.train.step.TrainStep`.
+        data: an iterator of batches (dicts of NumPy arrays holding this process's rows). When
+            checkpointing, it must have ``state_dict()`` (JSON-serialisable) and ``load_state_dict()``,
+            like jaxalign.data's iterators: its position is saved with every checkpoint.
+        references: frozen models passed to the objective by name (e.g. ``{"ref": ref_model}``).
+        trainable: NNX filter of the parameters to train (see :class:`TrainStep`).
+        optimizer: an optax optimizer; default :func:`make_optimizer` of ``config.optimizer``.
+        rules: partition table for the models.
+        count_tokens: ``batch -> tokens`` for throughput.
+        extra_metadata: recorded in every checkpoint's metadata (e.g. the experiment's own config).
+
+    Attributes:
+        config: ``config`` with the mesh sizes resolved.
+        mesh, train_step, checkpointer (None without a checkpoint directory), metadata.
+        state: the final state after :meth:`run`.
+    """
+
+    def __init__(self, config: TrainConfig, model: nnx.Module, objective: Objective, data: Iterable, *,
+                 references: Mapping[str, nnx.Module] | None = None, trainable: Any = nnx.Param,
+                 optimizer: optax.GradientTransformation | None = None, rules: Mapping = DEFAULT_RULES,
+                 count_tokens: Callable[[Any], Any] = default_token_count,
+                 extra_metadata: Mapping[str, Any] | None = None):
+        self.mesh = make_mesh(config.mesh)
+        self.config = dataclasses.replace(config, mesh=MeshConfig(*self.mesh.devices.shape))
+        self.data = data
+        # The logged learning rate is the config's schedule, so there is none to log for a custom optimizer.
+        self.schedule = None if optimizer else make_schedule(config.optimizer, config.total_steps)
+        self.train_step = TrainStep(
+            objective, model, optimizer or make_optimizer(config.optimizer, config.total_steps), mesh=self.mesh,
+            trainable=trainable, micro_batches=config.micro_batches, references=references, rules=rules,
+            count_tokens=count_tokens,
+        )
+        self.metadata = run_metadata(self.config, self.mesh, model_config=getattr(model, "config", None),
+                                     extra=extra_metadata)
+        self.checkpointer = None
+        self.state: TrainState | None = None
+        checkpoint = config.checkpoint
+        if checkpoint.directory is not None:
+            if not (hasattr(data, "state_dict") and hasattr(data, "load_state_dict")):
+                raise ValueError(
+                    f"checkpointing to {checkpoint.directory} needs the data position for an exact resume, but "
+                    f"{type(data).__name__} has no state_dict()/load_state_dict(); use a resumable iterator "
+                    "(jaxalign.data's are) or set CheckpointConfig.directory=None"
+                )
+            self.checkpointer = Checkpointer(checkpoint, self.metadata)
+            if not checkpoint.resume and self.checkpointer.latest_step() is not None:
+                raise ValueError(
+                    f"{checkpoint.directory} already holds checkpoints (latest step "
+                    f"{self.checkpointer.latest_step()}) and CheckpointConfig.resume is False; use a new directory"
+                )
+
+    def run(self) -> TrainState:
+        """Train to ``config.total_steps`` (resuming if a checkpoint exists) and return the final state.
+
+        Raises:
+            NonFiniteError: a non-finite loss or gradient with ``on_nonfinite="raise"``.
+            TrainingInterrupted: SIGTERM/SIGINT arrived; the checkpoint of the last completed step is on
+                disk. It is a ``SystemExit`` (status 143 / 130), so an uncaught one ends the script quietly.
+        """
+        state, step = self._start()
+        config = self.config
+        logger = MetricsLogger(config.log, total_steps=config.total_steps, start_step=step, run_config=self.metadata)
+        throughput = Throughput()
+        batches = iter(self.data)
+        save_on_signal = self.checkpointer is not None and config.checkpoint.save_on_signal
+        try:
+            with StopSignals() if save_on_signal else contextlib.nullcontext() as stop:
+                while step < config.total_steps:
+                    try:
+                        batch = next(batches)
+                    except StopIteration:
+                        warnings.warn(f"the data ended after step {step}, before total_steps={config.total_steps}",
+                                      stacklevel=2)
+                        break
+                    state, device_metrics = self.train_step(state, batch)
+                    metrics = jax.device_get(device_metrics)
+                    step += 1
+                    throughput.step_done(metrics.get("tokens"))
+                    self._guard(step, metrics)
+                    if step % config.log.every_steps == 0 or step == config.total_steps:
+                        logger.log(step, self._with_rates(step, metrics, throughput))
+                    logger.advance()
+                    if self.checkpointer is not None and self.checkpointer.should_save(step):
+                        self.checkpointer.save(step, state, self.data)
+                    if save_on_signal and any_process(stop.received is not None):
+                        self.checkpointer.save(step, state, self.data)
+                        self.checkpointer.wait()
+                        raise TrainingInterrupted(stop.received or signal.SIGTERM, step)
+            if self.checkpointer is not None:
+                self.checkpointer.save(step, state, self.data)
+        finally:
+            if self.checkpointer is not None:
+                self.checkpointer.wait()
+            logger.close()
+        self.state = state
+        return state
+
+    def trained_model(self) -> nnx.Module:
+        """The model with the final parameters (after :meth:`run`)."""
+        if self.state is None:
+            raise RuntimeError("Trainer.trained_model() needs a finished run(): call run() first")
+        return self.train_step.trained_model(self.state)
+
+    def _start(self) -> tuple[TrainState, int]:
+        checkpointer = self.checkpointer
+        if checkpointer is None or not self.config.checkpoint.resume or checkpointer.latest_step() is None:
+            return self.train_step.init(self.config.seed), 0
+        restored = checkpointer.restore(self.train_step.abstract_state())
+        if restored.data_position is not None:
+            self.data.load_state_dict(restored.data_position)
+        changed = _changed_keys(restored.metadata["config"], self.metadata["config"])
+        if changed:
+            warnings.warn(f"resuming step {restored.step} with a config that differs in {changed}", stacklevel=3)
+        return restored.state, restored.step
+
+    def _with_rates(self, step: int, metrics: Mapping[str, Any], throughput: Throughput) -> dict[str, Any]:
+        """The step's metrics plus throughput and the learning rate of its update (optax counts from 0)."""
+        logged = {**metrics, **throughput.report()}
+        if self.schedule is not None:
+            logged["learning_rate"] = float(self.schedule(step - 1))
+        return logged
+
+    def _guard(self, step: int, metrics: Mapping[str, Any]) -> None:
+        if metrics["finite"]:
+            return
+        if self.config.on_nonfinite == "raise":
+            position = self.data.state_dict() if hasattr(self.data, "state_dict") else None
+            raise NonFiniteError(step, metrics, position)
+        warnings.warn(f"step {step}: non-finite loss ({metrics['loss']}) or gradient norm "
+                      f"({metrics['grad_norm']}); the update was skipped", stacklevel=3)

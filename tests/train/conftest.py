@@ -1,0 +1,47 @@
+"""Helpers for the train tests. Tests that need several devices or processes run scripts of this folder in
+subprocesses (``XLA_FLAGS=--xla_force_host_platform_device_count=N``), so this process keeps one device."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import jax
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Nearly every test builds a TrainStep or a Trainer, and each compiles the same few tiny programs (several
+# seconds each on 2 cores). XLA's persistent compilation cache, private to this test session, lets every
+# compile after the first load the executable instead, in this process and in the test subprocesses.
+XLA_CACHE = os.environ.get("JAX_COMPILATION_CACHE_DIR") or tempfile.mkdtemp(prefix="jaxalign-train-xla-cache-")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    atexit.register(shutil.rmtree, XLA_CACHE, ignore_errors=True)
+jax.config.update("jax_compilation_cache_dir", XLA_CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+def python_env(devices: int = 1) -> dict[str, str]:
+    """The environment of a test subprocess: CPU only, ``devices`` host devices, this checkout importable."""
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+            "PYTHONPATH": str(ROOT), "JAX_COMPILATION_CACHE_DIR": XLA_CACHE,
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+
+
+def script_command(module: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", module, *map(str, args)]
+
+
+def run_script(module: str, *args: str, devices: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``python -m module args`` and fail the test with its output if it fails."""
+    result = subprocess.run(script_command(module, *args), cwd=ROOT, env=python_env(devices), capture_output=True,
+                            text=True, timeout=timeout)
+    if result.returncode != 0:
+        pytest.fail(f"{module} exited with {result.returncode}\n--- stdout\n{result.stdout}\n--- stderr\n"
+                    f"{result.stderr[-6000:]}")
+    return result

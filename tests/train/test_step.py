@@ -1,0 +1,196 @@
+"""The jitted step on one device: exact gradient accumulation, parameter filters, reference models, mixed
+precision, the non-finite guard, and clear errors for bad batches and objectives."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from jaxalign import losses
+from jaxalign.models.lora import LoRAConfig, apply_lora
+from jaxalign.train import TrainStep, make_optimizer
+from tests.train.tiny import BATCH, SGD, TINY, host_params, make_batch, sft_objective, tiny_model
+
+
+def model_params(model) -> dict[str, np.ndarray]:
+    return {"/".join(map(str, path)): np.asarray(variable.get_value())
+            for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def batches(count: int, batch_size: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [make_batch(rng, batch_size) for _ in range(count)]
+
+
+def train(step: TrainStep, data, seed: int = 0):
+    state = step.init(seed)
+    history = []
+    for batch in data:
+        state, metrics = step(state, batch)
+        history.append(jax.device_get(metrics))
+    return state, history
+
+
+def sgd() -> optax.GradientTransformation:
+    return make_optimizer(SGD, total_steps=10)
+
+
+def test_four_micro_batches_equal_one_four_times_larger_batch():
+    data = batches(2, batch_size=BATCH)
+    # Micro-batch i holds rows i and i+4: their loss-token counts differ, so averaging the four
+    # micro-batch means would not give the token mean of the batch; only (sum, count) does.
+    token_counts = [data[0]["attention_mask"][i::4, 1:].sum() for i in range(4)]
+    assert len(set(token_counts)) > 1
+    whole, whole_history = train(TrainStep(sft_objective, tiny_model(), sgd()), data)
+    accumulated, accumulated_history = train(TrainStep(sft_objective, tiny_model(), sgd(), micro_batches=4), data)
+    for one, four in zip(whole_history, accumulated_history, strict=True):
+        assert one["loss_count"] == four["loss_count"]
+        for name in ("loss", "nll", "token_accuracy", "entropy", "grad_norm", "tokens"):
+            np.testing.assert_allclose(four[name], one[name], rtol=2e-6, err_msg=name)
+    expected = host_params(whole)
+    for name, value in host_params(accumulated).items():
+        np.testing.assert_allclose(value, expected[name], rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_only_the_filtered_parameters_train_and_have_optimizer_state():
+    model = apply_lora(tiny_model(), LoRAConfig(rank=2, alpha=4.0, targets=("q_proj", "v_proj")), rngs=nnx.Rngs(1))
+    before = model_params(model)
+    # A Variable type (the LoRA adapters) or a path predicate (the head), here combined.
+    step = TrainStep(sft_objective, model, sgd(), trainable=nnx.Any(nnx.LoRAParam, nnx.PathContains("lm_head")))
+    state, _ = train(step, batches(2, batch_size=BATCH))
+    expected = {f"model/layers/self_attn/{projection}/{factor}" for projection in ("q_proj", "v_proj")
+                for factor in ("lora_a", "lora_b")} | {"lm_head/kernel"}
+    assert set(host_params(state)) == expected
+    momentum_shapes = sorted(leaf.shape for leaf in jax.tree.leaves(state.opt_state) if leaf.ndim)
+    assert momentum_shapes == sorted(before[name].shape for name in expected)
+    after = model_params(step.trained_model(state))
+    assert {name for name in before if not np.array_equal(after[name], before[name])} == expected
+    # The caller's model is untouched although the step donated the state.
+    for name, value in model_params(model).items():
+        np.testing.assert_array_equal(value, before[name], err_msg=name)
+
+
+def pairs(batch_size: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    chosen, rejected = make_batch(rng, batch_size), make_batch(rng, batch_size)
+    return {"chosen_tokens": chosen["tokens"], "chosen_mask": chosen["attention_mask"],
+            "rejected_tokens": rejected["tokens"], "rejected_mask": rejected["attention_mask"]}
+
+
+def dpo_objective(model, batch, *, key, ref):
+    def logps(lm, side):
+        tokens, mask = batch[f"{side}_tokens"], batch[f"{side}_mask"]
+        logits, _ = lm(tokens, attention_mask=mask)
+        return losses.sequence_logps(losses.token_logps(logits[:, :-1], tokens[:, 1:], mask[:, 1:]), mask[:, 1:])
+
+    per_pair, metrics = losses.dpo_loss(logps(model, "chosen"), logps(model, "rejected"), logps(ref, "chosen"),
+                                        logps(ref, "rejected"), beta=0.5)
+    return (jnp.sum(per_pair), per_pair.shape[0]), metrics
+
+
+def test_frozen_reference_model_is_shared_not_trained():
+    policy, reference = tiny_model(), tiny_model()  # same seed: the policy starts as the reference
+    reference_before = model_params(reference)
+    step = TrainStep(dpo_objective, policy, optax.adam(1e-2), references={"ref": reference})
+    state, history = train(step, [pairs(4, seed) for seed in range(3)])
+    # DPO at policy == reference is ln 2 (DESIGN.md); later steps move away from it.
+    assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert history[2]["loss"] < history[0]["loss"]
+    ref_params, _ = step.references["ref"]
+    for path, variable in nnx.to_flat_state(ref_params):
+        np.testing.assert_array_equal(variable.get_value(), reference_before["/".join(map(str, path))])
+    # The train state holds the policy's parameters only: no reference copy, no optimizer state for it.
+    assert set(host_params(state)) == set(reference_before)
+    assert len(jax.tree.leaves(state.opt_state)) == 1 + 2 * len(reference_before)  # count, mu, nu
+
+
+def test_mixed_precision_keeps_float32_master_weights():
+    # The float32 model's weights stored in bfloat16 (built abstractly: no bfloat16 initialisation to compile).
+    low = nnx.eval_shape(lambda: tiny_model(config=TINY.with_policy(param_dtype="bfloat16", compute_dtype="bfloat16")))
+    nnx.update(low, jax.tree.map(lambda p: p.astype(jnp.bfloat16), nnx.state(tiny_model(), nnx.Param)))
+    data = batches(1, batch_size=BATCH)
+    # A rate so small that one update is far below bfloat16's resolution around the weights (~4e-3).
+    step = TrainStep(sft_objective, low, optax.sgd(1e-4))
+    initial = host_params(step.init(0))
+    state, history = train(step, data)
+    master = host_params(state)
+    assert all(value.dtype == np.float32 for value in master.values())
+    assert any(not np.array_equal(master[name], initial[name]) for name in master)
+    trained = step.trained_model(state)
+    assert all(value.dtype == jnp.bfloat16 for value in model_params(trained).values())
+    # At initialisation the model predicts nearly uniformly: a loss of about ln V, also in bfloat16.
+    assert history[0]["loss"] == pytest.approx(math.log(TINY.vocab_size), abs=0.05)
+
+
+def poisonable_objective(model, batch, *, key):
+    """SFT, made non-finite on demand: ``poison_loss`` rows give a NaN loss, ``poison_grad`` rows a finite
+    loss with a NaN gradient (d sqrt(x)/dx is infinite at 0)."""
+    (total, count), metrics = sft_objective(model, batch, key=key)
+    total = total * jnp.where(jnp.max(batch["poison_loss"]) > 0, jnp.nan, 1.0)
+    kernel = model.lm_head.kernel[...]
+    total = total + 0.0 * jnp.sqrt(jnp.sum(kernel**2) * (1.0 - jnp.max(batch["poison_grad"])))
+    return (total, count), metrics
+
+
+def poisoned(batch, *, loss=0.0, grad=0.0):
+    rows = batch["tokens"].shape[0]
+    return {**batch, "poison_loss": np.full(rows, loss, np.float32), "poison_grad": np.full(rows, grad, np.float32)}
+
+
+def test_a_non_finite_loss_or_gradient_leaves_the_state_unchanged():
+    step = TrainStep(poisonable_objective, tiny_model(), sgd())
+    data = batches(3, batch_size=BATCH)
+    state, metrics = step(step.init(0), poisoned(data[0]))
+    assert metrics["finite"]
+    for poison in ({"loss": 1.0}, {"grad": 1.0}):
+        params, opt_state = host_params(state), jax.device_get(state.opt_state)
+        assert any(leaf.any() for leaf in jax.tree.leaves(opt_state))  # momentum to keep
+        state, metrics = step(state, poisoned(data[1], **poison))
+        assert not metrics["finite"]
+        assert bool(jnp.isfinite(metrics["loss"])) == ("grad" in poison)
+        assert not jnp.isfinite(metrics["grad_norm"])
+        for name, value in host_params(state).items():
+            np.testing.assert_array_equal(value, params[name], err_msg=name)
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.opt_state), opt_state)
+    assert int(state.step) == 3  # the poisoned batches were consumed
+    state, metrics = step(state, poisoned(data[2]))
+    assert metrics["finite"] and int(state.step) == 4
+
+
+def test_batch_size_must_split_into_the_micro_batches():
+    step = TrainStep(sft_objective, tiny_model(), sgd(), micro_batches=4)
+    with pytest.raises(ValueError, match=r"global batch size 6 must be a multiple of micro_batches \(4\)"):
+        step(step.init(0), batches(1, batch_size=6)[0])
+    ragged = {**batches(1, batch_size=8)[0], "extra": np.zeros((4, 2))}
+    with pytest.raises(ValueError, match="same leading"):
+        step(step.init(0), ragged)
+
+
+@pytest.mark.parametrize(("objective", "error", "message"), [
+    (lambda model, batch, *, key: sft_objective(model, batch, key=key)[0][0], TypeError, "must return"),
+    (lambda model, batch, *, key: ((jnp.zeros(3), 1.0), {}), ValueError, "must be scalars"),
+    (lambda model, batch, *, key: ((0.0, 1.0), {"loss": 0.0}), ValueError, "reserved"),
+    (lambda model, batch, *, key: ((0.0, 1.0), None), TypeError, "dict of scalars"),
+])
+def test_objective_output_is_checked(objective, error, message):
+    step = TrainStep(objective, tiny_model(), sgd())
+    with pytest.raises(error, match=message):
+        step(step.init(0), batches(1, batch_size=2)[0])
+
+
+def test_a_filter_that_selects_nothing_raises():
+    with pytest.raises(ValueError, match="selects none"):
+        TrainStep(sft_objective, tiny_model(), sgd(), trainable=nnx.PathContains("no_such_module"))
+
+
+def test_meshes_without_auto_axes_are_refused():
+    explicit = jax.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Explicit,) * 3,
+                             devices=jax.devices()[:1])
+    with pytest.raises(ValueError, match="needs Auto axes"):
+        TrainStep(sft_objective, tiny_model(), sgd(), mesh=explicit)

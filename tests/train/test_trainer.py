@@ -1,0 +1,130 @@
+"""The training loop: stop-and-save on a signal then resume, the non-finite guard (raise or skip), metrics
+files, and the errors that protect an exact resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+from jaxalign.train import (
+    CheckpointConfig,
+    LogConfig,
+    NonFiniteError,
+    TrainConfig,
+    Trainer,
+    TrainingInterrupted,
+    make_optimizer,
+)
+from jaxalign.train.metrics import METRICS_FILE
+from tests.train.test_step import model_params, poisonable_objective
+from tests.train.tiny import BATCH, SGD, TinyBatches, sft_objective, tiny_model
+
+
+class SignalAt(TinyBatches):
+    """Sends ``signum`` to this process while handing out the batch at position ``at``."""
+
+    def __init__(self, *args, at: int, signum: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.at, self.signum = at, signum
+
+    def __next__(self):
+        if self.position == self.at:
+            os.kill(os.getpid(), self.signum)
+        return super().__next__()
+
+
+class PoisonAt(TinyBatches):
+    """Batches for ``poisonable_objective``; the one at position ``at`` gets a NaN loss."""
+
+    def __init__(self, *args, at: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.at = at
+
+    def __next__(self):
+        poison = float(self.position == self.at)
+        batch = super().__next__()
+        rows = batch["tokens"].shape[0]
+        return {**batch, "poison_loss": np.full(rows, poison, np.float32), "poison_grad": np.zeros(rows, np.float32)}
+
+
+def config(tmp_path, total_steps: int, **changes) -> TrainConfig:
+    defaults = {"optimizer": SGD,
+                "checkpoint": CheckpointConfig(directory=str(tmp_path / "checkpoints"), save_every_steps=100),
+                "log": LogConfig(directory=str(tmp_path / "logs"), progress_bar=False)}
+    return TrainConfig(total_steps=total_steps, **(defaults | changes))
+
+
+def logged(tmp_path) -> list[dict]:
+    with open(tmp_path / "logs" / METRICS_FILE) as file:
+        return [json.loads(line) for line in file]
+
+
+def test_sigint_saves_the_last_step_then_a_new_run_resumes_from_it(tmp_path):
+    trainer = Trainer(config(tmp_path, 5), tiny_model(), sft_objective, SignalAt(BATCH, at=2, signum=signal.SIGINT))
+    with pytest.raises(TrainingInterrupted) as interrupted:
+        trainer.run()
+    assert interrupted.value.code == 130 and interrupted.value.step == 3
+    assert trainer.checkpointer.all_steps() == [3]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert [record["step"] for record in logged(tmp_path)] == [1, 2, 3]
+
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        Trainer(config(tmp_path, 5, checkpoint=CheckpointConfig(directory=str(tmp_path / "checkpoints"),
+                                                                resume=False)),
+                tiny_model(), sft_objective, TinyBatches(BATCH))
+
+    data = TinyBatches(BATCH)
+    resumed = Trainer(config(tmp_path, 5), tiny_model(), sft_objective, data)
+    state = resumed.run()
+    assert int(state.step) == 5 and data.position == 5
+    assert resumed.checkpointer.all_steps() == [3, 5]
+    assert [record["step"] for record in logged(tmp_path)] == [1, 2, 3, 4, 5]
+    logits, _ = resumed.trained_model()(np.zeros((1, 3), np.int32))
+    assert np.isfinite(np.asarray(logits)).all()
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step(tmp_path):
+    trainer = Trainer(config(tmp_path, 5), tiny_model(), poisonable_objective, PoisonAt(BATCH, at=2))
+    with pytest.raises(NonFiniteError, match="non-finite loss at step 3") as error:
+        trainer.run()
+    assert error.value.step == 3 and error.value.data_position["position"] == 3
+    assert trainer.checkpointer.all_steps() == []  # nothing after the bad step is saved
+
+
+def test_skip_drops_the_non_finite_update_and_goes_on(tmp_path, capfd):
+    run = config(tmp_path, 4, on_nonfinite="skip",
+                 log=LogConfig(directory=str(tmp_path / "logs"), progress_bar=True))
+    trainer = Trainer(run, tiny_model(), poisonable_objective, PoisonAt(BATCH, at=2))
+    with pytest.warns(UserWarning, match="step 3: non-finite loss"):
+        state = trainer.run()
+    assert int(state.step) == 4
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(jax.device_get(state.params)))
+    records = logged(tmp_path)
+    assert [record["finite"] for record in records] == [True, True, False, True]
+    assert records[2]["loss"] is None and records[3]["loss"] > 0
+    assert {"learning_rate", "step_time", "tokens_per_second", "grad_norm", "nll"} <= set(records[0])
+    assert "4/4" in capfd.readouterr().err  # the progress bar
+
+
+def test_a_custom_optimizer_replaces_the_configured_one(tmp_path):
+    # The configured schedule would give the first update a rate of 0 (warm-up); the custom one does not.
+    run = config(tmp_path, 1, optimizer=dataclasses.replace(SGD, schedule="linear", warmup_steps=10))
+    model = tiny_model()
+    trainer = Trainer(run, model, sft_objective, TinyBatches(BATCH), optimizer=make_optimizer(SGD, total_steps=1))
+    trainer.run()
+    before, after = model_params(model), model_params(trainer.trained_model())
+    assert not np.array_equal(after["lm_head/kernel"], before["lm_head/kernel"])
+    assert "learning_rate" not in logged(tmp_path)[0]  # the config's schedule is not the one in use
+
+
+def test_checkpointing_needs_a_resumable_data_iterator(tmp_path):
+    with pytest.raises(ValueError, match="no state_dict"):
+        Trainer(config(tmp_path, 2), tiny_model(), sft_objective, iter([]))
+    with pytest.raises(RuntimeError, match="call run"):
+        Trainer(config(tmp_path, 2), tiny_model(), sft_objective, TinyBatches(BATCH)).trained_model()
