@@ -97,6 +97,12 @@ class Checkpointer:
             create=True,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "meta"))
+        # Refused before config.json is touched: the directory keeps describing the run it holds.
+        if not config.resume and self.latest_step() is not None:
+            raise ValueError(
+                f"{config.directory} already holds checkpoints (latest step {self.latest_step()}) and "
+                "CheckpointConfig.resume is False; use a new directory"
+            )
         if jax.process_index() == 0:
             _write_json_atomically(self.directory / CONFIG_FILE, self.metadata)
 

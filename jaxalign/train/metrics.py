@@ -3,7 +3,8 @@
 Only process 0 writes. ``<log dir>/metrics.jsonl`` holds one JSON object per logged step
 (``{"step": 12, "loss": 2.31, ...}``; non-finite values are written as ``null``). When a run resumes
 from step ``k``, records after ``k`` (logged before the interruption but after the checkpoint, so about
-to be recomputed) are dropped, and the file reads as if the run had never stopped.
+to be recomputed) are dropped, and the file reads as if the run had never stopped; an unreadable last line
+(a record cut short when the job was killed) is dropped with a warning.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import math
 import os
 import time
 import uuid
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -39,7 +41,21 @@ class JsonlSink:
     def __init__(self, path: str, *, keep_through_step: int):
         if os.path.exists(path):
             with open(path) as file:
-                kept = [line for line in file if line.strip() and json.loads(line)["step"] <= keep_through_step]
+                lines = [line for line in file if line.strip()]
+            kept = []
+            for number, line in enumerate(lines, 1):
+                try:
+                    step = json.loads(line)["step"]
+                except (ValueError, KeyError, TypeError) as error:
+                    if number == len(lines):
+                        # A job killed while writing leaves half a record: it is dropped, not fatal.
+                        warnings.warn(f"{path}: dropping the unreadable last line {number} ({error}): a record "
+                                      "cut short when the previous run stopped", stacklevel=3)
+                        break
+                    raise ValueError(f"{path}, line {number}: not a metrics record ({error}); "
+                                     "fix or move the file to resume") from None
+                if step <= keep_through_step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
             partial = f"{path}.tmp"
             with open(partial, "w") as file:
                 file.writelines(kept)

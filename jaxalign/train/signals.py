@@ -3,12 +3,16 @@
 Schedulers (SLURM, Kubernetes, spot/preemptible VMs) send SIGTERM some seconds before killing a job, and
 Ctrl-C sends SIGINT. Stopping inside a step would lose it or corrupt the state, so the handler only
 records the signal; the training loop checks it after each step, saves, and exits with
-:class:`TrainingInterrupted`. The handler then restores the previous one, so a second signal acts at once
-(the Orbax checkpoint being written stays atomic: an unfinished one is never used).
+:class:`TrainingInterrupted`. Further signals are ignored (with a note on stderr) until the context
+exits, i.e. until the checkpoint (the interrupted run's or the final one) is on disk: a scheduler or a
+user repeating SIGTERM/Ctrl-C must not kill the process in the middle of the save it asked for. The
+previous handlers are restored on exit. (SIGKILL still stops the process; an unfinished Orbax checkpoint
+is never used.)
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import warnings
@@ -29,7 +33,8 @@ class TrainingInterrupted(SystemExit):
 
 
 class StopSignals:
-    """Context manager turning ``signals`` into ``received`` (the signal number, None before one arrives).
+    """Context manager turning ``signals`` into ``received`` (the first signal's number, None before one
+    arrives); later signals are ignored until the context exits, which restores the previous handlers.
 
     Handlers can only be installed from the main thread; elsewhere it warns and installs nothing.
     """
@@ -49,8 +54,11 @@ class StopSignals:
         return self
 
     def _handle(self, signum, frame) -> None:
-        self.received = signum
-        self._restore()
+        if self.received is None:
+            self.received = signum
+            return
+        os.write(2, f"jaxalign: {signal.Signals(signum).name} ignored: the run is stopping after "
+                    "its checkpoint is written\n".encode())
 
     def _restore(self) -> None:
         for signum, handler in self._previous.items():

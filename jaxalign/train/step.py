@@ -21,11 +21,13 @@ train state donated:
 3. divide by the total count, take the global gradient norm, and apply the optax update (clipping and the
    schedule live in the optimizer);
 4. if the loss or the gradient norm is not finite, keep the old parameters, optimizer and model state
-   (the step counter and RNG still advance: the batch was consumed) and report ``finite = False``.
+   (the step counter, the schedule's count and the RNG still advance: the batch was consumed) and report
+   ``finite = False``.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -80,8 +82,34 @@ def _as_master(params: nnx.State) -> nnx.State:
     return jax.tree.map(lambda p: p.astype(F32) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
 
 
+class _Strong:
+    """A reference to a leaf that cannot be weakly referenced (a Python scalar): callable like a weakref."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __call__(self):
+        return self.value
+
+
+def _weak(leaf):
+    try:
+        return weakref.ref(leaf)
+    except TypeError:
+        return _Strong(leaf)
+
+
 def _keep_if(condition: jax.Array, new, old):
     return jax.tree.map(lambda a, b: jnp.where(condition, a, b), new, old)
+
+
+def _keep_optimizer_state_if(condition: jax.Array, new, old):
+    """``_keep_if`` for an optax state, except that schedule counters (``optax.ScaleByScheduleState``)
+    always advance: a skipped step still moves the learning-rate schedule on, so the rate of update ``s``
+    is ``schedule(s)`` for ``s`` = ``TrainState.step`` (what the logs report), skipped steps or not."""
+    is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)  # noqa: E731
+    return jax.tree.map(lambda a, b: a if is_schedule(a) else _keep_if(condition, a, b), new, old,
+                        is_leaf=is_schedule)
 
 
 def _unpack_objective_output(output) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
@@ -98,6 +126,12 @@ def _unpack_objective_output(output) -> tuple[jax.Array, jax.Array, dict[str, ja
         raise ValueError(
             f"the objective's loss_sum and loss_count must be scalars, got shapes {jnp.shape(loss_sum)} and "
             f"{jnp.shape(loss_count)}: reduce per-token or per-example values with losses.aggregate / masked_sum"
+        )
+    shaped = {str(name): jnp.shape(value) for name, value in metrics.items() if jnp.shape(value) != ()}
+    if shaped:
+        raise ValueError(
+            f"the objective's metrics must be scalars, but {shaped} (name: shape) are not: reduce per-row or "
+            "per-token values inside the objective (e.g. a masked mean)"
         )
     clashes = sorted(set(metrics) & set(STEP_METRICS))
     if clashes:
@@ -121,8 +155,9 @@ class TrainStep:
             (``nnx.PathContains("lm_head")``, ``lambda path, variable: ...``) or a combination
             (``nnx.All``/``nnx.Any``/``nnx.Not``). The other parameters are frozen: no gradient, no
             optimizer state, not checkpointed.
-        micro_batches: gradient-accumulation micro-batches per step. Micro-batch ``i`` takes rows
-            ``i, i + M, i + 2M, ...`` so that each stays spread over every data-parallel device.
+        micro_batches: gradient-accumulation micro-batches per step. Micro-batch ``i`` takes the
+            contiguous rows ``[i·B/M, (i+1)·B/M)``, so groups of adjacent rows (GRPO's completions of one
+            prompt, DPO pairs) stay together when ``B/M`` is a multiple of the group size.
         references: frozen models the objective receives by name (e.g. ``{"ref": reference_model}``),
             sharded on the same mesh by their own partition table; never differentiated or updated.
         rules: the partition table for every model (``jaxalign.models.DEFAULT_RULES`` plus any new module).
@@ -155,9 +190,14 @@ class TrainStep:
         self.graphdef, params, frozen, model_state = nnx.split(model, nnx.All(nnx.Param, trainable), nnx.Param, ...)
         if not jax.tree.leaves(params):
             raise ValueError(f"the trainable filter {trainable!r} selects none of the model's parameters")
-        self._initial_params, self._initial_model_state = params, model_state
+        # The initial values are held strongly only until the first init() (or discard_initial_values()):
+        # a reference for the whole run would keep a second copy of the parameters alive after the caller
+        # dropped its model. Later inits find them through weak references while the caller's model lives.
+        self._initial_values: tuple[nnx.State, nnx.State] | None = (params, model_state)
+        self._initial_refs = jax.tree.map(_weak, (params, model_state))
+        self._initial_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (params, model_state))
         # The dtypes the model computes with; the state keeps float32 masters and casts to these.
-        self._param_templates = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
+        self._param_templates = self._initial_shapes[0]
 
         all_shardings = named_shardings(model, self.mesh, rules=rules)
         self._param_shardings = _shardings_like(params, all_shardings)
@@ -195,15 +235,34 @@ class TrainStep:
     # ----------------------------------------------------------------------------------------- public
 
     def init(self, seed: int) -> TrainState:
-        """A fresh state on the mesh: step 0, the model's parameters, a new optimizer state, key ``seed``."""
-        params = jax.device_put(self._initial_params, self._param_shardings)
-        model_state = jax.device_put(self._initial_model_state, self._model_state_shardings)
+        """A fresh state on the mesh: step 0, the model's parameters, a new optimizer state, key ``seed``.
+
+        The step keeps no copy of the model's initial values after the first call: a later call needs the
+        model given to the constructor to be alive and unchanged (it reads the same arrays again), and
+        raises otherwise.
+        """
+        if self._initial_values is not None:
+            (params, model_state), self._initial_values = self._initial_values, None
+        else:
+            params, model_state = jax.tree.map(lambda ref: ref(), self._initial_refs)
+            if any(leaf is None for leaf in jax.tree.leaves((params, model_state), is_leaf=lambda x: x is None)):
+                raise RuntimeError(
+                    "TrainStep.init() was called again, but the model's initial parameters are gone: the step "
+                    "releases them after the first init() so that they do not stay in memory for the whole "
+                    "run. Keep the model (unchanged) alive to init() again, or build a new TrainStep."
+                )
+        params = jax.device_put(params, self._param_shardings)
+        model_state = jax.device_put(model_state, self._model_state_shardings)
         return self._init(params, model_state, jax.random.PRNGKey(seed))
+
+    def discard_initial_values(self) -> None:
+        """Drop the step's reference to the model's initial values (a run that restores instead of
+        calling :meth:`init`); :meth:`init` then works only while the caller's model is alive."""
+        self._initial_values = None
 
     def abstract_state(self) -> TrainState:
         """The state's shapes, dtypes and shardings (``jax.ShapeDtypeStruct``s), e.g. to restore into."""
-        shapes = jax.eval_shape(self._initial_state, self._initial_params, self._initial_model_state,
-                                jax.random.PRNGKey(0))
+        shapes = jax.eval_shape(self._initial_state, *self._initial_shapes, jax.random.PRNGKey(0))
         return jax.tree.map(lambda shape, sharding: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding),
                             shapes, self.state_shardings)
 
@@ -243,8 +302,11 @@ class TrainStep:
                           model_state=model_state, rng=rng)
 
     def _micro_loss(self, params, frozen, model_state, batch, key, references):
-        model = nnx.merge(self.graphdef, self._compute_params(params), frozen, model_state)
-        reference_models = {name: nnx.merge(self._reference_graphdefs[name], *states)
+        # copy=True: fresh Variables of this trace. Without it the module would reuse the State's own
+        # Variables, made outside the value_and_grad/scan trace, and a model that updates non-parameter
+        # state (dropout's RngCount, BatchNorm statistics) would raise TraceContextError.
+        model = nnx.merge(self.graphdef, self._compute_params(params), frozen, model_state, copy=True)
+        reference_models = {name: nnx.merge(self._reference_graphdefs[name], *states, copy=True)
                             for name, states in references.items()}
         loss_sum, loss_count, metrics = _unpack_objective_output(
             self.objective(model, batch, key=key, **reference_models))
@@ -253,9 +315,11 @@ class TrainStep:
     def _accumulate(self, params, frozen, model_state, batch, key, references):
         """Σ over micro-batches of (∇ loss_sum, loss_sum), per-micro-batch (loss_count, metrics), model state."""
         m = self.micro_batches
-        # Row r goes to micro-batch r mod M: a device's contiguous block of rows then feeds every
-        # micro-batch, so splitting needs no communication.
-        micro_batches = jax.tree.map(lambda x: x.reshape(x.shape[0] // m, m, *x.shape[1:]).swapaxes(0, 1), batch)
+        # Contiguous: micro-batch i is rows [i·B/M, (i+1)·B/M), so rows that belong together (a GRPO
+        # group, the completions of one prompt, a pair laid out side by side) stay in one micro-batch
+        # when B/M is a multiple of the group. Each micro-batch is then spread over the batch devices
+        # again (the constraint below), which costs one all-to-all of the batch per step.
+        micro_batches = jax.tree.map(lambda x: x.reshape(m, x.shape[0] // m, *x.shape[1:]), batch)
         micro_batches = jax.lax.with_sharding_constraint(
             micro_batches, NamedSharding(self.mesh, PartitionSpec(None, BATCH_AXES)))
         value_and_grad = jax.value_and_grad(self._micro_loss, has_aux=True)
@@ -290,7 +354,7 @@ class TrainStep:
         new_state = TrainState(
             step=state.step + 1,
             params=_keep_if(finite, params, state.params),
-            opt_state=_keep_if(finite, opt_state, state.opt_state),
+            opt_state=_keep_optimizer_state_if(finite, opt_state, state.opt_state),
             model_state=_keep_if(finite, model_state, state.model_state),
             rng=rng,
         )

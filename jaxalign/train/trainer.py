@@ -111,12 +111,8 @@ class Trainer:
                     f"{type(data).__name__} has no state_dict()/load_state_dict(); use a resumable iterator "
                     "(jaxalign.data's are) or set CheckpointConfig.directory=None"
                 )
+            # Raises, before writing anything, when resume=False and the directory holds checkpoints.
             self.checkpointer = Checkpointer(checkpoint, self.metadata)
-            if not checkpoint.resume and self.checkpointer.latest_step() is not None:
-                raise ValueError(
-                    f"{checkpoint.directory} already holds checkpoints (latest step "
-                    f"{self.checkpointer.latest_step()}) and CheckpointConfig.resume is False; use a new directory"
-                )
 
     def run(self) -> TrainState:
         """Train to ``config.total_steps`` (resuming if a checkpoint exists) and return the final state.
@@ -132,8 +128,10 @@ class Trainer:
         throughput = Throughput()
         batches = iter(self.data)
         save_on_signal = self.checkpointer is not None and config.checkpoint.save_on_signal
-        try:
-            with StopSignals() if save_on_signal else contextlib.nullcontext() as stop:
+        # The signal handlers stay installed until every save, the final one included, is on disk: a
+        # repeated SIGTERM/SIGINT is then ignored instead of killing the process mid-save.
+        with StopSignals() if save_on_signal else contextlib.nullcontext() as stop:
+            try:
                 while step < config.total_steps:
                     try:
                         batch = next(batches)
@@ -155,12 +153,12 @@ class Trainer:
                         self.checkpointer.save(step, state, self.data)
                         self.checkpointer.wait()
                         raise TrainingInterrupted(stop.received or signal.SIGTERM, step)
-            if self.checkpointer is not None:
-                self.checkpointer.save(step, state, self.data)
-        finally:
-            if self.checkpointer is not None:
-                self.checkpointer.wait()
-            logger.close()
+                if self.checkpointer is not None:
+                    self.checkpointer.save(step, state, self.data)
+            finally:
+                if self.checkpointer is not None:
+                    self.checkpointer.wait()
+                logger.close()
         self.state = state
         return state
 
@@ -174,6 +172,8 @@ class Trainer:
         checkpointer = self.checkpointer
         if checkpointer is None or not self.config.checkpoint.resume or checkpointer.latest_step() is None:
             return self.train_step.init(self.config.seed), 0
+        # The initial parameters are not needed: free them before the restored copy arrives.
+        self.train_step.discard_initial_values()
         restored = checkpointer.restore(self.train_step.abstract_state())
         if restored.data_position is not None:
             self.data.load_state_dict(restored.data_position)

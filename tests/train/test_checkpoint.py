@@ -15,8 +15,13 @@ from tests.train.tiny import BATCH, SGD, TINY, TinyBatches, sft_objective, tiny_
 
 
 @pytest.fixture(scope="module")
-def step():
-    return TrainStep(sft_objective, tiny_model(), make_optimizer(SGD, total_steps=8))
+def model():
+    return tiny_model()  # alive for the module, so that the shared step can init() again
+
+
+@pytest.fixture(scope="module")
+def step(model):
+    return TrainStep(sft_objective, model, make_optimizer(SGD, total_steps=8))
 
 
 def checkpointer(directory, step, **options) -> Checkpointer:

@@ -89,6 +89,22 @@ def test_jsonl_log_writes_plain_values_and_drops_steps_after_a_resume(tmp_path):
         {"step": 3, "loss": 3.0, "finite": True}, {"step": 4, "loss": 40.0}]
 
 
+def test_a_cut_short_last_jsonl_line_is_dropped_on_resume(tmp_path):
+    config = LogConfig(directory=str(tmp_path), tensorboard=False, progress_bar=False)
+    path = tmp_path / METRICS_FILE
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')  # killed mid-write
+    with pytest.warns(UserWarning, match="unreadable last line 3"):
+        logger = MetricsLogger(config, total_steps=5, start_step=2)
+    logger.log(3, {"loss": 1.0})
+    logger.close()
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [
+        {"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}, {"step": 3, "loss": 1.0}]
+    # A damaged line before the last is not a crash artefact: it is reported, naming the line.
+    path.write_text('{"step": 1, "loss": 2.0}\ngarbage\n{"step": 2, "loss": 1.5}\n')
+    with pytest.raises(ValueError, match="line 2: not a metrics record"):
+        MetricsLogger(config, total_steps=5, start_step=2)
+
+
 def test_wandb_run_is_created_logged_and_continued(tmp_path, monkeypatch):
     calls = []
 

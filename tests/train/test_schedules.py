@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -55,6 +56,58 @@ def test_schedules_match_transformers():
         ours = make_schedule(OptimizerConfig(learning_rate=1.0, schedule=kind, warmup_steps=warmup, restarts=3), total)
         np.testing.assert_allclose([float(ours(s)) for s in range(total)], [factor(s) for s in range(total)],
                                    atol=1e-6, err_msg=kind)
+
+
+def transformers_factors(kind: str, warmup: int, total: int, restarts: int) -> list[float]:
+    import torch
+    import transformers
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    build = {
+        "constant": lambda: transformers.get_constant_schedule_with_warmup(optimizer, warmup),
+        "linear": lambda: transformers.get_linear_schedule_with_warmup(optimizer, warmup, total),
+        "cosine": lambda: transformers.get_cosine_schedule_with_warmup(optimizer, warmup, total),
+        "cosine_with_restarts": lambda: transformers.get_cosine_with_hard_restarts_schedule_with_warmup(
+            optimizer, warmup, total, num_cycles=restarts),
+    }[kind]
+    factor = build().lr_lambdas[0]
+    return [factor(s) for s in range(total)]
+
+
+# Run lengths whose restarts fall on steps where XLA's reciprocal multiply makes R·k/D land just below an
+# integer (82 with 2 restarts is one), and others.
+JIT_CASES = [(kind, warmup, total, 1) for kind in ("constant", "linear", "cosine") for warmup in (0, 3)
+             for total in (7, 41, 82, 100)]
+JIT_CASES += [("cosine_with_restarts", warmup, total, restarts) for warmup in (0, 3)
+              for total in (7, 23, 50, 82, 101, 150) for restarts in (1, 2, 3, 5, 7)]
+
+
+def test_schedules_under_jit_match_transformers_at_every_step():
+    mismatches = []
+    for kind, warmup, total, restarts in JIT_CASES:
+        schedule = make_schedule(OptimizerConfig(learning_rate=1.0, schedule=kind, warmup_steps=warmup,
+                                                 restarts=restarts), total)
+        ours = np.asarray(jax.jit(jax.vmap(schedule))(jnp.arange(total)))
+        theirs = np.asarray(transformers_factors(kind, warmup, total, restarts))
+        wrong = np.flatnonzero(np.abs(ours - theirs) > 1e-5)
+        mismatches += [(kind, warmup, total, restarts, int(s), float(ours[s]), float(theirs[s])) for s in wrong]
+    assert not mismatches
+
+
+@pytest.mark.parametrize(("total", "restarts"), [(82, 2), (101, 5), (150, 7)])
+def test_the_optimizer_applies_the_schedule_at_restarts(total, restarts):
+    config = OptimizerConfig(name="sgd", learning_rate=1.0, schedule="cosine_with_restarts", restarts=restarts,
+                             max_grad_norm=None)
+    optimizer = make_optimizer(config, total_steps=total)
+    params = jnp.zeros(())
+    update = jax.jit(lambda state: optimizer.update(jnp.ones(()), state, params))
+    state, applied = optimizer.init(params), []
+    for _ in range(total):
+        updates, state = update(state)
+        applied.append(-float(updates))  # SGD on a unit gradient: the update is minus the rate
+    theirs = transformers_factors("cosine_with_restarts", 0, total, restarts)
+    np.testing.assert_allclose(applied, theirs, atol=1e-5)
+    restart_steps = [total * cycle // restarts for cycle in range(restarts) if total * cycle % restarts == 0]
+    assert all(applied[s] == pytest.approx(1.0) for s in restart_steps)
 
 
 def test_optimizer_clips_the_global_norm_before_the_update():

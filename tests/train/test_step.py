@@ -3,7 +3,9 @@ precision, the non-finite guard, and clear errors for bad batches and objectives
 
 from __future__ import annotations
 
+import gc
 import math
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +16,7 @@ from flax import nnx
 
 from jaxalign import losses
 from jaxalign.models.lora import LoRAConfig, apply_lora
-from jaxalign.train import TrainStep, make_optimizer
+from jaxalign.train import OptimizerConfig, TrainStep, make_optimizer, make_schedule
 from tests.train.tiny import BATCH, SGD, TINY, host_params, make_batch, sft_objective, tiny_model
 
 
@@ -43,9 +45,9 @@ def sgd() -> optax.GradientTransformation:
 
 def test_four_micro_batches_equal_one_four_times_larger_batch():
     data = batches(2, batch_size=BATCH)
-    # Micro-batch i holds rows i and i+4: their loss-token counts differ, so averaging the four
+    # Micro-batch i holds rows 2i and 2i+1: their loss-token counts differ, so averaging the four
     # micro-batch means would not give the token mean of the batch; only (sum, count) does.
-    token_counts = [data[0]["attention_mask"][i::4, 1:].sum() for i in range(4)]
+    token_counts = [data[0]["attention_mask"][2 * i:2 * i + 2, 1:].sum() for i in range(4)]
     assert len(set(token_counts)) > 1
     whole, whole_history = train(TrainStep(sft_objective, tiny_model(), sgd()), data)
     accumulated, accumulated_history = train(TrainStep(sft_objective, tiny_model(), sgd(), micro_batches=4), data)
@@ -143,6 +145,11 @@ def poisoned(batch, *, loss=0.0, grad=0.0):
     return {**batch, "poison_loss": np.full(rows, loss, np.float32), "poison_grad": np.full(rows, grad, np.float32)}
 
 
+def without_schedule_counts(opt_state):
+    is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)  # noqa: E731
+    return jax.tree.map(lambda x: None if is_schedule(x) else x, opt_state, is_leaf=is_schedule)
+
+
 def test_a_non_finite_loss_or_gradient_leaves_the_state_unchanged():
     step = TrainStep(poisonable_objective, tiny_model(), sgd())
     data = batches(3, batch_size=BATCH)
@@ -157,14 +164,17 @@ def test_a_non_finite_loss_or_gradient_leaves_the_state_unchanged():
         assert not jnp.isfinite(metrics["grad_norm"])
         for name, value in host_params(state).items():
             np.testing.assert_array_equal(value, params[name], err_msg=name)
-        jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.opt_state), opt_state)
+        # Everything but the schedule's count, which follows the step (test_a_skipped_step_...).
+        jax.tree.map(np.testing.assert_array_equal, without_schedule_counts(jax.device_get(state.opt_state)),
+                     without_schedule_counts(opt_state))
     assert int(state.step) == 3  # the poisoned batches were consumed
     state, metrics = step(state, poisoned(data[2]))
     assert metrics["finite"] and int(state.step) == 4
 
 
 def test_batch_size_must_split_into_the_micro_batches():
-    step = TrainStep(sft_objective, tiny_model(), sgd(), micro_batches=4)
+    model = tiny_model()  # kept alive: the step inits twice
+    step = TrainStep(sft_objective, model, sgd(), micro_batches=4)
     with pytest.raises(ValueError, match=r"global batch size 6 must be a multiple of micro_batches \(4\)"):
         step(step.init(0), batches(1, batch_size=6)[0])
     ragged = {**batches(1, batch_size=8)[0], "extra": np.zeros((4, 2))}
@@ -177,6 +187,9 @@ def test_batch_size_must_split_into_the_micro_batches():
     (lambda model, batch, *, key: ((jnp.zeros(3), 1.0), {}), ValueError, "must be scalars"),
     (lambda model, batch, *, key: ((0.0, 1.0), {"loss": 0.0}), ValueError, "reserved"),
     (lambda model, batch, *, key: ((0.0, 1.0), None), TypeError, "dict of scalars"),
+    # A per-row metric would otherwise be broadcast against the micro-batch counts without a word.
+    (lambda model, batch, *, key: ((0.0, 1.0), {"ok": 0.0, "per_row": batch["attention_mask"][:, 0]}), ValueError,
+     r"metrics must be scalars, but \{'per_row': \(2,\)\}"),
 ])
 def test_objective_output_is_checked(objective, error, message):
     step = TrainStep(objective, tiny_model(), sgd())
@@ -194,3 +207,133 @@ def test_meshes_without_auto_axes_are_refused():
                              devices=jax.devices()[:1])
     with pytest.raises(ValueError, match="needs Auto axes"):
         TrainStep(sft_objective, tiny_model(), sgd(), mesh=explicit)
+
+
+class DropoutModel(nnx.Module):
+    def __init__(self, rngs):
+        self.lin = nnx.Linear(4, 1, rngs=rngs)
+        self.drop = nnx.Dropout(0.5, rngs=rngs)
+
+    def __call__(self, x):
+        return self.lin(self.drop(x))
+
+
+class BatchNormModel(nnx.Module):
+    def __init__(self, rngs):
+        self.bn = nnx.BatchNorm(4, rngs=rngs)
+        self.lin = nnx.Linear(4, 1, rngs=rngs)
+
+    def __call__(self, x):
+        return self.lin(self.bn(x))
+
+
+SMALL_RULES = {("lin", "kernel"): (None, None), ("lin", "bias"): (None,), ("bn", "scale"): (None,),
+               ("bn", "bias"): (None,)}
+
+
+def regression_objective(model, batch, *, key):
+    y = model(batch["x"])[:, 0]
+    poison = jnp.where(jnp.max(batch["poison"]) > 0, jnp.nan, 1.0)
+    return (jnp.sum((y - batch["y"]) ** 2) * poison, jnp.asarray(y.shape[0], jnp.float32)), {}
+
+
+def regression_batch(seed, *, poison=0.0):
+    rng = np.random.default_rng(seed)
+    return {"x": rng.normal(size=(4, 4)).astype(np.float32), "y": rng.normal(size=4).astype(np.float32),
+            "poison": np.full(4, poison, np.float32)}
+
+
+def flat_model_state(state) -> dict[str, np.ndarray]:
+    def host(value):
+        if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+            value = jax.random.key_data(value)
+        return np.asarray(jax.device_get(value))
+    return {"/".join(map(str, path)): host(variable.get_value())
+            for path, variable in nnx.to_flat_state(state.model_state)}
+
+
+@pytest.mark.parametrize(("build", "kind"), [
+    (lambda: DropoutModel(nnx.Rngs(0, dropout=1)), "dropout"),
+    (lambda: BatchNormModel(nnx.Rngs(0)), "batch_norm"),
+])
+def test_models_with_non_parameter_state_train_and_the_guard_restores_it(build, kind):
+    step = TrainStep(regression_objective, build(), optax.sgd(0.1), rules=SMALL_RULES, micro_batches=2)
+    state = step.init(0)
+    before = flat_model_state(state)
+    state, metrics = step(state, regression_batch(0))
+    assert metrics["finite"]
+    after = flat_model_state(state)
+    if kind == "dropout":
+        count, = (name for name in after if name.endswith("count"))
+        assert int(after[count]) == int(before[count]) + 2  # one dropout mask per micro-batch
+    else:
+        for name in ("bn/mean", "bn/var"):
+            assert not np.array_equal(after[name], before[name]), name
+    state, metrics = step(state, regression_batch(1, poison=1.0))
+    assert not metrics["finite"]
+    for name, value in flat_model_state(state).items():
+        np.testing.assert_array_equal(value, after[name], err_msg=name)
+    assert isinstance(step.trained_model(state), type(build()))
+
+
+def test_the_step_keeps_no_copy_of_the_initial_parameters():
+    model = tiny_model()
+    initial = [weakref.ref(leaf) for leaf in jax.tree.leaves(nnx.state(model))]
+    step = TrainStep(sft_objective, model, sgd())
+    expected = host_params(step.init(0))
+    # While the caller holds the model, init() reads the same arrays again.
+    jax.tree.map(np.testing.assert_array_equal, host_params(step.init(1)), expected)
+    del model
+    gc.collect()
+    # Once the caller drops its model, nothing holds the initial values any more ...
+    assert all(ref() is None for ref in initial)
+    # ... so another init() cannot reproduce them, and says why.
+    with pytest.raises(RuntimeError, match="initial parameters are gone"):
+        step.init(0)
+    # Built and dropped at once (Trainer(config, load_model(), ...)): the first init() is the last user.
+    fresh = TrainStep(sft_objective, tiny_model(), sgd())
+    refs = jax.tree.map(lambda leaf: weakref.ref(leaf), jax.tree.leaves(fresh._initial_values))
+    fresh.init(0)
+    gc.collect()
+    assert all(ref() is None for ref in refs)
+
+
+def test_micro_batches_are_contiguous_rows_so_groups_stay_together():
+    group_size, micro_batches = 4, 2
+    seen = []
+
+    def grpo_like_objective(model, batch, *, key):
+        # Every group (the completions of one prompt) must arrive whole: a group-relative advantage
+        # computed on a micro-batch would otherwise mix prompts.
+        prompts = batch["prompt"].reshape(-1, group_size)
+        whole = jnp.all(prompts == prompts[:, :1])
+        advantages = losses.group_advantages(batch["reward"], group_size=group_size)
+        loss = 0.0 * jnp.sum(model.lm_head.kernel[...]) + 0.0 * jnp.sum(advantages)
+        jax.debug.callback(lambda rows: seen.append(np.asarray(rows)), batch["prompt"])
+        return (loss, jnp.float32(batch["prompt"].shape[0])), {"whole_groups": whole.astype(jnp.float32)}
+
+    batch = {"prompt": np.repeat(np.arange(4), group_size).astype(np.int32),
+             "reward": np.arange(16, dtype=np.float32)}
+    step = TrainStep(grpo_like_objective, tiny_model(), sgd(), micro_batches=micro_batches)
+    _, metrics = step(step.init(0), batch)
+    jax.effects_barrier()
+    assert float(metrics["whole_groups"]) == 1.0
+    assert sorted(map(tuple, seen)) == [(0, 0, 0, 0, 1, 1, 1, 1), (2, 2, 2, 2, 3, 3, 3, 3)]
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_a_skipped_step_still_advances_the_schedule(name):
+    config = OptimizerConfig(name=name, learning_rate=1.0, schedule="linear", max_grad_norm=None)
+    schedule = make_schedule(config, total_steps=10)
+    step = TrainStep(poisonable_objective, tiny_model(), make_optimizer(config, total_steps=10))
+    data = batches(4, batch_size=BATCH)
+    state = step.init(0)
+    for index, batch in enumerate(data):
+        state, metrics = step(state, poisoned(batch, loss=float(index == 1)))
+        assert bool(metrics["finite"]) == (index != 1)
+    schedule_counts = [int(leaf.count) for leaf in jax.tree.leaves(
+        state.opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
+        if isinstance(leaf, optax.ScaleByScheduleState)]
+    # The next update is number 4 (0-based), as the Trainer's logged learning_rate = schedule(step) says.
+    assert schedule_counts == [int(state.step)] == [4]
+    assert float(schedule(schedule_counts[0])) == pytest.approx(0.6)

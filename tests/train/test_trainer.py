@@ -21,6 +21,8 @@ from jaxalign.train import (
     TrainingInterrupted,
     make_optimizer,
 )
+from jaxalign.train.checkpoint import CONFIG_FILE
+from jaxalign.train.signals import StopSignals
 from jaxalign.train.metrics import METRICS_FILE
 from tests.train.test_step import model_params, poisonable_objective
 from tests.train.tiny import BATCH, SGD, TinyBatches, sft_objective, tiny_model
@@ -74,10 +76,13 @@ def test_sigint_saves_the_last_step_then_a_new_run_resumes_from_it(tmp_path):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
     assert [record["step"] for record in logged(tmp_path)] == [1, 2, 3]
 
+    run_record = (tmp_path / "checkpoints" / CONFIG_FILE).read_text()
     with pytest.raises(ValueError, match="already holds checkpoints"):
-        Trainer(config(tmp_path, 5, checkpoint=CheckpointConfig(directory=str(tmp_path / "checkpoints"),
-                                                                resume=False)),
+        Trainer(config(tmp_path, 5, seed=999, checkpoint=CheckpointConfig(directory=str(tmp_path / "checkpoints"),
+                                                                          resume=False)),
                 tiny_model(), sft_objective, TinyBatches(BATCH))
+    # The refused run left the directory's record of the run it holds alone.
+    assert (tmp_path / "checkpoints" / CONFIG_FILE).read_text() == run_record
 
     data = TinyBatches(BATCH)
     resumed = Trainer(config(tmp_path, 5), tiny_model(), sft_objective, data)
@@ -128,3 +133,33 @@ def test_checkpointing_needs_a_resumable_data_iterator(tmp_path):
         Trainer(config(tmp_path, 2), tiny_model(), sft_objective, iter([]))
     with pytest.raises(RuntimeError, match="call run"):
         Trainer(config(tmp_path, 2), tiny_model(), sft_objective, TinyBatches(BATCH)).trained_model()
+
+
+def test_repeated_signals_do_not_interrupt_the_saves(tmp_path, capfd):
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        # The loop: a second SIGTERM right after the first is ignored (it would reach the previous handler,
+        # by default the one that kills the process, while the interrupted run's checkpoint is written).
+        with StopSignals() as stop:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert stop.received == signal.SIGTERM
+        assert received == [] and "SIGTERM ignored" in capfd.readouterr().err
+        # The final save of a run that ends normally: a signal while it is being written is ignored too.
+        trainer = Trainer(config(tmp_path, 2), tiny_model(), sft_objective, TinyBatches(BATCH))
+        save = trainer.checkpointer.save
+
+        def save_while_signalled(step, *args, **kwargs):
+            if step == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return save(step, *args, **kwargs)
+
+        trainer.checkpointer.save = save_while_signalled
+        trainer.run()
+        assert received == [] and trainer.checkpointer.all_steps()[-1] == 2
+        # The previous handler is back once the run is over.
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert received == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
