@@ -18,7 +18,8 @@ Right padding for every training kind; left padding for prompt-only batches (gen
 right). Per-example arrays: ``example_mask [B]`` (0 on rows that only pad a partial final batch) and,
 depending on the kind, ``score [B]`` (packed: ``[B, T]``, each token its sequence's score), ``margin [B]``
 or ``[B, D]``, ``label [B]`` (1 desirable), ``best [B]``, ``pair_mask [B, D]`` (0 where a group has no
-pair on a dimension) and ``candidate_mask [B, N]``.
+pair on a dimension), ``candidate_mask [B, N]`` and, once a trainer has attached them with
+:meth:`TokenizedDataset.with_values`, ``ref_logps [B, *layout]`` (a DPO reference's log-probabilities).
 """
 
 from __future__ import annotations
@@ -30,13 +31,13 @@ import numpy as np
 
 from jaxalign.data.tokenize import TokenizedDataset
 
-FLOAT_VALUES = ("score", "margin")
+FLOAT_VALUES = ("score", "margin", "ref_logps")
 
 
 def _value_shape(dataset: TokenizedDataset, key: str) -> tuple[int, ...]:
     if key == "pair_mask" or (key == "margin" and dataset.kind == "preference_group"):
         return (len(dataset.dimensions),)
-    return dataset.layout if key == "candidate_mask" else ()
+    return dataset.layout if key in ("candidate_mask", "ref_logps") else ()
 
 
 def collate(dataset: TokenizedDataset, rows: Sequence[int | None], length: int) -> dict[str, np.ndarray]:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
@@ -147,6 +147,21 @@ class TokenizedDataset:
         """``[N]`` int: the longest sequence of each example."""
         return np.asarray([max((len(s) for s in e.sequences if s is not None), default=0) for e in self.examples],
                           np.int64)
+
+    def with_values(self, key: str, values: np.ndarray) -> TokenizedDataset:
+        """A copy whose example ``i`` carries ``values[i]`` under ``key`` (batched as ``batch[key]``).
+
+        Raises:
+            ValueError: ``values`` does not have one entry per example, or ``key`` is already carried.
+        """
+        values = np.asarray(values)
+        if len(values) != len(self.examples):
+            raise ValueError(f"with_values({key!r}): {len(values)} values for {len(self.examples)} examples")
+        if key in self.value_keys:
+            raise ValueError(f"with_values({key!r}): the dataset already carries {key!r}")
+        examples = [replace(example, values={**example.values, key: value})
+                    for example, value in zip(self.examples, values, strict=True)]
+        return replace(self, examples=examples, value_keys=(*self.value_keys, key))
 
     @cached_property
     def fingerprint(self) -> str:

@@ -23,6 +23,7 @@ from jaxalign.models.hf_io import (
 from jaxalign.models.llama import LlamaForCausalLM, LlamaModel
 from jaxalign.models.lora import BASE_PARAMS, LoRAConfig, LoRALinear, apply_lora, has_lora, merge_lora
 from jaxalign.models.masks import derive_positions
+from jaxalign.models.reward_io import load_reward_model, save_reward_model
 from jaxalign.models.sharding import DEFAULT_RULES, MESH_AXES, fit_spec, named_shardings, partition_specs
 
 __all__ = [
@@ -57,9 +58,11 @@ __all__ = [
     "load_gguf_tokenizer",
     "load_hf",
     "load_hf_config",
+    "load_reward_model",
     "merge_lora",
     "model_from_tensors",
     "named_shardings",
     "partition_specs",
     "save_hf",
+    "save_reward_model",
 ]

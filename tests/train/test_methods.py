@@ -1,0 +1,131 @@
+"""The offline trainers end to end on a tiny Llama and a word-level ChatML tokenizer: SFT (full and LoRA),
+reward model (pairs, groups), DPO (reference on the fly, precomputed, LoRA base, reference-free), configs,
+presets, resume, exports that load back."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from jaxalign import data, models
+from jaxalign.train import methods, recipe
+from tests.models.conftest import make_hf_model
+from tests.test_cli import tiny_tokenizer
+
+PAIRS = [("Hi", "sky blue .", "Go away ."), ("sky ?", "blue .", "away"), ("Go", "Hi .", "away away ."),
+         ("Hi ?", "blue sky", "Go away"), ("away ?", "Hi Hi", "Go"), ("blue", "sky .", "away .")]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("methods") / "tiny_llama"
+    make_hf_model("llama").save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
+    path.write_text("".join(json.dumps({
+        "prompt": [{"role": "user", "content": p}], "chosen": [{"role": "assistant", "content": c}],
+        "rejected": [{"role": "assistant", "content": r}], "margin": 0.5 + i / 10}) + "\n"
+        for i, (p, c, r) in enumerate(PAIRS)))
+    return path
+
+
+def config(checkpoint, source, tmp_path, method, *overrides, **extra):
+    values = {"method": method, "output_dir": str(tmp_path / method), "model": {"path": str(checkpoint)},
+              "data": {"source": str(source), "batch_size": 2, "max_length": 32},
+              "train": {"total_steps": 3, "optimizer": {"learning_rate": 1e-3},
+                        "log": {"progress_bar": False, "tensorboard": False}},
+              "normalize_samples": 4, "normalize_max_new_tokens": 3, **extra}
+    return recipe.load_run_config(values, list(overrides))
+
+
+def test_sft_on_chosen_side_trains_exports_and_plots(checkpoint, pairs_file, tmp_path):
+    run_config = config(checkpoint, pairs_file, tmp_path, "sft", f"eval_data.source={pairs_file}",
+                        "eval_data.max_length=32", "eval_data.batch_size=4")
+    result = methods.run(run_config)
+    out = Path(run_config.output_dir)
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert (out / "metrics.png").stat().st_size > 0 and (out / "run.json").is_file()
+    assert result.eval_metrics["perplexity"] == pytest.approx(np.exp(result.eval_metrics["loss"]))
+    reloaded = models.load_hf(out / "export")
+    tokens = np.array([[2, 5, 6, 7]], np.int32)
+    np.testing.assert_allclose(reloaded(tokens)[0], result.model(tokens)[0], atol=1e-5)
+
+
+def test_dpo_reference_modes_agree_at_start(checkpoint, pairs_file, tmp_path):
+    """On-the-fly, precomputed and (zero-initialised) LoRA-base references all give the DPO loss ln 2 at
+    step 1, where the policy equals its reference."""
+    first = {}
+    for reference, extra in (("model", []), ("precomputed", []),
+                             ("lora_base", ["model.lora={rank: 2, alpha: 4, targets: [q_proj, v_proj]}"])):
+        run_config = config(checkpoint, pairs_file, tmp_path / reference, "dpo", f"reference={reference}",
+                            "train.total_steps=1", *extra)
+        methods.run(run_config)
+        record = json.loads((Path(run_config.output_dir) / "metrics.jsonl").read_text().splitlines()[0])
+        first[reference] = record["loss"]
+    np.testing.assert_allclose(list(first.values()), np.log(2), atol=1e-5)
+
+
+def test_dpo_learns_the_preferences(checkpoint, pairs_file, tmp_path):
+    run_config = config(checkpoint, pairs_file, tmp_path, "dpo", "train.total_steps=6", "loss.beta=0.5",
+                        f"eval_data.source={pairs_file}", "eval_data.batch_size=6", "eval_data.max_length=32")
+    result = methods.run(run_config)
+    assert result.eval_metrics["rewards/accuracies"] >= 0.8
+    assert result.eval_metrics["loss"] < np.log(2)
+
+
+def test_reference_free_simpo(checkpoint, pairs_file, tmp_path):
+    run_config = config(checkpoint, pairs_file, tmp_path, "dpo", "loss.loss_type=simpo", "reference=none")
+    methods.run(run_config)
+    assert (Path(run_config.output_dir) / "export" / "config.json").is_file()
+
+
+def test_reward_model_normalised_and_reloaded(checkpoint, pairs_file, tmp_path):
+    run_config = config(checkpoint, pairs_file, tmp_path, "reward", "train.total_steps=4",
+                        "loss.use_margin=true", "loss.center_coef=0.01")
+    result = methods.run(run_config)
+    normalization = result.extra["normalization"]
+    assert normalization["samples"] == 4 and normalization["gain"] > 0
+    reloaded, info = models.load_reward_model(Path(run_config.output_dir) / "export")
+    assert info["gain"] == pytest.approx(normalization["gain"])
+    tokens, mask = np.array([[2, 5, 6, 7]], np.int32), np.ones((1, 4), np.int32)
+    np.testing.assert_allclose(reloaded(tokens, attention_mask=mask), result.model(tokens, attention_mask=mask),
+                               atol=1e-5)
+
+
+def test_curriculum_orders_by_length_and_margin(checkpoint, pairs_file):
+    tokenizer = data.load_tokenizer(checkpoint)
+    dataset = data.build_dataset(data.DataConfig(str(pairs_file), max_length=32), tokenizer)
+    by_length = methods.curriculum_order(dataset, "length")
+    assert list(by_length.lengths) == sorted(dataset.lengths)
+    by_margin = methods.curriculum_order(dataset, "score")
+    margins = [e.values["margin"] for e in by_margin.examples]
+    assert margins == sorted(margins, reverse=True)
+
+
+def test_config_errors_name_the_key(tmp_path, pairs_file):
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['totl_steps'\]"):
+        recipe.load_run_config({"method": "sft", "output_dir": "x", "data": {"source": "a"},
+                                "train": {"totl_steps": 3}})
+    with pytest.raises(ValueError, match="method is 'dpo', but the command trains 'sft'"):
+        recipe.load_run_config({"method": "dpo", "output_dir": "x", "data": {"source": "a"},
+                                "train": {"total_steps": 1}}, method="sft")
+    with pytest.raises(FileNotFoundError, match="not a YAML file and not a preset"):
+        recipe.load_run_config("no_such_preset")
+
+
+@pytest.mark.parametrize("preset", ["hh_rlhf", "pku_saferlhf", "sentiment"])
+@pytest.mark.parametrize("method", ["sft", "reward", "dpo"])
+def test_presets_resolve(preset, method):
+    run_config = recipe.load_run_config(preset, ["train.total_steps=5"], method=method)
+    assert run_config.method == method and run_config.train.total_steps == 5
+    assert run_config.train.checkpoint.directory.startswith(run_config.output_dir)
