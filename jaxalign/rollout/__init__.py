@@ -1,0 +1,47 @@
+"""Sampling with a KV cache inside one compiled loop, and guided (base + guide models) decoding.
+
+Quick path::
+
+    import jax
+    from jaxalign import models, rollout
+
+    model, tokenizer = models.load_gguf(models.default_model_path())
+    sampler = rollout.Sampler(model)
+    out = sampler.generate([tokenizer("Hello")["input_ids"]], key=jax.random.key(0),
+                           params=rollout.SamplingParams(max_new_tokens=32, top_p=0.9))
+    print(tokenizer.decode(out.tokens[0][out.response_mask[0]]))
+
+- :mod:`~jaxalign.rollout.engine`: :class:`Sampler` (prefill + decode loop, guidance, meshes) and
+  :class:`Rollout` (tokens, masks, lengths, sampling and model log-probs).
+- :mod:`~jaxalign.rollout.params`: :class:`SamplingParams`.
+- :mod:`~jaxalign.rollout.filters`, :mod:`~jaxalign.rollout.sampling`: top-k / top-p / min-p thresholds
+  without a vocabulary sort, inverse-CDF draws, :func:`filtered_logprobs`.
+- :mod:`~jaxalign.rollout.batching`: left padding and the length / batch buckets.
+- :mod:`~jaxalign.rollout.text`: incremental detokenisation for streaming.
+
+See docs/rollout.md.
+"""
+
+from jaxalign.rollout.batching import bucket, check_left_padded, left_pad
+from jaxalign.rollout.engine import Rollout, Sampler
+from jaxalign.rollout.filters import DEFAULT_CANDIDATES, filtered_logprobs, keep_thresholds, order_keys
+from jaxalign.rollout.params import Filters, SamplingParams
+from jaxalign.rollout.sampling import inverse_cdf, next_token
+from jaxalign.rollout.text import TextStream
+
+__all__ = [
+    "DEFAULT_CANDIDATES",
+    "Filters",
+    "Rollout",
+    "Sampler",
+    "SamplingParams",
+    "TextStream",
+    "bucket",
+    "check_left_padded",
+    "filtered_logprobs",
+    "inverse_cdf",
+    "keep_thresholds",
+    "left_pad",
+    "next_token",
+    "order_keys",
+]

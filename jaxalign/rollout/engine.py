@@ -1,0 +1,398 @@
+"""The rollout engine: prefill and decode of one base model (and any guides) in one compiled loop.
+
+``Sampler.generate`` pads a prompt batch to its bucket on the host and calls one jitted function that
+prefills every model's KV cache, then runs a ``lax.while_loop`` of decode steps until every row has
+stopped or ``max_new_tokens`` are out. The models enter as ``(graphdef, state)`` split once: the
+graphdefs are static arguments (equal structures share a compiled program, even across ``Sampler``
+objects), the states are ordinary array arguments, so new weights (``update_weights``) do not retrace.
+
+Guided decoding (LLMDoctor, arXiv 2601.10416; GenARM, arXiv 2410.08193) scores token ``v`` as
+``α·log π_base(v) + Σᵢ βᵢ·log π_guideᵢ(v)``; the weights are a traced ``[1 + G]`` array, so changing them
+does not recompile. Each model keeps its own cache and may be of another size or sharding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jaxtyping import Array, Bool, Float, Int
+
+from jaxalign.losses.core import token_logps
+from jaxalign.models import KVCache, fit_spec, named_shardings
+from jaxalign.rollout.batching import MIN_LENGTH_BUCKET, bucket, check_left_padded, left_pad, pad_batch
+from jaxalign.rollout.filters import DEFAULT_CANDIDATES
+from jaxalign.rollout.params import Filters, SamplingParams
+from jaxalign.rollout.sampling import next_token
+
+# Mesh axes a prompt batch is split over (data parallelism); parameters follow the training rules.
+BATCH_AXES = ("data", "fsdp")
+
+# stream(step, tokens [R], emitted [R]) runs on the host after each token (NumPy arguments).
+StreamFn = Callable[[np.ndarray, np.ndarray, np.ndarray], None]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Rollout:
+    """What ``generate`` returns for ``R = B·n`` rows (prompt ``b``'s samples are rows ``b·n .. b·n+n−1``).
+
+    Attributes:
+        tokens: ``[R, N]`` response tokens; the pad id after a row ends.
+        response_mask: ``[R, N]`` true on generated tokens (the stop token included).
+        lengths: ``[R]`` generated tokens per row.
+        stopped: ``[R]`` the row ended on a stop token (else it ran out of ``max_new_tokens``).
+        sampling_logps: ``[R, N]`` log-probability of each token under the distribution it was drawn
+            from (temperature, top-k/top-p/min-p and guidance applied); 0 at temperature 0 and on padding.
+        model_logps: ``[R, N]`` log-probability under the unmodified base model (softmax of its logits, as
+            ``losses.token_logps`` of a training forward pass gives); 0 on padding.
+        guide_logps: ``[G, R, N]`` the same under each guide model (``G = 0`` without guides).
+        prompt_tokens, prompt_mask: ``[R, P]`` the prompts as decoded: repeated ``n`` times and left-padded
+            to the length bucket ``P``.
+    """
+
+    tokens: Int[Array, "R N"]
+    response_mask: Bool[Array, "R N"]
+    lengths: Int[Array, " R"]
+    stopped: Bool[Array, " R"]
+    sampling_logps: Float[Array, "R N"]
+    model_logps: Float[Array, "R N"]
+    guide_logps: Float[Array, "G R N"]
+    prompt_tokens: Int[Array, "R P"]
+    prompt_mask: Bool[Array, "R P"]
+
+    def sequences(self) -> tuple[Int[Array, "R P+N"], Bool[Array, "R P+N"]]:
+        """``(tokens, attention_mask)`` of prompt + response, ready for a training forward pass.
+
+        The logits that predict response token ``t`` sit at column ``P − 1 + t``:
+        ``token_logps(logits[:, P - 1:-1], rollout.tokens)`` equals ``model_logps`` on the response mask.
+        """
+        return (jnp.concatenate([self.prompt_tokens, self.tokens], axis=1),
+                jnp.concatenate([self.prompt_mask, self.response_mask], axis=1))
+
+    def take_rows(self, count: int) -> Rollout:
+        """The first ``count`` rows (drops the rows that only padded the batch bucket)."""
+        fields = {f.name: getattr(self, f.name)[:count] for f in dataclasses.fields(self)}
+        fields["guide_logps"] = self.guide_logps[:, :count]
+        return Rollout(**fields)
+
+
+class _Carry(NamedTuple):
+    """The decode loop's state; ``step`` is the index of the next response token."""
+
+    step: Int[Array, ""]
+    fed: Int[Array, " R"]  # the last token chosen, fed to the models next
+    fed_real: Bool[Array, " R"]  # whether it is part of the response (else padding, masked from the caches)
+    done: Bool[Array, " R"]
+    caches: tuple[KVCache, ...]
+    tokens: Int[Array, "R N"]
+    response_mask: Bool[Array, "R N"]
+    sampling_logps: Float[Array, "R N"]
+    member_logps: Float[Array, "M R N"]
+
+
+def _batch_spec(mesh: Mesh | None, rank: int, batch_dim: int = 0) -> PartitionSpec | None:
+    if mesh is None:
+        return None
+    axes = tuple(a for a in BATCH_AXES if a in mesh.shape)
+    spec = [None] * rank
+    spec[batch_dim] = axes
+    return PartitionSpec(*spec)
+
+
+def _constrain(x: Array, mesh: Mesh | None, spec: PartitionSpec | None) -> Array:
+    if mesh is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, fit_spec(spec, x.shape, mesh)))
+
+
+def _constrain_cache(cache: KVCache, mesh: Mesh | None) -> KVCache:
+    """Rows over the data axes, kv heads over ``tensor`` (as the column-parallel k/v projections)."""
+    if mesh is None:
+        return cache
+    kv_spec = PartitionSpec(None, tuple(a for a in BATCH_AXES if a in mesh.shape), None, "tensor", None)
+    return KVCache(
+        keys=_constrain(cache.keys, mesh, kv_spec),
+        values=_constrain(cache.values, mesh, kv_spec),
+        valid=_constrain(cache.valid, mesh, _batch_spec(mesh, 2)),
+        next_position=_constrain(cache.next_position, mesh, _batch_spec(mesh, 1)),
+        index=cache.index,
+    )
+
+
+def _row_keys(key: Array, rows: int, n: int) -> Array:
+    """One key per row from (prompt index, sample index): sample j of prompt b does not depend on n."""
+    def row_key(row):
+        return jax.random.fold_in(jax.random.fold_in(key, row // n), row % n)
+
+    return jax.vmap(row_key)(jnp.arange(rows))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdefs", "max_new_tokens", "n", "candidates", "mesh", "stream"))
+def _generate(states, prompt_tokens, prompt_mask, key, weights, filters: Filters, stop_mask, pad_token_id, *,
+              graphdefs, max_new_tokens: int, n: int, candidates: int, mesh: Mesh | None,
+              stream: StreamFn | None) -> Rollout:
+    """The compiled prefill + decode loop over ``[B, P]`` prompts (see :meth:`Sampler.generate`)."""
+    models = [nnx.merge(graphdef, *state) for graphdef, state in zip(graphdefs, states, strict=True)]
+    row_spec = _batch_spec(mesh, 2)
+    tokens = _constrain(jnp.repeat(prompt_tokens, n, axis=0), mesh, row_spec)
+    mask = _constrain(jnp.repeat(prompt_mask.astype(bool), n, axis=0), mesh, row_spec)
+    rows, prompt_length = tokens.shape
+    # The last response token is never fed back, so the cache needs P + N - 1 slots.
+    cache_length = prompt_length + max_new_tokens - 1
+    row_keys = _row_keys(key, rows, n)
+
+    def last_logits(model, hidden):
+        # Only the last position is needed: the vocabulary projection of the whole prompt would dominate.
+        return _constrain(model.logits(hidden[:, -1]), mesh, row_spec)
+
+    def choose(carry: _Carry, logits: list[Array]) -> _Carry:
+        """Pick token ``carry.step`` from every model's next-token logits and record it."""
+        step = carry.step
+        scores = sum(weights[m] * logits[m] for m in range(len(logits)))
+        uniforms = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, step)))(row_keys)
+        token, sampling_logp = next_token(scores, uniforms, filters, candidates=candidates)
+        emit = ~carry.done
+        token = jnp.where(emit, token, pad_token_id)
+        member_logps = jnp.stack([token_logps(model_logits, token, emit) for model_logits in logits])
+        if stream is not None:
+            jax.debug.callback(stream, step, token, emit, ordered=True)
+        return carry._replace(
+            step=step + 1,
+            fed=token,
+            fed_real=emit,
+            done=carry.done | (emit & stop_mask[token]),
+            tokens=carry.tokens.at[:, step].set(token),
+            response_mask=carry.response_mask.at[:, step].set(emit),
+            sampling_logps=carry.sampling_logps.at[:, step].set(jnp.where(emit, sampling_logp, 0.0)),
+            member_logps=carry.member_logps.at[:, :, step].set(member_logps),
+        )
+
+    caches, logits = [], []
+    for model in models:
+        cache = _constrain_cache(KVCache.init(model.config, batch_size=rows, max_length=cache_length), mesh)
+        hidden, cache = model.hidden_states(tokens, attention_mask=mask, cache=cache)
+        caches.append(cache)
+        logits.append(last_logits(model, hidden))
+    start = _Carry(
+        step=jnp.zeros((), jnp.int32),
+        fed=jnp.zeros((rows,), jnp.int32),
+        fed_real=jnp.zeros((rows,), bool),
+        done=~jnp.any(mask, axis=1),  # rows without a prompt token (batch padding) generate nothing
+        caches=tuple(caches),
+        tokens=jnp.full((rows, max_new_tokens), pad_token_id, jnp.int32),
+        response_mask=jnp.zeros((rows, max_new_tokens), bool),
+        sampling_logps=jnp.zeros((rows, max_new_tokens), jnp.float32),
+        member_logps=jnp.zeros((len(models), rows, max_new_tokens), jnp.float32),
+    )
+    carry = choose(start, logits)
+
+    def decode_step(carry: _Carry) -> _Carry:
+        caches, logits = [], []
+        for model, cache in zip(models, carry.caches, strict=True):
+            hidden, cache = model.hidden_states(carry.fed[:, None], attention_mask=carry.fed_real[:, None],
+                                                cache=cache)
+            caches.append(cache)
+            logits.append(last_logits(model, hidden))
+        return choose(carry._replace(caches=tuple(caches)), logits)
+
+    carry = jax.lax.while_loop(lambda c: (c.step < max_new_tokens) & ~jnp.all(c.done), decode_step, carry)
+    def rows_sharded(x, batch_dim=0):
+        return _constrain(x, mesh, _batch_spec(mesh, x.ndim, batch_dim))
+
+    return Rollout(
+        tokens=rows_sharded(carry.tokens),
+        response_mask=rows_sharded(carry.response_mask),
+        lengths=rows_sharded(jnp.sum(carry.response_mask, axis=1, dtype=jnp.int32)),
+        stopped=rows_sharded(jnp.any(carry.response_mask & stop_mask[carry.tokens], axis=1)),
+        sampling_logps=rows_sharded(carry.sampling_logps),
+        model_logps=rows_sharded(carry.member_logps[0]),
+        guide_logps=rows_sharded(carry.member_logps[1:], batch_dim=1),
+        prompt_tokens=tokens,
+        prompt_mask=mask,
+    )
+
+
+class _Member(NamedTuple):
+    graphdef: Any
+    state: tuple[nnx.State, nnx.State]  # (parameters, every other variable)
+    config: Any
+
+
+def _split(model: nnx.Module, mesh: Mesh | None) -> _Member:
+    """``(graphdef, (params, rest))`` of the model in inference mode, placed on ``mesh`` as in training."""
+    for method in ("hidden_states", "logits"):
+        if not callable(getattr(model, method, None)):
+            raise TypeError(f"{type(model).__name__} has no {method}() method: the sampler needs a causal LM "
+                            "such as jaxalign.models.LlamaForCausalLM or GPT2LMHeadModel")
+    # A view with dropout off (LoRA adapters may carry dropout); the caller's model is left as it is.
+    model = nnx.view(model, deterministic=True, raise_if_not_found=False)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    if mesh is not None:
+        params = jax.device_put(params, named_shardings(params, mesh))
+        rest = jax.device_put(rest, NamedSharding(mesh, PartitionSpec()))
+    return _Member(graphdef, (params, rest), model.config)
+
+
+class Sampler:
+    """Batched sampling from a causal LM, optionally guided by other models, in one compiled loop.
+
+    Example::
+
+        sampler = Sampler(model)                                    # model: LlamaForCausalLM / GPT2LMHeadModel
+        out = sampler.generate(prompt_ids, prompt_mask, key=jax.random.key(0),
+                               params=SamplingParams(max_new_tokens=64, top_p=0.9, n=4))
+        out.tokens, out.response_mask, out.sampling_logps, out.model_logps   # [B·4, 64]
+
+        guided = Sampler(patient, guides=[doctor])
+        out = guided.generate(prompt_ids, prompt_mask, key=key, alpha=1.0, betas=[0.5])
+
+    Args:
+        model: the base model (the policy; LLMDoctor's "patient").
+        guides: guide models sharing the base model's vocabulary (LLMDoctor's "doctor", GenARM's reward LM).
+        mesh: a ``(data, fsdp, tensor)`` mesh: parameters are placed with the training sharding rules
+            (:func:`jaxalign.models.named_shardings`), prompt rows split over ``data`` × ``fsdp``. None:
+            the models run where their arrays are.
+        pad_token_id: id written after a row ends and in padding; default the config's pad id, else its
+            first EOS id, else 0.
+        length_buckets: prompt-length buckets; None: 16, 24, 32, 48, 64, 96, ... (at most 1.5x padding).
+        batch_buckets: batch-size buckets; None: powers of two. Both are rounded up to a multiple of the
+            data-parallel device count.
+        candidates: how many top scores the filters inspect before falling back to an exact bisection.
+
+    Raises:
+        ValueError: the guides' vocabulary sizes differ from the base model's.
+    """
+
+    def __init__(self, model: nnx.Module, *, guides: Sequence[nnx.Module] = (), mesh: Mesh | None = None,
+                 pad_token_id: int | None = None, length_buckets: Sequence[int] | None = None,
+                 batch_buckets: Sequence[int] | None = None, candidates: int = DEFAULT_CANDIDATES):
+        self.mesh = mesh
+        self.length_buckets = tuple(length_buckets) if length_buckets else None
+        self.batch_buckets = tuple(batch_buckets) if batch_buckets else None
+        self.candidates = candidates
+        self._members = [_split(m, mesh) for m in (model, *guides)]
+        self._check_vocabularies()
+        config = self.config
+        if pad_token_id is None:
+            pad_token_id = config.pad_token_id if config.pad_token_id is not None else (
+                config.eos_token_ids[0] if config.eos_token_ids else 0)
+        self.pad_token_id = int(pad_token_id)
+
+    @property
+    def config(self):
+        """The base model's config."""
+        return self._members[0].config
+
+    @property
+    def num_guides(self) -> int:
+        return len(self._members) - 1
+
+    def _check_vocabularies(self) -> None:
+        vocab = self.config.vocab_size
+        for index, member in enumerate(self._members[1:]):
+            if member.config.vocab_size != vocab:
+                raise ValueError(
+                    f"guide {index} has a vocabulary of {member.config.vocab_size} tokens but the base model has "
+                    f"{vocab}: guided decoding adds log-probabilities token by token, so every model must share "
+                    "one vocabulary (the same tokenizer)")
+
+    def update_weights(self, model: nnx.Module | None = None, *, guides: Sequence[nnx.Module] | None = None) -> None:
+        """Use new weights (e.g. the policy after a PPO/GRPO update); same structures reuse the compiled loop."""
+        if model is not None:
+            self._members[0] = _split(model, self.mesh)
+        if guides is not None:
+            if len(guides) != self.num_guides:
+                raise ValueError(f"expected {self.num_guides} guide model(s), got {len(guides)}")
+            self._members[1:] = [_split(m, self.mesh) for m in guides]
+        self._check_vocabularies()
+
+    def _guidance_weights(self, alpha: float, betas: Sequence[float] | None) -> np.ndarray:
+        betas = () if betas is None and not self.num_guides else betas
+        if betas is None or len(betas) != self.num_guides:
+            raise ValueError(f"this sampler has {self.num_guides} guide model(s): pass betas= with one weight each "
+                             f"(got {betas!r})")
+        return np.asarray([alpha, *betas], np.float32)
+
+    def _check_positions(self, prompt_mask: np.ndarray, max_new_tokens: int) -> None:
+        """The longest row must stay inside every model's position range (GPT-2's learned table clamps)."""
+        longest = int(prompt_mask.sum(axis=1).max()) + max_new_tokens
+        for member in self._members:
+            limit = member.config.max_position_embeddings
+            if longest > limit:
+                raise ValueError(f"the longest prompt plus max_new_tokens is {longest} tokens, beyond the "
+                                 f"{limit} positions of a {member.config.architecture} model")
+
+    def generate(
+        self,
+        prompts: np.ndarray | Sequence[Sequence[int]],
+        prompt_mask: np.ndarray | None = None,
+        *,
+        key: Array,
+        params: SamplingParams = SamplingParams(),
+        alpha: float = 1.0,
+        betas: Sequence[float] | None = None,
+        stream: StreamFn | None = None,
+    ) -> Rollout:
+        """Sample ``params.n`` responses to every prompt.
+
+        Args:
+            prompts: ``[B, P]`` left-padded token ids (with ``prompt_mask``; None means no padding), or a
+                list of token-id lists (padded here). A row without any real token yields an empty response.
+            prompt_mask: ``[B, P]`` 1 on real tokens.
+            key: a ``jax.random`` key. The same key, prompts and parameters give the same tokens; sample
+                ``j`` of prompt ``b`` draws from ``fold_in(fold_in(key, b), j)``, so it does not depend on
+                ``n``.
+            params: :class:`SamplingParams` (only ``max_new_tokens`` and ``n`` select a compiled program).
+            alpha: weight of the base model's log-probabilities in the guided score.
+            betas: one weight per guide (required with guides). ``betas = 0`` reproduces the base model.
+            stream: optional ``stream(step, tokens [R], emitted [R])`` called on the host after each
+                token, in order (single device only); a different function compiles another program.
+
+        Returns:
+            A :class:`Rollout` of ``R = B·n`` rows, its arrays on the sampler's devices.
+
+        Raises:
+            ValueError: prompts that are not left-padded, a prompt beyond the last length bucket or the
+                model's positions, stop ids outside the vocabulary, guidance weights that do not match
+                the guides, or ``stream`` on a multi-device mesh.
+        """
+        if prompt_mask is None and not isinstance(prompts, np.ndarray | jax.Array):
+            prompts, prompt_mask = left_pad(prompts, self.pad_token_id)
+        tokens = np.asarray(prompts, np.int32)
+        if tokens.ndim != 2:
+            raise ValueError(f"prompts must be [batch, length] token ids, got shape {tokens.shape}")
+        mask = np.ones_like(tokens) if prompt_mask is None else np.asarray(prompt_mask, np.int32)
+        if mask.shape != tokens.shape:
+            raise ValueError(f"prompt_mask {mask.shape} does not match prompts {tokens.shape}")
+        check_left_padded(mask)
+        self._check_positions(mask, params.max_new_tokens)
+        if stream is not None and self.mesh is not None and self.mesh.size > 1:
+            raise ValueError("stream= runs an ordered host callback, which needs a single device (mesh=None)")
+        weights = self._guidance_weights(alpha, betas)
+        config = self.config
+        stop_mask = params.stop_mask(config.vocab_size, config.eos_token_ids)
+
+        data_parallel = 1 if self.mesh is None else int(np.prod([self.mesh.shape.get(a, 1) for a in BATCH_AXES]))
+        batch = tokens.shape[0]
+        rows = bucket(batch, self.batch_buckets, multiple=data_parallel, what="batch size")
+        length = bucket(tokens.shape[1], self.length_buckets, minimum=MIN_LENGTH_BUCKET, half_octaves=True,
+                        what="prompt length")
+        tokens, mask = pad_batch(tokens, mask, rows=rows, length=length, pad_token_id=self.pad_token_id)
+        if self.mesh is not None:
+            sharding = NamedSharding(self.mesh, fit_spec(_batch_spec(self.mesh, 2), tokens.shape, self.mesh))
+            tokens, mask = jax.device_put(tokens, sharding), jax.device_put(mask, sharding)
+        out = _generate(
+            tuple(m.state for m in self._members), tokens, mask, key, weights, params.filters(), stop_mask,
+            np.int32(self.pad_token_id), graphdefs=tuple(m.graphdef for m in self._members),
+            max_new_tokens=params.max_new_tokens, n=params.n, candidates=self.candidates, mesh=self.mesh,
+            stream=stream,
+        )
+        return out if rows == batch else out.take_rows(batch * params.n)

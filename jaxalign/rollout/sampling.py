@@ -1,0 +1,85 @@
+"""Drawing the next token: temperature, filters, then inverse-CDF sampling over the kept tokens.
+
+``jax.random.categorical`` draws a Gumbel variate per vocabulary entry (~30 ms for ``[16, 49152]`` on 2 CPU
+cores) and then needs an argmax, which XLA's CPU backend lowers to a slow variadic reduction. One
+uniform per row and a two-level cumulative sum (per block of 128 tokens, then inside the chosen block)
+cost ~1 ms and give the same distribution.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from jaxalign.rollout.filters import DEFAULT_CANDIDATES, keep_thresholds
+from jaxalign.rollout.params import Filters
+
+_BLOCK = 128
+
+
+def inverse_cdf(weights: Float[Array, "B V"], uniforms: Float[Array, " B"]) -> tuple[Int[Array, " B"], Float[Array, " B"]]:
+    """Sample ``v`` with probability ``weights[v] / Σ weights`` using one uniform in [0, 1) per row.
+
+    The token is the first whose inclusive cumulative weight exceeds ``u · Σ weights``; the search runs
+    over block sums, then inside one block, so no ``[B, V]`` cumulative sum is formed. A token of zero
+    weight is never returned (float32 rounding at a boundary is clamped to the nearest token with weight).
+
+    Args:
+        weights: ``[B, V]`` non-negative, at least one positive per row.
+        uniforms: ``[B]`` in [0, 1).
+
+    Returns:
+        ``(tokens [B] int32, total weight [B])``.
+    """
+    batch, vocab = weights.shape
+    n_blocks = -(-vocab // _BLOCK)
+    blocks = jnp.pad(weights, ((0, 0), (0, n_blocks * _BLOCK - vocab))).reshape(batch, n_blocks, _BLOCK)
+    block_mass = jnp.sum(blocks, axis=-1)
+    through_block = jnp.cumsum(block_mass, axis=-1)
+    total = through_block[:, -1]
+    target = uniforms * total
+    block = jnp.sum(through_block <= target[:, None], axis=-1)
+    block = jnp.minimum(block, jnp.max(jnp.where(block_mass > 0, jnp.arange(n_blocks), 0), axis=-1))
+    chosen = jnp.take_along_axis(blocks, block[:, None, None], axis=1)[:, 0]
+    before_block = jnp.take_along_axis(through_block - block_mass, block[:, None], axis=1)[:, 0]
+    offset = jnp.maximum(target - before_block, 0.0)
+    within = jnp.sum(jnp.cumsum(chosen, axis=-1) <= offset[:, None], axis=-1)
+    within = jnp.minimum(within, jnp.max(jnp.where(chosen > 0, jnp.arange(_BLOCK), 0), axis=-1))
+    return (block * _BLOCK + within).astype(jnp.int32), total
+
+
+def next_token(
+    scores: Float[Array, "B V"],
+    uniforms: Float[Array, " B"],
+    filters: Filters,
+    *,
+    candidates: int = DEFAULT_CANDIDATES,
+) -> tuple[Int[Array, " B"], Float[Array, " B"]]:
+    """Draw one token per row from ``softmax(scores / temperature)`` restricted by top-k, top-p and min-p.
+
+    Formula: ``x = scores / T``; keep ``{v : x_v ≥ τ}`` (:func:`~jaxalign.rollout.filters.keep_thresholds`);
+    ``P(v) = exp(x_v) / Σ_kept exp(x)``. At ``T = 0`` the token is the first maximum of ``scores``.
+
+    Args:
+        scores: ``[B, V]`` logits or guided scores (any per-row shift gives the same draw).
+        uniforms: ``[B]`` uniforms in [0, 1), one per row (the only randomness).
+        filters: scalars or ``[B]`` arrays.
+        candidates: top scores the filters inspect before falling back to bisection (static).
+
+    Returns:
+        ``(tokens [B] int32, sampling_logps [B] float32)``: ``log P(token)`` under the filtered
+        distribution, 0 for greedy rows (a point mass).
+    """
+    greedy = jnp.broadcast_to(filters.temperature == 0, uniforms.shape)
+    temperature = jnp.where(greedy, 1.0, filters.temperature)
+    x = scores.astype(jnp.float32) / jnp.broadcast_to(temperature, uniforms.shape)[:, None]
+    keys, threshold, top_scores, top_indices = keep_thresholds(
+        x, top_k=filters.top_k, top_p=filters.top_p, min_p=filters.min_p, candidates=candidates, settled=greedy)
+    row_max = top_scores[:, :1]
+    # Shifting by the row max keeps exp() in range; the max is always kept, so the total is >= 1.
+    weights = jnp.where(keys >= threshold[:, None], jnp.exp(x - row_max), 0.0)
+    sampled, total = inverse_cdf(weights, uniforms)
+    sampled_score = jnp.take_along_axis(x, sampled[:, None], axis=-1)[:, 0]
+    logps = sampled_score - row_max[:, 0] - jnp.log(total)
+    return jnp.where(greedy, top_indices[:, 0], sampled), jnp.where(greedy, 0.0, logps)
