@@ -1,0 +1,63 @@
+"""Evaluation: gold and learned rewards, win rates with confidence intervals, KL to the reference, perplexity,
+reward-model accuracy.
+
+Quick path::
+
+    import jax
+    from jaxalign import eval as ja_eval, models
+    from jaxalign.rollout import SamplingParams
+
+    policy, tokenizer = models.load_gguf(models.default_model_path())      # or models.load_hf("ppo_ckpt")
+    reference, _ = models.load_gguf(models.default_model_path())
+    result = ja_eval.evaluate_policy(policy, reference, tokenizer, ["Tell me about your day."] * 32,
+                                     judge=ja_eval.VaderJudge(), params=SamplingParams(max_new_tokens=48),
+                                     samples_per_prompt=2, key=jax.random.key(0))
+    print(result.table())          # gold reward, KL, lengths; win rate with its 95% Wilson interval
+    result.plot("eval.png")
+
+    ja_eval.win_rate(policy_scores, reference_scores)                       # WinRate(rate, low, high, ...)
+    ja_eval.reward_accuracy(reward_model, pair_batches, min_margin=0.5)     # {"accuracy", "pairs", ...}
+    ja_eval.perplexity(model, sft_batches)
+
+- :mod:`~jaxalign.eval.judges`: :class:`Judge`, :class:`VaderJudge` (the gold judge), :class:`RewardModelJudge`.
+- :mod:`~jaxalign.eval.stats`: :func:`win_rate`, :func:`mean_ci`, :func:`wilson_interval`.
+- :mod:`~jaxalign.eval.metrics`: :func:`sequence_kl`, :func:`reference_logps`, :func:`perplexity`,
+  :func:`token_nll`, :func:`reward_accuracy`.
+- :mod:`~jaxalign.eval.evaluate`: :func:`evaluate_policy`, :class:`PolicyEval`.
+- :mod:`~jaxalign.eval.command`: the ``jaxalign eval`` command (:func:`add_eval_command`).
+
+See docs/eval.md.
+"""
+
+import importlib
+from typing import TYPE_CHECKING
+
+# Public name -> submodule. Loaded on first use (PEP 562), so `jaxalign --help`, which registers the eval
+# command from jaxalign.eval.command, does not import jax, flax and the models.
+_EXPORTS = {
+    "PolicyEval": "evaluate", "evaluate_policy": "evaluate",
+    "Judge": "judges", "Prompt": "judges", "RewardModelJudge": "judges", "VaderJudge": "judges",
+    "end_of_turn_ids": "judges",
+    "perplexity": "metrics", "reference_logps": "metrics", "reward_accuracy": "metrics", "sequence_kl": "metrics",
+    "token_nll": "metrics",
+    "MeanCI": "stats", "WinRate": "stats", "mean_ci": "stats", "wilson_interval": "stats", "win_rate": "stats",
+}
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from jaxalign.eval.evaluate import PolicyEval, evaluate_policy
+    from jaxalign.eval.judges import Judge, Prompt, RewardModelJudge, VaderJudge, end_of_turn_ids
+    from jaxalign.eval.metrics import perplexity, reference_logps, reward_accuracy, sequence_kl, token_nll
+    from jaxalign.eval.stats import MeanCI, WinRate, mean_ci, wilson_interval, win_rate
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'jaxalign.eval' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"jaxalign.eval.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -1,0 +1,289 @@
+"""The ``jaxalign`` command.
+
+Each subcommand registers itself on the parser with an ``add_<name>_command(subcommands)`` function that
+sets ``run`` (``run(args) -> exit status``); ``main`` dispatches. Bad input (a missing file, a malformed
+record, an invalid setting) ends with one ``jaxalign <command>: error: ...`` line and status 2, not a
+traceback.
+
+    jaxalign generate --prompt "Write a haiku about the sea."     # the embedded SmolLM2-135M-Instruct
+    jaxalign generate --model ckpt_dir --prompts-file prompts.jsonl --n 4 --output samples.jsonl
+    jaxalign generate --model model.gguf --chat
+    jaxalign train dpo --config hh_rlhf data.source=hh/train.jsonl.gz     # sft | reward | dpo (docs/training.md)
+    jaxalign eval --policy runs/hh_rlhf/export --prompts prompts.jsonl     # win rate, KL, rewards (docs/eval.md)
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+from jaxalign.eval.command import add_eval_command
+from jaxalign.train.command import add_train_command
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+CHAT_COMMANDS = "/exit or Ctrl-D quits, /reset clears the conversation"
+# What transformers' AutoTokenizer reads from a checkpoint directory (fast, sentencepiece, BPE files).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def add_generate_command(subcommands) -> None:
+    parser = subcommands.add_parser(
+        "generate", help="sample text from a model (one prompt, a file of prompts, or a chat)",
+        description="Sample from a Hugging Face checkpoint directory, a GGUF file or the embedded default "
+                    "(SmolLM2-135M-Instruct). Prompts go through the tokenizer's chat template unless --raw.")
+    parser.add_argument("--model", help="checkpoint directory (config.json, weights, tokenizer files) or .gguf "
+                                        "file; default: the embedded SmolLM2-135M-Instruct")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--prompt", action="append", help="a prompt (repeat for several); streamed when it is "
+                                                          "the only one and --n is 1")
+    source.add_argument("--prompts-file", type=Path, help="JSONL/JSON records with a 'prompt' field (text or "
+                                                          "chat messages), or a text file with one prompt a line")
+    source.add_argument("--chat", action="store_true", help="an interactive chat (the default without prompts)")
+    parser.add_argument("--system", help="a system message put before every prompt")
+    parser.add_argument("--raw", action="store_true", help="encode prompts as plain text, without the chat template")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
+    parser.add_argument("--top-k", type=int, default=0, help="0 = off")
+    parser.add_argument("--top-p", type=float, default=0.9, help="1 = off (default 0.9)")
+    parser.add_argument("--min-p", type=float, default=0.0, help="0 = off")
+    parser.add_argument("--n", type=int, default=1, help="samples per prompt")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stop-token-id", type=int, action="append",
+                        help="end a response at this token (repeatable); default: the model's and tokenizer's EOS")
+    parser.add_argument("--batch-size", type=int, default=16, help="prompts per compiled batch (--prompts-file)")
+    parser.add_argument("--output", type=Path, help="write JSONL results here (default: print)")
+    parser.add_argument("--no-stream", action="store_true", help="print a single response when it is complete")
+    parser.set_defaults(run=run_generate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxalign", description="JAX/Flax preference alignment.")
+    subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_generate_command(subcommands)
+    add_train_command(subcommands)
+    add_eval_command(subcommands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (OSError, ValueError) as error:  # DataError is a ValueError; both name the file and the field
+        print(f"jaxalign {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+# --- generate -------------------------------------------------------------------------------------------
+
+
+def load_model(path: str | None):
+    """``(model, tokenizer)`` from a checkpoint directory, a GGUF file, or (None) the embedded default."""
+    from jaxalign import data, models
+
+    if path is None:
+        return models.load_gguf(models.default_model_path())
+    location = Path(path)
+    if location.is_file() and location.suffix == ".gguf":
+        return models.load_gguf(location)
+    if location.is_dir():
+        if not any((location / name).is_file() for name in TOKENIZER_FILES):
+            raise FileNotFoundError(f"{location} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); save them "
+                                    "beside the weights with tokenizer.save_pretrained")
+        return models.load_hf(location), data.load_tokenizer(location)
+    if not location.exists():
+        raise FileNotFoundError(f"--model {path}: no such file or directory")
+    raise ValueError(f"--model {path}: expected a checkpoint directory or a .gguf file")
+
+
+def _prompt_records(args, tokenizer) -> tuple[list, list]:
+    """``(as given, as encoded)``: the prompts as ``jaxalign.data`` prompt records, and the records to
+    encode (chat messages, a system message first when one is given, unless ``--raw``)."""
+    from jaxalign import data
+
+    if args.prompts_file is not None:
+        if args.prompts_file.suffix in (".jsonl", ".json", ".gz"):
+            records, _ = data.read_records(args.prompts_file, format="prompt_only")
+        else:
+            lines = args.prompts_file.read_text(encoding="utf-8").splitlines()
+            records = [data.PromptRecord(line, origin=data.Location(str(args.prompts_file), number, line=number))
+                       for number, line in enumerate(lines, start=1) if line.strip()]
+            if not records:
+                raise ValueError(f"--prompts-file {args.prompts_file}: no prompts (one per line)")
+    else:
+        records = [data.PromptRecord(text) for text in args.prompt]
+    if args.raw:
+        return records, records
+    if tokenizer.chat_template is None:
+        raise ValueError("the tokenizer has no chat template: pass --raw to encode prompts as plain text")
+    return records, [data.PromptRecord(_as_chat(r.prompt, args.system), origin=r.origin) for r in records]
+
+
+def _as_chat(prompt, system: str | None) -> tuple:
+    from jaxalign import data
+
+    messages = (data.Message("user", prompt),) if isinstance(prompt, str) else tuple(prompt)
+    if system is not None and (not messages or messages[0].role != "system"):
+        messages = (data.Message("system", system), *messages)
+    return messages
+
+
+def _stop_token_ids(args, model, tokenizer) -> tuple[int, ...]:
+    if args.stop_token_id:
+        return tuple(args.stop_token_id)
+    eos = tuple(model.config.eos_token_ids)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+        eos += (tokenizer.eos_token_id,)
+    return eos
+
+
+class _Streamer:
+    """The sampler's per-token callback for one row. One object per session, so the loop compiles once;
+    ``begin`` points it at the next response."""
+
+    def __init__(self, out):
+        self.out = out
+        self.text = None
+
+    def begin(self, tokenizer) -> None:
+        from jaxalign.rollout import TextStream
+
+        self.text = TextStream(tokenizer)
+
+    def __call__(self, step, tokens, emitted) -> None:
+        if self.text is not None and bool(emitted[0]):
+            self.out.write(self.text.push(int(tokens[0])))
+            self.out.flush()
+
+
+def _responses(tokenizer, rollout) -> list[dict]:
+    """Text, finish reason and length of every row of a rollout."""
+    import numpy as np
+
+    tokens, mask = np.asarray(rollout.tokens), np.asarray(rollout.response_mask)
+    stopped = np.asarray(rollout.stopped)
+    return [{"response": tokenizer.decode(tokens[row][mask[row]], skip_special_tokens=True),
+             "finish_reason": "stop" if stopped[row] else "length", "num_tokens": int(mask[row].sum())}
+            for row in range(tokens.shape[0])]
+
+
+def _encode(records, tokenizer):
+    from jaxalign import data
+
+    return data.tokenize(records, tokenizer, progress=False, source="prompts")
+
+
+def run_generate(args) -> int:
+    import jax
+
+    from jaxalign import data
+    from jaxalign.rollout import Sampler, SamplingParams
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.prompts_file is not None and not args.prompts_file.is_file():  # before the model's long load
+        raise FileNotFoundError(f"--prompts-file {args.prompts_file}: no such file")
+    model, tokenizer = load_model(args.model)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, min_p=args.min_p, n=args.n,
+                            stop_token_ids=_stop_token_ids(args, model, tokenizer))
+    # The tokenizer's pad id when it has one, else the engine's default (the config's pad or EOS id).
+    sampler = Sampler(model, pad_token_id=tokenizer.pad_token_id)
+    key = jax.random.key(args.seed)
+    if args.prompt is None and args.prompts_file is None:
+        return _chat(args, sampler, tokenizer, params, key)
+
+    records, encoded = _prompt_records(args, tokenizer)
+    dataset = _encode(encoded, tokenizer)
+    streamer = None
+    if len(records) == 1 and args.n == 1 and not args.no_stream and args.output is None:
+        streamer = _Streamer(sys.stdout)
+        streamer.begin(tokenizer)
+    results = []
+    show_progress = args.prompts_file is not None
+    from tqdm.auto import tqdm
+
+    started = time.perf_counter()
+    with tqdm(total=len(records), unit="prompt", desc="generating", disable=not show_progress,
+              file=sys.stderr) as bar:
+        for batch_index, start in enumerate(range(0, len(records), args.batch_size)):
+            rows = list(range(start, min(start + args.batch_size, len(records))))
+            length = max(len(dataset.examples[i].sequences[0]) for i in rows)
+            batch = data.collate(dataset, rows, length)
+            out = sampler.generate(batch["input_ids"], batch["attention_mask"],
+                                   key=jax.random.fold_in(key, batch_index), params=params, stream=streamer)
+            for offset, response in enumerate(_responses(tokenizer, out)):
+                prompt_index = rows[offset // args.n]
+                prompt = records[prompt_index].prompt
+                results.append({"index": prompt_index, "sample": offset % args.n,
+                                "prompt": prompt if isinstance(prompt, str) else [m.as_dict() for m in prompt],
+                                **response})
+            bar.update(len(rows))
+    elapsed = time.perf_counter() - started
+    if streamer is not None:
+        print()
+    elif args.output is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        with args.output.open("w", encoding="utf-8") as file:
+            for result in results:
+                file.write(json.dumps(result, ensure_ascii=False) + "\n")
+        tokens = sum(r["num_tokens"] for r in results)
+        print(f"wrote {len(results)} responses ({tokens} tokens, {tokens / elapsed:.0f} tokens/s including "
+              f"compilation) to {args.output}", file=sys.stderr)
+    elif args.prompts_file is not None:
+        for result in results:
+            print(json.dumps(result, ensure_ascii=False))
+    else:
+        many = len(results) > 1
+        for result in results:
+            if many:
+                print(f"--- prompt {result['index']}, sample {result['sample']} ({result['finish_reason']})")
+            print(result["response"])
+    return 0
+
+
+def _chat(args, sampler, tokenizer, params, key) -> int:
+    """Read a user message, stream the reply, keep the conversation, until /exit or end of input."""
+    import jax
+
+    from jaxalign import data
+
+    if tokenizer.chat_template is None or args.raw:
+        raise ValueError("--chat needs a tokenizer with a chat template (and no --raw)")
+    if params.n != 1:
+        raise ValueError("--chat samples one reply per turn: leave --n at 1")
+    streamer = _Streamer(sys.stdout)
+    messages = [] if args.system is None else [data.Message("system", args.system)]
+    start = len(messages)
+    print(f"chatting with {args.model or 'SmolLM2-135M-Instruct (embedded)'}; {CHAT_COMMANDS}", file=sys.stderr)
+    for turn in itertools.count():
+        try:
+            text = input("user> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if text.strip() in ("/exit", "/quit"):
+            return 0
+        if text.strip() == "/reset":
+            del messages[start:]
+            continue
+        messages.append(data.Message("user", text))
+        dataset = _encode([data.PromptRecord(tuple(messages))], tokenizer)
+        batch = data.collate(dataset, [0], len(dataset.examples[0].sequences[0]))
+        print("assistant> ", end="", flush=True)
+        streamer.begin(tokenizer)
+        out = sampler.generate(batch["input_ids"], batch["attention_mask"], key=jax.random.fold_in(key, turn),
+                               params=params, stream=streamer)
+        print()
+        messages.append(data.Message("assistant", _responses(tokenizer, out)[0]["response"]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""Win rates (Wilson interval on wins + ties/2) and mean intervals against scipy and hand-computed values."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from jaxalign.eval import MeanCI, WinRate, mean_ci, wilson_interval, win_rate
+
+
+@pytest.mark.parametrize(("wins", "n"), [(0, 1), (1, 1), (3, 7), (7, 7), (5, 11), (0, 13)])
+@pytest.mark.parametrize("confidence", [0.95, 0.9])
+def test_without_ties_equals_scipy_wilson(wins, n, confidence):
+    scores = np.r_[np.ones(wins), np.zeros(n - wins)]
+    result = win_rate(scores, np.full(n, 0.5), confidence=confidence)
+    expected = stats.binomtest(wins, n).proportion_ci(confidence_level=confidence, method="wilson")
+    assert (result.wins, result.ties, result.losses, result.n) == (wins, 0, n - wins, n)
+    assert result.rate == pytest.approx(wins / n)
+    assert result.low == pytest.approx(expected.low, abs=1e-12)
+    assert result.high == pytest.approx(expected.high, abs=1e-12)
+
+
+def test_ties_count_half_hand_computed():
+    # 2 wins, 1 tie, 1 loss: s = 2.5 of 4. Bounds computed with mpmath at 30 digits from the Wilson formula.
+    result = win_rate([3.0, 2.0, 1.0, 0.0], [1.0, 1.0, 1.0, 5.0])
+    assert (result.wins, result.ties, result.losses) == (2, 1, 1)
+    assert result.rate == 0.625
+    assert result.low == pytest.approx(0.219426520065362781, abs=1e-12)
+    assert result.high == pytest.approx(0.908100770820987878, abs=1e-12)
+    # 3 wins, 5 losses, 1 tie: s = 3.5 of 9
+    result = win_rate([1, 1, 1, 0, 0, 0, 0, 0, 0.5], [0, 0, 0, 1, 1, 1, 1, 1, 0.5])
+    assert result.rate == pytest.approx(3.5 / 9)
+    assert (result.low, result.high) == pytest.approx((0.153430557508579538, 0.690823897695763595), abs=1e-12)
+
+
+def test_one_comparison_and_all_wins_keep_an_interval():
+    one = win_rate([1.0], [0.0])
+    z = stats.norm.ppf(0.975)
+    assert (one.rate, one.high) == (1.0, 1.0)
+    assert one.low == pytest.approx(1 / (1 + z * z))  # Wilson at p̂ = 1, n = 1
+    many = win_rate(np.arange(1, 21), np.zeros(20))
+    assert many.rate == 1.0 and many.high == 1.0 and 0.8 < many.low < 1.0
+
+
+def test_all_ties_centre_on_one_half():
+    result = win_rate(np.zeros(6), np.zeros(6))
+    assert (result.rate, result.wins, result.ties, result.losses) == (0.5, 0, 6, 0)
+    assert result.low == pytest.approx(1 - result.high) and result.low < 0.5 < result.high
+    # identical to 3 wins + 3 losses: the same effective count
+    mixed = win_rate([1, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1])
+    assert (mixed.low, mixed.high) == pytest.approx((result.low, result.high))
+
+
+def test_tie_tolerance():
+    result = win_rate([1.0, 1.05, 0.0], [1.0, 1.0, 1.0], tie_tolerance=0.1)
+    assert (result.wins, result.ties, result.losses) == (0, 2, 1)
+    assert win_rate([1.0, 1.05, 0.0], [1.0, 1.0, 1.0]).wins == 1
+
+
+@pytest.mark.parametrize(("scores", "baseline", "kwargs", "message"), [
+    ([1.0, 2.0], [1.0], {}, "paired row by row"),
+    ([[1.0, 2.0]], [[1.0, 2.0]], {}, "1-D"),
+    ([], [], {}, "no comparisons"),
+    ([1.0, math.nan], [1.0, 2.0], {}, r"scores\[1\] is nan"),
+    ([1.0], [math.inf], {}, r"baseline_scores\[0\] is inf"),
+    ([1.0], [0.0], {"confidence": 1.5}, "confidence"),
+    ([1.0], [0.0], {"tie_tolerance": -1.0}, "tie_tolerance"),
+])
+def test_bad_input_is_a_clear_error(scores, baseline, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        win_rate(scores, baseline, **kwargs)
+
+
+def test_wilson_interval_checks_its_arguments():
+    with pytest.raises(ValueError, match="n must be"):
+        wilson_interval(0, 0)
+    with pytest.raises(ValueError, match="successes"):
+        wilson_interval(5, 4)
+
+
+def test_win_rate_is_a_frozen_record():
+    result = win_rate([1.0, 0.0], [0.0, 0.0])
+    assert isinstance(result, WinRate)
+    assert result.to_dict() == {"rate": 0.75, "low": result.low, "high": result.high, "wins": 1, "ties": 1,
+                                "losses": 0, "n": 2, "confidence": 0.95}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        result.rate = 0.0
+
+
+@pytest.mark.parametrize("confidence", [0.95, 0.8])
+def test_mean_ci_equals_scipy_t_interval(confidence):
+    values = np.random.default_rng(3).normal(1.0, 2.0, size=7)
+    result = mean_ci(values, confidence)
+    low, high = stats.t.interval(confidence, df=6, loc=values.mean(), scale=stats.sem(values))
+    assert isinstance(result, MeanCI) and result.n == 7
+    assert result.mean == pytest.approx(values.mean())
+    assert (result.low, result.high) == pytest.approx((low, high), rel=1e-12)
+    assert result.std == pytest.approx(np.std(values, ddof=1))
+
+
+def test_mean_ci_edge_cases():
+    single = mean_ci([2.5])
+    assert single.mean == 2.5 and math.isnan(single.low) and math.isnan(single.high)
+    assert single.to_dict() == {"mean": 2.5, "low": None, "high": None, "std": None, "n": 1, "confidence": 0.95}
+    constant = mean_ci([1.0, 1.0, 1.0])
+    assert (constant.low, constant.mean, constant.high) == (1.0, 1.0, 1.0)
+    with pytest.raises(ValueError, match="no values"):
+        mean_ci([])
+    with pytest.raises(ValueError, match="finite"):
+        mean_ci([1.0, math.nan])
