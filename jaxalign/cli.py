@@ -71,7 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # key=value overrides may follow options (`train dpo --config x a=b`), which argparse's positional
+    # matching does not allow: collect them from the leftovers of commands that take overrides.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in item and not item.startswith("-") for item in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.run(args)
     except (OSError, ValueError) as error:  # DataError is a ValueError; both name the file and the field

@@ -17,6 +17,7 @@ SmolLM2) are never all alive at once, in the forward or the backward pass.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import jax
@@ -52,7 +53,7 @@ def target_logps(model, input_ids: Int[Array, "N T"], attention_mask: Array, pos
     """``log p(input_ids[:, t+1] | input_ids[:, :t+1])`` for every ``t``, float32, chunked over the sequence.
 
     The trunk runs once; the LM head and its log-softmax then run on ``chunk_size`` positions at a time
-    (padded up to a multiple), each chunk rematerialised in the backward pass, so peak memory holds one
+    (split into equal chunks of at most that length), each chunk rematerialised in the backward pass, so peak memory holds one
     chunk's ``[N, chunk, V]`` logits instead of the whole ``[N, T, V]``. ``chunk_size=None`` does it in one go.
     """
     hidden, _ = model.hidden_states(input_ids, positions=positions, attention_mask=attention_mask,
@@ -61,7 +62,10 @@ def target_logps(model, input_ids: Int[Array, "N T"], attention_mask: Array, pos
     length = targets.shape[1]
     if chunk_size is None or chunk_size >= length:
         return losses.token_logps(model.logits(hidden), targets)
+    # As few chunks as chunk_size allows, of equal length: padding stays under one position per chunk
+    # (a 129-target sequence runs two chunks of 65, not two of 128).
     chunks = -(-length // chunk_size)
+    chunk_size = -(-length // chunks)
     pad = chunks * chunk_size - length
     hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
     targets = jnp.pad(targets, ((0, 0), (0, pad)))
@@ -201,6 +205,11 @@ def dpo_objective(*, loss_type: str | Sequence[str] = "sigmoid", reference: str 
                          f"{'none' if reference_free else 'model, precomputed or lora_base'}, got {reference!r}")
     loss_fn = {"simpo": losses.simpo_loss, "orpo": losses.orpo_loss}.get(loss_types[0], losses.dpo_loss)
     options = dict(loss_options)
+    accepted = {name for name, p in inspect.signature(loss_fn).parameters.items() if p.kind is p.KEYWORD_ONLY}
+    unknown_options = sorted(set(options) - accepted - {"loss_type"})
+    if unknown_options or (reference_free and "loss_type" in options):
+        raise ValueError(f"dpo_objective: unknown option(s) {unknown_options or ['loss_type']} for loss_type "
+                         f"{loss_type!r} (accepted: {sorted(accepted - {'loss_type'})})")
     if not reference_free:
         options["loss_type"] = loss_types if len(loss_types) > 1 else loss_types[0]
     needs_nll = (options.get("rpo_alpha") is not None or options.get("sft_weight", 0.0) != 0.0

