@@ -154,3 +154,18 @@ def test_train_command_runs_resumes_and_refuses_mixing(checkpoint, pairs_file, t
     assert steps == [1, 2, 3]
     assert main(["train", "dpo", "--config", str(yaml_file), "loss.bta=1", "--resume"]) == 2
     assert "bta" in capsys.readouterr().err
+
+
+def test_multi_dimensional_reward_model_on_pku_rows(checkpoint, tmp_path):
+    rows = [{"prompt": p, "response_0": c, "response_1": r, "better_response_id": i % 2, "safer_response_id": 1 - i % 2}
+            for i, (p, c, r) in enumerate(PAIRS)]
+    source = tmp_path / "pku.jsonl"
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    run_config = config(checkpoint, source, tmp_path, "reward", "data.text_as_chat=true", "normalize_samples=0",
+                        "loss.dimension_weights=[1.0, 0.5]")
+    result = methods.run(run_config)
+    assert result.extra["dimensions"] == ["helpfulness", "safety"] and result.extra["num_objectives"] == 2
+    _, info = models.load_reward_model(Path(run_config.output_dir) / "export")
+    assert info["num_objectives"] == 2 and info["metadata"]["dimensions"] == ["helpfulness", "safety"]
+    record = json.loads((Path(run_config.output_dir) / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"rewards/accuracies/0", "rewards/accuracies/1"} <= set(record)
