@@ -180,9 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=320, help="prompts in all (80%% train, 20%% held out)")
     parser.add_argument("--samples", type=int, default=4, help="base-model samples per prompt; the most and least "
                                                                "positive form its pair")
-    parser.add_argument("--max-new-tokens", type=int, default=40)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=32, help="prompts per sampling batch")
-    parser.add_argument("--eval-samples", type=int, default=4, help="samples per held-out prompt and model")
+    parser.add_argument("--eval-samples", type=int, default=2, help="samples per held-out prompt and model")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("overrides", nargs="*", help="reward.<key>=<value> / dpo.<key>=<value>")
     args = parser.parse_args(argv)
