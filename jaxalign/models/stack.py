@@ -7,7 +7,8 @@ packed segments and the KV cache identically.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
+from typing import NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -122,8 +123,8 @@ def advance_cache(cache: KVCache, inputs: AttentionInputs, kv: LayerKV) -> KVCac
     """The cache after the layers wrote this call's keys/values (``kv``)."""
     # A row's next position follows its last real token; rows with no real token here keep theirs.
     next_position = jnp.max(jnp.where(inputs.real, inputs.positions + 1, cache.next_position[:, None]), axis=1)
-    return KVCache(
-        keys=kv.keys, values=kv.values, valid=inputs.key_valid,
+    return dataclasses.replace(
+        cache, keys=kv.keys, values=kv.values, valid=inputs.key_valid,
         next_position=next_position.astype(jnp.int32), index=cache.index + inputs.real.shape[1],
     )
 
@@ -137,9 +138,16 @@ def scan_layers(layers: nnx.Module, hidden, kv: LayerKV | None, *, n_layers: int
     for any depth, so compile time does not grow with ``L``. State a layer changes while running (a
     dropout RNG counter, e.g. in LoRA adapters) is written back to ``layers``.
 
+    Layers split by :func:`unstack_layers` run one after the other instead (unrolled), each with its own
+    weights and, with a per-layer :class:`KVCache`, its own cache buffers.
+
     Returns:
         ``(hidden, kv)`` after the last layer.
     """
+    if isinstance(layers, UnstackedLayers):
+        for index, layer in enumerate(layers.layers):
+            hidden, kv = layer(hidden, kv=None if kv is None else kv.at_layer(index), **layer_kwargs)
+        return hidden, kv
     graphdef, params, other = nnx.split(layers, nnx.Param, ...)
 
     def one_layer(carry, xs):
@@ -159,6 +167,51 @@ def scan_layers(layers: nnx.Module, hidden, kv: LayerKV | None, *, n_layers: int
     (hidden, kv), other = jax.lax.scan(one_layer, (hidden, kv), (params, other, layer_indices))
     nnx.update(layers, other)
     return hidden, kv
+
+
+class UnstackedLayers(nnx.Module):
+    """An ``[L]``-stacked layer collection split into ``L`` modules (see :func:`unstack_layers`)."""
+
+    def __init__(self, stacked: nnx.Module):
+        graphdef, state = nnx.split(stacked)
+        n_layers = jax.tree.leaves(state)[0].shape[0]
+        self.layers = nnx.List([nnx.merge(graphdef, jax.tree.map(lambda x, i=i: x[i], state))
+                                for i in range(n_layers)])
+
+
+Model = TypeVar("Model", bound=nnx.Module)
+
+
+def unstack_layers(model: Model) -> Model:
+    """A view of ``model`` whose ``[L]``-stacked layers are ``L`` separate modules, for fast decoding.
+
+    Under the layer scan every step slices each layer's weights out of the stacked arrays, and XLA's CPU
+    backend copies the slices (a matmul needs its own buffer): a decode step then moves every weight
+    twice. Called inside ``jit`` *outside* a decode loop, the slices are taken once and the loop body
+    runs the layers unrolled on them (:func:`scan_layers`); pair it with :meth:`KVCache.per_layer`. The
+    layers compute exactly what the scan computes; the compiled loop body grows with the depth.
+
+    Args:
+        model: a model whose layers sit in a collection named in :data:`STACKED_COLLECTIONS`.
+
+    Returns:
+        A new module graph sharing ``model``'s arrays (``model`` itself is left as it is).
+    """
+    model = nnx.merge(*nnx.split(model))
+    for _, module in list(nnx.iter_modules(model)):
+        for name in STACKED_COLLECTIONS:
+            stacked = getattr(module, name, None)
+            if _is_stacked(stacked):
+                setattr(module, name, UnstackedLayers(stacked))
+    return model
+
+
+def _is_stacked(collection) -> bool:
+    """Whether ``collection`` is an ``nnx.vmap``-built layer stack: every array shares one leading size."""
+    if not isinstance(collection, nnx.Module) or isinstance(collection, UnstackedLayers | nnx.List):
+        return False
+    leaves = jax.tree.leaves(nnx.state(collection))
+    return bool(leaves) and all(jnp.ndim(x) >= 1 and x.shape[0] == leaves[0].shape[0] for x in leaves)
 
 
 def vocab_logits(hidden: Float[Array, "... D"], *, embedding: Array | None = None,

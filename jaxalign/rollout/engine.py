@@ -2,7 +2,11 @@
 
 ``Sampler.generate`` pads a prompt batch to its bucket on the host and calls one jitted function that
 prefills every model's KV cache, then runs a ``lax.while_loop`` of decode steps until every row has
-stopped or ``max_new_tokens`` are out. The models enter as ``(graphdef, state)`` split once: the
+stopped or ``max_new_tokens`` are out. The prefill runs the usual layer scan; the decode loop runs the
+layers unrolled on per-layer copies of the layer weights (made when the sampler gets its weights,
+``models.stack.unstack_layers``) and on per-layer cache buffers (made after the prefill,
+``KVCache.per_layer``): under a scan, XLA's CPU backend copies each layer's weights and cache out of the
+stacked arrays at every step (on 2 cores and SmolLM2-135M, a third of a decode step's time). The models enter as ``(graphdef, state)`` split once: the
 graphdefs are static arguments (equal structures share a compiled program, even across ``Sampler``
 objects), the states are ordinary array arguments, so new weights (``update_weights``) do not retrace.
 
@@ -27,6 +31,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from jaxalign.losses.core import token_logps
 from jaxalign.models import KVCache, fit_spec, named_shardings
+from jaxalign.models.stack import unstack_layers
 from jaxalign.rollout.batching import MIN_LENGTH_BUCKET, bucket, check_left_padded, left_pad, pad_batch
 from jaxalign.rollout.filters import DEFAULT_CANDIDATES
 from jaxalign.rollout.params import Filters, SamplingParams
@@ -117,13 +122,18 @@ def _constrain_cache(cache: KVCache, mesh: Mesh | None) -> KVCache:
     """Rows over the data axes, kv heads over ``tensor`` (as the column-parallel k/v projections)."""
     if mesh is None:
         return cache
-    kv_spec = PartitionSpec(None, tuple(a for a in BATCH_AXES if a in mesh.shape), None, "tensor", None)
-    return KVCache(
-        keys=_constrain(cache.keys, mesh, kv_spec),
-        values=_constrain(cache.values, mesh, kv_spec),
+    rows = tuple(a for a in BATCH_AXES if a in mesh.shape)
+    if cache.is_per_layer:  # [B, K, Dh, S] per layer
+        kv_spec = PartitionSpec(rows, "tensor", None, None)
+        keys = tuple(_constrain(layer, mesh, kv_spec) for layer in cache.keys)
+        values = tuple(_constrain(layer, mesh, kv_spec) for layer in cache.values)
+    else:  # [L, B, S, K, Dh]
+        kv_spec = PartitionSpec(None, rows, None, "tensor", None)
+        keys, values = _constrain(cache.keys, mesh, kv_spec), _constrain(cache.values, mesh, kv_spec)
+    return dataclasses.replace(
+        cache, keys=keys, values=values,
         valid=_constrain(cache.valid, mesh, _batch_spec(mesh, 2)),
         next_position=_constrain(cache.next_position, mesh, _batch_spec(mesh, 1)),
-        index=cache.index,
     )
 
 
@@ -139,8 +149,13 @@ def _row_keys(key: Array, rows: int, n: int) -> Array:
 def _generate(states, prompt_tokens, prompt_mask, key, weights, filters: Filters, stop_mask, pad_token_id, *,
               graphdefs, max_new_tokens: int, n: int, candidates: int, mesh: Mesh | None,
               stream: StreamFn | None) -> Rollout:
-    """The compiled prefill + decode loop over ``[B, P]`` prompts (see :meth:`Sampler.generate`)."""
-    models = [nnx.merge(graphdef, *state) for graphdef, state in zip(graphdefs, states, strict=True)]
+    """The compiled prefill + decode loop over ``[B, P]`` prompts (see :meth:`Sampler.generate`).
+
+    Every model enters twice (``states[m]``, ``graphdefs[m]`` are pairs, see :class:`_Member`): with its
+    stacked layers for the prefill's layer scan, and with them unstacked for the unrolled decode loop.
+    """
+    models = [nnx.merge(graphdef, *state) for (graphdef, _), (state, _) in zip(graphdefs, states, strict=True)]
+    decoders = [nnx.merge(graphdef, *state) for (_, graphdef), (_, state) in zip(graphdefs, states, strict=True)]
     row_spec = _batch_spec(mesh, 2)
     tokens = _constrain(jnp.repeat(prompt_tokens, n, axis=0), mesh, row_spec)
     mask = _constrain(jnp.repeat(prompt_mask.astype(bool), n, axis=0), mesh, row_spec)
@@ -158,7 +173,9 @@ def _generate(states, prompt_tokens, prompt_mask, key, weights, filters: Filters
         step = carry.step
         scores = sum(weights[m] * logits[m] for m in range(len(logits)))
         uniforms = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, step)))(row_keys)
-        token, sampling_logp = next_token(scores, uniforms, filters, candidates=candidates)
+        # Rows split over devices stay where they are (no gathering of the unsettled rows).
+        token, sampling_logp = next_token(scores, uniforms, filters, candidates=candidates,
+                                          compact_rows=mesh is None)
         emit = ~carry.done
         token = jnp.where(emit, token, pad_token_id)
         member_logps = jnp.stack([token_logps(model_logits, token, emit) for model_logits in logits])
@@ -177,7 +194,9 @@ def _generate(states, prompt_tokens, prompt_mask, key, weights, filters: Filters
 
     caches, logits = [], []
     for model in models:
-        cache = _constrain_cache(KVCache.init(model.config, batch_size=rows, max_length=cache_length), mesh)
+        # The prompt's cache has only its slots (prefill attention need not sweep the response's);
+        # per_layer() below makes room for the response.
+        cache = _constrain_cache(KVCache.init(model.config, batch_size=rows, max_length=prompt_length), mesh)
         hidden, cache = model.hidden_states(tokens, attention_mask=mask, cache=cache)
         caches.append(cache)
         logits.append(last_logits(model, hidden))
@@ -193,10 +212,14 @@ def _generate(states, prompt_tokens, prompt_mask, key, weights, filters: Filters
         member_logps=jnp.zeros((len(models), rows, max_new_tokens), jnp.float32),
     )
     carry = choose(start, logits)
+    # Decoding runs the layers unrolled on per-layer weights and writes per-layer cache buffers: under the
+    # layer scan XLA's CPU backend would copy every layer's weights and cache at every step.
+    carry = carry._replace(caches=tuple(_constrain_cache(cache.per_layer(cache_length), mesh)
+                                        for cache in carry.caches))
 
     def decode_step(carry: _Carry) -> _Carry:
         caches, logits = [], []
-        for model, cache in zip(models, carry.caches, strict=True):
+        for model, cache in zip(decoders, carry.caches, strict=True):
             hidden, cache = model.hidden_states(carry.fed[:, None], attention_mask=carry.fed_real[:, None],
                                                 cache=cache)
             caches.append(cache)
@@ -221,13 +244,28 @@ def _generate(states, prompt_tokens, prompt_mask, key, weights, filters: Filters
 
 
 class _Member(NamedTuple):
-    graphdef: Any
-    state: tuple[nnx.State, nnx.State]  # (parameters, every other variable)
+    """A model as ``_generate`` takes it: ``(stacked, unstacked)`` pairs of graphdefs and states.
+
+    A state is ``(parameters, every other variable)``. The stacked one shares the caller's arrays; the
+    unstacked one (:func:`~jaxalign.models.stack.unstack_layers`) holds per-layer copies of the layer
+    weights, made once here: sliced inside ``_generate`` they would be new buffers at every call, and on
+    the CPU the first touch of ~400 MB of fresh pages (SmolLM2-135M) costs about three decode steps.
+    """
+
+    graphdefs: tuple[Any, Any]
+    states: tuple[tuple[nnx.State, nnx.State], tuple[nnx.State, nnx.State]]
     config: Any
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _unstacked_state(graphdef, state: tuple[nnx.State, nnx.State]) -> tuple[nnx.State, nnx.State]:
+    """The state of ``unstack_layers(model)``: per-layer copies of the layer weights, the rest as it is."""
+    _, params, rest = nnx.split(unstack_layers(nnx.merge(graphdef, *state)), nnx.Param, ...)
+    return params, rest
+
+
 def _split(model: nnx.Module, mesh: Mesh | None) -> _Member:
-    """``(graphdef, (params, rest))`` of the model in inference mode, placed on ``mesh`` as in training."""
+    """The model in inference mode, placed on ``mesh`` as in training, stacked and unstacked."""
     for method in ("hidden_states", "logits"):
         if not callable(getattr(model, method, None)):
             raise TypeError(f"{type(model).__name__} has no {method}() method: the sampler needs a causal LM "
@@ -238,7 +276,12 @@ def _split(model: nnx.Module, mesh: Mesh | None) -> _Member:
     if mesh is not None:
         params = jax.device_put(params, named_shardings(params, mesh))
         rest = jax.device_put(rest, NamedSharding(mesh, PartitionSpec()))
-    return _Member(graphdef, (params, rest), model.config)
+    unstacked_graphdef = nnx.graphdef(nnx.eval_shape(lambda: unstack_layers(nnx.merge(graphdef, params, rest))))
+    # Arrays outside the layers (the embedding...) come out of the jit as copies: share the originals.
+    original = dict(jax.tree_util.tree_flatten_with_path((params, rest))[0])
+    unstacked = jax.tree_util.tree_map_with_path(lambda path, x: original.get(path, x),
+                                                 _unstacked_state(graphdef, (params, rest)))
+    return _Member((graphdef, unstacked_graphdef), ((params, rest), unstacked), model.config)
 
 
 class Sampler:
@@ -269,6 +312,11 @@ class Sampler:
 
     Raises:
         ValueError: the guides' vocabulary sizes differ from the base model's.
+
+    Notes:
+        Besides sharing the models' arrays, the sampler keeps a per-layer copy of every model's layer
+        weights for its decode loop (made at construction and by :meth:`update_weights`): one more copy of
+        the layer parameters, which the loop would otherwise make in every call.
     """
 
     def __init__(self, model: nnx.Module, *, guides: Sequence[nnx.Module] = (), mesh: Mesh | None = None,
@@ -305,7 +353,10 @@ class Sampler:
                     "one vocabulary (the same tokenizer)")
 
     def update_weights(self, model: nnx.Module | None = None, *, guides: Sequence[nnx.Module] | None = None) -> None:
-        """Use new weights (e.g. the policy after a PPO/GRPO update); same structures reuse the compiled loop."""
+        """Use new weights (e.g. the policy after a PPO/GRPO update); same structures reuse the compiled loop.
+
+        Copies the new layer weights once into the decode loop's per-layer form (see the class notes).
+        """
         if model is not None:
             self._members[0] = _split(model, self.mesh)
         if guides is not None:
@@ -390,8 +441,8 @@ class Sampler:
             sharding = NamedSharding(self.mesh, fit_spec(_batch_spec(self.mesh, 2), tokens.shape, self.mesh))
             tokens, mask = jax.device_put(tokens, sharding), jax.device_put(mask, sharding)
         out = _generate(
-            tuple(m.state for m in self._members), tokens, mask, key, weights, params.filters(), stop_mask,
-            np.int32(self.pad_token_id), graphdefs=tuple(m.graphdef for m in self._members),
+            tuple(m.states for m in self._members), tokens, mask, key, weights, params.filters(), stop_mask,
+            np.int32(self.pad_token_id), graphdefs=tuple(m.graphdefs for m in self._members),
             max_new_tokens=params.max_new_tokens, n=params.n, candidates=self.candidates, mesh=self.mesh,
             stream=stream,
         )

@@ -55,6 +55,7 @@ def next_token(
     filters: Filters,
     *,
     candidates: int = DEFAULT_CANDIDATES,
+    compact_rows: bool = True,
 ) -> tuple[Int[Array, " B"], Float[Array, " B"]]:
     """Draw one token per row from ``softmax(scores / temperature)`` restricted by top-k, top-p and min-p.
 
@@ -66,6 +67,8 @@ def next_token(
         uniforms: ``[B]`` uniforms in [0, 1), one per row (the only randomness).
         filters: scalars or ``[B]`` arrays.
         candidates: top scores the filters inspect before falling back to bisection (static).
+        compact_rows: bisect only the unsettled rows, gathered (static; see
+            :func:`~jaxalign.rollout.filters.keep_thresholds`; False for rows split over devices).
 
     Returns:
         ``(tokens [B] int32, sampling_logps [B] float32)``: ``log P(token)`` under the filtered
@@ -75,7 +78,8 @@ def next_token(
     temperature = jnp.where(greedy, 1.0, filters.temperature)
     x = scores.astype(jnp.float32) / jnp.broadcast_to(temperature, uniforms.shape)[:, None]
     keys, threshold, top_scores, top_indices = keep_thresholds(
-        x, top_k=filters.top_k, top_p=filters.top_p, min_p=filters.min_p, candidates=candidates, settled=greedy)
+        x, top_k=filters.top_k, top_p=filters.top_p, min_p=filters.min_p, candidates=candidates, settled=greedy,
+        compact_rows=compact_rows)
     row_max = top_scores[:, :1]
     # Shifting by the row max keeps exp() in range; the max is always kept, so the total is >= 1.
     weights = jnp.where(keys >= threshold[:, None], jnp.exp(x - row_max), 0.0)
