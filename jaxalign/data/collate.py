@@ -31,7 +31,7 @@ import numpy as np
 
 from jaxalign.data.tokenize import TokenizedDataset
 
-FLOAT_VALUES = ("score", "margin", "ref_logps")
+FLOAT_VALUES = ("score", "margin", "ref_logps", "difficulty")
 
 
 def _value_shape(dataset: TokenizedDataset, key: str) -> tuple[int, ...]:

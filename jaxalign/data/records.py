@@ -178,9 +178,13 @@ class UnpairedRecord:
 
 @dataclass(frozen=True)
 class PromptRecord:
-    """A prompt alone, for online methods (PPO, GRPO) that generate their own completions."""
+    """A prompt alone, for online methods (PPO, GRPO) that generate their own completions.
+
+    ``difficulty`` (optional) orders a curriculum: easier (lower) prompts first.
+    """
 
     prompt: Turns
+    difficulty: float | None = None
     origin: Location | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):

@@ -291,6 +291,9 @@ class _Pipeline:
             if margins[0] is not None:
                 values["margin"] = tuple(0.0 if p is None else float(p.margin) for p in pairs)
             return values
+        if isinstance(record, PromptRecord):
+            difficulty = self._optional("difficulty", record.difficulty, where)
+            return {} if difficulty is None else {"difficulty": float(difficulty)}
         return {}
 
     def encode(self, texts: list[str], conversational: bool) -> list[list[int]]:

@@ -1,6 +1,7 @@
-"""``jaxalign train sft|reward|dpo``: one offline training run from a preset or YAML file plus overrides.
+"""``jaxalign train sft|reward|dpo|ppo|grpo``: one training run from a preset or YAML file plus overrides.
 
     jaxalign train dpo --config hh_rlhf data.source=hh/train.jsonl.gz train.total_steps=500
+    jaxalign train ppo --config sentiment_ppo reward.model=runs/sentiment/reward/export
     jaxalign train reward --config my_run.yaml --resume
     jaxalign train sft --config sentiment --print-config         # the resolved config, nothing trained
 
@@ -18,8 +19,9 @@ from jaxalign.train.recipe import METHODS
 
 def add_train_command(subcommands) -> None:
     parser = subcommands.add_parser(
-        "train", help="train an SFT, reward or DPO model from a preset or YAML config",
-        description="Train with a named preset (experiments/presets: hh_rlhf, pku_saferlhf, sentiment) or a YAML "
+        "train", help="train an SFT, reward, DPO, PPO or GRPO model from a preset or YAML config",
+        description="Train with a named preset (experiments/presets: hh_rlhf, pku_saferlhf, sentiment, "
+                    "sentiment_ppo, sentiment_grpo) or a YAML "
                     "file; key=value overrides use dotted paths (train.total_steps=100, loss.beta=0.05, "
                     "model.lora='{rank: 8, alpha: 16}'). Outputs: checkpoints, metrics.jsonl/.png, TensorBoard "
                     "events, eval.json and a Hugging Face export in output_dir.")

@@ -32,7 +32,7 @@ from jaxalign import models
 from jaxalign.rollout import Sampler, SamplingParams
 from jaxalign.train import objectives
 from jaxalign.train.plots import plot_metrics
-from jaxalign.train.recipe import ModelSpec, RunConfig
+from jaxalign.train.recipe import ONLINE_METHODS, ModelSpec, RunConfig
 from jaxalign.train.trainer import Trainer
 
 RUN_FILE = "run.json"
@@ -74,10 +74,16 @@ def load_pretrained(spec: ModelSpec):
 
 
 def curriculum_order(dataset: jdata.TokenizedDataset, by: str) -> jdata.TokenizedDataset:
-    """The examples sorted easy to hard: ``length`` (shortest longest-sequence first) or ``score`` (highest
-    ``score`` first, else the highest ``margin``: a clearer preference is easier). Stable on ties."""
+    """The examples sorted easy to hard: ``length`` (shortest longest-sequence first), ``score`` (highest
+    ``score`` first, else the highest ``margin``: a clearer preference is easier) or ``difficulty`` (prompts'
+    ``difficulty`` field, lowest first). Stable on ties."""
     if by == "length":
         keys = dataset.lengths
+    elif by == "difficulty":
+        if "difficulty" not in dataset.value_keys:
+            raise ValueError(f"curriculum 'difficulty': the data has no 'difficulty' field (it carries "
+                             f"{list(dataset.value_keys)}); give each prompt record one, or use curriculum: length")
+        keys = np.asarray([e.values["difficulty"] for e in dataset.examples], np.float64)
     else:
         key = next((k for k in ("score", "margin") if k in dataset.value_keys), None)
         if key is None:
@@ -218,7 +224,14 @@ def _stop_ids(model, tokenizer) -> tuple[int, ...]:
 
 
 def run(config: RunConfig) -> RunResult:
-    """Train, evaluate and export one run (see the module docstring). Resumes when checkpoints exist."""
+    """Train, evaluate and export one run (see the module docstring). Resumes when checkpoints exist.
+
+    ``ppo`` and ``grpo`` runs go to :func:`jaxalign.train.rl.run_online`.
+    """
+    if config.method in ONLINE_METHODS:
+        from jaxalign.train.rl import run_online  # it builds on this module's loaders
+
+        return run_online(config)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     lm, tokenizer = load_pretrained(config.model)

@@ -53,15 +53,39 @@ def target_logps(model, input_ids: Int[Array, "N T"], attention_mask: Array, pos
     """``log p(input_ids[:, t+1] | input_ids[:, :t+1])`` for every ``t``, float32, chunked over the sequence.
 
     The trunk runs once; the LM head and its log-softmax then run on ``chunk_size`` positions at a time
-    (split into equal chunks of at most that length), each chunk rematerialised in the backward pass, so peak memory holds one
-    chunk's ``[N, chunk, V]`` logits instead of the whole ``[N, T, V]``. ``chunk_size=None`` does it in one go.
+    (see :func:`head_logps`). ``chunk_size=None`` does it in one go.
     """
     hidden, _ = model.hidden_states(input_ids, positions=positions, attention_mask=attention_mask,
                                     segment_ids=segment_ids)
-    hidden, targets = hidden[:, :-1], input_ids[:, 1:]
+    return head_logps(model, hidden[:, :-1], input_ids[:, 1:], chunk_size=chunk_size)
+
+
+def _entropy(logits: Float[Array, "... V"]) -> Float[Array, "..."]:
+    """``H = logsumexp(l) − Σ softmax(l)·l`` in float32."""
+    logits = logits.astype(F32)
+    log_norm = jax.nn.logsumexp(logits, axis=-1)
+    return log_norm - jnp.sum(jax.nn.softmax(logits, axis=-1) * logits, axis=-1)
+
+
+def head_logps(model, hidden: Float[Array, "N T D"], targets: Int[Array, "N T"], *,
+               chunk_size: int | None = DEFAULT_CHUNK, temperature: float = 1.0, with_entropy: bool = False,
+               ) -> Float[Array, "N T"] | tuple[Float[Array, "N T"], Float[Array, "N T"]]:
+    """``log softmax(model.logits(hidden) / temperature)`` at ``targets``, chunked over positions.
+
+    The LM head and its log-softmax run on ``chunk_size`` positions at a time (split into equal chunks of
+    at most that length), each chunk rematerialised in the backward pass, so peak memory holds one chunk's
+    ``[N, chunk, V]`` logits instead of the whole ``[N, T, V]``. ``temperature`` divides the logits as the
+    sampler does (PPO/GRPO score the distribution they sampled from, as TRL does). ``with_entropy`` also
+    returns the entropy of each position's distribution (same temperature), for logging.
+    """
+    def from_logits(logits, chunk_targets):
+        logits = logits / temperature if temperature != 1.0 else logits
+        logps = losses.token_logps(logits, chunk_targets)
+        return (logps, _entropy(logits)) if with_entropy else logps
+
     length = targets.shape[1]
     if chunk_size is None or chunk_size >= length:
-        return losses.token_logps(model.logits(hidden), targets)
+        return from_logits(model.logits(hidden), targets)
     # As few chunks as chunk_size allows, of equal length: padding stays under one position per chunk
     # (a 129-target sequence runs two chunks of 65, not two of 128).
     chunks = -(-length // chunk_size)
@@ -76,10 +100,11 @@ def target_logps(model, input_ids: Int[Array, "N T"], attention_mask: Array, pos
 
     @jax.checkpoint
     def chunk_logps(state, hidden_chunk, target_chunk):
-        return losses.token_logps(nnx.merge(graphdef, state).logits(hidden_chunk), target_chunk)
+        return from_logits(nnx.merge(graphdef, state).logits(hidden_chunk), target_chunk)
 
-    logps = jax.lax.map(lambda xs: chunk_logps(state, *xs), (hidden_chunks, target_chunks))
-    return jnp.moveaxis(logps, 0, 1).reshape(targets.shape[0], -1)[:, :length]
+    out = jax.lax.map(lambda xs: chunk_logps(state, *xs), (hidden_chunks, target_chunks))
+    unchunk = lambda x: jnp.moveaxis(x, 0, 1).reshape(targets.shape[0], -1)[:, :length]  # noqa: E731
+    return jax.tree.map(unchunk, out)
 
 
 def _sequence_logps(model, batch: dict, chunk_size: int | None) -> tuple[Array, Array]:

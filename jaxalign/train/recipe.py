@@ -1,6 +1,6 @@
 """A training run as one validated config: model, data, loss options, training core, outputs.
 
-``jaxalign train sft|reward|dpo --config <preset or YAML> [key=value ...]`` and :func:`jaxalign.train.methods.run`
+``jaxalign train sft|reward|dpo|ppo|grpo --config <preset or YAML> [key=value ...]`` and :func:`jaxalign.train.methods.run`
 both take a :class:`RunConfig`. YAML mirrors the dataclasses::
 
     method: dpo
@@ -31,8 +31,10 @@ import yaml
 from jaxalign.data import DataConfig
 from jaxalign.train.config import CheckpointConfig, LogConfig, TrainConfig
 
-METHODS = ("sft", "reward", "dpo")
-CURRICULA = ("length", "score")
+METHODS = ("sft", "reward", "dpo", "ppo", "grpo")
+ONLINE_METHODS = ("ppo", "grpo")
+CURRICULA = ("length", "score", "difficulty")
+GOLD_JUDGES = ("vader",)
 PRESET_DIRS = (Path(__file__).resolve().parents[2] / "experiments" / "presets", Path("experiments") / "presets")
 
 
@@ -69,25 +71,38 @@ class ModelSpec:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """One offline training run.
+    """One training run: offline (``sft``, ``reward``, ``dpo``) or online (``ppo``, ``grpo``).
 
     Attributes:
-        method: ``sft``, ``reward`` or ``dpo``.
+        method: ``sft``, ``reward``, ``dpo``, ``ppo`` or ``grpo``.
         output_dir: where checkpoints (``checkpoints/``), metrics (``metrics.jsonl``, TensorBoard events,
             ``metrics.png``), the resolved config (``run.json``) and the final export (``export/``) go.
         model: see :class:`ModelSpec`.
-        data: the training data (:class:`jaxalign.data.DataConfig`).
-        eval_data: held-out data evaluated after training (perplexity for SFT, accuracy for reward and DPO).
+        data: the training data (:class:`jaxalign.data.DataConfig`); prompts for PPO/GRPO, whose
+            ``batch_size`` is the prompts per iteration.
+        eval_data: held-out data evaluated after training (perplexity for SFT, accuracy for reward and DPO;
+            for PPO/GRPO held-out prompts: gold win rate against the reference, KL, rewards).
         train: the training core's config; its checkpoint and log directories default to ``output_dir``.
+            For PPO/GRPO ``total_steps`` counts iterations (sample, score, train).
         loss: the method's loss options: SFT ``label_smoothing``, ``average``; reward ``loss``
             (bradley_terry / best_of_n), ``use_margin``, ``margin_scale``, ``center_coef``,
             ``dimension_weights``, ``num_objectives``; DPO ``loss_type`` (a name or a list) and every option
-            of that loss (``beta``, ``label_smoothing``, ``rpo_alpha``, ``loss_weights``, ``gamma``, ...).
+            of that loss (``beta``, ``label_smoothing``, ``rpo_alpha``, ``loss_weights``, ``gamma``, ...);
+            PPO: :class:`jaxalign.train.ppo.PPOConfig`'s fields; GRPO: :class:`jaxalign.train.grpo.GRPOConfig`'s.
+        sampling: PPO/GRPO sampling (:class:`jaxalign.rollout.SamplingParams` fields: ``max_new_tokens``,
+            ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``n`` = GRPO's group size, ``stop_token_ids``).
+        reward: PPO/GRPO reward (:func:`jaxalign.train.rewards.build_reward`): ``{model: DIR}``,
+            ``{function: NAME or module:callable}``, ``{composite: {...}}`` (ADLF) or ``{weighted: [...]}``.
+        gold: a gold judge whose score is logged beside the training reward and judges the evaluation
+            (``vader``), or null.
+        eval_samples_per_prompt: PPO/GRPO evaluation: responses per held-out prompt from each model.
         reference: DPO's reference: ``model`` (a frozen copy, on the fly), ``precomputed`` (one pass before
             training, cached with the data), ``lora_base`` (the policy with its adapters off; needs
-            ``model.lora``), ``none`` (SimPO/ORPO).
+            ``model.lora``), ``none`` (SimPO/ORPO). PPO/GRPO: ``model`` (a frozen copy of the initial policy)
+            or ``lora_base``; GRPO also ``none`` (no KL term, no KL logged).
         curriculum: order the training examples easy to hard instead of shuffling: ``length`` (shorter
-            completions first) or ``score`` (higher data score first, e.g. a rating); None shuffles.
+            completions first), ``score`` (higher data score first, e.g. a rating) or ``difficulty``
+            (prompts' ``difficulty`` field, lower first); None shuffles.
         normalize_samples: reward models: prompts sampled from the reference policy to fit gain/bias so that
             rewards have mean 0 and std 1 (0 disables).
         normalize_max_new_tokens: response length of those samples.
@@ -106,6 +121,10 @@ class RunConfig:
     normalize_samples: int = 64
     normalize_max_new_tokens: int = 48
     export: bool = True
+    sampling: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    reward: Mapping[str, Any] | None = None
+    gold: str | None = None
+    eval_samples_per_prompt: int = 1
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -114,6 +133,18 @@ class RunConfig:
             raise ValueError(f"RunConfig.curriculum must be one of {CURRICULA} or null, got {self.curriculum!r}")
         if self.reference == "lora_base" and self.model.lora is None:
             raise ValueError("RunConfig.reference='lora_base' needs model.lora (the base is the reference)")
+        if self.gold is not None and self.gold not in GOLD_JUDGES:
+            raise ValueError(f"RunConfig.gold must be one of {GOLD_JUDGES} or null, got {self.gold!r}")
+        if self.method in ONLINE_METHODS:
+            if self.reward is None:
+                raise ValueError(f"method {self.method} needs a reward: reward: {{model: DIR}}, {{function: vader}}, "
+                                 "{composite: ...} or {weighted: [...]} (see docs/online.md)")
+            allowed = ("model", "lora_base", "none") if self.method == "grpo" else ("model", "lora_base")
+            if self.reference not in allowed:
+                raise ValueError(f"RunConfig.reference for {self.method} must be one of {allowed}, "
+                                 f"got {self.reference!r}")
+        if self.eval_samples_per_prompt < 1:
+            raise ValueError(f"RunConfig.eval_samples_per_prompt must be >= 1, got {self.eval_samples_per_prompt}")
         if self.normalize_samples < 0:
             raise ValueError(f"RunConfig.normalize_samples must be >= 0, got {self.normalize_samples}")
         # The run's own directories unless the config names others.
@@ -125,6 +156,7 @@ class RunConfig:
             train = dataclasses.replace(train, log=dataclasses.replace(train.log, directory=self.output_dir))
         object.__setattr__(self, "train", train)
         object.__setattr__(self, "loss", dict(self.loss))
+        object.__setattr__(self, "sampling", dict(self.sampling))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -97,7 +97,8 @@ def parse_unpaired(fields: Fields, options: ReadOptions) -> UnpairedRecord:
 
 
 def parse_prompt(fields: Fields, options: ReadOptions) -> PromptRecord:
-    return build(fields, PromptRecord, prompt=fields.turns("prompt"))
+    difficulty = fields.number("difficulty") if fields.has("difficulty") else None
+    return build(fields, PromptRecord, prompt=fields.turns("prompt"), difficulty=difficulty)
 
 
 SFT = Format("sft", SFTRecord, parse_sft,
@@ -111,5 +112,5 @@ PREFERENCE = Format("preference", PreferenceRecord, parse_preference,
 UNPAIRED = Format("unpaired", UnpairedRecord, parse_unpaired,
                   lambda row: {"prompt", "completion", "label"} <= row.keys(), "TRL prompt/completion/label",
                   fields={"prompt", "completion", "label"})
-PROMPT_ONLY = Format("prompt_only", PromptRecord, parse_prompt, lambda row: "prompt" in row, "TRL prompt only",
-                     fields={"prompt"})
+PROMPT_ONLY = Format("prompt_only", PromptRecord, parse_prompt, lambda row: "prompt" in row, "TRL prompt only, optional difficulty",
+                     fields={"prompt", "difficulty"})

@@ -1,0 +1,196 @@
+"""GRPO on the online loop: G responses per prompt, weighted reward functions, group-normalised advantages.
+
+::
+
+    trainer = GRPOTrainer(train_config, GRPOConfig(loss_type="dapo", clip_eps_high=0.28), policy, prompts,
+                          reward=WeightedRewards([vader, brevity], [1.0, 0.1]), tokenizer=tokenizer,
+                          sampling=SamplingParams(max_new_tokens=48, n=8))
+    trainer.run()
+
+Per iteration: ``B`` prompts × ``G = sampling.n`` responses; one no-grad pass gives the policy's log-probs
+(``old_logps``), the entropy and, unless ``kl_coef = 0`` and no KL is logged, the reference's log-probs;
+rewards ``[B·G]`` from the reward source(s); advantages ``A_i = (r_i − mean_group) / (std_group + ε)``
+(``scale="group"``, GRPO), ``/ std_batch`` (``"batch"``) or unscaled (``"none"``, Dr. GRPO); then ``epochs``
+(GRPO's μ) passes over shuffled minibatches of :func:`jaxalign.losses.grpo_loss` — clipped ratio with an
+optional higher upper clip (DAPO's clip-higher), optional k3 KL to the reference with weight ``kl_coef`` —
+aggregated per TRL's ``loss_type`` (``grpo``: per-sequence mean; ``bnpo``/``dapo``: token mean;
+``dr_grpo``: token sum / (rows × max_new_tokens)).
+
+References: Shao et al. 2024 (GRPO, arXiv 2402.03300); Liu et al. 2025 (Dr. GRPO, arXiv 2503.20783); Yu et
+al. 2025 (DAPO, arXiv 2503.14476); TRL 1.16 ``GRPOTrainer``.
+
+Notes (deviations from TRL):
+    - ``old_logps`` always come from the scoring pass, also when μ = 1 with one minibatch, where TRL uses
+      the current log-probs detached (the ratio is then 1 up to float rounding in both).
+    - DAPO's "dapo" divides by the tokens of each minibatch (micro-batches accumulate exactly); TRL divides by
+      the tokens of the whole accumulated generation batch. They agree with one minibatch.
+    - The reference is scored whenever one is configured, for the logged KL, even with ``kl_coef = 0``
+      (TRL skips the reference then); ``reference=None`` with a non-LoRA policy skips it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxalign import losses
+from jaxalign.models import has_lora
+from jaxalign.rollout import Rollout, SamplingParams
+from jaxalign.train.config import TrainConfig
+from jaxalign.train.objectives import DEFAULT_CHUNK, _lora_base
+from jaxalign.train.online import OnlineTrainer, jitted_pass, response_logps, to_host
+from jaxalign.train.rewards import RewardOutput, RewardSource
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+    """GRPO's hyperparameters (defaults: TRL 1.16 ``GRPOConfig``).
+
+    Attributes:
+        epochs: passes over each generation batch (GRPO's μ, TRL ``num_iterations``, 1).
+        num_minibatches: minibatches per pass (TRL ``steps_per_generation``); each keeps whole groups when
+            the rows per minibatch are a multiple of G.
+        loss_type: ``grpo``, ``bnpo``, ``dr_grpo`` or ``dapo`` (TRL's default), see the module docstring.
+        scale: advantage scaling ``group``, ``batch`` or ``none`` (TRL ``scale_rewards``).
+        clip_eps: ε (TRL ``epsilon``, 0.2); ``clip_eps_high`` DAPO's upper ε (0.28 in the paper).
+        delta: two-sided GRPO's upper bound on the ratio (TRL ``delta``).
+        kl_coef: β of the k3 KL to the reference (TRL ``beta``, 0).
+        importance_sampling_level: ``token`` or ``sequence`` (GSPO).
+        eps: added to the std of the advantage scaling (TRL 1e-4).
+        chunk_size: positions per LM-head chunk.
+    """
+
+    epochs: int = 1
+    num_minibatches: int = 1
+    loss_type: str = "dapo"
+    scale: str = "group"
+    clip_eps: float = 0.2
+    clip_eps_high: float | None = None
+    delta: float | None = None
+    kl_coef: float = 0.0
+    importance_sampling_level: str = "token"
+    eps: float = 1e-4
+    chunk_size: int | None = DEFAULT_CHUNK
+
+    def __post_init__(self):
+        def require(ok: bool, name: str, what: str):
+            if not ok:
+                raise ValueError(f"GRPOConfig.{name} must be {what}, got {getattr(self, name)!r}")
+
+        for name in ("epochs", "num_minibatches"):
+            value = getattr(self, name)
+            require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name, "a positive int")
+        require(self.loss_type in losses.TRL_LOSS_TYPES, "loss_type", f"one of {tuple(losses.TRL_LOSS_TYPES)}")
+        require(self.scale in losses.ADVANTAGE_SCALES, "scale", f"one of {losses.ADVANTAGE_SCALES}")
+        require(self.clip_eps > 0, "clip_eps", "> 0")
+        require(self.clip_eps_high is None or self.clip_eps_high > 0, "clip_eps_high", "> 0 or null")
+        require(self.kl_coef >= 0, "kl_coef", ">= 0")
+        require(self.importance_sampling_level in losses.IMPORTANCE_SAMPLING_LEVELS, "importance_sampling_level",
+                f"one of {losses.IMPORTANCE_SAMPLING_LEVELS}")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], where: str = "loss") -> GRPOConfig:
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"{where}: unknown GRPO option(s) {unknown} "
+                             f"(known: {', '.join(f.name for f in dataclasses.fields(cls))})")
+        return cls(**values)
+
+
+def grpo_objective(config: GRPOConfig, temperature: float, max_new_tokens: int):
+    """The minibatch loss on rows with ``old_logps``, ``advantages [R]`` and (with β > 0) ``ref_logps``."""
+    aggregation = losses.TRL_LOSS_TYPES[config.loss_type]
+
+    def objective(lm, batch, *, key):
+        del key
+        tokens = batch["input_ids"]
+        prompt_length = tokens.shape[1] - batch["old_logps"].shape[1]
+        hidden, _ = lm.hidden_states(tokens, positions=batch["positions"], attention_mask=batch["attention_mask"])
+        logps = response_logps(lm, hidden, tokens, prompt_length, temperature=temperature,
+                               chunk_size=config.chunk_size)
+        mask = batch["response_mask"].astype(bool)
+        per_token, metrics = losses.grpo_loss(
+            logps, batch["old_logps"], batch["ref_logps"] if config.kl_coef > 0 else None, batch["advantages"],
+            mask, clip_eps=config.clip_eps, clip_eps_high=config.clip_eps_high, kl_coef=config.kl_coef,
+            delta=config.delta, importance_sampling_level=config.importance_sampling_level)
+        total, count = losses.aggregate(per_token, mask, mode=aggregation, max_tokens=max_new_tokens)
+        return (total, count), {f"policy/{name}": value for name, value in jax.lax.stop_gradient(metrics).items()
+                                if name != "loss"}
+
+    return objective
+
+
+def _score_pass(lm, reference, tokens, attention_mask, positions, *, prompt_length: int, temperature: float,
+                chunk_size: int | None, reference_mode: str):
+    hidden, _ = lm.hidden_states(tokens, positions=positions, attention_mask=attention_mask)
+    logps, entropy = response_logps(lm, hidden, tokens, prompt_length, temperature=temperature,
+                                    chunk_size=chunk_size, with_entropy=True)
+    out = {"logps": logps, "entropy": entropy}
+    if reference_mode != "none":
+        reference = _lora_base(lm) if reference_mode == "lora_base" else reference
+        hidden, _ = reference.hidden_states(tokens, positions=positions, attention_mask=attention_mask)
+        out["ref_logps"] = response_logps(reference, hidden, tokens, prompt_length, temperature=temperature,
+                                          chunk_size=chunk_size)
+    return out
+
+
+class GRPOTrainer(OnlineTrainer):
+    """GRPO (see the module docstring) on :class:`~jaxalign.train.online.OnlineTrainer`'s loop.
+
+    Args:
+        config: the training core's config (``total_steps`` = generation batches).
+        grpo: :class:`GRPOConfig`.
+        policy: the causal LM to train.
+        prompts: endless, resumable prompt batches.
+        reward: the reward (e.g. :class:`~jaxalign.train.rewards.WeightedRewards` of several functions).
+        tokenizer, sampling: as :class:`~jaxalign.train.online.OnlineTrainer`; ``sampling.n`` = G ≥ 2.
+        reference: the frozen reference LM; None uses the policy with its LoRA adapters off when it has
+            some, else no reference (``kl_coef`` must then be 0; no KL is logged).
+        gold, trainable, extra_metadata: as :class:`~jaxalign.train.online.OnlineTrainer`.
+    """
+
+    def __init__(self, config: TrainConfig, grpo: GRPOConfig, policy: nnx.Module, prompts, *, reward: RewardSource,
+                 tokenizer, sampling: SamplingParams, reference: nnx.Module | None = None,
+                 gold: RewardSource | None = None, trainable: Any = nnx.Param,
+                 extra_metadata: Mapping[str, Any] | None = None):
+        if sampling.n < 2:
+            raise ValueError(f"GRPO needs groups: sampling n (G) must be >= 2, got {sampling.n}")
+        self.grpo = grpo
+        self.reference = reference
+        self.reference_mode = "model" if reference is not None else ("lora_base" if has_lora(policy) else "none")
+        if self.reference_mode == "none" and grpo.kl_coef > 0:
+            raise ValueError(f"GRPO kl_coef={grpo.kl_coef} needs a reference model (reference=...) or a LoRA policy")
+        self.temperature = sampling.temperature if sampling.temperature > 0 else 1.0
+        self._score = jitted_pass(_score_pass, policy, reference if reference is not None else policy)
+        self._advantages = jax.jit(losses.group_advantages, static_argnames=("group_size", "scale", "eps"))
+        super().__init__(config, policy, grpo_objective(grpo, self.temperature, sampling.max_new_tokens), prompts,
+                         reward=reward, tokenizer=tokenizer, sampling=sampling, epochs=grpo.epochs,
+                         num_minibatches=grpo.num_minibatches, gold=gold, trainable=trainable,
+                         extra_metadata=extra_metadata)
+
+    def score(self, model, rollout: Rollout, inputs) -> dict[str, np.ndarray]:
+        reference = self.reference if self.reference is not None else model
+        static = {"prompt_length": int(rollout.prompt_tokens.shape[1]), "temperature": self.temperature,
+                  "chunk_size": self.grpo.chunk_size, "reference_mode": self.reference_mode}
+        return to_host(self._score(model, reference, inputs["input_ids"], inputs["attention_mask"],
+                                   inputs["positions"], static=static))
+
+    def prepare(self, rollout: Rollout, inputs, scored, rewards: RewardOutput):
+        group = self.sampling.n
+        total = np.asarray(rewards.total, np.float32)
+        advantages = np.asarray(self._advantages(total, group_size=group, scale=self.grpo.scale, eps=self.grpo.eps))
+        mask = np.asarray(rollout.response_mask, bool)
+        batch = {**inputs, "response_mask": mask.astype(np.int32), "old_logps": scored["logps"],
+                 "advantages": advantages}
+        if "ref_logps" in scored:
+            batch["ref_logps"] = scored["ref_logps"]
+        grouped = total.reshape(-1, group)
+        metrics = {"advantage/abs_mean": float(np.mean(np.abs(advantages))),
+                   "reward/group_std": float(np.mean(np.std(grouped, axis=1))),
+                   "groups/all_equal": float(np.mean(np.ptp(grouped, axis=1) == 0))}
+        return batch, metrics

@@ -1,0 +1,342 @@
+"""PPO for language models on the online loop: actor, critic, frozen reference and a reward source.
+
+::
+
+    trainer = PPOTrainer(train_config, PPOConfig(kl_coef=0.05), policy, prompts, reward=reward,
+                         tokenizer=tokenizer, sampling=SamplingParams(max_new_tokens=48))
+    trainer.run()                     # resumable; metrics.jsonl, TensorBoard, progress bar
+    policy = trainer.trained_model().policy
+
+Per iteration (after the shared steps of :mod:`jaxalign.train.online`):
+
+1. score: the policy's log-probs of its own tokens (``old_logps``, at the sampling temperature), the
+   entropy, the critic's values and the reference's log-probs, in one compiled no-grad pass;
+2. the sequence reward: clipped (``reward_clip``), optionally scaled by running statistics
+   (``reward_scaling``), penalised when the response has no EOS (``missing_eos_penalty``);
+3. :func:`compute_advantages`: per-token KL shaping ``r_t = −β·KL_t (+ score at the last token)``
+   (:func:`jaxalign.losses.shape_rewards`, k1/k3/...), optional reward whitening, GAE, advantage whitening;
+4. ``epochs`` passes over shuffled minibatches of the clipped policy loss plus ``vf_coef`` × the clipped
+   value loss (token mean over each minibatch), stopping the passes early when the approximate KL to the
+   sampling policy exceeds ``1.5 × target_kl``;
+5. the KL coefficient β follows the adaptive controller when ``kl_target`` is set ("dynamic KL").
+
+References: Ziegler et al. 2019 (arXiv 1909.08593); Stiennon et al. 2020 (arXiv 2009.01325); Huang et al.
+2024, "The N+ implementation details of RLHF with PPO" (arXiv 2403.17031); TRL 0.11 ``PPOTrainer`` and
+``trl.experimental.ppo``.
+
+Notes (deviations from TRL):
+    - The critic is initialised from the policy's weights (a fresh value head); TRL's examples start it
+      from the reward model. ``critic="shared"`` puts the value head on the policy's trunk (TRL 0.11's
+      ``AutoModelForCausalLMWithValueHead``), one trunk pass instead of two.
+    - The score sits on the last response token (TRL 0.11); see :func:`jaxalign.losses.shape_rewards`.
+    - The policy and value losses are summed and stepped by one optimizer (TRL does the same with
+      ``vf_coef``); gradient clipping applies to their joint norm.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jaxtyping import Array, Bool, Float
+
+from jaxalign import losses
+from jaxalign.models import ValueHead, has_lora
+from jaxalign.rollout import Rollout, SamplingParams
+from jaxalign.train.config import TrainConfig
+from jaxalign.train.objectives import DEFAULT_CHUNK, _lora_base
+from jaxalign.train.online import OnlineTrainer, jitted_pass, response_logps, to_host
+from jaxalign.train.rewards import RewardOutput, RewardSource, RunningMoments, clip_rewards
+
+F32 = jnp.float32
+CRITICS = ("separate", "shared")
+REWARD_SCALINGS = ("none", "running_std", "running_norm")
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOConfig:
+    """PPO's hyperparameters (defaults: ``trl.experimental.ppo.PPOConfig`` where it has the option).
+
+    Attributes:
+        epochs: passes over each iteration's rollouts (TRL ``num_ppo_epochs``, 4).
+        num_minibatches: minibatches per pass (TRL ``num_mini_batches``, 1).
+        clip_eps: policy ratio clip ε (TRL ``cliprange``); ``clip_eps_high`` an asymmetric upper ε;
+            ``dual_clip`` the dual-clip bound c > 1.
+        value_clip_eps: value clip (TRL ``cliprange_value``); None disables it.
+        vf_coef: weight of the value loss (TRL 0.1).
+        gamma, lam: GAE discount and λ (TRL 1.0, 0.95).
+        kl_coef: β of the per-token KL penalty (TRL 0.05); the initial β when ``kl_target`` is set.
+        kl_estimator: ``k1``, ``k2``, ``k3`` or ``abs`` (:func:`jaxalign.losses.kl_estimate`; TRL "k1").
+        kl_target, kl_horizon: the adaptive controller (Ziegler et al. 2019, TRL 0.11 ``target``/
+            ``horizon``: 6, 10000 there); None keeps β fixed.
+        missing_eos_penalty: subtracted from the score of responses without an EOS (TRL option).
+        reward_clip: clip the sequence score to ``[−c, c]`` (TRL 0.11 ``score_clip``).
+        reward_scaling: ``none``; ``running_std`` divides scores by the running std of all scores so far
+            (TRL 0.11 ``use_score_scaling``); ``running_norm`` also subtracts the running mean
+            (``use_score_norm``).
+        whiten_rewards: whiten the shaped per-token rewards before GAE (TRL ``whiten_rewards``).
+        whiten_advantages: whiten the advantages over the batch (TRL always does).
+        target_kl: stop an iteration's passes when the approximate KL ``mean(old − new)`` exceeds
+            ``1.5 × target_kl`` (TRL 0.11 ``early_stopping``); None never stops early.
+        critic: ``separate`` (its own trunk, initialised from the policy) or ``shared`` (a value head on the
+            policy's trunk).
+        chunk_size: positions per LM-head chunk (memory; see ``objectives.head_logps``).
+    """
+
+    epochs: int = 4
+    num_minibatches: int = 1
+    clip_eps: float = 0.2
+    clip_eps_high: float | None = None
+    dual_clip: float | None = None
+    value_clip_eps: float | None = 0.2
+    vf_coef: float = 0.1
+    gamma: float = 1.0
+    lam: float = 0.95
+    kl_coef: float = 0.05
+    kl_estimator: str = "k1"
+    kl_target: float | None = None
+    kl_horizon: float = 10000.0
+    missing_eos_penalty: float | None = None
+    reward_clip: float | None = None
+    reward_scaling: str = "none"
+    whiten_rewards: bool = False
+    whiten_advantages: bool = True
+    target_kl: float | None = None
+    critic: str = "separate"
+    chunk_size: int | None = DEFAULT_CHUNK
+
+    def __post_init__(self):
+        def require(ok: bool, name: str, what: str):
+            if not ok:
+                raise ValueError(f"PPOConfig.{name} must be {what}, got {getattr(self, name)!r}")
+
+        for name in ("epochs", "num_minibatches"):
+            value = getattr(self, name)
+            require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name, "a positive int")
+        require(self.clip_eps > 0, "clip_eps", "> 0")
+        require(self.vf_coef >= 0, "vf_coef", ">= 0")
+        require(0 <= self.gamma <= 1, "gamma", "in [0, 1]")
+        require(0 <= self.lam <= 1, "lam", "in [0, 1]")
+        require(self.kl_coef >= 0, "kl_coef", ">= 0")
+        require(self.kl_estimator in losses.KL_ESTIMATORS, "kl_estimator", f"one of {losses.KL_ESTIMATORS}")
+        require(self.kl_target is None or self.kl_target > 0, "kl_target", "> 0 or null")
+        require(self.kl_horizon > 0, "kl_horizon", "> 0")
+        require(self.reward_clip is None or self.reward_clip > 0, "reward_clip", "> 0 or null")
+        require(self.reward_scaling in REWARD_SCALINGS, "reward_scaling", f"one of {REWARD_SCALINGS}")
+        require(self.target_kl is None or self.target_kl > 0, "target_kl", "> 0 or null")
+        require(self.critic in CRITICS, "critic", f"one of {CRITICS}")
+        require(self.dual_clip is None or self.dual_clip > 1, "dual_clip", "> 1 or null")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], where: str = "loss") -> PPOConfig:
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"{where}: unknown PPO option(s) {unknown} "
+                             f"(known: {', '.join(f.name for f in dataclasses.fields(cls))})")
+        return cls(**values)
+
+
+class ActorCritic(nnx.Module):
+    """The policy (a causal LM) and its critic: a value head on a trunk of its own or on the policy's.
+
+    ``__call__`` returns the response tokens' log-probs (at ``temperature``) and the values of the states
+    before each of them (the hidden state at position ``P − 1 + t`` predicts token ``t`` and values it).
+    """
+
+    def __init__(self, policy: nnx.Module, *, critic_trunk: nnx.Module | None = None, rngs: nnx.Rngs):
+        self.policy = policy
+        self.critic_trunk = critic_trunk
+        self.value_head = ValueHead(policy.config.d_model, rngs=rngs)
+
+    @property
+    def config(self):
+        return self.policy.config
+
+    def __call__(self, tokens, attention_mask, positions, *, prompt_length: int, temperature: float,
+                 chunk_size: int | None, with_entropy: bool = False):
+        hidden, _ = self.policy.hidden_states(tokens, positions=positions, attention_mask=attention_mask)
+        logps = response_logps(self.policy, hidden, tokens, prompt_length, temperature=temperature,
+                               chunk_size=chunk_size, with_entropy=with_entropy)
+        if self.critic_trunk is not None:
+            hidden, _ = self.critic_trunk(tokens, positions=positions, attention_mask=attention_mask)
+        values = self.value_head(hidden[:, prompt_length - 1:-1])
+        return logps, values
+
+
+def compute_advantages(
+    score: Float[Array, " B"],
+    logps: Float[Array, "B N"],
+    ref_logps: Float[Array, "B N"],
+    values: Float[Array, "B N"],
+    mask: Bool[Array, "B N"],
+    contains_eos: Bool[Array, " B"],
+    kl_coef: float | Float[Array, ""],
+    *,
+    config: PPOConfig,
+) -> dict[str, Array]:
+    """KL-shaped rewards, GAE and whitening for one batch of responses (pure; jit it).
+
+    Formula: ``r_t = −β·KL_t + 1[t = last]·(s − p·1[no EOS])`` (:func:`jaxalign.losses.shape_rewards`),
+    ``r ← whiten(r)`` without mean shift when ``whiten_rewards``, ``(A, R) = GAE(r, V; γ, λ)``,
+    ``A ← whiten(A)`` when ``whiten_advantages`` (TRL's order: returns before whitening).
+
+    Returns:
+        ``advantages``, ``returns``, ``rewards`` (shaped), ``kl`` (per-token estimate), all ``[B, N]``.
+    """
+    shaped = losses.shape_rewards(score, logps, ref_logps, mask, kl_coef=kl_coef, estimator=config.kl_estimator,
+                                  missing_eos_penalty=config.missing_eos_penalty,
+                                  contains_eos=contains_eos if config.missing_eos_penalty is not None else None)
+    rewards = shaped.rewards
+    if config.whiten_rewards:
+        rewards = losses.whiten(rewards, mask, shift_mean=False)
+    advantages, returns = losses.gae(rewards, values, mask, gamma=config.gamma, lam=config.lam)
+    if config.whiten_advantages:
+        advantages = losses.whiten(advantages, mask)
+    return {"advantages": advantages, "returns": returns, "rewards": rewards, "kl": shaped.kl}
+
+
+def ppo_objective(config: PPOConfig, temperature: float):
+    """The minibatch loss: clipped policy loss + ``vf_coef`` × clipped value loss, token mean."""
+
+    def objective(model: ActorCritic, batch, *, key):
+        del key
+        prompt_length = batch["input_ids"].shape[1] - batch["old_logps"].shape[1]
+        logps, values = model(batch["input_ids"], batch["attention_mask"], batch["positions"],
+                              prompt_length=prompt_length, temperature=temperature, chunk_size=config.chunk_size)
+        mask = batch["response_mask"].astype(bool)
+        policy_loss, policy_metrics = losses.ppo_policy_loss(
+            logps, batch["old_logps"], batch["advantages"], mask, clip_eps=config.clip_eps,
+            clip_eps_high=config.clip_eps_high, dual_clip=config.dual_clip)
+        value_loss, value_metrics = losses.ppo_value_loss(values, batch["old_values"], batch["returns"], mask,
+                                                          clip_eps=config.value_clip_eps)
+        total, count = losses.aggregate(policy_loss + config.vf_coef * value_loss, mask)
+        metrics = {"policy_loss": losses.masked_mean(policy_loss, mask),
+                   "value_loss": losses.masked_mean(value_loss, mask),
+                   **{f"policy/{k}": v for k, v in policy_metrics.items()},
+                   **{f"value/{k}": v for k, v in value_metrics.items()}}
+        return (total, count), jax.lax.stop_gradient(metrics)
+
+    return objective
+
+
+def _score_pass(model: ActorCritic, reference, tokens, attention_mask, positions, *, prompt_length: int,
+                temperature: float, chunk_size: int | None, lora_reference: bool):
+    (logps, entropy), values = model(tokens, attention_mask, positions, prompt_length=prompt_length,
+                                     temperature=temperature, chunk_size=chunk_size, with_entropy=True)
+    reference = _lora_base(model.policy) if lora_reference else reference
+    hidden, _ = reference.hidden_states(tokens, positions=positions, attention_mask=attention_mask)
+    ref_logps = response_logps(reference, hidden, tokens, prompt_length, temperature=temperature,
+                               chunk_size=chunk_size)
+    return {"logps": logps, "entropy": entropy, "values": values, "ref_logps": ref_logps}
+
+
+class PPOTrainer(OnlineTrainer):
+    """PPO (see the module docstring) on :class:`~jaxalign.train.online.OnlineTrainer`'s loop.
+
+    Args:
+        config: the training core's config (``total_steps`` = PPO iterations).
+        ppo: :class:`PPOConfig`.
+        policy: the causal LM to train (LoRA adapters applied already, for LoRA training).
+        prompts: endless, resumable prompt batches (``jaxalign.data.BatchIterator`` over a "prompt" dataset).
+        reward: the sequence reward (a reward model, a function, an ADLF composite).
+        tokenizer: decodes texts for text rewards.
+        sampling: ``max_new_tokens``, temperature, filters (``n`` must be 1: one response per prompt).
+        reference: the frozen reference LM; None with a LoRA policy uses the policy with its adapters off.
+        critic_trunk: the separate critic's trunk (``critic="separate"``), e.g. a second copy of the
+            policy's trunk (``lm.model``); built here by copying the policy when None.
+        gold: logged only (``gold_reward``).
+        trainable: NNX filter of trained parameters (default every ``nnx.Param``).
+    """
+
+    def __init__(self, config: TrainConfig, ppo: PPOConfig, policy: nnx.Module, prompts, *, reward: RewardSource,
+                 tokenizer, sampling: SamplingParams, reference: nnx.Module | None = None,
+                 critic_trunk: nnx.Module | None = None, gold: RewardSource | None = None, trainable: Any = nnx.Param,
+                 extra_metadata: Mapping[str, Any] | None = None):
+        if sampling.n != 1:
+            raise ValueError(f"PPO samples one response per prompt; got sampling n={sampling.n} (use GRPO for groups)")
+        self.ppo = ppo
+        self.lora_reference = reference is None
+        if self.lora_reference and not has_lora(policy):
+            raise ValueError("PPOTrainer: no reference model given and the policy has no LoRA adapters; pass "
+                             "reference= (a frozen copy of the initial policy)")
+        if ppo.critic == "separate" and critic_trunk is None:
+            critic_trunk = nnx.clone(policy.model)
+        model = ActorCritic(policy, critic_trunk=critic_trunk if ppo.critic == "separate" else None,
+                            rngs=nnx.Rngs(config.seed))
+        self.reference = reference
+        self.temperature = sampling.temperature if sampling.temperature > 0 else 1.0
+        self.kl_coef = float(ppo.kl_coef)
+        self.moments = RunningMoments()
+        self._score = jitted_pass(_score_pass, model, reference if reference is not None else policy)
+        self._advantages = jax.jit(compute_advantages, static_argnames="config")
+        super().__init__(config, model, ppo_objective(ppo, self.temperature), prompts, reward=reward,
+                         tokenizer=tokenizer, sampling=sampling, epochs=ppo.epochs,
+                         num_minibatches=ppo.num_minibatches, gold=gold, trainable=trainable,
+                         extra_metadata=extra_metadata)
+
+    def policy_of(self, model: ActorCritic) -> nnx.Module:
+        return model.policy
+
+    def score(self, model: ActorCritic, rollout: Rollout, inputs) -> dict[str, np.ndarray]:
+        reference = model.policy if self.lora_reference else self.reference
+        static = {"prompt_length": int(rollout.prompt_tokens.shape[1]), "temperature": self.temperature,
+                  "chunk_size": self.ppo.chunk_size, "lora_reference": self.lora_reference}
+        return to_host(self._score(model, reference, inputs["input_ids"], inputs["attention_mask"],
+                                   inputs["positions"], static=static))
+
+    def scores(self, rewards: RewardOutput) -> tuple[np.ndarray, dict[str, float]]:
+        """The sequence scores PPO optimises: clipped, then scaled by the running statistics."""
+        score = np.asarray(rewards.total, np.float64)
+        metrics = {}
+        if self.ppo.reward_scaling != "none":
+            self.moments.update(score)
+            shift = self.moments.mean if self.ppo.reward_scaling == "running_norm" else 0.0
+            score = (score - shift) / max(self.moments.std, 1e-8)
+            metrics["reward/running_std"] = float(self.moments.std)
+        if self.ppo.reward_clip is not None:
+            score = clip_rewards(score, self.ppo.reward_clip)
+        return score, metrics
+
+    def prepare(self, rollout: Rollout, inputs, scored, rewards: RewardOutput):
+        score, metrics = self.scores(rewards)
+        mask = np.asarray(rollout.response_mask, bool)
+        out = to_host(self._advantages(score.astype(np.float32), scored["logps"], scored["ref_logps"],
+                                       scored["values"], mask, np.asarray(rollout.stopped, bool),
+                                       np.float32(self.kl_coef), config=self.ppo))
+        batch = {**inputs, "response_mask": mask.astype(np.int32), "old_logps": scored["logps"],
+                 "old_values": scored["values"], "advantages": out["advantages"], "returns": out["returns"]}
+        sequence_kl = np.sum(np.where(mask, out["kl"], 0.0), axis=1)
+        non_score = -self.kl_coef * sequence_kl
+        metrics.update({
+            "score": float(np.mean(score)), "kl_penalty": float(np.mean(non_score)),
+            "kl_estimate": float(np.mean(sequence_kl)), "kl_coef": self.kl_coef,
+            "advantage/mean": float(np.mean(out["advantages"][mask])) if mask.any() else 0.0,
+            "returns/mean": float(np.mean(out["returns"][mask])) if mask.any() else 0.0,
+            "value/mean": float(np.mean(scored["values"][mask])) if mask.any() else 0.0,
+        })
+        self._batch_kl, self._batch_rows = float(np.mean(sequence_kl)), len(score)
+        return batch, metrics
+
+    def should_stop_epochs(self, metrics) -> bool:
+        target = self.ppo.target_kl
+        return target is not None and float(metrics["policy/approx_kl/k1"]) > 1.5 * target
+
+    def after_iteration(self, metrics) -> dict[str, float]:
+        if self.ppo.kl_target is not None:
+            state = losses.adaptive_kl_update(losses.adaptive_kl_init(self.kl_coef), jnp.float32(self._batch_kl),
+                                              self._batch_rows, target=self.ppo.kl_target,
+                                              horizon=self.ppo.kl_horizon)
+            self.kl_coef = float(state.kl_coef)
+        return {"kl_coef_next": self.kl_coef}
+
+    def algorithm_state(self) -> dict[str, Any]:
+        return {"kl_coef": self.kl_coef, "reward_moments": self.moments.state_dict()}
+
+    def load_algorithm_state(self, values: Mapping[str, Any]) -> None:
+        self.kl_coef = float(values["kl_coef"])
+        self.moments.load_state_dict(values["reward_moments"])

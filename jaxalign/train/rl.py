@@ -1,0 +1,154 @@
+"""The online runs: PPO and GRPO from a :class:`~jaxalign.train.recipe.RunConfig` (``jaxalign train ppo|grpo``).
+
+A run: write ``run.json`` -> load the policy (HF directory, GGUF or the embedded default; LoRA adapters when
+``model.lora``) and the frozen reference -> tokenise the prompts (optionally ordered as a curriculum) ->
+build the reward (:func:`jaxalign.train.rewards.build_reward`) and the gold judge -> :class:`PPOTrainer` or
+:class:`GRPOTrainer` (resumes from ``output_dir/checkpoints``) -> held-out evaluation (gold win rate against
+the reference with a confidence interval, KL, rewards) -> Hugging Face export of the policy -> plots of the
+curves (``metrics.png``) and of gold and proxy reward against KL (``reward_vs_kl.png``, the
+over-optimisation picture of Gao et al. 2022, arXiv 2210.10760).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxalign import data as jdata
+from jaxalign import models
+from jaxalign.rollout import SamplingParams
+from jaxalign.train import methods
+from jaxalign.train.grpo import GRPOConfig, GRPOTrainer
+from jaxalign.train.plots import plot_metrics, plot_reward_vs_kl
+from jaxalign.train.ppo import PPOConfig, PPOTrainer
+from jaxalign.train.recipe import RunConfig
+from jaxalign.train.rewards import JudgeReward, build_reward
+
+SAMPLING_KEYS = tuple(f.name for f in dataclasses.fields(SamplingParams))
+
+
+def sampling_params(config: RunConfig, lm, tokenizer) -> SamplingParams:
+    """The run's :class:`SamplingParams`; stop ids default to the model's and the tokenizer's EOS."""
+    values = dict(config.sampling)
+    unknown = sorted(set(values) - set(SAMPLING_KEYS))
+    if unknown:
+        raise ValueError(f"sampling: unknown key(s) {unknown} (known: {', '.join(SAMPLING_KEYS)})")
+    if values.get("stop_token_ids") is None:
+        values["stop_token_ids"] = methods._stop_ids(lm, tokenizer)
+    values["stop_token_ids"] = tuple(values["stop_token_ids"])
+    return SamplingParams(**values)
+
+
+def _gold_judge(config: RunConfig):
+    if config.gold == "vader":
+        from jaxalign.eval.judges import VaderJudge
+
+        return VaderJudge()
+    return None
+
+
+def _special_ids(tokenizer) -> tuple[int, ...]:
+    return tuple(int(i) for i in getattr(tokenizer, "all_special_ids", ()) or ())
+
+
+def _embeddings(lm) -> np.ndarray:
+    """The input embedding table ``[V, D]`` (the ADLF faithfulness signal compares mean embeddings)."""
+    return np.asarray(lm.model.embed_tokens.embedding[...], np.float32)
+
+
+def run_online(config: RunConfig) -> methods.RunResult:
+    """Train, evaluate and export one PPO or GRPO run (see the module docstring). Resumes when checkpoints exist."""
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lm, tokenizer = methods.load_pretrained(config.model)
+    dataset = jdata.build_dataset(config.data, tokenizer)
+    if dataset.kind != "prompt":
+        raise ValueError(f"method {config.method} trains on prompts ({{\"prompt\": ...}} records); "
+                         f"{config.data.source} holds {dataset.kind!r} records")
+    if config.curriculum is not None:
+        dataset = methods.curriculum_order(dataset, config.curriculum)
+    methods._write_json(out / methods.RUN_FILE, {"config": config.to_dict(),
+                                                 "data_reports": [str(r) for r in dataset.reports],
+                                                 "examples": len(dataset)})
+    reference = None
+    if config.reference == "model":
+        reference, _ = methods.load_pretrained(dataclasses.replace(config.model, lora=None))
+    policy = methods._with_lora(lm, config)
+    reward = build_reward(config.reward, tokenizer=tokenizer, reference_embeddings=_embeddings(lm),
+                          ignore_ids=_special_ids(tokenizer))
+    gold_judge = _gold_judge(config)
+    gold = JudgeReward(gold_judge, name=config.gold) if gold_judge is not None else None
+    sampling = sampling_params(config, lm, tokenizer)
+    # Endless prompts (a curriculum keeps its order across passes), whole batches only.
+    prompts = methods._batches(config.data, dataset, shuffle=False if config.curriculum else None, drop_last=True)
+    trainable = nnx.Param
+    if config.model.lora is not None:
+        trainable = nnx.Any(nnx.LoRAParam, nnx.PathContains("value_head"), nnx.PathContains("critic_trunk"))
+    common = dict(reward=reward, tokenizer=tokenizer, sampling=sampling, reference=reference, gold=gold,
+                  trainable=trainable, extra_metadata={"run": config.to_dict()})
+    if config.method == "ppo":
+        trainer = PPOTrainer(config.train, PPOConfig.from_dict(config.loss), policy, prompts, **common)
+    else:
+        trainer = GRPOTrainer(config.train, GRPOConfig.from_dict(config.loss), policy, prompts, **common)
+    trainer.run()
+    trained = trainer.trained_model()
+    policy = trained.policy if config.method == "ppo" else trained
+    if models.has_lora(policy):
+        policy = models.merge_lora(policy)
+
+    extra: dict[str, Any] = {}
+    eval_metrics: dict[str, float] = {}
+    if config.eval_data is not None:
+        evaluation = evaluate_online(config, policy, tokenizer, sampling, gold_judge)
+        extra["evaluation"] = evaluation.to_dict()
+        eval_metrics = _headline(evaluation)
+    export_dir = None
+    if jax.process_index() == 0:
+        if config.export:
+            export_dir = models.save_hf(policy, policy.config, out / methods.EXPORT_DIR, tokenizer)
+        methods._write_json(out / methods.EVAL_FILE, {"eval": eval_metrics, **extra})
+        plot_metrics(out / "metrics.jsonl", out / "metrics.png", title=f"{config.method} — {out.name}",
+                     keys=ONLINE_PANELS)
+        plot_reward_vs_kl(out / "metrics.jsonl", out / "reward_vs_kl.png", title=f"{config.method} — {out.name}")
+    return methods.RunResult(config, policy, tokenizer, eval_metrics, export_dir, extra)
+
+
+# PPO logs policy/clipfrac and a value loss, GRPO policy/clip_ratio/region_mean; plot_metrics keeps those logged.
+ONLINE_PANELS = ("gold_reward", "reward", "kl", "entropy", "value_loss", "policy/clipfrac",
+                 "policy/clip_ratio/region_mean", "grad_norm", "response_length")
+
+
+def evaluate_online(config: RunConfig, policy, tokenizer, sampling: SamplingParams, gold_judge):
+    """The trained policy against the initial one on the held-out prompts (``eval_data``)."""
+    from jaxalign.eval import VaderJudge, evaluate_policy
+
+    records, _ = jdata.read_records(config.eval_data.source, format=config.eval_data.format,
+                                    on_error=config.eval_data.on_error, limit=config.eval_data.limit)
+    if not records or not all(isinstance(r, jdata.PromptRecord) for r in records):
+        raise ValueError(f"eval_data {config.eval_data.source}: expected prompt records ({{\"prompt\": ...}})")
+    reference, _ = methods.load_pretrained(dataclasses.replace(config.model, lora=None))
+    params = dataclasses.replace(sampling, n=1)
+    return evaluate_policy(policy, reference, tokenizer, records, judge=gold_judge or VaderJudge(), params=params,
+                           samples_per_prompt=config.eval_samples_per_prompt,
+                           key=jax.random.fold_in(jax.random.key(config.train.seed), 10**6),
+                           batch_size=config.eval_data.batch_size)
+
+
+def _headline(evaluation) -> dict[str, float]:
+    values = evaluation.to_dict()
+    return {key: value for key, value in _flatten(values).items() if isinstance(value, int | float)}
+
+
+def _flatten(values, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}/"))
+        elif not isinstance(value, list):
+            flat[f"{prefix}{key}"] = value
+    return flat
