@@ -43,7 +43,7 @@ from jaxalign.models import has_lora
 from jaxalign.rollout import Rollout, SamplingParams
 from jaxalign.train.config import TrainConfig
 from jaxalign.train.objectives import DEFAULT_CHUNK, _lora_base
-from jaxalign.train.online import OnlineTrainer, jitted_pass, response_logps, to_host
+from jaxalign.train.online import OnlineTrainer, default_trainable, jitted_pass, response_logps, to_host
 from jaxalign.train.rewards import RewardOutput, RewardSource
 
 
@@ -53,8 +53,9 @@ class GRPOConfig:
 
     Attributes:
         epochs: passes over each generation batch (GRPO's μ, TRL ``num_iterations``, 1).
-        num_minibatches: minibatches per pass (TRL ``steps_per_generation``); each keeps whole groups when
-            the rows per minibatch are a multiple of G.
+        num_minibatches: minibatches per pass (TRL ``steps_per_generation``). Rows are shuffled one by one,
+            so a group's responses may land in different minibatches; their advantages were computed over the
+            whole group before, so the loss does not depend on it.
         loss_type: ``grpo``, ``bnpo``, ``dr_grpo`` or ``dapo`` (TRL's default), see the module docstring.
         scale: advantage scaling ``group``, ``batch`` or ``none`` (TRL ``scale_rewards``).
         clip_eps: ε (TRL ``epsilon``, 0.2); ``clip_eps_high`` DAPO's upper ε (0.28 in the paper).
@@ -90,6 +91,8 @@ class GRPOConfig:
         require(self.clip_eps > 0, "clip_eps", "> 0")
         require(self.clip_eps_high is None or self.clip_eps_high > 0, "clip_eps_high", "> 0 or null")
         require(self.kl_coef >= 0, "kl_coef", ">= 0")
+        require(self.delta is None or self.delta > 1, "delta", "> 1 or null")
+        require(self.eps >= 0, "eps", ">= 0")
         require(self.importance_sampling_level in losses.IMPORTANCE_SAMPLING_LEVELS, "importance_sampling_level",
                 f"one of {losses.IMPORTANCE_SAMPLING_LEVELS}")
 
@@ -151,18 +154,22 @@ class GRPOTrainer(OnlineTrainer):
         tokenizer, sampling: as :class:`~jaxalign.train.online.OnlineTrainer`; ``sampling.n`` = G ≥ 2.
         reference: the frozen reference LM; None uses the policy with its LoRA adapters off when it has
             some, else no reference (``kl_coef`` must then be 0; no KL is logged).
-        gold, trainable, extra_metadata: as :class:`~jaxalign.train.online.OnlineTrainer`.
+        use_reference: False scores no reference at all, even for a LoRA policy (``reference: none``).
+        gold, extra_metadata: as :class:`~jaxalign.train.online.OnlineTrainer`.
+        trainable: None: every parameter, or for a LoRA policy its adapters
+            (:func:`jaxalign.train.online.default_trainable`).
     """
 
     def __init__(self, config: TrainConfig, grpo: GRPOConfig, policy: nnx.Module, prompts, *, reward: RewardSource,
                  tokenizer, sampling: SamplingParams, reference: nnx.Module | None = None,
-                 gold: RewardSource | None = None, trainable: Any = nnx.Param,
-                 extra_metadata: Mapping[str, Any] | None = None):
+                 gold: RewardSource | None = None, trainable: Any = None,
+                 extra_metadata: Mapping[str, Any] | None = None, use_reference: bool = True):
         if sampling.n < 2:
             raise ValueError(f"GRPO needs groups: sampling n (G) must be >= 2, got {sampling.n}")
         self.grpo = grpo
         self.reference = reference
-        self.reference_mode = "model" if reference is not None else ("lora_base" if has_lora(policy) else "none")
+        self.reference_mode = "none" if not use_reference else (
+            "model" if reference is not None else ("lora_base" if has_lora(policy) else "none"))
         if self.reference_mode == "none" and grpo.kl_coef > 0:
             raise ValueError(f"GRPO kl_coef={grpo.kl_coef} needs a reference model (reference=...) or a LoRA policy")
         self.temperature = sampling.temperature if sampling.temperature > 0 else 1.0
@@ -170,7 +177,8 @@ class GRPOTrainer(OnlineTrainer):
         self._advantages = jax.jit(losses.group_advantages, static_argnames=("group_size", "scale", "eps"))
         super().__init__(config, policy, grpo_objective(grpo, self.temperature, sampling.max_new_tokens), prompts,
                          reward=reward, tokenizer=tokenizer, sampling=sampling, epochs=grpo.epochs,
-                         num_minibatches=grpo.num_minibatches, gold=gold, trainable=trainable,
+                         num_minibatches=grpo.num_minibatches, gold=gold,
+                         trainable=default_trainable(policy) if trainable is None else trainable,
                          extra_metadata=extra_metadata)
 
     def score(self, model, rollout: Rollout, inputs) -> dict[str, np.ndarray]:

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxalign.models import has_lora
 from jaxalign.models.sharding import DEFAULT_RULES
 from jaxalign.rollout import Rollout, Sampler, SamplingParams
 from jaxalign.train.checkpoint import Checkpointer, run_metadata
@@ -48,7 +49,7 @@ from jaxalign.train.mesh import make_mesh
 from jaxalign.train.metrics import MetricsLogger
 from jaxalign.train.objectives import DEFAULT_CHUNK, head_logps
 from jaxalign.train.optimizer import make_optimizer
-from jaxalign.train.rewards import Episodes, RewardOutput, RewardSource
+from jaxalign.train.rewards import Episodes, RewardOutput, RewardSource, run_source
 from jaxalign.train.schedules import make_schedule
 from jaxalign.train.signals import StopSignals, TrainingInterrupted
 from jaxalign.train.state import TrainState
@@ -109,6 +110,14 @@ def rollout_metrics(rollout: Rollout, scored: Mapping[str, np.ndarray], rewards:
     return metrics
 
 
+def default_trainable(policy: nnx.Module) -> Any:
+    """Every parameter, or for a LoRA policy its adapters plus the critic (value head, separate critic):
+    the LoRA base is then the frozen reference, so it must not move."""
+    if has_lora(policy):
+        return nnx.Any(nnx.LoRAParam, nnx.PathContains("value_head"), nnx.PathContains("critic"))
+    return nnx.Param
+
+
 class _Progress:
     """What a checkpoint saves as the run's "data position": the prompt iterator and the algorithm state."""
 
@@ -137,8 +146,10 @@ class OnlineTrainer:
         tokenizer: decodes prompts and responses for text rewards.
         sampling: how responses are sampled (``n`` = samples per prompt).
         epochs, num_minibatches: passes over each iteration's rows and minibatches per pass.
+            The rows of a minibatch (prompts × n / num_minibatches) must be a multiple of
+            ``micro_batches`` × the data-parallel devices.
         gold: a reward source only logged (``gold_reward``), e.g. the gold judge.
-        trainable: NNX filter of the trained parameters (LoRA: ``nnx.LoRAParam`` plus the heads).
+        trainable: NNX filter of the trained parameters (see :func:`default_trainable`).
         extra_metadata: recorded with every checkpoint.
     """
 
@@ -146,6 +157,9 @@ class OnlineTrainer:
                  reward: RewardSource, tokenizer, sampling: SamplingParams, epochs: int, num_minibatches: int,
                  gold: RewardSource | None = None, trainable: Any = nnx.Param, rules: Mapping = DEFAULT_RULES,
                  extra_metadata: Mapping[str, Any] | None = None):
+        if jax.process_count() > 1:
+            raise NotImplementedError("online training runs in one process (one host, any number of local "
+                                      "devices); multi-host sampling is not supported yet")
         if not isinstance(epochs, int) or epochs < 1 or not isinstance(num_minibatches, int) or num_minibatches < 1:
             raise ValueError(f"epochs and num_minibatches must be positive ints, got {epochs}, {num_minibatches}")
         self.mesh = make_mesh(config.mesh)
@@ -221,7 +235,14 @@ class OnlineTrainer:
         with StopSignals() if save_on_signal else contextlib.nullcontext() as stop:
             try:
                 while iteration < config.total_steps:
-                    state, metrics = self._iteration(state, iteration, next(prompts), sampler)
+                    try:
+                        batch = next(prompts)
+                    except StopIteration:
+                        warnings.warn(f"the prompts ended after iteration {iteration}, before total_steps="
+                                      f"{config.total_steps} (data.num_epochs is set; leave it unset to cycle)",
+                                      stacklevel=2)
+                        break
+                    state, metrics = self._iteration(state, iteration, batch, sampler)
                     iteration += 1
                     if iteration % config.log.every_steps == 0 or iteration == config.total_steps:
                         logger.log(iteration, metrics)
@@ -250,11 +271,13 @@ class OnlineTrainer:
         generated = time.perf_counter()
 
         inputs = sequence_inputs(rollout)
-        scored = self.score(self.train_step.trained_model(state), rollout, inputs)
+        # Dropout off (LoRA adapters may carry some): old log-probs are those of the policy that sampled.
+        model = nnx.view(self.train_step.trained_model(state), deterministic=True, raise_if_not_found=False)
+        scored = self.score(model, rollout, inputs)
         episodes = Episodes.from_rollout(rollout, self.tokenizer, ref_logps=scored.get("ref_logps"),
                                          group_size=self.sampling.n)
-        rewards = self.reward(episodes)
-        gold = self.gold(episodes) if self.gold is not None else None
+        rewards = run_source(self.reward, episodes)
+        gold = run_source(self.gold, episodes) if self.gold is not None else None
         batch, advantage_metrics = self.prepare(rollout, inputs, scored, rewards)
         scored_at = time.perf_counter()
 

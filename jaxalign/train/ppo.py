@@ -11,8 +11,9 @@ Per iteration (after the shared steps of :mod:`jaxalign.train.online`):
 
 1. score: the policy's log-probs of its own tokens (``old_logps``, at the sampling temperature), the
    entropy, the critic's values and the reference's log-probs, in one compiled no-grad pass;
-2. the sequence reward: clipped (``reward_clip``), optionally scaled by running statistics
-   (``reward_scaling``), penalised when the response has no EOS (``missing_eos_penalty``);
+2. the sequence reward: penalised when the response has no EOS (``missing_eos_penalty``, on the raw score
+   as ``trl.experimental.ppo`` does), optionally scaled by running statistics (``reward_scaling``), then
+   clipped (``reward_clip``; TRL 0.11's order of those two);
 3. :func:`compute_advantages`: per-token KL shaping ``r_t = −β·KL_t (+ score at the last token)``
    (:func:`jaxalign.losses.shape_rewards`, k1/k3/...), optional reward whitening, GAE, advantage whitening;
 4. ``epochs`` passes over shuffled minibatches of the clipped policy loss plus ``vf_coef`` × the clipped
@@ -50,7 +51,7 @@ from jaxalign.models import ValueHead, has_lora
 from jaxalign.rollout import Rollout, SamplingParams
 from jaxalign.train.config import TrainConfig
 from jaxalign.train.objectives import DEFAULT_CHUNK, _lora_base
-from jaxalign.train.online import OnlineTrainer, jitted_pass, response_logps, to_host
+from jaxalign.train.online import OnlineTrainer, default_trainable, jitted_pass, response_logps, to_host
 from jaxalign.train.rewards import RewardOutput, RewardSource, RunningMoments, clip_rewards
 
 F32 = jnp.float32
@@ -131,6 +132,8 @@ class PPOConfig:
         require(self.target_kl is None or self.target_kl > 0, "target_kl", "> 0 or null")
         require(self.critic in CRITICS, "critic", f"one of {CRITICS}")
         require(self.dual_clip is None or self.dual_clip > 1, "dual_clip", "> 1 or null")
+        require(self.clip_eps_high is None or self.clip_eps_high > 0, "clip_eps_high", "> 0 or null")
+        require(self.value_clip_eps is None or self.value_clip_eps > 0, "value_clip_eps", "> 0 or null")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], where: str = "loss") -> PPOConfig:
@@ -142,15 +145,16 @@ class PPOConfig:
 
 
 class ActorCritic(nnx.Module):
-    """The policy (a causal LM) and its critic: a value head on a trunk of its own or on the policy's.
+    """The policy (a causal LM) and its critic: a value head on a model of its own or on the policy's trunk.
 
     ``__call__`` returns the response tokens' log-probs (at ``temperature``) and the values of the states
     before each of them (the hidden state at position ``P − 1 + t`` predicts token ``t`` and values it).
     """
 
-    def __init__(self, policy: nnx.Module, *, critic_trunk: nnx.Module | None = None, rngs: nnx.Rngs):
+    def __init__(self, policy: nnx.Module, *, critic: nnx.Module | None = None, rngs: nnx.Rngs):
+        # ``critic``: a causal LM whose final hidden states feed the value head (its LM head is unused).
         self.policy = policy
-        self.critic_trunk = critic_trunk
+        self.critic = critic
         self.value_head = ValueHead(policy.config.d_model, rngs=rngs)
 
     @property
@@ -162,8 +166,8 @@ class ActorCritic(nnx.Module):
         hidden, _ = self.policy.hidden_states(tokens, positions=positions, attention_mask=attention_mask)
         logps = response_logps(self.policy, hidden, tokens, prompt_length, temperature=temperature,
                                chunk_size=chunk_size, with_entropy=with_entropy)
-        if self.critic_trunk is not None:
-            hidden, _ = self.critic_trunk(tokens, positions=positions, attention_mask=attention_mask)
+        if self.critic is not None:
+            hidden, _ = self.critic.hidden_states(tokens, positions=positions, attention_mask=attention_mask)
         values = self.value_head(hidden[:, prompt_length - 1:-1])
         return logps, values
 
@@ -174,23 +178,21 @@ def compute_advantages(
     ref_logps: Float[Array, "B N"],
     values: Float[Array, "B N"],
     mask: Bool[Array, "B N"],
-    contains_eos: Bool[Array, " B"],
     kl_coef: float | Float[Array, ""],
     *,
     config: PPOConfig,
 ) -> dict[str, Array]:
     """KL-shaped rewards, GAE and whitening for one batch of responses (pure; jit it).
 
-    Formula: ``r_t = −β·KL_t + 1[t = last]·(s − p·1[no EOS])`` (:func:`jaxalign.losses.shape_rewards`),
+    Formula: ``r_t = −β·KL_t + 1[t = last]·s`` (:func:`jaxalign.losses.shape_rewards`; ``s`` already carries
+    the missing-EOS penalty, scaling and clipping of :meth:`PPOTrainer.scores`),
     ``r ← whiten(r)`` without mean shift when ``whiten_rewards``, ``(A, R) = GAE(r, V; γ, λ)``,
     ``A ← whiten(A)`` when ``whiten_advantages`` (TRL's order: returns before whitening).
 
     Returns:
         ``advantages``, ``returns``, ``rewards`` (shaped), ``kl`` (per-token estimate), all ``[B, N]``.
     """
-    shaped = losses.shape_rewards(score, logps, ref_logps, mask, kl_coef=kl_coef, estimator=config.kl_estimator,
-                                  missing_eos_penalty=config.missing_eos_penalty,
-                                  contains_eos=contains_eos if config.missing_eos_penalty is not None else None)
+    shaped = losses.shape_rewards(score, logps, ref_logps, mask, kl_coef=kl_coef, estimator=config.kl_estimator)
     rewards = shaped.rewards
     if config.whiten_rewards:
         rewards = losses.whiten(rewards, mask, shift_mean=False)
@@ -247,15 +249,17 @@ class PPOTrainer(OnlineTrainer):
         tokenizer: decodes texts for text rewards.
         sampling: ``max_new_tokens``, temperature, filters (``n`` must be 1: one response per prompt).
         reference: the frozen reference LM; None with a LoRA policy uses the policy with its adapters off.
-        critic_trunk: the separate critic's trunk (``critic="separate"``), e.g. a second copy of the
-            policy's trunk (``lm.model``); built here by copying the policy when None.
+        critic: the separate critic (``critic="separate"``): a causal LM whose hidden states feed the value
+            head, e.g. a copy of the policy or a model loaded from the reward model's trunk; a copy of the
+            policy when None.
         gold: logged only (``gold_reward``).
-        trainable: NNX filter of trained parameters (default every ``nnx.Param``).
+        trainable: NNX filter of trained parameters; None: every parameter, or for a LoRA policy its
+            adapters and the critic (:func:`jaxalign.train.online.default_trainable`).
     """
 
     def __init__(self, config: TrainConfig, ppo: PPOConfig, policy: nnx.Module, prompts, *, reward: RewardSource,
                  tokenizer, sampling: SamplingParams, reference: nnx.Module | None = None,
-                 critic_trunk: nnx.Module | None = None, gold: RewardSource | None = None, trainable: Any = nnx.Param,
+                 critic: nnx.Module | None = None, gold: RewardSource | None = None, trainable: Any = None,
                  extra_metadata: Mapping[str, Any] | None = None):
         if sampling.n != 1:
             raise ValueError(f"PPO samples one response per prompt; got sampling n={sampling.n} (use GRPO for groups)")
@@ -264,9 +268,9 @@ class PPOTrainer(OnlineTrainer):
         if self.lora_reference and not has_lora(policy):
             raise ValueError("PPOTrainer: no reference model given and the policy has no LoRA adapters; pass "
                              "reference= (a frozen copy of the initial policy)")
-        if ppo.critic == "separate" and critic_trunk is None:
-            critic_trunk = nnx.clone(policy.model)
-        model = ActorCritic(policy, critic_trunk=critic_trunk if ppo.critic == "separate" else None,
+        if ppo.critic == "separate" and critic is None:
+            critic = nnx.clone(policy)
+        model = ActorCritic(policy, critic=critic if ppo.critic == "separate" else None,
                             rngs=nnx.Rngs(config.seed))
         self.reference = reference
         self.temperature = sampling.temperature if sampling.temperature > 0 else 1.0
@@ -276,7 +280,8 @@ class PPOTrainer(OnlineTrainer):
         self._advantages = jax.jit(compute_advantages, static_argnames="config")
         super().__init__(config, model, ppo_objective(ppo, self.temperature), prompts, reward=reward,
                          tokenizer=tokenizer, sampling=sampling, epochs=ppo.epochs,
-                         num_minibatches=ppo.num_minibatches, gold=gold, trainable=trainable,
+                         num_minibatches=ppo.num_minibatches, gold=gold,
+                         trainable=default_trainable(policy) if trainable is None else trainable,
                          extra_metadata=extra_metadata)
 
     def policy_of(self, model: ActorCritic) -> nnx.Module:
@@ -289,10 +294,13 @@ class PPOTrainer(OnlineTrainer):
         return to_host(self._score(model, reference, inputs["input_ids"], inputs["attention_mask"],
                                    inputs["positions"], static=static))
 
-    def scores(self, rewards: RewardOutput) -> tuple[np.ndarray, dict[str, float]]:
-        """The sequence scores PPO optimises: clipped, then scaled by the running statistics."""
+    def scores(self, rewards: RewardOutput, stopped: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
+        """The sequence scores PPO optimises: the missing-EOS penalty on the raw score, then scaling by the
+        running statistics, then clipping."""
         score = np.asarray(rewards.total, np.float64)
         metrics = {}
+        if self.ppo.missing_eos_penalty is not None:
+            score = np.where(np.asarray(stopped, bool), score, score - self.ppo.missing_eos_penalty)
         if self.ppo.reward_scaling != "none":
             self.moments.update(score)
             shift = self.moments.mean if self.ppo.reward_scaling == "running_norm" else 0.0
@@ -303,11 +311,10 @@ class PPOTrainer(OnlineTrainer):
         return score, metrics
 
     def prepare(self, rollout: Rollout, inputs, scored, rewards: RewardOutput):
-        score, metrics = self.scores(rewards)
+        score, metrics = self.scores(rewards, np.asarray(rollout.stopped, bool))
         mask = np.asarray(rollout.response_mask, bool)
         out = to_host(self._advantages(score.astype(np.float32), scored["logps"], scored["ref_logps"],
-                                       scored["values"], mask, np.asarray(rollout.stopped, bool),
-                                       np.float32(self.kl_coef), config=self.ppo))
+                                       scored["values"], mask, np.float32(self.kl_coef), config=self.ppo))
         batch = {**inputs, "response_mask": mask.astype(np.int32), "old_logps": scored["logps"],
                  "old_values": scored["values"], "advantages": out["advantages"], "returns": out["returns"]}
         sequence_kl = np.sum(np.where(mask, out["kl"], 0.0), axis=1)
@@ -319,7 +326,9 @@ class PPOTrainer(OnlineTrainer):
             "returns/mean": float(np.mean(out["returns"][mask])) if mask.any() else 0.0,
             "value/mean": float(np.mean(scored["values"][mask])) if mask.any() else 0.0,
         })
-        self._batch_kl, self._batch_rows = float(np.mean(sequence_kl)), len(score)
+        # The controller observes the k1 estimate whatever the shaping estimator (TRL 0.11's AdaptiveKLController).
+        k1 = np.sum(np.where(mask, scored["logps"] - scored["ref_logps"], 0.0), axis=1)
+        self._batch_kl, self._batch_rows = float(np.mean(k1)), len(score)
         return batch, metrics
 
     def should_stop_epochs(self, metrics) -> bool:

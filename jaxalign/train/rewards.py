@@ -224,7 +224,7 @@ def _scores(values: Any, rows: int, source: str) -> Float[np.ndarray, " R"]:
     return out
 
 
-def _run(source: RewardSource, episodes: Episodes) -> RewardOutput:
+def run_source(source: RewardSource, episodes: Episodes) -> RewardOutput:
     """Call ``source`` and check its total and components are ``[R]`` finite numbers."""
     out = source(episodes)
     label = f"reward source {source.name!r}"
@@ -538,7 +538,7 @@ class CompositeReward:
 
     def __call__(self, episodes: Episodes) -> RewardOutput:
         """``[R]`` fused rewards and their components."""
-        external = _run(self.external, episodes)
+        external = run_source(self.external, episodes)
         components = _nested("external/", self.external.name, external)
         internal = np.zeros(episodes.rows, np.float64)
         for key, weight in self.internal.items():
@@ -586,7 +586,7 @@ class WeightedRewards:
         total = np.zeros(episodes.rows, np.float64)
         components: dict[str, np.ndarray] = {}
         for source, weight in zip(self.sources, self.weights):
-            out = _run(source, episodes)
+            out = run_source(source, episodes)
             total = total + weight * out.total
             components.update(_nested("", source.name, out))
         return RewardOutput(total, components)

@@ -12,12 +12,12 @@ over-optimisation picture of Gao et al. 2022, arXiv 2210.10760).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
 
 from jaxalign import data as jdata
 from jaxalign import models
@@ -58,7 +58,8 @@ def _special_ids(tokenizer) -> tuple[int, ...]:
 
 def _embeddings(lm) -> np.ndarray:
     """The input embedding table ``[V, D]`` (the ADLF faithfulness signal compares mean embeddings)."""
-    return np.asarray(lm.model.embed_tokens.embedding[...], np.float32)
+    table = lm.transformer.wte if hasattr(lm, "transformer") else lm.model.embed_tokens
+    return np.asarray(table.embedding[...], np.float32)
 
 
 def run_online(config: RunConfig) -> methods.RunResult:
@@ -85,16 +86,20 @@ def run_online(config: RunConfig) -> methods.RunResult:
     gold = JudgeReward(gold_judge, name=config.gold) if gold_judge is not None else None
     sampling = sampling_params(config, lm, tokenizer)
     # Endless prompts (a curriculum keeps its order across passes), whole batches only.
-    prompts = methods._batches(config.data, dataset, shuffle=False if config.curriculum else None, drop_last=True)
-    trainable = nnx.Param
-    if config.model.lora is not None:
-        trainable = nnx.Any(nnx.LoRAParam, nnx.PathContains("value_head"), nnx.PathContains("critic_trunk"))
+    prompts = methods._batches(config.data, dataset, shuffle=False if config.curriculum else None, drop_last=True,
+                               num_epochs=config.data.num_epochs)
+    left_over = len(dataset) % config.data.batch_size
+    if config.curriculum and left_over:
+        warnings.warn(f"curriculum: the last {left_over} prompts (the hardest) never fill a batch of "
+                      f"{config.data.batch_size} and are not trained on; make the prompt count a multiple of "
+                      "data.batch_size", stacklevel=2)
     common = dict(reward=reward, tokenizer=tokenizer, sampling=sampling, reference=reference, gold=gold,
-                  trainable=trainable, extra_metadata={"run": config.to_dict()})
+                  extra_metadata={"run": config.to_dict()})
     if config.method == "ppo":
         trainer = PPOTrainer(config.train, PPOConfig.from_dict(config.loss), policy, prompts, **common)
     else:
-        trainer = GRPOTrainer(config.train, GRPOConfig.from_dict(config.loss), policy, prompts, **common)
+        trainer = GRPOTrainer(config.train, GRPOConfig.from_dict(config.loss), policy, prompts, **common,
+                              use_reference=config.reference != "none")
     trainer.run()
     trained = trainer.trained_model()
     policy = trained.policy if config.method == "ppo" else trained
@@ -104,7 +109,7 @@ def run_online(config: RunConfig) -> methods.RunResult:
     extra: dict[str, Any] = {}
     eval_metrics: dict[str, float] = {}
     if config.eval_data is not None:
-        evaluation = evaluate_online(config, policy, tokenizer, sampling, gold_judge)
+        evaluation = evaluate_online(config, policy, tokenizer, sampling, gold_judge, _learned_judge(reward))
         extra["evaluation"] = evaluation.to_dict()
         eval_metrics = _headline(evaluation)
     export_dir = None
@@ -123,8 +128,15 @@ ONLINE_PANELS = ("gold_reward", "reward", "kl", "entropy", "value_loss", "policy
                  "policy/clip_ratio/region_mean", "grad_norm", "response_length")
 
 
-def evaluate_online(config: RunConfig, policy, tokenizer, sampling: SamplingParams, gold_judge):
-    """The trained policy against the initial one on the held-out prompts (``eval_data``)."""
+def _learned_judge(reward):
+    """The reward model behind a ``reward: {model: DIR}`` reward (scored in the evaluation too), else None."""
+    judge = getattr(reward, "judge", None)
+    return judge if callable(getattr(judge, "score_rollout", None)) else None
+
+
+def evaluate_online(config: RunConfig, policy, tokenizer, sampling: SamplingParams, gold_judge, learned_judge=None):
+    """The trained policy against the initial one on the held-out prompts (``eval_data``): gold reward and win
+    rate (``gold``, VADER when unset), the learned reward model's when the training reward is one, KL."""
     from jaxalign.eval import VaderJudge, evaluate_policy
 
     records, _ = jdata.read_records(config.eval_data.source, format=config.eval_data.format,
@@ -133,7 +145,8 @@ def evaluate_online(config: RunConfig, policy, tokenizer, sampling: SamplingPara
         raise ValueError(f"eval_data {config.eval_data.source}: expected prompt records ({{\"prompt\": ...}})")
     reference, _ = methods.load_pretrained(dataclasses.replace(config.model, lora=None))
     params = dataclasses.replace(sampling, n=1)
-    return evaluate_policy(policy, reference, tokenizer, records, judge=gold_judge or VaderJudge(), params=params,
+    return evaluate_policy(policy, reference, tokenizer, records, judge=gold_judge or VaderJudge(),
+                           reward_judge=learned_judge, params=params,
                            samples_per_prompt=config.eval_samples_per_prompt,
                            key=jax.random.fold_in(jax.random.key(config.train.seed), 10**6),
                            batch_size=config.eval_data.batch_size)

@@ -115,3 +115,15 @@ def test_online_config_errors_name_the_problem(checkpoint, prompts_file, tmp_pat
         methods.run(config(checkpoint, prompts_file, tmp_path, "grpo", "sampling.groups=4"))
     with pytest.raises(ValueError, match="GRPO needs groups"):
         methods.run(config(checkpoint, prompts_file, tmp_path, "grpo"))
+
+
+def test_ppo_on_a_gpt2_checkpoint_with_a_separate_critic_and_the_faithfulness_signal(prompts_file, tmp_path):
+    directory = tmp_path / "tiny_gpt2"
+    make_hf_model("gpt2").save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+    reward = {"composite": {"alpha": 0.5, "external": {"function": "length"}, "internal": {"faithfulness": 1.0}}}
+    run_config = config(directory, prompts_file, tmp_path, "ppo", "train.total_steps=2", "loss.critic=separate",
+                        "eval_data=null", reward=reward)
+    methods.run(run_config)
+    records = [json.loads(line) for line in (Path(run_config.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all(np.isfinite(r["reward/internal/faithfulness"]) for r in records)

@@ -82,18 +82,22 @@ def test_advantages_on_a_hand_made_rollout_match_a_numpy_loop():
     values, score = rng.normal(size=(rows, length)), np.array([1.5, -0.5, 2.0])
     config = PPOConfig(gamma=0.9, lam=0.8)
     out = jax.jit(compute_advantages, static_argnames="config")(
-        score, logps, ref_logps, values, mask, np.ones(rows, bool), 0.1, config=config)
+        score, logps, ref_logps, values, mask, 0.1, config=config)
     expected_adv, expected_returns, expected_rewards = numpy_advantages(score, logps, ref_logps, values, mask,
                                                                         0.1, 0.9, 0.8)
     np.testing.assert_allclose(out["rewards"], expected_rewards, atol=1e-6)
     np.testing.assert_allclose(out["returns"], expected_returns, atol=1e-5)
     np.testing.assert_allclose(out["advantages"], expected_adv, atol=1e-5)
-    # The missing-EOS penalty lands on the score of the rows that did not stop.
-    penalised = jax.jit(compute_advantages, static_argnames="config")(
-        score, logps, ref_logps, values, mask, np.array([True, False, True]), 0.1,
-        config=PPOConfig(missing_eos_penalty=1.0, whiten_advantages=False))
-    np.testing.assert_allclose(penalised["rewards"][1, 3], expected_rewards[1, 3] - 1.0, atol=1e-6)
-    np.testing.assert_allclose(penalised["rewards"][0], expected_rewards[0], atol=1e-6)
+
+
+def test_scores_penalise_missing_eos_then_scale_then_clip():
+    trainer = ppo_trainer(None, 1, missing_eos_penalty=1.0, reward_scaling="running_norm", reward_clip=0.5)
+    raw = np.array([2.0, -1.0, 0.5, 3.0])
+    stopped = np.array([True, False, True, False])
+    score, _ = trainer.scores(RewardOutput(raw, {}), stopped)
+    penalised = raw - 1.0 * ~stopped
+    expected = np.clip((penalised - penalised.mean()) / penalised.std(ddof=1), -0.5, 0.5)
+    np.testing.assert_allclose(score, expected, rtol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------ PPO runs
