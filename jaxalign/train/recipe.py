@@ -22,6 +22,7 @@ under the working directory).
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -243,8 +244,18 @@ def apply_overrides(values: dict[str, Any], overrides: Sequence[str]) -> dict[st
             if not isinstance(child, dict):
                 raise ValueError(f"override {override!r}: {part!r} is not a section")
             node = child
-        node[leaf] = yaml.safe_load(raw)
+        node[leaf] = _number_or_value(yaml.safe_load(raw))
     return values
+
+
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _number_or_value(value: Any) -> Any:
+    """YAML 1.1 reads ``5e-5`` (no dot) as a string; on the command line it means the number."""
+    if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+        return float(value)
+    return value
 
 
 def _merged(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:

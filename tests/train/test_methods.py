@@ -123,6 +123,20 @@ def test_config_errors_name_the_key(tmp_path, pairs_file):
         recipe.load_run_config("no_such_preset")
 
 
+def test_overrides_read_exponent_floats_as_numbers():
+    # YAML 1.1 reads 5e-5 as a string; a learning rate typed that way on the command line is the number.
+    run_config = recipe.load_run_config({"method": "sft", "output_dir": "x", "data": {"source": "a"},
+                                         "train": {"total_steps": 1}}, ["train.optimizer.learning_rate=5e-5"])
+    assert run_config.train.optimizer.learning_rate == 5e-5
+
+
+@pytest.mark.parametrize("preset, method", [("sentiment_ppo", "ppo"), ("sentiment_grpo", "grpo")])
+def test_online_presets_resolve(preset, method):
+    run_config = recipe.load_run_config(preset, ["train.total_steps=5"])
+    assert run_config.method == method and run_config.reward and run_config.gold == "vader"
+    assert run_config.sampling["max_new_tokens"] == 32
+
+
 @pytest.mark.parametrize("preset", ["hh_rlhf", "pku_saferlhf", "sentiment"])
 @pytest.mark.parametrize("method", ["sft", "reward", "dpo"])
 def test_presets_resolve(preset, method):
