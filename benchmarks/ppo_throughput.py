@@ -8,18 +8,20 @@ Same work on both sides, in one run on the same machine (first jaxalign, then TR
   tokens at temperature 1 without filters, stopping at EOS; a reward model (the same trunk with a random
   scalar head) scores each response; the reference model gives per-token KL penalties; GAE; one PPO epoch of
   one minibatch (16 rows) updating the policy and a critic on its own backbone (TRL's value model), AdamW;
-- jaxalign: :class:`jaxalign.train.ppo.PPOTrainer` (``critic="separate"``, ``epochs=1``,
-  ``num_minibatches=1``); its own per-phase timers (``time/generate``, ``time/score``, ``time/train``,
-  ``time/iteration``, which also counts copying the new weights into the sampler);
+- jaxalign: :class:`jaxalign.train.ppo.PPOTrainer` (``epochs=1``, ``num_minibatches=1``) twice: with
+  ``critic="separate"`` (like for like: the critic has its own backbone, as TRL's value model) and with
+  ``critic="shared"`` (a value head on the policy's trunk, jaxalign's choice for the CPU presets: one trunk
+  forward and backward fewer per step); its own per-phase timers (``time/generate``, ``time/score``,
+  ``time/train``, ``time/iteration``, which also counts copying the new weights into the sampler). Without
+  sampling filters the policy's log-probs come from the sampler, as TRL takes them from ``generate``;
 - TRL: ``trl.experimental.ppo.PPOTrainer`` of TRL 0.29.1 (TRL 1.x dropped PPO), via benchmarks/trl_ppo.py,
   which documents how its phases are timed.
 
 The first ``--warmup`` iterations (jaxalign's include compilation) are dropped; the median of the next
 ``--iterations`` is reported, and the speed-up is TRL's median iteration time over jaxalign's.
 
-Differences that remain: TRL reads the rollout's log-probs from the generation logits, jaxalign recomputes
-them in its scoring pass (one more policy forward pass, which makes them agree exactly with training); TRL
-applies no gradient clipping, jaxalign clips at 1.0; TRL trains the value model's LM head too (unused).
+Differences that remain: TRL applies no gradient clipping, jaxalign clips at 1.0; TRL runs its reference
+model's LM head over the prompt positions too, jaxalign only over the response's.
 
 Commands::
 
@@ -60,10 +62,11 @@ from jaxalign.train.ppo import PPOConfig, PPOTrainer  # noqa: E402
 from jaxalign.train.rewards import JudgeReward  # noqa: E402
 
 PHASES = ("generate_s", "score_s", "train_s")
+SIDES = ("jaxalign", "jaxalign_shared", "trl")  # jaxalign: separate critic (like for like); _shared: shared trunk
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def jaxalign_iterations(prompts: list[str], args, log_dir: Path) -> list[dict]:
+def jaxalign_iterations(prompts: list[str], args, log_dir: Path, critic: str) -> list[dict]:
     """Run warmup + iterations PPO iterations; per-iteration phase times from the trainer's metrics."""
     policy, tokenizer = models.load_gguf(models.default_model_path())
     reference, _ = models.load_gguf(models.default_model_path())
@@ -79,7 +82,7 @@ def jaxalign_iterations(prompts: list[str], args, log_dir: Path) -> list[dict]:
                          checkpoint=CheckpointConfig(directory=None),
                          log=LogConfig(directory=str(log_dir), tensorboard=False))
     stop = tuple(policy.config.eos_token_ids) or (tokenizer.eos_token_id,)
-    trainer = PPOTrainer(config, PPOConfig(epochs=1, num_minibatches=1, critic="separate"), policy, batches,
+    trainer = PPOTrainer(config, PPOConfig(epochs=1, num_minibatches=1, critic=critic), policy, batches,
                          reward=JudgeReward(RewardModelJudge(reward_model, tokenizer=tokenizer)), tokenizer=tokenizer,
                          sampling=SamplingParams(max_new_tokens=args.new_tokens, temperature=args.temperature,
                                                  stop_token_ids=stop),
@@ -118,7 +121,7 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sides = [name for name in ("jaxalign", "trl") if result.get(name)]
+    sides = [name for name in SIDES if result.get(name)]
     figure, axis = plt.subplots(figsize=(6, 3.6))
     bottoms = np.zeros(len(sides))
     for phase, colour in zip(PHASES, ("#4c72b0", "#dd8452", "#55a868")):
@@ -130,7 +133,9 @@ def plot(result: dict, path: Path) -> None:
     axis.set_ylabel("seconds per PPO iteration (median)")
     title = "PPO iteration: 16 prompts x 48 new tokens, SmolLM2-135M fp32"
     if result.get("speedup") is not None:
-        title += f"\njaxalign {result['speedup']:.2f}x TRL"
+        title += f"\njaxalign {result['speedup']:.2f}x TRL (separate critic)"
+        if result.get("speedup_shared") is not None:
+            title += f", {result['speedup_shared']:.2f}x (shared critic)"
     axis.set_title(title, fontsize=10)
     axis.legend(fontsize=8)
     figure.tight_layout()
@@ -155,24 +160,25 @@ def main(argv: list[str] | None = None) -> int:
         "platform": platform.platform(), "cpus": os.cpu_count(), "jax_backend": jax.default_backend()}}
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
-        started = time.perf_counter()
-        rows = jaxalign_iterations(prompts, args, work / "jaxalign")
-        timed = rows[args.warmup:]
-        result["jaxalign"] = {"warmup_iterations": rows[:args.warmup], "iterations": timed,
-                              "median": {k: median(timed, k) for k in (*PHASES, "total_s")},
-                              "wall_s": time.perf_counter() - started}
+        for side, critic in (("jaxalign", "separate"), ("jaxalign_shared", "shared")):
+            started = time.perf_counter()
+            rows = jaxalign_iterations(prompts, args, work / side, critic)
+            timed = rows[args.warmup:]
+            result[side] = {"critic": critic, "warmup_iterations": rows[:args.warmup], "iterations": timed,
+                            "median": {k: median(timed, k) for k in (*PHASES, "total_s")},
+                            "wall_s": time.perf_counter() - started}
         if not args.skip_trl:
             result["trl"] = trl_iterations(prompts, args, work)
-    speedup = None
-    if result.get("trl"):
-        speedup = result["trl"]["median"]["total_s"] / result["jaxalign"]["median"]["total_s"]
-    result["speedup"] = speedup
-    print(f"{'phase (median s)':<18}" + "".join(f"{side:>12}" for side in ("jaxalign", "trl") if result.get(side)))
+    for side, key in (("jaxalign", "speedup"), ("jaxalign_shared", "speedup_shared")):
+        result[key] = (result["trl"]["median"]["total_s"] / result[side]["median"]["total_s"]
+                       if result.get("trl") else None)
+    shown = [side for side in SIDES if result.get(side)]
+    print(f"{'phase (median s)':<18}" + "".join(f"{side:>16}" for side in shown))
     for key in (*PHASES, "total_s"):
-        print(f"{key:<18}" + "".join(f"{result[side]['median'][key]:>12.2f}" for side in ("jaxalign", "trl")
-                                     if result.get(side)))
-    if speedup is not None:
-        print(f"jaxalign is {speedup:.2f}x TRL per PPO iteration (target 2x)")
+        print(f"{key:<18}" + "".join(f"{result[side]['median'][key]:>16.2f}" for side in shown))
+    if result["speedup"] is not None:
+        print(f"jaxalign is {result['speedup']:.2f}x TRL per PPO iteration with a separate critic, "
+              f"{result['speedup_shared']:.2f}x with a shared one (target 2x)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
     plot(result, args.out.with_suffix(".png"))

@@ -7,8 +7,9 @@
                           sampling=SamplingParams(max_new_tokens=48, n=8))
     trainer.run()
 
-Per iteration: ``B`` prompts × ``G = sampling.n`` responses; one no-grad pass gives the policy's log-probs
-(``old_logps``), the entropy and, unless ``kl_coef = 0`` and no KL is logged, the reference's log-probs;
+Per iteration: ``B`` prompts × ``G = sampling.n`` responses; the policy's log-probs (``old_logps``) come
+from the sampler (recomputed in a no-grad pass when a top-k/top-p/min-p filter is set), the reference's
+from a no-grad pass whenever there is a reference;
 rewards ``[B·G]`` from the reward source(s); advantages ``A_i = (r_i − mean_group) / (std_group + ε)``
 (``scale="group"``, GRPO), ``/ std_batch`` (``"batch"``) or unscaled (``"none"``, Dr. GRPO); then ``epochs``
 (GRPO's μ) passes over shuffled minibatches of :func:`jaxalign.losses.grpo_loss` — clipped ratio with an
@@ -20,8 +21,9 @@ References: Shao et al. 2024 (GRPO, arXiv 2402.03300); Liu et al. 2025 (Dr. GRPO
 al. 2025 (DAPO, arXiv 2503.14476); TRL 1.16 ``GRPOTrainer``.
 
 Notes (deviations from TRL):
-    - ``old_logps`` always come from the scoring pass, also when μ = 1 with one minibatch, where TRL uses
-      the current log-probs detached (the ratio is then 1 up to float rounding in both).
+    - ``old_logps`` are the sampler's log-probs (no filters) or a no-grad recomputation (filters), also when
+      μ = 1 with one minibatch, where TRL uses the current log-probs detached (the ratio is then 1 up to
+      float rounding in both).
     - DAPO's "dapo" divides by the tokens of each minibatch (micro-batches accumulate exactly); TRL divides by
       the tokens of the whole accumulated generation batch. They agree with one minibatch.
     - The reference is scored whenever one is configured, for the logged KL, even with ``kl_coef = 0``
@@ -114,26 +116,28 @@ def grpo_objective(config: GRPOConfig, temperature: float, max_new_tokens: int):
         tokens = batch["input_ids"]
         prompt_length = tokens.shape[1] - batch["old_logps"].shape[1]
         hidden, _ = lm.hidden_states(tokens, positions=batch["positions"], attention_mask=batch["attention_mask"])
-        logps = response_logps(lm, hidden, tokens, prompt_length, temperature=temperature,
-                               chunk_size=config.chunk_size)
+        logps, entropy = response_logps(lm, hidden, tokens, prompt_length, temperature=temperature,
+                                        chunk_size=config.chunk_size, with_entropy=True)
         mask = batch["response_mask"].astype(bool)
         per_token, metrics = losses.grpo_loss(
             logps, batch["old_logps"], batch["ref_logps"] if config.kl_coef > 0 else None, batch["advantages"],
             mask, clip_eps=config.clip_eps, clip_eps_high=config.clip_eps_high, kl_coef=config.kl_coef,
             delta=config.delta, importance_sampling_level=config.importance_sampling_level)
         total, count = losses.aggregate(per_token, mask, mode=aggregation, max_tokens=max_new_tokens)
-        return (total, count), {f"policy/{name}": value for name, value in jax.lax.stop_gradient(metrics).items()
-                                if name != "loss"}
+        metrics = {f"policy/{name}": value for name, value in metrics.items() if name != "loss"}
+        metrics["entropy"] = losses.masked_mean(entropy, mask)
+        return (total, count), jax.lax.stop_gradient(metrics)
 
     return objective
 
 
 def _score_pass(lm, reference, tokens, attention_mask, positions, *, prompt_length: int, temperature: float,
-                chunk_size: int | None, reference_mode: str):
-    hidden, _ = lm.hidden_states(tokens, positions=positions, attention_mask=attention_mask)
-    logps, entropy = response_logps(lm, hidden, tokens, prompt_length, temperature=temperature,
-                                    chunk_size=chunk_size, with_entropy=True)
-    out = {"logps": logps, "entropy": entropy}
+                chunk_size: int | None, reference_mode: str, policy_logps: bool):
+    out = {}
+    if policy_logps:
+        hidden, _ = lm.hidden_states(tokens, positions=positions, attention_mask=attention_mask)
+        out["logps"] = response_logps(lm, hidden, tokens, prompt_length, temperature=temperature,
+                                      chunk_size=chunk_size)
     if reference_mode != "none":
         reference = _lora_base(lm) if reference_mode == "lora_base" else reference
         hidden, _ = reference.hidden_states(tokens, positions=positions, attention_mask=attention_mask)
@@ -183,10 +187,15 @@ class GRPOTrainer(OnlineTrainer):
 
     def score(self, model, rollout: Rollout, inputs) -> dict[str, np.ndarray]:
         reference = self.reference if self.reference is not None else model
+        sampled = self.sampled_logps(rollout)
+        if sampled is not None and self.reference_mode == "none":
+            return {"logps": sampled}
         static = {"prompt_length": int(rollout.prompt_tokens.shape[1]), "temperature": self.temperature,
-                  "chunk_size": self.grpo.chunk_size, "reference_mode": self.reference_mode}
-        return to_host(self._score(model, reference, inputs["input_ids"], inputs["attention_mask"],
-                                   inputs["positions"], static=static))
+                  "chunk_size": self.grpo.chunk_size, "reference_mode": self.reference_mode,
+                  "policy_logps": sampled is None}
+        scored = to_host(self._score(model, reference, inputs["input_ids"], inputs["attention_mask"],
+                                     inputs["positions"], static=static))
+        return scored if sampled is None else {"logps": sampled, **scored}
 
     def prepare(self, rollout: Rollout, inputs, scored, rewards: RewardOutput):
         group = self.sampling.n

@@ -4,7 +4,7 @@ One *iteration*::
 
     prompts  = next(prompt batches)                            # [B, P] left-padded (jaxalign.data "prompt" kind)
     rollout  = sampler.generate(prompts, key=fold_in(key, i))  # jaxalign.rollout: one compiled loop
-    scored   = score(policy, reference, rollout)               # one no-grad forward: log-probs, entropy, values
+    scored   = score(policy, reference, rollout)               # one no-grad pass: reference log-probs, values
     rewards  = reward(Episodes(...))                           # jaxalign.train.rewards: a model, functions, ADLF
     batch    = prepare(rollout, scored, rewards)               # advantages (GAE or group-normalised)
     for epoch: for minibatch in shuffled rows: state = train_step(state, minibatch)
@@ -19,7 +19,8 @@ stopped. Checkpoints are written at iteration boundaries; ``checkpoint.save_ever
 
 Logged per iteration (besides each method's own): ``reward`` (the training reward), its components,
 ``gold_reward`` (when a gold judge is given), ``kl`` (mean over responses of the summed per-token k1
-estimate against the reference), ``entropy`` (mean per response token), ``response_length``,
+estimate against the reference), ``entropy`` (mean per response token, over the iteration's updates: the
+first one sees the sampling policy), ``response_length``,
 ``stopped_fraction``, the averaged minibatch metrics (``grad_norm``, ``loss`` ...), ``updates`` and
 ``time/generate``, ``time/score``, ``time/train`` (seconds).
 """
@@ -100,8 +101,6 @@ def rollout_metrics(rollout: Rollout, scored: Mapping[str, np.ndarray], rewards:
                "response_length": _mean(np.asarray(rollout.lengths)),
                "stopped_fraction": _mean(np.asarray(rollout.stopped))}
     metrics.update({f"reward/{name}": _mean(value) for name, value in rewards.components.items()})
-    if "entropy" in scored:
-        metrics["entropy"] = _mean(scored["entropy"], mask)
     if "ref_logps" in scored:
         log_ratio = np.where(mask, scored["logps"] - scored["ref_logps"], 0.0)
         metrics["kl"] = float(np.sum(log_ratio, axis=1).mean())
@@ -186,8 +185,18 @@ class OnlineTrainer:
         return model
 
     def score(self, model: nnx.Module, rollout: Rollout, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """No-grad pass over the rollout: ``logps``, ``entropy``, ``ref_logps`` ``[R, N]`` (and values for PPO)."""
+        """No-grad pass over the rollout: ``logps`` (see :meth:`sampled_logps`), ``ref_logps`` ``[R, N]`` and,
+        for PPO, ``values``."""
         raise NotImplementedError
+
+    def sampled_logps(self, rollout: Rollout) -> np.ndarray | None:
+        """The policy's log-probs of its own tokens as the sampler computed them, when they are the training
+        objective's (temperature ``T > 0`` and no top-k/top-p/min-p filter: ``log softmax(logits / T)``
+        either way, to float rounding), so the scoring pass needs no policy forward; else None."""
+        params = self.sampling
+        if params.temperature > 0 and params.top_k == 0 and params.top_p == 1.0 and params.min_p == 0.0:
+            return np.asarray(rollout.sampling_logps, np.float32)
+        return None
 
     def prepare(self, rollout: Rollout, inputs: Mapping[str, np.ndarray], scored: Mapping[str, np.ndarray],
                 rewards: RewardOutput) -> tuple[dict[str, np.ndarray], dict[str, float]]:

@@ -9,8 +9,9 @@
 
 Per iteration (after the shared steps of :mod:`jaxalign.train.online`):
 
-1. score: the policy's log-probs of its own tokens (``old_logps``, at the sampling temperature), the
-   entropy, the critic's values and the reference's log-probs, in one compiled no-grad pass;
+1. score: the policy's log-probs of its own tokens (``old_logps``, at the sampling temperature: the
+   sampler's own when no filter is set, else recomputed), the critic's values and the reference's
+   log-probs, in one compiled no-grad pass;
 2. the sequence reward: penalised when the response has no EOS (``missing_eos_penalty``, on the raw score
    as ``trl.experimental.ppo`` does), optionally scaled by running statistics (``reward_scaling``), then
    clipped (``reward_clip``; TRL 0.11's order of those two);
@@ -208,8 +209,9 @@ def ppo_objective(config: PPOConfig, temperature: float):
     def objective(model: ActorCritic, batch, *, key):
         del key
         prompt_length = batch["input_ids"].shape[1] - batch["old_logps"].shape[1]
-        logps, values = model(batch["input_ids"], batch["attention_mask"], batch["positions"],
-                              prompt_length=prompt_length, temperature=temperature, chunk_size=config.chunk_size)
+        (logps, entropy), values = model(batch["input_ids"], batch["attention_mask"], batch["positions"],
+                                         prompt_length=prompt_length, temperature=temperature,
+                                         chunk_size=config.chunk_size, with_entropy=True)
         mask = batch["response_mask"].astype(bool)
         policy_loss, policy_metrics = losses.ppo_policy_loss(
             logps, batch["old_logps"], batch["advantages"], mask, clip_eps=config.clip_eps,
@@ -217,7 +219,7 @@ def ppo_objective(config: PPOConfig, temperature: float):
         value_loss, value_metrics = losses.ppo_value_loss(values, batch["old_values"], batch["returns"], mask,
                                                           clip_eps=config.value_clip_eps)
         total, count = losses.aggregate(policy_loss + config.vf_coef * value_loss, mask)
-        metrics = {"policy_loss": losses.masked_mean(policy_loss, mask),
+        metrics = {"policy_loss": losses.masked_mean(policy_loss, mask), "entropy": losses.masked_mean(entropy, mask),
                    "value_loss": losses.masked_mean(value_loss, mask),
                    **{f"policy/{k}": v for k, v in policy_metrics.items()},
                    **{f"value/{k}": v for k, v in value_metrics.items()}}
@@ -227,14 +229,19 @@ def ppo_objective(config: PPOConfig, temperature: float):
 
 
 def _score_pass(model: ActorCritic, reference, tokens, attention_mask, positions, *, prompt_length: int,
-                temperature: float, chunk_size: int | None, lora_reference: bool):
-    (logps, entropy), values = model(tokens, attention_mask, positions, prompt_length=prompt_length,
-                                     temperature=temperature, chunk_size=chunk_size, with_entropy=True)
+                temperature: float, chunk_size: int | None, lora_reference: bool, policy_logps: bool):
+    if model.critic is None or policy_logps:
+        logps, values = model(tokens, attention_mask, positions, prompt_length=prompt_length,
+                              temperature=temperature, chunk_size=chunk_size)
+        out = {"logps": logps, "values": values}
+    else:  # the sampler's log-probs serve: only the separate critic runs
+        hidden, _ = model.critic.hidden_states(tokens, positions=positions, attention_mask=attention_mask)
+        out = {"values": model.value_head(hidden[:, prompt_length - 1:-1])}
     reference = _lora_base(model.policy) if lora_reference else reference
     hidden, _ = reference.hidden_states(tokens, positions=positions, attention_mask=attention_mask)
     ref_logps = response_logps(reference, hidden, tokens, prompt_length, temperature=temperature,
                                chunk_size=chunk_size)
-    return {"logps": logps, "entropy": entropy, "values": values, "ref_logps": ref_logps}
+    return {**out, "ref_logps": ref_logps}
 
 
 class PPOTrainer(OnlineTrainer):
@@ -289,10 +296,13 @@ class PPOTrainer(OnlineTrainer):
 
     def score(self, model: ActorCritic, rollout: Rollout, inputs) -> dict[str, np.ndarray]:
         reference = model.policy if self.lora_reference else self.reference
+        sampled = self.sampled_logps(rollout)
         static = {"prompt_length": int(rollout.prompt_tokens.shape[1]), "temperature": self.temperature,
-                  "chunk_size": self.ppo.chunk_size, "lora_reference": self.lora_reference}
-        return to_host(self._score(model, reference, inputs["input_ids"], inputs["attention_mask"],
-                                   inputs["positions"], static=static))
+                  "chunk_size": self.ppo.chunk_size, "lora_reference": self.lora_reference,
+                  "policy_logps": sampled is None}
+        scored = to_host(self._score(model, reference, inputs["input_ids"], inputs["attention_mask"],
+                                     inputs["positions"], static=static))
+        return {"logps": sampled, **scored} if "logps" not in scored else scored
 
     def scores(self, rewards: RewardOutput, stopped: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
         """The sequence scores PPO optimises: the missing-EOS penalty on the raw score, then scaling by the

@@ -4,6 +4,7 @@ run resumed to the same parameters, rewards and metrics as the uninterrupted one
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -14,9 +15,10 @@ from flax import nnx
 
 from jaxalign import data as jdata
 from jaxalign.models import LlamaForCausalLM
-from jaxalign.rollout import SamplingParams
+from jaxalign.rollout import Sampler, SamplingParams
 from jaxalign.train import CheckpointConfig, LogConfig, OptimizerConfig, TrainConfig
 from jaxalign.train.grpo import GRPOConfig, GRPOTrainer
+from jaxalign.train.online import sequence_inputs
 from jaxalign.train.ppo import PPOConfig, PPOTrainer, compute_advantages
 from jaxalign.train.rewards import FunctionReward, RewardOutput
 from tests.models.conftest import TINY
@@ -193,3 +195,20 @@ def test_grpo_raises_a_token_counting_reward(tmp_path):
     rewards = [r["reward"] for r in records]
     assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 1.0, rewards
     assert all(np.isfinite(r["kl"]) and np.isfinite(r["policy/clip_ratio/region_mean"]) for r in records)
+
+
+def test_the_sampler_log_probs_stand_in_for_a_policy_forward_pass():
+    trainer = ppo_trainer(None, 1)  # separate critic: without a filter the scoring pass skips the policy
+    model = trainer.train_step.trained_model(trainer.train_step.init(0))
+    batch = next(iter(prompt_batches(tiny_tokenizer(), 4)))
+    rollout = Sampler(model.policy).generate(batch["input_ids"], batch["attention_mask"], key=jax.random.key(1),
+                                             params=trainer.sampling)
+    inputs = sequence_inputs(rollout)
+    fast = trainer.score(model, rollout, inputs)
+    # top_k = V keeps every token (the same distribution) but makes the trainer recompute the log-probs.
+    trainer.sampling = dataclasses.replace(trainer.sampling, top_k=TINY.vocab_size)
+    recomputed = trainer.score(model, rollout, inputs)
+    mask = np.asarray(rollout.response_mask, bool)
+    np.testing.assert_allclose(fast["logps"][mask], recomputed["logps"][mask], atol=2e-5)
+    np.testing.assert_allclose(fast["values"], recomputed["values"], atol=1e-6)
+    np.testing.assert_allclose(fast["ref_logps"], recomputed["ref_logps"], atol=1e-6)
