@@ -64,6 +64,13 @@ def summarise(method: str, out: Path, evaluation: dict, seconds: float) -> dict:
     }
 
 
+def _running_mean(values: np.ndarray, window: int) -> np.ndarray:
+    """Mean of the last ``window`` values at each point (fewer at the start)."""
+    sums = np.cumsum(np.insert(values, 0, 0.0))
+    starts = np.maximum(np.arange(1, len(values) + 1) - window, 0)
+    return (sums[1:] - sums[starts]) / (np.arange(1, len(values) + 1) - starts)
+
+
 def plot_summary(method: str, out: Path, summary: dict, path: Path) -> None:
     import matplotlib
 
@@ -73,10 +80,18 @@ def plot_summary(method: str, out: Path, summary: dict, path: Path) -> None:
     records = read_metrics(out / "metrics.jsonl")
     steps = [r["step"] for r in records]
     figure, (over_time, over_kl, win) = plt.subplots(1, 3, figsize=(14, 3.8))
+    kl = np.asarray(_series(records, "kl"))
     for key, label, colour in (("gold_reward", "gold (VADER)", "C0"), ("reward", "proxy (training reward)", "C1")):
-        values = _series(records, key)
-        over_time.plot(steps[:len(values)], values, color=colour, label=label, lw=1.2)
-        over_kl.scatter(_series(records, "kl")[:len(values)], values, color=colour, s=12, label=label)
+        values = np.asarray(_series(records, key))
+        # One batch per point is noisy: a running mean over 5 iterations, and means over KL quintiles.
+        over_time.plot(steps[:len(values)], values, color=colour, lw=0.6, alpha=0.4)
+        over_time.plot(steps[:len(values)], _running_mean(values, 5), color=colour, lw=2, label=f"{label}, mean of 5")
+        over_kl.scatter(kl[:len(values)], values, color=colour, s=8, alpha=0.35)
+        edges = np.quantile(kl, np.linspace(0, 1, 6))
+        bins = np.clip(np.searchsorted(edges, kl, side="right") - 1, 0, 4)
+        centres = [kl[bins == b].mean() for b in range(5) if (bins == b).any()]
+        means = [values[bins == b].mean() for b in range(5) if (bins == b).any()]
+        over_kl.plot(centres, means, "o-", color=colour, lw=2, label=f"{label}, KL quintile means")
     over_time.set_xlabel("iteration")
     over_time.set_title(f"{method}: reward over training")
     over_kl.set_xlabel("KL(policy || reference), nats per response")
