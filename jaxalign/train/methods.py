@@ -248,7 +248,9 @@ def run(config: RunConfig) -> RunResult:
     builder = {"sft": _sft, "reward": _reward, "dpo": _dpo}[config.method]
     model, objective, references, dataset, extra = builder(config, lm, tokenizer, dataset)
     trainable = nnx.Param
-    if config.model.lora is not None:  # adapters only; a reward model's new head trains too
+    if config.freeze_backbone:
+        trainable = nnx.PathContains("reward_head")
+    elif config.model.lora is not None:  # adapters only; a reward model's new head trains too
         trainable = nnx.Any(nnx.LoRAParam, nnx.PathContains("reward_head")) if config.method == "reward" \
             else nnx.LoRAParam
     # Curriculum order is kept across epochs (no shuffle); otherwise the data config decides.

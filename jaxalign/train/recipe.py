@@ -108,6 +108,8 @@ class RunConfig:
             rewards have mean 0 and std 1 (0 disables).
         normalize_max_new_tokens: response length of those samples.
         export: write a Hugging Face directory of the final model to ``output_dir/export``.
+        freeze_backbone: reward models: train the reward head only (a linear probe of the frozen trunk's
+            last hidden state). Each step then runs the trunk forward only, about a third of a full step.
     """
 
     method: str
@@ -126,6 +128,7 @@ class RunConfig:
     reward: Mapping[str, Any] | None = None
     gold: str | None = None
     eval_samples_per_prompt: int = 1
+    freeze_backbone: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -144,6 +147,8 @@ class RunConfig:
             if self.reference not in allowed:
                 raise ValueError(f"RunConfig.reference for {self.method} must be one of {allowed}, "
                                  f"got {self.reference!r}")
+        if self.freeze_backbone and self.method != "reward":
+            raise ValueError(f"RunConfig.freeze_backbone applies to reward models only, not {self.method!r}")
         if self.eval_samples_per_prompt < 1:
             raise ValueError(f"RunConfig.eval_samples_per_prompt must be >= 1, got {self.eval_samples_per_prompt}")
         if self.normalize_samples < 0:

@@ -10,6 +10,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from jaxalign import data, models
 from jaxalign.train import methods, recipe
@@ -121,6 +122,21 @@ def test_config_errors_name_the_key(tmp_path, pairs_file):
                                 "train": {"total_steps": 1}}, method="sft")
     with pytest.raises(FileNotFoundError, match="not a YAML file and not a preset"):
         recipe.load_run_config("no_such_preset")
+
+
+def test_reward_model_with_a_frozen_backbone_trains_the_head_only(checkpoint, pairs_file, tmp_path):
+    run_config = config(checkpoint, pairs_file, tmp_path, "reward", "train.total_steps=3", "freeze_backbone=true",
+                        "normalize_samples=0", "export=false")
+    result = methods.run(run_config)
+    base = models.load_hf(checkpoint)
+    trained = jax.tree.leaves(nnx.state(result.model.backbone, nnx.Param))
+    for before, after in zip(jax.tree.leaves(nnx.state(base.model, nnx.Param)), trained, strict=True):
+        np.testing.assert_array_equal(np.asarray(before), np.asarray(after))
+    # The head moved from its initial value (the same seed builds the same initial head).
+    initial = models.RewardModel(models.load_hf(checkpoint), rngs=nnx.Rngs(run_config.train.seed)).reward_head
+    assert not np.allclose(np.asarray(result.model.reward_head.kernel[...]), np.asarray(initial.kernel[...]))
+    with pytest.raises(ValueError, match="freeze_backbone applies to reward models only"):
+        config(checkpoint, pairs_file, tmp_path, "dpo", "freeze_backbone=true")
 
 
 def test_overrides_read_exponent_floats_as_numbers():
