@@ -38,6 +38,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from jaxalign.models import has_lora
@@ -109,6 +110,22 @@ def rollout_metrics(rollout: Rollout, scored: Mapping[str, np.ndarray], rewards:
     return metrics
 
 
+def scale_updates_by_path(scales: Mapping[str, float]) -> optax.GradientTransformation:
+    """Multiply the updates of parameters whose path passes through a module named in ``scales`` (chained after
+    the optimizer, so with Adam it scales the learning rate of those parameters, weight decay included)."""
+
+    def factor(path) -> float:
+        names = {str(getattr(key, "key", getattr(key, "name", key))) for key in path}
+        return next((scale for name, scale in scales.items() if name in names), 1.0)
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree_util.tree_map_with_path(lambda path, u: u * factor(path) if factor(path) != 1.0 else u,
+                                                updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def default_trainable(policy: nnx.Module) -> Any:
     """Every parameter, or for a LoRA policy its adapters plus the critic (value head, separate critic):
     the LoRA base is then the frozen reference, so it must not move."""
@@ -150,12 +167,14 @@ class OnlineTrainer:
         gold: a reward source only logged (``gold_reward``), e.g. the gold judge.
         trainable: NNX filter of the trained parameters (see :func:`default_trainable`).
         extra_metadata: recorded with every checkpoint.
+        update_scales: ``{module name: factor}``: the optimizer's updates of parameters under a module of that
+            name are multiplied by the factor (e.g. a critic learning rate apart from the policy's).
     """
 
     def __init__(self, config: TrainConfig, model: nnx.Module, objective: Objective, prompts, *,
                  reward: RewardSource, tokenizer, sampling: SamplingParams, epochs: int, num_minibatches: int,
                  gold: RewardSource | None = None, trainable: Any = nnx.Param, rules: Mapping = DEFAULT_RULES,
-                 extra_metadata: Mapping[str, Any] | None = None):
+                 extra_metadata: Mapping[str, Any] | None = None, update_scales: Mapping[str, float] | None = None):
         if jax.process_count() > 1:
             raise NotImplementedError("online training runs in one process (one host, any number of local "
                                       "devices); multi-host sampling is not supported yet")
@@ -168,7 +187,10 @@ class OnlineTrainer:
         self.progress = _Progress(prompts, self)
         total_updates = config.total_steps * epochs * num_minibatches
         self.schedule = make_schedule(config.optimizer, total_updates)
-        self.train_step = TrainStep(objective, model, make_optimizer(config.optimizer, total_updates), mesh=self.mesh,
+        optimizer = make_optimizer(config.optimizer, total_updates)
+        if update_scales:
+            optimizer = optax.chain(optimizer, scale_updates_by_path(update_scales))
+        self.train_step = TrainStep(objective, model, optimizer, mesh=self.mesh,
                                     trainable=trainable, micro_batches=config.micro_batches, rules=rules,
                                     count_tokens=lambda batch: jnp.sum(batch["attention_mask"], dtype=F32))
         self.metadata = run_metadata(self.config, self.mesh, model_config=getattr(model, "config", None),

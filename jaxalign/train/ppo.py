@@ -87,6 +87,9 @@ class PPOConfig:
             ``1.5 × target_kl`` (TRL 0.11 ``early_stopping``); None never stops early.
         critic: ``separate`` (its own trunk, initialised from the policy) or ``shared`` (a value head on the
             policy's trunk).
+        critic_lr_scale: the critic's learning rate (value head and separate critic) as a multiple of the
+            policy's (OpenRLHF's separate ``critic_learning_rate``; TRL uses one rate). A fresh value head on a
+            pretrained policy often needs a higher one.
         chunk_size: positions per LM-head chunk (memory; see ``objectives.head_logps``).
     """
 
@@ -110,6 +113,7 @@ class PPOConfig:
     whiten_advantages: bool = True
     target_kl: float | None = None
     critic: str = "separate"
+    critic_lr_scale: float = 1.0
     chunk_size: int | None = DEFAULT_CHUNK
 
     def __post_init__(self):
@@ -132,6 +136,7 @@ class PPOConfig:
         require(self.reward_scaling in REWARD_SCALINGS, "reward_scaling", f"one of {REWARD_SCALINGS}")
         require(self.target_kl is None or self.target_kl > 0, "target_kl", "> 0 or null")
         require(self.critic in CRITICS, "critic", f"one of {CRITICS}")
+        require(self.critic_lr_scale >= 0, "critic_lr_scale", ">= 0")
         require(self.dual_clip is None or self.dual_clip > 1, "dual_clip", "> 1 or null")
         require(self.clip_eps_high is None or self.clip_eps_high > 0, "clip_eps_high", "> 0 or null")
         require(self.value_clip_eps is None or self.value_clip_eps > 0, "value_clip_eps", "> 0 or null")
@@ -289,6 +294,8 @@ class PPOTrainer(OnlineTrainer):
                          tokenizer=tokenizer, sampling=sampling, epochs=ppo.epochs,
                          num_minibatches=ppo.num_minibatches, gold=gold,
                          trainable=default_trainable(policy) if trainable is None else trainable,
+                         update_scales=({"value_head": ppo.critic_lr_scale, "critic": ppo.critic_lr_scale}
+                                        if ppo.critic_lr_scale != 1.0 else None),
                          extra_metadata=extra_metadata)
 
     def policy_of(self, model: ActorCritic) -> nnx.Module:

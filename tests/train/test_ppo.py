@@ -212,3 +212,29 @@ def test_the_sampler_log_probs_stand_in_for_a_policy_forward_pass():
     np.testing.assert_allclose(fast["logps"][mask], recomputed["logps"][mask], atol=2e-5)
     np.testing.assert_allclose(fast["values"], recomputed["values"], atol=1e-6)
     np.testing.assert_allclose(fast["ref_logps"], recomputed["ref_logps"], atol=1e-6)
+
+
+def test_critic_learning_rate_scale_applies_to_the_critic_only():
+    rows = 4
+    batch = {"input_ids": np.full((rows, 8), 5, np.int32), "attention_mask": np.ones((rows, 8), np.int32),
+             "positions": np.tile(np.arange(8, dtype=np.int32), (rows, 1)),
+             "response_mask": np.ones((rows, 3), np.int32), "old_logps": np.full((rows, 3), -4.0, np.float32),
+             "old_values": np.zeros((rows, 3), np.float32), "advantages": np.ones((rows, 3), np.float32),
+             "returns": np.ones((rows, 3), np.float32)}
+
+    def largest_change(scale):
+        # No value clipping: with old values 0 a clipped value loss could leave the critic without gradient.
+        trainer = ppo_trainer(None, 1, critic_lr_scale=scale, value_clip_eps=None)
+        state = trainer.train_step.init(0)
+        before = jax.device_get(state.params)
+        after = jax.device_get(trainer.train_step(state, batch)[0].params)
+        return {part: max(float(np.abs(np.asarray(x) - np.asarray(y)).max())
+                          for x, y in zip(jax.tree.leaves(before[part]), jax.tree.leaves(after[part])))
+                for part in ("policy", "critic", "value_head")}
+
+    default, frozen, doubled = largest_change(1.0), largest_change(0.0), largest_change(2.0)
+    assert all(change > 0 for change in default.values()), default
+    assert frozen["critic"] == frozen["value_head"] == 0.0 and frozen["policy"] == pytest.approx(default["policy"])
+    # Adam's first update is ±lr per element whatever the gradient's scale: doubled for the critic only.
+    assert doubled["value_head"] == pytest.approx(2 * default["value_head"], rel=1e-4)
+    assert doubled["policy"] == pytest.approx(default["policy"])
