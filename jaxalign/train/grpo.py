@@ -45,12 +45,12 @@ from jaxalign.models import has_lora
 from jaxalign.rollout import Rollout, SamplingParams
 from jaxalign.train.config import TrainConfig
 from jaxalign.train.objectives import DEFAULT_CHUNK, _lora_base
-from jaxalign.train.online import OnlineTrainer, default_trainable, jitted_pass, response_logps, to_host
+from jaxalign.train.online import AlgorithmConfig, OnlineTrainer, default_trainable, jitted_pass, response_logps, to_host
 from jaxalign.train.rewards import RewardOutput, RewardSource
 
 
 @dataclasses.dataclass(frozen=True)
-class GRPOConfig:
+class GRPOConfig(AlgorithmConfig):
     """GRPO's hyperparameters (defaults: TRL 1.16 ``GRPOConfig``).
 
     Attributes:
@@ -80,14 +80,11 @@ class GRPOConfig:
     eps: float = 1e-4
     chunk_size: int | None = DEFAULT_CHUNK
 
-    def __post_init__(self):
-        def require(ok: bool, name: str, what: str):
-            if not ok:
-                raise ValueError(f"GRPOConfig.{name} must be {what}, got {getattr(self, name)!r}")
+    label = "GRPO"
 
-        for name in ("epochs", "num_minibatches"):
-            value = getattr(self, name)
-            require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name, "a positive int")
+    def __post_init__(self):
+        require = self._require
+        self._require_passes()
         require(self.loss_type in losses.TRL_LOSS_TYPES, "loss_type", f"one of {tuple(losses.TRL_LOSS_TYPES)}")
         require(self.scale in losses.ADVANTAGE_SCALES, "scale", f"one of {losses.ADVANTAGE_SCALES}")
         require(self.clip_eps > 0, "clip_eps", "> 0")
@@ -97,14 +94,6 @@ class GRPOConfig:
         require(self.eps >= 0, "eps", ">= 0")
         require(self.importance_sampling_level in losses.IMPORTANCE_SAMPLING_LEVELS, "importance_sampling_level",
                 f"one of {losses.IMPORTANCE_SAMPLING_LEVELS}")
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any], where: str = "loss") -> GRPOConfig:
-        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"{where}: unknown GRPO option(s) {unknown} "
-                             f"(known: {', '.join(f.name for f in dataclasses.fields(cls))})")
-        return cls(**values)
 
 
 def grpo_objective(config: GRPOConfig, temperature: float, max_new_tokens: int):

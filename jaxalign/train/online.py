@@ -110,6 +110,31 @@ def rollout_metrics(rollout: Rollout, scored: Mapping[str, np.ndarray], rewards:
     return metrics
 
 
+class AlgorithmConfig:
+    """What :class:`~jaxalign.train.ppo.PPOConfig` and :class:`~jaxalign.train.grpo.GRPOConfig` share:
+    validation messages naming the field, the pass counts, and building from a config mapping."""
+
+    label = ""  # the algorithm's name in messages ("PPO")
+
+    def _require(self, ok: bool, name: str, what: str) -> None:
+        if not ok:
+            raise ValueError(f"{type(self).__name__}.{name} must be {what}, got {getattr(self, name)!r}")
+
+    def _require_passes(self) -> None:
+        for name in ("epochs", "num_minibatches"):
+            value = getattr(self, name)
+            self._require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name,
+                          "a positive int")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], where: str = "loss"):
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"{where}: unknown {cls.label} option(s) {unknown} (known: {', '.join(known)})")
+        return cls(**values)
+
+
 def scale_updates_by_path(scales: Mapping[str, float]) -> optax.GradientTransformation:
     """Multiply the updates of parameters whose path passes through a module named in ``scales`` (chained after
     the optimizer, so with Adam it scales the learning rate of those parameters, weight decay included)."""
@@ -118,10 +143,13 @@ def scale_updates_by_path(scales: Mapping[str, float]) -> optax.GradientTransfor
         names = {str(getattr(key, "key", getattr(key, "name", key))) for key in path}
         return next((scale for name, scale in scales.items() if name in names), 1.0)
 
+    def scaled(path, update):
+        scale = factor(path)
+        return update if scale == 1.0 else update * scale
+
     def update(updates, state, params=None):
         del params
-        return jax.tree_util.tree_map_with_path(lambda path, u: u * factor(path) if factor(path) != 1.0 else u,
-                                                updates), state
+        return jax.tree_util.tree_map_with_path(scaled, updates), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 

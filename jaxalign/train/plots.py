@@ -24,6 +24,25 @@ def read_metrics(path: str | Path) -> list[dict]:
     return records
 
 
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display on training machines)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(figure, png: str | Path, title: str) -> Path:
+    if title:
+        figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    figure.savefig(png, dpi=110)
+    _pyplot().close(figure)
+    return Path(png)
+
+
 def plot_metrics(path: str | Path, png: str | Path, *, keys: Sequence[str] | None = None, title: str = "") -> Path | None:
     """Plot each metric against the step in a grid of panels; returns the PNG path (None without records)."""
     path = Path(path)
@@ -32,10 +51,7 @@ def plot_metrics(path: str | Path, png: str | Path, *, keys: Sequence[str] | Non
     records = [r for r in read_metrics(path) if "step" in r]
     if not records:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     numeric = [k for k in records[-1] if k != "step" and isinstance(records[-1][k], (int, float))
                and not isinstance(records[-1][k], bool)]
@@ -58,12 +74,7 @@ def plot_metrics(path: str | Path, png: str | Path, *, keys: Sequence[str] | Non
         axis.grid(alpha=0.3)
     for axis in list(axes.flat)[len(keys):]:
         axis.axis("off")
-    if title:
-        figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
-    figure.savefig(png, dpi=110)
-    plt.close(figure)
-    return Path(png)
+    return _save(figure, png, title)
 
 
 def plot_reward_vs_kl(path: str | Path, png: str | Path, *, title: str = "", kl_key: str = "kl",
@@ -83,10 +94,7 @@ def plot_reward_vs_kl(path: str | Path, png: str | Path, *, title: str = "", kl_
     present = [(key, label) for key, label in rewards if any(isinstance(r.get(key), (int, float)) for r in records)]
     if not records or not present:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     figure, (by_step, by_kl) = plt.subplots(1, 2, figsize=(10, 3.6))
     for index, (key, label) in enumerate(present):
@@ -106,9 +114,4 @@ def plot_reward_vs_kl(path: str | Path, png: str | Path, *, title: str = "", kl_
     by_kl.set_title("reward against KL", fontsize=10)
     for axis in (by_step, by_kl):
         axis.grid(alpha=0.3)
-    if title:
-        figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
-    figure.savefig(png, dpi=110)
-    plt.close(figure)
-    return Path(png)
+    return _save(figure, png, title)

@@ -52,7 +52,7 @@ from jaxalign.models import ValueHead, has_lora
 from jaxalign.rollout import Rollout, SamplingParams
 from jaxalign.train.config import TrainConfig
 from jaxalign.train.objectives import DEFAULT_CHUNK, _lora_base
-from jaxalign.train.online import OnlineTrainer, default_trainable, jitted_pass, response_logps, to_host
+from jaxalign.train.online import AlgorithmConfig, OnlineTrainer, default_trainable, jitted_pass, response_logps, to_host
 from jaxalign.train.rewards import RewardOutput, RewardSource, RunningMoments, clip_rewards
 
 F32 = jnp.float32
@@ -61,7 +61,7 @@ REWARD_SCALINGS = ("none", "running_std", "running_norm")
 
 
 @dataclasses.dataclass(frozen=True)
-class PPOConfig:
+class PPOConfig(AlgorithmConfig):
     """PPO's hyperparameters (defaults: ``trl.experimental.ppo.PPOConfig`` where it has the option).
 
     Attributes:
@@ -116,14 +116,11 @@ class PPOConfig:
     critic_lr_scale: float = 1.0
     chunk_size: int | None = DEFAULT_CHUNK
 
-    def __post_init__(self):
-        def require(ok: bool, name: str, what: str):
-            if not ok:
-                raise ValueError(f"PPOConfig.{name} must be {what}, got {getattr(self, name)!r}")
+    label = "PPO"
 
-        for name in ("epochs", "num_minibatches"):
-            value = getattr(self, name)
-            require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name, "a positive int")
+    def __post_init__(self):
+        require = self._require
+        self._require_passes()
         require(self.clip_eps > 0, "clip_eps", "> 0")
         require(self.vf_coef >= 0, "vf_coef", ">= 0")
         require(0 <= self.gamma <= 1, "gamma", "in [0, 1]")
@@ -140,14 +137,6 @@ class PPOConfig:
         require(self.dual_clip is None or self.dual_clip > 1, "dual_clip", "> 1 or null")
         require(self.clip_eps_high is None or self.clip_eps_high > 0, "clip_eps_high", "> 0 or null")
         require(self.value_clip_eps is None or self.value_clip_eps > 0, "value_clip_eps", "> 0 or null")
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any], where: str = "loss") -> PPOConfig:
-        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"{where}: unknown PPO option(s) {unknown} "
-                             f"(known: {', '.join(f.name for f in dataclasses.fields(cls))})")
-        return cls(**values)
 
 
 class ActorCritic(nnx.Module):

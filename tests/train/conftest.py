@@ -45,3 +45,16 @@ def run_script(module: str, *args: str, devices: int = 1, timeout: float = 300) 
         pytest.fail(f"{module} exited with {result.returncode}\n--- stdout\n{result.stdout}\n--- stderr\n"
                     f"{result.stderr[-6000:]}")
     return result
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A tiny random Llama saved with the word-level ChatML tokenizer (one per test module). Imported here
+    so that the train tests which need no checkpoint do not load transformers."""
+    from tests.models.conftest import make_hf_model
+    from tests.test_cli import tiny_tokenizer
+
+    directory = tmp_path_factory.mktemp("checkpoint") / "tiny_llama"
+    make_hf_model("llama").save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+    return directory

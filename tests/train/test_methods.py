@@ -14,19 +14,9 @@ from flax import nnx
 
 from jaxalign import data, models
 from jaxalign.train import methods, recipe
-from tests.models.conftest import make_hf_model
-from tests.test_cli import tiny_tokenizer
 
 PAIRS = [("Hi", "sky blue .", "Go away ."), ("sky ?", "blue .", "away"), ("Go", "Hi .", "away away ."),
          ("Hi ?", "blue sky", "Go away"), ("away ?", "Hi Hi", "Go"), ("blue", "sky .", "away .")]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("methods") / "tiny_llama"
-    make_hf_model("llama").save_pretrained(directory)
-    tiny_tokenizer().save_pretrained(directory)
-    return directory
 
 
 @pytest.fixture(scope="module")
