@@ -12,7 +12,8 @@ Stages, each with a progress bar:
    the most positive is ``chosen``, the least positive ``rejected``, ``margin`` = their gold gap (a rater
    shown four samples picking the best and the worst); prompts whose samples all tie carry no preference
    and are counted and left out.
-3. reward model: Bradley-Terry on the train pairs (preset ``sentiment``, its ``reward`` section), normalised on samples of
+3. reward model: Bradley-Terry on the train pairs (preset ``sentiment``, its ``reward`` section: a linear probe of the
+   frozen trunk's mean-pooled states, fitted to convergence), normalised on samples of
    the base model; accuracy against the gold labels on the held-out pairs (target >= 70 % on pairs whose gold
    margin exceeds 0.1).
 4. DPO policy: DPO on the same human (gold) labels (preset ``sentiment``, its ``dpo`` section), the reference log-probs
@@ -224,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
           f"(left out: train {train_skipped}, held out {eval_skipped})")
     timings["pairs_s"] = time.perf_counter() - stage
 
-    print("[3/5] reward model: Bradley-Terry on the gold-labelled pairs")
+    print("[3/5] reward model: Bradley-Terry on the gold-labelled pairs (a linear probe of the frozen trunk)")
     stage = time.perf_counter()
     reward_config = recipe.load_run_config("sentiment", [
         f"output_dir={out / 'reward'}", f"data.source={out / 'pairs_train.jsonl'}", *overrides["reward"]],

@@ -1,7 +1,8 @@
 """Scalar heads on a decoder's final hidden states: per-token values and per-sequence rewards.
 
 - :class:`ValueHead`: ``v_t = w·h_t + b`` at every token (PPO critics, the TFPO doctor's flow values).
-- :class:`RewardHead`: ``r = W·h_last + b`` at each sequence's last real token, a scalar (Bradley–Terry
+- :class:`RewardHead`: ``r = W·h + b`` on each sequence's pooled hidden state — its last real token (as
+  transformers' ``*ForSequenceClassification``) or the mean over its real tokens — a scalar (Bradley–Terry
   reward models) or ``N`` scalars (multi-dimensional preferences, e.g. helpfulness and harmlessness).
 - :class:`CausalLMWithValueHead` / :class:`RewardModel`: the compositions trainers use.
 
@@ -54,23 +55,48 @@ def last_token_index(attention_mask: Array) -> Int[Array, " B"]:
     return jnp.max(jnp.where(mask, jnp.arange(mask.shape[1]), 0), axis=1)
 
 
+POOLINGS = ("last", "mean")
+
+
 class RewardHead(nnx.Module):
-    """Reward of each sequence from the hidden state at its last real token.
+    """Reward of each sequence from its pooled hidden state: ``W·pool(h) + b``.
+
+    ``pooling="last"`` reads the last real token (transformers' ``*ForSequenceClassification``, TRL's reward
+    models); ``"mean"`` averages the hidden states of every real token (prompt and response). A causal LM's
+    last position summarises the sequence only as far as the next-token objective needs, and a response cut
+    at a length limit ends mid-sentence; the mean keeps what every position saw. On the embedded default's
+    sentiment pairs a linear probe of SmolLM2-135M's mean-pooled states is about 80 % accurate in 5-fold
+    cross-validation, of its last-token states about 67 % (docs/training.md).
 
     ``num_objectives=None`` gives one scalar per sequence ``[B]``; an int ``N`` gives ``[B, N]``.
     """
 
-    def __init__(self, d_model: int, *, num_objectives: int | None = None, rngs: nnx.Rngs):
+    def __init__(self, d_model: int, *, num_objectives: int | None = None, pooling: str = "last",
+                 rngs: nnx.Rngs):
         _check_d_model("RewardHead", d_model)
         if num_objectives is not None and num_objectives < 1:
             raise ValueError(f"RewardHead: num_objectives must be None or >= 1, got {num_objectives}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"RewardHead: pooling must be one of {POOLINGS}, got {pooling!r}")
         self.num_objectives = num_objectives
+        self.pooling = pooling
         self.kernel, self.bias = _head_params(d_model, num_objectives or 1, rngs)
 
-    def __call__(self, hidden: Float[Array, "B T D"], attention_mask: Array) -> Float[Array, "B ..."]:
+    def pool(self, hidden: Float[Array, "B T D"], attention_mask: Array) -> Float[Array, "B D"]:
+        """Each sequence's feature ``[B, D]`` float32: its last real token's hidden state, or the mean."""
+        if self.pooling == "mean":
+            mask = jnp.asarray(attention_mask).astype(jnp.float32)
+            total = jnp.einsum("btd,bt->bd", hidden.astype(jnp.float32), mask)
+            return total / jnp.maximum(jnp.sum(mask, axis=1), 1.0)[:, None]
         last = last_token_index(attention_mask)
-        at_last = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]  # [B, D]
-        rewards = at_last.astype(jnp.float32) @ self.kernel[...] + self.bias[...]
+        return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0].astype(jnp.float32)
+
+    def project(self, features: Float[Array, "... D"]) -> Float[Array, "... N"]:
+        """``W·features + b`` ``[..., N]`` float32, from pooled features (:meth:`pool`)."""
+        return features.astype(jnp.float32) @ self.kernel[...] + self.bias[...]
+
+    def __call__(self, hidden: Float[Array, "B T D"], attention_mask: Array) -> Float[Array, "B ..."]:
+        rewards = self.project(self.pool(hidden, attention_mask))
         return rewards[:, 0] if self.num_objectives is None else rewards
 
 
@@ -110,21 +136,23 @@ class RewardModel(nnx.Module):
     """A decoder trunk (no LM head) with a :class:`RewardHead`: tokens -> reward per sequence.
 
     ``backbone`` is the trunk (``lm.model``); a causal LM is accepted too and unwrapped to its trunk,
-    whose modules it then shares (the LM head is not part of the reward model).
+    whose modules it then shares (the LM head is not part of the reward model). ``pooling`` (``last`` or
+    ``mean``) is the head's, see :class:`RewardHead`.
 
     Raises:
         TypeError: ``backbone`` is neither a jaxalign trunk nor a causal LM.
     """
 
     def __init__(self, backbone: LlamaModel | GPT2Model | LlamaForCausalLM | GPT2LMHeadModel, *,
-                 num_objectives: int | None = None, rngs: nnx.Rngs):
+                 num_objectives: int | None = None, pooling: str = "last", rngs: nnx.Rngs):
         if isinstance(backbone, _LMS):
             backbone = backbone.model
         if not isinstance(backbone, _TRUNKS):
             raise TypeError(f"RewardModel needs a decoder trunk (LlamaModel, GPT2Model: lm.model) or a causal LM, "
                             f"got {type(backbone).__name__}")
         self.backbone = backbone
-        self.reward_head = RewardHead(backbone.config.d_model, num_objectives=num_objectives, rngs=rngs)
+        self.reward_head = RewardHead(backbone.config.d_model, num_objectives=num_objectives, pooling=pooling,
+                                      rngs=rngs)
 
     def __call__(
         self,
@@ -133,7 +161,7 @@ class RewardModel(nnx.Module):
         attention_mask: Array | None = None,
         positions: Int[Array, "B T"] | None = None,
     ) -> Float[Array, "B ..."]:
-        """Rewards ``[B]`` (or ``[B, N]``) read at each row's last token with ``attention_mask`` = 1."""
+        """Rewards ``[B]`` (or ``[B, N]``) of the rows' real tokens (``attention_mask`` = 1), pooled by the head."""
         if attention_mask is None:
             attention_mask = jnp.ones(tokens.shape, bool)
         hidden, _ = self.backbone(tokens, positions=positions, attention_mask=attention_mask)

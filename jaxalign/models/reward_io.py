@@ -5,7 +5,7 @@ A reward model directory holds
 - ``config.json`` + safetensors + tokenizer files: the trunk as a causal LM checkpoint (the LM head is the
   base model's, untouched by reward training), so ``load_hf`` or transformers read it;
 - ``reward_head.safetensors``: the head's ``kernel [D, N]`` and ``bias [N]``;
-- ``reward_model.json``: ``num_objectives``, the normalisation ``gain`` and ``bias`` (reward =
+- ``reward_model.json``: ``num_objectives``, ``pooling`` (``last`` or ``mean``), the normalisation ``gain`` and ``bias`` (reward =
   ``gain·head(h) + bias``, fitted so that samples of the reference policy score mean 0 / std 1, as
   OpenAI's lm-human-preferences does), the objective names and free-form metadata.
 """
@@ -46,7 +46,7 @@ def save_reward_model(out_dir: str | Path, reward_model: RewardModel, lm, tokeni
     head = reward_model.reward_head
     save_file({"kernel": np.asarray(head.kernel[...], np.float32), "bias": np.asarray(head.bias[...], np.float32)},
               str(out / HEAD_FILE))
-    meta = {"num_objectives": head.num_objectives, "gain": float(gain), "bias": float(bias),
+    meta = {"num_objectives": head.num_objectives, "pooling": head.pooling, "gain": float(gain), "bias": float(bias),
             "metadata": dict(metadata or {})}
     (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return out
@@ -55,7 +55,8 @@ def save_reward_model(out_dir: str | Path, reward_model: RewardModel, lm, tokeni
 def load_reward_model(checkpoint_dir: str | Path, **policy) -> tuple[RewardModel, dict[str, Any]]:
     """``(reward_model, info)`` from a directory written by :func:`save_reward_model`.
 
-    ``info`` is ``reward_model.json``: ``gain``, ``bias``, ``num_objectives``, ``metadata``.
+    ``info`` is ``reward_model.json``: ``gain``, ``bias``, ``num_objectives``, ``pooling``, ``metadata``. Files
+    written before ``pooling`` existed read the last token, as they were trained.
 
     Raises:
         FileNotFoundError: the directory lacks ``reward_model.json`` or ``reward_head.safetensors`` (it is not
@@ -69,7 +70,8 @@ def load_reward_model(checkpoint_dir: str | Path, **policy) -> tuple[RewardModel
                                     "jaxalign (train one with `jaxalign train reward`)")
     info = json.loads((directory / META_FILE).read_text())
     lm = load_hf(directory, **policy)
-    model = RewardModel(lm, num_objectives=info["num_objectives"], rngs=nnx.Rngs(0))
+    info.setdefault("pooling", "last")
+    model = RewardModel(lm, num_objectives=info["num_objectives"], pooling=info["pooling"], rngs=nnx.Rngs(0))
     tensors = load_file(str(directory / HEAD_FILE))
     head = model.reward_head
     for name in ("kernel", "bias"):

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from jaxalign import data as jdata
 from jaxalign import models
 from jaxalign.rollout import Sampler, SamplingParams
-from jaxalign.train import objectives
+from jaxalign.train import objectives, probe
 from jaxalign.train.plots import plot_metrics
 from jaxalign.train.recipe import ONLINE_METHODS, ModelSpec, RunConfig
 from jaxalign.train.trainer import Trainer
@@ -247,18 +247,22 @@ def run(config: RunConfig) -> RunResult:
 
     builder = {"sft": _sft, "reward": _reward, "dpo": _dpo}[config.method]
     model, objective, references, dataset, extra = builder(config, lm, tokenizer, dataset)
-    trainable = nnx.Param
     if config.freeze_backbone:
-        trainable = nnx.PathContains("reward_head")
-    elif config.model.lora is not None:  # adapters only; a reward model's new head trains too
-        trainable = nnx.Any(nnx.LoRAParam, nnx.PathContains("reward_head")) if config.method == "reward" \
-            else nnx.LoRAParam
-    # Curriculum order is kept across epochs (no shuffle); otherwise the data config decides.
-    batches = _batches(config.data, dataset, shuffle=False if config.curriculum else None)
-    trainer = Trainer(config.train, model, objective, batches, references=references, trainable=trainable,
-                      extra_metadata={"run": config.to_dict()})
-    trainer.run()
-    model = trainer.trained_model()
+        # A frozen trunk: its features once, then the head fitted to convergence (no optimizer steps).
+        features = probe.pooled_features(model, _one_pass(config.data, dataset), total=len(dataset))
+        extra["probe"] = probe.fit_reward_probe(model, objective, features, l2=config.probe_l2,
+                                                max_iterations=config.probe_iterations, log=config.train.log)
+    else:
+        trainable = nnx.Param
+        if config.model.lora is not None:  # adapters only; a reward model's new head trains too
+            trainable = nnx.Any(nnx.LoRAParam, nnx.PathContains("reward_head")) if config.method == "reward" \
+                else nnx.LoRAParam
+        # Curriculum order is kept across epochs (no shuffle); otherwise the data config decides.
+        batches = _batches(config.data, dataset, shuffle=False if config.curriculum else None)
+        trainer = Trainer(config.train, model, objective, batches, references=references, trainable=trainable,
+                          extra_metadata={"run": config.to_dict()})
+        trainer.run()
+        model = trainer.trained_model()
 
     eval_metrics: dict[str, float] = {}
     if eval_dataset is not None:
@@ -308,6 +312,7 @@ def _reward(config: RunConfig, lm, tokenizer, dataset):
                          f"holds {dataset.kind!r} records")
     options = dict(config.loss)
     num_objectives = options.pop("num_objectives", None)
+    pooling = options.pop("pooling", "last")
     options = _check_options(options, REWARD_OPTIONS, "reward")
     if dataset.kind == "best_of_n":
         options.setdefault("loss", "best_of_n")
@@ -318,7 +323,7 @@ def _reward(config: RunConfig, lm, tokenizer, dataset):
                              f"dimensions {dataset.dimensions}")
     if config.model.lora is not None:
         models.apply_lora(lm, _lora_config(config), rngs=nnx.Rngs(config.train.seed))
-    model = models.RewardModel(lm, num_objectives=num_objectives, rngs=nnx.Rngs(config.train.seed))
+    model = models.RewardModel(lm, num_objectives=num_objectives, pooling=pooling, rngs=nnx.Rngs(config.train.seed))
     extra = {"dimensions": list(dataset.dimensions), "num_objectives": num_objectives}
     return model, objectives.reward_objective(**options), None, dataset, extra
 

@@ -154,16 +154,23 @@ def reward_objective(*, loss: str = "bradley_terry", use_margin: bool = False, m
     ``bradley_terry``: ``−log σ(r⁺ − r⁻ − m)`` with ``m = margin_scale·margin`` when ``use_margin`` (the data's
     margins, e.g. a score gap; Llama 2's margin loss) plus ``center_coef·(r⁺ + r⁻)²``; per dimension for
     groups, weighted by ``dimension_weights``. ``best_of_n``: softmax cross-entropy over the N candidates.
-    The model is a :class:`~jaxalign.models.RewardModel` (with ``num_objectives=D`` for groups).
+    The model is a :class:`~jaxalign.models.RewardModel` (with ``num_objectives=D`` for groups). A batch that
+    carries ``features`` (``[..., D]``, each sequence's pooled trunk state in place of its tokens) is scored
+    by the head alone: how :mod:`jaxalign.train.probe` fits a head on a frozen trunk.
     """
     if loss not in REWARD_LOSSES:
         raise ValueError(f"reward_objective: loss must be one of {REWARD_LOSSES}, got {loss!r}")
     weights = None if dimension_weights is None else jnp.asarray(dimension_weights, F32)
 
     def rewards_of(model, batch):
-        layout = batch["input_ids"].shape[:-1]
-        flat = model(_flat(batch, "input_ids"), attention_mask=_flat(batch, "attention_mask"),
-                     positions=_flat(batch, "positions"))
+        if "features" in batch:  # pooled trunk features computed once (a frozen trunk, jaxalign.train.probe)
+            layout = batch["features"].shape[:-1]
+            flat = model.reward_head.project(_flat(batch, "features"))
+            flat = flat[:, 0] if model.reward_head.num_objectives is None else flat
+        else:
+            layout = batch["input_ids"].shape[:-1]
+            flat = model(_flat(batch, "input_ids"), attention_mask=_flat(batch, "attention_mask"),
+                         positions=_flat(batch, "positions"))
         if flat.ndim == 2:  # a D-objective head reads [R, D]: keep the reward of each row's own dimension
             flat = flat.reshape(*layout, flat.shape[-1])
             if len(layout) != 3:

@@ -98,3 +98,27 @@ def test_reward_model_accepts_the_lm_and_misuse_is_a_clear_type_error(arch, hf_c
         ValueHead(lm, rngs=nnx.Rngs(0))
     with pytest.raises(TypeError, match=r"RewardHead\(d_model, ...\): d_model must be a positive int"):
         RewardHead(lm.model, rngs=nnx.Rngs(0))
+
+
+def test_mean_pooled_reward_averages_the_real_tokens_whatever_the_padding(hf_checkpoint, rng):
+    lm = load_hf(hf_checkpoint("llama"))
+    reward_model = RewardModel(lm, pooling="mean", rngs=nnx.Rngs(2))
+    right = right_padded(LENGTHS)
+    left = left_padded(LENGTHS)
+    right_tokens = np.where(right, rng.integers(0, V, size=(B, T)), 0)
+    left_tokens = np.stack([np.roll(row, T - n) for row, n in zip(right_tokens, LENGTHS, strict=True)])
+    left_tokens = np.where(left, left_tokens, 5)
+    rewards = reward_model(jnp.asarray(right_tokens), attention_mask=jnp.asarray(right))
+    # By hand: the head applied to the mean of the real tokens' final hidden states.
+    hidden = np.asarray(lm.hidden_states(jnp.asarray(right_tokens), attention_mask=jnp.asarray(right))[0])
+    head = reward_model.reward_head
+    expected = [hidden[b, :n].mean(axis=0) @ np.asarray(head.kernel[...])[:, 0] + float(head.bias[0])
+                for b, n in enumerate(LENGTHS)]
+    np.testing.assert_allclose(rewards, expected, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(reward_model(jnp.asarray(left_tokens), attention_mask=jnp.asarray(left)), rewards,
+                               atol=1e-5, rtol=0)
+    # The same head on the last token reads something else.
+    last = RewardModel(lm, pooling="last", rngs=nnx.Rngs(2))
+    assert not np.allclose(last(jnp.asarray(right_tokens), attention_mask=jnp.asarray(right)), rewards)
+    with pytest.raises(ValueError, match=r"pooling must be one of \('last', 'mean'\), got 'max'"):
+        RewardModel(lm, pooling="max", rngs=nnx.Rngs(0))

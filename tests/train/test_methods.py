@@ -91,6 +91,12 @@ def test_reward_model_normalised_and_reloaded(checkpoint, pairs_file, tmp_path):
     tokens, mask = np.array([[2, 5, 6, 7]], np.int32), np.ones((1, 4), np.int32)
     np.testing.assert_allclose(reloaded(tokens, attention_mask=mask), result.model(tokens, attention_mask=mask),
                                atol=1e-5)
+    # A reward model saved before heads had a pooling option read the last token, and loads that way.
+    meta_file = Path(run_config.output_dir) / "export" / models.reward_io.META_FILE
+    meta = json.loads(meta_file.read_text())
+    assert meta.pop("pooling") == "last"
+    meta_file.write_text(json.dumps(meta))
+    assert models.load_reward_model(meta_file.parent)[1]["pooling"] == "last"
 
 
 def test_curriculum_orders_by_length_and_margin(checkpoint, pairs_file):
@@ -114,19 +120,30 @@ def test_config_errors_name_the_key(tmp_path, pairs_file):
         recipe.load_run_config("no_such_preset")
 
 
-def test_reward_model_with_a_frozen_backbone_trains_the_head_only(checkpoint, pairs_file, tmp_path):
-    run_config = config(checkpoint, pairs_file, tmp_path, "reward", "train.total_steps=3", "freeze_backbone=true",
-                        "normalize_samples=0", "export=false")
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_reward_probe_fits_the_head_on_a_frozen_trunk(checkpoint, pairs_file, tmp_path, pooling):
+    run_config = config(checkpoint, pairs_file, tmp_path, "reward", "freeze_backbone=true", "probe_l2=0.001",
+                        f"loss.pooling={pooling}", f"eval_data.source={pairs_file}", "eval_data.max_length=32",
+                        "eval_data.batch_size=4", "normalize_samples=0")
     result = methods.run(run_config)
     base = models.load_hf(checkpoint)
     trained = jax.tree.leaves(nnx.state(result.model.backbone, nnx.Param))
     for before, after in zip(jax.tree.leaves(nnx.state(base.model, nnx.Param)), trained, strict=True):
         np.testing.assert_array_equal(np.asarray(before), np.asarray(after))
-    # The head moved from its initial value (the same seed builds the same initial head).
-    initial = models.RewardModel(models.load_hf(checkpoint), rngs=nnx.Rngs(run_config.train.seed)).reward_head
-    assert not np.allclose(np.asarray(result.model.reward_head.kernel[...]), np.asarray(initial.kernel[...]))
+    fit = result.extra["probe"]
+    # Six pairs, a 32-wide feature, almost no penalty: L-BFGS separates them all and converges.
+    assert fit["converged"] and fit["rewards/accuracies"] == 1.0 and fit["objective_loss"] < 0.1
+    # The standardisation folded into the head: scoring tokens (the eval pass) reproduces the fit exactly.
+    assert result.eval_metrics["loss"] == pytest.approx(fit["objective_loss"], rel=1e-4, abs=1e-6)
+    assert result.eval_metrics["rewards/margins"] == pytest.approx(fit["rewards/margins"], rel=1e-4)
+    iterations = [json.loads(line) for line in (Path(run_config.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert len(iterations) == fit["iterations"] and iterations[-1]["loss"] < iterations[0]["loss"]
+    reloaded, info = models.load_reward_model(Path(run_config.output_dir) / "export")
+    assert info["pooling"] == pooling == reloaded.reward_head.pooling
     with pytest.raises(ValueError, match="freeze_backbone applies to reward models only"):
         config(checkpoint, pairs_file, tmp_path, "dpo", "freeze_backbone=true")
+    with pytest.raises(ValueError, match="probe_l2 must be >= 0"):
+        config(checkpoint, pairs_file, tmp_path, "reward", "probe_l2=-1")
 
 
 def test_overrides_read_exponent_floats_as_numbers():
