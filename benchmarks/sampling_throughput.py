@@ -21,6 +21,10 @@ first call); each side then gets one warm-up call, and the two run alternately `
 load from other processes on a shared machine hits both alike; the median of each is used. Timers stop
 after ``block_until_ready`` / ``torch.cuda.synchronize``.
 
+``matmul_bound`` in the JSON is what no engine on this machine can beat: the model's matmuls alone
+(prefill, then one decode step's products per new token, with the real weights in a compiled loop),
+timed with XLA, and the tokens/s they would allow; ``matmul_bound_speedup`` is that over transformers.
+
 The warm-up rollout is also checked against a training forward pass (whole sequences, no cache) on the
 same tokens: the JSON records the largest ``|model_logps − token_logps(forward)|`` and
 ``|sampling_logps − filtered_logprobs(forward)|`` over the response tokens.
@@ -146,6 +150,64 @@ def logp_agreement(model, out: Rollout, params: SamplingParams) -> dict:
             "response_tokens": int(np.asarray(out.lengths).sum())}
 
 
+# A Llama layer's matmuls in the order its data flows: the products within a stage share their input.
+LAYER_STAGES = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+
+
+def matmul_bound(model, *, rows: int, prompt_length: int, new_tokens: int, repeats: int = 5) -> dict:
+    """How fast any engine could sample on this machine: the model's matmuls alone, timed with XLA.
+
+    A decode step multiplies ``rows`` hidden vectors by every weight matrix of every layer and by the
+    vocabulary projection; the prefill multiplies ``rows × prompt_length`` of them by every layer matrix
+    (and one per row by the vocabulary). Timing exactly those products — the real weights and shapes, in
+    the layers' data-flow order (:data:`LAYER_STAGES`: q/k/v side by side, then o, gate/up, down, layer
+    after layer), the decode steps in a compiled loop that streams every weight from memory as decoding
+    does — and nothing else (no attention, norms, cache writes or sampling) gives a floor on each, so a
+    call of ``N`` new tokens needs at least ``prefill + (N − 1)·step``, and ``rows·N`` over that bounds the
+    tokens/s.
+    """
+    by_name = {}
+    for path, stacked in jax.tree_util.tree_flatten_with_path(nnx.state(model.model.layers, nnx.Param))[0]:
+        names = [str(getattr(key, "key", key)) for key in path]  # [..., "q_proj", "kernel", ".value"]
+        if stacked.ndim == 3 and "kernel" in names:
+            by_name[names[names.index("kernel") - 1]] = stacked
+    stages = [[[by_name[name][layer] for name in stage] for stage in LAYER_STAGES]
+              for layer in range(model.config.n_layers)]
+    vocabulary = (model.model.embed_tokens.embedding[...] if model.lm_head is None
+                  else model.lm_head.kernel[...].T)  # [V, D]
+    width = vocabulary.shape[1]
+
+    def inputs(h, size):  # a [n, size] operand that depends on the loop carry (nothing is hoisted)
+        return jnp.tile(h, (1, -(-size // width)))[:, :size]
+
+    def products(h, vocab_rows: int):
+        for layer in stages:
+            for stage in layer:  # each stage waits for the one before; its products share an input
+                h = h + 1e-9 * sum(jnp.max(inputs(h, w.shape[0]) @ w) for w in stage)
+        return h + 1e-9 * jnp.max(h[:vocab_rows] @ vocabulary.T)
+
+    @jax.jit
+    def decode(h):
+        return jax.lax.fori_loop(0, new_tokens - 1, lambda _, h: products(h, rows), h)
+
+    @jax.jit
+    def prefill(h):
+        return products(h, rows)
+
+    decode_h = jnp.ones((rows, width), vocabulary.dtype)
+    prefill_h = jnp.ones((rows * prompt_length, width), vocabulary.dtype)
+    timings = {}
+    for name, fn, h in (("decode", decode, decode_h), ("prefill", prefill, prefill_h)):
+        jax.block_until_ready(fn(h))
+        timings[name] = statistics.median(_timed(lambda: jax.block_until_ready(fn(h))) for _ in range(repeats))
+    step_s = timings["decode"] / (new_tokens - 1)
+    call_s = timings["prefill"] + timings["decode"]
+    flops = 2 * rows * sum(w.shape[0] * w.shape[1] for layer in stages for stage in layer for w in stage)
+    return {"matrices": sum(len(stage) for layer in stages for stage in layer) + 1, "prefill_s": timings["prefill"], "decode_step_s": step_s,
+            "decode_step_flop_per_s": (flops + 2 * rows * vocabulary.size) / step_s, "call_s": call_s,
+            "tokens_per_s": rows * new_tokens / call_s, "repeats": repeats}
+
+
 def setup_jaxalign(args, checkpoint: Path | None) -> tuple[dict, list[list[int]], Callable[[int], object]]:
     """Load and compile; returns the timings so far, the prompts, and ``run(seed)`` sampling one batch."""
     start = time.perf_counter()
@@ -182,6 +244,8 @@ def setup_jaxalign(args, checkpoint: Path | None) -> tuple[dict, list[list[int]]
     if tokenizer is not None:
         info["sample_text"] = tokenizer.decode(np.asarray(out.tokens[0]))
     info["logp_check"] = logp_agreement(model, out, params)
+    info["matmul_bound"] = matmul_bound(model, rows=args.batch, prompt_length=int(out.prompt_tokens.shape[1]),
+                                        new_tokens=args.new_tokens)
     return info, prompts, run
 
 
@@ -242,6 +306,12 @@ def write_chart(results: dict, path: Path) -> None:
     figure, axis = plt.subplots(figsize=(6, 3.5))
     bars = axis.bar(names, speeds, color=["#4c72b0", "#dd8452"])
     axis.bar_label(bars, labels=[f"{s:,.0f}" for s in speeds])
+    bound = results["jaxalign"].get("matmul_bound")
+    if bound is not None:
+        axis.axhline(bound["tokens_per_s"], color="#55a868", linestyle="--",
+                     label=f"the matmuls alone (a bound): {bound['tokens_per_s']:,.0f}")
+        axis.axhline(3 * speeds[1], color="#c44e52", linestyle=":", label=f"3x transformers: {3 * speeds[1]:,.0f}")
+        axis.legend(fontsize=8, loc="upper right")
     axis.set_ylabel("new tokens / s (higher is better)")
     setup = results["setup"]
     axis.set_title(f"SmolLM2-135M {setup['weights']} weights {setup['dtype']} sampling, batch {setup['batch']}, "
@@ -316,6 +386,7 @@ def main() -> None:
         "jaxalign": ours,
         "transformers": theirs,
         "speedup": ours["tokens_per_s"] / theirs["tokens_per_s"],
+        "matmul_bound_speedup": ours["matmul_bound"]["tokens_per_s"] / theirs["tokens_per_s"],
     }
 
     print(f"\nsampling, {weights}, {args.dtype}, batch {args.batch}, {args.new_tokens} new tokens, "
@@ -326,6 +397,10 @@ def main() -> None:
         print(f"{name:24}{result['tokens_per_s']:>10,.0f}{result['generate_s']:>14.2f}{compile_s:>13}"
               f"{result['load_s']:>10.1f}")
     print(f"jaxalign / transformers: {results['speedup']:.2f}x")
+    bound = ours["matmul_bound"]
+    print(f"the model's matmuls alone (no attention, norms or sampling; XLA): prefill {bound['prefill_s']:.2f} s + "
+          f"{bound['decode_step_s'] * 1e3:.1f} ms per decode step = {bound['tokens_per_s']:,.0f} tokens/s at most, "
+          f"{results['matmul_bound_speedup']:.2f}x transformers")
     check = ours["logp_check"]
     print(f"log-probs vs a training forward pass on the same {check['response_tokens']} tokens: max |diff| "
           f"{check['max_abs_model_logps_vs_forward']:.2e} (model), {check['max_abs_sampling_logps_vs_forward']:.2e} "

@@ -154,6 +154,10 @@ def plot_summary(summary: dict, policy_scores: np.ndarray, reference_scores: np.
     accuracy = summary["reward_model"]
     right.bar(["all pairs", f"gold margin > {GOLD_MARGIN}"],
               [accuracy["accuracy_all"], accuracy["accuracy_clear"]], color="#55a868")
+    if "accuracy_clear_low" in accuracy:  # the 95 % (Wilson) interval of the target measure
+        right.errorbar([1], [accuracy["accuracy_clear"]], fmt="none", ecolor="black", capsize=4,
+                       yerr=[[accuracy["accuracy_clear"] - accuracy["accuracy_clear_low"]],
+                             [accuracy["accuracy_clear_high"] - accuracy["accuracy_clear"]]])
     right.axhline(0.7, color="#c44e52", ls=":", lw=1, label="target 0.7")
     right.set_ylim(0, 1)
     right.set_title("reward model accuracy vs gold (held out)")
@@ -170,9 +174,10 @@ def reward_accuracy(scorer, tokenizer, records: list[dict]) -> dict[str, float]:
     rejected = scorer.score(prompts, [r["rejected"][0]["content"] for r in records])
     correct = np.asarray(chosen) > np.asarray(rejected)
     clear = np.asarray([r["margin"] > GOLD_MARGIN for r in records])
+    low, high = jeval.wilson_interval(float(correct[clear].sum()), int(clear.sum())) if clear.any() else (0.0, 1.0)
     return {"accuracy_all": float(correct.mean()), "pairs_all": len(records),
             "accuracy_clear": float(correct[clear].mean()) if clear.any() else float("nan"),
-            "pairs_clear": int(clear.sum())}
+            "pairs_clear": int(clear.sum()), "accuracy_clear_low": low, "accuracy_clear_high": high}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -236,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
                                           tokenizer=tokenizer)
     accuracy = reward_accuracy(reward_judge, tokenizer, eval_pairs)
     print(f"      held-out accuracy vs gold: {accuracy['accuracy_all']:.1%} on {accuracy['pairs_all']} pairs, "
-          f"{accuracy['accuracy_clear']:.1%} on the {accuracy['pairs_clear']} with gold margin > {GOLD_MARGIN}")
+          f"{accuracy['accuracy_clear']:.1%} [{accuracy['accuracy_clear_low']:.1%}, {accuracy['accuracy_clear_high']:.1%}] "
+          f"on the {accuracy['pairs_clear']} with gold margin > {GOLD_MARGIN}")
     timings["reward_s"] = time.perf_counter() - stage
 
     print("[4/5] DPO policy on the gold-labelled pairs")
@@ -271,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     print(evaluation.table())
     win = summary["win_rate"]
     print(f"\nreward-model accuracy vs gold (held out, margin > {GOLD_MARGIN}): {accuracy['accuracy_clear']:.1%} "
-          f"(target >= 70%)")
+          f"[{accuracy['accuracy_clear_low']:.1%}, {accuracy['accuracy_clear_high']:.1%}] (target >= 70%)")
     print(f"DPO gold win rate vs reference: {win['rate']:.1%} [{win['low']:.1%}, {win['high']:.1%}] "
           f"(target >= 60%, interval above 50%)")
     print(f"total {timings['total_s'] / 60:.1f} min; wrote {out / 'summary.json'} and {out / 'summary.png'}")
