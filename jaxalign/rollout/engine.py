@@ -61,6 +61,9 @@ class Rollout:
         guide_logps: ``[G, R, N]`` the same under each guide model (``G = 0`` without guides).
         prompt_tokens, prompt_mask: ``[R, P]`` the prompts as decoded: repeated ``n`` times and left-padded
             to the length bucket ``P``.
+        hidden_states: ``[R, N, D]`` with ``generate(..., return_hidden=True)``: the base model's final
+            hidden state whose logits chose each token (the training forward's ``hidden[:, P − 1 + t]``;
+            zeros on padding), e.g. for a value head on the policy's trunk; else None.
     """
 
     tokens: Int[Array, "R N"]
@@ -72,6 +75,7 @@ class Rollout:
     guide_logps: Float[Array, "G R N"]
     prompt_tokens: Int[Array, "R P"]
     prompt_mask: Bool[Array, "R P"]
+    hidden_states: Float[Array, "R N D"] | None = None
 
     def sequences(self) -> tuple[Int[Array, "R P+N"], Bool[Array, "R P+N"]]:
         """``(tokens, attention_mask)`` of prompt + response, ready for a training forward pass.
@@ -84,7 +88,8 @@ class Rollout:
 
     def take_rows(self, count: int) -> Rollout:
         """The first ``count`` rows (drops the rows that only padded the batch bucket)."""
-        fields = {f.name: getattr(self, f.name)[:count] for f in dataclasses.fields(self)}
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        fields = {name: None if value is None else value[:count] for name, value in fields.items()}
         fields["guide_logps"] = self.guide_logps[:, :count]
         return Rollout(**fields)
 
@@ -101,6 +106,7 @@ class _Carry(NamedTuple):
     response_mask: Bool[Array, "R N"]
     sampling_logps: Float[Array, "R N"]
     member_logps: Float[Array, "M R N"]
+    hidden: Float[Array, "R N D"] | None  # the base model's, with return_hidden
 
 
 def _batch_spec(mesh: Mesh | None, rank: int, batch_dim: int = 0) -> PartitionSpec | None:
@@ -145,10 +151,11 @@ def _row_keys(key: Array, rows: int, n: int) -> Array:
     return jax.vmap(row_key)(jnp.arange(rows))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdefs", "max_new_tokens", "n", "candidates", "mesh", "stream"))
+@functools.partial(jax.jit, static_argnames=("graphdefs", "max_new_tokens", "n", "candidates", "mesh", "stream",
+                                             "return_hidden"))
 def _generate(states, prompt_tokens, prompt_mask, key, weights, filters: Filters, stop_mask, pad_token_id, *,
               graphdefs, max_new_tokens: int, n: int, candidates: int, mesh: Mesh | None,
-              stream: StreamFn | None) -> Rollout:
+              stream: StreamFn | None, return_hidden: bool) -> Rollout:
     """The compiled prefill + decode loop over ``[B, P]`` prompts (see :meth:`Sampler.generate`).
 
     Every model enters twice (``states[m]``, ``graphdefs[m]`` are pairs, see :class:`_Member`): with its
@@ -168,8 +175,9 @@ def _generate(states, prompt_tokens, prompt_mask, key, weights, filters: Filters
         # Only the last position is needed: the vocabulary projection of the whole prompt would dominate.
         return _constrain(model.logits(hidden[:, -1]), mesh, row_spec)
 
-    def choose(carry: _Carry, logits: list[Array]) -> _Carry:
-        """Pick token ``carry.step`` from every model's next-token logits and record it."""
+    def choose(carry: _Carry, logits: list[Array], base_hidden: Array) -> _Carry:
+        """Pick token ``carry.step`` from every model's next-token logits and record it (with the base
+        model's hidden state ``[R, D]`` that gave its logits, when kept)."""
         step = carry.step
         scores = sum(weights[m] * logits[m] for m in range(len(logits)))
         uniforms = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, step)))(row_keys)
@@ -190,9 +198,11 @@ def _generate(states, prompt_tokens, prompt_mask, key, weights, filters: Filters
             response_mask=carry.response_mask.at[:, step].set(emit),
             sampling_logps=carry.sampling_logps.at[:, step].set(jnp.where(emit, sampling_logp, 0.0)),
             member_logps=carry.member_logps.at[:, :, step].set(member_logps),
+            hidden=None if carry.hidden is None else carry.hidden.at[:, step].set(
+                jnp.where(emit[:, None], base_hidden, 0).astype(carry.hidden.dtype)),
         )
 
-    caches, logits = [], []
+    caches, logits, last_hidden = [], [], []
     for model in models:
         # The prompt's cache has only its slots (prefill attention need not sweep the response's);
         # per_layer() below makes room for the response.
@@ -200,6 +210,7 @@ def _generate(states, prompt_tokens, prompt_mask, key, weights, filters: Filters
         hidden, cache = model.hidden_states(tokens, attention_mask=mask, cache=cache)
         caches.append(cache)
         logits.append(last_logits(model, hidden))
+        last_hidden.append(hidden[:, -1])
     start = _Carry(
         step=jnp.zeros((), jnp.int32),
         fed=jnp.zeros((rows,), jnp.int32),
@@ -210,21 +221,24 @@ def _generate(states, prompt_tokens, prompt_mask, key, weights, filters: Filters
         response_mask=jnp.zeros((rows, max_new_tokens), bool),
         sampling_logps=jnp.zeros((rows, max_new_tokens), jnp.float32),
         member_logps=jnp.zeros((len(models), rows, max_new_tokens), jnp.float32),
+        hidden=(_constrain(jnp.zeros((rows, max_new_tokens, last_hidden[0].shape[-1]), last_hidden[0].dtype),
+                           mesh, _batch_spec(mesh, 3)) if return_hidden else None),
     )
-    carry = choose(start, logits)
+    carry = choose(start, logits, last_hidden[0])
     # Decoding runs the layers unrolled on per-layer weights and writes per-layer cache buffers: under the
     # layer scan XLA's CPU backend would copy every layer's weights and cache at every step.
     carry = carry._replace(caches=tuple(_constrain_cache(cache.per_layer(cache_length), mesh)
                                         for cache in carry.caches))
 
     def decode_step(carry: _Carry) -> _Carry:
-        caches, logits = [], []
+        caches, logits, last_hidden = [], [], []
         for model, cache in zip(decoders, carry.caches, strict=True):
             hidden, cache = model.hidden_states(carry.fed[:, None], attention_mask=carry.fed_real[:, None],
                                                 cache=cache)
             caches.append(cache)
             logits.append(last_logits(model, hidden))
-        return choose(carry._replace(caches=tuple(caches)), logits)
+            last_hidden.append(hidden[:, -1])
+        return choose(carry._replace(caches=tuple(caches)), logits, last_hidden[0])
 
     carry = jax.lax.while_loop(lambda c: (c.step < max_new_tokens) & ~jnp.all(c.done), decode_step, carry)
     def rows_sharded(x, batch_dim=0):
@@ -240,6 +254,7 @@ def _generate(states, prompt_tokens, prompt_mask, key, weights, filters: Filters
         guide_logps=rows_sharded(carry.member_logps[1:], batch_dim=1),
         prompt_tokens=tokens,
         prompt_mask=mask,
+        hidden_states=None if carry.hidden is None else rows_sharded(carry.hidden),
     )
 
 
@@ -391,6 +406,7 @@ class Sampler:
         alpha: float = 1.0,
         betas: Sequence[float] | None = None,
         stream: StreamFn | None = None,
+        return_hidden: bool = False,
     ) -> Rollout:
         """Sample ``params.n`` responses to every prompt.
 
@@ -406,6 +422,9 @@ class Sampler:
             betas: one weight per guide (required with guides). ``betas = 0`` reproduces the base model.
             stream: optional ``stream(step, tokens [R], emitted [R])`` called on the host after each
                 token, in order (single device only); a different function compiles another program.
+            return_hidden: also return the base model's hidden state behind each token
+                (``Rollout.hidden_states``, ``[R, N, D]``: a PPO value head on the policy's trunk reads its
+                values there instead of running the trunk again). Another compiled program.
 
         Returns:
             A :class:`Rollout` of ``R = B·n`` rows, its arrays on the sampler's devices.
@@ -444,6 +463,6 @@ class Sampler:
             tuple(m.states for m in self._members), tokens, mask, key, weights, params.filters(), stop_mask,
             np.int32(self.pad_token_id), graphdefs=tuple(m.graphdefs for m in self._members),
             max_new_tokens=params.max_new_tokens, n=params.n, candidates=self.candidates, mesh=self.mesh,
-            stream=stream,
+            stream=stream, return_hidden=return_hidden,
         )
         return out if rows == batch else out.take_rows(batch * params.n)

@@ -199,6 +199,9 @@ class OnlineTrainer:
             name are multiplied by the factor (e.g. a critic learning rate apart from the policy's).
     """
 
+    # Subclasses that read the policy's hidden states from the sampler (Rollout.hidden_states) set it.
+    sampler_hidden_states: bool = False
+
     def __init__(self, config: TrainConfig, model: nnx.Module, objective: Objective, prompts, *,
                  reward: RewardSource, tokenizer, sampling: SamplingParams, epochs: int, num_minibatches: int,
                  gold: RewardSource | None = None, trainable: Any = nnx.Param, rules: Mapping = DEFAULT_RULES,
@@ -239,14 +242,18 @@ class OnlineTrainer:
         for PPO, ``values``."""
         raise NotImplementedError
 
-    def sampled_logps(self, rollout: Rollout) -> np.ndarray | None:
-        """The policy's log-probs of its own tokens as the sampler computed them, when they are the training
-        objective's (temperature ``T > 0`` and no top-k/top-p/min-p filter: ``log softmax(logits / T)``
-        either way, to float rounding), so the scoring pass needs no policy forward; else None."""
+    @property
+    def sampler_is_policy(self) -> bool:
+        """Whether the sampler draws from the training objective's distribution (temperature ``T > 0`` and
+        no top-k/top-p/min-p filter: ``softmax(logits / T)`` either way), so that what it computed on the
+        way — its log-probs, its hidden states — stands for a policy forward pass, to float rounding."""
         params = self.sampling
-        if params.temperature > 0 and params.top_k == 0 and params.top_p == 1.0 and params.min_p == 0.0:
-            return np.asarray(rollout.sampling_logps, np.float32)
-        return None
+        return params.temperature > 0 and params.top_k == 0 and params.top_p == 1.0 and params.min_p == 0.0
+
+    def sampled_logps(self, rollout: Rollout) -> np.ndarray | None:
+        """The policy's log-probs of its own tokens as the sampler computed them when
+        :attr:`sampler_is_policy` (the scoring pass then needs no policy forward); else None."""
+        return np.asarray(rollout.sampling_logps, np.float32) if self.sampler_is_policy else None
 
     def prepare(self, rollout: Rollout, inputs: Mapping[str, np.ndarray], scored: Mapping[str, np.ndarray],
                 rewards: RewardOutput) -> tuple[dict[str, np.ndarray], dict[str, float]]:
@@ -325,7 +332,8 @@ class OnlineTrainer:
                    sampler: Sampler) -> tuple[TrainState, dict[str, Any]]:
         started = time.perf_counter()
         rollout = sampler.generate(prompts["input_ids"], prompts["attention_mask"],
-                                   key=jax.random.fold_in(self.key, iteration), params=self.sampling)
+                                   key=jax.random.fold_in(self.key, iteration), params=self.sampling,
+                                   return_hidden=self.sampler_hidden_states)
         jax.block_until_ready(rollout.tokens)
         generated = time.perf_counter()
 

@@ -222,9 +222,12 @@ def ppo_objective(config: PPOConfig, temperature: float):
     return objective
 
 
-def _score_pass(model: ActorCritic, reference, tokens, attention_mask, positions, *, prompt_length: int,
-                temperature: float, chunk_size: int | None, lora_reference: bool, policy_logps: bool):
-    if model.critic is None or policy_logps:
+def _score_pass(model: ActorCritic, reference, tokens, attention_mask, positions, sampler_hidden, *,
+                prompt_length: int, temperature: float, chunk_size: int | None, lora_reference: bool,
+                policy_logps: bool):
+    if sampler_hidden is not None:  # a shared critic on the sampler's hidden states: no policy pass at all
+        out = {"values": model.value_head(sampler_hidden)}
+    elif model.critic is None or policy_logps:
         logps, values = model(tokens, attention_mask, positions, prompt_length=prompt_length,
                               temperature=temperature, chunk_size=chunk_size)
         out = {"logps": logps, "values": values}
@@ -286,6 +289,9 @@ class PPOTrainer(OnlineTrainer):
                          update_scales=({"value_head": ppo.critic_lr_scale, "critic": ppo.critic_lr_scale}
                                         if ppo.critic_lr_scale != 1.0 else None),
                          extra_metadata=extra_metadata)
+        # A shared critic reads its values off the hidden states the sampler computed anyway, when the
+        # sampler draws from the policy itself (its log-probs then serve too): scoring runs no policy pass.
+        self.sampler_hidden_states = ppo.critic == "shared" and self.sampler_is_policy
 
     def policy_of(self, model: ActorCritic) -> nnx.Module:
         return model.policy
@@ -296,8 +302,9 @@ class PPOTrainer(OnlineTrainer):
         static = {"prompt_length": int(rollout.prompt_tokens.shape[1]), "temperature": self.temperature,
                   "chunk_size": self.ppo.chunk_size, "lora_reference": self.lora_reference,
                   "policy_logps": sampled is None}
+        hidden = rollout.hidden_states if sampled is not None else None
         scored = to_host(self._score(model, reference, inputs["input_ids"], inputs["attention_mask"],
-                                     inputs["positions"], static=static))
+                                     inputs["positions"], hidden, static=static))
         return {"logps": sampled, **scored} if "logps" not in scored else scored
 
     def scores(self, rewards: RewardOutput, stopped: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:

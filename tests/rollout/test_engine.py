@@ -64,6 +64,28 @@ def test_logps_equal_a_training_forward_pass(llama, sampler):
     assert float(jnp.max(jnp.abs(out.sampling_logps - out.model_logps))) > 1e-2
 
 
+def test_hidden_states_equal_a_training_forward_pass(llama, sampler):
+    model, _ = llama
+    free = sampler.generate(PROMPTS, key=jax.random.key(2), params=SamplingParams(max_new_tokens=N, stop_token_ids=()))
+    # Stop on tokens this key draws early in rows 0 and 1 (the same key draws the same tokens up to a stop).
+    stops = (int(free.tokens[0, 3]), int(free.tokens[1, 2]))
+    stopping = SamplingParams(max_new_tokens=N, stop_token_ids=stops)
+    out = sampler.generate(PROMPTS, key=jax.random.key(2), params=stopping, return_hidden=True)
+    assert not np.all(np.asarray(out.response_mask)), "some row should stop early"
+    tokens, mask = out.sequences()
+    hidden, _ = model.hidden_states(tokens, attention_mask=mask)
+    width = out.prompt_tokens.shape[1]
+    response = np.asarray(out.response_mask)
+    kept = np.asarray(out.hidden_states)
+    assert kept.shape == (len(PROMPTS), N, model.config.d_model)
+    np.testing.assert_allclose(kept[response], np.asarray(hidden[:, width - 1:-1])[response], atol=1e-5)
+    assert np.all(kept[~response] == 0.0)
+    # The same tokens with or without the hidden states; without, none are returned.
+    plain = sampler.generate(PROMPTS, key=jax.random.key(2), params=stopping)
+    np.testing.assert_array_equal(np.asarray(plain.tokens), np.asarray(out.tokens))
+    assert plain.hidden_states is None
+
+
 def test_same_key_same_samples_other_key_others(sampler):
     first = sampler.generate(PROMPTS, key=jax.random.key(7), params=SAMPLED)
     again = sampler.generate(PROMPTS, key=jax.random.key(7), params=SAMPLED)

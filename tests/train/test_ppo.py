@@ -197,20 +197,25 @@ def test_grpo_raises_a_token_counting_reward(tmp_path):
     assert all(np.isfinite(r["kl"]) and np.isfinite(r["policy/clip_ratio/region_mean"]) for r in records)
 
 
-def test_the_sampler_log_probs_stand_in_for_a_policy_forward_pass():
-    trainer = ppo_trainer(None, 1)  # separate critic: without a filter the scoring pass skips the policy
+@pytest.mark.parametrize("critic", ["separate", "shared"])
+def test_the_sampler_stands_in_for_a_policy_forward_pass(critic):
+    """Without a filter the scoring pass takes the sampler's log-probs (and, for a shared critic, values off
+    the sampler's hidden states) instead of running the policy: the same numbers as the forward pass."""
+    trainer = ppo_trainer(None, 1, critic=critic)
+    assert trainer.sampler_hidden_states == (critic == "shared")
     model = trainer.train_step.trained_model(trainer.train_step.init(0))
     batch = next(iter(prompt_batches(tiny_tokenizer(), 4)))
     rollout = Sampler(model.policy).generate(batch["input_ids"], batch["attention_mask"], key=jax.random.key(1),
-                                             params=trainer.sampling)
+                                             params=trainer.sampling, return_hidden=trainer.sampler_hidden_states)
     inputs = sequence_inputs(rollout)
     fast = trainer.score(model, rollout, inputs)
     # top_k = V keeps every token (the same distribution) but makes the trainer recompute the log-probs.
     trainer.sampling = dataclasses.replace(trainer.sampling, top_k=TINY.vocab_size)
+    assert not trainer.sampler_is_policy
     recomputed = trainer.score(model, rollout, inputs)
     mask = np.asarray(rollout.response_mask, bool)
     np.testing.assert_allclose(fast["logps"][mask], recomputed["logps"][mask], atol=2e-5)
-    np.testing.assert_allclose(fast["values"], recomputed["values"], atol=1e-6)
+    np.testing.assert_allclose(fast["values"][mask], recomputed["values"][mask], atol=1e-5)
     np.testing.assert_allclose(fast["ref_logps"], recomputed["ref_logps"], atol=1e-6)
 
 
