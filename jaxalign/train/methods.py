@@ -249,6 +249,9 @@ def run(config: RunConfig) -> RunResult:
     model, objective, references, dataset, extra = builder(config, lm, tokenizer, dataset)
     if config.freeze_backbone:
         # A frozen trunk: its features once, then the head fitted to convergence (no optimizer steps).
+        if jax.process_count() > 1:
+            raise NotImplementedError("freeze_backbone (the linear probe) runs in one process: each host would "
+                                      "fit a head on its own shard of the pairs")
         features = probe.pooled_features(model, _one_pass(config.data, dataset), total=len(dataset))
         extra["probe"] = probe.fit_reward_probe(model, objective, features, l2=config.probe_l2,
                                                 max_iterations=config.probe_iterations, log=config.train.log)
