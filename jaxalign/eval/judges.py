@@ -148,7 +148,8 @@ class RewardModelJudge:
 
     def score_tokens(self, tokens: Int[np.ndarray, "R L"], attention_mask: Int[np.ndarray, "R L"],
                      positions: Int[np.ndarray, "R L"] | None = None) -> Float[np.ndarray, "R *D"]:
-        """Rewards of token sequences (left, right or both-sided padding: read at each row's last real token).
+        """Rewards of token sequences (left, right or both-sided padding: read at each row's last real token,
+        or averaged over its real tokens, as the head pools).
 
         Args:
             tokens: ``[R, L]`` token ids.

@@ -175,7 +175,7 @@ def reward_objective(*, loss: str = "bradley_terry", use_margin: bool = False, m
             flat = flat.reshape(*layout, flat.shape[-1])
             if len(layout) != 3:
                 raise ValueError(f"reward_objective: a {flat.shape[-1]}-objective head needs group batches "
-                                 f"[B, D, 2, T]; got input_ids of shape {batch['input_ids'].shape}")
+                                 f"[B, D, 2, T]; got a batch of layout {tuple(layout)}")
             # group row d is the pair of dimension d: take head output d
             return jnp.einsum("bdpd->bdp", flat)
         return flat.reshape(layout)

@@ -341,6 +341,7 @@ class OnlineTrainer:
         # Dropout off (LoRA adapters may carry some): old log-probs are those of the policy that sampled.
         model = nnx.view(self.train_step.trained_model(state), deterministic=True, raise_if_not_found=False)
         scored = self.score(model, rollout, inputs)
+        rollout = dataclasses.replace(rollout, hidden_states=None)  # [R, N, D]: not kept through training
         episodes = Episodes.from_rollout(rollout, self.tokenizer, ref_logps=scored.get("ref_logps"),
                                          group_size=self.sampling.n)
         rewards = run_source(self.reward, episodes)

@@ -289,9 +289,12 @@ class PPOTrainer(OnlineTrainer):
                          update_scales=({"value_head": ppo.critic_lr_scale, "critic": ppo.critic_lr_scale}
                                         if ppo.critic_lr_scale != 1.0 else None),
                          extra_metadata=extra_metadata)
-        # A shared critic reads its values off the hidden states the sampler computed anyway, when the
-        # sampler draws from the policy itself (its log-probs then serve too): scoring runs no policy pass.
-        self.sampler_hidden_states = ppo.critic == "shared" and self.sampler_is_policy
+
+    @property
+    def sampler_hidden_states(self) -> bool:
+        """A shared critic reads its values off the hidden states the sampler computed anyway, when the
+        sampler draws from the policy itself (its log-probs then serve too): scoring runs no policy pass."""
+        return self.ppo.critic == "shared" and self.sampler_is_policy
 
     def policy_of(self, model: ActorCritic) -> nnx.Module:
         return model.policy
@@ -302,7 +305,8 @@ class PPOTrainer(OnlineTrainer):
         static = {"prompt_length": int(rollout.prompt_tokens.shape[1]), "temperature": self.temperature,
                   "chunk_size": self.ppo.chunk_size, "lora_reference": self.lora_reference,
                   "policy_logps": sampled is None}
-        hidden = rollout.hidden_states if sampled is not None else None
+        # Only a shared critic's values live on the policy's hidden states.
+        hidden = rollout.hidden_states if sampled is not None and model.critic is None else None
         scored = to_host(self._score(model, reference, inputs["input_ids"], inputs["attention_mask"],
                                      inputs["positions"], hidden, static=static))
         return {"logps": sampled, **scored} if "logps" not in scored else scored

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 import types
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -30,8 +31,20 @@ from tqdm.auto import tqdm
 from jaxalign.train.config import LogConfig
 from jaxalign.train.metrics import MetricsLogger
 
-# Features whose standard deviation is below this are constant over the data: left unscaled.
-_MIN_STD = 1e-6
+# Features whose standard deviation is below this fraction of the largest one are constant over the data
+# (up to float noise): left unscaled rather than blown up to unit variance.
+_RELATIVE_MIN_STD = 1e-6
+
+
+def _real_slots(data: dict[str, np.ndarray]) -> np.ndarray:
+    """Which sequences of ``features [E, *layout, D]`` are real: not a missing group dimension (``pair_mask``
+    0) or an absent best-of-N candidate (``candidate_mask`` 0), whose pooled state is a pad's."""
+    layout = data["features"].shape[:-1]
+    if "candidate_mask" in data:
+        return np.broadcast_to(np.asarray(data["candidate_mask"], bool), layout)
+    if "pair_mask" in data and len(layout) == 3:  # groups [E, D, 2]
+        return np.broadcast_to(np.asarray(data["pair_mask"], bool)[..., None], layout)
+    return np.ones(layout, bool)
 
 
 def pooled_features(reward_model: nnx.Module, batches: Iterable[dict], *, total: int | None = None,
@@ -82,7 +95,9 @@ def fit_reward_probe(reward_model: nnx.Module, objective: Callable, data: dict[s
     """Fit ``reward_model``'s head (in place) to ``objective`` on pooled ``data`` (:func:`pooled_features`).
 
     The head starts at zero (the problem is convex: the start does not matter, and zero is reproducible)
-    and L-BFGS runs until the gradient's norm falls below ``tolerance`` or ``max_iterations`` pass.
+    and L-BFGS runs until the gradient's norm falls below ``tolerance`` or ``max_iterations`` pass (then a
+    warning). The features are standardised with the statistics of the real sequences (not of missing group
+    dimensions or absent candidates). Runs where the arrays are (no mesh), in one process.
 
     Args:
         objective: the run's reward objective (:func:`jaxalign.train.objectives.reward_objective`).
@@ -92,14 +107,19 @@ def fit_reward_probe(reward_model: nnx.Module, objective: Callable, data: dict[s
     Returns:
         The final ``loss`` (objective + penalty), ``objective_loss``, the objective's metrics, ``iterations``,
         ``grad_norm`` (at the last iteration's start), ``converged``, ``l2`` and ``seconds``.
+
+    Raises:
+        FloatingPointError: the fit ended with a non-finite loss or head (the head is not changed).
     """
     if l2 < 0 or max_iterations < 1:
         raise ValueError(f"fit_reward_probe: l2 must be >= 0 and max_iterations >= 1, got {l2}, {max_iterations}")
     start_time = time.perf_counter()
     features = np.asarray(data["features"], np.float64)
-    flat = features.reshape(-1, features.shape[-1])
-    mean = flat.mean(axis=0)
-    std = np.where(flat.std(axis=0) < _MIN_STD, 1.0, flat.std(axis=0))
+    real = features[_real_slots(data)]
+    if not len(real):
+        raise ValueError("fit_reward_probe: no real sequence in the data")
+    mean, std = real.mean(axis=0), real.std(axis=0)
+    std = np.where(std <= _RELATIVE_MIN_STD * std.max(), 1.0, std)
     batch = {name: jnp.asarray(value) for name, value in data.items()}
     batch["features"] = jnp.asarray((features - mean) / std, jnp.float32)
 
@@ -148,6 +168,12 @@ def fit_reward_probe(reward_model: nnx.Module, objective: Callable, data: dict[s
     finally:
         logger.close()
     loss, (objective_loss, metrics) = jax.device_get(loss_and_metrics(params, batch))
+    if not (np.isfinite(loss) and all(np.all(np.isfinite(np.asarray(v))) for v in jax.tree.leaves(params))):
+        raise FloatingPointError(f"fit_reward_probe: the fit ended non-finite after {iterations} L-BFGS "
+                                 f"iteration(s) (loss {float(loss)}); the head is left as it was")
+    if float(grad_norm) >= tolerance:
+        warnings.warn(f"fit_reward_probe: not converged after {iterations} L-BFGS iterations (gradient norm "
+                      f"{float(grad_norm):.3g} >= {tolerance:g}); raise probe_iterations", stacklevel=2)
     # Fold the standardisation in: W·(x − μ)/σ + b = (W/σ)·x + (b − (μ/σ)·W).
     kernel = np.asarray(params["kernel"], np.float64)
     head.kernel[...] = jnp.asarray(kernel / std[:, None], jnp.float32)

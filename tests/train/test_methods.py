@@ -142,6 +142,9 @@ def test_reward_probe_fits_the_head_on_a_frozen_trunk(checkpoint, pairs_file, tm
     assert info["pooling"] == pooling == reloaded.reward_head.pooling
     with pytest.raises(ValueError, match="freeze_backbone applies to reward models only"):
         config(checkpoint, pairs_file, tmp_path, "dpo", "freeze_backbone=true")
+    with pytest.warns(UserWarning, match="not converged after 1 L-BFGS iterations"):
+        methods.run(config(checkpoint, pairs_file, tmp_path / "short", "reward", "freeze_backbone=true",
+                           "probe_iterations=1", f"loss.pooling={pooling}", "normalize_samples=0", "export=false"))
     with pytest.raises(ValueError, match="probe_l2 must be >= 0"):
         config(checkpoint, pairs_file, tmp_path, "reward", "probe_l2=-1")
 

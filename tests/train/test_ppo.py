@@ -205,8 +205,9 @@ def test_the_sampler_stands_in_for_a_policy_forward_pass(critic):
     assert trainer.sampler_hidden_states == (critic == "shared")
     model = trainer.train_step.trained_model(trainer.train_step.init(0))
     batch = next(iter(prompt_batches(tiny_tokenizer(), 4)))
+    # Hidden states in both cases: a separate critic must not take its values from the policy's.
     rollout = Sampler(model.policy).generate(batch["input_ids"], batch["attention_mask"], key=jax.random.key(1),
-                                             params=trainer.sampling, return_hidden=trainer.sampler_hidden_states)
+                                             params=trainer.sampling, return_hidden=True)
     inputs = sequence_inputs(rollout)
     fast = trainer.score(model, rollout, inputs)
     # top_k = V keeps every token (the same distribution) but makes the trainer recompute the log-probs.
