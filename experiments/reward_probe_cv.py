@@ -21,7 +21,7 @@ from flax import nnx
 
 from jaxalign import data as jdata
 from jaxalign import models
-from jaxalign.train import objectives, probe, recipe
+from jaxalign.train import methods, objectives, probe, recipe
 
 PENALTIES = (0.01, 0.03, 0.1, 0.3, 1.0)
 
@@ -33,7 +33,7 @@ def fold_accuracy(model, objective, features: dict, folds: list[np.ndarray], l2:
         train = np.setdiff1d(np.arange(len(features["features"])), held_out)
         probe.fit_reward_probe(model, objective, {k: v[train] for k, v in features.items()}, l2=l2,
                                max_iterations=500)  # warns if it does not converge
-        rewards = np.asarray(model.reward_head.project(features["features"][held_out]))[..., 0]
+        rewards = np.asarray(model.reward_head.project(features["features"][held_out]))  # [n, 2]
         correct += int(np.sum(rewards[:, 0] > rewards[:, 1]))
     return correct / sum(len(f) for f in folds)
 
@@ -56,9 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for pooling in ("last", "mean"):
         model = models.RewardModel(lm, pooling=pooling, rngs=nnx.Rngs(0))
-        batches = jdata.BatchIterator(dataset, batch_size=config.data.batch_size, seed=0, shuffle=False,
-                                      drop_last=False, num_epochs=1, buckets=config.data.buckets)
-        features = probe.pooled_features(model, batches, total=len(dataset))
+        features = probe.pooled_features(model, methods.one_pass(config.data, dataset), total=len(dataset))
         results[pooling] = {str(l2): fold_accuracy(model, objective, features, folds, l2) for l2 in PENALTIES}
     print(f"\n{args.folds}-fold accuracy of the probe on {len(dataset)} pairs ({args.pairs})")
     print(f"{'probe_l2':>10}" + "".join(f"{p:>10}" for p in results))

@@ -90,13 +90,14 @@ class RewardHead(nnx.Module):
         last = last_token_index(attention_mask)
         return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0].astype(jnp.float32)
 
-    def project(self, features: Float[Array, "... D"]) -> Float[Array, "... N"]:
-        """``W·features + b`` ``[..., N]`` float32, from pooled features (:meth:`pool`)."""
-        return features.astype(jnp.float32) @ self.kernel[...] + self.bias[...]
+    def project(self, features: Float[Array, "... D"]) -> Float[Array, "..."]:
+        """``W·features + b`` float32 from pooled features (:meth:`pool`): ``[...]``, or ``[..., N]`` for an
+        ``N``-objective head."""
+        rewards = features.astype(jnp.float32) @ self.kernel[...] + self.bias[...]
+        return rewards[..., 0] if self.num_objectives is None else rewards
 
     def __call__(self, hidden: Float[Array, "B T D"], attention_mask: Array) -> Float[Array, "B ..."]:
-        rewards = self.project(self.pool(hidden, attention_mask))
-        return rewards[:, 0] if self.num_objectives is None else rewards
+        return self.project(self.pool(hidden, attention_mask))
 
 
 class CausalLMWithValueHead(nnx.Module):

@@ -88,8 +88,8 @@ class Rollout:
 
     def take_rows(self, count: int) -> Rollout:
         """The first ``count`` rows (drops the rows that only padded the batch bucket)."""
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        fields = {name: None if value is None else value[:count] for name, value in fields.items()}
+        fields = {f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[:count]
+                  for f in dataclasses.fields(self)}
         fields["guide_logps"] = self.guide_logps[:, :count]
         return Rollout(**fields)
 
@@ -202,15 +202,16 @@ def _generate(states, prompt_tokens, prompt_mask, key, weights, filters: Filters
                 jnp.where(emit[:, None], base_hidden, 0).astype(carry.hidden.dtype)),
         )
 
-    caches, logits, last_hidden = [], [], []
-    for model in models:
+    caches, logits = [], []
+    for index, model in enumerate(models):
         # The prompt's cache has only its slots (prefill attention need not sweep the response's);
         # per_layer() below makes room for the response.
         cache = _constrain_cache(KVCache.init(model.config, batch_size=rows, max_length=prompt_length), mesh)
         hidden, cache = model.hidden_states(tokens, attention_mask=mask, cache=cache)
         caches.append(cache)
         logits.append(last_logits(model, hidden))
-        last_hidden.append(hidden[:, -1])
+        if index == 0:
+            base_hidden = hidden[:, -1]
     start = _Carry(
         step=jnp.zeros((), jnp.int32),
         fed=jnp.zeros((rows,), jnp.int32),
@@ -221,24 +222,25 @@ def _generate(states, prompt_tokens, prompt_mask, key, weights, filters: Filters
         response_mask=jnp.zeros((rows, max_new_tokens), bool),
         sampling_logps=jnp.zeros((rows, max_new_tokens), jnp.float32),
         member_logps=jnp.zeros((len(models), rows, max_new_tokens), jnp.float32),
-        hidden=(_constrain(jnp.zeros((rows, max_new_tokens, last_hidden[0].shape[-1]), last_hidden[0].dtype),
+        hidden=(_constrain(jnp.zeros((rows, max_new_tokens, base_hidden.shape[-1]), base_hidden.dtype),
                            mesh, _batch_spec(mesh, 3)) if return_hidden else None),
     )
-    carry = choose(start, logits, last_hidden[0])
+    carry = choose(start, logits, base_hidden)
     # Decoding runs the layers unrolled on per-layer weights and writes per-layer cache buffers: under the
     # layer scan XLA's CPU backend would copy every layer's weights and cache at every step.
     carry = carry._replace(caches=tuple(_constrain_cache(cache.per_layer(cache_length), mesh)
                                         for cache in carry.caches))
 
     def decode_step(carry: _Carry) -> _Carry:
-        caches, logits, last_hidden = [], [], []
-        for model, cache in zip(decoders, carry.caches, strict=True):
+        caches, logits = [], []
+        for index, (model, cache) in enumerate(zip(decoders, carry.caches, strict=True)):
             hidden, cache = model.hidden_states(carry.fed[:, None], attention_mask=carry.fed_real[:, None],
                                                 cache=cache)
             caches.append(cache)
             logits.append(last_logits(model, hidden))
-            last_hidden.append(hidden[:, -1])
-        return choose(carry._replace(caches=tuple(caches)), logits, last_hidden[0])
+            if index == 0:
+                base_hidden = hidden[:, -1]
+        return choose(carry._replace(caches=tuple(caches)), logits, base_hidden)
 
     carry = jax.lax.while_loop(lambda c: (c.step < max_new_tokens) & ~jnp.all(c.done), decode_step, carry)
     def rows_sharded(x, batch_dim=0):

@@ -105,7 +105,7 @@ def _batches(config: jdata.DataConfig, dataset: jdata.TokenizedDataset, *, shuff
         process_index=jax.process_index(), process_count=jax.process_count())
 
 
-def _one_pass(config: jdata.DataConfig, dataset: jdata.TokenizedDataset) -> jdata.BatchIterator:
+def one_pass(config: jdata.DataConfig, dataset: jdata.TokenizedDataset) -> jdata.BatchIterator:
     """Every example once, in order; the last batch padded with ``example_mask`` 0 rows."""
     return _batches(config, dataset, shuffle=False, num_epochs=1, drop_last=False)
 
@@ -125,7 +125,7 @@ def precompute_reference_logps(reference: nnx.Module, dataset: jdata.TokenizedDa
         return fn(nnx.merge(graphdef, state), batch)
 
     values = []
-    iterator = _one_pass(config, dataset)
+    iterator = one_pass(config, dataset)
     with tqdm(total=len(dataset), unit="pair", desc="reference log-probs", dynamic_ncols=True) as bar:
         for batch in iterator:
             keep = batch["example_mask"].astype(bool)
@@ -252,7 +252,7 @@ def run(config: RunConfig) -> RunResult:
         if jax.process_count() > 1:
             raise NotImplementedError("freeze_backbone (the linear probe) runs in one process: each host would "
                                       "fit a head on its own shard of the pairs")
-        features = probe.pooled_features(model, _one_pass(config.data, dataset), total=len(dataset))
+        features = probe.pooled_features(model, one_pass(config.data, dataset), total=len(dataset))
         extra["probe"] = probe.fit_reward_probe(model, objective, features, l2=config.probe_l2,
                                                 max_iterations=config.probe_iterations, log=config.train.log)
     else:
@@ -271,7 +271,7 @@ def run(config: RunConfig) -> RunResult:
     if eval_dataset is not None:
         if config.method == "dpo" and config.reference == "precomputed":
             eval_dataset = precompute_reference_logps(extra.pop("reference_model"), eval_dataset, config.eval_data)
-        eval_metrics = evaluate_objective(objective, model, _one_pass(config.eval_data, eval_dataset), references)
+        eval_metrics = evaluate_objective(objective, model, one_pass(config.eval_data, eval_dataset), references)
         if config.method == "sft" and "loss" in eval_metrics:
             eval_metrics["perplexity"] = math.exp(min(eval_metrics["loss"], 700.0))
     extra.pop("reference_model", None)

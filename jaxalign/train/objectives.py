@@ -166,7 +166,6 @@ def reward_objective(*, loss: str = "bradley_terry", use_margin: bool = False, m
         if "features" in batch:  # pooled trunk features computed once (a frozen trunk, jaxalign.train.probe)
             layout = batch["features"].shape[:-1]
             flat = model.reward_head.project(_flat(batch, "features"))
-            flat = flat[:, 0] if model.reward_head.num_objectives is None else flat
         else:
             layout = batch["input_ids"].shape[:-1]
             flat = model(_flat(batch, "input_ids"), attention_mask=_flat(batch, "attention_mask"),

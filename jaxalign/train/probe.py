@@ -155,9 +155,8 @@ def fit_reward_probe(reward_model: nnx.Module, objective: Callable, data: dict[s
     params, solver_state = start, solver.init(start)
     logger = MetricsLogger(log or LogConfig(directory=None, progress_bar=False), total_steps=max_iterations,
                            start_step=0)
-    grad_norm, iterations = np.inf, 0
     try:
-        for iterations in range(1, max_iterations + 1):
+        for iterations in range(1, max_iterations + 1):  # max_iterations >= 1: the loop sets every name
             params, solver_state, grad_norm = iteration(params, solver_state, batch)
             loss, (objective_loss, metrics) = jax.device_get(loss_and_metrics(params, batch))
             logger.log(iterations, {"loss": loss, "objective_loss": objective_loss,
@@ -167,7 +166,6 @@ def fit_reward_probe(reward_model: nnx.Module, objective: Callable, data: dict[s
                 break
     finally:
         logger.close()
-    loss, (objective_loss, metrics) = jax.device_get(loss_and_metrics(params, batch))
     if not (np.isfinite(loss) and all(np.all(np.isfinite(np.asarray(v))) for v in jax.tree.leaves(params))):
         raise FloatingPointError(f"fit_reward_probe: the fit ended non-finite after {iterations} L-BFGS "
                                  f"iteration(s) (loss {float(loss)}); the head is left as it was")
