@@ -30,6 +30,7 @@ from jaxalign.models.stack import (
     attention_inputs,
     check_in_range,
     clip_index,
+    per_token,
     scan_layers,
     vocab_logits,
 )
@@ -196,12 +197,12 @@ class GPT2Attention(nnx.Module):
                  kv: LayerKV | None) -> tuple[Float[Array, "B T D"], LayerKV | None]:
         batch, length, d_model = x.shape
         q, k, v = (part.reshape(batch, length, self.n_heads, self.head_dim)
-                   for part in jnp.split(self.c_attn(x), 3, axis=-1))
+                   for part in jnp.split(per_token(self.c_attn, x), 3, axis=-1))
         if kv is not None:
             kv, k, v = kv.append(k, v)
         out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask[:, None],
                                            scale=self.head_dim**-0.5)
-        return self.c_proj(out.reshape(batch, length, d_model)), kv
+        return per_token(self.c_proj, out.reshape(batch, length, d_model)), kv
 
 
 class GPT2MLP(nnx.Module):
@@ -213,7 +214,7 @@ class GPT2MLP(nnx.Module):
         self.c_proj = _linear(config, config.intermediate_size, config.d_model, rngs=rngs)
 
     def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
-        return self.c_proj(jax.nn.gelu(self.c_fc(x), approximate=self.approximate))
+        return per_token(lambda t: self.c_proj(jax.nn.gelu(self.c_fc(t), approximate=self.approximate)), x)
 
 
 class GPT2Block(nnx.Module):

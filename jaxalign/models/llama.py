@@ -20,7 +20,7 @@ from jaxtyping import Array, Bool, Float, Int
 from jaxalign.models.cache import KVCache, LayerKV
 from jaxalign.models.config import ModelConfig
 from jaxalign.models.rope import apply_rope, inverse_frequencies, rope_tables
-from jaxalign.models.stack import advance_cache, attention_inputs, clip_index, scan_layers, vocab_logits
+from jaxalign.models.stack import advance_cache, attention_inputs, clip_index, per_token, scan_layers, vocab_logits
 
 # transformers initialises every Linear/Embedding with N(0, initializer_range=0.02).
 _INIT = nnx.initializers.normal(stddev=0.02)
@@ -69,9 +69,9 @@ class Attention(nnx.Module):
     ) -> tuple[Float[Array, "B T D"], LayerKV | None]:
         """Attend from the ``T`` new tokens to ``S`` keys (``S = T`` without a cache)."""
         batch, length, _ = x.shape
-        q = self.q_proj(x).reshape(batch, length, self.n_heads, self.head_dim)
-        k = self.k_proj(x).reshape(batch, length, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(batch, length, self.n_kv_heads, self.head_dim)
+        q = per_token(self.q_proj, x).reshape(batch, length, self.n_heads, self.head_dim)
+        k = per_token(self.k_proj, x).reshape(batch, length, self.n_kv_heads, self.head_dim)
+        v = per_token(self.v_proj, x).reshape(batch, length, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is not None:
             kv, k, v = kv.append(k, v)
@@ -80,7 +80,7 @@ class Attention(nnx.Module):
         out = jax.nn.dot_product_attention(
             q, k.astype(q.dtype), v.astype(q.dtype), mask=mask[:, None], scale=self.head_dim**-0.5
         )
-        return self.o_proj(out.reshape(batch, length, self.n_heads * self.head_dim)), kv
+        return per_token(self.o_proj, out.reshape(batch, length, self.n_heads * self.head_dim)), kv
 
 
 class MLP(nnx.Module):
@@ -93,7 +93,7 @@ class MLP(nnx.Module):
         self.down_proj = _linear(config, f, d, bias=config.mlp_bias, rngs=rngs)
 
     def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return per_token(lambda t: self.down_proj(jax.nn.silu(self.gate_proj(t)) * self.up_proj(t)), x)
 
 
 class DecoderLayer(nnx.Module):

@@ -214,6 +214,19 @@ def _is_stacked(collection) -> bool:
     return bool(leaves) and all(jnp.ndim(x) >= 1 and x.shape[0] == leaves[0].shape[0] for x in leaves)
 
 
+def per_token(fn, x: Float[Array, "... D"]) -> Array:
+    """``fn`` applied to ``x``'s tokens as one ``[N, D]`` matrix (leading dims flattened), reshaped back.
+
+    Why: the numbers are the same as ``fn(x)``, but XLA's CPU backend lays out the backward of a
+    ``[B, T, D] @ [D, F]`` matmul with transposed copies of the ``[B, T, F]`` activation gradients (an
+    elementwise fusion writing a transposed layout, slow on CPU); on ``[B·T, D]`` it runs the weight
+    gradient as a plain transposed-operand matmul. Measured on SmolLM2-135M's trunk, 16 × 96 tokens, 2 CPU
+    cores: forward+backward 10.2 s → 8.1 s. The reshapes are free (bitcasts) on every backend.
+    """
+    out = fn(x.reshape(-1, x.shape[-1]))
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
 def vocab_logits(hidden: Float[Array, "... D"], *, embedding: Array | None = None,
                  lm_head: nnx.Linear | LoRALinear | None = None, dtype) -> Float[Array, "... V"]:
     """Float32 logits from the tied ``embedding`` ``[V, D]`` or an ``lm_head`` (``nnx.Linear`` or adapted).
@@ -222,11 +235,12 @@ def vocab_logits(hidden: Float[Array, "... D"], *, embedding: Array | None = Non
     ``(α/r)·dropout(h)·A·B`` (:meth:`LoRALinear.low_rank`), so LoRA on ``lm_head`` trains and
     ``merge_lora`` exports what the forward computes.
     """
-    hidden = hidden.astype(dtype)
-    if lm_head is None:
-        return jnp.einsum("...d,vd->...v", hidden, embedding.astype(dtype), preferred_element_type=jnp.float32)
-    logits = jnp.einsum("...d,dv->...v", hidden, lm_head.kernel[...].astype(dtype),
-                        preferred_element_type=jnp.float32)
-    if isinstance(lm_head, LoRALinear):
-        logits = logits + lm_head.low_rank(hidden, preferred_element_type=jnp.float32)
-    return logits
+    def rows_logits(rows: Float[Array, "N D"]) -> Float[Array, "N V"]:
+        if lm_head is None:
+            return jnp.einsum("nd,vd->nv", rows, embedding.astype(dtype), preferred_element_type=jnp.float32)
+        logits = jnp.einsum("nd,dv->nv", rows, lm_head.kernel[...].astype(dtype), preferred_element_type=jnp.float32)
+        if isinstance(lm_head, LoRALinear):
+            logits = logits + lm_head.low_rank(rows, preferred_element_type=jnp.float32)
+        return logits
+
+    return per_token(rows_logits, hidden.astype(dtype))
