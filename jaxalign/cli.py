@@ -27,8 +27,6 @@ from jaxalign.train.command import add_train_command
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 CHAT_COMMANDS = "/exit or Ctrl-D quits, /reset clears the conversation"
-# What transformers' AutoTokenizer reads from a checkpoint directory (fast, sentencepiece, BPE files).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def add_generate_command(subcommands) -> None:
@@ -92,23 +90,13 @@ def main(argv: list[str] | None = None) -> int:
 # --- generate -------------------------------------------------------------------------------------------
 
 
-def load_model(path: str | None):
-    """``(model, tokenizer)`` from a checkpoint directory, a GGUF file, or (None) the embedded default."""
-    from jaxalign import data, models
+def load_model(path: str | None, *, option: str = "--model"):
+    """``(model, tokenizer)`` from a checkpoint directory, a GGUF file, or (None) the embedded default;
+    errors name ``option``."""
+    from jaxalign.train.methods import load_pretrained
+    from jaxalign.train.recipe import ModelSpec
 
-    if path is None:
-        return models.load_gguf(models.default_model_path())
-    location = Path(path)
-    if location.is_file() and location.suffix == ".gguf":
-        return models.load_gguf(location)
-    if location.is_dir():
-        if not any((location / name).is_file() for name in TOKENIZER_FILES):
-            raise FileNotFoundError(f"{location} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); save them "
-                                    "beside the weights with tokenizer.save_pretrained")
-        return models.load_hf(location), data.load_tokenizer(location)
-    if not location.exists():
-        raise FileNotFoundError(f"--model {path}: no such file or directory")
-    raise ValueError(f"--model {path}: expected a checkpoint directory or a .gguf file")
+    return load_pretrained(ModelSpec(path=path), source=option)
 
 
 def _prompt_records(args, tokenizer) -> tuple[list, list]:

@@ -170,7 +170,7 @@ def _policy_eval(args, prompts, policy, tokenizer, reward_judge):
         print("note: --reference is the policy's model: it is sampled once, so the win rate is 0.5 and the KL 0",
               file=sys.stderr)
     else:
-        reference, _ = load_model(args.reference)
+        reference, _ = load_model(args.reference, option="--reference")
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, n=args.n)
     evaluation = evaluate_policy(policy, reference, tokenizer, prompts, judge=_judge(args.judge),
@@ -222,7 +222,7 @@ def run_eval(args) -> int:
         reward_judge, reward_model, reward_tokenizer = _load_reward_judge(args)
     policy = tokenizer = evaluation = None
     if prompts is not None or args.eval_sft is not None:
-        policy, tokenizer = load_model(args.policy)
+        policy, tokenizer = load_model(args.policy, option="--policy")
 
     if prompts is not None:
         evaluation, report["sampling"] = _policy_eval(args, prompts, policy, tokenizer, reward_judge)

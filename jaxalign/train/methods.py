@@ -55,8 +55,11 @@ class RunResult:
     extra: dict[str, Any]
 
 
-def load_pretrained(spec: ModelSpec):
-    """``(causal LM, tokenizer)`` from ``spec.path`` (HF directory or ``.gguf``; None = embedded default)."""
+def load_pretrained(spec: ModelSpec, *, source: str = "model.path"):
+    """``(causal LM, tokenizer)`` from ``spec.path`` (HF directory or ``.gguf``; None = embedded default).
+
+    ``source`` names where the path came from (a config field, a command-line option) in the errors.
+    """
     policy = {"param_dtype": spec.param_dtype, "compute_dtype": spec.compute_dtype, "remat": spec.remat}
     if spec.path is None:
         return models.load_gguf(models.default_model_path(), **policy)
@@ -65,12 +68,12 @@ def load_pretrained(spec: ModelSpec):
         return models.load_gguf(location, **policy)
     if location.is_dir():
         if not any((location / name).is_file() for name in TOKENIZER_FILES):
-            raise FileNotFoundError(f"model.path {location}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); "
+            raise FileNotFoundError(f"{source} {location} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); "
                                     "save them beside the weights with tokenizer.save_pretrained")
         return models.load_hf(location, **policy), jdata.load_tokenizer(location)
     if not location.exists():
-        raise FileNotFoundError(f"model.path {spec.path}: no such file or directory")
-    raise ValueError(f"model.path {spec.path}: expected a checkpoint directory or a .gguf file")
+        raise FileNotFoundError(f"{source} {spec.path}: no such file or directory")
+    raise ValueError(f"{source} {spec.path}: expected a checkpoint directory or a .gguf file")
 
 
 def curriculum_order(dataset: jdata.TokenizedDataset, by: str) -> jdata.TokenizedDataset:

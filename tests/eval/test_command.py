@@ -156,6 +156,15 @@ def test_bad_arguments_are_one_line_errors(jaxalign_eval, args, message):
     assert stderr.startswith("jaxalign eval: error:")
 
 
+@pytest.mark.parametrize("option", ["--policy", "--reference"])
+def test_a_missing_model_path_names_its_option(jaxalign_eval, tmp_path, option):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Hi\n")
+    status, _, stderr = jaxalign_eval(option, "/no/such/model", "--prompts", str(prompts))
+    assert status == 2 and f"{option} /no/such/model: no such file or directory" in stderr
+    assert "Traceback" not in stderr
+
+
 def test_bad_prompt_record_names_file_and_line(checkpoints, jaxalign_eval, tmp_path):
     prompts = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "Hi"}, {"prompt": 3}])
     status, _, stderr = jaxalign_eval("--policy", checkpoints[0], "--reference", checkpoints[0], "--prompts", prompts)
