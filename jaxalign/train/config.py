@@ -91,7 +91,8 @@ class OptimizerConfig:
 
     The schedule (see :func:`jaxalign.train.schedules.make_schedule`) warms up linearly from 0 to
     ``learning_rate`` over ``warmup_steps`` updates, then follows ``schedule`` over ``decay_steps``
-    updates (default: the rest of the run) down to ``final_learning_rate``.
+    updates (default: the rest of the run) down to ``final_learning_rate``. Decoupled ``weight_decay`` skips
+    biases and norm scales, as transformers' Trainer does; ``decay_biases_and_norms=True`` decays them too.
     """
 
     name: str = "adamw"
@@ -105,6 +106,7 @@ class OptimizerConfig:
     b2: float = 0.999
     eps: float = 1e-8
     weight_decay: float = 0.0
+    decay_biases_and_norms: bool = False
     momentum: float = 0.0
     max_grad_norm: float | None = 1.0
 
@@ -122,6 +124,8 @@ class OptimizerConfig:
         _require(0 <= self.b1 < 1 and 0 <= self.b2 < 1, owner, "b1/b2", "in [0, 1)", (self.b1, self.b2))
         _require(self.eps > 0, owner, "eps", "> 0", self.eps)
         _require(self.weight_decay >= 0, owner, "weight_decay", ">= 0", self.weight_decay)
+        _require(isinstance(self.decay_biases_and_norms, bool), owner, "decay_biases_and_norms", "a bool",
+                 self.decay_biases_and_norms)
         _require(0 <= self.momentum < 1, owner, "momentum", "in [0, 1)", self.momentum)
         _require(self.max_grad_norm is None or self.max_grad_norm > 0, owner, "max_grad_norm", "> 0 or None",
                  self.max_grad_norm)

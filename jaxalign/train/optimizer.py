@@ -2,24 +2,47 @@
 
 from __future__ import annotations
 
+import jax
 import optax
 
 from jaxalign.train.config import OptimizerConfig
 from jaxalign.train.schedules import make_schedule
+
+# Parameter names that weight decay skips: biases, and the scales of LayerNorm/RMSNorm (every norm in
+# jaxalign.models and flax.nnx names its weight ``scale``). transformers' Trainer skips the same set
+# (``Trainer.get_decay_parameter_names``: names containing "bias" and LayerNorm/RMSNorm weights).
+NO_DECAY_NAMES = frozenset({"bias", "scale"})
+
+
+def _parameter_name(path) -> str | None:
+    """The last dict key of a parameter's tree path (``.../q_proj/kernel/.value`` -> ``kernel``)."""
+    names = [entry.key for entry in path if isinstance(entry, jax.tree_util.DictKey)]
+    return str(names[-1]) if names else None
+
+
+def weight_decay_mask(params):
+    """True where decoupled weight decay applies: every parameter except biases and norm scales
+    (:data:`NO_DECAY_NAMES`), the choice of transformers' Trainer, TRL and MaxText. Embeddings, projection
+    kernels, LoRA factors and head kernels are decayed."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: _parameter_name(path) not in NO_DECAY_NAMES, params)
 
 
 def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
     """``clip_by_global_norm(max_grad_norm)`` then AdamW (or SGD with momentum) on the scheduled rate.
 
     Clipping comes first, on the gradient of the (accumulated) batch, as in transformers' Trainer and
-    MaxText. Weight decay is decoupled (AdamW) and applies to every trainable parameter.
+    MaxText. Weight decay is decoupled (AdamW) and applies where :func:`weight_decay_mask` is True (not to
+    biases or norm scales), unless ``config.decay_biases_and_norms``.
     """
     schedule = make_schedule(config, total_steps)
+    # Without decay there is nothing to mask, and the optimizer state keeps its unmasked structure.
+    mask = None if config.decay_biases_and_norms or not config.weight_decay else weight_decay_mask
     if config.name == "adamw":
-        update = optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay)
+        update = optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay,
+                             mask=mask)
     else:
         update = optax.chain(
-            optax.add_decayed_weights(config.weight_decay) if config.weight_decay else optax.identity(),
+            optax.add_decayed_weights(config.weight_decay, mask) if config.weight_decay else optax.identity(),
             optax.sgd(schedule, momentum=config.momentum or None),
         )
     if config.max_grad_norm is None:

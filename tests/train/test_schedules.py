@@ -11,6 +11,7 @@ import optax
 import pytest
 
 from jaxalign.train import OptimizerConfig, make_optimizer, make_schedule
+from jaxalign.train.optimizer import weight_decay_mask
 
 TOTAL = 10
 # Peak 1, two warm-up steps (rates 0 and 1/2), then 8 decay steps: progress p = (s - 2) / 8.
@@ -125,3 +126,46 @@ def test_adamw_decays_weights_with_the_scheduled_rate():
     updates, _ = optimizer.update({"w": jnp.zeros(1)}, optimizer.init(params), params)
     # Zero gradient: only the decoupled decay acts, -lr * wd * w.
     np.testing.assert_allclose(optax.apply_updates(params, updates)["w"], [2.0 - 0.1 * 0.5 * 2.0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama_biases_untied", "llama_tied_3_layers", "gpt2"])
+def test_weight_decay_skips_the_parameters_transformers_trainer_skips(arch, tmp_path):
+    """Our mask on the loaded model decays exactly as many weights as ``Trainer.get_decay_parameter_names``
+    picks on the transformers model (each tied tensor counted once), and skips exactly the rest."""
+    import transformers
+    from flax import nnx
+
+    from jaxalign.models import load_hf
+    from tests.models.conftest import make_hf_model
+
+    hf_model = make_hf_model(arch)
+    hf_model.save_pretrained(tmp_path)
+    decayed_names = set(transformers.Trainer.get_decay_parameter_names(None, hf_model))
+    unique = {param.data_ptr(): (name, param.numel()) for name, param in hf_model.named_parameters()}
+    theirs = {True: 0, False: 0}
+    for name, numel in unique.values():
+        theirs[name in decayed_names] += numel
+
+    params = nnx.state(load_hf(tmp_path), nnx.Param)
+    ours = {True: 0, False: 0}
+    for decayed, leaf in zip(jax.tree.leaves(weight_decay_mask(params)), jax.tree.leaves(params)):
+        ours[bool(decayed)] += leaf.size
+    assert theirs[False] > 0 and ours == theirs
+
+
+def test_adamw_leaves_biases_and_norm_scales_undecayed_unless_asked():
+    params = {"proj": {"kernel": jnp.array([2.0]), "bias": jnp.array([2.0])}, "norm": {"scale": jnp.array([2.0])}}
+    zero_grads = jax.tree.map(jnp.zeros_like, params)
+
+    def after_one_step(**options):
+        optimizer = make_optimizer(OptimizerConfig(learning_rate=0.1, weight_decay=0.5, max_grad_norm=None,
+                                                   **options), total_steps=1)
+        updates, _ = optimizer.update(zero_grads, optimizer.init(params), params)
+        return optax.apply_updates(params, updates)
+
+    masked = after_one_step()
+    np.testing.assert_allclose(masked["proj"]["kernel"], [1.9], rtol=1e-6)
+    np.testing.assert_array_equal(masked["proj"]["bias"], [2.0])
+    np.testing.assert_array_equal(masked["norm"]["scale"], [2.0])
+    everything = after_one_step(decay_biases_and_norms=True)
+    assert all(float(leaf[0]) == pytest.approx(1.9) for leaf in jax.tree.leaves(everything))
