@@ -96,8 +96,9 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from jaxalign import models  # noqa: E402
 from jaxalign.models import ModelConfig, RopeScaling  # noqa: E402
+from jaxalign.rollout.scoring import DEFAULT_CHUNK, target_logps  # noqa: E402
 from jaxalign.train import OptimizerConfig, TrainStep, make_optimizer  # noqa: E402
-from jaxalign.train.objectives import DEFAULT_CHUNK, dpo_objective, sft_objective, target_logps  # noqa: E402
+from jaxalign.train.objectives import dpo_objective, sft_objective  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("dpo", "sft")

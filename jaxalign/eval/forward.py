@@ -14,16 +14,11 @@ from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from jaxalign.losses import token_logps
-
-# Positions of the LM head (and its log-softmax over the vocabulary) computed at once: the [rows, chunk, V]
-# float32 logits, not [rows, T, V], are what peak memory holds (the vocabulary projection dominates it).
-DEFAULT_CHUNK = 128
+from jaxalign.rollout import scoring
 
 
 class SplitModel(NamedTuple):
@@ -43,27 +38,10 @@ def split_model(model: nnx.Module) -> SplitModel:
 @functools.partial(jax.jit, static_argnames=("graphdef", "chunk_size"))
 def target_logps(graphdef, state, input_ids: Int[Array, "R T"], attention_mask: Array, positions: Array | None,
                  segment_ids: Array | None, *, chunk_size: int | None) -> Float[Array, "R T-1"]:
-    """``log p(input_ids[:, t+1] | input_ids[:, :t+1])`` for every ``t``, float32, the LM head chunked.
-
-    The trunk runs once over ``[R, T]``; the LM head and its log-softmax then run on ``chunk_size``
-    positions at a time (the sequence padded up to a multiple) with ``lax.map``, so only one chunk's
-    ``[R, chunk, V]`` logits exist at a time. ``chunk_size=None`` projects the whole sequence at once.
-    """
-    model = nnx.merge(graphdef, state)
-    hidden, _ = model.hidden_states(input_ids, positions=positions, attention_mask=attention_mask,
-                                    segment_ids=segment_ids)
-    hidden, targets = hidden[:, :-1], input_ids[:, 1:]
-    length = targets.shape[1]
-    if chunk_size is None or chunk_size >= length:
-        return token_logps(model.logits(hidden), targets)
-    chunks = -(-length // chunk_size)
-    pad = chunks * chunk_size - length
-    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-    targets = jnp.pad(targets, ((0, 0), (0, pad)))
-    hidden_chunks = jnp.moveaxis(hidden.reshape(hidden.shape[0], chunks, chunk_size, -1), 1, 0)
-    target_chunks = jnp.moveaxis(targets.reshape(targets.shape[0], chunks, chunk_size), 1, 0)
-    logps = jax.lax.map(lambda xs: token_logps(model.logits(xs[0]), xs[1]), (hidden_chunks, target_chunks))
-    return jnp.moveaxis(logps, 0, 1).reshape(targets.shape[0], -1)[:, :length]
+    """:func:`jaxalign.rollout.scoring.target_logps` (the trainers' scorer, LM head chunked) compiled once per
+    batch shape: ``log p(input_ids[:, t+1] | input_ids[:, :t+1])`` for every ``t``, float32."""
+    return scoring.target_logps(nnx.merge(graphdef, state), input_ids, attention_mask, positions, segment_ids,
+                                chunk_size=chunk_size)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))

@@ -8,7 +8,6 @@ cost ~1 ms and give the same distribution.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from jaxalign import data as jdata
 from jaxalign import models
 from jaxalign.rollout import Sampler, SamplingParams
+from jaxalign.rollout.scoring import DEFAULT_CHUNK
 from jaxalign.train import objectives, probe
 from jaxalign.train.plots import plot_metrics
 from jaxalign.train.recipe import ONLINE_METHODS, ModelSpec, RunConfig
@@ -114,7 +115,7 @@ def one_pass(config: jdata.DataConfig, dataset: jdata.TokenizedDataset) -> jdata
 
 
 def precompute_reference_logps(reference: nnx.Module, dataset: jdata.TokenizedDataset, config: jdata.DataConfig,
-                               *, chunk_size: int | None = objectives.DEFAULT_CHUNK) -> jdata.TokenizedDataset:
+                               *, chunk_size: int | None = DEFAULT_CHUNK) -> jdata.TokenizedDataset:
     """The dataset with ``ref_logps [2]`` per pair: the reference's summed completion log-probs, one pass.
 
     Training batches then carry ``ref_logps`` and DPO runs with ``reference="precomputed"``: no reference

@@ -10,9 +10,9 @@ Batches are jaxalign.data's (see docs/data.md): ``input_ids``/``attention_mask``
 of shape ``[B, T]`` (SFT), ``[B, 2, T]`` (pairs, index 0 chosen), ``[B, D, 2, T]`` (groups) or ``[B, N, T]``
 (best-of-N), with ``example_mask [B]``.
 
-Log-probabilities of the targets go through :func:`target_logps`, which runs the LM head over chunks of the
-sequence under ``jax.checkpoint``: the full-vocabulary float32 logits (``T × 49152`` floats a row for
-SmolLM2) are never all alive at once, in the forward or the backward pass.
+Log-probabilities of the targets go through :func:`jaxalign.rollout.scoring.target_logps`, which runs the LM
+head over chunks of the sequence under ``jax.checkpoint``: the full-vocabulary float32 logits (``T × 49152``
+floats a row for SmolLM2) are never all alive at once, in the forward or the backward pass.
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array
 
 from jaxalign import losses
+from jaxalign.rollout.scoring import DEFAULT_CHUNK, target_logps
 
 F32 = jnp.float32
-DEFAULT_CHUNK = 128
 REFERENCE_MODES = ("model", "precomputed", "lora_base", "none")
 REFERENCE_FREE_LOSSES = ("simpo", "orpo")
 DPO_FAMILY = (*losses.DPO_LOSS_TYPES, *REFERENCE_FREE_LOSSES)
@@ -45,66 +45,6 @@ def _flat(batch: dict, key: str) -> Array:
     """``[B, *layout, T]`` -> ``[B·prod(layout), T]``."""
     value = batch[key]
     return value.reshape(-1, value.shape[-1])
-
-
-def target_logps(model, input_ids: Int[Array, "N T"], attention_mask: Array, positions: Array | None = None,
-                 segment_ids: Array | None = None, *, chunk_size: int | None = DEFAULT_CHUNK,
-                 ) -> Float[Array, "N T-1"]:
-    """``log p(input_ids[:, t+1] | input_ids[:, :t+1])`` for every ``t``, float32, chunked over the sequence.
-
-    The trunk runs once; the LM head and its log-softmax then run on ``chunk_size`` positions at a time
-    (see :func:`head_logps`). ``chunk_size=None`` does it in one go.
-    """
-    hidden, _ = model.hidden_states(input_ids, positions=positions, attention_mask=attention_mask,
-                                    segment_ids=segment_ids)
-    return head_logps(model, hidden[:, :-1], input_ids[:, 1:], chunk_size=chunk_size)
-
-
-def _entropy(logits: Float[Array, "... V"]) -> Float[Array, "..."]:
-    """``H = logsumexp(l) − Σ softmax(l)·l`` in float32."""
-    logits = logits.astype(F32)
-    log_norm = jax.nn.logsumexp(logits, axis=-1)
-    return log_norm - jnp.sum(jax.nn.softmax(logits, axis=-1) * logits, axis=-1)
-
-
-def head_logps(model, hidden: Float[Array, "N T D"], targets: Int[Array, "N T"], *,
-               chunk_size: int | None = DEFAULT_CHUNK, temperature: float = 1.0, with_entropy: bool = False,
-               ) -> Float[Array, "N T"] | tuple[Float[Array, "N T"], Float[Array, "N T"]]:
-    """``log softmax(model.logits(hidden) / temperature)`` at ``targets``, chunked over positions.
-
-    The LM head and its log-softmax run on ``chunk_size`` positions at a time (split into equal chunks of
-    at most that length), each chunk rematerialised in the backward pass, so peak memory holds one chunk's
-    ``[N, chunk, V]`` logits instead of the whole ``[N, T, V]``. ``temperature`` divides the logits as the
-    sampler does (PPO/GRPO score the distribution they sampled from, as TRL does). ``with_entropy`` also
-    returns the entropy of each position's distribution (same temperature), for logging.
-    """
-    def from_logits(logits, chunk_targets):
-        logits = logits / temperature if temperature != 1.0 else logits
-        logps = losses.token_logps(logits, chunk_targets)
-        return (logps, _entropy(logits)) if with_entropy else logps
-
-    length = targets.shape[1]
-    if chunk_size is None or chunk_size >= length:
-        return from_logits(model.logits(hidden), targets)
-    # As few chunks as chunk_size allows, of equal length: padding stays under one position per chunk
-    # (a 129-target sequence runs two chunks of 65, not two of 128).
-    chunks = -(-length // chunk_size)
-    chunk_size = -(-length // chunks)
-    pad = chunks * chunk_size - length
-    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-    targets = jnp.pad(targets, ((0, 0), (0, pad)))
-    # [C, N, chunk, ...]: lax.map walks the chunks; the head's parameters are closed over (shared).
-    hidden_chunks = jnp.moveaxis(hidden.reshape(hidden.shape[0], chunks, chunk_size, -1), 1, 0)
-    target_chunks = jnp.moveaxis(targets.reshape(targets.shape[0], chunks, chunk_size), 1, 0)
-    graphdef, state = nnx.split(model)
-
-    @jax.checkpoint
-    def chunk_logps(state, hidden_chunk, target_chunk):
-        return from_logits(nnx.merge(graphdef, state).logits(hidden_chunk), target_chunk)
-
-    out = jax.lax.map(lambda xs: chunk_logps(state, *xs), (hidden_chunks, target_chunks))
-    unchunk = lambda x: jnp.moveaxis(x, 0, 1).reshape(targets.shape[0], -1)[:, :length]  # noqa: E731
-    return jax.tree.map(unchunk, out)
 
 
 def _sequence_logps(model, batch: dict, chunk_size: int | None) -> tuple[Array, Array]:

@@ -44,12 +44,12 @@ from flax import nnx
 from jaxalign.models import has_lora
 from jaxalign.models.sharding import DEFAULT_RULES
 from jaxalign.rollout import Rollout, Sampler, SamplingParams
+from jaxalign.rollout.scoring import DEFAULT_CHUNK, head_logps
 from jaxalign.train.checkpoint import Checkpointer, run_metadata
 from jaxalign.train.config import MeshConfig, TrainConfig
 from jaxalign.train.distributed import any_process
 from jaxalign.train.mesh import make_mesh
 from jaxalign.train.metrics import MetricsLogger
-from jaxalign.train.objectives import DEFAULT_CHUNK, head_logps
 from jaxalign.train.optimizer import make_optimizer
 from jaxalign.train.rewards import Episodes, RewardOutput, RewardSource, run_source
 from jaxalign.train.schedules import make_schedule

@@ -50,8 +50,9 @@ from jaxtyping import Array, Bool, Float
 from jaxalign import losses
 from jaxalign.models import ValueHead, has_lora
 from jaxalign.rollout import Rollout, SamplingParams
+from jaxalign.rollout.scoring import DEFAULT_CHUNK
 from jaxalign.train.config import TrainConfig
-from jaxalign.train.objectives import DEFAULT_CHUNK, _lora_base
+from jaxalign.train.objectives import _lora_base
 from jaxalign.train.online import AlgorithmConfig, OnlineTrainer, default_trainable, jitted_pass, response_logps, to_host
 from jaxalign.train.rewards import RewardOutput, RewardSource, RunningMoments, clip_rewards
 
@@ -90,7 +91,7 @@ class PPOConfig(AlgorithmConfig):
         critic_lr_scale: the critic's learning rate (value head and separate critic) as a multiple of the
             policy's (OpenRLHF's separate ``critic_learning_rate``; TRL uses one rate). A fresh value head on a
             pretrained policy often needs a higher one.
-        chunk_size: positions per LM-head chunk (memory; see ``objectives.head_logps``).
+        chunk_size: positions per LM-head chunk (memory; see ``jaxalign.rollout.scoring.head_logps``).
     """
 
     epochs: int = 4

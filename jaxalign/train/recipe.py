@@ -30,7 +30,7 @@ from typing import Any
 import yaml
 
 from jaxalign.data import DataConfig
-from jaxalign.train.config import CheckpointConfig, LogConfig, TrainConfig
+from jaxalign.train.config import TrainConfig
 
 METHODS = ("sft", "reward", "dpo", "ppo", "grpo")
 ONLINE_METHODS = ("ppo", "grpo")

@@ -12,6 +12,7 @@ import torch
 from jaxalign.losses import token_logps
 from jaxalign.models import load_hf
 from jaxalign.rollout import Sampler, SamplingParams, filtered_logprobs
+from jaxalign.rollout.scoring import target_logps
 from tests.rollout.conftest import N, PROMPTS, V, count_engine_compilations
 
 GREEDY = SamplingParams(max_new_tokens=N, temperature=0.0, stop_token_ids=())
@@ -57,6 +58,9 @@ def test_logps_equal_a_training_forward_pass(llama, sampler):
     predicting = logits[:, width - 1:-1]
     forward_logps = token_logps(predicting, out.tokens, out.response_mask)
     assert float(jnp.max(jnp.abs(forward_logps - out.model_logps))) <= 1e-5
+    # The trainers' and evaluation's scorer (LM head in chunks) gives the same numbers.
+    scored = target_logps(model, tokens, mask, chunk_size=3)[:, width - 1:]
+    assert float(jnp.max(jnp.abs(jnp.where(out.response_mask, scored, 0.0) - out.model_logps))) <= 1e-5
     sampled_logps = filtered_logprobs(predicting, SAMPLED.filters())
     expected = jnp.take_along_axis(sampled_logps, out.tokens[..., None], axis=-1)[..., 0]
     assert float(jnp.max(jnp.abs(jnp.where(out.response_mask, expected, 0.0) - out.sampling_logps))) <= 1e-5

@@ -1,10 +1,8 @@
-"""The trainers' objectives: chunked target log-probs equal the plain ones (values and gradients); each
-objective equals the loss library applied to a plain forward pass; bad options are refused up front."""
+"""The trainers' objectives: each equals the loss library applied to a plain forward pass; bad options are
+refused up front. (The chunked log-probs they share are tested in tests/rollout/test_scoring.py.)"""
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -30,22 +28,6 @@ def batch_of(rng, layout=()):
 @pytest.fixture(scope="module")
 def model():
     return LlamaForCausalLM(TINY, rngs=nnx.Rngs(0))
-
-
-@pytest.mark.parametrize("chunk", [1, 3, 4, 128])
-def test_chunked_target_logps_equal_plain(model, chunk):
-    batch = batch_of(np.random.default_rng(1))
-    args = (batch["input_ids"], batch["attention_mask"], batch["positions"])
-
-    def total(model, chunk_size):
-        return jnp.sum(objectives.target_logps(model, *args, chunk_size=chunk_size) * batch["loss_mask"][:, 1:])
-
-    logits, _ = model(batch["input_ids"], attention_mask=batch["attention_mask"], positions=batch["positions"])
-    expected = losses.token_logps(logits[:, :-1], batch["input_ids"][:, 1:])
-    np.testing.assert_allclose(objectives.target_logps(model, *args, chunk_size=chunk), expected, atol=1e-5)
-    plain = nnx.grad(lambda m: total(m, None))(model)
-    chunked = nnx.grad(lambda m: total(m, chunk))(model)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), nnx.state(plain), nnx.state(chunked))
 
 
 def test_sft_objective_is_the_token_mean_nll_of_valid_rows(model):

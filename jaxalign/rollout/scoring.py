@@ -1,0 +1,78 @@
+"""Log-probabilities of given tokens under a causal LM, the LM head run over chunks of positions.
+
+Scoring is the other half of a rollout: PPO/GRPO score their samples under the policy and the reference,
+the offline trainers score dataset completions, and evaluation scores both for KL and perplexity. All of
+them use these two functions, so a log-prob means the same thing in training, in evaluation and in the
+sampler (whose ``model_logps`` a test checks against :func:`target_logps`).
+
+The full-vocabulary float32 logits are the largest activation of a small model (``T × 49152`` floats a row
+for SmolLM2), so the LM head and its log-softmax run on ``chunk_size`` positions at a time under
+``jax.checkpoint``: one chunk's ``[N, chunk, V]`` logits are alive at once, in the forward and the backward
+pass.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from jaxalign.losses.core import entropy, token_logps
+
+# Positions per LM-head chunk: [rows, 128, 49152] float32 logits for SmolLM2 (25 MB a row).
+DEFAULT_CHUNK = 128
+
+
+def head_logps(model, hidden: Float[Array, "N T D"], targets: Int[Array, "N T"], *,
+               chunk_size: int | None = DEFAULT_CHUNK, temperature: float = 1.0, with_entropy: bool = False,
+               ) -> Float[Array, "N T"] | tuple[Float[Array, "N T"], Float[Array, "N T"]]:
+    """``log softmax(model.logits(hidden) / temperature)`` at ``targets``, chunked over positions.
+
+    The LM head and its log-softmax run on ``chunk_size`` positions at a time (split into equal chunks of
+    at most that length), each chunk rematerialised in the backward pass, so peak memory holds one chunk's
+    ``[N, chunk, V]`` logits instead of the whole ``[N, T, V]``. ``chunk_size=None`` projects every position
+    at once. ``temperature`` divides the logits as the sampler does (PPO/GRPO score the distribution they
+    sampled from, as TRL does). ``with_entropy`` also returns the entropy of each position's distribution
+    (same temperature), for logging.
+    """
+    def from_logits(logits, chunk_targets):
+        logits = logits / temperature if temperature != 1.0 else logits
+        logps = token_logps(logits, chunk_targets)
+        return (logps, entropy(logits)) if with_entropy else logps
+
+    length = targets.shape[1]
+    if chunk_size is None or chunk_size >= length:
+        return from_logits(model.logits(hidden), targets)
+    # As few chunks as chunk_size allows, of equal length: padding stays under one position per chunk
+    # (a 129-target sequence runs two chunks of 65, not two of 128).
+    chunks = -(-length // chunk_size)
+    chunk_size = -(-length // chunks)
+    pad = chunks * chunk_size - length
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    # [C, N, chunk, ...]: lax.map walks the chunks; the head's parameters are closed over (shared).
+    hidden_chunks = jnp.moveaxis(hidden.reshape(hidden.shape[0], chunks, chunk_size, -1), 1, 0)
+    target_chunks = jnp.moveaxis(targets.reshape(targets.shape[0], chunks, chunk_size), 1, 0)
+    graphdef, state = nnx.split(model)
+
+    @jax.checkpoint
+    def chunk_logps(state, hidden_chunk, target_chunk):
+        return from_logits(nnx.merge(graphdef, state).logits(hidden_chunk), target_chunk)
+
+    out = jax.lax.map(lambda xs: chunk_logps(state, *xs), (hidden_chunks, target_chunks))
+    unchunk = lambda x: jnp.moveaxis(x, 0, 1).reshape(targets.shape[0], -1)[:, :length]  # noqa: E731
+    return jax.tree.map(unchunk, out)
+
+
+def target_logps(model, input_ids: Int[Array, "N T"], attention_mask: Array, positions: Array | None = None,
+                 segment_ids: Array | None = None, *, chunk_size: int | None = DEFAULT_CHUNK,
+                 ) -> Float[Array, "N T-1"]:
+    """``log p(input_ids[:, t+1] | input_ids[:, :t+1])`` for every ``t``, float32.
+
+    The trunk runs once over ``[N, T]`` (packed rows with their ``segment_ids``); the LM head then runs in
+    chunks (:func:`head_logps`).
+    """
+    hidden, _ = model.hidden_states(input_ids, positions=positions, attention_mask=attention_mask,
+                                    segment_ids=segment_ids)
+    return head_logps(model, hidden[:, :-1], input_ids[:, 1:], chunk_size=chunk_size)

@@ -1,0 +1,62 @@
+"""The shared scorer: chunked LM-head log-probs (and entropies, at a temperature) equal one plain forward
+pass in values and gradients, for chunk sizes that divide the sequence and ones that do not."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxalign import losses
+from jaxalign.models import LlamaForCausalLM
+from jaxalign.rollout.scoring import head_logps, target_logps
+from tests.models.conftest import TINY
+
+B, T = 3, 11
+
+
+@pytest.fixture(scope="module")
+def model():
+    return LlamaForCausalLM(TINY, rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def batch():
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(5, T + 1, size=B)
+    attention = (np.arange(T) < lengths[:, None]).astype(np.int32)
+    return {"input_ids": rng.integers(0, TINY.vocab_size, (B, T)).astype(np.int32) * attention,
+            "attention_mask": attention,
+            "positions": np.cumsum(attention, -1).astype(np.int32) * attention - attention,
+            "loss_mask": attention * (np.arange(T) >= 3)}
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 4, 128])
+def test_chunked_target_logps_equal_plain(model, batch, chunk):
+    args = (batch["input_ids"], batch["attention_mask"], batch["positions"])
+
+    def total(model, chunk_size):
+        return jnp.sum(target_logps(model, *args, chunk_size=chunk_size) * batch["loss_mask"][:, 1:])
+
+    logits, _ = model(batch["input_ids"], attention_mask=batch["attention_mask"], positions=batch["positions"])
+    expected = losses.token_logps(logits[:, :-1], batch["input_ids"][:, 1:])
+    np.testing.assert_allclose(target_logps(model, *args, chunk_size=chunk), expected, atol=1e-5)
+    plain = nnx.grad(lambda m: total(m, None))(model)
+    chunked = nnx.grad(lambda m: total(m, chunk))(model)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), nnx.state(plain), nnx.state(chunked))
+
+
+@pytest.mark.parametrize("chunk", [3, None])
+def test_head_logps_at_a_temperature_with_entropy(model, batch, chunk):
+    temperature = 0.7
+    hidden, _ = model.hidden_states(batch["input_ids"], attention_mask=batch["attention_mask"],
+                                    positions=batch["positions"])
+    targets = batch["input_ids"][:, 1:]
+    logps, entropies = head_logps(model, hidden[:, :-1], targets, chunk_size=chunk, temperature=temperature,
+                                  with_entropy=True)
+    log_probs = jax.nn.log_softmax(model.logits(hidden[:, :-1]) / temperature, axis=-1)
+    np.testing.assert_allclose(logps, jnp.take_along_axis(log_probs, targets[..., None], -1)[..., 0], atol=1e-5)
+    np.testing.assert_allclose(entropies, -jnp.sum(jnp.exp(log_probs) * log_probs, -1), atol=1e-5)
+    assert logps.shape == entropies.shape == targets.shape
