@@ -90,15 +90,6 @@ def main(argv: list[str] | None = None) -> int:
 # --- generate -------------------------------------------------------------------------------------------
 
 
-def load_model(path: str | None, *, option: str = "--model"):
-    """``(model, tokenizer)`` from a checkpoint directory, a GGUF file, or (None) the embedded default;
-    errors name ``option``."""
-    from jaxalign.train.methods import load_pretrained
-    from jaxalign.train.recipe import ModelSpec
-
-    return load_pretrained(ModelSpec(path=path), source=option)
-
-
 def _prompt_records(args, tokenizer) -> tuple[list, list]:
     """``(as given, as encoded)``: the prompts as ``jaxalign.data`` prompt records, and the records to
     encode (chat messages, a system message first when one is given, unless ``--raw``)."""
@@ -179,14 +170,14 @@ def _encode(records, tokenizer):
 def run_generate(args) -> int:
     import jax
 
-    from jaxalign import data
+    from jaxalign import data, models
     from jaxalign.rollout import Sampler, SamplingParams
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.prompts_file is not None and not args.prompts_file.is_file():  # before the model's long load
         raise FileNotFoundError(f"--prompts-file {args.prompts_file}: no such file")
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = models.load_pretrained(args.model, source="--model")
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, min_p=args.min_p, n=args.n,
                             stop_token_ids=_stop_token_ids(args, model, tokenizer))

@@ -128,10 +128,10 @@ def test_missing_model_is_a_one_line_error(capsys):
 
 @pytest.mark.parametrize("name", ["prompts.txt", "prompts.jsonl"])
 def test_missing_prompts_file_fails_before_loading_a_model(capsys, monkeypatch, name):
-    def load_model(path):
+    def load_model(path, **options):
         raise AssertionError("the model was loaded before the prompts file was checked")
 
-    monkeypatch.setattr("jaxalign.cli.load_model", load_model)
+    monkeypatch.setattr("jaxalign.models.load_pretrained", load_model)
     status, _, err = generate(capsys, "--prompts-file", f"/no/such/{name}")  # the default model otherwise
     assert status == 2 and f"--prompts-file /no/such/{name}: no such file" in err and "Traceback" not in err
 

@@ -160,8 +160,7 @@ def _policy_eval(args, prompts, policy, tokenizer, reward_judge):
     """Sample the policy and the reference on ``prompts``: ``(PolicyEval, sampling settings)``."""
     import jax
 
-    # Imported here: jaxalign.cli imports this module to register the command.
-    from jaxalign.cli import load_model
+    from jaxalign import models
     from jaxalign.eval.evaluate import evaluate_policy
     from jaxalign.rollout import SamplingParams
 
@@ -170,7 +169,7 @@ def _policy_eval(args, prompts, policy, tokenizer, reward_judge):
         print("note: --reference is the policy's model: it is sampled once, so the win rate is 0.5 and the KL 0",
               file=sys.stderr)
     else:
-        reference, _ = load_model(args.reference, option="--reference")
+        reference, _ = models.load_pretrained(args.reference, source="--reference")
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, n=args.n)
     evaluation = evaluate_policy(policy, reference, tokenizer, prompts, judge=_judge(args.judge),
@@ -209,7 +208,7 @@ def _write_outputs(directory: Path, report: dict, evaluation) -> None:
 
 def run_eval(args) -> int:
     """The ``jaxalign eval`` command: see the module docstring and docs/eval.md."""
-    from jaxalign.cli import load_model
+    from jaxalign import models
     from jaxalign.eval.metrics import reward_accuracy
 
     _check_args(args)
@@ -222,7 +221,7 @@ def run_eval(args) -> int:
         reward_judge, reward_model, reward_tokenizer = _load_reward_judge(args)
     policy = tokenizer = evaluation = None
     if prompts is not None or args.eval_sft is not None:
-        policy, tokenizer = load_model(args.policy, option="--policy")
+        policy, tokenizer = models.load_pretrained(args.policy, source="--policy")
 
     if prompts is not None:
         evaluation, report["sampling"] = _policy_eval(args, prompts, policy, tokenizer, reward_judge)

@@ -23,6 +23,7 @@ from jaxalign.models.hf_io import (
 from jaxalign.models.llama import LlamaForCausalLM, LlamaModel
 from jaxalign.models.lora import BASE_PARAMS, LoRAConfig, LoRALinear, apply_lora, has_lora, merge_lora
 from jaxalign.models.masks import derive_positions
+from jaxalign.models.pretrained import TOKENIZER_FILES, load_pretrained
 from jaxalign.models.reward_io import load_reward_model, save_reward_model
 from jaxalign.models.sharding import DEFAULT_RULES, MESH_AXES, fit_spec, named_shardings, partition_specs
 
@@ -45,6 +46,7 @@ __all__ = [
     "RewardModel",
     "RopeScaling",
     "SafetensorsSource",
+    "TOKENIZER_FILES",
     "TensorSource",
     "ValueHead",
     "apply_lora",
@@ -58,6 +60,7 @@ __all__ = [
     "load_gguf_tokenizer",
     "load_hf",
     "load_hf_config",
+    "load_pretrained",
     "load_reward_model",
     "merge_lora",
     "model_from_tensors",

@@ -39,7 +39,6 @@ from jaxalign.train.trainer import Trainer
 RUN_FILE = "run.json"
 EVAL_FILE = "eval.json"
 EXPORT_DIR = "export"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 REWARD_OPTIONS = ("loss", "use_margin", "margin_scale", "center_coef", "dimension_weights")
 SFT_OPTIONS = ("label_smoothing", "average")
 
@@ -57,24 +56,10 @@ class RunResult:
 
 
 def load_pretrained(spec: ModelSpec, *, source: str = "model.path"):
-    """``(causal LM, tokenizer)`` from ``spec.path`` (HF directory or ``.gguf``; None = embedded default).
-
-    ``source`` names where the path came from (a config field, a command-line option) in the errors.
-    """
-    policy = {"param_dtype": spec.param_dtype, "compute_dtype": spec.compute_dtype, "remat": spec.remat}
-    if spec.path is None:
-        return models.load_gguf(models.default_model_path(), **policy)
-    location = Path(spec.path)
-    if location.is_file() and location.suffix == ".gguf":
-        return models.load_gguf(location, **policy)
-    if location.is_dir():
-        if not any((location / name).is_file() for name in TOKENIZER_FILES):
-            raise FileNotFoundError(f"{source} {location} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); "
-                                    "save them beside the weights with tokenizer.save_pretrained")
-        return models.load_hf(location, **policy), jdata.load_tokenizer(location)
-    if not location.exists():
-        raise FileNotFoundError(f"{source} {spec.path}: no such file or directory")
-    raise ValueError(f"{source} {spec.path}: expected a checkpoint directory or a .gguf file")
+    """``(causal LM, tokenizer)`` of a run's ``model`` section: :func:`jaxalign.models.load_pretrained` of
+    ``spec.path`` with its dtypes and remat policy (errors name ``source``)."""
+    return models.load_pretrained(spec.path, source=source, param_dtype=spec.param_dtype,
+                                  compute_dtype=spec.compute_dtype, remat=spec.remat)
 
 
 def curriculum_order(dataset: jdata.TokenizedDataset, by: str) -> jdata.TokenizedDataset:

@@ -1,0 +1,42 @@
+"""One entry point for "a model and its tokenizer from a path": what ``jaxalign train``'s ``model.path``,
+``jaxalign generate --model`` and ``jaxalign eval --policy/--reference`` all accept."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from jaxalign.models.gguf_io import default_model_path, load_gguf
+from jaxalign.models.hf_io import load_hf
+
+# A checkpoint directory needs at least one of these beside its weights for AutoTokenizer to load.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def load_pretrained(path: str | Path | None, *, source: str = "path", **policy):
+    """``(causal LM, tokenizer)`` from a Hugging Face checkpoint directory (weights and tokenizer files), a
+    ``.gguf`` file, or the embedded default SmolLM2-135M-Instruct when ``path`` is None.
+
+    Args:
+        path: the directory or file; None for :func:`default_model_path`.
+        source: where the path came from (a config field, a command-line option), named in the errors.
+        **policy: ``param_dtype``, ``compute_dtype``, ``remat`` (see :class:`~jaxalign.models.ModelConfig`).
+
+    Raises:
+        FileNotFoundError: no such path, or a directory without tokenizer files.
+        ValueError: a path that is neither a directory nor a ``.gguf`` file.
+    """
+    if path is None:
+        return load_gguf(default_model_path(), **policy)
+    location = Path(path)
+    if location.is_file() and location.suffix == ".gguf":
+        return load_gguf(location, **policy)
+    if location.is_dir():
+        if not any((location / name).is_file() for name in TOKENIZER_FILES):
+            raise FileNotFoundError(f"{source} {location} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); "
+                                    "save them beside the weights with tokenizer.save_pretrained")
+        from transformers import AutoTokenizer  # the import is slow; only a directory needs it
+
+        return load_hf(location, **policy), AutoTokenizer.from_pretrained(str(location))
+    if not location.exists():
+        raise FileNotFoundError(f"{source} {path}: no such file or directory")
+    raise ValueError(f"{source} {path}: expected a checkpoint directory or a .gguf file")
