@@ -224,12 +224,21 @@ def _scores(values: Any, rows: int, source: str) -> Float[np.ndarray, " R"]:
     return out
 
 
+# Component names the logs already use under ``reward/`` (the spread of the total).
+RESERVED_COMPONENTS = ("std",)
+
+
 def run_source(source: RewardSource, episodes: Episodes) -> RewardOutput:
-    """Call ``source`` and check its total and components are ``[R]`` finite numbers."""
+    """Call ``source`` and check its total and components are ``[R]`` finite numbers, under names that do
+    not overwrite another logged metric."""
     out = source(episodes)
     label = f"reward source {source.name!r}"
     if not isinstance(out, RewardOutput):
         raise TypeError(f"{label} returned {type(out).__name__}; expected a RewardOutput(total, components)")
+    reserved = [name for name in out.components if name in RESERVED_COMPONENTS]
+    if reserved:
+        raise ValueError(f"{label}: component name {reserved[0]!r} is reserved (logged as reward/{reserved[0]}, "
+                         "the spread of the total reward); rename the component")
     components = {name: _scores(value, episodes.rows, f"{label}, component {name!r}")
                   for name, value in out.components.items()}
     return RewardOutput(_scores(out.total, episodes.rows, label), components)

@@ -30,6 +30,7 @@ from jaxalign.train.rewards import (
     fluency,
     length_penalty,
     response_length,
+    run_source,
 )
 from tests.eval.conftest import tiny_reward_model
 from tests.test_cli import tiny_tokenizer
@@ -222,6 +223,9 @@ def test_function_reward_inputs_and_validation():
         returning(1.0)(episodes)
     with pytest.raises(ValueError, match="inputs must be 'text' or 'episodes'"):
         FunctionReward(by_text, "x", inputs="tokens")
+    with pytest.raises(ValueError, match=r"component name 'std' is reserved \(logged as reward/std"):
+        run_source(FunctionReward(by_text, "std"), episodes)
+    assert list(run_source(FunctionReward(by_text, "chars"), episodes).components) == ["chars"]
 
 
 def test_vader_builtin_equals_vader_judge():
