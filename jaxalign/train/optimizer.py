@@ -27,24 +27,34 @@ def weight_decay_mask(params):
     return jax.tree_util.tree_map_with_path(lambda path, _: _parameter_name(path) not in NO_DECAY_NAMES, params)
 
 
+def decay_weights(weight_decay: float, mask: bool = True) -> optax.GradientTransformation:
+    """``update + weight_decay · param`` where :func:`weight_decay_mask` is True (everywhere with
+    ``mask=False``). Unlike ``optax.add_decayed_weights(weight_decay, mask)``, whose state becomes an
+    ``optax.MaskedState``, the state is ``optax.EmptyState()`` either way: checkpoints of runs that decayed
+    every parameter still restore."""
+    def update(updates, state, params):
+        decayed = weight_decay_mask(params) if mask else jax.tree.map(lambda _: True, params)
+        return jax.tree.map(lambda u, p, d: u + weight_decay * p if d else u, updates, params, decayed), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
     """``clip_by_global_norm(max_grad_norm)`` then AdamW (or SGD with momentum) on the scheduled rate.
 
     Clipping comes first, on the gradient of the (accumulated) batch, as in transformers' Trainer and
-    MaxText. Weight decay is decoupled (AdamW) and applies where :func:`weight_decay_mask` is True (not to
-    biases or norm scales), unless ``config.decay_biases_and_norms``.
+    MaxText. Weight decay is decoupled (AdamW: ``optax.adamw``'s chain, ``-lr·(adam + wd·p)``) and applies
+    where :func:`weight_decay_mask` is True (not to biases or norm scales), unless
+    ``config.decay_biases_and_norms``.
     """
     schedule = make_schedule(config, total_steps)
-    # Without decay there is nothing to mask, and the optimizer state keeps its unmasked structure.
-    mask = None if config.decay_biases_and_norms or not config.weight_decay else weight_decay_mask
+    decay = decay_weights(config.weight_decay, mask=not config.decay_biases_and_norms)
     if config.name == "adamw":
-        update = optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay,
-                             mask=mask)
+        update = optax.chain(optax.scale_by_adam(b1=config.b1, b2=config.b2, eps=config.eps), decay,
+                             optax.scale_by_learning_rate(schedule))
     else:
-        update = optax.chain(
-            optax.add_decayed_weights(config.weight_decay, mask) if config.weight_decay else optax.identity(),
-            optax.sgd(schedule, momentum=config.momentum or None),
-        )
+        update = optax.chain(decay if config.weight_decay else optax.identity(),
+                             optax.sgd(schedule, momentum=config.momentum or None))
     if config.max_grad_norm is None:
         return update
     return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), update)

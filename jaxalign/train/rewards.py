@@ -224,8 +224,9 @@ def _scores(values: Any, rows: int, source: str) -> Float[np.ndarray, " R"]:
     return out
 
 
-# Component names the logs already use under ``reward/`` (the spread of the total).
-RESERVED_COMPONENTS = ("std",)
+# Names the online methods already log under ``reward/``: the spread of the total (all), of each GRPO group,
+# and PPO's running normaliser. A component of that name would overwrite them.
+RESERVED_COMPONENTS = ("std", "group_std", "running_std")
 
 
 def run_source(source: RewardSource, episodes: Episodes) -> RewardOutput:
@@ -237,8 +238,8 @@ def run_source(source: RewardSource, episodes: Episodes) -> RewardOutput:
         raise TypeError(f"{label} returned {type(out).__name__}; expected a RewardOutput(total, components)")
     reserved = [name for name in out.components if name in RESERVED_COMPONENTS]
     if reserved:
-        raise ValueError(f"{label}: component name {reserved[0]!r} is reserved (logged as reward/{reserved[0]}, "
-                         "the spread of the total reward); rename the component")
+        raise ValueError(f"{label}: component name {reserved[0]!r} is reserved (the trainers log their own "
+                         f"reward/{reserved[0]}); rename the component")
     components = {name: _scores(value, episodes.rows, f"{label}, component {name!r}")
                   for name, value in out.components.items()}
     return RewardOutput(_scores(out.total, episodes.rows, label), components)

@@ -16,7 +16,7 @@ from tests.train.tiny import BATCH, host_params, make_batch, tiny_model
 
 MESHES = {"one_device": None, "fsdp2_tensor4": MeshConfig(data=1, fsdp=2, tensor=4)}
 # Clipping makes the update depend on the global gradient norm, a reduction over every shard; weight decay
-# is masked (norm scales skipped), so the optimizer state holds masked leaves that must shard too.
+# skips the norm scales, a per-parameter choice that must survive sharding.
 OPTIMIZER = OptimizerConfig(name="sgd", learning_rate=0.5, momentum=0.9, max_grad_norm=1.0, schedule="linear",
                             warmup_steps=1, weight_decay=0.1)
 Q_PROJ = "model/layers/self_attn/q_proj/kernel"

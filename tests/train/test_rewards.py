@@ -223,8 +223,10 @@ def test_function_reward_inputs_and_validation():
         returning(1.0)(episodes)
     with pytest.raises(ValueError, match="inputs must be 'text' or 'episodes'"):
         FunctionReward(by_text, "x", inputs="tokens")
-    with pytest.raises(ValueError, match=r"component name 'std' is reserved \(logged as reward/std"):
-        run_source(FunctionReward(by_text, "std"), episodes)
+    for reserved in ("std", "group_std", "running_std"):
+        with pytest.raises(ValueError, match=rf"component name '{reserved}' is reserved \(the trainers log their "
+                                             rf"own reward/{reserved}\)"):
+            run_source(FunctionReward(by_text, reserved), episodes)
     assert list(run_source(FunctionReward(by_text, "chars"), episodes).components) == ["chars"]
 
 

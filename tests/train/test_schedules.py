@@ -169,3 +169,23 @@ def test_adamw_leaves_biases_and_norm_scales_undecayed_unless_asked():
     np.testing.assert_array_equal(masked["norm"]["scale"], [2.0])
     everything = after_one_step(decay_biases_and_norms=True)
     assert all(float(leaf[0]) == pytest.approx(1.9) for leaf in jax.tree.leaves(everything))
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_masked_decay_keeps_the_optimizer_state_of_unmasked_decay(name):
+    """Checkpoints of runs that decayed every parameter (optax.adamw / add_decayed_weights without a mask)
+    restore into the masked optimizer: same state tree. With decay_biases_and_norms the updates are optax's."""
+    params = {"proj": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}, "norm": {"scale": jnp.ones(2)}}
+    options = dict(name=name, learning_rate=0.1, weight_decay=0.1, momentum=0.9 if name == "sgd" else 0.0)
+    rate = make_schedule(OptimizerConfig(**options), 5)
+    unmasked = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(rate, weight_decay=0.1) if name == "adamw" else
+                           optax.chain(optax.add_decayed_weights(0.1), optax.sgd(rate, momentum=0.9)))
+    ours = make_optimizer(OptimizerConfig(**options), 5)
+    assert jax.tree.structure(ours.init(params)) == jax.tree.structure(unmasked.init(params))
+    everything = make_optimizer(OptimizerConfig(**options, decay_biases_and_norms=True), 5)
+    grads = jax.tree.map(lambda p: 0.3 * p, params)
+    theirs, mine = unmasked.init(params), everything.init(params)
+    for _ in range(3):
+        expected, theirs = unmasked.update(grads, theirs, params)
+        got, mine = everything.update(grads, mine, params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), got, expected)
