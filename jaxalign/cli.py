@@ -96,14 +96,7 @@ def _prompt_records(args, tokenizer) -> tuple[list, list]:
     from jaxalign import data
 
     if args.prompts_file is not None:
-        if args.prompts_file.suffix in (".jsonl", ".json", ".gz"):
-            records, _ = data.read_records(args.prompts_file, format="prompt_only")
-        else:
-            lines = args.prompts_file.read_text(encoding="utf-8").splitlines()
-            records = [data.PromptRecord(line, origin=data.Location(str(args.prompts_file), number, line=number))
-                       for number, line in enumerate(lines, start=1) if line.strip()]
-            if not records:
-                raise ValueError(f"--prompts-file {args.prompts_file}: no prompts (one per line)")
+        records = data.read_prompt_file(args.prompts_file, option="--prompts-file")
     else:
         records = [data.PromptRecord(text) for text in args.prompt]
     if args.raw:

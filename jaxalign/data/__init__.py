@@ -19,7 +19,7 @@ from jaxalign.data.config import DataConfig, build_batches, build_dataset
 from jaxalign.data.errors import DataError, Location, Reason, Report
 from jaxalign.data.formats import FORMATS, OPENAI_PAD_TOKEN_ID, Format, ReadOptions, detect_format, get_format
 from jaxalign.data.loader import BatchIterator, epoch_order
-from jaxalign.data.reader import read_records
+from jaxalign.data.reader import read_prompt_file, read_records
 from jaxalign.data.records import (
     BestOfNRecord,
     Message,
@@ -73,6 +73,7 @@ __all__ = [
     "flatten_groups",
     "get_format",
     "load_tokenizer",
+    "read_prompt_file",
     "read_records",
     "record_as_text",
     "render_text",

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 
 from jaxalign.data.errors import OnError, check_on_error
 from jaxalign.data.formats import get_format
 from jaxalign.data.loader import BatchIterator, check_batching
 from jaxalign.data.reader import read_records
+from jaxalign.data.records import PreferenceGroup, PreferenceRecord, flatten_groups
 from jaxalign.data.render import ConversationStyle
 from jaxalign.data.tokenize import Rendering, TokenizedDataset, tokenize
 from jaxalign.data.truncation import Truncation, TruncationMode
+
+log = logging.getLogger("jaxalign.data")
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,9 @@ class DataConfig:
         seed, shuffle, drop_last, num_epochs: see :class:`~jaxalign.data.loader.BatchIterator`.
         buckets, pad_to_multiple_of: static padded lengths (see :mod:`jaxalign.data.loader`).
         packing: pack SFT sequences into rows of ``max_length`` tokens.
+        dimension: keep only this preference dimension of grouped data (PKU-SafeRLHF's ``helpfulness`` or
+            ``safety``, an UltraFeedback aspect): each group becomes its one pair of that dimension, for DPO or
+            a one-head reward model. Groups without such a pair (a tie) are counted in the read report's notes.
     """
 
     source: str
@@ -52,6 +59,7 @@ class DataConfig:
     buckets: tuple[int, ...] | None = None
     pad_to_multiple_of: int | None = None
     packing: bool = False
+    dimension: str | None = None
 
     def __post_init__(self):
         check_on_error(self.on_error)
@@ -74,6 +82,8 @@ class DataConfig:
             raise ValueError("DataConfig: packing needs max_length (the packed row length)")
         if self.packing and (self.buckets is not None or self.pad_to_multiple_of is not None):
             raise ValueError("DataConfig: packed rows are always max_length long; drop buckets/pad_to_multiple_of")
+        if self.dimension is not None and (not isinstance(self.dimension, str) or not self.dimension):
+            raise ValueError(f"DataConfig: dimension must be a dimension's name, got {self.dimension!r}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"DataConfig: limit must be positive, got {self.limit}")
         self.truncation_policy()
@@ -92,9 +102,29 @@ def build_dataset(config: DataConfig, tokenizer, *, source_tokenizer=None,
     records, read_report = read_records(config.source, format=config.format, split=config.split,
                                         on_error=config.on_error, limit=config.limit,
                                         source_tokenizer=source_tokenizer, progress=progress)
+    if config.dimension is not None:
+        records = _one_dimension(records, config.dimension, read_report)
     dataset = tokenize(records, tokenizer, truncation=config.truncation_policy(), rendering=config.rendering(),
                        on_error=config.on_error, progress=progress, source=read_report.source)
     return replace(dataset, reports=(read_report, *dataset.reports))
+
+
+def _one_dimension(records: list, dimension: str, report) -> list[PreferenceRecord]:
+    """The ``dimension`` pair of every group; groups without one are counted in ``report.notes``."""
+    if not all(isinstance(record, PreferenceGroup) for record in records):
+        kinds = sorted({type(record).__name__ for record in records})
+        raise ValueError(f"data.dimension={dimension!r} picks one dimension of grouped preference data "
+                         f"(PKU-SafeRLHF, UltraFeedback); {report.source} holds {', '.join(kinds)} records")
+    pairs = flatten_groups(records, dimension)
+    if not pairs:
+        known = sorted({d for group in records for d in group.dimensions})
+        raise ValueError(f"data.dimension={dimension!r}: no pair of {report.source} has that dimension "
+                         f"(it has {known})")
+    if len(pairs) < len(records):
+        report.notes[f"groups_without_{dimension}"] += len(records) - len(pairs)
+        log.warning("%s: %d of %d groups have no %r pair (a tie) and are left out", report.source,
+                    len(records) - len(pairs), len(records), dimension)
+    return pairs
 
 
 def build_batches(config: DataConfig, tokenizer, *, process_index: int = 0, process_count: int = 1,

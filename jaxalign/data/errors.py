@@ -107,14 +107,13 @@ class Report:
             self.examples.append(str(error))
 
     def finish(self) -> Report:
-        """Close the stage: log what was skipped or truncated; raise if every record was skipped."""
+        """Close the stage: log (as a warning) what was skipped, truncated or changed; raise if every record
+        was skipped."""
         if self.seen and not self.kept:
             (most_common, _), = self.skipped.most_common(1)
             raise DataError(f"every record was skipped ({self})", where=self.source, reason=Reason(most_common))
-        if self.skipped:
+        if self.skipped or self.truncated or self.notes:  # all change the data: shown by default
             log.warning("%s", self)
-        elif self.truncated or self.notes:
-            log.info("%s", self)
         return self
 
     def __str__(self) -> str:

@@ -63,8 +63,18 @@ class Fields:
             raise self.error(key, f"expected {expected}, got {_type_name(value)}", Reason.WRONG_TYPE)
         return value
 
+    def _encodable(self, key: str | int, value: str) -> str:
+        """``value`` if it is valid Unicode; JSON's ``\\ud800`` escapes can give lone surrogates (text cut
+        inside a UTF-16 pair), which no tokenizer accepts."""
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise self.error(key, f"holds invalid Unicode: a lone surrogate {value[error.start]!r} at character "
+                                  f"{error.start} (text cut inside a UTF-16 pair)", Reason.MALFORMED) from None
+        return value
+
     def text(self, key: str, *, nonempty: bool = True) -> str:
-        value = self._typed(key, str, "a string")
+        value = self._encodable(key, self._typed(key, str, "a string"))
         if nonempty and not value.strip():
             raise self.error(key, "is empty", Reason.EMPTY_RESPONSE)
         return value
@@ -126,7 +136,7 @@ class Fields:
         if not isinstance(value, str):
             hint = " (multimodal content parts are not supported)" if isinstance(value, list) else ""
             raise self.error(key, f"expected a string, got {_type_name(value)}{hint}", Reason.WRONG_TYPE)
-        return value
+        return self._encodable(key, value)
 
     def turns(self, key: str, *, nonempty: bool = True) -> Turns:
         """A plain string or a list of messages (TRL's standard and conversational kinds)."""

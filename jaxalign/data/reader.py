@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from itertools import chain, islice
+from pathlib import Path
 from typing import Any
 
-from jaxalign.data.errors import DataError, OnError, Report, check_on_error
+from jaxalign.data.errors import DataError, Location, OnError, Report, check_on_error
 from jaxalign.data.fields import Fields
 from jaxalign.data.formats import DETECTION_RECORDS, Format, ReadOptions, detect_format, get_format, record_parser
-from jaxalign.data.records import Record
-from jaxalign.data.sources import RawRecord, iter_raw_records, source_name
+from jaxalign.data.records import PromptRecord, Record
+from jaxalign.data.sources import FILE_SUFFIXES, RawRecord, iter_raw_records, source_name
 
 
 def _loaded(raws) -> Iterator[tuple[RawRecord, dict | DataError]]:
@@ -87,3 +88,21 @@ def read_records(
     if not report.seen:
         raise DataError("holds no records", where=report.source)
     return records, report.finish()
+
+
+def read_prompt_file(path, *, option: str = "prompts file") -> list[PromptRecord]:
+    """Prompts for sampling: a prompt-only JSON Lines / JSON file (``.jsonl``, ``.ndjson``, ``.json``, any of
+    them ``.gz``; the suffix in any case) with a ``prompt`` field, or else a text file with one prompt per
+    non-blank line. ``option`` (a command-line option) is named in the errors."""
+    path = Path(path)
+    if path.name.lower().endswith(FILE_SUFFIXES):
+        records, _ = read_records(path, format="prompt_only")
+        return records
+    if not path.is_file():
+        raise FileNotFoundError(f"{option} {path}: no such file")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    records = [PromptRecord(line, origin=Location(str(path), number, line=number))
+               for number, line in enumerate(lines, start=1) if line.strip()]
+    if not records:
+        raise ValueError(f"{option} {path}: no prompts (one per line)")
+    return records

@@ -72,7 +72,7 @@ def _json_type(value: Any) -> str:
 
 
 def _open_binary(path: Path):
-    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+    return gzip.open(path, "rb") if path.suffix.lower() == ".gz" else open(path, "rb")
 
 
 def _gzip_error(path: Path, error: Exception, *, line: int | None = None, record: int = 0) -> DataError:
@@ -204,7 +204,7 @@ def _load_hub_dataset(name: str, split: str):
 
 def _looks_like_a_file(source: str) -> bool:
     """A missing path that cannot be a hub name: answered at once, not after the hub's network retries."""
-    return Path(source).is_absolute() or source.endswith(FILE_SUFFIXES) or source.startswith(".")
+    return Path(source).is_absolute() or source.lower().endswith(FILE_SUFFIXES) or source.startswith(".")
 
 
 def source_name(source) -> str:
@@ -233,7 +233,7 @@ def iter_raw_records(source, *, split: str = "train", progress: bool | None = No
     if isinstance(source, (str, Path)):
         path = Path(source)
         if path.is_file():
-            if path.name.removesuffix(".gz").endswith(".json"):
+            if path.name.lower().removesuffix(".gz").endswith(".json"):
                 return _json_file(path, progress)
             return _json_lines(path, progress)
         if path.exists():

@@ -312,7 +312,20 @@ class _Pipeline:
             report.notes["prompt_boundary"] += 1
         completions = [None if f is None else self._with_eos(f[prompt_length:], item.conversational) for f in full]
         sequences = self.truncation.fit(prompt_ids[:prompt_length], completions, item.where, report.truncated)
+        if self.kind in ("preference", "preference_group"):
+            self._check_pairs_differ(sequences, item)
         return TokenizedExample(tuple(sequences), item.values)
+
+    def _check_pairs_differ(self, sequences: list[TokenSequence | None], item: _Prepared) -> None:
+        """Two different responses can become the same tokens once cut to ``max_length`` (a long shared
+        start): such a pair carries no preference and is refused like identical text."""
+        for index in range(0, len(sequences), 2):
+            chosen, rejected = sequences[index], sequences[index + 1]
+            if chosen is not None and rejected is not None and np.array_equal(chosen.ids, rejected.ids):
+                dimension = f" (dimension {self.dimensions[index // 2]!r})" if self.kind == "preference_group" else ""
+                raise DataError(f"is identical to 'chosen'{dimension} once both are truncated to max_length="
+                                f"{self.truncation.max_length} tokens: the responses differ only after that",
+                                where=item.where, field="rejected", reason=Reason.IDENTICAL_RESPONSES)
 
     def _with_eos(self, completion: list[int], conversational: bool) -> list[int]:
         if conversational or self.eos is None or completion[-1:] == [self.eos]:

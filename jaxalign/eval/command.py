@@ -63,23 +63,6 @@ def add_eval_command(subcommands) -> None:
     parser.set_defaults(run=run_eval)
 
 
-def _read_prompts(path: Path) -> list:
-    """Prompt records from a prompt-only JSONL/JSON file, or one prompt per non-empty line of a text file."""
-    from jaxalign import data
-
-    if path.suffix in (".jsonl", ".json", ".gz"):
-        records, _ = data.read_records(path, format="prompt_only")
-        return records
-    if not path.is_file():
-        raise FileNotFoundError(f"--prompts {path}: no such file")
-    lines = path.read_text(encoding="utf-8").splitlines()
-    records = [data.PromptRecord(line, origin=data.Location(str(path), number, line=number))
-               for number, line in enumerate(lines, start=1) if line.strip()]
-    if not records:
-        raise ValueError(f"--prompts {path}: no prompts (one per line)")
-    return records
-
-
 def _check_args(args) -> None:
     if args.prompts is None and args.pairs is None and args.eval_sft is None:
         raise ValueError("nothing to evaluate: give --prompts (policy vs reference), --pairs (reward-model "
@@ -208,12 +191,12 @@ def _write_outputs(directory: Path, report: dict, evaluation) -> None:
 
 def run_eval(args) -> int:
     """The ``jaxalign eval`` command: see the module docstring and docs/eval.md."""
-    from jaxalign import models
+    from jaxalign import data, models
     from jaxalign.eval.metrics import reward_accuracy
 
     _check_args(args)
     # Bad prompts fail before any model is loaded.
-    prompts = None if args.prompts is None else _read_prompts(args.prompts)
+    prompts = None if args.prompts is None else data.read_prompt_file(args.prompts, option="--prompts")
     report: dict = {"policy": args.policy or EMBEDDED, "reference": args.reference or EMBEDDED,
                     "reward_model": None if args.reward_model is None else str(args.reward_model)}
     reward_judge = reward_model = reward_tokenizer = None

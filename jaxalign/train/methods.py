@@ -62,6 +62,17 @@ def load_pretrained(spec: ModelSpec, *, source: str = "model.path"):
                                   compute_dtype=spec.compute_dtype, remat=spec.remat)
 
 
+def _check_eval_kind(config: RunConfig, dataset: jdata.TokenizedDataset, eval_dataset: jdata.TokenizedDataset):
+    """The held-out set feeds the training objective: it must hold the same kind of examples."""
+    if eval_dataset.kind != dataset.kind:
+        raise ValueError(f"eval_data {config.eval_data.source} holds {eval_dataset.kind!r} records, but method "
+                         f"{config.method} trains on {dataset.kind!r} ones here ({config.data.source}): give "
+                         "held-out data of the same kind")
+    if eval_dataset.dimensions != dataset.dimensions:
+        raise ValueError(f"eval_data {config.eval_data.source} has preference dimensions "
+                         f"{list(eval_dataset.dimensions)}, the training data {list(dataset.dimensions)}")
+
+
 def curriculum_order(dataset: jdata.TokenizedDataset, by: str) -> jdata.TokenizedDataset:
     """The examples sorted easy to hard: ``length`` (shortest longest-sequence first), ``score`` (highest
     ``score`` first, else the highest ``margin``: a clearer preference is easier) or ``difficulty`` (prompts'
@@ -236,6 +247,8 @@ def run(config: RunConfig) -> RunResult:
 
     builder = {"sft": _sft, "reward": _reward, "dpo": _dpo}[config.method]
     model, objective, references, dataset, extra = builder(config, lm, tokenizer, dataset)
+    if eval_dataset is not None:  # checked now, not when the evaluation would fail after training
+        _check_eval_kind(config, dataset, eval_dataset)
     if config.freeze_backbone:
         # A frozen trunk: its features once, then the head fitted to convergence (no optimizer steps).
         if jax.process_count() > 1:
@@ -249,8 +262,10 @@ def run(config: RunConfig) -> RunResult:
         if config.model.lora is not None:  # adapters only; a reward model's new head trains too
             trainable = nnx.Any(nnx.LoRAParam, nnx.PathContains("reward_head")) if config.method == "reward" \
                 else nnx.LoRAParam
-        # Curriculum order is kept across epochs (no shuffle); otherwise the data config decides.
-        batches = _batches(config.data, dataset, shuffle=False if config.curriculum else None)
+        # Curriculum order is kept across epochs (no shuffle), so a dropped last batch would leave out the
+        # same (hardest) examples every epoch: it is kept, padded, instead.
+        batches = _batches(config.data, dataset, shuffle=False if config.curriculum else None,
+                           drop_last=False if config.curriculum else None)
         trainer = Trainer(config.train, model, objective, batches, references=references, trainable=trainable,
                           extra_metadata={"run": config.to_dict()})
         trainer.run()
@@ -322,8 +337,10 @@ def _reward(config: RunConfig, lm, tokenizer, dataset):
 
 def _dpo(config: RunConfig, lm, tokenizer, dataset):
     if dataset.kind != "preference":
-        raise ValueError(f"method dpo needs preference pairs; {config.data.source} holds {dataset.kind!r} records "
-                         "(for PKU-SafeRLHF groups set data.format and pick a dimension, see docs/training.md)")
+        hint = (" (grouped pairs such as PKU-SafeRLHF's: pick one dimension with data.dimension=safety or "
+                "data.dimension=helpfulness)" if dataset.kind == "preference_group" else "")
+        raise ValueError(f"method dpo needs preference pairs; {config.data.source} holds {dataset.kind!r} "
+                         f"records{hint}")
     options = dict(config.loss)
     loss_type = options.pop("loss_type", "sigmoid")
     objective = objectives.dpo_objective(loss_type=loss_type, reference=config.reference, **options)

@@ -129,9 +129,10 @@ def reward_objective(*, loss: str = "bradley_terry", use_margin: bool = False, m
             return losses.masked_sum(per, valid), _without_loss(metrics)
         chosen, rejected = rewards[:, ..., 0], rewards[:, ..., 1]
         mask = valid if chosen.ndim == 1 else valid[:, None] & batch["pair_mask"].astype(bool)
-        margin = margin_scale * batch["margin"] if use_margin else None
         if use_margin and "margin" not in batch:
-            raise ValueError("reward_objective: use_margin=True but the batches carry no 'margin'")
+            raise ValueError("reward_objective: use_margin=True but the batches carry no 'margin' (the data's "
+                             "records have no margin field)")
+        margin = margin_scale * batch["margin"] if use_margin else None
         per, metrics = losses.bradley_terry_loss(chosen, rejected, mask, margin=margin, center_coef=center_coef,
                                                  weights=weights)
         return losses.masked_sum(per, valid if per.ndim == 1 else mask), _without_loss(metrics)

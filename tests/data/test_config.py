@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from jaxalign.data import DataConfig, build_batches, build_dataset
+from jaxalign.data import DataConfig, build_batches, build_dataset, read_prompt_file
 from tests.data.conftest import EOS_NEWLINE, GENERATION_PROMPT, IM_END, chatml, ids, write_jsonl
 
 
@@ -26,6 +26,27 @@ def test_config_validates_and_serialises():
         DataConfig("x.jsonl", conversation_style="chatml")
     with pytest.raises(ValueError, match="DataConfig: batch_size must be a positive int, got 0"):
         DataConfig("x.jsonl", batch_size=0)
+    with pytest.raises(ValueError, match="DataConfig: dimension must be a dimension's name, got ''"):
+        DataConfig("x.jsonl", dimension="")
+
+
+def test_dimension_needs_grouped_data(tmp_path, tiny_tokenizer):
+    path = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "The sky is", "chosen": " blue", "rejected": " green"}])
+    with pytest.raises(ValueError, match=r"data.dimension='safety' picks one dimension of grouped preference data "
+                                         r"\(PKU-SafeRLHF, UltraFeedback\); .*pairs.jsonl holds PreferenceRecord"):
+        build_dataset(DataConfig(str(path), dimension="safety"), tiny_tokenizer)
+
+
+@pytest.mark.parametrize("name", ["prompts.ndjson", "PROMPTS.JSONL", "prompts.jsonl.gz"])
+def test_prompt_files_by_suffix_in_any_case(tmp_path, name):
+    path = write_jsonl(tmp_path / name, [{"prompt": "Say hi."}, {"prompt": "Say bye."}])
+    assert [record.prompt for record in read_prompt_file(path)] == ["Say hi.", "Say bye."]
+    text = tmp_path / "prompts.txt"
+    text.write_text("Say hi.\n\n  \nSay bye.\n")
+    assert [(record.prompt, record.origin.line) for record in read_prompt_file(text)] == [("Say hi.", 1),
+                                                                                          ("Say bye.", 4)]
+    with pytest.raises(FileNotFoundError, match=r"--prompts .*missing.txt: no such file"):
+        read_prompt_file(tmp_path / "missing.txt", option="--prompts")
 
 
 def test_pku_saferlhf_file_to_group_batches(tmp_path, tiny_tokenizer):

@@ -70,6 +70,27 @@ def test_invalid_utf8_line(tmp_path):
      "chosen[1].role", "missing", Reason.MISSING_FIELD),
     ({"chosen": "Q: sky? A: blue", "rejected": "Q: sky? A: blue"}, "rejected", "is identical to 'chosen'",
      Reason.IDENTICAL_RESPONSES),
+    # A null prompt is not an implicit one (pandas writes a missing cell as null).
+    ({"prompt": None, "chosen": "The capital is Paris.", "rejected": "The capital is London."}, "prompt", "is null",
+     Reason.MISSING_FIELD),
+    ({"prompt": "Q\ud800?", "chosen": " b", "rejected": " c"}, "prompt",
+     r"holds invalid Unicode: a lone surrogate '\\ud800' at character 1", Reason.MALFORMED),
+    ({"prompt": "a", "chosen": [{"role": "assistant", "content": "x\udc00"}],
+      "rejected": [{"role": "assistant", "content": "y"}]}, "chosen[0].content", "holds invalid Unicode",
+     Reason.MALFORMED),
+    ({"prompt": "Tell me about dogs", "chosen": [{"role": "user", "content": "Tell me about cats"},
+                                                 {"role": "assistant", "content": "Purr."}],
+      "rejected": [{"role": "user", "content": "Tell me about cats"}, {"role": "assistant", "content": "Meh."}]},
+     "prompt", "is not the first user message of 'chosen'/'rejected'", Reason.INVALID_VALUE),
+    ({"prompt": [{"role": "user", "content": "Cats?"}], "chosen": "Cats are great.", "rejected": "Cats are bad."},
+     "prompt", "is a message list while 'chosen' is a string", Reason.WRONG_TYPE),
+    ({"prompt": [{"role": "user", "content": "2+2?"}],
+      "chosen": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
+      "rejected": [{"role": "assistant", "content": "5"}]},
+     "rejected", "does not repeat the prompt's messages while the other response does", Reason.INVALID_VALUE),
+    ({"prompt": [{"role": "user", "content": "2+2?"}], "chosen": [{"role": "user", "content": "4"}],
+      "rejected": [{"role": "assistant", "content": "5"}]},
+     "chosen", "starts with a 'user' message, not an assistant one", Reason.INVALID_VALUE),
 ])
 def test_bad_field_names_line_and_field(tmp_path, row, field, problem, reason):
     path = write_jsonl(tmp_path / "pairs.jsonl", [GOOD, GOOD, row])
@@ -157,6 +178,47 @@ def test_prompt_longer_than_the_limit(tmp_path):
         tokenize(records, tokenizer, truncation=Truncation(max_length=10))
     dataset = tokenize(records, tokenizer, truncation=Truncation(max_length=16, max_prompt_length=8), on_error="skip")
     assert len(dataset) == 1 and dataset.report.skipped == {"prompt_too_long": 1}
+
+
+def test_explicit_message_prompt_repeated_by_both_responses_is_removed_from_them(tmp_path):
+    question = [{"role": "user", "content": "2+2?"}]
+    path = write_jsonl(tmp_path / "pairs.jsonl", [
+        {"prompt": question, "chosen": question + [{"role": "assistant", "content": "4"}],
+         "rejected": question + [{"role": "assistant", "content": "5"}]},
+        {"prompt": "Cats?", "chosen": [{"role": "user", "content": "Cats?"}, {"role": "assistant", "content": "Yes"}],
+         "rejected": [{"role": "user", "content": "Cats?"}, {"role": "assistant", "content": "No"}]}])
+    first, second = read_records(path, format="preference")[0]
+    assert first == PreferenceRecord(question, [{"role": "assistant", "content": "4"}],
+                                     [{"role": "assistant", "content": "5"}])
+    assert second.prompt == (Message("user", "Cats?"),) and second.chosen == (Message("assistant", "Yes"),)
+
+
+def test_pairs_identical_once_truncated_are_refused(tmp_path, caplog):
+    tokenizer = make_tiny_tokenizer()
+    shared = " a b c d e f"
+    path = write_jsonl(tmp_path / "pairs.jsonl", [GOOD, {"prompt": "The sky is", "chosen": shared + " yes",
+                                                         "rejected": shared + " no"}])
+    records, _ = read_records(path)
+    truncation = Truncation(max_length=12)  # "The sky is" is 5 tokens: 7 are left, inside the shared start
+    with pytest.raises(DataError, match=_error(path, 2, "rejected", "is identical to 'chosen' once both are "
+                                                                     "truncated to max_length=12")) as caught:
+        tokenize(records, tokenizer, truncation=truncation)
+    assert caught.value.reason == Reason.IDENTICAL_RESPONSES
+    with caplog.at_level(logging.WARNING, logger="jaxalign.data"):
+        dataset = tokenize(records, tokenizer, truncation=truncation, on_error="skip")
+    assert len(dataset) == 1 and dataset.report.skipped == {"identical_responses": 1}
+    assert "kept 1 of 2 records" in caplog.text
+
+
+def test_truncation_is_reported_as_a_warning(tmp_path, caplog):
+    tokenizer = make_tiny_tokenizer()
+    path = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "The sky is", "chosen": " a b c yes",
+                                                   "rejected": " no"}])
+    records, _ = read_records(path)
+    with caplog.at_level(logging.WARNING, logger="jaxalign.data"):
+        dataset = tokenize(records, tokenizer, truncation=Truncation(max_length=8))
+    assert dataset.report.truncated["completion"] == 1
+    assert "truncated: completion: 1" in caplog.text
 
 
 def test_tokenize_errors_on_records_without_origin():

@@ -209,3 +209,42 @@ def test_multi_dimensional_reward_model_on_pku_rows(checkpoint, tmp_path):
     assert info["num_objectives"] == 2 and info["metadata"]["dimensions"] == ["helpfulness", "safety"]
     record = json.loads((Path(run_config.output_dir) / "metrics.jsonl").read_text().splitlines()[-1])
     assert {"rewards/accuracies/0", "rewards/accuracies/1"} <= set(record)
+
+
+def test_dpo_on_one_dimension_of_pku_rows(checkpoint, tmp_path):
+    rows = [{"prompt": p, "response_0": c, "response_1": r, "better_response_id": i % 2,
+             "safer_response_id": None if i == 0 else 1 - i % 2} for i, (p, c, r) in enumerate(PAIRS)]
+    source = tmp_path / "pku.jsonl"
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(ValueError, match=r"holds 'preference_group' records \(grouped pairs such as PKU-SafeRLHF's: "
+                                         r"pick one dimension with data.dimension=safety"):
+        methods.run(config(checkpoint, source, tmp_path, "dpo", "data.text_as_chat=true"))
+    run_config = config(checkpoint, source, tmp_path, "dpo", "data.text_as_chat=true", "data.dimension=safety",
+                        "train.total_steps=1")
+    methods.run(run_config)
+    run = json.loads((Path(run_config.output_dir) / methods.RUN_FILE).read_text())
+    assert run["examples"] == len(PAIRS) - 1  # the row without a safety preference is left out, and noted
+    assert "groups_without_safety: 1" in run["data_reports"][0]
+    with pytest.raises(ValueError, match=r"data.dimension='honesty': no pair of .*pku.jsonl has that dimension "
+                                         r"\(it has \['helpfulness', 'safety'\]\)"):
+        methods.run(config(checkpoint, source, tmp_path, "dpo", "data.text_as_chat=true", "data.dimension=honesty"))
+
+
+def test_held_out_data_of_another_kind_fails_before_training(checkpoint, pairs_file, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": [{"role": "user", "content": "Hi"}]}) + "\n")
+    run_config = config(checkpoint, pairs_file, tmp_path, "dpo", f"eval_data.source={prompts}")
+    with pytest.raises(ValueError, match=r"eval_data .*prompts.jsonl holds 'prompt' records, but method dpo trains "
+                                         r"on 'preference' ones"):
+        methods.run(run_config)
+    assert not (Path(run_config.output_dir) / "metrics.jsonl").exists()
+
+
+def test_reward_use_margin_without_margins_is_a_clear_error(checkpoint, tmp_path):
+    source = tmp_path / "pairs.jsonl"
+    source.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": p}],
+                                          "chosen": [{"role": "assistant", "content": c}],
+                                          "rejected": [{"role": "assistant", "content": r}]}) + "\n"
+                              for p, c, r in PAIRS))
+    with pytest.raises(ValueError, match="use_margin=True but the batches carry no 'margin'"):
+        methods.run(config(checkpoint, source, tmp_path, "reward", "loss.use_margin=true", "normalize_samples=0"))

@@ -14,9 +14,16 @@ format             fields                                      record
 ``prompt_only``    ``prompt``                                  :class:`PromptRecord`
 =================  ==========================================  =====================
 
-As in TRL's ``maybe_extract_prompt``, a ``prompt`` whose kind differs from ``chosen``'s (a string prompt
-beside full conversations, as in UltraFeedback-binarized) is taken to be redundant, and the prompt is
-split off ``chosen``/``rejected`` instead (see :mod:`jaxalign.data.prompts`).
+A preference record's ``prompt``, when the key is there, is never dropped or duplicated without a check:
+
+- null: an error (``missing_field``), not an implicit prompt;
+- a string beside full conversations (UltraFeedback-binarized): as in TRL's ``maybe_extract_prompt`` the
+  prompt is split off ``chosen``/``rejected`` (see :mod:`jaxalign.data.prompts`), and the string must be
+  the conversation's first user message, which it repeats (else it would be lost: an error);
+- messages beside messages: responses that repeat the prompt's messages have them removed (TRL keeps them,
+  training the prompt a second time as part of the response); each response must then start with an
+  assistant message;
+- messages beside strings: an error (TRL would drop the prompt).
 
 An SFT record holds one shape: ``completion`` beside ``messages`` or ``text`` (or ``prompt`` beside
 ``text``) is an error, since one of them would be lost. A ``prompt`` beside ``messages`` (UltraChat ships
@@ -30,7 +37,8 @@ from jaxalign.data.errors import Reason
 from jaxalign.data.fields import Fields
 from jaxalign.data.formats.base import Format, ReadOptions, build
 from jaxalign.data.prompts import split_implicit_prompt
-from jaxalign.data.records import Messages, PreferenceRecord, PromptRecord, SFTRecord, UnpairedRecord
+from jaxalign.data.records import (Messages, PreferenceRecord, PromptRecord, SFTRecord, UnpairedRecord,
+                                   identical_responses)
 
 
 # The three shapes of an SFT record; a record holds one of them (a second one would be lost).
@@ -76,13 +84,44 @@ def parse_sft(fields: Fields, options: ReadOptions) -> SFTRecord:
 
 
 def preference_parts(fields: Fields):
-    """``(prompt, chosen, rejected)``: the explicit prompt, or the one ``chosen`` and ``rejected`` share."""
+    """``(prompt, chosen, rejected)``: the explicit prompt, or the one ``chosen`` and ``rejected`` share
+    (see the module docstring for the checks on an explicit prompt)."""
     chosen = fields.response("chosen")
-    if fields.has("prompt"):
-        prompt = fields.turns("prompt", nonempty=False)
-        if isinstance(prompt, str) == isinstance(chosen, str):
-            return prompt, chosen, fields.response("rejected")
-    return split_implicit_prompt(fields)
+    if "prompt" not in fields.data:
+        return split_implicit_prompt(fields)
+    prompt = fields.turns("prompt", nonempty=False)
+    if isinstance(prompt, str) and isinstance(chosen, str):
+        return prompt, chosen, fields.response("rejected")
+    if isinstance(prompt, str):
+        implicit, chosen, rejected = split_implicit_prompt(fields)
+        first_user = next((m.content for m in implicit if m.role == "user"), None)
+        if first_user is None or first_user.strip() != prompt.strip():
+            raise fields.error("prompt", "is not the first user message of 'chosen'/'rejected', which hold the "
+                               "whole conversation, and would be lost: drop it, or give the responses only")
+        return implicit, chosen, rejected
+    if isinstance(chosen, str):
+        raise fields.error("prompt", "is a message list while 'chosen' is a string: give both as strings or "
+                           "both as messages", Reason.WRONG_TYPE)
+    return prompt, *_responses_after(fields, prompt, chosen, fields.response("rejected"))
+
+
+def _responses_after(fields: Fields, prompt: Messages, chosen: Messages, rejected: Messages):
+    """The responses beside an explicit message prompt, without the prompt's messages if both repeat them."""
+    repeats = [bool(prompt) and full[:len(prompt)] == prompt for full in (chosen, rejected)]
+    if repeats[0] != repeats[1]:
+        key = "rejected" if repeats[0] else "chosen"
+        raise fields.error(key, "does not repeat the prompt's messages while the other response does")
+    if repeats[0]:
+        chosen, rejected = chosen[len(prompt):], rejected[len(prompt):]
+    for key, response in (("chosen", chosen), ("rejected", rejected)):
+        if not response:
+            raise fields.error(key, "is empty after the prompt's messages", Reason.EMPTY_RESPONSE)
+        if response[0].role != "assistant":
+            raise fields.error(key, f"starts with a {response[0].role!r} message, not an assistant one: beside "
+                               "'prompt' it must hold the response only")
+    if chosen == rejected:
+        raise identical_responses(fields.where, fields.name("rejected"), "chosen")
+    return chosen, rejected
 
 
 def parse_preference(fields: Fields, options: ReadOptions) -> PreferenceRecord:
