@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import types
+import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -183,6 +185,8 @@ class RunConfig:
         """Build from nested dicts (YAML); unknown or missing keys raise ``ValueError`` naming them."""
         values = dict(values)
         _reject_unknown(cls, values, where)
+        _check_types(cls, {key: value for key, value in values.items()
+                           if key not in ("data", "eval_data", "model", "train")}, f"{where}: ")
         for key, build in (("data", _data), ("eval_data", _data), ("model", _model), ("train", _train)):
             if values.get(key) is not None:
                 values[key] = build(values[key], f"{where}: {key}")
@@ -192,6 +196,49 @@ class RunConfig:
         if missing:
             raise ValueError(f"{where}: missing required key(s) {missing}")
         return cls(**values)
+
+
+def _matches(value: Any, kind: Any) -> bool | None:
+    """Whether ``value`` (parsed YAML) has type ``kind``; None when ``kind`` is not one this checks."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is str:
+        return isinstance(value, str)
+    if kind is type(None):
+        return value is None
+    if origin is typing.Literal:
+        return value in args
+    if origin in (types.UnionType, typing.Union):
+        results = [_matches(value, arg) for arg in args]
+        return None if None in results else any(results)
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return isinstance(value, (list, tuple)) and all(_matches(item, args[0]) is not False for item in value)
+    return None
+
+
+def _describe(kind: Any) -> str:
+    if typing.get_origin(kind) is typing.Literal:
+        return "one of " + ", ".join(map(repr, typing.get_args(kind)))
+    if typing.get_origin(kind) in (types.UnionType, typing.Union):
+        return " or ".join(_describe(arg) for arg in typing.get_args(kind))
+    if typing.get_origin(kind) is tuple:
+        return "a list of " + {int: "integers", str: "strings"}.get(typing.get_args(kind)[0], "values")
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+            type(None): "null"}.get(kind, getattr(kind, "__name__", str(kind)))
+
+
+def _check_types(config_class, values: Mapping[str, Any], prefix: str) -> None:
+    """Each value of ``values`` has its field's type (``data.max_length=abc`` is named, not a TypeError
+    from deep inside the config's validation); ``prefix`` + key names the value."""
+    hints = typing.get_type_hints(config_class)
+    for key, value in values.items():
+        if _matches(value, hints[key]) is False:
+            raise ValueError(f"{prefix}{key} must be {_describe(hints[key])}, got {value!r}")
 
 
 def _reject_unknown(config_class, values: Mapping[str, Any], where: str) -> None:
@@ -205,20 +252,25 @@ def _reject_unknown(config_class, values: Mapping[str, Any], where: str) -> None
 
 def _data(values: Mapping[str, Any], where: str) -> DataConfig:
     _reject_unknown(DataConfig, values, where)
+    _check_types(DataConfig, values, f"{where}.")
+    if "source" not in values:
+        raise ValueError(f"{where}: missing the required key 'source'")
     values = dict(values)
     if values.get("buckets") is not None:
         values["buckets"] = tuple(values["buckets"])
     try:
         return DataConfig(**values)
-    except TypeError as error:
+    except (TypeError, ValueError) as error:
         raise ValueError(f"{where}: {error}") from None
 
 
 def _model(values: Mapping[str, Any], where: str) -> ModelSpec:
     _reject_unknown(ModelSpec, values, where)
+    _check_types(ModelSpec, values, f"{where}.")
     values = dict(values)
     if values.get("lora") is not None:
         _reject_unknown(LoRASpec, values["lora"], f"{where}.lora")
+        _check_types(LoRASpec, values["lora"], f"{where}.lora.")
         values["lora"] = LoRASpec(**values["lora"])
     return ModelSpec(**values)
 

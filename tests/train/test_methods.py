@@ -120,6 +120,21 @@ def test_config_errors_name_the_key(tmp_path, pairs_file):
         recipe.load_run_config("no_such_preset")
 
 
+@pytest.mark.parametrize("override, message", [
+    ("data.max_length=abc", r"sentiment.yaml: data.max_length must be an integer or null, got 'abc'"),
+    ("data.shuffle=maybe", r"data.shuffle must be true or false, got 'maybe'"),
+    ("data.buckets=[64, x]", r"data.buckets must be a list of integers or null, got \[64, 'x'\]"),
+    ("data.on_error=ignore", r"data.on_error must be one of 'raise', 'skip', got 'ignore'"),
+    ("eval_data.max_length=64", r"sentiment.yaml: eval_data: missing the required key 'source'"),
+    ("model.lora={rank: x}", r"model.lora.rank must be an integer, got 'x'"),
+    ("normalize_samples=1.5", r"sentiment.yaml: normalize_samples must be an integer, got 1.5"),
+    ("data.buckets=[64, 128]", r"sentiment.yaml: data: DataConfig: max_length 160 exceeds the largest bucket 128"),
+])
+def test_overrides_of_the_wrong_type_name_the_key(override, message):
+    with pytest.raises(ValueError, match=message):
+        recipe.load_run_config("sentiment", [override], method="dpo")
+
+
 @pytest.mark.parametrize("pooling", ["last", "mean"])
 def test_reward_probe_fits_the_head_on_a_frozen_trunk(checkpoint, pairs_file, tmp_path, pooling):
     run_config = config(checkpoint, pairs_file, tmp_path, "reward", "freeze_backbone=true", "probe_l2=0.001",
