@@ -3,7 +3,8 @@
 Nested fields are named by their path (``"conversation[2].content"``,
 ``"completions[1].annotations.honesty.Rating"``), so an error points at the exact value to fix.
 Message lists are accepted in both dialects found in the wild: ``{"role", "content"}`` (OpenAI / TRL)
-and ``{"from", "value"}`` (ShareGPT), whose speaker names are mapped by :data:`SPEAKER_ROLES`.
+and ``{"from", "value"}`` (ShareGPT); speaker names (``human``, ``gpt``, ...) are mapped by :data:`SPEAKER_ROLES`
+in both forms, other roles (``tool``, ...) kept as they are.
 """
 
 from __future__ import annotations
@@ -123,7 +124,9 @@ class Fields:
         """One message object, role/content or from/value."""
         fields = self.nested(key)
         if "role" in fields.data or "content" in fields.data:
+            # ShareGPT's speaker names turn up under 'role' too; a chat template would print them verbatim.
             role, content = fields.text("role"), fields._content("content")
+            role = SPEAKER_ROLES.get(role.lower(), role)
         elif "from" in fields.data or "value" in fields.data:
             speaker = fields.text("from")
             role, content = SPEAKER_ROLES.get(speaker.lower(), speaker), fields._content("value")

@@ -52,6 +52,13 @@ def test_trl_sft_kinds(tmp_path):
     assert read(path)[0].origin.line == 1  # detected as sft; records remember where they came from
 
 
+def test_sharegpt_speaker_names_under_role_are_mapped(tmp_path):
+    path = write_jsonl(tmp_path / "pref.jsonl", [
+        {"prompt": [{"role": "human", "content": "Hi"}], "chosen": [{"role": "gpt", "content": "Hello!"}],
+         "rejected": [{"role": "GPT", "content": "Go away."}]}])
+    assert read(path) == [PreferenceRecord((user("Hi"),), (assistant("Hello!"),), (assistant("Go away."),))]
+
+
 def test_trl_preference_explicit_implicit_and_margin(tmp_path):
     sky = [{"role": "user", "content": "Sky?"}]
     path = write_jsonl(tmp_path / "pref.jsonl", [
