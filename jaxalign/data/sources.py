@@ -36,6 +36,8 @@ from jaxalign.data.errors import DataError, Location, Reason
 # Files at least this large show a reading progress bar (bytes, rate, ETA).
 PROGRESS_MIN_BYTES = 64 << 20
 FILE_SUFFIXES = (".json", ".jsonl", ".ndjson", ".gz")
+# Data files this reader does not parse: named at once (and a missing one is not looked up on the hub).
+OTHER_DATA_SUFFIXES = (".csv", ".tsv", ".parquet", ".arrow", ".bz2", ".xz", ".zst", ".zip")
 BOM = b"\xef\xbb\xbf"
 # What gzip raises on data that is not gzip (BadGzipFile), corrupt (zlib.error, a CRC mismatch) or cut short (EOFError).
 GZIP_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)
@@ -204,7 +206,8 @@ def _load_hub_dataset(name: str, split: str):
 
 def _looks_like_a_file(source: str) -> bool:
     """A missing path that cannot be a hub name: answered at once, not after the hub's network retries."""
-    return Path(source).is_absolute() or source.lower().endswith(FILE_SUFFIXES) or source.startswith(".")
+    return (Path(source).is_absolute() or source.lower().endswith(FILE_SUFFIXES + OTHER_DATA_SUFFIXES)
+            or source.startswith("."))
 
 
 def source_name(source) -> str:
@@ -233,6 +236,10 @@ def iter_raw_records(source, *, split: str = "train", progress: bool | None = No
     if isinstance(source, (str, Path)):
         path = Path(source)
         if path.is_file():
+            if path.suffix.lower() in OTHER_DATA_SUFFIXES:
+                raise DataError(f"a {path.suffix} file: jaxalign reads JSON Lines or JSON, optionally .gz; convert it "
+                                f"(e.g. datasets.load_dataset(..., data_files=...)['train'].to_json('x.jsonl')) or pass "
+                                f"the datasets.Dataset to read_records", where=str(path), reason=Reason.MALFORMED)
             if path.name.lower().removesuffix(".gz").endswith(".json"):
                 return _json_file(path, progress)
             return _json_lines(path, progress)

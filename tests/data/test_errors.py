@@ -144,6 +144,13 @@ def test_missing_and_empty_sources(tmp_path):
     empty.write_text("\n\n")
     with pytest.raises(DataError, match="empty.jsonl: holds no records"):
         read_records(empty)
+    # Other data files: named at once, and a missing one is not looked up on the hub (slow retries offline).
+    with pytest.raises(FileNotFoundError, match="^pairs.csv: no such file"):
+        read_records("pairs.csv")
+    table = tmp_path / "pairs.CSV"
+    table.write_text("prompt,chosen,rejected\na,b,c\n")
+    with pytest.raises(DataError, match=r"pairs.CSV: a .CSV file: jaxalign reads JSON Lines or JSON, optionally .gz"):
+        read_records(table)
 
 
 def test_skip_reports_counts_per_reason_and_first_examples(tmp_path, caplog):
