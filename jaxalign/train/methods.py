@@ -233,7 +233,6 @@ def run(config: RunConfig) -> RunResult:
 
         return run_online(config)
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     lm, tokenizer = load_pretrained(config.model)
     dataset = jdata.build_dataset(config.data, tokenizer)
     if config.curriculum is not None:
@@ -241,14 +240,15 @@ def run(config: RunConfig) -> RunResult:
     eval_dataset = None if config.eval_data is None else jdata.build_dataset(config.eval_data, tokenizer)
     if config.method == "sft" and eval_dataset is not None and eval_dataset.kind == "preference":
         eval_dataset = chosen_as_sft(eval_dataset)
-    _write_json(out / RUN_FILE, {"config": config.to_dict(),
-                                 "data_reports": [str(r) for r in dataset.reports],
-                                 "examples": len(dataset)})
-
     builder = {"sft": _sft, "reward": _reward, "dpo": _dpo}[config.method]
     model, objective, references, dataset, extra = builder(config, lm, tokenizer, dataset)
     if eval_dataset is not None:  # checked now, not when the evaluation would fail after training
         _check_eval_kind(config, dataset, eval_dataset)
+    # Written once the data is known to suit the method: a refused run leaves no output directory behind.
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / RUN_FILE, {"config": config.to_dict(),
+                                 "data_reports": [str(r) for r in dataset.reports],
+                                 "examples": len(dataset)})
     if config.freeze_backbone:
         # A frozen trunk: its features once, then the head fitted to convergence (no optimizer steps).
         if jax.process_count() > 1:
