@@ -11,7 +11,7 @@ from jaxalign.data.errors import DataError, Location, OnError, Report, check_on_
 from jaxalign.data.fields import Fields
 from jaxalign.data.formats import DETECTION_RECORDS, Format, ReadOptions, detect_format, get_format, record_parser
 from jaxalign.data.records import PromptRecord, Record
-from jaxalign.data.sources import FILE_SUFFIXES, RawRecord, iter_raw_records, source_name
+from jaxalign.data.sources import FILE_SUFFIXES, OTHER_DATA_SUFFIXES, RawRecord, iter_raw_records, source_name
 
 
 def _loaded(raws) -> Iterator[tuple[RawRecord, dict | DataError]]:
@@ -95,7 +95,7 @@ def read_prompt_file(path, *, option: str = "prompts file") -> list[PromptRecord
     them ``.gz``; the suffix in any case) with a ``prompt`` field, or else a text file with one prompt per
     non-blank line. ``option`` (a command-line option) is named in the errors."""
     path = Path(path)
-    if path.name.lower().endswith(FILE_SUFFIXES):
+    if path.name.lower().endswith(FILE_SUFFIXES + OTHER_DATA_SUFFIXES):  # read_records names the unsupported
         records, _ = read_records(path, format="prompt_only")
         return records
     if not path.is_file():

@@ -313,19 +313,34 @@ class _Pipeline:
         completions = [None if f is None else self._with_eos(f[prompt_length:], item.conversational) for f in full]
         sequences = self.truncation.fit(prompt_ids[:prompt_length], completions, item.where, report.truncated)
         if self.kind in ("preference", "preference_group"):
-            self._check_pairs_differ(sequences, item)
+            sequences = self._without_tied_pairs(sequences, completions, item, report)
         return TokenizedExample(tuple(sequences), item.values)
 
-    def _check_pairs_differ(self, sequences: list[TokenSequence | None], item: _Prepared) -> None:
-        """Two different responses can become the same tokens once cut to ``max_length`` (a long shared
-        start): such a pair carries no preference and is refused like identical text."""
+    def _without_tied_pairs(self, sequences: list, completions: list, item: _Prepared, report: Report) -> list:
+        """Pairs whose two sides are the same tokens carry no preference: different texts can tokenise alike,
+        or differ only in the tokens truncation cut off. A plain pair is refused (``identical_responses``); in a
+        group only that dimension's pair is left out (``pair_mask`` 0), counted in ``report.notes``."""
+        sequences = list(sequences)
         for index in range(0, len(sequences), 2):
             chosen, rejected = sequences[index], sequences[index + 1]
-            if chosen is not None and rejected is not None and np.array_equal(chosen.ids, rejected.ids):
-                dimension = f" (dimension {self.dimensions[index // 2]!r})" if self.kind == "preference_group" else ""
-                raise DataError(f"is identical to 'chosen'{dimension} once both are truncated to max_length="
-                                f"{self.truncation.max_length} tokens: the responses differ only after that",
-                                where=item.where, field="rejected", reason=Reason.IDENTICAL_RESPONSES)
+            if chosen is None or rejected is None or not np.array_equal(chosen.ids, rejected.ids):
+                continue
+            if self.kind == "preference_group":
+                dimension = self.dimensions[index // 2]
+                report.notes[f"tied_after_tokenizing_{dimension}"] += 1
+                sequences[index] = sequences[index + 1] = None
+                continue
+            if completions[index] == completions[index + 1]:
+                why = "the two texts tokenise to the same ids"
+            else:
+                why = (f"they differ only in the tokens truncation cut off (max_length={self.truncation.max_length}, "
+                       f"truncation={self.truncation.mode!r})")
+            raise DataError(f"is identical to 'chosen' as tokens: {why}", where=item.where, field="rejected",
+                            reason=Reason.IDENTICAL_RESPONSES)
+        if self.kind == "preference_group" and all(sequence is None for sequence in sequences):
+            raise DataError("every pair of the group has the same tokens on both sides: nothing to prefer",
+                            where=item.where, reason=Reason.IDENTICAL_RESPONSES)
+        return sequences
 
     def _with_eos(self, completion: list[int], conversational: bool) -> list[int]:
         if conversational or self.eos is None or completion[-1:] == [self.eos]:

@@ -6,9 +6,10 @@
     config = recipe.load_run_config("hh_rlhf", ["train.total_steps=100"], method="dpo")
     result = methods.run(config)        # checkpoints, metrics.jsonl/.png, TensorBoard, export/, eval.json
 
-A run: resolve and write ``run.json`` -> load the model (HF directory, GGUF, or the embedded default) and
-its tokenizer -> tokenise the data (optionally ordered as a curriculum) -> build the method's objective
-(:mod:`jaxalign.train.objectives`) -> :class:`~jaxalign.train.trainer.Trainer` (resumes from
+A run: load the model (HF directory, GGUF, or the embedded default) and its tokenizer -> tokenise the data
+(optionally ordered as a curriculum) and the held-out data, checking both suit the method -> build the
+method's objective (:mod:`jaxalign.train.objectives`) -> write ``run.json`` (a run refused for its data
+leaves no output directory) -> :class:`~jaxalign.train.trainer.Trainer` (resumes from
 ``output_dir/checkpoints`` when a checkpoint is there) -> method epilogue (reward normalisation) ->
 held-out evaluation with the same objective -> Hugging Face export and the plot of the curves.
 """
@@ -64,10 +65,13 @@ def load_pretrained(spec: ModelSpec, *, source: str = "model.path"):
 
 def _check_eval_kind(config: RunConfig, dataset: jdata.TokenizedDataset, eval_dataset: jdata.TokenizedDataset):
     """The held-out set feeds the training objective: it must hold the same kind of examples."""
-    if eval_dataset.kind != dataset.kind:
+    trained = "sft" if config.method == "sft" and dataset.kind == "preference" else dataset.kind  # chosen sides
+    if eval_dataset.kind != trained:
+        hint = (f"; set eval_data.dimension to one of {list(eval_dataset.dimensions)}"
+                if eval_dataset.kind == "preference_group" and trained == "preference" else "")
         raise ValueError(f"eval_data {config.eval_data.source} holds {eval_dataset.kind!r} records, but method "
-                         f"{config.method} trains on {dataset.kind!r} ones here ({config.data.source}): give "
-                         "held-out data of the same kind")
+                         f"{config.method} trains on {trained!r} ones here ({config.data.source}): give "
+                         f"held-out data of the same kind{hint}")
     if eval_dataset.dimensions != dataset.dimensions:
         raise ValueError(f"eval_data {config.eval_data.source} has preference dimensions "
                          f"{list(eval_dataset.dimensions)}, the training data {list(dataset.dimensions)}")
@@ -240,10 +244,10 @@ def run(config: RunConfig) -> RunResult:
     eval_dataset = None if config.eval_data is None else jdata.build_dataset(config.eval_data, tokenizer)
     if config.method == "sft" and eval_dataset is not None and eval_dataset.kind == "preference":
         eval_dataset = chosen_as_sft(eval_dataset)
-    builder = {"sft": _sft, "reward": _reward, "dpo": _dpo}[config.method]
-    model, objective, references, dataset, extra = builder(config, lm, tokenizer, dataset)
     if eval_dataset is not None:  # checked now, not when the evaluation would fail after training
         _check_eval_kind(config, dataset, eval_dataset)
+    builder = {"sft": _sft, "reward": _reward, "dpo": _dpo}[config.method]
+    model, objective, references, dataset, extra = builder(config, lm, tokenizer, dataset)
     # Written once the data is known to suit the method: a refused run leaves no output directory behind.
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / RUN_FILE, {"config": config.to_dict(),
@@ -328,6 +332,10 @@ def _reward(config: RunConfig, lm, tokenizer, dataset):
         if num_objectives != len(dataset.dimensions):
             raise ValueError(f"loss.num_objectives={num_objectives}, but the data has {len(dataset.dimensions)} "
                              f"dimensions {dataset.dimensions}")
+    elif options.get("dimension_weights") is not None or (num_objectives or 1) > 1:
+        raise ValueError(f"loss.dimension_weights / num_objectives are for a reward head per dimension of grouped "
+                         f"data; {config.data.source} gives {dataset.kind!r} records (one reward): set "
+                         "loss.dimension_weights=null")
     if config.model.lora is not None:
         models.apply_lora(lm, _lora_config(config), rngs=nnx.Rngs(config.train.seed))
     model = models.RewardModel(lm, num_objectives=num_objectives, pooling=pooling, rngs=nnx.Rngs(config.train.seed))
@@ -337,8 +345,8 @@ def _reward(config: RunConfig, lm, tokenizer, dataset):
 
 def _dpo(config: RunConfig, lm, tokenizer, dataset):
     if dataset.kind != "preference":
-        hint = (" (grouped pairs such as PKU-SafeRLHF's: pick one dimension with data.dimension=safety or "
-                "data.dimension=helpfulness)" if dataset.kind == "preference_group" else "")
+        hint = (f" (grouped pairs: pick one dimension with data.dimension, one of {list(dataset.dimensions)})"
+                if dataset.kind == "preference_group" else "")
         raise ValueError(f"method dpo needs preference pairs; {config.data.source} holds {dataset.kind!r} "
                          f"records{hint}")
     options = dict(config.loss)

@@ -185,8 +185,14 @@ class RunConfig:
         """Build from nested dicts (YAML); unknown or missing keys raise ``ValueError`` naming them."""
         values = dict(values)
         _reject_unknown(cls, values, where)
-        _check_types(cls, {key: value for key, value in values.items()
-                           if key not in ("data", "eval_data", "model", "train")}, f"{where}: ")
+        sections = ("data", "eval_data", "model", "train")
+        values.update(_checked(cls, {key: value for key, value in values.items() if key not in sections}, f"{where}: "))
+        eval_values = values.get("eval_data")
+        if isinstance(eval_values, Mapping) and isinstance(values.get("data"), Mapping):
+            # Held-out data is the same kind as the training data: one dimension of groups unless it says otherwise.
+            dimension = values["data"].get("dimension")
+            if dimension is not None and "dimension" not in eval_values:
+                values["eval_data"] = {**eval_values, "dimension": dimension}
         for key, build in (("data", _data), ("eval_data", _data), ("model", _model), ("train", _train)):
             if values.get(key) is not None:
                 values[key] = build(values[key], f"{where}: {key}")
@@ -218,6 +224,10 @@ def _matches(value: Any, kind: Any) -> bool | None:
         return None if None in results else any(results)
     if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
         return isinstance(value, (list, tuple)) and all(_matches(item, args[0]) is not False for item in value)
+    if origin is Mapping:
+        return isinstance(value, Mapping)
+    if dataclasses.is_dataclass(kind):
+        return isinstance(value, (Mapping, kind))
     return None
 
 
@@ -228,17 +238,32 @@ def _describe(kind: Any) -> str:
         return " or ".join(_describe(arg) for arg in typing.get_args(kind))
     if typing.get_origin(kind) is tuple:
         return "a list of " + {int: "integers", str: "strings"}.get(typing.get_args(kind)[0], "values")
+    if typing.get_origin(kind) is Mapping or dataclasses.is_dataclass(kind):
+        return "a mapping"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string",
             type(None): "null"}.get(kind, getattr(kind, "__name__", str(kind)))
 
 
-def _check_types(config_class, values: Mapping[str, Any], prefix: str) -> None:
-    """Each value of ``values`` has its field's type (``data.max_length=abc`` is named, not a TypeError
-    from deep inside the config's validation); ``prefix`` + key names the value."""
+def _checked(config_class, values: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """``values`` with each value checked against its field's type (``data.max_length=abc`` is named, not a
+    TypeError from deep inside the config's validation); ``prefix`` + key names the value. Nested config
+    sections (``train.optimizer``) are checked too; a number YAML 1.1 read as a string (``1e-3``) becomes a
+    float where the field is one."""
     hints = typing.get_type_hints(config_class)
+    checked = {}
     for key, value in values.items():
-        if _matches(value, hints[key]) is False:
-            raise ValueError(f"{prefix}{key} must be {_describe(hints[key])}, got {value!r}")
+        kind = hints.get(key)
+        if kind is None:  # an unknown key: the caller's _reject_unknown names it
+            checked[key] = value
+            continue
+        if dataclasses.is_dataclass(kind) and isinstance(value, Mapping):
+            value = _checked(kind, value, f"{prefix}{key}.")
+        elif _matches(_number_or_value(value), kind) and not _matches(value, kind):
+            value = _number_or_value(value)
+        elif _matches(value, kind) is False:
+            raise ValueError(f"{prefix}{key} must be {_describe(kind)}, got {value!r}")
+        checked[key] = value
+    return checked
 
 
 def _reject_unknown(config_class, values: Mapping[str, Any], where: str) -> None:
@@ -252,10 +277,9 @@ def _reject_unknown(config_class, values: Mapping[str, Any], where: str) -> None
 
 def _data(values: Mapping[str, Any], where: str) -> DataConfig:
     _reject_unknown(DataConfig, values, where)
-    _check_types(DataConfig, values, f"{where}.")
+    values = _checked(DataConfig, values, f"{where}.")
     if "source" not in values:
         raise ValueError(f"{where}: missing the required key 'source'")
-    values = dict(values)
     if values.get("buckets") is not None:
         values["buckets"] = tuple(values["buckets"])
     try:
@@ -266,16 +290,17 @@ def _data(values: Mapping[str, Any], where: str) -> DataConfig:
 
 def _model(values: Mapping[str, Any], where: str) -> ModelSpec:
     _reject_unknown(ModelSpec, values, where)
-    _check_types(ModelSpec, values, f"{where}.")
-    values = dict(values)
+    values = _checked(ModelSpec, values, f"{where}.")
     if values.get("lora") is not None:
         _reject_unknown(LoRASpec, values["lora"], f"{where}.lora")
-        _check_types(LoRASpec, values["lora"], f"{where}.lora.")
+        values["lora"] = _checked(LoRASpec, values["lora"], f"{where}.lora.")
         values["lora"] = LoRASpec(**values["lora"])
     return ModelSpec(**values)
 
 
 def _train(values: Mapping[str, Any], where: str) -> TrainConfig:
+    if isinstance(values, Mapping):
+        values = _checked(TrainConfig, values, f"{where}.")
     try:
         return TrainConfig.from_dict(values)
     except (TypeError, ValueError) as error:

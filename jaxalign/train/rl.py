@@ -65,14 +65,16 @@ def _embeddings(lm) -> np.ndarray:
 def run_online(config: RunConfig) -> methods.RunResult:
     """Train, evaluate and export one PPO or GRPO run (see the module docstring). Resumes when checkpoints exist."""
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     lm, tokenizer = methods.load_pretrained(config.model)
     dataset = jdata.build_dataset(config.data, tokenizer)
     if dataset.kind != "prompt":
         raise ValueError(f"method {config.method} trains on prompts ({{\"prompt\": ...}} records); "
                          f"{config.data.source} holds {dataset.kind!r} records")
+    # Read and checked now, not when the evaluation would fail after training.
+    eval_prompts = None if config.eval_data is None else held_out_prompts(config)
     if config.curriculum is not None:
         dataset = methods.curriculum_order(dataset, config.curriculum)
+    out.mkdir(parents=True, exist_ok=True)  # a run refused for its data leaves no output directory
     methods._write_json(out / methods.RUN_FILE, {"config": config.to_dict(),
                                                  "data_reports": [str(r) for r in dataset.reports],
                                                  "examples": len(dataset)})
@@ -108,8 +110,9 @@ def run_online(config: RunConfig) -> methods.RunResult:
 
     extra: dict[str, Any] = {}
     eval_metrics: dict[str, float] = {}
-    if config.eval_data is not None:
-        evaluation = evaluate_online(config, policy, tokenizer, sampling, gold_judge, _learned_judge(reward))
+    if eval_prompts is not None:
+        evaluation = evaluate_online(config, eval_prompts, policy, tokenizer, sampling, gold_judge,
+                                     _learned_judge(reward))
         extra["evaluation"] = evaluation.to_dict()
         eval_metrics = _headline(evaluation)
     export_dir = None
@@ -134,15 +137,23 @@ def _learned_judge(reward):
     return judge if callable(getattr(judge, "score_rollout", None)) else None
 
 
-def evaluate_online(config: RunConfig, policy, tokenizer, sampling: SamplingParams, gold_judge, learned_judge=None):
-    """The trained policy against the initial one on the held-out prompts (``eval_data``): gold reward and win
-    rate (``gold``, VADER when unset), the learned reward model's when the training reward is one, KL."""
-    from jaxalign.eval import VaderJudge, evaluate_policy
-
+def held_out_prompts(config: RunConfig) -> list:
+    """The prompt records of ``config.eval_data``; an error naming the file for any other kind."""
     records, _ = jdata.read_records(config.eval_data.source, format=config.eval_data.format,
                                     on_error=config.eval_data.on_error, limit=config.eval_data.limit)
     if not records or not all(isinstance(r, jdata.PromptRecord) for r in records):
-        raise ValueError(f"eval_data {config.eval_data.source}: expected prompt records ({{\"prompt\": ...}})")
+        kinds = sorted({type(r).__name__ for r in records})
+        raise ValueError(f"eval_data {config.eval_data.source}: method {config.method} evaluates on prompt records "
+                         f"({{\"prompt\": ...}}), the file holds {', '.join(kinds) or 'none'}")
+    return records
+
+
+def evaluate_online(config: RunConfig, records: list, policy, tokenizer, sampling: SamplingParams, gold_judge,
+                    learned_judge=None):
+    """The trained policy against the initial one on the held-out prompt ``records``: gold reward and win rate
+    (``gold``, VADER when unset), the learned reward model's when the training reward is one, KL."""
+    from jaxalign.eval import VaderJudge, evaluate_policy
+
     reference, _ = methods.load_pretrained(dataclasses.replace(config.model, lora=None))
     params = dataclasses.replace(sampling, n=1)
     return evaluate_policy(policy, reference, tokenizer, records, judge=gold_judge or VaderJudge(),

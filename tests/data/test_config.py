@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from jaxalign.data import DataConfig, build_batches, build_dataset, read_prompt_file
+from jaxalign.data import DataConfig, DataError, build_batches, build_dataset, read_prompt_file
 from tests.data.conftest import EOS_NEWLINE, GENERATION_PROMPT, IM_END, chatml, ids, write_jsonl
 
 
@@ -47,6 +47,10 @@ def test_prompt_files_by_suffix_in_any_case(tmp_path, name):
                                                                                           ("Say bye.", 4)]
     with pytest.raises(FileNotFoundError, match=r"--prompts .*missing.txt: no such file"):
         read_prompt_file(tmp_path / "missing.txt", option="--prompts")
+    table = tmp_path / "prompts.csv"
+    table.write_text("prompt\nSay hi.\n")
+    with pytest.raises(DataError, match=r"prompts.csv: a .csv file: jaxalign reads JSON Lines or JSON"):
+        read_prompt_file(table)
 
 
 def test_pku_saferlhf_file_to_group_batches(tmp_path, tiny_tokenizer):

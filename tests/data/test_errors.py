@@ -10,6 +10,7 @@ import pytest
 from jaxalign.data import (
     DataError,
     Message,
+    PreferenceGroup,
     PreferenceRecord,
     Reason,
     Rendering,
@@ -82,6 +83,9 @@ def test_invalid_utf8_line(tmp_path):
                                                  {"role": "assistant", "content": "Purr."}],
       "rejected": [{"role": "user", "content": "Tell me about cats"}, {"role": "assistant", "content": "Meh."}]},
      "prompt", "is not the first user message of 'chosen'/'rejected'", Reason.INVALID_VALUE),
+    ({"prompt": "Hi", "chosen": [{"role": "assistant", "content": "Hello"}],
+      "rejected": [{"role": "assistant", "content": "Go"}]}, "prompt",
+     r"is a string while 'chosen' and 'rejected' are messages: give it as \[\{role: user", Reason.WRONG_TYPE),
     ({"prompt": [{"role": "user", "content": "Cats?"}], "chosen": "Cats are great.", "rejected": "Cats are bad."},
      "prompt", "is a message list while 'chosen' is a string", Reason.WRONG_TYPE),
     ({"prompt": [{"role": "user", "content": "2+2?"}],
@@ -200,6 +204,16 @@ def test_explicit_message_prompt_repeated_by_both_responses_is_removed_from_them
     assert second.prompt == (Message("user", "Cats?"),) and second.chosen == (Message("assistant", "Yes"),)
 
 
+@pytest.mark.parametrize("empty", ["", "  ", []])
+def test_an_empty_explicit_prompt_is_an_implicit_one(tmp_path, empty):
+    conversation = [{"role": "user", "content": "2+2?"}]
+    path = write_jsonl(tmp_path / "pairs.jsonl", [
+        {"prompt": empty, "chosen": conversation + [{"role": "assistant", "content": "4"}],
+         "rejected": conversation + [{"role": "assistant", "content": "5"}]}])
+    record, = read_records(path, format="preference")[0]
+    assert record.prompt == (Message("user", "2+2?"),) and record.chosen == (Message("assistant", "4"),)
+
+
 def test_pairs_identical_once_truncated_are_refused(tmp_path, caplog):
     tokenizer = make_tiny_tokenizer()
     shared = " a b c d e f"
@@ -207,14 +221,32 @@ def test_pairs_identical_once_truncated_are_refused(tmp_path, caplog):
                                                          "rejected": shared + " no"}])
     records, _ = read_records(path)
     truncation = Truncation(max_length=12)  # "The sky is" is 5 tokens: 7 are left, inside the shared start
-    with pytest.raises(DataError, match=_error(path, 2, "rejected", "is identical to 'chosen' once both are "
-                                                                     "truncated to max_length=12")) as caught:
+    with pytest.raises(DataError, match=_error(path, 2, "rejected", r"is identical to 'chosen' as tokens: they differ "
+                                               r"only in the tokens truncation cut off \(max_length=12, "
+                                               r"truncation='keep_start'\)")) as caught:
         tokenize(records, tokenizer, truncation=truncation)
     assert caught.value.reason == Reason.IDENTICAL_RESPONSES
     with caplog.at_level(logging.WARNING, logger="jaxalign.data"):
         dataset = tokenize(records, tokenizer, truncation=truncation, on_error="skip")
     assert len(dataset) == 1 and dataset.report.skipped == {"identical_responses": 1}
     assert "kept 1 of 2 records" in caplog.text
+
+
+def test_a_group_loses_only_the_pair_that_ties_once_truncated():
+    tokenizer = make_tiny_tokenizer()
+    shared = " a b c d e f"
+    group = PreferenceGroup((PreferenceRecord("The sky is", shared + " yes", shared + " no", dimension="honesty"),
+                             PreferenceRecord("The sky is", " blue", " green", dimension="helpfulness")))
+    dataset = tokenize([group], tokenizer, truncation=Truncation(max_length=12))
+    honesty = dataset.dimensions.index("honesty")
+    sequences = dataset.examples[0].sequences
+    assert sequences[2 * honesty] is None and sequences[2 * honesty + 1] is None
+    assert all(sequence is not None for sequence in sequences[2 * (1 - honesty):2 * (1 - honesty) + 2])
+    assert dataset.report.notes == {"tied_after_tokenizing_honesty": 1}
+    both_tie = PreferenceGroup((group.pairs[0], PreferenceRecord("The sky is", shared + " x", shared + " z",
+                                                                 dimension="helpfulness")))
+    with pytest.raises(DataError, match="every pair of the group has the same tokens on both sides"):
+        tokenize([both_tie], tokenizer, truncation=Truncation(max_length=12))
 
 
 def test_truncation_is_reported_as_a_warning(tmp_path, caplog):

@@ -231,9 +231,22 @@ def test_dpo_on_one_dimension_of_pku_rows(checkpoint, tmp_path):
              "safer_response_id": None if i == 0 else 1 - i % 2} for i, (p, c, r) in enumerate(PAIRS)]
     source = tmp_path / "pku.jsonl"
     source.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    with pytest.raises(ValueError, match=r"holds 'preference_group' records \(grouped pairs such as PKU-SafeRLHF's: "
-                                         r"pick one dimension with data.dimension=safety"):
+    with pytest.raises(ValueError, match=r"holds 'preference_group' records \(grouped pairs: pick one dimension "
+                                         r"with data.dimension, one of \['helpfulness', 'safety'\]\)"):
         methods.run(config(checkpoint, source, tmp_path, "dpo", "data.text_as_chat=true"))
+    # The preset's DPO section picks the safety pairs, and the held-out data follows.
+    preset = recipe.load_run_config("pku_saferlhf", [f"data.source={source}", f"eval_data.source={source}"],
+                                    method="dpo")
+    assert preset.data.dimension == preset.eval_data.dimension == "safety"
+    with pytest.raises(ValueError, match=r"loss.dimension_weights / num_objectives are for a reward head per "
+                                         r"dimension of grouped data; .* gives 'preference' records"):
+        methods.run(config(checkpoint, source, tmp_path, "reward", "data.text_as_chat=true", "data.dimension=safety",
+                           "loss.dimension_weights=[1.0, 1.0]"))
+    with pytest.raises(ValueError, match=r"eval_data .*pku.jsonl holds 'preference_group' records, but method dpo "
+                                         r"trains on 'preference' ones here .*set eval_data.dimension to one of "
+                                         r"\['helpfulness', 'safety'\]"):
+        methods.run(config(checkpoint, source, tmp_path, "dpo", "data.text_as_chat=true", "data.dimension=safety",
+                           f"eval_data.source={source}", "eval_data.text_as_chat=true", "eval_data.dimension=null"))
     run_config = config(checkpoint, source, tmp_path, "dpo", "data.text_as_chat=true", "data.dimension=safety",
                         "train.total_steps=1")
     methods.run(run_config)

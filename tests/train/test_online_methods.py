@@ -107,6 +107,14 @@ def test_online_config_errors_name_the_problem(checkpoint, prompts_file, tmp_pat
         methods.run(config(checkpoint, prompts_file, tmp_path, "grpo", "sampling.groups=4"))
     with pytest.raises(ValueError, match="GRPO needs groups"):
         methods.run(config(checkpoint, prompts_file, tmp_path, "grpo"))
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "Hi", "chosen": " blue", "rejected": " red"}) + "\n")
+    held_out_pairs = config(checkpoint, prompts_file, tmp_path, "ppo", f"eval_data.source={pairs}",
+                            f"output_dir={tmp_path / 'refused'}")
+    with pytest.raises(ValueError, match=r"eval_data .*pairs.jsonl: method ppo evaluates on prompt records .*the "
+                                         r"file holds PreferenceRecord"):
+        methods.run(held_out_pairs)
+    assert not Path(held_out_pairs.output_dir).exists()  # refused before training, nothing left behind
 
 
 def test_ppo_on_a_gpt2_checkpoint_with_a_separate_critic_and_the_faithfulness_signal(prompts_file, tmp_path):

@@ -92,7 +92,12 @@ def preference_parts(fields: Fields):
     prompt = fields.turns("prompt", nonempty=False)
     if isinstance(prompt, str) and isinstance(chosen, str):
         return prompt, chosen, fields.response("rejected")
+    if not (prompt.strip() if isinstance(prompt, str) else prompt):  # "" or []: nothing given, nothing lost
+        return split_implicit_prompt(fields)
     if isinstance(prompt, str):
+        if chosen[0].role == "assistant":
+            raise fields.error("prompt", "is a string while 'chosen' and 'rejected' are messages: give it as "
+                               "[{role: user, content: ...}]", Reason.WRONG_TYPE)
         implicit, chosen, rejected = split_implicit_prompt(fields)
         first_user = next((m.content for m in implicit if m.role == "user"), None)
         if first_user is None or first_user.strip() != prompt.strip():
