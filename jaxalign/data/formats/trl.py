@@ -16,14 +16,14 @@ format             fields                                      record
 
 A preference record's ``prompt``, when the key is there, is never dropped or duplicated without a check:
 
-- null: an error (``missing_field``), not an implicit prompt;
+- null: an error (``missing_field``), not an implicit prompt; empty (``""``, ``[]``): an implicit prompt;
 - a string beside full conversations (UltraFeedback-binarized): as in TRL's ``maybe_extract_prompt`` the
   prompt is split off ``chosen``/``rejected`` (see :mod:`jaxalign.data.prompts`), and the string must be
   the conversation's first user message, which it repeats (else it would be lost: an error);
 - messages beside messages: responses that repeat the prompt's messages have them removed (TRL keeps them,
   training the prompt a second time as part of the response); each response must then start with an
   assistant message;
-- messages beside strings: an error (TRL would drop the prompt).
+- messages beside strings, or a string beside assistant-only messages: an error (TRL would drop the prompt).
 
 An SFT record holds one shape: ``completion`` beside ``messages`` or ``text`` (or ``prompt`` beside
 ``text``) is an error, since one of them would be lost. A ``prompt`` beside ``messages`` (UltraChat ships
