@@ -67,6 +67,8 @@ class Fields:
     def _encodable(self, key: str | int, value: str) -> str:
         """``value`` if it is valid Unicode; JSON's ``\\ud800`` escapes can give lone surrogates (text cut
         inside a UTF-16 pair), which no tokenizer accepts."""
+        if value.isascii():  # a flag of the str object: no scan, no copy for the common case
+            return value
         try:
             value.encode("utf-8")
         except UnicodeEncodeError as error:

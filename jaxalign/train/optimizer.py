@@ -48,13 +48,14 @@ def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientT
     ``config.decay_biases_and_norms``.
     """
     schedule = make_schedule(config, total_steps)
-    decay = decay_weights(config.weight_decay, mask=not config.decay_biases_and_norms)
+    # Without decay, identity (state EmptyState as well) spares a pass over every parameter each step.
+    decay = (decay_weights(config.weight_decay, mask=not config.decay_biases_and_norms) if config.weight_decay
+             else optax.identity())
     if config.name == "adamw":
         update = optax.chain(optax.scale_by_adam(b1=config.b1, b2=config.b2, eps=config.eps), decay,
                              optax.scale_by_learning_rate(schedule))
     else:
-        update = optax.chain(decay if config.weight_decay else optax.identity(),
-                             optax.sgd(schedule, momentum=config.momentum or None))
+        update = optax.chain(decay, optax.sgd(schedule, momentum=config.momentum or None))
     if config.max_grad_norm is None:
         return update
     return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), update)

@@ -37,8 +37,7 @@ from jaxalign.data.errors import Reason
 from jaxalign.data.fields import Fields
 from jaxalign.data.formats.base import Format, ReadOptions, build
 from jaxalign.data.prompts import split_implicit_prompt
-from jaxalign.data.records import (Messages, PreferenceRecord, PromptRecord, SFTRecord, UnpairedRecord,
-                                   identical_responses)
+from jaxalign.data.records import Messages, PreferenceRecord, PromptRecord, SFTRecord, UnpairedRecord
 
 
 # The three shapes of an SFT record; a record holds one of them (a second one would be lost).
@@ -124,9 +123,7 @@ def _responses_after(fields: Fields, prompt: Messages, chosen: Messages, rejecte
         if response[0].role != "assistant":
             raise fields.error(key, f"starts with a {response[0].role!r} message, not an assistant one: beside "
                                "'prompt' it must hold the response only")
-    if chosen == rejected:
-        raise identical_responses(fields.where, fields.name("rejected"), "chosen")
-    return chosen, rejected
+    return chosen, rejected  # PreferenceRecord refuses identical responses
 
 
 def parse_preference(fields: Fields, options: ReadOptions) -> PreferenceRecord:
