@@ -65,7 +65,7 @@ class RewardHead(nnx.Module):
     models); ``"mean"`` averages the hidden states of every real token (prompt and response). A causal LM's
     last position summarises the sequence only as far as the next-token objective needs, and a response cut
     at a length limit ends mid-sentence; the mean keeps what every position saw (on the embedded default's
-    sentiment pairs the mean-pooled probe is the more accurate one by about 15 points: docs/training.md).
+    sentiment pairs the mean-pooled probe is the more accurate one by about 15 points: docs/offline-trainers.md).
 
     ``num_objectives=None`` gives one scalar per sequence ``[B]``; an int ``N`` gives ``[B, N]``.
     """

@@ -9,7 +9,7 @@
 - :mod:`~jaxalign.train.distributed`: ``jax.distributed.initialize`` from flags or the environment.
 - :mod:`~jaxalign.train.metrics`, :mod:`~jaxalign.train.tensorboard`: JSONL / TensorBoard / W&B sinks.
 
-See docs/train.md.
+See docs/training-core.md.
 """
 
 from jaxalign.train.checkpoint import Checkpointer, Restored, run_metadata

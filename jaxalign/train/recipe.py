@@ -116,7 +116,7 @@ class RunConfig:
             the data, then L-BFGS to convergence on every pair at once. ``train.total_steps`` and the
             optimizer do not apply; nothing is checkpointed (a rerun recomputes the same head).
         probe_l2: with ``freeze_backbone``, the penalty ``½·probe_l2·‖W‖²`` on the head over standardised
-            features (docs/training.md has how accuracy varied with it on the embedded default's pairs).
+            features (docs/offline-trainers.md has how accuracy varied with it on the embedded default's pairs).
         probe_iterations: with ``freeze_backbone``, the most L-BFGS iterations.
     """
 
@@ -152,7 +152,7 @@ class RunConfig:
         if self.method in ONLINE_METHODS:
             if self.reward is None:
                 raise ValueError(f"method {self.method} needs a reward: reward: {{model: DIR}}, {{function: vader}}, "
-                                 "{composite: ...} or {weighted: [...]} (see docs/online.md)")
+                                 "{composite: ...} or {weighted: [...]} (see docs/online-rl.md)")
             allowed = ("model", "lora_base", "none") if self.method == "grpo" else ("model", "lora_base")
             if self.reference not in allowed:
                 raise ValueError(f"RunConfig.reference for {self.method} must be one of {allowed}, "
