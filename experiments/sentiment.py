@@ -1,6 +1,7 @@
 """The embedded default (`make demo`): align SmolLM2-135M-Instruct with a judge nobody here wrote, offline.
 
     python -m experiments.sentiment [--output-dir runs/sentiment] [--prompts 320] [key=value overrides]
+    python -m experiments.sentiment --smoke     # every stage on a handful of prompts, a few minutes (CI)
 
 Stages, each with a progress bar:
 
@@ -21,7 +22,12 @@ Stages, each with a progress bar:
 5. evaluation on the held-out prompts: gold win rate of the DPO policy against the base model with a 95 %
    interval (target >= 60 %, interval above 50 %), mean gold and learned reward, KL to the reference.
 
-Writes ``<output-dir>/summary.json`` and ``summary.png`` (plus each stage's own files) and prints a table.
+Writes ``<output-dir>/summary.json`` and ``summary.png`` (plus each stage's own files), ``samples.jsonl`` (every
+held-out prompt with the reference's and the policy's responses side by side and the gold score of each), and
+prints a table and three of the samples.
+
+``--smoke`` runs every stage on 10 prompts with 2 short samples each, 2 DPO steps and one evaluation sample per
+prompt: it proves the install and the code path (CI runs it in a fresh environment), not the targets.
 Overrides (``dpo.train.total_steps=40``, ``reward.loss.center_coef=0.01``) go to the two stages (the ``reward`` and ``dpo`` sections of the preset).
 """
 
@@ -64,6 +70,11 @@ SUBJECTS = (
 )
 GOLD_MARGIN = 0.1  # pairs the reward model is scored on: a clear gold preference
 STAGES = ("prompts", "pairs", "reward", "dpo", "evaluation")
+SHOWN_SAMPLES = 3
+# --smoke: the smallest run that still executes every stage (each stage needs both train and held-out pairs).
+SMOKE_SETTINGS = {"prompts": 10, "samples": 2, "max_new_tokens": 8, "batch_size": 8, "eval_samples": 1}
+SMOKE_OVERRIDES = {"reward": ["normalize_samples=4"],
+                   "dpo": ["train.total_steps=2", "data.batch_size=2", "train.optimizer.warmup_steps=1"]}
 
 
 def make_prompts(count: int, seed: int) -> list[str]:
@@ -180,6 +191,28 @@ def reward_accuracy(scorer, tokenizer, records: list[dict]) -> dict[str, float]:
             "pairs_clear": int(clear.sum()), "accuracy_clear_low": low, "accuracy_clear_high": high}
 
 
+def side_by_side(records) -> list[dict]:
+    """The evaluation's rows as a person compares them: prompt, both responses, the gold score of each."""
+    return [{"prompt": r["prompt"], "reference_response": r["reference"], "policy_response": r["policy"],
+             "gold_reference": r["gold_reference"], "gold_policy": r["gold_policy"]} for r in records]
+
+
+def show_samples(samples: list[dict], count: int) -> str:
+    """``count`` samples from distinct prompts, as text for the terminal."""
+    shown, seen = [], set()
+    for sample in samples:
+        prompt = sample["prompt"] if isinstance(sample["prompt"], str) else json.dumps(sample["prompt"])
+        if prompt in seen:
+            continue
+        seen.add(prompt)
+        shown.append(f"prompt: {prompt}\n"
+                     f"  reference ({sample['gold_reference']:+.2f}): {sample['reference_response']}\n"
+                     f"  DPO policy ({sample['gold_policy']:+.2f}): {sample['policy_response']}")
+        if len(shown) == count:
+            break
+    return "\n\n".join(shown)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", type=Path, default=Path("runs/sentiment"))
@@ -190,9 +223,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32, help="prompts per sampling batch")
     parser.add_argument("--eval-samples", type=int, default=2, help="samples per held-out prompt and model")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"every stage, tiny ({SMOKE_SETTINGS}): checks the install, not the targets")
     parser.add_argument("overrides", nargs="*", help="reward.<key>=<value> / dpo.<key>=<value>")
     args = parser.parse_args(argv)
     overrides = split_overrides(args.overrides)
+    if args.smoke:
+        for name, value in SMOKE_SETTINGS.items():
+            setattr(args, name, value)
+        overrides = {stage: SMOKE_OVERRIDES[stage] + given for stage, given in overrides.items()}
     out = args.output_dir
     out.mkdir(parents=True, exist_ok=True)
     timings, started = {}, time.perf_counter()
@@ -264,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     (out / "evaluation").mkdir(exist_ok=True)
     evaluation.plot(out / "evaluation" / "eval.png")
 
+    samples = side_by_side(evaluation.records)
+    write_jsonl(out / "samples.jsonl", samples)
     report = evaluation.to_dict()
     summary = {"reward_model": accuracy, "win_rate": report["win_rate"], "evaluation": report,
                "pairs": {"train": len(train_pairs), "eval": len(eval_pairs), "left_out_train": train_skipped,
@@ -275,12 +316,17 @@ def main(argv: list[str] | None = None) -> int:
                  out / "summary.png")
     print()
     print(evaluation.table())
+    print(f"\nheld-out samples, reference vs DPO policy (gold score in brackets; all in {out / 'samples.jsonl'}):\n")
+    print(show_samples(samples, SHOWN_SAMPLES))
     win = summary["win_rate"]
     print(f"\nreward-model accuracy vs gold (held out, margin > {GOLD_MARGIN}): {accuracy['accuracy_clear']:.1%} "
           f"[{accuracy['accuracy_clear_low']:.1%}, {accuracy['accuracy_clear_high']:.1%}] (target >= 70%)")
     print(f"DPO gold win rate vs reference: {win['rate']:.1%} [{win['low']:.1%}, {win['high']:.1%}] "
           f"(target >= 60%, interval above 50%)")
     print(f"total {timings['total_s'] / 60:.1f} min; wrote {out / 'summary.json'} and {out / 'summary.png'}")
+    if args.smoke:
+        print("smoke run: every stage ran (targets are checked by the full run only)")
+        return 0
     met = accuracy["accuracy_clear"] >= 0.7 and win["rate"] >= 0.6 and win["low"] > 0.5
     print("targets met" if met else "targets NOT met")
     return 0

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
+from einops import rearrange
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
@@ -195,14 +195,12 @@ class GPT2Attention(nnx.Module):
 
     def __call__(self, x: Float[Array, "B T D"], *, mask: Bool[Array, "B T S"],
                  kv: LayerKV | None) -> tuple[Float[Array, "B T D"], LayerKV | None]:
-        batch, length, d_model = x.shape
-        q, k, v = (part.reshape(batch, length, self.n_heads, self.head_dim)
-                   for part in jnp.split(per_token(self.c_attn, x), 3, axis=-1))
+        q, k, v = rearrange(per_token(self.c_attn, x), "b t (qkv h dh) -> qkv b t h dh", qkv=3, dh=self.head_dim)
         if kv is not None:
             kv, k, v = kv.append(k, v)
         out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask[:, None],
                                            scale=self.head_dim**-0.5)
-        return per_token(self.c_proj, out.reshape(batch, length, d_model)), kv
+        return per_token(self.c_proj, rearrange(out, "b t h dh -> b t (h dh)")), kv
 
 
 class GPT2MLP(nnx.Module):

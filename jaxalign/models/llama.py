@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from einops import rearrange
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
@@ -68,10 +69,9 @@ class Attention(nnx.Module):
         kv: LayerKV | None,
     ) -> tuple[Float[Array, "B T D"], LayerKV | None]:
         """Attend from the ``T`` new tokens to ``S`` keys (``S = T`` without a cache)."""
-        batch, length, _ = x.shape
-        q = per_token(self.q_proj, x).reshape(batch, length, self.n_heads, self.head_dim)
-        k = per_token(self.k_proj, x).reshape(batch, length, self.n_kv_heads, self.head_dim)
-        v = per_token(self.v_proj, x).reshape(batch, length, self.n_kv_heads, self.head_dim)
+        q = rearrange(per_token(self.q_proj, x), "b t (h dh) -> b t h dh", dh=self.head_dim)
+        k = rearrange(per_token(self.k_proj, x), "b t (k dh) -> b t k dh", dh=self.head_dim)
+        v = rearrange(per_token(self.v_proj, x), "b t (k dh) -> b t k dh", dh=self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is not None:
             kv, k, v = kv.append(k, v)
@@ -80,7 +80,7 @@ class Attention(nnx.Module):
         out = jax.nn.dot_product_attention(
             q, k.astype(q.dtype), v.astype(q.dtype), mask=mask[:, None], scale=self.head_dim**-0.5
         )
-        return per_token(self.o_proj, out.reshape(batch, length, self.n_heads * self.head_dim)), kv
+        return per_token(self.o_proj, rearrange(out, "b t h dh -> b t (h dh)")), kv
 
 
 class MLP(nnx.Module):

@@ -1,6 +1,6 @@
 """Sharding annotations: a table from parameter names to PartitionSpecs over logical mesh axes.
 
-Axes (DESIGN.md): ``data`` (batch only, never on parameters), ``fsdp`` (parameters and optimizer state
+Axes (docs/architecture.md): ``data`` (batch only, never on parameters), ``fsdp`` (parameters and optimizer state
 split across data-parallel replicas, gathered per layer) and ``tensor`` (Megatron-style model parallelism:
 column-parallel q/k/v/gate/up, row-parallel o/down, the vocabulary split for the embedding and LM head).
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from einops import rearrange
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
@@ -52,8 +53,8 @@ def head_logps(model, hidden: Float[Array, "N T D"], targets: Int[Array, "N T"],
     hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
     targets = jnp.pad(targets, ((0, 0), (0, pad)))
     # [C, N, chunk, ...]: lax.map walks the chunks; the head's parameters are closed over (shared).
-    hidden_chunks = jnp.moveaxis(hidden.reshape(hidden.shape[0], chunks, chunk_size, -1), 1, 0)
-    target_chunks = jnp.moveaxis(targets.reshape(targets.shape[0], chunks, chunk_size), 1, 0)
+    hidden_chunks = rearrange(hidden, "n (c t) d -> c n t d", c=chunks)
+    target_chunks = rearrange(targets, "n (c t) -> c n t", c=chunks)
     graphdef, state = nnx.split(model)
 
     @jax.checkpoint
@@ -61,7 +62,7 @@ def head_logps(model, hidden: Float[Array, "N T D"], targets: Int[Array, "N T"],
         return from_logits(nnx.merge(graphdef, state).logits(hidden_chunk), target_chunk)
 
     out = jax.lax.map(lambda xs: chunk_logps(state, *xs), (hidden_chunks, target_chunks))
-    unchunk = lambda x: jnp.moveaxis(x, 0, 1).reshape(targets.shape[0], -1)[:, :length]  # noqa: E731
+    unchunk = lambda x: rearrange(x, "c n t -> n (c t)")[:, :length]  # noqa: E731
     return jax.tree.map(unchunk, out)
 
 

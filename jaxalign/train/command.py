@@ -20,7 +20,7 @@ from jaxalign.train.recipe import METHODS
 def add_train_command(subcommands) -> None:
     parser = subcommands.add_parser(
         "train", help="train an SFT, reward, DPO, PPO or GRPO model from a preset or YAML config",
-        description="Train with a named preset (experiments/presets: hh_rlhf, pku_saferlhf, sentiment, "
+        description="Train with a named preset (shipped presets: hh_rlhf, pku_saferlhf, sentiment, "
                     "sentiment_ppo, sentiment_grpo) or a YAML "
                     "file; key=value overrides use dotted paths (train.total_steps=100, loss.beta=0.05, "
                     "model.lora='{rank: 8, alpha: 16}'). Outputs: checkpoints, metrics.jsonl/.png, TensorBoard "

@@ -15,13 +15,14 @@ Overrides are dotted ``key=value`` pairs whose value is parsed as YAML (``train.
 ``loss.loss_type=[sigmoid,sft]``, ``model.lora=null``). Unknown keys raise ``ValueError`` naming them.
 A file may hold per-method sections under ``methods:`` (``methods: {dpo: {loss: {beta: 0.1}}}``), merged over
 the common keys for the method being trained, so one preset serves ``sft``, ``reward`` and ``dpo``.
-A preset name resolves to ``experiments/presets/<name>.yaml`` (beside the installed package's source tree, or
-under the working directory).
+A preset name resolves to ``<name>.yaml`` among the presets shipped as package data (``jaxalign/presets``), so
+it works from an installed wheel in any directory.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import re
 import types
 import typing
@@ -38,7 +39,7 @@ METHODS = ("sft", "reward", "dpo", "ppo", "grpo")
 ONLINE_METHODS = ("ppo", "grpo")
 CURRICULA = ("length", "score", "difficulty")
 GOLD_JUDGES = ("vader",)
-PRESET_DIRS = (Path(__file__).resolve().parents[2] / "experiments" / "presets", Path("experiments") / "presets")
+PRESETS = importlib.resources.files("jaxalign") / "presets"  # package data: found wherever jaxalign is installed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,18 +309,21 @@ def _train(values: Mapping[str, Any], where: str) -> TrainConfig:
 
 
 def resolve_preset(name_or_path: str) -> Path:
-    """A YAML path, or a preset name looked up in ``experiments/presets``."""
+    """A YAML path, or the name of a preset shipped with the package (:func:`preset_names`)."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
             raise FileNotFoundError(f"--config {name_or_path}: no such file")
         return path
-    for directory in PRESET_DIRS:
-        candidate = directory / f"{name_or_path}.yaml"
-        if candidate.is_file():
-            return candidate
-    available = sorted({p.stem for d in PRESET_DIRS if d.is_dir() for p in d.glob("*.yaml")})
-    raise FileNotFoundError(f"--config {name_or_path}: not a YAML file and not a preset (presets: {available})")
+    candidate = PRESETS / f"{name_or_path}.yaml"
+    if name_or_path in preset_names() and candidate.is_file():
+        return Path(str(candidate))
+    raise FileNotFoundError(f"--config {name_or_path}: not a YAML file and not a preset (presets: {preset_names()})")
+
+
+def preset_names() -> list[str]:
+    """The presets shipped with the package."""
+    return sorted(entry.name[:-len(".yaml")] for entry in PRESETS.iterdir() if entry.name.endswith(".yaml"))
 
 
 def apply_overrides(values: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:

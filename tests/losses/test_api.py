@@ -1,4 +1,4 @@
-"""The public surface of jaxalign.losses keeps the conventions users rely on (DESIGN.md)."""
+"""The public surface of jaxalign.losses keeps the conventions users rely on (docs/architecture.md)."""
 
 import ast
 import inspect

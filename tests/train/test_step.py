@@ -101,7 +101,7 @@ def test_frozen_reference_model_is_shared_not_trained():
     reference_before = model_params(reference)
     step = TrainStep(dpo_objective, policy, optax.adam(1e-2), references={"ref": reference})
     state, history = train(step, [pairs(4, seed) for seed in range(3)])
-    # DPO at policy == reference is ln 2 (DESIGN.md); later steps move away from it.
+    # DPO at policy == reference is ln 2 (docs/architecture.md); later steps move away from it.
     assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert history[2]["loss"] < history[0]["loss"]
     ref_params, _ = step.references["ref"]
