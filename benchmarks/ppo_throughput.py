@@ -51,7 +51,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from benchmarks import trl_ppo  # noqa: E402
+from benchmarks import provenance, trl_ppo  # noqa: E402
 from experiments.sentiment import make_prompts  # noqa: E402
 from jaxalign import data as jdata  # noqa: E402
 from jaxalign import models  # noqa: E402
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     count = args.batch_size * (args.warmup + args.iterations)
     prompts = make_prompts(count, seed=1)
-    result: dict = {"config": vars(args) | {"out": str(args.out)}, "machine": {
+    result: dict = {"config": vars(args) | {"out": str(args.out)}, "provenance": provenance.describe(), "machine": {
         "platform": platform.platform(), "cpus": os.cpu_count(), "jax_backend": jax.default_backend()}}
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)

@@ -60,6 +60,7 @@ import numpy as np
 from flax import nnx
 from jax import monitoring
 
+import provenance  # benchmarks/provenance.py: run as `python benchmarks/sampling_throughput.py`
 from jaxalign.losses import token_logps
 from jaxalign.models import LlamaForCausalLM, ModelConfig, default_model_path, load_gguf, load_hf, save_hf
 from jaxalign.rollout import Rollout, Sampler, SamplingParams, filtered_logprobs
@@ -389,6 +390,7 @@ def main() -> None:
         "jaxalign": ours,
         "transformers": theirs,
         "speedup": ours["tokens_per_s"] / theirs["tokens_per_s"],
+        "provenance": provenance.describe(),
         "matmul_bound_speedup": (ours["matmul_bound"]["tokens_per_s"] / theirs["tokens_per_s"]
                                  if "matmul_bound" in ours else None),
     }

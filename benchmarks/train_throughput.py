@@ -94,6 +94,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
+import provenance  # noqa: E402  (benchmarks/provenance.py: run as `python benchmarks/train_throughput.py`)
 from jaxalign import models  # noqa: E402
 from jaxalign.models import ModelConfig, RopeScaling  # noqa: E402
 from jaxalign.rollout.scoring import DEFAULT_CHUNK, target_logps  # noqa: E402
@@ -828,7 +829,7 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
         "flop_formula": "F(n) = 2*N_mm*n + 2*L*H*Dh*n*(n+1) per sequence; SFT = 3*sum F, DPO = 4*sum F "
                         "(policy fwd+bwd + reference fwd); real tokens only",
     }
-    output = {"setup": setup, "results": results}
+    output = {"setup": setup, "results": results, "provenance": provenance.describe()}
     if breakdown_result is not None:
         output["breakdown_dpo"] = breakdown_result
 
