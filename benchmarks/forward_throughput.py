@@ -26,11 +26,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import provenance  # benchmarks/provenance.py: run as `python benchmarks/forward_throughput.py`
 from flax import nnx
 
 from jaxalign.models import default_model_path, load_gguf
-
-import provenance  # benchmarks/provenance.py: run as `python benchmarks/forward_throughput.py`
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

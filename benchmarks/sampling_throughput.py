@@ -57,10 +57,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import provenance  # benchmarks/provenance.py: run as `python benchmarks/sampling_throughput.py`
 from flax import nnx
 from jax import monitoring
 
-import provenance  # benchmarks/provenance.py: run as `python benchmarks/sampling_throughput.py`
 from jaxalign.losses import token_logps
 from jaxalign.models import LlamaForCausalLM, ModelConfig, default_model_path, load_gguf, load_hf, save_hf
 from jaxalign.rollout import Rollout, Sampler, SamplingParams, filtered_logprobs
@@ -202,11 +202,13 @@ def matmul_bound(model, *, rows: int, prompt_length: int, new_tokens: int, repea
     timings = {}
     for name, fn, h in (("decode", decode, decode_h), ("prefill", prefill, prefill_h)):
         jax.block_until_ready(fn(h))
-        timings[name] = statistics.median(_timed(lambda: jax.block_until_ready(fn(h))) for _ in range(repeats))
+        timings[name] = statistics.median(_timed(lambda fn=fn, h=h: jax.block_until_ready(fn(h)))
+                                          for _ in range(repeats))
     step_s = timings["decode"] / (new_tokens - 1)
     call_s = timings["prefill"] + timings["decode"]
     flops = 2 * rows * sum(w.shape[0] * w.shape[1] for layer in stages for stage in layer for w in stage)
-    return {"matrices": sum(len(stage) for layer in stages for stage in layer) + 1, "prefill_s": timings["prefill"], "decode_step_s": step_s,
+    return {"matrices": sum(len(stage) for layer in stages for stage in layer) + 1, "prefill_s": timings["prefill"],
+            "decode_step_s": step_s,
             "decode_step_flop_per_s": (flops + 2 * rows * vocabulary.size) / step_s, "call_s": call_s,
             "tokens_per_s": rows * new_tokens / call_s, "repeats": repeats}
 
@@ -369,7 +371,8 @@ def main() -> None:
         ours, prompts, run_ours = setup_jaxalign(args, checkpoint)
         theirs, run_theirs = setup_transformers(args, prompts, checkpoint)
     # Alternate the two so that load from other processes on a shared machine hits both alike.
-    times = [(_timed(lambda: run_ours(seed)), _timed(lambda: run_theirs(seed))) for seed in range(1, args.repeats + 1)]
+    times = [(_timed(lambda seed=seed: run_ours(seed)), _timed(lambda seed=seed: run_theirs(seed)))
+             for seed in range(1, args.repeats + 1)]
     n_tokens = args.batch * args.new_tokens
     for result, seconds in ((ours, [t[0] for t in times]), (theirs, [t[1] for t in times])):
         result["generate_s"] = statistics.median(seconds)

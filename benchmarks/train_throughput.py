@@ -91,10 +91,10 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import provenance  # noqa: E402  (benchmarks/provenance.py: run as `python benchmarks/train_throughput.py`)
 from flax import nnx  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-import provenance  # noqa: E402  (benchmarks/provenance.py: run as `python benchmarks/train_throughput.py`)
 from jaxalign import models  # noqa: E402
 from jaxalign.models import ModelConfig, RopeScaling  # noqa: E402
 from jaxalign.rollout.scoring import DEFAULT_CHUNK, target_logps  # noqa: E402
@@ -439,7 +439,8 @@ class TRLSide:
             self.tokens = sum(min(len(r["input_ids"]), args.max_length) for r in self.trainer.train_dataset)
         self.info = {"framework": f"TRL {trl.__version__} {type(self.trainer).__name__}, torch "
                                   f"{_version('torch')} ({device}), transformers {transformers.__version__}",
-                     "optim": getattr(self.trainer.args.optim, "value", str(self.trainer.args.optim)), "gradient_checkpointing": config.gradient_checkpointing,
+                     "optim": getattr(self.trainer.args.optim, "value", str(self.trainer.args.optim)),
+                     "gradient_checkpointing": config.gradient_checkpointing,
                      "attn_implementation": model.config._attn_implementation, "tokens_counted_by_trl": self.tokens}
 
     def run(self, between: Callable[[], None]) -> None:
@@ -606,7 +607,8 @@ def print_table(results: dict, setup: dict) -> None:
 def print_breakdown(result: dict, steps: dict) -> None:
     print("\nwhere the DPO step's time goes (policy on the 2B chosen+rejected sequences):")
     for side, parts in result.items():
-        cells = [f"{part} {value['s']:.3f} s ({value['flop_per_s'] / 1e9:.1f} GFLOP/s)" for part, value in parts.items()]
+        cells = [f"{part} {value['s']:.3f} s ({value['flop_per_s'] / 1e9:.1f} GFLOP/s)"
+                 for part, value in parts.items()]
         step = steps.get(side)
         if step is not None:
             # step = policy forward+backward + reference forward + optimizer and the rest

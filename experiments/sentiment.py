@@ -28,7 +28,8 @@ prints a table and three of the samples.
 
 ``--smoke`` runs every stage on 10 prompts with 2 short samples each, 2 DPO steps and one evaluation sample per
 prompt: it proves the install and the code path (CI runs it in a fresh environment), not the targets.
-Overrides (``dpo.train.total_steps=40``, ``reward.loss.center_coef=0.01``) go to the two stages (the ``reward`` and ``dpo`` sections of the preset).
+Overrides (``dpo.train.total_steps=40``, ``reward.loss.center_coef=0.01``) go to the two stages (the ``reward``
+and ``dpo`` sections of the preset).
 """
 
 from __future__ import annotations
@@ -256,10 +257,10 @@ def main(argv: list[str] | None = None) -> int:
         train_skipped, eval_skipped = saved["left_out_train"], saved["left_out_eval"]
         print(f"      reusing the pairs in {out} (same settings)")
     else:
-        train_pairs, train_skipped = sample_pairs(base, tokenizer, train_prompts, samples=args.samples, max_new_tokens=args.max_new_tokens,
-                                                  batch_size=args.batch_size, seed=args.seed, judge=judge)
-        eval_pairs, eval_skipped = sample_pairs(base, tokenizer, eval_prompts, samples=args.samples, max_new_tokens=args.max_new_tokens,
-                                                batch_size=args.batch_size, seed=args.seed + 1, judge=judge)
+        sampling = {"samples": args.samples, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
+                    "judge": judge}
+        train_pairs, train_skipped = sample_pairs(base, tokenizer, train_prompts, seed=args.seed, **sampling)
+        eval_pairs, eval_skipped = sample_pairs(base, tokenizer, eval_prompts, seed=args.seed + 1, **sampling)
         write_jsonl(out / "pairs_train.jsonl", train_pairs)
         write_jsonl(out / "pairs_eval.jsonl", eval_pairs)
         write_jsonl(out / "prompts_eval.jsonl", [{"prompt": p} for p in eval_prompts])
@@ -280,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
                                           tokenizer=tokenizer)
     accuracy = reward_accuracy(reward_judge, tokenizer, eval_pairs)
     print(f"      held-out accuracy vs gold: {accuracy['accuracy_all']:.1%} on {accuracy['pairs_all']} pairs, "
-          f"{accuracy['accuracy_clear']:.1%} [{accuracy['accuracy_clear_low']:.1%}, {accuracy['accuracy_clear_high']:.1%}] "
+          f"{accuracy['accuracy_clear']:.1%} "
+          f"[{accuracy['accuracy_clear_low']:.1%}, {accuracy['accuracy_clear_high']:.1%}] "
           f"on the {accuracy['pairs_clear']} with gold margin > {GOLD_MARGIN}")
     timings["reward_s"] = time.perf_counter() - stage
 

@@ -22,7 +22,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 ORACLE_DIR = ROOT / ".oracles"
 LEGACY_TRL_VERSIONS = ("0.11.4", "0.29.1")
 # Annotations in the legacy source are evaluated when its functions are defined.
-_TYPING_NAMES = {name: getattr(typing, name) for name in ("Optional", "Union", "List", "Dict", "Tuple", "Mapping", "Any")}
+_TYPING_NAMES = {name: getattr(typing, name)
+                 for name in ("Optional", "Union", "List", "Dict", "Tuple", "Mapping", "Any")}
 
 
 def _wheel_source(version: str, member: str) -> str:

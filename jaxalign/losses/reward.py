@@ -47,7 +47,7 @@ def preference_accuracy(
     return masked_sum(chosen > rejected, as_mask(mask, chosen), axis=axis)
 
 
-def _per_pair(name: str, value: Array, rewards: Float[Array, "B *D"]) -> Array:
+def _per_pair(name: str, value: Array, rewards: Float[Array, " B *D"]) -> Array:
     """Broadcast a margin or mask to the rewards, a ``[B]`` array applying to whole pairs.
 
     NumPy broadcasting would align a ``[B]`` array with the *last* axis of ``[B, D]`` rewards: silently wrong
@@ -70,11 +70,11 @@ def _per_pair(name: str, value: Array, rewards: Float[Array, "B *D"]) -> Array:
 
 
 def bradley_terry_loss(
-    chosen_rewards: Float[Array, "B *D"],
-    rejected_rewards: Float[Array, "B *D"],
+    chosen_rewards: Float[Array, " B *D"],
+    rejected_rewards: Float[Array, " B *D"],
     mask: Array | None = None,
     *,
-    margin: float | Float[Array, "B *D"] | None = None,
+    margin: float | Float[Array, " B *D"] | None = None,
     center_coef: float = 0.0,
     weights: Float[Array, " D"] | None = None,
 ) -> tuple[Float[Array, " B"], dict[str, Float[Array, ""]]]:

@@ -2,6 +2,8 @@
 
 from jaxalign.models.cache import KVCache
 from jaxalign.models.config import ModelConfig, RopeScaling
+from jaxalign.models.gguf_io import GGUFSource, default_model_path, load_gguf, load_gguf_tokenizer
+from jaxalign.models.gpt2 import GPT2Config, GPT2LMHeadModel, GPT2Model
 from jaxalign.models.heads import (
     CausalLMWithValueHead,
     RewardHead,
@@ -9,8 +11,6 @@ from jaxalign.models.heads import (
     ValueHead,
     last_token_index,
 )
-from jaxalign.models.gguf_io import GGUFSource, default_model_path, load_gguf, load_gguf_tokenizer
-from jaxalign.models.gpt2 import GPT2Config, GPT2LMHeadModel, GPT2Model
 from jaxalign.models.hf_io import (
     SafetensorsSource,
     TensorSource,

@@ -21,7 +21,6 @@ from jaxalign.models.cache import KVCache
 from jaxalign.models.gpt2 import GPT2LMHeadModel, GPT2Model
 from jaxalign.models.llama import LlamaForCausalLM, LlamaModel
 
-
 _LMS = (LlamaForCausalLM, GPT2LMHeadModel)
 _TRUNKS = (LlamaModel, GPT2Model)
 

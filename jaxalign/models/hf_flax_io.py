@@ -18,6 +18,7 @@ added, as transformers does.
 from __future__ import annotations
 
 from pathlib import Path
+
 import numpy as np
 from flax import serialization
 from flax.traverse_util import flatten_dict

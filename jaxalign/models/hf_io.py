@@ -40,11 +40,11 @@ from jaxalign.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from jaxalign.models.hf_flax_io import FLAX_FILE, FlaxMsgpackSource, flax_checkpoint
 from jaxalign.models.llama import LlamaForCausalLM
 from jaxalign.models.lora import has_lora, merge_lora
+from jaxalign.models.sharding import named_shardings
 from jaxalign.models.stack import STACKED_COLLECTIONS
 
 AnyConfig = ModelConfig | GPT2Config
 AnyModel = LlamaForCausalLM | GPT2LMHeadModel
-from jaxalign.models.sharding import named_shardings
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"

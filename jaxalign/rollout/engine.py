@@ -6,9 +6,10 @@ stopped or ``max_new_tokens`` are out. The prefill runs the usual layer scan; th
 layers unrolled on per-layer copies of the layer weights (made when the sampler gets its weights,
 ``models.stack.unstack_layers``) and on per-layer cache buffers (made after the prefill,
 ``KVCache.per_layer``): under a scan, XLA's CPU backend copies each layer's weights and cache out of the
-stacked arrays at every step (on 2 cores and SmolLM2-135M, a third of a decode step's time). The models enter as ``(graphdef, state)`` split once: the
-graphdefs are static arguments (equal structures share a compiled program, even across ``Sampler``
-objects), the states are ordinary array arguments, so new weights (``update_weights``) do not retrace.
+stacked arrays at every step (on 2 cores and SmolLM2-135M, a third of a decode step's time). The models
+enter as ``(graphdef, state)`` split once: the graphdefs are static arguments (equal structures share a
+compiled program, even across ``Sampler`` objects), the states are ordinary array arguments, so new weights
+(``update_weights``) do not retrace.
 
 Guided decoding (LLMDoctor, arXiv 2601.10416; GenARM, arXiv 2410.08193) scores token ``v`` as
 ``α·log π_base(v) + Σᵢ βᵢ·log π_guideᵢ(v)``; the weights are a traced ``[1 + G]`` array, so changing them

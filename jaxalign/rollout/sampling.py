@@ -17,7 +17,8 @@ from jaxalign.rollout.params import Filters
 _BLOCK = 128
 
 
-def inverse_cdf(weights: Float[Array, "B V"], uniforms: Float[Array, " B"]) -> tuple[Int[Array, " B"], Float[Array, " B"]]:
+def inverse_cdf(weights: Float[Array, "B V"], uniforms: Float[Array, " B"],
+                ) -> tuple[Int[Array, " B"], Float[Array, " B"]]:
     """Sample ``v`` with probability ``weights[v] / Σ weights`` using one uniform in [0, 1) per row.
 
     The token is the first whose inclusive cumulative weight exceeds ``u · Σ weights``; the search runs

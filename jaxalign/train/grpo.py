@@ -46,7 +46,14 @@ from jaxalign.rollout import Rollout, SamplingParams
 from jaxalign.rollout.scoring import DEFAULT_CHUNK
 from jaxalign.train.config import TrainConfig
 from jaxalign.train.objectives import _lora_base
-from jaxalign.train.online import AlgorithmConfig, OnlineTrainer, default_trainable, jitted_pass, response_logps, to_host
+from jaxalign.train.online import (
+    AlgorithmConfig,
+    OnlineTrainer,
+    default_trainable,
+    jitted_pass,
+    response_logps,
+    to_host,
+)
 from jaxalign.train.rewards import RewardOutput, RewardSource
 
 

@@ -43,7 +43,8 @@ def _save(figure, png: str | Path, title: str) -> Path:
     return Path(png)
 
 
-def plot_metrics(path: str | Path, png: str | Path, *, keys: Sequence[str] | None = None, title: str = "") -> Path | None:
+def plot_metrics(path: str | Path, png: str | Path, *, keys: Sequence[str] | None = None,
+                 title: str = "") -> Path | None:
     """Plot each metric against the step in a grid of panels; returns the PNG path (None without records)."""
     path = Path(path)
     if not path.is_file():

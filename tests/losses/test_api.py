@@ -25,7 +25,8 @@ def test_everything_public_is_exported():
 @pytest.mark.parametrize("name,function", PUBLIC_FUNCTIONS)
 def test_hyperparameters_are_keyword_only(name, function):
     for parameter in inspect.signature(function).parameters.values():
-        if parameter.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and parameter.default is not inspect.Parameter.empty:
+        optional = parameter.default is not inspect.Parameter.empty
+        if parameter.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and optional:
             # Only optional *arrays* (default None) may be positional.
             assert parameter.default is None, f"{name}({parameter.name}={parameter.default!r}) must be keyword-only"
 

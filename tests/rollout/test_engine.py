@@ -13,7 +13,7 @@ from jaxalign.losses import token_logps
 from jaxalign.models import load_hf
 from jaxalign.rollout import Sampler, SamplingParams, filtered_logprobs
 from jaxalign.rollout.scoring import target_logps
-from tests.rollout.conftest import N, PROMPTS, V, count_engine_compilations
+from tests.rollout.conftest import PROMPTS, N, V, count_engine_compilations
 
 GREEDY = SamplingParams(max_new_tokens=N, temperature=0.0, stop_token_ids=())
 SAMPLED = SamplingParams(max_new_tokens=N, temperature=0.8, top_k=40, top_p=0.9, min_p=0.02, stop_token_ids=())

@@ -11,7 +11,7 @@ from flax import nnx
 
 from jaxalign.models import LlamaForCausalLM
 from jaxalign.rollout import Sampler, SamplingParams
-from tests.rollout.conftest import N, PROMPTS, count_engine_compilations
+from tests.rollout.conftest import PROMPTS, N, count_engine_compilations
 
 PARAMS = SamplingParams(max_new_tokens=N, temperature=1.0, top_p=0.95, stop_token_ids=())
 

@@ -166,7 +166,8 @@ def test_resumed_ppo_equals_the_uninterrupted_run(tmp_path):
 
 def grpo_trainer(tmp_path, steps, group=4, lr=1e-2, **grpo):
     tokenizer = tiny_tokenizer()
-    return GRPOTrainer(train_config(tmp_path, steps, lr), GRPOConfig(**grpo), tiny_policy(), prompt_batches(tokenizer, 2),
+    return GRPOTrainer(train_config(tmp_path, steps, lr), GRPOConfig(**grpo), tiny_policy(),
+                       prompt_batches(tokenizer, 2),
                        reward=FunctionReward(count_blue, "blue", inputs="episodes"), tokenizer=tokenizer,
                        sampling=SamplingParams(max_new_tokens=6, n=group, stop_token_ids=()), reference=tiny_policy())
 
