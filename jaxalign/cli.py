@@ -8,7 +8,7 @@ traceback.
     jaxalign generate --prompt "Write a haiku about the sea."     # the embedded SmolLM2-135M-Instruct
     jaxalign generate --model ckpt_dir --prompts-file prompts.jsonl --n 4 --output samples.jsonl
     jaxalign generate --model model.gguf --chat
-    jaxalign train dpo --config hh_rlhf data.source=hh/train.jsonl.gz     # sft | reward | dpo (docs/offline-trainers.md)
+    jaxalign train dpo --config hh_rlhf data.source=hh/train.jsonl.gz  # sft | reward | dpo (docs/offline-trainers.md)
     jaxalign eval --policy runs/hh_rlhf/export --prompts prompts.jsonl     # win rate, KL, rewards (docs/eval.md)
 """
 

@@ -238,8 +238,9 @@ def iter_raw_records(source, *, split: str = "train", progress: bool | None = No
         if path.is_file():
             if path.suffix.lower() in OTHER_DATA_SUFFIXES:
                 raise DataError(f"a {path.suffix} file: jaxalign reads JSON Lines or JSON, optionally .gz; convert it "
-                                f"(e.g. datasets.load_dataset(..., data_files=...)['train'].to_json('x.jsonl')) or pass "
-                                f"the datasets.Dataset to read_records", where=str(path), reason=Reason.MALFORMED)
+                                f"(e.g. datasets.load_dataset(..., data_files=...)['train'].to_json('x.jsonl')) "
+                                "or pass the datasets.Dataset to read_records",
+                                where=str(path), reason=Reason.MALFORMED)
             if path.name.lower().removesuffix(".gz").endswith(".json"):
                 return _json_file(path, progress)
             return _json_lines(path, progress)

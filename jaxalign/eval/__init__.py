@@ -45,10 +45,10 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
-    from jaxalign.eval.evaluate import PolicyEval, evaluate_policy
-    from jaxalign.eval.judges import Judge, Prompt, RewardModelJudge, VaderJudge, end_of_turn_ids
-    from jaxalign.eval.metrics import perplexity, reference_logps, reward_accuracy, sequence_kl, token_nll
-    from jaxalign.eval.stats import MeanCI, WinRate, mean_ci, wilson_interval, win_rate
+    from jaxalign.eval.evaluate import PolicyEval, evaluate_policy  # noqa: F401
+    from jaxalign.eval.judges import Judge, Prompt, RewardModelJudge, VaderJudge, end_of_turn_ids  # noqa: F401
+    from jaxalign.eval.metrics import perplexity, reference_logps, reward_accuracy, sequence_kl, token_nll  # noqa: F401
+    from jaxalign.eval.stats import MeanCI, WinRate, mean_ci, wilson_interval, win_rate  # noqa: F401
 
 
 def __getattr__(name: str):

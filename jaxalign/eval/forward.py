@@ -46,7 +46,7 @@ def target_logps(graphdef, state, input_ids: Int[Array, "R T"], attention_mask: 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def rewards(graphdef, state, input_ids: Int[Array, "R T"], attention_mask: Array,
-            positions: Array | None) -> Float[Array, "R *D"]:
+            positions: Array | None) -> Float[Array, " R *D"]:
     """A :class:`~jaxalign.models.RewardModel`'s rewards ``[R]`` (or ``[R, D]`` for a D-objective head)."""
     return nnx.merge(graphdef, state)(input_ids, attention_mask=attention_mask, positions=positions)
 

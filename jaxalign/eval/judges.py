@@ -147,7 +147,7 @@ class RewardModelJudge:
         self._model = split_model(reward_model)
 
     def score_tokens(self, tokens: Int[np.ndarray, "R L"], attention_mask: Int[np.ndarray, "R L"],
-                     positions: Int[np.ndarray, "R L"] | None = None) -> Float[np.ndarray, "R *D"]:
+                     positions: Int[np.ndarray, "R L"] | None = None) -> Float[np.ndarray, " R *D"]:
         """Rewards of token sequences (left, right or both-sided padding: read at each row's last real token,
         or averaged over its real tokens, as the head pools).
 
@@ -178,7 +178,7 @@ class RewardModelJudge:
             raw = raw @ self.dimension_weights
         return self.gain * raw + self.bias
 
-    def score_rollout(self, rollout: Rollout) -> Float[np.ndarray, "R *D"]:
+    def score_rollout(self, rollout: Rollout) -> Float[np.ndarray, " R *D"]:
         """Rewards of a rollout's prompt + response rows (:meth:`Rollout.sequences`).
 
         A row that stopped gets :attr:`end_of_turn` appended, so the reward is read where it was read in
@@ -229,7 +229,7 @@ class RewardModelJudge:
         eos = tokenizer.eos_token_id
         return [row if eos is None or row[-1:] == [eos] else row + [eos] for row in ids]
 
-    def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> Float[np.ndarray, "N *D"]:
+    def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> Float[np.ndarray, " N *D"]:
         """Rewards of response texts (see :meth:`encode` for the rendering)."""
         ids = self.encode(prompts, responses)
         length = max((len(row) for row in ids), default=1)

@@ -1,6 +1,7 @@
 """Flax NNX causal LMs (Llama family, GPT-2), heads, KV cache, sharding rules and weight IO (HF, GGUF)."""
 
 from jaxalign.models.cache import KVCache
+from jaxalign.models.causal_lm import CausalLM
 from jaxalign.models.config import ModelConfig, RopeScaling
 from jaxalign.models.gguf_io import GGUFSource, default_model_path, load_gguf, load_gguf_tokenizer
 from jaxalign.models.gpt2 import GPT2Config, GPT2LMHeadModel, GPT2Model
@@ -31,6 +32,7 @@ __all__ = [
     "BASE_PARAMS",
     "DEFAULT_RULES",
     "MESH_AXES",
+    "CausalLM",
     "CausalLMWithValueHead",
     "GGUFSource",
     "GPT2Config",

@@ -24,6 +24,7 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from jaxalign.models.cache import KVCache, LayerKV
+from jaxalign.models.causal_lm import CausalLM
 from jaxalign.models.config import IGNORED_HF_KEYS, ExecutionPolicy, check_hf_mapping, hf_field, hf_token_ids
 from jaxalign.models.stack import (
     advance_cache,
@@ -32,7 +33,6 @@ from jaxalign.models.stack import (
     clip_index,
     per_token,
     scan_layers,
-    vocab_logits,
 )
 
 _INIT = nnx.initializers.normal(stddev=0.02)
@@ -271,8 +271,12 @@ class GPT2Model(nnx.Module):
         return hidden, None if cache is None else advance_cache(cache, inputs, kv)
 
 
-class GPT2LMHeadModel(nnx.Module):
-    """:class:`GPT2Model` plus the vocabulary projection (tied to ``wte`` unless the config says otherwise)."""
+class GPT2LMHeadModel(CausalLM):
+    """:class:`GPT2Model` plus the vocabulary projection (tied to ``wte`` unless the config says otherwise).
+
+    ``positions`` index the learned position table, so they must stay below ``max_position_embeddings``: a
+    real token past it raises a ``ValueError`` on concrete inputs and reads the table's last row inside ``jit``.
+    """
 
     def __init__(self, config: GPT2Config, *, rngs: nnx.Rngs):
         self.config = config
@@ -285,41 +289,9 @@ class GPT2LMHeadModel(nnx.Module):
         """The trunk, under the name :class:`jaxalign.models.RewardModel` users reach for on any LM."""
         return self.transformer
 
-    def hidden_states(
-        self,
-        tokens: Int[Array, "B T"],
-        *,
-        positions: Int[Array, "B T"] | None = None,
-        attention_mask: Array | None = None,
-        segment_ids: Int[Array, "B T"] | None = None,
-        cache: KVCache | None = None,
-    ) -> tuple[Float[Array, "B T D"], KVCache | None]:
-        """Final hidden states ``[B, T, D]`` (compute dtype) and the updated cache (None without one)."""
-        return self.transformer(tokens, positions=positions, attention_mask=attention_mask,
-                                segment_ids=segment_ids, cache=cache)
+    @property
+    def trunk(self) -> GPT2Model:
+        return self.transformer
 
-    def logits(self, hidden: Float[Array, "... D"]) -> Float[Array, "... V"]:
-        """Vocabulary logits in float32 (the matmul accumulates in float32 even for bf16 inputs)."""
-        if self.lm_head is None:
-            return vocab_logits(hidden, embedding=self.transformer.wte.embedding[...],
-                                dtype=self.config.compute_jnp_dtype)
-        return vocab_logits(hidden, lm_head=self.lm_head, dtype=self.config.compute_jnp_dtype)
-
-    def __call__(
-        self,
-        tokens: Int[Array, "B T"],
-        *,
-        positions: Int[Array, "B T"] | None = None,
-        attention_mask: Array | None = None,
-        segment_ids: Int[Array, "B T"] | None = None,
-        cache: KVCache | None = None,
-    ) -> tuple[Float[Array, "B T V"], KVCache | None]:
-        """Next-token logits ``(logits [B, T, V] float32, new_cache)``.
-
-        Arguments as :meth:`jaxalign.models.LlamaForCausalLM.__call__`; ``positions`` index the learned
-        position table, so they must stay below ``max_position_embeddings``: a real token past it raises a
-        ``ValueError`` on concrete inputs and reads the table's last row inside ``jit``.
-        """
-        hidden, cache = self.hidden_states(tokens, positions=positions, attention_mask=attention_mask,
-                                           segment_ids=segment_ids, cache=cache)
-        return self.logits(hidden), cache
+    def tied_embedding(self) -> Float[Array, "V D"]:
+        return self.transformer.wte.embedding[...]

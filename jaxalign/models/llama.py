@@ -19,9 +19,10 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from jaxalign.models.cache import KVCache, LayerKV
+from jaxalign.models.causal_lm import CausalLM
 from jaxalign.models.config import ModelConfig
 from jaxalign.models.rope import apply_rope, inverse_frequencies, rope_tables
-from jaxalign.models.stack import advance_cache, attention_inputs, clip_index, per_token, scan_layers, vocab_logits
+from jaxalign.models.stack import advance_cache, attention_inputs, clip_index, per_token, scan_layers
 
 # transformers initialises every Linear/Embedding with N(0, initializer_range=0.02).
 _INIT = nnx.initializers.normal(stddev=0.02)
@@ -151,11 +152,11 @@ class LlamaModel(nnx.Module):
         return hidden, None if cache is None else advance_cache(cache, inputs, kv)
 
 
-class LlamaForCausalLM(nnx.Module):
+class LlamaForCausalLM(CausalLM):
     """:class:`LlamaModel` plus the vocabulary projection (tied to the embeddings or a separate head).
 
-    ``model(tokens)`` returns float32 logits; trainers that chunk the LM head over the sequence call
-    ``model.hidden_states(...)`` once and ``model.logits(hidden[:, chunk])`` per chunk.
+    ``model(tokens)`` returns float32 logits (:meth:`CausalLM.__call__`); trainers that chunk the LM head over
+    the sequence call ``model.hidden_states(...)`` once and ``model.logits(hidden[:, chunk])`` per chunk.
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
@@ -166,56 +167,9 @@ class LlamaForCausalLM(nnx.Module):
             else _linear(config, config.d_model, config.vocab_size, bias=False, rngs=rngs)
         )
 
-    def hidden_states(
-        self,
-        tokens: Int[Array, "B T"],
-        *,
-        positions: Int[Array, "B T"] | None = None,
-        attention_mask: Array | None = None,
-        segment_ids: Int[Array, "B T"] | None = None,
-        cache: KVCache | None = None,
-    ) -> tuple[Float[Array, "B T D"], KVCache | None]:
-        """Final hidden states ``[B, T, D]`` (compute dtype) and the updated cache (None without one)."""
-        return self.model(tokens, positions=positions, attention_mask=attention_mask,
-                          segment_ids=segment_ids, cache=cache)
+    @property
+    def trunk(self) -> LlamaModel:
+        return self.model
 
-    def logits(self, hidden: Float[Array, "... D"]) -> Float[Array, "... V"]:
-        """Vocabulary logits in float32 (the matmul accumulates in float32 even for bf16 inputs)."""
-        if self.lm_head is None:
-            return vocab_logits(hidden, embedding=self.model.embed_tokens.embedding[...],
-                                dtype=self.config.compute_jnp_dtype)
-        return vocab_logits(hidden, lm_head=self.lm_head, dtype=self.config.compute_jnp_dtype)
-
-    def __call__(
-        self,
-        tokens: Int[Array, "B T"],
-        *,
-        positions: Int[Array, "B T"] | None = None,
-        attention_mask: Array | None = None,
-        segment_ids: Int[Array, "B T"] | None = None,
-        cache: KVCache | None = None,
-    ) -> tuple[Float[Array, "B T V"], KVCache | None]:
-        """Next-token logits.
-
-        Args:
-            tokens: ``[B, T]`` token ids.
-            positions: ``[B, T]`` RoPE positions; derived from ``attention_mask`` (and ``segment_ids`` /
-                the cache) when None, so left-padded and right-padded batches both match transformers.
-            attention_mask: ``[B, T]``, 1 for real tokens, 0 for padding; None means all real.
-            segment_ids: ``[B, T]`` packed-sequence ids: tokens attend only within their segment and
-                derived positions restart per segment. Not allowed with a cache.
-            cache: a :class:`KVCache`; the tokens are written at ``cache.index`` and attend to every
-                valid slot before them. Prefill a left-padded prompt, then feed one token per step.
-
-        Returns:
-            ``(logits [B, T, V] float32, new_cache)``; ``new_cache`` is None when ``cache`` is None.
-            Rows of padding hold finite values that mean nothing.
-
-        Raises:
-            ValueError: only when the inputs are concrete (not traced): a real token id outside
-                ``[0, vocab_size)``, or a cache write past its ``max_length``. Inside ``jit`` the id is
-                clipped into the table instead (finite, wrong for that row), and the write offset clamped.
-        """
-        hidden, cache = self.hidden_states(tokens, positions=positions, attention_mask=attention_mask,
-                                           segment_ids=segment_ids, cache=cache)
-        return self.logits(hidden), cache
+    def tied_embedding(self) -> Float[Array, "V D"]:
+        return self.model.embed_tokens.embedding[...]

@@ -5,9 +5,9 @@ A reward model directory holds
 - ``config.json`` + safetensors + tokenizer files: the trunk as a causal LM checkpoint (the LM head is the
   base model's, untouched by reward training), so ``load_hf`` or transformers read it;
 - ``reward_head.safetensors``: the head's ``kernel [D, N]`` and ``bias [N]``;
-- ``reward_model.json``: ``num_objectives``, ``pooling`` (``last`` or ``mean``), the normalisation ``gain`` and ``bias`` (reward =
-  ``gain·head(h) + bias``, fitted so that samples of the reference policy score mean 0 / std 1, as
-  OpenAI's lm-human-preferences does), the objective names and free-form metadata.
+- ``reward_model.json``: ``num_objectives``, ``pooling`` (``last`` or ``mean``), the normalisation ``gain`` and
+  ``bias`` (reward = ``gain·head(h) + bias``, fitted so that samples of the reference policy score mean 0 / std 1,
+  as OpenAI's lm-human-preferences does), the objective names and free-form metadata.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """A training run as one validated config: model, data, loss options, training core, outputs.
 
-``jaxalign train sft|reward|dpo|ppo|grpo --config <preset or YAML> [key=value ...]`` and :func:`jaxalign.train.methods.run`
-both take a :class:`RunConfig`. YAML mirrors the dataclasses::
+``jaxalign train sft|reward|dpo|ppo|grpo --config <preset or YAML> [key=value ...]`` and
+:func:`jaxalign.train.methods.run` both take a :class:`RunConfig`. YAML mirrors the dataclasses::
 
     method: dpo
     output_dir: runs/hh_dpo

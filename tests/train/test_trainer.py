@@ -22,8 +22,8 @@ from jaxalign.train import (
     make_optimizer,
 )
 from jaxalign.train.checkpoint import CONFIG_FILE
-from jaxalign.train.signals import StopSignals
 from jaxalign.train.metrics import METRICS_FILE
+from jaxalign.train.signals import StopSignals
 from tests.train.test_step import model_params, poisonable_objective
 from tests.train.tiny import BATCH, SGD, TinyBatches, sft_objective, tiny_model
 

@@ -39,7 +39,6 @@ from jaxalign.data.formats.base import Format, ReadOptions, build
 from jaxalign.data.prompts import split_implicit_prompt
 from jaxalign.data.records import Messages, PreferenceRecord, PromptRecord, SFTRecord, UnpairedRecord
 
-
 # The three shapes of an SFT record; a record holds one of them (a second one would be lost).
 SFT_SHAPES = ("completion", "messages", "text")
 
@@ -153,5 +152,5 @@ PREFERENCE = Format("preference", PreferenceRecord, parse_preference,
 UNPAIRED = Format("unpaired", UnpairedRecord, parse_unpaired,
                   lambda row: {"prompt", "completion", "label"} <= row.keys(), "TRL prompt/completion/label",
                   fields={"prompt", "completion", "label"})
-PROMPT_ONLY = Format("prompt_only", PromptRecord, parse_prompt, lambda row: "prompt" in row, "TRL prompt only, optional difficulty",
-                     fields={"prompt", "difficulty"})
+PROMPT_ONLY = Format("prompt_only", PromptRecord, parse_prompt, lambda row: "prompt" in row,
+                     "TRL prompt only, optional difficulty", fields={"prompt", "difficulty"})
