@@ -40,7 +40,8 @@ _EXPORTS = {
     "end_of_turn_ids": "judges",
     "perplexity": "metrics", "reference_logps": "metrics", "reward_accuracy": "metrics", "sequence_kl": "metrics",
     "token_nll": "metrics",
-    "MeanCI": "stats", "WinRate": "stats", "mean_ci": "stats", "wilson_interval": "stats", "win_rate": "stats",
+    "MeanCI": "stats", "WinRate": "stats", "mean_ci": "stats", "proportion_ci": "stats", "wilson_interval": "stats",
+    "win_rate": "stats",
 }
 __all__ = sorted(_EXPORTS)
 
@@ -48,7 +49,7 @@ if TYPE_CHECKING:
     from jaxalign.eval.evaluate import PolicyEval, evaluate_policy  # noqa: F401
     from jaxalign.eval.judges import Judge, Prompt, RewardModelJudge, VaderJudge, end_of_turn_ids  # noqa: F401
     from jaxalign.eval.metrics import perplexity, reference_logps, reward_accuracy, sequence_kl, token_nll  # noqa: F401
-    from jaxalign.eval.stats import MeanCI, WinRate, mean_ci, wilson_interval, win_rate  # noqa: F401
+    from jaxalign.eval.stats import MeanCI, WinRate, mean_ci, proportion_ci, wilson_interval, win_rate  # noqa: F401
 
 
 def __getattr__(name: str):

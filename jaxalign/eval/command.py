@@ -42,6 +42,9 @@ def add_eval_command(subcommands) -> None:
                         help="the gold judge: vader = VADER compound sentiment of the response (default)")
     parser.add_argument("--reward-model", type=Path, help="a saved reward model directory: learned reward and "
                                                           "win rate, and the model --pairs measures")
+    parser.add_argument("--dimension-weights", metavar="W1,W2,...",
+                        help="a multi-objective reward model: weights combining its normalised objectives into "
+                             "one reward (default: the weights saved with it, those it was trained with)")
     parser.add_argument("--pairs", type=Path, help="held-out preference pairs (any jaxalign.data preference "
                                                    "format) for reward-model accuracy; needs --reward-model")
     parser.add_argument("--min-margin", type=float, help="also report the accuracy on pairs whose gold margin "
@@ -63,12 +66,27 @@ def add_eval_command(subcommands) -> None:
     parser.set_defaults(run=run_eval)
 
 
+def _weights(text: str) -> list[float]:
+    """``--dimension-weights 1,0.5``: finite numbers, comma-separated."""
+    try:
+        weights = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--dimension-weights: expected comma-separated numbers such as 1,0.5; got {text!r}") from None
+    if not all(math.isfinite(w) for w in weights):
+        raise ValueError(f"--dimension-weights: weights must be finite numbers, got {text!r}")
+    return weights
+
+
 def _check_args(args) -> None:
     if args.prompts is None and args.pairs is None and args.eval_sft is None:
         raise ValueError("nothing to evaluate: give --prompts (policy vs reference), --pairs (reward-model "
                          "accuracy, with --reward-model) or --eval-sft (perplexity)")
     if args.pairs is not None and args.reward_model is None:
         raise ValueError("--pairs measures a reward model's accuracy: give --reward-model")
+    if args.dimension_weights is not None:
+        if args.reward_model is None:
+            raise ValueError("--dimension-weights combine a reward model's objectives: give --reward-model")
+        args.dimension_weights = _weights(args.dimension_weights)
     if args.min_margin is not None and args.pairs is None:
         raise ValueError("--min-margin filters --pairs: give --pairs")
     for name in ("batch_size", "n", "max_new_tokens"):
@@ -110,9 +128,17 @@ def _load_reward_judge(args):
 
     reward_model, info = models.load_reward_model(args.reward_model)
     tokenizer = data.load_tokenizer(args.reward_model)
-    judge = RewardModelJudge(reward_model, tokenizer=tokenizer, gain=info.get("gain", 1.0),
-                             bias=info.get("bias", 0.0), dimension_weights=info.get("dimension_weights"),
-                             batch_size=args.batch_size)
+    weights = args.dimension_weights if args.dimension_weights is not None else info.get("dimension_weights")
+    if reward_model.reward_head.num_objectives is not None and weights is None:
+        raise ValueError(f"--reward-model {args.reward_model} scores {reward_model.reward_head.num_objectives} "
+                         f"objectives {info.get('metadata', {}).get('dimensions', '')} and saved no default weights: "
+                         "give --dimension-weights W1,W2,... to combine them into one reward")
+    try:
+        judge = RewardModelJudge(reward_model, tokenizer=tokenizer, gain=info.get("gain", 1.0),
+                                 bias=info.get("bias", 0.0), dimension_weights=weights, batch_size=args.batch_size)
+    except ValueError as error:
+        raise ValueError(f"--reward-model {args.reward_model}: {error}"
+                         + (" (--dimension-weights)" if args.dimension_weights is not None else "")) from None
     return judge, reward_model, tokenizer
 
 

@@ -21,7 +21,7 @@ from jaxtyping import Array, Bool, Float, Int
 from jaxalign import data
 from jaxalign.eval.judges import Judge, Prompt, RewardModelJudge, VaderJudge
 from jaxalign.eval.metrics import reference_logps, sequence_kl
-from jaxalign.eval.stats import MeanCI, WinRate, mean_ci, win_rate
+from jaxalign.eval.stats import MeanCI, WinRate, mean_ci, proportion_ci, win_rate
 from jaxalign.rollout import Rollout, Sampler, SamplingParams
 
 __all__ = ["PolicyEval", "evaluate_policy"]
@@ -84,7 +84,9 @@ class PolicyEval:
             out["learned_reward"] = (self._mean(self.learned_policy), self._mean(self.learned_reference))
         out |= {"kl": (self._mean(self.kl), None), "kl_k3": (self._mean(self.kl_k3), None),
                 "response_length": (self._mean(self.length_policy), self._mean(self.length_reference)),
-                "stopped": (self._mean(self.stopped_policy), self._mean(self.stopped_reference))}
+                # A fraction: its interval is Wilson's, inside [0, 1] (a t interval is not near 0 or 1).
+                "stopped": (proportion_ci(self.stopped_policy, self.confidence),
+                            proportion_ci(self.stopped_reference, self.confidence))}
         return out
 
     def _label(self, metric: str) -> str:

@@ -100,7 +100,8 @@ def end_of_turn_ids(tokenizer) -> tuple[int, ...]:
 
 
 class RewardModelJudge:
-    """A learned reward model as a judge: ``reward = gain·r_θ(x, y) + bias``.
+    """A learned reward model as a judge: ``reward = gain·r_θ(x, y) + bias``, or for a D-objective head
+    combined as ``Σ_d w_d·(gain_d·r_d + bias_d)``.
 
     Args:
         reward_model: a :class:`jaxalign.models.RewardModel` (scalar head ``[R]`` or D objectives ``[R, D]``).
@@ -108,10 +109,10 @@ class RewardModelJudge:
             end-of-turn ids :meth:`score_rollout` appends.
         gain, bias: the affine normalisation saved with the reward model (e.g. so rewards have mean 0 and
             standard deviation 1 on reference samples, as Ziegler et al. 2019 normalise theirs); a scalar, or
-            one value per objective when the objectives are returned separately.
+            one value per objective of a D-objective head.
         batch_size: rows per compiled forward pass; the last batch is padded to it so nothing recompiles.
-        dimension_weights: ``[D]`` weights combining a D-objective head into one reward
-            (``Σ_d w_d·r_d``, before gain and bias); None keeps ``[R, D]``.
+        dimension_weights: ``[D]`` weights combining a D-objective head's normalised objectives into one
+            reward (``Σ_d w_d·(gain_d·r_d + bias_d)``); None keeps ``[R, D]``.
         end_of_turn: ids appended after a rollout row that stopped (see :func:`end_of_turn_ids`, the
             default when a tokenizer is given; ``()`` appends nothing).
     """
@@ -134,7 +135,7 @@ class RewardModelJudge:
                              f"reward head has {self.num_objectives or 'a single'} objective(s)"
                              + (f"; expected ({self.num_objectives},)" if self.num_objectives else ""))
         self.gain, self.bias = np.asarray(gain, np.float64), np.asarray(bias, np.float64)
-        width = () if self.num_objectives is None or self.dimension_weights is not None else (self.num_objectives,)
+        width = () if self.num_objectives is None else (self.num_objectives,)
         for name, value in (("gain", self.gain), ("bias", self.bias)):
             if value.shape not in ((), width):
                 raise ValueError(f"RewardModelJudge: {name} has shape {value.shape}; expected a scalar"
@@ -174,9 +175,8 @@ class RewardModelJudge:
             outputs.append(np.asarray(out, np.float64)[:rows])
         empty = (0,) if self.num_objectives is None else (0, self.num_objectives)
         raw = np.concatenate(outputs) if outputs else np.zeros(empty)
-        if self.dimension_weights is not None:
-            raw = raw @ self.dimension_weights
-        return self.gain * raw + self.bias
+        normalised = self.gain * raw + self.bias
+        return normalised if self.dimension_weights is None else normalised @ self.dimension_weights
 
     def score_rollout(self, rollout: Rollout) -> Float[np.ndarray, " R *D"]:
         """Rewards of a rollout's prompt + response rows (:meth:`Rollout.sequences`).

@@ -16,6 +16,8 @@ ties it is exactly the Wilson interval of a binomial proportion (``scipy.stats.b
 .proportion_ci(method="wilson")``, Wilson 1927; Agresti & Coull 1998 compare it with Wald).
 
 Means: :func:`mean_ci` gives Student's t interval ``x̄ ± t_{n−1}·s/√n`` (``s`` the sample standard deviation).
+Fractions (a mean of 0/1 flags, e.g. how many responses stopped): :func:`proportion_ci` gives the Wilson
+interval, for the same reasons, so it never leaves ``[0, 1]``.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import numpy as np
 from jaxtyping import Float
 from scipy import special
 
-__all__ = ["MeanCI", "WinRate", "mean_ci", "win_rate", "wilson_interval"]
+__all__ = ["MeanCI", "WinRate", "mean_ci", "proportion_ci", "win_rate", "wilson_interval"]
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -182,3 +184,20 @@ def mean_ci(values: Float[np.ndarray, " N"] | Sequence[float], confidence: float
     std = float(array.std(ddof=1))
     half = float(special.stdtrit(n - 1, 0.5 + confidence / 2)) * std / math.sqrt(n)
     return MeanCI(mean=mean, low=mean - half, high=mean + half, std=std, n=n, confidence=confidence)
+
+
+def proportion_ci(flags: Float[np.ndarray, " N"] | Sequence[float], confidence: float = 0.95) -> MeanCI:
+    """The fraction of true ``flags`` (0/1 values) with its Wilson interval, as a :class:`MeanCI`.
+
+    Raises:
+        ValueError: not 1-D, empty, a value other than 0 or 1, or a bad level.
+    """
+    array = _vector("flags", flags)
+    if array.size == 0:
+        raise ValueError("proportion_ci: no values")
+    if not np.isin(array, (0.0, 1.0)).all():
+        raise ValueError("proportion_ci: flags must be 0 or 1")
+    n, successes = int(array.size), float(array.sum())
+    low, high = wilson_interval(successes, n, confidence=confidence)
+    std = float(array.std(ddof=1)) if n > 1 else math.nan
+    return MeanCI(mean=successes / n, low=low, high=high, std=std, n=n, confidence=confidence)

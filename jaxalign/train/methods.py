@@ -326,7 +326,15 @@ def _reward(config: RunConfig, lm, tokenizer, dataset):
     pooling = options.pop("pooling", "last")
     options = _check_options(options, REWARD_OPTIONS, "reward")
     if dataset.kind == "best_of_n":
-        options.setdefault("loss", "best_of_n")
+        # Never the pairwise loss on N candidates: it would read samples 0 and 1 as chosen/rejected, ignoring "best".
+        if options.setdefault("loss", "best_of_n") != "best_of_n":
+            raise ValueError(f"{config.data.source} holds best-of-N records (N samples and the index of the best), "
+                             f"but loss.loss={options['loss']} trains chosen/rejected pairs (the preset sets it for "
+                             "pair data): set loss.loss=best_of_n")
+    elif options.get("loss") == "best_of_n":
+        raise ValueError(f"loss.loss=best_of_n needs best-of-N records (OpenAI lm-human-preferences: query, "
+                         f"sample0..N-1, best); {config.data.source} holds {dataset.kind!r} records: set "
+                         "loss.loss=bradley_terry")
     if dataset.kind == "preference_group":
         num_objectives = num_objectives or len(dataset.dimensions)
         if num_objectives != len(dataset.dimensions):
@@ -388,6 +396,11 @@ def _finish_reward(config: RunConfig, model, tokenizer, dataset, extra: dict[str
         return None
     if models.has_lora(model):
         model = models.merge_lora(model)
+    weights = None
+    if extra.get("num_objectives"):
+        # The training loss's weights are the default combination of the normalised objectives.
+        weights = config.loss.get("dimension_weights") or [1.0] * extra["num_objectives"]
     return models.save_reward_model(Path(config.output_dir) / EXPORT_DIR, model, base, tokenizer, gain=gain,
-                                    bias=bias, metadata={"dimensions": extra.get("dimensions", [])})
+                                    bias=bias, dimension_weights=weights,
+                                    metadata={"dimensions": extra.get("dimensions", [])})
 

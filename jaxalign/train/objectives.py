@@ -121,6 +121,10 @@ def reward_objective(*, loss: str = "bradley_terry", use_margin: bool = False, m
 
     def objective(model, batch, *, key):
         del key
+        if (loss == "best_of_n") != ("best" in batch):  # shapes alone cannot tell 2 candidates from a pair
+            raise ValueError(f"reward_objective: loss={loss!r} on "
+                             f"{'best-of-N batches' if 'best' in batch else 'pair batches (no best index)'}; "
+                             f"use loss={'best_of_n' if 'best' in batch else 'bradley_terry'}")
         rewards = rewards_of(model, batch)
         valid = batch["example_mask"].astype(bool)
         if loss == "best_of_n":
@@ -152,7 +156,9 @@ def dpo_objective(*, loss_type: str | Sequence[str] = "sigmoid", reference: str 
     """DPO and its variants on pair batches ``[B, 2, T]``; ``loss_type`` selects by name.
 
     ``loss_type``: any of :data:`jaxalign.losses.DPO_LOSS_TYPES` (or a list of them: a weighted mixture with
-    ``loss_weights``), or the reference-free ``"simpo"`` / ``"orpo"``. ``loss_options`` go to the loss
+    ``loss_weights``), or the reference-free ``"simpo"`` / ``"orpo"``. As in TRL, ``"sft"`` in the list adds
+    its weight times the token-mean NLL of every chosen completion of the batch (RPO, TRL's spelling; with
+    gradient accumulation the mean is per micro-batch, as in TRL). ``loss_options`` go to the loss
     (``beta``, ``label_smoothing``, ``rpo_alpha``, ``gamma``, ...); a misspelt option raises.
 
     ``reference``: where ``log π_ref`` comes from —
@@ -164,6 +170,11 @@ def dpo_objective(*, loss_type: str | Sequence[str] = "sigmoid", reference: str 
     - ``"none"``: for the reference-free losses.
     """
     loss_types = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
+    loss_options = dict(loss_options)
+    sft_weight = None
+    if "sft" in loss_types:
+        loss_types, sft_weight, loss_options = _split_sft_term(loss_types, loss_options)
+        loss_type = loss_types if len(loss_types) > 1 else loss_types[0]
     unknown = [name for name in loss_types if name not in DPO_FAMILY]
     if unknown or not loss_types:
         raise ValueError(f"dpo_objective: unknown loss_type {unknown or loss_type!r}; expected one of {DPO_FAMILY}")
@@ -184,6 +195,8 @@ def dpo_objective(*, loss_type: str | Sequence[str] = "sigmoid", reference: str 
                          f"{loss_type!r} (accepted: {sorted(accepted - {'loss_type'})})")
     if not reference_free:
         options["loss_type"] = loss_types if len(loss_types) > 1 else loss_types[0]
+    if sft_weight is not None:
+        options["rpo_alpha"] = sft_weight
     needs_nll = (options.get("rpo_alpha") is not None or options.get("sft_weight", 0.0) != 0.0
                  or loss_types[0] == "orpo")
 
@@ -192,7 +205,10 @@ def dpo_objective(*, loss_type: str | Sequence[str] = "sigmoid", reference: str 
         seq, lengths = _sequence_logps(model, batch, chunk_size)
         valid = batch["example_mask"].astype(bool)
         chosen_nll = None
-        if needs_nll:  # token-mean NLL of the chosen side (RPO / CPO / ORPO's SFT term)
+        if sft_weight is not None:  # TRL's "sft" term: one token mean over every chosen token of the batch
+            (total, _), (count, _) = losses.masked_sum(seq[:, 0], valid), losses.masked_sum(lengths[:, 0], valid)
+            chosen_nll = jnp.broadcast_to(-total / jnp.maximum(count, 1.0), seq[:, 0].shape)
+        elif needs_nll:  # token-mean NLL of the chosen side (RPO / CPO / ORPO's SFT term)
             chosen_nll = -seq[:, 0] / jnp.maximum(lengths[:, 0], 1.0)
         if reference_free:
             per, metrics = loss_fn(seq[:, 0], seq[:, 1], lengths[:, 0], lengths[:, 1], chosen_nll, valid, **options)
@@ -212,6 +228,27 @@ def dpo_objective(*, loss_type: str | Sequence[str] = "sigmoid", reference: str 
         return losses.masked_sum(per, valid), _without_loss(metrics)
 
     return objective
+
+
+def _split_sft_term(loss_types: tuple[str, ...], options: dict) -> tuple[tuple[str, ...], float, dict]:
+    """TRL's ``loss_type=[..., "sft"]`` with ``loss_weights``: the pairwise types, the SFT weight, the options.
+
+    The SFT term becomes the losses' RPO term with the batch token mean TRL uses (see ``dpo_loss``'s notes).
+    """
+    if loss_types.count("sft") > 1 or len(loss_types) == 1:
+        raise ValueError(f"dpo_objective: loss_type {list(loss_types)}: 'sft' is an extra term beside one or more "
+                         "pairwise loss types, given once (for SFT alone, train with method sft)")
+    if options.get("rpo_alpha") is not None:
+        raise ValueError("dpo_objective: loss_type 'sft' and rpo_alpha both add the chosen NLL; give one")
+    weights = options.pop("loss_weights", None)
+    if weights is not None and len(weights) != len(loss_types):
+        raise ValueError(f"dpo_objective: loss_weights {list(weights)} must give one weight per loss type "
+                         f"{list(loss_types)}")
+    index = loss_types.index("sft")
+    sft_weight = 1.0 if weights is None else float(weights[index])
+    if weights is not None:
+        options["loss_weights"] = [w for i, w in enumerate(weights) if i != index]
+    return tuple(t for t in loss_types if t != "sft"), sft_weight, options
 
 
 def reference_logps_fn(chunk_size: int | None = DEFAULT_CHUNK):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import importlib.util
 import re
 import types
 import typing
@@ -30,9 +31,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import yaml
 
 from jaxalign.data import DataConfig
+from jaxalign.models.config import DTYPES, REMAT_POLICIES
 from jaxalign.train.config import TrainConfig
 
 METHODS = ("sft", "reward", "dpo", "ppo", "grpo")
@@ -71,6 +74,19 @@ class ModelSpec:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     remat: str = "none"
+
+    def __post_init__(self):
+        # Checked here, against the run config: the checkpoint's config.json is not where the user wrote them.
+        for field in ("param_dtype", "compute_dtype"):
+            if getattr(self, field) not in DTYPES:
+                raise ValueError(f"model.{field} must be one of {DTYPES}, got {getattr(self, field)!r}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"model.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        if self.compute_dtype == "float16" and jax.default_backend() == "cpu":
+            # XLA:CPU has no float16 matmul with float32 accumulation (F16_F16_F32 dot_general): fail here, not
+            # inside the first compiled step.
+            raise ValueError("model.compute_dtype=float16 does not run on CPU (XLA:CPU has no float16 matmul); "
+                             "use float32 (the right choice on CPU) or bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,6 +183,10 @@ class RunConfig:
             raise ValueError(f"RunConfig.eval_samples_per_prompt must be >= 1, got {self.eval_samples_per_prompt}")
         if self.normalize_samples < 0:
             raise ValueError(f"RunConfig.normalize_samples must be >= 0, got {self.normalize_samples}")
+        if self.train.log.wandb_project is not None and importlib.util.find_spec("wandb") is None:
+            # Refused before the model and data load, not when the logger starts after them.
+            raise ValueError(f"train.log.wandb_project={self.train.log.wandb_project!r} needs Weights & Biases, "
+                             "which is not installed: pip install 'jaxalign[wandb]' (or unset wandb_project)")
         # The run's own directories unless the config names others.
         train = self.train
         if train.checkpoint.directory is None:

@@ -105,6 +105,37 @@ def test_policy_against_reference_end_to_end(checkpoints, files, jaxalign_eval, 
     assert "win rate vs reference (vader)" in stdout and "win rate vs reference (reward_model)" in stdout
 
 
+def test_multi_objective_reward_model_uses_saved_or_given_dimension_weights(checkpoints, files, jaxalign_eval,
+                                                                            tmp_path):
+    """A two-objective, per-objective normalised reward model judges the policy with the weights it was saved with,
+    or with ``--dimension-weights``; without either the command says how to give them."""
+    tokenizer = data.load_tokenizer(checkpoints[1])
+    reward_model = models.RewardModel(models.load_hf(checkpoints[1]), num_objectives=2, rngs=nnx.Rngs(7))
+
+    def saved(name, weights):
+        return models.save_reward_model(tmp_path / name, reward_model, models.load_hf(checkpoints[1]), tokenizer,
+                                        gain=[2.0, 0.5], bias=[0.1, -0.3], dimension_weights=weights)
+
+    common = ("--policy", checkpoints[0], "--reference", checkpoints[1], "--prompts", files["prompts"], *SAMPLING)
+
+    def learned_mean(out):
+        return json.loads((out / "eval.json").read_text())["policy_eval"]["learned_reward"]["policy"]["mean"]
+
+    status, _, stderr = jaxalign_eval(*common, "--reward-model", saved("weighted", [1.0, 0.5]),
+                                      "--output", tmp_path / "a")
+    assert status == 0, stderr
+    status, _, stderr = jaxalign_eval(*common, "--reward-model", saved("unweighted", None),
+                                      "--dimension-weights", "1,0.5", "--output", tmp_path / "b")
+    assert status == 0, stderr
+    assert learned_mean(tmp_path / "a") == pytest.approx(learned_mean(tmp_path / "b"))
+    status, _, stderr = jaxalign_eval(*common, "--reward-model", tmp_path / "unweighted")
+    assert status == 2 and "give --dimension-weights W1,W2,..." in stderr
+    status, _, stderr = jaxalign_eval(*common, "--reward-model", tmp_path / "weighted", "--dimension-weights", "1,2,3")
+    assert status == 2 and "dimension_weights has shape (3,)" in stderr
+    status, _, stderr = jaxalign_eval(*common, "--reward-model", tmp_path / "weighted", "--dimension-weights", "1,x")
+    assert status == 2 and "comma-separated numbers" in stderr
+
+
 def test_reward_accuracy_and_perplexity(checkpoints, files, jaxalign_eval, reward_model_dir, tmp_path):
     """What the command reports equals the library's functions on the same batches."""
     directory, reward_model, tokenizer = reward_model_dir

@@ -70,11 +70,16 @@ def test_multi_objective_rewards(multi_reward_model):
     np.testing.assert_allclose(raw, expected * [1.0, 2.0] + [0.0, 1.0], rtol=1e-5, atol=1e-5)
     combined = RewardModelJudge(model, dimension_weights=[0.5, -1.0], gain=3.0, bias=0.25,
                                 batch_size=2).score_tokens(tokens, mask)
-    np.testing.assert_allclose(combined, 3.0 * (expected @ [0.5, -1.0]) + 0.25, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(combined, (3.0 * expected + 0.25) @ [0.5, -1.0], rtol=1e-5, atol=1e-5)
+    # A normalised multi-objective model: each objective normalised by its own gain and bias, then weighted.
+    per_dimension = RewardModelJudge(model, dimension_weights=[0.5, -1.0], gain=[1.0, 2.0], bias=[0.0, 1.0],
+                                     batch_size=2).score_tokens(tokens, mask)
+    np.testing.assert_allclose(per_dimension, (expected * [1.0, 2.0] + [0.0, 1.0]) @ [0.5, -1.0], rtol=1e-5,
+                               atol=1e-5)
     with pytest.raises(ValueError, match=r"expected \(2,\)"):
         RewardModelJudge(model, dimension_weights=[1.0, 2.0, 3.0])
     with pytest.raises(ValueError, match="gain has shape"):
-        RewardModelJudge(model, dimension_weights=[1.0, 1.0], gain=[1.0, 2.0])
+        RewardModelJudge(model, dimension_weights=[1.0, 1.0], gain=[1.0, 2.0, 3.0])
 
 
 def test_text_rendering_equals_jaxalign_data(reward_model, tokenizer):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from jaxalign.eval import MeanCI, WinRate, mean_ci, wilson_interval, win_rate
+from jaxalign.eval import MeanCI, WinRate, mean_ci, proportion_ci, wilson_interval, win_rate
 
 
 @pytest.mark.parametrize(("wins", "n"), [(0, 1), (1, 1), (3, 7), (7, 7), (5, 11), (0, 13)])
@@ -112,3 +112,14 @@ def test_mean_ci_edge_cases():
         mean_ci([])
     with pytest.raises(ValueError, match="finite"):
         mean_ci([1.0, math.nan])
+
+
+def test_proportion_ci_is_the_wilson_interval_of_the_flags():
+    flags = np.arange(16) == 3
+    result = proportion_ci(flags)
+    expected = stats.binomtest(1, 16).proportion_ci(confidence_level=0.95, method="wilson")
+    assert result.mean == 1 / 16 and result.n == 16
+    assert (result.low, result.high) == pytest.approx((expected.low, expected.high))
+    assert proportion_ci([1.0]).low > 0.0 and proportion_ci([0, 0, 0]).high < 1.0
+    with pytest.raises(ValueError, match="0 or 1"):
+        proportion_ci([0.5, 1.0])

@@ -5,6 +5,8 @@ presets, resume, exports that load back."""
 from __future__ import annotations
 
 import json
+import re
+import sys
 from pathlib import Path
 
 import jax
@@ -13,6 +15,7 @@ import pytest
 from flax import nnx
 
 from jaxalign import data, models
+from jaxalign.eval import RewardModelJudge
 from jaxalign.train import methods, recipe
 
 PAIRS = [("Hi", "sky blue .", "Go away ."), ("sky ?", "blue .", "away"), ("Go", "Hi .", "away away ."),
@@ -216,12 +219,21 @@ def test_multi_dimensional_reward_model_on_pku_rows(checkpoint, tmp_path):
             for i, (p, c, r) in enumerate(PAIRS)]
     source = tmp_path / "pku.jsonl"
     source.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    run_config = config(checkpoint, source, tmp_path, "reward", "data.text_as_chat=true", "normalize_samples=0",
+    # Normalisation on, as the pku_saferlhf preset leaves it: one gain and bias per dimension reach the export.
+    run_config = config(checkpoint, source, tmp_path, "reward", "data.text_as_chat=true", "normalize_samples=4",
                         "loss.dimension_weights=[1.0, 0.5]")
     result = methods.run(run_config)
     assert result.extra["dimensions"] == ["helpfulness", "safety"] and result.extra["num_objectives"] == 2
-    _, info = models.load_reward_model(Path(run_config.output_dir) / "export")
+    reward_model, info = models.load_reward_model(Path(run_config.output_dir) / "export")
     assert info["num_objectives"] == 2 and info["metadata"]["dimensions"] == ["helpfulness", "safety"]
+    assert info["gain"] == result.extra["normalization"]["gain"] and len(info["gain"]) == len(info["bias"]) == 2
+    assert info["dimension_weights"] == [1.0, 0.5]  # the training weights are the default combination
+    judge = RewardModelJudge(reward_model, gain=info["gain"], bias=info["bias"],
+                             dimension_weights=info["dimension_weights"])
+    tokens = np.array([[1, 2, 3, 4]], np.int32)
+    raw = np.asarray(reward_model(tokens, attention_mask=np.ones_like(tokens)), np.float64)
+    expected = (raw * info["gain"] + info["bias"]) @ [1.0, 0.5]
+    np.testing.assert_allclose(judge.score_tokens(tokens, np.ones_like(tokens)), expected, rtol=1e-5)
     record = json.loads((Path(run_config.output_dir) / "metrics.jsonl").read_text().splitlines()[-1])
     assert {"rewards/accuracies/0", "rewards/accuracies/1"} <= set(record)
 
@@ -276,3 +288,50 @@ def test_reward_use_margin_without_margins_is_a_clear_error(checkpoint, tmp_path
                               for p, c, r in PAIRS))
     with pytest.raises(ValueError, match="use_margin=True but the batches carry no 'margin'"):
         methods.run(config(checkpoint, source, tmp_path, "reward", "loss.use_margin=true", "normalize_samples=0"))
+
+
+def test_best_of_n_records_never_train_as_pairs(checkpoint, pairs_file, tmp_path):
+    """lm-human-preferences records under a preset's bradley_terry loss are refused (it would read samples 0 and
+    1 as chosen/rejected and ignore ``best``); with loss.loss=best_of_n (the default without a preset) they train."""
+    rows = [{"query": p, "sample0": c, "sample1": r, "sample2": "Hi", "best": (i + 1) % 3}
+            for i, (p, c, r) in enumerate(PAIRS)]
+    source = tmp_path / "bon.jsonl"
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(ValueError, match=r"best-of-N records .* loss.loss=bradley_terry .* set loss.loss=best_of_n"):
+        methods.run(config(checkpoint, source, tmp_path, "reward", "loss.loss=bradley_terry"))
+    assert not (tmp_path / "reward").exists()
+    result = methods.run(config(checkpoint, source, tmp_path, "reward", "normalize_samples=0", "export=false"))
+    steps = [json.loads(line) for line in (Path(result.config.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert len(steps) == 3 and all(np.isfinite(step["loss"]) for step in steps)
+    with pytest.raises(ValueError, match="loss.loss=best_of_n needs best-of-N records"):
+        methods.run(config(checkpoint, pairs_file, tmp_path / "pairs", "reward", "loss.loss=best_of_n"))
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("model.remat=dots_saveable", r"model.remat must be one of \('none', 'full', 'dots', 'dots_no_batch'\), "
+                                  r"got 'dots_saveable'"),
+    ("model.compute_dtype=float16", "model.compute_dtype=float16 does not run on CPU"),
+    ("model.param_dtype=float8", "model.param_dtype must be one of"),
+    ("train.log.wandb_project=x", r"wandb_project='x' needs Weights & Biases, which is not installed: "
+                                  r"pip install 'jaxalign\[wandb\]'"),
+])
+def test_settings_that_cannot_run_fail_before_any_work(override, message, capsys, monkeypatch, tmp_path):
+    """Refused while the config is read, against the run config's own key: no model or data is loaded."""
+    from jaxalign.cli import main
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
+    monkeypatch.setattr(methods, "load_pretrained", lambda *a, **k: pytest.fail("a model was loaded"))
+    status = main(["train", "dpo", "--config", "hh_rlhf", f"output_dir={tmp_path / 'run'}", override])
+    error = capsys.readouterr().err
+    assert status == 2 and re.search(message, error), error
+    assert "config.json" not in error and not (tmp_path / "run").exists()
+
+
+def test_recipe_docstring_example_trains_dpo_with_trls_sft_term(checkpoint, pairs_file, tmp_path):
+    """``loss.loss_type=[sigmoid,sft]`` (the recipe docstring's example, TRL's spelling of RPO) trains."""
+    assert "loss.loss_type=[sigmoid,sft]" in recipe.__doc__
+    run_config = config(checkpoint, pairs_file, tmp_path, "dpo", "loss.loss_type=[sigmoid,sft]",
+                        "loss.loss_weights=[1.0, 0.5]", "export=false")
+    methods.run(run_config)
+    record = json.loads((Path(run_config.output_dir) / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "nll_loss" in record and np.isfinite(record["loss"])

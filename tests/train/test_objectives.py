@@ -81,3 +81,32 @@ def test_reward_objective_groups_read_each_dimensions_head(model):
 def test_dpo_objective_refuses_bad_options(kwargs, message):
     with pytest.raises(ValueError, match=message):
         objectives.dpo_objective(**kwargs)
+
+
+def test_dpo_objective_takes_trls_sft_term_as_a_batch_token_mean(model):
+    """``loss_type=[sigmoid, sft]``, ``loss_weights=[1, α]`` (TRL's RPO spelling, the recipe docstring's example):
+    the sigmoid loss plus α times the token-mean NLL over every chosen completion token of the batch."""
+    batch = batch_of(np.random.default_rng(5), layout=(2,))
+    shift = np.array([[-0.5, 0.25], [0.1, 0.0], [9.0, 9.0]])
+    flat = {k: v.reshape(-1, T) for k, v in batch.items() if k != "example_mask"}
+    logits, _ = model(flat["input_ids"], attention_mask=flat["attention_mask"], positions=flat["positions"])
+    token_logps = losses.token_logps(logits[:, :-1], flat["input_ids"][:, 1:])
+    seq = np.asarray(losses.sequence_logps(token_logps, flat["loss_mask"][:, 1:])).reshape(B, 2)
+    batch["ref_logps"] = seq + shift
+    objective = objectives.dpo_objective(loss_type=["sigmoid", "sft"], loss_weights=[0.5, 0.7], beta=0.3,
+                                         reference="precomputed")
+    (total, count), metrics = objective(model, batch, key=None)
+    valid = batch["example_mask"].astype(bool)
+    sigmoid, _ = losses.dpo_loss(seq[:, 0], seq[:, 1], batch["ref_logps"][:, 0], batch["ref_logps"][:, 1],
+                                 mask=valid, beta=0.3)
+    chosen_mask = flat["loss_mask"][:, 1:].reshape(B, 2, -1)[:, 0] * valid[:, None]
+    chosen_token_logps = np.asarray(token_logps).reshape(B, 2, -1)[:, 0]
+    batch_nll = -np.sum(chosen_token_logps * chosen_mask) / chosen_mask.sum()  # TRL: one mean over the batch
+    np.testing.assert_allclose(total / count, 0.5 * np.sum(sigmoid) / 2 + 0.7 * batch_nll, rtol=1e-5)
+    assert "nll_loss" in metrics
+    with pytest.raises(ValueError, match="give one"):
+        objectives.dpo_objective(loss_type=["sigmoid", "sft"], rpo_alpha=1.0)
+    with pytest.raises(ValueError, match="method sft"):
+        objectives.dpo_objective(loss_type=["sft"])
+    with pytest.raises(ValueError, match="one weight per loss type"):
+        objectives.dpo_objective(loss_type=["sigmoid", "sft"], loss_weights=[1.0])
