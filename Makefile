@@ -29,8 +29,9 @@ oracles: $(PY)
 	  test -f .oracles/trl-$$v-py3-none-any.whl || $(PIP) download --quiet --no-deps trl==$$v -d .oracles; \
 	done
 
+# --overwrite: `make demo` owns runs/sentiment, so a second `make demo` replaces the first run's models.
 demo: install-demo
-	$(PY) -m experiments.sentiment
+	$(PY) -m experiments.sentiment --overwrite
 
 # CI: the demo's own install, every stage of the main job on a few prompts, and a preset found from
 # outside the source tree.

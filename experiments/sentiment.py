@@ -226,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true",
                         help=f"every stage, tiny ({SMOKE_SETTINGS}): checks the install, not the targets")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the reward and DPO runs an earlier run left in --output-dir")
     parser.add_argument("overrides", nargs="*", help="reward.<key>=<value> / dpo.<key>=<value>")
     args = parser.parse_args(argv)
     overrides = split_overrides(args.overrides)
@@ -234,6 +236,11 @@ def main(argv: list[str] | None = None) -> int:
             setattr(args, name, value)
         overrides = {stage: SMOKE_OVERRIDES[stage] + given for stage, given in overrides.items()}
     out = args.output_dir
+    stage_configs = {stage: recipe.load_run_config("sentiment", [
+        f"output_dir={out / stage}", f"data.source={out / 'pairs_train.jsonl'}", *overrides[stage]], method=stage)
+        for stage in ("reward", "dpo")}
+    for config in stage_configs.values():  # refused before minutes of sampling, not after
+        methods.check_output_dir(config, overwrite=args.overwrite)
     out.mkdir(parents=True, exist_ok=True)
     timings, started = {}, time.perf_counter()
     judge = jeval.VaderJudge()
@@ -272,10 +279,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print("[3/5] reward model: Bradley-Terry on the gold-labelled pairs (a linear probe of the frozen trunk)")
     stage = time.perf_counter()
-    reward_config = recipe.load_run_config("sentiment", [
-        f"output_dir={out / 'reward'}", f"data.source={out / 'pairs_train.jsonl'}", *overrides["reward"]],
-        method="reward")
-    reward_run = methods.run(reward_config)
+    reward_run = methods.run(stage_configs["reward"], overwrite=args.overwrite)
     normalization = reward_run.extra.get("normalization", {"gain": 1.0, "bias": 0.0})
     reward_judge = jeval.RewardModelJudge(reward_run.model, gain=normalization["gain"], bias=normalization["bias"],
                                           tokenizer=tokenizer)
@@ -288,9 +292,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print("[4/5] DPO policy on the gold-labelled pairs")
     stage = time.perf_counter()
-    dpo_config = recipe.load_run_config("sentiment", [
-        f"output_dir={out / 'dpo'}", f"data.source={out / 'pairs_train.jsonl'}", *overrides["dpo"]], method="dpo")
-    dpo_run = methods.run(dpo_config)
+    dpo_run = methods.run(stage_configs["dpo"], overwrite=args.overwrite)
     timings["dpo_s"] = time.perf_counter() - stage
 
     print("[5/5] evaluation on the held-out prompts")

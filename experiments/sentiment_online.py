@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="PPO's reward model (exported by `python -m experiments.sentiment`)")
     parser.add_argument("--prompts", type=int, default=320, help="prompts in all, as in the main job")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true", help="replace the run an earlier one left in --output-dir")
     parser.add_argument("overrides", nargs="*", help="preset overrides, e.g. train.total_steps=10")
     args = parser.parse_args(argv)
     out = args.output_dir or Path(f"runs/sentiment_{args.method}")
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"reward.model={args.reward_model}")
     config = recipe.load_run_config(f"sentiment_{args.method}", overrides + list(args.overrides))
     print(f"[2/3] {args.method}: {config.train.total_steps} iterations (preset sentiment_{args.method})")
-    result = methods.run(config)
+    result = methods.run(config, overwrite=args.overwrite)
 
     print("[3/3] held-out evaluation against the base model")
     summary = summarise(args.method, out, result.extra["evaluation"], time.perf_counter() - started)

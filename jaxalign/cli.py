@@ -1,9 +1,10 @@
 """The ``jaxalign`` command.
 
 Each subcommand registers itself on the parser with an ``add_<name>_command(subcommands)`` function that
-sets ``run`` (``run(args) -> exit status``); ``main`` dispatches. Bad input (a missing file, a malformed
-record, an invalid setting) ends with one ``jaxalign <command>: error: ...`` line and status 2, not a
-traceback.
+sets ``run`` (``run(args) -> exit status``); ``main`` dispatches. Every failure ends with one
+``jaxalign <command>: error: ...`` line, not a traceback: status 2 for bad input (a missing file, a malformed
+record, an invalid setting), 1 for a run that failed (diverged, or an unexpected error). ``jaxalign --debug
+<command>`` or ``JAXALIGN_DEBUG=1`` shows the traceback instead.
 
     jaxalign generate --prompt "Write a haiku about the sea."     # the embedded SmolLM2-135M-Instruct
     jaxalign generate --model ckpt_dir --prompts-file prompts.jsonl --n 4 --output samples.jsonl
@@ -15,17 +16,23 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
+import logging
+import os
 import sys
+import threading
 import time
 from pathlib import Path
 
 from jaxalign.eval.command import add_eval_command
 from jaxalign.train.command import add_train_command
 
+EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+DEBUG_VARIABLE = "JAXALIGN_DEBUG"
 CHAT_COMMANDS = "/exit or Ctrl-D quits, /reset clears the conversation"
 
 
@@ -61,6 +68,8 @@ def add_generate_command(subcommands) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxalign", description="JAX/Flax preference alignment.")
+    parser.add_argument("--debug", action="store_true",
+                        help=f"on failure show the traceback, not one line (also: {DEBUG_VARIABLE}=1)")
     subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_generate_command(subcommands)
     add_train_command(subcommands)
@@ -78,13 +87,52 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = [*args.overrides, *extra]
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    debug = args.debug or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")
     try:
-        return args.run(args)
-    except (OSError, ValueError) as error:  # DataError is a ValueError; both name the file and the field
-        print(f"jaxalign {args.command}: error: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        with _quiet_background_errors(enabled=not debug):
+            return args.run(args)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except Exception as error:  # noqa: BLE001 (every failure ends in one line unless --debug)
+        if debug:
+            raise
+        print(f"jaxalign {args.command}: error: {_one_line(error)}", file=sys.stderr)
+        return EXIT_BAD_INPUT if isinstance(error, (OSError, ValueError)) else EXIT_FAILED
+
+
+def _one_line(error: BaseException) -> str:
+    """The error's message on one line. Bad input (ValueError, OSError; DataError is a ValueError) already
+    names the file, record and field; anything else is unexpected, so its type and the --debug hint go too."""
+    message = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, (OSError, ValueError, FloatingPointError)):
+        return message
+    return f"{type(error).__name__}: {message} (rerun with --debug for the traceback)"
+
+
+@contextlib.contextmanager
+def _quiet_background_errors(*, enabled: bool):
+    """Hide the tracebacks that libraries' background threads log (Orbax's async checkpoint writers on a full
+    disk print hundreds of lines) while the command runs; the failure still reaches the one error line."""
+    if not enabled:
+        yield
+        return
+    drop = _DropTracebacks()
+    loggers = [logging.getLogger(name) for name in ("absl", "orbax", "jax")]
+    for logger in loggers:
+        logger.addFilter(drop)
+    previous_hook = threading.excepthook
+    threading.excepthook = lambda _hook_args: None
+    try:
+        yield
+    finally:
+        threading.excepthook = previous_hook
+        for logger in loggers:
+            logger.removeFilter(drop)
+
+
+class _DropTracebacks(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.exc_info is None and record.levelno < logging.ERROR
 
 
 # --- generate -------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from jaxalign.train.schedules import make_schedule
 from jaxalign.train.signals import TrainingInterrupted
 from jaxalign.train.state import TrainState
 from jaxalign.train.step import TrainStep, default_token_count
-from jaxalign.train.trainer import NonFiniteError, Trainer
+from jaxalign.train.trainer import NonFiniteError, Trainer, TrainingDiverged
 
 __all__ = [
     "CheckpointConfig",
@@ -35,6 +35,7 @@ __all__ = [
     "LogConfig",
     "MeshConfig",
     "NonFiniteError",
+    "TrainingDiverged",
     "OptimizerConfig",
     "Restored",
     "TrainConfig",

@@ -19,6 +19,7 @@ import dataclasses
 import datetime
 import json
 import uuid
+import warnings
 from collections.abc import Mapping
 from importlib import metadata as package_metadata
 from typing import Any, NamedTuple
@@ -62,6 +63,10 @@ def run_metadata(config: TrainConfig, mesh: Mesh, *, model_config: Any = None,
 
 def _data_position(data: Any) -> Any:
     return data.state_dict() if hasattr(data, "state_dict") else None
+
+
+class ProcessCountMismatch(ValueError):
+    """A checkpoint written by another number of processes than this run has."""
 
 
 class Restored(NamedTuple):
@@ -134,18 +139,49 @@ class Checkpointer:
         ))
 
     def restore(self, abstract_state: TrainState, *, step: int | None = None) -> Restored:
-        """Read checkpoint ``step`` (default: the latest) into the shardings of ``abstract_state``.
+        """Read checkpoint ``step`` (default: the newest intact one) into the shardings of ``abstract_state``.
 
         The mesh may differ from the one that saved: Orbax reshards. The data positions may not: each
-        process gets back the position it saved.
+        process gets back the position it saved. Without ``step``, a checkpoint that cannot be read
+        (truncated or corrupted files) is skipped with a warning that says why, and the next older one is
+        tried; the damaged one is kept on disk, renamed ``<step>.damaged`` so that the run can save that step
+        again (it is never deleted).
 
         Raises:
             FileNotFoundError: no checkpoint in the directory.
-            ValueError: the checkpoint was written by a different number of processes.
+            ValueError: the checkpoint was written by a different number of processes, or no checkpoint
+                could be read (each one's error is named).
         """
-        step = self._manager.latest_step() if step is None else step
-        if step is None:
+        if step is not None:
+            return self._restore_step(abstract_state, step)
+        failures = []
+        for candidate in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                restored = self._restore_step(abstract_state, candidate)
+            except ProcessCountMismatch:
+                raise  # the checkpoint is fine; this run is not the one that can resume it
+            except Exception as error:  # noqa: BLE001 (Orbax, TensorStore and JSON raise many types)
+                failures.append((candidate, error))
+            else:
+                self._set_aside(failures, restored.step)
+                return restored
+        if not failures:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        raise ValueError(f"no checkpoint in {self.directory} could be read: " + "; ".join(
+            f"step {bad}: {_summary(error)}" for bad, error in failures))
+
+    def _set_aside(self, failures: list[tuple[int, BaseException]], resumed: int) -> None:
+        """Rename the damaged checkpoints newer than the one resumed from, and say so."""
+        for bad, error in failures:
+            damaged = self.directory / f"{bad}.damaged"
+            if jax.process_index() == 0:
+                (self.directory / str(bad)).rename(damaged)
+            warnings.warn(f"checkpoint step {bad} in {self.directory} cannot be read ({_summary(error)}): "
+                          f"resuming from step {resumed}; the damaged files are kept in {damaged}", stacklevel=4)
+        if failures:
+            self._manager.reload()
+
+    def _restore_step(self, abstract_state: TrainState, step: int) -> Restored:
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state),
             data=ocp.args.JsonRestore(),
@@ -153,7 +189,7 @@ class Checkpointer:
         ))
         saved_processes = restored.data["process_count"]
         if saved_processes != jax.process_count():
-            raise ValueError(
+            raise ProcessCountMismatch(
                 f"checkpoint {self.directory / str(step)} holds the data positions of {saved_processes} "
                 f"process(es) but this run has {jax.process_count()}; resume with the same process count"
             )
@@ -166,6 +202,12 @@ class Checkpointer:
 
     def close(self) -> None:
         self._manager.close()
+
+
+def _summary(error: BaseException) -> str:
+    """An error's type and the first line of its message (Orbax's can span pages)."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
 
 
 def _write_json_atomically(path: epath.Path, value: Any) -> None:

@@ -5,8 +5,8 @@
     jaxalign train reward --config my_run.yaml --resume
     jaxalign train sft --config sentiment --print-config         # the resolved config, nothing trained
 
-A run resumes from ``<output_dir>/checkpoints`` only with ``--resume``; without it an output directory
-that already holds checkpoints is refused (so two runs never mix silently).
+A run resumes from ``<output_dir>/checkpoints`` only with ``--resume``. Without it an output directory that
+holds anything is refused before any work, so nothing a user made is rewritten; ``--overwrite`` replaces it.
 """
 
 from __future__ import annotations
@@ -27,7 +27,10 @@ def add_train_command(subcommands) -> None:
                     "events, eval.json and a Hugging Face export in output_dir.")
     parser.add_argument("method", choices=METHODS)
     parser.add_argument("--config", required=True, help="a preset name or a YAML file")
-    parser.add_argument("--resume", action="store_true", help="continue from the checkpoints in output_dir")
+    runs = parser.add_mutually_exclusive_group()
+    runs.add_argument("--resume", action="store_true", help="continue from the checkpoints in output_dir")
+    runs.add_argument("--overwrite", action="store_true",
+                      help="replace what output_dir holds (by default a non-empty output_dir is refused)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     parser.set_defaults(run=run_train)
@@ -44,7 +47,7 @@ def run_train(args) -> int:
     if args.print_config:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
-    result = methods.run(config)
+    result = methods.run(config, overwrite=args.overwrite)
     out = Path(config.output_dir)
     print(f"trained {args.method} for {config.train.total_steps} steps: {out}")
     for name, value in sorted(result.eval_metrics.items()):

@@ -30,6 +30,10 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _optional_positive_int(owner: str, name: str, value: Any) -> None:
     _require(value is None or (_is_int(value) and value > 0), owner, name, "a positive int or None", value)
 
@@ -112,6 +116,11 @@ class OptimizerConfig:
 
     def __post_init__(self):
         owner = "OptimizerConfig"
+        for field in ("learning_rate", "final_learning_rate", "b1", "b2", "eps", "weight_decay", "momentum",
+                      "max_grad_norm"):
+            value = getattr(self, field)
+            _require(value is None and field == "max_grad_norm" or _is_finite_number(value), owner, field,
+                     "a finite number", value)
         _require(self.name in OPTIMIZERS, owner, "name", f"one of {OPTIMIZERS}", self.name)
         _require(self.schedule in SCHEDULES, owner, "schedule", f"one of {SCHEDULES}", self.schedule)
         _require(self.learning_rate >= 0, owner, "learning_rate", ">= 0", self.learning_rate)
@@ -187,14 +196,21 @@ class TrainConfig:
         seed: seeds the run's RNG key (restored from the checkpoint on resume).
         micro_batches: gradient-accumulation micro-batches per step; the update equals one step on the
             whole batch (token-weighted means stay exact through ``(sum, count)``).
-        on_nonfinite: ``"raise"`` stops the run at a non-finite loss or gradient, naming the step;
-            ``"skip"`` drops that update and goes on. Either way the update is never applied.
+        on_nonfinite: ``"raise"`` stops the run at a non-finite loss or gradient, or at a diverging update
+            (``max_update_ratio``), naming the step; ``"skip"`` drops that update and goes on. Either way the
+            update is never applied.
+        max_update_ratio: the divergence guard: an update larger than this multiple of the parameters
+            (``‖Δθ‖ > max_update_ratio·‖θ‖`` over the trained parameters) is treated like a non-finite one.
+            Fine-tuning moves the weights by about 1e-4 of their norm per step (Adam at 1e-5 on SmolLM2), an
+            aggressive tiny-model run (Adam at 0.1) by about 1; a learning rate of 1e6 moves them by 1e5 to 1e7
+            times their norm while the loss can stay flat. None disables it.
     """
 
     total_steps: int
     seed: int = 0
     micro_batches: int = 1
     on_nonfinite: str = "raise"
+    max_update_ratio: float | None = 10.0
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
@@ -209,6 +225,9 @@ class TrainConfig:
                  self.micro_batches)
         _require(self.on_nonfinite in NONFINITE_POLICIES, owner, "on_nonfinite", f"one of {NONFINITE_POLICIES}",
                  self.on_nonfinite)
+        _require(self.max_update_ratio is None or (_is_finite_number(self.max_update_ratio)
+                                                   and self.max_update_ratio > 0),
+                 owner, "max_update_ratio", "a finite number > 0 or None", self.max_update_ratio)
         for name, section in _SECTIONS.items():
             _require(isinstance(getattr(self, name), section), owner, name, f"a {section.__name__}",
                      getattr(self, name))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -227,15 +228,58 @@ def _stop_ids(model, tokenizer) -> tuple[int, ...]:
     return ids
 
 
-def run(config: RunConfig) -> RunResult:
-    """Train, evaluate and export one run (see the module docstring). Resumes when checkpoints exist.
+# What a run writes into its output_dir (TensorBoard adds events.out.tfevents.* files): the things an earlier
+# run there would lose.
+RUN_ARTEFACTS = (RUN_FILE, EVAL_FILE, EXPORT_DIR, "checkpoints", "metrics.jsonl", "metrics.png", "reward_vs_kl.png",
+                 "wandb_run_id")
 
+
+def _earlier_run(out: Path) -> list[Path]:
+    if not out.is_dir():
+        return []
+    return sorted(path for path in out.iterdir()
+                  if path.name in RUN_ARTEFACTS or path.name.startswith("events.out.tfevents."))
+
+
+def check_output_dir(config: RunConfig, *, overwrite: bool = False) -> None:
+    """Refuse, before any work or write, an output directory that holds an earlier run's files (run.json,
+    checkpoints, export, metrics, ...), unless this run resumes it (``train.checkpoint.resume``) or
+    ``overwrite`` replaces it. Other files there (the user's data, say) are never touched."""
+    out = Path(config.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output_dir {out} is a file, not a directory")
+    if config.train.checkpoint.resume or overwrite:
+        return
+    held = [path.name for path in _earlier_run(out)]
+    if held:
+        shown = ", ".join(held[:5]) + (", ..." if len(held) > 5 else "")
+        raise ValueError(f"output_dir {out} already holds a run ({shown}): continue it with --resume, choose "
+                         "another output_dir, or replace it with --overwrite")
+
+
+def prepare_output_dir(config: RunConfig, *, overwrite: bool = False) -> Path:
+    """The output directory, with an earlier run's files removed first when ``overwrite`` replaces it (called once
+    the data is known to suit the method, so a refused run leaves the earlier one intact)."""
+    out = Path(config.output_dir)
+    if overwrite and not config.train.checkpoint.resume:
+        for path in _earlier_run(out):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def run(config: RunConfig, *, overwrite: bool = False) -> RunResult:
+    """Train, evaluate and export one run (see the module docstring).
+
+    A run resumes from its checkpoints with ``train.checkpoint.resume``; otherwise an output directory that
+    holds anything is refused before any work (:func:`check_output_dir`) unless ``overwrite`` replaces it.
     ``ppo`` and ``grpo`` runs go to :func:`jaxalign.train.rl.run_online`.
     """
+    check_output_dir(config, overwrite=overwrite)
     if config.method in ONLINE_METHODS:
         from jaxalign.train.rl import run_online  # it builds on this module's loaders
 
-        return run_online(config)
+        return run_online(config, overwrite=overwrite)
     out = Path(config.output_dir)
     lm, tokenizer = load_pretrained(config.model)
     dataset = jdata.build_dataset(config.data, tokenizer)
@@ -249,7 +293,7 @@ def run(config: RunConfig) -> RunResult:
     builder = {"sft": _sft, "reward": _reward, "dpo": _dpo}[config.method]
     model, objective, references, dataset, extra = builder(config, lm, tokenizer, dataset)
     # Written once the data is known to suit the method: a refused run leaves no output directory behind.
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_output_dir(config, overwrite=overwrite)
     _write_json(out / RUN_FILE, {"config": config.to_dict(),
                                  "data_reports": [str(r) for r in dataset.reports],
                                  "examples": len(dataset)})

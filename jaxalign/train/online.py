@@ -56,7 +56,7 @@ from jaxalign.train.schedules import make_schedule
 from jaxalign.train.signals import StopSignals, TrainingInterrupted
 from jaxalign.train.state import TrainState
 from jaxalign.train.step import Objective, TrainStep
-from jaxalign.train.trainer import NonFiniteError
+from jaxalign.train.trainer import check_step
 
 F32 = jnp.float32
 
@@ -223,7 +223,8 @@ class OnlineTrainer:
             optimizer = optax.chain(optimizer, scale_updates_by_path(update_scales))
         self.train_step = TrainStep(objective, model, optimizer, mesh=self.mesh,
                                     trainable=trainable, micro_batches=config.micro_batches, rules=rules,
-                                    count_tokens=lambda batch: jnp.sum(batch["attention_mask"], dtype=F32))
+                                    count_tokens=lambda batch: jnp.sum(batch["attention_mask"], dtype=F32),
+                                    max_update_ratio=config.max_update_ratio)
         self.metadata = run_metadata(self.config, self.mesh, model_config=getattr(model, "config", None),
                                      extra=extra_metadata)
         self.checkpointer = None if config.checkpoint.directory is None else Checkpointer(config.checkpoint,
@@ -287,7 +288,8 @@ class OnlineTrainer:
         """Train to ``config.total_steps`` iterations, resuming from the latest checkpoint if there is one.
 
         Raises:
-            NonFiniteError: a non-finite loss or gradient with ``on_nonfinite="raise"``.
+            NonFiniteError: a non-finite loss or gradient, or a diverging update (``TrainingDiverged``), with
+                ``on_nonfinite="raise"``.
             TrainingInterrupted: SIGTERM/SIGINT arrived; the last completed iteration is saved.
         """
         state, iteration = self._start()
@@ -378,7 +380,8 @@ class OnlineTrainer:
                 state, device_metrics = self.train_step(state, {k: v[rows_of] for k, v in batch.items()})
                 metrics = jax.device_get(device_metrics)
                 updates += 1
-                self._guard(iteration, metrics)
+                check_step(self.config, iteration + 1, metrics, self.progress.state_dict, self.checkpointer,
+                           unit="iteration")
                 for name, value in metrics.items():
                     sums[name] = sums.get(name, 0.0) + float(value)
                 if self.should_stop_epochs(metrics):
@@ -386,17 +389,10 @@ class OnlineTrainer:
                     break
             if stopped:
                 break
-        averaged = {name: value / updates for name, value in sums.items() if name not in ("finite", "tokens")}
+        averaged = {name: value / updates for name, value in sums.items()
+                    if name not in ("finite", "diverging", "tokens")}
         averaged.update({"updates": updates, "early_stopped": float(stopped)})
         return state, averaged
-
-    def _guard(self, iteration: int, metrics: Mapping[str, Any]) -> None:
-        if metrics["finite"]:
-            return
-        if self.config.on_nonfinite == "raise":
-            raise NonFiniteError(iteration + 1, metrics, self.progress.state_dict())
-        warnings.warn(f"iteration {iteration + 1}: non-finite loss ({metrics['loss']}) or gradient norm "
-                      f"({metrics['grad_norm']}); that update was skipped", stacklevel=3)
 
     def _start(self) -> tuple[TrainState, int]:
         checkpointer = self.checkpointer

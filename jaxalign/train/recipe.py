@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import importlib.util
+import math
 import re
 import types
 import typing
@@ -183,6 +184,7 @@ class RunConfig:
             raise ValueError(f"RunConfig.eval_samples_per_prompt must be >= 1, got {self.eval_samples_per_prompt}")
         if self.normalize_samples < 0:
             raise ValueError(f"RunConfig.normalize_samples must be >= 0, got {self.normalize_samples}")
+        _check_finite(dataclasses.asdict(self), "")
         if self.train.log.wandb_project is not None and importlib.util.find_spec("wandb") is None:
             # Refused before the model and data load, not when the logger starts after them.
             raise ValueError(f"train.log.wandb_project={self.train.log.wandb_project!r} needs Weights & Biases, "
@@ -307,6 +309,19 @@ def _data(values: Mapping[str, Any], where: str) -> DataConfig:
         return DataConfig(**values)
     except (TypeError, ValueError) as error:
         raise ValueError(f"{where}: {error}") from None
+
+
+def _check_finite(value: Any, key: str) -> None:
+    """Every number of a run config is finite: ``loss.beta=.nan`` or ``...learning_rate=.inf`` fail here,
+    naming the key, not as NaN losses (or a traceback) after the model has loaded."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{key}={value}: settings must be finite numbers")
+    if isinstance(value, Mapping):
+        for name, item in value.items():
+            _check_finite(item, f"{key}.{name}" if key else str(name))
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _check_finite(item, f"{key}[{index}]")
 
 
 def _model(values: Mapping[str, Any], where: str) -> ModelSpec:

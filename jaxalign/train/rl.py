@@ -62,8 +62,10 @@ def _embeddings(lm) -> np.ndarray:
     return np.asarray(table.embedding[...], np.float32)
 
 
-def run_online(config: RunConfig) -> methods.RunResult:
-    """Train, evaluate and export one PPO or GRPO run (see the module docstring). Resumes when checkpoints exist."""
+def run_online(config: RunConfig, *, overwrite: bool = False) -> methods.RunResult:
+    """Train, evaluate and export one PPO or GRPO run (see the module docstring and :func:`methods.run` for
+    resuming and ``overwrite``)."""
+    methods.check_output_dir(config, overwrite=overwrite)
     out = Path(config.output_dir)
     lm, tokenizer = methods.load_pretrained(config.model)
     dataset = jdata.build_dataset(config.data, tokenizer)
@@ -74,7 +76,7 @@ def run_online(config: RunConfig) -> methods.RunResult:
     eval_prompts = None if config.eval_data is None else held_out_prompts(config)
     if config.curriculum is not None:
         dataset = methods.curriculum_order(dataset, config.curriculum)
-    out.mkdir(parents=True, exist_ok=True)  # a run refused for its data leaves no output directory
+    methods.prepare_output_dir(config, overwrite=overwrite)  # a run refused for its data leaves none
     methods._write_json(out / methods.RUN_FILE, {"config": config.to_dict(),
                                                  "data_reports": [str(r) for r in dataset.reports],
                                                  "examples": len(dataset)})

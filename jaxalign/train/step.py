@@ -22,7 +22,9 @@ train state donated:
    schedule live in the optimizer);
 4. if the loss or the gradient norm is not finite, keep the old parameters, optimizer and model state
    (the step counter, the schedule's count and the RNG still advance: the batch was consumed) and report
-   ``finite = False``.
+   ``finite = False``; likewise, with ``max_update_ratio``, an update larger than that multiple of the
+   parameters (``diverging = True``: the divergence guard, which catches a run whose loss stays finite, even
+   flat, while its weights blow up).
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ F32 = jnp.float32
 # ((loss_sum [], loss_count []), {name: [] metric})
 Objective = Callable[..., tuple[tuple[jax.Array, jax.Array], Mapping[str, jax.Array]]]
 
-STEP_METRICS = ("loss", "loss_count", "grad_norm", "finite", "tokens")
+STEP_METRICS = ("loss", "loss_count", "grad_norm", "update_ratio", "finite", "diverging", "tokens")
 
 
 def default_token_count(batch: Any) -> jax.Array | None:
@@ -162,6 +164,8 @@ class TrainStep:
             sharded on the same mesh by their own partition table; never differentiated or updated.
         rules: the partition table for every model (``jaxalign.models.DEFAULT_RULES`` plus any new module).
         count_tokens: ``batch -> [] tokens or None`` for the ``tokens`` metric (throughput).
+        max_update_ratio: refuse (do not apply) an update with ``‖Δθ‖ > max_update_ratio·‖θ‖`` over the
+            trained parameters and report ``diverging``; None never refuses one (see ``TrainConfig``).
 
     Attributes:
         mesh: the mesh everything lives on.
@@ -174,10 +178,14 @@ class TrainStep:
     def __init__(self, objective: Objective, model: nnx.Module, optimizer: optax.GradientTransformation, *,
                  mesh: Mesh | None = None, trainable: Any = nnx.Param, micro_batches: int = 1,
                  references: Mapping[str, nnx.Module] | None = None, rules: Mapping = DEFAULT_RULES,
-                 count_tokens: Callable[[Any], jax.Array | None] = default_token_count):
+                 count_tokens: Callable[[Any], jax.Array | None] = default_token_count,
+                 max_update_ratio: float | None = None):
         if not isinstance(micro_batches, int) or micro_batches < 1:
             raise ValueError(f"micro_batches must be a positive int, got {micro_batches!r}")
+        if max_update_ratio is not None and not max_update_ratio > 0:
+            raise ValueError(f"max_update_ratio must be > 0 or None, got {max_update_ratio!r}")
         self.objective, self.optimizer = objective, optimizer
+        self.max_update_ratio = max_update_ratio
         self.micro_batches, self.count_tokens = micro_batches, count_tokens
         self.mesh = single_device_mesh() if mesh is None else mesh
         if any(axis_type != AxisType.Auto for axis_type in self.mesh.axis_types):
@@ -278,7 +286,8 @@ class TrainStep:
         Returns:
             ``(new_state, metrics)``: scalar device arrays: the objective's metrics (means weighted by each
             micro-batch's ``loss_count``), ``loss``, ``loss_count``, ``grad_norm`` (before clipping),
-            ``finite`` and, when countable, ``tokens``. Nothing is synchronised with the host.
+            ``update_ratio`` (``‖Δθ‖/‖θ‖``), ``finite``, ``diverging`` and, when countable, ``tokens``.
+            Nothing is synchronised with the host.
         """
         self._check_batch_size(batch)
         return self._step(state, shard_batch(batch, self.mesh), self.frozen, self.references)
@@ -351,15 +360,22 @@ class TrainStep:
 
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        # Relative to the parameters' norm (0 when there are none to compare with, e.g. all-zero weights).
+        param_norm = optax.tree.norm(state.params)
+        update_ratio = jnp.where(param_norm > 0, optax.tree.norm(updates) / jnp.maximum(param_norm, 1e-30), 0.0)
+        diverging = jnp.zeros((), bool) if self.max_update_ratio is None else (
+            finite & ~(update_ratio <= self.max_update_ratio))
+        applied = finite & ~diverging
         new_state = TrainState(
             step=state.step + 1,
-            params=_keep_if(finite, params, state.params),
-            opt_state=_keep_optimizer_state_if(finite, opt_state, state.opt_state),
-            model_state=_keep_if(finite, model_state, state.model_state),
+            params=_keep_if(applied, params, state.params),
+            opt_state=_keep_optimizer_state_if(applied, opt_state, state.opt_state),
+            model_state=_keep_if(applied, model_state, state.model_state),
             rng=rng,
         )
         metrics = {name: jnp.sum(values * counts) / denominator for name, values in micro_metrics.items()}
-        metrics |= {"loss": loss, "loss_count": count, "grad_norm": grad_norm, "finite": finite}
+        metrics |= {"loss": loss, "loss_count": count, "grad_norm": grad_norm, "update_ratio": update_ratio,
+                    "finite": finite, "diverging": diverging}
         tokens = self.count_tokens(batch)
         if tokens is not None:
             metrics["tokens"] = tokens

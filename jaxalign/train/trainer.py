@@ -43,15 +43,59 @@ from jaxalign.train.step import Objective, TrainStep, default_token_count
 class NonFiniteError(FloatingPointError):
     """A step produced a non-finite loss or gradient (its update was not applied)."""
 
-    def __init__(self, step: int, metrics: Mapping[str, Any], data_position: Any):
+    def __init__(self, step: int, metrics: Mapping[str, Any], data_position: Any, resume_hint: str = ""):
         self.step, self.metrics, self.data_position = step, dict(metrics), data_position
         culprit = "loss" if not np.isfinite(metrics["loss"]) else "gradient"
         super().__init__(
             f"non-finite {culprit} at step {step} (loss={metrics['loss']}, grad_norm={metrics['grad_norm']}), "
             f"computed on batch {step} of the run (1-based); the data iterator's position after that batch is "
             f"{data_position!r}. The update was not applied. Set TrainConfig.on_nonfinite='skip' to drop such "
-            "updates and go on."
+            f"updates and go on.{resume_hint}"
         )
+
+
+class TrainingDiverged(NonFiniteError):
+    """A step's update was far larger than the parameters (``TrainConfig.max_update_ratio``): the run is
+    diverging even if its loss looks finite or flat. The update was not applied."""
+
+    def __init__(self, step: int, metrics: Mapping[str, Any], data_position: Any, max_update_ratio: float,
+                 resume_hint: str = ""):
+        self.step, self.metrics, self.data_position = step, dict(metrics), data_position
+        FloatingPointError.__init__(
+            self,
+            f"training diverged at step {step}: the update was {float(metrics['update_ratio']):.3g} times the "
+            f"parameters' norm (train.max_update_ratio={max_update_ratio:g}; loss={float(metrics['loss']):.4g}, "
+            f"grad_norm={float(metrics['grad_norm']):.4g}), so it was not applied. Lower "
+            f"train.optimizer.learning_rate (or raise train.max_update_ratio if such steps are intended).{resume_hint}"
+        )
+
+
+def resume_hint(checkpointer: Checkpointer | None) -> str:
+    """Where the last good checkpoint is and how to continue from it (a sentence for an error message)."""
+    if checkpointer is None:
+        return " Checkpointing is off: nothing to resume from."
+    checkpointer.wait()
+    step = checkpointer.latest_step()
+    if step is None:
+        return " No checkpoint was written before it: rerun from the start."
+    return (f" The last good checkpoint, step {step}, is in {checkpointer.directory}: after the fix, rerun with "
+            "--resume (CheckpointConfig.resume=True) to continue from it.")
+
+
+def check_step(config: TrainConfig, step: int, metrics: Mapping[str, Any], data_position: Callable[[], Any],
+               checkpointer: Checkpointer | None, unit: str = "step") -> None:
+    """Stop (``on_nonfinite="raise"``) or warn and go on (``"skip"``) after a step whose update was refused:
+    a non-finite loss or gradient, or a diverging update. Nothing was applied either way."""
+    if metrics["finite"] and not metrics.get("diverging", False):
+        return
+    if config.on_nonfinite == "raise":
+        hint = resume_hint(checkpointer)
+        if not metrics["finite"]:
+            raise NonFiniteError(step, metrics, data_position(), hint)
+        raise TrainingDiverged(step, metrics, data_position(), config.max_update_ratio, hint)
+    reason = (f"non-finite loss ({metrics['loss']}) or gradient norm ({metrics['grad_norm']})" if not metrics["finite"]
+              else f"diverging update ({float(metrics['update_ratio']):.3g} times the parameters' norm)")
+    warnings.warn(f"{unit} {step}: {reason}; the update was skipped", stacklevel=3)
 
 
 def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -97,7 +141,7 @@ class Trainer:
         self.train_step = TrainStep(
             objective, model, optimizer or make_optimizer(config.optimizer, config.total_steps), mesh=self.mesh,
             trainable=trainable, micro_batches=config.micro_batches, references=references, rules=rules,
-            count_tokens=count_tokens,
+            count_tokens=count_tokens, max_update_ratio=config.max_update_ratio,
         )
         self.metadata = run_metadata(self.config, self.mesh, model_config=getattr(model, "config", None),
                                      extra=extra_metadata)
@@ -143,7 +187,7 @@ class Trainer:
                     metrics = jax.device_get(device_metrics)
                     step += 1
                     throughput.step_done(metrics.get("tokens"))
-                    self._guard(step, metrics)
+                    check_step(config, step, metrics, self._data_position, self.checkpointer)
                     if step % config.log.every_steps == 0 or step == config.total_steps:
                         logger.log(step, self._with_rates(step, metrics, throughput))
                     logger.advance()
@@ -184,16 +228,11 @@ class Trainer:
 
     def _with_rates(self, step: int, metrics: Mapping[str, Any], throughput: Throughput) -> dict[str, Any]:
         """The step's metrics plus throughput and the learning rate of its update (optax counts from 0)."""
-        logged = {**metrics, **throughput.report()}
+        logged = {name: value for name, value in metrics.items() if name != "diverging"}  # finite says it
+        logged |= throughput.report()
         if self.schedule is not None:
             logged["learning_rate"] = float(self.schedule(step - 1))
         return logged
 
-    def _guard(self, step: int, metrics: Mapping[str, Any]) -> None:
-        if metrics["finite"]:
-            return
-        if self.config.on_nonfinite == "raise":
-            position = self.data.state_dict() if hasattr(self.data, "state_dict") else None
-            raise NonFiniteError(step, metrics, position)
-        warnings.warn(f"step {step}: non-finite loss ({metrics['loss']}) or gradient norm "
-                      f"({metrics['grad_norm']}); the update was skipped", stacklevel=3)
+    def _data_position(self) -> Any:
+        return self.data.state_dict() if hasattr(self.data, "state_dict") else None
