@@ -29,6 +29,13 @@ def _type_name(value: Any) -> str:
     return _TYPE_NAMES.get(type(value), type(value).__name__)
 
 
+def shown(value: Any) -> str:
+    """``value`` as an error message quotes it: ``repr``, but a huge integer by its number of digits."""
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"an integer of {len(str(abs(value)))} digits"
+    return repr(value)
+
+
 class Fields:
     """The fields of one raw record (a JSON object), or of an object nested in it (``prefix``)."""
 
@@ -83,7 +90,11 @@ class Fields:
         return value
 
     def number(self, key: str) -> float:
-        value = float(self._typed(key, (int, float), "a number"))
+        value = self._typed(key, (int, float), "a number")
+        try:
+            value = float(value)
+        except OverflowError:  # an integer beyond 1.8e308
+            raise self.error(key, f"expected a finite number, got {shown(value)}") from None
         if not math.isfinite(value):  # Python's json reads NaN and Infinity
             raise self.error(key, f"expected a finite number, got {value}")
         return value
@@ -91,7 +102,7 @@ class Fields:
     def integer(self, key: str, choices: range | None = None) -> int:
         value = self._typed(key, int, "an integer")
         if choices is not None and value not in choices:
-            raise self.error(key, f"must be in [{choices.start}, {choices.stop - 1}], got {value}")
+            raise self.error(key, f"must be in [{choices.start}, {choices.stop - 1}], got {shown(value)}")
         return value
 
     def flag(self, key: str) -> bool:

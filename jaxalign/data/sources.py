@@ -18,6 +18,12 @@ that line alone (``on_error="skip"`` can then leave it out); blank lines are ign
 is not gzip data, is corrupt or ends early (a truncated download) is a file-level :class:`DataError`
 naming the line reading stopped at, raised even with ``on_error="skip"``: the records after it are lost,
 so the file cannot pass for complete.
+
+JSON text is parsed by :func:`jaxalign.data.strict_json.loads`: nesting deeper than Python's parser recurses,
+an integer longer than ``sys.get_int_max_str_digits()`` and a key given twice in one object are ``malformed``
+errors naming the column and field (on a JSON Lines line: that line's error; in a JSON document: a file-level
+error citing the record, field, line and column), never a ``RecursionError``, a bare ``ValueError`` or a
+silently kept last value.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxalign.data.errors import DataError, Location, Reason
+from jaxalign.data.strict_json import StrictJSONError, loads
 
 # Files at least this large show a reading progress bar (bytes, rate, ETA).
 PROGRESS_MIN_BYTES = 64 << 20
@@ -55,12 +62,16 @@ class RawRecord:
         value = self.payload
         if isinstance(value, bytes):
             try:
-                value = json.loads(value.decode("utf-8-sig"))  # a BOM (first line, or concatenated files)
+                value = loads(value.decode("utf-8-sig"))  # a BOM (first line, or concatenated files)
             except UnicodeDecodeError as error:
                 raise DataError(f"not UTF-8 text ({error.reason} at byte {error.start})", where=self.where,
                                 reason=Reason.MALFORMED) from None
             except json.JSONDecodeError as error:
                 raise DataError(f"not valid JSON ({error.msg} at column {error.colno})", where=self.where,
+                                reason=Reason.MALFORMED) from None
+            except StrictJSONError as error:
+                column = None if error.offset is None else f"column {error.offset + 1}"
+                raise DataError(error.problem(column), where=self.where, field=error.field(),
                                 reason=Reason.MALFORMED) from None
         if not isinstance(value, dict):
             raise DataError(f"expected a JSON object, got {_json_type(value)}", where=self.where,
@@ -108,11 +119,13 @@ def _leading_lines(path: Path, count: int) -> list[bytes]:
     return lines
 
 
-def _json_value(line: bytes) -> Any:
-    """``line`` parsed as JSON, or None when it is not a complete JSON value."""
+def _json_value(line: bytes, *, strict: bool = True) -> Any:
+    """``line`` parsed as JSON, or None when it is not a complete JSON value, or (``strict``) one that
+    :func:`~jaxalign.data.strict_json.loads` refuses (nested too deeply, a huge integer, a duplicate key)."""
     try:
-        return json.loads(line.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        text = line.decode("utf-8")
+        return loads(text) if strict else json.loads(text)
+    except (UnicodeDecodeError, ValueError, RecursionError):  # ValueError: JSONDecodeError, StrictJSONError, ...
         return None
 
 
@@ -120,7 +133,8 @@ def _document(path: Path) -> Any:
     """The whole file as one JSON value; a file-level DataError (with line and column) when it is not one."""
     try:
         with _open_binary(path) as handle:
-            return json.load(io.TextIOWrapper(handle, encoding="utf-8-sig"))
+            text = io.TextIOWrapper(handle, encoding="utf-8-sig").read()
+        return loads(text)
     except GZIP_ERRORS as error:
         raise _gzip_error(path, error) from None
     except UnicodeDecodeError as error:
@@ -128,6 +142,22 @@ def _document(path: Path) -> Any:
     except json.JSONDecodeError as error:
         raise DataError(f"not valid JSON ({error.msg} at line {error.lineno}, column {error.colno})",
                         where=str(path), reason=Reason.MALFORMED) from None
+    except StrictJSONError as error:
+        raise _document_error(path, text, error) from None
+
+
+def _document_error(path: Path, text: str, error: StrictJSONError) -> DataError:
+    """A file-level error for a document that does not read, citing the record (of an array, or of an object
+    wrapping one) and its field when the path leads into one, and the line and column."""
+    position = None
+    if error.offset is not None:
+        line, column = text.count("\n", 0, error.offset) + 1, error.offset - text.rfind("\n", 0, error.offset)
+        position = f"line {line}, column {column}"
+    route = error.path
+    start = 1 if route and isinstance(route[0], int) else 2 if len(route) > 1 and isinstance(route[1], int) else 0
+    where = Location(str(path), route[start - 1] + 1) if start else str(path)
+    return DataError(error.problem(position), where=where, field=error.field(start) if start else None,
+                     reason=Reason.MALFORMED)
 
 
 def _is_wrapper(value: Any) -> bool:
@@ -152,7 +182,7 @@ def _json_file(path: Path, progress: bool | None) -> Iterator[RawRecord]:
         return _records(path, _document(path))
     if lines and lines[0].startswith(b"{"):
         first = _json_value(lines[0])
-        if first is None and not (len(lines) > 1 and isinstance(_json_value(lines[1]), dict)):
+        if first is None and not (len(lines) > 1 and isinstance(_json_value(lines[1], strict=False), dict)):
             # Not JSON Lines with a bad first line (its second line would be a record): one multi-line document.
             document = _document(path)
             if not _is_wrapper(document):
@@ -229,9 +259,9 @@ def iter_raw_records(source, *, split: str = "train", progress: bool | None = No
 
     Raises:
         FileNotFoundError: ``source`` is neither a file nor a loadable dataset.
-        DataError: a JSON document (array or object) that does not parse as a whole, an object that does
-            not wrap a list of records, or a ``.gz`` file that is not gzip data, corrupt or truncated
-            (raised while reading, at the line reached).
+        DataError: a JSON document (array or object) that does not parse as a whole (strictly: see the
+            module docstring), an object that does not wrap a list of records, or a ``.gz`` file that is not
+            gzip data, corrupt or truncated (raised while reading, at the line reached).
     """
     if isinstance(source, (str, Path)):
         path = Path(source)

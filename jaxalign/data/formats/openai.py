@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 
 from jaxalign.data.errors import Reason
-from jaxalign.data.fields import Fields
+from jaxalign.data.fields import Fields, shown
 from jaxalign.data.formats.base import Format, ReadOptions, build
 from jaxalign.data.records import BestOfNRecord
 
@@ -30,7 +30,7 @@ def _text(fields: Fields, key: str, options: ReadOptions, *, nonempty: bool) -> 
     bad = next((token for token in ids if not isinstance(token, int) or isinstance(token, bool)
                 or not 0 <= token < vocabulary), None)
     if bad is not None:
-        raise fields.error(key, f"{bad!r} is not a token id of the source tokenizer (vocabulary {vocabulary})")
+        raise fields.error(key, f"{shown(bad)} is not a token id of the source tokenizer (vocabulary {vocabulary})")
     text = options.source_tokenizer.decode(ids)
     if nonempty and not text.strip():
         raise fields.error(key, "is empty", Reason.EMPTY_RESPONSE)

@@ -17,7 +17,7 @@ import contextlib
 import math
 
 from jaxalign.data.errors import Reason
-from jaxalign.data.fields import Fields
+from jaxalign.data.fields import Fields, shown
 from jaxalign.data.formats.base import Format, ReadOptions, build
 from jaxalign.data.formats.trl import preference_parts
 from jaxalign.data.records import PreferenceGroup, PreferenceRecord
@@ -42,10 +42,10 @@ def _rating(annotations: Fields, aspect: str) -> float | None:
         return None
     rating = None
     if isinstance(value, (int, float, str)) and not isinstance(value, bool):
-        with contextlib.suppress(ValueError):
+        with contextlib.suppress(ValueError, OverflowError):  # OverflowError: an integer beyond 1.8e308
             rating = float(value)
     if rating is None or not math.isfinite(rating):
-        raise annotation.error("Rating", f"expected a number or {UNRATED!r}, got {value!r}", Reason.WRONG_TYPE)
+        raise annotation.error("Rating", f"expected a number or {UNRATED!r}, got {shown(value)}", Reason.WRONG_TYPE)
     return rating
 
 
