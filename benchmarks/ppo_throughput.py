@@ -8,7 +8,7 @@ Same work on both sides, in one run on the same machine (first jaxalign, then TR
   tokens at temperature 1 without filters, stopping at EOS; a reward model (the same trunk with a random
   scalar head) scores each response; the reference model gives per-token KL penalties; GAE; one PPO epoch of
   one minibatch (16 rows) updating the policy and a critic on its own backbone (TRL's value model), AdamW;
-- jaxalign: :class:`jaxalign.train.ppo.PPOTrainer` (``epochs=1``, ``num_minibatches=1``) twice: with
+- jaxalign: :class:`jaxalign.methods.ppo.PPOTrainer` (``epochs=1``, ``num_minibatches=1``) twice: with
   ``critic="separate"`` (like for like: the critic has its own backbone, as TRL's value model) and with
   ``critic="shared"`` (a value head on the policy's trunk, jaxalign's choice for the CPU presets: one trunk
   forward and backward fewer per step); its own per-phase timers (``time/generate``, ``time/score``,
@@ -56,10 +56,10 @@ from experiments.sentiment import make_prompts  # noqa: E402
 from jaxalign import data as jdata  # noqa: E402
 from jaxalign import models  # noqa: E402
 from jaxalign.eval.judges import RewardModelJudge  # noqa: E402
+from jaxalign.methods.ppo import PPOConfig, PPOTrainer  # noqa: E402
+from jaxalign.methods.rewards import JudgeReward  # noqa: E402
 from jaxalign.rollout import SamplingParams  # noqa: E402
 from jaxalign.train import CheckpointConfig, LogConfig, OptimizerConfig, TrainConfig  # noqa: E402
-from jaxalign.train.ppo import PPOConfig, PPOTrainer  # noqa: E402
-from jaxalign.train.rewards import JudgeReward  # noqa: E402
 
 PHASES = ("generate_s", "score_s", "train_s")
 SIDES = ("jaxalign", "jaxalign_shared", "trl")  # jaxalign: separate critic (like for like); _shared: shared trunk

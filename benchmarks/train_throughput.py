@@ -2,7 +2,7 @@
 
 What runs, per method (DPO, then SFT), in ONE process on ONE machine:
 
-- **jaxalign**: ``jaxalign.train.TrainStep`` with ``jaxalign.train.objectives.dpo_objective(loss_type="sigmoid",
+- **jaxalign**: ``jaxalign.train.TrainStep`` with ``jaxalign.methods.dpo.dpo_objective(loss_type="sigmoid",
   beta=0.1, reference="model")`` (the frozen reference passed as ``references={"ref": model}``) or
   ``sft_objective()``; AdamW (lr 1e-6, betas 0.9/0.999, eps 1e-8, no weight decay, constant rate) after
   clipping the gradient norm at 1.0 (``jaxalign.train.make_optimizer``); one device.
@@ -96,10 +96,11 @@ from flax import nnx  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from jaxalign import models  # noqa: E402
+from jaxalign.methods.dpo import dpo_objective  # noqa: E402
+from jaxalign.methods.sft import sft_objective  # noqa: E402
 from jaxalign.models import ModelConfig, RopeScaling  # noqa: E402
 from jaxalign.rollout.scoring import DEFAULT_CHUNK, target_logps  # noqa: E402
 from jaxalign.train import OptimizerConfig, TrainStep, make_optimizer  # noqa: E402
-from jaxalign.train.objectives import dpo_objective, sft_objective  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("dpo", "sft")

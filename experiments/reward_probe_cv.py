@@ -3,9 +3,9 @@
     python -m experiments.reward_probe_cv [--pairs runs/sentiment/pairs_train.jsonl] [--folds 5]
 
 Takes the main job's training pairs (``python -m experiments.sentiment`` writes them), computes the base
-model's pooled trunk features once per pooling (:func:`jaxalign.train.probe.pooled_features`, the
+model's pooled trunk features once per pooling (:func:`jaxalign.methods.probe.pooled_features`, the
 ``sentiment`` preset's data settings), then for each ``probe_l2`` fits the probe
-(:func:`jaxalign.train.probe.fit_reward_probe`, the preset's Bradley–Terry loss) on all folds but one and
+(:func:`jaxalign.methods.probe.fit_reward_probe`, the preset's Bradley–Terry loss) on all folds but one and
 counts the pairs of the held-out fold it orders as the gold judge did. Prints a table and writes
 ``<output>.json`` and ``<output>.png`` (accuracy against ``probe_l2``, one line per pooling).
 """
@@ -21,7 +21,7 @@ from flax import nnx
 
 from jaxalign import data as jdata
 from jaxalign import models
-from jaxalign.train import methods, objectives, probe, recipe
+from jaxalign.methods import common, probe, recipe, reward
 
 PENALTIES = (0.01, 0.03, 0.1, 0.3, 1.0)
 
@@ -50,13 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     lm, tokenizer = models.load_gguf(models.default_model_path())
     dataset = jdata.build_dataset(config.data, tokenizer)
     options = {k: v for k, v in config.loss.items() if k != "pooling"}
-    objective = objectives.reward_objective(**options)
+    objective = reward.reward_objective(**options)
     order = np.random.default_rng(0).permutation(len(dataset))
     folds = np.array_split(order, args.folds)
     results = {}
     for pooling in ("last", "mean"):
         model = models.RewardModel(lm, pooling=pooling, rngs=nnx.Rngs(0))
-        features = probe.pooled_features(model, methods.one_pass(config.data, dataset), total=len(dataset))
+        features = probe.pooled_features(model, common.one_pass(config.data, dataset), total=len(dataset))
         results[pooling] = {str(l2): fold_accuracy(model, objective, features, folds, l2) for l2 in PENALTIES}
     print(f"\n{args.folds}-fold accuracy of the probe on {len(dataset)} pairs ({args.pairs})")
     print(f"{'probe_l2':>10}" + "".join(f"{p:>10}" for p in results))

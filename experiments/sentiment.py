@@ -46,8 +46,8 @@ from tqdm.auto import tqdm
 
 from jaxalign import eval as jeval
 from jaxalign import models
+from jaxalign.methods import common, pipeline, recipe
 from jaxalign.rollout import Sampler, SamplingParams
-from jaxalign.train import methods, recipe
 
 TEMPLATES = (
     "Write a one-sentence review of {}.",
@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         f"output_dir={out / stage}", f"data.source={out / 'pairs_train.jsonl'}", *overrides[stage]], method=stage)
         for stage in ("reward", "dpo")}
     for config in stage_configs.values():  # refused before minutes of sampling, not after
-        methods.check_output_dir(config, overwrite=args.overwrite)
+        common.check_output_dir(config, overwrite=args.overwrite)
     out.mkdir(parents=True, exist_ok=True)
     timings, started = {}, time.perf_counter()
     judge = jeval.VaderJudge()
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print("[3/5] reward model: Bradley-Terry on the gold-labelled pairs (a linear probe of the frozen trunk)")
     stage = time.perf_counter()
-    reward_run = methods.run(stage_configs["reward"], overwrite=args.overwrite)
+    reward_run = pipeline.run(stage_configs["reward"], overwrite=args.overwrite)
     normalization = reward_run.extra.get("normalization", {"gain": 1.0, "bias": 0.0})
     reward_judge = jeval.RewardModelJudge(reward_run.model, gain=normalization["gain"], bias=normalization["bias"],
                                           tokenizer=tokenizer)
@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print("[4/5] DPO policy on the gold-labelled pairs")
     stage = time.perf_counter()
-    dpo_run = methods.run(stage_configs["dpo"], overwrite=args.overwrite)
+    dpo_run = pipeline.run(stage_configs["dpo"], overwrite=args.overwrite)
     timings["dpo_s"] = time.perf_counter() - stage
 
     print("[5/5] evaluation on the held-out prompts")

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from experiments.sentiment import make_prompts, write_jsonl
-from jaxalign.train import methods, recipe
+from jaxalign.methods import pipeline, recipe
 from jaxalign.train.plots import read_metrics
 
 DEFAULT_REWARD_MODEL = Path("runs/sentiment/reward/export")
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"reward.model={args.reward_model}")
     config = recipe.load_run_config(f"sentiment_{args.method}", overrides + list(args.overrides))
     print(f"[2/3] {args.method}: {config.train.total_steps} iterations (preset sentiment_{args.method})")
-    result = methods.run(config, overwrite=args.overwrite)
+    result = pipeline.run(config, overwrite=args.overwrite)
 
     print("[3/3] held-out evaluation against the base model")
     summary = summarise(args.method, out, result.extra["evaluation"], time.perf_counter() - started)

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from jaxalign.eval.command import add_eval_command
-from jaxalign.train.command import add_train_command
+from jaxalign.methods.command import add_train_command
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2

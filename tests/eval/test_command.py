@@ -35,6 +35,7 @@ def checkpoints(tmp_path_factory):
 
 def eval_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxalign")
+    parser.add_argument("--debug", action="store_true")  # the global option cli.main reads
     add_eval_command(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
     return parser
 

@@ -14,13 +14,13 @@ import pytest
 from flax import nnx
 
 from jaxalign import data as jdata
+from jaxalign.methods.grpo import GRPOConfig, GRPOTrainer
+from jaxalign.methods.online import sequence_inputs
+from jaxalign.methods.ppo import PPOConfig, PPOTrainer, compute_advantages
+from jaxalign.methods.rewards import FunctionReward, RewardOutput
 from jaxalign.models import LlamaForCausalLM
 from jaxalign.rollout import Sampler, SamplingParams
 from jaxalign.train import CheckpointConfig, LogConfig, OptimizerConfig, TrainConfig
-from jaxalign.train.grpo import GRPOConfig, GRPOTrainer
-from jaxalign.train.online import sequence_inputs
-from jaxalign.train.ppo import PPOConfig, PPOTrainer, compute_advantages
-from jaxalign.train.rewards import FunctionReward, RewardOutput
 from tests.models.conftest import TINY
 from tests.test_cli import VOCAB, tiny_tokenizer
 

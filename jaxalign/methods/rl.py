@@ -1,8 +1,8 @@
-"""The online runs: PPO and GRPO from a :class:`~jaxalign.train.recipe.RunConfig` (``jaxalign train ppo|grpo``).
+"""The online runs: PPO and GRPO from a :class:`~jaxalign.methods.recipe.RunConfig` (``jaxalign train ppo|grpo``).
 
 A run: write ``run.json`` -> load the policy (HF directory, GGUF or the embedded default; LoRA adapters when
 ``model.lora``) and the frozen reference -> tokenise the prompts (optionally ordered as a curriculum) ->
-build the reward (:func:`jaxalign.train.rewards.build_reward`) and the gold judge -> :class:`PPOTrainer` or
+build the reward (:func:`jaxalign.methods.rewards.build_reward`) and the gold judge -> :class:`PPOTrainer` or
 :class:`GRPOTrainer` (resumes from ``output_dir/checkpoints``) -> held-out evaluation (gold win rate against
 the reference with a confidence interval, KL, rewards) -> Hugging Face export of the policy -> plots of the
 curves (``metrics.png``) and of gold and proxy reward against KL (``reward_vs_kl.png``, the
@@ -21,13 +21,13 @@ import numpy as np
 
 from jaxalign import data as jdata
 from jaxalign import models
+from jaxalign.methods import common
+from jaxalign.methods.grpo import GRPOConfig, GRPOTrainer
+from jaxalign.methods.ppo import PPOConfig, PPOTrainer
+from jaxalign.methods.recipe import RunConfig
+from jaxalign.methods.rewards import JudgeReward, build_reward
 from jaxalign.rollout import SamplingParams
-from jaxalign.train import methods
-from jaxalign.train.grpo import GRPOConfig, GRPOTrainer
 from jaxalign.train.plots import plot_metrics, plot_reward_vs_kl
-from jaxalign.train.ppo import PPOConfig, PPOTrainer
-from jaxalign.train.recipe import RunConfig
-from jaxalign.train.rewards import JudgeReward, build_reward
 
 SAMPLING_KEYS = tuple(f.name for f in dataclasses.fields(SamplingParams))
 
@@ -39,7 +39,7 @@ def sampling_params(config: RunConfig, lm, tokenizer) -> SamplingParams:
     if unknown:
         raise ValueError(f"sampling: unknown key(s) {unknown} (known: {', '.join(SAMPLING_KEYS)})")
     if values.get("stop_token_ids") is None:
-        values["stop_token_ids"] = methods._stop_ids(lm, tokenizer)
+        values["stop_token_ids"] = common.stop_ids(lm, tokenizer)
     values["stop_token_ids"] = tuple(values["stop_token_ids"])
     return SamplingParams(**values)
 
@@ -62,12 +62,12 @@ def _embeddings(lm) -> np.ndarray:
     return np.asarray(table.embedding[...], np.float32)
 
 
-def run_online(config: RunConfig, *, overwrite: bool = False) -> methods.RunResult:
-    """Train, evaluate and export one PPO or GRPO run (see the module docstring and :func:`methods.run` for
-    resuming and ``overwrite``)."""
-    methods.check_output_dir(config, overwrite=overwrite)
+def run_online(config: RunConfig, *, overwrite: bool = False) -> common.RunResult:
+    """Train, evaluate and export one PPO or GRPO run (see the module docstring, and
+    :func:`~jaxalign.methods.pipeline.run` for resuming and ``overwrite``)."""
+    common.check_output_dir(config, overwrite=overwrite)
     out = Path(config.output_dir)
-    lm, tokenizer = methods.load_pretrained(config.model)
+    lm, tokenizer = common.load_pretrained(config.model)
     dataset = jdata.build_dataset(config.data, tokenizer)
     if dataset.kind != "prompt":
         raise ValueError(f"method {config.method} trains on prompts ({{\"prompt\": ...}} records); "
@@ -75,34 +75,34 @@ def run_online(config: RunConfig, *, overwrite: bool = False) -> methods.RunResu
     # Read and checked now, not when the evaluation would fail after training.
     eval_prompts = None if config.eval_data is None else held_out_prompts(config)
     if config.curriculum is not None:
-        dataset = methods.curriculum_order(dataset, config.curriculum)
-    methods.prepare_output_dir(config, overwrite=overwrite)  # a run refused for its data leaves none
-    methods._write_json(out / methods.RUN_FILE, {"config": config.to_dict(),
+        dataset = common.curriculum_order(dataset, config.curriculum)
+    common.prepare_output_dir(config, overwrite=overwrite)  # a run refused for its data leaves none
+    common.write_json(out / common.RUN_FILE, {"config": config.to_dict(),
                                                  "data_reports": [str(r) for r in dataset.reports],
                                                  "examples": len(dataset)})
     reference = None
     if config.reference == "model":
-        reference, _ = methods.load_pretrained(dataclasses.replace(config.model, lora=None))
-    policy = methods._with_lora(lm, config)
+        reference, _ = common.load_pretrained(dataclasses.replace(config.model, lora=None))
+    policy = common.with_lora(lm, config)
     reward = build_reward(config.reward, tokenizer=tokenizer, reference_embeddings=_embeddings(lm),
                           ignore_ids=_special_ids(tokenizer))
     gold_judge = _gold_judge(config)
     gold = JudgeReward(gold_judge, name=config.gold) if gold_judge is not None else None
     sampling = sampling_params(config, lm, tokenizer)
     # Endless prompts (a curriculum keeps its order across passes), whole batches only.
-    prompts = methods._batches(config.data, dataset, shuffle=False if config.curriculum else None, drop_last=True,
-                               num_epochs=config.data.num_epochs)
+    prompts = common.training_batches(config.data, dataset, shuffle=False if config.curriculum else None,
+                                      drop_last=True, num_epochs=config.data.num_epochs)
     left_over = len(dataset) % config.data.batch_size
     if config.curriculum and left_over:
         warnings.warn(f"curriculum: the last {left_over} prompts (the hardest) never fill a batch of "
                       f"{config.data.batch_size} and are not trained on; make the prompt count a multiple of "
                       "data.batch_size", stacklevel=2)
-    common = dict(reward=reward, tokenizer=tokenizer, sampling=sampling, reference=reference, gold=gold,
+    trainer_args = dict(reward=reward, tokenizer=tokenizer, sampling=sampling, reference=reference, gold=gold,
                   extra_metadata={"run": config.to_dict()})
     if config.method == "ppo":
-        trainer = PPOTrainer(config.train, PPOConfig.from_dict(config.loss), policy, prompts, **common)
+        trainer = PPOTrainer(config.train, PPOConfig.from_dict(config.loss), policy, prompts, **trainer_args)
     else:
-        trainer = GRPOTrainer(config.train, GRPOConfig.from_dict(config.loss), policy, prompts, **common,
+        trainer = GRPOTrainer(config.train, GRPOConfig.from_dict(config.loss), policy, prompts, **trainer_args,
                               use_reference=config.reference != "none")
     trainer.run()
     trained = trainer.trained_model()
@@ -120,12 +120,12 @@ def run_online(config: RunConfig, *, overwrite: bool = False) -> methods.RunResu
     export_dir = None
     if jax.process_index() == 0:
         if config.export:
-            export_dir = models.save_hf(policy, policy.config, out / methods.EXPORT_DIR, tokenizer)
-        methods._write_json(out / methods.EVAL_FILE, {"eval": eval_metrics, **extra})
+            export_dir = models.save_hf(policy, policy.config, out / common.EXPORT_DIR, tokenizer)
+        common.write_json(out / common.EVAL_FILE, {"eval": eval_metrics, **extra})
         plot_metrics(out / "metrics.jsonl", out / "metrics.png", title=f"{config.method} — {out.name}",
                      keys=ONLINE_PANELS)
         plot_reward_vs_kl(out / "metrics.jsonl", out / "reward_vs_kl.png", title=f"{config.method} — {out.name}")
-    return methods.RunResult(config, policy, tokenizer, eval_metrics, export_dir, extra)
+    return common.RunResult(config, policy, tokenizer, eval_metrics, export_dir, extra)
 
 
 # PPO logs policy/clipfrac and a value loss, GRPO policy/clip_ratio/region_mean; plot_metrics keeps those logged.
@@ -156,7 +156,7 @@ def evaluate_online(config: RunConfig, records: list, policy, tokenizer, samplin
     (``gold``, VADER when unset), the learned reward model's when the training reward is one, KL."""
     from jaxalign.eval import VaderJudge, evaluate_policy
 
-    reference, _ = methods.load_pretrained(dataclasses.replace(config.model, lora=None))
+    reference, _ = common.load_pretrained(dataclasses.replace(config.model, lora=None))
     params = dataclasses.replace(sampling, n=1)
     return evaluate_policy(policy, reference, tokenizer, records, judge=gold_judge or VaderJudge(),
                            reward_judge=learned_judge, params=params,

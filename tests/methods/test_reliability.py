@@ -14,7 +14,8 @@ import pytest
 from flax import nnx
 
 from jaxalign.cli import main
-from jaxalign.train import CheckpointConfig, LogConfig, TrainConfig, Trainer, TrainingDiverged, methods
+from jaxalign.methods import pipeline
+from jaxalign.train import CheckpointConfig, LogConfig, TrainConfig, Trainer, TrainingDiverged
 from tests.train.tiny import BATCH, SGD, TinyBatches, sft_objective, tiny_model
 
 PAIRS = [("Hi", "sky blue .", "Go away ."), ("sky ?", "blue .", "away"), ("Go", "Hi .", "away away ."),
@@ -112,7 +113,7 @@ def test_every_failure_is_one_line_and_debug_shows_the_traceback(checkpoint, pai
     def broken(config, **_):
         raise RuntimeError("an internal failure\nover two lines")
 
-    monkeypatch.setattr(methods, "run", broken)
+    monkeypatch.setattr(pipeline, "run", broken)
     status, err = train(capsys, checkpoint, pairs_file, tmp_path / "broken")
     assert status == 1 and err.strip().splitlines()[-1] == (
         "jaxalign train: error: RuntimeError: an internal failure over two lines (rerun with --debug for the "
@@ -167,7 +168,7 @@ def test_background_thread_tracebacks_do_not_bury_the_error_line(checkpoint, pai
         thread.join()
         raise OSError(28, "No space left on device: /run/checkpoints/2")
 
-    monkeypatch.setattr(methods, "run", full_disk)
+    monkeypatch.setattr(pipeline, "run", full_disk)
     status, err = train(capsys, checkpoint, pairs_file, tmp_path / "full")
     assert status == 2 and err.strip().splitlines() == [
         "jaxalign train: error: [Errno 28] No space left on device: /run/checkpoints/2"]

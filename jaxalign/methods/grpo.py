@@ -41,12 +41,8 @@ import numpy as np
 from flax import nnx
 
 from jaxalign import losses
-from jaxalign.models import has_lora
-from jaxalign.rollout import Rollout, SamplingParams
-from jaxalign.rollout.scoring import DEFAULT_CHUNK
-from jaxalign.train.config import TrainConfig
-from jaxalign.train.objectives import _lora_base
-from jaxalign.train.online import (
+from jaxalign.methods.common import lora_base
+from jaxalign.methods.online import (
     AlgorithmConfig,
     OnlineTrainer,
     default_trainable,
@@ -54,7 +50,11 @@ from jaxalign.train.online import (
     response_logps,
     to_host,
 )
-from jaxalign.train.rewards import RewardOutput, RewardSource
+from jaxalign.methods.rewards import RewardOutput, RewardSource
+from jaxalign.models import has_lora
+from jaxalign.rollout import Rollout, SamplingParams
+from jaxalign.rollout.scoring import DEFAULT_CHUNK
+from jaxalign.train.config import TrainConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +136,7 @@ def _score_pass(lm, reference, tokens, attention_mask, positions, *, prompt_leng
         out["logps"] = response_logps(lm, hidden, tokens, prompt_length, temperature=temperature,
                                       chunk_size=chunk_size)
     if reference_mode != "none":
-        reference = _lora_base(lm) if reference_mode == "lora_base" else reference
+        reference = lora_base(lm) if reference_mode == "lora_base" else reference
         hidden, _ = reference.hidden_states(tokens, positions=positions, attention_mask=attention_mask)
         out["ref_logps"] = response_logps(reference, hidden, tokens, prompt_length, temperature=temperature,
                                           chunk_size=chunk_size)
@@ -144,21 +144,21 @@ def _score_pass(lm, reference, tokens, attention_mask, positions, *, prompt_leng
 
 
 class GRPOTrainer(OnlineTrainer):
-    """GRPO (see the module docstring) on :class:`~jaxalign.train.online.OnlineTrainer`'s loop.
+    """GRPO (see the module docstring) on :class:`~jaxalign.methods.online.OnlineTrainer`'s loop.
 
     Args:
         config: the training core's config (``total_steps`` = generation batches).
         grpo: :class:`GRPOConfig`.
         policy: the causal LM to train.
         prompts: endless, resumable prompt batches.
-        reward: the reward (e.g. :class:`~jaxalign.train.rewards.WeightedRewards` of several functions).
-        tokenizer, sampling: as :class:`~jaxalign.train.online.OnlineTrainer`; ``sampling.n`` = G ≥ 2.
+        reward: the reward (e.g. :class:`~jaxalign.methods.rewards.WeightedRewards` of several functions).
+        tokenizer, sampling: as :class:`~jaxalign.methods.online.OnlineTrainer`; ``sampling.n`` = G ≥ 2.
         reference: the frozen reference LM; None uses the policy with its LoRA adapters off when it has
             some, else no reference (``kl_coef`` must then be 0; no KL is logged).
         use_reference: False scores no reference at all, even for a LoRA policy (``reference: none``).
-        gold, extra_metadata: as :class:`~jaxalign.train.online.OnlineTrainer`.
+        gold, extra_metadata: as :class:`~jaxalign.methods.online.OnlineTrainer`.
         trainable: None: every parameter, or for a LoRA policy its adapters
-            (:func:`jaxalign.train.online.default_trainable`).
+            (:func:`jaxalign.methods.online.default_trainable`).
     """
 
     def __init__(self, config: TrainConfig, grpo: GRPOConfig, policy: nnx.Module, prompts, *, reward: RewardSource,

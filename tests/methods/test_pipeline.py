@@ -16,7 +16,7 @@ from flax import nnx
 
 from jaxalign import data, models
 from jaxalign.eval import RewardModelJudge
-from jaxalign.train import methods, recipe
+from jaxalign.methods import common, pipeline, recipe
 
 PAIRS = [("Hi", "sky blue .", "Go away ."), ("sky ?", "blue .", "away"), ("Go", "Hi .", "away away ."),
          ("Hi ?", "blue sky", "Go away"), ("away ?", "Hi Hi", "Go"), ("blue", "sky .", "away .")]
@@ -44,7 +44,7 @@ def config(checkpoint, source, tmp_path, method, *overrides, **extra):
 def test_sft_on_chosen_side_trains_exports_and_plots(checkpoint, pairs_file, tmp_path):
     run_config = config(checkpoint, pairs_file, tmp_path, "sft", f"eval_data.source={pairs_file}",
                         "eval_data.max_length=32", "eval_data.batch_size=4")
-    result = methods.run(run_config)
+    result = pipeline.run(run_config)
     out = Path(run_config.output_dir)
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 3 and losses[-1] < losses[0]
@@ -63,7 +63,7 @@ def test_dpo_reference_modes_agree_at_start(checkpoint, pairs_file, tmp_path):
                              ("lora_base", ["model.lora={rank: 2, alpha: 4, targets: [q_proj, v_proj]}"])):
         run_config = config(checkpoint, pairs_file, tmp_path / reference, "dpo", f"reference={reference}",
                             "train.total_steps=1", *extra)
-        methods.run(run_config)
+        pipeline.run(run_config)
         record = json.loads((Path(run_config.output_dir) / "metrics.jsonl").read_text().splitlines()[0])
         first[reference] = record["loss"]
     np.testing.assert_allclose(list(first.values()), np.log(2), atol=1e-5)
@@ -72,21 +72,21 @@ def test_dpo_reference_modes_agree_at_start(checkpoint, pairs_file, tmp_path):
 def test_dpo_learns_the_preferences(checkpoint, pairs_file, tmp_path):
     run_config = config(checkpoint, pairs_file, tmp_path, "dpo", "train.total_steps=6", "loss.beta=0.5",
                         f"eval_data.source={pairs_file}", "eval_data.batch_size=6", "eval_data.max_length=32")
-    result = methods.run(run_config)
+    result = pipeline.run(run_config)
     assert result.eval_metrics["rewards/accuracies"] >= 0.8
     assert result.eval_metrics["loss"] < np.log(2)
 
 
 def test_reference_free_simpo(checkpoint, pairs_file, tmp_path):
     run_config = config(checkpoint, pairs_file, tmp_path, "dpo", "loss.loss_type=simpo", "reference=none")
-    methods.run(run_config)
+    pipeline.run(run_config)
     assert (Path(run_config.output_dir) / "export" / "config.json").is_file()
 
 
 def test_reward_model_normalised_and_reloaded(checkpoint, pairs_file, tmp_path):
     run_config = config(checkpoint, pairs_file, tmp_path, "reward", "train.total_steps=4",
                         "loss.use_margin=true", "loss.center_coef=0.01")
-    result = methods.run(run_config)
+    result = pipeline.run(run_config)
     normalization = result.extra["normalization"]
     assert normalization["samples"] == 4 and normalization["gain"] > 0
     reloaded, info = models.load_reward_model(Path(run_config.output_dir) / "export")
@@ -105,9 +105,9 @@ def test_reward_model_normalised_and_reloaded(checkpoint, pairs_file, tmp_path):
 def test_curriculum_orders_by_length_and_margin(checkpoint, pairs_file):
     tokenizer = data.load_tokenizer(checkpoint)
     dataset = data.build_dataset(data.DataConfig(str(pairs_file), max_length=32), tokenizer)
-    by_length = methods.curriculum_order(dataset, "length")
+    by_length = common.curriculum_order(dataset, "length")
     assert list(by_length.lengths) == sorted(dataset.lengths)
-    by_margin = methods.curriculum_order(dataset, "score")
+    by_margin = common.curriculum_order(dataset, "score")
     margins = [e.values["margin"] for e in by_margin.examples]
     assert margins == sorted(margins, reverse=True)
 
@@ -143,7 +143,7 @@ def test_reward_probe_fits_the_head_on_a_frozen_trunk(checkpoint, pairs_file, tm
     run_config = config(checkpoint, pairs_file, tmp_path, "reward", "freeze_backbone=true", "probe_l2=0.001",
                         f"loss.pooling={pooling}", f"eval_data.source={pairs_file}", "eval_data.max_length=32",
                         "eval_data.batch_size=4", "normalize_samples=0")
-    result = methods.run(run_config)
+    result = pipeline.run(run_config)
     base = models.load_hf(checkpoint)
     trained = jax.tree.leaves(nnx.state(result.model.backbone, nnx.Param))
     for before, after in zip(jax.tree.leaves(nnx.state(base.model, nnx.Param)), trained, strict=True):
@@ -161,7 +161,7 @@ def test_reward_probe_fits_the_head_on_a_frozen_trunk(checkpoint, pairs_file, tm
     with pytest.raises(ValueError, match="freeze_backbone applies to reward models only"):
         config(checkpoint, pairs_file, tmp_path, "dpo", "freeze_backbone=true")
     with pytest.warns(UserWarning, match="not converged after 1 L-BFGS iterations"):
-        methods.run(config(checkpoint, pairs_file, tmp_path / "short", "reward", "freeze_backbone=true",
+        pipeline.run(config(checkpoint, pairs_file, tmp_path / "short", "reward", "freeze_backbone=true",
                            "probe_iterations=1", f"loss.pooling={pooling}", "normalize_samples=0", "export=false"))
     with pytest.raises(ValueError, match="probe_l2 must be >= 0"):
         config(checkpoint, pairs_file, tmp_path, "reward", "probe_l2=-1")
@@ -222,7 +222,7 @@ def test_multi_dimensional_reward_model_on_pku_rows(checkpoint, tmp_path):
     # Normalisation on, as the pku_saferlhf preset leaves it: one gain and bias per dimension reach the export.
     run_config = config(checkpoint, source, tmp_path, "reward", "data.text_as_chat=true", "normalize_samples=4",
                         "loss.dimension_weights=[1.0, 0.5]")
-    result = methods.run(run_config)
+    result = pipeline.run(run_config)
     assert result.extra["dimensions"] == ["helpfulness", "safety"] and result.extra["num_objectives"] == 2
     reward_model, info = models.load_reward_model(Path(run_config.output_dir) / "export")
     assert info["num_objectives"] == 2 and info["metadata"]["dimensions"] == ["helpfulness", "safety"]
@@ -245,29 +245,29 @@ def test_dpo_on_one_dimension_of_pku_rows(checkpoint, tmp_path):
     source.write_text("".join(json.dumps(row) + "\n" for row in rows))
     with pytest.raises(ValueError, match=r"holds 'preference_group' records \(grouped pairs: pick one dimension "
                                          r"with data.dimension, one of \['helpfulness', 'safety'\]\)"):
-        methods.run(config(checkpoint, source, tmp_path, "dpo", "data.text_as_chat=true"))
+        pipeline.run(config(checkpoint, source, tmp_path, "dpo", "data.text_as_chat=true"))
     # The preset's DPO section picks the safety pairs, and the held-out data follows.
     preset = recipe.load_run_config("pku_saferlhf", [f"data.source={source}", f"eval_data.source={source}"],
                                     method="dpo")
     assert preset.data.dimension == preset.eval_data.dimension == "safety"
     with pytest.raises(ValueError, match=r"loss.dimension_weights / num_objectives are for a reward head per "
                                          r"dimension of grouped data; .* gives 'preference' records"):
-        methods.run(config(checkpoint, source, tmp_path, "reward", "data.text_as_chat=true", "data.dimension=safety",
+        pipeline.run(config(checkpoint, source, tmp_path, "reward", "data.text_as_chat=true", "data.dimension=safety",
                            "loss.dimension_weights=[1.0, 1.0]"))
     with pytest.raises(ValueError, match=r"eval_data .*pku.jsonl holds 'preference_group' records, but method dpo "
                                          r"trains on 'preference' ones here .*set eval_data.dimension to one of "
                                          r"\['helpfulness', 'safety'\]"):
-        methods.run(config(checkpoint, source, tmp_path, "dpo", "data.text_as_chat=true", "data.dimension=safety",
+        pipeline.run(config(checkpoint, source, tmp_path, "dpo", "data.text_as_chat=true", "data.dimension=safety",
                            f"eval_data.source={source}", "eval_data.text_as_chat=true", "eval_data.dimension=null"))
     run_config = config(checkpoint, source, tmp_path, "dpo", "data.text_as_chat=true", "data.dimension=safety",
                         "train.total_steps=1")
-    methods.run(run_config)
-    run = json.loads((Path(run_config.output_dir) / methods.RUN_FILE).read_text())
+    pipeline.run(run_config)
+    run = json.loads((Path(run_config.output_dir) / common.RUN_FILE).read_text())
     assert run["examples"] == len(PAIRS) - 1  # the row without a safety preference is left out, and noted
     assert "groups_without_safety: 1" in run["data_reports"][0]
     with pytest.raises(ValueError, match=r"data.dimension='honesty': no pair of .*pku.jsonl has that dimension "
                                          r"\(it has \['helpfulness', 'safety'\]\)"):
-        methods.run(config(checkpoint, source, tmp_path, "dpo", "data.text_as_chat=true", "data.dimension=honesty"))
+        pipeline.run(config(checkpoint, source, tmp_path, "dpo", "data.text_as_chat=true", "data.dimension=honesty"))
 
 
 def test_held_out_data_of_another_kind_fails_before_training(checkpoint, pairs_file, tmp_path):
@@ -276,7 +276,7 @@ def test_held_out_data_of_another_kind_fails_before_training(checkpoint, pairs_f
     run_config = config(checkpoint, pairs_file, tmp_path, "dpo", f"eval_data.source={prompts}")
     with pytest.raises(ValueError, match=r"eval_data .*prompts.jsonl holds 'prompt' records, but method dpo trains "
                                          r"on 'preference' ones"):
-        methods.run(run_config)
+        pipeline.run(run_config)
     assert not Path(run_config.output_dir).exists()  # a refused run leaves nothing behind
 
 
@@ -287,7 +287,7 @@ def test_reward_use_margin_without_margins_is_a_clear_error(checkpoint, tmp_path
                                           "rejected": [{"role": "assistant", "content": r}]}) + "\n"
                               for p, c, r in PAIRS))
     with pytest.raises(ValueError, match="use_margin=True but the batches carry no 'margin'"):
-        methods.run(config(checkpoint, source, tmp_path, "reward", "loss.use_margin=true", "normalize_samples=0"))
+        pipeline.run(config(checkpoint, source, tmp_path, "reward", "loss.use_margin=true", "normalize_samples=0"))
 
 
 def test_best_of_n_records_never_train_as_pairs(checkpoint, pairs_file, tmp_path):
@@ -298,13 +298,13 @@ def test_best_of_n_records_never_train_as_pairs(checkpoint, pairs_file, tmp_path
     source = tmp_path / "bon.jsonl"
     source.write_text("".join(json.dumps(row) + "\n" for row in rows))
     with pytest.raises(ValueError, match=r"best-of-N records .* loss.loss=bradley_terry .* set loss.loss=best_of_n"):
-        methods.run(config(checkpoint, source, tmp_path, "reward", "loss.loss=bradley_terry"))
+        pipeline.run(config(checkpoint, source, tmp_path, "reward", "loss.loss=bradley_terry"))
     assert not (tmp_path / "reward").exists()
-    result = methods.run(config(checkpoint, source, tmp_path, "reward", "normalize_samples=0", "export=false"))
+    result = pipeline.run(config(checkpoint, source, tmp_path, "reward", "normalize_samples=0", "export=false"))
     steps = [json.loads(line) for line in (Path(result.config.output_dir) / "metrics.jsonl").read_text().splitlines()]
     assert len(steps) == 3 and all(np.isfinite(step["loss"]) for step in steps)
     with pytest.raises(ValueError, match="loss.loss=best_of_n needs best-of-N records"):
-        methods.run(config(checkpoint, pairs_file, tmp_path / "pairs", "reward", "loss.loss=best_of_n"))
+        pipeline.run(config(checkpoint, pairs_file, tmp_path / "pairs", "reward", "loss.loss=best_of_n"))
 
 
 @pytest.mark.parametrize(("override", "message"), [
@@ -320,7 +320,7 @@ def test_settings_that_cannot_run_fail_before_any_work(override, message, capsys
     from jaxalign.cli import main
 
     monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
-    monkeypatch.setattr(methods, "load_pretrained", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(pipeline, "load_pretrained", lambda *a, **k: pytest.fail("a model was loaded"))
     status = main(["train", "dpo", "--config", "hh_rlhf", f"output_dir={tmp_path / 'run'}", override])
     error = capsys.readouterr().err
     assert status == 2 and re.search(message, error), error
@@ -332,6 +332,6 @@ def test_recipe_docstring_example_trains_dpo_with_trls_sft_term(checkpoint, pair
     assert "loss.loss_type=[sigmoid,sft]" in recipe.__doc__
     run_config = config(checkpoint, pairs_file, tmp_path, "dpo", "loss.loss_type=[sigmoid,sft]",
                         "loss.loss_weights=[1.0, 0.5]", "export=false")
-    methods.run(run_config)
+    pipeline.run(run_config)
     record = json.loads((Path(run_config.output_dir) / "metrics.jsonl").read_text().splitlines()[-1])
     assert "nll_loss" in record and np.isfinite(record["loss"])

@@ -1,7 +1,7 @@
 """A training run as one validated config: model, data, loss options, training core, outputs.
 
 ``jaxalign train sft|reward|dpo|ppo|grpo --config <preset or YAML> [key=value ...]`` and
-:func:`jaxalign.train.methods.run` both take a :class:`RunConfig`. YAML mirrors the dataclasses::
+:func:`jaxalign.methods.pipeline.run` both take a :class:`RunConfig`. YAML mirrors the dataclasses::
 
     method: dpo
     output_dir: runs/hh_dpo
@@ -15,7 +15,7 @@ Overrides are dotted ``key=value`` pairs whose value is parsed as YAML (``train.
 ``loss.loss_type=[sigmoid,sft]``, ``model.lora=null``). Unknown keys raise ``ValueError`` naming them.
 A file may hold per-method sections under ``methods:`` (``methods: {dpo: {loss: {beta: 0.1}}}``), merged over
 the common keys for the method being trained, so one preset serves ``sft``, ``reward`` and ``dpo``.
-A preset name resolves to ``<name>.yaml`` among the presets shipped as package data (``jaxalign/presets``), so
+A preset name resolves to ``<name>.yaml`` among the presets shipped as package data (``jaxalign/methods/presets``), so
 it works from an installed wheel in any directory.
 """
 
@@ -43,7 +43,8 @@ METHODS = ("sft", "reward", "dpo", "ppo", "grpo")
 ONLINE_METHODS = ("ppo", "grpo")
 CURRICULA = ("length", "score", "difficulty")
 GOLD_JUDGES = ("vader",)
-PRESETS = importlib.resources.files("jaxalign") / "presets"  # package data: found wherever jaxalign is installed
+# Package data: found wherever jaxalign is installed.
+PRESETS = importlib.resources.files("jaxalign.methods") / "presets"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,10 +111,10 @@ class RunConfig:
             ``dimension_weights``, ``num_objectives``, ``pooling`` (``last`` token or ``mean`` over the
             tokens, :class:`jaxalign.models.RewardHead`); DPO ``loss_type`` (a name or a list) and every option
             of that loss (``beta``, ``label_smoothing``, ``rpo_alpha``, ``loss_weights``, ``gamma``, ...);
-            PPO: :class:`jaxalign.train.ppo.PPOConfig`'s fields; GRPO: :class:`jaxalign.train.grpo.GRPOConfig`'s.
+            PPO: :class:`jaxalign.methods.ppo.PPOConfig`'s fields; GRPO: :class:`jaxalign.methods.grpo.GRPOConfig`'s.
         sampling: PPO/GRPO sampling (:class:`jaxalign.rollout.SamplingParams` fields: ``max_new_tokens``,
             ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``n`` = GRPO's group size, ``stop_token_ids``).
-        reward: PPO/GRPO reward (:func:`jaxalign.train.rewards.build_reward`): ``{model: DIR}``,
+        reward: PPO/GRPO reward (:func:`jaxalign.methods.rewards.build_reward`): ``{model: DIR}``,
             ``{function: NAME or module:callable}``, ``{composite: {...}}`` (ADLF) or ``{weighted: [...]}``.
         gold: a gold judge whose score is logged beside the training reward and judges the evaluation
             (``vader``), or null.
@@ -130,7 +131,7 @@ class RunConfig:
         normalize_max_new_tokens: response length of those samples.
         export: write a Hugging Face directory of the final model to ``output_dir/export``.
         freeze_backbone: reward models: keep the trunk frozen and fit the reward head alone, as a linear
-            probe of the trunk's pooled hidden states (:mod:`jaxalign.train.probe`): one forward pass over
+            probe of the trunk's pooled hidden states (:mod:`jaxalign.methods.probe`): one forward pass over
             the data, then L-BFGS to convergence on every pair at once. ``train.total_steps`` and the
             optimizer do not apply; nothing is checkpointed (a rerun recomputes the same head).
         probe_l2: with ``freeze_backbone``, the penalty ``½·probe_l2·‖W‖²`` on the head over standardised

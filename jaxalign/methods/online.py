@@ -5,7 +5,7 @@ One *iteration*::
     prompts  = next(prompt batches)                            # [B, P] left-padded (jaxalign.data "prompt" kind)
     rollout  = sampler.generate(prompts, key=fold_in(key, i))  # jaxalign.rollout: one compiled loop
     scored   = score(policy, reference, rollout)               # one no-grad pass: reference log-probs, values
-    rewards  = reward(Episodes(...))                           # jaxalign.train.rewards: a model, functions, ADLF
+    rewards  = reward(Episodes(...))                           # jaxalign.methods.rewards: a model, functions, ADLF
     batch    = prepare(rollout, scored, rewards)               # advantages (GAE or group-normalised)
     for epoch: for minibatch in shuffled rows: state = train_step(state, minibatch)
     sampler.update_weights(policy of state)
@@ -41,6 +41,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxalign.methods.rewards import Episodes, RewardOutput, RewardSource, run_source
 from jaxalign.models import has_lora
 from jaxalign.models.sharding import DEFAULT_RULES
 from jaxalign.rollout import Rollout, Sampler, SamplingParams
@@ -51,7 +52,6 @@ from jaxalign.train.distributed import any_process
 from jaxalign.train.mesh import make_mesh
 from jaxalign.train.metrics import MetricsLogger
 from jaxalign.train.optimizer import make_optimizer
-from jaxalign.train.rewards import Episodes, RewardOutput, RewardSource, run_source
 from jaxalign.train.schedules import make_schedule
 from jaxalign.train.signals import StopSignals, TrainingInterrupted
 from jaxalign.train.state import TrainState
@@ -111,7 +111,7 @@ def rollout_metrics(rollout: Rollout, scored: Mapping[str, np.ndarray], rewards:
 
 
 class AlgorithmConfig:
-    """What :class:`~jaxalign.train.ppo.PPOConfig` and :class:`~jaxalign.train.grpo.GRPOConfig` share:
+    """What :class:`~jaxalign.methods.ppo.PPOConfig` and :class:`~jaxalign.methods.grpo.GRPOConfig` share:
     validation messages naming the field, the pass counts, and building from a config mapping."""
 
     label = ""  # the algorithm's name in messages ("PPO")
@@ -177,8 +177,8 @@ class _Progress:
 
 
 class OnlineTrainer:
-    """The loop of the module docstring; :class:`~jaxalign.train.ppo.PPOTrainer` and
-    :class:`~jaxalign.train.grpo.GRPOTrainer` supply the model, the objective and the advantages.
+    """The loop of the module docstring; :class:`~jaxalign.methods.ppo.PPOTrainer` and
+    :class:`~jaxalign.methods.grpo.GRPOTrainer` supply the model, the objective and the advantages.
 
     Args:
         config: the training core's config (``total_steps`` = iterations).
@@ -186,7 +186,7 @@ class OnlineTrainer:
         objective: the minibatch loss (see :class:`~jaxalign.train.step.TrainStep`).
         prompts: an iterator of prompt batches (``input_ids``/``attention_mask`` ``[B, P]``, left-padded)
             with ``state_dict()``/``load_state_dict()`` (jaxalign.data's ``BatchIterator``), endless.
-        reward: the training reward (:mod:`jaxalign.train.rewards`).
+        reward: the training reward (:mod:`jaxalign.methods.rewards`).
         tokenizer: decodes prompts and responses for text rewards.
         sampling: how responses are sampled (``n`` = samples per prompt).
         epochs, num_minibatches: passes over each iteration's rows and minibatches per pass.

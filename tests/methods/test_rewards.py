@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 
 from jaxalign.eval import RewardModelJudge, VaderJudge
-from jaxalign.rollout import Rollout
-from jaxalign.train.rewards import (
+from jaxalign.methods.rewards import (
     BUILTIN_FUNCTIONS,
     CompositeReward,
     Episodes,
@@ -32,6 +31,7 @@ from jaxalign.train.rewards import (
     response_length,
     run_source,
 )
+from jaxalign.rollout import Rollout
 from tests.eval.conftest import tiny_reward_model
 from tests.test_cli import tiny_tokenizer
 
@@ -300,10 +300,10 @@ def test_build_function_forms():
     close(penalty(episodes).total, PENALTY_4)
     faith = build({"function": "faithfulness"}, reference_embeddings=embedding_table(), ignore_ids=IGNORE)
     close(faith(episodes).total, FAITHFULNESS)
-    mine = build({"function": "tests.train.test_rewards:score_text", "inputs": "text", "name": "mine"})
+    mine = build({"function": "tests.methods.test_rewards:score_text", "inputs": "text", "name": "mine"})
     assert mine.name == "mine"
     close(mine(episodes).total, [29, 19, 0, 31])
-    by_episodes = build({"function": "tests.train.test_rewards:score_episodes", "inputs": "episodes"})
+    by_episodes = build({"function": "tests.methods.test_rewards:score_episodes", "inputs": "episodes"})
     assert by_episodes.name == "score_episodes"
     close(by_episodes(episodes).total, [4, 4, 1, 6])
 
@@ -335,8 +335,8 @@ def test_build_composite_and_weighted():
     ({"function": "vadr"}, "reward.function: unknown builtin 'vadr' .builtins: vader, length"),
     ({"function": "no_such_package_xyz.rewards:score"}, "reward.function: cannot import module "
                                                         "'no_such_package_xyz.rewards'"),
-    ({"function": "tests.train.test_rewards:nothing_here"}, "has no attribute 'nothing_here'"),
-    ({"function": "tests.train.test_rewards:score_text", "inputs": "tokens"}, "reward.inputs: expected 'text'"),
+    ({"function": "tests.methods.test_rewards:nothing_here"}, "has no attribute 'nothing_here'"),
+    ({"function": "tests.methods.test_rewards:score_text", "inputs": "tokens"}, "reward.inputs: expected 'text'"),
     ({"function": "vader", "inputs": "text"}, "reward.inputs: only for 'package.module:callable'"),
     ({"function": "length_penalty"}, "reward.target_length: required by length_penalty"),
     ({"function": "coherence", "target_length": 3}, "reward.target_length: coherence takes no target_length"),

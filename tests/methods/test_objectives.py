@@ -8,8 +8,8 @@ import pytest
 from flax import nnx
 
 from jaxalign import losses
+from jaxalign.methods import dpo, reward, sft
 from jaxalign.models import LlamaForCausalLM, RewardModel
-from jaxalign.train import objectives
 from tests.models.conftest import TINY
 
 B, T = 3, 11
@@ -32,7 +32,7 @@ def model():
 
 def test_sft_objective_is_the_token_mean_nll_of_valid_rows(model):
     batch = batch_of(np.random.default_rng(2))
-    (total, count), _ = objectives.sft_objective(chunk_size=4)(model, batch, key=None)
+    (total, count), _ = sft.sft_objective(chunk_size=4)(model, batch, key=None)
     logits, _ = model(batch["input_ids"], attention_mask=batch["attention_mask"], positions=batch["positions"])
     nll, _ = losses.sft_loss(logits[:, :-1], batch["input_ids"][:, 1:])
     mask = batch["loss_mask"][:, 1:] * batch["example_mask"][:, None]
@@ -41,7 +41,7 @@ def test_sft_objective_is_the_token_mean_nll_of_valid_rows(model):
 
 def test_dpo_objective_matches_dpo_loss_and_is_ln2_at_the_reference(model):
     batch = batch_of(np.random.default_rng(3), layout=(2,))
-    objective = objectives.dpo_objective(beta=0.3, chunk_size=5)
+    objective = dpo.dpo_objective(beta=0.3, chunk_size=5)
     (total, count), metrics = objective(model, batch, key=None, ref=model)
     np.testing.assert_allclose(total / count, np.log(2), rtol=1e-6)
     assert count == 2 and "loss" not in metrics
@@ -50,7 +50,7 @@ def test_dpo_objective_matches_dpo_loss_and_is_ln2_at_the_reference(model):
     seq = losses.sequence_logps(losses.token_logps(logits[:, :-1], flat["input_ids"][:, 1:]),
                                 flat["loss_mask"][:, 1:]).reshape(B, 2)
     shifted = dict(batch, ref_logps=np.asarray(seq) + np.array([[-0.5, 0.25]]))
-    (total, count), _ = objectives.dpo_objective(beta=0.3, reference="precomputed")(model, shifted, key=None)
+    (total, count), _ = dpo.dpo_objective(beta=0.3, reference="precomputed")(model, shifted, key=None)
     expected, _ = losses.dpo_loss(seq[:, 0], seq[:, 1], shifted["ref_logps"][:, 0], shifted["ref_logps"][:, 1],
                                   mask=batch["example_mask"].astype(bool), beta=0.3)
     np.testing.assert_allclose(total / count, np.sum(expected) / 2, rtol=1e-5)
@@ -61,7 +61,7 @@ def test_reward_objective_groups_read_each_dimensions_head(model):
     batch = batch_of(rng, layout=(2, 2))
     batch["pair_mask"] = np.array([[1, 1], [1, 0], [1, 1]], np.int32)
     reward_model = RewardModel(model, num_objectives=2, rngs=nnx.Rngs(1))
-    (total, count), metrics = objectives.reward_objective()(reward_model, batch, key=None)
+    (total, count), metrics = reward.reward_objective()(reward_model, batch, key=None)
     flat = reward_model(batch["input_ids"].reshape(-1, T), attention_mask=batch["attention_mask"].reshape(-1, T),
                         positions=batch["positions"].reshape(-1, T))
     rewards = np.asarray(flat).reshape(B, 2, 2, 2)  # [B, dimension, side, head]
@@ -80,7 +80,7 @@ def test_reward_objective_groups_read_each_dimensions_head(model):
 ])
 def test_dpo_objective_refuses_bad_options(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        objectives.dpo_objective(**kwargs)
+        dpo.dpo_objective(**kwargs)
 
 
 def test_dpo_objective_takes_trls_sft_term_as_a_batch_token_mean(model):
@@ -93,7 +93,7 @@ def test_dpo_objective_takes_trls_sft_term_as_a_batch_token_mean(model):
     token_logps = losses.token_logps(logits[:, :-1], flat["input_ids"][:, 1:])
     seq = np.asarray(losses.sequence_logps(token_logps, flat["loss_mask"][:, 1:])).reshape(B, 2)
     batch["ref_logps"] = seq + shift
-    objective = objectives.dpo_objective(loss_type=["sigmoid", "sft"], loss_weights=[0.5, 0.7], beta=0.3,
+    objective = dpo.dpo_objective(loss_type=["sigmoid", "sft"], loss_weights=[0.5, 0.7], beta=0.3,
                                          reference="precomputed")
     (total, count), metrics = objective(model, batch, key=None)
     valid = batch["example_mask"].astype(bool)
@@ -105,8 +105,8 @@ def test_dpo_objective_takes_trls_sft_term_as_a_batch_token_mean(model):
     np.testing.assert_allclose(total / count, 0.5 * np.sum(sigmoid) / 2 + 0.7 * batch_nll, rtol=1e-5)
     assert "nll_loss" in metrics
     with pytest.raises(ValueError, match="give one"):
-        objectives.dpo_objective(loss_type=["sigmoid", "sft"], rpo_alpha=1.0)
+        dpo.dpo_objective(loss_type=["sigmoid", "sft"], rpo_alpha=1.0)
     with pytest.raises(ValueError, match="method sft"):
-        objectives.dpo_objective(loss_type=["sft"])
+        dpo.dpo_objective(loss_type=["sft"])
     with pytest.raises(ValueError, match="one weight per loss type"):
-        objectives.dpo_objective(loss_type=["sigmoid", "sft"], loss_weights=[1.0])
+        dpo.dpo_objective(loss_type=["sigmoid", "sft"], loss_weights=[1.0])

@@ -12,7 +12,7 @@ import pytest
 
 from jaxalign import models
 from jaxalign.cli import main
-from jaxalign.train import methods, recipe
+from jaxalign.methods import pipeline, recipe
 from tests.models.conftest import make_hf_model
 from tests.test_cli import VOCAB, tiny_tokenizer
 
@@ -20,7 +20,7 @@ PROMPTS = ["Hi", "sky ?", "Go away .", "blue sky", "Hi Hi ?", "away", "Go", "sky
 
 
 def count_blue(episodes) -> np.ndarray:
-    """A token-counting reward for the configs below (``function: tests.train.test_online_methods:count_blue``)."""
+    """A token-counting reward for the configs below (``function: tests.methods.test_online_methods:count_blue``)."""
     return ((episodes.response_tokens == VOCAB["blue"]) & episodes.response_mask).sum(axis=1).astype(np.float64)
 
 
@@ -39,7 +39,7 @@ def config(checkpoint, prompts, tmp_path, method, *overrides, **extra):
               "train": {"total_steps": 3, "optimizer": {"learning_rate": 1e-2},
                         "log": {"progress_bar": False, "tensorboard": False}},
               "sampling": {"max_new_tokens": 5, "stop_token_ids": []},
-              "reward": {"function": "tests.train.test_online_methods:count_blue", "inputs": "episodes"},
+              "reward": {"function": "tests.methods.test_online_methods:count_blue", "inputs": "episodes"},
               "gold": "vader", **extra}
     return recipe.load_run_config(values, list(overrides))
 
@@ -47,7 +47,7 @@ def config(checkpoint, prompts, tmp_path, method, *overrides, **extra):
 def test_ppo_run_logs_evaluates_plots_and_exports(checkpoint, prompts_file, tmp_path):
     run_config = config(checkpoint, prompts_file, tmp_path, "ppo", "loss.epochs=2", "loss.critic=shared",
                         "curriculum=difficulty")
-    result = methods.run(run_config)
+    result = pipeline.run(run_config)
     out = Path(run_config.output_dir)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
@@ -65,7 +65,7 @@ def test_ppo_run_logs_evaluates_plots_and_exports(checkpoint, prompts_file, tmp_
 
 def test_grpo_run_with_lora_weighted_rewards_and_an_adlf_composite(checkpoint, prompts_file, tmp_path):
     reward = {"weighted": [
-        {"function": "tests.train.test_online_methods:count_blue", "inputs": "episodes", "weight": 1.0,
+        {"function": "tests.methods.test_online_methods:count_blue", "inputs": "episodes", "weight": 1.0,
          "name": "blue"},
         {"composite": {"alpha": 0.5, "external": {"function": "length"},
                        "internal": {"coherence": 1.0, "length_penalty": 0.5, "fluency": 0.2, "faithfulness": 0.1},
@@ -73,7 +73,7 @@ def test_grpo_run_with_lora_weighted_rewards_and_an_adlf_composite(checkpoint, p
     run_config = config(checkpoint, prompts_file, tmp_path, "grpo", "sampling.n=4", "reference=lora_base",
                         "model.lora={rank: 4, alpha: 8, targets: [q_proj, v_proj]}", "loss.kl_coef=0.05",
                         reward=reward)
-    methods.run(run_config)
+    pipeline.run(run_config)
     out = Path(run_config.output_dir)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     last = records[-1]
@@ -102,18 +102,18 @@ def test_online_config_errors_name_the_problem(checkpoint, prompts_file, tmp_pat
     with pytest.raises(ValueError, match="reference for ppo"):
         config(checkpoint, prompts_file, tmp_path, "ppo", "reference=none")
     with pytest.raises(ValueError, match="unknown PPO option"):
-        methods.run(config(checkpoint, prompts_file, tmp_path, "ppo", "loss.clip=0.1"))
+        pipeline.run(config(checkpoint, prompts_file, tmp_path, "ppo", "loss.clip=0.1"))
     with pytest.raises(ValueError, match="sampling: unknown key"):
-        methods.run(config(checkpoint, prompts_file, tmp_path, "grpo", "sampling.groups=4"))
+        pipeline.run(config(checkpoint, prompts_file, tmp_path, "grpo", "sampling.groups=4"))
     with pytest.raises(ValueError, match="GRPO needs groups"):
-        methods.run(config(checkpoint, prompts_file, tmp_path, "grpo"))
+        pipeline.run(config(checkpoint, prompts_file, tmp_path, "grpo"))
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text(json.dumps({"prompt": "Hi", "chosen": " blue", "rejected": " red"}) + "\n")
     held_out_pairs = config(checkpoint, prompts_file, tmp_path, "ppo", f"eval_data.source={pairs}",
                             f"output_dir={tmp_path / 'refused'}")
     with pytest.raises(ValueError, match=r"eval_data .*pairs.jsonl: method ppo evaluates on prompt records .*the "
                                          r"file holds PreferenceRecord"):
-        methods.run(held_out_pairs)
+        pipeline.run(held_out_pairs)
     assert not Path(held_out_pairs.output_dir).exists()  # refused before training, nothing left behind
 
 
@@ -124,6 +124,6 @@ def test_ppo_on_a_gpt2_checkpoint_with_a_separate_critic_and_the_faithfulness_si
     reward = {"composite": {"alpha": 0.5, "external": {"function": "length"}, "internal": {"faithfulness": 1.0}}}
     run_config = config(directory, prompts_file, tmp_path, "ppo", "train.total_steps=2", "loss.critic=separate",
                         "eval_data=null", reward=reward)
-    methods.run(run_config)
+    pipeline.run(run_config)
     records = [json.loads(line) for line in (Path(run_config.output_dir) / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 2 and all(np.isfinite(r["reward/internal/faithfulness"]) for r in records)

@@ -100,7 +100,7 @@ def fit_reward_probe(reward_model: nnx.Module, objective: Callable, data: dict[s
     dimensions or absent candidates). Runs where the arrays are (no mesh), in one process.
 
     Args:
-        objective: the run's reward objective (:func:`jaxalign.train.objectives.reward_objective`).
+        objective: the run's reward objective (:func:`jaxalign.methods.reward.reward_objective`).
         l2: the penalty ``½·l2·‖W‖²`` on the head's weights over standardised features; the bias is free.
         log: where the per-iteration loss and metrics go (``metrics.jsonl``, TensorBoard) with a progress bar.
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from jaxalign.train.recipe import METHODS
+from jaxalign.methods.recipe import METHODS
 
 
 def add_train_command(subcommands) -> None:
@@ -39,7 +39,7 @@ def add_train_command(subcommands) -> None:
 def run_train(args) -> int:
     import dataclasses
 
-    from jaxalign.train import methods, recipe
+    from jaxalign.methods import pipeline, recipe
 
     config = recipe.load_run_config(args.config, args.overrides, method=args.method)
     config = dataclasses.replace(config, train=dataclasses.replace(
@@ -47,7 +47,7 @@ def run_train(args) -> int:
     if args.print_config:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
-    result = methods.run(config, overwrite=args.overwrite)
+    result = pipeline.run(config, overwrite=args.overwrite)
     out = Path(config.output_dir)
     print(f"trained {args.method} for {config.train.total_steps} steps: {out}")
     for name, value in sorted(result.eval_metrics.items()):

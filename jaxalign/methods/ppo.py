@@ -7,7 +7,7 @@
     trainer.run()                     # resumable; metrics.jsonl, TensorBoard, progress bar
     policy = trainer.trained_model().policy
 
-Per iteration (after the shared steps of :mod:`jaxalign.train.online`):
+Per iteration (after the shared steps of :mod:`jaxalign.methods.online`):
 
 1. score: the policy's log-probs of its own tokens (``old_logps``, at the sampling temperature: the
    sampler's own when no filter is set, else recomputed), the critic's values and the reference's
@@ -48,12 +48,8 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float
 
 from jaxalign import losses
-from jaxalign.models import ValueHead, has_lora
-from jaxalign.rollout import Rollout, SamplingParams
-from jaxalign.rollout.scoring import DEFAULT_CHUNK
-from jaxalign.train.config import TrainConfig
-from jaxalign.train.objectives import _lora_base
-from jaxalign.train.online import (
+from jaxalign.methods.common import lora_base
+from jaxalign.methods.online import (
     AlgorithmConfig,
     OnlineTrainer,
     default_trainable,
@@ -61,7 +57,11 @@ from jaxalign.train.online import (
     response_logps,
     to_host,
 )
-from jaxalign.train.rewards import RewardOutput, RewardSource, RunningMoments, clip_rewards
+from jaxalign.methods.rewards import RewardOutput, RewardSource, RunningMoments, clip_rewards
+from jaxalign.models import ValueHead, has_lora
+from jaxalign.rollout import Rollout, SamplingParams
+from jaxalign.rollout.scoring import DEFAULT_CHUNK
+from jaxalign.train.config import TrainConfig
 
 F32 = jnp.float32
 CRITICS = ("separate", "shared")
@@ -242,7 +242,7 @@ def _score_pass(model: ActorCritic, reference, tokens, attention_mask, positions
     else:  # the sampler's log-probs serve: only the separate critic runs
         hidden, _ = model.critic.hidden_states(tokens, positions=positions, attention_mask=attention_mask)
         out = {"values": model.value_head(hidden[:, prompt_length - 1:-1])}
-    reference = _lora_base(model.policy) if lora_reference else reference
+    reference = lora_base(model.policy) if lora_reference else reference
     hidden, _ = reference.hidden_states(tokens, positions=positions, attention_mask=attention_mask)
     ref_logps = response_logps(reference, hidden, tokens, prompt_length, temperature=temperature,
                                chunk_size=chunk_size)
@@ -250,7 +250,7 @@ def _score_pass(model: ActorCritic, reference, tokens, attention_mask, positions
 
 
 class PPOTrainer(OnlineTrainer):
-    """PPO (see the module docstring) on :class:`~jaxalign.train.online.OnlineTrainer`'s loop.
+    """PPO (see the module docstring) on :class:`~jaxalign.methods.online.OnlineTrainer`'s loop.
 
     Args:
         config: the training core's config (``total_steps`` = PPO iterations).
@@ -266,7 +266,7 @@ class PPOTrainer(OnlineTrainer):
             policy when None.
         gold: logged only (``gold_reward``).
         trainable: NNX filter of trained parameters; None: every parameter, or for a LoRA policy its
-            adapters and the critic (:func:`jaxalign.train.online.default_trainable`).
+            adapters and the critic (:func:`jaxalign.methods.online.default_trainable`).
     """
 
     def __init__(self, config: TrainConfig, ppo: PPOConfig, policy: nnx.Module, prompts, *, reward: RewardSource,

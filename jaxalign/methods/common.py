@@ -1,0 +1,209 @@
+"""What the methods share: loading a run's model, batching its data, evaluating an objective, LoRA, the
+output directory and its files, and the helpers every objective uses on jaxalign.data's batches."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jaxtyping import Array
+
+from jaxalign import data as jdata
+from jaxalign import losses, models
+from jaxalign.methods.recipe import ModelSpec, RunConfig
+from jaxalign.rollout.scoring import target_logps
+
+RUN_FILE = "run.json"
+EVAL_FILE = "eval.json"
+EXPORT_DIR = "export"
+F32 = jnp.float32
+
+@dataclasses.dataclass
+class RunResult:
+    """What :func:`run` leaves: the trained model, where things went, and the held-out metrics."""
+
+    config: RunConfig
+    model: nnx.Module
+    tokenizer: Any
+    eval_metrics: dict[str, float]
+    export_dir: Path | None
+    extra: dict[str, Any]
+
+
+def load_pretrained(spec: ModelSpec, *, source: str = "model.path"):
+    """``(causal LM, tokenizer)`` of a run's ``model`` section: :func:`jaxalign.models.load_pretrained` of
+    ``spec.path`` with its dtypes and remat policy (errors name ``source``)."""
+    return models.load_pretrained(spec.path, source=source, param_dtype=spec.param_dtype,
+                                  compute_dtype=spec.compute_dtype, remat=spec.remat)
+
+
+def curriculum_order(dataset: jdata.TokenizedDataset, by: str) -> jdata.TokenizedDataset:
+    """The examples sorted easy to hard: ``length`` (shortest longest-sequence first), ``score`` (highest
+    ``score`` first, else the highest ``margin``: a clearer preference is easier) or ``difficulty`` (prompts'
+    ``difficulty`` field, lowest first). Stable on ties."""
+    if by == "length":
+        keys = dataset.lengths
+    elif by == "difficulty":
+        if "difficulty" not in dataset.value_keys:
+            raise ValueError(f"curriculum 'difficulty': the data has no 'difficulty' field (it carries "
+                             f"{list(dataset.value_keys)}); give each prompt record one, or use curriculum: length")
+        keys = np.asarray([e.values["difficulty"] for e in dataset.examples], np.float64)
+    else:
+        key = next((k for k in ("score", "margin") if k in dataset.value_keys), None)
+        if key is None:
+            raise ValueError(f"curriculum 'score': the data has neither 'score' nor 'margin' values "
+                             f"(it carries {list(dataset.value_keys)}); use curriculum: length")
+        keys = -np.asarray([np.mean(e.values[key]) for e in dataset.examples], np.float64)
+    order = np.argsort(keys, kind="stable")
+    return dataclasses.replace(dataset, examples=[dataset.examples[i] for i in order])
+
+
+def training_batches(config: jdata.DataConfig, dataset: jdata.TokenizedDataset, *, shuffle: bool | None = None,
+             num_epochs: int | None = None, drop_last: bool | None = None) -> jdata.BatchIterator:
+    return jdata.BatchIterator(
+        dataset, batch_size=config.batch_size, seed=config.seed,
+        shuffle=config.shuffle if shuffle is None else shuffle,
+        drop_last=config.drop_last if drop_last is None else drop_last,
+        num_epochs=config.num_epochs if num_epochs is None else num_epochs, buckets=config.buckets,
+        pad_to_multiple_of=config.pad_to_multiple_of, pack_length=config.max_length if config.packing else None,
+        process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def one_pass(config: jdata.DataConfig, dataset: jdata.TokenizedDataset) -> jdata.BatchIterator:
+    """Every example once, in order; the last batch padded with ``example_mask`` 0 rows."""
+    return training_batches(config, dataset, shuffle=False, num_epochs=1, drop_last=False)
+
+
+def evaluate_objective(objective, model: nnx.Module, batches, references: Mapping[str, nnx.Module] | None = None,
+                       ) -> dict[str, float]:
+    """Mean loss (``Σ loss_sum / Σ count``) and example-weighted mean metrics of ``objective`` over ``batches``."""
+    references = dict(references or {})
+    graphdef, state = nnx.split(model)
+    ref_parts = {name: nnx.split(ref) for name, ref in references.items()}
+
+    @jax.jit
+    def evaluate(state, ref_states, batch):
+        refs = {name: nnx.merge(ref_parts[name][0], ref_state) for name, ref_state in ref_states.items()}
+        (total, count), metrics = objective(nnx.merge(graphdef, state), batch, key=jax.random.key(0), **refs)
+        return total, count, metrics
+
+    ref_states = {name: parts[1] for name, parts in ref_parts.items()}
+    total = count = examples = 0.0
+    sums: dict[str, float] = {}
+    for batch in batches:
+        loss_sum, loss_count, metrics = jax.device_get(evaluate(state, ref_states, batch))
+        weight = float(np.sum(batch["example_mask"]))
+        total, count, examples = total + float(loss_sum), count + float(loss_count), examples + weight
+        for name, value in metrics.items():
+            sums[name] = sums.get(name, 0.0) + float(value) * weight
+    if examples == 0:
+        return {}
+    result = {"loss": total / max(count, 1.0), "examples": examples}
+    result.update({name: value / examples for name, value in sums.items()})
+    return result
+
+
+def check_options(options: Mapping[str, Any], allowed: tuple[str, ...], method: str) -> dict[str, Any]:
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"loss: unknown option(s) {unknown} for method {method!r} (allowed: {list(allowed)})")
+    return dict(options)
+
+
+def write_json(path: Path, value: Any) -> None:
+    path.write_text(json.dumps(value, indent=2, default=str) + "\n")
+
+
+def stop_ids(model, tokenizer) -> tuple[int, ...]:
+    ids = tuple(getattr(model.config, "eos_token_ids", ()) or ())
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids += (tokenizer.eos_token_id,)
+    return ids
+
+
+# What a run writes into its output_dir (TensorBoard adds events.out.tfevents.* files): the things an earlier
+# run there would lose.
+RUN_ARTEFACTS = (RUN_FILE, EVAL_FILE, EXPORT_DIR, "checkpoints", "metrics.jsonl", "metrics.png", "reward_vs_kl.png",
+                 "wandb_run_id")
+
+
+def earlier_run(out: Path) -> list[Path]:
+    if not out.is_dir():
+        return []
+    return sorted(path for path in out.iterdir()
+                  if path.name in RUN_ARTEFACTS or path.name.startswith("events.out.tfevents."))
+
+
+def check_output_dir(config: RunConfig, *, overwrite: bool = False) -> None:
+    """Refuse, before any work or write, an output directory that holds an earlier run's files (run.json,
+    checkpoints, export, metrics, ...), unless this run resumes it (``train.checkpoint.resume``) or
+    ``overwrite`` replaces it. Other files there (the user's data, say) are never touched."""
+    out = Path(config.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output_dir {out} is a file, not a directory")
+    if config.train.checkpoint.resume or overwrite:
+        return
+    held = [path.name for path in earlier_run(out)]
+    if held:
+        shown = ", ".join(held[:5]) + (", ..." if len(held) > 5 else "")
+        raise ValueError(f"output_dir {out} already holds a run ({shown}): continue it with --resume, choose "
+                         "another output_dir, or replace it with --overwrite")
+
+
+def prepare_output_dir(config: RunConfig, *, overwrite: bool = False) -> Path:
+    """The output directory, with an earlier run's files removed first when ``overwrite`` replaces it (called once
+    the data is known to suit the method, so a refused run leaves the earlier one intact)."""
+    out = Path(config.output_dir)
+    if overwrite and not config.train.checkpoint.resume:
+        for path in earlier_run(out):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def lora_config(config: RunConfig) -> models.LoRAConfig:
+    spec = config.model.lora
+    return models.LoRAConfig(rank=spec.rank, alpha=spec.alpha, dropout=spec.dropout, targets=spec.targets)
+
+
+def with_lora(lm, config: RunConfig):
+    if config.model.lora is not None:
+        models.apply_lora(lm, lora_config(config), rngs=nnx.Rngs(config.train.seed))
+    return lm
+
+
+def lora_base(model):
+    """The model with every LoRA update zeroed: the implicit reference of LoRA training (constant)."""
+    graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
+    zeros = jax.tree.map(jnp.zeros_like, lora)
+    return nnx.merge(graphdef, zeros, jax.tree.map(jax.lax.stop_gradient, rest))
+
+
+def without_loss(metrics: dict) -> dict:
+    """The loss's metrics minus its own ``loss`` entry: the step reports the exact accumulated loss."""
+    return {name: value for name, value in metrics.items() if name != "loss"}
+
+
+def flat_rows(batch: dict, key: str) -> Array:
+    """``[B, *layout, T]`` -> ``[B·prod(layout), T]``."""
+    value = batch[key]
+    return value.reshape(-1, value.shape[-1])
+
+
+def sequence_logps(model, batch: dict, chunk_size: int | None) -> tuple[Array, Array]:
+    """Per-sequence summed log-probs of the completions and their token counts, each with the batch's
+    leading layout (``[B, 2]`` for pairs)."""
+    layout = batch["input_ids"].shape[:-1]
+    logps = target_logps(model, flat_rows(batch, "input_ids"), flat_rows(batch, "attention_mask"),
+                         flat_rows(batch, "positions"), chunk_size=chunk_size)
+    mask = flat_rows(batch, "loss_mask")[:, 1:]
+    total, count = losses.masked_sum(logps, mask, axis=-1)
+    return total.reshape(layout), count.reshape(layout)

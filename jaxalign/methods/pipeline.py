@@ -1,0 +1,129 @@
+"""One training run end to end from a :class:`~jaxalign.methods.recipe.RunConfig`: SFT, reward model and DPO
+here, PPO and GRPO through :func:`jaxalign.methods.rl.run_online`.
+
+::
+
+    from jaxalign.methods import pipeline, recipe
+    config = recipe.load_run_config("hh_rlhf", ["train.total_steps=100"], method="dpo")
+    result = pipeline.run(config)        # checkpoints, metrics.jsonl/.png, TensorBoard, export/, eval.json
+
+A run: refuse an output directory that holds an earlier run (unless resuming or overwriting) -> load the model
+(HF directory, GGUF, or the embedded default) and its tokenizer -> tokenise the data (optionally ordered as a
+curriculum) and the held-out data, checking both suit the method -> build the method's objective
+(:mod:`~jaxalign.methods.sft`, :mod:`~jaxalign.methods.reward`, :mod:`~jaxalign.methods.dpo`) -> write
+``run.json`` (a run refused for its data leaves no output directory) -> :class:`~jaxalign.train.Trainer` (resumes from
+``output_dir/checkpoints`` when a checkpoint is there) -> method epilogue (reward normalisation) ->
+held-out evaluation with the same objective -> Hugging Face export and the plot of the curves.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import jax
+from flax import nnx
+
+from jaxalign import data as jdata
+from jaxalign import models
+from jaxalign.methods import dpo, probe, reward, sft
+from jaxalign.methods.common import (
+    EVAL_FILE,
+    EXPORT_DIR,
+    RUN_FILE,
+    RunResult,
+    check_output_dir,
+    curriculum_order,
+    evaluate_objective,
+    load_pretrained,
+    one_pass,
+    prepare_output_dir,
+    training_batches,
+    write_json,
+)
+from jaxalign.methods.recipe import ONLINE_METHODS, RunConfig
+from jaxalign.methods.rl import run_online
+from jaxalign.train import Trainer
+from jaxalign.train.plots import plot_metrics
+
+
+def run(config: RunConfig, *, overwrite: bool = False) -> RunResult:
+    """Train, evaluate and export one run (see the module docstring).
+
+    A run resumes from its checkpoints with ``train.checkpoint.resume``; otherwise an output directory that
+    holds anything is refused before any work (:func:`check_output_dir`) unless ``overwrite`` replaces it.
+    ``ppo`` and ``grpo`` runs go to :func:`jaxalign.methods.rl.run_online`.
+    """
+    check_output_dir(config, overwrite=overwrite)
+    if config.method in ONLINE_METHODS:
+        return run_online(config, overwrite=overwrite)
+    out = Path(config.output_dir)
+    lm, tokenizer = load_pretrained(config.model)
+    dataset = jdata.build_dataset(config.data, tokenizer)
+    if config.curriculum is not None:
+        dataset = curriculum_order(dataset, config.curriculum)
+    eval_dataset = None if config.eval_data is None else jdata.build_dataset(config.eval_data, tokenizer)
+    if config.method == "sft" and eval_dataset is not None and eval_dataset.kind == "preference":
+        eval_dataset = sft.chosen_as_sft(eval_dataset)
+    if eval_dataset is not None:  # checked now, not when the evaluation would fail after training
+        check_eval_kind(config, dataset, eval_dataset)
+    builder = {"sft": sft.build, "reward": reward.build, "dpo": dpo.build}[config.method]
+    model, objective, references, dataset, extra = builder(config, lm, tokenizer, dataset)
+    # Written once the data is known to suit the method: a refused run leaves no output directory behind.
+    prepare_output_dir(config, overwrite=overwrite)
+    write_json(out / RUN_FILE, {"config": config.to_dict(), "data_reports": [str(r) for r in dataset.reports],
+                                "examples": len(dataset)})
+    if config.freeze_backbone:
+        # A frozen trunk: its features once, then the head fitted to convergence (no optimizer steps).
+        if jax.process_count() > 1:
+            raise NotImplementedError("freeze_backbone (the linear probe) runs in one process: each host would "
+                                      "fit a head on its own shard of the pairs")
+        features = probe.pooled_features(model, one_pass(config.data, dataset), total=len(dataset))
+        extra["probe"] = probe.fit_reward_probe(model, objective, features, l2=config.probe_l2,
+                                                max_iterations=config.probe_iterations, log=config.train.log)
+    else:
+        trainable = nnx.Param
+        if config.model.lora is not None:  # adapters only; a reward model's new head trains too
+            trainable = nnx.Any(nnx.LoRAParam, nnx.PathContains("reward_head")) if config.method == "reward" \
+                else nnx.LoRAParam
+        # Curriculum order is kept across epochs (no shuffle), so a dropped last batch would leave out the
+        # same (hardest) examples every epoch: it is kept, padded, instead.
+        batches = training_batches(config.data, dataset, shuffle=False if config.curriculum else None,
+                                   drop_last=False if config.curriculum else None)
+        trainer = Trainer(config.train, model, objective, batches, references=references, trainable=trainable,
+                          extra_metadata={"run": config.to_dict()})
+        trainer.run()
+        model = trainer.trained_model()
+
+    eval_metrics: dict[str, float] = {}
+    if eval_dataset is not None:
+        if config.method == "dpo" and config.reference == "precomputed":
+            eval_dataset = dpo.precompute_reference_logps(extra.pop("reference_model"), eval_dataset, config.eval_data)
+        eval_metrics = evaluate_objective(objective, model, one_pass(config.eval_data, eval_dataset), references)
+        if config.method == "sft" and "loss" in eval_metrics:
+            eval_metrics["perplexity"] = math.exp(min(eval_metrics["loss"], 700.0))
+    extra.pop("reference_model", None)
+
+    export_dir = None
+    if config.method == "reward":
+        export_dir = reward.finish(config, model, tokenizer, dataset, extra)
+    elif config.export and jax.process_index() == 0:
+        export_dir = models.save_hf(model, model.config, out / EXPORT_DIR, tokenizer)
+    if jax.process_index() == 0:
+        write_json(out / EVAL_FILE, {"eval": eval_metrics, **extra})
+        plot_metrics(out / "metrics.jsonl", out / "metrics.png", title=f"{config.method} — {out.name}")
+    return RunResult(config, model, tokenizer, eval_metrics, export_dir, extra)
+
+
+def check_eval_kind(config: RunConfig, dataset: jdata.TokenizedDataset, eval_dataset: jdata.TokenizedDataset):
+    """The held-out set feeds the training objective: it must hold the same kind of examples."""
+    trained = "sft" if config.method == "sft" and dataset.kind == "preference" else dataset.kind  # chosen sides
+    if eval_dataset.kind != trained:
+        hint = (f"; set eval_data.dimension to one of {list(eval_dataset.dimensions)}"
+                if eval_dataset.kind == "preference_group" and trained == "preference" else "")
+        raise ValueError(f"eval_data {config.eval_data.source} holds {eval_dataset.kind!r} records, but method "
+                         f"{config.method} trains on {trained!r} ones here ({config.data.source}): give "
+                         f"held-out data of the same kind{hint}")
+    if eval_dataset.dimensions != dataset.dimensions:
+        raise ValueError(f"eval_data {config.eval_data.source} has preference dimensions "
+                         f"{list(eval_dataset.dimensions)}, the training data {list(dataset.dimensions)}")

@@ -1,0 +1,189 @@
+"""Reward models: Bradley–Terry on pairs (margins, centring, one head per preference dimension) and best-of-N
+softmax cross-entropy; the normalisation fitted on the reference policy's samples; the export."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from jaxalign import data as jdata
+from jaxalign import losses, models
+from jaxalign.methods.common import (
+    EXPORT_DIR,
+    F32,
+    check_options,
+    flat_rows,
+    load_pretrained,
+    lora_config,
+    stop_ids,
+    without_loss,
+)
+from jaxalign.methods.recipe import RunConfig
+from jaxalign.rollout import Sampler, SamplingParams
+
+REWARD_OPTIONS = ("loss", "use_margin", "margin_scale", "center_coef", "dimension_weights")
+REWARD_LOSSES = ("bradley_terry", "best_of_n")
+
+
+def reward_objective(*, loss: str = "bradley_terry", use_margin: bool = False, margin_scale: float = 1.0,
+                     center_coef: float = 0.0, dimension_weights: Sequence[float] | None = None):
+    """Reward-model training on pair ``[B, 2, T]``, group ``[B, D, 2, T]`` or best-of-N ``[B, N, T]`` batches.
+
+    ``bradley_terry``: ``−log σ(r⁺ − r⁻ − m)`` with ``m = margin_scale·margin`` when ``use_margin`` (the data's
+    margins, e.g. a score gap; Llama 2's margin loss) plus ``center_coef·(r⁺ + r⁻)²``; per dimension for
+    groups, weighted by ``dimension_weights``. ``best_of_n``: softmax cross-entropy over the N candidates.
+    The model is a :class:`~jaxalign.models.RewardModel` (with ``num_objectives=D`` for groups). A batch that
+    carries ``features`` (``[..., D]``, each sequence's pooled trunk state in place of its tokens) is scored
+    by the head alone: how :mod:`jaxalign.methods.probe` fits a head on a frozen trunk.
+    """
+    if loss not in REWARD_LOSSES:
+        raise ValueError(f"reward_objective: loss must be one of {REWARD_LOSSES}, got {loss!r}")
+    weights = None if dimension_weights is None else jnp.asarray(dimension_weights, F32)
+
+    def rewards_of(model, batch):
+        if "features" in batch:  # pooled trunk features computed once (a frozen trunk, jaxalign.methods.probe)
+            layout = batch["features"].shape[:-1]
+            flat = model.reward_head.project(flat_rows(batch, "features"))
+        else:
+            layout = batch["input_ids"].shape[:-1]
+            flat = model(flat_rows(batch, "input_ids"), attention_mask=flat_rows(batch, "attention_mask"),
+                         positions=flat_rows(batch, "positions"))
+        if flat.ndim == 2:  # a D-objective head reads [R, D]: keep the reward of each row's own dimension
+            flat = flat.reshape(*layout, flat.shape[-1])
+            if len(layout) != 3:
+                raise ValueError(f"reward_objective: a {flat.shape[-1]}-objective head needs group batches "
+                                 f"[B, D, 2, T]; got a batch of layout {tuple(layout)}")
+            # group row d is the pair of dimension d: take head output d
+            return jnp.einsum("bdpd->bdp", flat)
+        return flat.reshape(layout)
+
+    def objective(model, batch, *, key):
+        del key
+        if (loss == "best_of_n") != ("best" in batch):  # shapes alone cannot tell 2 candidates from a pair
+            raise ValueError(f"reward_objective: loss={loss!r} on "
+                             f"{'best-of-N batches' if 'best' in batch else 'pair batches (no best index)'}; "
+                             f"use loss={'best_of_n' if 'best' in batch else 'bradley_terry'}")
+        rewards = rewards_of(model, batch)
+        valid = batch["example_mask"].astype(bool)
+        if loss == "best_of_n":
+            candidates = batch["candidate_mask"].astype(bool) & valid[:, None]
+            per, metrics = losses.best_of_n_loss(rewards, batch["best"], candidates)
+            return losses.masked_sum(per, valid), without_loss(metrics)
+        chosen, rejected = rewards[:, ..., 0], rewards[:, ..., 1]
+        mask = valid if chosen.ndim == 1 else valid[:, None] & batch["pair_mask"].astype(bool)
+        if use_margin and "margin" not in batch:
+            raise ValueError("reward_objective: use_margin=True but the batches carry no 'margin' (the data's "
+                             "records have no margin field)")
+        margin = margin_scale * batch["margin"] if use_margin else None
+        per, metrics = losses.bradley_terry_loss(chosen, rejected, mask, margin=margin, center_coef=center_coef,
+                                                 weights=weights)
+        return losses.masked_sum(per, valid if per.ndim == 1 else mask), without_loss(metrics)
+
+    return objective
+
+
+def build(config: RunConfig, lm, tokenizer, dataset):
+    if dataset.kind not in ("preference", "preference_group", "best_of_n"):
+        raise ValueError(f"method reward needs preference pairs, groups or best-of-N records; {config.data.source} "
+                         f"holds {dataset.kind!r} records")
+    options = dict(config.loss)
+    num_objectives = options.pop("num_objectives", None)
+    pooling = options.pop("pooling", "last")
+    options = check_options(options, REWARD_OPTIONS, "reward")
+    if dataset.kind == "best_of_n":
+        # Never the pairwise loss on N candidates: it would read samples 0 and 1 as chosen/rejected, ignoring "best".
+        if options.setdefault("loss", "best_of_n") != "best_of_n":
+            raise ValueError(f"{config.data.source} holds best-of-N records (N samples and the index of the best), "
+                             f"but loss.loss={options['loss']} trains chosen/rejected pairs (the preset sets it for "
+                             "pair data): set loss.loss=best_of_n")
+    elif options.get("loss") == "best_of_n":
+        raise ValueError(f"loss.loss=best_of_n needs best-of-N records (OpenAI lm-human-preferences: query, "
+                         f"sample0..N-1, best); {config.data.source} holds {dataset.kind!r} records: set "
+                         "loss.loss=bradley_terry")
+    if dataset.kind == "preference_group":
+        num_objectives = num_objectives or len(dataset.dimensions)
+        if num_objectives != len(dataset.dimensions):
+            raise ValueError(f"loss.num_objectives={num_objectives}, but the data has {len(dataset.dimensions)} "
+                             f"dimensions {dataset.dimensions}")
+    elif options.get("dimension_weights") is not None or (num_objectives or 1) > 1:
+        raise ValueError(f"loss.dimension_weights / num_objectives are for a reward head per dimension of grouped "
+                         f"data; {config.data.source} gives {dataset.kind!r} records (one reward): set "
+                         "loss.dimension_weights=null")
+    if config.model.lora is not None:
+        models.apply_lora(lm, lora_config(config), rngs=nnx.Rngs(config.train.seed))
+    model = models.RewardModel(lm, num_objectives=num_objectives, pooling=pooling, rngs=nnx.Rngs(config.train.seed))
+    extra = {"dimensions": list(dataset.dimensions), "num_objectives": num_objectives}
+    return model, reward_objective(**options), None, dataset, extra
+
+
+def prompts_of(dataset: jdata.TokenizedDataset, count: int) -> list[list[int]]:
+    """The prompt tokens of the first ``count`` examples (the shared prompt of a pair)."""
+    prompts = []
+    for example in dataset.examples[:count]:
+        sequence = next(s for s in example.sequences if s is not None)
+        prompts.append([int(t) for t in sequence.ids[:sequence.prompt_length]])
+    return prompts
+
+
+def fit_reward_normalization(reward_model: nnx.Module, policy: nnx.Module, prompts: list[list[int]], *,
+                             max_new_tokens: int, stop_token_ids: tuple[int, ...], seed: int = 0,
+                             batch_size: int = 16) -> tuple[Any, Any, dict[str, float]]:
+    """Gain and bias that give the reference policy's samples reward mean 0 and std 1.
+
+    Samples one response per prompt from ``policy`` (temperature 1, no filters), scores prompt + response
+    with the raw head and returns ``(gain, bias, stats)`` with ``gain = 1/std``, ``bias = −mean/std``
+    (per objective for a multi-objective head), as lm-human-preferences normalises its reward model.
+    """
+    sampler = Sampler(policy)
+    graphdef, state = nnx.split(reward_model)
+
+    @jax.jit
+    def score(state, tokens, mask):
+        return nnx.merge(graphdef, state)(tokens, attention_mask=mask)
+
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, stop_token_ids=stop_token_ids)
+    rewards = []
+    with tqdm(total=len(prompts), unit="prompt", desc="reward normalisation", dynamic_ncols=True) as bar:
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
+            padded = chunk + [chunk[-1]] * (batch_size - len(chunk))  # one compiled shape
+            rollout = sampler.generate(padded, key=jax.random.fold_in(jax.random.key(seed), start), params=params)
+            tokens, mask = rollout.sequences()
+            rewards.append(np.asarray(score(state, tokens, mask))[:len(chunk)])
+            bar.update(len(chunk))
+    values = np.concatenate(rewards).astype(np.float64)
+    mean, std = values.mean(axis=0), np.maximum(values.std(axis=0), 1e-6)
+    gain, bias = 1.0 / std, -mean / std
+    stats = {"raw_mean": np.asarray(mean).tolist(), "raw_std": np.asarray(std).tolist(), "samples": len(values)}
+    return np.asarray(gain).tolist(), np.asarray(bias).tolist(), stats
+
+
+def finish(config: RunConfig, model, tokenizer, dataset, extra: dict[str, Any]) -> Path | None:
+    """Fit the normalisation on the reference policy's samples and export the reward model."""
+    base, _ = load_pretrained(dataclasses.replace(config.model, lora=None))
+    gain, bias = 1.0, 0.0
+    if config.normalize_samples:
+        prompts = prompts_of(dataset, config.normalize_samples)
+        gain, bias, stats = fit_reward_normalization(
+            model, base, prompts, max_new_tokens=config.normalize_max_new_tokens,
+            stop_token_ids=stop_ids(base, tokenizer), seed=config.train.seed)
+        extra["normalization"] = {"gain": gain, "bias": bias, **stats}
+    if not config.export or jax.process_index() != 0:
+        return None
+    if models.has_lora(model):
+        model = models.merge_lora(model)
+    weights = None
+    if extra.get("num_objectives"):
+        # The training loss's weights are the default combination of the normalised objectives.
+        weights = config.loss.get("dimension_weights") or [1.0] * extra["num_objectives"]
+    return models.save_reward_model(Path(config.output_dir) / EXPORT_DIR, model, base, tokenizer, gain=gain,
+                                    bias=bias, dimension_weights=weights,
+                                    metadata={"dimensions": extra.get("dimensions", [])})
