@@ -99,7 +99,7 @@ from jaxalign import models  # noqa: E402
 from jaxalign.methods.dpo import dpo_objective  # noqa: E402
 from jaxalign.methods.sft import sft_objective  # noqa: E402
 from jaxalign.models import ModelConfig, RopeScaling  # noqa: E402
-from jaxalign.rollout.scoring import DEFAULT_CHUNK, target_logps  # noqa: E402
+from jaxalign.models.scoring import DEFAULT_CHUNK, target_logps  # noqa: E402
 from jaxalign.train import OptimizerConfig, TrainStep, make_optimizer  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

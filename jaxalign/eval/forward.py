@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from jaxalign.rollout import scoring
+from jaxalign.models import scoring
 
 
 class SplitModel(NamedTuple):
@@ -38,7 +38,7 @@ def split_model(model: nnx.Module) -> SplitModel:
 @functools.partial(jax.jit, static_argnames=("graphdef", "chunk_size"))
 def target_logps(graphdef, state, input_ids: Int[Array, "R T"], attention_mask: Array, positions: Array | None,
                  segment_ids: Array | None, *, chunk_size: int | None) -> Float[Array, "R T-1"]:
-    """:func:`jaxalign.rollout.scoring.target_logps` (the trainers' scorer, LM head chunked) compiled once per
+    """:func:`jaxalign.models.scoring.target_logps` (the trainers' scorer, LM head chunked) compiled once per
     batch shape: ``log p(input_ids[:, t+1] | input_ids[:, :t+1])`` for every ``t``, float32."""
     return scoring.target_logps(nnx.merge(graphdef, state), input_ids, attention_mask, positions, segment_ids,
                                 chunk_size=chunk_size)

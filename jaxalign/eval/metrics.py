@@ -19,8 +19,8 @@ from jaxtyping import Array, Float
 from jaxalign.data import BatchIterator
 from jaxalign.eval.forward import padded_batches, rewards, split_model, target_logps
 from jaxalign.losses import kl_estimate, masked_sum
+from jaxalign.models.scoring import DEFAULT_CHUNK
 from jaxalign.rollout import Rollout
-from jaxalign.rollout.scoring import DEFAULT_CHUNK
 
 __all__ = ["perplexity", "reference_logps", "reward_accuracy", "sequence_kl", "token_nll"]
 

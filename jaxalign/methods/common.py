@@ -19,12 +19,18 @@ from jaxtyping import Array
 from jaxalign import data as jdata
 from jaxalign import losses, models
 from jaxalign.methods.recipe import ModelSpec, RunConfig
-from jaxalign.rollout.scoring import target_logps
+from jaxalign.models.scoring import target_logps
 
 RUN_FILE = "run.json"
 EVAL_FILE = "eval.json"
 EXPORT_DIR = "export"
 F32 = jnp.float32
+# The one notion of the reference model, for every method that has one (RunConfig.reference):
+#   model:       a frozen copy of the initial policy (DPO: scored on the fly; PPO/GRPO: scored each iteration);
+#   precomputed: DPO only: the frozen copy's log-probs, computed in one pass before training;
+#   lora_base:   the policy itself with its LoRA adapters off (no second copy of the weights);
+#   none:        no reference (SimPO/ORPO; GRPO with kl_coef 0).
+REFERENCE_MODES = ("model", "precomputed", "lora_base", "none")
 
 @dataclasses.dataclass
 class RunResult:

@@ -15,11 +15,18 @@ from tqdm.auto import tqdm
 
 from jaxalign import data as jdata
 from jaxalign import losses
-from jaxalign.methods.common import load_pretrained, lora_base, one_pass, sequence_logps, with_lora, without_loss
+from jaxalign.methods.common import (
+    REFERENCE_MODES,
+    load_pretrained,
+    lora_base,
+    one_pass,
+    sequence_logps,
+    with_lora,
+    without_loss,
+)
 from jaxalign.methods.recipe import RunConfig
-from jaxalign.rollout.scoring import DEFAULT_CHUNK
+from jaxalign.models.scoring import DEFAULT_CHUNK
 
-REFERENCE_MODES = ("model", "precomputed", "lora_base", "none")
 REFERENCE_FREE_LOSSES = ("simpo", "orpo")
 DPO_FAMILY = (*losses.DPO_LOSS_TYPES, *REFERENCE_FREE_LOSSES)
 

@@ -41,19 +41,19 @@ import numpy as np
 from flax import nnx
 
 from jaxalign import losses
-from jaxalign.methods.common import lora_base
 from jaxalign.methods.online import (
     AlgorithmConfig,
     OnlineTrainer,
     default_trainable,
     jitted_pass,
+    reference_logps,
     response_logps,
     to_host,
 )
 from jaxalign.methods.rewards import RewardOutput, RewardSource
 from jaxalign.models import has_lora
+from jaxalign.models.scoring import DEFAULT_CHUNK
 from jaxalign.rollout import Rollout, SamplingParams
-from jaxalign.rollout.scoring import DEFAULT_CHUNK
 from jaxalign.train.config import TrainConfig
 
 
@@ -136,10 +136,9 @@ def _score_pass(lm, reference, tokens, attention_mask, positions, *, prompt_leng
         out["logps"] = response_logps(lm, hidden, tokens, prompt_length, temperature=temperature,
                                       chunk_size=chunk_size)
     if reference_mode != "none":
-        reference = lora_base(lm) if reference_mode == "lora_base" else reference
-        hidden, _ = reference.hidden_states(tokens, positions=positions, attention_mask=attention_mask)
-        out["ref_logps"] = response_logps(reference, hidden, tokens, prompt_length, temperature=temperature,
-                                          chunk_size=chunk_size)
+        out["ref_logps"] = reference_logps(lm, reference, tokens, attention_mask, positions, mode=reference_mode,
+                                           prompt_length=prompt_length, temperature=temperature,
+                                           chunk_size=chunk_size)
     return out
 
 

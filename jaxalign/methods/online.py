@@ -10,6 +10,9 @@ One *iteration*::
     for epoch: for minibatch in shuffled rows: state = train_step(state, minibatch)
     sampler.update_weights(policy of state)
 
+The loop itself is the core's one :class:`~jaxalign.train.Trainer`: :class:`OnlineTrainer` is its
+:class:`~jaxalign.train.StepSource`, whose step is one iteration and whose minibatches are the iteration's
+shuffled rows; the guards, logging, checkpoints, signals and resume are the offline methods' own code.
 ``TrainConfig.total_steps`` counts iterations here (the learning-rate schedule runs over the optimizer
 updates: iterations × epochs × minibatches). Everything an iteration draws is a function of the run's seed
 and the iteration index (the sampling key, the minibatch order) or is saved with the checkpoint (the
@@ -27,36 +30,26 @@ first one sees the sampling policy), ``response_length``,
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import signal
 import time
-import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
+from jaxalign.methods.common import lora_base
 from jaxalign.methods.rewards import Episodes, RewardOutput, RewardSource, run_source
 from jaxalign.models import has_lora
+from jaxalign.models.scoring import DEFAULT_CHUNK, head_logps
 from jaxalign.models.sharding import DEFAULT_RULES
 from jaxalign.rollout import Rollout, Sampler, SamplingParams
-from jaxalign.rollout.scoring import DEFAULT_CHUNK, head_logps
-from jaxalign.train.checkpoint import Checkpointer, run_metadata
-from jaxalign.train.config import MeshConfig, TrainConfig
-from jaxalign.train.distributed import any_process
-from jaxalign.train.mesh import make_mesh
-from jaxalign.train.metrics import MetricsLogger
-from jaxalign.train.optimizer import make_optimizer
-from jaxalign.train.schedules import make_schedule
-from jaxalign.train.signals import StopSignals, TrainingInterrupted
+from jaxalign.train.config import TrainConfig
 from jaxalign.train.state import TrainState
 from jaxalign.train.step import Objective, TrainStep
-from jaxalign.train.trainer import check_step
+from jaxalign.train.trainer import StepSource, Trainer
 
 F32 = jnp.float32
 
@@ -78,6 +71,21 @@ def response_logps(lm, hidden: Array, tokens: Array, prompt_length: int, *, temp
     """
     return head_logps(lm, hidden[:, prompt_length - 1:-1], tokens[:, prompt_length:], chunk_size=chunk_size,
                       temperature=temperature, with_entropy=with_entropy)
+
+
+def reference_logps(policy: nnx.Module, reference: nnx.Module | None, tokens: Array, attention_mask: Array,
+                    positions: Array, *, mode: str, prompt_length: int, temperature: float,
+                    chunk_size: int | None) -> Array:
+    """``[R, N]`` log-probs of the response tokens under the reference, the one reference pass of PPO and GRPO.
+
+    ``mode`` is the run's notion of the reference (:data:`jaxalign.methods.common.REFERENCE_MODES`):
+    ``"model"``, the frozen ``reference``; ``"lora_base"``, the ``policy`` with its LoRA adapters off.
+    """
+    if mode not in ("model", "lora_base"):
+        raise ValueError(f"reference_logps: mode must be 'model' or 'lora_base', got {mode!r}")
+    reference = lora_base(policy) if mode == "lora_base" else reference
+    hidden, _ = reference.hidden_states(tokens, positions=positions, attention_mask=attention_mask)
+    return response_logps(reference, hidden, tokens, prompt_length, temperature=temperature, chunk_size=chunk_size)
 
 
 def sequence_inputs(rollout: Rollout) -> dict[str, np.ndarray]:
@@ -135,25 +143,6 @@ class AlgorithmConfig:
         return cls(**values)
 
 
-def scale_updates_by_path(scales: Mapping[str, float]) -> optax.GradientTransformation:
-    """Multiply the updates of parameters whose path passes through a module named in ``scales`` (chained after
-    the optimizer, so with Adam it scales the learning rate of those parameters, weight decay included)."""
-
-    def factor(path) -> float:
-        names = {str(getattr(key, "key", getattr(key, "name", key))) for key in path}
-        return next((scale for name, scale in scales.items() if name in names), 1.0)
-
-    def scaled(path, update):
-        scale = factor(path)
-        return update if scale == 1.0 else update * scale
-
-    def update(updates, state, params=None):
-        del params
-        return jax.tree_util.tree_map_with_path(scaled, updates), state
-
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
-
-
 def default_trainable(policy: nnx.Module) -> Any:
     """Every parameter, or for a LoRA policy its adapters plus the critic (value head, separate critic):
     the LoRA base is then the frozen reference, so it must not move."""
@@ -162,23 +151,11 @@ def default_trainable(policy: nnx.Module) -> Any:
     return nnx.Param
 
 
-class _Progress:
-    """What a checkpoint saves as the run's "data position": the prompt iterator and the algorithm state."""
-
-    def __init__(self, prompts, algorithm: OnlineTrainer):
-        self.prompts, self.algorithm = prompts, algorithm
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"prompts": self.prompts.state_dict(), "algorithm": self.algorithm.algorithm_state()}
-
-    def load_state_dict(self, values: Mapping[str, Any]) -> None:
-        self.prompts.load_state_dict(values["prompts"])
-        self.algorithm.load_algorithm_state(values["algorithm"])
-
-
-class OnlineTrainer:
-    """The loop of the module docstring; :class:`~jaxalign.methods.ppo.PPOTrainer` and
-    :class:`~jaxalign.methods.grpo.GRPOTrainer` supply the model, the objective and the advantages.
+class OnlineTrainer(StepSource):
+    """The loop of the module docstring: a :class:`~jaxalign.train.StepSource` whose step is one iteration,
+    run by the core's one :class:`~jaxalign.train.Trainer`. :class:`~jaxalign.methods.ppo.PPOTrainer` and
+    :class:`~jaxalign.methods.grpo.GRPOTrainer` supply the model, the objective, the scoring pass and the
+    advantages.
 
     Args:
         config: the training core's config (``total_steps`` = iterations).
@@ -199,6 +176,7 @@ class OnlineTrainer:
             name are multiplied by the factor (e.g. a critic learning rate apart from the policy's).
     """
 
+    unit = "iteration"
     # Subclasses that read the policy's hidden states from the sampler (Rollout.hidden_states) set it.
     sampler_hidden_states: bool = False
 
@@ -211,26 +189,41 @@ class OnlineTrainer:
                                       "devices); multi-host sampling is not supported yet")
         if not isinstance(epochs, int) or epochs < 1 or not isinstance(num_minibatches, int) or num_minibatches < 1:
             raise ValueError(f"epochs and num_minibatches must be positive ints, got {epochs}, {num_minibatches}")
-        self.mesh = make_mesh(config.mesh)
-        self.config = dataclasses.replace(config, mesh=MeshConfig(*self.mesh.devices.shape))
-        self.reward, self.gold, self.tokenizer, self.sampling = reward, gold, tokenizer, sampling
+        self.prompts, self.reward, self.gold, self.tokenizer, self.sampling = prompts, reward, gold, tokenizer, sampling
         self.epochs, self.num_minibatches = epochs, num_minibatches
-        self.progress = _Progress(prompts, self)
-        total_updates = config.total_steps * epochs * num_minibatches
-        self.schedule = make_schedule(config.optimizer, total_updates)
-        optimizer = make_optimizer(config.optimizer, total_updates)
-        if update_scales:
-            optimizer = optax.chain(optimizer, scale_updates_by_path(update_scales))
-        self.train_step = TrainStep(objective, model, optimizer, mesh=self.mesh,
-                                    trainable=trainable, micro_batches=config.micro_batches, rules=rules,
-                                    count_tokens=lambda batch: jnp.sum(batch["attention_mask"], dtype=F32),
-                                    max_update_ratio=config.max_update_ratio)
-        self.metadata = run_metadata(self.config, self.mesh, model_config=getattr(model, "config", None),
-                                     extra=extra_metadata)
-        self.checkpointer = None if config.checkpoint.directory is None else Checkpointer(config.checkpoint,
-                                                                                          self.metadata)
+        self.updates_per_step = epochs * num_minibatches
         self.key = jax.random.key(config.seed)
-        self.state: TrainState | None = None
+        self.trainer = Trainer(config, model, objective, self, trainable=trainable, rules=rules,
+                               extra_metadata=extra_metadata, update_scales=update_scales)
+        self._sampler: Sampler | None = None
+        self._prompt_batches = None
+        self._iteration: dict[str, Any] = {}  # what step_metrics reports about the iteration being trained
+
+    # ------------------------------------------------------------------ the core's run, seen from here
+
+    config = property(lambda self: self.trainer.config)
+    mesh = property(lambda self: self.trainer.mesh)
+    train_step = property(lambda self: self.trainer.train_step)
+    checkpointer = property(lambda self: self.trainer.checkpointer)
+    metadata = property(lambda self: self.trainer.metadata)
+    schedule = property(lambda self: self.trainer.schedule)
+    state = property(lambda self: self.trainer.state)
+
+    def run(self) -> TrainState:
+        """Train to ``config.total_steps`` iterations, resuming from the latest checkpoint if there is one.
+
+        Raises:
+            NonFiniteError: a non-finite loss or gradient, or a diverging update (``TrainingDiverged``), with
+                ``on_nonfinite="raise"``.
+            TrainingInterrupted: SIGTERM/SIGINT arrived; the last completed iteration is saved.
+        """
+        return self.trainer.run()
+
+    def trained_model(self) -> nnx.Module:
+        """The trained module after :meth:`run`."""
+        if self.state is None:
+            raise RuntimeError("trained_model() needs a finished run(): call run() first")
+        return self.train_step.trained_model(self.state)
 
     # ------------------------------------------------------------------ what a method provides
 
@@ -276,72 +269,40 @@ class OnlineTrainer:
     def load_algorithm_state(self, values: Mapping[str, Any]) -> None:
         del values
 
-    # ------------------------------------------------------------------ the loop
+    # ------------------------------------------------------------------ the StepSource of the core's loop
 
-    def trained_model(self) -> nnx.Module:
-        """The trained module after :meth:`run`."""
-        if self.state is None:
-            raise RuntimeError("trained_model() needs a finished run(): call run() first")
-        return self.train_step.trained_model(self.state)
+    def start(self, train_step: TrainStep) -> None:
+        self._prompt_batches = iter(self.prompts)
 
-    def run(self) -> TrainState:
-        """Train to ``config.total_steps`` iterations, resuming from the latest checkpoint if there is one.
+    def state_dict(self) -> dict[str, Any]:
+        """The run's "data position": the prompt iterator and the algorithm's state."""
+        return {"prompts": self.prompts.state_dict(), "algorithm": self.algorithm_state()}
 
-        Raises:
-            NonFiniteError: a non-finite loss or gradient, or a diverging update (``TrainingDiverged``), with
-                ``on_nonfinite="raise"``.
-            TrainingInterrupted: SIGTERM/SIGINT arrived; the last completed iteration is saved.
-        """
-        state, iteration = self._start()
-        config = self.config
-        logger = MetricsLogger(config.log, total_steps=config.total_steps, start_step=iteration,
-                               run_config=self.metadata)
-        sampler = Sampler(self.policy_of(self.train_step.trained_model(state)),
-                          mesh=self.mesh if self.mesh.size > 1 else None)
-        prompts = iter(self.progress.prompts)
-        save_on_signal = self.checkpointer is not None and config.checkpoint.save_on_signal
-        with StopSignals() if save_on_signal else contextlib.nullcontext() as stop:
-            try:
-                while iteration < config.total_steps:
-                    try:
-                        batch = next(prompts)
-                    except StopIteration:
-                        warnings.warn(f"the prompts ended after iteration {iteration}, before total_steps="
-                                      f"{config.total_steps} (data.num_epochs is set; leave it unset to cycle)",
-                                      stacklevel=2)
-                        break
-                    state, metrics = self._iteration(state, iteration, batch, sampler)
-                    iteration += 1
-                    if iteration % config.log.every_steps == 0 or iteration == config.total_steps:
-                        logger.log(iteration, metrics)
-                    logger.advance()
-                    if self.checkpointer is not None and self.checkpointer.should_save(iteration):
-                        self.checkpointer.save(iteration, state, self.progress)
-                    if save_on_signal and any_process(stop.received is not None):
-                        self.checkpointer.save(iteration, state, self.progress)
-                        self.checkpointer.wait()
-                        raise TrainingInterrupted(stop.received or signal.SIGTERM, iteration)
-                if self.checkpointer is not None:
-                    self.checkpointer.save(iteration, state, self.progress)
-            finally:
-                if self.checkpointer is not None:
-                    self.checkpointer.wait()
-                logger.close()
-        self.state = state
-        return state
+    def load_state_dict(self, values: Mapping[str, Any]) -> None:
+        self.prompts.load_state_dict(values["prompts"])
+        self.load_algorithm_state(values["algorithm"])
 
-    def _iteration(self, state: TrainState, iteration: int, prompts: Mapping[str, np.ndarray],
-                   sampler: Sampler) -> tuple[TrainState, dict[str, Any]]:
+    def ended_message(self, step: int, total_steps: int) -> str:
+        return (f"the prompts ended after iteration {step}, before total_steps={total_steps} (data.num_epochs is "
+                "set; leave it unset to cycle)")
+
+    def minibatches(self, state: TrainState, step: int) -> Iterator[dict[str, np.ndarray]]:
+        """Sample, score, reward and prepare iteration ``step + 1``; then its shuffled minibatches."""
+        prompts = next(self._prompt_batches)
         started = time.perf_counter()
-        rollout = sampler.generate(prompts["input_ids"], prompts["attention_mask"],
-                                   key=jax.random.fold_in(self.key, iteration), params=self.sampling,
-                                   return_hidden=self.sampler_hidden_states)
+        # Dropout off (LoRA adapters may carry some): old log-probs are those of the policy that sampled.
+        model = nnx.view(self.train_step.trained_model(state), deterministic=True, raise_if_not_found=False)
+        if self._sampler is None:
+            self._sampler = Sampler(self.policy_of(model), mesh=self.mesh if self.mesh.size > 1 else None)
+        else:
+            self._sampler.update_weights(self.policy_of(model))
+        rollout = self._sampler.generate(prompts["input_ids"], prompts["attention_mask"],
+                                         key=jax.random.fold_in(self.key, step), params=self.sampling,
+                                         return_hidden=self.sampler_hidden_states)
         jax.block_until_ready(rollout.tokens)
         generated = time.perf_counter()
 
         inputs = sequence_inputs(rollout)
-        # Dropout off (LoRA adapters may carry some): old log-probs are those of the policy that sampled.
-        model = nnx.view(self.train_step.trained_model(state), deterministic=True, raise_if_not_found=False)
         scored = self.score(model, rollout, inputs)
         rollout = dataclasses.replace(rollout, hidden_states=None)  # [R, N, D]: not kept through training
         episodes = Episodes.from_rollout(rollout, self.tokenizer, ref_logps=scored.get("ref_logps"),
@@ -349,59 +310,43 @@ class OnlineTrainer:
         rewards = run_source(self.reward, episodes)
         gold = run_source(self.gold, episodes) if self.gold is not None else None
         batch, advantage_metrics = self.prepare(rollout, inputs, scored, rewards)
-        scored_at = time.perf_counter()
-
-        state, train_metrics = self._train(state, batch, iteration)
-        trained = time.perf_counter()
-        sampler.update_weights(self.policy_of(self.train_step.trained_model(state)))
-
-        metrics = {**rollout_metrics(rollout, scored, rewards, gold), **advantage_metrics, **train_metrics}
-        metrics.update(self.after_iteration(metrics))
-        metrics.update({"time/generate": generated - started, "time/score": scored_at - generated,
-                        "time/train": trained - scored_at, "time/iteration": time.perf_counter() - started,
-                        "learning_rate": float(self.schedule(max(int(state.step) - 1, 0)))})
-        return state, metrics
-
-    def _train(self, state: TrainState, batch: Mapping[str, np.ndarray], iteration: int,
-               ) -> tuple[TrainState, dict[str, float]]:
         rows = len(next(iter(batch.values())))
         if rows % self.num_minibatches:
             raise ValueError(f"{rows} rows per iteration (prompts × samples) is not a multiple of "
                              f"num_minibatches={self.num_minibatches}")
+        scored_at = time.perf_counter()
+        self._iteration = {"metrics": {**rollout_metrics(rollout, scored, rewards, gold), **advantage_metrics},
+                           "started": started, "generated": generated, "scored": scored_at, "stopped": False}
+        return self._shuffled(batch, rows, step)
+
+    def _shuffled(self, batch: Mapping[str, np.ndarray], rows: int, step: int) -> Iterator[dict[str, np.ndarray]]:
         size = rows // self.num_minibatches
-        sums: dict[str, float] = {}
-        updates = 0
-        stopped = False
         for epoch in range(self.epochs):
             # The order is a function of (seed, iteration, epoch): a resumed run shuffles identically.
-            order = np.random.default_rng([self.config.seed, iteration, epoch]).permutation(rows)
+            order = np.random.default_rng([self.config.seed, step, epoch]).permutation(rows)
             for start in range(0, rows, size):
                 rows_of = order[start:start + size]
-                state, device_metrics = self.train_step(state, {k: v[rows_of] for k, v in batch.items()})
-                metrics = jax.device_get(device_metrics)
-                updates += 1
-                check_step(self.config, iteration + 1, metrics, self.progress.state_dict, self.checkpointer,
-                           unit="iteration")
-                for name, value in metrics.items():
-                    sums[name] = sums.get(name, 0.0) + float(value)
-                if self.should_stop_epochs(metrics):
-                    stopped = True
-                    break
-            if stopped:
-                break
-        averaged = {name: value / updates for name, value in sums.items()
-                    if name not in ("finite", "diverging", "tokens")}
-        averaged.update({"updates": updates, "early_stopped": float(stopped)})
-        return state, averaged
+                yield {name: value[rows_of] for name, value in batch.items()}
 
-    def _start(self) -> tuple[TrainState, int]:
-        checkpointer = self.checkpointer
-        if checkpointer is None or not self.config.checkpoint.resume or checkpointer.latest_step() is None:
-            return self.train_step.init(self.config.seed), 0
-        self.train_step.discard_initial_values()
-        restored = checkpointer.restore(self.train_step.abstract_state())
-        self.progress.load_state_dict(restored.data_position)
-        return restored.state, restored.step
+    def stop_early(self, metrics: Mapping[str, Any]) -> bool:
+        stop = self.should_stop_epochs(metrics)
+        self._iteration["stopped"] |= stop
+        return stop
+
+    def step_metrics(self, state: TrainState, step: int, updates: list[Mapping[str, Any]]) -> dict[str, Any]:
+        """The iteration's rollout and advantage metrics, its updates' mean metrics, the algorithm's
+        end-of-iteration update (:meth:`after_iteration`) and the time of each phase."""
+        trained = time.perf_counter()
+        iteration = self._iteration
+        averaged = {name: float(np.mean([float(update[name]) for update in updates])) for name in updates[0]
+                    if name not in ("finite", "diverging", "tokens")}
+        metrics = {**iteration["metrics"], **averaged, "updates": len(updates),
+                   "early_stopped": float(iteration["stopped"])}
+        metrics.update(self.after_iteration(metrics))
+        metrics.update({"time/generate": iteration["generated"] - iteration["started"],
+                        "time/score": iteration["scored"] - iteration["generated"],
+                        "time/train": trained - iteration["scored"], "time/iteration": trained - iteration["started"]})
+        return metrics
 
 
 def jitted_pass(fn: Callable, *modules: nnx.Module) -> Callable:

@@ -48,19 +48,19 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float
 
 from jaxalign import losses
-from jaxalign.methods.common import lora_base
 from jaxalign.methods.online import (
     AlgorithmConfig,
     OnlineTrainer,
     default_trainable,
     jitted_pass,
+    reference_logps,
     response_logps,
     to_host,
 )
 from jaxalign.methods.rewards import RewardOutput, RewardSource, RunningMoments, clip_rewards
 from jaxalign.models import ValueHead, has_lora
+from jaxalign.models.scoring import DEFAULT_CHUNK
 from jaxalign.rollout import Rollout, SamplingParams
-from jaxalign.rollout.scoring import DEFAULT_CHUNK
 from jaxalign.train.config import TrainConfig
 
 F32 = jnp.float32
@@ -98,7 +98,7 @@ class PPOConfig(AlgorithmConfig):
         critic_lr_scale: the critic's learning rate (value head and separate critic) as a multiple of the
             policy's (OpenRLHF's separate ``critic_learning_rate``; TRL uses one rate). A fresh value head on a
             pretrained policy often needs a higher one.
-        chunk_size: positions per LM-head chunk (memory; see ``jaxalign.rollout.scoring.head_logps``).
+        chunk_size: positions per LM-head chunk (memory; see ``jaxalign.models.scoring.head_logps``).
     """
 
     epochs: int = 4
@@ -231,7 +231,7 @@ def ppo_objective(config: PPOConfig, temperature: float):
 
 
 def _score_pass(model: ActorCritic, reference, tokens, attention_mask, positions, sampler_hidden, *,
-                prompt_length: int, temperature: float, chunk_size: int | None, lora_reference: bool,
+                prompt_length: int, temperature: float, chunk_size: int | None, reference_mode: str,
                 policy_logps: bool):
     if sampler_hidden is not None:  # a shared critic on the sampler's hidden states: no policy pass at all
         out = {"values": model.value_head(sampler_hidden)}
@@ -242,10 +242,8 @@ def _score_pass(model: ActorCritic, reference, tokens, attention_mask, positions
     else:  # the sampler's log-probs serve: only the separate critic runs
         hidden, _ = model.critic.hidden_states(tokens, positions=positions, attention_mask=attention_mask)
         out = {"values": model.value_head(hidden[:, prompt_length - 1:-1])}
-    reference = lora_base(model.policy) if lora_reference else reference
-    hidden, _ = reference.hidden_states(tokens, positions=positions, attention_mask=attention_mask)
-    ref_logps = response_logps(reference, hidden, tokens, prompt_length, temperature=temperature,
-                               chunk_size=chunk_size)
+    ref_logps = reference_logps(model.policy, reference, tokens, attention_mask, positions, mode=reference_mode,
+                                prompt_length=prompt_length, temperature=temperature, chunk_size=chunk_size)
     return {**out, "ref_logps": ref_logps}
 
 
@@ -276,8 +274,8 @@ class PPOTrainer(OnlineTrainer):
         if sampling.n != 1:
             raise ValueError(f"PPO samples one response per prompt; got sampling n={sampling.n} (use GRPO for groups)")
         self.ppo = ppo
-        self.lora_reference = reference is None
-        if self.lora_reference and not has_lora(policy):
+        self.reference_mode = "lora_base" if reference is None else "model"
+        if self.reference_mode == "lora_base" and not has_lora(policy):
             raise ValueError("PPOTrainer: no reference model given and the policy has no LoRA adapters; pass "
                              "reference= (a frozen copy of the initial policy)")
         if ppo.critic == "separate" and critic is None:
@@ -308,10 +306,10 @@ class PPOTrainer(OnlineTrainer):
         return model.policy
 
     def score(self, model: ActorCritic, rollout: Rollout, inputs) -> dict[str, np.ndarray]:
-        reference = model.policy if self.lora_reference else self.reference
+        reference = model.policy if self.reference is None else self.reference
         sampled = self.sampled_logps(rollout)
         static = {"prompt_length": int(rollout.prompt_tokens.shape[1]), "temperature": self.temperature,
-                  "chunk_size": self.ppo.chunk_size, "lora_reference": self.lora_reference,
+                  "chunk_size": self.ppo.chunk_size, "reference_mode": self.reference_mode,
                   "policy_logps": sampled is None}
         # Only a shared critic's values live on the policy's hidden states.
         hidden = rollout.hidden_states if sampled is not None and model.critic is None else None

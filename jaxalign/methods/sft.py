@@ -12,7 +12,7 @@ from jaxalign import data as jdata
 from jaxalign import losses
 from jaxalign.methods.common import F32, check_options, with_lora
 from jaxalign.methods.recipe import RunConfig
-from jaxalign.rollout.scoring import DEFAULT_CHUNK, target_logps
+from jaxalign.models.scoring import DEFAULT_CHUNK, target_logps
 
 SFT_OPTIONS = ("label_smoothing", "average")
 SFT_AVERAGES = ("token_mean", "sequence_mean")

@@ -26,9 +26,13 @@ from jaxalign.models.lora import BASE_PARAMS, LoRAConfig, LoRALinear, apply_lora
 from jaxalign.models.masks import derive_positions
 from jaxalign.models.pretrained import TOKENIZER_FILES, load_pretrained
 from jaxalign.models.reward_io import load_reward_model, save_reward_model
+from jaxalign.models.scoring import DEFAULT_CHUNK, head_logps, target_logps
 from jaxalign.models.sharding import DEFAULT_RULES, MESH_AXES, fit_spec, named_shardings, partition_specs
 
 __all__ = [
+    "DEFAULT_CHUNK",
+    "head_logps",
+    "target_logps",
     "BASE_PARAMS",
     "DEFAULT_RULES",
     "MESH_AXES",

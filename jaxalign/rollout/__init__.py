@@ -17,8 +17,6 @@ Quick path::
 - :mod:`~jaxalign.rollout.filters`, :mod:`~jaxalign.rollout.sampling`: top-k / top-p / min-p thresholds
   without a vocabulary sort, inverse-CDF draws, :func:`filtered_logprobs`.
 - :mod:`~jaxalign.rollout.batching`: left padding and the length / batch buckets.
-- :mod:`~jaxalign.rollout.scoring`: :func:`target_logps` / :func:`head_logps`, log-probs of given tokens
-  with the LM head in chunks (what the trainers and evaluation score sequences with).
 - :mod:`~jaxalign.rollout.text`: incremental detokenisation for streaming.
 
 See docs/rollout.md.
@@ -29,7 +27,6 @@ from jaxalign.rollout.engine import Rollout, Sampler
 from jaxalign.rollout.filters import DEFAULT_CANDIDATES, filtered_logprobs, keep_thresholds, order_keys
 from jaxalign.rollout.params import Filters, SamplingParams
 from jaxalign.rollout.sampling import inverse_cdf, next_token
-from jaxalign.rollout.scoring import head_logps, target_logps
 from jaxalign.rollout.text import TextStream
 
 __all__ = [
@@ -42,11 +39,9 @@ __all__ = [
     "bucket",
     "check_left_padded",
     "filtered_logprobs",
-    "head_logps",
     "inverse_cdf",
     "keep_thresholds",
     "left_pad",
     "next_token",
     "order_keys",
-    "target_logps",
 ]

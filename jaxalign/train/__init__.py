@@ -5,7 +5,8 @@
 - :mod:`~jaxalign.train.step`: ``TrainStep``, the jitted step factory (accumulation, filters, references).
 - :mod:`~jaxalign.train.schedules`, :mod:`~jaxalign.train.optimizer`: learning-rate schedules, optax chain.
 - :mod:`~jaxalign.train.checkpoint`: ``Checkpointer`` (Orbax CheckpointManager) and run metadata.
-- :mod:`~jaxalign.train.trainer`: ``Trainer``, the loop (resume, NaN guard, logging, signals).
+- :mod:`~jaxalign.train.trainer`: ``Trainer``, the one loop (resume, NaN guard, logging, signals) over a
+  ``StepSource`` (offline batches, or an online method's iterations).
 - :mod:`~jaxalign.train.distributed`: ``jax.distributed.initialize`` from flags or the environment.
 - :mod:`~jaxalign.train.metrics`, :mod:`~jaxalign.train.tensorboard`: JSONL / TensorBoard / W&B sinks.
 
@@ -22,14 +23,18 @@ from jaxalign.train.distributed import (
     initialize_from_args,
 )
 from jaxalign.train.mesh import batch_sharding, make_mesh, shard_batch, single_device_mesh
-from jaxalign.train.optimizer import make_optimizer
+from jaxalign.train.optimizer import make_optimizer, scale_updates_by_path
 from jaxalign.train.schedules import make_schedule
 from jaxalign.train.signals import TrainingInterrupted
 from jaxalign.train.state import TrainState
 from jaxalign.train.step import TrainStep, default_token_count
-from jaxalign.train.trainer import NonFiniteError, Trainer, TrainingDiverged
+from jaxalign.train.trainer import BatchPerStep, NonFiniteError, StepSource, Trainer, TrainingDiverged, check_step
 
 __all__ = [
+    "BatchPerStep",
+    "StepSource",
+    "check_step",
+    "scale_updates_by_path",
     "CheckpointConfig",
     "Checkpointer",
     "LogConfig",

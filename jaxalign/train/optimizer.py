@@ -59,3 +59,22 @@ def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientT
     if config.max_grad_norm is None:
         return update
     return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), update)
+
+
+def scale_updates_by_path(scales: dict[str, float]) -> optax.GradientTransformation:
+    """Multiply the updates of parameters whose path passes through a module named in ``scales`` (chained after
+    the optimizer, so with Adam it scales the learning rate of those parameters, weight decay included)."""
+
+    def factor(path) -> float:
+        names = {str(getattr(key, "key", getattr(key, "name", key))) for key in path}
+        return next((scale for name, scale in scales.items() if name in names), 1.0)
+
+    def scaled(path, update):
+        scale = factor(path)
+        return update if scale == 1.0 else update * scale
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree_util.tree_map_with_path(scaled, updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)

@@ -1,4 +1,4 @@
-"""The training loop every method's trainer runs: resume, step, guard, log, checkpoint, stop on a signal.
+"""The one training loop every method runs: resume, step, guard, log, checkpoint, stop on a signal.
 
 ::
 
@@ -6,11 +6,14 @@
     state = trainer.run()                                    # resumes from config.checkpoint.directory if it can
     model = trainer.trained_model()
 
-One iteration: take the next batch, run the jitted :class:`~jaxalign.train.step.TrainStep`, fetch its
-scalar metrics (the one host synchronisation per step), stop or warn on a non-finite loss or gradient,
-log, save when the policy asks, and, when SIGTERM/SIGINT arrived on any process, save and exit. A resumed
-run restores the parameters, the optimizer state, the step, the RNG key and the data iterator's
-position, so it continues exactly as if it had not stopped.
+One step: ask the :class:`StepSource` for the step's minibatches, run the jitted
+:class:`~jaxalign.train.step.TrainStep` on each, fetch its scalar metrics (the one host synchronisation per
+update), stop or warn on a non-finite or diverging update, log the step, save when the policy asks, and,
+when SIGTERM/SIGINT arrived on any process, save and exit. An offline method's data is a plain iterator of
+batches, one update per step (:class:`BatchPerStep`); an online method's source samples, scores and prepares
+an iteration of rows and yields its minibatches (one step = one iteration, many updates). A resumed run
+restores the parameters, the optimizer state, the step, the RNG key and the source's ``state_dict()`` (the
+data position and any algorithm state), so it continues exactly as if it had not stopped, whatever the method.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import contextlib
 import dataclasses
 import signal
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -33,7 +36,7 @@ from jaxalign.train.config import MeshConfig, TrainConfig
 from jaxalign.train.distributed import any_process
 from jaxalign.train.mesh import make_mesh
 from jaxalign.train.metrics import MetricsLogger, Throughput
-from jaxalign.train.optimizer import make_optimizer
+from jaxalign.train.optimizer import make_optimizer, scale_updates_by_path
 from jaxalign.train.schedules import make_schedule
 from jaxalign.train.signals import StopSignals, TrainingInterrupted
 from jaxalign.train.state import TrainState
@@ -105,6 +108,79 @@ def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [prefix.rstrip(".")]
 
 
+class StepSource:
+    """What the loop trains on, one step at a time: the step's minibatches, and what to log about it.
+
+    Subclass it for a method whose data depends on the model being trained (online RL samples from the
+    current policy). ``state_dict()``/``load_state_dict()`` are saved and restored with every checkpoint: the
+    data position and the algorithm's own state (an adaptive KL coefficient, running reward statistics), so
+    an exact resume is the same code for every method.
+    """
+
+    #: the name of a step in warnings and errors ("iteration" for online RL).
+    unit = "step"
+    #: optimizer updates per step when no step stops early: the learning-rate schedule's length is
+    #: ``total_steps × updates_per_step``.
+    updates_per_step = 1
+
+    def start(self, train_step: TrainStep) -> None:
+        """Called once by :meth:`Trainer.run` after the state is initialised or restored."""
+
+    def minibatches(self, state: TrainState, step: int) -> Iterator[Any]:
+        """The batches of step ``step + 1`` (0-based ``step`` steps done), trained on in order. Raises
+        ``StopIteration`` when the data has ended."""
+        raise NotImplementedError
+
+    def stop_early(self, metrics: Mapping[str, Any]) -> bool:
+        """After each update: True ends the step's remaining minibatches (e.g. PPO's approx-KL target)."""
+        del metrics
+        return False
+
+    def step_metrics(self, state: TrainState, step: int, updates: list[Mapping[str, Any]]) -> dict[str, Any]:
+        """What to log for the step, from the metrics of its updates (host scalars, in order)."""
+        del state, step
+        return dict(updates[-1])
+
+    def ended_message(self, step: int, total_steps: int) -> str:
+        return f"the data ended after {self.unit} {step}, before total_steps={total_steps}"
+
+    def state_dict(self) -> Any:
+        return None
+
+    def load_state_dict(self, values: Any) -> None:
+        del values
+
+    @property
+    def resumable(self) -> bool:
+        """Whether :meth:`state_dict` captures the position, so a checkpoint can resume exactly."""
+        return True
+
+
+class BatchPerStep(StepSource):
+    """An iterable of batches as a :class:`StepSource`: one batch, one update, one logged step."""
+
+    def __init__(self, data: Iterable):
+        self.data = data
+        self._batches: Iterator | None = None
+
+    def start(self, train_step: TrainStep) -> None:
+        self._batches = iter(self.data)
+
+    def minibatches(self, state: TrainState, step: int) -> Iterator[Any]:
+        return iter([next(self._batches)])
+
+    def state_dict(self) -> Any:
+        return self.data.state_dict() if hasattr(self.data, "state_dict") else None
+
+    def load_state_dict(self, values: Any) -> None:
+        if values is not None:
+            self.data.load_state_dict(values)
+
+    @property
+    def resumable(self) -> bool:
+        return hasattr(self.data, "state_dict") and hasattr(self.data, "load_state_dict")
+
+
 class Trainer:
     """Runs ``config.total_steps`` steps of ``objective`` on ``model`` over ``data``.
 
@@ -112,12 +188,15 @@ class Trainer:
         config: the run (optimizer, mesh, micro-batches, checkpoints, logging, non-finite policy).
         model: the NNX model to train (the initial parameters when not resuming).
         objective: see :class:`~jaxalign.train.step.TrainStep`.
-        data: an iterator of batches (dicts of NumPy arrays holding this process's rows). When
-            checkpointing, it must have ``state_dict()`` (JSON-serialisable) and ``load_state_dict()``,
-            like jaxalign.data's iterators: its position is saved with every checkpoint.
+        data: an iterator of batches (dicts of NumPy arrays holding this process's rows), or a
+            :class:`StepSource`. When checkpointing, it must have ``state_dict()`` (JSON-serialisable) and
+            ``load_state_dict()``, like jaxalign.data's iterators: its position is saved with every checkpoint.
         references: frozen models passed to the objective by name (e.g. ``{"ref": ref_model}``).
         trainable: NNX filter of the parameters to train (see :class:`TrainStep`).
-        optimizer: an optax optimizer; default :func:`make_optimizer` of ``config.optimizer``.
+        optimizer: an optax optimizer; default :func:`make_optimizer` of ``config.optimizer`` over
+            ``total_steps × data.updates_per_step`` updates.
+        update_scales: ``{module name: factor}``: the updates of parameters under a module of that name are
+            multiplied by the factor (e.g. a critic's learning rate apart from the policy's).
         rules: partition table for the models.
         count_tokens: ``batch -> tokens`` for throughput.
         extra_metadata: recorded in every checkpoint's metadata (e.g. the experiment's own config).
@@ -132,14 +211,19 @@ class Trainer:
                  references: Mapping[str, nnx.Module] | None = None, trainable: Any = nnx.Param,
                  optimizer: optax.GradientTransformation | None = None, rules: Mapping = DEFAULT_RULES,
                  count_tokens: Callable[[Any], Any] = default_token_count,
-                 extra_metadata: Mapping[str, Any] | None = None):
+                 extra_metadata: Mapping[str, Any] | None = None, update_scales: Mapping[str, float] | None = None):
         self.mesh = make_mesh(config.mesh)
         self.config = dataclasses.replace(config, mesh=MeshConfig(*self.mesh.devices.shape))
         self.data = data
+        self.source = data if isinstance(data, StepSource) else BatchPerStep(data)
+        total_updates = config.total_steps * self.source.updates_per_step
         # The logged learning rate is the config's schedule, so there is none to log for a custom optimizer.
-        self.schedule = None if optimizer else make_schedule(config.optimizer, config.total_steps)
+        self.schedule = None if optimizer else make_schedule(config.optimizer, total_updates)
+        optimizer = optimizer or make_optimizer(config.optimizer, total_updates)
+        if update_scales:
+            optimizer = optax.chain(optimizer, scale_updates_by_path(update_scales))
         self.train_step = TrainStep(
-            objective, model, optimizer or make_optimizer(config.optimizer, config.total_steps), mesh=self.mesh,
+            objective, model, optimizer, mesh=self.mesh,
             trainable=trainable, micro_batches=config.micro_batches, references=references, rules=rules,
             count_tokens=count_tokens, max_update_ratio=config.max_update_ratio,
         )
@@ -149,7 +233,7 @@ class Trainer:
         self.state: TrainState | None = None
         checkpoint = config.checkpoint
         if checkpoint.directory is not None:
-            if not (hasattr(data, "state_dict") and hasattr(data, "load_state_dict")):
+            if not self.source.resumable:
                 raise ValueError(
                     f"checkpointing to {checkpoint.directory} needs the data position for an exact resume, but "
                     f"{type(data).__name__} has no state_dict()/load_state_dict(); use a resumable iterator "
@@ -168,9 +252,10 @@ class Trainer:
         """
         state, step = self._start()
         config = self.config
+        source = self.source
+        source.start(self.train_step)
         logger = MetricsLogger(config.log, total_steps=config.total_steps, start_step=step, run_config=self.metadata)
         throughput = Throughput()
-        batches = iter(self.data)
         save_on_signal = self.checkpointer is not None and config.checkpoint.save_on_signal
         # The signal handlers stay installed until every save, the final one included, is on disk: a
         # repeated SIGTERM/SIGINT is then ignored instead of killing the process mid-save.
@@ -178,33 +263,44 @@ class Trainer:
             try:
                 while step < config.total_steps:
                     try:
-                        batch = next(batches)
+                        minibatches = source.minibatches(state, step)
                     except StopIteration:
-                        warnings.warn(f"the data ended after step {step}, before total_steps={config.total_steps}",
-                                      stacklevel=2)
+                        warnings.warn(source.ended_message(step, config.total_steps), stacklevel=2)
                         break
-                    state, device_metrics = self.train_step(state, batch)
-                    metrics = jax.device_get(device_metrics)
+                    state, updates = self._updates(state, step + 1, minibatches)
                     step += 1
-                    throughput.step_done(metrics.get("tokens"))
-                    check_step(config, step, metrics, self._data_position, self.checkpointer)
+                    throughput.step_done(sum(float(update.get("tokens", 0.0)) for update in updates))
+                    metrics = source.step_metrics(state, step, updates)
                     if step % config.log.every_steps == 0 or step == config.total_steps:
-                        logger.log(step, self._with_rates(step, metrics, throughput))
+                        logger.log(step, self._with_rates(state, metrics, throughput))
                     logger.advance()
                     if self.checkpointer is not None and self.checkpointer.should_save(step):
-                        self.checkpointer.save(step, state, self.data)
+                        self.checkpointer.save(step, state, source)
                     if save_on_signal and any_process(stop.received is not None):
-                        self.checkpointer.save(step, state, self.data)
+                        self.checkpointer.save(step, state, source)
                         self.checkpointer.wait()
                         raise TrainingInterrupted(stop.received or signal.SIGTERM, step)
                 if self.checkpointer is not None:
-                    self.checkpointer.save(step, state, self.data)
+                    self.checkpointer.save(step, state, source)
             finally:
                 if self.checkpointer is not None:
                     self.checkpointer.wait()
                 logger.close()
         self.state = state
         return state
+
+    def _updates(self, state: TrainState, step: int, minibatches: Iterator[Any],
+                 ) -> tuple[TrainState, list[dict[str, Any]]]:
+        """One step's updates, each checked before the next (a refused update stops or is skipped)."""
+        updates = []
+        for batch in minibatches:
+            state, device_metrics = self.train_step(state, batch)
+            metrics = jax.device_get(device_metrics)
+            check_step(self.config, step, metrics, self.source.state_dict, self.checkpointer, unit=self.source.unit)
+            updates.append(metrics)
+            if self.source.stop_early(metrics):
+                break
+        return state, updates
 
     def trained_model(self) -> nnx.Module:
         """The model with the final parameters (after :meth:`run`)."""
@@ -220,19 +316,17 @@ class Trainer:
         self.train_step.discard_initial_values()
         restored = checkpointer.restore(self.train_step.abstract_state())
         if restored.data_position is not None:
-            self.data.load_state_dict(restored.data_position)
+            self.source.load_state_dict(restored.data_position)
         changed = _changed_keys(restored.metadata["config"], self.metadata["config"])
         if changed:
-            warnings.warn(f"resuming step {restored.step} with a config that differs in {changed}", stacklevel=3)
+            warnings.warn(f"resuming {self.source.unit} {restored.step} with a config that differs in {changed}",
+                          stacklevel=3)
         return restored.state, restored.step
 
-    def _with_rates(self, step: int, metrics: Mapping[str, Any], throughput: Throughput) -> dict[str, Any]:
-        """The step's metrics plus throughput and the learning rate of its update (optax counts from 0)."""
+    def _with_rates(self, state: TrainState, metrics: Mapping[str, Any], throughput: Throughput) -> dict[str, Any]:
+        """The step's metrics plus throughput and the learning rate of its last update (optax counts from 0)."""
         logged = {name: value for name, value in metrics.items() if name != "diverging"}  # finite says it
         logged |= throughput.report()
         if self.schedule is not None:
-            logged["learning_rate"] = float(self.schedule(step - 1))
+            logged["learning_rate"] = float(self.schedule(max(int(state.step) - 1, 0)))
         return logged
-
-    def _data_position(self) -> Any:
-        return self.data.state_dict() if hasattr(self.data, "state_dict") else None

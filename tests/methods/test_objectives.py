@@ -1,5 +1,5 @@
 """The trainers' objectives: each equals the loss library applied to a plain forward pass; bad options are
-refused up front. (The chunked log-probs they share are tested in tests/rollout/test_scoring.py.)"""
+refused up front. (The chunked log-probs they share are tested in tests/models/test_scoring.py.)"""
 
 from __future__ import annotations
 

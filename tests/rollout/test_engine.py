@@ -11,8 +11,8 @@ import torch
 
 from jaxalign.losses import token_logps
 from jaxalign.models import load_hf
+from jaxalign.models.scoring import target_logps
 from jaxalign.rollout import Sampler, SamplingParams, filtered_logprobs
-from jaxalign.rollout.scoring import target_logps
 from tests.rollout.conftest import PROMPTS, N, V, count_engine_compilations
 
 GREEDY = SamplingParams(max_new_tokens=N, temperature=0.0, stop_token_ids=())

@@ -11,7 +11,7 @@ from flax import nnx
 
 from jaxalign import losses
 from jaxalign.models import LlamaForCausalLM
-from jaxalign.rollout.scoring import head_logps, target_logps
+from jaxalign.models.scoring import head_logps, target_logps
 from tests.models.conftest import TINY
 
 B, T = 3, 11
@@ -60,3 +60,20 @@ def test_head_logps_at_a_temperature_with_entropy(model, batch, chunk):
     np.testing.assert_allclose(logps, jnp.take_along_axis(log_probs, targets[..., None], -1)[..., 0], atol=1e-5)
     np.testing.assert_allclose(entropies, -jnp.sum(jnp.exp(log_probs) * log_probs, -1), atol=1e-5)
     assert logps.shape == entropies.shape == targets.shape
+
+
+def test_the_models_log_softmax_is_the_losses_one():
+    """models.scoring spells the float32 log-softmax at the targets itself (models import nothing of
+    jaxalign); it must stay the formula of losses.token_logps / losses.entropy, bf16 and -inf entries included."""
+    from jaxalign.models import scoring
+
+    rng = np.random.default_rng(3)
+    logits = jnp.asarray(rng.normal(size=(4, 7, 50)) * 8, jnp.float32).at[0, 0, 5].set(-jnp.inf)
+    targets = jnp.asarray(rng.integers(0, 50, (4, 7)), jnp.int32)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        z = logits.astype(dtype)
+        np.testing.assert_array_equal(scoring.token_logps(z, targets), losses.token_logps(z, targets))
+        np.testing.assert_array_equal(scoring.entropy(z), losses.entropy(z))
+    grads = [jax.grad(lambda z, f=f: jnp.sum(f(z, targets[1:])))(logits[1:]) for f in (scoring.token_logps,
+                                                                                       losses.token_logps)]
+    np.testing.assert_array_equal(*grads)

@@ -1,9 +1,12 @@
 """Log-probabilities of given tokens under a causal LM, the LM head run over chunks of positions.
 
-Scoring is the other half of a rollout: PPO/GRPO score their samples under the policy and the reference,
-the offline trainers score dataset completions, and evaluation scores both for KL and perplexity. All of
-them use these two functions, so a log-prob means the same thing in training, in evaluation and in the
-sampler (whose ``model_logps`` a test checks against :func:`target_logps`).
+The one scorer every method uses: PPO/GRPO score their samples under the policy and the reference, the
+offline trainers score dataset completions, and evaluation scores both for KL and perplexity, all through
+these two functions, so a log-prob means the same thing in training, in evaluation and in the sampler
+(whose ``model_logps`` a test checks against :func:`target_logps`). It lives with the models, which import
+nothing of jaxalign: the float32 log-softmax at the targets is therefore spelled here too, the same formula
+as :func:`jaxalign.losses.token_logps` (which the losses that take logits use), and a test holds the two
+equal.
 
 The full-vocabulary float32 logits are the largest activation of a small model (``T × 49152`` floats a row
 for SmolLM2), so the LM head and its log-softmax run on ``chunk_size`` positions at a time under
@@ -19,10 +22,27 @@ from einops import rearrange
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from jaxalign.losses.core import entropy, token_logps
+F32 = jnp.float32
 
 # Positions per LM-head chunk: [rows, 128, 49152] float32 logits for SmolLM2 (25 MB a row).
 DEFAULT_CHUNK = 128
+
+
+def token_logps(logits: Float[Array, "... V"], targets: Int[Array, "..."]) -> Float[Array, "..."]:
+    """``log softmax(logits)[targets]`` in float32: ``z[y] − m − log Σ_v exp(z_v − m)``, ``m`` the row max
+    (held constant: its gradient cancels). Out-of-range targets are clipped into the vocabulary: mask them."""
+    targets = jnp.clip(jnp.asarray(targets), 0, logits.shape[-1] - 1)
+    row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True).astype(F32))
+    log_normaliser = jnp.log(jnp.sum(jnp.exp(logits.astype(F32) - row_max), axis=-1))
+    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0].astype(F32)
+    return target_logits - row_max[..., 0] - log_normaliser
+
+
+def entropy(logits: Float[Array, "... V"]) -> Float[Array, "..."]:
+    """Entropy of ``softmax(logits)`` in float32 nats: ``logsumexp(z) − Σ_v p_v z_v`` (a −inf entry adds 0)."""
+    logits = logits.astype(F32)
+    probs = jax.nn.softmax(logits, axis=-1)
+    return jax.nn.logsumexp(logits, axis=-1) - jnp.sum(probs * jnp.where(probs > 0, logits, 0.0), axis=-1)
 
 
 def head_logps(model, hidden: Float[Array, "N T D"], targets: Int[Array, "N T"], *,
