@@ -48,7 +48,6 @@ from jaxalign.methods.online import (
     jitted_pass,
     reference_logps,
     response_logps,
-    to_host,
 )
 from jaxalign.methods.rewards import RewardOutput, RewardSource
 from jaxalign.models import has_lora
@@ -181,7 +180,7 @@ class GRPOTrainer(OnlineTrainer):
                          trainable=default_trainable(policy) if trainable is None else trainable,
                          extra_metadata=extra_metadata)
 
-    def score(self, model, rollout: Rollout, inputs) -> dict[str, np.ndarray]:
+    def score(self, model, rollout: Rollout, inputs) -> dict[str, jax.Array]:
         reference = self.reference if self.reference is not None else model
         sampled = self.sampled_logps(rollout)
         if sampled is not None and self.reference_mode == "none":
@@ -189,21 +188,21 @@ class GRPOTrainer(OnlineTrainer):
         static = {"prompt_length": int(rollout.prompt_tokens.shape[1]), "temperature": self.temperature,
                   "chunk_size": self.grpo.chunk_size, "reference_mode": self.reference_mode,
                   "policy_logps": sampled is None}
-        scored = to_host(self._score(model, reference, inputs["input_ids"], inputs["attention_mask"],
-                                     inputs["positions"], static=static))
+        scored = self._score(model, reference, inputs["input_ids"], inputs["attention_mask"], inputs["positions"],
+                             static=static)
         return scored if sampled is None else {"logps": sampled, **scored}
 
     def prepare(self, rollout: Rollout, inputs, scored, rewards: RewardOutput):
         group = self.sampling.n
         total = np.asarray(rewards.total, np.float32)
-        advantages = np.asarray(self._advantages(total, group_size=group, scale=self.grpo.scale, eps=self.grpo.eps))
-        mask = np.asarray(rollout.response_mask, bool)
-        batch = {**inputs, "response_mask": mask.astype(np.int32), "old_logps": scored["logps"],
+        advantages = self._advantages(jax.numpy.asarray(total), group_size=group, scale=self.grpo.scale,
+                                      eps=self.grpo.eps)
+        batch = {**inputs, "response_mask": rollout.response_mask.astype(np.int32), "old_logps": scored["logps"],
                  "advantages": advantages}
         if "ref_logps" in scored:
             batch["ref_logps"] = scored["ref_logps"]
         grouped = total.reshape(-1, group)
-        metrics = {"advantage/abs_mean": float(np.mean(np.abs(advantages))),
+        metrics = {"advantage/abs_mean": float(jax.numpy.mean(jax.numpy.abs(advantages))),
                    "reward/group_std": float(np.mean(np.std(grouped, axis=1))),
                    "groups/all_equal": float(np.mean(np.ptp(grouped, axis=1) == 0))}
         return batch, metrics

@@ -88,33 +88,34 @@ def reference_logps(policy: nnx.Module, reference: nnx.Module | None, tokens: Ar
     return response_logps(reference, hidden, tokens, prompt_length, temperature=temperature, chunk_size=chunk_size)
 
 
-def sequence_inputs(rollout: Rollout) -> dict[str, np.ndarray]:
-    """Prompt + response rows of a rollout as host arrays ``input_ids``, ``attention_mask``, ``positions``."""
+def sequence_inputs(rollout: Rollout) -> dict[str, Array]:
+    """Prompt + response rows of a rollout, ``input_ids``, ``attention_mask``, ``positions``, on the device."""
     tokens, mask = rollout.sequences()
-    return {"input_ids": np.asarray(tokens, np.int32), "attention_mask": np.asarray(mask, np.int32),
-            "positions": np.asarray(positions_of(mask), np.int32)}
+    return {"input_ids": tokens.astype(jnp.int32), "attention_mask": mask.astype(jnp.int32),
+            "positions": positions_of(mask)}
 
 
-def _mean(values: np.ndarray, mask: np.ndarray | None = None) -> float:
-    values = np.asarray(values, np.float64)
-    if mask is not None:
-        values = values[np.asarray(mask, bool)]
-    return float(values.mean()) if values.size else 0.0
+def masked_mean(values: Array, mask: Array) -> Array:
+    """Mean of ``values`` where ``mask`` holds, 0 when it holds nowhere (a device scalar)."""
+    mask = jnp.asarray(mask, bool)
+    return jnp.sum(jnp.where(mask, values, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
 
 
-def rollout_metrics(rollout: Rollout, scored: Mapping[str, np.ndarray], rewards: RewardOutput,
+def rollout_metrics(rollout: Rollout, scored: Mapping[str, Array], rewards: RewardOutput,
                     gold: RewardOutput | None) -> dict[str, float]:
-    """What every online method logs about its samples (see the module docstring)."""
-    mask = np.asarray(rollout.response_mask, bool)
-    metrics = {"reward": _mean(rewards.total), "reward/std": float(np.std(rewards.total)),
-               "response_length": _mean(np.asarray(rollout.lengths)),
-               "stopped_fraction": _mean(np.asarray(rollout.stopped))}
-    metrics.update({f"reward/{name}": _mean(value) for name, value in rewards.components.items()})
+    """What every online method logs about its samples (see the module docstring): device reductions, one
+    fetch of their scalars."""
+    device = {"response_length": jnp.mean(jnp.asarray(rollout.lengths, F32)),
+              "stopped_fraction": jnp.mean(jnp.asarray(rollout.stopped, F32))}
     if "ref_logps" in scored:
-        log_ratio = np.where(mask, scored["logps"] - scored["ref_logps"], 0.0)
-        metrics["kl"] = float(np.sum(log_ratio, axis=1).mean())
+        log_ratio = jnp.where(rollout.response_mask, scored["logps"] - scored["ref_logps"], 0.0)
+        device["kl"] = jnp.mean(jnp.sum(log_ratio, axis=1))
+    metrics = {name: float(value) for name, value in jax.device_get(device).items()}
+    total = np.asarray(rewards.total, np.float64)
+    metrics.update({"reward": float(total.mean()), "reward/std": float(total.std()), "rows": len(total)})
+    metrics.update({f"reward/{name}": float(np.mean(value)) for name, value in rewards.components.items()})
     if gold is not None:
-        metrics["gold_reward"] = _mean(gold.total)
+        metrics["gold_reward"] = float(np.mean(gold.total))
     return metrics
 
 
@@ -231,7 +232,7 @@ class OnlineTrainer(StepSource):
         """The causal LM that samples (the trained module itself, or its policy part)."""
         return model
 
-    def score(self, model: nnx.Module, rollout: Rollout, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def score(self, model: nnx.Module, rollout: Rollout, inputs: Mapping[str, Array]) -> dict[str, Array]:
         """No-grad pass over the rollout: ``logps`` (see :meth:`sampled_logps`), ``ref_logps`` ``[R, N]`` and,
         for PPO, ``values``."""
         raise NotImplementedError
@@ -244,14 +245,14 @@ class OnlineTrainer(StepSource):
         params = self.sampling
         return params.temperature > 0 and params.top_k == 0 and params.top_p == 1.0 and params.min_p == 0.0
 
-    def sampled_logps(self, rollout: Rollout) -> np.ndarray | None:
+    def sampled_logps(self, rollout: Rollout) -> Array | None:
         """The policy's log-probs of its own tokens as the sampler computed them when
         :attr:`sampler_is_policy` (the scoring pass then needs no policy forward); else None."""
-        return np.asarray(rollout.sampling_logps, np.float32) if self.sampler_is_policy else None
+        return jnp.asarray(rollout.sampling_logps, F32) if self.sampler_is_policy else None
 
-    def prepare(self, rollout: Rollout, inputs: Mapping[str, np.ndarray], scored: Mapping[str, np.ndarray],
-                rewards: RewardOutput) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-        """The training rows of the iteration (arrays ``[R, ...]``) and the metrics of the advantages."""
+    def prepare(self, rollout: Rollout, inputs: Mapping[str, Array], scored: Mapping[str, Array],
+                rewards: RewardOutput) -> tuple[dict[str, Array], dict[str, float]]:
+        """The training rows of the iteration (device arrays ``[R, ...]``) and the metrics of the advantages."""
         raise NotImplementedError
 
     def after_iteration(self, metrics: Mapping[str, float]) -> dict[str, float]:
@@ -286,7 +287,7 @@ class OnlineTrainer(StepSource):
         return (f"the prompts ended after iteration {step}, before total_steps={total_steps} (data.num_epochs is "
                 "set; leave it unset to cycle)")
 
-    def minibatches(self, state: TrainState, step: int) -> Iterator[dict[str, np.ndarray]]:
+    def minibatches(self, state: TrainState, step: int) -> Iterator[dict[str, Array]]:
         """Sample, score, reward and prepare iteration ``step + 1``; then its shuffled minibatches."""
         prompts = next(self._prompt_batches)
         started = time.perf_counter()
@@ -310,7 +311,7 @@ class OnlineTrainer(StepSource):
         rewards = run_source(self.reward, episodes)
         gold = run_source(self.gold, episodes) if self.gold is not None else None
         batch, advantage_metrics = self.prepare(rollout, inputs, scored, rewards)
-        rows = len(next(iter(batch.values())))
+        rows = int(next(iter(batch.values())).shape[0])
         if rows % self.num_minibatches:
             raise ValueError(f"{rows} rows per iteration (prompts × samples) is not a multiple of "
                              f"num_minibatches={self.num_minibatches}")
@@ -319,13 +320,13 @@ class OnlineTrainer(StepSource):
                            "started": started, "generated": generated, "scored": scored_at, "stopped": False}
         return self._shuffled(batch, rows, step)
 
-    def _shuffled(self, batch: Mapping[str, np.ndarray], rows: int, step: int) -> Iterator[dict[str, np.ndarray]]:
+    def _shuffled(self, batch: Mapping[str, Array], rows: int, step: int) -> Iterator[dict[str, Array]]:
         size = rows // self.num_minibatches
         for epoch in range(self.epochs):
             # The order is a function of (seed, iteration, epoch): a resumed run shuffles identically.
             order = np.random.default_rng([self.config.seed, step, epoch]).permutation(rows)
             for start in range(0, rows, size):
-                rows_of = order[start:start + size]
+                rows_of = order[start:start + size]  # a gather on the device: the rows never leave it
                 yield {name: value[rows_of] for name, value in batch.items()}
 
     def stop_early(self, metrics: Mapping[str, Any]) -> bool:
@@ -368,7 +369,3 @@ def jitted_pass(fn: Callable, *modules: nnx.Module) -> Callable:
         return cache[key](tuple(p[1] for p in parts), *args[len(modules):])
 
     return call
-
-
-def to_host(values: Mapping[str, Array]) -> dict[str, np.ndarray]:
-    return {name: np.asarray(value) for name, value in jax.device_get(dict(values)).items()}

@@ -53,9 +53,9 @@ from jaxalign.methods.online import (
     OnlineTrainer,
     default_trainable,
     jitted_pass,
+    masked_mean,
     reference_logps,
     response_logps,
-    to_host,
 )
 from jaxalign.methods.rewards import RewardOutput, RewardSource, RunningMoments, clip_rewards
 from jaxalign.models import ValueHead, has_lora
@@ -305,7 +305,7 @@ class PPOTrainer(OnlineTrainer):
     def policy_of(self, model: ActorCritic) -> nnx.Module:
         return model.policy
 
-    def score(self, model: ActorCritic, rollout: Rollout, inputs) -> dict[str, np.ndarray]:
+    def score(self, model: ActorCritic, rollout: Rollout, inputs) -> dict[str, Array]:
         reference = model.policy if self.reference is None else self.reference
         sampled = self.sampled_logps(rollout)
         static = {"prompt_length": int(rollout.prompt_tokens.shape[1]), "temperature": self.temperature,
@@ -313,8 +313,8 @@ class PPOTrainer(OnlineTrainer):
                   "policy_logps": sampled is None}
         # Only a shared critic's values live on the policy's hidden states.
         hidden = rollout.hidden_states if sampled is not None and model.critic is None else None
-        scored = to_host(self._score(model, reference, inputs["input_ids"], inputs["attention_mask"],
-                                     inputs["positions"], hidden, static=static))
+        scored = self._score(model, reference, inputs["input_ids"], inputs["attention_mask"], inputs["positions"],
+                             hidden, static=static)
         return {"logps": sampled, **scored} if "logps" not in scored else scored
 
     def scores(self, rewards: RewardOutput, stopped: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
@@ -335,23 +335,18 @@ class PPOTrainer(OnlineTrainer):
 
     def prepare(self, rollout: Rollout, inputs, scored, rewards: RewardOutput):
         score, metrics = self.scores(rewards, np.asarray(rollout.stopped, bool))
-        mask = np.asarray(rollout.response_mask, bool)
-        out = to_host(self._advantages(score.astype(np.float32), scored["logps"], scored["ref_logps"],
-                                       scored["values"], mask, np.float32(self.kl_coef), config=self.ppo))
-        batch = {**inputs, "response_mask": mask.astype(np.int32), "old_logps": scored["logps"],
+        mask = rollout.response_mask
+        out = self._advantages(jnp.asarray(score, F32), scored["logps"], scored["ref_logps"], scored["values"], mask,
+                               jnp.float32(self.kl_coef), config=self.ppo)
+        batch = {**inputs, "response_mask": mask.astype(jnp.int32), "old_logps": scored["logps"],
                  "old_values": scored["values"], "advantages": out["advantages"], "returns": out["returns"]}
-        sequence_kl = np.sum(np.where(mask, out["kl"], 0.0), axis=1)
-        non_score = -self.kl_coef * sequence_kl
-        metrics.update({
-            "score": float(np.mean(score)), "kl_penalty": float(np.mean(non_score)),
-            "kl_estimate": float(np.mean(sequence_kl)), "kl_coef": self.kl_coef,
-            "advantage/mean": float(np.mean(out["advantages"][mask])) if mask.any() else 0.0,
-            "returns/mean": float(np.mean(out["returns"][mask])) if mask.any() else 0.0,
-            "value/mean": float(np.mean(scored["values"][mask])) if mask.any() else 0.0,
-        })
-        # The controller observes the k1 estimate whatever the shaping estimator (TRL 0.11's AdaptiveKLController).
-        k1 = np.sum(np.where(mask, scored["logps"] - scored["ref_logps"], 0.0), axis=1)
-        self._batch_kl, self._batch_rows = float(np.mean(k1)), len(score)
+        sequence_kl = jnp.sum(jnp.where(mask, out["kl"], 0.0), axis=1)
+        device = {"kl_penalty": jnp.mean(-self.kl_coef * sequence_kl), "kl_estimate": jnp.mean(sequence_kl),
+                  "advantage/mean": masked_mean(out["advantages"], mask),
+                  "returns/mean": masked_mean(out["returns"], mask),
+                  "value/mean": masked_mean(scored["values"], mask)}
+        metrics.update({name: float(value) for name, value in jax.device_get(device).items()})
+        metrics.update({"score": float(np.mean(score)), "kl_coef": self.kl_coef})
         return batch, metrics
 
     def should_stop_epochs(self, metrics) -> bool:
@@ -359,9 +354,11 @@ class PPOTrainer(OnlineTrainer):
         return target is not None and float(metrics["policy/approx_kl/k1"]) > 1.5 * target
 
     def after_iteration(self, metrics) -> dict[str, float]:
+        # The controller observes the k1 estimate (the logged "kl") whatever the shaping estimator, over the
+        # iteration's rows (TRL 0.11's AdaptiveKLController).
         if self.ppo.kl_target is not None:
-            state = losses.adaptive_kl_update(losses.adaptive_kl_init(self.kl_coef), jnp.float32(self._batch_kl),
-                                              self._batch_rows, target=self.ppo.kl_target,
+            state = losses.adaptive_kl_update(losses.adaptive_kl_init(self.kl_coef), jnp.float32(metrics["kl"]),
+                                              int(metrics["rows"]), target=self.ppo.kl_target,
                                               horizon=self.ppo.kl_horizon)
             self.kl_coef = float(state.kl_coef)
         return {"kl_coef_next": self.kl_coef}

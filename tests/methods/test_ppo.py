@@ -221,6 +221,23 @@ def test_the_sampler_stands_in_for_a_policy_forward_pass(critic):
     np.testing.assert_allclose(fast["ref_logps"], recomputed["ref_logps"], atol=1e-6)
 
 
+def test_an_iteration_keeps_its_arrays_on_the_device():
+    """Generation -> scoring -> advantages -> minibatches: every training array stays a device array (the
+    host sees only the decoded text for the reward and the metrics' scalars)."""
+    trainer = ppo_trainer(None, 1, critic="separate")
+    model = trainer.train_step.trained_model(trainer.train_step.init(0))
+    batch = next(iter(prompt_batches(tiny_tokenizer(), 4)))
+    rollout = Sampler(model.policy).generate(batch["input_ids"], batch["attention_mask"], key=jax.random.key(1),
+                                             params=trainer.sampling)
+    inputs = sequence_inputs(rollout)
+    scored = trainer.score(model, rollout, inputs)
+    rewards = RewardOutput(total=np.arange(4, dtype=np.float64), components={})
+    rows, metrics = trainer.prepare(rollout, inputs, scored, rewards)
+    on_device = {name: isinstance(value, jax.Array) for name, value in {**inputs, **scored, **rows}.items()}
+    assert all(on_device.values()), on_device
+    assert all(isinstance(value, float) for value in metrics.values()), metrics
+
+
 def test_critic_learning_rate_scale_applies_to_the_critic_only():
     rows = 4
     batch = {"input_ids": np.full((rows, 8), 5, np.int32), "attention_mask": np.ones((rows, 8), np.int32),
