@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     config = recipe.load_run_config("sentiment", [f"data.source={args.pairs}"], method="reward")
     lm, tokenizer = models.load_gguf(models.default_model_path())
     dataset = jdata.build_dataset(config.data, tokenizer)
-    options = {k: v for k, v in config.loss.items() if k != "pooling"}
+    options = config.loss.objective_options()
     objective = reward.reward_objective(**options)
     order = np.random.default_rng(0).permutation(len(dataset))
     folds = np.array_split(order, args.folds)

@@ -117,13 +117,6 @@ def evaluate_objective(objective, model: nnx.Module, batches, references: Mappin
     return result
 
 
-def check_options(options: Mapping[str, Any], allowed: tuple[str, ...], method: str) -> dict[str, Any]:
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise ValueError(f"loss: unknown option(s) {unknown} for method {method!r} (allowed: {list(allowed)})")
-    return dict(options)
-
-
 def write_json(path: Path, value: Any) -> None:
     path.write_text(json.dumps(value, indent=2, default=str) + "\n")
 

@@ -170,8 +170,8 @@ def build(config: RunConfig, lm, tokenizer, dataset):
                 if dataset.kind == "preference_group" else "")
         raise ValueError(f"method dpo needs preference pairs; {config.data.source} holds {dataset.kind!r} "
                          f"records{hint}")
-    options = dict(config.loss)
-    loss_type = options.pop("loss_type", "sigmoid")
+    options = config.loss.options()
+    loss_type = options.pop("loss_type")
     objective = dpo_objective(loss_type=loss_type, reference=config.reference, **options)
     references, extra = None, {}
     if config.reference in ("model", "precomputed"):

@@ -32,7 +32,6 @@ Notes (deviations from TRL):
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -42,7 +41,6 @@ from flax import nnx
 
 from jaxalign import losses
 from jaxalign.methods.online import (
-    AlgorithmConfig,
     OnlineTrainer,
     default_trainable,
     jitted_pass,
@@ -50,57 +48,10 @@ from jaxalign.methods.online import (
     response_logps,
 )
 from jaxalign.methods.rewards import RewardOutput, RewardSource
+from jaxalign.methods.specs import GRPOConfig
 from jaxalign.models import has_lora
-from jaxalign.models.scoring import DEFAULT_CHUNK
 from jaxalign.rollout import Rollout, SamplingParams
 from jaxalign.train.config import TrainConfig
-
-
-@dataclasses.dataclass(frozen=True)
-class GRPOConfig(AlgorithmConfig):
-    """GRPO's hyperparameters (defaults: TRL 1.16 ``GRPOConfig``).
-
-    Attributes:
-        epochs: passes over each generation batch (GRPO's μ, TRL ``num_iterations``, 1).
-        num_minibatches: minibatches per pass (TRL ``steps_per_generation``). Rows are shuffled one by one,
-            so a group's responses may land in different minibatches; their advantages were computed over the
-            whole group before, so the loss does not depend on it.
-        loss_type: ``grpo``, ``bnpo``, ``dr_grpo`` or ``dapo`` (TRL's default), see the module docstring.
-        scale: advantage scaling ``group``, ``batch`` or ``none`` (TRL ``scale_rewards``).
-        clip_eps: ε (TRL ``epsilon``, 0.2); ``clip_eps_high`` DAPO's upper ε (0.28 in the paper).
-        delta: two-sided GRPO's upper bound on the ratio (TRL ``delta``).
-        kl_coef: β of the k3 KL to the reference (TRL ``beta``, 0).
-        importance_sampling_level: ``token`` or ``sequence`` (GSPO).
-        eps: added to the std of the advantage scaling (TRL 1e-4).
-        chunk_size: positions per LM-head chunk.
-    """
-
-    epochs: int = 1
-    num_minibatches: int = 1
-    loss_type: str = "dapo"
-    scale: str = "group"
-    clip_eps: float = 0.2
-    clip_eps_high: float | None = None
-    delta: float | None = None
-    kl_coef: float = 0.0
-    importance_sampling_level: str = "token"
-    eps: float = 1e-4
-    chunk_size: int | None = DEFAULT_CHUNK
-
-    label = "GRPO"
-
-    def __post_init__(self):
-        require = self._require
-        self._require_passes()
-        require(self.loss_type in losses.TRL_LOSS_TYPES, "loss_type", f"one of {tuple(losses.TRL_LOSS_TYPES)}")
-        require(self.scale in losses.ADVANTAGE_SCALES, "scale", f"one of {losses.ADVANTAGE_SCALES}")
-        require(self.clip_eps > 0, "clip_eps", "> 0")
-        require(self.clip_eps_high is None or self.clip_eps_high > 0, "clip_eps_high", "> 0 or null")
-        require(self.kl_coef >= 0, "kl_coef", ">= 0")
-        require(self.delta is None or self.delta > 1, "delta", "> 1 or null")
-        require(self.eps >= 0, "eps", ">= 0")
-        require(self.importance_sampling_level in losses.IMPORTANCE_SAMPLING_LEVELS, "importance_sampling_level",
-                f"one of {losses.IMPORTANCE_SAMPLING_LEVELS}")
 
 
 def grpo_objective(config: GRPOConfig, temperature: float, max_new_tokens: int):

@@ -119,31 +119,6 @@ def rollout_metrics(rollout: Rollout, scored: Mapping[str, Array], rewards: Rewa
     return metrics
 
 
-class AlgorithmConfig:
-    """What :class:`~jaxalign.methods.ppo.PPOConfig` and :class:`~jaxalign.methods.grpo.GRPOConfig` share:
-    validation messages naming the field, the pass counts, and building from a config mapping."""
-
-    label = ""  # the algorithm's name in messages ("PPO")
-
-    def _require(self, ok: bool, name: str, what: str) -> None:
-        if not ok:
-            raise ValueError(f"{type(self).__name__}.{name} must be {what}, got {getattr(self, name)!r}")
-
-    def _require_passes(self) -> None:
-        for name in ("epochs", "num_minibatches"):
-            value = getattr(self, name)
-            self._require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name,
-                          "a positive int")
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any], where: str = "loss"):
-        known = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            raise ValueError(f"{where}: unknown {cls.label} option(s) {unknown} (known: {', '.join(known)})")
-        return cls(**values)
-
-
 def default_trainable(policy: nnx.Module) -> Any:
     """Every parameter, or for a LoRA policy its adapters plus the critic (value head, separate critic):
     the LoRA base is then the frozen reference, so it must not move."""

@@ -37,7 +37,6 @@ Notes (deviations from TRL):
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -49,7 +48,6 @@ from jaxtyping import Array, Bool, Float
 
 from jaxalign import losses
 from jaxalign.methods.online import (
-    AlgorithmConfig,
     OnlineTrainer,
     default_trainable,
     jitted_pass,
@@ -58,93 +56,12 @@ from jaxalign.methods.online import (
     response_logps,
 )
 from jaxalign.methods.rewards import RewardOutput, RewardSource, RunningMoments, clip_rewards
+from jaxalign.methods.specs import PPOConfig
 from jaxalign.models import ValueHead, has_lora
-from jaxalign.models.scoring import DEFAULT_CHUNK
 from jaxalign.rollout import Rollout, SamplingParams
 from jaxalign.train.config import TrainConfig
 
 F32 = jnp.float32
-CRITICS = ("separate", "shared")
-REWARD_SCALINGS = ("none", "running_std", "running_norm")
-
-
-@dataclasses.dataclass(frozen=True)
-class PPOConfig(AlgorithmConfig):
-    """PPO's hyperparameters (defaults: ``trl.experimental.ppo.PPOConfig`` where it has the option).
-
-    Attributes:
-        epochs: passes over each iteration's rollouts (TRL ``num_ppo_epochs``, 4).
-        num_minibatches: minibatches per pass (TRL ``num_mini_batches``, 1).
-        clip_eps: policy ratio clip ε (TRL ``cliprange``); ``clip_eps_high`` an asymmetric upper ε;
-            ``dual_clip`` the dual-clip bound c > 1.
-        value_clip_eps: value clip (TRL ``cliprange_value``); None disables it.
-        vf_coef: weight of the value loss (TRL 0.1).
-        gamma, lam: GAE discount and λ (TRL 1.0, 0.95).
-        kl_coef: β of the per-token KL penalty (TRL 0.05); the initial β when ``kl_target`` is set.
-        kl_estimator: ``k1``, ``k2``, ``k3`` or ``abs`` (:func:`jaxalign.losses.kl_estimate`; TRL "k1").
-        kl_target, kl_horizon: the adaptive controller (Ziegler et al. 2019, TRL 0.11 ``target``/
-            ``horizon``: 6, 10000 there); None keeps β fixed.
-        missing_eos_penalty: subtracted from the score of responses without an EOS (TRL option).
-        reward_clip: clip the sequence score to ``[−c, c]`` (TRL 0.11 ``score_clip``).
-        reward_scaling: ``none``; ``running_std`` divides scores by the running std of all scores so far
-            (TRL 0.11 ``use_score_scaling``); ``running_norm`` also subtracts the running mean
-            (``use_score_norm``).
-        whiten_rewards: whiten the shaped per-token rewards before GAE (TRL ``whiten_rewards``).
-        whiten_advantages: whiten the advantages over the batch (TRL always does).
-        target_kl: stop an iteration's passes when the approximate KL ``mean(old − new)`` exceeds
-            ``1.5 × target_kl`` (TRL 0.11 ``early_stopping``); None never stops early.
-        critic: ``separate`` (its own trunk, initialised from the policy) or ``shared`` (a value head on the
-            policy's trunk).
-        critic_lr_scale: the critic's learning rate (value head and separate critic) as a multiple of the
-            policy's (OpenRLHF's separate ``critic_learning_rate``; TRL uses one rate). A fresh value head on a
-            pretrained policy often needs a higher one.
-        chunk_size: positions per LM-head chunk (memory; see ``jaxalign.models.scoring.head_logps``).
-    """
-
-    epochs: int = 4
-    num_minibatches: int = 1
-    clip_eps: float = 0.2
-    clip_eps_high: float | None = None
-    dual_clip: float | None = None
-    value_clip_eps: float | None = 0.2
-    vf_coef: float = 0.1
-    gamma: float = 1.0
-    lam: float = 0.95
-    kl_coef: float = 0.05
-    kl_estimator: str = "k1"
-    kl_target: float | None = None
-    kl_horizon: float = 10000.0
-    missing_eos_penalty: float | None = None
-    reward_clip: float | None = None
-    reward_scaling: str = "none"
-    whiten_rewards: bool = False
-    whiten_advantages: bool = True
-    target_kl: float | None = None
-    critic: str = "separate"
-    critic_lr_scale: float = 1.0
-    chunk_size: int | None = DEFAULT_CHUNK
-
-    label = "PPO"
-
-    def __post_init__(self):
-        require = self._require
-        self._require_passes()
-        require(self.clip_eps > 0, "clip_eps", "> 0")
-        require(self.vf_coef >= 0, "vf_coef", ">= 0")
-        require(0 <= self.gamma <= 1, "gamma", "in [0, 1]")
-        require(0 <= self.lam <= 1, "lam", "in [0, 1]")
-        require(self.kl_coef >= 0, "kl_coef", ">= 0")
-        require(self.kl_estimator in losses.KL_ESTIMATORS, "kl_estimator", f"one of {losses.KL_ESTIMATORS}")
-        require(self.kl_target is None or self.kl_target > 0, "kl_target", "> 0 or null")
-        require(self.kl_horizon > 0, "kl_horizon", "> 0")
-        require(self.reward_clip is None or self.reward_clip > 0, "reward_clip", "> 0 or null")
-        require(self.reward_scaling in REWARD_SCALINGS, "reward_scaling", f"one of {REWARD_SCALINGS}")
-        require(self.target_kl is None or self.target_kl > 0, "target_kl", "> 0 or null")
-        require(self.critic in CRITICS, "critic", f"one of {CRITICS}")
-        require(self.critic_lr_scale >= 0, "critic_lr_scale", ">= 0")
-        require(self.dual_clip is None or self.dual_clip > 1, "dual_clip", "> 1 or null")
-        require(self.clip_eps_high is None or self.clip_eps_high > 0, "clip_eps_high", "> 0 or null")
-        require(self.value_clip_eps is None or self.value_clip_eps > 0, "value_clip_eps", "> 0 or null")
 
 
 class ActorCritic(nnx.Module):

@@ -36,6 +36,7 @@ import jax
 import yaml
 
 from jaxalign.data import DataConfig
+from jaxalign.methods.specs import LOSS_SPECS, MethodSpec
 from jaxalign.models.config import DTYPES, REMAT_POLICIES
 from jaxalign.train.config import TrainConfig
 
@@ -106,12 +107,11 @@ class RunConfig:
             for PPO/GRPO held-out prompts: gold win rate against the reference, KL, rewards).
         train: the training core's config; its checkpoint and log directories default to ``output_dir``.
             For PPO/GRPO ``total_steps`` counts iterations (sample, score, train).
-        loss: the method's loss options: SFT ``label_smoothing``, ``average``; reward ``loss``
-            (bradley_terry / best_of_n), ``use_margin``, ``margin_scale``, ``center_coef``,
-            ``dimension_weights``, ``num_objectives``, ``pooling`` (``last`` token or ``mean`` over the
-            tokens, :class:`jaxalign.models.RewardHead`); DPO ``loss_type`` (a name or a list) and every option
-            of that loss (``beta``, ``label_smoothing``, ``rpo_alpha``, ``loss_weights``, ``gamma``, ...);
-            PPO: :class:`jaxalign.methods.ppo.PPOConfig`'s fields; GRPO: :class:`jaxalign.methods.grpo.GRPOConfig`'s.
+        loss: the method's typed options (:mod:`jaxalign.methods.specs`), given as a mapping:
+            :class:`~jaxalign.methods.specs.SFTSpec`, :class:`~jaxalign.methods.specs.RewardSpec`,
+            :class:`~jaxalign.methods.specs.DPOSpec`, :class:`~jaxalign.methods.specs.PPOConfig` or
+            :class:`~jaxalign.methods.specs.GRPOConfig` by ``method``; unknown keys, wrong types and TRL's
+            spellings are refused naming the key.
         sampling: PPO/GRPO sampling (:class:`jaxalign.rollout.SamplingParams` fields: ``max_new_tokens``,
             ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``n`` = GRPO's group size, ``stop_token_ids``).
         reward: PPO/GRPO reward (:func:`jaxalign.methods.rewards.build_reward`): ``{model: DIR}``,
@@ -145,7 +145,7 @@ class RunConfig:
     train: TrainConfig
     model: ModelSpec = dataclasses.field(default_factory=ModelSpec)
     eval_data: DataConfig | None = None
-    loss: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    loss: MethodSpec | Mapping[str, Any] = dataclasses.field(default_factory=dict)
     reference: str = "model"
     curriculum: str | None = None
     normalize_samples: int = 64
@@ -162,6 +162,13 @@ class RunConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"RunConfig.method must be one of {METHODS}, got {self.method!r}")
+        spec = LOSS_SPECS[self.method]
+        if isinstance(self.loss, Mapping):
+            _check_finite(dict(self.loss), "loss")  # named as a setting, before the spec's range checks
+            object.__setattr__(self, "loss", spec.from_dict(_checked(spec, self.loss, "loss."), "loss"))
+        elif not isinstance(self.loss, spec):
+            raise ValueError(f"RunConfig.loss for method {self.method} must be a {spec.__name__} or a mapping, got "
+                             f"{type(self.loss).__name__}")
         if self.curriculum is not None and self.curriculum not in CURRICULA:
             raise ValueError(f"RunConfig.curriculum must be one of {CURRICULA} or null, got {self.curriculum!r}")
         if self.reference == "lora_base" and self.model.lora is None:
@@ -198,7 +205,6 @@ class RunConfig:
         if train.log.directory is None:
             train = dataclasses.replace(train, log=dataclasses.replace(train.log, directory=self.output_dir))
         object.__setattr__(self, "train", train)
-        object.__setattr__(self, "loss", dict(self.loss))
         object.__setattr__(self, "sampling", dict(self.sampling))
 
     def to_dict(self) -> dict[str, Any]:

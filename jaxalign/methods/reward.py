@@ -19,7 +19,6 @@ from jaxalign import losses, models
 from jaxalign.methods.common import (
     EXPORT_DIR,
     F32,
-    check_options,
     flat_rows,
     load_pretrained,
     lora_config,
@@ -27,10 +26,8 @@ from jaxalign.methods.common import (
     without_loss,
 )
 from jaxalign.methods.recipe import RunConfig
+from jaxalign.methods.specs import REWARD_LOSSES
 from jaxalign.rollout import Sampler, SamplingParams
-
-REWARD_OPTIONS = ("loss", "use_margin", "margin_scale", "center_coef", "dimension_weights")
-REWARD_LOSSES = ("bradley_terry", "best_of_n")
 
 
 def reward_objective(*, loss: str = "bradley_terry", use_margin: bool = False, margin_scale: float = 1.0,
@@ -94,10 +91,9 @@ def build(config: RunConfig, lm, tokenizer, dataset):
     if dataset.kind not in ("preference", "preference_group", "best_of_n"):
         raise ValueError(f"method reward needs preference pairs, groups or best-of-N records; {config.data.source} "
                          f"holds {dataset.kind!r} records")
-    options = dict(config.loss)
-    num_objectives = options.pop("num_objectives", None)
-    pooling = options.pop("pooling", "last")
-    options = check_options(options, REWARD_OPTIONS, "reward")
+    spec = config.loss
+    num_objectives, pooling = spec.num_objectives, spec.pooling
+    options = spec.objective_options()
     if dataset.kind == "best_of_n":
         # Never the pairwise loss on N candidates: it would read samples 0 and 1 as chosen/rejected, ignoring "best".
         if options.setdefault("loss", "best_of_n") != "best_of_n":
@@ -183,7 +179,7 @@ def finish(config: RunConfig, model, tokenizer, dataset, extra: dict[str, Any]) 
     weights = None
     if extra.get("num_objectives"):
         # The training loss's weights are the default combination of the normalised objectives.
-        weights = config.loss.get("dimension_weights") or [1.0] * extra["num_objectives"]
+        weights = config.loss.dimension_weights or [1.0] * extra["num_objectives"]
     return models.save_reward_model(Path(config.output_dir) / EXPORT_DIR, model, base, tokenizer, gain=gain,
                                     bias=bias, dimension_weights=weights,
                                     metadata={"dimensions": extra.get("dimensions", [])})

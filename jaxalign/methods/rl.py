@@ -22,8 +22,8 @@ import numpy as np
 from jaxalign import data as jdata
 from jaxalign import models
 from jaxalign.methods import common
-from jaxalign.methods.grpo import GRPOConfig, GRPOTrainer
-from jaxalign.methods.ppo import PPOConfig, PPOTrainer
+from jaxalign.methods.grpo import GRPOTrainer
+from jaxalign.methods.ppo import PPOTrainer
 from jaxalign.methods.recipe import RunConfig
 from jaxalign.methods.rewards import JudgeReward, build_reward
 from jaxalign.rollout import SamplingParams
@@ -100,9 +100,9 @@ def run_online(config: RunConfig, *, overwrite: bool = False) -> common.RunResul
     trainer_args = dict(reward=reward, tokenizer=tokenizer, sampling=sampling, reference=reference, gold=gold,
                   extra_metadata={"run": config.to_dict()})
     if config.method == "ppo":
-        trainer = PPOTrainer(config.train, PPOConfig.from_dict(config.loss), policy, prompts, **trainer_args)
+        trainer = PPOTrainer(config.train, config.loss, policy, prompts, **trainer_args)
     else:
-        trainer = GRPOTrainer(config.train, GRPOConfig.from_dict(config.loss), policy, prompts, **trainer_args,
+        trainer = GRPOTrainer(config.train, config.loss, policy, prompts, **trainer_args,
                               use_reference=config.reference != "none")
     trainer.run()
     trained = trainer.trained_model()

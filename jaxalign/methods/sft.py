@@ -10,12 +10,10 @@ import jax.numpy as jnp
 
 from jaxalign import data as jdata
 from jaxalign import losses
-from jaxalign.methods.common import F32, check_options, with_lora
+from jaxalign.methods.common import F32, with_lora
 from jaxalign.methods.recipe import RunConfig
+from jaxalign.methods.specs import SFT_AVERAGES
 from jaxalign.models.scoring import DEFAULT_CHUNK, target_logps
-
-SFT_OPTIONS = ("label_smoothing", "average")
-SFT_AVERAGES = ("token_mean", "sequence_mean")
 
 
 def sft_objective(*, label_smoothing: float = 0.0, average: str = "token_mean",
@@ -59,7 +57,7 @@ def build(config: RunConfig, lm, tokenizer, dataset):
     if dataset.kind != "sft":
         raise ValueError(f"method sft needs SFT data (prompt/completion, messages, text, scored conversations) or "
                          f"preference pairs (their chosen side); {config.data.source} holds {dataset.kind!r} records")
-    options = check_options(config.loss, SFT_OPTIONS, "sft")
+    options = config.loss.options()
     model = with_lora(lm, config)
     extra: dict[str, Any] = {}
     if config.data.score_template is not None and "score" in dataset.value_keys:

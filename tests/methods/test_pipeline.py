@@ -200,7 +200,7 @@ def test_train_command_runs_resumes_and_refuses_mixing(checkpoint, pairs_file, t
                          "methods: {dpo: {loss: {beta: 0.2}}}\n")
     assert main(["train", "dpo", "--config", str(yaml_file), "--print-config"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert printed["method"] == "dpo" and printed["loss"] == {"beta": 0.2}
+    assert printed["method"] == "dpo" and printed["loss"]["beta"] == 0.2 and printed["loss"]["loss_type"] == "sigmoid"
     assert main(["train", "dpo", "--config", str(yaml_file)]) == 0
     assert "trained dpo for 2 steps" in capsys.readouterr().out
     # The directory now holds checkpoints: a second run without --resume is refused, with --resume it

@@ -1,0 +1,308 @@
+"""Typed per-method options: the ``loss:`` section of a run config, one frozen dataclass per method.
+
+``RunConfig`` (:mod:`jaxalign.methods.recipe`) turns its ``loss`` mapping into the method's spec when it is
+built, so a misspelt key, a value of the wrong type or out of range is refused before any work, naming the
+key; a key spelt the way TRL spells it (``cliprange``, ``num_ppo_epochs``, GRPO's ``beta``) is refused with
+jaxalign's spelling. The YAML and ``key=value`` surface is unchanged: ``loss.beta=0.05``.
+
+- ``sft``: :class:`SFTSpec` (:func:`jaxalign.methods.sft.sft_objective`)
+- ``reward``: :class:`RewardSpec` (:func:`jaxalign.methods.reward.reward_objective` and the reward head)
+- ``dpo``: :class:`DPOSpec` (:func:`jaxalign.methods.dpo.dpo_objective`)
+- ``ppo``: :class:`PPOConfig` (:class:`jaxalign.methods.ppo.PPOTrainer`)
+- ``grpo``: :class:`GRPOConfig` (:class:`jaxalign.methods.grpo.GRPOTrainer`)
+
+A new method (KTO, TFPO) adds its spec here and one entry to :data:`LOSS_SPECS`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from jaxalign import losses
+from jaxalign.models.scoring import DEFAULT_CHUNK
+
+CRITICS = ("separate", "shared")
+REWARD_SCALINGS = ("none", "running_std", "running_norm")
+SFT_AVERAGES = ("token_mean", "sequence_mean")
+REWARD_LOSSES = ("bradley_terry", "best_of_n")
+REWARD_POOLINGS = ("last", "mean")
+
+
+class MethodSpec:
+    """What every spec shares: validation messages naming the field, and building from a config mapping
+    (unknown keys refused with the known ones listed; a peer's spelling refused with ours)."""
+
+    label: ClassVar[str] = ""  # the method's name in messages ("PPO")
+    renamed: ClassVar[dict[str, str]] = {}  # a peer's (or an earlier) spelling -> this spec's
+
+    def _require(self, ok: bool, name: str, what: str) -> None:
+        if not ok:
+            raise ValueError(f"loss.{name} ({type(self).__name__}) must be {what}, got {getattr(self, name)!r}")
+
+    def _require_passes(self) -> None:
+        for name in ("epochs", "num_minibatches"):
+            value = getattr(self, name)
+            self._require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name,
+                          "a positive int")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], where: str = "loss"):
+        known = [f.name for f in dataclasses.fields(cls)]
+        renamed = sorted(name for name in values if name not in known and name in cls.renamed)
+        if renamed:
+            hints = ", ".join(f"{where}.{name} is {where}.{cls.renamed[name]} here" for name in renamed)
+            raise ValueError(f"{where}: {cls.label} option(s) {renamed} renamed: {hints}")
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"{where}: unknown {cls.label} option(s) {unknown} (known: {', '.join(known)})")
+        return cls(**values)
+
+    def options(self) -> dict[str, Any]:
+        """The options given (the fields that are not None), as keyword arguments."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTSpec(MethodSpec):
+    """SFT's options (:func:`jaxalign.methods.sft.sft_objective`).
+
+    Attributes:
+        label_smoothing: ε of the smoothed cross-entropy (transformers ``label_smoothing_factor``).
+        average: ``token_mean`` (every completion token alike, TRL) or ``sequence_mean`` (every example alike).
+    """
+
+    label_smoothing: float = 0.0
+    average: str = "token_mean"
+
+    label = "SFT"
+    renamed = {"label_smoothing_factor": "label_smoothing"}
+
+    def __post_init__(self):
+        self._require(0.0 <= self.label_smoothing < 1.0, "label_smoothing", "in [0, 1)")
+        self._require(self.average in SFT_AVERAGES, "average", f"one of {SFT_AVERAGES}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardSpec(MethodSpec):
+    """Reward-model options (:func:`jaxalign.methods.reward.reward_objective` and the reward head).
+
+    Attributes:
+        loss: ``bradley_terry`` (pairs, groups) or ``best_of_n``; None: by the data (best-of-N records
+            train ``best_of_n``, pairs ``bradley_terry``).
+        use_margin, margin_scale: subtract ``margin_scale × margin`` inside the sigmoid (Llama 2's margin loss).
+        center_coef: ``center_coef·(r⁺ + r⁻)²`` (TRL ``center_rewards_coefficient``).
+        dimension_weights: grouped data: the weight of each dimension's loss (and the export's default
+            combination); None: 1 each.
+        num_objectives: heads (one per dimension of grouped data); None: from the data.
+        pooling: the sequence state the head reads: ``last`` (TRL) or ``mean``.
+    """
+
+    loss: str | None = None
+    use_margin: bool = False
+    margin_scale: float = 1.0
+    center_coef: float = 0.0
+    dimension_weights: tuple[float, ...] | None = None
+    num_objectives: int | None = None
+    pooling: str = "last"
+
+    label = "reward"
+    renamed = {"center_rewards_coefficient": "center_coef"}
+
+    def __post_init__(self):
+        if self.dimension_weights is not None:
+            object.__setattr__(self, "dimension_weights", tuple(self.dimension_weights))
+        self._require(self.loss is None or self.loss in REWARD_LOSSES, "loss", f"one of {REWARD_LOSSES} or null")
+        self._require(self.center_coef >= 0, "center_coef", ">= 0")
+        self._require(self.num_objectives is None or self.num_objectives >= 1, "num_objectives", ">= 1 or null")
+        self._require(self.pooling in REWARD_POOLINGS, "pooling", f"one of {REWARD_POOLINGS}")
+
+    def objective_options(self) -> dict[str, Any]:
+        """The options :func:`~jaxalign.methods.reward.reward_objective` takes (not the head's)."""
+        return {name: value for name, value in self.options().items() if name not in ("num_objectives", "pooling")}
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOSpec(MethodSpec):
+    """DPO-family options (:func:`jaxalign.methods.dpo.dpo_objective`). None leaves an option to the loss's
+    default (``beta`` 0.1 for DPO/ORPO, 2.0 for SimPO); an option the chosen loss does not take is refused
+    when the objective is built, naming the loss.
+
+    Attributes:
+        loss_type: one of :data:`jaxalign.losses.DPO_LOSS_TYPES`, ``simpo``, ``orpo``, or a list (a weighted
+            mixture with ``loss_weights``; ``sft`` in the list adds the chosen NLL, TRL's RPO spelling).
+        beta, label_smoothing, loss_weights, discopop_tau, f_divergence, f_alpha, rpo_alpha: DPO's
+            (:func:`jaxalign.losses.dpo_loss`).
+        gamma, gamma_beta_ratio, alpha, sft_weight: SimPO's (:func:`jaxalign.losses.simpo_loss`).
+        chunk_size: positions per LM-head chunk; None: the default.
+    """
+
+    loss_type: str | tuple[str, ...] = "sigmoid"
+    beta: float | None = None
+    label_smoothing: float | None = None
+    loss_weights: tuple[float, ...] | None = None
+    discopop_tau: float | None = None
+    f_divergence: str | None = None
+    f_alpha: float | None = None
+    rpo_alpha: float | None = None
+    gamma: float | None = None
+    gamma_beta_ratio: float | None = None
+    alpha: float | None = None
+    sft_weight: float | None = None
+    chunk_size: int | None = None
+
+    label = "DPO"
+    renamed = {"loss_types": "loss_type", "simpo_gamma": "gamma", "cpo_alpha": "alpha"}
+
+    def __post_init__(self):
+        if not isinstance(self.loss_type, str):
+            object.__setattr__(self, "loss_type", tuple(self.loss_type))
+        if self.loss_weights is not None:
+            object.__setattr__(self, "loss_weights", tuple(self.loss_weights))
+        self._require(self.beta is None or self.beta > 0, "beta", "> 0 or null")
+        self._require(self.chunk_size is None or self.chunk_size >= 1, "chunk_size", ">= 1 or null")
+
+    def options(self) -> dict[str, Any]:
+        options = super().options()
+        for name in ("loss_type", "loss_weights"):
+            if isinstance(options.get(name), tuple):
+                options[name] = list(options[name])
+        return options
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOConfig(MethodSpec):
+    """PPO's hyperparameters (defaults: ``trl.experimental.ppo.PPOConfig`` where it has the option).
+
+    Attributes:
+        epochs: passes over each iteration's rollouts (TRL ``num_ppo_epochs``, 4).
+        num_minibatches: minibatches per pass (TRL ``num_mini_batches``, 1).
+        clip_eps: policy ratio clip ε (TRL ``cliprange``); ``clip_eps_high`` an asymmetric upper ε;
+            ``dual_clip`` the dual-clip bound c > 1.
+        value_clip_eps: value clip (TRL ``cliprange_value``); None disables it.
+        vf_coef: weight of the value loss (TRL 0.1).
+        gamma, lam: GAE discount and λ (TRL 1.0, 0.95).
+        kl_coef: β of the per-token KL penalty (TRL 0.05); the initial β when ``kl_target`` is set.
+        kl_estimator: ``k1``, ``k2``, ``k3`` or ``abs`` (:func:`jaxalign.losses.kl_estimate`; TRL "k1").
+        kl_target, kl_horizon: the adaptive controller (Ziegler et al. 2019, TRL 0.11 ``target``/
+            ``horizon``: 6, 10000 there); None keeps β fixed.
+        missing_eos_penalty: subtracted from the score of responses without an EOS (TRL option).
+        reward_clip: clip the sequence score to ``[−c, c]`` (TRL 0.11 ``score_clip``).
+        reward_scaling: ``none``; ``running_std`` divides scores by the running std of all scores so far
+            (TRL 0.11 ``use_score_scaling``); ``running_norm`` also subtracts the running mean
+            (``use_score_norm``).
+        whiten_rewards: whiten the shaped per-token rewards before GAE (TRL ``whiten_rewards``).
+        whiten_advantages: whiten the advantages over the batch (TRL always does).
+        target_kl: stop an iteration's passes when the approximate KL ``mean(old − new)`` exceeds
+            ``1.5 × target_kl`` (TRL 0.11 ``early_stopping``); None never stops early.
+        critic: ``separate`` (its own trunk, initialised from the policy) or ``shared`` (a value head on the
+            policy's trunk).
+        critic_lr_scale: the critic's learning rate (value head and separate critic) as a multiple of the
+            policy's (OpenRLHF's separate ``critic_learning_rate``; TRL uses one rate). A fresh value head on a
+            pretrained policy often needs a higher one.
+        chunk_size: positions per LM-head chunk (memory; see ``jaxalign.models.scoring.head_logps``).
+    """
+
+    epochs: int = 4
+    num_minibatches: int = 1
+    clip_eps: float = 0.2
+    clip_eps_high: float | None = None
+    dual_clip: float | None = None
+    value_clip_eps: float | None = 0.2
+    vf_coef: float = 0.1
+    gamma: float = 1.0
+    lam: float = 0.95
+    kl_coef: float = 0.05
+    kl_estimator: str = "k1"
+    kl_target: float | None = None
+    kl_horizon: float = 10000.0
+    missing_eos_penalty: float | None = None
+    reward_clip: float | None = None
+    reward_scaling: str = "none"
+    whiten_rewards: bool = False
+    whiten_advantages: bool = True
+    target_kl: float | None = None
+    critic: str = "separate"
+    critic_lr_scale: float = 1.0
+    chunk_size: int | None = DEFAULT_CHUNK
+
+    label = "PPO"
+    renamed = {"num_ppo_epochs": "epochs", "ppo_epochs": "epochs", "num_mini_batches": "num_minibatches",
+               "cliprange": "clip_eps", "cliprange_value": "value_clip_eps", "init_kl_coef": "kl_coef",
+               "kl_penalty": "kl_estimator", "target": "kl_target", "horizon": "kl_horizon",
+               "score_clip": "reward_clip", "early_stopping": "target_kl"}
+
+    def __post_init__(self):
+        require = self._require
+        self._require_passes()
+        require(self.clip_eps > 0, "clip_eps", "> 0")
+        require(self.vf_coef >= 0, "vf_coef", ">= 0")
+        require(0 <= self.gamma <= 1, "gamma", "in [0, 1]")
+        require(0 <= self.lam <= 1, "lam", "in [0, 1]")
+        require(self.kl_coef >= 0, "kl_coef", ">= 0")
+        require(self.kl_estimator in losses.KL_ESTIMATORS, "kl_estimator", f"one of {losses.KL_ESTIMATORS}")
+        require(self.kl_target is None or self.kl_target > 0, "kl_target", "> 0 or null")
+        require(self.kl_horizon > 0, "kl_horizon", "> 0")
+        require(self.reward_clip is None or self.reward_clip > 0, "reward_clip", "> 0 or null")
+        require(self.reward_scaling in REWARD_SCALINGS, "reward_scaling", f"one of {REWARD_SCALINGS}")
+        require(self.target_kl is None or self.target_kl > 0, "target_kl", "> 0 or null")
+        require(self.critic in CRITICS, "critic", f"one of {CRITICS}")
+        require(self.critic_lr_scale >= 0, "critic_lr_scale", ">= 0")
+        require(self.dual_clip is None or self.dual_clip > 1, "dual_clip", "> 1 or null")
+        require(self.clip_eps_high is None or self.clip_eps_high > 0, "clip_eps_high", "> 0 or null")
+        require(self.value_clip_eps is None or self.value_clip_eps > 0, "value_clip_eps", "> 0 or null")
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig(MethodSpec):
+    """GRPO's hyperparameters (defaults: TRL 1.16 ``GRPOConfig``).
+
+    Attributes:
+        epochs: passes over each generation batch (GRPO's μ, TRL ``num_iterations``, 1).
+        num_minibatches: minibatches per pass (TRL ``steps_per_generation``). Rows are shuffled one by one,
+            so a group's responses may land in different minibatches; their advantages were computed over the
+            whole group before, so the loss does not depend on it.
+        loss_type: ``grpo``, ``bnpo``, ``dr_grpo`` or ``dapo`` (TRL's default), see the module docstring.
+        scale: advantage scaling ``group``, ``batch`` or ``none`` (TRL ``scale_rewards``).
+        clip_eps: ε (TRL ``epsilon``, 0.2); ``clip_eps_high`` DAPO's upper ε (0.28 in the paper).
+        delta: two-sided GRPO's upper bound on the ratio (TRL ``delta``).
+        kl_coef: β of the k3 KL to the reference (TRL ``beta``, 0).
+        importance_sampling_level: ``token`` or ``sequence`` (GSPO).
+        eps: added to the std of the advantage scaling (TRL 1e-4).
+        chunk_size: positions per LM-head chunk.
+    """
+
+    epochs: int = 1
+    num_minibatches: int = 1
+    loss_type: str = "dapo"
+    scale: str = "group"
+    clip_eps: float = 0.2
+    clip_eps_high: float | None = None
+    delta: float | None = None
+    kl_coef: float = 0.0
+    importance_sampling_level: str = "token"
+    eps: float = 1e-4
+    chunk_size: int | None = DEFAULT_CHUNK
+
+    label = "GRPO"
+    renamed = {"num_iterations": "epochs", "steps_per_generation": "num_minibatches", "epsilon": "clip_eps",
+               "epsilon_high": "clip_eps_high", "beta": "kl_coef", "scale_rewards": "scale"}
+
+    def __post_init__(self):
+        require = self._require
+        self._require_passes()
+        require(self.loss_type in losses.TRL_LOSS_TYPES, "loss_type", f"one of {tuple(losses.TRL_LOSS_TYPES)}")
+        require(self.scale in losses.ADVANTAGE_SCALES, "scale", f"one of {losses.ADVANTAGE_SCALES}")
+        require(self.clip_eps > 0, "clip_eps", "> 0")
+        require(self.clip_eps_high is None or self.clip_eps_high > 0, "clip_eps_high", "> 0 or null")
+        require(self.kl_coef >= 0, "kl_coef", ">= 0")
+        require(self.delta is None or self.delta > 1, "delta", "> 1 or null")
+        require(self.eps >= 0, "eps", ">= 0")
+        require(self.importance_sampling_level in losses.IMPORTANCE_SAMPLING_LEVELS, "importance_sampling_level",
+                f"one of {losses.IMPORTANCE_SAMPLING_LEVELS}")
+
+
+# The spec of each method's ``loss:`` section.
+LOSS_SPECS: dict[str, type[MethodSpec]] = {"sft": SFTSpec, "reward": RewardSpec, "dpo": DPOSpec, "ppo": PPOConfig,
+                                           "grpo": GRPOConfig}
