@@ -3,8 +3,8 @@
 The objective is the user's bridge between the model and :mod:`jaxalign.losses`::
 
     def sft_objective(model, batch, *, key):
-        logits, _ = model(batch["tokens"], attention_mask=batch["attention_mask"])
-        per_token, metrics = losses.sft_loss(logits[:, :-1], batch["tokens"][:, 1:], batch["loss_mask"][:, 1:])
+        logits, _ = model(batch["input_ids"], attention_mask=batch["attention_mask"])
+        per_token, metrics = losses.sft_loss(logits[:, :-1], batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:])
         return losses.aggregate(per_token, batch["loss_mask"][:, 1:]), metrics
 
 It returns ``((loss_sum, loss_count), metrics)``: the batch loss is ``Σ loss_sum / Σ loss_count`` over the
