@@ -9,7 +9,8 @@ The reference-free objectives (SimPO, ORPO) live in :mod:`jaxalign.losses.refere
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -147,6 +148,81 @@ def _validate_dpo(
         raise ValueError("dpo_loss: pair weights cannot be combined with 'aot'/'aot_unpaired', which sort the batch")
     if (rpo_alpha is None) != (not has_nll):
         raise ValueError("dpo_loss: RPO needs both rpo_alpha and chosen_nll (or neither)")
+
+
+class _Pair(NamedTuple):
+    """What every pairwise loss type reads: the margins, log-ratios and scores of a batch of pairs ``[B]``."""
+
+    z: Array  # β·(score_w − score_l): the DPO margin (scores are log-ratios, or f-divergence scores)
+    beta_c: Array  # β·log(π/π_ref)(y_w)
+    beta_r: Array  # β·log(π/π_ref)(y_l)
+    chosen_logratios: Array
+    rejected_logratios: Array
+    chosen_logps: Array
+    rejected_logps: Array
+    ref_chosen_logps: Array
+    ref_rejected_logps: Array
+    chosen_scores: Array
+    rejected_scores: Array
+    chosen_lengths: Array | None
+    rejected_lengths: Array | None
+    valid: Array
+    beta: float
+    eps: float  # label_smoothing
+    discopop_tau: float
+
+
+def _length_normalised(p: _Pair, *, squared: bool) -> Array:
+    delta = _per_length(p.chosen_scores, p.chosen_lengths) - _per_length(p.rejected_scores, p.rejected_lengths)
+    return (delta - 1.0 / (2.0 * p.beta)) ** 2 if squared else -jax.nn.log_sigmoid(p.beta * delta)
+
+
+def _exo_pair(p: _Pair) -> Array:
+    log_q_w, log_q_l = jax.nn.log_sigmoid(p.z), jax.nn.log_sigmoid(-p.z)
+    return jnp.exp(log_q_w) * (log_q_w - math.log1p(-p.eps)) + jnp.exp(log_q_l) * (log_q_l - math.log(p.eps))
+
+
+def _robust(p: _Pair) -> Array:
+    clean = -(1.0 - p.eps) * jax.nn.log_sigmoid(p.z)
+    flipped = -p.eps * jax.nn.log_sigmoid(-p.z)
+    return (clean - flipped) / (1.0 - 2.0 * p.eps)
+
+
+def _aot(p: _Pair) -> Array:
+    policy = _sort_valid(p.chosen_logps - p.rejected_logps, p.valid)
+    reference = _sort_valid(p.ref_chosen_logps - p.ref_rejected_logps, p.valid)
+    return _smoothed_sigmoid(p.beta * (policy - reference), p.eps)
+
+
+def _aot_unpaired(p: _Pair) -> Array:
+    sorted_chosen = _sort_valid(p.chosen_logratios, p.valid)
+    return _smoothed_sigmoid(p.beta * (sorted_chosen - _sort_valid(p.rejected_logratios, p.valid)), p.eps)
+
+
+def _discopop(p: _Pair) -> Array:
+    # e^(−z)·σ(z/τ) in log space so a large negative z gives 0, not inf·0.
+    log_mix = jax.nn.log_sigmoid(p.z / p.discopop_tau)
+    return -jax.nn.log_sigmoid(p.z) * jax.nn.sigmoid(-p.z / p.discopop_tau) + jnp.exp(log_mix - p.z)
+
+
+# Each loss type's per-pair loss (TRL 1.16's DPOTrainer formulas; see dpo_loss's docstring).
+_PAIR_LOSSES: dict[str, Callable[[_Pair], Array]] = {
+    "sigmoid": lambda p: _smoothed_sigmoid(p.z, p.eps),
+    "hinge": lambda p: jax.nn.relu(1.0 - p.z),
+    "ipo": lambda p: _length_normalised(p, squared=True),
+    "sigmoid_norm": lambda p: _length_normalised(p, squared=False),
+    "exo_pair": _exo_pair,
+    "nca_pair": lambda p: (-jax.nn.log_sigmoid(p.beta_c) - 0.5 * jax.nn.log_sigmoid(-p.beta_c)
+                           - 0.5 * jax.nn.log_sigmoid(-p.beta_r)),
+    "robust": _robust,
+    "bco_pair": lambda p: -jax.nn.log_sigmoid(p.beta_c) - jax.nn.log_sigmoid(-p.beta_r),
+    "sppo_hard": lambda p: (p.chosen_logratios - 0.5 / p.beta) ** 2 + (p.rejected_logratios + 0.5 / p.beta) ** 2,
+    "aot": _aot,
+    "aot_unpaired": _aot_unpaired,
+    "apo_zero": lambda p: 1.0 - jax.nn.sigmoid(p.beta_c) + jax.nn.sigmoid(p.beta_r),
+    "apo_down": lambda p: jax.nn.sigmoid(p.beta_c) + 1.0 - jax.nn.sigmoid(p.beta_c - p.beta_r),
+    "discopop": _discopop,
+}
 
 
 def dpo_loss(
@@ -295,49 +371,14 @@ def dpo_loss(
     rejected_logratios = rejected_logps - ref_rejected_logps
     chosen_scores = _f_scores(chosen_logratios, f_divergence, f_alpha)
     rejected_scores = _f_scores(rejected_logratios, f_divergence, f_alpha)
-    z = beta * (chosen_scores - rejected_scores)
     beta_c, beta_r = beta * chosen_logratios, beta * rejected_logratios
-    eps = label_smoothing
-
-    def one(kind: str) -> Array:
-        if kind == "sigmoid":
-            return _smoothed_sigmoid(z, eps)
-        if kind == "hinge":
-            return jax.nn.relu(1.0 - z)
-        if kind in _LENGTH_NORMALISED:
-            delta = _per_length(chosen_scores, chosen_lengths) - _per_length(rejected_scores, rejected_lengths)
-            if kind == "ipo":
-                return (delta - 1.0 / (2.0 * beta)) ** 2
-            return -jax.nn.log_sigmoid(beta * delta)
-        if kind == "exo_pair":
-            log_q_w, log_q_l = jax.nn.log_sigmoid(z), jax.nn.log_sigmoid(-z)
-            return jnp.exp(log_q_w) * (log_q_w - math.log1p(-eps)) + jnp.exp(log_q_l) * (log_q_l - math.log(eps))
-        if kind == "nca_pair":
-            return -jax.nn.log_sigmoid(beta_c) - 0.5 * jax.nn.log_sigmoid(-beta_c) - 0.5 * jax.nn.log_sigmoid(-beta_r)
-        if kind == "robust":
-            clean = -(1.0 - eps) * jax.nn.log_sigmoid(z)
-            flipped = -eps * jax.nn.log_sigmoid(-z)
-            return (clean - flipped) / (1.0 - 2.0 * eps)
-        if kind == "bco_pair":
-            return -jax.nn.log_sigmoid(beta_c) - jax.nn.log_sigmoid(-beta_r)
-        if kind == "sppo_hard":
-            return (chosen_logratios - 0.5 / beta) ** 2 + (rejected_logratios + 0.5 / beta) ** 2
-        if kind == "aot":
-            policy = _sort_valid(chosen_logps - rejected_logps, valid)
-            reference = _sort_valid(ref_chosen_logps - ref_rejected_logps, valid)
-            return _smoothed_sigmoid(beta * (policy - reference), eps)
-        if kind == "aot_unpaired":
-            sorted_chosen = _sort_valid(chosen_logratios, valid)
-            return _smoothed_sigmoid(beta * (sorted_chosen - _sort_valid(rejected_logratios, valid)), eps)
-        if kind == "apo_zero":
-            return 1.0 - jax.nn.sigmoid(beta_c) + jax.nn.sigmoid(beta_r)
-        if kind == "apo_down":
-            return jax.nn.sigmoid(beta_c) + 1.0 - jax.nn.sigmoid(beta_c - beta_r)
-        # discopop: e^(−z)·σ(z/τ) in log space so a large negative z gives 0, not inf·0.
-        log_mix = jax.nn.log_sigmoid(z / discopop_tau)
-        return -jax.nn.log_sigmoid(z) * jax.nn.sigmoid(-z / discopop_tau) + jnp.exp(log_mix - z)
-
-    loss = sum(weight * one(kind) for kind, weight in zip(loss_types, loss_weights, strict=True))
+    pair = _Pair(z=beta * (chosen_scores - rejected_scores), beta_c=beta_c, beta_r=beta_r,
+                 chosen_logratios=chosen_logratios, rejected_logratios=rejected_logratios,
+                 chosen_logps=chosen_logps, rejected_logps=rejected_logps, ref_chosen_logps=ref_chosen_logps,
+                 ref_rejected_logps=ref_rejected_logps, chosen_scores=chosen_scores, rejected_scores=rejected_scores,
+                 chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, valid=valid, beta=beta,
+                 eps=label_smoothing, discopop_tau=discopop_tau)
+    loss = sum(weight * _PAIR_LOSSES[kind](pair) for kind, weight in zip(loss_types, loss_weights, strict=True))
     metrics = _reward_metrics(beta_c, beta_r, chosen_logps, rejected_logps, valid, valid)
     metrics["rewards/accuracies"] = masked_mean(beta_c > beta_r, valid)
     if rpo_alpha is not None:

@@ -810,3 +810,10 @@ def test_kto_rejects_bad_configuration():
         kto_loss(x, x, x, x, x, x, loss_type="bco")
     with pytest.raises(ValueError, match="beta"):
         kto_loss(x, x, x, x, x, x, beta=-1.0)
+
+
+def test_every_loss_type_has_exactly_one_formula():
+    """The dispatch table and the public list of loss types are the same set (a new type needs both)."""
+    from jaxalign.losses.dpo import _PAIR_LOSSES, DPO_LOSS_TYPES
+
+    assert set(_PAIR_LOSSES) == set(DPO_LOSS_TYPES)
