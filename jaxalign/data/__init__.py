@@ -1,4 +1,4 @@
-"""Preference-data formats -> canonical records -> token arrays (padding, masks, packing). No jax here.
+"""Preference-data formats -> canonical records -> token arrays (padding, masks, packing). No jax is imported here.
 
 Quick path::
 
@@ -14,6 +14,7 @@ Step by step: :func:`read_records` (file -> records + report), :func:`tokenize` 
 :class:`TokenizedDataset`), :class:`BatchIterator` (dataset -> batches). See ``docs/data.md``.
 """
 
+from jaxalign.data.batches import Batch, CandidateBatch, GroupBatch, PairBatch, PromptBatch, SequenceBatch, batch_class
 from jaxalign.data.collate import collate, collate_packed
 from jaxalign.data.config import DataConfig, build_batches, build_dataset
 from jaxalign.data.errors import DataError, Location, Reason, Report
@@ -39,6 +40,13 @@ from jaxalign.data.tokenizer import load_tokenizer
 from jaxalign.data.truncation import TokenSequence, Truncation
 
 __all__ = [
+    "Batch",
+    "CandidateBatch",
+    "GroupBatch",
+    "PairBatch",
+    "PromptBatch",
+    "SequenceBatch",
+    "batch_class",
     "FORMATS",
     "OPENAI_PAD_TOKEN_ID",
     "BatchIterator",

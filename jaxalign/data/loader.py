@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxalign.data.batches import Batch, batch_class
 from jaxalign.data.collate import collate, collate_packed
 from jaxalign.data.tokenize import TokenizedDataset
 
@@ -188,7 +189,7 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
             return None  # the last batch of an epoch is the incomplete one
         return rows + [[] for _ in range(self.global_batch_size - len(rows))], position
 
-    def __next__(self) -> dict[str, np.ndarray]:
+    def __next__(self) -> Batch:
         while True:
             if self.num_epochs is not None and self.epoch >= self.num_epochs:
                 raise StopIteration
@@ -203,9 +204,12 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
         rows, self.position = plan
         local = rows[self.process_index * self.batch_size:(self.process_index + 1) * self.batch_size]
         if self.pack_length is not None:
-            return collate_packed(self.dataset, local, self.pack_length)
-        longest = max((int(self.dataset.lengths[i]) for i in rows if i is not None), default=1)
-        return collate(self.dataset, local, self.padded_length(longest))
+            arrays = collate_packed(self.dataset, local, self.pack_length)
+        else:
+            longest = max((int(self.dataset.lengths[i]) for i in rows if i is not None), default=1)
+            arrays = collate(self.dataset, local, self.padded_length(longest))
+        # The kind's typed struct, its shapes checked: a malformed batch is named here, not inside a loss.
+        return batch_class(self.dataset.kind).from_arrays(arrays).check()
 
     def state_dict(self) -> dict[str, Any]:
         """The position as plain values (JSON-able): store it with a checkpoint."""

@@ -39,7 +39,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jaxtyping import Float, Int
 
+from jaxalign.data import Batch
 from jaxalign.methods.common import lora_base
 from jaxalign.methods.rewards import Episodes, RewardOutput, RewardSource, run_source
 from jaxalign.models import has_lora
@@ -93,6 +95,26 @@ def sequence_inputs(rollout: Rollout) -> dict[str, Array]:
     tokens, mask = rollout.sequences()
     return {"input_ids": tokens.astype(jnp.int32), "attention_mask": mask.astype(jnp.int32),
             "positions": positions_of(mask)}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class RolloutBatch(Batch):
+    """An online iteration's training rows: prompt + response ``[R, S]`` (``S = P + N``), per response token
+    ``[R, N]``; ``advantages`` per token (PPO) or per row (GRPO). Checked once per iteration
+    (:meth:`~jaxalign.data.Batch.check`); minibatches are :meth:`~jaxalign.data.Batch.select` of its rows."""
+
+    kind = "rollout"
+
+    input_ids: Int[Any, "R S"]
+    attention_mask: Int[Any, "R S"]
+    positions: Int[Any, "R S"]
+    response_mask: Int[Any, "R N"]
+    old_logps: Float[Any, "R N"]
+    advantages: Float[Any, "R ..."]
+    returns: Float[Any, "R N"] | None = None
+    old_values: Float[Any, "R N"] | None = None
+    ref_logps: Float[Any, "R N"] | None = None
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def masked_mean(values: Array, mask: Array) -> Array:
@@ -262,7 +284,7 @@ class OnlineTrainer(StepSource):
         return (f"the prompts ended after iteration {step}, before total_steps={total_steps} (data.num_epochs is "
                 "set; leave it unset to cycle)")
 
-    def minibatches(self, state: TrainState, step: int) -> Iterator[dict[str, Array]]:
+    def minibatches(self, state: TrainState, step: int) -> Iterator[RolloutBatch]:
         """Sample, score, reward and prepare iteration ``step + 1``; then its shuffled minibatches."""
         prompts = next(self._prompt_batches)
         started = time.perf_counter()
@@ -285,8 +307,9 @@ class OnlineTrainer(StepSource):
                                          group_size=self.sampling.n)
         rewards = run_source(self.reward, episodes)
         gold = run_source(self.gold, episodes) if self.gold is not None else None
-        batch, advantage_metrics = self.prepare(rollout, inputs, scored, rewards)
-        rows = int(next(iter(batch.values())).shape[0])
+        prepared, advantage_metrics = self.prepare(rollout, inputs, scored, rewards)
+        batch = RolloutBatch.from_arrays(prepared).check()
+        rows = int(batch["input_ids"].shape[0])
         if rows % self.num_minibatches:
             raise ValueError(f"{rows} rows per iteration (prompts × samples) is not a multiple of "
                              f"num_minibatches={self.num_minibatches}")
@@ -295,14 +318,14 @@ class OnlineTrainer(StepSource):
                            "started": started, "generated": generated, "scored": scored_at, "stopped": False}
         return self._shuffled(batch, rows, step)
 
-    def _shuffled(self, batch: Mapping[str, Array], rows: int, step: int) -> Iterator[dict[str, Array]]:
+    def _shuffled(self, batch: RolloutBatch, rows: int, step: int) -> Iterator[RolloutBatch]:
         size = rows // self.num_minibatches
         for epoch in range(self.epochs):
             # The order is a function of (seed, iteration, epoch): a resumed run shuffles identically.
             order = np.random.default_rng([self.config.seed, step, epoch]).permutation(rows)
             for start in range(0, rows, size):
-                rows_of = order[start:start + size]  # a gather on the device: the rows never leave it
-                yield {name: value[rows_of] for name, value in batch.items()}
+                # A gather on the device: the rows never leave it.
+                yield batch.select(order[start:start + size])
 
     def stop_early(self, metrics: Mapping[str, Any]) -> bool:
         stop = self.should_stop_epochs(metrics)

@@ -289,6 +289,8 @@ class TrainStep:
             ``update_ratio`` (``‖Δθ‖/‖θ‖``), ``finite``, ``diverging`` and, when countable, ``tokens``.
             Nothing is synchronised with the host.
         """
+        if isinstance(batch, Mapping) and not isinstance(batch, dict):
+            batch = dict(batch)  # a typed batch (jaxalign.data.Batch) travels as the dict of its arrays
         self._check_batch_size(batch)
         return self._step(state, shard_batch(batch, self.mesh), self.frozen, self.references)
 

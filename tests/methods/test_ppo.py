@@ -15,7 +15,7 @@ from flax import nnx
 
 from jaxalign import data as jdata
 from jaxalign.methods.grpo import GRPOConfig, GRPOTrainer
-from jaxalign.methods.online import sequence_inputs
+from jaxalign.methods.online import RolloutBatch, sequence_inputs
 from jaxalign.methods.ppo import PPOConfig, PPOTrainer, compute_advantages
 from jaxalign.methods.rewards import FunctionReward, RewardOutput
 from jaxalign.models import LlamaForCausalLM
@@ -236,6 +236,10 @@ def test_an_iteration_keeps_its_arrays_on_the_device():
     on_device = {name: isinstance(value, jax.Array) for name, value in {**inputs, **scored, **rows}.items()}
     assert all(on_device.values()), on_device
     assert all(isinstance(value, float) for value in metrics.values()), metrics
+    typed = RolloutBatch.from_arrays(rows).check()  # the shapes the online loop checks every iteration
+    assert typed["advantages"].shape == typed["response_mask"].shape
+    with pytest.raises(ValueError, match=r"RolloutBatch\.old_logps: expected float \[R N\]"):
+        RolloutBatch.from_arrays({**rows, "old_logps": rows["old_logps"][:, 1:]}).check()
 
 
 def test_critic_learning_rate_scale_applies_to_the_critic_only():
