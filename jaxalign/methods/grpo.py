@@ -36,6 +36,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -146,14 +147,14 @@ class GRPOTrainer(OnlineTrainer):
     def prepare(self, rollout: Rollout, inputs, scored, rewards: RewardOutput):
         group = self.sampling.n
         total = np.asarray(rewards.total, np.float32)
-        advantages = self._advantages(jax.numpy.asarray(total), group_size=group, scale=self.grpo.scale,
+        advantages = self._advantages(jnp.asarray(total), group_size=group, scale=self.grpo.scale,
                                       eps=self.grpo.eps)
         batch = {**inputs, "response_mask": rollout.response_mask.astype(np.int32), "old_logps": scored["logps"],
                  "advantages": advantages}
         if "ref_logps" in scored:
             batch["ref_logps"] = scored["ref_logps"]
         grouped = total.reshape(-1, group)
-        metrics = {"advantage/abs_mean": float(jax.numpy.mean(jax.numpy.abs(advantages))),
+        metrics = {"advantage/abs_mean": float(jnp.mean(jnp.abs(advantages))),
                    "reward/group_std": float(np.mean(np.std(grouped, axis=1))),
                    "groups/all_equal": float(np.mean(np.ptp(grouped, axis=1) == 0))}
         return batch, metrics

@@ -117,12 +117,6 @@ class RolloutBatch(Batch):
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def masked_mean(values: Array, mask: Array) -> Array:
-    """Mean of ``values`` where ``mask`` holds, 0 when it holds nowhere (a device scalar)."""
-    mask = jnp.asarray(mask, bool)
-    return jnp.sum(jnp.where(mask, values, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
-
-
 def rollout_metrics(rollout: Rollout, scored: Mapping[str, Array], rewards: RewardOutput,
                     gold: RewardOutput | None) -> dict[str, float]:
     """What every online method logs about its samples (see the module docstring): device reductions, one
@@ -219,9 +213,7 @@ class OnlineTrainer(StepSource):
 
     def trained_model(self) -> nnx.Module:
         """The trained module after :meth:`run`."""
-        if self.state is None:
-            raise RuntimeError("trained_model() needs a finished run(): call run() first")
-        return self.train_step.trained_model(self.state)
+        return self.trainer.trained_model()
 
     # ------------------------------------------------------------------ what a method provides
 

@@ -51,7 +51,6 @@ from jaxalign.methods.online import (
     OnlineTrainer,
     default_trainable,
     jitted_pass,
-    masked_mean,
     reference_logps,
     response_logps,
 )
@@ -259,9 +258,9 @@ class PPOTrainer(OnlineTrainer):
                  "old_values": scored["values"], "advantages": out["advantages"], "returns": out["returns"]}
         sequence_kl = jnp.sum(jnp.where(mask, out["kl"], 0.0), axis=1)
         device = {"kl_penalty": jnp.mean(-self.kl_coef * sequence_kl), "kl_estimate": jnp.mean(sequence_kl),
-                  "advantage/mean": masked_mean(out["advantages"], mask),
-                  "returns/mean": masked_mean(out["returns"], mask),
-                  "value/mean": masked_mean(scored["values"], mask)}
+                  "advantage/mean": losses.masked_mean(out["advantages"], mask),
+                  "returns/mean": losses.masked_mean(out["returns"], mask),
+                  "value/mean": losses.masked_mean(scored["values"], mask)}
         metrics.update({name: float(value) for name, value in jax.device_get(device).items()})
         metrics.update({"score": float(np.mean(score)), "kl_coef": self.kl_coef})
         return batch, metrics
