@@ -3,6 +3,7 @@
 from jaxalign.models.cache import KVCache
 from jaxalign.models.causal_lm import CausalLM
 from jaxalign.models.config import ModelConfig, RopeScaling
+from jaxalign.models.doctor_io import check_same_tokenizer, load_doctor, read_doctor_card, save_doctor
 from jaxalign.models.gguf_io import GGUFSource, default_model_path, load_gguf, load_gguf_tokenizer
 from jaxalign.models.gpt2 import GPT2Config, GPT2LMHeadModel, GPT2Model
 from jaxalign.models.heads import (
@@ -28,6 +29,7 @@ from jaxalign.models.pretrained import TOKENIZER_FILES, load_pretrained
 from jaxalign.models.reward_io import load_reward_model, save_reward_model
 from jaxalign.models.scoring import DEFAULT_CHUNK, head_logps, target_logps
 from jaxalign.models.sharding import DEFAULT_RULES, MESH_AXES, fit_spec, named_shardings, partition_specs
+from jaxalign.models.truncate import first_layers
 
 __all__ = [
     "DEFAULT_CHUNK",
@@ -56,15 +58,18 @@ __all__ = [
     "TensorSource",
     "ValueHead",
     "apply_lora",
+    "check_same_tokenizer",
     "config_from_hf",
     "default_model_path",
     "derive_positions",
+    "first_layers",
     "fit_spec",
     "has_lora",
     "last_token_index",
     "load_gguf",
     "load_gguf_tokenizer",
     "load_hf",
+    "load_doctor",
     "load_hf_config",
     "load_pretrained",
     "load_reward_model",
@@ -72,6 +77,8 @@ __all__ = [
     "model_from_tensors",
     "named_shardings",
     "partition_specs",
+    "read_doctor_card",
+    "save_doctor",
     "save_hf",
     "save_reward_model",
 ]
