@@ -13,6 +13,8 @@ Quick path::
 
 - :mod:`~jaxalign.rollout.engine`: :class:`Sampler` (prefill + decode loop, guidance, meshes) and
   :class:`Rollout` (tokens, masks, lengths, sampling and model log-probs).
+- :mod:`~jaxalign.rollout.guided`: :class:`GuidedSampler`, LLMDoctor's patient steered by one doctor per
+  preference dimension (``β_i = β · w_i`` from named preference weights; loads doctor directories).
 - :mod:`~jaxalign.rollout.params`: :class:`SamplingParams`.
 - :mod:`~jaxalign.rollout.filters`, :mod:`~jaxalign.rollout.sampling`: top-k / top-p / min-p thresholds
   without a vocabulary sort, inverse-CDF draws, :func:`filtered_logprobs`.
@@ -25,13 +27,17 @@ See docs/rollout.md.
 from jaxalign.rollout.batching import bucket, check_left_padded, left_pad
 from jaxalign.rollout.engine import Rollout, Sampler
 from jaxalign.rollout.filters import DEFAULT_CANDIDATES, filtered_logprobs, keep_thresholds, order_keys
+from jaxalign.rollout.guided import DEFAULT_ALPHA, DEFAULT_BETA, GuidedSampler, resolve_weights
 from jaxalign.rollout.params import Filters, SamplingParams
 from jaxalign.rollout.sampling import inverse_cdf, next_token
 from jaxalign.rollout.text import TextStream
 
 __all__ = [
+    "DEFAULT_ALPHA",
+    "DEFAULT_BETA",
     "DEFAULT_CANDIDATES",
     "Filters",
+    "GuidedSampler",
     "Rollout",
     "Sampler",
     "SamplingParams",
@@ -44,4 +50,5 @@ __all__ = [
     "left_pad",
     "next_token",
     "order_keys",
+    "resolve_weights",
 ]
