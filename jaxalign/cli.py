@@ -9,6 +9,7 @@ record, an invalid setting), 1 for a run that failed (diverged, or an unexpected
     jaxalign generate --prompt "Write a haiku about the sea."     # the embedded SmolLM2-135M-Instruct
     jaxalign generate --model ckpt_dir --prompts-file prompts.jsonl --n 4 --output samples.jsonl
     jaxalign generate --model model.gguf --chat
+    jaxalign generate --doctor doctors/safety --doctor doctors/helpful --preference-weights '{"safety": 0.7}' --chat
     jaxalign train dpo --config hh_rlhf data.source=hh/train.jsonl.gz  # sft | reward | dpo (docs/offline-trainers.md)
     jaxalign eval --policy runs/hh_rlhf/export --prompts prompts.jsonl     # win rate, KL, rewards (docs/eval.md)
 """
@@ -28,12 +29,15 @@ from pathlib import Path
 
 from jaxalign.eval.command import add_eval_command
 from jaxalign.methods.command import add_train_command
+from jaxalign.rollout.guided import DEFAULT_ALPHA, DEFAULT_BETA
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 DEBUG_VARIABLE = "JAXALIGN_DEBUG"
 CHAT_COMMANDS = "/exit or Ctrl-D quits, /reset clears the conversation"
+GUIDED_CHAT_COMMANDS = "/weights shows the doctors' weights, /weights {\"dimension\": w, ...} sets them"
+GUIDANCE_OPTIONS = ("--preference-weights", "--alpha", "--beta")
 
 
 def add_generate_command(subcommands) -> None:
@@ -63,6 +67,19 @@ def add_generate_command(subcommands) -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per compiled batch (--prompts-file)")
     parser.add_argument("--output", type=Path, help="write JSONL results here (default: print)")
     parser.add_argument("--no-stream", action="store_true", help="print a single response when it is complete")
+    guidance = parser.add_argument_group(
+        "guided decoding (LLMDoctor)",
+        "Doctors steer --model (the patient) token by token: p(y) ~ p_patient(y)^alpha * prod_i p_doctor_i(y)^(beta "
+        "* w_i), w_i the weight of doctor i's preference dimension (docs/rollout.md).")
+    guidance.add_argument("--doctor", action="append", type=Path, metavar="DIR",
+                          help="a doctor directory (`jaxalign train tfpo`'s export: causal LM, value head, doctor.json "
+                               "naming its preference dimension); repeat for several dimensions")
+    guidance.add_argument("--preference-weights", metavar="JSON",
+                          help='weights of the doctors\' dimensions, e.g. \'{"helpfulness": 0.8, "safety": 0.2}\'; a '
+                               "dimension not named gets 0 (default: every doctor 1)")
+    guidance.add_argument("--alpha", type=float, help=f"the patient's weight (default {DEFAULT_ALPHA})")
+    guidance.add_argument("--beta", type=float, help=f"guidance strength: doctor i weighs beta * w_i (default "
+                                                     f"{DEFAULT_BETA})")
     parser.set_defaults(run=run_generate)
 
 

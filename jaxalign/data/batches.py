@@ -180,6 +180,7 @@ class PairBatch(Batch):
     example_mask: Int[A, " B"]
     margin: Float[A, " B"] | None = None
     ref_logps: Float[A, "B 2"] | None = None  # a DPO reference's summed log-probs (precomputed)
+    token_rewards: Float[A, "B 2 T"] | None = None  # LLMDoctor's reward of each token, aligned with input_ids
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 

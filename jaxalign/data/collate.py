@@ -19,7 +19,9 @@ right). Per-example arrays: ``example_mask [B]`` (0 on rows that only pad a part
 depending on the kind, ``score [B]`` (packed: ``[B, T]``, each token its sequence's score), ``margin [B]``
 or ``[B, D]``, ``label [B]`` (1 desirable), ``best [B]``, ``pair_mask [B, D]`` (0 where a group has no
 pair on a dimension), ``candidate_mask [B, N]`` and, once a trainer has attached them with
-:meth:`TokenizedDataset.with_values`, ``ref_logps [B, *layout]`` (a DPO reference's log-probabilities).
+:meth:`TokenizedDataset.with_values`, ``ref_logps [B, *layout]`` (a DPO reference's log-probabilities), or
+with :meth:`TokenizedDataset.with_token_values`, ``token_rewards [B, *layout, T]`` (LLMDoctor's token rewards,
+one per token, aligned with ``input_ids``).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxalign.data.tokenize import TokenizedDataset
+from jaxalign.data.tokenize import TOKEN_VALUES, TokenizedDataset
 
 FLOAT_VALUES = ("score", "margin", "ref_logps", "difficulty")
 
@@ -68,12 +70,29 @@ def collate(dataset: TokenizedDataset, rows: Sequence[int | None], length: int) 
         out["loss_mask"] = loss_mask.reshape(shape)
     out["example_mask"] = np.asarray([index is not None for index in rows], np.int32)
     for key in dataset.value_keys:
+        if key in TOKEN_VALUES:
+            out[key] = _token_values(dataset, key, rows, length, left)
+            continue
         values = np.zeros((batch, *_value_shape(dataset, key)), np.float32 if key in FLOAT_VALUES else np.int32)
         for row, index in enumerate(rows):
             if index is not None:
                 values[row] = dataset.examples[index].values.get(key, 0)
         out[key] = values
     return out
+
+
+def _token_values(dataset: TokenizedDataset, key: str, rows: Sequence[int | None], length: int,
+                  left: bool) -> np.ndarray:
+    """``[B, *layout, T]`` float32: each sequence's per-token values where its tokens sit, 0 elsewhere."""
+    values = np.zeros((len(rows), math.prod(dataset.layout), length), np.float32)
+    for row, index in enumerate(rows):
+        if index is None:
+            continue
+        for slot, per_token in enumerate(dataset.examples[index].values[key]):
+            if per_token is not None:
+                start = length - len(per_token) if left else 0
+                values[row, slot, start:start + len(per_token)] = per_token
+    return values.reshape(len(rows), *dataset.layout, length)
 
 
 def collate_packed(dataset: TokenizedDataset, rows: Sequence[Sequence[int]], length: int) -> dict[str, np.ndarray]:

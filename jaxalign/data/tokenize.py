@@ -58,6 +58,9 @@ KINDS = {
     PromptRecord: "prompt",
     BestOfNRecord: "best_of_n",
 }
+# Per-token values (one float per token of every sequence, attached with TokenizedDataset.with_token_values):
+# batched [B, *layout, T] like input_ids, 0 on padding. LLMDoctor's token rewards (jaxalign.methods.token_rewards).
+TOKEN_VALUES = ("token_rewards",)
 # Records per batch of template rendering and (parallel, Rust-side) encoding.
 ENCODE_CHUNK = 256
 # Record counts from which the tokenising progress bar shows by default.
@@ -163,6 +166,37 @@ class TokenizedDataset:
                     for example, value in zip(self.examples, values, strict=True)]
         return replace(self, examples=examples, value_keys=(*self.value_keys, key))
 
+    def with_token_values(self, key: str, values: Sequence[Sequence[np.ndarray | None]]) -> TokenizedDataset:
+        """A copy whose example ``i`` carries one float per token of each of its sequences: ``values[i][s]`` has
+        ``len(sequence s)`` entries, aligned with its ids (None for an absent sequence); batched as
+        ``batch[key] [B, *layout, T]`` (``key`` must be one of :data:`TOKEN_VALUES`).
+
+        Raises:
+            ValueError: an unknown key, one already carried, or values that do not fit the sequences (naming
+                the example and sequence).
+        """
+        if key not in TOKEN_VALUES:
+            raise ValueError(f"with_token_values({key!r}): per-token keys are {TOKEN_VALUES}")
+        if key in self.value_keys:
+            raise ValueError(f"with_token_values({key!r}): the dataset already carries {key!r}")
+        if len(values) != len(self.examples):
+            raise ValueError(f"with_token_values({key!r}): {len(values)} values for {len(self.examples)} examples")
+        examples = []
+        for index, (example, per_example) in enumerate(zip(self.examples, values, strict=True)):
+            if len(per_example) != len(example.sequences):
+                raise ValueError(f"with_token_values({key!r}): example {index} has {len(example.sequences)} "
+                                 f"sequences, got values for {len(per_example)}")
+            checked = []
+            for slot, (sequence, per_token) in enumerate(zip(example.sequences, per_example, strict=True)):
+                if (sequence is None) != (per_token is None) or (
+                        sequence is not None and np.shape(per_token) != (len(sequence),)):
+                    raise ValueError(f"with_token_values({key!r}): example {index}, sequence {slot}: "
+                                     f"{None if per_token is None else np.shape(per_token)} values for "
+                                     f"{None if sequence is None else len(sequence)} tokens")
+                checked.append(None if per_token is None else np.asarray(per_token, np.float32))
+            examples.append(replace(example, values={**example.values, key: tuple(checked)}))
+        return replace(self, examples=examples, value_keys=(*self.value_keys, key))
+
     @cached_property
     def fingerprint(self) -> str:
         """A hash of every token id and value, so a resumed iterator can tell it got the same dataset."""
@@ -171,7 +205,10 @@ class TokenizedDataset:
         for example in self.examples:
             for sequence in example.sequences:
                 digest.update(b"-" if sequence is None else sequence.ids.tobytes() + b"|%d|" % sequence.prompt_length)
-            digest.update(repr(sorted(example.values.items())).encode())
+            per_token = {key: value for key, value in example.values.items() if isinstance(value, tuple)}
+            digest.update(repr(sorted((k, v) for k, v in example.values.items() if k not in per_token)).encode())
+            for key, arrays in sorted(per_token.items()):  # every value, not repr's summary of long arrays
+                digest.update(key.encode() + b"".join(b"-" if a is None else a.tobytes() for a in arrays))
         return digest.hexdigest()
 
 

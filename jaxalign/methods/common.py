@@ -131,6 +131,7 @@ def stop_ids(model, tokenizer) -> tuple[int, ...]:
 # What a run writes into its output_dir (TensorBoard adds events.out.tfevents.* files): the things an earlier
 # run there would lose.
 RUN_ARTEFACTS = (RUN_FILE, EVAL_FILE, EXPORT_DIR, "checkpoints", "metrics.jsonl", "metrics.png", "reward_vs_kl.png",
+                 "token_rewards", "doctors.json",
                  "wandb_run_id")
 
 

@@ -26,7 +26,7 @@ from flax import nnx
 
 from jaxalign import data as jdata
 from jaxalign import models
-from jaxalign.methods import dpo, probe, reward, sft
+from jaxalign.methods import dpo, probe, reward, sft, tfpo
 from jaxalign.methods.common import (
     EVAL_FILE,
     EXPORT_DIR,
@@ -57,6 +57,8 @@ def run(config: RunConfig, *, overwrite: bool = False) -> RunResult:
     check_output_dir(config, overwrite=overwrite)
     if config.method in ONLINE_METHODS:
         return run_online(config, overwrite=overwrite)
+    if config.method == "tfpo" and len(config.doctor.dimensions) > 1:
+        return run_doctors(config, overwrite=overwrite)
     out = Path(config.output_dir)
     lm, tokenizer = load_pretrained(config.model)
     dataset = jdata.build_dataset(config.data, tokenizer)
@@ -67,8 +69,12 @@ def run(config: RunConfig, *, overwrite: bool = False) -> RunResult:
         eval_dataset = sft.chosen_as_sft(eval_dataset)
     if eval_dataset is not None:  # checked now, not when the evaluation would fail after training
         check_eval_kind(config, dataset, eval_dataset)
-    builder = {"sft": sft.build, "reward": reward.build, "dpo": dpo.build}[config.method]
-    model, objective, references, dataset, extra = builder(config, lm, tokenizer, dataset)
+    if config.method == "tfpo":  # the patient makes both splits' token rewards, then is released
+        model, objective, references, dataset, extra = tfpo.build(config, lm, tokenizer, dataset, eval_dataset)
+        eval_dataset = extra.pop("eval_dataset")
+    else:
+        builder = {"sft": sft.build, "reward": reward.build, "dpo": dpo.build}[config.method]
+        model, objective, references, dataset, extra = builder(config, lm, tokenizer, dataset)
     # Written once the data is known to suit the method: a refused run leaves no output directory behind.
     prepare_output_dir(config, overwrite=overwrite)
     write_json(out / RUN_FILE, {"config": config.to_dict(), "data_reports": [str(r) for r in dataset.reports],
@@ -84,8 +90,8 @@ def run(config: RunConfig, *, overwrite: bool = False) -> RunResult:
     else:
         trainable = nnx.Param
         if config.model.lora is not None:  # adapters only; a reward model's new head trains too
-            trainable = nnx.Any(nnx.LoRAParam, nnx.PathContains("reward_head")) if config.method == "reward" \
-                else nnx.LoRAParam
+            head = {"reward": "reward_head", "tfpo": "value_head"}.get(config.method)
+            trainable = nnx.Any(nnx.LoRAParam, nnx.PathContains(head)) if head else nnx.LoRAParam
         # Curriculum order is kept across epochs (no shuffle), so a dropped last batch would leave out the
         # same (hardest) examples every epoch: it is kept, padded, instead.
         batches = training_batches(config.data, dataset, shuffle=False if config.curriculum else None,
@@ -107,12 +113,29 @@ def run(config: RunConfig, *, overwrite: bool = False) -> RunResult:
     export_dir = None
     if config.method == "reward":
         export_dir = reward.finish(config, model, tokenizer, dataset, extra)
+    elif config.method == "tfpo" and config.export and jax.process_index() == 0:
+        export_dir = tfpo.export(config, model, tokenizer, extra)
     elif config.export and jax.process_index() == 0:
         export_dir = models.save_hf(model, model.config, out / EXPORT_DIR, tokenizer)
     if jax.process_index() == 0:
         write_json(out / EVAL_FILE, {"eval": eval_metrics, **extra})
         plot_metrics(out / "metrics.jsonl", out / "metrics.png", title=f"{config.method} — {out.name}")
     return RunResult(config, model, tokenizer, eval_metrics, export_dir, extra)
+
+
+def run_doctors(config: RunConfig, *, overwrite: bool = False) -> RunResult:
+    """A ``tfpo`` run over several dimensions: one doctor each, in ``output_dir/<dimension>``, one after the
+    other (each resumes on its own); ``doctors.json`` names their exports for ``jaxalign generate --doctor``."""
+    results = {dimension.doctor.dimensions[0]: run(dimension, overwrite=overwrite)
+               for dimension in tfpo.per_dimension(config)}
+    out = Path(config.output_dir)
+    doctors = {name: None if result.export_dir is None else str(result.export_dir) for name, result in results.items()}
+    if jax.process_index() == 0:
+        write_json(out / tfpo.INDEX_FILE, {"doctors": doctors, "config": config.to_dict()})
+    first = next(iter(results.values()))
+    eval_metrics = {f"{name}/{key}": value for name, result in results.items()
+                    for key, value in result.eval_metrics.items()}
+    return RunResult(config, first.model, first.tokenizer, eval_metrics, out, {"doctors": doctors})
 
 
 def check_eval_kind(config: RunConfig, dataset: jdata.TokenizedDataset, eval_dataset: jdata.TokenizedDataset):

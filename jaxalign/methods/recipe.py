@@ -36,11 +36,11 @@ import jax
 import yaml
 
 from jaxalign.data import DataConfig
-from jaxalign.methods.specs import LOSS_SPECS, MethodSpec
+from jaxalign.methods.specs import LOSS_SPECS, DoctorSpec, MethodSpec
 from jaxalign.models.config import DTYPES, REMAT_POLICIES
 from jaxalign.train.config import TrainConfig
 
-METHODS = ("sft", "reward", "dpo", "ppo", "grpo")
+METHODS = ("sft", "reward", "dpo", "ppo", "grpo", "tfpo")
 ONLINE_METHODS = ("ppo", "grpo")
 CURRICULA = ("length", "score", "difficulty")
 GOLD_JUDGES = ("vader",)
@@ -94,10 +94,10 @@ class ModelSpec:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """One training run: offline (``sft``, ``reward``, ``dpo``) or online (``ppo``, ``grpo``).
+    """One training run: offline (``sft``, ``reward``, ``dpo``, ``tfpo``) or online (``ppo``, ``grpo``).
 
     Attributes:
-        method: ``sft``, ``reward``, ``dpo``, ``ppo`` or ``grpo``.
+        method: ``sft``, ``reward``, ``dpo``, ``ppo``, ``grpo`` or ``tfpo`` (LLMDoctor's doctor).
         output_dir: where checkpoints (``checkpoints/``), metrics (``metrics.jsonl``, TensorBoard events,
             ``metrics.png``), the resolved config (``run.json``) and the final export (``export/``) go.
         model: see :class:`ModelSpec`.
@@ -137,6 +137,8 @@ class RunConfig:
         probe_l2: with ``freeze_backbone``, the penalty ``½·probe_l2·‖W‖²`` on the head over standardised
             features (docs/offline-trainers.md has how accuracy varied with it on the embedded default's pairs).
         probe_iterations: with ``freeze_backbone``, the most L-BFGS iterations.
+        doctor: ``tfpo`` only: the patient, the preference dimensions and their faces, the token-reward
+            settings (:class:`~jaxalign.methods.specs.DoctorSpec`); ``model`` is the doctor's starting point.
     """
 
     method: str
@@ -158,6 +160,7 @@ class RunConfig:
     freeze_backbone: bool = False
     probe_l2: float = 0.3
     probe_iterations: int = 500
+    doctor: DoctorSpec | Mapping[str, Any] | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -169,6 +172,13 @@ class RunConfig:
         elif not isinstance(self.loss, spec):
             raise ValueError(f"RunConfig.loss for method {self.method} must be a {spec.__name__} or a mapping, got "
                              f"{type(self.loss).__name__}")
+        if isinstance(self.doctor, Mapping):
+            _check_finite(dict(self.doctor), "doctor")
+            object.__setattr__(self, "doctor", _doctor_spec(self.doctor))
+        if (self.method == "tfpo") != (self.doctor is not None):
+            raise ValueError("method tfpo needs a doctor: section (patient, dimensions, faces: docs/llmdoctor.md)"
+                             if self.method == "tfpo" else
+                             f"RunConfig.doctor is the tfpo method's section; method {self.method} takes none")
         if self.curriculum is not None and self.curriculum not in CURRICULA:
             raise ValueError(f"RunConfig.curriculum must be one of {CURRICULA} or null, got {self.curriculum!r}")
         if self.reference == "lora_base" and self.model.lora is None:
@@ -232,6 +242,14 @@ class RunConfig:
         if missing:
             raise ValueError(f"{where}: missing required key(s) {missing}")
         return cls(**values)
+
+
+def _doctor_spec(values: Mapping[str, Any]) -> DoctorSpec:
+    known = [f.name for f in dataclasses.fields(DoctorSpec)]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"doctor: unknown key(s) {unknown} (known: {', '.join(known)})")
+    return DoctorSpec(**_checked(DoctorSpec, values, "doctor."))
 
 
 def _matches(value: Any, kind: Any) -> bool | None:

@@ -10,8 +10,10 @@ jaxalign's spelling. The YAML and ``key=value`` surface is unchanged: ``loss.bet
 - ``dpo``: :class:`DPOSpec` (:func:`jaxalign.methods.dpo.dpo_objective`)
 - ``ppo``: :class:`PPOConfig` (:class:`jaxalign.methods.ppo.PPOTrainer`)
 - ``grpo``: :class:`GRPOConfig` (:class:`jaxalign.methods.grpo.GRPOTrainer`)
+- ``tfpo``: :class:`TFPOSpec` (:func:`jaxalign.methods.tfpo.tfpo_objective`); its ``doctor:`` section is a
+  :class:`DoctorSpec`
 
-A new method (KTO, TFPO) adds its spec here and one entry to :data:`LOSS_SPECS`.
+A new method (KTO) adds its spec here and one entry to :data:`LOSS_SPECS`.
 """
 
 from __future__ import annotations
@@ -303,6 +305,109 @@ class GRPOConfig(MethodSpec):
                 f"one of {losses.IMPORTANCE_SAMPLING_LEVELS}")
 
 
+VALUE_STATES = ("divergence", "first")
+
+
+@dataclasses.dataclass(frozen=True)
+class TFPOSpec(MethodSpec):
+    """TFPO's options (:func:`jaxalign.methods.tfpo.tfpo_objective`, :func:`jaxalign.losses.tfpo_loss`).
+
+    Attributes:
+        lam: SubTB(λ) weight of a subtrajectory of length k (``λ^k``); None: the plain mean over all pairs of
+            states (the paper's sum, normalised per trajectory).
+        lam_value: λ of the value-discrimination term (the paper's λ).
+        gamma: its margin γ.
+        value_states: where ``V(s_t, y_w)`` and ``V(s_t, y_l)`` are compared: ``divergence`` (the state after
+            the first token where the two responses differ, the paper's common prefix) or ``first`` (after each
+            response's first token).
+        anchor_terminal: pin ``V = 1`` at each response's last state, so the flow into a complete response is
+            its reward (see :func:`jaxalign.losses.log_flows`).
+        reward_scale: the token rewards are multiplied by this before ``Q(s_t) = exp(Σ r)``: the temperature of
+            the reward the doctor learns to sample in proportion to.
+        chunk_size: positions per LM-head chunk.
+    """
+
+    lam: float | None = None
+    lam_value: float = 1.0
+    gamma: float = 0.1
+    value_states: str = "divergence"
+    anchor_terminal: bool = True
+    reward_scale: float = 1.0
+    chunk_size: int | None = DEFAULT_CHUNK
+
+    label = "TFPO"
+    renamed = {"lambda": "lam_value", "margin": "gamma"}
+
+    def __post_init__(self):
+        require = self._require
+        require(self.lam is None or self.lam > 0, "lam", "> 0 or null")
+        require(self.lam_value >= 0, "lam_value", ">= 0")
+        require(self.gamma >= 0, "gamma", ">= 0")
+        require(self.value_states in VALUE_STATES, "value_states", f"one of {VALUE_STATES}")
+        require(self.reward_scale > 0, "reward_scale", "> 0")
+        require(self.chunk_size is None or self.chunk_size >= 1, "chunk_size", ">= 1 or null")
+
+
+@dataclasses.dataclass(frozen=True)
+class DoctorSpec:
+    """The ``doctor:`` section of a ``tfpo`` run: the patient, the dimensions and how their token rewards are made.
+
+    The run's ``model`` is the doctor's starting point (one doctor per dimension, each trained from it).
+
+    Attributes:
+        patient: the frozen patient (a checkpoint directory or ``.gguf``; None: the embedded SmolLM2-135M-Instruct).
+            It must share the doctor's tokenizer.
+        dimensions: the preference dimensions, one doctor each. With grouped data (PKU-SafeRLHF) each dimension
+            trains on its own pairs (``data.dimension``); with plain pairs every dimension reads the same pairs
+            through its own faces.
+        faces: per-dimension ``{positive: TEXT, negative: TEXT}`` system prompts; dimensions not given use the
+            defaults of :data:`jaxalign.methods.faces.DEFAULT_FACES`.
+        face_format: ``auto``, ``chat`` (a system turn of the chat template) or ``text`` (a plain line).
+        eps, tau, threshold: the token importance's ε and τ and the sparse reward's θ (the paper's θ = 0.1).
+        init_layers: start the doctor from the first ``init_layers`` layers of ``model`` (with its embeddings,
+            norm and head: :func:`jaxalign.models.first_layers`), a doctor several times cheaper per token;
+            None: the whole model.
+        rewards_batch_size: pairs per batch of the token-reward pass (None: ``data.batch_size``).
+    """
+
+    patient: str | None = None
+    dimensions: tuple[str, ...] = ("helpfulness",)
+    faces: Mapping[str, Mapping[str, str]] = dataclasses.field(default_factory=dict)
+    face_format: str = "auto"
+    eps: float = 1e-8
+    tau: float = 1.0
+    threshold: float = 0.1
+    init_layers: int | None = None
+    rewards_batch_size: int | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "dimensions", tuple(self.dimensions))
+        object.__setattr__(self, "faces", {name: dict(face) if isinstance(face, Mapping) else face
+                                           for name, face in dict(self.faces).items()})
+        if not self.dimensions or len(set(self.dimensions)) != len(self.dimensions):
+            raise ValueError(f"doctor.dimensions must name one or more distinct dimensions, got {list(self.dimensions)}")
+        if self.init_layers is not None and (isinstance(self.init_layers, bool) or self.init_layers < 1):
+            raise ValueError(f"doctor.init_layers must be a positive int or null, got {self.init_layers!r}")
+        if self.rewards_batch_size is not None and self.rewards_batch_size < 1:
+            raise ValueError(f"doctor.rewards_batch_size must be >= 1 or null, got {self.rewards_batch_size!r}")
+        from jaxalign.methods.faces import FACE_FORMATS
+
+        if self.face_format not in FACE_FORMATS:
+            raise ValueError(f"doctor.face_format must be one of {FACE_FORMATS}, got {self.face_format!r}")
+        self.settings()  # ε, τ, θ checked now
+        self.resolved_faces()  # every dimension has a face
+
+    def settings(self):
+        from jaxalign.methods.token_rewards import RewardSettings
+
+        return RewardSettings(eps=self.eps, tau=self.tau, threshold=self.threshold)
+
+    def resolved_faces(self):
+        from jaxalign.methods.faces import resolve_faces
+
+        return resolve_faces(self.dimensions, self.faces)
+
+
 # The spec of each method's ``loss:`` section.
 LOSS_SPECS: dict[str, type[MethodSpec]] = {"sft": SFTSpec, "reward": RewardSpec, "dpo": DPOSpec, "ppo": PPOConfig,
-                                           "grpo": GRPOConfig}
+                                           "grpo": GRPOConfig, "tfpo": TFPOSpec}

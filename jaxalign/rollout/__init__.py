@@ -27,7 +27,14 @@ See docs/rollout.md.
 from jaxalign.rollout.batching import bucket, check_left_padded, left_pad
 from jaxalign.rollout.engine import Rollout, Sampler
 from jaxalign.rollout.filters import DEFAULT_CANDIDATES, filtered_logprobs, keep_thresholds, order_keys
-from jaxalign.rollout.guided import DEFAULT_ALPHA, DEFAULT_BETA, GuidedSampler, resolve_weights
+from jaxalign.rollout.guided import (
+    DEFAULT_ALPHA,
+    DEFAULT_BETA,
+    GuidedSampler,
+    guidance_betas,
+    read_dimensions,
+    resolve_weights,
+)
 from jaxalign.rollout.params import Filters, SamplingParams
 from jaxalign.rollout.sampling import inverse_cdf, next_token
 from jaxalign.rollout.text import TextStream
@@ -45,10 +52,12 @@ __all__ = [
     "bucket",
     "check_left_padded",
     "filtered_logprobs",
+    "guidance_betas",
     "inverse_cdf",
     "keep_thresholds",
     "left_pad",
     "next_token",
     "order_keys",
+    "read_dimensions",
     "resolve_weights",
 ]

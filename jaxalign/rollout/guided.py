@@ -130,6 +130,22 @@ def check_scale(alpha: float, beta: float) -> tuple[float, float]:
     return _number(alpha, "alpha (the patient's weight)"), _number(beta, "beta (the doctors' weight)")
 
 
+def guidance_betas(dimensions: Sequence[str], preference_weights: PreferenceWeights | None, *, alpha: float,
+                   beta: float, source: str = "preference_weights") -> tuple[float, ...]:
+    """The engine's per-doctor weights ``β_i = β · w_i`` (doctors' order), everything checked.
+
+    Raises:
+        ValueError: as :func:`resolve_weights` and :func:`check_scale`; ``alpha`` and every ``β_i`` zero (the
+            scores would be flat: every token equally likely).
+    """
+    alpha, beta = check_scale(alpha, beta)
+    betas = tuple(beta * w for w in resolve_weights(dimensions, preference_weights, source=source).values())
+    if alpha == 0 and not any(betas):
+        raise ValueError("alpha and every doctor's weight beta·w are 0: the scores would be flat (every token "
+                         "equally likely); give the patient or some doctor a positive weight")
+    return betas
+
+
 class GuidedSampler:
     """A patient steered by one doctor per preference dimension (LLMDoctor), on one :class:`Sampler`.
 
@@ -221,11 +237,12 @@ class GuidedSampler:
         """Every doctor's ``w_i`` (see :func:`resolve_weights`)."""
         return resolve_weights(self.dimensions, preference_weights, source=source)
 
-    def betas(self, preference_weights: PreferenceWeights | None = None, *, beta: float | None = None,
-              source: str = "preference_weights") -> tuple[float, ...]:
-        """The engine's per-doctor weights ``β_i = β · w_i``, in the doctors' order."""
-        beta = self.beta if beta is None else _number(beta, "beta (the doctors' weight)")
-        return tuple(beta * w for w in self.weights(preference_weights, source=source).values())
+    def betas(self, preference_weights: PreferenceWeights | None = None, *, alpha: float | None = None,
+              beta: float | None = None, source: str = "preference_weights") -> tuple[float, ...]:
+        """The engine's per-doctor weights ``β_i = β · w_i``, in the doctors' order (see :func:`guidance_betas`;
+        ``alpha``, ``beta`` default to the sampler's)."""
+        return guidance_betas(self.dimensions, preference_weights, alpha=self.alpha if alpha is None else alpha,
+                              beta=self.beta if beta is None else beta, source=source)
 
     def generate(self, prompts: np.ndarray | Sequence[Sequence[int]], prompt_mask: np.ndarray | None = None, *,
                  key: Array, params: SamplingParams = SamplingParams(),
@@ -242,15 +259,10 @@ class GuidedSampler:
             doctor ``i``'s.
 
         Raises:
-            ValueError: as :func:`resolve_weights` and :func:`check_scale`; ``alpha`` and every ``β_i`` zero
-                (nothing to sample from: every token would be equally likely); as :meth:`Sampler.generate`.
+            ValueError: as :func:`guidance_betas` (unknown dimensions, bad weights, ``alpha`` or ``beta``, flat
+                scores) and :meth:`Sampler.generate`.
         """
-        alpha = self.alpha if alpha is None else alpha
-        beta = self.beta if beta is None else beta
-        alpha, beta = check_scale(alpha, beta)
-        betas = self.betas(preference_weights, beta=beta)
-        if alpha == 0 and not any(betas):
-            raise ValueError("alpha and every doctor's weight beta·w are 0: the scores would be flat (every token "
-                             "equally likely); give the patient or some doctor a positive weight")
+        alpha = self.alpha if alpha is None else check_scale(alpha, 0.0)[0]
+        betas = self.betas(preference_weights, alpha=alpha, beta=beta)
         return self.sampler.generate(prompts, prompt_mask, key=key, params=params, alpha=alpha, betas=betas,
                                      stream=stream, return_hidden=return_hidden)

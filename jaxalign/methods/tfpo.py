@@ -1,0 +1,186 @@
+"""TFPO: LLMDoctor's doctor (arXiv 2601.10416), trained on token rewards from a frozen patient's two faces.
+
+A ``tfpo`` run: load the doctor's starting model (``model``, optionally cut to its first ``doctor.init_layers``
+layers) and the frozen patient (``doctor.patient``), check they share a tokenizer, build the token rewards of the
+pairs (:mod:`jaxalign.methods.token_rewards`, cached under ``output_dir/token_rewards``), then train the doctor, a
+causal LM with a value head, on the TFPO objective (:func:`tfpo_objective`) with the common training core
+(checkpoints, exact resume, metrics, TensorBoard, plots), evaluate it on held-out pairs and export it as a doctor
+directory (:func:`jaxalign.models.save_doctor`: HF checkpoint + value head + ``doctor.json``).
+
+One doctor per preference dimension (``doctor.dimensions``): a run with several trains them one after the other,
+each in ``output_dir/<dimension>`` (its own checkpoints, metrics and export), and writes ``doctors.json`` naming
+the exports. Why not one doctor with several heads: guided decoding weighs a *policy* per dimension
+(``π_patient^α · Π_i π_doctor_i^{β_i}``), and value heads alone do not give one; a doctor per dimension can be
+retrained, added or dropped without touching the others, and each may be of another size. The cost is one
+doctor forward pass per dimension and token at decode time (docs/llmdoctor.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxalign import data as jdata
+from jaxalign import losses, models
+from jaxalign.methods.common import load_pretrained, lora_config, without_loss
+from jaxalign.methods.recipe import RunConfig
+from jaxalign.methods.token_rewards import build_token_rewards, patient_identity
+from jaxalign.models.scoring import DEFAULT_CHUNK, head_logps
+from jaxalign.train.mesh import make_mesh
+
+TOKEN_REWARDS_DIR = "token_rewards"
+INDEX_FILE = "doctors.json"
+
+
+def tfpo_objective(*, lam: float | None = None, lam_value: float = 1.0, gamma: float = 0.1,
+                   value_states: str = "divergence", anchor_terminal: bool = True, reward_scale: float = 1.0,
+                   chunk_size: int | None = DEFAULT_CHUNK):
+    """The TFPO objective of a doctor (:class:`~jaxalign.models.CausalLMWithValueHead`) on pair batches
+    ``[B, 2, T]`` carrying ``token_rewards`` (aligned with ``input_ids``).
+
+    One trunk pass over both responses gives the doctor's log-probs of the response tokens (its policy π̂) and
+    its value head's ``log V`` at every state; :func:`jaxalign.losses.tfpo_loss` does the rest: subtrajectory
+    balance of the flows ``log F(s_t) = Σ_{k<t} reward_scale·r_k + log V(s_t)`` on each response plus
+    ``lam_value·max(0, γ − (V(s_t, y_w) − V(s_t, y_l)))`` at the states ``value_states`` selects (``divergence``:
+    after the first token where the responses differ; ``first``: after each response's first token). A pair
+    whose responses never differ (one a prefix of the other without EOS) has no divergence state and contributes
+    SubTB only.
+    """
+    if value_states not in ("divergence", "first"):
+        raise ValueError(f"tfpo_objective: value_states must be 'divergence' or 'first', got {value_states!r}")
+
+    def objective(model, batch, *, key):
+        del key
+        if "token_rewards" not in batch:
+            raise ValueError("tfpo_objective: the batch has no token_rewards (build them with "
+                             "jaxalign.methods.token_rewards.build_token_rewards)")
+        ids = batch["input_ids"]
+        pairs, _, length = ids.shape
+
+        def flat(name):
+            return batch[name].reshape(2 * pairs, length)
+
+        hidden, _ = model.lm.hidden_states(flat("input_ids"), positions=flat("positions"),
+                                           attention_mask=flat("attention_mask"))
+        logps = head_logps(model.lm, hidden[:, :-1], flat("input_ids")[:, 1:], chunk_size=chunk_size)
+        log_v = model.value_head(hidden)
+        mask = batch["loss_mask"][..., 1:]
+        value_mask = None
+        if value_states == "divergence":
+            targets = ids[..., 1:]
+            chosen_at, rejected_at = losses.first_divergence_mask(targets[:, 0], targets[:, 1], mask[:, 0], mask[:, 1])
+            value_mask = jnp.stack([chosen_at, rejected_at], axis=1)
+        per_pair, metrics = losses.tfpo_loss(
+            logps.reshape(pairs, 2, length - 1), log_v.reshape(pairs, 2, length),
+            reward_scale * batch["token_rewards"][..., 1:], mask, value_mask, lam=lam, lam_value=lam_value,
+            gamma=gamma, anchor_terminal=anchor_terminal)
+        valid = batch["example_mask"].astype(bool)
+        return losses.masked_sum(per_pair, valid), without_loss(metrics)
+
+    return objective
+
+
+def select_dimension(dataset: jdata.TokenizedDataset, dimension: str, source: str) -> jdata.TokenizedDataset:
+    """The pairs of one dimension of a grouped dataset (records without a pair on it are left out, counted);
+    a pair dataset is returned as it is."""
+    if dataset.kind == "preference":
+        return dataset
+    if dataset.kind != "preference_group":
+        raise ValueError(f"method tfpo needs preference pairs; {source} holds {dataset.kind!r} records")
+    if dimension not in dataset.dimensions:
+        raise ValueError(f"{source} has preference dimensions {list(dataset.dimensions)}, not {dimension!r}: name "
+                         "one of them in doctor.dimensions")
+    d = dataset.dimensions.index(dimension)
+    examples = []
+    for example in dataset.examples:
+        pair = example.sequences[2 * d:2 * d + 2]
+        if None in pair:
+            continue
+        values = {"margin": float(np.asarray(example.values["margin"])[d])} if "margin" in example.values else {}
+        examples.append(dataclasses.replace(example, sequences=tuple(pair), values=values))
+    if not examples:
+        raise ValueError(f"{source}: no record has a pair on dimension {dimension!r}")
+    return dataclasses.replace(dataset, kind="preference", layout=(2,), examples=examples, dimensions=(),
+                               value_keys=("margin",) if "margin" in dataset.value_keys else ())
+
+
+def per_dimension(config: RunConfig) -> list[RunConfig]:
+    """One run config per dimension of ``config.doctor``, each in ``output_dir/<dimension>``."""
+    out = Path(config.output_dir)
+    runs = []
+    for dimension in config.doctor.dimensions:
+        faces = {dimension: config.doctor.faces[dimension]} if dimension in config.doctor.faces else {}
+        doctor = dataclasses.replace(config.doctor, dimensions=(dimension,), faces=faces)
+        train = dataclasses.replace(
+            config.train, checkpoint=dataclasses.replace(config.train.checkpoint, directory=None),
+            log=dataclasses.replace(config.train.log, directory=None))
+        runs.append(dataclasses.replace(config, output_dir=str(out / dimension), doctor=doctor, train=train))
+    return runs
+
+
+def _token_rewards(config: RunConfig, patient, identity, tokenizer, dataset, split: str, data_config):
+    dimension = config.doctor.dimensions[0]
+    return build_token_rewards(
+        patient, tokenizer, dataset, config.doctor.resolved_faces()[dimension], settings=config.doctor.settings(),
+        face_format=config.doctor.face_format, batch_size=config.doctor.rewards_batch_size or data_config.batch_size,
+        cache_dir=Path(config.output_dir) / TOKEN_REWARDS_DIR / split, mesh=make_mesh(config.train.mesh),
+        identity=identity, chunk_size=config.loss.chunk_size, desc=f"token rewards ({dimension}, {split})")
+
+
+def build(config: RunConfig, lm, tokenizer, dataset, eval_dataset):
+    """``(doctor, objective, references, dataset, extra)`` for the pipeline; ``extra["eval_dataset"]`` is the
+    held-out pairs with their token rewards (both made with the patient, which is then released)."""
+    doctor_spec = config.doctor
+    dimension = doctor_spec.dimensions[0]
+    dataset = select_dimension(dataset, dimension, config.data.source)
+    if eval_dataset is not None:
+        eval_dataset = select_dimension(eval_dataset, dimension, config.eval_data.source)
+    patient, patient_tokenizer = load_pretrained(dataclasses.replace(config.model, path=doctor_spec.patient,
+                                                                     lora=None), source="doctor.patient")
+    models.check_same_tokenizer(patient_tokenizer, tokenizer,
+                                patient=f"the patient ({doctor_spec.patient or 'embedded default'})",
+                                doctor=f"the doctor ({config.model.path or 'embedded default'})")
+    identity = patient_identity(patient, doctor_spec.patient)
+    dataset = _token_rewards(config, patient, identity, tokenizer, dataset, "train", config.data)
+    if eval_dataset is not None:
+        eval_dataset = _token_rewards(config, patient, identity, tokenizer, eval_dataset, "eval", config.eval_data)
+    del patient
+    if doctor_spec.init_layers is not None:
+        lm = models.first_layers(lm, doctor_spec.init_layers)
+    if config.model.lora is not None:
+        models.apply_lora(lm, lora_config(config), rngs=nnx.Rngs(config.train.seed))
+    doctor = models.CausalLMWithValueHead(lm, rngs=nnx.Rngs(config.train.seed))
+    # log V starts at 0 (V = 1) at every state: the flows start as the rewards' Q alone, and the hinge on V itself
+    # starts from comparable values (a random head gives log V of several nats and V that differ by orders).
+    doctor.value_head.kernel[...] = jnp.zeros_like(doctor.value_head.kernel[...])
+    objective = tfpo_objective(**dataclasses.asdict(config.loss))
+    extra = {"eval_dataset": eval_dataset, "dimension": dimension,
+             "patient": doctor_spec.patient or "embedded SmolLM2-135M-Instruct",
+             "token_rewards": _summary(dataset)}
+    return doctor, objective, None, dataset, extra
+
+
+def _summary(dataset: jdata.TokenizedDataset) -> dict[str, float]:
+    """How dense and how strong the token rewards of the training pairs are (logged in eval.json)."""
+    chosen, rejected = [], []
+    for example in dataset.examples:
+        for side, values in zip((chosen, rejected), example.values["token_rewards"], strict=True):
+            side.append(values)
+    chosen, rejected = np.concatenate(chosen), np.concatenate(rejected)
+    return {"chosen_rewarded_fraction": float(np.mean(chosen > 0)), "rejected_rewarded_fraction":
+            float(np.mean(rejected < 0)), "chosen_mean_sum": float(np.sum(chosen) / len(dataset)),
+            "rejected_mean_sum": float(np.sum(rejected) / len(dataset))}
+
+
+def export(config: RunConfig, doctor, tokenizer, extra) -> Path:
+    """The trained doctor as a doctor directory in ``output_dir/export`` (LoRA adapters merged by ``save_hf``)."""
+    face = config.doctor.resolved_faces()[extra["dimension"]]
+    metadata = {"patient": extra["patient"], "face": dataclasses.asdict(face), "face_format": config.doctor.face_format,
+                "token_rewards": dataclasses.asdict(config.doctor.settings()), "loss": dataclasses.asdict(config.loss), "init_layers": config.doctor.init_layers,
+                "run": config.output_dir}
+    return models.save_doctor(Path(config.output_dir) / "export", doctor, tokenizer, dimension=extra["dimension"],
+                              metadata=metadata)
