@@ -385,7 +385,8 @@ class DoctorSpec:
         object.__setattr__(self, "faces", {name: dict(face) if isinstance(face, Mapping) else face
                                            for name, face in dict(self.faces).items()})
         if not self.dimensions or len(set(self.dimensions)) != len(self.dimensions):
-            raise ValueError(f"doctor.dimensions must name one or more distinct dimensions, got {list(self.dimensions)}")
+            raise ValueError(f"doctor.dimensions must name one or more distinct dimensions, got "
+                             f"{list(self.dimensions)}")
         if self.init_layers is not None and (isinstance(self.init_layers, bool) or self.init_layers < 1):
             raise ValueError(f"doctor.init_layers must be a positive int or null, got {self.init_layers!r}")
         if self.rewards_batch_size is not None and self.rewards_batch_size < 1:

@@ -180,7 +180,7 @@ def export(config: RunConfig, doctor, tokenizer, extra) -> Path:
     """The trained doctor as a doctor directory in ``output_dir/export`` (LoRA adapters merged by ``save_hf``)."""
     face = config.doctor.resolved_faces()[extra["dimension"]]
     metadata = {"patient": extra["patient"], "face": dataclasses.asdict(face), "face_format": config.doctor.face_format,
-                "token_rewards": dataclasses.asdict(config.doctor.settings()), "loss": dataclasses.asdict(config.loss), "init_layers": config.doctor.init_layers,
-                "run": config.output_dir}
+                "token_rewards": dataclasses.asdict(config.doctor.settings()), "loss": dataclasses.asdict(config.loss),
+                "init_layers": config.doctor.init_layers, "run": config.output_dir}
     return models.save_doctor(Path(config.output_dir) / "export", doctor, tokenizer, dimension=extra["dimension"],
                               metadata=metadata)
