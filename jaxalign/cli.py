@@ -180,10 +180,10 @@ def _as_chat(prompt, system: str | None) -> tuple:
     return messages
 
 
-def _stop_token_ids(args, model, tokenizer) -> tuple[int, ...]:
+def _stop_token_ids(args, config, tokenizer) -> tuple[int, ...]:
     if args.stop_token_id:
         return tuple(args.stop_token_id)
-    eos = tuple(model.config.eos_token_ids)
+    eos = tuple(config.eos_token_ids)
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
         eos += (tokenizer.eos_token_id,)
     return eos
@@ -225,25 +225,96 @@ def _encode(records, tokenizer):
     return data.tokenize(records, tokenizer, progress=False, source="prompts")
 
 
+def _json_object(text: str, option: str):
+    """``text`` parsed as JSON for ``option``: a one-line error for bad JSON or a key given twice."""
+    def no_repeats(pairs):
+        keys = [key for key, _ in pairs]
+        for key in keys:
+            if keys.count(key) > 1:
+                raise ValueError(f"{option}: {key!r} is given twice")
+        return dict(pairs)
+
+    try:
+        return json.loads(text, object_pairs_hook=no_repeats)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{option}: not valid JSON ({error.msg} at column {error.colno}); expected an object "
+                         f"such as '{{\"safety\": 1.0}}', got {text!r}") from None
+
+
+class _Guidance:
+    """The doctors' settings of one ``generate`` run: checked before any model loads, then the current
+    preference weights (``/weights`` in a chat replaces them without recompiling)."""
+
+    def __init__(self, args):
+        from jaxalign.rollout import read_dimensions
+
+        self.doctors = list(args.doctor)
+        self.dimensions = read_dimensions(self.doctors, source="--doctor")
+        self.alpha = DEFAULT_ALPHA if args.alpha is None else args.alpha
+        self.beta = DEFAULT_BETA if args.beta is None else args.beta
+        self.weights = self.checked(None if args.preference_weights is None else
+                                    _json_object(args.preference_weights, "--preference-weights"),
+                                    "--preference-weights")
+
+    def checked(self, weights, source: str) -> dict[str, float]:
+        """Every dimension's weight (unnamed ones 0; None: all 1), with alpha and beta checked against them."""
+        from jaxalign.rollout import guidance_betas, resolve_weights
+
+        guidance_betas(self.dimensions, weights, alpha=self.alpha, beta=self.beta, source=source)
+        return resolve_weights(self.dimensions, weights, source=source)
+
+    def record(self) -> dict:
+        """What the results JSONL keeps of the guidance behind each sample."""
+        return {"alpha": self.alpha, "beta": self.beta, "preference_weights": dict(self.weights),
+                "doctors": {d: str(path) for d, path in zip(self.dimensions, self.doctors, strict=True)}}
+
+    def describe(self) -> str:
+        weights = ", ".join(f"{d} {w:g}" for d, w in self.weights.items())
+        return (f"guided by {len(self.dimensions)} doctor(s): alpha {self.alpha:g}, beta {self.beta:g}, "
+                f"weights {weights}")
+
+
+def _check_guidance_options(args) -> None:
+    if args.doctor is None:
+        given = [option for option in GUIDANCE_OPTIONS if getattr(args, option[2:].replace("-", "_")) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --doctor (a doctor "
+                             "directory whose dimension the weights name)")
+
+
 def run_generate(args) -> int:
     import jax
 
     from jaxalign import data, models
-    from jaxalign.rollout import Sampler, SamplingParams
+    from jaxalign.rollout import GuidedSampler, Sampler, SamplingParams
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    _check_guidance_options(args)
     if args.prompts_file is not None and not args.prompts_file.is_file():  # before the model's long load
         raise FileNotFoundError(f"--prompts-file {args.prompts_file}: no such file")
-    model, tokenizer = models.load_pretrained(args.model, source="--model")
+    guidance = None if args.doctor is None else _Guidance(args)  # the doctors' cards and weights, also before
+    if guidance is None:
+        model, tokenizer = models.load_pretrained(args.model, source="--model")
+        # The tokenizer's pad id when it has one, else the engine's default (the config's pad or EOS id).
+        sampler = Sampler(model, pad_token_id=tokenizer.pad_token_id)
+    else:
+        sampler = GuidedSampler.from_pretrained(args.model, guidance.doctors, alpha=guidance.alpha,
+                                                beta=guidance.beta, patient_source="--model", doctor_source="--doctor")
+        tokenizer = sampler.tokenizer
+        print(guidance.describe(), file=sys.stderr)
+    config = sampler.config if guidance is None else sampler.sampler.config
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, min_p=args.min_p, n=args.n,
-                            stop_token_ids=_stop_token_ids(args, model, tokenizer))
-    # The tokenizer's pad id when it has one, else the engine's default (the config's pad or EOS id).
-    sampler = Sampler(model, pad_token_id=tokenizer.pad_token_id)
+                            stop_token_ids=_stop_token_ids(args, config, tokenizer))
+
+    def generate(input_ids, attention_mask, key, stream=None):
+        weights = {} if guidance is None else {"preference_weights": guidance.weights}
+        return sampler.generate(input_ids, attention_mask, key=key, params=params, stream=stream, **weights)
+
     key = jax.random.key(args.seed)
     if args.prompt is None and args.prompts_file is None:
-        return _chat(args, sampler, tokenizer, params, key)
+        return _chat(args, generate, tokenizer, params, key, guidance)
 
     records, encoded = _prompt_records(args, tokenizer)
     dataset = _encode(encoded, tokenizer)
@@ -255,6 +326,7 @@ def run_generate(args) -> int:
     show_progress = args.prompts_file is not None
     from tqdm.auto import tqdm
 
+    extra = {} if guidance is None else {"guidance": guidance.record()}
     started = time.perf_counter()
     with tqdm(total=len(records), unit="prompt", desc="generating", disable=not show_progress,
               file=sys.stderr) as bar:
@@ -262,14 +334,14 @@ def run_generate(args) -> int:
             rows = list(range(start, min(start + args.batch_size, len(records))))
             length = max(len(dataset.examples[i].sequences[0]) for i in rows)
             batch = data.collate(dataset, rows, length)
-            out = sampler.generate(batch["input_ids"], batch["attention_mask"],
-                                   key=jax.random.fold_in(key, batch_index), params=params, stream=streamer)
+            out = generate(batch["input_ids"], batch["attention_mask"], jax.random.fold_in(key, batch_index),
+                           stream=streamer)
             for offset, response in enumerate(_responses(tokenizer, out)):
                 prompt_index = rows[offset // args.n]
                 prompt = records[prompt_index].prompt
                 results.append({"index": prompt_index, "sample": offset % args.n,
                                 "prompt": prompt if isinstance(prompt, str) else [m.as_dict() for m in prompt],
-                                **response})
+                                **response, **extra})
             bar.update(len(rows))
     elapsed = time.perf_counter() - started
     if streamer is not None:
@@ -294,7 +366,22 @@ def run_generate(args) -> int:
     return 0
 
 
-def _chat(args, sampler, tokenizer, params, key) -> int:
+def _set_weights(guidance: _Guidance | None, argument: str) -> None:
+    """The chat's ``/weights [JSON]``: show the doctors' weights, or replace them (a mistake is reported and
+    the conversation goes on with the weights it had)."""
+    if guidance is None:
+        print("error: /weights needs --doctor (this chat has no doctors)", file=sys.stderr)
+        return
+    if argument:
+        try:
+            guidance.weights = guidance.checked(_json_object(argument, "/weights"), "/weights")
+        except ValueError as error:
+            print(f"error: {_one_line(error)}", file=sys.stderr)
+            return
+    print(guidance.describe(), file=sys.stderr)
+
+
+def _chat(args, generate, tokenizer, params, key, guidance: _Guidance | None) -> int:
     """Read a user message, stream the reply, keep the conversation, until /exit or end of input."""
     import jax
 
@@ -307,7 +394,8 @@ def _chat(args, sampler, tokenizer, params, key) -> int:
     streamer = _Streamer(sys.stdout)
     messages = [] if args.system is None else [data.Message("system", args.system)]
     start = len(messages)
-    print(f"chatting with {args.model or 'SmolLM2-135M-Instruct (embedded)'}; {CHAT_COMMANDS}", file=sys.stderr)
+    commands = CHAT_COMMANDS if guidance is None else f"{CHAT_COMMANDS}, {GUIDED_CHAT_COMMANDS}"
+    print(f"chatting with {args.model or 'SmolLM2-135M-Instruct (embedded)'}; {commands}", file=sys.stderr)
     for turn in itertools.count():
         try:
             text = input("user> ")
@@ -319,13 +407,17 @@ def _chat(args, sampler, tokenizer, params, key) -> int:
         if text.strip() == "/reset":
             del messages[start:]
             continue
+        command, _, argument = text.strip().partition(" ")
+        if command == "/weights":
+            _set_weights(guidance, argument.strip())
+            continue
         messages.append(data.Message("user", text))
         dataset = _encode([data.PromptRecord(tuple(messages))], tokenizer)
         batch = data.collate(dataset, [0], len(dataset.examples[0].sequences[0]))
         print("assistant> ", end="", flush=True)
         streamer.begin(tokenizer)
-        out = sampler.generate(batch["input_ids"], batch["attention_mask"], key=jax.random.fold_in(key, turn),
-                               params=params, stream=streamer)
+        # The weights are traced: a /weights change reuses the compiled loop.
+        out = generate(batch["input_ids"], batch["attention_mask"], jax.random.fold_in(key, turn), stream=streamer)
         print()
         messages.append(data.Message("assistant", _responses(tokenizer, out)[0]["response"]))
 

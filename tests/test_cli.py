@@ -28,8 +28,13 @@ VOCAB = {token: index for index, token in enumerate(SPECIALS + WORDS + [f"w{i}" 
 COMMON = ["--max-new-tokens", "5", "--seed", "3"]
 
 
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    backend = Tokenizer(models.WordLevel(VOCAB, unk_token="<unk>"))
+def tiny_tokenizer(swap: tuple[str, str] | None = None) -> PreTrainedTokenizerFast:
+    """The word-level ChatML tokenizer; ``swap``: two words whose ids are exchanged (a tokenizer of the same size
+    that maps some words to other ids, which only a tokenizer comparison can tell apart)."""
+    vocab = dict(VOCAB)
+    if swap is not None:
+        vocab[swap[0]], vocab[swap[1]] = VOCAB[swap[1]], VOCAB[swap[0]]
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"\s|\w+|[^\w\s]"), behavior="isolated")
     backend.decoder = decoders.Fuse()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>",

@@ -129,10 +129,10 @@ def stop_ids(model, tokenizer) -> tuple[int, ...]:
 
 
 # What a run writes into its output_dir (TensorBoard adds events.out.tfevents.* files): the things an earlier
-# run there would lose.
+# run there would lose. Not tfpo's token_rewards/ cache: it is keyed by its data, patient, faces and settings, so
+# a later run reads it only when it would compute the same values (and an interrupted pass continues from it).
 RUN_ARTEFACTS = (RUN_FILE, EVAL_FILE, EXPORT_DIR, "checkpoints", "metrics.jsonl", "metrics.png", "reward_vs_kl.png",
-                 "token_rewards", "doctors.json",
-                 "wandb_run_id")
+                 "doctors.json", "wandb_run_id")
 
 
 def earlier_run(out: Path) -> list[Path]:

@@ -189,6 +189,16 @@ def test_presets_resolve(preset, method):
     assert run_config.train.checkpoint.directory.startswith(run_config.output_dir)
 
 
+@pytest.mark.parametrize("preset, dimensions, init_layers", [
+    ("hh_rlhf", ("helpfulness", "harmlessness"), None), ("pku_saferlhf", ("helpfulness", "safety"), None),
+    ("weak_to_strong", ("helpfulness",), 4)])
+def test_doctor_presets_resolve(preset, dimensions, init_layers):
+    run_config = recipe.load_run_config(preset, ["train.total_steps=5"], method="tfpo")
+    assert run_config.method == "tfpo" and run_config.doctor.dimensions == dimensions
+    assert run_config.doctor.init_layers == init_layers and run_config.loss.gamma == 0.1
+    assert set(run_config.doctor.resolved_faces()) == set(dimensions)
+
+
 def test_train_command_runs_resumes_and_refuses_mixing(checkpoint, pairs_file, tmp_path, capsys):
     from jaxalign.cli import main
 

@@ -11,10 +11,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-import tokenizers
 from flax import nnx
-from tokenizers import Tokenizer
-from transformers import PreTrainedTokenizerFast
 
 from jaxalign.models import CausalLMWithValueHead, LlamaForCausalLM, load_hf, save_doctor
 from jaxalign.rollout import GuidedSampler, Sampler, SamplingParams
@@ -191,13 +188,7 @@ def directories(tmp_path_factory, checkpoints):
         lm = load_hf(guide_dir)
         return save_doctor(root / name, CausalLMWithValueHead(lm, rngs=nnx.Rngs(0)), tokenizer, dimension=dimension)
 
-    swapped = tiny_tokenizer()  # same size, two ids exchanged: only a tokenizer comparison can tell
-    vocab = dict(swapped.get_vocab())
-    vocab["sky"], vocab["blue"] = vocab["blue"], vocab["sky"]
-    backend = Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = swapped.backend_tokenizer.pre_tokenizer
-    swapped = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>",
-                                      eos_token="<|im_end|>")
+    swapped = tiny_tokenizer(swap=("sky", "blue"))  # same size, other ids: only the tokenizers tell
     return {"patient": patient, "safety": doctor("safe", "safety", tiny_tokenizer()),
             "helpfulness": doctor("helpful", "helpfulness", tiny_tokenizer()),
             "swapped": doctor("swapped", "honesty", swapped), "plain": patient}
