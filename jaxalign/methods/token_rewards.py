@@ -22,6 +22,7 @@ settings) is unchanged. The cache is self-contained (its tokenizer is saved besi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import html
 import json
@@ -256,6 +257,7 @@ def build_token_rewards(
     return result
 
 
+@functools.lru_cache(maxsize=8)  # the same patient structure and settings reuse the compiled programs
 def _scorer(graphdef, settings: RewardSettings, chunk_size: int | None, prefix_lengths: tuple[int, int]):
     @jax.jit
     def score(state, pos_ids, pos_mask, pos_positions, neg_ids, neg_mask, neg_positions, response_mask):
