@@ -278,8 +278,8 @@ def _check_guidance_options(args) -> None:
     if args.doctor is None:
         given = [option for option in GUIDANCE_OPTIONS if getattr(args, option[2:].replace("-", "_")) is not None]
         if given:
-            raise ValueError(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --doctor (a doctor "
-                             "directory whose dimension the weights name)")
+            raise ValueError(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --doctor: guided decoding "
+                             "weighs the patient against at least one doctor directory")
 
 
 def run_generate(args) -> int:
