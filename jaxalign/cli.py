@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from jaxalign.eval.command import add_eval_command
-from jaxalign.methods.command import add_train_command
+from jaxalign.methods.command import add_show_rewards_command, add_train_command
 from jaxalign.rollout.guided import DEFAULT_ALPHA, DEFAULT_BETA
 
 EXIT_FAILED = 1
@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_command(subcommands)
     add_train_command(subcommands)
     add_eval_command(subcommands)
+    add_show_rewards_command(subcommands)
     return parser
 
 
