@@ -75,16 +75,16 @@ def test_weights_steer_a_single_prompt(dirs, capsys):
 
 def test_prompts_file_is_batched_and_records_the_weights(dirs, capsys, tmp_path):
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("Hi\nsky ?\nGo away .\n")
+    prompts.write_text("Hi\nsky ?\nGo away .\nblue\n")  # two batches of 2 prompts (one compiled program)
     output = tmp_path / "guided.jsonl"
     weights = '{"helpfulness": 0.8, "safety": 0.2}'
     status, _, err = generate(capsys, "--model", dirs["patient"], "--prompts-file", prompts, "--batch-size", "2",
                               "--doctor", dirs["safety"], "--doctor", dirs["helpfulness"], "--preference-weights",
                               weights, "--n", "2", "--temperature", "1", "--output", output, *COMMON)
-    assert status == 0 and "wrote 6 responses" in err
+    assert status == 0 and "wrote 8 responses" in err
     assert "guided by 2 doctor(s): alpha 1, beta 0.5, weights safety 0.2, helpfulness 0.8" in err
     rows = [json.loads(line) for line in output.read_text().splitlines()]
-    assert [(r["index"], r["sample"]) for r in rows] == [(i, j) for i in range(3) for j in range(2)]
+    assert [(r["index"], r["sample"]) for r in rows] == [(i, j) for i in range(4) for j in range(2)]
     assert all(r["guidance"] == {"alpha": 1.0, "beta": 0.5, "preference_weights": {"safety": 0.2, "helpfulness": 0.8},
                                  "doctors": {"safety": str(dirs["safety"]), "helpfulness": str(dirs["helpfulness"])}}
                for r in rows)
