@@ -304,10 +304,9 @@ def run_generate(args) -> int:
                                                 beta=guidance.beta, patient_source="--model", doctor_source="--doctor")
         tokenizer = sampler.tokenizer
         print(guidance.describe(), file=sys.stderr)
-    config = sampler.config if guidance is None else sampler.sampler.config
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, min_p=args.min_p, n=args.n,
-                            stop_token_ids=_stop_token_ids(args, config, tokenizer))
+                            stop_token_ids=_stop_token_ids(args, sampler.config, tokenizer))
 
     def generate(input_ids, attention_mask, key, stream=None):
         weights = {} if guidance is None else {"preference_weights": guidance.weights}

@@ -229,6 +229,11 @@ class GuidedSampler:
                    doctor_sources=[f"{doctor_source} {directory}" for directory in doctors], **sampler_options)
 
     @property
+    def config(self):
+        """The patient's config."""
+        return self.sampler.config
+
+    @property
     def num_doctors(self) -> int:
         return len(self.dimensions)
 
