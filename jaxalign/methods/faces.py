@@ -128,6 +128,9 @@ def face_prefix_ids(text: str, tokenizer, face_format: str) -> list[int]:
         if getattr(tokenizer, "chat_template", None) is None:
             raise ValueError("doctor.face_format=chat needs a tokenizer with a chat template; use text")
         ids = tokenizer.apply_chat_template([{"role": "system", "content": text}], tokenize=True)
-        ids = ids["input_ids"] if isinstance(ids, Mapping) else ids
-        return [int(i) for i in ids]
+        ids = [int(i) for i in (ids["input_ids"] if isinstance(ids, Mapping) else ids)]
+        bos = getattr(tokenizer, "bos_token_id", None)
+        # A template that writes the BOS (Llama 3's) wrote it before the prompt too: the face goes after the row's
+        # BOS (token_rewards.with_face), so its own would be a second one.
+        return ids[1:] if bos is not None and ids[:1] == [bos] else ids
     return [int(i) for i in tokenizer.encode(text + "\n\n", add_special_tokens=False)]

@@ -139,6 +139,8 @@ def build(config: RunConfig, lm, tokenizer, dataset, eval_dataset):
     dataset = select_dimension(dataset, dimension, config.data.source)
     if eval_dataset is not None:
         eval_dataset = select_dimension(eval_dataset, dimension, config.eval_data.source)
+    if doctor_spec.init_layers is not None:  # before the patient's pass: a bad init_layers costs no reward build
+        lm = models.first_layers(lm, doctor_spec.init_layers)
     patient, patient_tokenizer = load_pretrained(dataclasses.replace(config.model, path=doctor_spec.patient,
                                                                      lora=None), source="doctor.patient")
     models.check_same_tokenizer(patient_tokenizer, tokenizer,
@@ -149,8 +151,6 @@ def build(config: RunConfig, lm, tokenizer, dataset, eval_dataset):
     if eval_dataset is not None:
         eval_dataset = _token_rewards(config, patient, identity, tokenizer, eval_dataset, "eval", config.eval_data)
     del patient
-    if doctor_spec.init_layers is not None:
-        lm = models.first_layers(lm, doctor_spec.init_layers)
     if config.model.lora is not None:
         models.apply_lora(lm, lora_config(config), rngs=nnx.Rngs(config.train.seed))
     doctor = models.CausalLMWithValueHead(lm, rngs=nnx.Rngs(config.train.seed))

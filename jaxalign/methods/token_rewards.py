@@ -276,10 +276,12 @@ def _write_part(cache: Path, dataset: jdata.TokenizedDataset, start: int, reward
     count = len(rewards) // 2
     sequences = [s for i in range(start, start + count) for s in dataset.examples[i].sequences]
     path = cache / f"part-{start:08d}.npz"
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, rewards=np.concatenate(rewards), lengths=np.asarray([len(r) for r in rewards]).reshape(count, 2),
-             ids=np.concatenate([s.ids for s in sequences]).astype(np.int32),
-             prompt_lengths=np.asarray([s.prompt_length for s in sequences]).reshape(count, 2))
+    tmp = cache / f".{path.name}.tmp"  # not a part-*.npz name: a build killed while writing leaves no "part"
+    with open(tmp, "wb") as file:
+        np.savez(file, rewards=np.concatenate(rewards),
+                 lengths=np.asarray([len(r) for r in rewards]).reshape(count, 2),
+                 ids=np.concatenate([s.ids for s in sequences]).astype(np.int32),
+                 prompt_lengths=np.asarray([s.prompt_length for s in sequences]).reshape(count, 2))
     tmp.replace(path)  # a part is whole or absent: a build stopped mid-write leaves no torn file
     return start + count
 
