@@ -1,0 +1,338 @@
+"""TFPO (LLMDoctor's doctor) on a tiny Llama: the objective against the loss on the doctor's own full outputs and
+against finite differences, then ``jaxalign train tfpo`` end to end through ``pipeline.run`` (the loss falls, the
+export is a doctor that loads back equal, resume is exact, one doctor per dimension, LoRA, init_layers), and the
+configs and data it refuses, each with an error that names what is wrong."""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxalign import data, losses, models
+from jaxalign.methods import pipeline, recipe, tfpo
+from jaxalign.methods.tfpo import select_dimension, tfpo_objective
+from tests.test_cli import tiny_tokenizer
+
+PAIRS = [("Hi", "sky blue .", "Go away ."), ("sky ?", "blue . Hi", "blue away"), ("Go", "Hi .", "away away ."),
+         ("Hi ?", "blue sky", "Go away"), ("away ?", "Hi Hi", "Go"), ("blue", "sky .", "away .")]
+FACES = {"sentiment": {"positive": "Hi sky blue .", "negative": "Go away"},
+         "politeness": {"positive": "Hi .", "negative": "Go away away"}}
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tfpo_data") / "pairs.jsonl"
+    path.write_text("".join(json.dumps({
+        "prompt": [{"role": "user", "content": p}], "chosen": [{"role": "assistant", "content": c}],
+        "rejected": [{"role": "assistant", "content": r}]}) + "\n" for p, c, r in PAIRS))
+    return path
+
+
+@pytest.fixture(scope="module")
+def pku_file(tmp_path_factory) -> Path:
+    """PKU-SafeRLHF groups (helpfulness, and safety on all but the last record)."""
+    path = tmp_path_factory.mktemp("tfpo_data") / "pku.jsonl"
+    rows = [{"prompt": p, "response_0": " " + c, "response_1": " " + r, "better_response_id": i % 2,
+             **({"safer_response_id": (i // 2) % 2} if i < len(PAIRS) - 1 else {})}
+            for i, (p, c, r) in enumerate(PAIRS)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def run_config(checkpoint, source, out: Path, *overrides, doctor=None, **extra):
+    values = {"method": "tfpo", "output_dir": str(out), "model": {"path": str(checkpoint)},
+              "data": {"source": str(source), "batch_size": 6, "max_length": 32, "shuffle": False},
+              "train": {"total_steps": 4, "optimizer": {"learning_rate": 3e-3},
+                        "log": {"progress_bar": False, "tensorboard": False}},
+              "doctor": {"patient": str(checkpoint), "dimensions": ["sentiment"],
+                         "faces": {"sentiment": FACES["sentiment"]}, **(doctor or {})},
+              **extra}
+    return recipe.load_run_config(values, list(overrides))
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def params(module, filter_=nnx.Param) -> dict:
+    return {path: np.asarray(value[...]) for path, value in nnx.to_flat_state(nnx.state(module, filter_))}
+
+
+# ------------------------------------------------------------------------------------------ the objective
+
+
+@pytest.fixture(scope="module")
+def doctor_and_batch(checkpoint, pairs_file):
+    """A doctor (the tiny Llama + a random value head) and a batch of 5 pairs whose last row pads a partial batch
+    (``example_mask`` 0, but holding a real pair: it must not count), with synthetic token rewards of the right
+    signs (on some response tokens, 0 on others)."""
+    tokenizer = tiny_tokenizer()
+    dataset = data.build_dataset(data.DataConfig(str(pairs_file), max_length=32), tokenizer)
+    rng = np.random.default_rng(3)
+    values = []
+    for example in dataset.examples:
+        per_side = []
+        for side, sequence in enumerate(example.sequences):
+            r = rng.uniform(0.1, 0.9, len(sequence)) * (rng.random(len(sequence)) < 0.6) * (1 - 2 * side)
+            r[:sequence.prompt_length] = 0
+            per_side.append(r.astype(np.float32))
+        values.append(tuple(per_side))
+    dataset = dataset.with_token_values("token_rewards", values)
+    batch = data.collate(dataset, [0, 1, 2, 3, 4], int(dataset.lengths.max()) + 2)
+    batch["example_mask"][4] = 0
+    doctor = models.CausalLMWithValueHead(models.load_hf(checkpoint), rngs=nnx.Rngs(0))
+    key = jax.random.key(5)
+    doctor.value_head.kernel[...] = 0.3 * jax.random.normal(key, doctor.value_head.kernel[...].shape)
+    doctor.value_head.bias[...] = jnp.full_like(doctor.value_head.bias[...], -0.2)
+    return doctor, {k: jnp.asarray(v) for k, v in batch.items()}
+
+
+OPTIONS = (("gamma", 0.3), ("lam", 0.9))  # a margin the value hinge is active at, SubTB(λ) weights
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _objective(graphdef, state, batch):
+    (total, count), metrics = tfpo_objective(**dict(OPTIONS))(nnx.merge(graphdef, state), batch, key=None)
+    return total / count, (count, metrics)
+
+
+def test_the_objective_is_tfpo_loss_on_the_doctors_full_outputs(doctor_and_batch):
+    """The objective's one trunk pass, chunked head, shifts and reshapes equal the loss computed from the doctor's
+    own ``(logits, log V)`` over the flattened rows, log-softmax in float64, value states found by hand; rows
+    that only pad the batch do not count."""
+    doctor, batch = doctor_and_batch
+    graphdef, state = nnx.split(doctor)
+    pairs, _, length = batch["input_ids"].shape
+    flat = {k: np.asarray(batch[k]).reshape(2 * pairs, length) for k in ("input_ids", "attention_mask", "positions")}
+    logits, log_v, _ = doctor(flat["input_ids"], positions=flat["positions"], attention_mask=flat["attention_mask"])
+    logits = np.asarray(logits, np.float64)
+    shifted = logits - logits.max(-1, keepdims=True)
+    logps = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    targets = flat["input_ids"][:, 1:]
+    token_logps = np.take_along_axis(logps[:, :-1], targets[..., None], -1)[..., 0].reshape(pairs, 2, length - 1)
+    mask = np.asarray(batch["loss_mask"])[..., 1:]
+    ids = np.asarray(batch["input_ids"])[..., 1:]
+    # The state after the first response token where chosen and rejected differ (or one has ended).
+    divergence = np.zeros_like(mask)
+    for b in range(pairs):
+        for t in range(length - 1):
+            if mask[b, 0, t] != mask[b, 1, t] or (mask[b, 0, t] and ids[b, 0, t] != ids[b, 1, t]):
+                divergence[b, :, t] = mask[b, :, t]
+                break
+    first = mask.argmax(-1)
+    assert np.any(divergence.argmax(-1)[:, 0] != first[:, 0])  # not always the first response token
+    reference_loss = jax.jit(functools.partial(losses.tfpo_loss, **dict(OPTIONS)))  # jitted: faster than eager
+    per_pair, _ = reference_loss(jnp.asarray(token_logps, jnp.float32), np.asarray(log_v).reshape(pairs, 2, length),
+                                 batch["token_rewards"][..., 1:], mask, divergence)
+    expected = np.asarray(per_pair)[:4].mean()
+    got, (count, metrics) = _objective(graphdef, state, batch)
+    assert int(count) == 4 and "loss" not in metrics and float(metrics["subtb"]) > 0
+    assert float(metrics["value_loss"]) > 0  # the hinge is active: its gradient is checked below too
+    np.testing.assert_allclose(float(got), expected, rtol=2e-5)
+    assert abs(np.asarray(per_pair)[4] - expected) > 1e-3  # the padding row would have changed the mean
+
+
+def test_the_gradient_matches_finite_differences(doctor_and_batch):
+    """Directional derivatives (jvp) along random directions of the value head, of one LM weight matrix and of
+    the LM head equal float32 central differences."""
+    doctor, batch = doctor_and_batch
+    graphdef, state = nnx.split(doctor)
+
+    @jax.jit
+    def derivative(state, direction):
+        return jax.jvp(lambda s: _objective(graphdef, s, batch)[0], (state,), (direction,))
+
+    def moved(t, direction):
+        return jax.tree.map(lambda v, d: v + t * d, state, direction)
+
+    rng = np.random.default_rng(0)
+    flat = dict(nnx.to_flat_state(state))
+    for prefix in (("value_head",), ("lm", "model", "layers", "mlp", "up_proj"), ("lm", "lm_head")):
+        direction = {p: np.zeros(v[...].shape, np.float32) for p, v in flat.items()}
+        chosen = [p for p in direction if p[:len(prefix)] == prefix]
+        assert chosen
+        for p in chosen:
+            direction[p] = rng.standard_normal(direction[p].shape).astype(np.float32)
+        norm = np.sqrt(sum(np.sum(direction[p] ** 2) for p in chosen))
+        direction = nnx.from_flat_state([(p, flat[p].replace(jnp.asarray(d / norm))) for p, d in direction.items()])
+        _, slope = derivative(state, direction)
+        h = 1e-2
+        central = (float(_objective(graphdef, moved(h, direction), batch)[0])
+                   - float(_objective(graphdef, moved(-h, direction), batch)[0])) / (2 * h)
+        assert abs(float(slope)) > 1e-3, prefix  # a direction the loss depends on
+        np.testing.assert_allclose(float(slope), central, rtol=2e-2, atol=1e-4, err_msg=str(prefix))
+
+
+def test_the_objective_refuses_batches_without_rewards_and_unknown_states(doctor_and_batch):
+    doctor, batch = doctor_and_batch
+    with pytest.raises(ValueError, match="the batch has no token_rewards"):
+        tfpo_objective()(doctor, {k: v for k, v in batch.items() if k != "token_rewards"}, key=None)
+    with pytest.raises(ValueError, match="value_states must be 'divergence' or 'first', got 'last'"):
+        tfpo_objective(value_states="last")
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+
+@pytest.fixture(scope="module")
+def straight(checkpoint, pairs_file, tmp_path_factory):
+    """4 steps in one go, evaluated on the same pairs."""
+    out = tmp_path_factory.mktemp("tfpo") / "straight"
+    config = run_config(checkpoint, pairs_file, out, f"eval_data.source={pairs_file}", "eval_data.batch_size=6",
+                        "eval_data.max_length=32")
+    return pipeline.run(config)
+
+
+def test_training_lowers_the_loss_and_exports_a_doctor(straight, checkpoint):
+    out = Path(straight.config.output_dir)
+    losses_ = [record["loss"] for record in metrics(out)]
+    assert len(losses_) == 4 and losses_[-1] < losses_[0]  # the same six pairs every step
+    assert straight.eval_metrics["loss"] < losses_[0]
+    # The export is a doctor: the trained LM and value head, its dimension and what made its rewards.
+    doctor, tokenizer, card = models.load_doctor(straight.export_dir)
+    assert straight.export_dir == out / "export" and card["dimension"] == "sentiment"
+    assert card["metadata"]["face"] == FACES["sentiment"] and card["metadata"]["patient"] == str(checkpoint)
+    assert card["metadata"]["token_rewards"] == {"eps": 1e-8, "tau": 1.0, "threshold": 0.1}
+    assert tokenizer.get_vocab() == tiny_tokenizer().get_vocab()
+    trained = straight.model
+    for name in ("kernel", "bias"):
+        np.testing.assert_array_equal(np.asarray(getattr(doctor.value_head, name)[...]),
+                                      np.asarray(getattr(trained.value_head, name)[...]))
+    assert np.any(np.asarray(trained.value_head.kernel[...]) != 0)  # trained from its zero start
+    tokens = np.array([[2, 6, 4, 9, 3, 4, 2, 7, 4, 13]], np.int32)
+    for a, b in zip(doctor(tokens)[:2], trained(tokens)[:2], strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+    # The LM moved from its start, and the rewards it trained on are logged.
+    start = models.load_hf(checkpoint)
+    assert any(not np.array_equal(v, params(start)[p]) for p, v in params(trained.lm).items())
+    summary = json.loads((out / "eval.json").read_text())["token_rewards"]
+    assert summary["chosen_rewarded_fraction"] > 0 and summary["rejected_mean_sum"] < 0 < summary["chosen_mean_sum"]
+    assert (out / "token_rewards" / "train" / "token_rewards.json").is_file()
+    assert (out / "token_rewards" / "eval" / "token_rewards.json").is_file()
+
+
+def test_a_resumed_run_equals_the_straight_run(straight, checkpoint, pairs_file, tmp_path):
+    out = tmp_path / "resumed"
+    common = (f"eval_data.source={pairs_file}", "eval_data.batch_size=6", "eval_data.max_length=32")
+    pipeline.run(run_config(checkpoint, pairs_file, out, "train.total_steps=2", *common))
+    assert len(metrics(out)) == 2
+    with pytest.warns(UserWarning, match=r"resuming step 2 with a config that differs in \['total_steps'\]"):
+        resumed = pipeline.run(run_config(checkpoint, pairs_file, out, *common))
+    assert [r["loss"] for r in metrics(out)] == [r["loss"] for r in metrics(Path(straight.config.output_dir))]
+    expected = params(straight.model)
+    for path, value in params(resumed.model).items():
+        np.testing.assert_array_equal(value, expected[path], err_msg=str(path))
+    assert resumed.eval_metrics == straight.eval_metrics
+
+
+def test_two_dimensions_lora_and_init_layers(checkpoint, pku_file, tmp_path):
+    """Grouped PKU-SafeRLHF data, a doctor per dimension (each its own pairs), each cut to the first layer of
+    the model and trained through LoRA adapters and its value head only."""
+    out = tmp_path / "doctors"
+    config = run_config(checkpoint, pku_file, out, "train.total_steps=2", "data.batch_size=3", "data.buckets=[32]",
+                        "model.lora={rank: 2, alpha: 4, targets: [q_proj, v_proj]}",
+                        doctor={"dimensions": ["helpfulness", "safety"], "init_layers": 1,
+                                "faces": {"helpfulness": FACES["sentiment"], "safety": FACES["politeness"]}})
+    result = pipeline.run(config)
+    index = json.loads((out / tfpo.INDEX_FILE).read_text())
+    assert index["doctors"] == {d: str(out / d / "export") for d in ("helpfulness", "safety")}
+    assert set(result.extra["doctors"]) == {"helpfulness", "safety"}
+    start = models.first_layers(models.load_hf(checkpoint), 1)
+    base = params(start)
+    examples = {}
+    for dimension in ("helpfulness", "safety"):
+        doctor, _, card = models.load_doctor(out / dimension / "export")
+        assert card["dimension"] == dimension and card["metadata"]["init_layers"] == 1
+        assert card["metadata"]["face"] == config.doctor.resolved_faces()[dimension].__dict__
+        assert doctor.lm.config.n_layers == 1 and doctor.lm.config == start.config
+        run = json.loads((out / dimension / "run.json").read_text())
+        examples[dimension] = run["examples"]
+        assert len(metrics(out / dimension)) == 2
+        # The merged export differs from the start (adapters trained) only in the adapted projections.
+        for path, value in params(doctor.lm).items():
+            if path[-2] in ("q_proj", "v_proj"):
+                assert not np.array_equal(value, base[path]), path
+            else:
+                np.testing.assert_array_equal(value, base[path], err_msg=str(path))
+    assert examples == {"helpfulness": 6, "safety": 5}  # the last record has no safety pair
+    # The trained model (the first dimension's): its LoRA adapters and value head trained, base weights frozen.
+    trained = result.model
+    assert models.has_lora(trained.lm)
+    frozen = params(trained.lm, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))
+    for path, value in frozen.items():
+        np.testing.assert_array_equal(value, base[path], err_msg=str(path))
+    assert np.any(np.asarray(trained.value_head.kernel[...]) != 0)
+
+
+# ------------------------------------------------------------------------------------------ what is refused
+
+
+def test_configs_that_cannot_train_a_doctor_are_named(checkpoint, pairs_file, tmp_path):
+    base = {"output_dir": str(tmp_path / "x"), "data": {"source": str(pairs_file)}, "train": {"total_steps": 1}}
+    with pytest.raises(ValueError, match=r"method tfpo needs a doctor: section \(patient, dimensions, faces"):
+        recipe.load_run_config({**base, "method": "tfpo"})
+    with pytest.raises(ValueError, match="RunConfig.doctor is the tfpo method's section; method dpo takes none"):
+        recipe.load_run_config({**base, "method": "dpo", "doctor": {"dimensions": ["helpfulness"]}})
+    tfpo_base = {**base, "method": "tfpo"}
+    for doctor, message in [
+        ({"dimensions": ["politeness"]}, r"doctor\.dimensions: no face for 'politeness': give "
+                                         r"doctor\.faces\.politeness = \{positive: \.\.\., negative: \.\.\.\}"),
+        ({"dimensions": ["helpfulness"], "faces": {"politeness": FACES["politeness"]}},
+         r"doctor\.faces names \['politeness'\], which are not in doctor\.dimensions \['helpfulness'\]"),
+        ({"dimensions": ["politeness"], "faces": {"politeness": {"positive": "Hi", "negative": "Hi"}}},
+         r"doctor\.faces\.politeness: a face's positive and negative prompts are the same text"),
+        ({"dimensions": []}, r"doctor\.dimensions must name one or more distinct dimensions, got \[\]"),
+        ({"dimensions": ["safety", "safety"]}, r"distinct dimensions, got \['safety', 'safety'\]"),
+        ({"dimension": ["safety"]}, r"doctor: unknown key\(s\) \['dimension'\]"),
+        ({"init_layers": 0}, r"doctor\.init_layers must be a positive int or null, got 0"),
+        ({"threshold": 1.5}, r"doctor\.threshold must be in \[0, 1\), got 1\.5"),
+        ({"face_format": "html"}, r"doctor\.face_format must be one of \('auto', 'chat', 'text'\), got 'html'"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            recipe.load_run_config({**tfpo_base, "doctor": doctor})
+    with pytest.raises(ValueError, match=r"loss\.value_states \(TFPOSpec\) must be one of \('divergence', 'first'\), "
+                                         r"got 'last'"):
+        recipe.load_run_config({**tfpo_base, "doctor": {}, "loss": {"value_states": "last"}})
+    # init_layers beyond the model's layers: named when the model is known, before any reward is built.
+    config = run_config(checkpoint, pairs_file, tmp_path / "deep", doctor={"init_layers": 3})
+    with pytest.raises(ValueError, match=r"n_layers must be an int in 1\.\.2 \(the model's layers\), got 3"):
+        pipeline.run(config)
+    assert not (tmp_path / "deep").exists()  # no token-reward cache either
+
+
+def test_a_patient_with_another_tokenizer_is_refused(checkpoint, pairs_file, tmp_path):
+    patient = tmp_path / "patient"
+    models.save_hf(models.load_hf(checkpoint), models.load_hf_config(checkpoint), patient,
+                   tiny_tokenizer(swap=("sky", "blue")))
+    out = tmp_path / "run"
+    message = (rf"the patient \({re.escape(str(patient))}\) and the doctor \({re.escape(str(checkpoint))}\) do not "
+               r"share a tokenizer \('blue' is 13 vs 14, 'sky' is 14 vs 13\)")
+    with pytest.raises(ValueError, match=message):
+        pipeline.run(run_config(checkpoint, pairs_file, out, doctor={"patient": str(patient)}))
+    assert not out.exists()  # refused before anything was written
+
+
+def test_data_without_pairs_on_the_dimension_is_named(pku_file, pairs_file, tmp_path):
+    tokenizer = tiny_tokenizer()
+    groups = data.build_dataset(data.DataConfig(str(pku_file), max_length=32), tokenizer)
+    assert groups.kind == "preference_group" and groups.dimensions == ("helpfulness", "safety")
+    with pytest.raises(ValueError, match=rf"{re.escape(str(pku_file))} has preference dimensions \['helpfulness', "
+                                         r"'safety'\], not 'politeness': name one of them in doctor\.dimensions"):
+        select_dimension(groups, "politeness", str(pku_file))
+    safety = select_dimension(groups, "safety", str(pku_file))
+    assert safety.kind == "preference" and len(safety) == len(PAIRS) - 1
+    assert select_dimension(safety, "anything", "x") is safety  # plain pairs are every dimension's
+    sft_file = tmp_path / "sft.jsonl"
+    sft_file.write_text(json.dumps({"prompt": "Hi", "completion": " sky"}) + "\n")
+    sft = data.build_dataset(data.DataConfig(str(sft_file)), tokenizer)
+    with pytest.raises(ValueError, match=rf"method tfpo needs preference pairs; {re.escape(str(sft_file))} holds 'sft' "
+                                         r"records"):
+        select_dimension(sft, "helpfulness", str(sft_file))
