@@ -86,8 +86,10 @@ def main() -> None:
                                                                        positions))
 
     def run_plain():
-        outs = [forward(state, *arrays) for arrays in batches]
-        jax.block_until_ready(outs)
+        # One call at a time, each waited for, as the builder's batches are: queuing them all at once makes XLA's
+        # CPU runtime run several programs side by side on the same cores, which is slower, not a fairer baseline.
+        for arrays in batches:
+            jax.block_until_ready(forward(state, *arrays))
 
     def run_builder():
         build_token_rewards(patient, tokenizer, dataset, DEFAULT_FACES["helpfulness"], batch_size=args.batch,

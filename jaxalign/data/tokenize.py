@@ -205,7 +205,7 @@ class TokenizedDataset:
         for example in self.examples:
             for sequence in example.sequences:
                 digest.update(b"-" if sequence is None else sequence.ids.tobytes() + b"|%d|" % sequence.prompt_length)
-            per_token = {key: value for key, value in example.values.items() if isinstance(value, tuple)}
+            per_token = {key: value for key, value in example.values.items() if key in TOKEN_VALUES}
             digest.update(repr(sorted((k, v) for k, v in example.values.items() if k not in per_token)).encode())
             for key, arrays in sorted(per_token.items()):  # every value, not repr's summary of long arrays
                 digest.update(key.encode() + b"".join(b"-" if a is None else a.tobytes() for a in arrays))
