@@ -42,6 +42,7 @@ from jaxalign import data as jdata
 from jaxalign import losses, models
 from jaxalign.methods.faces import Face, face_prefix_ids, resolve_face_format
 from jaxalign.models.scoring import DEFAULT_CHUNK, target_logps
+from jaxalign.train.mesh import shard_batch
 
 META_FILE = "token_rewards.json"
 PREVIEW_FILE = "preview.html"
@@ -215,8 +216,6 @@ def build_token_rewards(
                  for prefix in prefixes]
         arrays = (*faces[0], *faces[1], flat["loss_mask"][:, 1:])
         if mesh is not None:
-            from jaxalign.train.mesh import shard_batch
-
             arrays = shard_batch(arrays, mesh)
         return rows, score(state, *arrays)
 
