@@ -12,6 +12,7 @@ record, an invalid setting), 1 for a run that failed (diverged, or an unexpected
     jaxalign generate --doctor doctors/safety --doctor doctors/helpful --preference-weights '{"safety": 0.7}' --chat
     jaxalign train dpo --config hh_rlhf data.source=hh/train.jsonl.gz  # sft | reward | dpo (docs/offline-trainers.md)
     jaxalign eval --policy runs/hh_rlhf/export --prompts prompts.jsonl     # win rate, KL, rewards (docs/eval.md)
+    jaxalign serve --port 8000                     # OpenAI-compatible server of the embedded default (docs/serving.md)
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from pathlib import Path
 from jaxalign.eval.command import add_eval_command
 from jaxalign.methods.command import add_show_rewards_command, add_train_command
 from jaxalign.rollout.guided import DEFAULT_ALPHA, DEFAULT_BETA
+from jaxalign.serve.command import add_serve_command
+from jaxalign.serve.hitl import add_hitl_command
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -92,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_command(subcommands)
     add_eval_command(subcommands)
     add_show_rewards_command(subcommands)
+    add_serve_command(subcommands)
+    add_hitl_command(subcommands)
     return parser
 
 

@@ -10,7 +10,8 @@ here, PPO and GRPO through :func:`jaxalign.methods.rl.run_online`.
 A run: refuse an output directory that holds an earlier run (unless resuming or overwriting) -> load the model
 (HF directory, GGUF, or the embedded default) and its tokenizer -> tokenise the data (optionally ordered as a
 curriculum) and the held-out data, checking both suit the method -> build the method's objective
-(:mod:`~jaxalign.methods.sft`, :mod:`~jaxalign.methods.reward`, :mod:`~jaxalign.methods.dpo`) -> write
+(:mod:`~jaxalign.methods.sft`, :mod:`~jaxalign.methods.reward`, :mod:`~jaxalign.methods.dpo`,
+:mod:`~jaxalign.methods.kto`) -> write
 ``run.json`` (a run refused for its data leaves no output directory) -> :class:`~jaxalign.train.Trainer` (resumes from
 ``output_dir/checkpoints`` when a checkpoint is there) -> method epilogue (reward normalisation) ->
 held-out evaluation with the same objective -> Hugging Face export and the plot of the curves.
@@ -26,7 +27,7 @@ from flax import nnx
 
 from jaxalign import data as jdata
 from jaxalign import models
-from jaxalign.methods import dpo, probe, reward, sft, tfpo
+from jaxalign.methods import dpo, kto, probe, reward, sft, tfpo
 from jaxalign.methods.common import (
     EVAL_FILE,
     EXPORT_DIR,
@@ -67,13 +68,16 @@ def run(config: RunConfig, *, overwrite: bool = False) -> RunResult:
     eval_dataset = None if config.eval_data is None else jdata.build_dataset(config.eval_data, tokenizer)
     if config.method == "sft" and eval_dataset is not None and eval_dataset.kind == "preference":
         eval_dataset = sft.chosen_as_sft(eval_dataset)
+    if config.method == "kto":  # preference pairs give a desirable and an undesirable example each (TRL)
+        dataset = kto.as_unpaired(dataset)
+        eval_dataset = None if eval_dataset is None else kto.as_unpaired(eval_dataset)
     if eval_dataset is not None:  # checked now, not when the evaluation would fail after training
         check_eval_kind(config, dataset, eval_dataset)
     if config.method == "tfpo":  # the patient makes both splits' token rewards, then is released
         model, objective, references, dataset, extra = tfpo.build(config, lm, tokenizer, dataset, eval_dataset)
         eval_dataset = extra.pop("eval_dataset")
     else:
-        builder = {"sft": sft.build, "reward": reward.build, "dpo": dpo.build}[config.method]
+        builder = {"sft": sft.build, "reward": reward.build, "dpo": dpo.build, "kto": kto.build}[config.method]
         model, objective, references, dataset, extra = builder(config, lm, tokenizer, dataset)
     # Written once the data is known to suit the method: a refused run leaves no output directory behind.
     prepare_output_dir(config, overwrite=overwrite)
@@ -103,8 +107,10 @@ def run(config: RunConfig, *, overwrite: bool = False) -> RunResult:
 
     eval_metrics: dict[str, float] = {}
     if eval_dataset is not None:
-        if config.method == "dpo" and config.reference == "precomputed":
-            eval_dataset = dpo.precompute_reference_logps(extra.pop("reference_model"), eval_dataset, config.eval_data)
+        if config.method in ("dpo", "kto") and config.reference == "precomputed":
+            chunking = {"chunk_size": config.loss.chunk_size} if config.method == "kto" else {}
+            eval_dataset = dpo.precompute_reference_logps(extra.pop("reference_model"), eval_dataset, config.eval_data,
+                                                          **chunking)
         eval_metrics = evaluate_objective(objective, model, one_pass(config.eval_data, eval_dataset), references)
         if config.method == "sft" and "loss" in eval_metrics:
             eval_metrics["perplexity"] = math.exp(min(eval_metrics["loss"], 700.0))

@@ -1,6 +1,6 @@
 """A training run as one validated config: model, data, loss options, training core, outputs.
 
-``jaxalign train sft|reward|dpo|ppo|grpo --config <preset or YAML> [key=value ...]`` and
+``jaxalign train sft|reward|dpo|kto|ppo|grpo|tfpo --config <preset or YAML> [key=value ...]`` and
 :func:`jaxalign.methods.pipeline.run` both take a :class:`RunConfig`. YAML mirrors the dataclasses::
 
     method: dpo
@@ -40,7 +40,7 @@ from jaxalign.methods.specs import LOSS_SPECS, DoctorSpec, MethodSpec
 from jaxalign.models.config import DTYPES, REMAT_POLICIES
 from jaxalign.train.config import TrainConfig
 
-METHODS = ("sft", "reward", "dpo", "ppo", "grpo", "tfpo")
+METHODS = ("sft", "reward", "dpo", "kto", "ppo", "grpo", "tfpo")
 ONLINE_METHODS = ("ppo", "grpo")
 CURRICULA = ("length", "score", "difficulty")
 GOLD_JUDGES = ("vader",)
@@ -94,10 +94,10 @@ class ModelSpec:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """One training run: offline (``sft``, ``reward``, ``dpo``, ``tfpo``) or online (``ppo``, ``grpo``).
+    """One training run: offline (``sft``, ``reward``, ``dpo``, ``kto``, ``tfpo``) or online (``ppo``, ``grpo``).
 
     Attributes:
-        method: ``sft``, ``reward``, ``dpo``, ``ppo``, ``grpo`` or ``tfpo`` (LLMDoctor's doctor).
+        method: ``sft``, ``reward``, ``dpo``, ``kto``, ``ppo``, ``grpo`` or ``tfpo`` (LLMDoctor's doctor).
         output_dir: where checkpoints (``checkpoints/``), metrics (``metrics.jsonl``, TensorBoard events,
             ``metrics.png``), the resolved config (``run.json``) and the final export (``export/``) go.
         model: see :class:`ModelSpec`.
@@ -109,9 +109,9 @@ class RunConfig:
             For PPO/GRPO ``total_steps`` counts iterations (sample, score, train).
         loss: the method's typed options (:mod:`jaxalign.methods.specs`), given as a mapping:
             :class:`~jaxalign.methods.specs.SFTSpec`, :class:`~jaxalign.methods.specs.RewardSpec`,
-            :class:`~jaxalign.methods.specs.DPOSpec`, :class:`~jaxalign.methods.specs.PPOConfig` or
-            :class:`~jaxalign.methods.specs.GRPOConfig` by ``method``; unknown keys, wrong types and TRL's
-            spellings are refused naming the key.
+            :class:`~jaxalign.methods.specs.DPOSpec`, :class:`~jaxalign.methods.specs.KTOSpec`,
+            :class:`~jaxalign.methods.specs.PPOConfig` or :class:`~jaxalign.methods.specs.GRPOConfig` by
+            ``method``; unknown keys, wrong types and TRL's spellings are refused naming the key.
         sampling: PPO/GRPO sampling (:class:`jaxalign.rollout.SamplingParams` fields: ``max_new_tokens``,
             ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``n`` = GRPO's group size, ``stop_token_ids``).
         reward: PPO/GRPO reward (:func:`jaxalign.methods.rewards.build_reward`): ``{model: DIR}``,
@@ -121,7 +121,9 @@ class RunConfig:
         eval_samples_per_prompt: PPO/GRPO evaluation: responses per held-out prompt from each model.
         reference: DPO's reference: ``model`` (a frozen copy, on the fly), ``precomputed`` (one pass before
             training, cached with the data), ``lora_base`` (the policy with its adapters off; needs
-            ``model.lora``), ``none`` (SimPO/ORPO). PPO/GRPO: ``model`` (a frozen copy of the initial policy)
+            ``model.lora``), ``none`` (SimPO/ORPO). KTO: ``model``, ``lora_base``, or ``precomputed`` with
+            ``loss_type: apo_zero_unpaired`` only (KTO's reference point needs the reference on pairs that
+            are made in each batch). PPO/GRPO: ``model`` (a frozen copy of the initial policy)
             or ``lora_base``; GRPO also ``none`` (no KL term, no KL logged).
         curriculum: order the training examples easy to hard instead of shuffling: ``length`` (shorter
             completions first), ``score`` (higher data score first, e.g. a rating) or ``difficulty``
@@ -183,6 +185,8 @@ class RunConfig:
             raise ValueError(f"RunConfig.curriculum must be one of {CURRICULA} or null, got {self.curriculum!r}")
         if self.reference == "lora_base" and self.model.lora is None:
             raise ValueError("RunConfig.reference='lora_base' needs model.lora (the base is the reference)")
+        if self.method == "kto":
+            _check_kto(self)
         if self.gold is not None and self.gold not in GOLD_JUDGES:
             raise ValueError(f"RunConfig.gold must be one of {GOLD_JUDGES} or null, got {self.gold!r}")
         if self.method in ONLINE_METHODS:
@@ -242,6 +246,25 @@ class RunConfig:
         if missing:
             raise ValueError(f"{where}: missing required key(s) {missing}")
         return cls(**values)
+
+
+def _check_kto(config: RunConfig) -> None:
+    """KTO settings that cannot run, refused before any work."""
+    if config.reference not in ("model", "precomputed", "lora_base"):
+        raise ValueError(f"RunConfig.reference for kto must be model, precomputed or lora_base, got "
+                         f"{config.reference!r} (KTO's implied reward is measured against a reference)")
+    if config.loss.loss_type != "kto":
+        return
+    if config.reference == "precomputed":
+        raise ValueError("RunConfig.reference='precomputed' cannot serve loss.loss_type=kto: its reference point "
+                         "pairs each prompt with another example's completion of the same batch, which changes "
+                         "with every shuffle; use reference=model or lora_base (or loss.loss_type=apo_zero_unpaired)")
+    rows = config.data.batch_size * jax.process_count() // config.train.micro_batches
+    if rows < 2:
+        raise ValueError(f"method kto needs at least 2 examples per micro-batch (data.batch_size "
+                         f"{config.data.batch_size} x {jax.process_count()} process(es) / train.micro_batches "
+                         f"{config.train.micro_batches} = {rows}): its KL reference point pairs each prompt with "
+                         "another example's completion (TRL refuses per_device_train_batch_size 1 likewise)")
 
 
 def _doctor_spec(values: Mapping[str, Any]) -> DoctorSpec:

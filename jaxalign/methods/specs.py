@@ -8,12 +8,13 @@ jaxalign's spelling. The YAML and ``key=value`` surface is unchanged: ``loss.bet
 - ``sft``: :class:`SFTSpec` (:func:`jaxalign.methods.sft.sft_objective`)
 - ``reward``: :class:`RewardSpec` (:func:`jaxalign.methods.reward.reward_objective` and the reward head)
 - ``dpo``: :class:`DPOSpec` (:func:`jaxalign.methods.dpo.dpo_objective`)
+- ``kto``: :class:`KTOSpec` (:func:`jaxalign.methods.kto.kto_objective`)
 - ``ppo``: :class:`PPOConfig` (:class:`jaxalign.methods.ppo.PPOTrainer`)
 - ``grpo``: :class:`GRPOConfig` (:class:`jaxalign.methods.grpo.GRPOTrainer`)
 - ``tfpo``: :class:`TFPOSpec` (:func:`jaxalign.methods.tfpo.tfpo_objective`); its ``doctor:`` section is a
   :class:`DoctorSpec`
 
-A new method (KTO) adds its spec here and one entry to :data:`LOSS_SPECS`.
+A new method adds its spec here and one entry to :data:`LOSS_SPECS`.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ class MethodSpec:
 
     label: ClassVar[str] = ""  # the method's name in messages ("PPO")
     renamed: ClassVar[dict[str, str]] = {}  # a peer's (or an earlier) spelling -> this spec's
+    # A peer's option that is not a loss option here but another setting of the run: its name -> that setting.
+    elsewhere: ClassVar[dict[str, str]] = {}
 
     def _require(self, ok: bool, name: str, what: str) -> None:
         if not ok:
@@ -56,6 +59,11 @@ class MethodSpec:
         if renamed:
             hints = ", ".join(f"{where}.{name} is {where}.{cls.renamed[name]} here" for name in renamed)
             raise ValueError(f"{where}: {cls.label} option(s) {renamed} renamed: {hints}")
+        moved = sorted(name for name in values if name not in known and name in cls.elsewhere)
+        if moved:
+            hints = ", ".join(f"{where}.{name} is {cls.elsewhere[name]} here" for name in moved)
+            raise ValueError(f"{where}: {moved} {'is not a' if len(moved) == 1 else 'are not'} {cls.label} loss "
+                             f"option{'' if len(moved) == 1 else 's'}: {hints}")
         unknown = sorted(set(values) - set(known))
         if unknown:
             raise ValueError(f"{where}: unknown {cls.label} option(s) {unknown} (known: {', '.join(known)})")
@@ -171,6 +179,45 @@ class DPOSpec(MethodSpec):
             if isinstance(options.get(name), tuple):
                 options[name] = list(options[name])
         return options
+
+
+@dataclasses.dataclass(frozen=True)
+class KTOSpec(MethodSpec):
+    """KTO's options (:func:`jaxalign.methods.kto.kto_objective`, :func:`jaxalign.losses.kto_loss`); the
+    defaults and names are TRL 1.16 ``KTOConfig``'s.
+
+    Attributes:
+        loss_type: ``kto`` (the paper's loss, with the KL reference point z₀ estimated on mismatched pairs of
+            the batch) or ``apo_zero_unpaired`` (no reference point): :data:`jaxalign.losses.KTO_LOSS_TYPES`.
+        beta: β > 0, the scale of the implied reward ``β·(log π − log π_ref)``.
+        desirable_weight, undesirable_weight: λ_D and λ_U, the weights of the desirable and undesirable
+            examples' losses (>= 0, not both 0); the paper's Eq. 8 keeps ``λ_D·n_D / (λ_U·n_U)`` in [1, 4/3].
+        chunk_size: positions per LM-head chunk; None: the whole sequence at once.
+    """
+
+    loss_type: str = "kto"
+    beta: float = 0.1
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    chunk_size: int | None = DEFAULT_CHUNK
+
+    label = "KTO"
+    renamed = {"loss_types": "loss_type"}
+    elsewhere = {"precompute_ref_log_probs": "the run setting reference=precomputed",
+                 "max_length": "data.max_length", "max_prompt_length": "data.max_prompt_length",
+                 "truncation_mode": "data.truncation", "learning_rate": "train.optimizer.learning_rate",
+                 "per_device_train_batch_size": "data.batch_size"}
+
+    def __post_init__(self):
+        require = self._require
+        require(isinstance(self.loss_type, str) and self.loss_type in losses.KTO_LOSS_TYPES, "loss_type",
+                f"one of {losses.KTO_LOSS_TYPES}")
+        require(self.beta > 0, "beta", "> 0")
+        require(self.desirable_weight >= 0, "desirable_weight", ">= 0")
+        require(self.undesirable_weight >= 0, "undesirable_weight", ">= 0")
+        require(self.desirable_weight + self.undesirable_weight > 0, "undesirable_weight",
+                "> 0 when desirable_weight is 0 (both 0 train nothing)")
+        require(self.chunk_size is None or self.chunk_size >= 1, "chunk_size", ">= 1 or null")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -410,5 +457,5 @@ class DoctorSpec:
 
 
 # The spec of each method's ``loss:`` section.
-LOSS_SPECS: dict[str, type[MethodSpec]] = {"sft": SFTSpec, "reward": RewardSpec, "dpo": DPOSpec, "ppo": PPOConfig,
-                                           "grpo": GRPOConfig, "tfpo": TFPOSpec}
+LOSS_SPECS: dict[str, type[MethodSpec]] = {"sft": SFTSpec, "reward": RewardSpec, "dpo": DPOSpec, "kto": KTOSpec,
+                                           "ppo": PPOConfig, "grpo": GRPOConfig, "tfpo": TFPOSpec}

@@ -15,6 +15,8 @@ Quick path::
   :class:`Rollout` (tokens, masks, lengths, sampling and model log-probs).
 - :mod:`~jaxalign.rollout.guided`: :class:`GuidedSampler`, LLMDoctor's patient steered by one doctor per
   preference dimension (``β_i = β · w_i`` from named preference weights; loads doctor directories).
+- :mod:`~jaxalign.rollout.continuous`: :class:`ContinuousEngine`, decode slots that requests join and leave
+  between compiled steps (continuous batching; what ``jaxalign serve`` runs).
 - :mod:`~jaxalign.rollout.params`: :class:`SamplingParams`.
 - :mod:`~jaxalign.rollout.filters`, :mod:`~jaxalign.rollout.sampling`: top-k / top-p / min-p thresholds
   without a vocabulary sort, inverse-CDF draws, :func:`filtered_logprobs`.
@@ -25,6 +27,7 @@ See docs/rollout.md.
 """
 
 from jaxalign.rollout.batching import bucket, check_left_padded, left_pad
+from jaxalign.rollout.continuous import ContinuousEngine, RowSettings, TokenOut
 from jaxalign.rollout.engine import Rollout, Sampler
 from jaxalign.rollout.filters import DEFAULT_CANDIDATES, filtered_logprobs, keep_thresholds, order_keys
 from jaxalign.rollout.guided import (
@@ -43,12 +46,15 @@ __all__ = [
     "DEFAULT_ALPHA",
     "DEFAULT_BETA",
     "DEFAULT_CANDIDATES",
+    "ContinuousEngine",
     "Filters",
     "GuidedSampler",
     "Rollout",
+    "RowSettings",
     "Sampler",
     "SamplingParams",
     "TextStream",
+    "TokenOut",
     "bucket",
     "check_left_padded",
     "filtered_logprobs",

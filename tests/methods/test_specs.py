@@ -10,7 +10,8 @@ import pytest
 from jaxalign.methods import specs
 from jaxalign.methods.recipe import load_run_config
 
-PRESET_METHODS = [("hh_rlhf", "sft"), ("hh_rlhf", "reward"), ("hh_rlhf", "dpo"), ("pku_saferlhf", "reward"),
+PRESET_METHODS = [("hh_rlhf", "sft"), ("hh_rlhf", "reward"), ("hh_rlhf", "dpo"), ("hh_rlhf", "kto"),
+                  ("pku_saferlhf", "reward"),
                   ("pku_saferlhf", "dpo"), ("sentiment", "reward"), ("sentiment", "dpo"), ("sentiment_ppo", "ppo"),
                   ("sentiment_grpo", "grpo")]
 
@@ -41,7 +42,8 @@ def test_overrides_are_typed_and_checked():
 @pytest.mark.parametrize("method, key, ours", [("ppo", "cliprange", "clip_eps"), ("ppo", "num_ppo_epochs", "epochs"),
                                                ("grpo", "beta", "kl_coef"), ("grpo", "epsilon", "clip_eps"),
                                                ("reward", "center_rewards_coefficient", "center_coef"),
-                                               ("dpo", "loss_types", "loss_type")])
+                                               ("dpo", "loss_types", "loss_type"),
+                                               ("kto", "loss_types", "loss_type")])
 def test_a_peer_spelling_names_ours(method, key, ours):
     preset = {"ppo": "sentiment_ppo", "grpo": "sentiment_grpo"}.get(method, "hh_rlhf")
     with pytest.raises(ValueError, match=rf"loss\.{key} is loss\.{ours} here"):
@@ -59,7 +61,50 @@ def test_option_sets_follow_the_losses():
         accepted |= {n for n, p in inspect.signature(fn).parameters.items() if p.kind is p.KEYWORD_ONLY}
     fields = {f.name for f in dataclasses.fields(specs.DPOSpec)}
     assert accepted <= fields, accepted - fields
+    kto_fields = {f.name for f in dataclasses.fields(specs.KTOSpec)}
+    kto_accepted = {n for n, p in inspect.signature(losses.kto_loss).parameters.items() if p.kind is p.KEYWORD_ONLY}
+    assert kto_accepted <= kto_fields, kto_accepted - kto_fields
+    from jaxalign.methods.kto import kto_objective
+
+    assert set(inspect.signature(kto_objective).parameters) - {"reference"} == kto_fields
     from jaxalign.methods.reward import reward_objective
 
     reward_fields = {f.name for f in dataclasses.fields(specs.RewardSpec)}
     assert set(inspect.signature(reward_objective).parameters) <= reward_fields
+
+
+@pytest.mark.parametrize("override, message", [
+    ("loss.precompute_ref_log_probs=true", r"loss: \['precompute_ref_log_probs'\] is not a KTO loss option: "
+                                           r"loss\.precompute_ref_log_probs is the run setting "
+                                           r"reference=precomputed here"),
+    ("loss.max_length=64", r"loss\.max_length is data\.max_length here"),
+    ("loss.betta=0.1", r"unknown KTO option\(s\) \['betta'\] \(known: loss_type, beta, desirable_weight, "
+                       r"undesirable_weight, chunk_size\)"),
+    ("loss.beta=abc", r"loss\.beta must be a number, got 'abc'"),
+    ("loss.beta=0", r"loss\.beta \(KTOSpec\) must be > 0, got 0"),
+    ("loss.desirable_weight=[1.0]", r"loss\.desirable_weight must be a number, got \[1\.0\]"),
+    ("loss.undesirable_weight=-0.5", r"loss\.undesirable_weight \(KTOSpec\) must be >= 0, got -0\.5"),
+    ("loss.loss_type=sigmoid", r"loss\.loss_type \(KTOSpec\) must be one of \('kto', 'apo_zero_unpaired'\), "
+                               r"got 'sigmoid'"),
+    ("reference=none", r"reference for kto must be model, precomputed or lora_base, got 'none'"),
+    ("reference=precomputed", r"reference='precomputed' cannot serve loss\.loss_type=kto"),
+    ("train.micro_batches=8", r"method kto needs at least 2 examples per micro-batch \(data\.batch_size 8 x 1 "
+                              r"process\(es\) / train\.micro_batches 8 = 1\)"),
+])
+def test_kto_options_are_checked_when_the_config_loads(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_run_config("hh_rlhf", [override], method="kto")
+
+
+def test_kto_spec_defaults_are_trls_and_both_weights_zero_is_refused():
+    config = load_run_config("hh_rlhf", ["loss.loss_type=apo_zero_unpaired", "reference=precomputed"], method="kto")
+    assert config.loss == specs.KTOSpec(loss_type="apo_zero_unpaired") and config.reference == "precomputed"
+    from trl.trainer.kto_config import KTOConfig
+
+    trl_defaults = {field.name: field.default for field in dataclasses.fields(KTOConfig)}
+    for name in ("loss_type", "beta", "desirable_weight", "undesirable_weight"):
+        assert getattr(specs.KTOSpec(), name) == trl_defaults[name], name
+    with pytest.raises(ValueError, match=r"loss\.undesirable_weight \(KTOSpec\) must be > 0 when desirable_weight "
+                                         r"is 0"):
+        specs.KTOSpec(desirable_weight=0.0, undesirable_weight=0.0)
+    assert specs.KTOSpec(desirable_weight=0.0).undesirable_weight == 1.0  # one class may be switched off

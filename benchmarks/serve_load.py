@@ -1,0 +1,216 @@
+"""Load on ``jaxalign serve``: latency, time to first token and throughput at 1, 8, 32 and 100 concurrent clients.
+
+Starts ``jaxalign serve`` (the embedded SmolLM2-135M-Instruct, float32, as a user would run it) on a free loopback
+port, waits for its warm-up, then drives it with the official ``openai`` client (``AsyncOpenAI``, streaming,
+so the time to the first token is the first chunk that carries text). Every client is a closed loop: it sends
+its next request when the last one finished. Every request is a chat prompt from the sampling benchmark's
+questions, sampled at temperature 1 / top-p 0.9 with ``ignore_eos``, and asks for a length drawn uniformly
+from ``max_tokens ± 25 %`` (seeded; mean ``max_tokens``), as real responses vary. With one fixed length every
+closed-loop client finishes in the same step and re-arrives at once, so each wave's prompts are all prefilled
+before any first token: that synchronised case is measured too, at 32 clients (``synchronised_32``). Each
+level sends a bounded number of requests (``--requests-per-client`` each, at least ``--min-requests`` in all)
+under a wall-clock bound.
+
+The 1-client level is the baseline "same prompts sent one at a time". Targets (issue 20): at 32 concurrent
+clients the aggregate tokens/s is >= 8x the single client's, and the p95 time to first token is under 2 s.
+
+    python benchmarks/serve_load.py [--clients 1 8 32 100] [--max-tokens 64] [--max-batch 32]
+    python benchmarks/serve_load.py --quick       # clients 1 and 4, 8 tokens, few requests; writes no file
+
+Writes ``benchmarks/results/serve_load.json`` (commit, machine, server options, per level: latency and TTFT
+p50/p95/p99, tokens/s, requests) and a PNG of the same name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import provenance  # benchmarks/provenance.py: run as `python benchmarks/serve_load.py`
+from sampling_throughput import QUESTIONS
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MODEL = "SmolLM2-135M-Instruct"
+START_TIMEOUT_S = 900
+LEVEL_TIMEOUT_S = 600
+TARGET_SPEEDUP = 8.0
+TARGET_TTFT_P95_S = 2.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(port: int, args) -> subprocess.Popen:
+    command = [sys.executable, "-m", "jaxalign.cli", "serve", "--port", str(port), "--max-batch", str(args.max_batch),
+               "--max-model-len", str(args.max_model_len), "--max-queue", "1024"]
+    log = open(args.server_log, "w")  # noqa: SIM115 (closed with the process)
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"jaxalign serve exited with {process.returncode}; see {args.server_log}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    process.terminate()
+    raise RuntimeError(f"jaxalign serve did not answer /health within {START_TIMEOUT_S} s; see {args.server_log}")
+
+
+async def one_request(client, question: str, max_tokens: int) -> dict:
+    started = time.perf_counter()
+    first = None
+    tokens = 0
+    stream = await client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": question}], max_tokens=max_tokens, temperature=1.0,
+        top_p=0.9, stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    async for chunk in stream:
+        if first is None and chunk.choices and chunk.choices[0].delta.content:
+            first = time.perf_counter()
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+    end = time.perf_counter()
+    return {"latency": end - started, "ttft": (first or end) - started, "tokens": tokens}
+
+
+async def run_level(port: int, clients: int, requests: int, max_tokens: int, *, vary: bool = True) -> dict:
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0,
+                         timeout=LEVEL_TIMEOUT_S)
+    counter = iter(range(requests))
+    spread = max_tokens // 4 if vary else 0
+    lengths = np.random.default_rng(clients).integers(max_tokens - spread, max_tokens + spread + 1, size=requests)
+    results: list[dict] = []
+    deadline = time.perf_counter() + LEVEL_TIMEOUT_S
+
+    async def worker():
+        for index in counter:
+            if time.perf_counter() > deadline:
+                return
+            results.append(await one_request(client, QUESTIONS[index % len(QUESTIONS)], int(lengths[index])))
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    wall = time.perf_counter() - started
+    await client.close()
+    latency = np.asarray([r["latency"] for r in results])
+    ttft = np.asarray([r["ttft"] for r in results])
+    tokens = sum(r["tokens"] for r in results)
+
+    def percentiles(values):
+        return {f"p{q}": float(np.percentile(values, q)) for q in (50, 95, 99)}
+
+    return {"clients": clients, "requests": len(results), "wall_s": wall, "completion_tokens": tokens,
+            "tokens_per_s": tokens / wall, "latency_s": percentiles(latency), "ttft_s": percentiles(ttft)}
+
+
+def plot(levels: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    clients = [lv["clients"] for lv in levels]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.plot(clients, [lv["tokens_per_s"] for lv in levels], "o-")
+    left.set(xscale="log", xlabel="concurrent clients", ylabel="aggregate tokens/s", title="throughput")
+    for key, style in (("p50", "o-"), ("p95", "s--"), ("p99", "^:")):
+        right.plot(clients, [lv["ttft_s"][key] for lv in levels], style, label=f"TTFT {key}")
+        right.plot(clients, [lv["latency_s"][key] for lv in levels], style, alpha=0.4, label=f"latency {key}")
+    right.axhline(TARGET_TTFT_P95_S, color="gray", lw=0.8)
+    right.set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="seconds", title="latency")
+    right.legend(fontsize=7)
+    fig.suptitle("jaxalign serve, SmolLM2-135M-Instruct fp32")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32, 100])
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--max-model-len", type=int, default=512)
+    parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument("--min-requests", type=int, default=12)
+    parser.add_argument("--server-log", type=Path, default=Path("/tmp/jaxalign_serve_load.log"))
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    if args.quick:
+        args.clients, args.max_tokens, args.min_requests, args.requests_per_client = [1, 4], 8, 4, 1
+    port = free_port()
+    started = time.perf_counter()
+    server = start_server(port, args)
+    print(f"server up in {time.perf_counter() - started:.0f} s (warm-up included)", flush=True)
+    try:
+        # Each level once with short requests first: compiles what the server's warm-up leaves to first use
+        # (prefills of these prompt lengths, the small insert and relayout programs), so no level's numbers
+        # include compiling. A server restarted on this machine loads them from JAX's compilation cache.
+        for clients in args.clients:
+            asyncio.run(run_level(port, clients, clients, 16))
+        levels = []
+        for clients in args.clients:
+            requests = max(args.min_requests, clients * args.requests_per_client)
+            level = asyncio.run(run_level(port, clients, requests, args.max_tokens))
+            levels.append(level)
+            print(f"{clients:>4} clients  {level['requests']:>4} requests  {level['tokens_per_s']:7.1f} tok/s  "
+                  f"TTFT p50/p95/p99 {level['ttft_s']['p50']:.2f}/{level['ttft_s']['p95']:.2f}/"
+                  f"{level['ttft_s']['p99']:.2f} s  latency p50/p95/p99 {level['latency_s']['p50']:.2f}/"
+                  f"{level['latency_s']['p95']:.2f}/{level['latency_s']['p99']:.2f} s", flush=True)
+        synchronised = None
+        if 32 in args.clients:
+            synchronised = asyncio.run(run_level(port, 32, 64, args.max_tokens, vary=False))
+            print(f"  32 clients, one fixed length (synchronised waves): {synchronised['tokens_per_s']:.1f} tok/s, "
+                  f"TTFT p50/p95 {synchronised['ttft_s']['p50']:.2f}/{synchronised['ttft_s']['p95']:.2f} s")
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    finally:
+        server.terminate()
+        server.wait(30)
+    single = next((lv for lv in levels if lv["clients"] == 1), None)
+    at32 = next((lv for lv in levels if lv["clients"] == 32), None)
+    summary = {}
+    if single and at32:
+        speedup = at32["tokens_per_s"] / single["tokens_per_s"]
+        summary = {"speedup_32_vs_1": speedup, "speedup_target": TARGET_SPEEDUP,
+                   "speedup_met": speedup >= TARGET_SPEEDUP, "ttft_p95_32_s": at32["ttft_s"]["p95"],
+                   "ttft_p95_target_s": TARGET_TTFT_P95_S, "ttft_met": at32["ttft_s"]["p95"] < TARGET_TTFT_P95_S}
+        print(f"32 clients vs 1: {speedup:.1f}x aggregate tokens/s (target >= {TARGET_SPEEDUP:g}x: "
+              f"{'met' if summary['speedup_met'] else 'NOT met'}); p95 TTFT {at32['ttft_s']['p95']:.2f} s (target < "
+              f"{TARGET_TTFT_P95_S:g} s: {'met' if summary['ttft_met'] else 'NOT met'})")
+    if args.quick:
+        return 0
+    RESULTS.mkdir(exist_ok=True)
+    result = {"benchmark": "serve_load", "provenance": provenance.describe(),
+              "server": {"model": MODEL, "max_batch": args.max_batch, "max_model_len": args.max_model_len,
+                         "dtype": "float32"},
+              "load": {"max_tokens": f"uniform {args.max_tokens} +- 25 %", "temperature": 1.0, "top_p": 0.9,
+                       "ignore_eos": True, "streaming": True},
+              "levels": levels, "synchronised_32": synchronised, "summary": summary,
+              "server_metrics_excerpt": [line for line in metrics.splitlines()
+                                         if line.startswith(("jaxalign_generation_tokens_total",
+                                                             "jaxalign_requests_dropped_total"))]}
+    path = RESULTS / "serve_load.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    plot(levels, path.with_suffix(".png"))
+    print(f"wrote {path} and {path.with_suffix('.png').name}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

@@ -1,0 +1,654 @@
+"""Continuous batching: decode slots that requests join and leave between compiled steps (what a server runs).
+
+:class:`Sampler` runs a whole batch from prefill to the last token in one compiled loop; a server cannot wait
+for that. :class:`ContinuousEngine` keeps a batch of decode *slots* on the device and advances all of them by
+one token per :meth:`~ContinuousEngine.step`. Between steps new prompts are prefilled and written
+into free slots (:meth:`~ContinuousEngine.admit`), and a finished row leaves (:meth:`~ContinuousEngine.release`)
+without waiting for the others.
+
+The KV cache keeps the rollout engine's layout (``models.KVCache``, per-layer ``[B, K, Dh, S]`` buffers) and its
+single write index ``I`` shared by all rows: every step writes every row's new key at column ``I``. A joining
+prompt of ``P`` tokens is therefore written at columns ``[I − P, I)`` of its slot: right-aligned to the shared
+index, each row's tokens are contiguous and end at ``I``, and attention (causal over columns, masked by
+``valid``; RoPE positions are per row and baked into the keys) sees exactly the row's own tokens. Two rare
+relayouts keep that possible, each one copy of the cache:
+
+- when ``I`` reaches the last column, every column before the earliest live row's first token is dropped
+  (a left shift) and the cache is resized to what is left plus room to grow: half as much again, at least 32
+  columns. Cache lengths are powers of two from 64 up to ``max_model_len + slack``; a row holds at most
+  ``max_model_len`` tokens, so at the largest size the shift is at least ``slack``. A decode step reads every
+  column of the cache, so a cache sized to the live rows (not to the longest possible request) is what keeps
+  a step's attention cheap;
+- when a prompt is longer than ``I`` (early on), the live rows shift right to make room (and the cache grows
+  when it must).
+
+The batch dimension is bucketed (2, 4, 8, ... up to ``max_batch``; never 1, whose matrix-vector products round
+differently from the rest on XLA's CPU backend): the cache grows to the next bucket when a request needs more
+slots, and shrinks, compacting the live rows, when they fit a quarter of it. A prompt's cache and first token
+never depend on what else is running or is prefilled with it.
+Compiled programs: one decode step per (batch, cache length) bucket (and top logprobs on/off), one prefill per
+(rows, prompt length) bucket, one insert per (batch, cache, prompt) bucket, one relayout per pair of layouts:
+none per request. :meth:`ContinuousEngine.warm_up` compiles the decode steps ahead.
+Prompts of one length bucket that arrive together are prefilled in one call (:meth:`ContinuousEngine.prefill_many`;
+about twice the throughput of one at a time on 2 CPU cores), in shapes chosen so that this changes no number.
+
+Sampling is :func:`~jaxalign.rollout.sampling.next_token` with every setting per row (temperature, top-k,
+top-p, min-p, guidance weights), so requests with different settings share a step. Row ``r``'s token ``t``
+draws its uniform from ``fold_in(key_r, t)``, ``key_r`` made from the row's seed and sample index inside the
+compiled step: a seeded request gives the same tokens whatever runs beside it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Hashable, Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxalign.models import KVCache
+from jaxalign.rollout.batching import MIN_LENGTH_BUCKET, bucket
+from jaxalign.rollout.engine import _split
+from jaxalign.rollout.filters import DEFAULT_CANDIDATES
+from jaxalign.rollout.params import Filters
+from jaxalign.rollout.sampling import next_token
+
+# The smallest batch bucket: a batch of one row runs matrix-vector kernels whose rounding differs from the
+# matrix-matrix kernels every larger batch uses, and a request must give the same tokens alone or in company.
+MIN_BATCH_BUCKET = 2
+# Prefills have at least this many columns (times MIN_BATCH_BUCKET rows: more than 32 rows in every product).
+MIN_PREFILL_LENGTH = 24
+# The smallest cache length, and the least room a resized cache leaves for new tokens.
+MIN_COLUMNS = 64
+COLUMN_HEADROOM = 32
+# Most prompts per prefill call (the last position's logits then stay a product of at most 32 rows).
+MAX_PREFILL_ROWS = 16
+# How many of the most likely tokens a step reports when a row asks for top logprobs (OpenAI's limit).
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclasses.dataclass(frozen=True)
+class RowSettings:
+    """How one row (one sample of one request) picks its tokens.
+
+    Attributes:
+        temperature, top_k, top_p, min_p: as :class:`~jaxalign.rollout.SamplingParams` (0 temperature: greedy).
+        seed: the row's random stream, any 64-bit int (sample ``j`` of a request seeded ``s`` draws token ``t``
+            from ``fold_in(fold_in(fold_in(key(s mod 2^32), s >> 32), j), t)``).
+        sample: ``j`` above.
+        weights: guidance weights ``[α, β_1, ..., β_G]`` (None: the base model alone, ``[1, 0, ...]``).
+        top_logprobs: how many most likely tokens to report per step (0 to 20).
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int = 0
+    sample: int = 0
+    weights: tuple[float, ...] | None = None
+    top_logprobs: int = 0
+
+
+class TokenOut(NamedTuple):
+    """One generated token of one row.
+
+    ``logprob`` is the base model's log-softmax at the token (what a teacher-forced forward pass gives; for
+    guided rows too), ``top`` the ``top_logprobs`` most likely tokens under it as ``(ids, logprobs)``.
+    """
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, ...], tuple[float, ...]] | None
+
+
+class Prefilled(NamedTuple):
+    """A prompt's KV cache: row ``row`` of a prefill batch (one cache per model, ``[n, K, Dh, P]`` per layer),
+    and its next-token logits."""
+
+    caches: tuple[KVCache, ...]
+    logits: jax.Array  # [M, 1, V]
+    length: int  # real prompt tokens
+    row: int = 0
+
+
+def _uniforms(keys: jax.Array, steps: jax.Array) -> jax.Array:
+    """One uniform per row from its seed words ``[low, high, sample]`` and its token index (see RowSettings.seed).
+
+    The keys are made here, inside the compiled step: made eagerly on the host, each costs several JAX dispatches.
+    """
+    def uniform(words, step):
+        key = jax.random.key(words[0])
+        for word in (words[1], words[2], step):
+            key = jax.random.fold_in(key, word)
+        return jax.random.uniform(key)
+
+    return jax.vmap(uniform)(keys, steps)
+
+
+def _choose(logits: Sequence[jax.Array], weights, filters: Filters, keys, steps, *, candidates: int,
+            top_logprobs: int):
+    """Per row: the guided score ``Σ_m w[r, m]·logits_m``, one draw, and the base model's log-probabilities."""
+    scores = sum(weights[:, m, None] * logits[m].astype(jnp.float32) for m in range(len(logits)))
+    token, _ = next_token(scores, _uniforms(keys, steps), filters, candidates=candidates)
+    base = jax.nn.log_softmax(logits[0].astype(jnp.float32), axis=-1)
+    logprob = jnp.take_along_axis(base, token[:, None], axis=-1)[:, 0]
+    if top_logprobs:
+        top_values, top_ids = jax.lax.top_k(base, top_logprobs)
+        return token, logprob, top_ids, top_values
+    return token, logprob, None, None
+
+
+@functools.partial(jax.jit, static_argnames=("graphdefs",))
+def _prefill(states, tokens, mask, *, graphdefs):
+    """Prefill left-padded prompts ``[n, P]`` in every model: per-layer cache rows and last logits ``[M, n, V]``."""
+    caches, logits = [], []
+    for graphdef, state in zip(graphdefs, states, strict=True):
+        model = nnx.merge(graphdef, *state)
+        cache = KVCache.init(model.config, batch_size=tokens.shape[0], max_length=tokens.shape[1])
+        hidden, cache = model.hidden_states(tokens, attention_mask=mask, cache=cache)
+        caches.append(cache.per_layer())
+        logits.append(model.logits(hidden[:, -1]))
+    return tuple(caches), jnp.stack(logits)
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _insert(caches, rows, source, slot, index):
+    """Write row ``source`` of each model's prefill into ``slot``, its ``P`` columns ending at column ``index``."""
+    out = []
+    for cache, row in zip(caches, rows, strict=True):
+        start = index - row.max_length
+
+        def put(buffers, new, start=start):
+            return tuple(jax.lax.dynamic_update_slice(
+                b, jax.lax.dynamic_slice_in_dim(n, source, 1).astype(b.dtype), (slot, 0, 0, start))
+                for b, n in zip(buffers, new, strict=True))
+
+        valid_row = jax.lax.dynamic_update_slice(jnp.zeros((1, cache.max_length), bool),
+                                                 jax.lax.dynamic_slice_in_dim(row.valid, source, 1), (0, start))
+        out.append(dataclasses.replace(
+            cache, keys=put(cache.keys, row.keys), values=put(cache.values, row.values),
+            valid=jax.lax.dynamic_update_slice(cache.valid, valid_row, (slot, 0)),
+            next_position=cache.next_position.at[slot].set(row.next_position[source]),
+        ))
+    return tuple(out)
+
+
+@functools.partial(jax.jit, static_argnames=("candidates", "top_logprobs"))
+def _first_tokens(logits, weights, filters, keys, steps, *, candidates, top_logprobs):
+    """The first token of ``R`` rows that share one prompt's prefill logits ``[M, 1, V]``."""
+    rows = weights.shape[0]
+    return _choose([jnp.repeat(m, rows, axis=0) for m in logits], weights, filters, keys, steps,
+                   candidates=candidates, top_logprobs=top_logprobs)
+
+
+@functools.partial(jax.jit, donate_argnums=(1,), static_argnames=("graphdefs", "candidates", "top_logprobs"))
+def _decode(states, caches, fed, real, weights, filters, keys, steps, *, graphdefs, candidates, top_logprobs):
+    """One token for every slot: feed ``fed [B]`` (``real`` false on empty slots) to every model, then choose."""
+    new_caches, logits = [], []
+    for graphdef, state, cache in zip(graphdefs, states, caches, strict=True):
+        model = nnx.merge(graphdef, *state)
+        hidden, cache = model.hidden_states(fed[:, None], attention_mask=real[:, None], cache=cache)
+        new_caches.append(cache)
+        logits.append(model.logits(hidden[:, -1]))
+    return tuple(new_caches), _choose(logits, weights, filters, keys, steps, candidates=candidates,
+                                      top_logprobs=top_logprobs)
+
+
+@functools.partial(jax.jit, static_argnames=("rows", "columns"))
+def _relayout(caches, sources, shift, *, rows, columns):
+    """Slot ``i`` of the result is old slot ``sources[i]`` (−1: empty); columns move ``shift`` to the left
+    (negative: right) and the cache gets ``columns`` columns (the caller keeps every live token inside). The
+    write index moves with the tokens; columns that wrapped around are marked invalid."""
+    taken = jnp.clip(sources, 0)
+    out = []
+    for cache in caches:
+        wide = max(cache.max_length, columns)
+
+        def move(buffer, wide=wide):
+            buffer = jnp.take(buffer, taken, axis=0)
+            buffer = jnp.pad(buffer, [(0, 0)] * (buffer.ndim - 1) + [(0, wide - buffer.shape[-1])])
+            return jnp.roll(buffer, -shift, axis=-1)[..., :columns]
+
+        index = cache.index - shift
+        positions = jnp.arange(columns)
+        window = (positions < index) & (positions >= jnp.maximum(0, -shift))
+        valid = move(cache.valid) & (sources >= 0)[:, None] & window[None]
+        out.append(dataclasses.replace(
+            cache, keys=tuple(move(b) for b in cache.keys), values=tuple(move(b) for b in cache.values),
+            valid=valid, next_position=jnp.where(sources >= 0, jnp.take(cache.next_position, taken), 0),
+            index=index.astype(jnp.int32)))
+    return tuple(out)
+
+
+@functools.partial(jax.jit, static_argnames=("configs", "rows", "length", "dtypes"))
+def _empty(*, configs, rows, length, dtypes):
+    return tuple(KVCache.init(config, batch_size=rows, max_length=1, dtype=dtype).per_layer(length)
+                 for config, dtype in zip(configs, dtypes, strict=True))
+
+
+@dataclasses.dataclass
+class _Slot:
+    """A live row: who it belongs to, where its tokens start in the cache, and its sampling state."""
+
+    row_id: Hashable
+    start: int  # first cache column of its tokens
+    length: int  # tokens in the cache, prompt included
+    fed: int  # the token the next step feeds
+    step: int  # index of the next generated token
+    settings: RowSettings
+    key: np.ndarray  # uint32 seed words [low, high, sample]
+
+
+class ContinuousEngine:
+    """Decode slots shared by requests that come and go (see the module docstring).
+
+    Example::
+
+        engine = ContinuousEngine(model, max_batch=32, max_model_len=1024)
+        first = engine.admit(engine.prefill(prompt_ids), {"req-1": RowSettings(temperature=0)})
+        while ...:
+            tokens = engine.step()            # {row_id: TokenOut} for every live row
+            engine.release("req-1")           # when the caller decides the row is done
+
+    Args:
+        model: the base model (a causal LM, as :class:`Sampler` takes).
+        guides: guide models sharing its vocabulary (guided decoding; weights per row).
+        max_batch: most live rows.
+        max_model_len: most tokens of a row, prompt included (the caller stops rows before).
+        slack: extra cache columns at the largest cache size; a left shift happens at most once per ``slack``
+            steps there (default ``max_model_len // 4``, at least 32).
+        length_buckets: prompt-length buckets (default 16, 24, 32, 48, ... as :class:`Sampler`).
+        pad_token_id: the id fed to empty slots and written in prompt padding.
+        candidates: see :class:`Sampler`.
+    """
+
+    def __init__(self, model: nnx.Module, *, guides: Sequence[nnx.Module] = (), max_batch: int = 32,
+                 max_model_len: int = 1024, slack: int | None = None, length_buckets: Sequence[int] | None = None,
+                 pad_token_id: int = 0, candidates: int = DEFAULT_CANDIDATES):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {max_model_len}")
+        self._members = [_split(m, None) for m in (model, *guides)]
+        vocab = self.config.vocab_size
+        for index, member in enumerate(self._members[1:]):
+            if member.config.vocab_size != vocab:
+                raise ValueError(f"guide {index} has {member.config.vocab_size} tokens in its vocabulary, the base "
+                                 f"model {vocab}: guided decoding needs one vocabulary")
+        longest = min(m.config.max_position_embeddings for m in self._members)
+        if max_model_len > longest:
+            raise ValueError(f"max_model_len {max_model_len} exceeds the {longest} positions of the model")
+        self.max_batch = max_batch
+        self.max_model_len = max_model_len
+        self.slack = max(32, max_model_len // 4) if slack is None else slack
+        if self.slack < 1:
+            raise ValueError(f"slack must be >= 1, got {slack}")
+        self.max_columns = max_model_len + self.slack
+        self.length_buckets = tuple(length_buckets) if length_buckets else None
+        self.pad_token_id = int(pad_token_id)
+        self.candidates = candidates
+        self._caches: tuple[KVCache, ...] | None = None
+        self._rows = 0  # the current batch bucket
+        self._columns = 0  # the current cache length
+        self._index = 0  # the shared write column (host mirror of every cache's index)
+        self._slots: list[_Slot | None] = []
+        self._where: dict[Hashable, int] = {}
+        self.relayouts = 0  # copies of the cache made so far (growth, shrinking, shifts)
+
+    @property
+    def config(self):
+        return self._members[0].config
+
+    @property
+    def num_guides(self) -> int:
+        return len(self._members) - 1
+
+    @property
+    def live(self) -> int:
+        """Rows now decoding."""
+        return len(self._where)
+
+    @property
+    def free(self) -> int:
+        return self.max_batch - self.live
+
+    @property
+    def batch_bucket(self) -> int:
+        return self._rows
+
+    def length_of(self, row_id: Hashable) -> int:
+        """Tokens of the row in the cache (prompt + generated − 1: the last token is not fed yet)."""
+        return self._slots[self._where[row_id]].length
+
+    def _batch_bucket(self, rows: int) -> int:
+        size = bucket(max(rows, MIN_BATCH_BUCKET), None)
+        return min(size, max(self.max_batch, MIN_BATCH_BUCKET))
+
+    # -- prompts in -------------------------------------------------------------------------------------
+
+    def prefill(self, prompt: Sequence[int]) -> Prefilled:
+        """Run one prompt through every model (see :meth:`prefill_many`)."""
+        return self.prefill_many([prompt])[0]
+
+    def prefill_many(self, prompts: Sequence[Sequence[int]]) -> list[Prefilled]:
+        """Run prompts through every model, those of one length bucket in one call.
+
+        A call has at least :data:`MIN_BATCH_BUCKET` rows and prompts of at least :data:`MIN_PREFILL_LENGTH`
+        columns, so its matrix products always have more than 32 rows: XLA's CPU backend then picks the same
+        kernels whatever the number of prompts, and a prompt's cache and first token do not depend on which
+        prompts were prefilled with it (bit for bit on SmolLM2-135M; models with very narrow layers, such as the
+        tests' tiny ones, get other kernels and agree to about 1e-6).
+
+        Raises:
+            ValueError: an empty prompt, one of ``max_model_len`` tokens or more, or a token outside the vocabulary.
+        """
+        checked = [self.check_prompt(prompt) for prompt in prompts]
+        groups: dict[int, list[int]] = {}
+        for index, prompt in enumerate(checked):
+            groups.setdefault(self.prompt_bucket(len(prompt)), []).append(index)
+        out: list[Prefilled | None] = [None] * len(checked)
+        chunks = [(length, members[i:i + MAX_PREFILL_ROWS]) for length, members in groups.items()
+                  for i in range(0, len(members), MAX_PREFILL_ROWS)]
+        for length, members in chunks:
+            rows = bucket(max(len(members), MIN_BATCH_BUCKET), None)
+            tokens = np.full((rows, length), self.pad_token_id, np.int32)
+            mask = np.zeros((rows, length), np.int32)
+            for row, index in enumerate(members):
+                prompt = checked[index]
+                tokens[row, length - len(prompt):] = prompt
+                mask[row, length - len(prompt):] = 1
+            caches, logits = _prefill(tuple(m.states[0] for m in self._members), tokens, mask,
+                                      graphdefs=tuple(m.graphdefs[0] for m in self._members))
+            for row, index in enumerate(members):
+                out[index] = Prefilled(caches, logits[:, row:row + 1], len(checked[index]), row)
+        return out
+
+    def prompt_bucket(self, length: int) -> int:
+        """Columns a prompt of ``length`` tokens is prefilled in."""
+        size = bucket(max(length, MIN_PREFILL_LENGTH), self.length_buckets, minimum=MIN_LENGTH_BUCKET,
+                      half_octaves=True, what="prompt length")
+        return min(size, self.max_columns)
+
+    def check_prompt(self, prompt: Sequence[int]) -> list[int]:
+        """The prompt as a list of ints, or a ValueError saying why it cannot be prefilled."""
+        prompt = [int(t) for t in prompt]
+        if not prompt:
+            raise ValueError("the prompt has no tokens")
+        if len(prompt) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(prompt)} tokens; at most {self.max_model_len - 1} fit "
+                             f"max_model_len {self.max_model_len} with one generated token")
+        vocab = self.config.vocab_size
+        if not all(0 <= t < vocab for t in prompt):
+            raise ValueError(f"the prompt has a token id outside the vocabulary of {vocab}")
+        return prompt
+
+    def admit(self, prefilled: Prefilled, rows: dict[Hashable, RowSettings]) -> dict[Hashable, TokenOut]:
+        """Give every row of ``rows`` (``{row_id: settings}``, e.g. a request's ``n`` samples) a slot holding the
+        prefilled prompt, and draw each row's first token.
+
+        Raises:
+            ValueError: too few free slots, a row id already live, or guidance weights of the wrong length.
+        """
+        if len(rows) > self.free:
+            raise ValueError(f"{len(rows)} rows need slots but only {self.free} of {self.max_batch} are free")
+        for row_id in rows:
+            if row_id in self._where:
+                raise ValueError(f"row {row_id!r} is already decoding")
+        settings_list = list(rows.values())
+        keys = np.stack([_row_key(s) for s in settings_list])
+        count = len(settings_list)
+        padded = self._batch_bucket(count)
+        row_arrays = self._row_arrays(settings_list, padded, keys)  # raises on bad settings before any slot changes
+        self._ensure_rows(self.live + len(rows))
+        width = prefilled.caches[0].max_length
+        if not self.live:
+            # Nothing to keep: the prompt starts the cache, which shrinks back if a long request left it large.
+            self._set_index(width)
+            fitting = self._column_bucket(width + COLUMN_HEADROOM)
+            if fitting < self._columns:
+                self._move(list(range(self._rows)), shift=0, rows=self._rows, columns=fitting)
+        index = max(self._index, width)
+        needs_room = index + 1 > self._columns and self._columns < self.max_columns
+        if index != self._index or needs_room:
+            # Room on the left for the prompt (the live rows shift right), and a column for the next step.
+            columns = max(self._columns, self._column_bucket(index + COLUMN_HEADROOM))
+            self._move(list(range(self._rows)), shift=self._index - index, rows=self._rows, columns=columns)
+        free = iter(i for i, slot in enumerate(self._slots) if slot is None)
+        for (row_id, settings), key in zip(rows.items(), keys, strict=True):
+            slot = next(free)
+            self._caches = _insert(self._caches, prefilled.caches, np.int32(prefilled.row), np.int32(slot),
+                                   np.int32(self._index))
+            self._slots[slot] = _Slot(row_id, self._index - prefilled.length, prefilled.length, self.pad_token_id,
+                                      0, settings, key)
+            self._where[row_id] = slot
+        top = _top_size(settings_list)
+        chosen = _first_tokens(prefilled.logits, *row_arrays, np.zeros((padded,), np.int32),
+                               candidates=self.candidates, top_logprobs=top)
+        return self._deliver(list(rows), chosen, range(count))
+
+    # -- decoding ---------------------------------------------------------------------------------------
+
+    def step(self) -> dict[Hashable, TokenOut]:
+        """One token for every live row (``{}`` when none is live).
+
+        Raises:
+            ValueError: a live row already holds ``max_model_len`` tokens (the caller must release it).
+        """
+        if not self._where:
+            return {}
+        full = [s.row_id for s in self._slots if s is not None and s.length + 2 > self.max_model_len]
+        if full:
+            raise ValueError(f"row {full[0]!r} has reached max_model_len {self.max_model_len}: release it")
+        if self._index >= self._columns:
+            # Drop the columns before the earliest live token, and size the cache for what is left plus room
+            # to grow (at most max_columns, where the shift is at least ``slack``).
+            earliest = min(s.start for s in self._slots if s is not None)
+            span = self._index - earliest
+            columns = self._column_bucket(span + max(COLUMN_HEADROOM, span // 2))
+            self._move(list(range(self._rows)), shift=earliest, rows=self._rows, columns=columns)
+        slots = self._slots
+        live = [i for i, s in enumerate(slots) if s is not None]
+        settings = [s.settings if s is not None else _IDLE for s in slots]
+        keys = np.stack([s.key if s is not None else np.zeros((3,), np.uint32) for s in slots])
+        fed = np.asarray([s.fed if s is not None else self.pad_token_id for s in slots], np.int32)
+        real = np.asarray([s is not None for s in slots])
+        steps = np.asarray([s.step if s is not None else 0 for s in slots], np.int32)
+        top = _top_size([settings[i] for i in live])
+        self._caches, chosen = _decode(
+            tuple(m.states[1] for m in self._members), self._caches, fed, real,
+            *self._row_arrays(settings, self._rows, keys), steps,
+            graphdefs=tuple(m.graphdefs[1] for m in self._members), candidates=self.candidates, top_logprobs=top)
+        self._index += 1
+        for i in live:
+            slots[i].length += 1
+        return self._deliver([slots[i].row_id for i in live], chosen, live)
+
+    def release(self, row_id: Hashable) -> None:
+        """Free the row's slot (unknown ids are ignored: a row may finish and be cancelled at once)."""
+        slot = self._where.pop(row_id, None)
+        if slot is not None:
+            self._slots[slot] = None
+        if self._rows > MIN_BATCH_BUCKET and self._batch_bucket(self.live) * 4 <= self._rows:
+            live = [i for i, s in enumerate(self._slots) if s is not None]
+            self._move(live, shift=0, rows=self._batch_bucket(len(live)))
+
+    def replace_model(self, model: nnx.Module) -> None:
+        """Decode with ``model``'s weights from now on (a retrained version of the base model; guides stay).
+
+        Only while no row is live: their caches hold the old weights' keys and values. ``model`` must have the
+        base model's structure (same config, no adapters: export LoRA runs merged), so every compiled program
+        stays valid and nothing recompiles.
+
+        Raises:
+            RuntimeError: rows are live.
+            ValueError: ``model`` differs in structure or config.
+        """
+        if self._where:
+            raise RuntimeError(f"replace_model needs an idle engine; {len(self._where)} row(s) are live")
+        member = _split(model, None)
+        current = self._members[0]
+        if member.config != current.config or member.graphdefs != current.graphdefs:
+            raise ValueError("replace_model needs a model of the served structure (same config, no LoRA adapters); "
+                             f"got {type(model).__name__} with {member.config}")
+        self._members[0] = member
+
+    # -- compiling ahead ---------------------------------------------------------------------------------
+
+    def batch_buckets(self) -> list[int]:
+        """Every batch size the decode step runs at: 2, 4, 8, ... and ``max_batch``."""
+        sizes, size = [], MIN_BATCH_BUCKET
+        while size < self.max_batch:
+            sizes.append(size)
+            size *= 2
+        return [*sizes, self._batch_bucket(self.max_batch)]
+
+    def column_buckets(self) -> list[int]:
+        """Every cache length: powers of two from :data:`MIN_COLUMNS`, then ``max_columns``."""
+        sizes, size = [], MIN_COLUMNS
+        while size < self.max_columns:
+            sizes.append(size)
+            size *= 2
+        return [*sizes, self.max_columns]
+
+    def warm_up(self, *, progress=None, prompt_lengths: Sequence[int] = (24, 32, 48, 64)) -> float:
+        """Compile what serving runs, so no request waits for XLA: the decode step of every (batch, cache length)
+        bucket, and for prompts of the length buckets of ``prompt_lengths`` the prefill of every group size and
+        the insert into every cache layout that fits them. Returns the seconds it took. Left to first use:
+        longer prompts, the relayouts between layouts, the decode step with top logprobs.
+
+        Runs each program once on empty caches (no live row is touched; call it before admitting any).
+        """
+        if self.live:
+            raise ValueError("warm_up() runs before any row is admitted")
+        started = time.perf_counter()
+        widths = sorted({self.prompt_bucket(n) for n in prompt_lengths if n < self.max_model_len})
+        prefilled = {}
+        for width in widths:
+            for group in (g for g in self.batch_buckets() if g <= MAX_PREFILL_ROWS):
+                prefilled[width] = self.prefill_many([[self.pad_token_id] * width] * group)[0]
+        if prefilled:  # the first token of a one-sample request (rows padded to MIN_BATCH_BUCKET)
+            first = next(iter(prefilled.values()))
+            arrays = self._row_arrays([_IDLE], MIN_BATCH_BUCKET, np.zeros((1, 3), np.uint32))
+            jax.block_until_ready(_first_tokens(first.logits, *arrays, np.zeros((MIN_BATCH_BUCKET,), np.int32),
+                                                candidates=self.candidates, top_logprobs=0))
+        if progress is not None:
+            print(f"warm-up: prefills compiled, {time.perf_counter() - started:.0f} s", file=progress, flush=True)
+        configs = tuple(m.config for m in self._members)
+        dtypes = tuple(str(m.config.compute_jnp_dtype) for m in self._members)
+        combos = [(rows, columns) for rows in self.batch_buckets() for columns in self.column_buckets()]
+        # Committed to the models' device, as the caches of real steps are (an uncommitted array is another
+        # argument signature to jit: the real step would compile again).
+        device = next(iter(jax.tree.leaves(self._members[0].states[1])[0].devices()))
+        for done, (rows, columns) in enumerate(combos, 1):
+            caches = jax.device_put(_empty(configs=configs, rows=rows, length=columns, dtypes=dtypes), device)
+            weights, filters, keys = self._row_arrays([_IDLE] * rows, rows, np.zeros((0, 3), np.uint32))
+            _, out = _decode(tuple(m.states[1] for m in self._members), caches, np.zeros((rows,), np.int32),
+                             np.zeros((rows,), bool), weights, filters, keys, np.zeros((rows,), np.int32),
+                             graphdefs=tuple(m.graphdefs[1] for m in self._members), candidates=self.candidates,
+                             top_logprobs=0)
+            jax.block_until_ready(out)
+            for width in widths:
+                if width < columns:
+                    caches = jax.device_put(_empty(configs=configs, rows=rows, length=columns, dtypes=dtypes),
+                                            device)
+                    jax.block_until_ready(_insert(caches, prefilled[width].caches, np.int32(0), np.int32(0),
+                                                  np.int32(width)))
+            if progress is not None:
+                print(f"warm-up: decode step {done}/{len(combos)} (batch {rows}, cache {columns}) compiled, "
+                      f"{time.perf_counter() - started:.0f} s", file=progress, flush=True)
+        return time.perf_counter() - started
+
+    # -- internals --------------------------------------------------------------------------------------
+
+    def _weights(self, settings: RowSettings) -> np.ndarray:
+        members = len(self._members)
+        if settings.weights is None:
+            return np.asarray([1.0] + [0.0] * (members - 1), np.float32)
+        if len(settings.weights) != members:
+            raise ValueError(f"guidance weights {settings.weights} need {members} values (the base model's and "
+                             f"one per guide)")
+        return np.asarray(settings.weights, np.float32)
+
+    def _row_arrays(self, settings: Sequence[RowSettings], rows: int, keys: np.ndarray):
+        """``(weights [R, M], Filters of [R] arrays, seed words [R, 3])`` padded to ``rows`` with greedy dummies."""
+        settings = list(settings) + [_IDLE] * (rows - len(settings))
+        keys = np.concatenate([keys, np.zeros((rows - len(keys), 3), np.uint32)])
+        vocab = self.config.vocab_size  # a top-k beyond the vocabulary keeps everything, as top_k = 0 does
+        filters = Filters(temperature=np.asarray([s.temperature for s in settings], np.float32),
+                          top_k=np.asarray([min(s.top_k, vocab) for s in settings], np.int32),
+                          top_p=np.asarray([s.top_p for s in settings], np.float32),
+                          min_p=np.asarray([s.min_p for s in settings], np.float32))
+        return np.stack([self._weights(s) for s in settings]), filters, keys
+
+    def _deliver(self, row_ids, chosen, slots) -> dict[Hashable, TokenOut]:
+        tokens, logprobs, top_ids, top_values = jax.device_get(chosen)
+        out = {}
+        for row_id, i in zip(row_ids, slots, strict=True):
+            slot = self._slots[self._where[row_id]]
+            k = slot.settings.top_logprobs
+            top = None if not k else (tuple(int(t) for t in top_ids[i, :k]),
+                                      tuple(float(v) for v in top_values[i, :k]))
+            out[row_id] = TokenOut(int(tokens[i]), float(logprobs[i]), top)
+            slot.fed = int(tokens[i])
+            slot.step += 1
+        return out
+
+    def _column_bucket(self, needed: int) -> int:
+        """Cache lengths are powers of two from :data:`MIN_COLUMNS` up, then ``max_columns``."""
+        return min(bucket(needed, None, minimum=MIN_COLUMNS), self.max_columns)
+
+    def _ensure_rows(self, needed: int) -> None:
+        if self._caches is None:
+            self._rows = self._batch_bucket(needed)
+            self._columns = self._column_bucket(MIN_COLUMNS)
+            self._caches = _empty(configs=tuple(m.config for m in self._members), rows=self._rows,
+                                  length=self._columns, dtypes=tuple(str(m.config.compute_jnp_dtype)
+                                                                     for m in self._members))
+            self._slots = [None] * self._rows
+            self._index = 0
+        elif needed > self._rows:
+            self._move(list(range(self._rows)), shift=0, rows=self._batch_bucket(needed))
+
+    def _set_index(self, index: int) -> None:
+        self._caches = tuple(dataclasses.replace(c, index=jnp.int32(index)) for c in self._caches)
+        self._index = index
+
+    def _move(self, sources: list[int], *, shift: int, rows: int, columns: int | None = None) -> None:
+        """Relayout: slot ``i`` becomes old slot ``sources[i]``; columns shift left by ``shift``; the cache gets
+        ``columns`` columns (default: as now)."""
+        columns = self._columns if columns is None else columns
+        padded = np.full((rows,), -1, np.int32)  # one program per (old, new) bucket, whatever the count
+        padded[:len(sources)] = sources
+        self._caches = _relayout(self._caches, padded, np.int32(shift), rows=rows, columns=columns)
+        self._columns = columns
+        self.relayouts += 1
+        self._index -= shift
+        old = self._slots
+        self._slots = [old[s] if s >= 0 else None for s in sources] + [None] * (rows - len(sources))
+        self._rows = rows
+        self._where = {}
+        for i, slot in enumerate(self._slots):
+            if slot is not None:
+                slot.start -= shift
+                self._where[slot.row_id] = i
+
+
+# What an empty slot (and a padding row) samples with: greedy, the cheapest draw.
+_IDLE = RowSettings(temperature=0.0)
+
+
+def _row_key(settings: RowSettings) -> np.ndarray:
+    """The row's seed words ``[seed mod 2^32, (seed mod 2^64) >> 32, sample]`` (the key is made on the device)."""
+    seed = int(settings.seed) % 2**64
+    return np.asarray([seed % 2**32, seed >> 32, settings.sample % 2**32], np.uint32)
+
+
+def _top_size(settings: Sequence[RowSettings]) -> int:
+    """0, or :data:`MAX_TOP_LOGPROBS` when some row asks for top logprobs (two programs, not twenty)."""
+    return MAX_TOP_LOGPROBS if any(s.top_logprobs for s in settings) else 0

@@ -1,0 +1,155 @@
+"""``jaxalign serve``: load a model (and doctors), start the scheduler, run the app under uvicorn."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sys
+from pathlib import Path
+
+from jaxalign.rollout.guided import DEFAULT_ALPHA, DEFAULT_BETA
+
+DEFAULT_NAME = "SmolLM2-135M-Instruct"
+COMPILATION_CACHE = Path.home() / ".cache" / "jaxalign" / "xla"
+
+
+def add_serve_command(subcommands) -> None:
+    parser = subcommands.add_parser(
+        "serve", help="an OpenAI-compatible server (continuous batching, streaming, guided decoding)",
+        description="Serve a model over HTTP with OpenAI's API: /v1/chat/completions, /v1/completions, /v1/models, "
+                    "/health, /metrics (docs/serving.md).")
+    parser.add_argument("--model", help="checkpoint directory or .gguf file (default: the embedded "
+                                        "SmolLM2-135M-Instruct)")
+    parser.add_argument("--served-model-name", help="the model id clients send (default: the directory or file "
+                                                    f"name; {DEFAULT_NAME} for the embedded default)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max-batch", type=int, default=32, help="most rows decoding at once (default 32)")
+    parser.add_argument("--max-model-len", type=int, default=1024,
+                        help="most tokens of a request, prompt + completion (default 1024)")
+    parser.add_argument("--max-queue", type=int, default=256,
+                        help="most requests waiting for a slot; more get HTTP 429 (default 256)")
+    parser.add_argument("--request-timeout", type=float, default=600.0,
+                        help="seconds from arrival to the last token before a request is dropped (default 600)")
+    parser.add_argument("--prefill-tokens", type=int, default=2048,
+                        help="most prompt tokens admitted between two decode steps (default 2048, vLLM's "
+                             "max_num_batched_tokens: a burst of chat requests starts in one iteration)")
+    parser.add_argument("--no-warmup", action="store_true",
+                        help="compile on first use instead of before accepting requests (the warm-up compiles "
+                             "every batch x cache-length decode step: minutes the first time on a small CPU, "
+                             "seconds once JAX's compilation cache in ~/.cache/jaxalign/xla has them)")
+    guidance = parser.add_argument_group(
+        "guided decoding (LLMDoctor)", "Doctors steer --model token by token; a request may set its own weights "
+                                       "with the `guidance` field (docs/serving.md).")
+    guidance.add_argument("--doctor", action="append", type=Path, metavar="DIR", help="a doctor directory (repeat)")
+    guidance.add_argument("--preference-weights", metavar="JSON", help="default weights of the doctors' dimensions")
+    guidance.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help=f"the patient's weight ({DEFAULT_ALPHA})")
+    guidance.add_argument("--beta", type=float, default=DEFAULT_BETA, help=f"guidance strength ({DEFAULT_BETA})")
+    parser.set_defaults(run=run_serve)
+
+
+def _check(args) -> dict[str, float] | None:
+    for name in ("max_batch", "max_model_len", "max_queue", "prefill_tokens"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 0 <= args.port < 65536:
+        raise ValueError(f"--port must be in 0..65535, got {args.port}")
+    if args.request_timeout <= 0:
+        raise ValueError(f"--request-timeout must be > 0, got {args.request_timeout}")
+    if args.doctor is None:
+        if args.preference_weights is not None:
+            raise ValueError("--preference-weights needs --doctor")
+        return None
+    if args.preference_weights is None:
+        return None
+    try:
+        weights = json.loads(args.preference_weights)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--preference-weights is not valid JSON: {error}") from None
+    if not isinstance(weights, dict):
+        raise ValueError(f"--preference-weights must be a JSON object of dimension: weight, got {weights!r}")
+    return weights
+
+
+def build_served(args):
+    """Load the models and build the :class:`~jaxalign.serve.app.ServedModel` (scheduler not started)."""
+    from jaxalign import models
+    from jaxalign.rollout.continuous import ContinuousEngine
+    from jaxalign.rollout.guided import guidance_betas, read_dimensions
+    from jaxalign.serve.app import ServedModel
+    from jaxalign.serve.metrics import Metrics
+    from jaxalign.serve.scheduler import Scheduler
+
+    weights = _check(args)
+    dimensions = read_dimensions(args.doctor, source="--doctor") if args.doctor else []
+    if dimensions:
+        guidance_betas(dimensions, weights, alpha=args.alpha, beta=args.beta, source="--preference-weights")
+    model, tokenizer = models.load_pretrained(args.model, source="--model")
+    doctors = []
+    for directory in args.doctor or ():
+        doctor, doctor_tokenizer = models.load_pretrained(directory, source="--doctor")
+        models.check_same_tokenizer(tokenizer, doctor_tokenizer, patient=f"--model {args.model or 'default'}",
+                                    doctor=f"--doctor {directory}")
+        doctors.append(doctor)
+    config = model.config
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (config.eos_token_ids or (0,))[0]
+    engine = ContinuousEngine(model, guides=doctors, max_batch=args.max_batch, max_model_len=args.max_model_len,
+                              pad_token_id=pad)
+    stops = set(config.eos_token_ids)
+    if tokenizer.eos_token_id is not None:
+        stops.add(tokenizer.eos_token_id)
+    name = args.served_model_name or (DEFAULT_NAME if args.model is None else Path(args.model).name)
+    metrics = Metrics(name)
+    scheduler = Scheduler(engine, tokenizer, stop_token_ids=sorted(stops), max_queue=args.max_queue,
+                          prefill_tokens=args.prefill_tokens, metrics=metrics)
+    return ServedModel(name=name, tokenizer=tokenizer, scheduler=scheduler, metrics=metrics, dimensions=dimensions,
+                       alpha=args.alpha, beta=args.beta, preference_weights=weights,
+                       request_timeout=args.request_timeout)
+
+
+@contextlib.contextmanager
+def persistent_compilation_cache(directory: Path | None):
+    """JAX's persistent compilation cache in ``directory`` (``None``: off) inside the block; the previous setting
+    after it. JAX decides once per process whether the cache is used, so both ends reset its cache object.
+
+    ``jaxalign serve`` writes the cache only while it warms up, in the main thread. Compiles that happen later, in
+    the scheduler thread, stay in memory: a cache write from that thread segfaulted inside
+    ``compilation_cache.put_executable_and_time`` (jax 0.10.2, CPU, in a long test session) while no other thread
+    ran JAX, and serving must not die for the sake of a faster restart."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    saved = {name: getattr(jax.config, name) for name in names}
+    jax.config.update("jax_compilation_cache_dir", None if directory is None else str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # the small copy programs too
+    compilation_cache.reset_cache()
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            jax.config.update(name, value)
+        compilation_cache.reset_cache()
+
+
+def run_serve(args) -> int:
+    import uvicorn
+
+    from jaxalign.serve.app import create_app
+
+    _check(args)  # bad options fail before anything changes
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    served = build_served(args)
+    if not args.no_warmup:
+        # Compiled programs survive restarts: a second start of the same model skips most of the compiling.
+        with persistent_compilation_cache(COMPILATION_CACHE):
+            served.scheduler.engine.warm_up(progress=sys.stderr)
+    served.scheduler.start()
+    print(f"serving {served.name} on http://{args.host}:{args.port}/v1 (max batch {args.max_batch}, max model "
+          f"length {args.max_model_len})", file=sys.stderr, flush=True)
+    try:
+        uvicorn.run(create_app(served), host=args.host, port=args.port, log_level="warning")
+    finally:
+        served.scheduler.stop()
+    return 0

@@ -1,0 +1,232 @@
+"""``jaxalign hitl``: a feedback web page on top of ``jaxalign serve``'s app, which retrains the model it serves.
+
+The page (``GET /``, one HTML file with its script, no build step and no extra package) asks the served model
+through the same ``/v1/chat/completions`` endpoint any OpenAI client uses, streamed; a person accepts, edits or
+rejects the answer, asks for two and picks the better, or gives a thumbs up or down. Each action is one record
+in the feedback store, fsynced before the page says it is saved (``POST /hitl/feedback``). Every
+``--retrain-threshold`` new records a new version trains in the background (:mod:`~jaxalign.serve.retrain`)
+and is hot-swapped in when it is ready; the page shows which version answered, the retraining's progress, and
+can serve any earlier version again (``POST /hitl/rollback``).
+
+Why not Gradio: the page needs what the server already has (streaming, versions in ``system_fingerprint``),
+and a second web stack would add a large dependency and a second process model for one page.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import sys
+from importlib import resources
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse
+
+from jaxalign.serve import protocol
+from jaxalign.serve.feedback import FeedbackError, FeedbackRecord, FeedbackStore
+from jaxalign.serve.protocol import APIError, bad
+from jaxalign.serve.retrain import Retrainer, Versions
+
+log = logging.getLogger("jaxalign.serve.hitl")
+FEEDBACK_FILE = "feedback.jsonl"
+HISTORY_LIMIT = 200
+SWAP_TIMEOUT_S = 600.0
+PAGE_FIELDS = ("prompt", "action", "model_version", "response", "system", "edit", "choice", "note")
+
+
+def add_hitl_routes(app: FastAPI, served, store: FeedbackStore, versions: Versions, retrainer: Retrainer, *,
+                    max_tokens: int) -> None:
+    """The page and its JSON endpoints, on ``served``'s app."""
+    page = resources.files("jaxalign.serve").joinpath("static/hitl.html").read_text()
+    page = page.replace("__MODEL__", served.name).replace("__MAX_TOKENS__", str(max_tokens))
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index():
+        return page
+
+    @app.get("/hitl/state")
+    async def state():
+        return {"model": served.name, "serving": served.scheduler.version, "records": len(store),
+                "waiting": retrainer.waiting, "threshold": retrainer.threshold, "auto": retrainer.auto,
+                "retrain": dataclasses.asdict(retrainer.status), "recovered": list(store.recovered),
+                "versions": [_version_row(v) for v in reversed(versions.all())]}
+
+    @app.get("/hitl/history")
+    async def history(limit: int = 50):
+        records = store.records()[-max(1, min(limit, HISTORY_LIMIT)):]
+        return {"records": [record.to_json() for record in reversed(records)]}
+
+    @app.post("/hitl/feedback")
+    async def feedback(request: Request):
+        body = protocol.parse_body(await request.body())
+        unknown = sorted(set(body) - set(PAGE_FIELDS))
+        if unknown:
+            raise bad(f"unknown field(s) {unknown}; a feedback record has {list(PAGE_FIELDS)}", unknown[0],
+                      "invalid_feedback")
+        try:
+            record = FeedbackRecord(**body)  # a new id and the time are the server's
+        except FeedbackError as error:
+            raise bad(str(error), error.field, "invalid_feedback") from error
+        await asyncio.to_thread(store.append, record)  # flushed and fsynced before the page hears "saved"
+        log.info("feedback %s: %s on %s", record.id, record.action, record.model_version)
+        retrainer.feedback_added()
+        return {"id": record.id, "records": len(store), "waiting": retrainer.waiting}
+
+    @app.post("/hitl/retrain")
+    async def retrain():
+        if retrainer.busy:
+            raise APIError(409, f"{retrainer.status.version} is still training", code="busy")
+        name = retrainer.start()
+        if name is None:
+            raise APIError(409, "no new feedback to train on", code="nothing_to_train")
+        return {"version": name}
+
+    @app.post("/hitl/rollback")
+    async def rollback(request: Request):
+        body = protocol.parse_body(await request.body())
+        name = body.get("version")
+        known = {v.name: v for v in versions.all()}
+        if not isinstance(name, str) or name not in known:
+            raise bad(f"no version {name!r}; the versions are {sorted(known, key=lambda n: int(n[1:]))}",
+                      "version", "unknown_version")
+        if known[name].status != "ready":
+            raise bad(f"version {name} is {known[name].status}, not ready to serve", "version", "not_ready")
+        if retrainer.status.state == "swapping":
+            raise APIError(409, "a version is being loaded; try again in a moment", code="busy")
+        await asyncio.to_thread(swap_to, served, known[name].model, name)
+        versions.set_current(name)
+        log.info("rolled back to %s", name)
+        return {"serving": name}
+
+
+def swap_to(served, model_path: str | None, name: str) -> None:
+    """Load a version's weights and serve them (returns once they serve; raises if they do not fit)."""
+    from jaxalign import models
+
+    model, _ = models.load_pretrained(model_path, source=f"version {name}")
+    served.scheduler.swap_model(model, name).result(timeout=SWAP_TIMEOUT_S)
+
+
+def _version_row(version) -> dict:
+    return {"name": version.name, "parent": version.parent, "status": version.status,
+            "records": list(version.records), "created": version.created, "error": version.error,
+            "stages": {stage: {k: v for k, v in info.items() if k != "data"} for stage, info in version.stages.items()}}
+
+
+# --- the command line ----------------------------------------------------------------------------------------
+
+
+def add_hitl_command(subcommands) -> None:
+    parser = subcommands.add_parser(
+        "hitl", help="a feedback web page that retrains the model it serves (human in the loop)",
+        description="Serve a model with a web page where a person asks questions and accepts, edits, rejects, "
+                    "picks or rates its answers; every --retrain-threshold new records, LoRA SFT/DPO/KTO trains a "
+                    "new version in the background and it replaces the served one (docs/hitl.md).")
+    parser.add_argument("--model", help="checkpoint directory or .gguf file (default: the embedded "
+                                        "SmolLM2-135M-Instruct)")
+    parser.add_argument("--output-dir", required=True, type=Path,
+                        help="feedback, versions and the served version live here; a restart resumes from it")
+    parser.add_argument("--retrain-threshold", type=int, default=20,
+                        help="new feedback records that start a retraining (default 20)")
+    parser.add_argument("--no-auto-retrain", action="store_true",
+                        help="retrain only when asked (the page's button or POST /hitl/retrain)")
+    parser.add_argument("--train", action="append", default=[], metavar="KEY=VALUE",
+                        help="a setting for every retraining stage over the hitl preset, e.g. "
+                             "train.optimizer.learning_rate=5e-5 (repeatable)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max-tokens", type=int, default=256, help="longest answer the page asks for (default 256)")
+    parser.add_argument("--max-batch", type=int, default=8, help="most rows decoding at once (default 8)")
+    parser.add_argument("--max-model-len", type=int, default=1024,
+                        help="most tokens of a request, prompt + answer (default 1024)")
+    parser.add_argument("--no-warmup", action="store_true", help="compile on first use (see jaxalign serve)")
+    parser.set_defaults(run=run_hitl)
+
+
+@dataclasses.dataclass
+class Hitl:
+    """A built ``jaxalign hitl`` (nothing started): run ``served.scheduler`` and ``app``; :meth:`close` after."""
+
+    app: FastAPI
+    served: object
+    store: FeedbackStore
+    versions: Versions
+    retrainer: Retrainer
+
+    def close(self) -> None:
+        """Stop a running retraining (it resumes at the next start) and release the feedback file."""
+        self.retrainer.stop()
+        self.store.close()
+
+
+def build_hitl(args) -> Hitl:
+    """The app, its served model, feedback store and retrainer from ``jaxalign hitl``'s arguments."""
+    from jaxalign.serve.app import create_app
+    from jaxalign.serve.command import build_served
+
+    _check(args)
+    root = args.output_dir
+    root.mkdir(parents=True, exist_ok=True)
+    base = None if args.model is None else str(Path(args.model).resolve())
+    versions = Versions(root, base_model=base)
+    store = FeedbackStore(root / FEEDBACK_FILE)
+    for message in store.recovered:
+        log.warning("%s", message)
+    current = versions.current
+    serve_args = argparse.Namespace(
+        model=current.model, served_model_name=_served_name(args.model), host=args.host, port=args.port,
+        max_batch=args.max_batch, max_model_len=args.max_model_len, max_queue=64, request_timeout=600.0,
+        prefill_tokens=2048, no_warmup=args.no_warmup, doctor=None, preference_weights=None, alpha=1.0, beta=0.5)
+    served = build_served(serve_args)
+    served.scheduler.version = current.name
+    retrainer = Retrainer(root, store, versions, swap=lambda path, name: swap_to(served, path, name),
+                          threshold=args.retrain_threshold, auto=not args.no_auto_retrain, overrides=tuple(args.train))
+    app = create_app(served)
+    add_hitl_routes(app, served, store, versions, retrainer, max_tokens=args.max_tokens)
+    return Hitl(app, served, store, versions, retrainer)
+
+
+def run_hitl(args) -> int:
+    import uvicorn
+
+    from jaxalign.serve.command import COMPILATION_CACHE, persistent_compilation_cache
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    hitl = build_hitl(args)
+    served, retrainer = hitl.served, hitl.retrainer
+    if not args.no_warmup:
+        with persistent_compilation_cache(COMPILATION_CACHE):
+            served.scheduler.engine.warm_up(progress=sys.stderr)
+    served.scheduler.start()
+    retrainer.resume()
+    print(f"jaxalign hitl: serving {served.scheduler.version} of {served.name}; open http://{args.host}:{args.port}/ "
+          f"(feedback and versions in {args.output_dir})", file=sys.stderr, flush=True)
+    try:
+        uvicorn.run(hitl.app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        hitl.close()
+        served.scheduler.stop()
+    return 0
+
+
+def _served_name(model: str | None) -> str:
+    from jaxalign.serve.command import DEFAULT_NAME
+
+    return DEFAULT_NAME if model is None else Path(model).name
+
+
+def _check(args) -> None:
+    for name, value, low in (("--retrain-threshold", args.retrain_threshold, 1), ("--max-tokens", args.max_tokens, 1),
+                             ("--max-batch", args.max_batch, 2), ("--max-model-len", args.max_model_len, 2)):
+        if value < low:
+            raise ValueError(f"{name} must be >= {low}, got {value}")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in 0..65535, got {args.port}")
+    if args.output_dir.exists() and not args.output_dir.is_dir():
+        raise ValueError(f"--output-dir {args.output_dir} is a file, not a directory")
+    for item in args.train:
+        if "=" not in item:
+            raise ValueError(f"--train {item!r}: expected KEY=VALUE, e.g. train.optimizer.learning_rate=5e-5")

@@ -1,0 +1,316 @@
+"""Versions of the served model and the human-in-the-loop app's retraining.
+
+An output directory holds everything the app needs to resume after a crash or a restart::
+
+    D/feedback.jsonl                 every action a person took (jaxalign.serve.feedback)
+    D/current.json                   {"version": "v2"}: what the app serves (written atomically)
+    D/versions/v0/version.json       the base model (its path; null = the embedded default)
+    D/versions/v1/version.json       {"parent": "v0", "records": [0, 20], "status": "ready", "stages": {...}}
+    D/versions/v1/data/*.jsonl       the snapshot of feedback it trained on, as training datasets
+    D/versions/v1/<stage>/           one `jaxalign train <stage>` run each (config, checkpoints, metrics, export/)
+
+A version trains on the records that arrived since the previous version was started, from the version being
+served, in stages (the ``hitl`` preset): SFT on accepted and edited answers, DPO on A/B picks and on edits (the
+edit preferred over the original), KTO on thumbs; a stage without data is skipped, and each starts from the
+previous stage's export. Every stage is a ``python -m jaxalign.cli train`` subprocess: training shares no
+memory or thread with serving, a crashed run cannot take the server down, and a killed one resumes from its
+checkpoints (``--resume``) when the app starts again. When the last stage ends, the app loads its export and
+hot-swaps it in (:meth:`~jaxalign.serve.scheduler.Scheduler.swap_model`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("jaxalign.serve.retrain")
+
+CURRENT_FILE = "current.json"
+VERSION_FILE = "version.json"
+PRESET = "hitl"
+EPOCHS = 3  # passes over a version's new feedback per stage
+STAGES = ("sft", "dpo", "kto")  # in training order; each starts from the previous stage's export
+EXPORT_DIR = "export"
+
+
+def export_feedback(records, directory: Path) -> dict[str, tuple[Path, int]]:
+    """Write a version's snapshot of feedback as one training file per stage: ``{stage: (file, examples)}``."""
+    from jaxalign.serve.feedback import export_preferences, export_sft, export_unpaired
+
+    directory.mkdir(parents=True, exist_ok=True)
+    files = {"sft": (directory / "sft.jsonl", export_sft), "dpo": (directory / "pairs.jsonl", export_preferences),
+             "kto": (directory / "unpaired.jsonl", export_unpaired)}
+    return {stage: (file, export(records, file)) for stage, (file, export) in files.items()}
+
+
+def write_json_atomically(path: Path, value: Any) -> None:
+    """Write ``value`` as JSON so that a crash leaves either the old file or the new one, never a torn one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as file:
+            json.dump(value, file, indent=1)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)  # the rename itself survives a power cut
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+@dataclasses.dataclass
+class Version:
+    """One version of the served model (``version.json``)."""
+
+    name: str
+    parent: str | None
+    status: str  # "training", "ready" or "failed"
+    records: tuple[int, int] = (0, 0)  # the feedback records [start, end) it trained on
+    model: str | None = None  # the weights: the base model's path (v0), or the last stage's export
+    stages: dict[str, dict] = dataclasses.field(default_factory=dict)  # stage -> {"examples", "steps", "status"}
+    created: float = dataclasses.field(default_factory=time.time)
+    finished: float | None = None
+    error: str | None = None
+
+    @property
+    def number(self) -> int:
+        return int(self.name[1:])
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class Versions:
+    """The version directories of an output directory, and which one is served."""
+
+    def __init__(self, root: Path, *, base_model: str | None):
+        self.root = Path(root)
+        self.directory = self.root / "versions"
+        if not (self.directory / "v0" / VERSION_FILE).exists():
+            self.save(Version("v0", None, "ready", model=base_model, finished=time.time()))
+        base = self.get("v0")
+        if base.model != base_model:
+            raise ValueError(f"{self.root} was started with --model {base.model or 'default'}, not "
+                             f"{base_model or 'default'}: use another --output-dir")
+
+    def path(self, name: str) -> Path:
+        return self.directory / name
+
+    def get(self, name: str) -> Version:
+        file = self.path(name) / VERSION_FILE
+        try:
+            values = json.loads(file.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"{file}: cannot read the version ({error})") from error
+        values["records"] = tuple(values["records"])
+        return Version(**values)
+
+    def save(self, version: Version) -> None:
+        write_json_atomically(self.path(version.name) / VERSION_FILE, version.to_json())
+
+    def all(self) -> list[Version]:
+        names = [p.name for p in self.directory.iterdir() if (p / VERSION_FILE).exists()]
+        return sorted((self.get(n) for n in names), key=lambda v: v.number)
+
+    @property
+    def current(self) -> Version:
+        file = self.root / CURRENT_FILE
+        name = json.loads(file.read_text())["version"] if file.exists() else "v0"
+        return self.get(name)
+
+    def set_current(self, name: str) -> None:
+        version = self.get(name)
+        if version.status != "ready":
+            raise ValueError(f"version {name} is {version.status}, not ready to serve")
+        write_json_atomically(self.root / CURRENT_FILE, {"version": name})
+
+    def next_records(self, total: int) -> tuple[int, int]:
+        """The records a new version trains on: those after the newest version's."""
+        return (max(v.records[1] for v in self.all()), total)
+
+
+@dataclasses.dataclass
+class RetrainStatus:
+    """What the page shows about retraining."""
+
+    state: str = "idle"  # "idle", "training", "swapping", "failed"
+    version: str | None = None
+    stage: str | None = None
+    step: int = 0
+    steps: int = 0
+    message: str = ""
+
+
+class Retrainer:
+    """Trains a new version in a background thread when enough feedback has arrived, then hot-swaps it in.
+
+    Args:
+        root: the app's output directory.
+        store: the feedback store (``len(store)`` records, ``store.records()``).
+        versions: the version directories.
+        export: ``export(records, directory) -> {stage: (file, examples)}`` writes a version's training data
+            (:func:`export_feedback`).
+        swap: ``swap(model_path, version_name)`` loads a version and serves it (blocking until it does).
+        threshold: new records that trigger a retraining (``auto``), at least 1.
+        auto: retrain by itself once ``threshold`` new records wait; otherwise only on :meth:`start`.
+        overrides: extra ``key=value`` settings for every stage (e.g. ``train.optimizer.learning_rate=1e-4``).
+    """
+
+    def __init__(self, root: Path, store, versions: Versions, *, swap: Callable[[str | None, str], None],
+                 export: Callable = export_feedback, threshold: int = 20, auto: bool = True,
+                 overrides: tuple[str, ...] = ()):
+        if threshold < 1:
+            raise ValueError(f"--retrain-threshold must be >= 1, got {threshold}")
+        self.root = Path(root)
+        self.store = store
+        self.versions = versions
+        self.export = export
+        self.swap = swap
+        self.threshold = threshold
+        self.auto = auto
+        self.overrides = tuple(overrides)
+        self.status = RetrainStatus()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._process: subprocess.Popen | None = None
+        self._stopping = False
+
+    @property
+    def waiting(self) -> int:
+        """Records not yet trained on by any version."""
+        start, end = self.versions.next_records(len(self.store))
+        return end - start
+
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def resume(self) -> None:
+        """At start-up: finish a version a crash interrupted (its stages resume from their checkpoints)."""
+        unfinished = [v for v in self.versions.all() if v.status == "training"]
+        if unfinished:
+            log.info("resuming the retraining of %s", unfinished[-1].name)
+            self._launch(unfinished[-1])
+
+    def feedback_added(self) -> None:
+        """Called after every confirmed record: start a version when ``threshold`` new records wait."""
+        if self.auto and self.waiting >= self.threshold:
+            self.start()
+
+    def start(self) -> str | None:
+        """Train a new version on the waiting records now (returns its name; None when busy or nothing waits)."""
+        with self._lock:
+            if self.busy or self._stopping:
+                return None
+            records = self.versions.next_records(len(self.store))
+            if records[1] <= records[0]:
+                return None
+            parent = self.versions.current
+            name = f"v{max(v.number for v in self.versions.all()) + 1}"
+            directory = self.versions.path(name)
+            directory.mkdir(parents=True, exist_ok=True)
+            written = self.export(self.store.records()[records[0]:records[1]], directory / "data")
+            stages = {stage: {"data": str(file), "examples": count, "status": "pending" if count else "skipped"}
+                      for stage, (file, count) in written.items()}
+            version = Version(name, parent.name, "training", records=records, stages=stages)
+            self.versions.save(version)  # the data snapshot is complete before the version exists
+            self._launch(version)
+            return name
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop a running stage (it resumes from its checkpoints at the next start)."""
+        self._stopping = True
+        process = self._process
+        if process is not None and process.poll() is None:
+            process.terminate()  # SIGTERM: the trainer saves a checkpoint before exiting
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # -- the background thread ----------------------------------------------------------------------------
+
+    def _launch(self, version: Version) -> None:
+        self.status = RetrainStatus("training", version.name, message=f"training {version.name}")
+        self._thread = threading.Thread(target=self._train, args=(version,), name="jaxalign-retrain", daemon=True)
+        self._thread.start()
+
+    def _train(self, version: Version) -> None:
+        try:
+            model = self.versions.get(version.parent).model
+            for stage in STAGES:
+                info = version.stages.get(stage)
+                if info is None or info["status"] == "skipped":
+                    continue
+                if info["status"] != "done":
+                    self._run_stage(version, stage, info, model)
+                    info["status"] = "done"
+                    self.versions.save(version)
+                model = str(self.versions.path(version.name) / stage / EXPORT_DIR)
+            if model == self.versions.get(version.parent).model:
+                raise RuntimeError("no stage had data to train on")
+            version.model = model
+            self.status = dataclasses.replace(self.status, state="swapping", stage=None,
+                                              message=f"loading {version.name}")
+            version.status, version.finished = "ready", time.time()
+            self.versions.save(version)
+            self.swap(model, version.name)
+            self.versions.set_current(version.name)
+            self.status = RetrainStatus(message=f"{version.name} is served")
+            log.info("%s trained and served", version.name)
+        except Exception as error:
+            if self._stopping:
+                self.status = RetrainStatus(message=f"{version.name} stopped; it resumes at the next start")
+                return
+            log.exception("retraining %s failed", version.name)
+            version.status, version.error = "failed", f"{type(error).__name__}: {error}"
+            self.versions.save(version)
+            self.status = RetrainStatus("failed", version.name, message=f"{version.name} failed: {error}")
+
+    def _run_stage(self, version: Version, stage: str, info: dict, model: str | None) -> None:
+        directory = self.versions.path(version.name) / stage
+        batch = 4
+        steps = EPOCHS * math.ceil(info["examples"] / batch)
+        command = [sys.executable, "-m", "jaxalign.cli", "train", stage, "--config", PRESET,
+                   f"output_dir={directory}", f"data.source={info['data']}", f"data.batch_size={batch}",
+                   f"train.total_steps={steps}", f"model.path={'null' if model is None else model}",
+                   *self.overrides]
+        if directory.exists():
+            command.append("--resume")  # an interrupted stage continues from its checkpoints
+        info["steps"] = steps
+        self.status = dataclasses.replace(self.status, stage=stage, step=0, steps=steps,
+                                          message=f"training {version.name}: {stage}")
+        directory.mkdir(parents=True, exist_ok=True)
+        log.info("%s: %s", version.name, " ".join(command))
+        with open(directory / "train.log", "ab") as output:
+            self._process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, cwd=self.root)
+            while self._process.poll() is None:
+                self.status = dataclasses.replace(self.status, step=_steps_done(directory / "metrics.jsonl"))
+                time.sleep(0.5)
+        if self._process.returncode != 0:
+            tail = (directory / "train.log").read_text(errors="replace").strip().splitlines()[-1:]
+            raise RuntimeError(f"jaxalign train {stage} exited with {self._process.returncode}: "
+                               f"{tail[0] if tail else ''} (see {directory / 'train.log'})")
+
+
+def _steps_done(metrics: Path) -> int:
+    """The last step logged in a run's metrics.jsonl (0 before the first)."""
+    try:
+        lines = metrics.read_text().strip().splitlines()
+        return int(json.loads(lines[-1]).get("step", 0)) if lines else 0
+    except (OSError, ValueError):
+        return 0

@@ -1,0 +1,427 @@
+"""``ContinuousEngine``: rows that join and leave between compiled steps get what ``Sampler`` gives them (the same
+greedy tokens, base-model log-probabilities to 1e-5, guided mixtures), seeded rows draw the same tokens whatever
+runs beside them, the relayouts (batch growth and shrinking, left and right shifts, cache-length changes) change
+no token, ``warm_up`` compiles ahead, and every misuse is a clear ValueError.
+
+Most engines here have ``max_model_len`` 40 and ``slack`` 8 (a cache of 48 columns), so the engines of different
+tests share their compiled programs and short runs reach the shifts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from jax import monitoring
+
+from jaxalign.models import LlamaForCausalLM
+from jaxalign.rollout import Sampler, SamplingParams
+from jaxalign.rollout.continuous import ContinuousEngine, RowSettings
+from tests.rollout.conftest import LOWERING_EVENT, N, V
+from tests.rollout.conftest import PROMPTS as SHORT_PROMPTS
+
+MAX_MODEL_LEN, SLACK = 40, 8
+MAX_BATCH = 8
+# Prompts of 2 to 35 tokens: length buckets 24, 32 and 48 columns (the last is the whole cache).
+LENGTHS = (3, 7, 5, 20, 11, 30, 2, 35)
+PROMPTS = [[int(t) for t in np.random.default_rng(10 + i).integers(0, V, size=n)] for i, n in enumerate(LENGTHS)]
+N_REF = 30
+GREEDY = RowSettings(temperature=0.0)
+MAX_ITERATIONS = 200
+LOGP_TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def model(llama):
+    return llama[0]
+
+
+@pytest.fixture(scope="module")
+def reference(sampler):
+    """``Sampler.generate`` greedy: ``(tokens [8, N_REF], model_logps [8, N_REF])`` of ``PROMPTS``."""
+    out = sampler.generate(PROMPTS, key=jax.random.key(0),
+                           params=SamplingParams(max_new_tokens=N_REF, temperature=0.0, stop_token_ids=()))
+    return np.asarray(out.tokens), np.asarray(out.model_logps)
+
+
+def make_engine(model, *, guides=(), max_batch=MAX_BATCH) -> ContinuousEngine:
+    return ContinuousEngine(model, guides=guides, max_batch=max_batch, max_model_len=MAX_MODEL_LEN, slack=SLACK)
+
+
+@dataclasses.dataclass
+class Join:
+    """Rows ``{row_id: settings}`` sharing the prompt ``prompt`` join at iteration ``at`` (or as soon as they fit
+    after it) and leave once they have ``tokens`` tokens each."""
+
+    at: int
+    prompt: list[int]
+    rows: dict
+    tokens: int
+
+
+def drive(engine: ContinuousEngine, joins: list[Join], *, limit: int = MAX_ITERATIONS) -> dict:
+    """Run the joins to the end: ``{row_id: [TokenOut, ...]}``. Each iteration releases the rows that have their
+    tokens, admits the joins that are due (prefilled together, as the scheduler does), and steps once."""
+    outs: dict = {}
+    wanted: dict = {}
+    pending = sorted(joins, key=lambda j: j.at)
+
+    def release_done():
+        for row_id in [r for r, w in wanted.items() if len(outs[r]) >= w]:
+            engine.release(row_id)
+            del wanted[row_id]
+
+    try:
+        for iteration in range(limit):
+            release_done()
+            due, free = [], engine.free
+            while pending and pending[0].at <= iteration and free >= len(pending[0].rows):
+                free -= len(pending[0].rows)
+                due.append(pending.pop(0))
+            if due:
+                for join, prefilled in zip(due, engine.prefill_many([j.prompt for j in due])):
+                    for row_id, out in engine.admit(prefilled, join.rows).items():
+                        outs[row_id], wanted[row_id] = [out], join.tokens
+                release_done()
+            if not pending and not wanted:
+                return outs
+            for row_id, out in engine.step().items():
+                outs[row_id].append(out)
+        raise AssertionError(f"the rows did not finish in {limit} iterations")
+    finally:
+        for row_id in wanted:
+            engine.release(row_id)
+
+
+def tokens_of(outs: dict, row_id) -> list[int]:
+    return [out.token for out in outs[row_id]]
+
+
+def assert_greedy_reference(outs: dict, rows: dict, reference) -> None:
+    """``rows``: ``{row_id: index into PROMPTS}``; every row's tokens and log-probs are the Sampler's."""
+    ref_tokens, ref_logps = reference
+    for row_id, index in rows.items():
+        got = tokens_of(outs, row_id)
+        assert got == list(ref_tokens[index, :len(got)]), f"row {row_id!r} (prompt {index})"
+        np.testing.assert_allclose([out.logprob for out in outs[row_id]], ref_logps[index, :len(got)],
+                                   atol=LOGP_TOL, err_msg=f"row {row_id!r}")
+
+
+@dataclasses.dataclass
+class Move:
+    kind: str  # "grow", "shrink" (the batch), "left", "right" (the columns shift) or "resize"
+    columns: tuple[int, int]  # the cache length before and after
+
+
+class Moves(list):
+    @property
+    def kinds(self) -> list[str]:
+        return [move.kind for move in self]
+
+
+def record_moves(engine: ContinuousEngine) -> Moves:
+    """Wrap the engine's relayout to record each one."""
+    moves = Moves()
+    move = engine._move
+
+    def recording(sources, *, shift, rows, **options):
+        before = engine.batch_bucket
+        if rows != before:
+            kind = "grow" if rows > before else "shrink"
+        else:
+            kind = "left" if shift > 0 else "right" if shift < 0 else "resize"
+        columns = engine._caches[0].max_length
+        moves.append(Move(kind, (columns, options.get("columns") or columns)))
+        move(sources, shift=shift, rows=rows, **options)
+
+    engine._move = recording
+    return moves
+
+
+# --- greedy rows are the Sampler's ------------------------------------------------------------------------
+
+
+def test_staggered_greedy_rows_equal_sampler_generate(model, reference):
+    engine = make_engine(model)
+    top = RowSettings(temperature=0.0, top_logprobs=3)
+    joins = [Join(3 * i, PROMPTS[i], {i: top if i % 2 else GREEDY}, 12) for i in range(5)]
+    outs = drive(engine, joins)
+    assert_greedy_reference(outs, {i: i for i in range(5)}, reference)
+    for i in range(5):
+        for out in outs[i]:
+            if i % 2:  # the 3 most likely tokens under the base model, the greedy token first
+                ids, values = out.top
+                assert len(ids) == 3 and ids[0] == out.token and values[0] == pytest.approx(out.logprob, abs=1e-6)
+                assert list(values) == sorted(values, reverse=True)
+            else:
+                assert out.top is None
+    assert engine.live == 0
+
+
+def test_prompts_prefilled_together_equal_prefilled_alone(model, reference):
+    engine = make_engine(model)
+    together = engine.prefill_many(PROMPTS[:5])  # one call of 8 rows (all in the 24-column bucket)
+    for prompt, grouped in zip(PROMPTS[:5], together):
+        alone = engine.prefill(prompt)
+        assert grouped.length == alone.length == len(prompt)
+        np.testing.assert_allclose(np.asarray(grouped.logits), np.asarray(alone.logits), atol=LOGP_TOL)
+    outs = drive(engine, [Join(0, PROMPTS[i], {i: GREEDY}, 10) for i in range(5)])
+    assert_greedy_reference(outs, {i: i for i in range(5)}, reference)
+
+
+def test_smollm2_prompts_prefilled_together_are_bit_identical_to_prefilled_alone():
+    """What docs/serving.md states for the embedded model (tiny models agree to ~1e-6 only: XLA's CPU kernels for
+    their narrow products change with the number of rows)."""
+    import os
+
+    from jaxalign.models import default_model_path, load_gguf
+
+    try:
+        path = default_model_path()
+    except FileNotFoundError as error:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(str(error))
+    smollm2, _ = load_gguf(path)
+    engine = ContinuousEngine(smollm2, max_batch=4, max_model_len=64)
+    rng = np.random.default_rng(0)
+    prompts = [list(rng.integers(0, smollm2.config.vocab_size, size=n)) for n in (17, 22, 24)]
+    for grouped, prompt in zip(engine.prefill_many(prompts), prompts, strict=True):  # one call of 4 rows
+        np.testing.assert_array_equal(np.asarray(grouped.logits), np.asarray(engine.prefill(prompt).logits))
+
+
+# --- relayouts ------------------------------------------------------------------------------------------
+
+
+def test_growing_and_shrinking_the_batch_keeps_the_tokens(model, reference):
+    engine = make_engine(model)
+    moves = record_moves(engine)
+    # Five rows join one per step (2 -> 4 -> 8 slots); three leave after 8 tokens, and the two left fit a
+    # quarter of the batch (8 -> 2 slots).
+    joins = [Join(i, PROMPTS[i], {i: GREEDY}, 8 if i < 3 else 16) for i in range(5)]
+    buckets = []
+    step = engine.step
+
+    def watched_step():
+        buckets.append(engine.batch_bucket)
+        return step()
+
+    engine.step = watched_step
+    outs = drive(engine, joins)
+    assert_greedy_reference(outs, {i: i for i in range(5)}, reference)
+    assert moves.kinds == ["grow", "grow", "shrink"], moves
+    assert engine.relayouts == 3
+    assert buckets[0] == 2 and max(buckets) == 8 and buckets[-1] == 2, buckets
+
+
+def test_left_and_right_shifts_keep_the_tokens(model, reference):
+    engine = make_engine(model)
+    moves = record_moves(engine)
+    joins = [
+        Join(0, PROMPTS[0], {"a": GREEDY}, 30),  # its index passes the 48 columns: a left shift
+        Join(10, PROMPTS[1], {"b": GREEDY}, 25),
+        Join(26, PROMPTS[5], {"c": GREEDY}, 10),  # 30 tokens (32 columns) after the shift: a right shift
+        Join(30, PROMPTS[7], {"d": GREEDY}, 5),  # 35 tokens (48 columns): right to the end, then left at once
+    ]
+    outs = drive(engine, joins)
+    assert_greedy_reference(outs, {"a": 0, "b": 1, "c": 5, "d": 7}, reference)
+    assert [len(outs[r]) for r in "abcd"] == [30, 25, 10, 5], "c and d end at exactly max_model_len tokens"
+    assert moves.kinds.count("left") >= 2 and moves.kinds.count("right") >= 2, moves
+    assert engine.relayouts == len(moves)
+
+
+def test_random_arrivals_with_every_relayout_keep_the_tokens(model, reference):
+    engine = make_engine(model)
+    moves = record_moves(engine)
+    rng = np.random.default_rng(0)
+    joins, at = [], 0
+    for j in range(16):
+        index = int(rng.integers(0, len(PROMPTS)))
+        at += int(rng.integers(0, 4))
+        joins.append(Join(at, PROMPTS[index], {j: GREEDY}, min(N_REF, MAX_MODEL_LEN - LENGTHS[index],
+                                                                int(rng.integers(1, 26)))))
+    outs = drive(engine, joins)
+    assert_greedy_reference(outs, {j: PROMPTS.index(join.prompt) for j, join in enumerate(joins)}, reference)
+    assert {"grow", "left", "right"} <= set(moves.kinds), moves
+
+
+def test_the_cache_length_follows_the_live_rows(model, sampler):
+    greedy = SamplingParams(max_new_tokens=90, temperature=0.0, stop_token_ids=())
+    first, last = PROMPTS[0], PROMPTS[6]
+    long = [int(t) for t in np.random.default_rng(30).integers(0, V, size=60)]
+    short_ref = sampler.generate([first, last], key=jax.random.key(0), params=greedy)
+    long_ref = sampler.generate([long], key=jax.random.key(0), params=dataclasses.replace(greedy, max_new_tokens=30))
+    # Cache lengths 64, 128 and 132: "a" fills 64 columns and the left shift grows the cache to 128; "b" (60
+    # tokens) shifts the rows right; once "a" and "b" have left, the shift at the end of the 128 columns keeps
+    # only "c" and the cache shrinks back to 64.
+    engine = ContinuousEngine(model, max_batch=MAX_BATCH, max_model_len=100, slack=32)
+    moves = record_moves(engine)
+    outs = drive(engine, [Join(0, first, {"a": GREEDY}, 90), Join(45, long, {"b": GREEDY}, 30),
+                          Join(85, last, {"c": GREEDY}, 40)])
+    assert tokens_of(outs, "a") == list(np.asarray(short_ref.tokens)[0])
+    assert tokens_of(outs, "b") == list(np.asarray(long_ref.tokens)[0])
+    assert tokens_of(outs, "c") == list(np.asarray(short_ref.tokens)[1, :40])
+    np.testing.assert_allclose([o.logprob for o in outs["b"]], np.asarray(long_ref.model_logps)[0], atol=LOGP_TOL)
+    lengths = [moves[0].columns[0]] + [move.columns[1] for move in moves]
+    assert lengths[0] == 64 and max(lengths) == 128 and lengths[-1] == 64, moves
+    assert {"left", "right"} <= set(moves.kinds), moves
+
+
+def test_warm_up_knows_the_buckets_and_runs_before_any_row(model):
+    engine = make_engine(model)
+    assert engine.batch_buckets() == [2, 4, 8] and engine.column_buckets() == [MAX_MODEL_LEN + SLACK]
+    engine.admit(engine.prefill(PROMPTS[0]), {"a": GREEDY})
+    with pytest.raises(ValueError, match=r"warm_up\(\) runs before any row is admitted"):
+        engine.warm_up()
+    engine.release("a")
+
+
+def test_warm_up_compiles_every_decode_step_ahead(model):
+    # A cache length of its own (49 columns), so no other test has compiled these decode steps.
+    engine = ContinuousEngine(model, max_batch=4, max_model_len=MAX_MODEL_LEN, slack=SLACK + 1)
+    assert engine.warm_up() >= 0
+    compiled = []
+
+    def on_event(event: str, seconds: float, **kwargs) -> None:
+        if event == LOWERING_EVENT and "_decode" in str(kwargs.get("fun_name", "")):
+            compiled.append(kwargs["fun_name"])
+
+    monitoring.register_event_duration_secs_listener(on_event)
+    try:
+        drive(engine, [Join(0, PROMPTS[i], {i: GREEDY}, 4) for i in range(3)])
+    finally:
+        monitoring.unregister_event_duration_listener(on_event)
+    assert compiled == [], "no decode step compiles after the warm-up"
+
+
+# --- seeded sampling ----------------------------------------------------------------------------------------
+
+
+SEEDED = [RowSettings(temperature=1.0, seed=11), RowSettings(temperature=0.8, top_p=0.9, seed=12),
+          RowSettings(temperature=1.2, top_k=5, seed=13), RowSettings(temperature=1.0, min_p=0.05, seed=14),
+          RowSettings(temperature=1.0, seed=15, top_logprobs=2), GREEDY]
+
+
+def test_seeded_rows_draw_the_same_tokens_alone_and_in_any_company(model, reference):
+    engine = make_engine(model)
+    alone = {i: drive(engine, [Join(0, PROMPTS[i], {i: s}, 10)])[i] for i, s in enumerate(SEEDED)}
+    forward = drive(engine, [Join(2 * i, PROMPTS[i], {i: s}, 10) for i, s in enumerate(SEEDED)])
+    backward = drive(engine, [Join(i // 2, PROMPTS[5 - i], {5 - i: SEEDED[5 - i]}, 10 + i) for i in range(6)])
+    for i in range(len(SEEDED)):
+        expected = [out.token for out in alone[i]]
+        assert tokens_of(forward, i) == expected, f"row {i} in company"
+        assert tokens_of(backward, i)[:10] == expected, f"row {i} in the other order"
+        np.testing.assert_allclose([o.logprob for o in forward[i]], [o.logprob for o in alone[i]], atol=LOGP_TOL)
+    assert tokens_of(forward, 5) == list(reference[0][5, :10]), "the greedy row among sampled ones"
+    assert forward[4][0].top is not None and forward[0][0].top is None
+
+
+def test_samples_of_one_prompt_are_their_own_streams(model):
+    engine = make_engine(model)
+    settings = RowSettings(temperature=1.0, seed=21)
+    # Three samples share one prefill (a request's n = 3); sample j is the same row admitted alone.
+    together = drive(engine, [Join(0, PROMPTS[2], {j: dataclasses.replace(settings, sample=j) for j in range(3)}, 12)])
+    for j in range(3):
+        alone = drive(engine, [Join(0, PROMPTS[2], {"x": dataclasses.replace(settings, sample=j)}, 12)])
+        assert tokens_of(together, j) == tokens_of(alone, "x")
+    samples = {tuple(tokens_of(together, j)) for j in range(3)}
+    other_seed = drive(engine, [Join(0, PROMPTS[2], {"y": dataclasses.replace(settings, seed=22)}, 12)])
+    assert len(samples) == 3 and tuple(tokens_of(other_seed, "y")) not in samples, "different streams differ"
+
+
+# --- guided rows ------------------------------------------------------------------------------------------
+
+
+def test_guided_rows_with_their_own_weights_equal_the_guided_sampler(model, guide):
+    engine = make_engine(model, guides=[guide], max_batch=4)  # rows wait for a free slot
+    weights = [(1.0, 0.0), (0.7, 1.5), (0.0, 1.0)]
+    guided = Sampler(model, guides=[guide])
+    greedy = SamplingParams(max_new_tokens=N, temperature=0.0, stop_token_ids=())
+    expected = {w: guided.generate(SHORT_PROMPTS, key=jax.random.key(0), params=greedy, alpha=w[0], betas=[w[1]])
+                for w in weights}
+    rows = [(w, p) for p in range(len(SHORT_PROMPTS)) for w in weights]
+    joins = [Join(k, SHORT_PROMPTS[p], {(w, p): RowSettings(temperature=0.0, weights=w)}, N)
+             for k, (w, p) in enumerate(rows)]
+    joins.append(Join(1, SHORT_PROMPTS[1], {"base": GREEDY}, N))  # no weights: the base model alone
+    outs = drive(engine, joins)
+    for w in weights:
+        for p in range(len(SHORT_PROMPTS)):
+            assert tokens_of(outs, (w, p)) == list(np.asarray(expected[w].tokens)[p]), (w, p)
+            # The reported log-probabilities are the base model's, for guided rows too.
+            np.testing.assert_allclose([o.logprob for o in outs[w, p]], np.asarray(expected[w].model_logps)[p],
+                                       atol=LOGP_TOL)
+    assert tokens_of(outs, "base") == tokens_of(outs, ((1.0, 0.0), 1))
+    assert tokens_of(outs, ((0.7, 1.5), 0)) != tokens_of(outs, ((1.0, 0.0), 0)), "the guide steers"
+
+
+# --- errors ----------------------------------------------------------------------------------------------------
+
+
+def test_bad_prompts_are_refused(model):
+    engine = make_engine(model)
+    with pytest.raises(ValueError, match="the prompt has no tokens"):
+        engine.prefill([])
+    with pytest.raises(ValueError, match="the prompt has 40 tokens; at most 39 fit max_model_len 40"):
+        engine.prefill(list(range(40)))
+    with pytest.raises(ValueError, match="a token id outside the vocabulary of 97"):
+        engine.prefill([1, V])
+    with pytest.raises(ValueError, match="a token id outside the vocabulary"):
+        engine.prefill_many([[1, 2], [-1]])
+
+
+def test_bad_admissions_are_refused_and_change_nothing(model, reference):
+    engine = make_engine(model)
+    prefilled = engine.prefill(PROMPTS[0])
+    with pytest.raises(ValueError, match=f"9 rows need slots but only {MAX_BATCH} of {MAX_BATCH} are free"):
+        engine.admit(prefilled, {i: GREEDY for i in range(MAX_BATCH + 1)})
+    assert engine.live == 0
+    first = engine.admit(prefilled, {"a": GREEDY})
+    with pytest.raises(ValueError, match="row 'a' is already decoding"):
+        engine.admit(engine.prefill(PROMPTS[1]), {"a": GREEDY})
+    with pytest.raises(ValueError, match=r"guidance weights \(1.0, 0.5\) need 1 values"):
+        engine.admit(engine.prefill(PROMPTS[1]), {"b": RowSettings(temperature=0.0, weights=(1.0, 0.5))})
+    assert engine.live == 1 and engine.length_of("a") == len(PROMPTS[0])
+    outs = {"a": [first["a"]]}
+    for _ in range(7):
+        outs["a"].append(engine.step()["a"])
+    engine.release("a")
+    engine.release("never admitted")  # unknown ids are ignored
+    assert engine.live == 0 and engine.step() == {}
+    assert_greedy_reference(outs, {"a": 0}, reference)
+
+
+def test_guided_weights_need_one_value_per_model(model, guide):
+    engine = make_engine(model, guides=[guide])
+    with pytest.raises(ValueError, match=r"guidance weights \(1.0,\) need 2 values \(the base model's and one per"):
+        engine.admit(engine.prefill(PROMPTS[0]), {"a": RowSettings(weights=(1.0,))})
+    assert engine.live == 0
+
+
+def test_stepping_a_row_past_max_model_len_is_refused(model):
+    engine = make_engine(model)
+    longest = [int(t) for t in np.random.default_rng(5).integers(0, V, size=MAX_MODEL_LEN - 1)]
+    first = engine.admit(engine.prefill(longest), {"full": GREEDY})
+    logits = np.asarray(model(np.asarray([longest]))[0][0, -1])
+    assert first["full"].token == int(np.argmax(logits)), "a prompt of max_model_len - 1 tokens fills the cache"
+    with pytest.raises(ValueError, match="row 'full' has reached max_model_len 40: release it"):
+        engine.step()
+    assert engine.live == 1
+    engine.release("full")
+    assert engine.live == 0 and engine.step() == {}
+
+
+def test_bad_engine_settings_are_refused(model):
+    with pytest.raises(ValueError, match="max_batch must be >= 1, got 0"):
+        ContinuousEngine(model, max_batch=0)
+    with pytest.raises(ValueError, match="max_model_len must be >= 2, got 1"):
+        ContinuousEngine(model, max_model_len=1)
+    with pytest.raises(ValueError, match="max_model_len 129 exceeds the 128 positions of the model"):
+        ContinuousEngine(model, max_model_len=129)
+    with pytest.raises(ValueError, match="slack must be >= 1, got 0"):
+        ContinuousEngine(model, max_model_len=MAX_MODEL_LEN, slack=0)
+    other = LlamaForCausalLM(dataclasses.replace(model.config, vocab_size=101), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="guide 0 has 101 tokens in its vocabulary, the base model 97"):
+        ContinuousEngine(model, guides=[other], max_model_len=MAX_MODEL_LEN)
