@@ -43,8 +43,8 @@ demo-smoke: install-demo
 lint: install-test
 	$(PY) -m ruff check .
 
-# The serving tests run in a pytest process of their own: in one long session with every other test, XLA
-# segfaulted twice while compiling in a test server's scheduler thread (jax 0.10.2, CPU), never in a fresh one.
+# The serving tests run in a pytest process of their own: shorter sessions, each compiling fewer programs (XLA's
+# persistent-cache writes segfaulted in long sessions, jax 0.10.2 CPU; see tests/train/conftest.py).
 test: install-test oracles lint browser
 	$(PY) -m pytest -q --ignore=tests/serve
 	$(PY) -m pytest -q tests/serve

@@ -127,6 +127,27 @@ def sample_pairs(model, tokenizer, prompts: list[str], *, samples: int, max_new_
     return records, skipped
 
 
+def labelled_pairs(out: Path, model, tokenizer, train_prompts: list[str], eval_prompts: list[str], *,
+                   settings: dict, seed: int, **sampling) -> tuple[list[dict], list[dict], dict, dict]:
+    """The train and held-out pairs (:func:`sample_pairs`), written to ``out`` as ``pairs_train.jsonl``,
+    ``pairs_eval.jsonl`` and ``prompts_eval.jsonl``; a rerun with the same ``settings`` reads them back (delete
+    ``pairs.json`` to resample). Returns ``(train, held_out, left_out_train, left_out_held_out)``."""
+    meta = out / "pairs.json"
+    if meta.is_file() and json.loads(meta.read_text())["settings"] == settings:
+        saved = json.loads(meta.read_text())
+        read = lambda name: [json.loads(line) for line in (out / name).read_text().splitlines()]  # noqa: E731
+        print(f"      reusing the pairs in {out} (same settings)")
+        return read("pairs_train.jsonl"), read("pairs_eval.jsonl"), saved["left_out_train"], saved["left_out_eval"]
+    train_pairs, train_skipped = sample_pairs(model, tokenizer, train_prompts, seed=seed, **sampling)
+    eval_pairs, eval_skipped = sample_pairs(model, tokenizer, eval_prompts, seed=seed + 1, **sampling)
+    write_jsonl(out / "pairs_train.jsonl", train_pairs)
+    write_jsonl(out / "pairs_eval.jsonl", eval_pairs)
+    write_jsonl(out / "prompts_eval.jsonl", [{"prompt": p} for p in eval_prompts])
+    meta.write_text(json.dumps({"settings": settings, "left_out_train": train_skipped,
+                                "left_out_eval": eval_skipped}) + "\n")
+    return train_pairs, eval_pairs, train_skipped, eval_skipped
+
+
 def write_jsonl(path: Path, records: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     return path
@@ -255,24 +276,10 @@ def main(argv: list[str] | None = None) -> int:
     stage = time.perf_counter()
     settings = {"prompts": args.prompts, "samples": args.samples, "max_new_tokens": args.max_new_tokens,
                 "seed": args.seed}
-    meta = out / "pairs.json"
-    if meta.is_file() and json.loads(meta.read_text())["settings"] == settings:
-        # A rerun with the same settings reuses the labelled pairs (delete pairs.json to resample).
-        saved = json.loads(meta.read_text())
-        train_pairs = [json.loads(line) for line in (out / "pairs_train.jsonl").read_text().splitlines()]
-        eval_pairs = [json.loads(line) for line in (out / "pairs_eval.jsonl").read_text().splitlines()]
-        train_skipped, eval_skipped = saved["left_out_train"], saved["left_out_eval"]
-        print(f"      reusing the pairs in {out} (same settings)")
-    else:
-        sampling = {"samples": args.samples, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
-                    "judge": judge}
-        train_pairs, train_skipped = sample_pairs(base, tokenizer, train_prompts, seed=args.seed, **sampling)
-        eval_pairs, eval_skipped = sample_pairs(base, tokenizer, eval_prompts, seed=args.seed + 1, **sampling)
-        write_jsonl(out / "pairs_train.jsonl", train_pairs)
-        write_jsonl(out / "pairs_eval.jsonl", eval_pairs)
-        write_jsonl(out / "prompts_eval.jsonl", [{"prompt": p} for p in eval_prompts])
-        meta.write_text(json.dumps({"settings": settings, "left_out_train": train_skipped,
-                                    "left_out_eval": eval_skipped}) + "\n")
+    sampling = {"samples": args.samples, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
+                "judge": judge}
+    train_pairs, eval_pairs, train_skipped, eval_skipped = labelled_pairs(
+        out, base, tokenizer, train_prompts, eval_prompts, settings=settings, seed=args.seed, **sampling)
     print(f"      {len(train_pairs)} train pairs, {len(eval_pairs)} held-out pairs "
           f"(left out: train {train_skipped}, held out {eval_skipped})")
     timings["pairs_s"] = time.perf_counter() - stage

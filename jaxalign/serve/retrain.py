@@ -83,7 +83,8 @@ class Version:
     status: str  # "training", "ready" or "failed"
     records: tuple[int, int] = (0, 0)  # the feedback records [start, end) it trained on
     model: str | None = None  # the weights: the base model's path (v0), or the last stage's export
-    stages: dict[str, dict] = dataclasses.field(default_factory=dict)  # stage -> {"examples", "steps", "status"}
+    # stage -> {"data", "examples", "steps", "status", "seconds", "peak_rss_mib"} (the last two once it ran)
+    stages: dict[str, dict] = dataclasses.field(default_factory=dict)
     created: float = dataclasses.field(default_factory=time.time)
     finished: float | None = None
     error: str | None = None
@@ -296,11 +297,17 @@ class Retrainer:
                                           message=f"training {version.name}: {stage}")
         directory.mkdir(parents=True, exist_ok=True)
         log.info("%s: %s", version.name, " ".join(command))
+        started = time.perf_counter()
         with open(directory / "train.log", "ab") as output:
             self._process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, cwd=self.root)
-            while self._process.poll() is None:
+            # wait4, not poll: it also gives the stage's peak memory, which version.json records.
+            while not (ended := os.wait4(self._process.pid, os.WNOHANG))[0]:
                 self.status = dataclasses.replace(self.status, step=_steps_done(directory / "metrics.jsonl"))
                 time.sleep(0.5)
+        _, wait_status, usage = ended
+        self._process.returncode = os.waitstatus_to_exitcode(wait_status)  # reaped here: Popen must not wait
+        info["seconds"] = round(time.perf_counter() - started, 1)
+        info["peak_rss_mib"] = round(usage.ru_maxrss / 1024, 1)  # Linux reports KiB
         if self._process.returncode != 0:
             tail = (directory / "train.log").read_text(errors="replace").strip().splitlines()[-1:]
             raise RuntimeError(f"jaxalign train {stage} exited with {self._process.returncode}: "

@@ -27,7 +27,6 @@ from jaxalign.rollout.text import TextStream
 from jaxalign.serve.protocol import APIError
 
 log = logging.getLogger("jaxalign.serve")
-THREAD_STACK_BYTES = 64 << 20
 
 
 @dataclasses.dataclass
@@ -153,13 +152,7 @@ class Scheduler:
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="jaxalign-scheduler", daemon=True)
-        # XLA compiles new shapes in this thread; give it the main thread's room (a thread's default stack can
-        # be far smaller than the 8 MiB main stack LLVM's recursive passes are known to work in).
-        previous = threading.stack_size(THREAD_STACK_BYTES)
-        try:
-            self._thread.start()
-        finally:
-            threading.stack_size(previous)
+        self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         with self._wake:

@@ -11,19 +11,26 @@ import sys
 import tempfile
 from pathlib import Path
 
-import jax
 import pytest
+
+from jaxalign.serve.command import persistent_compilation_cache
 
 ROOT = Path(__file__).resolve().parents[2]
 
 # Nearly every test builds a TrainStep or a Trainer, and each compiles the same few tiny programs (several
 # seconds each on 2 cores). XLA's persistent compilation cache, private to this test session, lets every
-# compile after the first load the executable instead, in this process and in the test subprocesses.
+# compile after the first load the executable instead, in these tests and in their subprocesses. Only these
+# tests: enabled for the whole session (as this file once did at import, which pytest does for every test), a
+# cache write segfaulted in other folders' tests (jax 0.10.2, CPU; compilation_cache.put_executable_and_time).
 XLA_CACHE = os.environ.get("JAX_COMPILATION_CACHE_DIR") or tempfile.mkdtemp(prefix="jaxalign-train-xla-cache-")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, XLA_CACHE, ignore_errors=True)
-jax.config.update("jax_compilation_cache_dir", XLA_CACHE)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+@pytest.fixture(autouse=True)
+def compilation_cache():
+    with persistent_compilation_cache(Path(XLA_CACHE)):
+        yield
 
 
 def python_env(devices: int = 1) -> dict[str, str]:

@@ -1,0 +1,527 @@
+"""Four ways to align the embedded default with the same gold judge: SFT, human in the loop, PPO and DPO.
+
+    python -m experiments.compare_methods [--output-dir runs/compare_methods] [--hitl-versions 2] [--overwrite]
+    python -m experiments.compare_methods --smoke     # every stage on a handful of prompts (checks the code path)
+
+The main job's setting (``experiments.sentiment``): SmolLM2-135M-Instruct asked for short reviews and opinions,
+VADER's sentiment as the gold judge standing in for a human expert. Every method trains LoRA adapters
+(r = 16, alpha = 32, the seven projections) on the same base with the same train prompts, and is evaluated on the
+same held-out prompts with the same sampling keys. Stages, each cached in the output directory (a rerun skips what
+is done; a killed training run resumes from its checkpoints):
+
+1. pairs: the main job's prompts and split; four base samples per train prompt, the most and least positive by the
+   gold judge form a pair (``experiments.sentiment.labelled_pairs``).
+2. reward: PPO's reward model, the main job's Bradley-Terry probe on the train pairs (preset ``sentiment``).
+3. sft: SFT on the chosen side of each pair, the best of the base model's samples (preset ``compare_methods``).
+4. dpo: DPO on the pairs, the base (adapters off) as reference.
+5. ppo: PPO on the train prompts with the reward model of stage 2 (not the gold judge: as a user would).
+6. hitl: ``jaxalign hitl`` started as a server; a scripted reviewer (:class:`Reviewer`) asks it the train prompts
+   over HTTP, two answers at a time, exactly the requests and feedback records the page's buttons send, and acts
+   on the gold judge's scores: picks the better answer, accepts a good one, edits out negative sentences, rejects
+   a negative one, gives thumbs to the other. The app retrains itself every ``--hitl-threshold`` records (its own
+   ``hitl`` preset: SFT, DPO and KTO stages) and hot-swaps each version in; the reviewer keeps going on the new
+   version until ``--hitl-versions`` versions have been served.
+7. evaluation: each method's export against the base on the held-out prompts: gold win rate with its 95 %
+   interval, mean gold score, KL to the base, response length; plus each method's training wall time, peak
+   memory (the training process's maximum resident set, from ``wait4``) and trainable parameters.
+
+Writes ``<output-dir>/summary.json``, ``summary.png`` and ``samples.jsonl`` (every held-out prompt with each
+method's answer and gold score), prints the table and a few answers side by side. ``--smoke`` runs every stage on
+a few prompts with a few steps: it proves the code path, not the comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from experiments.sentiment import labelled_pairs, make_prompts, write_jsonl
+
+METHODS = ("sft", "hitl", "ppo", "dpo")
+PRESET = "compare_methods"
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+RESULT_FILE = "result.json"  # a finished stage's measurements; its presence marks the stage done
+SHOWN_PROMPTS = 3
+SMOKE_SETTINGS = {"prompts": 10, "samples": 2, "max_new_tokens": 8, "eval_samples": 1, "hitl_threshold": 6,
+                  "hitl_versions": 1}
+SMOKE_OVERRIDES = {
+    "reward": ["normalize_samples=4"],
+    "sft": ["train.total_steps=2", "data.batch_size=2"],
+    "dpo": ["train.total_steps=2", "data.batch_size=2"],
+    "ppo": ["train.total_steps=1", "data.batch_size=2", "sampling.max_new_tokens=8",
+            "train.checkpoint.save_every_steps=1"],
+}
+SERVER_START_S = 900.0  # loading and compiling the served model, bounded
+VERSION_TIMEOUT_S = 3600.0  # one retraining, bounded
+REQUEST_TIMEOUT_S = 300.0
+
+
+# --- measured training runs -----------------------------------------------------------------------------------
+
+
+def run_measured(command: list[str], *, log: Path | None = None) -> dict:
+    """Run ``command`` and return its wall time and peak memory (maximum resident set, ``wait4``).
+
+    Raises:
+        RuntimeError: it exited with an error (the log's last line is in the message).
+    """
+    started = time.perf_counter()
+    output = open(log, "ab") if log else None  # noqa: SIM115 - closed below, after the process ends
+    try:
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT if output else None)
+        try:
+            _, status, usage = os.wait4(process.pid, 0)
+        except BaseException:
+            process.kill()
+            raise
+    finally:
+        if output:
+            output.close()
+    code = os.waitstatus_to_exitcode(status)
+    process.returncode = code  # reaped by wait4
+    if code != 0:
+        tail = log.read_text(errors="replace").strip().splitlines()[-1:] if log else []
+        raise RuntimeError(f"{' '.join(command[:6])} ... exited with {code}{': ' + tail[0] if tail else ''}")
+    return {"seconds": round(time.perf_counter() - started, 1), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
+
+
+def train_stage(method: str, out: Path, overrides: list[str], *, preset: str = PRESET) -> dict:
+    """``jaxalign train <method> --config <preset>`` into ``out/<method>``, measured; cached in its result.json."""
+    directory = out / method
+    result_file = directory / RESULT_FILE
+    if result_file.is_file():
+        print(f"      done earlier: {result_file}")
+        return json.loads(result_file.read_text())
+    command = [sys.executable, "-m", "jaxalign.cli", "train", method, "--config", preset,
+               f"output_dir={directory}", *overrides]
+    resumed = directory.exists()
+    if resumed:
+        command.append("--resume")  # an interrupted run continues from its checkpoints (wall time: this part)
+    result = run_measured(command) | {"export": str(directory / "export"), "resumed": resumed}
+    result_file.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+# --- the scripted reviewer --------------------------------------------------------------------------------------
+
+
+def split_sentences(text: str) -> list[str]:
+    return [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s]
+
+
+class Reviewer:
+    """A stand-in for the expert that acts on the gold judge's scores, through the app's HTTP interface.
+
+    For each question it asks for two answers (``n=2``, as the page's "two answers" button) and sends, in order:
+
+    - ``pick`` of the better answer when their gold scores differ by at least ``pick_gap``;
+    - on the better answer: ``accept`` if it scores at least ``good``; otherwise ``edit`` if removing its
+      negative sentences leaves text that scores ``edit_gain`` more (what an editor of this judge would do;
+      the reviewer cannot write new text); otherwise ``reject`` if it is negative;
+    - on the other answer: ``thumbs_up`` if it scores at least ``good``, ``thumbs_down`` if negative.
+    """
+
+    def __init__(self, url: str, model: str, judge, *, max_tokens: int, pick_gap: float = 0.05, good: float = 0.5,
+                 edit_gain: float = 0.1):
+        self.url, self.model = url, model
+        self.judge = judge
+        self.max_tokens = max_tokens
+        self.pick_gap, self.good, self.edit_gain = pick_gap, good, edit_gain
+        self.actions: dict[str, int] = {}
+
+    def score(self, texts: list[str]) -> list[float]:
+        return [float(s) for s in self.judge.score([""] * len(texts), texts)]
+
+    def ask(self, prompt: str, seed: int) -> tuple[list[str], str]:
+        """Two answers to ``prompt`` and the version that gave them (``system_fingerprint``)."""
+        body = {"model": self.model, "messages": [{"role": "user", "content": prompt}], "n": 2,
+                "max_tokens": self.max_tokens, "temperature": 1.0, "seed": seed}
+        reply = post(self.url + "/v1/chat/completions", body)
+        return [choice["message"]["content"].strip() for choice in reply["choices"]], reply["system_fingerprint"]
+
+    def review(self, prompt: str, answers: list[str], version: str) -> list[dict]:
+        """The feedback records for one question (see the class docstring)."""
+        scores = self.score(answers)
+        best, other = (0, 1) if scores[0] >= scores[1] else (1, 0)
+        base = {"prompt": prompt, "model_version": version}
+        records = []
+        if abs(scores[0] - scores[1]) >= self.pick_gap and answers[0] != answers[1]:
+            records.append(base | {"action": "pick", "choice": {"responses": answers, "chosen": best}})
+        answer, score = answers[best], scores[best]
+        kept = " ".join(s for s in split_sentences(answer) if self.score([s])[0] >= 0)
+        if answer and score >= self.good:
+            records.append(base | {"action": "accept", "response": answer})
+        elif kept and kept != answer and self.score([kept])[0] >= score + self.edit_gain:
+            records.append(base | {"action": "edit", "response": answer, "edit": kept})
+        elif answer and score < 0:
+            records.append(base | {"action": "reject", "response": answer})
+        if answers[other] and answers[other] != answer:
+            if scores[other] >= self.good:
+                records.append(base | {"action": "thumbs_up", "response": answers[other]})
+            elif scores[other] < 0:
+                records.append(base | {"action": "thumbs_down", "response": answers[other]})
+        return records
+
+    def send(self, record: dict) -> dict:
+        reply = post(self.url + "/hitl/feedback", record)
+        self.actions[record["action"]] = self.actions.get(record["action"], 0) + 1
+        return reply
+
+
+def post(url: str, body: dict) -> dict:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        raise RuntimeError(f"POST {url}: {error.code} {error.read().decode(errors='replace')[:500]}") from error
+
+
+def get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=REQUEST_TIMEOUT_S) as response:
+        return json.loads(response.read())
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for_server(url: str, process: subprocess.Popen, log: Path) -> dict:
+    deadline = time.monotonic() + SERVER_START_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"jaxalign hitl exited with {process.returncode} while starting (see {log})")
+        try:
+            return get(url + "/hitl/state")
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(2.0)
+    raise RuntimeError(f"jaxalign hitl did not answer within {SERVER_START_S:.0f} s (see {log})")
+
+
+def wait_for_version(url: str, name: str, bar: tqdm) -> dict:
+    """Block until ``name`` is served (its training shown on ``bar``); raise if it fails or takes too long."""
+    deadline = time.monotonic() + VERSION_TIMEOUT_S
+    while time.monotonic() < deadline:
+        state = get(url + "/hitl/state")
+        status = state["retrain"]
+        if state["serving"] == name:
+            return state
+        if status["state"] == "failed":
+            raise RuntimeError(f"retraining {name} failed: {status['message']}")
+        bar.set_postfix_str(f"{name}: {status['stage'] or status['state']} step {status['step']}/{status['steps']}")
+        time.sleep(2.0)
+    raise RuntimeError(f"version {name} was not served within {VERSION_TIMEOUT_S:.0f} s")
+
+
+def stop_server(server: subprocess.Popen, timeout: float = 120.0):
+    """SIGINT (uvicorn's graceful shutdown; the app stops a running retraining), SIGKILL after ``timeout``;
+    returns the server's resource usage (None if it had already been reaped)."""
+    if server.returncode is not None:
+        return None
+    server.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + timeout
+    while not (ended := os.wait4(server.pid, os.WNOHANG))[0]:
+        if time.monotonic() > deadline:
+            server.kill()
+            ended = os.wait4(server.pid, 0)
+            break
+        time.sleep(0.5)
+    server.returncode = os.waitstatus_to_exitcode(ended[1])
+    return ended[2]
+
+
+def hitl_stage(out: Path, prompts: list[str], *, threshold: int, versions: int, max_tokens: int, seed: int,
+               judge) -> dict:
+    """The human-in-the-loop app with the scripted reviewer, until ``versions`` versions have been served."""
+    directory = out / "hitl"
+    result_file = directory / RESULT_FILE
+    if result_file.is_file():
+        print(f"      done earlier: {result_file}")
+        return json.loads(result_file.read_text())
+    directory.mkdir(parents=True, exist_ok=True)
+    port, log = free_port(), directory / "server.log"
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "jaxalign.cli", "hitl", "--output-dir", str(directory), "--port", str(port),
+               "--retrain-threshold", str(threshold), "--max-tokens", str(max_tokens), "--max-batch", "8",
+               "--max-model-len", "256"]
+    started = time.perf_counter()
+    with open(log, "ab") as output:
+        server = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+    order = random.Random(seed).sample(prompts, len(prompts))
+    asked = 0
+    try:
+        state = wait_for_server(url, server, log)
+        reviewer = Reviewer(url, state["model"], judge, max_tokens=max_tokens)
+        first = int(state["serving"][1:])  # a restarted experiment continues from the version served
+        with tqdm(total=versions, unit="version", desc="hitl", dynamic_ncols=True, initial=min(first, versions)) as bar:
+            for number in range(first + 1, versions + 1):
+                # Questions go in batches the server decodes together; feedback is sent in question order.
+                while get(url + "/hitl/state")["retrain"]["state"] == "idle":
+                    batch = [order[(asked + i) % len(order)] for i in range(8)]
+                    with concurrent.futures.ThreadPoolExecutor(len(batch)) as pool:
+                        replies = list(pool.map(reviewer.ask, batch, [seed * 100003 + asked + i for i in range(8)]))
+                    asked += len(batch)
+                    for prompt, (answers, version) in zip(batch, replies):
+                        for record in reviewer.review(prompt, answers, version):
+                            reviewer.send(record)
+                    bar.set_postfix_str(f"asked {asked}, feedback {sum(reviewer.actions.values())}")
+                wait_for_version(url, f"v{number}", bar)
+                bar.update(1)
+        loop_seconds = time.perf_counter() - started
+    finally:
+        usage = stop_server(server)
+    served = json.loads((directory / "versions" / f"v{versions}" / "version.json").read_text())
+    stage_runs = [info for v in range(1, versions + 1)
+                  for info in json.loads((directory / "versions" / f"v{v}" / "version.json").read_text())
+                  ["stages"].values() if "seconds" in info]
+    server_peak = usage.ru_maxrss / 1024 if usage else float("nan")
+    result = {
+        "export": served["model"],
+        "seconds": round(loop_seconds, 1),  # the whole loop: the reviewer's questions, the retrainings, the swaps
+        "training_seconds": round(sum(info["seconds"] for info in stage_runs), 1),
+        # The server and a training stage are resident together.
+        "peak_rss_mib": round(server_peak + max((info["peak_rss_mib"] for info in stage_runs), default=0.0), 1),
+        "server_peak_rss_mib": round(server_peak, 1),
+        "questions": asked, "actions": reviewer.actions, "versions": versions,
+    }
+    result_file.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+# --- evaluation, report ----------------------------------------------------------------------------------------
+
+
+def trainable_parameters(method: str) -> int:
+    """LoRA adapters of the seven projections (and, for PPO, its value head on the shared trunk)."""
+    from flax import nnx
+
+    from jaxalign import models
+
+    model, _ = models.load_gguf(models.default_model_path())
+    models.apply_lora(model, models.LoRAConfig(rank=16, alpha=32, targets=LORA_TARGETS), rngs=nnx.Rngs(0))
+    count = sum(leaf.size for leaf in jax_leaves(nnx.state(model, nnx.LoRAParam)))
+    if method == "ppo":
+        count += sum(leaf.size for leaf in jax_leaves(nnx.state(models.ValueHead(model.config.d_model,
+                                                                                 rngs=nnx.Rngs(0)))))
+    return int(count)
+
+
+def jax_leaves(tree):
+    import jax
+
+    return jax.tree_util.tree_leaves(tree)
+
+
+def evaluate(out: Path, method: str, export: str, reference, tokenizer, prompts: list[str], *, judge, samples: int,
+             max_new_tokens: int, seed: int) -> dict:
+    """The gold evaluation of one method against the base (cached in ``evaluation/<method>.json``)."""
+    import jax
+
+    from jaxalign import eval as jeval
+    from jaxalign import models
+    from jaxalign.rollout import SamplingParams
+
+    cache = out / "evaluation" / f"{method}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    policy, _ = models.load_pretrained(export, source=f"{method} export")
+    evaluation = jeval.evaluate_policy(
+        policy, reference, tokenizer, prompts, judge=judge,
+        params=SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0), samples_per_prompt=samples,
+        key=jax.random.key(seed + 2), batch_size=32)  # the same key for every method: the same base samples
+    result = evaluation.to_dict() | {"records": [
+        {"prompt": r["prompt"], "response": r["policy"], "gold": r["gold_policy"], "base": r["reference"],
+         "gold_base": r["gold_reference"]} for r in evaluation.records]}
+    cache.parent.mkdir(exist_ok=True)
+    cache.write_text(json.dumps(result, default=float) + "\n")
+    return result
+
+
+def table(rows: dict[str, dict]) -> str:
+    header = ("method", "gold win rate vs base [95% CI]", "gold score", "KL (nats)", "length", "wall time",
+              "peak memory", "trainable")
+    lines = [header]
+    for method, row in rows.items():
+        win, gold, kl = row["win_rate"], row["gold_reward"]["policy"], row["kl"]
+        lines.append((method, f"{win['rate']:.1%} [{win['low']:.1%}, {win['high']:.1%}]",
+                      f"{gold['mean']:+.3f}", f"{kl['mean']:.2f}", f"{row['response_length']['policy']['mean']:.1f}",
+                      f"{row['seconds'] / 60:.1f} min", f"{row['peak_rss_mib'] / 1024:.2f} GiB",
+                      f"{row['trainable_parameters'] / 1e6:.2f} M"))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)) for line in lines)
+
+
+def plot(rows: dict[str, dict], base_gold: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(rows)
+    colours = [f"C{i}" for i in range(len(names))]
+    figure, axes = plt.subplots(1, 4, figsize=(16, 3.8))
+    win = [rows[n]["win_rate"] for n in names]
+    axes[0].bar(names, [w["rate"] for w in win], color=colours, capsize=6,
+                yerr=[[w["rate"] - w["low"] for w in win], [w["high"] - w["rate"] for w in win]])
+    axes[0].axhline(0.5, color="grey", ls="--", lw=1)
+    axes[0].set_ylim(0, 1)
+    axes[0].set_title("gold win rate vs base (95% CI)")
+    gold = [rows[n]["gold_reward"]["policy"] for n in names]
+    axes[1].bar(names, [g["mean"] for g in gold], color=colours, capsize=6,
+                yerr=[[g["mean"] - g["low"] for g in gold], [g["high"] - g["mean"] for g in gold]])
+    axes[1].axhline(base_gold, color="grey", ls="--", lw=1, label=f"base {base_gold:+.2f}")
+    axes[1].set_title("mean gold score (VADER)")
+    axes[1].legend(fontsize=8)
+    kl = [rows[n]["kl"] for n in names]
+    axes[2].bar(names, [k["mean"] for k in kl], color=colours, capsize=6,
+                yerr=[[k["mean"] - k["low"] for k in kl], [k["high"] - k["mean"] for k in kl]])
+    axes[2].set_title("KL to the base (nats per response)")
+    axes[3].bar(names, [rows[n]["seconds"] / 60 for n in names], color=colours)
+    axes[3].set_title("wall time (min); peak memory on the bars")
+    for i, name in enumerate(names):
+        axes[3].text(i, rows[name]["seconds"] / 60, f"{rows[name]['peak_rss_mib'] / 1024:.1f} GiB", ha="center",
+                     va="bottom", fontsize=8)
+    for axis in axes:
+        axis.grid(axis="y", alpha=0.3)
+    figure.suptitle("SmolLM2-135M-Instruct, LoRA r=16 on the seven projections, held-out prompts", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def side_by_side(rows: dict[str, dict]) -> list[dict]:
+    """Per held-out row: the prompt, the base's answer and each method's, with gold scores."""
+    first = next(iter(rows.values()))["records"]
+    samples = []
+    for i, record in enumerate(first):
+        sample = {"prompt": record["prompt"], "base": record["base"], "gold_base": record["gold_base"]}
+        for method, row in rows.items():
+            sample[method] = row["records"][i]["response"]
+            sample[f"gold_{method}"] = row["records"][i]["gold"]
+        samples.append(sample)
+    return samples
+
+
+def show(samples: list[dict], methods, count: int) -> str:
+    shown, seen = [], set()
+    for sample in samples:
+        prompt = sample["prompt"] if isinstance(sample["prompt"], str) else json.dumps(sample["prompt"])
+        if prompt in seen:
+            continue
+        seen.add(prompt)
+        lines = [f"prompt: {prompt}", f"  base ({sample['gold_base']:+.2f}): {sample['base']}"]
+        lines += [f"  {m} ({sample[f'gold_{m}']:+.2f}): {sample[m]}" for m in methods]
+        shown.append("\n".join(lines))
+        if len(shown) == count:
+            break
+    return "\n\n".join(shown)
+
+
+# --- main ------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output-dir", type=Path, default=Path("runs/compare_methods"))
+    parser.add_argument("--prompts", type=int, default=320, help="prompts in all (80%% train, 20%% held out)")
+    parser.add_argument("--samples", type=int, default=4, help="base samples per train prompt for the pairs")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--eval-samples", type=int, default=2, help="samples per held-out prompt and method")
+    parser.add_argument("--hitl-threshold", type=int, default=48, help="feedback records per HITL version")
+    parser.add_argument("--hitl-versions", type=int, default=2, help="HITL versions trained and served")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--smoke", action="store_true", help=f"every stage, tiny ({SMOKE_SETTINGS})")
+    parser.add_argument("--overwrite", action="store_true", help="start again: delete the output directory first")
+    args = parser.parse_args(argv)
+    overrides = {stage: [] for stage in SMOKE_OVERRIDES}
+    if args.smoke:
+        for name, value in SMOKE_SETTINGS.items():
+            setattr(args, name, value)
+        overrides = dict(SMOKE_OVERRIDES)
+    out = args.output_dir
+    if args.overwrite and out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    from jaxalign import eval as jeval
+    from jaxalign import models
+
+    judge = jeval.VaderJudge()
+    prompts = make_prompts(args.prompts, args.seed)
+    held_out = max(1, args.prompts // 5)  # the main job's split
+    train_prompts, eval_prompts = prompts[held_out:], prompts[:held_out]
+    base, tokenizer = models.load_gguf(models.default_model_path())
+    settings = {"prompts": args.prompts, "samples": args.samples, "max_new_tokens": args.max_new_tokens,
+                "seed": args.seed}
+
+    print(f"[1/7] pairs: {args.samples} base samples per train prompt, best vs worst by the gold judge (VADER)")
+    train_pairs, _, left_out, _ = labelled_pairs(
+        out, base, tokenizer, train_prompts, eval_prompts, settings=settings, seed=args.seed,
+        samples=args.samples, max_new_tokens=args.max_new_tokens, batch_size=32, judge=judge)
+    prompt_file = write_jsonl(out / "prompts_train.jsonl",
+                              [{"prompt": [{"role": "user", "content": p}]} for p in train_prompts])
+    print(f"      {len(train_pairs)} train pairs (left out: {left_out})")
+    pairs = [f"data.source={out / 'pairs_train.jsonl'}"]
+    runs = {}
+
+    print("[2/7] reward model for PPO: the main job's Bradley-Terry probe on the train pairs")
+    reward = train_stage("reward", out, pairs + overrides["reward"], preset="sentiment")
+    print("[3/7] SFT on the best sampled answers (LoRA)")
+    runs["sft"] = train_stage("sft", out, pairs + overrides["sft"])
+    print("[4/7] DPO on the pairs (LoRA)")
+    runs["dpo"] = train_stage("dpo", out, pairs + overrides["dpo"])
+    print("[5/7] PPO on the reward model (LoRA)")
+    runs["ppo"] = train_stage("ppo", out, [f"data.source={prompt_file}", f"reward.model={reward['export']}"]
+                              + overrides["ppo"])
+    print(f"[6/7] human in the loop: jaxalign hitl and a scripted reviewer, {args.hitl_versions} versions of "
+          f"{args.hitl_threshold} records")
+    runs["hitl"] = hitl_stage(out, train_prompts, threshold=args.hitl_threshold, versions=args.hitl_versions,
+                              max_tokens=args.max_new_tokens, seed=args.seed, judge=judge)
+    print(f"      {runs['hitl']['questions']} questions, feedback {runs['hitl']['actions']}")
+
+    print(f"[7/7] evaluation on {len(eval_prompts)} held-out prompts, {args.eval_samples} samples each")
+    rows = {}
+    for method in METHODS:
+        evaluation = evaluate(out, method, runs[method]["export"], base, tokenizer, eval_prompts, judge=judge,
+                              samples=args.eval_samples, max_new_tokens=args.max_new_tokens, seed=args.seed)
+        rows[method] = evaluation | runs[method] | {"trainable_parameters": trainable_parameters(method)}
+    base_gold = rows["sft"]["gold_reward"]["reference"]["mean"]
+    samples = side_by_side(rows)
+    write_jsonl(out / "samples.jsonl", samples)
+    summary = {"settings": vars(args) | {"output_dir": str(out)}, "base_gold_reward": base_gold,
+               "reward_model": reward,
+               "methods": {m: {k: v for k, v in row.items() if k != "records"} for m, row in rows.items()}}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    plot(rows, base_gold, out / "summary.png")
+    print()
+    print(table(rows))
+    print(f"\nbase model's mean gold score {base_gold:+.3f}; held-out answers side by side "
+          f"(gold score in brackets; all in {out / 'samples.jsonl'}):\n")
+    print(show(samples, METHODS, SHOWN_PROMPTS))
+    print(f"\nwrote {out / 'summary.json'} and {out / 'summary.png'}")
+    if args.smoke:
+        print("smoke run: every stage ran (the comparison needs the full run)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
