@@ -27,12 +27,6 @@ Opening a store reads every line:
   the line aside would hide that fault and quietly drop a record a person confirmed; a person must look.
   Valid JSON that is not a valid record (anywhere in the file) is refused the same way.
 
-Retraining cursor: the app retrains every N new records. The store keeps the count of records the last
-retraining used (:attr:`FeedbackStore.marker`) in a small JSON state file beside the feedback file
-(``<file>.state.json``), written atomically (temp file, fsync, ``os.replace``, fsync of the directory) by
-:meth:`FeedbackStore.mark_retrained`. It also holds the id of the last record counted, so a state file that
-does not match its feedback file is an error, not a wrong count.
-
 Exports (:func:`export_sft`, :func:`export_preferences`, :func:`export_unpaired`, or the store's methods of the
 same names) write JSON Lines in TRL's formats that ``jaxalign.data`` reads and ``jaxalign train`` detects:
 
@@ -90,8 +84,8 @@ _CHOICE_FIELDS = ("responses", "chosen", "model_versions")
 
 
 class FeedbackError(DataError):
-    """Bad feedback: a record that fails validation (``field`` names the field), a corrupt feedback or state
-    file (``where`` names the file and line), or a store that cannot be used. A ``ValueError``."""
+    """Bad feedback: a record that fails validation (``field`` names the field), a corrupt feedback file
+    (``where`` names the file and line), or a store that cannot be used. A ``ValueError``."""
 
 
 def _fail(field_name: str | None, problem: str, where: Location | str | None = None) -> FeedbackError:
@@ -485,27 +479,23 @@ class FeedbackStore:
         path: the feedback file (created, with its directory, when missing).
         max_chars: the longest text :meth:`append` accepts in any field (None: no limit). Records already in
             the file are read whatever their length: the limit guards new input, not history.
-        state_path: the retraining cursor's state file; default ``<path>.state.json``.
 
     Attributes:
-        path, state_path, max_chars: as given.
+        path, max_chars: as given.
         recovered: messages about what opening set aside (a torn tail), for the app to show; also logged.
 
     Raises:
-        FeedbackError: a corrupt line before the end of the file, an invalid record, a state file that does not
-            match the feedback file, or a file already open in another store (this process or another): one
-            store writes a file, so recovery never cuts a line another writer is appending.
+        FeedbackError: a corrupt line before the end of the file, an invalid record, or a file already open
+            in another store (this process or another): one store writes a file, so recovery never cuts a line
+            another writer is appending.
 
     Appends are serialised by a lock: threads may share a store. Close it (or use ``with``) to release the file.
     """
 
-    def __init__(self, path: str | os.PathLike, *, max_chars: int | None = DEFAULT_MAX_CHARS,
-                 state_path: str | os.PathLike | None = None):
+    def __init__(self, path: str | os.PathLike, *, max_chars: int | None = DEFAULT_MAX_CHARS):
         if max_chars is not None and (not isinstance(max_chars, int) or isinstance(max_chars, bool) or max_chars < 1):
             raise ValueError(f"max_chars must be a positive integer or None, got {max_chars!r}")
         self.path = Path(path)
-        self.state_path = Path(state_path) if state_path is not None else self.path.with_name(
-            self.path.name + ".state.json")
         self.max_chars = max_chars
         self.recovered: list[str] = []
         self._lock = threading.Lock()
@@ -532,7 +522,6 @@ class FeedbackStore:
         self._size = len(data)
         if tail is not None:
             self._set_aside(data, tail)
-        self._marker = self._read_state()
 
     def _read_all(self) -> bytes:
         os.lseek(self._fd, 0, os.SEEK_SET)
@@ -628,87 +617,19 @@ class FeedbackStore:
         with self._lock:
             return len(self._records)
 
-    def since(self, n: int) -> list[FeedbackRecord]:
-        """The records after the first ``n`` (``since(store.marker)``: those no retraining has used yet)."""
-        if not isinstance(n, int) or n < 0:
-            raise ValueError(f"since takes a count of records >= 0, got {n!r}")
-        with self._lock:
-            return self._records[n:]
-
-    # ------------------------------------------------------------------------------------------- retraining
-
-    @property
-    def marker(self) -> int:
-        """How many records (the first ones) the last retraining used; 0 before any."""
-        with self._lock:
-            return self._marker
-
-    @property
-    def pending(self) -> int:
-        """Records appended since the last retraining marker."""
-        with self._lock:
-            return len(self._records) - self._marker
-
-    def retrain_due(self, every: int) -> bool:
-        """Whether ``every`` or more records arrived since the last retraining marker."""
-        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
-            raise ValueError(f"every must be a positive number of records, got {every!r}")
-        return self.pending >= every
-
-    def mark_retrained(self, upto: int | None = None) -> None:
-        """Record durably that a retraining used the first ``upto`` records (default: all of them now).
-
-        The state file is replaced atomically; it names the last record counted, so it is checked against
-        the feedback file when the store opens.
-        """
-        with self._lock:
-            count = len(self._records) if upto is None else upto
-            if not isinstance(count, int) or isinstance(count, bool) or not 0 <= count <= len(self._records):
-                raise ValueError(f"upto must be a record count in [0, {len(self._records)}], got {upto!r}")
-            state = {"schema": SCHEMA, "retrained_through": count,
-                     "last_id": self._records[count - 1].id if count else None, "time": utc_now()}
-            _write_atomically(self.state_path, (json.dumps(state, indent=1) + "\n").encode("utf-8"))
-            self._marker = count
-
-    def _read_state(self) -> int:
-        for stale in self.state_path.parent.glob(f"{self.state_path.name}.tmp-*"):  # a write cut short
-            with contextlib.suppress(OSError):
-                stale.unlink()
-        try:
-            text = self.state_path.read_bytes()
-        except FileNotFoundError:
-            return 0
-        where = str(self.state_path)
-        try:
-            state = _load_line(text.strip())
-        except ValueError as error:
-            raise FeedbackError(f"{error}; it was written atomically, so it was damaged or "
-                                "edited: repair it, or remove it to start counting from 0", where=where) from None
-        if not isinstance(state, dict) or state.get("schema") != SCHEMA:
-            raise _fail("schema", f"not a feedback state file of schema {SCHEMA}", where)
-        count = state.get("retrained_through")
-        if not isinstance(count, int) or isinstance(count, bool) or not 0 <= count <= len(self._records):
-            raise _fail("retrained_through", f"must be a record count in [0, {len(self._records)}] (the records in "
-                        f"{self.path}), got {count!r}: the state file belongs to another feedback file", where)
-        expected = self._records[count - 1].id if count else None
-        if state.get("last_id") != expected:
-            raise _fail("last_id", f"is {state.get('last_id')!r}, but record {count} of {self.path} has id "
-                        f"{expected!r}: the state file belongs to another feedback file", where)
-        return count
-
     # ------------------------------------------------------------------------------------------- exports
 
-    def export_sft(self, path: str | os.PathLike, *, start: int = 0, chat: bool = True) -> int:
-        """:func:`export_sft` of the records after the first ``start``."""
-        return export_sft(self.since(start), path, chat=chat)
+    def export_sft(self, path: str | os.PathLike, *, chat: bool = True) -> int:
+        """:func:`export_sft` of every record."""
+        return export_sft(self.records(), path, chat=chat)
 
-    def export_preferences(self, path: str | os.PathLike, *, start: int = 0, chat: bool = True) -> int:
-        """:func:`export_preferences` of the records after the first ``start``."""
-        return export_preferences(self.since(start), path, chat=chat)
+    def export_preferences(self, path: str | os.PathLike, *, chat: bool = True) -> int:
+        """:func:`export_preferences` of every record."""
+        return export_preferences(self.records(), path, chat=chat)
 
-    def export_unpaired(self, path: str | os.PathLike, *, start: int = 0, chat: bool = True) -> int:
-        """:func:`export_unpaired` of the records after the first ``start``."""
-        return export_unpaired(self.since(start), path, chat=chat)
+    def export_unpaired(self, path: str | os.PathLike, *, chat: bool = True) -> int:
+        """:func:`export_unpaired` of every record."""
+        return export_unpaired(self.records(), path, chat=chat)
 
     # ------------------------------------------------------------------------------------------- lifetime
 
@@ -732,7 +653,7 @@ class FeedbackStore:
                 os.close(fd)
 
     def __repr__(self) -> str:
-        return f"FeedbackStore({str(self.path)!r}, records={len(self._records)}, marker={self._marker})"
+        return f"FeedbackStore({str(self.path)!r}, records={len(self._records)})"
 
 
 # ------------------------------------------------------------------------------------------------ exports

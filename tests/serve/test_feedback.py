@@ -1,5 +1,5 @@
-"""The feedback store of the human-in-the-loop app: records, durable appends, recovery after a kill, the
-retraining marker, and exports that jaxalign.data reads."""
+"""The feedback store of the human-in-the-loop app: records, durable appends, recovery after a kill, and
+exports that jaxalign.data reads."""
 
 from __future__ import annotations
 
@@ -23,7 +23,9 @@ from jaxalign.serve.feedback import (
     FeedbackError,
     FeedbackRecord,
     FeedbackStore,
+    export_preferences,
     export_sft,
+    export_unpaired,
     read_feedback,
 )
 
@@ -374,48 +376,6 @@ def test_an_invalid_record_anywhere_is_a_clear_error(tmp_path):
         FeedbackStore(path)
 
 
-# ------------------------------------------------------------------------------------------------ retraining
-
-
-def test_retraining_marker_is_durable_and_checked(tmp_path):
-    path = tmp_path / "feedback.jsonl"
-    store = FeedbackStore(path)
-    for index in range(5):
-        store.append(make("thumbs_up", index))
-    assert store.marker == 0 and store.pending == 5 and store.retrain_due(5) and not store.retrain_due(6)
-    store.mark_retrained()
-    assert store.marker == 5 and store.pending == 0 and not store.retrain_due(1)
-    late = [make("accept", 10), make("reject", 11)]
-    for record in late:
-        store.append(record)
-    assert store.since(store.marker) == late and store.pending == 2
-    store.close()
-    assert json.loads(store.state_path.read_text())["retrained_through"] == 5
-    assert not list(tmp_path.glob("*.tmp-*"))
-    with FeedbackStore(path) as reopened:
-        assert reopened.marker == 5 and reopened.since(reopened.marker) == late
-        reopened.mark_retrained(3)
-        assert reopened.pending == 4
-        with pytest.raises(ValueError, match=r"upto must be a record count in \[0, 7\]"):
-            reopened.mark_retrained(8)
-    state = json.loads(store.state_path.read_text())
-    store.state_path.write_text(json.dumps({**state, "last_id": "0" * 32}))
-    with pytest.raises(FeedbackError, match=r"state.json, field 'last_id': .* belongs to another feedback file"):
-        FeedbackStore(path)
-    store.state_path.write_text("{")
-    with pytest.raises(FeedbackError, match=r"state.json: not valid JSON"):
-        FeedbackStore(path)
-
-
-def test_a_state_file_of_another_feedback_file_is_refused(tmp_path):
-    path = tmp_path / "feedback.jsonl"
-    with FeedbackStore(path) as store:
-        store.append(make("accept"))
-        store.mark_retrained()
-    with pytest.raises(FeedbackError, match=r"field 'retrained_through': must be a record count in \[0, 0\]"):
-        FeedbackStore(tmp_path / "empty.jsonl", state_path=store.state_path)
-
-
 # ------------------------------------------------------------------------------------------------ exports
 
 
@@ -489,11 +449,11 @@ def test_plain_text_exports_and_empty_subsets(tmp_path, mixed_store):
     assert _read(tmp_path / "sft.jsonl") == [data.SFTRecord("Why is the sky blue? (1)", "It reflects the sea 1.")]
     with pytest.raises(FeedbackError, match=r"field 'system': a plain-text export \(chat=False\)"):
         mixed_store.export_sft(tmp_path / "lost.jsonl", chat=False)
-    # Records since the marker: nothing to train on yet is an empty file and a count of 0.
-    mixed_store.mark_retrained()
-    for export in (mixed_store.export_sft, mixed_store.export_preferences, mixed_store.export_unpaired):
+    # No records since the last version (retrain.py's slice of the store): an empty file and a count of 0.
+    for export in (export_sft, export_preferences, export_unpaired):
         target = tmp_path / f"{export.__name__}.jsonl"
-        assert export(target, start=mixed_store.marker) == 0
+        assert export(mixed_store.records()[len(mixed_store):], target) == 0
         assert target.read_bytes() == b""
+    assert not list(tmp_path.glob("*.tmp-*"))  # each export was written atomically: no temp file left
     thumbs = [r for r in mixed_store.records() if r.action.startswith("thumbs")]
     assert export_sft(thumbs, tmp_path / "none.jsonl") == 0
