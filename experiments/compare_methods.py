@@ -49,6 +49,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from benchmarks.provenance import describe
 from experiments.sentiment import labelled_pairs, make_prompts, write_jsonl
 
 METHODS = ("sft", "hitl", "ppo", "dpo")
@@ -461,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
 
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()  # of this invocation: stages cached by an earlier one are not counted
 
     from jaxalign import eval as jeval
     from jaxalign import models
@@ -507,7 +509,8 @@ def main(argv: list[str] | None = None) -> int:
     base_gold = rows["sft"]["gold_reward"]["reference"]["mean"]
     samples = side_by_side(rows)
     write_jsonl(out / "samples.jsonl", samples)
-    summary = {"settings": vars(args) | {"output_dir": str(out)}, "base_gold_reward": base_gold,
+    summary = {"provenance": describe(), "total_minutes": round((time.perf_counter() - started) / 60, 1),
+               "settings": vars(args) | {"output_dir": str(out)}, "base_gold_reward": base_gold,
                "reward_model": reward,
                "methods": {m: {k: v for k, v in row.items() if k != "records"} for m, row in rows.items()}}
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")

@@ -42,7 +42,7 @@ def _third_party_imports(paths: list[Path]) -> dict[str, str]:
                 continue
             for module in names:
                 top = module.split(".")[0]
-                if top not in sys.stdlib_module_names and top not in ("jaxalign", "experiments", "__future__"):
+                if top not in sys.stdlib_module_names and top not in ("jaxalign", "experiments", "benchmarks", "__future__"):
                     found.setdefault(top, f"{path.relative_to(ROOT)}:{node.lineno}")
     return found
 
