@@ -29,6 +29,9 @@ def _declared(pyproject: dict) -> dict[str, set[str]]:
     return groups
 
 
+OURS = ("jaxalign", "experiments", "benchmarks", "__future__")  # this repository's own top-level modules
+
+
 def _third_party_imports(paths: list[Path]) -> dict[str, str]:
     """Top-level module -> first ``file:line`` that imports it (function-level imports included)."""
     found = {}
@@ -42,7 +45,7 @@ def _third_party_imports(paths: list[Path]) -> dict[str, str]:
                 continue
             for module in names:
                 top = module.split(".")[0]
-                if top not in sys.stdlib_module_names and top not in ("jaxalign", "experiments", "benchmarks", "__future__"):
+                if top not in sys.stdlib_module_names and top not in OURS:
                     found.setdefault(top, f"{path.relative_to(ROOT)}:{node.lineno}")
     return found
 
