@@ -19,6 +19,7 @@ import asyncio
 import dataclasses
 import logging
 import sys
+import time
 from importlib import resources
 from pathlib import Path
 
@@ -98,6 +99,8 @@ def add_hitl_routes(app: FastAPI, served, store: FeedbackStore, versions: Versio
             raise APIError(409, "a version is being loaded; try again in a moment", code="busy")
         await asyncio.to_thread(swap_to, served, known[name].model, name)
         versions.set_current(name)
+        if known[name].served is None:  # a version a stop kept from being served: the restart must not serve it
+            versions.save(dataclasses.replace(known[name], served=time.time()))
         log.info("rolled back to %s", name)
         return {"serving": name}
 

@@ -87,6 +87,7 @@ class Version:
     stages: dict[str, dict] = dataclasses.field(default_factory=dict)
     created: float = dataclasses.field(default_factory=time.time)
     finished: float | None = None
+    served: float | None = None  # when it was first served; None for one trained but not yet swapped in
     error: str | None = None
 
     @property
@@ -203,11 +204,19 @@ class Retrainer:
         return self._thread is not None and self._thread.is_alive()
 
     def resume(self) -> None:
-        """At start-up: finish a version a crash interrupted (its stages resume from their checkpoints)."""
-        unfinished = [v for v in self.versions.all() if v.status == "training"]
+        """At start-up, finish what a crash interrupted: a version still training resumes (its stages from their
+        checkpoints); one trained but never served (a stop between the two) is served. A version that was served
+        and then rolled back from stays as it is."""
+        versions = self.versions.all()
+        unfinished = [v for v in versions if v.status == "training"]
         if unfinished:
             log.info("resuming the retraining of %s", unfinished[-1].name)
             self._launch(unfinished[-1])
+            return
+        newest = versions[-1]
+        if newest.status == "ready" and newest.served is None and newest.parent == self.versions.current.name:
+            log.info("serving %s: it was trained, but the app stopped before serving it", newest.name)
+            self._launch(newest)  # its stages are done: straight to the swap
 
     def feedback_added(self) -> None:
         """Called after every confirmed record: start a version when ``threshold`` new records wait."""
@@ -271,6 +280,8 @@ class Retrainer:
             self.versions.save(version)
             self.swap(model, version.name)
             self.versions.set_current(version.name)
+            version.served = time.time()
+            self.versions.save(version)
             self.status = RetrainStatus(message=f"{version.name} is served")
             log.info("%s trained and served", version.name)
         except Exception as error:
