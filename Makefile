@@ -43,8 +43,9 @@ demo-smoke: install-demo
 lint: install-test
 	$(PY) -m ruff check .
 
-# The serving tests run in a pytest process of their own: shorter sessions, each compiling fewer programs (XLA's
-# persistent-cache writes segfaulted in long sessions, jax 0.10.2 CPU; see tests/train/conftest.py).
+# The serving tests run in a pytest process of their own: their servers keep compiled programs across test
+# modules, which every other module frees when it ends (tests/conftest.py: each holds memory mappings, and one
+# process may have 65,530).
 test: install-test oracles lint browser
 	$(PY) -m pytest -q --ignore=tests/serve
 	$(PY) -m pytest -q tests/serve

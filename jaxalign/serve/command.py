@@ -113,10 +113,8 @@ def persistent_compilation_cache(directory: Path | None):
     """JAX's persistent compilation cache in ``directory`` (``None``: off) inside the block; the previous setting
     after it. JAX decides once per process whether the cache is used, so both ends reset its cache object.
 
-    ``jaxalign serve`` writes the cache only while it warms up. Compiles that happen later stay in memory: in
-    long test sessions that had the cache on throughout, a cache write segfaulted inside
-    ``compilation_cache.put_executable_and_time`` (jax 0.10.2, CPU) three times, in the scheduler thread and in
-    the main thread alike, and serving must not die for the sake of a faster restart."""
+    ``jaxalign serve`` writes the cache only while it warms up (the programs a restart needs); compiles that
+    happen later, in the scheduler thread while requests wait, do not also pay for a disk write."""
     import jax
     from jax.experimental.compilation_cache import compilation_cache
 

@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parents[2]
 # Nearly every test builds a TrainStep or a Trainer, and each compiles the same few tiny programs (several
 # seconds each on 2 cores). XLA's persistent compilation cache, private to this test session, lets every
 # compile after the first load the executable instead, in these tests and in their subprocesses. Only these
-# tests: enabled for the whole session (as this file once did at import, which pytest does for every test), a
-# cache write segfaulted in other folders' tests (jax 0.10.2, CPU; compilation_cache.put_executable_and_time).
+# tests: pytest imports this file for every test it collects, so a setting made here at import would apply to
+# the whole session.
 XLA_CACHE = os.environ.get("JAX_COMPILATION_CACHE_DIR") or tempfile.mkdtemp(prefix="jaxalign-train-xla-cache-")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, XLA_CACHE, ignore_errors=True)
