@@ -309,25 +309,20 @@ def hitl_stage(out: Path, prompts: list[str], *, threshold: int, versions: int, 
 # --- evaluation, report ----------------------------------------------------------------------------------------
 
 
-def trainable_parameters(method: str) -> int:
-    """LoRA adapters of the seven projections (and, for PPO, its value head on the shared trunk)."""
+def trainable_parameters() -> dict[str, int]:
+    """Per method: the LoRA adapters of the seven projections (PPO also trains its value head on the shared
+    trunk). Counted on a model of its own: LoRA is applied in place."""
+    import jax
     from flax import nnx
 
     from jaxalign import models
 
     model, _ = models.load_gguf(models.default_model_path())
     models.apply_lora(model, models.LoRAConfig(rank=16, alpha=32, targets=LORA_TARGETS), rngs=nnx.Rngs(0))
-    count = sum(leaf.size for leaf in jax_leaves(nnx.state(model, nnx.LoRAParam)))
-    if method == "ppo":
-        count += sum(leaf.size for leaf in jax_leaves(nnx.state(models.ValueHead(model.config.d_model,
-                                                                                 rngs=nnx.Rngs(0)))))
-    return int(count)
-
-
-def jax_leaves(tree):
-    import jax
-
-    return jax.tree_util.tree_leaves(tree)
+    size = lambda state: int(sum(leaf.size for leaf in jax.tree_util.tree_leaves(state)))  # noqa: E731
+    adapters = size(nnx.state(model, nnx.LoRAParam))
+    value_head = size(nnx.state(models.ValueHead(model.config.d_model, rngs=nnx.Rngs(0))))
+    return {method: adapters + (value_head if method == "ppo" else 0) for method in METHODS}
 
 
 def evaluate(out: Path, method: str, export: str, reference, tokenizer, prompts: list[str], *, judge, samples: int,
@@ -501,11 +496,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"      {runs['hitl']['questions']} questions, feedback {runs['hitl']['actions']}")
 
     print(f"[7/7] evaluation on {len(eval_prompts)} held-out prompts, {args.eval_samples} samples each")
-    rows = {}
+    rows, trainable = {}, trainable_parameters()
     for method in METHODS:
         evaluation = evaluate(out, method, runs[method]["export"], base, tokenizer, eval_prompts, judge=judge,
                               samples=args.eval_samples, max_new_tokens=args.max_new_tokens, seed=args.seed)
-        rows[method] = evaluation | runs[method] | {"trainable_parameters": trainable_parameters(method)}
+        rows[method] = evaluation | runs[method] | {"trainable_parameters": trainable[method]}
     base_gold = rows["sft"]["gold_reward"]["reference"]["mean"]
     samples = side_by_side(rows)
     write_jsonl(out / "samples.jsonl", samples)

@@ -173,12 +173,21 @@ def build(config: RunConfig, lm, tokenizer, dataset):
     options = config.loss.options()
     loss_type = options.pop("loss_type")
     objective = dpo_objective(loss_type=loss_type, reference=config.reference, **options)
+    references, dataset, extra = frozen_reference(config, dataset)
+    return with_lora(lm, config), objective, references, dataset, extra
+
+
+def frozen_reference(config: RunConfig, dataset, **precompute) -> tuple[dict | None, object, dict]:
+    """The separate frozen reference of ``reference: model`` (``references`` for every step) or ``precomputed``
+    (its log-probs added to ``dataset`` once, by :func:`precompute_reference_logps` with ``precompute``; the model
+    kept in ``extra["reference_model"]`` for the held-out set); none for ``lora_base`` and ``none``.
+    Returns ``(references, dataset, extra)``."""
     references, extra = None, {}
     if config.reference in ("model", "precomputed"):
         reference_model, _ = load_pretrained(dataclasses.replace(config.model, lora=None))
         if config.reference == "model":
             references = {"ref": reference_model}
         else:
-            dataset = precompute_reference_logps(reference_model, dataset, config.data)
+            dataset = precompute_reference_logps(reference_model, dataset, config.data, **precompute)
             extra["reference_model"] = reference_model
-    return with_lora(lm, config), objective, references, dataset, extra
+    return references, dataset, extra

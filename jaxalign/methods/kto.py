@@ -30,8 +30,8 @@ from jaxtyping import Array, Bool, Int
 
 from jaxalign import data as jdata
 from jaxalign import losses
-from jaxalign.methods.common import load_pretrained, lora_base, sequence_logps, with_lora, without_loss
-from jaxalign.methods.dpo import precompute_reference_logps
+from jaxalign.methods.common import lora_base, sequence_logps, with_lora, without_loss
+from jaxalign.methods.dpo import frozen_reference
 from jaxalign.methods.recipe import RunConfig
 from jaxalign.models.scoring import DEFAULT_CHUNK
 
@@ -264,13 +264,5 @@ def build(config: RunConfig, lm, tokenizer, dataset):
     if advice is not None:
         warnings.warn(f"{config.data.source}: {advice}", stacklevel=2)
     objective = kto_objective(reference=config.reference, **options)
-    references, extra = None, {}
-    if config.reference in ("model", "precomputed"):
-        reference_model, _ = load_pretrained(dataclasses.replace(config.model, lora=None))
-        if config.reference == "model":
-            references = {"ref": reference_model}
-        else:
-            dataset = precompute_reference_logps(reference_model, dataset, config.data,
-                                                 chunk_size=config.loss.chunk_size)
-            extra["reference_model"] = reference_model
+    references, dataset, extra = frozen_reference(config, dataset, chunk_size=config.loss.chunk_size)
     return with_lora(lm, config), objective, references, dataset, extra
