@@ -43,10 +43,12 @@ class CausalLM(nnx.Module):
         attention_mask: Array | None = None,
         segment_ids: Int[Array, "B T"] | None = None,
         cache: KVCache | None = None,
+        branch_ids: Int[Array, "B T"] | None = None,
     ) -> tuple[Float[Array, "B T D"], KVCache | None]:
-        """Final hidden states ``[B, T, D]`` (compute dtype) and the updated cache (None without one)."""
+        """Final hidden states ``[B, T, D]`` (compute dtype) and the updated cache (None without one);
+        arguments as :meth:`__call__`."""
         return self.trunk(tokens, positions=positions, attention_mask=attention_mask, segment_ids=segment_ids,
-                          cache=cache)
+                          cache=cache, branch_ids=branch_ids)
 
     def logits(self, hidden: Float[Array, "... D"]) -> Float[Array, "... V"]:
         """Vocabulary logits in float32 (the matmul accumulates in float32 even for bf16 inputs)."""
@@ -63,6 +65,7 @@ class CausalLM(nnx.Module):
         attention_mask: Array | None = None,
         segment_ids: Int[Array, "B T"] | None = None,
         cache: KVCache | None = None,
+        branch_ids: Int[Array, "B T"] | None = None,
     ) -> tuple[Float[Array, "B T V"], KVCache | None]:
         """Next-token logits.
 
@@ -76,6 +79,9 @@ class CausalLM(nnx.Module):
                 derived positions restart per segment. Not allowed with a cache.
             cache: a :class:`KVCache`; the tokens are written at ``cache.index`` and attend to every
                 valid slot before them. Prefill a left-padded prompt, then feed one token per step.
+            branch_ids: ``[B, T]`` a shared prefix (0) and continuations (1, 2, ...) that see the prefix and
+                themselves, not each other (:mod:`jaxalign.models.masks`); derived positions continue from
+                the prefix. Not allowed with a cache or a sliding window.
 
         Returns:
             ``(logits [B, T, V] float32, new_cache)``; ``new_cache`` is None when ``cache`` is None.
@@ -88,5 +94,5 @@ class CausalLM(nnx.Module):
                 and the write offset clamped.
         """
         hidden, cache = self.hidden_states(tokens, positions=positions, attention_mask=attention_mask,
-                                           segment_ids=segment_ids, cache=cache)
+                                           segment_ids=segment_ids, cache=cache, branch_ids=branch_ids)
         return self.logits(hidden), cache

@@ -256,11 +256,13 @@ class GPT2Model(nnx.Module):
         attention_mask: Array | None = None,
         segment_ids: Int[Array, "B T"] | None = None,
         cache: KVCache | None = None,
+        branch_ids: Int[Array, "B T"] | None = None,
     ) -> tuple[Float[Array, "B T D"], KVCache | None]:
         """Final (normed) hidden states; arguments as :meth:`GPT2LMHeadModel.__call__`."""
         config = self.config
         inputs = attention_inputs(tokens, positions=positions, attention_mask=attention_mask,
-                                  segment_ids=segment_ids, cache=cache, vocab_size=config.vocab_size)
+                                  segment_ids=segment_ids, cache=cache, vocab_size=config.vocab_size,
+                                  branch_ids=branch_ids)
         n_positions = config.max_position_embeddings
         check_in_range(inputs.positions, inputs.real, n_positions, "position", "n_positions")
         hidden = (self.wte(clip_index(tokens, config.vocab_size))

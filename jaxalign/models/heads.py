@@ -165,3 +165,24 @@ class RewardModel(nnx.Module):
             attention_mask = jnp.ones(tokens.shape, bool)
         hidden, _ = self.backbone(tokens, positions=positions, attention_mask=attention_mask)
         return self.reward_head(hidden, attention_mask)
+
+    def branch_rewards(
+        self,
+        tokens: Int[Array, "B T"],
+        *,
+        attention_mask: Array,
+        positions: Int[Array, "B T"],
+        branch_ids: Int[Array, "B T"],
+        branches: int,
+    ) -> Float[Array, "B C ..."]:
+        """Rewards ``[B, C]`` (or ``[B, C, N]``) of the ``C = branches`` continuations of rows holding a shared
+        prefix (``branch_ids`` 0) and continuations ``1..C`` (:mod:`jaxalign.models.masks`).
+
+        Continuation ``c`` is pooled over the prefix and its own tokens, so its reward is the reward of
+        ``prefix + continuation`` on its own (its last token for ``last`` pooling), with the prefix computed once.
+        """
+        real = jnp.asarray(attention_mask).astype(bool)
+        hidden, _ = self.backbone(tokens, positions=positions, attention_mask=real, branch_ids=branch_ids)
+        sides = [self.reward_head(hidden, real & ((branch_ids == 0) | (branch_ids == c)))
+                 for c in range(1, branches + 1)]
+        return jnp.stack(sides, axis=1)

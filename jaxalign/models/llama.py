@@ -138,12 +138,13 @@ class LlamaModel(nnx.Module):
         attention_mask: Array | None = None,
         segment_ids: Int[Array, "B T"] | None = None,
         cache: KVCache | None = None,
+        branch_ids: Int[Array, "B T"] | None = None,
     ) -> tuple[Float[Array, "B T D"], KVCache | None]:
         """Final (normed) hidden states of ``tokens``; see :meth:`LlamaForCausalLM.__call__`."""
         config = self.config
         inputs = attention_inputs(tokens, positions=positions, attention_mask=attention_mask,
                                   segment_ids=segment_ids, cache=cache, sliding_window=config.sliding_window,
-                                  vocab_size=config.vocab_size)
+                                  vocab_size=config.vocab_size, branch_ids=branch_ids)
         cos, sin = rope_tables(inputs.positions, inverse_frequencies(config), config.compute_jnp_dtype)
         hidden = self.embed_tokens(clip_index(tokens, config.vocab_size))
         hidden, kv = scan_layers(self.layers, hidden, inputs.kv, n_layers=config.n_layers, remat=config.remat,

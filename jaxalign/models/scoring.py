@@ -8,6 +8,10 @@ nothing of jaxalign: the float32 log-softmax at the targets is therefore spelled
 as :func:`jaxalign.losses.token_logps` (which the losses that take logits use), and a test holds the two
 equal.
 
+Only the positions a loss reads need the LM head: :func:`slot_logps` gathers their hidden states into a
+compact ``[N, K, D]`` (``K`` static: the batch's longest completion, padded by the data loader) before the head,
+so a prompt's positions cost the trunk but not the ``D × V`` projection and its log-softmax.
+
 The full-vocabulary float32 logits are the largest activation of a small model (``T × 49152`` floats a row
 for SmolLM2), so the LM head and its log-softmax run on ``chunk_size`` positions at a time under
 ``jax.checkpoint``: one chunk's ``[N, chunk, V]`` logits are alive at once, in the forward and the backward
@@ -97,3 +101,21 @@ def target_logps(model, input_ids: Int[Array, "N T"], attention_mask: Array, pos
     hidden, _ = model.hidden_states(input_ids, positions=positions, attention_mask=attention_mask,
                                     segment_ids=segment_ids)
     return head_logps(model, hidden[:, :-1], input_ids[:, 1:], chunk_size=chunk_size)
+
+
+def slot_logps(model, hidden: Float[Array, "N S D"], source_slots: Int[Array, "N K"], targets: Int[Array, "N K"],
+               *, chunk_size: int | None = DEFAULT_CHUNK) -> Float[Array, "N K"]:
+    """``log softmax(model.logits(hidden[n, source_slots[n, k]]))[targets[n, k]]``: the LM head only where asked.
+
+    ``source_slots`` name, per row, the positions whose next-token distribution a loss reads (the token before
+    each target in its own sequence); the rest of ``hidden`` never meets the ``D × V`` head. Equal to
+    :func:`head_logps` of the whole row read at those slots (the same float32 log-softmax of the same hidden
+    states); padding entries (any slot, any target) give finite values to mask.
+    """
+    gathered = jnp.take_along_axis(hidden, source_slots[..., None].astype(jnp.int32), axis=1)
+    return head_logps(model, gathered, targets, chunk_size=chunk_size)
+
+
+def slot_targets(input_ids: Int[Array, "N S"], target_slots: Int[Array, "N K"]) -> Int[Array, "N K"]:
+    """The token ids at ``target_slots`` (slot 0, never a target, reads as padding)."""
+    return jnp.take_along_axis(input_ids, target_slots.astype(jnp.int32), axis=1)

@@ -77,15 +77,18 @@ def attention_inputs(
     cache: KVCache | None,
     sliding_window: int | None = None,
     vocab_size: int | None = None,
+    branch_ids: Int[Array, "B T"] | None = None,
 ) -> AttentionInputs:
-    """Positions (derived from the mask, segments and cache when not given) and the attention mask.
+    """Positions (derived from the mask, segments, branches and cache when not given) and the attention mask.
 
     When the inputs are concrete (an eager call), also checks that every real token id is below
     ``vocab_size`` and that the cache has room for the ``T`` new tokens.
 
     Raises:
-        ValueError: ``segment_ids`` together with a cache (packing is for training, not decoding); eagerly,
-            a real token id outside ``[0, vocab_size)`` or a write past the cache's ``max_length``.
+        ValueError: ``segment_ids`` or ``branch_ids`` together with a cache (packing and shared prefixes are
+            for training and scoring, not decoding); ``branch_ids`` with a sliding window (it counts slots, which
+            would include other branches); eagerly, a real token id outside ``[0, vocab_size)`` or a write past
+            the cache's ``max_length``.
     """
     batch, length = tokens.shape
     real = (jnp.ones((batch, length), bool) if attention_mask is None
@@ -98,9 +101,11 @@ def attention_inputs(
             f"{int(cache.index) + length} slots, but the cache has max_length={cache.max_length}; size "
             "KVCache.init(..., max_length=) for the prompt plus every new token"
         )
+    if branch_ids is not None and (cache is not None or sliding_window is not None):
+        raise ValueError("branch_ids (a shared prefix) cannot be combined with a KV cache or a sliding window")
     if cache is None:
         if positions is None:
-            positions = derive_positions(real, segment_ids)
+            positions = derive_positions(real, segment_ids, branch_ids=branch_ids)
         query_slots = jnp.arange(length)
         key_valid = real
         kv = None
@@ -114,7 +119,7 @@ def attention_inputs(
         kv = cache.for_layers()
     mask = build_attention_mask(
         key_valid, query_slots, query_segments=segment_ids, key_segments=segment_ids,
-        sliding_window=sliding_window,
+        sliding_window=sliding_window, query_branches=branch_ids, key_branches=branch_ids,
     )
     return AttentionInputs(positions=positions, mask=mask, real=real, key_valid=key_valid, kv=kv)
 

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jaxalign.models import derive_positions, load_hf
 from jaxalign.models.masks import attention_mask
@@ -53,3 +54,28 @@ def test_packed_segments_equal_separate_sequences(hf_checkpoint, rng):
     np.testing.assert_allclose(packed_logits[:, :3], forward(jnp.asarray(first)), atol=1e-5, rtol=0)
     np.testing.assert_allclose(packed_logits[:, 3:9], forward(jnp.asarray(second)), atol=1e-5, rtol=0)
     assert np.isfinite(np.asarray(packed_logits)).all()
+
+
+def test_branches_see_the_prefix_and_themselves_and_positions_continue_from_it():
+    branches = jnp.asarray([[0, 0, 0, 1, 1, 2, 2, 2, 0]])
+    mask = jnp.asarray([[1, 1, 1, 1, 1, 1, 1, 1, 0]])
+    np.testing.assert_array_equal(derive_positions(mask, branch_ids=branches)[0, :8], [0, 1, 2, 3, 4, 3, 4, 5])
+    got = np.asarray(attention_mask(mask.astype(bool), jnp.arange(9), query_branches=branches,
+                                    key_branches=branches))[0]
+    assert got[5, :3].all() and not got[5, 3:5].any() and got[5, 5]  # rejected: prompt + itself, never chosen
+    assert got[4, :5].all() and not got[4, 5:].any()
+    assert not got[:3, 3:].any()  # the prefix sees no branch
+
+
+def test_branch_rows_equal_separate_sequences(hf_checkpoint, rng):
+    model = load_hf(hf_checkpoint("llama"))
+    prefix, first, second = (rng.integers(0, V, size=(1, n)) for n in (4, 3, 5))
+    row = np.concatenate([prefix, first, second], axis=1)
+    branches = np.array([[0] * 4 + [1] * 3 + [2] * 5])
+    hidden, _ = model.hidden_states(jnp.asarray(row), branch_ids=jnp.asarray(branches))
+    for branch, tokens in ((1, first), (2, second)):
+        alone, _ = model.hidden_states(jnp.asarray(np.concatenate([prefix, tokens], axis=1)))
+        np.testing.assert_allclose(np.asarray(hidden)[0, branches[0] == branch], np.asarray(alone)[0, 4:],
+                                   rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="branch_ids"):
+        load_hf(hf_checkpoint("mistral_window")).hidden_states(jnp.asarray(row), branch_ids=jnp.asarray(branches))
