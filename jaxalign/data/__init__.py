@@ -14,7 +14,16 @@ Step by step: :func:`read_records` (file -> records + report), :func:`tokenize` 
 :class:`TokenizedDataset`), :class:`BatchIterator` (dataset -> batches). See ``docs/data.md``.
 """
 
-from jaxalign.data.batches import Batch, CandidateBatch, GroupBatch, PairBatch, PromptBatch, SequenceBatch, batch_class
+from jaxalign.data.batches import (
+    Batch,
+    CandidateBatch,
+    GroupBatch,
+    PairBatch,
+    PromptBatch,
+    SequenceBatch,
+    SharedPairBatch,
+    batch_class,
+)
 from jaxalign.data.collate import collate, collate_packed
 from jaxalign.data.config import DataConfig, build_batches, build_dataset
 from jaxalign.data.errors import DataError, Location, Reason, Report
@@ -35,7 +44,7 @@ from jaxalign.data.records import (
     text_as_chat,
 )
 from jaxalign.data.render import conversation_to_sft, record_as_text, render_text
-from jaxalign.data.tokenize import Rendering, TokenizedDataset, TokenizedExample, tokenize
+from jaxalign.data.tokenize import TOKEN_VALUES, Rendering, TokenizedDataset, TokenizedExample, tokenize
 from jaxalign.data.tokenizer import load_tokenizer
 from jaxalign.data.truncation import TokenSequence, Truncation
 
@@ -46,9 +55,11 @@ __all__ = [
     "PairBatch",
     "PromptBatch",
     "SequenceBatch",
+    "SharedPairBatch",
     "batch_class",
     "FORMATS",
     "OPENAI_PAD_TOKEN_ID",
+    "TOKEN_VALUES",
     "BatchIterator",
     "BestOfNRecord",
     "DataConfig",

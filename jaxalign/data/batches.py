@@ -7,8 +7,9 @@ JAX pytree of its fields (registered when its first instance is made: importing 
 so ``jax.jit``, sharding and micro-batching see its arrays. Arrays a trainer attached to its dataset
 (:meth:`~jaxalign.data.TokenizedDataset.with_values`, e.g. a probe's ``features``) ride in ``extra``.
 
-Dims: ``B`` rows, ``T`` tokens (``P`` for a prompt), ``D`` preference dimensions, ``N`` candidates; the pair
-axis is explicit (``[B, 2, T]``, index 0 chosen). :meth:`Batch.check` holds every field to its annotation,
+Dims: ``B`` rows, ``T`` tokens (``P`` for a prompt, ``S`` for a shared-prompt pair row), ``D`` preference
+dimensions, ``N`` candidates, ``K`` loss targets of a sequence; the pair axis is explicit (``[B, 2, T]``, index 0
+chosen). :meth:`Batch.check` holds every field to its annotation,
 dtype and shape, with the dims consistent across fields (jaxtyping); the data loader checks every batch it
 yields, and the online trainers every iteration's rows, so a wrong shape is an error naming the field
 instead of a broadcast deep inside a loss. (Importing this module loads no jax; jaxtyping's check does.)
@@ -25,7 +26,8 @@ from jaxtyping import Float, Int, jaxtyped
 # Host (NumPy) or device (jax.Array): the annotations hold either to its dtype and shape.
 A = Any
 
-__all__ = ["Batch", "CandidateBatch", "GroupBatch", "PairBatch", "PromptBatch", "SequenceBatch", "batch_class"]
+__all__ = ["Batch", "CandidateBatch", "GroupBatch", "PairBatch", "PromptBatch", "SequenceBatch", "SharedPairBatch",
+           "batch_class"]
 
 
 def _batch_struct(cls):
@@ -150,6 +152,8 @@ class SequenceBatch(Batch):
     segment_ids: Int[A, "B T"] | None = None
     score: Float[A, "B ..."] | None = None  # [B], or [B, T] in packed rows (each token its sequence's score)
     label: Int[A, " B"] | None = None  # unpaired records: 1 desirable
+    source_slots: Int[A, "B K"] | None = None  # compact targets (jaxalign.data.layouts)
+    target_slots: Int[A, "B K"] | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -181,6 +185,32 @@ class PairBatch(Batch):
     margin: Float[A, " B"] | None = None
     ref_logps: Float[A, "B 2"] | None = None  # a DPO reference's summed log-probs (precomputed)
     token_rewards: Float[A, "B 2 T"] | None = None  # LLMDoctor's reward of each token, aligned with input_ids
+    source_slots: Int[A, "B 2 K"] | None = None  # compact targets (jaxalign.data.layouts)
+    target_slots: Int[A, "B 2 K"] | None = None
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@_batch_struct
+class SharedPairBatch(Batch):
+    """Preference pairs with the prompt once: row ``b`` is ``[prompt, chosen, rejected]`` ``[B, S]``.
+
+    ``branch_ids`` 0 / 1 / 2 mark the prompt and the two completions (each sees the prompt and itself, not
+    the other), ``positions`` continue from the prompt's end in each completion, and the loss targets of side
+    ``p`` are ``target_slots[:, p]`` (0: none), predicted from ``source_slots[:, p]`` (see
+    :mod:`jaxalign.data.layouts`). The same pairs as a :class:`PairBatch`, with the prompt's work done once.
+    """
+
+    kind = "preference"
+
+    input_ids: Int[A, "B S"]
+    attention_mask: Int[A, "B S"]
+    positions: Int[A, "B S"]
+    branch_ids: Int[A, "B S"]
+    source_slots: Int[A, "B 2 K"]
+    target_slots: Int[A, "B 2 K"]
+    example_mask: Int[A, " B"]
+    margin: Float[A, " B"] | None = None
+    ref_logps: Float[A, "B 2"] | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -222,8 +252,12 @@ _BY_KIND = {"sft": SequenceBatch, "unpaired": SequenceBatch, "prompt": PromptBat
             "preference_group": GroupBatch, "best_of_n": CandidateBatch}
 
 
-def batch_class(kind: str) -> type[Batch]:
-    """The struct of a dataset kind's batches."""
+def batch_class(kind: str, *, shared_prompts: bool = False) -> type[Batch]:
+    """The struct of a dataset kind's batches (pairs batched with shared prompts: :class:`SharedPairBatch`)."""
     if kind not in _BY_KIND:
         raise ValueError(f"no batch struct for dataset kind {kind!r} (known: {', '.join(_BY_KIND)})")
+    if shared_prompts:
+        if kind != "preference":
+            raise ValueError(f"shared prompts apply to preference pairs, not {kind!r}")
+        return SharedPairBatch
     return _BY_KIND[kind]

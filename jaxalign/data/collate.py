@@ -13,6 +13,12 @@ Token arrays are ``[B, *layout, T]`` (layout ``()``, ``(2,)`` with index 0 chose
   left padding a row's first real token is at position 0 although it sits in a later slot.
 - ``segment_ids`` (packed batches only): 1, 2, ... per packed sequence, 0 on padding; positions restart
   at every segment and a token attends only within its segment (the model's ``segment_ids``).
+- ``source_slots`` / ``target_slots`` ``[B, *layout, K]`` (datasets batched with compact targets): each loss
+  target's slot and the slot that predicts it, 0 on padding (:mod:`jaxalign.data.layouts`).
+
+Pairs batched with shared prompts are one row per pair instead, ``[B, S]`` (``input_ids``,
+``attention_mask``, ``positions``, ``branch_ids``) with ``source_slots``/``target_slots`` ``[B, 2, K]`` and
+no ``loss_mask`` (the target slots are the loss mask); see :mod:`jaxalign.data.layouts`.
 
 Right padding for every training kind; left padding for prompt-only batches (generation appends on the
 right). Per-example arrays: ``example_mask [B]`` (0 on rows that only pad a partial final batch) and,
@@ -31,6 +37,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from jaxalign.data.layouts import collate_shared_pairs, target_slot_arrays
 from jaxalign.data.tokenize import TOKEN_VALUES, TokenizedDataset
 
 FLOAT_VALUES = ("score", "margin", "ref_logps", "difficulty")
@@ -42,8 +49,25 @@ def _value_shape(dataset: TokenizedDataset, key: str) -> tuple[int, ...]:
     return dataset.layout if key in ("candidate_mask", "ref_logps") else ()
 
 
-def collate(dataset: TokenizedDataset, rows: Sequence[int | None], length: int) -> dict[str, np.ndarray]:
-    """The batch of ``dataset.examples[i]`` for each ``i`` of ``rows`` (None: an all-padding row), ``T = length``."""
+def collate(dataset: TokenizedDataset, rows: Sequence[int | None], length: int, targets: int | None = None,
+            ) -> dict[str, np.ndarray]:
+    """The batch of ``dataset.examples[i]`` for each ``i`` of ``rows`` (None: an all-padding row), ``T = length``.
+
+    A dataset batched with shared prompts gives one ``[B, S]`` row per pair (``S = length``), and one with
+    compact targets adds ``source_slots``/``target_slots`` ``[B, *layout, K]`` (``K = targets``, at least each
+    sequence's target count; see :mod:`jaxalign.data.layouts`).
+    """
+    if (dataset.share_prompts or dataset.compact_targets) and targets is None:
+        raise ValueError("collate: a dataset batched with shared prompts or compact targets needs `targets` (K)")
+    if dataset.share_prompts:
+        if any(key in TOKEN_VALUES for key in dataset.value_keys):
+            raise ValueError(f"collate: per-token values {list(dataset.value_keys)} need one row per sequence; "
+                             "batch this dataset without shared prompts")
+        pairs = [None if index is None else dataset.examples[index].sequences for index in rows]
+        out = collate_shared_pairs(pairs, length, targets, dataset.pad_token_id)
+        out["example_mask"] = np.asarray([index is not None for index in rows], np.int32)
+        out.update(_values(dataset, rows, length, left=False))
+        return out
     batch, slots = len(rows), math.prod(dataset.layout)
     left = dataset.kind == "prompt"
     input_ids = np.full((batch, slots, length), dataset.pad_token_id, np.int32)
@@ -69,6 +93,20 @@ def collate(dataset: TokenizedDataset, rows: Sequence[int | None], length: int) 
     if not left:
         out["loss_mask"] = loss_mask.reshape(shape)
     out["example_mask"] = np.asarray([index is not None for index in rows], np.int32)
+    if dataset.compact_targets:
+        sequences = []
+        for index in rows:
+            sequences.extend((None,) * slots if index is None else dataset.examples[index].sequences)
+        sources, target_slots = target_slot_arrays(sequences, [0] * len(sequences), targets)
+        out["source_slots"] = sources.reshape(batch, *dataset.layout, targets)
+        out["target_slots"] = target_slots.reshape(batch, *dataset.layout, targets)
+    out.update(_values(dataset, rows, length, left))
+    return out
+
+
+def _values(dataset: TokenizedDataset, rows: Sequence[int | None], length: int, left: bool) -> dict[str, np.ndarray]:
+    """The per-example (and per-token) values of ``rows``: ``{key: [B, ...]}``."""
+    out, batch = {}, len(rows)
     for key in dataset.value_keys:
         if key in TOKEN_VALUES:
             out[key] = _token_values(dataset, key, rows, length, left)

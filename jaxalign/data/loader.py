@@ -14,6 +14,12 @@ Shapes, so that a jitted step compiles once per shape, not once per batch:
 - ``pack_length=L`` (SFT only): sequences are packed first-fit, in shuffled order, into rows of exactly
   ``L`` tokens with ``segment_ids`` (see :mod:`jaxalign.data.collate`); a sequence never spans two rows.
 
+A dataset batched with shared prompts (:mod:`jaxalign.data.layouts`) pads its pair rows the same way, from
+the rows' lengths (prompt once + both completions); past the largest bucket, to a multiple of it. One batched
+with compact targets pads ``K`` (the target slots) by the same rule from its longest completion: by default
+the dataset's longest (one shape), else the bucket or multiple that holds the batch's. Packed rows carry no
+target slots.
+
 Position: the iterator's state is ``(epoch, position)``, ``position`` being how many examples of the
 epoch's order are consumed; :meth:`BatchIterator.state_dict` returns it (with the seed and the
 dataset's fingerprint) as a small JSON-able dict that a checkpoint stores, and
@@ -111,6 +117,8 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
                 raise ValueError(f"BatchIterator: the longest sequence has {longest} tokens, more than "
                                  f"pack_length={pack_length}")
         self.dataset, self.longest = dataset, longest
+        self.longest_row = int(dataset.row_lengths.max())
+        self.most_targets = max(int(dataset.target_counts.max()), 1)
         self.batch_size, self.seed, self.shuffle, self.drop_last = batch_size, seed, shuffle, drop_last
         self.num_epochs = num_epochs
         self.buckets, self.pad_to_multiple_of, self.pack_length = buckets, pad_to_multiple_of, pack_length
@@ -127,7 +135,7 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
         """Every padded length ``T`` a batch can have (e.g. to compile each shape ahead of time)."""
         if self.pack_length is not None:
             return (self.pack_length,)
-        largest = self.padded_length(self.longest)
+        largest = self.padded_length(self.longest_row)
         if self.buckets is not None:
             return tuple(b for b in self.buckets if b <= largest)
         if self.pad_to_multiple_of is not None:
@@ -142,15 +150,18 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
         rounding = math.floor if self.drop_last else math.ceil
         return int(rounding(len(self.dataset) / self.global_batch_size))
 
-    def padded_length(self, longest: int) -> int:
-        """The ``T`` of a batch whose longest sequence has ``longest`` tokens."""
+    def padded_length(self, longest: int, *, default: int | None = None) -> int:
+        """The ``T`` of a batch whose longest row has ``longest`` tokens (``default``: the padded size without
+        buckets or a multiple, the dataset's longest row)."""
         if self.pack_length is not None:
             return self.pack_length
         if self.buckets is not None:
-            return next(b for b in self.buckets if b >= longest)
+            fits = [b for b in self.buckets if b >= longest]
+            top = self.buckets[-1]  # a shared-prompt row can pass it: whole multiples of it then
+            return fits[0] if fits else -(-longest // top) * top
         if self.pad_to_multiple_of is not None:
             return -(-max(longest, 1) // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        return self.longest
+        return self.longest_row if default is None else default
 
     def order(self, epoch: int) -> np.ndarray:
         if self._order is None or self._order[0] != epoch:
@@ -206,10 +217,16 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
         if self.pack_length is not None:
             arrays = collate_packed(self.dataset, local, self.pack_length)
         else:
-            longest = max((int(self.dataset.lengths[i]) for i in rows if i is not None), default=1)
-            arrays = collate(self.dataset, local, self.padded_length(longest))
+            present = [i for i in rows if i is not None]
+            longest = max((int(self.dataset.row_lengths[i]) for i in present), default=1)
+            targets = None
+            if self.dataset.share_prompts or self.dataset.compact_targets:
+                most = max((int(self.dataset.target_counts[i]) for i in present), default=1)
+                targets = self.padded_length(max(most, 1), default=self.most_targets)
+            arrays = collate(self.dataset, local, self.padded_length(longest), targets)
         # The kind's typed struct, its shapes checked: a malformed batch is named here, not inside a loss.
-        return batch_class(self.dataset.kind).from_arrays(arrays).check()
+        struct = batch_class(self.dataset.kind, shared_prompts=self.dataset.share_prompts)
+        return struct.from_arrays(arrays).check()
 
     def state_dict(self) -> dict[str, Any]:
         """The position as plain values (JSON-able): store it with a checkpoint."""

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from jaxalign.data.errors import DataError, Location, OnError, Reason, Report, check_on_error
+from jaxalign.data.layouts import shared_length, target_count
 from jaxalign.data.prompts import common_prefix_length
 from jaxalign.data.records import (
     BestOfNRecord,
@@ -127,6 +128,8 @@ class TokenizedDataset:
         dimensions: the D dimension names of a group dataset, in batch order.
         value_keys: per-record arrays batches carry (e.g. ``("margin",)``).
         reports: what each stage did (reading, then tokenising).
+        share_prompts: pairs are batched one row per pair, the prompt once (:mod:`jaxalign.data.layouts`).
+        compact_targets: batches carry the slots of their loss targets (``source_slots``/``target_slots``).
     """
 
     kind: str
@@ -136,6 +139,8 @@ class TokenizedDataset:
     dimensions: tuple[str, ...] = ()
     value_keys: tuple[str, ...] = ()
     reports: tuple[Report, ...] = ()
+    share_prompts: bool = False
+    compact_targets: bool = False
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -150,6 +155,37 @@ class TokenizedDataset:
         """``[N]`` int: the longest sequence of each example."""
         return np.asarray([max((len(s) for s in e.sequences if s is not None), default=0) for e in self.examples],
                           np.int64)
+
+    @cached_property
+    def row_lengths(self) -> np.ndarray:
+        """``[N]`` int: the slots each example's batch row needs (:attr:`lengths`, or the shared-prompt row)."""
+        if not self.share_prompts:
+            return self.lengths
+        return np.asarray([shared_length(*e.sequences) for e in self.examples], np.int64)
+
+    @cached_property
+    def target_counts(self) -> np.ndarray:
+        """``[N]`` int: the most loss targets (completion tokens) of one sequence of each example."""
+        return np.asarray([max((target_count(s) for s in e.sequences if s is not None), default=0)
+                           for e in self.examples], np.int64)
+
+    def batched_as(self, *, share_prompts: bool | None = None, compact_targets: bool | None = None,
+                   ) -> TokenizedDataset:
+        """A copy batched with the prompt of each pair once and/or with its targets' slots (see
+        :mod:`jaxalign.data.layouts`; None keeps the current setting). Both are exact: the trainer sees the
+        same log-probabilities, computed with less work.
+
+        Raises:
+            ValueError: shared prompts for a dataset that is not preference pairs, or target slots for one
+                without loss targets (prompt-only, grouped, best-of-N).
+        """
+        share = self.share_prompts if share_prompts is None else bool(share_prompts)
+        compact = self.compact_targets if compact_targets is None else bool(compact_targets)
+        if share and self.kind != "preference":
+            raise ValueError(f"share_prompts applies to preference pairs, not {self.kind!r} records")
+        if compact and self.kind not in ("sft", "unpaired", "preference"):
+            raise ValueError(f"compact_targets applies to sft, unpaired and preference records, not {self.kind!r}")
+        return replace(self, share_prompts=share, compact_targets=compact)
 
     def with_values(self, key: str, values: np.ndarray) -> TokenizedDataset:
         """A copy whose example ``i`` carries ``values[i]`` under ``key`` (batched as ``batch[key]``).
