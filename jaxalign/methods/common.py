@@ -19,7 +19,7 @@ from jaxtyping import Array
 from jaxalign import data as jdata
 from jaxalign import losses, models
 from jaxalign.methods.recipe import ModelSpec, RunConfig
-from jaxalign.models.scoring import target_logps
+from jaxalign.models.scoring import slot_logps, slot_targets, target_logps
 
 RUN_FILE = "run.json"
 EVAL_FILE = "eval.json"
@@ -192,6 +192,21 @@ def without_loss(metrics: dict) -> dict:
     return {name: value for name, value in metrics.items() if name != "loss"}
 
 
+def pair_layout(dataset: jdata.TokenizedDataset, model, *, shared_prompt: bool, targets: bool = True,
+                ) -> jdata.TokenizedDataset:
+    """Preference pairs batched for a pairwise objective: with their targets' slots when ``targets`` (the LM head
+    only on completions; a reward model has no LM head) and, when ``shared_prompt``, with each pair's prompt run
+    once (:mod:`jaxalign.data.layouts`).
+
+    Sharing is exact, so it is only refused where it would not be: a model with a sliding window (the window
+    counts slots, and a shared row's slots include the other completion) or a dataset with per-token values
+    (aligned with one row per sequence); those pairs are batched unshared.
+    """
+    shared = (shared_prompt and getattr(model.config, "sliding_window", None) is None
+              and not any(key in jdata.TOKEN_VALUES for key in dataset.value_keys))
+    return dataset.batched_as(share_prompts=shared, compact_targets=targets)
+
+
 def flat_rows(batch: dict, key: str) -> Array:
     """``[B, *layout, T]`` -> ``[B·prod(layout), T]``."""
     value = batch[key]
@@ -200,10 +215,33 @@ def flat_rows(batch: dict, key: str) -> Array:
 
 def sequence_logps(model, batch: dict, chunk_size: int | None) -> tuple[Array, Array]:
     """Per-sequence summed log-probs of the completions and their token counts, each with the batch's
-    leading layout (``[B, 2]`` for pairs)."""
-    layout = batch["input_ids"].shape[:-1]
-    logps = target_logps(model, flat_rows(batch, "input_ids"), flat_rows(batch, "attention_mask"),
-                         flat_rows(batch, "positions"), chunk_size=chunk_size)
-    mask = flat_rows(batch, "loss_mask")[:, 1:]
-    total, count = losses.masked_sum(logps, mask, axis=-1)
-    return total.reshape(layout), count.reshape(layout)
+    leading layout (``[B, 2]`` for pairs).
+
+    Batches with target slots (:mod:`jaxalign.data.layouts`) run the LM head only at their completion
+    targets; shared-prompt pair rows (``branch_ids``) also run each prompt once. All give the same numbers.
+    """
+    if "target_slots" not in batch:
+        layout = batch["input_ids"].shape[:-1]
+        logps = target_logps(model, flat_rows(batch, "input_ids"), flat_rows(batch, "attention_mask"),
+                             flat_rows(batch, "positions"), chunk_size=chunk_size)
+        mask = flat_rows(batch, "loss_mask")[:, 1:]
+        total, count = losses.masked_sum(logps, mask, axis=-1)
+        return total.reshape(layout), count.reshape(layout)
+    logps, mask = completion_logps(model, batch, chunk_size)
+    return losses.masked_sum(logps, mask, axis=-1)
+
+
+def completion_logps(model, batch: dict, chunk_size: int | None) -> tuple[Array, Array]:
+    """``(log-probs, mask)`` ``[B, *layout, K]`` of each sequence's completion targets, from a batch with
+    target slots: the trunk over its rows (one per sequence, or one per pair with shared prompts), then the LM
+    head on the ``K`` gathered positions of each sequence only."""
+    slots = batch["target_slots"]
+    rows = batch["input_ids"].reshape(-1, batch["input_ids"].shape[-1])
+    hidden, _ = model.hidden_states(rows, positions=flat_rows(batch, "positions"),
+                                    attention_mask=flat_rows(batch, "attention_mask"),
+                                    branch_ids=flat_rows(batch, "branch_ids") if "branch_ids" in batch else None)
+    # [rows, (sequences in a row) · K]: a shared-prompt row holds both sides' targets.
+    source = batch["source_slots"].reshape(rows.shape[0], -1)
+    target = slots.reshape(rows.shape[0], -1)
+    logps = slot_logps(model, hidden, source, slot_targets(rows, target), chunk_size=chunk_size)
+    return logps.reshape(slots.shape), slots > 0

@@ -20,6 +20,7 @@ from jaxalign.methods.common import (
     load_pretrained,
     lora_base,
     one_pass,
+    pair_layout,
     sequence_logps,
     with_lora,
     without_loss,
@@ -33,7 +34,12 @@ DPO_FAMILY = (*losses.DPO_LOSS_TYPES, *REFERENCE_FREE_LOSSES)
 
 def dpo_objective(*, loss_type: str | Sequence[str] = "sigmoid", reference: str = "model",
                   chunk_size: int | None = DEFAULT_CHUNK, **loss_options):
-    """DPO and its variants on pair batches ``[B, 2, T]``; ``loss_type`` selects by name.
+    """DPO and its variants on pair batches ``[B, 2, T]`` or shared-prompt rows; ``loss_type`` selects by name.
+
+    Sequence log-probs come from :func:`~jaxalign.methods.common.sequence_logps`: with the target slots the
+    data loader adds for the pairwise methods, the LM head runs only on completion tokens, and on
+    shared-prompt rows (:class:`~jaxalign.data.SharedPairBatch`) each prompt runs once for both sides, for
+    the policy and the reference alike. Both are exact; TRL runs the prompt twice and the head everywhere.
 
     ``loss_type``: any of :data:`jaxalign.losses.DPO_LOSS_TYPES` (or a list of them: a weighted mixture with
     ``loss_weights``), or the reference-free ``"simpo"`` / ``"orpo"``. As in TRL, ``"sft"`` in the list adds
@@ -170,9 +176,11 @@ def build(config: RunConfig, lm, tokenizer, dataset):
                 if dataset.kind == "preference_group" else "")
         raise ValueError(f"method dpo needs preference pairs; {config.data.source} holds {dataset.kind!r} "
                          f"records{hint}")
-    options = config.loss.options()
+    options = config.loss.objective_options()
     loss_type = options.pop("loss_type")
     objective = dpo_objective(loss_type=loss_type, reference=config.reference, **options)
+    # Before the reference pass: the precomputed reference log-probs come from the same rows.
+    dataset = pair_layout(dataset, lm, shared_prompt=config.loss.shared_prompt)
     references, dataset, extra = frozen_reference(config, dataset)
     return with_lora(lm, config), objective, references, dataset, extra
 

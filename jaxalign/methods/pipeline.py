@@ -79,6 +79,9 @@ def run(config: RunConfig, *, overwrite: bool = False) -> RunResult:
     else:
         builder = {"sft": sft.build, "reward": reward.build, "dpo": dpo.build, "kto": kto.build}[config.method]
         model, objective, references, dataset, extra = builder(config, lm, tokenizer, dataset)
+        if eval_dataset is not None:  # held out in the layout the method chose (shared prompts, target slots)
+            eval_dataset = eval_dataset.batched_as(share_prompts=dataset.share_prompts,
+                                                   compact_targets=dataset.compact_targets)
     # Written once the data is known to suit the method: a refused run leaves no output directory behind.
     prepare_output_dir(config, overwrite=overwrite)
     write_json(out / RUN_FILE, {"config": config.to_dict(), "data_reports": [str(r) for r in dataset.reports],

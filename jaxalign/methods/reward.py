@@ -22,6 +22,7 @@ from jaxalign.methods.common import (
     flat_rows,
     load_pretrained,
     lora_config,
+    pair_layout,
     stop_ids,
     without_loss,
 )
@@ -32,7 +33,8 @@ from jaxalign.rollout import Sampler, SamplingParams
 
 def reward_objective(*, loss: str = "bradley_terry", use_margin: bool = False, margin_scale: float = 1.0,
                      center_coef: float = 0.0, dimension_weights: Sequence[float] | None = None):
-    """Reward-model training on pair ``[B, 2, T]``, group ``[B, D, 2, T]`` or best-of-N ``[B, N, T]`` batches.
+    """Reward-model training on pair ``[B, 2, T]`` (or shared-prompt rows, the prompt run once:
+    :class:`~jaxalign.data.SharedPairBatch`), group ``[B, D, 2, T]`` or best-of-N ``[B, N, T]`` batches.
 
     ``bradley_terry``: ``−log σ(r⁺ − r⁻ − m)`` with ``m = margin_scale·margin`` when ``use_margin`` (the data's
     margins, e.g. a score gap; Llama 2's margin loss) plus ``center_coef·(r⁺ + r⁻)²``; per dimension for
@@ -46,6 +48,9 @@ def reward_objective(*, loss: str = "bradley_terry", use_margin: bool = False, m
     weights = None if dimension_weights is None else jnp.asarray(dimension_weights, F32)
 
     def rewards_of(model, batch):
+        if "branch_ids" in batch:  # shared-prompt pair rows: the prompt once, each side pooled with it
+            return model.branch_rewards(batch["input_ids"], attention_mask=batch["attention_mask"],
+                                        positions=batch["positions"], branch_ids=batch["branch_ids"], branches=2)
         if "features" in batch:  # pooled trunk features computed once (a frozen trunk, jaxalign.methods.probe)
             layout = batch["features"].shape[:-1]
             flat = model.reward_head.project(flat_rows(batch, "features"))
@@ -116,6 +121,8 @@ def build(config: RunConfig, lm, tokenizer, dataset):
     if config.model.lora is not None:
         models.apply_lora(lm, lora_config(config), rngs=nnx.Rngs(config.train.seed))
     model = models.RewardModel(lm, num_objectives=num_objectives, pooling=pooling, rngs=nnx.Rngs(config.train.seed))
+    if dataset.kind == "preference" and not config.freeze_backbone:  # the probe pools each sequence on its own
+        dataset = pair_layout(dataset, lm, shared_prompt=spec.shared_prompt, targets=False)
     extra = {"dimensions": list(dataset.dimensions), "num_objectives": num_objectives}
     return model, reward_objective(**options), None, dataset, extra
 

@@ -107,6 +107,8 @@ class RewardSpec(MethodSpec):
             combination); None: 1 each.
         num_objectives: heads (one per dimension of grouped data); None: from the data.
         pooling: the sequence state the head reads: ``last`` (TRL) or ``mean``.
+        shared_prompt: pairs run each prompt once for both responses (as DPO's ``shared_prompt``; exact, on by
+            default; pairs only, and not with ``freeze_backbone``, whose probe pools each sequence on its own).
     """
 
     loss: str | None = None
@@ -116,6 +118,7 @@ class RewardSpec(MethodSpec):
     dimension_weights: tuple[float, ...] | None = None
     num_objectives: int | None = None
     pooling: str = "last"
+    shared_prompt: bool = True
 
     label = "reward"
     renamed = {"center_rewards_coefficient": "center_coef"}
@@ -127,10 +130,12 @@ class RewardSpec(MethodSpec):
         self._require(self.center_coef >= 0, "center_coef", ">= 0")
         self._require(self.num_objectives is None or self.num_objectives >= 1, "num_objectives", ">= 1 or null")
         self._require(self.pooling in REWARD_POOLINGS, "pooling", f"one of {REWARD_POOLINGS}")
+        self._require(isinstance(self.shared_prompt, bool), "shared_prompt", "true or false")
 
     def objective_options(self) -> dict[str, Any]:
-        """The options :func:`~jaxalign.methods.reward.reward_objective` takes (not the head's)."""
-        return {name: value for name, value in self.options().items() if name not in ("num_objectives", "pooling")}
+        """The options :func:`~jaxalign.methods.reward.reward_objective` takes (not the head's or the layout's)."""
+        return {name: value for name, value in self.options().items()
+                if name not in ("num_objectives", "pooling", "shared_prompt")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +151,10 @@ class DPOSpec(MethodSpec):
             (:func:`jaxalign.losses.dpo_loss`).
         gamma, gamma_beta_ratio, alpha, sft_weight: SimPO's (:func:`jaxalign.losses.simpo_loss`).
         chunk_size: positions per LM-head chunk; None: the default.
+        shared_prompt: run each pair's prompt once for both completions (one row ``[prompt, chosen, rejected]``,
+            the completions blind to each other: :mod:`jaxalign.data.layouts`), for the policy and the
+            reference alike. Exact (same log-probs, loss and gradients), so on by default; false batches each
+            side with its own copy of the prompt, as TRL does. Models with a sliding window never share.
     """
 
     loss_type: str | tuple[str, ...] = "sigmoid"
@@ -161,6 +170,7 @@ class DPOSpec(MethodSpec):
     alpha: float | None = None
     sft_weight: float | None = None
     chunk_size: int | None = None
+    shared_prompt: bool = True
 
     label = "DPO"
     renamed = {"loss_types": "loss_type", "simpo_gamma": "gamma", "cpo_alpha": "alpha"}
@@ -172,6 +182,13 @@ class DPOSpec(MethodSpec):
             object.__setattr__(self, "loss_weights", tuple(self.loss_weights))
         self._require(self.beta is None or self.beta > 0, "beta", "> 0 or null")
         self._require(self.chunk_size is None or self.chunk_size >= 1, "chunk_size", ">= 1 or null")
+        self._require(isinstance(self.shared_prompt, bool), "shared_prompt", "true or false")
+
+    def objective_options(self) -> dict[str, Any]:
+        """The options :func:`~jaxalign.methods.dpo.dpo_objective` takes (not the batch layout's)."""
+        options = self.options()
+        options.pop("shared_prompt")
+        return options
 
     def options(self) -> dict[str, Any]:
         options = super().options()
