@@ -5,7 +5,12 @@ What runs, per method (DPO, then SFT), in ONE process on ONE machine:
 - **jaxalign**: ``jaxalign.train.TrainStep`` with ``jaxalign.methods.dpo.dpo_objective(loss_type="sigmoid",
   beta=0.1, reference="model")`` (the frozen reference passed as ``references={"ref": model}``) or
   ``sft_objective()``; AdamW (lr 1e-6, betas 0.9/0.999, eps 1e-8, no weight decay, constant rate) after
-  clipping the gradient norm at 1.0 (``jaxalign.train.make_optimizer``); one device.
+  clipping the gradient norm at 1.0 (``jaxalign.train.make_optimizer``); one device. Its batches are laid out
+  as ``jaxalign train`` lays them out (``--jaxalign-layout lean``, :mod:`jaxalign.data.layouts`): a DPO pair
+  is one row ``[prompt, chosen, rejected]`` whose prompt runs once for both completions (policy and
+  reference), and DPO and SFT run the LM head and its log-softmax only at completion targets. Both are exact
+  (the same losses and gradients, tested in tests/methods/test_shared_prompt.py). ``--jaxalign-layout plain``
+  runs TRL's layout instead (every prompt twice, the head at every position).
 - **TRL** (``trl.DPOTrainer`` / ``trl.SFTTrainer``, ``trainer.train()``), configured to do the same work:
   batch 4, ``max_length=256``, no gradient accumulation, ``precompute_ref_log_probs=False``, the same
   optimizer and clipping, logging and checkpointing off, fp32 (``bf16=False``), and no gradient
@@ -31,24 +36,36 @@ Data: four chat records (user prompt, chosen and rejected assistant reply), rend
 template (the system prompt it adds included) into sequences of about 117 tokens (107 to 125), tokenised
 by ``jaxalign.data`` (JSONL -> ``build_batches``) for jaxalign and by TRL itself for TRL; both pad
 to the batch's longest sequence, on the right. SFT uses prompt + chosen reply. ``--data synthetic`` (the
-default when the GGUF tokenizer cannot be loaded) uses random token ids with lengths 107..127.
+default when the GGUF tokenizer cannot be loaded) uses random token ids with lengths 107..127, the first 50 a
+prompt shared by a pair's two sides.
 
 Counted the same way on both sides:
 
-- tokens per step = real (non-padding) tokens of the batch: chosen + rejected sequences for DPO (prompt
-  included), prompt + completion for SFT. The reference forward adds no tokens but is part of the step.
-- model FLOPs per step, on the real tokens (the padding's work is not counted; ``flops_per_step_padded``
-  counts it), with ``N_mm`` the weights every token multiplies (all projections of every layer plus the
-  ``d × V`` LM head, which is the tied embedding matrix; the embedding lookup is no matmul), ``L`` layers,
-  ``H`` heads of width ``Dh`` and ``n`` a sequence's tokens::
+- tokens per step = real (non-padding) tokens of the task: chosen + rejected sequences for DPO (prompt
+  included, twice: once per side, whether or not a side runs it twice), prompt + completion for SFT. The
+  same number for both sides, so tokens/s compares the speed at which each trains the same pairs. The
+  reference forward adds no tokens but is part of the step.
+- model FLOPs per step: the FLOPs each side really runs, on the real tokens (the padding's work is not
+  counted; ``flops_per_step_padded`` counts it), with ``N_mm`` the weights every token multiplies (all
+  projections of every layer plus the ``d × V`` LM head, which is the tied embedding matrix; the embedding
+  lookup is no matmul), ``L`` layers, ``H`` heads of width ``Dh``::
 
-      F(n)  = 2·N_mm·n + 2·L·H·Dh·n·(n+1)        one forward pass (causal attention: QKᵀ and AV over
-                                                 the n(n+1)/2 visible pairs, 2·Dh FLOPs each)
-      SFT   = 3·Σ F(n)                           forward + backward (2x forward) over the B sequences
-      DPO   = 3·Σ F(n) + 1·Σ F(n)                the policy's forward + backward plus the reference's
-                                                 forward, over the 2B chosen and rejected sequences
+      forward = 2·(N_mm − d·V)·(tokens through the trunk) + 2·d·V·(positions through the LM head)
+                + 4·L·H·Dh·(visible query-key pairs: QKᵀ and AV, 2·Dh FLOPs each)
+      SFT     = 3·forward                        forward + backward (2x forward)
+      DPO     = 3·forward + 1·forward            the policy's forward + backward plus the reference's forward
 
-  (the standard MFU convention of PaLM, Chowdhery et al. 2022, App. B; no recomputation counted.)
+  TRL (and the plain PyTorch loop) runs each of the 2B sequences of ``n`` tokens whole: ``n`` trunk tokens,
+  ``n`` head positions, ``n(n+1)/2`` pairs, i.e. the PaLM convention ``F(n) = 2·N_mm·n + 2·L·H·Dh·n·(n+1)``
+  (Chowdhery et al. 2022, App. B; no recomputation counted) — unchanged. jaxalign's lean layout runs a pair's
+  ``s`` shared prompt tokens once (trunk tokens ``n_c + n_r − s``; pairs ``n_c(n_c+1)/2 + n_r(n_r+1)/2 −
+  s(s+1)/2``, as each side still attends to the whole prompt) and the LM head only at the ``t`` completion
+  targets of each sequence (not at its ``n − t`` prompt positions), for the policy's forward and backward and
+  the reference alike; SFT saves the head's prompt positions. ``flops_saved`` = 1 − jaxalign's / TRL's FLOPs
+  per step; each side's FLOP/s and fraction of matmul peak use its own FLOPs. (On the four chat pairs:
+  DPO 1026.7 -> 783.3 GFLOP a step, 23.7 % saved, of which sharing the prompt alone 19.6 % and the
+  completion-only head alone 8.2 %; SFT 396.7 -> 365.1 GFLOP, 8.0 %.) Both layouts are padded: the shared
+  rows to their longest row, ``K`` to the longest completion.
 - fraction of matmul peak = achieved FLOP/s / the machine's measured matmul FLOP/s: a jitted ``jnp.matmul``
   of two ``--matmul-size``² matrices in the step's dtype for jaxalign, ``torch.matmul`` for the PyTorch side
   (the median of ``--matmul-repeats`` calls; measured before and after the training steps, the higher of the
@@ -68,7 +85,9 @@ Commands::
     python benchmarks/train_throughput.py --random-weights --config llama-1b --dtype bfloat16
 
 Writes ``benchmarks/results/train_throughput.json`` (``train_throughput_gpu.json`` on a GPU) and a PNG bar
-chart beside it. Compare numbers only within one run: the ratio is what this measures.
+chart beside it; a quick check (``--config tiny`` or fewer than 3 timed steps) writes nothing unless
+``--output-dir`` names a folder, so it never replaces the committed measurements. Compare numbers only within
+one run: the ratio is what this measures.
 """
 
 from __future__ import annotations
@@ -96,10 +115,11 @@ from flax import nnx  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from jaxalign import models  # noqa: E402
+from jaxalign.methods.common import sequence_logps  # noqa: E402
 from jaxalign.methods.dpo import dpo_objective  # noqa: E402
 from jaxalign.methods.sft import sft_objective  # noqa: E402
 from jaxalign.models import ModelConfig, RopeScaling  # noqa: E402
-from jaxalign.models.scoring import DEFAULT_CHUNK, target_logps  # noqa: E402
+from jaxalign.models.scoring import DEFAULT_CHUNK  # noqa: E402
 from jaxalign.train import OptimizerConfig, TrainStep, make_optimizer  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -108,6 +128,9 @@ BETA = 0.1
 LEARNING_RATE = 1e-6
 MAX_GRAD_NORM = 1.0
 H100_BF16_DENSE_TFLOPS = 989.0
+# A run with fewer timed steps, or on the tiny config, is a check of the script: it writes no result file
+# (the committed ones are measurements) unless --output-dir asks for one.
+MEASURED_STEPS = 3
 
 # Architectures for --random-weights. smollm2-135m is the embedded model's shape; llama-1b is Llama 3.2 1B's.
 _SMOLLM2_VOCAB = 49152
@@ -185,42 +208,56 @@ def chat_records(batch_size: int) -> tuple[list[dict], list[dict]]:
     return pairs, sft
 
 
-def jaxalign_batch(records: list[dict], tokenizer, max_length: int, directory: Path, name: str) -> dict:
-    """One batch of ``records`` through jaxalign.data: JSONL file -> ``build_batches`` -> the first batch."""
+# How jaxalign batches each method's data (jaxalign.data.layouts): DPO runs each pair's prompt once and, like
+# SFT, the LM head only at completion targets. "plain" (--jaxalign-layout plain) is TRL's layout.
+LAYOUTS = {"lean": {"dpo": {"share_prompts": True, "compact_targets": True}, "sft": {"compact_targets": True}},
+           "plain": {"dpo": {}, "sft": {}}}
+
+
+def jaxalign_dataset(records: list[dict], tokenizer, max_length: int, directory: Path, name: str):
+    """``records`` through jaxalign.data: JSONL file -> ``build_dataset`` (the chat template, tokenisation)."""
     from jaxalign import data
 
     path = directory / f"{name}.jsonl"
     path.write_text("".join(json.dumps(record) + "\n" for record in records))
     config = data.DataConfig(str(path), max_length=max_length, batch_size=len(records), shuffle=False, seed=0)
-    batches = data.build_batches(config, tokenizer, progress=False)
-    for report in batches.dataset.reports:
+    dataset = data.build_dataset(config, tokenizer, progress=False)
+    for report in dataset.reports:
         if report.truncated or report.notes:
             print(f"note: {name}: {report}")
-    return next(batches)
+    return dataset
 
 
-def synthetic_batches(batch_size: int, vocab_size: int, seed: int) -> tuple[dict, dict]:
-    """Random token ids shaped like the chat data: each sequence 107..127 tokens (prompt 50, the rest
-    completion), right-padded to the longest; the SFT batch is the chosen sides."""
+def synthetic_datasets(batch_size: int, vocab_size: int, seed: int):
+    """Random token ids shaped like the chat data: each sequence 107..127 tokens, of which a prompt of 50
+    shared by a pair's two sides; the SFT examples are the chosen sides."""
+    from jaxalign import data
+
     rng = np.random.default_rng(seed)
     lengths = rng.integers(107, 128, size=(batch_size, 2))
-    prompt_length = 50
-    width = int(lengths.max())
-    slots = np.arange(width)
-    attention = (slots < lengths[..., None]).astype(np.int32)
-    ids = rng.integers(0, min(vocab_size, _SMOLLM2_VOCAB), size=(batch_size, 2, width)).astype(np.int32)
-    ids = np.where(attention == 1, ids, 0).astype(np.int32)
-    loss_mask = (attention * (slots >= prompt_length)).astype(np.int32)
-    positions = (slots * attention).astype(np.int32)
-    example_mask = np.ones(batch_size, np.int32)
-    dpo = {"input_ids": ids, "attention_mask": attention, "loss_mask": loss_mask, "positions": positions,
-           "example_mask": example_mask}
-    sft = {key: value[:, 0] if value.ndim == 3 else value for key, value in dpo.items()}
+    prompt_length, vocab = 50, min(vocab_size, _SMOLLM2_VOCAB)
+    examples = []
+    for pair in lengths:
+        prompt = rng.integers(0, vocab, prompt_length)
+        sides = tuple(data.TokenSequence(np.concatenate([prompt, rng.integers(0, vocab, n - prompt_length)])
+                                         .astype(np.int32), prompt_length) for n in pair)
+        examples.append(data.TokenizedExample(sequences=sides))
+    dpo = data.TokenizedDataset(kind="preference", layout=(2,), examples=examples, pad_token_id=0)
+    sft = data.TokenizedDataset(kind="sft", layout=(), pad_token_id=0,
+                                examples=[data.TokenizedExample(sequences=e.sequences[:1]) for e in examples])
     return dpo, sft
 
 
+def first_batch(dataset, **layout) -> dict:
+    """The whole dataset as one batch, padded to its longest row (``layout``: see :data:`LAYOUTS`)."""
+    from jaxalign import data
+
+    iterator = data.BatchIterator(dataset.batched_as(**layout), batch_size=len(dataset), shuffle=False)
+    return dict(next(iterator))
+
+
 def sequence_lengths(batch: dict) -> list[int]:
-    """Real tokens of every sequence of a ``[B, (2,) T]`` batch."""
+    """Real tokens of every sequence of a plain ``[B, (2,) T]`` batch."""
     return [int(n) for n in np.asarray(batch["attention_mask"]).reshape(-1, batch["attention_mask"].shape[-1]).sum(-1)]
 
 
@@ -234,16 +271,43 @@ def matmul_weights(config: ModelConfig) -> int:
     return config.n_layers * per_layer + d * config.vocab_size
 
 
-def forward_flops(config: ModelConfig, lengths: list[int]) -> float:
-    """``Σ F(n)``: one forward pass over sequences of ``lengths`` tokens (see the module docstring)."""
-    n_mm = matmul_weights(config)
-    attention = 2 * config.n_layers * config.n_heads * config.head_dim
-    return float(sum(2 * n_mm * n + attention * n * (n + 1) for n in lengths))
+def forward_flops(config: ModelConfig, batch: dict, *, padded: bool = False) -> float:
+    """One forward pass over ``batch`` as its side runs it (see the module docstring)::
+
+        2·(N_mm − d·V)·(trunk tokens) + 2·d·V·(LM-head positions) + 4·L·H·Dh·(visible query-key pairs)
+
+    Plain rows: every real token runs the trunk and the head, and ``n`` tokens see ``n(n+1)/2`` pairs: the
+    PaLM-style ``F(n)``. Shared-prompt rows run the prompt's tokens once and count only the pairs their
+    branches see; target slots run the head at completion targets only. ``padded``: every slot of the row
+    and of ``K`` counts, with ``S(S+1)/2`` pairs a row (the work of the padded shapes).
+    """
+    head = config.d_model * config.vocab_size
+    trunk = matmul_weights(config) - head
+    real = np.asarray(batch["attention_mask"]).reshape(-1, batch["attention_mask"].shape[-1]).astype(bool)
+    if padded:
+        real = np.ones_like(real)
+    branches = batch.get("branch_ids")
+    branches = None if branches is None or padded else np.asarray(branches).reshape(real.shape)
+    causal = np.tril(np.ones((real.shape[1],) * 2, bool))
+    pairs = 0
+    for row, mask in enumerate(real):
+        visible = causal & mask[:, None] & mask[None, :]
+        if branches is not None:
+            b = branches[row]
+            visible &= (b[None, :] == 0) | (b[None, :] == b[:, None])
+        pairs += int(visible.sum())
+    slots = batch.get("target_slots")
+    if slots is None:
+        head_positions = int(real.sum())
+    else:
+        head_positions = int(np.size(slots)) if padded else int(np.sum(np.asarray(slots) > 0))
+    attention = 4 * config.n_layers * config.n_heads * config.head_dim
+    return float(2 * trunk * int(real.sum()) + 2 * head * head_positions + attention * pairs)
 
 
-def step_flops(config: ModelConfig, method: str, lengths: list[int]) -> float:
+def step_flops(config: ModelConfig, method: str, batch: dict, *, padded: bool = False) -> float:
     """Model FLOPs of one training step: 3x forward for the policy, +1x forward for DPO's reference."""
-    return (4.0 if method == "dpo" else 3.0) * forward_flops(config, lengths)
+    return (4.0 if method == "dpo" else 3.0) * forward_flops(config, batch, padded=padded)
 
 
 def parameter_count(model: nnx.Module) -> int:
@@ -517,21 +581,22 @@ def summarise(side, warmup: int, tokens: int, flops: float, flops_padded: float,
     return result
 
 
-def breakdown(model: nnx.Module, torch_base, batch: dict, config: ModelConfig, args, device: str | None) -> dict:
+def breakdown(model: nnx.Module, torch_base, batch: dict, jax_batch: dict, config: ModelConfig, args,
+              device: str | None) -> dict:
     """Time one forward pass (log-probs of the targets) and one forward + backward pass (no optimizer) of
-    the policy on the DPO batch in each framework: the pieces a step is made of."""
+    the policy on the DPO batch in each framework (jaxalign on its own layout of it): the pieces a step is
+    made of."""
     flat = {key: np.asarray(value).reshape(-1, value.shape[-1]) for key, value in batch.items()
             if key in ("input_ids", "attention_mask", "positions", "loss_mask")}
-    forward = forward_flops(config, sequence_lengths(batch))
+    forwards = {"jaxalign": forward_flops(config, jax_batch), "PyTorch": forward_flops(config, batch)}
     chunk = DEFAULT_CHUNK if args.chunk_size == "default" else args.chunk_size
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     def masked_logps(params, arrays):
-        logps = target_logps(nnx.merge(graphdef, params, rest), arrays["input_ids"], arrays["attention_mask"],
-                             arrays["positions"], chunk_size=chunk)
-        return jnp.sum(logps * arrays["loss_mask"][:, 1:])
+        seq, _ = sequence_logps(nnx.merge(graphdef, params, rest), arrays, chunk)
+        return jnp.sum(seq)
 
-    arrays = jax.device_put(flat)
+    arrays = jax.device_put(jax_batch)
     jax_forward = jax.jit(masked_logps)
     jax_backward = jax.jit(jax.value_and_grad(masked_logps))
     runs = {"jaxalign": {"forward": lambda: jax_forward(params, arrays).block_until_ready(),
@@ -570,7 +635,7 @@ def breakdown(model: nnx.Module, torch_base, batch: dict, config: ModelConfig, a
             for _ in range(args.breakdown_repeats):
                 seconds.append(_timed(run))
                 bar.update()
-            flops = forward * (3 if part == "forward+backward" else 1)
+            flops = forwards[side] * (3 if part == "forward+backward" else 1)
             result[side][part] = {"s": statistics.median(seconds), "s_all": seconds, "flops": flops,
                                   "flop_per_s": flops / statistics.median(seconds)}
     bar.close()
@@ -600,6 +665,9 @@ def print_table(results: dict, setup: dict) -> None:
             ratio = result.get("speedup")
             row += f"{ratio:>15.2f}x" if index == 0 and ratio is not None else ""
             print(row)
+    for method, result in results.items():
+        print(f"{method.upper()}: jaxalign's step does {result['jaxalign_flops_per_step'] / 1e9:,.1f} GFLOP, the "
+              f"plain step {result['flops_per_step'] / 1e9:,.1f} GFLOP ({result['flops_saved']:.1%} saved)")
     for name, value in setup["matmul_flop_per_s"].items():
         print(f"measured {name} matmul ceiling ({setup['matmul_size']}^3, {setup['dtype']}): "
               f"{value / 1e9:,.1f} GFLOP/s")
@@ -683,8 +751,13 @@ def parse_args() -> argparse.Namespace:
                         help=f"nominal dense peak for MFU (default {H100_BF16_DENSE_TFLOPS:g} on GPU, none on CPU)")
     parser.add_argument("--no-breakdown", dest="breakdown", action="store_false")
     parser.add_argument("--breakdown-repeats", type=int, default=3)
+    parser.add_argument("--jaxalign-layout", choices=sorted(LAYOUTS), default="lean",
+                        help="lean: DPO runs each prompt once and DPO/SFT the LM head only at completion targets "
+                             "(jaxalign's default); plain: TRL's layout, every prompt twice and the head everywhere")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output-dir", type=Path, default=RESULTS)
+    parser.add_argument("--output-dir", type=Path, default=None,
+                        help=f"where the JSON and PNG go; default {RESULTS} for a measurement, none for a quick "
+                             f"check (--config tiny or fewer than {MEASURED_STEPS} steps)")
     args = parser.parse_args()
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(args.methods) - set(METHODS))
@@ -741,13 +814,17 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
 
     if data_kind == "chat":
         pair_records, sft_records = chat_records(args.batch)
-        batches = {"dpo": jaxalign_batch(pair_records, tokenizer, args.max_length, workdir, "pairs"),
-                   "sft": jaxalign_batch(sft_records, tokenizer, args.max_length, workdir, "sft")}
+        datasets = {"dpo": jaxalign_dataset(pair_records, tokenizer, args.max_length, workdir, "pairs"),
+                    "sft": jaxalign_dataset(sft_records, tokenizer, args.max_length, workdir, "sft")}
         trl_records = {"dpo": pair_records, "sft": sft_records}
     else:
         vocab = CONFIGS[args.config].vocab_size
-        batches = dict(zip(("dpo", "sft"), synthetic_batches(args.batch, vocab, args.seed), strict=True))
+        datasets = dict(zip(("dpo", "sft"), synthetic_datasets(args.batch, vocab, args.seed), strict=True))
         trl_records = None
+    # The plain [B, (2,) T] batch (TRL's layout: the PyTorch sides, the token count) and jaxalign's layout of it.
+    batches = {method: first_batch(dataset) for method, dataset in datasets.items()}
+    jax_batches = {method: first_batch(dataset, **LAYOUTS[args.jaxalign_layout][method])
+                   for method, dataset in datasets.items()}
 
     print("measuring the matmul ceilings ...")
     ceilings_before = measure_ceilings(args, torch_device)
@@ -771,12 +848,13 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
     total = args.warmup + args.steps
     results, timed = {}, {}
     for method in args.methods:
-        batch = batches[method]
+        batch, jax_batch = batches[method], jax_batches[method]
         lengths = sequence_lengths(batch)
         tokens = sum(lengths)
-        padded = [batch["attention_mask"].shape[-1]] * len(lengths)
-        flops, flops_padded = step_flops(config, method, lengths), step_flops(config, method, padded)
-        jax_side = JaxalignSide(method, model, batch, args)
+        flops = {"torch": step_flops(config, method, batch), "jax": step_flops(config, method, jax_batch)}
+        flops_padded = {"torch": step_flops(config, method, batch, padded=True),
+                        "jax": step_flops(config, method, jax_batch, padded=True)}
+        jax_side = JaxalignSide(method, model, jax_batch, args)
         other = None
         if torch_side == "trl":
             other = TRLSide(method, torch_base, trl_records[method], tokenizer, args, torch_device, workdir)
@@ -795,12 +873,17 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
             side.release()
         timed[method] = sides
         results[method] = {"tokens_per_step": tokens, "sequence_lengths": lengths,
-                           "padded_length": int(padded[0]), "flops_per_step": flops,
-                           "flops_per_step_padded": flops_padded, "sides": []}
+                           "padded_length": int(batch["attention_mask"].shape[-1]),
+                           "jaxalign_layout": {key: list(np.shape(value)) for key, value in jax_batch.items()},
+                           "flops_per_step": flops["torch"], "flops_per_step_padded": flops_padded["torch"],
+                           "jaxalign_flops_per_step": flops["jax"],
+                           "jaxalign_flops_per_step_padded": flops_padded["jax"],
+                           "flops_saved": 1.0 - flops["jax"] / flops["torch"], "sides": []}
 
     breakdown_result = None
     if args.breakdown and "dpo" in batches:
-        breakdown_result = breakdown(model, torch_base, batches["dpo"], config, args, torch_device)
+        breakdown_result = breakdown(model, torch_base, batches["dpo"], jax_batches["dpo"], config, args,
+                                     torch_device)
 
     print("measuring the matmul ceilings again ...")
     ceilings_after = measure_ceilings(args, torch_device)
@@ -808,9 +891,10 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
 
     for method, result in results.items():
         for side in timed[method]:
-            ceiling = ceilings["jax" if side.name == "jaxalign" else "torch"]
-            result["sides"].append(summarise(side, args.warmup, result["tokens_per_step"], result["flops_per_step"],
-                                             result["flops_per_step_padded"], ceiling, peak))
+            ours = side.name == "jaxalign"
+            key = "jaxalign_flops_per_step" if ours else "flops_per_step"
+            result["sides"].append(summarise(side, args.warmup, result["tokens_per_step"], result[key],
+                                             result[f"{key}_padded"], ceilings["jax" if ours else "torch"], peak))
         if len(result["sides"]) == 2:
             result["speedup"] = result["sides"][0]["tokens_per_s"] / result["sides"][1]["tokens_per_s"]
 
@@ -829,8 +913,11 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
         "matmul_size": args.matmul_size, "matmul_flop_per_s": ceilings,
         "matmul_flop_per_s_before": ceilings_before, "matmul_flop_per_s_after": ceilings_after,
         "peak_flop_per_s": peak, "jaxalign_load_s": jax_load_s, "torch_export_and_load_s": torch_load_s,
-        "flop_formula": "F(n) = 2*N_mm*n + 2*L*H*Dh*n*(n+1) per sequence; SFT = 3*sum F, DPO = 4*sum F "
-                        "(policy fwd+bwd + reference fwd); real tokens only",
+        "jaxalign_layout": args.jaxalign_layout,
+        "flop_formula": "forward = 2*(N_mm - d*V)*trunk tokens + 2*d*V*LM-head positions + 4*L*H*Dh*visible "
+                        "query-key pairs; SFT = 3x forward, DPO = 4x (policy fwd+bwd + reference fwd); real "
+                        "tokens only. Plain rows (TRL): F(n) = 2*N_mm*n + 2*L*H*Dh*n*(n+1) a sequence; "
+                        "jaxalign: each pair's prompt once, the head at completion targets only",
     }
     output = {"setup": setup, "results": results, "provenance": provenance.describe()}
     if breakdown_result is not None:
@@ -844,6 +931,12 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
             steps = {"jaxalign": sides[0]["step_s"]} | ({"PyTorch": sides[1]["step_s"]} if len(sides) > 1 else {})
         print_breakdown(breakdown_result, steps)
 
+    if args.output_dir is None:
+        if args.config == "tiny" or args.steps < MEASURED_STEPS:
+            print(f"quick check (--config {args.config}, {args.steps} step(s)): no result file written; "
+                  "pass --output-dir to keep one")
+            return
+        args.output_dir = RESULTS
     args.output_dir.mkdir(parents=True, exist_ok=True)
     stem = "train_throughput_gpu" if on_gpu else "train_throughput"
     json_path = args.output_dir / f"{stem}.json"
