@@ -32,6 +32,12 @@ none per request. :meth:`ContinuousEngine.warm_up` compiles the decode steps ahe
 Prompts of one length bucket that arrive together are prefilled in one call (:meth:`ContinuousEngine.prefill_many`;
 about twice the throughput of one at a time on 2 CPU cores), in shapes chosen so that this changes no number.
 
+Prompt heads (:meth:`ContinuousEngine.add_head`; vLLM's prefix caching for a fixed set of prefixes): a server's
+chat prompts all begin with the chat template's system prompt (24 of SmolLM2's ~40 prompt tokens). A registered
+head is prefilled once; a prompt that begins with it runs only its remaining tokens, attending to the head's
+cached keys and values, so it costs about half as much. Whether a prompt uses a head depends on the prompt alone,
+never on what ran before, so a request still gives the same tokens alone or in company.
+
 Sampling is :func:`~jaxalign.rollout.sampling.next_token` with every setting per row (temperature, top-k,
 top-p, min-p, guidance weights), so requests with different settings share a step. Row ``r``'s token ``t``
 draws its uniform from ``fold_in(key_r, t)``, ``key_r`` made from the row's seed and sample index inside the
@@ -115,6 +121,17 @@ class Prefilled(NamedTuple):
     logits: jax.Array  # [M, 1, V]
     length: int  # real prompt tokens
     row: int = 0
+    span: int = 0  # columns from its first real token to the last (``length``, unless a head leaves padding inside)
+    reused: int = 0  # tokens read from a cached head instead of computed
+
+
+class _Head(NamedTuple):
+    """A cached prompt head: its tokens and, per model, their keys and values (one row, stacked form, the
+    tokens right-aligned in ``width`` columns)."""
+
+    tokens: tuple[int, ...]
+    caches: tuple[KVCache, ...]
+    width: int
 
 
 def _uniforms(keys: jax.Array, steps: jax.Array) -> jax.Array:
@@ -145,12 +162,29 @@ def _choose(logits: Sequence[jax.Array], weights, filters: Filters, keys, steps,
 
 
 @functools.partial(jax.jit, static_argnames=("graphdefs",))
-def _prefill(states, tokens, mask, *, graphdefs):
-    """Prefill left-padded prompts ``[n, P]`` in every model: per-layer cache rows and last logits ``[M, n, V]``."""
+def _prefill(states, heads, tokens, mask, *, graphdefs):
+    """Prefill left-padded prompts ``[n, P]`` in every model, after each model's cached head (``heads``: None,
+    or per model a one-row stacked cache every prompt continues): per-layer cache rows and last logits
+    ``[M, n, V]``."""
     caches, logits = [], []
-    for graphdef, state in zip(graphdefs, states, strict=True):
+    for m, (graphdef, state) in enumerate(zip(graphdefs, states, strict=True)):
         model = nnx.merge(graphdef, *state)
-        cache = KVCache.init(model.config, batch_size=tokens.shape[0], max_length=tokens.shape[1])
+        rows, length = tokens.shape
+        if heads is None:
+            cache = KVCache.init(model.config, batch_size=rows, max_length=length)
+        else:  # the head's columns first (every row the same), then room for the prompt's own tokens
+            head = heads[m]
+
+            def widen(buffer, axis, rows=rows, length=length):
+                shape = list(buffer.shape)
+                shape[axis - 1] = rows
+                pad = [(0, 0)] * buffer.ndim
+                pad[axis] = (0, length)
+                return jnp.pad(jnp.broadcast_to(buffer, shape), pad)
+
+            cache = dataclasses.replace(head, keys=widen(head.keys, 2), values=widen(head.values, 2),
+                                        valid=widen(head.valid, 1),
+                                        next_position=jnp.broadcast_to(head.next_position, (rows,)))
         hidden, cache = model.hidden_states(tokens, attention_mask=mask, cache=cache)
         caches.append(cache.per_layer())
         logits.append(model.logits(hidden[:, -1]))
@@ -299,6 +333,7 @@ class ContinuousEngine:
         self._index = 0  # the shared write column (host mirror of every cache's index)
         self._slots: list[_Slot | None] = []
         self._where: dict[Hashable, int] = {}
+        self._heads: list[_Head] = []
         self.relayouts = 0  # copies of the cache made so far (growth, shrinking, shifts)
 
     @property
@@ -336,38 +371,86 @@ class ContinuousEngine:
         """Run one prompt through every model (see :meth:`prefill_many`)."""
         return self.prefill_many([prompt])[0]
 
+    def add_head(self, tokens: Sequence[int]) -> None:
+        """Cache the keys and values of a prompt head that many prompts begin with (a chat template's system
+        prompt): a prompt that starts with it and goes on is then prefilled from where it ends.
+
+        Exact up to float rounding (the head's keys are computed without the rest of the prompt, which causal
+        attention never lets them see). A prompt uses the longest head it begins with, whatever else is running.
+
+        Raises:
+            ValueError: the head is no valid prompt (see :meth:`check_prompt`), or leaves no room to go on.
+        """
+        tokens = tuple(self.check_prompt(tokens))
+        if any(head.tokens == tokens for head in self._heads):
+            return
+        width = self.prompt_bucket(len(tokens))
+        if width + MIN_PREFILL_LENGTH > self.max_columns:
+            raise ValueError(f"a head of {len(tokens)} tokens leaves no room for the prompts that continue it "
+                             f"(max_model_len {self.max_model_len})")
+        prefilled = self._prefill_group(None, [list(tokens)], width)[0]
+        row = [jax.tree.map(lambda x: x[:1] if x.ndim else x, cache).stacked() for cache in prefilled.caches]
+        self._heads.append(_Head(tokens, tuple(row), width))
+        self._heads.sort(key=lambda head: -len(head.tokens))  # the longest match first
+
+    def _head_of(self, prompt: list[int]) -> _Head | None:
+        """The longest cached head the prompt continues, if using it leaves at most ``slack // 2`` padding columns
+        inside the row (so a row's columns stay within its tokens plus half the slack: see ``step``)."""
+        for head in self._heads:
+            rest = len(prompt) - len(head.tokens)
+            if rest > 0 and tuple(prompt[:len(head.tokens)]) == head.tokens:
+                width = self.prompt_bucket(rest)
+                inside = width - rest
+                if inside <= self.slack // 2 and head.width + width <= self.max_columns:
+                    return head
+        return None
+
     def prefill_many(self, prompts: Sequence[Sequence[int]]) -> list[Prefilled]:
-        """Run prompts through every model, those of one length bucket in one call.
+        """Run prompts through every model, those of one length bucket (and cached head) in one call.
 
         A call has at least :data:`MIN_BATCH_BUCKET` rows and prompts of at least :data:`MIN_PREFILL_LENGTH`
-        columns, so its matrix products always have more than 32 rows: XLA's CPU backend then picks the same
-        kernels whatever the number of prompts, and a prompt's cache and first token do not depend on which
-        prompts were prefilled with it (bit for bit on SmolLM2-135M; models with very narrow layers, such as the
-        tests' tiny ones, get other kernels and agree to about 1e-6).
+        columns, so its matrix products always have more than 32 rows: XLA's CPU backend then picks the same kind
+        of kernels whatever the number of prompts, and a prompt's cache and first token depend on which prompts
+        were prefilled with it only by rounding (SmolLM2-135M: bit for bit on some CPUs, within 1e-4 on others;
+        the tests' tiny models within about 1e-6).
 
         Raises:
             ValueError: an empty prompt, one of ``max_model_len`` tokens or more, or a token outside the vocabulary.
         """
         checked = [self.check_prompt(prompt) for prompt in prompts]
-        groups: dict[int, list[int]] = {}
-        for index, prompt in enumerate(checked):
-            groups.setdefault(self.prompt_bucket(len(prompt)), []).append(index)
+        groups: dict[tuple[int, int], list[int]] = {}
+        heads = [self._head_of(prompt) for prompt in checked]
+        for index, (prompt, head) in enumerate(zip(checked, heads, strict=True)):
+            rest = len(prompt) - (0 if head is None else len(head.tokens))
+            groups.setdefault((-1 if head is None else self._heads.index(head), self.prompt_bucket(rest)),
+                              []).append(index)
         out: list[Prefilled | None] = [None] * len(checked)
-        chunks = [(length, members[i:i + MAX_PREFILL_ROWS]) for length, members in groups.items()
-                  for i in range(0, len(members), MAX_PREFILL_ROWS)]
-        for length, members in chunks:
-            rows = bucket(max(len(members), MIN_BATCH_BUCKET), None)
-            tokens = np.full((rows, length), self.pad_token_id, np.int32)
-            mask = np.zeros((rows, length), np.int32)
-            for row, index in enumerate(members):
-                prompt = checked[index]
-                tokens[row, length - len(prompt):] = prompt
-                mask[row, length - len(prompt):] = 1
-            caches, logits = _prefill(tuple(m.states[0] for m in self._members), tokens, mask,
-                                      graphdefs=tuple(m.graphdefs[0] for m in self._members))
-            for row, index in enumerate(members):
-                out[index] = Prefilled(caches, logits[:, row:row + 1], len(checked[index]), row)
+        for (head_index, length), members in groups.items():
+            head = None if head_index < 0 else self._heads[head_index]
+            for i in range(0, len(members), MAX_PREFILL_ROWS):
+                chunk = members[i:i + MAX_PREFILL_ROWS]
+                for index, prefilled in zip(chunk, self._prefill_group(head, [checked[j] for j in chunk], length),
+                                            strict=True):
+                    out[index] = prefilled
         return out
+
+    def _prefill_group(self, head: _Head | None, prompts: list[list[int]], length: int) -> list[Prefilled]:
+        """One prefill call: ``prompts`` (each beginning with ``head``'s tokens, if any) left-padded to ``length``
+        columns after the head's."""
+        skip = 0 if head is None else len(head.tokens)
+        rows = bucket(max(len(prompts), MIN_BATCH_BUCKET), None)
+        tokens = np.full((rows, length), self.pad_token_id, np.int32)
+        mask = np.zeros((rows, length), np.int32)
+        for row, prompt in enumerate(prompts):
+            rest = prompt[skip:]
+            tokens[row, length - len(rest):] = rest
+            mask[row, length - len(rest):] = 1
+        caches, logits = _prefill(tuple(m.states[0] for m in self._members), None if head is None else head.caches,
+                                  tokens, mask, graphdefs=tuple(m.graphdefs[0] for m in self._members))
+        # With a head, a row's columns run from the head's first token to the end, padding inside included.
+        span = (lambda n: n) if head is None else (lambda n: len(head.tokens) + length)
+        return [Prefilled(caches, logits[:, row:row + 1], len(prompt), row, span(len(prompt)), skip)
+                for row, prompt in enumerate(prompts)]
 
     def prompt_bucket(self, length: int) -> int:
         """Columns a prompt of ``length`` tokens is prefilled in."""
@@ -424,8 +507,8 @@ class ContinuousEngine:
             slot = next(free)
             self._caches = _insert(self._caches, prefilled.caches, np.int32(prefilled.row), np.int32(slot),
                                    np.int32(self._index))
-            self._slots[slot] = _Slot(row_id, self._index - prefilled.length, prefilled.length, self.pad_token_id,
-                                      0, settings, key)
+            self._slots[slot] = _Slot(row_id, self._index - (prefilled.span or prefilled.length), prefilled.length,
+                                      self.pad_token_id, 0, settings, key)
             self._where[row_id] = slot
         top = _top_size(settings_list)
         chosen = _first_tokens(prefilled.logits, *row_arrays, np.zeros((padded,), np.int32),
@@ -481,7 +564,8 @@ class ContinuousEngine:
     def replace_model(self, model: nnx.Module) -> None:
         """Decode with ``model``'s weights from now on (a retrained version of the base model; guides stay).
 
-        Only while no row is live: their caches hold the old weights' keys and values. ``model`` must have the
+        Only while no row is live: their caches hold the old weights' keys and values (cached heads are prefilled
+        again with the new weights). ``model`` must have the
         base model's structure (same config, no adapters: export LoRA runs merged), so every compiled program
         stays valid and nothing recompiles.
 
@@ -497,6 +581,9 @@ class ContinuousEngine:
             raise ValueError("replace_model needs a model of the served structure (same config, no LoRA adapters); "
                              f"got {type(model).__name__} with {member.config}")
         self._members[0] = member
+        heads, self._heads = self._heads, []
+        for head in heads:  # their keys and values came from the old weights
+            self.add_head(head.tokens)
 
     # -- compiling ahead ---------------------------------------------------------------------------------
 
@@ -516,22 +603,29 @@ class ContinuousEngine:
             size *= 2
         return [*sizes, self.max_columns]
 
-    def warm_up(self, *, progress=None, prompt_lengths: Sequence[int] = (24, 32, 48, 64)) -> float:
+    def warm_up(self, *, progress=None, prompt_lengths: Sequence[int] = (24, 32, 48, 64),
+                head_lengths: Sequence[int] = (24, 32)) -> float:
         """Compile what serving runs, so no request waits for XLA: the decode step of every (batch, cache length)
-        bucket, and for prompts of the length buckets of ``prompt_lengths`` the prefill of every group size and
-        the insert into every cache layout that fits them. Returns the seconds it took. Left to first use:
-        longer prompts, the relayouts between layouts, the decode step with top logprobs.
+        bucket, and for prompts of the length buckets of ``prompt_lengths`` (and, after each cached head, of
+        ``head_lengths``) the prefill of every group size and the insert into every cache layout that fits
+        them. Returns the seconds it took. Left to first use: longer prompts, the relayouts between layouts, the
+        decode step with top logprobs.
 
         Runs each program once on empty caches (no live row is touched; call it before admitting any).
         """
         if self.live:
             raise ValueError("warm_up() runs before any row is admitted")
         started = time.perf_counter()
-        widths = sorted({self.prompt_bucket(n) for n in prompt_lengths if n < self.max_model_len})
+        shapes = {(None, self.prompt_bucket(n)) for n in prompt_lengths if n < self.max_model_len}
+        shapes |= {(head, self.prompt_bucket(n)) for head in self._heads for n in head_lengths
+                   if head.width + self.prompt_bucket(n) <= self.max_columns}
         prefilled = {}
-        for width in widths:
+        for head, length in sorted(shapes, key=lambda shape: (shape[0] is not None, shape[1])):
+            prompt = [*(head.tokens if head else ()), *[self.pad_token_id] * length]
             for group in (g for g in self.batch_buckets() if g <= MAX_PREFILL_ROWS):
-                prefilled[width] = self.prefill_many([[self.pad_token_id] * width] * group)[0]
+                first = self._prefill_group(head, [prompt] * group, length)[0]
+                prefilled[first.caches[0].max_length] = first
+        widths = sorted(prefilled)
         if prefilled:  # the first token of a one-sample request (rows padded to MIN_BATCH_BUCKET)
             first = next(iter(prefilled.values()))
             arrays = self._row_arrays([_IDLE], MIN_BATCH_BUCKET, np.zeros((1, 3), np.uint32))

@@ -78,16 +78,41 @@ class ServedModel:
             raise bad(str(error), "guidance") from None
         return (alpha, *betas)
 
+    def chat_head(self) -> list[int] | None:
+        """The tokens every chat prompt without a system message of its own begins with (the chat template's
+        system prompt and the user turn's opening), or None (no chat template, or fewer than 8 such tokens).
+
+        Found as the longest common token prefix of a few rendered conversations, one of them with an empty
+        message (so no token of a message's content can be part of it); a prompt the tokenizer splits differently
+        at the boundary simply does not use it."""
+        if self.tokenizer.chat_template is None:
+            return None
+        encoded = []
+        for text in ("", "Hello!", "What is 2 + 2?"):
+            try:
+                encoded.append(self.chat_ids([{"role": "user", "content": text}]))
+            except APIError:
+                return None
+        common = 0
+        while all(len(e) > common and e[common] == encoded[0][common] for e in encoded):
+            common += 1
+        return encoded[0][:common] if common >= 8 else None
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        """The prompt tokens of chat ``messages`` (the chat template, then the assistant turn's opening)."""
+        tokenizer = self.tokenizer
+        if tokenizer.chat_template is None:
+            raise bad("this model's tokenizer has no chat template: use /v1/completions", "messages")
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as error:  # the template's own checks (e.g. roles it refuses) raise anything
+            raise bad(f"the chat template refused these messages: {error}", "messages") from None
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
     def encode(self, generation: Generation) -> list[int]:
         tokenizer = self.tokenizer
         if generation.kind == "chat":
-            if tokenizer.chat_template is None:
-                raise bad("this model's tokenizer has no chat template: use /v1/completions", "messages")
-            try:
-                text = tokenizer.apply_chat_template(generation.prompt, tokenize=False, add_generation_prompt=True)
-            except Exception as error:  # the template's own checks (e.g. roles it refuses) raise anything
-                raise bad(f"the chat template refused these messages: {error}", "messages") from None
-            return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+            return self.chat_ids(generation.prompt)
         if isinstance(generation.prompt, str):
             return list(tokenizer(generation.prompt)["input_ids"])
         vocab = self.scheduler.engine.config.vocab_size

@@ -35,6 +35,9 @@ def add_serve_command(subcommands) -> None:
     parser.add_argument("--prefill-tokens", type=int, default=2048,
                         help="most prompt tokens admitted between two decode steps (default 2048, vLLM's "
                              "max_num_batched_tokens: a burst of chat requests starts in one iteration)")
+    parser.add_argument("--no-prefix-cache", action="store_true",
+                        help="prefill every prompt whole (by default the chat template's opening, the same for "
+                             "every chat request without its own system message, is computed once and reused)")
     parser.add_argument("--no-warmup", action="store_true",
                         help="compile on first use instead of before accepting requests (the warm-up compiles "
                              "every batch x cache-length decode step: minutes the first time on a small CPU, "
@@ -103,9 +106,13 @@ def build_served(args):
     metrics = Metrics(name)
     scheduler = Scheduler(engine, tokenizer, stop_token_ids=sorted(stops), max_queue=args.max_queue,
                           prefill_tokens=args.prefill_tokens, metrics=metrics)
-    return ServedModel(name=name, tokenizer=tokenizer, scheduler=scheduler, metrics=metrics, dimensions=dimensions,
-                       alpha=args.alpha, beta=args.beta, preference_weights=weights,
-                       request_timeout=args.request_timeout)
+    served = ServedModel(name=name, tokenizer=tokenizer, scheduler=scheduler, metrics=metrics, dimensions=dimensions,
+                         alpha=args.alpha, beta=args.beta, preference_weights=weights,
+                         request_timeout=args.request_timeout)
+    head = None if args.no_prefix_cache else served.chat_head()
+    if head is not None and len(head) < args.max_model_len - 1:
+        engine.add_head(head)
+    return served
 
 
 @contextlib.contextmanager

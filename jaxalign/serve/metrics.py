@@ -35,6 +35,9 @@ class Metrics:
         self.requests = counter("jaxalign_requests", "HTTP requests answered, by endpoint and status",
                                 ("endpoint", "status"))
         self.prompt_tokens = counter("jaxalign_prompt_tokens", "prompt tokens prefilled").labels(**labels)
+        self.cached_prompt_tokens = counter(
+            "jaxalign_prompt_tokens_cached",
+            "prompt tokens read from a cached prompt head (the chat template's) instead of computed").labels(**labels)
         self.generation_tokens = counter("jaxalign_generation_tokens", "tokens generated").labels(**labels)
         self.cancelled = counter("jaxalign_requests_dropped",
                                  "requests that left before finishing (client gone or timed out)").labels(**labels)
@@ -61,9 +64,10 @@ class Metrics:
     def request(self, endpoint: str, status: int) -> None:
         self.requests.labels(model=self.model, endpoint=endpoint, status=str(status)).inc()
 
-    def first_token(self, seconds: float, prompt_tokens: int, rows: int) -> None:
+    def first_token(self, seconds: float, prompt_tokens: int, rows: int, *, cached: int = 0) -> None:
         self.ttft.observe(seconds)
         self.prompt_tokens.inc(prompt_tokens)
+        self.cached_prompt_tokens.inc(cached)
         self.generation_tokens.inc(rows)
 
     def decode_step(self, seconds: float, tokens: int) -> None:

@@ -4,7 +4,8 @@ tokens into text for the requests waiting on it.
 Each loop iteration (as vLLM's scheduler, prefills first so a new request's first token is not held behind
 running ones): drop cancelled and timed-out requests; admit waiting requests while slots are free, up to
 ``prefill_tokens`` prompt tokens per iteration (so a burst of arrivals cannot stall the running rows for
-long), prefilled together; run one decode step for every live row; hand each row's new text to its request.
+long), prefilled together in groups whose first tokens go out as soon as each group is done; run one decode
+step for every live row; hand each row's new text to its request.
 A row leaves its slot the moment it ends (a stop token, a stop string, ``max_tokens``, the context length) or
 its client goes away. The HTTP side never touches the engine: it submits a :class:`Job` and reads
 :class:`Event`\\ s from the job's asyncio queue, which the scheduler fills with ``call_soon_threadsafe``.
@@ -22,7 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from jaxalign.rollout.continuous import ContinuousEngine, RowSettings, TokenOut
+from jaxalign.rollout.continuous import MAX_PREFILL_ROWS, ContinuousEngine, RowSettings, TokenOut
 from jaxalign.rollout.text import TextStream
 from jaxalign.serve.protocol import APIError
 
@@ -262,8 +263,7 @@ class Scheduler:
         future.set_result(version)
 
     def _admit(self) -> None:
-        """Admit waiting jobs in arrival order while their rows fit; prefill them together (one call per length
-        bucket), then give each its slots and first tokens."""
+        """Admit waiting jobs in arrival order while their rows fit and ``prefill_tokens`` lasts."""
         budget, free, chosen = self.prefill_tokens, self.engine.free, []
         while self._waiting and free >= len(self._waiting[0].settings) and (budget > 0 or not chosen):
             job = self._waiting.popleft()
@@ -275,8 +275,14 @@ class Scheduler:
             chosen.append(job)
             free -= len(job.settings)
             budget -= len(job.prompt_ids)
-        if not chosen:
-            return
+        # One prefill call's worth at a time, each group's first tokens sent before the next group's prefill:
+        # in a burst of arrivals the first requests do not wait for the last ones' prompts.
+        for start in range(0, len(chosen), MAX_PREFILL_ROWS):
+            self._start(chosen[start:start + MAX_PREFILL_ROWS])
+            self._flush()
+
+    def _start(self, chosen: list[Job]) -> None:
+        """Prefill ``chosen`` together, then give each its slots and first tokens."""
         try:
             prefilled = self.engine.prefill_many([j.prompt_ids for j in chosen])
         except Exception:  # find the job that fails: prefill them one by one, so only it gets the error
@@ -305,7 +311,8 @@ class Scheduler:
             self._send(job, Event("start", version=self.version))
             job.first_token_at = time.perf_counter()
             if self.metrics is not None:
-                self.metrics.first_token(job.first_token_at - job.submitted, len(job.prompt_ids), len(rows))
+                self.metrics.first_token(job.first_token_at - job.submitted, len(job.prompt_ids), len(rows),
+                                         cached=prompt.reused)
             self._deliver(first)
 
     def _deliver(self, outputs: dict[Any, TokenOut]) -> None:

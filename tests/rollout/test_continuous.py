@@ -172,9 +172,10 @@ def test_prompts_prefilled_together_equal_prefilled_alone(model, reference):
     assert_greedy_reference(outs, {i: i for i in range(5)}, reference)
 
 
-def test_smollm2_prompts_prefilled_together_are_bit_identical_to_prefilled_alone():
-    """What docs/serving.md states for the embedded model (tiny models agree to ~1e-6 only: XLA's CPU kernels for
-    their narrow products change with the number of rows)."""
+def test_smollm2_prompts_prefilled_together_equal_prefilled_alone():
+    """What docs/serving.md states for the embedded model: the same first-token logits alone or in a group, bit for
+    bit on some CPUs and to about 1e-4 on others (XLA's CPU backend picks kernels by shape and processor: an AMD
+    EPYC without AVX-512 gives differences of up to 7e-5 in logits of magnitude ~20), so the same greedy token."""
     import os
 
     from jaxalign.models import default_model_path, load_gguf
@@ -190,7 +191,9 @@ def test_smollm2_prompts_prefilled_together_are_bit_identical_to_prefilled_alone
     rng = np.random.default_rng(0)
     prompts = [list(rng.integers(0, smollm2.config.vocab_size, size=n)) for n in (17, 22, 24)]
     for grouped, prompt in zip(engine.prefill_many(prompts), prompts, strict=True):  # one call of 4 rows
-        np.testing.assert_array_equal(np.asarray(grouped.logits), np.asarray(engine.prefill(prompt).logits))
+        together, alone = np.asarray(grouped.logits), np.asarray(engine.prefill(prompt).logits)
+        np.testing.assert_allclose(together, alone, atol=2e-4, rtol=0)
+        assert int(np.argmax(together)) == int(np.argmax(alone))
 
 
 # --- relayouts ------------------------------------------------------------------------------------------
@@ -355,6 +358,68 @@ def test_guided_rows_with_their_own_weights_equal_the_guided_sampler(model, guid
                                        atol=LOGP_TOL)
     assert tokens_of(outs, "base") == tokens_of(outs, ((1.0, 0.0), 1))
     assert tokens_of(outs, ((0.7, 1.5), 0)) != tokens_of(outs, ((1.0, 0.0), 0)), "the guide steers"
+
+
+# --- cached prompt heads ------------------------------------------------------------------------------------
+
+
+HEAD = [int(t) for t in np.random.default_rng(40).integers(0, V, size=10)]
+# Prompts continuing HEAD by 1 to 20 tokens (the rest prefilled in 24 columns), and two that do not use it:
+# one that is HEAD itself (nothing would be left to prefill) and one that begins otherwise.
+HEADED = [HEAD + [int(t) for t in np.random.default_rng(50 + i).integers(0, V, size=n)]
+          for i, n in enumerate((1, 6, 14, 20))] + [HEAD, HEAD[1:] + [3, 4]]
+
+
+def headed_engine(model, *, guides=()):
+    """Room for the padding inside a row (head and rest): ``slack // 2`` = 24 columns."""
+    engine = ContinuousEngine(model, guides=guides, max_batch=MAX_BATCH, max_model_len=64, slack=48)
+    engine.add_head(HEAD)
+    return engine
+
+
+def test_prompts_continuing_a_cached_head_equal_sampler_generate(model, sampler):
+    count = 40  # long enough for the left shifts, whose spans include the padding between head and rest
+    expected = sampler.generate(HEADED, key=jax.random.key(0),
+                                params=SamplingParams(max_new_tokens=count, temperature=0.0, stop_token_ids=()))
+    engine = headed_engine(model)
+    assert [p.reused for p in engine.prefill_many(HEADED)] == [10, 10, 10, 10, 0, 0]
+    moves = record_moves(engine)
+    joins = [Join(3 * i, prompt, {i: GREEDY}, min(count, 64 - len(prompt))) for i, prompt in enumerate(HEADED)]
+    outs = drive(engine, joins)
+    assert_greedy_reference(outs, dict(enumerate(range(len(HEADED)))),
+                            (np.asarray(expected.tokens), np.asarray(expected.model_logps)))
+    assert "left" in moves.kinds, moves
+
+
+def test_a_head_changes_no_guided_or_seeded_row(model, guide):
+    plain = ContinuousEngine(model, guides=[guide], max_batch=MAX_BATCH, max_model_len=64, slack=48)
+    engine = headed_engine(model, guides=[guide])
+    rows = {0: RowSettings(temperature=0.0, weights=(0.7, 1.5)), 1: RowSettings(temperature=1.0, top_p=0.9, seed=3)}
+    for index in rows:
+        expected = drive(plain, [Join(0, HEADED[2], {index: rows[index]}, 12)])
+        got = drive(engine, [Join(0, HEADED[2], {index: rows[index]}, 12)])
+        assert tokens_of(got, index) == tokens_of(expected, index)
+        np.testing.assert_allclose([o.logprob for o in got[index]], [o.logprob for o in expected[index]],
+                                   atol=LOGP_TOL)
+
+
+def test_replacing_the_model_prefills_the_heads_again(model, checkpoints):
+    from jaxalign.models import load_hf
+
+    other = load_hf(checkpoints("llama", seed=1)[0])
+    engine = headed_engine(model)
+    engine.replace_model(other)
+    plain = ContinuousEngine(other, max_batch=MAX_BATCH, max_model_len=64, slack=48)
+    np.testing.assert_allclose(np.asarray(engine.prefill(HEADED[3]).logits),
+                               np.asarray(plain.prefill(HEADED[3]).logits), atol=LOGP_TOL)
+
+
+def test_heads_that_leave_no_room_are_refused(model):
+    engine = ContinuousEngine(model, max_batch=MAX_BATCH, max_model_len=MAX_MODEL_LEN, slack=SLACK)
+    with pytest.raises(ValueError, match="a head of 30 tokens leaves no room"):
+        engine.add_head(list(range(30)))
+    with pytest.raises(ValueError, match="the prompt has no tokens"):
+        engine.add_head([])
 
 
 # --- errors ----------------------------------------------------------------------------------------------------

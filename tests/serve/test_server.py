@@ -359,6 +359,51 @@ def test_metrics_are_prometheus_text(server, client):
                "the gauges to show an idle server")
 
 
+@pytest.fixture(scope="module")
+def with_system_prompt(tiny_checkpoint, tmp_path_factory):
+    """The tiny model with a chat template that opens with a system prompt, as SmolLM2's does."""
+    import shutil
+
+    from tests.test_cli import CHAT_TEMPLATE, tiny_tokenizer
+
+    directory = tmp_path_factory.mktemp("serve") / "system_prompt"
+    shutil.copytree(tiny_checkpoint, directory)
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = "{{ '<|im_start|>system\nGo away .<|im_end|>\n' }}" + CHAT_TEMPLATE
+    tokenizer.save_pretrained(directory)
+    with running_server(serve_args(directory)) as (url, served):
+        yield url, served, tokenizer
+
+
+def test_chat_prompts_reuse_the_chat_templates_opening(with_system_prompt, tiny_model):
+    """The server caches the chat template's opening (system prompt and user turn tag) at start; a chat request
+    computes only the tokens after it, with the logprobs of a teacher-forced pass over the whole prompt."""
+    url, served, tokenizer = with_system_prompt
+    head = served.chat_head()
+    prompt_ids = chat_prompt_ids(tokenizer, SKY)
+    assert head is not None and len(head) >= 8 and prompt_ids[:len(head)] == head
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=HTTP_TIMEOUT)
+    before = metric(url, "jaxalign_prompt_tokens_cached_total")
+    response = client.chat.completions.create(model=MODEL, messages=SKY, max_tokens=6, temperature=0, logprobs=True)
+    assert metric(url, "jaxalign_prompt_tokens_cached_total") == before + len(head)
+    content = response.choices[0].logprobs.content
+    chosen, _ = teacher_forced(tiny_model, prompt_ids, [tokenizer.convert_tokens_to_ids(e.token) for e in content])
+    np.testing.assert_allclose([e.logprob for e in content], chosen, atol=LOGP_TOL)
+    client.completions.create(model=MODEL, prompt="sky ?", max_tokens=2)  # no chat opening: computed whole
+    own_system = [{"role": "system", "content": "Hi"}, *SKY]  # another opening: computed whole
+    client.chat.completions.create(model=MODEL, messages=own_system, max_tokens=2)
+    assert metric(url, "jaxalign_prompt_tokens_cached_total") == before + len(head)
+
+
+def test_without_the_prefix_cache_every_prompt_is_computed_whole(tiny_checkpoint):
+    with running_server(serve_args(tiny_checkpoint, no_prefix_cache=True)) as (url, served):
+        response = httpx.post(url + CHAT, json={"model": MODEL, "messages": SKY, "max_tokens": 2},
+                              timeout=HTTP_TIMEOUT)
+        assert response.status_code == 200
+        assert metric(url, "jaxalign_prompt_tokens_cached_total") == 0
+        assert metric(url, "jaxalign_prompt_tokens_total") == response.json()["usage"]["prompt_tokens"]
+
+
 def test_batching_is_invisible(server, client):
     _, served = server
     target = dict(model=MODEL, prompt="sky blue ?", max_tokens=12, temperature=0, logprobs=1)
