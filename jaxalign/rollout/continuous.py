@@ -616,11 +616,12 @@ class ContinuousEngine:
         if self.live:
             raise ValueError("warm_up() runs before any row is admitted")
         started = time.perf_counter()
-        shapes = {(None, self.prompt_bucket(n)) for n in prompt_lengths if n < self.max_model_len}
-        shapes |= {(head, self.prompt_bucket(n)) for head in self._heads for n in head_lengths
+        shapes = {(-1, self.prompt_bucket(n)) for n in prompt_lengths if n < self.max_model_len}
+        shapes |= {(h, self.prompt_bucket(n)) for h, head in enumerate(self._heads) for n in head_lengths
                    if head.width + self.prompt_bucket(n) <= self.max_columns}
         prefilled = {}
-        for head, length in sorted(shapes, key=lambda shape: (shape[0] is not None, shape[1])):
+        for h, length in sorted(shapes):
+            head = None if h < 0 else self._heads[h]
             prompt = [*(head.tokens if head else ()), *[self.pad_token_id] * length]
             for group in (g for g in self.batch_buckets() if g <= MAX_PREFILL_ROWS):
                 first = self._prefill_group(head, [prompt] * group, length)[0]

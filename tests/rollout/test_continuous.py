@@ -414,6 +414,28 @@ def test_replacing_the_model_prefills_the_heads_again(model, checkpoints):
                                np.asarray(plain.prefill(HEADED[3]).logits), atol=LOGP_TOL)
 
 
+def test_warm_up_compiles_the_prefills_after_a_head(model):
+    # A head of 26 tokens (32 columns, where HEAD has 24), so no other test has compiled these prefills.
+    head = [int(t) for t in np.random.default_rng(41).integers(0, V, size=26)]
+    engine = ContinuousEngine(model, max_batch=4, max_model_len=64, slack=49)
+    engine.add_head(head)
+    engine.warm_up(prompt_lengths=(24,), head_lengths=(24,))
+    compiled = []
+
+    def on_event(event: str, seconds: float, **kwargs) -> None:
+        if event == LOWERING_EVENT and "_prefill" in str(kwargs.get("fun_name", "")):
+            compiled.append(kwargs["fun_name"])
+
+    monitoring.register_event_duration_secs_listener(on_event)
+    try:
+        prompts = [head + prompt[len(HEAD):] for prompt in HEADED[:4]]
+        prefilled = engine.prefill_many(prompts)  # four prompts continuing the head, one call
+    finally:
+        monitoring.unregister_event_duration_listener(on_event)
+    assert [p.reused for p in prefilled] == [len(head)] * 4
+    assert compiled == [], "no prefill after the head compiles after the warm-up"
+
+
 def test_heads_that_leave_no_room_are_refused(model):
     engine = ContinuousEngine(model, max_batch=MAX_BATCH, max_model_len=MAX_MODEL_LEN, slack=SLACK)
     with pytest.raises(ValueError, match="a head of 30 tokens leaves no room"):
