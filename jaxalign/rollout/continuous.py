@@ -46,6 +46,7 @@ compiled step: a seeded request gives the same tokens whatever runs beside it.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import functools
 import time
@@ -654,6 +655,7 @@ class ContinuousEngine:
                                             device)
                     jax.block_until_ready(_insert(caches, prefilled[width].caches, np.int32(0), np.int32(0),
                                                   np.int32(width)))
+            return_freed_memory()
             if progress is not None:
                 print(f"warm-up: decode step {done}/{len(combos)} (batch {rows}, cache {columns}) compiled, "
                       f"{time.perf_counter() - started:.0f} s", file=progress, flush=True)
@@ -732,6 +734,22 @@ class ContinuousEngine:
             if slot is not None:
                 slot.start -= shift
                 self._where[slot.row_id] = i
+
+
+def return_freed_memory() -> None:
+    """Give the memory XLA has freed back to the system (glibc's ``malloc_trim``; nothing elsewhere).
+
+    XLA's CPU buffers come from malloc, and glibc keeps freed blocks of up to 32 MiB in its heaps for reuse. The
+    warm-up runs every (batch, cache length) layout once, each with caches of its own size, and without this
+    SmolLM2-135M's ``jaxalign serve --max-batch 32 --max-model-len 512`` ended its warm-up holding 18 GB, all of
+    it free (4 GB after one trim; measured on 2 CPU cores)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    trim = getattr(libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 # What an empty slot (and a padding row) samples with: greedy, the cheapest draw.
