@@ -157,8 +157,10 @@ def test_lora_on_an_untied_lm_head_runs_in_the_forward(arch, hf_checkpoint, rng)
     assert np.abs(np.asarray(logits - base_logits)).max() > 0.1
     np.testing.assert_allclose(merge_lora(model)(tokens, attention_mask=mask)[0], logits, atol=1e-5, rtol=0)
     hidden, _ = model.hidden_states(tokens, attention_mask=mask)  # the chunked path sees the adapter too
-    np.testing.assert_array_equal(jnp.concatenate([model.logits(hidden[:, :3]), model.logits(hidden[:, 3:])], 1),
-                                  logits)
+    # To rounding, not bit for bit: on some CPUs (an AMD EPYC without AVX-512) XLA picks other kernels for the
+    # chunks' shapes, 5e-7 apart.
+    np.testing.assert_allclose(jnp.concatenate([model.logits(hidden[:, :3]), model.logits(hidden[:, 3:])], 1),
+                               logits, atol=1e-5, rtol=0)
 
     def loss(model):
         return jnp.sum(jax.nn.log_softmax(model(tokens, attention_mask=mask)[0])[..., 3])
