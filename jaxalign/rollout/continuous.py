@@ -449,8 +449,8 @@ class ContinuousEngine:
         caches, logits = _prefill(tuple(m.states[0] for m in self._members), None if head is None else head.caches,
                                   tokens, mask, graphdefs=tuple(m.graphdefs[0] for m in self._members))
         # With a head, a row's columns run from the head's first token to the end, padding inside included.
-        span = (lambda n: n) if head is None else (lambda n: len(head.tokens) + length)
-        return [Prefilled(caches, logits[:, row:row + 1], len(prompt), row, span(len(prompt)), skip)
+        return [Prefilled(caches, logits[:, row:row + 1], len(prompt), row,
+                          len(prompt) if head is None else skip + length, skip)
                 for row, prompt in enumerate(prompts)]
 
     def prompt_bucket(self, length: int) -> int:

@@ -25,12 +25,13 @@ LOWERING_EVENT = "/jax/core/compile/jaxpr_to_mlir_module_duration"
 
 
 @contextlib.contextmanager
-def count_engine_compilations():
-    """Yields a list that collects one entry per compilation (lowering) of the engine's jitted loop."""
+def count_engine_compilations(function: str = "_generate"):
+    """Yields a list that collects one entry per compilation (lowering) of the jitted ``function`` (default: the
+    engine's loop)."""
     compiled = []
 
     def on_event(event: str, seconds: float, **kwargs) -> None:
-        if event == LOWERING_EVENT and "_generate" in str(kwargs.get("fun_name", "")):
+        if event == LOWERING_EVENT and function in str(kwargs.get("fun_name", "")):
             compiled.append(kwargs["fun_name"])
 
     monitoring.register_event_duration_secs_listener(on_event)

@@ -15,13 +15,12 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from jax import monitoring
 
 from jaxalign.models import LlamaForCausalLM
 from jaxalign.rollout import Sampler, SamplingParams
 from jaxalign.rollout.continuous import ContinuousEngine, RowSettings
-from tests.rollout.conftest import LOWERING_EVENT, N, V
 from tests.rollout.conftest import PROMPTS as SHORT_PROMPTS
+from tests.rollout.conftest import N, V, count_engine_compilations
 
 MAX_MODEL_LEN, SLACK = 40, 8
 MAX_BATCH = 8
@@ -286,17 +285,8 @@ def test_warm_up_compiles_every_decode_step_ahead(model):
     # A cache length of its own (49 columns), so no other test has compiled these decode steps.
     engine = ContinuousEngine(model, max_batch=4, max_model_len=MAX_MODEL_LEN, slack=SLACK + 1)
     assert engine.warm_up() >= 0
-    compiled = []
-
-    def on_event(event: str, seconds: float, **kwargs) -> None:
-        if event == LOWERING_EVENT and "_decode" in str(kwargs.get("fun_name", "")):
-            compiled.append(kwargs["fun_name"])
-
-    monitoring.register_event_duration_secs_listener(on_event)
-    try:
+    with count_engine_compilations("_decode") as compiled:
         drive(engine, [Join(0, PROMPTS[i], {i: GREEDY}, 4) for i in range(3)])
-    finally:
-        monitoring.unregister_event_duration_listener(on_event)
     assert compiled == [], "no decode step compiles after the warm-up"
 
 
@@ -420,18 +410,9 @@ def test_warm_up_compiles_the_prefills_after_a_head(model):
     engine = ContinuousEngine(model, max_batch=4, max_model_len=64, slack=49)
     engine.add_head(head)
     engine.warm_up(prompt_lengths=(24,), head_lengths=(24,))
-    compiled = []
-
-    def on_event(event: str, seconds: float, **kwargs) -> None:
-        if event == LOWERING_EVENT and "_prefill" in str(kwargs.get("fun_name", "")):
-            compiled.append(kwargs["fun_name"])
-
-    monitoring.register_event_duration_secs_listener(on_event)
-    try:
+    with count_engine_compilations("_prefill") as compiled:
         prompts = [head + prompt[len(HEAD):] for prompt in HEADED[:4]]
         prefilled = engine.prefill_many(prompts)  # four prompts continuing the head, one call
-    finally:
-        monitoring.unregister_event_duration_listener(on_event)
     assert [p.reused for p in prefilled] == [len(head)] * 4
     assert compiled == [], "no prefill after the head compiles after the warm-up"
 
