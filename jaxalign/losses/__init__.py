@@ -10,7 +10,7 @@ Everything public in the submodules is re-exported here, so ``from jaxalign impo
   ``ppo_value_loss``, the adaptive KL controller.
 - :mod:`~jaxalign.losses.grpo`: ``group_advantages``, ``grpo_loss``, ``grpo_objective``.
 - :mod:`~jaxalign.losses.dpo`: ``dpo_loss`` and its variants, ``kto_loss``;
-  :mod:`~jaxalign.losses.reference_free`: ``simpo_loss``, ``orpo_loss``.
+  :mod:`~jaxalign.losses.reference_free`: ``simpo_loss``, ``orpo_loss``, ``genarm_loss``.
 - :mod:`~jaxalign.losses.token_level` and :mod:`~jaxalign.losses.tfpo`: LLMDoctor's token-level rewards
   and TFPO flow balance.
 

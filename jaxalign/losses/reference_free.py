@@ -1,5 +1,5 @@
-"""Reference-free preference losses on length-normalised log-probabilities: SimPO (with AlphaPO rewards and
-an optional CPO-style NLL term) and ORPO's odds-ratio term.
+"""Reference-free preference losses: SimPO (with AlphaPO rewards and an optional CPO-style NLL term) and ORPO's
+odds-ratio term on length-normalised log-probabilities, and GenARM's autoregressive reward model on summed ones.
 
 Inputs are summed sequence log-probabilities plus completion lengths; the average log-probability
 ``log π(y|x)/|y|`` is formed here, so the same ``sequence_logps`` output feeds every loss of the library.
@@ -17,7 +17,7 @@ from jaxtyping import Array, Bool, Float, Real
 
 from jaxalign.losses.core import F32, as_mask, masked_mean
 
-__all__ = ["orpo_loss", "simpo_loss"]
+__all__ = ["genarm_loss", "orpo_loss", "simpo_loss"]
 
 Metrics = dict[str, Float[Array, ""]]
 
@@ -239,4 +239,61 @@ def orpo_loss(
     if chosen_nll is not None:
         loss = loss + chosen_nll
         metrics["nll_loss"] = masked_mean(jax.lax.stop_gradient(chosen_nll), valid)
+    return jnp.where(valid, loss, 0.0), metrics
+
+
+def genarm_loss(
+    chosen_logps: Float[Array, " B"],
+    rejected_logps: Float[Array, " B"],
+    chosen_lengths: Real[Array, " B"],
+    rejected_lengths: Real[Array, " B"],
+    chosen_nll: Float[Array, " B"] | None = None,
+    mask: Bool[Array, " B"] | None = None,
+    *,
+    beta: float = 0.1,
+) -> tuple[Float[Array, " B"], Metrics]:
+    """GenARM's autoregressive reward model: a Bradley–Terry loss on the *summed* log-probabilities of a causal LM.
+
+    The reward of a response is ``r(x, y) = β_r·Σ_t log π_r(y_t | x, y_<t)``, a sum of token rewards that a
+    decoder can read off at every step; fitting it to the pairs is DPO with no reference model::
+
+        ℓ = −log σ(β_r·(log π_r(y_w|x) − log π_r(y_l|x)))
+
+    At decode time the trained ``π_r`` guides a frozen base model as ``log π_base + (1/β_r)·log π_r`` (the
+    guided sampler with the reward model as the guide and weight ``1/β_r``; see docs/llmdoctor.md).
+
+    Args:
+        chosen_logps: ``[B]`` log π_r(y_w|x), summed over completion tokens.
+        rejected_logps: ``[B]`` log π_r(y_l|x).
+        chosen_lengths, rejected_lengths: ``[B]`` completion token counts; only for the ``logps/*`` metrics (the
+            average log-probs, as the other reference-free losses log them). The loss does not normalise.
+        chosen_nll: must be None (GenARM has no NLL term; the argument keeps the reference-free signature).
+        mask: ``[B]`` validity of the pairs (None = all valid); masked pairs get loss 0 and leave every metric.
+        beta: β_r > 0 (GenARM's ``dpo_beta``, 0.1 in its training script).
+
+    Returns:
+        ``(loss, metrics)``: ``[B]`` float32 loss, 0 for masked pairs. Metrics: ``rewards/chosen``
+        (β_r·log π_r(y_w|x)), ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies``, ``logps/chosen``
+        and ``logps/rejected`` (average log-probs).
+
+    References:
+        Xu et al. 2025, "GenARM: Reward Guided Generation with Autoregressive Reward Model for Test-time
+        Alignment", arXiv 2410.08193, Eq. 5 (training) and Eq. 7 (decoding).
+
+    Notes:
+        - Equal to :func:`~jaxalign.losses.dpo_loss` (sigmoid) with reference log-probs of 0, i.e. TRL's
+          ``reference_free=True``; the GenARM code's ``arm_loss`` (training_openInstruct/open_instruct/arm_utils.py)
+          computes the same ``−logsigmoid(β·(logp_w − logp_l))``.
+    """
+    if beta <= 0:
+        raise ValueError(f"genarm_loss: beta must be > 0, got {beta}")
+    if chosen_nll is not None:
+        raise ValueError("genarm_loss: GenARM has no NLL term (chosen_nll must be None)")
+    valid = as_mask(mask, jnp.asarray(chosen_logps))
+    chosen_logps, rejected_logps, chosen_lengths, rejected_lengths = _pair_inputs(
+        valid, chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, fill=(0, 0, 1, 1)
+    )
+    loss = -jax.nn.log_sigmoid(beta * (chosen_logps - rejected_logps))
+    metrics = _pair_metrics(beta * chosen_logps, beta * rejected_logps, _average(chosen_logps, chosen_lengths),
+                            _average(rejected_logps, rejected_lengths), valid)
     return jnp.where(valid, loss, 0.0), metrics

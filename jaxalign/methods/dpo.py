@@ -28,7 +28,7 @@ from jaxalign.methods.common import (
 from jaxalign.methods.recipe import RunConfig
 from jaxalign.models.scoring import DEFAULT_CHUNK
 
-REFERENCE_FREE_LOSSES = ("simpo", "orpo")
+REFERENCE_FREE_LOSSES = ("simpo", "orpo", "genarm")
 DPO_FAMILY = (*losses.DPO_LOSS_TYPES, *REFERENCE_FREE_LOSSES)
 
 
@@ -42,7 +42,8 @@ def dpo_objective(*, loss_type: str | Sequence[str] = "sigmoid", reference: str 
     the policy and the reference alike. Both are exact; TRL runs the prompt twice and the head everywhere.
 
     ``loss_type``: any of :data:`jaxalign.losses.DPO_LOSS_TYPES` (or a list of them: a weighted mixture with
-    ``loss_weights``), or the reference-free ``"simpo"`` / ``"orpo"``. As in TRL, ``"sft"`` in the list adds
+    ``loss_weights``), or the reference-free ``"simpo"`` / ``"orpo"`` / ``"genarm"`` (GenARM's autoregressive
+    reward model). As in TRL, ``"sft"`` in the list adds
     its weight times the token-mean NLL of every chosen completion of the batch (RPO, TRL's spelling; with
     gradient accumulation the mean is per micro-batch, as in TRL). ``loss_options`` go to the loss
     (``beta``, ``label_smoothing``, ``rpo_alpha``, ``gamma``, ...); a misspelt option raises.
@@ -72,7 +73,8 @@ def dpo_objective(*, loss_type: str | Sequence[str] = "sigmoid", reference: str 
     if reference_free != (reference == "none"):
         raise ValueError(f"dpo_objective: loss_type {loss_type!r} needs reference="
                          f"{'none' if reference_free else 'model, precomputed or lora_base'}, got {reference!r}")
-    loss_fn = {"simpo": losses.simpo_loss, "orpo": losses.orpo_loss}.get(loss_types[0], losses.dpo_loss)
+    reference_free_losses = {"simpo": losses.simpo_loss, "orpo": losses.orpo_loss, "genarm": losses.genarm_loss}
+    loss_fn = reference_free_losses.get(loss_types[0], losses.dpo_loss)
     options = dict(loss_options)
     accepted = {name for name, p in inspect.signature(loss_fn).parameters.items() if p.kind is p.KEYWORD_ONLY}
     unknown_options = sorted(set(options) - accepted - {"loss_type"})

@@ -145,8 +145,9 @@ class DPOSpec(MethodSpec):
     when the objective is built, naming the loss.
 
     Attributes:
-        loss_type: one of :data:`jaxalign.losses.DPO_LOSS_TYPES`, ``simpo``, ``orpo``, or a list (a weighted
-            mixture with ``loss_weights``; ``sft`` in the list adds the chosen NLL, TRL's RPO spelling).
+        loss_type: one of :data:`jaxalign.losses.DPO_LOSS_TYPES`, ``simpo``, ``orpo``, ``genarm`` (GenARM's
+            autoregressive reward model: :func:`jaxalign.losses.genarm_loss`, with ``reference: none``), or a list
+            (a weighted mixture with ``loss_weights``; ``sft`` in the list adds the chosen NLL, TRL's RPO spelling).
         beta, label_smoothing, loss_weights, discopop_tau, f_divergence, f_alpha, rpo_alpha: DPO's
             (:func:`jaxalign.losses.dpo_loss`).
         gamma, gamma_beta_ratio, alpha, sft_weight: SimPO's (:func:`jaxalign.losses.simpo_loss`).

@@ -1,4 +1,4 @@
-"""SimPO and ORPO: hand values, identities, masking, jit/grad, and parity with TRL's CPO/ORPO trainers.
+"""SimPO, ORPO and GenARM: hand values, identities, masking, jit/grad, and parity with TRL's CPO/ORPO trainers.
 
 Parity drives TRL 1.16's real ``get_batch_loss_metrics`` of ``trl.experimental.cpo.CPOTrainer`` (with
 ``loss_type="simpo"``) and ``trl.experimental.orpo.ORPOTrainer`` on trainers built with ``object.__new__`` and a
@@ -22,7 +22,8 @@ import pytest
 import torch
 
 from jaxalign.losses.core import sequence_logps, token_logps
-from jaxalign.losses.reference_free import orpo_loss, simpo_loss
+from jaxalign.losses.dpo import dpo_loss
+from jaxalign.losses.reference_free import genarm_loss, orpo_loss, simpo_loss
 from tests.losses.conftest import PAIR_METRICS as METRICS
 from tests.losses.conftest import B, T, V, close, poison
 
@@ -161,7 +162,7 @@ def test_simpo_hand_value_and_margin_parameterisations():
     assert not np.allclose(simpo_loss(*args, alpha=0.5)[0], default)
 
 
-@pytest.mark.parametrize("loss_fn", [simpo_loss, orpo_loss])
+@pytest.mark.parametrize("loss_fn", [simpo_loss, orpo_loss, genarm_loss])
 def test_grad_finite_with_nan_padding_and_jit_equals_eager(loss_fn):
     rng = np.random.default_rng(3)
     mask = _span_mask(0, [4, 1, 6])
@@ -249,18 +250,19 @@ def test_masked_pairs_equal_the_unpadded_batch(loss_fn):
     assert np.all(np.asarray(grads)[:, PAIR_MASK] != 0.0)
 
 
-@pytest.mark.parametrize("loss_fn", [simpo_loss, orpo_loss])
+@pytest.mark.parametrize("loss_fn", [simpo_loss, orpo_loss, genarm_loss])
 def test_empty_batch_gives_zero_metrics(loss_fn):
     # B = 0 (or every pair masked) must log 0, not the NaN of a mean over nothing.
     kwargs = {"sft_weight": 1.0} if loss_fn is simpo_loss else {}
     empty = jnp.zeros(0)
-    loss, metrics = loss_fn(empty, empty, empty, empty, empty, **kwargs)
+    nll = None if loss_fn is genarm_loss else empty  # GenARM has no NLL term
+    loss, metrics = loss_fn(empty, empty, empty, empty, nll, **kwargs)
     chex.assert_shape(loss, (0,))
-    assert {*METRICS, "nll_loss"} <= metrics.keys()
+    assert set(METRICS) | ({"nll_loss"} if nll is not None else set()) <= metrics.keys()
     for name, value in metrics.items():
         assert value == 0.0, name
     garbage = jnp.full(B, jnp.nan)
-    loss, metrics = loss_fn(*(garbage,) * 5, jnp.zeros(B, bool), **kwargs)
+    loss, metrics = loss_fn(*(garbage,) * 4, None if nll is None else garbage, jnp.zeros(B, bool), **kwargs)
     np.testing.assert_array_equal(loss, np.zeros(B))
     for name, value in metrics.items():
         assert value == 0.0, name
@@ -390,3 +392,38 @@ def test_orpo_rejects_bad_beta():
     x = jnp.zeros(B) - 1
     with pytest.raises(ValueError, match="beta"):
         orpo_loss(x, x, x, x, beta=0.0)
+
+
+def test_genarm_hand_value_and_dpo_identity():
+    # Summed log-probs −3 and −5, β_r = 0.5: z = 0.5·2 = 1, loss = log(1 + e^−1) = 0.31326169; no length
+    # normalisation (the lengths only feed the average-log-prob metrics).
+    loss, metrics = genarm_loss(jnp.array([-3.0]), jnp.array([-5.0]), jnp.array([3]), jnp.array([10]), beta=0.5)
+    close(loss, [0.31326169])
+    close(metrics["rewards/chosen"], -1.5)
+    close(metrics["rewards/margins"], 1.0)
+    close(metrics["logps/rejected"], -0.5)
+    # DPO's sigmoid loss with a reference that gives every response log-prob 0 (TRL's reference_free=True).
+    rng = np.random.default_rng(11)
+    chosen, rejected = jnp.asarray(-rng.exponential(size=(2, 5)) * 6, jnp.float32)
+    lengths = jnp.arange(1, 6)
+    zeros = jnp.zeros(5)
+    dpo, _ = dpo_loss(chosen, rejected, zeros, zeros, beta=0.2)
+    close(genarm_loss(chosen, rejected, lengths, lengths, beta=0.2)[0], np.asarray(dpo))
+
+
+def test_genarm_matches_the_genarm_codes_arm_loss():
+    # GenARM's training_openInstruct/open_instruct/arm_utils.py: losses = −logsigmoid(β·(logp_w − logp_l)),
+    # chosen_rewards = β·logp_w, in float64 torch.
+    rng = np.random.default_rng(12)
+    chosen, rejected = -rng.exponential(size=(2, 7)) * 20
+    lengths = np.full(7, 9)
+    loss, metrics = genarm_loss(chosen, rejected, lengths, lengths, beta=0.1)
+    expected = -torch.nn.functional.logsigmoid(0.1 * (torch.tensor(chosen) - torch.tensor(rejected)))
+    close(loss, expected.numpy())
+    close(metrics["rewards/chosen"], float(0.1 * chosen.mean()))
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [({"beta": 0.0}, "beta"), ({"chosen_nll": jnp.zeros(1)}, "NLL")])
+def test_genarm_rejects_bad_configuration(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        genarm_loss(jnp.zeros(1), jnp.zeros(1), jnp.ones(1), jnp.ones(1), **kwargs)

@@ -3,6 +3,7 @@ refused up front. (The chunked log-probs they share are tested in tests/models/t
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -81,6 +82,23 @@ def test_reward_objective_groups_read_each_dimensions_head(model):
 def test_dpo_objective_refuses_bad_options(kwargs, message):
     with pytest.raises(ValueError, match=message):
         dpo.dpo_objective(**kwargs)
+
+
+def test_genarm_objective_is_dpo_against_a_zero_reference(model):
+    """``loss_type=genarm`` (GenARM's autoregressive reward model) is DPO's sigmoid loss with reference log-probs 0,
+    on the same batch, gradients included."""
+    batch = batch_of(np.random.default_rng(7), layout=(2,))
+    genarm = dpo.dpo_objective(loss_type="genarm", reference="none", beta=0.3)
+    zero_reference = dpo.dpo_objective(loss_type="sigmoid", reference="precomputed", beta=0.3)
+    zero_batch = {**batch, "ref_logps": np.zeros((B, 2), np.float32)}
+    (total, count), metrics = genarm(model, batch, key=None)
+    (expected, expected_count), _ = zero_reference(model, zero_batch, key=None)
+    np.testing.assert_allclose(total, expected, rtol=1e-6)
+    assert count == expected_count and "rewards/accuracies" in metrics
+    grad = nnx.grad(lambda m: genarm(m, batch, key=None)[0][0])(model)
+    expected_grad = nnx.grad(lambda m: zero_reference(m, zero_batch, key=None)[0][0])(model)
+    for got, want in zip(jax.tree.leaves(grad), jax.tree.leaves(expected_grad), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
 
 
 def test_dpo_objective_takes_trls_sft_term_as_a_batch_token_mean(model):
