@@ -19,7 +19,8 @@ Quick path::
     ja_eval.reward_accuracy(reward_model, pair_batches, min_margin=0.5)     # {"accuracy", "pairs", ...}
     ja_eval.perplexity(model, sft_batches)
 
-- :mod:`~jaxalign.eval.judges`: :class:`Judge`, :class:`VaderJudge` (the gold judge), :class:`RewardModelJudge`.
+- :mod:`~jaxalign.eval.judges`: :class:`Judge`, :class:`VaderJudge` (the gold judge), :class:`ConcisenessJudge`,
+  :class:`RewardModelJudge`.
 - :mod:`~jaxalign.eval.stats`: :func:`win_rate`, :func:`mean_ci`, :func:`wilson_interval`.
 - :mod:`~jaxalign.eval.metrics`: :func:`sequence_kl`, :func:`reference_logps`, :func:`perplexity`,
   :func:`token_nll`, :func:`reward_accuracy`.
@@ -36,8 +37,8 @@ from typing import TYPE_CHECKING
 # command from jaxalign.eval.command, does not import jax, flax and the models.
 _EXPORTS = {
     "PolicyEval": "evaluate", "evaluate_policy": "evaluate",
-    "Judge": "judges", "Prompt": "judges", "RewardModelJudge": "judges", "VaderJudge": "judges",
-    "end_of_turn_ids": "judges",
+    "ConcisenessJudge": "judges", "Judge": "judges", "Prompt": "judges", "RewardModelJudge": "judges",
+    "VaderJudge": "judges", "end_of_turn_ids": "judges",
     "perplexity": "metrics", "reference_logps": "metrics", "reward_accuracy": "metrics", "sequence_kl": "metrics",
     "token_nll": "metrics",
     "MeanCI": "stats", "WinRate": "stats", "mean_ci": "stats", "proportion_ci": "stats", "wilson_interval": "stats",
@@ -47,7 +48,7 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from jaxalign.eval.evaluate import PolicyEval, evaluate_policy  # noqa: F401
-    from jaxalign.eval.judges import Judge, Prompt, RewardModelJudge, VaderJudge, end_of_turn_ids  # noqa: F401
+    from jaxalign.eval.judges import ConcisenessJudge, Judge, Prompt, RewardModelJudge, VaderJudge, end_of_turn_ids  # noqa: F401
     from jaxalign.eval.metrics import perplexity, reference_logps, reward_accuracy, sequence_kl, token_nll  # noqa: F401
     from jaxalign.eval.stats import MeanCI, WinRate, mean_ci, proportion_ci, wilson_interval, win_rate  # noqa: F401
 

@@ -3,6 +3,8 @@
 - :class:`VaderJudge`: the default *gold* judge, VADER's compound sentiment of the response (a lexicon-based
   scorer nobody here trained), standing in for human raters as in the sentiment experiments of Ziegler et al.
   2019 (arXiv 1909.08593, Sec. 4.1).
+- :class:`ConcisenessJudge`: a fixed rule, ``1 / (1 + words / scale)``: shorter responses score higher (the second
+  gold dimension of ``experiments.llmdoctor``, which pulls against VADER's, since positive words add up).
 - :class:`RewardModelJudge`: a learned :class:`~jaxalign.models.RewardModel`, on token arrays
   (:meth:`~RewardModelJudge.score_tokens`, :meth:`~RewardModelJudge.score_rollout`) or on texts rendered
   with its tokenizer's chat template (:meth:`~RewardModelJudge.score`).
@@ -26,7 +28,7 @@ Prompt = str | Sequence[Message]
 # Marks the response's place in a rendered template, to find the text the template puts after it.
 _CONTENT_MARKER = "\x00response\x00"
 
-__all__ = ["Judge", "Prompt", "RewardModelJudge", "VaderJudge", "end_of_turn_ids"]
+__all__ = ["ConcisenessJudge", "Judge", "Prompt", "RewardModelJudge", "VaderJudge", "end_of_turn_ids"]
 
 
 @runtime_checkable
@@ -73,6 +75,32 @@ class VaderJudge:
         """``[N]`` float64 compound sentiments of ``responses``."""
         _check_lengths(prompts, responses)
         return np.asarray([self._analyzer.polarity_scores(text)["compound"] for text in responses], np.float64)
+
+
+class ConcisenessJudge:
+    """Conciseness by a fixed rule: ``1 / (1 + words / scale)``, in ``(0, 1]`` (prompts are ignored).
+
+    ``words`` is the number of whitespace-separated words of the response; an empty response scores 1,
+    ``scale`` words score 0.5. The score is a strictly decreasing function of the length alone, so it ranks
+    responses exactly as "the shorter is better" does, and stays bounded (a mean over responses is not dominated
+    by one rambling answer).
+
+    Args:
+        scale: the length in words that scores 0.5 (> 0).
+    """
+
+    name = "conciseness"
+
+    def __init__(self, scale: float = 10.0):
+        if not scale > 0:
+            raise ValueError(f"ConcisenessJudge: scale must be > 0, got {scale}")
+        self.scale = float(scale)
+
+    def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> Float[np.ndarray, " N"]:
+        """``[N]`` float64 conciseness scores of ``responses``."""
+        _check_lengths(prompts, responses)
+        words = np.asarray([len(text.split()) for text in responses], np.float64)
+        return 1.0 / (1.0 + words / self.scale)
 
 
 def _messages(prompt: Prompt) -> list[dict]:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jaxalign import data
-from jaxalign.eval import Judge, RewardModelJudge, VaderJudge, end_of_turn_ids
+from jaxalign.eval import ConcisenessJudge, Judge, RewardModelJudge, VaderJudge, end_of_turn_ids
 from jaxalign.rollout import Rollout
 from tests.eval.conftest import plain_rewards
 
@@ -23,6 +23,19 @@ def test_vader_orders_sentiment():
     assert scores[0] > 0.5 and scores[2] < -0.5 and scores[1] == 0.0 and scores[3] == 0.0
     with pytest.raises(ValueError, match="2 prompts and 1 responses"):
         judge.score(["a", "b"], ["good"])
+
+
+def test_conciseness_scores_by_word_count():
+    judge = ConcisenessJudge(scale=4)
+    assert isinstance(judge, Judge)
+    scores = judge.score(["a"] * 4, ["", "Fine.", "It was a good  day\nindeed.", "one two three four"])
+    # 1 / (1 + words / 4): 0, 1, 6 and 4 words
+    np.testing.assert_allclose(scores, [1.0, 0.8, 0.4, 0.5])
+    assert scores.dtype == np.float64
+    with pytest.raises(ValueError, match="2 prompts and 1 responses"):
+        judge.score(["a", "b"], ["short"])
+    with pytest.raises(ValueError, match="scale"):
+        ConcisenessJudge(scale=0)
 
 
 def test_vader_missing_package_says_how_to_install(monkeypatch):
