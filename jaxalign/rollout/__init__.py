@@ -15,6 +15,8 @@ Quick path::
   :class:`Rollout` (tokens, masks, lengths, sampling and model log-probs).
 - :mod:`~jaxalign.rollout.guided`: :class:`GuidedSampler`, LLMDoctor's patient steered by one doctor per
   preference dimension (``β_i = β · w_i`` from named preference weights; loads doctor directories).
+- :mod:`~jaxalign.rollout.args`: :class:`ArgsSampler`, ARGS decoding (the patient's top-k tokens re-ranked by
+  a reward model, arXiv 2402.01694).
 - :mod:`~jaxalign.rollout.continuous`: :class:`ContinuousEngine`, decode slots that requests join and leave
   between compiled steps (continuous batching; what ``jaxalign serve`` runs).
 - :mod:`~jaxalign.rollout.params`: :class:`SamplingParams`.
@@ -26,6 +28,7 @@ Quick path::
 See docs/rollout.md.
 """
 
+from jaxalign.rollout.args import ArgsSampler
 from jaxalign.rollout.batching import bucket, check_left_padded, left_pad
 from jaxalign.rollout.continuous import ContinuousEngine, RowSettings, TokenOut
 from jaxalign.rollout.engine import Rollout, Sampler
@@ -43,6 +46,7 @@ from jaxalign.rollout.sampling import inverse_cdf, next_token
 from jaxalign.rollout.text import TextStream
 
 __all__ = [
+    "ArgsSampler",
     "DEFAULT_ALPHA",
     "DEFAULT_BETA",
     "DEFAULT_CANDIDATES",
