@@ -63,7 +63,7 @@ from experiments import sentiment as main_job
 from jaxalign import data as jdata
 from jaxalign import eval as jeval
 from jaxalign import models
-from jaxalign.methods import common, pipeline, recipe
+from jaxalign.methods import common, pipeline, recipe, tfpo
 from jaxalign.rollout import ArgsSampler, GuidedSampler, Sampler, SamplingParams
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -235,6 +235,16 @@ def trained(out: Path, config) -> Path:
     result = pipeline.run(config, overwrite=True)
     write_json(out / "done.json", {"eval_metrics": result.eval_metrics})
     return Path(result.export_dir)
+
+
+def share_token_rewards(source: Path, target: Path) -> None:
+    """Start ``target``'s token-reward cache from ``source``'s: the rewards depend on the patient, the faces, the
+    pairs and the builder's settings, not on the doctor, so doctors of one dimension can share them. The builder
+    checks the cache's key and rebuilds it if anything differs, so a copy can never be used wrongly."""
+    cache, copy = source / tfpo.TOKEN_REWARDS_DIR, target / tfpo.TOKEN_REWARDS_DIR
+    if source != target and cache.is_dir() and not copy.exists():
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(cache, copy)
 
 
 def doctor_config(out: Path, pairs: Path, dimension: str, *, start: Path | None, overrides: list[str]):
@@ -552,6 +562,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, (dimension, start) in plan.items():
         print(f"      {name}")
         directory = out / "doctors" / name
+        share_token_rewards(out / "doctors" / "same_size" / dimension, directory)
         doctors[name] = trained(directory, doctor_config(directory, pairs_dir, dimension, start=start,
                                                           overrides=overrides["tfpo"]))
     timed("doctors", stage)
