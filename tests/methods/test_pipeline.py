@@ -199,6 +199,17 @@ def test_doctor_presets_resolve(preset, dimensions, init_layers):
     assert set(run_config.doctor.resolved_faces()) == set(dimensions)
 
 
+def test_llmdoctor_preset_resolves_its_three_stages():
+    """experiments.llmdoctor's stages: TFPO doctors, GenARM (the DPO trainer's genarm loss, no reference) and the
+    weak doctor's distillation (SFT)."""
+    doctor = recipe.load_run_config("llmdoctor", ["doctor.dimensions=[conciseness]"], method="tfpo")
+    assert doctor.doctor.dimensions == ("conciseness",) and set(doctor.doctor.resolved_faces()) == {"conciseness"}
+    genarm = recipe.load_run_config("llmdoctor", [], method="dpo")
+    assert genarm.loss.loss_type == "genarm" and genarm.reference == "none" and genarm.loss.beta == 0.1
+    distill = recipe.load_run_config("llmdoctor", [], method="sft")
+    assert distill.train.total_steps == 64 and distill.train.optimizer.learning_rate == 1e-4
+
+
 def test_train_command_runs_resumes_and_refuses_mixing(checkpoint, pairs_file, tmp_path, capsys):
     from jaxalign.cli import main
 
