@@ -327,6 +327,7 @@ def write_chart(results: dict, path: Path) -> None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         print("matplotlib is not installed: skipping the PNG chart (the JSON has every number)")
         return
@@ -347,6 +348,11 @@ def write_chart(results: dict, path: Path) -> None:
         axis.hlines(limit, centre - width / 2, centre + width / 2, colors="black", linestyles=":", label=label)
         label = None
     axis.set_yscale("log")
+    plain = matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}")
+    axis.yaxis.set_major_formatter(plain)
+    axis.yaxis.set_minor_locator(matplotlib.ticker.LogLocator(subs=(2.0, 3.0, 5.0)))
+    axis.yaxis.set_minor_formatter(plain)
+    axis.tick_params(axis="y", which="minor", labelsize=7)
     axis.set_xticks(range(len(doctors)))
     axis.set_xticklabels([f"doctor: {d}\njaxalign = {results['doctors'][d]['ratios']['over_cached']:.1f}x cached, "
                           f"{results['doctors'][d]['ratios']['over_uncached']:.1f}x uncached" for d in doctors],
@@ -357,7 +363,8 @@ def write_chart(results: dict, path: Path) -> None:
     axis.set_title(f"LLMDoctor guided decoding, SmolLM2-135M-Instruct patient (float32), {setup['new_tokens']} new "
                    f"tokens per prompt, top-p {setup['top_p']}, alpha {ALPHA}, beta {BETA}\n"
                    f"jaxalign: {setup['prompts']} prompts in one batch; PyTorch: batch 1 "
-                   f"(uncached on {setup['uncached_prompts']} prompts); {setup['hardware']}", fontsize=8)
+                   f"(uncached on {setup['uncached_prompts']} prompts); {setup['hardware']}"
+                   f"{', shared with other jobs' if results['machine_load']['shared'] else ''}", fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
