@@ -40,16 +40,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Bool, Float, Int
 
 from jaxalign.losses.core import token_logps
-from jaxalign.models import KVCache, RewardModel, fit_spec, named_shardings
+from jaxalign.models import KVCache, RewardModel, named_shardings
 from jaxalign.models.cache import LayerKV
 from jaxalign.models.gpt2 import GPT2Model
 from jaxalign.models.heads import POOLINGS
 from jaxalign.models.llama import LlamaModel
 from jaxalign.models.rope import inverse_frequencies, rope_tables
 from jaxalign.models.stack import clip_index, scan_layers, unstack_layers
-from jaxalign.rollout.batching import MIN_LENGTH_BUCKET, bucket, check_left_padded, left_pad, pad_batch
 from jaxalign.rollout.engine import (
-    BATCH_AXES,
     Rollout,
     _batch_spec,
     _constrain,
@@ -57,6 +55,8 @@ from jaxalign.rollout.engine import (
     _row_keys,
     _split,
     _unstacked_state,
+    bucketed_prompts,
+    checked_prompts,
 )
 from jaxalign.rollout.params import SamplingParams
 from jaxalign.rollout.sampling import inverse_cdf
@@ -488,28 +488,15 @@ class ArgsSampler:
                 f"(k={self.k if k is None else k}); leave them at 0 / 1 / 0")
         weight = self.weight if weight is None else _check_weight(weight)
         k = self.k if k is None else self._checked_k(k, self.config.vocab_size)
-        if prompt_mask is None and not isinstance(prompts, np.ndarray | jax.Array):
-            prompts, prompt_mask = left_pad(prompts, self.pad_token_id)
-        tokens = np.asarray(prompts, np.int32)
-        if tokens.ndim != 2:
-            raise ValueError(f"prompts must be [batch, length] token ids, got shape {tokens.shape}")
-        mask = np.ones_like(tokens) if prompt_mask is None else np.asarray(prompt_mask, np.int32)
-        if mask.shape != tokens.shape:
-            raise ValueError(f"prompt_mask {mask.shape} does not match prompts {tokens.shape}")
-        check_left_padded(mask)
+        tokens, mask = checked_prompts(prompts, prompt_mask, self.pad_token_id)
         self._check_positions(mask, params.max_new_tokens)
         config = self.config
         stop_mask = params.stop_mask(config.vocab_size, config.eos_token_ids)
 
-        data_parallel = 1 if self.mesh is None else int(np.prod([self.mesh.shape.get(a, 1) for a in BATCH_AXES]))
         batch = tokens.shape[0]
-        rows = bucket(batch, self.batch_buckets, multiple=data_parallel, what="batch size")
-        length = bucket(tokens.shape[1], self.length_buckets, minimum=MIN_LENGTH_BUCKET, half_octaves=True,
-                        what="prompt length")
-        tokens, mask = pad_batch(tokens, mask, rows=rows, length=length, pad_token_id=self.pad_token_id)
-        if self.mesh is not None:
-            sharding = NamedSharding(self.mesh, fit_spec(_batch_spec(self.mesh, 2), tokens.shape, self.mesh))
-            tokens, mask = jax.device_put(tokens, sharding), jax.device_put(mask, sharding)
+        tokens, mask = bucketed_prompts(tokens, mask, mesh=self.mesh, batch_buckets=self.batch_buckets,
+                                        length_buckets=self.length_buckets, pad_token_id=self.pad_token_id)
+        rows = tokens.shape[0]
         out = _args_generate(
             (self._patient.states, self._reward.states), tokens, mask, key, np.float32(weight),
             np.float32(params.temperature if not greedy else 1.0), self.reward_scale, stop_mask,

@@ -261,6 +261,40 @@ def _generate(states, prompt_tokens, prompt_mask, key, weights, filters: Filters
     )
 
 
+def checked_prompts(prompts: np.ndarray | Sequence[Sequence[int]], prompt_mask: np.ndarray | None,
+                    pad_token_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(tokens, mask)`` ``[B, P]`` int32 from a padded array (+ mask) or a list of token-id lists (padded here).
+
+    Raises:
+        ValueError: not ``[batch, length]``, a mask of another shape, or rows that are not left-padded.
+    """
+    if prompt_mask is None and not isinstance(prompts, np.ndarray | jax.Array):
+        prompts, prompt_mask = left_pad(prompts, pad_token_id)
+    tokens = np.asarray(prompts, np.int32)
+    if tokens.ndim != 2:
+        raise ValueError(f"prompts must be [batch, length] token ids, got shape {tokens.shape}")
+    mask = np.ones_like(tokens) if prompt_mask is None else np.asarray(prompt_mask, np.int32)
+    if mask.shape != tokens.shape:
+        raise ValueError(f"prompt_mask {mask.shape} does not match prompts {tokens.shape}")
+    check_left_padded(mask)
+    return tokens, mask
+
+
+def bucketed_prompts(tokens: np.ndarray, mask: np.ndarray, *, mesh: Mesh | None, batch_buckets, length_buckets,
+                     pad_token_id: int) -> tuple[Array, Array]:
+    """The prompts padded to their batch and length buckets (one compiled program per bucket pair; the batch a
+    multiple of the mesh's data-parallel size) and placed with their rows split over ``data × fsdp``."""
+    data_parallel = 1 if mesh is None else int(np.prod([mesh.shape.get(a, 1) for a in BATCH_AXES]))
+    rows = bucket(tokens.shape[0], batch_buckets, multiple=data_parallel, what="batch size")
+    length = bucket(tokens.shape[1], length_buckets, minimum=MIN_LENGTH_BUCKET, half_octaves=True,
+                    what="prompt length")
+    tokens, mask = pad_batch(tokens, mask, rows=rows, length=length, pad_token_id=pad_token_id)
+    if mesh is not None:
+        sharding = NamedSharding(mesh, fit_spec(_batch_spec(mesh, 2), tokens.shape, mesh))
+        tokens, mask = jax.device_put(tokens, sharding), jax.device_put(mask, sharding)
+    return tokens, mask
+
+
 class _Member(NamedTuple):
     """A model as ``_generate`` takes it: ``(stacked, unstacked)`` pairs of graphdefs and states.
 
@@ -437,15 +471,7 @@ class Sampler:
                 model's positions, stop ids outside the vocabulary, guidance weights that do not match
                 the guides, or ``stream`` on a multi-device mesh.
         """
-        if prompt_mask is None and not isinstance(prompts, np.ndarray | jax.Array):
-            prompts, prompt_mask = left_pad(prompts, self.pad_token_id)
-        tokens = np.asarray(prompts, np.int32)
-        if tokens.ndim != 2:
-            raise ValueError(f"prompts must be [batch, length] token ids, got shape {tokens.shape}")
-        mask = np.ones_like(tokens) if prompt_mask is None else np.asarray(prompt_mask, np.int32)
-        if mask.shape != tokens.shape:
-            raise ValueError(f"prompt_mask {mask.shape} does not match prompts {tokens.shape}")
-        check_left_padded(mask)
+        tokens, mask = checked_prompts(prompts, prompt_mask, self.pad_token_id)
         self._check_positions(mask, params.max_new_tokens)
         if stream is not None and self.mesh is not None and self.mesh.size > 1:
             raise ValueError("stream= runs an ordered host callback, which needs a single device (mesh=None)")
@@ -453,15 +479,10 @@ class Sampler:
         config = self.config
         stop_mask = params.stop_mask(config.vocab_size, config.eos_token_ids)
 
-        data_parallel = 1 if self.mesh is None else int(np.prod([self.mesh.shape.get(a, 1) for a in BATCH_AXES]))
         batch = tokens.shape[0]
-        rows = bucket(batch, self.batch_buckets, multiple=data_parallel, what="batch size")
-        length = bucket(tokens.shape[1], self.length_buckets, minimum=MIN_LENGTH_BUCKET, half_octaves=True,
-                        what="prompt length")
-        tokens, mask = pad_batch(tokens, mask, rows=rows, length=length, pad_token_id=self.pad_token_id)
-        if self.mesh is not None:
-            sharding = NamedSharding(self.mesh, fit_spec(_batch_spec(self.mesh, 2), tokens.shape, self.mesh))
-            tokens, mask = jax.device_put(tokens, sharding), jax.device_put(mask, sharding)
+        tokens, mask = bucketed_prompts(tokens, mask, mesh=self.mesh, batch_buckets=self.batch_buckets,
+                                        length_buckets=self.length_buckets, pad_token_id=self.pad_token_id)
+        rows = tokens.shape[0]
         out = _generate(
             tuple(m.states for m in self._members), tokens, mask, key, weights, params.filters(), stop_mask,
             np.int32(self.pad_token_id), graphdefs=tuple(m.graphdefs for m in self._members),
