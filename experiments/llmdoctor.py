@@ -83,16 +83,6 @@ SMOKE_OVERRIDES = {
 SHOWN_PROMPTS = 3
 
 
-def split_overrides(overrides: list[str]) -> dict[str, list[str]]:
-    stages = {name: [] for name in STAGE_SECTIONS}
-    for override in overrides:
-        stage, _, rest = override.partition(".")
-        if stage not in stages or not rest:
-            raise ValueError(f"override {override!r}: expected one of {sorted(stages)} then .<key>=<value>")
-        stages[stage].append(rest)
-    return stages
-
-
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
@@ -520,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help=f"every stage, tiny ({SMOKE_SETTINGS})")
     parser.add_argument("overrides", nargs="*", help="tfpo.<key>=<value> / genarm.<key>=<value> / distill.<key>=...")
     args = parser.parse_args(argv)
-    overrides = split_overrides(args.overrides)
+    overrides = main_job.split_overrides(args.overrides, tuple(STAGE_SECTIONS))
     if args.smoke:
         for name, value in SMOKE_SETTINGS.items():
             setattr(args, name, value)

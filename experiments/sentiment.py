@@ -153,14 +153,16 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
-def split_overrides(overrides: list[str]) -> dict[str, list[str]]:
-    stages = {"reward": [], "dpo": []}
+def split_overrides(overrides: list[str], stages=("reward", "dpo")) -> dict[str, list[str]]:
+    """``stage.key=value`` overrides grouped by stage (the stage name stripped), for each stage's run config."""
+    grouped = {name: [] for name in stages}
     for override in overrides:
         stage, _, rest = override.partition(".")
-        if stage not in stages or not rest:
-            raise ValueError(f"override {override!r}: expected reward.<key>=<value> or dpo.<key>=<value>")
-        stages[stage].append(rest)
-    return stages
+        if stage not in grouped or not rest:
+            raise ValueError(f"override {override!r}: expected "
+                             f"{' or '.join(f'{name}.<key>=<value>' for name in stages)}")
+        grouped[stage].append(rest)
+    return grouped
 
 
 def plot_summary(summary: dict, policy_scores: np.ndarray, reference_scores: np.ndarray, path: Path) -> None:
