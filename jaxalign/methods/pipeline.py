@@ -103,8 +103,11 @@ def run(config: RunConfig, *, overwrite: bool = False) -> RunResult:
         # same (hardest) examples every epoch: it is kept, padded, instead.
         batches = training_batches(config.data, dataset, shuffle=False if config.curriculum else None,
                                    drop_last=False if config.curriculum else None)
+        update_scales = None
+        if config.method == "tfpo" and config.doctor.value_lr_scale != 1.0:
+            update_scales = {"value_head": config.doctor.value_lr_scale}
         trainer = Trainer(config.train, model, objective, batches, references=references, trainable=trainable,
-                          extra_metadata={"run": config.to_dict()})
+                          extra_metadata={"run": config.to_dict()}, update_scales=update_scales)
         trainer.run()
         model = trainer.trained_model()
 

@@ -433,6 +433,11 @@ class DoctorSpec:
             norm and head: :func:`jaxalign.models.first_layers`), a doctor several times cheaper per token;
             None: the whole model.
         rewards_batch_size: pairs per batch of the token-reward pass (None: ``data.batch_size``).
+        value_lr_scale: the value head's learning rate as a multiple of the doctor's (PPO's ``critic_lr_scale``).
+            The head starts at ``log V = 0`` while subtrajectory balance asks ``log V(s_t)`` for the rest of the
+            response's ``Σ (r − log π̂)``, tens of nats; at the policy's rate it barely moves in a short run and
+            the balance residual is left to the policy, which then raises the log-probability of every training
+            token, chosen or rejected, instead of following the rewards.
     """
 
     patient: str | None = None
@@ -444,6 +449,7 @@ class DoctorSpec:
     threshold: float = 0.1
     init_layers: int | None = None
     rewards_batch_size: int | None = None
+    value_lr_scale: float = 1.0
 
     def __post_init__(self):
         object.__setattr__(self, "dimensions", tuple(self.dimensions))
@@ -456,6 +462,8 @@ class DoctorSpec:
             raise ValueError(f"doctor.init_layers must be a positive int or null, got {self.init_layers!r}")
         if self.rewards_batch_size is not None and self.rewards_batch_size < 1:
             raise ValueError(f"doctor.rewards_batch_size must be >= 1 or null, got {self.rewards_batch_size!r}")
+        if isinstance(self.value_lr_scale, bool) or not self.value_lr_scale >= 0:
+            raise ValueError(f"doctor.value_lr_scale must be a number >= 0, got {self.value_lr_scale!r}")
         from jaxalign.methods.faces import FACE_FORMATS
 
         if self.face_format not in FACE_FORMATS:

@@ -233,6 +233,22 @@ def test_a_resumed_run_equals_the_straight_run(straight, checkpoint, pairs_file,
     assert resumed.eval_metrics == straight.eval_metrics
 
 
+def test_value_lr_scale_scales_only_the_value_heads_updates(checkpoint, pairs_file, tmp_path):
+    """One step at value_lr_scale 0, 1 and 10: the LM's update is the same, the value head's is 0, u and 10·u
+    (Adam's first step sees the same gradients; the factor multiplies the update after it)."""
+    runs = {scale: pipeline.run(run_config(checkpoint, pairs_file, tmp_path / str(scale), "train.total_steps=1",
+                                           doctor={"value_lr_scale": scale})).model
+            for scale in (0.0, 1.0, 10.0)}
+    lm = {scale: params(model.lm) for scale, model in runs.items()}
+    for path, value in lm[1.0].items():
+        np.testing.assert_array_equal(lm[0.0][path], value, err_msg=str(path))
+        np.testing.assert_array_equal(lm[10.0][path], value, err_msg=str(path))
+    for name in ("kernel", "bias"):
+        update = {scale: np.asarray(getattr(model.value_head, name)[...]) for scale, model in runs.items()}
+        assert np.all(update[0.0] == 0) and np.any(update[1.0] != 0)  # from the zero start (bias: 0 at init)
+        np.testing.assert_allclose(update[10.0], 10.0 * update[1.0], rtol=1e-5, atol=1e-9)
+
+
 def test_two_dimensions_lora_and_init_layers(checkpoint, pku_file, tmp_path):
     """Grouped PKU-SafeRLHF data, a doctor per dimension (each its own pairs), each cut to the first layer of
     the model and trained through LoRA adapters and its value head only."""
@@ -293,6 +309,7 @@ def test_configs_that_cannot_train_a_doctor_are_named(checkpoint, pairs_file, tm
         ({"dimensions": ["safety", "safety"]}, r"distinct dimensions, got \['safety', 'safety'\]"),
         ({"dimension": ["safety"]}, r"doctor: unknown key\(s\) \['dimension'\]"),
         ({"init_layers": 0}, r"doctor\.init_layers must be a positive int or null, got 0"),
+        ({"value_lr_scale": -1}, r"doctor\.value_lr_scale must be a number >= 0, got -1"),
         ({"threshold": 1.5}, r"doctor\.threshold must be in \[0, 1\), got 1\.5"),
         ({"face_format": "html"}, r"doctor\.face_format must be one of \('auto', 'chat', 'text'\), got 'html'"),
     ]:
