@@ -73,6 +73,8 @@ TOP_P = 0.9
 DOCTOR_BETA = 0.5   # LLMDoctor's default guidance strength (alpha 1)
 GENARM_WEIGHT = 1.0  # GenARM's alpha: log pi_base + alpha * log pi_r (its HH evaluation script)
 ARGS_K, ARGS_WEIGHT = 10, 1.5  # ARGS's defaults (top-k candidates, reward weight)
+DECODING = {"top_p": TOP_P, "doctor_beta": DOCTOR_BETA, "genarm_weight": GENARM_WEIGHT, "args_k": ARGS_K,
+            "args_weight": ARGS_WEIGHT}
 TARGETS = {"same_size": 0.70, "weak": 0.60}
 SMOKE_SETTINGS = {"eval_prompts": 4, "max_new_tokens": 8, "batch_size": 4, "pareto_steps": 3}
 SMOKE_OVERRIDES = {
@@ -251,9 +253,18 @@ class Method:
     """One decoding method under evaluation: how it samples a batch, and whether its base model is the patient."""
 
     def __init__(self, name: str, label: str, generate, *, params: SamplingParams, base_is_patient: bool,
-                 group: str = "baseline", weights: dict | None = None):
+                 group: str = "baseline", weights: dict | None = None, models: tuple[Path, ...] = ()):
         self.name, self.label, self.generate, self.params = name, label, generate, params
         self.base_is_patient, self.group, self.weights = base_is_patient, group, weights
+        self.models = models  # the trained models it decodes with (the patient aside): part of its cache key
+
+
+def fingerprint(directories: tuple[Path, ...]) -> dict:
+    """Name, size and modification time of every file of each model directory: a retrained doctor (or DPO policy,
+    reward model, GenARM) no longer matches the evaluation cached for the old one."""
+    return {str(directory): sorted([str(path.relative_to(directory)), path.stat().st_size, path.stat().st_mtime_ns]
+                                   for path in Path(directory).rglob("*") if path.is_file())
+            for directory in directories}
 
 
 def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
@@ -325,39 +336,52 @@ def build_methods(paths: dict, doctors: dict, genarm: Path, *, max_new_tokens: i
                              stop_token_ids=stop)
     greedy = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, n=1, stop_token_ids=stop)
 
-    def plain(model):
-        sampler = Sampler(model, pad_token_id=pad)
-        return lambda prompts, key, params: sampler.generate(prompts, key=key, params=params)
+    def lazily(make_sampler, **options):
+        """Load a method's models on its first batch: a method whose results are cached loads nothing."""
+        made = []
+
+        def generate(prompts, key, params):
+            if not made:
+                made.append(make_sampler())
+            return made[0].generate(prompts, key=key, params=params, **options)
+        return generate
+
+    def plain(load_model):
+        return lazily(lambda: Sampler(load_model(), pad_token_id=pad))
 
     def guided(guides: dict[str, Path], *, alpha=1.0, beta=DOCTOR_BETA, weights=None):
-        loaded = {dimension: models.load_pretrained(path)[0] for dimension, path in guides.items()}
-        sampler = GuidedSampler(patient, loaded, alpha=alpha, beta=beta, pad_token_id=pad)
-        return lambda prompts, key, params: sampler.generate(prompts, key=key, params=params,
-                                                             preference_weights=weights)
+        return lazily(lambda: GuidedSampler(
+            patient, {dimension: models.load_pretrained(path)[0] for dimension, path in guides.items()},
+            alpha=alpha, beta=beta, pad_token_id=pad), preference_weights=weights)
 
-    reward_model, reward_info = models.load_reward_model(paths["reward"])
-    args_sampler = ArgsSampler(patient, reward_model, k=ARGS_K, weight=ARGS_WEIGHT, reward_gain=reward_info["gain"],
-                               pad_token_id=pad)
+    def args_sampler():
+        reward_model, reward_info = models.load_reward_model(paths["reward"])
+        return ArgsSampler(patient, reward_model, k=ARGS_K, weight=ARGS_WEIGHT, reward_gain=reward_info["gain"],
+                           pad_token_id=pad)
     methods = {
-        "patient": Method("patient", "patient (top-p 0.9)", plain(patient), params=sampled, base_is_patient=True),
-        "patient_greedy": Method("patient_greedy", "patient (greedy)", plain(patient), params=greedy,
+        "patient": Method("patient", "patient (top-p 0.9)", plain(lambda: patient), params=sampled,
+                          base_is_patient=True),
+        "patient_greedy": Method("patient_greedy", "patient (greedy)", plain(lambda: patient), params=greedy,
                                  base_is_patient=True),
-        "dpo": Method("dpo", "DPO policy", plain(models.load_pretrained(paths["dpo"])[0]), params=sampled,
-                      base_is_patient=False),
+        "dpo": Method("dpo", "DPO policy", plain(lambda: models.load_pretrained(paths["dpo"])[0]), params=sampled,
+                      base_is_patient=False, models=(paths["dpo"],)),
         "genarm": Method("genarm", "GenARM", guided({"sentiment": genarm}, beta=GENARM_WEIGHT), params=sampled,
-                         base_is_patient=True),
-        "args": Method("args", "ARGS (greedy)", lambda prompts, key, params: args_sampler.generate(
-            prompts, key=key, params=params), params=greedy, base_is_patient=True),
+                         base_is_patient=True, models=(genarm,)),
+        "args": Method("args", "ARGS (greedy)", lazily(args_sampler), params=greedy, base_is_patient=True,
+                       models=(paths["reward"],)),
         "doctor_same_size": Method("doctor_same_size", "doctor, same size", guided(
-            {"sentiment": doctors["same_size/sentiment"]}), params=sampled, base_is_patient=True, group="doctor"),
+            {"sentiment": doctors["same_size/sentiment"]}), params=sampled, base_is_patient=True, group="doctor",
+            models=(doctors["same_size/sentiment"],)),
         "doctor_weak": Method("doctor_weak", "doctor, weak-to-strong", guided(
-            {"sentiment": doctors["weak/sentiment"]}), params=sampled, base_is_patient=True, group="doctor"),
+            {"sentiment": doctors["weak/sentiment"]}), params=sampled, base_is_patient=True, group="doctor",
+            models=(doctors["weak/sentiment"],)),
     }
     both = {dimension: doctors[f"same_size/{dimension}"] for dimension in DIMENSIONS}
     for i, weights in enumerate(pareto_weights(pareto_steps)):
         label = f"doctors w=({weights['sentiment']:.2f}, {weights['conciseness']:.2f})"
         methods[f"pareto_{i}"] = Method(f"pareto_{i}", label, guided(both, weights=weights), params=sampled,
-                                        base_is_patient=True, group="pareto", weights=weights)
+                                        base_is_patient=True, group="pareto", weights=weights,
+                                        models=tuple(both.values()))
     return patient, tokenizer, methods
 
 
@@ -374,7 +398,8 @@ def evaluate(out: Path, paths: dict, doctors: dict, genarm: Path, *, settings: d
     results = {}
     for name, method in methods.items():
         cached = out / f"{name}.json"
-        if cached.is_file() and json.loads(cached.read_text())["settings"] == settings:
+        key = {**settings, "decoding": DECODING, "models": fingerprint(method.models)}
+        if cached.is_file() and json.loads(cached.read_text())["settings"] == key:
             results[name] = json.loads(cached.read_text())["result"]
             continue
         samples = settings["eval_samples"] if method.params.temperature > 0 else 1
@@ -384,7 +409,7 @@ def evaluate(out: Path, paths: dict, doctors: dict, genarm: Path, *, settings: d
             result = {name: (np.repeat(np.asarray(value), settings["eval_samples"]).tolist()
                              if isinstance(value, list) else value) for name, value in result.items()}
             result["texts"] = [t for t in result["texts"] for _ in range(settings["eval_samples"])]
-        write_json(cached, {"settings": settings, "result": result})
+        write_json(cached, {"settings": key, "result": result})
         results[name] = result
     return methods, {"prompts": prompts, "results": results}
 
@@ -436,7 +461,11 @@ def plot(summary: dict, path: Path) -> None:
 
 
 def monotone(values: list[dict], *, increasing: bool) -> bool:
-    """Monotone within the intervals: no step goes the wrong way by more than both intervals allow."""
+    """Moves the stated way across the sweep, monotone within the intervals: the last mean is past the first one
+    (a flat sweep fails), and no step goes the wrong way by more than both intervals allow."""
+    if len(values) < 2 or (values[-1]["mean"] <= values[0]["mean"] if increasing
+                           else values[-1]["mean"] >= values[0]["mean"]):
+        return False
     for a, b in zip(values, values[1:], strict=False):
         if increasing and b["high"] < a["low"]:
             return False
@@ -580,8 +609,7 @@ def main(argv: list[str] | None = None) -> int:
                            for name, result in evaluation["results"].items()],
                "pairs": pairs, "distill": distill, "settings": settings, "timings": timings,
                "weak_doctor": {"layers": args.weak_layers, "patient_layers": distill["patient_layers"]},
-               "decoding": {"top_p": TOP_P, "doctor_beta": DOCTOR_BETA, "genarm_weight": GENARM_WEIGHT,
-                            "args_k": ARGS_K, "args_weight": ARGS_WEIGHT}}
+               "decoding": DECODING}
     summary["targets"] = targets(summary)
     rows = side_by_side(evaluation["prompts"], evaluation, args.eval_samples)
     main_job.write_jsonl(out / "samples.jsonl", rows)
