@@ -33,9 +33,11 @@ from jaxtyping import Array, Bool, Float, Int
 from jaxalign.losses.core import F32, as_mask, masked_mean, safe_divide
 
 __all__ = [
+    "balance_log_values",
     "first_divergence_mask",
     "log_flows",
     "log_prefix_scores",
+    "non_terminal_states",
     "subtrajectory_balance_loss",
     "tfpo_loss",
     "value_discrimination_loss",
@@ -142,6 +144,39 @@ def log_flows(
     valid = as_mask(mask, log_q[..., 1:])
     states = _state_mask(valid)
     return jnp.where(states, log_q, 0.0) + _anchored_log_v(log_v, valid, anchor_terminal)
+
+
+def non_terminal_states(mask: Array) -> Bool[Array, "B T+1"]:
+    """``[B, T + 1]``: the states of each row's trajectory (state layout) from which a step is taken, i.e. all but
+    the terminal one; the states whose value head reads are free (the terminal one is anchored)."""
+    valid = as_mask(mask, jnp.asarray(mask, F32))
+    return _state_mask(valid) & ~_terminal_mask(valid)
+
+
+def balance_log_values(
+    token_logps: Float[Array, "B T"], token_rewards: Float[Array, "B T"], mask: Array | None = None
+) -> Float[Array, "B T+1"]:
+    """The log values that balance a trajectory exactly under the given policy: ``log V(s_t)`` such that every
+    subtrajectory-balance residual of the row is 0 (with the terminal anchor ``log V(s_L) = 0``).
+
+    Formula: ``log V(s_t) = Σ_{k ≥ t} m_k·(r_k − log π̂(y_{k+1} | s_k))`` over the row's span (a hole, a forced
+    step, contributes 0: ``π̂ = 1``, reward 0), 0 outside the span's states.
+
+    Balance ``log F(s_n) = log F(s_m) + Σ_{m≤k<n} log π̂_k`` with ``log F = log Q + log V`` gives
+    ``log V(s_m) − log V(s_n) = Σ_{m≤k<n} (r_k − log π̂_k)``; the anchor fixes the constant. These are the
+    regression targets of a value head started for a given doctor (:func:`jaxalign.methods.tfpo.fit_value_head`):
+    ``−Σ log π̂`` makes them tens of nats for a sampled response, which a head started at ``log V = 0`` would
+    otherwise leave to the policy to absorb.
+
+    Returns:
+        ``[B, T + 1]`` float32, state layout (index t: before target t).
+    """
+    logps = jnp.asarray(token_logps, F32)
+    valid = as_mask(mask, logps)
+    step = jnp.where(valid, jnp.asarray(token_rewards, F32) - logps, 0.0)
+    to_go = jnp.flip(jnp.cumsum(jnp.flip(step, axis=-1), axis=-1), axis=-1)  # Σ_{k≥t}
+    zero = jnp.zeros(step.shape[:-1] + (1,), F32)
+    return jnp.where(_state_mask(valid), jnp.concatenate([to_go, zero], axis=-1), 0.0)
 
 
 def _compose(earlier: Float[Array, "... 4 4"], later: Float[Array, "... 4 4"]) -> Float[Array, "... 4 4"]:
@@ -393,6 +428,7 @@ def tfpo_loss(
     lam_value: float = 1.0,
     gamma: float = 0.1,
     anchor_terminal: bool = True,
+    value_hinge: str = "value",
 ) -> tuple[Float[Array, " B"], dict[str, Float[Array, ""]]]:
     """TFPO objective of a preference pair: subtrajectory balance on both responses + value discrimination.
 
@@ -418,6 +454,9 @@ def tfpo_loss(
         lam_value: weight ``λ_value`` of the value-discrimination term.
         gamma: margin ``γ`` of the value-discrimination term.
         anchor_terminal: pin ``V = 1`` at the last state of each response (see :func:`log_flows`).
+        value_hinge: ``"value"``: the hinge compares ``V = exp(log_v)``, as the paper writes it; ``"log_value"``:
+            it compares ``log V``, for values beyond float32's ``exp`` (``log V`` of a balanced state is the
+            rest of the response's ``Σ (r − log π̂)``, often over 88 nats; see :func:`balance_log_values`).
 
     Returns:
         ``(loss, metrics)``: ``loss`` is ``[B]`` float32 per pair; its batch mean is the mean SubTB over all
@@ -432,7 +471,9 @@ def tfpo_loss(
         - ``Q(s_t) = exp(Σ_{k<t} r_k)`` and the terminal anchor are our reading of what the paper leaves open
           (:func:`log_prefix_scores`, :func:`log_flows`); SubTB is normalised per trajectory rather than summed
           (:func:`subtrajectory_balance_loss`).
-        - The hinge is on ``V`` itself (``exp(log_v)``), as written in the paper, not on ``log V``.
+        - The hinge is on ``V`` itself (``exp(log_v)``), as written in the paper, unless ``value_hinge`` is
+          ``"log_value"`` (our option: at balanced values ``exp`` overflows float32, and the paper's public code
+          clamps ``log F`` to [−10, 10] instead, which stops the gradient of every flow beyond it).
         - Masks with holes (forced tokens inside a response) are our extension; the paper's responses are
           contiguous.
     """
@@ -441,6 +482,8 @@ def tfpo_loss(
         raise ValueError(f"tfpo_loss: expected [B, 2, T] arrays (chosen, rejected), got {logps.shape}")
     if lam_value < 0:
         raise ValueError(f"tfpo_loss: lam_value must be >= 0, got {lam_value}")
+    if value_hinge not in ("value", "log_value"):
+        raise ValueError(f"tfpo_loss: value_hinge must be 'value' or 'log_value', got {value_hinge!r}")
     batch, _, length = logps.shape
     valid = as_mask(mask, logps)
     flat = (2 * batch, length)
@@ -456,7 +499,9 @@ def tfpo_loss(
     else:
         value_at = as_mask(value_mask, logps) & valid
     # exp only where selected: a garbage log value elsewhere could overflow and poison the gradient.
-    values_after = jnp.exp(jnp.where(value_at, anchored.reshape(batch, 2, length + 1)[..., 1:], 0.0))
+    values_after = jnp.where(value_at, anchored.reshape(batch, 2, length + 1)[..., 1:], 0.0)
+    if value_hinge == "value":
+        values_after = jnp.exp(values_after)
     hinge, value_metrics = value_discrimination_loss(
         values_after[:, 0], values_after[:, 1], value_at[:, 0], value_at[:, 1], gamma=gamma
     )

@@ -389,6 +389,8 @@ class TFPOSpec(MethodSpec):
             its reward (see :func:`jaxalign.losses.log_flows`).
         reward_scale: the token rewards are multiplied by this before ``Q(s_t) = exp(Σ r)``: the temperature of
             the reward the doctor learns to sample in proportion to.
+        value_hinge: ``value`` (the paper's hinge on ``V``) or ``log_value`` (on ``log V``: needed once the
+            value head is started at balance, ``doctor.value_init: fit``, where ``V`` overflows float32).
         chunk_size: positions per LM-head chunk.
     """
 
@@ -398,6 +400,7 @@ class TFPOSpec(MethodSpec):
     value_states: str = "divergence"
     anchor_terminal: bool = True
     reward_scale: float = 1.0
+    value_hinge: str = "value"
     chunk_size: int | None = DEFAULT_CHUNK
 
     label = "TFPO"
@@ -410,6 +413,7 @@ class TFPOSpec(MethodSpec):
         require(self.gamma >= 0, "gamma", ">= 0")
         require(self.value_states in VALUE_STATES, "value_states", f"one of {VALUE_STATES}")
         require(self.reward_scale > 0, "reward_scale", "> 0")
+        require(self.value_hinge in ("value", "log_value"), "value_hinge", "one of ('value', 'log_value')")
         require(self.chunk_size is None or self.chunk_size >= 1, "chunk_size", ">= 1 or null")
 
 
@@ -438,6 +442,10 @@ class DoctorSpec:
             response's ``Σ (r − log π̂)``, tens of nats; at the policy's rate it barely moves in a short run and
             the balance residual is left to the policy, which then raises the log-probability of every training
             token, chosen or rejected, instead of following the rewards.
+        value_init: the value head's start: ``zero`` (``log V = 0`` everywhere) or ``fit`` (least squares of the
+            head on the starting doctor's hidden states against the log values that balance each training
+            response under the starting policy, :func:`jaxalign.methods.tfpo.fit_value_head`; one forward pass
+            over the pairs). With ``fit`` set ``loss.value_hinge: log_value``.
     """
 
     patient: str | None = None
@@ -450,6 +458,7 @@ class DoctorSpec:
     init_layers: int | None = None
     rewards_batch_size: int | None = None
     value_lr_scale: float = 1.0
+    value_init: str = "zero"
 
     def __post_init__(self):
         object.__setattr__(self, "dimensions", tuple(self.dimensions))
@@ -464,6 +473,8 @@ class DoctorSpec:
             raise ValueError(f"doctor.rewards_batch_size must be >= 1 or null, got {self.rewards_batch_size!r}")
         if isinstance(self.value_lr_scale, bool) or not self.value_lr_scale >= 0:
             raise ValueError(f"doctor.value_lr_scale must be a number >= 0, got {self.value_lr_scale!r}")
+        if self.value_init not in ("zero", "fit"):
+            raise ValueError(f"doctor.value_init must be 'zero' or 'fit', got {self.value_init!r}")
         from jaxalign.methods.faces import FACE_FORMATS
 
         if self.face_format not in FACE_FORMATS:

@@ -20,13 +20,15 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tqdm.auto import tqdm
 
 from jaxalign import data as jdata
 from jaxalign import losses, models
-from jaxalign.methods.common import load_pretrained, lora_config, without_loss
+from jaxalign.methods.common import load_pretrained, lora_config, one_pass, without_loss
 from jaxalign.methods.recipe import RunConfig
 from jaxalign.methods.token_rewards import build_token_rewards, patient_identity
 from jaxalign.models.scoring import DEFAULT_CHUNK, head_logps
@@ -38,7 +40,7 @@ INDEX_FILE = "doctors.json"
 
 def tfpo_objective(*, lam: float | None = None, lam_value: float = 1.0, gamma: float = 0.1,
                    value_states: str = "divergence", anchor_terminal: bool = True, reward_scale: float = 1.0,
-                   chunk_size: int | None = DEFAULT_CHUNK):
+                   value_hinge: str = "value", chunk_size: int | None = DEFAULT_CHUNK):
     """The TFPO objective of a doctor (:class:`~jaxalign.models.CausalLMWithValueHead`) on pair batches
     ``[B, 2, T]`` carrying ``token_rewards`` (aligned with ``input_ids``).
 
@@ -77,11 +79,72 @@ def tfpo_objective(*, lam: float | None = None, lam_value: float = 1.0, gamma: f
         per_pair, metrics = losses.tfpo_loss(
             logps.reshape(pairs, 2, length - 1), log_v.reshape(pairs, 2, length),
             reward_scale * batch["token_rewards"][..., 1:], mask, value_mask, lam=lam, lam_value=lam_value,
-            gamma=gamma, anchor_terminal=anchor_terminal)
+            gamma=gamma, anchor_terminal=anchor_terminal, value_hinge=value_hinge)
         valid = batch["example_mask"].astype(bool)
         return losses.masked_sum(per_pair, valid), without_loss(metrics)
 
     return objective
+
+
+def fit_value_head(doctor, dataset: jdata.TokenizedDataset, data_config: jdata.DataConfig, *,
+                   reward_scale: float = 1.0, ridge: float = 1e-3, chunk_size: int | None = DEFAULT_CHUNK,
+                   desc: str = "value head start") -> dict[str, float]:
+    """Start the doctor's value head at the least-squares fit of the log values that balance its training pairs.
+
+    The targets are :func:`jaxalign.losses.balance_log_values` of each response under the starting policy (the
+    rest of the response's ``Σ (reward_scale·r − log π̂)``) at every non-terminal state of its trajectory; the
+    features are the states' final hidden states, which the head reads. One forward pass over ``dataset``
+    accumulates ``XᵀX`` and ``Xᵀy`` (float64, bias column included), then ``(XᵀX + ridge·mean diag·I) w = Xᵀy``
+    (the bias unregularised) sets kernel and bias. The shared prompt state of a pair gets one target per
+    response, and least squares takes their mean: the common part of the two responses' flows, which is what
+    subtrajectory balance would otherwise push into the policy (raising every training token) before the head
+    caught up.
+
+    Returns ``{"value_fit_r2", "value_fit_rmse", "value_fit_target_mean", "value_fit_states"}`` on the pairs.
+    """
+    graphdef, state = nnx.split(doctor)
+
+    @jax.jit
+    def moments(state, batch):
+        model = nnx.merge(graphdef, state)
+        pairs, _, length = batch["input_ids"].shape
+
+        def flat(name):
+            return batch[name].reshape(2 * pairs, length)
+
+        hidden, _ = model.lm.hidden_states(flat("input_ids"), positions=flat("positions"),
+                                           attention_mask=flat("attention_mask"))
+        logps = head_logps(model.lm, hidden[:, :-1], flat("input_ids")[:, 1:], chunk_size=chunk_size)
+        mask = flat("loss_mask")[:, 1:].astype(bool)
+        rewards = reward_scale * flat("token_rewards")[:, 1:]
+        targets = losses.balance_log_values(logps, rewards, mask)
+        states = losses.non_terminal_states(mask)
+        states &= jnp.repeat(batch["example_mask"].astype(bool), 2)[:, None]
+        weight = states.astype(jnp.float32)
+        features = jnp.concatenate([hidden.astype(jnp.float32), jnp.ones(hidden.shape[:-1] + (1,))], axis=-1)
+        weighted = features * weight[..., None]
+        return (jnp.einsum("btd,bte->de", weighted, features), jnp.einsum("btd,bt->d", weighted, targets),
+                jnp.sum(weight * targets), jnp.sum(weight * targets**2), jnp.sum(weight))
+
+    sums = None
+    total = -(-len(dataset) // data_config.batch_size)
+    for batch in tqdm(one_pass(data_config, dataset), total=total, desc=desc, unit="batch", dynamic_ncols=True):
+        parts = [np.asarray(part, np.float64) for part in moments(state, batch)]
+        sums = parts if sums is None else [a + b for a, b in zip(sums, parts, strict=True)]
+    xtx, xty, y_sum, y_sq, count = sums
+    if count < 2:
+        raise ValueError(f"{desc}: the pairs have {int(count)} non-terminal states, too few to fit a value head")
+    regulariser = ridge * np.mean(np.diag(xtx)[:-1]) * np.eye(len(xty))
+    regulariser[-1, -1] = 0.0  # the bias is not shrunk
+    solution = np.linalg.solve(xtx + regulariser, xty)
+    head = doctor.value_head
+    head.kernel[...] = jnp.asarray(solution[:-1, None], head.kernel[...].dtype)
+    head.bias[...] = jnp.asarray(solution[-1:], head.bias[...].dtype)
+    residual = y_sq - 2 * solution @ xty + solution @ xtx @ solution  # Σ (y − x·w)², from the moments
+    variance = y_sq - y_sum**2 / count
+    return {"value_fit_r2": float(1 - residual / variance) if variance > 0 else 1.0,
+            "value_fit_rmse": float(np.sqrt(max(residual, 0.0) / count)),
+            "value_fit_target_mean": float(y_sum / count), "value_fit_states": int(count)}
 
 
 def select_dimension(dataset: jdata.TokenizedDataset, dimension: str, source: str) -> jdata.TokenizedDataset:
@@ -157,10 +220,14 @@ def build(config: RunConfig, lm, tokenizer, dataset, eval_dataset):
     # log V starts at 0 (V = 1) at every state: the flows start as the rewards' Q alone, and the hinge on V itself
     # starts from comparable values (a random head gives log V of several nats and V that differ by orders).
     doctor.value_head.kernel[...] = jnp.zeros_like(doctor.value_head.kernel[...])
+    value_fit = {}
+    if doctor_spec.value_init == "fit":
+        value_fit = fit_value_head(doctor, dataset, config.data, reward_scale=config.loss.reward_scale,
+                                   chunk_size=config.loss.chunk_size, desc=f"value head start ({dimension})")
     objective = tfpo_objective(**dataclasses.asdict(config.loss))
     extra = {"eval_dataset": eval_dataset, "dimension": dimension,
              "patient": doctor_spec.patient or "embedded SmolLM2-135M-Instruct",
-             "token_rewards": _summary(dataset)}
+             "token_rewards": _summary(dataset), **value_fit}
     return doctor, objective, None, dataset, extra
 
 

@@ -5,9 +5,11 @@ import numpy as np
 import pytest
 
 from jaxalign.losses.tfpo import (
+    balance_log_values,
     first_divergence_mask,
     log_flows,
     log_prefix_scores,
+    non_terminal_states,
     subtrajectory_balance_loss,
     tfpo_loss,
     value_discrimination_loss,
@@ -297,7 +299,7 @@ def _pair_batch(rng):
     return logps, log_v, rewards, mask
 
 
-def _tfpo_reference(logps, log_v, rewards, mask, value_at, lam, lam_value, gamma):
+def _tfpo_reference(logps, log_v, rewards, mask, value_at, lam, lam_value, gamma, log_hinge=False):
     """Float64 composition from the definitions: Q = exp(cumulative reward), V(terminal) = 1, pair loop, hinge."""
     out = np.zeros(logps.shape[0])
     for b in range(logps.shape[0]):
@@ -309,11 +311,55 @@ def _tfpo_reference(logps, log_v, rewards, mask, value_at, lam, lam_value, gamma
             lv = log_v[b, side].astype(np.float64).copy()
             lv[tokens[-1] + 1] = 0.0
             subtb.append(_subtb_reference((log_q + lv)[None], logps[b, side][None], m[None], lam)[0])
-            selected = np.exp(lv[1:][value_at[b, side] > 0])
+            selected = lv[1:][value_at[b, side] > 0]
+            selected = selected if log_hinge else np.exp(selected)
             values.append(selected.mean() if selected.size else None)
         hinge = 0.0 if None in values else max(0.0, gamma - (values[0] - values[1]))
         out[b] = 0.5 * sum(subtb) + lam_value * hinge
     return out
+
+
+@pytest.mark.parametrize("lam", [None, 0.8, 1.5])
+def test_balance_log_values_zero_every_subtrajectory_residual(rng, lam):
+    """Identity: flows from the balancing log values satisfy SubTB exactly, holes (forced steps) included; the
+    value at a row's first state is Σ (r − log π) over its span; states outside the trajectory are 0."""
+    logps, _, rewards, mask = _pair_batch(rng)
+    logps, rewards, mask = (x.reshape(2 * B, T) for x in (logps, rewards, mask))
+    mask[0, 3] = 0.0  # a hole inside row 0's span (1..6)
+    log_v = np.array(balance_log_values(logps, rewards, mask))
+    flows = log_flows(log_prefix_scores(rewards, mask), log_v, mask)
+    loss, metrics = subtrajectory_balance_loss(flows, logps, mask, lam=lam)
+    np.testing.assert_allclose(loss, 0.0, atol=1e-9)
+    assert float(metrics["subtb/db_residual_abs"]) < 1e-5
+    for row in range(2 * B):
+        tokens = np.nonzero(mask[row])[0]
+        np.testing.assert_allclose(log_v[row, tokens[0]], np.sum((rewards[row] - logps[row]) * mask[row]), rtol=1e-5)
+        assert log_v[row, tokens[-1] + 1] == 0.0
+        states = _state_mask(mask[row][None])[0]
+        assert np.all(log_v[row][~states] == 0.0)
+        expected = states.copy()
+        expected[tokens[-1] + 1] = False
+        np.testing.assert_array_equal(np.asarray(non_terminal_states(mask))[row], expected)
+    # A perturbed value breaks balance: the identity is not vacuous.
+    log_v[0, 2] += 1.0
+    assert float(subtrajectory_balance_loss(log_flows(log_prefix_scores(rewards, mask), log_v, mask), logps, mask,
+                                            lam=lam)[0][0]) > 1e-3
+
+
+def test_the_log_value_hinge_compares_log_values_and_survives_large_values(rng):
+    logps, log_v, rewards, mask = _pair_batch(rng)
+    first_token = np.arange(T) == np.argmax(mask, -1)[..., None]
+    loss, _ = tfpo_loss(logps, log_v, rewards, mask, gamma=0.5, value_hinge="log_value")
+    expected = _tfpo_reference(logps, log_v, rewards, mask, first_token, None, 1.0, 0.5, log_hinge=True)
+    np.testing.assert_allclose(loss, expected, rtol=1e-5, atol=1e-6)
+    big = log_v + 200.0  # V = exp(200) overflows float32: the paper's hinge is inf − inf there
+    assert not np.all(np.isfinite(tfpo_loss(logps, big, rewards, mask, value_hinge="value")[0]))
+    loss, metrics = tfpo_loss(logps, big, rewards, mask, value_hinge="log_value")
+    assert np.all(np.isfinite(loss)) and np.isfinite(metrics["value/margin"])
+    grads = jax.grad(lambda v: jnp.sum(tfpo_loss(logps, v, rewards, mask, value_hinge="log_value")[0]))(big)
+    assert np.all(np.isfinite(grads))
+    with pytest.raises(ValueError, match="value_hinge must be 'value' or 'log_value', got 'V'"):
+        tfpo_loss(logps, log_v, rewards, mask, value_hinge="V")
 
 
 @pytest.mark.parametrize("lam", [None, 0.8])

@@ -69,13 +69,9 @@ def params(module, filter_=nnx.Param) -> dict:
 # ------------------------------------------------------------------------------------------ the objective
 
 
-@pytest.fixture(scope="module")
-def doctor_and_batch(checkpoint, pairs_file):
-    """A doctor (the tiny Llama + a random value head) and a batch of 5 pairs whose last row pads a partial batch
-    (``example_mask`` 0, but holding a real pair: it must not count), with synthetic token rewards of the right
-    signs (on some response tokens, 0 on others)."""
-    tokenizer = tiny_tokenizer()
-    dataset = data.build_dataset(data.DataConfig(str(pairs_file), max_length=32), tokenizer)
+def rewarded_pairs(pairs_file):
+    """The pairs with synthetic token rewards of the right signs (on some response tokens, 0 on others)."""
+    dataset = data.build_dataset(data.DataConfig(str(pairs_file), max_length=32), tiny_tokenizer())
     rng = np.random.default_rng(3)
     values = []
     for example in dataset.examples:
@@ -85,7 +81,15 @@ def doctor_and_batch(checkpoint, pairs_file):
             r[:sequence.prompt_length] = 0
             per_side.append(r.astype(np.float32))
         values.append(tuple(per_side))
-    dataset = dataset.with_token_values("token_rewards", values)
+    return dataset.with_token_values("token_rewards", values)
+
+
+@pytest.fixture(scope="module")
+def doctor_and_batch(checkpoint, pairs_file):
+    """A doctor (the tiny Llama + a random value head) and a batch of 5 pairs whose last row pads a partial batch
+    (``example_mask`` 0, but holding a real pair: it must not count), with synthetic token rewards of the right
+    signs (on some response tokens, 0 on others)."""
+    dataset = rewarded_pairs(pairs_file)
     batch = data.collate(dataset, [0, 1, 2, 3, 4], int(dataset.lengths.max()) + 2)
     batch["example_mask"][4] = 0
     doctor = models.CausalLMWithValueHead(models.load_hf(checkpoint), rngs=nnx.Rngs(0))
@@ -233,6 +237,57 @@ def test_a_resumed_run_equals_the_straight_run(straight, checkpoint, pairs_file,
     assert resumed.eval_metrics == straight.eval_metrics
 
 
+def test_the_value_head_start_is_the_least_squares_fit_of_the_balancing_values(checkpoint, pairs_file):
+    """fit_value_head over batches of 4 (the last one padded) against a float64 fit built here: features are the
+    hidden states of every non-terminal response state, targets Σ_{k≥t} (2·r_k − log π_k) from a per-row loop."""
+    dataset = rewarded_pairs(pairs_file)
+    doctor = models.CausalLMWithValueHead(models.load_hf(checkpoint), rngs=nnx.Rngs(0))
+    stats = tfpo.fit_value_head(doctor, dataset, data.DataConfig(str(pairs_file), batch_size=4, max_length=32),
+                                reward_scale=2.0, ridge=1e-3)
+    batch = data.collate(dataset, list(range(len(dataset))), int(dataset.lengths.max()) + 1)
+    pairs, _, length = batch["input_ids"].shape
+    flat = {k: np.asarray(v).reshape(2 * pairs, length) for k, v in batch.items()
+            if k in ("input_ids", "positions", "attention_mask", "loss_mask", "token_rewards")}
+    hidden, _ = doctor.lm.hidden_states(flat["input_ids"], positions=flat["positions"],
+                                        attention_mask=flat["attention_mask"])
+    logits = np.asarray(doctor.lm.logits(hidden), np.float64)
+    logps = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    features, targets = [], []
+    for row in range(2 * pairs):
+        tokens = np.nonzero(flat["loss_mask"][row, 1:])[0]  # target t predicts input t + 1
+        steps = [2.0 * flat["token_rewards"][row, t + 1] - logps[row, t, flat["input_ids"][row, t + 1]]
+                 for t in tokens]
+        for i, t in enumerate(tokens):  # state t: before target t, read at input position t
+            features.append(np.append(np.asarray(hidden[row, t], np.float64), 1.0))
+            targets.append(sum(steps[i:]))
+    x, y = np.array(features), np.array(targets)
+    ridge = 1e-3 * np.mean(np.sum(x[:, :-1] ** 2, axis=0)) * np.eye(x.shape[1])
+    ridge[-1, -1] = 0.0
+    w = np.linalg.solve(x.T @ x + ridge, x.T @ y)
+    np.testing.assert_allclose(np.asarray(doctor.value_head.kernel[...])[:, 0], w[:-1], rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(np.asarray(doctor.value_head.bias[...]), w[-1:], rtol=2e-3, atol=2e-3)
+    assert stats["value_fit_states"] == len(y)
+    np.testing.assert_allclose(stats["value_fit_target_mean"], y.mean(), rtol=1e-4)
+    r2 = 1 - np.sum((y - x @ w) ** 2) / np.sum((y - y.mean()) ** 2)
+    np.testing.assert_allclose(stats["value_fit_r2"], r2, atol=1e-3)
+    assert r2 > 0.5  # the balancing values shrink along each response: the head's features see that
+
+
+def test_a_doctor_started_at_balance_trains_with_the_log_value_hinge(checkpoint, pairs_file, tmp_path):
+    """value_init: fit with loss.value_hinge: log_value: the run starts at a far lower SubTB than from log V = 0
+    and trains with finite losses; eval.json reports the fit."""
+    runs = {init: pipeline.run(run_config(checkpoint, pairs_file, tmp_path / init, "train.total_steps=2",
+                                          "loss.value_hinge=log_value", doctor={"value_init": init}))
+            for init in ("zero", "fit")}
+    first = {init: metrics(Path(run.config.output_dir))[0]["subtb"] for init, run in runs.items()}
+    assert first["fit"] < 0.5 * first["zero"]
+    assert all(np.isfinite(r["loss"]) for r in metrics(Path(runs["fit"].config.output_dir)))
+    fit = json.loads((Path(runs["fit"].config.output_dir) / "eval.json").read_text())
+    assert fit["value_fit_r2"] > 0 and fit["value_fit_states"] > 0
+    assert "value_fit_r2" not in json.loads((Path(runs["zero"].config.output_dir) / "eval.json").read_text())
+
+
 def test_value_lr_scale_scales_only_the_value_heads_updates(checkpoint, pairs_file, tmp_path):
     """One step at value_lr_scale 0, 1 and 10: the LM's update is the same, the value head's is 0, u and 10·u
     (Adam's first step sees the same gradients; the factor multiplies the update after it)."""
@@ -310,6 +365,7 @@ def test_configs_that_cannot_train_a_doctor_are_named(checkpoint, pairs_file, tm
         ({"dimension": ["safety"]}, r"doctor: unknown key\(s\) \['dimension'\]"),
         ({"init_layers": 0}, r"doctor\.init_layers must be a positive int or null, got 0"),
         ({"value_lr_scale": -1}, r"doctor\.value_lr_scale must be a number >= 0, got -1"),
+        ({"value_init": "random"}, r"doctor\.value_init must be 'zero' or 'fit', got 'random'"),
         ({"threshold": 1.5}, r"doctor\.threshold must be in \[0, 1\), got 1\.5"),
         ({"face_format": "html"}, r"doctor\.face_format must be one of \('auto', 'chat', 'text'\), got 'html'"),
     ]:
