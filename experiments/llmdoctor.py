@@ -49,6 +49,7 @@ Overrides go to a stage's run config: ``tfpo.train.total_steps=16``, ``genarm.lo
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import shutil
 import sys
@@ -250,13 +251,27 @@ def doctor_config(out: Path, pairs: Path, dimension: str, *, start: Path | None,
 
 
 class Method:
-    """One decoding method under evaluation: how it samples a batch, and whether its base model is the patient."""
+    """One decoding method under evaluation: its sampler (made on the first batch from ``make_sampler``, dropped by
+    :meth:`release`, so only one method's models are in memory at a time and a cached method loads none), and
+    whether its base model is the patient."""
 
-    def __init__(self, name: str, label: str, generate, *, params: SamplingParams, base_is_patient: bool,
-                 group: str = "baseline", weights: dict | None = None, models: tuple[Path, ...] = ()):
-        self.name, self.label, self.generate, self.params = name, label, generate, params
+    def __init__(self, name: str, label: str, make_sampler, *, params: SamplingParams, base_is_patient: bool,
+                 group: str = "baseline", weights: dict | None = None, models: tuple[Path, ...] = (),
+                 options: dict | None = None):
+        self.name, self.label, self.make_sampler, self.params = name, label, make_sampler, params
         self.base_is_patient, self.group, self.weights = base_is_patient, group, weights
         self.models = models  # the trained models it decodes with (the patient aside): part of its cache key
+        self.options = options or {}
+        self.sampler = None
+
+    def generate(self, prompts, key, params):
+        if self.sampler is None:
+            self.sampler = self.make_sampler()
+        return self.sampler.generate(prompts, key=key, params=params, **self.options)
+
+    def release(self) -> None:
+        self.sampler = None
+        gc.collect()  # modules hold reference cycles: free their weights now, not at some later collection
 
 
 def fingerprint(directories: tuple[Path, ...]) -> dict:
@@ -336,23 +351,13 @@ def build_methods(paths: dict, doctors: dict, genarm: Path, *, max_new_tokens: i
                              stop_token_ids=stop)
     greedy = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, n=1, stop_token_ids=stop)
 
-    def lazily(make_sampler, **options):
-        """Load a method's models on its first batch: a method whose results are cached loads nothing."""
-        made = []
-
-        def generate(prompts, key, params):
-            if not made:
-                made.append(make_sampler())
-            return made[0].generate(prompts, key=key, params=params, **options)
-        return generate
-
     def plain(load_model):
-        return lazily(lambda: Sampler(load_model(), pad_token_id=pad))
+        return lambda: Sampler(load_model(), pad_token_id=pad)
 
-    def guided(guides: dict[str, Path], *, alpha=1.0, beta=DOCTOR_BETA, weights=None):
-        return lazily(lambda: GuidedSampler(
+    def guided(guides: dict[str, Path], *, alpha=1.0, beta=DOCTOR_BETA):
+        return lambda: GuidedSampler(
             patient, {dimension: models.load_pretrained(path)[0] for dimension, path in guides.items()},
-            alpha=alpha, beta=beta, pad_token_id=pad), preference_weights=weights)
+            alpha=alpha, beta=beta, pad_token_id=pad)
 
     def args_sampler():
         reward_model, reward_info = models.load_reward_model(paths["reward"])
@@ -367,7 +372,7 @@ def build_methods(paths: dict, doctors: dict, genarm: Path, *, max_new_tokens: i
                       base_is_patient=False, models=(paths["dpo"],)),
         "genarm": Method("genarm", "GenARM", guided({"sentiment": genarm}, beta=GENARM_WEIGHT), params=sampled,
                          base_is_patient=True, models=(genarm,)),
-        "args": Method("args", "ARGS (greedy)", lazily(args_sampler), params=greedy, base_is_patient=True,
+        "args": Method("args", "ARGS (greedy)", args_sampler, params=greedy, base_is_patient=True,
                        models=(paths["reward"],)),
         "doctor_same_size": Method("doctor_same_size", "doctor, same size", guided(
             {"sentiment": doctors["same_size/sentiment"]}), params=sampled, base_is_patient=True, group="doctor",
@@ -379,9 +384,9 @@ def build_methods(paths: dict, doctors: dict, genarm: Path, *, max_new_tokens: i
     both = {dimension: doctors[f"same_size/{dimension}"] for dimension in DIMENSIONS}
     for i, weights in enumerate(pareto_weights(pareto_steps)):
         label = f"doctors w=({weights['sentiment']:.2f}, {weights['conciseness']:.2f})"
-        methods[f"pareto_{i}"] = Method(f"pareto_{i}", label, guided(both, weights=weights), params=sampled,
-                                        base_is_patient=True, group="pareto", weights=weights,
-                                        models=tuple(both.values()))
+        methods[f"pareto_{i}"] = Method(f"pareto_{i}", label, guided(both), params=sampled, base_is_patient=True,
+                                        group="pareto", weights=weights, models=tuple(both.values()),
+                                        options={"preference_weights": weights})
     return patient, tokenizer, methods
 
 
@@ -405,6 +410,7 @@ def evaluate(out: Path, paths: dict, doctors: dict, genarm: Path, *, settings: d
         samples = settings["eval_samples"] if method.params.temperature > 0 else 1
         result = run_method(method, patient, tokenizer, encoded, prompts, batch_size=settings["batch_size"],
                             samples=samples, key=key, judges=judges)
+        method.release()  # its models and compiled decoders go before the next method's load
         if samples != settings["eval_samples"]:  # a deterministic method: its one answer stands for every sample
             result = {name: (np.repeat(np.asarray(value), settings["eval_samples"]).tolist()
                              if isinstance(value, list) else value) for name, value in result.items()}
