@@ -403,8 +403,8 @@ def evaluate(out: Path, paths: dict, doctors: dict, genarm: Path, *, settings: d
     results = {}
     for name, method in methods.items():
         cached = out / f"{name}.json"
-        key = {**settings, "decoding": DECODING, "models": fingerprint(method.models)}
-        if cached.is_file() and json.loads(cached.read_text())["settings"] == key:
+        cache_key = {**settings, "decoding": DECODING, "models": fingerprint(method.models)}
+        if cached.is_file() and json.loads(cached.read_text())["settings"] == cache_key:
             results[name] = json.loads(cached.read_text())["result"]
             continue
         samples = settings["eval_samples"] if method.params.temperature > 0 else 1
@@ -415,7 +415,7 @@ def evaluate(out: Path, paths: dict, doctors: dict, genarm: Path, *, settings: d
             result = {name: (np.repeat(np.asarray(value), settings["eval_samples"]).tolist()
                              if isinstance(value, list) else value) for name, value in result.items()}
             result["texts"] = [t for t in result["texts"] for _ in range(settings["eval_samples"])]
-        write_json(cached, {"settings": key, "result": result})
+        write_json(cached, {"settings": cache_key, "result": result})
         results[name] = result
     return methods, {"prompts": prompts, "results": results}
 
