@@ -207,7 +207,7 @@ def test_llmdoctor_preset_resolves_its_three_stages():
     genarm = recipe.load_run_config("llmdoctor", [], method="dpo")
     assert genarm.loss.loss_type == "genarm" and genarm.reference == "none" and genarm.loss.beta == 0.1
     distill = recipe.load_run_config("llmdoctor", [], method="sft")
-    assert distill.train.total_steps == 64 and distill.train.optimizer.learning_rate == 1e-4
+    assert distill.train.total_steps == 64 and distill.train.optimizer.learning_rate == 1e-3
 
 
 def test_train_command_runs_resumes_and_refuses_mixing(checkpoint, pairs_file, tmp_path, capsys):
