@@ -147,8 +147,16 @@ def log_flows(
 
 
 def non_terminal_states(mask: Array) -> Bool[Array, "B T+1"]:
-    """``[B, T + 1]``: the states of each row's trajectory (state layout) from which a step is taken, i.e. all but
-    the terminal one; the states whose value head reads are free (the terminal one is anchored)."""
+    """The states of each row's trajectory from which a step is taken: all but the terminal one.
+
+    These are the states whose value-head reads are free (the terminal one is anchored by :func:`log_flows`).
+
+    Args:
+        mask: ``[B, T]`` response mask; a row's trajectory runs from its first to its last valid token.
+
+    Returns:
+        ``[B, T + 1]`` bool, state layout (index t: before target t).
+    """
     valid = as_mask(mask, jnp.asarray(mask, F32))
     return _state_mask(valid) & ~_terminal_mask(valid)
 
@@ -156,8 +164,10 @@ def non_terminal_states(mask: Array) -> Bool[Array, "B T+1"]:
 def balance_log_values(
     token_logps: Float[Array, "B T"], token_rewards: Float[Array, "B T"], mask: Array | None = None
 ) -> Float[Array, "B T+1"]:
-    """The log values that balance a trajectory exactly under the given policy: ``log V(s_t)`` such that every
-    subtrajectory-balance residual of the row is 0 (with the terminal anchor ``log V(s_L) = 0``).
+    """The log values ``log V(s_t)`` that balance a trajectory exactly under the given policy.
+
+    Every subtrajectory-balance residual of the row is 0 at these values (with the terminal anchor
+    ``log V(s_L) = 0``).
 
     Formula: ``log V(s_t) = Σ_{k ≥ t} m_k·(r_k − log π̂(y_{k+1} | s_k))`` over the row's span (a hole, a forced
     step, contributes 0: ``π̂ = 1``, reward 0), 0 outside the span's states.
@@ -167,6 +177,11 @@ def balance_log_values(
     regression targets of a value head started for a given doctor (:func:`jaxalign.methods.tfpo.fit_value_head`):
     ``−Σ log π̂`` makes them tens of nats for a sampled response, which a head started at ``log V = 0`` would
     otherwise leave to the policy to absorb.
+
+    Args:
+        token_logps: ``[B, T]`` the policy's log-probs of the response tokens.
+        token_rewards: ``[B, T]`` token rewards ``r`` (:func:`jaxalign.losses.token_level.token_rewards`).
+        mask: ``[B, T]`` response mask (None: all valid); a masked token inside the span is a forced step.
 
     Returns:
         ``[B, T + 1]`` float32, state layout (index t: before target t).
@@ -452,11 +467,13 @@ def tfpo_loss(
             differ at their first token.
         lam: SubTB(λ) weight (None: plain mean over pairs of states); see :func:`subtrajectory_balance_loss`.
         lam_value: weight ``λ_value`` of the value-discrimination term.
-        gamma: margin ``γ`` of the value-discrimination term.
+        gamma: margin ``γ`` of the value-discrimination term, on ``V`` (or in nats, on ``log V``, with
+            ``value_hinge="log_value"``).
         anchor_terminal: pin ``V = 1`` at the last state of each response (see :func:`log_flows`).
         value_hinge: ``"value"``: the hinge compares ``V = exp(log_v)``, as the paper writes it; ``"log_value"``:
             it compares ``log V``, for values beyond float32's ``exp`` (``log V`` of a balanced state is the
             rest of the response's ``Σ (r − log π̂)``, often over 88 nats; see :func:`balance_log_values`).
+            The ``value/*`` metrics then report ``log V`` too.
 
     Returns:
         ``(loss, metrics)``: ``loss`` is ``[B]`` float32 per pair; its batch mean is the mean SubTB over all
