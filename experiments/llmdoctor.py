@@ -467,10 +467,11 @@ def plot(summary: dict, path: Path) -> None:
 
 
 def monotone(values: list[dict], *, increasing: bool) -> bool:
-    """Moves the stated way across the sweep, monotone within the intervals: the last mean is past the first one
-    (a flat sweep fails), and no step goes the wrong way by more than both intervals allow."""
-    if len(values) < 2 or (values[-1]["mean"] <= values[0]["mean"] if increasing
-                           else values[-1]["mean"] >= values[0]["mean"]):
+    """Moves the stated way across the sweep, monotone within the intervals: the last score is past the first
+    one beyond both intervals (a flat or noise-sized sweep fails), and no step goes the wrong way by more than
+    both intervals allow."""
+    if len(values) < 2 or (values[-1]["low"] <= values[0]["high"] if increasing
+                           else values[-1]["high"] >= values[0]["low"]):
         return False
     for a, b in zip(values, values[1:], strict=False):
         if increasing and b["high"] < a["low"]:

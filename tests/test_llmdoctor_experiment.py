@@ -34,6 +34,7 @@ def test_the_pareto_sweep_must_move_each_score_the_stated_way():
     assert monotone(scores(0.1, 0.18, 0.15, 0.3), increasing=True)  # a dip within the intervals
     assert not monotone(scores(0.1, 0.3, 0.1, 0.4), increasing=True)  # a step clearly the wrong way
     assert not monotone(scores(0.2, 0.2, 0.2), increasing=True)  # flat: the weights changed nothing
+    assert not monotone(scores(0.20, 0.21, 0.205), increasing=True)  # a net move within the noise
     assert not monotone(scores(0.3, 0.25, 0.2), increasing=True)
-    assert monotone(scores(0.3, 0.25, 0.2), increasing=False)
+    assert monotone(scores(0.3, 0.25, 0.15), increasing=False)
     assert not monotone(scores(0.3), increasing=False)

@@ -181,6 +181,9 @@ class RunConfig:
             raise ValueError("method tfpo needs a doctor: section (patient, dimensions, faces: docs/llmdoctor.md)"
                              if self.method == "tfpo" else
                              f"RunConfig.doctor is the tfpo method's section; method {self.method} takes none")
+        if self.doctor is not None and self.doctor.value_init == "fit" and self.loss.value_hinge != "log_value":
+            raise ValueError("doctor.value_init: fit needs loss.value_hinge: log_value (a value head started at "
+                             "balance reads tens of nats, where the hinge on V = exp(log V) overflows float32)")
         if self.curriculum is not None and self.curriculum not in CURRICULA:
             raise ValueError(f"RunConfig.curriculum must be one of {CURRICULA} or null, got {self.curriculum!r}")
         if self.reference == "lora_base" and self.model.lora is None:

@@ -87,21 +87,27 @@ def tfpo_objective(*, lam: float | None = None, lam_value: float = 1.0, gamma: f
 
 
 def fit_value_head(doctor, dataset: jdata.TokenizedDataset, data_config: jdata.DataConfig, *,
-                   reward_scale: float = 1.0, ridge: float = 1e-3, chunk_size: int | None = DEFAULT_CHUNK,
-                   desc: str = "value head start") -> dict[str, float]:
+                   reward_scale: float = 1.0, ridge: float = 1e-3, anchor_terminal: bool = True,
+                   chunk_size: int | None = DEFAULT_CHUNK, desc: str = "value head start") -> dict[str, float]:
     """Start the doctor's value head at the least-squares fit of the log values that balance its training pairs.
 
     The targets are :func:`jaxalign.losses.balance_log_values` of each response under the starting policy (the
-    rest of the response's ``Σ (reward_scale·r − log π̂)``) at every non-terminal state of its trajectory; the
-    features are the states' final hidden states, which the head reads. One forward pass over ``dataset``
-    accumulates ``XᵀX`` and ``Xᵀy`` (float64, bias column included), then ``(XᵀX + ridge·mean diag·I) w = Xᵀy``
-    (the bias unregularised) sets kernel and bias. The shared prompt state of a pair gets one target per
+    rest of the response's ``Σ (reward_scale·r − log π̂)``) at every non-terminal state of its trajectory, and
+    also at its terminal state (target 0) when ``anchor_terminal`` is False, since the head's value there is then
+    read too; the features are the states' final hidden states, which the head reads. One forward pass over
+    ``dataset`` accumulates ``XᵀX`` and ``Xᵀy`` (float64, bias column included), then
+    ``(XᵀX + ridge·s·I) w = Xᵀy`` sets kernel and bias, with ``s`` the features' mean variance (the diagonal of
+    the centred ``XᵀX`` over the states, so a large common offset of the hidden states does not inflate the
+    shrinkage) and the bias unregularised. The shared prompt state of a pair gets one target per
     response, and least squares takes their mean: the common part of the two responses' flows, which is what
     subtrajectory balance would otherwise push into the policy (raising every training token) before the head
     caught up.
 
     Returns ``{"value_fit_r2", "value_fit_rmse", "value_fit_target_mean", "value_fit_states"}`` on the pairs.
+    Single process only: each host would fit on its own shard of the pairs.
     """
+    if ridge < 0:
+        raise ValueError(f"{desc}: ridge must be >= 0, got {ridge}")
     graphdef, state = nnx.split(doctor)
 
     @jax.jit
@@ -119,22 +125,30 @@ def fit_value_head(doctor, dataset: jdata.TokenizedDataset, data_config: jdata.D
         rewards = reward_scale * flat("token_rewards")[:, 1:]
         targets = losses.balance_log_values(logps, rewards, mask)
         states = losses.non_terminal_states(mask)
+        if not anchor_terminal:  # the terminal state follows the last non-terminal one (never at index 0)
+            states |= jnp.roll(states, 1, axis=-1)
         states &= jnp.repeat(batch["example_mask"].astype(bool), 2)[:, None]
         weight = states.astype(jnp.float32)
         features = jnp.concatenate([hidden.astype(jnp.float32), jnp.ones(hidden.shape[:-1] + (1,))], axis=-1)
-        weighted = features * weight[..., None]
-        return (jnp.einsum("btd,bte->de", weighted, features), jnp.einsum("btd,bt->d", weighted, targets),
-                jnp.sum(weight * targets), jnp.sum(weight * targets**2), jnp.sum(weight))
+        features = jnp.where(states[..., None], features, 0.0)  # garbage at other states never enters
+        targets = jnp.where(states, targets, 0.0)
+        highest = jax.lax.Precision.HIGHEST  # no bf16 passes on accelerators: these are sums of squares
+        return (jnp.einsum("btd,bte->de", features, features, precision=highest),
+                jnp.einsum("btd,bt->d", features, targets, precision=highest),
+                jnp.sum(targets), jnp.sum(targets**2), jnp.sum(weight))
 
     sums = None
     total = -(-len(dataset) // data_config.batch_size)
     for batch in tqdm(one_pass(data_config, dataset), total=total, desc=desc, unit="batch", dynamic_ncols=True):
         parts = [np.asarray(part, np.float64) for part in moments(state, batch)]
         sums = parts if sums is None else [a + b for a, b in zip(sums, parts, strict=True)]
-    xtx, xty, y_sum, y_sq, count = sums
+    count = 0 if sums is None else sums[-1]
     if count < 2:
-        raise ValueError(f"{desc}: the pairs have {int(count)} non-terminal states, too few to fit a value head")
-    regulariser = ridge * np.mean(np.diag(xtx)[:-1]) * np.eye(len(xty))
+        raise ValueError(f"{desc}: doctor.value_init: fit needs response states to fit the value head on; the "
+                         f"training pairs have {int(count)}")
+    xtx, xty, y_sum, y_sq, count = sums
+    centred_diag = np.diag(xtx)[:-1] - xtx[:-1, -1] ** 2 / count  # Σ x² − (Σ x)²/n per feature
+    regulariser = ridge * max(float(np.mean(centred_diag)), 0.0) * np.eye(len(xty))
     regulariser[-1, -1] = 0.0  # the bias is not shrunk
     solution = np.linalg.solve(xtx + regulariser, xty)
     head = doctor.value_head
@@ -199,6 +213,9 @@ def build(config: RunConfig, lm, tokenizer, dataset, eval_dataset):
     held-out pairs with their token rewards (both made with the patient, which is then released)."""
     doctor_spec = config.doctor
     dimension = doctor_spec.dimensions[0]
+    if doctor_spec.value_init == "fit" and jax.process_count() > 1:
+        raise NotImplementedError("doctor.value_init: fit solves the value head's least squares on one process; "
+                                  f"this run has {jax.process_count()} (use value_init: zero)")
     dataset = select_dimension(dataset, dimension, config.data.source)
     if eval_dataset is not None:
         eval_dataset = select_dimension(eval_dataset, dimension, config.eval_data.source)
@@ -223,7 +240,8 @@ def build(config: RunConfig, lm, tokenizer, dataset, eval_dataset):
     value_fit = {}
     if doctor_spec.value_init == "fit":
         value_fit = fit_value_head(doctor, dataset, config.data, reward_scale=config.loss.reward_scale,
-                                   chunk_size=config.loss.chunk_size, desc=f"value head start ({dimension})")
+                                   anchor_terminal=config.loss.anchor_terminal, chunk_size=config.loss.chunk_size,
+                                   desc=f"value head start ({dimension})")
     objective = tfpo_objective(**dataclasses.asdict(config.loss))
     extra = {"eval_dataset": eval_dataset, "dimension": dimension,
              "patient": doctor_spec.patient or "embedded SmolLM2-135M-Instruct",

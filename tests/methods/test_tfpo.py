@@ -237,13 +237,31 @@ def test_a_resumed_run_equals_the_straight_run(straight, checkpoint, pairs_file,
     assert resumed.eval_metrics == straight.eval_metrics
 
 
-def test_the_value_head_start_is_the_least_squares_fit_of_the_balancing_values(checkpoint, pairs_file):
-    """fit_value_head over batches of 4 (the last one padded) against a float64 fit built here: features are the
-    hidden states of every non-terminal response state, targets Σ_{k≥t} (2·r_k − log π_k) from a per-row loop."""
+@pytest.mark.parametrize("anchor_terminal", [True, False])
+def test_the_value_head_start_is_the_least_squares_fit_of_the_balancing_values(checkpoint, pairs_file,
+                                                                               anchor_terminal, monkeypatch):
+    """fit_value_head over batches of 4 against a float64 fit built here: features are the hidden states of every
+    non-terminal response state (and of the terminal one, target 0, when it is not anchored), targets
+    Σ_{k≥t} (2·r_k − log π_k) from a per-row loop. The last batch carries a real pair on a row marked
+    ``example_mask`` 0, which must not count."""
     dataset = rewarded_pairs(pairs_file)
+    real_batches = tfpo.one_pass
+
+    def batches_with_a_masked_real_row(config, dataset):
+        for batch in real_batches(config, dataset):
+            if not batch["example_mask"].all():
+                padded = int(np.argmin(batch["example_mask"]))
+                real = data.collate(dataset, [0], batch["input_ids"].shape[-1])
+                for name in batch:
+                    batch[name][padded] = real[name][0]
+                batch["example_mask"][padded] = 0
+            yield batch
+
+    monkeypatch.setattr(tfpo, "one_pass", batches_with_a_masked_real_row)
+    assert len(dataset) % 4, "the last batch must be partial for the masked row to exist"
     doctor = models.CausalLMWithValueHead(models.load_hf(checkpoint), rngs=nnx.Rngs(0))
     stats = tfpo.fit_value_head(doctor, dataset, data.DataConfig(str(pairs_file), batch_size=4, max_length=32),
-                                reward_scale=2.0, ridge=1e-3)
+                                reward_scale=2.0, ridge=1e-3, anchor_terminal=anchor_terminal)
     batch = data.collate(dataset, list(range(len(dataset))), int(dataset.lengths.max()) + 1)
     pairs, _, length = batch["input_ids"].shape
     flat = {k: np.asarray(v).reshape(2 * pairs, length) for k, v in batch.items()
@@ -258,20 +276,22 @@ def test_the_value_head_start_is_the_least_squares_fit_of_the_balancing_values(c
         tokens = np.nonzero(flat["loss_mask"][row, 1:])[0]  # target t predicts input t + 1
         steps = [2.0 * flat["token_rewards"][row, t + 1] - logps[row, t, flat["input_ids"][row, t + 1]]
                  for t in tokens]
-        for i, t in enumerate(tokens):  # state t: before target t, read at input position t
+        states = list(tokens) + ([] if anchor_terminal else [tokens[-1] + 1])
+        for i, t in enumerate(states):  # state t: before target t, read at input position t
             features.append(np.append(np.asarray(hidden[row, t], np.float64), 1.0))
-            targets.append(sum(steps[i:]))
+            targets.append(sum(steps[i:]))  # 0 at the terminal state
     x, y = np.array(features), np.array(targets)
-    ridge = 1e-3 * np.mean(np.sum(x[:, :-1] ** 2, axis=0)) * np.eye(x.shape[1])
+    centred = x[:, :-1] - x[:, :-1].mean(axis=0)
+    ridge = 1e-3 * np.mean(np.sum(centred**2, axis=0)) * np.eye(x.shape[1])
     ridge[-1, -1] = 0.0
     w = np.linalg.solve(x.T @ x + ridge, x.T @ y)
-    np.testing.assert_allclose(np.asarray(doctor.value_head.kernel[...])[:, 0], w[:-1], rtol=2e-3, atol=2e-3)
-    np.testing.assert_allclose(np.asarray(doctor.value_head.bias[...]), w[-1:], rtol=2e-3, atol=2e-3)
+    # Compared through the values the head gives, relative to their spread (the kernel alone can be ill-posed).
+    head = np.asarray(doctor.value_head(jnp.asarray(x[:, :-1], jnp.float32))).reshape(-1)
+    np.testing.assert_allclose(head, x @ w, rtol=0, atol=1e-3 * np.std(y))
     assert stats["value_fit_states"] == len(y)
     np.testing.assert_allclose(stats["value_fit_target_mean"], y.mean(), rtol=1e-4)
     r2 = 1 - np.sum((y - x @ w) ** 2) / np.sum((y - y.mean()) ** 2)
     np.testing.assert_allclose(stats["value_fit_r2"], r2, atol=1e-3)
-    assert r2 > 0.5  # the balancing values shrink along each response: the head's features see that
 
 
 def test_a_doctor_started_at_balance_trains_with_the_log_value_hinge(checkpoint, pairs_file, tmp_path):
@@ -366,6 +386,7 @@ def test_configs_that_cannot_train_a_doctor_are_named(checkpoint, pairs_file, tm
         ({"init_layers": 0}, r"doctor\.init_layers must be a positive int or null, got 0"),
         ({"value_lr_scale": -1}, r"doctor\.value_lr_scale must be a number >= 0, got -1"),
         ({"value_init": "random"}, r"doctor\.value_init must be 'zero' or 'fit', got 'random'"),
+        ({"value_init": "fit"}, r"doctor\.value_init: fit needs loss\.value_hinge: log_value"),
         ({"threshold": 1.5}, r"doctor\.threshold must be in \[0, 1\), got 1\.5"),
         ({"face_format": "html"}, r"doctor\.face_format must be one of \('auto', 'chat', 'text'\), got 'html'"),
     ]:
