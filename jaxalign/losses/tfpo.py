@@ -438,6 +438,7 @@ def tfpo_loss(
     token_rewards: Float[Array, "B 2 T"],
     mask: Array,
     value_mask: Array | None = None,
+    prior_logps: Float[Array, "B 2 T"] | None = None,
     *,
     lam: float | None = None,
     lam_value: float = 1.0,
@@ -465,6 +466,10 @@ def tfpo_loss(
             :func:`first_divergence_mask`). None: the first response token of each side, i.e. the two
             children of the prompt state, which is the paper's common prefix whenever the two responses
             differ at their first token.
+        prior_logps: ``[B, 2, T]`` log-probs ``log π₀`` of the response tokens under a fixed prior policy (for
+            example the doctor's start), or None (the paper). Given, the prefix score becomes
+            ``log Q(s_t) = Σ_{k<t} (r_k + log π₀_k)`` and the doctor learns ``π̂(y) ∝ π₀(y)·exp(Σ r)`` instead of
+            ``∝ exp(Σ r)`` (Notes).
         lam: SubTB(λ) weight (None: plain mean over pairs of states); see :func:`subtrajectory_balance_loss`.
         lam_value: weight ``λ_value`` of the value-discrimination term.
         gamma: margin ``γ`` of the value-discrimination term, on ``V`` (or in nats, on ``log V``, with
@@ -493,6 +498,13 @@ def tfpo_loss(
           clamps ``log F`` to [−10, 10] instead, which stops the gradient of every flow beyond it).
         - Masks with holes (forced tokens inside a response) are our extension; the paper's responses are
           contiguous.
+        - ``prior_logps`` is our option, not in the paper. Without it the flows balance only against
+          ``exp(Σ r)``: every sampled response is tens of nats less likely under the doctor than balance asks,
+          so subtrajectory balance raises ``log π̂`` of every training token, chosen and rejected alike, and a
+          short run teaches a sharper copy of the patient. With a prior the target is the KL-regularised optimum
+          ``π₀(y)·exp(Σ r)`` (Korbak et al. 2022, arXiv 2205.11275; an LM prior in a GFlowNet's reward as in
+          Hu et al. 2024, arXiv 2310.04363): a doctor equal to ``π₀`` starts with residuals made of the token
+          rewards alone.
     """
     logps = jnp.asarray(token_logps, F32)
     if logps.ndim != 3 or logps.shape[1] != 2:
@@ -505,7 +517,10 @@ def tfpo_loss(
     valid = as_mask(mask, logps)
     flat = (2 * batch, length)
     flat_valid = valid.reshape(flat)
-    log_q = log_prefix_scores(jnp.reshape(token_rewards, flat), flat_valid)
+    step_scores = jnp.asarray(token_rewards, F32)
+    if prior_logps is not None:
+        step_scores = step_scores + jnp.asarray(prior_logps, F32)
+    log_q = log_prefix_scores(step_scores.reshape(flat), flat_valid)
     anchored = _anchored_log_v(jnp.reshape(log_v, (2 * batch, length + 1)), flat_valid, anchor_terminal)
     flows = jnp.where(_state_mask(flat_valid), log_q, 0.0) + anchored
     subtb, subtb_metrics = subtrajectory_balance_loss(flows, logps.reshape(flat), flat_valid, lam=lam)

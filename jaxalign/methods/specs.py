@@ -391,6 +391,10 @@ class TFPOSpec(MethodSpec):
             the reward the doctor learns to sample in proportion to.
         value_hinge: ``value`` (the paper's hinge on ``V``) or ``log_value`` (on ``log V``: needed once the
             value head is started at balance, ``doctor.value_init: fit``, where ``V`` overflows float32).
+        prior: ``none`` (the paper: the doctor learns ``π̂ ∝ exp(Σ r)``) or ``start`` (our option: the doctor's
+            starting model, frozen, is a prior ``π₀`` and the doctor learns ``π̂ ∝ π₀·exp(Σ r)``; its log-probs
+            of the training responses are computed once before training; see
+            :func:`jaxalign.losses.tfpo_loss`).
         chunk_size: positions per LM-head chunk.
     """
 
@@ -401,6 +405,7 @@ class TFPOSpec(MethodSpec):
     anchor_terminal: bool = True
     reward_scale: float = 1.0
     value_hinge: str = "value"
+    prior: str = "none"
     chunk_size: int | None = DEFAULT_CHUNK
 
     label = "TFPO"
@@ -414,6 +419,7 @@ class TFPOSpec(MethodSpec):
         require(self.value_states in VALUE_STATES, "value_states", f"one of {VALUE_STATES}")
         require(self.reward_scale > 0, "reward_scale", "> 0")
         require(self.value_hinge in ("value", "log_value"), "value_hinge", "one of ('value', 'log_value')")
+        require(self.prior in ("none", "start"), "prior", "one of ('none', 'start')")
         require(self.chunk_size is None or self.chunk_size >= 1, "chunk_size", ">= 1 or null")
 
 

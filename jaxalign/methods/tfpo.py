@@ -40,7 +40,7 @@ INDEX_FILE = "doctors.json"
 
 def tfpo_objective(*, lam: float | None = None, lam_value: float = 1.0, gamma: float = 0.1,
                    value_states: str = "divergence", anchor_terminal: bool = True, reward_scale: float = 1.0,
-                   value_hinge: str = "value", chunk_size: int | None = DEFAULT_CHUNK):
+                   value_hinge: str = "value", prior: str = "none", chunk_size: int | None = DEFAULT_CHUNK):
     """The TFPO objective of a doctor (:class:`~jaxalign.models.CausalLMWithValueHead`) on pair batches
     ``[B, 2, T]`` carrying ``token_rewards`` (aligned with ``input_ids``).
 
@@ -51,15 +51,23 @@ def tfpo_objective(*, lam: float | None = None, lam_value: float = 1.0, gamma: f
     after the first token where the responses differ; ``first``: after each response's first token). A pair
     whose responses never differ (one a prefix of the other without EOS) has no divergence state and contributes
     SubTB only.
+
+    ``prior="start"``: the batches also carry ``prior_logps`` (:func:`prior_token_logps`, the log-probs of the
+    doctor's frozen start), added to the prefix scores: the doctor learns ``π̂ ∝ π₀·exp(reward_scale·Σ r)``.
     """
     if value_states not in ("divergence", "first"):
         raise ValueError(f"tfpo_objective: value_states must be 'divergence' or 'first', got {value_states!r}")
+    if prior not in ("none", "start"):
+        raise ValueError(f"tfpo_objective: prior must be 'none' or 'start', got {prior!r}")
 
     def objective(model, batch, *, key):
         del key
         if "token_rewards" not in batch:
             raise ValueError("tfpo_objective: the batch has no token_rewards (build them with "
                              "jaxalign.methods.token_rewards.build_token_rewards)")
+        if prior == "start" and "prior_logps" not in batch:
+            raise ValueError("tfpo_objective(prior='start'): the batch has no prior_logps (attach them with "
+                             "jaxalign.methods.tfpo.prior_token_logps)")
         ids = batch["input_ids"]
         pairs, _, length = ids.shape
 
@@ -76,9 +84,10 @@ def tfpo_objective(*, lam: float | None = None, lam_value: float = 1.0, gamma: f
             targets = ids[..., 1:]
             chosen_at, rejected_at = losses.first_divergence_mask(targets[:, 0], targets[:, 1], mask[:, 0], mask[:, 1])
             value_mask = jnp.stack([chosen_at, rejected_at], axis=1)
+        prior_logps = batch["prior_logps"][..., 1:] if prior == "start" else None
         per_pair, metrics = losses.tfpo_loss(
             logps.reshape(pairs, 2, length - 1), log_v.reshape(pairs, 2, length),
-            reward_scale * batch["token_rewards"][..., 1:], mask, value_mask, lam=lam, lam_value=lam_value,
+            reward_scale * batch["token_rewards"][..., 1:], mask, value_mask, prior_logps, lam=lam, lam_value=lam_value,
             gamma=gamma, anchor_terminal=anchor_terminal, value_hinge=value_hinge)
         valid = batch["example_mask"].astype(bool)
         return losses.masked_sum(per_pair, valid), without_loss(metrics)
@@ -92,7 +101,8 @@ def fit_value_head(doctor, dataset: jdata.TokenizedDataset, data_config: jdata.D
     """Start the doctor's value head at the least-squares fit of the log values that balance its training pairs.
 
     The targets are :func:`jaxalign.losses.balance_log_values` of each response under the starting policy (the
-    rest of the response's ``Σ (reward_scale·r − log π̂)``) at every non-terminal state of its trajectory, and
+    rest of the response's ``Σ (reward_scale·r − log π̂)``, plus ``log π₀`` when the pairs carry a prior's
+    ``prior_logps``) at every non-terminal state of its trajectory, and
     also at its terminal state (target 0) when ``anchor_terminal`` is False, since the head's value there is then
     read too; the features are the states' final hidden states, which the head reads. One forward pass over
     ``dataset`` accumulates ``XᵀX`` and ``Xᵀy`` (float64, bias column included), then
@@ -123,6 +133,8 @@ def fit_value_head(doctor, dataset: jdata.TokenizedDataset, data_config: jdata.D
         logps = head_logps(model.lm, hidden[:, :-1], flat("input_ids")[:, 1:], chunk_size=chunk_size)
         mask = flat("loss_mask")[:, 1:].astype(bool)
         rewards = reward_scale * flat("token_rewards")[:, 1:]
+        if "prior_logps" in batch:  # loss.prior: start, attached before the fit
+            rewards += flat("prior_logps")[:, 1:]
         targets = losses.balance_log_values(logps, rewards, mask)
         states = losses.non_terminal_states(mask)
         if not anchor_terminal:  # the terminal state follows the last non-terminal one (never at index 0)
@@ -159,6 +171,34 @@ def fit_value_head(doctor, dataset: jdata.TokenizedDataset, data_config: jdata.D
     return {"value_fit_r2": float(1 - residual / variance) if variance > 0 else 1.0,
             "value_fit_rmse": float(np.sqrt(max(residual, 0.0) / count)),
             "value_fit_target_mean": float(y_sum / count), "value_fit_states": int(count)}
+
+
+def prior_token_logps(lm, dataset: jdata.TokenizedDataset, data_config: jdata.DataConfig, *,
+                      chunk_size: int | None = DEFAULT_CHUNK, desc: str = "prior log-probs") -> jdata.TokenizedDataset:
+    """The pairs with ``prior_logps``: the log-prob of every response token under ``lm`` (the doctor's frozen
+    start, ``loss.prior: start``), aligned with ``input_ids`` (0 on prompt tokens and holes); one forward pass."""
+    graphdef, state = nnx.split(lm)
+
+    @jax.jit
+    def response_logps(state, ids, positions, attention_mask, loss_mask):
+        model = nnx.merge(graphdef, state)
+        hidden, _ = model.hidden_states(ids, positions=positions, attention_mask=attention_mask)
+        logps = head_logps(model, hidden[:, :-1], ids[:, 1:], chunk_size=chunk_size)
+        return jnp.concatenate([jnp.zeros_like(logps[:, :1]), jnp.where(loss_mask[:, 1:] > 0, logps, 0.0)], axis=1)
+
+    values, index = [], 0
+    total = -(-len(dataset) // data_config.batch_size)
+    for batch in tqdm(one_pass(data_config, dataset), total=total, desc=desc, unit="batch", dynamic_ncols=True):
+        pairs, sides, length = batch["input_ids"].shape
+        arrays = [np.asarray(batch[name]).reshape(pairs * sides, length)
+                  for name in ("input_ids", "positions", "attention_mask", "loss_mask")]
+        rows = np.asarray(response_logps(state, *arrays)).reshape(pairs, sides, length)
+        for row in range(int(np.sum(batch["example_mask"]))):  # padding rows come last
+            sequences = dataset.examples[index].sequences
+            values.append(tuple(None if sequence is None else rows[row, side, :len(sequence)]
+                                for side, sequence in enumerate(sequences)))
+            index += 1
+    return dataset.with_token_values("prior_logps", values)
 
 
 def select_dimension(dataset: jdata.TokenizedDataset, dimension: str, source: str) -> jdata.TokenizedDataset:
@@ -231,6 +271,12 @@ def build(config: RunConfig, lm, tokenizer, dataset, eval_dataset):
     if eval_dataset is not None:
         eval_dataset = _token_rewards(config, patient, identity, tokenizer, eval_dataset, "eval", config.eval_data)
     del patient
+    if config.loss.prior == "start":  # the start, before LoRA or training moves it
+        dataset = prior_token_logps(lm, dataset, config.data, chunk_size=config.loss.chunk_size,
+                                    desc=f"prior log-probs ({dimension}, train)")
+        if eval_dataset is not None:
+            eval_dataset = prior_token_logps(lm, eval_dataset, config.eval_data, chunk_size=config.loss.chunk_size,
+                                             desc=f"prior log-probs ({dimension}, eval)")
     if config.model.lora is not None:
         models.apply_lora(lm, lora_config(config), rngs=nnx.Rngs(config.train.seed))
     doctor = models.CausalLMWithValueHead(lm, rngs=nnx.Rngs(config.train.seed))

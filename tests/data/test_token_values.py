@@ -102,7 +102,7 @@ def test_values_that_do_not_fit_name_the_example_and_sequence(pairs, edit, messa
 
 
 def test_unknown_or_repeated_keys_are_refused(pairs):
-    with pytest.raises(ValueError, match=r"per-token keys are \('token_rewards',\)"):
+    with pytest.raises(ValueError, match=r"per-token keys are \('token_rewards', 'prior_logps'\)"):
         pairs.with_token_values("rewards", ramp(pairs))
     carried = pairs.with_token_values("token_rewards", ramp(pairs))
     with pytest.raises(ValueError, match="already carries 'token_rewards'"):

@@ -439,3 +439,37 @@ def test_tfpo_loss_empty_batch_gives_zero_metrics_not_nan():
 def test_tfpo_loss_rejects_unpaired_arrays():
     with pytest.raises(ValueError, match="B, 2, T"):
         tfpo_loss(jnp.zeros((3, 7)), jnp.zeros((3, 8)), jnp.zeros((3, 7)), jnp.ones((3, 7)))
+
+
+def test_a_prior_adds_its_log_probs_to_the_prefix_scores_and_garbage_outside_the_mask_never_enters(rng):
+    """tfpo_loss(..., prior_logps=p) is tfpo_loss with rewards r + p: the prior only moves log Q, and a NaN prior
+    on padding changes nothing (loss and gradients)."""
+    logps, log_v, rewards, mask = _pair_batch(rng)
+    prior = rng.normal(-3.0, 1.0, logps.shape).astype(np.float32)
+    with_prior, with_prior_metrics = tfpo_loss(logps, log_v, rewards, mask, None, prior, lam=0.8)
+    summed, summed_metrics = tfpo_loss(logps, log_v, rewards + prior, mask, lam=0.8)
+    np.testing.assert_allclose(with_prior, summed, rtol=1e-6)
+    np.testing.assert_allclose(with_prior_metrics["subtb"], summed_metrics["subtb"], rtol=1e-6)
+    garbage = np.where(mask > 0, prior, np.nan).astype(np.float32)
+
+    def total(log_v, prior):
+        return jnp.sum(tfpo_loss(logps, log_v, rewards, mask, None, prior, lam=0.8)[0])
+
+    np.testing.assert_allclose(total(log_v, garbage), total(log_v, prior), rtol=1e-6)
+    np.testing.assert_allclose(jax.grad(total)(log_v, garbage), jax.grad(total)(log_v, prior), rtol=1e-5, atol=1e-6)
+
+
+def test_a_doctor_equal_to_its_prior_is_balanced_by_the_rewards_to_go_alone(rng):
+    """Hand-derived: with π̂ = π₀ the balancing log values are Σ_{k≥t} r_k (no surprisal), and at those values
+    the SubTB term is exactly 0; the same values without the prior leave a large residual (the surprisal)."""
+    logps, _, rewards, mask = _pair_batch(rng)
+    rewards_to_go = np.flip(np.cumsum(np.flip(rewards * mask, -1), -1), -1)
+    log_v = np.concatenate([rewards_to_go, np.zeros(rewards.shape[:-1] + (1,), np.float32)], -1)
+    log_v = np.where(_state_mask(mask.reshape(2 * B, T)).reshape(B, 2, T + 1), log_v, 0.0)
+    flat = (2 * B, T)
+    balanced = balance_log_values(logps.reshape(flat), (rewards + logps).reshape(flat), mask.reshape(flat))
+    np.testing.assert_allclose(np.asarray(balanced).reshape(B, 2, T + 1), log_v, rtol=1e-5, atol=1e-5)
+    _, metrics = tfpo_loss(logps, log_v, rewards, mask, None, logps, lam_value=0.0)
+    np.testing.assert_allclose(metrics["subtb"], 0.0, atol=1e-6)
+    _, without = tfpo_loss(logps, log_v, rewards, mask, lam_value=0.0)
+    assert float(without["subtb"]) > 1.0

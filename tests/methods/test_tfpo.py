@@ -294,6 +294,39 @@ def test_the_value_head_start_is_the_least_squares_fit_of_the_balancing_values(c
     np.testing.assert_allclose(stats["value_fit_r2"], r2, atol=1e-3)
 
 
+def test_prior_log_probs_are_the_starts_log_probs_of_each_response_token(checkpoint, pairs_file):
+    """prior_token_logps over batches of 4 (the last one padded) against log-softmax in float64 of the model's
+    own logits, sequence by sequence: aligned with input_ids, 0 on the prompt."""
+    dataset = rewarded_pairs(pairs_file)
+    lm = models.load_hf(checkpoint)
+    with_prior = tfpo.prior_token_logps(lm, dataset, data.DataConfig(str(pairs_file), batch_size=4, max_length=32))
+    assert with_prior.value_keys[-1] == "prior_logps"
+    for example in with_prior.examples:
+        for sequence, prior in zip(example.sequences, example.values["prior_logps"], strict=True):
+            ids = np.asarray(sequence.ids)[None]
+            logits = np.asarray(lm(ids, positions=np.arange(ids.shape[1])[None])[0], np.float64)[0]
+            logps = logits - logits.max(-1, keepdims=True)
+            logps -= np.log(np.exp(logps).sum(-1, keepdims=True))
+            expected = np.zeros(len(sequence))
+            for t in range(sequence.prompt_length, len(sequence)):
+                expected[t] = logps[t - 1, ids[0, t]]
+            np.testing.assert_allclose(prior, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_doctor_with_its_start_as_prior_starts_near_balance(checkpoint, pairs_file, tmp_path):
+    """loss.prior: start: the doctor starts equal to its prior, so the first SubTB is made of the token rewards
+    alone, far below the surprisal-dominated SubTB without a prior; the run trains with finite losses and the
+    exported doctor records the prior."""
+    runs = {prior: pipeline.run(run_config(checkpoint, pairs_file, tmp_path / prior, "train.total_steps=2",
+                                           f"loss.prior={prior}"))
+            for prior in ("none", "start")}
+    first = {prior: metrics(Path(run.config.output_dir))[0]["subtb"] for prior, run in runs.items()}
+    assert first["start"] < 0.2 * first["none"], first
+    assert all(np.isfinite(r["loss"]) for r in metrics(Path(runs["start"].config.output_dir)))
+    exported = json.loads((Path(runs["start"].config.output_dir) / "export" / "doctor.json").read_text())
+    assert exported["metadata"]["loss"]["prior"] == "start"
+
+
 def test_a_doctor_started_at_balance_trains_with_the_log_value_hinge(checkpoint, pairs_file, tmp_path):
     """value_init: fit with loss.value_hinge: log_value: the run starts at a far lower SubTB than from log V = 0
     and trains with finite losses; eval.json reports the fit."""
