@@ -28,7 +28,10 @@ to redo it) and each with a progress bar:
 6. ``evaluation``: every method on the held-out prompts, the same sampling keys for all: the unguided patient
    (top-p 0.9 and greedy), DPO, GenARM (``log π_patient + 1·log π_r``, GenARM's α = 1), ARGS (greedy over the
    patient's top 10 tokens rescored by ``logit + 1.5·r``, the main job's reward model), the same-size and the weak
-   doctor (``α = 1, β = 0.5``, LLMDoctor's defaults, weight 1 on sentiment), and a Pareto sweep of the two
+   doctor (``α = 1, β = 1``, weight 1 on sentiment: the doctors learn ``π₀·exp(Σ r)`` with their start as prior
+   ``π₀``, preset ``loss.prior: start``, and β = 1 applies that tilt once, GenARM's strength; LLMDoctor's
+   default β = 0.5 halves it), the patient guided by itself at the same β (sharpening alone, the control that
+   tells what a doctor learned from what ``π_patient^(1+β)`` gives), and a Pareto sweep of the two
    same-size doctors with the weights moving from sentiment to conciseness in ``--pareto-steps`` steps. Sampled
    methods use top-p 0.9 at temperature 1. Per method: gold win rate on sentiment against the unguided patient
    (paired by prompt and sample, ties count half, 95 % Wilson interval), mean gold score per dimension (95 %
@@ -71,7 +74,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 DIMENSIONS = ("sentiment", "conciseness")
 STAGE_SECTIONS = {"tfpo": "tfpo", "genarm": "dpo", "distill": "sft"}
 TOP_P = 0.9
-DOCTOR_BETA = 0.5   # LLMDoctor's default guidance strength (alpha 1)
+DOCTOR_BETA = 1.0   # the doctors' tilt exp(sum r) over their prior, applied once (LLMDoctor's default is 0.5)
 GENARM_WEIGHT = 1.0  # GenARM's alpha: log pi_base + alpha * log pi_r (its HH evaluation script)
 ARGS_K, ARGS_WEIGHT = 10, 1.5  # ARGS's defaults (top-k candidates, reward weight)
 DECODING = {"top_p": TOP_P, "doctor_beta": DOCTOR_BETA, "genarm_weight": GENARM_WEIGHT, "args_k": ARGS_K,
@@ -374,6 +377,10 @@ def build_methods(paths: dict, doctors: dict, genarm: Path, *, max_new_tokens: i
                          base_is_patient=True, models=(genarm,)),
         "args": Method("args", "ARGS (greedy)", args_sampler, params=greedy, base_is_patient=True,
                        models=(paths["reward"],)),
+        "patient_sharpened": Method(
+            "patient_sharpened", f"patient x patient^{DOCTOR_BETA:g} (control)",
+            lambda: GuidedSampler(patient, {"sentiment": patient}, alpha=1.0, beta=DOCTOR_BETA, pad_token_id=pad),
+            params=sampled, base_is_patient=True),
         "doctor_same_size": Method("doctor_same_size", "doctor, same size", guided(
             {"sentiment": doctors["same_size/sentiment"]}), params=sampled, base_is_patient=True, group="doctor",
             models=(doctors["same_size/sentiment"],)),
