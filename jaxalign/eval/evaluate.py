@@ -43,7 +43,8 @@ class PolicyEval:
         kl: ``[R]`` k1 estimate of ``KL(π ‖ π_ref)`` per policy response (nats); ``kl_k3`` the k3 estimate.
         length_policy, length_reference: ``[R]`` response tokens; ``stopped_*`` whether each row ended on a
             stop token (else it ran out of ``max_new_tokens``).
-        win_rate: the policy's paired win rate under the gold judge; ``learned_win_rate`` under the reward judge.
+        win_rate: the policy's paired win rate under the gold judge; ``learned_win_rate`` under the reward judge
+            (their intervals, and every mean's, count prompts, not samples, as the independent units).
         records: one dict per row (prompt, both responses, their scores, the KL).
         confidence: level of every interval.
         num_samples: how many records :attr:`samples` shows.
@@ -75,7 +76,12 @@ class PolicyEval:
         return self.records[:self.num_samples]
 
     def _mean(self, values) -> MeanCI:
-        return mean_ci(np.asarray(values, np.float64), self.confidence)
+        return mean_ci(np.asarray(values, np.float64), self.confidence, clusters=self.prompt_of_row)
+
+    @property
+    def prompt_of_row(self) -> np.ndarray:
+        """``[R]`` each row's prompt: a prompt's samples are correlated, so intervals count prompts as the units."""
+        return np.arange(self.prompts * self.samples_per_prompt) // self.samples_per_prompt
 
     def summary(self) -> dict[str, tuple[MeanCI, MeanCI | None]]:
         """``metric -> (policy, reference)`` means with their intervals (the reference has no KL)."""
@@ -333,6 +339,7 @@ def evaluate_policy(
         return None if parts[0] is None else np.concatenate(parts)
 
     gold_policy, gold_reference = joined("gold_policy"), joined("gold_reference")
+    prompt_of_row = np.repeat(np.arange(len(prompts)), n)
     learned_policy, learned_reference = joined("learned_policy"), joined("learned_reference")
     return PolicyEval(
         judge=getattr(judge, "name", type(judge).__name__),
@@ -343,8 +350,9 @@ def evaluate_policy(
         kl=joined("kl"), kl_k3=joined("kl_k3"),
         length_policy=joined("length_policy"), length_reference=joined("length_reference"),
         stopped_policy=joined("stopped_policy"), stopped_reference=joined("stopped_reference"),
-        win_rate=win_rate(gold_policy, gold_reference, confidence=confidence),
+        win_rate=win_rate(gold_policy, gold_reference, confidence=confidence, clusters=prompt_of_row),
         learned_win_rate=None if learned_policy is None else win_rate(learned_policy, learned_reference,
-                                                                      confidence=confidence),
+                                                                      confidence=confidence,
+                                                                      clusters=prompt_of_row),
         records=tuple(records), confidence=confidence, num_samples=num_samples,
     )

@@ -18,6 +18,22 @@ ties it is exactly the Wilson interval of a binomial proportion (``scipy.stats.b
 Means: :func:`mean_ci` gives Student's t interval ``x̄ ± t_{n−1}·s/√n`` (``s`` the sample standard deviation).
 Fractions (a mean of 0/1 flags, e.g. how many responses stopped): :func:`proportion_ci` gives the Wilson
 interval, for the same reasons, so it never leaves ``[0, 1]``.
+
+Several samples per prompt (``clusters``: the prompt of each row). Samples of one prompt are correlated (an
+easy prompt gives two good answers), so counting them as independent comparisons understates the uncertainty.
+Both intervals then take the prompts, not the rows, as the independent units:
+
+- :func:`mean_ci`: the cluster-robust standard error (Liang & Zeger 1986, with the ``G/(G−1)`` small-sample
+  factor) and Student's t with ``G − 1`` degrees of freedom, ``G`` clusters::
+
+      SE² = G/(G−1) · Σ_g (Σ_{i∈g} (x_i − x̄))² / n²
+
+  With one row per cluster it is exactly the plain interval; with every row repeated ``m`` times it is exactly
+  the plain interval of the distinct rows (copies add no information).
+- :func:`win_rate`: the Wilson interval on Kish's effective sample size ``n / deff``, where the design effect
+  ``deff = Σ_g (Σ_{i∈g} (x_i − p̂))² / Σ_i (x_i − p̂)²`` is the ratio of the cluster-robust to the independent
+  variance of ``p̂`` (no small-sample factors: one row per cluster gives ``deff = 1``, every comparison repeated
+  ``m`` times gives ``deff = m``). It is floored at 1: clustering never narrows an interval.
 """
 
 from __future__ import annotations
@@ -63,6 +79,8 @@ class WinRate:
         wins, ties, losses: counts (``wins + ties + losses = n``).
         n: comparisons.
         confidence: the interval's level.
+        effective_n: the comparisons' worth in independent ones when they came in clusters (``n / deff``, see the
+            module docstring); None without clusters.
     """
 
     rate: float
@@ -73,6 +91,7 @@ class WinRate:
     losses: int
     n: int
     confidence: float = 0.95
+    effective_n: float | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -111,7 +130,7 @@ class MeanCI:
         return f"{self.mean:.4g} [{self.low:.4g}, {self.high:.4g}]"
 
 
-def wilson_interval(successes: float, n: int, *, confidence: float = 0.95) -> tuple[float, float]:
+def wilson_interval(successes: float, n: float, *, confidence: float = 0.95) -> tuple[float, float]:
     """Wilson score interval of a proportion with ``successes`` (may be fractional) out of ``n`` (formula above).
 
     Raises:
@@ -131,9 +150,18 @@ def wilson_interval(successes: float, n: int, *, confidence: float = 0.95) -> tu
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def _cluster_ids(clusters, n: int, function: str) -> np.ndarray:
+    """``clusters`` as ``[n]`` integer codes (any hashable labels)."""
+    labels = list(clusters)
+    if len(labels) != n:
+        raise ValueError(f"{function}: clusters has {len(labels)} labels for {n} values (one label per value)")
+    codes: dict = {}
+    return np.asarray([codes.setdefault(label, len(codes)) for label in labels], np.int64)
+
+
 def win_rate(scores: Float[np.ndarray, " N"] | Sequence[float],
              baseline_scores: Float[np.ndarray, " N"] | Sequence[float], *, confidence: float = 0.95,
-             tie_tolerance: float = 0.0) -> WinRate:
+             tie_tolerance: float = 0.0, clusters: Sequence | None = None) -> WinRate:
     """How often ``scores[i]`` beats ``baseline_scores[i]``, ties counting half, with a Wilson interval.
 
     Args:
@@ -141,12 +169,15 @@ def win_rate(scores: Float[np.ndarray, " N"] | Sequence[float],
         baseline_scores: ``[N]`` the reference's scores of the paired responses (row ``i`` with row ``i``).
         confidence: the interval's level.
         tie_tolerance: ``|scores[i] − baseline_scores[i]| <= tie_tolerance`` is a tie (0: exact equality).
+        clusters: ``[N]`` labels of correlated comparisons (e.g. each row's prompt, for several samples per
+            prompt): the interval is Wilson's on the effective sample size (module docstring). None: independent.
 
     Returns:
         A :class:`WinRate`.
 
     Raises:
-        ValueError: not 1-D, different lengths, no comparisons, a non-finite score, or a bad level.
+        ValueError: not 1-D, different lengths, no comparisons, a non-finite score, a bad level, or not one
+            cluster label per comparison.
     """
     _check_confidence(confidence)
     if tie_tolerance < 0:
@@ -158,31 +189,49 @@ def win_rate(scores: Float[np.ndarray, " N"] | Sequence[float],
     if ours.size == 0:
         raise ValueError("win_rate: no comparisons (empty scores)")
     difference = ours - theirs
-    ties = int(np.sum(np.abs(difference) <= tie_tolerance))
-    wins = int(np.sum(difference > tie_tolerance))
+    tied, won = np.abs(difference) <= tie_tolerance, difference > tie_tolerance
+    ties, wins = int(np.sum(tied)), int(np.sum(won))
     n = int(ours.size)
-    effective = wins + 0.5 * ties
-    low, high = wilson_interval(effective, n, confidence=confidence)
-    return WinRate(rate=effective / n, low=low, high=high, wins=wins, ties=ties, losses=n - wins - ties, n=n,
-                   confidence=confidence)
+    rate = (wins + 0.5 * ties) / n
+    effective_n = None
+    if clusters is not None:
+        deviations = np.where(won, 1.0, np.where(tied, 0.5, 0.0)) - rate
+        independent = float(np.sum(deviations ** 2))
+        clustered = float(np.sum(np.bincount(_cluster_ids(clusters, n, "win_rate"), weights=deviations) ** 2))
+        effective_n = n / max(1.0, clustered / independent) if independent > 0 else float(n)
+    size = n if effective_n is None else effective_n
+    low, high = wilson_interval(rate * size, size, confidence=confidence)
+    return WinRate(rate=rate, low=low, high=high, wins=wins, ties=ties, losses=n - wins - ties, n=n,
+                   confidence=confidence, effective_n=effective_n)
 
 
-def mean_ci(values: Float[np.ndarray, " N"] | Sequence[float], confidence: float = 0.95) -> MeanCI:
+def mean_ci(values: Float[np.ndarray, " N"] | Sequence[float], confidence: float = 0.95, *,
+            clusters: Sequence | None = None) -> MeanCI:
     """Mean of ``values`` with Student's t interval ``x̄ ± t_{n−1, (1+c)/2}·s/√n``.
 
+    With ``clusters`` (``[N]`` labels of correlated values, e.g. each sample's prompt): the cluster-robust
+    interval ``x̄ ± t_{G−1, (1+c)/2}·SE`` over the ``G`` clusters (module docstring).
+
     Raises:
-        ValueError: not 1-D, empty, a non-finite value, or a bad level.
+        ValueError: not 1-D, empty, a non-finite value, a bad level, or not one cluster label per value.
     """
     _check_confidence(confidence)
     array = _vector("values", values)
     n = int(array.size)
     if n == 0:
         raise ValueError("mean_ci: no values")
+    codes = None if clusters is None else _cluster_ids(clusters, n, "mean_ci")
     mean = float(array.mean())
-    if n == 1:
-        return MeanCI(mean=mean, low=math.nan, high=math.nan, std=math.nan, n=1, confidence=confidence)
-    std = float(array.std(ddof=1))
-    half = float(special.stdtrit(n - 1, 0.5 + confidence / 2)) * std / math.sqrt(n)
+    std = float(array.std(ddof=1)) if n > 1 else math.nan
+    units = n if codes is None else int(codes.max()) + 1
+    if units == 1:  # one independent unit: no spread to estimate
+        return MeanCI(mean=mean, low=math.nan, high=math.nan, std=std, n=n, confidence=confidence)
+    if codes is None:
+        error = std / math.sqrt(n)
+    else:
+        sums = np.bincount(codes, weights=array - mean)
+        error = math.sqrt(units / (units - 1) * float(np.sum(sums ** 2))) / n
+    half = float(special.stdtrit(units - 1, 0.5 + confidence / 2)) * error
     return MeanCI(mean=mean, low=mean - half, high=mean + half, std=std, n=n, confidence=confidence)
 
 

@@ -86,7 +86,7 @@ def test_win_rate_is_a_frozen_record():
     result = win_rate([1.0, 0.0], [0.0, 0.0])
     assert isinstance(result, WinRate)
     assert result.to_dict() == {"rate": 0.75, "low": result.low, "high": result.high, "wins": 1, "ties": 1,
-                                "losses": 0, "n": 2, "confidence": 0.95}
+                                "losses": 0, "n": 2, "confidence": 0.95, "effective_n": None}
     with pytest.raises(dataclasses.FrozenInstanceError):
         result.rate = 0.0
 
@@ -123,3 +123,61 @@ def test_proportion_ci_is_the_wilson_interval_of_the_flags():
     assert proportion_ci([1.0]).low > 0.0 and proportion_ci([0, 0, 0]).high < 1.0
     with pytest.raises(ValueError, match="0 or 1"):
         proportion_ci([0.5, 1.0])
+
+
+# ---- several samples per prompt: clusters of correlated rows
+
+
+def test_clusters_of_one_row_change_nothing():
+    rng = np.random.default_rng(5)
+    values = rng.normal(size=11)
+    plain, clustered = mean_ci(values), mean_ci(values, clusters=range(11))
+    assert (clustered.low, clustered.high) == pytest.approx((plain.low, plain.high), rel=1e-12)
+    scores, baseline = rng.integers(0, 3, 13).astype(float), np.ones(13)
+    plain, clustered = win_rate(scores, baseline), win_rate(scores, baseline, clusters=[f"p{i}" for i in range(13)])
+    assert clustered.effective_n == pytest.approx(13) and plain.effective_n is None
+    assert (clustered.low, clustered.high) == pytest.approx((plain.low, plain.high), rel=1e-12)
+
+
+def test_copies_of_each_row_add_no_information():
+    # every row twice, as two samples of one prompt: the interval is that of the distinct rows
+    rng = np.random.default_rng(7)
+    values = rng.normal(size=9)
+    doubled, prompts = np.repeat(values, 2), np.repeat(np.arange(9), 2)
+    expected, naive = mean_ci(values), mean_ci(doubled)
+    result = mean_ci(doubled, clusters=prompts)
+    assert result.mean == pytest.approx(expected.mean) and result.n == 18
+    assert (result.low, result.high) == pytest.approx((expected.low, expected.high), rel=1e-12)
+    assert naive.high - naive.low < 0.75 * (result.high - result.low)  # what counting copies as data claims
+    scores, baseline = np.array([2.0, 0, 1, 2, 2, 0, 1, 2]), np.ones(8)  # 4 wins, 2 ties, 2 losses
+    result = win_rate(np.repeat(scores, 3), np.repeat(baseline, 3), clusters=np.repeat(np.arange(8), 3))
+    expected = win_rate(scores, baseline)
+    assert result.effective_n == pytest.approx(8) and result.n == 24 and result.rate == expected.rate
+    assert (result.low, result.high) == pytest.approx((expected.low, expected.high), rel=1e-12)
+
+
+def test_cluster_robust_error_by_hand():
+    # clusters {a: 1, 3}, {b: 2}, {c: 6}: mean 3, deviations summed per cluster (-2, -1, 3), G = 3
+    result = mean_ci([1.0, 3.0, 2.0, 6.0], 0.9, clusters=["a", "a", "b", "c"])
+    error = math.sqrt(3 / 2 * (4 + 1 + 9)) / 4
+    half = stats.t.ppf(0.95, df=2) * error
+    assert (result.low, result.high) == pytest.approx((3 - half, 3 + half), rel=1e-12)
+    # win rate: outcomes (1, 1 | 0 | 0.5), p = 0.625; deff = ((0.75)^2 + 0.625^2 + 0.125^2) / (2·0.375^2 + 0.625^2
+    # + 0.125^2) = 0.9688 / 0.6875 -> n_eff = 4 / 1.409 = 2.839
+    result = win_rate([1.0, 1.0, 0.0, 0.5], [0.0, 0.0, 1.0, 0.5], clusters=[0, 0, 1, 2])
+    assert result.effective_n == pytest.approx(4 * 0.6875 / 0.96875)
+    assert (result.low, result.high) == pytest.approx(wilson_interval(0.625 * result.effective_n,
+                                                                      result.effective_n), rel=1e-12)
+    # negatively correlated samples (one wins, one loses in every cluster) never narrow the interval
+    result = win_rate([1.0, 0.0] * 5, [0.5] * 10, clusters=np.repeat(np.arange(5), 2))
+    assert result.effective_n == 10 and (result.low, result.high) == pytest.approx(
+        (win_rate([1.0, 0.0] * 5, [0.5] * 10).low, win_rate([1.0, 0.0] * 5, [0.5] * 10).high))
+
+
+def test_clusters_need_one_label_per_row():
+    with pytest.raises(ValueError, match="clusters has 2 labels for 3 values"):
+        mean_ci([1.0, 2.0, 3.0], clusters=[0, 1])
+    with pytest.raises(ValueError, match="win_rate: clusters has 1 labels for 2"):
+        win_rate([1.0, 0.0], [0.0, 0.0], clusters=[0])
+    single = mean_ci([1.0, 2.0], clusters=[0, 0])
+    assert math.isnan(single.low) and single.mean == 1.5
