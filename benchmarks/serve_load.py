@@ -40,6 +40,8 @@ import numpy as np
 import provenance  # benchmarks/provenance.py: run as `python benchmarks/serve_load.py`
 from sampling_throughput import QUESTIONS
 
+from jaxalign.serve.command import DEFAULT_PREFILL_WAIT
+
 RESULTS = Path(__file__).resolve().parent / "results"
 MODEL = "SmolLM2-135M-Instruct"
 START_TIMEOUT_S = 900
@@ -56,7 +58,8 @@ def free_port() -> int:
 
 def start_server(port: int, args) -> subprocess.Popen:
     command = [sys.executable, "-m", "jaxalign.cli", "serve", "--port", str(port), "--max-batch", str(args.max_batch),
-               "--max-model-len", str(args.max_model_len), "--max-queue", "1024"]
+               "--max-model-len", str(args.max_model_len), "--max-queue", "1024", "--prefill-wait",
+               str(args.prefill_wait)]
     log = open(args.server_log, "w")  # noqa: SIM115 (closed with the process)
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + START_TIMEOUT_S
@@ -71,6 +74,28 @@ def start_server(port: int, args) -> subprocess.Popen:
         time.sleep(1)
     process.terminate()
     raise RuntimeError(f"jaxalign serve did not answer /health within {START_TIMEOUT_S} s; see {args.server_log}")
+
+
+def compilations(port: int) -> dict[str, float]:
+    """``{function: programs compiled so far}`` from the server's /metrics (``jaxalign_xla_compilations_total``)."""
+    counts = {}
+    for line in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text.splitlines():
+        if line.startswith("jaxalign_xla_compilations_total{"):
+            labels, value = line.rsplit(" ", 1)
+            function = labels.split('function="', 1)[1].split('"', 1)[0]
+            counts[function] = counts.get(function, 0.0) + float(value)
+    return counts
+
+
+def measured(port: int, level) -> dict:
+    """Run ``level`` (a coroutine) and add the programs the server compiled meanwhile: a warm server compiles none,
+    and each one stalls every live row for its compile time."""
+    before = compilations(port)
+    result = asyncio.run(level)
+    after = compilations(port)
+    result["compiled"] = {name: int(count - before.get(name, 0)) for name, count in after.items()
+                          if count > before.get(name, 0)}
+    return result
 
 
 async def one_request(client, question: str, max_tokens: int) -> dict:
@@ -148,6 +173,8 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--max-model-len", type=int, default=512)
+    parser.add_argument("--prefill-wait", type=int, default=DEFAULT_PREFILL_WAIT,
+                        help=f"the server's --prefill-wait (default {DEFAULT_PREFILL_WAIT}, the server's)")
     parser.add_argument("--requests-per-client", type=int, default=4)
     parser.add_argument("--min-requests", type=int, default=12)
     parser.add_argument("--server-log", type=Path, default=Path("/tmp/jaxalign_serve_load.log"))
@@ -168,17 +195,19 @@ def main() -> int:
         levels = []
         for clients in args.clients:
             requests = max(args.min_requests, clients * args.requests_per_client)
-            level = asyncio.run(run_level(port, clients, requests, args.max_tokens))
+            level = measured(port, run_level(port, clients, requests, args.max_tokens))
             levels.append(level)
             print(f"{clients:>4} clients  {level['requests']:>4} requests  {level['tokens_per_s']:7.1f} tok/s  "
                   f"TTFT p50/p95/p99 {level['ttft_s']['p50']:.2f}/{level['ttft_s']['p95']:.2f}/"
                   f"{level['ttft_s']['p99']:.2f} s  latency p50/p95/p99 {level['latency_s']['p50']:.2f}/"
-                  f"{level['latency_s']['p95']:.2f}/{level['latency_s']['p99']:.2f} s", flush=True)
+                  f"{level['latency_s']['p95']:.2f}/{level['latency_s']['p99']:.2f} s  "
+                  f"compiled {level['compiled'] or 'nothing'}", flush=True)
         synchronised = None
         if 32 in args.clients:
-            synchronised = asyncio.run(run_level(port, 32, 64, args.max_tokens, vary=False))
+            synchronised = measured(port, run_level(port, 32, 64, args.max_tokens, vary=False))
             print(f"  32 clients, one fixed length (synchronised waves): {synchronised['tokens_per_s']:.1f} tok/s, "
-                  f"TTFT p50/p95 {synchronised['ttft_s']['p50']:.2f}/{synchronised['ttft_s']['p95']:.2f} s")
+                  f"TTFT p50/p95 {synchronised['ttft_s']['p50']:.2f}/{synchronised['ttft_s']['p95']:.2f} s, "
+                  f"compiled {synchronised['compiled'] or 'nothing'}")
         metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
     finally:
         server.terminate()
@@ -199,7 +228,7 @@ def main() -> int:
     RESULTS.mkdir(exist_ok=True)
     result = {"benchmark": "serve_load", "provenance": provenance.describe(),
               "server": {"model": MODEL, "max_batch": args.max_batch, "max_model_len": args.max_model_len,
-                         "dtype": "float32"},
+                         "prefill_wait": args.prefill_wait, "dtype": "float32"},
               "load": {"max_tokens": f"uniform {args.max_tokens} +- 25 %", "temperature": 1.0, "top_p": 0.9,
                        "ignore_eos": True, "streaming": True, "requests_per_client": args.requests_per_client},
               "levels": levels, "synchronised_32": synchronised, "summary": summary,

@@ -28,7 +28,10 @@ slots, and shrinks, compacting the live rows, when they fit a quarter of it. A p
 never depend on what else is running or is prefilled with it.
 Compiled programs: one decode step per (batch, cache length) bucket (and top logprobs on/off), one prefill per
 (rows, prompt length) bucket, one insert per (batch, cache, prompt) bucket, one relayout per pair of layouts:
-none per request. :meth:`ContinuousEngine.warm_up` compiles the decode steps ahead.
+none per request. Inserts and relayouts are programs over one buffer (a layer's keys or values, or the rows'
+masks), reused for every layer: about 50 ms to compile each where a program over the whole cache took 0.45 s
+(SmolLM2-135M, 2 cores), so :meth:`ContinuousEngine.warm_up` compiles every one of them ahead, with the decode
+steps: a warm engine compiles nothing while serving.
 Prompts of one length bucket that arrive together are prefilled in one call (:meth:`ContinuousEngine.prefill_many`;
 about twice the throughput of one at a time on 2 CPU cores), in shapes chosen so that this changes no number.
 
@@ -115,13 +118,11 @@ class TokenOut(NamedTuple):
 
 
 class Prefilled(NamedTuple):
-    """A prompt's KV cache: row ``row`` of a prefill batch (one cache per model, ``[n, K, Dh, P]`` per layer),
-    and its next-token logits."""
+    """A prompt's KV cache (one cache per model, ``[1, K, Dh, P]`` per layer) and its next-token logits."""
 
     caches: tuple[KVCache, ...]
     logits: jax.Array  # [M, 1, V]
     length: int  # real prompt tokens
-    row: int = 0
     span: int = 0  # columns from its first real token to the last (``length``, unless a head leaves padding inside)
     reused: int = 0  # tokens read from a cached head instead of computed
 
@@ -192,28 +193,6 @@ def _prefill(states, heads, tokens, mask, *, graphdefs):
     return tuple(caches), jnp.stack(logits)
 
 
-@functools.partial(jax.jit, donate_argnums=(0,))
-def _insert(caches, rows, source, slot, index):
-    """Write row ``source`` of each model's prefill into ``slot``, its ``P`` columns ending at column ``index``."""
-    out = []
-    for cache, row in zip(caches, rows, strict=True):
-        start = index - row.max_length
-
-        def put(buffers, new, start=start):
-            return tuple(jax.lax.dynamic_update_slice(
-                b, jax.lax.dynamic_slice_in_dim(n, source, 1).astype(b.dtype), (slot, 0, 0, start))
-                for b, n in zip(buffers, new, strict=True))
-
-        valid_row = jax.lax.dynamic_update_slice(jnp.zeros((1, cache.max_length), bool),
-                                                 jax.lax.dynamic_slice_in_dim(row.valid, source, 1), (0, start))
-        out.append(dataclasses.replace(
-            cache, keys=put(cache.keys, row.keys), values=put(cache.values, row.values),
-            valid=jax.lax.dynamic_update_slice(cache.valid, valid_row, (slot, 0)),
-            next_position=cache.next_position.at[slot].set(row.next_position[source]),
-        ))
-    return tuple(out)
-
-
 @functools.partial(jax.jit, static_argnames=("candidates", "top_logprobs"))
 def _first_tokens(logits, weights, filters, keys, steps, *, candidates, top_logprobs):
     """The first token of ``R`` rows that share one prompt's prefill logits ``[M, 1, V]``."""
@@ -235,30 +214,84 @@ def _decode(states, caches, fed, real, weights, filters, keys, steps, *, graphde
                                       top_logprobs=top_logprobs)
 
 
-@functools.partial(jax.jit, static_argnames=("rows", "columns"))
-def _relayout(caches, sources, shift, *, rows, columns):
+# The cache copies below run one small program per buffer (one layer's keys or values, then the rows' masks and
+# positions), not one per whole cache: every layer's buffer has the same shape, so one compiled program serves
+# all of them, and it compiles in a tenth of the time of a program over all layers. That makes it affordable to
+# compile every layout change ahead (warm_up), where a program compiled while serving stalls every live row.
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _put(buffer, row, slot, start):
+    """Write one prompt's buffer ``row [1, ..., P]`` into ``buffer [B, ..., S]`` at ``slot``, columns from ``start``."""
+    return jax.lax.dynamic_update_slice(buffer, row.astype(buffer.dtype), (slot, *[0] * (buffer.ndim - 2), start))
+
+
+@functools.partial(jax.jit, donate_argnums=(0, 1))
+def _put_row_state(valid, next_position, row_valid, row_next_position, slot, start):
+    """The mask and next RoPE position of a prompt written into ``slot`` (its other columns become invalid)."""
+    valid_row = jax.lax.dynamic_update_slice(jnp.zeros((1, valid.shape[1]), bool), row_valid, (0, start))
+    return (jax.lax.dynamic_update_slice(valid, valid_row, (slot, 0)),
+            next_position.at[slot].set(row_next_position[0]))
+
+
+def _insert(caches, rows, slot, index):
+    """Write each model's one-row prefill ``rows`` into ``slot``, its ``P`` columns ending at column ``index``."""
+    out = []
+    for cache, row in zip(caches, rows, strict=True):
+        start = np.int32(index - row.max_length)
+        keys = tuple(_put(b, n, slot, start) for b, n in zip(cache.keys, row.keys, strict=True))
+        values = tuple(_put(b, n, slot, start) for b, n in zip(cache.values, row.values, strict=True))
+        valid, next_position = _put_row_state(cache.valid, cache.next_position, row.valid, row.next_position, slot,
+                                              start)
+        out.append(dataclasses.replace(cache, keys=keys, values=values, valid=valid, next_position=next_position))
+    return tuple(out)
+
+
+@functools.partial(jax.jit, static_argnames=("columns",))
+def _moved(buffer, taken, shift, *, columns):
+    """Rows ``taken`` of ``buffer [B, ..., S]``, its columns moved ``shift`` to the left (negative: right), in
+    ``columns`` columns."""
+    buffer = jnp.take(buffer, taken, axis=0)
+    wide = max(buffer.shape[-1], columns)
+    buffer = jnp.pad(buffer, [(0, 0)] * (buffer.ndim - 1) + [(0, wide - buffer.shape[-1])])
+    return jnp.roll(buffer, -shift, axis=-1)[..., :columns]
+
+
+@functools.partial(jax.jit, static_argnames=("columns",))
+def _moved_row_state(valid, next_position, index, sources, shift, *, columns):
+    """The masks, next positions and write index after :func:`_moved`: columns that wrapped around, and empty
+    slots (``sources`` −1), are invalid."""
+    taken = jnp.clip(sources, 0)
+    index = index - shift
+    positions = jnp.arange(columns)
+    window = (positions < index) & (positions >= jnp.maximum(0, -shift))
+    valid = _moved(valid, taken, shift, columns=columns) & (sources >= 0)[:, None] & window[None]
+    return valid, jnp.where(sources >= 0, jnp.take(next_position, taken), 0), index.astype(jnp.int32)
+
+
+def _relayout(caches, sources, shift, *, columns):
     """Slot ``i`` of the result is old slot ``sources[i]`` (−1: empty); columns move ``shift`` to the left
     (negative: right) and the cache gets ``columns`` columns (the caller keeps every live token inside). The
-    write index moves with the tokens; columns that wrapped around are marked invalid."""
-    taken = jnp.clip(sources, 0)
+    write index moves with the tokens."""
+    taken = np.clip(sources, 0, None)
     out = []
     for cache in caches:
-        wide = max(cache.max_length, columns)
-
-        def move(buffer, wide=wide):
-            buffer = jnp.take(buffer, taken, axis=0)
-            buffer = jnp.pad(buffer, [(0, 0)] * (buffer.ndim - 1) + [(0, wide - buffer.shape[-1])])
-            return jnp.roll(buffer, -shift, axis=-1)[..., :columns]
-
-        index = cache.index - shift
-        positions = jnp.arange(columns)
-        window = (positions < index) & (positions >= jnp.maximum(0, -shift))
-        valid = move(cache.valid) & (sources >= 0)[:, None] & window[None]
+        valid, next_position, index = _moved_row_state(cache.valid, cache.next_position, cache.index, sources,
+                                                       shift, columns=columns)
         out.append(dataclasses.replace(
-            cache, keys=tuple(move(b) for b in cache.keys), values=tuple(move(b) for b in cache.values),
-            valid=valid, next_position=jnp.where(sources >= 0, jnp.take(cache.next_position, taken), 0),
-            index=index.astype(jnp.int32)))
+            cache, keys=tuple(_moved(b, taken, shift, columns=columns) for b in cache.keys),
+            values=tuple(_moved(b, taken, shift, columns=columns) for b in cache.values), valid=valid,
+            next_position=next_position, index=index))
     return tuple(out)
+
+
+@jax.jit
+def _split_rows(caches, logits):
+    """Each row of a prefill call as a one-row cache per model and its logits ``[M, 1, V]`` (so that writing a
+    prompt into the decode cache does not depend on how many prompts were prefilled with it)."""
+    rows = logits.shape[1]
+    return tuple((tuple(jax.tree.map(lambda x, r=r: x[r:r + 1] if x.ndim else x, cache) for cache in caches),
+                  logits[:, r:r + 1]) for r in range(rows))
 
 
 @functools.partial(jax.jit, static_argnames=("configs", "rows", "length", "dtypes"))
@@ -390,8 +423,7 @@ class ContinuousEngine:
             raise ValueError(f"a head of {len(tokens)} tokens leaves no room for the prompts that continue it "
                              f"(max_model_len {self.max_model_len})")
         prefilled = self._prefill_group(None, [list(tokens)], width)[0]
-        row = [jax.tree.map(lambda x: x[:1] if x.ndim else x, cache).stacked() for cache in prefilled.caches]
-        self._heads.append(_Head(tokens, tuple(row), width))
+        self._heads.append(_Head(tokens, tuple(cache.stacked() for cache in prefilled.caches), width))
         self._heads.sort(key=lambda head: -len(head.tokens))  # the longest match first
 
     def _head_of(self, prompt: list[int]) -> _Head | None:
@@ -449,9 +481,8 @@ class ContinuousEngine:
         caches, logits = _prefill(tuple(m.states[0] for m in self._members), None if head is None else head.caches,
                                   tokens, mask, graphdefs=tuple(m.graphdefs[0] for m in self._members))
         # With a head, a row's columns run from the head's first token to the end, padding inside included.
-        return [Prefilled(caches, logits[:, row:row + 1], len(prompt), row,
-                          len(prompt) if head is None else skip + length, skip)
-                for row, prompt in enumerate(prompts)]
+        return [Prefilled(row_caches, row_logits, len(prompt), len(prompt) if head is None else skip + length, skip)
+                for (row_caches, row_logits), prompt in zip(_split_rows(caches, logits), prompts, strict=False)]
 
     def prompt_bucket(self, length: int) -> int:
         """Columns a prompt of ``length`` tokens is prefilled in."""
@@ -506,8 +537,7 @@ class ContinuousEngine:
         free = iter(i for i, slot in enumerate(self._slots) if slot is None)
         for (row_id, settings), key in zip(rows.items(), keys, strict=True):
             slot = next(free)
-            self._caches = _insert(self._caches, prefilled.caches, np.int32(prefilled.row), np.int32(slot),
-                                   np.int32(self._index))
+            self._caches = _insert(self._caches, prefilled.caches, np.int32(slot), self._index)
             self._slots[slot] = _Slot(row_id, self._index - (prefilled.span or prefilled.length), prefilled.length,
                                       self.pad_token_id, 0, settings, key)
             self._where[row_id] = slot
@@ -606,11 +636,12 @@ class ContinuousEngine:
 
     def warm_up(self, *, progress=None, prompt_lengths: Sequence[int] = (24, 32, 48, 64),
                 head_lengths: Sequence[int] = (24, 32)) -> float:
-        """Compile what serving runs, so no request waits for XLA: the decode step of every (batch, cache length)
-        bucket, and for prompts of the length buckets of ``prompt_lengths`` (and, after each cached head, of
-        ``head_lengths``) the prefill of every group size and the insert into every cache layout that fits
-        them. Returns the seconds it took. Left to first use: longer prompts, the relayouts between layouts, the
-        decode step with top logprobs.
+        """Compile what serving runs, so no request waits for XLA (a program compiled while serving stalls every
+        live row): the decode step of every (batch, cache length) bucket; every relayout between them (the batch
+        growing or shrinking at any cache length, the cache resized or shifted at any batch); and for prompts of
+        the length buckets of ``prompt_lengths`` (and, after each cached head, of ``head_lengths``) the prefill of
+        every group size and the insert into every cache layout that fits them. Returns the seconds it took. Left
+        to first use: longer prompts, the decode step with top logprobs, the first tokens of ``n > 1`` requests.
 
         Runs each program once on empty caches (no live row is touched; call it before admitting any).
         """
@@ -635,30 +666,27 @@ class ContinuousEngine:
                                                 candidates=self.candidates, top_logprobs=0))
         if progress is not None:
             print(f"warm-up: prefills compiled, {time.perf_counter() - started:.0f} s", file=progress, flush=True)
-        configs = tuple(m.config for m in self._members)
-        dtypes = tuple(str(m.config.compute_jnp_dtype) for m in self._members)
-        combos = [(rows, columns) for rows in self.batch_buckets() for columns in self.column_buckets()]
-        # Committed to the models' device, as the caches of real steps are (an uncommitted array is another
-        # argument signature to jit: the real step would compile again).
-        device = next(iter(jax.tree.leaves(self._members[0].states[1])[0].devices()))
+        batches, lengths = self.batch_buckets(), self.column_buckets()
+        combos = [(rows, columns) for rows in batches for columns in lengths]
         for done, (rows, columns) in enumerate(combos, 1):
-            caches = jax.device_put(_empty(configs=configs, rows=rows, length=columns, dtypes=dtypes), device)
+            caches = self._empty_caches(rows, columns)
             weights, filters, keys = self._row_arrays([_IDLE] * rows, rows, np.zeros((0, 3), np.uint32))
-            _, out = _decode(tuple(m.states[1] for m in self._members), caches, np.zeros((rows,), np.int32),
-                             np.zeros((rows,), bool), weights, filters, keys, np.zeros((rows,), np.int32),
-                             graphdefs=tuple(m.graphdefs[1] for m in self._members), candidates=self.candidates,
-                             top_logprobs=0)
+            caches, out = _decode(tuple(m.states[1] for m in self._members), caches, np.zeros((rows,), np.int32),
+                                  np.zeros((rows,), bool), weights, filters, keys, np.zeros((rows,), np.int32),
+                                  graphdefs=tuple(m.graphdefs[1] for m in self._members),
+                                  candidates=self.candidates, top_logprobs=0)
             jax.block_until_ready(out)
-            for width in widths:
-                if width < columns:
-                    caches = jax.device_put(_empty(configs=configs, rows=rows, length=columns, dtypes=dtypes),
-                                            device)
-                    jax.block_until_ready(_insert(caches, prefilled[width].caches, np.int32(0), np.int32(0),
-                                                  np.int32(width)))
+            for width in (w for w in widths if w < columns):
+                caches = _insert(caches, prefilled[width].caches, np.int32(0), width)
+            moves = [(other, columns) for other in batches if other != rows] + [(rows, other) for other in lengths]
+            for new_rows, new_columns in moves:
+                jax.block_until_ready(_relayout(caches, np.full((new_rows,), -1, np.int32), np.int32(0),
+                                                columns=new_columns))
+            del caches
             return_freed_memory()
             if progress is not None:
-                print(f"warm-up: decode step {done}/{len(combos)} (batch {rows}, cache {columns}) compiled, "
-                      f"{time.perf_counter() - started:.0f} s", file=progress, flush=True)
+                print(f"warm-up: batch {rows}, cache {columns}: decode step, inserts and relayouts compiled "
+                      f"({done}/{len(combos)}), {time.perf_counter() - started:.0f} s", file=progress, flush=True)
         return time.perf_counter() - started
 
     # -- internals --------------------------------------------------------------------------------------
@@ -704,16 +732,27 @@ class ContinuousEngine:
         if self._caches is None:
             self._rows = self._batch_bucket(needed)
             self._columns = self._column_bucket(MIN_COLUMNS)
-            self._caches = _empty(configs=tuple(m.config for m in self._members), rows=self._rows,
-                                  length=self._columns, dtypes=tuple(str(m.config.compute_jnp_dtype)
-                                                                     for m in self._members))
+            self._caches = self._empty_caches(self._rows, self._columns)
             self._slots = [None] * self._rows
             self._index = 0
         elif needed > self._rows:
             self._move(list(range(self._rows)), shift=0, rows=self._batch_bucket(needed))
 
+    def _empty_caches(self, rows: int, columns: int) -> tuple[KVCache, ...]:
+        """Empty caches committed to the models' device, as every program's outputs are (an uncommitted array is
+        another argument signature to jit: the next decode step would compile again)."""
+        caches = _empty(configs=tuple(m.config for m in self._members), rows=rows, length=columns,
+                        dtypes=tuple(str(m.config.compute_jnp_dtype) for m in self._members))
+        return jax.device_put(caches, self._device)
+
+    @property
+    def _device(self):
+        return next(iter(jax.tree.leaves(self._members[0].states[1])[0].devices()))
+
     def _set_index(self, index: int) -> None:
-        self._caches = tuple(dataclasses.replace(c, index=jnp.int32(index)) for c in self._caches)
+        # One array per model: the decode step donates every cache, and a buffer cannot be donated twice.
+        self._caches = tuple(dataclasses.replace(c, index=jax.device_put(np.int32(index), self._device))
+                             for c in self._caches)
         self._index = index
 
     def _move(self, sources: list[int], *, shift: int, rows: int, columns: int | None = None) -> None:
@@ -722,7 +761,7 @@ class ContinuousEngine:
         columns = self._columns if columns is None else columns
         padded = np.full((rows,), -1, np.int32)  # one program per (old, new) bucket, whatever the count
         padded[:len(sources)] = sources
-        self._caches = _relayout(self._caches, padded, np.int32(shift), rows=rows, columns=columns)
+        self._caches = _relayout(self._caches, padded, np.int32(shift), columns=columns)
         self._columns = columns
         self.relayouts += 1
         self._index -= shift

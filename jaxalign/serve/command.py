@@ -11,6 +11,7 @@ from pathlib import Path
 from jaxalign.rollout.guided import DEFAULT_ALPHA, DEFAULT_BETA
 
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_PREFILL_WAIT = 0
 COMPILATION_CACHE = Path.home() / ".cache" / "jaxalign" / "xla"
 
 
@@ -35,6 +36,10 @@ def add_serve_command(subcommands) -> None:
     parser.add_argument("--prefill-tokens", type=int, default=2048,
                         help="most prompt tokens admitted between two decode steps (default 2048, vLLM's "
                              "max_num_batched_tokens: a burst of chat requests starts in one iteration)")
+    parser.add_argument("--prefill-wait", type=int, default=DEFAULT_PREFILL_WAIT, metavar="STEPS",
+                        help="most decode steps a request arriving while others decode is held so that arrivals "
+                             "share a prefill (each prefill call stalls every running row; default "
+                             f"{DEFAULT_PREFILL_WAIT}; 0: admit at once)")
     parser.add_argument("--no-prefix-cache", action="store_true",
                         help="prefill every prompt whole (by default the chat template's opening, the same for "
                              "every chat request without its own system message, is computed once and reused)")
@@ -56,6 +61,8 @@ def _check(args) -> dict[str, float] | None:
     for name in ("max_batch", "max_model_len", "max_queue", "prefill_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.prefill_wait < 0:
+        raise ValueError(f"--prefill-wait must be >= 0 decode steps, got {args.prefill_wait}")
     if not 0 <= args.port < 65536:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
     if args.request_timeout <= 0:
@@ -105,7 +112,7 @@ def build_served(args):
     name = args.served_model_name or (DEFAULT_NAME if args.model is None else Path(args.model).name)
     metrics = Metrics(name)
     scheduler = Scheduler(engine, tokenizer, stop_token_ids=sorted(stops), max_queue=args.max_queue,
-                          prefill_tokens=args.prefill_tokens, metrics=metrics)
+                          prefill_tokens=args.prefill_tokens, prefill_wait=args.prefill_wait, metrics=metrics)
     served = ServedModel(name=name, tokenizer=tokenizer, scheduler=scheduler, metrics=metrics, dimensions=dimensions,
                          alpha=args.alpha, beta=args.beta, preference_weights=weights,
                          request_timeout=args.request_timeout)

@@ -168,7 +168,7 @@ class Hitl:
 def build_hitl(args) -> Hitl:
     """The app, its served model, feedback store and retrainer from ``jaxalign hitl``'s arguments."""
     from jaxalign.serve.app import create_app
-    from jaxalign.serve.command import build_served
+    from jaxalign.serve.command import DEFAULT_PREFILL_WAIT, build_served
 
     _check(args)
     root = args.output_dir
@@ -182,7 +182,7 @@ def build_hitl(args) -> Hitl:
     serve_args = argparse.Namespace(
         model=current.model, served_model_name=_served_name(args.model), host=args.host, port=args.port,
         max_batch=args.max_batch, max_model_len=args.max_model_len, max_queue=64, request_timeout=600.0,
-        prefill_tokens=2048, no_prefix_cache=False, no_warmup=args.no_warmup,
+        prefill_tokens=2048, prefill_wait=DEFAULT_PREFILL_WAIT, no_prefix_cache=False, no_warmup=args.no_warmup,
         doctor=None, preference_weights=None, alpha=1.0, beta=0.5)
     served = build_served(serve_args)
     served.scheduler.version = current.name

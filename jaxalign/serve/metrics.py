@@ -10,7 +10,9 @@ from __future__ import annotations
 import collections
 import threading
 import time
+import weakref
 
+from jax import monitoring
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE  # noqa: N811
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -19,6 +21,9 @@ __all__ = ["CONTENT_TYPE", "Metrics"]
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 _STEP_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2, 5)
 RATE_WINDOW_S = 10.0
+# JAX records the seconds of every XLA compilation (or load from its persistent cache) under this event, with the
+# jitted function's name (jax/_src/dispatch.py, BACKEND_COMPILE_EVENT).
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
 class Metrics:
@@ -57,7 +62,14 @@ class Metrics:
                               buckets=_LATENCY_BUCKETS, registry=r).labels(**labels)
         self.step_time = Histogram("jaxalign_decode_step_seconds", "one decode step of the whole batch", ["model"],
                                    buckets=_STEP_BUCKETS, registry=r).labels(**labels)
+        # A program compiled while serving stalls every live row for its compile time: a warm server shows none.
+        self.compilations = counter("jaxalign_xla_compilations",
+                                    "XLA programs compiled (or read from JAX's compilation cache), by jitted function",
+                                    ("function",))
+        self.compile_seconds = counter("jaxalign_xla_compile_seconds",
+                                       "seconds spent compiling XLA programs, by jitted function", ("function",))
         self.model = model
+        _listening.add(self)
         self._recent: collections.deque[tuple[float, int]] = collections.deque()
         self._lock = threading.Lock()
 
@@ -92,5 +104,25 @@ class Metrics:
         self.live_rows.set(live_rows)
         self.batch_bucket.set(batch_bucket)
 
+    def compiled(self, function: str, seconds: float) -> None:
+        self.compilations.labels(model=self.model, function=function).inc()
+        self.compile_seconds.labels(model=self.model, function=function).inc(seconds)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+# JAX's listeners are process-wide: one listener, registered once, feeds every server still alive (a listener per
+# server would outlive a server that was never closed, as in tests).
+_listening: weakref.WeakSet[Metrics] = weakref.WeakSet()
+
+
+def _on_compile(event: str, seconds: float, **kwargs) -> None:
+    if event == COMPILE_EVENT:
+        name = str(kwargs.get("fun_name", "?"))
+        name = name[4:-1] if name.startswith("jit(") and name.endswith(")") else name  # "jit(_decode)"
+        for metrics in list(_listening):
+            metrics.compiled(name, seconds)
+
+
+monitoring.register_event_duration_secs_listener(_on_compile)

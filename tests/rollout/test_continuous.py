@@ -290,6 +290,24 @@ def test_warm_up_compiles_every_decode_step_ahead(model):
     assert compiled == [], "no decode step compiles after the warm-up"
 
 
+def test_warm_up_compiles_every_relayout_and_insert_ahead(model, reference):
+    # A cache of 64, 128 and 133 columns (max_model_len 100, slack 33), found in no other test: every program a
+    # drive needs comes from the warm-up. The drive grows and shrinks the batch and shifts the columns both ways.
+    engine = ContinuousEngine(model, max_batch=MAX_BATCH, max_model_len=100, slack=33)
+    engine.warm_up()
+    moves = record_moves(engine)
+    long = [int(t) for t in np.random.default_rng(30).integers(0, V, size=60)]
+    joins = [Join(0, PROMPTS[0], {"a": GREEDY}, 90), Join(3, PROMPTS[1], {"b": GREEDY, "c": GREEDY}, 20),
+             *[Join(5, PROMPTS[i], {i: GREEDY}, 10) for i in range(2, 8)], Join(45, long, {"d": GREEDY}, 30),
+             Join(85, PROMPTS[6], {"e": GREEDY}, 30)]
+    with count_engine_compilations("jit(_") as compiled:
+        outs = drive(engine, joins)
+    assert {"grow", "shrink", "left", "right"} <= set(moves.kinds), moves
+    assert len({move.columns for move in moves if move.columns[0] != move.columns[1]}) >= 2, moves
+    assert compiled == [], "nothing compiles after the warm-up"
+    assert_greedy_reference(outs, {i: i for i in range(2, 8)}, reference)
+
+
 # --- seeded sampling ----------------------------------------------------------------------------------------
 
 

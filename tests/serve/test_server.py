@@ -354,6 +354,10 @@ def test_metrics_are_prometheus_text(server, client):
     assert metric(url, "jaxalign_requests_total", endpoint=CHAT, status="200", model=MODEL) >= 1
     assert metric(url, "jaxalign_time_to_first_token_seconds_count") >= 1
     assert metric(url, "jaxalign_generation_tokens_per_second") > 0, "tokens were generated in the last seconds"
+    # A shape the server has run compiles nothing the second time (each compilation would stall every row).
+    compiled = metric(url, "jaxalign_xla_compilations_total")
+    client.chat.completions.create(model=MODEL, messages=HI, max_tokens=3)
+    assert metric(url, "jaxalign_xla_compilations_total") == compiled
     # The gauges are set at the end of the scheduler's iteration, just after the response went out.
     wait_until(lambda: metric(url, "jaxalign_queue_depth") == 0 and metric(url, "jaxalign_live_rows") == 0,
                "the gauges to show an idle server")

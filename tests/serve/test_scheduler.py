@@ -1,0 +1,125 @@
+"""The scheduler's admission policy, driven one iteration at a time (no thread): with ``prefill_wait``, a request
+arriving while rows decode waits at most that many decode steps for company, and goes at once when nothing
+decodes or when the waiting requests fill a prefill group."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import pytest
+
+from jaxalign.models import load_hf
+from jaxalign.rollout.continuous import ContinuousEngine, RowSettings
+from jaxalign.serve.scheduler import Job, Scheduler
+from tests.test_cli import tiny_tokenizer
+
+GREEDY = RowSettings(temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_checkpoint):
+    model = load_hf(tiny_checkpoint)
+    model = model[0] if isinstance(model, tuple) else model
+    return ContinuousEngine(model, max_batch=4, max_model_len=48, pad_token_id=0)
+
+
+class Driven:
+    """A scheduler run by hand: ``tick()`` is one iteration of its thread; ``groups`` records each prefill call's
+    jobs (by name) and the iteration it ran at."""
+
+    def __init__(self, engine, prefill_wait: int):
+        self.scheduler = Scheduler(engine, tiny_tokenizer(), stop_token_ids=(), prefill_wait=prefill_wait)
+        self.loop = asyncio.new_event_loop()
+        self.groups: list[tuple[int, list[str]]] = []
+        self.names: dict[tuple, str] = {}
+        prefill_many = engine.prefill_many
+
+        def recording(prompts):
+            self.groups.append((self.scheduler.iterations, [self.names[tuple(p)] for p in prompts]))
+            return prefill_many(prompts)
+
+        engine.prefill_many = recording
+        self.engine = engine
+
+    def submit(self, name: str, tokens: int) -> Job:
+        prompt = [3 + len(self.names), 5, 7]  # a prompt of its own per job
+        self.names[tuple(prompt)] = name
+        job = Job(prompt_ids=prompt, settings=[GREEDY], max_tokens=tokens, stops=(), deadline=math.inf,
+                  loop=self.loop, queue=asyncio.Queue(), ignore_eos=True)
+        self.scheduler.submit(job)
+        return job
+
+    def tick(self, times: int = 1) -> None:
+        for _ in range(times):
+            self.scheduler._take_inbox()
+            self.scheduler._iterate()
+            self.scheduler._flush()
+
+    def close(self) -> None:
+        del self.engine.prefill_many
+        for job in list(self.scheduler._running.values()):
+            self.scheduler._drop(job)
+        self.loop.close()
+
+
+@pytest.fixture
+def driven(engine):
+    runs = []
+
+    def make(prefill_wait):
+        runs.append(Driven(engine, prefill_wait))
+        return runs[-1]
+
+    yield make
+    for run in runs:
+        run.close()
+
+
+def test_a_lone_arrival_waits_at_most_prefill_wait_steps(driven):
+    run = driven(prefill_wait=3)
+    run.submit("a", 30)
+    run.tick()
+    assert run.groups == [(1, ["a"])], "nothing decodes: the first request starts at once"
+    run.tick(2)
+    run.submit("b", 5)
+    run.tick(5)
+    # b is first considered at iteration 4, held through the decode steps of 4, 5 and 6, and starts alone at 7
+    assert run.groups[1] == (4 + 3, ["b"])
+
+
+def test_arrivals_within_the_wait_share_one_prefill(driven):
+    run = driven(prefill_wait=4)
+    run.submit("a", 30)
+    run.tick(2)
+    run.submit("b", 5)
+    run.tick()
+    run.submit("c", 5)
+    run.tick(6)
+    assert run.groups[1:] == [(3 + 4, ["b", "c"])], "c joins b, held since iteration 3"
+
+
+def test_enough_waiting_rows_to_fill_the_free_slots_start_at_once(driven):
+    run = driven(prefill_wait=10)
+    run.submit("a", 30)
+    run.tick(2)
+    for name in "bcd":  # 3 free slots of 4: a full group
+        run.submit(name, 5)
+    run.tick()
+    assert run.groups[1:] == [(3, ["b", "c", "d"])]
+
+
+def test_without_a_wait_each_arrival_starts_at_its_next_iteration(driven):
+    run = driven(prefill_wait=0)
+    run.submit("a", 30)
+    run.tick(2)
+    run.submit("b", 5)
+    run.tick()
+    run.submit("c", 5)
+    run.tick()
+    assert run.groups == [(1, ["a"]), (3, ["b"]), (4, ["c"])]
+
+
+def test_a_negative_wait_is_refused(engine):
+    with pytest.raises(ValueError, match="prefill_wait must be >= 0"):
+        Scheduler(engine, tiny_tokenizer(), stop_token_ids=(), prefill_wait=-1)
