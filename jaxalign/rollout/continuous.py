@@ -528,6 +528,10 @@ class ContinuousEngine:
             fitting = self._column_bucket(width + COLUMN_HEADROOM)
             if fitting < self._columns:
                 self._move(list(range(self._rows)), shift=0, rows=self._rows, columns=fitting)
+        elif self._index >= self._columns:
+            # A full cache makes room as a step would, by dropping the columns no live row uses: growing it
+            # instead would double every later step's attention for nothing.
+            self._shift_left()
         index = max(self._index, width)
         needs_room = index + 1 > self._columns and self._columns < self.max_columns
         if index != self._index or needs_room:
@@ -560,12 +564,7 @@ class ContinuousEngine:
         if full:
             raise ValueError(f"row {full[0]!r} has reached max_model_len {self.max_model_len}: release it")
         if self._index >= self._columns:
-            # Drop the columns before the earliest live token, and size the cache for what is left plus room
-            # to grow (at most max_columns, where the shift is at least ``slack``).
-            earliest = min(s.start for s in self._slots if s is not None)
-            span = self._index - earliest
-            columns = self._column_bucket(span + max(COLUMN_HEADROOM, span // 2))
-            self._move(list(range(self._rows)), shift=earliest, rows=self._rows, columns=columns)
+            self._shift_left()
         slots = self._slots
         live = [i for i, s in enumerate(slots) if s is not None]
         settings = [s.settings if s is not None else _IDLE for s in slots]
@@ -748,6 +747,14 @@ class ContinuousEngine:
     @property
     def _device(self):
         return next(iter(jax.tree.leaves(self._members[0].states[1])[0].devices()))
+
+    def _shift_left(self) -> None:
+        """Drop the columns before the earliest live token, and size the cache for what is left plus room to grow
+        (at most max_columns, where the shift is at least ``slack``)."""
+        earliest = min(s.start for s in self._slots if s is not None)
+        span = self._index - earliest
+        columns = self._column_bucket(span + max(COLUMN_HEADROOM, span // 2))
+        self._move(list(range(self._rows)), shift=earliest, rows=self._rows, columns=columns)
 
     def _set_index(self, index: int) -> None:
         # One array per model: the decode step donates every cache, and a buffer cannot be donated twice.

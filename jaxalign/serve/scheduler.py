@@ -8,11 +8,11 @@ long), prefilled together in groups whose first tokens go out as soon as each gr
 step for every live row; hand each row's new text to its request.
 
 While rows decode, a request that arrives alone may be held for up to ``prefill_wait`` decode steps so that
-arrivals are prefilled in groups (vLLM's ``scheduler_delay_factor``, counted in steps): every prefill call
-stalls all running rows, and one call costs nearly as much for one prompt as for four (SmolLM2-135M on 2 CPU
-cores: 92 ms for one prompt, 125 ms for four, against 116 ms for a decode step of 32 rows). A request is
-admitted at once when nothing decodes, when enough requests wait to fill a prefill group or the free slots,
-or when the oldest has waited ``prefill_wait`` steps.
+it shares its prefill call with the next arrival (vLLM's ``scheduler_delay_factor``, counted in steps): every
+prefill call stalls all running rows, and a call prefills at least two rows (the engine's smallest batch), so a
+lone prompt pays for two (SmolLM2-135M on 2 CPU cores: 92 ms for one prompt, 93 ms for two, 125 ms for four,
+against 107-146 ms for a decode step of 32 rows). A request is admitted at once when nothing decodes, when
+another waits with it, or when it has waited ``prefill_wait`` steps.
 A row leaves its slot the moment it ends (a stop token, a stop string, ``max_tokens``, the context length) or
 its client goes away. The HTTP side never touches the engine: it submits a :class:`Job` and reads
 :class:`Event`\\ s from the job's asyncio queue, which the scheduler fills with ``call_soon_threadsafe``.
@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from jaxalign.rollout.continuous import MAX_PREFILL_ROWS, ContinuousEngine, RowSettings, TokenOut
+from jaxalign.rollout.continuous import MAX_PREFILL_ROWS, MIN_BATCH_BUCKET, ContinuousEngine, RowSettings, TokenOut
 from jaxalign.rollout.text import TextStream
 from jaxalign.serve.protocol import APIError
 
@@ -285,9 +285,8 @@ class Scheduler:
         """Whether the waiting jobs are prefilled now (see the module docstring), rather than held for company."""
         if not self._waiting or not self.engine.live or not self.prefill_wait:
             return True
-        group = min(MAX_PREFILL_ROWS, self.engine.free)
         waited = self.iterations - self._waiting[0].queued_at_iteration  # decode steps it has been held
-        return sum(len(job.settings) for job in self._waiting) >= group or waited >= self.prefill_wait
+        return sum(len(job.settings) for job in self._waiting) >= MIN_BATCH_BUCKET or waited >= self.prefill_wait
 
     def _admit(self) -> None:
         """Admit waiting jobs in arrival order while their rows fit and ``prefill_tokens`` lasts."""

@@ -272,6 +272,37 @@ def test_the_cache_length_follows_the_live_rows(model, sampler):
     assert {"left", "right"} <= set(moves.kinds), moves
 
 
+def test_an_admission_into_a_full_cache_shifts_it_rather_than_growing_it(model, reference):
+    # Cache lengths 64, 128 and 133. "x" grows the cache to 128 and leaves; "a" joins late, so when the cache is
+    # full only its 53 columns are live: "b" joining then drops the columns before "a" (a left shift) and the
+    # cache stays at 128, where growing it would make every later step attend over 133 columns.
+    engine = ContinuousEngine(model, max_batch=MAX_BATCH, max_model_len=100, slack=33)
+    moves = record_moves(engine)
+    outs: dict = {}
+
+    def admit(name, index):
+        outs[name] = list(engine.admit(engine.prefill(PROMPTS[index]), {name: GREEDY}).values())
+
+    def step(times):
+        for _ in range(times):
+            for row_id, out in engine.step().items():
+                outs[row_id].append(out)
+
+    admit("x", 0)
+    step(77)
+    assert engine.batch_bucket == 2 and engine._columns == 128
+    admit("a", 2)
+    step(10)
+    engine.release("x")
+    step(128 - engine._index)
+    assert engine._index == engine._columns == 128
+    admit("b", 1)
+    assert engine._columns == 128 and moves[-1].kind == "left", moves
+    step(N_REF)
+    for name, index in (("x", 0), ("a", 2), ("b", 1)):
+        assert tokens_of(outs, name)[:N_REF] == list(reference[0][index]), name
+
+
 def test_warm_up_knows_the_buckets_and_runs_before_any_row(model):
     engine = make_engine(model)
     assert engine.batch_buckets() == [2, 4, 8] and engine.column_buckets() == [MAX_MODEL_LEN + SLACK]

@@ -1,6 +1,6 @@
 """The scheduler's admission policy, driven one iteration at a time (no thread): with ``prefill_wait``, a request
-arriving while rows decode waits at most that many decode steps for company, and goes at once when nothing
-decodes or when the waiting requests fill a prefill group."""
+arriving alone while rows decode waits at most that many decode steps for company, and goes at once when nothing
+decodes or when another request waits with it."""
 
 from __future__ import annotations
 
@@ -88,22 +88,22 @@ def test_a_lone_arrival_waits_at_most_prefill_wait_steps(driven):
     assert run.groups[1] == (4 + 3, ["b"])
 
 
-def test_arrivals_within_the_wait_share_one_prefill(driven):
+def test_the_next_arrival_within_the_wait_shares_the_prefill_at_once(driven):
     run = driven(prefill_wait=4)
     run.submit("a", 30)
     run.tick(2)
     run.submit("b", 5)
-    run.tick()
+    run.tick(2)
     run.submit("c", 5)
-    run.tick(6)
-    assert run.groups[1:] == [(3 + 4, ["b", "c"])], "c joins b, held since iteration 3"
+    run.tick(3)
+    assert run.groups[1:] == [(5, ["b", "c"])], "b held through iterations 3 and 4, then starts with c"
 
 
-def test_enough_waiting_rows_to_fill_the_free_slots_start_at_once(driven):
+def test_requests_arriving_together_start_at_once(driven):
     run = driven(prefill_wait=10)
     run.submit("a", 30)
     run.tick(2)
-    for name in "bcd":  # 3 free slots of 4: a full group
+    for name in "bcd":
         run.submit(name, 5)
     run.tick()
     assert run.groups[1:] == [(3, ["b", "c", "d"])]
