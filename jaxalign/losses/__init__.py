@@ -4,7 +4,7 @@ Everything public in the submodules is re-exported here, so ``from jaxalign impo
 ``losses.dpo_loss(...)`` works; the submodules group the families:
 
 - :mod:`~jaxalign.losses.core`: ``token_logps``, ``sequence_logps``, ``entropy``, masked (sum, count) reductions.
-- :mod:`~jaxalign.losses.sft`: ``sft_loss``.
+- :mod:`~jaxalign.losses.sft`: ``sft_loss``; :mod:`~jaxalign.losses.distill`: ``generalized_jsd_loss`` (GKD).
 - :mod:`~jaxalign.losses.reward`: ``bradley_terry_loss``, ``best_of_n_loss``, ``preference_accuracy``.
 - :mod:`~jaxalign.losses.ppo`: ``gae``, ``whiten``, ``kl_estimate``, ``shape_rewards``, ``ppo_policy_loss``,
   ``ppo_value_loss``, the adaptive KL controller.
@@ -17,8 +17,9 @@ Everything public in the submodules is re-exported here, so ``from jaxalign impo
 See docs/losses.md for every formula, reference and deviation from the papers or TRL.
 """
 
-from jaxalign.losses import core, dpo, grpo, ppo, reference_free, reward, sft, tfpo, token_level
+from jaxalign.losses import core, distill, dpo, grpo, ppo, reference_free, reward, sft, tfpo, token_level
 from jaxalign.losses.core import *  # noqa: F403
+from jaxalign.losses.distill import *  # noqa: F403
 from jaxalign.losses.dpo import *  # noqa: F403
 from jaxalign.losses.grpo import *  # noqa: F403
 from jaxalign.losses.ppo import *  # noqa: F403
@@ -31,6 +32,7 @@ from jaxalign.losses.token_level import *  # noqa: F403
 __all__ = sorted(
     {
         *core.__all__,
+        *distill.__all__,
         *dpo.__all__,
         *grpo.__all__,
         *ppo.__all__,
