@@ -66,28 +66,40 @@ def head_logps(model, hidden: Float[Array, "N T D"], targets: Int[Array, "N T"],
         logps = token_logps(logits, chunk_targets)
         return (logps, entropy(logits)) if with_entropy else logps
 
-    length = targets.shape[1]
-    if chunk_size is None or chunk_size >= length:
+    if chunk_size is None or chunk_size >= targets.shape[1]:
         return from_logits(model.logits(hidden), targets)
-    # As few chunks as chunk_size allows, of equal length: padding stays under one position per chunk
-    # (a 129-target sequence runs two chunks of 65, not two of 128).
-    chunks = -(-length // chunk_size)
-    chunk_size = -(-length // chunks)
-    pad = chunks * chunk_size - length
-    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-    targets = jnp.pad(targets, ((0, 0), (0, pad)))
-    # [C, N, chunk, ...]: lax.map walks the chunks; the head's parameters are closed over (shared).
-    hidden_chunks = rearrange(hidden, "n (c t) d -> c n t d", c=chunks)
-    target_chunks = rearrange(targets, "n (c t) -> c n t", c=chunks)
     graphdef, state = nnx.split(model)
 
-    @jax.checkpoint
     def chunk_logps(state, hidden_chunk, target_chunk):
         return from_logits(nnx.merge(graphdef, state).logits(hidden_chunk), target_chunk)
 
-    out = jax.lax.map(lambda xs: chunk_logps(state, *xs), (hidden_chunks, target_chunks))
-    unchunk = lambda x: rearrange(x, "c n t -> n (c t)")[:, :length]  # noqa: E731
-    return jax.tree.map(unchunk, out)
+    return map_position_chunks(chunk_logps, state, (hidden, targets), chunk_size=chunk_size)
+
+
+def map_position_chunks(fn, params, arrays, *, chunk_size: int | None = DEFAULT_CHUNK):
+    """``fn(params, *arrays)`` computed ``chunk_size`` positions at a time, each chunk rematerialised.
+
+    ``arrays`` are ``[N, L, ...]`` (positions on axis 1) and ``fn`` maps their chunks ``[N, c, ...]`` to a pytree
+    of ``[N, c, ...]`` arrays, position by position; the result is that pytree over all ``L`` positions. The
+    positions split into as few equal chunks of at most ``chunk_size`` as cover them (padding under one
+    position per chunk: a 129-position input runs two chunks of 65, not two of 128); :func:`jax.lax.map` walks
+    them under :func:`jax.checkpoint`, so only one chunk's intermediates (an LM head's ``[N, c, V]`` logits)
+    are alive at once, in the forward and the backward pass. ``params`` (the weights ``fn`` needs, e.g. an
+    ``nnx.split`` state) are passed to every chunk, not closed over. ``chunk_size=None`` (or ``>= L``) calls
+    ``fn`` once on everything.
+    """
+    length = arrays[0].shape[1]
+    if chunk_size is None or chunk_size >= length:
+        return fn(params, *arrays)
+    chunks = -(-length // chunk_size)
+    chunk_size = -(-length // chunks)
+    pad = chunks * chunk_size - length
+    # [C, N, chunk, ...]: lax.map walks the chunks.
+    split = tuple(rearrange(jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2)), "n (c t) ... -> c n t ...",
+                            c=chunks) for x in arrays)
+    step = jax.checkpoint(fn)
+    out = jax.lax.map(lambda xs: step(params, *xs), split)
+    return jax.tree.map(lambda x: rearrange(x, "c n t ... -> n (c t) ...")[:, :length], out)
 
 
 def target_logps(model, input_ids: Int[Array, "N T"], attention_mask: Array, positions: Array | None = None,

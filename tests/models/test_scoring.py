@@ -11,7 +11,7 @@ from flax import nnx
 
 from jaxalign import losses
 from jaxalign.models import LlamaForCausalLM
-from jaxalign.models.scoring import head_logps, target_logps
+from jaxalign.models.scoring import head_logps, map_position_chunks, target_logps
 from tests.models.conftest import TINY
 
 B, T = 3, 11
@@ -77,3 +77,27 @@ def test_the_models_log_softmax_is_the_losses_one():
     grads = [jax.grad(lambda z, f=f: jnp.sum(f(z, targets[1:])))(logits[1:]) for f in (scoring.token_logps,
                                                                                        losses.token_logps)]
     np.testing.assert_array_equal(*grads)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 7, None])
+def test_map_position_chunks_equals_one_call_in_values_and_gradients(chunk):
+    """The chunk walker alone: a pytree of outputs, arrays of 2 and 3 dimensions, a length no chunk divides."""
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.normal(size=(2, 9, 5)), jnp.float32)
+    mask = jnp.asarray(rng.random((2, 9)) > 0.3)
+    weight = jnp.asarray(rng.normal(size=(5, 6)), jnp.float32)
+
+    def fn(w, xs, ms):
+        h = jnp.tanh(xs @ w)
+        return {"sum": jnp.where(ms, h.sum(-1), 0.0), "h": h}
+
+    def total(w, chunk_size):
+        out = map_position_chunks(fn, w, (x, mask), chunk_size=chunk_size)
+        return jnp.sum(out["sum"]) + jnp.sum(out["h"] ** 2), out
+
+    (value, out), grad = jax.value_and_grad(total, has_aux=True)(weight, chunk)
+    (expected_value, expected), expected_grad = jax.value_and_grad(total, has_aux=True)(weight, None)
+    assert out["sum"].shape == (2, 9) and out["h"].shape == (2, 9, 6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), out, expected)
+    np.testing.assert_allclose(value, expected_value, rtol=1e-6)
+    np.testing.assert_allclose(grad, expected_grad, rtol=1e-5, atol=1e-6)
