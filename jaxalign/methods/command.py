@@ -1,6 +1,8 @@
-"""``jaxalign train sft|reward|dpo|kto|ppo|grpo|tfpo``: one training run from a preset or YAML file plus overrides.
+"""``jaxalign train sft|distill|reward|dpo|kto|ppo|grpo|tfpo``: one training run from a preset or YAML file plus
+overrides.
 
     jaxalign train dpo --config hh_rlhf data.source=hh/train.jsonl.gz train.total_steps=500
+    jaxalign train distill --config hh_rlhf data.source=sft.jsonl model.path=small/ teacher=big/  # GKD, lmbda 0
     jaxalign train kto --config feedback.yaml data.source=thumbs.jsonl  # unpaired prompt/completion/label records
     jaxalign train ppo --config sentiment_ppo reward.model=runs/sentiment/reward/export
     jaxalign train reward --config my_run.yaml --resume
@@ -21,7 +23,8 @@ from jaxalign.methods.recipe import METHODS
 
 def add_train_command(subcommands) -> None:
     parser = subcommands.add_parser(
-        "train", help="train an SFT, reward, DPO, KTO, PPO, GRPO model or a TFPO doctor from a preset or YAML config",
+        "train", help="train an SFT, distilled (from a teacher), reward, DPO, KTO, PPO, GRPO model or a TFPO doctor "
+                      "from a preset or YAML config",
         description="Train with a named preset (shipped presets: hh_rlhf, pku_saferlhf, sentiment, weak_to_strong, "
                     "sentiment_ppo, sentiment_grpo) or a YAML "
                     "file; key=value overrides use dotted paths (train.total_steps=100, loss.beta=0.05, "

@@ -1,5 +1,5 @@
-"""One training run end to end from a :class:`~jaxalign.methods.recipe.RunConfig`: SFT, reward model and DPO
-here, PPO and GRPO through :func:`jaxalign.methods.rl.run_online`.
+"""One training run end to end from a :class:`~jaxalign.methods.recipe.RunConfig`: SFT, distillation, reward
+model, DPO, KTO and TFPO here, PPO and GRPO through :func:`jaxalign.methods.rl.run_online`.
 
 ::
 
@@ -10,10 +10,10 @@ here, PPO and GRPO through :func:`jaxalign.methods.rl.run_online`.
 A run: refuse an output directory that holds an earlier run (unless resuming or overwriting) -> load the model
 (HF directory, GGUF, or the embedded default) and its tokenizer -> tokenise the data (optionally ordered as a
 curriculum) and the held-out data, checking both suit the method -> build the method's objective
-(:mod:`~jaxalign.methods.sft`, :mod:`~jaxalign.methods.reward`, :mod:`~jaxalign.methods.dpo`,
-:mod:`~jaxalign.methods.kto`) -> write
-``run.json`` (a run refused for its data leaves no output directory) -> :class:`~jaxalign.train.Trainer` (resumes from
-``output_dir/checkpoints`` when a checkpoint is there) -> method epilogue (reward normalisation) ->
+(:mod:`~jaxalign.methods.sft`, :mod:`~jaxalign.methods.distill`, :mod:`~jaxalign.methods.reward`,
+:mod:`~jaxalign.methods.dpo`, :mod:`~jaxalign.methods.kto`) -> write ``run.json`` (a run refused for its data leaves
+no output directory) -> :class:`~jaxalign.train.Trainer` (resumes from ``output_dir/checkpoints`` when a checkpoint
+is there) -> method epilogue (reward normalisation) ->
 held-out evaluation with the same objective -> Hugging Face export and the plot of the curves.
 """
 
@@ -27,7 +27,7 @@ from flax import nnx
 
 from jaxalign import data as jdata
 from jaxalign import models
-from jaxalign.methods import dpo, kto, probe, reward, sft, tfpo
+from jaxalign.methods import distill, dpo, kto, probe, reward, sft, tfpo
 from jaxalign.methods.common import (
     EVAL_FILE,
     EXPORT_DIR,
@@ -66,7 +66,7 @@ def run(config: RunConfig, *, overwrite: bool = False) -> RunResult:
     if config.curriculum is not None:
         dataset = curriculum_order(dataset, config.curriculum)
     eval_dataset = None if config.eval_data is None else jdata.build_dataset(config.eval_data, tokenizer)
-    if config.method == "sft" and eval_dataset is not None and eval_dataset.kind == "preference":
+    if config.method in ("sft", "distill") and eval_dataset is not None and eval_dataset.kind == "preference":
         eval_dataset = sft.chosen_as_sft(eval_dataset)
     if config.method == "kto":  # preference pairs give a desirable and an undesirable example each (TRL)
         dataset = kto.as_unpaired(dataset)
@@ -77,7 +77,8 @@ def run(config: RunConfig, *, overwrite: bool = False) -> RunResult:
         model, objective, references, dataset, extra = tfpo.build(config, lm, tokenizer, dataset, eval_dataset)
         eval_dataset = extra.pop("eval_dataset")
     else:
-        builder = {"sft": sft.build, "reward": reward.build, "dpo": dpo.build, "kto": kto.build}[config.method]
+        builder = {"sft": sft.build, "distill": distill.build, "reward": reward.build, "dpo": dpo.build,
+                   "kto": kto.build}[config.method]
         model, objective, references, dataset, extra = builder(config, lm, tokenizer, dataset)
         if eval_dataset is not None:  # held out in the layout the method chose (shared prompts, target slots)
             eval_dataset = eval_dataset.batched_as(share_prompts=dataset.share_prompts,
@@ -120,6 +121,8 @@ def run(config: RunConfig, *, overwrite: bool = False) -> RunResult:
         eval_metrics = evaluate_objective(objective, model, one_pass(config.eval_data, eval_dataset), references)
         if config.method == "sft" and "loss" in eval_metrics:
             eval_metrics["perplexity"] = math.exp(min(eval_metrics["loss"], 700.0))
+        if config.method == "distill":  # the student's NLL of the held-out completions, exact over the set
+            eval_metrics.update(distill.heldout_nll(model, one_pass(config.eval_data, eval_dataset)))
     extra.pop("reference_model", None)
 
     export_dir = None
@@ -152,7 +155,8 @@ def run_doctors(config: RunConfig, *, overwrite: bool = False) -> RunResult:
 
 def check_eval_kind(config: RunConfig, dataset: jdata.TokenizedDataset, eval_dataset: jdata.TokenizedDataset):
     """The held-out set feeds the training objective: it must hold the same kind of examples."""
-    trained = "sft" if config.method == "sft" and dataset.kind == "preference" else dataset.kind  # chosen sides
+    chosen_sides = config.method in ("sft", "distill") and dataset.kind == "preference"
+    trained = "sft" if chosen_sides else dataset.kind
     if eval_dataset.kind != trained:
         hint = (f"; set eval_data.dimension to one of {list(eval_dataset.dimensions)}"
                 if eval_dataset.kind == "preference_group" and trained == "preference" else "")

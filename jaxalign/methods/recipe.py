@@ -1,6 +1,6 @@
 """A training run as one validated config: model, data, loss options, training core, outputs.
 
-``jaxalign train sft|reward|dpo|kto|ppo|grpo|tfpo --config <preset or YAML> [key=value ...]`` and
+``jaxalign train sft|distill|reward|dpo|kto|ppo|grpo|tfpo --config <preset or YAML> [key=value ...]`` and
 :func:`jaxalign.methods.pipeline.run` both take a :class:`RunConfig`. YAML mirrors the dataclasses::
 
     method: dpo
@@ -40,7 +40,7 @@ from jaxalign.methods.specs import LOSS_SPECS, DoctorSpec, MethodSpec
 from jaxalign.models.config import DTYPES, REMAT_POLICIES
 from jaxalign.train.config import TrainConfig
 
-METHODS = ("sft", "reward", "dpo", "kto", "ppo", "grpo", "tfpo")
+METHODS = ("sft", "distill", "reward", "dpo", "kto", "ppo", "grpo", "tfpo")
 ONLINE_METHODS = ("ppo", "grpo")
 CURRICULA = ("length", "score", "difficulty")
 GOLD_JUDGES = ("vader",)
@@ -94,10 +94,12 @@ class ModelSpec:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """One training run: offline (``sft``, ``reward``, ``dpo``, ``kto``, ``tfpo``) or online (``ppo``, ``grpo``).
+    """One training run: offline (``sft``, ``distill``, ``reward``, ``dpo``, ``kto``, ``tfpo``) or online
+    (``ppo``, ``grpo``).
 
     Attributes:
-        method: ``sft``, ``reward``, ``dpo``, ``kto``, ``ppo``, ``grpo`` or ``tfpo`` (LLMDoctor's doctor).
+        method: ``sft``, ``distill`` (token-level distillation from a teacher), ``reward``, ``dpo``, ``kto``,
+            ``ppo``, ``grpo`` or ``tfpo`` (LLMDoctor's doctor).
         output_dir: where checkpoints (``checkpoints/``), metrics (``metrics.jsonl``, TensorBoard events,
             ``metrics.png``), the resolved config (``run.json``) and the final export (``export/``) go.
         model: see :class:`ModelSpec`.
@@ -108,7 +110,8 @@ class RunConfig:
         train: the training core's config; its checkpoint and log directories default to ``output_dir``.
             For PPO/GRPO ``total_steps`` counts iterations (sample, score, train).
         loss: the method's typed options (:mod:`jaxalign.methods.specs`), given as a mapping:
-            :class:`~jaxalign.methods.specs.SFTSpec`, :class:`~jaxalign.methods.specs.RewardSpec`,
+            :class:`~jaxalign.methods.specs.SFTSpec`, :class:`~jaxalign.methods.specs.DistillSpec`,
+            :class:`~jaxalign.methods.specs.RewardSpec`,
             :class:`~jaxalign.methods.specs.DPOSpec`, :class:`~jaxalign.methods.specs.KTOSpec`,
             :class:`~jaxalign.methods.specs.PPOConfig` or :class:`~jaxalign.methods.specs.GRPOConfig` by
             ``method``; unknown keys, wrong types and TRL's spellings are refused naming the key.
@@ -139,6 +142,9 @@ class RunConfig:
         probe_l2: with ``freeze_backbone``, the penalty ``½·probe_l2·‖W‖²`` on the head over standardised
             features (docs/offline-trainers.md has how accuracy varied with it on the embedded default's pairs).
         probe_iterations: with ``freeze_backbone``, the most L-BFGS iterations.
+        teacher: ``distill`` only: the frozen teacher, a Hugging Face checkpoint directory or a ``.gguf`` file;
+            None = the embedded SmolLM2-135M-Instruct (as ``model.path: null``). Loaded with ``model``'s dtypes and
+            remat policy; its vocabulary must be the student's.
         doctor: ``tfpo`` only: the patient, the preference dimensions and their faces, the token-reward
             settings (:class:`~jaxalign.methods.specs.DoctorSpec`); ``model`` is the doctor's starting point.
     """
@@ -163,6 +169,7 @@ class RunConfig:
     probe_l2: float = 0.3
     probe_iterations: int = 500
     doctor: DoctorSpec | Mapping[str, Any] | None = None
+    teacher: str | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -181,6 +188,8 @@ class RunConfig:
             raise ValueError("method tfpo needs a doctor: section (patient, dimensions, faces: docs/llmdoctor.md)"
                              if self.method == "tfpo" else
                              f"RunConfig.doctor is the tfpo method's section; method {self.method} takes none")
+        if self.teacher is not None and self.method != "distill":
+            raise ValueError(f"RunConfig.teacher is the distill method's teacher; method {self.method} takes none")
         if self.doctor is not None and self.doctor.value_init == "fit" and self.loss.value_hinge != "log_value":
             raise ValueError("doctor.value_init: fit needs loss.value_hinge: log_value (a value head started at "
                              "balance reads tens of nats, where the hinge on V = exp(log V) overflows float32)")

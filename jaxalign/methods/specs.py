@@ -6,6 +6,7 @@ key; a key spelt the way TRL spells it (``cliprange``, ``num_ppo_epochs``, GRPO'
 jaxalign's spelling. The YAML and ``key=value`` surface is unchanged: ``loss.beta=0.05``.
 
 - ``sft``: :class:`SFTSpec` (:func:`jaxalign.methods.sft.sft_objective`)
+- ``distill``: :class:`DistillSpec` (:func:`jaxalign.methods.distill.distill_objective`)
 - ``reward``: :class:`RewardSpec` (:func:`jaxalign.methods.reward.reward_objective` and the reward head)
 - ``dpo``: :class:`DPOSpec` (:func:`jaxalign.methods.dpo.dpo_objective`)
 - ``kto``: :class:`KTOSpec` (:func:`jaxalign.methods.kto.kto_objective`)
@@ -92,6 +93,46 @@ class SFTSpec(MethodSpec):
     def __post_init__(self):
         self._require(0.0 <= self.label_smoothing < 1.0, "label_smoothing", "in [0, 1)")
         self._require(self.average in SFT_AVERAGES, "average", f"one of {SFT_AVERAGES}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillSpec(MethodSpec):
+    """Token-level distillation's options (:func:`jaxalign.methods.distill.distill_objective`, TRL's
+    ``GKDConfig``); the teacher is the run's top-level ``teacher`` key.
+
+    Attributes:
+        beta: β of the generalized JSD in ``[0, 1]`` (:func:`jaxalign.losses.generalized_jsd_loss`): 0 is
+            KL(teacher ‖ student), 1 is KL(student ‖ teacher), 0.5 (TRL's default) the Jensen-Shannon divergence.
+        temperature: τ > 0 dividing both models' logits inside the loss (TRL's trainer calls the loss at 1;
+            its ``GKDConfig.temperature`` is the on-policy *sampling* temperature, which does not apply here).
+        lmbda: TRL's fraction of on-policy (student-sampled) batches; only 0 is implemented: the completions
+            are the data's.
+        chunk_size: completion positions per chunk of the two LM heads (memory: one chunk's ``[N, c, V]``
+            logits of each model are alive at once); None: all at once.
+    """
+
+    beta: float = 0.5
+    temperature: float = 1.0
+    lmbda: float = 0.0
+    chunk_size: int | None = DEFAULT_CHUNK
+
+    label = "distill"
+    elsewhere = {"teacher": "the top-level key teacher", "teacher_model_name_or_path": "the top-level key teacher",
+                 "seq_kd": "`jaxalign train sft` on completions the teacher sampled (sequence-level distillation)"}
+
+    def __post_init__(self):
+        require = self._require
+        require(0.0 <= self.beta <= 1.0, "beta", "in [0, 1] (0: KL(teacher || student), 1: KL(student || teacher))")
+        require(self.temperature > 0, "temperature", "> 0")
+        require(self.lmbda == 0, "lmbda", "0: on-policy distillation (TRL's lmbda > 0, training on the student's own "
+                "samples) is not implemented; distill trains on the data's completions")
+        require(self.chunk_size is None or self.chunk_size >= 1, "chunk_size", ">= 1 or null")
+
+    def objective_options(self) -> dict[str, Any]:
+        """The options :func:`~jaxalign.methods.distill.distill_objective` takes (``lmbda`` is always 0)."""
+        options = dataclasses.asdict(self)
+        options.pop("lmbda")
+        return options
 
 
 @dataclasses.dataclass(frozen=True)
@@ -500,5 +541,6 @@ class DoctorSpec:
 
 
 # The spec of each method's ``loss:`` section.
-LOSS_SPECS: dict[str, type[MethodSpec]] = {"sft": SFTSpec, "reward": RewardSpec, "dpo": DPOSpec, "kto": KTOSpec,
-                                           "ppo": PPOConfig, "grpo": GRPOConfig, "tfpo": TFPOSpec}
+LOSS_SPECS: dict[str, type[MethodSpec]] = {"sft": SFTSpec, "distill": DistillSpec, "reward": RewardSpec,
+                                           "dpo": DPOSpec, "kto": KTOSpec, "ppo": PPOConfig, "grpo": GRPOConfig,
+                                           "tfpo": TFPOSpec}

@@ -10,8 +10,8 @@ import pytest
 from jaxalign.methods import specs
 from jaxalign.methods.recipe import load_run_config
 
-PRESET_METHODS = [("hh_rlhf", "sft"), ("hh_rlhf", "reward"), ("hh_rlhf", "dpo"), ("hh_rlhf", "kto"),
-                  ("pku_saferlhf", "reward"),
+PRESET_METHODS = [("hh_rlhf", "sft"), ("hh_rlhf", "distill"), ("hh_rlhf", "reward"), ("hh_rlhf", "dpo"),
+                  ("hh_rlhf", "kto"), ("pku_saferlhf", "reward"),
                   ("pku_saferlhf", "dpo"), ("sentiment", "reward"), ("sentiment", "dpo"), ("sentiment_ppo", "ppo"),
                   ("sentiment_grpo", "grpo")]
 
