@@ -2,7 +2,7 @@
 overrides.
 
     jaxalign train dpo --config hh_rlhf data.source=hh/train.jsonl.gz train.total_steps=500
-    jaxalign train distill --config hh_rlhf data.source=sft.jsonl model.path=small/ teacher=big/  # GKD, lmbda 0
+    jaxalign train distill --config hh_rlhf data.source=hh/train.jsonl.gz model.path=small/ teacher=big/  # GKD
     jaxalign train kto --config feedback.yaml data.source=thumbs.jsonl  # unpaired prompt/completion/label records
     jaxalign train ppo --config sentiment_ppo reward.model=runs/sentiment/reward/export
     jaxalign train reward --config my_run.yaml --resume

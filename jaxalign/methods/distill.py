@@ -8,7 +8,7 @@ forward KL, β = 1 reverse KL), averaged over the completion tokens of the batch
 
 ::
 
-    jaxalign train distill --config hh_rlhf data.source=sft.jsonl model.path=small/ teacher=big/ loss.beta=0.5
+    jaxalign train distill --config hh_rlhf data.source=hh/train.jsonl.gz model.path=small/ teacher=big/ loss.beta=0.5
 """
 
 from __future__ import annotations
