@@ -3,8 +3,9 @@ method's objective, its data checks, its epilogue (normalisation, export), and `
 
 - :mod:`~jaxalign.methods.recipe`: ``RunConfig`` (presets, YAML and ``key=value`` overrides), the presets.
 - :mod:`~jaxalign.methods.pipeline`: ``run(config)``, one run end to end (load, data, train, evaluate, export).
-- :mod:`~jaxalign.methods.sft`, :mod:`~jaxalign.methods.reward` (with :mod:`~jaxalign.methods.probe`),
-  :mod:`~jaxalign.methods.dpo`, :mod:`~jaxalign.methods.kto`: the offline methods' objectives and builders.
+- :mod:`~jaxalign.methods.sft`, :mod:`~jaxalign.methods.distill`, :mod:`~jaxalign.methods.reward` (with
+  :mod:`~jaxalign.methods.probe`), :mod:`~jaxalign.methods.dpo`, :mod:`~jaxalign.methods.kto`: the offline
+  methods' objectives and builders.
 - :mod:`~jaxalign.methods.ppo`, :mod:`~jaxalign.methods.grpo` on :mod:`~jaxalign.methods.online` (rollouts,
   scoring, minibatch epochs) with rewards from :mod:`~jaxalign.methods.rewards`; :mod:`~jaxalign.methods.rl`
   runs them from a config.

@@ -194,6 +194,8 @@ def heldout_nll(model, batches) -> dict[str, float]:
 
 
 def build(config: RunConfig, lm, tokenizer, dataset):
+    """``(student, objective, {"teacher": teacher}, dataset, extra)`` for the pipeline: SFT data (pairs: their
+    chosen side) batched with target slots, the teacher loaded and checked against the student."""
     if dataset.kind == "preference":
         dataset = chosen_as_sft(dataset)
     if dataset.kind != "sft":
