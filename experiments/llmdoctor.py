@@ -19,8 +19,10 @@ to redo it) and each with a progress bar:
    rule (the shorter response is chosen; pairs of equal length are left out).
 3. ``distill``: the weak-to-strong doctor's start: the patient's first ``--weak-layers`` layers with its embeddings,
    final norm and LM head (``models.first_layers``; 4 of 30 layers is about a third of the patient's compute per
-   token, the LM head included), distilled from the patient by SFT on the patient's own sampled responses
-   (sequence-level distillation). Held-out token NLL on the patient's samples before and after is reported.
+   token, the LM head included), distilled from the patient token by token on the patient's own sampled responses
+   (``jaxalign train distill``, preset ``llmdoctor``: the forward KL to the patient's whole next-token
+   distribution at every response token). Held-out token NLL on the patient's samples before and after, and the
+   held-out KL to the patient after, are reported.
 4. ``doctors``: TFPO (``jaxalign train tfpo``, preset ``llmdoctor``): a same-size doctor per dimension (started from
    the patient) and a weak doctor for sentiment (started from stage 3).
 5. ``genarm``: GenARM's autoregressive reward model on the sentiment pairs (``loss_type: genarm``, no reference),
@@ -72,7 +74,7 @@ from jaxalign.rollout import ArgsSampler, GuidedSampler, Sampler, SamplingParams
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DIMENSIONS = ("sentiment", "conciseness")
-STAGE_SECTIONS = {"tfpo": "tfpo", "genarm": "dpo", "distill": "sft"}
+STAGE_SECTIONS = {"tfpo": "tfpo", "genarm": "dpo", "distill": "distill"}
 TOP_P = 0.9
 DOCTOR_BETA = 1.0   # the doctors' tilt exp(sum r) over their prior, applied once (LLMDoctor's default is 0.5)
 GENARM_WEIGHT = 1.0  # GenARM's alpha: log pi_base + alpha * log pi_r (its HH evaluation script)
@@ -193,8 +195,9 @@ def held_out_nll(model, tokenizer, config: jdata.DataConfig) -> float:
 
 
 def distilled_start(out: Path, paths: dict, *, layers: int, overrides: list[str]) -> tuple[Path, dict]:
-    """The weak doctor's start (stage 3): ``first_layers(patient, layers)`` after SFT on the patient's samples."""
-    export = out / "sft" / common.EXPORT_DIR
+    """The weak doctor's start (stage 3): ``first_layers(patient, layers)`` distilled from the patient token by
+    token (``jaxalign train distill``: the forward KL to its next-token distribution) on the patient's samples."""
+    export = out / "distill" / common.EXPORT_DIR
     report_file = out / "distill.json"
     if report_file.is_file() and export.is_dir():
         return export, json.loads(report_file.read_text())
@@ -206,8 +209,8 @@ def distilled_start(out: Path, paths: dict, *, layers: int, overrides: list[str]
     student = models.first_layers(patient, layers)
     models.save_hf(student, student.config, start, tokenizer)
     config = recipe.load_run_config("llmdoctor", [
-        f"output_dir={out / 'sft'}", f"model.path={start}", f"data.source={out / 'train.jsonl'}",
-        *held_out(out / "eval.jsonl"), *overrides], method="sft")
+        f"output_dir={out / 'distill'}", f"model.path={start}", f"data.source={out / 'train.jsonl'}",
+        *held_out(out / "eval.jsonl"), *overrides], method="distill")  # teacher: null, the embedded patient
     eval_config = config.eval_data
     report = {"layers": layers, "patient_layers": patient.config.n_layers,
               "nll_patient": held_out_nll(patient, tokenizer, eval_config),
@@ -215,6 +218,7 @@ def distilled_start(out: Path, paths: dict, *, layers: int, overrides: list[str]
     del patient, student
     run = pipeline.run(config, overwrite=True)
     report["nll_after"] = held_out_nll(run.model, tokenizer, eval_config)
+    report["kl_to_patient_after"] = run.eval_metrics.get("loss")  # held-out forward KL per response token
     write_json(report_file, report)
     return export, report
 
@@ -329,14 +333,21 @@ def run_method(method: Method, patient, tokenizer, encoded: list[list[int]], pro
             "tokens_per_second": timed_tokens / timed_seconds if timed_seconds else None}
 
 
-def summarise(name: str, method: Method, result: dict, baseline: dict) -> dict:
-    ci = jeval.mean_ci
+def summarise(name: str, method: Method, result: dict, baseline: dict, *, samples: int) -> dict:
+    """One method's row of the report: every interval counts prompts, not samples, as the independent units (a
+    prompt's samples are correlated; ``jeval.mean_ci`` / ``win_rate`` with ``clusters``)."""
+    prompt_of_row = np.arange(len(result["sentiment"])) // samples
+
+    def ci(values):
+        return jeval.mean_ci(values, clusters=prompt_of_row)
+
     row = {"method": name, "label": method.label, "group": method.group, "weights": method.weights,
            "sentiment": ci(result["sentiment"]).to_dict(), "conciseness": ci(result["conciseness"]).to_dict(),
            "kl": ci(result["kl"]).to_dict(), "length": ci(result["length"]).to_dict(),
            "stopped": float(np.mean(result["stopped"])), "tokens_per_second": result["tokens_per_second"]}
     for dimension in DIMENSIONS:
-        row[f"win_rate_{dimension}"] = jeval.win_rate(result[dimension], baseline[dimension]).to_dict()
+        row[f"win_rate_{dimension}"] = jeval.win_rate(result[dimension], baseline[dimension],
+                                                      clusters=prompt_of_row).to_dict()
     return row
 
 
@@ -420,7 +431,8 @@ def evaluate(out: Path, paths: dict, doctors: dict, genarm: Path, *, settings: d
         method.release()  # its models and compiled decoders go before the next method's load
         if samples != settings["eval_samples"]:  # a deterministic method: its one answer stands for every sample
             result = {name: (np.repeat(np.asarray(value), settings["eval_samples"]).tolist()
-                             if isinstance(value, list) else value) for name, value in result.items()}
+                             if isinstance(value, list) and name != "texts" else value)
+                      for name, value in result.items()}
             result["texts"] = [t for t in result["texts"] for _ in range(settings["eval_samples"])]
         write_json(cached, {"settings": cache_key, "result": result})
         results[name] = result
@@ -544,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--main-run", type=Path, default=None,
                         help="a finished main job to reuse (default runs/sentiment; run first when missing)")
     parser.add_argument("--eval-prompts", type=int, default=64, help="held-out prompts evaluated (at most all)")
-    parser.add_argument("--eval-samples", type=int, default=1, help="samples per held-out prompt and method")
+    parser.add_argument("--eval-samples", type=int, default=2, help="samples per held-out prompt and method")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per decoding batch")
     parser.add_argument("--weak-layers", type=int, default=4, help="layers of the weak-to-strong doctor")
@@ -585,7 +597,8 @@ def main(argv: list[str] | None = None) -> int:
     weak_start, distill = distilled_start(out / "distill", paths, layers=args.weak_layers,
                                           overrides=overrides["distill"])
     print(f"      held-out token NLL of the patient's samples: patient {distill['nll_patient']:.3f}, "
-          f"{args.weak_layers}-layer start {distill['nll_before']:.3f} -> distilled {distill['nll_after']:.3f}")
+          f"{args.weak_layers}-layer start {distill['nll_before']:.3f} -> distilled {distill['nll_after']:.3f} "
+          f"(held-out KL to the patient {distill['kl_to_patient_after']:.3f} nats per token)")
     timed("distill", stage)
 
     print("[4/7] doctors (TFPO): same size per dimension, weak-to-strong for sentiment")
@@ -619,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print("[7/7] report")
     baseline = evaluation["results"]["patient"]
-    summary = {"methods": [summarise(name, methods[name], result, baseline)
+    summary = {"methods": [summarise(name, methods[name], result, baseline, samples=args.eval_samples)
                            for name, result in evaluation["results"].items()],
                "pairs": pairs, "distill": distill, "settings": settings, "timings": timings,
                "weak_doctor": {"layers": args.weak_layers, "patient_layers": distill["patient_layers"]},

@@ -201,13 +201,14 @@ def test_doctor_presets_resolve(preset, dimensions, init_layers):
 
 def test_llmdoctor_preset_resolves_its_three_stages():
     """experiments.llmdoctor's stages: TFPO doctors, GenARM (the DPO trainer's genarm loss, no reference) and the
-    weak doctor's distillation (SFT)."""
+    weak doctor's distillation (token-level, from the embedded patient)."""
     doctor = recipe.load_run_config("llmdoctor", ["doctor.dimensions=[conciseness]"], method="tfpo")
     assert doctor.doctor.dimensions == ("conciseness",) and set(doctor.doctor.resolved_faces()) == {"conciseness"}
     genarm = recipe.load_run_config("llmdoctor", [], method="dpo")
     assert genarm.loss.loss_type == "genarm" and genarm.reference == "none" and genarm.loss.beta == 0.1
-    distill = recipe.load_run_config("llmdoctor", [], method="sft")
+    distill = recipe.load_run_config("llmdoctor", [], method="distill")
     assert distill.train.total_steps == 64 and distill.train.optimizer.learning_rate == 1e-3
+    assert distill.loss.beta == 0.0 and distill.teacher is None
 
 
 def test_train_command_runs_resumes_and_refuses_mixing(checkpoint, pairs_file, tmp_path, capsys):
