@@ -91,8 +91,8 @@ class PolicyEval:
         out |= {"kl": (self._mean(self.kl), None), "kl_k3": (self._mean(self.kl_k3), None),
                 "response_length": (self._mean(self.length_policy), self._mean(self.length_reference)),
                 # A fraction: its interval is Wilson's, inside [0, 1] (a t interval is not near 0 or 1).
-                "stopped": (proportion_ci(self.stopped_policy, self.confidence),
-                            proportion_ci(self.stopped_reference, self.confidence))}
+                "stopped": (proportion_ci(self.stopped_policy, self.confidence, clusters=self.prompt_of_row),
+                            proportion_ci(self.stopped_reference, self.confidence, clusters=self.prompt_of_row))}
         return out
 
     def _label(self, metric: str) -> str:

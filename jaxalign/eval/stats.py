@@ -33,7 +33,14 @@ Both intervals then take the prompts, not the rows, as the independent units:
 - :func:`win_rate`: the Wilson interval on Kish's effective sample size ``n / deff``, where the design effect
   ``deff = Σ_g (Σ_{i∈g} (x_i − p̂))² / Σ_i (x_i − p̂)²`` is the ratio of the cluster-robust to the independent
   variance of ``p̂`` (no small-sample factors: one row per cluster gives ``deff = 1``, every comparison repeated
-  ``m`` times gives ``deff = m``). It is floored at 1: clustering never narrows an interval.
+  ``m`` times gives ``deff = m``). It is floored at 1: clustering never narrows an interval. Where ``deff`` is
+  undefined (every outcome equal, e.g. all wins: 0/0) or says nothing (a single cluster, whose deviations sum to
+  0), the effective size is ``G``, one per cluster: the most conservative value, as if every row repeated its
+  cluster's first.
+- :func:`proportion_ci`: the same effective size for the Wilson interval of a fraction.
+
+The two differ on purpose where samples of one prompt are negatively correlated: the cluster-robust mean interval
+is then narrower than the plain one (Liang–Zeger as published), while the Wilson intervals keep ``deff >= 1``.
 """
 
 from __future__ import annotations
@@ -159,6 +166,17 @@ def _cluster_ids(clusters, n: int, function: str) -> np.ndarray:
     return np.asarray([codes.setdefault(label, len(codes)) for label in labels], np.int64)
 
 
+def _effective_size(outcomes: np.ndarray, codes: np.ndarray) -> float:
+    """Kish's ``n / deff`` of ``outcomes`` clustered by ``codes`` (module docstring), ``G`` where undefined."""
+    n, groups = outcomes.size, int(codes.max()) + 1
+    deviations = outcomes - outcomes.mean()
+    independent = float(np.sum(deviations ** 2))
+    if independent == 0 or groups == 1:
+        return float(groups)
+    clustered = float(np.sum(np.bincount(codes, weights=deviations) ** 2))
+    return n / max(1.0, clustered / independent)
+
+
 def win_rate(scores: Float[np.ndarray, " N"] | Sequence[float],
              baseline_scores: Float[np.ndarray, " N"] | Sequence[float], *, confidence: float = 0.95,
              tie_tolerance: float = 0.0, clusters: Sequence | None = None) -> WinRate:
@@ -195,10 +213,8 @@ def win_rate(scores: Float[np.ndarray, " N"] | Sequence[float],
     rate = (wins + 0.5 * ties) / n
     effective_n = None
     if clusters is not None:
-        deviations = np.where(won, 1.0, np.where(tied, 0.5, 0.0)) - rate
-        independent = float(np.sum(deviations ** 2))
-        clustered = float(np.sum(np.bincount(_cluster_ids(clusters, n, "win_rate"), weights=deviations) ** 2))
-        effective_n = n / max(1.0, clustered / independent) if independent > 0 else float(n)
+        outcomes = np.where(won, 1.0, np.where(tied, 0.5, 0.0))
+        effective_n = _effective_size(outcomes, _cluster_ids(clusters, n, "win_rate"))
     size = n if effective_n is None else effective_n
     low, high = wilson_interval(rate * size, size, confidence=confidence)
     return WinRate(rate=rate, low=low, high=high, wins=wins, ties=ties, losses=n - wins - ties, n=n,
@@ -235,11 +251,15 @@ def mean_ci(values: Float[np.ndarray, " N"] | Sequence[float], confidence: float
     return MeanCI(mean=mean, low=mean - half, high=mean + half, std=std, n=n, confidence=confidence)
 
 
-def proportion_ci(flags: Float[np.ndarray, " N"] | Sequence[float], confidence: float = 0.95) -> MeanCI:
+def proportion_ci(flags: Float[np.ndarray, " N"] | Sequence[float], confidence: float = 0.95, *,
+                  clusters: Sequence | None = None) -> MeanCI:
     """The fraction of true ``flags`` (0/1 values) with its Wilson interval, as a :class:`MeanCI`.
 
+    With ``clusters`` (``[N]`` labels of correlated flags, e.g. each sample's prompt) the interval is Wilson's on
+    the effective sample size, as :func:`win_rate`'s (module docstring).
+
     Raises:
-        ValueError: not 1-D, empty, a value other than 0 or 1, or a bad level.
+        ValueError: not 1-D, empty, a value other than 0 or 1, a bad level, or not one cluster label per flag.
     """
     array = _vector("flags", flags)
     if array.size == 0:
@@ -247,6 +267,7 @@ def proportion_ci(flags: Float[np.ndarray, " N"] | Sequence[float], confidence: 
     if not np.isin(array, (0.0, 1.0)).all():
         raise ValueError("proportion_ci: flags must be 0 or 1")
     n, successes = int(array.size), float(array.sum())
-    low, high = wilson_interval(successes, n, confidence=confidence)
+    size = n if clusters is None else _effective_size(array, _cluster_ids(clusters, n, "proportion_ci"))
+    low, high = wilson_interval(successes / n * size, size, confidence=confidence)
     std = float(array.std(ddof=1)) if n > 1 else math.nan
     return MeanCI(mean=successes / n, low=low, high=high, std=std, n=n, confidence=confidence)

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxalign.eval import PolicyEval, RewardModelJudge, evaluate_policy, reference_logps, sequence_kl, wilson_interval
+from jaxalign.eval import PolicyEval, RewardModelJudge, evaluate_policy, proportion_ci, reference_logps, sequence_kl
 from jaxalign.rollout import SamplingParams
 from tests.eval.conftest import PROMPTS, TextJudge
 
@@ -76,11 +76,14 @@ def test_report_dict_table_and_plot(policy, other, tokenizer, tmp_path):
     assert any(line.startswith("win rate vs reference (crc)") and f"of {result.win_rate.n})" in line for line in lines)
     assert any(line.startswith("KL(policy || reference), k1") for line in lines)
     assert len(result.samples) == 2 and result.samples[0] == result.records[0]
-    # A fraction's interval is Wilson's: inside [0, 1] even for 1 stop in 16 (a t interval went below 0).
-    one_in_sixteen = dataclasses.replace(result, stopped_policy=np.arange(16) == 3)
-    stopped = one_in_sixteen.to_dict()["stopped"]["policy"]
-    assert stopped["mean"] == 0.0625 and 0.0 < stopped["low"] < 0.0625 < stopped["high"] < 1.0
-    assert (stopped["low"], stopped["high"]) == pytest.approx(wilson_interval(1, 16))
+    # A fraction's interval is Wilson's (inside [0, 1], where a t interval went below 0), counting prompts: both
+    # samples of one prompt stopped, which is worth one observation, not two.
+    flags = np.isin(np.arange(6), [2, 3])
+    stopped = dataclasses.replace(result, stopped_policy=flags).to_dict()["stopped"]["policy"]
+    expected = proportion_ci(flags, clusters=result.prompt_of_row)
+    assert result.prompts == 3 and expected.low < proportion_ci(flags).low
+    assert stopped["mean"] == pytest.approx(1 / 3) and 0.0 < stopped["low"] < 1 / 3 < stopped["high"] < 1.0
+    assert (stopped["low"], stopped["high"]) == pytest.approx((expected.low, expected.high))
     path = result.plot(tmp_path / "plots" / "eval.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
 

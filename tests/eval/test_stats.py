@@ -174,6 +174,28 @@ def test_cluster_robust_error_by_hand():
         (win_rate([1.0, 0.0] * 5, [0.5] * 10).low, win_rate([1.0, 0.0] * 5, [0.5] * 10).high))
 
 
+def test_undefined_design_effect_counts_one_row_per_cluster():
+    # every comparison won: deff is 0/0, and the copies still add nothing (the 10 prompts' interval, not 20 rows')
+    result = win_rate(np.ones(20), np.zeros(20), clusters=np.repeat(np.arange(10), 2))
+    expected = win_rate(np.ones(10), np.zeros(10))
+    assert result.effective_n == 10 and (result.low, result.high) == pytest.approx((expected.low, expected.high))
+    assert result.low < win_rate(np.ones(20), np.zeros(20)).low
+    # one prompt: its deviations sum to 0, so the rows are worth one comparison (mean_ci has no interval at all)
+    result = win_rate([1.0, 0.0, 1.0, 1.0], [0.5] * 4, clusters=["p"] * 4)
+    assert result.effective_n == 1 and (result.low, result.high) == pytest.approx(wilson_interval(0.75, 1))
+    assert math.isnan(mean_ci([1.0, 0.0, 1.0, 1.0], clusters=["p"] * 4).low)
+
+
+def test_proportion_ci_with_clusters_counts_prompts():
+    flags = np.array([1.0, 0, 0, 1, 1, 0, 1, 1])
+    result = proportion_ci(np.repeat(flags, 2), clusters=np.repeat(np.arange(8), 2))
+    expected = proportion_ci(flags)
+    assert result.mean == expected.mean and result.n == 16
+    assert (result.low, result.high) == pytest.approx((expected.low, expected.high), rel=1e-12)
+    with pytest.raises(ValueError, match="proportion_ci: clusters has 3 labels for 16"):
+        proportion_ci(np.repeat(flags, 2), clusters=[0, 1, 2])
+
+
 def test_clusters_need_one_label_per_row():
     with pytest.raises(ValueError, match="clusters has 2 labels for 3 values"):
         mean_ci([1.0, 2.0, 3.0], clusters=[0, 1])
