@@ -286,7 +286,8 @@ class Scheduler:
         if not self._waiting or not self.engine.live or not self.prefill_wait:
             return True
         waited = self.iterations - self._waiting[0].queued_at_iteration  # decode steps it has been held
-        return sum(len(job.settings) for job in self._waiting) >= MIN_BATCH_BUCKET or waited >= self.prefill_wait
+        # Prompts, not rows: a request for n samples is prefilled once (one prompt row, the rest padding).
+        return len(self._waiting) >= MIN_BATCH_BUCKET or waited >= self.prefill_wait
 
     def _admit(self) -> None:
         """Admit waiting jobs in arrival order while their rows fit and ``prefill_tokens`` lasts."""

@@ -42,10 +42,10 @@ class Driven:
         engine.prefill_many = recording
         self.engine = engine
 
-    def submit(self, name: str, tokens: int) -> Job:
+    def submit(self, name: str, tokens: int, *, samples: int = 1) -> Job:
         prompt = [3 + len(self.names), 5, 7]  # a prompt of its own per job
         self.names[tuple(prompt)] = name
-        job = Job(prompt_ids=prompt, settings=[GREEDY], max_tokens=tokens, stops=(), deadline=math.inf,
+        job = Job(prompt_ids=prompt, settings=[GREEDY] * samples, max_tokens=tokens, stops=(), deadline=math.inf,
                   loop=self.loop, queue=asyncio.Queue(), ignore_eos=True)
         self.scheduler.submit(job)
         return job
@@ -97,6 +97,16 @@ def test_the_next_arrival_within_the_wait_shares_the_prefill_at_once(driven):
     run.submit("c", 5)
     run.tick(3)
     assert run.groups[1:] == [(5, ["b", "c"])], "b held through iterations 3 and 4, then starts with c"
+
+
+def test_a_lone_request_for_several_samples_still_waits(driven):
+    # n = 2 is one prompt: the prefill call would still run a padding row, so it waits like any lone prompt
+    run = driven(prefill_wait=3)
+    run.submit("a", 30)
+    run.tick(3)
+    run.submit("b", 5, samples=2)
+    run.tick(5)
+    assert run.groups[1] == (4 + 3, ["b"])
 
 
 def test_requests_arriving_together_start_at_once(driven):
