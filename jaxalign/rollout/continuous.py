@@ -73,6 +73,9 @@ from jaxalign.rollout.sampling import next_token
 MIN_BATCH_BUCKET = 2
 # Prefills have at least this many columns (times MIN_BATCH_BUCKET rows: more than 32 rows in every product).
 MIN_PREFILL_LENGTH = 24
+# A prefill's matrix products need more than this many rows (rows × columns) to run the kernels of any larger
+# call: a lone prompt longer than this is prefilled as one row, a shorter one beside a padding row.
+MATVEC_ROWS = 32
 # The smallest cache length, and the least room a resized cache leaves for new tokens.
 MIN_COLUMNS = 64
 COLUMN_HEADROOM = 32
@@ -189,7 +192,10 @@ def _prefill(states, heads, tokens, mask, *, graphdefs):
                                         next_position=jnp.broadcast_to(head.next_position, (rows,)))
         hidden, cache = model.hidden_states(tokens, attention_mask=mask, cache=cache)
         caches.append(cache.per_layer())
-        logits.append(model.logits(hidden[:, -1]))
+        last = hidden[:, -1]
+        if rows < MIN_BATCH_BUCKET:  # the LM head as a matrix product even for one prompt (see MATVEC_ROWS)
+            last = jnp.pad(last, ((0, MIN_BATCH_BUCKET - rows), (0, 0)))
+        logits.append(model.logits(last)[:rows])
     return tuple(caches), jnp.stack(logits)
 
 
@@ -441,11 +447,13 @@ class ContinuousEngine:
     def prefill_many(self, prompts: Sequence[Sequence[int]]) -> list[Prefilled]:
         """Run prompts through every model, those of one length bucket (and cached head) in one call.
 
-        A call has at least :data:`MIN_BATCH_BUCKET` rows and prompts of at least :data:`MIN_PREFILL_LENGTH`
-        columns, so its matrix products always have more than 32 rows: XLA's CPU backend then picks the same kind
-        of kernels whatever the number of prompts, and a prompt's cache and first token depend on which prompts
-        were prefilled with it only by rounding (SmolLM2-135M: bit for bit on some CPUs, within 1e-4 on others;
-        the tests' tiny models within about 1e-6).
+        A call's prompts have at least :data:`MIN_PREFILL_LENGTH` columns and it has at least
+        :data:`MIN_BATCH_BUCKET` rows, or one row for a lone prompt of more than :data:`MATVEC_ROWS` columns (half
+        the work; its last position still meets the LM head beside a padding row), so its matrix products always
+        have more than 32 rows: XLA's CPU backend then picks the same kind of kernels whatever the number of
+        prompts, and a prompt's cache and first token depend on which prompts were prefilled with it only by
+        rounding (SmolLM2-135M: bit for bit on some CPUs, within 1e-4 on others; the tests' tiny models within
+        about 1e-6).
 
         Raises:
             ValueError: an empty prompt, one of ``max_model_len`` tokens or more, or a token outside the vocabulary.
@@ -471,7 +479,7 @@ class ContinuousEngine:
         """One prefill call: ``prompts`` (each beginning with ``head``'s tokens, if any) left-padded to ``length``
         columns after the head's."""
         skip = 0 if head is None else len(head.tokens)
-        rows = bucket(max(len(prompts), MIN_BATCH_BUCKET), None)
+        rows = bucket(max(len(prompts), 1 if length > MATVEC_ROWS else MIN_BATCH_BUCKET), None)
         tokens = np.full((rows, length), self.pad_token_id, np.int32)
         mask = np.zeros((rows, length), np.int32)
         for row, prompt in enumerate(prompts):
@@ -654,7 +662,7 @@ class ContinuousEngine:
         for h, length in sorted(shapes):
             head = None if h < 0 else self._heads[h]
             prompt = [*(head.tokens if head else ()), *[self.pad_token_id] * length]
-            for group in (g for g in self.batch_buckets() if g <= MAX_PREFILL_ROWS):
+            for group in (g for g in (1, *self.batch_buckets()) if g <= MAX_PREFILL_ROWS):
                 first = self._prefill_group(head, [prompt] * group, length)[0]
                 prefilled[first.caches[0].max_length] = first
         widths = sorted(prefilled)

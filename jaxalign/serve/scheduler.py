@@ -9,10 +9,11 @@ step for every live row; hand each row's new text to its request.
 
 While rows decode, a request that arrives alone may be held for up to ``prefill_wait`` decode steps so that
 it shares its prefill call with the next arrival (vLLM's ``scheduler_delay_factor``, counted in steps): every
-prefill call stalls all running rows, and a call prefills at least two rows (the engine's smallest batch), so a
-lone prompt pays for two (SmolLM2-135M on 2 CPU cores: 92 ms for one prompt, 93 ms for two, 125 ms for four,
-against 107-146 ms for a decode step of 32 rows). A request is admitted at once when nothing decodes, when
-another waits with it, or when it has waited ``prefill_wait`` steps.
+prefill call stalls all running rows, and a call of short prompts (up to 32 columns, as the rest of most chat
+prompts after the cached head) prefills at least two rows, so a lone one pays for two (SmolLM2-135M on 2 CPU
+cores: 92 ms for one prompt, 93 ms for two, 125 ms for four, against 107-146 ms for a decode step of 32 rows).
+A request is admitted at once when nothing decodes, when another waits with it, or when it has waited
+``prefill_wait`` steps.
 A row leaves its slot the moment it ends (a stop token, a stop string, ``max_tokens``, the context length) or
 its client goes away. The HTTP side never touches the engine: it submits a :class:`Job` and reads
 :class:`Event`\\ s from the job's asyncio queue, which the scheduler fills with ``call_soon_threadsafe``.

@@ -17,7 +17,7 @@ import pytest
 from flax import nnx
 
 from jaxalign.models import LlamaForCausalLM
-from jaxalign.rollout import Sampler, SamplingParams
+from jaxalign.rollout import Sampler, SamplingParams, continuous
 from jaxalign.rollout.continuous import ContinuousEngine, RowSettings
 from tests.rollout.conftest import PROMPTS as SHORT_PROMPTS
 from tests.rollout.conftest import N, V, count_engine_compilations
@@ -171,6 +171,27 @@ def test_prompts_prefilled_together_equal_prefilled_alone(model, reference):
     assert_greedy_reference(outs, {i: i for i in range(5)}, reference)
 
 
+def test_a_lone_long_prompt_is_prefilled_in_one_row_as_it_is_in_company(model, reference, monkeypatch):
+    # 35 tokens, the 48-column bucket: one row already gives products of more than 32 rows, so no padding row
+    engine, rows = make_engine(model), []
+    prefill = continuous._prefill
+
+    def recording(states, heads, tokens, mask, **kwargs):
+        rows.append(tokens.shape[0])
+        return prefill(states, heads, tokens, mask, **kwargs)
+
+    monkeypatch.setattr(continuous, "_prefill", recording)
+    long, short = PROMPTS[7], PROMPTS[3]
+    alone, lone_short = engine.prefill(long), engine.prefill(short)
+    grouped = engine.prefill_many([long, SHORT_PROMPTS[0] * 12])[0]  # beside another 48-column prompt
+    assert rows == [1, 2, 2], "a lone prompt of 24 columns still gets its padding row"
+    assert lone_short.length == len(short) and alone.length == grouped.length == len(long)
+    np.testing.assert_allclose(np.asarray(alone.logits), np.asarray(grouped.logits), atol=LOGP_TOL)
+    for a, b in zip(jax.tree.leaves(alone.caches), jax.tree.leaves(grouped.caches), strict=True):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=LOGP_TOL)
+    assert_greedy_reference(drive(engine, [Join(0, long, {7: GREEDY}, 3)]), {7: 7}, reference)
+
+
 def test_smollm2_prompts_prefilled_together_equal_prefilled_alone():
     """What docs/serving.md states for the embedded model: the same first-token logits alone or in a group, bit for
     bit on some CPUs and to about 1e-4 on others (XLA's CPU backend picks kernels by shape and processor: an AMD
@@ -189,7 +210,8 @@ def test_smollm2_prompts_prefilled_together_equal_prefilled_alone():
     engine = ContinuousEngine(smollm2, max_batch=4, max_model_len=64)
     rng = np.random.default_rng(0)
     prompts = [list(rng.integers(0, smollm2.config.vocab_size, size=n)) for n in (17, 22, 24)]
-    for grouped, prompt in zip(engine.prefill_many(prompts), prompts, strict=True):  # one call of 4 rows
+    prompts += [list(rng.integers(0, smollm2.config.vocab_size, size=n)) for n in (33, 40)]  # alone: one row
+    for grouped, prompt in zip(engine.prefill_many(prompts), prompts, strict=True):  # calls of 4 and 2 rows
         together, alone = np.asarray(grouped.logits), np.asarray(engine.prefill(prompt).logits)
         np.testing.assert_allclose(together, alone, atol=2e-4, rtol=0)
         assert int(np.argmax(together)) == int(np.argmax(alone))
@@ -464,6 +486,16 @@ def test_warm_up_compiles_the_prefills_after_a_head(model):
         prefilled = engine.prefill_many(prompts)  # four prompts continuing the head, one call
     assert [p.reused for p in prefilled] == [len(head)] * 4
     assert compiled == [], "no prefill after the head compiles after the warm-up"
+
+
+def test_warm_up_compiles_the_one_row_prefill_of_a_lone_long_prompt(model):
+    # A prompt bucket of its own (44 columns), so no other test has compiled these prefills.
+    engine = ContinuousEngine(model, max_batch=4, max_model_len=64, length_buckets=(24, 44, 64))
+    engine.warm_up(prompt_lengths=(40,), head_lengths=())
+    with count_engine_compilations("_prefill") as compiled:
+        engine.prefill(PROMPTS[7])  # 35 tokens: one row
+        engine.prefill_many([PROMPTS[7], PROMPTS[7][1:]])  # two rows
+    assert compiled == [], "no prefill of a warmed length compiles, alone or in company"
 
 
 def test_heads_that_leave_no_room_are_refused(model):
