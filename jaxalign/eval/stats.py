@@ -88,6 +88,7 @@ class WinRate:
         confidence: the interval's level.
         effective_n: the comparisons' worth in independent ones when they came in clusters (``n / deff``, see the
             module docstring); None without clusters.
+        clusters: how many clusters (``G``, e.g. prompts) the comparisons came in; None without clusters.
     """
 
     rate: float
@@ -99,6 +100,7 @@ class WinRate:
     n: int
     confidence: float = 0.95
     effective_n: float | None = None
+    clusters: int | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -118,6 +120,7 @@ class MeanCI:
         std: the sample standard deviation (``ddof = 1``; NaN when ``n = 1``).
         n: values.
         confidence: the interval's level.
+        clusters: how many clusters (``G``, the interval's independent units) the values came in; None without.
     """
 
     mean: float
@@ -126,6 +129,7 @@ class MeanCI:
     std: float
     n: int
     confidence: float = 0.95
+    clusters: int | None = None
 
     def to_dict(self) -> dict:
         return {name: _finite_or_none(value) if isinstance(value, float) else value
@@ -211,14 +215,15 @@ def win_rate(scores: Float[np.ndarray, " N"] | Sequence[float],
     ties, wins = int(np.sum(tied)), int(np.sum(won))
     n = int(ours.size)
     rate = (wins + 0.5 * ties) / n
-    effective_n = None
+    effective_n = groups = None
     if clusters is not None:
         outcomes = np.where(won, 1.0, np.where(tied, 0.5, 0.0))
-        effective_n = _effective_size(outcomes, _cluster_ids(clusters, n, "win_rate"))
+        codes = _cluster_ids(clusters, n, "win_rate")
+        effective_n, groups = _effective_size(outcomes, codes), int(codes.max()) + 1
     size = n if effective_n is None else effective_n
     low, high = wilson_interval(rate * size, size, confidence=confidence)
     return WinRate(rate=rate, low=low, high=high, wins=wins, ties=ties, losses=n - wins - ties, n=n,
-                   confidence=confidence, effective_n=effective_n)
+                   confidence=confidence, effective_n=effective_n, clusters=groups)
 
 
 def mean_ci(values: Float[np.ndarray, " N"] | Sequence[float], confidence: float = 0.95, *,
@@ -240,15 +245,16 @@ def mean_ci(values: Float[np.ndarray, " N"] | Sequence[float], confidence: float
     mean = float(array.mean())
     std = float(array.std(ddof=1)) if n > 1 else math.nan
     units = n if codes is None else int(codes.max()) + 1
+    groups = None if codes is None else units
     if units == 1:  # one independent unit: no spread to estimate
-        return MeanCI(mean=mean, low=math.nan, high=math.nan, std=std, n=n, confidence=confidence)
+        return MeanCI(mean=mean, low=math.nan, high=math.nan, std=std, n=n, confidence=confidence, clusters=groups)
     if codes is None:
         error = std / math.sqrt(n)
     else:
         sums = np.bincount(codes, weights=array - mean)
         error = math.sqrt(units / (units - 1) * float(np.sum(sums ** 2))) / n
     half = float(special.stdtrit(units - 1, 0.5 + confidence / 2)) * error
-    return MeanCI(mean=mean, low=mean - half, high=mean + half, std=std, n=n, confidence=confidence)
+    return MeanCI(mean=mean, low=mean - half, high=mean + half, std=std, n=n, confidence=confidence, clusters=groups)
 
 
 def proportion_ci(flags: Float[np.ndarray, " N"] | Sequence[float], confidence: float = 0.95, *,
@@ -267,7 +273,10 @@ def proportion_ci(flags: Float[np.ndarray, " N"] | Sequence[float], confidence: 
     if not np.isin(array, (0.0, 1.0)).all():
         raise ValueError("proportion_ci: flags must be 0 or 1")
     n, successes = int(array.size), float(array.sum())
-    size = n if clusters is None else _effective_size(array, _cluster_ids(clusters, n, "proportion_ci"))
+    size, groups = n, None
+    if clusters is not None:
+        codes = _cluster_ids(clusters, n, "proportion_ci")
+        size, groups = _effective_size(array, codes), int(codes.max()) + 1
     low, high = wilson_interval(successes / n * size, size, confidence=confidence)
     std = float(array.std(ddof=1)) if n > 1 else math.nan
-    return MeanCI(mean=successes / n, low=low, high=high, std=std, n=n, confidence=confidence)
+    return MeanCI(mean=successes / n, low=low, high=high, std=std, n=n, confidence=confidence, clusters=groups)

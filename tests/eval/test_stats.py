@@ -86,7 +86,8 @@ def test_win_rate_is_a_frozen_record():
     result = win_rate([1.0, 0.0], [0.0, 0.0])
     assert isinstance(result, WinRate)
     assert result.to_dict() == {"rate": 0.75, "low": result.low, "high": result.high, "wins": 1, "ties": 1,
-                                "losses": 0, "n": 2, "confidence": 0.95, "effective_n": None}
+                                "losses": 0, "n": 2, "confidence": 0.95, "effective_n": None,
+                                "clusters": None}
     with pytest.raises(dataclasses.FrozenInstanceError):
         result.rate = 0.0
 
@@ -105,7 +106,8 @@ def test_mean_ci_equals_scipy_t_interval(confidence):
 def test_mean_ci_edge_cases():
     single = mean_ci([2.5])
     assert single.mean == 2.5 and math.isnan(single.low) and math.isnan(single.high)
-    assert single.to_dict() == {"mean": 2.5, "low": None, "high": None, "std": None, "n": 1, "confidence": 0.95}
+    assert single.to_dict() == {"mean": 2.5, "low": None, "high": None, "std": None, "n": 1, "confidence": 0.95,
+                               "clusters": None}
     constant = mean_ci([1.0, 1.0, 1.0])
     assert (constant.low, constant.mean, constant.high) == (1.0, 1.0, 1.0)
     with pytest.raises(ValueError, match="no values"):
@@ -153,6 +155,7 @@ def test_copies_of_each_row_add_no_information():
     result = win_rate(np.repeat(scores, 3), np.repeat(baseline, 3), clusters=np.repeat(np.arange(8), 3))
     expected = win_rate(scores, baseline)
     assert result.effective_n == pytest.approx(8) and result.n == 24 and result.rate == expected.rate
+    assert result.clusters == 8 and mean_ci(doubled, clusters=prompts).clusters == 9 and expected.clusters is None
     assert (result.low, result.high) == pytest.approx((expected.low, expected.high), rel=1e-12)
 
 
