@@ -170,15 +170,16 @@ def _cluster_ids(clusters, n: int, function: str) -> np.ndarray:
     return np.asarray([codes.setdefault(label, len(codes)) for label in labels], np.int64)
 
 
-def _effective_size(outcomes: np.ndarray, codes: np.ndarray) -> float:
-    """Kish's ``n / deff`` of ``outcomes`` clustered by ``codes`` (module docstring), ``G`` where undefined."""
+def _effective_size(outcomes: np.ndarray, codes: np.ndarray) -> tuple[float, int]:
+    """``(n / deff, G)``: Kish's effective size of ``outcomes`` clustered by ``codes`` (module docstring; ``G``
+    where ``deff`` is undefined) and the number of clusters."""
     n, groups = outcomes.size, int(codes.max()) + 1
     deviations = outcomes - outcomes.mean()
     independent = float(np.sum(deviations ** 2))
     if independent == 0 or groups == 1:
-        return float(groups)
+        return float(groups), groups
     clustered = float(np.sum(np.bincount(codes, weights=deviations) ** 2))
-    return n / max(1.0, clustered / independent)
+    return n / max(1.0, clustered / independent), groups
 
 
 def win_rate(scores: Float[np.ndarray, " N"] | Sequence[float],
@@ -218,8 +219,7 @@ def win_rate(scores: Float[np.ndarray, " N"] | Sequence[float],
     effective_n = groups = None
     if clusters is not None:
         outcomes = np.where(won, 1.0, np.where(tied, 0.5, 0.0))
-        codes = _cluster_ids(clusters, n, "win_rate")
-        effective_n, groups = _effective_size(outcomes, codes), int(codes.max()) + 1
+        effective_n, groups = _effective_size(outcomes, _cluster_ids(clusters, n, "win_rate"))
     size = n if effective_n is None else effective_n
     low, high = wilson_interval(rate * size, size, confidence=confidence)
     return WinRate(rate=rate, low=low, high=high, wins=wins, ties=ties, losses=n - wins - ties, n=n,
@@ -275,8 +275,7 @@ def proportion_ci(flags: Float[np.ndarray, " N"] | Sequence[float], confidence: 
     n, successes = int(array.size), float(array.sum())
     size, groups = n, None
     if clusters is not None:
-        codes = _cluster_ids(clusters, n, "proportion_ci")
-        size, groups = _effective_size(array, codes), int(codes.max()) + 1
+        size, groups = _effective_size(array, _cluster_ids(clusters, n, "proportion_ci"))
     low, high = wilson_interval(successes / n * size, size, confidence=confidence)
     std = float(array.std(ddof=1)) if n > 1 else math.nan
     return MeanCI(mean=successes / n, low=low, high=high, std=std, n=n, confidence=confidence, clusters=groups)

@@ -47,6 +47,9 @@ from jaxalign.methods.rl import run_online
 from jaxalign.train import Trainer
 from jaxalign.train.plots import plot_metrics
 
+# Methods that train on sequences: preference pairs given to them train (and are held out) on their chosen side.
+CHOSEN_SIDE_METHODS = ("sft", "distill")
+
 
 def run(config: RunConfig, *, overwrite: bool = False) -> RunResult:
     """Train, evaluate and export one run (see the module docstring).
@@ -66,7 +69,7 @@ def run(config: RunConfig, *, overwrite: bool = False) -> RunResult:
     if config.curriculum is not None:
         dataset = curriculum_order(dataset, config.curriculum)
     eval_dataset = None if config.eval_data is None else jdata.build_dataset(config.eval_data, tokenizer)
-    if config.method in ("sft", "distill") and eval_dataset is not None and eval_dataset.kind == "preference":
+    if config.method in CHOSEN_SIDE_METHODS and eval_dataset is not None and eval_dataset.kind == "preference":
         eval_dataset = sft.chosen_as_sft(eval_dataset)
     if config.method == "kto":  # preference pairs give a desirable and an undesirable example each (TRL)
         dataset = kto.as_unpaired(dataset)
@@ -155,7 +158,7 @@ def run_doctors(config: RunConfig, *, overwrite: bool = False) -> RunResult:
 
 def check_eval_kind(config: RunConfig, dataset: jdata.TokenizedDataset, eval_dataset: jdata.TokenizedDataset):
     """The held-out set feeds the training objective: it must hold the same kind of examples."""
-    chosen_sides = config.method in ("sft", "distill") and dataset.kind == "preference"
+    chosen_sides = config.method in CHOSEN_SIDE_METHODS and dataset.kind == "preference"
     trained = "sft" if chosen_sides else dataset.kind
     if eval_dataset.kind != trained:
         hint = (f"; set eval_data.dimension to one of {list(eval_dataset.dimensions)}"
