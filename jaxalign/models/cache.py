@@ -111,7 +111,7 @@ class KVCache:
             return self
 
         def stack(layers):
-            return jnp.stack([_slots_major(layer) for layer in layers])
+            return jnp.stack([slots_major(layer) for layer in layers])
 
         return dataclasses.replace(self, keys=stack(self.keys), values=stack(self.values))
 
@@ -156,13 +156,44 @@ class LayerKV(NamedTuple):
         def write(buffers, new):
             new = jnp.transpose(new, (0, 2, 3, 1)).astype(buffers[layer].dtype)  # [B, K, Dh, T]
             buffer = jax.lax.dynamic_update_slice(buffers[layer], new, (0, 0, 0, self.index))
-            return buffers[:layer] + (buffer,) + buffers[layer + 1:], _slots_major(buffer)
+            return buffers[:layer] + (buffer,) + buffers[layer + 1:], slots_major(buffer)
 
         keys, layer_keys = write(self.keys, new_keys)
         values, layer_values = write(self.values, new_values)
         return self._replace(keys=keys, values=values), layer_keys, layer_values
 
 
-def _slots_major(buffer: Float[Array, "B K Dh S"]) -> Float[Array, "B S K Dh"]:
+class Joining(NamedTuple):
+    """A prompt that joins a decode step (:meth:`jaxalign.models.LlamaForCausalLM.decode_joining`): its tokens
+    are computed in the same matrix products as the step's one token per row, and written into row ``slot``.
+
+    The prompt's ``P`` columns end at the step's write column ``I`` (so its tokens are written at
+    ``[I − P + 1, I]``, and the row decodes from ``I + 1`` on as every other row), and the ``head``'s columns
+    come right before them (a cached prompt head the tokens continue: a one-row cache, tokens right-aligned).
+    """
+
+    tokens: Int[Array, "1 P"]  # left-padded
+    mask: Bool[Array, "1 P"]
+    slot: Int[Array, ""]
+    head: KVCache | None
+
+
+def write_joining(buffer: Float[Array, "B K Dh S"], slot, new: Float[Array, "1 P K Dh"], first,
+                  head: Float[Array, "1 K Dh W"] | None) -> Float[Array, "B K Dh S"]:
+    """``buffer`` with row ``slot`` holding ``head`` at the ``W`` columns before ``first`` and ``new`` from
+    ``first`` on (a per-layer buffer; what the decode step wrote in that row before is overwritten)."""
+    if head is not None:
+        buffer = jax.lax.dynamic_update_slice(buffer, head.astype(buffer.dtype), (slot, 0, 0, first - head.shape[-1]))
+    new = jnp.transpose(new, (0, 2, 3, 1)).astype(buffer.dtype)
+    return jax.lax.dynamic_update_slice(buffer, new, (slot, 0, 0, first))
+
+
+def row_slots_major(buffer: Float[Array, "B K Dh S"], slot) -> Float[Array, "1 S K Dh"]:
+    """Row ``slot`` of a per-layer buffer as the attention reads keys/values."""
+    shape = (1, *buffer.shape[1:])
+    return slots_major(jax.lax.dynamic_slice(buffer, (slot, 0, 0, 0), shape))
+
+
+def slots_major(buffer: Float[Array, "B K Dh S"]) -> Float[Array, "B S K Dh"]:
     """A per-layer buffer as the attention reads keys/values (XLA folds the transpose into the matmul)."""
     return jnp.transpose(buffer, (0, 3, 1, 2))

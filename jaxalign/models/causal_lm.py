@@ -12,7 +12,7 @@ from __future__ import annotations
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from jaxalign.models.cache import KVCache
+from jaxalign.models.cache import Joining, KVCache
 from jaxalign.models.stack import vocab_logits
 
 
@@ -34,6 +34,17 @@ class CausalLM(nnx.Module):
     def tied_embedding(self) -> Float[Array, "V D"]:
         """The input embedding table, used as the output projection when ``lm_head`` is None."""
         raise NotImplementedError
+
+    @property
+    def supports_joining(self) -> bool:
+        """Whether :meth:`decode_joining` runs a prompt inside a decode step (the Llama family; GPT-2 not yet)."""
+        return callable(getattr(self.trunk, "decode_joining", None))
+
+    def decode_joining(self, tokens: Int[Array, " B"], real: Array, cache: KVCache, joining: Joining):
+        """One decode step that also runs a joining prompt (see ``LlamaModel.decode_joining``)."""
+        if not self.supports_joining:
+            raise NotImplementedError(f"{type(self).__name__} cannot run a prompt inside a decode step")
+        return self.trunk.decode_joining(tokens, real, cache, joining)
 
     def hidden_states(
         self,

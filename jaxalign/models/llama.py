@@ -12,17 +12,28 @@ transposed to ``[in, out]``), which keeps the checkpoint mapping in ``hf_io`` me
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
-from jaxalign.models.cache import KVCache, LayerKV
+from jaxalign.models.cache import Joining, KVCache, LayerKV, row_slots_major, slots_major, write_joining
 from jaxalign.models.causal_lm import CausalLM
 from jaxalign.models.config import ModelConfig
+from jaxalign.models.masks import attention_mask as build_attention_mask
+from jaxalign.models.masks import derive_positions
 from jaxalign.models.rope import apply_rope, inverse_frequencies, rope_tables
-from jaxalign.models.stack import advance_cache, attention_inputs, clip_index, per_token, scan_layers
+from jaxalign.models.stack import (
+    UnstackedLayers,
+    advance_cache,
+    attention_inputs,
+    clip_index,
+    per_token,
+    scan_layers,
+)
 
 # transformers initialises every Linear/Embedding with N(0, initializer_range=0.02).
 _INIT = nnx.initializers.normal(stddev=0.02)
@@ -60,6 +71,23 @@ class Attention(nnx.Module):
         self.v_proj = _linear(config, d, k * dh, bias=config.qkv_bias, rngs=rngs)
         self.o_proj = _linear(config, h * dh, d, bias=config.o_bias, rngs=rngs)
 
+    def project(self, x: Float[Array, "B T D"], cos: Float[Array, "B T 1 Dh"], sin: Float[Array, "B T 1 Dh"]):
+        """Queries ``[B, T, H, Dh]``, keys and values ``[B, T, K, Dh]`` of ``x``, RoPE applied."""
+        q = rearrange(per_token(self.q_proj, x), "b t (h dh) -> b t h dh", dh=self.head_dim)
+        k = rearrange(per_token(self.k_proj, x), "b t (k dh) -> b t k dh", dh=self.head_dim)
+        v = rearrange(per_token(self.v_proj, x), "b t (k dh) -> b t k dh", dh=self.head_dim)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def attend(self, q: Float[Array, "B T H Dh"], k: Float[Array, "B S K Dh"], v: Float[Array, "B S K Dh"],
+               mask: Bool[Array, "B T S"]) -> Float[Array, "B T HDh"]:
+        """Attention of ``q`` over ``S`` keys, heads concatenated (before ``o_proj``)."""
+        # Query head n uses kv head n // (H/K), as transformers' repeat_kv; the softmax runs in float32
+        # and masked scores are a large finite negative, so a query that sees nothing gives no NaN.
+        out = jax.nn.dot_product_attention(
+            q, k.astype(q.dtype), v.astype(q.dtype), mask=mask[:, None], scale=self.head_dim**-0.5
+        )
+        return rearrange(out, "b t h dh -> b t (h dh)")
+
     def __call__(
         self,
         x: Float[Array, "B T D"],
@@ -70,18 +98,10 @@ class Attention(nnx.Module):
         kv: LayerKV | None,
     ) -> tuple[Float[Array, "B T D"], LayerKV | None]:
         """Attend from the ``T`` new tokens to ``S`` keys (``S = T`` without a cache)."""
-        q = rearrange(per_token(self.q_proj, x), "b t (h dh) -> b t h dh", dh=self.head_dim)
-        k = rearrange(per_token(self.k_proj, x), "b t (k dh) -> b t k dh", dh=self.head_dim)
-        v = rearrange(per_token(self.v_proj, x), "b t (k dh) -> b t k dh", dh=self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = self.project(x, cos, sin)
         if kv is not None:
             kv, k, v = kv.append(k, v)
-        # Query head n uses kv head n // (H/K), as transformers' repeat_kv; the softmax runs in float32
-        # and masked scores are a large finite negative, so a query that sees nothing gives no NaN.
-        out = jax.nn.dot_product_attention(
-            q, k.astype(q.dtype), v.astype(q.dtype), mask=mask[:, None], scale=self.head_dim**-0.5
-        )
-        return per_token(self.o_proj, rearrange(out, "b t h dh -> b t (h dh)")), kv
+        return per_token(self.o_proj, self.attend(q, k, v, mask)), kv
 
 
 class MLP(nnx.Module):
@@ -108,8 +128,11 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, h, *, cos, sin, mask, kv: LayerKV | None):
         attended, kv = self.self_attn(self.input_layernorm(h), cos=cos, sin=sin, mask=mask, kv=kv)
-        h = h + attended
-        return h + self.mlp(self.post_attention_layernorm(h)), kv
+        return self.feed_forward(h + attended), kv
+
+    def feed_forward(self, h):
+        """The block's second half: ``h + mlp(norm(h))``."""
+        return h + self.mlp(self.post_attention_layernorm(h))
 
 
 class LlamaModel(nnx.Module):
@@ -151,6 +174,73 @@ class LlamaModel(nnx.Module):
                                  remat_policy=config.remat_policy, cos=cos, sin=sin, mask=inputs.mask)
         hidden = self.norm(hidden)
         return hidden, None if cache is None else advance_cache(cache, inputs, kv)
+
+    def decode_joining(
+        self, tokens: Int[Array, " B"], real: Bool[Array, " B"], cache: KVCache, joining: Joining
+    ) -> tuple[Float[Array, "B 1 D"], Float[Array, "1 D"], KVCache]:
+        """One decode step (token ``tokens[b]`` for every row ``b`` where ``real``) that also runs a joining
+        prompt: vLLM's chunked prefill, for one prompt.
+
+        The step's tokens and the prompt's ``P`` share every per-token matrix product (``B + P`` rows): on a
+        CPU a product of 32 rows costs nearly what one of 64 does, so the prompt rides along for a fraction of
+        what its own prefill call costs, and the running rows are not stalled for it. The attention is two
+        calls: the rows over their cache as in a plain step, the prompt over its row (its head and itself,
+        causally). Row ``joining.slot`` must be free (``real`` false there): it ends up holding the prompt.
+
+        The numbers are a plain step's and a prefill's up to float rounding (the products have more rows).
+
+        Needs the layers unrolled and a per-layer cache (``unstack_layers``, :meth:`KVCache.per_layer`).
+
+        Returns:
+            ``(hidden [B, 1, D]`` of the step's tokens, ``hidden [1, D]`` of the prompt's last token, the cache
+            after both``)``: its write index advanced by one, the joining row's mask and next position its
+            prompt's.
+        """
+        config = self.config
+        if not isinstance(self.layers, UnstackedLayers) or not cache.is_per_layer:
+            raise ValueError("decode_joining needs unrolled layers (unstack_layers) and a per-layer KVCache")
+        batch, width = tokens.shape[0], joining.tokens.shape[1]
+        inputs = attention_inputs(tokens[:, None], positions=None, attention_mask=real[:, None], segment_ids=None,
+                                  cache=cache, sliding_window=config.sliding_window, vocab_size=config.vocab_size)
+        head = None if joining.head is None else joining.head.per_layer()
+        first = cache.index + 1 - width  # the prompt's first column; the step writes at cache.index
+        # The joining row sees its head's columns and its own real tokens, causally by column.
+        row_valid = jnp.zeros((1, cache.max_length), bool)
+        if head is not None:
+            row_valid = jax.lax.dynamic_update_slice(row_valid, head.valid, (0, first - head.max_length))
+        row_valid = jax.lax.dynamic_update_slice(row_valid, joining.mask.astype(bool), (0, first))
+        prompt_mask = build_attention_mask(row_valid, first + jnp.arange(width), sliding_window=config.sliding_window)
+        offset = jnp.zeros((1,), jnp.int32) if head is None else head.next_position
+        prompt_positions = derive_positions(joining.mask.astype(bool), offset=offset)
+        positions = jnp.concatenate([inputs.positions.reshape(1, batch), prompt_positions], axis=1)
+        cos, sin = rope_tables(positions, inverse_frequencies(config), config.compute_jnp_dtype)
+        all_tokens = jnp.concatenate([tokens[None], joining.tokens], axis=1)  # [1, B + P]
+        hidden = self.embed_tokens(clip_index(all_tokens, config.vocab_size))
+        kv = inputs.kv
+        for index, layer in enumerate(self.layers.layers):
+            attn = layer.self_attn
+            q, k, v = attn.project(layer.input_layernorm(hidden), cos, sin)
+            kv, _, _ = kv.at_layer(index).append(k[0, :batch, None], v[0, :batch, None])
+            keys = write_joining(kv.keys[index], joining.slot, k[:, batch:], first,
+                                 None if head is None else head.keys[index])
+            values = write_joining(kv.values[index], joining.slot, v[:, batch:], first,
+                                   None if head is None else head.values[index])
+            kv = kv._replace(keys=kv.keys[:index] + (keys,) + kv.keys[index + 1:],
+                             values=kv.values[:index] + (values,) + kv.values[index + 1:])
+            # The step's rows read the cache with the prompt written (only the free row differs from what they
+            # would read before; reading it before would keep a copy of every buffer alive).
+            step_out = attn.attend(q[0, :batch, None], slots_major(keys), slots_major(values), inputs.mask)
+            prompt_out = attn.attend(q[:, batch:], row_slots_major(keys, joining.slot),
+                                     row_slots_major(values, joining.slot), prompt_mask)
+            attended = jnp.concatenate([step_out.reshape(1, batch, -1), prompt_out], axis=1)
+            hidden = layer.feed_forward(hidden + per_token(attn.o_proj, attended))
+        hidden = self.norm(hidden)
+        stepped = advance_cache(cache, inputs, kv)
+        prompt_next = offset + jnp.sum(joining.mask, axis=1, dtype=jnp.int32)
+        new_cache = dataclasses.replace(
+            stepped, valid=jax.lax.dynamic_update_slice(stepped.valid, row_valid, (joining.slot, 0)),
+            next_position=jax.lax.dynamic_update_slice(stepped.next_position, prompt_next, (joining.slot,)))
+        return hidden[0, :batch, None], hidden[:, -1], new_cache
 
 
 class LlamaForCausalLM(CausalLM):

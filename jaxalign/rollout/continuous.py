@@ -62,6 +62,7 @@ import numpy as np
 from flax import nnx
 
 from jaxalign.models import KVCache
+from jaxalign.models.cache import Joining
 from jaxalign.rollout.batching import MIN_LENGTH_BUCKET, bucket
 from jaxalign.rollout.engine import _split
 from jaxalign.rollout.filters import DEFAULT_CANDIDATES
@@ -81,6 +82,13 @@ MIN_COLUMNS = 64
 COLUMN_HEADROOM = 32
 # Most prompts per prefill call (the last position's logits then stay a product of at most 32 rows).
 MAX_PREFILL_ROWS = 16
+# A prompt that continues a cached head by at most this many tokens can join a decode step instead of being
+# prefilled on its own (``step(join=...)``): its tokens, left-padded to this many columns, ride in the step's
+# matrix products. One width, so each (batch, cache length, head) bucket compiles one joining step.
+JOIN_COLUMNS = 32
+# Prompts join steps of at least this batch bucket: where a prefill would stall many rows (fewer joining programs to
+# compile ahead, each about 5 s for SmolLM2-135M on 2 CPU cores).
+JOIN_MIN_BATCH = 8
 # How many of the most likely tokens a step reports when a row asks for top logprobs (OpenAI's limit).
 MAX_TOP_LOGPROBS = 20
 
@@ -220,6 +228,22 @@ def _decode(states, caches, fed, real, weights, filters, keys, steps, *, graphde
                                       top_logprobs=top_logprobs)
 
 
+@functools.partial(jax.jit, donate_argnums=(1,), static_argnames=("graphdefs", "candidates", "top_logprobs"))
+def _decode_joining(states, caches, fed, real, weights, filters, keys, steps, tokens, mask, slot, heads, *,
+                    graphdefs, candidates, top_logprobs):
+    """:func:`_decode` with a prompt ``tokens [1, JOIN_COLUMNS]`` (after each model's cached head ``heads``) run in
+    the same step into the free ``slot``, whose first token is drawn from the prompt's logits."""
+    new_caches, logits = [], []
+    for graphdef, state, cache, head in zip(graphdefs, states, caches, heads, strict=True):
+        model = nnx.merge(graphdef, *state)
+        hidden, last, cache = model.decode_joining(fed, real, cache, Joining(tokens, mask, slot, head))
+        new_caches.append(cache)
+        both = model.logits(jnp.concatenate([hidden[:, -1], last]))  # the step's rows, then the prompt's
+        logits.append(jax.lax.dynamic_update_slice(both[:-1], both[-1:], (slot, 0)))
+    return tuple(new_caches), _choose(logits, weights, filters, keys, steps, candidates=candidates,
+                                      top_logprobs=top_logprobs)
+
+
 # The cache copies below run one small program per buffer (one layer's keys or values, then the rows' masks and
 # positions), not one per whole cache: every layer's buffer has the same shape, so one compiled program serves
 # all of them, and it compiles in a tenth of the time of a program over all layers. That makes it affordable to
@@ -306,6 +330,19 @@ def _empty(*, configs, rows, length, dtypes):
                  for config, dtype in zip(configs, dtypes, strict=True))
 
 
+class _Joining(NamedTuple):
+    """A request joining the next step: its row, its prompt's rest after ``head`` as the step runs it, its slot."""
+
+    row_id: Hashable
+    settings: RowSettings
+    key: np.ndarray
+    length: int  # prompt tokens
+    head: _Head
+    tokens: np.ndarray  # [1, JOIN_COLUMNS], left-padded
+    mask: np.ndarray
+    slot: int
+
+
 @dataclasses.dataclass
 class _Slot:
     """A live row: who it belongs to, where its tokens start in the cache, and its sampling state."""
@@ -350,6 +387,7 @@ class ContinuousEngine:
         if max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {max_model_len}")
         self._members = [_split(m, None) for m in (model, *guides)]
+        self._joins = all(getattr(m, "supports_joining", False) for m in (model, *guides))
         vocab = self.config.vocab_size
         for index, member in enumerate(self._members[1:]):
             if member.config.vocab_size != vocab:
@@ -375,6 +413,7 @@ class ContinuousEngine:
         self._where: dict[Hashable, int] = {}
         self._heads: list[_Head] = []
         self.relayouts = 0  # copies of the cache made so far (growth, shrinking, shifts)
+        self.joined = 0  # prompts run inside a decode step so far
 
     @property
     def config(self):
@@ -560,35 +599,86 @@ class ContinuousEngine:
 
     # -- decoding ---------------------------------------------------------------------------------------
 
-    def step(self) -> dict[Hashable, TokenOut]:
-        """One token for every live row (``{}`` when none is live).
+    def joinable(self, prompt: Sequence[int], rows: int = 1) -> int:
+        """Whether a request for ``rows`` samples of ``prompt`` can join the next step (``step(join=...)``): the
+        tokens of its cached head, or 0.
+
+        A prompt joins when rows are decoding (a batch bucket of :data:`JOIN_MIN_BATCH` or more with it), it is one
+        sample, every model can run it inside a step (``supports_joining``: the Llama family), a free slot is left,
+        and it continues a cached head by at most
+        :data:`JOIN_COLUMNS` tokens (a chat prompt's question; the padding that leaves inside the row within
+        ``slack // 2``). Whether a prompt joins depends on the prompt and the load, never changes its tokens beyond
+        float rounding.
+        """
+        if (rows != 1 or not self._where or not self.free or not self._joins
+                or self._batch_bucket(self.live + 1) < JOIN_MIN_BATCH):
+            return 0
+        head = self._join_head([int(t) for t in prompt])
+        return 0 if head is None else len(head.tokens)
+
+    def _join_head(self, prompt: list[int]) -> _Head | None:
+        """The longest cached head that ``prompt`` continues by 1 to :data:`JOIN_COLUMNS` tokens, if it fits."""
+        if len(prompt) >= self.max_model_len:
+            return None
+        for head in self._heads:
+            rest = len(prompt) - len(head.tokens)
+            if (0 < rest <= JOIN_COLUMNS and JOIN_COLUMNS - rest <= self.slack // 2
+                    and head.width + JOIN_COLUMNS <= self.max_columns
+                    and tuple(prompt[:len(head.tokens)]) == head.tokens):
+                return head
+        return None
+
+    def step(self, join: tuple[Sequence[int], dict[Hashable, RowSettings]] | None = None) -> dict[Hashable, TokenOut]:
+        """One token for every live row (``{}`` when none is live and none joins).
+
+        Args:
+            join: ``(prompt, {row_id: settings})``, one row: a prompt that :meth:`joinable` accepts, run inside this
+                step into a free slot (its tokens share the step's matrix products, so the live rows do not stop
+                for its prefill); the result then also holds the row's first token.
 
         Raises:
-            ValueError: a live row already holds ``max_model_len`` tokens (the caller must release it).
+            ValueError: a live row already holds ``max_model_len`` tokens (the caller must release it); a ``join``
+                that cannot join (nothing changes then).
         """
         if not self._where:
+            if join is not None:
+                raise ValueError("a prompt joins a step of live rows; with none live, prefill and admit it")
             return {}
         full = [s.row_id for s in self._slots if s is not None and s.length + 2 > self.max_model_len]
         if full:
             raise ValueError(f"row {full[0]!r} has reached max_model_len {self.max_model_len}: release it")
+        live = [i for i, s in enumerate(self._slots) if s is not None]
+        joining = None if join is None else self._join(*join)
         if self._index >= self._columns:
             self._shift_left()
+        if joining is not None:
+            joining = self._place(joining)
+            live = [i for i, s in enumerate(self._slots) if s is not None and i != joining.slot]
         slots = self._slots
-        live = [i for i, s in enumerate(slots) if s is not None]
         settings = [s.settings if s is not None else _IDLE for s in slots]
         keys = np.stack([s.key if s is not None else np.zeros((3,), np.uint32) for s in slots])
         fed = np.asarray([s.fed if s is not None else self.pad_token_id for s in slots], np.int32)
         real = np.asarray([s is not None for s in slots])
         steps = np.asarray([s.step if s is not None else 0 for s in slots], np.int32)
-        top = _top_size([settings[i] for i in live])
-        self._caches, chosen = _decode(
-            tuple(m.states[1] for m in self._members), self._caches, fed, real,
-            *self._row_arrays(settings, self._rows, keys), steps,
-            graphdefs=tuple(m.graphdefs[1] for m in self._members), candidates=self.candidates, top_logprobs=top)
+        top = _top_size([settings[i] for i in range(len(slots)) if slots[i] is not None])
+        states = tuple(m.states[1] for m in self._members)
+        graphdefs = tuple(m.graphdefs[1] for m in self._members)
+        row_arrays = self._row_arrays(settings, self._rows, keys)
+        if joining is None:
+            self._caches, chosen = _decode(states, self._caches, fed, real, *row_arrays, steps, graphdefs=graphdefs,
+                                           candidates=self.candidates, top_logprobs=top)
+        else:
+            real[joining.slot] = False  # its step token is padding: the slot holds the prompt after the step
+            self._caches, chosen = _decode_joining(
+                states, self._caches, fed, real, *row_arrays, steps, joining.tokens, joining.mask,
+                np.int32(joining.slot), joining.head.caches, graphdefs=graphdefs, candidates=self.candidates,
+                top_logprobs=top)
+            self.joined += 1
         self._index += 1
         for i in live:
             slots[i].length += 1
-        return self._deliver([slots[i].row_id for i in live], chosen, live)
+        delivered = live if joining is None else sorted([*live, joining.slot])
+        return self._deliver([slots[i].row_id for i in delivered], chosen, delivered)
 
     def release(self, row_id: Hashable) -> None:
         """Free the row's slot (unknown ids are ignored: a row may finish and be cancelled at once)."""
@@ -644,7 +734,8 @@ class ContinuousEngine:
     def warm_up(self, *, progress=None, prompt_lengths: Sequence[int] = (24, 32, 48, 64),
                 head_lengths: Sequence[int] = (24, 32)) -> float:
         """Compile what serving runs, so no request waits for XLA (a program compiled while serving stalls every
-        live row): the decode step of every (batch, cache length) bucket; every relayout between them (the batch
+        live row): the decode step of every (batch, cache length) bucket, and the joining step after every cached
+        head where prompts may join (``step(join=...)``); every relayout between them (the batch
         growing or shrinking at any cache length, the cache resized or shifted at any batch); and for prompts of
         the length buckets of ``prompt_lengths`` (and, after each cached head, of ``head_lengths``) the prefill of
         every group size and the insert into every cache layout that fits them. Returns the seconds it took. Left
@@ -683,6 +774,16 @@ class ContinuousEngine:
                                   graphdefs=tuple(m.graphdefs[1] for m in self._members),
                                   candidates=self.candidates, top_logprobs=0)
             jax.block_until_ready(out)
+            if self._joins and rows >= JOIN_MIN_BATCH:  # a prompt joining this step, after each head that fits
+                for head in (h for h in self._heads if h.width + JOIN_COLUMNS <= columns):
+                    tokens = np.full((1, JOIN_COLUMNS), self.pad_token_id, np.int32)
+                    caches, out = _decode_joining(
+                        tuple(m.states[1] for m in self._members), caches, np.zeros((rows,), np.int32),
+                        np.zeros((rows,), bool), weights, filters, keys, np.zeros((rows,), np.int32), tokens,
+                        np.zeros_like(tokens), np.int32(0), head.caches,
+                        graphdefs=tuple(m.graphdefs[1] for m in self._members), candidates=self.candidates,
+                        top_logprobs=0)
+                    jax.block_until_ready(out)
             for width in (w for w in widths if w < columns):
                 caches = _insert(caches, prefilled[width].caches, np.int32(0), width)
             moves = [(other, columns) for other in batches if other != rows] + [(rows, other) for other in lengths]
@@ -755,6 +856,41 @@ class ContinuousEngine:
     @property
     def _device(self):
         return next(iter(jax.tree.leaves(self._members[0].states[1])[0].devices()))
+
+    def _join(self, prompt: Sequence[int], rows: dict[Hashable, RowSettings]) -> _Joining:
+        """Check a joining request (raising before anything changes) and give the batch a slot for it."""
+        prompt = self.check_prompt(prompt)
+        if len(rows) != 1:
+            raise ValueError(f"a joining request has one row, got {len(rows)}")
+        (row_id, settings), = rows.items()
+        if row_id in self._where:
+            raise ValueError(f"row {row_id!r} is already decoding")
+        if not self.joinable(prompt, 1):
+            raise ValueError("this prompt cannot join a step (see ContinuousEngine.joinable): prefill and admit it")
+        key = _row_key(settings)
+        self._row_arrays([settings], MIN_BATCH_BUCKET, key[None])  # raises on bad settings
+        head = self._join_head(prompt)
+        rest = prompt[len(head.tokens):]
+        tokens = np.full((1, JOIN_COLUMNS), self.pad_token_id, np.int32)
+        mask = np.zeros((1, JOIN_COLUMNS), np.int32)
+        tokens[0, JOIN_COLUMNS - len(rest):] = rest
+        mask[0, JOIN_COLUMNS - len(rest):] = 1
+        self._ensure_rows(self.live + 1)
+        return _Joining(row_id, settings, key, len(prompt), head, tokens, mask, -1)
+
+    def _place(self, joining: _Joining) -> _Joining:
+        """Make room left of the write column for the joining row's head and prompt (the live rows shift right
+        when it is short), and give the row the first free slot."""
+        span = joining.head.width + JOIN_COLUMNS  # the row's columns, ending at the step's write column
+        index = max(self._index, span - 1)
+        if index != self._index or index >= self._columns:
+            columns = max(self._columns, self._column_bucket(index + COLUMN_HEADROOM))
+            self._move(list(range(self._rows)), shift=self._index - index, rows=self._rows, columns=columns)
+        slot = next(i for i, s in enumerate(self._slots) if s is None)
+        self._slots[slot] = _Slot(joining.row_id, self._index + 1 - span, joining.length, self.pad_token_id, 0,
+                                  joining.settings, joining.key)
+        self._where[joining.row_id] = slot
+        return joining._replace(slot=slot)
 
     def _shift_left(self) -> None:
         """Drop the columns before the earliest live token, and size the cache for what is left plus room to grow

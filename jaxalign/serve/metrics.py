@@ -44,6 +44,8 @@ class Metrics:
             "jaxalign_prompt_tokens_cached",
             "prompt tokens read from a cached prompt head (the chat template's) instead of computed").labels(**labels)
         self.generation_tokens = counter("jaxalign_generation_tokens", "tokens generated").labels(**labels)
+        self.joined = counter("jaxalign_prompts_joined",
+                              "requests whose prompt ran in a decode step, not a prefill call").labels(**labels)
         self.cancelled = counter("jaxalign_requests_dropped",
                                  "requests that left before finishing (client gone or timed out)").labels(**labels)
         self.queue_depth = Gauge("jaxalign_queue_depth", "requests waiting for a decode slot", ["model"],
@@ -76,11 +78,16 @@ class Metrics:
     def request(self, endpoint: str, status: int) -> None:
         self.requests.labels(model=self.model, endpoint=endpoint, status=str(status)).inc()
 
-    def first_token(self, seconds: float, prompt_tokens: int, rows: int, *, cached: int = 0) -> None:
+    def first_token(self, seconds: float, prompt_tokens: int, rows: int, *, cached: int = 0,
+                    joined: bool = False) -> None:
+        """A request's first tokens (``rows`` of them; a joined request's came from a decode step, counted there)."""
         self.ttft.observe(seconds)
         self.prompt_tokens.inc(prompt_tokens)
         self.cached_prompt_tokens.inc(cached)
-        self.generation_tokens.inc(rows)
+        if joined:
+            self.joined.inc()
+        else:
+            self.generation_tokens.inc(rows)
 
     def decode_step(self, seconds: float, tokens: int) -> None:
         self.step_time.observe(seconds)

@@ -7,6 +7,13 @@ running ones): drop cancelled and timed-out requests; admit waiting requests whi
 long), prefilled together in groups whose first tokens go out as soon as each group is done; run one decode
 step for every live row; hand each row's new text to its request.
 
+While rows decode, a request that continues the cached chat-template head by a short question (up to 32 tokens;
+``ContinuousEngine.joinable``) is not prefilled at all: it joins the next decode step, its prompt tokens riding in
+the step's matrix products (vLLM's chunked prefill, one prompt per step), so the running rows do not stop for it
+(SmolLM2-135M on 2 CPU cores, 31 rows and 128 cache columns: the step takes 20 ms more, where a prefill call stalls
+them for about 105 ms). One request joins per step while at most ``JOIN_BACKLOG`` wait; a longer line is
+prefilled in groups as below.
+
 While rows decode, a request that arrives alone may be held for up to ``prefill_wait`` decode steps so that
 it shares its prefill call with the next arrival (vLLM's ``scheduler_delay_factor``, counted in steps): every
 prefill call stalls all running rows, and a call of short prompts (up to 32 columns, as the rest of most chat
@@ -36,6 +43,10 @@ from jaxalign.rollout.text import TextStream
 from jaxalign.serve.protocol import APIError
 
 log = logging.getLogger("jaxalign.serve")
+
+# Most waiting requests for which the first one joins the next decode step (one per step); more are prefilled in
+# groups, so that the last of a burst does not wait one step per request before it.
+JOIN_BACKLOG = 4
 
 
 @dataclasses.dataclass
@@ -259,11 +270,14 @@ class Scheduler:
                 self._drop(job)
         if self._swap is not None and not self.engine.live:
             self._apply_swap()
+        joining = None
         if self._swap is None:  # while a swap waits for the running rows, nothing new starts
-            self._admit()
+            joining = self._joining_job()
+            if joining is None:
+                self._admit()
         if self.engine.live:
             started = time.perf_counter()
-            outputs = self.engine.step()
+            outputs = self._step(joining)
             if self.metrics is not None:
                 self.metrics.decode_step(time.perf_counter() - started, len(outputs))
             self._deliver(outputs)
@@ -281,6 +295,38 @@ class Scheduler:
         self.version = version
         log.info("now serving %s", version)
         future.set_result(version)
+
+    def _joining_job(self) -> Job | None:
+        """The first waiting job when it joins this iteration's decode step instead of being prefilled."""
+        if not self._waiting or len(self._waiting) > JOIN_BACKLOG or not self.engine.live:
+            return None
+        job = self._waiting[0]
+        if not self.engine.joinable(job.prompt_ids, len(job.settings)):
+            return None
+        return self._waiting.popleft()
+
+    def _step(self, joining: Job | None) -> dict[Any, TokenOut]:
+        """One decode step, with ``joining``'s prompt run inside it (when given)."""
+        if joining is None:
+            return self.engine.step()
+        rows = {(id(joining), 0): joining.settings[0]}
+        cached = self.engine.joinable(joining.prompt_ids)
+        try:
+            outputs = self.engine.step(join=(joining.prompt_ids, rows))
+        except ValueError as error:  # the request's own fault (its settings); the engine is unchanged
+            self._send(joining, Event("error", error=APIError(400, f"the request could not start: {error}")))
+            return self.engine.step()
+        self._started(joining, rows=1, cached=cached, joined=True)
+        return outputs
+
+    def _started(self, job: Job, *, rows: int, cached: int, joined: bool = False) -> None:
+        """The job has its rows: it runs from now on, and its first tokens are on their way."""
+        self._running[id(job)] = job
+        self._send(job, Event("start", version=self.version))
+        job.first_token_at = time.perf_counter()
+        if self.metrics is not None:
+            self.metrics.first_token(job.first_token_at - job.submitted, len(job.prompt_ids), rows, cached=cached,
+                                     joined=joined)
 
     def _prefill_due(self) -> bool:
         """Whether the waiting jobs are prefilled now (see the module docstring), rather than held for company."""
@@ -337,12 +383,7 @@ class Scheduler:
                     log.exception("admitting a request failed")
                 self._send(job, Event("error", error=APIError(status, f"the request could not start: {error}")))
                 continue
-            self._running[id(job)] = job
-            self._send(job, Event("start", version=self.version))
-            job.first_token_at = time.perf_counter()
-            if self.metrics is not None:
-                self.metrics.first_token(job.first_token_at - job.submitted, len(job.prompt_ids), len(rows),
-                                         cached=prompt.reused)
+            self._started(job, rows=len(rows), cached=prompt.reused)
             self._deliver(first)
 
     def _deliver(self, outputs: dict[Any, TokenOut]) -> None:

@@ -9,6 +9,8 @@ import torch
 from flax import nnx
 
 from jaxalign.models import KVCache, LlamaForCausalLM, load_hf
+from jaxalign.models.cache import Joining
+from jaxalign.models.stack import unstack_layers
 from tests.models.conftest import TINY, B, V, left_padded, make_hf_model
 
 PROMPT, NEW = 5, 6
@@ -52,6 +54,56 @@ def test_cached_decode_equals_full_forward(arch, hf_checkpoint, rng):
     assert int(cache.index) == PROMPT + NEW
     np.testing.assert_array_equal(cache.next_position, np.asarray(PROMPT_LENGTHS) + NEW)
     np.testing.assert_array_equal(cache.valid, np.asarray(full_mask).astype(bool))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_a_prompt_joining_a_decode_step_equals_its_full_forward(arch, hf_checkpoint, rng):
+    """Rows 0 and 1 decode a token while a prompt (a cached head of 4 tokens, then 5 more left-padded to 8 columns)
+    joins free row 2 in the same step: the rows get a plain step's hidden states, the prompt's last token its full
+    forward's, and the next step continues all three rows as full forwards do."""
+    model = load_hf(hf_checkpoint(arch))
+    view = unstack_layers(model)
+    columns, width = 12, 8  # the rows' prompts end at column 12; the joining prompt's 8 columns end there too
+    prompts = rng.integers(0, V, size=(2, columns))
+    masks = left_padded([5, 3], columns)
+    tokens = jnp.asarray(np.concatenate([prompts, np.zeros((1, columns), int)]))
+    mask = jnp.asarray(np.concatenate([masks, np.zeros((1, columns), np.int32)]))
+    _, cache = model.hidden_states(tokens, attention_mask=mask, cache=KVCache.init(model.config, 3, 24))
+    cache = cache.per_layer()
+    head_tokens, rest = rng.integers(0, V, size=(1, 4)), rng.integers(0, V, size=5)
+    _, head = model.hidden_states(jnp.asarray(head_tokens), cache=KVCache.init(model.config, 1, 4))
+    joining = Joining(jnp.asarray(np.pad(rest, (width - 5, 0)))[None], jnp.asarray(left_padded([5], width)),
+                      jnp.int32(2), head)
+    fed, real = jnp.asarray(rng.integers(0, V, size=3)), jnp.asarray([True, True, False])
+
+    step_hidden, last, joined = jax.jit(view.decode_joining)(fed, real, cache, joining)
+    plain_hidden, plain = view.hidden_states(fed[:, None], attention_mask=real[:, None], cache=cache)
+    np.testing.assert_allclose(step_hidden[:2], plain_hidden[:2], atol=1e-5, rtol=0)
+    whole = np.concatenate([head_tokens[0], rest])
+    full, _ = model.hidden_states(jnp.asarray(whole)[None])
+    np.testing.assert_allclose(last[0], full[0, -1], atol=1e-5, rtol=0)
+    assert int(joined.index) == columns + 1
+    np.testing.assert_array_equal(joined.next_position, [6, 4, 9])
+    np.testing.assert_array_equal(joined.valid[2], np.isin(np.arange(24), [1, 2, 3, 4, 8, 9, 10, 11, 12]))
+
+    after = jnp.asarray(rng.integers(0, V, size=3))
+    next_hidden, _ = view.hidden_states(after[:, None], cache=joined)
+    plain_next, _ = view.hidden_states(after[:, None], cache=plain)
+    np.testing.assert_allclose(next_hidden[:2], plain_next[:2], atol=1e-5, rtol=0)
+    full_next, _ = model.hidden_states(jnp.asarray(np.append(whole, after[2]))[None])
+    np.testing.assert_allclose(next_hidden[2, -1], full_next[0, -1], atol=1e-5, rtol=0)
+
+
+def test_joining_needs_unrolled_layers_and_a_per_layer_cache(hf_checkpoint):
+    model = load_hf(hf_checkpoint("llama"))
+    assert model.supports_joining and not load_hf(hf_checkpoint("gpt2")).supports_joining
+    cache = KVCache.init(model.config, 2, 16)
+    joining = Joining(jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 4), bool), jnp.int32(1), None)
+    args = (jnp.zeros((2,), jnp.int32), jnp.ones((2,), bool))
+    with pytest.raises(ValueError, match="unrolled layers"):
+        model.decode_joining(*args, cache.per_layer(), joining)
+    with pytest.raises(ValueError, match="per-layer KVCache"):
+        unstack_layers(model).decode_joining(*args, cache, joining)
 
 
 def test_greedy_decoding_matches_transformers_generate(hf_checkpoint, rng):

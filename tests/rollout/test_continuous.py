@@ -61,9 +61,10 @@ class Join:
     tokens: int
 
 
-def drive(engine: ContinuousEngine, joins: list[Join], *, limit: int = MAX_ITERATIONS) -> dict:
+def drive(engine: ContinuousEngine, joins: list[Join], *, limit: int = MAX_ITERATIONS, joining: bool = False) -> dict:
     """Run the joins to the end: ``{row_id: [TokenOut, ...]}``. Each iteration releases the rows that have their
-    tokens, admits the joins that are due (prefilled together, as the scheduler does), and steps once."""
+    tokens, admits the joins that are due (prefilled together, as the scheduler does), and steps once. With
+    ``joining``, the first due join the engine lets join a step runs inside that step instead of being prefilled."""
     outs: dict = {}
     wanted: dict = {}
     pending = sorted(joins, key=lambda j: j.at)
@@ -80,6 +81,10 @@ def drive(engine: ContinuousEngine, joins: list[Join], *, limit: int = MAX_ITERA
             while pending and pending[0].at <= iteration and free >= len(pending[0].rows):
                 free -= len(pending[0].rows)
                 due.append(pending.pop(0))
+            stepping = next((j for j in due if engine.joinable(j.prompt, len(j.rows))), None) if joining else None
+            if stepping is not None:
+                due.remove(stepping)
+                wanted.update({row_id: stepping.tokens for row_id in stepping.rows})
             if due:
                 for join, prefilled in zip(due, engine.prefill_many([j.prompt for j in due])):
                     for row_id, out in engine.admit(prefilled, join.rows).items():
@@ -87,8 +92,8 @@ def drive(engine: ContinuousEngine, joins: list[Join], *, limit: int = MAX_ITERA
                 release_done()
             if not pending and not wanted:
                 return outs
-            for row_id, out in engine.step().items():
-                outs[row_id].append(out)
+            for row_id, out in engine.step(None if stepping is None else (stepping.prompt, stepping.rows)).items():
+                outs.setdefault(row_id, []).append(out)
         raise AssertionError(f"the rows did not finish in {limit} iterations")
     finally:
         for row_id in wanted:
@@ -473,6 +478,90 @@ def test_replacing_the_model_prefills_the_heads_again(model, checkpoints):
     plain = ContinuousEngine(other, max_batch=MAX_BATCH, max_model_len=64, slack=48)
     np.testing.assert_allclose(np.asarray(engine.prefill(HEADED[3]).logits),
                                np.asarray(plain.prefill(HEADED[3]).logits), atol=LOGP_TOL)
+
+
+# --- prompts joining a decode step ------------------------------------------------------------------------
+
+
+# Prompts continuing HEAD by 1 to 32 tokens (JOIN_COLUMNS): every one may join a step of a joining_engine.
+JOINERS = [HEAD + [int(t) for t in np.random.default_rng(60 + i).integers(0, V, size=n)]
+           for i, n in enumerate((1, 9, 20, continuous.JOIN_COLUMNS))]
+
+
+def joining_engine(model, *, guides=(), slack=64):
+    """A cached head, and room inside a row for the padding of any joining prompt (``slack // 2`` = 32)."""
+    engine = ContinuousEngine(model, guides=guides, max_batch=MAX_BATCH, max_model_len=96, slack=slack)
+    engine.add_head(HEAD)
+    return engine
+
+
+def busy_rows(tokens: int = N_REF) -> list[Join]:
+    """Four greedy rows from the start: with one more the batch bucket is 8 (JOIN_MIN_BATCH), where prompts join."""
+    return [Join(0, PROMPTS[i], {f"busy{i}": GREEDY}, tokens) for i in range(4)]
+
+
+def test_prompts_joining_a_step_equal_sampler_generate(model, sampler, reference):
+    count = 30
+    expected = sampler.generate(JOINERS, key=jax.random.key(0),
+                                params=SamplingParams(max_new_tokens=count, temperature=0.0, stop_token_ids=()))
+    engine = joining_engine(model)
+    joins = [Join(2 + 3 * i, prompt, {("joined", i): GREEDY}, count) for i, prompt in enumerate(JOINERS)]
+    outs = drive(engine, busy_rows() + joins, joining=True)
+    assert engine.joined == len(JOINERS)
+    assert_greedy_reference(outs, {("joined", i): i for i in range(len(JOINERS))},
+                            (np.asarray(expected.tokens), np.asarray(expected.model_logps)))
+    assert_greedy_reference(outs, {f"busy{i}": i for i in range(4)}, reference)
+
+
+def test_joined_seeded_and_guided_rows_equal_admitted_ones(model, guide):
+    engine = joining_engine(model, guides=[guide])
+    rows = {0: RowSettings(temperature=1.0, top_p=0.9, seed=3), 1: RowSettings(temperature=0.0, weights=(0.7, 1.5)),
+            2: RowSettings(temperature=1.0, seed=4, top_logprobs=2)}
+    admitted = {i: drive(engine, [Join(0, JOINERS[2], {i: settings}, 12)])[i] for i, settings in rows.items()}
+    assert engine.joined == 0
+    outs = drive(engine, busy_rows() + [Join(2 + i, JOINERS[2], {i: s}, 12) for i, s in rows.items()], joining=True)
+    assert engine.joined == len(rows)
+    for i in rows:
+        assert tokens_of(outs, i) == tokens_of(admitted, i), f"row {i}"
+        np.testing.assert_allclose([o.logprob for o in outs[i]], [o.logprob for o in admitted[i]], atol=LOGP_TOL)
+    assert outs[2][0].top is not None and outs[0][0].top is None
+
+
+def test_which_prompts_may_join_and_bad_joins_change_nothing(model):
+    engine = joining_engine(model)
+    assert engine.joinable(JOINERS[1]) == 0, "nothing decodes"
+    with pytest.raises(ValueError, match="with none live"):
+        engine.step((JOINERS[1], {"x": GREEDY}))
+    engine.admit(engine.prefill(PROMPTS[0]), {"a": GREEDY})
+    assert engine.joinable(JOINERS[1]) == 0, "a batch bucket below JOIN_MIN_BATCH"
+    for prefilled, row_id in zip(engine.prefill_many(PROMPTS[1:4]), "bcd", strict=True):
+        engine.admit(prefilled, {row_id: GREEDY})
+    assert engine.joinable(JOINERS[1]) == len(HEAD)
+    assert engine.joinable(JOINERS[1], rows=2) == 0, "a request for two samples"
+    assert engine.joinable(HEAD) == 0 and engine.joinable(PROMPTS[1]) == 0, "nothing after the head, or no head"
+    assert engine.joinable(HEAD + [5] * (continuous.JOIN_COLUMNS + 1)) == 0, "too much after the head"
+    assert joining_engine(model, slack=32).joinable(JOINERS[0]) == 0, "more padding inside the row than slack // 2"
+    before = (engine.live, engine._index, engine.batch_bucket, engine._columns)
+    for join, message in [((PROMPTS[1], {"x": GREEDY}), "cannot join a step"),
+                          ((JOINERS[1], {"a": GREEDY}), "already decoding"),
+                          ((JOINERS[1], {"x": GREEDY, "y": GREEDY}), "one row"),
+                          ((JOINERS[1], {"x": RowSettings(weights=(1.0, 0.5))}), "guidance weights"),
+                          (([V + 3], {"x": GREEDY}), "outside the vocabulary")]:
+        with pytest.raises(ValueError, match=message):
+            engine.step(join)
+        assert (engine.live, engine._index, engine.batch_bucket, engine._columns) == before, message
+    assert engine.joined == 0
+    for row_id in "abcd":
+        engine.release(row_id)
+
+
+def test_warm_up_compiles_the_joining_steps(model):
+    # Cache lengths of their own (max_model_len 96, slack 65): no other test compiled these joining steps.
+    engine = joining_engine(model, slack=65)
+    engine.warm_up()
+    with count_engine_compilations("_decode_joining") as compiled:
+        drive(engine, busy_rows(12) + [Join(2, JOINERS[1], {"j": GREEDY}, 8)], joining=True)
+    assert engine.joined == 1 and compiled == [], "no joining step compiles after the warm-up"
 
 
 def test_warm_up_compiles_the_prefills_after_a_head(model):
