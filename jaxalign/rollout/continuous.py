@@ -26,7 +26,11 @@ The batch dimension is bucketed (2, 4, 8, ... up to ``max_batch``; never 1, whos
 differently from the rest on XLA's CPU backend): the cache grows to the next bucket when a request needs more
 slots, and shrinks, compacting the live rows, when they fit a quarter of it. A prompt's cache and first token
 never depend on what else is running or is prefilled with it.
-Compiled programs: one decode step per (batch, cache length) bucket (and top logprobs on/off), one prefill per
+A short prompt after a cached head can instead join a decode step (:meth:`~ContinuousEngine.step` with ``join``):
+its tokens run in the step's matrix products (``LlamaModel.decode_joining``), so the live rows do not stop for a
+prefill call (see :data:`JOIN_COLUMNS`, :meth:`~ContinuousEngine.joinable`).
+Compiled programs: one decode step per (batch, cache length) bucket (and top logprobs on/off; a joining step per
+(batch ≥ :data:`JOIN_MIN_BATCH`, cache length, head)), one prefill per
 (rows, prompt length) bucket, one insert per (batch, cache, prompt) bucket, one relayout per pair of layouts:
 none per request. Inserts and relayouts are programs over one buffer (a layer's keys or values, or the rows'
 masks), reused for every layer: about 50 ms to compile each where a program over the whole cache took 0.45 s
