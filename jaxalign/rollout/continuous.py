@@ -651,13 +651,14 @@ class ContinuousEngine:
         full = [s.row_id for s in self._slots if s is not None and s.length + 2 > self.max_model_len]
         if full:
             raise ValueError(f"row {full[0]!r} has reached max_model_len {self.max_model_len}: release it")
-        live = [i for i, s in enumerate(self._slots) if s is not None]
-        joining = None if join is None else self._join(*join)
+        joining = None if join is None else self.check_join(*join)
+        if joining is not None:
+            self._ensure_rows(self.live + 1)
         if self._index >= self._columns:
             self._shift_left()
+        live = [i for i, s in enumerate(self._slots) if s is not None]
         if joining is not None:
             joining = self._place(joining)
-            live = [i for i, s in enumerate(self._slots) if s is not None and i != joining.slot]
         slots = self._slots
         settings = [s.settings if s is not None else _IDLE for s in slots]
         keys = np.stack([s.key if s is not None else np.zeros((3,), np.uint32) for s in slots])
@@ -673,10 +674,14 @@ class ContinuousEngine:
                                            candidates=self.candidates, top_logprobs=top)
         else:
             real[joining.slot] = False  # its step token is padding: the slot holds the prompt after the step
-            self._caches, chosen = _decode_joining(
-                states, self._caches, fed, real, *row_arrays, steps, joining.tokens, joining.mask,
-                np.int32(joining.slot), joining.head.caches, graphdefs=graphdefs, candidates=self.candidates,
-                top_logprobs=top)
+            try:
+                self._caches, chosen = _decode_joining(
+                    states, self._caches, fed, real, *row_arrays, steps, joining.tokens, joining.mask,
+                    np.int32(joining.slot), joining.head.caches, graphdefs=graphdefs, candidates=self.candidates,
+                    top_logprobs=top)
+            except Exception:  # the row never started: free its slot, so no dead row stays live
+                self.release(joining.row_id)
+                raise
             self.joined += 1
         self._index += 1
         for i in live:
@@ -861,8 +866,8 @@ class ContinuousEngine:
     def _device(self):
         return next(iter(jax.tree.leaves(self._members[0].states[1])[0].devices()))
 
-    def _join(self, prompt: Sequence[int], rows: dict[Hashable, RowSettings]) -> _Joining:
-        """Check a joining request (raising before anything changes) and give the batch a slot for it."""
+    def check_join(self, prompt: Sequence[int], rows: dict[Hashable, RowSettings]) -> _Joining:
+        """The request as a step runs it, or a ValueError saying why it cannot join (nothing changes either way)."""
         prompt = self.check_prompt(prompt)
         if len(rows) != 1:
             raise ValueError(f"a joining request has one row, got {len(rows)}")
@@ -879,20 +884,22 @@ class ContinuousEngine:
         mask = np.zeros((1, JOIN_COLUMNS), np.int32)
         tokens[0, JOIN_COLUMNS - len(rest):] = rest
         mask[0, JOIN_COLUMNS - len(rest):] = 1
-        self._ensure_rows(self.live + 1)
         return _Joining(row_id, settings, key, len(prompt), head, tokens, mask, -1)
 
     def _place(self, joining: _Joining) -> _Joining:
         """Make room left of the write column for the joining row's head and prompt (the live rows shift right
         when it is short), and give the row the first free slot."""
-        span = joining.head.width + JOIN_COLUMNS  # the row's columns, ending at the step's write column
-        index = max(self._index, span - 1)
+        # The head's buffer (its tokens right-aligned in head.width columns) is written whole, so the write column
+        # needs head.width + JOIN_COLUMNS - 1 columns on its left; the row starts at the head's first token (the
+        # columns before it are padding, invalid, which a left shift may drop).
+        index = max(self._index, joining.head.width + JOIN_COLUMNS - 1)
         if index != self._index or index >= self._columns:
             columns = max(self._columns, self._column_bucket(index + COLUMN_HEADROOM))
             self._move(list(range(self._rows)), shift=self._index - index, rows=self._rows, columns=columns)
         slot = next(i for i, s in enumerate(self._slots) if s is None)
-        self._slots[slot] = _Slot(joining.row_id, self._index + 1 - span, joining.length, self.pad_token_id, 0,
-                                  joining.settings, joining.key)
+        start = self._index + 1 - (len(joining.head.tokens) + JOIN_COLUMNS)
+        self._slots[slot] = _Slot(joining.row_id, start, joining.length, self.pad_token_id, 0, joining.settings,
+                                  joining.key)
         self._where[joining.row_id] = slot
         return joining._replace(slot=slot)
 

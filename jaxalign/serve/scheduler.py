@@ -312,10 +312,16 @@ class Scheduler:
         rows = {(id(joining), 0): joining.settings[0]}
         cached = self.engine.joinable(joining.prompt_ids)
         try:
-            outputs = self.engine.step(join=(joining.prompt_ids, rows))
-        except ValueError as error:  # the request's own fault (its settings); the engine is unchanged
-            self._send(joining, Event("error", error=APIError(400, f"the request could not start: {error}")))
+            self.engine.check_join(joining.prompt_ids, rows)
+        except ValueError as error:  # the request's own fault (its prompt or settings); nothing changed
+            self._send(joining, Event("error", error=APIError(400, f"the request could not start: {error}",
+                                                               param="prompt")))
             return self.engine.step()
+        try:
+            outputs = self.engine.step(join=(joining.prompt_ids, rows))
+        except Exception:  # the engine freed the row; the request hears of it, the running ones from _run
+            self._send(joining, Event("error", error=APIError(500, "the request could not start")))
+            raise
         self._started(joining, rows=1, cached=cached, joined=True)
         return outputs
 

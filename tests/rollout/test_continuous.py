@@ -555,6 +555,35 @@ def test_which_prompts_may_join_and_bad_joins_change_nothing(model):
         engine.release(row_id)
 
 
+def test_a_long_joined_row_shifts_left_like_an_admitted_one(model, sampler):
+    # Little slack (8) and a head with 14 columns of padding before it: the row must count from the head's first
+    # token, or its left shifts would keep that padding and the cache would overflow before max_model_len.
+    count = 50
+    expected = sampler.generate([JOINERS[3]], key=jax.random.key(0),
+                                params=SamplingParams(max_new_tokens=count, temperature=0.0, stop_token_ids=()))
+    engine = joining_engine(model, slack=8)
+    moves = record_moves(engine)
+    outs = drive(engine, busy_rows(6) + [Join(2, JOINERS[3], {"long": GREEDY}, count)], joining=True)
+    assert engine.joined == 1 and "left" in moves.kinds, moves
+    assert_greedy_reference(outs, {"long": 0}, (np.asarray(expected.tokens), np.asarray(expected.model_logps)))
+
+
+def test_a_failed_joining_step_frees_the_row(model, monkeypatch):
+    engine = joining_engine(model)
+    for prefilled, row_id in zip(engine.prefill_many(PROMPTS[:4]), "abcd", strict=True):
+        engine.admit(prefilled, {row_id: GREEDY})
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the device went away")
+
+    monkeypatch.setattr(continuous, "_decode_joining", broken)
+    with pytest.raises(RuntimeError, match="went away"):
+        engine.step((JOINERS[1], {"x": GREEDY}))
+    assert engine.live == 4 and engine.joinable(JOINERS[1]) and engine.joined == 0
+    for row_id in "abcd":
+        engine.release(row_id)
+
+
 def test_warm_up_compiles_the_joining_steps(model):
     # Cache lengths of their own (max_model_len 96, slack 65): no other test compiled these joining steps.
     engine = joining_engine(model, slack=65)
