@@ -92,7 +92,8 @@ def drive(engine: ContinuousEngine, joins: list[Join], *, limit: int = MAX_ITERA
                 release_done()
             if not pending and not wanted:
                 return outs
-            for row_id, out in engine.step(None if stepping is None else (stepping.prompt, stepping.rows)).items():
+            stepped = engine.step() if stepping is None else engine.step((stepping.prompt, stepping.rows))
+            for row_id, out in stepped.items():
                 outs.setdefault(row_id, []).append(out)
         raise AssertionError(f"the rows did not finish in {limit} iterations")
     finally:
