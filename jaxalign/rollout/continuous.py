@@ -475,15 +475,15 @@ class ContinuousEngine:
         self._heads.append(_Head(tokens, tuple(cache.stacked() for cache in prefilled.caches), width))
         self._heads.sort(key=lambda head: -len(head.tokens))  # the longest match first
 
-    def _head_of(self, prompt: list[int]) -> _Head | None:
-        """The longest cached head the prompt continues, if using it leaves at most ``slack // 2`` padding columns
-        inside the row (so a row's columns stay within its tokens plus half the slack: see ``step``)."""
+    def _head_of(self, prompt: list[int], *, width: int | None = None) -> _Head | None:
+        """The longest cached head the prompt continues, if its rest fits ``width`` columns (default: the rest's
+        prompt bucket) leaving at most ``slack // 2`` padding columns inside the row (so a row's columns stay within
+        its tokens plus half the slack: see ``step``)."""
         for head in self._heads:
             rest = len(prompt) - len(head.tokens)
             if rest > 0 and tuple(prompt[:len(head.tokens)]) == head.tokens:
-                width = self.prompt_bucket(rest)
-                inside = width - rest
-                if inside <= self.slack // 2 and head.width + width <= self.max_columns:
+                columns = self.prompt_bucket(rest) if width is None else width
+                if rest <= columns and columns - rest <= self.slack // 2 and head.width + columns <= self.max_columns:
                     return head
         return None
 
@@ -617,20 +617,9 @@ class ContinuousEngine:
         if (rows != 1 or not self._where or not self.free or not self._joins
                 or self._batch_bucket(self.live + 1) < JOIN_MIN_BATCH):
             return 0
-        head = self._join_head([int(t) for t in prompt])
+        prompt = [int(t) for t in prompt]
+        head = None if len(prompt) >= self.max_model_len else self._head_of(prompt, width=JOIN_COLUMNS)
         return 0 if head is None else len(head.tokens)
-
-    def _join_head(self, prompt: list[int]) -> _Head | None:
-        """The longest cached head that ``prompt`` continues by 1 to :data:`JOIN_COLUMNS` tokens, if it fits."""
-        if len(prompt) >= self.max_model_len:
-            return None
-        for head in self._heads:
-            rest = len(prompt) - len(head.tokens)
-            if (0 < rest <= JOIN_COLUMNS and JOIN_COLUMNS - rest <= self.slack // 2
-                    and head.width + JOIN_COLUMNS <= self.max_columns
-                    and tuple(prompt[:len(head.tokens)]) == head.tokens):
-                return head
-        return None
 
     def step(self, join: tuple[Sequence[int], dict[Hashable, RowSettings]] | None = None) -> dict[Hashable, TokenOut]:
         """One token for every live row (``{}`` when none is live and none joins).
@@ -665,7 +654,7 @@ class ContinuousEngine:
         fed = np.asarray([s.fed if s is not None else self.pad_token_id for s in slots], np.int32)
         real = np.asarray([s is not None for s in slots])
         steps = np.asarray([s.step if s is not None else 0 for s in slots], np.int32)
-        top = _top_size([settings[i] for i in range(len(slots)) if slots[i] is not None])
+        top = _top_size([s.settings for s in slots if s is not None])
         states = tuple(m.states[1] for m in self._members)
         graphdefs = tuple(m.graphdefs[1] for m in self._members)
         row_arrays = self._row_arrays(settings, self._rows, keys)
@@ -878,7 +867,7 @@ class ContinuousEngine:
             raise ValueError("this prompt cannot join a step (see ContinuousEngine.joinable): prefill and admit it")
         key = _row_key(settings)
         self._row_arrays([settings], MIN_BATCH_BUCKET, key[None])  # raises on bad settings
-        head = self._join_head(prompt)
+        head = self._head_of(prompt, width=JOIN_COLUMNS)
         rest = prompt[len(head.tokens):]
         tokens = np.full((1, JOIN_COLUMNS), self.pad_token_id, np.int32)
         mask = np.zeros((1, JOIN_COLUMNS), np.int32)

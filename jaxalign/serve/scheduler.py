@@ -310,9 +310,8 @@ class Scheduler:
         if joining is None:
             return self.engine.step()
         rows = {(id(joining), 0): joining.settings[0]}
-        cached = self.engine.joinable(joining.prompt_ids)
         try:
-            self.engine.check_join(joining.prompt_ids, rows)
+            cached = len(self.engine.check_join(joining.prompt_ids, rows).head.tokens)
         except ValueError as error:  # the request's own fault (its prompt or settings); nothing changed
             self._send(joining, Event("error", error=APIError(400, f"the request could not start: {error}",
                                                                param="prompt")))
