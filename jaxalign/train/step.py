@@ -18,13 +18,15 @@ train state donated:
 2. for each of the ``M`` micro-batches (a ``lax.scan``): merge the trainable parameters (cast from their
    float32 master copy to the model's ``param_dtype``) with the frozen ones, run the objective, and add
    up ``∇ loss_sum``, ``loss_sum`` and ``loss_count``;
-3. divide by the total count, take the global gradient norm, and apply the optax update (clipping and the
-   schedule live in the optimizer);
+3. divide by the total count (with one micro-batch, ``1/count`` seeds the backward pass instead, so no pass
+   over the gradients divides them), take the global gradient norm, and apply the optax update (clipping
+   and the schedule live in the optimizer) inside a ``lax.cond`` on step 4's test, so that the parameters
+   and moments are written once;
 4. if the loss or the gradient norm is not finite, keep the old parameters, optimizer and model state
    (the step counter, the schedule's count and the RNG still advance: the batch was consumed) and report
-   ``finite = False``; likewise, with ``max_update_ratio``, an update larger than that multiple of the
-   parameters (``diverging = True``: the divergence guard, which catches a run whose loss stays finite, even
-   flat, while its weights blow up).
+   ``finite = False`` (and ``update_ratio`` 0: nothing was applied); likewise, with ``max_update_ratio``, an
+   update larger than that multiple of the parameters (``diverging = True``: the divergence guard, which
+   catches a run whose loss stays finite, even flat, while its weights blow up).
 """
 
 from __future__ import annotations
@@ -326,6 +328,16 @@ class TrainStep:
     def _accumulate(self, params, frozen, model_state, batch, key, references):
         """Σ over micro-batches of (∇ loss_sum, loss_sum), per-micro-batch (loss_count, metrics), model state."""
         m = self.micro_batches
+        if m == 1:
+            # No loop, and the mean's 1/count seeds the backward pass: the gradient comes out of it already
+            # divided, with no zeros to add it to and no pass over every gradient to divide it.
+            def mean_loss(*args):
+                loss_sum, (count, metrics, model_state) = self._micro_loss(*args)
+                return loss_sum / jnp.maximum(count, 1.0), (loss_sum, count, metrics, model_state)
+
+            (_, (loss_sum, count, metrics, model_state)), grads = jax.value_and_grad(mean_loss, has_aux=True)(
+                params, frozen, model_state, batch, jax.random.fold_in(key, 0), references)
+            return grads, loss_sum, count[None], jax.tree.map(lambda x: x[None], metrics), model_state
         # Contiguous: micro-batch i is rows [i·B/M, (i+1)·B/M), so rows that belong together (a GRPO
         # group, the completions of one prompt, a pair laid out side by side) stay in one micro-batch
         # when B/M is a multiple of the group. Each micro-batch is then spread over the batch devices
@@ -346,35 +358,48 @@ class TrainStep:
         zero_grads = jax.tree.map(jnp.zeros_like, params)
         (grad_sum, loss_sum, model_state), (counts, metrics) = jax.lax.scan(
             one_micro_batch, (zero_grads, jnp.zeros((), F32), model_state), (micro_batches, jnp.arange(m)))
-        return grad_sum, loss_sum, counts, metrics, model_state
+        denominator = jnp.maximum(jnp.sum(counts), 1.0)
+        return jax.tree.map(lambda g: g / denominator, grad_sum), loss_sum, counts, metrics, model_state
 
     def _train_step(self, state: TrainState, batch, frozen, references):
         rng, step_key = jax.random.split(state.rng)
-        grad_sum, loss_sum, counts, micro_metrics, model_state = self._accumulate(
+        grads, loss_sum, counts, micro_metrics, model_state = self._accumulate(
             state.params, frozen, state.model_state, batch, step_key, references)
         count = jnp.sum(counts)
         # An empty batch (count 0) gives loss 0 and zero gradients rather than 0/0.
         denominator = jnp.maximum(count, 1.0)
         loss = loss_sum / denominator
-        grads = jax.tree.map(lambda g: g / denominator, grad_sum)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
         # Relative to the parameters' norm (0 when there are none to compare with, e.g. all-zero weights).
         param_norm = optax.tree.norm(state.params)
-        update_ratio = jnp.where(param_norm > 0, optax.tree.norm(updates) / jnp.maximum(param_norm, 1e-30), 0.0)
+
+        def update(_):
+            updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+            return optax.apply_updates(state.params, updates), opt_state, model_state, optax.tree.norm(updates)
+
+        def skip(_):  # the schedule's counters advance all the same (see _keep_optimizer_state_if)
+            _, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+            return (state.params, _keep_optimizer_state_if(False, opt_state, state.opt_state), state.model_state,
+                    jnp.zeros((), F32))
+
+        if self.max_update_ratio is None:
+            # Whether the update applies is known before it is computed: the conditional computes it only then
+            # and writes the parameters and moments once (a select after it would pass over every weight again).
+            params, opt_state, model_state, update_norm = jax.lax.cond(finite, update, skip, None)
+        else:  # the divergence guard needs the update's size before it decides
+            params, opt_state, model_state, update_norm = update(None)
+        update_ratio = jnp.where(param_norm > 0, update_norm / jnp.maximum(param_norm, 1e-30), 0.0)
         diverging = jnp.zeros((), bool) if self.max_update_ratio is None else (
             finite & ~(update_ratio <= self.max_update_ratio))
-        applied = finite & ~diverging
-        new_state = TrainState(
-            step=state.step + 1,
-            params=_keep_if(applied, params, state.params),
-            opt_state=_keep_optimizer_state_if(applied, opt_state, state.opt_state),
-            model_state=_keep_if(applied, model_state, state.model_state),
-            rng=rng,
-        )
+        if self.max_update_ratio is not None:
+            applied = finite & ~diverging
+            params = _keep_if(applied, params, state.params)
+            opt_state = _keep_optimizer_state_if(applied, opt_state, state.opt_state)
+            model_state = _keep_if(applied, model_state, state.model_state)
+        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state,
+                               rng=rng)
         metrics = {name: jnp.sum(values * counts) / denominator for name, values in micro_metrics.items()}
         metrics |= {"loss": loss, "loss_count": count, "grad_norm": grad_norm, "update_ratio": update_ratio,
                     "finite": finite, "diverging": diverging}
