@@ -76,25 +76,30 @@ def start_server(port: int, args) -> subprocess.Popen:
     raise RuntimeError(f"jaxalign serve did not answer /health within {START_TIMEOUT_S} s; see {args.server_log}")
 
 
-def compilations(port: int) -> dict[str, float]:
-    """``{function: programs compiled so far}`` from the server's /metrics (``jaxalign_xla_compilations_total``)."""
-    counts = {}
+def server_counters(port: int) -> tuple[dict[str, float], float]:
+    """From the server's /metrics: ``{function: programs compiled so far}`` (``jaxalign_xla_compilations_total``)
+    and the prompts that joined a decode step so far (``jaxalign_prompts_joined_total``)."""
+    counts, joined = {}, 0.0
     for line in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text.splitlines():
         if line.startswith("jaxalign_xla_compilations_total{"):
             labels, value = line.rsplit(" ", 1)
             function = labels.split('function="', 1)[1].split('"', 1)[0]
             counts[function] = counts.get(function, 0.0) + float(value)
-    return counts
+        elif line.startswith("jaxalign_prompts_joined_total"):
+            joined += float(line.rsplit(" ", 1)[1])
+    return counts, joined
 
 
 def measured(port: int, level) -> dict:
-    """Run ``level`` (a coroutine) and add the programs the server compiled meanwhile: a warm server compiles none,
-    and each one stalls every live row for its compile time."""
-    before = compilations(port)
+    """Run ``level`` (a coroutine) and add the programs the server compiled meanwhile (a warm server compiles none,
+    and each one stalls every live row for its compile time) and how many of its requests joined a decode step
+    instead of being prefilled."""
+    before, joined_before = server_counters(port)
     result = asyncio.run(level)
-    after = compilations(port)
+    after, joined_after = server_counters(port)
     result["compiled"] = {name: int(count - before.get(name, 0)) for name, count in after.items()
                           if count > before.get(name, 0)}
+    result["joined"] = int(joined_after - joined_before)
     return result
 
 
@@ -201,7 +206,7 @@ def main() -> int:
                   f"TTFT p50/p95/p99 {level['ttft_s']['p50']:.2f}/{level['ttft_s']['p95']:.2f}/"
                   f"{level['ttft_s']['p99']:.2f} s  latency p50/p95/p99 {level['latency_s']['p50']:.2f}/"
                   f"{level['latency_s']['p95']:.2f}/{level['latency_s']['p99']:.2f} s  "
-                  f"compiled {level['compiled'] or 'nothing'}", flush=True)
+                  f"joined {level['joined']}  compiled {level['compiled'] or 'nothing'}", flush=True)
         synchronised = None
         if 32 in args.clients:
             synchronised = measured(port, run_level(port, 32, 64, args.max_tokens, vary=False))
@@ -236,6 +241,7 @@ def main() -> int:
                                          if line.startswith(("jaxalign_generation_tokens_total",
                                                              "jaxalign_prompt_tokens_total",
                                                              "jaxalign_prompt_tokens_cached_total",
+                                                             "jaxalign_prompts_joined_total",
                                                              "jaxalign_requests_dropped_total"))]}
     path = RESULTS / "serve_load.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
