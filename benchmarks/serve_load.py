@@ -76,50 +76,78 @@ def start_server(port: int, args) -> subprocess.Popen:
     raise RuntimeError(f"jaxalign serve did not answer /health within {START_TIMEOUT_S} s; see {args.server_log}")
 
 
-def server_counters(port: int) -> tuple[dict[str, float], float]:
-    """From the server's /metrics: ``{function: programs compiled so far}`` (``jaxalign_xla_compilations_total``)
-    and the prompts that joined a decode step so far (``jaxalign_prompts_joined_total``)."""
-    counts, joined = {}, 0.0
+def server_counters(port: int) -> dict:
+    """From the server's /metrics: programs compiled so far by function (``jaxalign_xla_compilations_total``), the
+    prompts that joined a decode step (``jaxalign_prompts_joined_total``) and the scheduler thread's seconds by
+    phase (``jaxalign_scheduler_seconds_total``)."""
+    counts, phases, joined = {}, {}, 0.0
     for line in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text.splitlines():
-        if line.startswith("jaxalign_xla_compilations_total{"):
+        if line.startswith(("jaxalign_xla_compilations_total{", "jaxalign_scheduler_seconds_total{")):
             labels, value = line.rsplit(" ", 1)
-            function = labels.split('function="', 1)[1].split('"', 1)[0]
-            counts[function] = counts.get(function, 0.0) + float(value)
+            label = "function" if line.startswith("jaxalign_xla") else "phase"
+            name = labels.split(f'{label}="', 1)[1].split('"', 1)[0]
+            table = counts if label == "function" else phases
+            table[name] = table.get(name, 0.0) + float(value)
         elif line.startswith("jaxalign_prompts_joined_total"):
             joined += float(line.rsplit(" ", 1)[1])
-    return counts, joined
+    return {"compiled": counts, "joined": joined, "phases": phases}
 
 
 def measured(port: int, level) -> dict:
-    """Run ``level`` (a coroutine) and add the programs the server compiled meanwhile (a warm server compiles none,
-    and each one stalls every live row for its compile time) and how many of its requests joined a decode step
-    instead of being prefilled."""
-    before, joined_before = server_counters(port)
+    """Run ``level`` (a coroutine) and add what the server did meanwhile: the programs it compiled (a warm server
+    compiles none, and each one stalls every live row for its compile time), how many requests joined a decode
+    step instead of being prefilled, and where its scheduler thread spent the level's time."""
+    before = server_counters(port)
     result = asyncio.run(level)
-    after, joined_after = server_counters(port)
-    result["compiled"] = {name: int(count - before.get(name, 0)) for name, count in after.items()
-                          if count > before.get(name, 0)}
-    result["joined"] = int(joined_after - joined_before)
+    after = server_counters(port)
+    result["compiled"] = {name: int(count - before["compiled"].get(name, 0))
+                          for name, count in after["compiled"].items() if count > before["compiled"].get(name, 0)}
+    result["joined"] = int(after["joined"] - before["joined"])
+    result["scheduler_s"] = {phase: round(seconds - before["phases"].get(phase, 0.0), 3)
+                             for phase, seconds in after["phases"].items()}
     return result
+
+
+def all_active_rate(results: list[dict], finished: list[float]) -> dict | None:
+    """Tokens/s while every client of a closed-loop level is active: from the moment the last client got its first
+    token until the first client has sent its last request's last token (after it fewer clients remain: the
+    level's drain). A token counts at the arrival of the chunk that carried it (a request's tokens spread evenly
+    over its text chunks; with ``ignore_eos`` and no stop strings each chunk is one token)."""
+    first_tokens = [r["chunk_times"][0] for r in results if r["client_first"] and r["chunk_times"]]
+    if not first_tokens or not finished:
+        return None
+    start, end = max(first_tokens), min(finished)
+    if end - start < 1.0:
+        return None
+    tokens = 0.0
+    for r in results:
+        if r["chunk_times"]:
+            per_chunk = r["tokens"] / len(r["chunk_times"])
+            tokens += per_chunk * sum(start <= t < end for t in r["chunk_times"])
+    return {"window_s": end - start, "tokens": tokens, "tokens_per_s": tokens / (end - start)}
 
 
 async def one_request(client, question: str, max_tokens: int) -> dict:
     started = time.perf_counter()
-    first = None
+    chunk_times = []  # arrivals of the chunks that carry text
     tokens = 0
     stream = await client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": question}], max_tokens=max_tokens, temperature=1.0,
         top_p=0.9, stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
     async for chunk in stream:
-        if first is None and chunk.choices and chunk.choices[0].delta.content:
-            first = time.perf_counter()
+        if chunk.choices and chunk.choices[0].delta.content:
+            chunk_times.append(time.perf_counter())
         if chunk.usage is not None:
             tokens = chunk.usage.completion_tokens
     end = time.perf_counter()
-    return {"latency": end - started, "ttft": (first or end) - started, "tokens": tokens}
+    return {"latency": end - started, "ttft": (chunk_times[0] if chunk_times else end) - started, "tokens": tokens,
+            "chunk_times": chunk_times, "end": end}
 
 
 async def run_level(port: int, clients: int, requests: int, max_tokens: int, *, vary: bool = True) -> dict:
+    """``clients`` closed loops sharing ``requests`` requests. Besides the level's aggregate (every token over the
+    whole wall time, its opening burst and its drain included), the rate while all clients are active
+    (:func:`all_active_rate`), the sustained load a server sees from that many clients."""
     from openai import AsyncOpenAI
 
     client = AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0,
@@ -128,13 +156,18 @@ async def run_level(port: int, clients: int, requests: int, max_tokens: int, *, 
     spread = max_tokens // 4 if vary else 0
     lengths = np.random.default_rng(clients).integers(max_tokens - spread, max_tokens + spread + 1, size=requests)
     results: list[dict] = []
+    finished: list[float] = []  # when each client sent its last token
     deadline = time.perf_counter() + LEVEL_TIMEOUT_S
 
     async def worker():
+        first = True
         for index in counter:
             if time.perf_counter() > deadline:
-                return
-            results.append(await one_request(client, QUESTIONS[index % len(QUESTIONS)], int(lengths[index])))
+                break
+            result = await one_request(client, QUESTIONS[index % len(QUESTIONS)], int(lengths[index]))
+            results.append(result | {"client_first": first})
+            first = False
+        finished.append(time.perf_counter())
 
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(clients)))
@@ -148,7 +181,8 @@ async def run_level(port: int, clients: int, requests: int, max_tokens: int, *, 
         return {f"p{q}": float(np.percentile(values, q)) for q in (50, 95, 99)}
 
     return {"clients": clients, "requests": len(results), "wall_s": wall, "completion_tokens": tokens,
-            "tokens_per_s": tokens / wall, "latency_s": percentiles(latency), "ttft_s": percentiles(ttft)}
+            "tokens_per_s": tokens / wall, "all_active": all_active_rate(results, finished),
+            "latency_s": percentiles(latency), "ttft_s": percentiles(ttft)}
 
 
 def plot(levels: list[dict], path: Path) -> None:
@@ -207,6 +241,11 @@ def main() -> int:
                   f"{level['ttft_s']['p99']:.2f} s  latency p50/p95/p99 {level['latency_s']['p50']:.2f}/"
                   f"{level['latency_s']['p95']:.2f}/{level['latency_s']['p99']:.2f} s  "
                   f"joined {level['joined']}  compiled {level['compiled'] or 'nothing'}", flush=True)
+            active = level["all_active"]
+            print(f"{'':>6}all {clients} active: "
+                  + (f"{active['tokens_per_s']:.1f} tok/s over {active['window_s']:.1f} s" if active else "-")
+                  + "  scheduler s: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(level["scheduler_s"].items())),
+                  flush=True)
         synchronised = None
         if 32 in args.clients:
             synchronised = measured(port, run_level(port, 32, 64, args.max_tokens, vary=False))

@@ -64,6 +64,11 @@ class Metrics:
                               buckets=_LATENCY_BUCKETS, registry=r).labels(**labels)
         self.step_time = Histogram("jaxalign_decode_step_seconds", "one decode step of the whole batch", ["model"],
                                    buckets=_STEP_BUCKETS, registry=r).labels(**labels)
+        # Where the scheduler thread's time goes: decode steps, prefill calls (with the admission of their rows),
+        # handing tokens to requests (text, stop strings, events), waiting for work, and the rest of its loop.
+        self.scheduler_seconds = counter("jaxalign_scheduler_seconds",
+                                         "seconds of the scheduler thread, by phase (decode, prefill, deliver, "
+                                         "idle, other)", ("phase",))
         # A program compiled while serving stalls every live row for its compile time: a warm server shows none.
         self.compilations = counter("jaxalign_xla_compilations",
                                     "XLA programs compiled (or read from JAX's compilation cache), by jitted function",
@@ -98,6 +103,9 @@ class Metrics:
             while self._recent and self._recent[0][0] < now - RATE_WINDOW_S:
                 self._recent.popleft()
             self.tokens_per_second.set(sum(t for _, t in self._recent) / RATE_WINDOW_S)
+
+    def scheduler_time(self, phase: str, seconds: float) -> None:
+        self.scheduler_seconds.labels(model=self.model, phase=phase).inc(seconds)
 
     def finished(self, seconds: float, tokens: int) -> None:
         self.latency.observe(seconds)

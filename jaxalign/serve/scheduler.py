@@ -231,11 +231,14 @@ class Scheduler:
     # -- the engine thread ------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        self._marked = time.perf_counter()  # see _mark
         while True:
             with self._wake:
+                self._mark("other")
                 while (not self._stopping and not self._inbox and not self._waiting and not self._running
                        and self._swap is None):
                     self._wake.wait()
+                self._mark("idle")
                 if self._stopping:
                     break
                 self._take_inbox()
@@ -245,7 +248,9 @@ class Scheduler:
                 log.exception("scheduler iteration failed")
                 for job in list(self._running.values()):
                     self._fail(job, APIError(500, f"generation failed: {type(error).__name__}: {error}"))
+            self._mark("other")
             self._flush()
+            self._mark("deliver")
         for job in [*self._running.values(), *self._waiting, *self._inbox]:
             self._send(job, Event("error", error=APIError(503, "the server is shutting down")))
         self._flush()
@@ -274,14 +279,27 @@ class Scheduler:
         if self._swap is None:  # while a swap waits for the running rows, nothing new starts
             joining = self._joining_job()
             if joining is None:
+                self._mark("other")
                 self._admit()
+                self._mark("prefill")
         if self.engine.live:
+            self._mark("other")
             started = time.perf_counter()
             outputs = self._step(joining)
             if self.metrics is not None:
                 self.metrics.decode_step(time.perf_counter() - started, len(outputs))
+            self._mark("decode")
             self._deliver(outputs)
+            self._mark("deliver")
         self._gauges()
+
+    def _mark(self, phase: str) -> None:
+        """Count the scheduler thread's time since the last mark as ``phase`` (``/metrics``:
+        ``jaxalign_scheduler_seconds_total``), so a load test can tell where the server's time went."""
+        now = time.perf_counter()
+        if self.metrics is not None:
+            self.metrics.scheduler_time(phase, now - self._marked)
+        self._marked = now
 
     def _apply_swap(self) -> None:
         with self._wake:

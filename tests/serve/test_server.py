@@ -363,6 +363,24 @@ def test_metrics_are_prometheus_text(server, client):
                "the gauges to show an idle server")
 
 
+def test_metrics_say_where_the_scheduler_spends_its_time(server, client):
+    url, served = server
+    phases = ("decode", "prefill", "deliver", "idle", "other")
+    # The wait before a request is counted when the request wakes the scheduler: this one takes the wait since the
+    # previous test, so that what follows counts only the scheduler's time from here on (and the scrape's).
+    started = time.perf_counter()
+    client.chat.completions.create(model=MODEL, messages=HI, max_tokens=1, temperature=0)
+    before = {phase: metric(url, "jaxalign_scheduler_seconds_total", phase=phase) for phase in phases}
+    with slow_steps(served, 0.1):  # 5 tokens: the first from the prefill, then 4 decode steps of >= 0.1 s
+        client.chat.completions.create(model=MODEL, messages=HI, max_tokens=5, temperature=0)
+    time.sleep(0.3)  # the idle scheduler: its wait is counted when the next request wakes it
+    client.chat.completions.create(model=MODEL, messages=HI, max_tokens=1, temperature=0)
+    elapsed = time.perf_counter() - started
+    spent = {phase: metric(url, "jaxalign_scheduler_seconds_total", phase=phase) - before[phase] for phase in phases}
+    assert spent["decode"] >= 0.4 and spent["prefill"] > 0 and spent["idle"] >= 0.25, spent
+    assert sum(spent.values()) <= elapsed, (spent, elapsed)  # one thread's time, each second counted once
+
+
 @pytest.fixture(scope="module")
 def with_system_prompt(tiny_checkpoint, tmp_path_factory):
     """The tiny model with a chat template that opens with a system prompt, as SmolLM2's does."""
