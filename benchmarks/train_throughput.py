@@ -117,8 +117,10 @@ from tqdm.auto import tqdm  # noqa: E402
 from jaxalign import models  # noqa: E402
 from jaxalign.methods.common import sequence_logps  # noqa: E402
 from jaxalign.methods.dpo import dpo_objective  # noqa: E402
+from jaxalign.methods.recipe import ModelSpec  # noqa: E402
 from jaxalign.methods.sft import sft_objective  # noqa: E402
 from jaxalign.models import ModelConfig, RopeScaling  # noqa: E402
+from jaxalign.models.config import REMAT_POLICIES  # noqa: E402
 from jaxalign.models.scoring import DEFAULT_CHUNK  # noqa: E402
 from jaxalign.train import OptimizerConfig, TrainStep, make_optimizer  # noqa: E402
 
@@ -754,6 +756,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--jaxalign-layout", choices=sorted(LAYOUTS), default="lean",
                         help="lean: DPO runs each prompt once and DPO/SFT the LM head only at completion targets "
                              "(jaxalign's default); plain: TRL's layout, every prompt twice and the head everywhere")
+    parser.add_argument("--remat", choices=REMAT_POLICIES, default=ModelSpec.remat,
+                        help=f"jaxalign's per-layer rematerialisation (default {ModelSpec.remat}, jaxalign train's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", type=Path, default=None,
                         help=f"where the JSON and PNG go; default {RESULTS} for a measurement, none for a quick "
@@ -831,11 +835,11 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
 
     start = time.perf_counter()
     if args.random_weights:
-        config = CONFIGS[args.config].with_policy(param_dtype="float32", compute_dtype=args.dtype)
+        config = CONFIGS[args.config].with_policy(param_dtype="float32", compute_dtype=args.dtype, remat=args.remat)
         model = models.LlamaForCausalLM(config, rngs=nnx.Rngs(args.seed))
         model_name = f"{args.config} (random weights)"
     else:
-        model, _ = models.load_gguf(models.default_model_path(), compute_dtype=args.dtype)
+        model, _ = models.load_gguf(models.default_model_path(), compute_dtype=args.dtype, remat=args.remat)
         config = model.config
         model_name = "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to float32)"
     jax_load_s = time.perf_counter() - start
@@ -913,7 +917,7 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
         "matmul_size": args.matmul_size, "matmul_flop_per_s": ceilings,
         "matmul_flop_per_s_before": ceilings_before, "matmul_flop_per_s_after": ceilings_after,
         "peak_flop_per_s": peak, "jaxalign_load_s": jax_load_s, "torch_export_and_load_s": torch_load_s,
-        "jaxalign_layout": args.jaxalign_layout,
+        "jaxalign_layout": args.jaxalign_layout, "jaxalign_remat": args.remat,
         "flop_formula": "forward = 2*(N_mm - d*V)*trunk tokens + 2*d*V*LM-head positions + 4*L*H*Dh*visible "
                         "query-key pairs; SFT = 3x forward, DPO = 4x (policy fwd+bwd + reference fwd); real "
                         "tokens only. Plain rows (TRL): F(n) = 2*N_mm*n + 2*L*H*Dh*n*(n+1) a sequence; "

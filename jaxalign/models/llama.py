@@ -80,13 +80,18 @@ class Attention(nnx.Module):
 
     def attend(self, q: Float[Array, "B T H Dh"], k: Float[Array, "B S K Dh"], v: Float[Array, "B S K Dh"],
                mask: Bool[Array, "B T S"]) -> Float[Array, "B T HDh"]:
-        """Attention of ``q`` over ``S`` keys, heads concatenated (before ``o_proj``)."""
-        # Query head n uses kv head n // (H/K), as transformers' repeat_kv; the softmax runs in float32
-        # and masked scores are a large finite negative, so a query that sees nothing gives no NaN.
-        out = jax.nn.dot_product_attention(
-            q, k.astype(q.dtype), v.astype(q.dtype), mask=mask[:, None], scale=self.head_dim**-0.5
-        )
-        return rearrange(out, "b t h dh -> b t (h dh)")
+        """Attention of ``q`` over ``S`` keys, heads concatenated (before ``o_proj``).
+
+        Query head n uses kv head n // (H/K), as transformers' repeat_kv; the scores and the softmax are float32
+        and masked scores a large finite negative, so a query that sees nothing gives no NaN. A decode step
+        (``T = 1``) runs ``jax.nn.dot_product_attention``; longer inputs (training, scoring, prefill) run
+        :func:`grouped_attention`, the same numbers in a layout that is faster there (measured below).
+        """
+        k, v = k.astype(q.dtype), v.astype(q.dtype)
+        if q.shape[1] == 1:
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=self.head_dim**-0.5)
+            return rearrange(out, "b t h dh -> b t (h dh)")
+        return grouped_attention(q, k, v, mask, scale=self.head_dim**-0.5)
 
     def __call__(
         self,
@@ -102,6 +107,29 @@ class Attention(nnx.Module):
         if kv is not None:
             kv, k, v = kv.append(k, v)
         return per_token(self.o_proj, self.attend(q, k, v, mask)), kv
+
+
+def grouped_attention(q: Float[Array, "B T H Dh"], k: Float[Array, "B S K Dh"], v: Float[Array, "B S K Dh"],
+                      mask: Bool[Array, "B T S"], *, scale: float) -> Float[Array, "B T HDh"]:
+    """``softmax(q·kᵀ·scale, masked)·v`` with the ``G = H/K`` query heads of each kv head as one matrix.
+
+    The queries of kv head ``k`` are laid out ``[(T·G), Dh]`` (token-major), so each (row, kv head) pair is one
+    ``[T·G, Dh] × [Dh, S]`` product, with no copy of the keys per query head and no transposed score matrix;
+    the mask is repeated over the ``G`` heads of a token. The numbers are ``jax.nn.dot_product_attention``'s
+    (float32 scores, masked entries ``−0.7·max float32``, float32 softmax, probabilities cast to ``v``'s dtype).
+    On 2 CPU cores its forward and backward over SmolLM2-135M's 4 × 194-token DPO rows take 8.7 ms a layer
+    against 12.5 ms, and a DPO step 6 % less; a one-token decode step is faster with the library call (128 vs
+    123 ms at batch 32), which :meth:`Attention.attend` keeps there.
+    """
+    groups = q.shape[2] // k.shape[2]
+    queries = rearrange(q, "b t (k g) d -> b k (t g) d", g=groups)
+    scores = jnp.einsum("bkqd,bksd->bkqs", queries, rearrange(k, "b s k d -> b k s d"),
+                        preferred_element_type=jnp.float32) * jnp.float32(scale)
+    visible = jnp.repeat(mask, groups, axis=1)[:, None]  # [B, 1, T·G, S]
+    scores = jnp.where(visible, scores, jnp.float32(-0.7 * jnp.finfo(jnp.float32).max))
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs, rearrange(v, "b s k d -> b k s d"))
+    return rearrange(out, "b k (t g) d -> b t (k g d)", g=groups)
 
 
 class MLP(nnx.Module):
