@@ -337,3 +337,33 @@ def test_a_skipped_step_still_advances_the_schedule(name):
     # The next update is number 4 (0-based), as the Trainer's logged learning_rate = schedule(step) says.
     assert schedule_counts == [int(state.step)] == [4]
     assert float(schedule(schedule_counts[0])) == pytest.approx(0.6)
+
+
+@pytest.mark.parametrize("guard", [None, 1e6])
+def test_update_ratio_is_the_parameters_relative_change(guard):
+    optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-2, schedule="constant", max_grad_norm=1.0),
+                               total_steps=10)
+    step = TrainStep(sft_objective, tiny_model(), optimizer, max_update_ratio=guard)
+    state = step.init(0)
+    for batch in batches(2, batch_size=BATCH):
+        before = host_params(state)
+        state, metrics = step(state, batch)
+        after = host_params(state)
+        change = math.sqrt(sum(float(np.sum((after[k].astype(np.float64) - before[k]) ** 2)) for k in before))
+        size = math.sqrt(sum(float(np.sum(before[k].astype(np.float64) ** 2)) for k in before))
+        assert change > 0 and not metrics["diverging"]
+        np.testing.assert_allclose(float(metrics["update_ratio"]), change / size, rtol=1e-4)
+
+
+def test_the_divergence_guard_refuses_an_update_before_writing_it():
+    step = TrainStep(sft_objective, tiny_model(), make_optimizer(
+        OptimizerConfig(learning_rate=1e6, schedule="constant", max_grad_norm=None), total_steps=10),
+        max_update_ratio=10.0)
+    state = step.init(0)
+    before, moments = host_params(state), jax.device_get(state.opt_state)
+    state, metrics = step(state, batches(1, batch_size=BATCH)[0])
+    assert metrics["finite"] and metrics["diverging"] and float(metrics["update_ratio"]) > 10.0
+    for name, value in host_params(state).items():
+        np.testing.assert_array_equal(value, before[name], err_msg=name)
+    jax.tree.map(np.testing.assert_array_equal, without_schedule_counts(jax.device_get(state.opt_state)),
+                 without_schedule_counts(moments))
