@@ -7,10 +7,10 @@ running ones): drop cancelled and timed-out requests; admit waiting requests whi
 long), prefilled together in groups whose first tokens go out as soon as each group is done; run one decode
 step for every live row; hand each row's new text to its request.
 
-While rows decode, a request that continues the cached chat-template head by a short question (up to 32 tokens;
+While rows decode, a request that continues the cached chat-template head by a short question (up to 24 tokens;
 ``ContinuousEngine.joinable``) is not prefilled at all: it joins the next decode step, its prompt tokens riding in
 the step's matrix products (vLLM's chunked prefill, one prompt per step), so the running rows do not stop for it
-(SmolLM2-135M on 2 CPU cores, 31 rows and 128 cache columns: the step takes 20 ms more, where a prefill call stalls
+(SmolLM2-135M on 2 CPU cores, 31 rows and 128 cache columns: the step takes 13 ms more, where a prefill call stalls
 them for about 105 ms). One request joins per step while at most ``JOIN_BACKLOG`` wait; a longer line is
 prefilled in groups as below.
 

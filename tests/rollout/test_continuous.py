@@ -484,7 +484,7 @@ def test_replacing_the_model_prefills_the_heads_again(model, checkpoints):
 # --- prompts joining a decode step ------------------------------------------------------------------------
 
 
-# Prompts continuing HEAD by 1 to 32 tokens (JOIN_COLUMNS): every one may join a step of a joining_engine.
+# Prompts continuing HEAD by 1 to JOIN_COLUMNS tokens: every one may join a step of a joining_engine.
 JOINERS = [HEAD + [int(t) for t in np.random.default_rng(60 + i).integers(0, V, size=n)]
            for i, n in enumerate((1, 9, 20, continuous.JOIN_COLUMNS))]
 
@@ -558,8 +558,9 @@ def test_which_prompts_may_join_and_bad_joins_change_nothing(model):
 
 def test_a_long_joined_row_shifts_left_like_an_admitted_one(model, sampler):
     # Little slack (8) and a head with 14 columns of padding before it: the row must count from the head's first
-    # token, or its left shifts would keep that padding and the cache would overflow before max_model_len.
-    count = 50
+    # token, or its left shifts would keep that padding and the cache would overflow before max_model_len. The row
+    # grows to 92 tokens (head 10, prompt JOIN_COLUMNS, the rest generated) of max_model_len 96.
+    count = 92 - len(HEAD) - continuous.JOIN_COLUMNS
     expected = sampler.generate([JOINERS[3]], key=jax.random.key(0),
                                 params=SamplingParams(max_new_tokens=count, temperature=0.0, stop_token_ids=()))
     engine = joining_engine(model, slack=8)
