@@ -11,8 +11,10 @@ While rows decode, a request that continues the cached chat-template head by a s
 ``ContinuousEngine.joinable``) is not prefilled at all: it joins the next decode step, its prompt tokens riding in
 the step's matrix products (vLLM's chunked prefill, one prompt per step), so the running rows do not stop for it
 (SmolLM2-135M on 2 CPU cores, 31 rows and 128 cache columns: the step takes 13 ms more, where a prefill call stalls
-them for about 105 ms). One request joins per step while at most ``JOIN_BACKLOG`` wait; a longer line is
-prefilled in groups as below.
+them for about 105 ms). One request joins per step unless more than ``JOIN_BACKLOG`` of the waiting ones could
+start now (as many as there are free slots): such a burst is prefilled in groups as below, so that its last
+request does not wait one step per request before it. A long line behind few free slots (more clients than
+slots) still joins, one request per freed slot, instead of paying a prefill call for each.
 
 While rows decode, a request that arrives alone may be held for up to ``prefill_wait`` decode steps so that
 it shares its prefill call with the next arrival (vLLM's ``scheduler_delay_factor``, counted in steps): every
@@ -44,8 +46,9 @@ from jaxalign.serve.protocol import APIError
 
 log = logging.getLogger("jaxalign.serve")
 
-# Most waiting requests for which the first one joins the next decode step (one per step); more are prefilled in
-# groups, so that the last of a burst does not wait one step per request before it.
+# Most requests that could start now (waiting, each with a free slot) for which the first one joins the next decode
+# step (one per step); more are prefilled in groups, so that the last of a burst does not wait one step per request
+# before it.
 JOIN_BACKLOG = 4
 
 
@@ -316,7 +319,7 @@ class Scheduler:
 
     def _joining_job(self) -> Job | None:
         """The first waiting job when it joins this iteration's decode step instead of being prefilled."""
-        if not self._waiting or len(self._waiting) > JOIN_BACKLOG or not self.engine.live:
+        if not self._waiting or min(len(self._waiting), self.engine.free) > JOIN_BACKLOG or not self.engine.live:
             return None
         job = self._waiting[0]
         if not self.engine.joinable(job.prompt_ids, len(job.settings)):

@@ -1,6 +1,7 @@
 """The scheduler's admission policy, driven one iteration at a time (no thread): with ``prefill_wait``, a request
 arriving alone while rows decode waits at most that many decode steps for company, and goes at once when nothing
-decodes or when another request waits with it."""
+decodes or when another request waits with it; and which waiting requests join a decode step instead of being
+prefilled (one per step while at most JOIN_BACKLOG could start at once)."""
 
 from __future__ import annotations
 
@@ -42,8 +43,8 @@ class Driven:
         engine.prefill_many = recording
         self.engine = engine
 
-    def submit(self, name: str, tokens: int, *, samples: int = 1) -> Job:
-        prompt = [3 + len(self.names), 5, 7]  # a prompt of its own per job
+    def submit(self, name: str, tokens: int, *, samples: int = 1, prompt: list[int] | None = None) -> Job:
+        prompt = prompt or [3 + len(self.names), 5, 7]  # a prompt of its own per job
         self.names[tuple(prompt)] = name
         job = Job(prompt_ids=prompt, settings=[GREEDY] * samples, max_tokens=tokens, stops=(), deadline=math.inf,
                   loop=self.loop, queue=asyncio.Queue(), ignore_eos=True)
@@ -133,3 +134,56 @@ def test_without_a_wait_each_arrival_starts_at_its_next_iteration(driven):
 def test_a_negative_wait_is_refused(engine):
     with pytest.raises(ValueError, match="prefill_wait must be >= 0"):
         Scheduler(engine, tiny_tokenizer(), stop_token_ids=(), prefill_wait=-1)
+
+
+HEAD = [11, 12, 13, 14, 15, 16, 17, 18]
+
+
+def after_head(first: int) -> list[int]:
+    """A prompt of its own continuing HEAD by 10 tokens (a joining row keeps its padding within slack // 2)."""
+    return HEAD + [first] + [5] * 9
+
+
+@pytest.fixture(scope="module")
+def joining_engine(tiny_checkpoint):
+    """Eight slots (joins need a batch bucket of 8) and a cached head the submitted prompts continue."""
+    model = load_hf(tiny_checkpoint)
+    model = model[0] if isinstance(model, tuple) else model
+    engine = ContinuousEngine(model, max_batch=8, max_model_len=48, pad_token_id=0)
+    engine.add_head(HEAD)
+    return engine
+
+
+def test_a_long_line_behind_one_free_slot_joins_decode_steps(joining_engine):
+    # More clients than slots: the line is long, but one slot frees at a time. Prefilling each newcomer alone would
+    # stall every running row for a whole prefill call; joining adds it to the step the rows run anyway.
+    run = Driven(joining_engine, prefill_wait=0)
+    try:
+        for index in range(7):
+            run.submit(f"busy{index}", 30, prompt=after_head(40 + index))
+        run.tick()
+        assert run.groups == [(1, [f"busy{index}" for index in range(7)])] and joining_engine.free == 1
+        for index in range(6):
+            run.submit(f"line{index}", 2, prompt=after_head(60 + index))
+        joined = joining_engine.joined
+        run.tick()
+        assert joining_engine.joined == joined + 1 and len(run.groups) == 1, "the first in line joined the step"
+        run.tick(3)  # its 2 tokens: it leaves and the next one joins in its slot
+        assert joining_engine.joined == joined + 2 and len(run.groups) == 1, run.groups
+    finally:
+        run.close()
+
+
+def test_a_burst_with_free_slots_is_prefilled_together(joining_engine):
+    run = Driven(joining_engine, prefill_wait=0)
+    try:
+        for index in range(2):
+            run.submit(f"busy{index}", 30, prompt=after_head(40 + index))
+        run.tick()
+        joined = joining_engine.joined
+        for index in range(6):  # 6 free slots, 6 waiting: more than JOIN_BACKLOG could start now
+            run.submit(f"burst{index}", 5, prompt=after_head(60 + index))
+        run.tick()
+        assert joining_engine.joined == joined and run.groups[1:] == [(2, [f"burst{index}" for index in range(6)])]
+    finally:
+        run.close()
