@@ -9,10 +9,10 @@ Serving and training spend most of their time in a few product shapes of SmolLM2
   pass runs it (``x·W``), as the backward pass runs it for the input's gradient (``dy·Wᵀ``) and for the weight's
   (``xᵀ·dy``).
 
-Each case runs alternately in both frameworks, ``--repeats`` times after a warm-up; the medians are reported, with
-the FLOP rate and the ratio PyTorch / JAX of the times (above 1: PyTorch is faster). This is where issue 20's and
-issue 22's ceilings come from: a serving step at 32 rows is mostly the decode chain's products, and XLA's kernels
-for ``M`` = 32 are the slow ones.
+Each case runs ``--repeats`` times in each framework after a warm-up, in alternating blocks; the medians are
+reported, with the FLOP rate and the ratio PyTorch / JAX of the times (above 1: PyTorch is faster). This is where
+issue 20's and issue 22's ceilings come from: a serving step at 32 rows is mostly the decode chain's products, and
+a training step's matmuls are these products.
 
     python benchmarks/matmul_shapes.py [--repeats 15]
 
@@ -35,6 +35,10 @@ import provenance  # benchmarks/provenance.py: run as `python benchmarks/matmul_
 RESULTS = Path(__file__).resolve().parent / "results"
 LAYERS, D, F = 30, 576, 1536
 TRAIN_TOKENS = 776
+# Each framework runs its calls in blocks: calls alternating one by one slow both down (PyTorch's OpenMP threads
+# spin after each call and take the cores XLA's threads need, and the other way round), by up to 1.9x for the
+# millisecond-long training products.
+ROUNDS = 3
 
 
 def _times(run, repeats: int) -> list[float]:
@@ -124,9 +128,11 @@ def main() -> int:
     for name, (flops, jax_run, torch_run) in cases(np.random.default_rng(0)).items():
         jax_run(), torch_run()  # compile / warm up
         jax_times, torch_times = [], []
-        for _ in range(args.repeats):  # alternating, so load from elsewhere hits both alike
-            jax_times += _times(jax_run, 1)
-            torch_times += _times(torch_run, 1)
+        for _ in range(ROUNDS):  # alternating blocks, so load from elsewhere hits both alike
+            jax_run()  # the first call after the other framework's runs while its threads still spin
+            jax_times += _times(jax_run, args.repeats // ROUNDS)
+            torch_run()
+            torch_times += _times(torch_run, args.repeats // ROUNDS)
         j, t = statistics.median(jax_times), statistics.median(torch_times)
         rows.append({"case": name, "flops": flops, "jax_s": j, "torch_s": t, "jax_gflop_s": flops / j / 1e9,
                      "torch_gflop_s": flops / t / 1e9, "torch_speed_over_jax": j / t})

@@ -195,7 +195,11 @@ def plot(levels: list[dict], path: Path) -> None:
 
     clients = [lv["clients"] for lv in levels]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    left.plot(clients, [lv["tokens_per_s"] for lv in levels], "o-")
+    left.plot(clients, [lv["tokens_per_s"] for lv in levels], "o-", label="whole level")
+    active = [(lv["clients"], lv["all_active"]["tokens_per_s"]) for lv in levels if lv.get("all_active")]
+    if active:
+        left.plot(*zip(*active), "s--", label="while all clients are active")
+        left.legend(fontsize=8)
     left.set(xscale="log", xlabel="concurrent clients", ylabel="aggregate tokens/s", title="throughput")
     for key, style in (("p50", "o-"), ("p95", "s--"), ("p99", "^:")):
         right.plot(clients, [lv["ttft_s"][key] for lv in levels], style, label=f"TTFT {key}")
