@@ -154,36 +154,41 @@ def joining_engine(tiny_checkpoint):
     return engine
 
 
-def test_a_long_line_behind_one_free_slot_joins_decode_steps(joining_engine):
+@pytest.fixture
+def joining_run(joining_engine):
+    run = Driven(joining_engine, prefill_wait=0)
+    yield run
+    run.close()
+
+
+def submit_many(run: Driven, prefix: str, count: int, tokens: int, *, first: int) -> list[str]:
+    """``count`` one-sample requests continuing HEAD (names ``prefix0``...), in order; their names."""
+    names = [f"{prefix}{index}" for index in range(count)]
+    for index, name in enumerate(names):
+        run.submit(name, tokens, prompt=after_head(first + index))
+    return names
+
+
+def test_a_long_line_behind_one_free_slot_joins_decode_steps(joining_run):
     # More clients than slots: the line is long, but one slot frees at a time. Prefilling each newcomer alone would
     # stall every running row for a whole prefill call; joining adds it to the step the rows run anyway.
-    run = Driven(joining_engine, prefill_wait=0)
-    try:
-        for index in range(7):
-            run.submit(f"busy{index}", 30, prompt=after_head(40 + index))
-        run.tick()
-        assert run.groups == [(1, [f"busy{index}" for index in range(7)])] and joining_engine.free == 1
-        for index in range(6):
-            run.submit(f"line{index}", 2, prompt=after_head(60 + index))
-        joined = joining_engine.joined
-        run.tick()
-        assert joining_engine.joined == joined + 1 and len(run.groups) == 1, "the first in line joined the step"
-        run.tick(3)  # its 2 tokens: it leaves and the next one joins in its slot
-        assert joining_engine.joined == joined + 2 and len(run.groups) == 1, run.groups
-    finally:
-        run.close()
+    run, engine = joining_run, joining_run.engine
+    busy = submit_many(run, "busy", 7, 30, first=40)
+    run.tick()
+    assert run.groups == [(1, busy)] and engine.free == 1
+    submit_many(run, "line", 6, 2, first=60)
+    joined = engine.joined
+    run.tick()
+    assert engine.joined == joined + 1 and len(run.groups) == 1, "the first in line joined the step"
+    run.tick(3)  # its 2 tokens: it leaves and the next one joins in its slot
+    assert engine.joined == joined + 2 and len(run.groups) == 1, run.groups
 
 
-def test_a_burst_with_free_slots_is_prefilled_together(joining_engine):
-    run = Driven(joining_engine, prefill_wait=0)
-    try:
-        for index in range(2):
-            run.submit(f"busy{index}", 30, prompt=after_head(40 + index))
-        run.tick()
-        joined = joining_engine.joined
-        for index in range(6):  # 6 free slots, 6 waiting: more than JOIN_BACKLOG could start now
-            run.submit(f"burst{index}", 5, prompt=after_head(60 + index))
-        run.tick()
-        assert joining_engine.joined == joined and run.groups[1:] == [(2, [f"burst{index}" for index in range(6)])]
-    finally:
-        run.close()
+def test_a_burst_with_free_slots_is_prefilled_together(joining_run):
+    run, engine = joining_run, joining_run.engine
+    submit_many(run, "busy", 2, 30, first=40)
+    run.tick()
+    joined = engine.joined
+    burst = submit_many(run, "burst", 6, 5, first=60)  # 6 free slots, 6 waiting: more than JOIN_BACKLOG could start
+    run.tick()
+    assert engine.joined == joined and run.groups[1:] == [(2, burst)]
