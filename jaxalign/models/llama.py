@@ -118,8 +118,8 @@ def grouped_attention(q: Float[Array, "B T H Dh"], k: Float[Array, "B S K Dh"], 
     the mask is repeated over the ``G`` heads of a token. The numbers are ``jax.nn.dot_product_attention``'s
     (float32 scores, masked entries ``−0.7·max float32``, float32 softmax, probabilities cast to ``v``'s dtype).
     On 2 CPU cores its forward and backward over SmolLM2-135M's 4 × 194-token DPO rows take 8.7 ms a layer
-    against 12.5 ms, and a DPO step 6 % less; a one-token decode step is faster with the library call (128 vs
-    123 ms at batch 32), which :meth:`Attention.attend` keeps there.
+    against 12.5 ms, and a DPO step 6 % less; a one-token decode step is faster with the library call (123 ms against
+    128 ms at batch 32), which :meth:`Attention.attend` keeps there.
     """
     groups = q.shape[2] // k.shape[2]
     queries = rearrange(q, "b t (k g) d -> b k (t g) d", g=groups)

@@ -176,6 +176,7 @@ class Scheduler:
         self._swap: tuple[Any, str, concurrent.futures.Future] | None = None
         self.version = version
         self.iterations = 0
+        self._marked = time.perf_counter()  # see _mark (reset when the thread starts)
 
     # -- the HTTP side ----------------------------------------------------------------------------------
 

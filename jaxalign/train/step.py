@@ -196,6 +196,9 @@ class TrainStep:
         self.max_update_ratio = max_update_ratio
         self.micro_batches, self.count_tokens = micro_batches, count_tokens
         self.mesh = single_device_mesh() if mesh is None else mesh
+        # Without the divergence guard, ‖Δθ‖ from the parameters before and after the update (faster on XLA:CPU,
+        # one more parameter-sized buffer) or inside the update (elsewhere); see _train_step.
+        self._ratio_from_parameters = self.mesh.devices.flat[0].platform == "cpu"
         if any(axis_type != AxisType.Auto for axis_type in self.mesh.axis_types):
             raise ValueError(
                 f"the mesh has axis types {self.mesh.axis_types}; the step relies on XLA's sharding propagation "
@@ -382,21 +385,31 @@ class TrainStep:
             _, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
             return state.params, _keep_optimizer_state_if(False, opt_state, state.opt_state), state.model_state
 
-        # ‖Δθ‖ and ‖θ‖ are sums of squares of arrays that are written anyway: XLA:CPU would otherwise fuse the
-        # optimizer's arithmetic into the norm's reduction (recomputing it there, several times slower) or select
-        # the old values back after an update. On SmolLM2-135M's 134.5M parameters (AdamW with clipping, 2 CPU
-        # cores) the update and its ratio take 0.42 s without the guard and 0.62 s with it, where the direct way
-        # took 0.55 s and 0.84 s (0.28 s with no ratio at all).
+        # ‖θ‖ and ‖Δθ‖ cost passes over every parameter. With the divergence guard the update is written once (behind
+        # an optimization barrier) and read by its norm and by the parameters' update; XLA:CPU would otherwise fuse
+        # the optimizer's arithmetic into the norm's reduction, recomputing it there several times slower. Without
+        # the guard, on CPU, ‖Δθ‖ comes from the parameters before and after the update (one more parameter-sized
+        # buffer, as the donated old values are read after the update); on accelerators, where that buffer is
+        # memory a large model needs, the update's norm is taken inside the update. On SmolLM2-135M's 134.5M
+        # parameters (AdamW with clipping, 2 CPU cores) the update and its ratio take 0.42 s without the guard and
+        # 0.62 s with it, where the norm inside the update took 0.55 s and 0.84 s (0.28 s with no ratio at all).
         param_norm = optax.tree.norm(state.params)
         if self.max_update_ratio is None:
             # Whether the update applies is known before it is computed: the conditional computes it only then
             # and writes the parameters and moments once (a select after it would pass over every weight again).
+            from_parameters = self._ratio_from_parameters
+
             def update(_):
                 updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
-                return optax.apply_updates(state.params, updates), opt_state, model_state
+                norm = jnp.zeros((), F32) if from_parameters else optax.tree.norm(updates)
+                return optax.apply_updates(state.params, updates), opt_state, model_state, norm
 
-            params, opt_state, model_state = jax.lax.cond(finite, update, skip, None)
-            update_norm = optax.tree.norm(jax.tree.map(jnp.subtract, params, state.params))  # 0 when skipped
+            def skip_without_update(_):
+                return (*skip(_), jnp.zeros((), F32))
+
+            params, opt_state, model_state, update_norm = jax.lax.cond(finite, update, skip_without_update, None)
+            if from_parameters:
+                update_norm = optax.tree.norm(jax.tree.map(jnp.subtract, params, state.params))  # 0 when skipped
             update_ratio = _ratio(update_norm, param_norm)
             diverging = jnp.zeros((), bool)
         else:  # the divergence guard needs the update's size before it decides
