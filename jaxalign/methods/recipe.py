@@ -72,8 +72,8 @@ class ModelSpec:
         param_dtype, compute_dtype, remat: the dtype/rematerialisation policy (float32 on CPU). ``remat``
             defaults to ``dots_no_batch`` (each layer's backward recomputes everything but its projections'
             outputs): on 2 CPU cores it made SmolLM2-135M's DPO step 12 % faster than saving everything
-            (``none``, 5.1 against 4.5 s) and its SFT step 12 % (less memory traffic outweighs the recomputation; LoRA DPO 5 %), and
-            it needs less memory; MaxText's default (``full``) saves even less.
+            (``none``, 5.1 against 4.5 s) and its SFT step 12 % (less memory traffic outweighs the
+            recomputation; LoRA DPO 5 %), and it needs less memory; MaxText's default (``full``) saves even less.
     """
 
     path: str | None = None
