@@ -7,12 +7,17 @@ hold real tokens (``valid``) and in their RoPE position (``next_position``).
 
 The buffers come in two forms. **Stacked** (what :meth:`KVCache.init` makes): one ``[L, B, S, K, Dh]``
 array each for keys and values, which the layer scan carries and writes at a traced layer index.
-**Per layer** (:meth:`KVCache.per_layer`): a tuple of ``L`` buffers ``[B, K, Dh, S]`` each, for decoding
-with the layers unrolled (:func:`jaxalign.models.stack.unstack_layers`). On XLA's CPU backend the stacked
-form costs a copy and a transpose of every layer's keys and values at every step (a slice of a
-loop-carried buffer cannot feed a matmul in place); the per-layer buffers are read in place, and with the
-slots innermost the attention matmuls need no transpose (SmolLM2-135M's 30 layers at batch 16 on 2 CPU
-cores: 18 ms of attention per step, against 24–34 ms with the slots before the heads or the head dim).
+**Per layer** (:meth:`KVCache.per_layer`): a tuple of ``L`` buffers each, keys ``[B, K, Dh, S]`` and values
+``[B, K, S, Dh]`` (:data:`KEYS`, :data:`VALUES`), for decoding with the layers unrolled
+(:func:`jaxalign.models.stack.unstack_layers`). On XLA's CPU backend the stacked form costs a copy and a
+transpose of every layer's keys and values at every step (a slice of a loop-carried buffer cannot feed a matmul
+in place); the per-layer buffers are read in place, each in the layout its attention product wants as a plain
+matrix: the query·key product contracts the head dim, the rows of a key buffer ``[Dh, S]``; the
+probability·value product contracts the slots, the rows of a value buffer ``[S, Dh]``, where a step also writes
+a token's values as ``K`` contiguous rows instead of ``K·Dh`` floats one slot apart. SmolLM2-135M's 30 layers at
+batch 32 on 2 CPU cores, one step's attention and cache writes: 13.6 ms at 128 slots and 24.5 ms at 256 with
+these layouts, 20.1 and 34.9 ms with the values' slots innermost too, 15.6 and 31.6 ms with both slots-major
+(``benchmarks/attention_layouts.py``).
 """
 
 from __future__ import annotations
@@ -26,8 +31,28 @@ from jaxtyping import Array, Bool, Float, Int
 
 from jaxalign.models.config import ModelConfig
 
-# Every layer's keys (or values) in the per-layer form: slots innermost.
-LayerBuffers = tuple[Float[Array, "B K Dh S"], ...]
+
+class BufferLayout(NamedTuple):
+    """Where a per-layer buffer keeps its slots: ``order`` takes ``[B, S, K, Dh]`` (the attention's operand) to the
+    buffer, whose slots are then axis ``slots``."""
+
+    order: tuple[int, int, int, int]
+    slots: int
+
+    def from_slots_major(self, x: Float[Array, "B S K Dh"]) -> Array:
+        return jnp.transpose(x, self.order)
+
+    def slots_major(self, buffer: Array) -> Float[Array, "B S K Dh"]:
+        """The buffer as the attention reads it (XLA folds the transpose into the products)."""
+        return jnp.transpose(buffer, tuple(self.order.index(axis) for axis in range(4)))
+
+
+# Per-layer keys keep the slots innermost ([B, K, Dh, S]), values before the head dim ([B, K, S, Dh]): see above.
+KEYS = BufferLayout((0, 2, 3, 1), 3)
+VALUES = BufferLayout((0, 2, 1, 3), 2)
+
+# Every layer's keys (or values) in the per-layer form.
+LayerBuffers = tuple[Array, ...]
 
 
 @jax.tree_util.register_dataclass
@@ -36,8 +61,8 @@ class KVCache:
     """Keys/values of every layer for ``max_length`` slots.
 
     Attributes:
-        keys, values: ``[L, B, S_max, K, Dh]`` post-RoPE keys and the values (stacked form), or a tuple
-            of ``L`` buffers ``[B, K, Dh, S_max]`` (per-layer form, :meth:`per_layer`).
+        keys, values: ``[L, B, S_max, K, Dh]`` post-RoPE keys and the values (stacked form), or tuples of ``L``
+            buffers, keys ``[B, K, Dh, S_max]`` and values ``[B, K, S_max, Dh]`` (per-layer form, :meth:`per_layer`).
         valid: ``[B, S_max]`` true where a slot holds a real (non-pad) token.
         next_position: ``[B]`` RoPE position the row's next real token gets (= real tokens so far).
         index: ``[]`` first free slot, shared by all rows.
@@ -76,7 +101,8 @@ class KVCache:
         return self.valid.shape[1]
 
     def per_layer(self, max_length: int | None = None) -> KVCache:
-        """The same cache with one ``[B, K, Dh, S]`` buffer per layer, optionally with more slots.
+        """The same cache with one buffer per layer (keys ``[B, K, Dh, S]``, values ``[B, K, S, Dh]``), optionally
+        with more slots.
 
         Args:
             max_length: slots of the result (default: as now); the added slots are empty. A prompt can
@@ -98,11 +124,13 @@ class KVCache:
             return self
         extra = max_length - length
 
-        def per_layer(buffers):
-            layers = buffers if self.is_per_layer else [jnp.transpose(b, (0, 2, 3, 1)) for b in buffers]
-            return tuple(jnp.pad(layer, ((0, 0), (0, 0), (0, 0), (0, extra))) for layer in layers)
+        def per_layer(buffers, layout):
+            layers = buffers if self.is_per_layer else [layout.from_slots_major(b) for b in buffers]
+            widths = [(0, 0)] * 4
+            widths[layout.slots] = (0, extra)
+            return tuple(jnp.pad(layer, widths) for layer in layers)
 
-        return dataclasses.replace(self, keys=per_layer(self.keys), values=per_layer(self.values),
+        return dataclasses.replace(self, keys=per_layer(self.keys, KEYS), values=per_layer(self.values, VALUES),
                                    valid=jnp.pad(self.valid, ((0, 0), (0, extra))))
 
     def stacked(self) -> KVCache:
@@ -110,10 +138,10 @@ class KVCache:
         if not self.is_per_layer:
             return self
 
-        def stack(layers):
-            return jnp.stack([slots_major(layer) for layer in layers])
+        def stack(layers, layout):
+            return jnp.stack([layout.slots_major(layer) for layer in layers])
 
-        return dataclasses.replace(self, keys=stack(self.keys), values=stack(self.values))
+        return dataclasses.replace(self, keys=stack(self.keys, KEYS), values=stack(self.values, VALUES))
 
     def for_layers(self) -> LayerKV:
         """The view the layers start from (layer 0, writing at ``index``)."""
@@ -153,13 +181,15 @@ class LayerKV(NamedTuple):
                              "the layer scan needs the stacked form (KVCache.stacked(), or unstack_layers on "
                              "the model)")
 
-        def write(buffers, new):
-            new = jnp.transpose(new, (0, 2, 3, 1)).astype(buffers[layer].dtype)  # [B, K, Dh, T]
-            buffer = jax.lax.dynamic_update_slice(buffers[layer], new, (0, 0, 0, self.index))
-            return buffers[:layer] + (buffer,) + buffers[layer + 1:], slots_major(buffer)
+        def write(buffers, new, layout):
+            new = layout.from_slots_major(new).astype(buffers[layer].dtype)
+            start = [0] * 4
+            start[layout.slots] = self.index
+            buffer = jax.lax.dynamic_update_slice(buffers[layer], new, start)
+            return buffers[:layer] + (buffer,) + buffers[layer + 1:], layout.slots_major(buffer)
 
-        keys, layer_keys = write(self.keys, new_keys)
-        values, layer_values = write(self.values, new_values)
+        keys, layer_keys = write(self.keys, new_keys, KEYS)
+        values, layer_values = write(self.values, new_values, VALUES)
         return self._replace(keys=keys, values=values), layer_keys, layer_values
 
 
@@ -178,22 +208,23 @@ class Joining(NamedTuple):
     head: KVCache | None
 
 
-def write_joining(buffer: Float[Array, "B K Dh S"], slot, new: Float[Array, "1 P K Dh"], first,
-                  head: Float[Array, "1 K Dh W"] | None) -> Float[Array, "B K Dh S"]:
-    """``buffer`` with row ``slot`` holding ``head`` at the ``W`` columns before ``first`` and ``new`` from
-    ``first`` on (a per-layer buffer; what the decode step wrote in that row before is overwritten)."""
+def write_joining(buffer: Array, layout: BufferLayout, slot, new: Float[Array, "1 P K Dh"], first,
+                  head: Array | None) -> Array:
+    """``buffer`` (a per-layer buffer in ``layout``) with row ``slot`` holding ``head`` (a one-row buffer of ``W``
+    slots, same layout) at the ``W`` slots before ``first`` and ``new`` from ``first`` on (what the decode step
+    wrote in that row before is overwritten)."""
+    def start(column):
+        at = [slot, 0, 0, 0]
+        at[layout.slots] = column
+        return at
+
     if head is not None:
-        buffer = jax.lax.dynamic_update_slice(buffer, head.astype(buffer.dtype), (slot, 0, 0, first - head.shape[-1]))
-    new = jnp.transpose(new, (0, 2, 3, 1)).astype(buffer.dtype)
-    return jax.lax.dynamic_update_slice(buffer, new, (slot, 0, 0, first))
+        head_start = start(first - head.shape[layout.slots])
+        buffer = jax.lax.dynamic_update_slice(buffer, head.astype(buffer.dtype), head_start)
+    return jax.lax.dynamic_update_slice(buffer, layout.from_slots_major(new).astype(buffer.dtype), start(first))
 
 
-def row_slots_major(buffer: Float[Array, "B K Dh S"], slot) -> Float[Array, "1 S K Dh"]:
+def row_slots_major(buffer: Array, layout: BufferLayout, slot) -> Float[Array, "1 S K Dh"]:
     """Row ``slot`` of a per-layer buffer as the attention reads keys/values."""
     shape = (1, *buffer.shape[1:])
-    return slots_major(jax.lax.dynamic_slice(buffer, (slot, 0, 0, 0), shape))
-
-
-def slots_major(buffer: Float[Array, "B K Dh S"]) -> Float[Array, "B S K Dh"]:
-    """A per-layer buffer as the attention reads keys/values (XLA folds the transpose into the matmul)."""
-    return jnp.transpose(buffer, (0, 3, 1, 2))
+    return layout.slots_major(jax.lax.dynamic_slice(buffer, (slot, 0, 0, 0), shape))

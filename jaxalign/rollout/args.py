@@ -41,7 +41,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from jaxalign.losses.core import token_logps
 from jaxalign.models import KVCache, RewardModel, named_shardings
-from jaxalign.models.cache import LayerKV
+from jaxalign.models.cache import KEYS, VALUES, LayerKV
 from jaxalign.models.gpt2 import GPT2Model
 from jaxalign.models.heads import POOLINGS
 from jaxalign.models.llama import LlamaModel
@@ -127,13 +127,15 @@ def _commit(cache: KVCache, choice: Int[Array, " R"], real: Bool[Array, " R"]) -
     ``index``, which becomes valid where ``real``; the other scratch slots stay invalid and are overwritten."""
     index = cache.index
 
-    def keep(buffer):  # per layer [R, K, Dh, S]
-        rows, heads, dim, _ = buffer.shape
-        slot = jnp.broadcast_to((index + choice)[:, None, None, None], (rows, heads, dim, 1))
-        return jax.lax.dynamic_update_slice(buffer, jnp.take_along_axis(buffer, slot, axis=3), (0, 0, 0, index))
+    def keep(buffer, layout):  # a per-layer buffer: rows [R] first, the slots on axis layout.slots
+        slot = jnp.reshape(index + choice, (-1, 1, 1, 1))
+        slot = jnp.broadcast_to(slot, [1 if axis == layout.slots else n for axis, n in enumerate(buffer.shape)])
+        start = [0, 0, 0, 0]
+        start[layout.slots] = index
+        return jax.lax.dynamic_update_slice(buffer, jnp.take_along_axis(buffer, slot, axis=layout.slots), start)
 
     return dataclasses.replace(
-        cache, keys=tuple(keep(b) for b in cache.keys), values=tuple(keep(b) for b in cache.values),
+        cache, keys=tuple(keep(b, KEYS) for b in cache.keys), values=tuple(keep(b, VALUES) for b in cache.values),
         valid=jax.lax.dynamic_update_slice(cache.valid, real[:, None], (0, index)),
         next_position=cache.next_position + real.astype(jnp.int32), index=index + 1,
     )

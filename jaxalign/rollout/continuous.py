@@ -6,7 +6,8 @@ one token per :meth:`~ContinuousEngine.step`. Between steps new prompts are pref
 into free slots (:meth:`~ContinuousEngine.admit`), and a finished row leaves (:meth:`~ContinuousEngine.release`)
 without waiting for the others.
 
-The KV cache keeps the rollout engine's layout (``models.KVCache``, per-layer ``[B, K, Dh, S]`` buffers) and its
+The KV cache keeps the rollout engine's layout (``models.KVCache``, per-layer buffers: keys ``[B, K, Dh, S]``,
+values ``[B, K, S, Dh]``) and its
 single write index ``I`` shared by all rows: every step writes every row's new key at column ``I``. A joining
 prompt of ``P`` tokens is therefore written at columns ``[I − P, I)`` of its slot: right-aligned to the shared
 index, each row's tokens are contiguous and end at ``I``, and attention (causal over columns, masked by
@@ -66,7 +67,7 @@ import numpy as np
 from flax import nnx
 
 from jaxalign.models import KVCache
-from jaxalign.models.cache import Joining
+from jaxalign.models.cache import KEYS, VALUES, Joining
 from jaxalign.rollout.batching import MIN_LENGTH_BUCKET, bucket
 from jaxalign.rollout.engine import _split
 from jaxalign.rollout.filters import DEFAULT_CANDIDATES
@@ -257,10 +258,13 @@ def _decode_joining(states, caches, fed, real, weights, filters, keys, steps, to
 # compile every layout change ahead (warm_up), where a program compiled while serving stalls every live row.
 
 
-@functools.partial(jax.jit, donate_argnums=(0,))
-def _put(buffer, row, slot, start):
-    """Write one prompt's buffer ``row [1, ..., P]`` into ``buffer [B, ..., S]`` at ``slot``, columns from ``start``."""
-    return jax.lax.dynamic_update_slice(buffer, row.astype(buffer.dtype), (slot, *[0] * (buffer.ndim - 2), start))
+@functools.partial(jax.jit, donate_argnums=(0,), static_argnames=("axis",))
+def _put(buffer, row, slot, start, *, axis):
+    """Write one prompt's buffer ``row`` (one row, ``P`` columns on ``axis``) into ``buffer`` (``B`` rows first, its
+    columns on ``axis``) at ``slot``, columns from ``start``."""
+    at = [slot] + [0] * (buffer.ndim - 1)
+    at[axis] = start
+    return jax.lax.dynamic_update_slice(buffer, row.astype(buffer.dtype), at)
 
 
 @functools.partial(jax.jit, donate_argnums=(0, 1))
@@ -276,22 +280,24 @@ def _insert(caches, rows, slot, index):
     out = []
     for cache, row in zip(caches, rows, strict=True):
         start = np.int32(index - row.max_length)
-        keys = tuple(_put(b, n, slot, start) for b, n in zip(cache.keys, row.keys, strict=True))
-        values = tuple(_put(b, n, slot, start) for b, n in zip(cache.values, row.values, strict=True))
+        keys = tuple(_put(b, n, slot, start, axis=KEYS.slots) for b, n in zip(cache.keys, row.keys, strict=True))
+        values = tuple(_put(b, n, slot, start, axis=VALUES.slots)
+                       for b, n in zip(cache.values, row.values, strict=True))
         valid, next_position = _put_row_state(cache.valid, cache.next_position, row.valid, row.next_position, slot,
                                               start)
         out.append(dataclasses.replace(cache, keys=keys, values=values, valid=valid, next_position=next_position))
     return tuple(out)
 
 
-@functools.partial(jax.jit, static_argnames=("columns",))
-def _moved(buffer, taken, shift, *, columns):
-    """Rows ``taken`` of ``buffer [B, ..., S]``, its columns moved ``shift`` to the left (negative: right), in
-    ``columns`` columns."""
+@functools.partial(jax.jit, static_argnames=("columns", "axis"))
+def _moved(buffer, taken, shift, *, columns, axis):
+    """Rows ``taken`` of ``buffer`` (``B`` rows first, its columns on ``axis``), its columns moved ``shift`` to the
+    left (negative: right), in ``columns`` columns."""
     buffer = jnp.take(buffer, taken, axis=0)
-    wide = max(buffer.shape[-1], columns)
-    buffer = jnp.pad(buffer, [(0, 0)] * (buffer.ndim - 1) + [(0, wide - buffer.shape[-1])])
-    return jnp.roll(buffer, -shift, axis=-1)[..., :columns]
+    wide = max(buffer.shape[axis], columns)
+    widths = [(0, 0)] * buffer.ndim
+    widths[axis] = (0, wide - buffer.shape[axis])
+    return jax.lax.slice_in_dim(jnp.roll(jnp.pad(buffer, widths), -shift, axis=axis), 0, columns, axis=axis)
 
 
 @functools.partial(jax.jit, static_argnames=("columns",))
@@ -302,7 +308,7 @@ def _moved_row_state(valid, next_position, index, sources, shift, *, columns):
     index = index - shift
     positions = jnp.arange(columns)
     window = (positions < index) & (positions >= jnp.maximum(0, -shift))
-    valid = _moved(valid, taken, shift, columns=columns) & (sources >= 0)[:, None] & window[None]
+    valid = _moved(valid, taken, shift, columns=columns, axis=1) & (sources >= 0)[:, None] & window[None]
     return valid, jnp.where(sources >= 0, jnp.take(next_position, taken), 0), index.astype(jnp.int32)
 
 
@@ -316,9 +322,9 @@ def _relayout(caches, sources, shift, *, columns):
         valid, next_position, index = _moved_row_state(cache.valid, cache.next_position, cache.index, sources,
                                                        shift, columns=columns)
         out.append(dataclasses.replace(
-            cache, keys=tuple(_moved(b, taken, shift, columns=columns) for b in cache.keys),
-            values=tuple(_moved(b, taken, shift, columns=columns) for b in cache.values), valid=valid,
-            next_position=next_position, index=index))
+            cache, keys=tuple(_moved(b, taken, shift, columns=columns, axis=KEYS.slots) for b in cache.keys),
+            values=tuple(_moved(b, taken, shift, columns=columns, axis=VALUES.slots) for b in cache.values),
+            valid=valid, next_position=next_position, index=index))
     return tuple(out)
 
 

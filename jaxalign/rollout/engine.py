@@ -130,7 +130,7 @@ def _constrain_cache(cache: KVCache, mesh: Mesh | None) -> KVCache:
     if mesh is None:
         return cache
     rows = tuple(a for a in BATCH_AXES if a in mesh.shape)
-    if cache.is_per_layer:  # [B, K, Dh, S] per layer
+    if cache.is_per_layer:  # per layer: keys [B, K, Dh, S], values [B, K, S, Dh]
         kv_spec = PartitionSpec(rows, "tensor", None, None)
         keys = tuple(_constrain(layer, mesh, kv_spec) for layer in cache.keys)
         values = tuple(_constrain(layer, mesh, kv_spec) for layer in cache.values)
