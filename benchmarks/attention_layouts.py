@@ -10,7 +10,8 @@ contiguous:
   buffer's rows), values ``[B, K, S, Dh]`` (the probability·value product contracts the slots, the value buffer's
   rows; a token's values are written as ``K`` contiguous rows);
 - **both slots innermost** (before 2026-11-25): keys and values ``[B, K, Dh, S]`` read through
-  ``jax.nn.dot_product_attention``;
+  ``jax.nn.dot_product_attention`` (what decoding ran then), and through ``grouped_attention`` (to tell the layout's
+  share from the attention function's);
 - **both slots-major**: keys and values ``[B, K, S, Dh]`` (transformers' static cache layout), grouped einsums;
 - **PyTorch** (the peer): transformers' static-cache decode, ``index_copy_`` into ``[B, K, S, Dh]`` buffers and
   ``scaled_dot_product_attention(..., enable_gqa=True)``.
@@ -70,7 +71,7 @@ def jax_variants(rows: int, slots: int, rng: np.random.Generator) -> dict:
             total += grouped_attention(queries[layer], k, v, mask, scale=SCALE).sum()
         return KVCache(kv.keys, kv.values, cache.valid, cache.next_position, cache.index), total
 
-    def explicit(layout: str):
+    def explicit(layout: str, library: bool):
         def write(buffer, x, index):  # x [B, 1, K, Dh]
             if layout == "DS":
                 return jax.lax.dynamic_update_slice(buffer, jnp.transpose(x, (0, 2, 3, 1)), (0, 0, 0, index))
@@ -86,7 +87,7 @@ def jax_variants(rows: int, slots: int, rng: np.random.Generator) -> dict:
                 k, v = write(keys[layer], new[layer], index), write(values[layer], new[layer] * 0.5, index)
                 out_keys.append(k)
                 out_values.append(v)
-                if layout == "DS":
+                if library:
                     out = jax.nn.dot_product_attention(queries[layer], view(k), view(v), mask=mask[:, None],
                                                        scale=SCALE)
                 else:
@@ -110,8 +111,9 @@ def jax_variants(rows: int, slots: int, rng: np.random.Generator) -> dict:
         total.block_until_ready()
 
     return {"jaxalign: keys [B,K,Dh,S], values [B,K,S,Dh]": run_shipped,
-            "both slots innermost [B,K,Dh,S] (before)": explicit("DS"),
-            "both slots-major [B,K,S,Dh]": explicit("SD")}
+            "both [B,K,Dh,S], library attention (before)": explicit("DS", library=True),
+            "both [B,K,Dh,S], grouped_attention": explicit("DS", library=False),
+            "both [B,K,S,Dh], grouped_attention": explicit("SD", library=False)}
 
 
 def torch_variant(rows: int, slots: int, rng: np.random.Generator):

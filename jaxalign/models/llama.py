@@ -20,7 +20,7 @@ from einops import rearrange
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
-from jaxalign.models.cache import KEYS, VALUES, Joining, KVCache, LayerKV, row_slots_major, write_joining
+from jaxalign.models.cache import KEY_LAYOUT, VALUE_LAYOUT, Joining, KVCache, LayerKV, row_slots_major, write_joining
 from jaxalign.models.causal_lm import CausalLM
 from jaxalign.models.config import ModelConfig
 from jaxalign.models.masks import attention_mask as build_attention_mask
@@ -83,9 +83,9 @@ class Attention(nnx.Module):
         """Attention of ``q`` over ``S`` keys, heads concatenated (before ``o_proj``).
 
         Query head n uses kv head n // (H/K), as transformers' repeat_kv; the scores and the softmax are float32
-        and masked scores a large finite negative, so a query that sees nothing gives no NaN. Every input, a
-        decode step's one token as training's rows, runs :func:`grouped_attention` (``jax.nn.dot_product_attention``'s
-        numbers in a layout that is faster here, measured there).
+        and masked scores a large finite negative, so a query that sees nothing gives no NaN. Every input runs
+        :func:`grouped_attention`, from a decode step's one token to training's rows: the numbers of
+        ``jax.nn.dot_product_attention`` in a layout that is faster on both (measured in its docstring).
         """
         k, v = k.astype(q.dtype), v.astype(q.dtype)
         return grouped_attention(q, k, v, mask, scale=self.head_dim**-0.5)
@@ -248,17 +248,18 @@ class LlamaModel(nnx.Module):
             attn = layer.self_attn
             q, k, v = attn.project(layer.input_layernorm(hidden), cos, sin)
             kv, _, _ = kv.at_layer(index).append(k[0, :batch, None], v[0, :batch, None])
-            keys = write_joining(kv.keys[index], KEYS, joining.slot, k[:, batch:], first,
+            keys = write_joining(kv.keys[index], KEY_LAYOUT, joining.slot, k[:, batch:], first,
                                  None if head is None else head.keys[index])
-            values = write_joining(kv.values[index], VALUES, joining.slot, v[:, batch:], first,
+            values = write_joining(kv.values[index], VALUE_LAYOUT, joining.slot, v[:, batch:], first,
                                    None if head is None else head.values[index])
             kv = kv._replace(keys=kv.keys[:index] + (keys,) + kv.keys[index + 1:],
                              values=kv.values[:index] + (values,) + kv.values[index + 1:])
             # The step's rows read the cache with the prompt written (only the free row differs from what they
             # would read before; reading it before would keep a copy of every buffer alive).
-            step_out = attn.attend(q[0, :batch, None], KEYS.slots_major(keys), VALUES.slots_major(values), inputs.mask)
-            prompt_out = attn.attend(q[:, batch:], row_slots_major(keys, KEYS, joining.slot),
-                                     row_slots_major(values, VALUES, joining.slot), prompt_mask)
+            step_out = attn.attend(q[0, :batch, None], KEY_LAYOUT.slots_major(keys), VALUE_LAYOUT.slots_major(values),
+                                   inputs.mask)
+            prompt_out = attn.attend(q[:, batch:], row_slots_major(keys, KEY_LAYOUT, joining.slot),
+                                     row_slots_major(values, VALUE_LAYOUT, joining.slot), prompt_mask)
             attended = jnp.concatenate([step_out.reshape(1, batch, -1), prompt_out], axis=1)
             hidden = layer.feed_forward(hidden + per_token(attn.o_proj, attended))
         hidden = self.norm(hidden)

@@ -41,7 +41,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from jaxalign.losses.core import token_logps
 from jaxalign.models import KVCache, RewardModel, named_shardings
-from jaxalign.models.cache import KEYS, VALUES, LayerKV
+from jaxalign.models.cache import KEY_LAYOUT, VALUE_LAYOUT, LayerKV
 from jaxalign.models.gpt2 import GPT2Model
 from jaxalign.models.heads import POOLINGS
 from jaxalign.models.llama import LlamaModel
@@ -135,7 +135,8 @@ def _commit(cache: KVCache, choice: Int[Array, " R"], real: Bool[Array, " R"]) -
         return jax.lax.dynamic_update_slice(buffer, jnp.take_along_axis(buffer, slot, axis=layout.slots), start)
 
     return dataclasses.replace(
-        cache, keys=tuple(keep(b, KEYS) for b in cache.keys), values=tuple(keep(b, VALUES) for b in cache.values),
+        cache, keys=tuple(keep(b, KEY_LAYOUT) for b in cache.keys),
+        values=tuple(keep(b, VALUE_LAYOUT) for b in cache.values),
         valid=jax.lax.dynamic_update_slice(cache.valid, real[:, None], (0, index)),
         next_position=cache.next_position + real.astype(jnp.int32), index=index + 1,
     )

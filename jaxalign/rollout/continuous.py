@@ -7,12 +7,11 @@ into free slots (:meth:`~ContinuousEngine.admit`), and a finished row leaves (:m
 without waiting for the others.
 
 The KV cache keeps the rollout engine's layout (``models.KVCache``, per-layer buffers: keys ``[B, K, Dh, S]``,
-values ``[B, K, S, Dh]``) and its
-single write index ``I`` shared by all rows: every step writes every row's new key at column ``I``. A joining
-prompt of ``P`` tokens is therefore written at columns ``[I − P, I)`` of its slot: right-aligned to the shared
-index, each row's tokens are contiguous and end at ``I``, and attention (causal over columns, masked by
-``valid``; RoPE positions are per row and baked into the keys) sees exactly the row's own tokens. Two rare
-relayouts keep that possible, each one copy of the cache:
+values ``[B, K, S, Dh]``) and its single write index ``I`` shared by all rows: every step writes every row's new key
+at column ``I``. A joining prompt of ``P`` tokens is therefore written at columns ``[I − P, I)`` of its slot:
+right-aligned to the shared index, each row's tokens are contiguous and end at ``I``, and attention (causal over
+columns, masked by ``valid``; RoPE positions are per row and baked into the keys) sees exactly the row's own
+tokens. Two rare relayouts keep that possible, each one copy of the cache:
 
 - when ``I`` reaches the last column, every column before the earliest live row's first token is dropped
   (a left shift) and the cache is resized to what is left plus room to grow: half as much again, at least 32
@@ -65,11 +64,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxalign.models import KVCache
-from jaxalign.models.cache import KEYS, VALUES, Joining
+from jaxalign.models.cache import KEY_LAYOUT, VALUE_LAYOUT, Joining
 from jaxalign.rollout.batching import MIN_LENGTH_BUCKET, bucket
-from jaxalign.rollout.engine import _split
+from jaxalign.rollout.engine import _batch_spec, _constrain, _constrain_cache, _split
 from jaxalign.rollout.filters import DEFAULT_CANDIDATES
 from jaxalign.rollout.params import Filters
 from jaxalign.rollout.sampling import next_token
@@ -182,8 +182,28 @@ def _choose(logits: Sequence[jax.Array], weights, filters: Filters, keys, steps,
     return token, logprob, None, None
 
 
-@functools.partial(jax.jit, static_argnames=("graphdefs",))
-def _prefill(states, heads, tokens, mask, *, graphdefs):
+def _pin(x: jax.Array, mesh: Mesh | None) -> jax.Array:
+    """One part of a cache in its place on ``mesh`` (None: as it is), by rank: the write index replicated, the rows'
+    masks and positions split over the data axes, a per-layer buffer ``[B, K, ., .]`` also its kv heads over
+    ``tensor`` (as :func:`~jaxalign.rollout.engine._constrain_cache` places whole caches).
+
+    Every program that writes a cache pins what it returns, so a cache's sharding never depends on the programs it
+    went through: the next program then meets the argument shardings it was compiled for and compiles nothing."""
+    if mesh is None:
+        return x
+    if x.ndim == 4:
+        return _constrain(x, mesh, PartitionSpec(_batch_spec(mesh, 1)[0], "tensor", None, None))
+    return _constrain(x, mesh, PartitionSpec() if x.ndim == 0 else _batch_spec(mesh, x.ndim))
+
+
+def _pin_cache(cache: KVCache, mesh: Mesh | None) -> KVCache:
+    if mesh is None:
+        return cache
+    return dataclasses.replace(_constrain_cache(cache, mesh), index=_pin(cache.index, mesh))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdefs", "mesh"))
+def _prefill(states, heads, tokens, mask, *, graphdefs, mesh):
     """Prefill left-padded prompts ``[n, P]`` in every model, after each model's cached head (``heads``: None,
     or per model a one-row stacked cache every prompt continues): per-layer cache rows and last logits
     ``[M, n, V]``."""
@@ -207,7 +227,7 @@ def _prefill(states, heads, tokens, mask, *, graphdefs):
                                         valid=widen(head.valid, 1),
                                         next_position=jnp.broadcast_to(head.next_position, (rows,)))
         hidden, cache = model.hidden_states(tokens, attention_mask=mask, cache=cache)
-        caches.append(cache.per_layer())
+        caches.append(_pin_cache(cache.per_layer(), mesh))
         last = hidden[:, -1]
         if rows < MIN_BATCH_BUCKET:  # the LM head as a matrix product even for one prompt (see MATVEC_ROWS)
             last = jnp.pad(last, ((0, MIN_BATCH_BUCKET - rows), (0, 0)))
@@ -223,29 +243,29 @@ def _first_tokens(logits, weights, filters, keys, steps, *, candidates, top_logp
                    candidates=candidates, top_logprobs=top_logprobs)
 
 
-@functools.partial(jax.jit, donate_argnums=(1,), static_argnames=("graphdefs", "candidates", "top_logprobs"))
-def _decode(states, caches, fed, real, weights, filters, keys, steps, *, graphdefs, candidates, top_logprobs):
+@functools.partial(jax.jit, donate_argnums=(1,), static_argnames=("graphdefs", "candidates", "top_logprobs", "mesh"))
+def _decode(states, caches, fed, real, weights, filters, keys, steps, *, graphdefs, candidates, top_logprobs, mesh):
     """One token for every slot: feed ``fed [B]`` (``real`` false on empty slots) to every model, then choose."""
     new_caches, logits = [], []
     for graphdef, state, cache in zip(graphdefs, states, caches, strict=True):
         model = nnx.merge(graphdef, *state)
         hidden, cache = model.hidden_states(fed[:, None], attention_mask=real[:, None], cache=cache)
-        new_caches.append(cache)
+        new_caches.append(_pin_cache(cache, mesh))
         logits.append(model.logits(hidden[:, -1]))
     return tuple(new_caches), _choose(logits, weights, filters, keys, steps, candidates=candidates,
                                       top_logprobs=top_logprobs)
 
 
-@functools.partial(jax.jit, donate_argnums=(1,), static_argnames=("graphdefs", "candidates", "top_logprobs"))
+@functools.partial(jax.jit, donate_argnums=(1,), static_argnames=("graphdefs", "candidates", "top_logprobs", "mesh"))
 def _decode_joining(states, caches, fed, real, weights, filters, keys, steps, tokens, mask, slot, heads, *,
-                    graphdefs, candidates, top_logprobs):
+                    graphdefs, candidates, top_logprobs, mesh):
     """:func:`_decode` with a prompt ``tokens [1, JOIN_COLUMNS]`` (after each model's cached head ``heads``) run in
     the same step into the free ``slot``, whose first token is drawn from the prompt's logits."""
     new_caches, logits = [], []
     for graphdef, state, cache, head in zip(graphdefs, states, caches, heads, strict=True):
         model = nnx.merge(graphdef, *state)
         hidden, last, cache = model.decode_joining(fed, real, cache, Joining(tokens, mask, slot, head))
-        new_caches.append(cache)
+        new_caches.append(_pin_cache(cache, mesh))
         both = model.logits(jnp.concatenate([hidden[:, -1], last]))  # the step's rows, then the prompt's
         logits.append(jax.lax.dynamic_update_slice(both[:-1], both[-1:], (slot, 0)))
     return tuple(new_caches), _choose(logits, weights, filters, keys, steps, candidates=candidates,
@@ -253,66 +273,69 @@ def _decode_joining(states, caches, fed, real, weights, filters, keys, steps, to
 
 
 # The cache copies below run one small program per buffer (one layer's keys or values, then the rows' masks and
-# positions), not one per whole cache: every layer's buffer has the same shape, so one compiled program serves
-# all of them, and it compiles in a tenth of the time of a program over all layers. That makes it affordable to
-# compile every layout change ahead (warm_up), where a program compiled while serving stalls every live row.
+# positions), not one per whole cache: every layer's keys have one shape and every layer's values another, so two
+# compiled programs serve all of them, each compiled in a tenth of the time of a program over all layers. That makes
+# it affordable to compile every layout change ahead (warm_up), where a program compiled while serving stalls every
+# live row.
 
 
-@functools.partial(jax.jit, donate_argnums=(0,), static_argnames=("axis",))
-def _put(buffer, row, slot, start, *, axis):
+@functools.partial(jax.jit, donate_argnums=(0,), static_argnames=("axis", "mesh"))
+def _put(buffer, row, slot, start, *, axis, mesh):
     """Write one prompt's buffer ``row`` (one row, ``P`` columns on ``axis``) into ``buffer`` (``B`` rows first, its
     columns on ``axis``) at ``slot``, columns from ``start``."""
     at = [slot] + [0] * (buffer.ndim - 1)
     at[axis] = start
-    return jax.lax.dynamic_update_slice(buffer, row.astype(buffer.dtype), at)
+    return _pin(jax.lax.dynamic_update_slice(buffer, row.astype(buffer.dtype), at), mesh)
 
 
-@functools.partial(jax.jit, donate_argnums=(0, 1))
-def _put_row_state(valid, next_position, row_valid, row_next_position, slot, start):
+@functools.partial(jax.jit, donate_argnums=(0, 1), static_argnames=("mesh",))
+def _put_row_state(valid, next_position, row_valid, row_next_position, slot, start, *, mesh):
     """The mask and next RoPE position of a prompt written into ``slot`` (its other columns become invalid)."""
     valid_row = jax.lax.dynamic_update_slice(jnp.zeros((1, valid.shape[1]), bool), row_valid, (0, start))
-    return (jax.lax.dynamic_update_slice(valid, valid_row, (slot, 0)),
-            next_position.at[slot].set(row_next_position[0]))
+    return (_pin(jax.lax.dynamic_update_slice(valid, valid_row, (slot, 0)), mesh),
+            _pin(next_position.at[slot].set(row_next_position[0]), mesh))
 
 
-def _insert(caches, rows, slot, index):
+def _insert(caches, rows, slot, index, mesh):
     """Write each model's one-row prefill ``rows`` into ``slot``, its ``P`` columns ending at column ``index``."""
     out = []
     for cache, row in zip(caches, rows, strict=True):
         start = np.int32(index - row.max_length)
-        keys = tuple(_put(b, n, slot, start, axis=KEYS.slots) for b, n in zip(cache.keys, row.keys, strict=True))
-        values = tuple(_put(b, n, slot, start, axis=VALUES.slots)
+        keys = tuple(_put(b, n, slot, start, axis=KEY_LAYOUT.slots, mesh=mesh)
+                     for b, n in zip(cache.keys, row.keys, strict=True))
+        values = tuple(_put(b, n, slot, start, axis=VALUE_LAYOUT.slots, mesh=mesh)
                        for b, n in zip(cache.values, row.values, strict=True))
         valid, next_position = _put_row_state(cache.valid, cache.next_position, row.valid, row.next_position, slot,
-                                              start)
+                                              start, mesh=mesh)
         out.append(dataclasses.replace(cache, keys=keys, values=values, valid=valid, next_position=next_position))
     return tuple(out)
 
 
-@functools.partial(jax.jit, static_argnames=("columns", "axis"))
-def _moved(buffer, taken, shift, *, columns, axis):
+@functools.partial(jax.jit, static_argnames=("columns", "axis", "mesh"))
+def _moved(buffer, taken, shift, *, columns, axis, mesh):
     """Rows ``taken`` of ``buffer`` (``B`` rows first, its columns on ``axis``), its columns moved ``shift`` to the
     left (negative: right), in ``columns`` columns."""
     buffer = jnp.take(buffer, taken, axis=0)
     wide = max(buffer.shape[axis], columns)
     widths = [(0, 0)] * buffer.ndim
     widths[axis] = (0, wide - buffer.shape[axis])
-    return jax.lax.slice_in_dim(jnp.roll(jnp.pad(buffer, widths), -shift, axis=axis), 0, columns, axis=axis)
+    return _pin(jax.lax.slice_in_dim(jnp.roll(jnp.pad(buffer, widths), -shift, axis=axis), 0, columns, axis=axis), mesh)
 
 
-@functools.partial(jax.jit, static_argnames=("columns",))
-def _moved_row_state(valid, next_position, index, sources, shift, *, columns):
+@functools.partial(jax.jit, static_argnames=("columns", "mesh"))
+def _moved_row_state(valid, next_position, index, sources, shift, *, columns, mesh):
     """The masks, next positions and write index after :func:`_moved`: columns that wrapped around, and empty
     slots (``sources`` −1), are invalid."""
     taken = jnp.clip(sources, 0)
     index = index - shift
     positions = jnp.arange(columns)
     window = (positions < index) & (positions >= jnp.maximum(0, -shift))
-    valid = _moved(valid, taken, shift, columns=columns, axis=1) & (sources >= 0)[:, None] & window[None]
-    return valid, jnp.where(sources >= 0, jnp.take(next_position, taken), 0), index.astype(jnp.int32)
+    valid = _moved(valid, taken, shift, columns=columns, axis=1, mesh=mesh) & (sources >= 0)[:, None] & window[None]
+    next_position = jnp.where(sources >= 0, jnp.take(next_position, taken), 0)
+    return _pin(valid, mesh), _pin(next_position, mesh), _pin(index.astype(jnp.int32), mesh)
 
 
-def _relayout(caches, sources, shift, *, columns):
+def _relayout(caches, sources, shift, *, columns, mesh):
     """Slot ``i`` of the result is old slot ``sources[i]`` (−1: empty); columns move ``shift`` to the left
     (negative: right) and the cache gets ``columns`` columns (the caller keeps every live token inside). The
     write index moves with the tokens."""
@@ -320,10 +343,13 @@ def _relayout(caches, sources, shift, *, columns):
     out = []
     for cache in caches:
         valid, next_position, index = _moved_row_state(cache.valid, cache.next_position, cache.index, sources,
-                                                       shift, columns=columns)
+                                                       shift, columns=columns, mesh=mesh)
+
+        def moved(buffers, layout):
+            return tuple(_moved(b, taken, shift, columns=columns, axis=layout.slots, mesh=mesh) for b in buffers)
+
         out.append(dataclasses.replace(
-            cache, keys=tuple(_moved(b, taken, shift, columns=columns, axis=KEYS.slots) for b in cache.keys),
-            values=tuple(_moved(b, taken, shift, columns=columns, axis=VALUES.slots) for b in cache.values),
+            cache, keys=moved(cache.keys, KEY_LAYOUT), values=moved(cache.values, VALUE_LAYOUT),
             valid=valid, next_position=next_position, index=index))
     return tuple(out)
 
@@ -337,9 +363,9 @@ def _split_rows(caches, logits):
                   logits[:, r:r + 1]) for r in range(rows))
 
 
-@functools.partial(jax.jit, static_argnames=("configs", "rows", "length", "dtypes"))
-def _empty(*, configs, rows, length, dtypes):
-    return tuple(KVCache.init(config, batch_size=rows, max_length=1, dtype=dtype).per_layer(length)
+@functools.partial(jax.jit, static_argnames=("configs", "rows", "length", "dtypes", "mesh"))
+def _empty(*, configs, rows, length, dtypes, mesh):
+    return tuple(_pin_cache(KVCache.init(config, batch_size=rows, max_length=1, dtype=dtype).per_layer(length), mesh)
                  for config, dtype in zip(configs, dtypes, strict=True))
 
 
@@ -390,16 +416,21 @@ class ContinuousEngine:
         length_buckets: prompt-length buckets (default 16, 24, 32, 48, ... as :class:`Sampler`).
         pad_token_id: the id fed to empty slots and written in prompt padding.
         candidates: see :class:`Sampler`.
+        mesh: a ``(data, fsdp, tensor)`` mesh, as :class:`Sampler` takes: parameters placed with the training
+            rules (``tensor``: Megatron-style model parallelism for a model larger than one device), the caches'
+            rows split over ``data`` × ``fsdp`` where the batch bucket divides them and their kv heads over
+            ``tensor``. None: the models' own device.
     """
 
     def __init__(self, model: nnx.Module, *, guides: Sequence[nnx.Module] = (), max_batch: int = 32,
                  max_model_len: int = 1024, slack: int | None = None, length_buckets: Sequence[int] | None = None,
-                 pad_token_id: int = 0, candidates: int = DEFAULT_CANDIDATES):
+                 pad_token_id: int = 0, candidates: int = DEFAULT_CANDIDATES, mesh: Mesh | None = None):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {max_model_len}")
-        self._members = [_split(m, None) for m in (model, *guides)]
+        self.mesh = mesh
+        self._members = [_split(m, mesh) for m in (model, *guides)]
         self._joins = all(getattr(m, "supports_joining", False) for m in (model, *guides))
         vocab = self.config.vocab_size
         for index, member in enumerate(self._members[1:]):
@@ -539,7 +570,7 @@ class ContinuousEngine:
             tokens[row, length - len(rest):] = rest
             mask[row, length - len(rest):] = 1
         caches, logits = _prefill(tuple(m.states[0] for m in self._members), None if head is None else head.caches,
-                                  tokens, mask, graphdefs=tuple(m.graphdefs[0] for m in self._members))
+                                  tokens, mask, graphdefs=tuple(m.graphdefs[0] for m in self._members), mesh=self.mesh)
         # With a head, a row's columns run from the head's first token to the end, padding inside included.
         return [Prefilled(row_caches, row_logits, len(prompt), len(prompt) if head is None else skip + length, skip)
                 for (row_caches, row_logits), prompt in zip(_split_rows(caches, logits), prompts, strict=False)]
@@ -601,7 +632,7 @@ class ContinuousEngine:
         free = iter(i for i, slot in enumerate(self._slots) if slot is None)
         for (row_id, settings), key in zip(rows.items(), keys, strict=True):
             slot = next(free)
-            self._caches = _insert(self._caches, prefilled.caches, np.int32(slot), self._index)
+            self._caches = _insert(self._caches, prefilled.caches, np.int32(slot), self._index, self.mesh)
             self._slots[slot] = _Slot(row_id, self._index - (prefilled.span or prefilled.length), prefilled.length,
                                       self.pad_token_id, 0, settings, key)
             self._where[row_id] = slot
@@ -669,14 +700,14 @@ class ContinuousEngine:
         row_arrays = self._row_arrays(settings, self._rows, keys)
         if joining is None:
             self._caches, chosen = _decode(states, self._caches, fed, real, *row_arrays, steps, graphdefs=graphdefs,
-                                           candidates=self.candidates, top_logprobs=top)
+                                           candidates=self.candidates, top_logprobs=top, mesh=self.mesh)
         else:
             real[joining.slot] = False  # its step token is padding: the slot holds the prompt after the step
             try:
                 self._caches, chosen = _decode_joining(
                     states, self._caches, fed, real, *row_arrays, steps, joining.tokens, joining.mask,
                     np.int32(joining.slot), joining.head.caches, graphdefs=graphdefs, candidates=self.candidates,
-                    top_logprobs=top)
+                    top_logprobs=top, mesh=self.mesh)
             except Exception:  # the row never started: free its slot, so no dead row stays live
                 self.release(joining.row_id)
                 raise
@@ -710,7 +741,7 @@ class ContinuousEngine:
         """
         if self._where:
             raise RuntimeError(f"replace_model needs an idle engine; {len(self._where)} row(s) are live")
-        member = _split(model, None)
+        member = _split(model, self.mesh)
         current = self._members[0]
         if member.config != current.config or member.graphdefs != current.graphdefs:
             raise ValueError("replace_model needs a model of the served structure (same config, no LoRA adapters); "
@@ -779,7 +810,7 @@ class ContinuousEngine:
             caches, out = _decode(tuple(m.states[1] for m in self._members), caches, np.zeros((rows,), np.int32),
                                   np.zeros((rows,), bool), weights, filters, keys, np.zeros((rows,), np.int32),
                                   graphdefs=tuple(m.graphdefs[1] for m in self._members),
-                                  candidates=self.candidates, top_logprobs=0)
+                                  candidates=self.candidates, top_logprobs=0, mesh=self.mesh)
             jax.block_until_ready(out)
             if self._joins and rows >= JOIN_MIN_BATCH:  # a prompt joining this step, after each head that fits
                 for head in (h for h in self._heads if h.width + JOIN_COLUMNS <= columns):
@@ -789,14 +820,14 @@ class ContinuousEngine:
                         np.zeros((rows,), bool), weights, filters, keys, np.zeros((rows,), np.int32), tokens,
                         np.zeros_like(tokens), np.int32(0), head.caches,
                         graphdefs=tuple(m.graphdefs[1] for m in self._members), candidates=self.candidates,
-                        top_logprobs=0)
+                        top_logprobs=0, mesh=self.mesh)
                     jax.block_until_ready(out)
             for width in (w for w in widths if w < columns):
-                caches = _insert(caches, prefilled[width].caches, np.int32(0), width)
+                caches = _insert(caches, prefilled[width].caches, np.int32(0), width, self.mesh)
             moves = [(other, columns) for other in batches if other != rows] + [(rows, other) for other in lengths]
             for new_rows, new_columns in moves:
                 jax.block_until_ready(_relayout(caches, np.full((new_rows,), -1, np.int32), np.int32(0),
-                                                columns=new_columns))
+                                                columns=new_columns, mesh=self.mesh))
             del caches
             return_freed_memory()
             if progress is not None:
@@ -857,11 +888,14 @@ class ContinuousEngine:
         """Empty caches committed to the models' device, as every program's outputs are (an uncommitted array is
         another argument signature to jit: the next decode step would compile again)."""
         caches = _empty(configs=tuple(m.config for m in self._members), rows=rows, length=columns,
-                        dtypes=tuple(str(m.config.compute_jnp_dtype) for m in self._members))
-        return jax.device_put(caches, self._device)
+                        dtypes=tuple(str(m.config.compute_jnp_dtype) for m in self._members), mesh=self.mesh)
+        return caches if self.mesh is not None else jax.device_put(caches, self._device)  # on a mesh: pinned
 
     @property
     def _device(self):
+        """Where host values go: the models' device, or replicated over the mesh."""
+        if self.mesh is not None:
+            return NamedSharding(self.mesh, PartitionSpec())
         return next(iter(jax.tree.leaves(self._members[0].states[1])[0].devices()))
 
     def check_join(self, prompt: Sequence[int], rows: dict[Hashable, RowSettings]) -> _Joining:
@@ -921,7 +955,7 @@ class ContinuousEngine:
         columns = self._columns if columns is None else columns
         padded = np.full((rows,), -1, np.int32)  # one program per (old, new) bucket, whatever the count
         padded[:len(sources)] = sources
-        self._caches = _relayout(self._caches, padded, np.int32(shift), columns=columns)
+        self._caches = _relayout(self._caches, padded, np.int32(shift), columns=columns, mesh=self.mesh)
         self._columns = columns
         self.relayouts += 1
         self._index -= shift

@@ -1,5 +1,7 @@
 """KV-cache decoding: prefill a left-padded prompt, then one token per step, equals the full forward."""
 
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -154,3 +156,37 @@ def test_cache_overflow_raises_outside_jit():
     assert int(cache.index) == 4
     with pytest.raises(ValueError, match=r"writing 1 token\(s\) at slot 4 needs 5 slots.*max_length=4"):
         model(tokens[:, :1], cache=cache)
+
+
+def test_per_layer_buffers_keep_keys_slots_innermost_and_values_slots_before_the_head_dim(rng):
+    """The per-layer layouts the decode products read as plain matrices: keys [B, K, Dh, S], values [B, K, S, Dh];
+    converting a filled stacked cache and back keeps every number, and a decode write lands in its slot."""
+    config = dataclasses.replace(TINY, n_kv_heads=2, head_dim=8, n_layers=3)
+    rows, slots = 3, 5
+    stacked = KVCache.init(config, rows, slots)
+    stacked = dataclasses.replace(
+        stacked, keys=jnp.asarray(rng.standard_normal(stacked.keys.shape), jnp.float32),
+        values=jnp.asarray(rng.standard_normal(stacked.values.shape), jnp.float32))
+    wider = stacked.per_layer(slots + 2)
+    for keys, values in zip(wider.keys, wider.values, strict=True):
+        chex.assert_shape(keys, (rows, 2, 8, slots + 2))
+        chex.assert_shape(values, (rows, 2, slots + 2, 8))
+    # per_layer(n) pads empty slots at the end; stacked() undoes the layouts
+    back = wider.stacked()
+    np.testing.assert_array_equal(back.keys[:, :, :slots], stacked.keys)
+    np.testing.assert_array_equal(back.values[:, :, :slots], stacked.values)
+    np.testing.assert_array_equal(back.keys[:, :, slots:], 0)
+    for layer in range(config.n_layers):  # buffer[b, k, d, s] / [b, k, s, d] is stacked[layer, b, s, k, d]
+        np.testing.assert_array_equal(np.transpose(wider.keys[layer][..., :slots], (0, 3, 1, 2)), stacked.keys[layer])
+        np.testing.assert_array_equal(np.transpose(wider.values[layer][:, :, :slots], (0, 2, 1, 3)),
+                                      stacked.values[layer])
+
+    new_keys = jnp.asarray(rng.standard_normal((rows, 1, 2, 8)), jnp.float32)
+    new_values = jnp.asarray(rng.standard_normal((rows, 1, 2, 8)), jnp.float32)
+    kv = dataclasses.replace(wider, index=jnp.asarray(slots, jnp.int32)).for_layers().at_layer(1)
+    kv, keys_read, values_read = kv.append(new_keys, new_values)
+    np.testing.assert_array_equal(kv.keys[1][..., slots], new_keys[:, 0])
+    np.testing.assert_array_equal(kv.values[1][:, :, slots], new_values[:, 0])
+    np.testing.assert_array_equal(keys_read[:, slots], new_keys[:, 0])  # what the attention reads: [B, S, K, Dh]
+    np.testing.assert_array_equal(values_read[:, slots], new_values[:, 0])
+    np.testing.assert_array_equal(kv.keys[0], wider.keys[0])  # other layers untouched
