@@ -170,10 +170,15 @@ def _uniforms(keys: jax.Array, steps: jax.Array) -> jax.Array:
 
 
 def _choose(logits: Sequence[jax.Array], weights, filters: Filters, keys, steps, *, candidates: int,
-            top_logprobs: int):
-    """Per row: the guided score ``Σ_m w[r, m]·logits_m``, one draw, and the base model's log-probabilities."""
+            top_logprobs: int, mesh: Mesh | None = None):
+    """Per row: the guided score ``Σ_m w[r, m]·logits_m``, one draw, and the base model's log-probabilities.
+
+    On a mesh the logits are gathered whole per row first (the LM head leaves them split over ``tensor`` by
+    vocabulary, and XLA's CPU compiler aborts on a top-k partitioned along its sorted axis), and the filters search
+    their rows in place (``compact_rows``: gathering rows by traced indices would move them between devices)."""
+    logits = [_constrain(m, mesh, _batch_spec(mesh, 2)) for m in logits]
     scores = sum(weights[:, m, None] * logits[m].astype(jnp.float32) for m in range(len(logits)))
-    token, _ = next_token(scores, _uniforms(keys, steps), filters, candidates=candidates)
+    token, _ = next_token(scores, _uniforms(keys, steps), filters, candidates=candidates, compact_rows=mesh is None)
     base = jax.nn.log_softmax(logits[0].astype(jnp.float32), axis=-1)
     logprob = jnp.take_along_axis(base, token[:, None], axis=-1)[:, 0]
     if top_logprobs:
@@ -235,12 +240,12 @@ def _prefill(states, heads, tokens, mask, *, graphdefs, mesh):
     return tuple(caches), jnp.stack(logits)
 
 
-@functools.partial(jax.jit, static_argnames=("candidates", "top_logprobs"))
-def _first_tokens(logits, weights, filters, keys, steps, *, candidates, top_logprobs):
+@functools.partial(jax.jit, static_argnames=("candidates", "top_logprobs", "mesh"))
+def _first_tokens(logits, weights, filters, keys, steps, *, candidates, top_logprobs, mesh):
     """The first token of ``R`` rows that share one prompt's prefill logits ``[M, 1, V]``."""
     rows = weights.shape[0]
     return _choose([jnp.repeat(m, rows, axis=0) for m in logits], weights, filters, keys, steps,
-                   candidates=candidates, top_logprobs=top_logprobs)
+                   candidates=candidates, top_logprobs=top_logprobs, mesh=mesh)
 
 
 @functools.partial(jax.jit, donate_argnums=(1,), static_argnames=("graphdefs", "candidates", "top_logprobs", "mesh"))
@@ -253,7 +258,7 @@ def _decode(states, caches, fed, real, weights, filters, keys, steps, *, graphde
         new_caches.append(_pin_cache(cache, mesh))
         logits.append(model.logits(hidden[:, -1]))
     return tuple(new_caches), _choose(logits, weights, filters, keys, steps, candidates=candidates,
-                                      top_logprobs=top_logprobs)
+                                      top_logprobs=top_logprobs, mesh=mesh)
 
 
 @functools.partial(jax.jit, donate_argnums=(1,), static_argnames=("graphdefs", "candidates", "top_logprobs", "mesh"))
@@ -269,7 +274,7 @@ def _decode_joining(states, caches, fed, real, weights, filters, keys, steps, to
         both = model.logits(jnp.concatenate([hidden[:, -1], last]))  # the step's rows, then the prompt's
         logits.append(jax.lax.dynamic_update_slice(both[:-1], both[-1:], (slot, 0)))
     return tuple(new_caches), _choose(logits, weights, filters, keys, steps, candidates=candidates,
-                                      top_logprobs=top_logprobs)
+                                      top_logprobs=top_logprobs, mesh=mesh)
 
 
 # The cache copies below run one small program per buffer (one layer's keys or values, then the rows' masks and
@@ -638,7 +643,7 @@ class ContinuousEngine:
             self._where[row_id] = slot
         top = _top_size(settings_list)
         chosen = _first_tokens(prefilled.logits, *row_arrays, np.zeros((padded,), np.int32),
-                               candidates=self.candidates, top_logprobs=top)
+                               candidates=self.candidates, top_logprobs=top, mesh=self.mesh)
         return self._deliver(list(rows), chosen, range(count))
 
     # -- decoding ---------------------------------------------------------------------------------------
@@ -799,7 +804,7 @@ class ContinuousEngine:
             first = next(iter(prefilled.values()))
             arrays = self._row_arrays([_IDLE], MIN_BATCH_BUCKET, np.zeros((1, 3), np.uint32))
             jax.block_until_ready(_first_tokens(first.logits, *arrays, np.zeros((MIN_BATCH_BUCKET,), np.int32),
-                                                candidates=self.candidates, top_logprobs=0))
+                                                candidates=self.candidates, top_logprobs=0, mesh=self.mesh))
         if progress is not None:
             print(f"warm-up: prefills compiled, {time.perf_counter() - started:.0f} s", file=progress, flush=True)
         batches, lengths = self.batch_buckets(), self.column_buckets()

@@ -43,6 +43,12 @@ def add_serve_command(subcommands) -> None:
     parser.add_argument("--no-prefix-cache", action="store_true",
                         help="prefill every prompt whole (by default the chat template's opening, the same for "
                              "every chat request without its own system message, is computed once and reused)")
+    parser.add_argument("--mesh", metavar="AXIS=SIZE,...",
+                        help="serve on a device mesh over the axes data, fsdp and tensor, e.g. tensor=4 "
+                             "(Megatron-style model parallelism for a model larger than one device) or "
+                             "data=2,tensor=4; an axis left out has size 1, fsdp takes the devices left over (-1 asks "
+                             "for that on any axis). Parameters are placed with the training rules, the decode rows "
+                             "split over data x fsdp, the KV cache's heads over tensor (default: one device, no mesh)")
     parser.add_argument("--no-warmup", action="store_true",
                         help="compile on first use instead of before accepting requests (the warm-up compiles "
                              "every batch x cache-length decode step: minutes the first time on a small CPU, "
@@ -57,6 +63,34 @@ def add_serve_command(subcommands) -> None:
     parser.set_defaults(run=run_serve)
 
 
+def parse_mesh(text: str):
+    """``--mesh``'s ``data=2,tensor=4`` as a :class:`~jaxalign.train.config.MeshConfig` (axes left out: data and
+    tensor 1, fsdp -1, i.e. the devices left over).
+
+    Raises:
+        ValueError: an unknown axis, one given twice, or a size that is not a positive int or -1.
+    """
+    from jaxalign.models.sharding import MESH_AXES
+    from jaxalign.train.config import MeshConfig
+
+    sizes = {}
+    for item in text.split(","):
+        name, equals, value = (part.strip() for part in item.partition("="))
+        if not equals or name not in MESH_AXES:
+            raise ValueError(f"--mesh: {item.strip()!r} is not AXIS=SIZE with AXIS one of {', '.join(MESH_AXES)} "
+                             f"(e.g. --mesh data=2,tensor=4)")
+        if name in sizes:
+            raise ValueError(f"--mesh: axis {name} is given twice")
+        try:
+            sizes[name] = int(value)
+        except ValueError:
+            raise ValueError(f"--mesh: the size of {name} must be a positive int or -1, got {value!r}") from None
+    try:
+        return MeshConfig(**{"fsdp": -1, **sizes})
+    except ValueError as error:
+        raise ValueError(f"--mesh {text}: {error}") from None
+
+
 def _check(args) -> dict[str, float] | None:
     for name in ("max_batch", "max_model_len", "max_queue", "prefill_tokens"):
         if getattr(args, name) < 1:
@@ -67,6 +101,14 @@ def _check(args) -> dict[str, float] | None:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
     if args.request_timeout <= 0:
         raise ValueError(f"--request-timeout must be > 0, got {args.request_timeout}")
+    if args.mesh is not None:
+        import jax
+
+        try:
+            parse_mesh(args.mesh).resolve(jax.device_count())
+        except ValueError as error:
+            message = str(error)
+            raise ValueError(message if message.startswith("--mesh") else f"--mesh {args.mesh}: {message}") from None
     if args.doctor is None:
         if args.preference_weights is not None:
             raise ValueError("--preference-weights needs --doctor")
@@ -90,8 +132,10 @@ def build_served(args):
     from jaxalign.serve.app import ServedModel
     from jaxalign.serve.metrics import Metrics
     from jaxalign.serve.scheduler import Scheduler
+    from jaxalign.train.mesh import make_mesh
 
     weights = _check(args)
+    mesh = None if args.mesh is None else make_mesh(parse_mesh(args.mesh))
     dimensions = read_dimensions(args.doctor, source="--doctor") if args.doctor else []
     if dimensions:
         guidance_betas(dimensions, weights, alpha=args.alpha, beta=args.beta, source="--preference-weights")
@@ -105,7 +149,7 @@ def build_served(args):
     config = model.config
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (config.eos_token_ids or (0,))[0]
     engine = ContinuousEngine(model, guides=doctors, max_batch=args.max_batch, max_model_len=args.max_model_len,
-                              pad_token_id=pad)
+                              pad_token_id=pad, mesh=mesh)
     stops = set(config.eos_token_ids)
     if tokenizer.eos_token_id is not None:
         stops.add(tokenizer.eos_token_id)
@@ -158,8 +202,10 @@ def run_serve(args) -> int:
         with persistent_compilation_cache(COMPILATION_CACHE):
             served.scheduler.engine.warm_up(progress=sys.stderr)
     served.scheduler.start()
+    mesh = served.scheduler.engine.mesh
+    placement = "" if mesh is None else ", mesh " + " x ".join(f"{name} {size}" for name, size in mesh.shape.items())
     print(f"serving {served.name} on http://{args.host}:{args.port}/v1 (max batch {args.max_batch}, max model "
-          f"length {args.max_model_len})", file=sys.stderr, flush=True)
+          f"length {args.max_model_len}{placement})", file=sys.stderr, flush=True)
     try:
         uvicorn.run(create_app(served), host=args.host, port=args.port, log_level="warning")
     finally:

@@ -21,6 +21,7 @@ from jaxalign.rollout import Sampler, SamplingParams, continuous
 from jaxalign.rollout.continuous import ContinuousEngine, RowSettings
 from tests.rollout.conftest import PROMPTS as SHORT_PROMPTS
 from tests.rollout.conftest import N, V, count_engine_compilations
+from tests.rollout.driving import Join, drive, tokens_of
 
 MAX_MODEL_LEN, SLACK = 40, 8
 MAX_BATCH = 8
@@ -29,7 +30,6 @@ LENGTHS = (3, 7, 5, 20, 11, 30, 2, 35)
 PROMPTS = [[int(t) for t in np.random.default_rng(10 + i).integers(0, V, size=n)] for i, n in enumerate(LENGTHS)]
 N_REF = 30
 GREEDY = RowSettings(temperature=0.0)
-MAX_ITERATIONS = 200
 LOGP_TOL = 1e-5
 
 
@@ -48,61 +48,6 @@ def reference(sampler):
 
 def make_engine(model, *, guides=(), max_batch=MAX_BATCH) -> ContinuousEngine:
     return ContinuousEngine(model, guides=guides, max_batch=max_batch, max_model_len=MAX_MODEL_LEN, slack=SLACK)
-
-
-@dataclasses.dataclass
-class Join:
-    """Rows ``{row_id: settings}`` sharing the prompt ``prompt`` join at iteration ``at`` (or as soon as they fit
-    after it) and leave once they have ``tokens`` tokens each."""
-
-    at: int
-    prompt: list[int]
-    rows: dict
-    tokens: int
-
-
-def drive(engine: ContinuousEngine, joins: list[Join], *, limit: int = MAX_ITERATIONS, joining: bool = False) -> dict:
-    """Run the joins to the end: ``{row_id: [TokenOut, ...]}``. Each iteration releases the rows that have their
-    tokens, admits the joins that are due (prefilled together, as the scheduler does), and steps once. With
-    ``joining``, the first due join the engine lets join a step runs inside that step instead of being prefilled."""
-    outs: dict = {}
-    wanted: dict = {}
-    pending = sorted(joins, key=lambda j: j.at)
-
-    def release_done():
-        for row_id in [r for r, w in wanted.items() if len(outs[r]) >= w]:
-            engine.release(row_id)
-            del wanted[row_id]
-
-    try:
-        for iteration in range(limit):
-            release_done()
-            due, free = [], engine.free
-            while pending and pending[0].at <= iteration and free >= len(pending[0].rows):
-                free -= len(pending[0].rows)
-                due.append(pending.pop(0))
-            stepping = next((j for j in due if engine.joinable(j.prompt, len(j.rows))), None) if joining else None
-            if stepping is not None:
-                due.remove(stepping)
-                wanted.update({row_id: stepping.tokens for row_id in stepping.rows})
-            if due:
-                for join, prefilled in zip(due, engine.prefill_many([j.prompt for j in due])):
-                    for row_id, out in engine.admit(prefilled, join.rows).items():
-                        outs[row_id], wanted[row_id] = [out], join.tokens
-                release_done()
-            if not pending and not wanted:
-                return outs
-            stepped = engine.step() if stepping is None else engine.step((stepping.prompt, stepping.rows))
-            for row_id, out in stepped.items():
-                outs.setdefault(row_id, []).append(out)
-        raise AssertionError(f"the rows did not finish in {limit} iterations")
-    finally:
-        for row_id in wanted:
-            engine.release(row_id)
-
-
-def tokens_of(outs: dict, row_id) -> list[int]:
-    return [out.token for out in outs[row_id]]
 
 
 def assert_greedy_reference(outs: dict, rows: dict, reference) -> None:

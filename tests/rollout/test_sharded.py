@@ -1,5 +1,6 @@
-"""Data-parallel rollouts on an 8-device CPU mesh (a subprocess): the same tokens and log-probabilities as on
-one device, for plain and guided sampling, with the rows split over ``data`` × ``fsdp``."""
+"""Rollouts on an 8-device CPU mesh (a subprocess): the same tokens and log-probabilities as on one device, for
+plain and guided sampling with the rows split over ``data`` × ``fsdp``, and for a serving engine's rows
+(``ContinuousEngine(mesh=...)``, what ``jaxalign serve --mesh`` runs)."""
 
 from __future__ import annotations
 
@@ -37,3 +38,23 @@ def test_sharded_rollout_equals_the_single_device_one(report, kind):
 
 def test_rows_are_split_over_data_and_fsdp(report):
     assert report["layout"] == {"tokens": "P(('data', 'fsdp'),)", "devices": 8}
+
+
+def test_served_rows_on_a_mesh_equal_the_single_device_ones(report):
+    served = report["continuous"]
+    assert served["same_rows"] and len(served["rows"]) == 10
+    assert served["tokens_equal"], "greedy, seeded, guided, joined and burst rows give the same tokens"
+    assert served["max_logprob_difference"] <= 5e-5
+    assert served["joined"] == [3, 3], "the three short prompts joined decode steps on both"
+    assert served["tokens"] > 60
+
+
+def test_a_warm_engine_on_a_mesh_compiles_nothing_while_serving(report):
+    # Every cache part keeps one sharding whatever program wrote it, so no program meets new argument shardings.
+    assert report["continuous"]["compiled_after_warm_up"] == []
+
+
+def test_the_served_cache_splits_rows_over_data_and_fsdp_and_kv_heads_over_tensor(report):
+    assert report["continuous"]["cache_layout"] == {"keys": "P(('data', 'fsdp'), 'tensor')",
+                                                    "values": "P(('data', 'fsdp'), 'tensor')",
+                                                    "valid": "P(('data', 'fsdp'),)"}

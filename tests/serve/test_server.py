@@ -800,6 +800,13 @@ def test_the_persistent_compilation_cache_is_written_only_inside_its_block(tmp_p
     (["--port", "70000"], "--port must be in 0..65535, got 70000"),
     (["--request-timeout", "0"], "--request-timeout must be > 0, got 0.0"),
     (["--preference-weights", '{"safety": 1}'], "--preference-weights needs --doctor"),
+    (["--mesh", "tensor"], "--mesh: 'tensor' is not AXIS=SIZE with AXIS one of data, fsdp, tensor"),
+    (["--mesh", "model=2"], "--mesh: 'model=2' is not AXIS=SIZE"),
+    (["--mesh", "tensor=2,tensor=1"], "--mesh: axis tensor is given twice"),
+    (["--mesh", "tensor=two"], "--mesh: the size of tensor must be a positive int or -1, got 'two'"),
+    (["--mesh", "tensor=0"], "--mesh tensor=0: MeshConfig.tensor must be a positive int or -1, got 0"),
+    (["--mesh", "tensor=3"], "--mesh tensor=3: MeshConfig(1, -1, 3): the known sizes multiply to 3, which does not "
+                             "divide the 1 devices"),
     (["--doctor", "/no/such/doctor"], "--doctor /no/such/doctor: no such directory"),
     (["--doctor", "<doctor>", "--preference-weights", "{safety: 1}"], "--preference-weights is not valid JSON"),
     (["--doctor", "<doctor>", "--preference-weights", '{"helpfulness": 1}'],
