@@ -66,17 +66,6 @@ def add_eval_command(subcommands) -> None:
     parser.set_defaults(run=run_eval)
 
 
-def _weights(text: str) -> list[float]:
-    """``--dimension-weights 1,0.5``: finite numbers, comma-separated."""
-    try:
-        weights = [float(part) for part in text.split(",")]
-    except ValueError:
-        raise ValueError(f"--dimension-weights: expected comma-separated numbers such as 1,0.5; got {text!r}") from None
-    if not all(math.isfinite(w) for w in weights):
-        raise ValueError(f"--dimension-weights: weights must be finite numbers, got {text!r}")
-    return weights
-
-
 def _check_args(args) -> None:
     if args.prompts is None and args.pairs is None and args.eval_sft is None:
         raise ValueError("nothing to evaluate: give --prompts (policy vs reference), --pairs (reward-model "
@@ -86,7 +75,9 @@ def _check_args(args) -> None:
     if args.dimension_weights is not None:
         if args.reward_model is None:
             raise ValueError("--dimension-weights combine a reward model's objectives: give --reward-model")
-        args.dimension_weights = _weights(args.dimension_weights)
+        from jaxalign.eval.judges import parse_dimension_weights
+
+        args.dimension_weights = parse_dimension_weights(args.dimension_weights)
     if args.min_margin is not None and args.pairs is None:
         raise ValueError("--min-margin filters --pairs: give --pairs")
     for name in ("batch_size", "n", "max_new_tokens"):
@@ -119,27 +110,6 @@ def _judge(name: str):
     from jaxalign.eval.judges import VaderJudge
 
     return {"vader": VaderJudge}[name]()
-
-
-def _load_reward_judge(args):
-    """``(RewardModelJudge, reward model, tokenizer)`` from ``--reward-model``."""
-    from jaxalign import data, models
-    from jaxalign.eval.judges import RewardModelJudge
-
-    reward_model, info = models.load_reward_model(args.reward_model)
-    tokenizer = data.load_tokenizer(args.reward_model)
-    weights = args.dimension_weights if args.dimension_weights is not None else info.get("dimension_weights")
-    if reward_model.reward_head.num_objectives is not None and weights is None:
-        raise ValueError(f"--reward-model {args.reward_model} scores {reward_model.reward_head.num_objectives} "
-                         f"objectives {info.get('metadata', {}).get('dimensions', '')} and saved no default weights: "
-                         "give --dimension-weights W1,W2,... to combine them into one reward")
-    try:
-        judge = RewardModelJudge(reward_model, tokenizer=tokenizer, gain=info.get("gain", 1.0),
-                                 bias=info.get("bias", 0.0), dimension_weights=weights, batch_size=args.batch_size)
-    except ValueError as error:
-        raise ValueError(f"--reward-model {args.reward_model}: {error}"
-                         + (" (--dimension-weights)" if args.dimension_weights is not None else "")) from None
-    return judge, reward_model, tokenizer
 
 
 def _format_accuracy(result: dict) -> str:
@@ -218,6 +188,7 @@ def _write_outputs(directory: Path, report: dict, evaluation) -> None:
 def run_eval(args) -> int:
     """The ``jaxalign eval`` command: see the module docstring and docs/eval.md."""
     from jaxalign import data, models
+    from jaxalign.eval.judges import load_reward_judge
     from jaxalign.eval.metrics import reward_accuracy
 
     _check_args(args)
@@ -227,7 +198,8 @@ def run_eval(args) -> int:
                     "reward_model": None if args.reward_model is None else str(args.reward_model)}
     reward_judge = reward_model = reward_tokenizer = None
     if args.reward_model is not None and (prompts is not None or args.pairs is not None):
-        reward_judge, reward_model, reward_tokenizer = _load_reward_judge(args)
+        reward_judge, reward_model, reward_tokenizer = load_reward_judge(
+            args.reward_model, dimension_weights=args.dimension_weights, batch_size=args.batch_size)
     policy = tokenizer = evaluation = None
     if prompts is not None or args.eval_sft is not None:
         policy, tokenizer = models.load_pretrained(args.policy, source="--policy")

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
@@ -19,8 +20,9 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Float, Int
 
-from jaxalign.data import Message
+from jaxalign.data import Message, load_tokenizer
 from jaxalign.eval.forward import padded_batches, rewards, split_model
+from jaxalign.models import load_reward_model
 from jaxalign.rollout import Rollout
 
 # A prompt: plain text (a single user turn) or a conversation that ends where the reply begins.
@@ -28,7 +30,8 @@ Prompt = str | Sequence[Message]
 # Marks the response's place in a rendered template, to find the text the template puts after it.
 _CONTENT_MARKER = "\x00response\x00"
 
-__all__ = ["ConcisenessJudge", "Judge", "Prompt", "RewardModelJudge", "VaderJudge", "end_of_turn_ids"]
+__all__ = ["ConcisenessJudge", "Judge", "Prompt", "RewardModelJudge", "VaderJudge", "end_of_turn_ids",
+           "load_reward_judge", "parse_dimension_weights"]
 
 
 @runtime_checkable
@@ -269,3 +272,41 @@ class RewardModelJudge:
             tokens[row, :len(sequence)] = sequence
             mask[row, :len(sequence)] = 1
         return self.score_tokens(tokens, mask)
+
+
+def parse_dimension_weights(text: str, option: str = "--dimension-weights") -> list[float]:
+    """A command line's ``1,0.5``: finite numbers, comma-separated (``option`` names it in errors)."""
+    try:
+        weights = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{option}: expected comma-separated numbers such as 1,0.5; got {text!r}") from None
+    if not all(math.isfinite(w) for w in weights):
+        raise ValueError(f"{option}: weights must be finite numbers, got {text!r}")
+    return weights
+
+
+def load_reward_judge(directory, *, dimension_weights: Sequence[float] | None = None, batch_size: int = 16,
+                      option: str = "--reward-model", weights_option: str = "--dimension-weights"):
+    """``(RewardModelJudge, reward model, tokenizer)`` of a saved reward model directory
+    (:func:`jaxalign.models.save_reward_model`), normalised with its saved gain and bias.
+
+    A multi-objective head combines its objectives with ``dimension_weights``, else with the weights it was saved
+    with. ``option`` and ``weights_option`` name the command-line options in error messages.
+
+    Raises:
+        ValueError: a multi-objective head with no weights given or saved, or weights that do not fit the head.
+    """
+    reward_model, info = load_reward_model(directory)
+    tokenizer = load_tokenizer(directory)
+    weights = dimension_weights if dimension_weights is not None else info.get("dimension_weights")
+    if reward_model.reward_head.num_objectives is not None and weights is None:
+        raise ValueError(f"{option} {directory} scores {reward_model.reward_head.num_objectives} "
+                         f"objectives {info.get('metadata', {}).get('dimensions', '')} and saved no default weights: "
+                         f"give {weights_option} W1,W2,... to combine them into one reward")
+    try:
+        judge = RewardModelJudge(reward_model, tokenizer=tokenizer, gain=info.get("gain", 1.0),
+                                 bias=info.get("bias", 0.0), dimension_weights=weights, batch_size=batch_size)
+    except ValueError as error:
+        raise ValueError(f"{option} {directory}: {error}"
+                         + (f" ({weights_option})" if dimension_weights is not None else "")) from None
+    return judge, reward_model, tokenizer

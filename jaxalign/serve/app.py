@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jaxalign.rollout.guided import guidance_betas
 from jaxalign.serve import protocol
+from jaxalign.serve.live_rewards import LiveRewards
 from jaxalign.serve.metrics import CONTENT_TYPE, Metrics
 from jaxalign.serve.protocol import APIError, Generation, bad
 from jaxalign.serve.scheduler import Event, Job, Scheduler, settings_for
@@ -44,6 +45,7 @@ class ServedModel:
         dimensions: the doctors' preference dimensions, in engine order (empty: unguided).
         alpha, beta, preference_weights: the guidance a request gets when it names none.
         request_timeout: seconds a request may take from arrival to its last token.
+        rewards: scores every finished response for ``/metrics`` (``--reward-model``), or None.
     """
 
     name: str
@@ -55,6 +57,7 @@ class ServedModel:
     beta: float = 0.5
     preference_weights: dict[str, float] | None = None
     request_timeout: float = 600.0
+    rewards: LiveRewards | None = None
     created: int = dataclasses.field(default_factory=protocol.now)
 
     @property
@@ -242,6 +245,7 @@ class _Response:
 
     def __init__(self, served: ServedModel, generation: Generation, prompt_tokens: int):
         self.tokenizer = served.tokenizer
+        self.rewards = served.rewards
         self.generation = generation
         self.chat = generation.kind == "chat"
         self.prompt_tokens = prompt_tokens
@@ -287,6 +291,15 @@ class _Response:
                 self.logprobs[event.index].extend(self.logprob_entries(event.tokens))
         elif event.kind == "finish":
             self.reasons[event.index] = event.reason
+
+    def finished(self) -> None:
+        """Hand the finished responses to the server's reward monitor, if it has one (never waits for it)."""
+        if self.rewards is None:
+            return
+        prompt = self.generation.prompt
+        if not self.chat and not isinstance(prompt, str):  # token ids: the reward model reads text
+            prompt = self.tokenizer.decode(prompt)
+        self.rewards.submit(prompt, list(self.texts))
 
     def whole(self, completion_tokens: int) -> dict:
         choices = []
@@ -338,6 +351,7 @@ async def _collect(job: Job, response: _Response, request: Request) -> dict:
                 raise event.error
             response.apply(event)
             if event.kind == "done":
+                response.finished()
                 return event.completion_tokens
 
     async def watch() -> None:
@@ -382,6 +396,7 @@ async def _stream(job: Job, response: _Response) -> AsyncIterator[str]:
                 yield f"data: {json.dumps(event.error.body())}\n\n"
                 break
             if event.kind == "delta" and (event.text or event.tokens):
+                response.texts[event.index] += event.text
                 yield response.chunk([response.delta_choice(event, offsets[event.index])])
                 if generation.logprobs and not response.chat:  # text_offset counts the tokens' text
                     offsets[event.index] += sum(len(response._token_text(t.token)) for t in event.tokens)
@@ -390,6 +405,7 @@ async def _stream(job: Job, response: _Response) -> AsyncIterator[str]:
                     yield response.chunk(held_finish)
                 held_finish = [response.finish_choice(event.index, event.reason)]
             elif event.kind == "done":
+                response.finished()
                 usage = protocol.usage(response.prompt_tokens, event.completion_tokens)
                 if generation.include_usage:
                     yield response.chunk(held_finish)

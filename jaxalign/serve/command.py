@@ -53,6 +53,16 @@ def add_serve_command(subcommands) -> None:
                         help="compile on first use instead of before accepting requests (the warm-up compiles "
                              "every batch x cache-length decode step: minutes the first time on a small CPU, "
                              "seconds once JAX's compilation cache in ~/.cache/jaxalign/xla has them)")
+    monitor = parser.add_argument_group(
+        "reward on live traffic", "Score every finished response with a reward model, off the request path, and "
+                                  "export the rewards on /metrics (docs/serving.md).")
+    monitor.add_argument("--reward-model", type=Path, metavar="DIR",
+                         help="a reward model directory (jaxalign train reward's export)")
+    monitor.add_argument("--reward-dimension-weights", metavar="W1,W2,...",
+                         help="weights combining a multi-objective reward model's objectives into one reward "
+                              "(default: the weights it was saved with)")
+    monitor.add_argument("--reward-batch-size", type=int, default=8,
+                         help="most responses per scoring call (default 8)")
     guidance = parser.add_argument_group(
         "guided decoding (LLMDoctor)", "Doctors steer --model token by token; a request may set its own weights "
                                        "with the `guidance` field (docs/serving.md).")
@@ -101,6 +111,12 @@ def _check(args) -> dict[str, float] | None:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
     if args.request_timeout <= 0:
         raise ValueError(f"--request-timeout must be > 0, got {args.request_timeout}")
+    if args.reward_model is None and args.reward_dimension_weights is not None:
+        raise ValueError("--reward-dimension-weights combine a reward model's objectives: give --reward-model")
+    if args.reward_batch_size < 1:
+        raise ValueError(f"--reward-batch-size must be >= 1, got {args.reward_batch_size}")
+    if args.reward_model is not None and not args.reward_model.is_dir():
+        raise ValueError(f"--reward-model {args.reward_model}: no such directory")
     if args.mesh is not None:
         import jax
 
@@ -160,10 +176,26 @@ def build_served(args):
     served = ServedModel(name=name, tokenizer=tokenizer, scheduler=scheduler, metrics=metrics, dimensions=dimensions,
                          alpha=args.alpha, beta=args.beta, preference_weights=weights,
                          request_timeout=args.request_timeout)
+    if args.reward_model is not None:
+        served.rewards = live_rewards(args, metrics, name)
     head = None if args.no_prefix_cache else served.chat_head()
     if head is not None and len(head) < args.max_model_len - 1:
         engine.add_head(head)
     return served
+
+
+def live_rewards(args, metrics, name: str):
+    """The started :class:`~jaxalign.serve.live_rewards.LiveRewards` of ``--reward-model``."""
+    from jaxalign.eval.judges import load_reward_judge, parse_dimension_weights
+    from jaxalign.serve.live_rewards import LiveRewards
+
+    weights = args.reward_dimension_weights
+    weights = None if weights is None else parse_dimension_weights(weights, "--reward-dimension-weights")
+    judge, _, _ = load_reward_judge(args.reward_model, dimension_weights=weights, batch_size=args.reward_batch_size,
+                                    weights_option="--reward-dimension-weights")
+    rewards = LiveRewards(judge, metrics.registry, model=name, batch_size=args.reward_batch_size)
+    rewards.start()
+    return rewards
 
 
 @contextlib.contextmanager
@@ -210,4 +242,6 @@ def run_serve(args) -> int:
         uvicorn.run(create_app(served), host=args.host, port=args.port, log_level="warning")
     finally:
         served.scheduler.stop()
+        if served.rewards is not None:
+            served.rewards.stop()
     return 0

@@ -183,7 +183,8 @@ def build_hitl(args) -> Hitl:
         model=current.model, served_model_name=_served_name(args.model), host=args.host, port=args.port,
         max_batch=args.max_batch, max_model_len=args.max_model_len, max_queue=64, request_timeout=600.0,
         prefill_tokens=2048, prefill_wait=DEFAULT_PREFILL_WAIT, no_prefix_cache=False, no_warmup=args.no_warmup,
-        doctor=None, preference_weights=None, alpha=1.0, beta=0.5, mesh=None)
+        doctor=None, preference_weights=None, alpha=1.0, beta=0.5, mesh=None,
+        reward_model=None, reward_dimension_weights=None, reward_batch_size=8)
     served = build_served(serve_args)
     served.scheduler.version = current.name
     retrainer = Retrainer(root, store, versions, swap=lambda path, name: swap_to(served, path, name),

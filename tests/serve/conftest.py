@@ -33,7 +33,7 @@ def serve_args(model, **overrides) -> argparse.Namespace:
                    max_batch=32, max_model_len=MAX_MODEL_LEN, max_queue=64, request_timeout=60.0, prefill_tokens=2048,
                    prefill_wait=0,
                    no_prefix_cache=False, no_warmup=True, doctor=None, preference_weights=None, alpha=1.0, beta=0.5,
-                   mesh=None)
+                   mesh=None, reward_model=None, reward_dimension_weights=None, reward_batch_size=8)
     options.update(overrides)
     return argparse.Namespace(**options)
 

@@ -800,6 +800,9 @@ def test_the_persistent_compilation_cache_is_written_only_inside_its_block(tmp_p
     (["--port", "70000"], "--port must be in 0..65535, got 70000"),
     (["--request-timeout", "0"], "--request-timeout must be > 0, got 0.0"),
     (["--preference-weights", '{"safety": 1}'], "--preference-weights needs --doctor"),
+    (["--reward-model", "/no/such/rm"], "--reward-model /no/such/rm: no such directory"),
+    (["--reward-dimension-weights", "1,2"], "--reward-dimension-weights combine a reward model's objectives: give "
+                                            "--reward-model"),
     (["--mesh", "tensor"], "--mesh: 'tensor' is not AXIS=SIZE with AXIS one of data, fsdp, tensor"),
     (["--mesh", "model=2"], "--mesh: 'model=2' is not AXIS=SIZE"),
     (["--mesh", "tensor=2,tensor=1"], "--mesh: axis tensor is given twice"),
