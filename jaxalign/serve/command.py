@@ -236,8 +236,9 @@ def run_serve(args) -> int:
     served.scheduler.start()
     mesh = served.scheduler.engine.mesh
     placement = "" if mesh is None else ", mesh " + " x ".join(f"{name} {size}" for name, size in mesh.shape.items())
+    scoring = "" if args.reward_model is None else f", responses scored by {args.reward_model}"
     print(f"serving {served.name} on http://{args.host}:{args.port}/v1 (max batch {args.max_batch}, max model "
-          f"length {args.max_model_len}{placement})", file=sys.stderr, flush=True)
+          f"length {args.max_model_len}{placement}{scoring})", file=sys.stderr, flush=True)
     try:
         uvicorn.run(create_app(served), host=args.host, port=args.port, log_level="warning")
     finally:
