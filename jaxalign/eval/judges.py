@@ -176,6 +176,7 @@ class RewardModelJudge:
         self.end_of_turn = tuple(end_of_turn) if end_of_turn is not None else (
             end_of_turn_ids(tokenizer) if tokenizer is not None else ())
         self._vocab_size = reward_model.backbone.config.vocab_size
+        self._max_length = reward_model.backbone.config.max_position_embeddings
         self._model = split_model(reward_model)
 
     def score_tokens(self, tokens: Int[np.ndarray, "R L"], attention_mask: Int[np.ndarray, "R L"],
@@ -261,8 +262,17 @@ class RewardModelJudge:
         return [row if eos is None or row[-1:] == [eos] else row + [eos] for row in ids]
 
     def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> Float[np.ndarray, " N *D"]:
-        """Rewards of response texts (see :meth:`encode` for the rendering)."""
+        """Rewards of response texts (see :meth:`encode` for the rendering).
+
+        Raises:
+            ValueError: a prompt + response that renders to more tokens than the reward model has positions (its
+                reward would be read past what it was trained on).
+        """
         ids = self.encode(prompts, responses)
+        for index, row in enumerate(ids):
+            if len(row) > self._max_length:
+                raise ValueError(f"response {index} renders to {len(row)} tokens with its prompt, more than the "
+                                 f"reward model's {self._max_length} positions")
         length = max((len(row) for row in ids), default=1)
         # Lengths round up to a multiple of 32, so texts of similar length share a compiled program.
         length = -(-length // 32) * 32

@@ -293,13 +293,17 @@ class _Response:
             self.reasons[event.index] = event.reason
 
     def finished(self) -> None:
-        """Hand the finished responses to the server's reward monitor, if it has one (never waits for it)."""
+        """Hand the finished responses to the server's reward monitor, if it has one (never waits for it, and never
+        fails the request: the responses are already the client's)."""
         if self.rewards is None:
             return
-        prompt = self.generation.prompt
-        if not self.chat and not isinstance(prompt, str):  # token ids: the reward model reads text
-            prompt = self.tokenizer.decode(prompt)
-        self.rewards.submit(prompt, list(self.texts))
+        try:
+            prompt = self.generation.prompt
+            if not self.chat and not isinstance(prompt, str):  # token ids: the reward model reads text
+                prompt = self.tokenizer.decode(prompt)
+            self.rewards.submit(prompt, list(self.texts))
+        except Exception:
+            log.exception("handing a finished response to the reward monitor failed")
 
     def whole(self, completion_tokens: int) -> dict:
         choices = []

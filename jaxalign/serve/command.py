@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -75,7 +76,7 @@ def add_serve_command(subcommands) -> None:
 
 def parse_mesh(text: str):
     """``--mesh``'s ``data=2,tensor=4`` as a :class:`~jaxalign.train.config.MeshConfig` (axes left out: data and
-    tensor 1, fsdp -1, i.e. the devices left over).
+    tensor 1, fsdp -1, i.e. the devices left over; fsdp 1 when another axis is given as -1).
 
     Raises:
         ValueError: an unknown axis, one given twice, or a size that is not a positive int or -1.
@@ -96,9 +97,23 @@ def parse_mesh(text: str):
         except ValueError:
             raise ValueError(f"--mesh: the size of {name} must be a positive int or -1, got {value!r}") from None
     try:
-        return MeshConfig(**{"fsdp": -1, **sizes})
+        return MeshConfig(**{"fsdp": 1 if -1 in sizes.values() else -1, **sizes})
     except ValueError as error:
         raise ValueError(f"--mesh {text}: {error}") from None
+
+
+def _check_mesh(text: str) -> None:
+    """``--mesh`` parses and covers exactly this process's devices (before any model is loaded)."""
+    import jax
+
+    config, devices = parse_mesh(text), jax.device_count()
+    named = {name: size for name, size in zip(("data", "fsdp", "tensor"), config.shape, strict=True) if size != -1}
+    product = " x ".join(f"{name} {size}" for name, size in named.items())
+    known = math.prod(named.values())
+    if -1 in config.shape and devices % known:
+        raise ValueError(f"--mesh {text}: {product} = {known} does not divide the {devices} device(s) here")
+    if -1 not in config.shape and known != devices:
+        raise ValueError(f"--mesh {text}: {product} = {known} devices, but {devices} are here")
 
 
 def _check(args) -> dict[str, float] | None:
@@ -117,14 +132,12 @@ def _check(args) -> dict[str, float] | None:
         raise ValueError(f"--reward-batch-size must be >= 1, got {args.reward_batch_size}")
     if args.reward_model is not None and not args.reward_model.is_dir():
         raise ValueError(f"--reward-model {args.reward_model}: no such directory")
-    if args.mesh is not None:
-        import jax
+    if args.reward_dimension_weights is not None:
+        from jaxalign.eval.judges import parse_dimension_weights
 
-        try:
-            parse_mesh(args.mesh).resolve(jax.device_count())
-        except ValueError as error:
-            message = str(error)
-            raise ValueError(message if message.startswith("--mesh") else f"--mesh {args.mesh}: {message}") from None
+        parse_dimension_weights(args.reward_dimension_weights, "--reward-dimension-weights")
+    if args.mesh is not None:
+        _check_mesh(args.mesh)
     if args.doctor is None:
         if args.preference_weights is not None:
             raise ValueError("--preference-weights needs --doctor")
@@ -193,6 +206,10 @@ def live_rewards(args, metrics, name: str):
     weights = None if weights is None else parse_dimension_weights(weights, "--reward-dimension-weights")
     judge, _, _ = load_reward_judge(args.reward_model, dimension_weights=weights, batch_size=args.reward_batch_size,
                                     weights_option="--reward-dimension-weights")
+    try:  # chat and completion requests must render for it (its tokenizer may be another than the served one's)
+        judge.encode([[{"role": "user", "content": "Hello!"}], "Hello!"], ["Hi.", "Hi."])
+    except ValueError as error:
+        raise ValueError(f"--reward-model {args.reward_model}: cannot render requests for scoring: {error}") from None
     rewards = LiveRewards(judge, metrics.registry, model=name, batch_size=args.reward_batch_size)
     rewards.start()
     return rewards

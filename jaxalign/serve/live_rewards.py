@@ -11,7 +11,9 @@ exports:
 - ``jaxalign_response_reward_mean`` (gauge): the mean over every response scored since the server started (NaN
   before the first);
 - ``jaxalign_responses_unscored_total{reason}``: responses not scored: ``queue_full`` (more than ``max_pending``
-  waited: the server never slows down for its monitor) or ``error`` (the scorer raised; logged);
+  waited: the server never slows down for its monitor) or ``error`` (the scorer refused or failed on that response,
+  e.g. one longer than the reward model's positions; logged; a failing batch is scored again one response at a
+  time, so only the responses that fail are lost);
 - ``jaxalign_reward_queue_depth``: responses waiting to be scored.
 
 Requests that fail or whose client left are not scored: they have no finished response.
@@ -64,6 +66,8 @@ class LiveRewards:
         self.mean.set(float("nan"))  # no response scored yet
         self.unscored = Counter("jaxalign_responses_unscored", "finished responses left unscored, by reason",
                                 ["model", "reason"], registry=registry)
+        for reason in ("queue_full", "error"):  # both series exist from the start, so rate() sees them at 0
+            self.unscored.labels(model=model, reason=reason)
         Gauge("jaxalign_reward_queue_depth", "finished responses waiting to be scored", ["model"],
               registry=registry).labels(**labels).set_function(self._pending.qsize)
 
@@ -91,7 +95,8 @@ class LiveRewards:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
-            self._thread = None
+            if not self._thread.is_alive():  # else it is still scoring: start() must not add a second consumer
+                self._thread = None
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -110,9 +115,13 @@ class LiveRewards:
         prompts, responses = [p for p, _ in batch], [r for _, r in batch]
         try:
             rewards = [float(r) for r in self.judge.score(prompts, responses)]
-        except Exception:  # a monitor must not take the server down: count, log, go on
-            log.exception("scoring %d response(s) with the reward model failed", len(batch))
-            self.unscored.labels(model=self._model, reason="error").inc(len(batch))
+        except Exception as error:  # a monitor must not take the server down: count, log, go on
+            if len(batch) > 1:  # one bad response must not cost the others theirs
+                for item in batch:
+                    self._score([item])
+                return
+            log.warning("the reward model could not score a response: %s: %s", type(error).__name__, error)
+            self.unscored.labels(model=self._model, reason="error").inc()
             return
         with self._lock:
             for reward in rewards:

@@ -161,6 +161,15 @@ def test_score_rollout_reads_where_training_reads(reward_model, tokenizer):
     assert abs(bare[0] - got[0]) > 1e-3
 
 
+def test_texts_longer_than_the_reward_models_positions_are_refused(reward_model, tokenizer):
+    judge = RewardModelJudge(reward_model, tokenizer=tokenizer)
+    positions = reward_model.backbone.config.max_position_embeddings
+    long = " ".join(["sky"] * positions)
+    with pytest.raises(ValueError, match=rf"response 1 renders to \d+ tokens with its prompt, more than the reward "
+                                         rf"model's {positions} positions"):
+        judge.score(["Hi", "Hi"], ["sky", long])
+
+
 def test_reward_judge_errors(reward_model):
     with pytest.raises(ValueError, match="needs the reward model's tokenizer"):
         RewardModelJudge(reward_model).score(["Hi"], ["sky"])

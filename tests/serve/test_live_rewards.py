@@ -95,6 +95,32 @@ def test_a_failing_scorer_is_counted_and_the_monitor_goes_on():
     assert sample(registry, "jaxalign_response_reward_mean") == 3
 
 
+def test_a_response_the_scorer_refuses_costs_no_other_its_reward():
+    class RefusesBad(LengthJudge):
+        def score(self, prompts, responses):
+            if any("bad" in r for r in responses):
+                raise ValueError("response 1 renders to 200 tokens with its prompt, more than the reward model's 128")
+            return super().score(prompts, responses)
+
+    registry = CollectorRegistry()
+    rewards = LiveRewards(RefusesBad(), registry, model=MODEL, batch_size=4)
+    rewards.submit("p", ["one", "bad bad", "a b"])  # before start: one batch of three
+    rewards.start()
+    try:
+        wait_until(lambda: rewards.scored == 2, "the two good responses", WAIT_S)
+    finally:
+        rewards.stop()
+    assert sample(registry, "jaxalign_responses_unscored_total", reason="error") == 1
+    assert sample(registry, "jaxalign_response_reward_sum") == 1 + 2
+
+
+def test_the_unscored_series_exist_from_the_start():
+    registry = CollectorRegistry()
+    LiveRewards(LengthJudge(), registry, model=MODEL)
+    for reason in ("queue_full", "error"):
+        assert registry.get_sample_value("jaxalign_responses_unscored_total", {"model": MODEL, "reason": reason}) == 0
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="batch_size and max_pending must be >= 1"):
         LiveRewards(LengthJudge(), CollectorRegistry(), model=MODEL, max_pending=0)
@@ -135,6 +161,18 @@ def test_a_served_response_is_scored_as_the_reward_model_scores_it(tiny_checkpoi
     assert scored_sum == pytest.approx(float(sum(expected)), rel=1e-4, abs=1e-4)
     assert mean == pytest.approx(float(sum(expected)) / 4, rel=1e-4, abs=1e-4)
     assert len(set(expected.round(5))) > 1, "the requests get different rewards: the test can tell them apart"
+
+
+def test_a_reward_model_that_cannot_render_chat_requests_is_refused(tiny_checkpoint, tmp_path):
+    from jaxalign.serve.command import build_served
+
+    plain = tiny_tokenizer()
+    plain.chat_template = None
+    reward_model = models.RewardModel(models.load_hf(tiny_checkpoint), rngs=nnx.Rngs(3))
+    directory = models.save_reward_model(tmp_path / "plain_rm", reward_model, models.load_hf(tiny_checkpoint), plain)
+    with pytest.raises(ValueError, match=rf"--reward-model {directory}: cannot render requests for scoring: "
+                                         "chat-message prompts need a tokenizer with a chat template"):
+        build_served(serve_args(tiny_checkpoint, reward_model=directory))
 
 
 @pytest.mark.parametrize(("overrides", "message"), [

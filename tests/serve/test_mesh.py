@@ -13,6 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from jaxalign.serve.command import parse_mesh
+from jaxalign.train.config import MeshConfig
 from tests.serve.conftest import MAX_MODEL_LEN, MODEL
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,6 +63,22 @@ def mesh_server(tiny_checkpoint, tmp_path_factory):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(30)
+
+
+@pytest.mark.parametrize(("text", "config"), [
+    ("tensor=4", MeshConfig(1, -1, 4)),  # fsdp takes the devices left over
+    ("data=2, tensor=4", MeshConfig(2, -1, 4)),
+    ("tensor=-1", MeshConfig(1, 1, -1)),  # -1 on another axis: that axis takes them, fsdp is 1
+    ("data=-1,tensor=2", MeshConfig(-1, 1, 2)),
+    ("fsdp=2", MeshConfig(1, 2, 1)),
+])
+def test_mesh_option(text, config):
+    assert parse_mesh(text) == config
+
+
+def test_an_inferred_axis_takes_the_devices_left_over():
+    assert parse_mesh("tensor=2").resolve(8) == MeshConfig(1, 4, 2)
+    assert parse_mesh("tensor=-1").resolve(8) == MeshConfig(1, 1, 8)
 
 
 def ask(client, messages, **options):

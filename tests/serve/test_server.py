@@ -808,8 +808,12 @@ def test_the_persistent_compilation_cache_is_written_only_inside_its_block(tmp_p
     (["--mesh", "tensor=2,tensor=1"], "--mesh: axis tensor is given twice"),
     (["--mesh", "tensor=two"], "--mesh: the size of tensor must be a positive int or -1, got 'two'"),
     (["--mesh", "tensor=0"], "--mesh tensor=0: MeshConfig.tensor must be a positive int or -1, got 0"),
-    (["--mesh", "tensor=3"], "--mesh tensor=3: MeshConfig(1, -1, 3): the known sizes multiply to 3, which does not "
-                             "divide the 1 devices"),
+    (["--mesh", "tensor=3"], "--mesh tensor=3: data 1 x tensor 3 = 3 does not divide the 1 device(s) here"),
+    (["--mesh", "data=1,fsdp=1,tensor=2"], "--mesh data=1,fsdp=1,tensor=2: data 1 x fsdp 1 x tensor 2 = 2 devices, but "
+                                           "1 are here"),
+    (["--mesh", "data=-1,tensor=-1"], "--mesh data=-1,tensor=-1: MeshConfig: at most one axis may be -1"),
+    (["--reward-model", "<doctor>", "--reward-dimension-weights", "1,x"],
+     "--reward-dimension-weights: expected comma-separated numbers"),
     (["--doctor", "/no/such/doctor"], "--doctor /no/such/doctor: no such directory"),
     (["--doctor", "<doctor>", "--preference-weights", "{safety: 1}"], "--preference-weights is not valid JSON"),
     (["--doctor", "<doctor>", "--preference-weights", '{"helpfulness": 1}'],
