@@ -106,8 +106,10 @@ def _check_mesh(text: str) -> None:
     """``--mesh`` parses and covers exactly this process's devices (before any model is loaded)."""
     import jax
 
+    from jaxalign.models.sharding import MESH_AXES
+
     config, devices = parse_mesh(text), jax.device_count()
-    named = {name: size for name, size in zip(("data", "fsdp", "tensor"), config.shape, strict=True) if size != -1}
+    named = {name: size for name, size in zip(MESH_AXES, config.shape, strict=True) if size != -1}
     product = " x ".join(f"{name} {size}" for name, size in named.items())
     known = math.prod(named.values())
     if -1 in config.shape and devices % known:
