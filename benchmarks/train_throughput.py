@@ -27,10 +27,13 @@ What runs, per method (DPO, then SFT), in ONE process on ONE machine:
   model; or the token-mean completion NLL), full-vocabulary log-softmax, ``torch.optim.AdamW`` with the same
   hyperparameters and clipping. The output names which one ran.
 
-The two sides alternate step by step (TRL's loop runs one jaxalign step inside its callback after each of
-its own steps), so load from other users of a shared machine hits both alike. The first ``--warmup`` steps
-of each side (jaxalign's first one includes compilation) are dropped; the reported step time is the median
-of the next ``--steps``.
+By default the two sides alternate step by step (TRL's loop runs one jaxalign step inside its callback after
+each of its own steps), so load from other users of a shared machine hits both alike. ``--order blocks`` runs
+all of jaxalign's steps, then all of the other side's: each framework as its users run it, alone in the
+process's time (on 2 CPU cores, PyTorch's OpenMP threads and freed pages from the step before slow the next
+one, whichever framework runs it); the JSON records the order. The first ``--warmup`` steps of each side
+(jaxalign's first one includes compilation) are dropped; the reported step time is the median of the next
+``--steps``.
 
 Data: four chat records (user prompt, chosen and rejected assistant reply), rendered with SmolLM2's chat
 template (the system prompt it adds included) into sequences of about 117 tokens (107 to 125), tokenised
@@ -84,8 +87,8 @@ Commands::
     # GPU (no TRL, no GGUF there): Llama 3.2 1B shape, random weights, bf16 compute, plain PyTorch side
     python benchmarks/train_throughput.py --random-weights --config llama-1b --dtype bfloat16
 
-Writes ``benchmarks/results/train_throughput.json`` (``train_throughput_gpu.json`` on a GPU) and a PNG bar
-chart beside it; a quick check (``--config tiny`` or fewer than 3 timed steps) writes nothing unless
+Writes ``benchmarks/results/train_throughput.json`` (``train_throughput_gpu.json`` on a GPU; ``_blocks`` before
+``.json`` with ``--order blocks``) and a PNG bar chart beside it; a quick check (``--config tiny`` or fewer than 3 timed steps) writes nothing unless
 ``--output-dir`` names a folder, so it never replaces the committed measurements. Compare numbers only within
 one run: the ratio is what this measures.
 """
@@ -543,23 +546,32 @@ def _version(package: str) -> str:
 # --------------------------------------------------------------------------------------------- runs
 
 
-def run_method(method: str, jax_side: JaxalignSide, torch_side, total: int) -> None:
-    """Alternate the two sides' steps, ``total`` each, with a progress bar."""
-    bar = tqdm(total=total, unit="step", desc=f"{method.upper()} steps (jaxalign + {torch_side.name})",
+def run_method(method: str, jax_side: JaxalignSide, torch_side, total: int, order: str = "interleaved") -> None:
+    """``total`` steps of each side with a progress bar: alternating step by step (``interleaved``), or all of
+    jaxalign's, then all of the other side's (``blocks``)."""
+    bar = tqdm(total=2 * total, unit="step", desc=f"{method.upper()} steps (jaxalign + {torch_side.name}, {order})",
                dynamic_ncols=True)
 
-    def ours():
-        jax_side.step()
-        bar.set_postfix(jaxalign=f"{jax_side.times[-1]:.2f}s",
+    def show():
+        bar.set_postfix(jaxalign=f"{jax_side.times[-1]:.2f}s" if jax_side.times else "-",
                         torch=f"{torch_side.times[-1]:.2f}s" if torch_side.times else "-")
         bar.update()
 
+    def ours():
+        jax_side.step()
+        show()
+
+    if order == "blocks":
+        for _ in range(total):
+            ours()
+    between = ours if order == "interleaved" else lambda: None
     if isinstance(torch_side, TRLSide):
-        torch_side.run(between=ours)
+        torch_side.run(between=lambda: (show(), between()))
     else:
         for _ in range(total):
             torch_side.step()
-            ours()
+            show()
+            between()
     bar.close()
     if len(jax_side.times) != total or len(torch_side.times) != total:
         raise RuntimeError(f"{method}: expected {total} steps per side, timed {len(jax_side.times)} (jaxalign) "
@@ -650,7 +662,8 @@ def breakdown(model: nnx.Module, torch_base, batch: dict, jax_batch: dict, confi
 def print_table(results: dict, setup: dict) -> None:
     print(f"\n{setup['model']}, {setup['dtype']}, batch {setup['batch']} "
           f"({setup['mean_tokens_per_sequence']:.1f} tokens a sequence, padded to {setup['padded_length']}), "
-          f"{setup['device']}; median of {setup['steps']} steps after {setup['warmup']} warm-up")
+          f"{setup['device']}; median of {setup['steps']} steps after {setup['warmup']} warm-up, "
+          f"sides {setup['order']}")
     has_mfu = any("mfu" in side for method in results.values() for side in method["sides"])
     header = (f"{'method':7}{'side':24}{'step (s)':>10}{'tokens/s':>11}{'GFLOP/s':>10}{'of matmul':>11}"
               + (f"{'MFU':>8}" if has_mfu else "") + f"{'jaxalign/other':>16}")
@@ -758,6 +771,9 @@ def parse_args() -> argparse.Namespace:
                              "(jaxalign's default); plain: TRL's layout, every prompt twice and the head everywhere")
     parser.add_argument("--remat", choices=REMAT_POLICIES, default=ModelSpec.remat,
                         help=f"jaxalign's per-layer rematerialisation (default {ModelSpec.remat}, jaxalign train's)")
+    parser.add_argument("--order", choices=("interleaved", "blocks"), default="interleaved",
+                        help="interleaved: the sides alternate step by step; blocks: all of jaxalign's steps, then "
+                             "all of the other side's")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", type=Path, default=None,
                         help=f"where the JSON and PNG go; default {RESULTS} for a measurement, none for a quick "
@@ -871,7 +887,7 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
             for _ in bar:
                 jax_side.step()
         else:
-            run_method(method, jax_side, other, total)
+            run_method(method, jax_side, other, total, args.order)
         sides = [side for side in (jax_side, other) if side is not None]
         for side in sides:  # free the models and optimizer states before the next method
             side.release()
@@ -907,7 +923,7 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
         "model": model_name, "config": args.config if args.random_weights else "smollm2-135m",
         "parameters": parameter_count(model), "matmul_weights_N_mm": matmul_weights(config), "dtype": args.dtype,
         "batch": args.batch, "max_length": args.max_length, "data": data_kind, "steps": args.steps,
-        "warmup": args.warmup, "torch_side": torch_side,
+        "warmup": args.warmup, "torch_side": torch_side, "order": args.order,
         "mean_tokens_per_sequence": statistics.mean(lengths_all),
         "padded_length": max(r["padded_length"] for r in results.values()),
         "device": (jax.devices()[0].device_kind if on_gpu else f"{os.cpu_count()} CPU cores "
@@ -942,7 +958,7 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
             return
         args.output_dir = RESULTS
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    stem = "train_throughput_gpu" if on_gpu else "train_throughput"
+    stem = ("train_throughput_gpu" if on_gpu else "train_throughput") + ("_blocks" if args.order == "blocks" else "")
     json_path = args.output_dir / f"{stem}.json"
     json_path.write_text(json.dumps(output, indent=2) + "\n")
     print(f"wrote {json_path}")
