@@ -88,9 +88,9 @@ Commands::
     python benchmarks/train_throughput.py --random-weights --config llama-1b --dtype bfloat16
 
 Writes ``benchmarks/results/train_throughput.json`` (``train_throughput_gpu.json`` on a GPU; ``_blocks`` before
-``.json`` with ``--order blocks``) and a PNG bar chart beside it; a quick check (``--config tiny`` or fewer than 3 timed steps) writes nothing unless
-``--output-dir`` names a folder, so it never replaces the committed measurements. Compare numbers only within
-one run: the ratio is what this measures.
+``.json`` with ``--order blocks``) and a PNG bar chart beside it; a quick check (``--config tiny`` or fewer than 3
+timed steps) writes nothing unless ``--output-dir`` names a folder, so it never replaces the committed
+measurements. Compare numbers only within one run: the ratio is what this measures.
 """
 
 from __future__ import annotations
