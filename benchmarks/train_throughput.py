@@ -561,17 +561,20 @@ def run_method(method: str, jax_side: JaxalignSide, torch_side, total: int, orde
         jax_side.step()
         show()
 
+    def after_torch_step():
+        show()
+        if order == "interleaved":
+            ours()
+
     if order == "blocks":
         for _ in range(total):
             ours()
-    between = ours if order == "interleaved" else lambda: None
     if isinstance(torch_side, TRLSide):
-        torch_side.run(between=lambda: (show(), between()))
+        torch_side.run(between=after_torch_step)
     else:
         for _ in range(total):
             torch_side.step()
-            show()
-            between()
+            after_torch_step()
     bar.close()
     if len(jax_side.times) != total or len(torch_side.times) != total:
         raise RuntimeError(f"{method}: expected {total} steps per side, timed {len(jax_side.times)} (jaxalign) "
