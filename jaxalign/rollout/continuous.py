@@ -45,7 +45,7 @@ head is prefilled once; a prompt that begins with it runs only its remaining tok
 cached keys and values, so it costs about half as much. Whether a prompt uses a head depends on the prompt alone,
 never on what ran before, so a request still gives the same tokens alone or in company.
 
-Sampling is :func:`~jaxalign.rollout.sampling.next_token` with every setting per row (temperature, top-k,
+Sampling is :func:`~jaxalign.rollout.sampling.draw` with every setting per row (temperature, top-k,
 top-p, min-p, guidance weights), so requests with different settings share a step. Row ``r``'s token ``t``
 draws its uniform from ``fold_in(key_r, t)``, ``key_r`` made from the row's seed and sample index inside the
 compiled step: a seeded request gives the same tokens whatever runs beside it.
@@ -72,7 +72,7 @@ from jaxalign.rollout.batching import MIN_LENGTH_BUCKET, bucket
 from jaxalign.rollout.engine import _batch_spec, _constrain, _constrain_cache, _split
 from jaxalign.rollout.filters import DEFAULT_CANDIDATES
 from jaxalign.rollout.params import Filters
-from jaxalign.rollout.sampling import next_token
+from jaxalign.rollout.sampling import draw
 
 # The smallest batch bucket: a batch of one row runs matrix-vector kernels whose rounding differs from the
 # matrix-matrix kernels every larger batch uses, and a request must give the same tokens alone or in company.
@@ -173,17 +173,33 @@ def _choose(logits: Sequence[jax.Array], weights, filters: Filters, keys, steps,
             top_logprobs: int, mesh: Mesh | None = None):
     """Per row: the guided score ``Σ_m w[r, m]·logits_m``, one draw, and the base model's log-probabilities.
 
+    With one model the score ``w·logits`` at temperature ``T`` is drawn as the logits at temperature ``T / w``
+    (``w > 0``, checked on the host), so no weighted copy of the vocabulary is written; and where every row then
+    has temperature 1 (or 0) the draw's normaliser is the base model's, so its log-probabilities cost no second
+    sweep of the vocabulary.
+
     On a mesh the logits are gathered whole per row first (the LM head leaves them split over ``tensor`` by
     vocabulary, and XLA's CPU compiler aborts on a top-k partitioned along its sorted axis), and the filters search
     their rows in place (``compact_rows``: gathering rows by traced indices would move them between devices)."""
     logits = [_constrain(m, mesh, _batch_spec(mesh, 2)) for m in logits]
-    scores = sum(weights[:, m, None] * logits[m].astype(jnp.float32) for m in range(len(logits)))
-    token, _ = next_token(scores, _uniforms(keys, steps), filters, candidates=candidates, compact_rows=mesh is None)
-    base = jax.nn.log_softmax(logits[0].astype(jnp.float32), axis=-1)
-    logprob = jnp.take_along_axis(base, token[:, None], axis=-1)[:, 0]
+    base = logits[0].astype(jnp.float32)
+    uniforms = _uniforms(keys, steps)
+    if len(logits) == 1:
+        filters = filters._replace(temperature=filters.temperature / weights[:, 0])
+        drawn = draw(base, uniforms, filters, candidates=candidates, compact_rows=mesh is None)
+        log_normaliser = jax.lax.cond(
+            jnp.all((filters.temperature == 1) | (filters.temperature == 0)),
+            lambda: drawn.best + drawn.log_normaliser,
+            lambda: drawn.best + jnp.log(jnp.sum(jnp.exp(base - drawn.best[:, None]), axis=-1)))
+    else:
+        scores = sum(weights[:, m, None] * logits[m].astype(jnp.float32) for m in range(len(logits)))
+        drawn = draw(scores, uniforms, filters, candidates=candidates, compact_rows=mesh is None)
+        log_normaliser = jax.nn.logsumexp(base, axis=-1)
+    token = drawn.tokens
+    logprob = jnp.take_along_axis(base, token[:, None], axis=-1)[:, 0] - log_normaliser
     if top_logprobs:
         top_values, top_ids = jax.lax.top_k(base, top_logprobs)
-        return token, logprob, top_ids, top_values
+        return token, logprob, top_ids, top_values - log_normaliser[:, None]
     return token, logprob, None, None
 
 
@@ -849,6 +865,9 @@ class ContinuousEngine:
         if len(settings.weights) != members:
             raise ValueError(f"guidance weights {settings.weights} need {members} values (the base model's and "
                              f"one per guide)")
+        if members == 1 and not settings.weights[0] > 0:
+            raise ValueError(f"the weight {settings.weights[0]} of a model without guides must be positive: it "
+                             f"divides the temperature")
         return np.asarray(settings.weights, np.float32)
 
     def _row_arrays(self, settings: Sequence[RowSettings], rows: int, keys: np.ndarray):

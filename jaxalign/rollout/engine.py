@@ -36,7 +36,7 @@ from jaxalign.models.stack import unstack_layers
 from jaxalign.rollout.batching import MIN_LENGTH_BUCKET, bucket, check_left_padded, left_pad, pad_batch
 from jaxalign.rollout.filters import DEFAULT_CANDIDATES
 from jaxalign.rollout.params import Filters, SamplingParams
-from jaxalign.rollout.sampling import next_token
+from jaxalign.rollout.sampling import draw
 
 # Mesh axes a prompt batch is split over (data parallelism); parameters follow the training rules.
 BATCH_AXES = ("data", "fsdp")
@@ -180,14 +180,27 @@ def _generate(states, prompt_tokens, prompt_mask, key, weights, filters: Filters
         """Pick token ``carry.step`` from every model's next-token logits and record it (with the base
         model's hidden state ``[R, D]`` that gave its logits, when kept)."""
         step = carry.step
-        scores = sum(weights[m] * logits[m] for m in range(len(logits)))
         uniforms = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, step)))(row_keys)
-        # Rows split over devices stay where they are (no gathering of the unsettled rows).
-        token, sampling_logp = next_token(scores, uniforms, filters, candidates=candidates,
-                                          compact_rows=mesh is None)
         emit = ~carry.done
-        token = jnp.where(emit, token, pad_token_id)
-        member_logps = jnp.stack([token_logps(model_logits, token, emit) for model_logits in logits])
+        # Rows split over devices stay where they are (no gathering of the unsettled rows).
+        if len(logits) == 1:
+            # One model: alpha·logits at temperature T is the logits at temperature T / alpha (alpha > 0, checked
+            # on the host), and at an effective temperature of 1 (or 0) the draw's normaliser is the model's own.
+            unguided = filters._replace(temperature=filters.temperature / weights[0])
+            drawn = draw(logits[0], uniforms, unguided, candidates=candidates, compact_rows=mesh is None)
+            log_normaliser = jax.lax.cond(
+                jnp.all((unguided.temperature == 1) | (unguided.temperature == 0)),
+                lambda: drawn.best + drawn.log_normaliser,
+                lambda: drawn.best + jnp.log(jnp.sum(jnp.exp(logits[0] - drawn.best[:, None]), axis=-1)))
+            token = jnp.where(emit, drawn.tokens, pad_token_id)
+            chosen_logits = jnp.take_along_axis(logits[0], token[:, None], axis=-1)[:, 0]
+            member_logps = jnp.where(emit, chosen_logits - log_normaliser, 0.0)[None]
+        else:
+            scores = sum(weights[m] * logits[m] for m in range(len(logits)))
+            drawn = draw(scores, uniforms, filters, candidates=candidates, compact_rows=mesh is None)
+            token = jnp.where(emit, drawn.tokens, pad_token_id)
+            member_logps = jnp.stack([token_logps(model_logits, token, emit) for model_logits in logits])
+        sampling_logp = drawn.logps
         if stream is not None:
             jax.debug.callback(stream, step, token, emit, ordered=True)
         return carry._replace(
@@ -422,6 +435,8 @@ class Sampler:
         if betas is None or len(betas) != self.num_guides:
             raise ValueError(f"this sampler has {self.num_guides} guide model(s): pass betas= with one weight each "
                              f"(got {betas!r})")
+        if not self.num_guides and not alpha > 0:
+            raise ValueError(f"alpha={alpha} without guide models must be positive: it divides the temperature")
         return np.asarray([alpha, *betas], np.float32)
 
     def _check_positions(self, prompt_mask: np.ndarray, max_new_tokens: int) -> None:
@@ -455,7 +470,8 @@ class Sampler:
                 ``j`` of prompt ``b`` draws from ``fold_in(fold_in(key, b), j)``, so it does not depend on
                 ``n``.
             params: :class:`SamplingParams` (only ``max_new_tokens`` and ``n`` select a compiled program).
-            alpha: weight of the base model's log-probabilities in the guided score.
+            alpha: weight of the base model's log-probabilities in the guided score (without guides it must be
+                positive: ``alpha·logits`` at temperature ``T`` is the logits at temperature ``T / alpha``).
             betas: one weight per guide (required with guides). ``betas = 0`` reproduces the base model.
             stream: optional ``stream(step, tokens [R], emitted [R])`` called on the host after each
                 token, in order (single device only); a different function compiles another program.

@@ -8,6 +8,8 @@ cost ~1 ms and give the same distribution.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
@@ -49,18 +51,37 @@ def inverse_cdf(weights: Float[Array, "B V"], uniforms: Float[Array, " B"],
     return (block * _BLOCK + within).astype(jnp.int32), total
 
 
-def next_token(
+class Drawn(NamedTuple):
+    """One token per row (:func:`draw`) and the quantities a caller may reuse instead of sweeping the
+    vocabulary again.
+
+    Attributes:
+        tokens: ``[B]`` int32.
+        logps: ``[B]`` ``log P(token)`` under the filtered distribution, 0 for greedy rows (a point mass).
+        best: ``[B]`` the largest score of each row.
+        log_normaliser: ``[B]`` ``log Σ_v exp((s_v − best) / T)`` over the whole vocabulary (``T = 1`` on greedy
+            rows): with ``T = 1`` and the scores a model's logits, ``best + log_normaliser`` is their logsumexp.
+    """
+
+    tokens: Int[Array, " B"]
+    logps: Float[Array, " B"]
+    best: Float[Array, " B"]
+    log_normaliser: Float[Array, " B"]
+
+
+def draw(
     scores: Float[Array, "B V"],
     uniforms: Float[Array, " B"],
     filters: Filters,
     *,
     candidates: int = DEFAULT_CANDIDATES,
     compact_rows: bool = True,
-) -> tuple[Int[Array, " B"], Float[Array, " B"]]:
+) -> Drawn:
     """Draw one token per row from ``softmax(scores / temperature)`` restricted by top-k, top-p and min-p.
 
-    Formula: ``x = scores / T``; keep ``{v : x_v ≥ τ}`` (:func:`~jaxalign.rollout.filters.keep_thresholds`);
-    ``P(v) = exp(x_v) / Σ_kept exp(x)``. At ``T = 0`` the token is the first maximum of ``scores``.
+    Formula: keep ``{v : s_v ≥ τ}`` (:func:`~jaxalign.rollout.filters.keep_thresholds`);
+    ``P(v) = exp(s_v / T) / Σ_kept exp(s / T)``. At ``T = 0`` the token is the first maximum of ``scores``.
+    The temperature scales only the exponent: ``scores / T`` is never formed over the vocabulary.
 
     Args:
         scores: ``[B, V]`` logits or guided scores (any per-row shift gives the same draw).
@@ -69,21 +90,31 @@ def next_token(
         candidates: top scores the filters inspect before falling back to bisection (static).
         compact_rows: bisect only the unsettled rows, gathered (static; see
             :func:`~jaxalign.rollout.filters.keep_thresholds`; False for rows split over devices).
-
-    Returns:
-        ``(tokens [B] int32, sampling_logps [B] float32)``: ``log P(token)`` under the filtered
-        distribution, 0 for greedy rows (a point mass).
     """
     greedy = jnp.broadcast_to(filters.temperature == 0, uniforms.shape)
-    temperature = jnp.where(greedy, 1.0, filters.temperature)
-    x = scores.astype(jnp.float32) / jnp.broadcast_to(temperature, uniforms.shape)[:, None]
-    keys, threshold, top_scores, top_indices = keep_thresholds(
-        x, top_k=filters.top_k, top_p=filters.top_p, min_p=filters.min_p, candidates=candidates, settled=greedy,
-        compact_rows=compact_rows)
-    row_max = top_scores[:, :1]
-    # Shifting by the row max keeps exp() in range; the max is always kept, so the total is >= 1.
-    weights = jnp.where(keys >= threshold[:, None], jnp.exp(x - row_max), 0.0)
+    scale = 1.0 / jnp.where(greedy, 1.0, jnp.broadcast_to(filters.temperature, uniforms.shape))
+    scores = scores.astype(jnp.float32)
+    kept = keep_thresholds(scores, scale=scale, top_k=filters.top_k, top_p=filters.top_p, min_p=filters.min_p,
+                           candidates=candidates, settled=greedy, compact_rows=compact_rows)
+    best = kept.top_scores[:, 0]
+    # The best score is always kept, so every row's total weight is at least 1.
+    weights = jnp.where(scores >= kept.threshold[:, None], kept.exps, 0.0)
     sampled, total = inverse_cdf(weights, uniforms)
-    sampled_score = jnp.take_along_axis(x, sampled[:, None], axis=-1)[:, 0]
-    logps = sampled_score - row_max[:, 0] - jnp.log(total)
-    return jnp.where(greedy, top_indices[:, 0], sampled), jnp.where(greedy, 0.0, logps)
+    sampled_score = jnp.take_along_axis(scores, sampled[:, None], axis=-1)[:, 0]
+    logps = scale * (sampled_score - best) - jnp.log(total)
+    return Drawn(jnp.where(greedy, kept.top_indices[:, 0], sampled), jnp.where(greedy, 0.0, logps), best,
+                 kept.log_normaliser)
+
+
+def next_token(
+    scores: Float[Array, "B V"],
+    uniforms: Float[Array, " B"],
+    filters: Filters,
+    *,
+    candidates: int = DEFAULT_CANDIDATES,
+    compact_rows: bool = True,
+) -> tuple[Int[Array, " B"], Float[Array, " B"]]:
+    """:func:`draw`'s ``(tokens [B] int32, sampling_logps [B] float32)``: ``log P(token)`` under the filtered
+    distribution, 0 for greedy rows."""
+    drawn = draw(scores, uniforms, filters, candidates=candidates, compact_rows=compact_rows)
+    return drawn.tokens, drawn.logps

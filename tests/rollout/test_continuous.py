@@ -334,6 +334,19 @@ def test_seeded_rows_draw_the_same_tokens_alone_and_in_any_company(model, refere
     assert forward[4][0].top is not None and forward[0][0].top is None
 
 
+def test_a_lone_models_weight_divides_the_temperature(model):
+    engine = make_engine(model)
+    halved = drive(engine, [Join(0, PROMPTS[1], {"t": RowSettings(temperature=0.5, top_p=0.9, seed=5)}, 10)])
+    weighted = drive(engine, [Join(0, PROMPTS[1], {"w": RowSettings(temperature=1.0, top_p=0.9, seed=5,
+                                                                     weights=(2.0,))}, 10)])
+    assert tokens_of(weighted, "w") == tokens_of(halved, "t")
+    # The reported log-probabilities are the model's own, whatever the temperature.
+    np.testing.assert_allclose([o.logprob for o in weighted["w"]], [o.logprob for o in halved["t"]], atol=LOGP_TOL)
+    with pytest.raises(ValueError, match="must be positive: it divides the temperature"):
+        engine.admit(engine.prefill(PROMPTS[1]), {"z": RowSettings(weights=(0.0,))})
+    assert engine.live == 0, "a refused row takes no slot"
+
+
 def test_samples_of_one_prompt_are_their_own_streams(model):
     engine = make_engine(model)
     settings = RowSettings(temperature=1.0, seed=21)

@@ -205,3 +205,21 @@ def test_stop_ids_outside_the_vocabulary_are_refused(sampler):
     with pytest.raises(ValueError, match=r"stop token id\(s\) \[97\] are outside the vocabulary of 97"):
         sampler.generate(PROMPTS, key=jax.random.key(0), params=SamplingParams(stop_token_ids=(97,)))
 
+
+
+def test_a_lone_models_weight_divides_the_temperature(llama, sampler):
+    """Without guides the score ``alpha·logits`` at temperature T is drawn as the logits at T / alpha: the same
+    tokens; the model log-probabilities stay the model's own (a training forward pass's)."""
+    model, _ = llama
+    settings = dict(max_new_tokens=N, top_p=0.9, stop_token_ids=())
+    halved = sampler.generate(PROMPTS, key=jax.random.key(3), params=SamplingParams(temperature=0.5, **settings))
+    weighted = sampler.generate(PROMPTS, key=jax.random.key(3), params=SamplingParams(temperature=1.0, **settings),
+                                alpha=2.0)
+    np.testing.assert_array_equal(np.asarray(weighted.tokens), np.asarray(halved.tokens))
+    np.testing.assert_array_equal(np.asarray(weighted.sampling_logps), np.asarray(halved.sampling_logps))
+    tokens, mask = weighted.sequences()
+    logits, _ = model(tokens, attention_mask=mask)
+    forward = token_logps(logits[:, weighted.prompt_tokens.shape[1] - 1:-1], weighted.tokens, weighted.response_mask)
+    assert float(jnp.max(jnp.abs(forward - weighted.model_logps))) <= 1e-5
+    with pytest.raises(ValueError, match="alpha=0.0 without guide models must be positive"):
+        sampler.generate(PROMPTS, key=jax.random.key(3), params=SamplingParams(**settings), alpha=0.0)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from jaxalign.rollout import Filters, filtered_logprobs, inverse_cdf, next_token, order_keys
+from jaxalign.rollout.filters import top_candidates
 
 filtered = jax.jit(filtered_logprobs, static_argnames="candidates")
 draw = jax.jit(next_token, static_argnames="candidates")
@@ -151,3 +152,16 @@ def test_filters_match_transformers_logits_warpers():
             logps = np.asarray(filtered(jnp.asarray(x), settings, candidates=candidates))
             np.testing.assert_array_equal(np.isfinite(logps), np.isfinite(expected), err_msg=f"trial {trial}")
             np.testing.assert_allclose(logps[np.isfinite(logps)], expected[np.isfinite(expected)], atol=1e-5)
+
+
+@pytest.mark.parametrize("vocab", [49152, 5000])  # whole blocks; a ragged last block
+def test_candidates_from_the_best_blocks_equal_a_top_k_over_the_vocabulary(vocab):
+    rng = np.random.default_rng(3)
+    # Rounded scores tie across blocks; -inf rows hold fewer finite scores than candidates.
+    scores = np.round(rng.normal(size=(4, vocab)) * 3).astype(np.float32)
+    scores[1] = rng.normal(size=vocab).astype(np.float32)
+    scores[2, 40:] = -np.inf
+    expected = jax.lax.top_k(jnp.asarray(scores), 64)
+    found = jax.jit(top_candidates, static_argnums=1)(jnp.asarray(scores), 64)
+    np.testing.assert_array_equal(np.asarray(found[0]), np.asarray(expected[0]))
+    np.testing.assert_array_equal(np.asarray(found[1]), np.asarray(expected[1]))
