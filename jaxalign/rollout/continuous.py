@@ -865,10 +865,12 @@ class ContinuousEngine:
         if len(settings.weights) != members:
             raise ValueError(f"guidance weights {settings.weights} need {members} values (the base model's and "
                              f"one per guide)")
-        if members == 1 and not settings.weights[0] > 0:
-            raise ValueError(f"the weight {settings.weights[0]} of a model without guides must be positive: it "
-                             f"divides the temperature")
-        return np.asarray(settings.weights, np.float32)
+        weights = np.asarray(settings.weights, np.float32)
+        # Checked as the float32 the step divides by (1e-50 would pass as a Python float and divide by 0).
+        if members == 1 and not (weights[0] > 0 and np.isfinite(weights[0])):
+            raise ValueError(f"the weight {settings.weights[0]} of a model without guides must be a positive finite "
+                             f"float32: it divides the temperature")
+        return weights
 
     def _row_arrays(self, settings: Sequence[RowSettings], rows: int, keys: np.ndarray):
         """``(weights [R, M], Filters of [R] arrays, seed words [R, 3])`` padded to ``rows`` with greedy dummies."""

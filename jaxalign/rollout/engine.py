@@ -435,9 +435,12 @@ class Sampler:
         if betas is None or len(betas) != self.num_guides:
             raise ValueError(f"this sampler has {self.num_guides} guide model(s): pass betas= with one weight each "
                              f"(got {betas!r})")
-        if not self.num_guides and not alpha > 0:
-            raise ValueError(f"alpha={alpha} without guide models must be positive: it divides the temperature")
-        return np.asarray([alpha, *betas], np.float32)
+        weights = np.asarray([alpha, *betas], np.float32)
+        # Checked as the float32 the loop divides by (1e-50 would pass as a Python float and divide by 0).
+        if not self.num_guides and not (weights[0] > 0 and np.isfinite(weights[0])):
+            raise ValueError(f"alpha={alpha} without guide models must be a positive finite float32: it divides the "
+                             f"temperature")
+        return weights
 
     def _check_positions(self, prompt_mask: np.ndarray, max_new_tokens: int) -> None:
         """The longest row must stay inside every model's position range (GPT-2's learned table clamps)."""

@@ -342,8 +342,9 @@ def test_a_lone_models_weight_divides_the_temperature(model):
     assert tokens_of(weighted, "w") == tokens_of(halved, "t")
     # The reported log-probabilities are the model's own, whatever the temperature.
     np.testing.assert_allclose([o.logprob for o in weighted["w"]], [o.logprob for o in halved["t"]], atol=LOGP_TOL)
-    with pytest.raises(ValueError, match="must be positive: it divides the temperature"):
-        engine.admit(engine.prefill(PROMPTS[1]), {"z": RowSettings(weights=(0.0,))})
+    for weight in (0.0, 1e-50):  # 1e-50 is 0 in float32
+        with pytest.raises(ValueError, match="must be a positive finite float32: it divides the temperature"):
+            engine.admit(engine.prefill(PROMPTS[1]), {"z": RowSettings(weights=(weight,))})
     assert engine.live == 0, "a refused row takes no slot"
 
 

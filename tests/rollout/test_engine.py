@@ -221,5 +221,6 @@ def test_a_lone_models_weight_divides_the_temperature(llama, sampler):
     logits, _ = model(tokens, attention_mask=mask)
     forward = token_logps(logits[:, weighted.prompt_tokens.shape[1] - 1:-1], weighted.tokens, weighted.response_mask)
     assert float(jnp.max(jnp.abs(forward - weighted.model_logps))) <= 1e-5
-    with pytest.raises(ValueError, match="alpha=0.0 without guide models must be positive"):
-        sampler.generate(PROMPTS, key=jax.random.key(3), params=SamplingParams(**settings), alpha=0.0)
+    for alpha in (0.0, -1.0, 1e-50, float("inf")):  # 1e-50 is 0 in float32
+        with pytest.raises(ValueError, match=f"alpha={alpha} without guide models must be a positive finite"):
+            sampler.generate(PROMPTS, key=jax.random.key(3), params=SamplingParams(**settings), alpha=alpha)
