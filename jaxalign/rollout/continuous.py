@@ -72,7 +72,7 @@ from jaxalign.rollout.batching import MIN_LENGTH_BUCKET, bucket
 from jaxalign.rollout.engine import _batch_spec, _constrain, _constrain_cache, _split
 from jaxalign.rollout.filters import DEFAULT_CANDIDATES
 from jaxalign.rollout.params import Filters
-from jaxalign.rollout.sampling import draw
+from jaxalign.rollout.sampling import draw, draw_one_model
 
 # The smallest batch bucket: a batch of one row runs matrix-vector kernels whose rounding differs from the
 # matrix-matrix kernels every larger batch uses, and a request must give the same tokens alone or in company.
@@ -173,10 +173,8 @@ def _choose(logits: Sequence[jax.Array], weights, filters: Filters, keys, steps,
             top_logprobs: int, mesh: Mesh | None = None):
     """Per row: the guided score ``Σ_m w[r, m]·logits_m``, one draw, and the base model's log-probabilities.
 
-    With one model the score ``w·logits`` at temperature ``T`` is drawn as the logits at temperature ``T / w``
-    (``w > 0``, checked on the host), so no weighted copy of the vocabulary is written; and where every row then
-    has temperature 1 (or 0) the draw's normaliser is the base model's, so its log-probabilities cost no second
-    sweep of the vocabulary.
+    With one model (its weight checked positive on the host) :func:`~jaxalign.rollout.sampling.draw_one_model`
+    folds the weight into the temperature and reuses the draw's normaliser for the log-probabilities.
 
     On a mesh the logits are gathered whole per row first (the LM head leaves them split over ``tensor`` by
     vocabulary, and XLA's CPU compiler aborts on a top-k partitioned along its sorted axis), and the filters search
@@ -185,12 +183,8 @@ def _choose(logits: Sequence[jax.Array], weights, filters: Filters, keys, steps,
     base = logits[0].astype(jnp.float32)
     uniforms = _uniforms(keys, steps)
     if len(logits) == 1:
-        filters = filters._replace(temperature=filters.temperature / weights[:, 0])
-        drawn = draw(base, uniforms, filters, candidates=candidates, compact_rows=mesh is None)
-        log_normaliser = jax.lax.cond(
-            jnp.all((filters.temperature == 1) | (filters.temperature == 0)),
-            lambda: drawn.best + drawn.log_normaliser,
-            lambda: drawn.best + jnp.log(jnp.sum(jnp.exp(base - drawn.best[:, None]), axis=-1)))
+        drawn, log_normaliser = draw_one_model(base, weights[:, 0], uniforms, filters, candidates=candidates,
+                                               compact_rows=mesh is None)
     else:
         scores = sum(weights[:, m, None] * logits[m].astype(jnp.float32) for m in range(len(logits)))
         drawn = draw(scores, uniforms, filters, candidates=candidates, compact_rows=mesh is None)

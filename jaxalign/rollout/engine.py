@@ -36,7 +36,7 @@ from jaxalign.models.stack import unstack_layers
 from jaxalign.rollout.batching import MIN_LENGTH_BUCKET, bucket, check_left_padded, left_pad, pad_batch
 from jaxalign.rollout.filters import DEFAULT_CANDIDATES
 from jaxalign.rollout.params import Filters, SamplingParams
-from jaxalign.rollout.sampling import draw
+from jaxalign.rollout.sampling import draw, draw_one_model
 
 # Mesh axes a prompt batch is split over (data parallelism); parameters follow the training rules.
 BATCH_AXES = ("data", "fsdp")
@@ -184,14 +184,9 @@ def _generate(states, prompt_tokens, prompt_mask, key, weights, filters: Filters
         emit = ~carry.done
         # Rows split over devices stay where they are (no gathering of the unsettled rows).
         if len(logits) == 1:
-            # One model: alpha·logits at temperature T is the logits at temperature T / alpha (alpha > 0, checked
-            # on the host), and at an effective temperature of 1 (or 0) the draw's normaliser is the model's own.
-            unguided = filters._replace(temperature=filters.temperature / weights[0])
-            drawn = draw(logits[0], uniforms, unguided, candidates=candidates, compact_rows=mesh is None)
-            log_normaliser = jax.lax.cond(
-                jnp.all((unguided.temperature == 1) | (unguided.temperature == 0)),
-                lambda: drawn.best + drawn.log_normaliser,
-                lambda: drawn.best + jnp.log(jnp.sum(jnp.exp(logits[0] - drawn.best[:, None]), axis=-1)))
+            # One model (alpha checked positive on the host): its log-probabilities reuse the draw's normaliser.
+            drawn, log_normaliser = draw_one_model(logits[0], weights[0], uniforms, filters, candidates=candidates,
+                                                   compact_rows=mesh is None)
             token = jnp.where(emit, drawn.tokens, pad_token_id)
             chosen_logits = jnp.take_along_axis(logits[0], token[:, None], axis=-1)[:, 0]
             member_logps = jnp.where(emit, chosen_logits - log_normaliser, 0.0)[None]

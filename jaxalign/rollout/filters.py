@@ -223,7 +223,7 @@ def keep_thresholds(
     top_scores, top_indices = top_candidates(scores, count)
     best = top_scores[:, 0]
     exps = jnp.exp(scale[:, None] * (scores - best[:, None]))
-    log_normaliser = jnp.log(jnp.sum(exps, axis=-1))
+    total_mass = jnp.sum(exps, axis=-1)
     top_keys = order_keys(top_scores)
     last_key = top_keys[:, -1]
 
@@ -235,9 +235,8 @@ def keep_thresholds(
     in_top_k = top_keys >= top_k_key[:, None]
     # Top-p renormalises over the top-k set: the candidates' own when top-k is on (exact when settled),
     # the whole vocabulary otherwise.
-    top_exps = jnp.exp(scale[:, None] * (top_scores - best[:, None]))
-    top_k_normaliser = jnp.log(jnp.sum(jnp.where(in_top_k, top_exps, 0.0), axis=-1))
-    probs = jnp.where(in_top_k, top_exps / jnp.exp(jnp.where(top_k_on, top_k_normaliser, log_normaliser))[:, None], 0.0)
+    top_exps = jnp.where(in_top_k, jnp.exp(scale[:, None] * (top_scores - best[:, None])), 0.0)
+    probs = top_exps / jnp.where(top_k_on, jnp.sum(top_exps, axis=-1), total_mass)[:, None]
     mass_before = jnp.cumsum(probs, axis=-1) - probs
     nucleus_size = jnp.sum(in_top_k & (mass_before < top_p[:, None]), axis=-1)
     nucleus_end = jnp.take_along_axis(top_keys, (nucleus_size - 1)[:, None], -1)[:, 0]
@@ -246,7 +245,7 @@ def keep_thresholds(
     threshold = jnp.maximum(jnp.maximum(top_k_key, top_p_key), min_p_key)
 
     def found(threshold_keys):
-        return Thresholds(key_scores(threshold_keys), top_scores, top_indices, exps, log_normaliser)
+        return Thresholds(key_scores(threshold_keys), top_scores, top_indices, exps, jnp.log(total_mass))
 
     if count == vocab:  # the candidates are the whole vocabulary: every threshold above is exact
         return found(threshold)

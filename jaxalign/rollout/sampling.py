@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
@@ -118,3 +119,31 @@ def next_token(
     distribution, 0 for greedy rows."""
     drawn = draw(scores, uniforms, filters, candidates=candidates, compact_rows=compact_rows)
     return drawn.tokens, drawn.logps
+
+
+def draw_one_model(
+    logits: Float[Array, "B V"],
+    weight: Array,
+    uniforms: Float[Array, " B"],
+    filters: Filters,
+    *,
+    candidates: int = DEFAULT_CANDIDATES,
+    compact_rows: bool = True,
+) -> tuple[Drawn, Float[Array, " B"]]:
+    """:func:`draw` from ``weight · logits`` of a model without guides, and ``logsumexp(logits)`` per row.
+
+    ``weight · logits`` at temperature ``T`` is drawn as the logits at temperature ``T / weight`` (``weight > 0``,
+    the caller's check), so no weighted copy of the vocabulary is written; where every row's temperature is then
+    1 (or 0) the draw's normaliser is the model's own, and its logsumexp costs no second sweep of the vocabulary.
+
+    Args:
+        logits: ``[B, V]`` float32. weight: scalar or ``[B]``, positive.
+        uniforms, filters, candidates, compact_rows: as in :func:`draw`.
+    """
+    filters = filters._replace(temperature=filters.temperature / weight)
+    drawn = draw(logits, uniforms, filters, candidates=candidates, compact_rows=compact_rows)
+    log_normaliser = jax.lax.cond(
+        jnp.all((filters.temperature == 1) | (filters.temperature == 0)),
+        lambda: drawn.log_normaliser,
+        lambda: jnp.log(jnp.sum(jnp.exp(logits - drawn.best[:, None]), axis=-1)))
+    return drawn, drawn.best + log_normaliser
