@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import signal
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -106,6 +107,27 @@ def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
         return [change for key in sorted(set(old) | set(new), key=str)
                 for change in _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
     return [] if old == new else [prefix.rstrip(".")]
+
+
+# What a resume compares between the checkpoint's run metadata and this run's, and how the warning labels each
+# section's keys. Versions and devices are left out: a resume on a newer jax or another mesh is expected.
+_COMPARED_SECTIONS = {"config": "", "model_config": "model ", "extra": "extra "}
+
+
+def _resume_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> str:
+    """The settings this run changes from the checkpoint's, as the warning lists them: ``"['total_steps'],
+    model ['remat'], extra ['run.loss.beta']"`` (the train config's keys unlabelled), or ``""`` when none.
+
+    ``current`` goes through JSON first, as the checkpoint stored it, so that a tuple compares equal to the list
+    it was read back as.
+    """
+    current = json.loads(json.dumps({section: current.get(section) for section in _COMPARED_SECTIONS}))
+    parts = []
+    for section, label in _COMPARED_SECTIONS.items():
+        changed = _changed_keys(saved.get(section), current[section])
+        if changed:
+            parts.append(f"{label}{changed}")
+    return ", ".join(parts)
 
 
 class StepSource:
@@ -317,7 +339,7 @@ class Trainer:
         restored = checkpointer.restore(self.train_step.abstract_state())
         if restored.data_position is not None:
             self.source.load_state_dict(restored.data_position)
-        changed = _changed_keys(restored.metadata["config"], self.metadata["config"])
+        changed = _resume_changes(restored.metadata, self.metadata)
         if changed:
             warnings.warn(f"resuming {self.source.unit} {restored.step} with a config that differs in {changed}",
                           stacklevel=3)

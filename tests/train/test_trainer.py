@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import signal
+import warnings
 
 import jax
 import numpy as np
@@ -25,7 +26,7 @@ from jaxalign.train.checkpoint import CONFIG_FILE
 from jaxalign.train.metrics import METRICS_FILE
 from jaxalign.train.signals import StopSignals
 from tests.train.test_step import model_params, poisonable_objective
-from tests.train.tiny import BATCH, SGD, TinyBatches, sft_objective, tiny_model
+from tests.train.tiny import BATCH, SGD, TINY, TinyBatches, sft_objective, tiny_model
 
 
 class SignalAt(TinyBatches):
@@ -94,6 +95,28 @@ def test_sigint_saves_the_last_step_then_a_new_run_resumes_from_it(tmp_path):
     assert [record["step"] for record in logged(tmp_path)] == [1, 2, 3, 4, 5]
     logits, _ = resumed.trained_model()(np.zeros((1, 3), np.int32))
     assert np.isfinite(np.asarray(logits)).all()
+
+
+def test_a_resume_warns_of_every_changed_setting_and_only_those(tmp_path):
+    # The model's config and the script's metadata hold tuples, which the checkpoint reads back as lists.
+    experiment = {"beta": 0.1, "layers": (0, 1), "data": {"path": "a.jsonl"}}
+    Trainer(config(tmp_path, 2), tiny_model(), sft_objective, TinyBatches(BATCH),
+            extra_metadata={"experiment": experiment}).run()
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Trainer(config(tmp_path, 2), tiny_model(), sft_objective, TinyBatches(BATCH),
+                extra_metadata={"experiment": experiment}).run()
+    assert not [warning for warning in caught if "differs" in str(warning.message)]
+
+    changed = {**experiment, "beta": 0.2, "data": {"path": "b.jsonl"}}
+    with pytest.warns(UserWarning) as caught:
+        state = Trainer(config(tmp_path, 3), tiny_model(config=TINY.with_policy(remat="full")), sft_objective,
+                        TinyBatches(BATCH), extra_metadata={"experiment": changed}).run()
+    messages = [str(warning.message) for warning in caught if "differs" in str(warning.message)]
+    assert messages == ["resuming step 2 with a config that differs in ['total_steps'], model ['remat'], "
+                        "extra ['experiment.beta', 'experiment.data.path']"]
+    assert int(state.step) == 3
 
 
 def test_a_non_finite_loss_stops_the_run_naming_the_step(tmp_path):
