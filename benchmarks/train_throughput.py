@@ -704,7 +704,9 @@ def print_breakdown(result: dict, steps: dict) -> None:
         print(f"  {side:10}" + "; ".join(cells))
 
 
-def write_chart(results: dict, setup: dict, path: Path) -> None:
+def write_chart(results: dict, setup: dict, path: Path, processor: str) -> None:
+    """Tokens/s and share of the matmul rate per method and side; ``processor`` (the provenance's CPU or
+    device name) and the order of the sides go into the title, since both change the ratios."""
     try:
         import matplotlib
 
@@ -731,9 +733,12 @@ def write_chart(results: dict, setup: dict, path: Path) -> None:
                         (axes[1], "% of the measured matmul FLOP/s")):
         axis.set_xticks(range(len(methods)), ticks)
         axis.set_ylabel(label)
-        axis.legend(fontsize=8)
+        axis.margins(y=0.2)  # room above the bars for the legend (their bottom stays at 0)
+        axis.legend(fontsize=8, loc="upper right")
+    order = {"interleaved": "the sides alternating step by step", "blocks": "each side's steps in one block"}
     figure.suptitle(f"{setup['model']} {setup['dtype']}, batch {setup['batch']} x ~"
-                    f"{setup['mean_tokens_per_sequence']:.0f} tokens, {setup['device']}", fontsize=10)
+                    f"{setup['mean_tokens_per_sequence']:.0f} tokens\n{setup['device']}, {processor}; "
+                    f"{order.get(setup.get('order'), 'the sides alternating step by step')}", fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -942,7 +947,8 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
                         "tokens only. Plain rows (TRL): F(n) = 2*N_mm*n + 2*L*H*Dh*n*(n+1) a sequence; "
                         "jaxalign: each pair's prompt once, the head at completion targets only",
     }
-    output = {"setup": setup, "results": results, "provenance": provenance.describe()}
+    described = provenance.describe()
+    output = {"setup": setup, "results": results, "provenance": described}
     if breakdown_result is not None:
         output["breakdown_dpo"] = breakdown_result
 
@@ -965,7 +971,7 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
     json_path = args.output_dir / f"{stem}.json"
     json_path.write_text(json.dumps(output, indent=2) + "\n")
     print(f"wrote {json_path}")
-    write_chart(results, setup, args.output_dir / f"{stem}.png")
+    write_chart(results, setup, args.output_dir / f"{stem}.png", described["machine"]["cpu"])
 
 
 if __name__ == "__main__":
