@@ -94,8 +94,8 @@ def cases(rng: np.random.Generator):
                           lambda tx=tx: torch_chain(tx))
     w = rng.standard_normal((D, F), dtype=np.float32)
     dy = rng.standard_normal((TRAIN_TOKENS, F), dtype=np.float32)
-    jx, jw, jdy = map(jnp.asarray, (x, w, dy))
-    tx, tw, tdy = map(torch.from_numpy, (x, w, dy))
+    jw, jdy = map(jnp.asarray, (w, dy))  # jx, tx: the train chain's input, converted above
+    tw, tdy = map(torch.from_numpy, (w, dy))
     flops = 2 * TRAIN_TOKENS * D * F
     for name, jax_fn, jax_args, torch_fn, torch_args in (
             ("train x·W", lambda a, b: a @ b, (jx, jw), lambda a, b: a @ b, (tx, tw)),
