@@ -735,7 +735,7 @@ def write_chart(results: dict, setup: dict, path: Path, processor: str) -> None:
                         (axes[1], "% of the measured matmul FLOP/s")):
         axis.set_xticks(range(len(methods)), ticks)
         axis.set_ylabel(label)
-        axis.margins(y=0.2)  # room above the bars for the legend (their bottom stays at 0)
+        axis.margins(y=0.3)  # room above the bars for the legend (their bottom stays at 0)
         axis.legend(fontsize=8, loc="upper right")
     order = {"interleaved": "the sides alternating step by step", "blocks": "each side's steps in one block"}
     figure.suptitle(f"{setup['model']} {setup['dtype']}, batch {setup['batch']} x ~"
@@ -984,7 +984,8 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
     json_path = args.output_dir / f"{stem}.json"
     json_path.write_text(json.dumps(output, indent=2) + "\n")
     print(f"wrote {json_path}")
-    write_chart(results, setup, args.output_dir / f"{stem}.png", described["machine"]["cpu"])
+    host = described["machine"]["cpu"]
+    write_chart(results, setup, args.output_dir / f"{stem}.png", f"host {host}" if on_gpu else host)
 
 
 if __name__ == "__main__":
