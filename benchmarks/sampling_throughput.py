@@ -217,7 +217,7 @@ def matmul_bound(model, *, rows: int, prompt_length: int, new_tokens: int, repea
     if jax.default_backend() == "cpu":
         # Closed over, the weights are compiled in as constants, which XLA's CPU products lay out ahead of
         # time: the tightest floor (SmolLM2-135M at 16 rows: 36-39 ms a step, against 52-55 ms with the
-        # weights as arguments, though the engine itself gains only 4 % from constants).
+        # weights as arguments, though the engine itself gains only 1-4 % from constants).
         decode, prefill = (jax.jit(lambda h, fn=fn: fn(h, weights)) for fn in (decode, prefill))
         call = lambda fn, h: fn(h)  # noqa: E731
     else:
