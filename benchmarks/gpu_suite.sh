@@ -14,8 +14,13 @@ set -uo pipefail
 out=${1:?usage: gpu_suite.sh OUTDIR [STAGE ...]}
 shift
 stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=(env train512 tests sample64 train2048 sample1)
+known=" env train512 tests sample64 train2048 sample1 "
+[ ${#stages[@]} -gt 0 ] || stages=($known)
+for stage in "${stages[@]}"; do  # a misspelt stage would cost device time for nothing: refuse it at once
+  [[ $known == *" $stage "* ]] || { echo "unknown stage '$stage'; the stages are:$known" >&2; exit 2; }
+done
 mkdir -p "$out"
+failed=()
 scratch=$(mktemp -d)
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TMPDIR=/dev/shm XLA_PYTHON_CLIENT_PREALLOCATE=false
 export TQDM_MININTERVAL=5  # fewer progress-bar lines in the logs
@@ -31,8 +36,9 @@ run() {  # run NAME SECONDS COMMAND...: the command's output into the log, its s
   shift 2
   [ "$name" = tests ] && log=$out/tests.log
   echo "== $name (limit ${limit}s): $*" | tee -a "$log"
-  timeout "$limit" "$@" >"$scratch/$name.log" 2>&1
+  timeout -k 10 "$limit" "$@" >"$scratch/$name.log" 2>&1
   local status=$?
+  [ $status -eq 0 ] || failed+=("$name (exit $status)")
   cat "$scratch/$name.log" >>"$log"
   echo "== $name: exit $status after $((SECONDS - start)) s" | tee -a "$log"
   tail -n 25 "$scratch/$name.log"
@@ -40,13 +46,14 @@ run() {  # run NAME SECONDS COMMAND...: the command's output into the log, its s
 
 train() {  # train LENGTH BATCH SECONDS: DPO and SFT steps of a random Llama 3.2 1B, bf16 compute, float32 weights
   run "train$1" "$3" python3 benchmarks/train_throughput.py --random-weights --config llama-1b --dtype bfloat16 \
-    --data synthetic --synthetic-length "$1" --max-length "$1" --batch "$2" --torch-side plain --steps 5 --warmup 2 \
+    --data synthetic --synthetic-length "$1" --batch "$2" --torch-side plain --steps 5 --warmup 2 \
     --no-breakdown --output-dir "$scratch"
 }
 
 sample() {  # sample BATCH NEW_TOKENS SECONDS: the rollout engine against transformers generate, bf16
   run "sample$1" "$3" python3 benchmarks/sampling_throughput.py --random-weights --config llama-1b \
-    --dtype bfloat16 --batch "$1" --new-tokens "$2" --repeats 3 --output "$scratch/sampling_throughput_gpu_b$1.json"
+    --dtype bfloat16 --batch "$1" --new-tokens "$2" --repeats 3 \
+    --output "$scratch/sampling_throughput_gpu_llama-1b_bf16_b$1.json"
 }
 
 for stage in "${stages[@]}"; do
@@ -64,7 +71,10 @@ print(\"jax\", jax.__version__, jax.devices(), \"flax\", flax.__version__, \"opt
       --timeout 100 --continue-on-collection-errors ${TESTS:-tests/losses tests/models tests/rollout tests/train} ;;
     sample64) sample 64 64 90 ;;
     sample1) sample 1 64 120 ;;  # 50 s did not cover loading, two compilations and the matmul bound
-    *) echo "unknown stage $stage" ;;
   esac
   cp "$scratch"/*.json "$out"/ 2>/dev/null
 done
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "failed or timed out: ${failed[*]}"
+  exit 1
+fi

