@@ -68,6 +68,8 @@ def describe() -> dict:
         "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpu": _cpu_model(), "cores": os.cpu_count(), "memory_gib": _memory_gib(),
                     "accelerator": _accelerator(), "platform": platform.platform(),
-                    "python": platform.python_version()},
+                    "python": platform.python_version(),
+                    # glibc.malloc.hugetlb=1 when the process re-executed itself (jaxalign.hostmem)
+                    "glibc_tunables": os.environ.get("GLIBC_TUNABLES")},
         "versions": versions,
     }

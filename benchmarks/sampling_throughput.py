@@ -69,6 +69,7 @@ from flax import nnx
 from jax import monitoring
 from model_shapes import LLAMA_1B, SMOLLM2_135M  # benchmarks/model_shapes.py, beside this file
 
+from jaxalign.hostmem import use_transparent_huge_pages
 from jaxalign.losses import token_logps
 from jaxalign.models import LlamaForCausalLM, ModelConfig, default_model_path, load_gguf, load_hf, save_hf
 from jaxalign.rollout import Rollout, Sampler, SamplingParams, filtered_logprobs
@@ -465,4 +466,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    use_transparent_huge_pages()  # as jaxalign's commands run (jaxalign.hostmem); both sides get it
     main()

@@ -120,6 +120,7 @@ from model_shapes import SHAPES  # noqa: E402  (benchmarks/model_shapes.py, besi
 from tqdm.auto import tqdm  # noqa: E402
 
 from jaxalign import models  # noqa: E402
+from jaxalign.hostmem import use_transparent_huge_pages  # noqa: E402
 from jaxalign.methods.common import sequence_logps  # noqa: E402
 from jaxalign.methods.dpo import dpo_objective  # noqa: E402
 from jaxalign.methods.recipe import ModelSpec  # noqa: E402
@@ -979,4 +980,5 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
 
 
 if __name__ == "__main__":
+    use_transparent_huge_pages()  # as jaxalign's commands run (jaxalign.hostmem); both sides get it
     main()

@@ -69,6 +69,7 @@ from experiments import sentiment as main_job
 from jaxalign import data as jdata
 from jaxalign import eval as jeval
 from jaxalign import models
+from jaxalign.hostmem import use_transparent_huge_pages
 from jaxalign.methods import common, pipeline, recipe, tfpo
 from jaxalign.rollout import ArgsSampler, GuidedSampler, Sampler, SamplingParams
 
@@ -660,4 +661,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    use_transparent_huge_pages()  # re-executes once (jaxalign.hostmem)
     sys.exit(main())

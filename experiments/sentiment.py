@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 
 from jaxalign import eval as jeval
 from jaxalign import models
+from jaxalign.hostmem import use_transparent_huge_pages
 from jaxalign.methods import common, pipeline, recipe
 from jaxalign.rollout import Sampler, SamplingParams
 
@@ -346,4 +347,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    use_transparent_huge_pages()  # re-executes once (jaxalign.hostmem)
     sys.exit(main())

@@ -28,11 +28,7 @@ import threading
 import time
 from pathlib import Path
 
-from jaxalign.eval.command import add_eval_command
-from jaxalign.methods.command import add_show_rewards_command, add_train_command
-from jaxalign.rollout.guided import DEFAULT_ALPHA, DEFAULT_BETA
-from jaxalign.serve.command import add_serve_command
-from jaxalign.serve.hitl import add_hitl_command
+from jaxalign.hostmem import use_transparent_huge_pages
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -44,6 +40,8 @@ GUIDANCE_OPTIONS = ("--preference-weights", "--alpha", "--beta")
 
 
 def add_generate_command(subcommands) -> None:
+    from jaxalign.rollout.guided import DEFAULT_ALPHA, DEFAULT_BETA
+
     parser = subcommands.add_parser(
         "generate", help="sample text from a model (one prompt, a file of prompts, or a chat)",
         description="Sample from a Hugging Face checkpoint directory, a GGUF file or the embedded default "
@@ -87,6 +85,12 @@ def add_generate_command(subcommands) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Imported here, not at the top: the console script re-executes itself before JAX starts (command()).
+    from jaxalign.eval.command import add_eval_command
+    from jaxalign.methods.command import add_show_rewards_command, add_train_command
+    from jaxalign.serve.command import add_serve_command
+    from jaxalign.serve.hitl import add_hitl_command
+
     parser = argparse.ArgumentParser(prog="jaxalign", description="JAX/Flax preference alignment.")
     parser.add_argument("--debug", action="store_true",
                         help=f"on failure show the traceback, not one line (also: {DEBUG_VARIABLE}=1)")
@@ -98,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_command(subcommands)
     add_hitl_command(subcommands)
     return parser
+
+
+def command() -> int:
+    """The ``jaxalign`` console script: :func:`main` on ``sys.argv`` in a process whose ``malloc`` uses
+    transparent huge pages (re-executed once to get them: :mod:`jaxalign.hostmem`)."""
+    use_transparent_huge_pages()
+    return main()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -252,7 +263,7 @@ class _Guidance:
     preference weights (``/weights`` in a chat replaces them without recompiling)."""
 
     def __init__(self, args):
-        from jaxalign.rollout import read_dimensions
+        from jaxalign.rollout import DEFAULT_ALPHA, DEFAULT_BETA, read_dimensions
 
         self.doctors = list(args.doctor)
         self.dimensions = read_dimensions(self.doctors, source="--doctor")
@@ -428,4 +439,4 @@ def _chat(args, generate, tokenizer, params, key, guidance: _Guidance | None) ->
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(command())
