@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from jaxalign.train.config import OptimizerConfig
@@ -39,8 +40,22 @@ def decay_weights(weight_decay: float, mask: bool = True) -> optax.GradientTrans
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
+    """``optax.clip_by_global_norm(max_norm)`` (the same arithmetic and ``EmptyState``) that reuses the norm a
+    caller already took: :class:`~jaxalign.train.TrainStep` passes ``grad_norm=`` (the norm it reports), so
+    the update does not read every gradient a second time (XLA does not merge the two reductions: the update
+    runs inside a conditional). Without ``grad_norm`` it takes the norm itself, as optax does."""
+    def update(updates, state, params=None, *, grad_norm=None, **extra_args):
+        del params, extra_args
+        norm = optax.tree.norm(updates) if grad_norm is None else grad_norm
+        below = jnp.squeeze(norm < max_norm)
+        return jax.tree.map(lambda t: jax.lax.select(below, t, (t / norm.astype(t.dtype)) * max_norm), updates), state
+
+    return optax.GradientTransformationExtraArgs(optax.init_empty_state, update)
+
+
 def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
-    """``clip_by_global_norm(max_grad_norm)`` then AdamW (or SGD with momentum) on the scheduled rate.
+    """:func:`clip_by_global_norm` at ``max_grad_norm``, then AdamW (or SGD with momentum) on the scheduled rate.
 
     Clipping comes first, on the gradient of the (accumulated) batch, as in transformers' Trainer and
     MaxText. Weight decay is decoupled (AdamW: ``optax.adamw``'s chain, ``-lr·(adam + wd·p)``) and applies
@@ -58,7 +73,7 @@ def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientT
         update = optax.chain(decay, optax.sgd(schedule, momentum=config.momentum or None))
     if config.max_grad_norm is None:
         return update
-    return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), update)
+    return optax.chain(clip_by_global_norm(config.max_grad_norm), update)
 
 
 def scale_updates_by_path(scales: dict[str, float]) -> optax.GradientTransformation:

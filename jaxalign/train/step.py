@@ -380,9 +380,13 @@ class TrainStep:
         loss = loss_sum / denominator
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # Optimizers that take extra arguments (optax.chain, make_optimizer's) get the norm: its clipping then
+        # reads no gradient a second time.
+        takes_extra_args = isinstance(self.optimizer, optax.GradientTransformationExtraArgs)
+        norm_given = {"grad_norm": grad_norm} if takes_extra_args else {}
 
         def skip(_):  # the schedule's counters advance all the same (see _keep_optimizer_state_if)
-            _, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+            _, opt_state = self.optimizer.update(grads, state.opt_state, state.params, **norm_given)
             return state.params, _keep_optimizer_state_if(False, opt_state, state.opt_state), state.model_state
 
         # ‖θ‖ and ‖Δθ‖ cost passes over every parameter. With the divergence guard the update is written once (behind
@@ -400,7 +404,7 @@ class TrainStep:
             from_parameters = self._ratio_from_parameters
 
             def update(_):
-                updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+                updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params, **norm_given)
                 norm = jnp.zeros((), F32) if from_parameters else optax.tree.norm(updates)
                 return optax.apply_updates(state.params, updates), opt_state, model_state, norm
 
@@ -413,7 +417,7 @@ class TrainStep:
             update_ratio = _ratio(update_norm, param_norm)
             diverging = jnp.zeros((), bool)
         else:  # the divergence guard needs the update's size before it decides
-            updates, new_opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+            updates, new_opt_state = self.optimizer.update(grads, state.opt_state, state.params, **norm_given)
             updates = jax.lax.optimization_barrier(updates)  # written once, read by the norm and by the update
             update_ratio = _ratio(optax.tree.norm(updates), param_norm)
             diverging = finite & ~(update_ratio <= self.max_update_ratio)

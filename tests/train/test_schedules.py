@@ -11,7 +11,7 @@ import optax
 import pytest
 
 from jaxalign.train import OptimizerConfig, make_optimizer, make_schedule
-from jaxalign.train.optimizer import weight_decay_mask
+from jaxalign.train.optimizer import clip_by_global_norm, weight_decay_mask
 
 TOTAL = 10
 # Peak 1, two warm-up steps (rates 0 and 1/2), then 8 decay steps: progress p = (s - 2) / 8.
@@ -189,3 +189,22 @@ def test_masked_decay_keeps_the_optimizer_state_of_unmasked_decay(name):
         expected, theirs = unmasked.update(grads, theirs, params)
         got, mine = everything.update(grads, mine, params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), got, expected)
+
+
+def test_clipping_matches_optax_and_reuses_a_given_norm():
+    """make_optimizer's clipping is optax.clip_by_global_norm's arithmetic; given ``grad_norm`` (as TrainStep
+    passes it) it uses that norm instead of taking its own."""
+    grads = {"a": jnp.array([3.0, 4.0]), "b": {"c": jnp.array([[12.0]])}}  # global norm 13
+    ours, theirs = clip_by_global_norm(1.0), optax.clip_by_global_norm(1.0)
+    expected, _ = theirs.update(grads, theirs.init(grads))
+    for extra in ({}, {"grad_norm": jnp.float32(13.0)}):
+        got, state = ours.update(grads, ours.init(grads), **extra)
+        jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), got, expected)
+        assert state == theirs.init(grads)
+    halved, _ = ours.update(grads, ours.init(grads), grad_norm=jnp.float32(26.0))
+    np.testing.assert_allclose(halved["a"], np.array([3.0, 4.0]) / 26.0, rtol=1e-6)
+    below, _ = ours.update(grads, ours.init(grads), grad_norm=jnp.float32(0.5))  # under max_norm: unchanged
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), below, grads)
+    chained = make_optimizer(OptimizerConfig(name="sgd", learning_rate=1.0, max_grad_norm=1.0), total_steps=1)
+    step, _ = chained.update(grads, chained.init(grads), grads, grad_norm=jnp.float32(26.0))
+    np.testing.assert_allclose(step["a"], -np.array([3.0, 4.0]) / 26.0, rtol=1e-6)
