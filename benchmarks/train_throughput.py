@@ -30,8 +30,11 @@ What runs, per method (DPO, then SFT), in ONE process on ONE machine:
 By default the two sides alternate step by step (TRL's loop runs one jaxalign step inside its callback after
 each of its own steps), so load from other users of a shared machine hits both alike. ``--order blocks`` runs
 all of jaxalign's steps, then all of the other side's: each framework as its users run it, alone in the
-process's time (on 2 CPU cores the step-by-step order made jaxalign's DPO step 10 % slower and TRL's no slower,
-docs/offline-trainers.md#measured); the JSON records the order. The first ``--warmup`` steps of each side
+process's time; the JSON records the order. In both orders every timed step starts on a trimmed heap: before it,
+the memory the process freed goes back to the kernel (glibc's ``malloc_trim``). Without that, a step ran in the
+blocks the other framework had just freed: on 2 AMD EPYC cores jaxalign's DPO step took 7.0-7.7 s right after a
+PyTorch step and 5.9-6.3 s alone or after a trim, while TRL's took 9.7 s after jaxalign's and about 12 s alone
+(docs/offline-trainers.md#measured). The first ``--warmup`` steps of each side
 (jaxalign's first one includes compilation) are dropped; the reported step time is the median of the next
 ``--steps``.
 
@@ -536,9 +539,29 @@ def _version(package: str) -> str:
 # --------------------------------------------------------------------------------------------- runs
 
 
+def trim_heap() -> None:
+    """Give the memory this process freed back to the kernel (glibc), so that the next step allocates afresh
+    rather than in whatever blocks the previous step (of either framework) left behind."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _glibc():
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _glibc()
+
+
 def run_method(method: str, jax_side: JaxalignSide, torch_side, total: int, order: str = "interleaved") -> None:
     """``total`` steps of each side with a progress bar: alternating step by step (``interleaved``), or all of
-    jaxalign's, then all of the other side's (``blocks``)."""
+    jaxalign's, then all of the other side's (``blocks``); each step after :func:`trim_heap` (untimed)."""
     bar = tqdm(total=2 * total, unit="step", desc=f"{method.upper()} steps (jaxalign + {torch_side.name}, {order})",
                dynamic_ncols=True)
 
@@ -548,17 +571,20 @@ def run_method(method: str, jax_side: JaxalignSide, torch_side, total: int, orde
         bar.update()
 
     def ours():
+        trim_heap()
         jax_side.step()
         show()
 
-    def after_torch_step():
+    def after_torch_step():  # TRL's next step begins when this returns
         show()
         if order == "interleaved":
             ours()
+        trim_heap()
 
     if order == "blocks":
         for _ in range(total):
             ours()
+    trim_heap()
     if isinstance(torch_side, TRLSide):
         torch_side.run(between=after_torch_step)
     else:
