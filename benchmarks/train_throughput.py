@@ -30,13 +30,14 @@ What runs, per method (DPO, then SFT), in ONE process on ONE machine:
 By default the two sides alternate step by step (TRL's loop runs one jaxalign step inside its callback after
 each of its own steps), so load from other users of a shared machine hits both alike. ``--order blocks`` runs
 all of jaxalign's steps, then all of the other side's: each framework as its users run it, alone in the
-process's time; the JSON records the order. In both orders every timed step starts on a trimmed heap: before it,
-the memory the process freed goes back to the kernel (glibc's ``malloc_trim``). Without that, a step ran in the
-blocks the other framework had just freed: on 2 AMD EPYC cores jaxalign's DPO step took 7.0-7.7 s right after a
-PyTorch step and 5.9-6.3 s alone or after a trim, while TRL's took 9.7 s after jaxalign's and about 12 s alone
-(docs/offline-trainers.md#measured). The first ``--warmup`` steps of each side
-(jaxalign's first one includes compilation) are dropped; the reported step time is the median of the next
-``--steps``.
+process's time; the JSON records the order. Interleaved, jaxalign's steps start on a trimmed heap: before each,
+the memory the process freed goes back to the kernel (glibc's ``malloc_trim``), as none is left over from a
+PyTorch step when jaxalign runs alone. Without that, on 2 AMD EPYC cores, its DPO step took 7.0-7.7 s right after
+a PyTorch step and 5.9-6.3 s alone or after a trim. TRL's steps are not trimmed before: a trim cost its SFT step
+a third (4.6 against 3.4 s in blocks), while running after jaxalign's step costs it nothing (its DPO step 9.7 s
+there, 10.1-12 s alone; docs/offline-trainers.md#measured). In blocks nothing is trimmed. The first
+``--warmup`` steps of each side (jaxalign's first one includes compilation) are dropped; the reported step time
+is the median of the next ``--steps``.
 
 Data: four chat records (user prompt, chosen and rejected assistant reply), rendered with SmolLM2's chat
 template (the system prompt it adds included) into sequences of about 117 tokens (107 to 125), tokenised
@@ -561,7 +562,7 @@ _LIBC = _glibc()
 
 def run_method(method: str, jax_side: JaxalignSide, torch_side, total: int, order: str = "interleaved") -> None:
     """``total`` steps of each side with a progress bar: alternating step by step (``interleaved``), or all of
-    jaxalign's, then all of the other side's (``blocks``); each step after :func:`trim_heap` (untimed)."""
+    jaxalign's, then all of the other side's (``blocks``); interleaved, jaxalign's steps after :func:`trim_heap`."""
     bar = tqdm(total=2 * total, unit="step", desc=f"{method.upper()} steps (jaxalign + {torch_side.name}, {order})",
                dynamic_ncols=True)
 
@@ -570,21 +571,21 @@ def run_method(method: str, jax_side: JaxalignSide, torch_side, total: int, orde
                         torch=f"{torch_side.times[-1]:.2f}s" if torch_side.times else "-")
         bar.update()
 
+    trim = trim_heap if order == "interleaved" else (lambda: None)
+
     def ours():
-        trim_heap()
+        trim()
         jax_side.step()
         show()
 
-    def after_torch_step():  # TRL's next step begins when this returns
+    def after_torch_step():
         show()
         if order == "interleaved":
             ours()
-        trim_heap()
 
     if order == "blocks":
         for _ in range(total):
             ours()
-    trim_heap()
     if isinstance(torch_side, TRLSide):
         torch_side.run(between=after_torch_step)
     else:
@@ -970,6 +971,7 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
         "matmul_flop_per_s_before": ceilings_before, "matmul_flop_per_s_after": ceilings_after,
         "peak_flop_per_s": peak, "jaxalign_load_s": jax_load_s, "torch_export_and_load_s": torch_load_s,
         "jaxalign_layout": args.jaxalign_layout, "jaxalign_remat": args.remat,
+        "heap_trimmed_before_jaxalign_steps": args.order == "interleaved" and _LIBC is not None,
         "flop_formula": "forward = 2*(N_mm - d*V)*trunk tokens + 2*d*V*LM-head positions + 4*L*H*Dh*visible "
                         "query-key pairs; SFT = 3x forward, DPO = 4x (policy fwd+bwd + reference fwd); real "
                         "tokens only. Plain rows (TRL): F(n) = 2*N_mm*n + 2*L*H*Dh*n*(n+1) a sequence; "
