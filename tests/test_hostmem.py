@@ -14,8 +14,8 @@ import pytest
 from jaxalign import hostmem
 
 ROOT = Path(__file__).resolve().parents[1]
-SUPPORTED = hostmem.tuned_environment({}) is not None  # Linux, glibc >= 2.35, THP not "never"
-needs_support = pytest.mark.skipif(not SUPPORTED, reason="no glibc >= 2.35 with transparent huge pages here")
+SUPPORTED = hostmem.tuned_environment({}) is not None  # Linux, glibc >= 2.35, huge pages in "madvise" mode
+needs_support = pytest.mark.skipif(not SUPPORTED, reason="no glibc >= 2.35 with madvise-mode huge pages here")
 
 # A child that calls use_transparent_huge_pages(), counts its executions in a file, then reports its tunables and
 # how much of a fresh 64 MiB malloc block the kernel backs with huge pages (KiB; numpy is not used: it madvises
@@ -38,7 +38,8 @@ CHILD = textwrap.dedent("""
 
 def run_child(tmp_path: Path, **environ: str) -> tuple[int, list[str]]:
     runs = tmp_path / "runs.txt"
-    env = {key: value for key, value in os.environ.items() if key not in ("GLIBC_TUNABLES", hostmem.OPT_OUT)}
+    inherited = ("GLIBC_TUNABLES", hostmem.OPT_OUT, hostmem.REEXECUTED)
+    env = {key: value for key, value in os.environ.items() if key not in inherited}
     env |= {"PYTHONPATH": str(ROOT)} | environ
     out = subprocess.run([sys.executable, "-c", CHILD, str(runs), "an argument"], env=env, capture_output=True,
                          text=True, timeout=60, check=True)
@@ -49,25 +50,36 @@ def test_tuned_environment_adds_the_tunable_once_and_keeps_the_others():
     if not SUPPORTED:
         assert hostmem.tuned_environment({"PATH": "/bin"}) is None
         return
-    assert hostmem.tuned_environment({"PATH": "/bin"}) == {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    assert hostmem.tuned_environment({"PATH": "/bin"}) == {
+        "PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1", hostmem.REEXECUTED: "1"}
     assert hostmem.tuned_environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})["GLIBC_TUNABLES"] == (
         "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1")
     assert hostmem.tuned_environment({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) is None  # the user's choice
     assert hostmem.tuned_environment({hostmem.OPT_OUT: "0"}) is None
+    # Once re-executed, never again, even where glibc dropped the tunable (secure-execution processes).
+    assert hostmem.tuned_environment({hostmem.REEXECUTED: "1"}) is None
 
 
-def test_nothing_changes_without_glibc_or_huge_pages(monkeypatch, tmp_path):
-    monkeypatch.setattr(hostmem, "_glibc_version", lambda: None)
-    assert hostmem.tuned_environment({}) is None
-    monkeypatch.setattr(hostmem, "_glibc_version", lambda: (2, 31))
-    assert hostmem.tuned_environment({}) is None
+def test_only_glibc_with_huge_pages_on_request_is_tuned(monkeypatch, tmp_path):
+    mode = tmp_path / "enabled"
+    monkeypatch.setattr(hostmem, "THP_MODE", mode)
+    monkeypatch.setattr(hostmem.sys, "platform", "linux")
     monkeypatch.setattr(hostmem, "_glibc_version", lambda: (2, 36))
-    never = tmp_path / "enabled"
-    never.write_text("always madvise [never]\n")
-    monkeypatch.setattr(hostmem, "THP_MODE", never)
+    mode.write_text("always [madvise] never\n")
+    assert hostmem.tuned_environment({})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+    for kernel_mode in ("[always] madvise never\n", "always madvise [never]\n"):
+        mode.write_text(kernel_mode)
+        assert hostmem.tuned_environment({}) is None, kernel_mode
+    mode.unlink()
     assert hostmem.tuned_environment({}) is None
-    monkeypatch.setattr(hostmem, "THP_MODE", tmp_path / "absent")
-    assert hostmem.tuned_environment({}) is None
+    mode.write_text("always [madvise] never\n")
+    for version in (None, (2, 31)):
+        monkeypatch.setattr(hostmem, "_glibc_version", lambda version=version: version)
+        assert hostmem.tuned_environment({}) is None, version
+
+
+def test_the_console_script_is_the_re_executing_command():
+    assert 'jaxalign = "jaxalign.cli:command"' in (ROOT / "pyproject.toml").read_text()
 
 
 @needs_support

@@ -40,22 +40,36 @@ def decay_weights(weight_decay: float, mask: bool = True) -> optax.GradientTrans
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
-    """``optax.clip_by_global_norm(max_norm)`` (the same arithmetic and ``EmptyState``) that reuses the norm a
-    caller already took: :class:`~jaxalign.train.TrainStep` passes ``grad_norm=`` (the norm it reports), so
-    the update does not read every gradient a second time (XLA does not merge the two reductions: the update
-    runs inside a conditional). Without ``grad_norm`` it takes the norm itself, as optax does."""
-    def update(updates, state, params=None, *, grad_norm=None, **extra_args):
-        del params, extra_args
-        norm = optax.tree.norm(updates) if grad_norm is None else grad_norm
-        below = jnp.squeeze(norm < max_norm)
-        return jax.tree.map(lambda t: jax.lax.select(below, t, (t / norm.astype(t.dtype)) * max_norm), updates), state
+class ClippedOptimizer(optax.GradientTransformationExtraArgs):
+    """What :func:`make_optimizer` returns when it clips: optax's ``chain(clip_by_global_norm(max_norm), rest)``
+    (the same state, the same arithmetic) whose update also takes ``grad_norm=``, the global norm of the
+    gradients it is given, and clips with it instead of reading every gradient a second time.
 
-    return optax.GradientTransformationExtraArgs(optax.init_empty_state, update)
+    :class:`~jaxalign.train.TrainStep` passes the norm it reports only to optimizers of this type: wrapped in
+    anything that changes the gradients first (``optax.MultiSteps``, another ``chain`` link before it, a mask),
+    the norm it was given would be another tree's, so a wrapped one takes its own, as optax does. XLA does not
+    merge the two reductions itself: the update runs inside a conditional."""
+
+
+def _clipped(max_norm: float, rest: optax.GradientTransformationExtraArgs) -> ClippedOptimizer:
+    def init(params):
+        return optax.EmptyState(), rest.init(params)  # optax.chain's state: one entry per link
+
+    def update(updates, state, params=None, *, grad_norm=None, **extra_args):
+        clip_state, rest_state = state
+        norm = optax.tree.norm(updates) if grad_norm is None else grad_norm
+        # optax.clip_by_global_norm's own expression, so the numbers are the same as chaining it
+        below = jnp.squeeze(norm < max_norm)
+        updates = jax.tree.map(lambda t: jax.lax.select(below, t, (t / norm.astype(t.dtype)) * max_norm), updates)
+        updates, rest_state = rest.update(updates, rest_state, params, **extra_args)
+        return updates, (clip_state, rest_state)
+
+    return ClippedOptimizer(init, update)
 
 
 def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
-    """:func:`clip_by_global_norm` at ``max_grad_norm``, then AdamW (or SGD with momentum) on the scheduled rate.
+    """``clip_by_global_norm(max_grad_norm)`` (a :class:`ClippedOptimizer`), then AdamW (or SGD with momentum)
+    on the scheduled rate.
 
     Clipping comes first, on the gradient of the (accumulated) batch, as in transformers' Trainer and
     MaxText. Weight decay is decoupled (AdamW: ``optax.adamw``'s chain, ``-lr·(adam + wd·p)``) and applies
@@ -73,7 +87,7 @@ def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientT
         update = optax.chain(decay, optax.sgd(schedule, momentum=config.momentum or None))
     if config.max_grad_norm is None:
         return update
-    return optax.chain(clip_by_global_norm(config.max_grad_norm), update)
+    return _clipped(config.max_grad_norm, update)
 
 
 def scale_updates_by_path(scales: dict[str, float]) -> optax.GradientTransformation:

@@ -52,6 +52,7 @@ from jaxalign.train.mesh import (
     shard_batch,
     single_device_mesh,
 )
+from jaxalign.train.optimizer import ClippedOptimizer
 from jaxalign.train.state import TrainState
 
 F32 = jnp.float32
@@ -380,10 +381,9 @@ class TrainStep:
         loss = loss_sum / denominator
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        # Optimizers that take extra arguments (optax.chain, make_optimizer's) get the norm: its clipping then
-        # reads no gradient a second time.
-        takes_extra_args = isinstance(self.optimizer, optax.GradientTransformationExtraArgs)
-        norm_given = {"grad_norm": grad_norm} if takes_extra_args else {}
+        # make_optimizer's clipping takes the norm rather than reading every gradient a second time; any other
+        # optimizer (a wrapped one included) computes what it needs itself.
+        norm_given = {"grad_norm": grad_norm} if isinstance(self.optimizer, ClippedOptimizer) else {}
 
         def skip(_):  # the schedule's counters advance all the same (see _keep_optimizer_state_if)
             _, opt_state = self.optimizer.update(grads, state.opt_state, state.params, **norm_given)

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 from jaxalign.train import OptimizerConfig, make_optimizer, make_schedule
-from jaxalign.train.optimizer import clip_by_global_norm, weight_decay_mask
+from jaxalign.train.optimizer import ClippedOptimizer, weight_decay_mask
 
 TOTAL = 10
 # Peak 1, two warm-up steps (rates 0 and 1/2), then 8 decay steps: progress p = (s - 2) / 8.
@@ -192,19 +192,40 @@ def test_masked_decay_keeps_the_optimizer_state_of_unmasked_decay(name):
 
 
 def test_clipping_matches_optax_and_reuses_a_given_norm():
-    """make_optimizer's clipping is optax.clip_by_global_norm's arithmetic; given ``grad_norm`` (as TrainStep
-    passes it) it uses that norm instead of taking its own."""
+    """make_optimizer's clipping is optax's chain(clip_by_global_norm, ...) (state and numbers); given
+    ``grad_norm`` (as TrainStep passes it) it clips with that norm and does not pass it on."""
     grads = {"a": jnp.array([3.0, 4.0]), "b": {"c": jnp.array([[12.0]])}}  # global norm 13
-    ours, theirs = clip_by_global_norm(1.0), optax.clip_by_global_norm(1.0)
-    expected, _ = theirs.update(grads, theirs.init(grads))
+    config = OptimizerConfig(name="sgd", learning_rate=1.0, max_grad_norm=1.0)
+    ours = make_optimizer(config, total_steps=1)
+    # make_optimizer's chain before ClippedOptimizer (no decay: identity): checkpoints of either restore
+    theirs = optax.chain(optax.clip_by_global_norm(1.0),
+                         optax.chain(optax.identity(), optax.sgd(make_schedule(config, 1))))
+    assert isinstance(ours, ClippedOptimizer)
+    assert jax.tree.structure(ours.init(grads)) == jax.tree.structure(theirs.init(grads))
+    expected, _ = theirs.update(grads, theirs.init(grads), grads)
     for extra in ({}, {"grad_norm": jnp.float32(13.0)}):
-        got, state = ours.update(grads, ours.init(grads), **extra)
+        got, _ = ours.update(grads, ours.init(grads), grads, **extra)
         jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), got, expected)
-        assert state == theirs.init(grads)
-    halved, _ = ours.update(grads, ours.init(grads), grad_norm=jnp.float32(26.0))
-    np.testing.assert_allclose(halved["a"], np.array([3.0, 4.0]) / 26.0, rtol=1e-6)
-    below, _ = ours.update(grads, ours.init(grads), grad_norm=jnp.float32(0.5))  # under max_norm: unchanged
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), below, grads)
-    chained = make_optimizer(OptimizerConfig(name="sgd", learning_rate=1.0, max_grad_norm=1.0), total_steps=1)
-    step, _ = chained.update(grads, chained.init(grads), grads, grad_norm=jnp.float32(26.0))
-    np.testing.assert_allclose(step["a"], -np.array([3.0, 4.0]) / 26.0, rtol=1e-6)
+    halved, _ = ours.update(grads, ours.init(grads), grads, grad_norm=jnp.float32(26.0))
+    np.testing.assert_allclose(halved["a"], -np.array([3.0, 4.0]) / 26.0, rtol=1e-6)
+    below, _ = ours.update(grads, ours.init(grads), grads, grad_norm=jnp.float32(0.5))  # under max_norm: unclipped
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, -b, rtol=1e-6), below, grads)
+
+
+def test_only_make_optimizers_own_clipping_is_given_the_norm():
+    """Wrapped (here in MultiSteps, which forwards extra arguments to what it wraps), the optimizer sees another
+    tree than the step's gradients; TrainStep gives the norm to ClippedOptimizer only."""
+    from jaxalign.train import TrainStep
+    from tests.train.tiny import BATCH, make_batch, sft_objective, tiny_model
+
+    config = OptimizerConfig(name="sgd", learning_rate=0.5, max_grad_norm=1e-3)
+    wrapped = optax.MultiSteps(make_optimizer(config, total_steps=4), every_k_schedule=1).gradient_transformation()
+    assert not isinstance(wrapped, ClippedOptimizer)
+    batch = make_batch(np.random.default_rng(0), BATCH)
+    results = []
+    for optimizer in (make_optimizer(config, total_steps=4), wrapped):
+        step = TrainStep(sft_objective, tiny_model(), optimizer)
+        state, metrics = step(step.init(seed=0), batch)
+        results.append((state.params, float(metrics["update_ratio"])))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), results[0][0], results[1][0])
+    assert results[0][1] == pytest.approx(results[1][1], rel=1e-5)
