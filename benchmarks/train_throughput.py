@@ -33,9 +33,9 @@ all of jaxalign's steps, then all of the other side's: each framework as its use
 process's time; the JSON records the order. Interleaved, jaxalign's steps start on a trimmed heap: before each,
 the memory the process freed goes back to the kernel (glibc's ``malloc_trim``), as none is left over from a
 PyTorch step when jaxalign runs alone. Without that, on 2 AMD EPYC cores, its DPO step took 7.0-7.7 s right after
-a PyTorch step and 5.9-6.3 s alone or after a trim. TRL's steps are not trimmed before: a trim cost its SFT step
-a third (4.6 against 3.4 s in blocks), while running after jaxalign's step costs it nothing (its DPO step 9.7 s
-there, 10.1-12 s alone; docs/offline-trainers.md#measured). In blocks nothing is trimmed. The first
+a PyTorch step and 5.9-6.3 s alone or after a trim. TRL's steps are not trimmed before: a trim before each made
+its SFT step 4.6 s instead of 3.4 s in blocks. The trim is one-sided, then: TRL's steps run in what jaxalign's
+freed (docs/offline-trainers.md#measured compares the two orders). In blocks nothing is trimmed. The first
 ``--warmup`` steps of each side (jaxalign's first one includes compilation) are dropped; the reported step time
 is the median of the next ``--steps``.
 
