@@ -57,10 +57,13 @@ def _clipped(max_norm: float, rest: optax.GradientTransformationExtraArgs) -> Cl
 
     def update(updates, state, params=None, *, grad_norm=None, **extra_args):
         clip_state, rest_state = state
-        norm = optax.tree.norm(updates) if grad_norm is None else grad_norm
-        # optax.clip_by_global_norm's own expression, so the numbers are the same as chaining it
-        below = jnp.squeeze(norm < max_norm)
-        updates = jax.tree.map(lambda t: jax.lax.select(below, t, (t / norm.astype(t.dtype)) * max_norm), updates)
+        norm = jnp.squeeze(optax.tree.norm(updates) if grad_norm is None else grad_norm)
+        # One scalar factor (exactly 1 below max_norm). optax.clip_by_global_norm selects between ``t`` and
+        # ``(t / norm) * max_norm``; XLA:CPU does not copy a division into the two moments' passes that read
+        # the gradient, so it wrote ``t / norm`` out as a pass of its own and both moments read two arrays
+        # where a multiply by a scalar fuses into each. Clipped values differ from optax's by float rounding.
+        factor = jnp.where(norm < max_norm, jnp.ones_like(norm), max_norm / norm)
+        updates = jax.tree.map(lambda t: t * factor.astype(t.dtype), updates)
         updates, rest_state = rest.update(updates, rest_state, params, **extra_args)
         return updates, (clip_state, rest_state)
 
