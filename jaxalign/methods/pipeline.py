@@ -111,7 +111,7 @@ def run(config: RunConfig, *, overwrite: bool = False) -> RunResult:
         if config.method == "tfpo" and config.doctor.value_lr_scale != 1.0:
             update_scales = {"value_head": config.doctor.value_lr_scale}
         trainer = Trainer(config.train, model, objective, batches, references=references, trainable=trainable,
-                          extra_metadata={"run": config.to_dict()}, update_scales=update_scales)
+                          extra_metadata=config.checkpoint_metadata(), update_scales=update_scales)
         trainer.run()
         model = trainer.trained_model()
 

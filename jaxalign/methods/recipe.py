@@ -240,6 +240,12 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def checkpoint_metadata(self) -> dict[str, Any]:
+        """What the run records in its checkpoints besides the train config (``Trainer(extra_metadata=)``): the
+        run config without its ``train`` section, which every checkpoint already holds (resolved) as its
+        ``config``. A resume then warns of a changed train setting once, not twice."""
+        return {"run": {key: value for key, value in self.to_dict().items() if key != "train"}}
+
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], where: str = "config") -> RunConfig:
         """Build from nested dicts (YAML); unknown or missing keys raise ``ValueError`` naming them."""

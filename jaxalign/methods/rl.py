@@ -98,7 +98,7 @@ def run_online(config: RunConfig, *, overwrite: bool = False) -> common.RunResul
                       f"{config.data.batch_size} and are not trained on; make the prompt count a multiple of "
                       "data.batch_size", stacklevel=2)
     trainer_args = dict(reward=reward, tokenizer=tokenizer, sampling=sampling, reference=reference, gold=gold,
-                  extra_metadata={"run": config.to_dict()})
+                  extra_metadata=config.checkpoint_metadata())
     if config.method == "ppo":
         trainer = PPOTrainer(config.train, config.loss, policy, prompts, **trainer_args)
     else:

@@ -112,6 +112,8 @@ def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
 # What a resume compares between the checkpoint's run metadata and this run's, and how the warning labels each
 # section's keys. Versions and devices are left out: a resume on a newer jax or another mesh is expected.
 _COMPARED_SECTIONS = {"config": "", "model_config": "model ", "extra": "extra "}
+# Train-config keys that say how this run starts, not what it trains: a resumed run sets them by definition.
+_HOW_A_RUN_STARTS = frozenset({"checkpoint.resume"})
 
 
 def _resume_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> str:
@@ -119,12 +121,13 @@ def _resume_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> str
     model ['remat'], extra ['run.loss.beta']"`` (the train config's keys unlabelled), or ``""`` when none.
 
     ``current`` goes through JSON first, as the checkpoint stored it, so that a tuple compares equal to the list
-    it was read back as.
+    it was read back as. ``checkpoint.resume`` is not a change: a resume sets it.
     """
     current = json.loads(json.dumps({section: current.get(section) for section in _COMPARED_SECTIONS}))
     parts = []
     for section, label in _COMPARED_SECTIONS.items():
-        changed = _changed_keys(saved.get(section), current[section])
+        changed = [key for key in _changed_keys(saved.get(section), current[section])
+                   if not (section == "config" and key in _HOW_A_RUN_STARTS)]
         if changed:
             parts.append(f"{label}{changed}")
     return ", ".join(parts)

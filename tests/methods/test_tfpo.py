@@ -228,7 +228,7 @@ def test_a_resumed_run_equals_the_straight_run(straight, checkpoint, pairs_file,
     common = (f"eval_data.source={pairs_file}", "eval_data.batch_size=6", "eval_data.max_length=32")
     pipeline.run(run_config(checkpoint, pairs_file, out, "train.total_steps=2", *common))
     assert len(metrics(out)) == 2
-    with pytest.warns(UserWarning, match=r"resuming step 2 with a config that differs in \['total_steps'\]"):
+    with pytest.warns(UserWarning, match=r"resuming step 2 with a config that differs in \['total_steps'\]$"):
         resumed = pipeline.run(run_config(checkpoint, pairs_file, out, *common))
     assert [r["loss"] for r in metrics(out)] == [r["loss"] for r in metrics(Path(straight.config.output_dir))]
     expected = params(straight.model)
