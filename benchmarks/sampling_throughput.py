@@ -46,6 +46,7 @@ other than smollm2-135m, ``_bf16`` with ``--dtype bfloat16`` and ``_b<batch>`` f
 appended, and with matplotlib installed a PNG chart of the same name.
 """
 
+# ruff: noqa: E402  (JAX and jaxalign are imported after the huge-pages re-execution)
 from __future__ import annotations
 
 import argparse
@@ -61,6 +62,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from jaxalign.hostmem import use_transparent_huge_pages
+
+if __name__ == "__main__":  # before JAX loads (jaxalign.hostmem re-executes once): both sides get huge pages
+    use_transparent_huge_pages()
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -69,7 +75,6 @@ from flax import nnx
 from jax import monitoring
 from model_shapes import LLAMA_1B, SMOLLM2_135M  # benchmarks/model_shapes.py, beside this file
 
-from jaxalign.hostmem import use_transparent_huge_pages
 from jaxalign.losses import token_logps
 from jaxalign.models import LlamaForCausalLM, ModelConfig, default_model_path, load_gguf, load_hf, save_hf
 from jaxalign.rollout import Rollout, Sampler, SamplingParams, filtered_logprobs
@@ -466,5 +471,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    use_transparent_huge_pages()  # as jaxalign's commands run (jaxalign.hostmem); both sides get it
     main()

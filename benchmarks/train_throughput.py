@@ -115,6 +115,11 @@ from pathlib import Path
 # little to the PyTorch side of the same process.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
+from jaxalign.hostmem import use_transparent_huge_pages  # noqa: E402
+
+if __name__ == "__main__":  # before JAX loads (jaxalign.hostmem re-executes once); both sides get huge pages
+    use_transparent_huge_pages()
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -124,7 +129,6 @@ from model_shapes import SHAPES  # noqa: E402  (benchmarks/model_shapes.py, besi
 from tqdm.auto import tqdm  # noqa: E402
 
 from jaxalign import models  # noqa: E402
-from jaxalign.hostmem import use_transparent_huge_pages  # noqa: E402
 from jaxalign.methods.common import sequence_logps  # noqa: E402
 from jaxalign.methods.dpo import dpo_objective  # noqa: E402
 from jaxalign.methods.recipe import ModelSpec  # noqa: E402
@@ -1008,5 +1012,4 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
 
 
 if __name__ == "__main__":
-    use_transparent_huge_pages()  # as jaxalign's commands run (jaxalign.hostmem); both sides get it
     main()

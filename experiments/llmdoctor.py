@@ -51,6 +51,7 @@ Overrides go to a stage's run config: ``tfpo.train.total_steps=16``, ``genarm.lo
 ``distill.train.optimizer.learning_rate=3e-4``.
 """
 
+# ruff: noqa: E402  (JAX and jaxalign are imported after the huge-pages re-execution)
 from __future__ import annotations
 
 import argparse
@@ -61,6 +62,11 @@ import sys
 import time
 from pathlib import Path
 
+from jaxalign.hostmem import use_transparent_huge_pages
+
+if __name__ == "__main__":  # before JAX loads (jaxalign.hostmem re-executes once): the new process imports it once
+    use_transparent_huge_pages()
+
 import jax
 import numpy as np
 from tqdm.auto import tqdm
@@ -69,7 +75,6 @@ from experiments import sentiment as main_job
 from jaxalign import data as jdata
 from jaxalign import eval as jeval
 from jaxalign import models
-from jaxalign.hostmem import use_transparent_huge_pages
 from jaxalign.methods import common, pipeline, recipe, tfpo
 from jaxalign.rollout import ArgsSampler, GuidedSampler, Sampler, SamplingParams
 
@@ -661,5 +666,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    use_transparent_huge_pages()  # re-executes once (jaxalign.hostmem)
     sys.exit(main())

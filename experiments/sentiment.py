@@ -32,6 +32,7 @@ Overrides (``dpo.train.total_steps=40``, ``reward.loss.center_coef=0.01``) go to
 and ``dpo`` sections of the preset).
 """
 
+# ruff: noqa: E402  (JAX and jaxalign are imported after the huge-pages re-execution)
 from __future__ import annotations
 
 import argparse
@@ -40,13 +41,17 @@ import sys
 import time
 from pathlib import Path
 
+from jaxalign.hostmem import use_transparent_huge_pages
+
+if __name__ == "__main__":  # before JAX loads (jaxalign.hostmem re-executes once): the new process imports it once
+    use_transparent_huge_pages()
+
 import jax
 import numpy as np
 from tqdm.auto import tqdm
 
 from jaxalign import eval as jeval
 from jaxalign import models
-from jaxalign.hostmem import use_transparent_huge_pages
 from jaxalign.methods import common, pipeline, recipe
 from jaxalign.rollout import Sampler, SamplingParams
 
@@ -347,5 +352,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    use_transparent_huge_pages()  # re-executes once (jaxalign.hostmem)
     sys.exit(main())

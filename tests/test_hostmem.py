@@ -94,3 +94,17 @@ def test_opting_out_runs_once_on_small_pages(tmp_path):
     runs, (tunables, huge_kib, argument) = run_child(tmp_path, **{hostmem.OPT_OUT: "0"})
     assert runs == 1 and tunables == "" and argument == "an argument"
     assert int(huge_kib) < 32 * 1024
+
+
+@needs_support
+@pytest.mark.parametrize("module", ["experiments.sentiment", "experiments.llmdoctor"])
+def test_the_main_jobs_re_execute_before_jax_loads(module):
+    """The re-executed process is the one that imports JAX: each of the two processes' import lists (Python's
+    ``-X importtime``, which the re-execution keeps) holds jax once in all, not once per process."""
+    inherited = ("GLIBC_TUNABLES", hostmem.OPT_OUT, hostmem.REEXECUTED)
+    env = {key: value for key, value in os.environ.items() if key not in inherited} | {"PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", module, "--help"], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=120, check=True)
+    imported = [line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")]
+    assert imported.count("jaxalign.hostmem") == 2  # both processes ran: the re-execution happened
+    assert imported.count("jax") == 1
