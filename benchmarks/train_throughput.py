@@ -148,9 +148,8 @@ H100_BF16_DENSE_TFLOPS = 989.0
 # (the committed ones are measurements) unless --output-dir asks for one.
 MEASURED_STEPS = 3
 
-# Architectures for --random-weights (benchmarks/model_shapes.py): smollm2-135m is the embedded model's shape,
-# llama-1b is Llama 3.2 1B's.
-CONFIGS = SHAPES
+# SHAPES (benchmarks/model_shapes.py) are the architectures for --random-weights: smollm2-135m is the embedded
+# model's shape, llama-1b is Llama 3.2 1B's.
 _SMOLLM2_VOCAB = SHAPES["smollm2-135m"].vocab_size
 
 # (user prompt, chosen reply, rejected reply): with SmolLM2's template, 107 to 125 tokens a sequence.
@@ -544,24 +543,24 @@ def _version(package: str) -> str:
 # --------------------------------------------------------------------------------------------- runs
 
 
-def trim_heap() -> None:
-    """Give the memory this process freed back to the kernel (glibc), so that the next step allocates afresh
-    rather than in whatever blocks the previous step (of either framework) left behind."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _glibc():
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None where the C library has none (musl, macOS)."""
     import ctypes
 
     try:
-        libc = ctypes.CDLL(None)
-        return libc if hasattr(libc, "malloc_trim") else None
+        return getattr(ctypes.CDLL(None), "malloc_trim", None)
     except OSError:
         return None
 
 
-_LIBC = _glibc()
+_MALLOC_TRIM = _malloc_trim()
+
+
+def trim_heap() -> None:
+    """Give the memory this process freed back to the kernel (glibc), so that the next step allocates afresh
+    rather than in whatever blocks the previous step (of either framework) left behind."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def run_method(method: str, jax_side: JaxalignSide, torch_side, total: int, order: str = "interleaved") -> None:
@@ -780,7 +779,7 @@ def parse_args() -> argparse.Namespace:
                         help="compute dtype; parameters and optimizer state stay float32 on both sides")
     parser.add_argument("--random-weights", action="store_true",
                         help="random weights of --config instead of the embedded SmolLM2-135M-Instruct GGUF")
-    parser.add_argument("--config", choices=sorted(CONFIGS), default="smollm2-135m")
+    parser.add_argument("--config", choices=sorted(SHAPES), default="smollm2-135m")
     parser.add_argument("--data", choices=("auto", "chat", "synthetic"), default="auto",
                         help="auto: the chat records when the GGUF tokenizer loads, else synthetic token ids")
     parser.add_argument("--synthetic-length", type=int, default=127,
@@ -877,7 +876,7 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
                     "sft": jaxalign_dataset(sft_records, tokenizer, args.max_length, workdir, "sft")}
         trl_records = {"dpo": pair_records, "sft": sft_records}
     else:
-        vocab = CONFIGS[args.config].vocab_size
+        vocab = SHAPES[args.config].vocab_size
         synthetic = synthetic_datasets(args.batch, vocab, args.seed, args.synthetic_length)
         datasets = dict(zip(("dpo", "sft"), synthetic, strict=True))
         trl_records = None
@@ -891,7 +890,7 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
 
     start = time.perf_counter()
     if args.random_weights:
-        config = CONFIGS[args.config].with_policy(param_dtype="float32", compute_dtype=args.dtype, remat=args.remat)
+        config = SHAPES[args.config].with_policy(param_dtype="float32", compute_dtype=args.dtype, remat=args.remat)
         model = models.LlamaForCausalLM(config, rngs=nnx.Rngs(args.seed))
         model_name = f"{args.config} (random weights)"
     else:
@@ -975,7 +974,7 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
         "matmul_flop_per_s_before": ceilings_before, "matmul_flop_per_s_after": ceilings_after,
         "peak_flop_per_s": peak, "jaxalign_load_s": jax_load_s, "torch_export_and_load_s": torch_load_s,
         "jaxalign_layout": args.jaxalign_layout, "jaxalign_remat": args.remat,
-        "heap_trimmed_before_jaxalign_steps": args.order == "interleaved" and _LIBC is not None,
+        "heap_trimmed_before_jaxalign_steps": args.order == "interleaved" and _MALLOC_TRIM is not None,
         "flop_formula": "forward = 2*(N_mm - d*V)*trunk tokens + 2*d*V*LM-head positions + 4*L*H*Dh*visible "
                         "query-key pairs; SFT = 3x forward, DPO = 4x (policy fwd+bwd + reference fwd); real "
                         "tokens only. Plain rows (TRL): F(n) = 2*N_mm*n + 2*L*H*Dh*n*(n+1) a sequence; "
