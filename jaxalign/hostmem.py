@@ -67,8 +67,9 @@ def tuned_environment(environ: dict[str, str] | None = None) -> dict[str, str] |
 def use_transparent_huge_pages() -> None:
     """Re-execute this process's command line with :data:`TUNABLE` set, unless that would change nothing.
 
-    Call it first thing in a command's ``main``: whatever ran before is run again. On success it does not
-    return; if the executable cannot be run again, the process goes on as it is.
+    Call it before the command imports JAX (as the experiments do, under ``if __name__ == "__main__":`` at the top
+    of the module): whatever ran before is run again. On success it does not return; if the executable cannot be
+    run again, the process goes on as it is.
     """
     environ = tuned_environment()
     from_stdin = sys.argv[0] in ("", "-")  # `python - < script.py`, or no script: nothing to run again

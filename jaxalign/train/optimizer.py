@@ -42,8 +42,9 @@ def decay_weights(weight_decay: float, mask: bool = True) -> optax.GradientTrans
 
 class ClippedOptimizer(optax.GradientTransformationExtraArgs):
     """What :func:`make_optimizer` returns when it clips: optax's ``chain(clip_by_global_norm(max_norm), rest)``
-    (the same state, the same arithmetic) whose update also takes ``grad_norm=``, the global norm of the
-    gradients it is given, and clips with it instead of reading every gradient a second time.
+    (the same state; the same numbers up to float rounding, as it multiplies by one scalar ``max_norm / norm``)
+    whose update also takes ``grad_norm=``, the global norm of the gradients it is given, and clips with it
+    instead of reading every gradient a second time.
 
     :class:`~jaxalign.train.TrainStep` passes the norm it reports only to optimizers of this type: wrapped in
     anything that changes the gradients first (``optax.MultiSteps``, another ``chain`` link before it, a mask),
@@ -57,13 +58,14 @@ def _clipped(max_norm: float, rest: optax.GradientTransformationExtraArgs) -> Cl
 
     def update(updates, state, params=None, *, grad_norm=None, **extra_args):
         clip_state, rest_state = state
-        norm = jnp.squeeze(optax.tree.norm(updates) if grad_norm is None else grad_norm)
+        norm = jnp.squeeze(optax.tree.norm(updates) if grad_norm is None else grad_norm).astype(jnp.float32)
         # One scalar factor (exactly 1 below max_norm). optax.clip_by_global_norm selects between ``t`` and
         # ``(t / norm) * max_norm``; XLA:CPU does not copy a division into the two moments' passes that read
         # the gradient, so it wrote ``t / norm`` out as a pass of its own and both moments read two arrays
-        # where a multiply by a scalar fuses into each. Clipped values differ from optax's by float rounding.
+        # where a multiply by a scalar fuses into each. Clipped values differ from optax's by float rounding: the
+        # factor is float32 and each product is rounded once, to the gradient's dtype.
         factor = jnp.where(norm < max_norm, jnp.ones_like(norm), max_norm / norm)
-        updates = jax.tree.map(lambda t: t * factor.astype(t.dtype), updates)
+        updates = jax.tree.map(lambda t: (t * factor).astype(t.dtype), updates)
         updates, rest_state = rest.update(updates, rest_state, params, **extra_args)
         return updates, (clip_state, rest_state)
 

@@ -116,6 +116,19 @@ _COMPARED_SECTIONS = {"config": "", "model_config": "model ", "extra": "extra "}
 _HOW_A_RUN_STARTS = frozenset({"checkpoint.resume"})
 
 
+def _without_the_old_train_copy(saved_extra: Any, current_extra: Any) -> Any:
+    """``saved_extra`` without ``run.train`` when this run records none: until commit 9ce7cb7 (2026-11-26) the
+    pipelines recorded their whole run config, a copy of the train config included, which is no setting the
+    resumed run changes."""
+    def run_of(extra):
+        run = extra.get("run") if isinstance(extra, Mapping) else None
+        return run if isinstance(run, Mapping) else {}
+
+    if "train" not in run_of(saved_extra) or "train" in run_of(current_extra):
+        return saved_extra
+    return {**saved_extra, "run": {key: value for key, value in run_of(saved_extra).items() if key != "train"}}
+
+
 def _resume_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> str:
     """The settings this run changes from the checkpoint's, as the warning lists them: ``"['total_steps'],
     model ['remat'], extra ['run.loss.beta']"`` (the train config's keys unlabelled), or ``""`` when none.
@@ -124,9 +137,11 @@ def _resume_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> str
     it was read back as. ``checkpoint.resume`` is not a change: a resume sets it.
     """
     current = json.loads(json.dumps({section: current.get(section) for section in _COMPARED_SECTIONS}))
+    saved = {section: saved.get(section) for section in _COMPARED_SECTIONS}
+    saved["extra"] = _without_the_old_train_copy(saved["extra"], current["extra"])
     parts = []
     for section, label in _COMPARED_SECTIONS.items():
-        changed = [key for key in _changed_keys(saved.get(section), current[section])
+        changed = [key for key in _changed_keys(saved[section], current[section])
                    if not (section == "config" and key in _HOW_A_RUN_STARTS)]
         if changed:
             parts.append(f"{label}{changed}")

@@ -119,6 +119,20 @@ def test_a_resume_warns_of_every_changed_setting_and_only_those(tmp_path):
     assert int(state.step) == 3
 
 
+def test_a_resume_ignores_how_the_run_starts_and_the_old_copy_of_the_train_config():
+    from jaxalign.train.trainer import _resume_changes
+
+    train = {"total_steps": 2, "checkpoint": {"resume": False}}
+    old = {"config": train, "extra": {"run": {"loss": {"beta": 0.1}, "train": train}}}  # before commit 9ce7cb7
+    resumed = {"config": {"total_steps": 2, "checkpoint": {"resume": True}}, "extra": {"run": {"loss": {"beta": 0.1}}}}
+    assert _resume_changes(old, resumed) == ""
+    changed = {"config": {"total_steps": 3, "checkpoint": {"resume": True}}, "extra": {"run": {"loss": {"beta": 0.2}}}}
+    assert _resume_changes(old, changed) == "['total_steps'], extra ['run.loss.beta']"
+    # A run that still records a train section of its own has it compared.
+    assert _resume_changes(old, {**resumed, "extra": {"run": {"loss": {"beta": 0.1}, "train": {}}}}) == (
+        "extra ['run.train.checkpoint', 'run.train.total_steps']")
+
+
 def test_a_non_finite_loss_stops_the_run_naming_the_step(tmp_path):
     trainer = Trainer(config(tmp_path, 5), tiny_model(), poisonable_objective, PoisonAt(BATCH, at=2))
     with pytest.raises(NonFiniteError, match="non-finite loss at step 3") as error:
