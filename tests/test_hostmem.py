@@ -36,11 +36,16 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def run_child(tmp_path: Path, **environ: str) -> tuple[int, list[str]]:
-    runs = tmp_path / "runs.txt"
+def child_environment(**environ: str) -> dict[str, str]:
+    """This process's environment without what would decide the child's re-execution for it, plus ``environ``."""
     inherited = ("GLIBC_TUNABLES", hostmem.OPT_OUT, hostmem.REEXECUTED)
     env = {key: value for key, value in os.environ.items() if key not in inherited}
-    env |= {"PYTHONPATH": str(ROOT)} | environ
+    return env | {"PYTHONPATH": str(ROOT)} | environ
+
+
+def run_child(tmp_path: Path, **environ: str) -> tuple[int, list[str]]:
+    runs = tmp_path / "runs.txt"
+    env = child_environment(**environ)
     out = subprocess.run([sys.executable, "-c", CHILD, str(runs), "an argument"], env=env, capture_output=True,
                          text=True, timeout=60, check=True)
     return len(runs.read_text().splitlines()), out.stdout.rstrip("\n").split("|")
@@ -101,10 +106,8 @@ def test_opting_out_runs_once_on_small_pages(tmp_path):
 def test_the_main_jobs_re_execute_before_jax_loads(module):
     """The re-executed process is the one that imports JAX: each of the two processes' import lists (Python's
     ``-X importtime``, which the re-execution keeps) holds jax once in all, not once per process."""
-    inherited = ("GLIBC_TUNABLES", hostmem.OPT_OUT, hostmem.REEXECUTED)
-    env = {key: value for key, value in os.environ.items() if key not in inherited} | {"PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-X", "importtime", "-m", module, "--help"], env=env, cwd=ROOT,
-                         capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", module, "--help"], env=child_environment(),
+                         cwd=ROOT, capture_output=True, text=True, timeout=120, check=True)
     imported = [line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")]
     assert imported.count("jaxalign.hostmem") == 2  # both processes ran: the re-execution happened
     assert imported.count("jax") == 1

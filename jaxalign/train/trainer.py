@@ -141,8 +141,9 @@ def _resume_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> str
     saved["extra"] = _without_the_old_train_copy(saved["extra"], current["extra"])
     parts = []
     for section, label in _COMPARED_SECTIONS.items():
-        changed = [key for key in _changed_keys(saved[section], current[section])
-                   if not (section == "config" and key in _HOW_A_RUN_STARTS)]
+        changed = _changed_keys(saved[section], current[section])
+        if section == "config":
+            changed = [key for key in changed if key not in _HOW_A_RUN_STARTS]
         if changed:
             parts.append(f"{label}{changed}")
     return ", ".join(parts)
