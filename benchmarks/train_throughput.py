@@ -5,7 +5,8 @@ What runs, per method (DPO, then SFT), in ONE process on ONE machine:
 - **jaxalign**: ``jaxalign.train.TrainStep`` with ``jaxalign.methods.dpo.dpo_objective(loss_type="sigmoid",
   beta=0.1, reference="model")`` (the frozen reference passed as ``references={"ref": model}``) or
   ``sft_objective()``; AdamW (lr 1e-6, betas 0.9/0.999, eps 1e-8, no weight decay, constant rate) after
-  clipping the gradient norm at 1.0 (``jaxalign.train.make_optimizer``); one device. Its batches are laid out
+  clipping the gradient norm at 1.0 (``jaxalign.train.make_optimizer``); one device; a step that the
+  ``Trainer`` does not log (``with_update_ratio=False``: no ``‖Δθ‖/‖θ‖`` diagnostic). Its batches are laid out
   as ``jaxalign train`` lays them out (``--jaxalign-layout lean``, :mod:`jaxalign.data.layouts`): a DPO pair
   is one row ``[prompt, chosen, rejected]`` whose prompt runs once for both completions (policy and
   reference), and DPO and SFT run the LM head and its log-softmax only at completion targets. Both are exact
@@ -381,7 +382,9 @@ class JaxalignSide:
 
     def step(self) -> None:
         start = time.perf_counter()
-        self.state, metrics = self.train_step(self.state, self.batch)
+        # A step the Trainer does not log: no update_ratio (‖Δθ‖/‖θ‖, passes over every parameter that TRL's step
+        # does not make either; a Trainer logging every step pays them, docs/offline-trainers.md#measured).
+        self.state, metrics = self.train_step(self.state, self.batch, with_update_ratio=False)
         jax.block_until_ready((self.state, metrics))
         self.times.append(time.perf_counter() - start)
         self.losses.append(float(metrics["loss"]))

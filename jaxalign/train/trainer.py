@@ -308,11 +308,12 @@ class Trainer:
                     except StopIteration:
                         warnings.warn(source.ended_message(step, config.total_steps), stacklevel=2)
                         break
-                    state, updates = self._updates(state, step + 1, minibatches)
+                    logged = (step + 1) % config.log.every_steps == 0 or step + 1 == config.total_steps
+                    state, updates = self._updates(state, step + 1, minibatches, logged)
                     step += 1
                     throughput.step_done(sum(float(update.get("tokens", 0.0)) for update in updates))
                     metrics = source.step_metrics(state, step, updates)
-                    if step % config.log.every_steps == 0 or step == config.total_steps:
+                    if logged:
                         logger.log(step, self._with_rates(state, metrics, throughput))
                     logger.advance()
                     if self.checkpointer is not None and self.checkpointer.should_save(step):
@@ -330,12 +331,13 @@ class Trainer:
         self.state = state
         return state
 
-    def _updates(self, state: TrainState, step: int, minibatches: Iterator[Any],
+    def _updates(self, state: TrainState, step: int, minibatches: Iterator[Any], logged: bool,
                  ) -> tuple[TrainState, list[dict[str, Any]]]:
-        """One step's updates, each checked before the next (a refused update stops or is skipped)."""
+        """One step's updates, each checked before the next (a refused update stops or is skipped); only a
+        logged step measures ``update_ratio``, which costs passes over every parameter (TrainStep)."""
         updates = []
         for batch in minibatches:
-            state, device_metrics = self.train_step(state, batch)
+            state, device_metrics = self.train_step(state, batch, with_update_ratio=logged)
             metrics = jax.device_get(device_metrics)
             check_step(self.config, step, metrics, self.source.state_dict, self.checkpointer, unit=self.source.unit)
             updates.append(metrics)

@@ -356,6 +356,31 @@ def test_update_ratio_is_the_parameters_relative_change(guard, from_parameters):
         np.testing.assert_allclose(float(metrics["update_ratio"]), change / size, rtol=1e-4)
 
 
+def test_a_step_without_the_update_ratio_updates_the_same_and_reports_no_ratio():
+    optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-2, schedule="constant", max_grad_norm=1.0),
+                               total_steps=10)
+    measured, unmeasured = (TrainStep(poisonable_objective, tiny_model(), optimizer) for _ in range(2))
+    states = [measured.init(0), unmeasured.init(0)]
+    # The second update is skipped (a NaN loss): that branch too is the same either way.
+    data = [poisoned(batch, loss=float(index == 1)) for index, batch in enumerate(batches(3, batch_size=BATCH))]
+    for batch in data:
+        states[0], with_ratio = measured(states[0], batch)
+        states[1], without = unmeasured(states[1], batch, with_update_ratio=False)
+        assert "update_ratio" in with_ratio and "update_ratio" not in without
+        assert set(with_ratio) - set(without) == {"update_ratio"}
+        for name in without:
+            np.testing.assert_array_equal(np.asarray(with_ratio[name]), np.asarray(without[name]), err_msg=name)
+    jax.tree.map(np.testing.assert_array_equal, *jax.device_get(states))
+
+
+def test_the_divergence_guard_measures_the_update_ratio_even_when_not_asked():
+    step = TrainStep(sft_objective, tiny_model(), make_optimizer(
+        OptimizerConfig(learning_rate=1e6, schedule="constant", max_grad_norm=None), total_steps=10),
+        max_update_ratio=10.0)
+    _, metrics = step(step.init(0), batches(1, batch_size=BATCH)[0], with_update_ratio=False)
+    assert metrics["diverging"] and float(metrics["update_ratio"]) > 10.0
+
+
 def test_the_divergence_guard_refuses_an_update_before_writing_it():
     step = TrainStep(sft_objective, tiny_model(), make_optimizer(
         OptimizerConfig(learning_rate=1e6, schedule="constant", max_grad_norm=None), total_steps=10),

@@ -20,6 +20,7 @@ from jaxalign.train import (
     TrainConfig,
     Trainer,
     TrainingInterrupted,
+    TrainStep,
     make_optimizer,
 )
 from jaxalign.train.checkpoint import CONFIG_FILE
@@ -154,6 +155,23 @@ def test_skip_drops_the_non_finite_update_and_goes_on(tmp_path, capfd):
     assert records[2]["loss"] is None and records[3]["loss"] > 0
     assert {"learning_rate", "step_time", "tokens_per_second", "grad_norm", "nll"} <= set(records[0])
     assert "4/4" in capfd.readouterr().err  # the progress bar
+
+
+def test_only_the_logged_steps_measure_the_update_ratio(tmp_path, monkeypatch):
+    run = config(tmp_path, 5, log=LogConfig(directory=str(tmp_path / "logs"), progress_bar=False, every_steps=2))
+    trainer = Trainer(run, tiny_model(), sft_objective, TinyBatches(BATCH))
+    asked, call = [], TrainStep.__call__
+
+    def recorded(step, state, batch, **kwargs):
+        asked.append(kwargs)
+        return call(step, state, batch, **kwargs)
+
+    monkeypatch.setattr(TrainStep, "__call__", recorded)
+    trainer.run()
+    assert asked == [{"with_update_ratio": logged_step} for logged_step in (False, True, False, True, True)]
+    records = logged(tmp_path)
+    assert [record["step"] for record in records] == [2, 4, 5]
+    assert all(record["update_ratio"] > 0 for record in records)
 
 
 def test_a_custom_optimizer_replaces_the_configured_one(tmp_path):
