@@ -22,6 +22,7 @@ from jaxalign.models import (
     ModelConfig,
     RewardModel,
     apply_lora,
+    scoring,
 )
 
 V = 53
@@ -96,6 +97,26 @@ def test_sequence_logps_equal_the_plain_batches(model, layout):
         valid = np.asarray(plain["example_mask"]).astype(bool)
         np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], **TOL)
         np.testing.assert_array_equal(np.asarray(got_n)[valid], np.asarray(want_n)[valid])
+
+
+@pytest.mark.parametrize("layout", ["targets", "shared"])
+def test_the_head_chunks_count_positions_per_sequence(monkeypatch, layout):
+    # A shared row gathers both sequences' K targets; its chunks hold as many logits as the unshared rows' do.
+    llama = LlamaForCausalLM(LLAMA, rngs=nnx.Rngs(0))
+    batch = batches(pairs_dataset(), **LAYOUTS[layout])[0]
+    k = batch["target_slots"].shape[-1]
+    chunked, chunk_positions = [], scoring.map_position_chunks
+
+    def recorded(fn, params, arrays, *, chunk_size):  # (positions of a row, positions of its chunks)
+        chunked.append((arrays[0].shape[1], chunk_size))
+        return chunk_positions(fn, params, arrays, chunk_size=chunk_size)
+
+    monkeypatch.setattr(scoring, "map_position_chunks", recorded)
+    sequences = 2 if layout == "shared" else 1
+    for chunk_size in (k, k - 1):
+        chunked.clear()
+        common.sequence_logps(llama, batch, chunk_size)
+        assert chunked == ([] if chunk_size == k else [(sequences * k, sequences * chunk_size)])
 
 
 def _loss_and_grads(objective, model, batch, **refs):
