@@ -6,7 +6,9 @@ What runs, per method (DPO, then SFT), in ONE process on ONE machine:
   beta=0.1, reference="model")`` (the frozen reference passed as ``references={"ref": model}``) or
   ``sft_objective()``; AdamW (lr 1e-6, betas 0.9/0.999, eps 1e-8, no weight decay, constant rate) after
   clipping the gradient norm at 1.0 (``jaxalign.train.make_optimizer``); one device; a step that the
-  ``Trainer`` does not log (``with_update_ratio=False``: no ``‖Δθ‖/‖θ‖`` diagnostic). Its batches are laid out
+  ``Trainer`` does not log (``with_update_ratio=False``: no ``‖Δθ‖/‖θ‖`` diagnostic) and no divergence guard
+  (``jaxalign train``'s default ``max_update_ratio: 10`` measures that ratio on every step, docs/training-core.md).
+  Its batches are laid out
   as ``jaxalign train`` lays them out (``--jaxalign-layout lean``, :mod:`jaxalign.data.layouts`): a DPO pair
   is one row ``[prompt, chosen, rejected]`` whose prompt runs once for both completions (policy and
   reference), and DPO and SFT run the LM head and its log-softmax only at completion targets. Both are exact

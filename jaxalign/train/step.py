@@ -407,7 +407,8 @@ class TrainStep:
         # update); on accelerators, where that buffer is memory a large model needs, the update's norm is taken
         # inside the update. On SmolLM2-135M's 134.5M parameters (AdamW with clipping, 2 CPU cores) the update and
         # its ratio take 0.42 s (the norm inside the update: 0.55 s), 0.28 s with no ratio at all.
-        if not with_update_ratio:  # never with the guard (__call__ sees to that)
+        assert with_update_ratio or self.max_update_ratio is None, "the divergence guard needs the update ratio"
+        if not with_update_ratio:
             def update_only(_):
                 updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params, **norm_given)
                 return optax.apply_updates(state.params, updates), opt_state, model_state

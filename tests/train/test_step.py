@@ -381,6 +381,20 @@ def test_the_divergence_guard_measures_the_update_ratio_even_when_not_asked():
     assert metrics["diverging"] and float(metrics["update_ratio"]) > 10.0
 
 
+def test_an_update_the_divergence_guard_lets_through_is_the_unguarded_update():
+    optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-2, schedule="constant", max_grad_norm=1.0),
+                               total_steps=10)
+    guarded, unguarded = (TrainStep(sft_objective, tiny_model(), optimizer, max_update_ratio=ratio)
+                          for ratio in (1e6, None))
+    states = [guarded.init(0), unguarded.init(0)]
+    for batch in batches(4, batch_size=BATCH):
+        states[0], passed = guarded(states[0], batch)
+        states[1], _ = unguarded(states[1], batch)
+        assert passed["finite"] and not passed["diverging"]
+    # Parameters and both of AdamW's moments (computed inside the guard's conditional) agree to float rounding.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *jax.device_get(states))
+
+
 def test_the_divergence_guard_refuses_an_update_before_writing_it():
     step = TrainStep(sft_objective, tiny_model(), make_optimizer(
         OptimizerConfig(learning_rate=1e6, schedule="constant", max_grad_norm=None), total_steps=10),

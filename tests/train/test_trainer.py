@@ -158,17 +158,23 @@ def test_skip_drops_the_non_finite_update_and_goes_on(tmp_path, capfd):
 
 
 def test_only_the_logged_steps_measure_the_update_ratio(tmp_path, monkeypatch):
-    run = config(tmp_path, 5, log=LogConfig(directory=str(tmp_path / "logs"), progress_bar=False, every_steps=2))
+    # No divergence guard: it would measure the ratio on every step.
+    run = config(tmp_path, 5, max_update_ratio=None,
+                 log=LogConfig(directory=str(tmp_path / "logs"), progress_bar=False, every_steps=2))
     trainer = Trainer(run, tiny_model(), sft_objective, TinyBatches(BATCH))
-    asked, call = [], TrainStep.__call__
+    asked, measured, call = [], [], TrainStep.__call__
 
     def recorded(step, state, batch, **kwargs):
         asked.append(kwargs)
-        return call(step, state, batch, **kwargs)
+        state, metrics = call(step, state, batch, **kwargs)
+        measured.append("update_ratio" in metrics)
+        return state, metrics
 
     monkeypatch.setattr(TrainStep, "__call__", recorded)
     trainer.run()
-    assert asked == [{"with_update_ratio": logged_step} for logged_step in (False, True, False, True, True)]
+    logged_steps = [False, True, False, True, True]
+    assert asked == [{"with_update_ratio": logged_step} for logged_step in logged_steps]
+    assert measured == logged_steps
     records = logged(tmp_path)
     assert [record["step"] for record in records] == [2, 4, 5]
     assert all(record["update_ratio"] > 0 for record in records)
