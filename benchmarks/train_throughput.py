@@ -384,8 +384,7 @@ class JaxalignSide:
 
     def step(self) -> None:
         start = time.perf_counter()
-        # A step the Trainer does not log: no update_ratio (‖Δθ‖/‖θ‖, passes over every parameter that TRL's step
-        # does not make either; a Trainer logging every step pays them, docs/offline-trainers.md#measured).
+        # An unlogged step, no update_ratio (the module docstring says why).
         self.state, metrics = self.train_step(self.state, self.batch, with_update_ratio=False)
         jax.block_until_ready((self.state, metrics))
         self.times.append(time.perf_counter() - start)

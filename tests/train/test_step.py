@@ -339,10 +339,13 @@ def test_a_skipped_step_still_advances_the_schedule(name):
     assert float(schedule(schedule_counts[0])) == pytest.approx(0.6)
 
 
+def clipped_adamw():
+    return make_optimizer(OptimizerConfig(learning_rate=1e-2, schedule="constant", max_grad_norm=1.0), total_steps=10)
+
+
 @pytest.mark.parametrize(("guard", "from_parameters"), [(None, True), (None, False), (1e6, True)])
 def test_update_ratio_is_the_parameters_relative_change(guard, from_parameters):
-    optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-2, schedule="constant", max_grad_norm=1.0),
-                               total_steps=10)
+    optimizer = clipped_adamw()
     step = TrainStep(sft_objective, tiny_model(), optimizer, max_update_ratio=guard)
     step._ratio_from_parameters = from_parameters  # False: the way accelerators take it (inside the update)
     state = step.init(0)
@@ -357,8 +360,7 @@ def test_update_ratio_is_the_parameters_relative_change(guard, from_parameters):
 
 
 def test_a_step_without_the_update_ratio_updates_the_same_and_reports_no_ratio():
-    optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-2, schedule="constant", max_grad_norm=1.0),
-                               total_steps=10)
+    optimizer = clipped_adamw()
     measured, unmeasured = (TrainStep(poisonable_objective, tiny_model(), optimizer) for _ in range(2))
     states = [measured.init(0), unmeasured.init(0)]
     # The second update is skipped (a NaN loss): that branch too is the same either way.
@@ -382,8 +384,7 @@ def test_the_divergence_guard_measures_the_update_ratio_even_when_not_asked():
 
 
 def test_an_update_the_divergence_guard_lets_through_is_the_unguarded_update():
-    optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-2, schedule="constant", max_grad_norm=1.0),
-                               total_steps=10)
+    optimizer = clipped_adamw()
     guarded, unguarded = (TrainStep(sft_objective, tiny_model(), optimizer, max_update_ratio=ratio)
                           for ratio in (1e6, None))
     states = [guarded.init(0), unguarded.init(0)]
