@@ -137,7 +137,7 @@ from jaxalign.methods.dpo import dpo_objective  # noqa: E402
 from jaxalign.methods.recipe import ModelSpec  # noqa: E402
 from jaxalign.methods.sft import sft_objective  # noqa: E402
 from jaxalign.models import ModelConfig  # noqa: E402
-from jaxalign.models.config import REMAT_POLICIES  # noqa: E402
+from jaxalign.models.config import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES  # noqa: E402
 from jaxalign.models.scoring import DEFAULT_CHUNK  # noqa: E402
 from jaxalign.train import OptimizerConfig, TrainStep, make_optimizer  # noqa: E402
 
@@ -807,6 +807,8 @@ def parse_args() -> argparse.Namespace:
                              "(jaxalign's default); plain: TRL's layout, every prompt twice and the head everywhere")
     parser.add_argument("--remat", choices=REMAT_POLICIES, default=ModelSpec.remat,
                         help=f"jaxalign's per-layer rematerialisation (default {ModelSpec.remat}, jaxalign train's)")
+    parser.add_argument("--attention", choices=ATTENTION_IMPLEMENTATIONS, default="grouped",
+                        help="jaxalign's attention over the rows (cudnn: NVIDIA GPUs with --dtype bfloat16)")
     parser.add_argument("--order", choices=("interleaved", "blocks"), default="interleaved",
                         help="interleaved: the sides alternate step by step; blocks: all of jaxalign's steps, then "
                              "all of the other side's")
@@ -829,6 +831,8 @@ def parse_args() -> argparse.Namespace:
         args.data = "synthetic"
     if not args.random_weights and args.config != "smollm2-135m":
         parser.error("--config needs --random-weights (the embedded model is SmolLM2-135M)")
+    if args.attention != "grouped" and not args.random_weights:
+        parser.error("--attention cudnn needs --random-weights (the embedded model loads with grouped attention)")
     return args
 
 
@@ -894,7 +898,8 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
 
     start = time.perf_counter()
     if args.random_weights:
-        config = SHAPES[args.config].with_policy(param_dtype="float32", compute_dtype=args.dtype, remat=args.remat)
+        config = SHAPES[args.config].with_policy(param_dtype="float32", compute_dtype=args.dtype, remat=args.remat,
+                                                 attention=args.attention)
         model = models.LlamaForCausalLM(config, rngs=nnx.Rngs(args.seed))
         model_name = f"{args.config} (random weights)"
     else:
@@ -978,6 +983,7 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
         "matmul_flop_per_s_before": ceilings_before, "matmul_flop_per_s_after": ceilings_after,
         "peak_flop_per_s": peak, "jaxalign_load_s": jax_load_s, "torch_export_and_load_s": torch_load_s,
         "jaxalign_layout": args.jaxalign_layout, "jaxalign_remat": args.remat,
+        "jaxalign_attention": args.attention,
         "heap_trimmed_before_jaxalign_steps": args.order == "interleaved" and _MALLOC_TRIM is not None,
         "flop_formula": "forward = 2*(N_mm - d*V)*trunk tokens + 2*d*V*LM-head positions + 4*L*H*Dh*visible "
                         "query-key pairs; SFT = 3x forward, DPO = 4x (policy fwd+bwd + reference fwd); real "

@@ -27,6 +27,10 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 # Names of jax.checkpoint policies for the per-layer remat of the scanned decoder stack.
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+# How a Llama-family model attends over more than one new token (training, scoring, prefill); a decode step's
+# one query always runs ``llama.grouped_attention``. "cudnn" is cuDNN's fused (flash) attention on NVIDIA GPUs,
+# for bfloat16/float16 compute.
+ATTENTION_IMPLEMENTATIONS = ("grouped", "cudnn")
 
 # Keys that never change the forward pass: dtype/version hints, generation defaults written by older
 # transformers versions, classification-head labels, nanotron bookkeeping (SmolLM2's ``is_llama_config``).
@@ -200,14 +204,17 @@ class ExecutionPolicy:
         }[self.remat]
 
     def with_policy(self, *, param_dtype: str | None = None, compute_dtype: str | None = None,
-                    remat: str | None = None):
-        """Copy with a different dtype/remat policy (the architecture is unchanged)."""
-        changes = {"param_dtype": param_dtype, "compute_dtype": compute_dtype, "remat": remat}
+                    remat: str | None = None, **more: str | None):
+        """Copy with a different dtype/remat policy (the architecture is unchanged); ``more``: a config's own
+        policy fields (``attention`` of :class:`ModelConfig`)."""
+        changes = {"param_dtype": param_dtype, "compute_dtype": compute_dtype, "remat": remat, **more}
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
     def same_architecture(self, other) -> bool:
-        """True when both configs describe the same weights (dtype and remat policy aside)."""
+        """True when both configs describe the same weights (dtype, remat and attention policy aside)."""
         policy = {"param_dtype": "float32", "compute_dtype": "float32", "remat": "none"}
+        if hasattr(self, "attention"):
+            policy["attention"] = "grouped"
         return type(self) is type(other) and (
             dataclasses.replace(self, **policy) == dataclasses.replace(other, **policy))
 
@@ -217,7 +224,7 @@ class ModelConfig(ExecutionPolicy):
     """Architecture and dtype policy of a Llama-family causal LM (frozen, hashable, validated).
 
     The architecture fields mirror transformers' names in short form (``d_model`` = ``hidden_size``,
-    ``n_kv_heads`` = ``num_key_value_heads``...). The last three fields are jaxalign's execution policy,
+    ``n_kv_heads`` = ``num_key_value_heads``...). The last four fields are jaxalign's execution policy,
     not part of the checkpoint:
 
     - ``param_dtype``: storage dtype of the parameters.
@@ -227,6 +234,9 @@ class ModelConfig(ExecutionPolicy):
     - ``remat``: per-layer rematerialisation of the scanned decoder stack, one of :data:`REMAT_POLICIES`
       (``"full"`` recomputes the whole layer in the backward pass, ``"dots"`` saves matmul outputs,
       ``"dots_no_batch"`` saves only matmuls without batch dimensions, i.e. the weight projections).
+    - ``attention``: one of :data:`ATTENTION_IMPLEMENTATIONS`, how more than one new token attends
+      (``"grouped"``: :func:`jaxalign.models.llama.grouped_attention`; ``"cudnn"``: cuDNN's fused attention,
+      NVIDIA GPUs with bfloat16/float16 compute only).
     """
 
     architecture: str
@@ -252,6 +262,7 @@ class ModelConfig(ExecutionPolicy):
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     remat: str = "none"
+    attention: str = "grouped"
 
     def __post_init__(self):
         if self.architecture not in HF_ARCHITECTURES:
@@ -277,6 +288,12 @@ class ModelConfig(ExecutionPolicy):
         if not isinstance(self.eos_token_ids, tuple):
             raise ValueError(f"eos_token_ids must be a tuple, got {type(self.eos_token_ids).__name__}")
         self._validate_policy()
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(
+                f"ModelConfig.attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {self.attention!r}")
+        if self.attention == "cudnn" and self.compute_dtype == "float32":
+            raise ValueError("ModelConfig.attention 'cudnn' needs compute_dtype bfloat16 or float16 (cuDNN's fused "
+                             "attention has no float32 kernel)")
         # Each architecture has a fixed bias pattern in transformers; another pattern has no config.json.
         biases = (self.qkv_bias, self.o_bias, self.mlp_bias)
         allowed = {

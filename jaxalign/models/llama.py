@@ -66,6 +66,7 @@ class Attention(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         d, h, k, dh = config.d_model, config.n_heads, config.n_kv_heads, config.head_dim
         self.n_heads, self.n_kv_heads, self.head_dim = h, k, dh
+        self.implementation = config.attention
         self.q_proj = _linear(config, d, h * dh, bias=config.qkv_bias, rngs=rngs)
         self.k_proj = _linear(config, d, k * dh, bias=config.qkv_bias, rngs=rngs)
         self.v_proj = _linear(config, d, k * dh, bias=config.qkv_bias, rngs=rngs)
@@ -85,10 +86,17 @@ class Attention(nnx.Module):
         Query head n uses kv head n // (H/K), as transformers' repeat_kv; the scores and the softmax are float32
         and masked scores a large finite negative, so a query that sees nothing gives no NaN. Every input runs
         :func:`grouped_attention`, from a decode step's one token to training's rows: the numbers of
-        ``jax.nn.dot_product_attention`` in a layout that is faster on both (measured in its docstring).
+        ``jax.nn.dot_product_attention`` in a layout that is faster on both (measured in its docstring), unless
+        the config's ``attention`` is ``"cudnn"``: then more than one new token runs cuDNN's fused attention
+        (the mask becomes an additive bias of cuDNN's large negative, ``-2**41`` in bfloat16; a decode step's
+        one query stays grouped).
         """
         k, v = k.astype(q.dtype), v.astype(q.dtype)
-        return grouped_attention(q, k, v, mask, scale=self.head_dim**-0.5)
+        scale = self.head_dim**-0.5
+        if self.implementation == "cudnn" and q.shape[1] > 1:
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale, implementation="cudnn")
+            return rearrange(out, "b t h d -> b t (h d)")
+        return grouped_attention(q, k, v, mask, scale=scale)
 
     def __call__(
         self,

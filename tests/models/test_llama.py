@@ -119,3 +119,36 @@ def test_out_of_range_token_ids_raise_eagerly_and_never_give_nan_under_jit(rng):
     np.testing.assert_allclose(model(jnp.asarray(padded), attention_mask=jnp.asarray(mask))[0][mask > 0],
                                model(jnp.asarray(tokens), attention_mask=jnp.asarray(mask))[0][mask > 0],
                                atol=1e-6, rtol=0)
+
+
+def test_the_attention_policy_is_validated_and_not_part_of_the_architecture():
+    with pytest.raises(ValueError, match="attention must be one of"):
+        TINY.with_policy(attention="flash")
+    with pytest.raises(ValueError, match="needs compute_dtype bfloat16"):
+        TINY.with_policy(attention="cudnn")  # TINY computes in float32
+    cudnn = TINY.with_policy(compute_dtype="bfloat16", attention="cudnn")
+    assert cudnn.attention == "cudnn" and TINY.same_architecture(cudnn)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN's fused attention runs on NVIDIA GPUs only")
+def test_cudnn_attention_matches_grouped_attention_on_a_gpu(rng):
+    """Logits and gradients of a bf16 model, padded rows included, through cuDNN and through grouped_attention;
+    a decode step (one query) runs grouped attention either way. Tolerances are bf16's (the products differ in
+    accumulation order and cuDNN's probabilities are bf16)."""
+    grouped = dataclasses.replace(TINY, head_dim=64, compute_dtype="bfloat16")  # cuDNN's head dims: 8k, <= 128
+    tokens = jnp.asarray(rng.integers(0, V, size=(B, 2 * T)))
+    mask = jnp.asarray(right_padded([2 * T, T, 3], 2 * T))
+    models = {name: LlamaForCausalLM(grouped.with_policy(attention=name), rngs=nnx.Rngs(0))
+              for name in ("grouped", "cudnn")}
+
+    def loss(m):
+        logps = jax.nn.log_softmax(m(tokens, attention_mask=mask)[0].astype(jnp.float32))
+        return jnp.sum(jnp.where(mask[..., None] > 0, logps, 0.0)[..., :8])
+
+    logits = {name: np.asarray(m(tokens, attention_mask=mask)[0], np.float32)[np.asarray(mask) > 0]
+              for name, m in models.items()}
+    np.testing.assert_allclose(logits["cudnn"], logits["grouped"], atol=3e-2, rtol=3e-2)
+    grads = {name: nnx.state(nnx.grad(loss)(m), nnx.Param) for name, m in models.items()}
+    for got, want in zip(jax.tree.leaves(grads["cudnn"]), jax.tree.leaves(grads["grouped"]), strict=True):
+        got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+        assert np.linalg.norm(got - want) <= 2e-2 * np.linalg.norm(want) + 1e-6
