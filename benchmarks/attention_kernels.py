@@ -8,9 +8,9 @@ forward and backward through:
 
 - **grouped**: ``llama.grouped_attention``, what ``ModelConfig(attention="grouped")`` runs (float32 scores
   materialised ``[B, K, T·G, S]``);
-- **xla**: ``jax.nn.dot_product_attention(implementation="xla")`` with the boolean mask;
-- **cudnn**: ``jax.nn.dot_product_attention(implementation="cudnn")`` with the mask (cuDNN gets it as an
-  additive bias), what ``ModelConfig(attention="cudnn")`` runs;
+- **xla** (on a CPU only): ``jax.nn.dot_product_attention(implementation="xla")`` with the boolean mask;
+- **cudnn**: ``llama.cudnn_attention``, what ``ModelConfig(attention="cudnn")`` runs: cuDNN's fused attention
+  with the mask as an additive bias, the rows padded to a multiple of 8;
 - **cudnn causal** (SFT only, where the mask is causal plus right padding): cuDNN's causal mask and the rows'
   lengths, no bias;
 - **PyTorch SDPA** (the peer): ``scaled_dot_product_attention(..., enable_gqa=True)``, ``is_causal`` for SFT
@@ -21,7 +21,7 @@ the three input gradients, real query rows only: ‖x − ref‖ / ‖ref‖), t
 after a warm-up). TFLOP/s count the useful work: ``12·H·Dh`` per visible query–key pair (4 forward, 8
 backward), the masked pairs not counted.
 
-    python benchmarks/attention_kernels.py [--lengths 512,2048] [--repeats 20] [--output PATH]
+    python benchmarks/attention_kernels.py [--lengths 512,2048] [--repeats 10] [--output PATH]
 
 Writes the JSON (default ``benchmarks/results/attention_kernels_<backend>.json``) and a PNG beside it. On a
 CPU the cuDNN variants are skipped (``--small`` shrinks the shapes for a smoke run there).
@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import provenance  # benchmarks/provenance.py: run as `python benchmarks/attention_kernels.py`
 
-from jaxalign.models.llama import grouped_attention
+from jaxalign.models.llama import cudnn_attention, grouped_attention
 from jaxalign.models.masks import attention_mask
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -69,12 +69,12 @@ def rows(method: str, length: int, batch: int):
 def variants(method: str, mask, lengths, on_gpu: bool) -> dict:
     """``{name: attention(q, k, v) -> [B, T, H, Dh]}``."""
     lengths = jnp.asarray(lengths, jnp.int32)
-    out = {"grouped": lambda q, k, v: grouped_attention(q, k, v, mask, scale=SCALE).reshape(q.shape),
-           "xla": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=SCALE,
-                                                                implementation="xla")}
+    out = {"grouped": lambda q, k, v: grouped_attention(q, k, v, mask, scale=SCALE).reshape(q.shape)}
+    if not on_gpu:
+        out["xla"] = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=SCALE,
+                                                                   implementation="xla")
     if on_gpu:
-        out["cudnn"] = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=SCALE,
-                                                                    implementation="cudnn")
+        out["cudnn"] = lambda q, k, v: cudnn_attention(q, k, v, mask, scale=SCALE).reshape(q.shape)
         if method == "sft":
             out["cudnn causal"] = lambda q, k, v: jax.nn.dot_product_attention(
                 q, k, v, scale=SCALE, is_causal=True, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
@@ -120,9 +120,12 @@ def torch_peer(method: str, mask, inputs, cotangent):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bool_mask, scale=SCALE, enable_gqa=True)
         out.backward(grad_out)
         torch.cuda.synchronize()
-        return [out.detach().transpose(1, 2).float().cpu().numpy()] + [
+        return out
+
+    def outputs():
+        return [run().detach().transpose(1, 2).float().cpu().numpy()] + [
             x.grad.transpose(1, 2).float().cpu().numpy() for x in (q, k, v)]
-    return run
+    return run, outputs
 
 
 def measure(method: str, length: int, batch: int, repeats: int, on_gpu: bool, rng) -> list[dict]:
@@ -160,11 +163,12 @@ def measure(method: str, length: int, batch: int, repeats: int, on_gpu: bool, rn
             times.append(time.perf_counter() - start)
         results.append(_row(case, name, times, flops, outs, references, query_valid))
     if peer is not None:
-        outs = peer()
+        run, outputs = peer
+        outs = outputs()
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
-            peer()  # synchronises; its copies back to the host are inside the time (a few MB)
+            run()  # synchronises
             times.append(time.perf_counter() - start)
         results.append(_row(case, "PyTorch SDPA", times, flops, outs, references, query_valid))
     return results
@@ -205,7 +209,7 @@ def plot(results: list[dict], path: Path, device: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", default="512,2048", help="comma-separated row lengths (SFT; DPO pairs' N)")
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--small", action="store_true", help="4 + 2 rows of 64 tokens (a CPU smoke run)")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()

@@ -74,7 +74,7 @@ print(\"jax\", jax.__version__, jax.devices(), \"flax\", flax.__version__, \"opt
     train512cudnn) train 512 4 150 cudnn ;;
     train2048cudnn) train 2048 2 110 cudnn ;;
     # One layer's attention forward and backward per implementation (grouped, XLA, cuDNN, PyTorch SDPA).
-    attention) run attention 120 python3 benchmarks/attention_kernels.py --lengths 512,2048 \
+    attention) run attention 150 python3 benchmarks/attention_kernels.py --lengths 512,2048 \
       --output "$scratch/attention_kernels_gpu.json" ;;
     # The model, loss, sampler and training-step tests; float32 products at full precision (parity tolerances).
     # shellcheck disable=SC2086  # TESTS is a list of paths

@@ -94,8 +94,7 @@ class Attention(nnx.Module):
         k, v = k.astype(q.dtype), v.astype(q.dtype)
         scale = self.head_dim**-0.5
         if self.implementation == "cudnn" and q.shape[1] > 1:
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale, implementation="cudnn")
-            return rearrange(out, "b t h d -> b t (h d)")
+            return cudnn_attention(q, k, v, mask, scale=scale)
         return grouped_attention(q, k, v, mask, scale=scale)
 
     def __call__(
@@ -137,6 +136,23 @@ def grouped_attention(q: Float[Array, "B T H Dh"], k: Float[Array, "B S K Dh"], 
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkqs,bksd->bkqd", probs, rearrange(v, "b s k d -> b k s d"))
     return rearrange(out, "b k (t g) d -> b t (k g d)", g=groups)
+
+
+def cudnn_attention(q: Float[Array, "B T H Dh"], k: Float[Array, "B S K Dh"], v: Float[Array, "B S K Dh"],
+                    mask: Bool[Array, "B T S"], *, scale: float) -> Float[Array, "B T HDh"]:
+    """:func:`grouped_attention`'s function through cuDNN's fused attention (NVIDIA GPUs, bf16/f16 inputs).
+
+    cuDNN's backward with a bias (our mask becomes one) takes only even lengths, so queries and keys are padded
+    to a multiple of 8: padded keys are masked out, padded queries' rows are dropped from the output.
+    """
+    t, s = q.shape[1], k.shape[1]
+    pad_t, pad_s = -t % 8, -s % 8
+    if pad_t or pad_s:
+        q = jnp.pad(q, ((0, 0), (0, pad_t), (0, 0), (0, 0)))
+        k, v = (jnp.pad(x, ((0, 0), (0, pad_s), (0, 0), (0, 0))) for x in (k, v))
+        mask = jnp.pad(mask, ((0, 0), (0, pad_t), (0, pad_s)))
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale, implementation="cudnn")
+    return rearrange(out[:, :t], "b t h d -> b t (h d)")
 
 
 class MLP(nnx.Module):

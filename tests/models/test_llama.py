@@ -152,3 +152,24 @@ def test_cudnn_attention_matches_grouped_attention_on_a_gpu(rng):
     for got, want in zip(jax.tree.leaves(grads["cudnn"]), jax.tree.leaves(grads["grouped"]), strict=True):
         got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
         assert np.linalg.norm(got - want) <= 2e-2 * np.linalg.norm(want) + 1e-6
+
+
+def test_cudnn_attention_pads_odd_lengths_without_changing_the_result(rng, monkeypatch):
+    """The padding to a multiple of 8 around cuDNN's kernel, checked on the CPU with XLA's kernel in its place:
+    the same outputs and input gradients as grouped_attention for odd query and key counts (a cache's prefill)."""
+    from jaxalign.models import llama
+
+    library_call = jax.nn.dot_product_attention
+    monkeypatch.setattr(llama.jax.nn, "dot_product_attention",
+                        lambda *a, implementation, **kw: library_call(*a, implementation="xla", **kw))
+    q = jnp.asarray(rng.standard_normal((2, 5, 4, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((2, 11, 2, 8)), jnp.float32) for _ in range(2))
+    mask = jnp.asarray(rng.random((2, 5, 11)) < 0.7).at[:, :, 0].set(True)
+
+    def loss(attend):
+        return lambda q, k, v: jnp.sum(jnp.sin(attend(q, k, v, mask, scale=0.3)))
+
+    chex.assert_trees_all_close(llama.cudnn_attention(q, k, v, mask, scale=0.3),
+                                llama.grouped_attention(q, k, v, mask, scale=0.3), atol=1e-5)
+    chex.assert_trees_all_close(jax.grad(loss(llama.cudnn_attention), argnums=(0, 1, 2))(q, k, v),
+                                jax.grad(loss(llama.grouped_attention), argnums=(0, 1, 2))(q, k, v), atol=1e-5)
