@@ -4,7 +4,7 @@
 #
 #   bash benchmarks/gpu_suite.sh OUTDIR [STAGE ...]
 #
-# stages: env train512 tests sample64 train2048 sample1 attention train512cudnn train2048cudnn
+# stages: env train512 tests sample64 train2048 sample1 attention train512grouped train2048grouped
 #
 # The stages' limits add up to more than one device call's 10 minutes: run them over two calls.
 # OUTDIR receives the result JSONs, log.txt (every stage's output but the tests') and tests.log (PNGs are
@@ -16,7 +16,7 @@ set -uo pipefail
 out=${1:?usage: gpu_suite.sh OUTDIR [STAGE ...]}
 shift
 stages=("$@")
-known=" env train512 tests sample64 train2048 sample1 attention train512cudnn train2048cudnn "
+known=" env train512 tests sample64 train2048 sample1 attention train512grouped train2048grouped "
 [ ${#stages[@]} -gt 0 ] || stages=($known)
 for stage in "${stages[@]}"; do  # a misspelt stage would cost device time for nothing: refuse it at once
   [[ $known == *" $stage "* ]] || { echo "unknown stage '$stage'; the stages are:$known" >&2; exit 2; }
@@ -47,9 +47,9 @@ run() {  # run NAME SECONDS COMMAND...: the command's output into the log, its s
 }
 
 train() {  # train LENGTH BATCH SECONDS [ATTENTION]: DPO and SFT steps of a random Llama 3.2 1B, bf16 compute,
-  # float32 weights; ATTENTION (grouped, cudnn) names jaxalign's attention and the result files' folder
-  local attention=${4:-grouped} dir=$scratch
-  [ "$attention" = grouped ] || { dir=$scratch/$attention; mkdir -p "$dir"; }
+  # float32 weights; ATTENTION (auto, grouped, cudnn) is jaxalign's attention, named in the result files
+  local attention=${4:-auto} dir=$scratch
+  [ "$attention" = auto ] || { dir=$scratch/$attention; mkdir -p "$dir"; }
   run "train$1${4:-}" "$3" python3 benchmarks/train_throughput.py --random-weights --config llama-1b \
     --dtype bfloat16 --data synthetic --synthetic-length "$1" --batch "$2" --torch-side plain --steps 5 --warmup 2 \
     --no-breakdown --attention "$attention" --output-dir "$dir"
@@ -71,8 +71,9 @@ print(\"jax\", jax.__version__, jax.devices(), \"flax\", flax.__version__, \"opt
     train512) train 512 4 150 ;;
     # Batch 2: at 4 pairs of 2048 tokens the PyTorch side ran out of the H200's memory beside JAX's.
     train2048) train 2048 2 110 ;;
-    train512cudnn) train 512 4 150 cudnn ;;
-    train2048cudnn) train 2048 2 110 cudnn ;;
+    # The attention before cuDNN's (auto picks cuDNN for these rows): the comparison in docs/gpu.md.
+    train512grouped) train 512 4 150 grouped ;;
+    train2048grouped) train 2048 2 110 grouped ;;
     # One layer's attention forward and backward per implementation (grouped, XLA, cuDNN, PyTorch SDPA).
     attention) run attention 150 python3 benchmarks/attention_kernels.py --lengths 512,2048 \
       --output "$scratch/attention_kernels_gpu.json" ;;

@@ -807,8 +807,9 @@ def parse_args() -> argparse.Namespace:
                              "(jaxalign's default); plain: TRL's layout, every prompt twice and the head everywhere")
     parser.add_argument("--remat", choices=REMAT_POLICIES, default=ModelSpec.remat,
                         help=f"jaxalign's per-layer rematerialisation (default {ModelSpec.remat}, jaxalign train's)")
-    parser.add_argument("--attention", choices=ATTENTION_IMPLEMENTATIONS, default="grouped",
-                        help="jaxalign's attention over the rows (cudnn: NVIDIA GPUs with --dtype bfloat16)")
+    parser.add_argument("--attention", choices=ATTENTION_IMPLEMENTATIONS, default="auto",
+                        help="jaxalign's attention over the rows (default auto, what ships: cuDNN's on a GPU in "
+                             "bf16, grouped elsewhere; cudnn: NVIDIA GPUs with --dtype bfloat16 only)")
     parser.add_argument("--order", choices=("interleaved", "blocks"), default="interleaved",
                         help="interleaved: the sides alternate step by step; blocks: all of jaxalign's steps, then "
                              "all of the other side's")
@@ -831,8 +832,8 @@ def parse_args() -> argparse.Namespace:
         args.data = "synthetic"
     if not args.random_weights and args.config != "smollm2-135m":
         parser.error("--config needs --random-weights (the embedded model is SmolLM2-135M)")
-    if args.attention != "grouped" and not args.random_weights:
-        parser.error("--attention cudnn needs --random-weights (the embedded model loads with grouped attention)")
+    if args.attention != "auto" and not args.random_weights:
+        parser.error("--attention needs --random-weights (the embedded model loads with the default, auto)")
     return args
 
 

@@ -29,8 +29,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 # How a Llama-family model attends over more than one new token (training, scoring, prefill); a decode step's
 # one query always runs ``llama.grouped_attention``. "cudnn" is cuDNN's fused (flash) attention on NVIDIA GPUs,
-# for bfloat16/float16 compute.
-ATTENTION_IMPLEMENTATIONS = ("grouped", "cudnn")
+# for bfloat16/float16 compute; "auto" picks it where it was measured faster (``llama.Attention.attend``).
+ATTENTION_IMPLEMENTATIONS = ("auto", "grouped", "cudnn")
 
 # Keys that never change the forward pass: dtype/version hints, generation defaults written by older
 # transformers versions, classification-head labels, nanotron bookkeeping (SmolLM2's ``is_llama_config``).
@@ -214,7 +214,7 @@ class ExecutionPolicy:
         """True when both configs describe the same weights (dtype, remat and attention policy aside)."""
         policy = {"param_dtype": "float32", "compute_dtype": "float32", "remat": "none"}
         if hasattr(self, "attention"):
-            policy["attention"] = "grouped"
+            policy["attention"] = "auto"
         return type(self) is type(other) and (
             dataclasses.replace(self, **policy) == dataclasses.replace(other, **policy))
 
@@ -236,7 +236,8 @@ class ModelConfig(ExecutionPolicy):
       ``"dots_no_batch"`` saves only matmuls without batch dimensions, i.e. the weight projections).
     - ``attention``: one of :data:`ATTENTION_IMPLEMENTATIONS`, how more than one new token attends
       (``"grouped"``: :func:`jaxalign.models.llama.grouped_attention`; ``"cudnn"``: cuDNN's fused attention,
-      NVIDIA GPUs with bfloat16/float16 compute only).
+      NVIDIA GPUs with bfloat16/float16 compute only; ``"auto"``: cuDNN for training and scoring rows on a GPU
+      in bf16/f16, grouped elsewhere; see :meth:`jaxalign.models.llama.Attention.attend`).
     """
 
     architecture: str
@@ -262,7 +263,7 @@ class ModelConfig(ExecutionPolicy):
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     remat: str = "none"
-    attention: str = "grouped"
+    attention: str = "auto"
 
     def __post_init__(self):
         if self.architecture not in HF_ARCHITECTURES:

@@ -80,20 +80,27 @@ class Attention(nnx.Module):
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def attend(self, q: Float[Array, "B T H Dh"], k: Float[Array, "B S K Dh"], v: Float[Array, "B S K Dh"],
-               mask: Bool[Array, "B T S"]) -> Float[Array, "B T HDh"]:
-        """Attention of ``q`` over ``S`` keys, heads concatenated (before ``o_proj``).
+               mask: Bool[Array, "B T S"], *, cached: bool = False) -> Float[Array, "B T HDh"]:
+        """Attention of ``q`` over ``S`` keys, heads concatenated (before ``o_proj``); ``cached``: the keys are
+        a KV cache's (decoding, prefill).
 
-        Query head n uses kv head n // (H/K), as transformers' repeat_kv; the scores and the softmax are float32
-        and masked scores a large finite negative, so a query that sees nothing gives no NaN. Every input runs
-        :func:`grouped_attention`, from a decode step's one token to training's rows: the numbers of
-        ``jax.nn.dot_product_attention`` in a layout that is faster on both (measured in its docstring), unless
-        the config's ``attention`` is ``"cudnn"``: then more than one new token runs cuDNN's fused attention
-        (the mask becomes an additive bias of cuDNN's large negative, ``-2**41`` in bfloat16; a decode step's
-        one query stays grouped).
+        Query head n uses kv head n // (H/K), as transformers' repeat_kv; masked scores are a large finite
+        negative, so a query that sees nothing gives no NaN. Which kernel runs is the config's ``attention``:
+
+        - ``"grouped"``: :func:`grouped_attention` (float32 scores and softmax, the numbers of
+          ``jax.nn.dot_product_attention`` in a layout that is faster on CPUs, measured in its docstring);
+        - ``"cudnn"``: :func:`cudnn_attention` for more than one new token, a decode step's one query grouped;
+        - ``"auto"``: cuDNN where it was measured faster — a GPU, bf16/f16 compute, more than one new token and
+          no cache (training and scoring rows: one layer's forward and backward 1.7–3.1× faster than grouped on
+          an H200, a 1B model's DPO step 1.3–1.9×; docs/gpu.md) — grouped elsewhere (CPUs, TPUs, float32,
+          decoding and prefill, which have not been measured through cuDNN).
         """
         k, v = k.astype(q.dtype), v.astype(q.dtype)
         scale = self.head_dim**-0.5
-        if self.implementation == "cudnn" and q.shape[1] > 1:
+        fused = q.shape[1] > 1 and (self.implementation == "cudnn" or (
+            self.implementation == "auto" and not cached and q.dtype in (jnp.bfloat16, jnp.float16)
+            and jax.default_backend() == "gpu"))
+        if fused:
             return cudnn_attention(q, k, v, mask, scale=scale)
         return grouped_attention(q, k, v, mask, scale=scale)
 
@@ -110,7 +117,7 @@ class Attention(nnx.Module):
         q, k, v = self.project(x, cos, sin)
         if kv is not None:
             kv, k, v = kv.append(k, v)
-        return per_token(self.o_proj, self.attend(q, k, v, mask)), kv
+        return per_token(self.o_proj, self.attend(q, k, v, mask, cached=kv is not None)), kv
 
 
 def grouped_attention(q: Float[Array, "B T H Dh"], k: Float[Array, "B S K Dh"], v: Float[Array, "B S K Dh"],
@@ -281,9 +288,9 @@ class LlamaModel(nnx.Module):
             # The step's rows read the cache with the prompt written (only the free row differs from what they
             # would read before; reading it before would keep a copy of every buffer alive).
             step_out = attn.attend(q[0, :batch, None], KEY_LAYOUT.slots_major(keys), VALUE_LAYOUT.slots_major(values),
-                                   inputs.mask)
+                                   inputs.mask, cached=True)
             prompt_out = attn.attend(q[:, batch:], row_slots_major(keys, KEY_LAYOUT, joining.slot),
-                                     row_slots_major(values, VALUE_LAYOUT, joining.slot), prompt_mask)
+                                     row_slots_major(values, VALUE_LAYOUT, joining.slot), prompt_mask, cached=True)
             attended = jnp.concatenate([step_out.reshape(1, batch, -1), prompt_out], axis=1)
             hidden = layer.feed_forward(hidden + per_token(attn.o_proj, attended))
         hidden = self.norm(hidden)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxalign.models import LlamaForCausalLM, load_hf
+from jaxalign.models import KVCache, LlamaForCausalLM, load_hf
 from tests.models.conftest import TINY, B, T, V, left_padded, right_padded
 
 
@@ -127,7 +127,47 @@ def test_the_attention_policy_is_validated_and_not_part_of_the_architecture():
     with pytest.raises(ValueError, match="needs compute_dtype bfloat16"):
         TINY.with_policy(attention="cudnn")  # TINY computes in float32
     cudnn = TINY.with_policy(compute_dtype="bfloat16", attention="cudnn")
-    assert cudnn.attention == "cudnn" and TINY.same_architecture(cudnn)
+    assert TINY.attention == "auto" and cudnn.attention == "cudnn" and TINY.same_architecture(cudnn)
+
+
+@pytest.mark.parametrize(("attention", "dtype", "backend", "new_tokens", "cached", "fused"), [
+    ("auto", jnp.bfloat16, "gpu", 6, False, True),  # training and scoring rows on a GPU
+    ("auto", jnp.bfloat16, "gpu", 6, True, False),  # prefill into a cache: not measured through cuDNN
+    ("auto", jnp.bfloat16, "gpu", 1, True, False),  # a decode step
+    ("auto", jnp.float32, "gpu", 6, False, False),  # cuDNN has no float32 kernel
+    ("auto", jnp.bfloat16, "cpu", 6, False, False),
+    ("auto", jnp.bfloat16, "tpu", 6, False, False),
+    ("grouped", jnp.bfloat16, "gpu", 6, False, False),
+    ("cudnn", jnp.bfloat16, "gpu", 6, True, True),  # asked for: prefill too
+    ("cudnn", jnp.bfloat16, "gpu", 1, True, False),
+])
+def test_the_attention_policy_picks_the_kernel(monkeypatch, attention, dtype, backend, new_tokens, cached, fused):
+    from jaxalign.models import llama
+
+    calls = []
+    monkeypatch.setattr(llama.jax, "default_backend", lambda: backend)
+    monkeypatch.setattr(llama, "cudnn_attention", lambda *a, **kw: calls.append(1) or llama.grouped_attention(*a, **kw))
+    compute = "float32" if dtype == jnp.float32 else "bfloat16"
+    layer = llama.Attention(TINY.with_policy(compute_dtype=compute, attention=attention), rngs=nnx.Rngs(0))
+    q = jnp.zeros((1, new_tokens, TINY.n_heads, TINY.head_dim), dtype)
+    k = v = jnp.zeros((1, 9, TINY.n_kv_heads, TINY.head_dim), dtype)
+    layer.attend(q, k, v, jnp.ones((1, new_tokens, 9), bool), cached=cached)
+    assert bool(calls) == fused
+
+
+def test_a_model_without_a_cache_attends_as_training_rows(monkeypatch):
+    """The model passes ``cached`` through: a forward pass over rows takes cuDNN's kernel under ``auto`` on a
+    GPU in bf16 (stood in for here), a decode step with a cache does not."""
+    from jaxalign.models import llama
+
+    calls = []
+    monkeypatch.setattr(llama.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(llama, "cudnn_attention", lambda *a, **kw: calls.append(1) or llama.grouped_attention(*a, **kw))
+    model = LlamaForCausalLM(TINY.with_policy(compute_dtype="bfloat16"), rngs=nnx.Rngs(0))
+    model(jnp.zeros((B, T), jnp.int32))
+    assert len(calls) == 1  # traced once inside the scanned stack
+    model(jnp.zeros((B, T), jnp.int32), cache=KVCache.init(model.config, B, T + 1))  # a prefill
+    assert len(calls) == 1
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN's fused attention runs on NVIDIA GPUs only")
