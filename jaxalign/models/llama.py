@@ -13,6 +13,7 @@ transposed to ``[in, out]``), which keeps the checkpoint mapping in ``hf_io`` me
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -90,16 +91,16 @@ class Attention(nnx.Module):
         - ``"grouped"``: :func:`grouped_attention` (float32 scores and softmax, the numbers of
           ``jax.nn.dot_product_attention`` in a layout that is faster on CPUs, measured in its docstring);
         - ``"cudnn"``: :func:`cudnn_attention` for more than one new token, a decode step's one query grouped;
-        - ``"auto"``: cuDNN where it was measured faster — a GPU, bf16/f16 compute, more than one new token and
-          no cache (training and scoring rows: one layer's forward and backward 1.7–3.1× faster than grouped on
-          an H200, a 1B model's DPO step 1.3–1.9×; docs/gpu.md) — grouped elsewhere (CPUs, TPUs, float32,
-          decoding and prefill, which have not been measured through cuDNN).
+        - ``"auto"``: cuDNN where it was measured faster — an NVIDIA GPU (Ampere on), bf16/f16 compute, more
+          than one new token and no cache (training and scoring rows: one layer's forward and backward 1.7–3.1×
+          faster than grouped on an H200, a 1B model's DPO step 1.3–1.9×; docs/gpu.md) — grouped elsewhere
+          (CPUs, TPUs, AMD GPUs, float32, decoding and prefill, which have not been measured through cuDNN).
         """
         k, v = k.astype(q.dtype), v.astype(q.dtype)
         scale = self.head_dim**-0.5
         fused = q.shape[1] > 1 and (self.implementation == "cudnn" or (
             self.implementation == "auto" and not cached and q.dtype in (jnp.bfloat16, jnp.float16)
-            and jax.default_backend() == "gpu"))
+            and cudnn_flash_attention_available()))
         if fused:
             return cudnn_attention(q, k, v, mask, scale=scale)
         return grouped_attention(q, k, v, mask, scale=scale)
@@ -143,6 +144,16 @@ def grouped_attention(q: Float[Array, "B T H Dh"], k: Float[Array, "B S K Dh"], 
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkqs,bksd->bkqd", probs, rearrange(v, "b s k d -> b k s d"))
     return rearrange(out, "b k (t g) d -> b t (k g d)", g=groups)
+
+
+@functools.cache
+def cudnn_flash_attention_available() -> bool:
+    """True on NVIDIA GPUs that have cuDNN's flash attention (compute capability 8.0 and later, i.e. Ampere on:
+    the versions JAX's cuDNN attention accepts); False on CPUs, TPUs, AMD GPUs and older NVIDIA ones."""
+    device = jax.devices()[0]
+    if device.platform != "gpu" or "cuda" not in device.client.platform_version:  # as JAX's own check reads it
+        return False
+    return tuple(int(part) for part in device.compute_capability.split(".")) >= (8, 0)
 
 
 def cudnn_attention(q: Float[Array, "B T H Dh"], k: Float[Array, "B S K Dh"], v: Float[Array, "B S K Dh"],

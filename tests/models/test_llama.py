@@ -136,7 +136,7 @@ def test_the_attention_policy_is_validated_and_not_part_of_the_architecture():
     ("auto", jnp.bfloat16, "gpu", 1, True, False),  # a decode step
     ("auto", jnp.float32, "gpu", 6, False, False),  # cuDNN has no float32 kernel
     ("auto", jnp.bfloat16, "cpu", 6, False, False),
-    ("auto", jnp.bfloat16, "tpu", 6, False, False),
+    ("auto", jnp.bfloat16, "tpu", 6, False, False),  # or an AMD or pre-Ampere GPU
     ("grouped", jnp.bfloat16, "gpu", 6, False, False),
     ("cudnn", jnp.bfloat16, "gpu", 6, True, True),  # asked for: prefill too
     ("cudnn", jnp.bfloat16, "gpu", 1, True, False),
@@ -145,7 +145,7 @@ def test_the_attention_policy_picks_the_kernel(monkeypatch, attention, dtype, ba
     from jaxalign.models import llama
 
     calls = []
-    monkeypatch.setattr(llama.jax, "default_backend", lambda: backend)
+    monkeypatch.setattr(llama, "cudnn_flash_attention_available", lambda: backend == "gpu")
     monkeypatch.setattr(llama, "cudnn_attention", lambda *a, **kw: calls.append(1) or llama.grouped_attention(*a, **kw))
     compute = "float32" if dtype == jnp.float32 else "bfloat16"
     layer = llama.Attention(TINY.with_policy(compute_dtype=compute, attention=attention), rngs=nnx.Rngs(0))
@@ -161,13 +161,20 @@ def test_a_model_without_a_cache_attends_as_training_rows(monkeypatch):
     from jaxalign.models import llama
 
     calls = []
-    monkeypatch.setattr(llama.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(llama, "cudnn_flash_attention_available", lambda: True)
     monkeypatch.setattr(llama, "cudnn_attention", lambda *a, **kw: calls.append(1) or llama.grouped_attention(*a, **kw))
     model = LlamaForCausalLM(TINY.with_policy(compute_dtype="bfloat16"), rngs=nnx.Rngs(0))
     model(jnp.zeros((B, T), jnp.int32))
     assert len(calls) == 1  # traced once inside the scanned stack
     model(jnp.zeros((B, T), jnp.int32), cache=KVCache.init(model.config, B, T + 1))  # a prefill
     assert len(calls) == 1
+
+
+def test_cudnn_flash_attention_is_available_on_the_gpus_we_test_on_only():
+    """False on CPUs (CI); True on the H100/H200 where the GPU suite runs these tests."""
+    from jaxalign.models.llama import cudnn_flash_attention_available
+
+    assert cudnn_flash_attention_available() == (jax.default_backend() == "gpu")
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN's fused attention runs on NVIDIA GPUs only")
