@@ -1,10 +1,10 @@
 """Training attention (forward and backward) of a 1B Llama's shape, per implementation, on a GPU.
 
-The rows are those of ``benchmarks/train_throughput.py --synthetic-length N``: SFT rows of up to ``N`` tokens
-(right-padded) and DPO rows laid out as jaxalign trains them, one shared prompt and both completions in one row
-(``[prompt | chosen | rejected]``, each completion seeing the prompt and itself: ``masks.attention_mask`` with
-branches). Per row layout, one layer's attention (32 query heads over 8 kv heads, head dim 64, bf16) runs
-forward and backward through:
+The rows are shaped like those of ``benchmarks/train_throughput.py --synthetic-length N``: SFT rows of up to
+``N`` tokens (right-padded) and DPO rows laid out as jaxalign trains them, one shared prompt and both
+completions in one row (``[prompt | chosen | rejected]``, each completion seeing the prompt and itself:
+``masks.attention_mask`` with branches). Per row layout, one layer's attention (32 query heads over 8 kv
+heads, head dim 64, bf16) runs forward and backward through:
 
 - **grouped**: ``llama.grouped_attention``, what ``ModelConfig(attention="grouped")`` runs (float32 scores
   materialised ``[B, K, T·G, S]``);
@@ -13,13 +13,14 @@ forward and backward through:
   with the mask as an additive bias, the rows padded to a multiple of 8;
 - **cudnn causal** (SFT only, where the mask is causal plus right padding): cuDNN's causal mask and the rows'
   lengths, no bias;
-- **PyTorch SDPA** (the peer): ``scaled_dot_product_attention(..., enable_gqa=True)``, ``is_causal`` for SFT
-  (flash), the boolean mask for DPO.
+- **PyTorch SDPA** (the peer): ``scaled_dot_product_attention(..., enable_gqa=True)``, ``is_causal`` for SFT,
+  the boolean mask for DPO (with whichever backend PyTorch picks: on an H200 its errors matched cuDNN's).
 
-Each is checked against float32 ``grouped_attention`` at full matmul precision on the same inputs (output and
-the three input gradients, real query rows only: ‖x − ref‖ / ‖ref‖), then timed (median of ``--repeats``
-after a warm-up). TFLOP/s count the useful work: ``12·H·Dh`` per visible query–key pair (4 forward, 8
-backward), the masked pairs not counted.
+Each is checked against float32 ``grouped_attention`` at full matmul precision on the same inputs (drawn in
+float32, rounded to bf16; output and the three input gradients, real query rows only: ‖x − ref‖ / ‖ref‖;
+until 2026-11-26 the reference took the unrounded inputs, which hid the kernels' differences), then timed
+(median of ``--repeats`` after a warm-up). TFLOP/s count the useful work: ``12·H·Dh`` per visible query–key
+pair (4 forward, 8 backward), the masked pairs not counted.
 
     python benchmarks/attention_kernels.py [--lengths 512,2048] [--repeats 10] [--output PATH]
 
@@ -73,7 +74,7 @@ def variants(method: str, mask, lengths, on_gpu: bool) -> dict:
     if not on_gpu:
         out["xla"] = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=SCALE,
                                                                    implementation="xla")
-    if on_gpu:
+    else:
         out["cudnn"] = lambda q, k, v: cudnn_attention(q, k, v, mask, scale=SCALE).reshape(q.shape)
         if method == "sft":
             out["cudnn causal"] = lambda q, k, v: jax.nn.dot_product_attention(
@@ -134,8 +135,10 @@ def measure(method: str, length: int, batch: int, repeats: int, on_gpu: bool, rn
     pairs = int(np.asarray(mask)[query_valid].sum())
     flops = 12 * HEADS * HEAD_DIM * pairs
     dtype = jnp.bfloat16 if on_gpu else jnp.float32
-    inputs = [jnp.asarray(rng.standard_normal((batch, width, heads, HEAD_DIM), np.float32))
-              for heads in (HEADS, KV_HEADS, KV_HEADS)]
+    # Drawn in float32 and rounded to the compute dtype: the reference sees the same (rounded) inputs, so the
+    # errors are the kernels' own, not the inputs' rounding.
+    inputs = [jnp.asarray(rng.standard_normal((batch, width, heads, HEAD_DIM), np.float32)).astype(dtype)
+              .astype(jnp.float32) for heads in (HEADS, KV_HEADS, KV_HEADS)]
     cotangent = jnp.asarray(rng.standard_normal((batch, width, HEADS, HEAD_DIM), np.float32)
                             * query_valid[:, :, None, None])
     with jax.default_matmul_precision("highest"):  # the reference: float32 at full precision
@@ -210,7 +213,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", default="512,2048", help="comma-separated row lengths (SFT; DPO pairs' N)")
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--small", action="store_true", help="4 + 2 rows of 64 tokens (a CPU smoke run)")
+    parser.add_argument("--small", action="store_true", help="4 rows of 64 tokens per method (a CPU smoke run)")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
     on_gpu = jax.default_backend() == "gpu"

@@ -7,7 +7,7 @@
 # stages: env train512 tests sample64 train2048 sample1 attention train512grouped train2048grouped
 #
 # The stages' limits add up to more than one device call's 10 minutes: run them over two calls.
-# OUTDIR receives the result JSONs, log.txt (every stage's output but the tests') and tests.log (PNGs are
+# OUTDIR receives the result JSONs (the training ones named by jaxalign's attention), log.txt (every stage's output but the tests') and tests.log (PNGs are
 # redrawn from the JSONs afterwards: the device tool returns 8 files at most).
 # Uses the machine's own python3 (JAX with CUDA, torch, transformers); jaxalign runs from this checkout. Wheels
 # in .whl/ (carried: trl, datasets, dill, multiprocess for the TRL parity tests) are installed first. TESTS
@@ -48,12 +48,14 @@ run() {  # run NAME SECONDS COMMAND...: the command's output into the log, its s
 
 train() {  # train LENGTH BATCH SECONDS [ATTENTION]: DPO and SFT steps of a random Llama 3.2 1B, bf16 compute,
   # float32 weights; ATTENTION (auto, grouped, cudnn) is jaxalign's attention, named in the result files
-  local attention=${4:-auto} dir=$scratch
-  [ "$attention" = auto ] || { dir=$scratch/$attention; mkdir -p "$dir"; }
+  # (train_throughput_gpu_len512_auto.json...), so that no run overwrites another's
+  local attention=${4:-auto}
+  local dir=$scratch/$attention
+  mkdir -p "$dir"
   run "train$1${4:-}" "$3" python3 benchmarks/train_throughput.py --random-weights --config llama-1b \
     --dtype bfloat16 --data synthetic --synthetic-length "$1" --batch "$2" --torch-side plain --steps 5 --warmup 2 \
     --no-breakdown --attention "$attention" --output-dir "$dir"
-  [ "$dir" = "$scratch" ] || for f in "$dir"/*.json; do [ -e "$f" ] && mv "$f" "$scratch/$(basename "$f" .json)_$attention.json"; done
+  for f in "$dir"/*.json; do [ -e "$f" ] && mv "$f" "$scratch/$(basename "$f" .json)_$attention.json"; done
 }
 
 sample() {  # sample BATCH NEW_TOKENS SECONDS: the rollout engine against transformers generate, bf16

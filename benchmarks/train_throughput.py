@@ -138,6 +138,7 @@ from jaxalign.methods.recipe import ModelSpec  # noqa: E402
 from jaxalign.methods.sft import sft_objective  # noqa: E402
 from jaxalign.models import ModelConfig  # noqa: E402
 from jaxalign.models.config import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES  # noqa: E402
+from jaxalign.models.llama import attention_kernel  # noqa: E402
 from jaxalign.models.scoring import DEFAULT_CHUNK  # noqa: E402
 from jaxalign.train import OptimizerConfig, TrainStep, make_optimizer  # noqa: E402
 
@@ -690,7 +691,8 @@ def print_table(results: dict, setup: dict) -> None:
     print(f"\n{setup['model']}, {setup['dtype']}, batch {setup['batch']} "
           f"({setup['mean_tokens_per_sequence']:.1f} tokens a sequence, padded to {setup['padded_length']}), "
           f"{setup['device']}; median of {setup['steps']} steps after {setup['warmup']} warm-up, "
-          f"sides {setup['order']}")
+          f"sides {setup['order']}; jaxalign's attention {setup['jaxalign_attention']} "
+          f"({setup['jaxalign_attention_kernel']} here)")
     has_mfu = any("mfu" in side for method in results.values() for side in method["sides"])
     header = (f"{'method':7}{'side':24}{'step (s)':>10}{'tokens/s':>11}{'GFLOP/s':>10}{'of matmul':>11}"
               + (f"{'MFU':>8}" if has_mfu else "") + f"{'jaxalign/other':>16}")
@@ -985,6 +987,9 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
         "peak_flop_per_s": peak, "jaxalign_load_s": jax_load_s, "torch_export_and_load_s": torch_load_s,
         "jaxalign_layout": args.jaxalign_layout, "jaxalign_remat": args.remat,
         "jaxalign_attention": args.attention,
+        # The kernel that policy runs for training rows here (auto decides by device, dtype and head dim).
+        "jaxalign_attention_kernel": attention_kernel(config.attention, dtype=config.compute_jnp_dtype,
+                                                      head_dim=config.head_dim, new_tokens=2, cached=False),
         "heap_trimmed_before_jaxalign_steps": args.order == "interleaved" and _MALLOC_TRIM is not None,
         "flop_formula": "forward = 2*(N_mm - d*V)*trunk tokens + 2*d*V*LM-head positions + 4*L*H*Dh*visible "
                         "query-key pairs; SFT = 3x forward, DPO = 4x (policy fwd+bwd + reference fwd); real "

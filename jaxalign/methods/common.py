@@ -46,9 +46,9 @@ class RunResult:
 
 def load_pretrained(spec: ModelSpec, *, source: str = "model.path"):
     """``(causal LM, tokenizer)`` of a run's ``model`` section: :func:`jaxalign.models.load_pretrained` of
-    ``spec.path`` with its dtypes and remat policy (errors name ``source``)."""
+    ``spec.path`` with its execution policy (errors name ``source``)."""
     return models.load_pretrained(spec.path, source=source, param_dtype=spec.param_dtype,
-                                  compute_dtype=spec.compute_dtype, remat=spec.remat)
+                                  compute_dtype=spec.compute_dtype, remat=spec.remat, attention=spec.attention)
 
 
 def curriculum_order(dataset: jdata.TokenizedDataset, by: str) -> jdata.TokenizedDataset:

@@ -37,7 +37,7 @@ import yaml
 
 from jaxalign.data import DataConfig
 from jaxalign.methods.specs import LOSS_SPECS, DoctorSpec, MethodSpec
-from jaxalign.models.config import DTYPES, REMAT_POLICIES
+from jaxalign.models.config import ATTENTION_IMPLEMENTATIONS, DTYPES, REMAT_POLICIES
 from jaxalign.train.config import TrainConfig
 
 METHODS = ("sft", "distill", "reward", "dpo", "kto", "ppo", "grpo", "tfpo")
@@ -74,6 +74,8 @@ class ModelSpec:
             outputs): on 2 CPU cores it made SmolLM2-135M's DPO step 12 % faster than saving everything
             (``none``, 5.1 against 4.5 s) and its SFT step 12 % (less memory traffic outweighs the
             recomputation; LoRA DPO 5 %), and it needs less memory; MaxText's default (``full``) saves even less.
+        attention: how training and scoring rows attend (:class:`jaxalign.models.ModelConfig`'s ``attention``:
+            ``auto`` takes cuDNN's fused attention on NVIDIA GPUs in bf16, ``grouped`` never does).
     """
 
     path: str | None = None
@@ -81,6 +83,7 @@ class ModelSpec:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     remat: str = "dots_no_batch"
+    attention: str = "auto"
 
     def __post_init__(self):
         # Checked here, against the run config: the checkpoint's config.json is not where the user wrote them.
@@ -89,6 +92,8 @@ class ModelSpec:
                 raise ValueError(f"model.{field} must be one of {DTYPES}, got {getattr(self, field)!r}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"model.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"model.attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {self.attention!r}")
         if self.compute_dtype == "float16" and jax.default_backend() == "cpu":
             # XLA:CPU has no float16 matmul with float32 accumulation (F16_F16_F32 dot_general): fail here, not
             # inside the first compiled step.

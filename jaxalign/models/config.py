@@ -29,7 +29,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 # How a Llama-family model attends over more than one new token (training, scoring, prefill); a decode step's
 # one query always runs ``llama.grouped_attention``. "cudnn" is cuDNN's fused (flash) attention on NVIDIA GPUs,
-# for bfloat16/float16 compute; "auto" picks it where it was measured faster (``llama.Attention.attend``).
+# for bfloat16/float16 compute; "auto" picks it for training and scoring rows on such GPUs
+# (``llama.Attention.attend``).
 ATTENTION_IMPLEMENTATIONS = ("auto", "grouped", "cudnn")
 
 # Keys that never change the forward pass: dtype/version hints, generation defaults written by older
@@ -236,8 +237,8 @@ class ModelConfig(ExecutionPolicy):
       ``"dots_no_batch"`` saves only matmuls without batch dimensions, i.e. the weight projections).
     - ``attention``: one of :data:`ATTENTION_IMPLEMENTATIONS`, how more than one new token attends
       (``"grouped"``: :func:`jaxalign.models.llama.grouped_attention`; ``"cudnn"``: cuDNN's fused attention,
-      NVIDIA GPUs with bfloat16/float16 compute only; ``"auto"``: cuDNN for training and scoring rows on a GPU
-      in bf16/f16, grouped elsewhere; see :meth:`jaxalign.models.llama.Attention.attend`).
+      NVIDIA GPUs with bfloat16/float16 compute only; ``"auto"``: cuDNN for training and scoring rows on such a
+      GPU, grouped elsewhere; see :meth:`jaxalign.models.llama.Attention.attend`).
     """
 
     architecture: str
@@ -312,7 +313,7 @@ class ModelConfig(ExecutionPolicy):
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any], *, param_dtype: str = "float32",
-                compute_dtype: str = "float32", remat: str = "none") -> ModelConfig:
+                compute_dtype: str = "float32", remat: str = "none", attention: str = "auto") -> ModelConfig:
         """Build from a parsed Hugging Face ``config.json``.
 
         Raises:
@@ -386,6 +387,7 @@ class ModelConfig(ExecutionPolicy):
             param_dtype=param_dtype,
             compute_dtype=compute_dtype,
             remat=remat,
+            attention=attention,
             **biases,
         )
 

@@ -83,7 +83,7 @@ def load_doctor(directory: str | Path, *, source: str = "doctor", **policy) -> t
                                                                                        dict[str, Any]]:
     """``(doctor, tokenizer, card)`` from a directory written by :func:`save_doctor`.
 
-    ``policy``: ``param_dtype``, ``compute_dtype``, ``remat`` as :func:`load_pretrained`.
+    ``policy``: ``param_dtype``, ``compute_dtype``, ``remat``, ``attention`` as :func:`load_pretrained`.
 
     Raises:
         FileNotFoundError / ValueError: as :func:`read_doctor_card`; a value head whose shapes do not fit the LM.

@@ -294,13 +294,14 @@ def load_gguf(
     param_dtype: str = "float32",
     compute_dtype: str = "float32",
     remat: str = "none",
+    attention: str = "auto",
 ):
     """Load a Llama-architecture GGUF file: ``(model, tokenizer)``.
 
     Args:
         path: the ``.gguf`` file (e.g. :func:`default_model_path`).
         mesh: when given, each parameter is created with its sharding (see ``load_hf``).
-        param_dtype, compute_dtype, remat: the dtype/remat policy (see :class:`ModelConfig`); the
+        param_dtype, compute_dtype, remat, attention: the execution policy (see :class:`ModelConfig`); the
             dequantised float32 weights are cast to ``param_dtype``.
 
     Returns:
@@ -315,7 +316,7 @@ def load_gguf(
     metadata = _metadata(reader)
     tensor_names = {name for t in reader.tensors if (name := hf_tensor_name(t.name)) is not None}
     config = gguf_config(metadata, tensor_names, path, param_dtype=param_dtype, compute_dtype=compute_dtype,
-                         remat=remat)
+                         remat=remat, attention=attention)
     source = GGUFSource(reader, Path(path), config)
     model: LlamaForCausalLM = model_from_tensors(config, source, mesh=mesh, origin=f"the metadata of {path}")
     return model, gguf_tokenizer(metadata, path)

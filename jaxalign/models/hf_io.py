@@ -100,15 +100,20 @@ def _is_redundant(name: str, config: AnyConfig) -> bool:
 
 
 def config_from_hf(hf: dict[str, Any], **policy) -> AnyConfig:
-    """The config class for ``hf["model_type"]`` (:class:`GPT2Config` or :class:`ModelConfig`), parsed."""
+    """The config class for ``hf["model_type"]`` (:class:`GPT2Config` or :class:`ModelConfig`), parsed.
+
+    GPT-2 has one attention (``jax.nn.dot_product_attention``): it takes ``attention="auto"`` only."""
     check_hf_mapping(hf)
     if hf.get("model_type") == "gpt2":
+        attention = policy.pop("attention", "auto")
+        if attention != "auto":
+            raise ValueError(f"attention={attention!r} is a Llama-family setting; GPT-2 models take 'auto' only")
         return GPT2Config.from_hf(hf, **policy)
     return ModelConfig.from_hf(hf, **policy)
 
 
 def load_hf_config(checkpoint_dir: str | Path, **policy) -> AnyConfig:
-    """The config of ``checkpoint_dir/config.json``; ``policy``: param_dtype, compute_dtype, remat."""
+    """The config of ``checkpoint_dir/config.json``; ``policy``: param_dtype, compute_dtype, remat, attention."""
     config_path = Path(checkpoint_dir) / CONFIG_FILE
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} not found: a Hugging Face checkpoint directory needs one")
@@ -282,6 +287,7 @@ def load_hf(
     param_dtype: str = "float32",
     compute_dtype: str = "float32",
     remat: str = "none",
+    attention: str = "auto",
 ) -> AnyModel:
     """Load a transformers Llama/Mistral/Qwen2 or GPT-2 checkpoint directory.
 
@@ -291,7 +297,7 @@ def load_hf(
             safetensors win when both are present.
         mesh: when given, each parameter is placed directly with its sharding from
             :func:`jaxalign.models.sharding.named_shardings`; otherwise on the default device.
-        param_dtype, compute_dtype, remat: the dtype/remat policy (see :class:`ModelConfig`);
+        param_dtype, compute_dtype, remat, attention: the execution policy (see :class:`ModelConfig`);
             tensors are cast from the file's dtype to ``param_dtype``.
 
     Returns:
@@ -304,7 +310,8 @@ def load_hf(
             (the message names the tensor and the file).
     """
     directory = Path(checkpoint_dir)
-    config = load_hf_config(directory, param_dtype=param_dtype, compute_dtype=compute_dtype, remat=remat)
+    config = load_hf_config(directory, param_dtype=param_dtype, compute_dtype=compute_dtype, remat=remat,
+                            attention=attention)
     with contextlib.ExitStack() as stack:
         if (directory / INDEX_FILE).is_file() or (directory / SINGLE_FILE).is_file():
             source = SafetensorsSource(directory, stack)

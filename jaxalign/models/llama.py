@@ -91,17 +91,17 @@ class Attention(nnx.Module):
         - ``"grouped"``: :func:`grouped_attention` (float32 scores and softmax, the numbers of
           ``jax.nn.dot_product_attention`` in a layout that is faster on CPUs, measured in its docstring);
         - ``"cudnn"``: :func:`cudnn_attention` for more than one new token, a decode step's one query grouped;
-        - ``"auto"``: cuDNN where it was measured faster — an NVIDIA GPU (Ampere on), bf16/f16 compute, more
-          than one new token and no cache (training and scoring rows: one layer's forward and backward 1.7–3.1×
-          faster than grouped on an H200, a 1B model's DPO step 1.3–1.9×; docs/gpu.md) — grouped elsewhere
-          (CPUs, TPUs, AMD GPUs, float32, decoding and prefill, which have not been measured through cuDNN).
+        - ``"auto"``: cuDNN for training and scoring rows (more than one new token, no cache) where JAX's cuDNN
+          attention runs (:func:`cudnn_flash_attention_available`, bf16/f16, a head dim that is a multiple of 8
+          up to 128); grouped elsewhere (CPUs, TPUs, AMD GPUs, float32, decoding, and prefill, which has not
+          been measured through cuDNN). Measured with ``"cudnn"`` on an H200 in bf16 (head dim 64): one
+          layer's forward and backward 1.7–3.1× faster than grouped, a 1B model's DPO step 1.3–1.9× (docs/gpu.md).
         """
         k, v = k.astype(q.dtype), v.astype(q.dtype)
         scale = self.head_dim**-0.5
-        fused = q.shape[1] > 1 and (self.implementation == "cudnn" or (
-            self.implementation == "auto" and not cached and q.dtype in (jnp.bfloat16, jnp.float16)
-            and cudnn_flash_attention_available()))
-        if fused:
+        kernel = attention_kernel(self.implementation, dtype=q.dtype, head_dim=self.head_dim,
+                                  new_tokens=q.shape[1], cached=cached)
+        if kernel == "cudnn":
             return cudnn_attention(q, k, v, mask, scale=scale)
         return grouped_attention(q, k, v, mask, scale=scale)
 
@@ -146,10 +146,22 @@ def grouped_attention(q: Float[Array, "B T H Dh"], k: Float[Array, "B S K Dh"], 
     return rearrange(out, "b k (t g) d -> b t (k g d)", g=groups)
 
 
+def attention_kernel(implementation: str, *, dtype, head_dim: int, new_tokens: int, cached: bool) -> str:
+    """``"cudnn"`` or ``"grouped"``: what :meth:`Attention.attend` runs under the config's ``attention``
+    (``implementation``) for ``new_tokens`` queries of ``dtype``, over a cache's keys or not."""
+    if new_tokens == 1 or implementation == "grouped":
+        return "grouped"
+    if implementation == "cudnn":
+        return "cudnn"
+    fits = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128
+    return "cudnn" if fits and not cached and cudnn_flash_attention_available() else "grouped"
+
+
 @functools.cache
 def cudnn_flash_attention_available() -> bool:
-    """True on NVIDIA GPUs that have cuDNN's flash attention (compute capability 8.0 and later, i.e. Ampere on:
-    the versions JAX's cuDNN attention accepts); False on CPUs, TPUs, AMD GPUs and older NVIDIA ones."""
+    """True where the default device is a CUDA GPU of compute capability 8.0 or later (Ampere on), which JAX's
+    cuDNN attention requires; False on CPUs, TPUs, AMD GPUs and older NVIDIA ones. A model placed on another
+    device than the default one (``jax.default_device``) is not looked at."""
     device = jax.devices()[0]
     if device.platform != "gpu" or "cuda" not in device.client.platform_version:  # as JAX's own check reads it
         return False

@@ -19,7 +19,8 @@ def load_pretrained(path: str | Path | None, *, source: str = "path", **policy):
     Args:
         path: the directory or file; None for :func:`default_model_path`.
         source: where the path came from (a config field, a command-line option), named in the errors.
-        **policy: ``param_dtype``, ``compute_dtype``, ``remat`` (see :class:`~jaxalign.models.ModelConfig`).
+        **policy: ``param_dtype``, ``compute_dtype``, ``remat``, ``attention`` (see
+            :class:`~jaxalign.models.ModelConfig`).
 
     Raises:
         FileNotFoundError: no such path, or a directory without tokenizer files.

@@ -336,6 +336,7 @@ def test_best_of_n_records_never_train_as_pairs(checkpoint, pairs_file, tmp_path
                                   r"got 'dots_saveable'"),
     ("model.compute_dtype=float16", "model.compute_dtype=float16 does not run on CPU"),
     ("model.param_dtype=float8", "model.param_dtype must be one of"),
+    ("model.attention=flash", r"model.attention must be one of \('auto', 'grouped', 'cudnn'\), got 'flash'"),
     ("train.log.wandb_project=x", r"wandb_project='x' needs Weights & Biases, which is not installed: "
                                   r"pip install 'jaxalign\[wandb\]'"),
 ])

@@ -190,3 +190,24 @@ def test_per_layer_buffers_keep_keys_slots_innermost_and_values_slots_before_the
     np.testing.assert_array_equal(keys_read[:, slots], new_keys[:, 0])  # what the attention reads: [B, S, K, Dh]
     np.testing.assert_array_equal(values_read[:, slots], new_values[:, 0])
     np.testing.assert_array_equal(kv.keys[0], wider.keys[0])  # other layers untouched
+
+
+def test_a_joining_step_attends_as_cached_rows(rng, monkeypatch):
+    """Both of a joining step's attentions (the decode step's rows and the joining prompt's) read the cache, so
+    ``attention: auto`` keeps them on grouped attention (cuDNN is measured for training and scoring rows only)."""
+    from jaxalign.models import llama
+
+    seen = []
+    attend = llama.Attention.attend
+
+    def spy(self, *args, cached=False, **kwargs):
+        seen.append((args[0].shape[1], cached))
+        return attend(self, *args, cached=cached, **kwargs)
+
+    monkeypatch.setattr(llama.Attention, "attend", spy)
+    model = LlamaForCausalLM(TINY, rngs=nnx.Rngs(0))
+    _, cache = model.hidden_states(jnp.asarray(rng.integers(0, V, size=(2, 6))), cache=KVCache.init(TINY, 2, 16))
+    joining = Joining(jnp.asarray(rng.integers(0, V, size=(1, 4))), jnp.ones((1, 4), jnp.int32), jnp.int32(1), None)
+    seen.clear()
+    unstack_layers(model).decode_joining(jnp.asarray([3, 4]), jnp.asarray([True, False]), cache.per_layer(), joining)
+    assert sorted(set(seen)) == [(1, True), (4, True)] and len(seen) == 2 * TINY.n_layers

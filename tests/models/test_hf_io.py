@@ -137,3 +137,19 @@ def test_unknown_config_key_names_the_file_and_key(hf_checkpoint, tmp_path):
     (directory / "config.json").write_text(json.dumps({**config, "attn_logit_softcapping": 30.0}))
     with pytest.raises(ValueError, match=r"config\.json.*attn_logit_softcapping"):
         load_hf(directory)
+
+
+def test_the_loaders_take_the_attention_policy(hf_checkpoint, monkeypatch):
+    """``attention`` travels with the other policy keys (``jaxalign train``'s ``model.attention`` included);
+    GPT-2, which has one attention, refuses any other than ``auto``."""
+    from jaxalign.methods import common
+    from jaxalign.methods.recipe import ModelSpec
+
+    assert load_hf(hf_checkpoint("llama"), attention="grouped").config.attention == "grouped"
+    asked = {}
+    monkeypatch.setattr(common.models, "load_pretrained", lambda path, **policy: asked.update(policy))
+    common.load_pretrained(ModelSpec(path="some/checkpoint", attention="grouped"))
+    assert asked["attention"] == "grouped" and asked["remat"] == "dots_no_batch"
+    assert load_hf(hf_checkpoint("gpt2")).config.remat == "none"
+    with pytest.raises(ValueError, match="GPT-2 models take 'auto' only"):
+        load_hf(hf_checkpoint("gpt2"), attention="grouped")

@@ -130,34 +130,38 @@ def test_the_attention_policy_is_validated_and_not_part_of_the_architecture():
     assert TINY.attention == "auto" and cudnn.attention == "cudnn" and TINY.same_architecture(cudnn)
 
 
-@pytest.mark.parametrize(("attention", "dtype", "backend", "new_tokens", "cached", "fused"), [
-    ("auto", jnp.bfloat16, "gpu", 6, False, True),  # training and scoring rows on a GPU
-    ("auto", jnp.bfloat16, "gpu", 6, True, False),  # prefill into a cache: not measured through cuDNN
-    ("auto", jnp.bfloat16, "gpu", 1, True, False),  # a decode step
-    ("auto", jnp.float32, "gpu", 6, False, False),  # cuDNN has no float32 kernel
-    ("auto", jnp.bfloat16, "cpu", 6, False, False),
-    ("auto", jnp.bfloat16, "tpu", 6, False, False),  # or an AMD or pre-Ampere GPU
-    ("grouped", jnp.bfloat16, "gpu", 6, False, False),
-    ("cudnn", jnp.bfloat16, "gpu", 6, True, True),  # asked for: prefill too
-    ("cudnn", jnp.bfloat16, "gpu", 1, True, False),
+@pytest.mark.parametrize(("attention", "dtype", "head_dim", "cudnn_here", "new_tokens", "cached", "fused"), [
+    ("auto", jnp.bfloat16, 8, True, 6, False, True),  # training and scoring rows where cuDNN runs
+    ("auto", jnp.float16, 64, True, 6, False, True),
+    ("auto", jnp.bfloat16, 8, True, 6, True, False),  # prefill into a cache: not measured through cuDNN
+    ("auto", jnp.bfloat16, 8, True, 1, True, False),  # a decode step
+    ("auto", jnp.float32, 8, True, 6, False, False),  # cuDNN has no float32 kernel
+    ("auto", jnp.bfloat16, 12, True, 6, False, False),  # cuDNN takes head dims that are multiples of 8
+    ("auto", jnp.bfloat16, 256, True, 6, False, False),  # ... up to 128 (256 on Hopper only)
+    ("auto", jnp.bfloat16, 8, False, 6, False, False),  # a CPU, TPU, AMD or pre-Ampere GPU
+    ("grouped", jnp.bfloat16, 8, True, 6, False, False),
+    ("cudnn", jnp.bfloat16, 8, True, 6, True, True),  # asked for: prefill too
+    ("cudnn", jnp.bfloat16, 8, True, 1, True, False),
 ])
-def test_the_attention_policy_picks_the_kernel(monkeypatch, attention, dtype, backend, new_tokens, cached, fused):
+def test_the_attention_policy_picks_the_kernel(monkeypatch, attention, dtype, head_dim, cudnn_here, new_tokens,
+                                                cached, fused):
     from jaxalign.models import llama
 
     calls = []
-    monkeypatch.setattr(llama, "cudnn_flash_attention_available", lambda: backend == "gpu")
+    monkeypatch.setattr(llama, "cudnn_flash_attention_available", lambda: cudnn_here)
     monkeypatch.setattr(llama, "cudnn_attention", lambda *a, **kw: calls.append(1) or llama.grouped_attention(*a, **kw))
-    compute = "float32" if dtype == jnp.float32 else "bfloat16"
-    layer = llama.Attention(TINY.with_policy(compute_dtype=compute, attention=attention), rngs=nnx.Rngs(0))
-    q = jnp.zeros((1, new_tokens, TINY.n_heads, TINY.head_dim), dtype)
-    k = v = jnp.zeros((1, 9, TINY.n_kv_heads, TINY.head_dim), dtype)
+    compute = {jnp.float32: "float32", jnp.bfloat16: "bfloat16", jnp.float16: "float16"}[dtype]
+    config = dataclasses.replace(TINY, head_dim=head_dim, compute_dtype=compute, attention=attention)
+    layer = llama.Attention(config, rngs=nnx.Rngs(0))
+    q = jnp.zeros((1, new_tokens, TINY.n_heads, head_dim), dtype)
+    k = v = jnp.zeros((1, 9, TINY.n_kv_heads, head_dim), dtype)
     layer.attend(q, k, v, jnp.ones((1, new_tokens, 9), bool), cached=cached)
     assert bool(calls) == fused
 
 
 def test_a_model_without_a_cache_attends_as_training_rows(monkeypatch):
     """The model passes ``cached`` through: a forward pass over rows takes cuDNN's kernel under ``auto`` on a
-    GPU in bf16 (stood in for here), a decode step with a cache does not."""
+    GPU in bf16 (stood in for here), a prefill into a cache does not."""
     from jaxalign.models import llama
 
     calls = []
@@ -184,7 +188,7 @@ def test_cudnn_attention_matches_grouped_attention_on_a_gpu(rng):
     accumulation order and cuDNN's probabilities are bf16)."""
     grouped = dataclasses.replace(TINY, head_dim=64, compute_dtype="bfloat16")  # cuDNN's head dims: 8k, <= 128
     tokens = jnp.asarray(rng.integers(0, V, size=(B, 2 * T)))
-    mask = jnp.asarray(right_padded([2 * T, T, 3], 2 * T))
+    mask = jnp.asarray(right_padded([2 * T, T, 0], 2 * T))  # the last row all padding: finite, unused
     models = {name: LlamaForCausalLM(grouped.with_policy(attention=name), rngs=nnx.Rngs(0))
               for name in ("grouped", "cudnn")}
 
@@ -195,6 +199,7 @@ def test_cudnn_attention_matches_grouped_attention_on_a_gpu(rng):
     logits = {name: np.asarray(m(tokens, attention_mask=mask)[0], np.float32)[np.asarray(mask) > 0]
               for name, m in models.items()}
     np.testing.assert_allclose(logits["cudnn"], logits["grouped"], atol=3e-2, rtol=3e-2)
+    assert all(np.isfinite(np.asarray(m(tokens, attention_mask=mask)[0], np.float32)).all() for m in models.values())
     grads = {name: nnx.state(nnx.grad(loss)(m), nnx.Param) for name, m in models.items()}
     for got, want in zip(jax.tree.leaves(grads["cudnn"]), jax.tree.leaves(grads["grouped"]), strict=True):
         got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
@@ -207,8 +212,12 @@ def test_cudnn_attention_pads_odd_lengths_without_changing_the_result(rng, monke
     from jaxalign.models import llama
 
     library_call = jax.nn.dot_product_attention
-    monkeypatch.setattr(llama.jax.nn, "dot_product_attention",
-                        lambda *a, implementation, **kw: library_call(*a, implementation="xla", **kw))
+
+    def xla_in_cudnns_place(q, k, v, *, implementation, **kwargs):
+        assert q.shape[1] % 8 == 0 and k.shape[1] % 8 == 0, "cuDNN's backward with a bias takes even lengths"
+        return library_call(q, k, v, implementation="xla", **kwargs)
+
+    monkeypatch.setattr(llama.jax.nn, "dot_product_attention", xla_in_cudnns_place)
     q = jnp.asarray(rng.standard_normal((2, 5, 4, 8)), jnp.float32)
     k, v = (jnp.asarray(rng.standard_normal((2, 11, 2, 8)), jnp.float32) for _ in range(2))
     mask = jnp.asarray(rng.random((2, 5, 11)) < 0.7).at[:, :, 0].set(True)
