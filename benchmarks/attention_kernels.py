@@ -31,7 +31,6 @@ CPU the cuDNN variants are skipped (``--small`` shrinks the shapes for a smoke r
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -225,12 +224,9 @@ def main() -> int:
         for method in ("sft", "dpo"):
             results += measure(method, length, batch, args.repeats, on_gpu, rng)
     path = args.output or RESULTS / f"attention_kernels_{jax.default_backend()}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    described = provenance.describe()
-    path.write_text(json.dumps({"benchmark": "attention_kernels", "provenance": described,
-                                "setup": {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM,
-                                          "dtype": "bfloat16" if on_gpu else "float32", "repeats": args.repeats},
-                                "results": results}, indent=2) + "\n")
+    described = provenance.write_result(path, "attention_kernels", setup={
+        "heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "dtype": "bfloat16" if on_gpu else "float32",
+        "repeats": args.repeats}, results=results)
     plot(results, path.with_suffix(".png"), described["machine"].get("accelerator") or jax.default_backend())
     print(f"wrote {path} and {path.with_suffix('.png').name}")
     return 0

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import statistics
 import time
 from pathlib import Path
@@ -195,13 +194,10 @@ def main() -> int:
             ms = statistics.median(samples) * 1e3
             results.append({"rows": rows, "slots": slots, "variant": name, "ms": ms, "over_torch": ms / 1e3 / peer})
             print(f"{rows:5d} {slots:5d}  {name:46} {ms:8.2f} {ms / 1e3 / peer:9.2f}x")
-    RESULTS.mkdir(exist_ok=True)
     path = RESULTS / "attention_layouts.json"
-    path.write_text(json.dumps({"benchmark": "attention_layouts", "provenance": provenance.describe(),
-                                "setup": {"dtype": "float32", "layers": LAYERS, "kv_heads": KV_HEADS,
-                                          "query_heads": HEADS, "head_dim": HEAD_DIM, "repeats": args.repeats,
-                                          "rounds": args.rounds, "torch_threads": 2},
-                                "cases": results}, indent=2) + "\n")
+    provenance.write_result(path, "attention_layouts", setup={
+        "dtype": "float32", "layers": LAYERS, "kv_heads": KV_HEADS, "query_heads": HEADS, "head_dim": HEAD_DIM,
+        "repeats": args.repeats, "rounds": args.rounds, "torch_threads": 2}, cases=results)
     plot(results, path.with_suffix(".png"))
     print(f"wrote {path} and {path.with_suffix('.png').name}")
     return 0

@@ -29,7 +29,6 @@ Writes ``benchmarks/results/matmul_shapes.json`` (or ``--output``) and a PNG of 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -150,12 +149,9 @@ def main() -> int:
                      "torch_gflop_s": flops / t / 1e9, "torch_speed_over_jax": j / t})
         print(f"{name:22} {j * 1e3:8.2f} {t * 1e3:9.2f} {flops / j / 1e9:12.0f} {flops / t / 1e9:14.0f} {j / t:15.2f}x")
     path = args.output
-    path.parent.mkdir(parents=True, exist_ok=True)
-    described = provenance.describe()
-    path.write_text(json.dumps({"benchmark": "matmul_shapes", "provenance": described,
-                                "setup": {"dtype": "float32", "repeats": args.repeats, "torch_threads": 2,
-                                          "jax": jax.__version__, "torch": torch.__version__},
-                                "cases": rows}, indent=2) + "\n")
+    described = provenance.write_result(path, "matmul_shapes", setup={
+        "dtype": "float32", "repeats": args.repeats, "torch_threads": 2, "jax": jax.__version__,
+        "torch": torch.__version__}, cases=rows)
     plot(rows, path.with_suffix(".png"), described["machine"]["cpu"])
     print(f"wrote {path} and {path.with_suffix('.png').name}")
     return 0

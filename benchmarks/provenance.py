@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import importlib.metadata
+import json
 import os
 import platform
 import subprocess
@@ -73,3 +74,12 @@ def describe() -> dict:
                     "glibc_tunables": os.environ.get("GLIBC_TUNABLES")},
         "versions": versions,
     }
+
+
+def write_result(path: Path, benchmark: str, **sections) -> dict:
+    """Write ``{"benchmark": benchmark, "provenance": describe(), **sections}`` to ``path`` as indented JSON
+    (its folder created) and return the provenance (its machine names the chart's hardware)."""
+    described = describe()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"benchmark": benchmark, "provenance": described, **sections}, indent=2) + "\n")
+    return described
