@@ -14,7 +14,8 @@ heads, head dim 64, bf16) runs forward and backward through:
 - **cudnn causal** (SFT only, where the mask is causal plus right padding): cuDNN's causal mask and the rows'
   lengths, no bias;
 - **PyTorch SDPA** (the peer): ``scaled_dot_product_attention(..., enable_gqa=True)``, ``is_causal`` for SFT,
-  the boolean mask for DPO (with whichever backend PyTorch picks: on an H200 its errors matched cuDNN's).
+  the boolean mask for DPO, with the backend PyTorch picks (on an H200 its errors matched JAX's cuDNN kernel's)
+  and with each of flash, cuDNN and memory-efficient pinned (those that refuse the inputs are reported so).
 
 Each is checked against float32 ``grouped_attention`` at full matmul precision on the same inputs (drawn in
 float32, rounded to bf16; output and the three input gradients, real query rows only: ‖x − ref‖ / ‖ref‖;
@@ -31,6 +32,7 @@ CPU the cuDNN variants are skipped (``--small`` shrinks the shapes for a smoke r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 from pathlib import Path
@@ -97,35 +99,45 @@ def relative_error(x, ref, query_valid) -> float:
     return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
 
 
-def torch_peer(method: str, mask, inputs, cotangent):
-    """PyTorch SDPA's forward and backward on the same inputs, or None without torch on a GPU."""
+def torch_peers(method: str, mask, inputs, cotangent) -> dict:
+    """``{name: (run, outputs)}``: PyTorch SDPA's forward and backward on the same inputs with the backend it
+    picks and with each backend pinned (``torch.nn.attention.sdpa_kernel``; a backend that refuses the inputs
+    fails when first run), or ``{}`` without torch on a GPU. ``run`` synchronises; ``outputs`` gives the output
+    and the three input gradients as float32 NumPy ``[B, T, heads, Dh]``."""
     try:
         import torch
         import torch.nn.functional as F
+        from torch.nn.attention import SDPBackend, sdpa_kernel
     except ImportError:
-        return None
+        return {}
     if not torch.cuda.is_available():
-        return None
+        return {}
     q, k, v = (torch.tensor(np.asarray(x.astype(jnp.float32)), device="cuda").to(torch.bfloat16).transpose(1, 2)
                .requires_grad_() for x in inputs)  # [B, heads, T, Dh]
     grad_out = torch.tensor(np.asarray(cotangent), device="cuda").to(torch.bfloat16).transpose(1, 2)
     bool_mask = torch.tensor(np.asarray(mask), device="cuda")[:, None]
 
-    def run():
-        for x in (q, k, v):
-            x.grad = None
-        if method == "sft":
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=SCALE, enable_gqa=True)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bool_mask, scale=SCALE, enable_gqa=True)
-        out.backward(grad_out)
-        torch.cuda.synchronize()
-        return out
+    def peer(backend):
+        def run():
+            for x in (q, k, v):
+                x.grad = None
+            with contextlib.nullcontext() if backend is None else sdpa_kernel(backend):
+                if method == "sft":
+                    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=SCALE, enable_gqa=True)
+                else:
+                    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bool_mask, scale=SCALE, enable_gqa=True)
+            out.backward(grad_out)
+            torch.cuda.synchronize()
+            return out
 
-    def outputs():
-        return [run().detach().transpose(1, 2).float().cpu().numpy()] + [
-            x.grad.transpose(1, 2).float().cpu().numpy() for x in (q, k, v)]
-    return run, outputs
+        def outputs():
+            return [run().detach().transpose(1, 2).float().cpu().numpy()] + [
+                x.grad.transpose(1, 2).float().cpu().numpy() for x in (q, k, v)]
+        return run, outputs
+
+    backends = {"PyTorch SDPA": None, "PyTorch flash": SDPBackend.FLASH_ATTENTION,
+                "PyTorch cuDNN": SDPBackend.CUDNN_ATTENTION, "PyTorch efficient": SDPBackend.EFFICIENT_ATTENTION}
+    return {name: peer(backend) for name, backend in backends.items()}
 
 
 def measure(method: str, length: int, batch: int, repeats: int, on_gpu: bool, rng) -> list[dict]:
@@ -149,7 +161,7 @@ def measure(method: str, length: int, batch: int, repeats: int, on_gpu: bool, rn
     results = []
     case = f"{method} {batch}×{length}" + ("" if method == "sft" else f" (rows of {width})")
     timed = {name: (loss_and_grads(fn, cotangent), fn) for name, fn in variants(method, mask, lengths, on_gpu).items()}
-    peer = torch_peer(method, mask, inputs, cotangent)
+    peers = torch_peers(method, mask, inputs, cotangent)
     for name, (step, attend) in timed.items():
         try:
             _, grads = jax.block_until_ready(step(*low))
@@ -164,15 +176,19 @@ def measure(method: str, length: int, batch: int, repeats: int, on_gpu: bool, rn
             jax.block_until_ready(step(*low))
             times.append(time.perf_counter() - start)
         results.append(_row(case, name, times, flops, outs, references, query_valid))
-    if peer is not None:
-        run, outputs = peer
-        outs = outputs()
+    for name, (run, outputs) in peers.items():
+        try:
+            outs = outputs()
+        except RuntimeError as error:  # a pinned backend that does not take these inputs
+            results.append({"case": case, "variant": name, "error": f"{type(error).__name__}: {error}"[:500]})
+            print(f"{case:34} {name:14} failed: {results[-1]['error'][:200]}")
+            continue
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
             run()  # synchronises
             times.append(time.perf_counter() - start)
-        results.append(_row(case, "PyTorch SDPA", times, flops, outs, references, query_valid))
+        results.append(_row(case, name, times, flops, outs, references, query_valid))
     return results
 
 

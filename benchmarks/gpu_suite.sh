@@ -77,7 +77,7 @@ print(\"jax\", jax.__version__, jax.devices(), \"flax\", flax.__version__, \"opt
     train512grouped) train 512 4 150 grouped ;;
     train2048grouped) train 2048 2 110 grouped ;;
     # One layer's attention forward and backward per implementation (grouped, XLA, cuDNN, PyTorch SDPA).
-    attention) run attention 150 python3 benchmarks/attention_kernels.py --lengths 512,2048 \
+    attention) run attention 180 python3 benchmarks/attention_kernels.py --lengths 512,2048 \
       --output "$scratch/attention_kernels_gpu.json" ;;
     # The model, loss, sampler and training-step tests; float32 products at full precision (parity tolerances).
     # shellcheck disable=SC2086  # TESTS is a list of paths
