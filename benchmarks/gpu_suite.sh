@@ -76,7 +76,7 @@ print(\"jax\", jax.__version__, jax.devices(), \"flax\", flax.__version__, \"opt
     # The attention before cuDNN's (auto picks cuDNN for these rows): the comparison in docs/gpu.md.
     train512grouped) train 512 4 150 grouped ;;
     train2048grouped) train 2048 2 110 grouped ;;
-    # One layer's attention forward and backward per implementation (grouped, XLA, cuDNN, PyTorch SDPA).
+    # One layer's attention forward and backward per kernel (grouped, cuDNN, PyTorch SDPA per backend).
     attention) run attention 180 python3 benchmarks/attention_kernels.py --lengths 512,2048 \
       --output "$scratch/attention_kernels_gpu.json" ;;
     # The model, loss, sampler and training-step tests; float32 products at full precision (parity tolerances).
