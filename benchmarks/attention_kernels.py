@@ -160,26 +160,16 @@ def measure(method: str, length: int, batch: int, repeats: int, on_gpu: bool, rn
     low = [x.astype(dtype) for x in inputs]
     results = []
     case = f"{method} {batch}×{length}" + ("" if method == "sft" else f" (rows of {width})")
-    timed = {name: (loss_and_grads(fn, cotangent), fn) for name, fn in variants(method, mask, lengths, on_gpu).items()}
-    peers = torch_peers(method, mask, inputs, cotangent)
-    for name, (step, attend) in timed.items():
-        try:
-            _, grads = jax.block_until_ready(step(*low))
-            outs = [jax.jit(attend)(*low), *grads]
-        except Exception as error:  # noqa: BLE001  a kernel that refuses these shapes is a result, not a crash
-            results.append({"case": case, "variant": name, "error": f"{type(error).__name__}: {error}"[:500]})
-            print(f"{case:34} {name:14} failed: {results[-1]['error'][:200]}")
-            continue
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            jax.block_until_ready(step(*low))
-            times.append(time.perf_counter() - start)
-        results.append(_row(case, name, times, flops, outs, references, query_valid))
-    for name, (run, outputs) in peers.items():
+    candidates = {}  # name: (run, outputs): one timed forward and backward; the output and the three gradients
+    for name, attend in variants(method, mask, lengths, on_gpu).items():
+        step = loss_and_grads(attend, cotangent)
+        candidates[name] = (lambda step=step: jax.block_until_ready(step(*low)),
+                            lambda step=step, attend=attend: [jax.jit(attend)(*low), *step(*low)[1]])
+    candidates |= torch_peers(method, mask, inputs, cotangent)
+    for name, (run, outputs) in candidates.items():
         try:
             outs = outputs()
-        except RuntimeError as error:  # a pinned backend that does not take these inputs
+        except Exception as error:  # noqa: BLE001  a kernel that refuses these shapes is a result, not a crash
             results.append({"case": case, "variant": name, "error": f"{type(error).__name__}: {error}"[:500]})
             print(f"{case:34} {name:14} failed: {results[-1]['error'][:200]}")
             continue
