@@ -81,15 +81,19 @@ class Attention(nnx.Module):
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def attend(self, q: Float[Array, "B T H Dh"], k: Float[Array, "B S K Dh"], v: Float[Array, "B S K Dh"],
-               mask: Bool[Array, "B T S"], *, cached: bool = False) -> Float[Array, "B T HDh"]:
+               mask: Bool[Array, "B T S"], *, cached: bool = False, causal: bool = False) -> Float[Array, "B T HDh"]:
         """Attention of ``q`` over ``S`` keys, heads concatenated (before ``o_proj``); ``cached``: the keys are
-        a KV cache's (decoding, prefill).
+        a KV cache's (decoding, prefill); ``causal``: the keys are the queries' own ``T`` tokens and ``mask``
+        never shows a query a later slot (as every mask of :func:`~jaxalign.models.stack.attention_inputs`
+        without a cache), which lets grouped attention on CPUs skip the blocks above the diagonal
+        (:func:`causal_block_attention`).
 
         Query head n uses kv head n // (H/K), as transformers' repeat_kv; masked scores are a large finite
         negative, so a query that sees nothing gives no NaN. Which kernel runs is the config's ``attention``:
 
         - ``"grouped"``: :func:`grouped_attention` (float32 scores and softmax, the numbers of
-          ``jax.nn.dot_product_attention`` in a layout that is faster on CPUs, measured in its docstring);
+          ``jax.nn.dot_product_attention`` in a layout that is faster on CPUs, measured in its docstring), for
+          ``causal`` rows on CPUs in blocks of queries (:func:`causal_block_attention`);
         - ``"cudnn"``: :func:`cudnn_attention` for more than one new token, a decode step's one query grouped;
         - ``"auto"``: cuDNN for training and scoring rows (more than one new token, no cache) where JAX's cuDNN
           attention runs (:func:`cudnn_flash_attention_available`, bf16/f16, a head dim that is a multiple of 8
@@ -103,6 +107,8 @@ class Attention(nnx.Module):
                                   new_tokens=q.shape[1], cached=cached)
         if kernel == "cudnn":
             return cudnn_attention(q, k, v, mask, scale=scale)
+        if causal and jax.default_backend() == "cpu":  # the split is measured on CPUs only
+            return causal_block_attention(q, k, v, mask, scale=scale)
         return grouped_attention(q, k, v, mask, scale=scale)
 
     def __call__(
@@ -118,7 +124,7 @@ class Attention(nnx.Module):
         q, k, v = self.project(x, cos, sin)
         if kv is not None:
             kv, k, v = kv.append(k, v)
-        return per_token(self.o_proj, self.attend(q, k, v, mask, cached=kv is not None)), kv
+        return per_token(self.o_proj, self.attend(q, k, v, mask, cached=kv is not None, causal=kv is None)), kv
 
 
 def grouped_attention(q: Float[Array, "B T H Dh"], k: Float[Array, "B S K Dh"], v: Float[Array, "B S K Dh"],
@@ -144,6 +150,34 @@ def grouped_attention(q: Float[Array, "B T H Dh"], k: Float[Array, "B S K Dh"], 
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkqs,bksd->bkqd", probs, rearrange(v, "b s k d -> b k s d"))
     return rearrange(out, "b k (t g) d -> b t (k g d)", g=groups)
+
+
+CAUSAL_BLOCK = 48
+"""Query tokens per block of :func:`causal_block_attention` (measured below)."""
+
+
+def causal_block_attention(q: Float[Array, "B T H Dh"], k: Float[Array, "B T K Dh"], v: Float[Array, "B T K Dh"],
+                           mask: Bool[Array, "B T T"], *, scale: float,
+                           block: int = CAUSAL_BLOCK) -> Float[Array, "B T HDh"]:
+    """:func:`grouped_attention` over causal rows, in blocks of about ``block`` queries, each over the keys up to
+    its last query only.
+
+    In a causal row no query sees a later slot, so the score blocks above the diagonal are all masked: skipping
+    them leaves every real query's output as it was (up to the order of the softmax's sum) and cuts the scores
+    of ``n`` blocks to ``(n + 1) / 2n`` of the full ``T × T``. A query that sees no key at all (padding) gets the
+    uniform average of its block's keys instead of all ``T`` (finite and unread either way). On 2 CPU cores,
+    SmolLM2-135M, one process, steps alternated (medians of 5–6): the DPO step of 4 shared-prompt rows of 194
+    tokens 5.73 → 5.52–5.54 s with blocks of 32 or 48 queries (5.57 s with 64); the SFT step of 4 × 125 tokens
+    within the spread (2.49 against 2.47–2.50 s). The full-width score matrix of the 194-token rows does not fit
+    these cores' 2 MB caches, which is where most of the gain comes from: 30 layers' attention forward and
+    backward alone took 430 ms whole and 245–250 ms in 2–4 blocks.
+    """
+    length = q.shape[1]
+    blocks = max(1, round(length / block))
+    edges = [round(length * i / blocks) for i in range(blocks + 1)]
+    outputs = [grouped_attention(q[:, start:end], k[:, :end], v[:, :end], mask[:, start:end, :end], scale=scale)
+               for start, end in zip(edges[:-1], edges[1:])]
+    return outputs[0] if blocks == 1 else jnp.concatenate(outputs, axis=1)
 
 
 def attention_kernel(implementation: str, *, dtype, head_dim: int, new_tokens: int, cached: bool) -> str:

@@ -1,6 +1,7 @@
 """Model structure: stacked layout, scan (depth-independent program), remat, dtype policy, padding safety."""
 
 import dataclasses
+import functools
 
 import chex
 import jax
@@ -172,6 +173,61 @@ def test_a_model_without_a_cache_attends_as_training_rows(monkeypatch):
     assert len(calls) == 1  # traced once inside the scanned stack
     model(jnp.zeros((B, T), jnp.int32), cache=KVCache.init(model.config, B, T + 1))  # a prefill
     assert len(calls) == 1
+
+
+def causal_row_masks(length: int) -> jax.Array:
+    """``[4, length, length]`` masks as the model builds them: a full row, a right-padded one, two packed
+    sequences, and a shared prompt (the first third) with two branches that do not see each other."""
+    from jaxalign.models.masks import attention_mask
+
+    slots = np.arange(length)
+    valid = np.stack([slots >= 0, slots < 2 * length // 3, slots >= 0, slots >= 0])
+    segments = np.stack([np.zeros(length), np.zeros(length), slots >= length // 2, np.zeros(length)]).astype(np.int32)
+    branches = np.stack([np.zeros(length)] * 3 + [np.minimum(slots // -(-length // 3), 2)]).astype(np.int32)
+    return attention_mask(jnp.asarray(valid), jnp.arange(length), query_segments=jnp.asarray(segments),
+                          key_segments=jnp.asarray(segments), query_branches=jnp.asarray(branches),
+                          key_branches=jnp.asarray(branches))
+
+
+@pytest.mark.parametrize(("length", "block"), [(13, 4), (40, 48), (125, 48), (194, 48)])
+def test_causal_block_attention_is_grouped_attention_over_causal_rows(rng, length, block):
+    """Outputs and gradients of every query that sees a key equal grouped_attention's over the whole row (a
+    padded query, which sees none, is finite and left out of the loss, as the model's loss masks leave it)."""
+    from jaxalign.models import llama
+
+    mask = causal_row_masks(length)
+    sees = jnp.any(mask, axis=-1)[..., None]  # [4, T, 1]
+    q = jnp.asarray(rng.standard_normal((4, length, 4, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((4, length, 2, 8)), jnp.float32) for _ in range(2))
+
+    def loss(attend):
+        return lambda q, k, v: jnp.sum(jnp.where(sees, jnp.sin(attend(q, k, v)), 0.0))
+
+    whole = functools.partial(llama.grouped_attention, mask=mask, scale=0.3)
+    blocks = functools.partial(llama.causal_block_attention, mask=mask, scale=0.3, block=block)
+    got, want = blocks(q, k, v), whole(q, k, v)
+    assert np.isfinite(np.asarray(got)).all()
+    chex.assert_trees_all_close(jnp.where(sees, got, 0.0), jnp.where(sees, want, 0.0), atol=1e-5, rtol=1e-5)
+    chex.assert_trees_all_close(jax.grad(loss(blocks), argnums=(0, 1, 2))(q, k, v),
+                                jax.grad(loss(whole), argnums=(0, 1, 2))(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+def test_rows_without_a_cache_attend_in_causal_blocks_on_a_cpu(monkeypatch):
+    """The model's rows (no cache) take causal_block_attention on CPUs; a prefill into a cache, whose keys
+    include the cache's slots, and a direct call that promises nothing take grouped_attention."""
+    from jaxalign.models import llama
+
+    calls = []
+    monkeypatch.setattr(llama, "causal_block_attention",
+                        lambda *a, **kw: calls.append(1) or llama.grouped_attention(*a, **kw))
+    model = LlamaForCausalLM(TINY, rngs=nnx.Rngs(0))
+    model(jnp.zeros((B, T), jnp.int32))
+    assert len(calls) == (jax.default_backend() == "cpu")  # traced once inside the scanned stack
+    model(jnp.zeros((B, T), jnp.int32), cache=KVCache.init(model.config, B, T + 1))
+    q = jnp.zeros((1, T, TINY.n_heads, TINY.head_dim))
+    k = v = jnp.zeros((1, T, TINY.n_kv_heads, TINY.head_dim))
+    model.model.layers.self_attn.attend(q, k, v, jnp.ones((1, T, T), bool))
+    assert len(calls) == (jax.default_backend() == "cpu")
 
 
 def test_cudnn_flash_attention_is_available_on_the_gpus_we_test_on_only():
