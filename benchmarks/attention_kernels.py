@@ -8,6 +8,8 @@ heads, head dim 64, bf16) runs forward and backward through:
 
 - **grouped**: ``llama.grouped_attention``, what ``ModelConfig(attention="grouped")`` runs (float32 scores
   materialised ``[B, K, T·G, S]``);
+- **grouped, causal blocks** (on a CPU only): ``llama.causal_block_attention``, what the model runs there for
+  rows without a cache (blocks of 48 queries, each over the keys up to its last query);
 - **xla** (on a CPU only): ``jax.nn.dot_product_attention(implementation="xla")`` with the boolean mask;
 - **cudnn**: ``llama.cudnn_attention``, what ``ModelConfig(attention="cudnn")`` runs: cuDNN's fused attention
   with the mask as an additive bias, the rows padded to a multiple of 8;
@@ -42,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 import provenance  # benchmarks/provenance.py: run as `python benchmarks/attention_kernels.py`
 
-from jaxalign.models.llama import cudnn_attention, grouped_attention
+from jaxalign.models.llama import causal_block_attention, cudnn_attention, grouped_attention
 from jaxalign.models.masks import attention_mask
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -73,6 +75,8 @@ def variants(method: str, mask, lengths, on_gpu: bool) -> dict:
     lengths = jnp.asarray(lengths, jnp.int32)
     out = {"grouped": lambda q, k, v: grouped_attention(q, k, v, mask, scale=SCALE).reshape(q.shape)}
     if not on_gpu:
+        out["grouped, causal blocks"] = lambda q, k, v: causal_block_attention(q, k, v, mask,
+                                                                              scale=SCALE).reshape(q.shape)
         out["xla"] = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=SCALE,
                                                                    implementation="xla")
     else:
@@ -171,7 +175,7 @@ def measure(method: str, length: int, batch: int, repeats: int, on_gpu: bool, rn
             outs = outputs()
         except Exception as error:  # noqa: BLE001  a kernel that refuses these shapes is a result, not a crash
             results.append({"case": case, "variant": name, "error": f"{type(error).__name__}: {error}"[:500]})
-            print(f"{case:34} {name:14} failed: {results[-1]['error'][:200]}")
+            print(f"{case:34} {name:22} failed: {results[-1]['error'][:200]}")
             continue
         times = []
         for _ in range(repeats):
@@ -188,7 +192,7 @@ def _row(case, name, times, flops, outs, references, query_valid) -> dict:
               for part, x, ref in zip(("out", "dq", "dk", "dv"), outs, references, strict=True)}
     row = {"case": case, "variant": name, "seconds": seconds, "tflop_per_s": flops / seconds / 1e12,
            "useful_flops": flops, "relative_error": errors}
-    print(f"{case:34} {name:14} {seconds * 1e3:9.2f} ms {row['tflop_per_s']:8.1f} TFLOP/s   max rel err "
+    print(f"{case:34} {name:22} {seconds * 1e3:9.2f} ms {row['tflop_per_s']:8.3f} TFLOP/s   max rel err "
           f"{max(errors.values()):.1e}")
     return row
 
