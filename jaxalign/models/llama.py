@@ -158,7 +158,7 @@ CAUSAL_BLOCK = 48
 
 def causal_block_attention(q: Float[Array, "B T H Dh"], k: Float[Array, "B T K Dh"], v: Float[Array, "B T K Dh"],
                            mask: Bool[Array, "B T T"], *, scale: float,
-                           block: int = CAUSAL_BLOCK) -> Float[Array, "B T HDh"]:
+                           block: int | None = None) -> Float[Array, "B T HDh"]:
     """:func:`grouped_attention` over causal rows, in blocks of about ``block`` queries, each over the keys up to
     its last query only.
 
@@ -173,7 +173,7 @@ def causal_block_attention(q: Float[Array, "B T H Dh"], k: Float[Array, "B T K D
     backward alone took 430 ms whole and 245–250 ms in 2–4 blocks.
     """
     length = q.shape[1]
-    blocks = max(1, round(length / block))
+    blocks = max(1, round(length / (block or CAUSAL_BLOCK)))
     edges = [round(length * i / blocks) for i in range(blocks + 1)]
     outputs = [grouped_attention(q[:, start:end], k[:, :end], v[:, :end], mask[:, start:end, :end], scale=scale)
                for start, end in zip(edges[:-1], edges[1:])]

@@ -212,6 +212,34 @@ def test_causal_block_attention_is_grouped_attention_over_causal_rows(rng, lengt
                                 jax.grad(loss(whole), argnums=(0, 1, 2))(q, k, v), atol=1e-5, rtol=1e-5)
 
 
+def test_a_model_attending_in_causal_blocks_gives_the_whole_rows_logits_and_gradients(rng, monkeypatch):
+    """End to end through the model, blocks of 2 queries (4 blocks a row) against whole rows: padded, packed and
+    shared-prompt rows give the same logits at real tokens and the same parameter gradients."""
+    from jaxalign.models import llama
+
+    length = 8
+    tokens = jnp.asarray(rng.integers(0, V, size=(3, length)))
+    mask = jnp.asarray(right_padded([length, 5, length], length))
+    segments = jnp.asarray(np.stack([np.zeros(length), np.zeros(length), np.arange(length) >= 3]).astype(np.int32))
+    branches = jnp.asarray(np.stack([np.zeros(length), np.zeros(length), np.zeros(length)]).astype(np.int32)
+                           ).at[0, 3:].set(jnp.asarray([1, 1, 1, 2, 2]))
+    model = LlamaForCausalLM(TINY, rngs=nnx.Rngs(0))
+
+    def loss(m):
+        logits = m(tokens, attention_mask=mask, segment_ids=segments, branch_ids=branches)[0]
+        return jnp.sum(jnp.where(mask[..., None] > 0, jax.nn.log_softmax(logits), 0.0)[..., :5]), logits
+
+    def run():
+        (_, logits), grads = nnx.value_and_grad(loss, has_aux=True)(model)
+        return np.asarray(logits)[np.asarray(mask) > 0], nnx.state(grads, nnx.Param)
+
+    monkeypatch.setattr(llama, "CAUSAL_BLOCK", 2)
+    blocks = run()
+    monkeypatch.setattr(llama, "causal_block_attention", lambda *a, **kw: llama.grouped_attention(*a, **kw))
+    whole = run()
+    chex.assert_trees_all_close(blocks, whole, atol=1e-5, rtol=1e-5)
+
+
 def test_rows_without_a_cache_attend_in_causal_blocks_on_a_cpu(monkeypatch):
     """The model's rows (no cache) take causal_block_attention on CPUs; a prefill into a cache, whose keys
     include the cache's slots, and a direct call that promises nothing take grouped_attention."""
