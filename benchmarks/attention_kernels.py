@@ -1,15 +1,15 @@
-"""Training attention (forward and backward) of a 1B Llama's shape, per implementation, on a GPU.
+"""Training attention (forward and backward) of a 1B Llama's shape, per implementation, on a GPU or a CPU.
 
 The rows are shaped like those of ``benchmarks/train_throughput.py --synthetic-length N``: SFT rows of up to
 ``N`` tokens (right-padded) and DPO rows laid out as jaxalign trains them, one shared prompt and both
 completions in one row (``[prompt | chosen | rejected]``, each completion seeing the prompt and itself:
 ``masks.attention_mask`` with branches). Per row layout, one layer's attention (32 query heads over 8 kv
-heads, head dim 64, bf16) runs forward and backward through:
+heads, head dim 64; bf16 on a GPU, float32 on a CPU) runs forward and backward through:
 
 - **grouped**: ``llama.grouped_attention``, what ``ModelConfig(attention="grouped")`` runs (float32 scores
   materialised ``[B, K, T·G, S]``);
 - **grouped, causal blocks** (on a CPU only): ``llama.causal_block_attention``, what the model runs there for
-  rows without a cache (blocks of 48 queries, each over the keys up to its last query);
+  rows without a cache (blocks of about 48 queries, at most 4, each over the keys up to its last query);
 - **xla** (on a CPU only): ``jax.nn.dot_product_attention(implementation="xla")`` with the boolean mask;
 - **cudnn**: ``llama.cudnn_attention``, what ``ModelConfig(attention="cudnn")`` runs: cuDNN's fused attention
   with the mask as an additive bias, the rows padded to a multiple of 8;

@@ -236,7 +236,8 @@ class ModelConfig(ExecutionPolicy):
       (``"full"`` recomputes the whole layer in the backward pass, ``"dots"`` saves matmul outputs,
       ``"dots_no_batch"`` saves only matmuls without batch dimensions, i.e. the weight projections).
     - ``attention``: one of :data:`ATTENTION_IMPLEMENTATIONS`, how more than one new token attends
-      (``"grouped"``: :func:`jaxalign.models.llama.grouped_attention`; ``"cudnn"``: cuDNN's fused attention,
+      (``"grouped"``: :func:`jaxalign.models.llama.grouped_attention`, for rows without a cache on CPUs in causal
+      blocks, :func:`jaxalign.models.llama.causal_block_attention`; ``"cudnn"``: cuDNN's fused attention,
       NVIDIA GPUs with bfloat16/float16 compute only; ``"auto"``: cuDNN for training and scoring rows on such a
       GPU, grouped elsewhere; see :meth:`jaxalign.models.llama.Attention.attend`).
     """

@@ -153,31 +153,39 @@ def grouped_attention(q: Float[Array, "B T H Dh"], k: Float[Array, "B S K Dh"], 
 
 
 CAUSAL_BLOCK = 48
-"""Query tokens per block of :func:`causal_block_attention` (measured below)."""
+"""Query tokens per block of :func:`causal_block_attention`, up to :data:`MAX_CAUSAL_BLOCKS` blocks (measured in
+its docstring)."""
+MAX_CAUSAL_BLOCKS = 4
+"""Every block is its own attention in the compiled program, so compile time grows with the count."""
 
 
 def causal_block_attention(q: Float[Array, "B T H Dh"], k: Float[Array, "B T K Dh"], v: Float[Array, "B T K Dh"],
                            mask: Bool[Array, "B T T"], *, scale: float,
                            block: int | None = None) -> Float[Array, "B T HDh"]:
-    """:func:`grouped_attention` over causal rows, in blocks of about ``block`` queries, each over the keys up to
-    its last query only.
+    """:func:`grouped_attention` over causal rows, the queries in ``n`` blocks of about ``block`` tokens
+    (:data:`CAUSAL_BLOCK`; ``n = round(T / block)``, at least 1 and at most :data:`MAX_CAUSAL_BLOCKS`: rows under
+    72 tokens stay whole), each block over the keys up to its last query only.
 
-    In a causal row no query sees a later slot, so the score blocks above the diagonal are all masked: skipping
-    them leaves every real query's output as it was (up to the order of the softmax's sum) and cuts the scores
-    of ``n`` blocks to ``(n + 1) / 2n`` of the full ``T × T``. A query that sees no key at all (padding) gets the
-    uniform average of its block's keys instead of all ``T`` (finite and unread either way). On 2 CPU cores,
-    SmolLM2-135M, one process, steps alternated (medians of 5–6): the DPO step of 4 shared-prompt rows of 194
-    tokens 5.73 → 5.52–5.54 s with blocks of 32 or 48 queries (5.57 s with 64); the SFT step of 4 × 125 tokens
-    within the spread (2.49 against 2.47–2.50 s). The full-width score matrix of the 194-token rows does not fit
-    these cores' 2 MB caches, which is where most of the gain comes from: 30 layers' attention forward and
-    backward alone took 430 ms whole and 245–250 ms in 2–4 blocks.
+    In a causal row (the keys are the queries' own tokens and no query sees a later slot) the score blocks above
+    the diagonal are all masked: skipping them leaves every real query's output as it was (up to the order of the
+    softmax's sum) and cuts the scores to ``(n + 1) / 2n`` of the full ``T × T`` (5/8 with 4 blocks). A query
+    that sees no key at all (padding) averages the keys up to its block's end instead of all ``T`` (finite and
+    unread either way). Measured on 2 AMD EPYC cores, float32: the DPO step of SmolLM2-135M on 4 shared-prompt
+    rows of 194 tokens (one process, steps alternated, medians of 5–6) 5.73 → 5.52–5.54 s with blocks of 32 or 48
+    queries (5.57 s with 64); its SFT step on 4 × 125 tokens within the spread (2.49 against 2.47–2.50 s); 30
+    layers' attention forward and backward alone on those DPO rows 430 ms whole, 245–250 ms in 2 or 4 blocks,
+    about the work skipped. The cap: uncapped, a 2048-token row ran 43 blocks and a training step of that shape
+    compiled in 34.5 s instead of 2.9 s.
     """
     length = q.shape[1]
-    blocks = max(1, round(length / (block or CAUSAL_BLOCK)))
+    if k.shape[1] != length or v.shape[1] != length or mask.shape[1:] != (length, length):
+        raise ValueError(f"causal_block_attention takes a row's own keys: {length} queries, keys {k.shape[1]}, "
+                         f"values {v.shape[1]}, mask {mask.shape[1:]}")
+    blocks = min(MAX_CAUSAL_BLOCKS, max(1, round(length / (block or CAUSAL_BLOCK))))
     edges = [round(length * i / blocks) for i in range(blocks + 1)]
     outputs = [grouped_attention(q[:, start:end], k[:, :end], v[:, :end], mask[:, start:end, :end], scale=scale)
                for start, end in zip(edges[:-1], edges[1:])]
-    return outputs[0] if blocks == 1 else jnp.concatenate(outputs, axis=1)
+    return jnp.concatenate(outputs, axis=1)
 
 
 def attention_kernel(implementation: str, *, dtype, head_dim: int, new_tokens: int, cached: bool) -> str:

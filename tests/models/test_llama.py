@@ -189,7 +189,7 @@ def causal_row_masks(length: int) -> jax.Array:
                           key_branches=jnp.asarray(branches))
 
 
-@pytest.mark.parametrize(("length", "block"), [(13, 4), (40, 48), (125, 48), (194, 48)])
+@pytest.mark.parametrize(("length", "block"), [(13, 4), (72, 48), (125, 48), (194, 48)])
 def test_causal_block_attention_is_grouped_attention_over_causal_rows(rng, length, block):
     """Outputs and gradients of every query that sees a key equal grouped_attention's over the whole row (a
     padded query, which sees none, is finite and left out of the loss, as the model's loss masks leave it)."""
@@ -210,6 +210,25 @@ def test_causal_block_attention_is_grouped_attention_over_causal_rows(rng, lengt
     chex.assert_trees_all_close(jnp.where(sees, got, 0.0), jnp.where(sees, want, 0.0), atol=1e-5, rtol=1e-5)
     chex.assert_trees_all_close(jax.grad(loss(blocks), argnums=(0, 1, 2))(q, k, v),
                                 jax.grad(loss(whole), argnums=(0, 1, 2))(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("length", "key_widths"), [(40, [40]), (72, [36, 72]), (194, [48, 97, 146, 194]),
+                                                  (600, [150, 300, 450, 600])])
+def test_causal_blocks_attend_to_the_keys_up_to_their_last_query(monkeypatch, length, key_widths):
+    """About 48 queries a block, at most 4 blocks (compile time), each block over its prefix of the keys."""
+    from jaxalign.models import llama
+
+    widths = []
+    whole = llama.grouped_attention
+    monkeypatch.setattr(llama, "grouped_attention",
+                        lambda q, k, *a, **kw: widths.append(k.shape[1]) or whole(q, k, *a, **kw))
+    q = jnp.zeros((1, length, 4, 8))
+    k = v = jnp.zeros((1, length, 2, 8))
+    out = llama.causal_block_attention(q, k, v, jnp.tril(jnp.ones((1, length, length), bool)), scale=0.3)
+    assert widths == key_widths and out.shape == (1, length, 32)
+    with pytest.raises(ValueError, match="a row's own keys"):
+        llama.causal_block_attention(q, jnp.zeros((1, length + 1, 2, 8)), jnp.zeros((1, length + 1, 2, 8)),
+                                     jnp.ones((1, length, length + 1), bool), scale=0.3)
 
 
 def test_a_model_attending_in_causal_blocks_gives_the_whole_rows_logits_and_gradients(rng, monkeypatch):
