@@ -41,11 +41,12 @@ import numpy as np
 from flax import nnx
 
 from jaxalign import losses
+from jaxalign.methods.groups import group_logps, group_rows, grouped, ungroup
 from jaxalign.methods.online import (
     OnlineTrainer,
     default_trainable,
     jitted_pass,
-    reference_logps,
+    reference_model,
     response_logps,
 )
 from jaxalign.methods.rewards import RewardOutput, RewardSource
@@ -54,21 +55,34 @@ from jaxalign.models import has_lora
 from jaxalign.rollout import Rollout, SamplingParams
 from jaxalign.train.config import TrainConfig
 
+PER_TOKEN = ("response_mask", "old_logps", "ref_logps")
+
 
 def grpo_objective(config: GRPOConfig, temperature: float, max_new_tokens: int):
-    """The minibatch loss on rows with ``old_logps``, ``advantages [R]`` and (with β > 0) ``ref_logps``."""
+    """The minibatch loss on rows with ``old_logps``, ``advantages [R]`` and (with β > 0) ``ref_logps``, or
+    on group rows (:mod:`jaxalign.methods.groups`: ``branch_ids``, per-token arrays ``[B, G·N]``,
+    ``advantages [B, G]``), whose log-probs and loss are the rows' own."""
     aggregation = losses.TRL_LOSS_TYPES[config.loss_type]
 
     def objective(lm, batch, *, key):
         del key
         tokens = batch["input_ids"]
-        prompt_length = tokens.shape[1] - batch["old_logps"].shape[1]
-        hidden, _ = lm.hidden_states(tokens, positions=batch["positions"], attention_mask=batch["attention_mask"])
-        logps, entropy = response_logps(lm, hidden, tokens, prompt_length, temperature=temperature,
-                                        chunk_size=config.chunk_size, with_entropy=True)
-        mask = batch["response_mask"].astype(bool)
+        if "branch_ids" in batch:
+            group = batch["advantages"].shape[1]
+            logps, entropy = group_logps(lm, batch, group=group, temperature=temperature,
+                                         chunk_size=config.chunk_size, with_entropy=True)
+            rows = {name: ungroup(batch[name], group) for name in PER_TOKEN if name in batch}
+            rows["advantages"] = batch["advantages"].reshape(-1)
+        else:
+            prompt_length = tokens.shape[1] - batch["old_logps"].shape[1]
+            hidden, _ = lm.hidden_states(tokens, positions=batch["positions"],
+                                         attention_mask=batch["attention_mask"])
+            logps, entropy = response_logps(lm, hidden, tokens, prompt_length, temperature=temperature,
+                                            chunk_size=config.chunk_size, with_entropy=True)
+            rows = batch
+        mask = rows["response_mask"].astype(bool)
         per_token, metrics = losses.grpo_loss(
-            logps, batch["old_logps"], batch["ref_logps"] if config.kl_coef > 0 else None, batch["advantages"],
+            logps, rows["old_logps"], rows["ref_logps"] if config.kl_coef > 0 else None, rows["advantages"],
             mask, clip_eps=config.clip_eps, clip_eps_high=config.clip_eps_high, kl_coef=config.kl_coef,
             delta=config.delta, importance_sampling_level=config.importance_sampling_level)
         total, count = losses.aggregate(per_token, mask, mode=aggregation, max_tokens=max_new_tokens)
@@ -80,16 +94,23 @@ def grpo_objective(config: GRPOConfig, temperature: float, max_new_tokens: int):
 
 
 def _score_pass(lm, reference, tokens, attention_mask, positions, *, prompt_length: int, temperature: float,
-                chunk_size: int | None, reference_mode: str, policy_logps: bool):
+                chunk_size: int | None, reference_mode: str, policy_logps: bool, group: int):
+    """``[B·G, N]`` log-probs of the policy (``policy_logps``) and the reference; ``group`` > 0 runs each
+    group's prompt once (:mod:`jaxalign.methods.groups`), 0 every row on its own."""
+    inputs = {"input_ids": tokens, "attention_mask": attention_mask, "positions": positions}
+    rows = group_rows(inputs, prompt_length=prompt_length, group=group) if group else None
+
+    def logps_of(model):
+        if rows is not None:
+            return group_logps(model, rows, group=group, temperature=temperature, chunk_size=chunk_size)
+        hidden, _ = model.hidden_states(tokens, positions=positions, attention_mask=attention_mask)
+        return response_logps(model, hidden, tokens, prompt_length, temperature=temperature, chunk_size=chunk_size)
+
     out = {}
     if policy_logps:
-        hidden, _ = lm.hidden_states(tokens, positions=positions, attention_mask=attention_mask)
-        out["logps"] = response_logps(lm, hidden, tokens, prompt_length, temperature=temperature,
-                                      chunk_size=chunk_size)
+        out["logps"] = logps_of(lm)
     if reference_mode != "none":
-        out["ref_logps"] = reference_logps(lm, reference, tokens, attention_mask, positions, mode=reference_mode,
-                                           prompt_length=prompt_length, temperature=temperature,
-                                           chunk_size=chunk_size)
+        out["ref_logps"] = logps_of(reference_model(lm, reference, reference_mode))
     return out
 
 
@@ -124,6 +145,10 @@ class GRPOTrainer(OnlineTrainer):
         if self.reference_mode == "none" and grpo.kl_coef > 0:
             raise ValueError(f"GRPO kl_coef={grpo.kl_coef} needs a reference model (reference=...) or a LoRA policy")
         self.temperature = sampling.temperature if sampling.temperature > 0 else 1.0
+        # Whole groups in every minibatch, and a mask that only sees branches: then sharing is exact.
+        windowed = any(getattr(getattr(m, "config", None), "sliding_window", None) is not None
+                       for m in (policy, reference) if m is not None)
+        self.group_size = sampling.n if grpo.shared_prompt and grpo.num_minibatches == 1 and not windowed else 0
         self._score = jitted_pass(_score_pass, policy, reference if reference is not None else policy)
         self._advantages = jax.jit(losses.group_advantages, static_argnames=("group_size", "scale", "eps"))
         super().__init__(config, policy, grpo_objective(grpo, self.temperature, sampling.max_new_tokens), prompts,
@@ -139,7 +164,7 @@ class GRPOTrainer(OnlineTrainer):
             return {"logps": sampled}
         static = {"prompt_length": int(rollout.prompt_tokens.shape[1]), "temperature": self.temperature,
                   "chunk_size": self.grpo.chunk_size, "reference_mode": self.reference_mode,
-                  "policy_logps": sampled is None}
+                  "policy_logps": sampled is None, "group": self.group_size}
         scored = self._score(model, reference, inputs["input_ids"], inputs["attention_mask"], inputs["positions"],
                              static=static)
         return scored if sampled is None else {"logps": sampled, **scored}
@@ -153,8 +178,18 @@ class GRPOTrainer(OnlineTrainer):
                  "advantages": advantages}
         if "ref_logps" in scored:
             batch["ref_logps"] = scored["ref_logps"]
-        grouped = total.reshape(-1, group)
+        if self.group_size:
+            batch = self.group_batch(batch, prompt_length=int(rollout.prompt_tokens.shape[1]))
+        by_group = total.reshape(-1, group)
         metrics = {"advantage/abs_mean": float(jnp.mean(jnp.abs(advantages))),
-                   "reward/group_std": float(np.mean(np.std(grouped, axis=1))),
-                   "groups/all_equal": float(np.mean(np.ptp(grouped, axis=1) == 0))}
+                   "reward/group_std": float(np.mean(np.std(by_group, axis=1))),
+                   "groups/all_equal": float(np.mean(np.ptp(by_group, axis=1) == 0))}
         return batch, metrics
+
+    def group_batch(self, batch: dict, *, prompt_length: int) -> dict:
+        """The iteration's rows as group rows (:func:`~jaxalign.methods.groups.group_rows`): per-token arrays
+        ``[B, G·N]``, ``advantages [B, G]``; minibatches then draw whole groups."""
+        group = self.group_size
+        rows = group_rows(batch, prompt_length=prompt_length, group=group)
+        per_token = {name: grouped(batch[name], group) for name in PER_TOKEN if name in batch}
+        return {**rows, **per_token, "advantages": batch["advantages"].reshape(-1, group)}

@@ -83,11 +83,16 @@ def reference_logps(policy: nnx.Module, reference: nnx.Module | None, tokens: Ar
     ``mode`` is the run's notion of the reference (:data:`jaxalign.methods.common.REFERENCE_MODES`):
     ``"model"``, the frozen ``reference``; ``"lora_base"``, the ``policy`` with its LoRA adapters off.
     """
-    if mode not in ("model", "lora_base"):
-        raise ValueError(f"reference_logps: mode must be 'model' or 'lora_base', got {mode!r}")
-    reference = lora_base(policy) if mode == "lora_base" else reference
+    reference = reference_model(policy, reference, mode)
     hidden, _ = reference.hidden_states(tokens, positions=positions, attention_mask=attention_mask)
     return response_logps(reference, hidden, tokens, prompt_length, temperature=temperature, chunk_size=chunk_size)
+
+
+def reference_model(policy: nnx.Module, reference: nnx.Module | None, mode: str) -> nnx.Module:
+    """The model that scores the reference (see :func:`reference_logps`' ``mode``)."""
+    if mode not in ("model", "lora_base"):
+        raise ValueError(f"reference_logps: mode must be 'model' or 'lora_base', got {mode!r}")
+    return lora_base(policy) if mode == "lora_base" else reference
 
 
 def sequence_inputs(rollout: Rollout) -> dict[str, Array]:

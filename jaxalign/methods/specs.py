@@ -379,6 +379,10 @@ class GRPOConfig(MethodSpec):
         importance_sampling_level: ``token`` or ``sequence`` (GSPO).
         eps: added to the std of the advantage scaling (TRL 1e-4).
         chunk_size: positions per LM-head chunk.
+        shared_prompt: run each group's prompt once for its ``G`` responses (one row ``[prompt, response 1,
+            ..., response G]``, :mod:`jaxalign.methods.groups`) in the scoring pass and the update; exact, on by
+            default (TRL runs the prompt once per response). Only where exact and in whole groups: not with
+            ``num_minibatches > 1`` (rows are shuffled one by one) nor for a model with a sliding window.
     """
 
     epochs: int = 1
@@ -392,6 +396,7 @@ class GRPOConfig(MethodSpec):
     importance_sampling_level: str = "token"
     eps: float = 1e-4
     chunk_size: int | None = DEFAULT_CHUNK
+    shared_prompt: bool = True
 
     label = "GRPO"
     renamed = {"num_iterations": "epochs", "steps_per_generation": "num_minibatches", "epsilon": "clip_eps",
@@ -409,6 +414,7 @@ class GRPOConfig(MethodSpec):
         require(self.eps >= 0, "eps", ">= 0")
         require(self.importance_sampling_level in losses.IMPORTANCE_SAMPLING_LEVELS, "importance_sampling_level",
                 f"one of {losses.IMPORTANCE_SAMPLING_LEVELS}")
+        require(isinstance(self.shared_prompt, bool), "shared_prompt", "true or false")
 
 
 VALUE_STATES = ("divergence", "first")

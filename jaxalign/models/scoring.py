@@ -116,16 +116,19 @@ def target_logps(model, input_ids: Int[Array, "N T"], attention_mask: Array, pos
 
 
 def slot_logps(model, hidden: Float[Array, "N S D"], source_slots: Int[Array, "N K"], targets: Int[Array, "N K"],
-               *, chunk_size: int | None = DEFAULT_CHUNK) -> Float[Array, "N K"]:
+               *, chunk_size: int | None = DEFAULT_CHUNK, temperature: float = 1.0, with_entropy: bool = False,
+               ) -> Float[Array, "N K"] | tuple[Float[Array, "N K"], Float[Array, "N K"]]:
     """``log softmax(model.logits(hidden[n, source_slots[n, k]]))[targets[n, k]]``: the LM head only where asked.
 
     ``source_slots`` name, per row, the positions whose next-token distribution a loss reads (the token before
     each target in its own sequence); the rest of ``hidden`` never meets the ``D × V`` head. Equal to
     :func:`head_logps` of the whole row read at those slots (the same float32 log-softmax of the same hidden
-    states); padding entries (any slot, any target) give finite values to mask.
+    states); padding entries (any slot, any target) give finite values to mask. ``temperature`` and
+    ``with_entropy`` as :func:`head_logps`.
     """
     gathered = jnp.take_along_axis(hidden, source_slots[..., None].astype(jnp.int32), axis=1)
-    return head_logps(model, gathered, targets, chunk_size=chunk_size)
+    return head_logps(model, gathered, targets, chunk_size=chunk_size, temperature=temperature,
+                      with_entropy=with_entropy)
 
 
 def slot_targets(input_ids: Int[Array, "N S"], target_slots: Int[Array, "N K"]) -> Int[Array, "N K"]:

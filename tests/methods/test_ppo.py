@@ -174,7 +174,7 @@ def grpo_trainer(tmp_path, steps, group=4, lr=1e-2, **grpo):
 
 @pytest.mark.parametrize("scale", ["group", "none"])
 def test_grpo_advantages_are_normalised_per_group(scale):
-    trainer = grpo_trainer(None, 1, scale=scale)
+    trainer = grpo_trainer(None, 1, scale=scale, shared_prompt=False)  # plain rows: advantages [R]
     rewards = np.array([1.0, 2.0, 3.0, 6.0, 0.0, 0.0, 0.0, 4.0])
 
     class Rows:
