@@ -8,7 +8,9 @@ another response) and every slot keeping its own row's position, the prompt's ``
 once per group instead of ``G`` times, and every response token's hidden state, log-prob and gradient equal
 those of its own row (tested). The row is ``P + G·N`` slots long, so the attention scores cover
 ``(P + G·N)²`` query-key pairs where the rows had ``G·(P + N)²`` (the extra pairs are masked): the saving is
-the prompt's ``(G − 1)·P`` token passes through the layers' products, less that attention.
+the prompt's ``(G − 1)·P`` token passes through the layers' products, less that attention. Long responses
+turn it into a loss (``G = 16`` responses of 1024 tokens: a 16k-slot row whose scores cost several times what
+the products save), so :func:`saves_work` decides per shape.
 
 Pairs of DPO and the reward models share their prompt the same way from the data loader
 (:mod:`jaxalign.data.layouts`); a rollout is laid out here, on the device, from the rows the sampler wrote.
@@ -52,6 +54,23 @@ def group_rows(inputs: dict[str, Array], *, prompt_length: int, group: int) -> d
     out["target_slots"] = jnp.broadcast_to(target, (groups, width))
     out["source_slots"] = jnp.broadcast_to(source, (groups, width))
     return out
+
+
+def saves_work(config, *, prompt_length: int, response_length: int, group: int) -> bool:
+    """Whether group rows take fewer FLOPs than the plain rows, counting every slot of the padded shapes:
+    ``2·W`` a token for the layers' products (``W`` their weights: q, k, v, o and a gated MLP's three; a
+    GPT-2 MLP has two, so its products are counted a little high) and ``4·L·H·Dh`` a query-key pair, all
+    ``T²`` pairs of a row (the masked ones are computed too)."""
+    d, heads, kv_heads, head_dim = config.d_model, config.n_heads, config.n_kv_heads, config.head_dim
+    weights = config.n_layers * (2 * d * heads * head_dim + 2 * d * kv_heads * head_dim
+                                 + 3 * d * config.intermediate_size)
+    per_pair = 4 * config.n_layers * heads * head_dim
+
+    def flops(length: int) -> int:
+        return 2 * weights * length + per_pair * length * length
+
+    return (flops(prompt_length + group * response_length)
+            < group * flops(prompt_length + response_length))
 
 
 def grouped(x: Array, group: int) -> Array:

@@ -41,7 +41,7 @@ import numpy as np
 from flax import nnx
 
 from jaxalign import losses
-from jaxalign.methods.groups import group_logps, group_rows, grouped, ungroup
+from jaxalign.methods.groups import group_logps, group_rows, grouped, saves_work, ungroup
 from jaxalign.methods.online import (
     OnlineTrainer,
     default_trainable,
@@ -130,6 +130,10 @@ class GRPOTrainer(OnlineTrainer):
         gold, extra_metadata: as :class:`~jaxalign.methods.online.OnlineTrainer`.
         trainable: None: every parameter, or for a LoRA policy its adapters
             (:func:`jaxalign.methods.online.default_trainable`).
+
+    Attributes:
+        group_size: ``G`` when ``grpo.shared_prompt`` may run each group's prompt once (one minibatch a pass,
+            no sliding window), else 0; :meth:`shared_group` decides per iteration's shape.
     """
 
     def __init__(self, config: TrainConfig, grpo: GRPOConfig, policy: nnx.Module, prompts, *, reward: RewardSource,
@@ -149,6 +153,7 @@ class GRPOTrainer(OnlineTrainer):
         windowed = any(getattr(getattr(m, "config", None), "sliding_window", None) is not None
                        for m in (policy, reference) if m is not None)
         self.group_size = sampling.n if grpo.shared_prompt and grpo.num_minibatches == 1 and not windowed else 0
+        self.policy_config = policy.config
         self._score = jitted_pass(_score_pass, policy, reference if reference is not None else policy)
         self._advantages = jax.jit(losses.group_advantages, static_argnames=("group_size", "scale", "eps"))
         super().__init__(config, policy, grpo_objective(grpo, self.temperature, sampling.max_new_tokens), prompts,
@@ -157,6 +162,15 @@ class GRPOTrainer(OnlineTrainer):
                          trainable=default_trainable(policy) if trainable is None else trainable,
                          extra_metadata=extra_metadata)
 
+    def shared_group(self, rollout: Rollout) -> int:
+        """``G`` where this iteration runs each group's prompt once (:attr:`group_size` allows it and the group
+        rows save work at this rollout's shape, :func:`~jaxalign.methods.groups.saves_work`), else 0."""
+        prompt_length, response_length = int(rollout.prompt_tokens.shape[1]), int(rollout.tokens.shape[1])
+        if self.group_size and saves_work(self.policy_config, prompt_length=prompt_length,
+                                          response_length=response_length, group=self.group_size):
+            return self.group_size
+        return 0
+
     def score(self, model, rollout: Rollout, inputs) -> dict[str, jax.Array]:
         reference = self.reference if self.reference is not None else model
         sampled = self.sampled_logps(rollout)
@@ -164,7 +178,7 @@ class GRPOTrainer(OnlineTrainer):
             return {"logps": sampled}
         static = {"prompt_length": int(rollout.prompt_tokens.shape[1]), "temperature": self.temperature,
                   "chunk_size": self.grpo.chunk_size, "reference_mode": self.reference_mode,
-                  "policy_logps": sampled is None, "group": self.group_size}
+                  "policy_logps": sampled is None, "group": self.shared_group(rollout)}
         scored = self._score(model, reference, inputs["input_ids"], inputs["attention_mask"], inputs["positions"],
                              static=static)
         return scored if sampled is None else {"logps": sampled, **scored}
@@ -178,18 +192,19 @@ class GRPOTrainer(OnlineTrainer):
                  "advantages": advantages}
         if "ref_logps" in scored:
             batch["ref_logps"] = scored["ref_logps"]
-        if self.group_size:
-            batch = self.group_batch(batch, prompt_length=int(rollout.prompt_tokens.shape[1]))
+        group_size = self.shared_group(rollout)
+        if group_size:
+            batch = self.group_batch(batch, prompt_length=int(rollout.prompt_tokens.shape[1]), group=group_size)
         by_group = total.reshape(-1, group)
         metrics = {"advantage/abs_mean": float(jnp.mean(jnp.abs(advantages))),
                    "reward/group_std": float(np.mean(np.std(by_group, axis=1))),
                    "groups/all_equal": float(np.mean(np.ptp(by_group, axis=1) == 0))}
         return batch, metrics
 
-    def group_batch(self, batch: dict, *, prompt_length: int) -> dict:
+    @staticmethod
+    def group_batch(batch: dict, *, prompt_length: int, group: int) -> dict:
         """The iteration's rows as group rows (:func:`~jaxalign.methods.groups.group_rows`): per-token arrays
         ``[B, G·N]``, ``advantages [B, G]``; minibatches then draw whole groups."""
-        group = self.group_size
         rows = group_rows(batch, prompt_length=prompt_length, group=group)
         per_token = {name: grouped(batch[name], group) for name in PER_TOKEN if name in batch}
         return {**rows, **per_token, "advantages": batch["advantages"].reshape(-1, group)}

@@ -4,19 +4,17 @@ several lengths, responses that stop at different lengths)."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from jaxalign.methods.groups import group_logps, group_rows, grouped, ungroup
+from jaxalign.methods.groups import group_logps, group_rows, grouped, saves_work, ungroup
 from jaxalign.methods.grpo import GRPOConfig, GRPOTrainer, grpo_objective
 from jaxalign.methods.online import response_logps, sequence_inputs
 from jaxalign.methods.rewards import FunctionReward
-from jaxalign.models import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
+from jaxalign.models import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM, ModelConfig
 from jaxalign.rollout import Sampler, SamplingParams
 from tests.methods.test_ppo import grpo_trainer, metrics_of, prompt_batches, tiny_policy, train_config
 from tests.models.conftest import TINY
@@ -104,8 +102,7 @@ def test_grpo_loss_and_gradients_on_group_rows_equal_the_plain_rows(loss_type, l
              "old_logps": rollout.model_logps + jnp.asarray(rng.normal(0, 0.3, rows), jnp.float32),
              "ref_logps": rollout.model_logps + jnp.asarray(rng.normal(0, 0.3, rows), jnp.float32),
              "advantages": jnp.asarray(rng.normal(0, 1, rows[0]), jnp.float32)}
-    trainer = grpo_trainer(None, 1, group=GROUP, **dataclasses.asdict(config))
-    shared = trainer.group_batch(plain, prompt_length=int(rollout.prompt_tokens.shape[1]))
+    shared = GRPOTrainer.group_batch(plain, prompt_length=int(rollout.prompt_tokens.shape[1]), group=GROUP)
     assert shared["input_ids"].shape[0] == rows[0] // GROUP and shared["advantages"].shape == (rows[0] // GROUP, GROUP)
     objective = grpo_objective(config, temperature=0.9, max_new_tokens=SAMPLING.max_new_tokens)
     got, want = _loss_and_grads(objective, model, shared), _loss_and_grads(objective, model, plain)
@@ -114,6 +111,16 @@ def test_grpo_loss_and_gradients_on_group_rows_equal_the_plain_rows(loss_type, l
         np.testing.assert_allclose(got[1][name], want[1][name], **TOL, err_msg=name)
     for a, b in zip(jax.tree.leaves(got[2]), jax.tree.leaves(want[2]), strict=True):
         np.testing.assert_allclose(a, b, **TOL)
+
+
+def test_group_rows_are_chosen_only_where_they_save_work():
+    smollm2 = ModelConfig(architecture="llama", vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3,
+                          head_dim=64, intermediate_size=1536)
+    assert saves_work(smollm2, prompt_length=45, response_length=48, group=8)  # the chat prompts, 36 % fewer
+    assert saves_work(smollm2, prompt_length=300, response_length=256, group=8)
+    # 16 responses of 1024 tokens: a 16k-slot row whose attention costs more than the prompt's products save.
+    assert not saves_work(smollm2, prompt_length=200, response_length=1024, group=16)
+    assert not saves_work(smollm2, prompt_length=1, response_length=48, group=8)  # nothing to share
 
 
 def test_grpo_trainer_shares_prompts_only_where_exact():
@@ -125,6 +132,16 @@ def test_grpo_trainer_shares_prompts_only_where_exact():
 def response_length(episodes) -> np.ndarray:
     """A reward that differs within groups (the responses stop at different lengths)."""
     return np.asarray(episodes.response_mask, np.float64).sum(axis=1)
+
+
+def counted(fn):
+    calls = []
+
+    def call(*args, **kwargs):
+        calls.append(1)
+        return fn(*args, **kwargs)
+
+    return call, calls
 
 
 def test_grpo_runs_with_shared_prompts_equal_the_plain_runs(tmp_path):
@@ -140,7 +157,9 @@ def test_grpo_runs_with_shared_prompts_equal_the_plain_runs(tmp_path):
                                                                                   inputs="episodes"),
                               tokenizer=tokenizer, sampling=SAMPLING, reference=tiny_policy(1))
         assert trainer.group_size == (GROUP if shared else 0)
+        trainer.group_batch, calls = counted(trainer.group_batch)
         trainer.run()
+        assert len(calls) == (2 if shared else 0)  # both iterations on group rows
         runs[shared] = (metrics_of(directory), nnx.state(trainer.trained_model(), nnx.Param))
     (shared_metrics, shared_params), (plain_metrics, plain_params) = runs[True], runs[False]
     assert len(shared_metrics) == len(plain_metrics) == 2
