@@ -7,8 +7,8 @@ rollout, laid out both ways (``shared_prompt: true``, the default, and ``false``
   the reference (``kl_coef`` 0.04, so the update reads ``ref_logps`` too);
 - one rollout of ``--prompts`` prompts × ``--group`` responses, ``--new-tokens`` at temperature 1 stopping at
   EOS, sampled once by the policy; the prompts are the main job's review requests in the chat template (its
-  default system prompt included), and with ``--system-words`` a longer system prompt in front (a task
-  description, as math and code prompts carry), so the prompt's share of each row grows;
+  default system prompt included) and, in the second setting (``--settings``: words), behind a longer system
+  prompt (a task description, as math and code prompts carry), so the prompt's share of each row grows;
 - the scoring pass: the reference's log-probs of every response token (``GRPOTrainer.score``);
 - the update: one optimizer step of GRPO's loss over the whole iteration (``epochs=1``, one minibatch,
   AdamW), the trainer's own jitted step;
@@ -21,7 +21,7 @@ so the ratio below is jaxalign's group rows against jaxalign's plain rows, not a
 
 Commands::
 
-    python benchmarks/grpo_groups.py                     # chat prompts and a 120-word system prompt, ~6 min
+    python benchmarks/grpo_groups.py                     # chat prompts and a 60-word system prompt, ~10 min
     python benchmarks/grpo_groups.py --repeats 2 --settings 0   # quick check
 
 Writes ``benchmarks/results/grpo_groups.json`` and ``.png`` (time per pass, both layouts, per setting).
@@ -55,7 +55,7 @@ from jaxalign.train import CheckpointConfig, LogConfig, OptimizerConfig, TrainCo
 
 RESULTS = ROOT / "benchmarks" / "results"
 LAYOUTS = ("group rows", "plain rows")
-# A task description long enough to matter (repeated to --system-words words).
+# A task description, repeated or cut to a setting's words.
 SYSTEM = ("You review products for a consumer magazine. Write a short, specific and honest review: name what "
           "works and what does not, compare with what a buyer would expect for the price, and end with a clear "
           "recommendation. Keep a friendly tone and avoid jargon. ")
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--group", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--settings", type=int, nargs="+", default=[0, 120],
+    parser.add_argument("--settings", type=int, nargs="+", default=[0, 60],
                         help="system-prompt words per setting (0: the chat template's own)")
     parser.add_argument("--out", type=Path, default=RESULTS / "grpo_groups.json")
     args = parser.parse_args(argv)

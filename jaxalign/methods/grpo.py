@@ -15,7 +15,9 @@ rewards ``[B·G]`` from the reward source(s); advantages ``A_i = (r_i − mean_g
 (GRPO's μ) passes over shuffled minibatches of :func:`jaxalign.losses.grpo_loss` — clipped ratio with an
 optional higher upper clip (DAPO's clip-higher), optional k3 KL to the reference with weight ``kl_coef`` —
 aggregated per TRL's ``loss_type`` (``grpo``: per-sequence mean; ``bnpo``/``dapo``: token mean;
-``dr_grpo``: token sum / (rows × max_new_tokens)).
+``dr_grpo``: token sum / (rows × max_new_tokens)). With ``shared_prompt`` (the default) the scoring pass and
+the update run each group's prompt once for its ``G`` responses (:mod:`jaxalign.methods.groups`; exact, and
+only where it saves work).
 
 References: Shao et al. 2024 (GRPO, arXiv 2402.03300); Liu et al. 2025 (Dr. GRPO, arXiv 2503.20783); Yu et
 al. 2025 (DAPO, arXiv 2503.14476); TRL 1.16 ``GRPOTrainer``.
@@ -28,6 +30,9 @@ Notes (deviations from TRL):
       the tokens of the whole accumulated generation batch. They agree with one minibatch.
     - The reference is scored whenever one is configured, for the logged KL, even with ``kl_coef = 0``
       (TRL skips the reference then); ``reference=None`` with a non-LoRA policy skips it.
+    - Group rows (``shared_prompt``) run each prompt once per group where TRL runs it once per response: the
+      same numbers up to float rounding; one iteration's minibatches then hold whole groups (hence only with
+      one minibatch a pass, where the order of rows does not matter).
 """
 
 from __future__ import annotations
