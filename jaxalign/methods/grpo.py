@@ -59,6 +59,7 @@ from jaxalign.methods.specs import GRPOConfig
 from jaxalign.models import has_lora
 from jaxalign.rollout import Rollout, SamplingParams
 from jaxalign.train.config import TrainConfig
+from jaxalign.train.mesh import batch_shard_count
 
 PER_TOKEN = ("response_mask", "old_logps", "ref_logps")
 
@@ -168,11 +169,17 @@ class GRPOTrainer(OnlineTrainer):
                          extra_metadata=extra_metadata)
 
     def shared_group(self, rollout: Rollout) -> int:
-        """``G`` where this iteration runs each group's prompt once (:attr:`group_size` allows it and the group
-        rows save work at this rollout's shape, :func:`~jaxalign.methods.groups.saves_work`), else 0."""
+        """``G`` where this iteration runs each group's prompt once (:attr:`group_size` allows it, the group
+        rows save work at this rollout's shape, :func:`~jaxalign.methods.groups.saves_work`, and the groups
+        divide into the step's micro-batches and batch shards), else 0."""
+        if not self.group_size:
+            return 0
         prompt_length, response_length = int(rollout.prompt_tokens.shape[1]), int(rollout.tokens.shape[1])
-        if self.group_size and saves_work(self.policy_config, prompt_length=prompt_length,
-                                          response_length=response_length, group=self.group_size):
+        # The step splits its rows over micro-batches and batch shards: B groups must divide as B·G rows did.
+        groups = int(rollout.tokens.shape[0]) // self.group_size
+        divides = groups % (self.train_step.micro_batches * batch_shard_count(self.train_step.mesh)) == 0
+        if divides and saves_work(self.policy_config, prompt_length=prompt_length, response_length=response_length,
+                                  group=self.group_size):
             return self.group_size
         return 0
 

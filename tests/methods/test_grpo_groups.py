@@ -127,6 +127,14 @@ def test_grpo_trainer_shares_prompts_only_where_exact():
     assert grpo_trainer(None, 1, group=GROUP).group_size == GROUP
     assert grpo_trainer(None, 1, group=GROUP, shared_prompt=False).group_size == 0
     assert grpo_trainer(None, 1, group=2, num_minibatches=2).group_size == 0  # rows shuffled one by one
+    # Two prompts in 4 micro-batches: the 8 rows split, 2 group rows would not.
+    trainer = grpo_trainer(None, 1, group=4)
+    rollout = Sampler(tiny_policy()).generate(*(next(iter(prompt_batches(tiny_tokenizer(), 2)))[key]
+                                                for key in ("input_ids", "attention_mask")),
+                                              key=jax.random.key(0), params=trainer.sampling)
+    assert trainer.shared_group(rollout) == 4
+    trainer.train_step.micro_batches = 4
+    assert trainer.shared_group(rollout) == 0
 
 
 def response_length(episodes) -> np.ndarray:
