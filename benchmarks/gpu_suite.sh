@@ -29,7 +29,7 @@ export TQDM_MININTERVAL=5  # fewer progress-bar lines in the logs
 # PyTorch shares the GPU with JAX in the training benchmark: let its cache grow in place, not in new blocks.
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl &&
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl &&
     export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
 
