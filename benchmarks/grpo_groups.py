@@ -47,6 +47,7 @@ from benchmarks import provenance  # noqa: E402
 from experiments.sentiment import make_prompts  # noqa: E402
 from jaxalign import data as jdata  # noqa: E402
 from jaxalign import models  # noqa: E402
+from jaxalign.methods.groups import forward_flops  # noqa: E402
 from jaxalign.methods.grpo import GRPOConfig, GRPOTrainer  # noqa: E402
 from jaxalign.methods.online import RolloutBatch, sequence_inputs  # noqa: E402
 from jaxalign.methods.rewards import FunctionReward, RewardOutput  # noqa: E402
@@ -79,12 +80,8 @@ def trainer_for(policy, reference, tokenizer, sampling, shared: bool) -> GRPOTra
 
 def layout_flops(config, prompt_length: int, response_length: int, group: int, rows: int, shared: bool) -> float:
     """Forward FLOPs of the trunk over the padded shapes (products and all T² attention pairs), as saves_work."""
-    d, heads, kv, dh = config.d_model, config.n_heads, config.n_kv_heads, config.head_dim
-    weights = config.n_layers * (2 * d * heads * dh + 2 * d * kv * dh + 3 * d * config.intermediate_size)
-    per_pair = 4 * config.n_layers * heads * dh
     length = prompt_length + (group * response_length if shared else response_length)
-    count = rows // group if shared else rows
-    return float(count * (2 * weights * length + per_pair * length * length))
+    return float((rows // group if shared else rows) * forward_flops(config, length))
 
 
 def timed(fn, repeats_log: list[float]):

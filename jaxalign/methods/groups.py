@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from jaxalign.models import GPT2Config
 from jaxalign.models.scoring import slot_logps, slot_targets
 
 ROW_KEYS = ("input_ids", "attention_mask", "positions")
@@ -56,21 +57,22 @@ def group_rows(inputs: dict[str, Array], *, prompt_length: int, group: int) -> d
     return out
 
 
-def saves_work(config, *, prompt_length: int, response_length: int, group: int) -> bool:
-    """Whether group rows take fewer FLOPs than the plain rows, counting every slot of the padded shapes:
-    ``2·W`` a token for the layers' products (``W`` their weights: q, k, v, o and a gated MLP's three; a
-    GPT-2 MLP has two, so its products are counted a little high) and ``4·L·H·Dh`` a query-key pair, all
-    ``T²`` pairs of a row (the masked ones are computed too)."""
+def forward_flops(config, length: int) -> int:
+    """Forward FLOPs of one row of ``length`` slots through the trunk, counting every slot: ``2·W`` a token for
+    the layers' products (``W`` their weights: q, k, v, o and the MLP's matrices, three in a gated MLP, two in
+    GPT-2's) and ``4·L·H·Dh`` a query-key pair, all ``length²`` pairs (the masked ones are computed too)."""
     d, heads, kv_heads, head_dim = config.d_model, config.n_heads, config.n_kv_heads, config.head_dim
+    mlp_matrices = 2 if isinstance(config, GPT2Config) else 3
     weights = config.n_layers * (2 * d * heads * head_dim + 2 * d * kv_heads * head_dim
-                                 + 3 * d * config.intermediate_size)
+                                 + mlp_matrices * d * config.intermediate_size)
     per_pair = 4 * config.n_layers * heads * head_dim
+    return 2 * weights * length + per_pair * length * length
 
-    def flops(length: int) -> int:
-        return 2 * weights * length + per_pair * length * length
 
-    return (flops(prompt_length + group * response_length)
-            < group * flops(prompt_length + response_length))
+def saves_work(config, *, prompt_length: int, response_length: int, group: int) -> bool:
+    """Whether group rows take fewer FLOPs than the plain rows over the padded shapes (:func:`forward_flops`)."""
+    return (forward_flops(config, prompt_length + group * response_length)
+            < group * forward_flops(config, prompt_length + response_length))
 
 
 def grouped(x: Array, group: int) -> Array:

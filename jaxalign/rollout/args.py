@@ -46,7 +46,7 @@ from jaxalign.models.gpt2 import GPT2Model
 from jaxalign.models.heads import POOLINGS
 from jaxalign.models.llama import LlamaModel
 from jaxalign.models.rope import inverse_frequencies, rope_tables
-from jaxalign.models.stack import clip_index, scan_layers, unstack_layers
+from jaxalign.models.stack import clip_index, scan_layers
 from jaxalign.rollout.engine import (
     Rollout,
     _batch_spec,
@@ -54,7 +54,7 @@ from jaxalign.rollout.engine import (
     _constrain_cache,
     _row_keys,
     _split,
-    _unstacked_state,
+    _stacked_and_unstacked,
     bucketed_prompts,
     checked_prompts,
 )
@@ -275,11 +275,7 @@ def _split_reward_model(reward_model: RewardModel, mesh: Mesh | None) -> _Reward
     if mesh is not None:
         params = jax.device_put(params, named_shardings(params, mesh))
         rest = jax.device_put(rest, NamedSharding(mesh, PartitionSpec()))
-    unstacked_graphdef = nnx.graphdef(nnx.eval_shape(lambda: unstack_layers(nnx.merge(graphdef, params, rest))))
-    original = dict(jax.tree_util.tree_flatten_with_path((params, rest))[0])
-    unstacked = jax.tree_util.tree_map_with_path(lambda path, x: original.get(path, x),
-                                                 _unstacked_state(graphdef, (params, rest)))
-    return _RewardMember((graphdef, unstacked_graphdef), ((params, rest), unstacked), reward_model.backbone.config)
+    return _RewardMember(*_stacked_and_unstacked(graphdef, params, rest), reward_model.backbone.config)
 
 
 def _check_k(k) -> int:

@@ -324,6 +324,17 @@ def _unstacked_state(graphdef, state: tuple[nnx.State, nnx.State]) -> tuple[nnx.
     return params, rest
 
 
+def _stacked_and_unstacked(graphdef, params: nnx.State, rest: nnx.State):
+    """``(graphdefs, states)``: the model as it is (for the prefill's layer scan) and with its layers unstacked
+    (for the decode loop); arrays outside the layers are the caller's, not copies."""
+    unstacked_graphdef = nnx.graphdef(nnx.eval_shape(lambda: unstack_layers(nnx.merge(graphdef, params, rest))))
+    # Arrays outside the layers (the embedding...) come out of the jit as copies: share the originals.
+    original = dict(jax.tree_util.tree_flatten_with_path((params, rest))[0])
+    unstacked = jax.tree_util.tree_map_with_path(lambda path, x: original.get(path, x),
+                                                 _unstacked_state(graphdef, (params, rest)))
+    return (graphdef, unstacked_graphdef), ((params, rest), unstacked)
+
+
 def _split(model: nnx.Module, mesh: Mesh | None) -> _Member:
     """The model in inference mode, placed on ``mesh`` as in training, stacked and unstacked."""
     for method in ("hidden_states", "logits"):
@@ -336,12 +347,7 @@ def _split(model: nnx.Module, mesh: Mesh | None) -> _Member:
     if mesh is not None:
         params = jax.device_put(params, named_shardings(params, mesh))
         rest = jax.device_put(rest, NamedSharding(mesh, PartitionSpec()))
-    unstacked_graphdef = nnx.graphdef(nnx.eval_shape(lambda: unstack_layers(nnx.merge(graphdef, params, rest))))
-    # Arrays outside the layers (the embedding...) come out of the jit as copies: share the originals.
-    original = dict(jax.tree_util.tree_flatten_with_path((params, rest))[0])
-    unstacked = jax.tree_util.tree_map_with_path(lambda path, x: original.get(path, x),
-                                                 _unstacked_state(graphdef, (params, rest)))
-    return _Member((graphdef, unstacked_graphdef), ((params, rest), unstacked), model.config)
+    return _Member(*_stacked_and_unstacked(graphdef, params, rest), model.config)
 
 
 class Sampler:
