@@ -188,6 +188,7 @@ def test_grpo_runs_with_shared_prompts_equal_the_plain_runs(tmp_path):
             np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=1e-6, err_msg=key)
     for a, b in zip(jax.tree.leaves(shared_params), jax.tree.leaves(plain_params), strict=True):
         # Adam divides each update by its gradient's own scale, so on a weight whose gradient is near 0 the two
-        # layouts' rounding moves the update by a fraction of lr (1e-2): 4.2e-5 on 1 of 4096 weights on an AVX2
-        # CPU, under 2e-5 on AVX-512 ones. 1e-4 is 1 % of one step's lr; the metrics above hold to 1e-4.
+        # layouts' rounding moves the update by a fraction of lr (1e-2): 4.2e-5 on 1 of 4096 weights on an
+        # AVX2-only CPU, under 2e-5 on the machines where it ran before. 1e-4 is 1 % of one step's lr; the
+        # metrics above hold to 1e-4.
         np.testing.assert_allclose(a, b, atol=1e-4)
