@@ -44,11 +44,14 @@ demo-smoke: install-demo
 lint: install-test
 	$(PY) -m ruff check .
 
-# The serving tests run in a pytest process of their own: their servers keep compiled programs across test
-# modules, which every other module frees when it ends (tests/conftest.py: each holds memory mappings, and one
-# process may have 65,530).
+# The suite runs in TEST_WORKERS processes (pytest-xdist), a test file each at a time (--dist loadfile: a
+# file's module-scoped models compile once). Most tests are compiling, one core's work: two processes took 41
+# minutes on a 2-core AVX2 EPYC, one process 58 on another of its kind. The serving tests run in a pytest
+# process of their own: their servers keep compiled programs across test modules, which every other module
+# frees when it ends (tests/conftest.py: each holds memory mappings, and one process may have 65,530).
+TEST_WORKERS ?= 2
 test: install-test oracles lint browser
-	$(PY) -m pytest -q --ignore=tests/serve
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --ignore=tests/serve
 	$(PY) -m pytest -q tests/serve
 
 # The human-in-the-loop page is tested in Debian's headless Chromium, driven by Playwright (no browser download).
