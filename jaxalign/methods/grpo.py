@@ -138,8 +138,9 @@ class GRPOTrainer(OnlineTrainer):
             (:func:`jaxalign.methods.online.default_trainable`).
 
     Attributes:
-        group_size: ``G`` when ``grpo.shared_prompt`` may run each group's prompt once (one minibatch a pass,
-            no sliding window), else 0; :meth:`shared_group` decides per iteration's shape.
+        group_size: ``G`` when ``grpo.shared_prompt`` may run each group's prompt once (minibatches of whole
+            groups: one a pass, or ``grpo.minibatch_groups``; no sliding window), else 0; :meth:`shared_group`
+            decides per iteration's shape.
     """
 
     def __init__(self, config: TrainConfig, grpo: GRPOConfig, policy: nnx.Module, prompts, *, reward: RewardSource,
@@ -158,7 +159,8 @@ class GRPOTrainer(OnlineTrainer):
         # Whole groups in every minibatch, and a mask that only sees branches: then sharing is exact.
         windowed = any(getattr(getattr(m, "config", None), "sliding_window", None) is not None
                        for m in (policy, reference) if m is not None)
-        self.group_size = sampling.n if grpo.shared_prompt and grpo.num_minibatches == 1 and not windowed else 0
+        whole_groups = grpo.num_minibatches == 1 or grpo.minibatch_groups
+        self.group_size = sampling.n if grpo.shared_prompt and whole_groups and not windowed else 0
         self.policy_config = policy.config
         self._score = jitted_pass(_score_pass, policy, reference if reference is not None else policy)
         self._advantages = jax.jit(losses.group_advantages, static_argnames=("group_size", "scale", "eps"))
@@ -175,13 +177,21 @@ class GRPOTrainer(OnlineTrainer):
         if not self.group_size:
             return 0
         prompt_length, response_length = int(rollout.prompt_tokens.shape[1]), int(rollout.tokens.shape[1])
-        # The step splits its rows over micro-batches and batch shards: B groups must divide as B·G rows did.
+        # Each minibatch's rows are split over micro-batches and batch shards: its groups must divide as its rows did.
         groups = int(rollout.tokens.shape[0]) // self.group_size
-        divides = groups % (self.train_step.micro_batches * batch_shard_count(self.train_step.mesh)) == 0
+        per_minibatch, remainder = divmod(groups, self.grpo.num_minibatches)
+        splits = self.train_step.micro_batches * batch_shard_count(self.train_step.mesh)
+        divides = remainder == 0 and per_minibatch % splits == 0
         if divides and saves_work(self.policy_config, prompt_length=prompt_length, response_length=response_length,
                                   group=self.group_size):
             return self.group_size
         return 0
+
+    def shuffle_unit(self, rollout: Rollout, rows: int) -> int:
+        """``G`` when ``grpo.minibatch_groups`` and the iteration is in plain rows (group rows are one group each
+        already), else 1."""
+        plain = rows == int(rollout.tokens.shape[0])
+        return self.sampling.n if self.grpo.minibatch_groups and plain else 1
 
     def score(self, model, rollout: Rollout, inputs) -> dict[str, jax.Array]:
         reference = self.reference if self.reference is not None else model

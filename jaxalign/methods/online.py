@@ -307,19 +307,27 @@ class OnlineTrainer(StepSource):
         prepared, advantage_metrics = self.prepare(rollout, inputs, scored, rewards)
         batch = RolloutBatch.from_arrays(prepared).check()
         rows = int(batch["input_ids"].shape[0])
-        if rows % self.num_minibatches:
-            raise ValueError(f"{rows} rows per iteration (prompts × samples) is not a multiple of "
-                             f"num_minibatches={self.num_minibatches}")
+        unit = self.shuffle_unit(rollout, rows)
+        if (rows // unit) % self.num_minibatches:
+            what = "rows per iteration (prompts × samples)" if unit == 1 else f"groups of {unit} rows per iteration"
+            raise ValueError(f"{rows // unit} {what} is not a multiple of num_minibatches={self.num_minibatches}")
         scored_at = time.perf_counter()
         self._iteration = {"metrics": {**rollout_metrics(rollout, scored, rewards, gold), **advantage_metrics},
                            "started": started, "generated": generated, "scored": scored_at, "stopped": False}
-        return self._shuffled(batch, rows, step)
+        return self._shuffled(batch, rows, step, unit)
 
-    def _shuffled(self, batch: RolloutBatch, rows: int, step: int) -> Iterator[RolloutBatch]:
+    def shuffle_unit(self, rollout: Rollout, rows: int) -> int:
+        """Consecutive rows of the prepared batch (``rows`` of them) that are shuffled into minibatches together:
+        1 (rows one by one, as TRL), or GRPO's ``G`` where its minibatches draw whole groups."""
+        return 1
+
+    def _shuffled(self, batch: RolloutBatch, rows: int, step: int, unit: int = 1) -> Iterator[RolloutBatch]:
         size = rows // self.num_minibatches
         for epoch in range(self.epochs):
-            # The order is a function of (seed, iteration, epoch): a resumed run shuffles identically.
-            order = np.random.default_rng([self.config.seed, step, epoch]).permutation(rows)
+            # The order is a function of (seed, iteration, epoch): a resumed run shuffles identically. Units of
+            # one row draw the permutation they always did.
+            units = np.random.default_rng([self.config.seed, step, epoch]).permutation(rows // unit)
+            order = (units[:, None] * unit + np.arange(unit)).reshape(-1)
             for start in range(0, rows, size):
                 # A gather on the device: the rows never leave it.
                 yield batch.select(order[start:start + size])

@@ -368,9 +368,13 @@ class GRPOConfig(MethodSpec):
 
     Attributes:
         epochs: passes over each generation batch (GRPO's μ, TRL ``num_iterations``, 1).
-        num_minibatches: minibatches per pass (TRL ``steps_per_generation``). Rows are shuffled one by one,
-            so a group's responses may land in different minibatches; their advantages were computed over the
-            whole group before, so the loss does not depend on it.
+        num_minibatches: minibatches per pass (TRL ``steps_per_generation``). Rows are shuffled one by one
+            (as TRL), so a group's responses may land in different minibatches; their advantages were computed
+            over the whole group before, so the loss does not depend on it.
+        minibatch_groups: shuffle whole groups instead (each minibatch holds all ``G`` responses of
+            ``prompts / num_minibatches`` prompts), so that ``shared_prompt`` applies with ``num_minibatches > 1``.
+            A deviation from TRL, off by default: a minibatch then holds fewer prompts (with all their responses)
+            than a row-shuffled one. With one minibatch a pass it changes nothing.
         loss_type: ``grpo``, ``bnpo``, ``dr_grpo`` or ``dapo`` (TRL's default), see the module docstring.
         scale: advantage scaling ``group``, ``batch`` or ``none`` (TRL ``scale_rewards``).
         clip_eps: ε (TRL ``epsilon``, 0.2); ``clip_eps_high`` DAPO's upper ε (0.28 in the paper).
@@ -381,8 +385,9 @@ class GRPOConfig(MethodSpec):
         chunk_size: positions per LM-head chunk.
         shared_prompt: run each group's prompt once for its ``G`` responses (one row ``[prompt, response 1,
             ..., response G]``, :mod:`jaxalign.methods.groups`) in the scoring pass and the update; exact, on by
-            default (TRL runs the prompt once per response). Only where exact and in whole groups: not with
-            ``num_minibatches > 1`` (rows are shuffled one by one) nor for a model with a sliding window.
+            default (TRL runs the prompt once per response). Only where exact and in whole groups: with
+            ``num_minibatches > 1`` only under ``minibatch_groups`` (rows are otherwise shuffled one by one), and
+            not for a model with a sliding window.
     """
 
     epochs: int = 1
@@ -397,6 +402,7 @@ class GRPOConfig(MethodSpec):
     eps: float = 1e-4
     chunk_size: int | None = DEFAULT_CHUNK
     shared_prompt: bool = True
+    minibatch_groups: bool = False
 
     label = "GRPO"
     renamed = {"num_iterations": "epochs", "steps_per_generation": "num_minibatches", "epsilon": "clip_eps",
@@ -415,6 +421,7 @@ class GRPOConfig(MethodSpec):
         require(self.importance_sampling_level in losses.IMPORTANCE_SAMPLING_LEVELS, "importance_sampling_level",
                 f"one of {losses.IMPORTANCE_SAMPLING_LEVELS}")
         require(isinstance(self.shared_prompt, bool), "shared_prompt", "true or false")
+        require(isinstance(self.minibatch_groups, bool), "minibatch_groups", "true or false")
 
 
 VALUE_STATES = ("divergence", "first")

@@ -12,7 +12,7 @@ from flax import nnx
 
 from jaxalign.methods.groups import forward_flops, group_logps, group_rows, grouped, saves_work, ungroup
 from jaxalign.methods.grpo import GRPOConfig, GRPOTrainer, grpo_objective
-from jaxalign.methods.online import response_logps, sequence_inputs
+from jaxalign.methods.online import RolloutBatch, response_logps, sequence_inputs
 from jaxalign.methods.rewards import FunctionReward
 from jaxalign.models import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM, ModelConfig
 from jaxalign.rollout import Sampler, SamplingParams
@@ -138,6 +138,7 @@ def test_grpo_trainer_shares_prompts_only_where_exact():
     assert grpo_trainer(None, 1, group=GROUP).group_size == GROUP
     assert grpo_trainer(None, 1, group=GROUP, shared_prompt=False).group_size == 0
     assert grpo_trainer(None, 1, group=2, num_minibatches=2).group_size == 0  # rows shuffled one by one
+    assert grpo_trainer(None, 1, group=2, num_minibatches=2, minibatch_groups=True).group_size == 2
     # Two prompts in 4 micro-batches: the 8 rows split, 2 group rows would not.
     trainer = grpo_trainer(None, 1, group=4)
     rollout = Sampler(tiny_policy()).generate(*(next(iter(prompt_batches(tiny_tokenizer(), 2)))[key]
@@ -146,6 +147,31 @@ def test_grpo_trainer_shares_prompts_only_where_exact():
     assert trainer.shared_group(rollout) == 4
     trainer.train_step.micro_batches = 4
     assert trainer.shared_group(rollout) == 0
+    # Two minibatches of one group each: a minibatch's one group row cannot split into 2 micro-batches.
+    trainer = grpo_trainer(None, 1, group=4, num_minibatches=2, minibatch_groups=True)
+    assert trainer.shared_group(rollout) == 4
+    trainer.train_step.micro_batches = 2
+    assert trainer.shared_group(rollout) == 0
+
+
+def test_minibatch_groups_shuffle_whole_groups_and_rows_as_before():
+    """``minibatch_groups``: plain rows are drawn G at a time (a minibatch holds whole groups); without it, the
+    row permutation is the one the loop always drew (a run resumed across this change shuffles as before)."""
+    trainer = grpo_trainer(None, 1, group=3, num_minibatches=2)
+    rows = np.arange(12)
+    column = jnp.asarray(rows[:, None])
+    batch = RolloutBatch.from_arrays({name: column for name in ("input_ids", "attention_mask", "positions",
+                                                                "response_mask", "old_logps", "advantages")})
+    by_rows = [np.asarray(m["input_ids"])[:, 0] for m in trainer._shuffled(batch, 12, step=5)]
+    np.testing.assert_array_equal(np.concatenate(by_rows),
+                                  np.random.default_rng([trainer.config.seed, 5, 0]).permutation(12))
+    by_groups = [np.asarray(m["input_ids"])[:, 0] for m in trainer._shuffled(batch, 12, step=5, unit=3)]
+    assert [len(m) for m in by_groups] == [6, 6]
+    for minibatch in by_groups:
+        groups = minibatch.reshape(-1, 3)
+        np.testing.assert_array_equal(groups, groups[:, :1] + np.arange(3))  # each group whole, in order
+        assert set(groups[:, 0] % 3) == {0}
+    assert sorted(np.concatenate(by_groups)) == list(range(12))
 
 
 def response_length(episodes) -> np.ndarray:
@@ -163,15 +189,18 @@ def counted(fn):
     return call, calls
 
 
-def test_grpo_runs_with_shared_prompts_equal_the_plain_runs(tmp_path):
+@pytest.mark.parametrize("minibatches", [1, 2])
+def test_grpo_runs_with_shared_prompts_equal_the_plain_runs(tmp_path, minibatches):
     """Two iterations (a reference unlike the policy, kl_coef > 0, μ = 2 epochs): the same rewards, KL,
-    losses and parameters."""
+    losses and parameters; with two minibatches a pass (``minibatch_groups``: one group each), the plain rows
+    drawn group by group as the group rows are."""
     runs = {}
     for shared in (True, False):
         directory = tmp_path / str(shared)
         tokenizer = tiny_tokenizer()
-        trainer = GRPOTrainer(train_config(directory, 2, lr=1e-2),
-                              GRPOConfig(kl_coef=0.05, epochs=2, shared_prompt=shared), tiny_policy(0),
+        grpo = GRPOConfig(kl_coef=0.05, epochs=2, shared_prompt=shared, num_minibatches=minibatches,
+                          minibatch_groups=minibatches > 1)
+        trainer = GRPOTrainer(train_config(directory, 2, lr=1e-2), grpo, tiny_policy(0),
                               prompt_batches(tokenizer, 2), reward=FunctionReward(response_length, "length",
                                                                                   inputs="episodes"),
                               tokenizer=tokenizer, sampling=SAMPLING, reference=tiny_policy(1))
@@ -182,6 +211,7 @@ def test_grpo_runs_with_shared_prompts_equal_the_plain_runs(tmp_path):
         runs[shared] = (metrics_of(directory), nnx.state(trainer.trained_model(), nnx.Param))
     (shared_metrics, shared_params), (plain_metrics, plain_params) = runs[True], runs[False]
     assert len(shared_metrics) == len(plain_metrics) == 2
+    assert all(m["updates"] == 2 * minibatches for m in plain_metrics + shared_metrics)
     assert all(abs(m["loss"]) > 1e-3 and m["kl"] > 1e-3 for m in plain_metrics), plain_metrics
     for got, want in zip(shared_metrics, plain_metrics, strict=True):
         for key in ("reward", "kl", "loss", "grad_norm", "entropy", "response_length", "policy/clip_ratio/region_mean"):
