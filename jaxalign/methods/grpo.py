@@ -32,7 +32,9 @@ Notes (deviations from TRL):
       (TRL skips the reference then); ``reference=None`` with a non-LoRA policy skips it.
     - Group rows (``shared_prompt``) run each prompt once per group where TRL runs it once per response: the
       same numbers up to float rounding; one iteration's minibatches then hold whole groups (hence only with
-      one minibatch a pass, where the order of rows does not matter).
+      one minibatch a pass, where the order of rows does not matter, or under ``minibatch_groups``).
+    - ``minibatch_groups`` (off by default) shuffles an iteration's groups into minibatches whole, where TRL
+      shuffles rows one by one: each minibatch then holds fewer prompts, all of their responses.
 """
 
 from __future__ import annotations
@@ -188,10 +190,11 @@ class GRPOTrainer(OnlineTrainer):
         return 0
 
     def shuffle_unit(self, rollout: Rollout, rows: int) -> int:
-        """``G`` when ``grpo.minibatch_groups`` and the iteration is in plain rows (group rows are one group each
-        already), else 1."""
+        """``G`` when ``grpo.minibatch_groups``, several minibatches a pass and the iteration in plain rows (group
+        rows are one group each already), else 1."""
         plain = rows == int(rollout.tokens.shape[0])
-        return self.sampling.n if self.grpo.minibatch_groups and plain else 1
+        # One minibatch holds every row whatever the order: the rows' own permutation keeps it bit for bit.
+        return self.sampling.n if self.grpo.minibatch_groups and self.grpo.num_minibatches > 1 and plain else 1
 
     def score(self, model, rollout: Rollout, inputs) -> dict[str, jax.Array]:
         reference = self.reference if self.reference is not None else model

@@ -174,6 +174,16 @@ def test_minibatch_groups_shuffle_whole_groups_and_rows_as_before():
     assert sorted(np.concatenate(by_groups)) == list(range(12))
 
 
+def test_minibatch_groups_need_the_prompts_to_divide_into_the_minibatches(tmp_path):
+    tokenizer = tiny_tokenizer()
+    trainer = GRPOTrainer(train_config(tmp_path, 1), GRPOConfig(num_minibatches=2, minibatch_groups=True),
+                          tiny_policy(), prompt_batches(tokenizer, 3),
+                          reward=FunctionReward(response_length, "length", inputs="episodes"), tokenizer=tokenizer,
+                          sampling=SAMPLING)
+    with pytest.raises(ValueError, match=r"3 groups of 3 rows per iteration is not a multiple of num_minibatches=2"):
+        trainer.run()
+
+
 def response_length(episodes) -> np.ndarray:
     """A reward that differs within groups (the responses stop at different lengths)."""
     return np.asarray(episodes.response_mask, np.float64).sum(axis=1)
