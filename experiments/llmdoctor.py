@@ -570,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help=f"every stage, tiny ({SMOKE_SETTINGS})")
     parser.add_argument("overrides", nargs="*", help="tfpo.<key>=<value> / genarm.<key>=<value> / distill.<key>=...")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides before, between or after the options
     overrides = main_job.split_overrides(args.overrides, tuple(STAGE_SECTIONS))
     if args.smoke:
         for name, value in SMOKE_SETTINGS.items():

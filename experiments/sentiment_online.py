@@ -110,7 +110,7 @@ def plot_summary(method: str, out: Path, summary: dict, path: Path) -> None:
     plt.close(figure)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("method", choices=("ppo", "grpo"))
     parser.add_argument("--output-dir", type=Path, default=None, help="default runs/sentiment_<method>")
@@ -120,7 +120,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace the run an earlier one left in --output-dir")
     parser.add_argument("overrides", nargs="*", help="preset overrides, e.g. train.total_steps=10")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    # intermixed: plain parse_args binds `overrides` (empty) together with `method`, so the documented
+    # `grpo --output-dir DIR key=value` was refused ("unrecognized arguments")
+    return build_parser().parse_intermixed_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_arguments(argv)
     out = args.output_dir or Path(f"runs/sentiment_{args.method}")
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
