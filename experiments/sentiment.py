@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the reward and DPO runs an earlier run left in --output-dir")
     parser.add_argument("overrides", nargs="*", help="reward.<key>=<value> / dpo.<key>=<value>")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides before, between or after the options
     overrides = split_overrides(args.overrides)
     if args.smoke:
         for name, value in SMOKE_SETTINGS.items():
