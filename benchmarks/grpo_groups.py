@@ -1,7 +1,9 @@
-"""GRPO's scoring pass and update with each group's prompt run once (group rows) against one row per response.
+"""GRPO's generation, scoring pass and update with each group's prompt run once (group rows) against once per
+response.
 
 What it measures: :class:`jaxalign.methods.grpo.GRPOTrainer`'s two passes that read the prompt, on the same
-rollout, laid out both ways (``shared_prompt: true``, the default, and ``false``):
+rollout, laid out both ways (``shared_prompt: true``, the default, and ``false``), and the sampler's generation
+of that rollout:
 
 - model: SmolLM2-135M-Instruct (the embedded GGUF, dequantised to float32), float32 on CPU; a frozen copy as
   the reference (``kl_coef`` 0.04, so the update reads ``ref_logps`` too);
@@ -12,6 +14,10 @@ rollout, laid out both ways (``shared_prompt: true``, the default, and ``false``
 - the scoring pass: the reference's log-probs of every response token (``GRPOTrainer.score``);
 - the update: one optimizer step of GRPO's loss over the whole iteration (``epochs=1``, one minibatch,
   AdamW), the trainer's own jitted step;
+- generation: :meth:`jaxalign.rollout.Sampler.generate` of ``--group`` samples a prompt (``n``: each prompt
+  prefilled once, its cache copied for its samples) against the same rows given as repeated prompts with
+  ``n=1`` (a prefill per row, as before 2026-11-27), ``--new-tokens`` each with no stop token, so that both
+  decode the same number of steps;
 - the two layouts alternate in one process, ``--repeats`` times after one warm-up each (compilation), and the
   medians are reported with the FLOPs each layout runs (every slot of its padded shapes:
   :func:`jaxalign.methods.groups.saves_work`'s count).
@@ -24,12 +30,13 @@ Commands::
     python benchmarks/grpo_groups.py                     # chat prompts and a 60-word system prompt, ~10 min
     python benchmarks/grpo_groups.py --repeats 2 --settings 0   # quick check
 
-Writes ``benchmarks/results/grpo_groups.json`` and ``.png`` (time per pass, both layouts, per setting).
+Writes ``benchmarks/results/grpo_groups.json`` and ``.png`` (time per phase, both layouts, per setting).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -92,6 +99,25 @@ def timed(fn, repeats_log: list[float]):
     return out
 
 
+def time_generation(policy, tokens: np.ndarray, mask: np.ndarray, args) -> dict[str, list[float]]:
+    """Seconds per generation of ``--group`` samples a prompt, group rows (``n``) and plain rows (repeated
+    prompts, ``n=1``) alternated after a compiling warm-up each."""
+    sampler = Sampler(policy)
+    once = SamplingParams(max_new_tokens=args.new_tokens, n=1, temperature=1.0, stop_token_ids=())
+    calls = {"group rows": partial(sampler.generate, tokens, mask, params=dataclasses.replace(once, n=args.group)),
+             "plain rows": partial(sampler.generate, np.repeat(tokens, args.group, axis=0),
+                                   np.repeat(mask, args.group, axis=0), params=once)}
+    seconds = {name: [] for name in LAYOUTS}
+    for repeat in range(args.repeats + 1):
+        for name in LAYOUTS:
+            log = []
+            rollout = timed(partial(calls[name], key=jax.random.key(repeat)), log)
+            assert rollout.tokens.shape == (len(tokens) * args.group, args.new_tokens)
+            if repeat:
+                seconds[name] += log
+    return seconds
+
+
 def run_setting(policy, reference, tokenizer, prompts: list[str], args, system_words: int) -> dict:
     system = system_prompt(system_words)
     records = [jdata.PromptRecord(([{"role": "system", "content": system}] if system else [])
@@ -103,6 +129,7 @@ def run_setting(policy, reference, tokenizer, prompts: list[str], args, system_w
     rollout = Sampler(policy).generate(batch["input_ids"], batch["attention_mask"], key=jax.random.key(0),
                                        params=sampling)
     inputs = sequence_inputs(rollout)
+    generate_s = time_generation(policy, np.asarray(batch["input_ids"]), np.asarray(batch["attention_mask"]), args)
     prompt_length, response_length = int(rollout.prompt_tokens.shape[1]), int(rollout.tokens.shape[1])
     rows = int(rollout.tokens.shape[0])
     rewards = RewardOutput(np.random.default_rng(0).normal(size=rows), {})
@@ -136,10 +163,13 @@ def run_setting(policy, reference, tokenizer, prompts: list[str], args, system_w
     for name, shared in zip(LAYOUTS, (True, False)):
         side = sides[name]
         flops = layout_flops(policy.config, prompt_length, response_length, args.group, rows, shared)
-        result[name] = {"score_s": statistics.median(side["score_s"]), "update_s": statistics.median(side["update_s"]),
-                        "score_s_all": side["score_s"], "update_s_all": side["update_s"],
-                        "trunk_forward_flops": flops}
-    for key in ("score_s", "update_s"):
+        prefills = rows // args.group if shared else rows
+        result[name] = {"generate_s": statistics.median(generate_s[name]),
+                        "score_s": statistics.median(side["score_s"]), "update_s": statistics.median(side["update_s"]),
+                        "generate_s_all": generate_s[name], "score_s_all": side["score_s"],
+                        "update_s_all": side["update_s"], "trunk_forward_flops": flops,
+                        "prefill_trunk_flops": float(prefills * forward_flops(policy.config, prompt_length))}
+    for key in ("generate_s", "score_s", "update_s"):
         result[f"speedup_{key.removesuffix('_s')}"] = result["plain rows"][key] / result["group rows"][key]
     flops = [result[name]["trunk_forward_flops"] for name in LAYOUTS]
     result["flops_saved"] = 1 - flops[0] / flops[1]
@@ -154,16 +184,17 @@ def plot(results: list[dict], path: Path) -> None:
 
     figure, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.6), squeeze=False)
     for axis, result in zip(axes[0], results):
-        x = np.arange(2)
+        x = np.arange(3)
         for offset, (name, colour) in enumerate(zip(LAYOUTS, ("#55a868", "#4c72b0"))):
-            values = [result[name]["score_s"], result[name]["update_s"]]
+            values = [result[name]["generate_s"], result[name]["score_s"], result[name]["update_s"]]
             bars = axis.bar(x + (offset - 0.5) * 0.38, values, 0.38, color=colour, label=name)
             axis.bar_label(bars, fmt="%.2f s", fontsize=7)
-        axis.set_xticks(x, ["scoring pass", "update step"])
+        axis.set_xticks(x, ["generation", "scoring pass", "update step"])
         axis.set_ylabel("seconds (median)")
         axis.set_title(f"P={result['prompt_length']}, G={result['group']}, N={result['response_length']}: "
-                       f"{result['speedup_score']:.2f}x / {result['speedup_update']:.2f}x\n"
-                       f"{100 * result['flops_saved']:.0f} % fewer trunk FLOPs", fontsize=9)
+                       f"{result['speedup_generate']:.2f}x / {result['speedup_score']:.2f}x / "
+                       f"{result['speedup_update']:.2f}x\n"
+                       f"{100 * result['flops_saved']:.0f} % fewer trunk FLOPs (scoring, update)", fontsize=9)
         axis.legend(fontsize=7)
     figure.suptitle("GRPO, SmolLM2-135M fp32: each prompt once per group vs once per response", fontsize=10)
     figure.tight_layout()
@@ -190,9 +221,11 @@ def main(argv: list[str] | None = None) -> int:
         results.append(result)
         print(f"P={result['prompt_length']:>4} G={args.group} N={result['response_length']}: "
               f"{100 * result['flops_saved']:.0f} % fewer trunk FLOPs | "
-              + " | ".join(f"{name}: score {result[name]['score_s']:.2f} s, update {result[name]['update_s']:.2f} s"
+              + " | ".join(f"{name}: generate {result[name]['generate_s']:.2f} s, "
+                           f"score {result[name]['score_s']:.2f} s, update {result[name]['update_s']:.2f} s"
                            for name in LAYOUTS)
-              + f" | {result['speedup_score']:.2f}x / {result['speedup_update']:.2f}x")
+              + f" | {result['speedup_generate']:.2f}x / {result['speedup_score']:.2f}x / "
+                f"{result['speedup_update']:.2f}x")
     output = {"setup": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to float32)",
                         "kl_coef": 0.04, "jax_backend": jax.default_backend()},

@@ -106,6 +106,22 @@ class KVCache:
     def max_length(self) -> int:
         return self.valid.shape[1]
 
+    def repeat_rows(self, n: int) -> KVCache:
+        """Every row ``n`` times over (row ``b`` becomes rows ``b·n … b·n + n − 1``, as ``jnp.repeat``): a prompt
+        prefilled once, its cache copied for its ``n`` samples."""
+        if n == 1:
+            return self
+
+        def rows(x, axis=0):
+            return jnp.repeat(x, n, axis=axis)
+
+        if self.is_per_layer:
+            keys, values = tuple(map(rows, self.keys)), tuple(map(rows, self.values))
+        else:  # [L, B, S, K, Dh]
+            keys, values = rows(self.keys, 1), rows(self.values, 1)
+        return dataclasses.replace(self, keys=keys, values=values, valid=rows(self.valid),
+                                   next_position=rows(self.next_position))
+
     def per_layer(self, max_length: int | None = None) -> KVCache:
         """The same cache with one buffer per layer (keys ``[B, K, Dh, S]``, values ``[B, K, S, Dh]``), optionally
         with more slots.

@@ -211,16 +211,26 @@ def _generate(states, prompt_tokens, prompt_mask, key, weights, filters: Filters
                 jnp.where(emit[:, None], base_hidden, 0).astype(carry.hidden.dtype)),
         )
 
+    def samples(x):
+        """``[B, ...]`` per prompt -> ``[R, ...]`` per row (each prompt's ``n`` samples)."""
+        return x if n == 1 else _constrain(jnp.repeat(x, n, axis=0), mesh, _batch_spec(mesh, x.ndim))
+
+    # Each prompt is prefilled once for its n samples: their caches, first logits and hidden state are copies.
+    # The prompt's cache has only its slots (prefill attention need not sweep the response's); per_layer()
+    # makes room for the response. Decoding runs the layers unrolled on per-layer weights and writes
+    # per-layer cache buffers: under the layer scan XLA's CPU backend would copy every layer's weights and
+    # cache at every step.
+    prompts = _constrain(prompt_tokens, mesh, row_spec)
+    prompts_mask = _constrain(prompt_mask.astype(bool), mesh, row_spec)
     caches, logits = [], []
     for index, model in enumerate(models):
-        # The prompt's cache has only its slots (prefill attention need not sweep the response's);
-        # per_layer() below makes room for the response.
-        cache = _constrain_cache(KVCache.init(model.config, batch_size=rows, max_length=prompt_length), mesh)
-        hidden, cache = model.hidden_states(tokens, attention_mask=mask, cache=cache)
-        caches.append(cache)
-        logits.append(last_logits(model, hidden))
+        cache = _constrain_cache(KVCache.init(model.config, batch_size=prompts.shape[0], max_length=prompt_length),
+                                 mesh)
+        hidden, cache = model.hidden_states(prompts, attention_mask=prompts_mask, cache=cache)
+        caches.append(_constrain_cache(cache.per_layer(cache_length).repeat_rows(n), mesh))
+        logits.append(samples(last_logits(model, hidden)))
         if index == 0:
-            base_hidden = hidden[:, -1]
+            base_hidden = samples(hidden[:, -1])
     start = _Carry(
         step=jnp.zeros((), jnp.int32),
         fed=jnp.zeros((rows,), jnp.int32),
@@ -235,10 +245,6 @@ def _generate(states, prompt_tokens, prompt_mask, key, weights, filters: Filters
                            mesh, _batch_spec(mesh, 3)) if return_hidden else None),
     )
     carry = choose(start, logits, base_hidden)
-    # Decoding runs the layers unrolled on per-layer weights and writes per-layer cache buffers: under the
-    # layer scan XLA's CPU backend would copy every layer's weights and cache at every step.
-    carry = carry._replace(caches=tuple(_constrain_cache(cache.per_layer(cache_length), mesh)
-                                        for cache in carry.caches))
 
     def decode_step(carry: _Carry) -> _Carry:
         caches, logits = [], []

@@ -3,6 +3,8 @@ forward pass, reproducibility, stopping, sample layout and bucketed shapes that 
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -169,6 +171,23 @@ def test_n_samples_are_grouped_by_prompt(sampler):
     single = sampler.generate(PROMPTS, key=jax.random.key(4), params=SamplingParams(
         max_new_tokens=N, temperature=1.0, stop_token_ids=()))
     np.testing.assert_array_equal(tokens[::3], np.asarray(single.tokens))
+
+
+def test_n_samples_share_one_prefill_and_equal_a_training_forward_pass(llama, sampler):
+    """Each prompt is prefilled once and its cache copied for its n samples: every sample's log-probs still equal
+    a training forward pass over its own whole sequence (left-padded prompts of different lengths), and n greedy
+    samples are the single greedy answer n times."""
+    model, _ = llama
+    out = sampler.generate(PROMPTS, key=jax.random.key(5), params=dataclasses.replace(SAMPLED, n=3))
+    tokens, mask = out.sequences()
+    logits, _ = model(tokens, attention_mask=mask)
+    forward_logps = token_logps(logits[:, out.prompt_tokens.shape[1] - 1:-1], out.tokens, out.response_mask)
+    assert float(jnp.max(jnp.abs(forward_logps - out.model_logps))) <= 1e-5
+    single = sampler.generate(PROMPTS, key=jax.random.key(0), params=GREEDY)
+    twice = sampler.generate(PROMPTS, key=jax.random.key(0), params=dataclasses.replace(GREEDY, n=2))
+    for copy in (0, 1):
+        np.testing.assert_array_equal(np.asarray(twice.tokens[copy::2]), np.asarray(single.tokens))
+        np.testing.assert_allclose(np.asarray(twice.model_logps[copy::2]), np.asarray(single.model_logps), atol=1e-5)
 
 
 def test_bucketed_shapes_do_not_recompile(sampler):
