@@ -27,7 +27,7 @@ so the ratio below is jaxalign's group rows against jaxalign's plain rows, not a
 
 Commands::
 
-    python benchmarks/grpo_groups.py                     # chat prompts and a 60-word system prompt, ~25 min
+    python benchmarks/grpo_groups.py                     # chat and 60-word system prompts, ~35 min
     python benchmarks/grpo_groups.py --repeats 2 --settings 0   # quick check
 
 Writes ``benchmarks/results/grpo_groups.json`` and ``.png`` (time per phase, both layouts, per setting).
