@@ -53,6 +53,7 @@ from jaxalign.rollout.engine import (
     _constrain,
     _constrain_cache,
     _row_keys,
+    _samples,
     _split,
     _stacked_and_unstacked,
     bucketed_prompts,
@@ -163,19 +164,26 @@ def _args_generate(states, prompt_tokens, prompt_mask, key, weight, temperature,
     rows, prompt_length = tokens.shape
     row_keys = _row_keys(key, rows, n)
 
-    # Prefill: each model runs once over the prompts (scanned layers, a cache of the prompt's slots). The
-    # patient's prefill stops before the prompts' last column, which the first decode step feeds: the loop body
-    # is then the only copy of the candidate scoring in the program (it holds a whole reward trunk).
-    cache = _constrain_cache(KVCache.init(patient.config, batch_size=rows, max_length=prompt_length - 1), mesh)
-    _, patient_cache = patient.hidden_states(tokens[:, :-1], attention_mask=mask[:, :-1], cache=cache)
-    cache = _constrain_cache(KVCache.init(reward_model.backbone.config, batch_size=rows, max_length=prompt_length),
+    # Prefill: each model runs once over the [B, P] prompts (scanned layers, a cache of the prompt's slots), and
+    # each prompt's caches and pooled state are copied for its n samples (as the Sampler). The patient's prefill
+    # stops before the prompts' last column, which the first decode step feeds: the loop body is then the only
+    # copy of the candidate scoring in the program (it holds a whole reward trunk).
+    prompts = _constrain(prompt_tokens, mesh, row_spec)
+    prompts_mask = _constrain(prompt_mask.astype(bool), mesh, row_spec)
+    batch = prompts.shape[0]
+    cache = _constrain_cache(KVCache.init(patient.config, batch_size=batch, max_length=prompt_length - 1), mesh)
+    _, patient_cache = patient.hidden_states(prompts[:, :-1], attention_mask=prompts_mask[:, :-1], cache=cache)
+    cache = _constrain_cache(KVCache.init(reward_model.backbone.config, batch_size=batch, max_length=prompt_length),
                              mesh)
-    reward_hidden, reward_cache = reward_model.backbone(tokens, attention_mask=mask, cache=cache)
-    real = mask.astype(jnp.float32)
+    reward_hidden, reward_cache = reward_model.backbone(prompts, attention_mask=prompts_mask, cache=cache)
+    real = prompts_mask.astype(jnp.float32)
     # The last response token is never fed to the patient; the reward trunk holds every committed token and,
     # after them, the k candidates of the step.
-    patient_cache = _constrain_cache(patient_cache.per_layer(prompt_length + max_new_tokens - 1), mesh)
-    reward_cache = _constrain_cache(reward_cache.per_layer(prompt_length + max_new_tokens - 1 + k), mesh)
+    patient_cache = _constrain_cache(patient_cache.per_layer(prompt_length + max_new_tokens - 1).repeat_rows(n),
+                                     mesh)
+    reward_cache = _constrain_cache(reward_cache.per_layer(prompt_length + max_new_tokens - 1 + k).repeat_rows(n),
+                                    mesh)
+
     sliding_window = getattr(trunk.config, "sliding_window", None)
 
     def choose(carry: _Carry, logits: Float[Array, "R V"]) -> _Carry:
@@ -228,8 +236,8 @@ def _args_generate(states, prompt_tokens, prompt_mask, key, weight, temperature,
         done=~jnp.any(mask, axis=1),  # rows without a prompt token (batch padding) generate nothing
         patient_cache=patient_cache,
         reward_cache=reward_cache,
-        pooled_sum=jnp.einsum("btd,bt->bd", reward_hidden.astype(jnp.float32), real),
-        pooled_count=jnp.sum(real, axis=1),
+        pooled_sum=_samples(jnp.einsum("btd,bt->bd", reward_hidden.astype(jnp.float32), real), n, mesh),
+        pooled_count=_samples(jnp.sum(real, axis=1), n, mesh),
         tokens=jnp.full((rows, max_new_tokens), pad_token_id, jnp.int32),
         response_mask=jnp.zeros((rows, max_new_tokens), bool),
         sampling_logps=jnp.zeros((rows, max_new_tokens), jnp.float32),

@@ -144,6 +144,11 @@ def _constrain_cache(cache: KVCache, mesh: Mesh | None) -> KVCache:
     )
 
 
+def _samples(x: Array, n: int, mesh: Mesh | None) -> Array:
+    """``[B, ...]`` per prompt -> ``[B·n, ...]`` per row (each prompt's ``n`` samples, as ``jnp.repeat``)."""
+    return x if n == 1 else _constrain(jnp.repeat(x, n, axis=0), mesh, _batch_spec(mesh, x.ndim))
+
+
 def _row_keys(key: Array, rows: int, n: int) -> Array:
     """One key per row from (prompt index, sample index): sample j of prompt b does not depend on n."""
     def row_key(row):
@@ -211,10 +216,6 @@ def _generate(states, prompt_tokens, prompt_mask, key, weights, filters: Filters
                 jnp.where(emit[:, None], base_hidden, 0).astype(carry.hidden.dtype)),
         )
 
-    def samples(x):
-        """``[B, ...]`` per prompt -> ``[R, ...]`` per row (each prompt's ``n`` samples)."""
-        return x if n == 1 else _constrain(jnp.repeat(x, n, axis=0), mesh, _batch_spec(mesh, x.ndim))
-
     # Each prompt is prefilled once for its n samples: their caches, first logits and hidden state are copies.
     # The prompt's cache has only its slots (prefill attention need not sweep the response's); per_layer()
     # makes room for the response. Decoding runs the layers unrolled on per-layer weights and writes
@@ -228,9 +229,9 @@ def _generate(states, prompt_tokens, prompt_mask, key, weights, filters: Filters
                                  mesh)
         hidden, cache = model.hidden_states(prompts, attention_mask=prompts_mask, cache=cache)
         caches.append(_constrain_cache(cache.per_layer(cache_length).repeat_rows(n), mesh))
-        logits.append(samples(last_logits(model, hidden)))
+        logits.append(_samples(last_logits(model, hidden), n, mesh))
         if index == 0:
-            base_hidden = samples(hidden[:, -1])
+            base_hidden = _samples(hidden[:, -1], n, mesh)
     start = _Carry(
         step=jnp.zeros((), jnp.int32),
         fed=jnp.zeros((rows,), jnp.int32),

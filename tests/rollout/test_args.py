@@ -128,6 +128,12 @@ def test_greedy_equals_recomputing_every_candidate_sequence(patient, reward_mode
     assert np.all(np.asarray(out.response_mask)) and np.all(np.asarray(out.lengths) == N)
     assert np.all(np.asarray(out.sampling_logps) == 0.0), "ARGS-greedy draws from a point mass"
     assert not np.array_equal(tokens, np.asarray(patient_greedy.tokens)), "the reward should change some choice"
+    # A prompt's n samples share its prefill (both models' caches and the pooled state copied row by row):
+    # greedy gives each prompt's answer n times over, in order.
+    twice = args.generate(PROMPTS, key=jax.random.key(0), params=SamplingParams(max_new_tokens=N, stop_token_ids=(),
+                                                                                n=2))
+    np.testing.assert_array_equal(np.asarray(twice.tokens), np.repeat(tokens, 2, axis=0))
+    np.testing.assert_allclose(np.asarray(twice.model_logps), np.repeat(model_logps, 2, axis=0), atol=1e-5)
 
 
 def test_weight_zero_is_the_patients_greedy_decoding(patient, reward_models, patient_greedy):
@@ -190,8 +196,9 @@ def test_a_heavy_reward_for_one_token_steers_towards_it(checkpoints, patient, pa
     assert np.all(np.asarray(everything.tokens) == second)
 
 
-def test_sampling_is_reproducible_and_its_logps_are_the_args_distribution(patient, reward_models):
-    reward_model, options = reward_models["llama_last"]
+@pytest.mark.parametrize("name", ["llama_last", "gpt2_mean"])  # mean pooling: the samples' pooled state is copied
+def test_sampling_is_reproducible_and_its_logps_are_the_args_distribution(patient, reward_models, name):
+    reward_model, options = reward_models[name]
     k, weight, temperature = K, 2.0, 0.7
     args = ArgsSampler(patient, reward_model, k=k, weight=weight, **options)
     params = SamplingParams(max_new_tokens=N, temperature=temperature, stop_token_ids=(), n=2)
