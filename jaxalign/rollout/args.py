@@ -183,7 +183,6 @@ def _args_generate(states, prompt_tokens, prompt_mask, key, weight, temperature,
                                      mesh)
     reward_cache = _constrain_cache(reward_cache.per_layer(prompt_length + max_new_tokens - 1 + k).repeat_rows(n),
                                     mesh)
-
     sliding_window = getattr(trunk.config, "sliding_window", None)
 
     def choose(carry: _Carry, logits: Float[Array, "R V"]) -> _Carry:
