@@ -38,9 +38,8 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from benchmarks import provenance  # noqa: E402
-from benchmarks.grpo_groups import system_prompt  # noqa: E402
+from benchmarks.grpo_groups import prompt_batch  # noqa: E402
 from experiments.sentiment import make_prompts  # noqa: E402
-from jaxalign import data as jdata  # noqa: E402
 from jaxalign import models  # noqa: E402
 from jaxalign.rollout import ArgsSampler, SamplingParams  # noqa: E402
 
@@ -51,11 +50,7 @@ LAYOUTS = ("once a prompt", "once a sample")
 def chat_ids(tokenizer, prompts: list[str], system_words: int) -> list[list[int]]:
     """The prompts as the trainers tokenize them (the chat template, its default system prompt unless one is
     given), one unpadded id list each."""
-    system = system_prompt(system_words)
-    records = [jdata.PromptRecord(([{"role": "system", "content": system}] if system else [])
-                                  + [{"role": "user", "content": prompt}]) for prompt in prompts]
-    batch = next(iter(jdata.BatchIterator(jdata.tokenize(records, tokenizer), batch_size=len(prompts),
-                                          shuffle=False, drop_last=True)))
+    batch = prompt_batch(tokenizer, prompts, system_words)
     return [np.asarray(row)[np.asarray(mask, bool)].tolist()
             for row, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True)]
 
@@ -101,7 +96,7 @@ def plot(results: list[dict], path: Path, machine: str) -> None:
     axis.set_ylabel("seconds per generate call (median)")
     first = results[0]
     axis.set_title(f"ARGS-stochastic, SmolLM2-135M fp32 patient + reward trunk\n{first['rows']} rows "
-                   f"({first['samples']} samples a prompt), k={first.get('k')}, {first.get('new_tokens')} tokens; "
+                   f"({first['samples']} samples a prompt), k={first['k']}, {first['new_tokens']} tokens; "
                    f"{machine}", fontsize=8)
     axis.legend(fontsize=8)
     figure.tight_layout()

@@ -76,6 +76,16 @@ def system_prompt(words: int) -> str | None:
     return " ".join(text[i % len(text)] for i in range(words))
 
 
+def prompt_batch(tokenizer, prompts: list[str], system_words: int) -> dict:
+    """The prompts as the trainers tokenize them (the chat template, behind a ``system_words``-word system
+    prompt, or the template's default one for 0), as one padded batch."""
+    system = system_prompt(system_words)
+    records = [jdata.PromptRecord(([{"role": "system", "content": system}] if system else [])
+                                  + [{"role": "user", "content": prompt}]) for prompt in prompts]
+    return next(iter(jdata.BatchIterator(jdata.tokenize(records, tokenizer), batch_size=len(prompts),
+                                         shuffle=False, drop_last=True)))
+
+
 def trainer_for(policy, reference, tokenizer, sampling, shared: bool) -> GRPOTrainer:
     config = TrainConfig(total_steps=1, seed=0, optimizer=OptimizerConfig(learning_rate=1e-6, warmup_steps=0),
                          checkpoint=CheckpointConfig(directory=None), log=LogConfig(directory=None, progress_bar=False,
@@ -119,11 +129,7 @@ def time_generation(policy, tokens: np.ndarray, mask: np.ndarray, args) -> dict[
 
 
 def run_setting(policy, reference, tokenizer, prompts: list[str], args, system_words: int) -> dict:
-    system = system_prompt(system_words)
-    records = [jdata.PromptRecord(([{"role": "system", "content": system}] if system else [])
-                                  + [{"role": "user", "content": p}]) for p in prompts]
-    batch = next(iter(jdata.BatchIterator(jdata.tokenize(records, tokenizer), batch_size=len(prompts),
-                                          shuffle=False, drop_last=True)))
+    batch = prompt_batch(tokenizer, prompts, system_words)
     stop = tuple(policy.config.eos_token_ids) or (tokenizer.eos_token_id,)
     sampling = SamplingParams(max_new_tokens=args.new_tokens, n=args.group, temperature=1.0, stop_token_ids=stop)
     rollout = Sampler(policy).generate(batch["input_ids"], batch["attention_mask"], key=jax.random.key(0),
