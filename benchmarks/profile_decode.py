@@ -162,21 +162,27 @@ def main(args: argparse.Namespace) -> None:
     if args.trace:
         from jaxalign.rollout import engine
 
-        # Record the arguments generate() passes to the compiled loop, to compile the same program again
-        # for its HLO text (its instruction names are the trace's event names).
-        compiled_generate, recorded = engine._generate, []
+        # Record the program generate() picks for its rows and the arguments it passes, to compile the same
+        # program again for its HLO text (its instruction names are the trace's event names).
+        program, recorded = engine._generate, []
+        pick = program.for_rows
 
-        def recording(*call_args, **call_kwargs):
-            recorded.append((call_args, call_kwargs))
-            return compiled_generate(*call_args, **call_kwargs)
+        def recording_for_rows(rows):
+            jitted = pick(rows)
 
-        engine._generate = recording
+            def recording(*call_args, **call_kwargs):
+                recorded.append((jitted, call_args, call_kwargs))
+                return jitted(*call_args, **call_kwargs)
+
+            return recording
+
+        program.for_rows = recording_for_rows
         try:
             call(args.new_tokens, 99)()
         finally:
-            engine._generate = compiled_generate
-        call_args, call_kwargs = recorded[0]
-        compiled = compiled_generate.lower(*call_args, **call_kwargs).compile()
+            del program.for_rows
+        jitted, call_args, call_kwargs = recorded[0]
+        compiled = jitted.lower(*call_args, **call_kwargs).compile()
         trace_decode(call(args.new_tokens, 99), compiled.as_text(), args.new_tokens - 1, args.top)
 
 

@@ -29,7 +29,8 @@ bytes, so the share is a floor.
 
 ``matmul_bound`` in the JSON bounds any engine that uses XLA's matmuls on this machine: the model's matmuls alone
 (prefill, then one decode step's products per new token, with the real weights in a compiled loop),
-timed with XLA, and the tokens/s they would allow; ``matmul_bound_speedup`` is that over transformers.
+timed with XLA's default compile options and with the decode loop's (``compile_options`` says which was
+faster), and the tokens/s they would allow; ``matmul_bound_speedup`` is that over transformers.
 
 The warm-up rollout is also checked against a training forward pass (whole sequences, no cache) on the
 same tokens: the JSON records the largest ``|model_logps − token_logps(forward)|`` and
@@ -52,6 +53,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import functools
 import importlib.util
 import json
 import os
@@ -78,6 +80,7 @@ from model_shapes import LLAMA_1B, SMOLLM2_135M  # benchmarks/model_shapes.py, b
 from jaxalign.losses import token_logps
 from jaxalign.models import LlamaForCausalLM, ModelConfig, default_model_path, load_gguf, load_hf, save_hf
 from jaxalign.rollout import Rollout, Sampler, SamplingParams, filtered_logprobs
+from jaxalign.rollout.compile_options import decode_compiler_options
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QUESTIONS = [
@@ -214,30 +217,40 @@ def matmul_bound(model, *, rows: int, prompt_length: int, new_tokens: int, repea
 
     # The vocabulary as [D, V], laid out once here rather than transposed in every step.
     weights = (stages, jnp.array(vocabulary.T))
-    if jax.default_backend() == "cpu":
-        # Closed over, the weights are compiled in as constants, which XLA's CPU products lay out ahead of
-        # time: the tightest floor (SmolLM2-135M at 16 rows: 36-39 ms a step, against 52-55 ms with the
-        # weights as arguments, though the engine itself gains only 1-4 % from constants).
-        decode, prefill = (jax.jit(lambda h, fn=fn: fn(h, weights)) for fn in (decode, prefill))
-        call = lambda fn, h: fn(h)  # noqa: E731
-    else:
-        # On a GPU a 1B model's 2.5 GB of constants made the compile outlast the run: arguments there.
-        decode, prefill = jax.jit(decode), jax.jit(prefill)
-        call = lambda fn, h: fn(h, weights)  # noqa: E731
-    decode_h = jnp.ones((rows, width), vocabulary.dtype)
-    prefill_h = jnp.ones((rows * prompt_length, width), vocabulary.dtype)
-    timings = {}
-    for name, fn, h in (("decode", decode, decode_h), ("prefill", prefill, prefill_h)):
-        jax.block_until_ready(call(fn, h))
-        timings[name] = statistics.median(_timed(lambda fn=fn, h=h: jax.block_until_ready(call(fn, h)))
-                                          for _ in range(repeats))
+    on_cpu = jax.default_backend() == "cpu"
+    # XLA's default products and those the engine's decode loop compiles with (on CPU, YNNPACK's dot
+    # fusions off; jaxalign.rollout.compile_options): the floor is the faster of the two.
+    option_sets = {"xla defaults": {}, "decode options": decode_compiler_options()}
+    timings, chosen = {}, {}
+    for options_name, options in option_sets.items():
+        if options_name != "xla defaults" and not options:
+            continue
+        jit = functools.partial(jax.jit, compiler_options=options or None)
+        if on_cpu:
+            # Closed over, the weights are compiled in as constants, which XLA's CPU products lay out ahead
+            # of time: the tightest floor (SmolLM2-135M at 16 rows: 36-39 ms a step, against 52-55 ms with
+            # the weights as arguments, though the engine itself gains only 1-4 % from constants).
+            programs = {"decode": jit(lambda h: decode(h, weights)), "prefill": jit(lambda h: prefill(h, weights))}
+            arguments = ()
+        else:
+            # On a GPU a 1B model's 2.5 GB of constants made the compile outlast the run: arguments there.
+            programs = {"decode": jit(decode), "prefill": jit(prefill)}
+            arguments = (weights,)
+        for name, h in (("decode", jnp.ones((rows, width), vocabulary.dtype)),
+                        ("prefill", jnp.ones((rows * prompt_length, width), vocabulary.dtype))):
+            fn = programs[name]
+            jax.block_until_ready(fn(h, *arguments))
+            seconds = statistics.median(_timed(lambda fn=fn, h=h, a=arguments: jax.block_until_ready(fn(h, *a)))
+                                        for _ in range(repeats))
+            if seconds < timings.get(name, float("inf")):
+                timings[name], chosen[name] = seconds, options_name
     step_s = timings["decode"] / (new_tokens - 1)
     call_s = timings["prefill"] + timings["decode"]
     flops = 2 * rows * sum(w.shape[0] * w.shape[1] for layer in stages for stage in layer for w in stage)
     return {"matrices": sum(len(stage) for layer in stages for stage in layer) + 1, "prefill_s": timings["prefill"],
             "decode_step_s": step_s,
             "decode_step_flop_per_s": (flops + 2 * rows * vocabulary.size) / step_s, "call_s": call_s,
-            "tokens_per_s": rows * new_tokens / call_s, "repeats": repeats}
+            "tokens_per_s": rows * new_tokens / call_s, "repeats": repeats, "compile_options": chosen}
 
 
 def setup_jaxalign(args, checkpoint: Path | None) -> tuple[dict, list[list[int]], Callable[[int], object]]:

@@ -14,6 +14,9 @@ compiled program, even across ``Sampler`` objects), the states are ordinary arra
 Guided decoding (LLMDoctor, arXiv 2601.10416; GenARM, arXiv 2410.08193) scores token ``v`` as
 ``α·log π_base(v) + Σᵢ βᵢ·log π_guideᵢ(v)``; the weights are a traced ``[1 + G]`` array, so changing them
 does not recompile. Each model keeps its own cache and may be of another size or sharding.
+
+On CPU, a loop of 8 to 16 rows compiles with YNNPACK's dot products off, where XLA's own kernels run the
+decode step 1.3-1.4x faster (:mod:`jaxalign.rollout.compile_options`).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from jaxalign.losses.core import token_logps
 from jaxalign.models import KVCache, fit_spec, named_shardings
 from jaxalign.models.stack import unstack_layers
 from jaxalign.rollout.batching import MIN_LENGTH_BUCKET, bucket, check_left_padded, left_pad, pad_batch
+from jaxalign.rollout.compile_options import decode_jit
 from jaxalign.rollout.filters import DEFAULT_CANDIDATES
 from jaxalign.rollout.params import Filters, SamplingParams
 from jaxalign.rollout.sampling import draw, draw_one_model
@@ -157,8 +161,7 @@ def _row_keys(key: Array, rows: int, n: int) -> Array:
     return jax.vmap(row_key)(jnp.arange(rows))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdefs", "max_new_tokens", "n", "candidates", "mesh", "stream",
-                                             "return_hidden"))
+@decode_jit(static_argnames=("graphdefs", "max_new_tokens", "n", "candidates", "mesh", "stream", "return_hidden"))
 def _generate(states, prompt_tokens, prompt_mask, key, weights, filters: Filters, stop_mask, pad_token_id, *,
               graphdefs, max_new_tokens: int, n: int, candidates: int, mesh: Mesh | None,
               stream: StreamFn | None, return_hidden: bool) -> Rollout:
@@ -510,7 +513,7 @@ class Sampler:
         tokens, mask = bucketed_prompts(tokens, mask, mesh=self.mesh, batch_buckets=self.batch_buckets,
                                         length_buckets=self.length_buckets, pad_token_id=self.pad_token_id)
         rows = tokens.shape[0]
-        out = _generate(
+        out = _generate.for_rows(rows * params.n)(
             tuple(m.states for m in self._members), tokens, mask, key, weights, params.filters(), stop_mask,
             np.int32(self.pad_token_id), graphdefs=tuple(m.graphdefs for m in self._members),
             max_new_tokens=params.max_new_tokens, n=params.n, candidates=self.candidates, mesh=self.mesh,
