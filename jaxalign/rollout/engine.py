@@ -15,8 +15,9 @@ Guided decoding (LLMDoctor, arXiv 2601.10416; GenARM, arXiv 2410.08193) scores t
 ``α·log π_base(v) + Σᵢ βᵢ·log π_guideᵢ(v)``; the weights are a traced ``[1 + G]`` array, so changing them
 does not recompile. Each model keeps its own cache and may be of another size or sharding.
 
-On CPU, a loop of 8 to 16 rows compiles with YNNPACK's dot products off, where XLA's own kernels run the
-decode step 1.3-1.4x faster (:mod:`jaxalign.rollout.compile_options`).
+On AVX2 CPUs without AVX-512, a loop of 8 to 16 rows compiles with YNNPACK's dot products off, where XLA's own
+kernels ran the decode step 1.3-1.4x faster (:mod:`jaxalign.rollout.compile_options`; on an AVX-512 Xeon they
+were slower at every row count, so it keeps the defaults).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The decode loops' compile options: applied on CPU, dropped where the compiler does not know them."""
+"""The decode loops' compile options: applied on the CPUs measured to gain, dropped where the compiler does not
+know them."""
 
 import re
 
@@ -8,7 +9,15 @@ import numpy as np
 import pytest
 
 from jaxalign.rollout import compile_options
-from jaxalign.rollout.compile_options import CPU_DECODE_OPTIONS, DecodeJit, decode_compiler_options, decode_jit
+from jaxalign.rollout.compile_options import (
+    CPU_DECODE_OPTIONS,
+    DecodeJit,
+    accepted_decode_options,
+    cpu_flags,
+    decode_compiler_options,
+    decode_jit,
+    gains_on_this_cpu,
+)
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="the options are the CPU compiler's")
 
@@ -32,11 +41,41 @@ def operands():
     return jnp.asarray(rng.normal(size=(16, 64)), jnp.float32), jnp.asarray(rng.normal(size=(64, 256)), jnp.float32)
 
 
+@pytest.fixture
+def avx2_cpu(monkeypatch):
+    """This process as if on the AVX2 CPU the options were measured to gain on, whatever it runs on."""
+    monkeypatch.setattr(compile_options, "cpu_flags", lambda: frozenset({"sse4_2", "avx", "avx2", "fma"}))
+    decode_compiler_options.cache_clear()
+    yield
+    decode_compiler_options.cache_clear()
+
+
 def test_options_accepted_by_the_installed_compiler():
-    assert decode_compiler_options() == CPU_DECODE_OPTIONS
+    assert accepted_decode_options() == CPU_DECODE_OPTIONS
 
 
-def test_decode_jit_compiles_products_without_ynnpack_and_computes_the_same(operands):
+def test_cpu_flags_read_from_cpuinfo(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx avx2 fma\n\n"
+                       "processor\t: 1\nflags\t\t: fpu sse2 avx avx2 fma\n")
+    assert cpu_flags(cpuinfo) == {"fpu", "sse2", "avx", "avx2", "fma"}
+    assert cpu_flags(tmp_path / "absent") == frozenset()
+    cpuinfo.write_text("processor\t: 0\nFeatures\t: fp asimd\n")  # ARM lists "Features"
+    assert cpu_flags(cpuinfo) == frozenset()
+
+
+def test_options_only_on_cpus_measured_to_gain(monkeypatch):
+    assert gains_on_this_cpu(frozenset({"avx", "avx2", "fma"}))
+    assert not gains_on_this_cpu(frozenset({"avx", "avx2", "avx512f", "amx_tile"}))  # the Xeon: slower
+    assert not gains_on_this_cpu(frozenset({"fp", "asimd"})) and not gains_on_this_cpu(frozenset())
+    for flags, expected in ((frozenset({"avx2"}), CPU_DECODE_OPTIONS), (frozenset({"avx2", "avx512f"}), {})):
+        monkeypatch.setattr(compile_options, "cpu_flags", lambda flags=flags: flags)
+        decode_compiler_options.cache_clear()
+        assert decode_compiler_options() == expected
+    decode_compiler_options.cache_clear()
+
+
+def test_decode_jit_compiles_products_without_ynnpack_and_computes_the_same(avx2_cpu, operands):
     x, w = operands
     program = DecodeJit(skinny_product, static_argnames="scale")
     default, decode = program.for_rows(2), program.for_rows(16)
@@ -49,18 +88,18 @@ def test_decode_jit_compiles_products_without_ynnpack_and_computes_the_same(oper
     assert decode_jit(static_argnames="scale")(skinny_product).for_rows(16)(x, w, scale=2.0).shape == (16, 256)
 
 
-def test_unknown_option_falls_back_to_defaults(monkeypatch, operands):
+def test_unknown_option_falls_back_to_defaults(avx2_cpu, monkeypatch, operands):
     monkeypatch.setattr(compile_options, "CPU_DECODE_OPTIONS",
                         {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_NO_SUCH_KIND"})
-    decode_compiler_options.cache_clear()
+    accepted_decode_options.cache_clear()
     try:
-        assert decode_compiler_options() == {}
+        assert accepted_decode_options() == {} and decode_compiler_options() == {}
         x, w = operands
         program = DecodeJit(skinny_product, static_argnames="scale")
         assert program.for_rows(16) is program.default
         assert program.for_rows(16)(x, w, scale=1.0).shape == (16, 256)
     finally:
-        decode_compiler_options.cache_clear()
+        accepted_decode_options.cache_clear()
 
 
 def test_sampler_picks_the_program_by_decoded_rows(sampler, monkeypatch):
@@ -73,4 +112,6 @@ def test_sampler_picks_the_program_by_decoded_rows(sampler, monkeypatch):
     for n in (1, 4):
         sampler.generate(prompts, key=jax.random.key(0), params=SamplingParams(max_new_tokens=2, n=n))
     assert asked == [4, 16]
-    assert engine._generate.for_rows(16) is engine._generate.tuned is not engine._generate.default
+    assert engine._generate.for_rows(16) is engine._generate.tuned
+    # Another program only on a CPU the options were measured to gain on (this machine's CPU decides).
+    assert (engine._generate.tuned is engine._generate.default) == (not decode_compiler_options())
