@@ -77,7 +77,7 @@ def accepted_decode_options() -> dict[str, str]:
 def decode_compiler_options() -> dict[str, str]:
     """The options :data:`ROWS` compile with here: :func:`accepted_decode_options` on a CPU that
     :func:`gains_on_this_cpu`, else ``{}``."""
-    return accepted_decode_options() if gains_on_this_cpu(cpu_flags()) else {}
+    return dict(accepted_decode_options()) if gains_on_this_cpu(cpu_flags()) else {}
 
 
 class DecodeJit:

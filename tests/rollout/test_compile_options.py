@@ -64,7 +64,15 @@ def test_cpu_flags_read_from_cpuinfo(tmp_path):
     assert cpu_flags(cpuinfo) == frozenset()
 
 
-def test_options_only_on_cpus_measured_to_gain(monkeypatch):
+@pytest.fixture
+def fresh_option_cache():
+    """Whatever a test makes decode_compiler_options() cache is gone after it, passed or failed."""
+    decode_compiler_options.cache_clear()
+    yield
+    decode_compiler_options.cache_clear()
+
+
+def test_options_only_on_cpus_measured_to_gain(fresh_option_cache, monkeypatch):
     assert gains_on_this_cpu(frozenset({"avx", "avx2", "fma"}))
     assert not gains_on_this_cpu(frozenset({"avx", "avx2", "avx512f", "amx_tile"}))  # the Xeon: slower
     assert not gains_on_this_cpu(frozenset({"fp", "asimd"})) and not gains_on_this_cpu(frozenset())
@@ -72,7 +80,6 @@ def test_options_only_on_cpus_measured_to_gain(monkeypatch):
         monkeypatch.setattr(compile_options, "cpu_flags", lambda flags=flags: flags)
         decode_compiler_options.cache_clear()
         assert decode_compiler_options() == expected
-    decode_compiler_options.cache_clear()
 
 
 def test_decode_jit_compiles_products_without_ynnpack_and_computes_the_same(avx2_cpu, operands):
@@ -102,16 +109,23 @@ def test_unknown_option_falls_back_to_defaults(avx2_cpu, monkeypatch, operands):
         accepted_decode_options.cache_clear()
 
 
-def test_sampler_picks_the_program_by_decoded_rows(sampler, monkeypatch):
+def test_sampler_picks_the_program_by_decoded_rows(sampler, avx2_cpu, monkeypatch):
     from jaxalign.rollout import SamplingParams, engine
 
+    # `tuned` is a cached property of the module-level program: made afresh here for the AVX2 CPU, and the
+    # real CPU's (or none) put back afterwards.
+    cached = engine._generate.__dict__.pop("tuned", None)
     asked = []
     pick = engine._generate.for_rows
     monkeypatch.setattr(engine._generate, "for_rows", lambda rows: asked.append(rows) or pick(rows))
     prompts = [[1, 2, 3], [4, 5], [6]]  # 3 prompts: the batch bucket of 4 rows
-    for n in (1, 4):
-        sampler.generate(prompts, key=jax.random.key(0), params=SamplingParams(max_new_tokens=2, n=n))
-    assert asked == [4, 16]
-    assert engine._generate.for_rows(16) is engine._generate.tuned
-    # Another program only on a CPU the options were measured to gain on (this machine's CPU decides).
-    assert (engine._generate.tuned is engine._generate.default) == (not decode_compiler_options())
+    try:
+        for n in (1, 4):
+            sampler.generate(prompts, key=jax.random.key(0), params=SamplingParams(max_new_tokens=2, n=n))
+        assert asked == [4, 16]
+        assert pick(4) is engine._generate.default
+        assert pick(16) is engine._generate.tuned is not engine._generate.default
+    finally:
+        engine._generate.__dict__.pop("tuned", None)
+        if cached is not None:
+            engine._generate.__dict__["tuned"] = cached
