@@ -80,6 +80,7 @@ from model_shapes import LLAMA_1B, SMOLLM2_135M  # benchmarks/model_shapes.py, b
 from jaxalign.losses import token_logps
 from jaxalign.models import LlamaForCausalLM, ModelConfig, default_model_path, load_gguf, load_hf, save_hf
 from jaxalign.rollout import Rollout, Sampler, SamplingParams, compile_options, filtered_logprobs
+from jaxalign.rollout.batching import bucket
 from jaxalign.rollout.compile_options import accepted_decode_options, decode_compiler_options
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -450,9 +451,10 @@ def main() -> None:
                   "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
                   "jax": jax.__version__, "jax_backend": backend, "jax_device": jax.devices()[0].device_kind,
                   "hardware": hardware,
-                  # What the Sampler's loop at this batch compiled with on this CPU (rollout.compile_options).
-                  "decode_compile_options": (decode_compiler_options() if args.batch in compile_options.ROWS
-                                             else {})},
+                  # What the Sampler's loop compiled with on this CPU (rollout.compile_options): it decodes
+                  # the batch's bucket of rows (the Sampler's default buckets, as in setup_jaxalign).
+                  "decode_compile_options": (decode_compiler_options()
+                                             if bucket(args.batch, None) in compile_options.ROWS else {})},
         "jaxalign": ours,
         "transformers": theirs,
         "speedup": ours["tokens_per_s"] / theirs["tokens_per_s"],

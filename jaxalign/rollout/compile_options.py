@@ -89,17 +89,17 @@ class DecodeJit:
     """
 
     def __init__(self, fun: Callable, **jit_kwargs: Any):
-        functools.update_wrapper(self, fun)
-        self._fun, self._jit_kwargs = fun, jit_kwargs
+        functools.update_wrapper(self, fun)  # sets __wrapped__ = fun
+        self._jit_kwargs = jit_kwargs
 
     @functools.cached_property
     def default(self) -> Callable:
-        return jax.jit(self._fun, **self._jit_kwargs)
+        return jax.jit(self.__wrapped__, **self._jit_kwargs)
 
     @functools.cached_property
     def tuned(self) -> Callable:
         options = decode_compiler_options()
-        return jax.jit(self._fun, compiler_options=options, **self._jit_kwargs) if options else self.default
+        return jax.jit(self.__wrapped__, compiler_options=options, **self._jit_kwargs) if options else self.default
 
     def for_rows(self, rows: int) -> Callable:
         """The jitted function to run ``rows`` decoded rows with."""
