@@ -1,6 +1,7 @@
 """Training throughput: one DPO step and one SFT step of jaxalign (JAX) against TRL (PyTorch), same batch.
 
-What runs, per method (DPO, then SFT), in ONE process on ONE machine:
+What runs, per method (DPO, then SFT), on ONE machine: jaxalign in this process, the PyTorch side in a
+process of its own (below: why), one step at a time:
 
 - **jaxalign**: ``jaxalign.train.TrainStep`` with ``jaxalign.methods.dpo.dpo_objective(loss_type="sigmoid",
   beta=0.1, reference="model")`` (the frozen reference passed as ``references={"ref": model}``) or
@@ -30,15 +31,16 @@ What runs, per method (DPO, then SFT), in ONE process on ONE machine:
   model; or the token-mean completion NLL), full-vocabulary log-softmax, ``torch.optim.AdamW`` with the same
   hyperparameters and clipping. The output names which one ran.
 
-By default the two sides alternate step by step (TRL's loop runs one jaxalign step inside its callback after
-each of its own steps), so load from other users of a shared machine hits both alike. ``--order blocks`` runs
-all of jaxalign's steps, then all of the other side's: each framework as its users run it, alone in the
-process's time; the JSON records the order. Interleaved, jaxalign's steps start on a trimmed heap: before each,
-the memory the process freed goes back to the kernel (glibc's ``malloc_trim``), as none is left over from a
-PyTorch step when jaxalign runs alone. Without that, on 2 AMD EPYC cores, its DPO step took 7.0-7.7 s right after
-a PyTorch step and 5.9-6.3 s alone or after a trim. TRL's steps are not trimmed before: a trim before each made
-its SFT step 4.6 s instead of 3.4 s in blocks. The trim is one-sided, then: TRL's steps run in what jaxalign's
-freed (docs/offline-trainers.md#measured compares the two orders). In blocks nothing is trimmed. The first
+By default the two sides alternate step by step (this process tells the PyTorch process to run one step, waits for
+it, then runs one jaxalign step), so load from other users of a shared machine hits both alike. ``--order blocks``
+runs all of jaxalign's steps, then all of the other side's; the JSON records the order. Each framework has a
+process, and so a heap and threads, of its own: each step starts in what that framework's own previous step
+left behind, as when it runs alone, whichever the order. Until 2026-11-28 both ran in this one process, where
+the interleaved order made each side allocate in the memory the other had just freed: jaxalign's DPO step took
+7.0-7.7 s right after a PyTorch step and 5.9-6.3 s alone (2 AMD EPYC cores), so the heap was trimmed
+(``malloc_trim``) before each jaxalign step, and that trim in turn took TRL's freed memory from its next step:
+on 2 Intel Xeon cores TRL's SFT step took 4.6-5.0 s with a trim and a jaxalign step between its steps, 3.7-4.7 s
+with the jaxalign step alone (docs/offline-trainers.md#measured). The first
 ``--warmup`` steps of each side (jaxalign's first one includes compilation) are dropped; the reported step time
 is the median of the next ``--steps``.
 
@@ -516,7 +518,8 @@ class TRLSide:
                      "attn_implementation": model.config._attn_implementation, "tokens_counted_by_trl": self.tokens}
 
     def run(self, between: Callable[[], None]) -> None:
-        """``trainer.train()``, with ``between()`` (the other side's step) after each timed step."""
+        """``trainer.train()``, with ``between()`` after each timed step (in :class:`TorchProcess`: report the
+        step, wait for the next)."""
         import transformers
 
         times = self.times
@@ -548,29 +551,113 @@ def _version(package: str) -> str:
 # --------------------------------------------------------------------------------------------- runs
 
 
-def _malloc_trim():
-    """glibc's ``malloc_trim``, or None where the C library has none (musl, macOS)."""
-    import ctypes
+class _Stop(Exception):
+    """The benchmark's process asked the PyTorch process to stop before its last step (an error there)."""
+
+
+def _torch_process(connection, kind: str, method: str, checkpoint: str, inputs, args, workdir: str) -> None:
+    """The PyTorch process (:class:`TorchProcess`): loads ``checkpoint``, builds the side and runs one step per
+    ``"step"`` received, replying ``("done", seconds, loss)``; ``"stop"`` ends it; any error is sent back."""
+    import traceback
 
     try:
-        return getattr(ctypes.CDLL(None), "malloc_trim", None)
-    except OSError:
-        return None
+        device = torch_setup(args)
+        start = time.perf_counter()
+        base = load_torch_model(Path(checkpoint))
+        if kind == "trl":
+            side = TRLSide(method, base, inputs, load_tokenizer_or_none(), args, device, Path(workdir))
+        else:
+            side = PlainTorchSide(method, base, inputs, args, device)
+        del base
+        connection.send(("ready", side.name, side.info, getattr(side, "tokens", None), time.perf_counter() - start))
+
+        def next_step() -> bool:
+            return connection.recv() == "step"
+
+        def report() -> None:
+            connection.send(("done", side.times[-1], side.losses[-1] if side.losses else None))
+
+        if kind == "trl":
+            total = args.warmup + args.steps
+
+            def between() -> None:
+                report()
+                if len(side.times) < total and not next_step():
+                    raise _Stop
+
+            if next_step():
+                side.run(between=between)
+        else:
+            while next_step():
+                side.step()
+                report()
+    except _Stop:
+        pass
+    except BaseException:  # the benchmark's process shows it and stops
+        connection.send(("error", traceback.format_exc()))
+    finally:
+        connection.close()
 
 
-_MALLOC_TRIM = _malloc_trim()
+class TorchProcess:
+    """The PyTorch side (TRL's trainer or the plain loop) in a process of its own; ``step()`` runs one step there
+    and waits for it (the module docstring says why a process).
+
+    The process is spawned (not forked: this process has JAX's threads running) and loads the exported
+    ``checkpoint`` itself; it inherits the environment (``GLIBC_TUNABLES`` included), and ``torch_setup`` gives
+    it every core, as in this process before.
+    """
+
+    def __init__(self, kind: str, method: str, checkpoint: Path, inputs, args, workdir: Path):
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        self._connection, child = context.Pipe()
+        self._process = context.Process(target=_torch_process, daemon=True, name=f"torch-{method}",
+                                        args=(child, kind, method, str(checkpoint), inputs, args, str(workdir)))
+        self._process.start()
+        child.close()
+        _, self.name, self.info, self.tokens, self.load_s = self._receive()
+        self.times, self.losses = [], []
+
+    def _receive(self) -> tuple:
+        try:
+            reply = self._connection.recv()
+        except EOFError:
+            self._process.join(timeout=10)
+            raise RuntimeError(f"the PyTorch process ended without a reply (exit code {self._process.exitcode})"
+                               ) from None
+        if reply[0] == "error":
+            raise RuntimeError(f"the PyTorch process failed:\n{reply[1]}")
+        return reply
+
+    def step(self) -> None:
+        self._connection.send("step")
+        _, seconds, loss = self._receive()
+        self.times.append(seconds)
+        if loss is not None:
+            self.losses.append(loss)
+
+    def release(self) -> None:
+        """Stop the process (its model, reference and optimizer state go with it)."""
+        if self._process is None:
+            return
+        try:
+            self._connection.send("stop")
+        except (BrokenPipeError, OSError):
+            pass
+        self._process.join(timeout=60)
+        if self._process.is_alive():
+            self._process.terminate()
+            self._process.join()
+        self._connection.close()
+        self._process = None
 
 
-def trim_heap() -> None:
-    """Give the memory this process freed back to the kernel (glibc), so that the next step allocates afresh
-    rather than in whatever blocks the previous step (of either framework) left behind."""
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
-
-
-def run_method(method: str, jax_side: JaxalignSide, torch_side, total: int, order: str = "interleaved") -> None:
+def run_method(method: str, jax_side: JaxalignSide, torch_side: TorchProcess, total: int,
+               order: str = "interleaved") -> None:
     """``total`` steps of each side with a progress bar: alternating step by step (``interleaved``), or all of
-    jaxalign's, then all of the other side's (``blocks``); interleaved, jaxalign's steps after :func:`trim_heap`."""
+    jaxalign's, then all of the other side's (``blocks``)."""
     bar = tqdm(total=2 * total, unit="step", desc=f"{method.upper()} steps (jaxalign + {torch_side.name}, {order})",
                dynamic_ncols=True)
 
@@ -579,28 +666,19 @@ def run_method(method: str, jax_side: JaxalignSide, torch_side, total: int, orde
                         torch=f"{torch_side.times[-1]:.2f}s" if torch_side.times else "-")
         bar.update()
 
-    trim = trim_heap if order == "interleaved" else (lambda: None)
-
-    def ours():
-        trim()
-        jax_side.step()
-        show()
-
-    def after_torch_step():
-        show()
-        if order == "interleaved":
-            ours()
-
-    if order == "blocks":
-        for _ in range(total):
-            ours()
-    if isinstance(torch_side, TRLSide):
-        torch_side.run(between=after_torch_step)
-    else:
+    try:
+        if order == "blocks":
+            for _ in range(total):
+                jax_side.step()
+                show()
         for _ in range(total):
             torch_side.step()
-            after_torch_step()
-    bar.close()
+            show()
+            if order == "interleaved":
+                jax_side.step()
+                show()
+    finally:
+        bar.close()
     if len(jax_side.times) != total or len(torch_side.times) != total:
         raise RuntimeError(f"{method}: expected {total} steps per side, timed {len(jax_side.times)} (jaxalign) "
                            f"and {len(torch_side.times)} ({torch_side.name})")
@@ -910,11 +988,11 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
         config = model.config
         model_name = "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to float32)"
     jax_load_s = time.perf_counter() - start
-    torch_base, torch_load_s = None, None
-    if torch_side != "none":
+    checkpoint, torch_export_s, torch_load_s = None, None, {}
+    if torch_side != "none":  # the PyTorch processes load this export of the same weights
         start = time.perf_counter()
-        torch_base = load_torch_model(models.save_hf(model, model.config, workdir / "checkpoint"))
-        torch_load_s = time.perf_counter() - start
+        checkpoint = models.save_hf(model, model.config, workdir / "checkpoint")
+        torch_export_s = time.perf_counter() - start
 
     total = args.warmup + args.steps
     results, timed = {}, {}
@@ -927,12 +1005,12 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
                         "jax": step_flops(config, method, jax_batch, padded=True)}
         jax_side = JaxalignSide(method, model, jax_batch, args)
         other = None
-        if torch_side == "trl":
-            other = TRLSide(method, torch_base, trl_records[method], tokenizer, args, torch_device, workdir)
-            if other.tokens != tokens:
+        if torch_side != "none":
+            inputs = trl_records[method] if torch_side == "trl" else batch
+            other = TorchProcess(torch_side, method, checkpoint, inputs, args, workdir)
+            torch_load_s[method] = other.load_s
+            if torch_side == "trl" and other.tokens != tokens:
                 print(f"warning: {method}: TRL's tokenised batch holds {other.tokens} tokens, jaxalign's {tokens}")
-        elif torch_side == "plain":
-            other = PlainTorchSide(method, torch_base, batch, args, torch_device)
         if other is None:
             bar = tqdm(range(total), unit="step", desc=f"{method.upper()} steps (jaxalign)", dynamic_ncols=True)
             for _ in bar:
@@ -953,8 +1031,10 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
 
     breakdown_result = None
     if args.breakdown and "dpo" in batches:
+        torch_base = None if checkpoint is None else load_torch_model(checkpoint)
         breakdown_result = breakdown(model, torch_base, batches["dpo"], jax_batches["dpo"], config, args,
                                      torch_device)
+        del torch_base
 
     print("measuring the matmul ceilings again ...")
     ceilings_after = measure_ceilings(args, torch_device)
@@ -984,13 +1064,14 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
         "transformers": _version("transformers"), "trl": _version("trl"),
         "matmul_size": args.matmul_size, "matmul_flop_per_s": ceilings,
         "matmul_flop_per_s_before": ceilings_before, "matmul_flop_per_s_after": ceilings_after,
-        "peak_flop_per_s": peak, "jaxalign_load_s": jax_load_s, "torch_export_and_load_s": torch_load_s,
+        "peak_flop_per_s": peak, "jaxalign_load_s": jax_load_s, "torch_export_s": torch_export_s,
+        "torch_load_s": torch_load_s,
         "jaxalign_layout": args.jaxalign_layout, "jaxalign_remat": args.remat,
         "jaxalign_attention": args.attention,
         # The kernel that policy runs for training rows here (auto decides by device, dtype and head dim).
         "jaxalign_attention_kernel": attention_kernel(config.attention, dtype=config.compute_jnp_dtype,
                                                       head_dim=config.head_dim, new_tokens=2, cached=False),
-        "heap_trimmed_before_jaxalign_steps": args.order == "interleaved" and _MALLOC_TRIM is not None,
+        "torch_side_process": "separate" if torch_side != "none" else None,
         "flop_formula": "forward = 2*(N_mm - d*V)*trunk tokens + 2*d*V*LM-head positions + 4*L*H*Dh*visible "
                         "query-key pairs; SFT = 3x forward, DPO = 4x (policy fwd+bwd + reference fwd); real "
                         "tokens only. Plain rows (TRL): F(n) = 2*N_mm*n + 2*L*H*Dh*n*(n+1) a sequence; "
