@@ -31,16 +31,19 @@ process of its own (below: why), one step at a time:
   model; or the token-mean completion NLL), full-vocabulary log-softmax, ``torch.optim.AdamW`` with the same
   hyperparameters and clipping. The output names which one ran.
 
-By default the two sides alternate step by step (this process tells the PyTorch process to run one step, waits for
-it, then runs one jaxalign step), so load from other users of a shared machine hits both alike. ``--order blocks``
-runs all of jaxalign's steps, then all of the other side's; the JSON records the order. Each framework has a
-process, and so a heap and threads, of its own: each step starts in what that framework's own previous step
-left behind, as when it runs alone, whichever the order. Until 2026-11-28 both ran in this one process, where
-the interleaved order made each side allocate in the memory the other had just freed: jaxalign's DPO step took
-7.0-7.7 s right after a PyTorch step and 5.9-6.3 s alone (2 AMD EPYC cores), so the heap was trimmed
-(``malloc_trim``) before each jaxalign step, and that trim in turn took TRL's freed memory from its next step:
-on 2 Intel Xeon cores TRL's SFT step took 4.6-5.0 s with a trim and a jaxalign step between its steps, 3.7-4.7 s
-with the jaxalign step alone (docs/offline-trainers.md#measured). The first
+By default (``--order blocks``) all of jaxalign's steps run, then all of the other side's: each framework's steps
+back to back, as its users run them. ``--order interleaved`` alternates them step by step (this process tells the
+PyTorch process to run one step, waits for it, then runs one jaxalign step), so that load from other users of a
+shared machine hits both alike; the JSON records the order. Alternating charges each framework for the other's
+step on a virtual machine that reports freed memory to its host (Firecracker's free page reporting, as on the
+machines these numbers come from: ``page_reporting.page_reporting_order=11`` on the kernel's command line): the
+memory a step returned to the kernel goes back to the host after about 2 s idle, and touching it again costs host
+page faults. On 2 Intel Xeon cores jaxalign's SFT step took 2.1-2.2 s back to back, 3.2 s after 3 s idle (1.9 s
+of it in the kernel, 0.14 s back to back) and 2.6-3.4 s right after a TRL step. Each framework has a process, and
+so a heap and threads, of its own. Until 2026-11-28 both ran in this one process, the interleaved order was the
+default, and the heap was trimmed (``malloc_trim``) before each jaxalign step: that returned TRL's freed memory
+too, and TRL's SFT step took 4.6-5.0 s with a trim and a jaxalign step between its steps, 3.7-4.7 s with the
+jaxalign step alone (docs/offline-trainers.md#measured). The first
 ``--warmup`` steps of each side (jaxalign's first one includes compilation) are dropped; the reported step time
 is the median of the next ``--steps``.
 
@@ -97,9 +100,9 @@ Commands::
     # GPU (no TRL, no GGUF there): Llama 3.2 1B shape, random weights, bf16 compute, plain PyTorch side
     python benchmarks/train_throughput.py --random-weights --config llama-1b --dtype bfloat16
 
-Writes ``benchmarks/results/train_throughput.json`` (``train_throughput_gpu.json`` on a GPU; ``_blocks`` before
-``.json`` with ``--order blocks``) and a PNG bar chart beside it; a quick check (``--config tiny`` or fewer than 3
-timed steps) writes nothing unless ``--output-dir`` names a folder, so it never replaces the committed
+Writes ``benchmarks/results/train_throughput.json`` (``train_throughput_gpu.json`` on a GPU; ``_interleaved``
+before ``.json`` with ``--order interleaved``) and a PNG bar chart beside it; a quick check (``--config tiny`` or
+fewer than 3 timed steps) writes nothing unless ``--output-dir`` names a folder, so it never replaces the committed
 measurements. Compare numbers only within one run: the ratio is what this measures.
 """
 
@@ -655,7 +658,7 @@ class TorchProcess:
 
 
 def run_method(method: str, jax_side: JaxalignSide, torch_side: TorchProcess, total: int,
-               order: str = "interleaved") -> None:
+               order: str = "blocks") -> None:
     """``total`` steps of each side with a progress bar: alternating step by step (``interleaved``), or all of
     jaxalign's, then all of the other side's (``blocks``)."""
     bar = tqdm(total=2 * total, unit="step", desc=f"{method.upper()} steps (jaxalign + {torch_side.name}, {order})",
@@ -890,9 +893,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--attention", choices=ATTENTION_IMPLEMENTATIONS, default="auto",
                         help="jaxalign's attention over the rows (default auto, what ships: cuDNN's on a GPU in "
                              "bf16, grouped elsewhere; cudnn: NVIDIA GPUs with --dtype bfloat16 only)")
-    parser.add_argument("--order", choices=("interleaved", "blocks"), default="interleaved",
-                        help="interleaved: the sides alternate step by step; blocks: all of jaxalign's steps, then "
-                             "all of the other side's")
+    parser.add_argument("--order", choices=("blocks", "interleaved"), default="blocks",
+                        help="blocks: all of jaxalign's steps, then all of the other side's (each framework's steps "
+                             "back to back); interleaved: the sides alternate step by step (see the docstring)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", type=Path, default=None,
                         help=f"where the JSON and PNG go; default {RESULTS} for a measurement, none for a quick "
@@ -1097,7 +1100,8 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
             return
         args.output_dir = RESULTS
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    stem = ("train_throughput_gpu" if on_gpu else "train_throughput") + ("_blocks" if args.order == "blocks" else "")
+    stem = ("train_throughput_gpu" if on_gpu else "train_throughput") + ("_interleaved" if args.order == "interleaved"
+                                                                         else "")
     if data_kind == "synthetic" and args.synthetic_length != 127:
         stem += f"_len{args.synthetic_length}"
     json_path = args.output_dir / f"{stem}.json"
