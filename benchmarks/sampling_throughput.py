@@ -18,13 +18,14 @@ the same number of tokens). The weights come from one of two places:
 jaxalign runs on JAX's default backend, transformers on CUDA when ``torch.cuda.is_available()``, else on
 the CPU with every core. Both compute in float32 unless ``--dtype bfloat16`` (for GPUs; on CPUs bf16 is
 slower). jaxalign's compile time is measured separately (the trace, lowering and XLA compile events of its
-first call); each side then gets one warm-up call, then its ``--repeats`` timed calls back to back, jaxalign's
-first (``--order blocks``, the default since 2026-11-28), or the two alternate call by call (``--order
-interleaved``) so that load from other processes on a shared machine hits both alike; the median of each is
-used. Alternating lets each side's freed memory sit idle through the other's call, which on a virtual machine
-that hands freed memory back to its host makes the next call fault it in again (docs/rollout.md, seventeenth
-session: jaxalign's call 5.50-5.80 s back to back, 5.92-6.02 s after 6 s idle; transformers' 8.97-9.22 and
-9.16-9.49 s). Timers stop after ``block_until_ready`` / ``torch.cuda.synchronize``.
+first call); each side then gets one warm-up call. Then each side's ``--repeats`` timed calls run back to back,
+jaxalign's first, each block right after one more untimed call of its side (``--order blocks``, the default since
+2026-11-28), or the two alternate call by call (``--order interleaved``) so that load from other processes on a
+shared machine hits both alike; the median of each is used. Alternating lets each side's freed memory sit idle
+through the other's call, which on a virtual machine that hands freed memory back to its host makes the next call
+fault it in again (docs/rollout.md, seventeenth session: jaxalign's call 5.50-5.80 s back to back, 5.92-6.02 s
+after 6 s idle; transformers' 8.97-9.22 and 9.16-9.49 s). Timers stop after ``block_until_ready`` /
+``torch.cuda.synchronize``.
 
 ``weight_stream`` in the JSON is each side's decode as memory traffic: the model's weight bytes read once per
 new token (what bounds decoding at small batches) over the generate time, and on an H100/H200 its share of
@@ -47,8 +48,8 @@ same tokens: the JSON records the largest ``|model_logps − token_logps(forward
 
 Writes ``benchmarks/results/sampling_throughput.json`` when JAX runs on the CPU,
 ``sampling_throughput_gpu.json`` on a GPU (``_<backend>`` on others), with ``_<config>`` for a ``--config``
-other than smollm2-135m, ``_bf16`` with ``--dtype bfloat16`` and ``_b<batch>`` for a batch other than 16
-appended, and with matplotlib installed a PNG chart of the same name.
+other than smollm2-135m, ``_bf16`` with ``--dtype bfloat16``, ``_b<batch>`` for a batch other than 16 and
+``_interleaved`` with ``--order interleaved`` appended, and with matplotlib installed a PNG chart of the same name.
 """
 
 # ruff: noqa: E402  (JAX and jaxalign are imported after the huge-pages re-execution)
@@ -378,13 +379,15 @@ def write_chart(results: dict, path: Path) -> None:
 
 
 def default_output(args: argparse.Namespace) -> Path:
-    """``sampling_throughput[_<backend>][_<config>][_bf16][_b<batch>].json``: the backend where it is not the
-    CPU, the config where it is not SmolLM2-135M, the batch where it is not 16, so no run overwrites another's."""
+    """``sampling_throughput[_<backend>][_<config>][_bf16][_b<batch>][_interleaved].json``: the backend where it
+    is not the CPU, the config where it is not SmolLM2-135M, the batch where it is not 16, the order where it is not
+    blocks, so no run overwrites another's."""
     backend = jax.default_backend()
     suffix = "" if backend == "cpu" else f"_{backend}"
     suffix += "" if args.config == "smollm2-135m" else f"_{args.config}"
     suffix += "_bf16" if args.dtype == "bfloat16" else ""
     suffix += "" if args.batch == 16 else f"_b{args.batch}"
+    suffix += "_interleaved" if args.order == "interleaved" else ""
     return RESULTS / f"sampling_throughput{suffix}.json"
 
 
@@ -435,8 +438,10 @@ def main() -> None:
     if args.order == "interleaved":  # load from other processes on a shared machine hits both alike
         times = [(_timed(lambda seed=seed: run_ours(seed)), _timed(lambda seed=seed: run_theirs(seed)))
                  for seed in seeds]
-    else:  # each side's calls back to back, as its users make them
+    else:  # each side's calls back to back, as its users make them, after an untimed call right before them
+        run_ours(0)
         ours_s = [_timed(lambda seed=seed: run_ours(seed)) for seed in seeds]
+        run_theirs(0)
         times = list(zip(ours_s, [_timed(lambda seed=seed: run_theirs(seed)) for seed in seeds], strict=True))
     n_tokens = args.batch * args.new_tokens
     backend = jax.default_backend()

@@ -120,7 +120,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 # Before jax is imported: on a GPU, JAX would otherwise reserve 75% of the memory up front and leave too
-# little to the PyTorch side of the same process.
+# little to the PyTorch process beside it (and to this process's torch matmul ceiling).
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 from jaxalign.hostmem import use_transparent_huge_pages  # noqa: E402
@@ -353,7 +353,11 @@ def torch_matmul_rate(size: int, dtype: str, repeats: int, device: str) -> float
             torch.cuda.synchronize()
 
     run()
-    return 2.0 * size**3 / statistics.median(_timed(run) for _ in range(repeats))
+    rate = 2.0 * size**3 / statistics.median(_timed(run) for _ in range(repeats))
+    if device == "cuda":  # hand the cached blocks back: the PyTorch side trains in another process
+        del a, b
+        torch.cuda.empty_cache()
+    return rate
 
 
 def measure_ceilings(args, torch_device: str | None) -> dict:
@@ -440,8 +444,9 @@ class PlainTorchSide:
 
         self.torch, self.method, self.device = torch, method, device
         self.name, self.times, self.losses = "PyTorch (plain loop)", [], []
-        self.model = copy.deepcopy(base).to(device).train()
+        # ``base`` was loaded for this side alone (in its process): it is trained in place.
         self.ref = copy.deepcopy(base).to(device).eval().requires_grad_(False) if method == "dpo" else None
+        self.model = base.to(device).train()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=LEARNING_RATE, betas=(0.9, 0.999), eps=1e-8,
                                            weight_decay=0.0)
         flat = {key: torch.as_tensor(np.asarray(value).reshape(-1, value.shape[-1]), device=device)
@@ -477,9 +482,6 @@ class PlainTorchSide:
         self.losses.append(float(loss.detach()))  # waits for the device
         self.times.append(time.perf_counter() - start)
 
-    def release(self) -> None:
-        self.model = self.ref = self.optimizer = None
-
 
 class TRLSide:
     """``trl.DPOTrainer`` / ``trl.SFTTrainer`` with the benchmark's settings; its own ``train()`` loop runs
@@ -501,10 +503,10 @@ class TRLSide:
             dataloader_num_workers=0, dataloader_pin_memory=device == "cuda", seed=args.seed,
         )
         dataset = datasets.Dataset.from_list(records)
-        model = copy.deepcopy(base)
+        model = base  # loaded for this side alone (in its process): trained in place
         if method == "dpo":
             config = trl.DPOConfig(**common, beta=BETA, loss_type=["sigmoid"], precompute_ref_log_probs=False)
-            self.trainer = trl.DPOTrainer(model=model, ref_model=copy.deepcopy(base), args=config,
+            self.trainer = trl.DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=config,
                                           train_dataset=dataset, processing_class=tokenizer)
             rows = self.trainer.train_dataset
             self.tokens = sum(min(len(r["prompt_ids"]) + len(r[side]), args.max_length)
@@ -537,9 +539,6 @@ class TRLSide:
 
         self.trainer.add_callback(StepTimer())
         self.trainer.train()
-
-    def release(self) -> None:
-        self.trainer = None
 
 
 def _version(package: str) -> str:
@@ -585,7 +584,9 @@ def _torch_process(connection, kind: str, method: str, checkpoint: str, inputs, 
 
             def between() -> None:
                 report()
-                if len(side.times) < total and not next_step():
+                # Wait after every step, the last one too (for "stop"): TRL's shutdown must not overlap
+                # jaxalign's last step.
+                if not next_step() and len(side.times) < total:
                     raise _Stop
 
             if next_step():
@@ -618,7 +619,17 @@ class TorchProcess:
         self._connection, child = context.Pipe()
         self._process = context.Process(target=_torch_process, daemon=True, name=f"torch-{method}",
                                         args=(child, kind, method, str(checkpoint), inputs, args, str(workdir)))
-        self._process.start()
+        # The child imports this script, and with it jaxalign, which starts a JAX backend: on the CPU, so that it
+        # takes no GPU memory from either side (the variable is read when the child starts).
+        platforms = os.environ.get("JAX_PLATFORMS")
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        try:
+            self._process.start()
+        finally:
+            if platforms is None:
+                del os.environ["JAX_PLATFORMS"]
+            else:
+                os.environ["JAX_PLATFORMS"] = platforms
         child.close()
         _, self.name, self.info, self.tokens, self.load_s = self._receive()
         self.times, self.losses = [], []
@@ -642,12 +653,17 @@ class TorchProcess:
             self.losses.append(loss)
 
     def release(self) -> None:
-        """Stop the process (its model, reference and optimizer state go with it)."""
+        """Stop the process (its model, reference and optimizer state go with it); an error it reports while
+        finishing (TRL's ``train()`` after its last step) is raised here."""
         if self._process is None:
             return
+        error = None
         try:
             self._connection.send("stop")
-        except (BrokenPipeError, OSError):
+            if self._connection.poll(60):
+                reply = self._connection.recv()
+                error = reply[1] if reply[0] == "error" else None
+        except (BrokenPipeError, EOFError, OSError):
             pass
         self._process.join(timeout=60)
         if self._process.is_alive():
@@ -655,6 +671,8 @@ class TorchProcess:
             self._process.join()
         self._connection.close()
         self._process = None
+        if error is not None:
+            raise RuntimeError(f"the PyTorch process failed while finishing:\n{error}")
 
 
 def run_method(method: str, jax_side: JaxalignSide, torch_side: TorchProcess, total: int,
@@ -1014,15 +1032,17 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
             torch_load_s[method] = other.load_s
             if torch_side == "trl" and other.tokens != tokens:
                 print(f"warning: {method}: TRL's tokenised batch holds {other.tokens} tokens, jaxalign's {tokens}")
-        if other is None:
-            bar = tqdm(range(total), unit="step", desc=f"{method.upper()} steps (jaxalign)", dynamic_ncols=True)
-            for _ in bar:
-                jax_side.step()
-        else:
-            run_method(method, jax_side, other, total, args.order)
-        sides = [side for side in (jax_side, other) if side is not None]
-        for side in sides:  # free the models and optimizer states before the next method
-            side.release()
+        try:
+            if other is None:
+                bar = tqdm(range(total), unit="step", desc=f"{method.upper()} steps (jaxalign)", dynamic_ncols=True)
+                for _ in bar:
+                    jax_side.step()
+            else:
+                run_method(method, jax_side, other, total, args.order)
+        finally:  # free the models and optimizer states before the next method (or on an error)
+            sides = [side for side in (jax_side, other) if side is not None]
+            for side in sides:
+                side.release()
         timed[method] = sides
         results[method] = {"tokens_per_step": tokens, "sequence_lengths": lengths,
                            "padded_length": int(batch["attention_mask"].shape[-1]),
