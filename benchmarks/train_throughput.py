@@ -38,7 +38,7 @@ shared machine hits both alike; the JSON records the order. Alternating charges 
 step on a virtual machine that reports freed memory to its host (Firecracker's free page reporting, as on the
 machines these numbers come from: ``page_reporting.page_reporting_order=11`` on the kernel's command line): the
 memory a step returned to the kernel goes back to the host after about 2 s idle, and touching it again costs host
-page faults. On 2 Intel Xeon cores jaxalign's SFT step took 2.1-2.2 s back to back, 3.2 s after 3 s idle (1.9 s
+page faults. On 2 Intel Xeon cores jaxalign's SFT step took 2.1-2.4 s back to back, 3.2 s after 3 s idle (1.9 s
 of it in the kernel, 0.14 s back to back) and 2.6-3.4 s right after a TRL step. Each framework has a process, and
 so a heap and threads, of its own. Until 2026-11-28 both ran in this one process, the interleaved order was the
 default, and the heap was trimmed (``malloc_trim``) before each jaxalign step: that returned TRL's freed memory
