@@ -553,6 +553,11 @@ def _version(package: str) -> str:
 # --------------------------------------------------------------------------------------------- runs
 
 
+# The longest the benchmark waits for one reply of the PyTorch process: its set-up (TRL, the model, the data) or
+# one step, which take seconds to a minute on the machines measured.
+REPLY_TIMEOUT_S = 1800.0
+
+
 class _Stop(Exception):
     """The benchmark's process asked the PyTorch process to stop before its last step (an error there)."""
 
@@ -635,6 +640,10 @@ class TorchProcess:
         self.times, self.losses = [], []
 
     def _receive(self) -> tuple:
+        if not self._connection.poll(REPLY_TIMEOUT_S):  # alive but stuck: stop it rather than wait for ever
+            self._process.terminate()
+            self._process.join()
+            raise RuntimeError(f"the PyTorch process sent no reply in {REPLY_TIMEOUT_S:.0f} s; stopped it")
         try:
             reply = self._connection.recv()
         except EOFError:
