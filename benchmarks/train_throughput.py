@@ -642,7 +642,10 @@ class TorchProcess:
     def _receive(self) -> tuple:
         if not self._connection.poll(REPLY_TIMEOUT_S):  # alive but stuck: stop it rather than wait for ever
             self._process.terminate()
-            self._process.join()
+            self._process.join(timeout=10)
+            if self._process.is_alive():
+                self._process.kill()
+                self._process.join()
             raise RuntimeError(f"the PyTorch process sent no reply in {REPLY_TIMEOUT_S:.0f} s; stopped it")
         try:
             reply = self._connection.recv()

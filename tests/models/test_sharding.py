@@ -18,6 +18,7 @@ from jaxalign.models import (
     RewardModel,
     partition_specs,
 )
+from tests.conftest import host_devices_flags
 from tests.models.conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -131,7 +132,7 @@ _MESH_SCRIPT = textwrap.dedent(
 
 
 def test_partition_table_on_an_8_device_cpu_mesh():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": host_devices_flags(8), "JAX_PLATFORMS": "cpu"}
     result = subprocess.run([sys.executable, "-c", _MESH_SCRIPT], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -12,12 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import host_devices_flags
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def report() -> dict:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": host_devices_flags(8),
            "PYTHONPATH": str(ROOT)}
     result = subprocess.run([sys.executable, "-m", "tests.rollout.sharded_check"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=600)

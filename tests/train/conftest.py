@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from jaxalign.serve.command import persistent_compilation_cache
+from tests.conftest import host_devices_flags
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -35,7 +36,7 @@ def compilation_cache():
 
 def python_env(devices: int = 1) -> dict[str, str]:
     """The environment of a test subprocess: CPU only, ``devices`` host devices, this checkout importable."""
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": host_devices_flags(devices),
             "PYTHONPATH": str(ROOT), "JAX_COMPILATION_CACHE_DIR": XLA_CACHE,
             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
 
