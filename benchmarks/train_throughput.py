@@ -134,6 +134,7 @@ import numpy as np  # noqa: E402
 import provenance  # noqa: E402  (benchmarks/provenance.py: run as `python benchmarks/train_throughput.py`)
 from flax import nnx  # noqa: E402
 from model_shapes import SHAPES  # noqa: E402  (benchmarks/model_shapes.py, beside this file)
+from side_order import timed  # noqa: E402  (benchmarks/side_order.py)
 from tqdm.auto import tqdm  # noqa: E402
 
 from jaxalign import models  # noqa: E402
@@ -194,12 +195,6 @@ RECORDS = [
      "add more yeast, or just use normal bread yeast instead, because it is easier and faster. Some breads are "
      "supposed to be flat, so maybe yours is fine and you are just expecting too much from it."),
 ]
-
-
-def _timed(run: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    run()
-    return time.perf_counter() - start
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -335,7 +330,7 @@ def jax_matmul_rate(size: int, dtype: str, repeats: int) -> float:
     b = jax.random.normal(key_b, (size, size), dtype)
     matmul = jax.jit(jnp.matmul)
     matmul(a, b).block_until_ready()
-    seconds = statistics.median(_timed(lambda: matmul(a, b).block_until_ready()) for _ in range(repeats))
+    seconds = statistics.median(timed(lambda: matmul(a, b).block_until_ready()) for _ in range(repeats))
     return 2.0 * size**3 / seconds
 
 
@@ -353,7 +348,7 @@ def torch_matmul_rate(size: int, dtype: str, repeats: int, device: str) -> float
             torch.cuda.synchronize()
 
     run()
-    rate = 2.0 * size**3 / statistics.median(_timed(run) for _ in range(repeats))
+    rate = 2.0 * size**3 / statistics.median(timed(run) for _ in range(repeats))
     if device == "cuda":  # hand the cached blocks back: the PyTorch side trains in another process
         del a, b
         torch.cuda.empty_cache()
@@ -575,7 +570,6 @@ def _torch_process(connection, kind: str, method: str, checkpoint: str, inputs, 
             side = TRLSide(method, base, inputs, load_tokenizer_or_none(), args, device, Path(workdir))
         else:
             side = PlainTorchSide(method, base, inputs, args, device)
-        del base
         connection.send(("ready", side.name, side.info, getattr(side, "tokens", None), time.perf_counter() - start))
 
         def next_step() -> bool:
@@ -786,7 +780,7 @@ def breakdown(model: nnx.Module, torch_base, batch: dict, jax_batch: dict, confi
             bar.update()
             seconds = []
             for _ in range(args.breakdown_repeats):
-                seconds.append(_timed(run))
+                seconds.append(timed(run))
                 bar.update()
             flops = forwards[side] * (3 if part == "forward+backward" else 1)
             result[side][part] = {"s": statistics.median(seconds), "s_all": seconds, "flops": flops,
