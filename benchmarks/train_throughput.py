@@ -88,6 +88,12 @@ Counted the same way on both sides:
   two used). On a GPU, MFU against the nominal dense peak ``--peak-tflops`` (989 TFLOP/s: H100/H200 SXM
   bf16) is reported as well.
 
+The products floor (on by default; ``--no-products-floor`` skips it) times each jaxalign step's weight products
+alone, in XLA, at the step's padded shapes (``benchmarks/products_floor.py``): the forward product, the input's
+and the weight's gradient of every projection and of the LM head, plus DPO's reference forward, nothing else.
+``speedup_bound`` = the other side's step / that time: how far ahead of it a step of these products and nothing
+else would be on this machine; ``share_of_jaxalign_step``: how much of jaxalign's step they take.
+
 ``--breakdown`` (on by default) also times, on the DPO batch, one forward pass with the log-probabilities
 and one forward + backward pass (no optimizer) of each framework: where the time of a step goes.
 
@@ -134,6 +140,7 @@ import numpy as np  # noqa: E402
 import provenance  # noqa: E402  (benchmarks/provenance.py: run as `python benchmarks/train_throughput.py`)
 from flax import nnx  # noqa: E402
 from model_shapes import SHAPES  # noqa: E402  (benchmarks/model_shapes.py, beside this file)
+from products_floor import training_products_floor  # noqa: E402  (benchmarks/products_floor.py)
 from side_order import timed  # noqa: E402  (benchmarks/side_order.py)
 from tqdm.auto import tqdm  # noqa: E402
 
@@ -314,6 +321,15 @@ def forward_flops(config: ModelConfig, batch: dict, *, padded: bool = False) -> 
 def step_flops(config: ModelConfig, method: str, batch: dict, *, padded: bool = False) -> float:
     """Model FLOPs of one training step: 3x forward for the policy, +1x forward for DPO's reference."""
     return (4.0 if method == "dpo" else 3.0) * forward_flops(config, batch, padded=padded)
+
+
+def step_products_floor(config: ModelConfig, method: str, batch: dict, dtype: str) -> dict:
+    """jaxalign's step's weight products alone at its batch's padded shapes (:mod:`products_floor`)."""
+    trunk_rows = int(np.size(batch["input_ids"]))
+    slots = batch.get("target_slots")
+    return training_products_floor(config, trunk_rows=trunk_rows,
+                                   head_positions=trunk_rows if slots is None else int(np.size(slots)),
+                                   frozen_forwards=1 if method == "dpo" else 0, dtype=jnp.dtype(dtype))
 
 
 def parameter_count(model: nnx.Module) -> int:
@@ -817,6 +833,14 @@ def print_table(results: dict, setup: dict) -> None:
     for method, result in results.items():
         print(f"{method.upper()}: jaxalign's step does {result['jaxalign_flops_per_step'] / 1e9:,.1f} GFLOP, the "
               f"plain step {result['flops_per_step'] / 1e9:,.1f} GFLOP ({result['flops_saved']:.1%} saved)")
+    for method, result in results.items():
+        floor = result.get("products_floor")
+        if floor is None:
+            continue
+        bound = floor.get("speedup_bound")
+        print(f"{method.upper()}: its weight products alone (XLA, the step's shapes) take {floor['seconds']:.3f} s "
+              f"({floor['flop_per_s'] / 1e9:,.1f} GFLOP/s), {floor['share_of_jaxalign_step']:.0%} of jaxalign's step"
+              + ("" if bound is None else f"; a step of nothing but them would be {bound:.2f}x the other side's"))
     for name, value in setup["matmul_flop_per_s"].items():
         print(f"measured {name} matmul ceiling ({setup['matmul_size']}^3, {setup['dtype']}): "
               f"{value / 1e9:,.1f} GFLOP/s")
@@ -858,6 +882,13 @@ def write_chart(results: dict, setup: dict, path: Path, processor: str) -> None:
         axes[0].bar_label(bars, labels=[f"{s:,.0f}" for s in speeds], fontsize=8)
         bars = axes[1].bar(positions, fractions, width, label=name, color=color)
         axes[1].bar_label(bars, labels=[f"{f:.0f}%" for f in fractions], fontsize=8)
+        if index == 0:  # where jaxalign's bar would end if its step were its weight products alone
+            floors = [(x, results[m]["tokens_per_step"] / results[m]["products_floor"]["seconds"])
+                      for x, m in zip(positions, methods, strict=True) if "products_floor" in results[m]]
+            for number, (x, speed) in enumerate(floors):
+                axes[0].hlines(speed, x - width / 2, x + width / 2, colors="black", linestyles="--",
+                               label="jaxalign's weight products alone" if number == 0 else None)
+                axes[0].text(x, speed, f"{speed:,.0f}", ha="center", va="bottom", fontsize=8)
     ticks = [m.upper() + (f"\njaxalign {results[m]['speedup']:.2f}x" if "speedup" in results[m] else "")
              for m in methods]
     for axis, label in ((axes[0], "training tokens / s (higher is better)"),
@@ -908,6 +939,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help=f"nominal dense peak for MFU (default {H100_BF16_DENSE_TFLOPS:g} on GPU, none on CPU)")
     parser.add_argument("--no-breakdown", dest="breakdown", action="store_false")
+    parser.add_argument("--no-products-floor", dest="products_floor", action="store_false",
+                        help="skip timing each step's weight products alone (benchmarks/products_floor.py)")
     parser.add_argument("--breakdown-repeats", type=int, default=3)
     parser.add_argument("--jaxalign-layout", choices=sorted(LAYOUTS), default="lean",
                         help="lean: DPO runs each prompt once and DPO/SFT the LM head only at completion targets "
@@ -1058,6 +1091,11 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
                            "jaxalign_flops_per_step_padded": flops_padded["jax"],
                            "flops_saved": 1.0 - flops["jax"] / flops["torch"], "sides": []}
 
+    if args.products_floor:
+        for method, result in results.items():
+            print(f"timing the {method.upper()} step's weight products alone ...")
+            result["products_floor"] = step_products_floor(config, method, jax_batches[method], args.dtype)
+
     breakdown_result = None
     if args.breakdown and "dpo" in batches:
         torch_base = None if checkpoint is None else load_torch_model(checkpoint)
@@ -1077,6 +1115,11 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
                                              result[f"{key}_padded"], ceilings["jax" if ours else "torch"], peak))
         if len(result["sides"]) == 2:
             result["speedup"] = result["sides"][0]["tokens_per_s"] / result["sides"][1]["tokens_per_s"]
+        floor = result.get("products_floor")
+        if floor is not None:
+            floor["share_of_jaxalign_step"] = floor["seconds"] / result["sides"][0]["step_s"]
+            if len(result["sides"]) == 2:
+                floor["speedup_bound"] = result["sides"][1]["step_s"] / floor["seconds"]
 
     lengths_all = [n for r in results.values() for n in r["sequence_lengths"]]
     setup = {
