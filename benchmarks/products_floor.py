@@ -15,8 +15,10 @@ is the same idea for decoding.)
 Each product's input is the previous product's output, as in a forward pass, so that it is fresh in the caches;
 the backward reads the forward's saved inputs. A first version fed every product its own random input, read from
 memory: the benchmark's SFT products then took 1.89-1.95 s on 2 Xeon cores, about as long as the whole SFT step
-(2.0 s), against 1.43-1.47 s for this one (2026-11-28). So this is a measurement of the products as a step meets
-them, not a proof that no step could be faster.
+(2.0 s), against 1.43-1.49 s for this one (2026-11-28). So this is a measurement of the products as a step meets
+them, not a proof that no step could be faster. It assumes a remat policy that saves the products' outputs (jaxalign
+train's ``dots_no_batch``): a policy that recomputes products runs more of them than are timed here. The benchmark
+times it after the steps, so on a machine whose speed drifts its share of the step is approximate.
 """
 
 from __future__ import annotations
@@ -59,15 +61,17 @@ def training_products_floor(config, *, trunk_rows: int, head_positions: int, fro
         def forward(h):
             saved = []
             for w in layers:  # each product's input is the one before's output, fresh in the caches as in a step
-                q, k, v = h @ w["q"], kept(h @ w["k"]), kept(h @ w["v"])
-                o = q @ w["o"]
-                gate, up = o @ w["gate"], kept(o @ w["up"])
+                # Every product's result is kept as well as multiplied on: a result with a single product as its
+                # user could otherwise be folded into it ((h·Wq)·Wo as h·(Wq·Wo)) by an XLA that reassociates.
+                q, k, v = kept(h @ w["q"]), kept(h @ w["k"]), kept(h @ w["v"])
+                o = kept(q @ w["o"])
+                gate, up = kept(o @ w["gate"]), kept(o @ w["up"])
                 saved.append({"q": h, "k": k, "v": v, "o": q, "gate": o, "up": up, "down": gate})
-                h = gate @ w["down"]
+                h = kept(gate @ w["down"])
             head_input = h[:head_positions]
-            return head_input, kept(head_input @ embedding.T), saved
+            return h, head_input, kept(head_input @ embedding.T), saved
 
-        head_input, logits, saved = forward(first_inputs[0])
+        last_hidden, head_input, logits, saved = forward(first_inputs[0])
         for frozen_input in first_inputs[1:]:
             forward(frozen_input)
         # The backward, from the head down: the input's and the weight's gradient of every product. The output
@@ -75,7 +79,7 @@ def training_products_floor(config, *, trunk_rows: int, head_positions: int, fro
         # forward's outputs of the same shape.
         kept(logits @ embedding)
         kept(logits.T @ head_input)  # the tied embedding's gradient [V, d]
-        grad = saved[-1]["down"] @ layers[-1]["down"]  # any [rows, d] output gradient of the last layer
+        grad = last_hidden  # any [rows, d] array stands in for the last layer's output gradient
         for w, inputs in zip(reversed(layers), reversed(saved), strict=True):
             grad_down_input = grad @ w["down"].T
             kept(inputs["down"].T @ grad)
@@ -92,9 +96,11 @@ def training_products_floor(config, *, trunk_rows: int, head_positions: int, fro
                 kept(inputs["q"].T @ inputs[name])
         return sum(maxima) + jnp.max(grad).astype(jnp.float32)
 
-    program = jax.jit(products)
     arguments = (layers, embedding, first_inputs)
-    jax.block_until_ready(program(*arguments))  # compile, and fault every buffer in
+    program = jax.jit(products).lower(*arguments).compile()
+    cost = program.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost  # one dict per program in older JAX versions
+    jax.block_until_ready(program(*arguments))  # fault every buffer in
     seconds = statistics.median(side_order.timed(lambda: jax.block_until_ready(program(*arguments)))
                                 for _ in range(repeats))
     per_row = sum(2 * d_in * d_out for d_in, d_out in shapes.values()) * config.n_layers
@@ -102,4 +108,7 @@ def training_products_floor(config, *, trunk_rows: int, head_positions: int, fro
     flops = (3 + frozen_forwards) * forward_flops
     return {"seconds": seconds, "flops": float(flops), "flop_per_s": flops / seconds, "trunk_rows": trunk_rows,
             "head_positions": head_positions, "frozen_forwards": frozen_forwards, "repeats": repeats,
-            "products": (3 + frozen_forwards) * (len(shapes) * config.n_layers + 1)}
+            "products": (3 + frozen_forwards) * (len(shapes) * config.n_layers + 1),
+            # XLA's own count for the compiled program (the products and the maxima): a product it dropped or
+            # merged would show here.
+            "compiled_flops": float(cost["flops"]) if cost and "flops" in cost else None}

@@ -895,7 +895,7 @@ def write_chart(results: dict, setup: dict, path: Path, processor: str) -> None:
                         (axes[1], "% of the measured matmul FLOP/s")):
         axis.set_xticks(range(len(methods)), ticks)
         axis.set_ylabel(label)
-        axis.margins(y=0.3)  # room above the bars for the legend (their bottom stays at 0)
+        axis.margins(y=0.45)  # room above the bars and their labels for the legend (their bottom stays at 0)
         axis.legend(fontsize=8, loc="upper right")
     order = {"interleaved": "the sides alternating step by step", "blocks": "each side's steps in one block"}
     figure.suptitle(f"{setup['model']} {setup['dtype']}, batch {setup['batch']} x ~"
