@@ -98,8 +98,7 @@ def training_products_floor(config, *, trunk_rows: int, head_positions: int, fro
 
     arguments = (layers, embedding, first_inputs)
     program = jax.jit(products).lower(*arguments).compile()
-    cost = program.cost_analysis()
-    cost = cost[0] if isinstance(cost, list | tuple) else cost  # one dict per program in older JAX versions
+    cost = program.cost_analysis()  # a dict (JAX >= 0.7, as pyproject.toml requires); empty where not counted
     jax.block_until_ready(program(*arguments))  # fault every buffer in
     seconds = statistics.median(side_order.timed(lambda: jax.block_until_ready(program(*arguments)))
                                 for _ in range(repeats))
