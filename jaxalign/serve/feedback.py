@@ -81,6 +81,8 @@ MAX_NAME_CHARS = 256
 _FIELDS = ("schema", "id", "time", "action", "model_version", "system", "prompt", "response", "edit", "choice",
            "note")
 _CHOICE_FIELDS = ("responses", "chosen", "model_versions")
+# What a client sends for a new record (FeedbackRecord.from_request); the id and the time are the server's.
+REQUEST_FIELDS = ("prompt", "action", "model_version", "response", "system", "edit", "choice", "note")
 
 
 class FeedbackError(DataError):
@@ -317,6 +319,24 @@ class FeedbackRecord:
         """The record as one JSON line (UTF-8, ending in a newline; newlines inside texts are escaped)."""
         text = json.dumps(self.to_json(), ensure_ascii=False, separators=(",", ":"))
         return (text + "\n").encode("utf-8")
+
+    @classmethod
+    def from_request(cls, data: Any, *, max_chars: int | None = DEFAULT_MAX_CHARS) -> FeedbackRecord:
+        """A new record from what a client sent (:data:`REQUEST_FIELDS`; the id and time are new).
+
+        Raises:
+            FeedbackError: not an object, an unknown field (``id``, ``time`` and ``schema`` included: they are
+                the server's), a required field missing, or any check of the constructor; ``field`` names it.
+        """
+        if not isinstance(data, Mapping):
+            raise _fail(None, f"expected a JSON object, got {_type_name(data)}")
+        unknown = [key for key in data if key not in REQUEST_FIELDS]
+        if unknown:
+            raise _fail(str(unknown[0]), f"is not a field a client sends (the fields are {', '.join(REQUEST_FIELDS)})")
+        for key in ("prompt", "action", "model_version"):
+            if data.get(key) is None:
+                raise _fail(key, "missing")
+        return cls(**{key: data.get(key) for key in REQUEST_FIELDS}, max_chars=max_chars)
 
     @classmethod
     def from_json(cls, data: Any, *, where: Location | str | None = None,
@@ -752,6 +772,6 @@ def export_unpaired(records: Iterable[FeedbackRecord], path: str | os.PathLike, 
     return write_jsonl(path, unpaired_rows(records, chat=chat))
 
 
-__all__ = ["ACTIONS", "DEFAULT_MAX_CHARS", "SCHEMA", "Choice", "FeedbackError", "FeedbackRecord", "FeedbackStore",
-           "export_preferences", "export_sft", "export_unpaired", "preference_rows", "read_feedback", "sft_rows",
-           "unpaired_rows", "utc_now", "write_jsonl"]
+__all__ = ["ACTIONS", "DEFAULT_MAX_CHARS", "REQUEST_FIELDS", "SCHEMA", "Choice", "FeedbackError", "FeedbackRecord",
+           "FeedbackStore", "export_preferences", "export_sft", "export_unpaired", "preference_rows", "read_feedback",
+           "sft_rows", "unpaired_rows", "utc_now", "write_jsonl"]

@@ -24,75 +24,105 @@ from importlib import resources
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse
+from fastapi.responses import Response
 
 from jaxalign.serve import protocol
 from jaxalign.serve.feedback import FeedbackError, FeedbackRecord, FeedbackStore
 from jaxalign.serve.protocol import APIError, bad
-from jaxalign.serve.retrain import Retrainer, Versions
+from jaxalign.serve.retrain import Retrainer, RetryRefused, Versions
 
 log = logging.getLogger("jaxalign.serve.hitl")
 FEEDBACK_FILE = "feedback.jsonl"
 HISTORY_LIMIT = 200
 SWAP_TIMEOUT_S = 600.0
-PAGE_FIELDS = ("prompt", "action", "model_version", "response", "system", "edit", "choice", "note")
+# The page's files: no inline script or style, so the policy below can forbid both (a text that slipped into
+# the page as markup could not run).
+PAGE_FILES = {"/": ("hitl.html", "text/html; charset=utf-8"),
+              "/hitl.js": ("hitl.js", "text/javascript; charset=utf-8"),
+              "/hitl.css": ("hitl.css", "text/css; charset=utf-8")}
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+                               "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+# What the page says about a torn feedback line set aside at start-up (the log has the file, offset and sidecar).
+RECOVERED_NOTICE = ("The app stopped last time while a record was being saved: that unconfirmed record was set "
+                    "aside and every confirmed one is kept, so if your last click did not say \"Saved\", record it "
+                    "again.")
 
 
 def add_hitl_routes(app: FastAPI, served, store: FeedbackStore, versions: Versions, retrainer: Retrainer, *,
                     max_tokens: int) -> None:
     """The page and its JSON endpoints, on ``served``'s app."""
-    page = resources.files("jaxalign.serve").joinpath("static/hitl.html").read_text()
-    page = page.replace("__MODEL__", served.name).replace("__MAX_TOKENS__", str(max_tokens))
-
-    @app.get("/", response_class=HTMLResponse)
-    async def index():
-        return page
+    static = resources.files("jaxalign.serve").joinpath("static")
+    for route, (name, media_type) in PAGE_FILES.items():
+        content = static.joinpath(name).read_bytes()
+        app.add_api_route(route, _static(content, media_type), methods=["GET"], include_in_schema=False)
 
     @app.get("/hitl/state")
     async def state():
-        return {"model": served.name, "serving": served.scheduler.version, "records": len(store),
-                "waiting": retrainer.waiting, "threshold": retrainer.threshold, "auto": retrainer.auto,
-                "retrain": dataclasses.asdict(retrainer.status), "recovered": list(store.recovered),
+        return {"model": served.name, "max_tokens": max_tokens, "serving": served.scheduler.version,
+                "records": len(store), "waiting": retrainer.waiting, "threshold": retrainer.threshold,
+                "auto": retrainer.auto, "retrain": dataclasses.asdict(retrainer.status),
+                "recovered": [RECOVERED_NOTICE] if store.recovered else [],
                 "versions": [_version_row(v) for v in reversed(versions.all())]}
 
     @app.get("/hitl/history")
-    async def history(limit: int = 50):
-        records = store.records()[-max(1, min(limit, HISTORY_LIMIT)):]
+    async def history(request: Request):
+        unknown = sorted(set(request.query_params) - {"limit"})
+        if unknown:
+            raise bad(f"unknown query parameter(s) {unknown}; /hitl/history takes limit", unknown[0])
+        limit = _integer(request.query_params.get("limit", "50"), "limit", 1, HISTORY_LIMIT)
+        records = store.records()[-limit:]
         return {"records": [record.to_json() for record in reversed(records)]}
 
     @app.post("/hitl/feedback")
     async def feedback(request: Request):
         body = protocol.parse_body(await request.body())
-        unknown = sorted(set(body) - set(PAGE_FIELDS))
-        if unknown:
-            raise bad(f"unknown field(s) {unknown}; a feedback record has {list(PAGE_FIELDS)}", unknown[0],
-                      "invalid_feedback")
         try:
-            record = FeedbackRecord(**body)  # a new id and the time are the server's
+            record = FeedbackRecord.from_request(body)  # a new id and the time are the server's
         except FeedbackError as error:
             raise bad(str(error), error.field, "invalid_feedback") from error
+        known = versions.names()
+        named = {"model_version": record.model_version}
+        if record.choice is not None and record.choice.model_versions is not None:
+            named |= {f"choice.model_versions[{i}]": v for i, v in enumerate(record.choice.model_versions)}
+        for field, name in named.items():
+            if name not in known:
+                raise bad(f"field {field!r}: no version {name!r}; the versions are {known}", field, "unknown_version")
         await asyncio.to_thread(store.append, record)  # flushed and fsynced before the page hears "saved"
         log.info("feedback %s: %s on %s", record.id, record.action, record.model_version)
         retrainer.feedback_added()
         return {"id": record.id, "records": len(store), "waiting": retrainer.waiting}
 
     @app.post("/hitl/retrain")
-    async def retrain():
+    async def retrain(request: Request):
+        _fields(await request.body(), {})
         if retrainer.busy:
             raise APIError(409, f"{retrainer.status.version} is still training", code="busy")
-        name = retrainer.start()
+        name = await asyncio.to_thread(retrainer.start)
         if name is None:
             raise APIError(409, "no new feedback to train on", code="nothing_to_train")
         return {"version": name}
 
+    @app.post("/hitl/retry")
+    async def retry(request: Request):
+        name = _fields(await request.body(), {"version": True})["version"]
+        try:
+            return {"version": await asyncio.to_thread(retrainer.retry, name)}
+        except RetryRefused as refusal:
+            if refusal.busy:
+                raise APIError(409, str(refusal), code="busy") from None
+            raise bad(str(refusal), "version", "not_retryable") from None
+
     @app.post("/hitl/rollback")
     async def rollback(request: Request):
-        body = protocol.parse_body(await request.body())
-        name = body.get("version")
+        name = _fields(await request.body(), {"version": True})["version"]
         known = {v.name: v for v in versions.all()}
-        if not isinstance(name, str) or name not in known:
-            raise bad(f"no version {name!r}; the versions are {sorted(known, key=lambda n: int(n[1:]))}",
-                      "version", "unknown_version")
+        if name not in known:
+            raise bad(f"no version {name!r}; the versions are {list(known)}", "version", "unknown_version")
         if known[name].status != "ready":
             raise bad(f"version {name} is {known[name].status}, not ready to serve", "version", "not_ready")
         if retrainer.status.state == "swapping":
@@ -103,6 +133,39 @@ def add_hitl_routes(app: FastAPI, served, store: FeedbackStore, versions: Versio
             versions.save(dataclasses.replace(known[name], served=time.time()))
         log.info("rolled back to %s", name)
         return {"serving": name}
+
+
+def _static(content: bytes, media_type: str):
+    async def page():
+        return Response(content, media_type=media_type, headers=PAGE_HEADERS)
+
+    return page
+
+
+def _fields(raw: bytes, fields: dict[str, bool]) -> dict:
+    """A request body of version names: ``fields`` maps each name to whether it is required; an empty body is
+    an empty object."""
+    body = protocol.parse_body(raw) if raw.strip() else {}
+    unknown = sorted(set(body) - set(fields))
+    if unknown:
+        raise bad(f"unknown field(s) {unknown}; this endpoint takes {list(fields) or 'no fields'}", unknown[0])
+    for name, required in fields.items():
+        value = body.get(name)
+        if value is None and required:
+            raise bad(f"field {name!r}: missing", name)
+        if value is not None and not isinstance(value, str):
+            raise bad(f"field {name!r}: expected a version name (a string), got {type(value).__name__}", name)
+    return body
+
+
+def _integer(text: str, name: str, low: int, high: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise bad(f"{name} must be an integer, got {text[:40]!r}", name) from None
+    if not low <= value <= high:
+        raise bad(f"{name} must be in {low}..{high}, got {value}", name)
+    return value
 
 
 def swap_to(served, model_path: str | None, name: str) -> None:
@@ -116,6 +179,7 @@ def swap_to(served, model_path: str | None, name: str) -> None:
 def _version_row(version) -> dict:
     return {"name": version.name, "parent": version.parent, "status": version.status,
             "records": list(version.records), "created": version.created, "error": version.error,
+            "attempts": version.attempts,
             "stages": {stage: {k: v for k, v in info.items() if k != "data"} for stage, info in version.stages.items()}}
 
 
@@ -128,9 +192,9 @@ def add_hitl_command(subcommands) -> None:
         description="Serve a model with a web page where a person asks questions and accepts, edits, rejects, "
                     "picks or rates its answers; every --retrain-threshold new records, LoRA SFT/DPO/KTO trains a "
                     "new version in the background and it replaces the served one (docs/hitl.md).")
-    parser.add_argument("--model", help="checkpoint directory or .gguf file (default: the embedded "
-                                        "SmolLM2-135M-Instruct)")
-    parser.add_argument("--output-dir", required=True, type=Path,
+    parser.add_argument("--model", type=absolute_path, help="checkpoint directory or .gguf file (default: the "
+                                                             "embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--output-dir", required=True, type=absolute_path,
                         help="feedback, versions and the served version live here; a restart resumes from it")
     parser.add_argument("--retrain-threshold", type=int, default=20,
                         help="new feedback records that start a retraining (default 20)")
@@ -171,9 +235,9 @@ def build_hitl(args) -> Hitl:
     from jaxalign.serve.command import DEFAULT_PREFILL_WAIT, build_served
 
     _check(args)
-    root = args.output_dir
+    root = absolute_path(args.output_dir)
     root.mkdir(parents=True, exist_ok=True)
-    base = None if args.model is None else str(Path(args.model).resolve())
+    base = None if args.model is None else str(absolute_path(args.model))
     versions = Versions(root, base_model=base)
     store = FeedbackStore(root / FEEDBACK_FILE)
     for message in store.recovered:
@@ -215,6 +279,12 @@ def run_hitl(args) -> int:
         hitl.close()
         served.scheduler.stop()
     return 0
+
+
+def absolute_path(text: str | Path) -> Path:
+    """A path given on the command line, made absolute once against the directory the command runs in: the
+    retraining stages run as other processes, and a restart may come from another directory."""
+    return Path(text).expanduser().resolve()
 
 
 def _served_name(model: str | None) -> str:

@@ -8,6 +8,7 @@ An output directory holds everything the app needs to resume after a crash or a 
     D/versions/v1/version.json       {"parent": "v0", "records": [0, 20], "status": "ready", "stages": {...}}
     D/versions/v1/data/*.jsonl       the snapshot of feedback it trained on, as training datasets
     D/versions/v1/<stage>/           one `jaxalign train <stage>` run each (config, checkpoints, metrics, export/)
+    D/versions/v1/<stage>.lock       held by that stage's trainer while it runs
 
 A version trains on the records that arrived since the previous version was started, from the version being
 served, in stages (the ``hitl`` preset): SFT on accepted and edited answers, DPO on A/B picks and on edits (the
@@ -16,6 +17,14 @@ previous stage's export. Every stage is a ``python -m jaxalign.cli train`` subpr
 memory or thread with serving, a crashed run cannot take the server down, and a killed one resumes from its
 checkpoints (``--resume``) when the app starts again. When the last stage ends, the app loads its export and
 hot-swaps it in (:meth:`~jaxalign.serve.scheduler.Scheduler.swap_model`).
+
+Every path the app writes or hands to a stage is absolute (the output directory is resolved once), so a stage
+finds its data whatever directory the app was started from. A stage's trainer dies with the app
+(:mod:`~jaxalign.serve.children`: SIGTERM, so it saves a checkpoint first) and holds ``<stage>.lock`` beside its
+run for as long as it lives: a restart that finds the lock held waits for that trainer to stop and says so,
+instead of starting a second trainer on the same run. A version that failed (its trainer exited with an error)
+can be trained again (:meth:`Retrainer.retry`; a restart retries the newest version if it failed): from the
+version served now, on the same records, with the failed attempt's runs kept in ``vN/attempt-<k>/``.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import json
 import logging
 import math
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -34,6 +44,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from jaxalign.serve.children import DirectoryLock, signal_group, spawn
+
 log = logging.getLogger("jaxalign.serve.retrain")
 
 CURRENT_FILE = "current.json"
@@ -42,6 +54,8 @@ PRESET = "hitl"
 EPOCHS = 3  # passes over a version's new feedback per stage
 STAGES = ("sft", "dpo", "kto")  # in training order; each starts from the previous stage's export
 EXPORT_DIR = "export"
+BATCH_SIZE = 4
+LOCK_POLL_S = 0.5
 
 
 def export_feedback(records, directory: Path) -> dict[str, tuple[Path, int]]:
@@ -89,6 +103,7 @@ class Version:
     finished: float | None = None
     served: float | None = None  # when it was first served; None for one trained but not yet swapped in
     error: str | None = None
+    attempts: int = 1  # a failed version trained again (Retrainer.retry) counts one more
 
     @property
     def number(self) -> int:
@@ -102,7 +117,7 @@ class Versions:
     """The version directories of an output directory, and which one is served."""
 
     def __init__(self, root: Path, *, base_model: str | None):
-        self.root = Path(root)
+        self.root = Path(root).resolve()  # stages run elsewhere: every path handed to them is absolute
         self.directory = self.root / "versions"
         if not (self.directory / "v0" / VERSION_FILE).exists():
             self.save(Version("v0", None, "ready", model=base_model, finished=time.time()))
@@ -121,6 +136,10 @@ class Versions:
         except (OSError, json.JSONDecodeError) as error:
             raise ValueError(f"{file}: cannot read the version ({error})") from error
         values["records"] = tuple(values["records"])
+        known = {f.name for f in dataclasses.fields(Version)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{file}: unknown field(s) {unknown} (written by a newer jaxalign?)")
         return Version(**values)
 
     def save(self, version: Version) -> None:
@@ -142,6 +161,9 @@ class Versions:
             raise ValueError(f"version {name} is {version.status}, not ready to serve")
         write_json_atomically(self.root / CURRENT_FILE, {"version": name})
 
+    def names(self) -> list[str]:
+        return [v.name for v in self.all()]
+
     def next_records(self, total: int) -> tuple[int, int]:
         """The records a new version trains on: those after the newest version's."""
         return (max(v.records[1] for v in self.all()), total)
@@ -154,9 +176,24 @@ class RetrainStatus:
     state: str = "idle"  # "idle", "training", "swapping", "failed"
     version: str | None = None
     stage: str | None = None
+    # while training: "waiting" (for an earlier trainer to stop), "compiling" (before the first step: loading and
+    # compiling), "training", "finishing" (after the last step: the checkpoint, evaluation and export)
+    phase: str | None = None
     step: int = 0
     steps: int = 0
     message: str = ""
+
+
+class RetryRefused(Exception):
+    """:meth:`Retrainer.retry` cannot train that version again now; ``busy`` when only waiting would help."""
+
+    def __init__(self, message: str, *, busy: bool = False):
+        super().__init__(message)
+        self.busy = busy
+
+
+class _Stopped(Exception):
+    """The app is stopping: the version resumes at the next start."""
 
 
 class Retrainer:
@@ -171,7 +208,8 @@ class Retrainer:
         swap: ``swap(model_path, version_name)`` loads a version and serves it (blocking until it does).
         threshold: new records that trigger a retraining (``auto``), at least 1.
         auto: retrain by itself once ``threshold`` new records wait; otherwise only on :meth:`start`.
-        overrides: extra ``key=value`` settings for every stage (e.g. ``train.optimizer.learning_rate=1e-4``).
+        overrides: extra ``key=value`` settings for every stage (e.g. ``train.optimizer.learning_rate=1e-4``),
+            given after the app's own, so they win.
     """
 
     def __init__(self, root: Path, store, versions: Versions, *, swap: Callable[[str | None, str], None],
@@ -179,7 +217,7 @@ class Retrainer:
                  overrides: tuple[str, ...] = ()):
         if threshold < 1:
             raise ValueError(f"--retrain-threshold must be >= 1, got {threshold}")
-        self.root = Path(root)
+        self.root = Path(root).resolve()
         self.store = store
         self.versions = versions
         self.export = export
@@ -205,8 +243,9 @@ class Retrainer:
 
     def resume(self) -> None:
         """At start-up, finish what a crash interrupted: a version still training resumes (its stages from their
-        checkpoints); one trained but never served (a stop between the two) is served. A version that was served
-        and then rolled back from stays as it is."""
+        checkpoints); the newest version, if it failed, is trained again (a restart is how a person retries after
+        fixing the cause); one trained but never served (a stop between the two) is served. A version that was
+        served and then rolled back from stays as it is."""
         versions = self.versions.all()
         unfinished = [v for v in versions if v.status == "training"]
         if unfinished:
@@ -214,7 +253,13 @@ class Retrainer:
             self._launch(unfinished[-1])
             return
         newest = versions[-1]
-        if newest.status == "ready" and newest.served is None and newest.parent == self.versions.current.name:
+        if newest.status == "failed":
+            log.info("training %s again: it failed before the app stopped (%s)", newest.name, newest.error)
+            try:
+                self.retry(newest.name)
+            except RetryRefused as refusal:
+                log.warning("not retrying %s: %s", newest.name, refusal)
+        elif newest.status == "ready" and newest.served is None and newest.parent == self.versions.current.name:
             log.info("serving %s: it was trained, but the app stopped before serving it", newest.name)
             self._launch(newest)  # its stages are done: straight to the swap
 
@@ -233,26 +278,71 @@ class Retrainer:
                 return None
             parent = self.versions.current
             name = f"v{max(v.number for v in self.versions.all()) + 1}"
-            directory = self.versions.path(name)
-            directory.mkdir(parents=True, exist_ok=True)
-            written = self.export(self.store.records()[records[0]:records[1]], directory / "data")
-            stages = {stage: {"data": str(file), "examples": count, "status": "pending" if count else "skipped"}
-                      for stage, (file, count) in written.items()}
-            version = Version(name, parent.name, "training", records=records, stages=stages)
+            version = Version(name, parent.name, "training", records=records,
+                              stages=self._snapshot(name, records))
             self.versions.save(version)  # the data snapshot is complete before the version exists
             self._launch(version)
             return name
 
+    def retry(self, name: str) -> str:
+        """Train the failed version ``name`` again, on the same records, from the version served now.
+
+        Stages that finished are kept when the parent is unchanged; the failed attempt's other runs move to
+        ``vN/attempt-<k>/`` (kept for their logs), and those stages start afresh with a new data snapshot.
+
+        Raises:
+            RetryRefused: no such version, it did not fail, or a retraining (or a trainer) is still running.
+        """
+        with self._lock:
+            if self._stopping:
+                raise RetryRefused("the app is stopping", busy=True)
+            if self.busy:
+                raise RetryRefused(f"{self.status.version} is still training; retry when it is done", busy=True)
+            if name not in self.versions.names():
+                raise RetryRefused(f"no version {name!r}; the versions are {self.versions.names()}")
+            version = self.versions.get(name)
+            if version.status != "failed":
+                raise RetryRefused(f"version {name} is {version.status}: only a failed version can be retried")
+            directory = self.versions.path(name)
+            for stage in STAGES:  # a trainer of an earlier app may still be stopping in one of them
+                lock = DirectoryLock(directory / f"{stage}.lock")
+                if not lock.acquire():
+                    raise RetryRefused(f"a trainer (pid {lock.holder}) is still running {name}/{stage}", busy=True)
+                lock.release()
+            parent = self.versions.current
+            kept = {stage: info for stage, info in version.stages.items()
+                    if info.get("status") == "done" and parent.name == version.parent}
+            attempt = directory / f"attempt-{version.attempts}"
+            for stage in STAGES:
+                if stage not in kept and (directory / stage).exists():
+                    attempt.mkdir(exist_ok=True)
+                    os.replace(directory / stage, attempt / stage)
+            stages = self._snapshot(name, version.records) | kept
+            version = dataclasses.replace(version, parent=parent.name, status="training", stages=stages, model=None,
+                                          error=None, finished=None, served=None, attempts=version.attempts + 1)
+            self.versions.save(version)
+            log.info("retrying %s (attempt %d) from %s", name, version.attempts, parent.name)
+            self._launch(version)
+            return name
+
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop a running stage (it resumes from its checkpoints at the next start)."""
+        """Stop a running stage (SIGTERM to its process group: it saves a checkpoint and resumes from it at the
+        next start); waits up to ``timeout`` seconds for the retraining thread."""
         self._stopping = True
         process = self._process
-        if process is not None and process.poll() is None:
-            process.terminate()  # SIGTERM: the trainer saves a checkpoint before exiting
+        if process is not None and process.returncode is None:
+            signal_group(process.pid, signal.SIGTERM)
         if self._thread is not None:
             self._thread.join(timeout)
 
     # -- the background thread ----------------------------------------------------------------------------
+
+    def _snapshot(self, name: str, records: tuple[int, int]) -> dict[str, dict]:
+        """Write the version's training data from its records; its stages, pending or skipped."""
+        written = self.export(self.store.records()[records[0]:records[1]], self.versions.path(name) / "data")
+        return {stage: {"data": str(Path(file).resolve()), "examples": count,
+                        "status": "pending" if count else "skipped"}
+                for stage, (file, count) in written.items()}
 
     def _launch(self, version: Version) -> None:
         self.status = RetrainStatus("training", version.name, message=f"training {version.name}")
@@ -274,7 +364,7 @@ class Retrainer:
             if model == self.versions.get(version.parent).model:
                 raise RuntimeError("no stage had data to train on")
             version.model = model
-            self.status = dataclasses.replace(self.status, state="swapping", stage=None,
+            self.status = dataclasses.replace(self.status, state="swapping", stage=None, phase=None,
                                               message=f"loading {version.name}")
             version.status, version.finished = "ready", time.time()
             self.versions.save(version)
@@ -293,36 +383,83 @@ class Retrainer:
             self.versions.save(version)
             self.status = RetrainStatus("failed", version.name, message=f"{version.name} failed: {error}")
 
-    def _run_stage(self, version: Version, stage: str, info: dict, model: str | None) -> None:
+    def stage_command(self, version: Version, stage: str, info: dict, model: str | None) -> list[str]:
+        """The ``jaxalign train`` command line of one stage (every path absolute; the user's settings last)."""
         directory = self.versions.path(version.name) / stage
-        batch = 4
-        steps = EPOCHS * math.ceil(info["examples"] / batch)
+        data = self.versions.path(version.name) / "data" / Path(info["data"]).name  # wherever it was recorded
+        steps = EPOCHS * math.ceil(info["examples"] / BATCH_SIZE)
         command = [sys.executable, "-m", "jaxalign.cli", "train", stage, "--config", PRESET,
-                   f"output_dir={directory}", f"data.source={info['data']}", f"data.batch_size={batch}",
+                   f"output_dir={directory}", f"data.source={data}", f"data.batch_size={BATCH_SIZE}",
                    f"train.total_steps={steps}", f"model.path={'null' if model is None else model}",
                    *self.overrides]
         if directory.exists():
             command.append("--resume")  # an interrupted stage continues from its checkpoints
-        info["steps"] = steps
-        self.status = dataclasses.replace(self.status, stage=stage, step=0, steps=steps,
-                                          message=f"training {version.name}: {stage}")
-        directory.mkdir(parents=True, exist_ok=True)
-        log.info("%s: %s", version.name, " ".join(command))
-        started = time.perf_counter()
-        with open(directory / "train.log", "ab") as output:
-            self._process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, cwd=self.root)
-            # wait4, not poll: it also gives the stage's peak memory, which version.json records.
-            while not (ended := os.wait4(self._process.pid, os.WNOHANG))[0]:
-                self.status = dataclasses.replace(self.status, step=_steps_done(directory / "metrics.jsonl"))
-                time.sleep(0.5)
+        return command
+
+    def planned_steps(self, info: dict) -> int:
+        """The stage's training steps: the user's ``train.total_steps`` if set, else epochs x batches."""
+        settings = {key.strip(): value for key, value in (item.split("=", 1) for item in self.overrides if "=" in item)}
+        steps, batch = settings.get("train.total_steps", "").strip(), settings.get("data.batch_size", "").strip()
+        if steps.isdigit():
+            return int(steps)
+        return EPOCHS * math.ceil(info["examples"] / (int(batch) if batch.isdigit() and int(batch) else BATCH_SIZE))
+
+    def _take_lock(self, version: Version, stage: str) -> DirectoryLock:
+        """The stage's lock, once no other trainer holds it (the page says whom it waits for meanwhile)."""
+        lock = DirectoryLock(self.versions.path(version.name) / f"{stage}.lock")
+        while not lock.acquire():
+            if self._stopping:
+                raise _Stopped()
+            holder = lock.holder
+            self.status = dataclasses.replace(
+                self.status, stage=stage, phase="waiting",
+                message=f"{version.name}: waiting for the {stage} trainer that the last run left behind"
+                        f"{f' (process {holder})' if holder else ''} to save and stop")
+            time.sleep(LOCK_POLL_S)
+        return lock
+
+    def _run_stage(self, version: Version, stage: str, info: dict, model: str | None) -> None:
+        directory = self.versions.path(version.name) / stage
+        lock = self._take_lock(version, stage)
+        try:
+            if self._stopping:
+                raise _Stopped()
+            command = self.stage_command(version, stage, info, model)
+            info["steps"] = steps = self.planned_steps(info)
+            self.versions.save(version)
+            self.status = dataclasses.replace(self.status, stage=stage, phase="compiling", step=0, steps=steps,
+                                              message=f"training {version.name}: {stage}")
+            directory.mkdir(parents=True, exist_ok=True)
+            log.info("%s: %s", version.name, " ".join(command))
+            started = time.perf_counter()
+            with open(directory / "train.log", "ab") as output:
+                self._process = spawn(command, stdout=output, stderr=subprocess.STDOUT, pass_fds=(lock.fd,))
+            lock.hand_over(self._process.pid)
+        finally:
+            lock.release()
+        # wait4, not poll: it also gives the stage's peak memory, which version.json records.
+        while not (ended := os.wait4(self._process.pid, os.WNOHANG))[0]:
+            self._progress(version, stage, info, directory)
+            time.sleep(0.5)
         _, wait_status, usage = ended
         self._process.returncode = os.waitstatus_to_exitcode(wait_status)  # reaped here: Popen must not wait
+        self._progress(version, stage, info, directory)
         info["seconds"] = round(time.perf_counter() - started, 1)
         info["peak_rss_mib"] = round(usage.ru_maxrss / 1024, 1)  # Linux reports KiB
         if self._process.returncode != 0:
             tail = (directory / "train.log").read_text(errors="replace").strip().splitlines()[-1:]
             raise RuntimeError(f"jaxalign train {stage} exited with {self._process.returncode}: "
-                               f"{tail[0] if tail else ''} (see {directory / 'train.log'})")
+                               f"{tail[0] if tail else ''} (see {directory.relative_to(self.root)}/train.log)")
+
+    def _progress(self, version: Version, stage: str, info: dict, directory: Path) -> None:
+        """The stage's step from its metrics, and its step count from its resolved config once written."""
+        steps = _resolved_steps(directory / "run.json")
+        if steps is not None and steps != info.get("steps"):
+            info["steps"] = steps
+            self.versions.save(version)
+        step, steps = _steps_done(directory / "metrics.jsonl"), info.get("steps", 0)
+        phase = "compiling" if not step else "finishing" if steps and step >= steps else "training"
+        self.status = dataclasses.replace(self.status, step=step, steps=steps, phase=phase)
 
 
 def _steps_done(metrics: Path) -> int:
@@ -332,3 +469,11 @@ def _steps_done(metrics: Path) -> int:
         return int(json.loads(lines[-1]).get("step", 0)) if lines else 0
     except (OSError, ValueError):
         return 0
+
+
+def _resolved_steps(run_json: Path) -> int | None:
+    """``train.total_steps`` of a run's resolved config (run.json), None before it is written."""
+    try:
+        return int(json.loads(run_json.read_text())["config"]["train"]["total_steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
