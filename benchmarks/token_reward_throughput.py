@@ -28,8 +28,8 @@ from flax import nnx
 
 from jaxalign import data as jdata
 from jaxalign import models
-from jaxalign.methods.faces import DEFAULT_FACES, face_prefix_ids, resolve_face_format
-from jaxalign.methods.token_rewards import LENGTH_STEP, build_token_rewards, with_face
+from jaxalign.methods.faces import DEFAULT_FACES
+from jaxalign.methods.token_rewards import LENGTH_STEP, FaceRows, build_token_rewards, faced_batch
 from jaxalign.models.scoring import target_logps
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -51,19 +51,20 @@ def pairs(count: int, seed: int = 0) -> list[jdata.PreferenceRecord]:
 
 def plain_batches(dataset, tokenizer, batch: int) -> tuple[list, int]:
     """The builder's face sequences, padded as it pads them: ``[(ids, mask, positions), ...]`` and real tokens."""
-    fmt = resolve_face_format("auto", tokenizer, dataset.examples[0].sequences[0].ids)
-    face = DEFAULT_FACES["helpfulness"]
-    prefixes = [face_prefix_ids(t, tokenizer, fmt) for t in (face.positive, face.negative)]
+    faces = FaceRows(dataset, tokenizer, DEFAULT_FACES["helpfulness"], "auto")
     out, real = [], 0
     for start in range(0, len(dataset), batch):
         rows = list(range(start, min(start + batch, len(dataset))))
-        length = -(-int(max(dataset.lengths[i] for i in rows)) // LENGTH_STEP) * LENGTH_STEP
-        collated = jdata.collate(dataset, rows + [None] * (batch - len(rows)), length)
-        ids, mask = collated["input_ids"].reshape(-1, length), collated["attention_mask"].reshape(-1, length)
-        for prefix in prefixes:
-            arrays = with_face(ids, mask, prefix, tokenizer.bos_token_id, dataset.pad_token_id)
-            real += int(arrays[1].sum())
-            out.append(arrays)
+        heads = [faces.heads(i) for i in rows] + [[[None, None]] * 2] * (batch - len(rows))
+        sequences = [s for i in rows for s in dataset.examples[i].sequences] + [None] * (2 * (batch - len(rows)))
+        length = -(-max(len(h[0]) + len(s) - h[1] for per_pair, i in zip(heads, rows, strict=False)
+                        for per_face in per_pair for h, s in zip(per_face, dataset.examples[i].sequences,
+                                                                  strict=True)) // LENGTH_STEP) * LENGTH_STEP
+        for face in (0, 1):
+            ids, mask, positions, _ = faced_batch(sequences, [h for per_pair in heads for h in per_pair[face]],
+                                                  length, dataset.pad_token_id)
+            real += int(mask.sum())
+            out.append((ids, mask, positions))
     return out, real
 
 

@@ -108,10 +108,15 @@ class Rendering:
 
 @dataclass(frozen=True)
 class TokenizedExample:
-    """One record's sequences (flattened layout; None = an absent pair or candidate) and per-record values."""
+    """One record's sequences (flattened layout; None = an absent pair or candidate) and per-record values.
+
+    ``prompt`` is the record's prompt as it was rendered (text, or the conversation's messages), for a pass that
+    renders it again with something changed (LLMDoctor's faces: :mod:`jaxalign.methods.faces`); None for
+    examples made by hand."""
 
     sequences: tuple[TokenSequence | None, ...]
     values: dict[str, Any] = field(default_factory=dict)
+    prompt: Turns | None = None
 
 
 @dataclass
@@ -379,7 +384,7 @@ class _Pipeline:
         prompt_ids, full_ids = ids[0], iter(ids[1:])
         if self.kind == "prompt":
             return TokenizedExample((self.truncation.fit_prompt(prompt_ids, item.where, report.truncated),),
-                                    item.values)
+                                    item.values, item.prompt)
         full = [None if r is None else next(full_ids) for r in item.responses]
         prompt_length = min(common_prefix_length(prompt_ids, f) for f in full if f is not None)
         if prompt_length < len(prompt_ids):
@@ -388,7 +393,7 @@ class _Pipeline:
         sequences = self.truncation.fit(prompt_ids[:prompt_length], completions, item.where, report.truncated)
         if self.kind in ("preference", "preference_group"):
             sequences = self._without_tied_pairs(sequences, completions, item, report)
-        return TokenizedExample(tuple(sequences), item.values)
+        return TokenizedExample(tuple(sequences), item.values, item.prompt)
 
     def _without_tied_pairs(self, sequences: list, completions: list, item: _Prepared, report: Report) -> list:
         """Pairs whose two sides are the same tokens carry no preference: different texts can tokenise alike,

@@ -10,13 +10,21 @@ default's (sentiment, conciseness: ``experiments/``); a run config overrides or 
       faces:
         politeness: {positive: "You are courteous ...", negative: "You are rude ..."}
 
-How a face enters the patient's input (:func:`face_prefix_ids`): as a system turn rendered by the tokenizer's chat
-template, put before the prompt exactly as the data pipeline tokenised it (``face_format: chat``), or as a plain
-line followed by a blank line (``text``, for transcripts such as HH-RLHF's ``Human:/Assistant:`` text); ``auto``
-picks ``chat`` when the examples start with the template's own first token. Working on token ids keeps the response
-tokens of the three passes (neutral, positive, negative) identical by construction: nothing is re-tokenised, so
-no BPE merge at a boundary or truncation can shift them. A template that writes a default system message when
-none is given (SmolLM2's) keeps it after the face: the face comes first, the prompt follows unchanged.
+How a face enters the patient's input (``face_format``):
+
+- ``chat``: the face is the conversation's system message. The prompt is rendered again by the chat template the
+  data was rendered with, with the face as its system message (:func:`face_conversation`), and tokenised as the
+  data pipeline tokenises a prompt, so the patient reads exactly the chat the template writes for that
+  conversation. The face *replaces* a system message the conversation opens with: it is the behavioural system
+  prompt of LLMDoctor's variants, which put the instruction in place of any other context. A template that writes
+  a default system message when none is given (SmolLM2's, Qwen2's) writes the face instead.
+- ``text``: the face is a plain line and a blank line before the prompt's tokens (after the row's BOS when it
+  starts with one), for transcripts such as HH-RLHF's ``Human:/Assistant:`` text.
+- ``auto``: ``chat`` for conversations, ``text`` for plain-text prompts (and for examples that do not carry the
+  prompt they were made from).
+
+Either way the response tokens are the data's own ids, appended after the faced prompt: the neutral pass the doctor
+trains on and the two faced passes score the same tokens.
 """
 
 from __future__ import annotations
@@ -103,34 +111,53 @@ def resolve_faces(dimensions: tuple[str, ...], overrides: Mapping[str, Mapping[s
     return faces
 
 
-def _chat_opener(tokenizer) -> int | None:
-    """The first token id the chat template writes for a one-message conversation (None without a template)."""
-    if getattr(tokenizer, "chat_template", None) is None:
-        return None
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=True)
-    ids = ids["input_ids"] if isinstance(ids, Mapping) else ids
-    return int(ids[0]) if len(ids) else None
+def face_conversation(prompt, text: str) -> list[dict[str, str]]:
+    """The messages of ``prompt`` (a sequence of messages with ``role``/``content``) with ``text`` as their system
+    message: in place of the one the conversation opens with, or before its first message."""
+    messages = [{"role": m.role, "content": m.content} if hasattr(m, "role") else dict(m) for m in prompt]
+    if messages and messages[0]["role"] == "system":
+        messages = messages[1:]
+    return [{"role": "system", "content": text}, *messages]
 
 
-def resolve_face_format(face_format: str, tokenizer, first_ids) -> str:
-    """``chat`` or ``text`` for ``auto``: chat when the data starts with the chat template's first token."""
+def is_conversation(prompt) -> bool:
+    """Whether an example's prompt is a conversation (messages), not text (or absent)."""
+    return prompt is not None and not isinstance(prompt, str)
+
+
+def resolve_face_format(face_format: str, prompt) -> str:
+    """``chat`` or ``text`` for ``auto``, from a data example's prompt (:func:`is_conversation`).
+
+    Raises:
+        ValueError: an unknown format, or ``chat`` for a prompt that is not a conversation.
+    """
     if face_format not in FACE_FORMATS:
         raise ValueError(f"doctor.face_format must be one of {FACE_FORMATS}, got {face_format!r}")
-    if face_format != "auto":
-        return face_format
-    opener = _chat_opener(tokenizer)
-    return "chat" if opener is not None and len(first_ids) and int(first_ids[0]) == opener else "text"
+    if face_format == "auto":
+        return "chat" if is_conversation(prompt) else "text"
+    if face_format == "chat" and not is_conversation(prompt):
+        what = "carry no prompt" if prompt is None else "have plain-text prompts"
+        raise ValueError(f"doctor.face_format=chat puts the face in a conversation's system message; these examples "
+                         f"{what}: use face_format text")
+    return face_format
 
 
-def face_prefix_ids(text: str, tokenizer, face_format: str) -> list[int]:
-    """The ids put before a prompt to give the patient this face (see the module docstring)."""
-    if face_format == "chat":
-        if getattr(tokenizer, "chat_template", None) is None:
-            raise ValueError("doctor.face_format=chat needs a tokenizer with a chat template; use text")
-        ids = tokenizer.apply_chat_template([{"role": "system", "content": text}], tokenize=True)
-        ids = [int(i) for i in (ids["input_ids"] if isinstance(ids, Mapping) else ids)]
-        bos = getattr(tokenizer, "bos_token_id", None)
-        # A template that writes the BOS (Llama 3's) wrote it before the prompt too: the face goes after the row's
-        # BOS (token_rewards.with_face), so its own would be a second one.
-        return ids[1:] if bos is not None and ids[:1] == [bos] else ids
+def chat_face_ids(prompt, text: str, tokenizer, *, chat_template: str | None = None) -> list[int]:
+    """The ids of ``prompt`` rendered with ``text`` as its system message and the generation prompt, encoded as
+    the data pipeline encodes a rendered prompt (the template writes its own special tokens).
+
+    Raises:
+        ValueError: no chat template (the tokenizer's or ``chat_template``).
+    """
+    template = chat_template or getattr(tokenizer, "chat_template", None)
+    if template is None:
+        raise ValueError("doctor.face_format=chat needs a chat template (the tokenizer's or data.chat_template); "
+                         "use text")
+    rendered = tokenizer.apply_chat_template(face_conversation(prompt, text), chat_template=template,
+                                             tokenize=False, add_generation_prompt=True)
+    return [int(i) for i in tokenizer(rendered, add_special_tokens=False)["input_ids"]]
+
+
+def text_face_ids(text: str, tokenizer) -> list[int]:
+    """The ids of a plain-text face: the text and a blank line."""
     return [int(i) for i in tokenizer.encode(text + "\n\n", add_special_tokens=False)]

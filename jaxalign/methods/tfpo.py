@@ -243,7 +243,8 @@ def _token_rewards(config: RunConfig, patient, identity, tokenizer, dataset, spl
     dimension = config.doctor.dimensions[0]
     return build_token_rewards(
         patient, tokenizer, dataset, config.doctor.resolved_faces()[dimension], settings=config.doctor.settings(),
-        face_format=config.doctor.face_format, batch_size=config.doctor.rewards_batch_size or data_config.batch_size,
+        face_format=config.doctor.face_format, chat_template=data_config.rendering().chat_template,
+        batch_size=config.doctor.rewards_batch_size or data_config.batch_size,
         cache_dir=Path(config.output_dir) / TOKEN_REWARDS_DIR / split, mesh=make_mesh(config.train.mesh),
         identity=identity, chunk_size=config.loss.chunk_size, desc=f"token rewards ({dimension}, {split})")
 

@@ -15,8 +15,12 @@ and the batch rows placed on the mesh like every other pass; two patient forward
 face), nothing else of size. It is cached and resumable: every ``save_every`` batches a part file is written to
 ``cache_dir`` (token ids, prompt lengths and rewards of its pairs), so an interrupted build continues after its
 last part, and a finished one is read back instead of recomputed when its key (data fingerprint, patient, face,
-settings) is unchanged. The cache is self-contained (its tokenizer is saved beside it): :func:`load_cache` and
-``jaxalign show-rewards DIR`` read it without the data or the patient.
+how the face enters the prompt, chat template, settings) is unchanged. The cache is self-contained (its tokenizer
+is saved beside it): :func:`load_cache` and ``jaxalign show-rewards DIR`` read it without the data or the patient.
+
+A faced row is the pair's prompt rendered again with the face as its system message, then the pair's own response
+ids (:class:`FaceRows`, :mod:`jaxalign.methods.faces`): the three passes (the neutral one the doctor trains on and
+the two faces) score the same response tokens, at positions that differ per row.
 """
 
 from __future__ import annotations
@@ -40,13 +44,17 @@ from tqdm.auto import tqdm
 
 from jaxalign import data as jdata
 from jaxalign import losses, models
-from jaxalign.methods.faces import Face, face_prefix_ids, resolve_face_format
+from jaxalign.methods.faces import Face, chat_face_ids, is_conversation, resolve_face_format, text_face_ids
 from jaxalign.models.scoring import DEFAULT_CHUNK, target_logps
 from jaxalign.train.mesh import shard_batch
 
 META_FILE = "token_rewards.json"
 PREVIEW_FILE = "preview.html"
 LENGTH_STEP = 32  # batches are padded to a multiple of this many tokens: few compiled shapes, little padding
+# How a faced row is built, in every cache key: a cache written by another construction is rebuilt, not reused.
+# 2: the prompt rendered again with the face as its system message (1 put a rendered face turn after the row's
+# first token, which on SmolLM2 cut the default system turn's opening token).
+FACE_ROWS_FORMAT = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,28 +81,120 @@ def pair_token_rewards(pos_logps, neg_logps, mask, settings: RewardSettings):
     return losses.token_rewards(importance, preferred, mask, threshold=settings.threshold)
 
 
-def with_face(input_ids: np.ndarray, attention_mask: np.ndarray, prefix: Sequence[int], bos_token_id: int | None,
-              pad_token_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Right-padded rows ``[R, T]`` with the face's ids put before each prompt (after its BOS when it has one):
-    ``(ids, attention_mask, positions)`` of shape ``[R, F + T]``; token ``j ≥ 1`` of a row moves to ``j + F``."""
-    rows, _ = input_ids.shape
-    face = np.broadcast_to(np.asarray(prefix, np.int32), (rows, len(prefix)))
-    ids = np.concatenate([input_ids[:, :1], face, input_ids[:, 1:]], axis=1)
-    mask = np.concatenate([attention_mask[:, :1], np.ones_like(face), attention_mask[:, 1:]], axis=1)
-    starts_with_bos = (input_ids[:, 0] == bos_token_id) if bos_token_id is not None else np.zeros(rows, bool)
-    plain = ~starts_with_bos  # no BOS: the face goes first, then the whole row
-    ids[plain] = np.concatenate([face[plain], input_ids[plain]], axis=1)
-    mask[plain] = np.concatenate([np.ones_like(face[plain]), attention_mask[plain]], axis=1)
-    mask = np.where(attention_mask.any(axis=1, keepdims=True), mask, 0)  # an all-padding row stays padding
-    ids = np.where(mask > 0, ids, pad_token_id).astype(np.int32)
-    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0) * mask
-    return ids, mask.astype(np.int32), positions.astype(np.int32)
+Head = tuple[tuple[int, ...], int]  # (ids, cut): a faced row is ``ids + row[cut:]``
+
+
+def _tail_after_stored_prompt(rendered: list[int], stored: list[int]) -> list[int] | None:
+    """What of a rendered prompt follows the ids the data kept as the prompt, or None when they are not part of it.
+
+    The data pipeline keeps the prompt's ids up to where the whole conversation's ids diverge from the prompt's
+    (usually all of them), and truncation may have cut the prompt's start.
+    """
+    p, n = len(stored), len(rendered)
+    if p > n:
+        return None
+    if rendered == stored or (p and rendered[:p] == stored):
+        return rendered[p:]
+    if rendered[n - p:] == stored:
+        return []
+    for start in range(1, n - p):
+        if rendered[start:start + p] == stored:
+            return rendered[start + p:]
+    return None
+
+
+class FaceRows:
+    """Each pair's sequences behind each face of one dimension: ``heads(i)[face][side] = (ids, cut)``, the faced
+    row being ``ids + row[cut:]`` (faces in the order positive, negative).
+
+    ``chat``: ``ids`` is the prompt rendered with the face as its system message
+    (:func:`jaxalign.methods.faces.chat_face_ids`), ``cut`` the row's prompt length, so the faced row is that
+    rendering followed by the row's own response ids. A prompt that truncation shortened is rendered whole. When
+    the data kept fewer prompt ids than the rendering has (the conversation's ids diverge from the prompt's
+    before its end), the faced rendering loses the same tail. ``text``: ``ids`` is the face line (after the row's
+    BOS when it starts with one).
+    """
+
+    def __init__(self, dataset: jdata.TokenizedDataset, tokenizer, face: Face, face_format: str, *,
+                 chat_template: str | None = None):
+        self.dataset, self.tokenizer, self.template = dataset, tokenizer, chat_template
+        self.texts = (face.positive, face.negative)
+        self.format = resolve_face_format(face_format, dataset.examples[0].prompt)
+        self.text_ids = [tuple(text_face_ids(t, tokenizer)) for t in self.texts] if self.format == "text" else None
+        self.bos = tokenizer.bos_token_id
+        self._rendered = functools.lru_cache(maxsize=256)(self._render)  # the pairs of a prompt are neighbours
+
+    def _render(self, messages: tuple[tuple[str, str], ...]) -> tuple[list[int], list[list[int]]]:
+        prompt = [{"role": role, "content": content} for role, content in messages]
+        template = self.template or self.tokenizer.chat_template
+        neutral = self.tokenizer(self.tokenizer.apply_chat_template(
+            prompt, chat_template=template, tokenize=False, add_generation_prompt=True),
+            add_special_tokens=False)["input_ids"] if prompt else []
+        faced = [chat_face_ids(prompt, text, self.tokenizer, chat_template=self.template) for text in self.texts]
+        return [int(i) for i in neutral], faced
+
+    def heads(self, index: int) -> list[list[Head | None]]:
+        """``[face][side]``: the head of each sequence of pair ``index`` behind each face (None: no sequence).
+
+        Raises:
+            ValueError: a ``chat`` face for a pair without a conversation as its prompt, or whose prompt ids are
+                not the chat template's rendering of its prompt (naming the pair).
+        """
+        example = self.dataset.examples[index]
+        if self.format == "text":
+            return [[None if s is None else
+                     ((int(s.ids[0]), *face) if self.bos is not None and len(s) and s.ids[0] == self.bos else face,
+                      int(self.bos is not None and len(s) > 0 and s.ids[0] == self.bos))
+                     for s in example.sequences] for face in self.text_ids]
+        if not is_conversation(example.prompt):
+            raise ValueError(f"token rewards: pair {index} has no conversation as its prompt; face_format chat "
+                             "needs one for every pair (use face_format text)")
+        neutral, faced = self._rendered(tuple((m.role, m.content) for m in example.prompt))
+        out = [[], []]
+        for sequence in example.sequences:
+            if sequence is None:
+                out[0].append(None), out[1].append(None)
+                continue
+            tail = _tail_after_stored_prompt(neutral, [int(i) for i in sequence.ids[:sequence.prompt_length]])
+            if tail is None:
+                raise ValueError(f"token rewards: pair {index}: its prompt ids are not the chat template's rendering "
+                                 "of its prompt (was it tokenised with another template?)")
+            for side, ids in enumerate(faced):
+                if tail and ids[len(ids) - len(tail):] != tail:
+                    raise ValueError(f"token rewards: pair {index}: its response ids start inside its prompt (the "
+                                     "chat template renders the prompt otherwise within the whole conversation, as "
+                                     "Mistral's drops a system message unless the user speaks last), so no face can "
+                                     "be put before the response")
+                out[side].append((tuple(ids[:len(ids) - len(tail)]), sequence.prompt_length))
+        return out
+
+
+def faced_batch(sequences: Sequence[jdata.TokenSequence | None], heads: Sequence[Head | None], length: int,
+                pad_token_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Right-padded faced rows ``(ids, attention_mask, positions) [R, length]`` and each row's ``shift [R]``:
+    token ``j`` of a sequence (at or after its head's cut) sits at ``j + shift`` of its faced row. Absent
+    sequences are all-padding rows."""
+    rows = len(sequences)
+    ids = np.full((rows, length), pad_token_id, np.int32)
+    mask = np.zeros((rows, length), np.int32)
+    shift = np.zeros(rows, np.int32)
+    for row, (sequence, head) in enumerate(zip(sequences, heads, strict=True)):
+        if sequence is None:
+            continue
+        head_ids, cut = head
+        faced = np.concatenate([np.asarray(head_ids, np.int32), sequence.ids[cut:]])
+        ids[row, :len(faced)], mask[row, :len(faced)] = faced, 1
+        shift[row] = len(head_ids) - cut
+    positions = np.where(mask > 0, np.arange(length, dtype=np.int32)[None], 0).astype(np.int32)
+    return ids, mask, positions, shift
 
 
 def _cache_key(dataset: jdata.TokenizedDataset, face: Face, face_format: str, settings: RewardSettings,
-               patient: Mapping[str, Any]) -> dict[str, Any]:
-    return {"data": dataset.fingerprint, "face": dataclasses.asdict(face), "face_format": face_format,
-            "settings": dataclasses.asdict(settings), "patient": dict(patient)}
+               patient: Mapping[str, Any], template: str | None) -> dict[str, Any]:
+    digest = None if template is None else hashlib.blake2b(template.encode(), digest_size=8).hexdigest()
+    return {"format": FACE_ROWS_FORMAT, "data": dataset.fingerprint, "face": dataclasses.asdict(face),
+            "face_format": face_format, "chat_template": digest, "settings": dataclasses.asdict(settings),
+            "patient": dict(patient)}
 
 
 def patient_identity(patient: nnx.Module, path: str | None) -> dict[str, Any]:
@@ -144,6 +244,7 @@ def build_token_rewards(
     *,
     settings: RewardSettings = RewardSettings(),
     face_format: str = "auto",
+    chat_template: str | None = None,
     batch_size: int = 8,
     cache_dir: str | Path | None = None,
     save_every: int = 16,
@@ -160,7 +261,8 @@ def build_token_rewards(
         dataset: tokenised preference pairs (``kind == "preference"``).
         face: the dimension's positive and negative system prompts.
         settings: ``ε``, ``τ``, ``θ``.
-        face_format: ``chat``, ``text`` or ``auto`` (:func:`jaxalign.methods.faces.resolve_face_format`).
+        face_format: ``chat``, ``text`` or ``auto`` (:mod:`jaxalign.methods.faces`).
+        chat_template: the template the data was rendered with when not the tokenizer's (``data.chat_template``).
         batch_size: pairs per compiled batch (rounded up to a multiple of the mesh's data-parallel size).
         cache_dir: where parts, the key and a preview are written (None: nothing cached).
         save_every: batches per part file.
@@ -171,7 +273,7 @@ def build_token_rewards(
 
     Raises:
         ValueError: ``dataset`` does not hold preference pairs (naming its kind); a face that does not fit the
-            patient's positions.
+            patient's positions; a pair whose faced prompt cannot be built (:meth:`FaceRows.heads`).
     """
     if dataset.kind != "preference":
         hint = (f" (grouped pairs: pick one dimension with data.dimension, one of {list(dataset.dimensions)})"
@@ -182,22 +284,29 @@ def build_token_rewards(
         raise ValueError("token rewards: the data holds no pair")
     if jax.process_count() > 1:
         raise NotImplementedError("the token-reward pass runs in one process (its devices may be many)")
-    first_ids = dataset.examples[0].sequences[0].ids
-    face_format = resolve_face_format(face_format, tokenizer, first_ids)
-    prefixes = [face_prefix_ids(face.positive, tokenizer, face_format),
-                face_prefix_ids(face.negative, tokenizer, face_format)]
-    longest = int(dataset.lengths.max()) + max(map(len, prefixes))
-    if longest > patient.config.max_position_embeddings:
-        raise ValueError(f"token rewards: the longest pair plus its face is {longest} tokens, beyond the patient's "
-                         f"{patient.config.max_position_embeddings} positions: shorten data.max_length or the face")
-    key = _cache_key(dataset, face, face_format, settings, identity or patient_identity(patient, None))
+    rows_of = FaceRows(dataset, tokenizer, face, face_format, chat_template=chat_template)
+    template = (chat_template or tokenizer.chat_template) if rows_of.format == "chat" else None
+    key = _cache_key(dataset, face, rows_of.format, settings, identity or patient_identity(patient, None), template)
     cache = None if cache_dir is None else Path(cache_dir)
     done, rewards = (0, [])
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
         done, rewards = _read_cached(cache, key)
-        (cache / META_FILE).write_text(json.dumps({"key": key, "examples": len(dataset), "face_format": face_format,
-                                                   "prefixes": prefixes}, indent=2, default=str) + "\n")
+    heads = {index: rows_of.heads(index) for index in range(done, len(dataset))}
+    faced_lengths = {index: max(len(head[0]) + len(sequence) - head[1]
+                                for per_face in per_pair for head, sequence in
+                                zip(per_face, dataset.examples[index].sequences, strict=True) if head is not None)
+                     for index, per_pair in heads.items()}
+    longest = max(faced_lengths.values(), default=0)
+    if longest > patient.config.max_position_embeddings:
+        index = max(faced_lengths, key=faced_lengths.get)
+        raise ValueError(f"token rewards: pair {index} behind its face is {longest} tokens, beyond the patient's "
+                         f"{patient.config.max_position_embeddings} positions: shorten data.max_length or the face")
+    if cache is not None:
+        first = rows_of.heads(0)
+        faced_prompts = [tokenizer.decode(list(per_face[0][0]), skip_special_tokens=False) for per_face in first]
+        (cache / META_FILE).write_text(json.dumps({"key": key, "examples": len(dataset), "face_format": rows_of.format,
+                                                   "faced_prompts": faced_prompts}, indent=2, default=str) + "\n")
         tokenizer.save_pretrained(str(cache))
 
     shards = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape]))
@@ -205,16 +314,25 @@ def build_token_rewards(
     graphdef, state = nnx.split(patient)
     if mesh is not None:
         state = jax.device_put(state, models.named_shardings(state, mesh))
-    score = _scorer(graphdef, settings, chunk_size, tuple(len(p) for p in prefixes))
-    bos = tokenizer.bos_token_id
+    score = _scorer(graphdef, settings, chunk_size)
+
+    def bucket(length: int) -> int:
+        return -(-length // LENGTH_STEP) * LENGTH_STEP
 
     def dispatch(rows: list[int]):
-        length = -(-int(max(dataset.lengths[i] for i in rows)) // LENGTH_STEP) * LENGTH_STEP
-        batch = jdata.collate(dataset, rows + [None] * (rows_per_batch - len(rows)), length)
-        flat = {name: batch[name].reshape(-1, length) for name in ("input_ids", "attention_mask", "loss_mask")}
-        faces = [with_face(flat["input_ids"], flat["attention_mask"], prefix, bos, dataset.pad_token_id)
-                 for prefix in prefixes]
-        arrays = (*faces[0], *faces[1], flat["loss_mask"][:, 1:])
+        length = bucket(int(max(dataset.lengths[i] for i in rows)))
+        faced_length = bucket(max(faced_lengths[i] for i in rows))
+        padding = rows_per_batch - len(rows)
+        sequences = [s for i in rows for s in dataset.examples[i].sequences] + [None] * (2 * padding)
+        response = np.zeros((len(sequences), length - 1), np.int32)  # targets 1.. of the neutral rows
+        for row, sequence in enumerate(sequences):
+            if sequence is not None:
+                response[row, max(sequence.prompt_length, 1) - 1:len(sequence) - 1] = 1
+        arrays = []
+        for face_index in (0, 1):
+            face_heads = [h for i in rows for h in heads[i][face_index]] + [None] * (2 * padding)
+            arrays += faced_batch(sequences, face_heads, faced_length, dataset.pad_token_id)
+        arrays = (*arrays, response)
         if mesh is not None:
             arrays = shard_batch(arrays, mesh)
         return rows, score(state, *arrays)
@@ -257,15 +375,19 @@ def build_token_rewards(
 
 
 @functools.lru_cache(maxsize=8)  # the same patient structure and settings reuse the compiled programs
-def _scorer(graphdef, settings: RewardSettings, chunk_size: int | None, prefix_lengths: tuple[int, int]):
+def _scorer(graphdef, settings: RewardSettings, chunk_size: int | None):
     @jax.jit
-    def score(state, pos_ids, pos_mask, pos_positions, neg_ids, neg_mask, neg_positions, response_mask):
+    def score(state, pos_ids, pos_mask, pos_positions, pos_shift, neg_ids, neg_mask, neg_positions, neg_shift,
+              response_mask):
         patient = nnx.merge(graphdef, state)
+        targets = jnp.arange(response_mask.shape[1])[None, :]
         logps = []
-        for ids, mask, positions, offset in ((pos_ids, pos_mask, pos_positions, prefix_lengths[0]),
-                                             (neg_ids, neg_mask, neg_positions, prefix_lengths[1])):
-            # Target j of the face row is the face's tokens and then the neutral row's targets, shifted by F.
-            logps.append(target_logps(patient, ids, mask, positions, chunk_size=chunk_size)[:, offset:])
+        for ids, mask, positions, shift in ((pos_ids, pos_mask, pos_positions, pos_shift),
+                                            (neg_ids, neg_mask, neg_positions, neg_shift)):
+            faced = target_logps(patient, ids, mask, positions, chunk_size=chunk_size)
+            # Target j of a neutral row is target j + shift of its faced row (clipped where the mask is 0).
+            index = jnp.clip(targets + shift[:, None], 0, faced.shape[1] - 1)
+            logps.append(jnp.take_along_axis(faced, index, axis=1))
         return pair_token_rewards(logps[0], logps[1], response_mask, settings)
 
     return score

@@ -1,10 +1,12 @@
 """LLMDoctor's token-reward builder (methods/token_rewards.py) and its faces (methods/faces.py) on a tiny Llama.
 
 The builder is checked token for token against a slow reference that shares none of its machinery: each face
-sequence is built by hand (Python lists: the face's ids before the row, after its BOS when it has one) and run
-through the model's full logits (right-padded, no mask, no positions: a causal model), and Δ, Δ̂, S and r are
-computed in NumPy float64. Then the cache: resumable parts, keys that invalidate it, ``load_cache`` and the
-renderings.
+sequence is built by hand (Python lists: a ChatML system turn or a text line written out before the row, or the
+whole conversation with the face as its system message rendered and encoded) and run through the model's full
+logits (right-padded, no mask, no positions: a causal model), and Δ, Δ̂, S and r are computed in NumPy float64.
+Where a face goes is checked on the published chat templates of SmolLM2, Llama 3, Qwen2 and Mistral
+(tests/methods/chat_templates.py) and on the embedded SmolLM2 tokenizer. Then the cache: resumable parts, keys that
+invalidate it, ``load_cache`` and the renderings.
 """
 
 from __future__ import annotations
@@ -24,8 +26,17 @@ from transformers import PreTrainedTokenizerFast
 
 from jaxalign import data, models
 from jaxalign.methods import token_rewards as tr
-from jaxalign.methods.faces import DEFAULT_FACES, Face, face_prefix_ids, resolve_face_format, resolve_faces
-from jaxalign.methods.token_rewards import RewardSettings, build_token_rewards, load_cache
+from jaxalign.methods.faces import (
+    DEFAULT_FACES,
+    Face,
+    chat_face_ids,
+    face_conversation,
+    resolve_face_format,
+    resolve_faces,
+    text_face_ids,
+)
+from jaxalign.methods.token_rewards import FaceRows, RewardSettings, build_token_rewards, load_cache
+from tests.methods.chat_templates import FAMILIES, word_tokenizer
 from tests.test_cli import CHAT_TEMPLATE, VOCAB, tiny_tokenizer
 
 FACE = Face(positive="Hi sky blue .", negative="Go away")
@@ -33,11 +44,11 @@ FACE = Face(positive="Hi sky blue .", negative="Go away")
 PAIRS = [("Hi", "sky blue .", "Go away ."), ("sky ?", "blue", "away away away away away away away ."),
          ("Go Go Go Go", "Hi . Hi . sky blue sky blue sky blue sky .", "away"), ("Hi ?", "blue sky", "Go away"),
          ("away ?", "Hi Hi", "Go"), ("blue", "sky .", "away . Go . away")]
-REF_ROWS, REF_LENGTH = 8, 64  # the reference's one compiled shape
+REF_ROWS, REF_LENGTH = 8, 96  # the reference's one compiled shape
 IM_START, IM_END, NEWLINE, SYSTEM = VOCAB["<|im_start|>"], VOCAB["<|im_end|>"], VOCAB["\n"], VOCAB["system"]
 BOS_VOCAB = {("<s>" if token == "w0" else token): index for token, index in VOCAB.items()}
 BOS = BOS_VOCAB["<s>"]
-REAL_COLLATE = data.collate
+REAL_FACED_BATCH = tr.faced_batch
 
 
 def bos_tokenizer(chat_template: str | None = None) -> PreTrainedTokenizerFast:
@@ -114,23 +125,52 @@ def text_face(text: str, tokenizer) -> list[int]:
     return [*tokenizer.encode(text, add_special_tokens=False), NEWLINE, NEWLINE]
 
 
-def reference_rewards(patient, dataset, faces: tuple[list[int], list[int]], settings: RewardSettings,
-                      bos: int | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per pair, per side: r aligned with input_ids, from Δ, Δ̂, S computed in float64 (the paper's formulas)."""
+def prefixed_rows(dataset, faces: tuple[list[int], list[int]], bos: int | None = None) -> list[list[list[int]]]:
+    """``[sequence][face]``: each face's ids put before each sequence (after its BOS when it starts with one)."""
+    rows = []
+    for example in dataset.examples:
+        for sequence in example.sequences:
+            ids = [int(i) for i in sequence.ids]
+            rows.append([ids[:1] + face + ids[1:] if bos is not None and ids[0] == bos else face + ids
+                         for face in faces])
+    return rows
+
+
+def rendered_rows(tokenizer, pairs, face: Face) -> list[list[list[int]]]:
+    """``[sequence][face]``: each whole conversation (prompt, response) rendered with the face as its system
+    message and encoded, as the data pipeline encodes a rendered conversation."""
+    rows = []
+    for prompt, chosen, rejected in pairs:
+        for response in (chosen, rejected):
+            rows.append([tokenizer(tokenizer.apply_chat_template(
+                [{"role": "system", "content": text}, {"role": "user", "content": prompt},
+                 {"role": "assistant", "content": response}], tokenize=False), add_special_tokens=False)["input_ids"]
+                for text in (face.positive, face.negative)])
+    return rows
+
+
+def reference_rewards(patient, dataset, faced: list[list[list[int]]],
+                      settings: RewardSettings) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per pair, per side: r aligned with input_ids, from Δ, Δ̂, S computed in float64 (the paper's formulas).
+    ``faced[k]`` are sequence ``k``'s two faced rows, each ending with the sequence's response ids."""
     sequences, rows = [], []
     for example in dataset.examples:
         for sequence in example.sequences:
             ids = [int(i) for i in sequence.ids]
-            for face in faces:
-                sequences.append(ids[:1] + face + ids[1:] if bos is not None and ids[0] == bos else face + ids)
             rows.append((ids, sequence.prompt_length))
+    assert len(faced) == len(rows)
+    for (ids, prompt_length), per_face in zip(rows, faced, strict=True):
+        for row in per_face:
+            assert row[len(row) - len(ids) + prompt_length:] == ids[prompt_length:]  # the same response tokens
+            sequences.append(row)
     logps = reference_logps(patient, sequences)
     out = []
     for index, (ids, prompt_length) in enumerate(rows):
         per_face = []
-        for k, face in enumerate(faces):
-            # Row token j >= 1 sits at len(face) + j of the face sequence: predicted at len(face) + j - 1.
-            per_face.append(np.array([logps[2 * index + k][len(face) + j - 1] for j in range(1, len(ids))]))
+        for k, row in enumerate(faced[index]):
+            # Row token j sits at j + shift of the faced row: predicted at j + shift - 1.
+            shift = len(row) - len(ids)
+            per_face.append(np.array([logps[2 * index + k][j + shift - 1] for j in range(1, len(ids))]))
         response = np.arange(1, len(ids)) >= max(prompt_length, 1)
         gap = np.abs(per_face[0] - per_face[1])[response]
         importance = np.tanh(gap / (gap.mean() + settings.eps) / settings.tau)
@@ -168,12 +208,28 @@ def test_chat_faces_equal_the_float64_reference_with_a_partial_last_batch(patien
     result = build_token_rewards(patient, tokenizer, pairs, FACE, settings=settings, batch_size=4)
     faces = (chat_face(FACE.positive, tokenizer), chat_face(FACE.negative, tokenizer))
     assert faces[0] != faces[1] and len(faces[0]) != len(faces[1])  # faces of different lengths
-    expected = reference_rewards(patient, pairs, faces, settings)
+    expected = reference_rewards(patient, pairs, prefixed_rows(pairs, faces), settings)
     assert_matches_reference(result, pairs, expected)
     # The threshold acts: some response tokens fall below it (0), some pass it.
     response = np.concatenate([r[p:] for e, want in zip(pairs.examples, expected, strict=True)
                                for r, p in zip(want, (s.prompt_length for s in e.sequences), strict=True)])
     assert np.any(response == 0) and np.all((response == 0) | (np.abs(response) > 0.35))
+
+
+def test_a_template_with_a_default_system_message_gets_the_face_in_its_place(patient, tmp_path):
+    """SmolLM2's template writes a default system turn when the conversation has none, and its first token
+    (``<|im_start|>``) is also its BOS: each face is the conversation's system message, the default turn gone."""
+    family = FAMILIES["smollm2"]
+    texts = [t for pair in PAIRS for t in pair] + [FACE.positive, FACE.negative]
+    tokenizer = word_tokenizer(family, texts, size=97)  # the tiny patient's vocabulary size
+    source = write_pairs(tmp_path / "pairs.jsonl", PAIRS[:4])
+    dataset = data.build_dataset(data.DataConfig(str(source)), tokenizer)
+    assert tokenizer.decode(dataset.examples[0].sequences[0].ids).startswith(
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    settings = RewardSettings(eps=1e-6, tau=0.7, threshold=0.2)
+    result = build_token_rewards(patient, tokenizer, dataset, FACE, settings=settings, batch_size=3)
+    expected = reference_rewards(patient, dataset, rendered_rows(tokenizer, PAIRS[:4], FACE), settings)
+    assert_matches_reference(result, dataset, expected)
 
 
 def test_text_faces_after_a_bos_equal_the_reference(patient, tmp_path):
@@ -183,7 +239,8 @@ def test_text_faces_after_a_bos_equal_the_reference(patient, tmp_path):
     settings = RewardSettings(eps=0.0, tau=2.0, threshold=0.0)
     result = build_token_rewards(patient, tokenizer, dataset, FACE, settings=settings, batch_size=2)
     faces = (text_face(FACE.positive, tokenizer), text_face(FACE.negative, tokenizer))
-    assert_matches_reference(result, dataset, reference_rewards(patient, dataset, faces, settings, bos=BOS))
+    assert_matches_reference(result, dataset, reference_rewards(patient, dataset, prefixed_rows(dataset, faces, BOS),
+                                                                settings))
     # At θ = 0 every response token is rewarded with ±S_t, S_t = tanh(Δ̂_t/τ) where Δ̂ averages to 1 over each
     # response (ε = 0): so τ·arctanh(|r|) averages to 1.
     for example in result.examples:
@@ -195,24 +252,104 @@ def test_text_faces_after_a_bos_equal_the_reference(patient, tmp_path):
 
 
 def test_a_chat_template_that_writes_a_bos_gets_one_bos(patient, tmp_path):
-    """A template that starts with the BOS (Llama 3's): the face's system turn goes after the row's BOS, not a
-    second BOS of its own."""
+    """A template that starts with the BOS (Llama 3's): the faced rendering has one BOS, then the face's turn."""
     tokenizer = bos_tokenizer("{{ bos_token }}" + CHAT_TEMPLATE)
     dataset = dataset_of(tmp_path, tokenizer, chat=True, pairs=PAIRS[:3])
-    assert resolve_face_format("auto", tokenizer, dataset.examples[0].sequences[0].ids) == "chat"
+    assert resolve_face_format("auto", dataset.examples[0].prompt) == "chat"
     faces = (chat_face(FACE.positive, tokenizer), chat_face(FACE.negative, tokenizer))
-    assert face_prefix_ids(FACE.positive, tokenizer, "chat") == faces[0]
+    heads = FaceRows(dataset, tokenizer, FACE, "auto").heads(0)
+    assert [list(heads[k][0][0]) for k in (0, 1)] == [
+        [BOS, *face, IM_START, VOCAB["user"], NEWLINE, VOCAB["Hi"], IM_END, NEWLINE, IM_START, VOCAB["assistant"],
+         NEWLINE] for face in faces]
     result = build_token_rewards(patient, tokenizer, dataset, FACE, batch_size=2)  # the paper's θ = 0.1
-    assert_matches_reference(result, dataset, reference_rewards(patient, dataset, faces, RewardSettings(), bos=BOS))
+    assert_matches_reference(result, dataset, reference_rewards(patient, dataset, prefixed_rows(dataset, faces, BOS),
+                                                                RewardSettings()))
 
 
-def test_with_face_puts_the_face_first_or_after_the_bos():
-    ids = np.array([[7, 8, 9, 1], [BOS, 8, 1, 1], [1, 1, 1, 1]], np.int32)
-    mask = np.array([[1, 1, 1, 0], [1, 1, 0, 0], [0, 0, 0, 0]], np.int32)
-    out_ids, out_mask, positions = tr.with_face(ids, mask, [50, 51], BOS, pad_token_id=1)
-    np.testing.assert_array_equal(out_ids, [[50, 51, 7, 8, 9, 1], [BOS, 50, 51, 8, 1, 1], [1, 1, 1, 1, 1, 1]])
-    np.testing.assert_array_equal(out_mask, [[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0], [0, 0, 0, 0, 0, 0]])
-    np.testing.assert_array_equal(positions, [[0, 1, 2, 3, 4, 0], [0, 1, 2, 3, 0, 0], [0, 0, 0, 0, 0, 0]])
+def test_faced_batch_lays_out_rows_and_their_shifts():
+    sequences = [data.TokenSequence(np.array([7, 8, 9], np.int32), 2), None,
+                 data.TokenSequence(np.array([BOS, 8], np.int32), 1)]
+    ids, mask, positions, shift = tr.faced_batch(sequences, [((50, 51, 52), 2), None, ((BOS, 50), 1)], 6,
+                                                 pad_token_id=1)
+    np.testing.assert_array_equal(ids, [[50, 51, 52, 9, 1, 1], [1, 1, 1, 1, 1, 1], [BOS, 50, 8, 1, 1, 1]])
+    np.testing.assert_array_equal(mask, [[1, 1, 1, 1, 0, 0], [0, 0, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0]])
+    np.testing.assert_array_equal(positions, [[0, 1, 2, 3, 0, 0], [0, 0, 0, 0, 0, 0], [0, 1, 2, 0, 0, 0]])
+    np.testing.assert_array_equal(shift, [1, 0, 1])
+
+
+# ------------------------------------------------------------------------------------------ every template
+
+CONVERSATIONS = [  # (prompt, response)
+    ([{"role": "user", "content": "Why is the sky blue?"}], "Light scatters off the air."),
+    ([{"role": "system", "content": "You answer in French."}, {"role": "user", "content": "Hello there"}],
+     "Bonjour !"),
+    ([{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."},
+      {"role": "user", "content": "Another one?"}], "Green, then."),
+]
+TEMPLATE_FACE = Face(positive="You are kind and warm.", negative="You are cold and rude.")
+
+
+def template_tokenizer(name: str):
+    texts = [m["content"] for prompt, _ in CONVERSATIONS for m in prompt] + [r for _, r in CONVERSATIONS]
+    return word_tokenizer(FAMILIES[name], texts + [TEMPLATE_FACE.positive, TEMPLATE_FACE.negative])
+
+
+@pytest.fixture(scope="module")
+def embedded_tokenizer():
+    return models.load_gguf_tokenizer(models.default_model_path())
+
+
+@pytest.mark.parametrize("name", ["smollm2", "llama3", "qwen2", "mistral", "embedded"])
+def test_a_faced_prompt_is_the_chat_its_template_renders_with_the_face_as_system_message(name, request):
+    tokenizer = (request.getfixturevalue("embedded_tokenizer") if name == "embedded" else template_tokenizer(name))
+    family = FAMILIES["smollm2" if name == "embedded" else name]
+    records = [data.PreferenceRecord(prompt=prompt, chosen=[{"role": "assistant", "content": response}],
+                                     rejected=[{"role": "assistant", "content": "No."}])
+               for prompt, response in CONVERSATIONS]
+    dataset = data.tokenize(records, tokenizer)
+    rows = FaceRows(dataset, tokenizer, TEMPLATE_FACE, "auto")
+    assert rows.format == "chat"
+    for index, ((prompt, response), example) in enumerate(zip(CONVERSATIONS, dataset.examples, strict=True)):
+        if not family.system_in_every_rendering and prompt[0]["role"] == "system":
+            # Mistral's template drops the system message from the whole conversation: the data's response ids
+            # start inside the prompt, and the builder says so rather than score them.
+            assert example.sequences[0].prompt_length < len(tokenizer.apply_chat_template(
+                prompt, add_generation_prompt=True, tokenize=True)["input_ids"])
+            with pytest.raises(ValueError, match=rf"pair {index}: its response ids start inside its prompt"):
+                rows.heads(index)
+            continue
+        heads = rows.heads(index)
+        for face_index, text in enumerate((TEMPLATE_FACE.positive, TEMPLATE_FACE.negative)):
+            messages = face_conversation(prompt, text)
+            assert messages[0] == {"role": "system", "content": text}
+            assert [m for m in messages if m["role"] == "system"] == messages[:1]  # the face replaced the own one
+            expected = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            for side, sequence in enumerate(example.sequences):
+                head, cut = heads[face_index][side]
+                assert cut == sequence.prompt_length
+                assert tokenizer.decode(list(head), skip_special_tokens=False) == expected
+                assert list(head) == chat_face_ids(prompt, text, tokenizer)
+                if side == 0 and family.system_in_every_rendering:
+                    whole = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}],
+                                                          tokenize=False)
+                    faced = list(head) + sequence.ids[cut:].tolist()
+                    assert tokenizer.decode(faced, skip_special_tokens=False) == whole
+        if name in ("smollm2", "embedded"):  # the reported defect: the default turn is gone, not cut in two
+            assert "You are a helpful AI assistant" not in tokenizer.decode(list(heads[0][0][0]))
+
+
+def test_a_truncated_prompt_is_rendered_whole_behind_the_face(tmp_path):
+    tokenizer = template_tokenizer("qwen2")
+    long_prompt = [{"role": "user", "content": " ".join(["Why is the sky blue?"] * 6)}]
+    records = [data.PreferenceRecord(prompt=long_prompt, chosen=[{"role": "assistant", "content": "Light."}],
+                                     rejected=[{"role": "assistant", "content": "No."}])]
+    dataset = data.tokenize(records, tokenizer, truncation=data.Truncation(max_length=40, mode="keep_end"))
+    sequence = dataset.examples[0].sequences[0]
+    assert dataset.report.truncated["prompt"] == 2  # the prompt lost its start
+    head, cut = FaceRows(dataset, tokenizer, TEMPLATE_FACE, "chat").heads(0)[0][0]
+    assert cut == sequence.prompt_length
+    assert tokenizer.decode(list(head)) == tokenizer.apply_chat_template(
+        face_conversation(long_prompt, TEMPLATE_FACE.positive), tokenize=False, add_generation_prompt=True)
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -236,13 +373,23 @@ def test_bad_data_and_faces_are_named(patient, pairs, tmp_path):
     with pytest.raises(ValueError, match="the data holds no pair"):
         build_token_rewards(patient, tokenizer, data.TokenizedDataset("preference", (2,), [], 1), FACE)
     long_face = Face(positive=" ".join(["sky"] * 60), negative="Go away")
-    with pytest.raises(ValueError, match=r"the longest pair plus its face is \d+ tokens, beyond the patient's 128 "
-                                         r"positions"):
+    with pytest.raises(ValueError, match=r"token rewards: pair 2 behind its face is \d+ tokens, beyond the "
+                                         r"patient's 128 positions: shorten data\.max_length or the face"):
         build_token_rewards(patient, tokenizer, pairs, long_face)
     with pytest.raises(ValueError, match=r"face_format must be one of \('auto', 'chat', 'text'\), got 'xml'"):
         build_token_rewards(patient, tokenizer, pairs, FACE, face_format="xml")
-    with pytest.raises(ValueError, match="face_format=chat needs a tokenizer with a chat template; use text"):
-        face_prefix_ids("Hi", bos_tokenizer(), "chat")
+    text_pairs = dataset_of(tmp_path, tokenizer, chat=False, pairs=PAIRS[:2])
+    with pytest.raises(ValueError, match=r"doctor\.face_format=chat puts the face in a conversation's system message; "
+                                         r"these examples have plain-text prompts: use face_format text"):
+        build_token_rewards(patient, tokenizer, text_pairs, FACE, face_format="chat")
+    with pytest.raises(ValueError, match=r"face_format=chat needs a chat template \(the tokenizer's or "
+                                         r"data\.chat_template\); use text"):
+        chat_face_ids([{"role": "user", "content": "Hi"}], "Go", bos_tokenizer())
+    other = tiny_tokenizer()  # the same ids, but the data were rendered by another template
+    other.chat_template = CHAT_TEMPLATE.replace("'\n'", "' '")
+    with pytest.raises(ValueError, match=r"token rewards: pair 0: its prompt ids are not the chat template's "
+                                         r"rendering of its prompt"):
+        build_token_rewards(patient, other, pairs, FACE)
 
 
 @pytest.mark.parametrize("settings, message", [
@@ -280,12 +427,18 @@ def test_faces_resolve_and_refuse_what_is_wrong():
 def test_face_formats_resolve_from_the_data(tmp_path):
     chat = tiny_tokenizer()
     chat_pairs = dataset_of(tmp_path, chat, pairs=PAIRS[:1])
-    assert resolve_face_format("auto", chat, chat_pairs.examples[0].sequences[0].ids) == "chat"
+    assert resolve_face_format("auto", chat_pairs.examples[0].prompt) == "chat"
     text_pairs = dataset_of(tmp_path, chat, chat=False, pairs=PAIRS[:1])  # a template, but plain-text data
-    assert resolve_face_format("auto", chat, text_pairs.examples[0].sequences[0].ids) == "text"
-    assert resolve_face_format("auto", bos_tokenizer(), [BOS, 5]) == "text"  # no template
-    assert face_prefix_ids("Hi", chat, "text") == [VOCAB["Hi"], NEWLINE, NEWLINE]
-    assert face_prefix_ids("Hi", chat, "chat") == [IM_START, SYSTEM, NEWLINE, VOCAB["Hi"], IM_END, NEWLINE]
+    assert resolve_face_format("auto", text_pairs.examples[0].prompt) == "text"
+    assert resolve_face_format("auto", None) == "text"  # an example made by hand
+    assert resolve_face_format("text", chat_pairs.examples[0].prompt) == "text"
+    assert text_face_ids("Hi", chat) == [VOCAB["Hi"], NEWLINE, NEWLINE]
+    assert chat_face_ids([{"role": "user", "content": "Hi"}], "Go", chat) == [
+        *chat_face("Go", chat), IM_START, VOCAB["user"], NEWLINE, VOCAB["Hi"], IM_END, NEWLINE, IM_START,
+        VOCAB["assistant"], NEWLINE]
+    # text faces on chat data: the line goes before the rendered chat
+    heads = FaceRows(chat_pairs, chat, FACE, "text").heads(0)
+    assert heads[1][0] == (tuple(text_face(FACE.negative, chat)), 0)
 
 
 # ------------------------------------------------------------------------------------------ the cache
@@ -306,22 +459,27 @@ def assert_same_rewards(a, b):
         np.testing.assert_array_equal(x, y)
 
 
-class CountingCollate:
-    """``jdata.collate`` that counts its calls (batches computed) and fails from call ``fail_at`` on."""
+class CountingBatches:
+    """``faced_batch`` that counts the batches laid out (one call per face and batch) and fails when batch
+    ``fail_at`` is."""
 
     def __init__(self, fail_at: int | None = None):
-        self.calls, self.fail_at = 0, fail_at
+        self.faces, self.fail_at = 0, fail_at
+
+    @property
+    def calls(self) -> int:
+        return self.faces // 2
 
     def __call__(self, *args, **kwargs):
-        self.calls += 1
-        if self.fail_at is not None and self.calls >= self.fail_at:
+        self.faces += 1
+        if self.fail_at is not None and self.faces > 2 * (self.fail_at - 1):
             raise KeyboardInterrupt("interrupted")
-        return REAL_COLLATE(*args, **kwargs)
+        return REAL_FACED_BATCH(*args, **kwargs)
 
 
 def build(patient, pairs, cache, monkeypatch, *, fail_at=None, face=FACE, **options) -> tuple[object, int]:
-    counter = CountingCollate(fail_at)
-    monkeypatch.setattr(tr.jdata, "collate", counter)
+    counter = CountingBatches(fail_at)
+    monkeypatch.setattr(tr, "faced_batch", counter)
     try:
         result = build_token_rewards(patient, tiny_tokenizer(), pairs, face, batch_size=2, cache_dir=cache,
                                      save_every=1, **options)
@@ -380,13 +538,20 @@ def test_lost_or_torn_parts_are_rebuilt(patient, pairs, uncached, tmp_path, monk
     assert_same_rewards(result, uncached)
 
 
-@pytest.mark.parametrize("change", ["face", "settings", "face_format", "data", "patient"])
+@pytest.mark.parametrize("change", ["face", "settings", "face_format", "data", "patient", "chat_template",
+                                    "older_builder"])
 def test_a_changed_key_invalidates_the_cache(patient, pairs, tmp_path, monkeypatch, change):
     cache = tmp_path / "cache"
     build(patient, pairs, cache, monkeypatch)
     assert len(parts(cache)) == 3 and build(patient, pairs, cache, monkeypatch, fail_at=1)[1] == 0  # reused
     options, face, dataset = {}, FACE, pairs
-    if change == "face":
+    if change == "older_builder":  # a cache whose rows were built another way: its key is that of the old builder
+        meta = json.loads((cache / tr.META_FILE).read_text())
+        old_key = {name: value for name, value in meta["key"].items() if name not in ("format", "chat_template")}
+        (cache / tr.META_FILE).write_text(json.dumps({**meta, "key": old_key}))
+    elif change == "chat_template":
+        options = {"chat_template": CHAT_TEMPLATE + "{# the same rendering, another template #}"}
+    elif change == "face":
         face = Face(positive="Hi sky blue .", negative="Go away .")
     elif change == "settings":
         options = {"settings": RewardSettings(threshold=0.2)}
@@ -413,8 +578,10 @@ def test_load_cache_and_the_renderings(patient, pairs, uncached, tmp_path, monke
     loaded, tokenizer, meta = load_cache(cache)
     assert tokenizer.get_vocab() == tiny_tokenizer().get_vocab()
     assert meta["key"]["face"] == {"positive": FACE.positive, "negative": FACE.negative}
-    assert meta["face_format"] == "chat" and meta["prefixes"] == [chat_face(FACE.positive, tokenizer),
-                                                                  chat_face(FACE.negative, tokenizer)]
+    assert meta["key"]["format"] == tr.FACE_ROWS_FORMAT and meta["face_format"] == "chat"
+    assert meta["faced_prompts"] == [tokenizer.apply_chat_template(face_conversation(
+        [{"role": "user", "content": "Hi"}], text), tokenize=False, add_generation_prompt=True)
+        for text in (FACE.positive, FACE.negative)]
     assert len(loaded) == len(pairs)
     for pair, example in zip(loaded, uncached.examples, strict=True):
         for side in (0, 1):
