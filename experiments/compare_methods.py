@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import json
 import os
 import random
@@ -51,6 +52,7 @@ from tqdm.auto import tqdm
 
 from benchmarks.provenance import describe
 from experiments.sentiment import labelled_pairs, make_prompts, write_jsonl
+from jaxalign.serve import children
 
 METHODS = ("sft", "hitl", "ppo", "dpo")
 PRESET = "compare_methods"
@@ -221,26 +223,39 @@ def wait_for_version(url: str, name: str, bar: tqdm) -> dict:
     deadline = time.monotonic() + VERSION_TIMEOUT_S
     while time.monotonic() < deadline:
         state = get(url + "/hitl/state")
-        status = state["retrain"]
-        if state["serving"] == name:
+        if version_served(state, name):
             return state
-        if status["state"] == "failed":
-            raise RuntimeError(f"retraining {name} failed: {status['message']}")
+        status = state["retrain"]
         bar.set_postfix_str(f"{name}: {status['stage'] or status['state']} step {status['step']}/{status['steps']}")
         time.sleep(2.0)
     raise RuntimeError(f"version {name} was not served within {VERSION_TIMEOUT_S:.0f} s")
 
 
+def version_served(state: dict, name: str) -> bool:
+    """Whether ``/hitl/state`` shows ``name`` served (False while it trains or waits to be started).
+
+    Raises:
+        RuntimeError: ``name`` failed (the app retries the newest failed version when it starts again: rerun the
+            experiment once its cause is fixed).
+    """
+    if state["serving"] == name:
+        return True
+    failed = [v for v in state["versions"] if v["name"] == name and v["status"] == "failed"]
+    if failed and not (state["retrain"]["state"] == "training" and state["retrain"]["version"] == name):
+        raise RuntimeError(f"retraining {name} failed: {failed[0]['error']} (rerun the experiment to retry it)")
+    return False
+
+
 def stop_server(server: subprocess.Popen, timeout: float = 120.0):
-    """SIGINT (uvicorn's graceful shutdown; the app stops a running retraining), SIGKILL after ``timeout``;
-    returns the server's resource usage (None if it had already been reaped)."""
+    """SIGINT (uvicorn's graceful shutdown; the app stops a running retraining), SIGKILL to its process group after
+    ``timeout``; returns the server's resource usage (None if it had already been reaped)."""
     if server.returncode is not None:
         return None
     server.send_signal(signal.SIGINT)
     deadline = time.monotonic() + timeout
     while not (ended := os.wait4(server.pid, os.WNOHANG))[0]:
         if time.monotonic() > deadline:
-            server.kill()
+            children.signal_group(server.pid, signal.SIGKILL)
             ended = os.wait4(server.pid, 0)
             break
         time.sleep(0.5)
@@ -248,9 +263,30 @@ def stop_server(server: subprocess.Popen, timeout: float = 120.0):
     return ended[2]
 
 
+@contextlib.contextmanager
+def signals_as_exit(signals=(signal.SIGTERM, signal.SIGHUP)):
+    """``signals`` raise SystemExit while the context runs, so its ``finally`` blocks stop what it started (by
+    default they end Python without running any). A repeated signal while stopping is ignored."""
+    def leave(signum, frame):
+        for other in signals:
+            signal.signal(other, signal.SIG_IGN)
+        raise SystemExit(128 + signum)
+
+    previous = {signum: signal.signal(signum, leave) for signum in signals}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def hitl_stage(out: Path, prompts: list[str], *, threshold: int, versions: int, max_tokens: int, seed: int,
-               judge) -> dict:
-    """The human-in-the-loop app with the scripted reviewer, until ``versions`` versions have been served."""
+               judge, server_options: tuple[str, ...] = ()) -> dict:
+    """The human-in-the-loop app with the scripted reviewer, until ``versions`` versions have been served.
+
+    The app is a child of this process that dies with it, and any exit of this stage stops it (an error, Ctrl-C,
+    SIGTERM or SIGHUP; a SIGKILL through Linux's parent-death signal). ``server_options`` go to ``jaxalign hitl``
+    after the experiment's own (a test's tiny model, say)."""
     directory = out / "hitl"
     result_file = directory / RESULT_FILE
     if result_file.is_file():
@@ -262,32 +298,36 @@ def hitl_stage(out: Path, prompts: list[str], *, threshold: int, versions: int, 
     command = [sys.executable, "-m", "jaxalign.cli", "hitl", "--output-dir", str(directory), "--port", str(port),
                "--retrain-threshold", str(threshold), "--max-tokens", str(max_tokens), "--max-batch", "8",
                "--max-model-len", "256"]
+    command += list(server_options)
     started = time.perf_counter()
-    with open(log, "ab") as output:
-        server = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
     order = random.Random(seed).sample(prompts, len(prompts))
     asked = 0
-    try:
-        state = wait_for_server(url, server, log)
-        reviewer = Reviewer(url, state["model"], judge, max_tokens=max_tokens)
-        first = int(state["serving"][1:])  # a restarted experiment continues from the version served
-        with tqdm(total=versions, unit="version", desc="hitl", dynamic_ncols=True, initial=min(first, versions)) as bar:
-            for number in range(first + 1, versions + 1):
-                # Questions go in batches the server decodes together; feedback is sent in question order.
-                while get(url + "/hitl/state")["retrain"]["state"] == "idle":
-                    batch = [order[(asked + i) % len(order)] for i in range(8)]
-                    with concurrent.futures.ThreadPoolExecutor(len(batch)) as pool:
-                        replies = list(pool.map(reviewer.ask, batch, [seed * 100003 + asked + i for i in range(8)]))
-                    asked += len(batch)
-                    for prompt, (answers, version) in zip(batch, replies):
-                        for record in reviewer.review(prompt, answers, version):
-                            reviewer.send(record)
-                    bar.set_postfix_str(f"asked {asked}, feedback {sum(reviewer.actions.values())}")
-                wait_for_version(url, f"v{number}", bar)
-                bar.update(1)
-        loop_seconds = time.perf_counter() - started
-    finally:
-        usage = stop_server(server)
+    with signals_as_exit():
+        with open(log, "ab") as output:
+            server = children.spawn(command, stdout=output, stderr=subprocess.STDOUT)
+        try:
+            state = wait_for_server(url, server, log)
+            reviewer = Reviewer(url, state["model"], judge, max_tokens=max_tokens)
+            first = int(state["serving"][1:])  # a restarted experiment continues from the version served
+            with tqdm(total=versions, unit="version", desc="hitl", dynamic_ncols=True,
+                      initial=min(first, versions)) as bar:
+                for number in range(first + 1, versions + 1):
+                    # Questions go in batches the server decodes together; feedback is sent in question order.
+                    while get(url + "/hitl/state")["retrain"]["state"] == "idle":
+                        batch = [order[(asked + i) % len(order)] for i in range(8)]
+                        with concurrent.futures.ThreadPoolExecutor(len(batch)) as pool:
+                            replies = list(pool.map(reviewer.ask, batch,
+                                                    [seed * 100003 + asked + i for i in range(8)]))
+                        asked += len(batch)
+                        for prompt, (answers, version) in zip(batch, replies):
+                            for record in reviewer.review(prompt, answers, version):
+                                reviewer.send(record)
+                        bar.set_postfix_str(f"asked {asked}, feedback {sum(reviewer.actions.values())}")
+                    wait_for_version(url, f"v{number}", bar)
+                    bar.update(1)
+            loop_seconds = time.perf_counter() - started
+        finally:
+            usage = stop_server(server)
     served = json.loads((directory / "versions" / f"v{versions}" / "version.json").read_text())
     stage_runs = [info for v in range(1, versions + 1)
                   for info in json.loads((directory / "versions" / f"v{v}" / "version.json").read_text())

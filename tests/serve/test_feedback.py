@@ -146,6 +146,46 @@ def test_from_json_errors_name_the_place_and_field():
         FeedbackRecord.from_json(without_prompt, where=where)
 
 
+REQUEST = {"prompt": "q", "action": "accept", "model_version": "v0", "response": "r"}
+
+
+@pytest.mark.parametrize("missing", ["prompt", "action", "model_version", "response"])
+def test_a_request_without_a_required_field_names_it(missing):
+    body = {key: value for key, value in REQUEST.items() if key != missing}
+    with pytest.raises(FeedbackError, match=f"field '{missing}': missing") as caught:
+        FeedbackRecord.from_request(body)
+    assert caught.value.field == missing
+    with pytest.raises(FeedbackError, match=f"field '{missing}': missing"):
+        FeedbackRecord.from_request({**body, missing: None})
+
+
+@pytest.mark.parametrize(("overrides", "field", "fragment"), [
+    ({"prompt": ["q"]}, "prompt", "expected a string, got a list"),
+    ({"action": 3}, "action", "unknown action 3"),
+    ({"action": "love"}, "action", "unknown action 'love'"),
+    ({"model_version": {"v": 0}}, "model_version", "expected a string, got an object"),
+    ({"system": 1.5}, "system", "expected a string, got a number"),
+    ({"note": True}, "note", "expected a string, got a boolean"),
+    ({"id": "mine"}, "id", "is not a field a client sends"),
+    ({"time": "2025-01-01T00:00:00+00:00"}, "time", "is not a field a client sends"),
+    ({"action": "pick", "response": None, "choice": ["a", "b"]}, "choice", "expected an object, got a list"),
+    ({"action": "pick", "response": None, "choice": {"responses": ["a", "b"], "chosen": 1.0}}, "choice.chosen",
+     "must be 0"),
+])
+def test_a_request_of_the_wrong_type_names_the_field(overrides, field, fragment):
+    with pytest.raises(FeedbackError, match=fragment) as caught:
+        FeedbackRecord.from_request({**REQUEST, **overrides})
+    assert caught.value.field == field
+
+
+def test_a_request_gets_a_new_id_and_time():
+    first, second = FeedbackRecord.from_request(REQUEST), FeedbackRecord.from_request(REQUEST)
+    assert first.id != second.id and first.time.endswith("+00:00")
+    assert (first.prompt, first.action, first.model_version, first.response) == ("q", "accept", "v0", "r")
+    with pytest.raises(FeedbackError, match="expected a JSON object, got a list"):
+        FeedbackRecord.from_request([REQUEST])
+
+
 # ------------------------------------------------------------------------------------------------ appending
 
 
