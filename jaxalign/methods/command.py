@@ -44,7 +44,7 @@ def add_train_command(subcommands) -> None:
 def run_train(args) -> int:
     import dataclasses
 
-    from jaxalign.methods import pipeline, recipe
+    from jaxalign.methods import pipeline, recipe, tfpo
 
     config = recipe.load_run_config(args.config, args.overrides, method=args.method)
     config = dataclasses.replace(config, train=dataclasses.replace(
@@ -57,6 +57,15 @@ def run_train(args) -> int:
     print(f"trained {args.method} for {config.train.total_steps} steps: {out}")
     for name, value in sorted(result.eval_metrics.items()):
         print(f"  eval {name}: {value:.4g}")
+    doctors = result.extra.get("doctors") if args.method == "tfpo" else None
+    if doctors:  # one run per dimension, each in a directory of its own
+        print(f"  doctors: {out / tfpo.INDEX_FILE}")
+        for dimension, export in doctors.items():
+            run_dir = Path(next(c.output_dir for c in tfpo.per_dimension(config)
+                                if c.doctor.dimensions == (dimension,)))
+            print(f"  {dimension}: export {export or 'none (export: false)'}; metrics {run_dir / 'metrics.jsonl'} "
+                  f"(plot: {run_dir / 'metrics.png'})")
+        return 0
     if result.export_dir is not None:
         print(f"  export: {result.export_dir}")
     print(f"  metrics: {out / 'metrics.jsonl'} (plot: {out / 'metrics.png'})")

@@ -14,9 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import yaml
 from flax import nnx
 
-from jaxalign import data, losses, models
+from jaxalign import cli, data, losses, models
 from jaxalign.methods import pipeline, recipe, tfpo
 from jaxalign.methods.tfpo import select_dimension, tfpo_objective
 from tests.test_cli import tiny_tokenizer
@@ -357,15 +358,37 @@ def test_value_lr_scale_scales_only_the_value_heads_updates(checkpoint, pairs_fi
         np.testing.assert_allclose(update[10.0], 10.0 * update[1.0], rtol=1e-5, atol=1e-9)
 
 
-def test_two_dimensions_lora_and_init_layers(checkpoint, pku_file, tmp_path):
+def test_two_dimensions_lora_and_init_layers(checkpoint, pku_file, tmp_path, monkeypatch, capsys):
     """Grouped PKU-SafeRLHF data, a doctor per dimension (each its own pairs), each cut to the first layer of
-    the model and trained through LoRA adapters and its value head only."""
+    the model and trained through LoRA adapters and its value head only; run as `jaxalign train tfpo`, which
+    names each dimension's own export and metrics."""
     out = tmp_path / "doctors"
-    config = run_config(checkpoint, pku_file, out, "train.total_steps=2", "data.batch_size=3", "data.buckets=[32]",
-                        "model.lora={rank: 2, alpha: 4, targets: [q_proj, v_proj]}",
+    overrides = ["train.total_steps=2", "data.batch_size=3", "data.buckets=[32]",
+                 "model.lora={rank: 2, alpha: 4, targets: [q_proj, v_proj]}"]
+    config = run_config(checkpoint, pku_file, out, *overrides,
                         doctor={"dimensions": ["helpfulness", "safety"], "init_layers": 1,
                                 "faces": {"helpfulness": FACES["sentiment"], "safety": FACES["politeness"]}})
-    result = pipeline.run(config)
+    config_file = tmp_path / "doctors.yaml"
+    config_file.write_text(yaml.safe_dump(config.to_dict()))
+    results = []
+
+    def recorded_run(*args, **kwargs):
+        results.append(real_run(*args, **kwargs))
+        return results[-1]
+
+    real_run = pipeline.run
+    monkeypatch.setattr(pipeline, "run", recorded_run)
+    assert cli.main(["train", "tfpo", "--config", str(config_file)]) == 0
+    result = results[-1]  # the outer run (the dimensions' own runs came first)
+    printed = capsys.readouterr().out
+    assert f"  doctors: {out / tfpo.INDEX_FILE}\n" in printed
+    for dimension in ("helpfulness", "safety"):
+        line = next(line for line in printed.splitlines() if line.startswith(f"  {dimension}: "))
+        assert line == (f"  {dimension}: export {out / dimension / 'export'}; metrics "
+                        f"{out / dimension / 'metrics.jsonl'} (plot: {out / dimension / 'metrics.png'})")
+        named = re.findall(r"(/\S+?)[;)]?(?:\s|$)", line)
+        assert len(named) == 3 and all(Path(path).exists() for path in named), named
+    assert not (out / "metrics.jsonl").exists() and str(out / "metrics.jsonl") not in printed
     index = json.loads((out / tfpo.INDEX_FILE).read_text())
     assert index["doctors"] == {d: str(out / d / "export") for d in ("helpfulness", "safety")}
     assert set(result.extra["doctors"]) == {"helpfulness", "safety"}
