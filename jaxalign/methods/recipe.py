@@ -21,6 +21,7 @@ it works from an installed wheel in any directory.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.resources
 import importlib.util
@@ -481,6 +482,10 @@ def load_run_config(config: str | Path | Mapping[str, Any], overrides: Sequence[
     """A :class:`RunConfig` from a preset name, a YAML file or a dict, with overrides applied.
 
     ``method`` (from ``jaxalign train <method>``) fills in or must agree with the file's ``method``.
+
+    Raises:
+        ValueError: a bad value, naming the override (``data.batch_size=-1 (command line): ...``) when the
+            command line's value is what is wrong, else the file.
     """
     if isinstance(config, Mapping):
         values, where = dict(config), "config"
@@ -499,9 +504,40 @@ def load_run_config(config: str | Path | Mapping[str, Any], overrides: Sequence[
     chosen = method or values.get("method")
     if chosen in sections:
         values = _merged(values, sections[chosen])
-    values = apply_overrides(values, overrides)
+    try:
+        return _resolved(values, overrides, method, where)
+    except ValueError as error:
+        message = str(error)
+        if message.startswith("override "):  # a malformed override, named already
+            raise
+        blamed = _blamed_overrides(values, list(overrides), method, where, message)
+        if not blamed:
+            raise
+        message = message.removeprefix(f"{where}: ")
+        raise ValueError(f"{', '.join(blamed)} (command line): {message}") from None
+
+
+def _resolved(values: Mapping[str, Any], overrides: Sequence[str], method: str | None, where: str) -> RunConfig:
+    values = apply_overrides(copy.deepcopy(dict(values)), overrides)
     if method is not None:
         if values.get("method", method) != method:
             raise ValueError(f"{where}: method is {values['method']!r}, but the command trains {method!r}")
         values["method"] = method
     return RunConfig.from_dict(values, where)
+
+
+def _blamed_overrides(values: Mapping[str, Any], overrides: list[str], method: str | None, where: str,
+                      message: str) -> list[str]:
+    """The overrides a config error comes from: those without which the config is valid, else those without
+    which the error is another one (the first error found is reported, so an override that only adds a later
+    one is not blamed); none when the file's own values give the same error."""
+    valid, changed = [], []
+    for index, override in enumerate(overrides):
+        try:
+            _resolved(values, overrides[:index] + overrides[index + 1:], method, where)
+        except ValueError as error:
+            if str(error) != message:
+                changed.append(override)
+        else:
+            valid.append(override)
+    return valid or changed

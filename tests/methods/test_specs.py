@@ -4,9 +4,11 @@ before any work, naming the key (and jaxalign's spelling of a key spelt as TRL s
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 
+from jaxalign import cli
 from jaxalign.methods import specs
 from jaxalign.methods.recipe import load_run_config
 
@@ -108,3 +110,25 @@ def test_kto_spec_defaults_are_trls_and_both_weights_zero_is_refused():
                                          r"is 0"):
         specs.KTOSpec(desirable_weight=0.0, undesirable_weight=0.0)
     assert specs.KTOSpec(desirable_weight=0.0).undesirable_weight == 1.0  # one class may be switched off
+
+
+def test_a_bad_override_is_named_not_the_preset(capsys):
+    """The command line's value is what is wrong: the error names the override, not the preset file."""
+    assert cli.main(["train", "sft", "--config", "hh_rlhf", "data.batch_size=-1", "--print-config"]) == 2
+    assert capsys.readouterr().err == ("jaxalign train: error: data.batch_size=-1 (command line): data: DataConfig: "
+                                       "batch_size must be a positive int, got -1\n")
+    # Among good overrides (data.source fills in a key the file may lack), only the bad one is named.
+    with pytest.raises(ValueError, match=r"^train\.optimizer\.learning_rate=-1 \(command line\): train: "):
+        load_run_config("hh_rlhf", ["data.source=x.jsonl", "train.optimizer.learning_rate=-1", "loss.beta=0.2"],
+                        method="dpo")
+    # An override that conflicts with the file's value is named too (without it the config is valid).
+    with pytest.raises(ValueError, match=r"^data\.max_prompt_length=5000 \(command line\): "):
+        load_run_config("hh_rlhf", ["data.max_prompt_length=5000"], method="sft")
+
+
+def test_a_bad_value_in_the_file_is_blamed_on_the_file(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("method: sft\noutput_dir: runs/x\ndata: {source: x.jsonl, batch_size: -1}\n")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(config))}: data: DataConfig: batch_size must be a "
+                                         r"positive int, got -1$"):
+        load_run_config(str(config), ["train.total_steps=5"])
