@@ -52,7 +52,9 @@ _LAYER_TENSORS = {
 }
 _LAYER_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
-# llama.* metadata that describes the model; any other key under the prefix stops loading.
+# The architectures read (llama.cpp's names; both map onto jaxalign's Llama-family model).
+ARCHITECTURES = ("llama", "qwen2")
+# <architecture>.* metadata that describes the model; any other key under the prefix stops loading.
 _LLAMA_KEYS = frozenset({
     "context_length", "embedding_length", "block_count", "feed_forward_length", "vocab_size",
     "attention.head_count", "attention.head_count_kv", "attention.key_length", "attention.value_length",
@@ -160,6 +162,8 @@ class GGUFSource:
     def __init__(self, reader, path: Path, config: ModelConfig):
         self.description = str(path)
         self._config = config
+        # llama.cpp permutes q/k for its Llama kernels only; Qwen2 rotates halves as transformers does.
+        self._permuted = config.architecture == "llama"
         self._tensors = {}
         for tensor in reader.tensors:
             name = hf_tensor_name(tensor.name)
@@ -181,9 +185,9 @@ class GGUFSource:
             weight = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(self.shape(name))
         except NotImplementedError as error:
             raise ValueError(f"{self.description}: tensor {tensor.name!r}: {error}") from None
-        if ".self_attn.q_proj." in name:
+        if ".self_attn.q_proj." in name and self._permuted:
             weight = unpermute_qk(weight, self._config.n_heads)
-        elif ".self_attn.k_proj." in name:
+        elif ".self_attn.k_proj." in name and self._permuted:
             weight = unpermute_qk(weight, self._config.n_kv_heads)
         return weight[index]
 
@@ -192,22 +196,23 @@ class GGUFSource:
 
 
 def gguf_config(metadata: dict[str, Any], tensor_names: set[str], path: str | Path, **policy) -> ModelConfig:
-    """``ModelConfig`` from GGUF metadata (``llama.*`` keys, token ids) and the names of its tensors.
+    """``ModelConfig`` from GGUF metadata (``llama.*`` or ``qwen2.*`` keys, token ids) and the names of its tensors.
 
     Raises:
-        ValueError: another architecture, or a ``llama.*`` key we do not understand (named).
+        ValueError: another architecture, or an ``<architecture>.*`` key we do not understand (named).
     """
     architecture = metadata.get("general.architecture")
-    if architecture != "llama":
-        raise ValueError(f"{path}: general.architecture {architecture!r} is not supported (only 'llama')")
-    unknown = sorted(k for k in metadata if k.startswith("llama.") and k.removeprefix("llama.") not in _LLAMA_KEYS)
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"{path}: general.architecture {architecture!r} is not supported ({', '.join(ARCHITECTURES)})")
+    prefix = f"{architecture}."
+    unknown = sorted(k for k in metadata if k.startswith(prefix) and k.removeprefix(prefix) not in _LLAMA_KEYS)
     if unknown:
         raise ValueError(f"{path}: metadata key(s) {unknown} are not understood; they may change the model")
 
     def key(name, default=None):
-        value = metadata.get(f"llama.{name}", default)
+        value = metadata.get(f"{prefix}{name}", default)
         if value is None:
-            raise ValueError(f"{path}: metadata key llama.{name} is missing")
+            raise ValueError(f"{path}: metadata key {prefix}{name} is missing")
         return value
 
     d_model, n_heads = key("embedding_length"), key("attention.head_count")
@@ -217,13 +222,13 @@ def gguf_config(metadata: dict[str, Any], tensor_names: set[str], path: str | Pa
                          "(partial rotary / asymmetric heads are not supported)")
     scaling_type = key("rope.scaling.type", "none")
     if scaling_type not in ("none", "linear"):
-        raise ValueError(f"{path}: llama.rope.scaling.type {scaling_type!r} is not supported ('none', 'linear')")
+        raise ValueError(f"{path}: {prefix}rope.scaling.type {scaling_type!r} is not supported ('none', 'linear')")
     rope_scaling = RopeScaling("linear", float(key("rope.scaling.factor"))) if scaling_type == "linear" else None
-    vocab_size = metadata.get("llama.vocab_size") or len(metadata.get("tokenizer.ggml.tokens") or ())
+    vocab_size = metadata.get(f"{prefix}vocab_size") or len(metadata.get("tokenizer.ggml.tokens") or ())
     eos = metadata.get("tokenizer.ggml.eos_token_id")
     try:
         return ModelConfig(
-            architecture="llama",
+            architecture=architecture,
             vocab_size=vocab_size,
             d_model=d_model,
             n_layers=key("block_count"),
