@@ -62,10 +62,12 @@ import sys
 import time
 from pathlib import Path
 
+from jaxalign.cpu_devices import provide_collective_threads
 from jaxalign.hostmem import use_transparent_huge_pages
 
 if __name__ == "__main__":  # before JAX loads (jaxalign.hostmem re-executes once): the new process imports it once
     use_transparent_huge_pages()
+    provide_collective_threads()
 
 import jax
 import numpy as np

@@ -28,6 +28,7 @@ import threading
 import time
 from pathlib import Path
 
+from jaxalign.cpu_devices import provide_collective_threads
 from jaxalign.hostmem import use_transparent_huge_pages
 
 EXIT_FAILED = 1
@@ -106,8 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def command() -> int:
     """The ``jaxalign`` console script: :func:`main` on ``sys.argv`` in a process whose ``malloc`` uses
-    transparent huge pages (re-executed once to get them: :mod:`jaxalign.hostmem`)."""
+    transparent huge pages (re-executed once to get them: :mod:`jaxalign.hostmem`) and whose emulated CPU
+    devices, if any, have the threads their collectives need (:mod:`jaxalign.cpu_devices`)."""
     use_transparent_huge_pages()
+    provide_collective_threads()
     return main()
 
 

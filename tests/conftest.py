@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import gc
+import os
 
 import jax
 import pytest
 
+from jaxalign.cpu_devices import THREADS_VARIABLE, collective_environment
 
-def host_devices_flags(devices: int) -> str:
-    """``XLA_FLAGS`` of a test subprocess that emulates ``devices`` CPU devices.
 
-    Each emulated device joins a collective on a thread of its own, and XLA:CPU aborts the process when the
-    last one is 40 s late (``xla_cpu_collective_call_terminate_timeout_seconds``). On 2 cores with the other
-    pytest worker busy, 8 devices once missed it by two (tests/rollout/test_sharded.py, 2026-11-28; the same
-    check passed alone and beside a busy process in 68-122 s): 300 s leaves that to the test's own time limit.
+def host_devices_env(devices: int, **extra: str) -> dict[str, str]:
+    """The environment of a test subprocess that emulates ``devices`` CPU devices (this process's, plus ``extra``).
+
+    It carries the client threads that keep the emulated devices' collectives from starving
+    (:mod:`jaxalign.cpu_devices`, the cause of the sharded checks' hangs), as ``jaxalign``'s commands set them.
+    XLA's collective timeout stays at its default (abort after 40 s), so a hang fails fast instead of idling.
     """
-    return (f"--xla_force_host_platform_device_count={devices} "
-            "--xla_cpu_collective_call_terminate_timeout_seconds=300")
+    inherited = {k: v for k, v in os.environ.items() if k != THREADS_VARIABLE}  # sized for this subprocess's devices
+    env = {**inherited, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **extra}
+    return {**env, **collective_environment(env)}
 
 
 @pytest.fixture(autouse=True, scope="module")

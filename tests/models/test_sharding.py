@@ -2,7 +2,6 @@
 
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -18,7 +17,7 @@ from jaxalign.models import (
     RewardModel,
     partition_specs,
 )
-from tests.conftest import host_devices_flags
+from tests.conftest import host_devices_env
 from tests.models.conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -132,7 +131,7 @@ _MESH_SCRIPT = textwrap.dedent(
 
 
 def test_partition_table_on_an_8_device_cpu_mesh():
-    env = {**os.environ, "XLA_FLAGS": host_devices_flags(8), "JAX_PLATFORMS": "cpu"}
+    env = host_devices_env(8)
     result = subprocess.run([sys.executable, "-c", _MESH_SCRIPT], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

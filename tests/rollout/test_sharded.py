@@ -5,22 +5,20 @@ plain and guided sampling with the rows split over ``data`` × ``fsdp``, and for
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import host_devices_flags
+from tests.conftest import host_devices_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def report() -> dict:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": host_devices_flags(8),
-           "PYTHONPATH": str(ROOT)}
+    env = host_devices_env(8, PYTHONPATH=str(ROOT))
     result = subprocess.run([sys.executable, "-m", "tests.rollout.sharded_check"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=600)
     if result.returncode != 0:

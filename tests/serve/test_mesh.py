@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import pytest
 
 from jaxalign.serve.command import parse_mesh
 from jaxalign.train.config import MeshConfig
-from tests.conftest import host_devices_flags
+from tests.conftest import host_devices_env
 from tests.serve.conftest import MAX_MODEL_LEN, MODEL
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,8 +34,7 @@ def mesh_server(tiny_checkpoint, tmp_path_factory):
     """``(base URL, its stderr so far)`` of ``jaxalign serve --mesh data=2,tensor=2`` on 4 CPU devices."""
     port = free_port()
     log = tmp_path_factory.mktemp("mesh_server") / "stderr.txt"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": host_devices_flags(4),
-           "PYTHONPATH": str(ROOT)}
+    env = host_devices_env(4, PYTHONPATH=str(ROOT))
     command = [sys.executable, "-c", "import sys; from jaxalign.cli import main; sys.exit(main(sys.argv[1:]))",
                "serve", "--model", str(tiny_checkpoint), "--served-model-name", MODEL, "--port", str(port),
                "--max-model-len", str(MAX_MODEL_LEN), "--max-batch", "8", "--mesh", "data=2,tensor=2", "--no-warmup"]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from jaxalign.serve.command import persistent_compilation_cache
-from tests.conftest import host_devices_flags
+from tests.conftest import host_devices_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,9 +36,8 @@ def compilation_cache():
 
 def python_env(devices: int = 1) -> dict[str, str]:
     """The environment of a test subprocess: CPU only, ``devices`` host devices, this checkout importable."""
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": host_devices_flags(devices),
-            "PYTHONPATH": str(ROOT), "JAX_COMPILATION_CACHE_DIR": XLA_CACHE,
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    return host_devices_env(devices, PYTHONPATH=str(ROOT), JAX_COMPILATION_CACHE_DIR=XLA_CACHE,
+                            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
 
 
 def script_command(module: str, *args: str) -> list[str]:
