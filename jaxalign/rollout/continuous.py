@@ -65,6 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm import tqdm
 
 from jaxalign.models import KVCache
 from jaxalign.models.cache import KEY_LAYOUT, VALUE_LAYOUT, Joining
@@ -795,6 +796,7 @@ class ContinuousEngine:
         to first use: longer prompts, the decode step with top logprobs, the first tokens of ``n > 1`` requests.
 
         Runs each program once on empty caches (no live row is touched; call it before admitting any).
+        ``progress``: a text stream (e.g. ``sys.stderr``) for a progress bar, one step per shape compiled.
         """
         if self.live:
             raise ValueError("warm_up() runs before any row is admitted")
@@ -802,24 +804,32 @@ class ContinuousEngine:
         shapes = {(-1, self.prompt_bucket(n)) for n in prompt_lengths if n < self.max_model_len}
         shapes |= {(h, self.prompt_bucket(n)) for h, head in enumerate(self._heads) for n in head_lengths
                    if head.width + self.prompt_bucket(n) <= self.max_columns}
+        groups = [g for g in (1, *self.batch_buckets()) if g <= MAX_PREFILL_ROWS]
+        batches, lengths = self.batch_buckets(), self.column_buckets()
+        combos = [(rows, columns) for rows in batches for columns in lengths]
+        with tqdm(total=len(shapes) * len(groups) + len(combos), desc="compiling serving shapes", unit="shape",
+                  file=progress, disable=progress is None, dynamic_ncols=True) as bar:
+            self._warm_up(bar, shapes, groups, batches, lengths, combos)
+        return time.perf_counter() - started
+
+    def _warm_up(self, bar, shapes, groups, batches, lengths, combos) -> None:
         prefilled = {}
         for h, length in sorted(shapes):
             head = None if h < 0 else self._heads[h]
             prompt = [*(head.tokens if head else ()), *[self.pad_token_id] * length]
-            for group in (g for g in (1, *self.batch_buckets()) if g <= MAX_PREFILL_ROWS):
+            for group in groups:
+                bar.set_postfix_str(f"prefill {group} x {length}", refresh=False)
                 first = self._prefill_group(head, [prompt] * group, length)[0]
                 prefilled[first.caches[0].max_length] = first
+                bar.update()
         widths = sorted(prefilled)
         if prefilled:  # the first token of a one-sample request (rows padded to MIN_BATCH_BUCKET)
             first = next(iter(prefilled.values()))
             arrays = self._row_arrays([_IDLE], MIN_BATCH_BUCKET, np.zeros((1, 3), np.uint32))
             jax.block_until_ready(_first_tokens(first.logits, *arrays, np.zeros((MIN_BATCH_BUCKET,), np.int32),
                                                 candidates=self.candidates, top_logprobs=0, mesh=self.mesh))
-        if progress is not None:
-            print(f"warm-up: prefills compiled, {time.perf_counter() - started:.0f} s", file=progress, flush=True)
-        batches, lengths = self.batch_buckets(), self.column_buckets()
-        combos = [(rows, columns) for rows in batches for columns in lengths]
-        for done, (rows, columns) in enumerate(combos, 1):
+        for rows, columns in combos:
+            bar.set_postfix_str(f"decode {rows} rows x {columns} columns", refresh=False)
             caches = self._empty_caches(rows, columns)
             weights, filters, keys = self._row_arrays([_IDLE] * rows, rows, np.zeros((0, 3), np.uint32))
             caches, out = _decode(tuple(m.states[1] for m in self._members), caches, np.zeros((rows,), np.int32),
@@ -845,10 +855,7 @@ class ContinuousEngine:
                                                 columns=new_columns, mesh=self.mesh))
             del caches
             return_freed_memory()
-            if progress is not None:
-                print(f"warm-up: batch {rows}, cache {columns}: decode step, inserts and relayouts compiled "
-                      f"({done}/{len(combos)}), {time.perf_counter() - started:.0f} s", file=progress, flush=True)
-        return time.perf_counter() - started
+            bar.update()
 
     # -- internals --------------------------------------------------------------------------------------
 

@@ -5,11 +5,17 @@ true, exactly as OpenAI's clients parse them: ``data: {chunk}`` lines, ``data: [
 /v1/models``, ``GET /health``, ``GET /metrics``. Every refusal is OpenAI's error object with a 4xx status
 (:mod:`~jaxalign.serve.protocol`); a client that goes away mid-request frees its decode slots at the
 scheduler's next iteration.
+
+Nothing slow runs on the event loop, which every stream shares: a body over ``max_request_bytes`` is refused (413)
+before it is read, and parsing, the chat template and tokenising run in a thread pool (a 2 MB prompt takes seconds
+to tokenise). Each answered request is one line on the ``jaxalign.serve.access`` logger (unless ``access_log`` is
+off): client, request line, status, seconds, prompt and completion tokens.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
@@ -26,11 +32,30 @@ from jaxalign.rollout.guided import guidance_betas
 from jaxalign.serve import protocol
 from jaxalign.serve.live_rewards import LiveRewards
 from jaxalign.serve.metrics import CONTENT_TYPE, Metrics
-from jaxalign.serve.protocol import APIError, Generation, bad
+from jaxalign.serve.protocol import DEFAULT_MAX_REQUEST_BYTES, APIError, Generation, bad
 from jaxalign.serve.scheduler import Event, Job, Scheduler, settings_for
 
 log = logging.getLogger("jaxalign.serve")
+access_log = logging.getLogger("jaxalign.serve.access")
 DISCONNECT_POLL_S = 0.25
+# Threads that parse and tokenise requests: a few long prompts tokenising at once must leave one for the short ones
+# (the tokenizers release the GIL, so these threads do not hold up the event loop).
+PREPARE_WORKERS = 4
+_ACCESS = "jaxalign.access"  # the scope key of a request's access record (see _RequestLog)
+
+
+def _prepare_pool() -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(PREPARE_WORKERS, thread_name_prefix="jaxalign-prepare")
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """A request ready for the scheduler: validated, its prompt encoded, its rows' settings drawn."""
+
+    generation: Generation
+    prompt_ids: list[int]
+    settings: list
+    max_tokens: int
 
 
 @dataclasses.dataclass
@@ -46,6 +71,9 @@ class ServedModel:
         alpha, beta, preference_weights: the guidance a request gets when it names none.
         request_timeout: seconds a request may take from arrival to its last token.
         rewards: scores every finished response for ``/metrics`` (``--reward-model``), or None.
+        max_request_bytes: the largest request body read; a larger one gets a 413 (``--max-request-bytes``).
+        access_log: one line per answered request on the ``jaxalign.serve.access`` logger (``--no-access-log``).
+        workers: the threads :meth:`prepare` runs in.
     """
 
     name: str
@@ -58,6 +86,9 @@ class ServedModel:
     preference_weights: dict[str, float] | None = None
     request_timeout: float = 600.0
     rewards: LiveRewards | None = None
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    access_log: bool = True
+    workers: concurrent.futures.ThreadPoolExecutor = dataclasses.field(default_factory=_prepare_pool, repr=False)
     created: int = dataclasses.field(default_factory=protocol.now)
 
     @property
@@ -124,6 +155,31 @@ class ServedModel:
             raise bad(f"prompt token id {outside[0]} is outside the vocabulary of {vocab}", "prompt")
         return list(generation.prompt)
 
+    def prepare(self, raw: bytes, kind: str) -> Prepared:
+        """A ``kind`` (``"chat"`` or ``"completion"``) request body validated and encoded, or the
+        :class:`~jaxalign.serve.protocol.APIError` refusing it. CPU work in proportion to the body: the app runs it
+        in :attr:`workers`, off the event loop."""
+        generation = protocol.parse_generation(protocol.parse_body(raw), kind, max_n=self.scheduler.engine.max_batch)
+        if generation.model != self.name:
+            raise APIError(404, f"the model `{generation.model}` does not exist; this server serves `{self.name}`",
+                           param="model", code="model_not_found")
+        prompt_ids = self.encode(generation)
+        limit = self.max_model_len
+        if len(prompt_ids) >= limit:
+            raise bad(f"this model's maximum context length is {limit} tokens, but the prompt has {len(prompt_ids)} "
+                      "tokens: shorten it", "messages" if kind == "chat" else "prompt", "context_length_exceeded")
+        max_tokens = generation.max_tokens or limit - len(prompt_ids)
+        if len(prompt_ids) + max_tokens > limit:
+            raise bad(f"this model's maximum context length is {limit} tokens, but you requested "
+                      f"{len(prompt_ids) + max_tokens} tokens ({len(prompt_ids)} in the prompt, {max_tokens} for the "
+                      "completion): reduce max_tokens or the prompt", "max_tokens", "context_length_exceeded")
+        seed = generation.seed if generation.seed is not None else secrets.randbits(31)
+        settings = settings_for(n=generation.n, temperature=generation.temperature, top_p=generation.top_p,
+                                top_k=generation.top_k, min_p=generation.min_p, seed=seed,
+                                top_logprobs=max(generation.top_logprobs, int(generation.logprobs)),
+                                weights=self.weights(generation.guidance))
+        return Prepared(generation, prompt_ids, settings, max_tokens)
+
 
 def create_app(served: ServedModel) -> FastAPI:
     """The FastAPI app serving ``served`` (start its scheduler first)."""
@@ -138,14 +194,15 @@ def create_app(served: ServedModel) -> FastAPI:
     async def http_error(request: Request, error: StarletteHTTPException):
         message = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
         body = APIError(error.status_code, message.get(error.status_code, str(error.detail))).body()
-        return JSONResponse(body, status_code=error.status_code)
+        return JSONResponse(body, status_code=error.status_code, headers=error.headers)  # a 405's Allow
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, error: Exception):
         log.exception("request failed")
         return JSONResponse(APIError(500, f"internal error: {type(error).__name__}: {error}").body(), status_code=500)
 
-    app.add_middleware(_CountRequests, metrics=served.metrics)
+    app.add_middleware(_LimitBody, served=served)
+    app.add_middleware(_RequestLog, served=served)  # outermost: it sees the limit's 413s too
 
     @app.get("/health")
     async def health():
@@ -176,56 +233,44 @@ def create_app(served: ServedModel) -> FastAPI:
 
 
 async def _generate(served: ServedModel, request: Request, kind: str):
-    generation = protocol.parse_generation(protocol.parse_body(await request.body()), kind,
-                                           max_n=served.scheduler.engine.max_batch)
-    if generation.model != served.name:
-        raise APIError(404, f"the model `{generation.model}` does not exist; this server serves `{served.name}`",
-                       param="model", code="model_not_found")
-    prompt_ids = served.encode(generation)
-    limit = served.max_model_len
-    if len(prompt_ids) >= limit:
-        raise bad(f"this model's maximum context length is {limit} tokens, but the prompt has {len(prompt_ids)} "
-                  "tokens: shorten it", "messages" if kind == "chat" else "prompt", "context_length_exceeded")
-    max_tokens = generation.max_tokens or limit - len(prompt_ids)
-    if len(prompt_ids) + max_tokens > limit:
-        raise bad(f"this model's maximum context length is {limit} tokens, but you requested "
-                  f"{len(prompt_ids) + max_tokens} tokens ({len(prompt_ids)} in the prompt, {max_tokens} for the "
-                  "completion): reduce max_tokens or the prompt", "max_tokens", "context_length_exceeded")
-    seed = generation.seed if generation.seed is not None else secrets.randbits(31)
-    settings = settings_for(n=generation.n, temperature=generation.temperature, top_p=generation.top_p,
-                            top_k=generation.top_k, min_p=generation.min_p, seed=seed,
-                            top_logprobs=max(generation.top_logprobs, int(generation.logprobs)),
-                            weights=served.weights(generation.guidance))
+    arrived = time.perf_counter()
+    raw = await request.body()  # at most max_request_bytes (_LimitBody)
     loop = asyncio.get_running_loop()
-    job = Job(prompt_ids=prompt_ids, settings=settings, max_tokens=max_tokens, stops=generation.stop,
-              deadline=time.perf_counter() + served.request_timeout, loop=loop, queue=asyncio.Queue(),
-              ignore_eos=generation.ignore_eos)
+    prepared = await loop.run_in_executor(served.workers, served.prepare, raw, kind)
+    generation = prepared.generation
+    job = Job(prompt_ids=prepared.prompt_ids, settings=prepared.settings, max_tokens=prepared.max_tokens,
+              stops=generation.stop, deadline=arrived + served.request_timeout, loop=loop, queue=asyncio.Queue(),
+              submitted=arrived, ignore_eos=generation.ignore_eos)
+    response = _Response(served, generation, len(prepared.prompt_ids))
+    request.scope.get(_ACCESS, {})["response"] = response
     served.scheduler.submit(job)
-    response = _Response(served, generation, len(prompt_ids))
     if generation.stream:
         return StreamingResponse(_stream(job, response), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     return await _collect(job, response, request)
 
 
-class _CountRequests:
-    """Counts answered requests by route and status (``/metrics`` itself and unknown paths as ``unmatched``).
+class _RequestLog:
+    """Counts answered requests by route and status for ``/metrics`` (not ``/metrics`` itself; unknown paths as
+    ``unmatched``) and writes the access log line of each.
 
-    A plain ASGI middleware: Starlette's ``BaseHTTPMiddleware`` would hide a client's disconnect from the
-    endpoint, whose slots would then run to the end for nobody.
+    Plain ASGI middlewares, this one and :class:`_LimitBody`: Starlette's ``BaseHTTPMiddleware`` would hide a
+    client's disconnect from the endpoint, whose slots would then run to the end for nobody.
     """
 
     ROUTES = frozenset({"/health", "/v1/models", "/v1/chat/completions", "/v1/completions"})
 
-    def __init__(self, app, *, metrics: Metrics):
+    def __init__(self, app, *, served: ServedModel):
         self.app = app
-        self.metrics = metrics
+        self.served = served
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] == "/metrics":
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        started = time.perf_counter()
         status = 500
+        record = scope[_ACCESS] = {}
 
         async def counting_send(message):
             nonlocal status
@@ -236,8 +281,61 @@ class _CountRequests:
         try:
             await self.app(scope, receive, counting_send)
         finally:
-            path = scope["path"] if scope["path"] in self.ROUTES else "unmatched"
-            self.metrics.request(path, status)
+            if scope["path"] != "/metrics":
+                self.served.metrics.request(scope["path"] if scope["path"] in self.ROUTES else "unmatched", status)
+            if self.served.access_log:
+                _log_access(scope, status, time.perf_counter() - started, record.get("response"))
+
+
+def _log_access(scope, status: int, seconds: float, response: _Response | None) -> None:
+    client = scope.get("client")
+    # The path as the client sent it (still percent-encoded): a decoded %0A would forge a line of the log.
+    target = scope.get("raw_path") or scope["path"].encode()
+    if scope.get("query_string"):
+        target += b"?" + scope["query_string"]
+    tokens = "" if response is None else (f", tokens: {response.prompt_tokens} prompt, "
+                                          f"{response.completion_tokens} completion")
+    access_log.info('%s "%s %s HTTP/%s" %d %.3f s%s', "-" if client is None else f"{client[0]}:{client[1]}",
+                    scope["method"], target.decode("latin-1"), scope.get("http_version", "1.1"), status, seconds,
+                    tokens)
+
+
+class _LimitBody:
+    """Refuses a request body over ``served.max_request_bytes`` with a 413, without reading it whole: by its
+    Content-Length before reading any of it, or (a chunked body) as soon as the bytes read pass the limit."""
+
+    def __init__(self, app, *, served: ServedModel):
+        self.app = app
+        self.served = served
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.served.max_request_bytes
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > limit:
+            error = _too_large(limit, int(declared))
+            await JSONResponse(error.body(), status_code=error.status)(scope, receive, send)
+            return
+        read = 0
+
+        async def counting_receive():
+            nonlocal read
+            message = await receive()
+            if message["type"] == "http.request":
+                read += len(message.get("body", b""))
+                if read > limit:  # raised inside the endpoint's read: the app's handler answers it
+                    raise _too_large(limit)
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+
+def _too_large(limit: int, size: int | None = None) -> APIError:
+    size = "is" if size is None else f"has {size} bytes,"
+    return APIError(413, f"the request body {size} over this server's limit of {limit} bytes (--max-request-bytes)",
+                    code="request_too_large")
 
 
 class _Response:
@@ -253,6 +351,7 @@ class _Response:
         self.created = protocol.now()
         self.model = served.name
         self.fingerprint: str | None = None  # the model version, from the job's "start" event
+        self.completion_tokens = 0  # so far (the access log's count for a client that left)
         n = generation.n
         self.texts = [""] * n
         self.reasons: list[str | None] = [None] * n
@@ -287,6 +386,7 @@ class _Response:
             self.fingerprint = event.version
         elif event.kind == "delta":
             self.texts[event.index] += event.text
+            self.completion_tokens += len(event.tokens)
             if self.generation.logprobs:
                 self.logprobs[event.index].extend(self.logprob_entries(event.tokens))
         elif event.kind == "finish":
@@ -355,6 +455,7 @@ async def _collect(job: Job, response: _Response, request: Request) -> dict:
                 raise event.error
             response.apply(event)
             if event.kind == "done":
+                response.completion_tokens = event.completion_tokens
                 response.finished()
                 return event.completion_tokens
 
@@ -401,6 +502,7 @@ async def _stream(job: Job, response: _Response) -> AsyncIterator[str]:
                 break
             if event.kind == "delta" and (event.text or event.tokens):
                 response.texts[event.index] += event.text
+                response.completion_tokens += len(event.tokens)
                 yield response.chunk([response.delta_choice(event, offsets[event.index])])
                 if generation.logprobs and not response.chat:  # text_offset counts the tokens' text
                     offsets[event.index] += sum(len(response._token_text(t.token)) for t in event.tokens)
@@ -409,6 +511,7 @@ async def _stream(job: Job, response: _Response) -> AsyncIterator[str]:
                     yield response.chunk(held_finish)
                 held_finish = [response.finish_choice(event.index, event.reason)]
             elif event.kind == "done":
+                response.completion_tokens = event.completion_tokens
                 response.finished()
                 usage = protocol.usage(response.prompt_tokens, event.completion_tokens)
                 if generation.include_usage:

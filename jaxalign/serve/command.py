@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from jaxalign.rollout.guided import DEFAULT_ALPHA, DEFAULT_BETA
+from jaxalign.serve.protocol import DEFAULT_MAX_REQUEST_BYTES
 
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_PREFILL_WAIT = 0
@@ -34,6 +35,12 @@ def add_serve_command(subcommands) -> None:
                         help="most requests waiting for a slot; more get HTTP 429 (default 256)")
     parser.add_argument("--request-timeout", type=float, default=600.0,
                         help="seconds from arrival to the last token before a request is dropped (default 600)")
+    parser.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES, metavar="BYTES",
+                        help="largest request body read; a larger one gets HTTP 413 before it is read (default "
+                             f"{DEFAULT_MAX_REQUEST_BYTES}, {DEFAULT_MAX_REQUEST_BYTES // 2**20} MiB)")
+    parser.add_argument("--no-access-log", action="store_true",
+                        help="no log line per request (by default each request is logged on stderr with its "
+                             "status, seconds and tokens)")
     parser.add_argument("--prefill-tokens", type=int, default=2048,
                         help="most prompt tokens admitted between two decode steps (default 2048, vLLM's "
                              "max_num_batched_tokens: a burst of chat requests starts in one iteration)")
@@ -118,10 +125,18 @@ def _check_mesh(text: str) -> None:
         raise ValueError(f"--mesh {text}: {product} = {known} devices, but {devices} are here")
 
 
+def _option(args, name: str):
+    """``args.name``, or its default where the namespace lacks it (``jaxalign hitl`` builds its own namespace, with
+    the options it offers)."""
+    return getattr(args, name, {"max_request_bytes": DEFAULT_MAX_REQUEST_BYTES, "no_access_log": False}[name])
+
+
 def _check(args) -> dict[str, float] | None:
     for name in ("max_batch", "max_model_len", "max_queue", "prefill_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if _option(args, "max_request_bytes") < 1:
+        raise ValueError(f"--max-request-bytes must be >= 1, got {args.max_request_bytes}")
     if args.prefill_wait < 0:
         raise ValueError(f"--prefill-wait must be >= 0 decode steps, got {args.prefill_wait}")
     if not 0 <= args.port < 65536:
@@ -190,7 +205,9 @@ def build_served(args):
                           prefill_tokens=args.prefill_tokens, prefill_wait=args.prefill_wait, metrics=metrics)
     served = ServedModel(name=name, tokenizer=tokenizer, scheduler=scheduler, metrics=metrics, dimensions=dimensions,
                          alpha=args.alpha, beta=args.beta, preference_weights=weights,
-                         request_timeout=args.request_timeout)
+                         request_timeout=args.request_timeout,
+                         max_request_bytes=_option(args, "max_request_bytes"),
+                         access_log=not _option(args, "no_access_log"))
     if args.reward_model is not None:
         served.rewards = live_rewards(args, metrics, name)
     head = None if args.no_prefix_cache else served.chat_head()
@@ -246,7 +263,9 @@ def run_serve(args) -> int:
     from jaxalign.serve.app import create_app
 
     _check(args)  # bad options fail before anything changes
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # force: orbax logs through absl while it is imported, and absl's first log line gives the root logger a
+    # handler at WARNING, which would make this a no-op and hide every INFO line, the access log's included.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
     served = build_served(args)
     if not args.no_warmup:
         # Compiled programs survive restarts: a second start of the same model skips most of the compiling.

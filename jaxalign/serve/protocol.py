@@ -23,6 +23,9 @@ import time
 import uuid
 from typing import Any
 
+# The largest request body read (``--max-request-bytes``): far above any prompt that fits a context, and small
+# enough that parsing and tokenising one costs seconds, not minutes.
+DEFAULT_MAX_REQUEST_BYTES = 4 * 2**20
 # Most stop strings per request (OpenAI's limit).
 MAX_STOP_STRINGS = 4
 MAX_TOP_LOGPROBS = 20
@@ -43,12 +46,18 @@ class APIError(Exception):
         self.message = message
         self.param = param
         self.code = code
-        self.kind = kind or {400: "invalid_request_error", 404: "invalid_request_error", 408: "timeout_error",
-                             413: "invalid_request_error", 429: "rate_limit_error",
-                             503: "service_unavailable_error"}.get(status, "server_error")
+        self.kind = kind or _error_type(status)
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def _error_type(status: int) -> str:
+    """OpenAI's error ``type`` for an HTTP status: the client's fault unless it is a timeout or a rate limit."""
+    special = {408: "timeout_error", 429: "rate_limit_error", 503: "service_unavailable_error"}
+    if status in special:
+        return special[status]
+    return "invalid_request_error" if 400 <= status < 500 else "server_error"
 
 
 def bad(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -221,6 +230,14 @@ def _guidance(value: Any) -> Guidance | None:
     return Guidance(weights, **scale)
 
 
+def _samples(body: dict, max_n: int) -> int:
+    """``n``: each sample decodes in a row of its own, so a request may ask for at most the server's batch."""
+    n = _integer(body, "n", 1, 1)
+    if n > max_n:
+        raise bad(f"n must be <= {max_n}, the rows this server decodes at once (its --max-batch), got {n}", "n")
+    return n
+
+
 def _top_p(body: dict) -> float:
     value = _number(body, "top_p", 1.0, 0.0, 1.0)
     if value == 0:
@@ -263,7 +280,7 @@ def parse_generation(body: dict, kind: str, *, max_n: int) -> Generation:
         top_p=_top_p(body),
         top_k=max(_integer(body, "top_k", 0, -1, 2**31 - 1), 0),  # vLLM's -1 (off) is jaxalign's 0
         min_p=_number(body, "min_p", 0.0, 0.0, 1.0),
-        n=_integer(body, "n", 1, 1, max_n),
+        n=_samples(body, max_n),
         stop=_stop(body.get("stop")),
         seed=_integer(body, "seed", None, -2**63, 2**63 - 1),  # OpenAI's int64
         logprobs=logprobs, top_logprobs=top_logprobs, stream=stream, include_usage=include_usage,

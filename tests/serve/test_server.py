@@ -467,7 +467,8 @@ BAD_REQUESTS = {
                              "temperature must be a number, got 'hot'"),
     "temperature too high": (CHAT, chat_body(temperature=3), 400, "temperature", None, "between 0.0 and 2.0"),
     "n 0": (CHAT, chat_body(n=0), 400, "n", None, "n must be >= 1, got 0"),
-    "n over the batch": (CHAT, chat_body(n=33), 400, "n", None, "n must be <= 32, got 33"),
+    "n over the batch": (CHAT, chat_body(n=33), 400, "n", None,
+                         "n must be <= 32, the rows this server decodes at once (its --max-batch), got 33"),
     "negative max_tokens": (CHAT, chat_body(max_tokens=-1), 400, "max_tokens", None, "max_tokens must be >= 1"),
     "seed a float": (CHAT, chat_body(seed=1.5), 400, "seed", None, "seed must be an integer"),
     "top_p 0": (CHAT, chat_body(top_p=0), 400, "top_p", None, "top_p must be in (0, 1]"),
@@ -525,13 +526,27 @@ def test_bad_requests_get_an_openai_error(server, case):
     assert words in error["message"]
 
 
-def test_unknown_routes_and_methods_get_an_openai_error(server):
+ROUTES = {CHAT: {"POST"}, COMPLETIONS: {"POST"}, "/v1/models": {"GET"}, "/health": {"GET"}, "/metrics": {"GET"}}
+
+
+def test_unknown_routes_get_an_openai_404(server):
     url, _ = server
-    missing = post(url, "/v1/nope", {"model": MODEL})
-    assert missing.status_code == 404 and missing.json()["error"]["message"] == "no route /v1/nope"
-    wrong = httpx.get(url + CHAT, timeout=HTTP_TIMEOUT)
-    assert wrong.status_code == 405
-    assert wrong.json()["error"]["message"] == f"GET is not allowed on {CHAT}"
+    for method in ("GET", "POST", "DELETE"):
+        missing = httpx.request(method, url + "/v1/nope", json={"model": MODEL}, timeout=HTTP_TIMEOUT)
+        assert missing.status_code == 404
+        assert missing.json()["error"] == {"message": "no route /v1/nope", "type": "invalid_request_error",
+                                           "param": None, "code": None}
+
+
+@pytest.mark.parametrize("path", list(ROUTES))
+def test_wrong_methods_get_an_openai_405_with_allow(server, path):
+    url, _ = server
+    for method in sorted({"GET", "POST", "PUT", "PATCH", "DELETE"} - ROUTES[path]):
+        wrong = httpx.request(method, url + path, timeout=HTTP_TIMEOUT)
+        assert wrong.status_code == 405, (method, wrong.text)
+        assert {m.strip() for m in wrong.headers["allow"].split(",")} == ROUTES[path], "HTTP requires Allow on a 405"
+        assert wrong.json()["error"] == {"message": f"{method} is not allowed on {path}",
+                                         "type": "invalid_request_error", "param": None, "code": None}
 
 
 def test_the_openai_client_reads_the_errors(client):
@@ -636,6 +651,8 @@ def test_n_over_the_batch_is_refused(limited):
     url, _ = limited
     response = post(url, CHAT, chat_body(n=3))
     assert response.status_code == 400 and response.json()["error"]["param"] == "n"
+    assert response.json()["error"]["message"] == ("n must be <= 2, the rows this server decodes at once (its "
+                                                   "--max-batch), got 3")
 
 
 def test_a_request_past_its_timeout_gets_an_error(limited, monkeypatch):
@@ -799,6 +816,7 @@ def test_the_persistent_compilation_cache_is_written_only_inside_its_block(tmp_p
     (["--max-model-len", "-5"], "--max-model-len must be >= 1, got -5"),
     (["--port", "70000"], "--port must be in 0..65535, got 70000"),
     (["--request-timeout", "0"], "--request-timeout must be > 0, got 0.0"),
+    (["--max-request-bytes", "0"], "--max-request-bytes must be >= 1, got 0"),
     (["--preference-weights", '{"safety": 1}'], "--preference-weights needs --doctor"),
     (["--reward-model", "/no/such/rm"], "--reward-model /no/such/rm: no such directory"),
     (["--reward-dimension-weights", "1,2"], "--reward-dimension-weights combine a reward model's objectives: give "
