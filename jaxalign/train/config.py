@@ -95,8 +95,12 @@ class OptimizerConfig:
 
     The schedule (see :func:`jaxalign.train.schedules.make_schedule`) warms up linearly from 0 to
     ``learning_rate`` over ``warmup_steps`` updates, then follows ``schedule`` over ``decay_steps``
-    updates (default: the rest of the run) down to ``final_learning_rate``. Decoupled ``weight_decay`` skips
-    biases and norm scales, as transformers' Trainer does; ``decay_biases_and_norms=True`` decays them too.
+    updates (default: the rest of the run) down to ``final_learning_rate``, in ``restarts`` cycles for
+    ``cosine_with_restarts``. Decoupled ``weight_decay`` skips biases and norm scales, as transformers' Trainer
+    does; ``decay_biases_and_norms=True`` decays them too. ``b1``, ``b2``, ``eps`` are AdamW's, ``momentum``
+    SGD's. A setting the chosen schedule or optimizer does not use (``restarts`` without
+    ``cosine_with_restarts``, ``final_learning_rate`` or ``decay_steps`` with ``constant``, ``momentum`` with
+    AdamW, AdamW's settings with SGD) is refused, naming what uses it.
     """
 
     name: str = "adamw"
@@ -138,6 +142,32 @@ class OptimizerConfig:
         _require(0 <= self.momentum < 1, owner, "momentum", "in [0, 1)", self.momentum)
         _require(self.max_grad_norm is None or self.max_grad_norm > 0, owner, "max_grad_norm", "> 0 or None",
                  self.max_grad_norm)
+        self._refuse_unused()
+
+    def _refuse_unused(self) -> None:
+        """A setting the schedule or optimizer in use would ignore is refused: the run would silently train
+        with another rate than the one asked for."""
+        def refuse(field: str, used_by: str, instead: str) -> None:
+            raise ValueError(f"OptimizerConfig.{field}={getattr(self, field)!r} is used only by {used_by}; {instead}")
+
+        if self.restarts != 1 and self.schedule != "cosine_with_restarts":
+            refuse("restarts", "schedule cosine_with_restarts",
+                   f"schedule {self.schedule!r} has no cycles (set schedule: cosine_with_restarts)")
+        if self.schedule == "constant":
+            decaying = "the decaying schedules (linear, cosine, cosine_with_restarts)"
+            if self.final_learning_rate != 0:
+                refuse("final_learning_rate", decaying, "schedule 'constant' stays at learning_rate")
+            if self.decay_steps is not None:
+                refuse("decay_steps", decaying, "schedule 'constant' stays at learning_rate")
+        if self.name == "adamw" and self.momentum != 0:
+            refuse("momentum", "optimizer sgd", "adamw's first moment is b1")
+        if self.name == "sgd":
+            for field in ("b1", "b2", "eps"):
+                if getattr(self, field) != _ADAM_DEFAULTS[field]:
+                    refuse(field, "optimizer adamw", "sgd takes momentum")
+
+
+_ADAM_DEFAULTS = {"b1": 0.9, "b2": 0.999, "eps": 1e-8}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,7 +13,9 @@ steps, ``η`` the peak and ``η_end`` the final learning rate::
 These are transformers' ``get_{constant,linear,cosine,cosine_with_hard_restarts}_schedule_with_warmup``
 (with ``num_cycles = 0.5`` for cosine and ``R`` = ``restarts`` cycles), generalised to a non-zero final
 rate; the tests compare them with transformers step by step, eagerly and under ``jax.jit``. The position
-in the decay is computed in integers, so a restart is exactly at the peak under jit too.
+in the decay is computed in integers, so a restart is exactly at the peak under jit too. A setting the schedule
+does not read (``restarts`` other than 1 without ``cosine_with_restarts``; ``final_learning_rate`` or
+``decay_steps`` with ``constant``) is refused by :class:`~jaxalign.train.config.OptimizerConfig`.
 """
 
 from __future__ import annotations

@@ -132,3 +132,13 @@ def test_a_bad_value_in_the_file_is_blamed_on_the_file(tmp_path):
     with pytest.raises(ValueError, match=rf"^{re.escape(str(config))}: data: DataConfig: batch_size must be a "
                                          r"positive int, got -1$"):
         load_run_config(str(config), ["train.total_steps=5"])
+
+
+def test_an_option_the_schedule_ignores_is_refused_naming_the_override():
+    with pytest.raises(ValueError, match=r"^train\.optimizer\.restarts=2 \(command line\): train: "
+                                         r"OptimizerConfig\.restarts=2 is used only by schedule cosine_with_restarts; "
+                                         r"schedule 'cosine' has no cycles \(set schedule: cosine_with_restarts\)$"):
+        load_run_config("hh_rlhf", ["train.optimizer.restarts=2"], method="sft")
+    config = load_run_config("hh_rlhf", ["train.optimizer.restarts=2",
+                                         "train.optimizer.schedule=cosine_with_restarts"], method="sft")
+    assert config.train.optimizer.restarts == 2

@@ -50,6 +50,35 @@ def test_invalid_values_raise_naming_the_field(build, message):
         build()
 
 
+@pytest.mark.parametrize(("options", "message"), [
+    ({"schedule": "cosine", "restarts": 2}, r"OptimizerConfig\.restarts=2 is used only by schedule "
+                                            r"cosine_with_restarts; schedule 'cosine' has no cycles"),
+    ({"schedule": "linear", "restarts": 3}, r"restarts=3 is used only by schedule cosine_with_restarts"),
+    ({"schedule": "constant", "restarts": 2}, r"restarts=2 is used only by schedule cosine_with_restarts"),
+    ({"schedule": "constant", "final_learning_rate": 1e-6}, r"OptimizerConfig\.final_learning_rate=1e-06 is used "
+                                                            r"only by the decaying schedules \(linear, cosine, "
+                                                            r"cosine_with_restarts\); schedule 'constant' stays"),
+    ({"schedule": "constant", "decay_steps": 10}, r"OptimizerConfig\.decay_steps=10 is used only by the decaying"),
+    ({"momentum": 0.9}, r"OptimizerConfig\.momentum=0\.9 is used only by optimizer sgd; adamw's first moment is b1"),
+    ({"name": "sgd", "b1": 0.8}, r"OptimizerConfig\.b1=0\.8 is used only by optimizer adamw; sgd takes momentum"),
+    ({"name": "sgd", "eps": 1e-6}, r"OptimizerConfig\.eps=1e-06 is used only by optimizer adamw"),
+])
+def test_a_setting_the_schedule_or_optimizer_ignores_is_refused(options, message):
+    with pytest.raises(ValueError, match=message):
+        OptimizerConfig(learning_rate=1e-5, **options)
+
+
+@pytest.mark.parametrize("options", [
+    {"schedule": "cosine_with_restarts", "restarts": 2, "final_learning_rate": 1e-6, "decay_steps": 10},
+    {"schedule": "linear", "final_learning_rate": 1e-6, "decay_steps": 10},
+    {"schedule": "cosine", "restarts": 1},
+    {"schedule": "constant", "warmup_steps": 5},
+    {"name": "sgd", "momentum": 0.9},
+])
+def test_settings_the_schedule_uses_are_accepted(options):
+    OptimizerConfig(learning_rate=1e-5, **options)
+
+
 def test_configs_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         TrainConfig(total_steps=5).seed = 1
