@@ -4,11 +4,19 @@ tested in tests/serve/test_hitl.py.)"""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
-from experiments.compare_methods import Reviewer, run_measured, split_sentences
+from experiments.compare_methods import Reviewer, run_measured, signals_as_exit, split_sentences, version_served
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class WordJudge:
@@ -69,3 +77,94 @@ def test_a_failed_run_names_its_last_log_line(tmp_path):
     log = tmp_path / "run.log"
     with pytest.raises(RuntimeError, match="exited with 3: the reason"):
         run_measured([sys.executable, "-c", "import sys; print('the reason'); sys.exit(3)"], log=log)
+
+
+def state(serving: str, versions: dict[str, str], retrain: str = "idle", training: str | None = None) -> dict:
+    rows = [{"name": name, "status": status, "error": f"{name} broke"} for name, status in versions.items()]
+    return {"serving": serving, "retrain": {"state": retrain, "version": training}, "versions": rows}
+
+
+def test_a_failed_version_ends_the_wait_unless_it_is_being_retried():
+    assert version_served(state("v1", {"v1": "ready", "v0": "ready"}), "v1")
+    assert not version_served(state("v0", {"v1": "training", "v0": "ready"}, "training", "v1"), "v1")
+    assert not version_served(state("v0", {"v0": "ready"}), "v1")  # not started yet: more feedback is coming
+    # a restarted app trains the failed newest version again: the experiment waits for it
+    assert not version_served(state("v0", {"v1": "failed", "v0": "ready"}, "training", "v1"), "v1")
+    with pytest.raises(RuntimeError, match="retraining v1 failed: v1 broke"):
+        version_served(state("v0", {"v1": "failed", "v0": "ready"}, "failed", "v1"), "v1")
+    with pytest.raises(RuntimeError, match="retraining v1 failed"):
+        version_served(state("v0", {"v1": "failed", "v0": "ready"}), "v1")
+
+
+def test_sigterm_inside_the_stage_is_an_exit_that_runs_its_cleanup():
+    cleaned = []
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as caught:
+        with signals_as_exit():
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)  # the handler raises before this ends
+            finally:
+                cleaned.append(True)
+    assert caught.value.code == 128 + signal.SIGTERM and cleaned == [True]
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+STAGE = """
+import sys
+from pathlib import Path
+from experiments.compare_methods import hitl_stage
+from tests.test_compare_methods import WordJudge
+hitl_stage(Path("runs/compare"), ["a question", "another"], threshold=1000, versions=1, max_tokens=4, seed=0,
+           judge=WordJudge(), server_options=("--model", sys.argv[1], "--no-warmup", "--max-model-len", "48"))
+"""
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, IndexError):
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
+def test_the_hitl_server_stops_when_the_experiment_is_stopped(tmp_path, signum):
+    """SIGTERM: the stage's cleanup stops the server; SIGKILL: the server's parent-death signal does."""
+    from tests.models.conftest import make_hf_model
+    from tests.test_cli import tiny_tokenizer
+
+    model = tmp_path / "tiny"
+    make_hf_model("llama").save_pretrained(model)
+    tiny_tokenizer().save_pretrained(model)
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    experiment = subprocess.Popen([sys.executable, "-c", STAGE, "../tiny"], cwd=cwd, env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = cwd / "runs" / "compare" / "hitl" / "server.log"
+    server = None
+    try:
+        deadline = time.monotonic() + 240
+        while not (log.exists() and "jaxalign hitl: serving" in log.read_text()):  # it answers: the reviewer asks
+            assert experiment.poll() is None and time.monotonic() < deadline, log.read_text() if log.exists() else ""
+            time.sleep(0.5)
+        [server] = children_of(experiment.pid)
+        experiment.send_signal(signum)
+        assert experiment.wait(120) == (128 + signum if signum == signal.SIGTERM else -signum)
+        deadline = time.monotonic() + 120
+        while running(server) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not running(server), "the hitl server outlived the experiment"
+    finally:
+        experiment.kill()
+        if server is not None and running(server):
+            os.kill(server, signal.SIGKILL)

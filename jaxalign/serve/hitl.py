@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import signal
 import sys
 import time
 from importlib import resources
@@ -264,6 +265,10 @@ def run_hitl(args) -> int:
     from jaxalign.serve.command import COMPILATION_CACHE, persistent_compilation_cache
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # uvicorn shuts down on SIGTERM and then raises it again with this handler in place: without one, that would
+    # end the process before the finally below stops the retraining (its trainer would only learn of it from
+    # its parent-death signal) and the scheduler.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     hitl = build_hitl(args)
     served, retrainer = hitl.served, hitl.retrainer
     if not args.no_warmup:
@@ -279,6 +284,10 @@ def run_hitl(args) -> int:
         hitl.close()
         served.scheduler.stop()
     return 0
+
+
+def _exit_on_signal(signum, frame):
+    raise SystemExit(128 + signum)
 
 
 def absolute_path(text: str | Path) -> Path:
