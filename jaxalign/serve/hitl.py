@@ -1,6 +1,7 @@
 """``jaxalign hitl``: a feedback web page on top of ``jaxalign serve``'s app, which retrains the model it serves.
 
-The page (``GET /``, one HTML file with its script, no build step and no extra package) asks the served model
+The page (``GET /``: an HTML file, its script and its style sheet, no build step and no extra package; served
+with a Content-Security-Policy that allows no inline script, and every text put in as text) asks the served model
 through the same ``/v1/chat/completions`` endpoint any OpenAI client uses, streamed; a person accepts, edits or
 rejects the answer, asks for two and picks the better, or gives a thumbs up or down. Each action is one record
 in the feedback store, fsynced before the page says it is saved (``POST /hitl/feedback``). Every
@@ -95,7 +96,7 @@ def add_hitl_routes(app: FastAPI, served, store: FeedbackStore, versions: Versio
                 raise bad(f"field {field!r}: no version {name!r}; the versions are {known}", field, "unknown_version")
         await asyncio.to_thread(store.append, record)  # flushed and fsynced before the page hears "saved"
         log.info("feedback %s: %s on %s", record.id, record.action, record.model_version)
-        retrainer.feedback_added()
+        await asyncio.to_thread(retrainer.feedback_added)  # may write a version's data snapshot
         return {"id": record.id, "records": len(store), "waiting": retrainer.waiting}
 
     @app.post("/hitl/retrain")

@@ -89,6 +89,12 @@ def test_no_field_the_page_shows_can_run_script(tiny_checkpoint, tmp_path):
         assert page.locator("img, svg, #history script, #versions script").count() == 0
         assert dialogs == []
 
+        # The failed version's Retry button trains it again (here it fails again: its records give no data).
+        page.locator("#versions li", has_text="failed").get_by_role("button", name="Retry").click()
+        expect(page.locator("#banner")).to_have_text("Training v1 again…")
+        expect(page.locator("#versions li", has_text="failed")).to_contain_text("no stage had data to train on")
+        assert json.loads((output_dir / "versions" / "v1" / "version.json").read_text())["attempts"] == 2
+
         # Even markup that gets into the page cannot run: the policy blocks inline handlers and scripts.
         page.evaluate("""() => { window.leaked = 0;
             document.body.insertAdjacentHTML('beforeend', '<img src=x onerror="window.leaked = 1">'); }""")
