@@ -1,0 +1,141 @@
+"""The length-controlled win rate equals the ``alpaca-eval`` package's ``get_length_controlled_winrate`` on the
+same annotations (the package is the oracle; its hub downloads are replaced by fixture files in the published
+``df_gamed.csv`` layout, written here)."""
+
+from __future__ import annotations
+
+import math
+import sys
+import types
+import warnings
+
+import numpy as np
+import pytest
+
+from jaxalign.eval.length_control import GamedRows, length_controlled_win_rate
+
+pd = pytest.importorskip("pandas")
+
+
+@pytest.fixture(scope="module")
+def alpaca_glm():
+    # alpaca_eval.utils imports pkg_resources for version strings only; setuptools >= 81 no longer ships it.
+    sys.modules.setdefault("pkg_resources", types.ModuleType("pkg_resources"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return pytest.importorskip("alpaca_eval.metrics.glm_winrate")
+
+
+def annotations(seed: int, n: int, length_effect: float, skill: float):
+    """AlpacaEval annotations (output_1 the baseline, output_2 the model; preference 1 baseline, 2 model,
+    0 or 1.5 a draw, None unannotated) from a judge that likes length."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(40, 600, n)
+    model = rng.integers(40, 1200, n)
+    logit = skill + length_effect * np.tanh((model - base) / 300)
+    pref = np.where(rng.random(n) < 1 / (1 + np.exp(-logit)), 2.0, 1.0)
+    pref[rng.choice(n, 4, replace=False)] = 1.5
+    pref[0] = 0.0
+    rows = [dict(instruction=f"q{i}", output_1="a" * int(base[i]), output_2="b" * int(model[i]),
+                 preference=float(pref[i]), index=i, generator_1="baseline", generator_2="model", annotator="judge")
+            for i in range(n)]
+    return rows, pref, model, base
+
+
+def gamed_table(seed: int, n: int):
+    """Rows in df_gamed.csv's layout: each gamed model's block in instruction order."""
+    rng = np.random.default_rng(seed + 1000)
+    difficulty = rng.normal(size=n)
+    frames = []
+    for name, sign in (("verbose", 1.0), ("concise", -1.0)):
+        delta = sign * np.abs(rng.normal(1.0, 0.5, n))
+        frames.append(pd.DataFrame(dict(model=name, index=np.arange(n), instruction_difficulty=difficulty,
+                                        preference=np.clip(0.5 - 0.3 * delta + rng.normal(0, 0.1, n), 0, 1),
+                                        std_delta_len=delta, not_gamed_baseline=False)))
+    return pd.concat(frames, ignore_index=True), difficulty
+
+
+def oracle(glm, rows, gamed, tmp_path, name):
+    path = tmp_path / "df_gamed.csv"
+    gamed.to_csv(path, index=False)
+    original = glm.hf_hub_download
+    glm.hf_hub_download = lambda **kwargs: str(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return glm.get_length_controlled_winrate(rows, glm_name=name, save_weights_dir=None,
+                                                     is_warn_extreme_changes=False)
+    finally:
+        glm.hf_hub_download = original
+
+
+def ours_preference(pref):
+    return np.where(pref == 0.0, 0.5, pref - 1.0)
+
+
+@pytest.mark.parametrize("seed,n,length_effect,skill", [(0, 60, 2.0, 0.0), (1, 120, 3.0, -1.0), (2, 45, 0.5, 1.0)])
+def test_minimal_model_equals_alpaca_eval(alpaca_glm, tmp_path, seed, n, length_effect, skill):
+    rows, pref, model, base = annotations(seed, n, length_effect, skill)
+    gamed, _ = gamed_table(seed, n)
+    expected = oracle(alpaca_glm, rows, gamed, tmp_path, "length_controlled_minimal")
+    ours = length_controlled_win_rate(ours_preference(pref), model, base, bootstrap=0)
+    assert ours.model == "length_controlled_minimal"
+    assert ours.rate * 100 == pytest.approx(expected["length_controlled_winrate"], abs=0.05)
+    assert ours.standard_error * 100 == pytest.approx(expected["lc_standard_error"], abs=1e-6)
+    # The length term was fitted, and it moved the rate away from the raw one.
+    assert abs(ours.rate * 100 - expected["win_rate"]) > 1 or length_effect < 1
+
+
+def test_v1_model_equals_alpaca_eval(alpaca_glm, tmp_path):
+    n = 80
+    rows, pref, model, base = annotations(3, n, 2.5, 0.3)
+    gamed, difficulty = gamed_table(3, n)
+    # Instruction difficulty that matters: harder instructions lower the model's odds.
+    rng = np.random.default_rng(7)
+    flip = (difficulty > 0.8) & (rng.random(n) < 0.7)
+    pref = np.where(flip, 1.0, pref)
+    for row, value in zip(rows, pref):
+        row["preference"] = float(value)
+    expected = oracle(alpaca_glm, rows, gamed, tmp_path, "length_controlled_v1")
+    anchors = GamedRows(preference=gamed["preference"].to_numpy(), std_delta_len=gamed["std_delta_len"].to_numpy(),
+                        instruction_difficulty=gamed["instruction_difficulty"].to_numpy())
+    ours = length_controlled_win_rate(ours_preference(pref), model, base, instruction_difficulty=difficulty,
+                                      gamed=anchors, bootstrap=0)
+    assert ours.model == "length_controlled_v1"
+    assert ours.rate * 100 == pytest.approx(expected["length_controlled_winrate"], abs=0.05)
+    assert ours.standard_error * 100 == pytest.approx(expected["lc_standard_error"], abs=0.01)
+
+
+def test_unjudged_pairs_are_left_out_of_the_fit(alpaca_glm, tmp_path):
+    rows, pref, model, base = annotations(4, 50, 2.0, 0.0)
+    for i in (5, 9, 17):
+        rows[i]["preference"] = None
+        pref[i] = math.nan
+    gamed, _ = gamed_table(4, 50)
+    expected = oracle(alpaca_glm, rows, gamed, tmp_path, "length_controlled_minimal")
+    ours = length_controlled_win_rate(np.where(np.isnan(pref), np.nan, ours_preference(pref)), model, base,
+                                      bootstrap=0)
+    assert ours.pairs == 47
+    assert ours.rate * 100 == pytest.approx(expected["length_controlled_winrate"], abs=0.05)
+
+
+def test_bootstrap_interval_contains_the_rate_and_is_reproducible():
+    _, pref, model, base = annotations(5, 60, 2.0, 0.0)
+    first = length_controlled_win_rate(ours_preference(pref), model, base, bootstrap=50, seed=1)
+    second = length_controlled_win_rate(ours_preference(pref), model, base, bootstrap=50, seed=1)
+    assert first == second
+    assert 0 <= first.low <= first.rate <= first.high <= 1
+    assert first.high - first.low > 0.02
+
+
+def test_bad_input_is_named():
+    with pytest.raises(ValueError, match="same 1-D length"):
+        length_controlled_win_rate([1, 0, 1], [1, 2], [3, 4, 5])
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        length_controlled_win_rate([2, 0, 1, 0, 1], [1, 2, 3, 4, 5], [5, 4, 3, 2, 1])
+    with pytest.raises(ValueError, match="at least 5"):
+        length_controlled_win_rate([1, 0, 1], [1, 2, 3], [3, 4, 5])
+    with pytest.raises(ValueError, match="same length difference"):
+        length_controlled_win_rate([1, 0, 1, 0, 1], [1, 2, 3, 4, 5], [2, 3, 4, 5, 6])
+    with pytest.raises(ValueError, match="needs both"):
+        length_controlled_win_rate([1, 0, 1, 0, 1], [1, 2, 3, 4, 5], [5, 4, 3, 2, 1], instruction_difficulty=[0] * 5)
