@@ -17,7 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # Imported only where the user asked for them; each must be declared in the named extra.
-OPTIONAL = {"wandb": "wandb", "vaderSentiment": "judges"}
+OPTIONAL = {"wandb": "wandb", "vaderSentiment": "judges", "profanity_check": "judges", "torch": "detoxify"}
 
 
 def _declared(pyproject: dict) -> dict[str, set[str]]:
