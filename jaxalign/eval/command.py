@@ -5,6 +5,10 @@ accuracy on held-out pairs, and perplexity on SFT data; a table on stdout, ``eva
     jaxalign eval --policy ppo_ckpt --prompts prompts.jsonl --n 4 --output eval_out
     jaxalign eval --reward-model rm_ckpt --pairs heldout_pairs.jsonl --min-margin 0.5
     jaxalign eval --policy sft_ckpt --eval-sft heldout_sft.jsonl
+    jaxalign eval --policy ppo_ckpt --prompts prompts.jsonl --judge toxicity --judge llm \
+        --judge-url http://127.0.0.1:8000/v1 --judge-model judge
+    jaxalign eval --benchmark alpaca_eval --data alpaca_eval.json --policy dpo_ckpt --judge-url URL --judge-model M
+    jaxalign eval --benchmark truthfulqa_mc --data mc_task.json --policy dpo_ckpt --reference sft_ckpt
 
 Register it with :func:`add_eval_command` on the ``jaxalign`` subcommands.
 """
@@ -16,9 +20,10 @@ import math
 import sys
 from pathlib import Path
 
+from jaxalign.eval.judging import add_judge_options
+
 __all__ = ["add_eval_command", "run_eval"]
 
-JUDGES = ("vader",)
 EMBEDDED = "SmolLM2-135M-Instruct (embedded)"
 
 
@@ -38,8 +43,6 @@ def add_eval_command(subcommands) -> None:
     parser.add_argument("--prompts", type=Path, help="prompt-only JSONL/JSON records ('prompt': text or chat "
                                                      "messages), or a text file with one prompt a line")
     parser.add_argument("--raw", action="store_true", help="encode prompts as plain text, without the chat template")
-    parser.add_argument("--judge", choices=JUDGES, default="vader",
-                        help="the gold judge: vader = VADER compound sentiment of the response (default)")
     parser.add_argument("--reward-model", type=Path, help="a saved reward model directory: learned reward and "
                                                           "win rate, and the model --pairs measures")
     parser.add_argument("--dimension-weights", metavar="W1,W2,...",
@@ -63,13 +66,18 @@ def add_eval_command(subcommands) -> None:
     parser.add_argument("--confidence", type=float, default=0.95, help="level of the intervals (default 0.95)")
     parser.add_argument("--output", type=Path, help="write eval.json, eval.png and samples.jsonl into this directory")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_judge_options(parser)
     parser.set_defaults(run=run_eval)
 
 
 def _check_args(args) -> None:
-    if args.prompts is None and args.pairs is None and args.eval_sft is None:
+    from jaxalign.eval.judging import check_judge_args
+
+    if (args.prompts is None and args.pairs is None and args.eval_sft is None and args.benchmark is None
+            and args.write_judge_templates is None):
         raise ValueError("nothing to evaluate: give --prompts (policy vs reference), --pairs (reward-model "
-                         "accuracy, with --reward-model) or --eval-sft (perplexity)")
+                         "accuracy, with --reward-model), --eval-sft (perplexity) or --benchmark with --data")
+    check_judge_args(args)
     if args.pairs is not None and args.reward_model is None:
         raise ValueError("--pairs measures a reward model's accuracy: give --reward-model")
     if args.dimension_weights is not None:
@@ -106,12 +114,6 @@ def _batches(path: Path, tokenizer, args, kinds: tuple[str, ...], flag: str):
     return batches
 
 
-def _judge(name: str):
-    from jaxalign.eval.judges import VaderJudge
-
-    return {"vader": VaderJudge}[name]()
-
-
 def _format_accuracy(result: dict) -> str:
     def one(entry):
         return f"{entry['accuracy']:.3f} ({entry['correct']}/{entry['pairs']}, {entry['ties']} ties)"
@@ -135,7 +137,7 @@ def _json_safe(value):
     return value
 
 
-def _policy_eval(args, prompts, policy, tokenizer, reward_judge):
+def _policy_eval(args, prompts, policy, tokenizer, reward_judge, judge):
     """Sample the policy and the reference on ``prompts``: ``(PolicyEval, sampling settings)``."""
     import jax
 
@@ -151,7 +153,7 @@ def _policy_eval(args, prompts, policy, tokenizer, reward_judge):
         reference, _ = models.load_pretrained(args.reference, source="--reference")
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, n=args.n)
-    evaluation = evaluate_policy(policy, reference, tokenizer, prompts, judge=_judge(args.judge),
+    evaluation = evaluate_policy(policy, reference, tokenizer, prompts, judge=judge,
                                  reward_judge=reward_judge, params=params, samples_per_prompt=args.n,
                                  key=jax.random.key(args.seed), batch_size=args.batch_size,
                                  progress=not args.no_progress, raw=args.raw, confidence=args.confidence)
@@ -171,7 +173,9 @@ def _perplexity(args, policy, tokenizer) -> dict:
             "tokens": count}
 
 
-def _write_outputs(directory: Path, report: dict, evaluation) -> None:
+def _write_outputs(directory: Path, report: dict, evaluation, extra: dict) -> None:
+    from jaxalign.eval.judging import write_extra
+
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "eval.json").write_text(json.dumps(_json_safe(report), indent=2, ensure_ascii=False) + "\n",
                                          encoding="utf-8")
@@ -182,18 +186,26 @@ def _write_outputs(directory: Path, report: dict, evaluation) -> None:
             for record in evaluation.records:
                 file.write(json.dumps(record, ensure_ascii=False) + "\n")
         written += ["eval.png", "samples.jsonl"]
+    written += write_extra(directory, extra)
     print(f"wrote {', '.join(written)} to {directory}", file=sys.stderr)
 
 
 def run_eval(args) -> int:
     """The ``jaxalign eval`` command: see the module docstring and docs/eval.md."""
     from jaxalign import data, models
+    from jaxalign.eval import judging
     from jaxalign.eval.judges import load_reward_judge
     from jaxalign.eval.metrics import reward_accuracy
 
     _check_args(args)
-    # Bad prompts fail before any model is loaded.
+    if judging.write_templates_if_asked(args):
+        return 0
+    # Bad prompts, benchmark files, templates, an unreachable judge: all fail before any model is loaded.
     prompts = None if args.prompts is None else data.read_prompt_file(args.prompts, option="--prompts")
+    judging.key_note(args)
+    ready = judging.prepare(args)
+    lines: list[str] = []
+    extra: dict = {}
     report: dict = {"policy": args.policy or EMBEDDED, "reference": args.reference or EMBEDDED,
                     "reward_model": None if args.reward_model is None else str(args.reward_model)}
     reward_judge = reward_model = reward_tokenizer = None
@@ -201,13 +213,23 @@ def run_eval(args) -> int:
         reward_judge, reward_model, reward_tokenizer = load_reward_judge(
             args.reward_model, dimension_weights=args.dimension_weights, batch_size=args.batch_size)
     policy = tokenizer = evaluation = None
-    if prompts is not None or args.eval_sft is not None:
+    if prompts is not None or args.eval_sft is not None or args.benchmark is not None:
         policy, tokenizer = models.load_pretrained(args.policy, source="--policy")
 
     if prompts is not None:
-        evaluation, report["sampling"] = _policy_eval(args, prompts, policy, tokenizer, reward_judge)
+        evaluation, report["sampling"] = _policy_eval(args, prompts, policy, tokenizer, reward_judge,
+                                                      judging.gold_judge(ready))
         report["policy_eval"] = evaluation.to_dict()
         print(evaluation.table())
+        judging.judge_samples(args, ready, evaluation, report, lines, extra)
+    if args.benchmark is not None:
+        if args.reference is None:
+            report["reference"] = None
+        report["sampling"] = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+                              "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed}
+        judging.run_benchmark(args, ready, policy, tokenizer, report, lines, extra)
+    if lines:
+        print("\n".join(lines))
     if args.pairs is not None:
         batches = _batches(args.pairs, reward_tokenizer, args, ("preference", "preference_group"), "--pairs")
         accuracy = reward_accuracy(reward_model, batches, min_margin=args.min_margin,
@@ -218,5 +240,5 @@ def run_eval(args) -> int:
         report["perplexity"] = result = _perplexity(args, policy, tokenizer)
         print(f"perplexity: {result['perplexity']:.4g} (mean NLL {result['nll']:.4f} over {result['tokens']} tokens)")
     if args.output is not None:
-        _write_outputs(args.output, report, evaluation)
+        _write_outputs(args.output, report, evaluation, extra)
     return 0

@@ -24,7 +24,7 @@ from jaxalign.eval.metrics import reference_logps, sequence_kl
 from jaxalign.eval.stats import MeanCI, WinRate, mean_ci, proportion_ci, win_rate
 from jaxalign.rollout import Rollout, Sampler, SamplingParams
 
-__all__ = ["PolicyEval", "evaluate_policy"]
+__all__ = ["PolicyEval", "evaluate_policy", "generate"]
 
 # Sampling defaults of `jaxalign eval` (short continuations, as in the sentiment experiments).
 DEFAULT_PARAMS = SamplingParams(max_new_tokens=48, temperature=0.7)
@@ -356,3 +356,44 @@ def evaluate_policy(
                                                                       clusters=prompt_of_row),
         records=tuple(records), confidence=confidence, num_samples=num_samples,
     )
+
+
+def generate(
+    model: nnx.Module,
+    tokenizer,
+    prompts: Sequence[Prompt | data.PromptRecord],
+    *,
+    params: SamplingParams = DEFAULT_PARAMS,
+    key: Array,
+    batch_size: int = 16,
+    progress: bool = True,
+    raw: bool = False,
+    desc: str = "generating",
+) -> list[str]:
+    """One decoded response per prompt, as :func:`evaluate_policy` samples them (chat template and generation
+    prompt unless ``raw``; batch ``i`` sampled with ``fold_in(key, i)``; one compiled loop for every batch).
+
+    Returns:
+        ``[len(prompts)]`` texts (``skip_special_tokens``).
+    """
+    from tqdm.auto import tqdm
+
+    if not prompts:
+        return []
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"generate: batch_size must be a positive int, got {batch_size!r}")
+    params = _stop_params(params, model, tokenizer, 1)
+    _, encoded = _prompt_records(prompts, raw)
+    dataset = data.tokenize(encoded, tokenizer, progress=False, source="prompts")
+    length = int(max(len(example.sequences[0]) for example in dataset.examples))
+    sampler = Sampler(model, pad_token_id=tokenizer.pad_token_id)
+    texts: list[str] = []
+    with tqdm(total=len(prompts), unit="prompt", desc=desc, disable=not progress, file=sys.stderr) as bar:
+        for index, start in enumerate(range(0, len(prompts), batch_size)):
+            rows = list(range(start, min(start + batch_size, len(prompts))))
+            batch = data.collate(dataset, rows + [None] * (batch_size - len(rows)), length)
+            rollout = sampler.generate(batch["input_ids"], batch["attention_mask"], key=jax.random.fold_in(key, index),
+                                       params=params).take_rows(len(rows))
+            texts += _decode(tokenizer, rollout)
+            bar.update(len(rows))
+    return texts
