@@ -87,11 +87,21 @@ class App:
 
 
 def alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie waiting for its reaper does not)."""
+    """Whether ``pid`` runs: a zombie does not, unless threads of it still run (its exit is under way, and its
+    files, locks included, are released only once the last one ends)."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state != "Z" or len(os.listdir(f"/proc/{pid}/task")) > 1
     except (OSError, IndexError):
         return False
+
+
+def unlocked(lock_file: Path) -> bool:
+    """Whether no process holds the stage's lock (its trainer has released it by ending)."""
+    lock = DirectoryLock(lock_file)
+    free = lock.acquire()
+    lock.release()
+    return free
 
 
 def trainers(run: Path) -> list[int]:
@@ -188,7 +198,7 @@ def test_a_kill_9_stops_the_trainer_and_a_restart_never_runs_a_second(tiny_check
 
         app.process.kill()  # kill -9 of the app alone
         app.process.wait(30)
-        wait_for(lambda: not alive(trainer), STOP_TIMEOUT_S, "the trainer to stop with its app")
+        wait_for(lambda: not alive(trainer) and unlocked(lock_file), STOP_TIMEOUT_S, "the trainer to stop with its app")
         last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"]
         assert last < 400 and not (run / "export").exists()  # it stopped, it did not finish
 
@@ -212,7 +222,7 @@ def test_a_kill_9_stops_the_trainer_and_a_restart_never_runs_a_second(tiny_check
         assert trainers(run) == [second]
 
         assert app.stop(signal.SIGTERM) == 128 + signal.SIGTERM  # it stops its trainer first
-        wait_for(lambda: not alive(second), STOP_TIMEOUT_S, "the trainer to stop with its app")
+        wait_for(lambda: not alive(second) and unlocked(lock_file), STOP_TIMEOUT_S, "the trainer to stop with its app")
         assert trainers(run) == []
     assert app.version("v1")["status"] == "training"  # it resumes at the next start
     assert (run / "checkpoints").is_dir()
