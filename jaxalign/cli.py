@@ -13,6 +13,7 @@ record, an invalid setting), 1 for a run that failed (diverged, or an unexpected
     jaxalign train dpo --config hh_rlhf data.source=hh/train.jsonl.gz  # sft | reward | dpo (docs/offline-trainers.md)
     jaxalign eval --policy runs/hh_rlhf/export --prompts prompts.jsonl     # win rate, KL, rewards (docs/eval.md)
     jaxalign serve --port 8000                     # OpenAI-compatible server of the embedded default (docs/serving.md)
+    jaxalign export runs/sentiment/dpo --format gguf --quant q8_0 --output dpo.gguf   # GGUF, ONNX, HF (docs/export.md)
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Imported here, not at the top: the console script re-executes itself before JAX starts (command()).
     from jaxalign.eval.command import add_eval_command
     from jaxalign.methods.command import add_show_rewards_command, add_train_command
+    from jaxalign.methods.export import add_export_command
     from jaxalign.serve.command import add_serve_command
     from jaxalign.serve.hitl import add_hitl_command
 
@@ -102,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_show_rewards_command(subcommands)
     add_serve_command(subcommands)
     add_hitl_command(subcommands)
+    add_export_command(subcommands)
     return parser
 
 

@@ -209,7 +209,7 @@ def atomic_output(path: Path) -> Iterator[Path]:
     removed when it raises (so a failed or interrupted export leaves no partial file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".partial{path.suffix}", dir=path.parent)
     os.close(handle)
     temporary = Path(temporary)
     try:

@@ -1,0 +1,436 @@
+"""ONNX export of causal LMs (with past key/values, for a decode loop in ONNX Runtime) and reward models.
+
+The graph is jaxalign's own forward pass converted by jax2onnx (JAX's operations to ONNX operators, weights as
+initializers): the export function below calls the model's modules (embeddings, norms, the attention's
+projections and RoPE, :func:`~jaxalign.models.llama.grouped_attention`, the MLP, the LM head) layer by layer on
+unstacked layers, with the cache laid out as ONNX runtimes expect it: the past keys and values come in, the
+present ones (past + new) go out.
+
+Causal LM (opset :data:`ONNX_OPSET`; ``batch``, ``sequence`` and ``past_sequence`` are dynamic):
+
+==============================  =====================================  ==========================================
+input / output                  shape                                  meaning
+==============================  =====================================  ==========================================
+``input_ids``                   int64 ``[batch, sequence]``            the new tokens
+``attention_mask``              int64 ``[batch, past_sequence +        1 for real tokens, 0 for padding, over the
+                                sequence]``                            past and the new tokens
+``position_ids``                int64 ``[batch, sequence]``            the new tokens' positions
+``past_key_values.{i}.key``     float32 ``[batch, kv_heads,            layer ``i``'s keys so far (``past_sequence``
+/ ``.value``                    past_sequence, head_dim]``             0 on the first call)
+``logits``                      float32 ``[batch, sequence, vocab]``   next-token logits
+``present.{i}.key`` / ``.value``  ``[batch, kv_heads, past_sequence +  the cache to pass back as ``past_key_values``
+                                sequence, head_dim]``
+==============================  =====================================  ==========================================
+
+These are the names and layouts of Hugging Face Optimum's decoder exports (``*-with-past``). Keys are stored
+after RoPE, as transformers caches them.
+
+Reward model: ``input_ids`` and ``attention_mask`` ``[batch, sequence]`` in; ``rewards`` (the head's output,
+``[batch]`` or ``[batch, objectives]``, what :class:`~jaxalign.models.RewardModel` returns) and
+``normalized_rewards`` (``gain·reward + bias`` from ``reward_model.json``, what ``jaxalign eval`` reports) out.
+
+``int8``: onnxruntime's dynamic quantisation (int8 weights of every matrix product and of the embedding
+lookup, activations quantised per call), after the fully connected layers are rewritten from ``Gemm`` to
+``MatMul`` (which onnxruntime's dynamic quantiser handles).
+
+Needs the ``export`` extra (onnx, onnxruntime) and jax2onnx (see docs/export.md for why it is installed
+without its dependencies).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import tempfile
+from collections.abc import Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxalign.models.gguf_export import atomic_output
+from jaxalign.models.gpt2 import GPT2LMHeadModel
+from jaxalign.models.heads import RewardModel
+from jaxalign.models.llama import LlamaForCausalLM, grouped_attention
+from jaxalign.models.lora import has_lora, merge_lora
+from jaxalign.models.rope import inverse_frequencies, rope_tables
+from jaxalign.models.stack import per_token, unstack_layers
+
+ONNX_OPSET = 21
+# protobuf caps one file at 2 GiB: larger weights go to a `<file>.data` beside it (ONNX external data).
+_EXTERNAL_DATA_BYTES = 1_500_000_000
+_INT_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+
+def check_onnx_available() -> None:
+    """Raise an ImportError naming what to install when onnx, onnxruntime or jax2onnx is missing."""
+    missing = [name for name in ("onnx", "onnxruntime", "jax2onnx") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ImportError(f"ONNX export needs {', '.join(missing)}: pip install 'jaxalign[export]' and then "
+                          "pip install --no-deps jax2onnx==0.17.1 (docs/export.md says why --no-deps)")
+
+
+def _float32(model) -> None:
+    config = model.config
+    if config.param_dtype != "float32" or config.compute_dtype != "float32":
+        raise ValueError(f"ONNX export writes float32 graphs: load the model with param_dtype and compute_dtype "
+                         f"float32 (it has {config.param_dtype} / {config.compute_dtype})")
+
+
+def _visible(attention_mask, sequence: int, *, window: int | None):
+    """``[B, T, S]`` mask: key ``s`` is real and not after query ``t`` (slot ``S − T + t``), within the window."""
+    total = attention_mask.shape[1]
+    query = jax.lax.broadcasted_iota(jnp.int32, (sequence, total), 0) + (total - sequence)
+    key = jax.lax.broadcasted_iota(jnp.int32, (sequence, total), 1)
+    allowed = key <= query
+    if window is not None:
+        allowed = allowed & (key > query - window)
+    return allowed[None] & (attention_mask[:, None, :] > 0)
+
+
+def _with_past(past, new):
+    """``[B, K, P, Dh]`` past and ``[B, T, K, Dh]`` new -> ``[B, K, P + T, Dh]``.
+
+    ``lax.concatenate``, not ``jnp.concatenate``: jax2onnx 0.17's ``jnp.concatenate`` gives a symbolic ``P + T``
+    axis the size of its first operand."""
+    return jax.lax.concatenate([past, new.transpose(0, 2, 1, 3)], 2)
+
+
+def _llama_layers(model: LlamaForCausalLM):
+    config = model.config
+    inv_freq = inverse_frequencies(config)
+
+    def embed(input_ids, position_ids):
+        cos, sin = rope_tables(position_ids, inv_freq, jnp.float32)
+        return model.model.embed_tokens(input_ids), (cos, sin)
+
+    def layer(block, hidden, rope, past_k, past_v, mask):
+        attn = block.self_attn
+        q, k, v = attn.project(block.input_layernorm(hidden), *rope)
+        keys, values = _with_past(past_k, k), _with_past(past_v, v)
+        out = grouped_attention(q, keys.transpose(0, 2, 1, 3), values.transpose(0, 2, 1, 3), mask,
+                                scale=config.head_dim**-0.5)
+        return block.feed_forward(hidden + per_token(attn.o_proj, out)), keys, values
+
+    return embed, list(model.model.layers.layers), layer, model.model.norm
+
+
+def _gpt2_layers(model: GPT2LMHeadModel):
+    config = model.config
+    trunk = model.transformer
+
+    def embed(input_ids, position_ids):
+        return trunk.wte(input_ids) + trunk.wpe(position_ids), None
+
+    def layer(block, hidden, rope, past_k, past_v, mask):
+        attn = block.attn
+        qkv = per_token(attn.c_attn, block.ln_1(hidden))
+        qkv = qkv.reshape(*hidden.shape[:2], 3, config.n_heads, config.head_dim)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        keys, values = _with_past(past_k, k), _with_past(past_v, v)
+        out = grouped_attention(q, keys.transpose(0, 2, 1, 3), values.transpose(0, 2, 1, 3), mask,
+                                scale=config.head_dim**-0.5)
+        hidden = hidden + per_token(attn.c_proj, out)
+        return hidden + block.mlp(block.ln_2(hidden)), keys, values
+
+    return embed, list(trunk.h.layers), layer, trunk.ln_f
+
+
+def _parts(model):
+    model = unstack_layers(model)
+    if isinstance(model, LlamaForCausalLM):
+        return model, _llama_layers(model)
+    if isinstance(model, GPT2LMHeadModel):
+        return model, _gpt2_layers(model)
+    raise ValueError(f"ONNX export takes a Llama-family or GPT-2 causal LM (or a reward model), not "
+                     f"{type(model).__name__}")
+
+
+def _head(model, hidden):
+    """The LM head as one product with a constant ``[D, V]`` weight (a tied embedding transposed once), which
+    onnxruntime's int8 quantiser takes (it leaves an ``Einsum`` in float32)."""
+    weight = model.tied_embedding().T if model.lm_head is None else model.lm_head.kernel[...]
+    return per_token(lambda rows: rows @ weight, hidden)
+
+
+def _decoder_function(model):
+    model, (embed, blocks, layer, norm) = _parts(model)
+    window = model.config.sliding_window
+
+    def forward(input_ids, attention_mask, position_ids, *past):
+        hidden, rope = embed(input_ids, position_ids)
+        mask = _visible(attention_mask, input_ids.shape[1], window=window)
+        presents = []
+        for index, block in enumerate(blocks):
+            hidden, keys, values = layer(block, hidden, rope, past[2 * index], past[2 * index + 1], mask)
+            presents += [keys, values]
+        return (_head(model, norm(hidden)), *presents)
+
+    return forward
+
+
+def _reward_function(reward_model: RewardModel, gain, bias):
+    backbone = reward_model.backbone
+    lm = _LMProxy(backbone)
+    _, (embed, blocks, layer, norm) = _parts(lm)
+    head = reward_model.reward_head
+    gain, bias = jnp.asarray(gain, jnp.float32), jnp.asarray(bias, jnp.float32)
+
+    def forward(input_ids, attention_mask):
+        mask_int = (attention_mask > 0).astype(jnp.int32)
+        positions = jnp.maximum(jnp.cumsum(mask_int, axis=1) - 1, 0)
+        hidden, rope = embed(input_ids, positions)
+        mask = _visible(attention_mask, input_ids.shape[1], window=backbone.config.sliding_window)
+        shape = (input_ids.shape[0], lm.config.n_kv_heads, 0, lm.config.head_dim)
+        empty = jnp.zeros(shape, jnp.float32)
+        for block in blocks:
+            hidden, _, _ = layer(block, hidden, rope, empty, empty, mask)
+        hidden = norm(hidden)
+        if head.pooling == "mean":
+            weights = mask_int.astype(jnp.float32)
+            total = jnp.sum(hidden * weights[..., None], axis=1)
+            features = total / jnp.maximum(jnp.sum(weights, axis=1), 1.0)[:, None]
+        else:
+            slots = jax.lax.broadcasted_iota(jnp.int32, mask_int.shape, 1)
+            last = jnp.max(jnp.where(mask_int > 0, slots, 0), axis=1)
+            chosen = (slots == last[:, None]).astype(jnp.float32)  # a one-hot sum: a gather jax2onnx sizes fine
+            features = jnp.sum(hidden * chosen[..., None], axis=1)
+        rewards = head.project(features)
+        return rewards, gain * rewards + bias
+
+    return forward
+
+
+class _LMProxy:
+    """A reward model's backbone seen as the causal LM it was built from (the layers and trunk, no LM head)."""
+
+    def __new__(cls, backbone):
+        from flax import nnx
+
+        from jaxalign.models.gpt2 import GPT2Model
+        from jaxalign.models.llama import LlamaModel
+
+        config = backbone.config
+        if isinstance(backbone, LlamaModel):
+            lm = nnx.eval_shape(lambda: LlamaForCausalLM(config.with_policy(), rngs=nnx.Rngs(0)))
+            lm.model = backbone
+        elif isinstance(backbone, GPT2Model):
+            lm = nnx.eval_shape(lambda: GPT2LMHeadModel(config.with_policy(), rngs=nnx.Rngs(0)))
+            lm.transformer = backbone
+        else:
+            raise ValueError(f"ONNX export: a reward model on a {type(backbone).__name__} is not supported")
+        return lm
+
+
+def _int64_inputs(graph, names: Sequence[str]) -> None:
+    """Declare ``names`` int64 (as tokenizers and ONNX runtimes give ids) and cast them to the graph's int32."""
+    import onnx
+    from onnx import helper
+
+    casts = []
+    for value in graph.input:
+        if value.name in names:
+            inner = f"{value.name}__int32"
+            for node in graph.node:
+                node.input[:] = [inner if name == value.name else name for name in node.input]
+            value.type.tensor_type.elem_type = onnx.TensorProto.INT64
+            casts.append(helper.make_node("Cast", [value.name], [inner], to=onnx.TensorProto.INT32,
+                                          name=f"cast_{value.name}"))
+    for cast in reversed(casts):
+        graph.node.insert(0, cast)
+
+
+def _name_dims(values, dims: dict[str, Sequence[str | int]]) -> None:
+    """Give graph inputs/outputs their documented dimension names (jax2onnx names derived axes itself)."""
+    for value in values:
+        if value.name not in dims:
+            continue
+        for dim, wanted in zip(value.type.tensor_type.shape.dim, dims[value.name]):
+            if isinstance(wanted, str):
+                dim.dim_param = wanted
+            else:
+                dim.dim_value = wanted
+
+
+def _gemm_to_matmul(graph) -> None:
+    """``Gemm(A, B, C)`` with a constant ``B`` -> ``MatMul(A, B) + C``: onnxruntime's dynamic int8 quantiser
+    quantises MatMul weights, not Gemm's."""
+    from onnx import helper, numpy_helper
+
+    initializers = {init.name: init for init in graph.initializer}
+    nodes = []
+    for node in graph.node:
+        attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        beta = attributes.get("beta", 1.0)
+        has_bias = len(node.input) > 2 and bool(node.input[2]) and beta != 0.0  # beta 0: the bias is unused
+        plain = attributes.get("alpha", 1.0) == 1.0 and not attributes.get("transA", 0) and beta in (0.0, 1.0)
+        if node.op_type != "Gemm" or not plain or node.input[1] not in initializers:
+            nodes.append(node)
+            continue
+        weight = node.input[1]
+        if attributes.get("transB", 0):
+            transposed = numpy_helper.from_array(numpy_helper.to_array(initializers[weight]).T.copy(),
+                                                 f"{weight}__transposed")
+            graph.initializer.append(transposed)
+            weight = transposed.name
+        product = f"{node.output[0]}__product" if has_bias else node.output[0]
+        nodes.append(helper.make_node("MatMul", [node.input[0], weight], [product], name=f"{node.name}_matmul"))
+        if product != node.output[0]:
+            nodes.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{node.name}_add"))
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def _save(proto, path: Path, *, external: bool, data_name: str) -> None:
+    import onnx
+
+    if external:
+        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_name, size_threshold=1024)
+    else:
+        onnx.save_model(proto, str(path))
+
+
+def _convert(function, specs, input_names, output_names, *, name: str, int8: bool, path: Path,
+             metadata: dict[str, str], progress: bool, dims: dict[str, Sequence[str | int]]) -> Path:
+    check_onnx_available()
+    import logging
+
+    import onnx
+    from jax2onnx import to_onnx
+
+    steps = ["converting with jax2onnx", "rewriting for onnxruntime", "saving"]
+    steps += ["int8 quantisation"] if int8 else []
+    with tqdm(total=len(steps), desc=f"writing {path.name}", unit="step", disable=not progress) as bar:
+        bar.set_postfix_str(steps[0])
+        # jax2onnx logs a traceback for each optional plugin whose package (equinox, dm-pix) is absent.
+        logging.getLogger("jax2onnx").setLevel(logging.ERROR)
+        proto = to_onnx(function, specs, input_names=input_names, output_names=output_names, opset=ONNX_OPSET,
+                        model_name=name)
+        bar.update()
+        bar.set_postfix_str(steps[1])
+        _int64_inputs(proto.graph, _INT_INPUTS)
+        _gemm_to_matmul(proto.graph)
+        _name_dims(proto.graph.input, dims)
+        _name_dims(proto.graph.output, dims)
+        for key, value in metadata.items():
+            proto.metadata_props.add(key=key, value=value)
+        proto.producer_name = "jaxalign"
+        onnx.checker.check_model(proto, full_check=False)
+        bar.update()
+        bar.set_postfix_str(steps[2])
+        external = sum(init.ByteSize() for init in proto.graph.initializer) > _EXTERNAL_DATA_BYTES
+        if not int8:
+            with _cleaned_data_file(path):
+                with atomic_output(path) as temporary:
+                    _save(proto, temporary, external=external, data_name=f"{path.name}.data")
+            bar.update()
+            return path
+        with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as scratch:
+            float_path = Path(scratch) / "float32.onnx"
+            _save(proto, float_path, external=external, data_name="float32.onnx.data")
+            bar.update()
+            bar.set_postfix_str(steps[3])
+            quantize_onnx(float_path, path)
+            bar.update()
+    return path
+
+
+@contextmanager
+def _cleaned_data_file(path: Path):
+    """Remove ``path``'s external-data file if writing fails (it is written under its final name)."""
+    data_file = path.with_name(f"{path.name}.data")
+    existed = data_file.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed:
+            data_file.unlink(missing_ok=True)
+        raise
+
+
+def quantize_onnx(float_path: str | Path, path: str | Path) -> Path:
+    """onnxruntime's dynamic int8 quantisation of an exported float32 file (``MatMul`` weights and the embedding
+    ``Gather``; activations quantised per call), written to ``path`` under a temporary name."""
+    check_onnx_available()
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    float_path, path = Path(float_path), Path(path)
+    model = onnx.load(str(float_path), load_external_data=False)
+    external = any(init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer)
+    with _cleaned_data_file(path), tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as scratch:
+        quantized = Path(scratch) / "int8.onnx"
+        quantize_dynamic(float_path, quantized, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gather"],
+                         use_external_data_format=external)
+        with atomic_output(path) as temporary:
+            if external:  # re-saved so the data file is named after the final file, not the scratch one
+                _save(onnx.load(str(quantized)), temporary, external=True, data_name=f"{path.name}.data")
+            else:
+                os.replace(quantized, temporary)
+    return path
+
+
+def save_onnx(model, path: str | Path, *, int8: bool = False, metadata: dict[str, str] | None = None,
+              progress: bool = True) -> Path:
+    """Write a causal LM's forward pass with past key/values (module docstring) as an ONNX file.
+
+    Args:
+        model: a float32 :class:`~jaxalign.models.LlamaForCausalLM` or :class:`~jaxalign.models.GPT2LMHeadModel`;
+            LoRA adapters are merged first.
+        path: the ``.onnx`` file (written under a temporary name, renamed at the end).
+        int8: apply onnxruntime's dynamic int8 quantisation.
+        metadata: extra ``metadata_props`` (strings).
+        progress: show a bar over the steps.
+    """
+    if not isinstance(model, (LlamaForCausalLM, GPT2LMHeadModel)):
+        raise ValueError(f"save_onnx takes a Llama-family or GPT-2 causal LM, not {type(model).__name__} (a reward "
+                         "model goes through save_reward_onnx)")
+    _float32(model)
+    if has_lora(model):
+        model = merge_lora(model)
+    config = model.config
+    batch, sequence, past = jax.export.symbolic_shape("batch, sequence, past_sequence")
+    ids = jax.ShapeDtypeStruct((batch, sequence), jnp.int32)
+    cache = jax.ShapeDtypeStruct((batch, config.n_kv_heads, past, config.head_dim), jnp.float32)
+    specs = [ids, jax.ShapeDtypeStruct((batch, past + sequence), jnp.int32), ids] + [cache] * (2 * config.n_layers)
+    inputs = list(_INT_INPUTS) + [f"past_key_values.{i}.{kind}" for i in range(config.n_layers)
+                                  for kind in ("key", "value")]
+    outputs = ["logits"] + [f"present.{i}.{kind}" for i in range(config.n_layers) for kind in ("key", "value")]
+    info = {"jaxalign.kind": "causal_lm", "jaxalign.architecture": config.architecture,
+            "jaxalign.num_layers": str(config.n_layers), **(metadata or {})}
+    cache_dims = ("batch", config.n_kv_heads, "past_sequence", config.head_dim)
+    present_dims = ("batch", config.n_kv_heads, "past_sequence + sequence", config.head_dim)
+    dims = {"input_ids": ("batch", "sequence"), "position_ids": ("batch", "sequence"),
+            "attention_mask": ("batch", "past_sequence + sequence"), "logits": ("batch", "sequence", config.vocab_size),
+            **{name: cache_dims for name in inputs[3:]}, **{name: present_dims for name in outputs[1:]}}
+    return _convert(_decoder_function(model), specs, inputs, outputs, path=Path(path), int8=int8, metadata=info,
+                    progress=progress, name=f"{config.architecture}_with_past", dims=dims)
+
+
+def save_reward_onnx(reward_model: RewardModel, path: str | Path, *, gain=1.0, bias=0.0, int8: bool = False,
+                     metadata: dict[str, str] | None = None, progress: bool = True) -> Path:
+    """Write a reward model (trunk, pooling and head) as an ONNX file: ``rewards`` and ``normalized_rewards``.
+
+    Args:
+        reward_model: a float32 :class:`~jaxalign.models.RewardModel`.
+        gain, bias: ``reward_model.json``'s normalisation (a number, or one per objective).
+    """
+    _float32(reward_model.backbone)
+    if has_lora(reward_model):
+        reward_model = merge_lora(reward_model)
+    batch, sequence = jax.export.symbolic_shape("batch, sequence")
+    ids = jax.ShapeDtypeStruct((batch, sequence), jnp.int32)
+    head = reward_model.reward_head
+    info = {"jaxalign.kind": "reward_model", "jaxalign.pooling": head.pooling,
+            "jaxalign.num_objectives": str(head.num_objectives or 0), **(metadata or {})}
+    function = _reward_function(reward_model, np.asarray(gain, np.float32), np.asarray(bias, np.float32))
+    scores = ("batch",) if head.num_objectives is None else ("batch", head.num_objectives)
+    dims = {"input_ids": ("batch", "sequence"), "attention_mask": ("batch", "sequence"), "rewards": scores,
+            "normalized_rewards": scores}
+    return _convert(function, [ids, ids], ["input_ids", "attention_mask"], ["rewards", "normalized_rewards"],
+                    path=Path(path), int8=int8, metadata=info, progress=progress, name="reward_model", dims=dims)
+
