@@ -202,7 +202,6 @@ def run_eval(args) -> int:
         return 0
     # Bad prompts, benchmark files, templates, an unreachable judge: all fail before any model is loaded.
     prompts = None if args.prompts is None else data.read_prompt_file(args.prompts, option="--prompts")
-    judging.key_note(args)
     ready = judging.prepare(args)
     lines: list[str] = []
     extra: dict = {}

@@ -5,7 +5,6 @@ and TruthfulQA-MC on their files)."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -304,7 +303,3 @@ def write_templates_if_asked(args) -> bool:
           + ", ".join(p.name for p in paths), file=sys.stderr)
     return args.prompts is None and args.pairs is None and args.eval_sft is None and args.benchmark is None
 
-
-def key_note(args) -> None:
-    if args.judge_url and not os.environ.get(args.judge_key_env):
-        print(f"note: ${args.judge_key_env} is not set: the judge is asked without an API key", file=sys.stderr)
