@@ -1,0 +1,64 @@
+"""The LLM judge against a live ``jaxalign serve`` on loopback (a tiny random Llama): its verdicts are noise, so
+the test checks what the counts say, that nothing crashes, and that a request the server refuses (a prompt
+longer than its context) is counted as a client error, not retried."""
+
+from __future__ import annotations
+
+import pytest
+
+from jaxalign.eval.llm_judge import JudgeSpec, grade, judged_win_rate
+from jaxalign.eval.templates import DEFAULT_TEMPLATES, Template
+from tests.serve.conftest import MODEL, running_server, serve_args, tiny_checkpoint  # noqa: F401 (fixture)
+
+PROMPTS = ["Hi", "sky ?", "Go away .", "blue sky", "Hi ?", "Go"]
+POLICY = ["sky blue .", "Hi", "Go away", "blue", "sky", "Hi Hi"]
+REFERENCE = ["Go", "blue blue", "sky", "Hi .", "Go away .", "?"]
+# Templates short enough for the tiny server's context (its word-level tokenizer spends a token per word).
+SHORT = {**DEFAULT_TEMPLATES,
+         "pairwise": Template("pairwise", "{question} A: {answer_a} B: {answer_b}", "Say [[A]], [[B]] or [[C]]."),
+         "single": Template("single", "{question} {answer}", "Rating: [[N]]"),
+         "single_multi": Template("single_multi", "{question_1} {answer_1} {question_2} {answer_2}")}
+
+
+@pytest.fixture(scope="module")
+def served(tiny_checkpoint):  # noqa: F811
+    with running_server(serve_args(tiny_checkpoint, max_model_len=96)) as (url, _):
+        yield url + "/v1"
+
+
+def spec(url, **overrides):
+    options = dict(url=url, model=MODEL, templates=SHORT, cache_dir=None, max_tokens=6, timeout_s=60,
+                   backoff_s=0.01, retries=2, concurrency=4)
+    return JudgeSpec(**{**options, **overrides})
+
+
+def test_pairwise_against_jaxalign_serve(served):
+    result = judged_win_rate(PROMPTS, POLICY, REFERENCE, spec(served), lc_bootstrap=0)
+    counts = result.counts
+    assert counts["judgments"] == 12 and counts["ok"] + counts["unparseable"] == 12
+    assert all(counts[k] == 0 for k in ("timeout", "rate_limited", "server_error", "client_error", "connection",
+                                        "bad_response"))
+    assert counts["requests"] == 12 and counts["retries"] == 0
+    assert all(isinstance(j["raw"], str) and j["error"] is None for j in result.judgments)
+    # A verdict is only ever what the text says.
+    for j in result.judgments:
+        assert (j["verdict"] is None) == (j["status"] == "unparseable")
+    if result.win_rate is None:
+        assert counts["ok"] == 0
+    else:
+        assert result.win_rate.n == counts["ok"]
+
+
+def test_grading_against_jaxalign_serve(served):
+    items = [{"turns": ["Hi", "sky ?"], "answers": ["blue", "Go away"], "category": "writing"},
+             {"turns": ["Go ?"], "answers": ["sky"], "category": "math"}]
+    grades = grade(items, spec(served))
+    assert grades.counts["judgments"] == 3 and grades.counts["ok"] + grades.counts["unparseable"] == 3
+
+
+def test_a_prompt_beyond_the_context_is_a_client_error(served):
+    long = " ".join(["sky"] * 200)
+    result = judged_win_rate(["Hi"], [long], ["Go"], spec(served), lc_bootstrap=0)
+    assert result.counts["client_error"] == 2 and result.counts["requests"] == 2  # a 400 is not retried
+    assert all(j["error"].startswith("HTTP 400") for j in result.judgments)
+    assert result.win_rate is None
