@@ -26,7 +26,7 @@ from pathlib import Path
 from jaxalign import models
 from jaxalign.methods.common import EXPORT_DIR, RUN_FILE
 from jaxalign.models.doctor_io import DOCTOR_FILE, VALUE_HEAD_FILE
-from jaxalign.models.gguf_export import QUANT_TYPES, save_gguf
+from jaxalign.models.gguf_export import QUANT_TYPES, gguf_architecture, save_gguf
 from jaxalign.models.hf_io import CONFIG_FILE
 from jaxalign.models.reward_io import HEAD_FILE, META_FILE
 
@@ -124,6 +124,8 @@ def check_request(source: Source, fmt: str, output: Path, *, quant: str | None, 
         raise ValueError(f"--output {output} is a directory; a {fmt.upper()} export is one file")
     if source.path is not None and output.resolve() == source.path.resolve():
         raise ValueError(f"--output {output} is the source itself")
+    if fmt == "gguf" and source.path is not None and source.path.is_dir():  # a .gguf source is always expressible
+        gguf_architecture(models.load_hf_config(source.path))
 
 
 def load_source(source: Source):

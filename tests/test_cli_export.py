@@ -1,0 +1,177 @@
+"""``jaxalign export`` as users run it: a run directory to GGUF (read back by transformers), a reward model to
+ONNX, a doctor to HF and GGUF, the refusals before any work, and the command from another directory."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from jaxalign import models
+from jaxalign.cli import main
+from tests.models.conftest import V, make_hf_model
+from tests.models.test_gguf_export import byte_level_tokenizer, chat_ids, stored_weights
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A finished run's output directory: run.json and export/ (a tiny Llama with a byte-level tokenizer)."""
+    run = tmp_path_factory.mktemp("export_cli") / "runs" / "dpo"
+    make_hf_model("llama_tied_3_layers").save_pretrained(run / "export")
+    byte_level_tokenizer().save_pretrained(run / "export")
+    (run / "run.json").write_text(json.dumps({"config": {"method": "dpo"}}))
+    (run / "checkpoints").mkdir()
+    return run
+
+
+def export(capsys, *args) -> tuple[int, str, str]:
+    status = main(["export", *map(str, args)])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def test_run_to_gguf_read_by_transformers_and_refused_twice(run_dir, tmp_path, capsys):
+    output = tmp_path / "model-q8_0.gguf"
+    status, out, err = export(capsys, run_dir, "--format", "gguf", "--quant", "q8_0", "--output", output)
+    assert status == 0, err
+    assert "exporting causal LM" in err and f"wrote {output}" in out
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=output.name, dtype=torch.float32)
+    their_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=output.name)
+    policy = models.load_hf(run_dir / "export")
+    ids = chat_ids(their_tokenizer)
+    assert ids == chat_ids(byte_level_tokenizer())
+    with torch.no_grad():
+        read = theirs(torch.tensor([ids])).logits.numpy()[0]
+    expected = np.asarray(stored_weights(policy, "q8_0")(jnp.asarray([ids]))[0])[0]
+    np.testing.assert_allclose(read, expected, atol=1e-3, rtol=0)
+
+    capsys.readouterr()  # transformers' loading bars
+    before = output.stat().st_mtime_ns
+    status, _, err = export(capsys, run_dir, "--format", "gguf", "--output", output)
+    assert status == 2 and "already exists" in err and "--overwrite" in err and err.count("\n") == 1
+    assert output.stat().st_mtime_ns == before
+    status, _, err = export(capsys, run_dir / "checkpoints", "--format", "gguf", "--output", output, "--overwrite")
+    assert status == 0 and models.load_gguf(output)[0].config.n_layers == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model-q8_0.gguf"], "no temporary files"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--format", "safetensors"], "--format 'safetensors' is not one of gguf, onnx, hf"),
+    (["--format", "gguf", "--quant", "q3_x"], "--quant 'q3_x' is not one of f16, bf16, q8_0, q4_0, q4_k_m"),
+    (["--format", "gguf", "--int8"], "--int8 is for --format onnx"),
+    (["--format", "onnx", "--quant", "q8_0"], "--quant is for --format gguf"),
+    (["--format", "onnx", "--output-name", "x"], "unrecognized arguments"),
+])
+def test_bad_requests_fail_before_loading(run_dir, tmp_path, capsys, monkeypatch, args, message):
+    def no_load(*_, **__):
+        raise AssertionError("a model was loaded before the request was checked")
+
+    monkeypatch.setattr("jaxalign.methods.export.load_source", no_load)
+    output = tmp_path / ("x.onnx" if "onnx" in args else "x.gguf")
+    if "--output-name" in args:
+        with pytest.raises(SystemExit):
+            export(capsys, run_dir, *args, "--output", output)
+        assert message in capsys.readouterr().err
+        return
+    status, _, err = export(capsys, run_dir, *args, "--output", output)
+    assert status == 2 and message in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sources_that_are_no_model_are_named(tmp_path, capsys):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("hi")
+    status, _, err = export(capsys, tmp_path / "notes", "--format", "gguf", "--output", tmp_path / "x.gguf")
+    assert status == 2 and "is no model" in err
+    status, _, err = export(capsys, tmp_path / "missing", "--format", "gguf", "--output", tmp_path / "x.gguf")
+    assert status == 2 and "no such file or directory" in err
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run.json").write_text("{}")
+    status, _, err = export(capsys, tmp_path / "run", "--format", "gguf", "--output", tmp_path / "x.gguf")
+    assert status == 2 and "without an export/ directory" in err
+    status, _, err = export(capsys, tmp_path / "notes" / "readme.txt", "--format", "gguf", "--output",
+                            tmp_path / "x.gguf")
+    assert status == 2 and "must be a .gguf file" in err
+
+
+def test_architecture_gguf_cannot_express_is_refused(tmp_path, capsys, monkeypatch):
+    directory = tmp_path / "mistral"
+    make_hf_model("mistral_window").save_pretrained(directory)
+    byte_level_tokenizer().save_pretrained(directory)
+    capsys.readouterr()
+
+    def no_load(*_, **__):
+        raise AssertionError("the model was loaded before its architecture was checked")
+
+    monkeypatch.setattr("jaxalign.methods.export.load_source", no_load)
+    status, _, err = export(capsys, directory, "--format", "gguf", "--output", tmp_path / "m.gguf")
+    assert status == 2 and "sliding attention window" in err and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mistral"]
+
+
+def test_reward_model_to_onnx_scores_and_refuses_gguf(tmp_path, capsys):
+    import onnxruntime as ort
+
+    lm = models.load_hf(_saved_llama(tmp_path / "base"))
+    reward_model = models.RewardModel(lm, pooling="mean", rngs=nnx.Rngs(4))
+    directory = models.save_reward_model(tmp_path / "reward", reward_model, models.load_hf(tmp_path / "base"),
+                                         byte_level_tokenizer(), gain=1.5, bias=-0.25)
+    status, _, err = export(capsys, directory, "--format", "gguf", "--output", tmp_path / "r.gguf")
+    assert status == 2 and "is a reward model" in err
+    status, _, err = export(capsys, directory, "--format", "onnx", "--output", tmp_path / "reward.onnx")
+    assert status == 0, err
+    session = ort.InferenceSession(str(tmp_path / "reward.onnx"), providers=["CPUExecutionProvider"])
+    tokens = np.random.default_rng(0).integers(0, V, size=(2, 6))
+    mask = np.array([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]])
+    rewards, normalized = session.run(None, {"input_ids": tokens, "attention_mask": mask})
+    loaded, info = models.load_reward_model(directory)
+    expected = np.asarray(loaded(jnp.asarray(tokens), attention_mask=jnp.asarray(mask)))
+    np.testing.assert_allclose(rewards, expected, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(normalized, 1.5 * expected - 0.25, atol=1e-4, rtol=0)
+
+
+def test_doctor_to_hf_with_its_value_head_and_to_gguf(tmp_path, capsys):
+    lm = models.load_hf(_saved_llama(tmp_path / "base"))
+    doctor = models.CausalLMWithValueHead(lm, rngs=nnx.Rngs(5))
+    directory = models.save_doctor(tmp_path / "doctor", doctor, byte_level_tokenizer(), dimension="safety")
+    status, _, err = export(capsys, directory, "--format", "hf", "--output", tmp_path / "copy")
+    assert status == 0, err
+    copied, _, card = models.load_doctor(tmp_path / "copy")
+    assert card["dimension"] == "safety"
+    np.testing.assert_array_equal(np.asarray(copied.value_head.kernel[...]), np.asarray(doctor.value_head.kernel[...]))
+    status, _, err = export(capsys, directory, "--format", "gguf", "--output", tmp_path / "doctor.gguf")
+    assert status == 0, err
+    patient_side, _ = models.load_gguf(tmp_path / "doctor.gguf")
+    ids = chat_ids(byte_level_tokenizer())
+    np.testing.assert_allclose(np.asarray(patient_side(jnp.asarray([ids]))[0]),
+                               np.asarray(stored_weights(lm, "f16")(jnp.asarray([ids]))[0]), atol=1e-4, rtol=0)
+    status, _, err = export(capsys, directory, "--format", "onnx", "--output", tmp_path / "d.onnx")
+    assert status == 2 and "is a TFPO doctor" in err
+
+
+def _saved_llama(directory: Path) -> Path:
+    make_hf_model("llama").save_pretrained(directory)
+    byte_level_tokenizer().save_pretrained(directory)
+    return directory
+
+
+def test_the_command_from_another_directory(run_dir, tmp_path):
+    """As docs/export.md writes it: the console entry point, relative paths, another working directory."""
+    workdir = run_dir.parent.parent  # holds runs/dpo
+    command = [sys.executable, "-m", "jaxalign.cli", "export", "runs/dpo", "--format", "hf", "--output", "hf-copy"]
+    done = subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "wrote hf-copy" in done.stdout
+    copy = models.load_hf(workdir / "hf-copy")
+    assert copy.config.same_architecture(models.load_hf(run_dir / "export").config)
+    assert transformers.AutoTokenizer.from_pretrained(workdir / "hf-copy").chat_template is not None
