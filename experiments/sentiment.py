@@ -18,7 +18,8 @@ Stages, each with a progress bar:
    the base model; accuracy against the gold labels on the held-out pairs (target >= 70 % on pairs whose gold
    margin exceeds 0.1).
 4. DPO policy: DPO on the same human (gold) labels (preset ``sentiment``, its ``dpo`` section), the reference log-probs
-   precomputed in one pass.
+   precomputed in one pass; the policy is exported as a Hugging Face directory (``dpo/export``) and as a q8_0 GGUF
+   file (``dpo/model-q8_0.gguf``) that llama.cpp, Ollama and LM Studio run (docs/export.md).
 5. evaluation on the held-out prompts: gold win rate of the DPO policy against the base model with a 95 %
    interval (target >= 60 %, interval above 50 %), mean gold and learned reward, KL to the reference.
 
@@ -55,6 +56,7 @@ from tqdm.auto import tqdm
 from jaxalign import eval as jeval
 from jaxalign import models
 from jaxalign.methods import common, pipeline, recipe
+from jaxalign.models.gguf_export import save_gguf
 from jaxalign.rollout import Sampler, SamplingParams
 
 TEMPLATES = (
@@ -78,6 +80,7 @@ SUBJECTS = (
     "a romantic comedy", "a board game night", "a power outage", "a farmers market", "a cold cup of coffee",
 )
 GOLD_MARGIN = 0.1  # pairs the reward model is scored on: a clear gold preference
+GGUF_FILE = "model-q8_0.gguf"  # the DPO policy for llama.cpp / Ollama, in <output-dir>/dpo
 STAGES = ("prompts", "pairs", "reward", "dpo", "evaluation")
 SHOWN_SAMPLES = 3
 # --smoke: the smallest run that still executes every stage (each stage needs both train and held-out pairs).
@@ -311,6 +314,10 @@ def main(argv: list[str] | None = None) -> int:
     stage = time.perf_counter()
     dpo_run = pipeline.run(stage_configs["dpo"], overwrite=args.overwrite)
     timings["dpo_s"] = time.perf_counter() - stage
+    stage = time.perf_counter()
+    gguf_path = save_gguf(dpo_run.model, tokenizer, out / "dpo" / GGUF_FILE, quant="q8_0")
+    timings["gguf_s"] = time.perf_counter() - stage
+    print(f"      deployable: {gguf_path} (q8_0 GGUF for llama.cpp / Ollama, beside the HF export)")
 
     print("[5/5] evaluation on the held-out prompts")
     stage = time.perf_counter()
