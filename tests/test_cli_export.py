@@ -31,6 +31,7 @@ def run_dir(tmp_path_factory) -> Path:
     byte_level_tokenizer().save_pretrained(run / "export")
     (run / "run.json").write_text(json.dumps({"config": {"method": "dpo"}}))
     (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "config.json").write_text(json.dumps({"config": {}}))  # Orbax's run metadata
     return run
 
 

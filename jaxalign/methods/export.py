@@ -6,7 +6,8 @@
     jaxalign export runs/doctors/safety --format gguf --output doctor.gguf       # a TFPO doctor's LM
     jaxalign export default --format gguf --quant q4_k_m --output smollm2-q4_k_m.gguf
 
-The source is a run's output directory (its ``export/``), an export directory itself (a causal LM, a reward
+The source is a run's output directory or its ``checkpoints/`` (either way the run's ``export/``, the weights at
+the end of the run), an export directory itself (a causal LM, a reward
 model, or a TFPO doctor), a plain Hugging Face checkpoint directory, a ``.gguf`` file (dequantised on load), or
 ``default`` (the embedded SmolLM2-135M-Instruct). LoRA adapters were merged by the run's export; a model loaded
 with adapters is merged by the writers too. Every check (format, quantisation, source kind, architecture,
@@ -33,6 +34,7 @@ from jaxalign.models.reward_io import HEAD_FILE, META_FILE
 FORMATS = ("gguf", "onnx", "hf")
 DEFAULT_SOURCE = "default"
 DOCTORS_FILE = "doctors.json"
+CHECKPOINTS_DIR = "checkpoints"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +73,8 @@ def resolve_source(given: str) -> Source:
         doctors = json.loads((path / DOCTORS_FILE).read_text()).get("doctors") or {}
         listed = ", ".join(f"{name}: {where}" for name, where in doctors.items())
         raise ValueError(f"{given} holds one doctor per dimension ({listed}): export each doctor's directory")
+    if path.name == CHECKPOINTS_DIR and (path.parent / RUN_FILE).is_file():  # the run's export: its final weights
+        return dataclasses.replace(resolve_source(str(path.parent)), given=given)
     if (path / RUN_FILE).is_file() and not (path / CONFIG_FILE).is_file():
         export = path / EXPORT_DIR
         if not export.is_dir():
@@ -91,8 +95,6 @@ def resolve_source(given: str) -> Source:
             raise ValueError(f"{given} has no tokenizer files ({', '.join(models.TOKENIZER_FILES)}): an export "
                              "carries its tokenizer (GGUF and ONNX users need it)")
         return Source("causal_lm", path, given)
-    if path.name == "checkpoints" and (path.parent / RUN_FILE).is_file():
-        return dataclasses.replace(resolve_source(str(path.parent)), given=given)
     raise ValueError(f"{given} is no model: expected a run directory ({RUN_FILE} and {EXPORT_DIR}/), an export or "
                      f"Hugging Face directory ({CONFIG_FILE} and tokenizer files), a .gguf file or "
                      f"'{DEFAULT_SOURCE}'")
