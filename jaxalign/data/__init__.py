@@ -11,7 +11,9 @@ Quick path::
     state = batches.state_dict() # save with the checkpoint; batches.load_state_dict(state) resumes
 
 Step by step: :func:`read_records` (file -> records + report), :func:`tokenize` (records ->
-:class:`TokenizedDataset`), :class:`BatchIterator` (dataset -> batches). See ``docs/data.md``.
+:class:`TokenizedDataset`), :class:`BatchIterator` (dataset -> batches). Mixtures of several sources
+(``DataConfig(sources=[...])``), de-duplication and the length filter: :mod:`jaxalign.data.mixture`,
+:mod:`jaxalign.data.selection`. See ``docs/data.md``.
 """
 
 from jaxalign.data.batches import (
@@ -29,6 +31,7 @@ from jaxalign.data.config import DataConfig, build_batches, build_dataset
 from jaxalign.data.errors import DataError, Location, Reason, Report
 from jaxalign.data.formats import FORMATS, OPENAI_PAD_TOKEN_ID, Format, ReadOptions, detect_format, get_format
 from jaxalign.data.loader import BatchIterator, epoch_order
+from jaxalign.data.mixture import MixtureSource, SourceSpec, mixture_order
 from jaxalign.data.reader import read_prompt_file, read_records
 from jaxalign.data.records import (
     BestOfNRecord,
@@ -44,7 +47,15 @@ from jaxalign.data.records import (
     text_as_chat,
 )
 from jaxalign.data.render import conversation_to_sft, record_as_text, render_text
-from jaxalign.data.tokenize import TOKEN_VALUES, Rendering, TokenizedDataset, TokenizedExample, tokenize
+from jaxalign.data.selection import DEDUP_MODES, LengthFilter
+from jaxalign.data.tokenize import (
+    TOKEN_VALUES,
+    Rendering,
+    TokenizedDataset,
+    TokenizedExample,
+    tokenize,
+    tokenize_sources,
+)
 from jaxalign.data.tokenizer import load_tokenizer
 from jaxalign.data.truncation import TokenSequence, Truncation
 
@@ -57,6 +68,7 @@ __all__ = [
     "SequenceBatch",
     "SharedPairBatch",
     "batch_class",
+    "DEDUP_MODES",
     "FORMATS",
     "OPENAI_PAD_TOKEN_ID",
     "TOKEN_VALUES",
@@ -65,8 +77,10 @@ __all__ = [
     "DataConfig",
     "DataError",
     "Format",
+    "LengthFilter",
     "Location",
     "Message",
+    "MixtureSource",
     "PreferenceGroup",
     "PreferenceRecord",
     "PromptRecord",
@@ -77,6 +91,7 @@ __all__ = [
     "Report",
     "SFTRecord",
     "ScoredConversation",
+    "SourceSpec",
     "TokenSequence",
     "TokenizedDataset",
     "TokenizedExample",
@@ -92,10 +107,12 @@ __all__ = [
     "flatten_groups",
     "get_format",
     "load_tokenizer",
+    "mixture_order",
     "read_prompt_file",
     "read_records",
     "record_as_text",
     "render_text",
     "text_as_chat",
     "tokenize",
+    "tokenize_sources",
 ]

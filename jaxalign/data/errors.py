@@ -77,7 +77,7 @@ class Report:
     """What one stage did with a source's records.
 
     Attributes:
-        stage: ``"read"`` or ``"tokenize"``.
+        stage: ``"read"``, ``"dedup"`` or ``"tokenize"``.
         source: the file or dataset the records came from.
         seen: records the stage was given.
         kept: records it passed on.
@@ -86,7 +86,8 @@ class Report:
         truncated: ``{what: count}`` of sequences shortened by the truncation policy
             (``"prompt"``: its start was cut; ``"completion"``: its end was cut) and ``"tokens"`` dropped.
         notes: ``{what: count}`` of things that are not errors but change the data (e.g.
-            ``"prompt_boundary"``: the tokenised prompt was not a prefix of prompt + completion).
+            ``"prompt_boundary"``: the tokenised prompt was not a prefix of prompt + completion;
+            ``"duplicates"``, ``"too_short"``, ``"too_long"``: records ``data.dedup`` or ``data.filter`` left out).
     """
 
     stage: str
@@ -110,6 +111,8 @@ class Report:
         """Close the stage: log (as a warning) what was skipped, truncated or changed; raise if every record
         was skipped."""
         if self.seen and not self.kept:
+            if not self.skipped:  # removed on purpose (duplicates, the length filter), not for being bad
+                raise DataError(f"every record was left out ({self})", where=self.source)
             (most_common, _), = self.skipped.most_common(1)
             raise DataError(f"every record was skipped ({self})", where=self.source, reason=Reason(most_common))
         if self.skipped or self.truncated or self.notes:  # all change the data: shown by default

@@ -20,11 +20,17 @@ with compact targets pads ``K`` (the target slots) by the same rule from its lon
 the dataset's longest (one shape), else the bucket or multiple that holds the batch's. Packed rows carry no
 target slots.
 
+A dataset of several sources (``dataset.mixture``, from ``data.sources``) is visited as a mixture: epoch ``e``'s
+order interleaves the sources by weight, each drawn from its own seeded stream (:mod:`jaxalign.data.mixture`
+has the algorithm); the batches are cut from that order in the same way.
+
 Position: the iterator's state is ``(epoch, position)``, ``position`` being how many examples of the
 epoch's order are consumed; :meth:`BatchIterator.state_dict` returns it (with the seed and the
 dataset's fingerprint) as a small JSON-able dict that a checkpoint stores, and
 :meth:`BatchIterator.load_state_dict` restores it, mid-epoch included, so the resumed run sees exactly
-the batches the uninterrupted one would have.
+the batches the uninterrupted one would have. A mixture's order is a function of ``(seed, epoch)`` as well;
+its state also records the sources, their sizes and weights (checked on resume) and how far each source's
+stream has advanced (``drawn``).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import numpy as np
 
 from jaxalign.data.batches import Batch, batch_class
 from jaxalign.data.collate import collate, collate_packed
+from jaxalign.data.mixture import allocate, mixture_order
 from jaxalign.data.tokenize import TokenizedDataset
 
 
@@ -124,7 +131,28 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
         self.buckets, self.pad_to_multiple_of, self.pack_length = buckets, pad_to_multiple_of, pack_length
         self.process_index, self.process_count = process_index, process_count
         self.epoch, self.position = 0, 0
+        self.source_ids, self.source_counts = self._mixture_plan(dataset)
         self._order: tuple[int, np.ndarray] | None = None
+
+    @staticmethod
+    def _mixture_plan(dataset: TokenizedDataset) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """``(source of each example, examples each source gives an epoch)``, or ``(None, None)`` unmixed."""
+        if len(dataset.mixture) < 2:
+            return None, None
+        names = [source.name for source in dataset.mixture]
+        source_ids = np.asarray([example.source for example in dataset.examples], np.int64)
+        sizes = np.bincount(source_ids, minlength=len(names)) if source_ids.min() >= 0 else None
+        if sizes is None or len(sizes) != len(names):
+            raise ValueError(f"BatchIterator: examples name sources outside the mixture's {names}")
+        empty = [name for name, size in zip(names, sizes, strict=True) if not size]
+        if empty:
+            raise ValueError(f"BatchIterator: the mixture source {empty[0]} has no examples left to draw from")
+        return source_ids, allocate(sizes, [source.weight for source in dataset.mixture])
+
+    @property
+    def epoch_length(self) -> int:
+        """Examples one epoch visits: the dataset's, or a mixture epoch's (:mod:`jaxalign.data.mixture`)."""
+        return len(self.dataset) if self.source_counts is None else int(self.source_counts.sum())
 
     @property
     def global_batch_size(self) -> int:
@@ -148,7 +176,7 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
         if self.pack_length is not None:
             return None
         rounding = math.floor if self.drop_last else math.ceil
-        return int(rounding(len(self.dataset) / self.global_batch_size))
+        return int(rounding(self.epoch_length / self.global_batch_size))
 
     def padded_length(self, longest: int, *, default: int | None = None) -> int:
         """The ``T`` of a batch whose longest row has ``longest`` tokens (``default``: the padded size without
@@ -164,8 +192,14 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
         return self.longest_row if default is None else default
 
     def order(self, epoch: int) -> np.ndarray:
+        """The example indices epoch ``epoch`` visits, in order."""
         if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, epoch_order(len(self.dataset), seed=self.seed, epoch=epoch, shuffle=self.shuffle))
+            if self.source_ids is None:
+                order = epoch_order(len(self.dataset), seed=self.seed, epoch=epoch, shuffle=self.shuffle)
+            else:
+                order = mixture_order(self.source_ids, [s.weight for s in self.dataset.mixture], seed=self.seed,
+                                      epoch=epoch, shuffle=self.shuffle)
+            self._order = (epoch, order)
         return self._order[1]
 
     def _plan(self, order: np.ndarray, start: int) -> tuple[list, int] | None:
@@ -209,7 +243,7 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
                 break
             if self.position == 0:
                 unit = f"packed rows of {self.pack_length} tokens" if self.pack_length else "rows"
-                raise ValueError(f"BatchIterator: {len(self.dataset)} examples make no complete global batch of "
+                raise ValueError(f"BatchIterator: {self.epoch_length} examples make no complete global batch of "
                                  f"{self.global_batch_size} {unit}; lower batch_size or set drop_last=False")
             self.epoch, self.position = self.epoch + 1, 0
         rows, self.position = plan
@@ -229,9 +263,26 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
         return struct.from_arrays(arrays).check()
 
     def state_dict(self) -> dict[str, Any]:
-        """The position as plain values (JSON-able): store it with a checkpoint."""
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "shuffle": self.shuffle,
-                "fingerprint": self.dataset.fingerprint}
+        """The position as plain values (JSON-able): store it with a checkpoint. A mixture adds ``mixture``:
+        its sources, weights and sizes, and how far each source's stream has advanced (:meth:`drawn`)."""
+        state = {"epoch": self.epoch, "position": self.position, "seed": self.seed, "shuffle": self.shuffle,
+                 "fingerprint": self.dataset.fingerprint}
+        if self.source_ids is not None:
+            state["mixture"] = {**self._mixture_identity(), "drawn": self.drawn()}
+        return state
+
+    def _mixture_identity(self) -> dict[str, Any]:
+        sizes = np.bincount(self.source_ids, minlength=len(self.dataset.mixture))
+        return {"sources": [s.name for s in self.dataset.mixture], "weights": [s.weight for s in self.dataset.mixture],
+                "sizes": sizes.tolist()}
+
+    def drawn(self) -> list[int]:
+        """How far each mixture source's stream has advanced: its examples in the epochs before this one (an
+        epoch's last incomplete batch, dropped with ``drop_last``, included) and in this epoch's order up to the
+        position, over every process's rows."""
+        consumed = np.bincount(self.source_ids[self.order(self.epoch)[:self.position]],
+                               minlength=len(self.source_counts))
+        return (self.epoch * self.source_counts + consumed).tolist()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state`` (from :meth:`state_dict`), which must come from the same data and seed.
@@ -244,7 +295,13 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
             if state.get(key) != value:
                 raise ValueError(f"BatchIterator.load_state_dict: the state's {key} {state.get(key)!r} differs from "
                                  f"this iterator's {value!r}; resuming would visit different batches")
-        if not 0 <= state["position"] <= len(self.dataset) or state["epoch"] < 0:
+        mixture = None if self.source_ids is None else self._mixture_identity()
+        saved = state.get("mixture")
+        saved = None if saved is None else {key: saved.get(key) for key in ("sources", "weights", "sizes")}
+        if saved != mixture:
+            raise ValueError(f"BatchIterator.load_state_dict: the state's mixture {saved} differs from this "
+                             f"iterator's {mixture}; resuming would draw different examples")
+        if not 0 <= state["position"] <= self.epoch_length or state["epoch"] < 0:
             raise ValueError(f"BatchIterator.load_state_dict: position {state['position']} / epoch {state['epoch']} "
-                             f"out of range for {len(self.dataset)} examples")
+                             f"out of range for {self.epoch_length} examples an epoch")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])

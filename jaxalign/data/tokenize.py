@@ -32,6 +32,7 @@ import numpy as np
 
 from jaxalign.data.errors import DataError, Location, OnError, Reason, Report, check_on_error
 from jaxalign.data.layouts import shared_length, target_count
+from jaxalign.data.mixture import MixtureSource
 from jaxalign.data.prompts import common_prefix_length
 from jaxalign.data.records import (
     BestOfNRecord,
@@ -48,6 +49,7 @@ from jaxalign.data.records import (
     text_as_chat,
 )
 from jaxalign.data.render import STYLES, ConversationStyle, conversation_to_sft, record_as_text
+from jaxalign.data.selection import LengthFilter
 from jaxalign.data.truncation import TokenSequence, Truncation
 
 KINDS = {
@@ -112,11 +114,14 @@ class TokenizedExample:
 
     ``prompt`` is the record's prompt as it was rendered (text, or the conversation's messages), for a pass that
     renders it again with something changed (LLMDoctor's faces: :mod:`jaxalign.methods.faces`); None for
-    examples made by hand."""
+    examples made by hand. ``source`` is the index of the mixture source it came from (0 for one source), and
+    ``origin`` where its record was read (for error messages; None for examples made by hand)."""
 
     sequences: tuple[TokenSequence | None, ...]
     values: dict[str, Any] = field(default_factory=dict)
     prompt: Turns | None = None
+    source: int = 0
+    origin: Location | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -136,6 +141,9 @@ class TokenizedDataset:
         reports: what each stage did (reading, then tokenising).
         share_prompts: pairs are batched one row per pair, the prompt once (:mod:`jaxalign.data.layouts`).
         compact_targets: batches carry the slots of their loss targets (``source_slots``/``target_slots``).
+        mixture: the sources the examples came from (``example.source`` indexes it), their weights and counts;
+            with two or more the loader interleaves them by weight (:mod:`jaxalign.data.mixture`). Empty for a
+            dataset read from one source without ``dedup``/``filter``.
     """
 
     kind: str
@@ -147,6 +155,7 @@ class TokenizedDataset:
     reports: tuple[Report, ...] = ()
     share_prompts: bool = False
     compact_targets: bool = False
+    mixture: tuple[MixtureSource, ...] = ()
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -244,6 +253,8 @@ class TokenizedDataset:
         """A hash of every token id and value, so a resumed iterator can tell it got the same dataset."""
         digest = hashlib.blake2b(digest_size=16)
         digest.update(f"{self.kind}{self.layout}{self.dimensions}".encode())
+        if len(self.mixture) > 1:  # which source each example belongs to decides the order
+            digest.update(np.asarray([e.source for e in self.examples], np.int64).tobytes())
         for example in self.examples:
             for sequence in example.sequences:
                 digest.update(b"-" if sequence is None else sequence.ids.tobytes() + b"|%d|" % sequence.prompt_length)
@@ -301,8 +312,10 @@ class _Prepared:
 class _Pipeline:
     """Renders, validates, encodes and fits the records of one dataset (see :func:`tokenize`)."""
 
-    def __init__(self, kind, tokenizer, truncation: Truncation, rendering: Rendering, dimensions, candidates):
+    def __init__(self, kind, tokenizer, truncation: Truncation, rendering: Rendering, dimensions, candidates,
+                 length_filter: LengthFilter | None = None):
         self.kind, self.tokenizer, self.truncation, self.rendering = kind, tokenizer, truncation, rendering
+        self.length_filter = length_filter
         self.dimensions, self.candidates = dimensions, candidates
         self.template = rendering.chat_template or getattr(tokenizer, "chat_template", None)
         self.eos = tokenizer.eos_token_id if rendering.add_eos else None
@@ -379,21 +392,35 @@ class _Pipeline:
         # The chat template writes its own special tokens; plain text gets the tokenizer's (e.g. a BOS).
         return self.tokenizer(texts, add_special_tokens=not conversational)["input_ids"] if texts else []
 
-    def example(self, item: _Prepared, ids: list[list[int]], report: Report) -> TokenizedExample:
-        """The example of a prepared record from its encoded texts; truncations and notes go to ``report``."""
+    def _filtered(self, length: int, report: Report) -> bool:
+        """Whether the length filter leaves out an example whose longest sequence has ``length`` tokens
+        (counted in ``report.notes``)."""
+        verdict = None if self.length_filter is None else self.length_filter.verdict(length)
+        if verdict is not None:
+            report.notes[verdict] += 1
+        return verdict is not None
+
+    def example(self, item: _Prepared, ids: list[list[int]], report: Report, source: int = 0,
+                ) -> TokenizedExample | None:
+        """The example of a prepared record from its encoded texts (None when the length filter leaves it out);
+        truncations and notes go to ``report``."""
         prompt_ids, full_ids = ids[0], iter(ids[1:])
         if self.kind == "prompt":
+            if self._filtered(len(prompt_ids), report):
+                return None
             return TokenizedExample((self.truncation.fit_prompt(prompt_ids, item.where, report.truncated),),
-                                    item.values, item.prompt)
+                                    item.values, item.prompt, source, item.where)
         full = [None if r is None else next(full_ids) for r in item.responses]
         prompt_length = min(common_prefix_length(prompt_ids, f) for f in full if f is not None)
+        completions = [None if f is None else self._with_eos(f[prompt_length:], item.conversational) for f in full]
+        if self._filtered(prompt_length + max(len(c) for c in completions if c is not None), report):
+            return None  # before truncation: the filter's max_length drops what truncation would cut
         if prompt_length < len(prompt_ids):
             report.notes["prompt_boundary"] += 1
-        completions = [None if f is None else self._with_eos(f[prompt_length:], item.conversational) for f in full]
         sequences = self.truncation.fit(prompt_ids[:prompt_length], completions, item.where, report.truncated)
         if self.kind in ("preference", "preference_group"):
             sequences = self._without_tied_pairs(sequences, completions, item, report)
-        return TokenizedExample(tuple(sequences), item.values, item.prompt)
+        return TokenizedExample(tuple(sequences), item.values, item.prompt, source, item.where)
 
     def _without_tied_pairs(self, sequences: list, completions: list, item: _Prepared, report: Report) -> list:
         """Pairs whose two sides are the same tokens carry no preference: different texts can tokenise alike,
@@ -457,6 +484,7 @@ def tokenize(
     on_error: OnError = "raise",
     progress: bool | None = None,
     source: str = "<records>",
+    length_filter: LengthFilter | None = None,
 ) -> TokenizedDataset:
     """Tokenise canonical records of one kind into a :class:`TokenizedDataset`.
 
@@ -471,52 +499,83 @@ def tokenize(
         on_error: ``"raise"``, or ``"skip"`` records that are too long, empty or refused by the template.
         progress: progress bar with rate and ETA; None shows it from 1000 records.
         source: how errors cite records that have no ``origin``.
+        length_filter: leave out examples whose longest sequence, before truncation, is shorter or longer
+            (:class:`~jaxalign.data.selection.LengthFilter`), counted in the report's ``notes``.
 
     Returns:
-        The dataset; ``dataset.report`` counts kept, skipped and truncated records.
+        The dataset; ``dataset.report`` counts kept, skipped, filtered and truncated records.
 
     Raises:
-        DataError: a bad record (``on_error="raise"``) or every record skipped.
+        DataError: a bad record (``on_error="raise"``) or every record skipped or filtered out.
         TypeError: records of several kinds, or not canonical records.
         ValueError: conversational records with a tokenizer that has no chat template.
     """
+    return tokenize_sources([(source, records)], tokenizer, truncation=truncation, rendering=rendering,
+                            on_error=on_error, progress=progress, length_filter=length_filter)
+
+
+def tokenize_sources(
+    groups: Sequence[tuple[str, Sequence[Record]]],
+    tokenizer,
+    *,
+    truncation: Truncation | None = None,
+    rendering: Rendering | None = None,
+    on_error: OnError = "raise",
+    progress: bool | None = None,
+    length_filter: LengthFilter | None = None,
+) -> TokenizedDataset:
+    """:func:`tokenize` over the records of several sources at once: one dataset (one kind, layout and set of
+    values for all), each example's ``source`` the index of its group, one report per group (``dataset.reports``
+    in group order; each names its group, which also cites its records that have no ``origin``)."""
     from tqdm.auto import tqdm
 
     check_on_error(on_error)
     truncation, rendering = truncation or Truncation(), rendering or Rendering()
+    records = [record for _, group in groups for record in group]
     if not records:
         raise ValueError("tokenize: no records")
     kind = _kind(records)
     layout, dimensions, candidates = _layout(kind, records)
-    pipeline = _Pipeline(kind, tokenizer, truncation, rendering, dimensions, candidates)
-    report = Report("tokenize", source, seen=len(records))
-    examples = []
+    pipeline = _Pipeline(kind, tokenizer, truncation, rendering, dimensions, candidates, length_filter)
+    reports, examples = [], []
     show = len(records) >= PROGRESS_MIN_RECORDS if progress is None else progress
     with tqdm(total=len(records), unit="rec", desc="tokenizing", disable=not show) as bar:
-        for start in range(0, len(records), ENCODE_CHUNK):
-            chunk = records[start:start + ENCODE_CHUNK]
-            prepared = []
-            for offset, record in enumerate(chunk):
-                where = record.origin or Location(source, start + offset + 1)
-                try:
-                    prepared.append(pipeline.prepare(record, where))
-                except DataError as error:
-                    if error.where is None:
-                        error = DataError(error.problem, where=where, field=error.field, reason=error.reason)
-                    report.handle(error, on_error)
-            # One encoder call per kind of text and chunk: the Rust tokenizer encodes a batch in parallel.
-            encoded = {}
-            for conversational in (False, True):
-                texts = [text for item in prepared if item.conversational == conversational for text in item.texts]
-                encoded[conversational] = iter(pipeline.encode(texts, conversational))
-            for item in prepared:
-                ids = [next(encoded[item.conversational]) for _ in item.texts]
-                try:
-                    examples.append(pipeline.example(item, ids, report))
-                    report.kept += 1
-                except DataError as error:
-                    report.handle(error, on_error)
-            bar.update(len(chunk))
+        for index, (source, group) in enumerate(groups):
+            report = Report("tokenize", source, seen=len(group))
+            for start in range(0, len(group), ENCODE_CHUNK):
+                chunk = group[start:start + ENCODE_CHUNK]
+                examples += _encode_chunk(pipeline, chunk, start, source, index, report, on_error)
+                bar.update(len(chunk))
+            reports.append(report.finish())
     value_keys = tuple(sorted({key for example in examples for key in example.values}))
-    return TokenizedDataset(kind, layout, examples, _pad_token_id(tokenizer), dimensions, value_keys,
-                            (report.finish(),))
+    return TokenizedDataset(kind, layout, examples, _pad_token_id(tokenizer), dimensions, value_keys, tuple(reports))
+
+
+def _encode_chunk(pipeline: _Pipeline, chunk: Sequence[Record], start: int, source: str, index: int,
+                  report: Report, on_error: OnError) -> list[TokenizedExample]:
+    prepared = []
+    for offset, record in enumerate(chunk):
+        where = record.origin or Location(source, start + offset + 1)
+        try:
+            prepared.append(pipeline.prepare(record, where))
+        except DataError as error:
+            if error.where is None:
+                error = DataError(error.problem, where=where, field=error.field, reason=error.reason)
+            report.handle(error, on_error)
+    # One encoder call per kind of text and chunk: the Rust tokenizer encodes a batch in parallel.
+    encoded = {}
+    for conversational in (False, True):
+        texts = [text for item in prepared if item.conversational == conversational for text in item.texts]
+        encoded[conversational] = iter(pipeline.encode(texts, conversational))
+    examples = []
+    for item in prepared:
+        ids = [next(encoded[item.conversational]) for _ in item.texts]
+        try:
+            example = pipeline.example(item, ids, report, index)
+        except DataError as error:
+            report.handle(error, on_error)
+            continue
+        if example is not None:
+            examples.append(example)
+            report.kept += 1
+    return examples
