@@ -119,8 +119,9 @@ def stored_weights(model, quant: str):
     return nnx.merge(graphdef, nnx.from_flat_state(rounded))
 
 
-@pytest.mark.parametrize("arch", ["llama", "llama_tied_3_layers", "qwen2", "gpt2"])
-@pytest.mark.parametrize("quant", ["f16", "q8_0"])
+@pytest.mark.parametrize(("arch", "quant"), [("llama", "f16"), ("llama_tied_3_layers", "f16"),
+                                             ("llama_tied_3_layers", "q8_0"), ("qwen2", "f16"), ("qwen2", "q8_0"),
+                                             ("gpt2", "f16"), ("gpt2", "q8_0")])
 def test_transformers_and_load_gguf_read_our_file(arch, quant, sources, tmp_path):
     model, tokenizer = sources(arch)
     path = save_gguf(model, tokenizer, tmp_path / f"{arch}.gguf", quant=quant, progress=False)
@@ -209,8 +210,8 @@ def test_q4_variants_write_k_quants_that_both_readers_load(tmp_path):
     from jaxalign.models import ModelConfig
     from jaxalign.models.llama import LlamaForCausalLM
 
-    config = ModelConfig(architecture="llama", vocab_size=V, d_model=256, n_layers=2, n_heads=4, n_kv_heads=2,
-                         head_dim=64, intermediate_size=512)
+    config = ModelConfig(architecture="llama", vocab_size=V, d_model=256, n_layers=1, n_heads=4, n_kv_heads=2,
+                         head_dim=64, intermediate_size=256)
     model = LlamaForCausalLM(config, rngs=nnx.Rngs(3))
     tokenizer = byte_level_tokenizer()
     ids = chat_ids(tokenizer)
