@@ -1,4 +1,5 @@
-"""Reward-model objectives: Bradley–Terry pairs (optionally multi-dimensional) and best-of-N choices.
+"""Reward-model objectives: Bradley–Terry pairs (optionally multi-dimensional), best-of-N choices, and regression
+on scalar scores (squared error or a Gaussian likelihood).
 
 A reward model maps (prompt, response) to a scalar (or to ``D`` scalars, one per preference dimension such as
 helpfulness and harmlessness). These losses take those scalars, never the model.
@@ -6,13 +7,20 @@ helpfulness and harmlessness). These losses take those scalars, never the model.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from jaxalign.losses.core import F32, as_mask, masked_mean, masked_sum
 
-__all__ = ["best_of_n_loss", "bradley_terry_loss", "preference_accuracy"]
+__all__ = ["REGRESSION_LOSSES", "best_of_n_loss", "bradley_terry_loss", "preference_accuracy", "regression_loss"]
+
+REGRESSION_LOSSES = ("mse", "gaussian_nll")
+# The smallest variance the Gaussian likelihood uses (torch.nn.GaussianNLLLoss's eps): a head predicting less
+# would otherwise be rewarded without bound for fitting a score exactly.
+MIN_VARIANCE = 1e-6
 
 
 def preference_accuracy(
@@ -232,4 +240,80 @@ def best_of_n_loss(
         "rewards/best": masked_mean(best_logit, row_valid),
         "rewards/others": masked_mean(clean, valid & ~is_best & row_valid[:, None]),
     }
+    return loss, jax.tree.map(jax.lax.stop_gradient, metrics)
+
+
+def regression_loss(
+    predictions: Float[Array, " B"],
+    targets: Float[Array, " B"],
+    mask: Array | None = None,
+    *,
+    kind: str = "mse",
+    log_variance: Float[Array, " B"] | None = None,
+) -> tuple[Float[Array, " B"], dict[str, Float[Array, ""]]]:
+    """A reward model regressed on scalar scores: squared error, or the negative log-likelihood of a Gaussian.
+
+    Formula, per example b (``ŷ`` the prediction, ``y`` the target, ``s`` the predicted log-variance)::
+
+        mse:           ℓ_b = (ŷ_b − y_b)²
+        gaussian_nll:  ℓ_b = ½·(s'_b + (ŷ_b − y_b)²·exp(−s'_b)),   s'_b = max(s_b, log 1e-6)
+
+    The Gaussian form learns how noisy each score is: an example the model finds hard to fit may raise its
+    variance and so weigh less, at the price of ``½·s`` (heteroscedastic regression).
+
+    Args:
+        predictions: ``[B]`` the model's scores (in the targets' units: normalise the targets, not the loss).
+        targets: ``[B]`` the scores to fit.
+        mask: ``[B]``, 0 for an example to leave out (its values may be anything, NaN included).
+        kind: ``mse`` or ``gaussian_nll`` (:data:`REGRESSION_LOSSES`).
+        log_variance: ``[B]`` the predicted ``log σ²`` of each score; ``gaussian_nll`` only.
+
+    Returns:
+        ``(loss, metrics)``: ``loss`` is ``[B]`` float32, 0 where masked; reduce with ``masked_sum(loss, mask)``.
+        Metrics over the valid examples (0 for none): ``loss``, ``mse``, ``mae``, ``predictions`` and ``targets``
+        (their means) and, for ``gaussian_nll``, ``log_variance`` (its mean).
+
+    Raises:
+        ValueError: an unknown ``kind``, ``log_variance`` missing for ``gaussian_nll`` or given for ``mse``, or
+            shapes that differ.
+
+    References:
+        Mean-variance estimation: Nix & Weigend 1994; Kendall & Gal 2017 (arXiv 1703.04977, eq. 8, the
+        log-variance parameterisation); PyTorch ``GaussianNLLLoss`` (``full=False``).
+
+    Notes:
+        - The constant ``½·log 2π`` is left out, as PyTorch's ``GaussianNLLLoss`` does by default.
+        - The variance floor is PyTorch's ``eps`` (1e-6). PyTorch clamps the variance without stopping its
+          gradient; here the floor is a ``max``, so a log-variance below it receives no gradient.
+    """
+    if kind not in REGRESSION_LOSSES:
+        raise ValueError(f"regression_loss: kind must be one of {REGRESSION_LOSSES}, got {kind!r}")
+    if (kind == "gaussian_nll") != (log_variance is not None):
+        raise ValueError(f"regression_loss: log_variance is {'needed' if log_variance is None else 'unused'} for "
+                         f"kind={kind!r}")
+    predictions = jnp.asarray(predictions, F32)
+    targets = jnp.asarray(targets, F32)
+    shapes = {predictions.shape, targets.shape} | ({jnp.shape(log_variance)} if log_variance is not None else set())
+    if len(shapes) != 1 or predictions.ndim != 1:
+        raise ValueError(f"regression_loss: predictions, targets (and log_variance) must all be [B], got "
+                         f"{sorted(shapes)}")
+    valid = as_mask(mask, predictions)
+    # Select before any arithmetic: a NaN in a left-out slot must reach neither loss nor gradient.
+    error = jnp.where(valid, predictions, 0.0) - jnp.where(valid, targets, 0.0)
+    squared = jnp.square(error)
+    metrics = {}
+    if kind == "mse":
+        loss = squared
+    else:
+        log_var = jnp.maximum(jnp.where(valid, jnp.asarray(log_variance, F32), 0.0), math.log(MIN_VARIANCE))
+        loss = 0.5 * (log_var + squared * jnp.exp(-log_var))
+        metrics["log_variance"] = masked_mean(log_var, valid)
+    loss = jnp.where(valid, loss, 0.0)
+    metrics.update({
+        "loss": masked_mean(loss, valid),
+        "mse": masked_mean(squared, valid),
+        "mae": masked_mean(jnp.abs(error), valid),
+        "predictions": masked_mean(jnp.where(valid, predictions, 0.0), valid),
+        "targets": masked_mean(jnp.where(valid, targets, 0.0), valid),
+    })
     return loss, jax.tree.map(jax.lax.stop_gradient, metrics)

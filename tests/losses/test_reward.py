@@ -10,7 +10,7 @@ import torch
 from trl.trainer.reward_trainer import RewardTrainer
 
 from jaxalign.losses.core import masked_mean
-from jaxalign.losses.reward import best_of_n_loss, bradley_terry_loss, preference_accuracy
+from jaxalign.losses.reward import best_of_n_loss, bradley_terry_loss, preference_accuracy, regression_loss
 from tests.losses.conftest import B, poison
 
 D, N = 2, 5  # D ≠ B = 3: a [B] array broadcast along D would fail loudly or be caught by a value check
@@ -247,3 +247,104 @@ def test_best_of_n_row_with_masked_best_is_excluded_and_gradients_are_finite(rng
     np.testing.assert_array_equal(np.asarray(grad)[1], 0.0)
     # The gradient of a softmax cross-entropy sums to zero over each valid row's candidates.
     np.testing.assert_allclose(np.asarray(grad).sum(-1), 0.0, atol=1e-6)
+
+
+# --- regression on scalar scores -------------------------------------------------------------------------------
+
+
+def _numpy_regression(predictions, targets, mask, kind, log_variance=None):
+    """A slow float64 loop: the per-example loss, 0 where masked."""
+    out = np.zeros(len(predictions))
+    for b in range(len(predictions)):
+        if not mask[b]:
+            continue
+        error = float(predictions[b]) - float(targets[b])
+        if kind == "mse":
+            out[b] = error ** 2
+        else:
+            s = max(float(log_variance[b]), np.log(1e-6))
+            out[b] = 0.5 * (s + error ** 2 * np.exp(-s))
+    return out
+
+
+def test_regression_loss_by_hand():
+    loss, metrics = regression_loss(jnp.array([1.0, 2.0, 0.5]), jnp.array([0.0, 2.5, 0.5]))
+    np.testing.assert_allclose(loss, [1.0, 0.25, 0.0], rtol=1e-6)
+    assert float(metrics["mse"]) == pytest.approx(1.25 / 3) and float(metrics["mae"]) == pytest.approx(0.5)
+    assert float(metrics["predictions"]) == pytest.approx(3.5 / 3) and float(metrics["targets"]) == pytest.approx(1.0)
+    # log σ² = 0 (σ = 1): half the squared error; log σ² = log 4: ½(log 4 + e²/4).
+    loss, _ = regression_loss(jnp.array([1.0, 1.0]), jnp.array([0.0, 0.0]), kind="gaussian_nll",
+                              log_variance=jnp.array([0.0, np.log(4.0)]))
+    np.testing.assert_allclose(loss, [0.5, 0.5 * (np.log(4.0) + 0.25)], rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["mse", "gaussian_nll"])
+def test_regression_loss_matches_float64_reference_masked_and_jitted(rng, kind):
+    predictions = rng.normal(size=11).astype(np.float32) * 2
+    targets = rng.normal(size=11).astype(np.float32)
+    log_variance = (rng.normal(size=11) * 3).astype(np.float32) if kind == "gaussian_nll" else None
+    if log_variance is not None:
+        log_variance[0] = -20.0  # below the variance floor: clamped to log 1e-6
+    mask = rng.random(11) > 0.3
+    mask[:2] = True
+    expected = _numpy_regression(predictions, targets, mask, kind, log_variance)
+    poisoned = [poison(v, mask) if v is not None else None for v in (predictions, targets, log_variance)]
+    loss, metrics = jax.jit(lambda p, t, m, s: regression_loss(p, t, m, kind=kind, log_variance=s))(
+        poisoned[0], poisoned[1], mask, poisoned[2])
+    chex.assert_shape(loss, (11,))
+    np.testing.assert_allclose(np.asarray(loss, np.float64), expected, rtol=2e-6, atol=1e-6)
+    assert float(metrics["loss"]) == pytest.approx(expected[mask].mean(), rel=2e-6)
+    # Masked equals sliced.
+    sliced, _ = regression_loss(predictions[mask], targets[mask], kind=kind,
+                                log_variance=None if log_variance is None else log_variance[mask])
+    np.testing.assert_allclose(np.asarray(loss)[mask], sliced, rtol=1e-6)
+
+
+def test_gaussian_nll_matches_torch():
+    rng = np.random.default_rng(5)
+    predictions, targets = rng.normal(size=(2, 9))
+    log_variance = rng.normal(size=9)
+    expected = torch.nn.GaussianNLLLoss(reduction="none")(torch.tensor(predictions), torch.tensor(targets),
+                                                           torch.tensor(np.exp(log_variance))).numpy()
+    loss, _ = regression_loss(predictions, targets, kind="gaussian_nll", log_variance=log_variance)
+    np.testing.assert_allclose(np.asarray(loss, np.float64), expected, rtol=1e-5, atol=1e-6)
+    mse = torch.nn.MSELoss(reduction="none")(torch.tensor(predictions), torch.tensor(targets)).numpy()
+    np.testing.assert_allclose(np.asarray(regression_loss(predictions, targets)[0], np.float64), mse, rtol=1e-5)
+
+
+def test_regression_gradients_are_analytic_and_finite_with_poisoned_padding(rng):
+    predictions = rng.normal(size=5).astype(np.float32)
+    targets = rng.normal(size=5).astype(np.float32)
+    log_variance = rng.normal(size=5).astype(np.float32)
+    mask = np.array([1, 1, 0, 1, 0], bool)
+    p, t, s = (poison(v, mask) for v in (predictions, targets, log_variance))
+
+    def total(kind, p, s):
+        loss, _ = regression_loss(p, t, mask, kind=kind, log_variance=s if kind == "gaussian_nll" else None)
+        return jnp.sum(loss)
+
+    error = np.where(mask, predictions - targets, 0.0)
+    np.testing.assert_allclose(jax.grad(total, argnums=1)("mse", p, None), 2 * error, rtol=1e-5, atol=1e-6)
+    d_p, d_s = jax.grad(total, argnums=(1, 2))("gaussian_nll", p, s)
+    variance = np.exp(log_variance)
+    np.testing.assert_allclose(d_p, np.where(mask, error / variance, 0.0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(d_s, np.where(mask, 0.5 * (1 - error ** 2 / variance), 0.0), rtol=1e-5, atol=1e-6)
+    # Central differences in float64 agree with the gradient (check_grads, both orders of the loss).
+    with jax.enable_x64(True):
+        x64 = [np.asarray(v, np.float64) for v in (predictions, targets, log_variance)]
+
+        def nll(p, s):
+            return jnp.sum(regression_loss(p, x64[1], kind="gaussian_nll", log_variance=s)[0])
+
+        jax.test_util.check_grads(nll, (x64[0], x64[2]), order=2, modes=["rev"], atol=1e-2, rtol=1e-2)
+
+
+def test_regression_loss_refuses_misuse():
+    with pytest.raises(ValueError, match=r"kind must be one of \('mse', 'gaussian_nll'\), got 'huber'"):
+        regression_loss(jnp.zeros(2), jnp.zeros(2), kind="huber")
+    with pytest.raises(ValueError, match="log_variance is needed for kind='gaussian_nll'"):
+        regression_loss(jnp.zeros(2), jnp.zeros(2), kind="gaussian_nll")
+    with pytest.raises(ValueError, match="log_variance is unused for kind='mse'"):
+        regression_loss(jnp.zeros(2), jnp.zeros(2), log_variance=jnp.zeros(2))
+    with pytest.raises(ValueError, match="must all be"):
+        regression_loss(jnp.zeros(2), jnp.zeros(3))
