@@ -38,8 +38,8 @@ from jaxalign.serve.scheduler import Event, Job, Scheduler, settings_for
 log = logging.getLogger("jaxalign.serve")
 access_log = logging.getLogger("jaxalign.serve.access")
 DISCONNECT_POLL_S = 0.25
-# Threads that parse and tokenise requests: a few long prompts tokenising at once must leave one for the short ones
-# (the tokenizers release the GIL, so these threads do not hold up the event loop).
+# Threads that parse and tokenise requests, several so that a short prompt need not wait behind a long one (the Rust
+# tokenizers release the GIL while they work, so these threads do not hold up the event loop).
 PREPARE_WORKERS = 4
 _ACCESS = "jaxalign.access"  # the scope key of a request's access record (see _RequestLog)
 
@@ -241,9 +241,9 @@ async def _generate(served: ServedModel, request: Request, kind: str):
     job = Job(prompt_ids=prepared.prompt_ids, settings=prepared.settings, max_tokens=prepared.max_tokens,
               stops=generation.stop, deadline=arrived + served.request_timeout, loop=loop, queue=asyncio.Queue(),
               submitted=arrived, ignore_eos=generation.ignore_eos)
-    response = _Response(served, generation, len(prepared.prompt_ids))
-    request.scope.get(_ACCESS, {})["response"] = response
     served.scheduler.submit(job)
+    response = _Response(served, generation, len(prepared.prompt_ids))
+    request.scope.get(_ACCESS, {})["response"] = response  # its tokens go into the access log
     if generation.stream:
         return StreamingResponse(_stream(job, response), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
