@@ -84,7 +84,9 @@ def training_batches(config: jdata.DataConfig, dataset: jdata.TokenizedDataset, 
 
 
 def one_pass(config: jdata.DataConfig, dataset: jdata.TokenizedDataset) -> jdata.BatchIterator:
-    """Every example once, in order; the last batch padded with ``example_mask`` 0 rows."""
+    """Every example once, in order; the last batch padded with ``example_mask`` 0 rows (a mixture's examples
+    each once too, not drawn by weight)."""
+    dataset = dataclasses.replace(dataset, mixture=())
     return training_batches(config, dataset, shuffle=False, num_epochs=1, drop_last=False)
 
 
@@ -92,7 +94,8 @@ def evaluate_objective(objective, model: nnx.Module, batches, references: Mappin
                        ) -> dict[str, float]:
     """Mean loss (``Σ loss_sum / Σ count``) and example-weighted mean metrics of ``objective`` over ``batches``."""
     references = dict(references or {})
-    graphdef, state = nnx.split(model)
+    # Dropout off (LoRA's, a reward head's): an evaluation measures the model, not one draw of its masks.
+    graphdef, state = nnx.split(nnx.view(model, deterministic=True, raise_if_not_found=False))
     ref_parts = {name: nnx.split(ref) for name, ref in references.items()}
 
     @jax.jit

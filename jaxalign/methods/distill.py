@@ -200,7 +200,7 @@ def build(config: RunConfig, lm, tokenizer, dataset):
         dataset = chosen_as_sft(dataset)
     if dataset.kind != "sft":
         raise ValueError(f"method distill needs SFT data (prompt/completion, messages, text, scored conversations) "
-                         f"or preference pairs (their chosen side); {config.data.source} holds {dataset.kind!r} "
+                         f"or preference pairs (their chosen side); {config.data.name} holds {dataset.kind!r} "
                          "records")
     teacher = load_teacher(config, lm, tokenizer)
     objective = distill_objective(**config.loss.objective_options())

@@ -176,7 +176,7 @@ def build(config: RunConfig, lm, tokenizer, dataset):
     if dataset.kind != "preference":
         hint = (f" (grouped pairs: pick one dimension with data.dimension, one of {list(dataset.dimensions)})"
                 if dataset.kind == "preference_group" else "")
-        raise ValueError(f"method dpo needs preference pairs; {config.data.source} holds {dataset.kind!r} "
+        raise ValueError(f"method dpo needs preference pairs; {config.data.name} holds {dataset.kind!r} "
                          f"records{hint}")
     options = config.loss.objective_options()
     loss_type = options.pop("loss_type")

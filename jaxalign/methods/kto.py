@@ -225,7 +225,7 @@ def as_unpaired(dataset: jdata.TokenizedDataset) -> jdata.TokenizedDataset:
     for start in range(0, len(dataset), UNPAIR_BLOCK):
         block = dataset.examples[start:start + UNPAIR_BLOCK]
         for side, label in ((0, 1), (1, 0)):
-            examples += [jdata.TokenizedExample(sequences=(e.sequences[side],), values={"label": label})
+            examples += [dataclasses.replace(e, sequences=(e.sequences[side],), values={"label": label})
                          for e in block]
     return dataclasses.replace(dataset, kind="unpaired", layout=(), examples=examples, value_keys=("label",),
                                dimensions=())
@@ -253,7 +253,7 @@ def class_weight_advice(dataset: jdata.TokenizedDataset, desirable_weight: float
 def build(config: RunConfig, lm, tokenizer, dataset):
     dataset = as_unpaired(dataset)
     if dataset.kind != "unpaired":
-        source = config.data.source
+        source = config.data.name
         hint = (": its records have no field 'label' (the first record included), so they read as SFT data; "
                 "give each record \"label\": true (desirable) or false (with data.format=unpaired every record "
                 "without one is named)" if dataset.kind == "sft" else "")
@@ -262,7 +262,7 @@ def build(config: RunConfig, lm, tokenizer, dataset):
     options = config.loss.options()
     advice = class_weight_advice(dataset, options["desirable_weight"], options["undesirable_weight"])
     if advice is not None:
-        warnings.warn(f"{config.data.source}: {advice}", stacklevel=2)
+        warnings.warn(f"{config.data.name}: {advice}", stacklevel=2)
     objective = kto_objective(reference=config.reference, **options)
     references, dataset, extra = frozen_reference(config, dataset, chunk_size=config.loss.chunk_size)
     return with_lora(lm, config), objective, references, dataset, extra

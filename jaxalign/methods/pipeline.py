@@ -89,7 +89,7 @@ def run(config: RunConfig, *, overwrite: bool = False) -> RunResult:
     # Written once the data is known to suit the method: a refused run leaves no output directory behind.
     prepare_output_dir(config, overwrite=overwrite)
     write_json(out / RUN_FILE, {"config": config.to_dict(), "data_reports": [str(r) for r in dataset.reports],
-                                "examples": len(dataset)})
+                                "data_sources": [s.as_dict() for s in dataset.mixture], "examples": len(dataset)})
     if config.freeze_backbone:
         # A frozen trunk: its features once, then the head fitted to convergence (no optimizer steps).
         if jax.process_count() > 1:
@@ -163,9 +163,9 @@ def check_eval_kind(config: RunConfig, dataset: jdata.TokenizedDataset, eval_dat
     if eval_dataset.kind != trained:
         hint = (f"; set eval_data.dimension to one of {list(eval_dataset.dimensions)}"
                 if eval_dataset.kind == "preference_group" and trained == "preference" else "")
-        raise ValueError(f"eval_data {config.eval_data.source} holds {eval_dataset.kind!r} records, but method "
-                         f"{config.method} trains on {trained!r} ones here ({config.data.source}): give "
+        raise ValueError(f"eval_data {config.eval_data.name} holds {eval_dataset.kind!r} records, but method "
+                         f"{config.method} trains on {trained!r} ones here ({config.data.name}): give "
                          f"held-out data of the same kind{hint}")
     if eval_dataset.dimensions != dataset.dimensions:
-        raise ValueError(f"eval_data {config.eval_data.source} has preference dimensions "
+        raise ValueError(f"eval_data {config.eval_data.name} has preference dimensions "
                          f"{list(eval_dataset.dimensions)}, the training data {list(dataset.dimensions)}")

@@ -39,6 +39,7 @@ import yaml
 from jaxalign.data import DataConfig
 from jaxalign.methods.specs import LOSS_SPECS, DoctorSpec, MethodSpec
 from jaxalign.models.config import ATTENTION_IMPLEMENTATIONS, DTYPES, REMAT_POLICIES
+from jaxalign.models.heads import HEAD_ACTIVATIONS
 from jaxalign.train.config import TrainConfig
 
 METHODS = ("sft", "distill", "reward", "dpo", "kto", "ppo", "grpo", "tfpo")
@@ -63,6 +64,31 @@ class LoRASpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class RewardHeadSpec:
+    """A reward model's head beyond the linear one (:class:`jaxalign.models.RewardHead`).
+
+    Attributes:
+        hidden: a hidden layer of this width in front of the output (None: linear).
+        dropout: the dropout rate on the pooled state and after the hidden layer, in training only.
+        activation: the hidden layer's, ``tanh`` (transformers' classification heads), ``relu`` or ``gelu``.
+    """
+
+    hidden: int | None = None
+    dropout: float = 0.0
+    activation: str = "tanh"
+
+    def __post_init__(self):
+        if self.hidden is not None and (isinstance(self.hidden, bool) or not isinstance(self.hidden, int)
+                                        or self.hidden < 1):
+            raise ValueError(f"model.reward_head.hidden must be a positive int or null, got {self.hidden!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ValueError(f"model.reward_head.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.activation not in HEAD_ACTIVATIONS:
+            raise ValueError(f"model.reward_head.activation must be one of {tuple(HEAD_ACTIVATIONS)}, got "
+                             f"{self.activation!r}")
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelSpec:
     """Which weights to start from and how to hold them.
 
@@ -77,6 +103,8 @@ class ModelSpec:
             recomputation; LoRA DPO 5 %), and it needs less memory; MaxText's default (``full``) saves even less.
         attention: how training and scoring rows attend (:class:`jaxalign.models.ModelConfig`'s ``attention``:
             ``auto`` takes cuDNN's fused attention on NVIDIA GPUs in bf16, ``grouped`` never does).
+        reward_head: method ``reward``: a hidden layer and dropout in the head (:class:`RewardHeadSpec`);
+            None: a linear head.
     """
 
     path: str | None = None
@@ -85,6 +113,7 @@ class ModelSpec:
     compute_dtype: str = "float32"
     remat: str = "dots_no_batch"
     attention: str = "auto"
+    reward_head: RewardHeadSpec | None = None
 
     def __post_init__(self):
         # Checked here, against the run config: the checkpoint's config.json is not where the user wrote them.
@@ -221,6 +250,7 @@ class RunConfig:
                                  f"got {self.reference!r}")
         if self.freeze_backbone and self.method != "reward":
             raise ValueError(f"RunConfig.freeze_backbone applies to reward models only, not {self.method!r}")
+        _check_data_sections(self)
         if self.probe_l2 < 0 or self.probe_iterations < 1:
             raise ValueError(f"RunConfig.probe_l2 must be >= 0 and probe_iterations >= 1, got {self.probe_l2}, "
                              f"{self.probe_iterations}")
@@ -274,6 +304,27 @@ class RunConfig:
         if missing:
             raise ValueError(f"{where}: missing required key(s) {missing}")
         return cls(**values)
+
+
+def _check_data_sections(config: RunConfig) -> None:
+    """Settings of the data, the loss and the reward head that cannot go together, refused before any work."""
+    if config.curriculum is not None and config.data.sources is not None and len(config.data.sources) > 1:
+        raise ValueError("RunConfig.curriculum orders one dataset easy to hard, but data.sources mixes several by "
+                         "weight: use one of the two")
+    if config.method in ONLINE_METHODS and config.eval_data is not None and config.eval_data.sources is not None:
+        raise ValueError(f"eval_data.sources: method {config.method} evaluates on the prompts of one file; give "
+                         "eval_data.source")
+    head = config.model.reward_head
+    if head is not None and config.method != "reward":
+        raise ValueError(f"model.reward_head shapes a reward model's head; method {config.method} trains none (set "
+                         "it for the reward method alone: methods: {reward: {model: {reward_head: ...}}})")
+    if head is not None and config.freeze_backbone and (head.hidden is not None or head.dropout):
+        raise ValueError("freeze_backbone fits a linear head to convergence (a convex fit): drop "
+                         "model.reward_head's hidden layer and dropout, or train the whole model")
+    weights = getattr(config.loss, "example_weights", None)
+    if weights is not None and config.data.packing and config.loss.average == "sequence_mean":
+        raise ValueError("loss.example_weights with loss.average=sequence_mean needs one example per row: packed "
+                         "rows hold several; use average: token_mean or data.packing: false")
 
 
 def _check_kto(config: RunConfig) -> None:
@@ -376,9 +427,12 @@ def _reject_unknown(config_class, values: Mapping[str, Any], where: str) -> None
 
 def _data(values: Mapping[str, Any], where: str) -> DataConfig:
     _reject_unknown(DataConfig, values, where)
+    if isinstance(values.get("source"), (list, tuple)):
+        raise ValueError(f"{where}.source must be a string (one file), got {values['source']!r}: mix several "
+                         "files with sources: [a.jsonl, b.jsonl] (entries {source, weight, split, format})")
     values = _checked(DataConfig, values, f"{where}.")
-    if "source" not in values:
-        raise ValueError(f"{where}: missing the required key 'source'")
+    if values.get("source") is None and values.get("sources") is None:
+        raise ValueError(f"{where}: missing the required key 'source' (one file) or 'sources' (a mixture)")
     if values.get("buckets") is not None:
         values["buckets"] = tuple(values["buckets"])
     try:
@@ -407,6 +461,10 @@ def _model(values: Mapping[str, Any], where: str) -> ModelSpec:
         _reject_unknown(LoRASpec, values["lora"], f"{where}.lora")
         values["lora"] = _checked(LoRASpec, values["lora"], f"{where}.lora.")
         values["lora"] = LoRASpec(**values["lora"])
+    if values.get("reward_head") is not None:
+        _reject_unknown(RewardHeadSpec, values["reward_head"], f"{where}.reward_head")
+        values["reward_head"] = RewardHeadSpec(**_checked(RewardHeadSpec, values["reward_head"],
+                                                          f"{where}.reward_head."))
     return ModelSpec(**values)
 
 

@@ -1,5 +1,6 @@
-"""Reward models: Bradley–Terry on pairs (margins, centring, one head per preference dimension) and best-of-N
-softmax cross-entropy; the normalisation fitted on the reference policy's samples; the export."""
+"""Reward models: Bradley–Terry on pairs (margins, centring, one head per preference dimension), best-of-N
+softmax cross-entropy, and regression on scalar scores (ADLF's ``meta_eval_score``); the normalisation fitted on
+the reference policy's samples, or the scores' own scale for regression; the export."""
 
 from __future__ import annotations
 
@@ -32,32 +33,41 @@ from jaxalign.rollout import Sampler, SamplingParams
 
 
 def reward_objective(*, loss: str = "bradley_terry", use_margin: bool = False, margin_scale: float = 1.0,
-                     center_coef: float = 0.0, dimension_weights: Sequence[float] | None = None):
+                     center_coef: float = 0.0, dimension_weights: Sequence[float] | None = None,
+                     regression: str | None = None, score_mean: float = 0.0, score_std: float = 1.0):
     """Reward-model training on pair ``[B, 2, T]`` (or shared-prompt rows, the prompt run once:
-    :class:`~jaxalign.data.SharedPairBatch`), group ``[B, D, 2, T]`` or best-of-N ``[B, N, T]`` batches.
+    :class:`~jaxalign.data.SharedPairBatch`), group ``[B, D, 2, T]``, best-of-N ``[B, N, T]`` or scored
+    ``[B, T]`` batches.
 
     ``bradley_terry``: ``−log σ(r⁺ − r⁻ − m)`` with ``m = margin_scale·margin`` when ``use_margin`` (the data's
     margins, e.g. a score gap; Llama 2's margin loss) plus ``center_coef·(r⁺ + r⁻)²``; per dimension for
     groups, weighted by ``dimension_weights``. ``best_of_n``: softmax cross-entropy over the N candidates.
-    The model is a :class:`~jaxalign.models.RewardModel` (with ``num_objectives=D`` for groups). A batch that
-    carries ``features`` (``[..., D]``, each sequence's pooled trunk state in place of its tokens) is scored
-    by the head alone: how :mod:`jaxalign.methods.probe` fits a head on a frozen trunk.
+    ``regression``: :func:`jaxalign.losses.regression_loss` (``regression``: ``mse`` or ``gaussian_nll``) of each
+    sequence's reward against its normalised score ``(score − score_mean) / score_std``, averaged over examples.
+    The model is a :class:`~jaxalign.models.RewardModel` (with ``num_objectives=D`` for groups, a log-variance
+    output for ``gaussian_nll``); ``key`` draws its head's dropout. A batch that carries ``features``
+    (``[..., D]``, each sequence's pooled trunk state in place of its tokens) is scored by the head alone: how
+    :mod:`jaxalign.methods.probe` fits a head on a frozen trunk.
     """
     if loss not in REWARD_LOSSES:
         raise ValueError(f"reward_objective: loss must be one of {REWARD_LOSSES}, got {loss!r}")
+    if not score_std > 0:
+        raise ValueError(f"reward_objective: score_std must be > 0, got {score_std}")
     weights = None if dimension_weights is None else jnp.asarray(dimension_weights, F32)
+    kind = regression or "mse"
 
-    def rewards_of(model, batch):
+    def rewards_of(model, batch, key):
         if "branch_ids" in batch:  # shared-prompt pair rows: the prompt once, each side pooled with it
             return model.branch_rewards(batch["input_ids"], attention_mask=batch["attention_mask"],
-                                        positions=batch["positions"], branch_ids=batch["branch_ids"], branches=2)
+                                        positions=batch["positions"], branch_ids=batch["branch_ids"], branches=2,
+                                        key=key)
         if "features" in batch:  # pooled trunk features computed once (a frozen trunk, jaxalign.methods.probe)
             layout = batch["features"].shape[:-1]
-            flat = model.reward_head.project(flat_rows(batch, "features"))
+            flat = model.reward_head.project(flat_rows(batch, "features"), key=key)
         else:
             layout = batch["input_ids"].shape[:-1]
             flat = model(flat_rows(batch, "input_ids"), attention_mask=flat_rows(batch, "attention_mask"),
-                         positions=flat_rows(batch, "positions"))
+                         positions=flat_rows(batch, "positions"), key=key)
         if flat.ndim == 2:  # a D-objective head reads [R, D]: keep the reward of each row's own dimension
             flat = flat.reshape(*layout, flat.shape[-1])
             if len(layout) != 3:
@@ -67,13 +77,33 @@ def reward_objective(*, loss: str = "bradley_terry", use_margin: bool = False, m
             return jnp.einsum("bdpd->bdp", flat)
         return flat.reshape(layout)
 
+    def regress(model, batch, key):
+        features = batch.get("features")  # pooled once (a frozen trunk, jaxalign.methods.probe)
+        if "score" not in batch or (features if features is not None else batch["input_ids"]).ndim != 2:
+            raise ValueError("reward_objective: loss='regression' needs scored sequence batches [B, T] with "
+                             "'score' (scored conversations, prompt/completion records with a score)")
+        valid = batch["example_mask"].astype(bool)
+        targets = (batch["score"] - score_mean) / score_std
+        if features is not None:
+            head = model.reward_head
+            outputs = (head.project_with_log_variance(features, key=key) if kind == "gaussian_nll"
+                       else (head.project(features, key=key), None))
+        else:
+            rows = dict(attention_mask=batch["attention_mask"], positions=batch["positions"], key=key)
+            outputs = (model.mean_and_log_variance(batch["input_ids"], **rows) if kind == "gaussian_nll"
+                       else (model(batch["input_ids"], **rows), None))
+        predictions, log_variance = outputs
+        per, metrics = losses.regression_loss(predictions, targets, valid, kind=kind, log_variance=log_variance)
+        return losses.masked_sum(per, valid), without_loss(metrics)
+
     def objective(model, batch, *, key):
-        del key
+        if loss == "regression":
+            return regress(model, batch, key)
         if (loss == "best_of_n") != ("best" in batch):  # shapes alone cannot tell 2 candidates from a pair
             raise ValueError(f"reward_objective: loss={loss!r} on "
                              f"{'best-of-N batches' if 'best' in batch else 'pair batches (no best index)'}; "
                              f"use loss={'best_of_n' if 'best' in batch else 'bradley_terry'}")
-        rewards = rewards_of(model, batch)
+        rewards = rewards_of(model, batch, key)
         valid = batch["example_mask"].astype(bool)
         if loss == "best_of_n":
             candidates = batch["candidate_mask"].astype(bool) & valid[:, None]
@@ -93,21 +123,37 @@ def reward_objective(*, loss: str = "bradley_terry", use_margin: bool = False, m
 
 
 def build(config: RunConfig, lm, tokenizer, dataset):
-    if dataset.kind not in ("preference", "preference_group", "best_of_n"):
-        raise ValueError(f"method reward needs preference pairs, groups or best-of-N records; {config.data.source} "
-                         f"holds {dataset.kind!r} records")
+    name = config.data.name
+    if dataset.kind not in ("preference", "preference_group", "best_of_n", "sft"):
+        raise ValueError(f"method reward needs preference pairs, groups, best-of-N records or scored records; "
+                         f"{name} holds {dataset.kind!r} records")
     spec = config.loss
     num_objectives, pooling = spec.num_objectives, spec.pooling
     options = spec.objective_options()
-    if dataset.kind == "best_of_n":
+    extra: dict[str, Any] = {}
+    if dataset.kind == "sft":
+        if options.setdefault("loss", "regression") != "regression":
+            raise ValueError(f"{name} holds scored records (one response and its score each), but "
+                             f"loss.loss={options['loss']} trains on preferences: set loss.loss=regression")
+        if config.data.score_template is not None:
+            raise ValueError("data.score_template writes each record's score into its prompt: a reward model "
+                             "regressed on the scores would read its own target; unset data.score_template")
+        scores = score_statistics(dataset, normalize=spec.normalize_scores is not False)
+        options.update(score_mean=scores["mean"], score_std=scores["std"])
+        extra["scores"] = {**scores, "loss": spec.regression or "mse"}
+    elif options.get("loss") == "regression" or spec.regression is not None or spec.normalize_scores is not None:
+        raise ValueError(f"loss.loss=regression fits a reward model to scored records (ADLF conversations with "
+                         f"meta_eval_score, prompt/completion records with a score); {name} holds "
+                         f"{dataset.kind!r} records: use loss.loss=bradley_terry (or best_of_n)")
+    elif dataset.kind == "best_of_n":
         # Never the pairwise loss on N candidates: it would read samples 0 and 1 as chosen/rejected, ignoring "best".
         if options.setdefault("loss", "best_of_n") != "best_of_n":
-            raise ValueError(f"{config.data.source} holds best-of-N records (N samples and the index of the best), "
+            raise ValueError(f"{name} holds best-of-N records (N samples and the index of the best), "
                              f"but loss.loss={options['loss']} trains chosen/rejected pairs (the preset sets it for "
                              "pair data): set loss.loss=best_of_n")
     elif options.get("loss") == "best_of_n":
         raise ValueError(f"loss.loss=best_of_n needs best-of-N records (OpenAI lm-human-preferences: query, "
-                         f"sample0..N-1, best); {config.data.source} holds {dataset.kind!r} records: set "
+                         f"sample0..N-1, best); {name} holds {dataset.kind!r} records: set "
                          "loss.loss=bradley_terry")
     if dataset.kind == "preference_group":
         num_objectives = num_objectives or len(dataset.dimensions)
@@ -116,15 +162,44 @@ def build(config: RunConfig, lm, tokenizer, dataset):
                              f"dimensions {dataset.dimensions}")
     elif options.get("dimension_weights") is not None or (num_objectives or 1) > 1:
         raise ValueError(f"loss.dimension_weights / num_objectives are for a reward head per dimension of grouped "
-                         f"data; {config.data.source} gives {dataset.kind!r} records (one reward): set "
+                         f"data; {name} gives {dataset.kind!r} records (one reward): set "
                          "loss.dimension_weights=null")
     if config.model.lora is not None:
         models.apply_lora(lm, lora_config(config), rngs=nnx.Rngs(config.train.seed))
-    model = models.RewardModel(lm, num_objectives=num_objectives, pooling=pooling, rngs=nnx.Rngs(config.train.seed))
+    head = config.model.reward_head
+    shape = {} if head is None else {"hidden": head.hidden, "dropout": head.dropout, "activation": head.activation}
+    model = models.RewardModel(lm, num_objectives=num_objectives, pooling=pooling,
+                               log_variance=options.get("regression") == "gaussian_nll",
+                               rngs=nnx.Rngs(config.train.seed), **shape)
     if dataset.kind == "preference" and not config.freeze_backbone:  # the probe pools each sequence on its own
         dataset = pair_layout(dataset, lm, shared_prompt=spec.shared_prompt, targets=False)
-    extra = {"dimensions": list(dataset.dimensions), "num_objectives": num_objectives}
+    extra.update({"dimensions": list(dataset.dimensions), "num_objectives": num_objectives})
     return model, reward_objective(**options), None, dataset, extra
+
+
+def score_statistics(dataset: jdata.TokenizedDataset, *, normalize: bool = True) -> dict[str, Any]:
+    """The training scores' ``mean``, ``std`` (population) and ``count`` (each example once, whatever a mixture's
+    weights), which a regression reward model fits ``(score − mean) / std`` with; ``normalize=False`` gives
+    mean 0 and std 1 (raw scores), and reports the statistics as ``score_mean``/``score_std``.
+
+    Raises:
+        DataError: the records carry no score, naming the first record and the field.
+        ValueError: every score is the same (nothing to regress).
+    """
+    if "score" not in dataset.value_keys:
+        first = dataset.examples[0].origin if dataset.examples else None
+        raise jdata.DataError("has no score: loss.loss=regression fits the reward model to each record's score "
+                              "(ADLF: meta_eval_score; prompt/completion, messages and medical_qa records: score)",
+                              where=first, field="score", reason=jdata.Reason.MISSING_FIELD)
+    values = np.asarray([float(e.values["score"]) for e in dataset.examples], np.float64)
+    mean, std = float(values.mean()), float(values.std())
+    if not std > 0:
+        raise ValueError(f"every one of the {len(values)} training scores is {mean:g}: a reward model regressed on "
+                         "them can only learn that constant; give records with different scores")
+    if not normalize:
+        return {"mean": 0.0, "std": 1.0, "count": len(values), "normalized": False, "score_mean": mean,
+                "score_std": std}
+    return {"mean": mean, "std": std, "count": len(values), "normalized": True}
 
 
 def prompts_of(dataset: jdata.TokenizedDataset, count: int) -> list[list[int]]:
@@ -170,10 +245,17 @@ def fit_reward_normalization(reward_model: nnx.Module, policy: nnx.Module, promp
 
 
 def finish(config: RunConfig, model, tokenizer, dataset, extra: dict[str, Any]) -> Path | None:
-    """Fit the normalisation on the reference policy's samples and export the reward model."""
+    """Fit the normalisation on the reference policy's samples and export the reward model. A regression model
+    is not renormalised: its gain and bias are the training scores' std and mean, so that it scores on their
+    scale."""
     base, _ = load_pretrained(dataclasses.replace(config.model, lora=None))
     gain, bias = 1.0, 0.0
-    if config.normalize_samples:
+    metadata: dict[str, Any] = {"dimensions": extra.get("dimensions", [])}
+    if "scores" in extra:
+        gain, bias = extra["scores"]["std"], extra["scores"]["mean"]
+        extra["normalization"] = {"gain": gain, "bias": bias, "from": "the training scores' std and mean"}
+        metadata["scores"] = extra["scores"]
+    elif config.normalize_samples:
         prompts = prompts_of(dataset, config.normalize_samples)
         gain, bias, stats = fit_reward_normalization(
             model, base, prompts, max_new_tokens=config.normalize_max_new_tokens,
@@ -188,5 +270,4 @@ def finish(config: RunConfig, model, tokenizer, dataset, extra: dict[str, Any]) 
         # The training loss's weights are the default combination of the normalised objectives.
         weights = config.loss.dimension_weights or [1.0] * extra["num_objectives"]
     return models.save_reward_model(Path(config.output_dir) / EXPORT_DIR, model, base, tokenizer, gain=gain,
-                                    bias=bias, dimension_weights=weights,
-                                    metadata={"dimensions": extra.get("dimensions", [])})
+                                    bias=bias, dimension_weights=weights, metadata=metadata)

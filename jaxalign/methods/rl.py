@@ -71,7 +71,7 @@ def run_online(config: RunConfig, *, overwrite: bool = False) -> common.RunResul
     dataset = jdata.build_dataset(config.data, tokenizer)
     if dataset.kind != "prompt":
         raise ValueError(f"method {config.method} trains on prompts ({{\"prompt\": ...}} records); "
-                         f"{config.data.source} holds {dataset.kind!r} records")
+                         f"{config.data.name} holds {dataset.kind!r} records")
     # Read and checked now, not when the evaluation would fail after training.
     eval_prompts = None if config.eval_data is None else held_out_prompts(config)
     if config.curriculum is not None:
@@ -79,6 +79,7 @@ def run_online(config: RunConfig, *, overwrite: bool = False) -> common.RunResul
     common.prepare_output_dir(config, overwrite=overwrite)  # a run refused for its data leaves none
     common.write_json(out / common.RUN_FILE, {"config": config.to_dict(),
                                                  "data_reports": [str(r) for r in dataset.reports],
+                                                 "data_sources": [s.as_dict() for s in dataset.mixture],
                                                  "examples": len(dataset)})
     reference = None
     if config.reference == "model":
@@ -145,7 +146,7 @@ def held_out_prompts(config: RunConfig) -> list:
                                     on_error=config.eval_data.on_error, limit=config.eval_data.limit)
     if not records or not all(isinstance(r, jdata.PromptRecord) for r in records):
         kinds = sorted({type(r).__name__ for r in records})
-        raise ValueError(f"eval_data {config.eval_data.source}: method {config.method} evaluates on prompt records "
+        raise ValueError(f"eval_data {config.eval_data.name}: method {config.method} evaluates on prompt records "
                          f"({{\"prompt\": ...}}), the file holds {', '.join(kinds) or 'none'}")
     return records
 

@@ -30,7 +30,8 @@ from jaxalign.models.scoring import DEFAULT_CHUNK
 CRITICS = ("separate", "shared")
 REWARD_SCALINGS = ("none", "running_std", "running_norm")
 SFT_AVERAGES = ("token_mean", "sequence_mean")
-REWARD_LOSSES = ("bradley_terry", "best_of_n")
+SFT_EXAMPLE_WEIGHTS = ("score",)
+REWARD_LOSSES = ("bradley_terry", "best_of_n", "regression")
 REWARD_POOLINGS = ("last", "mean")
 
 
@@ -82,10 +83,14 @@ class SFTSpec(MethodSpec):
     Attributes:
         label_smoothing: ε of the smoothed cross-entropy (transformers ``label_smoothing_factor``).
         average: ``token_mean`` (every completion token alike, TRL) or ``sequence_mean`` (every example alike).
+        example_weights: ``score``: weigh each example by its record's score (ADLF's ``meta_eval_score``, a
+            ``score`` field), the loss a weighted mean (:func:`jaxalign.methods.sft.sft_objective`); None: every
+            example alike.
     """
 
     label_smoothing: float = 0.0
     average: str = "token_mean"
+    example_weights: str | None = None
 
     label = "SFT"
     renamed = {"label_smoothing_factor": "label_smoothing"}
@@ -93,6 +98,8 @@ class SFTSpec(MethodSpec):
     def __post_init__(self):
         self._require(0.0 <= self.label_smoothing < 1.0, "label_smoothing", "in [0, 1)")
         self._require(self.average in SFT_AVERAGES, "average", f"one of {SFT_AVERAGES}")
+        self._require(self.example_weights is None or self.example_weights in SFT_EXAMPLE_WEIGHTS, "example_weights",
+                      f"one of {SFT_EXAMPLE_WEIGHTS} or null")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,8 +147,13 @@ class RewardSpec(MethodSpec):
     """Reward-model options (:func:`jaxalign.methods.reward.reward_objective` and the reward head).
 
     Attributes:
-        loss: ``bradley_terry`` (pairs, groups) or ``best_of_n``; None: by the data (best-of-N records
-            train ``best_of_n``, pairs ``bradley_terry``).
+        loss: ``bradley_terry`` (pairs, groups), ``best_of_n`` or ``regression`` (scored records: each
+            conversation's score, e.g. ADLF's ``meta_eval_score``); None: by the data (best-of-N records train
+            ``best_of_n``, pairs ``bradley_terry``, scored records ``regression``).
+        regression: ``regression``'s loss: ``mse`` (the default) or ``gaussian_nll`` (the head also predicts each
+            score's log-variance: :func:`jaxalign.losses.regression_loss`).
+        normalize_scores: ``regression`` fits ``(score − mean) / std`` of the training scores (the default), and
+            the saved model maps its output back to the scores' scale; false fits the raw scores.
         use_margin, margin_scale: subtract ``margin_scale × margin`` inside the sigmoid (Llama 2's margin loss).
         center_coef: ``center_coef·(r⁺ + r⁻)²`` (TRL ``center_rewards_coefficient``).
         dimension_weights: grouped data: the weight of each dimension's loss (and the export's default
@@ -153,6 +165,8 @@ class RewardSpec(MethodSpec):
     """
 
     loss: str | None = None
+    regression: str | None = None
+    normalize_scores: bool | None = None
     use_margin: bool = False
     margin_scale: float = 1.0
     center_coef: float = 0.0
@@ -168,15 +182,29 @@ class RewardSpec(MethodSpec):
         if self.dimension_weights is not None:
             object.__setattr__(self, "dimension_weights", tuple(self.dimension_weights))
         self._require(self.loss is None or self.loss in REWARD_LOSSES, "loss", f"one of {REWARD_LOSSES} or null")
+        self._require(self.regression is None or self.regression in losses.REGRESSION_LOSSES, "regression",
+                      f"one of {losses.REGRESSION_LOSSES} or null")
+        self._require(self.normalize_scores is None or isinstance(self.normalize_scores, bool), "normalize_scores",
+                      "true, false or null")
+        regression_only = [name for name in ("regression", "normalize_scores") if getattr(self, name) is not None]
+        pairs_only = [name for name, default in (("use_margin", False), ("margin_scale", 1.0), ("center_coef", 0.0),
+                                                 ("dimension_weights", None), ("num_objectives", None))
+                      if getattr(self, name) != default]
+        if self.loss not in (None, "regression") and regression_only:
+            self._require(False, regression_only[0], f"left unset: it applies to loss: regression, not {self.loss}")
+        if self.loss == "regression" and pairs_only:
+            self._require(False, pairs_only[0], "left at its default: it applies to preference losses, not to "
+                          "loss: regression")
         self._require(self.center_coef >= 0, "center_coef", ">= 0")
         self._require(self.num_objectives is None or self.num_objectives >= 1, "num_objectives", ">= 1 or null")
         self._require(self.pooling in REWARD_POOLINGS, "pooling", f"one of {REWARD_POOLINGS}")
         self._require(isinstance(self.shared_prompt, bool), "shared_prompt", "true or false")
 
     def objective_options(self) -> dict[str, Any]:
-        """The options :func:`~jaxalign.methods.reward.reward_objective` takes (not the head's or the layout's)."""
+        """The options :func:`~jaxalign.methods.reward.reward_objective` takes (not the head's, the layout's or
+        the score normalisation's, which the method fits on the data)."""
         return {name: value for name, value in self.options().items()
-                if name not in ("num_objectives", "pooling", "shared_prompt")}
+                if name not in ("num_objectives", "pooling", "shared_prompt", "normalize_scores")}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -257,9 +257,9 @@ def build(config: RunConfig, lm, tokenizer, dataset, eval_dataset):
     if doctor_spec.value_init == "fit" and jax.process_count() > 1:
         raise NotImplementedError("doctor.value_init: fit solves the value head's least squares on one process; "
                                   f"this run has {jax.process_count()} (use value_init: zero)")
-    dataset = select_dimension(dataset, dimension, config.data.source)
+    dataset = select_dimension(dataset, dimension, config.data.name)
     if eval_dataset is not None:
-        eval_dataset = select_dimension(eval_dataset, dimension, config.eval_data.source)
+        eval_dataset = select_dimension(eval_dataset, dimension, config.eval_data.name)
     if doctor_spec.init_layers is not None:  # before the patient's pass: a bad init_layers costs no reward build
         lm = models.first_layers(lm, doctor_spec.init_layers)
     patient, patient_tokenizer = load_pretrained(dataclasses.replace(config.model, path=doctor_spec.patient,

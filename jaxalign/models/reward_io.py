@@ -4,11 +4,16 @@ A reward model directory holds
 
 - ``config.json`` + safetensors + tokenizer files: the trunk as a causal LM checkpoint (the LM head is the
   base model's, untouched by reward training), so ``load_hf`` or transformers read it;
-- ``reward_head.safetensors``: the head's ``kernel [D, N]`` and ``bias [N]``;
-- ``reward_model.json``: ``num_objectives``, ``pooling`` (``last`` or ``mean``), the normalisation ``gain`` and
-  ``bias`` (reward = ``gain·head(h) + bias``, fitted so that samples of the reference policy score mean 0 / std 1,
-  as OpenAI's lm-human-preferences does; one number, or one per objective), for a multi-objective head the
-  default ``dimension_weights`` that combine its normalised objectives into one reward, and free-form metadata.
+- ``reward_head.safetensors``: the head's ``kernel [D, N]`` and ``bias [N]`` (``kernel [H, N]`` after a hidden
+  layer, whose ``up_proj.kernel [D, H]`` and ``up_proj.bias [H]`` are there too; ``N`` counts a log-variance
+  output);
+- ``reward_model.json``: ``num_objectives``, ``pooling`` (``last`` or ``mean``), ``head`` (``hidden``,
+  ``dropout``, ``activation``, ``log_variance``: what builds the head again), the normalisation ``gain`` and
+  ``bias`` (reward = ``gain·head(h) + bias``: fitted so that samples of the reference policy score mean 0 / std 1,
+  as OpenAI's lm-human-preferences does, or for a model regressed on scores their std and mean, so that rewards
+  come back on the scores' scale; one number, or one per objective), for a multi-objective head the
+  default ``dimension_weights`` that combine its normalised objectives into one reward, and free-form metadata
+  (a regression model's ``scores``: the training scores' mean, std and count).
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ def save_reward_model(out_dir: str | Path, reward_model: RewardModel, lm, tokeni
     """
     head = reward_model.reward_head
     objectives = head.num_objectives
-    meta = {"num_objectives": objectives, "pooling": head.pooling,
+    meta = {"num_objectives": objectives, "pooling": head.pooling, "head": head.settings(),
             "gain": _per_objective(gain, "gain", objectives), "bias": _per_objective(bias, "bias", objectives),
             "metadata": dict(metadata or {})}
     if dimension_weights is not None:
@@ -63,10 +68,18 @@ def save_reward_model(out_dir: str | Path, reward_model: RewardModel, lm, tokeni
     out = Path(out_dir)
     nnx.update(lm.model if hasattr(lm, "model") else lm.transformer, nnx.state(reward_model.backbone))
     save_hf(lm, lm.config, out, tokenizer)
-    save_file({"kernel": np.asarray(head.kernel[...], np.float32), "bias": np.asarray(head.bias[...], np.float32)},
+    save_file({name: np.asarray(value, np.float32) for name, value in _head_tensors(head).items()},
               str(out / HEAD_FILE))
     (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return out
+
+
+def _head_tensors(head) -> dict:
+    """The head's weights by file name: ``kernel``, ``bias`` and, after a hidden layer, ``up_proj.*``."""
+    tensors = {"kernel": head.kernel, "bias": head.bias}
+    if head.up_proj is not None:
+        tensors.update({"up_proj.kernel": head.up_proj.kernel, "up_proj.bias": head.up_proj.bias})
+    return {name: variable[...] for name, variable in tensors.items()}
 
 
 def _per_objective(value, name: str, objectives: int | None, *, scalar: bool = True) -> float | list[float]:
@@ -82,13 +95,14 @@ def _per_objective(value, name: str, objectives: int | None, *, scalar: bool = T
 def load_reward_model(checkpoint_dir: str | Path, **policy) -> tuple[RewardModel, dict[str, Any]]:
     """``(reward_model, info)`` from a directory written by :func:`save_reward_model`.
 
-    ``info`` is ``reward_model.json``: ``gain``, ``bias``, ``num_objectives``, ``pooling``, ``metadata``. Files
-    written before ``pooling`` existed read the last token, as they were trained.
+    ``info`` is ``reward_model.json``: ``gain``, ``bias``, ``num_objectives``, ``pooling``, ``head``, ``metadata``.
+    Files written before ``pooling`` existed read the last token, and those without ``head`` have a linear head,
+    as they were trained.
 
     Raises:
         FileNotFoundError: the directory lacks ``reward_model.json`` or ``reward_head.safetensors`` (it is not
             a reward model, e.g. a plain policy export).
-        ValueError: the head's shapes do not fit the trunk.
+        ValueError: the head's shapes do not fit the trunk, or its file lacks a tensor the head needs.
     """
     directory = Path(checkpoint_dir)
     for name in (META_FILE, HEAD_FILE):
@@ -98,13 +112,27 @@ def load_reward_model(checkpoint_dir: str | Path, **policy) -> tuple[RewardModel
     info = json.loads((directory / META_FILE).read_text())
     lm = load_hf(directory, **policy)
     info.setdefault("pooling", "last")
-    model = RewardModel(lm, num_objectives=info["num_objectives"], pooling=info["pooling"], rngs=nnx.Rngs(0))
+    settings = info.setdefault("head", {})
+    unknown = sorted(set(settings) - {"hidden", "dropout", "activation", "log_variance"})
+    if unknown:
+        raise ValueError(f"{directory / META_FILE}: field 'head' has unknown key(s) {unknown}: written by a newer "
+                         "jaxalign?")
+    try:
+        model = RewardModel(lm, num_objectives=info["num_objectives"], pooling=info["pooling"], rngs=nnx.Rngs(0),
+                            **settings)
+    except ValueError as error:
+        raise ValueError(f"{directory / META_FILE}: field 'head': {error}") from None
     tensors = load_file(str(directory / HEAD_FILE))
     head = model.reward_head
-    for name in ("kernel", "bias"):
-        expected = getattr(head, name)[...].shape
+    variables = {"kernel": head.kernel, "bias": head.bias}
+    if head.up_proj is not None:
+        variables.update({"up_proj.kernel": head.up_proj.kernel, "up_proj.bias": head.up_proj.bias})
+    for name, variable in variables.items():
+        expected = variable[...].shape
+        if name not in tensors:
+            raise ValueError(f"{directory / HEAD_FILE}: no tensor {name!r}, which the head {settings} needs")
         if tensors[name].shape != expected:
             raise ValueError(f"{directory / HEAD_FILE}: tensor {name!r} has shape {tensors[name].shape}, the model "
                              f"needs {expected}")
-        getattr(head, name)[...] = tensors[name]
+        variable[...] = tensors[name]
     return model, info

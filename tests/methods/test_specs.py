@@ -72,7 +72,12 @@ def test_option_sets_follow_the_losses():
     from jaxalign.methods.reward import reward_objective
 
     reward_fields = {f.name for f in dataclasses.fields(specs.RewardSpec)}
-    assert set(inspect.signature(reward_objective).parameters) <= reward_fields
+    fitted = {"score_mean", "score_std"}  # the training scores' statistics, from the data
+    assert set(inspect.signature(reward_objective).parameters) - fitted <= reward_fields
+    from jaxalign.methods.sft import sft_objective
+
+    sft_fields = {f.name for f in dataclasses.fields(specs.SFTSpec)}
+    assert set(inspect.signature(sft_objective).parameters) - {"chunk_size", "weight_scale"} == sft_fields
 
 
 @pytest.mark.parametrize("override, message", [
