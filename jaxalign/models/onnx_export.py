@@ -306,8 +306,10 @@ def _convert(function, specs, input_names, output_names, *, name: str, int8: boo
     steps += ["int8 quantisation"] if int8 else []
     with tqdm(total=len(steps), desc=f"writing {path.name}", unit="step", disable=not progress) as bar:
         bar.set_postfix_str(steps[0])
-        # jax2onnx logs a traceback for each optional plugin whose package (equinox, dm-pix) is absent.
-        logging.getLogger("jax2onnx").setLevel(logging.ERROR)
+        # jax2onnx logs a traceback for each optional plugin whose package (equinox, dm-pix) is absent, and onnx-ir a
+        # warning for every shape constant it leaves untyped: neither is about the exported model.
+        for name in ("jax2onnx", "onnx_ir"):
+            logging.getLogger(name).setLevel(logging.ERROR)
         proto = to_onnx(function, specs, input_names=input_names, output_names=output_names, opset=ONNX_OPSET,
                         model_name=name)
         bar.update()
