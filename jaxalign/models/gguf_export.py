@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -90,7 +91,7 @@ def gguf_architecture(config) -> str:
 class _Tensor:
     name: str  # GGUF name
     shape: tuple[int, ...]  # NumPy order ([out, in] for a matrix)
-    kind: "object"  # gguf.GGMLQuantizationType
+    kind: Any  # gguf.GGMLQuantizationType
     fetch: Callable[[], np.ndarray]  # float32 values in GGUF layout
 
 
