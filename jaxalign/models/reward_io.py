@@ -127,10 +127,11 @@ def load_reward_model(checkpoint_dir: str | Path, **policy) -> tuple[RewardModel
     variables = {"kernel": head.kernel, "bias": head.bias}
     if head.up_proj is not None:
         variables.update({"up_proj.kernel": head.up_proj.kernel, "up_proj.bias": head.up_proj.bias})
+    missing = [name for name in variables if name not in tensors]
+    if missing:
+        raise ValueError(f"{directory / HEAD_FILE}: no tensor {missing[0]!r}, which the head {settings} needs")
     for name, variable in variables.items():
         expected = variable[...].shape
-        if name not in tensors:
-            raise ValueError(f"{directory / HEAD_FILE}: no tensor {name!r}, which the head {settings} needs")
         if tensors[name].shape != expected:
             raise ValueError(f"{directory / HEAD_FILE}: tensor {name!r} has shape {tensors[name].shape}, the model "
                              f"needs {expected}")
