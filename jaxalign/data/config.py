@@ -21,7 +21,7 @@ from jaxalign.data.reader import read_records
 from jaxalign.data.records import PreferenceGroup, PreferenceRecord, flatten_groups
 from jaxalign.data.render import ConversationStyle
 from jaxalign.data.selection import LengthFilter, check_dedup, deduplicate
-from jaxalign.data.tokenize import Rendering, TokenizedDataset, tokenize_sources
+from jaxalign.data.tokenize import KINDS, Rendering, TokenizedDataset, tokenize_sources
 from jaxalign.data.truncation import Truncation, TruncationMode
 
 log = logging.getLogger("jaxalign.data")
@@ -189,6 +189,7 @@ def build_dataset(config: DataConfig, tokenizer, *, source_tokenizer=None,
             records = _one_dimension(records, config.dimension, read_report)
         groups.append((read_report.source, records))
         reports.append(read_report)
+    _check_one_kind(groups)
     dedup_reports = []
     if config.dedup is not None:
         kept, dedup_reports = deduplicate(groups, config.dedup)
@@ -204,6 +205,16 @@ def build_dataset(config: DataConfig, tokenizer, *, source_tokenizer=None,
         log.warning("data: %d source(s), %d examples%s\n%s", len(mixture), len(dataset),
                     f" ({config.dedup} de-duplicated)" if config.dedup else "", composition_table(mixture, per_epoch))
     return replace(dataset, reports=tuple(reports), mixture=mixture)
+
+
+def _check_one_kind(groups: Sequence[tuple[str, Sequence]]) -> None:
+    """The sources of a mixture hold one kind of record (they become one dataset): else a line naming each's."""
+    kinds = {name: sorted({KINDS.get(type(record), type(record).__name__) for record in records})
+             for name, records in groups}
+    if len({kind for found in kinds.values() for kind in found}) > 1 and len(groups) > 1:
+        described = "; ".join(f"{name}: {', '.join(found)}" for name, found in kinds.items())
+        raise ValueError(f"data.sources mix kinds of records ({described}): the sources of a mixture become one "
+                         "dataset and must all hold the same kind (SFT, pairs, groups, ...)")
 
 
 def _composition(specs: Sequence, read_reports: Sequence[Report], dedup_reports: Sequence[Report],

@@ -262,3 +262,10 @@ def test_bad_settings_are_one_line_naming_the_field(settings, message):
 def test_length_filter_alone():
     assert LengthFilter(2, 5).verdict(1) == "too_short" and LengthFilter(2, 5).verdict(6) == "too_long"
     assert LengthFilter(2, 5).verdict(5) is None and LengthFilter(max_length=5).verdict(1) is None
+
+
+def test_sources_of_different_kinds_are_named(two_files, tmp_path, tiny_tokenizer):
+    a, _ = two_files
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "Hi", "chosen": " a", "rejected": " b"}])
+    with pytest.raises(ValueError, match=rf"data.sources mix kinds of records \({a}: sft; {pairs}: preference\)"):
+        build_dataset(DataConfig(sources=[str(a), str(pairs)]), tiny_tokenizer)
