@@ -265,7 +265,8 @@ def run_hitl(args) -> int:
 
     from jaxalign.serve.command import COMPILATION_CACHE, persistent_compilation_cache
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # force: importing orbax gives the root logger a WARNING handler first, which would hide the access log.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
     # uvicorn shuts down on SIGTERM and then raises it again with this handler in place: without one, that would
     # end the process before the finally below stops the retraining (its trainer would only learn of it from
     # its parent-death signal) and the scheduler.

@@ -144,6 +144,7 @@ def test_the_readme_command_from_another_directory_retrains_and_a_failed_version
     with cleanup(app, runs=(app.output_dir / "versions" / "v1" / "sft", app.output_dir / "versions" / "v1" / "kto")):
         app.start("--retrain-threshold", "1", "--train", "train.total_steps=0")  # every stage refuses this
         assert app.post("/hitl/feedback", readme).status_code == 200
+        wait_for(lambda: '"POST /hitl/feedback HTTP/1.1" 200' in app.log.read_text(), 30, "the request's access line")
 
         def failed(attempts: int):
             state = app.state()
