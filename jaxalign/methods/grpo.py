@@ -145,6 +145,8 @@ class GRPOTrainer(OnlineTrainer):
             decides per iteration's shape.
     """
 
+    label = "grpo"
+
     def __init__(self, config: TrainConfig, grpo: GRPOConfig, policy: nnx.Module, prompts, *, reward: RewardSource,
                  tokenizer, sampling: SamplingParams, reference: nnx.Module | None = None,
                  gold: RewardSource | None = None, trainable: Any = None,

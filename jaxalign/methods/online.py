@@ -174,6 +174,7 @@ class OnlineTrainer(StepSource):
     """
 
     unit = "iteration"
+    label = "online"  # the progress bar's label; each method names itself
     # Subclasses that read the policy's hidden states from the sampler (Rollout.hidden_states) set it.
     sampler_hidden_states: bool = False
 
@@ -191,7 +192,7 @@ class OnlineTrainer(StepSource):
         self.updates_per_step = epochs * num_minibatches
         self.key = jax.random.key(config.seed)
         self.trainer = Trainer(config, model, objective, self, trainable=trainable, rules=rules,
-                               extra_metadata=extra_metadata, update_scales=update_scales)
+                               extra_metadata=extra_metadata, update_scales=update_scales, label=self.label)
         self._sampler: Sampler | None = None
         self._prompt_batches = None
         self._iteration: dict[str, Any] = {}  # what step_metrics reports about the iteration being trained

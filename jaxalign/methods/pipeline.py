@@ -111,7 +111,8 @@ def run(config: RunConfig, *, overwrite: bool = False) -> RunResult:
         if config.method == "tfpo" and config.doctor.value_lr_scale != 1.0:
             update_scales = {"value_head": config.doctor.value_lr_scale}
         trainer = Trainer(config.train, model, objective, batches, references=references, trainable=trainable,
-                          extra_metadata=config.checkpoint_metadata(), update_scales=update_scales)
+                          extra_metadata=config.checkpoint_metadata(), update_scales=update_scales,
+                          label=progress_label(config))
         trainer.run()
         model = trainer.trained_model()
 
@@ -139,6 +140,13 @@ def run(config: RunConfig, *, overwrite: bool = False) -> RunResult:
         write_json(out / EVAL_FILE, {"eval": eval_metrics, **extra})
         plot_metrics(out / "metrics.jsonl", out / "metrics.png", title=f"{config.method} — {out.name}")
     return RunResult(config, model, tokenizer, eval_metrics, export_dir, extra)
+
+
+def progress_label(config: RunConfig) -> str:
+    """What the training bar says is trained: the method, and for a doctor its preference dimension."""
+    if config.method == "tfpo":
+        return f"tfpo {config.doctor.dimensions[0]}"
+    return config.method
 
 
 def run_doctors(config: RunConfig, *, overwrite: bool = False) -> RunResult:

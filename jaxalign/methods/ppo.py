@@ -183,6 +183,8 @@ class PPOTrainer(OnlineTrainer):
             adapters and the critic (:func:`jaxalign.methods.online.default_trainable`).
     """
 
+    label = "ppo"
+
     def __init__(self, config: TrainConfig, ppo: PPOConfig, policy: nnx.Module, prompts, *, reward: RewardSource,
                  tokenizer, sampling: SamplingParams, reference: nnx.Module | None = None,
                  critic: nnx.Module | None = None, gold: RewardSource | None = None, trainable: Any = None,

@@ -154,7 +154,7 @@ def fit_reward_probe(reward_model: nnx.Module, objective: Callable, data: dict[s
 
     params, solver_state = start, solver.init(start)
     logger = MetricsLogger(log or LogConfig(directory=None, progress_bar=False), total_steps=max_iterations,
-                           start_step=0)
+                           start_step=0, description="reward probe (L-BFGS)", unit="iteration")
     try:
         for iterations in range(1, max_iterations + 1):  # max_iterations >= 1: the loop sets every name
             params, solver_state, grad_norm = iteration(params, solver_state, batch)

@@ -135,15 +135,20 @@ class Throughput:
 class MetricsLogger:
     """Sends each logged step's metrics to every configured sink and drives the progress bar.
 
+    The bar reads ``dpo:  24%|██▍       | 120/500 [01:40<05:17, 1.20step/s, loss=0.6931]``: what is trained, the
+    steps done of the run's total, and the last logged loss (and tokens per second when counted).
+
     Args:
         config: which sinks.
         total_steps: the run's length (the progress bar's total, for rate and ETA).
         start_step: the step the run starts from (0, or the restored step).
         run_config: recorded as the W&B run config.
+        description: the bar's label: what is being trained (``"sft"``, ``"tfpo safety"``).
+        unit: what one step is (``"step"``; ``"iteration"`` for an online method's rollout and updates).
     """
 
     def __init__(self, config: LogConfig, *, total_steps: int, start_step: int,
-                 run_config: Mapping[str, Any] | None = None):
+                 run_config: Mapping[str, Any] | None = None, description: str = "train", unit: str = "step"):
         self._sinks: list[Any] = []
         self._progress = None
         if jax.process_index() != 0:
@@ -155,7 +160,7 @@ class MetricsLogger:
                 self._sinks.append(TensorBoardSink(os.path.join(config.directory, TENSORBOARD_DIR)))
         if config.wandb_project is not None:
             self._sinks.append(WandbSink(config, run_config or {}))
-        self._progress = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+        self._progress = tqdm(total=total_steps, initial=start_step, desc=description, unit=unit, dynamic_ncols=True,
                               disable=not config.progress_bar)
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:

@@ -241,6 +241,7 @@ class Trainer:
         rules: partition table for the models.
         count_tokens: ``batch -> tokens`` for throughput.
         extra_metadata: recorded in every checkpoint's metadata (e.g. the experiment's own config).
+        label: what the progress bar says is being trained (a method's name, ``"dpo"``); default ``"train"``.
 
     Attributes:
         config: ``config`` with the mesh sizes resolved.
@@ -252,7 +253,9 @@ class Trainer:
                  references: Mapping[str, nnx.Module] | None = None, trainable: Any = nnx.Param,
                  optimizer: optax.GradientTransformation | None = None, rules: Mapping = DEFAULT_RULES,
                  count_tokens: Callable[[Any], Any] = default_token_count,
-                 extra_metadata: Mapping[str, Any] | None = None, update_scales: Mapping[str, float] | None = None):
+                 extra_metadata: Mapping[str, Any] | None = None, update_scales: Mapping[str, float] | None = None,
+                 label: str = "train"):
+        self.label = label
         self.mesh = make_mesh(config.mesh)
         self.config = dataclasses.replace(config, mesh=MeshConfig(*self.mesh.devices.shape))
         self.data = data
@@ -295,7 +298,8 @@ class Trainer:
         config = self.config
         source = self.source
         source.start(self.train_step)
-        logger = MetricsLogger(config.log, total_steps=config.total_steps, start_step=step, run_config=self.metadata)
+        logger = MetricsLogger(config.log, total_steps=config.total_steps, start_step=step, run_config=self.metadata,
+                               description=self.label, unit=source.unit)
         throughput = Throughput()
         save_on_signal = self.checkpointer is not None and config.checkpoint.save_on_signal
         # The signal handlers stay installed until every save, the final one included, is on disk: a
