@@ -321,6 +321,9 @@ def _check_data_sections(config: RunConfig) -> None:
     if head is not None and config.freeze_backbone and (head.hidden is not None or head.dropout):
         raise ValueError("freeze_backbone fits a linear head to convergence (a convex fit): drop "
                          "model.reward_head's hidden layer and dropout, or train the whole model")
+    if config.freeze_backbone and getattr(config.loss, "regression", None) == "gaussian_nll":
+        raise ValueError("freeze_backbone fits a convex probe; loss.regression=gaussian_nll (learning each score's "
+                         "variance too) is not convex: use loss.regression=mse with it, or train the whole model")
     weights = getattr(config.loss, "example_weights", None)
     if weights is not None and config.data.packing and config.loss.average == "sequence_mean":
         raise ValueError("loss.example_weights with loss.average=sequence_mean needs one example per row: packed "
@@ -514,6 +517,21 @@ def apply_overrides(values: dict[str, Any], overrides: Sequence[str]) -> dict[st
     return values
 
 
+def _command_line_data_wins(values: dict[str, Any], overrides: Sequence[str]) -> None:
+    """``data.sources=[...]`` on the command line replaces the file's ``data.source`` (and ``data.source=`` its
+    ``sources``): the two are one choice, and the command line makes it. Given together, both stay (an error)."""
+    keys = {override.partition("=")[0] for override in overrides}
+    for section in ("data", "eval_data"):
+        node = values.get(section)
+        if not isinstance(node, dict):
+            continue
+        for given, other in (("source", "sources"), ("sources", "source")):
+            if f"{section}.{given}" in keys and f"{section}.{other}" not in keys:
+                node.pop(other, None)
+                if given == "source":
+                    node.pop("weights", None)
+
+
 _EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
@@ -577,6 +595,7 @@ def load_run_config(config: str | Path | Mapping[str, Any], overrides: Sequence[
 
 def _resolved(values: Mapping[str, Any], overrides: Sequence[str], method: str | None, where: str) -> RunConfig:
     values = apply_overrides(copy.deepcopy(dict(values)), overrides)
+    _command_line_data_wins(values, overrides)
     if method is not None:
         if values.get("method", method) != method:
             raise ValueError(f"{where}: method is {values['method']!r}, but the command trains {method!r}")

@@ -85,7 +85,6 @@ def test_a_list_as_source_is_a_one_line_error_naming_sources(workdir):
     ("data.weights=[1, 2, 3]", r"weights \[1, 2, 3\] do not match the 2 sources"),
     ("data.dedup=near", r"dedup must be one of exact, prompt or null, got 'near'"),
     ("data.filter={min_length: 20, max_length: 12}", r"filter.min_length 20 is above filter.max_length 12"),
-    ("data.source=data/a.jsonl", r"give source \(one file\) or sources \(a mixture\), not both"),
     ("curriculum=length", r"curriculum orders one dataset easy to hard, but data.sources mixes several"),
 ])
 def test_bad_mixture_settings_fail_before_any_work(workdir, override, message):
@@ -119,3 +118,16 @@ def test_kto_keeps_each_example_s_source(checkpoint, tmp_path):
     unpaired = kto.as_unpaired(dataset)
     assert [e.source for e in unpaired.examples] == [0, 0, 1, 0, 0, 1]  # chosen sides, then rejected
     assert data.BatchIterator(unpaired, batch_size=2).epoch_length == 6
+
+
+def test_the_command_line_chooses_between_source_and_sources():
+    preset = recipe.load_run_config("hh_rlhf", ["data.sources=[a.jsonl, b.jsonl]", "data.weights=[3, 1]"],
+                                    method="sft")
+    assert preset.data.source is None and [(s.source, s.weight) for s in preset.data.sources] == [("a.jsonl", 3),
+                                                                                                  ("b.jsonl", 1)]
+    back = recipe.load_run_config({"method": "sft", "output_dir": "x", "train": {"total_steps": 1},
+                                   "data": {"sources": ["a.jsonl", "b.jsonl"], "weights": [1, 2]}},
+                                  ["data.source=c.jsonl"])
+    assert back.data.source == "c.jsonl" and back.data.sources is None
+    with pytest.raises(ValueError, match=r"not both"):
+        recipe.load_run_config("hh_rlhf", ["data.sources=[a.jsonl]", "data.source=b.jsonl"], method="sft")

@@ -144,6 +144,19 @@ def test_held_out_evaluation_runs_without_dropout(checkpoint, tmp_path):
     assert evaluated["loss"] == pytest.approx(expected["loss"], rel=1e-6)
 
 
+def test_a_frozen_trunk_fits_a_ridge_regression_head(checkpoint, tmp_path):
+    source = write_rows(tmp_path / "adlf.jsonl", adlf_rows())
+    config = run_config(checkpoint, source, tmp_path, "reward", "freeze_backbone=true", "loss.loss=regression",
+                        f"eval_data.source={source}")
+    result = pipeline.run(config)
+    assert result.extra["probe"]["converged"] and result.eval_metrics["mse"] < 1.0  # below the targets' variance
+    _, info = models.load_reward_model(Path(config.output_dir) / "export")
+    scores = np.array([row["meta_eval_score"] for row in adlf_rows()])
+    assert (info["gain"], info["bias"]) == (pytest.approx(scores.std()), pytest.approx(scores.mean()))
+    with pytest.raises(ValueError, match="freeze_backbone fits a convex probe; loss.regression=gaussian_nll"):
+        run_config(checkpoint, source, tmp_path, "reward", "freeze_backbone=true", "loss.regression=gaussian_nll")
+
+
 @pytest.mark.parametrize("rows, overrides, message", [
     ([{"prompt": "Hi", "completion": " yes"}, {"prompt": "Go", "completion": " no"}], ["loss.loss=regression"],
      r"sft.jsonl, line 1, field 'score': has no score: loss.loss=regression fits the reward model to each "
