@@ -4,10 +4,12 @@ ONNX, a doctor to HF and GGUF, the refusals before any work, and the command fro
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -176,3 +178,30 @@ def test_the_command_from_another_directory(run_dir, tmp_path):
     copy = models.load_hf(workdir / "hf-copy")
     assert copy.config.same_architecture(models.load_hf(run_dir / "export").config)
     assert transformers.AutoTokenizer.from_pretrained(workdir / "hf-copy").chat_template is not None
+
+
+def test_docs_onnx_decode_loop_runs_as_written(run_dir, tmp_path, monkeypatch, capsys):
+    """docs/export.md's ONNX Runtime decode loop, run as written in a directory holding its two paths."""
+    from jaxalign.models.onnx_export import save_onnx
+
+    text = (ROOT / "docs" / "export.md").read_text()
+    code = text.split("A\ndecode loop in ONNX Runtime:\n\n```python\n", 1)[1].split("```", 1)[0]
+    export_dir = tmp_path / "runs" / "sentiment" / "dpo" / "export"
+    export_dir.parent.mkdir(parents=True)
+    shutil.copytree(run_dir / "export", export_dir)
+    save_onnx(models.load_hf(export_dir), tmp_path / "dpo.onnx", progress=False)
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    namespace = {}
+    exec(compile(code, "docs/export.md", "exec"), namespace)  # noqa: S102 (the documented example itself)
+    printed = capsys.readouterr().out
+    from jaxalign.rollout import Sampler, SamplingParams
+
+    tokenizer, prompt = namespace["tokenizer"], jnp.asarray(namespace["ids"])
+    params = SamplingParams(max_new_tokens=32, temperature=0.0, stop_token_ids=(tokenizer.eos_token_id,))
+    out = Sampler(models.load_hf(export_dir)).generate(prompt, jnp.ones_like(prompt), key=jax.random.key(0),
+                                                       params=params)
+    greedy = [int(t) for t in np.asarray(out.tokens)[0][np.asarray(out.response_mask)[0]]]
+    assert greedy, "jaxalign generated something to compare"
+    expected = "".join(tokenizer.decode([t]) for t in greedy if t != tokenizer.eos_token_id)
+    assert printed == expected
