@@ -26,6 +26,8 @@ from jaxalign.models.llama import LlamaForCausalLM, LlamaModel
 from jaxalign.models.lora import BASE_PARAMS, LoRAConfig, LoRALinear, apply_lora, has_lora, merge_lora
 from jaxalign.models.masks import derive_positions
 from jaxalign.models.pretrained import TOKENIZER_FILES, load_pretrained
+from jaxalign.models.quantize import QuantizeConfig, is_quantized, merge_for_export, quantize_model, storage_bytes
+from jaxalign.models.quantized import WEIGHTS, QuantizedKernel, QuantizedLinear, QuantizedWeight
 from jaxalign.models.reward_io import load_reward_model, save_reward_model
 from jaxalign.models.scoring import DEFAULT_CHUNK, head_logps, target_logps
 from jaxalign.models.sharding import DEFAULT_RULES, MESH_AXES, fit_spec, named_shardings, partition_specs
@@ -50,6 +52,10 @@ __all__ = [
     "LoRAConfig",
     "LoRALinear",
     "ModelConfig",
+    "QuantizeConfig",
+    "QuantizedKernel",
+    "QuantizedLinear",
+    "QuantizedWeight",
     "RewardHead",
     "RewardModel",
     "RopeScaling",
@@ -57,6 +63,7 @@ __all__ = [
     "TOKENIZER_FILES",
     "TensorSource",
     "ValueHead",
+    "WEIGHTS",
     "apply_lora",
     "check_same_tokenizer",
     "config_from_hf",
@@ -65,6 +72,7 @@ __all__ = [
     "first_layers",
     "fit_spec",
     "has_lora",
+    "is_quantized",
     "last_token_index",
     "load_gguf",
     "load_gguf_tokenizer",
@@ -73,12 +81,15 @@ __all__ = [
     "load_hf_config",
     "load_pretrained",
     "load_reward_model",
+    "merge_for_export",
     "merge_lora",
     "model_from_tensors",
     "named_shardings",
     "partition_specs",
+    "quantize_model",
     "read_doctor_card",
     "save_doctor",
     "save_hf",
     "save_reward_model",
+    "storage_bytes",
 ]

@@ -12,6 +12,12 @@ A :class:`LoRALinear` replaces an ``nnx.Linear`` in place and keeps its ``kernel
 the same names (``q_proj/kernel`` stays ``q_proj/kernel``; ``q_proj/lora_a`` is added). The checkpoint
 mapping, the sharding table and the base-parameter state are therefore unchanged. Inside the stacked
 ``[L]`` layers, the adapters are stacked too, one per layer, and the scan slices them with the rest.
+
+A quantised base (QLoRA: :func:`jaxalign.models.quantize_model`) works in either order: LoRA on a
+:class:`~jaxalign.models.quantized.QuantizedLinear` keeps its :class:`~jaxalign.models.quantized.QuantizedKernel`
+as ``kernel``, and quantising a :class:`LoRALinear` replaces its ``kernel`` Param by one. The adapters then train
+in the replaced kernel's dtype on top of the dequantised product, and :func:`merge_lora` exports
+``dequantised W + (α/r)·A·B``.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn.dtypes import promote_dtype
 from jaxtyping import Array, Float
+
+from jaxalign.models.quantized import QuantizedKernel, QuantizedLinear
 
 # Everything trainable in a LoRA model except the adapters: the frozen base.
 BASE_PARAMS = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
@@ -70,9 +78,10 @@ class LoRALinear(nnx.Module):
 
     ``kernel`` ``[..., in, out]``, ``lora_a`` ``[..., in, r]``, ``lora_b`` ``[..., r, out]``; a leading
     ``[L]`` axis when the projection lives in the stacked layers (each call then sees one layer's slice).
+    ``kernel`` is a :class:`QuantizedKernel` on a quantised base.
     """
 
-    def __init__(self, base: nnx.Linear, lora_a: nnx.LoRAParam, lora_b: nnx.LoRAParam,
+    def __init__(self, base: nnx.Linear | QuantizedLinear, lora_a: nnx.LoRAParam, lora_b: nnx.LoRAParam,
                  dropout: nnx.Dropout | None, scaling: float):
         self.kernel = base.kernel
         self.bias = base.bias
@@ -82,11 +91,16 @@ class LoRALinear(nnx.Module):
         self.scaling = scaling
 
     def __call__(self, x: Float[Array, "... in"]) -> Float[Array, "... out"]:
-        # The base term is computed as nnx.Linear computes it, so zero adapters give bit-identical outputs.
+        # The base term is computed as nnx.Linear (or QuantizedLinear) computes it, so zero adapters give
+        # bit-identical outputs.
         bias = None if self.bias is None else self.bias[...]
-        x, kernel, bias, lora_a, lora_b = promote_dtype(
-            (x, self.kernel[...], bias, self.lora_a[...], self.lora_b[...]), dtype=self.dtype)
-        y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+        if isinstance(self.kernel, QuantizedKernel):
+            x, bias, lora_a, lora_b = promote_dtype((x, bias, self.lora_a[...], self.lora_b[...]), dtype=self.dtype)
+            y = self.kernel.matmul(x)
+        else:
+            x, kernel, bias, lora_a, lora_b = promote_dtype(
+                (x, self.kernel[...], bias, self.lora_a[...], self.lora_b[...]), dtype=self.dtype)
+            y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
         if bias is not None:
             y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
         adapter_input = x if self.lora_dropout is None else self.lora_dropout(x)
@@ -104,9 +118,14 @@ class LoRALinear(nnx.Module):
         return self.scaling * xab
 
     def merged_kernel(self) -> Array:
-        """``W + (α/r)·A·B`` in the kernel's dtype (per layer for stacked kernels)."""
+        """``W + (α/r)·A·B`` in the kernel's dtype (per layer for stacked kernels); a quantised ``W`` is
+        dequantised in float32 and the sum returned in the dtype of the kernel it replaced."""
         delta = jnp.matmul(self.lora_a[...].astype(jnp.float32), self.lora_b[...].astype(jnp.float32))
-        return (self.kernel[...].astype(jnp.float32) + self.scaling * delta).astype(self.kernel[...].dtype)
+        if isinstance(self.kernel, QuantizedKernel):
+            base, dtype = self.kernel.dequantize(jnp.float32), self.kernel.param_dtype
+        else:
+            base, dtype = self.kernel[...].astype(jnp.float32), self.kernel[...].dtype
+        return (base + self.scaling * delta).astype(dtype)
 
 
 class _Adapter(nnx.Module):
@@ -138,6 +157,9 @@ def _matches(path: tuple[str, ...], target: str) -> bool:
 def apply_lora(model: nnx.Module, config: LoRAConfig, *, rngs: nnx.Rngs) -> nnx.Module:
     """Replace the target ``nnx.Linear`` projections of ``model`` by :class:`LoRALinear`, in place.
 
+    Quantised projections (:class:`QuantizedLinear`) are targets too: their adapters get the dtype of the
+    kernel that was quantised.
+
     Args:
         model: a jaxalign LM (or any module holding ``nnx.Linear`` projections, stacked or not).
         config: rank, alpha, dropout and targets.
@@ -162,7 +184,7 @@ def apply_lora(model: nnx.Module, config: LoRAConfig, *, rngs: nnx.Rngs) -> nnx.
             "tie_word_embeddings=False and lm_head.kernel = embedding.T)."
         )
     linears = [(tuple(str(p) for p in path), module) for path, module in nnx.iter_modules(model)
-               if type(module) is nnx.Linear]
+               if type(module) in (nnx.Linear, QuantizedLinear)]
     unmatched = [t for t in config.targets if not any(_matches(path, t) for path, _ in linears)]
     if unmatched:
         available = sorted({".".join(path[-2:]) for path, _ in linears})
@@ -170,8 +192,11 @@ def apply_lora(model: nnx.Module, config: LoRAConfig, *, rngs: nnx.Rngs) -> nnx.
     for path, linear in linears:
         if not any(_matches(path, t) for t in config.targets):
             continue
-        kernel = linear.kernel[...]
-        adapter = _new_adapter(kernel.shape, kernel.dtype, config, rngs)
+        if isinstance(linear, QuantizedLinear):
+            shape, dtype = linear.kernel.shape, linear.kernel.param_dtype
+        else:
+            shape, dtype = linear.kernel[...].shape, linear.kernel[...].dtype
+        adapter = _new_adapter(shape, dtype, config, rngs)
         parent = model
         for name in path[:-1]:
             parent = getattr(parent, name)
@@ -187,15 +212,22 @@ def has_lora(model: nnx.Module) -> bool:
 def merge_lora(model: nnx.Module) -> nnx.Module:
     """A copy of ``model`` without adapters, each adapted kernel replaced by ``W + (α/r)·A·B``.
 
+    Quantised kernels are dequantised (in float32, returned in the dtype of the kernel they replaced), with
+    their adapters merged when they have some: the result is the plain float architecture.
+
     ``model`` must be built as ``type(model)(model.config, rngs=...)`` (the jaxalign LMs), so the
     plain architecture can be rebuilt; ``model`` itself is left untouched. ``save_hf`` calls this.
     """
     state = nnx.state(model, BASE_PARAMS)
     flat = dict(nnx.to_flat_state(state))
     for path, module in nnx.iter_modules(model):
-        if isinstance(module, LoRALinear):
-            key = (*path, "kernel")
+        key = (*path, "kernel")
+        if isinstance(module, LoRALinear) and isinstance(module.kernel, QuantizedKernel):
+            flat[key] = nnx.Param(module.merged_kernel())
+        elif isinstance(module, LoRALinear):
             flat[key] = flat[key].replace(module.merged_kernel())
+        elif isinstance(module, QuantizedLinear):
+            flat[key] = nnx.Param(module.kernel.dequantize(module.kernel.param_dtype))
     plain = nnx.eval_shape(lambda: type(model)(model.config, rngs=nnx.Rngs(0)))
     graphdef, _ = nnx.split(plain)
     return nnx.merge(graphdef, nnx.from_flat_state(flat))

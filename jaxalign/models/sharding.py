@@ -8,6 +8,11 @@ A rule is keyed by the last two names of a parameter's path, ``(module, paramete
 ``layers`` (GPT-2: ``h``) are stacked ``[L, ...]`` and get a leading ``None`` (the layer axis is scanned,
 never split).
 New modules (LoRA adapters, other heads) extend the table with ``rules=DEFAULT_RULES | {...}``.
+
+A quantised kernel's storage (``q_proj/kernel/codes``, ``.../absmax_codes``, ...) follows its kernel's rule: each
+stored axis that runs along the kernel's input or output axis is split like it, the rest is replicated
+(:data:`jaxalign.models.quant_numerics.KERNEL_AXES`). The per-group scales of double quantisation and the offset,
+a few numbers per kernel, are replicated.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxalign.models.quant_numerics import KERNEL_AXES
+from jaxalign.models.quantized import WEIGHTS, QuantizedWeight
 from jaxalign.models.stack import STACKED_COLLECTIONS
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -62,14 +69,26 @@ DEFAULT_RULES = {
 def _param_state(model_or_state) -> nnx.State:
     if isinstance(model_or_state, nnx.State):
         return model_or_state
-    return nnx.state(model_or_state, nnx.Param)
+    return nnx.state(model_or_state, WEIGHTS)
+
+
+def _rule(names: tuple[str, ...], variable, rules: Mapping) -> tuple | None:
+    """The rule of one weight: the table's, or for quantised storage one derived from its kernel's."""
+    if not isinstance(variable, QuantizedWeight):
+        return rules.get(names[-2:])
+    kernel_rule = rules.get(names[-3:-1])
+    if kernel_rule is None or names[-1] not in KERNEL_AXES:
+        return None
+    along = {"in": kernel_rule[0], "out": kernel_rule[1]}
+    return tuple(along.get(axis) for axis in KERNEL_AXES[names[-1]])
 
 
 def partition_specs(model_or_state, *, rules: Mapping = DEFAULT_RULES) -> nnx.State:
-    """The logical PartitionSpec of every parameter, as a State shaped like ``nnx.state(model, nnx.Param)``.
+    """The logical PartitionSpec of every weight, as a State shaped like ``nnx.state(model, WEIGHTS)``.
 
     Each Variable holds its spec as value (the convention of ``nnx.get_partition_spec``), so the result
-    can be mapped to shardings leaf by leaf. Works on a model, its parameter State, or an abstract one
+    can be mapped to shardings leaf by leaf. Works on a model, its weight State (parameters, and the
+    quantised storage of a quantised model: :data:`~jaxalign.models.quantized.WEIGHTS`), or an abstract one
     from ``nnx.eval_shape``.
 
     Raises:
@@ -78,11 +97,12 @@ def partition_specs(model_or_state, *, rules: Mapping = DEFAULT_RULES) -> nnx.St
     flat = []
     for path, variable in nnx.to_flat_state(_param_state(model_or_state)):
         names = tuple(str(part) for part in path)
-        rule = rules.get(names[-2:])
+        rule = _rule(names, variable, rules)
         if rule is None:
+            key = names[-3:-1] if isinstance(variable, QuantizedWeight) else names[-2:]
             raise ValueError(
-                f"no partition rule for parameter {'/'.join(names)}: add ({names[-2]!r}, {names[-1]!r}) "
-                "to the rules"
+                f"no partition rule for {'quantised kernel' if isinstance(variable, QuantizedWeight) else 'parameter'} "
+                f"{'/'.join(names)}: add {key!r} to the rules"
             )
         spec = (None, *rule) if any(name in STACKED_COLLECTIONS for name in names) else tuple(rule)
         if len(spec) != len(variable.get_value().shape):
@@ -113,10 +133,11 @@ def fit_spec(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> Partiti
 
 
 def named_shardings(model_or_state, mesh: Mesh, *, rules: Mapping = DEFAULT_RULES) -> nnx.State:
-    """``NamedSharding`` of every parameter on ``mesh`` (specs fitted with :func:`fit_spec`).
+    """``NamedSharding`` of every weight on ``mesh`` (specs fitted with :func:`fit_spec`).
 
-    The result has the structure of ``nnx.state(model, nnx.Param)`` and can be passed to
-    ``jax.device_put`` or as ``in_shardings``/``out_shardings`` of ``jax.jit``.
+    The result has the structure of ``nnx.state(model, WEIGHTS)`` (``nnx.state(model, nnx.Param)`` for a model
+    without quantised kernels) and can be passed to ``jax.device_put`` or as ``in_shardings``/``out_shardings``
+    of ``jax.jit``.
     """
     specs = partition_specs(model_or_state, rules=rules)
     shapes = _param_state(model_or_state)

@@ -20,6 +20,7 @@ from jaxalign.models.cache import KVCache, LayerKV
 from jaxalign.models.lora import LoRALinear
 from jaxalign.models.masks import attention_mask as build_attention_mask
 from jaxalign.models.masks import derive_positions
+from jaxalign.models.quantized import WEIGHTS
 
 # Attribute names of the [L]-stacked layer collections (Llama's ``layers``, GPT-2's ``h``): the leading
 # axis of every parameter under them is the layer axis, scanned and never sharded.
@@ -141,7 +142,8 @@ def scan_layers(layers: nnx.Module, hidden, kv: LayerKV | None, *, n_layers: int
     Each step rebuilds one layer from its slice of the stacked state and calls
     ``layer(hidden, kv=kv_at_layer, **layer_kwargs) -> (hidden, kv)``. The traced program is the same
     for any depth, so compile time does not grow with ``L``. State a layer changes while running (a
-    dropout RNG counter, e.g. in LoRA adapters) is written back to ``layers``.
+    dropout RNG counter, e.g. in LoRA adapters) is written back to ``layers``; the weights (parameters and
+    quantised storage, :data:`~jaxalign.models.quantized.WEIGHTS`) are read only, never copied out.
 
     Layers split by :func:`unstack_layers` run one after the other instead (unrolled), each with its own
     weights and, with a per-layer :class:`KVCache`, its own cache buffers.
@@ -153,7 +155,7 @@ def scan_layers(layers: nnx.Module, hidden, kv: LayerKV | None, *, n_layers: int
         for index, layer in enumerate(layers.layers):
             hidden, kv = layer(hidden, kv=None if kv is None else kv.at_layer(index), **layer_kwargs)
         return hidden, kv
-    graphdef, params, other = nnx.split(layers, nnx.Param, ...)
+    graphdef, params, other = nnx.split(layers, WEIGHTS, ...)
 
     def one_layer(carry, xs):
         hidden, kv = carry
@@ -162,7 +164,7 @@ def scan_layers(layers: nnx.Module, hidden, kv: LayerKV | None, *, n_layers: int
         if kv is not None:
             kv = kv.at_layer(layer_index)
         hidden, kv = layer(hidden, kv=kv, **layer_kwargs)
-        return (hidden, kv), nnx.state(layer, nnx.Not(nnx.Param))
+        return (hidden, kv), nnx.state(layer, nnx.Not(WEIGHTS))
 
     if remat != "none":
         # prevent_cse=False is safe under scan (the loop already keeps XLA from merging the recomputation

@@ -48,6 +48,7 @@ import optax
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from jaxalign.models.quantized import WEIGHTS
 from jaxalign.models.sharding import DEFAULT_RULES, named_shardings
 from jaxalign.train.mesh import (
     BATCH_AXES,
@@ -214,7 +215,8 @@ class TrainStep:
             )
         everywhere = replicated(self.mesh)
 
-        self.graphdef, params, frozen, model_state = nnx.split(model, nnx.All(nnx.Param, trainable), nnx.Param, ...)
+        # Frozen: the other parameters and a quantised base's storage (sharded like its kernels, never checkpointed).
+        self.graphdef, params, frozen, model_state = nnx.split(model, nnx.All(nnx.Param, trainable), WEIGHTS, ...)
         if not jax.tree.leaves(params):
             raise ValueError(f"the trainable filter {trainable!r} selects none of the model's parameters")
         # The initial values are held strongly only until the first init() (or discard_initial_values()):
@@ -234,7 +236,7 @@ class TrainStep:
 
         self._reference_graphdefs, self.references, reference_shardings = {}, {}, {}
         for name, reference in (references or {}).items():
-            graphdef, reference_params, reference_other = nnx.split(reference, nnx.Param, ...)
+            graphdef, reference_params, reference_other = nnx.split(reference, WEIGHTS, ...)
             shardings = (named_shardings(reference, self.mesh, rules=rules),
                          jax.tree.map(lambda _: everywhere, reference_other))
             self._reference_graphdefs[name] = graphdef
@@ -345,7 +347,7 @@ class TrainStep:
                             for name, states in references.items()}
         loss_sum, loss_count, metrics = _unpack_objective_output(
             self.objective(model, batch, key=key, **reference_models))
-        return loss_sum, (jax.lax.stop_gradient(loss_count), metrics, nnx.state(model, nnx.Not(nnx.Param)))
+        return loss_sum, (jax.lax.stop_gradient(loss_count), metrics, nnx.state(model, nnx.Not(WEIGHTS)))
 
     def _accumulate(self, params, frozen, model_state, batch, key, references):
         """Σ over micro-batches of (∇ loss_sum, loss_sum), per-micro-batch (loss_count, metrics), model state."""
