@@ -46,7 +46,7 @@ from jaxalign.models.config import ModelConfig
 from jaxalign.models.gguf_vocab import tokenizer_metadata
 from jaxalign.models.gpt2 import GPT2Config
 from jaxalign.models.hf_io import _hf_tensors as hf_model_tensors
-from jaxalign.models.lora import has_lora, merge_lora
+from jaxalign.models.quantize import merge_for_export
 
 QUANT_TYPES = ("f16", "bf16", "q8_0", "q4_0", "q4_k_m")
 # GPT-2's activations that are the tanh approximation of GELU, which is what llama.cpp computes.
@@ -245,8 +245,7 @@ def save_gguf(model, tokenizer, path: str | Path, *, quant: str = "f16", name: s
     config = model.config
     arch = gguf_architecture(config)
     vocab = tokenizer_metadata(tokenizer, vocab_size=config.vocab_size, config=config)
-    if has_lora(model):
-        model = merge_lora(model)
+    model = merge_for_export(model)  # quantised kernels dequantised, LoRA adapters merged
     tensors = _gguf_tensors(model, arch, quant)
     with atomic_output(path) as temporary:
         writer = gguf.GGUFWriter(temporary, arch)

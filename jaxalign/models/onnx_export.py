@@ -55,7 +55,7 @@ from jaxalign.models.gguf_export import atomic_output
 from jaxalign.models.gpt2 import GPT2LMHeadModel
 from jaxalign.models.heads import RewardModel
 from jaxalign.models.llama import LlamaForCausalLM, grouped_attention
-from jaxalign.models.lora import has_lora, merge_lora
+from jaxalign.models.quantize import merge_for_export
 from jaxalign.models.rope import inverse_frequencies, rope_tables
 from jaxalign.models.stack import per_token, unstack_layers
 
@@ -392,8 +392,7 @@ def save_onnx(model, path: str | Path, *, int8: bool = False, metadata: dict[str
         raise ValueError(f"save_onnx takes a Llama-family or GPT-2 causal LM, not {type(model).__name__} (a reward "
                          "model goes through save_reward_onnx)")
     _float32(model)
-    if has_lora(model):
-        model = merge_lora(model)
+    model = merge_for_export(model)  # quantised kernels dequantised, LoRA adapters merged
     config = model.config
     batch, sequence, past = jax.export.symbolic_shape("batch, sequence, past_sequence")
     ids = jax.ShapeDtypeStruct((batch, sequence), jnp.int32)
@@ -422,8 +421,7 @@ def save_reward_onnx(reward_model: RewardModel, path: str | Path, *, gain=1.0, b
         gain, bias: ``reward_model.json``'s normalisation (a number, or one per objective).
     """
     _float32(reward_model.backbone)
-    if has_lora(reward_model):
-        reward_model = merge_lora(reward_model)
+    reward_model = merge_for_export(reward_model)
     batch, sequence = jax.export.symbolic_shape("batch, sequence")
     ids = jax.ShapeDtypeStruct((batch, sequence), jnp.int32)
     head = reward_model.reward_head
