@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 LEGACY_TRL := 0.11.4 0.29.1
 
-.PHONY: demo demo-smoke test lint install-demo install-test oracles browser clean
+.PHONY: demo demo-smoke test lint docs install-demo install-test install-docs oracles browser clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -56,9 +56,19 @@ test: install-test oracles lint browser
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --ignore=tests/serve
 	$(PY) -m pytest -q tests/serve
 
+# The site (docs/_build/html/index.html): the guides and the API reference, then the doctests of the docstrings and
+# pages. -E reads every page afresh, so every warning shows. SPHINXOPTS=-W makes warnings errors.
+SPHINXOPTS ?= --keep-going
+install-docs: $(PY)
+	$(PIP) install --quiet -e ".[docs]"
+
+docs: install-docs
+	$(PY) -m sphinx -b html -E -q -d docs/_build/doctrees $(SPHINXOPTS) docs docs/_build/html
+	$(PY) -m sphinx -b doctest -q -d docs/_build/doctrees $(SPHINXOPTS) docs docs/_build/doctest
+
 # The human-in-the-loop page is tested in Debian's headless Chromium, driven by Playwright (no browser download).
 browser:
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 
 clean:
-	rm -rf $(VENV) .oracles .pytest_cache
+	rm -rf $(VENV) .oracles .pytest_cache docs/_build
