@@ -297,3 +297,12 @@ def test_score_weighted_sft_refuses_negative_or_missing_scores(checkpoint, tmp_p
                                          r"loss.example_weights=score"):
         pipeline.run(config)
     assert not Path(config.output_dir).exists()
+
+
+def test_the_adlf_preset_trains_both_stages_on_scores():
+    sft_run = recipe.load_run_config("adlf", [], method="sft")
+    assert sft_run.loss.example_weights == "score" and sft_run.output_dir == "runs/adlf/sft"
+    assert sft_run.data.format == "scored_conversation" and sft_run.data.filter.max_length == 1024
+    reward_run = recipe.load_run_config("adlf", [], method="reward")
+    assert reward_run.loss.loss == "regression" and reward_run.model.reward_head.hidden == 1024
+    assert reward_run.model.reward_head.dropout == 0.1 and reward_run.output_dir == "runs/adlf/reward"
