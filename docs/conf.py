@@ -27,6 +27,7 @@ extensions = [
     "sphinx.ext.doctest",
     "sphinxarg.ext",
     "public_api",
+    "repo_pages",
 ]
 source_suffix = {".md": "markdown"}
 root_doc = "index"
@@ -35,6 +36,8 @@ exclude_patterns = ["_build", "_ext", "README.md"]
 # The guides are written for GitHub: its tables and heading anchors (`page.md#a-heading`) work here as there.
 myst_heading_anchors = 4
 myst_enable_extensions = ["colon_fence", "deflist"]
+# A Markdown link names a page, a heading or a Python object, never a command-line option.
+myst_ref_domains = ["std", "py"]
 
 # Every reference to a jaxalign object must resolve (public_api.py shows other libraries' objects as code).
 nitpicky = True

@@ -21,6 +21,7 @@ import importlib
 import importlib.util
 import inspect
 import sys
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -132,10 +133,12 @@ def _documented(app: Sphinx) -> dict:
 
 
 def _walk(obj: object, attributes: list[str]) -> object:
-    for attribute in attributes:
-        obj = getattr(obj, attribute, _MISSING)
-        if obj is _MISSING:
-            break
+    with warnings.catch_warnings():  # numpy warns on some names it reserves (np.str)
+        warnings.simplefilter("ignore")
+        for attribute in attributes:
+            obj = getattr(obj, attribute, _MISSING)
+            if obj is _MISSING:
+                break
     return obj
 
 
