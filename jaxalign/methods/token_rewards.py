@@ -169,6 +169,12 @@ class FaceRows:
         return out
 
 
+def _faced_length(heads: list[list[Head | None]], sequences) -> int:
+    """The longest faced row of a pair."""
+    return max(len(head[0]) + len(sequence) - head[1] for per_face in heads
+               for head, sequence in zip(per_face, sequences, strict=True) if head is not None)
+
+
 def faced_batch(sequences: Sequence[jdata.TokenSequence | None], heads: Sequence[Head | None], length: int,
                 pad_token_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Right-padded faced rows ``(ids, attention_mask, positions) [R, length]`` and each row's ``shift [R]``:
@@ -292,11 +298,10 @@ def build_token_rewards(
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
         done, rewards = _read_cached(cache, key)
-    heads = {index: rows_of.heads(index) for index in range(done, len(dataset))}
-    faced_lengths = {index: max(len(head[0]) + len(sequence) - head[1]
-                                for per_face in per_pair for head, sequence in
-                                zip(per_face, dataset.examples[index].sequences, strict=True) if head is not None)
-                     for index, per_pair in heads.items()}
+    # Only the faced rows' lengths are kept for the whole set (the positions check, the batch lengths); each batch
+    # builds its heads again, so the memory does not grow with the data's prompts.
+    faced_lengths = {index: _faced_length(rows_of.heads(index), dataset.examples[index].sequences)
+                     for index in range(done, len(dataset))}
     longest = max(faced_lengths.values(), default=0)
     if longest > patient.config.max_position_embeddings:
         index = max(faced_lengths, key=faced_lengths.get)
@@ -323,6 +328,7 @@ def build_token_rewards(
         length = bucket(int(max(dataset.lengths[i] for i in rows)))
         faced_length = bucket(max(faced_lengths[i] for i in rows))
         padding = rows_per_batch - len(rows)
+        heads = {i: rows_of.heads(i) for i in rows}
         sequences = [s for i in rows for s in dataset.examples[i].sequences] + [None] * (2 * padding)
         response = np.zeros((len(sequences), length - 1), np.int32)  # targets 1.. of the neutral rows
         for row, sequence in enumerate(sequences):
