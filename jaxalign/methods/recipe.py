@@ -217,6 +217,14 @@ class RunConfig:
         if isinstance(self.loss, Mapping):
             _check_finite(dict(self.loss), "loss")  # named as a setting, before the spec's range checks
             object.__setattr__(self, "loss", spec.from_dict(_checked(spec, self.loss, "loss."), "loss"))
+        elif isinstance(self.loss, str):
+            # loss=regression on the command line: the option that picks a loss is one key inside the section.
+            fields = [f.name for f in dataclasses.fields(spec)]
+            chooser = next((name for name in ("loss", "loss_type") if name in fields), None)
+            known = ", ".join(fields)
+            hint = f"loss.{chooser}={self.loss}" if chooser else "loss.<option>=<value>"
+            raise ValueError(f"loss is the section of {spec.label} options (known: {known}), not a value: write "
+                             f"{hint}")
         elif not isinstance(self.loss, spec):
             raise ValueError(f"RunConfig.loss for method {self.method} must be a {spec.__name__} or a mapping, got "
                              f"{type(self.loss).__name__}")

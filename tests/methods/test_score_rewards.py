@@ -306,3 +306,13 @@ def test_the_adlf_preset_trains_both_stages_on_scores():
     reward_run = recipe.load_run_config("adlf", [], method="reward")
     assert reward_run.loss.loss == "regression" and reward_run.model.reward_head.hidden == 1024
     assert reward_run.model.reward_head.dropout == 0.1 and reward_run.output_dir == "runs/adlf/reward"
+
+
+def test_loss_as_a_value_names_the_option_that_picks_the_loss(tmp_path):
+    values = {"method": "reward", "output_dir": str(tmp_path), "data": {"source": "x.jsonl"},
+              "train": {"total_steps": 1}}
+    with pytest.raises(ValueError, match=r"^loss=regression \(command line\): loss is the section of reward options "
+                                         r"\(known: loss, regression, .*\), not a value: write loss.loss=regression$"):
+        recipe.load_run_config(values, ["loss=regression"])
+    with pytest.raises(ValueError, match=r"write loss.loss_type=ipo$"):
+        recipe.load_run_config({**values, "method": "dpo"}, ["loss=ipo"])
