@@ -31,6 +31,8 @@ extensions = [
 ]
 source_suffix = {".md": "markdown"}
 root_doc = "index"
+# Option names stay as typed: "--raw", not an en dash.
+smartquotes = False
 exclude_patterns = ["_build", "_ext", "README.md"]
 
 # The guides are written for GitHub: its tables and heading anchors (`page.md#a-heading`) work here as there.
