@@ -124,14 +124,17 @@ def test_config_errors_name_the_key(tmp_path, pairs_file):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("data.max_length=abc", r"data.max_length=abc \(command line\): data.max_length must be an integer or null, got 'abc'"),
+    ("data.max_length=abc",
+     r"data.max_length=abc \(command line\): data.max_length must be an integer or null, got 'abc'"),
     ("data.shuffle=maybe", r"data.shuffle must be true or false, got 'maybe'"),
     ("data.buckets=[64, x]", r"data.buckets must be a list of integers or null, got \[64, 'x'\]"),
     ("data.on_error=ignore", r"data.on_error must be one of 'raise', 'skip', got 'ignore'"),
-    ("eval_data.max_length=64", r"eval_data.max_length=64 \(command line\): eval_data: missing the required key 'source'"),
+    ("eval_data.max_length=64",
+     r"eval_data.max_length=64 \(command line\): eval_data: missing the required key 'source'"),
     ("model.lora={rank: x}", r"model.lora.rank must be an integer, got 'x'"),
     ("normalize_samples=1.5", r"normalize_samples=1.5 \(command line\): normalize_samples must be an integer, got 1.5"),
-    ("data.buckets=[64, 128]", r"data.buckets=\[64, 128\] \(command line\): data: DataConfig: max_length 160 exceeds the largest bucket 128"),
+    ("data.buckets=[64, 128]",
+     r"data.buckets=\[64, 128\] \(command line\): data: DataConfig: max_length 160 exceeds the largest bucket 128"),
 ])
 def test_overrides_of_the_wrong_type_name_the_key(override, message):
     with pytest.raises(ValueError, match=message):
