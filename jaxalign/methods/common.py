@@ -46,9 +46,14 @@ class RunResult:
 
 def load_pretrained(spec: ModelSpec, *, source: str = "model.path"):
     """``(causal LM, tokenizer)`` of a run's ``model`` section: :func:`jaxalign.models.load_pretrained` of
-    ``spec.path`` with its execution policy (errors name ``source``)."""
-    return models.load_pretrained(spec.path, source=source, param_dtype=spec.param_dtype,
-                                  compute_dtype=spec.compute_dtype, remat=spec.remat, attention=spec.attention)
+    ``spec.path`` (at ``spec.revision``) with its execution policy (errors name ``source``), its projections
+    quantised when ``spec.quantize`` says so."""
+    lm, tokenizer = models.load_pretrained(spec.path, source=source, revision=spec.revision,
+                                           param_dtype=spec.param_dtype, compute_dtype=spec.compute_dtype,
+                                           remat=spec.remat, attention=spec.attention)
+    if spec.quantize is not None:
+        models.quantize_model(lm, spec.quantize)
+    return lm, tokenizer
 
 
 def curriculum_order(dataset: jdata.TokenizedDataset, by: str) -> jdata.TokenizedDataset:

