@@ -101,7 +101,15 @@ def test_sources_that_are_no_model_are_named(tmp_path, capsys):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "run.json").write_text("{}")
     status, _, err = export(capsys, tmp_path / "run", "--format", "gguf", "--output", tmp_path / "x.gguf")
-    assert status == 2 and "without an export/ directory" in err
+    assert status == 2 and "run.json: not a run's record (KeyError: 'config')" in err
+    config = {"method": "dpo", "output_dir": "run", "data": {"source": "pairs.jsonl"}, "train": {"total_steps": 1}}
+    (tmp_path / "run" / "run.json").write_text(json.dumps({"config": config}))
+    status, _, err = export(capsys, tmp_path / "run", "--format", "gguf", "--output", tmp_path / "x.gguf")
+    assert status == 2 and "with neither an export/ directory nor a finished checkpoint" in err
+    config["method"] = "reward"
+    (tmp_path / "run" / "run.json").write_text(json.dumps({"config": config}))
+    status, _, err = export(capsys, tmp_path / "run", "--format", "onnx", "--output", tmp_path / "x.onnx")
+    assert status == 2 and "reward run without an export/ directory" in err
     status, _, err = export(capsys, tmp_path / "notes" / "readme.txt", "--format", "gguf", "--output",
                             tmp_path / "x.gguf")
     assert status == 2 and "must be a .gguf file" in err

