@@ -11,13 +11,15 @@ Everything public in the submodules is re-exported here, so ``from jaxalign impo
 - :mod:`~jaxalign.losses.grpo`: ``group_advantages``, ``grpo_loss``, ``grpo_objective``.
 - :mod:`~jaxalign.losses.dpo`: ``dpo_loss`` and its variants, ``kto_loss``;
   :mod:`~jaxalign.losses.reference_free`: ``simpo_loss``, ``orpo_loss``, ``genarm_loss``.
+- :mod:`~jaxalign.losses.contrastive`: ``contrastive_loss`` (InfoNCE over pooled sequence states), ``pool_states``.
 - :mod:`~jaxalign.losses.token_level` and :mod:`~jaxalign.losses.tfpo`: LLMDoctor's token-level rewards
   and TFPO flow balance.
 
 See docs/losses.md for every formula, reference and deviation from the papers or TRL.
 """
 
-from jaxalign.losses import core, distill, dpo, grpo, ppo, reference_free, reward, sft, tfpo, token_level
+from jaxalign.losses import contrastive, core, distill, dpo, grpo, ppo, reference_free, reward, sft, tfpo, token_level
+from jaxalign.losses.contrastive import *  # noqa: F403
 from jaxalign.losses.core import *  # noqa: F403
 from jaxalign.losses.distill import *  # noqa: F403
 from jaxalign.losses.dpo import *  # noqa: F403
@@ -31,6 +33,7 @@ from jaxalign.losses.token_level import *  # noqa: F403
 
 __all__ = sorted(
     {
+        *contrastive.__all__,
         *core.__all__,
         *distill.__all__,
         *dpo.__all__,

@@ -44,6 +44,7 @@ from jaxalign.methods.common import (
 )
 from jaxalign.methods.recipe import ONLINE_METHODS, RunConfig
 from jaxalign.methods.rl import run_online
+from jaxalign.models.hub import provenance
 from jaxalign.train import Trainer
 from jaxalign.train.plots import plot_metrics
 
@@ -89,7 +90,8 @@ def run(config: RunConfig, *, overwrite: bool = False) -> RunResult:
     # Written once the data is known to suit the method: a refused run leaves no output directory behind.
     prepare_output_dir(config, overwrite=overwrite)
     write_json(out / RUN_FILE, {"config": config.to_dict(), "data_reports": [str(r) for r in dataset.reports],
-                                "data_sources": [s.as_dict() for s in dataset.mixture], "examples": len(dataset)})
+                                "data_sources": [s.as_dict() for s in dataset.mixture], "examples": len(dataset),
+                                "model_source": provenance(config.model.path, config.model.revision)})
     if config.freeze_backbone:
         # A frozen trunk: its features once, then the head fitted to convergence (no optimizer steps).
         if jax.process_count() > 1:
