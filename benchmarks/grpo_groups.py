@@ -16,7 +16,7 @@ of that rollout:
   AdamW), the trainer's own jitted step;
 - generation: :meth:`jaxalign.rollout.Sampler.generate` of ``--group`` samples a prompt (``n``: each prompt
   prefilled once, its cache copied for its samples) against the same rows given as repeated prompts with
-  ``n=1`` (a prefill per row, as before 2026-11-27), ``--new-tokens`` each with no stop token, so that both
+  ``n=1`` (a prefill per row), ``--new-tokens`` each with no stop token, so that both
   decode the same number of steps;
 - the two layouts alternate in one process, ``--repeats`` times after one warm-up each (compilation), and the
   medians are reported with the FLOPs each layout runs (every slot of its padded shapes:

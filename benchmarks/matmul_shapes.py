@@ -21,9 +21,9 @@ a training step's matmuls are these products.
 
     python benchmarks/matmul_shapes.py [--repeats 15] [--output benchmarks/results/matmul_shapes.json]
 
-Writes ``benchmarks/results/matmul_shapes.json`` (or ``--output``) and a PNG of the same name. The committed
-``matmul_shapes.json`` is an Intel Xeon's (2026-11-25, the machine of that day's serving and training runs);
-``matmul_shapes_epyc.json`` an AMD EPYC's (2026-11-25), where the two frameworks' order is reversed.
+Writes ``benchmarks/results/matmul_shapes.json`` (or ``--output``) and a PNG of the same name.
+``matmul_shapes.json`` is an Intel Xeon's, ``matmul_shapes_epyc.json`` an AMD EPYC's, where the two frameworks'
+order is reversed.
 """
 
 from __future__ import annotations

@@ -13,10 +13,10 @@ update or layer-loop bookkeeping: what a step of the same shapes would take if e
 is the same idea for decoding.)
 
 Each product's input is the previous product's output, as in a forward pass, so that it is fresh in the caches;
-the backward reads the forward's saved inputs. A first version fed every product its own random input, read from
-memory: the benchmark's SFT products then took 1.89-1.95 s on 2 Xeon cores, about as long as the whole SFT step
-(2.0 s), against 1.43-1.49 s for this one (2026-11-28). So this is a measurement of the products as a step meets
-them, not a proof that no step could be faster. It assumes a remat policy that saves the products' outputs (jaxalign
+the backward reads the forward's saved inputs. Products fed each their own random input, read from memory, take
+1.89-1.95 s for the benchmark's SFT shapes on 2 Xeon cores, about as long as the whole SFT step (2.0 s), against
+1.43-1.49 s chained. So this is a measurement of the products as a step meets them, not a proof that no step
+could be faster. It assumes a remat policy that saves the products' outputs (jaxalign
 train's ``dots_no_batch``): a policy that recomputes products runs more of them than are timed here. The benchmark
 times it after the steps, so on a machine whose speed drifts its share of the step is approximate.
 """

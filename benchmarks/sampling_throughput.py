@@ -19,12 +19,12 @@ jaxalign runs on JAX's default backend, transformers on CUDA when ``torch.cuda.i
 the CPU with every core. Both compute in float32 unless ``--dtype bfloat16`` (for GPUs; on CPUs bf16 is
 slower). jaxalign's compile time is measured separately (the trace, lowering and XLA compile events of its
 first call); each side then gets one warm-up call. Then each side's ``--repeats`` timed calls run back to back,
-jaxalign's first, each block right after one more untimed call of its side (``--order blocks``, the default since
-2026-11-28), or the two alternate call by call (``--order interleaved``) so that load from other processes on a
+jaxalign's first, each block right after one more untimed call of its side (``--order blocks``, the default),
+or the two alternate call by call (``--order interleaved``) so that load from other processes on a
 shared machine hits both alike; the median of each is used. Alternating lets each side's freed memory sit idle
 through the other's call, which on a virtual machine that hands freed memory back to its host makes the next call
-fault it in again (docs/rollout.md, seventeenth session: jaxalign's call 5.50-5.80 s back to back, 5.92-6.02 s
-after 6 s idle; transformers' 8.97-9.22 and 9.16-9.49 s). Timers stop after ``block_until_ready`` /
+fault it in again (on 2 Xeon cores: jaxalign's call 5.50-5.80 s back to back, 5.92-6.02 s after 6 s idle;
+transformers' 8.97-9.22 and 9.16-9.49 s; benchmarks/side_order.py). Timers stop after ``block_until_ready`` /
 ``torch.cuda.synchronize``.
 
 ``weight_stream`` in the JSON is each side's decode as memory traffic: the model's weight bytes read once per

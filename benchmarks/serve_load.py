@@ -9,10 +9,9 @@ from ``max_tokens ± 25 %`` (seeded; mean ``max_tokens``), as real responses var
 closed-loop client finishes in the same step and re-arrives at once, so each wave's prompts are all prefilled
 before any first token: that synchronised case is measured too, at 32 clients (``synchronised_32``). Each
 level sends a bounded number of requests (``--requests-per-client`` each, at least ``--min-requests`` in all)
-under a wall-clock bound. Eight requests per client (the default; two until 2026-11-23, four until 2026-11-25) so
-that the level's opening burst, when every client arrives at once, and its drain, when the last responses finish
-in an emptying batch, weigh less against the sustained rate a server sees. Each level also reports that sustained
-rate directly: the tokens/s while all of its clients are active (``all_active``: from the last client's first
+under a wall-clock bound. Eight requests per client (the default) so that the level's opening burst, when every
+client arrives at once, and its drain, when the last responses finish in an emptying batch, weigh less against
+the sustained rate a server sees. Each level also reports that sustained rate directly: the tokens/s while all of its clients are active (``all_active``: from the last client's first
 token to the first client's last one), beside the whole level's (every token over the whole wall time).
 
 The 1-client level is the baseline "same prompts sent one at a time". Targets (issue 20): at 32 concurrent

@@ -40,10 +40,9 @@ machines these numbers come from: ``page_reporting.page_reporting_order=11`` on 
 memory a step returned to the kernel goes back to the host after about 2 s idle, and touching it again costs host
 page faults. On 2 Intel Xeon cores jaxalign's SFT step took 2.1-2.4 s back to back, 3.2 s after 3 s idle (1.9 s
 of it in the kernel, 0.14 s back to back) and 2.6-3.4 s right after a TRL step. Each framework has a process, and
-so a heap and threads, of its own. Until 2026-11-28 both ran in this one process, the interleaved order was the
-default, and the heap was trimmed (``malloc_trim``) before each jaxalign step: that returned TRL's freed memory
-too, and TRL's SFT step took 4.6-5.0 s with a trim and a jaxalign step between its steps, 3.7-4.7 s with the
-jaxalign step alone (docs/offline-trainers.md#measured). The first
+so a heap and threads, of its own: with both in one process and the heap trimmed (``malloc_trim``) before each
+jaxalign step, the trim returned TRL's freed memory too, and TRL's SFT step took 4.6-5.0 s with a trim and a
+jaxalign step between its steps, 3.7-4.7 s with the jaxalign step alone (benchmarks/README.md). The first
 ``--warmup`` steps of each side (jaxalign's first one includes compilation) are dropped; the reported step time
 is the median of the next ``--steps``.
 

@@ -15,9 +15,9 @@ in place); the per-layer buffers are read in place, each in the layout its atten
 matrix: the query·key product contracts the head dim, the rows of a key buffer ``[Dh, S]``; the
 probability·value product contracts the slots, the rows of a value buffer ``[S, Dh]``, where a step also writes
 a token's values as ``K`` contiguous rows instead of ``K·Dh`` floats one slot apart. SmolLM2-135M's 30 layers at
-batch 32 on 2 CPU cores, one step's attention and cache writes (``benchmarks/attention_layouts.py``, 2026-11-25):
-11.3 ms at 128 slots and 21.1 ms at 256 with these layouts; with the values' slots innermost too (the layout
-before) 16.0 and 26.6 ms through ``jax.nn.dot_product_attention`` (what decoding ran then), 17.3 and 31.3 ms through
+batch 32 on 2 CPU cores, one step's attention and cache writes (``benchmarks/attention_layouts.py``):
+11.3 ms at 128 slots and 21.1 ms at 256 with these layouts; with the values' slots innermost too 16.0 and 26.6 ms
+through ``jax.nn.dot_product_attention``, 17.3 and 31.3 ms through
 the same einsums as here; with both slots-major 13.9 and 29.0 ms; PyTorch's static cache and SDPA 35.7 and 51.4 ms.
 """
 

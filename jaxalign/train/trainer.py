@@ -117,9 +117,9 @@ _HOW_A_RUN_STARTS = frozenset({"checkpoint.resume"})
 
 
 def _without_the_old_train_copy(saved_extra: Any, current_extra: Any) -> Any:
-    """``saved_extra`` without ``run.train`` when this run records none: until commit 9ce7cb7 (2026-11-26) the
-    pipelines recorded their whole run config, a copy of the train config included, which is no setting the
-    resumed run changes."""
+    """``saved_extra`` without ``run.train`` when this run records none: checkpoints of older versions recorded the
+    pipelines' whole run config, a copy of the train config included, which is no setting the resumed run
+    changes."""
     def run_of(extra):
         run = extra.get("run") if isinstance(extra, Mapping) else None
         return run if isinstance(run, Mapping) else {}
