@@ -11,8 +11,9 @@ before any first token: that synchronised case is measured too, at 32 clients (`
 level sends a bounded number of requests (``--requests-per-client`` each, at least ``--min-requests`` in all)
 under a wall-clock bound. Eight requests per client (the default) so that the level's opening burst, when every
 client arrives at once, and its drain, when the last responses finish in an emptying batch, weigh less against
-the sustained rate a server sees. Each level also reports that sustained rate directly: the tokens/s while all of its clients are active (``all_active``: from the last client's first
-token to the first client's last one), beside the whole level's (every token over the whole wall time).
+the sustained rate a server sees. Each level also reports that sustained rate directly: the tokens/s while all of
+its clients are active (``all_active``: from the last client's first token to the first client's last one),
+beside the whole level's (every token over the whole wall time).
 
 The 1-client level is the baseline "same prompts sent one at a time". Targets (issue 20): at 32 concurrent
 clients the aggregate tokens/s is >= 8x the single client's, and the p95 time to first token is under 2 s.
