@@ -48,8 +48,9 @@ def add_generate_command(subcommands) -> None:
         "generate", help="sample text from a model (one prompt, a file of prompts, or a chat)",
         description="Sample from a Hugging Face checkpoint directory, a GGUF file or the embedded default "
                     "(SmolLM2-135M-Instruct). Prompts go through the tokenizer's chat template unless --raw.")
-    parser.add_argument("--model", help="checkpoint directory (config.json, weights, tokenizer files) or .gguf "
-                                        "file; default: the embedded SmolLM2-135M-Instruct")
+    parser.add_argument("--model", help="checkpoint directory (config.json, weights, tokenizer files), .gguf file "
+                                        "or Hugging Face Hub id (org/name[@revision], docs/hub.md); default: the "
+                                        "embedded SmolLM2-135M-Instruct")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--prompt", action="append", help="a prompt (repeat for several); streamed when it is "
                                                           "the only one and --n is 1")

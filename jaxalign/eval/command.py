@@ -36,9 +36,10 @@ def add_eval_command(subcommands) -> None:
                     "rate with a Wilson confidence interval, KL(policy || reference) on the policy's samples, "
                     "response lengths. Also reward-model accuracy on held-out pairs (--pairs) and the policy's "
                     "perplexity on SFT data (--eval-sft).")
-    parser.add_argument("--policy", help="checkpoint directory or .gguf file; default: the embedded "
+    parser.add_argument("--policy", help="checkpoint directory, .gguf file or Hugging Face Hub id "
+                                         "(org/name[@revision], docs/hub.md); default: the embedded "
                                          "SmolLM2-135M-Instruct")
-    parser.add_argument("--reference", help="checkpoint directory or .gguf file; default: the embedded model "
+    parser.add_argument("--reference", help="checkpoint directory, .gguf file or Hub id; default: the embedded model "
                                             "(the same path as --policy loads one model, sampled once)")
     parser.add_argument("--prompts", type=Path, help="prompt-only JSONL/JSON records ('prompt': text or chat "
                                                      "messages), or a text file with one prompt a line")

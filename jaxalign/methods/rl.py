@@ -26,6 +26,7 @@ from jaxalign.methods.grpo import GRPOTrainer
 from jaxalign.methods.ppo import PPOTrainer
 from jaxalign.methods.recipe import RunConfig
 from jaxalign.methods.rewards import JudgeReward, build_reward
+from jaxalign.models.hub import provenance
 from jaxalign.rollout import SamplingParams
 from jaxalign.train.plots import plot_metrics, plot_reward_vs_kl
 
@@ -80,7 +81,8 @@ def run_online(config: RunConfig, *, overwrite: bool = False) -> common.RunResul
     common.write_json(out / common.RUN_FILE, {"config": config.to_dict(),
                                                  "data_reports": [str(r) for r in dataset.reports],
                                                  "data_sources": [s.as_dict() for s in dataset.mixture],
-                                                 "examples": len(dataset)})
+                                                 "examples": len(dataset),
+                                                 "model_source": provenance(config.model.path, config.model.revision)})
     reference = None
     if config.reference == "model":
         reference, _ = common.load_pretrained(dataclasses.replace(config.model, lora=None))

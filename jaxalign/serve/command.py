@@ -22,8 +22,8 @@ def add_serve_command(subcommands) -> None:
         "serve", help="an OpenAI-compatible server (continuous batching, streaming, guided decoding)",
         description="Serve a model over HTTP with OpenAI's API: /v1/chat/completions, /v1/completions, /v1/models, "
                     "/health, /metrics (docs/serving.md).")
-    parser.add_argument("--model", help="checkpoint directory or .gguf file (default: the embedded "
-                                        "SmolLM2-135M-Instruct)")
+    parser.add_argument("--model", help="checkpoint directory, .gguf file or Hugging Face Hub id (org/name[@revision], "
+                                        "docs/hub.md); default: the embedded SmolLM2-135M-Instruct")
     parser.add_argument("--served-model-name", help="the model id clients send (default: the directory or file "
                                                     f"name; {DEFAULT_NAME} for the embedded default)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
