@@ -11,7 +11,9 @@ what the win rate would be if the two answers had the same length. The fit is Al
 logistic regression without an intercept on continuous targets (each preference ``p_i`` in ``[0, 1]`` is a
 row labelled 1 with weight ``p_i`` plus a row labelled 0 with weight ``1 − p_i``), its penalty ``C`` chosen
 from ``logspace(−4, 4, 10)`` by 5-fold cross-validation over the pairs (the log loss of the continuous
-targets), then refit on every pair.
+targets), then refit on every pair. Several answers to one prompt are not independent: given each pair's
+prompt (``groups``), the folds keep a prompt's pairs together (scikit-learn's ``GroupKFold``, as AlpacaEval
+uses it with one pair per prompt) and the bootstrap resamples prompts, not pairs.
 
 Without AlpacaEval's published per-instruction difficulties and its "gamed" baselines (which the model hubs
 host), the model is ``length_controlled_minimal`` (θ and φ only, the win rate then ``σ(θ)``). With them
@@ -36,7 +38,7 @@ from scipy import special
 
 from jaxalign.eval.stats import _check_confidence
 
-__all__ = ["GamedRows", "LengthControlled", "length_controlled_win_rate", "preference_from_verdicts"]
+__all__ = ["GamedRows", "LengthControlled", "group_folds", "length_controlled_win_rate", "preference_from_verdicts"]
 
 CS = np.logspace(-4, 4, 10)  # the penalty grid LogisticRegressionCV searches by default
 N_SPLITS = 5
@@ -65,7 +67,7 @@ class LengthControlled:
 
     Attributes:
         rate: the mean predicted preference at equal lengths, in ``[0, 1]``.
-        low, high: a percentile bootstrap interval over the pairs (the fit repeated at the selected ``C``),
+        low, high: a percentile bootstrap interval over the prompts (the fit repeated at the selected ``C``),
             NaN when ``bootstrap`` was 0.
         standard_error: AlpacaEval's ``lc_standard_error`` (the standard error of the per-pair predictions; 0
             for the minimal model, whose prediction is the same for every pair), as a fraction.
@@ -74,6 +76,7 @@ class LengthControlled:
         C: the penalty cross-validation chose.
         pairs: the pairs the fit used (those with a preference).
         confidence: the interval's level.
+        prompts: the distinct prompts of those pairs (the folds' and the bootstrap's unit).
     """
 
     rate: float
@@ -85,6 +88,7 @@ class LengthControlled:
     C: float
     pairs: int
     confidence: float
+    prompts: int | None = None
 
     def to_dict(self) -> dict:
         values = dataclasses.asdict(self)
@@ -182,15 +186,34 @@ def _log_loss(x: np.ndarray, target: np.ndarray, weight: np.ndarray | None, w: n
     return float(-np.mean(terms))
 
 
-def _select_c(x: np.ndarray, target: np.ndarray, weight: np.ndarray, score_weight: np.ndarray | None,
-              n_splits: int) -> float:
-    """The ``C`` of :data:`CS` with the best summed held-out score over ``n_splits`` folds of the rows.
+def group_folds(groups: Sequence, n_splits: int) -> np.ndarray:
+    """``[N]`` the fold of each row: scikit-learn's ``GroupKFold`` (unshuffled) over ``groups``.
 
-    The folds are scikit-learn's ``GroupKFold`` over one group per row (every group the same size): row ``r``
-    of ``m`` is in fold ``(m − 1 − r) mod n_splits``. A tie goes to the smaller ``C``, as ``argmax`` does.
+    The groups, largest first (equal sizes in the order ``np.unique`` sorts their labels, last first), each go
+    to the fold holding the fewest rows so far (the first such fold on a tie). With one group per row, labelled
+    in row order, row ``r`` of ``m`` is in fold ``(m − 1 − r) mod n_splits``: AlpacaEval's folds.
+
+    Raises:
+        ValueError: fewer groups than folds.
     """
-    rows = x.shape[0]
-    fold = (rows - 1 - np.arange(rows)) % n_splits
+    unique, index = np.unique(np.asarray(groups), return_inverse=True)
+    if unique.size < n_splits:
+        raise ValueError(f"{unique.size} prompts; the cross-validated fit needs at least {n_splits}")
+    sizes = np.bincount(index)
+    order = np.argsort(sizes, kind="stable")[::-1]
+    filled = np.zeros(n_splits)
+    fold_of_group = np.zeros(unique.size, np.int64)
+    for group in order:
+        lightest = int(np.argmin(filled))
+        filled[lightest] += sizes[group]
+        fold_of_group[group] = lightest
+    return fold_of_group[index]
+
+
+def _select_c(x: np.ndarray, target: np.ndarray, weight: np.ndarray, score_weight: np.ndarray | None,
+              fold: np.ndarray, n_splits: int) -> float:
+    """The ``C`` of :data:`CS` with the best summed held-out score over the ``n_splits`` folds ``fold`` gives
+    the rows. A tie goes to the smaller ``C``, as ``argmax`` does."""
     totals = np.zeros(len(CS))
     for f in range(n_splits):
         test, train = fold == f, fold != f
@@ -199,6 +222,26 @@ def _select_c(x: np.ndarray, target: np.ndarray, weight: np.ndarray, score_weigh
             held_out = None if score_weight is None else score_weight[test]
             totals[j] -= _log_loss(x[test], target[test], held_out, w)
     return float(CS[int(np.argmax(totals))])
+
+
+def _row_groups(groups: Sequence | None, rows: int) -> np.ndarray:
+    """Integer labels numbering ``groups`` by first appearance (each row its own group when None), so that
+    ``np.unique`` orders them as the rows and one group per row gives AlpacaEval's folds."""
+    if groups is None:
+        return np.arange(rows)
+    if isinstance(groups, str) or len(groups) != rows:
+        raise ValueError(f"length_controlled_win_rate: groups has {1 if isinstance(groups, str) else len(groups)} "
+                         f"labels for {rows} pairs; give the prompt of each pair")
+    numbers: dict = {}
+    return np.asarray([numbers.setdefault(_hashable(g), len(numbers)) for g in groups], np.int64)
+
+
+def _hashable(label):
+    if isinstance(label, (list, tuple)):
+        return tuple(_hashable(v) for v in label)
+    if isinstance(label, dict):
+        return tuple(sorted((k, _hashable(v)) for k, v in label.items()))
+    return label
 
 
 def length_controlled_win_rate(
@@ -212,6 +255,7 @@ def length_controlled_win_rate(
     confidence: float = 0.95,
     seed: int = 0,
     n_splits: int = N_SPLITS,
+    groups: Sequence | None = None,
 ) -> LengthControlled:
     """AlpacaEval 2's length-controlled win rate of the policy over the reference (formula in the module
     docstring).
@@ -224,16 +268,18 @@ def length_controlled_win_rate(
         instruction_difficulty: ``[N]`` AlpacaEval's per-instruction difficulty (``length_controlled_v1``);
             needs ``gamed``.
         gamed: the gamed baselines' rows (``length_controlled_v1``).
-        bootstrap: resamples of the pairs for the interval (the fit at the selected ``C``); 0 for none.
+        bootstrap: resamples of the prompts for the interval (the fit at the selected ``C``); 0 for none.
         confidence: the interval's level.
         seed: the bootstrap's random seed.
         n_splits: cross-validation folds.
+        groups: ``[N]`` the prompt of each pair (any hashable label, or a conversation): pairs answering one
+            prompt share a fold and are resampled together. Default: every pair its own prompt (AlpacaEval).
 
     Returns:
         A :class:`LengthControlled`.
 
     Raises:
-        ValueError: arrays of different lengths, a preference outside ``[0, 1]``, fewer valid pairs than
+        ValueError: arrays of different lengths, a preference outside ``[0, 1]``, fewer judged prompts than
             folds, every length difference equal, or ``instruction_difficulty`` without ``gamed``.
     """
     _check_confidence(confidence)
@@ -243,11 +289,13 @@ def length_controlled_win_rate(
         raise ValueError(f"length_controlled_win_rate: preference {target.shape}, policy_lengths {ours.shape} and "
                          f"reference_lengths {theirs.shape} must be the same 1-D length")
     known = ~np.isnan(target)
+    labels = _row_groups(groups, target.size)
     if np.any((target[known] < 0) | (target[known] > 1)):
         raise ValueError("length_controlled_win_rate: preferences must be in [0, 1] (NaN for no verdict)")
-    if int(known.sum()) < n_splits:
-        raise ValueError(f"length_controlled_win_rate: {int(known.sum())} judged pairs; the cross-validated fit "
-                         f"needs at least {n_splits}")
+    if np.unique(labels[known]).size < n_splits:
+        raise ValueError(f"length_controlled_win_rate: {int(known.sum())} judged pairs of "
+                         f"{np.unique(labels[known]).size} prompts; the cross-validated fit needs at least "
+                         f"{n_splits} prompts")
     if (instruction_difficulty is None) != (gamed is None):
         raise ValueError("length_controlled_win_rate: length_controlled_v1 needs both instruction_difficulty and "
                          "gamed (AlpacaEval's published rows); give neither for the minimal model")
@@ -284,7 +332,11 @@ def length_controlled_win_rate(
     train_target = np.concatenate([anchor_target[anchor_known], target[known]])
     train_weight = np.concatenate([anchor_weight[anchor_known], np.ones(int(known.sum()))])
     score_weight = None if gamed is None else train_weight
-    c = _select_c(train_x, train_target, train_weight, score_weight, n_splits)
+    anchors = int(anchor_known.sum())
+    # Each anchor row is a group of its own, numbered before the prompts (they come first, as their rows do).
+    train_groups = np.concatenate([np.arange(anchors), anchors + labels[known]])
+    fold = group_folds(train_groups, n_splits)
+    c = _select_c(train_x, train_target, train_weight, score_weight, fold, n_splits)
     w = _fit(train_x, train_target, train_weight, c)
     predictions = special.expit(x_test @ w)
     rate = float(np.mean(predictions))
@@ -294,14 +346,17 @@ def length_controlled_win_rate(
     if bootstrap:
         rng = np.random.default_rng(seed)
         pair_rows = np.flatnonzero(known)
-        anchors = int(anchor_known.sum())
+        # Resample prompts (all their pairs together): pairs of one prompt are not independent draws.
+        prompt_of_pair = labels[known]
+        prompts = np.unique(prompt_of_pair)
+        members = [np.flatnonzero(prompt_of_pair == p) for p in prompts]
         rates = np.empty(bootstrap)
         for b in range(bootstrap):
-            picked = rng.choice(pair_rows.size, pair_rows.size)
+            picked = np.concatenate([members[i] for i in rng.choice(prompts.size, prompts.size)])
             rows = np.concatenate([np.arange(anchors), anchors + picked])
             wb = _fit(train_x[rows], train_target[rows], train_weight[rows], c)
             rates[b] = float(np.mean(special.expit(x_test[pair_rows[picked]] @ wb)))
         low, high = (float(v) for v in np.quantile(rates, [(1 - confidence) / 2, (1 + confidence) / 2]))
     return LengthControlled(rate=rate, low=low, high=high, standard_error=standard_error, model=model,
                             weights={name: float(v) for name, v in zip(names, w)}, C=c, pairs=int(known.sum()),
-                            confidence=confidence)
+                            confidence=confidence, prompts=int(np.unique(labels[known]).size))

@@ -559,7 +559,7 @@ def summarize_pairs(judgments: list[dict], policy_responses: Sequence[str], refe
     try:
         lc = length_controlled_win_rate(preference, [len(t) for t in policy_responses],
                                         [len(t) for t in reference_responses], bootstrap=lc_bootstrap,
-                                        confidence=confidence)
+                                        confidence=confidence, groups=labels)
     except ValueError as error:
         note = str(error).split(": ", 1)[-1]
     return JudgedWinRate(judge=judge, win_rate=rate, length_controlled=lc, length_controlled_note=note,

@@ -139,3 +139,85 @@ def test_bad_input_is_named():
         length_controlled_win_rate([1, 0, 1, 0, 1], [1, 2, 3, 4, 5], [2, 3, 4, 5, 6])
     with pytest.raises(ValueError, match="needs both"):
         length_controlled_win_rate([1, 0, 1, 0, 1], [1, 2, 3, 4, 5], [5, 4, 3, 2, 1], instruction_difficulty=[0] * 5)
+
+
+def test_group_folds_are_scikit_learns_group_k_fold():
+    from sklearn.model_selection import GroupKFold
+
+    from jaxalign.eval.length_control import group_folds
+
+    rng = np.random.default_rng(0)
+    for groups in (rng.integers(0, 13, 60), np.arange(23), np.repeat(np.arange(9), 3)[::-1]):
+        expected = np.empty(groups.size, np.int64)
+        for fold, (_, test) in enumerate(GroupKFold(n_splits=5).split(groups, groups=groups)):
+            expected[test] = fold
+        np.testing.assert_array_equal(group_folds(groups, 5), expected)
+    assert list(group_folds(np.arange(7), 5)) == [(6 - r) % 5 for r in range(7)]  # AlpacaEval's row folds
+
+
+def prompts_with_two_answers(seed: int, prompts: int):
+    """Two answers per prompt, correlated: a prompt's answers have similar lengths and mostly the same outcome
+    (the policy's second sample of a prompt is much like its first)."""
+    rng = np.random.default_rng(seed)
+    base = np.repeat(rng.integers(40, 600, prompts), 2)
+    model = np.repeat(rng.integers(40, 1200, prompts), 2) + rng.integers(-20, 20, 2 * prompts)
+    outcome = np.repeat((rng.random(prompts) < 1 / (1 + np.exp(-2 * np.tanh((model[::2] - base[::2]) / 300))))
+                        .astype(float), 2)
+    flip = rng.random(2 * prompts) < 0.1
+    outcome = np.where(flip, 1 - outcome, outcome)
+    return outcome, model, base, np.repeat([f"q{i}" for i in range(prompts)], 2)
+
+
+def grouped_oracle(glm, preference, model, base, groups):
+    """AlpacaEval's own fit (``fit_LogisticRegressionCV``: liblinear, L1, its continuous log loss), with the
+    folds grouped by prompt instead of by row."""
+    import sklearn
+    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.metrics import make_scorer
+    from sklearn.model_selection import GroupKFold
+
+    delta = base - model
+    x = np.stack([np.tanh(delta / np.std(delta, ddof=1)), np.ones(delta.size)], axis=1)
+    numbers = {g: i for i, g in enumerate(dict.fromkeys(groups))}
+    labels = np.asarray([numbers[g] for g in groups])
+    sklearn.set_config(enable_metadata_routing=True)
+    try:
+        scorer = make_scorer(glm.logloss_continuous, response_method="predict_proba", greater_is_better=False
+                             ).set_score_request(true_sample_weight=True, true_prob=True)
+        fit = LogisticRegressionCV(cv=GroupKFold(n_splits=5), scoring=scorer, random_state=123, penalty="l1",
+                                   solver="liblinear", fit_intercept=False)
+        fit.set_fit_request(sample_weight=True)
+        true_prob = np.concatenate([preference, 1 - preference])
+        fit.fit(np.concatenate([x, x]), np.concatenate([np.ones(x.shape[0]), np.zeros(x.shape[0])]),
+                sample_weight=true_prob, groups=np.concatenate([labels, labels]), true_sample_weight=None,
+                true_prob=true_prob)
+    finally:
+        sklearn.set_config(enable_metadata_routing=False)
+    x_test = x.copy()
+    x_test[:, 0] = 0
+    return float(np.mean(fit.predict_proba(x_test)[:, 1])), float(fit.C_[0])
+
+
+def test_two_answers_per_prompt_are_cross_validated_by_prompt(alpaca_glm):
+    preference, model, base, prompts = prompts_with_two_answers(15, 40)
+    expected_rate, expected_c = grouped_oracle(alpaca_glm, preference, model, base, prompts)
+    ours = length_controlled_win_rate(preference, model, base, groups=list(prompts), bootstrap=0)
+    assert ours.C == pytest.approx(expected_c)
+    assert ours.rate == pytest.approx(expected_rate, abs=1e-4)
+    assert (ours.pairs, ours.prompts) == (80, 40)
+    # Folds by row put a prompt's twin answers on both sides of a fold: a different penalty is chosen.
+    assert length_controlled_win_rate(preference, model, base, bootstrap=0).C != ours.C
+
+
+def test_the_bootstrap_resamples_prompts():
+    preference, model, base, prompts = prompts_with_two_answers(12, 30)
+    by_prompt = length_controlled_win_rate(preference, model, base, groups=list(prompts), bootstrap=60, seed=2)
+    assert 0 <= by_prompt.low <= by_prompt.rate <= by_prompt.high <= 1
+    # One prompt per pair is the default and AlpacaEval's setting: labels in row order change nothing.
+    rows = length_controlled_win_rate(preference, model, base, bootstrap=20, seed=2)
+    assert rows == length_controlled_win_rate(preference, model, base, groups=list(range(60)), bootstrap=20,
+                                              seed=2)
+    with pytest.raises(ValueError, match="groups has 3 labels for 60 pairs"):
+        length_controlled_win_rate(preference, model, base, groups=[1, 2, 3])
+    with pytest.raises(ValueError, match="of 4 prompts; .* at least 5 prompts"):
+        length_controlled_win_rate(preference[:8], model[:8], base[:8], groups=list(prompts[:8]))

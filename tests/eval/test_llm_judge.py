@@ -249,3 +249,16 @@ def test_nan_free_outputs_are_json():
     text = json.dumps(result.to_dict(judgments=True), allow_nan=False)
     assert "judgments" in json.loads(text)
     assert not math.isnan(np.mean([j["outcome"] for j in result.judgments]))
+
+
+def test_two_samples_of_a_prompt_are_one_unit_of_the_length_controlled_fit():
+    from jaxalign.eval.llm_judge import summarize_pairs
+
+    judgments = [{"index": i, "order": order, "outcome": float(i % 3 != 0), "status": "ok"}
+                 for i in range(12) for order in ("policy_first", "reference_first")]
+    policy = ["x" * (20 + 7 * i) for i in range(12)]
+    reference = ["y" * (60 - 3 * i) for i in range(12)]
+    result = summarize_pairs(judgments, policy, reference, judge="j", counts={}, clusters=[i // 2 for i in range(12)],
+                             lc_bootstrap=0)
+    assert (result.length_controlled.pairs, result.length_controlled.prompts) == (12, 6)
+    assert result.win_rate.clusters == 6
