@@ -164,9 +164,11 @@ class DataConfig:
         return self.source if self.source is not None else " + ".join(spec.source for spec in self.sources)
 
     def truncation_policy(self) -> Truncation:
+        """The truncation settings (``max_length``, ``max_prompt_length``, ``truncation``) as one value."""
         return Truncation(self.max_length, self.max_prompt_length, self.truncation)
 
     def rendering(self) -> Rendering:
+        """How records become text (``conversation_style``, ``score_template``, ``text_as_chat``, ``add_eos``)."""
         return Rendering(self.conversation_style, self.score_template, self.text_as_chat, self.add_eos)
 
 

@@ -156,6 +156,7 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
 
     @property
     def global_batch_size(self) -> int:
+        """Examples per step over all processes: each process's ``batch_size`` times the process count."""
         return self.batch_size * self.process_count
 
     @property

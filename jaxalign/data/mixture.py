@@ -91,6 +91,7 @@ class MixtureSource:
     counts: Mapping[str, int] = field(default_factory=dict, compare=False)
 
     def as_dict(self) -> dict[str, Any]:
+        """The source's name, weight and counts, as the run's metadata records them."""
         return {"source": self.name, "weight": self.weight, **dict(self.counts)}
 
 

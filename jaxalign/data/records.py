@@ -33,6 +33,7 @@ class Message:
             raise ValueError(f"a message content must be a string, got {type(self.content).__name__}")
 
     def as_dict(self) -> dict[str, str]:
+        """The message as a chat-template dict: ``{"role": ..., "content": ...}``."""
         return {"role": self.role, "content": self.content}
 
 
@@ -148,10 +149,12 @@ class PreferenceGroup:
 
     @property
     def prompt(self) -> Turns:
+        """The prompt every pair of the group shares."""
         return self.pairs[0].prompt
 
     @property
     def dimensions(self) -> tuple[str, ...]:
+        """The preference dimension of each pair, in order."""
         return tuple(pair.dimension for pair in self.pairs)
 
     def pair(self, dimension: str) -> PreferenceRecord | None:
@@ -233,6 +236,7 @@ class ScoredConversation:
         object.__setattr__(self, "messages", messages)
 
 
+#: Any canonical record a format parser yields.
 Record = (SFTRecord | PreferenceRecord | PreferenceGroup | UnpairedRecord | PromptRecord | BestOfNRecord
           | ScoredConversation)
 

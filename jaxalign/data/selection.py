@@ -23,6 +23,7 @@ from typing import Any
 from jaxalign.data.errors import Report
 from jaxalign.data.records import Record, ScoredConversation
 
+#: The values of ``data.dedup``: drop records equal to an earlier one, or whose prompt an earlier one had.
 DEDUP_MODES = ("exact", "prompt")
 
 
@@ -49,6 +50,7 @@ class LengthFilter:
 
     @classmethod
     def parse(cls, value: Any) -> LengthFilter | None:
+        """``data.filter`` as written in a config (None, a filter, or ``{min_length, max_length}``), validated."""
         if value is None or isinstance(value, cls):
             return value
         if not isinstance(value, Mapping):

@@ -62,8 +62,8 @@ KINDS = {
     BestOfNRecord: "best_of_n",
 }
 # Per-token values (one float per token of every sequence, attached with TokenizedDataset.with_token_values):
-# batched [B, *layout, T] like input_ids, 0 on padding. LLMDoctor's token rewards (jaxalign.methods.token_rewards)
-# and the log-probs of a TFPO doctor's prior (jaxalign.methods.tfpo.prior_token_logps).
+#: batched ``[B, *layout, T]`` like ``input_ids``, 0 on padding: LLMDoctor's token rewards and the log-probs of a
+#: TFPO doctor's prior.
 TOKEN_VALUES = ("token_rewards", "prior_logps")
 # Records per batch of template rendering and (parallel, Rust-side) encoding.
 ENCODE_CHUNK = 256

@@ -185,6 +185,7 @@ def entropy(logits: Float[Array, "... V"]) -> Float[Array, "..."]:
     return normaliser - jnp.sum(probs * finite_logits, axis=-1)
 
 
+#: The ``mode`` values of :func:`aggregate`: how per-token values of a batch reduce to one loss.
 AGGREGATIONS = ("token_mean", "sequence_mean", "sequence_sum", "sequence_sum_normalized")
 
 

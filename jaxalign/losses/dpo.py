@@ -28,6 +28,7 @@ __all__ = [
     "wpo_weights",
 ]
 
+#: The ``loss_type`` values of :func:`dpo_loss` (TRL's names; docs/losses.md has each formula).
 DPO_LOSS_TYPES = (
     "sigmoid",
     "hinge",
@@ -44,7 +45,9 @@ DPO_LOSS_TYPES = (
     "discopop",
     "sigmoid_norm",
 )
+#: The ``f_divergence`` values of :func:`dpo_loss` (f-DPO's divergences).
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+#: The ``loss_type`` values of :func:`kto_loss`.
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
 
 # The f-DPO reparameterisation leaves a β·log Z(x) term that only cancels in the chosen − rejected score

@@ -25,7 +25,9 @@ __all__ = [
     "group_advantages",
 ]
 
+#: How GRPO scales advantages: by the group's reward std, the batch's, or not at all (Dr. GRPO).
 ADVANTAGE_SCALES = ("group", "batch", "none")
+#: Where the policy ratio is taken: per token (GRPO) or per sequence (GSPO).
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 
 TRL_LOSS_TYPES = {

@@ -31,6 +31,7 @@ __all__ = [
     "whiten",
 ]
 
+#: Per-token KL estimators of ``log π − log π_ref`` (Schulman's k1, k2, k3, and its absolute value).
 KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
 
 

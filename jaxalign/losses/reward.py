@@ -17,6 +17,8 @@ from jaxalign.losses.core import F32, as_mask, masked_mean, masked_sum
 
 __all__ = ["REGRESSION_LOSSES", "best_of_n_loss", "bradley_terry_loss", "preference_accuracy", "regression_loss"]
 
+#: The ``kind`` values of :func:`regression_loss`: squared error, or a Gaussian likelihood with a learned
+#: log-variance.
 REGRESSION_LOSSES = ("mse", "gaussian_nll")
 # The smallest variance the Gaussian likelihood uses (torch.nn.GaussianNLLLoss's eps): a head predicting less
 # would otherwise be rewarded without bound for fitting a score exactly.

@@ -100,10 +100,12 @@ class KVCache:
 
     @property
     def is_per_layer(self) -> bool:
+        """Whether keys and values are per-layer buffers (a tuple) rather than one stacked ``[L, ...]`` array."""
         return isinstance(self.keys, tuple)
 
     @property
     def max_length(self) -> int:
+        """The cache's slots per row ``S``: the longest prompt plus response it can hold."""
         return self.valid.shape[1]
 
     def repeat_rows(self, n: int) -> KVCache:

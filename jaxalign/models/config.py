@@ -160,6 +160,7 @@ class RopeScaling:
                 )
 
     def to_hf(self) -> dict[str, Any]:
+        """The ``rope_scaling`` dict of a transformers ``config.json``."""
         out: dict[str, Any] = {"rope_type": self.kind, "factor": self.factor}
         if self.kind == "llama3":
             out |= {

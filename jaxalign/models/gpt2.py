@@ -98,10 +98,12 @@ class GPT2Config(ExecutionPolicy):
 
     @property
     def n_kv_heads(self) -> int:
+        """Key/value heads: as many as query heads (GPT-2 has no grouped-query attention)."""
         return self.n_heads
 
     @property
     def head_dim(self) -> int:
+        """Features per attention head: ``d_model / n_heads``."""
         return self.d_model // self.n_heads
 
     @classmethod

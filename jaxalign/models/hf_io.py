@@ -139,7 +139,9 @@ class TensorSource(Protocol):
     names: set[str]
     description: str  # what the tensors come from (a file or index), for error messages
 
-    def shape(self, name: str) -> tuple[int, ...]: ...
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The tensor's shape, in torch's layout."""
+        ...
 
     def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
         """The block ``tensor[index]`` (any float dtype; the caller casts)."""
@@ -193,12 +195,15 @@ class SafetensorsSource:
             raise ValueError(f"{file}: cannot read tensor {name!r} ({error})") from None
 
     def shape(self, name: str) -> tuple[int, ...]:
+        """The tensor's shape, in torch's layout."""
         return tuple(self._slice(name).get_shape())
 
     def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        """The block ``tensor[index]``, read from its file without loading the rest."""
         return self._slice(name)[index]
 
     def location(self, name: str) -> str:
+        """The safetensors file that holds the tensor."""
         return str(self._file_of[name])
 
 

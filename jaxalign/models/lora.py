@@ -32,7 +32,7 @@ from jaxtyping import Array, Float
 
 from jaxalign.models.quantized import QuantizedKernel, QuantizedLinear
 
-# Everything trainable in a LoRA model except the adapters: the frozen base.
+#: An ``nnx`` filter: everything trainable in a LoRA model except the adapters, i.e. the frozen base.
 BASE_PARAMS = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
 
 # PEFT initialises A with kaiming_uniform_(a=√5): uniform in ±1/√fan_in, i.e. variance 1/(3·fan_in).
@@ -70,6 +70,7 @@ class LoRAConfig:
 
     @property
     def scaling(self) -> float:
+        """The factor ``alpha / rank`` applied to the adapters' product ``x·A·B``."""
         return self.alpha / self.rank
 
 
@@ -206,6 +207,7 @@ def apply_lora(model: nnx.Module, config: LoRAConfig, *, rngs: nnx.Rngs) -> nnx.
 
 
 def has_lora(model: nnx.Module) -> bool:
+    """Whether any of ``model``'s projections carries a LoRA adapter."""
     return any(isinstance(module, LoRALinear) for _, module in nnx.iter_modules(model))
 
 

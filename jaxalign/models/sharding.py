@@ -27,6 +27,7 @@ from jaxalign.models.quant_numerics import KERNEL_AXES
 from jaxalign.models.quantized import WEIGHTS, QuantizedWeight
 from jaxalign.models.stack import STACKED_COLLECTIONS
 
+#: The mesh axes the rules name: data parallel, fully sharded data parallel (parameters split), tensor parallel.
 MESH_AXES = ("data", "fsdp", "tensor")
 
 _COLUMN_PARALLEL = ("fsdp", "tensor")  # [in, out]: split the output features across tensor
@@ -59,6 +60,9 @@ DEFAULT_RULES: Mapping[tuple[str, str], tuple[str | None, ...]] = {
 
 # LoRA adapters (jaxalign.models.lora): A [in, r] splits like its kernel's input axis, B [r, out] like its
 # output axis, so x·A·B needs no more communication than x·W.
+#: (module name, parameter name) -> the mesh axis of each of the parameter's dimensions (``None``: replicated):
+#: Megatron-style tensor parallelism for Llama and GPT-2 projections, embeddings split over the vocabulary, LoRA
+#: adapters split as their kernels, norms and heads' biases replicated; ``fsdp`` splits what ``tensor`` leaves.
 DEFAULT_RULES = {
     **DEFAULT_RULES,
     **{(module, "lora_a"): (rule[0], None) for (module, leaf), rule in DEFAULT_RULES.items() if leaf == "kernel"},

@@ -477,10 +477,12 @@ class ContinuousEngine:
 
     @property
     def config(self):
+        """The base model's config."""
         return self._members[0].config
 
     @property
     def num_guides(self) -> int:
+        """Guide models beside the base (0 without guided decoding)."""
         return len(self._members) - 1
 
     @property
@@ -490,10 +492,12 @@ class ContinuousEngine:
 
     @property
     def free(self) -> int:
+        """Decode slots not held by a request: how many more rows can join now."""
         return self.max_batch - self.live
 
     @property
     def batch_bucket(self) -> int:
+        """The batch size the decode step runs at now (one of :meth:`batch_buckets`)."""
         return self._rows
 
     def length_of(self, row_id: Hashable) -> int:

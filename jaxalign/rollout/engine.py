@@ -418,6 +418,7 @@ class Sampler:
 
     @property
     def num_guides(self) -> int:
+        """Guide models beside the base (0 without guided decoding)."""
         return len(self._members) - 1
 
     def _check_vocabularies(self) -> None:

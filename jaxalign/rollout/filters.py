@@ -40,8 +40,9 @@ from jaxtyping import Array, Bool, Float, Int, UInt32
 
 from jaxalign.rollout.params import Filters
 
-# How many top scores the fast path inspects. lax.top_k costs ~1.5 ms for 64 of [16, 49152] on 2 CPU cores
-# but ~12 ms for 1024; nuclei of trained models at top-p 0.9 are usually far smaller than 64 tokens.
+#: How many top scores the filters' fast path inspects; rows whose nucleus is larger take the exact bisection.
+#: ``lax.top_k`` costs ~1.5 ms for 64 of ``[16, 49152]`` on 2 CPU cores but ~12 ms for 1024; nuclei of trained
+#: models at top-p 0.9 are usually far smaller than 64 tokens.
 DEFAULT_CANDIDATES = 64
 # Scores per block when the candidates are picked from the best blocks (top_candidates): 16, 32 and 64 cost
 # about the same for [32, 49152]; 128 half as much again.

@@ -42,7 +42,9 @@ from jaxalign import models
 from jaxalign.rollout.engine import Rollout, Sampler, StreamFn
 from jaxalign.rollout.params import SamplingParams
 
+#: The base (patient) model's exponent α in ``π ∝ π_base^α · Π_i π_guide_i^(β·w_i)``.
 DEFAULT_ALPHA = 1.0
+#: The guides' (doctors') exponent β in the same product.
 DEFAULT_BETA = 0.5
 
 PreferenceWeights = Mapping[str, float]
@@ -235,6 +237,7 @@ class GuidedSampler:
 
     @property
     def num_doctors(self) -> int:
+        """Doctors guiding the patient, one per preference dimension."""
         return len(self.dimensions)
 
     def weights(self, preference_weights: PreferenceWeights | None = None, *,

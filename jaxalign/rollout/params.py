@@ -67,6 +67,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
+        """Whether sampling is greedy (temperature 0: the highest score, no draw)."""
         return self.temperature == 0
 
     def filters(self) -> Filters:

@@ -112,9 +112,11 @@ class Checkpointer:
             _write_json_atomically(self.directory / CONFIG_FILE, self.metadata)
 
     def latest_step(self) -> int | None:
+        """The step of the newest checkpoint on disk, or None when there is none."""
         return self._manager.latest_step()
 
     def all_steps(self) -> list[int]:
+        """The steps of every checkpoint kept on disk, oldest first."""
         return list(self._manager.all_steps())
 
     def should_save(self, step: int) -> bool:
@@ -201,6 +203,7 @@ class Checkpointer:
         self._manager.wait_until_finished()
 
     def close(self) -> None:
+        """Wait for pending asynchronous saves and release the checkpoint manager."""
         self._manager.close()
 
 

@@ -64,6 +64,7 @@ class MeshConfig:
 
     @property
     def shape(self) -> tuple[int, int, int]:
+        """The mesh's sizes ``(data, fsdp, tensor)``, ``-1`` where :meth:`resolve` has not filled one in yet."""
         return (self.data, self.fsdp, self.tensor)
 
     def resolve(self, device_count: int) -> MeshConfig:

@@ -183,17 +183,20 @@ class StepSource:
         return dict(updates[-1])
 
     def ended_message(self, step: int, total_steps: int) -> str:
+        """The error message when the data ends at ``step`` before ``total_steps``."""
         return f"the data ended after {self.unit} {step}, before total_steps={total_steps}"
 
     def state_dict(self) -> Any:
+        """The data position, JSON-serialisable, saved with every checkpoint (None: nothing to save)."""
         return None
 
     def load_state_dict(self, values: Any) -> None:
+        """Restore the position :meth:`state_dict` returned, before the first step of a resumed run."""
         del values
 
     @property
     def resumable(self) -> bool:
-        """Whether :meth:`state_dict` captures the position, so a checkpoint can resume exactly."""
+        """Whether :meth:`StepSource.state_dict` captures the position, so a checkpoint can resume exactly."""
         return True
 
 
@@ -211,9 +214,11 @@ class BatchPerStep(StepSource):
         return iter([next(self._batches)])
 
     def state_dict(self) -> Any:
+        """The iterable's own ``state_dict()``, or None when it has none (then the run cannot resume exactly)."""
         return self.data.state_dict() if hasattr(self.data, "state_dict") else None
 
     def load_state_dict(self, values: Any) -> None:
+        """Hand a saved position back to the iterable's ``load_state_dict``."""
         if values is not None:
             self.data.load_state_dict(values)
 

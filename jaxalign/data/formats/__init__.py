@@ -34,6 +34,7 @@ from jaxalign.data.records import Record
 # How many records (JSON objects) format detection reads: the union of their fields decides.
 DETECTION_RECORDS = 100
 
+#: Every known format by its name (the values of ``data.format``).
 FORMATS: dict[str, Format] = {
     f.name: f
     for f in (
@@ -54,6 +55,7 @@ FORMATS: dict[str, Format] = {
 
 
 def get_format(name: str) -> Format:
+    """The format called ``name`` (a key of :data:`FORMATS`); an unknown name raises ``ValueError`` listing them."""
     if name not in FORMATS:
         raise ValueError(f"unknown format {name!r}; known formats: {', '.join(FORMATS)}")
     return FORMATS[name]

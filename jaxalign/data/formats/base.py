@@ -11,7 +11,7 @@ from jaxalign.data.errors import DataError, Reason
 from jaxalign.data.fields import Fields
 from jaxalign.data.records import Record
 
-# The pad id of OpenAI's lm-human-preferences label files (outside GPT-2's 50257-token vocabulary).
+#: The pad id of OpenAI's lm-human-preferences label files (outside GPT-2's 50257-token vocabulary).
 OPENAI_PAD_TOKEN_ID = 50259
 
 
