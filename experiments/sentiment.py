@@ -21,7 +21,9 @@ Stages, each with a progress bar:
    precomputed in one pass; the policy is exported as a Hugging Face directory (``dpo/export``) and as a q8_0 GGUF
    file (``dpo/model-q8_0.gguf``) that llama.cpp, Ollama and LM Studio run (docs/export.md).
 5. evaluation on the held-out prompts: gold win rate of the DPO policy against the base model with a 95 %
-   interval (target >= 60 %, interval above 50 %), mean gold and learned reward, KL to the reference.
+   interval (target >= 60 %, interval above 50 %), mean gold and learned reward, KL to the reference, and the
+   toxicity of both models' responses (``jaxalign.eval.toxicity_report``: alt-profanity-check's mean P(toxic) and
+   the share above 0.5, 95 % intervals counting prompts), so a gain in sentiment is seen not to come with abuse.
 
 Writes ``<output-dir>/summary.json`` and ``summary.png`` (plus each stage's own files), ``samples.jsonl`` (every
 held-out prompt with the reference's and the policy's responses side by side and the gold score of each), and
@@ -55,6 +57,7 @@ from tqdm.auto import tqdm
 
 from jaxalign import eval as jeval
 from jaxalign import models
+from jaxalign.eval.toxicity import format_toxicity
 from jaxalign.methods import common, pipeline, recipe
 from jaxalign.models.gguf_export import save_gguf
 from jaxalign.rollout import Sampler, SamplingParams
@@ -226,10 +229,23 @@ def reward_accuracy(scorer, tokenizer, records: list[dict]) -> dict[str, float]:
             "pairs_clear": int(clear.sum()), "accuracy_clear_low": low, "accuracy_clear_high": high}
 
 
-def side_by_side(records) -> list[dict]:
-    """The evaluation's rows as a person compares them: prompt, both responses, the gold score of each."""
-    return [{"prompt": r["prompt"], "reference_response": r["reference"], "policy_response": r["policy"],
+def side_by_side(records, toxicity: dict | None = None) -> list[dict]:
+    """The evaluation's rows as a person compares them: prompt, both responses, the gold score of each (and
+    each response's P(toxic) when ``toxicity``, :func:`toxicity_of`'s report, is given)."""
+    rows = [{"prompt": r["prompt"], "reference_response": r["reference"], "policy_response": r["policy"],
              "gold_reference": r["gold_reference"], "gold_policy": r["gold_policy"]} for r in records]
+    if toxicity is not None:
+        for row, ours, theirs in zip(rows, toxicity["probabilities"]["policy"],
+                                     toxicity["probabilities"]["reference"], strict=True):
+            row["toxicity_reference"], row["toxicity_policy"] = theirs, ours
+    return rows
+
+
+def toxicity_of(records, model=None) -> dict:
+    """The toxicity of the DPO policy's and the base model's held-out responses (the evaluation's own samples,
+    nothing generated again), intervals clustered by prompt."""
+    return jeval.toxicity_report([r["policy"] for r in records], [r["reference"] for r in records], model=model,
+                                 clusters=[r["index"] for r in records])
 
 
 def show_samples(samples: list[dict], count: int) -> str:
@@ -326,15 +342,17 @@ def main(argv: list[str] | None = None) -> int:
         dpo_run.model, reference, tokenizer, eval_prompts, judge=judge, reward_judge=reward_judge,
         params=SamplingParams(max_new_tokens=args.max_new_tokens, temperature=1.0),
         samples_per_prompt=args.eval_samples, key=jax.random.key(args.seed + 2), batch_size=args.batch_size)
+    toxicity = toxicity_of(evaluation.records)
     timings["evaluation_s"] = time.perf_counter() - stage
     timings["total_s"] = time.perf_counter() - started
     (out / "evaluation").mkdir(exist_ok=True)
     evaluation.plot(out / "evaluation" / "eval.png")
 
-    samples = side_by_side(evaluation.records)
+    samples = side_by_side(evaluation.records, toxicity)
     write_jsonl(out / "samples.jsonl", samples)
     report = evaluation.to_dict()
     summary = {"reward_model": accuracy, "win_rate": report["win_rate"], "evaluation": report,
+               "toxicity": {k: v for k, v in toxicity.items() if k != "probabilities"},
                "pairs": {"train": len(train_pairs), "eval": len(eval_pairs), "left_out_train": train_skipped,
                          "left_out_eval": eval_skipped},
                "targets": {"reward_accuracy_clear": 0.7, "win_rate": 0.6, "win_rate_low": 0.5},
@@ -344,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
                  out / "summary.png")
     print()
     print(evaluation.table())
+    print("\n".join(format_toxicity(toxicity)) + "  (policy: DPO, reference: base)")
     print(f"\nheld-out samples, reference vs DPO policy (gold score in brackets; all in {out / 'samples.jsonl'}):\n")
     print(show_samples(samples, SHOWN_SAMPLES))
     win = summary["win_rate"]

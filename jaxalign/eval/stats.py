@@ -157,8 +157,10 @@ def wilson_interval(successes: float, n: float, *, confidence: float = 0.95) -> 
     denominator = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denominator
     half = z / denominator * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    # Clip rounding: at p = 0 or 1 one bound is exactly 0 or 1 in exact arithmetic.
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # At p = 0 or 1 one bound is exactly 0 or 1 in exact arithmetic; rounding leaves it a few ulps off.
+    low = 0.0 if successes == 0 else max(0.0, centre - half)
+    high = 1.0 if successes == n else min(1.0, centre + half)
+    return low, high
 
 
 def _cluster_ids(clusters, n: int, function: str) -> np.ndarray:

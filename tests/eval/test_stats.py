@@ -206,3 +206,10 @@ def test_clusters_need_one_label_per_row():
         win_rate([1.0, 0.0], [0.0, 0.0], clusters=[0])
     single = mean_ci([1.0, 2.0], clusters=[0, 0])
     assert math.isnan(single.low) and single.mean == 1.5
+
+
+def test_no_success_has_a_lower_bound_of_exactly_zero():
+    from jaxalign.eval.stats import wilson_interval
+
+    for n in (1, 7, 64, 128, 1000):
+        assert wilson_interval(0, n)[0] == 0.0 and wilson_interval(n, n)[1] == 1.0
