@@ -2,6 +2,7 @@
 
     python -m experiments.compare_methods [--output-dir runs/compare_methods] [--hitl-versions 2] [--overwrite]
     python -m experiments.compare_methods --smoke     # every stage on a handful of prompts (checks the code path)
+    python -m experiments.compare_methods --data records.jsonl --judge reward-model:DIR   # your data, your judge
 
 The main job's setting (``experiments.sentiment``): SmolLM2-135M-Instruct asked for short reviews and opinions,
 VADER's sentiment as the gold judge standing in for a human expert. Every method trains LoRA adapters
@@ -22,8 +23,17 @@ is done; a killed training run resumes from its checkpoints):
    ``hitl`` preset: SFT, DPO and KTO stages) and hot-swaps each version in; the reviewer keeps going on the new
    version until ``--hitl-versions`` versions have been served.
 7. evaluation: each method's export against the base on the held-out prompts: gold win rate with its 95 %
-   interval, mean gold score, KL to the base, response length; plus each method's training wall time, peak
-   memory (the training process's maximum resident set, from ``wait4``) and trainable parameters.
+   interval, mean gold score, KL to the base, response length; an LLM judge's win rate on the same pairs (both
+   orders asked; by default the embedded model served by ``jaxalign serve``, started and stopped by the
+   experiment; ``--judge-url`` for another) with Cohen's kappa against the gold judge's verdicts, so a reader
+   sees how far to trust it; plus each method's training wall time, peak memory (the training process's maximum
+   resident set, from ``wait4``) and trainable parameters.
+
+Your own data and judge: ``--data FILE`` takes the prompts from any file ``jaxalign.data`` reads (UltraMedical's
+``medical_qa`` conversations, preference pairs, SFT records, prompt files; a record's prompt must be one user
+question), ``--judge`` names the gold judge: ``vader`` (default), ``reward-model:DIR`` (a saved reward model, e.g.
+a domain one) or ``llm:URL[#MODEL]`` (an LLM over an OpenAI-compatible endpoint grading each answer 1-10).
+Without them the experiment is the main job's sentiment setting, as published.
 
 Writes ``<output-dir>/summary.json``, ``summary.png`` and ``samples.jsonl`` (every held-out prompt with each
 method's answer and gold score), prints the table and a few answers side by side. ``--smoke`` runs every stage on
@@ -34,13 +44,11 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import contextlib
 import json
 import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -48,10 +56,13 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from benchmarks.provenance import describe
+from experiments.judged import free_port, gold_judge, judged_cell, judged_column, llm_judge, signals_as_exit
 from experiments.sentiment import labelled_pairs, make_prompts, write_jsonl
+from jaxalign.eval.templates import DEFAULT_TEMPLATES
 from jaxalign.serve import children
 
 METHODS = ("sft", "hitl", "ppo", "dpo")
@@ -71,6 +82,7 @@ SMOKE_OVERRIDES = {
 SERVER_START_S = 900.0  # loading and compiling the served model, bounded
 VERSION_TIMEOUT_S = 3600.0  # one retraining, bounded
 REQUEST_TIMEOUT_S = 300.0
+STOP_TRAINING_S = 120.0  # a training run stopped by SIGTERM saves its checkpoint first
 
 
 # --- measured training runs -----------------------------------------------------------------------------------
@@ -79,18 +91,23 @@ REQUEST_TIMEOUT_S = 300.0
 def run_measured(command: list[str], *, log: Path | None = None) -> dict:
     """Run ``command`` and return its wall time and peak memory (maximum resident set, ``wait4``).
 
+    The command is a child that dies with this process (``jaxalign.serve.children``). Any exit while it runs (an
+    error, Ctrl-C, SIGTERM or SIGHUP to this process) stops it as a user's Ctrl-C would: SIGTERM to its process
+    group (a training run saves its checkpoint), SIGKILL only after ``STOP_TRAINING_S``.
+
     Raises:
         RuntimeError: it exited with an error (the log's last line is in the message).
     """
     started = time.perf_counter()
     output = open(log, "ab") if log else None  # noqa: SIM115 - closed below, after the process ends
     try:
-        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT if output else None)
-        try:
-            _, status, usage = os.wait4(process.pid, 0)
-        except BaseException:
-            process.kill()
-            raise
+        with signals_as_exit():
+            process = children.spawn(command, stdout=output, stderr=subprocess.STDOUT if output else None)
+            try:
+                _, status, usage = os.wait4(process.pid, 0)
+            except BaseException:
+                children.stop(process, timeout=STOP_TRAINING_S)
+                raise
     finally:
         if output:
             output.close()
@@ -146,8 +163,8 @@ class Reviewer:
         self.pick_gap, self.good, self.edit_gain = pick_gap, good, edit_gain
         self.actions: dict[str, int] = {}
 
-    def score(self, texts: list[str]) -> list[float]:
-        return [float(s) for s in self.judge.score([""] * len(texts), texts)]
+    def score(self, texts: list[str], prompt: str = "") -> list[float]:
+        return [float(s) for s in self.judge.score([prompt] * len(texts), texts)]
 
     def ask(self, prompt: str, seed: int) -> tuple[list[str], str]:
         """Two answers to ``prompt`` and the version that gave them (``system_fingerprint``)."""
@@ -158,17 +175,17 @@ class Reviewer:
 
     def review(self, prompt: str, answers: list[str], version: str) -> list[dict]:
         """The feedback records for one question (see the class docstring)."""
-        scores = self.score(answers)
+        scores = self.score(answers, prompt)
         best, other = (0, 1) if scores[0] >= scores[1] else (1, 0)
         base = {"prompt": prompt, "model_version": version}
         records = []
         if abs(scores[0] - scores[1]) >= self.pick_gap and answers[0] != answers[1]:
             records.append(base | {"action": "pick", "choice": {"responses": answers, "chosen": best}})
         answer, score = answers[best], scores[best]
-        kept = " ".join(s for s in split_sentences(answer) if self.score([s])[0] >= 0)
+        kept = " ".join(s for s in split_sentences(answer) if self.score([s], prompt)[0] >= 0)
         if answer and score >= self.good:
             records.append(base | {"action": "accept", "response": answer})
-        elif kept and kept != answer and self.score([kept])[0] >= score + self.edit_gain:
+        elif kept and kept != answer and self.score([kept], prompt)[0] >= score + self.edit_gain:
             records.append(base | {"action": "edit", "response": answer, "edit": kept})
         elif answer and score < 0:
             records.append(base | {"action": "reject", "response": answer})
@@ -198,12 +215,6 @@ def post(url: str, body: dict) -> dict:
 def get(url: str) -> dict:
     with urllib.request.urlopen(url, timeout=REQUEST_TIMEOUT_S) as response:
         return json.loads(response.read())
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def wait_for_server(url: str, process: subprocess.Popen, log: Path) -> dict:
@@ -261,23 +272,6 @@ def stop_server(server: subprocess.Popen, timeout: float = 120.0):
         time.sleep(0.5)
     server.returncode = os.waitstatus_to_exitcode(ended[1])
     return ended[2]
-
-
-@contextlib.contextmanager
-def signals_as_exit(signals=(signal.SIGTERM, signal.SIGHUP)):
-    """``signals`` raise SystemExit while the context runs, so its ``finally`` blocks stop what it started (by
-    default they end Python without running any). A repeated signal while stopping is ignored."""
-    def leave(signum, frame):
-        for other in signals:
-            signal.signal(other, signal.SIG_IGN)
-        raise SystemExit(128 + signum)
-
-    previous = {signum: signal.signal(signum, leave) for signum in signals}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 def hitl_stage(out: Path, prompts: list[str], *, threshold: int, versions: int, max_tokens: int, seed: int,
@@ -391,12 +385,13 @@ def evaluate(out: Path, method: str, export: str, reference, tokenizer, prompts:
 
 
 def table(rows: dict[str, dict]) -> str:
-    header = ("method", "gold win rate vs base [95% CI]", "gold score", "KL (nats)", "length", "wall time",
-              "peak memory", "trainable")
+    header = ("method", "gold win rate vs base [95% CI]", "LLM-judged [95% CI], kappa vs gold", "gold score",
+              "KL (nats)", "length", "wall time", "peak memory", "trainable")
     lines = [header]
     for method, row in rows.items():
         win, gold, kl = row["win_rate"], row["gold_reward"]["policy"], row["kl"]
         lines.append((method, f"{win['rate']:.1%} [{win['low']:.1%}, {win['high']:.1%}]",
+                      judged_cell(row.get("judged")),
                       f"{gold['mean']:+.3f}", f"{kl['mean']:.2f}", f"{row['response_length']['policy']['mean']:.1f}",
                       f"{row['seconds'] / 60:.1f} min", f"{row['peak_rss_mib'] / 1024:.2f} GiB",
                       f"{row['trainable_parameters'] / 1e6:.2f} M"))
@@ -404,7 +399,7 @@ def table(rows: dict[str, dict]) -> str:
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)) for line in lines)
 
 
-def plot(rows: dict[str, dict], base_gold: float, path: Path) -> None:
+def plot(rows: dict[str, dict], base_gold: float, path: Path, *, judge_name: str = "VADER") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -413,17 +408,34 @@ def plot(rows: dict[str, dict], base_gold: float, path: Path) -> None:
     names = list(rows)
     colours = [f"C{i}" for i in range(len(names))]
     figure, axes = plt.subplots(1, 4, figsize=(16, 3.8))
+    judged = {n: rows[n]["judged"]["win_rate"] for n in names
+              if rows[n].get("judged") and rows[n]["judged"].get("win_rate")}
+    width = 0.4 if judged else 0.8
+    xs = np.arange(len(names))
     win = [rows[n]["win_rate"] for n in names]
-    axes[0].bar(names, [w["rate"] for w in win], color=colours, capsize=6,
-                yerr=[[w["rate"] - w["low"] for w in win], [w["high"] - w["rate"] for w in win]])
+    axes[0].bar(xs - (width / 2 if judged else 0), [w["rate"] for w in win], width, color=colours, capsize=4,
+                yerr=[[w["rate"] - w["low"] for w in win], [w["high"] - w["rate"] for w in win]],
+                label=f"gold ({judge_name})")
+    if judged:
+        kept = [i for i, n in enumerate(names) if n in judged]
+        rates = [judged[names[i]] for i in kept]
+        axes[0].bar(xs[kept] + width / 2, [w["rate"] for w in rates], width, color="white", edgecolor="black",
+                    hatch="//", capsize=4, label="LLM judge",
+                    yerr=[[w["rate"] - w["low"] for w in rates], [w["high"] - w["rate"] for w in rates]])
+        for i in kept:
+            kappa = rows[names[i]]["judged"]["agreement_with_gold"]["kappa"]
+            axes[0].text(xs[i] + width / 2, 0.02, "κ " + ("-" if kappa is None else f"{kappa:.2f}"), ha="center",
+                         fontsize=7, rotation=90)
+    axes[0].set_xticks(xs, names)
     axes[0].axhline(0.5, color="grey", ls="--", lw=1)
     axes[0].set_ylim(0, 1)
-    axes[0].set_title("gold win rate vs base (95% CI)")
+    axes[0].legend(fontsize=7)
+    axes[0].set_title("win rate vs base per judge (95% CI)")
     gold = [rows[n]["gold_reward"]["policy"] for n in names]
     axes[1].bar(names, [g["mean"] for g in gold], color=colours, capsize=6,
                 yerr=[[g["mean"] - g["low"] for g in gold], [g["high"] - g["mean"] for g in gold]])
     axes[1].axhline(base_gold, color="grey", ls="--", lw=1, label=f"base {base_gold:+.2f}")
-    axes[1].set_title("mean gold score (VADER)")
+    axes[1].set_title(f"mean gold score ({judge_name})")
     axes[1].legend(fontsize=8)
     kl = [rows[n]["kl"] for n in names]
     axes[2].bar(names, [k["mean"] for k in kl], color=colours, capsize=6,
@@ -436,7 +448,8 @@ def plot(rows: dict[str, dict], base_gold: float, path: Path) -> None:
                      va="bottom", fontsize=8)
     for axis in axes:
         axis.grid(axis="y", alpha=0.3)
-    figure.suptitle("SmolLM2-135M-Instruct, LoRA r=16 on the seven projections, held-out prompts", fontsize=10)
+    figure.suptitle("SmolLM2-135M-Instruct, LoRA r=16 on the seven projections, held-out prompts; gold judge "
+                    f"{judge_name}", fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -473,15 +486,86 @@ def show(samples: list[dict], methods, count: int) -> str:
 # --- main ------------------------------------------------------------------------------------------------------
 
 
+def question_of(record, path: Path, number: int) -> str:
+    """The one user question a record of ``path`` asks (its prompt; a conversation's turns before its last reply).
+
+    Raises:
+        ValueError: the record has no prompt, or a prompt of several turns (the methods here answer one question).
+    """
+    from jaxalign import data as jdata
+
+    if isinstance(record, jdata.ScoredConversation):
+        prompt = tuple(record.messages[:-1])
+    elif isinstance(record, jdata.PreferenceGroup):
+        prompt = record.pairs[0].prompt
+    else:
+        prompt = getattr(record, "prompt", None)
+    if isinstance(prompt, str):
+        text = prompt
+    else:
+        users = [m for m in prompt or () if m.role != "system"]
+        if len(users) != 1 or users[0].role != "user":
+            raise ValueError(f"{path}, record {number}: field 'prompt': {len(users)} turns before the answer; the "
+                             "comparison asks one user question per record")
+        text = users[0].content
+    if not text.strip():
+        raise ValueError(f"{path}, record {number}: field 'prompt' is empty")
+    return text.strip()
+
+
+def prompts_from(path: Path, count: int, seed: int) -> list[str]:
+    """Up to ``count`` distinct questions of the records in ``path`` (any format ``jaxalign.data`` reads), in a
+    seeded order."""
+    from jaxalign import data as jdata
+
+    if not path.is_file():
+        raise FileNotFoundError(f"--data {path}: no such file")
+    records, _ = jdata.read_records(path)
+    questions = list(dict.fromkeys(question_of(r, path, i) for i, r in enumerate(records, start=1)))
+    if len(questions) < 5:
+        raise ValueError(f"--data {path}: {len(questions)} distinct question(s); the comparison needs at least 5 "
+                         "(one in five is held out)")
+    order = np.random.default_rng(seed).permutation(len(questions))
+    return [questions[i] for i in order[:count]]
+
+
+def judge_rows(out: Path, rows: dict[str, dict], spec, *, samples: int) -> None:
+    """Each method's LLM-judged column (``row["judged"]``) on the first ``samples`` samples per held-out prompt,
+    cached beside its evaluation."""
+    for method, row in rows.items():
+        cache = out / "evaluation" / f"{method}.judged.json"
+        if cache.is_file() and json.loads(cache.read_text())["judge"] == spec.name:
+            row["judged"] = json.loads(cache.read_text())
+            continue
+        records = [r for i, r in enumerate(row["records"]) if i % row["samples_per_prompt"] < samples]
+        row["judged"] = judged_column(spec, [r["prompt"] for r in records], [r["response"] for r in records],
+                                      [r["base"] for r in records], [r["gold"] for r in records],
+                                      [r["gold_base"] for r in records], clusters=[r["prompt"] for r in records],
+                                      label=method)
+        cache.write_text(json.dumps(row["judged"], default=float) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", type=Path, default=Path("runs/compare_methods"))
+    parser.add_argument("--data", type=Path, default=None,
+                        help="take the prompts from these records (any format jaxalign.data reads, e.g. "
+                             "UltraMedical medical_qa); default: the main job's review/opinion prompts")
+    parser.add_argument("--judge", default="vader", metavar="vader|reward-model:DIR|llm:URL[#MODEL]",
+                        help="the gold judge: labels the pairs, guides the scripted reviewer, scores the evaluation "
+                             "(default vader)")
     parser.add_argument("--prompts", type=int, default=320, help="prompts in all (80%% train, 20%% held out)")
     parser.add_argument("--samples", type=int, default=4, help="base samples per train prompt for the pairs")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--eval-samples", type=int, default=2, help="samples per held-out prompt and method")
     parser.add_argument("--hitl-threshold", type=int, default=48, help="feedback records per HITL version")
     parser.add_argument("--hitl-versions", type=int, default=2, help="HITL versions trained and served")
+    parser.add_argument("--judge-url", help="the LLM judge's OpenAI-compatible base URL (default: the embedded model "
+                                            "served by jaxalign serve, started and stopped by the experiment)")
+    parser.add_argument("--judge-model", help="the judge model's name at --judge-url")
+    parser.add_argument("--judge-samples", type=int, default=1,
+                        help="held-out samples per prompt the LLM judge compares (default 1: the first)")
+    parser.add_argument("--no-llm-judge", action="store_true", help="leave out the LLM-judged column")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help=f"every stage, tiny ({SMOKE_SETTINGS})")
     parser.add_argument("--overwrite", action="store_true", help="start again: delete the output directory first")
@@ -491,6 +575,12 @@ def main(argv: list[str] | None = None) -> int:
         for name, value in SMOKE_SETTINGS.items():
             setattr(args, name, value)
         overrides = dict(SMOKE_OVERRIDES)
+    if args.judge_model and not args.judge_url:
+        parser.error("--judge-model goes with --judge-url")
+    # Bad input is refused here, before minutes of loading and sampling.
+    judge = gold_judge(args.judge)
+    prompts = (make_prompts(args.prompts, args.seed) if args.data is None
+               else prompts_from(args.data, args.prompts, args.seed))
     out = args.output_dir
     if args.overwrite and out.exists():
         import shutil
@@ -499,18 +589,18 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()  # of this invocation: stages cached by an earlier one are not counted
 
-    from jaxalign import eval as jeval
     from jaxalign import models
 
-    judge = jeval.VaderJudge()
-    prompts = make_prompts(args.prompts, args.seed)
-    held_out = max(1, args.prompts // 5)  # the main job's split
+    judge_name = getattr(judge, "name", type(judge).__name__)
+    held_out = max(1, len(prompts) // 5)  # the main job's split
     train_prompts, eval_prompts = prompts[held_out:], prompts[:held_out]
     base, tokenizer = models.load_gguf(models.default_model_path())
     settings = {"prompts": args.prompts, "samples": args.samples, "max_new_tokens": args.max_new_tokens,
                 "seed": args.seed}
+    if args.data is not None or args.judge != "vader":  # the default run's cache key stays as it was
+        settings |= {"data": None if args.data is None else str(args.data.resolve()), "judge": args.judge}
 
-    print(f"[1/7] pairs: {args.samples} base samples per train prompt, best vs worst by the gold judge (VADER)")
+    print(f"[1/7] pairs: {args.samples} base samples per train prompt, best vs worst by the gold judge ({judge_name})")
     train_pairs, _, left_out, _ = labelled_pairs(
         out, base, tokenizer, train_prompts, eval_prompts, settings=settings, seed=args.seed,
         samples=args.samples, max_new_tokens=args.max_new_tokens, batch_size=32, judge=judge)
@@ -541,15 +631,22 @@ def main(argv: list[str] | None = None) -> int:
         evaluation = evaluate(out, method, runs[method]["export"], base, tokenizer, eval_prompts, judge=judge,
                               samples=args.eval_samples, max_new_tokens=args.max_new_tokens, seed=args.seed)
         rows[method] = evaluation | runs[method] | {"trainable_parameters": trainable[method]}
+    if not args.no_llm_judge:
+        print(f"      LLM judge on {min(args.judge_samples, args.eval_samples)} sample(s) per held-out prompt "
+              f"and method, against the base")
+        # The sentiment setting asks the judge the gold judge's question; the user's data, the default one.
+        templates = None if args.judge == "vader" and args.data is None else dict(DEFAULT_TEMPLATES)
+        with llm_judge(out, url=args.judge_url, model=args.judge_model, templates=templates) as spec:
+            judge_rows(out, rows, spec, samples=args.judge_samples)
     base_gold = rows["sft"]["gold_reward"]["reference"]["mean"]
     samples = side_by_side(rows)
     write_jsonl(out / "samples.jsonl", samples)
     summary = {"provenance": describe(), "total_minutes": round((time.perf_counter() - started) / 60, 1),
-               "settings": vars(args) | {"output_dir": str(out)}, "base_gold_reward": base_gold,
-               "reward_model": reward,
+               "settings": vars(args) | {"output_dir": str(out)}, "gold_judge": judge_name,
+               "base_gold_reward": base_gold, "reward_model": reward,
                "methods": {m: {k: v for k, v in row.items() if k != "records"} for m, row in rows.items()}}
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
-    plot(rows, base_gold, out / "summary.png")
+    plot(rows, base_gold, out / "summary.png", judge_name=judge_name)
     print()
     print(table(rows))
     print(f"\nbase model's mean gold score {base_gold:+.3f}; held-out answers side by side "

@@ -168,3 +168,48 @@ def test_the_hitl_server_stops_when_the_experiment_is_stopped(tmp_path, signum):
         experiment.kill()
         if server is not None and running(server):
             os.kill(server, signal.SIGKILL)
+
+
+TRAINER = """
+import signal, sys, time
+from pathlib import Path
+marker = Path(sys.argv[1])
+def stop(signum, frame):
+    marker.write_text("saved on SIGTERM")  # what jaxalign train does: save a checkpoint, then exit
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+marker.write_text("training")
+time.sleep(120)
+"""
+MEASURED = """
+import sys
+from experiments.compare_methods import run_measured
+run_measured([sys.executable, "-c", sys.argv[1], sys.argv[2]])
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
+def test_a_measured_training_run_is_stopped_gracefully_with_the_experiment(tmp_path, signum):
+    """SIGTERM to the experiment: the stage stops its trainer with SIGTERM (it saves; never a SIGKILL first);
+    SIGKILL: the trainer gets SIGTERM through its parent-death signal. Either way it does not outlive it."""
+    marker = tmp_path / "trainer.txt"
+    experiment = subprocess.Popen([sys.executable, "-c", MEASURED, TRAINER, str(marker)], cwd=tmp_path,
+                                  env={**os.environ, "PYTHONPATH": str(ROOT)})
+    trainer = None
+    try:
+        deadline = time.monotonic() + 60
+        while not (marker.exists() and marker.read_text() == "training"):
+            assert experiment.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        [trainer] = children_of(experiment.pid)
+        experiment.send_signal(signum)
+        assert experiment.wait(60) == (128 + signum if signum == signal.SIGTERM else -signum)
+        deadline = time.monotonic() + 30
+        while running(trainer) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not running(trainer), "the training run outlived the experiment"
+        assert marker.read_text() == "saved on SIGTERM"
+    finally:
+        experiment.kill()
+        if trainer is not None and running(trainer):
+            os.kill(trainer, signal.SIGKILL)
