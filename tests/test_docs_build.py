@@ -149,3 +149,19 @@ def test_every_api_package_has_its_reference_page():
         assert page.is_file(), page
         assert f".. public-api:: {package}" in page.read_text(), page
         assert f"\n{page.stem}\n" in index, f"{page} is not in the toctree of docs/api/index.md"
+
+
+def test_the_losses_docstring_examples_run():
+    """The ``>>>`` examples of jaxalign.losses (``make docs`` runs them too, through Sphinx's doctest builder)."""
+    import doctest
+
+    import jaxalign.losses
+
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    modules = [importlib.import_module(name) for name in docstring_coverage.submodules("jaxalign.losses")]
+    for module in [jaxalign.losses, *modules]:
+        for test in doctest.DocTestFinder().find(module):
+            runner.run(test)
+    failed, attempted = runner.summarize(verbose=False)
+    assert failed == 0
+    assert attempted >= 20  # dpo_loss, sft_loss, grpo_loss and ppo_policy_loss at least

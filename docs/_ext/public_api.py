@@ -9,9 +9,11 @@ whole.
   would leave it out silently.
 - A reference to a jaxalign object by the module that defines it (``jaxalign.losses.dpo.dpo_loss``,
   ``jaxalign.train.trainer.Trainer.run``) or by a name its docstring's module imports (``:class:`Sampler```)
-  resolves to where the reference documents it; one that names nothing documented stays a warning (with
-  ``nitpicky``). A reference to another library's object (``jax.Array``, ``nnx.Module``, ``int``) is shown as
-  code without a link: the build runs offline, with no other project's inventory to link to.
+  resolves to where the reference documents it. One to a jaxalign object the reference does not document (a
+  private helper a docstring explains itself by, a type only used in a signature) is shown as code without a
+  link, as is one to another library's object (``jax.Array``, ``nnx.Module``, ``int``: the build runs offline,
+  with no other project's inventory to link to). One that names nothing at all, a renamed or misspelt name,
+  stays a warning (``nitpicky``).
 """
 
 from __future__ import annotations
@@ -55,7 +57,10 @@ def _entry(public: PublicName) -> list[str]:
         return [f".. auto{public.kind}:: {public.path}", "   :members:", "   :show-inheritance:", ""]
     if public.kind == "function":
         return [f".. autofunction:: {public.path}", ""]
-    lines = [f".. py:data:: {public.path}"]
+    # Named within its package: inside an automodule the directive would otherwise prefix the current module
+    # (``jaxalign.losses.dpo.jaxalign.losses.DPO_LOSS_TYPES``), and no reference would find the constant.
+    package, _, name = public.path.rpartition(".")
+    lines = [f".. py:data:: {name}", f"   :module: {package}"]
     value = repr(public.obj)
     if len(value) <= _VALUE_WIDTH and "\n" not in value:
         lines.append(f"   :value: {value}")
@@ -198,8 +203,8 @@ def resolve_reference(app: Sphinx, env, node, contnode):
         alias = documented.get(id(obj))
     if alias is None and path is not None:
         alias = documented.get(path)
-    if alias is None or alias == target:
-        return None  # a jaxalign object the reference does not document: the build reports it
+    if alias is None:
+        return contnode  # a jaxalign object the reference does not document: shown as code, not linked
     domain = env.get_domain("py")
     for role in ("obj", "class", "func", "meth", "attr", "data", "exc", "mod"):
         resolved = domain.resolve_xref(env, node["refdoc"], app.builder, role, alias, node, contnode)

@@ -1,6 +1,7 @@
 """Log-probabilities, entropy and masked reductions: the primitives every loss is built from.
 
 Conventions (see docs/architecture.md):
+
 - Every function is pure and jittable; hyperparameters are keyword-only.
 - Computation happens in float32 whatever the input dtype (bf16 logits are upcast inside the fused
   reductions, so no full-vocabulary float32 copy is kept).

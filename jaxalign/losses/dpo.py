@@ -277,9 +277,9 @@ def dpo_loss(
         rejected_logps: ``[B]`` policy log π(y_l|x).
         ref_chosen_logps: ``[B]`` reference log π_ref(y_w|x); treated as a constant (``stop_gradient``).
         ref_rejected_logps: ``[B]`` reference log π_ref(y_l|x).
-        chosen_lengths: ``[B]`` completion token counts |y_w| (the mask sum); required by ``ipo`` and
+        chosen_lengths: ``[B]`` completion token counts ``|y_w|`` (the mask sum); required by ``ipo`` and
             ``sigmoid_norm``, clamped to ≥ 1.
-        rejected_lengths: ``[B]`` completion token counts |y_l|.
+        rejected_lengths: ``[B]`` completion token counts ``|y_l|``.
         chosen_nll: ``[B]`` per-sequence NLL of the chosen completion for RPO (e.g. the per-sequence token
             mean of :func:`jaxalign.losses.sft.sft_loss`); used with ``rpo_alpha``.
         weights: ``[B]`` per-pair weights ω, e.g. ``wpo_weights(chosen) * wpo_weights(rejected)`` for WPO.
@@ -305,6 +305,20 @@ def dpo_loss(
         is none): ``rewards/chosen`` (β·c), ``rewards/rejected`` (β·r), ``rewards/margins``,
         ``rewards/accuracies`` (fraction with β·c > β·r), ``logps/chosen``, ``logps/rejected`` and, with
         RPO, ``nll_loss``.
+
+    Examples:
+        Sequence log-probs of two pairs; the second pair's policy still equals the reference, so its loss
+        is ln 2 and its margin 0 (not counted as accurate):
+
+        >>> import jax.numpy as jnp
+        >>> from jaxalign import losses
+        >>> chosen, rejected = jnp.array([-12.0, -7.5]), jnp.array([-15.0, -9.0])
+        >>> ref_chosen, ref_rejected = jnp.array([-13.0, -7.5]), jnp.array([-14.0, -9.0])
+        >>> values, metrics = losses.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=0.1)
+        >>> [round(float(v), 4) for v in values]
+        [0.5981, 0.6931]
+        >>> float(metrics["rewards/accuracies"])
+        0.5
 
     References:
         DPO: Rafailov et al. 2023, arXiv 2305.18290, Eq. 7. cDPO: Mitchell 2023, "A note on DPO with noisy

@@ -165,6 +165,21 @@ def grpo_loss(
         ``clip_ratio/region_mean`` (either), ``clip_ratio/low_min`` / ``clip_ratio/high_max`` (min / max
         over rows of the per-row means), ``ratio/mean``, and ``kl`` (mean k3) when ``ref_logps`` is given.
 
+    Examples:
+        Two prompts with two completions each, on-policy (``old_logps`` equal to ``logps``: every ratio is 1),
+        no KL term; each token's loss is minus its completion's advantage:
+
+        >>> import jax.numpy as jnp
+        >>> from jaxalign import losses
+        >>> rewards = jnp.array([1.0, 0.0, 0.5, 0.5])
+        >>> advantages = losses.group_advantages(rewards, group_size=2, scale="none")   # Dr. GRPO
+        >>> advantages.tolist()
+        [0.5, -0.5, 0.0, 0.0]
+        >>> logps = jnp.full((4, 3), -1.0)
+        >>> loss, metrics = losses.grpo_loss(logps, logps, None, advantages, jnp.ones((4, 3)))
+        >>> loss[:, 0].tolist()
+        [-0.5, 0.5, -0.0, -0.0]
+
     References:
         Shao et al. 2024, arXiv 2402.03300, Eq. 3 (objective) and Eq. 4 (k3 KL); DAPO: Yu et al. 2025,
         arXiv 2503.14476, Sec. 3.1 (clip-higher); GSPO: Zheng et al. 2025, arXiv 2507.18071 (sequence-level
@@ -257,7 +272,7 @@ def grpo_objective(
     loss. TRL ``loss_type`` → ``aggregation`` (also :data:`TRL_LOSS_TYPES`):
 
     - "grpo" → ``"sequence_mean"``: mean over completions of each completion's token mean (the paper's
-      1/G·Σ_i 1/|o_i|·Σ_t; length-biased).
+      ``1/G·Σ_i 1/|o_i|·Σ_t``; length-biased).
     - "bnpo" → ``"token_mean"`` over the local (micro-)batch.
     - "dapo" → ``"token_mean"`` over the whole generation batch: accumulate ``(sum, count)`` across
       micro-batches (``aggregate`` itself) and divide once; for a single micro-batch it equals "bnpo".

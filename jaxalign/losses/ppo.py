@@ -334,6 +334,18 @@ def ppo_policy_loss(
           ``approx_kl/k3`` = mean((ρ − 1) − log ρ) (CleanRL's ``approx_kl``); all estimate KL(π_old ‖ π_θ);
         - ``ratio/mean``, ``ratio/max``: of ρ over valid tokens (0 when there are none).
 
+    Examples:
+        Two tokens with advantage 1: the first's ratio 1.25 is clipped to 1 + ε = 1.2, the second's 1.05 is not:
+
+        >>> import jax.numpy as jnp
+        >>> from jaxalign import losses
+        >>> logps, old_logps = jnp.log(jnp.array([[0.5, 0.42]])), jnp.log(jnp.array([[0.4, 0.4]]))
+        >>> loss, metrics = losses.ppo_policy_loss(logps, old_logps, jnp.ones((1, 2)), clip_eps=0.2)
+        >>> [round(float(x), 4) for x in loss[0]]
+        [-1.2, -1.05]
+        >>> float(metrics["clipfrac"])
+        0.5
+
     References:
         Schulman et al. 2017, arXiv 1707.06347, Eq. 7 (L^CLIP); dual clip: Ye et al. 2020, arXiv 1912.09729
         (the dual-clip PPO objective); asymmetric clip: Yu et al. 2025 (DAPO), arXiv 2503.14476, Sec. 3.1.

@@ -82,8 +82,8 @@ def simpo_loss(
     Args:
         chosen_logps: ``[B]`` policy log π(y_w|x), summed over completion tokens.
         rejected_logps: ``[B]`` policy log π(y_l|x).
-        chosen_lengths: ``[B]`` completion token counts |y_w| (clamped to ≥ 1).
-        rejected_lengths: ``[B]`` completion token counts |y_l|.
+        chosen_lengths: ``[B]`` completion token counts ``|y_w|`` (clamped to ≥ 1).
+        rejected_lengths: ``[B]`` completion token counts ``|y_l|``.
         chosen_nll: ``[B]`` per-sequence NLL of the chosen completion (CPO's behaviour-cloning term); needed
             when ``sft_weight`` ≠ 0.
         mask: ``[B]`` validity of the pairs (None = all valid), so a jitted step can pad the batch to a static
@@ -183,8 +183,8 @@ def orpo_loss(
     Args:
         chosen_logps: ``[B]`` policy log π(y_w|x), summed over completion tokens.
         rejected_logps: ``[B]`` policy log π(y_l|x).
-        chosen_lengths: ``[B]`` completion token counts |y_w|; 0 (an empty completion) drops the pair.
-        rejected_lengths: ``[B]`` completion token counts |y_l|; 0 drops the pair.
+        chosen_lengths: ``[B]`` completion token counts ``|y_w|``; 0 (an empty completion) drops the pair.
+        rejected_lengths: ``[B]`` completion token counts ``|y_l|``; 0 drops the pair.
         chosen_nll: ``[B]`` per-sequence NLL of the chosen completion, added with weight 1.
         mask: ``[B]`` validity of the pairs (None = all valid), so a jitted step can pad the batch to a static
             size. Masked pairs get loss 0 and are left out of every metric; their inputs may hold NaN/inf.

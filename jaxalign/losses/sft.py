@@ -41,6 +41,19 @@ def sft_loss(
         masked tokens) are ``nll`` (without smoothing), ``token_accuracy`` (arg-max equals target) and
         ``entropy`` of the predicted distribution.
 
+    Examples:
+        One sequence of two tokens over a 3-token vocabulary, then the token mean of the batch:
+
+        >>> import jax.numpy as jnp
+        >>> from jaxalign import losses
+        >>> logits = jnp.log(jnp.array([[[0.5, 0.25, 0.25], [0.125, 0.75, 0.125]]]))   # [B=1, T=2, V=3]
+        >>> nll, metrics = losses.sft_loss(logits, jnp.array([[0, 1]]), jnp.array([[1, 1]]))
+        >>> [round(float(x), 4) for x in nll[0]]     # −log 0.5, −log 0.75
+        [0.6931, 0.2877]
+        >>> total, count = losses.aggregate(nll, jnp.array([[1, 1]]), mode="token_mean")
+        >>> round(float(total / count), 4)
+        0.4904
+
     References:
         Standard maximum-likelihood fine-tuning; label smoothing: Szegedy et al. 2016 (arXiv 1512.00567, Sec. 7).
 

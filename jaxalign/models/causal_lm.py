@@ -57,7 +57,7 @@ class CausalLM(nnx.Module):
         branch_ids: Int[Array, "B T"] | None = None,
     ) -> tuple[Float[Array, "B T D"], KVCache | None]:
         """Final hidden states ``[B, T, D]`` (compute dtype) and the updated cache (None without one);
-        arguments as :meth:`__call__`."""
+        arguments as :meth:`CausalLM.__call__`."""
         return self.trunk(tokens, positions=positions, attention_mask=attention_mask, segment_ids=segment_ids,
                           cache=cache, branch_ids=branch_ids)
 

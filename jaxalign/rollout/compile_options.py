@@ -3,7 +3,7 @@
 A decode step multiplies a few rows (one per sequence) by every weight matrix. XLA:CPU hands its dot products
 to YNNPACK by default; on some CPUs, at some row counts, XLA's own (Eigen) kernels run a decode step faster.
 jax 0.10.2, SmolLM2-135M, 64 new tokens with top-p 0.9: both programs compiled in one process and called
-alternately, the decode step's median over 5 calls (docs/rollout.md, "Measured"):
+alternately, the decode step's median over 5 calls (benchmarks/README.md)::
 
     rows                                   4         8         16        32
     2 AMD EPYC cores (AVX2)

@@ -52,12 +52,12 @@ def batch_shard_count(mesh: Mesh) -> int:
 
 
 def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
-    """Global ``jax.Array``s from this process's rows of a batch.
+    """Global arrays (``jax.Array``) from this process's rows of a batch.
 
     Each process passes the rows its devices hold: with ``P`` processes over the batch axes and a global
     batch of ``B`` rows, ``B / P`` consecutive rows (process ``i`` holds rows ``i·B/P ... (i+1)·B/P − 1``
-    for the default device order). On one process that is the whole batch. Arrays that already are
-    ``jax.Array``s with the batch sharding pass through unchanged.
+    for the default device order). On one process that is the whole batch. Arrays that already are global
+    ``jax.Array`` values with the batch sharding pass through unchanged.
 
     Args:
         batch: a mapping (or any pytree) of NumPy arrays ``[B_local, ...]``.

@@ -186,7 +186,7 @@ class TrainStep:
 
     Attributes:
         mesh: the mesh everything lives on.
-        state_shardings: a :class:`TrainState` of ``NamedSharding``s (parameters and optimizer state per
+        state_shardings: a :class:`TrainState` of ``NamedSharding`` values (parameters and optimizer state per
             the partition table; step, RNG and model state replicated).
         frozen: the frozen parameters, placed on the mesh.
         references: the reference models' ``(params, other)`` states, placed on the mesh.
@@ -291,7 +291,7 @@ class TrainStep:
         self._initial_values = None
 
     def abstract_state(self) -> TrainState:
-        """The state's shapes, dtypes and shardings (``jax.ShapeDtypeStruct``s), e.g. to restore into."""
+        """The state's shapes, dtypes and shardings (as ``jax.ShapeDtypeStruct`` values), e.g. to restore into."""
         shapes = jax.eval_shape(self._initial_state, *self._initial_shapes, jax.random.PRNGKey(0))
         return jax.tree.map(lambda shape, sharding: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding),
                             shapes, self.state_shardings)
