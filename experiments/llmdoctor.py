@@ -39,7 +39,11 @@ to redo it) and each with a progress bar:
    (paired by prompt and sample, ties count half, 95 % Wilson interval), mean gold score per dimension (95 %
    intervals), KL to the patient (``Σ_t log π_method(y_t) − log π_patient(y_t)`` over the method's own samples;
    for greedy decoding, ``−log π_patient(y)``), response length and generated tokens per second (after a
-   compiling warm-up call).
+   compiling warm-up call; the machine's load average is recorded beside it, since a shared machine's speed is
+   not the method's). Then an LLM judge compares each method's first sample per prompt with the patient's
+   (both orders asked): by default the embedded model served by ``jaxalign serve``, started and stopped by the
+   experiment (``--judge-url`` for another endpoint), with Cohen's kappa between its verdicts and VADER's on
+   the same pairs, so a reader sees how far to trust it.
 7. ``report``: ``summary.json``, ``summary.png`` (win rates with intervals, and the Pareto plot) and
    ``samples.jsonl`` (every held-out prompt with every method's response and scores) in the run directory, copies
    in experiments/results/, a table and a few responses side by side.
@@ -57,6 +61,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import shutil
 import sys
 import time
@@ -74,6 +79,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from experiments import sentiment as main_job
+from experiments.judged import judged_cell, judged_column, llm_judge
 from jaxalign import data as jdata
 from jaxalign import eval as jeval
 from jaxalign import models
@@ -97,6 +103,9 @@ SMOKE_OVERRIDES = {
     "distill": ["train.total_steps=2", "data.batch_size=2", "train.optimizer.warmup_steps=1"],
 }
 SHOWN_PROMPTS = 3
+# The methods the LLM judge compares with the patient (the Pareto sweep's points are left to the gold judges).
+JUDGED = ("patient_greedy", "dpo", "genarm", "args", "patient_sharpened", "doctor_same_size", "doctor_weak")
+SMOKE_JUDGED = ("doctor_same_size",)  # the judge's whole path (served, asked, stopped) at a smoke's cost
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -338,7 +347,8 @@ def run_method(method: Method, patient, tokenizer, encoded: list[list[int]], pro
             bar.update(len(chunk))
     values = {name: np.concatenate(parts).astype(np.float64) for name, parts in columns.items()}
     return {"texts": texts, **{name: value.tolist() for name, value in values.items()},
-            "tokens_per_second": timed_tokens / timed_seconds if timed_seconds else None}
+            "tokens_per_second": timed_tokens / timed_seconds if timed_seconds else None,
+            "load_average": os.getloadavg()[0], "cpus": os.cpu_count()}
 
 
 def summarise(name: str, method: Method, result: dict, baseline: dict, *, samples: int) -> dict:
@@ -352,11 +362,60 @@ def summarise(name: str, method: Method, result: dict, baseline: dict, *, sample
     row = {"method": name, "label": method.label, "group": method.group, "weights": method.weights,
            "sentiment": ci(result["sentiment"]).to_dict(), "conciseness": ci(result["conciseness"]).to_dict(),
            "kl": ci(result["kl"]).to_dict(), "length": ci(result["length"]).to_dict(),
-           "stopped": float(np.mean(result["stopped"])), "tokens_per_second": result["tokens_per_second"]}
+           "stopped": float(np.mean(result["stopped"])), "tokens_per_second": result["tokens_per_second"],
+           "speed_quiet": quiet(result)}
     for dimension in DIMENSIONS:
         row[f"win_rate_{dimension}"] = jeval.win_rate(result[dimension], baseline[dimension],
                                                       clusters=prompt_of_row).to_dict()
     return row
+
+
+def quiet(result: dict) -> bool | None:
+    """Whether the method's speed was measured on a quiet machine (its 1-minute load average, read right after
+    its decoding, below the CPU count); None for results cached before the load was recorded."""
+    if result.get("load_average") is None:
+        return None
+    return result["load_average"] < (result.get("cpus") or 1)
+
+
+def judge_methods(out: Path, evaluation: dict, spec, *, names: tuple[str, ...], samples: int, judge_samples: int
+                  ) -> dict:
+    """The LLM judge's column for ``names``: each method's first ``judge_samples`` samples per prompt against the
+    patient's same samples, with kappa against VADER's verdicts (the judgments cached in ``out/judgments``)."""
+    results, prompts = evaluation["results"], evaluation["prompts"]
+    rows = [r for r in range(len(prompts) * samples) if r % samples < judge_samples]
+    baseline = results["patient"]
+    columns = {}
+    for name in names:
+        result = results[name]
+        column = judged_column(spec, [prompts[r // samples] for r in rows], [result["texts"][r] for r in rows],
+                               [baseline["texts"][r] for r in rows], [result["sentiment"][r] for r in rows],
+                               [baseline["sentiment"][r] for r in rows], clusters=[r // samples for r in rows],
+                               label=name)
+        column.pop("judgments", None)
+        columns[name] = column
+    write_json(out / "judged.json", columns)
+    return columns
+
+
+def results_with_quiet_speeds(summary: dict, published: Path) -> dict:
+    """``summary`` for experiments/results: a speed measured on a loaded machine (or where the load is unknown) is
+    not published as the method's speed; the published file's figure for that method is kept
+    (``tokens_per_second_this_run`` holds this run's) unless that one was measured under load too."""
+    try:
+        before = {row["method"]: row for row in json.loads(published.read_text())["methods"]}
+    except (OSError, ValueError, KeyError):
+        before = {}
+    rows = []
+    for row in summary["methods"]:
+        old = before.get(row["method"])
+        if row.get("speed_quiet") is not True and old is not None and old.get("speed_quiet") is not False \
+                and old.get("tokens_per_second") is not None:
+            row = {**row, "tokens_per_second_this_run": row["tokens_per_second"],
+                   "tokens_per_second": old["tokens_per_second"], "speed_quiet": old.get("speed_quiet"),
+                   "speed_from": old.get("speed_from", "the previously published run")}
+        rows.append(row)
+    return {**summary, "methods": rows}
 
 
 def pareto_weights(steps: int) -> list[dict[str, float]]:
@@ -460,15 +519,28 @@ def plot(summary: dict, path: Path) -> None:
     pareto = [row for row in summary["methods"] if row["group"] == "pareto"]
     figure, (left, right) = plt.subplots(1, 2, figsize=(13, 4.4))
     rates = [row["win_rate_sentiment"] for row in rows]
-    left.bar([row["label"] for row in rows], [r["rate"] for r in rates],
-             yerr=[[r["rate"] - r["low"] for r in rates], [r["high"] - r["rate"] for r in rates]], capsize=5,
-             color=["#c44e52" if row["group"] == "doctor" else "#4c72b0" for row in rows])
+    judged = [i for i, row in enumerate(rows) if (row.get("judged_sentiment") or {}).get("win_rate")]
+    width = 0.4 if judged else 0.8
+    xs = np.arange(len(rows))
+    left.bar(xs - (width / 2 if judged else 0), [r["rate"] for r in rates], width,
+             yerr=[[r["rate"] - r["low"] for r in rates], [r["high"] - r["rate"] for r in rates]], capsize=4,
+             color=["#c44e52" if row["group"] == "doctor" else "#4c72b0" for row in rows], label="gold (VADER)")
+    if judged:
+        llm = [rows[i]["judged_sentiment"]["win_rate"] for i in judged]
+        left.bar(xs[judged] + width / 2, [r["rate"] for r in llm], width, color="white", edgecolor="black",
+                 hatch="//", capsize=4, label="LLM judge (first sample)",
+                 yerr=[[r["rate"] - r["low"] for r in llm], [r["high"] - r["rate"] for r in llm]])
+        for i in judged:
+            kappa = rows[i]["judged_sentiment"]["agreement_with_gold"]["kappa"]
+            left.text(xs[i] + width / 2, 0.02, "κ " + ("-" if kappa is None else f"{kappa:.2f}"), ha="center",
+                      fontsize=6, rotation=90)
+    left.set_xticks(xs, [row["label"] for row in rows])
     left.axhline(0.5, color="grey", ls="--", lw=1)
     left.axhline(TARGETS["same_size"], color="#c44e52", ls=":", lw=1, label="target, same-size doctor")
     left.axhline(TARGETS["weak"], color="#dd8452", ls=":", lw=1, label="target, weak doctor")
     left.set_ylim(0, 1)
-    left.set_ylabel("gold (VADER) win rate vs the patient")
-    left.set_title("sentiment win rate against the unguided patient (95% CI)")
+    left.set_ylabel("win rate vs the patient")
+    left.set_title("sentiment win rate against the unguided patient, per judge (95% CI)")
     left.tick_params(axis="x", rotation=30, labelsize=8)
     left.legend(fontsize=7)
     xs = [row["sentiment"]["mean"] for row in pareto]
@@ -525,14 +597,19 @@ def targets(summary: dict) -> dict:
 
 
 def table(summary: dict) -> str:
-    lines = [f"{'method':<32} {'win sent.':>20} {'sentiment':>9} {'concise':>8} {'KL':>7} {'length':>7} "
-             f"{'tok/s':>7}"]
+    lines = [f"{'method':<32} {'win sent.':>20} {'LLM-judged, kappa':>28} {'sentiment':>9} {'concise':>8} "
+             f"{'KL':>7} {'length':>7} {'tok/s':>8}"]
     for row in summary["methods"]:
         win = row["win_rate_sentiment"]
         speed = "-" if row["tokens_per_second"] is None else f"{row['tokens_per_second']:.1f}"
+        if row.get("speed_quiet") is False:
+            speed += "*"
         lines.append(f"{row['label']:<32} {win['rate']:>6.1%} [{win['low']:.0%}, {win['high']:.0%}] "
+                     f"{judged_cell(row.get('judged_sentiment')):>28} "
                      f"{row['sentiment']['mean']:>+9.3f} {row['conciseness']['mean']:>8.3f} "
-                     f"{row['kl']['mean']:>7.2f} {row['length']['mean']:>7.1f} {speed:>7}")
+                     f"{row['kl']['mean']:>7.2f} {row['length']['mean']:>7.1f} {speed:>8}")
+    if any(row.get("speed_quiet") is False for row in summary["methods"]):
+        lines.append("* measured while the machine's load average exceeded its CPU count: not the method's speed")
     return "\n".join(lines)
 
 
@@ -570,6 +647,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weak-layers", type=int, default=4, help="layers of the weak-to-strong doctor")
     parser.add_argument("--pareto-steps", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--judge-url", help="the LLM judge's OpenAI-compatible base URL (default: the embedded model "
+                                            "served by jaxalign serve, started and stopped by the experiment)")
+    parser.add_argument("--judge-model", help="the judge model's name at --judge-url")
+    parser.add_argument("--judge-samples", type=int, default=1,
+                        help="samples per held-out prompt the LLM judge compares (default 1: the first)")
+    parser.add_argument("--no-llm-judge", action="store_true", help="leave out the LLM-judged column")
     parser.add_argument("--smoke", action="store_true", help=f"every stage, tiny ({SMOKE_SETTINGS})")
     parser.add_argument("overrides", nargs="*", help="tfpo.<key>=<value> / genarm.<key>=<value> / distill.<key>=...")
     args = parser.parse_intermixed_args(argv)  # overrides before, between or after the options
@@ -636,11 +719,22 @@ def main(argv: list[str] | None = None) -> int:
                 "pareto_steps": args.pareto_steps, "seed": args.seed}
     methods, evaluation = evaluate(out / "evaluation", paths, doctors, genarm, settings=settings)
     timed("evaluation", stage)
+    judged = {}
+    if not args.no_llm_judge:
+        stage = time.perf_counter()
+        names = SMOKE_JUDGED if args.smoke else JUDGED
+        print(f"      LLM judge: {len(names)} methods against the patient, first {args.judge_samples} sample(s) per "
+              "prompt, both orders")
+        with llm_judge(out, url=args.judge_url, model=args.judge_model) as spec:
+            judged = judge_methods(out, evaluation, spec, names=names, samples=args.eval_samples,
+                                   judge_samples=min(args.judge_samples, args.eval_samples))
+        timed("llm_judge", stage)
     timings["total_s"] = time.perf_counter() - started
 
     print("[7/7] report")
     baseline = evaluation["results"]["patient"]
     summary = {"methods": [summarise(name, methods[name], result, baseline, samples=args.eval_samples)
+                           | ({"judged_sentiment": judged[name]} if name in judged else {})
                            for name, result in evaluation["results"].items()],
                "pairs": pairs, "distill": distill, "settings": settings, "timings": timings,
                "weak_doctor": {"layers": args.weak_layers, "patient_layers": distill["patient_layers"]},
@@ -652,7 +746,8 @@ def main(argv: list[str] | None = None) -> int:
     plot(summary, out / "summary.png")
     if not args.smoke:
         RESULTS.mkdir(exist_ok=True)
-        shutil.copy(out / "summary.json", RESULTS / "llmdoctor_summary.json")
+        published = results_with_quiet_speeds(summary, RESULTS / "llmdoctor_summary.json")
+        write_json(RESULTS / "llmdoctor_summary.json", published)
         shutil.copy(out / "summary.png", RESULTS / "llmdoctor_summary.png")
     print()
     print(table(summary))
