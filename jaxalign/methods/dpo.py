@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from jaxalign import data as jdata
 from jaxalign import losses
+from jaxalign.methods import contrastive as contrastive_term
 from jaxalign.methods.common import (
     REFERENCE_MODES,
     load_pretrained,
@@ -26,6 +27,7 @@ from jaxalign.methods.common import (
     without_loss,
 )
 from jaxalign.methods.recipe import RunConfig
+from jaxalign.methods.specs import ContrastiveSpec
 from jaxalign.models.scoring import DEFAULT_CHUNK
 
 REFERENCE_FREE_LOSSES = ("simpo", "orpo", "genarm")
@@ -33,7 +35,8 @@ DPO_FAMILY = (*losses.DPO_LOSS_TYPES, *REFERENCE_FREE_LOSSES)
 
 
 def dpo_objective(*, loss_type: str | Sequence[str] = "sigmoid", reference: str = "model",
-                  chunk_size: int | None = DEFAULT_CHUNK, **loss_options):
+                  chunk_size: int | None = DEFAULT_CHUNK, contrastive: ContrastiveSpec | dict | None = None,
+                  **loss_options):
     """DPO and its variants on pair batches ``[B, 2, T]`` or shared-prompt rows; ``loss_type`` selects by name.
 
     Sequence log-probs come from :func:`~jaxalign.methods.common.sequence_logps`: with the target slots the
@@ -55,7 +58,12 @@ def dpo_objective(*, loss_type: str | Sequence[str] = "sigmoid", reference: str 
       :func:`jaxalign.train.dpo.precompute_reference_logps`);
     - ``"lora_base"``: the policy itself with its LoRA updates zeroed (no second copy of the weights);
     - ``"none"``: for the reference-free losses.
+
+    ``contrastive`` (a :class:`~jaxalign.methods.specs.ContrastiveSpec` or its mapping) adds
+    ``weight × InfoNCE`` per pair (:mod:`jaxalign.methods.contrastive`): the chosen response against the
+    rejected one and the batch's other responses, pooled from the policy's same forward pass.
     """
+    contrastive = ContrastiveSpec.from_value(contrastive)
     loss_types = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
     loss_options = dict(loss_options)
     sft_weight = None
@@ -90,7 +98,11 @@ def dpo_objective(*, loss_type: str | Sequence[str] = "sigmoid", reference: str 
 
     def objective(model, batch, *, key, ref=None):
         del key
-        seq, lengths = sequence_logps(model, batch, chunk_size)
+        if contrastive is None:
+            seq, lengths = sequence_logps(model, batch, chunk_size)
+        else:  # the hidden states of the same pass feed the contrastive term
+            hidden, logps, mask = contrastive_term.hidden_and_logps(model, batch, chunk_size)
+            seq, lengths = losses.masked_sum(logps, mask, axis=-1)
         valid = batch["example_mask"].astype(bool)
         chosen_nll = None
         if sft_weight is not None:  # TRL's "sft" term: one token mean over every chosen token of the batch
@@ -113,6 +125,10 @@ def dpo_objective(*, loss_type: str | Sequence[str] = "sigmoid", reference: str 
             ref_seq = jax.lax.stop_gradient(ref_seq)
             per, metrics = loss_fn(seq[:, 0], seq[:, 1], ref_seq[:, 0], ref_seq[:, 1], lengths[:, 0], lengths[:, 1],
                                    chosen_nll, None, valid, **options)
+        if contrastive is not None:
+            extra, contrastive_metrics = contrastive_term.contrastive_term(model, hidden, batch, contrastive)
+            per = per + contrastive.weight * extra
+            metrics = {**metrics, **contrastive_metrics}
         return losses.masked_sum(per, valid), without_loss(metrics)
 
     return objective
@@ -180,11 +196,14 @@ def build(config: RunConfig, lm, tokenizer, dataset):
                          f"records{hint}")
     options = config.loss.objective_options()
     loss_type = options.pop("loss_type")
-    objective = dpo_objective(loss_type=loss_type, reference=config.reference, **options)
+    objective = dpo_objective(loss_type=loss_type, reference=config.reference, contrastive=config.loss.contrastive,
+                              **options)
+    model = with_lora(lm, config)
+    contrastive_term.attach_projection(model, config.loss.contrastive, seed=config.train.seed)
     # Before the reference pass: the precomputed reference log-probs come from the same rows.
     dataset = pair_layout(dataset, lm, shared_prompt=config.loss.shared_prompt)
     references, dataset, extra = frozen_reference(config, dataset)
-    return with_lora(lm, config), objective, references, dataset, extra
+    return model, objective, references, dataset, extra
 
 
 def frozen_reference(config: RunConfig, dataset, **precompute) -> tuple[dict | None, object, dict]:

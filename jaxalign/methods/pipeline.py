@@ -27,7 +27,7 @@ from flax import nnx
 
 from jaxalign import data as jdata
 from jaxalign import models
-from jaxalign.methods import distill, dpo, kto, probe, reward, sft, tfpo
+from jaxalign.methods import contrastive, distill, dpo, kto, probe, reward, sft, tfpo
 from jaxalign.methods.common import (
     EVAL_FILE,
     EXPORT_DIR,
@@ -103,8 +103,9 @@ def run(config: RunConfig, *, overwrite: bool = False) -> RunResult:
     else:
         trainable = nnx.Param
         if config.model.lora is not None:  # adapters only; a reward model's new head trains too
-            head = {"reward": "reward_head", "tfpo": "value_head"}.get(config.method)
-            trainable = nnx.Any(nnx.LoRAParam, nnx.PathContains(head)) if head else nnx.LoRAParam
+            heads = [head for head in ({"reward": "reward_head", "tfpo": "value_head"}.get(config.method),
+                                       contrastive.HEAD if hasattr(model, contrastive.HEAD) else None) if head]
+            trainable = nnx.Any(nnx.LoRAParam, *map(nnx.PathContains, heads)) if heads else nnx.LoRAParam
         # Curriculum order is kept across epochs (no shuffle), so a dropped last batch would leave out the
         # same (hardest) examples every epoch: it is kept, padded, instead.
         batches = training_batches(config.data, dataset, shuffle=False if config.curriculum else None,
@@ -112,9 +113,10 @@ def run(config: RunConfig, *, overwrite: bool = False) -> RunResult:
         update_scales = None
         if config.method == "tfpo" and config.doctor.value_lr_scale != 1.0:
             update_scales = {"value_head": config.doctor.value_lr_scale}
+        rules = models.DEFAULT_RULES | (contrastive.RULES if hasattr(model, contrastive.HEAD) else {})
         trainer = Trainer(config.train, model, objective, batches, references=references, trainable=trainable,
                           extra_metadata=config.checkpoint_metadata(), update_scales=update_scales,
-                          label=progress_label(config))
+                          label=progress_label(config), rules=rules)
         trainer.run()
         model = trainer.trained_model()
 
@@ -130,6 +132,7 @@ def run(config: RunConfig, *, overwrite: bool = False) -> RunResult:
         if config.method == "distill":  # the student's NLL of the held-out completions, exact over the set
             eval_metrics.update(distill.heldout_nll(model, one_pass(config.eval_data, eval_dataset)))
     extra.pop("reference_model", None)
+    contrastive.detach_projection(model)  # a training-only head: the export is the model alone
 
     export_dir = None
     if config.method == "reward":

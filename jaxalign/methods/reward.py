@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from jaxalign import data as jdata
 from jaxalign import losses, models
+from jaxalign.methods import contrastive as contrastive_term
 from jaxalign.methods.common import (
     EXPORT_DIR,
     F32,
@@ -28,13 +29,14 @@ from jaxalign.methods.common import (
     without_loss,
 )
 from jaxalign.methods.recipe import RunConfig
-from jaxalign.methods.specs import REWARD_LOSSES
+from jaxalign.methods.specs import REWARD_LOSSES, ContrastiveSpec
 from jaxalign.rollout import Sampler, SamplingParams
 
 
 def reward_objective(*, loss: str = "bradley_terry", use_margin: bool = False, margin_scale: float = 1.0,
                      center_coef: float = 0.0, dimension_weights: Sequence[float] | None = None,
-                     regression: str | None = None, score_mean: float = 0.0, score_std: float = 1.0):
+                     regression: str | None = None, score_mean: float = 0.0, score_std: float = 1.0,
+                     contrastive: ContrastiveSpec | dict | None = None):
     """Reward-model training on pair ``[B, 2, T]`` (or shared-prompt rows, the prompt run once:
     :class:`~jaxalign.data.SharedPairBatch`), group ``[B, D, 2, T]``, best-of-N ``[B, N, T]`` or scored
     ``[B, T]`` batches.
@@ -48,7 +50,15 @@ def reward_objective(*, loss: str = "bradley_terry", use_margin: bool = False, m
     output for ``gaussian_nll``); ``key`` draws its head's dropout. A batch that carries ``features``
     (``[..., D]``, each sequence's pooled trunk state in place of its tokens) is scored by the head alone: how
     :mod:`jaxalign.methods.probe` fits a head on a frozen trunk.
+
+    ``contrastive`` (:class:`~jaxalign.methods.specs.ContrastiveSpec`, ``bradley_terry`` on pairs only) adds
+    ``weight × InfoNCE`` per pair on the trunk's pooled states of the same forward pass
+    (:mod:`jaxalign.methods.contrastive`).
     """
+    contrastive = ContrastiveSpec.from_value(contrastive)
+    if contrastive is not None and loss != "bradley_terry":
+        raise ValueError(f"reward_objective: loss.contrastive contrasts a pair's chosen and rejected responses; "
+                         f"loss={loss!r} has no pairs (use bradley_terry)")
     if loss not in REWARD_LOSSES:
         raise ValueError(f"reward_objective: loss must be one of {REWARD_LOSSES}, got {loss!r}")
     if not score_std > 0:
@@ -77,6 +87,22 @@ def reward_objective(*, loss: str = "bradley_terry", use_margin: bool = False, m
             return jnp.einsum("bdpd->bdp", flat)
         return flat.reshape(layout)
 
+    def pair_rewards_and_hidden(model, batch, key):
+        """``(rewards [B, 2], hidden)`` of pair batches from one trunk pass (the rewards as ``rewards_of``'s)."""
+        if "branch_ids" in batch:
+            real, branches = batch["attention_mask"].astype(bool), batch["branch_ids"]
+            hidden, _ = model.backbone(batch["input_ids"], positions=batch["positions"], attention_mask=real,
+                                       branch_ids=branches)
+            sides = [model.reward_head(hidden, real & ((branches == 0) | (branches == c)),
+                                       key=None if key is None else jax.random.fold_in(key, c)) for c in (1, 2)]
+            return jnp.stack(sides, axis=1), hidden
+        if batch["input_ids"].ndim != 3 or "features" in batch:
+            raise ValueError("reward_objective: loss.contrastive needs pair batches [B, 2, T] or shared-prompt rows")
+        mask = flat_rows(batch, "attention_mask")
+        hidden, _ = model.backbone(flat_rows(batch, "input_ids"), positions=flat_rows(batch, "positions"),
+                                   attention_mask=mask)
+        return model.reward_head(hidden, mask, key=key).reshape(batch["input_ids"].shape[:-1]), hidden
+
     def regress(model, batch, key):
         features = batch.get("features")  # pooled once (a frozen trunk, jaxalign.methods.probe)
         if "score" not in batch or (features if features is not None else batch["input_ids"]).ndim != 2:
@@ -103,7 +129,11 @@ def reward_objective(*, loss: str = "bradley_terry", use_margin: bool = False, m
             raise ValueError(f"reward_objective: loss={loss!r} on "
                              f"{'best-of-N batches' if 'best' in batch else 'pair batches (no best index)'}; "
                              f"use loss={'best_of_n' if 'best' in batch else 'bradley_terry'}")
-        rewards = rewards_of(model, batch, key)
+        hidden = None
+        if contrastive is None:
+            rewards = rewards_of(model, batch, key)
+        else:
+            rewards, hidden = pair_rewards_and_hidden(model, batch, key)
         valid = batch["example_mask"].astype(bool)
         if loss == "best_of_n":
             candidates = batch["candidate_mask"].astype(bool) & valid[:, None]
@@ -117,6 +147,9 @@ def reward_objective(*, loss: str = "bradley_terry", use_margin: bool = False, m
         margin = margin_scale * batch["margin"] if use_margin else None
         per, metrics = losses.bradley_terry_loss(chosen, rejected, mask, margin=margin, center_coef=center_coef,
                                                  weights=weights)
+        if hidden is not None:
+            extra, contrastive_metrics = contrastive_term.contrastive_term(model, hidden, batch, contrastive)
+            per, metrics = per + contrastive.weight * extra, {**metrics, **contrastive_metrics}
         return losses.masked_sum(per, valid if per.ndim == 1 else mask), without_loss(metrics)
 
     return objective
@@ -171,6 +204,13 @@ def build(config: RunConfig, lm, tokenizer, dataset):
     model = models.RewardModel(lm, num_objectives=num_objectives, pooling=pooling,
                                log_variance=options.get("regression") == "gaussian_nll",
                                rngs=nnx.Rngs(config.train.seed), **shape)
+    if spec.contrastive is not None:
+        if dataset.kind != "preference" or config.freeze_backbone:
+            raise ValueError(f"loss.contrastive trains the trunk on preference pairs; {name} holds {dataset.kind!r} "
+                             f"records{' and freeze_backbone keeps the trunk frozen' if config.freeze_backbone else ''}"
+                             ": unset loss.contrastive")
+        options["contrastive"] = spec.contrastive
+        contrastive_term.attach_projection(model, spec.contrastive, seed=config.train.seed)
     if dataset.kind == "preference" and not config.freeze_backbone:  # the probe pools each sequence on its own
         dataset = pair_layout(dataset, lm, shared_prompt=spec.shared_prompt, targets=False)
     extra.update({"dimensions": list(dataset.dimensions), "num_objectives": num_objectives})

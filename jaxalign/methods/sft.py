@@ -6,15 +6,17 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array
 
 from jaxalign import data as jdata
 from jaxalign import losses
+from jaxalign.methods import contrastive as contrastive_term
 from jaxalign.methods.common import F32, completion_logps, with_lora
 from jaxalign.methods.recipe import RunConfig
-from jaxalign.methods.specs import SFT_AVERAGES, SFT_EXAMPLE_WEIGHTS
+from jaxalign.methods.specs import SFT_AVERAGES, SFT_EXAMPLE_WEIGHTS, ContrastiveSpec
 from jaxalign.models.scoring import DEFAULT_CHUNK, target_logps
 
 
@@ -39,7 +41,7 @@ def weighted_sums(per_token: Array, mask: Array, weights: Array, *, average: str
 
 def sft_objective(*, label_smoothing: float = 0.0, average: str = "token_mean",
                   chunk_size: int | None = DEFAULT_CHUNK, example_weights: str | None = None,
-                  weight_scale: float = 1.0):
+                  weight_scale: float = 1.0, contrastive: ContrastiveSpec | dict | None = None):
     """Completion-only next-token cross-entropy (:func:`jaxalign.losses.sft_loss`) on ``[B, T]`` batches.
 
     ``average="token_mean"`` weighs every completion token of the batch alike (TRL's SFTTrainer);
@@ -57,7 +59,15 @@ def sft_objective(*, label_smoothing: float = 0.0, average: str = "token_mean",
     its log-softmax only at the completion targets, not at the prompt's positions (TRL computes the logits of
     every position and masks the loss); the loss is the same. Label smoothing needs every logit of a target
     position and reads the full logits.
+
+    ``contrastive`` (:class:`~jaxalign.methods.specs.ContrastiveSpec`) adds ``weight × InfoNCE`` of each prompt
+    against its completion, the batch's other completions the negatives (:mod:`jaxalign.methods.contrastive`),
+    from the same forward pass. It joins the loss's two sums with each example weighing what it weighs in the
+    mean's denominator (``token_mean``: its completion tokens, times its weight under ``example_weights``;
+    ``sequence_mean``: 1, or its weight), so the loss is ``NLL + weight × (that weighted mean of InfoNCE)`` and
+    still adds up over micro-batches and devices. Not with packed rows (one sequence per row is pooled).
     """
+    contrastive = ContrastiveSpec.from_value(contrastive)
     if average not in SFT_AVERAGES:
         raise ValueError(f"sft_objective: average must be one of {SFT_AVERAGES}, got {average!r}")
     if example_weights is not None and example_weights not in SFT_EXAMPLE_WEIGHTS:
@@ -76,10 +86,32 @@ def sft_objective(*, label_smoothing: float = 0.0, average: str = "token_mean",
             weights = weights[:, 1:] if shift else weights
         return weighted_sums(nll, mask, weights, average=average)
 
+    def row_weights(mask, batch):
+        """Each example's share of the count (the mean's denominator), ``[B]``."""
+        tokens = jnp.sum(mask, axis=-1, dtype=F32)
+        weights = jnp.ones_like(tokens) if example_weights is None else weight_scale * batch["score"]
+        return weights * (tokens if average == "token_mean" else (tokens > 0).astype(F32))
+
+    def with_contrastive(model, batch, hidden, nll, mask, shift: bool):
+        total, count = reduce(nll, mask, batch, shift=shift)
+        per, metrics = contrastive_term.contrastive_term(model, hidden, batch, contrastive)
+        total = total + contrastive.weight * jnp.sum(row_weights(mask, batch) * per)
+        return (total, count), {"nll_tokens": jnp.sum(mask, dtype=F32), **metrics}
+
     def objective(model, batch, *, key):
         del key
         tokens = batch["input_ids"]
         valid = batch["example_mask"].astype(bool)
+        if contrastive is not None:
+            if label_smoothing:
+                hidden, _ = model.hidden_states(tokens, attention_mask=batch["attention_mask"],
+                                                positions=batch["positions"])
+                nll, _ = losses.sft_loss(model.logits(hidden)[:, :-1], tokens[:, 1:], label_smoothing=label_smoothing)
+                mask, shift = batch["loss_mask"][:, 1:].astype(bool) & valid[:, None], True
+            else:
+                hidden, logps, mask = contrastive_term.hidden_and_logps(model, batch, chunk_size)
+                nll, mask, shift = -logps, mask & valid[:, None], "target_slots" not in batch
+            return with_contrastive(model, batch, hidden, nll, mask, shift)
         if "target_slots" in batch and not label_smoothing:
             logps, mask = completion_logps(model, batch, chunk_size)
             mask = mask & valid[:, None]
@@ -113,7 +145,13 @@ def build(config: RunConfig, lm, tokenizer, dataset):
         raise ValueError(f"method sft needs SFT data (prompt/completion, messages, text, scored conversations) or "
                          f"preference pairs (their chosen side); {config.data.name} holds {dataset.kind!r} records")
     options = config.loss.options()
+    rows = config.data.batch_size * jax.process_count() // config.train.micro_batches
+    contrastive_term.check_rows(config.loss.contrastive, rows_per_micro_batch=rows, pairs=False)
+    if config.loss.contrastive is not None and config.data.packing:
+        raise ValueError("loss.contrastive pools one sequence per row: packed rows (data.packing) hold several; "
+                         "set data.packing: false")
     model = with_lora(lm, config)
+    contrastive_term.attach_projection(model, config.loss.contrastive, seed=config.train.seed)
     extra: dict[str, Any] = {}
     if options.get("example_weights") == "score":
         options["weight_scale"], extra["example_weights"] = score_weights(dataset, config.data.name)

@@ -77,6 +77,63 @@ class MethodSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class ContrastiveSpec:
+    """The ``loss.contrastive`` term of ``sft``, ``dpo`` and ``reward`` runs: InfoNCE over pooled final hidden
+    states, from the step's own forward pass (:mod:`jaxalign.methods.contrastive`,
+    :func:`jaxalign.losses.contrastive_loss`).
+
+    Attributes:
+        weight: the term's weight beside the method's loss (> 0).
+        temperature: τ > 0 of the similarities (0.07).
+        pooling: how a sequence becomes one vector: ``last`` (the hidden state of its last token: for a
+            response its final token, for the prompt the last prompt token, which reads the whole prompt) or
+            ``mean`` (the mean over its tokens).
+        in_batch_negatives: the batch's other responses are negatives too (else only the pair's rejected one).
+        projection: a trained linear projection head of this width in front of the similarities (SimCLR's
+            projection head; dropped from the export); None: the pooled states themselves.
+    """
+
+    weight: float = 1.0
+    temperature: float = 0.07
+    pooling: str = "last"
+    in_batch_negatives: bool = True
+    projection: int | None = None
+
+    def __post_init__(self):
+        def require(ok: bool, name: str, what: str):
+            if not ok:
+                raise ValueError(f"loss.contrastive.{name} must be {what}, got {getattr(self, name)!r}")
+
+        number = (int, float)
+        require(isinstance(self.weight, number) and not isinstance(self.weight, bool) and self.weight > 0,
+                "weight", "a number > 0")
+        require(isinstance(self.temperature, number) and not isinstance(self.temperature, bool)
+                and self.temperature > 0, "temperature", "a number > 0")
+        require(self.pooling in losses.POOLINGS, "pooling", f"one of {losses.POOLINGS}")
+        require(isinstance(self.in_batch_negatives, bool), "in_batch_negatives", "true or false")
+        require(self.projection is None or (isinstance(self.projection, int) and not isinstance(self.projection, bool)
+                                            and self.projection >= 1), "projection", "a positive int or null")
+
+    @classmethod
+    def from_value(cls, value: Any) -> ContrastiveSpec | None:
+        """The spec of a ``loss.contrastive`` value: a mapping, a spec, or None (no term)."""
+        if value is None or isinstance(value, cls):
+            return value
+        if not isinstance(value, Mapping):
+            raise ValueError(f"loss.contrastive must be a mapping {{weight, temperature, pooling}} or null, got "
+                             f"{value!r}")
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(value) - set(known))
+        if unknown:
+            raise ValueError(f"loss.contrastive: unknown option(s) {unknown} (known: {', '.join(known)})")
+        return cls(**value)
+
+
+def _contrastive(spec) -> None:
+    object.__setattr__(spec, "contrastive", ContrastiveSpec.from_value(spec.contrastive))
+
+
+@dataclasses.dataclass(frozen=True)
 class SFTSpec(MethodSpec):
     """SFT's options (:func:`jaxalign.methods.sft.sft_objective`).
 
@@ -86,16 +143,20 @@ class SFTSpec(MethodSpec):
         example_weights: ``score``: weigh each example by its record's score (ADLF's ``meta_eval_score``, a
             ``score`` field), the loss a weighted mean (:func:`jaxalign.methods.sft.sft_objective`); None: every
             example alike.
+        contrastive: a contrastive term (:class:`ContrastiveSpec`): each prompt's response against the batch's
+            other responses; None: none.
     """
 
     label_smoothing: float = 0.0
     average: str = "token_mean"
     example_weights: str | None = None
+    contrastive: ContrastiveSpec | None = None
 
     label = "SFT"
     renamed = {"label_smoothing_factor": "label_smoothing"}
 
     def __post_init__(self):
+        _contrastive(self)
         self._require(0.0 <= self.label_smoothing < 1.0, "label_smoothing", "in [0, 1)")
         self._require(self.average in SFT_AVERAGES, "average", f"one of {SFT_AVERAGES}")
         self._require(self.example_weights is None or self.example_weights in SFT_EXAMPLE_WEIGHTS, "example_weights",
@@ -174,11 +235,13 @@ class RewardSpec(MethodSpec):
     num_objectives: int | None = None
     pooling: str = "last"
     shared_prompt: bool = True
+    contrastive: ContrastiveSpec | None = None
 
     label = "reward"
     renamed = {"center_rewards_coefficient": "center_coef"}
 
     def __post_init__(self):
+        _contrastive(self)
         if self.dimension_weights is not None:
             object.__setattr__(self, "dimension_weights", tuple(self.dimension_weights))
         self._require(self.loss is None or self.loss in REWARD_LOSSES, "loss", f"one of {REWARD_LOSSES} or null")
@@ -204,7 +267,7 @@ class RewardSpec(MethodSpec):
         """The options :func:`~jaxalign.methods.reward.reward_objective` takes (not the head's, the layout's or
         the score normalisation's, which the method fits on the data)."""
         return {name: value for name, value in self.options().items()
-                if name not in ("num_objectives", "pooling", "shared_prompt", "normalize_scores")}
+                if name not in ("num_objectives", "pooling", "shared_prompt", "normalize_scores", "contrastive")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,6 +288,8 @@ class DPOSpec(MethodSpec):
             the completions blind to each other: :mod:`jaxalign.data.layouts`), for the policy and the
             reference alike. Exact (same log-probs, loss and gradients), so on by default; false batches each
             side with its own copy of the prompt, as TRL does. Models with a sliding window never share.
+        contrastive: a contrastive term (:class:`ContrastiveSpec`): each prompt's chosen response against its
+            rejected one and the batch's other responses; None: none.
     """
 
     loss_type: str | tuple[str, ...] = "sigmoid"
@@ -241,11 +306,13 @@ class DPOSpec(MethodSpec):
     sft_weight: float | None = None
     chunk_size: int | None = None
     shared_prompt: bool = True
+    contrastive: ContrastiveSpec | None = None
 
     label = "DPO"
     renamed = {"loss_types": "loss_type", "simpo_gamma": "gamma", "cpo_alpha": "alpha"}
 
     def __post_init__(self):
+        _contrastive(self)
         if not isinstance(self.loss_type, str):
             object.__setattr__(self, "loss_type", tuple(self.loss_type))
         if self.loss_weights is not None:
@@ -258,6 +325,7 @@ class DPOSpec(MethodSpec):
         """The options :func:`~jaxalign.methods.dpo.dpo_objective` takes (not the batch layout's)."""
         options = self.options()
         options.pop("shared_prompt")
+        options.pop("contrastive", None)
         return options
 
     def options(self) -> dict[str, Any]:
