@@ -48,7 +48,7 @@ to redo it) and each with a progress bar:
    ``samples.jsonl`` (every held-out prompt with every method's response and scores) in the run directory, copies
    in experiments/results/, a table and a few responses side by side.
 
-Targets (issue 19): the same-size doctor's sentiment win rate >= 70 % with its interval above 50 %, at least
+Targets: the same-size doctor's sentiment win rate >= 70 % with its interval above 50 %, at least
 GenARM's; the weak doctor's >= 60 %, interval above 50 %; the Pareto sweep moves both gold scores monotonically.
 ``--smoke`` runs every stage on a few prompts with a few training steps: it proves the code path, not the targets.
 Overrides go to a stage's run config: ``tfpo.train.total_steps=16``, ``genarm.loss.beta=0.2``,
@@ -613,6 +613,57 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+DOC_LABELS = {"patient": "patient, top-p 0.9", "patient_greedy": "patient, greedy", "dpo": "DPO policy (main job)",
+              "genarm": f"GenARM (weight {GENARM_WEIGHT:g})", "args": f"ARGS, greedy (k {ARGS_K}, w {ARGS_WEIGHT:g})",
+              "patient_sharpened": f"control: patient guided by itself (β {DOCTOR_BETA:g})",
+              "doctor_same_size": "TFPO doctor, same size", "doctor_weak": "TFPO doctor, weak-to-strong"}
+
+
+def markdown_table(summary: dict) -> str:
+    """The report as docs/llmdoctor.md shows it (one row per method, the Pareto sweep in one row)."""
+    def pct(win):
+        return f"{100 * win['rate']:.1f} % [{100 * win['low']:.1f}, {100 * win['high']:.1f}]"
+
+    def judged(row):
+        column = row.get("judged_sentiment")
+        if not column:
+            return "-"
+        if column.get("win_rate") is None:
+            return f"no verdict ({column['counts']['unparseable']} unparseable)"
+        kappa = column["agreement_with_gold"]["kappa"]
+        return f"{pct(column['win_rate'])}, κ {'-' if kappa is None else f'{kappa:.2f}'}"
+
+    lines = ["| method | sentiment win rate vs patient (95 % CI) | LLM-judged win rate (95 % CI), κ vs VADER | "
+             "mean VADER (95 % CI) | mean conciseness | KL to patient | length | tokens/s |",
+             "|---|---|---|---|---|---|---|---|"]
+    rows = [row for row in summary["methods"] if row["group"] != "pareto"]
+    for row in rows:
+        win = row["win_rate_sentiment"]
+        rate = (f"50 % (reference; [{100 * win['low']:.1f}, {100 * win['high']:.1f}])"
+                if row["method"] == "patient" else pct(win))
+        if row["group"] == "doctor":
+            rate = f"**{rate}**"
+        speed = "-" if row["tokens_per_second"] is None else f"{row['tokens_per_second']:.1f}"
+        sentiment = row["sentiment"]
+        lines.append(f"| {DOC_LABELS.get(row['method'], row['label'])} | {rate} | {judged(row)} | "
+                     f"{sentiment['mean']:+.3f} [{sentiment['low']:.3f}, {sentiment['high']:.3f}] | "
+                     f"{row['conciseness']['mean']:.3f} | {row['kl']['mean']:.1f} | {row['length']['mean']:.1f} | "
+                     f"{speed} |")
+    pareto = [row for row in summary["methods"] if row["group"] == "pareto"]
+    if pareto:
+        def joined(values, fmt):
+            return ", ".join(format(v, fmt) for v in values)
+
+        lines.append(f"| Pareto, w_sentiment 1 → 0 ({len(pareto)} steps) | "
+                     f"{joined([100 * r['win_rate_sentiment']['rate'] for r in pareto], '.1f')} % | - | "
+                     f"{joined([r['sentiment']['mean'] for r in pareto], '+.3f')} | "
+                     f"{joined([r['conciseness']['mean'] for r in pareto], '.3f')} | "
+                     f"≈ {np.mean([r['kl']['mean'] for r in pareto]):.0f} | "
+                     f"{pareto[0]['length']['mean']:.1f} → {pareto[-1]['length']['mean']:.1f} | "
+                     f"≈ {np.mean([r['tokens_per_second'] or 0 for r in pareto]):.0f} |")
+    return "\n".join(lines)
+
+
 def side_by_side(prompts: list[str], evaluation: dict, samples: int) -> list[dict]:
     rows = []
     for r in range(len(prompts) * samples):
@@ -751,6 +802,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copy(out / "summary.png", RESULTS / "llmdoctor_summary.png")
     print()
     print(table(summary))
+    print(f"\nas docs/llmdoctor.md shows it (tokens/s as {'published' if not args.smoke else 'measured'}):\n")
+    print(markdown_table(published if not args.smoke else summary))
     print(f"\nheld-out responses side by side (sentiment, conciseness; all in {out / 'samples.jsonl'}):\n")
     print(show(rows, methods, SHOWN_PROMPTS))
     print()
