@@ -24,7 +24,9 @@ finds its data whatever directory the app was started from. A stage's trainer di
 run for as long as it lives: a restart that finds the lock held waits for that trainer to stop and says so,
 instead of starting a second trainer on the same run. A version that failed (its trainer exited with an error)
 can be trained again (:meth:`Retrainer.retry`; a restart retries the newest version if it failed): from the
-version served now, on the same records, with the failed attempt's runs kept in ``vN/attempt-<k>/``.
+version served now, on the same records, with the failed attempt's runs kept in ``vN/attempt-<k>/``. A new
+version started instead takes the records of the failed versions before it and marks them ``superseded``: no
+record is left untrained, and none is trained twice.
 """
 
 from __future__ import annotations
@@ -94,7 +96,7 @@ class Version:
 
     name: str
     parent: str | None
-    status: str  # "training", "ready" or "failed"
+    status: str  # "training", "ready", "failed" or "superseded" (a failed version whose records a newer one took)
     records: tuple[int, int] = (0, 0)  # the feedback records [start, end) it trained on
     model: str | None = None  # the weights: the base model's path (v0), or the last stage's export
     # stage -> {"data", "examples", "steps", "status", "seconds", "peak_rss_mib"} (the last two once it ran)
@@ -104,6 +106,7 @@ class Version:
     served: float | None = None  # when it was first served; None for one trained but not yet swapped in
     error: str | None = None
     attempts: int = 1  # a failed version trained again (Retrainer.retry) counts one more
+    superseded_by: str | None = None  # the version that trained this failed version's records instead
 
     @property
     def number(self) -> int:
@@ -165,8 +168,9 @@ class Versions:
         return [v.name for v in self.all()]
 
     def next_records(self, total: int) -> tuple[int, int]:
-        """The records a new version trains on: those after the newest version's."""
-        return (max(v.records[1] for v in self.all()), total)
+        """The records a new version trains on: those after the newest version that did not fail. A failed
+        version's records are not trained on, so the next version takes them (and supersedes it)."""
+        return (max(v.records[1] for v in self.all() if v.status != "failed"), total)
 
 
 @dataclasses.dataclass
@@ -281,6 +285,10 @@ class Retrainer:
             version = Version(name, parent.name, "training", records=records,
                               stages=self._snapshot(name, records))
             self.versions.save(version)  # the data snapshot is complete before the version exists
+            for failed in self.versions.all():  # their records are this version's now: never trained twice
+                if failed.status == "failed" and failed.records[0] >= records[0]:
+                    self.versions.save(dataclasses.replace(failed, status="superseded", superseded_by=name))
+                    log.info("%s takes the records of %s, which failed (%s)", name, failed.name, failed.error)
             self._launch(version)
             return name
 
@@ -301,6 +309,9 @@ class Retrainer:
             if name not in self.versions.names():
                 raise RetryRefused(f"no version {name!r}; the versions are {self.versions.names()}")
             version = self.versions.get(name)
+            if version.status == "superseded":
+                raise RetryRefused(f"version {name} failed and {version.superseded_by} trained on its records "
+                                   "since: nothing is left to retry")
             if version.status != "failed":
                 raise RetryRefused(f"version {name} is {version.status}: only a failed version can be retried")
             directory = self.versions.path(name)

@@ -192,3 +192,26 @@ def test_a_failed_version_whose_trainer_still_runs_is_not_retried(tmp_path):
     finally:
         holder.release()
     assert versions.get("v1").status == "failed"
+
+
+def test_a_new_version_takes_the_records_of_a_failed_one_and_supersedes_it(tmp_path, monkeypatch):
+    """v1 failed on records 0-3; three more arrive and v2 starts: it trains on all six (none left untrained), v1
+    becomes superseded and cannot be retried (none trained twice), and the next version starts after v2's."""
+    swaps = []
+    app, versions = retrainer(tmp_path, swaps)
+    app.store = Records(6)
+    app.export = fake_export
+    launched = []
+    monkeypatch.setattr(app, "_launch", launched.append)
+    failed = trained(versions, "v1", "v0")
+    versions.save(dataclasses.replace(failed, status="failed", error="RuntimeError: exited with 1"))
+    assert app.waiting == 6
+    assert app.start() == "v2"
+    newer = versions.get("v2")
+    assert newer.records == (0, 6) and newer.stages["sft"]["examples"] == 6
+    assert versions.get("v1").status == "superseded" and versions.get("v1").superseded_by == "v2"
+    with pytest.raises(RetryRefused, match="v1 failed and v2 trained on its records since"):
+        app.retry("v1")
+    assert [v.name for v in launched] == ["v2"] and app.waiting == 0
+    app.store = Records(8)
+    assert versions.next_records(8) == (6, 8)
