@@ -43,6 +43,7 @@ GUIDANCE_OPTIONS = ("--preference-weights", "--alpha", "--beta")
 
 def add_generate_command(subcommands) -> None:
     from jaxalign.rollout.guided import DEFAULT_ALPHA, DEFAULT_BETA
+    from jaxalign.serve.command import add_quantize_option
 
     parser = subcommands.add_parser(
         "generate", help="sample text from a model (one prompt, a file of prompts, or a chat)",
@@ -71,6 +72,7 @@ def add_generate_command(subcommands) -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per compiled batch (--prompts-file)")
     parser.add_argument("--output", type=Path, help="write JSONL results here (default: print)")
     parser.add_argument("--no-stream", action="store_true", help="print a single response when it is complete")
+    add_quantize_option(parser)
     guidance = parser.add_argument_group(
         "guided decoding (LLMDoctor)",
         "Doctors steer --model (the patient) token by token: p(y) ~ p_patient(y)^alpha * prod_i p_doctor_i(y)^(beta "
@@ -92,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     from jaxalign.eval.command import add_eval_command
     from jaxalign.methods.command import add_show_rewards_command, add_train_command
     from jaxalign.methods.export import add_export_command
+    from jaxalign.methods.plan import add_plan_command
     from jaxalign.serve.command import add_serve_command
     from jaxalign.serve.hitl import add_hitl_command
 
@@ -106,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_command(subcommands)
     add_hitl_command(subcommands)
     add_export_command(subcommands)
+    add_plan_command(subcommands)
     return parser
 
 
@@ -311,6 +315,7 @@ def run_generate(args) -> int:
 
     from jaxalign import data, models
     from jaxalign.rollout import GuidedSampler, Sampler, SamplingParams
+    from jaxalign.serve.command import load_model
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -319,9 +324,21 @@ def run_generate(args) -> int:
         raise FileNotFoundError(f"--prompts-file {args.prompts_file}: no such file")
     guidance = None if args.doctor is None else _Guidance(args)  # the doctors' cards and weights, also before
     if guidance is None:
-        model, tokenizer = models.load_pretrained(args.model, source="--model")
+        model, tokenizer = load_model(args.model, quantize=args.quantize)
         # The tokenizer's pad id when it has one, else the engine's default (the config's pad or EOS id).
         sampler = Sampler(model, pad_token_id=tokenizer.pad_token_id)
+    elif args.quantize is not None:  # the patient quantised, the (small) doctors as saved
+        patient, tokenizer = load_model(args.model, quantize=args.quantize)
+        doctors = []
+        for directory in guidance.doctors:
+            doctor, doctor_tokenizer = models.load_pretrained(directory, source="--doctor")
+            models.check_same_tokenizer(tokenizer, doctor_tokenizer, patient=f"--model {args.model or 'default'}",
+                                        doctor=f"--doctor {directory}")
+            doctors.append(doctor)
+        sampler = GuidedSampler(patient, list(zip(guidance.dimensions, doctors, strict=True)), alpha=guidance.alpha,
+                                beta=guidance.beta, tokenizer=tokenizer, pad_token_id=tokenizer.pad_token_id,
+                                doctor_sources=[f"--doctor {directory}" for directory in guidance.doctors])
+        print(guidance.describe(), file=sys.stderr)
     else:
         sampler = GuidedSampler.from_pretrained(args.model, guidance.doctors, alpha=guidance.alpha,
                                                 beta=guidance.beta, patient_source="--model", doctor_source="--doctor")

@@ -19,6 +19,7 @@ from jaxtyping import Array
 from jaxalign import data as jdata
 from jaxalign import losses, models
 from jaxalign.methods.recipe import ModelSpec, RunConfig
+from jaxalign.models.quantize import check_checkpoint
 from jaxalign.models.scoring import slot_logps, slot_targets, target_logps
 
 RUN_FILE = "run.json"
@@ -48,12 +49,32 @@ def load_pretrained(spec: ModelSpec, *, source: str = "model.path"):
     """``(causal LM, tokenizer)`` of a run's ``model`` section: :func:`jaxalign.models.load_pretrained` of
     ``spec.path`` (at ``spec.revision``) with its execution policy (errors name ``source``), its projections
     quantised when ``spec.quantize`` says so."""
+    if spec.quantize is not None:
+        check_quantize(spec, source=source)
     lm, tokenizer = models.load_pretrained(spec.path, source=source, revision=spec.revision,
                                            param_dtype=spec.param_dtype, compute_dtype=spec.compute_dtype,
                                            remat=spec.remat, attention=spec.attention)
     if spec.quantize is not None:
-        models.quantize_model(lm, spec.quantize)
+        try:
+            models.quantize_model(lm, spec.quantize)
+        except ValueError as error:
+            raise ValueError(f"{quantize_error(error)} ({source} {spec.path or 'embedded default'})") from None
     return lm, tokenizer
+
+
+def quantize_error(error: ValueError, key: str = "model.quantize") -> str:
+    """A quantiser's error in the terms the user wrote: the settings are ``key`` (``model.quantize.<field>``)."""
+    message = str(error).replace("QuantizeConfig.", f"{key}.").replace("quantize_model: ", f"{key}: ")
+    return message if message.startswith(key) else f"{key}: {message}"
+
+
+def check_quantize(spec: ModelSpec, *, source: str = "model.path") -> None:
+    """Refuse a ``model.quantize`` the checkpoint's shapes cannot take, from its ``config.json`` alone (before any
+    weight is read; :func:`jaxalign.models.quantize.check_checkpoint`)."""
+    try:
+        check_checkpoint(spec.path, spec.quantize)
+    except ValueError as error:
+        raise ValueError(f"{quantize_error(error)} ({source} {spec.path})") from None
 
 
 def curriculum_order(dataset: jdata.TokenizedDataset, by: str) -> jdata.TokenizedDataset:

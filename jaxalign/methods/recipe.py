@@ -43,7 +43,7 @@ from jaxalign.models.heads import HEAD_ACTIVATIONS
 from jaxalign.models.quantize import QuantizeConfig
 from jaxalign.train.config import TrainConfig
 
-METHODS = ("sft", "distill", "reward", "dpo", "kto", "ppo", "grpo", "tfpo")
+METHODS = ("sft", "distill", "reward", "dpo", "kto", "ppo", "grpo", "tfpo", "critique")
 ONLINE_METHODS = ("ppo", "grpo")
 CURRICULA = ("length", "score", "difficulty")
 GOLD_JUDGES = ("vader",)
@@ -249,6 +249,8 @@ class RunConfig:
                              "balance reads tens of nats, where the hinge on V = exp(log V) overflows float32)")
         if self.curriculum is not None and self.curriculum not in CURRICULA:
             raise ValueError(f"RunConfig.curriculum must be one of {CURRICULA} or null, got {self.curriculum!r}")
+        if self.model.quantize is not None:
+            _check_quantize(self)
         if self.reference == "lora_base" and self.model.lora is None:
             raise ValueError("RunConfig.reference='lora_base' needs model.lora (the base is the reference)")
         if self.method == "kto":
@@ -343,6 +345,16 @@ def _check_data_sections(config: RunConfig) -> None:
     if weights is not None and config.data.packing and config.loss.average == "sequence_mean":
         raise ValueError("loss.example_weights with loss.average=sequence_mean needs one example per row: packed "
                          "rows hold several; use average: token_mean or data.packing: false")
+
+
+def _check_quantize(config: RunConfig) -> None:
+    """A quantised base is frozen: a method that trains the base needs adapters to train instead."""
+    frozen_trunk = config.method == "reward" and config.freeze_backbone
+    if config.model.lora is None and not frozen_trunk:
+        trained = {"tfpo": "the doctor", "reward": "the reward model's trunk"}.get(config.method, "the model")
+        raise ValueError(f"model.quantize ({config.model.quantize.type}) stores the base frozen, but method "
+                         f"{config.method} trains {trained} and model.lora is null: add adapters to train on the "
+                         "quantised base (model.lora={rank: 16, alpha: 32}), or drop model.quantize")
 
 
 def _check_kto(config: RunConfig) -> None:
@@ -486,6 +498,8 @@ def _model(values: Mapping[str, Any], where: str) -> ModelSpec:
     if values.get("quantize") is not None:
         _reject_unknown(QuantizeConfig, values["quantize"], f"{where}.quantize")
         quantize = _checked(QuantizeConfig, values["quantize"], f"{where}.quantize.")
+        if "type" not in quantize:
+            raise ValueError(f"{where}.quantize: missing the required key 'type' (nf4 or int8)")
         if isinstance(quantize.get("targets"), list):
             quantize["targets"] = tuple(quantize["targets"])
         try:

@@ -261,13 +261,15 @@ def build(config: RunConfig, lm, tokenizer, dataset, eval_dataset):
     if eval_dataset is not None:
         eval_dataset = select_dimension(eval_dataset, dimension, config.eval_data.name)
     if doctor_spec.init_layers is not None:  # before the patient's pass: a bad init_layers costs no reward build
-        lm = models.first_layers(lm, doctor_spec.init_layers)
+        lm = _first_layers(lm, doctor_spec.init_layers, config.model.quantize)
     patient, patient_tokenizer = load_pretrained(dataclasses.replace(config.model, path=doctor_spec.patient,
                                                                      lora=None), source="doctor.patient")
     models.check_same_tokenizer(patient_tokenizer, tokenizer,
                                 patient=f"the patient ({doctor_spec.patient or 'embedded default'})",
                                 doctor=f"the doctor ({config.model.path or 'embedded default'})")
     identity = patient_identity(patient, doctor_spec.patient)
+    if config.model.quantize is not None:  # a quantised patient's rewards are not the float patient's
+        identity["quantize"] = dataclasses.asdict(config.model.quantize)
     dataset = _token_rewards(config, patient, identity, tokenizer, dataset, "train", config.data)
     if eval_dataset is not None:
         eval_dataset = _token_rewards(config, patient, identity, tokenizer, eval_dataset, "eval", config.eval_data)
@@ -294,6 +296,14 @@ def build(config: RunConfig, lm, tokenizer, dataset, eval_dataset):
              "patient": doctor_spec.patient or "embedded SmolLM2-135M-Instruct",
              "token_rewards": _summary(dataset), **value_fit}
     return doctor, objective, None, dataset, extra
+
+
+def _first_layers(lm, n_layers: int, quantize):
+    """The doctor's start of ``n_layers`` layers; a quantised start is cut from its dequantised weights and
+    quantised again (the cut takes float layers)."""
+    if quantize is None:
+        return models.first_layers(lm, n_layers)
+    return models.quantize_model(models.first_layers(models.merge_for_export(lm), n_layers), quantize)
 
 
 def _summary(dataset: jdata.TokenizedDataset) -> dict[str, float]:

@@ -20,12 +20,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxalign.models import quant_numerics
+from jaxalign.models.hf_io import layout_for, load_hf_config
 from jaxalign.models.lora import LoRALinear, has_lora, merge_lora
 from jaxalign.models.quantized import QuantizedKernel, QuantizedLinear, QuantizedWeight
 from jaxalign.models.stack import STACKED_COLLECTIONS
@@ -131,13 +133,13 @@ def _select(model: nnx.Module, config: QuantizeConfig) -> list[tuple[tuple[str, 
         if isinstance(module, QuantizedLinear) or isinstance(module.kernel, QuantizedKernel):
             raise ValueError(f"quantize_model: {'/'.join(path)} is already quantised ({module.kernel.quant_type}); "
                              "quantise a float model once")
-        n_in = module.kernel[...].shape[-2]
+        shape = tuple(module.kernel.get_value().shape)  # an abstract value too (a plan, a check before loading)
+        n_in = shape[-2]
         block = config.effective_block_size
         if block is not None and n_in % block:
             raise ValueError(
                 f"QuantizeConfig.block_size={block} does not divide the input dimension {n_in} of {'/'.join(path)} "
-                f"(kernel {tuple(module.kernel[...].shape)}); choose a block size that divides it, or leave this "
-                "projection out of targets")
+                f"(kernel {shape}); choose a block size that divides it, or leave this projection out of targets")
     return chosen
 
 
@@ -184,6 +186,21 @@ def quantize_model(model: nnx.Module, config: QuantizeConfig) -> nnx.Module:
             parent = getattr(parent, name)
         setattr(parent, path[-1], QuantizedLinear(quantized, module.bias, dtype=module.dtype or kernel.dtype))
     return model
+
+
+def check_quantizable(model_config, config: QuantizeConfig) -> None:
+    """Raise what :func:`quantize_model` would raise for the model of ``model_config``, from its shapes alone
+    (``nnx.eval_shape``): a block size or target it cannot take is refused before any weight is read."""
+    model_class = layout_for(model_config).model_class
+    _select(nnx.eval_shape(lambda: model_class(model_config, rngs=nnx.Rngs(0))), config)
+
+
+def check_checkpoint(path: str | Path | None, config: QuantizeConfig) -> None:
+    """:func:`check_quantizable` for a Hugging Face checkpoint directory, from its ``config.json`` alone; a
+    ``.gguf`` file, a Hub id or the embedded default is checked by :func:`quantize_model` once loaded, which
+    also raises before it changes anything."""
+    if path is not None and Path(path).is_dir():
+        check_quantizable(load_hf_config(path), config)
 
 
 def is_quantized(model: nnx.Module) -> bool:

@@ -9,6 +9,7 @@ import math
 import sys
 from pathlib import Path
 
+from jaxalign.models.quantize import QUANT_TYPES
 from jaxalign.rollout.guided import DEFAULT_ALPHA, DEFAULT_BETA
 from jaxalign.serve.protocol import DEFAULT_MAX_REQUEST_BYTES
 
@@ -61,6 +62,7 @@ def add_serve_command(subcommands) -> None:
                         help="compile on first use instead of before accepting requests (the warm-up compiles "
                              "every batch x cache-length decode step: minutes the first time on a small CPU, "
                              "seconds once JAX's compilation cache in ~/.cache/jaxalign/xla has them)")
+    add_quantize_option(parser)
     monitor = parser.add_argument_group(
         "reward on live traffic", "Score every finished response with a reward model, off the request path, and "
                                   "export the rewards on /metrics (docs/serving.md).")
@@ -170,6 +172,36 @@ def _check(args) -> dict[str, float] | None:
     return weights
 
 
+def add_quantize_option(parser) -> None:
+    """``--quantize nf4|int8``: the served (or sampled) model's projections stored quantised."""
+    parser.add_argument("--quantize", choices=QUANT_TYPES,
+                        help="hold --model's decoder projections quantised, dequantised inside each product: nf4 "
+                             "(bitsandbytes' 4-bit NormalFloat, blocks of 64, double quantisation; ~4.1 bits a "
+                             "weight) or int8 (one scale per output channel); docs/models.md has their fidelity")
+
+
+def load_model(path: str | None, *, source: str = "--model", quantize: str | None = None):
+    """``(causal LM, tokenizer)`` of ``path`` (:func:`jaxalign.models.load_pretrained`), quantised when
+    ``quantize`` names a type; settings the checkpoint cannot take fail from its ``config.json``, before any
+    weight is read."""
+    from jaxalign import models
+    from jaxalign.models.quantize import check_checkpoint
+
+    config = None if quantize is None else models.QuantizeConfig(type=quantize)
+    try:
+        if config is not None:
+            check_checkpoint(path, config)
+        model, tokenizer = models.load_pretrained(path, source=source)
+        if config is not None:
+            models.quantize_model(model, config)
+    except ValueError as error:
+        if config is None:
+            raise
+        message = str(error).replace("QuantizeConfig.", "").replace("quantize_model: ", "")
+        raise ValueError(f"--quantize {quantize}: {message} ({source} {path or 'embedded default'})") from None
+    return model, tokenizer
+
+
 def build_served(args):
     """Load the models and build the :class:`~jaxalign.serve.app.ServedModel` (scheduler not started)."""
     from jaxalign import models
@@ -185,7 +217,7 @@ def build_served(args):
     dimensions = read_dimensions(args.doctor, source="--doctor") if args.doctor else []
     if dimensions:
         guidance_betas(dimensions, weights, alpha=args.alpha, beta=args.beta, source="--preference-weights")
-    model, tokenizer = models.load_pretrained(args.model, source="--model")
+    model, tokenizer = load_model(args.model, quantize=getattr(args, "quantize", None))
     doctors = []
     for directory in args.doctor or ():
         doctor, doctor_tokenizer = models.load_pretrained(directory, source="--doctor")

@@ -28,6 +28,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
+from jaxalign.models.quantize import QUANT_TYPES
 from jaxalign.serve import protocol
 from jaxalign.serve.feedback import FeedbackError, FeedbackRecord, FeedbackStore
 from jaxalign.serve.protocol import APIError, bad
@@ -170,11 +171,12 @@ def _integer(text: str, name: str, low: int, high: int) -> int:
     return value
 
 
-def swap_to(served, model_path: str | None, name: str) -> None:
-    """Load a version's weights and serve them (returns once they serve; raises if they do not fit)."""
-    from jaxalign import models
+def swap_to(served, model_path: str | None, name: str, quantize: str | None = None) -> None:
+    """Load a version's weights (quantised as the served ones are) and serve them (returns once they serve;
+    raises if they do not fit)."""
+    from jaxalign.serve.command import load_model
 
-    model, _ = models.load_pretrained(model_path, source=f"version {name}")
+    model, _ = load_model(model_path, source=f"version {name}", quantize=quantize)
     served.scheduler.swap_model(model, name).result(timeout=SWAP_TIMEOUT_S)
 
 
@@ -212,6 +214,9 @@ def add_hitl_command(subcommands) -> None:
     parser.add_argument("--max-model-len", type=int, default=1024,
                         help="most tokens of a request, prompt + answer (default 1024)")
     parser.add_argument("--no-warmup", action="store_true", help="compile on first use (see jaxalign serve)")
+    parser.add_argument("--quantize", choices=QUANT_TYPES,
+                        help="serve the model with its projections quantised (nf4 or int8, as jaxalign serve "
+                             "--quantize) and retrain its adapters on that quantised base (model.quantize)")
     parser.set_defaults(run=run_hitl)
 
 
@@ -250,11 +255,14 @@ def build_hitl(args) -> Hitl:
         max_batch=args.max_batch, max_model_len=args.max_model_len, max_queue=64, request_timeout=600.0,
         prefill_tokens=2048, prefill_wait=DEFAULT_PREFILL_WAIT, no_prefix_cache=False, no_warmup=args.no_warmup,
         doctor=None, preference_weights=None, alpha=1.0, beta=0.5, mesh=None,
-        reward_model=None, reward_dimension_weights=None, reward_batch_size=8)
+        reward_model=None, reward_dimension_weights=None, reward_batch_size=8, quantize=args.quantize)
     served = build_served(serve_args)
     served.scheduler.version = current.name
-    retrainer = Retrainer(root, store, versions, swap=lambda path, name: swap_to(served, path, name),
-                          threshold=args.retrain_threshold, auto=not args.no_auto_retrain, overrides=tuple(args.train))
+    overrides = tuple(args.train)
+    if args.quantize is not None and not any(item.startswith("model.quantize") for item in overrides):
+        overrides = (f"model.quantize={{type: {args.quantize}}}", *overrides)
+    retrainer = Retrainer(root, store, versions, swap=lambda path, name: swap_to(served, path, name, args.quantize),
+                          threshold=args.retrain_threshold, auto=not args.no_auto_retrain, overrides=overrides)
     app = create_app(served)
     add_hitl_routes(app, served, store, versions, retrainer, max_tokens=args.max_tokens)
     return Hitl(app, served, store, versions, retrainer)

@@ -111,6 +111,13 @@ def _weak(leaf):
         return _Strong(leaf)
 
 
+def _place(tree, shardings):
+    """``jax.device_put``; an abstract model's shapes (``nnx.eval_shape``, a memory plan) get the shardings only."""
+    if any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(tree)):
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+    return jax.device_put(tree, shardings)
+
+
 def _ratio(update_norm: jax.Array, param_norm: jax.Array) -> jax.Array:
     """``‖Δθ‖ / ‖θ‖``, 0 when there are no parameters to compare with (e.g. all-zero weights)."""
     return jnp.where(param_norm > 0, update_norm / jnp.maximum(param_norm, 1e-30), 0.0)
@@ -232,7 +239,7 @@ class TrainStep:
         self._param_shardings = _shardings_like(params, all_shardings)
         self._model_state_shardings = jax.tree.map(lambda _: everywhere, model_state)
         frozen_shardings = _shardings_like(frozen, all_shardings)
-        self.frozen = jax.device_put(frozen, frozen_shardings)
+        self.frozen = _place(frozen, frozen_shardings)
 
         self._reference_graphdefs, self.references, reference_shardings = {}, {}, {}
         for name, reference in (references or {}).items():
@@ -240,7 +247,7 @@ class TrainStep:
             shardings = (named_shardings(reference, self.mesh, rules=rules),
                          jax.tree.map(lambda _: everywhere, reference_other))
             self._reference_graphdefs[name] = graphdef
-            self.references[name] = jax.device_put((reference_params, reference_other), shardings)
+            self.references[name] = _place((reference_params, reference_other), shardings)
             reference_shardings[name] = shardings
 
         opt_state_shapes = jax.eval_shape(optimizer.init, jax.eval_shape(_as_master, params))
@@ -319,6 +326,11 @@ class TrainStep:
         self._check_batch_size(batch)
         with_update_ratio = bool(with_update_ratio) or self.max_update_ratio is not None
         return self._step(state, shard_batch(batch, self.mesh), self.frozen, self.references, with_update_ratio)
+
+    def lower(self, batch: Any, *, with_update_ratio: bool = False):
+        """The step lowered for ``batch`` (arrays or ``jax.ShapeDtypeStruct``s) from the state's shapes alone:
+        ``.compile().memory_analysis()`` is what one device holds (:mod:`jaxalign.methods.plan`)."""
+        return self._step.lower(self.abstract_state(), batch, self.frozen, self.references, with_update_ratio)
 
     def trained_model(self, state: TrainState) -> nnx.Module:
         """A module with ``state``'s parameters (in the model's ``param_dtype``) and the frozen ones.

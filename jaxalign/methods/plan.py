@@ -1,0 +1,395 @@
+"""``jaxalign plan``: what a run needs per device, from abstract shapes, before anything is loaded.
+
+::
+
+    jaxalign plan --config sentiment --method dpo model.lora="{rank: 16, alpha: 32}" model.quantize.type=nf4 \\
+        --model-config llama-3-8b/config.json --device h100-80gb --mesh fsdp=8
+
+The method's real training step (the :class:`~jaxalign.train.TrainStep` a run builds: its objective, its frozen
+reference, its optimizer, micro-batches and mesh) is lowered and compiled by XLA for the run's model, batch and
+sequence length from shapes alone: the model is built under ``nnx.eval_shape`` from its Hugging Face
+``config.json`` (a checkpoint directory's, ``--model-config``'s, or the embedded default's GGUF metadata), no weight
+is read and no parameter allocated. The compiled program's memory analysis gives the activations and temporaries
+of one device; the state's and the weights' shards give the rest. The mesh is emulated on CPU devices (``--mesh
+fsdp=8`` compiles the 8-device program here), so a plan for a GPU or TPU slice runs on a laptop.
+
+Figures are bytes per device. ``fits`` compares the total with the device's memory less a reserve
+(:data:`RESERVE`) for the runtime, the compiled code and fragmentation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from jaxalign.cpu_devices import provide_collective_threads
+
+# Memory per device, bytes (as sold: GB = 1e9); --device-memory takes any other.
+DEVICES = {"h100-80gb": 80e9, "h200": 141e9, "a100-40gb": 40e9, "a100-80gb": 80e9, "v5e": 16e9, "v5p": 95e9}
+RESERVE = 0.10  # of the device's memory: the runtime, the program, fragmentation
+PLANNED_METHODS = ("sft", "dpo")
+GiB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Bytes per device of one training step (:func:`plan_run`)."""
+
+    method: str
+    model: str
+    mesh: dict[str, int]
+    batch: dict[str, list[int]]
+    quantized_base: int  # quantised storage (frozen)
+    frozen_weights: int  # float parameters that do not train (the base under LoRA)
+    trained_weights: int  # the trained parameters' float32 masters (LoRA: the adapters)
+    optimizer_state: int
+    reference: int  # a frozen reference model's weights
+    batch_bytes: int
+    temporaries: int  # the compiled program's activations, gradients and temporaries
+    total: int
+    compile_seconds: float
+
+    def rows(self) -> list[tuple[str, int]]:
+        return [("quantised base weights", self.quantized_base), ("float frozen weights", self.frozen_weights),
+                ("trained weights (float32 masters)", self.trained_weights),
+                ("optimizer state", self.optimizer_state), ("reference model", self.reference),
+                ("batch", self.batch_bytes), ("activations, gradients, temporaries", self.temporaries)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --- model shapes ------------------------------------------------------------------------------------------------
+
+
+def model_config(spec, config_file: str | Path | None = None):
+    """The model's architecture from its ``config.json`` (``config_file``, else ``spec.path``'s), or from the
+    GGUF metadata of a ``.gguf`` ``spec.path`` or of the embedded default; never its weights."""
+    from jaxalign import models
+    from jaxalign.models import gguf_io
+
+    policy = dict(param_dtype=spec.param_dtype, compute_dtype=spec.compute_dtype, remat=spec.remat,
+                  attention=spec.attention)
+    if config_file is not None:
+        path = Path(config_file)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"--model-config {config_file}: no such file")
+        try:
+            hf = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--model-config {path}: not valid JSON ({error})") from None
+        try:
+            return models.config_from_hf(hf, **policy)
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"--model-config {path}: {error}") from None
+    location = None if spec.path is None else Path(spec.path)
+    if location is not None and location.is_dir():
+        return models.load_hf_config(location, **policy)
+    if location is not None and not (location.is_file() and location.suffix == ".gguf"):
+        raise ValueError(f"model.path {spec.path}: a plan reads a checkpoint directory's config.json or a .gguf "
+                         "file's metadata; give --model-config path/to/config.json for a Hub id")
+    gguf_path = models.default_model_path() if location is None else location
+    reader = gguf_io._open(gguf_path)
+    metadata = gguf_io._metadata(reader)
+    names = {name for tensor in reader.tensors if (name := gguf_io.hf_tensor_name(tensor.name)) is not None}
+    return gguf_io.gguf_config(metadata, names, gguf_path, **policy)
+
+
+def abstract_model(model_config, run_config, *, lora: bool):
+    """The run's model as shapes (``nnx.eval_shape``): quantised as ``model.quantize`` says, with its adapters
+    when ``lora``."""
+    from flax import nnx
+
+    from jaxalign import models
+    from jaxalign.methods.common import with_lora
+    from jaxalign.models.hf_io import layout_for
+
+    def build():
+        lm = layout_for(model_config).model_class(model_config, rngs=nnx.Rngs(0))
+        if run_config.model.quantize is not None:
+            models.quantize_model(lm, run_config.model.quantize)
+        return with_lora(lm, run_config) if lora else lm
+
+    return nnx.eval_shape(build)
+
+
+# --- the step ----------------------------------------------------------------------------------------------------
+
+
+def _synthetic(kind: str, rows: int, length: int):
+    """``rows`` examples of ``kind`` whose every sequence is ``length`` tokens (half prompt): the longest batch."""
+    import numpy as np
+
+    from jaxalign.data.tokenize import TokenizedDataset, TokenizedExample
+    from jaxalign.data.truncation import TokenSequence
+
+    prompt = length // 2
+    sequence = TokenSequence(np.ones(length, np.int32), prompt)
+    other = TokenSequence(np.concatenate([np.ones(prompt, np.int32), np.full(length - prompt, 2, np.int32)]), prompt)
+    sides = (sequence,) if kind == "sft" else (sequence, other)
+    return TokenizedDataset(kind=kind, layout=() if kind == "sft" else (2,),
+                            examples=[TokenizedExample(sequences=sides) for _ in range(rows)], pad_token_id=0)
+
+
+def _step_parts(config, model_config):
+    """``(model, objective, references, dataset, trainable)`` of the run's step, all abstract."""
+    import numpy as np
+    from flax import nnx
+
+    from jaxalign.methods import dpo, sft
+    from jaxalign.methods.common import pair_layout
+
+    lora = config.model.lora is not None
+    model = abstract_model(model_config, config, lora=lora)
+    trainable = nnx.LoRAParam if lora else nnx.Param
+    rows = config.data.batch_size
+    if config.method == "sft":
+        no_lora = dataclasses.replace(config, model=dataclasses.replace(config.model, lora=None))
+        model, objective, references, dataset, _ = sft.build(no_lora, model, None, _synthetic("sft", rows,
+                                                                                           config.data.max_length))
+        return model, objective, references, dataset, trainable
+    options = config.loss.objective_options()
+    loss_type = options.pop("loss_type")
+    objective = dpo.dpo_objective(loss_type=loss_type, reference=config.reference,
+                                  contrastive=config.loss.contrastive, **options)
+    dataset = pair_layout(_synthetic("preference", rows, config.data.max_length), model,
+                          shared_prompt=config.loss.shared_prompt)
+    references = None
+    if config.reference == "model":
+        references = {"ref": abstract_model(model_config, config, lora=False)}
+    elif config.reference == "precomputed":
+        dataset = dataset.with_values("ref_logps", np.zeros((rows, 2), np.float32))
+    return model, objective, references, dataset, trainable
+
+
+def _shard_bytes(value, sharding) -> int:
+    shape = sharding.shard_shape(value.shape) if sharding is not None else value.shape
+    return math.prod(shape) * value.dtype.itemsize
+
+
+def _tree_bytes(tree) -> int:
+    """Bytes per device of a tree of ``jax.ShapeDtypeStruct`` carrying their shardings."""
+    import jax
+
+    return sum(_shard_bytes(leaf, getattr(leaf, "sharding", None)) for leaf in jax.tree.leaves(tree))
+
+
+def _weights_bytes(model, mesh, variable_filter) -> int:
+    """Bytes per device of ``model``'s variables of ``variable_filter``, sharded by the training rules."""
+    from flax import nnx
+
+    from jaxalign import models
+
+    shardings = dict(nnx.to_flat_state(models.named_shardings(model, mesh)))
+    return sum(_shard_bytes(variable.get_value(), shardings[path].get_value())
+               for path, variable in nnx.to_flat_state(nnx.state(model, variable_filter)))
+
+
+def plan_run(config, model_config, *, model_name: str = "model") -> Plan:
+    """Lower and compile ``config``'s training step for ``model_config`` from shapes alone; bytes per device.
+
+    The process must hold the mesh's devices (``config.train.mesh``; emulated CPU devices do).
+    """
+    import time
+
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from jaxalign.methods.common import training_batches
+    from jaxalign.models.quantized import QuantizedWeight
+    from jaxalign.train.mesh import make_mesh
+    from jaxalign.train.optimizer import make_optimizer
+    from jaxalign.train.step import TrainStep
+
+    if config.method not in PLANNED_METHODS:
+        raise ValueError(f"jaxalign plan covers the methods {list(PLANNED_METHODS)}; {config.method} is not planned "
+                         "yet")
+    model, objective, references, dataset, trainable = _step_parts(config, model_config)
+    mesh = make_mesh(config.train.mesh)
+    batch = next(iter(training_batches(config.data, dataset, shuffle=False)))
+    batch = {key: jax.ShapeDtypeStruct(np.shape(value), np.asarray(value).dtype) for key, value in dict(batch).items()}
+    step = TrainStep(objective, model, make_optimizer(config.train.optimizer, config.train.total_steps), mesh=mesh,
+                     trainable=trainable, micro_batches=config.train.micro_batches, references=references)
+    start = time.perf_counter()
+    compiled = step.lower(batch).compile()
+    seconds = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    state = step.abstract_state()
+    batch_shards = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    batch_bytes = sum(_shard_bytes(value, batch_shards) for value in batch.values())
+    total = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+             + memory.temp_size_in_bytes)
+    frozen_float = nnx.All(nnx.Param, nnx.Not(trainable))
+    return Plan(method=config.method, model=model_name, mesh=dict(mesh.shape),
+                batch={key: list(value.shape) for key, value in batch.items()},
+                quantized_base=_weights_bytes(model, mesh, QuantizedWeight),
+                frozen_weights=_weights_bytes(model, mesh, frozen_float),
+                trained_weights=_tree_bytes(state.params), optimizer_state=_tree_bytes(state.opt_state),
+                reference=_tree_bytes(step.references), batch_bytes=batch_bytes,
+                temporaries=int(memory.temp_size_in_bytes), total=int(total), compile_seconds=round(seconds, 1))
+
+
+# --- advice ------------------------------------------------------------------------------------------------------
+
+
+def advice(plan: Plan, config, memory: float) -> list[str]:
+    """Changes that would bring ``plan`` under ``memory`` bytes, each with its estimated total (the sharded parts
+    divide by the mesh, the activations by the micro-batches; estimates, not compiled)."""
+    usable = memory * (1 - RESERVE)
+    sharded = plan.quantized_base + plan.frozen_weights + plan.trained_weights + plan.optimizer_state + plan.reference
+    ideas = []
+    fsdp = plan.mesh.get("fsdp", 1) * plan.mesh.get("data", 1) * plan.mesh.get("tensor", 1)
+    for factor in (2, 4, 8):
+        estimate = plan.total - sharded + sharded / factor
+        if estimate <= usable:
+            ideas.append(f"--mesh fsdp={fsdp * factor} (weights and optimizer state over {fsdp * factor} devices): "
+                         f"about {estimate / GiB:.1f} GiB")
+            break
+    spec = config.model
+    if spec.quantize is None:
+        base = plan.frozen_weights + plan.reference
+        bits = 4.127 / (8 * {"float32": 4, "bfloat16": 2, "float16": 2}[spec.param_dtype])
+        estimate = plan.total - base * (1 - bits) if spec.lora is not None else None
+        if spec.lora is None:
+            ideas.append("model.lora={rank: 16, alpha: 32} with model.quantize.type=nf4 (QLoRA: only adapters "
+                         "and their optimizer state train; the base in 4.1 bits a weight)")
+        elif estimate is not None:
+            ideas.append(f"model.quantize.type=nf4 (the frozen base in 4.1 bits a weight): about "
+                         f"{estimate / GiB:.1f} GiB")
+    if plan.temporaries > 0.2 * plan.total:
+        micro = config.train.micro_batches
+        rows = config.data.batch_size // micro
+        if rows > 1:
+            estimate = plan.total - plan.temporaries / 2
+            ideas.append(f"train.micro_batches={2 * micro} (half the rows per forward pass): about "
+                         f"{estimate / GiB:.1f} GiB")
+        if spec.remat != "full":
+            ideas.append("model.remat=full (each layer's activations recomputed in the backward pass)")
+    return ideas
+
+
+def report(plan: Plan, config, memory: float | None, device: str | None) -> str:
+    mesh = ",".join(f"{axis}={size}" for axis, size in plan.mesh.items() if size > 1) or "one device"
+    lines = [f"jaxalign plan: {plan.method} on {plan.model}, mesh {mesh}, batch "
+             f"{config.data.batch_size} x {config.data.max_length} tokens"
+             f"{f', {config.train.micro_batches} micro-batches' if config.train.micro_batches > 1 else ''}"
+             f" (compiled in {plan.compile_seconds:.0f} s); per device:"]
+    for name, value in plan.rows():
+        lines.append(f"  {name:38} {value / GiB:9.2f} GiB")
+    lines.append(f"  {'total (compiled program)':38} {plan.total / GiB:9.2f} GiB")
+    if memory is not None:
+        usable = memory * (1 - RESERVE)
+        name = f"{device} ({memory / GiB:.1f} GiB)" if device else f"{memory / GiB:.1f} GiB"
+        if plan.total <= usable:
+            lines.append(f"fits: {plan.total / GiB:.1f} GiB of {name}, {100 * plan.total / memory:.0f} % "
+                         f"({RESERVE:.0%} kept for the runtime)")
+        else:
+            ideas = advice(plan, config, memory)
+            lines.append(f"does not fit: {plan.total / GiB:.1f} GiB needed, {usable / GiB:.1f} GiB usable on {name}"
+                         + ("; what would: " + "; ".join(ideas) if ideas else ""))
+    return "\n".join(lines)
+
+
+# --- the command -------------------------------------------------------------------------------------------------
+
+
+def parse_memory(text: str) -> float:
+    """``24GiB``, ``80GB``, ``16e9`` -> bytes."""
+    match = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*(GiB|GB|MiB|MB|TiB|TB)?\s*", text, re.IGNORECASE)
+    if match is None:
+        raise ValueError(f"--device-memory {text!r}: expected a size such as 24GiB, 80GB or 16e9 (bytes)")
+    units = {None: 1, "gib": GiB, "gb": 1e9, "mib": 2**20, "mb": 1e6, "tib": 2**40, "tb": 1e12}
+    value = float(match.group(1)) * units[(match.group(2) or "").lower() or None]
+    if value <= 0:
+        raise ValueError(f"--device-memory {text!r}: must be positive")
+    return value
+
+
+def parse_mesh(text: str | None) -> dict[str, int]:
+    """``--mesh fsdp=8`` / ``data=2,fsdp=4``: every axis explicit (the plan emulates exactly these devices)."""
+    from jaxalign.models.sharding import MESH_AXES
+
+    sizes = {axis: 1 for axis in MESH_AXES}
+    if text is None:
+        return sizes
+    given = set()
+    for item in text.split(","):
+        name, equals, value = (part.strip() for part in item.partition("="))
+        if not equals or name not in MESH_AXES or name in given:
+            raise ValueError(f"--mesh: {item.strip()!r} is not AXIS=SIZE with AXIS one of {', '.join(MESH_AXES)}, "
+                             "each once (e.g. --mesh fsdp=8)")
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"--mesh: the size of {name} must be a positive int, got {value!r}")
+        sizes[name] = int(value)
+        given.add(name)
+    return sizes
+
+
+def add_plan_command(subcommands) -> None:
+    parser = subcommands.add_parser(
+        "plan", help="memory per device of a training run, compiled from shapes (no weights loaded)",
+        description="Lower and compile a run's training step from abstract shapes and print what each device holds "
+                    "(weights quantised and not, adapters, optimizer state, reference, activations), and whether "
+                    "it fits a device (docs/models.md).")
+    parser.add_argument("--config", required=True, help="a preset name or a YAML file (as jaxalign train)")
+    parser.add_argument("--method", choices=PLANNED_METHODS, help="the method (default: the config's)")
+    parser.add_argument("--model-config", metavar="CONFIG_JSON",
+                        help="a Hugging Face config.json (or a directory holding one) giving the model's shapes; "
+                             "default: model.path's")
+    device = parser.add_mutually_exclusive_group()
+    device.add_argument("--device", choices=sorted(DEVICES), help="the device to fit")
+    device.add_argument("--device-memory", metavar="SIZE", help="the device memory to fit, e.g. 24GiB")
+    parser.add_argument("--mesh", metavar="AXIS=SIZE,...", help="the devices, e.g. fsdp=8 or data=2,fsdp=4 "
+                                                                "(emulated here; default one device)")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    parser.set_defaults(run=run_plan)
+
+
+def emulate_devices(count: int) -> None:
+    """Make this process's JAX see ``count`` CPU devices (before its backend starts), or check that it does."""
+    import jax
+
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ["JAX_NUM_CPU_DEVICES"] = str(count)
+    provide_collective_threads()
+    try:
+        jax.config.update("jax_platforms", "cpu")
+        jax.config.update("jax_num_cpu_devices", count)
+    except RuntimeError:
+        pass  # the backend runs already: the check below says whether it has the devices
+    available = len(jax.devices("cpu"))
+    if available < count:
+        raise ValueError(f"--mesh needs {count} devices; this process started JAX with {available} CPU device(s) "
+                         f"(run jaxalign plan in a fresh process)")
+
+
+def run_plan(args) -> int:
+    from jaxalign.methods import recipe
+    from jaxalign.train.config import MeshConfig
+
+    memory = DEVICES[args.device] if args.device else (parse_memory(args.device_memory) if args.device_memory else None)
+    sizes = parse_mesh(args.mesh)
+    emulate_devices(math.prod(sizes.values()))
+    config = recipe.load_run_config(args.config, args.overrides, method=args.method)
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, mesh=MeshConfig(**sizes)))
+    spec = config.model
+    architecture = model_config(spec, args.model_config)
+    name = args.model_config or spec.path or "SmolLM2-135M-Instruct (embedded)"
+    result = plan_run(config, architecture, model_name=str(name))
+    if args.json:
+        print(json.dumps({**result.to_dict(), "device_memory": memory,
+                          "fits": None if memory is None else result.total <= memory * (1 - RESERVE)}, indent=2))
+    else:
+        print(report(result, config, memory, args.device))
+    sys.stdout.flush()
+    return 0
