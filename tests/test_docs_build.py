@@ -165,3 +165,34 @@ def test_the_losses_docstring_examples_run():
     failed, attempted = runner.summarize(verbose=False)
     assert failed == 0
     assert attempted >= 20  # dpo_loss, sft_loss, grpo_loss and ppo_policy_loss at least
+
+
+def test_a_reference_to_an_undocumented_object_shows_as_code_and_one_to_nothing_warns():
+    pytest.importorskip("sphinx")
+    from types import SimpleNamespace
+
+    import public_api
+
+    app = SimpleNamespace(env=SimpleNamespace(jaxalign_documented={}))
+    contnode = object()
+
+    def resolve(target, module="jaxalign.train.optimizer"):
+        node = {"refdomain": "py", "reftarget": target, "py:module": module, "refdoc": "api/train"}
+        return public_api.resolve_reference(app, app.env, node, contnode)
+
+    assert resolve("ClippedOptimizer") is contnode  # a class of the module the docstring is in, not exported
+    assert resolve("jaxalign.train.optimizer.weight_decay_mask") is contnode
+    assert resolve("jax.Array") is contnode  # another library's
+    assert resolve("ClippedOptimiser") is None  # misspelt: names nothing, so the build warns
+    assert resolve("jaxalign.train.optimizer.no_such_function") is None
+
+
+def test_links_to_included_repository_files_are_found_however_myst_left_them():
+    pytest.importorskip("sphinx")
+    import repo_pages
+
+    page = repo_pages._repository_path  # noqa: SLF001
+    assert page("../benchmarks/README.md", ROOT) == "benchmarks/README.md"
+    assert page(str(ROOT / "benchmarks" / "README"), ROOT) == "benchmarks/README.md"
+    assert page(str(ROOT / "CONTRIBUTING.md"), ROOT) == "CONTRIBUTING.md"
+    assert page("/elsewhere/README", ROOT) == "/elsewhere/README"
