@@ -70,7 +70,7 @@ the load that other processes put on the machine during the timed runs (from ``/
     python benchmarks/guided_decoding.py --quick     # 2 prompts, 4 new tokens, 1 uncached prompt; writes no file
 
 Writes ``benchmarks/results/guided_decoding.json`` (``_<backend>`` off the CPU) with the commit and machine, and
-with matplotlib a PNG bar chart of the same name. Target (issue 19): jaxalign ≥ 5× the KV-cached batch-1 baseline;
+with matplotlib a PNG bar chart of the same name. Target: jaxalign ≥ 5× the KV-cached batch-1 baseline;
 the ratio to the uncached one is reported.
 """
 

@@ -11,13 +11,13 @@ Serving and training spend most of their time in a few product shapes of SmolLM2
 - **train chain**: the decode chain's 30 MLPs on those 776 rows, as a training forward pass meets its products:
   every layer's own weights and fresh activations, each product's result a new buffer. Its rate against the
   single product's is what a training step can expect of XLA's and PyTorch's products on this machine, as
-  opposed to what one product repeated reaches (issue 22's "share of the matmul peak" is measured against the
-  latter, a 2048² product).
+  opposed to what one product repeated reaches (the training benchmark's "share of the matmul peak" is measured
+  against the latter, a 2048² product).
 
 Each case runs ``--repeats`` times in each framework after a warm-up, in alternating blocks; the medians are
 reported, with the FLOP rate and the ratio PyTorch / JAX of the times (above 1: PyTorch is faster). This is where
-issue 20's and issue 22's ceilings come from: a serving step at 32 rows is mostly the decode chain's products, and
-a training step's matmuls are these products.
+the serving and training benchmarks' ceilings come from: a serving step at 32 rows is mostly the decode chain's
+products, and a training step's matmuls are these products.
 
     python benchmarks/matmul_shapes.py [--repeats 15] [--output benchmarks/results/matmul_shapes.json]
 

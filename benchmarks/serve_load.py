@@ -15,7 +15,7 @@ the sustained rate a server sees. Each level also reports that sustained rate di
 its clients are active (``all_active``: from the last client's first token to the first client's last one),
 beside the whole level's (every token over the whole wall time).
 
-The 1-client level is the baseline "same prompts sent one at a time". Targets (issue 20): at 32 concurrent
+The 1-client level is the baseline "same prompts sent one at a time". Targets: at 32 concurrent
 clients the aggregate tokens/s is >= 8x the single client's, and the p95 time to first token is under 2 s.
 
     python benchmarks/serve_load.py [--clients 1 8 32 100] [--max-tokens 64] [--max-batch 32]
