@@ -94,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     from jaxalign.eval.command import add_eval_command
     from jaxalign.methods.command import add_show_rewards_command, add_train_command
     from jaxalign.methods.export import add_export_command
+    from jaxalign.methods.multistage import add_pipeline_command
     from jaxalign.methods.plan import add_plan_command
     from jaxalign.serve.command import add_serve_command
     from jaxalign.serve.hitl import add_hitl_command
@@ -110,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_hitl_command(subcommands)
     add_export_command(subcommands)
     add_plan_command(subcommands)
+    add_pipeline_command(subcommands)
     return parser
 
 

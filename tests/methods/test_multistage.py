@@ -1,0 +1,171 @@
+"""``jaxalign pipeline``: the production preset's smoke form end to end on a tiny model (labels -> sft -> reward ->
+ppo -> summary), a rerun that skips every finished stage, a second process kept out by the lock, and the other
+presets' stage wiring and the bad inputs refused before anything trains."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from pathlib import Path
+
+import pytest
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from jaxalign.cli import main
+from jaxalign.methods import multistage
+from tests.models.conftest import make_hf_model
+from tests.test_cli import CHAT_TEMPLATE
+
+SPECIALS = ["<unk>", "<pad>", "<|im_start|>", "<|im_end|>"]
+WORDS = ["\n", " ", "user", "assistant", "system", "."]
+# The rest of the vocabulary is words VADER scores (half positive, half negative), so a tiny random model's samples
+# carry preferences.
+SCORED = ["good", "great", "love", "happy", "nice", "best", "fine", "awesome", "excellent", "wonderful", "glad",
+          "fantastic", "amazing", "brilliant", "superb", "delightful", "pleasant", "joy", "cheerful", "lovely",
+          "perfect", "fun", "kind", "beautiful", "win", "hope", "calm", "proud", "bright", "sweet", "super", "cool",
+          "free", "safe", "thanks", "yes", "ok", "like", "bad", "awful", "hate", "sad", "terrible", "worst", "poor",
+          "horrible", "angry", "ugly", "nasty", "gross", "boring", "dull", "lame", "fail", "lost", "pain", "hurt",
+          "cry", "fear", "sick", "weak", "broken", "worse", "wrong", "evil", "mad", "rude", "stupid", "upset",
+          "annoying", "disaster", "tragic", "gloomy", "grim", "bitter", "harsh", "cruel", "ruin", "no", "miss",
+          "lonely", "bored", "tired", "dead", "toxic", "shame", "panic"]
+TINY_VOCAB = 97
+
+
+def sentiment_tokenizer() -> PreTrainedTokenizerFast:
+    words = SPECIALS + WORDS + SCORED
+    assert len(words) == TINY_VOCAB == len(set(words)), len(words)
+    vocab = {t: i for i, t in enumerate(words)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"\s|\w+|[^\w\s]|<\|im_(start|end)\|>"), behavior="isolated")
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # words joined by spaces, as VADER reads them
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>",
+                                        eos_token="<|im_end|>", additional_special_tokens=["<|im_start|>"])
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("pipeline") / "tiny_llama"
+    make_hf_model("llama").save_pretrained(directory)
+    sentiment_tokenizer().save_pretrained(directory)
+    return directory
+
+
+TINY = ["data.max_length=48", "data.buckets=null", "ppo/data.max_length=32"]
+
+
+def test_the_production_smoke_runs_end_to_end_then_skips_what_finished(tiny_model, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    command = ["pipeline", "--config", "production_pipeline", "--smoke", f"model.path={tiny_model}", *TINY]
+    assert main(command) == 0, capsys.readouterr().err
+    out = tmp_path / "runs/production_pipeline_smoke"
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["stages"]) == ["sft", "reward", "ppo"]
+    assert set(summary["evaluation"]) == {"sft", "base"}
+    for against in ("sft", "base"):
+        evaluation = summary["evaluation"][against]
+        assert evaluation["responses"] == summary["labels"]["eval"]["prompts"]
+        assert evaluation["learned_judge"] == "reward_model"
+    assert (out / "summary.png").stat().st_size > 0
+    printed = capsys.readouterr().out
+    assert "final policy (ppo) against sft:" in printed and "win rate vs reference (vader)" in printed
+    ppo_run = json.loads((out / "ppo/run.json").read_text())
+    assert ppo_run["config"]["model"]["path"] == "runs/production_pipeline_smoke/sft/export"
+    assert ppo_run["config"]["reward"] == {"model": "runs/production_pipeline_smoke/reward/export"}
+    assert json.loads((out / "reward/run.json").read_text())["config"]["model"]["path"].endswith("sft/export")
+    state = json.loads((out / "pipeline.json").read_text())
+    assert {name: record["status"] for name, record in state["stages"].items()} == dict.fromkeys(
+        ("sft", "reward", "ppo"), "done")
+
+    # A rerun skips every finished stage (their checkpoints untouched) and writes the summary again.
+    checkpoints = sorted(p.name for p in (out / "sft/checkpoints").iterdir())
+    (out / "summary.json").unlink()
+    assert main(command) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    for index, name in enumerate(("sft", "reward", "ppo"), 1):
+        assert f"[{index}/3] {name} ({name}): finished earlier, skipped" in printed
+    assert sorted(p.name for p in (out / "sft/checkpoints").iterdir()) == checkpoints
+    assert (out / "summary.json").is_file()
+
+    # Changed settings of a finished stage are refused, not silently skipped.
+    assert main([*command, "sft/train.total_steps=3"]) == 2
+    assert "stage sft in runs/production_pipeline_smoke/sft finished with other settings" in capsys.readouterr().err
+
+
+def test_a_second_process_is_kept_out_of_the_directory(tiny_model, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "runs/production_pipeline_smoke"
+    out.mkdir(parents=True)
+    fd = os.open(out / multistage.LOCK_FILE, os.O_RDWR | os.O_CREAT)
+    os.write(fd, b"4242\n")
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as a running pipeline holds it
+    try:
+        status = main(["pipeline", "--config", "production_pipeline", "--smoke", f"model.path={tiny_model}"])
+    finally:
+        os.close(fd)
+    assert status == 2
+    assert ("output_dir runs/production_pipeline_smoke is being written by process 4242" in
+            capsys.readouterr().err)
+
+
+@pytest.mark.parametrize(("preset", "stages", "reads", "data_format"), [
+    ("adlf_pipeline", ["sft", "reward", "ppo"], {"reward": ("sft",), "ppo": ("reward", "sft")},
+     "scored_conversation"),
+    ("lm_human_preferences", ["reward", "ppo"], {"reward": (), "ppo": ("reward",)}, "openai_preferences"),
+])
+def test_the_other_presets_wire_their_stages(preset, stages, reads, data_format, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for smoke in (False, True):
+        pipeline = multistage.load_pipeline(preset, smoke=smoke)
+        assert [s.name for s in pipeline.stages] == stages
+        assert {s.name: s.reads for s in pipeline.stages} == reads
+        out = pipeline.output_dir
+        assert out.name == (f"{preset}_smoke" if smoke else preset)
+        first, ppo = pipeline.stages[0], pipeline.stages[-1]
+        assert first.config.data.format == data_format
+        assert first.config.data.source == str(out / "labels/train.jsonl")
+        assert ppo.config.data.source == str(out / "labels/prompts_train.jsonl")
+        assert pipeline.labels is not None
+    assert ppo.config.train.total_steps <= 2 and first.config.train.total_steps <= 2  # the smoke form is tiny
+
+
+def test_adlf_composite_reward_reads_the_reward_stage(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    ppo = multistage.load_pipeline("adlf_pipeline").stages[-1]
+    assert ppo.config.reward["composite"]["external"] == {"model": "runs/adlf_pipeline/reward/export"}
+    assert ppo.config.model.path == "runs/adlf_pipeline/sft/export"
+
+
+def write_pipeline(path: Path, stages, **extra) -> Path:
+    values = {"output_dir": "runs/p", "model": {"path": None}, "train": {"total_steps": 2},
+              "data": {"max_length": 32, "batch_size": 2},
+              "pipeline": {"labels": {"prompts": {"templates": ["{} ?"], "subjects": list("abcdefgh")}},
+                           "stages": stages}, **extra}
+    path.write_text(json.dumps(values))
+    return path
+
+
+@pytest.mark.parametrize(("stages", "extra", "message"), [
+    (["sft", "ppo"], {}, r"stage ppo \(ppo\): method ppo needs a reward and no reward stage comes before it: add a "
+                         r"reward stage earlier in pipeline.stages, or give the stage reward: \{model: DIR\}"),
+    (["sft", {"name": "ppo", "method": "ppo", "config": {"reward": {"model": "stage:rm"}}}], {},
+     r"stage ppo \(ppo\): 'stage:rm' names no earlier stage \(earlier: sft\)"),
+    (["sft", "sft"], {}, r"pipeline.stages\[1\].name 'sft' is given twice"),
+    (["sft", "dpo"], {"pipeline": {"labels": {"prompts": {"templates": ["{} ?"], "subjects": list("abcd")},
+                                              "format": "scored"}, "stages": ["sft", "dpo"]}},
+     r"stage dpo \(dpo\): method dpo cannot train on the labels' scored records \(it takes pairs\)"),
+    (["sft", "bogus"], {}, r"pipeline.stages\[1\].method must be one of"),
+    (["sft"], {"pipeline": {"stages": ["sft"]}},
+     r"stage sft \(sft\): data.source is not set and the pipeline has no labels section"),
+])
+def test_bad_stage_wiring_is_one_line_before_any_work(tmp_path, monkeypatch, capsys, stages, extra, message):
+    monkeypatch.chdir(tmp_path)
+    config = write_pipeline(tmp_path / "p.yaml", stages, **extra)
+    assert main(["pipeline", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert pytest.importorskip("re").search(message, err), err
+    assert not (tmp_path / "runs").exists()
