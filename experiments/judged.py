@@ -35,17 +35,17 @@ SERVER_START_S = 900.0  # loading the model and answering /health, bounded
 JUDGE_MAX_TOKENS = 8  # the verdict alone: "[[A]]" is 5 tokens of SmolLM2's tokenizer
 JUDGE_TIMEOUT_S = 600.0  # a request may wait behind a full batch of prefills on a small shared CPU
 # The sentiment experiments' judge question: the gold judge (VADER) rewards a positive tone, so the LLM judge is
-# asked the same thing, and kappa measures how well it reproduces the gold criterion.
+# asked the same thing, and kappa measures how well it reproduces the gold criterion. Worked examples as earlier
+# turns of the chat: the embedded 135M model gives a verdict in the asked format far more often with them.
+_QUESTION = "Question: {question}\nAnswer A: {answer_a}\nAnswer B: {answer_b}\nWhich answer is more positive?"
 SENTIMENT_PAIRWISE = Template(
-    "pairwise",
-    "Question: Describe a sunny day.\nAnswer A: It was awful and cold.\nAnswer B: A lovely, warm day!\n"
-    "Verdict: [[B]]\n\n"
-    "Question: Review a cafe.\nAnswer A: Great coffee and friendly staff.\nAnswer B: It is a cafe.\n"
-    "Verdict: [[A]]\n\n"
-    "Question: {question}\nAnswer A: {answer_a}\nAnswer B: {answer_b}\nVerdict:",
-    "You are a judge. You read a question and two answers and decide which answer is more positive and "
-    "pleasant. You reply with the verdict only: [[A]], [[B]], or [[C]] if they are equal.",
-    source="experiments.judged.SENTIMENT_PAIRWISE")
+    "pairwise", _QUESTION,
+    "You compare two answers and say which is more positive. Reply only [[A]], [[B]] or [[C]] (equal).",
+    source="experiments.judged.SENTIMENT_PAIRWISE",
+    shots=tuple((_QUESTION.format(question=q, answer_a=a, answer_b=b), verdict) for q, a, b, verdict in (
+        ("Describe a sunny day.", "It was awful and cold.", "A lovely, warm day!", "[[B]]"),
+        ("Review a cafe.", "Great coffee and friendly staff.", "It is a cafe.", "[[A]]"),
+        ("Review a bus.", "The bus was late and dirty.", "Clean seats and a kind driver.", "[[B]]"))))
 
 
 # --- processes --------------------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """Judge prompts as editable templates: the defaults, their placeholders, reading and writing them as YAML.
 
 A template is a system message and a user message with ``{placeholders}`` (Python's ``str.format`` syntax;
-a literal brace is doubled). Five kinds, each with the placeholders it must use and may not exceed:
+a literal brace is doubled), optionally preceded by worked examples (``shots``: user and assistant turns sent as
+they are, for judges too small to follow an instruction alone). Five kinds, each with the placeholders it must
+use and may not exceed:
 
 - ``pairwise``: ``{question}``, ``{answer_a}``, ``{answer_b}``; the judge ends with ``[[A]]``, ``[[B]]`` or
   ``[[C]]`` (a tie), MT-Bench's pairwise verdict format.
@@ -53,12 +55,14 @@ class Template:
         prompt: the user message, with the kind's placeholders.
         system: the system message (placeholders are not filled in there).
         source: where it came from (a file, or ``"default"``), named in errors.
+        shots: ``((user, assistant), ...)`` worked examples sent before the prompt, as they are.
     """
 
     kind: str
     prompt: str
     system: str = ""
     source: str = "default"
+    shots: tuple = ()
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -74,11 +78,16 @@ class Template:
                              + f" (it may use {', '.join('{' + n + '}' for n in sorted(needed))})")
         if "" in found or any(name.isdigit() for name in found):
             raise ValueError(f"{self.source}: the {self.kind} template's 'prompt' has a positional placeholder {{}}")
+        for number, shot in enumerate(self.shots, start=1):
+            if not (isinstance(shot, tuple) and len(shot) == 2 and all(isinstance(t, str) and t for t in shot)):
+                raise ValueError(f"{self.source}: shot {number} must be a (user, assistant) pair of non-empty texts")
 
     def messages(self, **fields: str) -> list[dict[str, str]]:
         """The chat messages for one judgment."""
         content = self.prompt.format(**fields)
-        return ([{"role": "system", "content": self.system}] if self.system else []) + [
+        shots = [{"role": role, "content": text} for shot in self.shots
+                 for role, text in zip(("user", "assistant"), shot)]
+        return ([{"role": "system", "content": self.system}] if self.system else []) + shots + [
             {"role": "user", "content": content}]
 
 
@@ -126,22 +135,28 @@ DEFAULT_TEMPLATES: dict[str, Template] = {
 
 
 def read_template(path: Path, kind: str) -> Template:
-    """A template from a YAML file with ``prompt`` (required) and ``system`` (optional) strings."""
+    """A template from a YAML file with ``prompt`` (required) and ``system`` (optional) strings, and optional
+    ``shots``: a list of ``{user, assistant}`` mappings."""
     try:
         content = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
         raise ValueError(f"{path}: not YAML: {str(error).splitlines()[0]}") from None
     if not isinstance(content, dict):
         raise ValueError(f"{path}: expected a mapping with 'prompt' and optionally 'system'")
-    if unknown := sorted(set(content) - {"prompt", "system"}):
-        raise ValueError(f"{path}: unknown field(s) {', '.join(map(repr, unknown))} (a template has 'prompt' and "
-                         "'system')")
+    if unknown := sorted(set(content) - {"prompt", "system", "shots"}):
+        raise ValueError(f"{path}: unknown field(s) {', '.join(map(repr, unknown))} (a template has 'prompt', "
+                         "'system' and 'shots')")
     for field in ("prompt", "system"):
         if field in content and not isinstance(content[field], str):
             raise ValueError(f"{path}: field {field!r} must be a string")
     if not content.get("prompt"):
         raise ValueError(f"{path}: field 'prompt' is missing or empty")
-    return Template(kind, content["prompt"], content.get("system") or "", source=str(path))
+    shots = content.get("shots") or []
+    if not isinstance(shots, list) or not all(isinstance(shot, dict) and set(shot) == {"user", "assistant"}
+                                              for shot in shots):
+        raise ValueError(f"{path}: field 'shots' must be a list of {{user, assistant}} mappings")
+    return Template(kind, content["prompt"], content.get("system") or "", source=str(path),
+                    shots=tuple((shot["user"], shot["assistant"]) for shot in shots))
 
 
 def load_templates(directory: str | Path | None) -> dict[str, Template]:

@@ -262,3 +262,23 @@ def test_two_samples_of_a_prompt_are_one_unit_of_the_length_controlled_fit():
                              lc_bootstrap=0)
     assert (result.length_controlled.pairs, result.length_controlled.prompts) == (12, 6)
     assert result.win_rate.clusters == 6
+
+
+def test_worked_examples_go_before_the_question(tmp_path):
+    shots = (("Q: rain? A: awful B: lovely", "[[B]]"), ("Q: cafe? A: great B: a cafe", "[[A]]"))
+    template = Template("pairwise", "Q: {question} A: {answer_a} B: {answer_b}", "Reply [[A]] or [[B]].",
+                        shots=shots)
+    messages = template.messages(question="sun?", answer_a="nice", answer_b="bad")
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant", "user"]
+    assert messages[2]["content"] == "[[B]]" and messages[-1]["content"] == "Q: sun? A: nice B: bad"
+    (tmp_path / "pairwise.yaml").write_text(
+        "prompt: 'Q: {question} A: {answer_a} B: {answer_b}'\nshots:\n"
+        "  - {user: 'Q: rain? A: awful B: lovely', assistant: '[[B]]'}\n")
+    assert load_templates(tmp_path)["pairwise"].shots == shots[:1]
+    (tmp_path / "pairwise.yaml").write_text("prompt: 'Q: {question} A: {answer_a} B: {answer_b}'\n"
+                                            "shots: [{user: 'Q', assistant: null}]\n")
+    with pytest.raises(ValueError, match="pairwise.yaml: shot 1 must be a \\(user, assistant\\) pair"):
+        load_templates(tmp_path)
+    (tmp_path / "pairwise.yaml").write_text("prompt: 'Q: {question} A: {answer_a} B: {answer_b}'\nshots: [1]\n")
+    with pytest.raises(ValueError, match="field 'shots' must be a list of"):
+        load_templates(tmp_path)
