@@ -54,7 +54,7 @@ def tiny_model(tmp_path_factory) -> Path:
     return directory
 
 
-TINY = ["data.max_length=48", "data.buckets=null", "ppo/data.max_length=32"]
+TINY = ["data.max_length=48", "data.buckets=null", "ppo/data.max_length=64"]
 
 
 def test_the_production_smoke_runs_end_to_end_then_skips_what_finished(tiny_model, tmp_path, monkeypatch, capsys):
@@ -112,7 +112,7 @@ def test_a_second_process_is_kept_out_of_the_directory(tiny_model, tmp_path, mon
 
 
 @pytest.mark.parametrize(("preset", "stages", "reads", "data_format"), [
-    ("adlf_pipeline", ["sft", "reward", "ppo"], {"reward": ("sft",), "ppo": ("reward", "sft")},
+    ("adlf_pipeline", ["sft", "reward", "ppo"], {"sft": (), "reward": ("sft",), "ppo": ("reward", "sft")},
      "scored_conversation"),
     ("lm_human_preferences", ["reward", "ppo"], {"reward": (), "ppo": ("reward",)}, "openai_preferences"),
 ])
