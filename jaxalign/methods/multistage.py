@@ -383,6 +383,7 @@ def run_pipeline(pipeline: Pipeline, *, overwrite: bool = False, log=print) -> d
                 raise ValueError(f"output_dir {out} holds runs in {', '.join(held)} that no pipeline there recorded: "
                                  "choose another output_dir, or replace them with --overwrite")
         state = read_state(out)
+        _write_state(out, state)  # from now on the stage directories are this pipeline's: a rerun resumes them
         for stage in pipeline.stages:
             done = state["stages"].get(stage.name, {})
             if done.get("status") == "done" and done.get("fingerprint") != _fingerprint(pipeline, stage):
