@@ -27,7 +27,7 @@ from flax import nnx
 
 from jaxalign import data as jdata
 from jaxalign import models
-from jaxalign.methods import contrastive, distill, dpo, kto, probe, reward, sft, tfpo
+from jaxalign.methods import contrastive, critique, distill, dpo, kto, probe, reward, sft, tfpo
 from jaxalign.methods.common import (
     EVAL_FILE,
     EXPORT_DIR,
@@ -64,6 +64,8 @@ def run(config: RunConfig, *, overwrite: bool = False) -> RunResult:
         return run_online(config, overwrite=overwrite)
     if config.method == "tfpo" and len(config.doctor.dimensions) > 1:
         return run_doctors(config, overwrite=overwrite)
+    if config.method == "critique":
+        return run_critique(config, overwrite=overwrite)
     out = Path(config.output_dir)
     lm, tokenizer = load_pretrained(config.model)
     dataset = jdata.build_dataset(config.data, tokenizer)
@@ -167,6 +169,14 @@ def run_doctors(config: RunConfig, *, overwrite: bool = False) -> RunResult:
     eval_metrics = {f"{name}/{key}": value for name, result in results.items()
                     for key, value in result.eval_metrics.items()}
     return RunResult(config, first.model, first.tokenizer, eval_metrics, out, {"doctors": doctors})
+
+
+def run_critique(config: RunConfig, *, overwrite: bool = False) -> RunResult:
+    """A ``critique`` run: the policy answers, critiques and revises (:func:`jaxalign.methods.critique.prepare`),
+    then its stages train one after the other in ``output_dir/sft`` and ``output_dir/dpo``."""
+    plan = critique.prepare(config, overwrite=overwrite)
+    results = [run(stage, overwrite=overwrite) for stage in plan.stages]
+    return critique.finish(config, plan, results)
 
 
 def check_eval_kind(config: RunConfig, dataset: jdata.TokenizedDataset, eval_dataset: jdata.TokenizedDataset):

@@ -14,6 +14,7 @@ jaxalign's spelling. The YAML and ``key=value`` surface is unchanged: ``loss.bet
 - ``grpo``: :class:`GRPOConfig` (:class:`jaxalign.methods.grpo.GRPOTrainer`)
 - ``tfpo``: :class:`TFPOSpec` (:func:`jaxalign.methods.tfpo.tfpo_objective`); its ``doctor:`` section is a
   :class:`DoctorSpec`
+- ``critique``: :class:`CritiqueSpec` (:mod:`jaxalign.methods.critique`)
 
 A new method adds its spec here and one entry to :data:`LOSS_SPECS`.
 """
@@ -649,7 +650,69 @@ class DoctorSpec:
         return resolve_faces(self.dimensions, self.faces)
 
 
+REVISION_TARGETS = ("preferred", "all")
+
+
+@dataclasses.dataclass(frozen=True)
+class CritiqueSpec(MethodSpec):
+    """Self-critique training's options (:mod:`jaxalign.methods.critique`): answer, critique against principles,
+    revise; the revisions train SFT, (revision, answer) pairs the judge decides train DPO.
+
+    Attributes:
+        principles: what a critique checks the answer against (Constitutional AI's constitution), one string each.
+        use_score_reason: a record's ``score_reason`` (ADLF), where it has one, is what its critique checks
+            instead of ``principles``.
+        critique_weight: the weight of the critiques' own SFT loss (teaching the model to write the critique)
+            beside the revisions' (weight 1); 0 trains no critique.
+        max_answer_tokens: the most tokens of an answer and of a revision.
+        max_critique_tokens: the most tokens of a critique; one that has not ended by then is capped, counted,
+            and neither trained on nor revised from.
+        temperature: sampling temperature of the three generations (0: greedy).
+        generation_batch_size: prompts per generation batch.
+        revision_target: ``preferred`` (a revision becomes an SFT target only when the judge scores it above the
+            first answer) or ``all`` (every finished revision, as Constitutional AI's supervised stage).
+        preference_pairs: after SFT, DPO on the (revision, answer) pairs where the judge prefers the revision.
+        beta: that DPO stage's β.
+        shown_rows: rows printed at the end of generation (all are written to ``critique_rows.jsonl``).
+    """
+
+    principles: tuple[str, ...] = ()
+    use_score_reason: bool = True
+    critique_weight: float = 0.5
+    max_answer_tokens: int = 64
+    max_critique_tokens: int = 96
+    temperature: float = 0.7
+    generation_batch_size: int = 16
+    revision_target: str = "preferred"
+    preference_pairs: bool = True
+    beta: float = 0.1
+    shown_rows: int = 3
+
+    label = "critique"
+    renamed = {"constitution": "principles"}
+
+    def __post_init__(self):
+        require = self._require
+        if isinstance(self.principles, str):
+            require(False, "principles", "a list of strings (one principle each)")
+        object.__setattr__(self, "principles", tuple(self.principles))
+        require(all(isinstance(p, str) and p.strip() for p in self.principles), "principles",
+                "a list of non-empty strings")
+        require(bool(self.principles) or self.use_score_reason is True, "principles",
+                "a non-empty list when loss.use_score_reason is false (the critique needs something to check)")
+        require(isinstance(self.use_score_reason, bool), "use_score_reason", "true or false")
+        require(self.critique_weight >= 0, "critique_weight", ">= 0")
+        for name in ("max_answer_tokens", "max_critique_tokens", "generation_batch_size", "shown_rows"):
+            value = getattr(self, name)
+            require(isinstance(value, int) and not isinstance(value, bool) and value >= (name != "shown_rows"),
+                    name, "a positive int" if name != "shown_rows" else "an int >= 0")
+        require(self.temperature >= 0, "temperature", ">= 0")
+        require(self.revision_target in REVISION_TARGETS, "revision_target", f"one of {REVISION_TARGETS}")
+        require(isinstance(self.preference_pairs, bool), "preference_pairs", "true or false")
+        require(self.beta > 0, "beta", "> 0")
+
+
 # The spec of each method's ``loss:`` section.
 LOSS_SPECS: dict[str, type[MethodSpec]] = {"sft": SFTSpec, "distill": DistillSpec, "reward": RewardSpec,
                                            "dpo": DPOSpec, "kto": KTOSpec, "ppo": PPOConfig, "grpo": GRPOConfig,
-                                           "tfpo": TFPOSpec}
+                                           "tfpo": TFPOSpec, "critique": CritiqueSpec}
