@@ -29,9 +29,14 @@ Reward model: ``input_ids`` and ``attention_mask`` ``[batch, sequence]`` in; ``r
 ``[batch]`` or ``[batch, objectives]``, what :class:`~jaxalign.models.RewardModel` returns) and
 ``normalized_rewards`` (``gain·reward + bias`` from ``reward_model.json``, what ``jaxalign eval`` reports) out.
 
-``int8``: onnxruntime's dynamic quantisation (int8 weights of every matrix product and of the embedding
-lookup, activations quantised per call), after the fully connected layers are rewritten from ``Gemm`` to
-``MatMul`` (which onnxruntime's dynamic quantiser handles).
+``int8``: onnxruntime's dynamic quantisation (int8 weights of the matrix products and of the embedding lookup,
+activations quantised per call, one scale per tensor), after the fully connected layers are rewritten from
+``Gemm`` to ``MatMul`` (which onnxruntime's dynamic quantiser handles). The MLP's down projection stays float32:
+its input, ``act(gate)·up``, has outliers that one int8 scale per activation tensor cannot hold, and quantising it
+nearly doubled SmolLM2's perplexity (13.7 → 25.6); kept float, the int8 file's perplexity is within 10 % of
+float32's at 40 % of its size (benchmarks/export_formats.py). Per-channel weight scales did not help (with
+onnxruntime's int8 kernels on AVX2 they saturated). The file records the MLP width (``jaxalign.mlp_width``) so
+:func:`quantize_onnx` finds those products from the file alone.
 
 Needs the ``export`` extra (onnx, onnxruntime) and jax2onnx (see docs/export.md for why it is installed
 without its dependencies).
@@ -60,6 +65,7 @@ from jaxalign.models.rope import apply_rope, inverse_frequencies, rope_tables
 from jaxalign.models.stack import per_token, unstack_layers
 
 ONNX_OPSET = 21
+MLP_WIDTH_KEY = "jaxalign.mlp_width"  # metadata: the down projections' input width (kept float32 by int8)
 # protobuf caps one file at 2 GiB: larger weights go to a `<file>.data` beside it (ONNX external data).
 _EXTERNAL_DATA_BYTES = 1_500_000_000
 _INT_INPUTS = ("input_ids", "attention_mask", "position_ids")
@@ -513,9 +519,21 @@ def _cleaned_data_file(path: Path):
         raise
 
 
+def _mlp_width(config) -> int:
+    """The input width of the MLP's down projection (``down_proj``; GPT-2's ``mlp.c_proj``)."""
+    return int(config.intermediate_size)
+
+
+def down_projections(graph, mlp_width: int) -> list[str]:
+    """The ``MatMul`` nodes of the MLPs' down projections: a constant weight of ``mlp_width`` input rows."""
+    rows = {init.name: init.dims[0] for init in graph.initializer if len(init.dims) == 2}
+    return [node.name for node in graph.node if node.op_type == "MatMul" and rows.get(node.input[1]) == mlp_width]
+
+
 def quantize_onnx(float_path: str | Path, path: str | Path) -> Path:
-    """onnxruntime's dynamic int8 quantisation of an exported float32 file (``MatMul`` weights and the embedding
-    ``Gather``; activations quantised per call), written to ``path`` under a temporary name."""
+    """onnxruntime's dynamic int8 quantisation of a float32 file :func:`save_onnx` or :func:`save_reward_onnx`
+    wrote (``MatMul`` weights and the embedding ``Gather``; activations quantised per call; the MLPs' down
+    projections kept float32, see the module docstring), written to ``path`` under a temporary name."""
     check_onnx_available()
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -523,10 +541,15 @@ def quantize_onnx(float_path: str | Path, path: str | Path) -> Path:
     float_path, path = Path(float_path), Path(path)
     model = onnx.load(str(float_path), load_external_data=False)
     external = any(init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer)
+    width = {prop.key: prop.value for prop in model.metadata_props}.get(MLP_WIDTH_KEY)
+    if width is None:
+        raise ValueError(f"{float_path}: no {MLP_WIDTH_KEY} in its metadata; quantize_onnx takes the files "
+                         "jaxalign's ONNX export writes")
+    kept_float = down_projections(model.graph, int(width))
     with _cleaned_data_file(path), tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as scratch:
         quantized = Path(scratch) / "int8.onnx"
         quantize_dynamic(float_path, quantized, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gather"],
-                         use_external_data_format=external)
+                         nodes_to_exclude=kept_float, use_external_data_format=external)
         with atomic_output(path) as temporary:
             if external:  # re-saved so the data file is named after the final file, not the scratch one
                 _save(onnx.load(str(quantized)), temporary, external=True, data_name=f"{path.name}.data")
@@ -561,7 +584,7 @@ def save_onnx(model, path: str | Path, *, int8: bool = False, metadata: dict[str
                                   for kind in ("key", "value")]
     outputs = ["logits"] + [f"present.{i}.{kind}" for i in range(config.n_layers) for kind in ("key", "value")]
     info = {"jaxalign.kind": "causal_lm", "jaxalign.architecture": config.architecture,
-            "jaxalign.num_layers": str(config.n_layers), **(metadata or {})}
+            "jaxalign.num_layers": str(config.n_layers), MLP_WIDTH_KEY: str(_mlp_width(config)), **(metadata or {})}
     cache_dims = ("batch", config.n_kv_heads, "past_sequence", config.head_dim)
     present_dims = ("batch", config.n_kv_heads, "past_sequence + sequence", config.head_dim)
     dims = {"input_ids": ("batch", "sequence"), "position_ids": ("batch", "sequence"),
@@ -585,7 +608,8 @@ def save_reward_onnx(reward_model: RewardModel, path: str | Path, *, gain=1.0, b
     ids = jax.ShapeDtypeStruct((batch, sequence), jnp.int32)
     head = reward_model.reward_head
     info = {"jaxalign.kind": "reward_model", "jaxalign.pooling": head.pooling,
-            "jaxalign.num_objectives": str(head.num_objectives or 0), **(metadata or {})}
+            "jaxalign.num_objectives": str(head.num_objectives or 0),
+            MLP_WIDTH_KEY: str(_mlp_width(reward_model.backbone.config)), **(metadata or {})}
     function = _reward_function(reward_model, np.asarray(gain, np.float32), np.asarray(bias, np.float32))
     scores = ("batch",) if head.num_objectives is None else ("batch", head.num_objectives)
     dims = {"input_ids": ("batch", "sequence"), "attention_mask": ("batch", "sequence"), "rewards": scores,

@@ -13,7 +13,7 @@ from flax import nnx
 
 from jaxalign.models import ModelConfig, RewardModel, load_hf
 from jaxalign.models.llama import LlamaForCausalLM
-from jaxalign.models.onnx_export import ONNX_OPSET, quantize_onnx, save_onnx, save_reward_onnx
+from jaxalign.models.onnx_export import ONNX_OPSET, down_projections, quantize_onnx, save_onnx, save_reward_onnx
 from jaxalign.rollout import Sampler, SamplingParams
 from tests.models.conftest import V, left_padded, make_hf_model
 
@@ -108,9 +108,14 @@ def test_int8_quantises_the_products_and_stays_close(tmp_path, rng):
     full = save_onnx(model, tmp_path / "model.onnx", progress=False)
     small = quantize_onnx(full, tmp_path / "model-int8.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model-int8.onnx", "model.onnx"], "no leftovers"
-    ops = {node.op_type for node in onnx.load(small).graph.node}
+    graph = onnx.load(small).graph
+    ops = {node.op_type for node in graph.node}
     assert {"MatMulInteger", "DynamicQuantizeLinear"} <= ops and "Gemm" not in ops
-    assert small.stat().st_size < 0.4 * full.stat().st_size
+    # The down projection (the only product with 256 input rows) stays float32; the other six are int8.
+    assert down_projections(onnx.load(full).graph, 256) and [n.name for n in graph.node if n.op_type == "MatMul"] \
+        == down_projections(graph, 256)
+    assert sum(node.op_type == "MatMulInteger" for node in graph.node) == 7  # q, k, v, o, gate, up, LM head
+    assert small.stat().st_size < 0.5 * full.stat().st_size
     tokens = rng.integers(0, V, size=(2, 9))
     expected = np.asarray(model(jnp.asarray(tokens))[0])
     session = ort.InferenceSession(str(small), providers=["CPUExecutionProvider"])
