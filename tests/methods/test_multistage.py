@@ -1,6 +1,6 @@
-"""``jaxalign pipeline``: the production preset's smoke form end to end on a tiny model (labels -> sft -> reward ->
-ppo -> summary), a rerun that skips every finished stage, a second process kept out by the lock, and the other
-presets' stage wiring and the bad inputs refused before anything trains."""
+"""``jaxalign pipeline``: a second process kept out by the lock, the presets' stage wiring (full and smoke forms),
+and bad stage wiring refused in one line before anything trains. The production preset's smoke form runs end to
+end in tests/test_docs_pipelines.py (docs/pipelines.md's commands)."""
 
 from __future__ import annotations
 
@@ -52,47 +52,6 @@ def tiny_model(tmp_path_factory) -> Path:
     make_hf_model("llama").save_pretrained(directory)
     sentiment_tokenizer().save_pretrained(directory)
     return directory
-
-
-TINY = ["data.max_length=48", "data.buckets=null", "ppo/data.max_length=64"]
-
-
-def test_the_production_smoke_runs_end_to_end_then_skips_what_finished(tiny_model, tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    command = ["pipeline", "--config", "production_pipeline", "--smoke", f"model.path={tiny_model}", *TINY]
-    assert main(command) == 0, capsys.readouterr().err
-    out = tmp_path / "runs/production_pipeline_smoke"
-    summary = json.loads((out / "summary.json").read_text())
-    assert list(summary["stages"]) == ["sft", "reward", "ppo"]
-    assert set(summary["evaluation"]) == {"sft", "base"}
-    for against in ("sft", "base"):
-        evaluation = summary["evaluation"][against]
-        assert evaluation["responses"] == summary["labels"]["eval"]["prompts"]
-        assert evaluation["learned_judge"] == "reward_model"
-    assert (out / "summary.png").stat().st_size > 0
-    printed = capsys.readouterr().out
-    assert "final policy (ppo) against sft:" in printed and "win rate vs reference (vader)" in printed
-    ppo_run = json.loads((out / "ppo/run.json").read_text())
-    assert ppo_run["config"]["model"]["path"] == "runs/production_pipeline_smoke/sft/export"
-    assert ppo_run["config"]["reward"] == {"model": "runs/production_pipeline_smoke/reward/export"}
-    assert json.loads((out / "reward/run.json").read_text())["config"]["model"]["path"].endswith("sft/export")
-    state = json.loads((out / "pipeline.json").read_text())
-    assert {name: record["status"] for name, record in state["stages"].items()} == dict.fromkeys(
-        ("sft", "reward", "ppo"), "done")
-
-    # A rerun skips every finished stage (their checkpoints untouched) and writes the summary again.
-    checkpoints = sorted(p.name for p in (out / "sft/checkpoints").iterdir())
-    (out / "summary.json").unlink()
-    assert main(command) == 0, capsys.readouterr().err
-    printed = capsys.readouterr().out
-    for index, name in enumerate(("sft", "reward", "ppo"), 1):
-        assert f"[{index}/3] {name} ({name}): finished earlier, skipped" in printed
-    assert sorted(p.name for p in (out / "sft/checkpoints").iterdir()) == checkpoints
-    assert (out / "summary.json").is_file()
-
-    # Changed settings of a finished stage are refused, not silently skipped.
-    assert main([*command, "sft/train.total_steps=3"]) == 2
-    assert "stage sft in runs/production_pipeline_smoke/sft finished with other settings" in capsys.readouterr().err
 
 
 def test_a_second_process_is_kept_out_of_the_directory(tiny_model, tmp_path, monkeypatch, capsys):
