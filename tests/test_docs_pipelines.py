@@ -1,0 +1,105 @@
+"""docs/pipelines.md's commands, run as written, in order, in a working directory of their own: the
+``production_pipeline`` preset's smoke form end to end (labels -> sft -> reward -> ppo -> summary), the rerun that
+skips every finished stage, and ``--print-config``. A tiny random Llama (with a word-level tokenizer of words VADER
+scores) stands in for the embedded SmolLM2, as in tests/test_docs_examples.py; the commands go through
+``jaxalign.cli.main`` in this process, so the stand-in reaches them."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from jaxalign.cli import main
+from tests.methods.test_multistage import sentiment_tokenizer
+from tests.models.conftest import make_hf_model
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGE = ROOT / "docs" / "pipelines.md"
+BASH = re.compile(r"^```bash\n(.*?)^```", re.S | re.M)
+STAGES = ("sft", "reward", "ppo")
+
+
+def commands() -> list[str]:
+    return [line for block in BASH.findall(PAGE.read_text(encoding="utf-8")) for line in block.splitlines()
+            if line.startswith("jaxalign ")]
+
+
+@pytest.fixture
+def tiny_default(tmp_path, monkeypatch) -> Path:
+    from jaxalign import models
+    from jaxalign.models import gguf_io, pretrained
+
+    directory = tmp_path / "tiny_default"
+    make_hf_model("llama").save_pretrained(directory)
+    sentiment_tokenizer().save_pretrained(directory)
+    tokenizer = sentiment_tokenizer()
+    monkeypatch.setattr(pretrained, "load_gguf", lambda path, **policy: (models.load_hf(directory, **policy),
+                                                                          tokenizer))
+    for module in (models, gguf_io, pretrained):
+        monkeypatch.setattr(module, "default_model_path", lambda: directory)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    return work
+
+
+def run(command: str, capsys) -> str:
+    argv = shlex.split(command)
+    assert argv[0] == "jaxalign"
+    target = None
+    if ">" in argv:
+        argv, target = argv[:argv.index(">")], argv[argv.index(">") + 1]
+    status = main(argv[1:])
+    captured = capsys.readouterr()
+    assert status == 0, f"{command}\n{captured.err[-4000:]}"
+    if target is not None:
+        Path(target).write_text(captured.out)
+    return captured.out
+
+
+def test_the_page_commands_run_the_smoke_pipeline_then_skip_it(tiny_default, capsys):
+    first, again, printed = commands()
+    out = tiny_default / "runs/production_pipeline_smoke"
+
+    shown = run(first, capsys)
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["stages"]) == list(STAGES)
+    assert set(summary["evaluation"]) == {"sft", "base"}
+    for evaluation in summary["evaluation"].values():
+        assert evaluation["responses"] == summary["labels"]["eval"]["prompts"] > 0
+        assert evaluation["learned_judge"] == "reward_model"
+    assert (out / "summary.png").stat().st_size > 0
+    assert "final policy (ppo) against sft:" in shown and "win rate vs reference (vader)" in shown
+    assert (out / "summary.txt").read_text().strip() in shown
+    ppo_run = json.loads((out / "ppo/run.json").read_text())
+    assert ppo_run["config"]["model"]["path"] == "runs/production_pipeline_smoke/sft/export"
+    assert ppo_run["config"]["reward"] == {"model": "runs/production_pipeline_smoke/reward/export"}
+    assert json.loads((out / "reward/run.json").read_text())["config"]["model"]["path"].endswith("sft/export")
+    state = json.loads((out / "pipeline.json").read_text())
+    assert {name: record["status"] for name, record in state["stages"].items()} == dict.fromkeys(STAGES, "done")
+
+    # The rerun skips the finished stages and resumes the one a kill interrupted (here: ppo, after its checkpoint
+    # and before the pipeline recorded it).
+    checkpoints = sorted(p.name for p in (out / "sft/checkpoints").iterdir())
+    del state["stages"]["ppo"]
+    (out / "pipeline.json").write_text(json.dumps(state))
+    (out / "summary.json").unlink()
+    shown = run(again, capsys)
+    for index, name in enumerate(STAGES[:2], 1):
+        assert f"[{index}/3] {name} ({name}): finished earlier, skipped" in shown
+    assert "[3/3] ppo (ppo): resuming from its checkpoints" in shown
+    assert sorted(p.name for p in (out / "sft/checkpoints").iterdir()) == checkpoints
+    assert json.loads((out / "pipeline.json").read_text())["stages"]["ppo"]["status"] == "done"
+    assert (out / "summary.json").is_file()
+
+    run(printed, capsys)
+    stages = json.loads(Path("stages.json").read_text())["stages"]
+    assert [(s["name"], s["reads"]) for s in stages] == [("sft", []), ("reward", ["sft"]), ("ppo", ["sft", "reward"])]
+
+    # Changed settings of a finished stage are refused, not silently skipped.
+    assert main([*shlex.split(first)[1:], "sft/train.total_steps=3"]) == 2
+    assert "stage sft in runs/production_pipeline_smoke/sft finished with other settings" in capsys.readouterr().err
