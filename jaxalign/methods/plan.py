@@ -28,8 +28,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from jaxalign.cpu_devices import provide_collective_threads
-
 # Memory per device, bytes (as sold: GB = 1e9); --device-memory takes any other.
 DEVICES = {"h100-80gb": 80e9, "h200": 141e9, "a100-40gb": 40e9, "a100-80gb": 80e9, "v5e": 16e9, "v5p": 95e9}
 RESERVE = 0.10  # of the device's memory: the runtime, the program, fragmentation
@@ -109,13 +107,16 @@ def abstract_model(model_config, run_config, *, lora: bool):
     from flax import nnx
 
     from jaxalign import models
-    from jaxalign.methods.common import with_lora
+    from jaxalign.methods.common import quantize_error, with_lora
     from jaxalign.models.hf_io import layout_for
 
     def build():
         lm = layout_for(model_config).model_class(model_config, rngs=nnx.Rngs(0))
         if run_config.model.quantize is not None:
-            models.quantize_model(lm, run_config.model.quantize)
+            try:
+                models.quantize_model(lm, run_config.model.quantize)
+            except ValueError as error:
+                raise ValueError(quantize_error(error)) from None
         return with_lora(lm, run_config) if lora else lm
 
     return nnx.eval_shape(build)
@@ -355,32 +356,65 @@ def add_plan_command(subcommands) -> None:
     parser.set_defaults(run=run_plan)
 
 
-def emulate_devices(count: int) -> None:
-    """Make this process's JAX see ``count`` CPU devices (before its backend starts), or check that it does."""
-    import jax
+CHILD_VARIABLE = "JAXALIGN_PLAN_DEVICES"  # set in the child that emulates the mesh's devices
 
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    os.environ["JAX_NUM_CPU_DEVICES"] = str(count)
-    provide_collective_threads()
-    try:
-        jax.config.update("jax_platforms", "cpu")
-        jax.config.update("jax_num_cpu_devices", count)
-    except RuntimeError:
-        pass  # the backend runs already: the check below says whether it has the devices
-    available = len(jax.devices("cpu"))
-    if available < count:
-        raise ValueError(f"--mesh needs {count} devices; this process started JAX with {available} CPU device(s) "
-                         f"(run jaxalign plan in a fresh process)")
+
+def emulated_environment(count: int) -> dict[str, str]:
+    """The environment of a process whose JAX starts with ``count`` CPU devices (and their collectives' threads)."""
+    from jaxalign.cpu_devices import DEVICE_COUNT_FLAG, collective_environment
+
+    environ = {key: value for key, value in os.environ.items() if key not in ("PJRT_NPROC", "NPROC")}
+    flags = DEVICE_COUNT_FLAG.sub("", environ.get("XLA_FLAGS", "")).strip()
+    environ.update(XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={count}".strip(),
+                   JAX_NUM_CPU_DEVICES=str(count), JAX_PLATFORMS="cpu", **{CHILD_VARIABLE: str(count)})
+    environ.update(collective_environment(environ))
+    return environ
+
+
+def _argv(args) -> list[str]:
+    """``jaxalign plan``'s arguments as given (for the child that emulates the devices)."""
+    argv = ["--config", args.config]
+    for option in ("method", "model_config", "device", "device_memory", "mesh"):
+        if getattr(args, option) is not None:
+            argv += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
+    return argv + (["--json"] if args.json else []) + list(args.overrides)
+
+
+def _in_child(args, count: int) -> int:
+    """Run this plan in a child process whose JAX has ``count`` CPU devices (this one's backend started with
+    fewer); it gets SIGTERM if this process dies."""
+    import subprocess
+
+    command = [sys.executable, "-m", "jaxalign.methods.plan", str(os.getpid()), *_argv(args)]
+    return subprocess.run(command, env=emulated_environment(count)).returncode
+
+
+def _tie_to_parent(parent: int) -> None:
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import ctypes.util
+        import signal
+
+        ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PDEATHSIG
+        if os.getppid() != parent:
+            raise SystemExit(75)
 
 
 def run_plan(args) -> int:
+    import jax
+
     from jaxalign.methods import recipe
     from jaxalign.train.config import MeshConfig
 
     memory = DEVICES[args.device] if args.device else (parse_memory(args.device_memory) if args.device_memory else None)
     sizes = parse_mesh(args.mesh)
-    emulate_devices(math.prod(sizes.values()))
-    config = recipe.load_run_config(args.config, args.overrides, method=args.method)
+    count = math.prod(sizes.values())
+    config = recipe.load_run_config(args.config, args.overrides, method=args.method)  # bad settings named here
+    if len(jax.devices()) != count or jax.default_backend() != "cpu":
+        if os.environ.get(CHILD_VARIABLE) == str(count):
+            raise ValueError(f"--mesh needs {count} CPU devices; JAX started with {len(jax.devices())} "
+                             f"{jax.default_backend()} device(s)")
+        return _in_child(args, count)
     config = dataclasses.replace(config, train=dataclasses.replace(config.train, mesh=MeshConfig(**sizes)))
     spec = config.model
     architecture = model_config(spec, args.model_config)
@@ -393,3 +427,17 @@ def run_plan(args) -> int:
         print(report(result, config, memory, args.device))
     sys.stdout.flush()
     return 0
+
+
+if __name__ == "__main__":  # the child of _in_child: python -m jaxalign.methods.plan PARENT_PID ARGS...
+    import argparse
+
+    _tie_to_parent(int(sys.argv[1]))
+    commands = argparse.ArgumentParser(prog="jaxalign").add_subparsers()
+    add_plan_command(commands)
+    child_args = commands.choices["plan"].parse_args(sys.argv[2:])
+    try:
+        sys.exit(run_plan(child_args))
+    except (OSError, ValueError) as error:  # as the jaxalign command reports them: one line
+        print(f"jaxalign plan: error: {' '.join(str(error).split())}", file=sys.stderr)
+        sys.exit(2)

@@ -303,8 +303,8 @@ def finish(config: RunConfig, model, tokenizer, dataset, extra: dict[str, Any]) 
         extra["normalization"] = {"gain": gain, "bias": bias, **stats}
     if not config.export or jax.process_index() != 0:
         return None
-    if models.has_lora(model):
-        model = models.merge_lora(model)
+    # Written in float: a quantised trunk dequantised and adapters merged (the base is the file's causal LM).
+    model.backbone, base = models.merge_for_export(model.backbone), models.merge_for_export(base)
     weights = None
     if extra.get("num_objectives"):
         # The training loss's weights are the default combination of the normalised objectives.

@@ -1,0 +1,73 @@
+"""Memory plans of Llama-3-8B and Llama-3-70B runs (``jaxalign plan``), the table of docs/models.md.
+
+Each row is ``jaxalign plan --json`` in a fresh process: the method's step lowered and compiled by XLA:CPU on
+emulated devices from the model's published ``config.json`` (tests/methods/model_configs/), no weight read. Rows:
+Llama-3-8B SFT and DPO full bf16 on 8 devices (FSDP), LoRA bf16 and QLoRA nf4 on one device, Llama-3-70B QLoRA
+on one and on eight devices; every row fitted against H100 80GB, and the 70B one-device rows against H200 too.
+1024-token sequences; 8 sequences (SFT) or pairs (DPO) a step on eight devices, 2 on one.
+
+    python benchmarks/plan_table.py            # writes benchmarks/results/plan_table.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import provenance  # benchmarks/provenance.py: run as `python benchmarks/plan_table.py`
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+CONFIGS = ROOT / "tests" / "methods" / "model_configs"
+BF16 = ["model.param_dtype=bfloat16", "model.compute_dtype=bfloat16", "data.buckets=null", "data.max_length=1024"]
+LORA = "model.lora={rank: 16, alpha: 32, targets: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]}"
+NF4 = "model.quantize={type: nf4, compute_dtype: bfloat16}"
+# (model, method, setting, mesh, global batch, device, overrides)
+ROWS = [
+    ("llama-3-8b", "sft", "full bf16", "fsdp=8", 8, "h100-80gb", []),
+    ("llama-3-8b", "dpo", "full bf16", "fsdp=8", 8, "h100-80gb", ["reference=model"]),
+    ("llama-3-8b", "sft", "LoRA bf16", None, 2, "h100-80gb", [LORA]),
+    ("llama-3-8b", "dpo", "LoRA bf16", None, 2, "h100-80gb", [LORA, "reference=lora_base"]),
+    ("llama-3-8b", "sft", "QLoRA nf4", None, 2, "h100-80gb", [LORA, NF4]),
+    ("llama-3-8b", "dpo", "QLoRA nf4", None, 2, "h100-80gb", [LORA, NF4, "reference=lora_base"]),
+    ("llama-3-70b", "sft", "QLoRA nf4", None, 2, "h200", [LORA, NF4]),
+    ("llama-3-70b", "dpo", "QLoRA nf4", None, 2, "h200", [LORA, NF4, "reference=lora_base"]),
+    ("llama-3-70b", "sft", "QLoRA nf4", "fsdp=8", 8, "h100-80gb", [LORA, NF4]),
+    ("llama-3-70b", "dpo", "QLoRA nf4", "fsdp=8", 8, "h100-80gb", [LORA, NF4, "reference=lora_base"]),
+]
+
+
+def plan(model: str, method: str, mesh: str | None, batch: int, device: str, overrides: list[str]) -> dict:
+    command = [sys.executable, "-m", "jaxalign.cli", "plan", "--config", "sentiment", "--method", method,
+               "--model-config", str(CONFIGS / f"{model}.json"), "--device", device, "--json",
+               *(["--mesh", mesh] if mesh else []), *BF16, f"data.batch_size={batch}", *overrides]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout[result.stdout.index("{"):])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", type=Path, default=RESULTS / "plan_table.json")
+    args = parser.parse_args()
+    rows = []
+    for model, method, setting, mesh, batch, device, overrides in ROWS:
+        start = time.perf_counter()
+        result = plan(model, method, mesh, batch, device, overrides)
+        rows.append({"model": model, "method": method, "setting": setting, "mesh": mesh or "1 device",
+                     "batch": batch, "tokens": 1024, "device": device, "overrides": overrides, "plan": result,
+                     "seconds": round(time.perf_counter() - start, 1)})
+        gib = result["total"] / 2**30
+        print(f"{model:12} {method:4} {setting:10} {mesh or '1 device':9} {device:10} {gib:8.1f} GiB "
+              f"{'fits' if result['fits'] else 'does not fit'}", flush=True)
+    provenance.write_result(args.output, "plan_table", rows=rows)
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
