@@ -78,15 +78,30 @@ def test_train_critique_from_the_command_line(terse_checkpoint, adlf_file, tmp_p
     assert summary["revisions"] > 0 and summary["sft_records"] == len(sft_records)
 
 
-def test_critiques_that_never_end_are_capped_counted_and_refused(checkpoint, adlf_file, tmp_path, capsys):
-    """The random tiny model never ends a critique within 3 tokens: all are capped, none is revised or trained on,
-    and the run says so instead of training on nothing."""
-    out = tmp_path / "capped"
-    assert main(settings(checkpoint, adlf_file, out, "loss.max_critique_tokens=3")) != 0
-    error = capsys.readouterr().err
-    assert '"critiques_capped": 6' in error and "no revision to train on" in error
-    rows = [json.loads(line) for line in (out / critique.ROWS_FILE).read_text().splitlines()]
-    assert all(r["critique_capped"] and r["revision"] is None for r in rows)
+def test_a_capped_critique_is_counted_and_never_revised_from(monkeypatch):
+    """The loop's bookkeeping with the generations stubbed: the capped critique's prompt never reaches the revision
+    phase, its row keeps the critique and says it was capped, and the judge sees only finished revisions."""
+    asked = {}
+
+    def fake_generate(model, tokenizer, conversations, *, label, **options):
+        asked[label] = conversations
+        count = len(conversations)
+        if label == "critique: critiques":
+            return [f"critique {i}" for i in range(count)], [i == 0 for i in range(count)]
+        return [f"{label} {i} is lovely" for i in range(count)], [False] * count
+
+    class LengthJudge:
+        def score(self, prompts, responses):
+            return [float(len(r)) for r in responses]
+
+    monkeypatch.setattr(critique, "generate", fake_generate)
+    items = [critique.Item([{"role": "user", "content": f"q{i}"}], ("Be kind.",), "here") for i in range(3)]
+    rows = critique.critique_rows(None, None, items, LengthJudge(), CritiqueSpec(principles=("Be kind.",)), seed=0)
+    assert len(asked["critique: revisions"]) == 2
+    assert rows[0]["critique_capped"] and rows[0]["revision"] is None and rows[0]["revision_preferred"] is None
+    assert all(r["revision"] and r["revision_preferred"] for r in rows[1:])
+    assert "- Be kind." in asked["critique: critiques"][0][-1]["content"]
+    assert critique.counts(rows)["critiques_capped"] == 1
 
 
 def row(answer="Hi .", critique_text="Be kinder .", capped=False, revision="Hi there .", preferred=True):
@@ -142,3 +157,13 @@ def test_a_critique_run_needs_a_judge(checkpoint, adlf_file, tmp_path):
     with pytest.raises(jdata.DataError):
         critique.read_items(recipe.load_run_config("adlf", [f"data.source={adlf_file}", "loss.principles=[]"],
                                                    method="critique"))
+
+
+def test_nothing_left_to_train_on_stops_with_the_counts(adlf_file, tmp_path):
+    """Rows read back on --resume where every critique was capped: the run stops naming the counts."""
+    config = recipe.load_run_config("adlf", [f"data.source={adlf_file}", f"output_dir={tmp_path}", "gold=vader",
+                                             "train.checkpoint.resume=true"], method="critique")
+    capped = row(capped=True, revision=None, preferred=None)
+    (tmp_path / critique.ROWS_FILE).write_text(json.dumps(capped) + "\n")
+    with pytest.raises(ValueError, match=r'no revision to train on .*"critiques_capped": 1'):
+        critique.prepare(config)
