@@ -92,13 +92,11 @@ def test_dpo_trains_resumes_exactly_and_exports_merged(checkpoint, files, tmp_pa
     np.testing.assert_allclose(export(TOKENS)[0], straight.model(TOKENS)[0], atol=1e-4)
 
 
+# sft, kto and ppo take the same loading and frozen-copy paths as dpo and grpo: left out to keep the suite short.
 @pytest.mark.parametrize("method, overrides", [
-    ("sft", ()),
-    ("kto", ("reference=model",)),
     ("distill", ()),
     ("tfpo", ("doctor.init_layers=1",)),
     ("grpo", ("sampling.n=2", "reference=model")),
-    ("ppo", ("loss.critic=shared",)),
 ])
 def test_every_method_trains_its_adapters_on_the_quantised_base(checkpoint, files, tmp_path, method, overrides):
     """Each method runs with the quantised base, keeps it frozen and writes a float export; where the run has a
@@ -108,13 +106,11 @@ def test_every_method_trains_its_adapters_on_the_quantised_base(checkpoint, file
                                  **extra))
     trained = result.model
     record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
-    if method == "kto":  # policy == reference: every implied reward is 0
-        assert record["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
     if method == "distill":  # the teacher is the student's own quantised start: KL 0
         assert record["loss"] == pytest.approx(0.0, abs=1e-5)
     if method == "grpo":
         assert record["kl"] == pytest.approx(0.0, abs=1e-6)
-    if method in ("sft", "kto", "distill"):
+    if method == "distill":
         assert_base_frozen(trained, checkpoint)
         export = models.load_hf(tmp_path / "export")
         np.testing.assert_allclose(export(TOKENS)[0], trained(TOKENS)[0], atol=1e-4)
@@ -122,9 +118,15 @@ def test_every_method_trains_its_adapters_on_the_quantised_base(checkpoint, file
 
 
 def test_reward_probe_on_a_quantised_trunk(checkpoint, files, tmp_path):
-    """The probe's frozen trunk may be quantised without adapters (nothing trains it)."""
+    """The probe's frozen trunk may be quantised without adapters (nothing trains it); the export writes it
+    dequantised: the checkpoint's weights through nf4 and back."""
     result = pipeline.run(config(checkpoint, files, tmp_path, "reward", "freeze_backbone=true"))
-    assert_base_frozen(result.model.backbone, checkpoint)
+    base = models.quantize_model(models.load_hf(checkpoint), models.QuantizeConfig(type="nf4", block_size=16))
+    expected = jax.tree.leaves(nnx.state(models.merge_for_export(base).model, nnx.Param))
+    written = jax.tree.leaves(nnx.state(result.model.backbone, nnx.Param))
+    assert len(written) == len(expected) > 0
+    for before, after in zip(expected, written, strict=True):
+        np.testing.assert_array_equal(np.asarray(before), np.asarray(after))
     reloaded, _ = models.load_reward_model(tmp_path / "export")
     mask = np.ones_like(TOKENS)
     np.testing.assert_allclose(reloaded(TOKENS, attention_mask=mask), result.model(TOKENS, attention_mask=mask),
