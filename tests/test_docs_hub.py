@@ -50,6 +50,8 @@ def run_block(block: str, root: Path) -> subprocess.CompletedProcess:
     script = "\n".join(line for line in block.splitlines() if not line.startswith("hf download"))
     script = script.replace("/shared/hf-home", str(root / "hf-home"))
     env = {**os.environ, "HF_HOME": str(root / "hf-home"), "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu",
+           # the commands compile the same tiny programs: a private persistent cache loads them after the first
+           "JAX_COMPILATION_CACHE_DIR": str(root / "xla_cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(ROOT)}
     env.pop("HF_HUB_CACHE", None)
     result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=root / "work", env=env,

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from jaxalign.cli import main
+from jaxalign.serve.command import persistent_compilation_cache
 from tests.methods.test_multistage import sentiment_tokenizer
 from tests.models.conftest import make_hf_model
 
@@ -29,7 +30,7 @@ def commands() -> list[str]:
 
 
 @pytest.fixture
-def tiny_default(tmp_path, monkeypatch) -> Path:
+def tiny_default(tmp_path, monkeypatch):
     from jaxalign import models
     from jaxalign.models import gguf_io, pretrained
 
@@ -44,7 +45,10 @@ def tiny_default(tmp_path, monkeypatch) -> Path:
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
-    return work
+    # The stages, the rerun and the evaluations compile the same tiny programs again: a private persistent cache
+    # loads them instead.
+    with persistent_compilation_cache(tmp_path / "xla_cache"):
+        yield work
 
 
 def run(command: str, capsys) -> str:
