@@ -78,3 +78,33 @@ def test_the_judged_column_reports_kappa_against_the_gold_verdicts(tmp_path):
     assert column["gold_win_rate_same_pairs"] == pytest.approx(5 / 8)
     assert judged_cell(column).startswith("62.5% [") and judged_cell(column).endswith("κ 1.00")
     assert judged_cell(None) == "-"
+
+
+def test_each_method_gets_its_judged_column_in_the_table_and_the_plot(tmp_path):
+    from experiments.compare_methods import judge_rows, plot, table
+
+    def row(responses, gold):
+        records = [{"prompt": f"q{i // 2}", "response": text, "gold": g, "base": "good", "gold_base": 1.0}
+                   for i, (text, g) in enumerate(zip(responses, gold))]
+        ci = {"mean": 0.5, "low": 0.4, "high": 0.6}
+        return {"records": records, "samples_per_prompt": 2, "win_rate": {"rate": 0.6, "low": 0.5, "high": 0.7},
+                "gold_reward": {"policy": ci, "reference": ci}, "kl": ci, "response_length": {"policy": ci},
+                "seconds": 60.0, "peak_rss_mib": 1024.0, "trainable_parameters": 1e6}
+
+    rows = {"sft": row(["good good", "meh", "meh", "good good"], [2.0, 0.0, 0.0, 2.0]),
+            "dpo": row(["good good"] * 4, [2.0] * 4)}
+    (tmp_path / "evaluation").mkdir()
+    with fake_judge("fair") as (url, judge):
+        spec = JudgeSpec(url=url, model="fake-judge", cache_dir=tmp_path / "judgments", backoff_s=0.01)
+        judge_rows(tmp_path, rows, spec, samples=1)
+        # Two methods, the first sample of two prompts, both orders: 8 judgments, of which dpo's first pair is
+        # sft's exactly and comes from the judgment cache.
+        assert judge.requests == 6
+        judge_rows(tmp_path, rows, spec, samples=1)  # read back from evaluation/<method>.judged.json
+        assert judge.requests == 6
+    assert rows["sft"]["judged"]["win_rate"]["rate"] == 0.5 and rows["dpo"]["judged"]["win_rate"]["rate"] == 1.0
+    assert (tmp_path / "evaluation" / "sft.judged.json").is_file()
+    text = table(rows)
+    assert "LLM-judged" in text and "50.0% [" in text and "100.0% [" in text
+    plot(rows, 0.3, tmp_path / "summary.png", judge_name="vader")
+    assert (tmp_path / "summary.png").stat().st_size > 10_000
