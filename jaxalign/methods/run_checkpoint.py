@@ -22,8 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxalign import models
-from jaxalign.methods.common import RUN_FILE, with_lora
+from jaxalign.methods.common import RUN_FILE, load_pretrained, with_lora
 from jaxalign.methods.recipe import RunConfig
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -130,7 +129,9 @@ def load_run_checkpoint(checkpoint: RunCheckpoint) -> tuple[Any, Any]:
     run_file = checkpoint.run_dir / RUN_FILE
     directory = checkpoint.run_dir / CHECKPOINTS_DIR / str(checkpoint.step)
     # Exported in float32 whatever the run computed in: the checkpoint's masters are float32.
-    lm, tokenizer = models.load_pretrained(config.model.path, source=f"{run_file}: model.path")
+    # As the run loaded it: its revision, and its base quantised as it trained (the adapters sit on that base).
+    float32 = dataclasses.replace(config.model, param_dtype="float32", compute_dtype="float32")
+    lm, tokenizer = load_pretrained(float32, source=f"{run_file}: model.path")
     lm = with_lora(lm, config)
     if not directory.is_dir():
         raise ValueError(f"{directory} was removed after the export started (the run is still training and keeps "
