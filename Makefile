@@ -36,11 +36,12 @@ demo: install-demo
 	$(PY) -m experiments.sentiment --overwrite
 
 # CI: the demo's own install, every stage of the main job and of the LLMDoctor comparison (on the main job's
-# smoke artefacts) on a few prompts, and a preset found from outside the source tree.
+# smoke artefacts) on a few prompts, and a preset found from outside the source tree. The LLM judge's path (a
+# served judge) is left to tests/test_judged_server.py: CI's 90 minutes are tight.
 demo-smoke: install-demo
 	@$(PY) -c "import importlib.util, sys; sys.exit('torch is installed: the demo env must not rely on it' if importlib.util.find_spec('torch') else 0)"
 	$(PY) -m experiments.sentiment --smoke --output-dir runs/smoke
-	$(PY) -m experiments.llmdoctor --smoke --main-run runs/smoke --output-dir runs/llmdoctor-smoke
+	$(PY) -m experiments.llmdoctor --smoke --no-llm-judge --main-run runs/smoke --output-dir runs/llmdoctor-smoke
 	cd /tmp && $(abspath $(VENV))/bin/jaxalign train dpo --config hh_rlhf --print-config > /dev/null
 
 lint: install-test
