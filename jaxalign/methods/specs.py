@@ -650,7 +650,7 @@ class DoctorSpec:
         return resolve_faces(self.dimensions, self.faces)
 
 
-REVISION_TARGETS = ("preferred", "all")
+_REVISION_TARGETS = ("preferred", "all")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -707,7 +707,7 @@ class CritiqueSpec(MethodSpec):
             require(isinstance(value, int) and not isinstance(value, bool) and value >= (name != "shown_rows"),
                     name, "a positive int" if name != "shown_rows" else "an int >= 0")
         require(self.temperature >= 0, "temperature", ">= 0")
-        require(self.revision_target in REVISION_TARGETS, "revision_target", f"one of {REVISION_TARGETS}")
+        require(self.revision_target in _REVISION_TARGETS, "revision_target", f"one of {_REVISION_TARGETS}")
         require(isinstance(self.preference_pairs, bool), "preference_pairs", "true or false")
         require(self.beta > 0, "beta", "> 0")
 
