@@ -19,11 +19,19 @@ pd = pytest.importorskip("pandas")
 
 @pytest.fixture(scope="module")
 def alpaca_glm():
-    # alpaca_eval.utils imports pkg_resources for version strings only; setuptools >= 81 no longer ships it.
-    sys.modules.setdefault("pkg_resources", types.ModuleType("pkg_resources"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return pytest.importorskip("alpaca_eval.metrics.glm_winrate")
+    # alpaca_eval.utils imports pkg_resources for version strings only; setuptools >= 81 no longer ships it. The
+    # stand-in is removed once imported: left in sys.modules it breaks pytest's monkeypatch.syspath_prepend in
+    # any later test of the same process (it imports pkg_resources.fixup_namespace_packages when one is loaded).
+    stand_in = "pkg_resources" not in sys.modules
+    if stand_in:
+        sys.modules["pkg_resources"] = types.ModuleType("pkg_resources")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return pytest.importorskip("alpaca_eval.metrics.glm_winrate")
+    finally:
+        if stand_in:
+            del sys.modules["pkg_resources"]
 
 
 def annotations(seed: int, n: int, length_effect: float, skill: float):
