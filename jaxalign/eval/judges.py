@@ -213,7 +213,7 @@ class RewardModelJudge:
     def score_rollout(self, rollout: Rollout) -> Float[np.ndarray, " R *D"]:
         """Rewards of a rollout's prompt + response rows (:meth:`Rollout.sequences`).
 
-        A row that stopped gets :attr:`end_of_turn` appended, so the reward is read where it was read in
+        A row that stopped gets ``end_of_turn`` appended, so the reward is read where it was read in
         training (on ``jaxalign.data``'s rendering of a pair); a row cut at ``max_new_tokens`` is read at
         its last token, as TRL's PPO reads every row. The rollout's ids must be the reward model's
         vocabulary (the same tokenizer as the policy's); otherwise score the decoded texts with :meth:`score`.

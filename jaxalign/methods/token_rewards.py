@@ -1,7 +1,7 @@
 """LLMDoctor stage 1: token rewards of preference pairs from a frozen patient's two behavioural faces.
 
 For one dimension with face ``(positive, negative)`` (:mod:`jaxalign.methods.faces`), every response of every
-pair is teacher-forced through the patient twice, behind each face, and its tokens get
+pair is teacher-forced through the patient twice, behind each face, and its tokens get::
 
     Δ_t = |log π_pos(y_t | face⁺, x, y<t) − log π_neg(y_t | face⁻, x, y<t)|,   S_t = tanh(Δ_t / (mean Δ + ε) / τ)
     r_t = sign(y)·S_t·1[S_t > θ]        (+1 on the chosen response, −1 on the rejected one)

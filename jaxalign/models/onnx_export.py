@@ -8,19 +8,20 @@ present ones (past + new) go out.
 
 Causal LM (opset :data:`ONNX_OPSET`; ``batch``, ``sequence`` and ``past_sequence`` are dynamic):
 
-==============================  =====================================  ==========================================
-input / output                  shape                                  meaning
-==============================  =====================================  ==========================================
-``input_ids``                   int64 ``[batch, sequence]``            the new tokens
-``attention_mask``              int64 ``[batch, past_sequence +        1 for real tokens, 0 for padding, over the
-                                sequence]``                            past and the new tokens
-``position_ids``                int64 ``[batch, sequence]``            the new tokens' positions
-``past_key_values.{i}.key``     float32 ``[batch, kv_heads,            layer ``i``'s keys so far (``past_sequence``
-/ ``.value``                    past_sequence, head_dim]``             0 on the first call)
-``logits``                      float32 ``[batch, sequence, vocab]``   next-token logits
-``present.{i}.key`` / ``.value``  ``[batch, kv_heads, past_sequence +  the cache to pass back as ``past_key_values``
-                                sequence, head_dim]``
-==============================  =====================================  ==========================================
+==================================  ================================================  ==================================
+input / output                      shape                                             meaning
+==================================  ================================================  ==================================
+``input_ids``                       int64 ``[batch, sequence]``                       the new tokens
+``attention_mask``                  int64 ``[batch, past_sequence + sequence]``       1 for real tokens, 0 for padding,
+                                                                                      over the past and the new tokens
+``position_ids``                    int64 ``[batch, sequence]``                       the new tokens' positions
+``past_key_values.{i}.key``         float32 ``[batch, kv_heads, past, head_dim]``     layer ``i``'s keys (values) so
+/ ``.value``                                                                          far; ``past`` = ``past_sequence``,
+                                                                                      0 on the first call
+``logits``                          float32 ``[batch, sequence, vocab]``              next-token logits
+``present.{i}.key`` / ``.value``    ``[batch, kv_heads, past + sequence, head_dim]``  the cache to pass back as
+                                                                                      ``past_key_values``
+==================================  ================================================  ==================================
 
 These are the names and layouts of Hugging Face Optimum's decoder exports (``*-with-past``). Keys are stored
 after RoPE, as transformers caches them.

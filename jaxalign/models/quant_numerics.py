@@ -25,17 +25,17 @@ int8: per output channel (LLM.int8()'s vector-wise quantisation, arXiv 2208.0733
 
 Storage, per format (``nb = in / block_size``):
 
-====================  =========================  ============================================
-name                  shape, dtype               holds
-====================  =========================  ============================================
-``codes`` (nf4)       ``[in/2, out]`` uint8      two NF4 codes a byte along the input axis
-``absmax`` (nf4)      ``[nb, out]`` float32      the block scales (without double quantisation)
-``absmax_codes``      ``[nb, out]`` uint8        the block scales' 8-bit codes (double quantisation)
-``absmax_scales``     ``[ceil(nb·out/256)]`` f32 one scale per group of 256 block scales
-``absmax_offset``     ``[]`` float32             the mean subtracted before the second quantisation
-``codes`` (int8)      ``[in, out]`` int8         the int8 codes
-``scales`` (int8)     ``[out]`` float32          ``absmax_o / 127``
-====================  =========================  ============================================
+====================  ===========================  ==================================================
+name                  shape, dtype                 holds
+====================  ===========================  ==================================================
+``codes`` (nf4)       ``[in/2, out]`` uint8        two NF4 codes a byte along the input axis
+``absmax`` (nf4)      ``[nb, out]`` float32        the block scales (without double quantisation)
+``absmax_codes``      ``[nb, out]`` uint8          the block scales' 8-bit codes (double quantisation)
+``absmax_scales``     ``[ceil(nb·out/256)]`` f32   one scale per group of 256 block scales
+``absmax_offset``     ``[]`` float32               the mean subtracted before the second quantisation
+``codes`` (int8)      ``[in, out]`` int8           the int8 codes
+``scales`` (int8)     ``[out]`` float32            ``absmax_o / 127``
+====================  ===========================  ==================================================
 
 Notes:
     The offset is the mean of the block scales, summed in float32 in a fixed pairwise order, so the storage is

@@ -28,7 +28,7 @@ class QuantizedWeight(nnx.Variable):
 
 
 WEIGHTS = nnx.Any(nnx.Param, QuantizedWeight)
-"""Every weight of a model: its ``nnx.Param``s and its quantised storage (the filter the sharding rules,
+"""Every weight of a model: its ``nnx.Param`` variables and its quantised storage (the filter the sharding rules,
 the layer scan and a training step's frozen side take)."""
 
 
