@@ -196,8 +196,8 @@ def add_hitl_command(subcommands) -> None:
         description="Serve a model with a web page where a person asks questions and accepts, edits, rejects, "
                     "picks or rates its answers; every --retrain-threshold new records, LoRA SFT/DPO/KTO trains a "
                     "new version in the background and it replaces the served one (docs/hitl.md).")
-    parser.add_argument("--model", type=absolute_path, help="checkpoint directory or .gguf file (default: the "
-                                                             "embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--model", type=model_location, help="checkpoint directory, .gguf file or Hub id "
+                                                              "(default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--output-dir", required=True, type=absolute_path,
                         help="feedback, versions and the served version live here; a restart resumes from it")
     parser.add_argument("--retrain-threshold", type=int, default=20,
@@ -244,7 +244,7 @@ def build_hitl(args) -> Hitl:
     _check(args)
     root = absolute_path(args.output_dir)
     root.mkdir(parents=True, exist_ok=True)
-    base = None if args.model is None else str(absolute_path(args.model))
+    base = None if args.model is None else model_location(args.model)
     versions = Versions(root, base_model=base)
     store = FeedbackStore(root / FEEDBACK_FILE)
     for message in store.recovered:
@@ -304,6 +304,13 @@ def absolute_path(text: str | Path) -> Path:
     """A path given on the command line, made absolute once against the directory the command runs in: the
     retraining stages run as other processes, and a restart may come from another directory."""
     return Path(text).expanduser().resolve()
+
+
+def model_location(text: str) -> str:
+    """``--model`` as the stages will read it: a local path made absolute (:func:`absolute_path`), anything that is
+    not one passed on as it is (a Hugging Face Hub id, resolved by :func:`jaxalign.models.load_pretrained`)."""
+    path = Path(text).expanduser()
+    return str(absolute_path(path)) if path.exists() else str(text)
 
 
 def _served_name(model: str | None) -> str:

@@ -215,3 +215,14 @@ def test_a_new_version_takes_the_records_of_a_failed_one_and_supersedes_it(tmp_p
     assert [v.name for v in launched] == ["v2"] and app.waiting == 0
     app.store = Records(8)
     assert versions.next_records(8) == (6, 8)
+
+
+def test_hitl_model_keeps_a_hub_id_and_makes_a_local_path_absolute(tmp_path, monkeypatch):
+    """``jaxalign hitl --model``: a Hub id reaches the stages as written (made a path, it was 'no such file'); a
+    local directory is made absolute once, so stages started elsewhere find it."""
+    from jaxalign.serve.hitl import model_location
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ckpt").mkdir()
+    assert model_location("HuggingFaceTB/SmolLM2-360M-Instruct") == "HuggingFaceTB/SmolLM2-360M-Instruct"
+    assert model_location("ckpt") == str(tmp_path / "ckpt")
