@@ -94,15 +94,20 @@ def test_a_version_that_failed_is_retried_at_the_next_start_keeping_its_finished
     assert versions.current.name == "v1" and app.status.state == "idle"
 
 
-def test_a_retry_starts_from_the_served_version_and_keeps_the_failed_runs_aside(tmp_path, monkeypatch):
-    swaps = []
-    app, versions = retrainer(tmp_path, swaps)
+def failed_v1_of_six_records(tmp_path, monkeypatch) -> tuple[Retrainer, Versions, list]:
+    """Six records, v1 trained on the first three and failed; ``_launch`` records the versions instead of training."""
+    app, versions = retrainer(tmp_path, [])
     app.store = Records(6)
     app.export = fake_export
     launched = []
     monkeypatch.setattr(app, "_launch", launched.append)
     failed = trained(versions, "v1", "v0")
     versions.save(dataclasses.replace(failed, status="failed", error="RuntimeError: exited with 1"))
+    return app, versions, launched
+
+
+def test_a_retry_starts_from_the_served_version_and_keeps_the_failed_runs_aside(tmp_path, monkeypatch):
+    app, versions, launched = failed_v1_of_six_records(tmp_path, monkeypatch)
     (versions.path("v1") / "sft").mkdir()
     (versions.path("v1") / "sft" / "train.log").write_text("the failed attempt's log\n")
     newer = Version("v2", "v0", "ready", records=(3, 6), model="elsewhere", served=1.0)
@@ -197,14 +202,7 @@ def test_a_failed_version_whose_trainer_still_runs_is_not_retried(tmp_path):
 def test_a_new_version_takes_the_records_of_a_failed_one_and_supersedes_it(tmp_path, monkeypatch):
     """v1 failed on records 0-3; three more arrive and v2 starts: it trains on all six (none left untrained), v1
     becomes superseded and cannot be retried (none trained twice), and the next version starts after v2's."""
-    swaps = []
-    app, versions = retrainer(tmp_path, swaps)
-    app.store = Records(6)
-    app.export = fake_export
-    launched = []
-    monkeypatch.setattr(app, "_launch", launched.append)
-    failed = trained(versions, "v1", "v0")
-    versions.save(dataclasses.replace(failed, status="failed", error="RuntimeError: exited with 1"))
+    app, versions, launched = failed_v1_of_six_records(tmp_path, monkeypatch)
     assert app.waiting == 6
     assert app.start() == "v2"
     newer = versions.get("v2")
