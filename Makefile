@@ -58,8 +58,8 @@ test: install-test oracles lint browser
 	$(PY) -m pytest -q tests/serve
 
 # The site (docs/_build/html/index.html): the guides and the API reference, then the doctests of the docstrings and
-# pages. -E reads every page afresh, so every warning shows. SPHINXOPTS=-W makes warnings errors.
-SPHINXOPTS ?= --keep-going
+# pages. -E reads every page afresh, so every warning shows; -W makes each an error (--keep-going lists them all).
+SPHINXOPTS ?= -W --keep-going
 install-docs: $(PY)
 	$(PIP) install --quiet -e ".[docs]"
 

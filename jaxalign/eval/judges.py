@@ -25,7 +25,7 @@ from jaxalign.eval.forward import padded_batches, rewards, split_model
 from jaxalign.models import load_reward_model
 from jaxalign.rollout import Rollout
 
-# A prompt: plain text (a single user turn) or a conversation that ends where the reply begins.
+#: A prompt: plain text (a single user turn) or a conversation that ends where the reply begins.
 Prompt = str | Sequence[Message]
 # Marks the response's place in a rendered template, to find the text the template puts after it.
 _CONTENT_MARKER = "\x00response\x00"

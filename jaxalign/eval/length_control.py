@@ -91,6 +91,7 @@ class LengthControlled:
     prompts: int | None = None
 
     def to_dict(self) -> dict:
+        """The fields as a JSON-ready dict (a non-finite float becomes None)."""
         values = dataclasses.asdict(self)
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}
 

@@ -113,10 +113,12 @@ class JudgeSpec:
 
     @property
     def name(self) -> str:
+        """The judge as reports name it: ``model @ url``."""
         return f"{self.model} @ {self.url}"
 
     @property
     def base(self) -> str:
+        """The URL without a trailing slash, to which request paths are appended."""
         return self.url.rstrip("/")
 
 
@@ -442,6 +444,7 @@ class Agreement:
     n: int
 
     def to_dict(self) -> dict:
+        """The fields as a JSON-ready dict."""
         return dataclasses.asdict(self)
 
 
@@ -494,6 +497,8 @@ class JudgedWinRate:
     other: JudgedWinRate | None = None
 
     def to_dict(self, *, judgments: bool = False) -> dict:
+        """A JSON-ready summary: the win rate, its length-controlled form, position consistency, the verdict
+        counts and the agreement with a second judge; every judgment too when ``judgments``."""
         out = {"judge": self.judge, "win_rate": None if self.win_rate is None else self.win_rate.to_dict(),
                "length_controlled_win_rate": None if self.length_controlled is None else
                self.length_controlled.to_dict(), "length_controlled_note": self.length_controlled_note,
@@ -647,6 +652,8 @@ class Grades:
                 "categories": {c: entry(self.mean(category=c)) for c in categories}}
 
     def to_dict(self, *, judgments: bool = False) -> dict:
+        """A JSON-ready summary: the mean grade overall, per turn and per category (:meth:`table`) and the
+        counts; every judgment too when ``judgments``."""
         out = {"judge": self.judge, "scores": self.table(), "counts": dict(self.counts)}
         if judgments:
             out["judgments"] = list(self.judgments)

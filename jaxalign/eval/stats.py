@@ -103,6 +103,7 @@ class WinRate:
     clusters: int | None = None
 
     def to_dict(self) -> dict:
+        """The fields as a JSON-ready dict."""
         return dataclasses.asdict(self)
 
     def __str__(self) -> str:
@@ -132,6 +133,7 @@ class MeanCI:
     clusters: int | None = None
 
     def to_dict(self) -> dict:
+        """The fields as a JSON-ready dict (a non-finite float becomes None)."""
         return {name: _finite_or_none(value) if isinstance(value, float) else value
                 for name, value in dataclasses.asdict(self).items()}
 

@@ -55,6 +55,7 @@ class ProfanityCheck:
         self._predict = predict_prob
 
     def probabilities(self, texts: Sequence[str]) -> Float[np.ndarray, " N"]:
+        """P(offensive) per text, in ``[0, 1]``."""
         texts = list(texts)
         return np.asarray(self._predict(texts), np.float64) if texts else np.zeros(0)
 
@@ -124,6 +125,8 @@ class DetoxifyModel:
         self.name = f"detoxify ({path.name})"
 
     def probabilities(self, texts: Sequence[str]) -> Float[np.ndarray, " N"]:
+        """The sigmoid of the checkpoint's ``toxicity`` logit per text, in batches of ``batch_size`` truncated
+        to ``max_length`` tokens."""
         torch, out = self._torch, []
         texts = list(texts)
         with torch.no_grad():
@@ -148,6 +151,7 @@ class ToxicityJudge:
         self.name = f"non-toxicity ({self.model.name})"
 
     def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> Float[np.ndarray, " N"]:
+        """``1 − p(toxic)`` of each response (the prompts only fix the count: one response per prompt)."""
         if isinstance(responses, str) or len(prompts) != len(responses):
             raise ValueError("a judge scores one response per prompt")
         return 1.0 - self.model.probabilities(responses)

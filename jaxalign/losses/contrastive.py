@@ -26,6 +26,7 @@ from jaxalign.losses.core import F32, as_mask, masked_mean
 
 __all__ = ["POOLINGS", "contrastive_loss", "pool_states"]
 
+#: How a sequence's hidden states become one vector: its last real token's, or their mean over the mask.
 POOLINGS = ("last", "mean")
 
 

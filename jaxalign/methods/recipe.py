@@ -291,6 +291,7 @@ class RunConfig:
         object.__setattr__(self, "sampling", dict(self.sampling))
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as nested dicts, the inverse of :meth:`from_dict` (what a run writes as its config)."""
         return dataclasses.asdict(self)
 
     def checkpoint_metadata(self) -> dict[str, Any]:

@@ -28,11 +28,17 @@ from typing import Any, ClassVar
 from jaxalign import losses
 from jaxalign.models.scoring import DEFAULT_CHUNK
 
+#: PPO's ``loss.critic``: a value model of its own, or a value head on the policy's trunk.
 CRITICS = ("separate", "shared")
+#: PPO's ``loss.reward_scaling``: scores as given, divided by their running std, or also less their running mean.
 REWARD_SCALINGS = ("none", "running_std", "running_norm")
+#: SFT's ``loss.average``: every completion token alike (TRL), or every example alike.
 SFT_AVERAGES = ("token_mean", "sequence_mean")
+#: SFT's ``loss.example_weights``: weigh each example by its record's score (or by nothing: null).
 SFT_EXAMPLE_WEIGHTS = ("score",)
+#: The reward model's ``loss.loss``: pairwise Bradley–Terry, best of n candidates, or regression on scores.
 REWARD_LOSSES = ("bradley_terry", "best_of_n", "regression")
+#: The reward model's ``loss.pooling``: the last real token's hidden state, or the mean over the mask.
 REWARD_POOLINGS = ("last", "mean")
 
 
@@ -57,6 +63,8 @@ class MethodSpec:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], where: str = "loss"):
+        """The spec of a ``loss:`` section; a renamed key is named with its new name, an unknown key raises
+        ``ValueError`` naming it under ``where``."""
         known = [f.name for f in dataclasses.fields(cls)]
         renamed = sorted(name for name in values if name not in known and name in cls.renamed)
         if renamed:
@@ -521,6 +529,8 @@ class GRPOConfig(MethodSpec):
         require(isinstance(self.minibatch_groups, bool), "minibatch_groups", "true or false")
 
 
+#: TFPO's ``loss.value_states``: compare the two responses' values after the first token where they differ, or
+#: after each response's first token.
 VALUE_STATES = ("divergence", "first")
 
 
@@ -640,11 +650,13 @@ class DoctorSpec:
         self.resolved_faces()  # every dimension has a face
 
     def settings(self):
+        """The token-reward settings (ε, τ, θ) as :class:`jaxalign.methods.token_rewards.RewardSettings`."""
         from jaxalign.methods.token_rewards import RewardSettings
 
         return RewardSettings(eps=self.eps, tau=self.tau, threshold=self.threshold)
 
     def resolved_faces(self):
+        """The positive and negative face of every dimension: ``faces`` where given, else the built-in ones."""
         from jaxalign.methods.faces import resolve_faces
 
         return resolve_faces(self.dimensions, self.faces)
@@ -712,7 +724,7 @@ class CritiqueSpec(MethodSpec):
         require(self.beta > 0, "beta", "> 0")
 
 
-# The spec of each method's ``loss:`` section.
+#: The spec of each method's ``loss:`` section.
 LOSS_SPECS: dict[str, type[MethodSpec]] = {"sft": SFTSpec, "distill": DistillSpec, "reward": RewardSpec,
                                            "dpo": DPOSpec, "kto": KTOSpec, "ppo": PPOConfig, "grpo": GRPOConfig,
                                            "tfpo": TFPOSpec, "critique": CritiqueSpec}

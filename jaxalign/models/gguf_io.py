@@ -205,10 +205,13 @@ class GGUFSource:
         self.names = set(self._tensors)
 
     def shape(self, name: str) -> tuple[int, ...]:
+        """The shape of tensor ``name`` (a Hugging Face parameter name) in the checkpoint's layout."""
         stored = tuple(int(n) for n in reversed(self._tensors[name].shape))
         return stored[::-1] if name in self._conv1d else stored
 
     def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        """Tensor ``name`` dequantised to float, in the checkpoint's layout (Q and K rows un-permuted), at
+        ``index``."""
         import gguf
 
         tensor = self._tensors[name]
@@ -226,6 +229,7 @@ class GGUFSource:
         return weight[index]
 
     def location(self, name: str) -> str:
+        """Where tensor ``name`` is, for error messages: the file and the GGUF tensor name."""
         return f"{self.description} ({self._tensors[name].name})"
 
 

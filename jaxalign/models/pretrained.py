@@ -11,7 +11,7 @@ from jaxalign.models.gguf_io import default_model_path, load_gguf
 from jaxalign.models.hf_io import load_hf
 from jaxalign.models.hub import is_hub_id, resolve
 
-# A checkpoint directory needs at least one of these beside its weights for AutoTokenizer to load.
+#: A checkpoint directory needs at least one of these beside its weights for AutoTokenizer to load.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 

@@ -87,6 +87,8 @@ class QuantizeConfig:
 
     @property
     def effective_double_quant(self) -> bool:
+        """Whether the NF4 absmax scales are themselves quantised (on unless ``double_quant: false``; off for
+        int8)."""
         return self.type == "nf4" and (True if self.double_quant is None else self.double_quant)
 
 

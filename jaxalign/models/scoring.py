@@ -28,7 +28,7 @@ from jaxtyping import Array, Float, Int
 
 F32 = jnp.float32
 
-# Positions per LM-head chunk: [rows, 128, 49152] float32 logits for SmolLM2 (25 MB a row).
+#: Positions per LM-head chunk: [rows, 128, 49152] float32 logits for SmolLM2 (25 MB a row).
 DEFAULT_CHUNK = 128
 
 
