@@ -36,6 +36,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float, Int, UInt32
 
 from jaxalign.rollout.params import Filters
@@ -48,7 +49,7 @@ DEFAULT_CANDIDATES = 64
 # about the same for [32, 49152]; 128 half as much again.
 CANDIDATE_BLOCK = 32
 # A threshold key of 0 (the smallest key) keeps every token: the value of a filter that is off.
-KEEP_ALL = jnp.uint32(0)
+KEEP_ALL = np.uint32(0)  # NumPy: a jnp value at import would start the JAX backend (multi-host runs must not)
 
 
 class Thresholds(NamedTuple):

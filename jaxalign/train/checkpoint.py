@@ -66,7 +66,7 @@ def _data_position(data: Any) -> Any:
 
 
 class ProcessCountMismatch(ValueError):
-    """A checkpoint written by another number of processes than this run has."""
+    """A checkpoint written by another number of processes than this run has, with a data position per process."""
 
 
 class Restored(NamedTuple):
@@ -143,16 +143,18 @@ class Checkpointer:
     def restore(self, abstract_state: TrainState, *, step: int | None = None) -> Restored:
         """Read checkpoint ``step`` (default: the newest intact one) into the shardings of ``abstract_state``.
 
-        The mesh may differ from the one that saved: Orbax reshards. The data positions may not: each
-        process gets back the position it saved. Without ``step``, a checkpoint that cannot be read
+        The mesh may differ from the one that saved: Orbax reshards. Each process gets back the data position
+        it saved; under another process count, the position all processes saved alike (a global position, as
+        :class:`jaxalign.data.BatchIterator` keeps) is every process's. Without ``step``, a checkpoint that cannot be read
         (truncated or corrupted files) is skipped with a warning that says why, and the next older one is
         tried; the damaged one is kept on disk, renamed ``<step>.damaged`` so that the run can save that step
         again (it is never deleted).
 
         Raises:
             FileNotFoundError: no checkpoint in the directory.
-            ValueError: the checkpoint was written by a different number of processes, or no checkpoint
-                could be read (each one's error is named).
+            ValueError: the checkpoint was written by a different number of processes whose data positions
+                differ (per-process positions cannot be shared out anew), or no checkpoint could be read (each
+                one's error is named).
         """
         if step is not None:
             return self._restore_step(abstract_state, step)
@@ -189,13 +191,17 @@ class Checkpointer:
             data=ocp.args.JsonRestore(),
             meta=ocp.args.JsonRestore(),
         ))
-        saved_processes = restored.data["process_count"]
-        if saved_processes != jax.process_count():
+        saved_processes, positions = restored.data["process_count"], restored.data["positions"]
+        if saved_processes == jax.process_count():
+            position = positions[jax.process_index()]
+        elif all(other == positions[0] for other in positions[1:]):
+            position = positions[0]  # a global position: each process takes its own rows from it
+        else:
             raise ProcessCountMismatch(
                 f"checkpoint {self.directory / str(step)} holds the data positions of {saved_processes} "
-                f"process(es) but this run has {jax.process_count()}; resume with the same process count"
+                f"process(es), which differ, but this run has {jax.process_count()}: an iterator that keeps a "
+                f"position per process resumes with the same process count only"
             )
-        position = restored.data["positions"][jax.process_index()]
         return Restored(step=step, state=restored.state, data_position=position, metadata=restored.meta)
 
     def wait(self) -> None:

@@ -106,8 +106,13 @@ def test_restore_errors(tmp_path, step):
         manager.restore(step.abstract_state())
     manager.save(1, step.init(0), TinyBatches(2))
     data_file = tmp_path / "1" / "data" / "metadata"
-    data_file.write_text(json.dumps({"process_count": 2, "positions": [None, None]}))
-    with pytest.raises(ValueError, match="data positions of 2 process"):
+    # Per-process positions (TinyBatches keeps its shard index) cannot be shared out to another process count.
+    data_file.write_text(json.dumps({"process_count": 2, "positions": [{"position": 1, "shard_index": 0},
+                                                                      {"position": 1, "shard_index": 1}]}))
+    with pytest.raises(ValueError, match="data positions of 2 process.*differ.*same process count"):
         manager.restore(step.abstract_state())
+    # A global position, the same on every process (as BatchIterator's), resumes under any process count.
+    data_file.write_text(json.dumps({"process_count": 2, "positions": [{"position": 1}, {"position": 1}]}))
+    assert manager.restore(step.abstract_state()).data_position == {"position": 1}
     with pytest.raises(ValueError, match="checkpointing is disabled"):
         Checkpointer(CheckpointConfig(directory=None), {})

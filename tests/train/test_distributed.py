@@ -4,12 +4,15 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 
 import jax
 import pytest
 
 from jaxalign.train import add_distributed_arguments, any_process, gather_from_processes, initialize_distributed
 from jaxalign.train.distributed import distributed_settings
+from tests.train.conftest import ROOT, python_env
 
 ENVIRONMENT = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "2"}
 
@@ -38,3 +41,23 @@ def test_nothing_set_stays_single_process():
 def test_host_collectives_on_one_process():
     assert any_process(True) and not any_process(False)
     assert gather_from_processes({"position": 3}) == [{"position": 3}]
+
+
+def test_importing_jaxalign_leaves_the_backend_unstarted():
+    """``jax.distributed.initialize`` must come before the backend starts: a script that imports any jaxalign
+    module first (as every launch recipe's does) can still join a multi-process job."""
+    script = """
+import importlib, pkgutil, sys
+import jax._src.xla_bridge as xla_bridge
+import jaxalign
+
+def started(*args, **kwargs):
+    raise SystemExit(f"the JAX backend started while importing {current}")
+
+xla_bridge.backends = started
+for current in [module.name for module in pkgutil.walk_packages(jaxalign.__path__, "jaxalign.")]:
+    importlib.import_module(current)
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=python_env(), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]

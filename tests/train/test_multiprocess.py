@@ -5,48 +5,22 @@ by both (each its own data position), compared with the same steps on one device
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
 
 import jax
 import numpy as np
 import pytest
 
 from jaxalign.train import TrainStep, make_optimizer
-from tests.train.conftest import ROOT, python_env, script_command
+from tests.train.conftest import run_processes
 from tests.train.multiprocess_run import CONFIG
 from tests.train.tiny import BATCH, TinyBatches, host_params, sft_objective, tiny_model
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("multiprocess")
-    address = f"127.0.0.1:{free_port()}"
-    processes = [
-        subprocess.Popen(script_command("tests.train.multiprocess_run", workdir, "--coordinator-address", address,
-                                        "--num-processes", "2", "--process-id", str(index)),
-                         cwd=ROOT, env=python_env(devices=4), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
-        for index in range(2)
-    ]
-    outputs = []
-    for process in processes:
-        try:
-            outputs.append(process.communicate(timeout=400))
-        except subprocess.TimeoutExpired:
-            for other in processes:
-                other.kill()
-            pytest.fail("the two processes did not finish in time")
-    for index, (process, (stdout, stderr)) in enumerate(zip(processes, outputs, strict=True)):
-        if process.returncode != 0:
-            pytest.fail(f"process {index} exited with {process.returncode}\n{stdout}\n{stderr[-6000:]}")
-    reports = [json.loads(stdout.strip().splitlines()[-1]) for stdout, _ in outputs]
+    outputs = run_processes("tests.train.multiprocess_run", workdir, processes=2, devices=4)
+    reports = [json.loads(stdout.strip().splitlines()[-1]) for stdout in outputs]
     with open(workdir / "logs" / "metrics.jsonl") as file:
         logged = [json.loads(line) for line in file]
     with np.load(workdir / "final_params.npz") as final:
