@@ -115,7 +115,7 @@ def plot(rows: dict[str, dict], base_gold: float, path: Path) -> None:
 
     names = list(rows)
     colours = [f"C{i}" for i in range(len(names))]
-    figure, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    figure, axes = plt.subplots(1, 4, figsize=(17, 3.8))
     rates = [rows[n]["win_rate"] for n in names]
     axes[0].bar(names, [r["rate"] for r in rates], color=colours,
                 yerr=[[r["rate"] - r["low"] for r in rates], [r["high"] - r["rate"] for r in rates]], capsize=6)
@@ -128,6 +128,12 @@ def plot(rows: dict[str, dict], base_gold: float, path: Path) -> None:
     axes[1].legend(fontsize=8)
     axes[2].bar(names, [rows[n]["kl"]["mean"] for n in names], color=colours)
     axes[2].set_title("KL to the base (nats)")
+    lengths = [rows[n]["response_length"]["policy"] for n in names]
+    axes[3].bar(names, [m["mean"] for m in lengths], color=colours, capsize=6,
+                yerr=[[m["mean"] - m["low"] for m in lengths], [m["high"] - m["mean"] for m in lengths]])
+    axes[3].axhline(rows[names[0]]["response_length"]["reference"]["mean"], color="grey", ls="--", lw=1, label="base")
+    axes[3].set_title("response length (tokens), 95% CI")
+    axes[3].legend(fontsize=8)
     for axis in axes:
         axis.tick_params(axis="x", labelrotation=20, labelsize=8)
     figure.tight_layout()
