@@ -613,6 +613,9 @@ def load_run_config(config: str | Path | Mapping[str, Any], overrides: Sequence[
         if not isinstance(values, dict):
             raise ValueError(f"{path}: expected a mapping at the top level, got {type(values).__name__}")
         where = str(path)
+    if isinstance(values.get("pipeline"), dict):  # a pipeline file: its stages are runs, it is not one
+        raise ValueError(f"{where} is a pipeline (a 'pipeline' section of stages), not a single run: run it with "
+                         f"jaxalign pipeline --config {config}")
     sections = values.pop("methods", None) or {}
     if not isinstance(sections, dict) or set(sections) - set(METHODS):
         raise ValueError(f"{where}: 'methods' must map some of {METHODS} to sections, got {sections!r}")

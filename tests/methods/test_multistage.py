@@ -128,3 +128,12 @@ def test_bad_stage_wiring_is_one_line_before_any_work(tmp_path, monkeypatch, cap
     assert len(err.strip().splitlines()) == 1
     assert pytest.importorskip("re").search(message, err), err
     assert not (tmp_path / "runs").exists()
+
+
+def test_train_on_a_pipeline_file_names_the_pipeline_command(capsys):
+    """``jaxalign train sft --config production_pipeline`` is a pipeline's file given to the one-run command:
+    the error says which command runs it, not which keys a single run lacks."""
+    assert main(["train", "sft", "--config", "production_pipeline"]) == 2
+    error = capsys.readouterr().err
+    assert "is a pipeline" in error and "jaxalign pipeline --config production_pipeline" in error
+    assert "unknown key" not in error
