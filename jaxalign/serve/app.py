@@ -42,6 +42,7 @@ DISCONNECT_POLL_S = 0.25
 # tokenizers release the GIL while they work, so these threads do not hold up the event loop).
 PREPARE_WORKERS = 4
 _ACCESS = "jaxalign.access"  # the scope key of a request's access record (see _RequestLog)
+_HEAD = "jaxalign.head"  # set on a HEAD request answered as its GET (see _HeadAsGet)
 
 
 def _prepare_pool() -> concurrent.futures.ThreadPoolExecutor:
@@ -192,7 +193,8 @@ def create_app(served: ServedModel) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException):
-        message = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
+        method = "HEAD" if request.scope.get(_HEAD) else request.method
+        message = {404: f"no route {request.url.path}", 405: f"{method} is not allowed on {request.url.path}"}
         body = APIError(error.status_code, message.get(error.status_code, str(error.detail))).body()
         return JSONResponse(body, status_code=error.status_code, headers=error.headers)  # a 405's Allow
 
@@ -201,6 +203,7 @@ def create_app(served: ServedModel) -> FastAPI:
         log.exception("request failed")
         return JSONResponse(APIError(500, f"internal error: {type(error).__name__}: {error}").body(), status_code=500)
 
+    app.add_middleware(_HeadAsGet)
     app.add_middleware(_LimitBody, served=served)
     app.add_middleware(_RequestLog, served=served)  # outermost: it sees the limit's 413s too
 
@@ -298,6 +301,28 @@ def _log_access(scope, status: int, seconds: float, response: _Response | None) 
     access_log.info('%s "%s %s HTTP/%s" %d %.3f s%s', "-" if client is None else f"{client[0]}:{client[1]}",
                     scope["method"], target.decode("latin-1"), scope.get("http_version", "1.1"), status, seconds,
                     tokens)
+
+
+class _HeadAsGet:
+    """Answers HEAD as the route's GET without the body (RFC 9110 9.3.2: the same status and headers, the same
+    Content-Length), so ``curl -I`` and uptime probes work: FastAPI's GET routes answer HEAD with 405."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def headers_only(message):
+            if message["type"] == "http.response.body":
+                if message.get("more_body", False):
+                    return
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+
+        await self.app({**scope, "method": "GET", _HEAD: True}, receive, headers_only)
 
 
 class _LimitBody:

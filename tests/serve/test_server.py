@@ -549,6 +549,22 @@ def test_wrong_methods_get_an_openai_405_with_allow(server, path):
                                          "type": "invalid_request_error", "param": None, "code": None}
 
 
+@pytest.mark.parametrize("path", ["/health", "/v1/models", "/metrics", CHAT])
+def test_head_answers_as_get_without_the_body(server, path):
+    """``curl -I`` and uptime probes send HEAD: the GET's status and headers, no body; a POST route's 405
+    names HEAD."""
+    url, _ = server
+    head = httpx.head(url + path, timeout=HTTP_TIMEOUT)
+    if "GET" not in ROUTES[path]:
+        assert head.status_code == 405 and head.content == b""
+        return
+    get = httpx.get(url + path, timeout=HTTP_TIMEOUT)
+    assert head.status_code == get.status_code == 200 and head.content == b""
+    assert head.headers["content-type"] == get.headers["content-type"]
+    if path != "/metrics":  # its counters move between the two requests
+        assert head.headers["content-length"] == get.headers["content-length"]
+
+
 def test_the_openai_client_reads_the_errors(client):
     with pytest.raises(openai.NotFoundError) as missing:
         client.chat.completions.create(model="nope", messages=HI)
