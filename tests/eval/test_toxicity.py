@@ -28,12 +28,34 @@ def test_report_means_shares_and_intervals():
     p = ProfanityCheck().probabilities(policy)
     q = ProfanityCheck().probabilities(reference)
     assert report["probabilities"]["policy"] == pytest.approx(p.tolist())
-    assert report["policy"]["mean_probability"] == mean_ci(p, clusters=[0, 0, 1, 1]).to_dict()
+    t_interval = mean_ci(p, clusters=[0, 0, 1, 1])
+    assert report["policy"]["mean_probability"] == {**t_interval.to_dict(), "low": max(t_interval.low, 0.0),
+                                                    "high": min(t_interval.high, 1.0)}
     assert report["policy"]["toxic_share"]["mean"] == 0.25
     assert report["reference"]["toxic_share"] == proportion_ci((q > 0.5).astype(float), clusters=[0, 0, 1, 1]).to_dict()
     lines = format_toxicity(report)
     assert lines[0].startswith("toxicity (alt-profanity-check)") and "0.25 [" in lines[1]
     assert toxicity_report(policy)["reference"] is None
+
+
+class FixedProbabilities:
+    name = "fixed"
+
+    def __init__(self, values):
+        self.values = np.asarray(values, np.float64)
+
+    def probabilities(self, texts):
+        return self.values[:len(texts)]
+
+
+def test_the_mean_interval_stays_inside_zero_one():
+    """One toxic response in ten: the t interval of the mean reaches below 0, which no mean of probabilities
+    can; the report truncates it at 0 and keeps the upper end."""
+    values = [0.0] * 9 + [0.95]
+    t_interval = mean_ci(np.asarray(values))
+    assert t_interval.low < 0
+    mean = toxicity_report(["a"] * 10, model=FixedProbabilities(values))["policy"]["mean_probability"]
+    assert (mean["mean"], mean["low"], mean["high"]) == (pytest.approx(0.095), 0.0, pytest.approx(t_interval.high))
 
 
 def test_judge_score_is_one_minus_probability():
