@@ -31,7 +31,7 @@ from typing import Any
 # Memory per device, bytes (as sold: GB = 1e9); --device-memory takes any other.
 DEVICES = {"h100-80gb": 80e9, "h200": 141e9, "a100-40gb": 40e9, "a100-80gb": 80e9, "v5e": 16e9, "v5p": 95e9}
 RESERVE = 0.10  # of the device's memory: the runtime, the program, fragmentation
-PLANNED_METHODS = ("sft", "dpo")
+PLANNED_METHODS = ("sft", "dpo", "ppo", "grpo")
 GiB = 2**30
 
 
@@ -52,8 +52,27 @@ class Plan:
     temporaries: int  # the compiled program's activations, gradients and temporaries
     total: int
     compile_seconds: float
+    # The online methods' (PPO, GRPO; :mod:`jaxalign.methods.plan_online`); zero and empty for the others.
+    critic: int = 0  # the critic's float32 masters (its own trunk or a value head)
+    reward_model: int = 0  # a reward model that runs in the process
+    initial_weights: int = 0  # the weights the trainer was built from, kept for the run
+    sampler_weights: int = 0  # the sampler's per-layer copy of the layer weights (and its cast below float32)
+    kv_cache: int = 0  # the decode loop's (inside the sampling phase's temporaries)
+    rollout_batch: int = 0  # an iteration's prepared rows, resident through its updates
+    phases: dict[str, int] = dataclasses.field(default_factory=dict)  # each phase's total; ``total`` the largest
+    phase_temporaries: dict[str, int] = dataclasses.field(default_factory=dict)  # each compiled program's
+    rollout: dict[str, int] = dataclasses.field(default_factory=dict)  # plan_online.Rollout's shapes
 
     def rows(self) -> list[tuple[str, int]]:
+        if self.phases:
+            return [("quantised base weights", self.quantized_base), ("float frozen weights", self.frozen_weights),
+                    ("trained weights (float32 masters)", self.trained_weights),
+                    ("critic (float32 masters)", self.critic), ("optimizer state", self.optimizer_state),
+                    ("reference model", self.reference), ("reward model", self.reward_model),
+                    ("initial weights (kept by the trainer)", self.initial_weights),
+                    ("sampler's per-layer weights", self.sampler_weights),
+                    ("rollout rows of an iteration", self.rollout_batch),
+                    ("KV cache (sampling)", self.kv_cache), ("minibatch", self.batch_bytes)]
         return [("quantised base weights", self.quantized_base), ("float frozen weights", self.frozen_weights),
                 ("trained weights (float32 masters)", self.trained_weights),
                 ("optimizer state", self.optimizer_state), ("reference model", self.reference),
@@ -101,9 +120,9 @@ def model_config(spec, config_file: str | Path | None = None):
     return gguf_io.gguf_config(metadata, names, gguf_path, **policy)
 
 
-def abstract_model(model_config, run_config, *, lora: bool):
+def abstract_model(model_config, run_config, *, lora: bool, wrap=None):
     """The run's model as shapes (``nnx.eval_shape``): quantised as ``model.quantize`` says, with its adapters
-    when ``lora``."""
+    when ``lora``; ``wrap(lm)`` builds a module around it (PPO's actor-critic)."""
     from flax import nnx
 
     from jaxalign import models
@@ -117,7 +136,8 @@ def abstract_model(model_config, run_config, *, lora: bool):
                 models.quantize_model(lm, run_config.model.quantize)
             except ValueError as error:
                 raise ValueError(quantize_error(error)) from None
-        return with_lora(lm, run_config) if lora else lm
+        lm = with_lora(lm, run_config) if lora else lm
+        return lm if wrap is None else wrap(lm)
 
     return nnx.eval_shape(build)
 
@@ -212,8 +232,12 @@ def plan_run(config, model_config, *, model_name: str = "model") -> Plan:
     from jaxalign.train.step import TrainStep
 
     if config.method not in PLANNED_METHODS:
-        raise ValueError(f"jaxalign plan covers the methods {list(PLANNED_METHODS)}; {config.method} is not planned "
-                         "yet")
+        raise ValueError(f"method {config.method}: jaxalign plan covers the methods {', '.join(PLANNED_METHODS)}; "
+                         f"{config.method} is not planned yet")
+    if config.method in ("ppo", "grpo"):
+        from jaxalign.methods.plan_online import plan_online
+
+        return plan_online(config, model_config, model_name=model_name)
     model, objective, references, dataset, trainable = _step_parts(config, model_config)
     mesh = make_mesh(config.train.mesh)
     batch = next(iter(training_batches(config.data, dataset, shuffle=False)))
@@ -280,13 +304,28 @@ def advice(plan: Plan, config, memory: float) -> list[str]:
 
 def report(plan: Plan, config, memory: float | None, device: str | None) -> str:
     mesh = ",".join(f"{axis}={size}" for axis, size in plan.mesh.items() if size > 1) or "one device"
-    lines = [f"jaxalign plan: {plan.method} on {plan.model}, mesh {mesh}, batch "
-             f"{config.data.batch_size} x {config.data.max_length} tokens"
-             f"{f', {config.train.micro_batches} micro-batches' if config.train.micro_batches > 1 else ''}"
+    micro = f", {config.train.micro_batches} micro-batches" if config.train.micro_batches > 1 else ""
+    if plan.phases:
+        shapes = plan.rollout
+        what = (f"{config.data.batch_size} prompts x {shapes['samples']} samples, {shapes['prompt_length']} + "
+                f"{shapes['new_tokens']} tokens, minibatches of {shapes['minibatch']} rows{micro}")
+    else:
+        what = f"batch {config.data.batch_size} x {config.data.max_length} tokens{micro}"
+    lines = [f"jaxalign plan: {plan.method} on {plan.model}, mesh {mesh}, {what}"
              f" (compiled in {plan.compile_seconds:.0f} s); per device:"]
     for name, value in plan.rows():
         lines.append(f"  {name:38} {value / GiB:9.2f} GiB")
-    lines.append(f"  {'total (compiled program)':38} {plan.total / GiB:9.2f} GiB")
+    if plan.phases:
+        labels = {"sampling": "sampling (prefill + decode loop)", "scoring": "scoring (no-grad pass)",
+                  "update": "update (train step on a minibatch)"}
+        lines.append("  phases, each with all of the above that is resident (temporaries of its program):")
+        for name, value in plan.phases.items():
+            lines.append(f"    {labels[name]:36} {value / GiB:9.2f} GiB "
+                         f"({plan.phase_temporaries.get(name, 0) / GiB:.2f})")
+        peak = max(plan.phases, key=plan.phases.get)
+        lines.append(f"  {f'total (the {peak} phase)':38} {plan.total / GiB:9.2f} GiB")
+    else:
+        lines.append(f"  {'total (compiled program)':38} {plan.total / GiB:9.2f} GiB")
     if memory is not None:
         usable = memory * (1 - RESERVE)
         name = f"{device} ({memory / GiB:.1f} GiB)" if device else f"{memory / GiB:.1f} GiB"
