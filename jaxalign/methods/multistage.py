@@ -124,8 +124,11 @@ def load_pipeline(config: str, overrides: Sequence[str] = (), *, smoke: bool = F
     except yaml.YAMLError as error:
         raise ValueError(f"{where}: not valid YAML: {error}") from None
     if not isinstance(values, dict) or not isinstance(values.get("pipeline"), dict):
+        sibling = f"{config}_pipeline"  # adlf -> adlf_pipeline: the run preset's own pipeline, when one ships
+        hint = (f"; the preset {sibling} is its pipeline: jaxalign pipeline --config {sibling}"
+                if (recipe.PRESETS / f"{sibling}.yaml").is_file() else "")
         raise ValueError(f"{where}: no pipeline: section (stages: [...]); a run preset trains with "
-                         "`jaxalign train <method> --config`, docs/pipelines.md describes pipeline files")
+                         f"`jaxalign train <method> --config`, docs/pipelines.md describes pipeline files{hint}")
     smoke_values = values.pop("smoke", None)
     if smoke:
         if not isinstance(smoke_values, dict):

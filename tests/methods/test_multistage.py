@@ -137,3 +137,14 @@ def test_train_on_a_pipeline_file_names_the_pipeline_command(capsys):
     error = capsys.readouterr().err
     assert "is a pipeline" in error and "jaxalign pipeline --config production_pipeline" in error
     assert "unknown key" not in error
+
+
+def test_pipeline_on_a_run_preset_names_its_pipeline(capsys):
+    """ADLF's run preset is ``adlf``, its pipeline ``adlf_pipeline``: ``jaxalign pipeline --config adlf`` says so."""
+    assert main(["pipeline", "--config", "adlf"]) == 2
+    assert "no pipeline: section" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="the preset adlf_pipeline is its pipeline: jaxalign pipeline --config "
+                                         "adlf_pipeline"):
+        multistage.load_pipeline("adlf")
+    with pytest.raises(ValueError, match="describes pipeline files$"):  # no such sibling: no hint
+        multistage.load_pipeline("sentiment")
