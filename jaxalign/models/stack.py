@@ -227,7 +227,7 @@ def per_token(fn, x: Float[Array, "... D"]) -> Array:
     Why: the numbers are the same as ``fn(x)``, but XLA's CPU backend lays out the backward of a
     ``[B, T, D] @ [D, F]`` matmul with transposed copies of the ``[B, T, F]`` activation gradients (an
     elementwise fusion writing a transposed layout, slow on CPU); on ``[B·T, D]`` it runs the weight
-    gradient as a plain transposed-operand matmul (measured in docs/models.md, "Layout"). On row-major
+    gradient as a plain transposed-operand matmul (measured: benchmarks/README.md, "The model's kernels"). On row-major
     layouts (CPU, GPU) the reshapes are bitcasts; on TPU's tiled layouts this has not been measured.
     """
     out = fn(x.reshape(-1, x.shape[-1]))

@@ -145,8 +145,8 @@ class Checkpointer:
 
         The mesh may differ from the one that saved: Orbax reshards. Each process gets back the data position
         it saved; under another process count, the position all processes saved alike (a global position, as
-        :class:`jaxalign.data.BatchIterator` keeps) is every process's. Without ``step``, a checkpoint that cannot be read
-        (truncated or corrupted files) is skipped with a warning that says why, and the next older one is
+        :class:`jaxalign.data.BatchIterator` keeps) is every process's. Without ``step``, a checkpoint that
+        cannot be read (truncated or corrupted files) is skipped with a warning that says why, and the next older one is
         tried; the damaged one is kept on disk, renamed ``<step>.damaged`` so that the run can save that step
         again (it is never deleted).
 
