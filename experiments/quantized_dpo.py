@@ -230,7 +230,10 @@ def main(argv: list[str] | None = None) -> int:
 
     judge = jeval.VaderJudge()
     print("[1/3] pairs: the main job's gold-labelled train pairs and held-out prompts")
-    data = main_job_data(args.pairs_from)
+    try:
+        data = main_job_data(args.pairs_from)
+    except (ValueError, KeyError) as error:
+        parser.error(f"--pairs-from {args.pairs_from}: {error}")
     if data is None:
         if args.pairs_from is not None:
             print(f"      {args.pairs_from} holds no main-job pairs: sampling them here (the main job's pair stage)")
