@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+#: The methods planned here (an iteration of sampling, scoring and updates).
 ONLINE_METHODS = ("ppo", "grpo")
 
 
@@ -66,6 +67,8 @@ def sampler_is_policy(params) -> bool:
 
 
 def rollout_shapes(config, model_config, params, mesh) -> Rollout:
+    """The iteration's shapes as the run gets them: prompt rows and length bucketed as the sampler buckets them,
+    GRPO's group rows where :meth:`~jaxalign.methods.grpo.GRPOTrainer.shared_group` would take them."""
     from jaxalign.methods.groups import saves_work
     from jaxalign.rollout.batching import MIN_LENGTH_BUCKET, bucket
     from jaxalign.rollout.engine import BATCH_AXES
@@ -105,7 +108,7 @@ def trained_module(config, model_config):
     them, as shapes."""
     from flax import nnx
 
-    from jaxalign.methods.plan import abstract_model
+    from jaxalign.methods.plan_parts import abstract_model
 
     lora = config.model.lora is not None
     if config.method == "grpo":
@@ -219,7 +222,7 @@ def _analysis(compiled) -> dict[str, int]:
 
 
 def _per_device(tree) -> int:
-    from jaxalign.methods.plan import _tree_bytes
+    from jaxalign.methods.plan_parts import _tree_bytes
 
     return _tree_bytes(tree)
 
@@ -319,7 +322,6 @@ def _lower_pass(fn, modules, arrays, static):
 
 def compile_scoring(config, trained_view, reference, shapes: Rollout, mesh, params, temperature) -> dict | None:
     """The method's no-grad scoring pass over the iteration's rows (None when the run skips it)."""
-    import numpy as np
 
     sequence = shapes.prompt_length + shapes.new_tokens
     inputs = [_rows(mesh, shapes.rows, sequence) for _ in range(3)]
@@ -388,6 +390,7 @@ def update_batch(config, shapes: Rollout, with_reference: bool) -> dict:
 
 
 def minibatch_of(batch: dict, parts: int) -> dict:
+    """One of ``parts`` equal minibatches of ``batch``'s rows, abstract."""
     import jax
 
     return {name: jax.ShapeDtypeStruct((value.shape[0] // parts, *value.shape[1:]), value.dtype)
@@ -395,7 +398,7 @@ def minibatch_of(batch: dict, parts: int) -> dict:
 
 
 def _batch_bytes(batch: dict, mesh) -> int:
-    from jaxalign.methods.plan import _shard_bytes
+    from jaxalign.methods.plan_parts import _shard_bytes
 
     return sum(_shard_bytes(value, _rows(mesh, *value.shape, dtype=value.dtype).sharding) for value in batch.values())
 
@@ -427,15 +430,33 @@ def train_step(config, model, trainable, shapes: Rollout, mesh, params):
                      micro_batches=config.train.micro_batches, max_update_ratio=config.train.max_update_ratio)
 
 
-def plan_online(config, model_config, *, model_name: str = "model"):
-    """Plan one iteration of a PPO or GRPO run (see the module docstring): bytes per device of each phase."""
-    import time
+@dataclasses.dataclass
+class Parts:
+    """A run's modules, step and iteration shapes, abstract, and the bytes per device of what stays resident
+    (``sizes``: the :class:`~jaxalign.methods.plan.Plan` fields of the same names); nothing compiled but the
+    sampler's per-layer copy on a mesh (to learn its shardings)."""
 
+    config: Any
+    params: Any  # SamplingParams
+    mesh: Any
+    shapes: Rollout
+    model: Any
+    policy: Any
+    reference: Any
+    step: Any
+    iteration: dict
+    minibatch: dict
+    member: Any
+    sizes: dict[str, int]
+
+
+def build_parts(config, model_config) -> Parts:
+    """The run's parts (see :class:`Parts`); bad settings raise ``ValueError`` naming their key."""
     import jax
     from flax import nnx
 
     from jaxalign.methods.online import default_trainable
-    from jaxalign.methods.plan import Plan, _weights_bytes, abstract_model
+    from jaxalign.methods.plan_parts import _weights_bytes, abstract_model
     from jaxalign.models.quantized import WEIGHTS, QuantizedWeight
     from jaxalign.train.mesh import make_mesh
 
@@ -443,75 +464,78 @@ def plan_online(config, model_config, *, model_name: str = "model"):
         raise ValueError(f"loss.kl_coef={config.loss.kl_coef}: GRPO's KL term needs a reference (reference=model or "
                          "a LoRA policy)")
     params = sampling_params(config, model_config)
+    reward = reward_model_bytes(config)  # a reward model that cannot be sized fails before anything compiles
     if config.method == "ppo" and params.n != 1:
         raise ValueError(f"sampling.n={params.n}: PPO samples one response per prompt (GRPO samples groups)")
     if config.method == "grpo" and params.n < 2:
         raise ValueError(f"sampling.n={params.n}: GRPO needs groups of 2 or more responses per prompt")
     mesh = make_mesh(config.train.mesh)
-    sampler_mesh = mesh if mesh.size > 1 else None
     shapes = rollout_shapes(config, model_config, params, mesh)
     model, policy = trained_module(config, model_config)
     reference = abstract_model(model_config, config, lora=False) if config.reference == "model" else None
     trainable = default_trainable(policy)
-    start = time.perf_counter()
-
     step = train_step(config, model, trainable, shapes, mesh, params)
     with_reference = config.reference in ("model", "lora_base") and (reference is not None or _has_lora(policy))
     iteration = update_batch(config, shapes, with_reference)
-    parts = config.loss.num_minibatches
-    minibatch = minibatch_of(iteration, parts)
-    update = _analysis(step.lower(minibatch, with_update_ratio=step.max_update_ratio is not None).compile())
+    minibatch = minibatch_of(iteration, config.loss.num_minibatches)
     state = step.abstract_state()
     critic = _per_device([leaf for path, leaf in jax.tree_util.tree_flatten_with_path(state.params)[0]
                           if _key(path[0]) in ("critic", "value_head")])
-    trained = _per_device(state.params) - critic
-
-    member = sampler_member(policy, mesh, sampler_mesh)
+    member = sampler_member(policy, mesh, mesh if mesh.size > 1 else None)
     sampler_copy = member[2]
     if config.model.param_dtype != "float32":  # the sampler's cast of the trained weights, in the model's dtype
-        trained_policy = nnx.All(nnx.Param, trainable, nnx.Not(nnx.PathContains("critic")),
-                                 nnx.Not(nnx.PathContains("value_head")))
-        sampler_copy += _weights_bytes(policy, mesh, trained_policy) if config.method == "grpo" else \
-            _weights_bytes(model, mesh, trained_policy)
+        sampler_copy += _weights_bytes(model, mesh, nnx.All(nnx.Param, trainable, nnx.Not(nnx.PathContains("critic")),
+                                                            nnx.Not(nnx.PathContains("value_head"))))
+    sizes = {"quantized_base": _weights_bytes(model, mesh, QuantizedWeight),
+             "frozen_weights": _weights_bytes(model, mesh, nnx.All(nnx.Param, nnx.Not(trainable))),
+             "trained_weights": _per_device(state.params) - critic, "critic": critic,
+             "optimizer_state": _per_device(state.opt_state),
+             "reference": 0 if reference is None else _bytes(nnx.state(reference, WEIGHTS)),
+             "reward_model": reward, "initial_weights": _bytes(nnx.state(model)), "sampler_weights": sampler_copy,
+             "kv_cache": kv_cache_bytes(model_config, shapes, mesh), "rollout_batch": _batch_bytes(iteration, mesh),
+             "batch_bytes": _batch_bytes(minibatch, mesh)}
+    return Parts(config, params, mesh, shapes, model, policy, reference, step, iteration, minibatch, member, sizes)
+
+
+def plan_online(config, model_config, *, model_name: str = "model"):
+    """Plan one iteration of a PPO or GRPO run (see the module docstring): bytes per device of each phase."""
+    import time
+
+    from flax import nnx
+
+    from jaxalign.methods.plan_parts import Plan
+
+    parts = build_parts(config, model_config)
+    mesh, shapes, params, sizes, step = parts.mesh, parts.shapes, parts.params, parts.sizes, parts.step
+    start = time.perf_counter()
+    update = _analysis(step.lower(parts.minibatch, with_update_ratio=step.max_update_ratio is not None).compile())
     hidden = config.method == "ppo" and config.loss.critic == "shared" and sampler_is_policy(params)
-    sampling = compile_sampling(member, model_config, params, shapes, mesh, sampler_mesh, return_hidden=hidden)
+    sampling = compile_sampling(parts.member, model_config, params, shapes, mesh, mesh if mesh.size > 1 else None,
+                                return_hidden=hidden)
     temperature = params.temperature if params.temperature > 0 else 1.0
-    trained_view = nnx.view(model, deterministic=True, raise_if_not_found=False)
-    scoring = compile_scoring(config, trained_view, reference, shapes, mesh, params, temperature)
+    trained_view = nnx.view(parts.model, deterministic=True, raise_if_not_found=False)
+    scoring = compile_scoring(config, trained_view, parts.reference, shapes, mesh, params, temperature)
     seconds = time.perf_counter() - start
 
-    frozen_float = nnx.All(nnx.Param, nnx.Not(trainable))
-    quantized = _weights_bytes(model, mesh, QuantizedWeight)
-    frozen = _weights_bytes(model, mesh, frozen_float)
-    reference_bytes = 0 if reference is None else _bytes(nnx.state(reference, WEIGHTS))
-    reward = reward_model_bytes(config)
-    initial = _bytes(nnx.state(model))
-    rollout_bytes = _batch_bytes(iteration, mesh)
-    kv_cache = kv_cache_bytes(model_config, shapes, mesh)
-    optimizer_state = _per_device(state.opt_state)
-    kept = reference_bytes + reward + initial + sampler_copy  # resident beside the train step's own arguments
-    resident = trained + critic + optimizer_state + quantized + frozen + kept
+    # Resident beside the train step's own arguments (its state, frozen weights and minibatch).
+    kept = sizes["reference"] + sizes["reward_model"] + sizes["initial_weights"] + sizes["sampler_weights"]
+    resident = kept + sum(sizes[name] for name in ("trained_weights", "critic", "optimizer_state", "quantized_base",
+                                                   "frozen_weights"))
     sequence_inputs = 3 * 4 * shapes.rows * (shapes.prompt_length + shapes.new_tokens) // _batch_shards(mesh)
-    phases = {"sampling": resident + sampling["outputs"] + sampling["temporaries"],
-              "update": (update["arguments"] + update["outputs"] - update["aliased"] + update["temporaries"]
-                         + kept + rollout_bytes)}
+    phases = {"sampling": resident + sampling["outputs"] + sampling["temporaries"]}
     if scoring is not None:
         phases["scoring"] = (resident + sampling["outputs"] + sequence_inputs + scoring["outputs"]
                              + scoring["temporaries"])
-    phases = {name: int(value) for name, value in sorted(phases.items(), key=lambda item: _ORDER.index(item[0]))}
+    phases["update"] = (update["arguments"] + update["outputs"] - update["aliased"] + update["temporaries"]
+                        + kept + sizes["rollout_batch"])
+    temporaries = {"sampling": sampling["temporaries"], "update": update["temporaries"]}
+    if scoring is not None:
+        temporaries["scoring"] = scoring["temporaries"]
     return Plan(method=config.method, model=model_name, mesh=dict(mesh.shape),
-                batch={name: list(value.shape) for name, value in minibatch.items()},
-                quantized_base=quantized, frozen_weights=frozen, trained_weights=trained,
-                optimizer_state=optimizer_state, reference=reference_bytes, batch_bytes=_batch_bytes(minibatch, mesh),
-                temporaries=update["temporaries"], total=max(phases.values()), compile_seconds=round(seconds, 1),
-                critic=critic, reward_model=reward, initial_weights=initial, sampler_weights=sampler_copy,
-                kv_cache=kv_cache, rollout_batch=rollout_bytes, phases=phases,
-                rollout=dataclasses.asdict(shapes),
-                phase_temporaries={"sampling": sampling["temporaries"], "update": update["temporaries"],
-                                   **({"scoring": scoring["temporaries"]} if scoring is not None else {})})
-
-
-_ORDER = ("sampling", "scoring", "update")
+                batch={name: list(value.shape) for name, value in parts.minibatch.items()},
+                temporaries=update["temporaries"], total=int(max(phases.values())), compile_seconds=round(seconds, 1),
+                phases={name: int(value) for name, value in phases.items()}, phase_temporaries=temporaries,
+                rollout=dataclasses.asdict(shapes), **sizes)
 
 
 def _key(entry) -> str:

@@ -115,3 +115,119 @@ class _nothing:
 
     def __exit__(self, *exc):
         return False
+
+
+# --- the online methods -------------------------------------------------------------------------------------------
+
+ONLINE = ["reward={function: vader}", "sampling={max_new_tokens: 8}", "loss.epochs=1"]
+
+
+@pytest.fixture(scope="module")
+def online_plans(run_yaml) -> dict:
+    """PPO with LoRA and a shared critic (a value head on the trunk, the LoRA base the reference), GRPO in groups
+    of 2 with a frozen reference: each iteration's three programs compiled once for the module."""
+    cases = {
+        "ppo": ("ppo", [LORA, "reference=lora_base", "loss.critic=shared"]),
+        "grpo": ("grpo", ["reference=model", "sampling={max_new_tokens: 8, n: 2}", "loss.num_minibatches=2",
+                          "loss.kl_coef=0.05"]),
+    }
+    plans = {}
+    for name, (method, overrides) in cases.items():
+        config = recipe.load_run_config(str(run_yaml), [*ONLINE, *overrides], method=method)
+        plans[name] = (config, plan.plan_run(config, plan.model_config(config.model)))
+    return plans
+
+
+def _param_bytes(module, dtype_bytes=4) -> int:
+    return sum(math.prod(x.shape) * dtype_bytes for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
+
+
+def test_a_separate_critic_is_a_second_trained_trunk(run_yaml):
+    """Its float32 masters and Adam moments beside the policy's; the initial weights the trainer keeps are both
+    trunks; the KV cache is the decode loop's per-layer buffers of prompt + response − 1 slots, sized exactly."""
+    from jaxalign.methods import plan_online
+
+    config = recipe.load_run_config(str(run_yaml), [*ONLINE, "reference=model", "loss.critic=separate"],
+                                    method="ppo")
+    sizes = plan_online.build_parts(config, plan.model_config(config.model)).sizes
+    policy = plan.abstract_model(plan.model_config(config.model), config, lora=False)
+    weights, architecture = _param_bytes(policy), policy.config
+    assert sizes["trained_weights"] == weights and sizes["critic"] == weights + 4 * (architecture.d_model + 1)
+    trained = weights + sizes["critic"]
+    assert 2 * trained <= sizes["optimizer_state"] < 2 * trained + 1024
+    assert sizes["reference"] == weights == sizes["initial_weights"] - sizes["critic"]
+    assert sizes["frozen_weights"] == 0 == sizes["reward_model"] and 0 < sizes["sampler_weights"] < weights
+    slots, rows = 16 + 8 - 1, 4
+    kv = 2 * architecture.n_layers * rows * architecture.n_kv_heads * architecture.head_dim * slots * 4
+    assert sizes["kv_cache"] == kv + rows * slots + rows * 4
+
+
+def test_ppo_plans_each_phase_with_what_stays_resident(online_plans, run_yaml):
+    """The total is the largest of sampling, scoring and update, each of which holds everything resident; the
+    sampling program's temporaries hold the KV cache."""
+    config, ppo = online_plans["ppo"]
+    policy = plan.abstract_model(plan.model_config(config.model), config, lora=False)
+    weights = _param_bytes(policy)
+    assert 0 < ppo.critic < weights / 100 and ppo.reference == 0 and ppo.frozen_weights == weights
+    assert ppo.trained_weights < weights / 40
+    assert ppo.rollout == {"prompts": 4, "samples": 1, "rows": 4, "minibatch": 4, "prompt_length": 16,
+                           "new_tokens": 8, "group": 0}
+    assert list(ppo.phases) == ["sampling", "scoring", "update"] and ppo.total == max(ppo.phases.values())
+    resident = (ppo.trained_weights + ppo.critic + ppo.optimizer_state + ppo.frozen_weights + ppo.initial_weights
+                + ppo.sampler_weights)
+    assert min(ppo.phases.values()) > resident and ppo.phase_temporaries["sampling"] >= ppo.kv_cache > 0
+    assert ppo.batch == {name: [4, 24] for name in ("input_ids", "attention_mask", "positions")} | {
+        name: [4, 8] for name in ("response_mask", "old_logps", "old_values", "advantages", "returns")}
+    text = plan.report(ppo, config, 2**40, None).splitlines()
+    assert text[0].startswith("jaxalign plan: ppo on ") and "4 prompts x 1 samples, 16 + 8 tokens" in text[0]
+    assert any(line.split()[:3] == ["KV", "cache", "(sampling)"] for line in text)
+    assert any(line.strip().startswith("total (the ") for line in text) and text[-1].startswith("fits: ")
+
+
+def test_grpo_plans_groups_minibatches_and_the_json(online_plans, run_yaml, capsys):
+    config, grpo = online_plans["grpo"]
+    assert grpo.critic == 0 and grpo.rollout["rows"] == 8 and grpo.rollout["minibatch"] == 4
+    assert grpo.batch["advantages"][0] in (4, 2)  # rows, or group rows of 2 responses
+    assert "ref_logps" in grpo.batch and set(grpo.phases) == {"sampling", "scoring", "update"}
+    assert grpo.kv_cache > 0 and grpo.initial_weights == grpo.reference == grpo.trained_weights
+    with pytest.raises(ValueError, match=r"sampling.n=1: GRPO needs groups"):
+        plan.plan_run(recipe.load_run_config(str(run_yaml), ONLINE, method="grpo"),
+                      plan.model_config(config.model))
+
+
+def test_a_reward_model_directory_is_sized_from_its_config(checkpoint, run_yaml, tmp_path):
+    """A reward model in the process is its float32 trunk and head, read from its directory's config.json and
+    reward_model.json (no weights)."""
+    from jaxalign.methods import plan_online
+
+    directory = tmp_path / "rm"
+    directory.mkdir()
+    (directory / "config.json").write_text((checkpoint / "config.json").read_text())
+    (directory / "reward_model.json").write_text(json.dumps({"gain": 1.0, "bias": 0.0, "num_objectives": None,
+                                                             "pooling": "last", "head": {}}))
+    config = recipe.load_run_config(str(run_yaml), [*ONLINE, "reward={composite: {external: {model: %s}}}"
+                                                    % directory], method="ppo")
+    lm = plan.abstract_model(plan.model_config(config.model), config, lora=False)
+    trunk = _param_bytes(lm.model)
+    assert plan_online.reward_model_bytes(config) == trunk + 4 * (lm.config.d_model + 1)
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--method", "ppo", "reward={model: someone/reward-model}"],
+     "reward.model someone/reward-model: jaxalign plan sizes a reward model from its directory's config.json"),
+    (["--method", "ppo", "reward={function: vader}", "sampling={n: 2}"], "sampling.n=2: PPO samples one response"),
+    (["--method", "kto"], "argument --method: invalid choice: 'kto'"),
+])
+def test_bad_online_input_is_one_line_naming_the_key(run_yaml, capsys, arguments, message):
+    with pytest.raises(SystemExit) if "kto" in arguments else _nothing():
+        assert main(["plan", "--config", str(run_yaml), *arguments]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert message in error[-1], error
+
+
+def test_a_method_not_planned_is_named(run_yaml, tmp_path, capsys):
+    path = tmp_path / "kto.yaml"
+    path.write_text(json.dumps({**json.loads(run_yaml.read_text()), "method": "kto"}))
+    assert main(["plan", "--config", str(path)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert "method kto: jaxalign plan covers the methods sft, dpo, ppo, grpo; kto is not planned yet" in error[-1]
