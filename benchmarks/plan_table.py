@@ -2,11 +2,15 @@
 
 Each row is ``jaxalign plan --json`` in a fresh process: the method's step lowered and compiled by XLA:CPU on
 emulated devices from the model's published ``config.json`` (tests/methods/model_configs/), no weight read. Rows:
-Llama-3-8B SFT and DPO full bf16 on 8 devices (FSDP), LoRA bf16 and QLoRA nf4 on one device, Llama-3-70B QLoRA
-on one and on eight devices; every row fitted against H100 80GB, and the 70B one-device rows against H200 too.
-1024-token sequences; 8 sequences (SFT) or pairs (DPO) a step on eight devices, 2 on one.
+Llama-3-8B SFT, DPO and PPO full bf16 on 8 devices (FSDP), LoRA bf16 and QLoRA nf4 on one device, Llama-3-70B
+QLoRA on one and on eight devices; every row fitted against H100 80GB, and the 70B one-device rows against H200
+too. 1024-token sequences; 8 sequences (SFT) or pairs (DPO) a step on eight devices, 2 on one. PPO (the
+``sentiment_ppo`` preset: a frozen reference, a separate critic, VADER as the reward, so no reward model on the
+device): 8 prompts of 768 tokens and 256 new ones an iteration, its sampling loop, scoring pass and update each
+compiled.
 
     python benchmarks/plan_table.py            # writes benchmarks/results/plan_table.json
+    python benchmarks/plan_table.py --rows "llama-3-8b ppo full bf16"     # one row, the file's others kept
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ CONFIGS = ROOT / "tests" / "methods" / "model_configs"
 BF16 = ["model.param_dtype=bfloat16", "model.compute_dtype=bfloat16", "data.buckets=null", "data.max_length=1024"]
 LORA = "model.lora={rank: 16, alpha: 32, targets: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]}"
 NF4 = "model.quantize={type: nf4, compute_dtype: bfloat16}"
+PRESETS = {"ppo": "sentiment_ppo"}  # the online methods' presets (sampling, reward, loss); others "sentiment"
+PPO = ["reference=model", "loss.critic=separate", "reward={function: vader}", "data.max_length=768",
+       "sampling={max_new_tokens: 256, temperature: 1.0}"]
 # (model, method, setting, mesh, global batch, device, overrides)
 ROWS = [
     ("llama-3-8b", "dpo", "QLoRA nf4", None, 2, "h100-80gb", [LORA, NF4, "reference=lora_base"]),
@@ -34,6 +41,7 @@ ROWS = [
     ("llama-3-8b", "dpo", "LoRA bf16", None, 2, "h100-80gb", [LORA, "reference=lora_base"]),
     ("llama-3-70b", "dpo", "QLoRA nf4", "fsdp=8", 8, "h100-80gb", [LORA, NF4, "reference=lora_base"]),
     ("llama-3-8b", "sft", "full bf16", "fsdp=8", 8, "h100-80gb", []),
+    ("llama-3-8b", "ppo", "full bf16", "fsdp=8", 8, "h100-80gb", PPO),
     ("llama-3-8b", "sft", "QLoRA nf4", None, 2, "h100-80gb", [LORA, NF4]),
     ("llama-3-8b", "sft", "LoRA bf16", None, 2, "h100-80gb", [LORA]),
     ("llama-3-70b", "sft", "QLoRA nf4", None, 2, "h200", [LORA, NF4]),
@@ -42,7 +50,8 @@ ROWS = [
 
 
 def plan(model: str, method: str, mesh: str | None, batch: int, device: str, overrides: list[str]) -> dict:
-    command = [sys.executable, "-m", "jaxalign.cli", "plan", "--config", "sentiment", "--method", method,
+    command = [sys.executable, "-m", "jaxalign.cli", "plan", "--config", PRESETS.get(method, "sentiment"),
+               "--method", method,
                "--model-config", str(CONFIGS / f"{model}.json"), "--device", device, "--json",
                *(["--mesh", mesh] if mesh else []), *BF16, f"data.batch_size={batch}", *overrides]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
@@ -54,9 +63,20 @@ def plan(model: str, method: str, mesh: str | None, batch: int, device: str, ove
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, default=RESULTS / "plan_table.json")
+    parser.add_argument("--rows", nargs="+", metavar="'MODEL METHOD SETTING'",
+                        help="only these rows (e.g. 'llama-3-8b ppo full bf16'); the output file's other rows are kept")
     args = parser.parse_args()
+    names = {f"{model} {method} {setting}": (model, method, setting, *rest) for model, method, setting, *rest in ROWS}
+    unknown = sorted(set(args.rows or ()) - set(names))
+    if unknown:
+        parser.error(f"--rows: no row {unknown[0]!r} (rows: {', '.join(names)})")
+    chosen = [names[name] for name in args.rows] if args.rows else ROWS
+    kept = []
+    if args.rows and args.output.is_file():
+        kept = [row for row in json.loads(args.output.read_text())["rows"]
+                if f"{row['model']} {row['method']} {row['setting']}" not in args.rows]
     rows = []
-    for model, method, setting, mesh, batch, device, overrides in ROWS:
+    for model, method, setting, mesh, batch, device, overrides in chosen:
         start = time.perf_counter()
         result = plan(model, method, mesh, batch, device, overrides)
         rows.append({"model": model, "method": method, "setting": setting, "mesh": mesh or "1 device",
@@ -65,7 +85,7 @@ def main() -> None:
         gib = result["total"] / 2**30
         print(f"{model:12} {method:4} {setting:10} {mesh or '1 device':9} {device:10} {gib:8.1f} GiB "
               f"{'fits' if result['fits'] else 'does not fit'}", flush=True)
-        provenance.write_result(args.output, "plan_table", rows=rows)  # after every row: each takes minutes
+        provenance.write_result(args.output, "plan_table", rows=kept + rows)  # after every row: each takes minutes
     print(f"wrote {args.output}")
 
 

@@ -146,6 +146,10 @@ def plan_run(config, model_config, *, model_name: str = "model") -> Plan:
 def advice(plan: Plan, config, memory: float) -> list[str]:
     """Changes that would bring ``plan`` under ``memory`` bytes, each with its estimated total (the sharded parts
     divide by the mesh, the activations by the micro-batches; estimates, not compiled)."""
+    if plan.phases:
+        from jaxalign.methods.plan_online import advice as online_advice
+
+        return online_advice(plan, config, memory * (1 - RESERVE))
     usable = memory * (1 - RESERVE)
     sharded = plan.quantized_base + plan.frozen_weights + plan.trained_weights + plan.optimizer_state + plan.reference
     ideas = []

@@ -522,7 +522,8 @@ def plan_online(config, model_config, *, model_name: str = "model"):
     resident = kept + sum(sizes[name] for name in ("trained_weights", "critic", "optimizer_state", "quantized_base",
                                                    "frozen_weights"))
     sequence_inputs = 3 * 4 * shapes.rows * (shapes.prompt_length + shapes.new_tokens) // _batch_shards(mesh)
-    phases = {"sampling": resident + sampling["outputs"] + sampling["temporaries"]}
+    # The sampler makes the new weights' per-layer copy while it still holds the last one, then samples.
+    phases = {"sampling": resident + max(sizes["sampler_weights"], sampling["outputs"] + sampling["temporaries"])}
     if scoring is not None:
         phases["scoring"] = (resident + sampling["outputs"] + sequence_inputs + scoring["outputs"]
                              + scoring["temporaries"])
@@ -536,6 +537,38 @@ def plan_online(config, model_config, *, model_name: str = "model"):
                 temporaries=update["temporaries"], total=int(max(phases.values())), compile_seconds=round(seconds, 1),
                 phases={name: int(value) for name, value in phases.items()}, phase_temporaries=temporaries,
                 rollout=dataclasses.asdict(shapes), **sizes)
+
+
+def advice(plan, config, usable: float) -> list[str]:
+    """Changes that would bring an online ``plan`` under ``usable`` bytes, each with its estimated total: the
+    sharded state divides by the mesh, a phase's temporaries by its rows (estimates, not compiled)."""
+    GiB = 2**30
+    peak = max(plan.phases, key=plan.phases.get)
+    ideas = []
+    sharded = (plan.trained_weights + plan.critic + plan.optimizer_state + plan.frozen_weights + plan.quantized_base
+               + plan.sampler_weights)
+    devices = math.prod(plan.mesh.values())
+    for factor in (2, 4, 8):
+        estimate = plan.total - sharded + sharded / factor
+        if estimate <= usable:
+            ideas.append(f"--mesh fsdp={devices * factor} (the train state over {devices * factor} devices): about "
+                         f"{estimate / GiB:.1f} GiB")
+            break
+    if config.model.lora is None:
+        ideas.append("model.lora={rank: 16, alpha: 32} (only adapters and the critic train; reference=lora_base "
+                     "needs no reference model)")
+    if config.method == "ppo" and config.loss.critic == "separate":
+        ideas.append(f"loss.critic=shared (a value head on the policy's trunk): about "
+                     f"{(plan.total - plan.critic * 3 - plan.initial_weights / 2) / GiB:.1f} GiB")
+    temporaries = plan.phase_temporaries.get(peak, 0)
+    if peak == "update" and plan.rollout.get("minibatch", 1) > 1:
+        ideas.append(f"loss.num_minibatches={2 * config.loss.num_minibatches} or train.micro_batches="
+                     f"{2 * config.train.micro_batches} (half the rows per forward pass): about "
+                     f"{(plan.total - temporaries / 2) / GiB:.1f} GiB")
+    elif peak in ("sampling", "scoring") and config.data.batch_size > 1:
+        ideas.append(f"data.batch_size={config.data.batch_size // 2} (half the rows sampled and scored at once): "
+                     f"about {(plan.total - temporaries / 2) / GiB:.1f} GiB")
+    return ideas
 
 
 def _key(entry) -> str:

@@ -182,6 +182,8 @@ def test_ppo_plans_each_phase_with_what_stays_resident(online_plans, run_yaml):
     assert text[0].startswith("jaxalign plan: ppo on ") and "4 prompts x 1 samples, 16 + 8 tokens" in text[0]
     assert any(line.split()[:3] == ["KV", "cache", "(sampling)"] for line in text)
     assert any(line.strip().startswith("total (the ") for line in text) and text[-1].startswith("fits: ")
+    refused = plan.report(ppo, config, ppo.total / 2, None).splitlines()[-1]
+    assert refused.startswith("does not fit: ") and "; what would: " in refused
 
 
 def test_grpo_plans_groups_minibatches_and_the_json(online_plans, run_yaml, capsys):
