@@ -18,7 +18,8 @@ Stages:
    block_size: 64, double_quant: true}``: the frozen projections in 4-bit NormalFloat, dequantised inside each
    product, the adapters and the compute in float32). Each run's peak resident memory is the child's own
    (``wait4``'s ``ru_maxrss``: loading, the precomputed reference, training and the export); its train time is
-   the sum of its steps' times (``metrics.jsonl``), beside the child's wall time.
+   the sum of its steps' times (``metrics.jsonl``), beside the child's wall time. Beside them, the base's weights
+   as each run holds them (the NF4 run keeps the embeddings, norms and head in float32, as QLoRA does).
 3. evaluation of each policy (its Hugging Face export: the nf4 run's is the dequantised base with the adapters
    merged, the function it trained) against the base on the held-out prompts, as the main job evaluates: gold
    (VADER) win rate with its 95 % interval clustered by prompt, mean gold score, KL to the base, response length;
@@ -132,20 +133,35 @@ def train_run(name: str, out: Path, overrides: list[str]) -> dict:
     return result
 
 
+def weights_mib(model_path: Path | None, block_size: int) -> dict[str, float]:
+    """The base's weights in memory (MiB), as each run holds them: float32, and with the projections in NF4."""
+    import jax
+    from flax import nnx
+
+    from jaxalign import models
+
+    model, _ = models.load_pretrained(None if model_path is None else str(model_path), source="--model")
+    size = lambda: sum(getattr(leaf, "nbytes", 0) for leaf in jax.tree.leaves(nnx.state(model))) / 2**20  # noqa: E731
+    float32 = size()
+    models.quantize_model(model, models.QuantizeConfig(type="nf4", block_size=block_size, double_quant=True))
+    return {"float32": round(float32, 3), "nf4": round(size(), 3)}
+
+
 def inside(value: float, interval: dict) -> bool:
     return interval["low"] <= value <= interval["high"]
 
 
 def table(rows: dict[str, dict]) -> str:
     header = ("run", "gold win rate vs base [95% CI]", "gold score", "KL (nats)", "length", "peak RSS",
-              "train time", "wall time")
+              "base weights", "train time", "wall time")
     lines = [header]
     for name, row in rows.items():
         win = row["win_rate"]
         lines.append((name, f"{win['rate']:.1%} [{win['low']:.1%}, {win['high']:.1%}]",
                       f"{row['gold_reward']['policy']['mean']:+.3f}", f"{row['kl']['mean']:.2f}",
                       f"{row['response_length']['policy']['mean']:.1f}", f"{row['peak_rss_mib'] / 1024:.2f} GiB",
-                      f"{row['train_seconds'] / 60:.1f} min", f"{row['wall_seconds'] / 60:.1f} min"))
+                      f"{row['base_weights_mib']:.0f} MiB", f"{row['train_seconds'] / 60:.1f} min",
+                      f"{row['wall_seconds'] / 60:.1f} min"))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines)
 
@@ -174,7 +190,8 @@ def plot(rows: dict[str, dict], base_gold: float, path: Path) -> None:
     peaks = [rows[n]["peak_rss_mib"] / 1024 for n in names]
     right.bar(names, peaks, color=colors)
     for i, name in enumerate(names):
-        right.text(i, peaks[i], f"{peaks[i]:.2f} GiB\ntrain {rows[name]['train_seconds'] / 60:.1f} min",
+        right.text(i, peaks[i], f"{peaks[i]:.2f} GiB (base weights {rows[name]['base_weights_mib']:.0f} MiB)\n"
+                                f"train {rows[name]['train_seconds'] / 60:.1f} min",
                    ha="center", va="bottom", fontsize=8)
     right.set_ylim(0, max(peaks) * 1.25)
     right.set_ylabel("peak resident memory (GiB)")
@@ -264,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
         evaluation = evaluate(out, name, runs[name]["export"], base, tokenizer, data["eval_prompts"], judge=judge,
                               samples=args.eval_samples, max_new_tokens=max_new_tokens, seed=seed)
         rows[name] = {k: v for k, v in evaluation.items() if k != "records"} | runs[name]
+    del base
+    for name, mib in weights_mib(model_path, args.block_size).items():
+        rows[name]["base_weights_mib"] = mib
     reference = rows["float32"]["win_rate"]
     verdict = {"nf4_rate": rows["nf4"]["win_rate"]["rate"], "float32_interval": [reference["low"], reference["high"]],
                "inside": inside(rows["nf4"]["win_rate"]["rate"], reference),

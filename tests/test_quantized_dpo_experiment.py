@@ -61,6 +61,7 @@ def test_both_runs_train_apart_on_the_same_pairs_and_meet_the_same_base_samples(
         assert 0 < row["train_seconds"] <= row["wall_seconds"], name
         assert row["win_rate"]["low"] <= row["win_rate"]["rate"] <= row["win_rate"]["high"]
         assert row["responses"] == 2
+    assert 0 < summary["runs"]["nf4"]["base_weights_mib"] < summary["runs"]["float32"]["base_weights_mib"] / 2
     reference = summary["runs"]["float32"]["win_rate"]
     assert summary["verdict"]["inside"] == (reference["low"] <= summary["verdict"]["nf4_rate"] <= reference["high"])
     bases = [[r["base"] for r in json.loads((out / "evaluation" / f"{name}.json").read_text())["records"]]
