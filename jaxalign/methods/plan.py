@@ -13,6 +13,14 @@ is read and no parameter allocated. The compiled program's memory analysis gives
 of one device; the state's and the weights' shards give the rest. The mesh is emulated on CPU devices (``--mesh
 fsdp=8`` compiles the 8-device program here), so a plan for a GPU or TPU slice runs on a laptop.
 
+PPO and GRPO (:mod:`jaxalign.methods.plan_online`) run an iteration of three programs, each compiled the same way:
+the rollout engine's sampling loop with its KV cache, the no-grad scoring pass and the update step on a minibatch
+of the iteration's rows; the plan reports each phase with what stays resident through all of them (the critic,
+the reference, a reward model, the sampler's copy of the weights), and its total is the largest phase::
+
+    jaxalign plan --config sentiment_ppo reward="{function: vader}" loss.critic=separate \\
+        --model-config llama-3-8b/config.json --device h100-80gb --mesh fsdp=8 model.param_dtype=bfloat16
+
 Figures are bytes per device. ``fits`` compares the total with the device's memory less a reserve
 (:data:`RESERVE`) for the runtime, the compiled code and fragmentation.
 """
@@ -258,9 +266,10 @@ def parse_mesh(text: str | None) -> dict[str, int]:
 def add_plan_command(subcommands) -> None:
     parser = subcommands.add_parser(
         "plan", help="memory per device of a training run, compiled from shapes (no weights loaded)",
-        description="Lower and compile a run's training step from abstract shapes and print what each device holds "
-                    "(weights quantised and not, adapters, optimizer state, reference, activations), and whether "
-                    "it fits a device (docs/models.md).")
+        description="Lower and compile a run's training step (PPO, GRPO: its sampling loop, scoring pass and update) "
+                    "from abstract shapes and print what each device holds (weights quantised and not, adapters, "
+                    "optimizer state, reference, critic, reward model, KV cache, activations), and whether it fits "
+                    "a device (docs/models.md).")
     parser.add_argument("--config", required=True, help="a preset name or a YAML file (as jaxalign train)")
     parser.add_argument("--method", choices=PLANNED_METHODS, help="the method (default: the config's)")
     parser.add_argument("--model-config", metavar="CONFIG_JSON",

@@ -32,7 +32,7 @@ ONLINE_METHODS = ("ppo", "grpo")
 
 
 @dataclasses.dataclass(frozen=True)
-class Rollout:
+class IterationShapes:
     """The iteration's shapes: ``prompts`` (the sampler's bucketed prompt rows) × ``samples`` = sampled rows,
     ``rows`` = prompts × samples trained on, ``minibatch`` of them per update, sequences of
     ``prompt_length + new_tokens`` tokens; ``group`` > 0 when GRPO runs each group's prompt once."""
@@ -66,7 +66,7 @@ def sampler_is_policy(params) -> bool:
     return params.temperature > 0 and params.top_k == 0 and params.top_p == 1.0 and params.min_p == 0.0
 
 
-def rollout_shapes(config, model_config, params, mesh) -> Rollout:
+def rollout_shapes(config, model_config, params, mesh) -> IterationShapes:
     """The iteration's shapes as the run gets them: prompt rows and length bucketed as the sampler buckets them,
     GRPO's group rows where :meth:`~jaxalign.methods.grpo.GRPOTrainer.shared_group` would take them."""
     from jaxalign.methods.groups import saves_work
@@ -95,7 +95,7 @@ def rollout_shapes(config, model_config, params, mesh) -> Rollout:
                     model_config, prompt_length=prompt_length, response_length=params.max_new_tokens,
                     group=params.n):
                 group = params.n
-    return Rollout(prompts=prompts, samples=params.n, rows=rows, minibatch=rows // loss.num_minibatches,
+    return IterationShapes(prompts=prompts, samples=params.n, rows=rows, minibatch=rows // loss.num_minibatches,
                    prompt_length=prompt_length, new_tokens=params.max_new_tokens, group=group)
 
 
@@ -259,7 +259,7 @@ def sampler_member(policy, mesh, sampler_mesh):
     return (graphdef, unstacked_graphdef), ((params, rest), unstacked), extra
 
 
-def compile_sampling(member, model_config, params, shapes: Rollout, mesh, sampler_mesh, *, return_hidden: bool):
+def compile_sampling(member, model_config, params, shapes: IterationShapes, mesh, sampler_mesh, *, return_hidden: bool):
     """The engine's compiled prefill + decode loop for the run's rows: its memory analysis."""
     import jax
     import numpy as np
@@ -281,7 +281,7 @@ def compile_sampling(member, model_config, params, shapes: Rollout, mesh, sample
     return _analysis(lowered.compile())
 
 
-def kv_cache_bytes(model_config, shapes: Rollout, mesh) -> int:
+def kv_cache_bytes(model_config, shapes: IterationShapes, mesh) -> int:
     """Per device, the decode loop's per-layer KV cache (keys, values, slot validity, positions) of
     ``prompts × samples`` rows and ``prompt + new_tokens − 1`` slots, rows split over the batch axes and kv
     heads over ``tensor``, exactly as :meth:`~jaxalign.models.KVCache.per_layer` shapes it."""
@@ -320,7 +320,7 @@ def _lower_pass(fn, modules, arrays, static):
     return _analysis(compiled.lower(tuple(state for _, state in modules), *arrays).compile())
 
 
-def compile_scoring(config, trained_view, reference, shapes: Rollout, mesh, params, temperature) -> dict | None:
+def compile_scoring(config, trained_view, reference, shapes: IterationShapes, mesh, params, temperature) -> dict | None:
     """The method's no-grad scoring pass over the iteration's rows (None when the run skips it)."""
 
     sequence = shapes.prompt_length + shapes.new_tokens
@@ -360,7 +360,7 @@ def _has_lora(module) -> bool:
     return has_lora(module)
 
 
-def update_batch(config, shapes: Rollout, with_reference: bool) -> dict:
+def update_batch(config, shapes: IterationShapes, with_reference: bool) -> dict:
     """One minibatch of the iteration's prepared rows (:meth:`prepare` of the method), abstract."""
     import functools
 
@@ -403,7 +403,7 @@ def _batch_bytes(batch: dict, mesh) -> int:
     return sum(_shard_bytes(value, _rows(mesh, *value.shape, dtype=value.dtype).sharding) for value in batch.values())
 
 
-def train_step(config, model, trainable, shapes: Rollout, mesh, params):
+def train_step(config, model, trainable, shapes: IterationShapes, mesh, params):
     """The run's :class:`~jaxalign.train.TrainStep` (objective, optimizer over every update, critic scales)."""
     import optax
 
@@ -439,7 +439,7 @@ class Parts:
     config: Any
     params: Any  # SamplingParams
     mesh: Any
-    shapes: Rollout
+    shapes: IterationShapes
     model: Any
     policy: Any
     reference: Any

@@ -12,7 +12,8 @@ from typing import Any
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """Bytes per device of one training step (:func:`plan_run`)."""
+    """Bytes per device of one training step, or of each phase of an online iteration (``phases``), as
+    :func:`jaxalign.methods.plan.plan_run` plans them."""
 
     method: str
     model: str
@@ -36,7 +37,7 @@ class Plan:
     rollout_batch: int = 0  # an iteration's prepared rows, resident through its updates
     phases: dict[str, int] = dataclasses.field(default_factory=dict)  # each phase's total; ``total`` the largest
     phase_temporaries: dict[str, int] = dataclasses.field(default_factory=dict)  # each compiled program's
-    rollout: dict[str, int] = dataclasses.field(default_factory=dict)  # plan_online.Rollout's shapes
+    rollout: dict[str, int] = dataclasses.field(default_factory=dict)  # plan_online.IterationShapes' fields
 
     def rows(self) -> list[tuple[str, int]]:
         if self.phases:
