@@ -6,8 +6,8 @@ Llama-3-8B SFT, DPO and PPO full bf16 on 8 devices (FSDP), LoRA bf16 and QLoRA n
 QLoRA on one and on eight devices; every row fitted against H100 80GB, and the 70B one-device rows against H200
 too. 1024-token sequences; 8 sequences (SFT) or pairs (DPO) a step on eight devices, 2 on one. PPO (the
 ``sentiment_ppo`` preset: a frozen reference, a separate critic, VADER as the reward, so no reward model on the
-device): 8 prompts of 768 tokens and 256 new ones an iteration, its sampling loop, scoring pass and update each
-compiled.
+device): 8 prompts of 768 tokens and 256 new ones an iteration, one minibatch of 8 rows; its sampling loop,
+scoring pass and update each compiled.
 
     python benchmarks/plan_table.py            # writes benchmarks/results/plan_table.json
     python benchmarks/plan_table.py --rows "llama-3-8b ppo full bf16"     # one row, the file's others kept
@@ -31,8 +31,8 @@ BF16 = ["model.param_dtype=bfloat16", "model.compute_dtype=bfloat16", "data.buck
 LORA = "model.lora={rank: 16, alpha: 32, targets: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]}"
 NF4 = "model.quantize={type: nf4, compute_dtype: bfloat16}"
 PRESETS = {"ppo": "sentiment_ppo"}  # the online methods' presets (sampling, reward, loss); others "sentiment"
-PPO = ["reference=model", "loss.critic=separate", "reward={function: vader}", "data.max_length=768",
-       "sampling={max_new_tokens: 256, temperature: 1.0}"]
+PPO = ["reference=model", "loss.critic=separate", "loss.num_minibatches=1", "reward={function: vader}",
+       "data.max_length=768", "sampling={max_new_tokens: 256, temperature: 1.0}"]
 # (model, method, setting, mesh, global batch, device, overrides)
 ROWS = [
     ("llama-3-8b", "dpo", "QLoRA nf4", None, 2, "h100-80gb", [LORA, NF4, "reference=lora_base"]),

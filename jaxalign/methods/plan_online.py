@@ -84,19 +84,24 @@ def rollout_shapes(config, model_config, params, mesh) -> IterationShapes:
     if rows % loss.num_minibatches:
         raise ValueError(f"loss.num_minibatches={loss.num_minibatches} does not divide the {rows} rows of an "
                          f"iteration (data.batch_size {batch} x sampling n {params.n})")
+    splits = config.train.micro_batches * batch_shard_count(mesh)
     group = 0
     if config.method == "grpo":
         windowed = getattr(model_config, "sliding_window", None) is not None
         whole_groups = loss.num_minibatches == 1 or loss.minibatch_groups
         if loss.shared_prompt and whole_groups and not windowed:
             per_minibatch, remainder = divmod(batch, loss.num_minibatches)
-            splits = config.train.micro_batches * batch_shard_count(mesh)
             if remainder == 0 and per_minibatch % splits == 0 and saves_work(
                     model_config, prompt_length=prompt_length, response_length=params.max_new_tokens,
                     group=params.n):
                 group = params.n
-    return IterationShapes(prompts=prompts, samples=params.n, rows=rows, minibatch=rows // loss.num_minibatches,
-                   prompt_length=prompt_length, new_tokens=params.max_new_tokens, group=group)
+    minibatch = rows // loss.num_minibatches
+    if minibatch % splits:
+        raise ValueError(f"loss.num_minibatches={loss.num_minibatches}: a minibatch of {minibatch} rows does not split "
+                         f"over train.micro_batches={config.train.micro_batches} x {batch_shard_count(mesh)} batch "
+                         "shards (data x fsdp); use fewer minibatches or more prompts (data.batch_size)")
+    return IterationShapes(prompts=prompts, samples=params.n, rows=rows, minibatch=minibatch,
+                           prompt_length=prompt_length, new_tokens=params.max_new_tokens, group=group)
 
 
 # --- the run's modules, abstract ----------------------------------------------------------------------------------

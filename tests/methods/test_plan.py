@@ -219,6 +219,8 @@ def test_a_reward_model_directory_is_sized_from_its_config(checkpoint, run_yaml,
      "reward.model someone/reward-model: jaxalign plan sizes a reward model from its directory's config.json"),
     (["--method", "ppo", "reward={function: vader}", "sampling={n: 2}"], "sampling.n=2: PPO samples one response"),
     (["--method", "kto"], "argument --method: invalid choice: 'kto'"),
+    (["--method", "ppo", "reward={function: vader}", "loss.num_minibatches=2", "train.micro_batches=4"],
+     "loss.num_minibatches=2: a minibatch of 2 rows does not split over train.micro_batches=4"),
 ])
 def test_bad_online_input_is_one_line_naming_the_key(run_yaml, capsys, arguments, message):
     with pytest.raises(SystemExit) if "kto" in arguments else _nothing():
