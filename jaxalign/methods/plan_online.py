@@ -566,7 +566,9 @@ def advice(plan, config, usable: float) -> list[str]:
         ideas.append(f"loss.critic=shared (a value head on the policy's trunk): about "
                      f"{(plan.total - plan.critic * 3 - plan.initial_weights / 2) / GiB:.1f} GiB")
     temporaries = plan.phase_temporaries.get(peak, 0)
-    if peak == "update" and plan.rollout.get("minibatch", 1) > 1:
+    shards = plan.mesh.get("data", 1) * plan.mesh.get("fsdp", 1)
+    halves = plan.rollout.get("minibatch", 1) % (2 * config.train.micro_batches * shards) == 0
+    if peak == "update" and halves:
         ideas.append(f"loss.num_minibatches={2 * config.loss.num_minibatches} or train.micro_batches="
                      f"{2 * config.train.micro_batches} (half the rows per forward pass): about "
                      f"{(plan.total - temporaries / 2) / GiB:.1f} GiB")
