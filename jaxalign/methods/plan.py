@@ -197,7 +197,8 @@ def report(plan: Plan, config, memory: float | None, device: str | None) -> str:
     if plan.phases:
         shapes = plan.rollout
         what = (f"{config.data.batch_size} prompts x {shapes['samples']} samples, {shapes['prompt_length']} + "
-                f"{shapes['new_tokens']} tokens, minibatches of {shapes['minibatch']} rows{micro}")
+                f"{shapes['new_tokens']} tokens, minibatches of {shapes['minibatch']} rows{micro}"
+                + (f" (each prompt once for its {shapes['group']} responses)" if shapes.get("group") else ""))
     else:
         what = f"batch {config.data.batch_size} x {config.data.max_length} tokens{micro}"
     lines = [f"jaxalign plan: {plan.method} on {plan.model}, mesh {mesh}, {what}"

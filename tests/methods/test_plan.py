@@ -192,6 +192,9 @@ def test_grpo_plans_groups_minibatches_and_the_json(online_plans, run_yaml, caps
     assert grpo.batch["advantages"][0] in (4, 2)  # rows, or group rows of 2 responses
     assert "ref_logps" in grpo.batch and set(grpo.phases) == {"sampling", "scoring", "update"}
     assert grpo.kv_cache > 0 and grpo.initial_weights == grpo.reference == grpo.trained_weights
+    header = plan.report(grpo, config, None, None).splitlines()[0]
+    assert "4 prompts x 2 samples, 16 + 8 tokens, minibatches of 4 rows" in header
+    assert ("each prompt once for its 2 responses" in header) == (grpo.rollout["group"] == 2)
     with pytest.raises(ValueError, match=r"sampling.n=1: GRPO needs groups"):
         plan.plan_run(recipe.load_run_config(str(run_yaml), ONLINE, method="grpo"),
                       plan.model_config(config.model))
