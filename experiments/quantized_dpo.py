@@ -23,7 +23,9 @@ Stages:
 3. evaluation of each policy (its Hugging Face export: the nf4 run's is the dequantised base with the adapters
    merged, the function it trained) against the base on the held-out prompts, as the main job evaluates: gold
    (VADER) win rate with its 95 % interval clustered by prompt, mean gold score, KL to the base, response length;
-   the same sampling key for both, so both meet the same base samples.
+   the same sampling key for both, so both meet the same base samples. The NF4 base alone (no adapters, no
+   training) is evaluated the same way: the KL is to the float32 base, and its row is the quantisation's own share
+   of the nf4 run's (whose DPO reference was the NF4 base).
 
 Writes ``<output-dir>/summary.json`` and ``summary.png`` (win rates with intervals, peak memory and train time);
 a full run also writes them to ``--results-dir`` as ``quantized_dpo.json`` and ``quantized_dpo.png``. Each
@@ -59,6 +61,8 @@ LORA = f"model.lora={{rank: 16, alpha: 32, targets: [{', '.join(LORA_TARGETS)}]}
 # Ten times the main job's full fine-tuning rate (3e-5), the usual LoRA ratio: at the compare_methods preset's
 # 1e-4, 21 of the 32 steps left the DPO reward margin at 0.005 (full fine-tuning reaches 0.27 in 32).
 LORA_LEARNING_RATE = "train.optimizer.learning_rate=3.0e-4"
+# The quantised base alone (no adapters, no training), evaluated like the policies.
+QUANTIZED_BASE, QUANTIZED_BASE_ROW = "nf4_base", "nf4 base, no DPO"
 RESULT_FILE = "result.json"
 EVAL_BATCH = 32  # the main job's sampling batch
 
@@ -147,6 +151,22 @@ def weights_mib(model_path: Path | None, block_size: int) -> dict[str, float]:
     return {"float32": round(float32, 3), "nf4": round(size(), 3)}
 
 
+def quantized_base(out: Path, model_path: Path | None, block_size: int) -> str:
+    """The NF4 base without adapters, dequantised, as a Hugging Face directory (``out/nf4_base/export``): its
+    evaluation against the float32 base is what the quantisation alone does (the nf4 run's reference)."""
+    from jaxalign import models
+
+    directory = out / QUANTIZED_BASE / "export"
+    if not (directory / "config.json").is_file():
+        model, tokenizer = models.load_pretrained(None if model_path is None else str(model_path), source="--model")
+        models.quantize_model(model, models.QuantizeConfig(type="nf4", block_size=block_size, double_quant=True))
+        partial = directory.with_name("export.partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        models.save_hf(models.merge_for_export(model), model.config, partial, tokenizer)
+        partial.rename(directory)
+    return str(directory)
+
+
 def inside(value: float, interval: dict) -> bool:
     return interval["low"] <= value <= interval["high"]
 
@@ -159,9 +179,11 @@ def table(rows: dict[str, dict]) -> str:
         win = row["win_rate"]
         lines.append((name, f"{win['rate']:.1%} [{win['low']:.1%}, {win['high']:.1%}]",
                       f"{row['gold_reward']['policy']['mean']:+.3f}", f"{row['kl']['mean']:.2f}",
-                      f"{row['response_length']['policy']['mean']:.1f}", f"{row['peak_rss_mib'] / 1024:.2f} GiB",
-                      f"{row['base_weights_mib']:.0f} MiB", f"{row['train_seconds'] / 60:.1f} min",
-                      f"{row['wall_seconds'] / 60:.1f} min"))
+                      f"{row['response_length']['policy']['mean']:.1f}",
+                      f"{row['peak_rss_mib'] / 1024:.2f} GiB" if "peak_rss_mib" in row else "-",
+                      f"{row['base_weights_mib']:.0f} MiB" if "base_weights_mib" in row else "-",
+                      f"{row['train_seconds'] / 60:.1f} min" if "train_seconds" in row else "-",
+                      f"{row['wall_seconds'] / 60:.1f} min" if "wall_seconds" in row else "-"))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines)
 
@@ -172,8 +194,8 @@ def plot(rows: dict[str, dict], base_gold: float, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(rows)
-    colors = ["#4c72b0", "#dd8452"]
+    names, trained = list(rows), [name for name in rows if "peak_rss_mib" in rows[name]]
+    colors = ["#4c72b0", "#dd8452", "#8c8c8c"][:len(names)]
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     rates = [rows[n]["win_rate"]["rate"] for n in names]
     errors = [[rows[n]["win_rate"]["rate"] - rows[n]["win_rate"]["low"] for n in names],
@@ -187,9 +209,10 @@ def plot(rows: dict[str, dict], base_gold: float, path: Path) -> None:
     left.set_ylabel("gold win rate vs base")
     left.set_title(f"LoRA DPO, gold (VADER) win rate (base gold {base_gold:+.2f})")
     left.legend(fontsize=8, loc="lower right")
-    peaks = [rows[n]["peak_rss_mib"] / 1024 for n in names]
-    right.bar(names, peaks, color=colors)
-    for i, name in enumerate(names):
+    left.tick_params(axis="x", labelsize=8)
+    peaks = [rows[n]["peak_rss_mib"] / 1024 for n in trained]
+    right.bar(trained, peaks, color=colors[:len(trained)])
+    for i, name in enumerate(trained):
         right.text(i, peaks[i], f"{peaks[i]:.2f} GiB (base weights {rows[name]['base_weights_mib']:.0f} MiB)\n"
                                 f"train {rows[name]['train_seconds'] / 60:.1f} min",
                    ha="center", va="bottom", fontsize=8)
@@ -274,20 +297,25 @@ def main(argv: list[str] | None = None) -> int:
               f"(wall {runs[name]['wall_seconds']:.0f} s)")
 
     print(f"[3/3] evaluation on {len(data['eval_prompts'])} held-out prompts, {args.eval_samples} samples each, "
-          "against the base")
+          "against the base (both policies, and the nf4 base alone: the quantisation's own share of the KL)")
     base, tokenizer = models.load_pretrained(None if model_path is None else str(model_path), source="--model")
     rows = {}
     for name in RUNS:
         evaluation = evaluate(out, name, runs[name]["export"], base, tokenizer, data["eval_prompts"], judge=judge,
                               samples=args.eval_samples, max_new_tokens=max_new_tokens, seed=seed)
         rows[name] = {k: v for k, v in evaluation.items() if k != "records"} | runs[name]
+    evaluation = evaluate(out, QUANTIZED_BASE, quantized_base(out, model_path, args.block_size), base, tokenizer,
+                          data["eval_prompts"], judge=judge, samples=args.eval_samples, max_new_tokens=max_new_tokens,
+                          seed=seed)
+    rows[QUANTIZED_BASE_ROW] = {k: v for k, v in evaluation.items() if k != "records"}
     del base
     for name, mib in weights_mib(model_path, args.block_size).items():
         rows[name]["base_weights_mib"] = mib
     reference = rows["float32"]["win_rate"]
     verdict = {"nf4_rate": rows["nf4"]["win_rate"]["rate"], "float32_interval": [reference["low"], reference["high"]],
                "inside": inside(rows["nf4"]["win_rate"]["rate"], reference),
-               "peak_rss_ratio": rows["nf4"]["peak_rss_mib"] / rows["float32"]["peak_rss_mib"]}
+               "peak_rss_ratio": rows["nf4"]["peak_rss_mib"] / rows["float32"]["peak_rss_mib"],
+               "quantization_kl": rows[QUANTIZED_BASE_ROW]["kl"]["mean"]}
     base_gold = rows["float32"]["gold_reward"]["reference"]["mean"]
     summary = {"provenance": describe(), "total_minutes": round((time.perf_counter() - started) / 60, 1),
                "settings": {"pairs_from": data["source"], "pair_settings": data["settings"],
@@ -308,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nnf4 win rate {verdict['nf4_rate']:.1%} is {'inside' if verdict['inside'] else 'OUTSIDE'} the float32 "
           f"run's 95% interval [{reference['low']:.1%}, {reference['high']:.1%}]; nf4 peak memory "
           f"{verdict['peak_rss_ratio']:.2f}x the float32 run's")
+    print(f"KL is to the float32 base: the nf4 base alone is {verdict['quantization_kl']:.2f} nats from it "
+          "(the nf4 run's DPO reference was the nf4 base)")
     print(f"wrote {', '.join(map(str, written))}")
     if args.smoke:
         print("smoke run: every stage ran (the comparison needs the full run)")
