@@ -6,13 +6,16 @@ starvation (docs/training-core.md, "Trying a mesh on a CPU"), kept to check that
 
 A run counts as stuck once XLA warns that a thread "may be stuck" in a rendezvous; 40 seconds later the script
 writes ``run<i>.gdb`` (every native thread's stack, when gdb is installed) and ``run<i>.pyspy`` (when py-spy is),
-kills the run and stops. Each run's stdout and stderr are kept beside them; one line per run says how it ended.
+kills the run and stops. Each run's stdout and stderr are kept beside them; one line per run says how it ended,
+and ``runs.json`` lists every run so far (exit status, seconds, the 5-minute load average at its end).
 Load the machine as ``make test`` does (two pytest workers) while it runs: the hang needed busy cores.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shutil
 import subprocess
 import sys
@@ -63,10 +66,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, required=True, help="directory for each run's output and dumps")
     args = parser.parse_args(argv)
     args.output.mkdir(parents=True, exist_ok=True)
+    runs = []
     for index in range(args.runs):
         status, seconds, stuck = run_once(index, args.output)
-        print(f"run {index}: exit {status}, {seconds:.0f} s{', STUCK (threads dumped)' if stuck else ''}",
-              flush=True)
+        # The machine's load over the run's last minutes: the hang needed busy cores.
+        runs.append({"run": index, "exit": status, "seconds": round(seconds), "stuck": stuck,
+                     "load_average_5min": round(os.getloadavg()[1], 2)})
+        (args.output / "runs.json").write_text(json.dumps({"cores": os.cpu_count(), "runs": runs}, indent=1))
+        print(f"run {index}: exit {status}, {seconds:.0f} s, load {runs[-1]['load_average_5min']}"
+              f"{', STUCK (threads dumped)' if stuck else ''}", flush=True)
         if stuck or status != 0:
             return 1
     print(f"{args.runs} runs in a row passed")
