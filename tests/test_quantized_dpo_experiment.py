@@ -56,7 +56,12 @@ def test_both_runs_train_apart_on_the_same_pairs_and_meet_the_same_base_samples(
     assert configs["float32"]["model"]["quantize"] is None
     assert configs["nf4"]["model"]["quantize"] == {"type": "nf4", "block_size": 16, "double_quant": True,
                                                    "compute_dtype": None, "targets": None}
-    for name, row in summary["runs"].items():
+    assert list(summary["runs"]) == ["float32", "nf4", "nf4 base, no DPO"]
+    quantization = summary["runs"]["nf4 base, no DPO"]  # evaluated, not trained
+    assert quantization["responses"] == 2 and "peak_rss_mib" not in quantization
+    assert summary["verdict"]["quantization_kl"] == quantization["kl"]["mean"]
+    for name in ("float32", "nf4"):
+        row = summary["runs"][name]
         assert 0.2 < row["peak_rss_mib"] / 1024 < 20, name  # a process's own, in MiB
         assert 0 < row["train_seconds"] <= row["wall_seconds"], name
         assert row["win_rate"]["low"] <= row["win_rate"]["rate"] <= row["win_rate"]["high"]
@@ -65,8 +70,8 @@ def test_both_runs_train_apart_on_the_same_pairs_and_meet_the_same_base_samples(
     reference = summary["runs"]["float32"]["win_rate"]
     assert summary["verdict"]["inside"] == (reference["low"] <= summary["verdict"]["nf4_rate"] <= reference["high"])
     bases = [[r["base"] for r in json.loads((out / "evaluation" / f"{name}.json").read_text())["records"]]
-             for name in ("float32", "nf4")]
-    assert bases[0] == bases[1]  # the same key: both policies meet the same base samples
+             for name in ("float32", "nf4", "nf4_base")]
+    assert bases[0] == bases[1] == bases[2]  # the same key: both policies meet the same base samples
     assert (out / "summary.png").stat().st_size > 10_000
     assert not (root / "experiments").exists()  # a smoke run publishes nothing
     assert "gold win rate vs base [95% CI]" in printed and "peak RSS" in printed
