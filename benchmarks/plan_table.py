@@ -63,10 +63,13 @@ def plan(model: str, method: str, mesh: str | None, batch: int, device: str, ove
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, default=RESULTS / "plan_table.json")
-    parser.add_argument("--rows", nargs="+", metavar="'MODEL METHOD SETTING'",
-                        help="only these rows (e.g. 'llama-3-8b ppo full bf16'); the output file's other rows are kept")
+    parser.add_argument("--rows", nargs="+", metavar="'MODEL METHOD SETTING MESH'",
+                        help="only these rows (e.g. 'llama-3-8b ppo full bf16 fsdp=8', 'llama-3-70b dpo QLoRA nf4 1 "
+                             "device'); the output file's other rows are kept")
     args = parser.parse_args()
-    names = {f"{model} {method} {setting}": (model, method, setting, *rest) for model, method, setting, *rest in ROWS}
+    # The mesh is part of a row's name: 70B QLoRA is planned on one device and on eight.
+    names = {f"{model} {method} {setting} {mesh or '1 device'}": (model, method, setting, mesh, *rest)
+             for model, method, setting, mesh, *rest in ROWS}
     unknown = sorted(set(args.rows or ()) - set(names))
     if unknown:
         parser.error(f"--rows: no row {unknown[0]!r} (rows: {', '.join(names)})")
@@ -74,7 +77,7 @@ def main() -> None:
     kept = []
     if args.rows and args.output.is_file():
         kept = [row for row in json.loads(args.output.read_text())["rows"]
-                if f"{row['model']} {row['method']} {row['setting']}" not in args.rows]
+                if f"{row['model']} {row['method']} {row['setting']} {row['mesh']}" not in args.rows]
     rows = []
     for model, method, setting, mesh, batch, device, overrides in chosen:
         start = time.perf_counter()
