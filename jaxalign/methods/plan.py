@@ -81,7 +81,8 @@ def _step_parts(config, model_config):
     trainable = nnx.LoRAParam if lora else nnx.Param
     rows = config.data.batch_size
     if config.method == "sft":
-        no_lora = dataclasses.replace(config, model=dataclasses.replace(config.model, lora=None))
+        # The abstract model already holds its quantised base and adapters: sft.build must not add them again.
+        no_lora = dataclasses.replace(config, model=dataclasses.replace(config.model, lora=None, quantize=None))
         model, objective, references, dataset, _ = sft.build(no_lora, model, None, _synthetic("sft", rows,
                                                                                            config.data.max_length))
         return model, objective, references, dataset, trainable

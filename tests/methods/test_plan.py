@@ -66,6 +66,8 @@ def test_parts_of_full_lora_and_nf4_steps(checkpoint, run_yaml, capsys):
     qlora = planned(capsys, run_yaml, "dpo", LORA, "reference=model", "model.quantize={type: nf4, block_size: 16}")
     assert 0 < qlora["quantized_base"] < (lora["frozen_weights"] - qlora["frozen_weights"]) / 5
     assert qlora["reference"] > qlora["quantized_base"]  # the reference: a second, quantised, copy
+    sft_qlora = planned(capsys, run_yaml, "sft", LORA, "model.quantize={type: nf4, block_size: 16}")
+    assert sft_qlora["quantized_base"] == qlora["quantized_base"] and sft_qlora["trained_weights"] == 4 * adapters
 
 
 def test_an_fsdp_mesh_shards_the_state(checkpoint, run_yaml):
