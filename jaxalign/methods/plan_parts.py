@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -65,7 +64,7 @@ def model_config(spec, config_file: str | Path | None = None):
     """The model's architecture from its ``config.json`` (``config_file``, else ``spec.path``'s), or from the
     GGUF metadata of a ``.gguf`` ``spec.path`` or of the embedded default; never its weights."""
     from jaxalign import models
-    from jaxalign.models import gguf_io
+    from jaxalign.models import gguf_io, hf_io
 
     policy = dict(param_dtype=spec.param_dtype, compute_dtype=spec.compute_dtype, remat=spec.remat,
                   attention=spec.attention)
@@ -75,14 +74,7 @@ def model_config(spec, config_file: str | Path | None = None):
             path = path / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"--model-config {config_file}: no such file")
-        try:
-            hf = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"--model-config {path}: not valid JSON ({error})") from None
-        try:
-            return models.config_from_hf(hf, **policy)
-        except (KeyError, TypeError, ValueError) as error:
-            raise ValueError(f"--model-config {path}: {error}") from None
+        return hf_io.read_hf_config(path, **policy)
     location = None if spec.path is None else Path(spec.path)
     if location is not None and location.is_dir():
         return models.load_hf_config(location, **policy)

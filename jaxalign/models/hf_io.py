@@ -117,6 +117,11 @@ def load_hf_config(checkpoint_dir: str | Path, **policy) -> AnyConfig:
     config_path = Path(checkpoint_dir) / CONFIG_FILE
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} not found: a Hugging Face checkpoint directory needs one")
+    return read_hf_config(config_path, **policy)
+
+
+def read_hf_config(config_path: Path, **policy) -> AnyConfig:
+    """The config in the Hugging Face ``config.json``-format file ``config_path`` (any name); errors name it."""
     try:
         hf = json.loads(config_path.read_text())
     except json.JSONDecodeError as error:
