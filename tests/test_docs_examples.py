@@ -30,16 +30,16 @@ ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```python[^\n]*\n(.*?)^```\s*$", re.S | re.M)
 NOT_RUN_MARK = re.compile(r"^<!-- not run: (.+?) -->\s*$")
-# page:line of each block marked ``not run``, with its reason.
+# page#index (its place among the page's python blocks) of each block marked ``not run``, with its reason.
 NOT_RUN = {
     # tests/eval/test_toxicity.py scores with alt-profanity-check and a Detoxify-format checkpoint it writes
-    "docs/eval.md:277": "needs a Detoxify checkpoint",
+    "docs/eval.md#1": "needs a Detoxify checkpoint",
     # tests/eval/test_llm_judge.py runs judged_win_rate against a judge server on 127.0.0.1
-    "docs/eval.md:334": "needs a judge endpoint",
+    "docs/eval.md#2": "needs a judge endpoint",
     # tests/rollout/test_sharded.py runs a sharded sampler on 8 emulated CPU devices
-    "docs/rollout.md:222": "needs 8 devices",
+    "docs/rollout.md#3": "needs 8 devices",
     # tests/serve/test_server.py drives a server with the openai client
-    "docs/serving.md:15": "needs a running server",
+    "docs/serving.md#0": "needs a running server",
 }
 
 
@@ -366,7 +366,7 @@ def test_the_block_runs(block: Block, environment, monkeypatch):
 
 
 def test_the_blocks_not_run_are_the_listed_ones():
-    marked = {b.name: b.not_run for b in BLOCKS if b.not_run is not None}
+    marked = {f"{b.page}#{b.index}": b.not_run for b in BLOCKS if b.not_run is not None}
     assert marked == NOT_RUN
     assert len(BLOCKS) >= 20 and {b.page for b in BLOCKS} >= {"README.md", "docs/eval.md"}
 
