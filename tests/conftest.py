@@ -2,13 +2,34 @@
 
 from __future__ import annotations
 
+import atexit
 import gc
 import os
+import shutil
+import tempfile
 
 import jax
 import pytest
 
 from jaxalign.cpu_devices import THREADS_VARIABLE, collective_environment
+
+
+# Most tests compile the same few tiny programs again (each test builds its own model, step or sampler), and
+# compiling is most of the suite's time on two cores. XLA's persistent compilation cache, private to this pytest
+# process (each pytest-xdist worker has its own: JAX writes entries without a lock, and its locking mode rescans
+# the whole directory on every write), lets every compile after the first load the executable instead, in the
+# tests and in their subprocesses (they inherit the variables).
+def pytest_configure(config):
+    if config.getoption("numprocesses", None) and not hasattr(config, "workerinput"):
+        return  # the pytest-xdist controller runs no test, and its workers would inherit its directory
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        directory = tempfile.mkdtemp(prefix="jaxalign-tests-xla-cache-")
+        atexit.register(shutil.rmtree, directory, ignore_errors=True)
+        os.environ.update({"JAX_COMPILATION_CACHE_DIR": directory, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"})
+    # jax read its settings when this file imported it, before the variables were set
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                      float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")))
 
 
 def host_devices_env(devices: int, **extra: str) -> dict[str, str]:

@@ -107,3 +107,32 @@ def test_the_page_commands_run_the_smoke_pipeline_then_skip_it(tiny_default, cap
     # Changed settings of a finished stage are refused, not silently skipped.
     assert main([*shlex.split(first)[1:], "sft/train.total_steps=3"]) == 2
     assert "stage sft in runs/production_pipeline_smoke/sft finished with other settings" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("preset", "stages", "references", "sft_weights", "reward_loss"), [
+    ("adlf_pipeline", ("sft", "reward", "ppo"), {"sft", "base"}, "score", "regression"),
+    ("lm_human_preferences", ("reward", "ppo"), {"base"}, None, "best_of_n"),
+])
+def test_the_other_shipped_pipelines_run_to_a_summary_in_their_smoke_form(preset, stages, references, sft_weights,
+                                                                           reward_loss, tiny_default, capsys):
+    """The page's command with the other two presets: their own labels (ADLF's scored conversations,
+    lm-human-preferences' best-of-4 records), every stage trained and wired, the final policy evaluated."""
+    shown = run(f"jaxalign pipeline --config {preset} --smoke", capsys)
+    out = tiny_default / f"runs/{preset}_smoke"
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["stages"]) == list(stages)
+    assert set(summary["evaluation"]) == references
+    for evaluation in summary["evaluation"].values():
+        assert evaluation["responses"] == summary["labels"]["eval"]["prompts"] > 0
+        assert evaluation["learned_judge"] == "reward_model"
+    assert "final policy (ppo) against base:" in shown
+    runs = {name: json.loads((out / name / "run.json").read_text())["config"] for name in stages}
+    assert runs["reward"]["loss"]["loss"] == reward_loss
+    if sft_weights is not None:
+        assert runs["sft"]["loss"]["example_weights"] == sft_weights
+        # ADLF's composite reward: the regressed reward model of the stage before, plus the internal terms
+        composite = runs["ppo"]["reward"]["composite"]
+        assert composite["external"] == {"model": f"runs/{preset}_smoke/reward/export"}
+        assert composite["internal"] == {"coherence": 1.0, "length_penalty": 0.5, "faithfulness": 0.2}
+    else:
+        assert runs["ppo"]["reward"] == {"model": f"runs/{preset}_smoke/reward/export"}

@@ -3,9 +3,6 @@ subprocesses (``XLA_FLAGS=--xla_force_host_platform_device_count=N``), so this p
 
 from __future__ import annotations
 
-import atexit
-import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -15,31 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from jaxalign.serve.command import persistent_compilation_cache
 from tests.conftest import host_devices_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# Nearly every test builds a TrainStep or a Trainer, and each compiles the same few tiny programs (several
-# seconds each on 2 cores). XLA's persistent compilation cache, private to this test session, lets every
-# compile after the first load the executable instead, in these tests and in their subprocesses. Only these
-# tests: pytest imports this file for every test it collects, so a setting made here at import would apply to
-# the whole session.
-XLA_CACHE = os.environ.get("JAX_COMPILATION_CACHE_DIR") or tempfile.mkdtemp(prefix="jaxalign-train-xla-cache-")
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    atexit.register(shutil.rmtree, XLA_CACHE, ignore_errors=True)
-
-
-@pytest.fixture(autouse=True)
-def compilation_cache():
-    with persistent_compilation_cache(Path(XLA_CACHE)):
-        yield
-
 
 def python_env(devices: int = 1) -> dict[str, str]:
     """The environment of a test subprocess: CPU only, ``devices`` host devices, this checkout importable."""
-    return host_devices_env(devices, PYTHONPATH=str(ROOT), JAX_COMPILATION_CACHE_DIR=XLA_CACHE,
-                            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    return host_devices_env(devices, PYTHONPATH=str(ROOT))  # the suite's compilation cache too (tests/conftest.py)
 
 
 def script_command(module: str, *args: str) -> list[str]:
