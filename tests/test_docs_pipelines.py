@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from jaxalign.cli import main
-from jaxalign.serve.command import persistent_compilation_cache
 from tests.methods.test_multistage import sentiment_tokenizer
 from tests.models.conftest import make_hf_model
 
@@ -45,10 +44,7 @@ def tiny_default(tmp_path, monkeypatch):
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
-    # The stages, the rerun and the evaluations compile the same tiny programs again: a private persistent cache
-    # loads them instead.
-    with persistent_compilation_cache(tmp_path / "xla_cache"):
-        yield work
+    return work  # the stages' repeated compiles load from the suite's compilation cache (tests/conftest.py)
 
 
 def run(command: str, capsys) -> str:
