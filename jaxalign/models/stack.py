@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
+from jaxalign.models.activation_sharding import constrain_rows
 from jaxalign.models.cache import KVCache, LayerKV
 from jaxalign.models.lora import LoRALinear
 from jaxalign.models.masks import attention_mask as build_attention_mask
@@ -161,6 +162,7 @@ def scan_layers(layers: nnx.Module, hidden, kv: LayerKV | None, *, n_layers: int
         hidden, kv = carry
         layer_params, layer_other, layer_index = xs
         layer = nnx.merge(graphdef, layer_params, layer_other)
+        hidden = constrain_rows(hidden)
         if kv is not None:
             kv = kv.at_layer(layer_index)
         hidden, kv = layer(hidden, kv=kv, **layer_kwargs)

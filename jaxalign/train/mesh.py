@@ -14,10 +14,9 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from jaxalign.models.activation_sharding import BATCH_AXES
 from jaxalign.models.sharding import MESH_AXES
 from jaxalign.train.config import MeshConfig
-
-BATCH_AXES = ("data", "fsdp")
 
 
 def make_mesh(config: MeshConfig | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:

@@ -1,5 +1,6 @@
 """Run by test_sharded_step.py with 8 CPU devices: the same three steps on one device and on a (fsdp=2,
-tensor=4) mesh; prints a JSON report of losses, parameter differences and how the parameters are laid out.
+tensor=4) mesh; prints a JSON report of losses, parameter differences and how the parameters are laid out, and
+the compiled step's temporaries per device for one row on one device and for eight rows on an fsdp=8 mesh.
 (The data axis is covered by test_multiprocess.py, whose mesh is (data=2, tensor=4) across two processes.)"""
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxalign import losses
+from jaxalign.models import ModelConfig
 from jaxalign.train import MeshConfig, OptimizerConfig, TrainStep, make_mesh, make_optimizer
-from tests.train.tiny import BATCH, host_params, make_batch, tiny_model
+from tests.train.tiny import BATCH, SGD, host_params, make_batch, sft_objective, tiny_model
 
 MESHES = {"one_device": None, "fsdp2_tensor4": MeshConfig(data=1, fsdp=2, tensor=4)}
 # Clipping makes the update depend on the global gradient norm, a reduction over every shard; weight decay
@@ -49,6 +51,19 @@ def layout(array: jax.Array, full: np.ndarray) -> dict:
             "blocks_match": all(np.array_equal(np.asarray(s.data), full[s.index]) for s in shards)}
 
 
+# Long rows and a wide MLP, so that activations, not weights, fill the step's temporaries.
+WIDE = ModelConfig(architecture="llama", vocab_size=97, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2,
+                   head_dim=16, intermediate_size=512, remat="dots_no_batch")
+
+
+def step_temporaries(mesh_config: MeshConfig | None, rows: int, length: int = 256) -> int:
+    """Bytes of temporaries per device of a compiled SFT step on ``rows`` rows of ``length`` tokens."""
+    mesh = None if mesh_config is None else make_mesh(mesh_config)
+    step = TrainStep(sft_objective, tiny_model(0, WIDE), make_optimizer(SGD, total_steps=1), mesh=mesh)
+    batch = {key: jax.ShapeDtypeStruct((rows, length), np.int32) for key in ("tokens", "attention_mask")}
+    return int(step.lower(batch).compile().memory_analysis().temp_size_in_bytes)
+
+
 def main() -> None:
     rng = np.random.default_rng(0)
     data = [make_batch(rng, BATCH) for _ in range(3)]
@@ -73,6 +88,9 @@ def main() -> None:
             "max_param_difference": max(float(np.max(np.abs(value - params["one_device"][key])))
                                         for key, value in params[name].items()),
         }
+    # FSDP: each device's activations are its own row's, as on one device with one row.
+    report["temporaries"] = {"one_device_one_row": step_temporaries(None, 1),
+                             "fsdp8_eight_rows": step_temporaries(MeshConfig(data=1, fsdp=8, tensor=1), 8)}
     print(json.dumps(report))
 
 

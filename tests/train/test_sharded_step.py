@@ -1,6 +1,7 @@
 """With 8 CPU devices (a subprocess): one step function on one device and on a (fsdp=2, tensor=4) mesh gives
-the same losses and parameters, and every device holds only its block of the parameters, of the optimizer
-state and of the frozen reference model."""
+the same losses and parameters, every device holds only its block of the parameters, of the optimizer
+state and of the frozen reference model, and on an fsdp=8 mesh each device holds the activations of its own rows
+only."""
 
 from __future__ import annotations
 
@@ -33,3 +34,10 @@ def test_each_device_holds_its_block(report, mesh, block):
         assert report[mesh][name] == {"spec": "P(None, 'fsdp', 'tensor')", "shard_shapes": [block],
                                       "devices": devices, "blocks_match": True}, name
     assert report[mesh]["ref_q_proj_spec"] == "P(None, 'fsdp', 'tensor')"
+
+
+def test_fsdp_devices_hold_the_activations_of_their_own_rows(report):
+    # Without the models' row constraint (jaxalign.models.activation_sharding) XLA regathered the activations
+    # and every device held all eight rows': 4.9x the one-row step's temporaries.
+    temporaries = report["temporaries"]
+    assert temporaries["fsdp8_eight_rows"] < 1.25 * temporaries["one_device_one_row"], temporaries
