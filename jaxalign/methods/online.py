@@ -299,8 +299,7 @@ class OnlineTrainer(StepSource):
         generated = time.perf_counter()
 
         inputs = sequence_inputs(rollout)
-        with jax.set_mesh(self.mesh):  # the models keep the rows' activations split, as in the train step
-            scored = self.score(model, rollout, inputs)
+        scored = self.score(model, rollout, inputs)
         rollout = dataclasses.replace(rollout, hidden_states=None)  # [R, N, D]: not kept through training
         episodes = Episodes.from_rollout(rollout, self.tokenizer, ref_logps=scored.get("ref_logps"),
                                          group_size=self.sampling.n)

@@ -309,9 +309,9 @@ def kv_cache_bytes(model_config, shapes: IterationShapes, mesh) -> int:
 # --- the scoring pass and the update ------------------------------------------------------------------------------
 
 
-def _lower_pass(fn, modules, arrays, static, mesh):
-    """``fn(*modules, *arrays, **static)`` jitted as :func:`~jaxalign.methods.online.jitted_pass` runs it (under
-    ``mesh``'s context, as the trainer scores), from ``(graphdef, state)`` pairs: its memory analysis."""
+def _lower_pass(fn, modules, arrays, static):
+    """``fn(*modules, *arrays, **static)`` jitted as :func:`~jaxalign.methods.online.jitted_pass` runs it, from
+    ``(graphdef, state)`` pairs: its memory analysis."""
     import jax
     from flax import nnx
 
@@ -322,8 +322,7 @@ def _lower_pass(fn, modules, arrays, static, mesh):
         merged = [nnx.merge(g, s) for g, s in zip(graphdefs, states, strict=True)]
         return fn(*merged, *values, **static)
 
-    with jax.set_mesh(mesh):
-        return _analysis(compiled.lower(tuple(state for _, state in modules), *arrays).compile())
+    return _analysis(compiled.lower(tuple(state for _, state in modules), *arrays).compile())
 
 
 def compile_scoring(config, trained_view, reference, shapes: IterationShapes, mesh, params, temperature) -> dict | None:
@@ -352,12 +351,12 @@ def compile_scoring(config, trained_view, reference, shapes: IterationShapes, me
         if sampled and shared:
             hidden = _rows(mesh, shapes.rows, shapes.new_tokens, policy.config.d_model,
                            dtype=policy.config.compute_jnp_dtype)
-        return _lower_pass(_score_pass, (scorer, other), (*inputs, hidden), static, mesh)
+        return _lower_pass(_score_pass, (scorer, other), (*inputs, hidden), static)
     from jaxalign.methods.grpo import _score_pass
 
     if sampled and reference_mode == "none":
         return None
-    return _lower_pass(_score_pass, (scorer, other), inputs, {**static, "group": shapes.group}, mesh)
+    return _lower_pass(_score_pass, (scorer, other), inputs, {**static, "group": shapes.group})
 
 
 def _has_lora(module) -> bool:

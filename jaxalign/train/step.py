@@ -325,9 +325,9 @@ class TrainStep:
             batch = dict(batch)  # a typed batch (jaxalign.data.Batch) travels as the dict of its arrays
         self._check_batch_size(batch)
         with_update_ratio = bool(with_update_ratio) or self.max_update_ratio is not None
+        batch = shard_batch(batch, self.mesh)
         with jax.set_mesh(self.mesh):  # the models keep their activations split by rows (constrain_rows)
-            return self._step(state, shard_batch(batch, self.mesh), self.frozen, self.references,
-                              with_update_ratio)
+            return self._step(state, batch, self.frozen, self.references, with_update_ratio)
 
     def lower(self, batch: Any, *, with_update_ratio: bool = False):
         """The step lowered for ``batch`` (arrays or ``jax.ShapeDtypeStruct``s) from the state's shapes alone:
