@@ -1,8 +1,8 @@
-"""docs/pipelines.md's commands, run as written, in order, in a working directory of their own: the
-``production_pipeline`` preset's smoke form end to end (labels -> sft -> reward -> ppo -> summary), the rerun that
-skips every finished stage, and ``--print-config``. A tiny random Llama (with a word-level tokenizer of words VADER
-scores) stands in for the embedded SmolLM2, as in tests/test_docs_examples.py; the commands go through
-``jaxalign.cli.main`` in this process, so the stand-in reaches them."""
+"""docs/pipelines.md's commands, run as written, in order, in a working directory of their own, on the embedded
+default (SmolLM2-135M-Instruct), as a user runs them: the ``production_pipeline`` preset's smoke form end to end
+(labels -> sft -> reward -> ppo -> summary), the rerun that skips every finished stage, and ``--print-config``;
+then the page's command with the other two shipped presets. The commands go through ``jaxalign.cli.main`` in
+this process; their repeated compiles load from the suite's compilation cache (tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,6 @@ from pathlib import Path
 import pytest
 
 from jaxalign.cli import main
-from tests.methods.test_multistage import sentiment_tokenizer
-from tests.models.conftest import make_hf_model
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "pipelines.md"
@@ -29,22 +27,10 @@ def commands() -> list[str]:
 
 
 @pytest.fixture
-def tiny_default(tmp_path, monkeypatch):
-    from jaxalign import models
-    from jaxalign.models import gguf_io, pretrained
-
-    directory = tmp_path / "tiny_default"
-    make_hf_model("llama").save_pretrained(directory)
-    sentiment_tokenizer().save_pretrained(directory)
-    tokenizer = sentiment_tokenizer()
-    monkeypatch.setattr(pretrained, "load_gguf", lambda path, **policy: (models.load_hf(directory, **policy),
-                                                                          tokenizer))
-    for module in (models, gguf_io, pretrained):
-        monkeypatch.setattr(module, "default_model_path", lambda: directory)
-    work = tmp_path / "work"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    return work  # the stages' repeated compiles load from the suite's compilation cache (tests/conftest.py)
+def work(tmp_path, monkeypatch):
+    """An empty working directory: the commands' relative paths land in it."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
 
 
 def run(command: str, capsys) -> str:
@@ -61,9 +47,9 @@ def run(command: str, capsys) -> str:
     return captured.out
 
 
-def test_the_page_commands_run_the_smoke_pipeline_then_skip_it(tiny_default, capsys):
+def test_the_page_commands_run_the_smoke_pipeline_then_skip_it(work, capsys):
     first, again, printed = commands()
-    out = tiny_default / "runs/production_pipeline_smoke"
+    out = work / "runs/production_pipeline_smoke"
 
     shown = run(first, capsys)
     summary = json.loads((out / "summary.json").read_text())
@@ -110,11 +96,11 @@ def test_the_page_commands_run_the_smoke_pipeline_then_skip_it(tiny_default, cap
     ("lm_human_preferences", ("reward", "ppo"), {"base"}, None, "best_of_n"),
 ])
 def test_the_other_shipped_pipelines_run_to_a_summary_in_their_smoke_form(preset, stages, references, sft_weights,
-                                                                           reward_loss, tiny_default, capsys):
+                                                                           reward_loss, work, capsys):
     """The page's command with the other two presets: their own labels (ADLF's scored conversations,
     lm-human-preferences' best-of-4 records), every stage trained and wired, the final policy evaluated."""
     shown = run(f"jaxalign pipeline --config {preset} --smoke", capsys)
-    out = tiny_default / f"runs/{preset}_smoke"
+    out = work / f"runs/{preset}_smoke"
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary["stages"]) == list(stages)
     assert set(summary["evaluation"]) == references
