@@ -36,15 +36,13 @@ from jaxtyping import Array, Bool, Float, Int
 
 from jaxalign.losses.core import token_logps
 from jaxalign.models import KVCache, fit_spec, named_shardings
+from jaxalign.models.activation_sharding import BATCH_AXES  # a prompt batch's rows split as a train batch's
 from jaxalign.models.stack import unstack_layers
 from jaxalign.rollout.batching import MIN_LENGTH_BUCKET, bucket, check_left_padded, left_pad, pad_batch
 from jaxalign.rollout.compile_options import decode_jit
 from jaxalign.rollout.filters import DEFAULT_CANDIDATES
 from jaxalign.rollout.params import Filters, SamplingParams
 from jaxalign.rollout.sampling import draw, draw_one_model
-
-# Mesh axes a prompt batch is split over (data parallelism); parameters follow the training rules.
-BATCH_AXES = ("data", "fsdp")
 
 # stream(step, tokens [R], emitted [R]) runs on the host after each token (NumPy arguments).
 StreamFn = Callable[[np.ndarray, np.ndarray, np.ndarray], None]
