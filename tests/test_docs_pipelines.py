@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from jaxalign.cli import main
+from jaxalign.methods import multistage
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "pipelines.md"
@@ -47,11 +48,39 @@ def run(command: str, capsys) -> str:
     return captured.out
 
 
-def test_the_page_commands_run_the_smoke_pipeline_then_skip_it(work, capsys):
+class Killed(BaseException):
+    """A kill: not an error the command reports, it ends the process (the CLI catches only Exception)."""
+
+
+def test_the_page_commands_run_the_smoke_pipeline_then_skip_it(work, capsys, monkeypatch):
     first, again, printed = commands()
     out = work / "runs/production_pipeline_smoke"
 
-    shown = run(first, capsys)
+    # The first command is killed after ppo's last checkpoint and before the pipeline recorded the stage as done.
+    record = multistage._write_state
+
+    def killed_when_ppo_is_recorded(path, state):
+        if "ppo" in state["stages"]:
+            raise Killed
+        record(path, state)
+
+    monkeypatch.setattr(multistage, "_write_state", killed_when_ppo_is_recorded)
+    with pytest.raises(Killed):
+        main(shlex.split(first)[1:])
+    monkeypatch.setattr(multistage, "_write_state", record)
+    shown = capsys.readouterr().out
+    # The smoke form keeps no finished stage's checkpoints (keep_checkpoints: false): their exports feed the next.
+    for name in ("sft", "reward"):
+        assert f"{name}: finished; its checkpoints removed" in shown
+        assert not (out / name / "checkpoints").exists() and (out / name / "export/config.json").is_file()
+    assert (out / "ppo/checkpoints/1").is_dir()  # its last step, saved before the kill
+
+    # The rerun skips the finished stages and resumes the interrupted one from its checkpoints.
+    shown = run(again, capsys)
+    for index, name in enumerate(STAGES[:2], 1):
+        assert f"[{index}/3] {name} ({name}): finished earlier, skipped" in shown
+    assert "[3/3] ppo (ppo): resuming from its checkpoints" in shown
+    assert not (out / "ppo/checkpoints").exists()
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary["stages"]) == list(STAGES)
     assert set(summary["evaluation"]) == {"sft", "base"}
@@ -67,20 +96,6 @@ def test_the_page_commands_run_the_smoke_pipeline_then_skip_it(work, capsys):
     assert json.loads((out / "reward/run.json").read_text())["config"]["model"]["path"].endswith("sft/export")
     state = json.loads((out / "pipeline.json").read_text())
     assert {name: record["status"] for name, record in state["stages"].items()} == dict.fromkeys(STAGES, "done")
-
-    # The rerun skips the finished stages and resumes the one a kill interrupted (here: ppo, after its checkpoint
-    # and before the pipeline recorded it).
-    checkpoints = sorted(p.name for p in (out / "sft/checkpoints").iterdir())
-    del state["stages"]["ppo"]
-    (out / "pipeline.json").write_text(json.dumps(state))
-    (out / "summary.json").unlink()
-    shown = run(again, capsys)
-    for index, name in enumerate(STAGES[:2], 1):
-        assert f"[{index}/3] {name} ({name}): finished earlier, skipped" in shown
-    assert "[3/3] ppo (ppo): resuming from its checkpoints" in shown
-    assert sorted(p.name for p in (out / "sft/checkpoints").iterdir()) == checkpoints
-    assert json.loads((out / "pipeline.json").read_text())["stages"]["ppo"]["status"] == "done"
-    assert (out / "summary.json").is_file()
 
     run(printed, capsys)
     stages = json.loads(Path("stages.json").read_text())["stages"]
@@ -108,6 +123,7 @@ def test_the_other_shipped_pipelines_run_to_a_summary_in_their_smoke_form(preset
         assert evaluation["responses"] == summary["labels"]["eval"]["prompts"] > 0
         assert evaluation["learned_judge"] == "reward_model"
     assert "final policy (ppo) against base:" in shown
+    assert not list(out.glob("*/checkpoints")) and all((out / name / "export").is_dir() for name in stages)
     runs = {name: json.loads((out / name / "run.json").read_text())["config"] for name in stages}
     assert runs["reward"]["loss"]["loss"] == reward_loss
     if sft_weights is not None:

@@ -40,6 +40,7 @@ import dataclasses
 import fcntl
 import json
 import os
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -50,7 +51,7 @@ import yaml
 from jaxalign.methods import recipe
 from jaxalign.methods.labels import LabelFiles, LabelSpec
 
-PIPELINE_KEYS = ("labels", "stages", "evaluation")
+PIPELINE_KEYS = ("labels", "stages", "evaluation", "keep_checkpoints")
 EVALUATION_KEYS = ("prompts", "samples_per_prompt", "max_new_tokens", "temperature", "batch_size", "seed", "judge")
 POLICY_METHODS = ("sft", "distill", "dpo", "kto", "ppo", "grpo")
 STATE_FILE = "pipeline.json"
@@ -88,6 +89,7 @@ class Pipeline:
     labels: LabelSpec | None
     stages: tuple[Stage, ...]
     evaluation: dict[str, Any]
+    keep_checkpoints: bool = True
 
     @property
     def label_files(self) -> LabelFiles | None:
@@ -106,7 +108,7 @@ class Pipeline:
         return {"source": self.source, "output_dir": str(self.output_dir),
                 "labels": None if self.labels is None else self.labels.settings(),
                 "stages": [{"name": s.name, "reads": list(s.reads), "config": s.config.to_dict()} for s in self.stages],
-                "evaluation": self.evaluation}
+                "evaluation": self.evaluation, "keep_checkpoints": self.keep_checkpoints}
 
 
 def load_pipeline(config: str, overrides: Sequence[str] = (), *, smoke: bool = False) -> Pipeline:
@@ -159,10 +161,22 @@ def load_pipeline(config: str, overrides: Sequence[str] = (), *, smoke: bool = F
     stages: list[Stage] = []
     for name, method, own in entries:
         stages.append(_stage(where, name, method, values, own, stage_overrides[name], stages, out, base, files))
+    keep_checkpoints = _keep_checkpoints(section.get("keep_checkpoints", True), stages, where)
     if evaluation.get("prompts") is None and files is None and stages[-1].method in POLICY_METHODS:
         raise ValueError(f"{where}: pipeline.evaluation.prompts: required without a labels section (the held-out "
                          "prompts the final policy is evaluated on)")
-    return Pipeline(where, out, base, labels, tuple(stages), evaluation)
+    return Pipeline(where, out, base, labels, tuple(stages), evaluation, keep_checkpoints)
+
+
+def _keep_checkpoints(value: Any, stages: list[Stage], where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{where}: pipeline.keep_checkpoints must be true or false, got {value!r}")
+    if not value:
+        unexported = [s.name for s in stages if not s.config.export]
+        if unexported:
+            raise ValueError(f"{where}: pipeline.keep_checkpoints: false deletes a finished stage's checkpoints, and "
+                             f"{', '.join(unexported)} has export: false: its trained weights would be lost")
+    return value
 
 
 def _stage_entries(stages: Any, where: str) -> list[tuple[str, str, dict]]:
@@ -421,6 +435,9 @@ def run_pipeline(pipeline: Pipeline, *, overwrite: bool = False, log=print) -> d
             state["stages"][stage.name] = results[stage.name] = record
             _write_state(out, state)
             del result
+            if not pipeline.keep_checkpoints:  # the export feeds the next stage; the optimiser state is 2x the weights
+                shutil.rmtree(Path(stage.config.output_dir) / "checkpoints", ignore_errors=True)
+                log(f"    {stage.name}: finished; its checkpoints removed (pipeline.keep_checkpoints: false)")
         timings.update({name: record.get("seconds", 0.0) for name, record in results.items()})
         from jaxalign.methods.pipeline_summary import summarise
 

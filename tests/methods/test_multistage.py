@@ -119,6 +119,12 @@ def write_pipeline(path: Path, stages, **extra) -> Path:
     (["sft", "bogus"], {}, r"pipeline.stages\[1\].method must be one of"),
     (["sft"], {"pipeline": {"stages": ["sft"]}},
      r"stage sft \(sft\): data.source is not set and the pipeline has no labels section"),
+    (["sft"], {"pipeline": {"labels": {"prompts": {"templates": ["{} ?"], "subjects": list("abcd")}},
+                            "stages": ["sft"], "keep_checkpoints": "no"}},
+     r"pipeline.keep_checkpoints must be true or false, got 'no'"),
+    (["sft"], {"export": False, "pipeline": {"labels": {"prompts": {"templates": ["{} ?"], "subjects": list("abcd")}},
+                                             "stages": ["sft"], "keep_checkpoints": False}},
+     r"pipeline.keep_checkpoints: false deletes a finished stage's checkpoints, and sft has export: false"),
 ])
 def test_bad_stage_wiring_is_one_line_before_any_work(tmp_path, monkeypatch, capsys, stages, extra, message):
     monkeypatch.chdir(tmp_path)
