@@ -3,6 +3,7 @@ output directory and its files, and the helpers every objective uses on jaxalign
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
@@ -14,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 from jaxtyping import Array
 
 from jaxalign import data as jdata
@@ -21,6 +23,7 @@ from jaxalign import losses, models
 from jaxalign.methods.recipe import ModelSpec, RunConfig
 from jaxalign.models.quantize import check_checkpoint
 from jaxalign.models.scoring import slot_logps, slot_targets, target_logps
+from jaxalign.train.mesh import batch_shard_count, shard_batch
 
 RUN_FILE = "run.json"
 EVAL_FILE = "eval.json"
@@ -117,8 +120,16 @@ def one_pass(config: jdata.DataConfig, dataset: jdata.TokenizedDataset) -> jdata
 
 
 def evaluate_objective(objective, model: nnx.Module, batches, references: Mapping[str, nnx.Module] | None = None,
-                       ) -> dict[str, float]:
-    """Mean loss (``Σ loss_sum / Σ count``) and example-weighted mean metrics of ``objective`` over ``batches``."""
+                       *, mesh: Mesh | None = None) -> dict[str, float]:
+    """Mean loss (``Σ loss_sum / Σ count``) and example-weighted mean metrics of ``objective`` over ``batches``.
+
+    With ``mesh`` (the training mesh a trained model and its references are placed on) each batch is placed
+    as the train step places it: its rows split over ``data`` × ``fsdp``, each process passing its own rows, so
+    every row is evaluated once and no device holds the whole batch.
+
+    Raises:
+        ValueError: with ``mesh``, a batch whose global rows are not a multiple of the batch shards.
+    """
     references = dict(references or {})
     # Dropout off (LoRA's, a reward head's): an evaluation measures the model, not one draw of its masks.
     graphdef, state = nnx.split(nnx.view(model, deterministic=True, raise_if_not_found=False))
@@ -128,14 +139,19 @@ def evaluate_objective(objective, model: nnx.Module, batches, references: Mappin
     def evaluate(state, ref_states, batch):
         refs = {name: nnx.merge(ref_parts[name][0], ref_state) for name, ref_state in ref_states.items()}
         (total, count), metrics = objective(nnx.merge(graphdef, state), batch, key=jax.random.key(0), **refs)
-        return total, count, metrics
+        return total, count, jnp.sum(batch["example_mask"]), metrics  # the global number of real rows
 
     ref_states = {name: parts[1] for name, parts in ref_parts.items()}
     total = count = examples = 0.0
     sums: dict[str, float] = {}
     for batch in batches:
-        loss_sum, loss_count, metrics = jax.device_get(evaluate(state, ref_states, batch))
-        weight = float(np.sum(batch["example_mask"]))
+        batch = dict(batch)
+        with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
+            if mesh is not None:
+                _check_rows(batch, mesh)
+                batch = shard_batch(batch, mesh)
+            loss_sum, loss_count, weight, metrics = jax.device_get(evaluate(state, ref_states, batch))
+        weight = float(weight)
         total, count, examples = total + float(loss_sum), count + float(loss_count), examples + weight
         for name, value in metrics.items():
             sums[name] = sums.get(name, 0.0) + float(value) * weight
@@ -144,6 +160,14 @@ def evaluate_objective(objective, model: nnx.Module, batches, references: Mappin
     result = {"loss": total / max(count, 1.0), "examples": examples}
     result.update({name: value / examples for name, value in sums.items()})
     return result
+
+
+def _check_rows(batch: Mapping[str, Any], mesh: Mesh) -> None:
+    processes = len({device.process_index for device in mesh.devices.flat})
+    rows = np.shape(batch["example_mask"])[0] * processes
+    if rows % batch_shard_count(mesh):
+        raise ValueError(f"an evaluation batch of {rows} rows on a mesh of {batch_shard_count(mesh)} batch shards "
+                         "(data × fsdp): the evaluation batch size must be a multiple of it")
 
 
 def write_json(path: Path, value: Any) -> None:

@@ -184,10 +184,10 @@ def load_teacher(config: RunConfig, student, tokenizer):
     return teacher
 
 
-def heldout_nll(model, batches) -> dict[str, float]:
+def heldout_nll(model, batches, *, mesh=None) -> dict[str, float]:
     """The student's token-mean NLL of the held-out completions (exact over the whole set, not a mean of batch
-    means) and its perplexity."""
-    metrics = evaluate_objective(sft_objective(), model, batches)
+    means) and its perplexity; on ``mesh`` as :func:`~jaxalign.methods.common.evaluate_objective` runs."""
+    metrics = evaluate_objective(sft_objective(), model, batches, mesh=mesh)
     if not metrics:
         return {}
     return {"nll": metrics["loss"], "perplexity": math.exp(min(metrics["loss"], 700.0))}

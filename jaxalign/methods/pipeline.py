@@ -46,6 +46,7 @@ from jaxalign.methods.recipe import ONLINE_METHODS, RunConfig
 from jaxalign.methods.rl import run_online
 from jaxalign.models.hub import provenance
 from jaxalign.train import Trainer
+from jaxalign.train.mesh import batch_shard_count
 from jaxalign.train.plots import plot_metrics
 
 # Methods that train on sequences: preference pairs given to them train (and are held out) on their chosen side.
@@ -94,6 +95,7 @@ def run(config: RunConfig, *, overwrite: bool = False) -> RunResult:
     write_json(out / RUN_FILE, {"config": config.to_dict(), "data_reports": [str(r) for r in dataset.reports],
                                 "data_sources": [s.as_dict() for s in dataset.mixture], "examples": len(dataset),
                                 "model_source": provenance(config.model.path, config.model.revision)})
+    mesh = None  # the probe fits on one process, as the model was loaded
     if config.freeze_backbone:
         # A frozen trunk: its features once, then the head fitted to convergence (no optimizer steps).
         if jax.process_count() > 1:
@@ -119,8 +121,14 @@ def run(config: RunConfig, *, overwrite: bool = False) -> RunResult:
         trainer = Trainer(config.train, model, objective, batches, references=references, trainable=trainable,
                           extra_metadata=config.checkpoint_metadata(), update_scales=update_scales,
                           label=progress_label(config), rules=rules)
+        if eval_dataset is not None and config.eval_data.batch_size % batch_shard_count(trainer.mesh):
+            raise ValueError(f"eval_data.batch_size {config.eval_data.batch_size} must be a multiple of the mesh's "
+                             f"batch shards (data × fsdp = {batch_shard_count(trainer.mesh)}): the evaluation after "
+                             "training splits its rows as the train step does")
         trainer.run()
         model = trainer.trained_model()
+        # The evaluation runs on the training mesh, with the references as the step placed them.
+        mesh, references = trainer.mesh, trainer.train_step.reference_models()
 
     eval_metrics: dict[str, float] = {}
     if eval_dataset is not None:
@@ -128,11 +136,12 @@ def run(config: RunConfig, *, overwrite: bool = False) -> RunResult:
             chunking = {"chunk_size": config.loss.chunk_size} if config.method == "kto" else {}
             eval_dataset = dpo.precompute_reference_logps(extra.pop("reference_model"), eval_dataset, config.eval_data,
                                                           **chunking)
-        eval_metrics = evaluate_objective(objective, model, one_pass(config.eval_data, eval_dataset), references)
+        eval_metrics = evaluate_objective(objective, model, one_pass(config.eval_data, eval_dataset), references,
+                                          mesh=mesh)
         if config.method == "sft" and "loss" in eval_metrics:
             eval_metrics["perplexity"] = math.exp(min(eval_metrics["loss"], 700.0))
         if config.method == "distill":  # the student's NLL of the held-out completions, exact over the set
-            eval_metrics.update(distill.heldout_nll(model, one_pass(config.eval_data, eval_dataset)))
+            eval_metrics.update(distill.heldout_nll(model, one_pass(config.eval_data, eval_dataset), mesh=mesh))
     extra.pop("reference_model", None)
     contrastive.detach_projection(model)  # a training-only head: the export is the model alone
 

@@ -343,6 +343,11 @@ class TrainStep:
         """
         return nnx.merge(self.graphdef, self._compute_params(state.params), self.frozen, state.model_state)
 
+    def reference_models(self) -> dict[str, nnx.Module]:
+        """The frozen reference models as the step holds them: placed on the mesh by the same rules as the
+        model (what an evaluation on the mesh passes to the objective)."""
+        return {name: nnx.merge(self._reference_graphdefs[name], *states) for name, states in self.references.items()}
+
     # ----------------------------------------------------------------------------------------- traced
 
     def _compute_params(self, master: nnx.State) -> nnx.State:

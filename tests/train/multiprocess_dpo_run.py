@@ -4,7 +4,8 @@
 The Trainer trains to ``--steps`` on the same global batches of pairs from the same initial weights, each process
 feeding its rows, checkpointing every step in WORKDIR/checkpoints and logging in WORKDIR/logs; when the
 checkpoint directory already holds steps (the test copies another layout's there), it resumes from the newest.
-Process 0 writes the gathered parameters at the end to WORKDIR/params.npz; every process prints one JSON line.
+Process 0 writes the gathered parameters at the end to WORKDIR/params.npz; every process evaluates two held-out
+batches on the mesh (jaxalign.methods.common.evaluate_objective) and prints one JSON line.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 import jax
 import numpy as np
 
+from jaxalign.methods.common import evaluate_objective
 from jaxalign.methods.dpo import dpo_objective
 from jaxalign.train import (
     CheckpointConfig,
@@ -39,14 +41,14 @@ class PairBatches:
     batches), of which this process takes its rows. The position is global, the same on every process (as
     :class:`jaxalign.data.BatchIterator`'s), so a checkpoint resumes under another process count."""
 
-    def __init__(self, process: int, processes: int):
-        self.process, self.processes, self.position = process, processes, 0
+    def __init__(self, process: int, processes: int, seed: int = 7):
+        self.process, self.processes, self.position, self.seed = process, processes, 0, seed
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        rng = np.random.default_rng([7, self.position])
+        rng = np.random.default_rng([self.seed, self.position])
         self.position += 1
         lengths = rng.integers(PROMPT + 2, T + 1, size=(PAIRS, 2))
         attention = (np.arange(T) < lengths[..., None]).astype(np.int32)
@@ -84,11 +86,17 @@ def main() -> None:
     trainer = Trainer(config, tiny_model(), dpo_objective(beta=0.5, chunk_size=None), data,
                       references={"ref": tiny_model()})  # the same seed: the policy starts as the reference
     params = global_params(trainer.run())
+    # Held-out pairs (another seed) evaluated on the mesh, each process passing its rows, as the pipeline does
+    # after training: every layout must measure the same global batches.
+    held_out = PairBatches(process, processes, seed=8)
+    metrics = evaluate_objective(dpo_objective(beta=0.5, chunk_size=None), trainer.trained_model(),
+                                 (next(held_out) for _ in range(2)), trainer.train_step.reference_models(),
+                                 mesh=trainer.mesh)
     if process == 0:
         np.savez(os.path.join(args.workdir, "params.npz"), **params)
     print(json.dumps({"process": process, "process_count": processes, "local_devices": jax.local_device_count(),
                       "mesh": dict(trainer.mesh.shape), "data_position": data.state_dict(),
-                      "saved_steps": trainer.checkpointer.all_steps()}))
+                      "saved_steps": trainer.checkpointer.all_steps(), "eval": metrics}))
 
 
 if __name__ == "__main__":

@@ -72,6 +72,19 @@ def test_four_processes_resume_one_and_step_as_it_does(runs):
         np.testing.assert_allclose(value, expected[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
+def test_the_evaluation_on_the_mesh_is_the_same_in_every_layout(runs):
+    """After training, the held-out pairs are evaluated on the training mesh with each process passing its own
+    rows: every process of every layout reports the one global result (32 pairs), equal to float32 rounding."""
+    _, reports = runs
+    one = reports["one"][0]["eval"]
+    assert one["examples"] == 32 and set(one) >= {"loss", "rewards/accuracies"}
+    for name in ("four", "back"):
+        for report in reports[name]:
+            assert sorted(report["eval"]) == sorted(one), name
+            for key, value in report["eval"].items():
+                assert value == pytest.approx(one[key], rel=1e-5, abs=1e-6), (name, key)
+
+
 def test_one_process_resumes_what_four_wrote(runs):
     dirs, _ = runs
     assert sorted(logged_losses(dirs["back"])) == [4]
