@@ -3,7 +3,6 @@ output directory and its files, and the helpers every objective uses on jaxalign
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import shutil
@@ -23,7 +22,7 @@ from jaxalign import losses, models
 from jaxalign.methods.recipe import ModelSpec, RunConfig
 from jaxalign.models.quantize import check_checkpoint
 from jaxalign.models.scoring import slot_logps, slot_targets, target_logps
-from jaxalign.train.mesh import batch_shard_count, shard_batch
+from jaxalign.train.mesh import batch_shard_count, global_rows, shard_batch
 
 RUN_FILE = "run.json"
 EVAL_FILE = "eval.json"
@@ -145,12 +144,16 @@ def evaluate_objective(objective, model: nnx.Module, batches, references: Mappin
     total = count = examples = 0.0
     sums: dict[str, float] = {}
     for batch in batches:
-        batch = dict(batch)
-        with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
-            if mesh is not None:
-                _check_rows(batch, mesh)
-                batch = shard_batch(batch, mesh)
+        if mesh is None:
             loss_sum, loss_count, weight, metrics = jax.device_get(evaluate(state, ref_states, batch))
+        else:
+            rows = global_rows(batch["example_mask"], mesh)
+            if rows % batch_shard_count(mesh):
+                raise ValueError(f"an evaluation batch of {rows} rows on a mesh of {batch_shard_count(mesh)} batch "
+                                 "shards (data × fsdp): the evaluation batch size must be a multiple of it")
+            with jax.set_mesh(mesh):  # the rows stay split over data × fsdp through the model (constrain_rows)
+                loss_sum, loss_count, weight, metrics = jax.device_get(
+                    evaluate(state, ref_states, shard_batch(dict(batch), mesh)))
         weight = float(weight)
         total, count, examples = total + float(loss_sum), count + float(loss_count), examples + weight
         for name, value in metrics.items():
@@ -160,14 +163,6 @@ def evaluate_objective(objective, model: nnx.Module, batches, references: Mappin
     result = {"loss": total / max(count, 1.0), "examples": examples}
     result.update({name: value / examples for name, value in sums.items()})
     return result
-
-
-def _check_rows(batch: Mapping[str, Any], mesh: Mesh) -> None:
-    processes = len({device.process_index for device in mesh.devices.flat})
-    rows = np.shape(batch["example_mask"])[0] * processes
-    if rows % batch_shard_count(mesh):
-        raise ValueError(f"an evaluation batch of {rows} rows on a mesh of {batch_shard_count(mesh)} batch shards "
-                         "(data × fsdp): the evaluation batch size must be a multiple of it")
 
 
 def write_json(path: Path, value: Any) -> None:

@@ -50,6 +50,14 @@ def batch_shard_count(mesh: Mesh) -> int:
     return int(np.prod([mesh.shape[axis] for axis in BATCH_AXES]))
 
 
+def global_rows(leaf: Any, mesh: Mesh) -> int:
+    """The global batch size a batch leaf stands for: a ``jax.Array`` is global already; a NumPy array is this
+    process's share of the rows, which every process of the mesh passes in equal parts."""
+    if isinstance(leaf, jax.Array):
+        return leaf.shape[0]
+    return np.shape(leaf)[0] * len({device.process_index for device in mesh.devices.flat})
+
+
 def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
     """Global arrays (``jax.Array``) from this process's rows of a batch.
 

@@ -43,7 +43,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
@@ -54,6 +53,7 @@ from jaxalign.train.mesh import (
     BATCH_AXES,
     batch_shard_count,
     batch_sharding,
+    global_rows,
     replicated,
     shard_batch,
     single_device_mesh,
@@ -486,10 +486,7 @@ class TrainStep:
         return new_state, metrics
 
     def _check_batch_size(self, batch) -> None:
-        # jax.Array leaves are global already; NumPy leaves are this process's share of the rows.
-        processes = len({device.process_index for device in self.mesh.devices.flat})
-        sizes = {leaf.shape[0] if isinstance(leaf, jax.Array) else np.shape(leaf)[0] * processes
-                 for leaf in jax.tree.leaves(batch)}
+        sizes = {global_rows(leaf, self.mesh) for leaf in jax.tree.leaves(batch)}
         if len(sizes) != 1:
             raise ValueError(f"every array of a batch needs the same leading (batch) size, got {sorted(sizes)}")
         size, = sizes
