@@ -106,15 +106,16 @@ def test_the_page_commands_run_the_smoke_pipeline_then_skip_it(work, capsys, mon
     assert "stage sft in runs/production_pipeline_smoke/sft finished with other settings" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("preset", "stages", "references", "sft_weights", "reward_loss"), [
-    ("adlf_pipeline", ("sft", "reward", "ppo"), {"sft", "base"}, "score", "regression"),
-    ("lm_human_preferences", ("reward", "ppo"), {"base"}, None, "best_of_n"),
+@pytest.mark.parametrize(("config", "preset", "stages", "references", "sft_weights", "reward_loss"), [
+    ("adlf", "adlf_pipeline", ("sft", "reward", "ppo"), {"sft", "base"}, "score", "regression"),
+    ("lm_human_preferences", "lm_human_preferences", ("reward", "ppo"), {"base"}, None, "best_of_n"),
 ])
-def test_the_other_shipped_pipelines_run_to_a_summary_in_their_smoke_form(preset, stages, references, sft_weights,
-                                                                           reward_loss, work, capsys):
+def test_the_other_shipped_pipelines_run_to_a_summary_in_their_smoke_form(config, preset, stages, references,
+                                                                           sft_weights, reward_loss, work, capsys):
     """The page's command with the other two presets: their own labels (ADLF's scored conversations,
-    lm-human-preferences' best-of-4 records), every stage trained and wired, the final policy evaluated."""
-    shown = run(f"jaxalign pipeline --config {preset} --smoke", capsys)
+    lm-human-preferences' best-of-4 records), every stage trained and wired, the final policy evaluated. ADLF's
+    runs by its short name, as the page says: ``--config adlf`` is ADLF's pipeline, ``adlf_pipeline``."""
+    shown = run(f"jaxalign pipeline --config {config} --smoke", capsys)
     out = work / f"runs/{preset}_smoke"
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary["stages"]) == list(stages)

@@ -111,6 +111,16 @@ class Pipeline:
                 "evaluation": self.evaluation, "keep_checkpoints": self.keep_checkpoints}
 
 
+def _pipeline_file(config: str) -> Path:
+    """``--config``'s YAML file. A shipped preset's name whose pipeline ships as ``<name>_pipeline`` names that
+    pipeline: ``adlf`` (ADLF's run preset, one method at a time) and ``production`` run ``adlf_pipeline`` and
+    ``production_pipeline``. A path is always that file."""
+    sibling = f"{config}_pipeline"
+    if Path(config).suffix not in (".yaml", ".yml") and sibling in recipe.preset_names():
+        return recipe.resolve_preset(sibling)
+    return recipe.resolve_preset(config)
+
+
 def load_pipeline(config: str, overrides: Sequence[str] = (), *, smoke: bool = False) -> Pipeline:
     """The pipeline of a preset name or YAML file, with ``key=value`` overrides (every stage, or the
     ``pipeline:`` section) and ``<stage>/key=value`` ones (that stage), and with its ``smoke:`` section merged
@@ -119,18 +129,15 @@ def load_pipeline(config: str, overrides: Sequence[str] = (), *, smoke: bool = F
     Raises:
         ValueError: naming the file, the stage and the key.
     """
-    path = recipe.resolve_preset(config)
+    path = _pipeline_file(config)
     where = str(path)
     try:
         values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as error:
         raise ValueError(f"{where}: not valid YAML: {error}") from None
     if not isinstance(values, dict) or not isinstance(values.get("pipeline"), dict):
-        sibling = f"{config}_pipeline"  # adlf -> adlf_pipeline: the run preset's own pipeline, when one ships
-        hint = (f"; the preset {sibling} is its pipeline: jaxalign pipeline --config {sibling}"
-                if (recipe.PRESETS / f"{sibling}.yaml").is_file() else "")
         raise ValueError(f"{where}: no pipeline: section (stages: [...]); a run preset trains with "
-                         f"`jaxalign train <method> --config`, docs/pipelines.md describes pipeline files{hint}")
+                         f"`jaxalign train <method> --config`, docs/pipelines.md describes pipeline files")
     smoke_values = values.pop("smoke", None)
     if smoke:
         if not isinstance(smoke_values, dict):

@@ -145,12 +145,13 @@ def test_train_on_a_pipeline_file_names_the_pipeline_command(capsys):
     assert "unknown key" not in error
 
 
-def test_pipeline_on_a_run_preset_names_its_pipeline(capsys):
-    """ADLF's run preset is ``adlf``, its pipeline ``adlf_pipeline``: ``jaxalign pipeline --config adlf`` says so."""
-    assert main(["pipeline", "--config", "adlf"]) == 2
-    assert "no pipeline: section" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="the preset adlf_pipeline is its pipeline: jaxalign pipeline --config "
-                                         "adlf_pipeline"):
-        multistage.load_pipeline("adlf")
-    with pytest.raises(ValueError, match="describes pipeline files$"):  # no such sibling: no hint
+def test_a_run_presets_name_runs_its_pipeline():
+    """ADLF's run preset is ``adlf`` (one method at a time) and its pipeline ``adlf_pipeline``: ``jaxalign pipeline
+    --config adlf`` runs the pipeline, as ``--config production`` does ``production_pipeline``. A preset with neither
+    a pipeline section nor a pipeline of its name is refused, naming the file."""
+    for name in ("adlf", "production"):
+        pipeline = multistage.load_pipeline(name)
+        assert pipeline.source.endswith(f"{name}_pipeline.yaml")
+        assert pipeline.stages == multistage.load_pipeline(f"{name}_pipeline").stages
+    with pytest.raises(ValueError, match=r"sentiment\.yaml: no pipeline: section .*describes pipeline files$"):
         multistage.load_pipeline("sentiment")
