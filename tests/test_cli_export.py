@@ -4,7 +4,9 @@ ONNX, a doctor to HF and GGUF, the refusals before any work, and the command fro
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +25,8 @@ from tests.models.conftest import V, make_hf_model
 from tests.models.test_gguf_export import byte_level_tokenizer, chat_ids, stored_weights
 
 ROOT = Path(__file__).resolve().parents[1]
+UMASK = os.umask(0o022)
+os.umask(UMASK)
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +52,7 @@ def test_run_to_gguf_read_by_transformers_and_refused_twice(run_dir, tmp_path, c
     status, out, err = export(capsys, run_dir, "--format", "gguf", "--quant", "q8_0", "--output", output)
     assert status == 0, err
     assert "exporting causal LM" in err and f"wrote {output}" in out
+    assert stat.S_IMODE(output.stat().st_mode) == 0o666 & ~UMASK, "readable by a server running as another user"
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=output.name, dtype=torch.float32)
     their_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=output.name)
     policy = models.load_hf(run_dir / "export")
@@ -157,6 +162,7 @@ def test_doctor_to_hf_with_its_value_head_and_to_gguf(tmp_path, capsys):
     directory = models.save_doctor(tmp_path / "doctor", doctor, byte_level_tokenizer(), dimension="safety")
     status, _, err = export(capsys, directory, "--format", "hf", "--output", tmp_path / "copy")
     assert status == 0, err
+    assert stat.S_IMODE((tmp_path / "copy").stat().st_mode) == 0o777 & ~UMASK
     copied, _, card = models.load_doctor(tmp_path / "copy")
     assert card["dimension"] == "safety"
     np.testing.assert_array_equal(np.asarray(copied.value_head.kernel[...]), np.asarray(doctor.value_head.kernel[...]))

@@ -29,7 +29,7 @@ from jaxalign import models
 from jaxalign.methods.common import EXPORT_DIR, RUN_FILE
 from jaxalign.methods.run_checkpoint import CHECKPOINTS_DIR, RunCheckpoint, load_run_checkpoint, run_checkpoint
 from jaxalign.models.doctor_io import DOCTOR_FILE, VALUE_HEAD_FILE
-from jaxalign.models.gguf_export import QUANT_TYPES, gguf_architecture, save_gguf
+from jaxalign.models.gguf_export import QUANT_TYPES, default_permissions, gguf_architecture, save_gguf
 from jaxalign.models.hf_io import CONFIG_FILE
 from jaxalign.models.reward_io import HEAD_FILE, META_FILE
 
@@ -191,6 +191,7 @@ def _write_directory(output: Path, write) -> Path:
     then), so a failed export leaves what was there."""
     output.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
+    default_permissions(scratch)
     try:
         write(scratch)
         if output.exists():

@@ -204,6 +204,15 @@ _FILE_TYPES = {"f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"
                "q4_k_m": "MOSTLY_Q4_K_M"}
 
 
+def default_permissions(path: Path) -> None:
+    """Give a file made by ``mkstemp`` (mode 0600) or a directory made by ``mkdtemp`` (0700) the mode a plain
+    ``open``/``mkdir`` gives (0666/0777 less the umask): an export is read by servers and users other than its
+    writer (llama-server, Ollama, a shared model folder)."""
+    umask = os.umask(0o022)  # the only way to read it is to set it
+    os.umask(umask)
+    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~umask)
+
+
 @contextmanager
 def atomic_output(path: Path) -> Iterator[Path]:
     """A temporary path beside ``path`` to write to; renamed to ``path`` when the block ends without an error,
@@ -213,6 +222,7 @@ def atomic_output(path: Path) -> Iterator[Path]:
     handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".partial{path.suffix}", dir=path.parent)
     os.close(handle)
     temporary = Path(temporary)
+    default_permissions(temporary)
     try:
         yield temporary
         os.replace(temporary, path)
