@@ -64,6 +64,13 @@ def load_pretrained(spec: ModelSpec, *, source: str = "model.path"):
     return lm, tokenizer
 
 
+def frozen_model_spec(spec: ModelSpec, path: str | None) -> ModelSpec:
+    """The spec of another frozen model of a run (a distillation teacher, a TFPO patient) at ``path``: the run's
+    execution policy and quantisation, not its adapters nor its ``model.revision`` (a revision names a commit of
+    the run's own model; ``org/name@rev`` pins the other one's)."""
+    return dataclasses.replace(spec, path=path, revision=None, lora=None, reward_head=None)
+
+
 def quantize_error(error: ValueError, key: str = "model.quantize") -> str:
     """A quantiser's error in the terms the user wrote: the settings are ``key`` (``model.quantize.<field>``)."""
     message = str(error).replace("QuantizeConfig.", f"{key}.").replace("quantize_model: ", f"{key}: ")

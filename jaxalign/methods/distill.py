@@ -13,7 +13,6 @@ forward KL, β = 1 reverse KL), averaged over the completion tokens of the batch
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import jax
@@ -22,7 +21,7 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from jaxalign import losses
-from jaxalign.methods.common import F32, evaluate_objective, load_pretrained, with_lora
+from jaxalign.methods.common import F32, evaluate_objective, frozen_model_spec, load_pretrained, with_lora
 from jaxalign.methods.recipe import RunConfig
 from jaxalign.methods.sft import chosen_as_sft, sft_objective
 from jaxalign.models.scoring import DEFAULT_CHUNK, map_position_chunks, slot_targets
@@ -177,7 +176,7 @@ def check_teacher(student, teacher, student_tokenizer, teacher_tokenizer, *, stu
 def load_teacher(config: RunConfig, student, tokenizer):
     """The frozen teacher of ``config.teacher`` (None: the embedded default), with the student's dtypes and
     remat policy, checked against the student (:func:`check_teacher`)."""
-    teacher, teacher_tokenizer = load_pretrained(dataclasses.replace(config.model, path=config.teacher, lora=None),
+    teacher, teacher_tokenizer = load_pretrained(frozen_model_spec(config.model, config.teacher),
                                                  source="teacher")
     check_teacher(student, teacher, tokenizer, teacher_tokenizer, student_name=config.model.path or EMBEDDED,
                   teacher_name=config.teacher or EMBEDDED)

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from jaxalign import data as jdata
 from jaxalign import losses, models
-from jaxalign.methods.common import load_pretrained, lora_config, one_pass, without_loss
+from jaxalign.methods.common import frozen_model_spec, load_pretrained, lora_config, one_pass, without_loss
 from jaxalign.methods.recipe import RunConfig
 from jaxalign.methods.token_rewards import build_token_rewards, patient_identity
 from jaxalign.models.scoring import DEFAULT_CHUNK, head_logps
@@ -262,8 +262,8 @@ def build(config: RunConfig, lm, tokenizer, dataset, eval_dataset):
         eval_dataset = select_dimension(eval_dataset, dimension, config.eval_data.name)
     if doctor_spec.init_layers is not None:  # before the patient's pass: a bad init_layers costs no reward build
         lm = _first_layers(lm, doctor_spec.init_layers, config.model.quantize)
-    patient, patient_tokenizer = load_pretrained(dataclasses.replace(config.model, path=doctor_spec.patient,
-                                                                     lora=None), source="doctor.patient")
+    patient, patient_tokenizer = load_pretrained(frozen_model_spec(config.model, doctor_spec.patient),
+                                                 source="doctor.patient")
     models.check_same_tokenizer(patient_tokenizer, tokenizer,
                                 patient=f"the patient ({doctor_spec.patient or 'embedded default'})",
                                 doctor=f"the doctor ({config.model.path or 'embedded default'})")

@@ -151,3 +151,18 @@ def test_an_unreachable_hub_and_no_cache_is_one_line(hub, monkeypatch):
     with pytest.raises(FileNotFoundError, match=r"--policy org/tiny: no such local path, not in the Hugging Face "
                                                 r"cache .*and the Hub \(http://127\.0\.0\.1:9\) could not be reached"):
         load_pretrained("org/tiny", source="--policy")
+
+
+def test_a_teacher_by_hub_id_is_not_pinned_to_the_students_revision(offline):
+    """``model.revision`` names a commit of the run's own model: a distillation teacher (or a TFPO patient,
+    the same spec) by Hub id loads its own ``main``, or the revision after its ``@``."""
+    from jaxalign.methods import distill, recipe
+
+    config = recipe.load_run_config({"output_dir": "out", "data": {"source": "-"}, "train": {"total_steps": 1},
+                                     "model": {"path": "org/tiny", "revision": "v1"}, "teacher": "org/tiny"},
+                                    method="distill")
+    student, tokenizer = load_pretrained("org/tiny", revision="v1")
+    main_weights, tagged = weights(load_hf(offline / "checkpoint0")), weights(load_hf(offline / "checkpoint1"))
+    np.testing.assert_array_equal(weights(distill.load_teacher(config, student, tokenizer)), main_weights)
+    pinned = recipe.load_run_config({**config.to_dict(), "teacher": "org/tiny@v1"}, method="distill")
+    np.testing.assert_array_equal(weights(distill.load_teacher(pinned, student, tokenizer)), tagged)
