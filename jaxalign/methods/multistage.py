@@ -143,6 +143,10 @@ def load_pipeline(config: str, overrides: Sequence[str] = (), *, smoke: bool = F
         if not isinstance(smoke_values, dict):
             raise ValueError(f"{where}: --smoke needs a smoke: section (the settings merged over the file)")
         values = _merged(values, smoke_values)
+    return recipe.resolved_blaming_overrides(lambda chosen: _pipeline(values, chosen, where), overrides, where)
+
+
+def _pipeline(values: dict[str, Any], overrides: Sequence[str], where: str) -> Pipeline:
     common = [o for o in overrides if "/" not in o.partition("=")[0]]
     per_stage = [o for o in overrides if "/" in o.partition("=")[0]]
     values = recipe.apply_overrides(copy.deepcopy(values), common)

@@ -29,7 +29,7 @@ import math
 import re
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -622,17 +622,34 @@ def load_run_config(config: str | Path | Mapping[str, Any], overrides: Sequence[
     chosen = method or values.get("method")
     if chosen in sections:
         values = _merged(values, sections[chosen])
+    return resolved_blaming_overrides(lambda chosen: _resolved(values, chosen, method, where), overrides, where)
+
+
+def resolved_blaming_overrides(build: Callable[[list[str]], Any], overrides: Sequence[str], where: str) -> Any:
+    """``build(overrides)``; a ``ValueError`` it raises names the command line's overrides it comes from
+    (``data.batch_size=-1 (command line): ...``) instead of the file ``where``, when the file's own values do
+    not give it: those without which the config is valid, else those without which the error is another one (the
+    first error found is reported, so an override that only adds a later one is not blamed)."""
+    overrides = list(overrides)
     try:
-        return _resolved(values, overrides, method, where)
+        return build(overrides)
     except ValueError as error:
         message = str(error)
         if message.startswith("override "):  # a malformed override, named already
             raise
-        blamed = _blamed_overrides(values, list(overrides), method, where, message)
+        valid, changed = [], []
+        for index, override in enumerate(overrides):
+            try:
+                build(overrides[:index] + overrides[index + 1:])
+            except ValueError as other:
+                if str(other) != message:
+                    changed.append(override)
+            else:
+                valid.append(override)
+        blamed = valid or changed
         if not blamed:
             raise
-        message = message.removeprefix(f"{where}: ")
-        raise ValueError(f"{', '.join(blamed)} (command line): {message}") from None
+        raise ValueError(f"{', '.join(blamed)} (command line): {message.removeprefix(f'{where}: ')}") from None
 
 
 def _resolved(values: Mapping[str, Any], overrides: Sequence[str], method: str | None, where: str) -> RunConfig:
@@ -645,18 +662,3 @@ def _resolved(values: Mapping[str, Any], overrides: Sequence[str], method: str |
     return RunConfig.from_dict(values, where)
 
 
-def _blamed_overrides(values: Mapping[str, Any], overrides: list[str], method: str | None, where: str,
-                      message: str) -> list[str]:
-    """The overrides a config error comes from: those without which the config is valid, else those without
-    which the error is another one (the first error found is reported, so an override that only adds a later
-    one is not blamed); none when the file's own values give the same error."""
-    valid, changed = [], []
-    for index, override in enumerate(overrides):
-        try:
-            _resolved(values, overrides[:index] + overrides[index + 1:], method, where)
-        except ValueError as error:
-            if str(error) != message:
-                changed.append(override)
-        else:
-            valid.append(override)
-    return valid or changed

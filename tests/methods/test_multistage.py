@@ -155,3 +155,14 @@ def test_a_run_presets_name_runs_its_pipeline():
         assert pipeline.stages == multistage.load_pipeline(f"{name}_pipeline").stages
     with pytest.raises(ValueError, match=r"sentiment\.yaml: no pipeline: section .*describes pipeline files$"):
         multistage.load_pipeline("sentiment")
+
+
+def test_a_bad_override_of_a_pipeline_is_named_not_the_preset(capsys):
+    """As ``jaxalign train`` does: a value the command line gave (for every stage, or one stage's) is blamed on
+    the override, not on the preset file that is fine without it."""
+    assert main(["pipeline", "--config", "production_pipeline", "data.batch_size=-1", "--print-config"]) == 2
+    assert capsys.readouterr().err == ("jaxalign pipeline: error: data.batch_size=-1 (command line): stage sft (sft): "
+                                       "data: DataConfig: batch_size must be a positive int, got -1\n")
+    with pytest.raises(ValueError, match=r"^sft/train\.optimizer\.restarts=2 \(command line\): stage sft \(sft\): "
+                                         r"train: OptimizerConfig\.restarts=2 is used only by schedule "):
+        multistage.load_pipeline("production_pipeline", ["ppo/train.total_steps=3", "sft/train.optimizer.restarts=2"])
