@@ -158,6 +158,13 @@ def chat_face_ids(prompt, text: str, tokenizer, *, chat_template: str | None = N
     return [int(i) for i in tokenizer(rendered, add_special_tokens=False)["input_ids"]]
 
 
+def added_bos_id(tokenizer) -> int | None:
+    """The BOS id the tokenizer puts before every text it encodes; None when it adds none (SmolLM2's
+    ``bos_token`` is ``<|im_start|>``, which a text starts only when it is a rendered chat turn)."""
+    bos = tokenizer.bos_token_id
+    return bos if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] else None
+
+
 def text_face_ids(text: str, tokenizer) -> list[int]:
     """The ids of a plain-text face: the text and a blank line."""
     return [int(i) for i in tokenizer.encode(text + "\n\n", add_special_tokens=False)]

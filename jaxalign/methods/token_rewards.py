@@ -44,7 +44,8 @@ from tqdm.auto import tqdm
 
 from jaxalign import data as jdata
 from jaxalign import losses, models
-from jaxalign.methods.faces import Face, chat_face_ids, is_conversation, resolve_face_format, text_face_ids
+from jaxalign.methods.faces import (Face, added_bos_id, chat_face_ids, is_conversation, resolve_face_format,
+                                   text_face_ids)
 from jaxalign.models.scoring import DEFAULT_CHUNK, target_logps
 from jaxalign.train.mesh import shard_batch
 
@@ -112,7 +113,8 @@ class FaceRows:
     rendering followed by the row's own response ids. A prompt that truncation shortened is rendered whole. When
     the data kept fewer prompt ids than the rendering has (the conversation's ids diverge from the prompt's
     before its end), the faced rendering loses the same tail. ``text``: ``ids`` is the face line (after the row's
-    BOS when it starts with one).
+    BOS when it starts with the one the tokenizer adds to every text: SmolLM2 adds none, and its ``bos_token``
+    ``<|im_start|>`` opens a chat turn, so a row starting with it gets the face line before it).
     """
 
     def __init__(self, dataset: jdata.TokenizedDataset, tokenizer, face: Face, face_format: str, *,
@@ -121,7 +123,7 @@ class FaceRows:
         self.texts = (face.positive, face.negative)
         self.format = resolve_face_format(face_format, dataset.examples[0].prompt)
         self.text_ids = [tuple(text_face_ids(t, tokenizer)) for t in self.texts] if self.format == "text" else None
-        self.bos = tokenizer.bos_token_id
+        self.bos = added_bos_id(tokenizer)
         self._rendered = functools.lru_cache(maxsize=256)(self._render)  # the pairs of a prompt are neighbours
 
     def _render(self, messages: tuple[tuple[str, str], ...]) -> tuple[list[int], list[list[int]]]:

@@ -338,6 +338,23 @@ def test_a_faced_prompt_is_the_chat_its_template_renders_with_the_face_as_system
             assert "You are a helpful AI assistant" not in tokenizer.decode(list(heads[0][0][0]))
 
 
+def test_a_text_face_goes_before_a_rendered_chat_turn_on_the_embedded_tokenizer(embedded_tokenizer):
+    """SmolLM2's ``bos_token`` is ``<|im_start|>`` and its tokenizer adds no BOS: a plain-text prompt that is a
+    rendered chat starts with it, and the text face goes before that turn, not inside it."""
+    prompt = embedded_tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                                    add_generation_prompt=True)
+    records = [data.PreferenceRecord(prompt=prompt, chosen="Hello!", rejected="No.")]
+    dataset = data.tokenize(records, embedded_tokenizer)
+    assert dataset.examples[0].sequences[0].ids[0] == embedded_tokenizer.bos_token_id
+    rows = FaceRows(dataset, embedded_tokenizer, TEMPLATE_FACE, "auto")
+    assert rows.format == "text"
+    head, cut = rows.heads(0)[0][0]
+    sequence = dataset.examples[0].sequences[0]
+    faced = embedded_tokenizer.decode([*head, *sequence.ids[cut:].tolist()], skip_special_tokens=False)
+    assert prompt.startswith("<|im_start|>system\n")
+    assert faced.startswith(f"{TEMPLATE_FACE.positive}\n\n{prompt}Hello!")
+
+
 def test_a_truncated_prompt_is_rendered_whole_behind_the_face(tmp_path):
     tokenizer = template_tokenizer("qwen2")
     long_prompt = [{"role": "user", "content": " ".join(["Why is the sky blue?"] * 6)}]
