@@ -116,6 +116,11 @@ class Version:
         return dataclasses.asdict(self)
 
 
+def _same_local_path(recorded: str | None, given: str | None) -> bool:
+    return (recorded is not None and given is not None and not Path(recorded).is_absolute()
+            and Path(recorded).exists() and Path(recorded).resolve() == Path(given).resolve())
+
+
 class Versions:
     """The version directories of an output directory, and which one is served."""
 
@@ -125,7 +130,10 @@ class Versions:
         if not (self.directory / "v0" / VERSION_FILE).exists():
             self.save(Version("v0", None, "ready", model=base_model, finished=time.time()))
         base = self.get("v0")
-        if base.model != base_model:
+        if base.model != base_model and _same_local_path(base.model, base_model):
+            # an older app recorded --model as given, relative to the directory it was started from
+            self.save(dataclasses.replace(base, model=base_model))
+        elif base.model != base_model:
             raise ValueError(f"{self.root} was started with --model {base.model or 'default'}, not "
                              f"{base_model or 'default'}: use another --output-dir")
 

@@ -143,6 +143,20 @@ def test_stage_commands_get_absolute_paths_from_a_relative_output_dir(tmp_path, 
     assert app.planned_steps(info) == 2
 
 
+def test_a_relative_model_recorded_by_an_older_app_is_the_same_model(tmp_path, monkeypatch):
+    """An older app recorded ``--model`` as given (relative); the app now passes it absolute. A restart from the
+    same directory resumes the output directory (its feedback and versions), another model is still refused."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models/base").mkdir(parents=True)
+    root = Path("runs/hitl")
+    Versions(root, base_model="models/base")  # as the older app wrote v0
+    versions = Versions(root, base_model=str(tmp_path / "models/base"))
+    assert versions.get("v0").model == str(tmp_path / "models/base")
+    (tmp_path / "models/other").mkdir()
+    with pytest.raises(ValueError, match="was started with --model .*models/base, not .*models/other: use another"):
+        Versions(root, base_model=str(tmp_path / "models/other"))
+
+
 def test_planned_steps_follow_the_users_batch_size_and_the_resolved_config(tmp_path):
     app, versions = retrainer(tmp_path, [])
     info = {"examples": 10}
