@@ -38,6 +38,7 @@ import urllib.request
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -206,8 +207,24 @@ class JudgmentCache:
                     fcntl.flock(file, fcntl.LOCK_UN)
 
 
+def judge_identity(spec: JudgeSpec) -> dict[str, Any]:
+    """What tells one judge from another beyond its name: the endpoint's URL and what its ``/models`` lists for
+    the model, less ``created`` (a server's start time; vLLM and ``jaxalign serve`` list the weights' path as
+    ``root``), so two checkpoints both served as ``export`` do not share judgments. An endpoint that lists
+    nothing is identified by its URL."""
+    request = urllib.request.Request(f"{spec.base}/models", headers=_headers(spec))
+    try:
+        with urllib.request.urlopen(request, timeout=min(10.0, spec.timeout_s)) as response:
+            listed = json.loads(response.read()).get("data", [])
+        entry = next(e for e in listed if isinstance(e, dict) and e.get("id") == spec.model)
+    except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError, AttributeError, StopIteration):
+        entry = {}
+    return {"url": spec.base, "listed": {k: v for k, v in entry.items() if k != "created"}}
+
+
 def request_key(body: dict) -> str:
-    """The cache key of a request: SHA-256 of its canonical JSON (model, messages, sampling)."""
+    """The cache key of a request: SHA-256 of its canonical JSON (model, messages, sampling, the judge's
+    identity)."""
     return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
@@ -239,6 +256,7 @@ class JudgeClient:
     def __init__(self, spec: JudgeSpec):
         self.spec = spec
         self.cache = None if spec.cache_dir is None else JudgmentCache(spec.cache_dir)
+        self.identity = None if self.cache is None else judge_identity(spec)
         self._lock = threading.Lock()
         self.requests = 0
         self.retries = 0
@@ -284,7 +302,7 @@ class JudgeClient:
         spec = self.spec
         body = {"model": spec.model, "messages": messages, "temperature": spec.temperature,
                 "max_tokens": spec.max_tokens}
-        key = request_key(body)
+        key = request_key({**body, "judge": self.identity})
         if self.cache is not None and (text := self.cache.get(key)) is not None:
             self._count(cache_hits=1)
             return _Reply(text, OK, cached=True)

@@ -65,6 +65,7 @@ class ServedModel:
 
     Attributes:
         name: the model id clients send (``/v1/models`` lists it).
+        root: where its weights came from (an absolute path, or a Hub id), listed as ``root`` as vLLM does.
         tokenizer: encodes prompts (its chat template for chat requests) and decodes tokens.
         scheduler: runs the engine.
         metrics: the server's metrics.
@@ -91,6 +92,7 @@ class ServedModel:
     access_log: bool = True
     workers: concurrent.futures.ThreadPoolExecutor = dataclasses.field(default_factory=_prepare_pool, repr=False)
     created: int = dataclasses.field(default_factory=protocol.now)
+    root: str | None = None
 
     @property
     def max_model_len(self) -> int:
@@ -216,9 +218,12 @@ def create_app(served: ServedModel) -> FastAPI:
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": served.name, "object": "model", "created": served.created,
-                                            "owned_by": "jaxalign", "max_model_len": served.max_model_len,
-                                            "guidance_dimensions": list(served.dimensions)}]}
+        entry = {"id": served.name, "object": "model", "created": served.created, "owned_by": "jaxalign",
+                 "root": served.root, "max_model_len": served.max_model_len,
+                 "guidance_dimensions": list(served.dimensions)}
+        if served.scheduler.version is not None:  # the weights now answering (a retrained version swapped in)
+            entry["system_fingerprint"] = served.scheduler.version
+        return {"object": "list", "data": [entry]}
 
     @app.get("/metrics")
     async def metrics():

@@ -202,6 +202,16 @@ def load_model(path: str | None, *, source: str = "--model", quantize: str | Non
     return model, tokenizer
 
 
+def _weights_root(path: str | None) -> str:
+    """``/v1/models``' ``root``: a local model's absolute path, a Hub id as given, the embedded default's file."""
+    from jaxalign import models
+
+    if path is None:
+        return str(models.default_model_path())
+    local = Path(path).expanduser()
+    return str(local.resolve()) if local.exists() else path
+
+
 def build_served(args):
     """Load the models and build the :class:`~jaxalign.serve.app.ServedModel` (scheduler not started)."""
     from jaxalign import models
@@ -235,7 +245,8 @@ def build_served(args):
     metrics = Metrics(name)
     scheduler = Scheduler(engine, tokenizer, stop_token_ids=sorted(stops), max_queue=args.max_queue,
                           prefill_tokens=args.prefill_tokens, prefill_wait=args.prefill_wait, metrics=metrics)
-    served = ServedModel(name=name, tokenizer=tokenizer, scheduler=scheduler, metrics=metrics, dimensions=dimensions,
+    served = ServedModel(name=name, root=_weights_root(args.model), tokenizer=tokenizer, scheduler=scheduler,
+                         metrics=metrics, dimensions=dimensions,
                          alpha=args.alpha, beta=args.beta, preference_weights=weights,
                          request_timeout=args.request_timeout,
                          max_request_bytes=_option(args, "max_request_bytes"),

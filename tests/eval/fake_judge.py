@@ -24,6 +24,8 @@ class FakeJudge:
         self.tries: dict[bytes, int] = {}
         self.bodies: list[dict] = []
         self.release = threading.Event()
+        self.root: str | None = None  # what /models lists as the weights' path (vLLM's and jaxalign serve's root)
+        self.created = 0
 
     def reply(self, body: dict) -> str:
         content = body["messages"][-1]["content"]
@@ -57,7 +59,10 @@ def _handler(judge: FakeJudge):
 
         def do_GET(self):
             if self.path.endswith("/models"):
-                self._send(200, {"object": "list", "data": [{"id": "fake-judge", "object": "model"}]})
+                entry = {"id": "fake-judge", "object": "model", "created": judge.created}
+                if judge.root is not None:
+                    entry["root"] = judge.root
+                self._send(200, {"object": "list", "data": [entry]})
             else:
                 self._send(404, {"error": {"message": "not found"}})
 

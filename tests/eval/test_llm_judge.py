@@ -138,6 +138,25 @@ def test_cache_makes_a_rerun_free(tmp_path):
     assert len(lines) == 24 and all("key" in json.loads(line) for line in lines)
 
 
+def test_the_cache_tells_judges_of_one_name_apart_by_what_the_endpoint_lists(tmp_path):
+    """Two checkpoints both served as ``fake-judge`` (``jaxalign serve`` names a directory after its folder, so
+    two ``.../export`` are both ``export``): their weights' ``root`` differs, so their judgments are not shared.
+    A restart of the same judge (another ``created``) keeps them."""
+    with fake_judge("fair") as (url, judge):
+        judge.root = "/models/a/export"
+        judge_pairs(PROMPTS[:2], POLICY[:2], REFERENCE[:2], spec(url, tmp_path))
+        judge.root = "/models/b/export"
+        judge_pairs(PROMPTS[:2], POLICY[:2], REFERENCE[:2], spec(url, tmp_path))
+        assert judge.requests == 8
+        judge.root, judge.created = "/models/a/export", 12345
+        again = judge_pairs(PROMPTS[:2], POLICY[:2], REFERENCE[:2], spec(url, tmp_path))
+        assert judge.requests == 8 and all(j["cached"] for j in again)
+    with fake_judge("fair") as (other_url, other):  # another endpoint with the same name and root
+        other.root = "/models/a/export"
+        judge_pairs(PROMPTS[:2], POLICY[:2], REFERENCE[:2], spec(other_url, tmp_path))
+        assert other.requests == 4
+
+
 def test_a_torn_cache_line_is_skipped_and_asked_again(tmp_path, capsys):
     with fake_judge("fair") as (url, judge):
         judge_pairs(PROMPTS[:2], POLICY[:2], REFERENCE[:2], spec(url, tmp_path))

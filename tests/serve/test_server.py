@@ -162,10 +162,11 @@ def teacher_forced(model, prompt_ids: list[int], response_ids: list[int]) -> np.
 # --- chat and completions ------------------------------------------------------------------------------------
 
 
-def test_models_and_health(server, client):
+def test_models_and_health(server, client, tiny_checkpoint):
     url, _ = server
     models = client.models.list().data
     assert [m.id for m in models] == [MODEL]
+    assert models[0].root == str(tiny_checkpoint.resolve())  # as vLLM lists it: which weights answer
     assert models[0].max_model_len == MAX_MODEL_LEN and models[0].guidance_dimensions == []
     health = httpx.get(url + "/health", timeout=HTTP_TIMEOUT)
     assert health.status_code == 200 and health.json()["status"] == "ok"
