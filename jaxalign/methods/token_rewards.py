@@ -44,8 +44,14 @@ from tqdm.auto import tqdm
 
 from jaxalign import data as jdata
 from jaxalign import losses, models
-from jaxalign.methods.faces import (Face, added_bos_id, chat_face_ids, is_conversation, resolve_face_format,
-                                   text_face_ids)
+from jaxalign.methods.faces import (
+    Face,
+    added_bos_id,
+    chat_face_ids,
+    is_conversation,
+    resolve_face_format,
+    text_face_ids,
+)
 from jaxalign.models.scoring import DEFAULT_CHUNK, target_logps
 from jaxalign.train.mesh import shard_batch
 
