@@ -68,7 +68,9 @@ def run_train(args) -> int:
         return 0
     if result.export_dir is not None:
         print(f"  export: {result.export_dir}")
-    print(f"  metrics: {out / 'metrics.jsonl'} (plot: {out / 'metrics.png'})")
+    # a run's own metrics, or its stages' (critique: <out>/sft/, <out>/dpo/)
+    for metrics in sorted(out.glob("metrics.jsonl")) or sorted(out.glob("*/metrics.jsonl")):
+        print(f"  metrics: {metrics} (plot: {metrics.with_suffix('.png')})")
     return 0
 
 

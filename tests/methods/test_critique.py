@@ -75,6 +75,7 @@ def test_train_critique_from_the_command_line(terse_checkpoint, adlf_file, tmp_p
     assert (out / "sft" / "export" / "config.json").is_file() and (out / "sft" / "metrics.jsonl").is_file()
     assert "critique: answers" in printed.err and "critique: revisions" in printed.err
     assert f"prompt: {rows[0]['prompt'][-1]['content']}" in printed.out  # rows shown
+    assert f"metrics: {out / 'sft' / 'metrics.jsonl'}" in printed.out and f"{out / 'metrics.jsonl'}" not in printed.out
     assert summary["revisions"] > 0 and summary["sft_records"] == len(sft_records)
 
 
