@@ -4,8 +4,8 @@ starvation (docs/training-core.md, "Trying a mesh on a CPU"), kept to check that
 
     python -m tests.rollout.repeat_sharded_check --runs 30 --output /tmp/sharded-runs
 
-A run counts as stuck once XLA warns that a thread "may be stuck" in a rendezvous; 40 seconds later the script
-writes ``run<i>.gdb`` (every native thread's stack, when gdb is installed) and ``run<i>.pyspy`` (when py-spy is),
+A run counts as stuck once XLA warns that a thread "may be stuck" in a rendezvous (after 20 s); 40 seconds later
+(XLA's abort is moved to 300 s here) the script writes ``run<i>.gdb`` (every native thread's stack, when gdb is installed) and ``run<i>.pyspy`` (when py-spy is),
 kills the run and stops. Each run's stdout and stderr are kept beside them; one line per run says how it ended,
 and ``runs.json`` lists every run so far (exit status, seconds, the 5-minute load average at its end).
 Load the machine as ``make test`` does (two pytest workers) while it runs: the hang needed busy cores.
@@ -26,7 +26,10 @@ from tests.conftest import host_devices_env
 
 ROOT = Path(__file__).resolve().parents[2]
 STUCK = "may be stuck"
-GRACE_SECONDS = 40  # XLA's own abort comes later; the dumps are taken while every thread still waits
+GRACE_SECONDS = 40  # the dumps are taken while every thread still waits, before XLA's abort:
+# XLA warns after 20 s and aborts after its collective timeout (40 s by default, as the suite keeps it), so the
+# runs here get a longer one.
+XLA_ABORT_SECONDS = 300
 
 
 def dump_threads(pid: int, output: Path, name: str) -> None:
@@ -41,13 +44,21 @@ def dump_threads(pid: int, output: Path, name: str) -> None:
                            timeout=300, check=False)
 
 
+def check_environment() -> dict[str, str]:
+    """The suite's environment for the 8-device check (:func:`tests.conftest.host_devices_env`), with XLA's
+    abort after a stuck collective moved past the dump's grace period."""
+    env = host_devices_env(8, PYTHONPATH=str(ROOT))
+    env["XLA_FLAGS"] += f" --xla_cpu_collective_call_terminate_timeout_seconds={XLA_ABORT_SECONDS}"
+    return env
+
+
 def run_once(index: int, output: Path) -> tuple[int, float, bool]:
     """``(exit status, seconds, stuck)`` of one run of the check."""
     started = time.monotonic()
     name = f"run{index}"
     with open(output / f"{name}.out", "w") as out, open(output / f"{name}.err", "w") as err:
         process = subprocess.Popen([sys.executable, "-m", "tests.rollout.sharded_check"], cwd=ROOT,
-                                   env=host_devices_env(8, PYTHONPATH=str(ROOT)), stdout=out, stderr=err)
+                                   env=check_environment(), stdout=out, stderr=err)
         stuck_since = None
         while process.poll() is None:
             time.sleep(2)
