@@ -92,13 +92,23 @@ class LengthControlled:
 
     def to_dict(self) -> dict:
         """The fields as a JSON-ready dict (a non-finite float becomes None)."""
-        values = dataclasses.asdict(self)
+        values = {**dataclasses.asdict(self), "degenerate": self.degenerate}
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}
 
+    @property
+    def degenerate(self) -> bool:
+        """Every coefficient shrunk to 0: cross-validation chose a penalty under which the verdicts carry no
+        signal the fit keeps, so every prediction is ½ and the rate is 50 % by construction, not a measurement."""
+        return all(value == 0 for value in self.weights.values())
+
     def __str__(self) -> str:
-        if not math.isfinite(self.low):
-            return f"{self.rate:.3f}"
-        return f"{self.rate:.3f} [{self.low:.3f}, {self.high:.3f}]"
+        shown = f"{self.rate:.3f}"
+        if math.isfinite(self.low):
+            shown += f" [{self.low:.3f}, {self.high:.3f}]"
+        if self.degenerate:
+            shown += (f" (degenerate: at C = {self.C:g} every coefficient is 0, so 50 % by construction; too few "
+                      "or too noisy verdicts to fit)")
+        return shown
 
 
 def preference_from_verdicts(outcomes: Sequence[float | None]) -> np.ndarray:

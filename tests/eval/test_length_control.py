@@ -136,6 +136,17 @@ def test_bootstrap_interval_contains_the_rate_and_is_reproducible():
     assert first.high - first.low > 0.02
 
 
+def test_a_fit_that_keeps_no_coefficient_says_it_is_degenerate():
+    """Verdicts that carry nothing to fit (every pair a tie) shrink every coefficient to 0: the rate is 50 % by
+    construction, and the result says so rather than read as a measurement; a real fit does not."""
+    tied = length_controlled_win_rate(np.full(12, 0.5), list(range(1, 13)), list(range(12, 0, -1)), bootstrap=20)
+    assert tied.degenerate and tied.rate == 0.5 and tied.to_dict()["degenerate"] is True
+    assert "degenerate: at C = " in str(tied) and "50 % by construction" in str(tied)
+    _, pref, model, base = annotations(5, 60, 2.0, 0.0)
+    fitted = length_controlled_win_rate(ours_preference(pref), model, base, bootstrap=0)
+    assert not fitted.degenerate and "degenerate" not in str(fitted)
+
+
 def test_bad_input_is_named():
     with pytest.raises(ValueError, match="same 1-D length"):
         length_controlled_win_rate([1, 0, 1], [1, 2], [3, 4, 5])
