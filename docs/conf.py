@@ -62,18 +62,3 @@ html_theme = "sphinx_book_theme"
 html_title = "jaxalign"
 html_theme_options = {"show_toc_level": 2, "navigation_with_keys": False}
 
-
-# Guides index.md lists that are still being written: each joins the site when its file lands; until then its
-# toctree entry is dropped instead of warning about a missing document.
-FORTHCOMING_GUIDES = ("pipelines", "adlf", "distributed")
-
-
-def _drop_forthcoming_guides(app, docname: str, source: list[str]) -> None:
-    if docname == root_doc:
-        for name in FORTHCOMING_GUIDES:
-            if not (DOCS / f"{name}.md").is_file():
-                source[0] = source[0].replace(f"\n{name}\n", "\n")
-
-
-def setup(app) -> None:
-    app.connect("source-read", _drop_forthcoming_guides)

@@ -19,6 +19,7 @@ KL: the over-optimisation curve, and the held-out win rate), prints a table. Ove
 (``train.total_steps=10``, ``loss.kl_coef=0.1``).
 """
 
+# ruff: noqa: E402  (jaxalign and JAX are imported after the thread pool is sized)
 from __future__ import annotations
 
 import argparse
@@ -26,6 +27,11 @@ import json
 import sys
 import time
 from pathlib import Path
+
+from jaxalign.cpu_devices import provide_collective_threads
+
+if __name__ == "__main__":  # before JAX starts: emulated CPU devices get the threads their collectives need
+    provide_collective_threads()
 
 import numpy as np
 

@@ -166,16 +166,6 @@ def chat_ids(tokenizer, question: str) -> list[int]:
                                          tokenize=True)["input_ids"]
 
 
-def _losses_fragment(ns):
-    rng = np.random.default_rng(0)
-    B, T, V = 3, 7, 97
-    ns.update(logits=jnp.asarray(rng.normal(size=(B, T, V)), jnp.float32),
-              tokens=jnp.asarray(rng.integers(0, V, (B, T))),
-              completion_mask=jnp.asarray(np.arange(T)[None] >= np.array([[2], [3], [4]]), jnp.int32))
-    for name in ("seq_chosen", "seq_rejected", "ref_chosen", "ref_rejected"):
-        ns[name] = jnp.asarray(rng.normal(size=B) - 20, jnp.float32)
-
-
 def _tokens_and_mask(ns):
     ns.update(tokens=jnp.asarray([[5, 6, 7, 8], [0, 9, 10, 11]]), mask=jnp.asarray([[1, 1, 1, 1], [0, 1, 1, 1]]))
 
@@ -266,10 +256,6 @@ def _guided_page(ns):
     ns.update(helpful_lm=tiny_lm(), safe_lm=tiny_lm())
 
 
-def _texts(ns):
-    ns["texts"] = QUESTIONS
-
-
 def _training_core(ns):
     from jaxalign import data
 
@@ -283,16 +269,12 @@ def _train_step(ns):
 
 
 CONTEXT: dict[str, Callable[[dict], None]] = {
-    "README.md#0": _losses_fragment,
-    "README.md#1": _tokens_and_mask,
     "docs/data.md#0": lambda ns: ns.update(checkpoint={}),  # "your checkpoint's JSON-able state"
     "docs/data.md#2": _data_fragment,
     "docs/export.md#0": _onnx_file,
     "docs/losses.md#0": _ppo_fragment,
     "docs/models.md#0": _model_page,
     "docs/models.md#1": _lora_fragment,
-    "docs/models.md#2": lambda ns: ns.update(messages=[{"role": "user", "content": "is the sky blue"}]),
-    "docs/online-rl.md#1": _texts,
     "docs/rollout.md#0": _rollout_page,
     "docs/rollout.md#1": _rollout_params,
     "docs/rollout.md#2": _rollout_logps,

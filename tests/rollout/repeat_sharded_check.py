@@ -5,9 +5,10 @@ starvation (docs/training-core.md, "Trying a mesh on a CPU"), kept to check that
     python -m tests.rollout.repeat_sharded_check --runs 30 --output /tmp/sharded-runs
 
 A run counts as stuck once XLA warns that a thread "may be stuck" in a rendezvous (after 20 s); 40 seconds later
-(XLA's abort is moved to 300 s here) the script writes ``run<i>.gdb`` (every native thread's stack, when gdb is installed) and ``run<i>.pyspy`` (when py-spy is),
-kills the run and stops. Each run's stdout and stderr are kept beside them; one line per run says how it ended,
-and ``runs.json`` lists every run so far (exit status, seconds, the 5-minute load average at its end).
+(XLA's abort is moved to 300 s here) the script writes ``run<i>.gdb`` (every native thread's stack, when gdb is
+installed) and ``run<i>.pyspy`` (when py-spy is), kills the run and stops. Each run's stdout and stderr are kept
+beside them; one line per run says how it ended, and ``runs.json`` lists every run so far (exit status, seconds,
+the 5-minute load average at its end).
 Load the machine as ``make test`` does (two pytest workers) while it runs: the hang needed busy cores.
 """
 
