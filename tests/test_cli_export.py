@@ -219,3 +219,32 @@ def test_docs_onnx_decode_loop_runs_as_written(run_dir, tmp_path, monkeypatch, c
     assert greedy, "jaxalign generated something to compare"
     expected = "".join(tokenizer.decode([t]) for t in greedy if t != tokenizer.eos_token_id)
     assert printed == expected
+
+
+def test_a_checkpoint_named_by_a_relative_path(run_dir, tmp_path, capsys, monkeypatch):
+    """``jaxalign export runs/sft/checkpoints/1`` from the directory holding runs/: Orbax refuses relative paths, so
+    the checkpoint's parameters must still be found (and reach the export); a step without a train state is named."""
+    import orbax.checkpoint as ocp
+
+    run = tmp_path / "runs" / "sft"
+    config = {"method": "sft", "output_dir": str(run), "model": {"path": str(run_dir / "export")},
+              "data": {"source": "pairs.jsonl"}, "train": {"total_steps": 1}}
+    run.mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"config": config}))
+    base = models.load_hf(run_dir / "export")
+    trained = jax.tree.map(lambda w: w * 2, nnx.to_pure_dict(nnx.state(base, nnx.Param)))
+    # The layout jaxalign.train.checkpoint writes: checkpoints/<step>/state holding the train state's params.
+    ocp.PyTreeCheckpointer().save(run / "checkpoints" / "1" / "state", {"params": trained})
+    monkeypatch.chdir(tmp_path)
+    status, out, err = export(capsys, "runs/sft/checkpoints/1", "--format", "hf", "--output", "hf-step1")
+    assert status == 0, err
+    assert "wrote hf-step1" in out
+    exported = nnx.to_pure_dict(nnx.state(models.load_hf(tmp_path / "hf-step1"), nnx.Param))
+    for got, want in zip(jax.tree.leaves(exported), jax.tree.leaves(trained), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+    (run / "checkpoints" / "2").mkdir()
+    status, _, err = export(capsys, "runs/sft/checkpoints/2", "--format", "hf", "--output", "hf-step2")
+    assert status == 2
+    assert err.splitlines()[-1] == ("jaxalign export: error: runs/sft/checkpoints/2/state: no train state that Orbax "
+                                    "can read (a damaged checkpoint?)")

@@ -93,9 +93,14 @@ def _restored_params(directory: Path, prefix: tuple[str, ...]) -> dict[tuple[str
     import jax
     import orbax.checkpoint as ocp
 
-    item = directory / STATE_ITEM
+    # Absolute: Orbax refuses a relative checkpoint path, and its metadata() turns that refusal into a warning and
+    # no metadata, so `jaxalign export runs/x/checkpoints/3` would fail with no reason given.
+    item = directory.absolute() / STATE_ITEM
     checkpointer = ocp.PyTreeCheckpointer()
-    tree = checkpointer.metadata(item).item_metadata.tree
+    metadata = checkpointer.metadata(item).item_metadata
+    if metadata is None:
+        raise ValueError(f"{directory / STATE_ITEM}: no train state that Orbax can read (a damaged checkpoint?)")
+    tree = metadata.tree
     params = tree.get("params") if isinstance(tree, dict) else None
     for key in prefix:
         params = params.get(key) if isinstance(params, dict) else None
