@@ -61,6 +61,10 @@ def run(config: RunConfig, *, overwrite: bool = False) -> RunResult:
     ``ppo`` and ``grpo`` runs go to :func:`jaxalign.methods.rl.run_online`.
     """
     check_output_dir(config, overwrite=overwrite)
+    try:  # now, not once the model has loaded: a mesh this job's devices cannot hold is a setting to fix
+        config.train.mesh.resolve(jax.device_count())
+    except ValueError as error:
+        raise ValueError(f"train.mesh: {error}") from None
     if config.method in ONLINE_METHODS:
         return run_online(config, overwrite=overwrite)
     if config.method == "tfpo" and len(config.doctor.dimensions) > 1:

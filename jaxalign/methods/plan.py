@@ -113,7 +113,7 @@ def plan_run(config, model_config, *, model_name: str = "model") -> Plan:
 
     from jaxalign.methods.common import training_batches
     from jaxalign.models.quantized import QuantizedWeight
-    from jaxalign.train.mesh import make_mesh
+    from jaxalign.train.mesh import batch_shard_count, make_mesh
     from jaxalign.train.optimizer import make_optimizer
     from jaxalign.train.step import TrainStep
 
@@ -124,8 +124,9 @@ def plan_run(config, model_config, *, model_name: str = "model") -> Plan:
         from jaxalign.methods.plan_online import plan_online
 
         return plan_online(config, model_config, model_name=model_name)
-    model, objective, references, dataset, trainable = _step_parts(config, model_config)
     mesh = make_mesh(config.train.mesh)
+    _check_batch_splits(config, batch_shard_count(mesh))
+    model, objective, references, dataset, trainable = _step_parts(config, model_config)
     batch = next(iter(training_batches(config.data, dataset, shuffle=False)))
     batch = {key: jax.ShapeDtypeStruct(np.shape(value), np.asarray(value).dtype) for key, value in dict(batch).items()}
     step = TrainStep(objective, model, make_optimizer(config.train.optimizer, config.train.total_steps), mesh=mesh,
@@ -147,6 +148,16 @@ def plan_run(config, model_config, *, model_name: str = "model") -> Plan:
                 trained_weights=_tree_bytes(state.params), optimizer_state=_tree_bytes(state.opt_state),
                 reference=_tree_bytes(step.references), batch_bytes=batch_bytes,
                 temporaries=int(memory.temp_size_in_bytes), total=int(total), compile_seconds=round(seconds, 1))
+
+
+def _check_batch_splits(config, batch_shards: int) -> None:
+    """The step's check (:class:`~jaxalign.train.TrainStep` refuses such a batch at its first step) made before the
+    compile, which would otherwise fail on the batch's sharding without naming a setting."""
+    splits = config.train.micro_batches * batch_shards
+    if config.data.batch_size % splits:
+        raise ValueError(f"data.batch_size {config.data.batch_size} does not split over train.micro_batches "
+                         f"({config.train.micro_batches}) x the mesh's batch shards (data x fsdp = {batch_shards}): "
+                         f"make it a multiple of {splits}")
 
 
 # --- advice ------------------------------------------------------------------------------------------------------
@@ -265,6 +276,41 @@ def parse_mesh(text: str | None) -> dict[str, int]:
     return sizes
 
 
+def planned_mesh(text: str | None, configured):
+    """The :class:`~jaxalign.train.config.MeshConfig` to plan for: ``--mesh``, else the config's ``train.mesh``
+    (a ``-1`` axis on one device). A ``train.mesh`` set beside ``--mesh`` must agree with it: a plan for other
+    devices than the run's would mislead."""
+    from jaxalign.train.config import MeshConfig
+
+    if text is None:
+        if -1 not in configured.shape:
+            return configured
+        try:
+            return configured.resolve(1)
+        except ValueError:
+            raise ValueError(f"train.mesh ({_describe_mesh(configured)}) infers an axis from the device count, which "
+                             "a plan does not know: give the devices with --mesh (e.g. --mesh data=2,fsdp=4)") from None
+    mesh = MeshConfig(**parse_mesh(text))
+    if configured != MeshConfig() and not _agrees(configured, mesh):
+        raise ValueError(f"--mesh {text} and train.mesh ({_describe_mesh(configured)}) disagree: give the mesh once "
+                         "(--mesh alone, or train.mesh alone)")
+    return mesh
+
+
+def _agrees(configured, mesh) -> bool:
+    """Whether ``configured`` (maybe with a ``-1`` axis) is ``mesh`` on ``mesh``'s devices."""
+    try:
+        return configured.resolve(math.prod(mesh.shape)) == mesh
+    except ValueError:
+        return False
+
+
+def _describe_mesh(mesh) -> str:
+    from jaxalign.models.sharding import MESH_AXES
+
+    return ", ".join(f"{axis}={size}" for axis, size in zip(MESH_AXES, mesh.shape, strict=True))
+
+
 def add_plan_command(subcommands) -> None:
     parser = subcommands.add_parser(
         "plan", help="memory per device of a training run, compiled from shapes (no weights loaded)",
@@ -281,7 +327,8 @@ def add_plan_command(subcommands) -> None:
     device.add_argument("--device", choices=sorted(DEVICES), help="the device to fit")
     device.add_argument("--device-memory", metavar="SIZE", help="the device memory to fit, e.g. 24GiB")
     parser.add_argument("--mesh", metavar="AXIS=SIZE,...", help="the devices, e.g. fsdp=8 or data=2,fsdp=4 "
-                                                                "(emulated here; default one device)")
+                                                                "(emulated here; default: train.mesh, one device "
+                                                                "for its -1 axis)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     parser.set_defaults(run=run_plan)
@@ -335,18 +382,17 @@ def run_plan(args) -> int:
     import jax
 
     from jaxalign.methods import recipe
-    from jaxalign.train.config import MeshConfig
 
     memory = DEVICES[args.device] if args.device else (parse_memory(args.device_memory) if args.device_memory else None)
-    sizes = parse_mesh(args.mesh)
-    count = math.prod(sizes.values())
     config = recipe.load_run_config(args.config, args.overrides, method=args.method)  # bad settings named here
+    mesh = planned_mesh(args.mesh, config.train.mesh)
+    count = math.prod(mesh.shape)
     if len(jax.devices()) != count or jax.default_backend() != "cpu":
         if os.environ.get(CHILD_VARIABLE) == str(count):
             raise ValueError(f"--mesh needs {count} CPU devices; JAX started with {len(jax.devices())} "
                              f"{jax.default_backend()} device(s)")
         return _in_child(args, count)
-    config = dataclasses.replace(config, train=dataclasses.replace(config.train, mesh=MeshConfig(**sizes)))
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, mesh=mesh))
     spec = config.model
     architecture = model_config(spec, args.model_config)
     name = args.model_config or spec.path or "SmolLM2-135M-Instruct (embedded)"

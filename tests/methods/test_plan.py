@@ -17,6 +17,7 @@ from flax import nnx
 
 from jaxalign.cli import main
 from jaxalign.methods import plan, recipe
+from jaxalign.train.config import MeshConfig
 from tests.train.conftest import python_env
 
 CONFIGS = Path(__file__).parent / "model_configs"
@@ -117,6 +118,32 @@ class _nothing:
 
     def __exit__(self, *exc):
         return False
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--mesh", "fsdp=3"], "data.batch_size 4 does not split over train.micro_batches (1) x the mesh's batch shards "
+                           "(data x fsdp = 3): make it a multiple of 3"),
+    (["--mesh", "fsdp=8", "train.mesh.fsdp=2"],
+     "--mesh fsdp=8 and train.mesh (data=1, fsdp=2, tensor=1) disagree: give the mesh once"),
+    (["train.mesh.data=2"], "train.mesh (data=2, fsdp=-1, tensor=1) infers an axis from the device count"),
+])
+def test_a_mesh_the_run_cannot_take_is_one_line(run_yaml, capfd, arguments, message):
+    """A batch the mesh does not split is named before the compile (in the child emulating the devices, whose
+    stderr capfd holds), and a --mesh that a train.mesh set beside it contradicts is refused."""
+    assert main(["plan", "--config", str(run_yaml), "--method", "sft", *arguments]) == 2
+    error = capfd.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and message in error[0], error
+
+
+@pytest.mark.parametrize("given, configured, planned", [
+    (None, MeshConfig(), MeshConfig(1, 1, 1)),
+    (None, MeshConfig(1, 2, 1), MeshConfig(1, 2, 1)),
+    ("fsdp=8", MeshConfig(), MeshConfig(1, 8, 1)),
+    ("data=2,fsdp=4", MeshConfig(data=2), MeshConfig(2, 4, 1)),
+    ("data=2,fsdp=4", MeshConfig(2, 4, 1), MeshConfig(2, 4, 1)),
+])
+def test_the_mesh_planned_is_the_runs(given, configured, planned):
+    assert plan.planned_mesh(given, configured) == planned
 
 
 # --- the online methods -------------------------------------------------------------------------------------------
