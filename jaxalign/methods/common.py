@@ -78,12 +78,12 @@ def quantize_error(error: ValueError, key: str = "model.quantize") -> str:
 
 
 def check_quantize(spec: ModelSpec, *, source: str = "model.path") -> None:
-    """Refuse a ``model.quantize`` the checkpoint's shapes cannot take, from its ``config.json`` alone (before any
-    weight is read; :func:`jaxalign.models.quantize.check_checkpoint`)."""
+    """Refuse a ``model.quantize`` the checkpoint's shapes cannot take, from its shapes alone (before any weight
+    is read; :func:`jaxalign.models.quantize.check_checkpoint`)."""
     try:
-        check_checkpoint(spec.path, spec.quantize)
+        check_checkpoint(spec.path, spec.quantize, revision=spec.revision)
     except ValueError as error:
-        raise ValueError(f"{quantize_error(error)} ({source} {spec.path})") from None
+        raise ValueError(f"{quantize_error(error)} ({source} {spec.path or 'embedded default'})") from None
 
 
 def curriculum_order(dataset: jdata.TokenizedDataset, by: str) -> jdata.TokenizedDataset:

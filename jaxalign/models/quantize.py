@@ -27,7 +27,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxalign.models import quant_numerics
+from jaxalign.models.gguf_io import default_model_path, gguf_config, hf_tensor_name
+from jaxalign.models.gguf_read import read_gguf
 from jaxalign.models.hf_io import layout_for, load_hf_config
+from jaxalign.models.hub import cached, is_hub_id
 from jaxalign.models.lora import LoRALinear, has_lora, merge_lora
 from jaxalign.models.quantized import QuantizedKernel, QuantizedLinear, QuantizedWeight
 from jaxalign.models.stack import STACKED_COLLECTIONS
@@ -197,12 +200,41 @@ def check_quantizable(model_config, config: QuantizeConfig) -> None:
     _select(nnx.eval_shape(lambda: model_class(model_config, rngs=nnx.Rngs(0))), config)
 
 
-def check_checkpoint(path: str | Path | None, config: QuantizeConfig) -> None:
-    """:func:`check_quantizable` for a Hugging Face checkpoint directory, from its ``config.json`` alone; a
-    ``.gguf`` file, a Hub id or the embedded default is checked by :func:`quantize_model` once loaded, which
-    also raises before it changes anything."""
-    if path is not None and Path(path).is_dir():
-        check_quantizable(load_hf_config(path), config)
+def check_checkpoint(path: str | Path | None, config: QuantizeConfig, *, revision: str | None = None) -> None:
+    """:func:`check_quantizable` for the model ``path`` names (as :func:`jaxalign.models.load_pretrained` reads
+    it), from its shapes alone: a checkpoint directory's ``config.json``, a ``.gguf`` file's metadata (None: the
+    embedded default's), or the ``config.json`` of a Hub id's snapshot (at ``revision``) in the local Hub cache.
+    A Hub id not cached yet is checked by :func:`quantize_model` once downloaded and loaded, which also raises
+    before it changes anything."""
+    try:
+        model_config = _config_without_weights(path, revision)
+    except (OSError, ValueError):
+        return  # a model that cannot be read is named by its loading, not as a quantisation error
+    if model_config is not None:
+        check_quantizable(model_config, config)
+
+
+def _config_without_weights(path: str | Path | None, revision: str | None):
+    """The model config of ``path`` read without its weights; None for what only a download would tell."""
+    if path is None:
+        return _gguf_config(default_model_path())
+    location = Path(path)
+    if location.is_dir():
+        return load_hf_config(location)
+    if location.is_file() and location.suffix == ".gguf":
+        return _gguf_config(location)
+    if is_hub_id(path):
+        snapshot = cached(str(path), revision=revision)
+        return None if snapshot is None else load_hf_config(snapshot.path)
+    return None  # no such path: loading names it
+
+
+def _gguf_config(path: Path):
+    """A GGUF file's model config from its header (metadata and tensor names; no tensor is read)."""
+    reader = read_gguf(path)
+    architecture = reader.metadata.get("general.architecture")
+    names = {name for tensor in reader.tensors if (name := hf_tensor_name(tensor.name, architecture)) is not None}
+    return gguf_config(reader.metadata, names, path)
 
 
 def is_quantized(model: nnx.Module) -> bool:
