@@ -22,7 +22,7 @@ from jaxalign import losses, models
 from jaxalign.methods.recipe import ModelSpec, RunConfig
 from jaxalign.models.quantize import check_checkpoint
 from jaxalign.models.scoring import slot_logps, slot_targets, target_logps
-from jaxalign.train.mesh import batch_shard_count, global_rows, shard_batch
+from jaxalign.train.mesh import batch_shard_count, global_rows, make_mesh, shard_batch
 
 RUN_FILE = "run.json"
 EVAL_FILE = "eval.json"
@@ -47,21 +47,29 @@ class RunResult:
     extra: dict[str, Any]
 
 
-def load_pretrained(spec: ModelSpec, *, source: str = "model.path"):
+def load_pretrained(spec: ModelSpec, *, source: str = "model.path", mesh: Mesh | None = None):
     """``(causal LM, tokenizer)`` of a run's ``model`` section: :func:`jaxalign.models.load_pretrained` of
     ``spec.path`` (at ``spec.revision``) with its execution policy (errors name ``source``), its projections
-    quantised when ``spec.quantize`` says so."""
+    quantised when ``spec.quantize`` says so. On ``mesh`` (:func:`loading_mesh`) each weight is placed with its
+    sharding as it is read and quantised there: a device holds its blocks, never the whole float model."""
     if spec.quantize is not None:
         check_quantize(spec, source=source)
     lm, tokenizer = models.load_pretrained(spec.path, source=source, revision=spec.revision,
                                            param_dtype=spec.param_dtype, compute_dtype=spec.compute_dtype,
-                                           remat=spec.remat, attention=spec.attention)
+                                           remat=spec.remat, attention=spec.attention, mesh=mesh)
     if spec.quantize is not None:
         try:
             models.quantize_model(lm, spec.quantize)
         except ValueError as error:
             raise ValueError(f"{quantize_error(error)} ({source} {spec.path or 'embedded default'})") from None
     return lm, tokenizer
+
+
+def loading_mesh(config: RunConfig) -> Mesh | None:
+    """The training mesh a run's models load onto (:func:`load_pretrained`); None on one device."""
+    if jax.device_count() == 1:
+        return None
+    return make_mesh(config.train.mesh)
 
 
 def frozen_model_spec(spec: ModelSpec, path: str | None) -> ModelSpec:

@@ -19,6 +19,7 @@ from jaxalign.methods import contrastive as contrastive_term
 from jaxalign.methods.common import (
     REFERENCE_MODES,
     load_pretrained,
+    loading_mesh,
     lora_base,
     one_pass,
     pair_layout,
@@ -213,7 +214,8 @@ def frozen_reference(config: RunConfig, dataset, **precompute) -> tuple[dict | N
     Returns ``(references, dataset, extra)``."""
     references, extra = None, {}
     if config.reference in ("model", "precomputed"):
-        reference_model, _ = load_pretrained(dataclasses.replace(config.model, lora=None))
+        mesh = loading_mesh(config) if config.reference == "model" else None  # the step's placement
+        reference_model, _ = load_pretrained(dataclasses.replace(config.model, lora=None), mesh=mesh)
         if config.reference == "model":
             references = {"ref": reference_model}
         else:

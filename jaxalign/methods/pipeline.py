@@ -37,6 +37,7 @@ from jaxalign.methods.common import (
     curriculum_order,
     evaluate_objective,
     load_pretrained,
+    loading_mesh,
     one_pass,
     prepare_output_dir,
     training_batches,
@@ -72,7 +73,7 @@ def run(config: RunConfig, *, overwrite: bool = False) -> RunResult:
     if config.method == "critique":
         return run_critique(config, overwrite=overwrite)
     out = Path(config.output_dir)
-    lm, tokenizer = load_pretrained(config.model)
+    lm, tokenizer = load_pretrained(config.model, mesh=loading_mesh(config))
     dataset = jdata.build_dataset(config.data, tokenizer)
     if config.curriculum is not None:
         dataset = curriculum_order(dataset, config.curriculum)
