@@ -1,6 +1,8 @@
 """The LLM judge against a live ``jaxalign serve`` on loopback (a tiny random Llama): its verdicts are noise, so
 the test checks what the counts say, that nothing crashes, and that a request the server refuses (a prompt
-longer than its context) is counted as a client error, not retried."""
+longer than its context) is counted as a client error, not retried. A server with room for three requests and
+slowed decode steps answers a storm of eight with real 429s, retried through, and a generation longer than the
+judge's timeout with a timeout."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import pytest
 from jaxalign.eval.llm_judge import JudgeSpec, grade, judged_win_rate
 from jaxalign.eval.templates import DEFAULT_TEMPLATES, Template
 from tests.serve.conftest import MODEL, running_server, serve_args, tiny_checkpoint  # noqa: F401 (fixture)
+from tests.serve.test_server import slow_steps
 
 PROMPTS = ["Hi", "sky ?", "Go away .", "blue sky", "Hi ?", "Go"]
 POLICY = ["sky blue .", "Hi", "Go away", "blue", "sky", "Hi Hi"]
@@ -64,3 +67,33 @@ def test_a_prompt_beyond_the_context_is_a_client_error(served):
     assert result.counts["client_error"] == 2 and result.counts["requests"] == 2  # a 400 is not retried
     assert all(j["error"].startswith("HTTP 400") for j in result.judgments)
     assert result.win_rate is None
+
+
+@pytest.fixture(scope="module")
+def busy(tiny_checkpoint):  # noqa: F811
+    """A server that answers two requests at a time and queues one more: the rest get 429 with Retry-After."""
+    with running_server(serve_args(tiny_checkpoint, max_model_len=96, max_batch=2, max_queue=1)) as (url, served):
+        yield url + "/v1", served
+
+
+def test_a_429_storm_from_jaxalign_serve_is_retried_through(busy):
+    """Eight requests in flight against room for three, each decode step slowed: the server refuses the rest
+    with 429, the judge backs off exponentially and retries, and every judgment ends answered."""
+    url, served = busy
+    with slow_steps(served, 0.1):
+        result = judged_win_rate(PROMPTS, POLICY, REFERENCE, spec(url, concurrency=8, retries=12, backoff_s=0.1,
+                                                                  max_backoff_s=10.0), lc_bootstrap=0)
+    counts = result.counts
+    assert counts["retries"] > 0, counts
+    assert counts["ok"] + counts["unparseable"] == counts["judgments"] == 12, (counts, [(j["status"], j["error"]) for j in result.judgments])
+    assert counts["rate_limited"] == 0 and counts["requests"] == 12 + counts["retries"]
+
+
+def test_a_judge_slower_than_the_timeout_is_counted_not_waited_for(busy):
+    """A generation that outlasts ``timeout_s`` (each step slowed past it) is a timeout, counted per judgment."""
+    url, served = busy
+    with slow_steps(served, 0.5):
+        result = judged_win_rate(["Hi"], ["sky"], ["Go"], spec(url, timeout_s=0.4, retries=0, concurrency=1),
+                                 lc_bootstrap=0)
+    assert result.counts["timeout"] == 2 and result.win_rate is None
+    assert all("no answer within 0.4 s" in j["error"] for j in result.judgments)
