@@ -85,7 +85,8 @@ def test_a_429_storm_from_jaxalign_serve_is_retried_through(busy):
                                                                   max_backoff_s=10.0), lc_bootstrap=0)
     counts = result.counts
     assert counts["retries"] > 0, counts
-    assert counts["ok"] + counts["unparseable"] == counts["judgments"] == 12, (counts, [(j["status"], j["error"]) for j in result.judgments])
+    ended = [(j["status"], j["error"]) for j in result.judgments]
+    assert counts["ok"] + counts["unparseable"] == counts["judgments"] == 12, ended
     assert counts["rate_limited"] == 0 and counts["requests"] == 12 + counts["retries"]
 
 
