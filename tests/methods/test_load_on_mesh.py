@@ -12,8 +12,8 @@ from pathlib import Path
 
 from jaxalign.cli import main
 from tests.conftest import host_devices_env
-from tests.methods.test_quantized_runs import LORA, NF4
 from tests.methods.test_pipeline import PAIRS
+from tests.methods.test_quantized_runs import LORA, NF4
 
 ROOT = Path(__file__).resolve().parents[2]
 
