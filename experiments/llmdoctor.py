@@ -78,6 +78,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from benchmarks.provenance import describe
 from experiments import sentiment as main_job
 from experiments.judged import judged_cell, judged_column, llm_judge
 from jaxalign import data as jdata
@@ -784,7 +785,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print("[7/7] report")
     baseline = evaluation["results"]["patient"]
-    summary = {"methods": [summarise(name, methods[name], result, baseline, samples=args.eval_samples)
+    summary = {"provenance": describe(),
+               "methods": [summarise(name, methods[name], result, baseline, samples=args.eval_samples)
                            | ({"judged_sentiment": judged[name]} if name in judged else {})
                            for name, result in evaluation["results"].items()],
                "pairs": pairs, "distill": distill, "settings": settings, "timings": timings,
