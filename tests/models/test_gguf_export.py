@@ -206,7 +206,7 @@ def test_tensor_types_follow_llama_quantize(name, shape, quant, expected):
 
 def test_q4_variants_write_k_quants_that_both_readers_load(tmp_path):
     """A model wide enough (256) for Q4_K/Q6_K blocks: q4_0 and q4_k_m files load in transformers and jaxalign
-    alike, and their logits stay near the source's (perplexity against f16 is benchmarks/gguf_onnx_export.py's)."""
+    alike, and their logits stay near the source's (perplexity against f16 is benchmarks/export_formats.py's)."""
     from jaxalign.models import ModelConfig
     from jaxalign.models.llama import LlamaForCausalLM
 
