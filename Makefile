@@ -48,14 +48,14 @@ lint: install-test
 	$(PY) -m ruff check .
 
 # The suite runs in TEST_WORKERS processes (pytest-xdist), a test file each at a time (--dist loadfile: a
-# file's module-scoped models compile once). Most tests are compiling, one core's work: two processes took 41
-# minutes on a 2-core AVX2 EPYC, one process 58 on another of its kind. The serving tests run in a pytest
-# process of their own: their servers keep compiled programs across test modules, which every other module
-# frees when it ends (tests/conftest.py: each holds memory mappings, and one process may have 65,530).
+# file's module-scoped models compile once). Most tests are compiling, one core's work, so the suite compiles at
+# LLVM's level 1 (tests/conftest.py). The serving tests run in a pytest process of their own: their servers keep
+# compiled programs across test modules, which every other module frees when it ends (tests/conftest.py: each
+# holds memory mappings, and one process may have 65,530). --durations lists the slowest tests of each run.
 TEST_WORKERS ?= 2
 test: install-test oracles lint browser
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --ignore=tests/serve
-	$(PY) -m pytest -q tests/serve
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --ignore=tests/serve --durations=25
+	$(PY) -m pytest -q tests/serve --durations=10
 
 # The site (docs/_build/html/index.html): the guides and the API reference, then the doctests of the docstrings and
 # pages. -E reads every page afresh, so every warning shows; -W makes each an error (--keep-going lists them all).
