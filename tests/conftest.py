@@ -36,7 +36,7 @@ def pytest_configure(config):
 # LLVM's optimisation level 1 instead of XLA's default 2 for every program the suite compiles (here and in its
 # subprocesses): compiling is most of the suite's time, and level 1 compiles the tiny test programs faster (13 % off
 # tests/methods/test_kto.py on 2 cores) with the same results to the suite's tolerances. Level 0 is faster still
-# but lowers matmuls differently: identities such as KTO's first-step KL of exactly 0 then miss by 2e-7.
+# but lowers matmuls differently: identities such as KTO's first-step loss of 0.5 and KL of 0 (to 1e-6) then fail.
 SUITE_COMPILE_FLAGS = "--xla_backend_optimization_level=1"
 
 
