@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 LEGACY_TRL := 0.11.4 0.29.1
 
-.PHONY: demo demo-smoke test lint docs install-demo install-test install-docs oracles browser clean
+.PHONY: demo demo-smoke demo-smoke-run test lint docs install-demo install-test install-docs oracles browser clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -38,7 +38,11 @@ demo: install-demo
 # CI: the demo's own install, every stage of the main job and of the LLMDoctor comparison (on the main job's
 # smoke artefacts) on a few prompts, and a preset found from outside the source tree. The LLM judge's path (a
 # served judge) is left to tests/test_judged_server.py: CI's 90 minutes are tight.
-demo-smoke: install-demo
+demo-smoke: install-demo demo-smoke-run
+
+# The smoke runs on the environment install-demo made. .ci/run starts them once every install is done, beside the
+# docs and the tests: two editable installs at once would race on the tree's jaxalign.egg-info.
+demo-smoke-run:
 	@$(PY) -c "import importlib.util, sys; sys.exit('torch is installed: the demo env must not rely on it' if importlib.util.find_spec('torch') else 0)"
 	$(PY) -m experiments.sentiment --smoke --output-dir runs/smoke
 	$(PY) -m experiments.llmdoctor --smoke --no-llm-judge --main-run runs/smoke --output-dir runs/llmdoctor-smoke
@@ -49,13 +53,21 @@ lint: install-test
 
 # The suite runs in TEST_WORKERS processes (pytest-xdist), a test file each at a time (--dist loadfile: a
 # file's module-scoped models compile once). Most tests are compiling, one core's work, so the suite compiles at
-# LLVM's level 1 (tests/conftest.py). The serving tests run in a pytest process of their own: their servers keep
-# compiled programs across test modules, which every other module frees when it ends (tests/conftest.py: each
-# holds memory mappings, and one process may have 65,530). --durations lists the slowest tests of each run.
+# LLVM's level 1 (tests/conftest.py). The serving tests run in a pytest process of their own, beside the main run
+# (their log is printed when both end): their servers keep compiled programs across test modules, which every
+# other module frees when it ends (tests/conftest.py: each holds memory mappings, and one process may have
+# 65,530), and much of their time is waiting on servers, browsers and sockets, which the main run's compiles fill.
+# --durations lists the slowest tests of each run.
 TEST_WORKERS ?= 2
 test: install-test oracles lint browser
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --ignore=tests/serve --durations=25
-	$(PY) -m pytest -q tests/serve --durations=10
+	@serving_log=$$(mktemp); \
+	$(PY) -m pytest -q tests/serve --durations=10 > $$serving_log 2>&1 & serving=$$!; \
+	trap 'kill $$serving 2>/dev/null; rm -f $$serving_log' EXIT INT TERM; \
+	echo "tests/serve: running beside the main run (pid $$serving), its log follows it"; \
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --ignore=tests/serve --durations=25; main=$$?; \
+	wait $$serving; served=$$?; \
+	echo "=== tests/serve (exit $$served)"; cat $$serving_log; \
+	test $$main -eq 0 && test $$served -eq 0
 
 # The site (docs/_build/html/index.html): the guides and the API reference, then the doctests of the docstrings and
 # pages. -E reads every page afresh, so every warning shows; -W makes each an error (--keep-going lists them all).
