@@ -5,7 +5,8 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 LEGACY_TRL := 0.11.4 0.29.1
 
-.PHONY: demo demo-smoke demo-smoke-run llmdoctor-smoke test lint docs install-demo install-test install-docs oracles browser clean
+.PHONY: demo demo-smoke demo-smoke-run llmdoctor-smoke test lint docs install-demo install-test install-docs oracles \
+        browser clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
