@@ -59,7 +59,7 @@ lint: install-test
 
 # The suite runs in TEST_WORKERS processes (pytest-xdist), a test file each at a time (--dist loadfile: a
 # file's module-scoped models compile once), the slowest files first (tests/conftest.py; --no-loadscope-reorder
-# keeps that order). Most tests are compiling, one core's work, so the suite compiles at LLVM's level 1
+# keeps that order). Most tests are compiling, one core's work, so the suite compiles at LLVM's level 0
 # (tests/conftest.py). The serving tests run in a pytest process of their own, beside the main run (their log
 # is printed when both end): their servers keep compiled programs across test modules, which every other
 # module frees when it ends (tests/conftest.py: each holds memory mappings, and one process may have 65,530),

@@ -292,8 +292,10 @@ def test_train_kto_command_learns_and_resumes(checkpoint, feedback_file, tmp_pat
     assert main(["train", "kto", "--config", str(config), "train.total_steps=5", "--resume"]) == 0
     steps = metrics_of(out)
     assert [s["step"] for s in steps] == [1, 2, 3, 4, 5]
-    # Step 1: the policy is its reference (implied rewards and z₀ are 0): the loss is 1 - σ(0).
-    assert steps[0]["loss"] == pytest.approx(0.5, abs=1e-6) and steps[0]["kl"] == pytest.approx(0, abs=1e-6)
+    # Step 1: the policy is its reference (implied rewards and z₀ are 0): the loss is 1 - σ(0). The two sides'
+    # log-probabilities come from two programs (the train step, the reference pass), summed over a completion in
+    # float32: they round apart by a few ulps (KL 1.3e-6 at the suite's LLVM level 0, tests/conftest.py).
+    assert steps[0]["loss"] == pytest.approx(0.5, abs=1e-5) and steps[0]["kl"] == pytest.approx(0, abs=1e-5)
     assert steps[0]["count/desirable"] == steps[0]["count/undesirable"] == 3
     losses_ = [s["loss"] for s in steps]
     assert all(b < a for a, b in zip(losses_, losses_[1:])), losses_

@@ -100,4 +100,6 @@ def test_map_position_chunks_equals_one_call_in_values_and_gradients(chunk):
     assert out["sum"].shape == (2, 9) and out["h"].shape == (2, 9, 6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), out, expected)
     np.testing.assert_allclose(value, expected_value, rtol=1e-6)
-    np.testing.assert_allclose(grad, expected_grad, rtol=1e-5, atol=1e-6)
+    # Each weight's gradient sums 18 positions' terms, in another order per chunking: an entry where they cancel
+    # (0.0214, among entries up to 4) keeps the rounding of its larger terms (1.5e-6 apart at the suite's LLVM level 0).
+    np.testing.assert_allclose(grad, expected_grad, rtol=1e-5, atol=1e-5)
