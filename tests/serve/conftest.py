@@ -36,8 +36,7 @@ REQUEST_TIMEOUT_S = 600.0
 def serve_args(model, **overrides) -> argparse.Namespace:
     options = dict(model=None if model is None else str(model), served_model_name=MODEL, host="127.0.0.1", port=0,
                    max_batch=32, max_model_len=MAX_MODEL_LEN, max_queue=64, request_timeout=REQUEST_TIMEOUT_S,
-                   prefill_tokens=2048,
-                   prefill_wait=0,
+                   prefill_tokens=2048, prefill_wait=0,
                    no_prefix_cache=False, no_warmup=True, doctor=None, preference_weights=None, alpha=1.0, beta=0.5,
                    mesh=None, reward_model=None, reward_dimension_weights=None, reward_batch_size=8)
     options.update(overrides)

@@ -42,7 +42,6 @@ HI = [{"role": "user", "content": "Hi"}]
 SKY = [{"role": "user", "content": "sky ?"}]
 HTTP_TIMEOUT = 60
 WAIT_S = 20
-BURST_WAIT_S = REQUEST_TIMEOUT_S  # test_batching_is_invisible: compiles under load, see there
 LOGP_TOL = 1e-4
 
 
@@ -435,8 +434,8 @@ def test_batching_is_invisible(server, client):
 
     # Seventeen requests at once, in shapes not compiled yet: the server compiles about 36 s of programs for them
     # (five decode steps, three first-token and two prefill calls; 2 idle cores), and on CI's loaded two cores one
-    # request waited past 120 s. The bound is for a hang, not a speed test.
-    client = client.with_options(timeout=BURST_WAIT_S)
+    # request waited past 120 s: they wait as long as the server lets them (a hang still fails).
+    client = client.with_options(timeout=REQUEST_TIMEOUT_S)
     others = []
     for k in range(16):
         common = dict(model=MODEL, max_tokens=8 + k, seed=k, temperature=[0, 1.0, 0.7][k % 3])
@@ -450,7 +449,7 @@ def test_batching_is_invisible(server, client):
         futures = [pool.submit(run) for run in others[:8]]
         futures.append(pool.submit(client.completions.create, **target))
         futures += [pool.submit(run) for run in others[8:]]
-        results = [future.result(timeout=BURST_WAIT_S) for future in futures]
+        results = [future.result(timeout=REQUEST_TIMEOUT_S) for future in futures]
     for result in results:  # drain the streams
         if not hasattr(result, "choices"):
             list(result)
